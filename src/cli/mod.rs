@@ -1,0 +1,96 @@
+//! The command line: argument parsing and terminal rendering only. Each subcommand family
+//! lives in its own file and owns its argument struct.
+
+mod registry;
+mod run;
+mod validate;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "acr-task",
+    version,
+    about = "Run ACR Tasks (acb.yaml) locally on Docker, with an integrated OCI registry"
+)]
+pub struct Cli {
+    /// Log filter (tracing `EnvFilter` syntax), e.g. `debug` or `acr_task=trace`.
+    #[arg(long, global = true, env = "ACR_TASK_LOG", default_value = "warn")]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check a task file: render templates, parse, plan. Exit 1 with diagnostics when invalid.
+    Validate(validate::ValidateArgs),
+    /// Run a multi-step task file on the local Docker Engine.
+    Run(run::RunArgs),
+    /// Quick task: build one image from a context and push it (like `az acr build`).
+    Build(run::BuildArgs),
+    /// Runner images made locally from Debian's busybox-static (no outside registry needed).
+    #[command(subcommand)]
+    Runner(run::RunnerCmd),
+    /// Maintenance of the integrated registry's storage.
+    #[command(subcommand)]
+    Registry(registry::RegistryCmd),
+    /// Repositories in the registry (like `az acr repository`).
+    #[command(subcommand)]
+    Repository(registry::RepositoryCmd),
+    /// Serve the registry (and, later, the task service).
+    Serve(registry::ServeArgs),
+}
+
+/// `--output` formats; each command accepts the subset that makes sense for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+    Tsv,
+    Dot,
+}
+
+/// Where acr-task keeps its data when `--data` is not given:
+/// `$ACR_TASK_DATA`, else `$XDG_DATA_HOME/acr-task`, else `~/.local/share/acr-task`.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("ACR_TASK_DATA") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME") {
+        return PathBuf::from(d).join("acr-task");
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
+    home.join(".local/share/acr-task")
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Validate(a) => return validate::validate(a),
+        Command::Run(a) => run::run(a),
+        Command::Build(a) => run::build(a),
+        Command::Runner(c) => run::runner(c),
+        Command::Registry(c) => registry::registry(c),
+        Command::Repository(c) => registry::repository(c),
+        Command::Serve(a) => registry::serve(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

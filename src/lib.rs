@@ -1,0 +1,12 @@
+//! acr-task: run ACR Tasks (`acb.yaml`) task files on a local Docker Engine, with an
+//! integrated OCI registry. See ARCHITECTURE.md for the map of modules.
+
+pub mod cli;
+pub mod dockerfile;
+pub mod exec;
+pub mod plan;
+pub mod registry;
+pub mod runtime;
+pub mod source;
+pub mod store;
+pub mod task;

@@ -1,0 +1,225 @@
+//! The task-file model: the `acb.yaml` dialect of ACR Tasks, as plain data.
+//! Field names, types and defaults follow Azure/acr-builder (`graph/step.go`, `graph/task.go`).
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Default per-step timeout in seconds (acr-builder `defaultStepTimeoutInSeconds`).
+pub const DEFAULT_STEP_TIMEOUT: u64 = 600;
+/// Default timeout for the whole task in seconds (acr-builder `defaultTotalTimeoutInSeconds`).
+pub const DEFAULT_TOTAL_TIMEOUT: u64 = 3600;
+/// Default task-file version.
+pub const DEFAULT_VERSION: &str = "v1.0.0";
+/// Prefix of generated step ids: `acb_step_0`, `acb_step_1`, ...
+pub const STEP_ID_PREFIX: &str = "acb_step_";
+/// The `when` entry that means "start immediately".
+pub const IMMEDIATE: &str = "-";
+/// Name of the default network ACR creates for each run.
+pub const DEFAULT_NETWORK: &str = "acb_default_network";
+/// The directory where the build context is mounted in every `cmd` step.
+pub const WORKSPACE: &str = "/workspace";
+
+fn default_version() -> String {
+    DEFAULT_VERSION.to_string()
+}
+fn default_step_timeout() -> u64 {
+    DEFAULT_STEP_TIMEOUT
+}
+fn default_total_timeout() -> u64 {
+    DEFAULT_TOTAL_TIMEOUT
+}
+
+/// A whole task file after rendering and parsing. After `task::load*` every step has an id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Task {
+    /// Task-file version: `v1.0.0` or `v1.1.0`.
+    #[serde(default = "default_version")]
+    pub version: String,
+    /// User-defined aliases (`$name` replacements) and the directive character.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alias: Option<Alias>,
+    /// Default timeout of each step, in seconds.
+    #[serde(default = "default_step_timeout")]
+    pub step_timeout: u64,
+    /// Timeout of the whole task, in seconds.
+    #[serde(default = "default_total_timeout")]
+    pub total_timeout: u64,
+    /// Default working directory of every step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_directory: Option<String>,
+    /// Environment (`KEY=value`) given to every step.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
+    /// Secrets resolved before the run (Key Vault references in ACR).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<Secret>,
+    /// Docker networks the run creates or joins.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub networks: Vec<Network>,
+    /// Volumes (with secret files) the run creates.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<Volume>,
+    /// The steps, in file order.
+    pub steps: Vec<Step>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Alias {
+    /// The character that starts an alias; `$` by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub directive: Option<String>,
+    /// Alias name to replacement text.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub values: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Secret {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keyvault: Option<String>,
+    #[serde(default, rename = "clientID", skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Network {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver: Option<String>,
+    #[serde(default)]
+    pub ipv6: bool,
+    /// Join an existing network instead of creating it.
+    #[serde(default)]
+    pub skip_creation: bool,
+    /// Steps without `network` join this one.
+    #[serde(default)]
+    pub is_default: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Volume {
+    pub name: String,
+    /// File name to content (base64 in ACR) written into the volume.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secret: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VolumeMount {
+    pub name: String,
+    pub mount_path: String,
+}
+
+/// One step. Exactly one of `build`, `cmd`, `push` is set.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Step {
+    /// Step id; generated as `acb_step_N` (N = index in the file) when absent.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub id: String,
+    /// `docker build` arguments, e.g. `-t $Registry/app:$ID -f Dockerfile .`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<String>,
+    /// An image followed by its arguments, e.g. `busybox echo hello`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<String>,
+    /// Images to push.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push: Option<Vec<String>>,
+    /// Ids this step waits for; `["-"]` starts at once; absent waits for the previous step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<Vec<String>>,
+    #[serde(default)]
+    pub detach: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entry_point: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expose: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<String>,
+    /// Keep a detached container running after the task ends.
+    #[serde(default)]
+    pub keep: bool,
+    /// Seconds to wait before starting.
+    #[serde(default)]
+    pub start_delay: u64,
+    /// Step timeout in seconds; the task's `stepTimeout` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<u64>,
+    #[serde(default)]
+    pub retries: u32,
+    /// Seconds between retries.
+    #[serde(default)]
+    pub retry_delay: u64,
+    /// Run the step this many extra times after the first.
+    #[serde(default)]
+    pub repeat: u32,
+    #[serde(default)]
+    pub ignore_errors: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub isolation: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+    #[serde(default)]
+    pub privileged: bool,
+    /// Always pull the image before running.
+    #[serde(default)]
+    pub pull: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_directory: Option<String>,
+    #[serde(default)]
+    pub disable_working_directory_override: bool,
+    /// `enabled` (default) or `disabled`: build cache for `build` steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volume_mounts: Vec<VolumeMount>,
+    /// The step succeeds only if it exits with one of these codes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exited_with: Vec<i64>,
+    /// The step succeeds only if it exits with none of these codes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exited_without: Vec<i64>,
+    #[serde(default)]
+    pub download_retries: u32,
+    #[serde(default)]
+    pub download_retry_delay: u64,
+}
+
+/// What a step does; derived from the exactly-one-of fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepKind<'a> {
+    Build(&'a str),
+    Cmd(&'a str),
+    Push(&'a [String]),
+}
+
+impl Step {
+    /// The step's action. Validated tasks always have exactly one; `None` only on raw input.
+    pub fn kind(&self) -> Option<StepKind<'_>> {
+        match (&self.build, &self.cmd, &self.push) {
+            (Some(b), None, None) => Some(StepKind::Build(b)),
+            (None, Some(c), None) => Some(StepKind::Cmd(c)),
+            (None, None, Some(p)) => Some(StepKind::Push(p)),
+            _ => None,
+        }
+    }
+
+    /// The timeout that applies to this step in `task`.
+    pub fn effective_timeout(&self, task: &Task) -> u64 {
+        self.timeout.unwrap_or(task.step_timeout)
+    }
+}
