@@ -1,1 +1,176 @@
-//! source
+//! Build contexts: a local directory tarred for the Docker Engine, honouring `.dockerignore`
+//! with Docker's rules (not gitignore's: patterns are anchored at the context root, `**`
+//! matches any number of directories, `!` re-includes, the last matching rule wins).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use globset::{GlobBuilder, GlobMatcher};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("build context {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(".dockerignore line {line}: bad pattern `{pattern}`: {reason}")]
+    Pattern {
+        line: usize,
+        pattern: String,
+        reason: String,
+    },
+    #[error("build context {0} is not a directory")]
+    NotADirectory(PathBuf),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SourceError + '_ {
+    move |source| SourceError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The rules of one `.dockerignore` file.
+#[derive(Debug, Default)]
+pub struct DockerIgnore {
+    rules: Vec<(GlobMatcher, bool)>,
+}
+
+impl DockerIgnore {
+    pub fn parse(text: &str) -> Result<DockerIgnore, SourceError> {
+        let mut rules = Vec::new();
+        for (i, raw) in text.lines().enumerate() {
+            let line = raw.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (negate, pat) = match line.strip_prefix('!') {
+                Some(p) => (true, p.trim()),
+                None => (false, line),
+            };
+            // Docker cleans patterns with filepath.Clean and treats them as root-relative.
+            let pat = pat.trim_start_matches("./").trim_start_matches('/');
+            let pat = pat.trim_end_matches('/');
+            if pat.is_empty() {
+                continue;
+            }
+            let glob = GlobBuilder::new(pat)
+                .literal_separator(true)
+                .build()
+                .map_err(|e| SourceError::Pattern {
+                    line: i + 1,
+                    pattern: line.to_string(),
+                    reason: e.kind().to_string(),
+                })?;
+            rules.push((glob.compile_matcher(), negate));
+        }
+        Ok(DockerIgnore { rules })
+    }
+
+    /// Reads `<dir>/.dockerignore` if present.
+    pub fn load(dir: &Path) -> Result<DockerIgnore, SourceError> {
+        let path = dir.join(".dockerignore");
+        match std::fs::read_to_string(&path) {
+            Ok(text) => DockerIgnore::parse(&text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(DockerIgnore::default()),
+            Err(e) => Err(io_err(&path)(e)),
+        }
+    }
+
+    /// Whether `rel` (a `/`-separated path relative to the context root) is excluded.
+    /// A path is also excluded when one of its parent directories is (Docker's rule).
+    pub fn is_excluded(&self, rel: &str) -> bool {
+        let mut excluded = false;
+        for (glob, negate) in &self.rules {
+            let hit = glob.is_match(rel) || parents(rel).any(|p| glob.is_match(p));
+            if hit {
+                excluded = !negate;
+            }
+        }
+        excluded
+    }
+}
+
+fn parents(rel: &str) -> impl Iterator<Item = &str> {
+    rel.char_indices().filter(|(_, c)| *c == '/').map(move |(i, _)| &rel[..i])
+}
+
+/// Writes a tar of `dir` (without what `.dockerignore` excludes) to `out`.
+/// The Dockerfile and `.dockerignore` are always sent, as Docker does.
+pub fn tar_context<W: Write>(dir: &Path, dockerfile: &str, out: W) -> Result<W, SourceError> {
+    if !dir.is_dir() {
+        return Err(SourceError::NotADirectory(dir.to_path_buf()));
+    }
+    let ignore = DockerIgnore::load(dir)?;
+    let mut builder = tar::Builder::new(out);
+    builder.follow_symlinks(false);
+    let mut stack = vec![dir.to_path_buf()];
+    let mut files = Vec::new();
+    while let Some(d) = stack.pop() {
+        let entries = std::fs::read_dir(&d).map_err(io_err(&d))?;
+        for entry in entries {
+            let entry = entry.map_err(io_err(&d))?;
+            let path = entry.path();
+            let rel = match path.strip_prefix(dir) {
+                Ok(r) => r.to_string_lossy().replace('\\', "/"),
+                Err(_) => continue,
+            };
+            let always = rel == dockerfile || rel == ".dockerignore";
+            let ft = entry.file_type().map_err(io_err(&path))?;
+            // Excluded directories are still walked: a `!` rule may re-include a child.
+            if ft.is_dir() {
+                stack.push(path.clone());
+            }
+            if !always && ignore.is_excluded(&rel) {
+                continue;
+            }
+            files.push((path, rel));
+        }
+    }
+    // Sorted so the same context always gives the same tar (and build cache hits).
+    files.sort_by(|a, b| a.1.cmp(&b.1));
+    for (path, rel) in files {
+        builder
+            .append_path_with_name(&path, &rel)
+            .map_err(io_err(&path))?;
+    }
+    builder.into_inner().map_err(io_err(dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dockerignore_follows_docker_rules() {
+        let ig = DockerIgnore::parse("# comment\n*.log\n/target\n**/secret.txt\nnode_modules\n!keep.log\n").unwrap();
+        assert!(ig.is_excluded("a.log"));
+        assert!(!ig.is_excluded("sub/a.log"), "patterns are anchored at the root");
+        assert!(!ig.is_excluded("keep.log"), "! re-includes");
+        assert!(ig.is_excluded("target/debug/x"), "children of excluded dirs");
+        assert!(ig.is_excluded("deep/er/secret.txt"));
+        assert!(ig.is_excluded("secret.txt"));
+        assert!(ig.is_excluded("node_modules"));
+        assert!(!ig.is_excluded("src/main.rs"));
+    }
+
+    #[test]
+    fn tar_context_skips_ignored_files_but_keeps_dockerfile() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("Dockerfile"), "FROM x\n").unwrap();
+        std::fs::write(dir.path().join(".dockerignore"), "*\n!app\n").unwrap();
+        std::fs::create_dir(dir.path().join("app")).unwrap();
+        std::fs::write(dir.path().join("app/main.sh"), "echo").unwrap();
+        std::fs::write(dir.path().join("junk"), "x").unwrap();
+        let bytes = tar_context(dir.path(), "Dockerfile", Vec::new()).unwrap();
+        let mut names: Vec<String> = tar::Archive::new(&bytes[..])
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, vec![".dockerignore", "Dockerfile", "app", "app/main.sh"]);
+    }
+}

@@ -1,1 +1,629 @@
-//! Executor.
+//! The executor: runs a planned task on a `Runtime` with all the parallelism the DAG allows,
+//! applying ACR's step semantics (timeouts, retries, repeat, startDelay, ignoreErrors,
+//! exitedWith/exitedWithout, detach/keep), and emitting typed events as it goes.
+//!
+//! Every resource of a run carries the run label, so teardown is one sweep by label, done
+//! whatever way the run ends (success, failure, timeout, cancel).
+
+pub mod args;
+pub mod report;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::plan::Plan;
+use crate::runtime::{BuildSpec, ContainerSpec, LogSink, Mount, PullPolicy, Runtime, RUN_LABEL};
+use crate::task::{Step, StepKind, Task, DEFAULT_NETWORK, WORKSPACE};
+pub use report::*;
+
+/// How one run is set up; names are decided by the caller because templates see them.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub run_id: String,
+    /// Host directory copied into the shared volume and used as the build context root.
+    pub context_dir: PathBuf,
+    pub max_parallel: usize,
+    /// Name of the volume mounted at `/workspace` (`.Run.SharedVolume`).
+    pub shared_volume: String,
+    /// Name of the run's default network (ACR's `acb_default_network`, made unique per run).
+    pub network: String,
+}
+
+impl RunConfig {
+    /// Conventional resource names for a run id.
+    pub fn for_run(run_id: &str, context_dir: PathBuf, max_parallel: usize) -> RunConfig {
+        RunConfig {
+            run_id: run_id.to_string(),
+            context_dir,
+            max_parallel: max_parallel.max(1),
+            shared_volume: format!("acb_home_vol_{run_id}"),
+            network: format!("{DEFAULT_NETWORK}_{run_id}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum Event {
+    StepQueued { step: usize },
+    StepStarted { step: usize, attempt: u32 },
+    Log { step: usize, line: String },
+    StepFinished { step: usize, report: StepReport },
+    RunFinished { report: RunReport },
+}
+
+/// Runs `task` to the end and returns its report (also sent as `RunFinished`).
+/// Cancelling `cancel` stops running steps, skips the rest and tears everything down.
+pub async fn execute<R: Runtime>(
+    rt: Arc<R>,
+    task: Arc<Task>,
+    plan: Arc<Plan>,
+    cfg: RunConfig,
+    events: UnboundedSender<Event>,
+    cancel: CancellationToken,
+) -> RunReport {
+    let started = Instant::now();
+    let started_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let labels = BTreeMap::from([(RUN_LABEL.to_string(), cfg.run_id.clone())]);
+    let ctx = Arc::new(Ctx {
+        rt,
+        task,
+        labels,
+        events,
+        network: Mutex::new(cfg.network.clone()),
+        cfg,
+    });
+    let n = ctx.task.steps.len();
+    let mut reports: Vec<Option<StepReport>> = vec![None; n];
+    let (status, error) = match ctx.setup().await {
+        Err(e) => (Status::Failed, Some(format!("setting up the run: {e}"))),
+        Ok(()) => ctx.schedule(&plan, &mut reports, &cancel).await,
+    };
+    if let Err(e) = ctx.rt.remove_run_resources(&ctx.cfg.run_id).await {
+        tracing::warn!(run = %ctx.cfg.run_id, error = %e, "cleanup of run resources failed");
+    }
+    let steps = reports
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| r.unwrap_or_else(|| skipped(&ctx.task.steps[i])))
+        .collect();
+    let report = RunReport {
+        run_id: ctx.cfg.run_id.clone(),
+        status,
+        started_at,
+        duration_ms: started.elapsed().as_millis() as u64,
+        error,
+        steps,
+    };
+    let _ = ctx.events.send(Event::RunFinished { report: report.clone() });
+    report
+}
+
+fn kind_name(step: &Step) -> &'static str {
+    match step.kind() {
+        Some(StepKind::Build(_)) => "build",
+        Some(StepKind::Cmd(_)) => "cmd",
+        Some(StepKind::Push(_)) => "push",
+        None => "invalid",
+    }
+}
+
+fn skipped(step: &Step) -> StepReport {
+    StepReport {
+        id: step.id.clone(),
+        kind: kind_name(step),
+        status: Status::Skipped,
+        duration_ms: 0,
+        exit_code: None,
+        attempts: 0,
+        ignored_error: false,
+        error: None,
+        pushed: Vec::new(),
+        built: None,
+    }
+}
+
+/// Docker names allow `[a-zA-Z0-9][a-zA-Z0-9_.-]*`.
+fn container_name(run_id: &str, step_id: &str) -> String {
+    let clean: String = step_id
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || "_.-".contains(c) { c } else { '_' })
+        .collect();
+    format!("{run_id}_{clean}")
+}
+
+/// Outcome of one attempt of a step.
+struct Attempt {
+    status: Status,
+    exit_code: Option<i64>,
+    error: Option<String>,
+    pushed: Vec<PushedImage>,
+    built: Option<BuiltImage>,
+}
+
+impl Attempt {
+    fn failed(error: impl std::fmt::Display) -> Attempt {
+        Attempt {
+            status: Status::Failed,
+            exit_code: None,
+            error: Some(error.to_string()),
+            pushed: Vec::new(),
+            built: None,
+        }
+    }
+    fn with(status: Status, error: Option<String>) -> Attempt {
+        Attempt {
+            status,
+            exit_code: None,
+            error,
+            pushed: Vec::new(),
+            built: None,
+        }
+    }
+}
+
+/// Whether an exit code means success for this step (ACR's exitedWith / exitedWithout).
+pub fn exit_ok(step: &Step, code: i64) -> bool {
+    if !step.exited_with.is_empty() {
+        step.exited_with.contains(&code)
+    } else if !step.exited_without.is_empty() {
+        !step.exited_without.contains(&code)
+    } else {
+        code == 0
+    }
+}
+
+struct Ctx<R> {
+    rt: Arc<R>,
+    task: Arc<Task>,
+    cfg: RunConfig,
+    labels: BTreeMap<String, String>,
+    events: UnboundedSender<Event>,
+    /// The network steps join when they name none (a task network marked `isDefault` wins).
+    network: Mutex<String>,
+}
+
+impl<R: Runtime> Ctx<R> {
+    fn default_network(&self) -> String {
+        self.network.lock().map(|n| n.clone()).unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    fn volume_name(&self, name: &str) -> String {
+        format!("{name}_{}", self.cfg.run_id)
+    }
+
+    async fn setup(&self) -> Result<(), crate::runtime::RuntimeError> {
+        self.rt.ping().await?;
+        let mut default = None;
+        for net in &self.task.networks {
+            if !net.skip_creation {
+                self.rt
+                    .create_network(&net.name, net.driver.as_deref(), net.ipv6, &self.labels)
+                    .await?;
+            }
+            if net.is_default {
+                default = Some(net.name.clone());
+            }
+        }
+        match default {
+            Some(name) => {
+                if let Ok(mut n) = self.network.lock() {
+                    *n = name;
+                }
+            }
+            None => self.rt.create_network(&self.cfg.network, None, false, &self.labels).await?,
+        }
+        self.rt.create_volume(&self.cfg.shared_volume, &self.labels).await?;
+        self.rt
+            .fill_volume(&self.cfg.shared_volume, Some(&self.cfg.context_dir), &BTreeMap::new(), &self.labels)
+            .await?;
+        for vol in &self.task.volumes {
+            let name = self.volume_name(&vol.name);
+            self.rt.create_volume(&name, &self.labels).await?;
+            let mut files = BTreeMap::new();
+            for (file, b64) in &vol.secret {
+                let data = base64_decode(b64).ok_or_else(|| crate::runtime::RuntimeError::Invalid {
+                    what: "volume secret",
+                    value: format!("{}/{}", vol.name, file),
+                    reason: "not valid base64".into(),
+                })?;
+                files.insert(file.clone(), data);
+            }
+            if !files.is_empty() {
+                self.rt.fill_volume(&name, None, &files, &self.labels).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn schedule(
+        self: &Arc<Self>,
+        plan: &Plan,
+        reports: &mut [Option<StepReport>],
+        cancel: &CancellationToken,
+    ) -> (Status, Option<String>) {
+        #[derive(Clone, Copy, PartialEq)]
+        enum St {
+            Pending,
+            Running,
+            Done(bool),
+        }
+        let n = self.task.steps.len();
+        let mut state = vec![St::Pending; n];
+        for step in 0..n {
+            let _ = self.events.send(Event::StepQueued { step });
+        }
+        let steps_cancel = cancel.child_token();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(self.task.total_timeout);
+        let mut set: JoinSet<(usize, StepReport)> = JoinSet::new();
+        let mut outcome: Option<(Status, String)> = None;
+        loop {
+            if outcome.is_none() {
+                for i in 0..n {
+                    if set.len() >= self.cfg.max_parallel {
+                        break;
+                    }
+                    if state[i] == St::Pending && plan.deps(i).iter().all(|d| state[*d] == St::Done(true)) {
+                        state[i] = St::Running;
+                        let ctx = Arc::clone(self);
+                        let c = steps_cancel.clone();
+                        set.spawn(async move { (i, ctx.run_step(i, c).await) });
+                    }
+                }
+            }
+            if set.is_empty() {
+                break;
+            }
+            tokio::select! {
+                joined = set.join_next() => {
+                    let Some(joined) = joined else { break };
+                    let (i, report) = match joined {
+                        Ok(r) => r,
+                        Err(e) => {
+                            // A panicking step must not take the run down silently.
+                            outcome.get_or_insert((Status::Failed, format!("internal error: {e}")));
+                            steps_cancel.cancel();
+                            continue;
+                        }
+                    };
+                    let ok = report.status == Status::Succeeded || report.ignored_error;
+                    state[i] = St::Done(ok);
+                    if !ok && outcome.is_none() {
+                        let why = report.error.clone().unwrap_or_else(|| report.status.as_str().to_lowercase());
+                        outcome = Some((Status::Failed, format!("step `{}` failed: {why}", report.id)));
+                        steps_cancel.cancel();
+                    }
+                    let _ = self.events.send(Event::StepFinished { step: i, report: report.clone() });
+                    reports[i] = Some(report);
+                }
+                _ = tokio::time::sleep_until(deadline), if outcome.is_none() => {
+                    outcome = Some((Status::TimedOut, format!("run timed out after {} s", self.task.total_timeout)));
+                    steps_cancel.cancel();
+                }
+                _ = cancel.cancelled(), if outcome.is_none() => {
+                    outcome = Some((Status::Canceled, "run canceled".to_string()));
+                    steps_cancel.cancel();
+                }
+            }
+        }
+        match outcome {
+            None => (Status::Succeeded, None),
+            Some((s, e)) => (s, Some(e)),
+        }
+    }
+
+    fn log_sink(&self, step: usize) -> LogSink {
+        let events = self.events.clone();
+        Arc::new(move |line: String| {
+            let _ = events.send(Event::Log { step, line });
+        })
+    }
+
+    async fn run_step(self: Arc<Self>, i: usize, cancel: CancellationToken) -> StepReport {
+        let step = &self.task.steps[i];
+        let started = Instant::now();
+        let mut attempts = 0;
+        let mut last = Attempt::with(Status::Succeeded, None);
+        let timeout = Duration::from_secs(step.effective_timeout(&self.task));
+        let name = container_name(&self.cfg.run_id, &step.id);
+        let log = self.log_sink(i);
+        if step.start_delay > 0 && !sleep_or_cancel(Duration::from_secs(step.start_delay), &cancel).await {
+            last = Attempt::with(Status::Canceled, Some("canceled".into()));
+        } else {
+            'repeat: for _ in 0..=step.repeat {
+                for retry in 0..=step.retries {
+                    attempts += 1;
+                    let _ = self.events.send(Event::StepStarted { step: i, attempt: attempts });
+                    last = tokio::select! {
+                        r = tokio::time::timeout(timeout, self.attempt(step, &name, &log)) => match r {
+                            Ok(a) => a,
+                            Err(_) => Attempt::with(Status::TimedOut, Some(format!("step {} timed out after {} s", step.id, timeout.as_secs()))),
+                        },
+                        _ = cancel.cancelled() => Attempt::with(Status::Canceled, Some("canceled".into())),
+                    };
+                    // A detached container lives on until the run ends; any other is done now.
+                    if !(step.detach && last.status == Status::Succeeded) {
+                        if let Err(e) = self.rt.remove_container(&name).await {
+                            tracing::warn!(container = %name, error = %e, "removing step container failed");
+                        }
+                    }
+                    if matches!(last.status, Status::Succeeded | Status::Canceled) {
+                        break;
+                    }
+                    if retry < step.retries {
+                        log(format!("attempt {attempts} failed; retrying in {} s", step.retry_delay));
+                        if !sleep_or_cancel(Duration::from_secs(step.retry_delay), &cancel).await {
+                            last = Attempt::with(Status::Canceled, Some("canceled".into()));
+                            break 'repeat;
+                        }
+                    }
+                }
+                if last.status != Status::Succeeded {
+                    break;
+                }
+            }
+        }
+        let ignored_error = step.ignore_errors && matches!(last.status, Status::Failed | Status::TimedOut);
+        StepReport {
+            id: step.id.clone(),
+            kind: kind_name(step),
+            status: last.status,
+            duration_ms: started.elapsed().as_millis() as u64,
+            exit_code: last.exit_code,
+            attempts,
+            ignored_error,
+            error: last.error,
+            pushed: last.pushed,
+            built: last.built,
+        }
+    }
+
+    async fn attempt(&self, step: &Step, name: &str, log: &LogSink) -> Attempt {
+        match step.kind() {
+            Some(StepKind::Cmd(cmd)) => self.cmd(step, cmd, name, log).await,
+            Some(StepKind::Build(build)) => self.build(step, build, log).await,
+            Some(StepKind::Push(images)) => self.push(images, log).await,
+            None => Attempt::failed("a step needs exactly one of build, cmd or push"),
+        }
+    }
+
+    fn container_spec(&self, step: &Step, name: &str, image: String, args: Vec<String>) -> ContainerSpec {
+        let mut env = self.task.env.clone();
+        env.extend(step.env.iter().cloned());
+        let wd = step.working_directory.clone().or_else(|| self.task.working_directory.clone());
+        let working_dir = match wd {
+            Some(w) if w.starts_with('/') => Some(w),
+            Some(w) => Some(format!("{WORKSPACE}/{w}")),
+            None if step.disable_working_directory_override => None,
+            None => Some(WORKSPACE.to_string()),
+        };
+        let network = match step.network.as_deref() {
+            None => self.default_network(),
+            Some(DEFAULT_NETWORK) => self.default_network(),
+            Some(n) => n.to_string(),
+        };
+        let aliases = if matches!(network.as_str(), "host" | "none") {
+            Vec::new()
+        } else {
+            vec![step.id.clone()]
+        };
+        let mut mounts = vec![Mount {
+            volume: self.cfg.shared_volume.clone(),
+            target: WORKSPACE.into(),
+        }];
+        for m in &step.volume_mounts {
+            mounts.push(Mount {
+                volume: self.volume_name(&m.name),
+                target: m.mount_path.clone(),
+            });
+        }
+        // Kept containers outlive the run, so they must escape the run's cleanup sweep.
+        let labels = if step.keep { BTreeMap::new() } else { self.labels.clone() };
+        ContainerSpec {
+            name: name.to_string(),
+            image,
+            args,
+            entrypoint: step.entry_point.as_ref().map(|e| vec![e.clone()]),
+            env,
+            working_dir,
+            user: step.user.clone(),
+            privileged: step.privileged,
+            network: Some(network),
+            network_aliases: aliases,
+            ports: step.ports.clone(),
+            expose: step.expose.clone(),
+            mounts,
+            isolation: step.isolation.clone(),
+            labels,
+        }
+    }
+
+    async fn cmd(&self, step: &Step, cmd: &str, name: &str, log: &LogSink) -> Attempt {
+        let (image, args) = match args::parse_cmd(cmd) {
+            Ok(x) => x,
+            Err(e) => return Attempt::failed(e),
+        };
+        let policy = if step.pull { PullPolicy::Always } else { PullPolicy::Missing };
+        if let Err(e) = self.rt.ensure_image(&image, policy, log).await {
+            return Attempt::failed(format!("step {}: {e}", step.id));
+        }
+        // Leftovers of an earlier attempt would block the name.
+        let _ = self.rt.remove_container(name).await;
+        let spec = self.container_spec(step, name, image, args);
+        if step.detach {
+            return match self.rt.start_detached(&spec, log).await {
+                Ok(()) => Attempt::with(Status::Succeeded, None),
+                Err(e) => Attempt::failed(e),
+            };
+        }
+        match self.rt.run(&spec, log).await {
+            Ok(code) => {
+                let ok = exit_ok(step, code);
+                Attempt {
+                    status: if ok { Status::Succeeded } else { Status::Failed },
+                    exit_code: Some(code),
+                    error: (!ok).then(|| format!("exited with code {code}")),
+                    pushed: Vec::new(),
+                    built: None,
+                }
+            }
+            Err(e) => Attempt::failed(e),
+        }
+    }
+
+    async fn build(&self, step: &Step, build: &str, log: &LogSink) -> Attempt {
+        let b = match args::parse_build(build) {
+            Ok(b) => b,
+            Err(e) => return Attempt::failed(e),
+        };
+        if b.context.contains("://") || b.context.starts_with("git@") {
+            return Attempt::failed(format!("remote build context `{}` is not supported; use a path in the context", b.context));
+        }
+        let root = &self.cfg.context_dir;
+        let context_dir = root.join(&b.context);
+        // `-f` is relative to the working directory (the context root), as with `docker build`.
+        let dockerfile_path = match &b.dockerfile {
+            Some(f) => root.join(f),
+            None => context_dir.join("Dockerfile"),
+        };
+        let dockerfile = match dockerfile_path.strip_prefix(&context_dir) {
+            Ok(rel) => rel.to_string_lossy().replace('\\', "/"),
+            Err(_) => {
+                return Attempt::failed(format!(
+                    "Dockerfile {} is outside the build context {}",
+                    dockerfile_path.display(),
+                    context_dir.display()
+                ))
+            }
+        };
+        let text = match tokio::fs::read_to_string(&dockerfile_path).await {
+            Ok(t) => t,
+            Err(e) => return Attempt::failed(format!("cannot read {}: {e}", dockerfile_path.display())),
+        };
+        let bases = crate::dockerfile::base_images(&text, &b.build_args);
+        let spec = BuildSpec {
+            context_dir,
+            dockerfile,
+            tags: b.tags.clone(),
+            build_args: b.build_args,
+            target: b.target,
+            no_cache: b.no_cache || step.cache.as_deref() == Some("disabled"),
+            platform: b.platform,
+            pull: b.pull || step.pull,
+            network: Some(b.network.unwrap_or_else(|| self.default_network())),
+            labels: b.labels,
+        };
+        match self.rt.build(&spec, log).await {
+            Ok(out) => {
+                let mut base_images = Vec::new();
+                for image in bases {
+                    let digest = self.rt.image_digest(&image).await.ok().flatten();
+                    base_images.push(BaseImage { image, digest });
+                }
+                Attempt {
+                    status: Status::Succeeded,
+                    exit_code: Some(0),
+                    error: None,
+                    pushed: Vec::new(),
+                    built: Some(BuiltImage {
+                        tags: b.tags,
+                        image_id: out.image_id,
+                        base_images,
+                    }),
+                }
+            }
+            Err(e) => Attempt::failed(e),
+        }
+    }
+
+    async fn push(&self, images: &[String], log: &LogSink) -> Attempt {
+        let mut pushed = Vec::new();
+        for image in images {
+            match self.rt.push(image, log).await {
+                Ok(digest) => pushed.push(PushedImage {
+                    image: image.clone(),
+                    digest,
+                }),
+                Err(e) => {
+                    let mut a = Attempt::failed(e);
+                    a.pushed = pushed;
+                    return a;
+                }
+            }
+        }
+        Attempt {
+            status: Status::Succeeded,
+            exit_code: None,
+            error: None,
+            pushed,
+            built: None,
+        }
+    }
+}
+
+/// Sleeps; false when cancelled first.
+async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => true,
+        _ = cancel.cancelled() => false,
+    }
+}
+
+/// Standard base64 (ACR stores volume secrets base64-encoded); None on bad input.
+pub fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let mut acc = 0u32;
+    let mut bits = 0;
+    for c in s.bytes().filter(|c| !c.is_ascii_whitespace()) {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            b'=' => break,
+            _ => return None,
+        } as u32;
+        acc = (acc << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes() {
+        let mut s = Step::default();
+        assert!(exit_ok(&s, 0) && !exit_ok(&s, 1));
+        s.exited_with = vec![0, 3];
+        assert!(exit_ok(&s, 3) && !exit_ok(&s, 1));
+        s.exited_with.clear();
+        s.exited_without = vec![2];
+        assert!(exit_ok(&s, 1) && !exit_ok(&s, 2));
+    }
+
+    #[test]
+    fn base64() {
+        assert_eq!(base64_decode("aGVsbG8gd29ybGQ=").unwrap(), b"hello world");
+        assert_eq!(base64_decode("YQ==").unwrap(), b"a");
+        assert!(base64_decode("a*b").is_none());
+    }
+
+    #[test]
+    fn container_names_are_valid() {
+        assert_eq!(container_name("r1", "build app"), "r1_build_app");
+    }
+}

@@ -1,1 +1,158 @@
-//! Container runtime.
+//! What the executor needs from a container backend, as a trait over plain types.
+//! `docker` is the real implementation (bollard); tests may provide fakes for scheduling.
+
+pub mod docker;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Receives output lines of a build, container or push, as they come.
+pub type LogSink = Arc<dyn Fn(String) + Send + Sync>;
+
+/// Label put on every container, network and volume of a run, so a run can always be
+/// cleaned up by its id even after a crash.
+pub const RUN_LABEL: &str = "io.acr-task.run";
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BuildSpec {
+    /// Directory sent as the build context.
+    pub context_dir: PathBuf,
+    /// Dockerfile path relative to the context.
+    pub dockerfile: String,
+    pub tags: Vec<String>,
+    pub build_args: BTreeMap<String, String>,
+    pub target: Option<String>,
+    pub no_cache: bool,
+    pub platform: Option<String>,
+    /// Always attempt to pull newer base images.
+    pub pull: bool,
+    pub network: Option<String>,
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BuildOutput {
+    pub image_id: String,
+}
+
+/// A mount of a named volume into a container.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mount {
+    pub volume: String,
+    pub target: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ContainerSpec {
+    /// Container name; unique on the engine.
+    pub name: String,
+    pub image: String,
+    pub args: Vec<String>,
+    pub entrypoint: Option<Vec<String>>,
+    pub env: Vec<String>,
+    pub working_dir: Option<String>,
+    pub user: Option<String>,
+    pub privileged: bool,
+    pub network: Option<String>,
+    /// Names this container answers to on `network` (ACR: the step id).
+    pub network_aliases: Vec<String>,
+    /// `host:container[/proto]` or `container` port publications.
+    pub ports: Vec<String>,
+    pub expose: Vec<String>,
+    pub mounts: Vec<Mount>,
+    pub isolation: Option<String>,
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PullPolicy {
+    /// Pull only when the image is not present (Docker's default).
+    Missing,
+    Always,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("cannot reach the Docker Engine at {host}: {reason}. Start it (e.g. `sudo systemctl start docker`) or set DOCKER_HOST")]
+    Unreachable { host: String, reason: String },
+    #[error("image `{image}` not found locally and could not be pulled: {reason}")]
+    ImageNotFound { image: String, reason: String },
+    #[error("build failed: {message}")]
+    Build { message: String },
+    #[error("push of `{image}` failed: {message}")]
+    Push { image: String, message: String },
+    #[error("invalid {what} `{value}`: {reason}")]
+    Invalid {
+        what: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("build context: {0}")]
+    Context(#[from] crate::source::SourceError),
+    #[error("docker: {0}")]
+    Engine(String),
+}
+
+/// The container backend. Futures may be dropped to cancel; the caller then removes the
+/// container by name (`remove_container`), so implementations need no cancel hooks.
+pub trait Runtime: Send + Sync + 'static {
+    /// Checks the backend answers.
+    fn ping(&self) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    fn create_network(
+        &self,
+        name: &str,
+        driver: Option<&str>,
+        ipv6: bool,
+        labels: &BTreeMap<String, String>,
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    fn remove_network(&self, name: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    fn create_volume(
+        &self,
+        name: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    fn remove_volume(&self, name: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Copies a directory tree (without `.dockerignore`d files) into a volume, at its root,
+    /// and optionally adds files (name, content) at the volume's root.
+    fn fill_volume(
+        &self,
+        volume: &str,
+        dir: Option<&std::path::Path>,
+        files: &BTreeMap<String, Vec<u8>>,
+        labels: &BTreeMap<String, String>,
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Makes sure `image` is present, pulling it per `policy`.
+    fn ensure_image(
+        &self,
+        image: &str,
+        policy: PullPolicy,
+        log: &LogSink,
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    fn build(
+        &self,
+        spec: &BuildSpec,
+        log: &LogSink,
+    ) -> impl Future<Output = Result<BuildOutput, RuntimeError>> + Send;
+    /// Runs a container to completion, streaming its output; returns the exit code.
+    fn run(
+        &self,
+        spec: &ContainerSpec,
+        log: &LogSink,
+    ) -> impl Future<Output = Result<i64, RuntimeError>> + Send;
+    /// Starts a container and returns once it runs; its output keeps streaming to `log`.
+    fn start_detached(
+        &self,
+        spec: &ContainerSpec,
+        log: &LogSink,
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Force-removes a container (and its anonymous volumes); absent is not an error.
+    fn remove_container(&self, name: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Pushes an image; returns the manifest digest the registry reported.
+    fn push(&self, image: &str, log: &LogSink) -> impl Future<Output = Result<String, RuntimeError>> + Send;
+    /// The digest an image was pulled or pushed by (`RepoDigests`), else its image id.
+    fn image_digest(&self, image: &str) -> impl Future<Output = Result<Option<String>, RuntimeError>> + Send;
+    /// Removes every container, network and volume labelled with this run id.
+    fn remove_run_resources(&self, run_id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+}

@@ -1,0 +1,643 @@
+//! The Docker Engine backend (bollard, local socket or `DOCKER_HOST`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use bollard::models::{
+    ContainerCreateBody, EndpointSettings, HostConfig, NetworkCreateRequest, NetworkingConfig, PortBinding,
+    VolumeCreateRequest,
+};
+use bollard::query_parameters::{
+    AttachContainerOptions, BuildImageOptions, CreateContainerOptions, CreateImageOptions, ListContainersOptions,
+    ListNetworksOptions, ListVolumesOptions, LogsOptions, PushImageOptions, RemoveContainerOptions,
+    RemoveVolumeOptions, TagImageOptions, UploadToContainerOptions,
+};
+use bollard::Docker;
+use futures_util::StreamExt;
+
+use super::{BuildOutput, BuildSpec, ContainerSpec, LogSink, PullPolicy, Runtime, RuntimeError, RUN_LABEL};
+
+/// An image with no files, used to hold volumes while files are copied into them.
+const SCRATCH_IMAGE: &str = "acr-task/scratch:1";
+/// How many lines of build output a build error shows.
+const BUILD_ERROR_TAIL: usize = 15;
+
+#[derive(Clone)]
+pub struct DockerRuntime {
+    docker: Docker,
+}
+
+fn engine(e: bollard::errors::Error) -> RuntimeError {
+    RuntimeError::Engine(e.to_string())
+}
+
+fn is_not_found(e: &bollard::errors::Error) -> bool {
+    matches!(e, bollard::errors::Error::DockerResponseServerError { status_code: 404, .. })
+}
+
+fn hashmap(labels: &BTreeMap<String, String>) -> HashMap<String, String> {
+    labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+/// Splits `name[:tag]` (registry ports are not tags).
+pub fn split_tag(image: &str) -> (&str, Option<&str>) {
+    let slash = image.rfind('/').map(|i| i + 1).unwrap_or(0);
+    match image[slash..].rfind(':') {
+        Some(i) if !image.contains('@') => (&image[..slash + i], Some(&image[slash + i + 1..])),
+        _ => (image, None),
+    }
+}
+
+impl DockerRuntime {
+    /// Connects as the `docker` CLI does (`DOCKER_HOST` or the local socket), agrees on an
+    /// API version the engine supports, and checks that it answers.
+    pub async fn connect() -> Result<DockerRuntime, RuntimeError> {
+        let host = std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".to_string());
+        let unreachable = |reason: String| RuntimeError::Unreachable {
+            host: host.clone(),
+            reason,
+        };
+        let docker = Docker::connect_with_defaults().map_err(|e| unreachable(e.to_string()))?;
+        let docker = docker.negotiate_version().await.map_err(|e| unreachable(e.to_string()))?;
+        let rt = DockerRuntime { docker };
+        rt.docker.ping().await.map_err(|e| unreachable(e.to_string()))?;
+        Ok(rt)
+    }
+
+    pub fn client(&self) -> &Docker {
+        &self.docker
+    }
+
+    async fn image_present(&self, image: &str) -> Result<bool, RuntimeError> {
+        match self.docker.inspect_image(image).await {
+            Ok(_) => Ok(true),
+            Err(e) if is_not_found(&e) => Ok(false),
+            Err(e) => Err(engine(e)),
+        }
+    }
+
+    async fn ensure_scratch(&self) -> Result<(), RuntimeError> {
+        if self.image_present(SCRATCH_IMAGE).await? {
+            return Ok(());
+        }
+        let empty_tar = tar::Builder::new(Vec::new()).into_inner().map_err(|e| RuntimeError::Engine(e.to_string()))?;
+        let (repo, tag) = split_tag(SCRATCH_IMAGE);
+        let opts = CreateImageOptions {
+            from_src: Some("-".into()),
+            repo: Some(repo.into()),
+            tag: tag.map(str::to_string),
+            ..Default::default()
+        };
+        let mut s = self.docker.create_image(Some(opts), Some(bollard::body_full(empty_tar.into())), None);
+        while let Some(item) = s.next().await {
+            item.map_err(engine)?;
+        }
+        Ok(())
+    }
+
+    fn container_body(spec: &ContainerSpec) -> Result<ContainerCreateBody, RuntimeError> {
+        let mut port_bindings: HashMap<String, Option<Vec<PortBinding>>> = HashMap::new();
+        let mut exposed: Vec<String> = Vec::new();
+        for p in &spec.ports {
+            let (host, container) = parse_port(p)?;
+            exposed.push(container.clone());
+            port_bindings.entry(container).or_insert_with(|| Some(Vec::new())).get_or_insert_with(Vec::new).push(
+                PortBinding {
+                    host_ip: host.0,
+                    host_port: host.1,
+                },
+            );
+        }
+        for e in &spec.expose {
+            exposed.push(if e.contains('/') { e.clone() } else { format!("{e}/tcp") });
+        }
+        let mounts = spec
+            .mounts
+            .iter()
+            .map(|m| bollard::models::Mount {
+                target: Some(m.target.clone()),
+                source: Some(m.volume.clone()),
+                typ: Some(bollard::models::MountType::VOLUME),
+                ..Default::default()
+            })
+            .collect();
+        let isolation = match spec.isolation.as_deref() {
+            None | Some("") | Some("default") => None,
+            Some("process") => Some(bollard::models::HostConfigIsolationEnum::PROCESS),
+            Some("hyperv") => Some(bollard::models::HostConfigIsolationEnum::HYPERV),
+            Some(other) => {
+                return Err(RuntimeError::Invalid {
+                    what: "isolation",
+                    value: other.into(),
+                    reason: "expected default, process or hyperv".into(),
+                })
+            }
+        };
+        let networking_config = spec.network.as_ref().map(|n| NetworkingConfig {
+            endpoints_config: Some(HashMap::from([(
+                n.clone(),
+                EndpointSettings {
+                    aliases: Some(spec.network_aliases.clone()),
+                    ..Default::default()
+                },
+            )])),
+        });
+        Ok(ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            cmd: if spec.args.is_empty() { None } else { Some(spec.args.clone()) },
+            entrypoint: spec.entrypoint.clone(),
+            env: Some(spec.env.clone()),
+            working_dir: spec.working_dir.clone(),
+            user: spec.user.clone(),
+            labels: Some(hashmap(&spec.labels)),
+            exposed_ports: if exposed.is_empty() { None } else { Some(exposed) },
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            host_config: Some(HostConfig {
+                privileged: Some(spec.privileged),
+                network_mode: spec.network.clone(),
+                port_bindings: Some(port_bindings),
+                mounts: Some(mounts),
+                isolation,
+                ..Default::default()
+            }),
+            networking_config,
+            ..Default::default()
+        })
+    }
+
+    async fn create(&self, spec: &ContainerSpec) -> Result<(), RuntimeError> {
+        let body = Self::container_body(spec)?;
+        let opts = CreateContainerOptions {
+            name: Some(spec.name.clone()),
+            ..Default::default()
+        };
+        match self.docker.create_container(Some(opts), body).await {
+            Ok(_) => Ok(()),
+            Err(e) if is_not_found(&e) => Err(RuntimeError::ImageNotFound {
+                image: spec.image.clone(),
+                reason: e.to_string(),
+            }),
+            Err(e) => Err(engine(e)),
+        }
+    }
+}
+
+/// `[ip:]host:container[/proto]` or `container[/proto]` → ((ip, host port), `container/proto`).
+#[allow(clippy::type_complexity)]
+fn parse_port(p: &str) -> Result<((Option<String>, Option<String>), String), RuntimeError> {
+    let (spec, proto) = p.split_once('/').unwrap_or((p, "tcp"));
+    let parts: Vec<&str> = spec.rsplitn(3, ':').collect();
+    let bad = || RuntimeError::Invalid {
+        what: "port",
+        value: p.into(),
+        reason: "expected [ip:]hostPort:containerPort[/proto]".into(),
+    };
+    let container = parts.first().filter(|c| c.parse::<u16>().is_ok()).ok_or_else(bad)?;
+    let host = parts.get(1).map(|h| h.to_string()).filter(|h| !h.is_empty());
+    if let Some(h) = &host {
+        h.parse::<u16>().map_err(|_| bad())?;
+    }
+    let ip = parts.get(2).map(|s| s.to_string());
+    Ok(((ip, host), format!("{container}/{proto}")))
+}
+
+/// Turns a byte stream into lines for a log sink, keeping partial lines until complete.
+struct LineSplitter {
+    buf: Vec<u8>,
+}
+
+impl LineSplitter {
+    fn push(&mut self, bytes: &[u8], log: &LogSink) {
+        self.buf.extend_from_slice(bytes);
+        while let Some(i) = self.buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.buf.drain(..=i).collect();
+            let text = String::from_utf8_lossy(&line[..line.len() - 1]);
+            log(text.trim_end_matches('\r').to_string());
+        }
+    }
+    fn flush(&mut self, log: &LogSink) {
+        if !self.buf.is_empty() {
+            log(String::from_utf8_lossy(&self.buf).into_owned());
+            self.buf.clear();
+        }
+    }
+}
+
+impl Runtime for DockerRuntime {
+    async fn ping(&self) -> Result<(), RuntimeError> {
+        self.docker.ping().await.map(|_| ()).map_err(engine)
+    }
+
+    async fn create_network(
+        &self,
+        name: &str,
+        driver: Option<&str>,
+        ipv6: bool,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), RuntimeError> {
+        let req = NetworkCreateRequest {
+            name: name.into(),
+            driver: Some(driver.unwrap_or("bridge").into()),
+            enable_ipv6: Some(ipv6),
+            labels: Some(hashmap(labels)),
+            ..Default::default()
+        };
+        self.docker.create_network(req).await.map(|_| ()).map_err(engine)
+    }
+
+    async fn remove_network(&self, name: &str) -> Result<(), RuntimeError> {
+        match self.docker.remove_network(name).await {
+            Err(e) if !is_not_found(&e) => Err(engine(e)),
+            _ => Ok(()),
+        }
+    }
+
+    async fn create_volume(&self, name: &str, labels: &BTreeMap<String, String>) -> Result<(), RuntimeError> {
+        let req = VolumeCreateRequest {
+            name: Some(name.into()),
+            labels: Some(hashmap(labels)),
+            ..Default::default()
+        };
+        self.docker.create_volume(req).await.map(|_| ()).map_err(engine)
+    }
+
+    async fn remove_volume(&self, name: &str) -> Result<(), RuntimeError> {
+        let opts = RemoveVolumeOptions { force: true };
+        match self.docker.remove_volume(name, Some(opts)).await {
+            Err(e) if !is_not_found(&e) => Err(engine(e)),
+            _ => Ok(()),
+        }
+    }
+
+    async fn fill_volume(
+        &self,
+        volume: &str,
+        dir: Option<&Path>,
+        files: &BTreeMap<String, Vec<u8>>,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), RuntimeError> {
+        self.ensure_scratch().await?;
+        let holder = format!("{volume}-fill");
+        let spec = ContainerSpec {
+            name: holder.clone(),
+            image: SCRATCH_IMAGE.into(),
+            args: vec!["/nonexistent".into()],
+            mounts: vec![super::Mount {
+                volume: volume.into(),
+                target: "/v".into(),
+            }],
+            labels: labels.clone(),
+            ..Default::default()
+        };
+        self.create(&spec).await?;
+        let dir = dir.map(Path::to_path_buf);
+        let files = files.clone();
+        let archive = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, RuntimeError> {
+            let mut out = match &dir {
+                Some(d) => crate::source::tar_context(d, "", Vec::new())?,
+                None => Vec::new(),
+            };
+            // A tar ends with two zero blocks: drop them to append more entries.
+            if !files.is_empty() {
+                let mut b = tar::Builder::new(Vec::new());
+                for (name, data) in &files {
+                    let mut h = tar::Header::new_gnu();
+                    h.set_size(data.len() as u64);
+                    h.set_mode(0o644);
+                    h.set_cksum();
+                    b.append_data(&mut h, name, &data[..]).map_err(|e| RuntimeError::Engine(e.to_string()))?;
+                }
+                let extra = b.into_inner().map_err(|e| RuntimeError::Engine(e.to_string()))?;
+                out.truncate(out.len().saturating_sub(1024));
+                out.extend_from_slice(&extra);
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| RuntimeError::Engine(e.to_string()))??;
+        let result = if archive.is_empty() {
+            Ok(())
+        } else {
+            let opts = UploadToContainerOptions {
+                path: "/v".into(),
+                ..Default::default()
+            };
+            self.docker
+                .upload_to_container(&holder, Some(opts), bollard::body_full(archive.into()))
+                .await
+                .map_err(engine)
+        };
+        self.remove_container(&holder).await?;
+        result
+    }
+
+    async fn ensure_image(&self, image: &str, policy: PullPolicy, log: &LogSink) -> Result<(), RuntimeError> {
+        if policy == PullPolicy::Missing && self.image_present(image).await? {
+            return Ok(());
+        }
+        let (repo, tag) = split_tag(image);
+        let opts = CreateImageOptions {
+            from_image: Some(repo.into()),
+            tag: Some(tag.unwrap_or("latest").into()),
+            ..Default::default()
+        };
+        let mut s = self.docker.create_image(Some(opts), None, None);
+        let mut failure = None;
+        while let Some(item) = s.next().await {
+            match item {
+                Ok(info) => {
+                    if let Some(status) = info.status {
+                        if info.progress_detail.is_none() || info.id.is_none() {
+                            log(status);
+                        }
+                    }
+                }
+                Err(e) => {
+                    failure = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        match failure {
+            None => Ok(()),
+            // With `pull: true` a local image still does when the registry cannot be reached.
+            Some(_) if policy == PullPolicy::Always && self.image_present(image).await? => Ok(()),
+            Some(reason) => Err(RuntimeError::ImageNotFound {
+                image: image.into(),
+                reason,
+            }),
+        }
+    }
+
+    async fn build(&self, spec: &BuildSpec, log: &LogSink) -> Result<BuildOutput, RuntimeError> {
+        let dir = spec.context_dir.clone();
+        let dockerfile = spec.dockerfile.clone();
+        let context = tokio::task::spawn_blocking(move || crate::source::tar_context(&dir, &dockerfile, Vec::new()))
+            .await
+            .map_err(|e| RuntimeError::Engine(e.to_string()))??;
+        let opts = BuildImageOptions {
+            dockerfile: spec.dockerfile.clone(),
+            t: spec.tags.first().cloned(),
+            nocache: spec.no_cache,
+            pull: spec.pull.then(|| "1".to_string()),
+            rm: true,
+            forcerm: true,
+            buildargs: Some(spec.build_args.iter().map(|(k, v)| (k.clone(), v.clone())).collect()),
+            labels: Some(hashmap(&spec.labels)),
+            networkmode: spec.network.clone(),
+            platform: spec.platform.clone().unwrap_or_default(),
+            target: spec.target.clone().unwrap_or_default(),
+            ..Default::default()
+        };
+        let mut stream = self.docker.build_image(opts, None, Some(bollard::body_full(context.into())));
+        let mut tail: std::collections::VecDeque<String> = std::collections::VecDeque::new();
+        let mut image_id = None;
+        let mut splitter = LineSplitter { buf: Vec::new() };
+        let tail_log: LogSink = {
+            let log = log.clone();
+            std::sync::Arc::new(move |l: String| log(l))
+        };
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(info) => {
+                    if let Some(s) = info.stream {
+                        for l in s.split_inclusive('\n') {
+                            if l.ends_with('\n') {
+                                let line = l.trim_end().to_string();
+                                if tail.len() == BUILD_ERROR_TAIL {
+                                    tail.pop_front();
+                                }
+                                tail.push_back(line);
+                            }
+                        }
+                        splitter.push(s.as_bytes(), &tail_log);
+                    }
+                    if let Some(aux) = info.aux.and_then(|a| a.id) {
+                        image_id = Some(aux);
+                    }
+                }
+                Err(e) => {
+                    splitter.flush(&tail_log);
+                    let message = match e {
+                        bollard::errors::Error::DockerStreamError { error } => error,
+                        other => other.to_string(),
+                    };
+                    let mut shown: Vec<String> = tail.into_iter().collect();
+                    shown.push(message);
+                    return Err(RuntimeError::Build {
+                        message: shown.join("\n"),
+                    });
+                }
+            }
+        }
+        splitter.flush(&tail_log);
+        let image_id = match image_id {
+            Some(id) => id,
+            None => {
+                // Older engines only print "Successfully built <id>".
+                tail.iter()
+                    .rev()
+                    .find_map(|l| l.strip_prefix("Successfully built ").map(str::to_string))
+                    .ok_or_else(|| RuntimeError::Build {
+                        message: "the engine reported no image id".into(),
+                    })?
+            }
+        };
+        for t in spec.tags.iter().skip(1) {
+            let (repo, tag) = split_tag(t);
+            let opts = TagImageOptions {
+                repo: Some(repo.into()),
+                tag: Some(tag.unwrap_or("latest").into()),
+            };
+            self.docker.tag_image(&image_id, Some(opts)).await.map_err(engine)?;
+        }
+        Ok(BuildOutput { image_id })
+    }
+
+    async fn run(&self, spec: &ContainerSpec, log: &LogSink) -> Result<i64, RuntimeError> {
+        self.create(spec).await?;
+        let opts = AttachContainerOptions {
+            stdout: true,
+            stderr: true,
+            stream: true,
+            logs: true,
+            ..Default::default()
+        };
+        let attached = self.docker.attach_container(&spec.name, Some(opts)).await.map_err(engine)?;
+        self.docker.start_container(&spec.name, None).await.map_err(engine)?;
+        let mut output = attached.output;
+        let mut out = LineSplitter { buf: Vec::new() };
+        let mut err = LineSplitter { buf: Vec::new() };
+        while let Some(item) = output.next().await {
+            match item {
+                Ok(bollard::container::LogOutput::StdErr { message }) => err.push(&message, log),
+                Ok(other) => out.push(&other.into_bytes(), log),
+                Err(e) => {
+                    tracing::debug!(container = %spec.name, error = %e, "attach stream ended");
+                    break;
+                }
+            }
+        }
+        out.flush(log);
+        err.flush(log);
+        let mut wait = self.docker.wait_container(&spec.name, None);
+        match wait.next().await {
+            Some(Ok(r)) => Ok(r.status_code),
+            Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => Ok(code),
+            Some(Err(e)) => Err(engine(e)),
+            None => Err(RuntimeError::Engine(format!("no exit status for container {}", spec.name))),
+        }
+    }
+
+    async fn start_detached(&self, spec: &ContainerSpec, log: &LogSink) -> Result<(), RuntimeError> {
+        self.create(spec).await?;
+        self.docker.start_container(&spec.name, None).await.map_err(engine)?;
+        let docker = self.docker.clone();
+        let name = spec.name.clone();
+        let log = log.clone();
+        tokio::spawn(async move {
+            let opts = LogsOptions {
+                follow: true,
+                stdout: true,
+                stderr: true,
+                ..Default::default()
+            };
+            let mut s = docker.logs(&name, Some(opts));
+            let mut lines = LineSplitter { buf: Vec::new() };
+            while let Some(Ok(chunk)) = s.next().await {
+                lines.push(&chunk.into_bytes(), &log);
+            }
+            lines.flush(&log);
+        });
+        Ok(())
+    }
+
+    async fn remove_container(&self, name: &str) -> Result<(), RuntimeError> {
+        let opts = RemoveContainerOptions {
+            force: true,
+            v: true,
+            ..Default::default()
+        };
+        match self.docker.remove_container(name, Some(opts)).await {
+            Err(e) if !is_not_found(&e) => Err(engine(e)),
+            _ => Ok(()),
+        }
+    }
+
+    async fn push(&self, image: &str, log: &LogSink) -> Result<String, RuntimeError> {
+        let (repo, tag) = split_tag(image);
+        let opts = PushImageOptions {
+            tag: Some(tag.unwrap_or("latest").into()),
+            ..Default::default()
+        };
+        let mut s = self.docker.push_image(repo, Some(opts), None);
+        let mut digest = None;
+        while let Some(item) = s.next().await {
+            match item {
+                Ok(info) => {
+                    if let Some(status) = info.status {
+                        if let Some(d) = status.split("digest: ").nth(1) {
+                            digest = d.split_whitespace().next().map(str::to_string);
+                        }
+                        if info.progress_detail.as_ref().and_then(|p| p.total).is_none() {
+                            log(status);
+                        }
+                    }
+                }
+                Err(e) => {
+                    let message = match e {
+                        bollard::errors::Error::DockerStreamError { error } => error,
+                        other => other.to_string(),
+                    };
+                    return Err(RuntimeError::Push {
+                        image: image.into(),
+                        message,
+                    });
+                }
+            }
+        }
+        digest.ok_or_else(|| RuntimeError::Push {
+            image: image.into(),
+            message: "the engine reported no digest".into(),
+        })
+    }
+
+    async fn image_digest(&self, image: &str) -> Result<Option<String>, RuntimeError> {
+        match self.docker.inspect_image(image).await {
+            Ok(info) => {
+                let (repo, _) = split_tag(image);
+                let repo_digest = info
+                    .repo_digests
+                    .unwrap_or_default()
+                    .into_iter()
+                    .find(|d| d.split('@').next() == Some(repo))
+                    .and_then(|d| d.split('@').nth(1).map(str::to_string));
+                Ok(repo_digest.or(info.id))
+            }
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(engine(e)),
+        }
+    }
+
+    async fn remove_run_resources(&self, run_id: &str) -> Result<(), RuntimeError> {
+        let label = format!("{RUN_LABEL}={run_id}");
+        let filters: HashMap<String, Vec<String>> = HashMap::from([("label".to_string(), vec![label])]);
+        let containers = self
+            .docker
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                filters: Some(filters.clone()),
+                ..Default::default()
+            }))
+            .await
+            .map_err(engine)?;
+        for c in containers {
+            if let Some(id) = c.id {
+                self.remove_container(&id).await?;
+            }
+        }
+        let networks = self
+            .docker
+            .list_networks(Some(ListNetworksOptions {
+                filters: Some(filters.clone()),
+            }))
+            .await
+            .map_err(engine)?;
+        for n in networks {
+            if let Some(id) = n.id {
+                self.remove_network(&id).await?;
+            }
+        }
+        let volumes = self
+            .docker
+            .list_volumes(Some(ListVolumesOptions {
+                filters: Some(filters),
+            }))
+            .await
+            .map_err(engine)?;
+        for v in volumes.volumes.unwrap_or_default() {
+            self.remove_volume(&v.name).await?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_and_ports() {
+        assert_eq!(split_tag("127.0.0.1:5000/app:v1"), ("127.0.0.1:5000/app", Some("v1")));
+        assert_eq!(split_tag("127.0.0.1:5000/app"), ("127.0.0.1:5000/app", None));
+        assert_eq!(split_tag("busybox"), ("busybox", None));
+        assert_eq!(parse_port("8080:80").unwrap(), ((None, Some("8080".into())), "80/tcp".into()));
+        assert_eq!(
+            parse_port("127.0.0.1:53:53/udp").unwrap(),
+            ((Some("127.0.0.1".into()), Some("53".into())), "53/udp".into())
+        );
+        assert_eq!(parse_port("80").unwrap(), ((None, None), "80/tcp".into()));
+        assert!(parse_port("x:80").is_err());
+    }
+}
