@@ -38,6 +38,34 @@ pub struct RunInfo {
     pub shared_volume: String,
 }
 
+impl RunInfo {
+    /// Stand-in run values for checking a file without running it (`validate`,
+    /// `--dry-run`): run id `dryrun`, registry `localhost:5000`, the current time, and the
+    /// host's OS and architecture in Docker's names.
+    pub fn placeholder(task_file: &Path) -> RunInfo {
+        let arch = match std::env::consts::ARCH {
+            "x86_64" => "amd64",
+            "aarch64" => "arm64",
+            other => other,
+        };
+        RunInfo {
+            id: "dryrun".into(),
+            registry: "localhost:5000".into(),
+            registry_name: "localhost".into(),
+            date: chrono::Utc::now().format("%Y%m%d-%H%M%Sz").to_string(),
+            os: std::env::consts::OS.into(),
+            architecture: arch.into(),
+            commit: String::new(),
+            branch: String::new(),
+            task_name: task_file
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            shared_volume: "acb_shared_volume".into(),
+        }
+    }
+}
+
 /// `.Values`: a values file plus `--set key=value` overrides (later wins).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Values(pub BTreeMap<String, serde_json::Value>);
