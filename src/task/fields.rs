@@ -85,21 +85,22 @@ pub(crate) fn known(part: Part) -> &'static [String] {
 
 /// The known field closest to `name`, when one is close enough to be a likely typo.
 pub(crate) fn suggest(name: &str, candidates: &[String]) -> Option<String> {
+    // Jaro-Winkler favours a shared prefix, which is how field names get mistyped
+    // (`retry` for `retries`, `ignoreError` for `ignoreErrors`).
+    // The edit distance breaks near-ties (`retry` is closer to `retries` than to
+    // `retryDelay`).
     let lower = name.to_lowercase();
-    let mut best: Option<(usize, &String)> = None;
+    let mut best: Option<(f64, f64, &String)> = None;
     for c in candidates {
-        let d = if c.to_lowercase() == lower {
-            0
-        } else {
-            strsim::levenshtein(&lower, &c.to_lowercase())
-        };
-        if best.is_none_or(|(bd, _)| d < bd) {
-            best = Some((d, c));
+        let c_lower = c.to_lowercase();
+        let jw = strsim::jaro_winkler(&lower, &c_lower);
+        let rank = jw - 0.02 * strsim::levenshtein(&lower, &c_lower) as f64;
+        if best.is_none_or(|(r, _, _)| rank > r) {
+            best = Some((rank, jw, c));
         }
     }
-    let (d, c) = best?;
-    let limit = (name.chars().count() / 3).max(2);
-    (d <= limit).then(|| c.clone())
+    let (_, jw, c) = best?;
+    (jw >= 0.85).then(|| c.clone())
 }
 
 /// Reports unknown keys under `node` (a mapping of kind `part`) and its children, and
@@ -174,6 +175,8 @@ mod tests {
         assert_eq!(suggest("ignoreError", step).as_deref(), Some("ignoreErrors"));
         assert_eq!(suggest("entrypoint", step).as_deref(), Some("entryPoint"));
         assert_eq!(suggest("timout", step).as_deref(), Some("timeout"));
+        assert_eq!(suggest("retry", step).as_deref(), Some("retries"));
+        assert_eq!(suggest("colour", step), None);
         assert_eq!(suggest("completelyunrelated", step), None);
     }
 }

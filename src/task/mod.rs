@@ -135,7 +135,7 @@ fn load_inner(
         match alias::parse_section(&split.alias_text) {
             Ok(n) => alias_node = n,
             Err(e) => {
-                diags.push(parse::yaml_error(file, &e, None));
+                diags.push(parse::yaml_error(file, &e, None, Some(&split.alias_text)));
                 return None;
             }
         }
@@ -157,7 +157,7 @@ fn load_inner(
     let root = match tree::parse(&rendered) {
         Ok(r) => r,
         Err(e) => {
-            diags.push(parse::yaml_error(file, &e, Some(&map)));
+            diags.push(parse::yaml_error(file, &e, Some(&map), Some(&rendered)));
             return None;
         }
     };
@@ -178,13 +178,20 @@ fn load_inner(
     let mut task: Task = match serde_json::from_value(json) {
         Ok(t) => t,
         Err(e) => {
-            // Re-read with the YAML deserializer only to learn where the problem is.
+            // The YAML deserializer is more lenient with scalars (`user: 1000` into a
+            // string) and knows where a problem is; JSON is only the fast path.
             match serde_saphyr::from_str::<Task>(&rendered) {
-                Err(ye) if clean => diags.push(parse::yaml_error(file, &ye, Some(&map))),
-                _ if clean => diags.push(Diagnostic::new(file, 0, 0, e.to_string())),
-                _ => {}
+                Ok(t) if clean => t,
+                Err(ye) if clean => {
+                    diags.push(parse::yaml_error(file, &ye, Some(&map), Some(&rendered)));
+                    return None;
+                }
+                _ if clean => {
+                    diags.push(Diagnostic::new(file, 1, 1, e.to_string()));
+                    return None;
+                }
+                _ => return None,
             }
-            return None;
         }
     };
     task.alias = alias_model;

@@ -3,19 +3,65 @@
 
 use super::Diagnostic;
 
-/// A YAML (or serde) error as a diagnostic; `map` translates rendered positions.
+/// A YAML (or serde) error as a diagnostic; `map` translates rendered positions and
+/// `rendered` (the text that was parsed) lets the message name the field.
 pub(crate) fn yaml_error(
     file: &str,
     e: &serde_saphyr::Error,
     map: Option<&LineMap>,
+    rendered: Option<&str>,
 ) -> Diagnostic {
-    let (mut line, mut column) = e
+    let (rline, rcolumn) = e
         .location()
         .map_or((0, 0), |l| (l.line() as usize, l.column() as usize));
-    if let Some(m) = map {
-        (line, column) = m.locate(line, column, None);
+    let (line, column) = match map {
+        Some(m) => m.locate(rline, rcolumn, None),
+        None => (rline, rcolumn),
+    };
+    let mut message = clean_message(&e.without_snippet().to_string());
+    if let Some(text) = rendered {
+        message = explain(&message, text, rline, rcolumn);
     }
-    Diagnostic::new(file, line, column, clean_message(&e.without_snippet().to_string()))
+    Diagnostic::new(file, line, column, message)
+}
+
+/// Rephrases serde-saphyr's terse type errors in plain English, naming the field.
+fn explain(message: &str, text: &str, line: usize, column: usize) -> String {
+    let Some(src) = text.lines().nth(line.saturating_sub(1)) else {
+        return message.to_string();
+    };
+    let body = src.trim_start().trim_start_matches("- ").trim_start();
+    let field = body
+        .split_once(':')
+        .map(|(k, _)| k.trim())
+        .filter(|k| !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        .map_or_else(|| "this value".to_string(), |k| format!("`{k}`"));
+    let value: String = src
+        .chars()
+        .skip(column.saturating_sub(1))
+        .take_while(|c| !matches!(c, ',' | ']' | '}' | '#'))
+        .collect();
+    let value = value.trim();
+    match message {
+        "invalid boolean" => format!("{field} must be true or false, not `{value}`"),
+        m if m.starts_with("invalid u") => {
+            format!("{field} must be a whole number of 0 or more, not `{value}`")
+        }
+        m if m.starts_with("invalid i") => format!("{field} must be a whole number, not `{value}`"),
+        "expected sequence start" => format!("{field} must be a list"),
+        "expected mapping start" => format!("{field} must be a mapping"),
+        "expected string scalar" => format!("{field} must be text, not a list or mapping"),
+        m => {
+            if let Some(rest) = m.strip_prefix("missing field ") {
+                format!("missing required field {rest}")
+            } else if let Some(rest) = m.strip_prefix("duplicate mapping key: ") {
+                let key = rest.split(',').next().unwrap_or(rest).trim();
+                format!("duplicate key `{key}`")
+            } else {
+                m.to_string()
+            }
+        }
+    }
 }
 
 /// serde-saphyr appends " at line X, column Y" to messages; the diagnostic carries those.
