@@ -21,6 +21,8 @@ pub(crate) fn render(
     if !text.contains("{{") {
         return Ok(text.to_string());
     }
+    let protected = protect_secrets(text);
+    let text = protected.as_str();
     let tmpl = with_funcs(Template::new(file))
         .missing_key(MissingKey::Error)
         .parse(text)
@@ -28,6 +30,49 @@ pub(crate) fn render(
     let data = data(run, values);
     tmpl.execute_to_string(&data)
         .map_err(|e| template_error(file, text, original, &e))
+}
+
+/// `{{.Secrets.id}}` is resolved when the step runs (as in ACR), not when the file is
+/// loaded: such actions are rewritten to print themselves.
+fn protect_secrets(text: &str) -> String {
+    if !text.contains(".Secrets.") {
+        return text.to_string();
+    }
+    let mut out = String::with_capacity(text.len() + 32);
+    let mut rest = text;
+    while let Some(open) = rest.find("{{") {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 2..];
+        let Some(close) = after.find("}}") else {
+            out.push_str(&rest[open..]);
+            return out;
+        };
+        let inner = after[..close].trim_matches(|c: char| c == '-' || c.is_whitespace());
+        let is_secret = inner.strip_prefix(".Secrets.").is_some_and(|id| {
+            !id.is_empty() && id.chars().all(|c| c.is_alphanumeric() || c == '_' || c == '-')
+        });
+        if is_secret {
+            out.push_str(&format!("{{{{\"{{{{{inner}}}}}\"}}}}"));
+        } else {
+            out.push_str(&rest[open..open + 2 + close + 2]);
+        }
+        rest = &after[close + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Ids used as `{{.Secrets.id}}` in a rendered string.
+pub(crate) fn secret_refs(text: &str) -> Vec<&str> {
+    let mut ids = Vec::new();
+    let mut rest = text;
+    while let Some(p) = rest.find("{{.Secrets.") {
+        let after = &rest[p + "{{.Secrets.".len()..];
+        let end = after.find("}}").unwrap_or(after.len());
+        ids.push(&after[..end]);
+        rest = &after[end..];
+    }
+    ids
 }
 
 fn data(run: &RunInfo, values: &Values) -> Value {
@@ -389,6 +434,20 @@ mod tests {
         .unwrap();
         assert_eq!(out, "127.0.0.1:5000/app:V2-ca1 \"x\"");
         assert_eq!(b64enc(b"hello"), "aGVsbG8=");
+    }
+
+    #[test]
+    fn secrets_are_left_for_run_time() {
+        let out = render(
+            "f",
+            "env: [\"P={{ .Secrets.pass }}\", \"U={{.Secrets.user}}\"] {{.Run.ID}}",
+            "",
+            &run(),
+            &Values::default(),
+        )
+        .unwrap();
+        assert_eq!(out, "env: [\"P={{.Secrets.pass}}\", \"U={{.Secrets.user}}\"] ca1");
+        assert_eq!(secret_refs(&out), vec!["pass", "user"]);
     }
 
     #[test]

@@ -167,6 +167,23 @@ pub(crate) fn validate(task: &Task, loc: &Locator<'_>, out: &mut Vec<Diagnostic>
             }
         }
         check_env(&s.env, false, node, loc, out);
+        let texts = s
+            .build
+            .iter()
+            .chain(s.cmd.iter())
+            .chain(s.env.iter())
+            .chain(s.entry_point.iter());
+        for text in texts {
+            for id in super::render::secret_refs(text) {
+                if !task.secrets.iter().any(|x| x.id == id) {
+                    out.push(loc.at(
+                        node,
+                        None,
+                        format!("step `{name}` uses secret `{id}`, which is not declared under `secrets`"),
+                    ));
+                }
+            }
+        }
         if !s.volume_mounts.is_empty() && s.cmd.is_none() {
             out.push(loc.key(
                 node,
