@@ -64,8 +64,9 @@ fn valid_files_load_and_plan() {
                 let plan = Plan::new(&t).unwrap();
                 assert_eq!(plan.len(), t.steps.len());
                 assert!(t.steps.iter().all(|s| s.kind().is_some() && !s.id.is_empty()));
-                // Nothing of the template or alias syntax is left after loading.
-                let dump = format!("{t:?}");
+                // Nothing of the template or alias syntax is left after loading, except
+                // secrets, which are resolved when the step runs.
+                let dump = format!("{t:?}").replace("{{.Secrets.", "");
                 assert!(!dump.contains("{{"), "{}: unrendered template", f.display());
                 assert!(!dump.contains("$Registry"), "{}: unexpanded alias", f.display());
             }
