@@ -3,7 +3,7 @@
 
 mod registry;
 mod run;
-mod validate;
+pub mod validate;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

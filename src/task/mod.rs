@@ -1,9 +1,19 @@
 //! Task files: model, templating (Go text/template over `.Run` and `.Values`, `$` aliases),
 //! parsing with line/column diagnostics, and validation. Knows nothing about Docker.
 
+pub mod alias;
+mod fields;
 pub mod model;
+mod parse;
+mod render;
+pub mod schema;
+mod tree;
+mod validate;
+mod values;
 
+pub use alias::BUILTIN_ALIASES;
 pub use model::*;
+pub use validate::{BUILTIN_NETWORKS, VERSIONS};
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -26,6 +36,34 @@ pub struct RunInfo {
     pub task_name: String,
     /// Name of the volume shared by all steps of the run.
     pub shared_volume: String,
+}
+
+impl RunInfo {
+    /// Stand-in run values for checking a file without running it (`validate`,
+    /// `--dry-run`): run id `dryrun`, registry `localhost:5000`, the current time, and the
+    /// host's OS and architecture in Docker's names.
+    pub fn placeholder(task_file: &Path) -> RunInfo {
+        let arch = match std::env::consts::ARCH {
+            "x86_64" => "amd64",
+            "aarch64" => "arm64",
+            other => other,
+        };
+        RunInfo {
+            id: "dryrun".into(),
+            registry: "localhost:5000".into(),
+            registry_name: "localhost".into(),
+            date: chrono::Utc::now().format("%Y%m%d-%H%M%Sz").to_string(),
+            os: std::env::consts::OS.into(),
+            architecture: arch.into(),
+            commit: String::new(),
+            branch: String::new(),
+            task_name: task_file
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            shared_volume: "acb_shared_volume".into(),
+        }
+    }
 }
 
 /// `.Values`: a values file plus `--set key=value` overrides (later wins).
@@ -63,12 +101,143 @@ pub fn load_file(path: &Path, run: &RunInfo, values: &Values) -> Result<Task, Di
 }
 
 /// Renders, parses and validates task-file text; `file` names it in diagnostics.
+///
+/// The order is acr-builder's: `$` aliases are expanded in the raw text, then templates
+/// are rendered, then the YAML is parsed. Diagnostics are sorted by position.
 pub fn load_str(
     file: &str,
     text: &str,
     run: &RunInfo,
     values: &Values,
 ) -> Result<Task, Diagnostics> {
-    let _ = (file, text, run, values);
-    unimplemented!("task::load_str: owned by the task-file work")
+    let mut diags = Vec::new();
+    let task = load_inner(file, text, run, values, &mut diags);
+    match task {
+        Some(t) if diags.is_empty() => Ok(t),
+        _ => {
+            diags.sort_by_key(|d| (d.line, d.column));
+            Err(Diagnostics(diags))
+        }
+    }
+}
+
+fn load_inner(
+    file: &str,
+    text: &str,
+    run: &RunInfo,
+    values: &Values,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<Task> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let split = alias::split(text);
+    let mut alias_node = None;
+    if split.has_alias {
+        match alias::parse_section(&split.alias_text) {
+            Ok(n) => alias_node = n,
+            Err(e) => {
+                diags.push(parse::yaml_error(file, &e, None, Some(&split.alias_text)));
+                return None;
+            }
+        }
+    }
+    if let Some(n) = &alias_node {
+        let mut scratch = n.to_json();
+        fields::check(file, n, fields::Part::Alias, &mut scratch, diags);
+    }
+    let (aliases, alias_model) = alias::Aliases::from_section(file, alias_node.as_ref(), diags);
+    let expanded = aliases.apply(&split.rest);
+    let rendered = match render::render(file, &expanded, &split.rest, run, values) {
+        Ok(r) => r,
+        Err(d) => {
+            diags.push(d);
+            return None;
+        }
+    };
+    let map = parse::LineMap::new(&split.rest, &rendered);
+    let root = match tree::parse(&rendered) {
+        Ok(r) => r,
+        Err(e) => {
+            diags.push(parse::yaml_error(file, &e, Some(&map), Some(&rendered)));
+            return None;
+        }
+    };
+    if !matches!(root.raw, tree::Raw::Map(_)) {
+        let (line, column) = map.locate(root.line, root.column, None);
+        diags.push(Diagnostic::new(
+            file,
+            line,
+            column,
+            "a task file must be a mapping with at least `steps`".into(),
+        ));
+        return None;
+    }
+    let mut json = root.to_json();
+    let before = diags.len();
+    fields::check(file, &root, fields::Part::Task, &mut json, diags);
+    let clean = diags.len() == before;
+    let mut task: Task = match serde_json::from_value(json) {
+        Ok(t) => t,
+        Err(e) => {
+            // The YAML deserializer is more lenient with scalars (`user: 1000` into a
+            // string) and knows where a problem is; JSON is only the fast path.
+            match serde_saphyr::from_str::<Task>(&rendered) {
+                Ok(t) if clean => t,
+                Err(ye) if clean => {
+                    diags.push(parse::yaml_error(file, &ye, Some(&map), Some(&rendered)));
+                    return None;
+                }
+                _ if clean => {
+                    diags.push(Diagnostic::new(file, 1, 1, e.to_string()));
+                    return None;
+                }
+                _ => return None,
+            }
+        }
+    };
+    task.alias = alias_model;
+    normalize(&mut task, &aliases);
+    let loc = validate::Locator {
+        file,
+        root: &root,
+        map: &map,
+    };
+    validate::validate(&task, &loc, diags);
+    Some(task)
+}
+
+/// acr-builder's post-parse defaults: empty actions count as absent, missing ids become
+/// `acb_step_N`, and a user alias naming a `cmd`'s image applies without the directive.
+fn normalize(task: &mut Task, aliases: &alias::Aliases) {
+    for (i, s) in task.steps.iter_mut().enumerate() {
+        if s.build.as_deref().is_some_and(|b| b.trim().is_empty()) {
+            s.build = None;
+        }
+        if s.cmd.as_deref().is_some_and(|c| c.trim().is_empty()) {
+            s.cmd = None;
+        }
+        if s.push.as_ref().is_some_and(Vec::is_empty) {
+            s.push = None;
+        }
+        if s.id.is_empty() {
+            s.id = format!("{STEP_ID_PREFIX}{i}");
+        }
+        if let Some(cmd) = &s.cmd {
+            let trimmed = cmd.trim_start();
+            let image = trimmed.split(' ').next().unwrap_or("");
+            if let Some(real) = aliases.user.get(image) {
+                s.cmd = Some(format!("{real}{}", &trimmed[image.len()..]));
+            }
+        }
+    }
+}
+
+impl Diagnostic {
+    pub fn new(file: &str, line: usize, column: usize, message: String) -> Diagnostic {
+        Diagnostic {
+            file: file.to_string(),
+            line,
+            column,
+            message,
+        }
+    }
 }

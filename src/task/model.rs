@@ -31,7 +31,7 @@ fn default_total_timeout() -> u64 {
     DEFAULT_TOTAL_TIMEOUT
 }
 
-/// A whole task file after rendering and parsing. After `task::load*` every step has an id.
+/// An ACR Tasks multi-step task file (`acb.yaml`). After `task::load*` every step has an id.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Task {
@@ -80,9 +80,12 @@ pub struct Alias {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Secret {
+    /// Name the secret is referred to by (`{{.Secrets.id}}`).
     pub id: String,
+    /// Azure Key Vault secret URL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keyvault: Option<String>,
+    /// Client id of the managed identity that reads the secret.
     #[serde(default, rename = "clientID", skip_serializing_if = "Option::is_none")]
     pub client_id: Option<String>,
 }
@@ -91,8 +94,10 @@ pub struct Secret {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Network {
     pub name: String,
+    /// Docker network driver, e.g. `bridge`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub driver: Option<String>,
+    /// Enable IPv6 on the network.
     #[serde(default)]
     pub ipv6: bool,
     /// Join an existing network instead of creating it.
@@ -115,7 +120,9 @@ pub struct Volume {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct VolumeMount {
+    /// A volume declared under `volumes`.
     pub name: String,
+    /// Absolute path inside the container.
     pub mount_path: String,
 }
 
@@ -138,15 +145,20 @@ pub struct Step {
     /// Ids this step waits for; `["-"]` starts at once; absent waits for the previous step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub when: Option<Vec<String>>,
+    /// Run the container in the background; later steps do not wait for it to exit.
     #[serde(default)]
     pub detach: bool,
+    /// Override the image's entry point.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entry_point: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// Environment (`KEY=value`) for this step; wins over the task's `env`.
     pub env: Vec<String>,
+    /// Container ports to expose (`docker run --expose`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub expose: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// Port mappings (`host:container`, as `docker run -p`).
     pub ports: Vec<String>,
     /// Keep a detached container running after the task ends.
     #[serde(default)]
@@ -158,6 +170,7 @@ pub struct Step {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<u64>,
     #[serde(default)]
+    /// Times to retry the step after a failure.
     pub retries: u32,
     /// Seconds between retries.
     #[serde(default)]
@@ -166,26 +179,34 @@ pub struct Step {
     #[serde(default)]
     pub repeat: u32,
     #[serde(default)]
+    /// The task carries on (and succeeds) even if this step fails.
     pub ignore_errors: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Container isolation (`default`, `process`, `hyperv`; Windows only).
     pub isolation: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Network to join: one under `networks`, or `host`, `none`, `bridge`, `default`.
     pub network: Option<String>,
     #[serde(default)]
+    /// Run the container privileged.
     pub privileged: bool,
     /// Always pull the image before running.
     #[serde(default)]
     pub pull: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// User (name or uid[:gid]) to run as.
     pub user: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Working directory inside the container; the task's `workingDirectory` when absent.
     pub working_directory: Option<String>,
+    /// Keep the image's own working directory instead of the default one.
     #[serde(default)]
     pub disable_working_directory_override: bool,
     /// `enabled` (default) or `disabled`: build cache for `build` steps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// Volumes (declared under `volumes`) to mount; `cmd` steps only.
     pub volume_mounts: Vec<VolumeMount>,
     /// The step succeeds only if it exits with one of these codes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -194,8 +215,10 @@ pub struct Step {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exited_without: Vec<i64>,
     #[serde(default)]
+    /// Times to retry pulling the image.
     pub download_retries: u32,
     #[serde(default)]
+    /// Seconds between image pull retries.
     pub download_retry_delay: u64,
 }
 

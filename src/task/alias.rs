@@ -1,0 +1,314 @@
+//! `$` aliases, applied to the raw text before templates are rendered (as acr-builder's
+//! preprocessor does): built-in aliases (`$ID` -> `{{.Run.ID}}`, ...), user aliases from the
+//! `alias:` section, a custom directive character, and the doubled directive (`$$`) as an
+//! escape for a literal one.
+
+use std::collections::BTreeMap;
+
+use super::tree::{self, Node, Raw};
+use super::{Alias, Diagnostic};
+
+/// Built-in aliases and the `.Run` field each stands for.
+pub const BUILTIN_ALIASES: &[(&str, &str)] = &[
+    ("ID", "{{.Run.ID}}"),
+    ("SharedVolume", "{{.Run.SharedVolume}}"),
+    ("Registry", "{{.Run.Registry}}"),
+    ("RegistryName", "{{.Run.RegistryName}}"),
+    ("Date", "{{.Run.Date}}"),
+    ("OS", "{{.Run.OS}}"),
+    ("Architecture", "{{.Run.Architecture}}"),
+    ("Commit", "{{.Run.Commit}}"),
+    ("Branch", "{{.Run.Branch}}"),
+    ("TaskName", "{{.Run.TaskName}}"),
+];
+
+const DEFAULT_DIRECTIVE: char = '$';
+
+/// The `alias:` section split out of a task file.
+pub(crate) struct Split {
+    /// The `alias:` section, other lines blanked so line numbers stay true.
+    pub alias_text: String,
+    /// The rest of the file, alias lines blanked so line numbers stay true.
+    pub rest: String,
+    pub has_alias: bool,
+}
+
+/// Splits the top-level `alias:` section from the rest, line by line as acr-builder does
+/// (the section ends at the next top-level `key:` line).
+pub(crate) fn split(text: &str) -> Split {
+    let mut alias_text = String::with_capacity(64);
+    let mut rest = String::with_capacity(text.len());
+    let mut inside = false;
+    let mut has_alias = false;
+    for line in text.split_inclusive('\n') {
+        let body = line.trim_end_matches(['\n', '\r']);
+        let top_level = is_top_level_key(body);
+        if !body.starts_with('#') {
+            if !inside && top_level && key_of(body) == "alias" {
+                inside = true;
+                has_alias = true;
+            } else if inside && top_level {
+                inside = false;
+            }
+        }
+        let newline = &line[body.len()..];
+        if inside {
+            alias_text.push_str(line);
+            rest.push_str(newline);
+        } else {
+            alias_text.push_str(newline);
+            rest.push_str(line);
+        }
+    }
+    Split {
+        alias_text,
+        rest,
+        has_alias,
+    }
+}
+
+fn is_top_level_key(line: &str) -> bool {
+    match line.chars().next() {
+        None => false,
+        Some(c) if c.is_whitespace() || c == '#' || c == '-' || c == ':' => false,
+        Some(_) => line.contains(':'),
+    }
+}
+
+fn key_of(line: &str) -> &str {
+    line.split(':').next().unwrap_or("").trim()
+}
+
+/// The resolved alias table.
+pub(crate) struct Aliases {
+    pub directive: char,
+    /// User aliases only (they also apply to a `cmd`'s image without the directive).
+    pub user: BTreeMap<String, String>,
+    table: BTreeMap<String, String>,
+}
+
+impl Aliases {
+    /// Reads the alias section (already parsed); `None` when the file has none.
+    pub(crate) fn from_section(
+        file: &str,
+        node: Option<&Node>,
+        diags: &mut Vec<Diagnostic>,
+    ) -> (Aliases, Option<Alias>) {
+        let mut directive = DEFAULT_DIRECTIVE;
+        let mut user = BTreeMap::new();
+        let mut model = None;
+        if let Some(node) = node {
+            let mut alias = Alias::default();
+            match &node.raw {
+                Raw::Null => {}
+                Raw::Map(_) => {
+                    if let Some(d) = node.get("directive") {
+                        match scalar_text(d) {
+                            Some(text) => {
+                                let mut chars = text.chars();
+                                match (chars.next(), chars.next()) {
+                                    (Some(c), None) if !c.is_ascii_alphanumeric() => {
+                                        directive = c;
+                                        alias.directive = Some(text);
+                                    }
+                                    (Some(c), None) => diags.push(Diagnostic::new(
+                                        file,
+                                        d.line,
+                                        d.column,
+                                        format!("alias directive `{c}` must not be a letter or digit"),
+                                    )),
+                                    _ => diags.push(Diagnostic::new(
+                                        file,
+                                        d.line,
+                                        d.column,
+                                        format!("alias directive `{text}` must be a single character"),
+                                    )),
+                                }
+                            }
+                            None => diags.push(Diagnostic::new(
+                                file,
+                                d.line,
+                                d.column,
+                                "alias directive must be a single character".into(),
+                            )),
+                        }
+                    }
+                    match node.entry("values") {
+                        None => {}
+                        Some((_, v)) => match &v.raw {
+                            Raw::Null => {}
+                            Raw::Map(entries) => {
+                                for (k, val) in entries {
+                                    if k.name.is_empty()
+                                        || !k.name.chars().all(|c| c.is_ascii_alphanumeric())
+                                    {
+                                        diags.push(Diagnostic::new(
+                                            file,
+                                            k.line,
+                                            k.column,
+                                            format!(
+                                                "alias name `{}` may only contain letters and digits",
+                                                k.name
+                                            ),
+                                        ));
+                                        continue;
+                                    }
+                                    match scalar_text(val) {
+                                        Some(text) => {
+                                            user.insert(k.name.clone(), text);
+                                        }
+                                        None => diags.push(Diagnostic::new(
+                                            file,
+                                            val.line,
+                                            val.column,
+                                            format!("alias `{}` must be a plain value", k.name),
+                                        )),
+                                    }
+                                }
+                            }
+                            _ => diags.push(Diagnostic::new(
+                                file,
+                                v.line,
+                                v.column,
+                                "alias `values` must be a mapping of names to replacements".into(),
+                            )),
+                        },
+                    }
+                }
+                _ => diags.push(Diagnostic::new(
+                    file,
+                    node.line,
+                    node.column,
+                    "`alias` must be a mapping with `values` and `directive`".into(),
+                )),
+            }
+            alias.values = user.clone();
+            model = Some(alias);
+        }
+        let mut table: BTreeMap<String, String> = BUILTIN_ALIASES
+            .iter()
+            .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+            .collect();
+        // User aliases win over the built-in ones, as in acr-builder.
+        table.extend(user.iter().map(|(k, v)| (k.clone(), v.clone())));
+        (
+            Aliases {
+                directive,
+                user,
+                table,
+            },
+            model,
+        )
+    }
+
+    /// Replaces `<directive>name` by its alias; unknown names stay as written; a doubled
+    /// directive is a literal one.
+    pub(crate) fn apply(&self, text: &str) -> String {
+        let d = self.directive;
+        if !text.contains(d) {
+            return text.to_string();
+        }
+        let mut out = String::with_capacity(text.len() + 64);
+        let mut chars = text.char_indices().peekable();
+        while let Some((i, c)) = chars.next() {
+            if c != d {
+                out.push(c);
+                continue;
+            }
+            if let Some(&(_, next)) = chars.peek() {
+                if next == d {
+                    out.push(d);
+                    chars.next();
+                    continue;
+                }
+            }
+            let start = i + c.len_utf8();
+            let mut end = start;
+            while let Some(&(j, n)) = chars.peek() {
+                if n.is_ascii_alphanumeric() {
+                    end = j + n.len_utf8();
+                    chars.next();
+                } else {
+                    break;
+                }
+            }
+            let name = &text[start..end];
+            match self.table.get(name) {
+                Some(value) => out.push_str(value),
+                None => {
+                    out.push(d);
+                    out.push_str(name);
+                }
+            }
+        }
+        out
+    }
+}
+
+fn scalar_text(n: &Node) -> Option<String> {
+    match &n.raw {
+        Raw::Str(s) => Some(s.clone()),
+        Raw::Int(i) => Some(i.to_string()),
+        Raw::UInt(u) => Some(u.to_string()),
+        Raw::Float(f) => Some(f.to_string()),
+        Raw::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// Parses the alias section text into its node (the value under `alias`).
+pub(crate) fn parse_section(text: &str) -> Result<Option<Node>, serde_saphyr::Error> {
+    let root = tree::parse(text)?;
+    Ok(root.get("alias").cloned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn aliases(yaml: &str) -> (Aliases, Vec<Diagnostic>) {
+        let node = parse_section(yaml).unwrap();
+        let mut diags = Vec::new();
+        let (a, _) = Aliases::from_section("f", node.as_ref(), &mut diags);
+        (a, diags)
+    }
+
+    #[test]
+    fn split_keeps_line_numbers() {
+        let text = "version: v1.1.0\nalias:\n  values:\n    x: y\nsteps:\n  - cmd: $x\n";
+        let s = split(text);
+        assert!(s.has_alias);
+        assert_eq!(s.rest.lines().count(), text.lines().count());
+        assert_eq!(s.rest, "version: v1.1.0\n\n\n\nsteps:\n  - cmd: $x\n");
+        assert_eq!(s.alias_text, "\nalias:\n  values:\n    x: y\n\n\n");
+    }
+
+    #[test]
+    fn builtins_user_escape_and_unknown() {
+        let (a, d) = aliases("alias:\n  values:\n    repo: myrepo\n    ID: mine\n");
+        assert!(d.is_empty());
+        assert_eq!(a.apply("$Registry/$repo:$ID"), "{{.Run.Registry}}/myrepo:mine");
+        assert_eq!(a.apply("echo $$HOME $HOME $"), "echo $HOME $HOME $");
+        assert_eq!(a.apply("$repo$repo-x"), "myrepomyrepo-x");
+    }
+
+    #[test]
+    fn custom_directive() {
+        let (a, d) = aliases("alias:\n  directive: '#'\n  values:\n    img: busybox\n");
+        assert!(d.is_empty());
+        assert_eq!(a.apply("#img $img ##"), "busybox $img #");
+    }
+
+    #[test]
+    fn bad_directive_and_names() {
+        let (_, d) = aliases("alias:\n  directive: ab\n  values:\n    a-b: x\n");
+        let msgs: Vec<_> = d.iter().map(|d| d.to_string()).collect();
+        assert_eq!(
+            msgs,
+            vec![
+                "f:2:14: alias directive `ab` must be a single character",
+                "f:4:5: alias name `a-b` may only contain letters and digits"
+            ]
+        );
+    }
+}

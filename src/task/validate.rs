@@ -1,0 +1,264 @@
+//! Checks beyond the YAML shape, as acr-builder makes them (and a few it leaves to run
+//! time), each pointed at the offending place in the file.
+
+use std::collections::HashSet;
+
+use super::parse::LineMap;
+use super::tree::Node;
+use super::{Diagnostic, Task};
+use crate::plan::{self, PlanError};
+
+/// Versions acr-builder accepts (compared case-insensitively).
+pub const VERSIONS: &[&str] = &["v1.0.0", "v1.1.0", "1.0-preview-1"];
+
+/// Networks a step may name without declaring them.
+pub const BUILTIN_NETWORKS: &[&str] = &["host", "none", "bridge", "default", super::DEFAULT_NETWORK];
+
+/// Where diagnostics point: the parsed tree and the rendered-to-original line map.
+pub(crate) struct Locator<'a> {
+    pub file: &'a str,
+    pub root: &'a Node,
+    pub map: &'a LineMap,
+}
+
+impl Locator<'_> {
+    fn at(&self, node: Option<&Node>, token: Option<&str>, message: String) -> Diagnostic {
+        let (line, column) = match node {
+            Some(n) => self.map.locate(n.line, n.column, token),
+            None => (0, 0),
+        };
+        Diagnostic::new(self.file, line, column, message)
+    }
+
+    /// The position of `key` in the mapping `node` (the key itself), else of `node`.
+    fn key(&self, node: Option<&Node>, key: &str, message: String) -> Diagnostic {
+        match node.and_then(|n| n.entry(key)) {
+            Some((k, _)) => {
+                let (line, column) = self.map.locate(k.line, k.column, Some(key));
+                Diagnostic::new(self.file, line, column, message)
+            }
+            None => self.at(node, None, message),
+        }
+    }
+
+    fn value(&self, node: Option<&Node>, key: &str, message: String) -> Diagnostic {
+        match node.and_then(|n| n.get(key)) {
+            Some(v) => self.at(Some(v), v.as_str(), message),
+            None => self.key(node, key, message),
+        }
+    }
+
+    fn item(&self, list: &str, i: usize) -> Option<&Node> {
+        self.root.get(list).and_then(|l| l.at(i))
+    }
+}
+
+pub(crate) fn validate(task: &Task, loc: &Locator<'_>, out: &mut Vec<Diagnostic>) {
+    let root = Some(loc.root);
+    if !VERSIONS.iter().any(|v| v.eq_ignore_ascii_case(&task.version)) {
+        out.push(loc.value(
+            root,
+            "version",
+            format!(
+                "unsupported version `{}`; use v1.0.0 or v1.1.0",
+                task.version
+            ),
+        ));
+    }
+    for (key, v) in [("stepTimeout", task.step_timeout), ("totalTimeout", task.total_timeout)] {
+        if v == 0 {
+            out.push(loc.value(root, key, format!("`{key}` must be greater than 0 seconds")));
+        }
+    }
+    check_env(&task.env, true, root, loc, out);
+
+    let mut seen = HashSet::new();
+    for (i, s) in task.secrets.iter().enumerate() {
+        let node = loc.item("secrets", i);
+        if s.id.trim().is_empty() {
+            out.push(loc.value(node, "id", "a secret needs an `id`".into()));
+        } else if !seen.insert(s.id.as_str()) {
+            out.push(loc.value(node, "id", format!("duplicate secret id `{}`", s.id)));
+        }
+        if s.keyvault.as_deref().is_none_or(|k| k.trim().is_empty()) {
+            out.push(loc.at(
+                node,
+                None,
+                format!("secret `{}` needs a `keyvault` reference", s.id),
+            ));
+        }
+    }
+
+    let mut networks = HashSet::new();
+    for (i, n) in task.networks.iter().enumerate() {
+        let node = loc.item("networks", i);
+        if n.name.trim().is_empty() {
+            out.push(loc.value(node, "name", "a network needs a `name`".into()));
+        } else if !networks.insert(n.name.as_str()) {
+            out.push(loc.value(node, "name", format!("duplicate network `{}`", n.name)));
+        }
+    }
+    let mut volumes = HashSet::new();
+    for (i, v) in task.volumes.iter().enumerate() {
+        let node = loc.item("volumes", i);
+        if v.name.trim().is_empty() {
+            out.push(loc.value(node, "name", "a volume needs a `name`".into()));
+        } else if !volumes.insert(v.name.as_str()) {
+            out.push(loc.value(node, "name", format!("duplicate volume `{}`", v.name)));
+        }
+    }
+
+    if task.steps.is_empty() {
+        out.push(loc.key(root, "steps", "the task has no steps".into()));
+    }
+    for (i, s) in task.steps.iter().enumerate() {
+        let node = loc.item("steps", i);
+        let name = &s.id;
+        if s.id.chars().any(char::is_whitespace) {
+            out.push(loc.value(node, "id", format!("step id `{name}` cannot contain spaces")));
+        } else if s.id == super::IMMEDIATE || s.id == "acb_root" {
+            out.push(loc.value(node, "id", format!("step id `{name}` is reserved")));
+        }
+        let actions: Vec<&str> = [
+            ("build", s.build.is_some()),
+            ("cmd", s.cmd.is_some()),
+            ("push", s.push.is_some()),
+        ]
+        .into_iter()
+        .filter(|(_, set)| *set)
+        .map(|(k, _)| k)
+        .collect();
+        match actions.as_slice() {
+            [] => out.push(loc.at(
+                node,
+                None,
+                format!("step `{name}` needs one of `build`, `cmd` or `push`"),
+            )),
+            [_] => {}
+            [first, second, ..] => out.push(loc.key(
+                node,
+                second,
+                format!("step `{name}` has both `{first}` and `{second}`; a step does exactly one of build, cmd or push"),
+            )),
+        }
+        if s.timeout == Some(0) {
+            out.push(loc.value(
+                node,
+                "timeout",
+                format!("step `{name}`: `timeout` must be greater than 0 seconds"),
+            ));
+        }
+        if let Some(c) = &s.cache {
+            if !c.eq_ignore_ascii_case("enabled") && !c.eq_ignore_ascii_case("disabled") {
+                out.push(loc.value(
+                    node,
+                    "cache",
+                    format!("step `{name}`: `cache` must be `enabled` or `disabled`, not `{c}`"),
+                ));
+            }
+        }
+        if let Some(net) = &s.network {
+            if !networks.contains(net.as_str()) && !BUILTIN_NETWORKS.contains(&net.as_str()) {
+                out.push(loc.value(
+                    node,
+                    "network",
+                    format!("step `{name}` uses network `{net}`, which is not declared under `networks`"),
+                ));
+            }
+        }
+        check_env(&s.env, false, node, loc, out);
+        let texts = s
+            .build
+            .iter()
+            .chain(s.cmd.iter())
+            .chain(s.env.iter())
+            .chain(s.entry_point.iter());
+        for text in texts {
+            for id in super::render::secret_refs(text) {
+                if !task.secrets.iter().any(|x| x.id == id) {
+                    out.push(loc.at(
+                        node,
+                        None,
+                        format!("step `{name}` uses secret `{id}`, which is not declared under `secrets`"),
+                    ));
+                }
+            }
+        }
+        if !s.volume_mounts.is_empty() && s.cmd.is_none() {
+            out.push(loc.key(
+                node,
+                "volumeMounts",
+                format!("step `{name}`: `volumeMounts` can only be used on `cmd` steps"),
+            ));
+        }
+        let mut paths = HashSet::new();
+        for (j, m) in s.volume_mounts.iter().enumerate() {
+            let mnode = node.and_then(|n| n.get("volumeMounts")).and_then(|l| l.at(j));
+            if !volumes.contains(m.name.as_str()) {
+                out.push(loc.value(
+                    mnode,
+                    "name",
+                    format!("step `{name}` mounts volume `{}`, which is not declared under `volumes`", m.name),
+                ));
+            }
+            if !m.mount_path.starts_with('/') {
+                out.push(loc.value(
+                    mnode,
+                    "mountPath",
+                    format!("step `{name}`: mount path `{}` must be absolute", m.mount_path),
+                ));
+            } else if !paths.insert(m.mount_path.as_str()) {
+                out.push(loc.value(
+                    mnode,
+                    "mountPath",
+                    format!("step `{name}` mounts two volumes at `{}`", m.mount_path),
+                ));
+            }
+        }
+    }
+
+    for issue in plan::check(task) {
+        let node = loc.item("steps", issue.step);
+        let d = match (&issue.error, issue.when_index) {
+            (PlanError::DuplicateId(_), _) => loc.value(node, "id", issue.error.to_string()),
+            (_, Some(w)) => {
+                let entry = node.and_then(|n| n.get("when")).and_then(|l| l.at(w));
+                match entry {
+                    Some(e) => loc.at(Some(e), e.as_str(), issue.error.to_string()),
+                    None => loc.key(node, "when", issue.error.to_string()),
+                }
+            }
+            (_, None) => loc.key(node, "when", issue.error.to_string()),
+        };
+        out.push(d);
+    }
+}
+
+/// `KEY=value` entries; the task-level list may also hold comma-separated pairs.
+fn check_env(
+    env: &[String],
+    task_level: bool,
+    node: Option<&Node>,
+    loc: &Locator<'_>,
+    out: &mut Vec<Diagnostic>,
+) {
+    let list = node.and_then(|n| n.get("env"));
+    for (i, e) in env.iter().enumerate() {
+        let parts: Vec<&str> = if task_level {
+            e.split(',').collect()
+        } else {
+            vec![e.as_str()]
+        };
+        if parts
+            .iter()
+            .any(|p| p.split_once('=').is_none_or(|(k, _)| k.trim().is_empty()))
+        {
+            let item = list.and_then(|l| l.at(i));
+            out.push(loc.at(
+                item,
+                Some(e),
+                format!("environment entry `{e}` must be KEY=value"),
+            ));
+        }
+    }
+}

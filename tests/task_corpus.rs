@@ -1,0 +1,114 @@
+//! Data-driven: every file under tests/data/tasks/valid loads and plans; every file under
+//! tests/data/tasks/invalid fails with exactly the diagnostics in its `.expected` file.
+//! A `NAME.values.yaml` next to `NAME.yaml` supplies `.Values`.
+//! Regenerate the expected files after a deliberate message change with
+//! `ACR_TASK_UPDATE_EXPECTED=1 cargo test --test task_corpus` (then review the diff).
+
+use std::path::{Path, PathBuf};
+
+use acr_task::plan::Plan;
+use acr_task::task::{self, RunInfo, Values};
+
+fn run() -> RunInfo {
+    RunInfo {
+        id: "ca1".into(),
+        registry: "127.0.0.1:5000".into(),
+        registry_name: "127.0.0.1".into(),
+        date: "20261126-040000z".into(),
+        os: "linux".into(),
+        architecture: "amd64".into(),
+        commit: "abc123".into(),
+        branch: "main".into(),
+        task_name: "corpus".into(),
+        shared_volume: "acb_shared_volume".into(),
+    }
+}
+
+fn task_files(dir: &str) -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy();
+            name.ends_with(".yaml") && !name.ends_with(".values.yaml")
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+fn values_for(path: &Path) -> Values {
+    let v = path.with_extension("values.yaml");
+    if v.exists() {
+        Values::from_file(&v).unwrap()
+    } else {
+        Values::default()
+    }
+}
+
+fn load(path: &Path) -> Result<task::Task, task::Diagnostics> {
+    let name = path.file_name().unwrap().to_string_lossy().into_owned();
+    let text = std::fs::read_to_string(path).unwrap();
+    task::load_str(&name, &text, &run(), &values_for(path))
+}
+
+#[test]
+fn valid_files_load_and_plan() {
+    let files = task_files("tests/data/tasks/valid");
+    assert!(files.len() >= 25, "corpus shrank: {}", files.len());
+    let mut failures = Vec::new();
+    for f in &files {
+        match load(f) {
+            Ok(t) => {
+                let plan = Plan::new(&t).unwrap();
+                assert_eq!(plan.len(), t.steps.len());
+                assert!(t.steps.iter().all(|s| s.kind().is_some() && !s.id.is_empty()));
+                // Nothing of the template or alias syntax is left after loading, except
+                // secrets, which are resolved when the step runs.
+                let dump = format!("{t:?}").replace("{{.Secrets.", "");
+                assert!(!dump.contains("{{"), "{}: unrendered template", f.display());
+                assert!(!dump.contains("$Registry"), "{}: unexpanded alias", f.display());
+            }
+            Err(d) => failures.push(format!("{}:\n{d}", f.display())),
+        }
+    }
+    assert!(failures.is_empty(), "valid files rejected:\n{}", failures.join("\n"));
+}
+
+#[test]
+fn invalid_files_give_exact_diagnostics() {
+    let files = task_files("tests/data/tasks/invalid");
+    assert!(files.len() >= 30, "corpus shrank: {}", files.len());
+    let update = std::env::var_os("ACR_TASK_UPDATE_EXPECTED").is_some();
+    let mut failures = Vec::new();
+    for f in &files {
+        let got = match load(f) {
+            Ok(_) => {
+                failures.push(format!("{}: accepted", f.display()));
+                continue;
+            }
+            Err(d) => format!("{d}\n"),
+        };
+        for line in got.lines() {
+            let mut parts = line.splitn(4, ':');
+            let (_, l, c) = (parts.next(), parts.next(), parts.next());
+            let ok = matches!((l.and_then(|l| l.parse::<usize>().ok()), c.and_then(|c| c.parse::<usize>().ok())), (Some(l), Some(c)) if l > 0 && c > 0);
+            assert!(ok, "{}: diagnostic without a place: {line}", f.display());
+        }
+        let expected_path = f.with_extension("expected");
+        if update {
+            std::fs::write(&expected_path, &got).unwrap();
+            continue;
+        }
+        let expected = std::fs::read_to_string(&expected_path)
+            .unwrap_or_else(|_| panic!("missing {}", expected_path.display()));
+        if expected != got {
+            failures.push(format!(
+                "{}:\n--- expected\n{expected}--- got\n{got}",
+                f.display()
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
