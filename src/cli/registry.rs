@@ -1,23 +1,37 @@
 //! `acr-task registry|repository|serve`.
+//!
+//! `registry` and `repository` open the data directory directly (SQLite in WAL mode is safe
+//! beside a running server); `serve` runs the registry in the foreground.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::{bail, Context};
+
 use super::Output;
+use crate::registry::{self, RegistryConfig};
+use crate::store::{ManifestInfo, Store};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum RegistryCmd {
-    /// Remove unreferenced blobs and manifests.
+    /// Remove unreferenced blobs and manifests (safe while pushes continue).
     Gc {
+        /// Registry data directory [default: <data dir>/registry].
         #[arg(long)]
         data: Option<PathBuf>,
+        /// Report what would be removed without removing it.
         #[arg(long)]
         dry_run: bool,
+        /// Only remove content older than this many seconds, so that a push in progress
+        /// (blobs first, manifest last) is never cut short.
+        #[arg(long, default_value_t = 600)]
+        grace: i64,
         #[arg(long, short = 'o', value_enum, default_value = "table")]
         output: Output,
     },
-    /// Re-verify every blob digest and manifest reference.
+    /// Re-verify every blob digest and manifest reference. Exit 1 if anything is wrong.
     Fsck {
         #[arg(long)]
         data: Option<PathBuf>,
@@ -26,30 +40,332 @@ pub enum RegistryCmd {
     },
 }
 
+#[derive(Debug, clap::Args)]
+pub struct RepoOpts {
+    /// Registry data directory [default: <data dir>/registry].
+    #[arg(long)]
+    data: Option<PathBuf>,
+    #[arg(long, short = 'o', value_enum, default_value = "table")]
+    output: Output,
+}
+
 #[derive(Debug, clap::Subcommand)]
 pub enum RepositoryCmd {
-    List,
+    /// List repositories.
+    List {
+        #[command(flatten)]
+        opts: RepoOpts,
+    },
+    /// List the tags of a repository.
+    ShowTags {
+        repository: String,
+        #[command(flatten)]
+        opts: RepoOpts,
+    },
+    /// List the manifests of a repository with their tags.
+    ShowManifests {
+        repository: String,
+        #[command(flatten)]
+        opts: RepoOpts,
+    },
+    /// Delete REPO (everything), REPO:TAG (the tag only) or REPO@DIGEST (manifest and its tags).
+    Delete {
+        target: String,
+        #[command(flatten)]
+        opts: RepoOpts,
+    },
 }
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
+    /// Serve only the OCI registry.
     #[arg(long)]
     pub registry_only: bool,
+    /// Address to listen on; port 0 picks a free one. The bound address is printed on the
+    /// first line of stdout as `listening on ADDR`.
     #[arg(long, default_value = "127.0.0.1:5000")]
     pub listen: SocketAddr,
+    /// Data directory [default: <data dir>/registry].
     #[arg(long)]
     pub data: Option<PathBuf>,
 }
 
+fn data_dir(d: Option<PathBuf>) -> PathBuf {
+    d.unwrap_or_else(|| super::default_data_dir().join("registry"))
+}
+
+fn open(d: Option<PathBuf>) -> anyhow::Result<Store> {
+    let dir = data_dir(d);
+    Store::open(&dir, false).with_context(|| format!("opening registry data in {}", dir.display()))
+}
+
+/// Print rows as an aligned table or TSV; JSON is handled by callers.
+fn print_rows(output: Output, header: &[&str], rows: &[Vec<String>]) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match output {
+        Output::Tsv => {
+            for r in rows {
+                writeln!(out, "{}", r.join("\t"))?;
+            }
+        }
+        Output::Table => {
+            let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
+            for r in rows {
+                for (i, c) in r.iter().enumerate() {
+                    w[i] = w[i].max(c.len());
+                }
+            }
+            let line = |cells: Vec<&str>| {
+                cells
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| format!("{:<width$}", c, width = w[i]))
+                    .collect::<Vec<_>>()
+                    .join("  ")
+                    .trim_end()
+                    .to_string()
+            };
+            writeln!(out, "{}", line(header.to_vec()))?;
+            writeln!(
+                out,
+                "{}",
+                line(w.iter().map(|n| "-".repeat(*n)).collect::<Vec<_>>().iter().map(String::as_str).collect())
+            )?;
+            for r in rows {
+                writeln!(out, "{}", line(r.iter().map(String::as_str).collect()))?;
+            }
+        }
+        Output::Json | Output::Dot => bail!("internal: print_rows called for {output:?}"),
+    }
+    Ok(())
+}
+
+fn no_dot(output: Output) -> anyhow::Result<()> {
+    if output == Output::Dot {
+        bail!("--output dot is not supported by this command");
+    }
+    Ok(())
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
 pub fn registry(cmd: RegistryCmd) -> anyhow::Result<ExitCode> {
-    let _ = cmd;
-    anyhow::bail!("not yet")
+    match cmd {
+        RegistryCmd::Gc {
+            data,
+            dry_run,
+            grace,
+            output,
+        } => {
+            no_dot(output)?;
+            let store = open(data)?;
+            let r = store.gc(grace, dry_run)?;
+            if output == Output::Json {
+                print_json(&r)?;
+            } else {
+                let mut rows = Vec::new();
+                for m in &r.manifests {
+                    rows.push(vec!["manifest".into(), m.clone()]);
+                }
+                for b in &r.blobs {
+                    rows.push(vec!["blob".into(), b.clone()]);
+                }
+                for b in &r.orphan_files {
+                    rows.push(vec!["orphan-file".into(), b.clone()]);
+                }
+                print_rows(output, &["REMOVED", "WHAT"], &rows)?;
+                if output == Output::Table {
+                    println!(
+                        "{}{} manifests, {} blobs, {} orphan files, {} bytes freed",
+                        if dry_run { "(dry run) would remove " } else { "removed " },
+                        r.manifests.len(),
+                        r.blobs.len(),
+                        r.orphan_files.len(),
+                        r.bytes_freed
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        RegistryCmd::Fsck { data, output } => {
+            no_dot(output)?;
+            let store = open(data)?;
+            let r = store.fsck()?;
+            if output == Output::Json {
+                print_json(&r)?;
+            } else {
+                let rows: Vec<Vec<String>> = r
+                    .issues
+                    .iter()
+                    .map(|i| {
+                        vec![
+                            i.kind.clone(),
+                            i.repo.clone().unwrap_or_default(),
+                            i.digest.clone(),
+                            i.detail.clone(),
+                        ]
+                    })
+                    .collect();
+                if !rows.is_empty() || output == Output::Tsv {
+                    print_rows(output, &["ISSUE", "REPOSITORY", "DIGEST", "DETAIL"], &rows)?;
+                }
+                if output == Output::Table {
+                    println!(
+                        "checked {} blobs, {} manifests, {} tags: {}",
+                        r.blobs_checked,
+                        r.manifests_checked,
+                        r.tags_checked,
+                        if r.is_clean() {
+                            "clean".to_string()
+                        } else {
+                            format!("{} issues", r.issues.len())
+                        }
+                    );
+                }
+            }
+            Ok(if r.is_clean() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
 }
+
+fn manifest_rows(ms: &[ManifestInfo]) -> Vec<Vec<String>> {
+    ms.iter()
+        .map(|m| {
+            let created = chrono::DateTime::from_timestamp(m.created, 0)
+                .map(|t| t.to_rfc3339())
+                .unwrap_or_default();
+            vec![
+                m.digest.clone(),
+                m.tags.join(","),
+                m.media_type.clone(),
+                m.size.to_string(),
+                created,
+            ]
+        })
+        .collect()
+}
+
 pub fn repository(cmd: RepositoryCmd) -> anyhow::Result<ExitCode> {
-    let _ = cmd;
-    anyhow::bail!("not yet")
+    match cmd {
+        RepositoryCmd::List { opts } => {
+            no_dot(opts.output)?;
+            let repos = open(opts.data)?.list_repositories(None, None)?;
+            if opts.output == Output::Json {
+                print_json(&repos)?;
+            } else {
+                let rows: Vec<Vec<String>> = repos.into_iter().map(|r| vec![r]).collect();
+                print_rows(opts.output, &["REPOSITORY"], &rows)?;
+            }
+        }
+        RepositoryCmd::ShowTags { repository, opts } => {
+            no_dot(opts.output)?;
+            let Some(tags) = open(opts.data)?.list_tags(&repository, None, None)? else {
+                bail!("repository {repository} not found");
+            };
+            if opts.output == Output::Json {
+                print_json(&tags)?;
+            } else {
+                let rows: Vec<Vec<String>> = tags.into_iter().map(|t| vec![t]).collect();
+                print_rows(opts.output, &["TAG"], &rows)?;
+            }
+        }
+        RepositoryCmd::ShowManifests { repository, opts } => {
+            no_dot(opts.output)?;
+            let Some(ms) = open(opts.data)?.list_manifests(&repository)? else {
+                bail!("repository {repository} not found");
+            };
+            if opts.output == Output::Json {
+                print_json(&ms)?;
+            } else {
+                print_rows(
+                    opts.output,
+                    &["DIGEST", "TAGS", "MEDIA TYPE", "SIZE", "CREATED"],
+                    &manifest_rows(&ms),
+                )?;
+            }
+        }
+        RepositoryCmd::Delete { target, opts } => {
+            no_dot(opts.output)?;
+            let store = open(opts.data)?;
+            let msg = delete(&store, &target)?;
+            if opts.output == Output::Json {
+                print_json(&serde_json::json!({ "deleted": target }))?;
+            } else {
+                println!("{msg}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
+
+fn delete(store: &Store, target: &str) -> anyhow::Result<String> {
+    if let Some((repo, digest)) = target.split_once('@') {
+        match store.delete_manifest(repo, digest)? {
+            Some((_, tags)) if tags.is_empty() => Ok(format!("deleted {repo}@{digest}")),
+            Some((_, tags)) => Ok(format!(
+                "deleted {repo}@{digest} and tags {}",
+                tags.join(", ")
+            )),
+            None => bail!("manifest {target} not found"),
+        }
+    } else if let Some((repo, tag)) = target.split_once(':') {
+        match store.delete_tag(repo, tag)? {
+            Some(d) => Ok(format!("deleted tag {repo}:{tag} (was {d})")),
+            None => bail!("tag {target} not found"),
+        }
+    } else if store.delete_repository(target)? {
+        Ok(format!(
+            "deleted repository {target} (run `acr-task registry gc` to free space)"
+        ))
+    } else {
+        bail!("repository {target} not found")
+    }
+}
+
 pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let _ = args;
-    anyhow::bail!("not yet")
+    if !args.registry_only {
+        tracing::info!("the task service is not part of `serve` yet; serving the registry");
+    }
+    let dir = data_dir(args.data);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(serve_registry(dir, args.listen))?;
+    Ok(ExitCode::SUCCESS)
 }
+
+async fn serve_registry(dir: PathBuf, listen: SocketAddr) -> anyhow::Result<()> {
+    let running = registry::start(RegistryConfig {
+        data_dir: dir.clone(),
+        listen,
+    })
+    .await
+    .with_context(|| format!("starting the registry on {listen} with data in {}", dir.display()))?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "listening on {}", running.addr())?;
+        out.flush()?;
+    }
+    wait_for_stop().await?;
+    running.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_stop() -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+

@@ -1,1 +1,208 @@
-//! OCI registry.
+//! The integrated OCI registry (distribution spec v1.1 plus the Docker Registry v2 behaviour
+//! that the docker CLI relies on), served with axum over [`crate::store::Store`].
+//!
+//! - [`start`] runs it in-process on a listener (for `acr-task run` and tests);
+//! - [`router`] gives the bare `Router` so `serve` can compose it;
+//! - [`Registry`] is the read API (repositories, tags, manifests) and the push-event hook.
+
+mod blobs;
+mod errors;
+mod manifests;
+mod names;
+mod routes;
+mod stream;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use tokio::sync::broadcast;
+
+use crate::store::{ManifestInfo, Store, StoreError};
+
+pub use errors::ApiError;
+pub use names::{valid_name, valid_tag};
+
+/// Largest manifest accepted (the spec's recommended limit).
+pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct RegistryConfig {
+    pub data_dir: PathBuf,
+    /// `127.0.0.1:0` picks a free port; see [`RunningRegistry::addr`].
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("registry storage: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("registry task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventAction {
+    Push,
+    Delete,
+}
+
+/// Sent on every accepted manifest push and every manifest or tag delete.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RegistryEvent {
+    pub action: EventAction,
+    pub repository: String,
+    pub tag: Option<String>,
+    pub digest: String,
+    pub media_type: String,
+    pub size: u64,
+}
+
+/// One upload session (sessions live in memory; a restart forgets them and clears
+/// `uploads/`, which is what makes partial data invisible after a crash).
+pub(crate) struct Upload {
+    pub path: PathBuf,
+    pub offset: u64,
+    pub hasher: sha2::Sha256,
+}
+
+pub(crate) struct State {
+    pub store: Arc<Store>,
+    /// id -> (repository, session)
+    pub uploads: Mutex<HashMap<String, (String, Arc<tokio::sync::Mutex<Upload>>)>>,
+    pub events: broadcast::Sender<RegistryEvent>,
+}
+
+/// Handle on a registry: cheap to clone; the read API and the event hook.
+#[derive(Clone)]
+pub struct Registry {
+    pub(crate) inner: Arc<State>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("root", &self.inner.store.root())
+            .finish()
+    }
+}
+
+impl Registry {
+    /// Open the store under `data_dir` (recovering from any crash) without serving it.
+    pub fn open(data_dir: &std::path::Path) -> Result<Registry, RegistryError> {
+        let store = Store::open(data_dir, true)?;
+        let (events, _) = broadcast::channel(1024);
+        Ok(Registry {
+            inner: Arc::new(State {
+                store: Arc::new(store),
+                uploads: Mutex::new(HashMap::new()),
+                events,
+            }),
+        })
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.inner.store
+    }
+
+    /// Push/delete events; a slow receiver loses the oldest (see `broadcast`).
+    pub fn subscribe(&self) -> broadcast::Receiver<RegistryEvent> {
+        self.inner.events.subscribe()
+    }
+
+    pub async fn repositories(&self) -> Result<Vec<String>, RegistryError> {
+        let s = self.inner.store.clone();
+        Ok(tokio::task::spawn_blocking(move || s.list_repositories(None, None)).await??)
+    }
+
+    /// None if the repository does not exist.
+    pub async fn tags(&self, repo: &str) -> Result<Option<Vec<String>>, RegistryError> {
+        let s = self.inner.store.clone();
+        let repo = repo.to_string();
+        Ok(tokio::task::spawn_blocking(move || s.list_tags(&repo, None, None)).await??)
+    }
+
+    /// None if the repository does not exist.
+    pub async fn manifests(&self, repo: &str) -> Result<Option<Vec<ManifestInfo>>, RegistryError> {
+        let s = self.inner.store.clone();
+        let repo = repo.to_string();
+        Ok(tokio::task::spawn_blocking(move || s.list_manifests(&repo)).await??)
+    }
+
+    pub(crate) fn emit(&self, ev: RegistryEvent) {
+        // No receivers is normal (nothing subscribed yet).
+        let _ = self.inner.events.send(ev);
+    }
+}
+
+/// The registry's routes (`/v2/...`), ready to serve or nest.
+pub fn router(registry: Registry) -> axum::Router {
+    routes::router(registry)
+}
+
+pub struct RunningRegistry {
+    addr: SocketAddr,
+    registry: Registry,
+    shutdown: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningRegistry {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Stop accepting, let in-flight requests finish, and return.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(());
+        if let Err(e) = self.task.await {
+            tracing::warn!(error = %e, "registry server task ended abnormally");
+        }
+    }
+}
+
+/// Open the store and serve the registry on `cfg.listen` in a background task.
+pub async fn start(cfg: RegistryConfig) -> Result<RunningRegistry, RegistryError> {
+    let dir = cfg.data_dir.clone();
+    let registry = tokio::task::spawn_blocking(move || Registry::open(&dir)).await??;
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| RegistryError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| RegistryError::Bind {
+        addr: cfg.listen,
+        source,
+    })?;
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let app = router(registry.clone());
+    let task = tokio::spawn(async move {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+            let _ = rx.await;
+        });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "registry server stopped");
+        }
+    });
+    tracing::info!(%addr, "registry listening");
+    Ok(RunningRegistry {
+        addr,
+        registry,
+        shutdown: tx,
+        task,
+    })
+}

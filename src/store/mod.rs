@@ -1,1 +1,334 @@
-//! Store.
+//! The registry's storage: content-addressed blob files plus an SQLite metadata database.
+//!
+//! Layout under the data dir:
+//! - `blobs/sha256/ab/abcdef...` — committed blobs, named by digest;
+//! - `uploads/` — blobs being received (invisible until committed);
+//! - `trash/` — blobs that gc is removing (moved back on restart if the removal never committed);
+//! - `meta.db` — repositories, tags, manifests, their references, blob links.
+//!
+//! All calls block (file I/O, SQLite); async callers run them in `spawn_blocking`.
+
+mod db;
+mod maint;
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use rusqlite::Connection;
+
+pub use db::{ManifestInfo, ManifestRow, NewManifest, Reference};
+pub use maint::{FsckIssue, FsckReport, GcReport};
+
+/// Errors from the store. `MissingRef` is a client error (a manifest names something absent).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Db(#[from] rusqlite::Error),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("referenced content is missing: {0}")]
+    MissingRef(String),
+    #[error("blob {0} is not in the store")]
+    BlobMissing(String),
+    #[error("store lock poisoned")]
+    Poisoned,
+}
+
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Number of read-only connections; reads (HEAD, GET) never wait behind a writer's fsync.
+const READERS: usize = 4;
+
+pub struct Store {
+    root: PathBuf,
+    writer: Mutex<Connection>,
+    readers: Vec<Mutex<Connection>>,
+    next_reader: AtomicUsize,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("root", &self.root).finish()
+    }
+}
+
+impl Store {
+    /// Open (creating if needed) the store at `root`. `recover` is for the serving process only:
+    /// it clears abandoned uploads and finishes or rolls back an interrupted gc. Tools that run
+    /// beside a live server (fsck, repository list) pass `false`.
+    pub fn open(root: &Path, recover: bool) -> Result<Store, StoreError> {
+        for sub in ["blobs/sha256", "uploads", "trash"] {
+            let p = root.join(sub);
+            fs::create_dir_all(&p).map_err(io_err(&p))?;
+        }
+        let db_path = root.join("meta.db");
+        let writer = db::open_conn(&db_path)?;
+        db::init_schema(&writer)?;
+        let mut readers = Vec::with_capacity(READERS);
+        for _ in 0..READERS {
+            readers.push(Mutex::new(db::open_conn(&db_path)?));
+        }
+        let store = Store {
+            root: root.to_path_buf(),
+            writer: Mutex::new(writer),
+            readers,
+            next_reader: AtomicUsize::new(0),
+        };
+        if recover {
+            store.recover()?;
+        }
+        Ok(store)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where a committed blob lives. `digest` must already be validated (`sha256:<64 hex>`).
+    pub fn blob_path(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+        let prefix = hex.get(..2).unwrap_or("00");
+        self.root
+            .join("blobs/sha256")
+            .join(prefix)
+            .join(hex)
+    }
+
+    /// A fresh path for an upload in progress.
+    pub fn temp_path(&self) -> PathBuf {
+        self.root
+            .join("uploads")
+            .join(uuid::Uuid::new_v4().simple().to_string())
+    }
+
+    pub(crate) fn writer(&self) -> Result<MutexGuard<'_, Connection>, StoreError> {
+        self.writer.lock().map_err(|_| StoreError::Poisoned)
+    }
+
+    pub(crate) fn reader(&self) -> Result<MutexGuard<'_, Connection>, StoreError> {
+        // Try each reader without blocking first, then wait on one.
+        let start = self.next_reader.fetch_add(1, Ordering::Relaxed);
+        for i in 0..self.readers.len() {
+            let idx = (start + i) % self.readers.len();
+            if let Ok(g) = self.readers[idx].try_lock() {
+                return Ok(g);
+            }
+        }
+        self.readers[start % self.readers.len()]
+            .lock()
+            .map_err(|_| StoreError::Poisoned)
+    }
+
+    /// Make a received, digest-verified temp file a committed blob linked to `repo`.
+    /// The file is fsync'd first; the rename and the database row happen under the write
+    /// transaction so that a concurrent gc cannot remove the file between them.
+    pub fn commit_blob(
+        &self,
+        repo: &str,
+        temp: &Path,
+        digest: &str,
+        size: u64,
+    ) -> Result<(), StoreError> {
+        let f = File::open(temp).map_err(io_err(temp))?;
+        f.sync_all().map_err(io_err(temp))?;
+        drop(f);
+        let dest = self.blob_path(digest);
+        let mut conn = self.writer()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let known = db::blob_size(&tx, digest)?.is_some() && dest.exists();
+        if known {
+            let _ = fs::remove_file(temp);
+        } else {
+            let dir = dest.parent().unwrap_or(&self.root).to_path_buf();
+            fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+            fs::rename(temp, &dest).map_err(io_err(&dest))?;
+            sync_dir(&dir)?;
+            db::insert_blob(&tx, digest, size)?;
+        }
+        db::link_blob(&tx, repo, digest)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Size of a blob if it is linked to `repo`.
+    pub fn blob_in_repo(&self, repo: &str, digest: &str) -> Result<Option<u64>, StoreError> {
+        let conn = self.reader()?;
+        db::blob_in_repo(&conn, repo, digest)
+    }
+
+    /// Cross-repository mount: link `digest` into `repo` if `from` has it.
+    pub fn mount_blob(&self, repo: &str, from: &str, digest: &str) -> Result<bool, StoreError> {
+        let mut conn = self.writer()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        if db::blob_in_repo(&tx, from, digest)?.is_none() {
+            return Ok(false);
+        }
+        db::link_blob(&tx, repo, digest)?;
+        tx.commit()?;
+        Ok(true)
+    }
+
+    /// Link an already stored blob (any repository) into `repo`; used when an upload of a
+    /// blob we already hold completes. Returns false if the blob is unknown.
+    pub fn link_existing(&self, repo: &str, digest: &str) -> Result<bool, StoreError> {
+        let mut conn = self.writer()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        if db::blob_size(&tx, digest)?.is_none() || !self.blob_path(digest).exists() {
+            return Ok(false);
+        }
+        db::link_blob(&tx, repo, digest)?;
+        tx.commit()?;
+        Ok(true)
+    }
+
+    /// Remove `digest` from `repo` (the file goes at the next gc). False if it was not linked.
+    pub fn unlink_blob(&self, repo: &str, digest: &str) -> Result<bool, StoreError> {
+        let conn = self.writer()?;
+        Ok(conn.execute(
+            "DELETE FROM repo_blobs WHERE repo = ?1 AND digest = ?2",
+            rusqlite::params![repo, digest],
+        )? > 0)
+    }
+
+    /// Store a manifest (and its tag) after checking, in the same transaction, that every
+    /// blob and child manifest it references is present in the repository.
+    pub fn put_manifest(&self, m: &NewManifest) -> Result<(), StoreError> {
+        let mut conn = self.writer()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        db::put_manifest(&tx, m)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn get_manifest(
+        &self,
+        repo: &str,
+        reference: &Reference,
+    ) -> Result<Option<ManifestRow>, StoreError> {
+        let conn = self.reader()?;
+        db::get_manifest(&conn, repo, reference)
+    }
+
+    /// Delete a manifest by digest with the tags that point to it. Returns the removed tags,
+    /// or None if the manifest was not there.
+    pub fn delete_manifest(
+        &self,
+        repo: &str,
+        digest: &str,
+    ) -> Result<Option<(ManifestRow, Vec<String>)>, StoreError> {
+        let mut conn = self.writer()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let r = db::delete_manifest(&tx, repo, digest)?;
+        tx.commit()?;
+        Ok(r)
+    }
+
+    /// Delete one tag; the manifest stays (reachable by digest until gc). Returns the digest.
+    pub fn delete_tag(&self, repo: &str, tag: &str) -> Result<Option<String>, StoreError> {
+        let mut conn = self.writer()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let r = db::delete_tag(&tx, repo, tag)?;
+        tx.commit()?;
+        Ok(r)
+    }
+
+    /// Delete a whole repository: tags, manifests and blob links. False if unknown.
+    pub fn delete_repository(&self, repo: &str) -> Result<bool, StoreError> {
+        let mut conn = self.writer()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let r = db::delete_repository(&tx, repo)?;
+        tx.commit()?;
+        Ok(r)
+    }
+
+    pub fn repository_exists(&self, repo: &str) -> Result<bool, StoreError> {
+        let conn = self.reader()?;
+        db::repo_exists(&conn, repo)
+    }
+
+    /// Tags of `repo` in lexical order after `last`, at most `n`. None if the repo is unknown.
+    pub fn list_tags(
+        &self,
+        repo: &str,
+        n: Option<usize>,
+        last: Option<&str>,
+    ) -> Result<Option<Vec<String>>, StoreError> {
+        let conn = self.reader()?;
+        if !db::repo_exists(&conn, repo)? {
+            return Ok(None);
+        }
+        Ok(Some(db::list_tags(&conn, repo, n, last)?))
+    }
+
+    /// Repository names in lexical order after `last`, at most `n`.
+    pub fn list_repositories(
+        &self,
+        n: Option<usize>,
+        last: Option<&str>,
+    ) -> Result<Vec<String>, StoreError> {
+        let conn = self.reader()?;
+        db::list_repos(&conn, n, last)
+    }
+
+    /// Every manifest of `repo` with its tags. None if the repo is unknown.
+    pub fn list_manifests(&self, repo: &str) -> Result<Option<Vec<ManifestInfo>>, StoreError> {
+        let conn = self.reader()?;
+        if !db::repo_exists(&conn, repo)? {
+            return Ok(None);
+        }
+        Ok(Some(db::list_manifests(&conn, repo)?))
+    }
+
+    /// Manifests in `repo` whose `subject` is `digest`.
+    pub fn referrers(&self, repo: &str, digest: &str) -> Result<Vec<ManifestRow>, StoreError> {
+        let conn = self.reader()?;
+        db::referrers(&conn, repo, digest)
+    }
+
+    /// Startup recovery: abandoned uploads are dropped (upload sessions live in memory), and
+    /// blobs that an interrupted gc moved to trash come back if their row survived.
+    fn recover(&self) -> Result<(), StoreError> {
+        let uploads = self.root.join("uploads");
+        for e in fs::read_dir(&uploads).map_err(io_err(&uploads))?.flatten() {
+            let _ = fs::remove_file(e.path());
+        }
+        let trash = self.root.join("trash");
+        let conn = self.writer()?;
+        for e in fs::read_dir(&trash).map_err(io_err(&trash))?.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            let digest = format!("sha256:{name}");
+            let dest = self.blob_path(&digest);
+            if db::blob_size(&conn, &digest)?.is_some() && !dest.exists() {
+                if let Some(dir) = dest.parent() {
+                    fs::create_dir_all(dir).map_err(io_err(dir))?;
+                }
+                fs::rename(e.path(), &dest).map_err(io_err(&dest))?;
+                tracing::warn!(%digest, "restored blob from an interrupted gc");
+            } else {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// fsync a directory so that a rename in it survives power loss.
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
+}
+
+#[cfg(test)]
+mod tests;

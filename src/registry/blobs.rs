@@ -1,0 +1,384 @@
+//! Blob reads (`HEAD`/`GET` with `Range`), deletes, and uploads (monolithic, chunked,
+//! cross-repository mount).
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::Response;
+use sha2::{Digest, Sha256};
+
+use super::errors::ApiError;
+use super::names::parse_digest;
+use super::routes::{respond, Q};
+use super::stream::{append_body, digest_of, file_body};
+use super::{Registry, Upload};
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, crate::store::StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    Ok(tokio::task::spawn_blocking(f).await??)
+}
+
+/// `bytes=a-b` / `bytes=a-` / `bytes=-n` against a blob of `size` bytes.
+fn parse_range(h: &str, size: u64) -> Option<(u64, u64)> {
+    let spec = h.trim().strip_prefix("bytes=")?;
+    if spec.contains(',') {
+        return None; // multi-range is not supported
+    }
+    let (a, b) = spec.split_once('-')?;
+    let (start, end) = if a.is_empty() {
+        let n: u64 = b.parse().ok()?;
+        if n == 0 {
+            return None;
+        }
+        (size.saturating_sub(n), size.checked_sub(1)?)
+    } else {
+        let start: u64 = a.parse().ok()?;
+        let end = if b.is_empty() {
+            size.checked_sub(1)?
+        } else {
+            b.parse::<u64>().ok()?.min(size.checked_sub(1)?)
+        };
+        (start, end)
+    };
+    (start <= end && end < size).then_some((start, end))
+}
+
+pub(super) async fn get(
+    reg: &Registry,
+    name: &str,
+    digest: &str,
+    headers: &HeaderMap,
+    head: bool,
+) -> Result<Response, ApiError> {
+    let digest = parse_digest(digest)?;
+    let store = reg.inner.store.clone();
+    let (n, d) = (name.to_string(), digest.clone());
+    let Some(size) = blocking(move || store.blob_in_repo(&n, &d)).await? else {
+        return Err(ApiError::blob_unknown(&digest));
+    };
+    let mut hdrs = vec![
+        ("Docker-Content-Digest", digest.clone()),
+        ("Content-Type", "application/octet-stream".to_string()),
+        ("Accept-Ranges", "bytes".to_string()),
+        ("ETag", format!("\"{digest}\"")),
+    ];
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let (status, start, len) = match range {
+        Some(r) if !head => match parse_range(&r, size) {
+            Some((s, e)) => {
+                hdrs.push(("Content-Range", format!("bytes {s}-{e}/{size}")));
+                (StatusCode::PARTIAL_CONTENT, s, e - s + 1)
+            }
+            None => {
+                return Ok(respond(
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    &[("Content-Range", format!("bytes */{size}"))],
+                    Body::empty(),
+                ))
+            }
+        },
+        _ => (StatusCode::OK, 0, size),
+    };
+    hdrs.push(("Content-Length", len.to_string()));
+    let body = if head || len == 0 {
+        Body::empty()
+    } else {
+        file_body(reg.inner.store.blob_path(&digest), start, len)
+    };
+    Ok(respond(status, &hdrs, body))
+}
+
+pub(super) async fn delete(reg: &Registry, name: &str, digest: &str) -> Result<Response, ApiError> {
+    let digest = parse_digest(digest)?;
+    let store = reg.inner.store.clone();
+    let (n, d) = (name.to_string(), digest.clone());
+    if blocking(move || store.unlink_blob(&n, &d)).await? {
+        Ok(respond(StatusCode::ACCEPTED, &[("Content-Length", "0".into())], Body::empty()))
+    } else {
+        Err(ApiError::blob_unknown(&digest))
+    }
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+fn created(name: &str, digest: &str) -> Response {
+    respond(
+        StatusCode::CREATED,
+        &[
+            ("Location", format!("/v2/{name}/blobs/{digest}")),
+            ("Docker-Content-Digest", digest.to_string()),
+            ("Content-Length", "0".into()),
+        ],
+        Body::empty(),
+    )
+}
+
+fn upload_headers(name: &str, id: &str, offset: u64) -> Vec<(&'static str, String)> {
+    vec![
+        ("Location", format!("/v2/{name}/blobs/uploads/{id}")),
+        ("Range", format!("0-{}", offset.saturating_sub(1))),
+        ("Docker-Upload-UUID", id.to_string()),
+        ("Content-Length", "0".into()),
+    ]
+}
+
+/// Receive a whole blob into a fresh temp file, verify and commit it.
+async fn receive_whole(
+    reg: &Registry,
+    name: &str,
+    digest: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let tmp = reg.inner.store.temp_path();
+    let res = append_body(tmp.clone(), 0, &Sha256::new(), body, content_length(headers)).await;
+    let w = match res {
+        Ok(w) => w,
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(e);
+        }
+    };
+    commit(reg, name, digest, tmp, w.hasher, w.written).await
+}
+
+/// Verify the digest of received data and commit it; the temp file is removed on failure.
+async fn commit(
+    reg: &Registry,
+    name: &str,
+    digest: &str,
+    tmp: std::path::PathBuf,
+    hasher: Sha256,
+    size: u64,
+) -> Result<Response, ApiError> {
+    let actual = digest_of(hasher);
+    if actual != digest {
+        let _ = tokio::fs::remove_file(&tmp).await;
+        return Err(ApiError::digest_invalid(format!(
+            "provided digest {digest} does not match content digest {actual}"
+        )));
+    }
+    let store = reg.inner.store.clone();
+    let (n, d, t) = (name.to_string(), digest.to_string(), tmp.clone());
+    let r = blocking(move || store.commit_blob(&n, &t, &d, size)).await;
+    if r.is_err() {
+        let _ = tokio::fs::remove_file(&tmp).await;
+    }
+    r?;
+    Ok(created(name, digest))
+}
+
+pub(super) async fn start_upload(
+    reg: &Registry,
+    name: &str,
+    q: &Q,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    if let (Some(mount), Some(from)) = (q.get("mount"), q.get("from")) {
+        let digest = parse_digest(mount)?;
+        if super::valid_name(from) {
+            let store = reg.inner.store.clone();
+            let (n, f, d) = (name.to_string(), from.clone(), digest.clone());
+            if blocking(move || store.mount_blob(&n, &f, &d)).await? {
+                return Ok(created(name, &digest));
+            }
+        }
+        // Not mountable: the spec says to fall back to a new upload session.
+    } else if let Some(d) = q.get("digest") {
+        let digest = parse_digest(d)?;
+        return receive_whole(reg, name, &digest, headers, body).await;
+    }
+    let id = uuid::Uuid::new_v4().to_string();
+    let up = Upload {
+        path: reg.inner.store.temp_path(),
+        offset: 0,
+        hasher: Sha256::new(),
+    };
+    reg.inner
+        .uploads
+        .lock()
+        .map_err(|_| ApiError::internal("upload table poisoned"))?
+        .insert(id.clone(), (name.to_string(), Arc::new(tokio::sync::Mutex::new(up))));
+    Ok(respond(
+        StatusCode::ACCEPTED,
+        &upload_headers(name, &id, 0),
+        Body::empty(),
+    ))
+}
+
+fn session(reg: &Registry, name: &str, id: &str) -> Result<Arc<tokio::sync::Mutex<Upload>>, ApiError> {
+    let map = reg
+        .inner
+        .uploads
+        .lock()
+        .map_err(|_| ApiError::internal("upload table poisoned"))?;
+    match map.get(id) {
+        // A session is only visible through the repository that opened it.
+        Some((repo, s)) if repo == name => Ok(s.clone()),
+        _ => Err(ApiError::upload_unknown()),
+    }
+}
+
+fn remove_session(reg: &Registry, id: &str) {
+    if let Ok(mut map) = reg.inner.uploads.lock() {
+        map.remove(id);
+    }
+}
+
+pub(super) async fn upload_status(reg: &Registry, name: &str, id: &str) -> Result<Response, ApiError> {
+    let s = session(reg, name, id)?;
+    let up = s.lock().await;
+    Ok(respond(
+        StatusCode::NO_CONTENT,
+        &upload_headers(name, id, up.offset),
+        Body::empty(),
+    ))
+}
+
+/// `Content-Range: <start>-<end>` (some clients prefix `bytes `).
+fn parse_content_range(h: &HeaderMap) -> Result<Option<(u64, u64)>, ApiError> {
+    let Some(v) = h.get(header::CONTENT_RANGE) else {
+        return Ok(None);
+    };
+    let s = v
+        .to_str()
+        .map_err(|_| ApiError::range_invalid("bad Content-Range"))?;
+    let s = s.trim().trim_start_matches("bytes").trim_start_matches([' ', '=']);
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| ApiError::range_invalid("bad Content-Range"))?;
+    let b = b.split('/').next().unwrap_or(b);
+    match (a.parse::<u64>(), b.parse::<u64>()) {
+        (Ok(a), Ok(b)) if a <= b => Ok(Some((a, b))),
+        _ => Err(ApiError::range_invalid("bad Content-Range")),
+    }
+}
+
+/// Append one chunk to a session, enforcing `Content-Range` order and length.
+async fn append_chunk(
+    up: &mut Upload,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(), ApiError> {
+    let range = parse_content_range(headers)?;
+    let mut limit = content_length(headers);
+    if let Some((start, end)) = range {
+        if start != up.offset {
+            return Err(ApiError::range_invalid(format!(
+                "chunk starts at {start}, upload is at {}",
+                up.offset
+            )));
+        }
+        limit = Some(end - start + 1);
+    }
+    let w = append_body(up.path.clone(), up.offset, &up.hasher, body, limit).await?;
+    if let Some(l) = limit {
+        if w.written != l {
+            // Cut back: the chunk is not applied.
+            let (p, off) = (up.path.clone(), up.offset);
+            let _ = tokio::task::spawn_blocking(move || {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&p)
+                    .and_then(|f| f.set_len(off))
+            })
+            .await;
+            return Err(ApiError::range_invalid(format!(
+                "chunk declared {l} bytes, body had {}",
+                w.written
+            )));
+        }
+    }
+    up.offset += w.written;
+    up.hasher = w.hasher;
+    Ok(())
+}
+
+pub(super) async fn patch_upload(
+    reg: &Registry,
+    name: &str,
+    id: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let s = session(reg, name, id)?;
+    let mut up = s.lock().await;
+    append_chunk(&mut up, headers, body).await.map_err(|e| {
+        if e.status == StatusCode::RANGE_NOT_SATISFIABLE {
+            tracing::debug!(upload = id, offset = up.offset, "out-of-order chunk refused");
+        }
+        e
+    })?;
+    Ok(respond(
+        StatusCode::ACCEPTED,
+        &upload_headers(name, id, up.offset),
+        Body::empty(),
+    ))
+}
+
+pub(super) async fn finish_upload(
+    reg: &Registry,
+    name: &str,
+    id: &str,
+    q: &Q,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let Some(d) = q.get("digest") else {
+        return Err(ApiError::digest_invalid("digest query parameter required"));
+    };
+    let digest = parse_digest(d)?;
+    let s = session(reg, name, id)?;
+    let mut up = s.lock().await;
+    append_chunk(&mut up, headers, body).await?;
+    // The session ends here whatever the outcome: a wrong digest discards the data.
+    remove_session(reg, id);
+    let (path, hasher, size) = (up.path.clone(), up.hasher.clone(), up.offset);
+    if size == 0 && !path.exists() {
+        // Nothing was ever written: make the (empty) file so that commit has something.
+        tokio::fs::write(&path, b"")
+            .await
+            .map_err(ApiError::internal)?;
+    }
+    commit(reg, name, &digest, path, hasher, size).await
+}
+
+pub(super) async fn cancel_upload(reg: &Registry, name: &str, id: &str) -> Result<Response, ApiError> {
+    let s = session(reg, name, id)?;
+    let up = s.lock().await;
+    remove_session(reg, id);
+    let _ = tokio::fs::remove_file(&up.path).await;
+    Ok(respond(
+        StatusCode::NO_CONTENT,
+        &[("Content-Length", "0".into())],
+        Body::empty(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_range;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=0-9", 100), Some((0, 9)));
+        assert_eq!(parse_range("bytes=90-", 100), Some((90, 99)));
+        assert_eq!(parse_range("bytes=-10", 100), Some((90, 99)));
+        assert_eq!(parse_range("bytes=50-500", 100), Some((50, 99)));
+        assert_eq!(parse_range("bytes=100-", 100), None);
+        assert_eq!(parse_range("bytes=5-1", 100), None);
+        assert_eq!(parse_range("items=0-1", 100), None);
+        assert_eq!(parse_range("bytes=0-0", 0), None);
+    }
+}

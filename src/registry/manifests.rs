@@ -1,0 +1,453 @@
+//! Manifests (OCI image manifest and index, Docker schema 2 manifest and list, artifacts),
+//! tag listing, the catalog and the referrers API.
+
+use axum::body::Body;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::Response;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use super::errors::ApiError;
+use super::names::{parse_digest, parse_reference};
+use super::routes::{respond, Q};
+use super::{EventAction, Registry, RegistryEvent, MAX_MANIFEST_BYTES};
+use crate::store::{NewManifest, Reference, StoreError};
+
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    Ok(tokio::task::spawn_blocking(f).await??)
+}
+
+fn is_index(mt: &str) -> bool {
+    mt == OCI_INDEX || mt == DOCKER_LIST
+}
+
+/// What a manifest body tells us, checked against the spec's required shape.
+struct Parsed {
+    media_type: String,
+    artifact_type: Option<String>,
+    subject: Option<String>,
+    blobs: Vec<String>,
+    children: Vec<String>,
+}
+
+fn descriptor_digest(d: &Value, what: &str) -> Result<String, ApiError> {
+    if !d.is_object() {
+        return Err(ApiError::manifest_invalid(format!("{what} is not a descriptor")));
+    }
+    let digest = d
+        .get("digest")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::manifest_invalid(format!("{what} has no digest")))?;
+    if d.get("size").and_then(Value::as_i64).is_none_or(|s| s < 0) {
+        return Err(ApiError::manifest_invalid(format!("{what} has no valid size")));
+    }
+    if d.get("mediaType").and_then(Value::as_str).is_none() {
+        return Err(ApiError::manifest_invalid(format!("{what} has no mediaType")));
+    }
+    parse_digest(digest).map_err(|e| ApiError::manifest_invalid(format!("{what}: {}", e.message)))
+}
+
+fn parse_manifest(bytes: &[u8], content_type: Option<&str>) -> Result<Parsed, ApiError> {
+    let v: Value = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::manifest_invalid(format!("manifest is not JSON: {e}")))?;
+    if !v.is_object() {
+        return Err(ApiError::manifest_invalid("manifest is not a JSON object"));
+    }
+    let field = v.get("mediaType").and_then(Value::as_str);
+    let known = |m: &str| [OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST].contains(&m);
+    let media_type = match (content_type, field) {
+        (Some(c), Some(f)) if c != f && known(c) => {
+            return Err(ApiError::manifest_invalid(format!(
+                "Content-Type {c} does not match mediaType {f}"
+            )))
+        }
+        (_, Some(f)) => f,
+        (Some(c), None) => c,
+        (None, None) => return Err(ApiError::manifest_invalid("manifest has no media type")),
+    };
+    if !known(media_type) {
+        return Err(ApiError::unsupported(format!(
+            "manifest media type {media_type} is not supported"
+        )));
+    }
+    if v.get("schemaVersion").and_then(Value::as_i64) != Some(2) {
+        return Err(ApiError::manifest_invalid("schemaVersion must be 2"));
+    }
+    let subject = match v.get("subject") {
+        None | Some(Value::Null) => None,
+        Some(s) => Some(descriptor_digest(s, "subject")?),
+    };
+    let mut artifact_type = v
+        .get("artifactType")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let mut blobs = Vec::new();
+    let mut children = Vec::new();
+    if is_index(media_type) {
+        let list = v
+            .get("manifests")
+            .and_then(Value::as_array)
+            .ok_or_else(|| ApiError::manifest_invalid("index has no manifests array"))?;
+        for (i, m) in list.iter().enumerate() {
+            children.push(descriptor_digest(m, &format!("manifests[{i}]"))?);
+        }
+    } else {
+        let config = v
+            .get("config")
+            .ok_or_else(|| ApiError::manifest_invalid("manifest has no config"))?;
+        blobs.push(descriptor_digest(config, "config")?);
+        if artifact_type.is_none() {
+            artifact_type = config
+                .get("mediaType")
+                .and_then(Value::as_str)
+                .map(str::to_string);
+        }
+        let layers = v
+            .get("layers")
+            .and_then(Value::as_array)
+            .ok_or_else(|| ApiError::manifest_invalid("manifest has no layers array"))?;
+        for (i, l) in layers.iter().enumerate() {
+            let d = descriptor_digest(l, &format!("layers[{i}]"))?;
+            // Foreign (non-distributable) layers live elsewhere and are never uploaded here.
+            if l.get("urls").is_none() {
+                blobs.push(d);
+            }
+        }
+    }
+    Ok(Parsed {
+        media_type: media_type.to_string(),
+        artifact_type,
+        subject,
+        blobs,
+        children,
+    })
+}
+
+pub(super) async fn put(
+    reg: &Registry,
+    name: &str,
+    reference: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let reference = parse_reference(reference)?;
+    let too_big = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "SIZE_INVALID",
+            format!("manifest exceeds {MAX_MANIFEST_BYTES} bytes"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > MAX_MANIFEST_BYTES) {
+        return Err(too_big());
+    }
+    let bytes = axum::body::to_bytes(body, MAX_MANIFEST_BYTES + 1)
+        .await
+        .map_err(|e| {
+            if std::error::Error::source(&e).is_some_and(|s| s.to_string().contains("length limit")) {
+                too_big()
+            } else {
+                ApiError::manifest_invalid(format!("manifest body: {e}"))
+            }
+        })?;
+    if bytes.len() > MAX_MANIFEST_BYTES {
+        return Err(too_big());
+    }
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.split(';').next().unwrap_or(s).trim().to_string());
+    let parsed = parse_manifest(&bytes, ct.as_deref())?;
+    let digest = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)));
+    let tag = match &reference {
+        Reference::Digest(d) if *d != digest => {
+            return Err(ApiError::digest_invalid(format!(
+                "manifest digest {digest} does not match {d}"
+            )))
+        }
+        Reference::Digest(_) => None,
+        Reference::Tag(t) => Some(t.clone()),
+    };
+    let size = bytes.len() as u64;
+    let m = NewManifest {
+        repo: name.to_string(),
+        digest: digest.clone(),
+        media_type: parsed.media_type.clone(),
+        artifact_type: parsed.artifact_type,
+        subject: parsed.subject.clone(),
+        content: bytes.to_vec(),
+        blobs: parsed.blobs,
+        children: parsed.children,
+        tag: tag.clone(),
+    };
+    let store = reg.inner.store.clone();
+    blocking(move || store.put_manifest(&m)).await?;
+    reg.emit(RegistryEvent {
+        action: EventAction::Push,
+        repository: name.to_string(),
+        tag,
+        digest: digest.clone(),
+        media_type: parsed.media_type,
+        size,
+    });
+    let mut hdrs = vec![
+        ("Location", format!("/v2/{name}/manifests/{digest}")),
+        ("Docker-Content-Digest", digest),
+        ("Content-Length", "0".to_string()),
+    ];
+    if let Some(s) = parsed.subject {
+        hdrs.push(("OCI-Subject", s));
+    }
+    Ok(respond(StatusCode::CREATED, &hdrs, Body::empty()))
+}
+
+pub(super) async fn get(
+    reg: &Registry,
+    name: &str,
+    reference: &str,
+    head: bool,
+) -> Result<Response, ApiError> {
+    let r = parse_reference(reference)?;
+    let store = reg.inner.store.clone();
+    let n = name.to_string();
+    let Some(row) = blocking(move || store.get_manifest(&n, &r)).await? else {
+        return Err(ApiError::manifest_unknown(reference));
+    };
+    let hdrs = [
+        ("Content-Type", row.media_type.clone()),
+        ("Content-Length", row.size.to_string()),
+        ("Docker-Content-Digest", row.digest.clone()),
+        ("ETag", format!("\"{}\"", row.digest)),
+    ];
+    let body = if head {
+        Body::empty()
+    } else {
+        Body::from(row.content)
+    };
+    Ok(respond(StatusCode::OK, &hdrs, body))
+}
+
+pub(super) async fn delete(reg: &Registry, name: &str, reference: &str) -> Result<Response, ApiError> {
+    let r = parse_reference(reference)?;
+    let store = reg.inner.store.clone();
+    let n = name.to_string();
+    match r {
+        Reference::Digest(d) => {
+            let dd = d.clone();
+            let Some((row, tags)) = blocking(move || store.delete_manifest(&n, &dd)).await? else {
+                return Err(ApiError::manifest_unknown(reference));
+            };
+            let ev = |tag: Option<String>| RegistryEvent {
+                action: EventAction::Delete,
+                repository: name.to_string(),
+                tag,
+                digest: d.clone(),
+                media_type: row.media_type.clone(),
+                size: row.size,
+            };
+            reg.emit(ev(None));
+            for t in tags {
+                reg.emit(ev(Some(t)));
+            }
+        }
+        Reference::Tag(t) => {
+            let tt = t.clone();
+            let Some(digest) = blocking(move || store.delete_tag(&n, &tt)).await? else {
+                return Err(ApiError::manifest_unknown(reference));
+            };
+            reg.emit(RegistryEvent {
+                action: EventAction::Delete,
+                repository: name.to_string(),
+                tag: Some(t),
+                digest,
+                media_type: String::new(),
+                size: 0,
+            });
+        }
+    }
+    Ok(respond(
+        StatusCode::ACCEPTED,
+        &[("Content-Length", "0".into())],
+        Body::empty(),
+    ))
+}
+
+fn page_params(q: &Q) -> Result<(Option<usize>, Option<String>), ApiError> {
+    let n = match q.get("n") {
+        None => None,
+        Some(s) => Some(s.parse::<usize>().map_err(|_| {
+            ApiError::new(StatusCode::BAD_REQUEST, "PAGINATION_NUMBER_INVALID", "invalid n")
+        })?),
+    };
+    Ok((n, q.get("last").cloned()))
+}
+
+fn json_response(v: Value, link: Option<String>, content_type: &str) -> Response {
+    let body = v.to_string();
+    let mut hdrs = vec![
+        ("Content-Type", content_type.to_string()),
+        ("Content-Length", body.len().to_string()),
+    ];
+    if let Some(l) = link {
+        hdrs.push(("Link", l));
+    }
+    respond(StatusCode::OK, &hdrs, Body::from(body))
+}
+
+pub(super) async fn tags_list(reg: &Registry, name: &str, q: &Q) -> Result<Response, ApiError> {
+    let (n, last) = page_params(q)?;
+    let store = reg.inner.store.clone();
+    let nm = name.to_string();
+    let Some(tags) = blocking(move || store.list_tags(&nm, n, last.as_deref())).await? else {
+        return Err(ApiError::name_unknown(name));
+    };
+    let link = match (n, tags.last()) {
+        (Some(n), Some(l)) if tags.len() == n => {
+            Some(format!("</v2/{name}/tags/list?n={n}&last={l}>; rel=\"next\""))
+        }
+        _ => None,
+    };
+    Ok(json_response(
+        json!({ "name": name, "tags": tags }),
+        link,
+        "application/json",
+    ))
+}
+
+pub(super) async fn catalog(reg: &Registry, q: &Q) -> Result<Response, ApiError> {
+    let (n, last) = page_params(q)?;
+    let store = reg.inner.store.clone();
+    let repos = blocking(move || store.list_repositories(n, last.as_deref())).await?;
+    let link = match (n, repos.last()) {
+        (Some(n), Some(l)) if repos.len() == n => {
+            Some(format!("</v2/_catalog?n={n}&last={l}>; rel=\"next\""))
+        }
+        _ => None,
+    };
+    Ok(json_response(
+        json!({ "repositories": repos }),
+        link,
+        "application/json",
+    ))
+}
+
+pub(super) async fn referrers(
+    reg: &Registry,
+    name: &str,
+    digest: &str,
+    q: &Q,
+) -> Result<Response, ApiError> {
+    let digest = parse_digest(digest)?;
+    let store = reg.inner.store.clone();
+    let n = name.to_string();
+    let rows = blocking(move || store.referrers(&n, &digest)).await?;
+    let filter = q.get("artifactType");
+    let manifests: Vec<Value> = rows
+        .into_iter()
+        .filter(|r| filter.is_none() || r.artifact_type.as_ref() == filter)
+        .map(|r| {
+            let mut d = json!({
+                "mediaType": r.media_type,
+                "digest": r.digest,
+                "size": r.size,
+            });
+            if let Some(a) = &r.artifact_type {
+                d["artifactType"] = json!(a);
+            }
+            if let Ok(v) = serde_json::from_slice::<Value>(&r.content) {
+                if let Some(a) = v.get("annotations").filter(|a| a.is_object()) {
+                    d["annotations"] = a.clone();
+                }
+            }
+            d
+        })
+        .collect();
+    let mut resp = json_response(
+        json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests }),
+        None,
+        OCI_INDEX,
+    );
+    if filter.is_some() {
+        resp.headers_mut().insert(
+            "OCI-Filters-Applied",
+            axum::http::HeaderValue::from_static("artifactType"),
+        );
+    }
+    Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(c: char) -> String {
+        format!("sha256:{}", c.to_string().repeat(64))
+    }
+
+    #[test]
+    fn image_manifest_lists_config_and_layers_but_not_foreign_layers() {
+        let m = json!({
+            "schemaVersion": 2,
+            "mediaType": DOCKER_MANIFEST,
+            "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "digest": d('a'), "size": 1},
+            "layers": [
+                {"mediaType": "x", "digest": d('b'), "size": 2},
+                {"mediaType": "y", "digest": d('c'), "size": 3, "urls": ["http://x"]}
+            ]
+        });
+        let p = parse_manifest(m.to_string().as_bytes(), Some(DOCKER_MANIFEST)).unwrap();
+        assert_eq!(p.blobs, vec![d('a'), d('b')]);
+        assert_eq!(p.media_type, DOCKER_MANIFEST);
+    }
+
+    #[test]
+    fn bad_manifests_are_refused_with_the_right_code() {
+        let cases: Vec<(Vec<u8>, Option<&str>, &str)> = vec![
+            (b"not json".to_vec(), Some(OCI_MANIFEST), "MANIFEST_INVALID"),
+            (b"{}".to_vec(), Some("application/x-unknown"), "UNSUPPORTED"),
+            (br#"{"schemaVersion":1}"#.to_vec(), Some(OCI_MANIFEST), "MANIFEST_INVALID"),
+            (
+                json!({"schemaVersion":2,"mediaType":OCI_INDEX,"manifests":[]}).to_string().into_bytes(),
+                Some(OCI_MANIFEST),
+                "MANIFEST_INVALID",
+            ),
+            (
+                json!({"schemaVersion":2,"config":{"mediaType":"x","digest":"sha256:zz","size":1},"layers":[]})
+                    .to_string()
+                    .into_bytes(),
+                Some(OCI_MANIFEST),
+                "MANIFEST_INVALID",
+            ),
+        ];
+        for (body, ct, code) in cases {
+            match parse_manifest(&body, ct) {
+                Err(e) => assert_eq!(e.code, code, "{}", String::from_utf8_lossy(&body)),
+                Ok(_) => panic!("accepted {}", String::from_utf8_lossy(&body)),
+            }
+        }
+    }
+
+    #[test]
+    fn artifact_type_falls_back_to_config_media_type() {
+        let m = json!({
+            "schemaVersion": 2,
+            "config": {"mediaType": "application/vnd.example.sbom", "digest": d('a'), "size": 2},
+            "layers": [],
+            "subject": {"mediaType": OCI_MANIFEST, "digest": d('f'), "size": 10}
+        });
+        let p = parse_manifest(m.to_string().as_bytes(), Some(OCI_MANIFEST)).unwrap();
+        assert_eq!(p.artifact_type.as_deref(), Some("application/vnd.example.sbom"));
+        assert_eq!(p.subject, Some(d('f')));
+    }
+}

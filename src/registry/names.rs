@@ -1,0 +1,174 @@
+//! Validation of repository names, tags and digests, and parsing of `/v2/...` paths.
+
+use crate::store::Reference;
+
+use super::errors::ApiError;
+
+/// `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*`, ≤ 255 chars.
+pub fn valid_name(name: &str) -> bool {
+    name.len() <= 255 && !name.is_empty() && name.split('/').all(valid_component)
+}
+
+fn valid_component(c: &str) -> bool {
+    let b = c.as_bytes();
+    let alnum = |x: u8| x.is_ascii_lowercase() || x.is_ascii_digit();
+    let mut i = 0;
+    loop {
+        let start = i;
+        while i < b.len() && alnum(b[i]) {
+            i += 1;
+        }
+        if i == start {
+            return false;
+        }
+        if i == b.len() {
+            return true;
+        }
+        match b[i] {
+            b'.' => i += 1,
+            b'_' => {
+                i += 1;
+                if i < b.len() && b[i] == b'_' {
+                    i += 1;
+                }
+            }
+            b'-' => {
+                while i < b.len() && b[i] == b'-' {
+                    i += 1;
+                }
+            }
+            _ => return false,
+        }
+    }
+}
+
+/// `[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}`
+pub fn valid_tag(tag: &str) -> bool {
+    let b = tag.as_bytes();
+    !b.is_empty()
+        && b.len() <= 128
+        && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
+        && b[1..]
+            .iter()
+            .all(|&c| c.is_ascii_alphanumeric() || c == b'_' || c == b'.' || c == b'-')
+}
+
+/// Only sha256 is stored; other well-formed algorithms are refused as unsupported digests.
+pub fn parse_digest(d: &str) -> Result<String, ApiError> {
+    let Some((alg, hex)) = d.split_once(':') else {
+        return Err(ApiError::digest_invalid(format!("invalid digest {d:?}")));
+    };
+    if alg != "sha256" {
+        return Err(ApiError::digest_invalid(format!(
+            "unsupported digest algorithm {alg:?}"
+        )));
+    }
+    if hex.len() != 64 || !hex.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)) {
+        return Err(ApiError::digest_invalid(format!("invalid digest {d:?}")));
+    }
+    Ok(d.to_string())
+}
+
+pub fn parse_reference(r: &str) -> Result<Reference, ApiError> {
+    if r.contains(':') {
+        Ok(Reference::Digest(parse_digest(r)?))
+    } else if valid_tag(r) {
+        Ok(Reference::Tag(r.to_string()))
+    } else {
+        // The spec has no tag error of its own; an invalid tag makes the request invalid.
+        Err(ApiError::manifest_invalid(format!("invalid tag {r:?}")))
+    }
+}
+
+/// What a `/v2/<rest>` path addresses. The name is not yet validated.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route {
+    Catalog,
+    Tags(String),
+    Manifest(String, String),
+    Blob(String, String),
+    UploadStart(String),
+    Upload(String, String),
+    Referrers(String, String),
+}
+
+/// Parse from the end, because names may themselves contain `/`.
+pub fn parse_route(rest: &str) -> Option<Route> {
+    if rest == "_catalog" {
+        return Some(Route::Catalog);
+    }
+    let segs: Vec<&str> = rest.split('/').collect();
+    let n = segs.len();
+    let name = |k: usize| segs[..n - k].join("/");
+    if n >= 3 && segs[n - 2] == "tags" && segs[n - 1] == "list" {
+        return Some(Route::Tags(name(2)));
+    }
+    if n >= 3 && segs[n - 2] == "manifests" {
+        return Some(Route::Manifest(name(2), segs[n - 1].to_string()));
+    }
+    if n >= 3 && segs[n - 2] == "blobs" && segs[n - 1] == "uploads" {
+        return Some(Route::UploadStart(name(2)));
+    }
+    if n >= 4 && segs[n - 3] == "blobs" && segs[n - 2] == "uploads" {
+        if segs[n - 1].is_empty() {
+            return Some(Route::UploadStart(name(3)));
+        }
+        return Some(Route::Upload(name(3), segs[n - 1].to_string()));
+    }
+    if n >= 3 && segs[n - 2] == "blobs" {
+        return Some(Route::Blob(name(2), segs[n - 1].to_string()));
+    }
+    if n >= 3 && segs[n - 2] == "referrers" {
+        return Some(Route::Referrers(name(2), segs[n - 1].to_string()));
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_spec_grammar() {
+        for ok in ["a", "library/busybox", "a.b_c__d---e/f0", "x/y/z"] {
+            assert!(valid_name(ok), "{ok}");
+        }
+        for bad in ["", "A", "a/../b", "/a", "a/", "a//b", "-a", "a_", "a___b", "a..b", ".."] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+        assert!(!valid_name(&"a".repeat(256)));
+        assert!(valid_name(&"a".repeat(255)));
+    }
+
+    #[test]
+    fn tags_and_digests() {
+        assert!(valid_tag("v1.0_rc-1"));
+        assert!(valid_tag("_x"));
+        assert!(!valid_tag("-x"));
+        assert!(!valid_tag(".x"));
+        assert!(!valid_tag(&"a".repeat(129)));
+        assert!(parse_digest(&format!("sha256:{}", "a".repeat(64))).is_ok());
+        assert!(parse_digest(&format!("sha256:{}", "A".repeat(64))).is_err());
+        assert!(parse_digest("sha256:abc").is_err());
+        assert!(parse_digest("nonsense").is_err());
+    }
+
+    #[test]
+    fn routes_parse_from_the_end() {
+        assert_eq!(
+            parse_route("a/b/blobs/uploads/"),
+            Some(Route::UploadStart("a/b".into()))
+        );
+        assert_eq!(
+            parse_route("a/blobs/uploads/123"),
+            Some(Route::Upload("a".into(), "123".into()))
+        );
+        assert_eq!(
+            parse_route("a/manifests/blobs"),
+            Some(Route::Manifest("a".into(), "blobs".into()))
+        );
+        assert_eq!(parse_route("x/tags/list"), Some(Route::Tags("x".into())));
+        assert_eq!(parse_route("_catalog"), Some(Route::Catalog));
+        assert_eq!(parse_route("nothing"), None);
+    }
+}

@@ -1,0 +1,140 @@
+//! Streaming between HTTP bodies and blob files without holding a whole blob in memory.
+//!
+//! Uploads: the async side forwards body chunks over a small bounded channel to one blocking
+//! thread that hashes and writes them; a second thread fdatasyncs every [`SYNC_EVERY`] bytes
+//! so that the final fsync at commit has little left to flush.
+//! Downloads: one blocking thread reads [`READ_CHUNK`]-sized chunks into the response body.
+
+use std::fs::OpenOptions;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::PathBuf;
+
+use axum::body::Body;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use sha2::{Digest, Sha256};
+
+use super::errors::ApiError;
+
+const SYNC_EVERY: u64 = 64 * 1024 * 1024;
+const READ_CHUNK: usize = 1024 * 1024;
+const CHANNEL_DEPTH: usize = 16;
+
+pub(crate) struct Written {
+    pub hasher: Sha256,
+    pub written: u64,
+}
+
+/// Write `body` into `path` at `offset` (truncating anything after it), continuing `hasher`.
+/// On a broken body (client gone, truncated `Content-Length`) or `limit` exceeded, the file is
+/// cut back to `offset` and an error returned, so a failed chunk leaves no trace.
+pub(crate) async fn append_body(
+    path: PathBuf,
+    offset: u64,
+    hasher: &Sha256,
+    body: Body,
+    limit: Option<u64>,
+) -> Result<Written, ApiError> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(CHANNEL_DEPTH);
+    let p = path.clone();
+    let mut h = hasher.clone();
+    let writer = tokio::task::spawn_blocking(move || -> std::io::Result<(Sha256, u64)> {
+        let mut f = OpenOptions::new().create(true).write(true).truncate(false).open(&p)?;
+        f.set_len(offset)?;
+        f.seek(SeekFrom::Start(offset))?;
+        let (sync_tx, sync_rx) = std::sync::mpsc::channel::<()>();
+        let sync_file = f.try_clone()?;
+        let syncer = std::thread::spawn(move || {
+            while sync_rx.recv().is_ok() {
+                while sync_rx.try_recv().is_ok() {}
+                let _ = sync_file.sync_data();
+            }
+        });
+        let mut n = 0u64;
+        let mut since_sync = 0u64;
+        while let Some(chunk) = rx.blocking_recv() {
+            h.update(&chunk);
+            f.write_all(&chunk)?;
+            n += chunk.len() as u64;
+            since_sync += chunk.len() as u64;
+            if since_sync >= SYNC_EVERY {
+                since_sync = 0;
+                let _ = sync_tx.send(());
+            }
+        }
+        drop(sync_tx);
+        let _ = syncer.join();
+        Ok((h, n))
+    });
+    let mut stream = body.into_data_stream();
+    let mut failure = None;
+    let mut total = 0u64;
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(chunk) => {
+                total += chunk.len() as u64;
+                if limit.is_some_and(|l| total > l) {
+                    failure = Some(ApiError::size_invalid("body longer than declared"));
+                    break;
+                }
+                if tx.send(chunk).await.is_err() {
+                    break; // the writer failed; its error is reported below
+                }
+            }
+            Err(e) => {
+                failure = Some(ApiError::upload_invalid(format!(
+                    "request body ended early: {e}"
+                )));
+                break;
+            }
+        }
+    }
+    drop(tx);
+    let result = writer.await?;
+    let failure = match (failure, result) {
+        (None, Ok((hasher, written))) => return Ok(Written { hasher, written }),
+        (Some(f), _) => f,
+        (None, Err(e)) => ApiError::internal(format!("{}: {e}", path.display())),
+    };
+    let _ = tokio::task::spawn_blocking(move || {
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_len(offset))
+    })
+    .await;
+    Err(failure)
+}
+
+/// A response body that streams `len` bytes of `path` from `start`.
+pub(crate) fn file_body(path: PathBuf, start: u64, len: u64) -> Body {
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
+    tokio::task::spawn_blocking(move || {
+        let run = || -> std::io::Result<()> {
+            let mut f = std::fs::File::open(&path)?;
+            f.seek(SeekFrom::Start(start))?;
+            let mut left = len;
+            while left > 0 {
+                let want = left.min(READ_CHUNK as u64) as usize;
+                let mut buf = vec![0u8; want];
+                f.read_exact(&mut buf)?;
+                left -= want as u64;
+                if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
+                    return Ok(()); // client went away
+                }
+            }
+            Ok(())
+        };
+        if let Err(e) = run() {
+            let _ = tx.blocking_send(Err(e));
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    Body::from_stream(stream)
+}
+
+pub(crate) fn digest_of(h: Sha256) -> String {
+    format!("sha256:{}", hex::encode(h.finalize()))
+}

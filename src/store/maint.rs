@@ -1,0 +1,321 @@
+//! Garbage collection and consistency checking.
+
+use std::fs;
+use std::io::Read;
+use std::path::PathBuf;
+
+use rusqlite::params;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use super::{db, io_err, Store, StoreError};
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct GcReport {
+    pub dry_run: bool,
+    /// `repo@digest` of removed manifests.
+    pub manifests: Vec<String>,
+    /// `repo@digest` of removed blob links.
+    pub blob_links: Vec<String>,
+    /// Digests of removed blob files.
+    pub blobs: Vec<String>,
+    /// Files under `blobs/` that no row referenced (left by a crash), removed.
+    pub orphan_files: Vec<String>,
+    pub bytes_freed: u64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct FsckIssue {
+    /// `blob-missing`, `blob-size`, `blob-digest`, `manifest-digest`, `manifest-ref`,
+    /// `tag-dangling`, `link-dangling`.
+    pub kind: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repo: Option<String>,
+    pub digest: String,
+    pub detail: String,
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct FsckReport {
+    pub blobs_checked: usize,
+    pub manifests_checked: usize,
+    pub tags_checked: usize,
+    /// Blob files with no database row: invisible leftovers of a crash, removed by gc.
+    pub orphan_files: usize,
+    pub issues: Vec<FsckIssue>,
+}
+
+impl FsckReport {
+    pub fn is_clean(&self) -> bool {
+        self.issues.is_empty()
+    }
+}
+
+fn hash_file(path: &std::path::Path) -> Result<(String, u64), StoreError> {
+    let mut f = fs::File::open(path).map_err(io_err(path))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let k = f.read(&mut buf).map_err(io_err(path))?;
+        if k == 0 {
+            break;
+        }
+        h.update(&buf[..k]);
+        n += k as u64;
+    }
+    Ok((format!("sha256:{}", hex::encode(h.finalize())), n))
+}
+
+impl Store {
+    /// Every blob file under `blobs/sha256`, as digests.
+    fn blob_files(&self) -> Result<Vec<(String, PathBuf)>, StoreError> {
+        let base = self.root.join("blobs/sha256");
+        let mut out = Vec::new();
+        for d in fs::read_dir(&base).map_err(io_err(&base))?.flatten() {
+            let Ok(entries) = fs::read_dir(d.path()) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                out.push((format!("sha256:{name}"), e.path()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Remove manifests that no tag, index or live subject keeps, blob links that no
+    /// manifest uses, and blobs that no repository links, all older than `grace_secs`
+    /// (the grace period keeps a push in progress — blobs first, manifest last — intact).
+    /// Runs under the write lock, so concurrent pushes wait and then see a consistent store.
+    pub fn gc(&self, grace_secs: i64, dry_run: bool) -> Result<GcReport, StoreError> {
+        let cutoff = db::now() - grace_secs;
+        let mut report = GcReport {
+            dry_run,
+            ..Default::default()
+        };
+        let mut conn = self.writer()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        loop {
+            let victims: Vec<(String, String)> = {
+                let mut stmt = tx.prepare(
+                    "SELECT m.repo, m.digest FROM manifests m WHERE m.created <= ?1
+                     AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.repo = m.repo AND t.digest = m.digest)
+                     AND NOT EXISTS (SELECT 1 FROM manifest_refs r WHERE r.repo = m.repo
+                                     AND r.target = m.digest AND r.kind = 'manifest')
+                     AND NOT (m.subject IS NOT NULL AND EXISTS (SELECT 1 FROM manifests s
+                                     WHERE s.repo = m.repo AND s.digest = m.subject))",
+                )?;
+                let rows = stmt.query_map(params![cutoff], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                rows.collect::<Result<Vec<_>, _>>()?
+            };
+            if victims.is_empty() {
+                break;
+            }
+            for (repo, digest) in victims {
+                db::delete_manifest(&tx, &repo, &digest)?;
+                report.manifests.push(format!("{repo}@{digest}"));
+            }
+        }
+        let links: Vec<(String, String)> = {
+            let mut stmt = tx.prepare(
+                "SELECT rb.repo, rb.digest FROM repo_blobs rb WHERE rb.created <= ?1
+                 AND NOT EXISTS (SELECT 1 FROM manifest_refs r WHERE r.repo = rb.repo
+                                 AND r.target = rb.digest AND r.kind = 'blob')",
+            )?;
+            let rows = stmt.query_map(params![cutoff], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect::<Result<Vec<_>, _>>()?
+        };
+        for (repo, digest) in links {
+            tx.execute(
+                "DELETE FROM repo_blobs WHERE repo = ?1 AND digest = ?2",
+                params![repo, digest],
+            )?;
+            report.blob_links.push(format!("{repo}@{digest}"));
+        }
+        let blobs: Vec<(String, i64)> = {
+            let mut stmt = tx.prepare(
+                "SELECT b.digest, b.size FROM blobs b WHERE b.created <= ?1
+                 AND NOT EXISTS (SELECT 1 FROM repo_blobs rb WHERE rb.digest = b.digest)",
+            )?;
+            let rows = stmt.query_map(params![cutoff], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect::<Result<Vec<_>, _>>()?
+        };
+        let trash = self.root.join("trash");
+        let mut trashed = Vec::new();
+        for (digest, size) in blobs {
+            tx.execute("DELETE FROM blobs WHERE digest = ?1", params![digest])?;
+            report.bytes_freed += size as u64;
+            if !dry_run {
+                let from = self.blob_path(&digest);
+                let to = trash.join(digest.trim_start_matches("sha256:"));
+                if fs::rename(&from, &to).is_ok() {
+                    trashed.push(to);
+                }
+            }
+            report.blobs.push(digest);
+        }
+        // Files without a row: a crash between rename and commit. Under the write lock no
+        // commit is in flight, so these are true leftovers.
+        let cutoff_time =
+            std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(cutoff.max(0) as u64);
+        for (digest, path) in self.blob_files()? {
+            if db::blob_size(&tx, &digest)?.is_some() {
+                continue;
+            }
+            let old = fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .map(|t| t <= cutoff_time)
+                .unwrap_or(true);
+            if !old {
+                continue;
+            }
+            if !dry_run {
+                let to = trash.join(digest.trim_start_matches("sha256:"));
+                if fs::rename(&path, &to).is_ok() {
+                    trashed.push(to);
+                }
+            }
+            report.orphan_files.push(digest);
+        }
+        if dry_run {
+            tx.rollback()?;
+        } else {
+            tx.commit()?;
+            for t in trashed {
+                let _ = fs::remove_file(t);
+            }
+        }
+        tracing::info!(
+            manifests = report.manifests.len(),
+            blobs = report.blobs.len(),
+            bytes = report.bytes_freed,
+            dry_run,
+            "gc finished"
+        );
+        Ok(report)
+    }
+
+    /// Re-hash every blob and check every manifest's digest and references.
+    pub fn fsck(&self) -> Result<FsckReport, StoreError> {
+        let mut report = FsckReport::default();
+        let conn = self.reader()?;
+        let blobs: Vec<(String, i64)> = {
+            let mut stmt = conn.prepare("SELECT digest, size FROM blobs ORDER BY digest")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect::<Result<Vec<_>, _>>()?
+        };
+        let issue = |kind: &str, repo: Option<&str>, digest: &str, detail: String| FsckIssue {
+            kind: kind.to_string(),
+            repo: repo.map(str::to_string),
+            digest: digest.to_string(),
+            detail,
+        };
+        for (digest, size) in &blobs {
+            report.blobs_checked += 1;
+            let path = self.blob_path(digest);
+            if !path.exists() {
+                report.issues.push(issue(
+                    "blob-missing",
+                    None,
+                    digest,
+                    format!("{} does not exist", path.display()),
+                ));
+                continue;
+            }
+            let (actual, n) = hash_file(&path)?;
+            if n != *size as u64 {
+                report.issues.push(issue(
+                    "blob-size",
+                    None,
+                    digest,
+                    format!("recorded {size} bytes, file has {n}"),
+                ));
+            }
+            if &actual != digest {
+                report.issues.push(issue(
+                    "blob-digest",
+                    None,
+                    digest,
+                    format!("content hashes to {actual}"),
+                ));
+            }
+        }
+        let known: std::collections::HashSet<&str> = blobs.iter().map(|(d, _)| d.as_str()).collect();
+        report.orphan_files = self
+            .blob_files()?
+            .iter()
+            .filter(|(d, _)| !known.contains(d.as_str()))
+            .count();
+        let manifests: Vec<(String, String, Vec<u8>)> = {
+            let mut stmt = conn.prepare("SELECT repo, digest, content FROM manifests")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            rows.collect::<Result<Vec<_>, _>>()?
+        };
+        for (repo, digest, content) in &manifests {
+            report.manifests_checked += 1;
+            let actual = format!("sha256:{}", hex::encode(Sha256::digest(content)));
+            if &actual != digest {
+                report.issues.push(issue(
+                    "manifest-digest",
+                    Some(repo),
+                    digest,
+                    format!("content hashes to {actual}"),
+                ));
+            }
+        }
+        let dangling_refs: Vec<(String, String, String, String)> = {
+            let mut stmt = conn.prepare(
+                "SELECT r.repo, r.manifest, r.target, r.kind FROM manifest_refs r WHERE
+                 (r.kind = 'blob' AND NOT EXISTS (SELECT 1 FROM repo_blobs rb JOIN blobs b
+                      ON b.digest = rb.digest WHERE rb.repo = r.repo AND rb.digest = r.target))
+                 OR (r.kind = 'manifest' AND NOT EXISTS (SELECT 1 FROM manifests m
+                      WHERE m.repo = r.repo AND m.digest = r.target))",
+            )?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+            rows.collect::<Result<Vec<_>, _>>()?
+        };
+        for (repo, manifest, target, kind) in dangling_refs {
+            report.issues.push(issue(
+                "manifest-ref",
+                Some(&repo),
+                &manifest,
+                format!("references missing {kind} {target}"),
+            ));
+        }
+        report.tags_checked = conn.query_row("SELECT COUNT(*) FROM tags", [], |r| r.get::<_, i64>(0))? as usize;
+        let dangling_tags: Vec<(String, String, String)> = {
+            let mut stmt = conn.prepare(
+                "SELECT t.repo, t.tag, t.digest FROM tags t WHERE NOT EXISTS
+                 (SELECT 1 FROM manifests m WHERE m.repo = t.repo AND m.digest = t.digest)",
+            )?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            rows.collect::<Result<Vec<_>, _>>()?
+        };
+        for (repo, tag, digest) in dangling_tags {
+            report.issues.push(issue(
+                "tag-dangling",
+                Some(&repo),
+                &digest,
+                format!("tag {tag} points to a missing manifest"),
+            ));
+        }
+        let dangling_links: Vec<(String, String)> = {
+            let mut stmt = conn.prepare(
+                "SELECT rb.repo, rb.digest FROM repo_blobs rb WHERE NOT EXISTS
+                 (SELECT 1 FROM blobs b WHERE b.digest = rb.digest)",
+            )?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect::<Result<Vec<_>, _>>()?
+        };
+        for (repo, digest) in dangling_links {
+            report.issues.push(issue(
+                "link-dangling",
+                Some(&repo),
+                &digest,
+                "repository links a blob with no row".to_string(),
+            ));
+        }
+        Ok(report)
+    }
+}

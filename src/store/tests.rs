@@ -1,0 +1,103 @@
+use super::*;
+use sha2::{Digest, Sha256};
+
+fn put_blob(store: &Store, repo: &str, data: &[u8]) -> String {
+    let digest = format!("sha256:{}", hex::encode(Sha256::digest(data)));
+    let tmp = store.temp_path();
+    std::fs::write(&tmp, data).unwrap();
+    store
+        .commit_blob(repo, &tmp, &digest, data.len() as u64)
+        .unwrap();
+    digest
+}
+
+fn manifest(repo: &str, blobs: Vec<String>, tag: Option<&str>, content: &[u8]) -> NewManifest {
+    NewManifest {
+        repo: repo.to_string(),
+        digest: format!("sha256:{}", hex::encode(Sha256::digest(content))),
+        media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+        artifact_type: None,
+        subject: None,
+        content: content.to_vec(),
+        blobs,
+        children: vec![],
+        tag: tag.map(str::to_string),
+    }
+}
+
+#[test]
+fn blob_commit_is_linked_per_repository_and_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = {
+        let store = Store::open(dir.path(), true).unwrap();
+        let d = put_blob(&store, "a/b", b"hello");
+        assert_eq!(store.blob_in_repo("a/b", &d).unwrap(), Some(5));
+        assert_eq!(store.blob_in_repo("other", &d).unwrap(), None);
+        assert!(store.mount_blob("other", "a/b", &d).unwrap());
+        assert!(!store.mount_blob("third", "nowhere", &d).unwrap());
+        d
+    };
+    let store = Store::open(dir.path(), true).unwrap();
+    assert_eq!(store.blob_in_repo("other", &d).unwrap(), Some(5));
+    assert_eq!(std::fs::read(store.blob_path(&d)).unwrap(), b"hello");
+    assert!(store.fsck().unwrap().is_clean());
+}
+
+#[test]
+fn manifest_with_missing_blob_is_refused_and_gc_keeps_tagged_content() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), true).unwrap();
+    let layer = put_blob(&store, "r", b"layer");
+    let lonely = put_blob(&store, "r", b"unreferenced");
+    let missing = format!("sha256:{}", "0".repeat(64));
+    let bad = manifest("r", vec![missing.clone()], Some("x"), b"{\"bad\":1}");
+    assert!(matches!(store.put_manifest(&bad), Err(StoreError::MissingRef(m)) if m == missing));
+    let good = manifest("r", vec![layer.clone()], Some("v1"), b"{\"good\":1}");
+    store.put_manifest(&good).unwrap();
+    let untagged = manifest("r", vec![layer.clone()], None, b"{\"untagged\":1}");
+    store.put_manifest(&untagged).unwrap();
+
+    let dry = store.gc(-1, true).unwrap();
+    assert_eq!(dry.blobs, vec![lonely.clone()]);
+    assert!(store.blob_path(&lonely).exists());
+
+    let report = store.gc(-1, false).unwrap();
+    assert_eq!(report.blobs, vec![lonely.clone()]);
+    assert_eq!(report.manifests, vec![format!("r@{}", untagged.digest)]);
+    assert!(!store.blob_path(&lonely).exists());
+    assert!(store.blob_path(&layer).exists());
+    let tagged = store
+        .get_manifest("r", &Reference::Tag("v1".into()))
+        .unwrap()
+        .unwrap();
+    assert_eq!(tagged.digest, good.digest);
+    assert!(store.fsck().unwrap().is_clean());
+}
+
+#[test]
+fn fsck_reports_a_corrupted_blob() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), true).unwrap();
+    let d = put_blob(&store, "r", b"original");
+    std::fs::write(store.blob_path(&d), b"tampered").unwrap();
+    let report = store.fsck().unwrap();
+    assert_eq!(report.issues.len(), 1);
+    assert_eq!(report.issues[0].kind, "blob-digest");
+}
+
+#[test]
+fn tags_and_repositories_paginate_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), true).unwrap();
+    let layer = put_blob(&store, "r", b"l");
+    for (i, t) in ["b", "a", "c"].iter().enumerate() {
+        let m = manifest("r", vec![layer.clone()], Some(t), format!("{{\"i\":{i}}}").as_bytes());
+        store.put_manifest(&m).unwrap();
+    }
+    assert_eq!(store.list_tags("r", Some(2), None).unwrap().unwrap(), vec!["a", "b"]);
+    assert_eq!(store.list_tags("r", Some(2), Some("b")).unwrap().unwrap(), vec!["c"]);
+    assert_eq!(store.list_tags("nope", None, None).unwrap(), None);
+    put_blob(&store, "a/z", b"x");
+    assert_eq!(store.list_repositories(None, None).unwrap(), vec!["a/z", "r"]);
+    assert_eq!(store.list_repositories(Some(1), Some("a/z")).unwrap(), vec!["r"]);
+}

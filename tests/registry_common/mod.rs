@@ -1,0 +1,158 @@
+//! Helpers shared by the `registry_*` integration tests.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use sha2::{Digest, Sha256};
+
+pub use acr_task::registry::{start, RegistryConfig, RunningRegistry};
+
+pub fn digest(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+}
+
+/// An in-process registry on a free loopback port, with its data in `dir`.
+pub async fn start_in(dir: &Path) -> RunningRegistry {
+    start(RegistryConfig {
+        data_dir: dir.to_path_buf(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+    })
+    .await
+    .unwrap()
+}
+
+pub fn base(r: &RunningRegistry) -> String {
+    format!("http://{}", r.addr())
+}
+
+/// Tools these tests drive must be installed; a missing one is a failure, not a skip.
+pub fn require_tool(tool: &str, hint: &str) {
+    let ok = Command::new(tool)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "`{tool}` is required by this test and was not found: {hint}");
+}
+
+pub fn require_docker() {
+    require_tool("docker", "install the docker CLI (docker.io)");
+    let out = Command::new("docker")
+        .args(["version", "--format", "{{.Server.Version}}"])
+        .output()
+        .expect("running docker");
+    assert!(
+        out.status.success(),
+        "the Docker Engine is required by this test and is not reachable: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Run a command, panic with its output if it fails; return stdout.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// Make a local image `reference` (no pull possible here): a root filesystem holding the
+/// host's static busybox plus a marker file, imported with `docker import`.
+pub fn make_busybox_image(reference: &str, marker: &str) {
+    let busybox = Path::new("/bin/busybox");
+    assert!(
+        busybox.exists(),
+        "/bin/busybox is required (apt-get install -y busybox-static)"
+    );
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(root.path().join("bin")).unwrap();
+    std::fs::copy(busybox, root.path().join("bin/busybox")).unwrap();
+    std::fs::write(root.path().join("marker"), marker).unwrap();
+    let tar = tempfile::NamedTempFile::new().unwrap();
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(root.path())
+        .arg("-cf")
+        .arg(tar.path())
+        .arg("."));
+    run(Command::new("docker")
+        .args(["import", "--change", "CMD [\"/bin/busybox\",\"cat\",\"/marker\"]"])
+        .arg(tar.path())
+        .arg(reference));
+}
+
+/// `acr-task serve --registry-only` as a child process; returns it with its address.
+pub fn spawn_server(data: &Path) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_acr-task"))
+        .args(["serve", "--registry-only", "--listen", "127.0.0.1:0", "--data"])
+        .arg(data)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawning acr-task serve");
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line from serve: {line:?}"))
+        .to_string();
+    (child, addr)
+}
+
+/// Push one blob monolithically (`POST ?digest=`).
+pub async fn push_blob(c: &reqwest::Client, base: &str, repo: &str, data: &[u8]) -> String {
+    let d = digest(data);
+    let r = c
+        .post(format!("{base}/v2/{repo}/blobs/uploads/?digest={d}"))
+        .body(data.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    d
+}
+
+/// An OCI image manifest over a config and layers (digest, size).
+pub fn image_manifest(config: (&str, usize), layers: &[(&str, usize)]) -> serde_json::Value {
+    serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config.0, "size": config.1},
+        "layers": layers.iter().map(|(d, s)| serde_json::json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d, "size": s
+        })).collect::<Vec<_>>()
+    })
+}
+
+pub async fn put_manifest(
+    c: &reqwest::Client,
+    base: &str,
+    repo: &str,
+    reference: &str,
+    media_type: &str,
+    body: &[u8],
+) -> reqwest::Response {
+    c.put(format!("{base}/v2/{repo}/manifests/{reference}"))
+        .header("content-type", media_type)
+        .body(body.to_vec())
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The `code` of the first error in a spec error body.
+pub async fn error_code(r: reqwest::Response) -> String {
+    let v: serde_json::Value = r.json().await.unwrap();
+    v["errors"][0]["code"].as_str().unwrap_or_default().to_string()
+}
