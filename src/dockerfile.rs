@@ -36,7 +36,9 @@ pub fn base_images(dockerfile: &str, build_args: &BTreeMap<String, String>) -> V
                 } else {
                     stages.push(String::new());
                 }
-                let is_stage = stages[..stages.len() - 1].iter().any(|s| *s == image.to_ascii_lowercase());
+                let is_stage = stages[..stages.len() - 1]
+                    .iter()
+                    .any(|s| *s == image.to_ascii_lowercase());
                 if !is_stage && image != "scratch" && !out.contains(&image) {
                     out.push(image);
                 }
@@ -120,9 +122,15 @@ mod tests {
                   FROM --platform=linux/amd64 build AS test\nFROM registry:5000/app/run:1 \\\n  AS final\n\
                   COPY --from=build /x /x\nFROM scratch\n";
         let mut args = BTreeMap::new();
-        assert_eq!(base_images(df, &args), vec!["busybox:latest", "registry:5000/app/run:1"]);
+        assert_eq!(
+            base_images(df, &args),
+            vec!["busybox:latest", "registry:5000/app/run:1"]
+        );
         args.insert("TAG".into(), "1.36".into());
         args.insert("BASE".into(), "runner".into());
-        assert_eq!(base_images(df, &args), vec!["runner:1.36", "registry:5000/app/run:1"]);
+        assert_eq!(
+            base_images(df, &args),
+            vec!["runner:1.36", "registry:5000/app/run:1"]
+        );
     }
 }

@@ -21,6 +21,8 @@ pub enum SourceError {
         pattern: String,
         reason: String,
     },
+    #[error("git context {url}: {reason}")]
+    Git { url: String, reason: String },
     #[error("build context {0} is not a directory")]
     NotADirectory(PathBuf),
 }
@@ -94,7 +96,9 @@ impl DockerIgnore {
 }
 
 fn parents(rel: &str) -> impl Iterator<Item = &str> {
-    rel.char_indices().filter(|(_, c)| *c == '/').map(move |(i, _)| &rel[..i])
+    rel.char_indices()
+        .filter(|(_, c)| *c == '/')
+        .map(move |(i, _)| &rel[..i])
 }
 
 /// Writes a tar of `dir` (without what `.dockerignore` excludes) to `out`.
@@ -139,17 +143,61 @@ pub fn tar_context<W: Write>(dir: &Path, dockerfile: &str, out: W) -> Result<W, 
     builder.into_inner().map_err(io_err(dir))
 }
 
+/// The commit and branch of the git checkout holding `dir`, when there is one.
+pub fn git_head(dir: &Path) -> Option<(String, String)> {
+    let repo = git2::Repository::discover(dir).ok()?;
+    let head = repo.head().ok()?;
+    let commit = head.peel_to_commit().ok()?.id().to_string();
+    let branch = if head.is_branch() {
+        head.shorthand().unwrap_or_default().to_string()
+    } else {
+        String::new()
+    };
+    Some((commit, branch))
+}
+
+/// Clones `url` into `dest` and checks out `reference` (a branch, tag or commit; the remote
+/// HEAD when empty). Returns the commit checked out.
+pub fn fetch_git(url: &str, reference: &str, dest: &Path) -> Result<String, SourceError> {
+    let git = |e: git2::Error| SourceError::Git {
+        url: url.to_string(),
+        reason: e.message().to_string(),
+    };
+    let repo = git2::Repository::clone(url, dest).map_err(git)?;
+    if !reference.is_empty() {
+        let object = repo
+            .revparse_single(&format!("origin/{reference}"))
+            .or_else(|_| repo.revparse_single(reference))
+            .map_err(git)?;
+        repo.checkout_tree(&object, Some(git2::build::CheckoutBuilder::new().force()))
+            .map_err(git)?;
+        repo.set_head_detached(object.peel_to_commit().map_err(git)?.id())
+            .map_err(git)?;
+    }
+    let commit = repo.head().and_then(|h| h.peel_to_commit()).map_err(git)?;
+    Ok(commit.id().to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn dockerignore_follows_docker_rules() {
-        let ig = DockerIgnore::parse("# comment\n*.log\n/target\n**/secret.txt\nnode_modules\n!keep.log\n").unwrap();
+        let ig = DockerIgnore::parse(
+            "# comment\n*.log\n/target\n**/secret.txt\nnode_modules\n!keep.log\n",
+        )
+        .unwrap();
         assert!(ig.is_excluded("a.log"));
-        assert!(!ig.is_excluded("sub/a.log"), "patterns are anchored at the root");
+        assert!(
+            !ig.is_excluded("sub/a.log"),
+            "patterns are anchored at the root"
+        );
         assert!(!ig.is_excluded("keep.log"), "! re-includes");
-        assert!(ig.is_excluded("target/debug/x"), "children of excluded dirs");
+        assert!(
+            ig.is_excluded("target/debug/x"),
+            "children of excluded dirs"
+        );
         assert!(ig.is_excluded("deep/er/secret.txt"));
         assert!(ig.is_excluded("secret.txt"));
         assert!(ig.is_excluded("node_modules"));
@@ -171,6 +219,40 @@ mod tests {
             .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
             .collect();
         names.sort();
-        assert_eq!(names, vec![".dockerignore", "Dockerfile", "app", "app/main.sh"]);
+        assert_eq!(
+            names,
+            vec![".dockerignore", "Dockerfile", "app", "app/main.sh"]
+        );
+    }
+
+    #[test]
+    fn fetch_git_checks_out_the_named_ref() {
+        let origin = tempfile::tempdir().unwrap();
+        let repo = git2::Repository::init(origin.path()).unwrap();
+        let sig = git2::Signature::now("t", "t@example.com").unwrap();
+        let mut commit_file = |content: &str, parents: &[&git2::Commit]| {
+            std::fs::write(origin.path().join("f.txt"), content).unwrap();
+            let mut idx = repo.index().unwrap();
+            idx.add_path(Path::new("f.txt")).unwrap();
+            let tree = repo.find_tree(idx.write_tree().unwrap()).unwrap();
+            let id = repo
+                .commit(Some("HEAD"), &sig, &sig, content, &tree, parents)
+                .unwrap();
+            repo.find_commit(id).unwrap()
+        };
+        let first = commit_file("one", &[]);
+        let _second = commit_file("two", &[&first]);
+        let dest = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", origin.path().display());
+        let got = fetch_git(&url, &first.id().to_string(), &dest.path().join("c")).unwrap();
+        assert_eq!(got, first.id().to_string());
+        assert_eq!(
+            std::fs::read_to_string(dest.path().join("c/f.txt")).unwrap(),
+            "one"
+        );
+        assert_eq!(
+            git_head(&dest.path().join("c")).unwrap().0,
+            first.id().to_string()
+        );
     }
 }

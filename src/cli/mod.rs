@@ -2,6 +2,7 @@
 //! lives in its own file and owns its argument struct.
 
 mod registry;
+mod render;
 mod run;
 pub mod validate;
 

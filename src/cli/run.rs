@@ -1,9 +1,20 @@
 //! `acr-task run`, `acr-task build`, `acr-task runner`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
-use super::Output;
+use anyhow::Context as _;
+use tokio_util::sync::CancellationToken;
+
+use super::render::{summary, Renderer};
+use super::{validate, Output};
+use crate::exec::{self, RunConfig, RunReport};
+use crate::plan::Plan;
+use crate::registry::{RegistryConfig, RunningRegistry};
+use crate::runtime::docker::DockerRuntime;
+use crate::runtime::runner;
+use crate::task::{RunInfo, Step, Task};
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -57,18 +68,297 @@ pub struct BuildArgs {
 #[derive(Debug, clap::Subcommand)]
 pub enum RunnerCmd {
     /// Build the busybox runner image from the host's busybox-static.
-    Build,
+    Build {
+        /// Also push it to this registry (`HOST:PORT`) as `HOST:PORT/runner:latest`.
+        #[arg(long)]
+        registry: Option<String>,
+    },
+}
+
+fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// A short, sortable, unique run id: seconds since 2020 in base 36 plus 3 random chars.
+fn new_run_id() -> String {
+    const B36: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut secs = chrono::Utc::now().timestamp().saturating_sub(1_577_836_800) as u64;
+    let mut s = Vec::new();
+    while secs > 0 {
+        s.push(B36[(secs % 36) as usize]);
+        secs /= 36;
+    }
+    s.reverse();
+    let r = uuid::Uuid::new_v4().as_u128();
+    for i in 0..3 {
+        s.push(B36[((r >> (i * 8)) % 36) as usize]);
+    }
+    format!("r{}", String::from_utf8_lossy(&s))
+}
+
+/// The registry to push to: the one named, or the integrated one started in-process.
+async fn registry_for(
+    named: Option<String>,
+    data: Option<PathBuf>,
+) -> anyhow::Result<(String, Option<RunningRegistry>)> {
+    match named {
+        Some(r) => Ok((r, None)),
+        None => {
+            let data_dir = data
+                .unwrap_or_else(super::default_data_dir)
+                .join("registry");
+            let reg = crate::registry::start(RegistryConfig {
+                data_dir: data_dir.clone(),
+                listen: "127.0.0.1:0".parse().context("loopback address")?,
+            })
+            .await
+            .with_context(|| {
+                format!("starting the integrated registry in {}", data_dir.display())
+            })?;
+            Ok((reg.addr().to_string(), Some(reg)))
+        }
+    }
+}
+
+fn run_info(
+    run_id: &str,
+    task_file: &Path,
+    registry: &str,
+    context: &Path,
+    cfg: &RunConfig,
+) -> RunInfo {
+    let mut info = RunInfo::placeholder(task_file);
+    info.id = run_id.to_string();
+    info.registry = registry.to_string();
+    info.registry_name = registry.split(':').next().unwrap_or(registry).to_string();
+    info.shared_volume = cfg.shared_volume.clone();
+    if let Some((commit, branch)) = crate::source::git_head(context) {
+        info.commit = commit;
+        info.branch = branch;
+    }
+    info
+}
+
+/// Cancels on Ctrl-C or SIGTERM, so a run always tears down what it made.
+fn cancel_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term => {},
+        }
+        eprintln!(
+            "interrupted: canceling the run and removing its containers, networks and volumes"
+        );
+        t.cancel();
+    });
+    token
+}
+
+/// Runs a loaded task on Docker, rendering events; returns the report.
+async fn execute(
+    task: Task,
+    plan: Plan,
+    cfg: RunConfig,
+    output: Output,
+) -> anyhow::Result<RunReport> {
+    let rt = Arc::new(DockerRuntime::connect().await?);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let renderer = Renderer::new(&task, output != Output::Json);
+    let render = tokio::spawn(renderer.drive(rx));
+    let cancel = cancel_on_signals();
+    let report = exec::execute(rt, Arc::new(task), Arc::new(plan), cfg, tx, cancel).await;
+    let _ = render.await;
+    Ok(report)
+}
+
+fn print_report(report: &RunReport, output: Output) -> anyhow::Result<ExitCode> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(report)?),
+        _ => println!("\n{}", summary(report)),
+    }
+    Ok(if report.succeeded() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// The context directory: a local path, or `GIT_URL#ref` cloned into `scratch`.
+fn resolve_context(
+    context: Option<&str>,
+    task_file: &Path,
+    scratch: &Path,
+) -> anyhow::Result<PathBuf> {
+    match context {
+        None => Ok(task_file
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf()),
+        Some(c) if c.contains("://") || c.starts_with("git@") => {
+            let (url, reference) = c.split_once('#').unwrap_or((c, ""));
+            let dest = scratch.join("context");
+            crate::source::fetch_git(url, reference, &dest)?;
+            Ok(dest)
+        }
+        Some(dir) => {
+            let p = PathBuf::from(dir);
+            anyhow::ensure!(p.is_dir(), "context {dir} is not a directory");
+            Ok(p)
+        }
+    }
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let _ = args;
-    anyhow::bail!("not yet")
+    let scratch = tempfile::tempdir().context("creating a temp dir")?;
+    let context = resolve_context(args.context.as_deref(), &args.file, scratch.path())?;
+    let context = std::fs::canonicalize(&context)
+        .with_context(|| format!("context {}", context.display()))?;
+    // With a git context, a task file that is not on disk is looked up inside it, as ACR does.
+    let file = if !args.file.exists() && args.context.is_some() {
+        context.join(&args.file)
+    } else {
+        args.file.clone()
+    };
+    let run_id = new_run_id();
+    let cfg = RunConfig::for_run(&run_id, context.clone(), args.max_parallel);
+    if args.dry_run {
+        let registry = args
+            .registry
+            .clone()
+            .unwrap_or_else(|| "localhost:5000".into());
+        let info = run_info(&run_id, &file, &registry, &context, &cfg);
+        return Ok(validate::dry_run(
+            &file,
+            args.values.as_deref(),
+            &args.set,
+            &info,
+            args.output,
+        ));
+    }
+    tokio_runtime()?.block_on(async {
+        let (registry, integrated) = registry_for(args.registry.clone(), args.data.clone()).await?;
+        let info = run_info(&run_id, &file, &registry, &context, &cfg);
+        let loaded = validate::load(&file, args.values.as_deref(), &args.set, &info);
+        let result = match loaded {
+            Err(d) => {
+                validate::print_diagnostics(&d, args.output);
+                Ok(ExitCode::FAILURE)
+            }
+            Ok((task, plan)) => match execute(task, plan, cfg, args.output).await {
+                Ok(report) => print_report(&report, args.output),
+                Err(e) => Err(e),
+            },
+        };
+        if let Some(reg) = integrated {
+            reg.shutdown().await;
+        }
+        result
+    })
 }
+
+/// Quotes a word for the step command line (parsed back by `exec::args::split_words`).
+fn quote(word: &str) -> String {
+    if !word.is_empty()
+        && word
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:=@%+,".contains(c))
+    {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
+}
+
+/// The quick task as a two-step task: build with every tag, then push them.
+pub fn quick_task(registry: &str, args: &BuildArgs) -> Task {
+    let images: Vec<String> = args
+        .tags
+        .iter()
+        .map(|t| format!("{registry}/{t}"))
+        .collect();
+    let mut build: Vec<String> = Vec::new();
+    for i in &images {
+        build.push(format!("-t {}", quote(i)));
+    }
+    if let Some(f) = &args.dockerfile {
+        build.push(format!("-f {}", quote(f)));
+    }
+    for a in &args.build_args {
+        build.push(format!("--build-arg {}", quote(a)));
+    }
+    build.push(".".into());
+    let steps = vec![
+        Step {
+            id: "build".into(),
+            build: Some(build.join(" ")),
+            ..Default::default()
+        },
+        Step {
+            id: "push".into(),
+            push: Some(images),
+            ..Default::default()
+        },
+    ];
+    Task {
+        version: crate::task::DEFAULT_VERSION.into(),
+        alias: None,
+        step_timeout: crate::task::DEFAULT_STEP_TIMEOUT,
+        total_timeout: crate::task::DEFAULT_TOTAL_TIMEOUT,
+        working_directory: None,
+        env: Vec::new(),
+        secrets: Vec::new(),
+        networks: Vec::new(),
+        volumes: Vec::new(),
+        steps,
+    }
+}
+
 pub fn build(args: BuildArgs) -> anyhow::Result<ExitCode> {
-    let _ = args;
-    anyhow::bail!("not yet")
+    let context = std::fs::canonicalize(&args.context)
+        .with_context(|| format!("context {}", args.context.display()))?;
+    let run_id = new_run_id();
+    let cfg = RunConfig::for_run(&run_id, context, 1);
+    tokio_runtime()?.block_on(async {
+        let (registry, integrated) = registry_for(args.registry.clone(), args.data.clone()).await?;
+        let task = quick_task(&registry, &args);
+        let plan = Plan::new(&task)?;
+        let result = execute(task, plan, cfg, args.output)
+            .await
+            .and_then(|r| print_report(&r, args.output));
+        if let Some(reg) = integrated {
+            reg.shutdown().await;
+        }
+        result
+    })
 }
+
 pub fn runner(cmd: RunnerCmd) -> anyhow::Result<ExitCode> {
-    let _ = cmd;
-    anyhow::bail!("not yet")
+    let RunnerCmd::Build { registry } = cmd;
+    tokio_runtime()?.block_on(async {
+        let rt = DockerRuntime::connect().await?;
+        let log: crate::runtime::LogSink = Arc::new(|l: String| eprintln!("{l}"));
+        let id = runner::build_runner(&rt, &log).await?;
+        println!("{} {id}", runner::RUNNER_IMAGE);
+        if let Some(r) = registry {
+            let target = format!("{r}/runner:latest");
+            rt.tag(&id, &target).await?;
+            let digest = crate::runtime::Runtime::push(&rt, &target, &log).await?;
+            println!("{target} {digest}");
+        }
+        Ok(ExitCode::SUCCESS)
+    })
 }

@@ -122,7 +122,9 @@ pub fn parse_build(build: &str) -> Result<BuildArgs, ArgsError> {
         let mut value = |flag: &str| -> Result<String, ArgsError> {
             match &inline {
                 Some(v) => Ok(v.clone()),
-                None => it.next().ok_or_else(|| ArgsError::MissingValue { flag: flag.into() }),
+                None => it
+                    .next()
+                    .ok_or_else(|| ArgsError::MissingValue { flag: flag.into() }),
             }
         };
         match flag.as_str() {
@@ -187,7 +189,13 @@ mod tests {
         assert_eq!(b.platform.as_deref(), Some("linux/amd64"));
         assert_eq!(b.context, ".");
         assert_eq!(parse_build("-t x"), Err(ArgsError::Context(0)));
-        assert_eq!(parse_build("--squash ."), Err(ArgsError::UnknownFlag("--squash".into())));
-        assert_eq!(parse_build(". -t"), Err(ArgsError::MissingValue { flag: "-t".into() }));
+        assert_eq!(
+            parse_build("--squash ."),
+            Err(ArgsError::UnknownFlag("--squash".into()))
+        );
+        assert_eq!(
+            parse_build(". -t"),
+            Err(ArgsError::MissingValue { flag: "-t".into() })
+        );
     }
 }

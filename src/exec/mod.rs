@@ -18,7 +18,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::plan::Plan;
-use crate::runtime::{BuildSpec, ContainerSpec, LogSink, Mount, PullPolicy, Runtime, RUN_LABEL};
+use crate::runtime::{
+    BuildSpec, ContainerSpec, LogSink, Mount, PullPolicy, Runtime, RuntimeError, RUN_LABEL,
+};
 use crate::task::{Step, StepKind, Task, DEFAULT_NETWORK, WORKSPACE};
 pub use report::*;
 
@@ -76,6 +78,7 @@ pub async fn execute<R: Runtime>(
         labels,
         events,
         network: Mutex::new(cfg.network.clone()),
+        provisioning: tokio::sync::Mutex::new(()),
         cfg,
     });
     let n = ctx.task.steps.len();
@@ -100,7 +103,9 @@ pub async fn execute<R: Runtime>(
         error,
         steps,
     };
-    let _ = ctx.events.send(Event::RunFinished { report: report.clone() });
+    let _ = ctx.events.send(Event::RunFinished {
+        report: report.clone(),
+    });
     report
 }
 
@@ -132,7 +137,13 @@ fn skipped(step: &Step) -> StepReport {
 fn container_name(run_id: &str, step_id: &str) -> String {
     let clean: String = step_id
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "_.-".contains(c) { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "_.-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     format!("{run_id}_{clean}")
 }
@@ -186,11 +197,16 @@ struct Ctx<R> {
     events: UnboundedSender<Event>,
     /// The network steps join when they name none (a task network marked `isDefault` wins).
     network: Mutex<String>,
+    /// Serialises on-demand runner builds between parallel steps.
+    provisioning: tokio::sync::Mutex<()>,
 }
 
 impl<R: Runtime> Ctx<R> {
     fn default_network(&self) -> String {
-        self.network.lock().map(|n| n.clone()).unwrap_or_else(|p| p.into_inner().clone())
+        self.network
+            .lock()
+            .map(|n| n.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
     }
 
     fn volume_name(&self, name: &str) -> String {
@@ -216,26 +232,40 @@ impl<R: Runtime> Ctx<R> {
                     *n = name;
                 }
             }
-            None => self.rt.create_network(&self.cfg.network, None, false, &self.labels).await?,
+            None => {
+                self.rt
+                    .create_network(&self.cfg.network, None, false, &self.labels)
+                    .await?
+            }
         }
-        self.rt.create_volume(&self.cfg.shared_volume, &self.labels).await?;
         self.rt
-            .fill_volume(&self.cfg.shared_volume, Some(&self.cfg.context_dir), &BTreeMap::new(), &self.labels)
+            .create_volume(&self.cfg.shared_volume, &self.labels)
+            .await?;
+        self.rt
+            .fill_volume(
+                &self.cfg.shared_volume,
+                Some(&self.cfg.context_dir),
+                &BTreeMap::new(),
+                &self.labels,
+            )
             .await?;
         for vol in &self.task.volumes {
             let name = self.volume_name(&vol.name);
             self.rt.create_volume(&name, &self.labels).await?;
             let mut files = BTreeMap::new();
             for (file, b64) in &vol.secret {
-                let data = base64_decode(b64).ok_or_else(|| crate::runtime::RuntimeError::Invalid {
-                    what: "volume secret",
-                    value: format!("{}/{}", vol.name, file),
-                    reason: "not valid base64".into(),
-                })?;
+                let data =
+                    base64_decode(b64).ok_or_else(|| crate::runtime::RuntimeError::Invalid {
+                        what: "volume secret",
+                        value: format!("{}/{}", vol.name, file),
+                        reason: "not valid base64".into(),
+                    })?;
                 files.insert(file.clone(), data);
             }
             if !files.is_empty() {
-                self.rt.fill_volume(&name, None, &files, &self.labels).await?;
+                self.rt
+                    .fill_volume(&name, None, &files, &self.labels)
+                    .await?;
             }
         }
         Ok(())
@@ -268,7 +298,9 @@ impl<R: Runtime> Ctx<R> {
                     if set.len() >= self.cfg.max_parallel {
                         break;
                     }
-                    if state[i] == St::Pending && plan.deps(i).iter().all(|d| state[*d] == St::Done(true)) {
+                    if state[i] == St::Pending
+                        && plan.deps(i).iter().all(|d| state[*d] == St::Done(true))
+                    {
                         state[i] = St::Running;
                         let ctx = Arc::clone(self);
                         let c = steps_cancel.clone();
@@ -332,13 +364,18 @@ impl<R: Runtime> Ctx<R> {
         let timeout = Duration::from_secs(step.effective_timeout(&self.task));
         let name = container_name(&self.cfg.run_id, &step.id);
         let log = self.log_sink(i);
-        if step.start_delay > 0 && !sleep_or_cancel(Duration::from_secs(step.start_delay), &cancel).await {
+        if step.start_delay > 0
+            && !sleep_or_cancel(Duration::from_secs(step.start_delay), &cancel).await
+        {
             last = Attempt::with(Status::Canceled, Some("canceled".into()));
         } else {
             'repeat: for _ in 0..=step.repeat {
                 for retry in 0..=step.retries {
                     attempts += 1;
-                    let _ = self.events.send(Event::StepStarted { step: i, attempt: attempts });
+                    let _ = self.events.send(Event::StepStarted {
+                        step: i,
+                        attempt: attempts,
+                    });
                     last = tokio::select! {
                         r = tokio::time::timeout(timeout, self.attempt(step, &name, &log)) => match r {
                             Ok(a) => a,
@@ -356,7 +393,10 @@ impl<R: Runtime> Ctx<R> {
                         break;
                     }
                     if retry < step.retries {
-                        log(format!("attempt {attempts} failed; retrying in {} s", step.retry_delay));
+                        log(format!(
+                            "attempt {attempts} failed; retrying in {} s",
+                            step.retry_delay
+                        ));
                         if !sleep_or_cancel(Duration::from_secs(step.retry_delay), &cancel).await {
                             last = Attempt::with(Status::Canceled, Some("canceled".into()));
                             break 'repeat;
@@ -368,7 +408,8 @@ impl<R: Runtime> Ctx<R> {
                 }
             }
         }
-        let ignored_error = step.ignore_errors && matches!(last.status, Status::Failed | Status::TimedOut);
+        let ignored_error =
+            step.ignore_errors && matches!(last.status, Status::Failed | Status::TimedOut);
         StepReport {
             id: step.id.clone(),
             kind: kind_name(step),
@@ -392,10 +433,19 @@ impl<R: Runtime> Ctx<R> {
         }
     }
 
-    fn container_spec(&self, step: &Step, name: &str, image: String, args: Vec<String>) -> ContainerSpec {
+    fn container_spec(
+        &self,
+        step: &Step,
+        name: &str,
+        image: String,
+        args: Vec<String>,
+    ) -> ContainerSpec {
         let mut env = self.task.env.clone();
         env.extend(step.env.iter().cloned());
-        let wd = step.working_directory.clone().or_else(|| self.task.working_directory.clone());
+        let wd = step
+            .working_directory
+            .clone()
+            .or_else(|| self.task.working_directory.clone());
         let working_dir = match wd {
             Some(w) if w.starts_with('/') => Some(w),
             Some(w) => Some(format!("{WORKSPACE}/{w}")),
@@ -423,7 +473,11 @@ impl<R: Runtime> Ctx<R> {
             });
         }
         // Kept containers outlive the run, so they must escape the run's cleanup sweep.
-        let labels = if step.keep { BTreeMap::new() } else { self.labels.clone() };
+        let labels = if step.keep {
+            BTreeMap::new()
+        } else {
+            self.labels.clone()
+        };
         ContainerSpec {
             name: name.to_string(),
             image,
@@ -448,8 +502,12 @@ impl<R: Runtime> Ctx<R> {
             Ok(x) => x,
             Err(e) => return Attempt::failed(e),
         };
-        let policy = if step.pull { PullPolicy::Always } else { PullPolicy::Missing };
-        if let Err(e) = self.rt.ensure_image(&image, policy, log).await {
+        let policy = if step.pull {
+            PullPolicy::Always
+        } else {
+            PullPolicy::Missing
+        };
+        if let Err(e) = self.ensure_image(&image, policy, log).await {
             return Attempt::failed(format!("step {}: {e}", step.id));
         }
         // Leftovers of an earlier attempt would block the name.
@@ -465,7 +523,11 @@ impl<R: Runtime> Ctx<R> {
             Ok(code) => {
                 let ok = exit_ok(step, code);
                 Attempt {
-                    status: if ok { Status::Succeeded } else { Status::Failed },
+                    status: if ok {
+                        Status::Succeeded
+                    } else {
+                        Status::Failed
+                    },
                     exit_code: Some(code),
                     error: (!ok).then(|| format!("exited with code {code}")),
                     pushed: Vec::new(),
@@ -476,13 +538,46 @@ impl<R: Runtime> Ctx<R> {
         }
     }
 
+    /// Like `Runtime::ensure_image`, but makes runner images (`busybox`) from the local
+    /// recipe when the engine lacks them and no registry has them.
+    async fn ensure_image(
+        &self,
+        image: &str,
+        policy: PullPolicy,
+        log: &LogSink,
+    ) -> Result<(), RuntimeError> {
+        match self.rt.ensure_image(image, policy, log).await {
+            Err(RuntimeError::ImageNotFound { .. })
+                if crate::runtime::runner::is_runner_image(image) =>
+            {
+                let _guard = self.provisioning.lock().await;
+                if self
+                    .rt
+                    .image_label(image, crate::runtime::runner::RUNNER_LABEL)
+                    .await?
+                    .is_none()
+                {
+                    log(format!(
+                        "{image} not found: building it from the host's busybox (runners/busybox)"
+                    ));
+                    crate::runtime::runner::build_runner(self.rt.as_ref(), log).await?;
+                }
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
     async fn build(&self, step: &Step, build: &str, log: &LogSink) -> Attempt {
         let b = match args::parse_build(build) {
             Ok(b) => b,
             Err(e) => return Attempt::failed(e),
         };
         if b.context.contains("://") || b.context.starts_with("git@") {
-            return Attempt::failed(format!("remote build context `{}` is not supported; use a path in the context", b.context));
+            return Attempt::failed(format!(
+                "remote build context `{}` is not supported; use a path in the context",
+                b.context
+            ));
         }
         let root = &self.cfg.context_dir;
         let context_dir = root.join(&b.context);
@@ -503,9 +598,22 @@ impl<R: Runtime> Ctx<R> {
         };
         let text = match tokio::fs::read_to_string(&dockerfile_path).await {
             Ok(t) => t,
-            Err(e) => return Attempt::failed(format!("cannot read {}: {e}", dockerfile_path.display())),
+            Err(e) => {
+                return Attempt::failed(format!("cannot read {}: {e}", dockerfile_path.display()))
+            }
         };
         let bases = crate::dockerfile::base_images(&text, &b.build_args);
+        // Fetch (or make) base images first: a missing one then names itself and the step.
+        for image in &bases {
+            let policy = if b.pull || step.pull {
+                PullPolicy::Always
+            } else {
+                PullPolicy::Missing
+            };
+            if let Err(e) = self.ensure_image(image, policy, log).await {
+                return Attempt::failed(format!("step {}: base image: {e}", step.id));
+            }
+        }
         let spec = BuildSpec {
             context_dir,
             dockerfile,

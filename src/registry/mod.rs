@@ -184,10 +184,12 @@ pub async fn start(cfg: RegistryConfig) -> Result<RunningRegistry, RegistryError
             addr: cfg.listen,
             source,
         })?;
-    let addr = listener.local_addr().map_err(|source| RegistryError::Bind {
-        addr: cfg.listen,
-        source,
-    })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| RegistryError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let app = router(registry.clone());
     let task = tokio::spawn(async move {

@@ -4,18 +4,20 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use bollard::models::{
-    ContainerCreateBody, EndpointSettings, HostConfig, NetworkCreateRequest, NetworkingConfig, PortBinding,
-    VolumeCreateRequest,
+    ContainerCreateBody, EndpointSettings, HostConfig, NetworkCreateRequest, NetworkingConfig,
+    PortBinding, VolumeCreateRequest,
 };
 use bollard::query_parameters::{
-    AttachContainerOptions, BuildImageOptions, CreateContainerOptions, CreateImageOptions, ListContainersOptions,
-    ListNetworksOptions, ListVolumesOptions, LogsOptions, PushImageOptions, RemoveContainerOptions,
-    RemoveVolumeOptions, TagImageOptions, UploadToContainerOptions,
+    AttachContainerOptions, BuildImageOptions, CreateContainerOptions, CreateImageOptions,
+    ListContainersOptions, ListNetworksOptions, ListVolumesOptions, LogsOptions, PushImageOptions,
+    RemoveContainerOptions, RemoveVolumeOptions, TagImageOptions, UploadToContainerOptions,
 };
 use bollard::Docker;
 use futures_util::StreamExt;
 
-use super::{BuildOutput, BuildSpec, ContainerSpec, LogSink, PullPolicy, Runtime, RuntimeError, RUN_LABEL};
+use super::{
+    BuildOutput, BuildSpec, ContainerSpec, LogSink, PullPolicy, Runtime, RuntimeError, RUN_LABEL,
+};
 
 /// An image with no files, used to hold volumes while files are copied into them.
 const SCRATCH_IMAGE: &str = "acr-task/scratch:1";
@@ -32,7 +34,13 @@ fn engine(e: bollard::errors::Error) -> RuntimeError {
 }
 
 fn is_not_found(e: &bollard::errors::Error) -> bool {
-    matches!(e, bollard::errors::Error::DockerResponseServerError { status_code: 404, .. })
+    matches!(
+        e,
+        bollard::errors::Error::DockerResponseServerError {
+            status_code: 404,
+            ..
+        }
+    )
 }
 
 fn hashmap(labels: &BTreeMap<String, String>) -> HashMap<String, String> {
@@ -52,16 +60,36 @@ impl DockerRuntime {
     /// Connects as the `docker` CLI does (`DOCKER_HOST` or the local socket), agrees on an
     /// API version the engine supports, and checks that it answers.
     pub async fn connect() -> Result<DockerRuntime, RuntimeError> {
-        let host = std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".to_string());
+        let host = std::env::var("DOCKER_HOST")
+            .unwrap_or_else(|_| "unix:///var/run/docker.sock".to_string());
         let unreachable = |reason: String| RuntimeError::Unreachable {
             host: host.clone(),
             reason,
         };
         let docker = Docker::connect_with_defaults().map_err(|e| unreachable(e.to_string()))?;
-        let docker = docker.negotiate_version().await.map_err(|e| unreachable(e.to_string()))?;
+        let docker = docker
+            .negotiate_version()
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
         let rt = DockerRuntime { docker };
-        rt.docker.ping().await.map_err(|e| unreachable(e.to_string()))?;
+        rt.docker
+            .ping()
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
         Ok(rt)
+    }
+
+    /// Adds a `name:tag` to an image.
+    pub async fn tag(&self, image: &str, target: &str) -> Result<(), RuntimeError> {
+        let (repo, tag) = split_tag(target);
+        let opts = TagImageOptions {
+            repo: Some(repo.into()),
+            tag: Some(tag.unwrap_or("latest").into()),
+        };
+        self.docker
+            .tag_image(image, Some(opts))
+            .await
+            .map_err(engine)
     }
 
     pub fn client(&self) -> &Docker {
@@ -80,7 +108,9 @@ impl DockerRuntime {
         if self.image_present(SCRATCH_IMAGE).await? {
             return Ok(());
         }
-        let empty_tar = tar::Builder::new(Vec::new()).into_inner().map_err(|e| RuntimeError::Engine(e.to_string()))?;
+        let empty_tar = tar::Builder::new(Vec::new())
+            .into_inner()
+            .map_err(|e| RuntimeError::Engine(e.to_string()))?;
         let (repo, tag) = split_tag(SCRATCH_IMAGE);
         let opts = CreateImageOptions {
             from_src: Some("-".into()),
@@ -88,7 +118,9 @@ impl DockerRuntime {
             tag: tag.map(str::to_string),
             ..Default::default()
         };
-        let mut s = self.docker.create_image(Some(opts), Some(bollard::body_full(empty_tar.into())), None);
+        let mut s =
+            self.docker
+                .create_image(Some(opts), Some(bollard::body_full(empty_tar.into())), None);
         while let Some(item) = s.next().await {
             item.map_err(engine)?;
         }
@@ -101,15 +133,21 @@ impl DockerRuntime {
         for p in &spec.ports {
             let (host, container) = parse_port(p)?;
             exposed.push(container.clone());
-            port_bindings.entry(container).or_insert_with(|| Some(Vec::new())).get_or_insert_with(Vec::new).push(
-                PortBinding {
+            port_bindings
+                .entry(container)
+                .or_insert_with(|| Some(Vec::new()))
+                .get_or_insert_with(Vec::new)
+                .push(PortBinding {
                     host_ip: host.0,
                     host_port: host.1,
-                },
-            );
+                });
         }
         for e in &spec.expose {
-            exposed.push(if e.contains('/') { e.clone() } else { format!("{e}/tcp") });
+            exposed.push(if e.contains('/') {
+                e.clone()
+            } else {
+                format!("{e}/tcp")
+            });
         }
         let mounts = spec
             .mounts
@@ -144,13 +182,21 @@ impl DockerRuntime {
         });
         Ok(ContainerCreateBody {
             image: Some(spec.image.clone()),
-            cmd: if spec.args.is_empty() { None } else { Some(spec.args.clone()) },
+            cmd: if spec.args.is_empty() {
+                None
+            } else {
+                Some(spec.args.clone())
+            },
             entrypoint: spec.entrypoint.clone(),
             env: Some(spec.env.clone()),
             working_dir: spec.working_dir.clone(),
             user: spec.user.clone(),
             labels: Some(hashmap(&spec.labels)),
-            exposed_ports: if exposed.is_empty() { None } else { Some(exposed) },
+            exposed_ports: if exposed.is_empty() {
+                None
+            } else {
+                Some(exposed)
+            },
             attach_stdout: Some(true),
             attach_stderr: Some(true),
             host_config: Some(HostConfig {
@@ -193,8 +239,14 @@ fn parse_port(p: &str) -> Result<((Option<String>, Option<String>), String), Run
         value: p.into(),
         reason: "expected [ip:]hostPort:containerPort[/proto]".into(),
     };
-    let container = parts.first().filter(|c| c.parse::<u16>().is_ok()).ok_or_else(bad)?;
-    let host = parts.get(1).map(|h| h.to_string()).filter(|h| !h.is_empty());
+    let container = parts
+        .first()
+        .filter(|c| c.parse::<u16>().is_ok())
+        .ok_or_else(bad)?;
+    let host = parts
+        .get(1)
+        .map(|h| h.to_string())
+        .filter(|h| !h.is_empty());
     if let Some(h) = &host {
         h.parse::<u16>().map_err(|_| bad())?;
     }
@@ -243,7 +295,11 @@ impl Runtime for DockerRuntime {
             labels: Some(hashmap(labels)),
             ..Default::default()
         };
-        self.docker.create_network(req).await.map(|_| ()).map_err(engine)
+        self.docker
+            .create_network(req)
+            .await
+            .map(|_| ())
+            .map_err(engine)
     }
 
     async fn remove_network(&self, name: &str) -> Result<(), RuntimeError> {
@@ -253,13 +309,21 @@ impl Runtime for DockerRuntime {
         }
     }
 
-    async fn create_volume(&self, name: &str, labels: &BTreeMap<String, String>) -> Result<(), RuntimeError> {
+    async fn create_volume(
+        &self,
+        name: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), RuntimeError> {
         let req = VolumeCreateRequest {
             name: Some(name.into()),
             labels: Some(hashmap(labels)),
             ..Default::default()
         };
-        self.docker.create_volume(req).await.map(|_| ()).map_err(engine)
+        self.docker
+            .create_volume(req)
+            .await
+            .map(|_| ())
+            .map_err(engine)
     }
 
     async fn remove_volume(&self, name: &str) -> Result<(), RuntimeError> {
@@ -306,9 +370,12 @@ impl Runtime for DockerRuntime {
                     h.set_size(data.len() as u64);
                     h.set_mode(0o644);
                     h.set_cksum();
-                    b.append_data(&mut h, name, &data[..]).map_err(|e| RuntimeError::Engine(e.to_string()))?;
+                    b.append_data(&mut h, name, &data[..])
+                        .map_err(|e| RuntimeError::Engine(e.to_string()))?;
                 }
-                let extra = b.into_inner().map_err(|e| RuntimeError::Engine(e.to_string()))?;
+                let extra = b
+                    .into_inner()
+                    .map_err(|e| RuntimeError::Engine(e.to_string()))?;
                 out.truncate(out.len().saturating_sub(1024));
                 out.extend_from_slice(&extra);
             }
@@ -332,7 +399,12 @@ impl Runtime for DockerRuntime {
         result
     }
 
-    async fn ensure_image(&self, image: &str, policy: PullPolicy, log: &LogSink) -> Result<(), RuntimeError> {
+    async fn ensure_image(
+        &self,
+        image: &str,
+        policy: PullPolicy,
+        log: &LogSink,
+    ) -> Result<(), RuntimeError> {
         if policy == PullPolicy::Missing && self.image_present(image).await? {
             return Ok(());
         }
@@ -373,9 +445,11 @@ impl Runtime for DockerRuntime {
     async fn build(&self, spec: &BuildSpec, log: &LogSink) -> Result<BuildOutput, RuntimeError> {
         let dir = spec.context_dir.clone();
         let dockerfile = spec.dockerfile.clone();
-        let context = tokio::task::spawn_blocking(move || crate::source::tar_context(&dir, &dockerfile, Vec::new()))
-            .await
-            .map_err(|e| RuntimeError::Engine(e.to_string()))??;
+        let context = tokio::task::spawn_blocking(move || {
+            crate::source::tar_context(&dir, &dockerfile, Vec::new())
+        })
+        .await
+        .map_err(|e| RuntimeError::Engine(e.to_string()))??;
         let opts = BuildImageOptions {
             dockerfile: spec.dockerfile.clone(),
             t: spec.tags.first().cloned(),
@@ -383,14 +457,21 @@ impl Runtime for DockerRuntime {
             pull: spec.pull.then(|| "1".to_string()),
             rm: true,
             forcerm: true,
-            buildargs: Some(spec.build_args.iter().map(|(k, v)| (k.clone(), v.clone())).collect()),
+            buildargs: Some(
+                spec.build_args
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            ),
             labels: Some(hashmap(&spec.labels)),
             networkmode: spec.network.clone(),
             platform: spec.platform.clone().unwrap_or_default(),
             target: spec.target.clone().unwrap_or_default(),
             ..Default::default()
         };
-        let mut stream = self.docker.build_image(opts, None, Some(bollard::body_full(context.into())));
+        let mut stream =
+            self.docker
+                .build_image(opts, None, Some(bollard::body_full(context.into())));
         let mut tail: std::collections::VecDeque<String> = std::collections::VecDeque::new();
         let mut image_id = None;
         let mut splitter = LineSplitter { buf: Vec::new() };
@@ -445,12 +526,7 @@ impl Runtime for DockerRuntime {
             }
         };
         for t in spec.tags.iter().skip(1) {
-            let (repo, tag) = split_tag(t);
-            let opts = TagImageOptions {
-                repo: Some(repo.into()),
-                tag: Some(tag.unwrap_or("latest").into()),
-            };
-            self.docker.tag_image(&image_id, Some(opts)).await.map_err(engine)?;
+            self.tag(&image_id, t).await?;
         }
         Ok(BuildOutput { image_id })
     }
@@ -464,8 +540,15 @@ impl Runtime for DockerRuntime {
             logs: true,
             ..Default::default()
         };
-        let attached = self.docker.attach_container(&spec.name, Some(opts)).await.map_err(engine)?;
-        self.docker.start_container(&spec.name, None).await.map_err(engine)?;
+        let attached = self
+            .docker
+            .attach_container(&spec.name, Some(opts))
+            .await
+            .map_err(engine)?;
+        self.docker
+            .start_container(&spec.name, None)
+            .await
+            .map_err(engine)?;
         let mut output = attached.output;
         let mut out = LineSplitter { buf: Vec::new() };
         let mut err = LineSplitter { buf: Vec::new() };
@@ -486,13 +569,23 @@ impl Runtime for DockerRuntime {
             Some(Ok(r)) => Ok(r.status_code),
             Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => Ok(code),
             Some(Err(e)) => Err(engine(e)),
-            None => Err(RuntimeError::Engine(format!("no exit status for container {}", spec.name))),
+            None => Err(RuntimeError::Engine(format!(
+                "no exit status for container {}",
+                spec.name
+            ))),
         }
     }
 
-    async fn start_detached(&self, spec: &ContainerSpec, log: &LogSink) -> Result<(), RuntimeError> {
+    async fn start_detached(
+        &self,
+        spec: &ContainerSpec,
+        log: &LogSink,
+    ) -> Result<(), RuntimeError> {
         self.create(spec).await?;
-        self.docker.start_container(&spec.name, None).await.map_err(engine)?;
+        self.docker
+            .start_container(&spec.name, None)
+            .await
+            .map_err(engine)?;
         let docker = self.docker.clone();
         let name = spec.name.clone();
         let log = log.clone();
@@ -540,7 +633,12 @@ impl Runtime for DockerRuntime {
                         if let Some(d) = status.split("digest: ").nth(1) {
                             digest = d.split_whitespace().next().map(str::to_string);
                         }
-                        if info.progress_detail.as_ref().and_then(|p| p.total).is_none() {
+                        if info
+                            .progress_detail
+                            .as_ref()
+                            .and_then(|p| p.total)
+                            .is_none()
+                        {
                             log(status);
                         }
                     }
@@ -580,9 +678,26 @@ impl Runtime for DockerRuntime {
         }
     }
 
+    async fn image_label(
+        &self,
+        image: &str,
+        label: &str,
+    ) -> Result<Option<Option<String>>, RuntimeError> {
+        match self.docker.inspect_image(image).await {
+            Ok(info) => Ok(Some(
+                info.config
+                    .and_then(|c| c.labels)
+                    .and_then(|mut l| l.remove(label)),
+            )),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(engine(e)),
+        }
+    }
+
     async fn remove_run_resources(&self, run_id: &str) -> Result<(), RuntimeError> {
         let label = format!("{RUN_LABEL}={run_id}");
-        let filters: HashMap<String, Vec<String>> = HashMap::from([("label".to_string(), vec![label])]);
+        let filters: HashMap<String, Vec<String>> =
+            HashMap::from([("label".to_string(), vec![label])]);
         let containers = self
             .docker
             .list_containers(Some(ListContainersOptions {
@@ -629,13 +744,25 @@ mod tests {
 
     #[test]
     fn tags_and_ports() {
-        assert_eq!(split_tag("127.0.0.1:5000/app:v1"), ("127.0.0.1:5000/app", Some("v1")));
-        assert_eq!(split_tag("127.0.0.1:5000/app"), ("127.0.0.1:5000/app", None));
+        assert_eq!(
+            split_tag("127.0.0.1:5000/app:v1"),
+            ("127.0.0.1:5000/app", Some("v1"))
+        );
+        assert_eq!(
+            split_tag("127.0.0.1:5000/app"),
+            ("127.0.0.1:5000/app", None)
+        );
         assert_eq!(split_tag("busybox"), ("busybox", None));
-        assert_eq!(parse_port("8080:80").unwrap(), ((None, Some("8080".into())), "80/tcp".into()));
+        assert_eq!(
+            parse_port("8080:80").unwrap(),
+            ((None, Some("8080".into())), "80/tcp".into())
+        );
         assert_eq!(
             parse_port("127.0.0.1:53:53/udp").unwrap(),
-            ((Some("127.0.0.1".into()), Some("53".into())), "53/udp".into())
+            (
+                (Some("127.0.0.1".into()), Some("53".into())),
+                "53/udp".into()
+            )
         );
         assert_eq!(parse_port("80").unwrap(), ((None, None), "80/tcp".into()));
         assert!(parse_port("x:80").is_err());

@@ -2,6 +2,7 @@
 //! `docker` is the real implementation (bollard); tests may provide fakes for scheduling.
 
 pub mod docker;
+pub mod runner;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -148,11 +149,28 @@ pub trait Runtime: Send + Sync + 'static {
         log: &LogSink,
     ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     /// Force-removes a container (and its anonymous volumes); absent is not an error.
-    fn remove_container(&self, name: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    fn remove_container(&self, name: &str)
+        -> impl Future<Output = Result<(), RuntimeError>> + Send;
     /// Pushes an image; returns the manifest digest the registry reported.
-    fn push(&self, image: &str, log: &LogSink) -> impl Future<Output = Result<String, RuntimeError>> + Send;
+    fn push(
+        &self,
+        image: &str,
+        log: &LogSink,
+    ) -> impl Future<Output = Result<String, RuntimeError>> + Send;
     /// The digest an image was pulled or pushed by (`RepoDigests`), else its image id.
-    fn image_digest(&self, image: &str) -> impl Future<Output = Result<Option<String>, RuntimeError>> + Send;
+    fn image_digest(
+        &self,
+        image: &str,
+    ) -> impl Future<Output = Result<Option<String>, RuntimeError>> + Send;
+    /// `None` when the image is absent, else the value of `label` on it (if set).
+    fn image_label(
+        &self,
+        image: &str,
+        label: &str,
+    ) -> impl Future<Output = Result<Option<Option<String>>, RuntimeError>> + Send;
     /// Removes every container, network and volume labelled with this run id.
-    fn remove_run_resources(&self, run_id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    fn remove_run_resources(
+        &self,
+        run_id: &str,
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
 }
