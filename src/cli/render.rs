@@ -131,13 +131,19 @@ impl Renderer {
         }
     }
 
-    /// Consumes events until the channel closes; ticks the live line once a second.
+    /// Consumes events until the run finishes; ticks the live line once a second.
+    /// (The channel may stay open: kept detached containers keep streaming logs.)
     pub async fn drive(mut self, mut rx: UnboundedReceiver<Event>) {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
         loop {
             tokio::select! {
                 ev = rx.recv() => match ev {
-                    Some(ev) => self.event(&ev),
+                    Some(ev) => {
+                        self.event(&ev);
+                        if matches!(ev, Event::RunFinished { .. }) {
+                            break;
+                        }
+                    }
                     None => break,
                 },
                 _ = tick.tick() => self.status(),

@@ -79,6 +79,7 @@ pub async fn execute<R: Runtime>(
         events,
         network: Mutex::new(cfg.network.clone()),
         provisioning: tokio::sync::Mutex::new(()),
+        run_started: started,
         cfg,
     });
     let n = ctx.task.steps.len();
@@ -123,6 +124,7 @@ fn skipped(step: &Step) -> StepReport {
         id: step.id.clone(),
         kind: kind_name(step),
         status: Status::Skipped,
+        started_ms: 0,
         duration_ms: 0,
         exit_code: None,
         attempts: 0,
@@ -197,6 +199,7 @@ struct Ctx<R> {
     events: UnboundedSender<Event>,
     /// The network steps join when they name none (a task network marked `isDefault` wins).
     network: Mutex<String>,
+    run_started: Instant,
     /// Serialises on-demand runner builds between parallel steps.
     provisioning: tokio::sync::Mutex<()>,
 }
@@ -414,6 +417,7 @@ impl<R: Runtime> Ctx<R> {
             id: step.id.clone(),
             kind: kind_name(step),
             status: last.status,
+            started_ms: started.duration_since(self.run_started).as_millis() as u64,
             duration_ms: started.elapsed().as_millis() as u64,
             exit_code: last.exit_code,
             attempts,

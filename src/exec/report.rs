@@ -55,6 +55,8 @@ pub struct StepReport {
     /// `build`, `cmd` or `push`.
     pub kind: &'static str,
     pub status: Status,
+    /// When the step started, in ms after the run started.
+    pub started_ms: u64,
     pub duration_ms: u64,
     pub exit_code: Option<i64>,
     /// Attempts made, retries and repeats included.

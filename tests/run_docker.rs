@@ -1,0 +1,224 @@
+//! `acr-task run` end to end on the real Docker Engine: step semantics, failures, cleanup.
+
+mod support;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+#[test]
+fn failing_step_fails_the_run_and_skips_what_waits_for_it() {
+    let run = run_task(&data("fail-exit.yaml"), &[]);
+    assert!(!run.output.status.success(), "exit code must be non-zero");
+    assert_eq!(run.status(), "Failed");
+    assert_eq!(run.step("ok")["status"], "Succeeded");
+    assert_eq!(run.step("bad")["status"], "Failed");
+    assert_eq!(run.step("bad")["exit_code"], 3);
+    assert_eq!(run.step("after")["status"], "Skipped");
+    assert!(run.logged("bad", "about to fail"), "{}", run.stderr());
+}
+
+#[test]
+fn step_timeout_kills_the_container() {
+    let start = Instant::now();
+    let run = run_task(&data("timeout.yaml"), &[]);
+    assert!(
+        start.elapsed() < Duration::from_secs(40),
+        "the 60 s sleep was not cut short"
+    );
+    assert_eq!(run.step("slow")["status"], "TimedOut");
+    assert_eq!(run.step("slow")["error"], "step slow timed out after 2 s");
+    assert_eq!(run.status(), "Failed");
+}
+
+#[test]
+fn ignore_errors_exit_codes_retries_and_repeat() {
+    let run = run_task(&data("semantics.yaml"), &[]);
+    assert_eq!(
+        run.status(),
+        "Succeeded",
+        "{}\n{}",
+        run.report,
+        run.stderr()
+    );
+    assert_eq!(run.step("ignored")["ignored_error"], true);
+    assert_eq!(run.step("expected-code")["exit_code"], 7);
+    assert_eq!(run.step("flaky")["attempts"], 3);
+    assert_eq!(run.step("repeated")["attempts"], 3);
+    assert!(run.logged("check", "counts-ok"), "{}", run.stderr());
+}
+
+#[test]
+fn missing_image_names_the_image_and_the_step() {
+    let run = run_task(&data("missing-image.yaml"), &[]);
+    assert_eq!(run.status(), "Failed");
+    let err = run.step("ghost")["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        err.contains("step ghost") && err.contains("127.0.0.1:9/no/such-image:1"),
+        "{err}"
+    );
+}
+
+#[test]
+fn build_failure_shows_the_tail_of_the_build_log() {
+    let run = run_task(&data("build-fail/acb.yaml"), &[]);
+    assert_eq!(run.status(), "Failed");
+    let err = run.step("broken-build")["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(err.contains("error: the thing is broken"), "{err}");
+    assert!(err.contains("returned a non-zero code"), "{err}");
+}
+
+#[test]
+fn env_working_directory_entrypoint_user_and_secret_volumes() {
+    let run = run_task(&data("env-workdir.yaml"), &[]);
+    let err = run.stderr();
+    assert_eq!(run.status(), "Succeeded", "{err}");
+    for (step, line) in [
+        ("defaults", "env-ok"),
+        ("relative-wd", "/workspace/sub"),
+        ("no-override", "/"),
+        ("entry", "entry-ok"),
+        ("as-nobody", "65534"),
+        ("mounted", "secret-token"),
+    ] {
+        assert!(run.logged(step, line), "{step} should log {line}:\n{err}");
+    }
+}
+
+#[test]
+fn keep_leaves_only_the_kept_container() {
+    let run = run_task_with(&data("keep.yaml"), &[], false);
+    assert_eq!(run.status(), "Succeeded", "{}", run.stderr());
+    let name = format!("{}_kept", run.run_id());
+    let out = Command::new("docker")
+        .args(["inspect", "-f", "{{.State.Running}}", &name])
+        .output()
+        .unwrap();
+    let running = String::from_utf8_lossy(&out.stdout).trim() == "true";
+    let _ = Command::new("docker").args(["rm", "-f", &name]).output();
+    // The network and workspace volume the kept container uses stay with it.
+    let label = format!("label=io.acr-task.run={}", run.run_id());
+    for kind in ["network", "volume"] {
+        let ids = Command::new("docker")
+            .args([kind, "ls", "-q", "--filter", &label])
+            .output()
+            .unwrap();
+        for id in String::from_utf8_lossy(&ids.stdout).lines() {
+            let _ = Command::new("docker").args([kind, "rm", id]).output();
+        }
+    }
+    assert_no_orphans(&run.run_id());
+    assert!(running, "kept container {name} should still run");
+    let dropped = format!("{}_dropped", run.run_id());
+    let out = Command::new("docker")
+        .args(["inspect", &dropped])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "detached container without keep must be removed"
+    );
+}
+
+#[test]
+fn parallel_steps_overlap_and_max_parallel_bounds_them() {
+    let file = root().join("examples/fan-out-fan-in/acb.yaml");
+    let overlaps = |run: &Run| {
+        let iv: Vec<(u64, u64)> = ["left", "middle", "right"]
+            .iter()
+            .map(|id| {
+                let s = run.step(id);
+                let start = s["started_ms"].as_u64().unwrap();
+                (start, start + s["duration_ms"].as_u64().unwrap())
+            })
+            .collect();
+        iv.iter()
+            .enumerate()
+            .any(|(i, a)| iv.iter().skip(i + 1).any(|b| a.0 < b.1 && b.0 < a.1))
+    };
+    let run = run_task(&file, &[]);
+    assert_eq!(run.status(), "Succeeded");
+    assert!(
+        overlaps(&run),
+        "independent steps should run at the same time: {}",
+        run.report
+    );
+    let join = run.step("join")["started_ms"].as_u64().unwrap();
+    for id in ["left", "middle", "right"] {
+        let s = run.step(id);
+        assert!(join >= s["started_ms"].as_u64().unwrap() + s["duration_ms"].as_u64().unwrap());
+    }
+    let serial = run_task(&file, &["--max-parallel", "1"]);
+    assert_eq!(serial.status(), "Succeeded");
+    assert!(
+        !overlaps(&serial),
+        "--max-parallel 1 must run one step at a time: {}",
+        serial.report
+    );
+}
+
+#[test]
+fn sigterm_cancels_and_removes_everything() {
+    require_docker();
+    let data_dir = tempfile::tempdir().unwrap();
+    let child = Command::new(bin())
+        .args(["run"])
+        .arg(data("long.yaml"))
+        .args(["--output", "json", "--data"])
+        .arg(data_dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the long step's container runs.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let run_id = loop {
+        let out = Command::new("docker")
+            .args(["ps", "--format", "{{.Names}}", "--filter", "name=_long"])
+            .output()
+            .unwrap();
+        let names = String::from_utf8_lossy(&out.stdout).to_string();
+        if let Some(n) = names.lines().find(|n| n.ends_with("_long")) {
+            break n.trim_end_matches("_long").to_string();
+        }
+        assert!(Instant::now() < deadline, "the long step never started");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["status"], "Canceled");
+    assert_eq!(report["run_id"], run_id.as_str());
+    assert_no_orphans(&run_id);
+}
+
+#[test]
+fn unreachable_engine_is_one_clear_error() {
+    let out = Command::new(bin())
+        .args(["run"])
+        .arg(root().join("examples/hello-world/acb.yaml"))
+        .env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+        .args(["--registry", "127.0.0.1:9"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot reach the Docker Engine at unix:///nonexistent/docker.sock"),
+        "{err}"
+    );
+    assert!(err.contains("DOCKER_HOST"), "{err}");
+}
