@@ -1,0 +1,130 @@
+//! Every example under `examples/` runs as its README says, on the real Docker Engine.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use support::*;
+
+fn example(name: &str) -> std::path::PathBuf {
+    root().join("examples").join(name).join("acb.yaml")
+}
+
+/// Serves a registry data dir and returns (child, address).
+fn serve_registry(data: &std::path::Path) -> (std::process::Child, String) {
+    let mut child = Command::new(bin())
+        .args(["serve", "--registry-only", "--listen", "127.0.0.1:0", "--data"])
+        .arg(data)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("{line}")).to_string();
+    (child, addr)
+}
+
+#[test]
+fn hello_world() {
+    let run = run_task(&example("hello-world"), &[]);
+    assert_eq!(run.status(), "Succeeded", "{}", run.stderr());
+    let expected = format!("Hello from run {} on linux/amd64", run.run_id());
+    assert!(run.logged("hello", &expected), "{}", run.stderr());
+}
+
+#[test]
+fn build_and_push_lands_in_the_integrated_registry() {
+    require_docker();
+    let data = tempfile::tempdir().unwrap();
+    let out = Command::new(bin())
+        .arg("run")
+        .arg(example("build-and-push"))
+        .args(["--output", "json", "--data"])
+        .arg(data.path())
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(report["status"], "Succeeded", "{stderr}");
+    let run_id = report["run_id"].as_str().unwrap().to_string();
+    assert_no_orphans(&run_id);
+    let steps = report["steps"].as_array().unwrap();
+    let pushed = steps[1]["pushed"].as_array().unwrap();
+    assert_eq!(pushed.len(), 2);
+    let digest = pushed[0]["digest"].as_str().unwrap().to_string();
+    assert!(digest.starts_with("sha256:") && digest.len() == 71, "{digest}");
+    // The image that ran is the one built: its CMD prints the greeting and the build arg.
+    assert!(stderr.contains("Hello from an image built and pushed by acr-task"), "{stderr}");
+    assert!(stderr.contains(&format!("version {run_id}")), "{stderr}");
+    // Base-image dependencies are recorded with the digest actually used.
+    let bases = steps[0]["built"]["base_images"].as_array().unwrap();
+    assert_eq!(bases[0]["image"], "busybox");
+    assert!(bases[0]["digest"].as_str().unwrap().starts_with("sha256:"));
+
+    // The data dir now holds the pushed image: serve it and ask for both tags.
+    let (mut child, addr) = serve_registry(data.path().join("registry").as_path());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = reqwest::Client::new();
+    for tag in [run_id.as_str(), "latest"] {
+        let resp = rt
+            .block_on(
+                client
+                    .head(format!("http://{addr}/v2/hello-acr/manifests/{tag}"))
+                    .header("Accept", "application/vnd.docker.distribution.manifest.v2+json")
+                    .send(),
+            )
+            .unwrap();
+        assert_eq!(resp.status(), 200, "tag {tag}");
+        assert_eq!(resp.headers()["docker-content-digest"].to_str().unwrap(), digest);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn detached_service_is_reached_by_step_id() {
+    let run = run_task(&example("detached-service"), &[]);
+    assert_eq!(run.status(), "Succeeded", "{}", run.stderr());
+    assert!(run.logged("fetch", "served by the web step"), "{}", run.stderr());
+}
+
+#[test]
+fn fan_out_fan_in() {
+    let run = run_task(&example("fan-out-fan-in"), &[]);
+    assert_eq!(run.status(), "Succeeded", "{}", run.stderr());
+    for word in ["left", "middle", "right"] {
+        assert!(run.logged("join", word), "{}", run.stderr());
+    }
+}
+
+#[test]
+fn values_file_and_set_later_wins() {
+    let values = root().join("examples/values/values.yaml");
+    let run = run_task(
+        &example("values"),
+        &["--values", values.to_str().unwrap(), "--set", "stage=prod", "--set", "target=acr"],
+    );
+    assert_eq!(run.status(), "Succeeded", "{}", run.stderr());
+    let greeting = format!("Hello, acr! (image tag web:{})", run.run_id());
+    assert!(run.logged("show", &greeting), "{}", run.stderr());
+    assert!(run.logged("stage", "stage is prod"), "{}", run.stderr());
+}
+
+#[test]
+fn quick_build_pushes_one_image() {
+    require_docker();
+    let data = tempfile::tempdir().unwrap();
+    let out = Command::new(bin())
+        .args(["build", "-t", "quick/app:v1", "--build-arg", "VERSION=quick", "--output", "json", "--data"])
+        .arg(data.path())
+        .arg(root().join("examples/build-and-push"))
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["status"], "Succeeded", "{}", String::from_utf8_lossy(&out.stderr));
+    assert_no_orphans(report["run_id"].as_str().unwrap());
+    let pushed = &report["steps"][1]["pushed"][0];
+    assert!(pushed["image"].as_str().unwrap().ends_with("/quick/app:v1"));
+    assert!(pushed["digest"].as_str().unwrap().starts_with("sha256:"));
+}
