@@ -230,7 +230,7 @@ mod tests {
         let origin = tempfile::tempdir().unwrap();
         let repo = git2::Repository::init(origin.path()).unwrap();
         let sig = git2::Signature::now("t", "t@example.com").unwrap();
-        let mut commit_file = |content: &str, parents: &[&git2::Commit]| {
+        let commit_file = |content: &str, parents: &[&git2::Commit]| {
             std::fs::write(origin.path().join("f.txt"), content).unwrap();
             let mut idx = repo.index().unwrap();
             idx.add_path(Path::new("f.txt")).unwrap();

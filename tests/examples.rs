@@ -14,14 +14,26 @@ fn example(name: &str) -> std::path::PathBuf {
 /// Serves a registry data dir and returns (child, address).
 fn serve_registry(data: &std::path::Path) -> (std::process::Child, String) {
     let mut child = Command::new(bin())
-        .args(["serve", "--registry-only", "--listen", "127.0.0.1:0", "--data"])
+        .args([
+            "serve",
+            "--registry-only",
+            "--listen",
+            "127.0.0.1:0",
+            "--data",
+        ])
         .arg(data)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("{line}")).to_string();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("{line}"))
+        .to_string();
     (child, addr)
 }
 
@@ -53,9 +65,15 @@ fn build_and_push_lands_in_the_integrated_registry() {
     let pushed = steps[1]["pushed"].as_array().unwrap();
     assert_eq!(pushed.len(), 2);
     let digest = pushed[0]["digest"].as_str().unwrap().to_string();
-    assert!(digest.starts_with("sha256:") && digest.len() == 71, "{digest}");
+    assert!(
+        digest.starts_with("sha256:") && digest.len() == 71,
+        "{digest}"
+    );
     // The image that ran is the one built: its CMD prints the greeting and the build arg.
-    assert!(stderr.contains("Hello from an image built and pushed by acr-task"), "{stderr}");
+    assert!(
+        stderr.contains("Hello from an image built and pushed by acr-task"),
+        "{stderr}"
+    );
     assert!(stderr.contains(&format!("version {run_id}")), "{stderr}");
     // Base-image dependencies are recorded with the digest actually used.
     let bases = steps[0]["built"]["base_images"].as_array().unwrap();
@@ -71,12 +89,18 @@ fn build_and_push_lands_in_the_integrated_registry() {
             .block_on(
                 client
                     .head(format!("http://{addr}/v2/hello-acr/manifests/{tag}"))
-                    .header("Accept", "application/vnd.docker.distribution.manifest.v2+json")
+                    .header(
+                        "Accept",
+                        "application/vnd.docker.distribution.manifest.v2+json",
+                    )
                     .send(),
             )
             .unwrap();
         assert_eq!(resp.status(), 200, "tag {tag}");
-        assert_eq!(resp.headers()["docker-content-digest"].to_str().unwrap(), digest);
+        assert_eq!(
+            resp.headers()["docker-content-digest"].to_str().unwrap(),
+            digest
+        );
     }
     let _ = child.kill();
     let _ = child.wait();
@@ -86,7 +110,11 @@ fn build_and_push_lands_in_the_integrated_registry() {
 fn detached_service_is_reached_by_step_id() {
     let run = run_task(&example("detached-service"), &[]);
     assert_eq!(run.status(), "Succeeded", "{}", run.stderr());
-    assert!(run.logged("fetch", "served by the web step"), "{}", run.stderr());
+    assert!(
+        run.logged("fetch", "served by the web step"),
+        "{}",
+        run.stderr()
+    );
 }
 
 #[test]
@@ -103,7 +131,14 @@ fn values_file_and_set_later_wins() {
     let values = root().join("examples/values/values.yaml");
     let run = run_task(
         &example("values"),
-        &["--values", values.to_str().unwrap(), "--set", "stage=prod", "--set", "target=acr"],
+        &[
+            "--values",
+            values.to_str().unwrap(),
+            "--set",
+            "stage=prod",
+            "--set",
+            "target=acr",
+        ],
     );
     assert_eq!(run.status(), "Succeeded", "{}", run.stderr());
     let greeting = format!("Hello, acr! (image tag web:{})", run.run_id());
@@ -116,13 +151,27 @@ fn quick_build_pushes_one_image() {
     require_docker();
     let data = tempfile::tempdir().unwrap();
     let out = Command::new(bin())
-        .args(["build", "-t", "quick/app:v1", "--build-arg", "VERSION=quick", "--output", "json", "--data"])
+        .args([
+            "build",
+            "-t",
+            "quick/app:v1",
+            "--build-arg",
+            "VERSION=quick",
+            "--output",
+            "json",
+            "--data",
+        ])
         .arg(data.path())
         .arg(root().join("examples/build-and-push"))
         .output()
         .unwrap();
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(report["status"], "Succeeded", "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        report["status"],
+        "Succeeded",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_no_orphans(report["run_id"].as_str().unwrap());
     let pushed = &report["steps"][1]["pushed"][0];
     assert!(pushed["image"].as_str().unwrap().ends_with("/quick/app:v1"));

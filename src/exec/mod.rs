@@ -7,6 +7,8 @@
 
 pub mod args;
 pub mod report;
+#[cfg(test)]
+mod scheduling_tests;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -1,0 +1,29 @@
+# The two quick-start commands (see README): `make demo` and `make test`.
+# Both first install what a fresh Debian machine lacks (idempotent).
+
+PACKAGES := busybox-static skopeo docker-registry git gcc libc6-dev pkg-config libssl-dev ca-certificates
+CARGO ?= cargo
+
+.PHONY: setup demo test bench lint
+
+setup:
+	@missing=""; for p in $(PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+	  $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$missing; \
+	fi
+	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (rustup or apt-get install cargo)"; exit 1; }
+	@docker info >/dev/null 2>&1 || { echo "the Docker Engine is not reachable (docker info failed): start it, e.g. sudo systemctl start docker"; exit 1; }
+
+# Builds an image FROM the busybox runner, pushes it to the integrated registry, runs it.
+demo: setup
+	$(CARGO) run --release -- run examples/build-and-push/acb.yaml
+
+# The whole test suite, Docker tests included (they fail, never skip, without an engine).
+test: setup
+	$(CARGO) test --all-targets --no-fail-fast
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
