@@ -26,7 +26,16 @@ fn schema_describes_the_task_file() {
     assert_eq!(v["required"], serde_json::json!(["steps"]));
     assert_eq!(v["additionalProperties"], serde_json::json!(false));
     let step = &v["$defs"]["Step"]["properties"];
-    for f in ["id", "build", "cmd", "push", "when", "ignoreErrors", "volumeMounts", "exitedWithout"] {
+    for f in [
+        "id",
+        "build",
+        "cmd",
+        "push",
+        "when",
+        "ignoreErrors",
+        "volumeMounts",
+        "exitedWithout",
+    ] {
         assert!(step.get(f).is_some(), "Step lacks {f}");
     }
     assert!(v["$defs"]["Secret"]["properties"].get("clientID").is_some());

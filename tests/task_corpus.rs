@@ -63,17 +63,28 @@ fn valid_files_load_and_plan() {
             Ok(t) => {
                 let plan = Plan::new(&t).unwrap();
                 assert_eq!(plan.len(), t.steps.len());
-                assert!(t.steps.iter().all(|s| s.kind().is_some() && !s.id.is_empty()));
+                assert!(t
+                    .steps
+                    .iter()
+                    .all(|s| s.kind().is_some() && !s.id.is_empty()));
                 // Nothing of the template or alias syntax is left after loading, except
                 // secrets, which are resolved when the step runs.
                 let dump = format!("{t:?}").replace("{{.Secrets.", "");
                 assert!(!dump.contains("{{"), "{}: unrendered template", f.display());
-                assert!(!dump.contains("$Registry"), "{}: unexpanded alias", f.display());
+                assert!(
+                    !dump.contains("$Registry"),
+                    "{}: unexpanded alias",
+                    f.display()
+                );
             }
             Err(d) => failures.push(format!("{}:\n{d}", f.display())),
         }
     }
-    assert!(failures.is_empty(), "valid files rejected:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "valid files rejected:\n{}",
+        failures.join("\n")
+    );
 }
 
 #[test]

@@ -22,22 +22,90 @@ fn check(text: &str) {
 }
 
 const KEYS: &[&str] = &[
-    "version", "alias", "values", "directive", "stepTimeout", "totalTimeout", "env", "secrets",
-    "networks", "volumes", "steps", "id", "build", "cmd", "push", "when", "detach", "timeout",
-    "retries", "volumeMounts", "name", "mountPath", "network", "cache", "ignoreErrors", "keep",
-    "isDefault", "ignoreError", "<<", "-",
+    "version",
+    "alias",
+    "values",
+    "directive",
+    "stepTimeout",
+    "totalTimeout",
+    "env",
+    "secrets",
+    "networks",
+    "volumes",
+    "steps",
+    "id",
+    "build",
+    "cmd",
+    "push",
+    "when",
+    "detach",
+    "timeout",
+    "retries",
+    "volumeMounts",
+    "name",
+    "mountPath",
+    "network",
+    "cache",
+    "ignoreErrors",
+    "keep",
+    "isDefault",
+    "ignoreError",
+    "<<",
+    "-",
 ];
 const VALUES: &[&str] = &[
-    "v1.1.0", "v1.0.0", "busybox echo hi", "\"-\"", "[a, b]", "[\"-\"]", "0", "-1", "600",
-    "true", "maybe", "$Registry/app:$ID", "{{.Run.ID}}", "{{.Values.tag}}", "{{.Values.nope}}",
-    "{{ if", "{{end}}", "$$", "&a", "*a", "~", "{}", "[]", "'", "\"", "a: b", "- x", "\t",
-    "{{ range .Values.tag }}", "{{ printf \"%d\" 1 }}", "enabled", "host", "/mnt", "s0", "s1",
+    "v1.1.0",
+    "v1.0.0",
+    "busybox echo hi",
+    "\"-\"",
+    "[a, b]",
+    "[\"-\"]",
+    "0",
+    "-1",
+    "600",
+    "true",
+    "maybe",
+    "$Registry/app:$ID",
+    "{{.Run.ID}}",
+    "{{.Values.tag}}",
+    "{{.Values.nope}}",
+    "{{ if",
+    "{{end}}",
+    "$$",
+    "&a",
+    "*a",
+    "~",
+    "{}",
+    "[]",
+    "'",
+    "\"",
+    "a: b",
+    "- x",
+    "\t",
+    "{{ range .Values.tag }}",
+    "{{ printf \"%d\" 1 }}",
+    "enabled",
+    "host",
+    "/mnt",
+    "s0",
+    "s1",
 ];
 
 fn structured() -> impl Strategy<Value = String> {
-    let line = (0usize..4, prop::sample::select(KEYS), prop::sample::select(VALUES), any::<bool>())
+    let line = (
+        0usize..4,
+        prop::sample::select(KEYS),
+        prop::sample::select(VALUES),
+        any::<bool>(),
+    )
         .prop_map(|(indent, k, v, dash)| {
-            format!("{}{}{}: {}\n", "  ".repeat(indent), if dash { "- " } else { "" }, k, v)
+            format!(
+                "{}{}{}: {}\n",
+                "  ".repeat(indent),
+                if dash { "- " } else { "" },
+                k,
+                v
+            )
         });
     proptest::collection::vec(line, 0..30).prop_map(|l| l.concat())
 }

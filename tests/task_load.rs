@@ -61,7 +61,10 @@ fn build_push_run_expands_builtin_aliases_and_runs_in_sequence() {
         t.steps[1].push.as_deref(),
         Some(&["127.0.0.1:5000/hello-world:ca1".to_string()][..])
     );
-    assert_eq!(t.steps[2].cmd.as_deref(), Some("127.0.0.1:5000/hello-world:ca1"));
+    assert_eq!(
+        t.steps[2].cmd.as_deref(),
+        Some("127.0.0.1:5000/hello-world:ca1")
+    );
     let p = Plan::new(&t).unwrap();
     assert_eq!(p.levels().len(), 3);
 }
@@ -110,9 +113,19 @@ fn templates_with_values_file() {
     let ids: Vec<&str> = t.steps.iter().map(|s| s.id.as_str()).collect();
     assert_eq!(
         ids,
-        ["build", "push", "notify", "test-unit", "test-integration", "test-e2e"]
+        [
+            "build",
+            "push",
+            "notify",
+            "test-unit",
+            "test-integration",
+            "test-e2e"
+        ]
     );
-    assert_eq!(t.steps[2].cmd.as_deref(), Some("busybox echo deployed to STAGING"));
+    assert_eq!(
+        t.steps[2].cmd.as_deref(),
+        Some("busybox echo deployed to STAGING")
+    );
     let t = valid("sprig-funcs.yaml");
     assert_eq!(t.steps[0].id, "web");
     assert_eq!(
@@ -124,9 +137,9 @@ fn templates_with_values_file() {
 
 #[test]
 fn set_overrides_values_file() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tasks/valid/conditionals.yaml");
-    let mut values =
-        Values::from_file(&path.with_extension("values.yaml")).unwrap();
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tasks/valid/conditionals.yaml");
+    let mut values = Values::from_file(&path.with_extension("values.yaml")).unwrap();
     values.set("deploy=false").unwrap();
     let t = task::load_file(&path, &run(), &values).unwrap();
     let ids: Vec<&str> = t.steps.iter().map(|s| s.id.as_str()).collect();
@@ -139,7 +152,10 @@ fn every_field_is_read() {
     assert_eq!(t.step_timeout, 900);
     assert_eq!(t.total_timeout, 7200);
     assert_eq!(t.working_directory.as_deref(), Some("/workspace/src"));
-    assert_eq!(t.secrets[0].client_id.as_deref(), Some("6cb9b7f6-d9d0-4a37-8e2b-8a6e3d3c3c3c"));
+    assert_eq!(
+        t.secrets[0].client_id.as_deref(),
+        Some("6cb9b7f6-d9d0-4a37-8e2b-8a6e3d3c3c3c")
+    );
     assert!(t.networks[0].is_default);
     assert_eq!(t.volumes[0].secret["settings.json"], "eyJhIjogMX0=");
     let b = &t.steps[0];

@@ -56,9 +56,8 @@ pub fn load(
         None => Values::default(),
     };
     for s in set {
-        vals.set(s).map_err(|m| {
-            Diagnostics(vec![task::Diagnostic::new("--set", 0, 0, m)])
-        })?;
+        vals.set(s)
+            .map_err(|m| Diagnostics(vec![task::Diagnostic::new("--set", 0, 0, m)]))?;
     }
     let task = task::load_file(file, run, &vals)?;
     // load_file has already reported every plan problem, so this cannot fail; keep the
@@ -169,7 +168,13 @@ pub fn plan_json(task: &Task, plan: &Plan) -> serde_json::Value {
 
 fn plan_table(task: &Task, plan: &Plan) -> String {
     let mut out = String::new();
-    let width = task.steps.iter().map(|s| s.id.len()).max().unwrap_or(2).max(2);
+    let width = task
+        .steps
+        .iter()
+        .map(|s| s.id.len())
+        .max()
+        .unwrap_or(2)
+        .max(2);
     let _ = writeln!(
         out,
         "{} steps, {} levels, version {}",
@@ -187,15 +192,15 @@ fn plan_table(task: &Task, plan: &Plan) -> String {
             } else {
                 deps.join(", ")
             };
-            let detach = if task.steps[i].detach { " (detached)" } else { "" };
+            let detach = if task.steps[i].detach {
+                " (detached)"
+            } else {
+                ""
+            };
             let _ = writeln!(
                 out,
                 "  {:width$}  {:5}  {}{}  [waits for: {}]",
-                task.steps[i].id,
-                k,
-                what,
-                detach,
-                waits,
+                task.steps[i].id, k, what, detach, waits,
             );
         }
     }

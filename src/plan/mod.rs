@@ -269,7 +269,9 @@ impl Plan {
     }
     /// Steps that wait for nothing.
     pub fn roots(&self) -> Vec<usize> {
-        (0..self.len()).filter(|&i| self.deps[i].is_empty()).collect()
+        (0..self.len())
+            .filter(|&i| self.deps[i].is_empty())
+            .collect()
     }
     /// The ready set: steps not yet `started` whose dependencies have all `finished`,
     /// in file order. Both slices are indexed by step.
@@ -366,7 +368,13 @@ mod tests {
         assert_eq!(p.dependents(0), &[2, 4]);
         assert_eq!(p.levels(), &[vec![0, 1], vec![2, 4], vec![3]]);
         assert_eq!(p.topo_order(), &[0, 1, 2, 3, 4]);
-        assert_eq!(p.ready(&[true, true, false, false, false], &[true, false, false, false, false]), vec![4]);
+        assert_eq!(
+            p.ready(
+                &[true, true, false, false, false],
+                &[true, false, false, false, false]
+            ),
+            vec![4]
+        );
         let (path, total) = p.critical_path(|i| [5, 1, 2, 3, 100][i]);
         assert_eq!((path, total), (vec![0, 4], 105));
         let (path, total) = p.critical_path(|_| 1);

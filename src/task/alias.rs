@@ -115,13 +115,17 @@ impl Aliases {
                                         file,
                                         d.line,
                                         d.column,
-                                        format!("alias directive `{c}` must not be a letter or digit"),
+                                        format!(
+                                            "alias directive `{c}` must not be a letter or digit"
+                                        ),
                                     )),
                                     _ => diags.push(Diagnostic::new(
                                         file,
                                         d.line,
                                         d.column,
-                                        format!("alias directive `{text}` must be a single character"),
+                                        format!(
+                                            "alias directive `{text}` must be a single character"
+                                        ),
                                     )),
                                 }
                             }
@@ -287,7 +291,10 @@ mod tests {
     fn builtins_user_escape_and_unknown() {
         let (a, d) = aliases("alias:\n  values:\n    repo: myrepo\n    ID: mine\n");
         assert!(d.is_empty());
-        assert_eq!(a.apply("$Registry/$repo:$ID"), "{{.Run.Registry}}/myrepo:mine");
+        assert_eq!(
+            a.apply("$Registry/$repo:$ID"),
+            "{{.Run.Registry}}/myrepo:mine"
+        );
         assert_eq!(a.apply("echo $$HOME $HOME $"), "echo $HOME $HOME $");
         assert_eq!(a.apply("$repo$repo-x"), "myrepomyrepo-x");
     }

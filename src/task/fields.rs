@@ -172,7 +172,10 @@ mod tests {
     #[test]
     fn suggestions() {
         let step = known(Part::Step);
-        assert_eq!(suggest("ignoreError", step).as_deref(), Some("ignoreErrors"));
+        assert_eq!(
+            suggest("ignoreError", step).as_deref(),
+            Some("ignoreErrors")
+        );
         assert_eq!(suggest("entrypoint", step).as_deref(), Some("entryPoint"));
         assert_eq!(suggest("timout", step).as_deref(), Some("timeout"));
         assert_eq!(suggest("retry", step).as_deref(), Some("retries"));

@@ -49,7 +49,10 @@ fn protect_secrets(text: &str) -> String {
         };
         let inner = after[..close].trim_matches(|c: char| c == '-' || c.is_whitespace());
         let is_secret = inner.strip_prefix(".Secrets.").is_some_and(|id| {
-            !id.is_empty() && id.chars().all(|c| c.is_alphanumeric() || c == '_' || c == '-')
+            !id.is_empty()
+                && id
+                    .chars()
+                    .all(|c| c.is_alphanumeric() || c == '_' || c == '-')
         });
         if is_secret {
             out.push_str(&format!("{{{{\"{{{{{inner}}}}}\"}}}}"));
@@ -269,10 +272,14 @@ fn with_funcs(t: Template) -> Template {
         }),
         ("toString", |a| str1(a, "toString", |s| s.to_string())),
         ("trimPrefix", |a| {
-            str2(a, "trimPrefix", |p, s| s.strip_prefix(p).unwrap_or(s).to_string())
+            str2(a, "trimPrefix", |p, s| {
+                s.strip_prefix(p).unwrap_or(s).to_string()
+            })
         }),
         ("trimSuffix", |a| {
-            str2(a, "trimSuffix", |p, s| s.strip_suffix(p).unwrap_or(s).to_string())
+            str2(a, "trimSuffix", |p, s| {
+                s.strip_suffix(p).unwrap_or(s).to_string()
+            })
         }),
         ("contains", |a| {
             two(a, "contains").map(|(x, s)| Value::Bool(s.contains(x.as_str())))
@@ -398,8 +405,16 @@ fn b64enc(bytes: &[u8]) -> String {
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         out.push(T[(n >> 18) as usize & 63] as char);
         out.push(T[(n >> 12) as usize & 63] as char);
-        out.push(if chunk.len() > 1 { T[(n >> 6) as usize & 63] as char } else { '=' });
-        out.push(if chunk.len() > 2 { T[n as usize & 63] as char } else { '=' });
+        out.push(if chunk.len() > 1 {
+            T[(n >> 6) as usize & 63] as char
+        } else {
+            '='
+        });
+        out.push(if chunk.len() > 2 {
+            T[n as usize & 63] as char
+        } else {
+            '='
+        });
     }
     out
 }
@@ -446,7 +461,10 @@ mod tests {
             &Values::default(),
         )
         .unwrap();
-        assert_eq!(out, "env: [\"P={{.Secrets.pass}}\", \"U={{.Secrets.user}}\"] ca1");
+        assert_eq!(
+            out,
+            "env: [\"P={{.Secrets.pass}}\", \"U={{.Secrets.user}}\"] ca1"
+        );
         assert_eq!(secret_refs(&out), vec!["pass", "user"]);
     }
 

@@ -45,7 +45,10 @@ impl Node {
     /// The key and value under `key` when this is a mapping.
     pub fn entry(&self, key: &str) -> Option<(&Key, &Node)> {
         match &self.raw {
-            Raw::Map(entries) => entries.iter().find(|(k, _)| k.name == key).map(|(k, v)| (k, v)),
+            Raw::Map(entries) => entries
+                .iter()
+                .find(|(k, _)| k.name == key)
+                .map(|(k, v)| (k, v)),
             _ => None,
         }
     }

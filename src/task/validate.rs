@@ -12,7 +12,8 @@ use crate::plan::{self, PlanError};
 pub const VERSIONS: &[&str] = &["v1.0.0", "v1.1.0", "1.0-preview-1"];
 
 /// Networks a step may name without declaring them.
-pub const BUILTIN_NETWORKS: &[&str] = &["host", "none", "bridge", "default", super::DEFAULT_NETWORK];
+pub const BUILTIN_NETWORKS: &[&str] =
+    &["host", "none", "bridge", "default", super::DEFAULT_NETWORK];
 
 /// Where diagnostics point: the parsed tree and the rendered-to-original line map.
 pub(crate) struct Locator<'a> {
@@ -55,7 +56,10 @@ impl Locator<'_> {
 
 pub(crate) fn validate(task: &Task, loc: &Locator<'_>, out: &mut Vec<Diagnostic>) {
     let root = Some(loc.root);
-    if !VERSIONS.iter().any(|v| v.eq_ignore_ascii_case(&task.version)) {
+    if !VERSIONS
+        .iter()
+        .any(|v| v.eq_ignore_ascii_case(&task.version))
+    {
         out.push(loc.value(
             root,
             "version",
@@ -65,7 +69,10 @@ pub(crate) fn validate(task: &Task, loc: &Locator<'_>, out: &mut Vec<Diagnostic>
             ),
         ));
     }
-    for (key, v) in [("stepTimeout", task.step_timeout), ("totalTimeout", task.total_timeout)] {
+    for (key, v) in [
+        ("stepTimeout", task.step_timeout),
+        ("totalTimeout", task.total_timeout),
+    ] {
         if v == 0 {
             out.push(loc.value(root, key, format!("`{key}` must be greater than 0 seconds")));
         }
@@ -115,7 +122,11 @@ pub(crate) fn validate(task: &Task, loc: &Locator<'_>, out: &mut Vec<Diagnostic>
         let node = loc.item("steps", i);
         let name = &s.id;
         if s.id.chars().any(char::is_whitespace) {
-            out.push(loc.value(node, "id", format!("step id `{name}` cannot contain spaces")));
+            out.push(loc.value(
+                node,
+                "id",
+                format!("step id `{name}` cannot contain spaces"),
+            ));
         } else if s.id == super::IMMEDIATE || s.id == "acb_root" {
             out.push(loc.value(node, "id", format!("step id `{name}` is reserved")));
         }
@@ -193,19 +204,27 @@ pub(crate) fn validate(task: &Task, loc: &Locator<'_>, out: &mut Vec<Diagnostic>
         }
         let mut paths = HashSet::new();
         for (j, m) in s.volume_mounts.iter().enumerate() {
-            let mnode = node.and_then(|n| n.get("volumeMounts")).and_then(|l| l.at(j));
+            let mnode = node
+                .and_then(|n| n.get("volumeMounts"))
+                .and_then(|l| l.at(j));
             if !volumes.contains(m.name.as_str()) {
                 out.push(loc.value(
                     mnode,
                     "name",
-                    format!("step `{name}` mounts volume `{}`, which is not declared under `volumes`", m.name),
+                    format!(
+                        "step `{name}` mounts volume `{}`, which is not declared under `volumes`",
+                        m.name
+                    ),
                 ));
             }
             if !m.mount_path.starts_with('/') {
                 out.push(loc.value(
                     mnode,
                     "mountPath",
-                    format!("step `{name}`: mount path `{}` must be absolute", m.mount_path),
+                    format!(
+                        "step `{name}`: mount path `{}` must be absolute",
+                        m.mount_path
+                    ),
                 ));
             } else if !paths.insert(m.mount_path.as_str()) {
                 out.push(loc.value(

@@ -82,7 +82,11 @@ fn merge_objects(
     }
 }
 
-fn set_path(map: &mut BTreeMap<String, serde_json::Value>, parts: &[&str], value: serde_json::Value) {
+fn set_path(
+    map: &mut BTreeMap<String, serde_json::Value>,
+    parts: &[&str],
+    value: serde_json::Value,
+) {
     let Some((first, rest)) = parts.split_first() else {
         return;
     };
@@ -97,7 +101,8 @@ fn set_path(map: &mut BTreeMap<String, serde_json::Value>, parts: &[&str], value
         *entry = serde_json::Value::Object(Default::default());
     }
     if let serde_json::Value::Object(inner) = entry {
-        let mut tmp: BTreeMap<String, serde_json::Value> = std::mem::take(inner).into_iter().collect();
+        let mut tmp: BTreeMap<String, serde_json::Value> =
+            std::mem::take(inner).into_iter().collect();
         set_path(&mut tmp, rest, value);
         *inner = tmp.into_iter().collect();
     }
