@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use acr_task::cli::validate::{plan_dot, plan_json};
+use acr_task::cli::validate::{plan_dot, plan_json, plan_table};
 use acr_task::plan::Plan;
 use acr_task::task::{self, RunInfo, Values};
 
@@ -117,4 +117,27 @@ fn plan_as_json_and_dot() {
     assert!(dot.contains("  \"checkout\" -> \"unit\";\n"));
     assert!(dot.contains("  \"lint\" -> \"gate\" [style=bold];\n"));
     assert!(dot.trim_end().ends_with('}'));
+}
+
+#[test]
+fn plan_as_table() {
+    let path = data("valid/build-push-run.yaml");
+    let run = RunInfo {
+        id: "ca1".into(),
+        registry: "r:5000".into(),
+        ..Default::default()
+    };
+    let t = task::load_file(&path, &run, &Values::default()).unwrap();
+    let p = Plan::new(&t).unwrap();
+    assert_eq!(
+        plan_table(&t, &p),
+        "3 steps, 3 levels, version v1.1.0\n\
+         level 0:\n\
+         \x20 acb_step_0  build  -t r:5000/hello-world:ca1 .  [waits for: -]\n\
+         level 1:\n\
+         \x20 acb_step_1  push   r:5000/hello-world:ca1  [waits for: acb_step_0]\n\
+         level 2:\n\
+         \x20 acb_step_2  cmd    r:5000/hello-world:ca1  [waits for: acb_step_1]\n\
+         critical path (by timeout, 1800 s): acb_step_0 -> acb_step_1 -> acb_step_2\n"
+    );
 }

@@ -166,7 +166,9 @@ pub fn plan_json(task: &Task, plan: &Plan) -> serde_json::Value {
     })
 }
 
-fn plan_table(task: &Task, plan: &Plan) -> String {
+/// The plan as a human-readable table: levels, each step's action and what it waits for,
+/// and the critical path.
+pub fn plan_table(task: &Task, plan: &Plan) -> String {
     let mut out = String::new();
     let width = task
         .steps
