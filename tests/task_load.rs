@@ -41,6 +41,7 @@ fn defaults_and_generated_ids() {
     assert_eq!(t.total_timeout, 3600);
     assert_eq!(t.steps[0].id, "acb_step_0");
     assert_eq!(t.steps[0].effective_timeout(&t), 600);
+    assert_eq!(t.steps[0].retry_delay, task::DEFAULT_RETRY_DELAY);
     assert_eq!(t.steps[0].kind(), Some(StepKind::Cmd("busybox echo hello")));
 
     let t = valid("generated-ids.yaml");

@@ -261,7 +261,7 @@ fn scalar_text(n: &Node) -> Option<String> {
 }
 
 /// Parses the alias section text into its node (the value under `alias`).
-pub(crate) fn parse_section(text: &str) -> Result<Option<Node>, serde_saphyr::Error> {
+pub(crate) fn parse_section(text: &str) -> Result<Option<Node>, tree::YamlError> {
     let root = tree::parse(text)?;
     Ok(root.get("alias").cloned())
 }

@@ -13,6 +13,10 @@ mod values;
 
 pub use alias::BUILTIN_ALIASES;
 pub use model::*;
+
+/// Seconds between retries when `retryDelay` is absent or 0 (acr-builder
+/// `defaultStepRetryDelayInSeconds`).
+pub const DEFAULT_RETRY_DELAY: u64 = 5;
 pub use validate::{BUILTIN_NETWORKS, VERSIONS};
 
 use std::collections::BTreeMap;
@@ -135,7 +139,7 @@ fn load_inner(
         match alias::parse_section(&split.alias_text) {
             Ok(n) => alias_node = n,
             Err(e) => {
-                diags.push(parse::yaml_error(file, &e, None, Some(&split.alias_text)));
+                diags.push(parse::syntax_error(file, &e, None));
                 return None;
             }
         }
@@ -157,7 +161,7 @@ fn load_inner(
     let root = match tree::parse(&rendered) {
         Ok(r) => r,
         Err(e) => {
-            diags.push(parse::yaml_error(file, &e, Some(&map), Some(&rendered)));
+            diags.push(parse::syntax_error(file, &e, Some(&map)));
             return None;
         }
     };
@@ -206,7 +210,7 @@ fn load_inner(
 }
 
 /// acr-builder's post-parse defaults: empty actions count as absent, missing ids become
-/// `acb_step_N`, and a user alias naming a `cmd`'s image applies without the directive.
+/// `acb_step_N`, an unset (or 0) `retryDelay` becomes 5 s, and a user alias naming a `cmd`'s image applies without the directive.
 fn normalize(task: &mut Task, aliases: &alias::Aliases) {
     for (i, s) in task.steps.iter_mut().enumerate() {
         if s.build.as_deref().is_some_and(|b| b.trim().is_empty()) {
@@ -220,6 +224,9 @@ fn normalize(task: &mut Task, aliases: &alias::Aliases) {
         }
         if s.id.is_empty() {
             s.id = format!("{STEP_ID_PREFIX}{i}");
+        }
+        if s.retry_delay == 0 {
+            s.retry_delay = DEFAULT_RETRY_DELAY;
         }
         if let Some(cmd) = &s.cmd {
             let trimmed = cmd.trim_start();

@@ -23,13 +23,58 @@ pub(crate) fn render(
     }
     let protected = protect_secrets(text);
     let text = protected.as_str();
+    let data = data(run, values);
+    if let Some(out) = render_simple(file, text, &data) {
+        return Ok(out);
+    }
     let tmpl = with_funcs(Template::new(file))
         .missing_key(MissingKey::Error)
         .parse(text)
         .map_err(|e| template_error(file, text, original, &e))?;
-    let data = data(run, values);
     tmpl.execute_to_string(&data)
         .map_err(|e| template_error(file, text, original, &e))
+}
+
+/// Fast path for the common case where every action is a lone expression such as
+/// `{{.Run.ID}}` or `{{ .Values.tag | upper }}`: each distinct action is rendered once and
+/// pasted in. `None` (use the full engine) on any control structure, variable, comment,
+/// whitespace trimming, multi-line action, or error.
+fn render_simple(file: &str, text: &str, data: &Value) -> Option<String> {
+    const CONTROL: &[&str] = &[
+        "if", "else", "end", "range", "with", "define", "block", "template", "break", "continue",
+    ];
+    let mut cache: std::collections::HashMap<&str, String> = std::collections::HashMap::new();
+    let mut out = String::with_capacity(text.len() + text.len() / 8);
+    let mut rest = text;
+    while let Some(open) = rest.find("{{") {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 2..];
+        let close = after.find("}}")?;
+        let inner = &after[..close];
+        let first = inner.split_whitespace().next().unwrap_or("");
+        if inner.contains(['\n', '$', '{'])
+            || inner.contains(":=")
+            || inner.starts_with(['-', '/'])
+            || inner.ends_with('-')
+            || CONTROL.contains(&first)
+        {
+            return None;
+        }
+        if let Some(done) = cache.get(inner) {
+            out.push_str(done);
+        } else {
+            let t = with_funcs(Template::new(file))
+                .missing_key(MissingKey::Error)
+                .parse(&format!("{{{{{inner}}}}}"))
+                .ok()?;
+            let v = t.execute_to_string(data).ok()?;
+            out.push_str(&v);
+            cache.insert(inner, v);
+        }
+        rest = &after[close + 2..];
+    }
+    out.push_str(rest);
+    Some(out)
 }
 
 /// `{{.Secrets.id}}` is resolved when the step runs (as in ACR), not when the file is
