@@ -214,3 +214,16 @@ fn template_error_lines_survive_line_changing_templates() {
     assert_eq!(e.0.len(), 1);
     assert_eq!((e.0[0].line, e.0[0].column), (9, 41));
 }
+
+#[test]
+fn alias_files_merge_under_values() {
+    let t = valid("alias-files.yaml");
+    assert_eq!(
+        t.steps[0].cmd.as_deref(),
+        Some("busybox:stable echo platform builds team/api")
+    );
+    assert_eq!(
+        t.steps[1].cmd.as_deref(),
+        Some("busybox:stable echo image alias from a file")
+    );
+}

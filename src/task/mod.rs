@@ -104,7 +104,8 @@ pub fn load_file(path: &Path, run: &RunInfo, values: &Values) -> Result<Task, Di
     load_str(&path.display().to_string(), &text, run, values)
 }
 
-/// Renders, parses and validates task-file text; `file` names it in diagnostics.
+/// Renders, parses and validates task-file text; `file` names it in diagnostics and its
+/// directory is where relative `alias.src` files are read from.
 ///
 /// The order is acr-builder's: `$` aliases are expanded in the raw text, then templates
 /// are rendered, then the YAML is parsed. Diagnostics are sorted by position.
@@ -148,7 +149,10 @@ fn load_inner(
         let mut scratch = n.to_json();
         fields::check(file, n, fields::Part::Alias, &mut scratch, diags);
     }
-    let (aliases, alias_model) = alias::Aliases::from_section(file, alias_node.as_ref(), diags);
+    // Relative `alias.src` files live next to the task file.
+    let base = Path::new(file).parent().unwrap_or(Path::new("."));
+    let (aliases, alias_model) =
+        alias::Aliases::from_section(file, base, alias_node.as_ref(), diags);
     let expanded = aliases.apply(&split.rest);
     let rendered = match render::render(file, &expanded, &split.rest, run, values) {
         Ok(r) => r,

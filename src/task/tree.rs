@@ -447,7 +447,12 @@ mod tests {
                         compared += 1;
                     }
                     (Err(_), Err(_)) => {}
-                    (t, o) => panic!("{}: saphyr {:?} vs tree {:?}", path.display(), t.is_ok(), o.is_ok()),
+                    (t, o) => panic!(
+                        "{}: saphyr {:?} vs tree {:?}",
+                        path.display(),
+                        t.is_ok(),
+                        o.is_ok()
+                    ),
                 }
             }
         }
