@@ -123,19 +123,42 @@ pub(crate) fn secret_refs(text: &str) -> Vec<&str> {
     ids
 }
 
+/// The template data, shaped as acr-builder's: `.Run`, `.Build.ID`, `.Values`, and the
+/// shell-quoted `.RunJSON` / `.ValuesJSON`. Run fields acr-task has no source for
+/// (`Repository`, `GitTag`, `TriggeredBy`, `OSVersion`) are empty rather than missing.
 fn data(run: &RunInfo, values: &Values) -> Value {
+    let pairs: [(&str, &str); 14] = [
+        ("ID", &run.id),
+        ("Commit", &run.commit),
+        ("Repository", ""),
+        ("Branch", &run.branch),
+        ("GitTag", ""),
+        ("TriggeredBy", ""),
+        ("Registry", &run.registry),
+        ("RegistryName", &run.registry_name),
+        ("Date", &run.date),
+        ("SharedVolume", &run.shared_volume),
+        ("OS", &run.os),
+        ("OSVersion", ""),
+        ("Architecture", &run.architecture),
+        ("TaskName", &run.task_name),
+    ];
     let s = |v: &str| Value::String(Arc::from(v));
-    let mut r: BTreeMap<Arc<str>, Value> = BTreeMap::new();
-    r.insert("ID".into(), s(&run.id));
-    r.insert("Registry".into(), s(&run.registry));
-    r.insert("RegistryName".into(), s(&run.registry_name));
-    r.insert("Date".into(), s(&run.date));
-    r.insert("OS".into(), s(&run.os));
-    r.insert("Architecture".into(), s(&run.architecture));
-    r.insert("Commit".into(), s(&run.commit));
-    r.insert("Branch".into(), s(&run.branch));
-    r.insert("TaskName".into(), s(&run.task_name));
-    r.insert("SharedVolume".into(), s(&run.shared_volume));
+    let r: BTreeMap<Arc<str>, Value> = pairs.iter().map(|(k, v)| (Arc::from(*k), s(v))).collect();
+    let run_json: serde_json::Map<String, serde_json::Value> = pairs
+        .iter()
+        .map(|(k, v)| {
+            (
+                (*k).to_string(),
+                serde_json::Value::String((*v).to_string()),
+            )
+        })
+        .collect();
+    let values_json: serde_json::Map<String, serde_json::Value> = values
+        .0
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     let v: BTreeMap<Arc<str>, Value> = values
         .0
         .iter()
@@ -143,8 +166,39 @@ fn data(run: &RunInfo, values: &Values) -> Value {
         .collect();
     let mut top: BTreeMap<Arc<str>, Value> = BTreeMap::new();
     top.insert("Run".into(), Value::Map(Arc::new(r)));
+    top.insert(
+        "Build".into(),
+        Value::Map(Arc::new(BTreeMap::from([(Arc::from("ID"), s(&run.id))]))),
+    );
     top.insert("Values".into(), Value::Map(Arc::new(v)));
+    top.insert(
+        "RunJSON".into(),
+        s(&shell_quote(
+            &serde_json::Value::Object(run_json).to_string(),
+        )),
+    );
+    top.insert(
+        "ValuesJSON".into(),
+        s(&shell_quote(
+            &serde_json::Value::Object(values_json).to_string(),
+        )),
+    );
     Value::Map(Arc::new(top))
+}
+
+/// Single-quotes `s` for a shell when it holds anything beyond `[A-Za-z0-9_^@=+%,:./-]`.
+fn shell_quote(s: &str) -> String {
+    if s.is_empty() {
+        return "''".into();
+    }
+    let plain = s
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "_^@=+%,:./-".contains(c));
+    if plain {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\"'\"'"))
+    }
 }
 
 fn json_to_value(v: &serde_json::Value) -> Value {
@@ -494,6 +548,23 @@ mod tests {
         .unwrap();
         assert_eq!(out, "127.0.0.1:5000/app:V2-ca1 \"x\"");
         assert_eq!(b64enc(b"hello"), "aGVsbG8=");
+    }
+
+    #[test]
+    fn acr_data_shape() {
+        let mut v = Values::default();
+        v.set("a=it's").unwrap();
+        let out = render(
+            "f",
+            "{{.Build.ID}} {{.Run.GitTag}}|{{.ValuesJSON}} {{.RunJSON | len}}",
+            "",
+            &run(),
+            &v,
+        )
+        .unwrap();
+        assert!(out.starts_with("ca1 |'{\"a\":\"it'\"'\"'s\"}' "), "{out}");
+        assert_eq!(shell_quote("plain:1.0"), "plain:1.0");
+        assert_eq!(shell_quote(""), "''");
     }
 
     #[test]

@@ -130,7 +130,8 @@ pub(crate) fn parse(text: &str) -> Result<Node, YamlError> {
                     return Err(YamlError {
                         line,
                         column,
-                        message: "a task file holds a single YAML document".into(),
+                        message: "expected a single YAML document (found `---` starting another)"
+                            .into(),
                     });
                 }
                 continue;
