@@ -421,6 +421,114 @@ fn with_funcs(t: Template) -> Template {
         }),
         ("list", |a| Ok(Value::List(a.iter().cloned().collect()))),
         ("b64enc", |a| str1(a, "b64enc", |s| b64enc(s.as_bytes()))),
+        ("b64dec", |a| match a {
+            [s] => b64dec(&text(s))
+                .map(sval)
+                .ok_or_else(|| TemplateError::Exec("b64dec: not valid base64 text".into())),
+            _ => Err(arity("b64dec", 1)),
+        }),
+        ("sha256sum", |a| {
+            str1(a, "sha256sum", |s| {
+                use sha2::Digest;
+                hex::encode(sha2::Sha256::digest(s.as_bytes()))
+            })
+        }),
+        ("nospace", |a| {
+            str1(a, "nospace", |s| {
+                s.chars().filter(|c| !c.is_whitespace()).collect()
+            })
+        }),
+        ("trimAll", |a| {
+            str2(a, "trimAll", |cut, s| {
+                s.trim_matches(|c| cut.contains(c)).to_string()
+            })
+        }),
+        ("indent", |a| match a {
+            [n, s] => Ok(sval(indent(n, s))),
+            _ => Err(arity("indent", 2)),
+        }),
+        ("nindent", |a| match a {
+            [n, s] => Ok(sval(format!("\n{}", indent(n, s)))),
+            _ => Err(arity("nindent", 2)),
+        }),
+        ("cat", |a| {
+            Ok(sval(
+                a.iter()
+                    .filter(|v| !matches!(v, Value::Nil))
+                    .map(text)
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ))
+        }),
+        ("toJson", |a| match a {
+            [v] => Ok(sval(value_to_json(v).to_string())),
+            _ => Err(arity("toJson", 1)),
+        }),
+        ("int", |a| match a {
+            [v] => Ok(Value::Int(to_int(v))),
+            _ => Err(arity("int", 1)),
+        }),
+        ("atoi", |a| match a {
+            [v] => Ok(Value::Int(to_int(v))),
+            _ => Err(arity("atoi", 1)),
+        }),
+        ("add", |a| {
+            Ok(Value::Int(
+                a.iter().map(to_int).fold(0i64, i64::wrapping_add),
+            ))
+        }),
+        ("mul", |a| {
+            Ok(Value::Int(
+                a.iter().map(to_int).fold(1i64, i64::wrapping_mul),
+            ))
+        }),
+        ("sub", |a| match a {
+            [x, y] => Ok(Value::Int(to_int(x).wrapping_sub(to_int(y)))),
+            _ => Err(arity("sub", 2)),
+        }),
+        ("div", |a| match a {
+            [x, y] => to_int(x)
+                .checked_div(to_int(y))
+                .map(Value::Int)
+                .ok_or_else(|| TemplateError::Exec("div: division by zero".into())),
+            _ => Err(arity("div", 2)),
+        }),
+        ("mod", |a| match a {
+            [x, y] => to_int(x)
+                .checked_rem(to_int(y))
+                .map(Value::Int)
+                .ok_or_else(|| TemplateError::Exec("mod: division by zero".into())),
+            _ => Err(arity("mod", 2)),
+        }),
+        ("first", |a| match a {
+            [Value::List(l)] => Ok(l.first().cloned().unwrap_or(Value::Nil)),
+            [_] => Ok(Value::Nil),
+            _ => Err(arity("first", 1)),
+        }),
+        ("last", |a| match a {
+            [Value::List(l)] => Ok(l.last().cloned().unwrap_or(Value::Nil)),
+            [_] => Ok(Value::Nil),
+            _ => Err(arity("last", 1)),
+        }),
+        ("hasKey", |a| match a {
+            [Value::Map(m), k] => Ok(Value::Bool(m.contains_key(text(k).as_str()))),
+            [_, _] => Ok(Value::Bool(false)),
+            _ => Err(arity("hasKey", 2)),
+        }),
+        ("substr", |a| match a {
+            [start, end, s] => {
+                let chars: Vec<char> = text(s).chars().collect();
+                let len = chars.len() as i64;
+                let b = to_int(start).clamp(0, len) as usize;
+                let e = if to_int(end) < 0 {
+                    len
+                } else {
+                    to_int(end).clamp(0, len)
+                } as usize;
+                Ok(sval(chars[b..e.max(b)].iter().collect()))
+            }
+            _ => Err(arity("substr", 3)),
+        }),
     ];
     funcs.iter().fold(t, |t, (name, f)| t.func(name, *f))
 }
@@ -476,6 +584,69 @@ fn f_required(a: &[Value]) -> gotmpl::Result<Value> {
         [_, v] => Ok(v.clone()),
         _ => Err(arity("required", 2)),
     }
+}
+
+fn to_int(v: &Value) -> i64 {
+    match v {
+        Value::Int(i) => *i,
+        Value::Uint(u) => i64::try_from(*u).unwrap_or(i64::MAX),
+        Value::Float(f) => *f as i64,
+        Value::Bool(b) => i64::from(*b),
+        Value::String(s) => s.trim().parse().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+fn indent(n: &Value, s: &Value) -> String {
+    let pad = " ".repeat(to_int(n).clamp(0, 1000) as usize);
+    text(s)
+        .split('\n')
+        .map(|l| format!("{pad}{l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn value_to_json(v: &Value) -> serde_json::Value {
+    use serde_json::Value as J;
+    match v {
+        Value::Nil => J::Null,
+        Value::Bool(b) => J::Bool(*b),
+        Value::Int(i) => J::from(*i),
+        Value::Uint(u) => J::from(*u),
+        Value::Float(f) => serde_json::Number::from_f64(*f).map_or(J::Null, J::Number),
+        Value::String(s) => J::String(s.to_string()),
+        Value::List(l) => J::Array(l.iter().map(value_to_json).collect()),
+        Value::Map(m) => J::Object(
+            m.iter()
+                .map(|(k, v)| (k.to_string(), value_to_json(v)))
+                .collect(),
+        ),
+        other => J::String(other.to_string()),
+    }
+}
+
+fn b64dec(s: &str) -> Option<String> {
+    let mut bits = 0u32;
+    let mut n = 0;
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    for c in s.bytes().filter(|c| !c.is_ascii_whitespace() && *c != b'=') {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        };
+        bits = (bits << 6) | u32::from(v);
+        n += 6;
+        if n >= 8 {
+            n -= 8;
+            out.push((bits >> n) as u8);
+            bits &= (1 << n) - 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 fn title(s: &str) -> String {
@@ -548,6 +719,35 @@ mod tests {
         .unwrap();
         assert_eq!(out, "127.0.0.1:5000/app:V2-ca1 \"x\"");
         assert_eq!(b64enc(b"hello"), "aGVsbG8=");
+        assert_eq!(b64dec("aGVsbG8=").as_deref(), Some("hello"));
+    }
+
+    #[test]
+    fn sprig_subset() {
+        let mut v = Values::default();
+        v.set("n=7").unwrap();
+        v.set("m.k=x").unwrap();
+        let out = render(
+            "f",
+            "{{ add 1 2 .Values.n }} {{ sub 10 3 }} {{ div 9 2 }} {{ mod 9 2 }} {{ mul 2 3 }} {{ \"hi\" | sha256sum | trunc 8 }} {{ \"aGk=\" | b64dec }} {{ hasKey .Values.m \"k\" }} {{ \"a b\" | nospace }} {{ substr 1 3 \"abcd\" }} {{ .Values.m | toJson }} {{ list 1 2 | first }}{{ list 1 2 | last }} {{ trimAll \"-\" \"--x--\" }} {{ cat \"a\" \"b\" }}",
+            "",
+            &run(),
+            &v,
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            "10 7 4 1 6 8f434346 hi true ab bc {\"k\":\"x\"} 12 x a b"
+        );
+        let e = render(
+            "f",
+            "{{ div 1 0 }}",
+            "{{ div 1 0 }}",
+            &run(),
+            &Values::default(),
+        )
+        .unwrap_err();
+        assert!(e.message.contains("division by zero"), "{e}");
     }
 
     #[test]
