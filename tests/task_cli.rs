@@ -88,6 +88,13 @@ fn values_file_and_set() {
         err.contains(":5:11: template: no value for `deploy`"),
         "{err}"
     );
+    // ACR's behaviour on request: missing values render as nothing.
+    let (code, out, err) = acr_task(&["validate", f.to_str().unwrap(), "--empty-missing-values"]);
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "valid: 1 steps, 1 levels\n"),
+        "{err}"
+    );
     let (code, _, err) = acr_task(&["validate", f.to_str().unwrap(), "--set", "oops"]);
     assert_eq!(code, 1);
     assert!(err.contains("`oops` is not of the form key=value"), "{err}");

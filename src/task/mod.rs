@@ -115,8 +115,26 @@ pub fn load_str(
     run: &RunInfo,
     values: &Values,
 ) -> Result<Task, Diagnostics> {
+    load_str_with(file, text, run, values, &LoadOptions::default())
+}
+
+/// Choices that differ between ACR and acr-task's stricter default.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Render a missing `.Values.x` as nothing, as ACR does, instead of reporting it.
+    pub empty_missing_values: bool,
+}
+
+/// [`load_str`] with [`LoadOptions`].
+pub fn load_str_with(
+    file: &str,
+    text: &str,
+    run: &RunInfo,
+    values: &Values,
+    options: &LoadOptions,
+) -> Result<Task, Diagnostics> {
     let mut diags = Vec::new();
-    let task = load_inner(file, text, run, values, &mut diags);
+    let task = load_inner(file, text, run, values, options, &mut diags);
     match task {
         Some(t) if diags.is_empty() => Ok(t),
         _ => {
@@ -131,6 +149,7 @@ fn load_inner(
     text: &str,
     run: &RunInfo,
     values: &Values,
+    options: &LoadOptions,
     diags: &mut Vec<Diagnostic>,
 ) -> Option<Task> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
@@ -154,7 +173,14 @@ fn load_inner(
     let (aliases, alias_model) =
         alias::Aliases::from_section(file, base, alias_node.as_ref(), diags);
     let expanded = aliases.apply(&split.rest);
-    let rendered = match render::render(file, &expanded, &split.rest, run, values) {
+    let rendered = match render::render(
+        file,
+        &expanded,
+        &split.rest,
+        run,
+        values,
+        options.empty_missing_values,
+    ) {
         Ok(r) => r,
         Err(d) => {
             diags.push(d);

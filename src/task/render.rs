@@ -11,12 +11,15 @@ use super::{Diagnostic, RunInfo, Values};
 
 /// Renders `text` (already alias-expanded). `original` is the file as written, used to
 /// point execution errors at a place.
+/// With `empty_missing`, a missing value renders as nothing, as ACR does (Go's
+/// `missingkey=zero` with `<no value>` removed); otherwise it is an error.
 pub(crate) fn render(
     file: &str,
     text: &str,
     original: &str,
     run: &RunInfo,
     values: &Values,
+    empty_missing: bool,
 ) -> Result<String, Diagnostic> {
     if !text.contains("{{") {
         return Ok(text.to_string());
@@ -24,22 +27,36 @@ pub(crate) fn render(
     let protected = protect_secrets(text);
     let text = protected.as_str();
     let data = data(run, values);
-    if let Some(out) = render_simple(file, text, &data) {
-        return Ok(out);
+    let missing = if empty_missing {
+        MissingKey::ZeroValue
+    } else {
+        MissingKey::Error
+    };
+    let out = match render_simple(file, text, &data, missing) {
+        Some(out) => out,
+        None => {
+            let tmpl = with_funcs(Template::new(file))
+                .missing_key(missing)
+                .parse(text)
+                .map_err(|e| template_error(file, text, original, &e))?;
+            tmpl.execute_to_string(&data)
+                .map_err(|e| template_error(file, text, original, &e))?
+        }
+    };
+    if empty_missing {
+        return Ok(out.replace(NO_VALUE, ""));
     }
-    let tmpl = with_funcs(Template::new(file))
-        .missing_key(MissingKey::Error)
-        .parse(text)
-        .map_err(|e| template_error(file, text, original, &e))?;
-    tmpl.execute_to_string(&data)
-        .map_err(|e| template_error(file, text, original, &e))
+    Ok(out)
 }
+
+/// What the engine prints for a missing value under `missingkey=zero`.
+const NO_VALUE: &str = "<no value>";
 
 /// Fast path for the common case where every action is a lone expression such as
 /// `{{.Run.ID}}` or `{{ .Values.tag | upper }}`: each distinct action is rendered once and
 /// pasted in. `None` (use the full engine) on any control structure, variable, comment,
 /// whitespace trimming, multi-line action, or error.
-fn render_simple(file: &str, text: &str, data: &Value) -> Option<String> {
+fn render_simple(file: &str, text: &str, data: &Value, missing: MissingKey) -> Option<String> {
     const CONTROL: &[&str] = &[
         "if", "else", "end", "range", "with", "define", "block", "template", "break", "continue",
     ];
@@ -64,7 +81,7 @@ fn render_simple(file: &str, text: &str, data: &Value) -> Option<String> {
             out.push_str(done);
         } else {
             let t = with_funcs(Template::new(file))
-                .missing_key(MissingKey::Error)
+                .missing_key(missing)
                 .parse(&format!("{{{{{inner}}}}}"))
                 .ok()?;
             let v = t.execute_to_string(data).ok()?;
@@ -715,11 +732,20 @@ mod tests {
                 v2.0.insert("none".into(), serde_json::Value::Null);
                 v2
             },
+            false,
         )
         .unwrap();
         assert_eq!(out, "127.0.0.1:5000/app:V2-ca1 \"x\"");
         assert_eq!(b64enc(b"hello"), "aGVsbG8=");
         assert_eq!(b64dec("aGVsbG8=").as_deref(), Some("hello"));
+    }
+
+    #[test]
+    fn missing_values_can_render_empty_as_in_acr() {
+        let src = "a: {{ .Values.nope }}|{{ .Values.nope | default \"d\" }}|{{ if .Values.nope }}x{{ end }}";
+        let out = render("f", src, src, &run(), &Values::default(), true).unwrap();
+        assert_eq!(out, "a: |d|");
+        assert!(render("f", src, src, &run(), &Values::default(), false).is_err());
     }
 
     #[test]
@@ -733,6 +759,7 @@ mod tests {
             "",
             &run(),
             &v,
+            false,
         )
         .unwrap();
         assert_eq!(
@@ -745,6 +772,7 @@ mod tests {
             "{{ div 1 0 }}",
             &run(),
             &Values::default(),
+            false,
         )
         .unwrap_err();
         assert!(e.message.contains("division by zero"), "{e}");
@@ -760,6 +788,7 @@ mod tests {
             "",
             &run(),
             &v,
+            false,
         )
         .unwrap();
         assert!(out.starts_with("ca1 |'{\"a\":\"it'\"'\"'s\"}' "), "{out}");
@@ -775,6 +804,7 @@ mod tests {
             "",
             &run(),
             &Values::default(),
+            false,
         )
         .unwrap();
         assert_eq!(
@@ -787,7 +817,7 @@ mod tests {
     #[test]
     fn missing_value_points_at_use() {
         let src = "steps:\n  - cmd: busybox echo {{ .Values.greeting }}\n";
-        let e = render("f", src, src, &run(), &Values::default()).unwrap_err();
+        let e = render("f", src, src, &run(), &Values::default(), false).unwrap_err();
         assert_eq!(
             e.to_string(),
             "f:2:26: template: no value for `greeting` (give it in a values file or with --set greeting=...)"
@@ -797,7 +827,7 @@ mod tests {
     #[test]
     fn parse_error_has_position() {
         let src = "steps:\n  - cmd: busybox echo {{ .Values.x \n";
-        let e = render("f", src, src, &run(), &Values::default()).unwrap_err();
+        let e = render("f", src, src, &run(), &Values::default(), false).unwrap_err();
         assert_eq!((e.line, e.column), (2, 23), "{e}");
         assert!(e.message.starts_with("template: "), "{e}");
     }
