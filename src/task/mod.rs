@@ -3,6 +3,7 @@
 
 pub mod alias;
 mod fields;
+mod funcs;
 pub mod model;
 mod parse;
 mod render;
