@@ -83,6 +83,13 @@ const VALUES: &[&str] = &[
     "- x",
     "\t",
     "{{ range .Values.tag }}",
+    "{{ substr 5 1 \"ab\" }}",
+    "{{ div 1 0 }}",
+    "{{ repeat 99999999 \"x\" | len }}",
+    "{{ b64dec \"%%%\" }}",
+    "{{ indent -3 .Values.tag }}",
+    "{{ .Secrets.s0 }}",
+    "$$ID",
     "{{ printf \"%d\" 1 }}",
     "enabled",
     "host",
@@ -129,7 +136,11 @@ proptest! {
     #[test]
     fn mutated_corpus_files_never_panic(idx in any::<prop::sample::Index>(), at in any::<prop::sample::Index>(), ins in "[ \n:\\-\\[{}$\"]{0,4}", cut in 0usize..10) {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tasks/valid");
-        let mut files: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.is_file())
+            .collect();
         files.sort();
         let text = std::fs::read_to_string(&files[idx.index(files.len())]).unwrap();
         let mut chars: Vec<char> = text.chars().collect();

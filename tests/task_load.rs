@@ -41,6 +41,7 @@ fn defaults_and_generated_ids() {
     assert_eq!(t.total_timeout, 3600);
     assert_eq!(t.steps[0].id, "acb_step_0");
     assert_eq!(t.steps[0].effective_timeout(&t), 600);
+    assert_eq!(t.steps[0].retry_delay, task::DEFAULT_RETRY_DELAY);
     assert_eq!(t.steps[0].kind(), Some(StepKind::Cmd("busybox echo hello")));
 
     let t = valid("generated-ids.yaml");
@@ -212,4 +213,17 @@ fn template_error_lines_survive_line_changing_templates() {
     let e = task::load_file(&path, &run(), &values).unwrap_err();
     assert_eq!(e.0.len(), 1);
     assert_eq!((e.0[0].line, e.0[0].column), (9, 41));
+}
+
+#[test]
+fn alias_files_merge_under_values() {
+    let t = valid("alias-files.yaml");
+    assert_eq!(
+        t.steps[0].cmd.as_deref(),
+        Some("busybox:stable echo platform builds team/api")
+    );
+    assert_eq!(
+        t.steps[1].cmd.as_deref(),
+        Some("busybox:stable echo image alias from a file")
+    );
 }

@@ -14,7 +14,7 @@ use crate::plan::Plan;
 use crate::registry::{RegistryConfig, RunningRegistry};
 use crate::runtime::docker::DockerRuntime;
 use crate::runtime::runner;
-use crate::task::{RunInfo, Step, Task};
+use crate::task::{LoadOptions, RunInfo, Step, Task};
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -32,6 +32,9 @@ pub struct RunArgs {
     /// Registry to push to (`HOST:PORT`). Default: the integrated registry, started in-process.
     #[arg(long)]
     pub registry: Option<String>,
+    /// Render a missing `.Values.x` as nothing, as ACR does, instead of reporting it.
+    #[arg(long)]
+    pub empty_missing_values: bool,
     /// Print the rendered plan (levels, dependencies, critical path) without touching Docker.
     #[arg(long)]
     pub dry_run: bool,
@@ -235,6 +238,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let run_id = new_run_id();
     let cfg = RunConfig::for_run(&run_id, context.clone(), args.max_parallel);
+    let options = LoadOptions {
+        empty_missing_values: args.empty_missing_values,
+    };
     if args.dry_run {
         let registry = args
             .registry
@@ -246,13 +252,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             args.values.as_deref(),
             &args.set,
             &info,
+            &options,
             args.output,
         ));
     }
     tokio_runtime()?.block_on(async {
         let (registry, integrated) = registry_for(args.registry.clone(), args.data.clone()).await?;
         let info = run_info(&run_id, &file, &registry, &context, &cfg);
-        let loaded = validate::load(&file, args.values.as_deref(), &args.set, &info);
+        let loaded = validate::load(&file, args.values.as_deref(), &args.set, &info, &options);
         let result = match loaded {
             Err(d) => {
                 validate::print_diagnostics(&d, args.output);

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use super::Output;
 use crate::plan::Plan;
-use crate::task::{self, Diagnostics, RunInfo, StepKind, Task, Values};
+use crate::task::{self, Diagnostics, LoadOptions, RunInfo, StepKind, Task, Values};
 
 #[derive(Debug, clap::Args)]
 pub struct ValidateArgs {
@@ -18,13 +18,25 @@ pub struct ValidateArgs {
     /// Override a value: `--set key=value` (repeatable; later wins).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+    /// Render a missing `{{.Values.x}}` as empty text, as ACR does, instead of an error.
+    #[arg(long)]
+    pub empty_missing_values: bool,
     #[arg(long, short = 'o', value_enum, default_value = "table")]
     pub output: Output,
 }
 
 pub fn validate(args: ValidateArgs) -> ExitCode {
     let run = RunInfo::placeholder(&args.file);
-    match load(&args.file, args.values.as_deref(), &args.set, &run) {
+    let options = LoadOptions {
+        empty_missing_values: args.empty_missing_values,
+    };
+    match load(
+        &args.file,
+        args.values.as_deref(),
+        &args.set,
+        &run,
+        &options,
+    ) {
         Ok((task, plan)) => {
             if args.output == Output::Json {
                 println!("[]");
@@ -50,6 +62,7 @@ pub fn load(
     values: Option<&Path>,
     set: &[String],
     run: &RunInfo,
+    options: &LoadOptions,
 ) -> Result<(Task, Plan), Diagnostics> {
     let mut vals = match values {
         Some(p) => Values::from_file(p)?,
@@ -59,7 +72,15 @@ pub fn load(
         vals.set(s)
             .map_err(|m| Diagnostics(vec![task::Diagnostic::new("--set", 0, 0, m)]))?;
     }
-    let task = task::load_file(file, run, &vals)?;
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        Diagnostics(vec![task::Diagnostic::new(
+            &file.display().to_string(),
+            0,
+            0,
+            format!("cannot read task file: {e}"),
+        )])
+    })?;
+    let task = task::load_str_with(&file.display().to_string(), &text, run, &vals, options)?;
     // load_file has already reported every plan problem, so this cannot fail; keep the
     // error path anyway rather than trusting that.
     let plan = Plan::new(&task).map_err(|e| {
@@ -94,9 +115,10 @@ pub fn dry_run(
     values: Option<&Path>,
     set: &[String],
     run: &RunInfo,
+    options: &LoadOptions,
     output: Output,
 ) -> ExitCode {
-    match load(file, values, set, run) {
+    match load(file, values, set, run, options) {
         Ok((task, plan)) => print_plan(&task, &plan, output),
         Err(d) => {
             print_diagnostics(&d, output);
@@ -166,7 +188,9 @@ pub fn plan_json(task: &Task, plan: &Plan) -> serde_json::Value {
     })
 }
 
-fn plan_table(task: &Task, plan: &Plan) -> String {
+/// The plan as a human-readable table: levels, each step's action and what it waits for,
+/// and the critical path.
+pub fn plan_table(task: &Task, plan: &Plan) -> String {
     let mut out = String::new();
     let width = task
         .steps

@@ -113,6 +113,9 @@ fn build(task: &Task) -> (Vec<Vec<usize>>, Vec<Issue>) {
 /// cycle through its first step (in file order), printed in execution direction.
 fn cycles(task: &Task, deps: &[Vec<usize>]) -> Vec<Issue> {
     let n = deps.len();
+    if is_acyclic(deps) {
+        return Vec::new();
+    }
     let mut g: DiGraph<usize, ()> = DiGraph::with_capacity(n, n);
     let nodes: Vec<NodeIndex> = (0..n).map(|i| g.add_node(i)).collect();
     for (i, ds) in deps.iter().enumerate() {
@@ -186,6 +189,31 @@ fn cycles(task: &Task, deps: &[Vec<usize>]) -> Vec<Issue> {
         });
     }
     out
+}
+
+/// Kahn's algorithm without ordering: cheap proof that there is no cycle, so the SCC
+/// search only runs when there is one to report.
+fn is_acyclic(deps: &[Vec<usize>]) -> bool {
+    let n = deps.len();
+    let mut indegree: Vec<usize> = deps.iter().map(Vec::len).collect();
+    let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for (i, ds) in deps.iter().enumerate() {
+        for &d in ds {
+            dependents[d].push(i);
+        }
+    }
+    let mut stack: Vec<usize> = (0..n).filter(|&i| indegree[i] == 0).collect();
+    let mut seen = 0;
+    while let Some(i) = stack.pop() {
+        seen += 1;
+        for &j in &dependents[i] {
+            indegree[j] -= 1;
+            if indegree[j] == 0 {
+                stack.push(j);
+            }
+        }
+    }
+    seen == n
 }
 
 impl Plan {

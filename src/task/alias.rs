@@ -4,6 +4,7 @@
 //! escape for a literal one.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use super::tree::{self, Node, Raw};
 use super::{Alias, Diagnostic};
@@ -89,8 +90,10 @@ pub(crate) struct Aliases {
 
 impl Aliases {
     /// Reads the alias section (already parsed); `None` when the file has none.
+    /// `base` is the directory that relative `alias.src` files are read from.
     pub(crate) fn from_section(
         file: &str,
+        base: &Path,
         node: Option<&Node>,
         diags: &mut Vec<Diagnostic>,
     ) -> (Aliases, Option<Alias>) {
@@ -178,6 +181,9 @@ impl Aliases {
                             )),
                         },
                     }
+                    if let Some(src) = node.get("src") {
+                        read_sources(file, base, src, &mut user, diags);
+                    }
                 }
                 _ => diags.push(Diagnostic::new(
                     file,
@@ -249,6 +255,84 @@ impl Aliases {
     }
 }
 
+/// `alias.src`: YAML files of `name: replacement`. Names in `values` win, then later files
+/// over earlier ones (as in acr-builder). Remote URLs are refused: acr-task reads from disk.
+fn read_sources(
+    file: &str,
+    base: &Path,
+    src: &Node,
+    user: &mut BTreeMap<String, String>,
+    diags: &mut Vec<Diagnostic>,
+) {
+    let items: Vec<&Node> = match &src.raw {
+        Raw::Seq(items) => items.iter().collect(),
+        Raw::Str(_) => vec![src],
+        Raw::Null => Vec::new(),
+        _ => {
+            diags.push(Diagnostic::new(
+                file,
+                src.line,
+                src.column,
+                "alias `src` must be a list of alias files".into(),
+            ));
+            return;
+        }
+    };
+    for item in items.into_iter().rev() {
+        let at = |message: String| Diagnostic::new(file, item.line, item.column, message);
+        let Some(name) = item.as_str() else {
+            diags.push(at("alias `src` entries must be file paths".into()));
+            continue;
+        };
+        if name.starts_with("http://") || name.starts_with("https://") {
+            diags.push(at(format!(
+                "remote alias file `{name}` is not supported; save it next to the task file and name it by path"
+            )));
+            continue;
+        }
+        let path = base.join(name);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) => {
+                diags.push(at(format!("cannot read alias file `{name}`: {e}")));
+                continue;
+            }
+        };
+        let entries = match tree::parse(&text) {
+            Ok(Node {
+                raw: Raw::Map(entries),
+                ..
+            }) => entries,
+            Ok(Node { raw: Raw::Null, .. }) => Vec::new(),
+            Ok(_) => {
+                diags.push(at(format!(
+                    "alias file `{name}` must be a mapping of names to replacements"
+                )));
+                continue;
+            }
+            Err(e) => {
+                diags.push(at(format!(
+                    "alias file `{name}`:{}:{}: {}",
+                    e.line, e.column, e.message
+                )));
+                continue;
+            }
+        };
+        for (k, v) in entries {
+            if !k.name.chars().all(|c| c.is_ascii_alphanumeric()) || k.name.is_empty() {
+                diags.push(at(format!(
+                    "alias file `{name}`: alias name `{}` may only contain letters and digits",
+                    k.name
+                )));
+                continue;
+            }
+            if let Some(text) = scalar_text(&v) {
+                user.entry(k.name).or_insert(text);
+            }
+        }
+    }
+}
+
 fn scalar_text(n: &Node) -> Option<String> {
     match &n.raw {
         Raw::Str(s) => Some(s.clone()),
@@ -261,7 +345,7 @@ fn scalar_text(n: &Node) -> Option<String> {
 }
 
 /// Parses the alias section text into its node (the value under `alias`).
-pub(crate) fn parse_section(text: &str) -> Result<Option<Node>, serde_saphyr::Error> {
+pub(crate) fn parse_section(text: &str) -> Result<Option<Node>, tree::YamlError> {
     let root = tree::parse(text)?;
     Ok(root.get("alias").cloned())
 }
@@ -273,7 +357,7 @@ mod tests {
     fn aliases(yaml: &str) -> (Aliases, Vec<Diagnostic>) {
         let node = parse_section(yaml).unwrap();
         let mut diags = Vec::new();
-        let (a, _) = Aliases::from_section("f", node.as_ref(), &mut diags);
+        let (a, _) = Aliases::from_section("f", Path::new("."), node.as_ref(), &mut diags);
         (a, diags)
     }
 

@@ -83,6 +83,14 @@ pub(crate) fn known(part: Part) -> &'static [String] {
     KNOWN.get(&part).map_or(&[], Vec::as_slice)
 }
 
+/// Fields read before the model is built and so absent from it: `alias.src` (alias
+/// files, merged into `alias.values` while loading).
+static EXTRA_ALIAS: LazyLock<Vec<String>> = LazyLock::new(|| {
+    let mut v = known(Part::Alias).to_vec();
+    v.push("src".into());
+    v
+});
+
 /// The known field closest to `name`, when one is close enough to be a likely typo.
 pub(crate) fn suggest(name: &str, candidates: &[String]) -> Option<String> {
     // Jaro-Winkler favours a shared prefix, which is how field names get mistyped
@@ -115,7 +123,11 @@ pub(crate) fn check(
     let Raw::Map(entries) = &node.raw else {
         return;
     };
-    let fields = known(part);
+    let fields = if part == Part::Alias {
+        EXTRA_ALIAS.as_slice()
+    } else {
+        known(part)
+    };
     for (k, v) in entries {
         if !fields.iter().any(|f| f == &k.name) {
             let mut message = format!("unknown field `{}` in {}", k.name, part.describe());

@@ -3,6 +3,7 @@
 
 pub mod alias;
 mod fields;
+mod funcs;
 pub mod model;
 mod parse;
 mod render;
@@ -13,6 +14,10 @@ mod values;
 
 pub use alias::BUILTIN_ALIASES;
 pub use model::*;
+
+/// Seconds between retries when `retryDelay` is absent or 0 (acr-builder
+/// `defaultStepRetryDelayInSeconds`).
+pub const DEFAULT_RETRY_DELAY: u64 = 5;
 pub use validate::{BUILTIN_NETWORKS, VERSIONS};
 
 use std::collections::BTreeMap;
@@ -100,7 +105,8 @@ pub fn load_file(path: &Path, run: &RunInfo, values: &Values) -> Result<Task, Di
     load_str(&path.display().to_string(), &text, run, values)
 }
 
-/// Renders, parses and validates task-file text; `file` names it in diagnostics.
+/// Renders, parses and validates task-file text; `file` names it in diagnostics and its
+/// directory is where relative `alias.src` files are read from.
 ///
 /// The order is acr-builder's: `$` aliases are expanded in the raw text, then templates
 /// are rendered, then the YAML is parsed. Diagnostics are sorted by position.
@@ -110,8 +116,26 @@ pub fn load_str(
     run: &RunInfo,
     values: &Values,
 ) -> Result<Task, Diagnostics> {
+    load_str_with(file, text, run, values, &LoadOptions::default())
+}
+
+/// Choices that differ between ACR and acr-task's stricter default.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Render a missing `.Values.x` as nothing, as ACR does, instead of reporting it.
+    pub empty_missing_values: bool,
+}
+
+/// [`load_str`] with [`LoadOptions`].
+pub fn load_str_with(
+    file: &str,
+    text: &str,
+    run: &RunInfo,
+    values: &Values,
+    options: &LoadOptions,
+) -> Result<Task, Diagnostics> {
     let mut diags = Vec::new();
-    let task = load_inner(file, text, run, values, &mut diags);
+    let task = load_inner(file, text, run, values, options, &mut diags);
     match task {
         Some(t) if diags.is_empty() => Ok(t),
         _ => {
@@ -126,6 +150,7 @@ fn load_inner(
     text: &str,
     run: &RunInfo,
     values: &Values,
+    options: &LoadOptions,
     diags: &mut Vec<Diagnostic>,
 ) -> Option<Task> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
@@ -135,7 +160,7 @@ fn load_inner(
         match alias::parse_section(&split.alias_text) {
             Ok(n) => alias_node = n,
             Err(e) => {
-                diags.push(parse::yaml_error(file, &e, None, Some(&split.alias_text)));
+                diags.push(parse::syntax_error(file, &e, None));
                 return None;
             }
         }
@@ -144,9 +169,19 @@ fn load_inner(
         let mut scratch = n.to_json();
         fields::check(file, n, fields::Part::Alias, &mut scratch, diags);
     }
-    let (aliases, alias_model) = alias::Aliases::from_section(file, alias_node.as_ref(), diags);
+    // Relative `alias.src` files live next to the task file.
+    let base = Path::new(file).parent().unwrap_or(Path::new("."));
+    let (aliases, alias_model) =
+        alias::Aliases::from_section(file, base, alias_node.as_ref(), diags);
     let expanded = aliases.apply(&split.rest);
-    let rendered = match render::render(file, &expanded, &split.rest, run, values) {
+    let rendered = match render::render(
+        file,
+        &expanded,
+        &split.rest,
+        run,
+        values,
+        options.empty_missing_values,
+    ) {
         Ok(r) => r,
         Err(d) => {
             diags.push(d);
@@ -157,7 +192,7 @@ fn load_inner(
     let root = match tree::parse(&rendered) {
         Ok(r) => r,
         Err(e) => {
-            diags.push(parse::yaml_error(file, &e, Some(&map), Some(&rendered)));
+            diags.push(parse::syntax_error(file, &e, Some(&map)));
             return None;
         }
     };
@@ -206,7 +241,7 @@ fn load_inner(
 }
 
 /// acr-builder's post-parse defaults: empty actions count as absent, missing ids become
-/// `acb_step_N`, and a user alias naming a `cmd`'s image applies without the directive.
+/// `acb_step_N`, an unset (or 0) `retryDelay` becomes 5 s, and a user alias naming a `cmd`'s image applies without the directive.
 fn normalize(task: &mut Task, aliases: &alias::Aliases) {
     for (i, s) in task.steps.iter_mut().enumerate() {
         if s.build.as_deref().is_some_and(|b| b.trim().is_empty()) {
@@ -220,6 +255,9 @@ fn normalize(task: &mut Task, aliases: &alias::Aliases) {
         }
         if s.id.is_empty() {
             s.id = format!("{STEP_ID_PREFIX}{i}");
+        }
+        if s.retry_delay == 0 {
+            s.retry_delay = DEFAULT_RETRY_DELAY;
         }
         if let Some(cmd) = &s.cmd {
             let trimmed = cmd.trim_start();

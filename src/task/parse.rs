@@ -25,6 +25,19 @@ pub(crate) fn yaml_error(
     Diagnostic::new(file, line, column, message)
 }
 
+/// A YAML syntax error from the tree parser as a diagnostic.
+pub(crate) fn syntax_error(
+    file: &str,
+    e: &super::tree::YamlError,
+    map: Option<&LineMap>,
+) -> Diagnostic {
+    let (line, column) = match map {
+        Some(m) => m.locate(e.line, e.column, None),
+        None => (e.line, e.column),
+    };
+    Diagnostic::new(file, line, column, e.message.clone())
+}
+
 /// Rephrases serde-saphyr's terse type errors in plain English, naming the field.
 fn explain(message: &str, text: &str, line: usize, column: usize) -> String {
     let Some(src) = text.lines().nth(line.saturating_sub(1)) else {

@@ -7,29 +7,93 @@ use std::sync::Arc;
 
 use gotmpl::{MissingKey, Template, TemplateError, Value};
 
+use super::funcs::with_funcs;
+
 use super::{Diagnostic, RunInfo, Values};
 
 /// Renders `text` (already alias-expanded). `original` is the file as written, used to
 /// point execution errors at a place.
+/// With `empty_missing`, a missing value renders as nothing, as ACR does (Go's
+/// `missingkey=zero` with `<no value>` removed); otherwise it is an error.
 pub(crate) fn render(
     file: &str,
     text: &str,
     original: &str,
     run: &RunInfo,
     values: &Values,
+    empty_missing: bool,
 ) -> Result<String, Diagnostic> {
     if !text.contains("{{") {
         return Ok(text.to_string());
     }
     let protected = protect_secrets(text);
     let text = protected.as_str();
-    let tmpl = with_funcs(Template::new(file))
-        .missing_key(MissingKey::Error)
-        .parse(text)
-        .map_err(|e| template_error(file, text, original, &e))?;
     let data = data(run, values);
-    tmpl.execute_to_string(&data)
-        .map_err(|e| template_error(file, text, original, &e))
+    let missing = if empty_missing {
+        MissingKey::ZeroValue
+    } else {
+        MissingKey::Error
+    };
+    let out = match render_simple(file, text, &data, missing) {
+        Some(out) => out,
+        None => {
+            let tmpl = with_funcs(Template::new(file))
+                .missing_key(missing)
+                .parse(text)
+                .map_err(|e| template_error(file, text, original, &e))?;
+            tmpl.execute_to_string(&data)
+                .map_err(|e| template_error(file, text, original, &e))?
+        }
+    };
+    if empty_missing {
+        return Ok(out.replace(NO_VALUE, ""));
+    }
+    Ok(out)
+}
+
+/// What the engine prints for a missing value under `missingkey=zero`.
+const NO_VALUE: &str = "<no value>";
+
+/// Fast path for the common case where every action is a lone expression such as
+/// `{{.Run.ID}}` or `{{ .Values.tag | upper }}`: each distinct action is rendered once and
+/// pasted in. `None` (use the full engine) on any control structure, variable, comment,
+/// whitespace trimming, multi-line action, or error.
+fn render_simple(file: &str, text: &str, data: &Value, missing: MissingKey) -> Option<String> {
+    const CONTROL: &[&str] = &[
+        "if", "else", "end", "range", "with", "define", "block", "template", "break", "continue",
+    ];
+    let mut cache: std::collections::HashMap<&str, String> = std::collections::HashMap::new();
+    let mut out = String::with_capacity(text.len() + text.len() / 8);
+    let mut rest = text;
+    while let Some(open) = rest.find("{{") {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 2..];
+        let close = after.find("}}")?;
+        let inner = &after[..close];
+        let first = inner.split_whitespace().next().unwrap_or("");
+        if inner.contains(['\n', '$', '{'])
+            || inner.contains(":=")
+            || inner.starts_with(['-', '/'])
+            || inner.ends_with('-')
+            || CONTROL.contains(&first)
+        {
+            return None;
+        }
+        if let Some(done) = cache.get(inner) {
+            out.push_str(done);
+        } else {
+            let t = with_funcs(Template::new(file))
+                .missing_key(missing)
+                .parse(&format!("{{{{{inner}}}}}"))
+                .ok()?;
+            let v = t.execute_to_string(data).ok()?;
+            out.push_str(&v);
+            cache.insert(inner, v);
+        }
+        rest = &after[close + 2..];
+    }
+    out.push_str(rest);
+    Some(out)
 }
 
 /// `{{.Secrets.id}}` is resolved when the step runs (as in ACR), not when the file is
@@ -78,19 +142,42 @@ pub(crate) fn secret_refs(text: &str) -> Vec<&str> {
     ids
 }
 
+/// The template data, shaped as acr-builder's: `.Run`, `.Build.ID`, `.Values`, and the
+/// shell-quoted `.RunJSON` / `.ValuesJSON`. Run fields acr-task has no source for
+/// (`Repository`, `GitTag`, `TriggeredBy`, `OSVersion`) are empty rather than missing.
 fn data(run: &RunInfo, values: &Values) -> Value {
+    let pairs: [(&str, &str); 14] = [
+        ("ID", &run.id),
+        ("Commit", &run.commit),
+        ("Repository", ""),
+        ("Branch", &run.branch),
+        ("GitTag", ""),
+        ("TriggeredBy", ""),
+        ("Registry", &run.registry),
+        ("RegistryName", &run.registry_name),
+        ("Date", &run.date),
+        ("SharedVolume", &run.shared_volume),
+        ("OS", &run.os),
+        ("OSVersion", ""),
+        ("Architecture", &run.architecture),
+        ("TaskName", &run.task_name),
+    ];
     let s = |v: &str| Value::String(Arc::from(v));
-    let mut r: BTreeMap<Arc<str>, Value> = BTreeMap::new();
-    r.insert("ID".into(), s(&run.id));
-    r.insert("Registry".into(), s(&run.registry));
-    r.insert("RegistryName".into(), s(&run.registry_name));
-    r.insert("Date".into(), s(&run.date));
-    r.insert("OS".into(), s(&run.os));
-    r.insert("Architecture".into(), s(&run.architecture));
-    r.insert("Commit".into(), s(&run.commit));
-    r.insert("Branch".into(), s(&run.branch));
-    r.insert("TaskName".into(), s(&run.task_name));
-    r.insert("SharedVolume".into(), s(&run.shared_volume));
+    let r: BTreeMap<Arc<str>, Value> = pairs.iter().map(|(k, v)| (Arc::from(*k), s(v))).collect();
+    let run_json: serde_json::Map<String, serde_json::Value> = pairs
+        .iter()
+        .map(|(k, v)| {
+            (
+                (*k).to_string(),
+                serde_json::Value::String((*v).to_string()),
+            )
+        })
+        .collect();
+    let values_json: serde_json::Map<String, serde_json::Value> = values
+        .0
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     let v: BTreeMap<Arc<str>, Value> = values
         .0
         .iter()
@@ -98,8 +185,39 @@ fn data(run: &RunInfo, values: &Values) -> Value {
         .collect();
     let mut top: BTreeMap<Arc<str>, Value> = BTreeMap::new();
     top.insert("Run".into(), Value::Map(Arc::new(r)));
+    top.insert(
+        "Build".into(),
+        Value::Map(Arc::new(BTreeMap::from([(Arc::from("ID"), s(&run.id))]))),
+    );
     top.insert("Values".into(), Value::Map(Arc::new(v)));
+    top.insert(
+        "RunJSON".into(),
+        s(&shell_quote(
+            &serde_json::Value::Object(run_json).to_string(),
+        )),
+    );
+    top.insert(
+        "ValuesJSON".into(),
+        s(&shell_quote(
+            &serde_json::Value::Object(values_json).to_string(),
+        )),
+    );
     Value::Map(Arc::new(top))
+}
+
+/// Single-quotes `s` for a shell when it holds anything beyond `[A-Za-z0-9_^@=+%,:./-]`.
+fn shell_quote(s: &str) -> String {
+    if s.is_empty() {
+        return "''".into();
+    }
+    let plain = s
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "_^@=+%,:./-".contains(c));
+    if plain {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\"'\"'"))
+    }
 }
 
 fn json_to_value(v: &serde_json::Value) -> Value {
@@ -236,191 +354,9 @@ fn first_action(src: &str, msg: &str) -> Option<(usize, usize)> {
     first
 }
 
-type Func = fn(&[Value]) -> gotmpl::Result<Value>;
-
-fn with_funcs(t: Template) -> Template {
-    let funcs: &[(&str, Func)] = &[
-        ("default", f_default),
-        ("required", f_required),
-        ("empty", |a| Ok(Value::Bool(!a.first().is_some_and(truthy)))),
-        ("coalesce", |a| {
-            Ok(a.iter().find(|v| truthy(v)).cloned().unwrap_or(Value::Nil))
-        }),
-        ("ternary", |a| match a {
-            [x, y, c] => Ok(if truthy(c) { x.clone() } else { y.clone() }),
-            _ => Err(arity("ternary", 3)),
-        }),
-        ("upper", |a| str1(a, "upper", |s| s.to_uppercase())),
-        ("lower", |a| str1(a, "lower", |s| s.to_lowercase())),
-        ("trim", |a| str1(a, "trim", |s| s.trim().to_string())),
-        ("title", |a| str1(a, "title", title)),
-        ("quote", |a| {
-            Ok(sval(
-                a.iter()
-                    .map(|v| format!("{:?}", text(v)))
-                    .collect::<Vec<_>>()
-                    .join(" "),
-            ))
-        }),
-        ("squote", |a| {
-            Ok(sval(
-                a.iter()
-                    .map(|v| format!("'{}'", text(v)))
-                    .collect::<Vec<_>>()
-                    .join(" "),
-            ))
-        }),
-        ("toString", |a| str1(a, "toString", |s| s.to_string())),
-        ("trimPrefix", |a| {
-            str2(a, "trimPrefix", |p, s| {
-                s.strip_prefix(p).unwrap_or(s).to_string()
-            })
-        }),
-        ("trimSuffix", |a| {
-            str2(a, "trimSuffix", |p, s| {
-                s.strip_suffix(p).unwrap_or(s).to_string()
-            })
-        }),
-        ("contains", |a| {
-            two(a, "contains").map(|(x, s)| Value::Bool(s.contains(x.as_str())))
-        }),
-        ("hasPrefix", |a| {
-            two(a, "hasPrefix").map(|(x, s)| Value::Bool(s.starts_with(x.as_str())))
-        }),
-        ("hasSuffix", |a| {
-            two(a, "hasSuffix").map(|(x, s)| Value::Bool(s.ends_with(x.as_str())))
-        }),
-        ("replace", |a| match a {
-            [old, new, s] => Ok(sval(text(s).replace(&text(old), &text(new)))),
-            _ => Err(arity("replace", 3)),
-        }),
-        ("repeat", |a| match a {
-            [n, s] => {
-                let n = n.as_int().unwrap_or(0).clamp(0, 10_000) as usize;
-                Ok(sval(text(s).repeat(n)))
-            }
-            _ => Err(arity("repeat", 2)),
-        }),
-        ("trunc", |a| match a {
-            [n, s] => {
-                let n = n.as_int().unwrap_or(0).max(0) as usize;
-                Ok(sval(text(s).chars().take(n).collect()))
-            }
-            _ => Err(arity("trunc", 2)),
-        }),
-        ("join", |a| match a {
-            [sep, Value::List(items)] => Ok(sval(
-                items.iter().map(text).collect::<Vec<_>>().join(&text(sep)),
-            )),
-            [_, other] => Ok(sval(text(other))),
-            _ => Err(arity("join", 2)),
-        }),
-        ("splitList", |a| {
-            two(a, "splitList").map(|(sep, s)| {
-                Value::List(s.split(sep.as_str()).map(|p| sval(p.to_string())).collect())
-            })
-        }),
-        ("list", |a| Ok(Value::List(a.iter().cloned().collect()))),
-        ("b64enc", |a| str1(a, "b64enc", |s| b64enc(s.as_bytes()))),
-    ];
-    funcs.iter().fold(t, |t, (name, f)| t.func(name, *f))
-}
-
-fn truthy(v: &Value) -> bool {
-    v.is_truthy()
-}
-
-fn sval(s: String) -> Value {
-    Value::String(Arc::from(s))
-}
-
-fn text(v: &Value) -> String {
-    match v {
-        Value::Nil => String::new(),
-        other => other.to_string(),
-    }
-}
-
-fn arity(name: &str, n: usize) -> TemplateError {
-    TemplateError::Exec(format!("{name} takes {n} arguments"))
-}
-
-fn str1(a: &[Value], name: &str, f: impl Fn(&str) -> String) -> gotmpl::Result<Value> {
-    match a {
-        [s] => Ok(sval(f(&text(s)))),
-        _ => Err(arity(name, 1)),
-    }
-}
-
-fn str2(a: &[Value], name: &str, f: impl Fn(&str, &str) -> String) -> gotmpl::Result<Value> {
-    two(a, name).map(|(x, s)| sval(f(&x, &s)))
-}
-
-fn two(a: &[Value], name: &str) -> gotmpl::Result<(String, String)> {
-    match a {
-        [x, s] => Ok((text(x), text(s))),
-        _ => Err(arity(name, 2)),
-    }
-}
-
-fn f_default(a: &[Value]) -> gotmpl::Result<Value> {
-    match a {
-        [d] => Ok(d.clone()),
-        [d, v] => Ok(if truthy(v) { v.clone() } else { d.clone() }),
-        _ => Err(arity("default", 2)),
-    }
-}
-
-fn f_required(a: &[Value]) -> gotmpl::Result<Value> {
-    match a {
-        [msg, v] if !truthy(v) => Err(TemplateError::Exec(text(msg))),
-        [_, v] => Ok(v.clone()),
-        _ => Err(arity("required", 2)),
-    }
-}
-
-fn title(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut start = true;
-    for c in s.chars() {
-        if start {
-            out.extend(c.to_uppercase());
-        } else {
-            out.push(c);
-        }
-        start = c.is_whitespace();
-    }
-    out
-}
-
-fn b64enc(bytes: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        out.push(T[(n >> 18) as usize & 63] as char);
-        out.push(T[(n >> 12) as usize & 63] as char);
-        out.push(if chunk.len() > 1 {
-            T[(n >> 6) as usize & 63] as char
-        } else {
-            '='
-        });
-        out.push(if chunk.len() > 2 {
-            T[n as usize & 63] as char
-        } else {
-            '='
-        });
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::funcs::{b64dec, b64enc};
     use super::*;
 
     fn run() -> RunInfo {
@@ -445,10 +381,68 @@ mod tests {
                 v2.0.insert("none".into(), serde_json::Value::Null);
                 v2
             },
+            false,
         )
         .unwrap();
         assert_eq!(out, "127.0.0.1:5000/app:V2-ca1 \"x\"");
         assert_eq!(b64enc(b"hello"), "aGVsbG8=");
+        assert_eq!(b64dec("aGVsbG8=").as_deref(), Some("hello"));
+    }
+
+    #[test]
+    fn missing_values_can_render_empty_as_in_acr() {
+        let src = "a: {{ .Values.nope }}|{{ .Values.nope | default \"d\" }}|{{ if .Values.nope }}x{{ end }}";
+        let out = render("f", src, src, &run(), &Values::default(), true).unwrap();
+        assert_eq!(out, "a: |d|");
+        assert!(render("f", src, src, &run(), &Values::default(), false).is_err());
+    }
+
+    #[test]
+    fn sprig_subset() {
+        let mut v = Values::default();
+        v.set("n=7").unwrap();
+        v.set("m.k=x").unwrap();
+        let out = render(
+            "f",
+            "{{ add 1 2 .Values.n }} {{ sub 10 3 }} {{ div 9 2 }} {{ mod 9 2 }} {{ mul 2 3 }} {{ \"hi\" | sha256sum | trunc 8 }} {{ \"aGk=\" | b64dec }} {{ hasKey .Values.m \"k\" }} {{ \"a b\" | nospace }} {{ substr 1 3 \"abcd\" }} {{ .Values.m | toJson }} {{ list 1 2 | first }}{{ list 1 2 | last }} {{ trimAll \"-\" \"--x--\" }} {{ cat \"a\" \"b\" }}",
+            "",
+            &run(),
+            &v,
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            "10 7 4 1 6 8f434346 hi true ab bc {\"k\":\"x\"} 12 x a b"
+        );
+        let e = render(
+            "f",
+            "{{ div 1 0 }}",
+            "{{ div 1 0 }}",
+            &run(),
+            &Values::default(),
+            false,
+        )
+        .unwrap_err();
+        assert!(e.message.contains("division by zero"), "{e}");
+    }
+
+    #[test]
+    fn acr_data_shape() {
+        let mut v = Values::default();
+        v.set("a=it's").unwrap();
+        let out = render(
+            "f",
+            "{{.Build.ID}} {{.Run.GitTag}}|{{.ValuesJSON}} {{.RunJSON | len}}",
+            "",
+            &run(),
+            &v,
+            false,
+        )
+        .unwrap();
+        assert!(out.starts_with("ca1 |'{\"a\":\"it'\"'\"'s\"}' "), "{out}");
+        assert_eq!(shell_quote("plain:1.0"), "plain:1.0");
+        assert_eq!(shell_quote(""), "''");
     }
 
     #[test]
@@ -459,6 +453,7 @@ mod tests {
             "",
             &run(),
             &Values::default(),
+            false,
         )
         .unwrap();
         assert_eq!(
@@ -471,7 +466,7 @@ mod tests {
     #[test]
     fn missing_value_points_at_use() {
         let src = "steps:\n  - cmd: busybox echo {{ .Values.greeting }}\n";
-        let e = render("f", src, src, &run(), &Values::default()).unwrap_err();
+        let e = render("f", src, src, &run(), &Values::default(), false).unwrap_err();
         assert_eq!(
             e.to_string(),
             "f:2:26: template: no value for `greeting` (give it in a values file or with --set greeting=...)"
@@ -481,7 +476,7 @@ mod tests {
     #[test]
     fn parse_error_has_position() {
         let src = "steps:\n  - cmd: busybox echo {{ .Values.x \n";
-        let e = render("f", src, src, &run(), &Values::default()).unwrap_err();
+        let e = render("f", src, src, &run(), &Values::default(), false).unwrap_err();
         assert_eq!((e.line, e.column), (2, 23), "{e}");
         assert!(e.message.starts_with("template: "), "{e}");
     }

@@ -23,7 +23,7 @@ impl Values {
     /// Parses YAML values text; `file` names it in diagnostics.
     pub fn from_yaml_str(file: &str, text: &str) -> Result<Values, Diagnostics> {
         let node = tree::parse(text)
-            .map_err(|e| Diagnostics(vec![super::parse::yaml_error(file, &e, None, Some(text))]))?;
+            .map_err(|e| Diagnostics(vec![super::parse::syntax_error(file, &e, None)]))?;
         match node.to_json() {
             serde_json::Value::Null => Ok(Values::default()),
             serde_json::Value::Object(map) => Ok(Values(map.into_iter().collect())),

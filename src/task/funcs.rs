@@ -1,0 +1,361 @@
+//! The sprig functions task files commonly use (ACR renders with Go text/template plus
+//! sprig), written against gotmpl's function interface.
+
+use std::sync::Arc;
+
+use gotmpl::{Template, TemplateError, Value};
+
+type Func = fn(&[Value]) -> gotmpl::Result<Value>;
+
+/// `t` with the sprig subset registered.
+pub(crate) fn with_funcs(t: Template) -> Template {
+    let funcs: &[(&str, Func)] = &[
+        ("default", f_default),
+        ("required", f_required),
+        ("empty", |a| Ok(Value::Bool(!a.first().is_some_and(truthy)))),
+        ("coalesce", |a| {
+            Ok(a.iter().find(|v| truthy(v)).cloned().unwrap_or(Value::Nil))
+        }),
+        ("ternary", |a| match a {
+            [x, y, c] => Ok(if truthy(c) { x.clone() } else { y.clone() }),
+            _ => Err(arity("ternary", 3)),
+        }),
+        ("upper", |a| str1(a, "upper", |s| s.to_uppercase())),
+        ("lower", |a| str1(a, "lower", |s| s.to_lowercase())),
+        ("trim", |a| str1(a, "trim", |s| s.trim().to_string())),
+        ("title", |a| str1(a, "title", title)),
+        ("quote", |a| {
+            Ok(sval(
+                a.iter()
+                    .map(|v| format!("{:?}", text(v)))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ))
+        }),
+        ("squote", |a| {
+            Ok(sval(
+                a.iter()
+                    .map(|v| format!("'{}'", text(v)))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ))
+        }),
+        ("toString", |a| str1(a, "toString", |s| s.to_string())),
+        ("trimPrefix", |a| {
+            str2(a, "trimPrefix", |p, s| {
+                s.strip_prefix(p).unwrap_or(s).to_string()
+            })
+        }),
+        ("trimSuffix", |a| {
+            str2(a, "trimSuffix", |p, s| {
+                s.strip_suffix(p).unwrap_or(s).to_string()
+            })
+        }),
+        ("contains", |a| {
+            two(a, "contains").map(|(x, s)| Value::Bool(s.contains(x.as_str())))
+        }),
+        ("hasPrefix", |a| {
+            two(a, "hasPrefix").map(|(x, s)| Value::Bool(s.starts_with(x.as_str())))
+        }),
+        ("hasSuffix", |a| {
+            two(a, "hasSuffix").map(|(x, s)| Value::Bool(s.ends_with(x.as_str())))
+        }),
+        ("replace", |a| match a {
+            [old, new, s] => Ok(sval(text(s).replace(&text(old), &text(new)))),
+            _ => Err(arity("replace", 3)),
+        }),
+        ("repeat", |a| match a {
+            [n, s] => {
+                let n = n.as_int().unwrap_or(0).clamp(0, 10_000) as usize;
+                Ok(sval(text(s).repeat(n)))
+            }
+            _ => Err(arity("repeat", 2)),
+        }),
+        ("trunc", |a| match a {
+            [n, s] => {
+                let n = n.as_int().unwrap_or(0).max(0) as usize;
+                Ok(sval(text(s).chars().take(n).collect()))
+            }
+            _ => Err(arity("trunc", 2)),
+        }),
+        ("join", |a| match a {
+            [sep, Value::List(items)] => Ok(sval(
+                items.iter().map(text).collect::<Vec<_>>().join(&text(sep)),
+            )),
+            [_, other] => Ok(sval(text(other))),
+            _ => Err(arity("join", 2)),
+        }),
+        ("splitList", |a| {
+            two(a, "splitList").map(|(sep, s)| {
+                Value::List(s.split(sep.as_str()).map(|p| sval(p.to_string())).collect())
+            })
+        }),
+        ("list", |a| Ok(Value::List(a.iter().cloned().collect()))),
+        ("b64enc", |a| str1(a, "b64enc", |s| b64enc(s.as_bytes()))),
+        ("b64dec", |a| match a {
+            [s] => b64dec(&text(s))
+                .map(sval)
+                .ok_or_else(|| TemplateError::Exec("b64dec: not valid base64 text".into())),
+            _ => Err(arity("b64dec", 1)),
+        }),
+        ("sha256sum", |a| {
+            str1(a, "sha256sum", |s| {
+                use sha2::Digest;
+                hex::encode(sha2::Sha256::digest(s.as_bytes()))
+            })
+        }),
+        ("nospace", |a| {
+            str1(a, "nospace", |s| {
+                s.chars().filter(|c| !c.is_whitespace()).collect()
+            })
+        }),
+        ("trimAll", |a| {
+            str2(a, "trimAll", |cut, s| {
+                s.trim_matches(|c| cut.contains(c)).to_string()
+            })
+        }),
+        ("indent", |a| match a {
+            [n, s] => Ok(sval(indent(n, s))),
+            _ => Err(arity("indent", 2)),
+        }),
+        ("nindent", |a| match a {
+            [n, s] => Ok(sval(format!("\n{}", indent(n, s)))),
+            _ => Err(arity("nindent", 2)),
+        }),
+        ("cat", |a| {
+            Ok(sval(
+                a.iter()
+                    .filter(|v| !matches!(v, Value::Nil))
+                    .map(text)
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ))
+        }),
+        ("toJson", |a| match a {
+            [v] => Ok(sval(value_to_json(v).to_string())),
+            _ => Err(arity("toJson", 1)),
+        }),
+        ("int", |a| match a {
+            [v] => Ok(Value::Int(to_int(v))),
+            _ => Err(arity("int", 1)),
+        }),
+        ("atoi", |a| match a {
+            [v] => Ok(Value::Int(to_int(v))),
+            _ => Err(arity("atoi", 1)),
+        }),
+        ("add", |a| {
+            Ok(Value::Int(
+                a.iter().map(to_int).fold(0i64, i64::wrapping_add),
+            ))
+        }),
+        ("mul", |a| {
+            Ok(Value::Int(
+                a.iter().map(to_int).fold(1i64, i64::wrapping_mul),
+            ))
+        }),
+        ("sub", |a| match a {
+            [x, y] => Ok(Value::Int(to_int(x).wrapping_sub(to_int(y)))),
+            _ => Err(arity("sub", 2)),
+        }),
+        ("div", |a| match a {
+            [x, y] => to_int(x)
+                .checked_div(to_int(y))
+                .map(Value::Int)
+                .ok_or_else(|| TemplateError::Exec("div: division by zero".into())),
+            _ => Err(arity("div", 2)),
+        }),
+        ("mod", |a| match a {
+            [x, y] => to_int(x)
+                .checked_rem(to_int(y))
+                .map(Value::Int)
+                .ok_or_else(|| TemplateError::Exec("mod: division by zero".into())),
+            _ => Err(arity("mod", 2)),
+        }),
+        ("first", |a| match a {
+            [Value::List(l)] => Ok(l.first().cloned().unwrap_or(Value::Nil)),
+            [_] => Ok(Value::Nil),
+            _ => Err(arity("first", 1)),
+        }),
+        ("last", |a| match a {
+            [Value::List(l)] => Ok(l.last().cloned().unwrap_or(Value::Nil)),
+            [_] => Ok(Value::Nil),
+            _ => Err(arity("last", 1)),
+        }),
+        ("hasKey", |a| match a {
+            [Value::Map(m), k] => Ok(Value::Bool(m.contains_key(text(k).as_str()))),
+            [_, _] => Ok(Value::Bool(false)),
+            _ => Err(arity("hasKey", 2)),
+        }),
+        ("substr", |a| match a {
+            [start, end, s] => {
+                let chars: Vec<char> = text(s).chars().collect();
+                let len = chars.len() as i64;
+                let b = to_int(start).clamp(0, len) as usize;
+                let e = if to_int(end) < 0 {
+                    len
+                } else {
+                    to_int(end).clamp(0, len)
+                } as usize;
+                Ok(sval(chars[b..e.max(b)].iter().collect()))
+            }
+            _ => Err(arity("substr", 3)),
+        }),
+    ];
+    funcs.iter().fold(t, |t, (name, f)| t.func(name, *f))
+}
+
+fn truthy(v: &Value) -> bool {
+    v.is_truthy()
+}
+
+fn sval(s: String) -> Value {
+    Value::String(Arc::from(s))
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::Nil => String::new(),
+        other => other.to_string(),
+    }
+}
+
+fn arity(name: &str, n: usize) -> TemplateError {
+    TemplateError::Exec(format!("{name} takes {n} arguments"))
+}
+
+fn str1(a: &[Value], name: &str, f: impl Fn(&str) -> String) -> gotmpl::Result<Value> {
+    match a {
+        [s] => Ok(sval(f(&text(s)))),
+        _ => Err(arity(name, 1)),
+    }
+}
+
+fn str2(a: &[Value], name: &str, f: impl Fn(&str, &str) -> String) -> gotmpl::Result<Value> {
+    two(a, name).map(|(x, s)| sval(f(&x, &s)))
+}
+
+fn two(a: &[Value], name: &str) -> gotmpl::Result<(String, String)> {
+    match a {
+        [x, s] => Ok((text(x), text(s))),
+        _ => Err(arity(name, 2)),
+    }
+}
+
+fn f_default(a: &[Value]) -> gotmpl::Result<Value> {
+    match a {
+        [d] => Ok(d.clone()),
+        [d, v] => Ok(if truthy(v) { v.clone() } else { d.clone() }),
+        _ => Err(arity("default", 2)),
+    }
+}
+
+fn f_required(a: &[Value]) -> gotmpl::Result<Value> {
+    match a {
+        [msg, v] if !truthy(v) => Err(TemplateError::Exec(text(msg))),
+        [_, v] => Ok(v.clone()),
+        _ => Err(arity("required", 2)),
+    }
+}
+
+fn to_int(v: &Value) -> i64 {
+    match v {
+        Value::Int(i) => *i,
+        Value::Uint(u) => i64::try_from(*u).unwrap_or(i64::MAX),
+        Value::Float(f) => *f as i64,
+        Value::Bool(b) => i64::from(*b),
+        Value::String(s) => s.trim().parse().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+fn indent(n: &Value, s: &Value) -> String {
+    let pad = " ".repeat(to_int(n).clamp(0, 1000) as usize);
+    text(s)
+        .split('\n')
+        .map(|l| format!("{pad}{l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn value_to_json(v: &Value) -> serde_json::Value {
+    use serde_json::Value as J;
+    match v {
+        Value::Nil => J::Null,
+        Value::Bool(b) => J::Bool(*b),
+        Value::Int(i) => J::from(*i),
+        Value::Uint(u) => J::from(*u),
+        Value::Float(f) => serde_json::Number::from_f64(*f).map_or(J::Null, J::Number),
+        Value::String(s) => J::String(s.to_string()),
+        Value::List(l) => J::Array(l.iter().map(value_to_json).collect()),
+        Value::Map(m) => J::Object(
+            m.iter()
+                .map(|(k, v)| (k.to_string(), value_to_json(v)))
+                .collect(),
+        ),
+        other => J::String(other.to_string()),
+    }
+}
+
+pub(crate) fn b64dec(s: &str) -> Option<String> {
+    let mut bits = 0u32;
+    let mut n = 0;
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    for c in s.bytes().filter(|c| !c.is_ascii_whitespace() && *c != b'=') {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        };
+        bits = (bits << 6) | u32::from(v);
+        n += 6;
+        if n >= 8 {
+            n -= 8;
+            out.push((bits >> n) as u8);
+            bits &= (1 << n) - 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn title(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut start = true;
+    for c in s.chars() {
+        if start {
+            out.extend(c.to_uppercase());
+        } else {
+            out.push(c);
+        }
+        start = c.is_whitespace();
+    }
+    out
+}
+
+pub(crate) fn b64enc(bytes: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        out.push(T[(n >> 18) as usize & 63] as char);
+        out.push(T[(n >> 12) as usize & 63] as char);
+        out.push(if chunk.len() > 1 {
+            T[(n >> 6) as usize & 63] as char
+        } else {
+            '='
+        });
+        out.push(if chunk.len() > 2 {
+            T[n as usize & 63] as char
+        } else {
+            '='
+        });
+    }
+    out
+}

@@ -1,0 +1,150 @@
+//! `acr-task validate` through the real binary, and the `--dry-run` plan printers.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use acr_task::cli::validate::{plan_dot, plan_json, plan_table};
+use acr_task::plan::Plan;
+use acr_task::task::{self, RunInfo, Values};
+
+fn data(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/tasks")
+        .join(p)
+}
+
+fn acr_task(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_acr-task"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn valid_file_exits_zero_with_summary() {
+    let f = data("valid/fan-out-fan-in.yaml");
+    let (code, out, _) = acr_task(&["validate", f.to_str().unwrap()]);
+    assert_eq!(code, 0);
+    assert_eq!(out, "valid: 7 steps, 4 levels\n");
+    let (code, out, _) = acr_task(&["validate", f.to_str().unwrap(), "--output", "json"]);
+    assert_eq!((code, out.as_str()), (0, "[]\n"));
+}
+
+#[test]
+fn invalid_file_exits_one_with_diagnostics() {
+    let f = data("invalid/unknown-step-field.yaml");
+    let (code, out, err) = acr_task(&["validate", f.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert_eq!(out, "");
+    assert_eq!(
+        err,
+        format!(
+            "{}:5:5: unknown field `ignoreError` in a step; did you mean `ignoreErrors`?\n",
+            f.display()
+        )
+    );
+    let (code, out, _) = acr_task(&["validate", f.to_str().unwrap(), "-o", "json"]);
+    assert_eq!(code, 1);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v[0]["line"], 5);
+    assert_eq!(v[0]["column"], 5);
+    assert_eq!(v[0]["file"], f.display().to_string());
+    assert_eq!(
+        v[0]["message"],
+        "unknown field `ignoreError` in a step; did you mean `ignoreErrors`?"
+    );
+}
+
+#[test]
+fn values_file_and_set() {
+    let f = data("valid/conditionals.yaml");
+    let vals = data("valid/conditionals.values.yaml");
+    let (code, out, err) = acr_task(&[
+        "validate",
+        f.to_str().unwrap(),
+        "--values",
+        vals.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "valid: 6 steps, 3 levels\n");
+    let (code, out, _) = acr_task(&[
+        "validate",
+        f.to_str().unwrap(),
+        "--values",
+        vals.to_str().unwrap(),
+        "--set",
+        "deploy=false",
+    ]);
+    assert_eq!((code, out.as_str()), (0, "valid: 4 steps, 2 levels\n"));
+    // Without values, the template has nothing to render `.Values.deploy` from.
+    let (code, _, err) = acr_task(&["validate", f.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(":5:11: template: no value for `deploy`"),
+        "{err}"
+    );
+    // ACR's behaviour on request: missing values render as nothing.
+    let (code, out, err) = acr_task(&["validate", f.to_str().unwrap(), "--empty-missing-values"]);
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "valid: 1 steps, 1 levels\n"),
+        "{err}"
+    );
+    let (code, _, err) = acr_task(&["validate", f.to_str().unwrap(), "--set", "oops"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("`oops` is not of the form key=value"), "{err}");
+}
+
+#[test]
+fn plan_as_json_and_dot() {
+    let path = data("valid/fan-out-fan-in.yaml");
+    let t = task::load_file(&path, &RunInfo::default(), &Values::default()).unwrap();
+    let p = Plan::new(&t).unwrap();
+    let j = plan_json(&t, &p);
+    assert_eq!(
+        j["levels"][1],
+        serde_json::json!(["lint", "unit", "build-amd64", "build-arm64"])
+    );
+    assert_eq!(
+        j["steps"][5]["waitsFor"],
+        serde_json::json!(["lint", "unit", "build-amd64", "build-arm64"])
+    );
+    assert_eq!(
+        j["criticalPath"]["steps"],
+        serde_json::json!(["checkout", "lint", "gate", "push"])
+    );
+    assert_eq!(j["criticalPath"]["timeoutSeconds"], 2400);
+    let dot = plan_dot(&t, &p);
+    assert!(dot.starts_with("digraph acb {\n"));
+    assert!(dot.contains("  \"checkout\" -> \"unit\";\n"));
+    assert!(dot.contains("  \"lint\" -> \"gate\" [style=bold];\n"));
+    assert!(dot.trim_end().ends_with('}'));
+}
+
+#[test]
+fn plan_as_table() {
+    let path = data("valid/build-push-run.yaml");
+    let run = RunInfo {
+        id: "ca1".into(),
+        registry: "r:5000".into(),
+        ..Default::default()
+    };
+    let t = task::load_file(&path, &run, &Values::default()).unwrap();
+    let p = Plan::new(&t).unwrap();
+    assert_eq!(
+        plan_table(&t, &p),
+        "3 steps, 3 levels, version v1.1.0\n\
+         level 0:\n\
+         \x20 acb_step_0  build  -t r:5000/hello-world:ca1 .  [waits for: -]\n\
+         level 1:\n\
+         \x20 acb_step_1  push   r:5000/hello-world:ca1  [waits for: acb_step_0]\n\
+         level 2:\n\
+         \x20 acb_step_2  cmd    r:5000/hello-world:ca1  [waits for: acb_step_1]\n\
+         critical path (by timeout, 1800 s): acb_step_0 -> acb_step_1 -> acb_step_2\n"
+    );
+}
