@@ -78,6 +78,19 @@ pub fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    // Commands that only print behave like Unix filters: `| head` ends them quietly.
+    let prints_only = match &cli.command {
+        Command::Validate(_) | Command::Registry(_) | Command::Repository(_) => true,
+        Command::Run(a) => a.dry_run,
+        _ => false,
+    };
+    if prints_only {
+        // SAFETY: called before any thread starts; restores the default action of SIGPIPE,
+        // which the Rust runtime sets to ignore.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let result = match cli.command {
         Command::Validate(a) => return validate::validate(a),
         Command::Run(a) => run::run(a),
