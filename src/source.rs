@@ -113,7 +113,11 @@ pub fn tar_context<W: Write>(dir: &Path, dockerfile: &str, out: W) -> Result<W, 
     let mut stack = vec![dir.to_path_buf()];
     let mut files = Vec::new();
     while let Some(d) = stack.pop() {
-        let entries = std::fs::read_dir(&d).map_err(io_err(&d))?;
+        let entries = match std::fs::read_dir(&d) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && d != dir => continue,
+            Err(e) => return Err(io_err(&d)(e)),
+        };
         for entry in entries {
             let entry = entry.map_err(io_err(&d))?;
             let path = entry.path();
@@ -122,7 +126,11 @@ pub fn tar_context<W: Write>(dir: &Path, dockerfile: &str, out: W) -> Result<W, 
                 Err(_) => continue,
             };
             let always = rel == dockerfile || rel == ".dockerignore";
-            let ft = entry.file_type().map_err(io_err(&path))?;
+            let ft = match entry.file_type() {
+                Ok(ft) => ft,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err(&path)(e)),
+            };
             // Excluded directories are still walked: a `!` rule may re-include a child.
             if ft.is_dir() {
                 stack.push(path.clone());
@@ -136,9 +144,12 @@ pub fn tar_context<W: Write>(dir: &Path, dockerfile: &str, out: W) -> Result<W, 
     // Sorted so the same context always gives the same tar (and build cache hits).
     files.sort_by(|a, b| a.1.cmp(&b.1));
     for (path, rel) in files {
-        builder
-            .append_path_with_name(&path, &rel)
-            .map_err(io_err(&path))?;
+        match builder.append_path_with_name(&path, &rel) {
+            Ok(()) => {}
+            // A file deleted while the context is read is simply not part of it.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&path)(e)),
+        }
     }
     builder.into_inner().map_err(io_err(dir))
 }

@@ -82,6 +82,8 @@ pub async fn execute<R: Runtime>(
         network: Mutex::new(cfg.network.clone()),
         provisioning: tokio::sync::Mutex::new(()),
         run_started: started,
+        removals: Mutex::new(Vec::new()),
+        known_images: Mutex::new(std::collections::HashSet::new()),
         cfg,
     });
     let n = ctx.task.steps.len();
@@ -90,6 +92,7 @@ pub async fn execute<R: Runtime>(
         Err(e) => (Status::Failed, Some(format!("setting up the run: {e}"))),
         Ok(()) => ctx.schedule(&plan, &mut reports, &cancel).await,
     };
+    ctx.removals_done().await;
     if let Err(e) = ctx.rt.remove_run_resources(&ctx.cfg.run_id).await {
         tracing::warn!(run = %ctx.cfg.run_id, error = %e, "cleanup of run resources failed");
     }
@@ -202,6 +205,9 @@ struct Ctx<R> {
     /// The network steps join when they name none (a task network marked `isDefault` wins).
     network: Mutex<String>,
     run_started: Instant,
+    removals: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Images known present (checked once per run for the `Missing` pull policy).
+    known_images: Mutex<std::collections::HashSet<String>>,
     /// Serialises on-demand runner builds between parallel steps.
     provisioning: tokio::sync::Mutex<()>,
 }
@@ -354,6 +360,30 @@ impl<R: Runtime> Ctx<R> {
         }
     }
 
+    /// Removes a finished container in the background; teardown waits for it.
+    fn remove_later(&self, name: String) {
+        let rt = Arc::clone(&self.rt);
+        let handle = tokio::spawn(async move {
+            if let Err(e) = rt.remove_container(&name).await {
+                tracing::warn!(container = %name, error = %e, "removing step container failed");
+            }
+        });
+        if let Ok(mut r) = self.removals.lock() {
+            r.push(handle);
+        }
+    }
+
+    /// Waits for background removals (called before the teardown sweep).
+    async fn removals_done(&self) {
+        let handles: Vec<_> = match self.removals.lock() {
+            Ok(mut r) => r.drain(..).collect(),
+            Err(_) => Vec::new(),
+        };
+        for h in handles {
+            let _ = h.await;
+        }
+    }
+
     fn log_sink(&self, step: usize) -> LogSink {
         let events = self.events.clone();
         Arc::new(move |line: String| {
@@ -367,7 +397,7 @@ impl<R: Runtime> Ctx<R> {
         let mut attempts = 0;
         let mut last = Attempt::with(Status::Succeeded, None);
         let timeout = Duration::from_secs(step.effective_timeout(&self.task));
-        let name = container_name(&self.cfg.run_id, &step.id);
+        let base_name = container_name(&self.cfg.run_id, &step.id);
         let log = self.log_sink(i);
         if step.start_delay > 0
             && !sleep_or_cancel(Duration::from_secs(step.start_delay), &cancel).await
@@ -377,6 +407,13 @@ impl<R: Runtime> Ctx<R> {
             'repeat: for _ in 0..=step.repeat {
                 for retry in 0..=step.retries {
                     attempts += 1;
+                    // Each attempt gets its own container, so removing the last one can
+                    // happen off the critical path.
+                    let name = if attempts == 1 {
+                        base_name.clone()
+                    } else {
+                        format!("{base_name}_{attempts}")
+                    };
                     let _ = self.events.send(Event::StepStarted {
                         step: i,
                         attempt: attempts,
@@ -390,9 +427,7 @@ impl<R: Runtime> Ctx<R> {
                     };
                     // A detached container lives on until the run ends; any other is done now.
                     if !(step.detach && last.status == Status::Succeeded) {
-                        if let Err(e) = self.rt.remove_container(&name).await {
-                            tracing::warn!(container = %name, error = %e, "removing step container failed");
-                        }
+                        self.remove_later(name);
                     }
                     if matches!(last.status, Status::Succeeded | Status::Canceled) {
                         break;
@@ -516,8 +551,6 @@ impl<R: Runtime> Ctx<R> {
         if let Err(e) = self.ensure_image(&image, policy, log).await {
             return Attempt::failed(format!("step {}: {e}", step.id));
         }
-        // Leftovers of an earlier attempt would block the name.
-        let _ = self.rt.remove_container(name).await;
         let spec = self.container_spec(step, name, image, args);
         if step.detach {
             return match self.rt.start_detached(&spec, log).await {
@@ -552,7 +585,13 @@ impl<R: Runtime> Ctx<R> {
         policy: PullPolicy,
         log: &LogSink,
     ) -> Result<(), RuntimeError> {
-        match self.rt.ensure_image(image, policy, log).await {
+        let known = |set: &Mutex<std::collections::HashSet<String>>| {
+            set.lock().map(|s| s.contains(image)).unwrap_or(false)
+        };
+        if policy == PullPolicy::Missing && known(&self.known_images) {
+            return Ok(());
+        }
+        let result = match self.rt.ensure_image(image, policy, log).await {
             Err(RuntimeError::ImageNotFound { .. })
                 if crate::runtime::runner::is_runner_image(image) =>
             {
@@ -571,7 +610,13 @@ impl<R: Runtime> Ctx<R> {
                 Ok(())
             }
             other => other,
+        };
+        if result.is_ok() {
+            if let Ok(mut set) = self.known_images.lock() {
+                set.insert(image.to_string());
+            }
         }
+        result
     }
 
     async fn build(&self, step: &Step, build: &str, log: &LogSink) -> Attempt {

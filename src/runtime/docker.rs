@@ -532,7 +532,9 @@ impl Runtime for DockerRuntime {
     }
 
     async fn run(&self, spec: &ContainerSpec, log: &LogSink) -> Result<i64, RuntimeError> {
+        let t0 = std::time::Instant::now();
         self.create(spec).await?;
+        tracing::debug!(container = %spec.name, ms = t0.elapsed().as_millis() as u64, "created");
         let opts = AttachContainerOptions {
             stdout: true,
             stderr: true,
@@ -545,10 +547,12 @@ impl Runtime for DockerRuntime {
             .attach_container(&spec.name, Some(opts))
             .await
             .map_err(engine)?;
+        tracing::debug!(container = %spec.name, ms = t0.elapsed().as_millis() as u64, "attached");
         self.docker
             .start_container(&spec.name, None)
             .await
             .map_err(engine)?;
+        tracing::debug!(container = %spec.name, ms = t0.elapsed().as_millis() as u64, "started");
         let mut output = attached.output;
         let mut out = LineSplitter { buf: Vec::new() };
         let mut err = LineSplitter { buf: Vec::new() };
@@ -564,6 +568,7 @@ impl Runtime for DockerRuntime {
         }
         out.flush(log);
         err.flush(log);
+        tracing::debug!(container = %spec.name, ms = t0.elapsed().as_millis() as u64, "output ended");
         let mut wait = self.docker.wait_container(&spec.name, None);
         match wait.next().await {
             Some(Ok(r)) => Ok(r.status_code),
