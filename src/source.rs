@@ -167,26 +167,47 @@ pub fn git_head(dir: &Path) -> Option<(String, String)> {
     Some((commit, branch))
 }
 
+/// What a git context was checked out at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GitCheckout {
+    pub commit: String,
+    /// The branch, when the reference named one (or was empty: the remote's default).
+    pub branch: String,
+}
+
 /// Clones `url` into `dest` and checks out `reference` (a branch, tag or commit; the remote
-/// HEAD when empty). Returns the commit checked out.
-pub fn fetch_git(url: &str, reference: &str, dest: &Path) -> Result<String, SourceError> {
+/// HEAD when empty).
+pub fn fetch_git(url: &str, reference: &str, dest: &Path) -> Result<GitCheckout, SourceError> {
     let git = |e: git2::Error| SourceError::Git {
         url: url.to_string(),
         reason: e.message().to_string(),
     };
     let repo = git2::Repository::clone(url, dest).map_err(git)?;
-    if !reference.is_empty() {
-        let object = repo
-            .revparse_single(&format!("origin/{reference}"))
-            .or_else(|_| repo.revparse_single(reference))
-            .map_err(git)?;
+    let mut branch = String::new();
+    if reference.is_empty() {
+        if let Ok(head) = repo.head() {
+            if head.is_branch() {
+                branch = head.shorthand().unwrap_or_default().to_string();
+            }
+        }
+    } else {
+        let (object, is_branch) = match repo.revparse_single(&format!("origin/{reference}")) {
+            Ok(o) => (o, true),
+            Err(_) => (repo.revparse_single(reference).map_err(git)?, false),
+        };
+        if is_branch {
+            branch = reference.to_string();
+        }
         repo.checkout_tree(&object, Some(git2::build::CheckoutBuilder::new().force()))
             .map_err(git)?;
         repo.set_head_detached(object.peel_to_commit().map_err(git)?.id())
             .map_err(git)?;
     }
     let commit = repo.head().and_then(|h| h.peel_to_commit()).map_err(git)?;
-    Ok(commit.id().to_string())
+    Ok(GitCheckout {
+        commit: commit.id().to_string(),
+        branch,
+    })
 }
 
 #[cfg(test)]
@@ -256,7 +277,8 @@ mod tests {
         let dest = tempfile::tempdir().unwrap();
         let url = format!("file://{}", origin.path().display());
         let got = fetch_git(&url, &first.id().to_string(), &dest.path().join("c")).unwrap();
-        assert_eq!(got, first.id().to_string());
+        assert_eq!(got.commit, first.id().to_string());
+        assert_eq!(got.branch, "", "a commit is not a branch");
         assert_eq!(
             std::fs::read_to_string(dest.path().join("c/f.txt")).unwrap(),
             "one"

@@ -222,3 +222,50 @@ fn unreachable_engine_is_one_clear_error() {
     );
     assert!(err.contains("DOCKER_HOST"), "{err}");
 }
+
+#[test]
+fn secrets_are_substituted_and_masked_in_logs_and_report() {
+    let run = run_task(&data("secrets.yaml"), &["--secret", "token=s3cr3t-value"]);
+    assert_eq!(run.status(), "Succeeded", "{}", run.stderr());
+    assert!(run.logged("use", "token is ***"), "{}", run.stderr());
+    assert!(!run.stderr().contains("s3cr3t-value"));
+    assert!(!run.report.to_string().contains("s3cr3t-value"));
+    let missing = run_task(&data("secrets.yaml"), &[]);
+    assert_eq!(missing.status(), "Failed");
+    let err = missing.step("use")["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(err.contains("secret `token` has no value"), "{err}");
+}
+
+#[test]
+fn git_context_at_a_ref_sets_commit_and_branch() {
+    let repo_dir = tempfile::tempdir().unwrap();
+    let repo = git2::Repository::init(repo_dir.path()).unwrap();
+    std::fs::write(
+        repo_dir.path().join("acb.yaml"),
+        "steps:\n  - id: show\n    cmd: busybox sh -c \"echo commit={{.Run.Commit}} branch={{.Run.Branch}}; cat /workspace/file.txt\"\n",
+    )
+    .unwrap();
+    std::fs::write(repo_dir.path().join("file.txt"), "from-git\n").unwrap();
+    let mut idx = repo.index().unwrap();
+    idx.add_all(["*"], git2::IndexAddOption::DEFAULT, None)
+        .unwrap();
+    let tree = repo.find_tree(idx.write_tree().unwrap()).unwrap();
+    let sig = git2::Signature::now("t", "t@example.com").unwrap();
+    let commit = repo
+        .commit(Some("HEAD"), &sig, &sig, "first", &tree, &[])
+        .unwrap();
+    let head = repo.head().unwrap();
+    let branch = head.shorthand().unwrap().to_string();
+    let url = format!("file://{}#{branch}", repo_dir.path().display());
+    let run = run_task(std::path::Path::new("acb.yaml"), &["--context", &url]);
+    assert_eq!(run.status(), "Succeeded", "{}", run.stderr());
+    assert!(run.logged("show", "from-git"), "{}", run.stderr());
+    assert!(
+        run.logged("show", &format!("commit={commit} branch={branch}")),
+        "{}",
+        run.stderr()
+    );
+}

@@ -14,6 +14,7 @@ use crate::plan::Plan;
 use crate::registry::{RegistryConfig, RunningRegistry};
 use crate::runtime::docker::DockerRuntime;
 use crate::runtime::runner;
+use crate::source::GitCheckout;
 use crate::task::{LoadOptions, RunInfo, Step, Task};
 
 #[derive(Debug, clap::Args)]
@@ -29,6 +30,10 @@ pub struct RunArgs {
     /// Override a value: `--set key=value` (repeatable; later wins).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+    /// Value of a task secret: `--secret ID=VALUE`, or `--secret ID` to read the environment
+    /// variable ID. Substituted for `{{.Secrets.ID}}` when steps run; masked in all output.
+    #[arg(long = "secret", value_name = "ID[=VALUE]")]
+    pub secrets: Vec<String>,
     /// Registry to push to (`HOST:PORT`). Default: the integrated registry, started in-process.
     #[arg(long)]
     pub registry: Option<String>,
@@ -131,6 +136,7 @@ fn run_info(
     task_file: &Path,
     registry: &str,
     context: &Path,
+    git: Option<&GitCheckout>,
     cfg: &RunConfig,
 ) -> RunInfo {
     let mut info = RunInfo::placeholder(task_file);
@@ -138,7 +144,11 @@ fn run_info(
     info.registry = registry.to_string();
     info.registry_name = registry.split(':').next().unwrap_or(registry).to_string();
     info.shared_volume = cfg.shared_volume.clone();
-    if let Some((commit, branch)) = crate::source::git_head(context) {
+    let head = match git {
+        Some(g) => Some((g.commit.clone(), g.branch.clone())),
+        None => crate::source::git_head(context),
+    };
+    if let Some((commit, branch)) = head {
         info.commit = commit;
         info.branch = branch;
     }
@@ -199,35 +209,56 @@ fn print_report(report: &RunReport, output: Output) -> anyhow::Result<ExitCode> 
     })
 }
 
+/// `ID=VALUE` or `ID` (value from the environment variable of that name).
+fn parse_secrets(args: &[String]) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    let mut out = std::collections::BTreeMap::new();
+    for a in args {
+        let (id, value) = match a.split_once('=') {
+            Some((id, v)) => (id.to_string(), v.to_string()),
+            None => {
+                let v = std::env::var(a).with_context(|| {
+                    format!("--secret {a}: environment variable {a} is not set")
+                })?;
+                (a.clone(), v)
+            }
+        };
+        out.insert(id, value);
+    }
+    Ok(out)
+}
+
 /// The context directory: a local path, or `GIT_URL#ref` cloned into `scratch`.
 fn resolve_context(
     context: Option<&str>,
     task_file: &Path,
     scratch: &Path,
-) -> anyhow::Result<PathBuf> {
+) -> anyhow::Result<(PathBuf, Option<GitCheckout>)> {
     match context {
-        None => Ok(task_file
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."))
-            .to_path_buf()),
+        None => Ok((
+            task_file
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."))
+                .to_path_buf(),
+            None,
+        )),
         Some(c) if c.contains("://") || c.starts_with("git@") => {
             let (url, reference) = c.split_once('#').unwrap_or((c, ""));
             let dest = scratch.join("context");
-            crate::source::fetch_git(url, reference, &dest)?;
-            Ok(dest)
+            let checkout = crate::source::fetch_git(url, reference, &dest)?;
+            Ok((dest, Some(checkout)))
         }
         Some(dir) => {
             let p = PathBuf::from(dir);
             anyhow::ensure!(p.is_dir(), "context {dir} is not a directory");
-            Ok(p)
+            Ok((p, None))
         }
     }
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let scratch = tempfile::tempdir().context("creating a temp dir")?;
-    let context = resolve_context(args.context.as_deref(), &args.file, scratch.path())?;
+    let (context, git) = resolve_context(args.context.as_deref(), &args.file, scratch.path())?;
     let context = std::fs::canonicalize(&context)
         .with_context(|| format!("context {}", context.display()))?;
     // With a git context, a task file that is not on disk is looked up inside it, as ACR does.
@@ -237,7 +268,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         args.file.clone()
     };
     let run_id = new_run_id();
-    let cfg = RunConfig::for_run(&run_id, context.clone(), args.max_parallel);
+    let mut cfg = RunConfig::for_run(&run_id, context.clone(), args.max_parallel);
+    cfg.secrets = parse_secrets(&args.secrets)?;
     let options = LoadOptions {
         empty_missing_values: args.empty_missing_values,
     };
@@ -246,7 +278,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             .registry
             .clone()
             .unwrap_or_else(|| "localhost:5000".into());
-        let info = run_info(&run_id, &file, &registry, &context, &cfg);
+        let info = run_info(&run_id, &file, &registry, &context, git.as_ref(), &cfg);
         return Ok(validate::dry_run(
             &file,
             args.values.as_deref(),
@@ -258,7 +290,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     tokio_runtime()?.block_on(async {
         let (registry, integrated) = registry_for(args.registry.clone(), args.data.clone()).await?;
-        let info = run_info(&run_id, &file, &registry, &context, &cfg);
+        let info = run_info(&run_id, &file, &registry, &context, git.as_ref(), &cfg);
         let loaded = validate::load(&file, args.values.as_deref(), &args.set, &info, &options);
         let result = match loaded {
             Err(d) => {

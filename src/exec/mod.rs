@@ -37,6 +37,8 @@ pub struct RunConfig {
     pub shared_volume: String,
     /// Name of the run's default network (ACR's `acb_default_network`, made unique per run).
     pub network: String,
+    /// Values of `{{.Secrets.id}}`, substituted when a step runs and masked in its logs.
+    pub secrets: BTreeMap<String, String>,
 }
 
 impl RunConfig {
@@ -48,6 +50,7 @@ impl RunConfig {
             max_parallel: max_parallel.max(1),
             shared_volume: format!("acb_home_vol_{run_id}"),
             network: format!("{DEFAULT_NETWORK}_{run_id}"),
+            secrets: BTreeMap::new(),
         }
     }
 }
@@ -386,16 +389,64 @@ impl<R: Runtime> Ctx<R> {
 
     fn log_sink(&self, step: usize) -> LogSink {
         let events = self.events.clone();
+        let secrets: Vec<String> = self.secret_values();
         Arc::new(move |line: String| {
+            let line = mask_with(&secrets, &line);
             let _ = events.send(Event::Log { step, line });
         })
     }
 
+    fn secret_values(&self) -> Vec<String> {
+        self.cfg
+            .secrets
+            .values()
+            .filter(|v| !v.is_empty())
+            .cloned()
+            .collect()
+    }
+
+    fn mask(&self, text: &str) -> String {
+        mask_with(&self.secret_values(), text)
+    }
+
+    /// The step (and the task env it gets) with `{{.Secrets.id}}` replaced by values.
+    fn with_secrets(&self, step: &Step) -> Result<Step, String> {
+        let mut step = step.clone();
+        let mut env = self.task.env.clone();
+        env.append(&mut step.env);
+        let sub = |s: &mut String| -> Result<(), String> {
+            *s = substitute_secrets(s, &self.cfg.secrets)?;
+            Ok(())
+        };
+        for s in step
+            .cmd
+            .iter_mut()
+            .chain(step.build.iter_mut())
+            .chain(step.entry_point.iter_mut())
+        {
+            sub(s)?;
+        }
+        for s in step.push.iter_mut().flatten().chain(env.iter_mut()) {
+            sub(s)?;
+        }
+        step.env = env;
+        Ok(step)
+    }
+
     async fn run_step(self: Arc<Self>, i: usize, cancel: CancellationToken) -> StepReport {
-        let step = &self.task.steps[i];
         let started = Instant::now();
         let mut attempts = 0;
         let mut last = Attempt::with(Status::Succeeded, None);
+        let step = match self.with_secrets(&self.task.steps[i]) {
+            Ok(s) => s,
+            Err(e) => {
+                let mut r = skipped(&self.task.steps[i]);
+                r.status = Status::Failed;
+                r.error = Some(e);
+                return r;
+            }
+        };
+        let step = &step;
         let timeout = Duration::from_secs(step.effective_timeout(&self.task));
         let base_name = container_name(&self.cfg.run_id, &step.id);
         let log = self.log_sink(i);
@@ -450,6 +501,7 @@ impl<R: Runtime> Ctx<R> {
         }
         let ignored_error =
             step.ignore_errors && matches!(last.status, Status::Failed | Status::TimedOut);
+        let last_error = last.error.as_deref().map(|e| self.mask(e));
         StepReport {
             id: step.id.clone(),
             kind: kind_name(step),
@@ -459,7 +511,7 @@ impl<R: Runtime> Ctx<R> {
             exit_code: last.exit_code,
             attempts,
             ignored_error,
-            error: last.error,
+            error: last_error,
             pushed: last.pushed,
             built: last.built,
         }
@@ -481,8 +533,8 @@ impl<R: Runtime> Ctx<R> {
         image: String,
         args: Vec<String>,
     ) -> ContainerSpec {
-        let mut env = self.task.env.clone();
-        env.extend(step.env.iter().cloned());
+        // `with_secrets` already put the task's env before the step's.
+        let env = step.env.clone();
         let wd = step
             .working_directory
             .clone()
@@ -725,6 +777,47 @@ impl<R: Runtime> Ctx<R> {
     }
 }
 
+/// Replaces `{{.Secrets.id}}` (as the loader leaves them) with their values.
+pub fn substitute_secrets(
+    text: &str,
+    secrets: &BTreeMap<String, String>,
+) -> Result<String, String> {
+    const OPEN: &str = "{{.Secrets.";
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(p) = rest.find(OPEN) {
+        out.push_str(&rest[..p]);
+        let after = &rest[p + OPEN.len()..];
+        let Some(end) = after.find("}}") else {
+            out.push_str(&rest[p..]);
+            return Ok(out);
+        };
+        let id = &after[..end];
+        match secrets.get(id) {
+            Some(v) => out.push_str(v),
+            None => {
+                return Err(format!(
+                    "secret `{id}` has no value; pass it with --secret {id}=VALUE"
+                ))
+            }
+        }
+        rest = &after[end + 2..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Hides secret values in text shown to users.
+fn mask_with(secrets: &[String], text: &str) -> String {
+    let mut out = text.to_string();
+    for s in secrets {
+        if out.contains(s.as_str()) {
+            out = out.replace(s.as_str(), "***");
+        }
+    }
+    out
+}
+
 /// Sleeps; false when cancelled first.
 async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) -> bool {
     tokio::select! {
@@ -772,6 +865,22 @@ mod tests {
         s.exited_with.clear();
         s.exited_without = vec![2];
         assert!(exit_ok(&s, 1) && !exit_ok(&s, 2));
+    }
+
+    #[test]
+    fn secrets_are_substituted_and_masked() {
+        let secrets = BTreeMap::from([("pw".to_string(), "hunter2".to_string())]);
+        assert_eq!(
+            substitute_secrets("login -p {{.Secrets.pw}} x", &secrets).unwrap(),
+            "login -p hunter2 x"
+        );
+        assert!(substitute_secrets("{{.Secrets.other}}", &secrets)
+            .unwrap_err()
+            .contains("--secret other=VALUE"));
+        assert_eq!(
+            mask_with(&["hunter2".into()], "pw is hunter2!"),
+            "pw is ***!"
+        );
     }
 
     #[test]
