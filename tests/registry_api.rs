@@ -31,7 +31,11 @@ async fn chunked_upload_resume_and_range_reads() {
     let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
     let d = digest(&data);
 
-    let r = c.post(format!("{b}/v2/a/b/blobs/uploads/")).send().await.unwrap();
+    let r = c
+        .post(format!("{b}/v2/a/b/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 202);
     let loc = r.headers()["location"].to_str().unwrap().to_string();
     assert!(r.headers().contains_key("docker-upload-uuid"));
@@ -78,9 +82,16 @@ async fn chunked_upload_resume_and_range_reads() {
         .unwrap();
     assert_eq!(r.status(), 201);
     assert_eq!(r.headers()["docker-content-digest"], d.as_str());
-    assert_eq!(r.headers()["location"], format!("/v2/a/b/blobs/{d}").as_str());
+    assert_eq!(
+        r.headers()["location"],
+        format!("/v2/a/b/blobs/{d}").as_str()
+    );
 
-    let r = c.head(format!("{b}/v2/a/b/blobs/{d}")).send().await.unwrap();
+    let r = c
+        .head(format!("{b}/v2/a/b/blobs/{d}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-length"], "300000");
     let r = c.get(format!("{b}/v2/a/b/blobs/{d}")).send().await.unwrap();
@@ -116,7 +127,11 @@ async fn mount_link_and_blob_delete() {
     let b = base(&reg);
     let c = reqwest::Client::new();
     let d = push_blob(&c, &b, "src", b"shared layer").await;
-    let r = c.head(format!("{b}/v2/dst/blobs/{d}")).send().await.unwrap();
+    let r = c
+        .head(format!("{b}/v2/dst/blobs/{d}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
     let r = c
         .post(format!("{b}/v2/dst/blobs/uploads/?mount={d}&from=src"))
@@ -125,7 +140,11 @@ async fn mount_link_and_blob_delete() {
         .unwrap();
     assert_eq!(r.status(), 201);
     assert_eq!(r.headers()["docker-content-digest"], d.as_str());
-    let r = c.head(format!("{b}/v2/dst/blobs/{d}")).send().await.unwrap();
+    let r = c
+        .head(format!("{b}/v2/dst/blobs/{d}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     // Mount from a repository that lacks the blob falls back to an upload session.
     let other = digest(b"nowhere");
@@ -139,11 +158,23 @@ async fn mount_link_and_blob_delete() {
     let r = c.delete(format!("{b}{loc}")).send().await.unwrap();
     assert_eq!(r.status(), 204);
 
-    let r = c.delete(format!("{b}/v2/dst/blobs/{d}")).send().await.unwrap();
+    let r = c
+        .delete(format!("{b}/v2/dst/blobs/{d}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 202);
-    let r = c.head(format!("{b}/v2/dst/blobs/{d}")).send().await.unwrap();
+    let r = c
+        .head(format!("{b}/v2/dst/blobs/{d}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
-    let r = c.head(format!("{b}/v2/src/blobs/{d}")).send().await.unwrap();
+    let r = c
+        .head(format!("{b}/v2/src/blobs/{d}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     reg.shutdown().await;
 }
@@ -182,12 +213,20 @@ async fn manifests_tags_catalog_and_events() {
         assert_eq!(r.headers()["docker-content-digest"], md.as_str());
         assert_eq!(r.bytes().await.unwrap().as_ref(), &m[..]);
     }
-    let r = c.head(format!("{b}/v2/app/manifests/v2")).send().await.unwrap();
+    let r = c
+        .head(format!("{b}/v2/app/manifests/v2"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-length"], m.len().to_string().as_str());
 
     // Pagination with Link.
-    let r = c.get(format!("{b}/v2/app/tags/list?n=2")).send().await.unwrap();
+    let r = c
+        .get(format!("{b}/v2/app/tags/list?n=2"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(
         r.headers()["link"],
         "</v2/app/tags/list?n=2&last=v1>; rel=\"next\""
@@ -201,7 +240,11 @@ async fn manifests_tags_catalog_and_events() {
         .unwrap();
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["tags"], json!(["v2", "v3"]));
-    let r = c.get(format!("{b}/v2/nope/tags/list")).send().await.unwrap();
+    let r = c
+        .get(format!("{b}/v2/nope/tags/list"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
     assert_eq!(error_code(r).await, "NAME_UNKNOWN");
 
@@ -219,9 +262,17 @@ async fn manifests_tags_catalog_and_events() {
     assert_eq!(v["repositories"], json!(["zz/other"]));
 
     // Delete a tag, then the manifest with its remaining tags.
-    let r = c.delete(format!("{b}/v2/app/manifests/v3")).send().await.unwrap();
+    let r = c
+        .delete(format!("{b}/v2/app/manifests/v3"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 202);
-    let r = c.get(format!("{b}/v2/app/manifests/v3")).send().await.unwrap();
+    let r = c
+        .get(format!("{b}/v2/app/manifests/v3"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
     assert_eq!(error_code(r).await, "MANIFEST_UNKNOWN");
     let r = c
@@ -267,7 +318,10 @@ async fn index_and_referrers_with_artifact_type_filter() {
     let empty = push_blob(&c, &b, "multi", b"{}").await;
     let sig_blob = push_blob(&c, &b, "multi", b"signature").await;
     let mut refs = Vec::new();
-    for (atype, ann) in [("application/vnd.example.sig", "a"), ("application/vnd.example.sbom", "b")] {
+    for (atype, ann) in [
+        ("application/vnd.example.sig", "a"),
+        ("application/vnd.example.sbom", "b"),
+    ] {
         let art = serde_json::to_vec(&json!({
             "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": atype,
             "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2},
@@ -333,7 +387,11 @@ async fn bad_input_gets_spec_errors_and_stores_nothing() {
         .unwrap();
     assert_eq!(r.status(), 400);
     assert_eq!(error_code(r).await, "DIGEST_INVALID");
-    let r = c.post(format!("{b}/v2/r/blobs/uploads/")).send().await.unwrap();
+    let r = c
+        .post(format!("{b}/v2/r/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
     let loc = r.headers()["location"].to_str().unwrap().to_string();
     c.patch(format!("{b}{loc}"))
         .body(b"payload".to_vec())
@@ -361,14 +419,20 @@ async fn bad_input_gets_spec_errors_and_stores_nothing() {
         .unwrap();
     assert_eq!(error_code(r).await, "DIGEST_INVALID");
     let r = c
-        .put(format!("{b}/v2/r/blobs/uploads/00000000-0000-0000-0000-000000000000?digest={wrong}"))
+        .put(format!(
+            "{b}/v2/r/blobs/uploads/00000000-0000-0000-0000-000000000000?digest={wrong}"
+        ))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
     assert_eq!(error_code(r).await, "BLOB_UPLOAD_UNKNOWN");
     // A chunk shorter than its Content-Range is refused and not applied.
-    let r = c.post(format!("{b}/v2/r/blobs/uploads/")).send().await.unwrap();
+    let r = c
+        .post(format!("{b}/v2/r/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
     let loc = r.headers()["location"].to_str().unwrap().to_string();
     let r = c
         .patch(format!("{b}{loc}"))
@@ -406,7 +470,15 @@ async fn bad_input_gets_spec_errors_and_stores_nothing() {
     assert_eq!(error_code(r).await, "MANIFEST_BLOB_UNKNOWN");
     let r = put_manifest(&c, &b, "r", "v1", OCI_MANIFEST, b"{not json").await;
     assert_eq!(error_code(r).await, "MANIFEST_INVALID");
-    let r = put_manifest(&c, &b, "r", "v1", "application/x-weird", b"{\"schemaVersion\":2}").await;
+    let r = put_manifest(
+        &c,
+        &b,
+        "r",
+        "v1",
+        "application/x-weird",
+        b"{\"schemaVersion\":2}",
+    )
+    .await;
     assert_eq!(r.status(), 415);
     assert_eq!(error_code(r).await, "UNSUPPORTED");
     let ok = serde_json::to_vec(&image_manifest((&cfg, 2), &[])).unwrap();
@@ -416,7 +488,15 @@ async fn bad_input_gets_spec_errors_and_stores_nothing() {
     assert_eq!(error_code(r).await, "DIGEST_INVALID");
     let mut huge = image_manifest((&cfg, 2), &[]);
     huge["annotations"] = json!({"pad": "x".repeat(4 * 1024 * 1024)});
-    let r = put_manifest(&c, &b, "r", "big", OCI_MANIFEST, &serde_json::to_vec(&huge).unwrap()).await;
+    let r = put_manifest(
+        &c,
+        &b,
+        "r",
+        "big",
+        OCI_MANIFEST,
+        &serde_json::to_vec(&huge).unwrap(),
+    )
+    .await;
     assert_eq!(r.status(), 413);
     assert_eq!(error_code(r).await, "SIZE_INVALID");
 
@@ -436,8 +516,10 @@ async fn raw_status(addr: std::net::SocketAddr, request_line: &str) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(
-        format!("{request_line} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-            .as_bytes(),
+        format!(
+            "{request_line} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
     )
     .await
     .unwrap();
@@ -474,10 +556,14 @@ async fn truncated_body_is_refused_and_leaves_nothing() {
         .unwrap();
     assert_eq!(r.status(), 404);
     reg.shutdown().await;
-    let leftovers = std::fs::read_dir(dir.path().join("uploads")).unwrap().count();
+    let leftovers = std::fs::read_dir(dir.path().join("uploads"))
+        .unwrap()
+        .count();
     assert_eq!(leftovers, 0, "the partial upload was removed");
     assert_eq!(
-        std::fs::read_dir(dir.path().join("blobs/sha256")).unwrap().count(),
+        std::fs::read_dir(dir.path().join("blobs/sha256"))
+            .unwrap()
+            .count(),
         0
     );
 }

@@ -13,7 +13,10 @@ const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 
 fn unique(prefix: &str) -> String {
-    format!("{prefix}{}", &uuid::Uuid::new_v4().simple().to_string()[..10])
+    format!(
+        "{prefix}{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..10]
+    )
 }
 
 /// Run a blocking command off the runtime's worker so the in-process server keeps serving.
@@ -75,20 +78,39 @@ async fn skopeo_copies_in_and_out_and_inspects() {
     let v: serde_json::Value = serde_json::from_str(&inspect).unwrap();
     assert_eq!(v["RepoTags"], json!(["v1"]));
     let digest_reported = v["Digest"].as_str().unwrap().to_string();
-    let raw = run_async(cmd("skopeo", &["inspect", "--raw", "--tls-verify=false", &dest])).await;
+    let raw = run_async(cmd(
+        "skopeo",
+        &["inspect", "--raw", "--tls-verify=false", &dest],
+    ))
+    .await;
     assert_eq!(digest(raw.as_bytes()), digest_reported);
 
     // Out to an OCI layout and back in under another name, as OCI.
     let out = tempfile::tempdir().unwrap();
     let layout = format!("oci:{}:bb", out.path().display());
-    run_async(cmd("skopeo", &["copy", "--src-tls-verify=false", &dest, &layout])).await;
+    run_async(cmd(
+        "skopeo",
+        &["copy", "--src-tls-verify=false", &dest, &layout],
+    ))
+    .await;
     let dest2 = format!("docker://{}/skopeo/oci:v1", reg.addr());
     run_async(cmd(
         "skopeo",
-        &["copy", "--dest-tls-verify=false", "--format", "oci", &layout, &dest2],
+        &[
+            "copy",
+            "--dest-tls-verify=false",
+            "--format",
+            "oci",
+            &layout,
+            &dest2,
+        ],
     ))
     .await;
-    let raw2 = run_async(cmd("skopeo", &["inspect", "--raw", "--tls-verify=false", &dest2])).await;
+    let raw2 = run_async(cmd(
+        "skopeo",
+        &["inspect", "--raw", "--tls-verify=false", &dest2],
+    ))
+    .await;
     let m: serde_json::Value = serde_json::from_str(&raw2).unwrap();
     assert_eq!(m["mediaType"], OCI_MANIFEST);
     run_async(cmd("docker", &["rmi", &local])).await;
@@ -112,7 +134,8 @@ fn write_multi_arch_layout(dir: &Path) -> String {
         h.set_size(content.len() as u64);
         h.set_mode(0o644);
         h.set_cksum();
-        b.append_data(&mut h, "arch.txt", content.as_bytes()).unwrap();
+        b.append_data(&mut h, "arch.txt", content.as_bytes())
+            .unwrap();
         let layer = b.into_inner().unwrap();
         let (ld, ls) = put(&layer);
         let config = serde_json::to_vec(&json!({
@@ -176,7 +199,10 @@ async fn skopeo_copies_a_multi_arch_index() {
     assert_eq!(r.headers()["content-type"], OCI_INDEX);
     // skopeo compresses the uncompressed layers for a registry, which rewrites the
     // manifests and so the index: its digest differs from the layout's.
-    let stored_digest = r.headers()["docker-content-digest"].to_str().unwrap().to_string();
+    let stored_digest = r.headers()["docker-content-digest"]
+        .to_str()
+        .unwrap()
+        .to_string();
     assert_ne!(stored_digest, index_digest);
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["manifests"].as_array().unwrap().len(), 2);
@@ -196,11 +222,21 @@ async fn skopeo_copies_a_multi_arch_index() {
     ))
     .await;
     assert!(out.path().join("index.json").exists());
-    let raw = run_async(cmd("skopeo", &["inspect", "--raw", "--tls-verify=false", &dest])).await;
+    let raw = run_async(cmd(
+        "skopeo",
+        &["inspect", "--raw", "--tls-verify=false", &dest],
+    ))
+    .await;
     assert_eq!(digest(raw.as_bytes()), stored_digest);
     let arm = run_async(cmd(
         "skopeo",
-        &["inspect", "--tls-verify=false", "--override-arch", "arm64", &dest],
+        &[
+            "inspect",
+            "--tls-verify=false",
+            "--override-arch",
+            "arm64",
+            &dest,
+        ],
     ))
     .await;
     let v: serde_json::Value = serde_json::from_str(&arm).unwrap();

@@ -129,7 +129,14 @@ fn print_rows(output: Output, header: &[&str], rows: &[Vec<String>]) -> anyhow::
             writeln!(
                 out,
                 "{}",
-                line(w.iter().map(|n| "-".repeat(*n)).collect::<Vec<_>>().iter().map(String::as_str).collect())
+                line(
+                    w.iter()
+                        .map(|n| "-".repeat(*n))
+                        .collect::<Vec<_>>()
+                        .iter()
+                        .map(String::as_str)
+                        .collect()
+                )
             )?;
             for r in rows {
                 writeln!(out, "{}", line(r.iter().map(String::as_str).collect()))?;
@@ -180,7 +187,11 @@ pub fn registry(cmd: RegistryCmd) -> anyhow::Result<ExitCode> {
                 if output == Output::Table {
                     println!(
                         "{}{} manifests, {} blobs, {} orphan files, {} bytes freed",
-                        if dry_run { "(dry run) would remove " } else { "removed " },
+                        if dry_run {
+                            "(dry run) would remove "
+                        } else {
+                            "removed "
+                        },
                         r.manifests.len(),
                         r.blobs.len(),
                         r.orphan_files.len(),
@@ -348,7 +359,12 @@ async fn serve_registry(dir: PathBuf, listen: SocketAddr) -> anyhow::Result<()> 
         listen,
     })
     .await
-    .with_context(|| format!("starting the registry on {listen} with data in {}", dir.display()))?;
+    .with_context(|| {
+        format!(
+            "starting the registry on {listen} with data in {}",
+            dir.display()
+        )
+    })?;
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "listening on {}", running.addr())?;
@@ -368,4 +384,3 @@ async fn wait_for_stop() -> anyhow::Result<()> {
     }
     Ok(())
 }
-

@@ -98,7 +98,11 @@ pub(super) async fn delete(reg: &Registry, name: &str, digest: &str) -> Result<R
     let store = reg.inner.store.clone();
     let (n, d) = (name.to_string(), digest.clone());
     if blocking(move || store.unlink_blob(&n, &d)).await? {
-        Ok(respond(StatusCode::ACCEPTED, &[("Content-Length", "0".into())], Body::empty()))
+        Ok(respond(
+            StatusCode::ACCEPTED,
+            &[("Content-Length", "0".into())],
+            Body::empty(),
+        ))
     } else {
         Err(ApiError::blob_unknown(&digest))
     }
@@ -141,7 +145,14 @@ async fn receive_whole(
     body: Body,
 ) -> Result<Response, ApiError> {
     let tmp = reg.inner.store.temp_path();
-    let res = append_body(tmp.clone(), 0, &Sha256::new(), body, content_length(headers)).await;
+    let res = append_body(
+        tmp.clone(),
+        0,
+        &Sha256::new(),
+        body,
+        content_length(headers),
+    )
+    .await;
     let w = match res {
         Ok(w) => w,
         Err(e) => {
@@ -209,7 +220,10 @@ pub(super) async fn start_upload(
         .uploads
         .lock()
         .map_err(|_| ApiError::internal("upload table poisoned"))?
-        .insert(id.clone(), (name.to_string(), Arc::new(tokio::sync::Mutex::new(up))));
+        .insert(
+            id.clone(),
+            (name.to_string(), Arc::new(tokio::sync::Mutex::new(up))),
+        );
     Ok(respond(
         StatusCode::ACCEPTED,
         &upload_headers(name, &id, 0),
@@ -217,7 +231,11 @@ pub(super) async fn start_upload(
     ))
 }
 
-fn session(reg: &Registry, name: &str, id: &str) -> Result<Arc<tokio::sync::Mutex<Upload>>, ApiError> {
+fn session(
+    reg: &Registry,
+    name: &str,
+    id: &str,
+) -> Result<Arc<tokio::sync::Mutex<Upload>>, ApiError> {
     let map = reg
         .inner
         .uploads
@@ -236,7 +254,11 @@ fn remove_session(reg: &Registry, id: &str) {
     }
 }
 
-pub(super) async fn upload_status(reg: &Registry, name: &str, id: &str) -> Result<Response, ApiError> {
+pub(super) async fn upload_status(
+    reg: &Registry,
+    name: &str,
+    id: &str,
+) -> Result<Response, ApiError> {
     let s = session(reg, name, id)?;
     let up = s.lock().await;
     Ok(respond(
@@ -254,7 +276,10 @@ fn parse_content_range(h: &HeaderMap) -> Result<Option<(u64, u64)>, ApiError> {
     let s = v
         .to_str()
         .map_err(|_| ApiError::range_invalid("bad Content-Range"))?;
-    let s = s.trim().trim_start_matches("bytes").trim_start_matches([' ', '=']);
+    let s = s
+        .trim()
+        .trim_start_matches("bytes")
+        .trim_start_matches([' ', '=']);
     let (a, b) = s
         .split_once('-')
         .ok_or_else(|| ApiError::range_invalid("bad Content-Range"))?;
@@ -266,11 +291,7 @@ fn parse_content_range(h: &HeaderMap) -> Result<Option<(u64, u64)>, ApiError> {
 }
 
 /// Append one chunk to a session, enforcing `Content-Range` order and length.
-async fn append_chunk(
-    up: &mut Upload,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<(), ApiError> {
+async fn append_chunk(up: &mut Upload, headers: &HeaderMap, body: Body) -> Result<(), ApiError> {
     let range = parse_content_range(headers)?;
     let mut limit = content_length(headers);
     if let Some((start, end)) = range {
@@ -314,12 +335,15 @@ pub(super) async fn patch_upload(
 ) -> Result<Response, ApiError> {
     let s = session(reg, name, id)?;
     let mut up = s.lock().await;
-    append_chunk(&mut up, headers, body).await.map_err(|e| {
-        if e.status == StatusCode::RANGE_NOT_SATISFIABLE {
-            tracing::debug!(upload = id, offset = up.offset, "out-of-order chunk refused");
-        }
-        e
-    })?;
+    if let Err(e) = append_chunk(&mut up, headers, body).await {
+        tracing::debug!(
+            upload = id,
+            offset = up.offset,
+            code = e.code,
+            "chunk refused"
+        );
+        return Err(e);
+    }
     Ok(respond(
         StatusCode::ACCEPTED,
         &upload_headers(name, id, up.offset),
@@ -354,7 +378,11 @@ pub(super) async fn finish_upload(
     commit(reg, name, &digest, path, hasher, size).await
 }
 
-pub(super) async fn cancel_upload(reg: &Registry, name: &str, id: &str) -> Result<Response, ApiError> {
+pub(super) async fn cancel_upload(
+    reg: &Registry,
+    name: &str,
+    id: &str,
+) -> Result<Response, ApiError> {
     let s = session(reg, name, id)?;
     let up = s.lock().await;
     remove_session(reg, id);

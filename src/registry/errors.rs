@@ -22,13 +22,21 @@ impl ApiError {
         }
     }
     pub fn blob_unknown(d: &str) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "BLOB_UNKNOWN", format!("blob unknown to registry: {d}"))
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "BLOB_UNKNOWN",
+            format!("blob unknown to registry: {d}"),
+        )
     }
     pub fn upload_invalid(m: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "BLOB_UPLOAD_INVALID", m)
     }
     pub fn upload_unknown() -> Self {
-        Self::new(StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN", "blob upload unknown to registry")
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "BLOB_UPLOAD_UNKNOWN",
+            "blob upload unknown to registry",
+        )
     }
     pub fn digest_invalid(m: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "DIGEST_INVALID", m)
@@ -44,13 +52,21 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, "MANIFEST_INVALID", m)
     }
     pub fn manifest_unknown(r: &str) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", format!("manifest unknown: {r}"))
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "MANIFEST_UNKNOWN",
+            format!("manifest unknown: {r}"),
+        )
     }
     pub fn name_invalid(m: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "NAME_INVALID", m)
     }
     pub fn name_unknown(n: &str) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "NAME_UNKNOWN", format!("repository name not known to registry: {n}"))
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "NAME_UNKNOWN",
+            format!("repository name not known to registry: {n}"),
+        )
     }
     pub fn size_invalid(m: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "SIZE_INVALID", m)
@@ -63,7 +79,11 @@ impl ApiError {
     }
     pub fn internal(e: impl std::fmt::Display) -> Self {
         tracing::error!(error = %e, "registry internal error");
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", "internal error")
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "UNKNOWN",
+            "internal error",
+        )
     }
 }
 

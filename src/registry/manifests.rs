@@ -39,17 +39,23 @@ struct Parsed {
 
 fn descriptor_digest(d: &Value, what: &str) -> Result<String, ApiError> {
     if !d.is_object() {
-        return Err(ApiError::manifest_invalid(format!("{what} is not a descriptor")));
+        return Err(ApiError::manifest_invalid(format!(
+            "{what} is not a descriptor"
+        )));
     }
     let digest = d
         .get("digest")
         .and_then(Value::as_str)
         .ok_or_else(|| ApiError::manifest_invalid(format!("{what} has no digest")))?;
     if d.get("size").and_then(Value::as_i64).is_none_or(|s| s < 0) {
-        return Err(ApiError::manifest_invalid(format!("{what} has no valid size")));
+        return Err(ApiError::manifest_invalid(format!(
+            "{what} has no valid size"
+        )));
     }
     if d.get("mediaType").and_then(Value::as_str).is_none() {
-        return Err(ApiError::manifest_invalid(format!("{what} has no mediaType")));
+        return Err(ApiError::manifest_invalid(format!(
+            "{what} has no mediaType"
+        )));
     }
     parse_digest(digest).map_err(|e| ApiError::manifest_invalid(format!("{what}: {}", e.message)))
 }
@@ -155,7 +161,8 @@ pub(super) async fn put(
     let bytes = axum::body::to_bytes(body, MAX_MANIFEST_BYTES + 1)
         .await
         .map_err(|e| {
-            if std::error::Error::source(&e).is_some_and(|s| s.to_string().contains("length limit")) {
+            if std::error::Error::source(&e).is_some_and(|s| s.to_string().contains("length limit"))
+            {
                 too_big()
             } else {
                 ApiError::manifest_invalid(format!("manifest body: {e}"))
@@ -238,7 +245,11 @@ pub(super) async fn get(
     Ok(respond(StatusCode::OK, &hdrs, body))
 }
 
-pub(super) async fn delete(reg: &Registry, name: &str, reference: &str) -> Result<Response, ApiError> {
+pub(super) async fn delete(
+    reg: &Registry,
+    name: &str,
+    reference: &str,
+) -> Result<Response, ApiError> {
     let r = parse_reference(reference)?;
     let store = reg.inner.store.clone();
     let n = name.to_string();
@@ -287,7 +298,11 @@ fn page_params(q: &Q) -> Result<(Option<usize>, Option<String>), ApiError> {
     let n = match q.get("n") {
         None => None,
         Some(s) => Some(s.parse::<usize>().map_err(|_| {
-            ApiError::new(StatusCode::BAD_REQUEST, "PAGINATION_NUMBER_INVALID", "invalid n")
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "PAGINATION_NUMBER_INVALID",
+                "invalid n",
+            )
         })?),
     };
     Ok((n, q.get("last").cloned()))
@@ -313,9 +328,9 @@ pub(super) async fn tags_list(reg: &Registry, name: &str, q: &Q) -> Result<Respo
         return Err(ApiError::name_unknown(name));
     };
     let link = match (n, tags.last()) {
-        (Some(n), Some(l)) if tags.len() == n => {
-            Some(format!("</v2/{name}/tags/list?n={n}&last={l}>; rel=\"next\""))
-        }
+        (Some(n), Some(l)) if tags.len() == n => Some(format!(
+            "</v2/{name}/tags/list?n={n}&last={l}>; rel=\"next\""
+        )),
         _ => None,
     };
     Ok(json_response(
@@ -447,7 +462,10 @@ mod tests {
             "subject": {"mediaType": OCI_MANIFEST, "digest": d('f'), "size": 10}
         });
         let p = parse_manifest(m.to_string().as_bytes(), Some(OCI_MANIFEST)).unwrap();
-        assert_eq!(p.artifact_type.as_deref(), Some("application/vnd.example.sbom"));
+        assert_eq!(
+            p.artifact_type.as_deref(),
+            Some("application/vnd.example.sbom")
+        );
         assert_eq!(p.subject, Some(d('f')));
     }
 }

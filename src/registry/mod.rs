@@ -75,10 +75,13 @@ pub(crate) struct Upload {
     pub hasher: sha2::Sha256,
 }
 
+/// Upload sessions by id: (repository, session).
+pub(crate) type Sessions = HashMap<String, (String, Arc<tokio::sync::Mutex<Upload>>)>;
+
 pub(crate) struct State {
     pub store: Arc<Store>,
     /// id -> (repository, session)
-    pub uploads: Mutex<HashMap<String, (String, Arc<tokio::sync::Mutex<Upload>>)>>,
+    pub uploads: Mutex<Sessions>,
     pub events: broadcast::Sender<RegistryEvent>,
 }
 
@@ -184,10 +187,12 @@ pub async fn start(cfg: RegistryConfig) -> Result<RunningRegistry, RegistryError
             addr: cfg.listen,
             source,
         })?;
-    let addr = listener.local_addr().map_err(|source| RegistryError::Bind {
-        addr: cfg.listen,
-        source,
-    })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| RegistryError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let app = router(registry.clone());
     let task = tokio::spawn(async move {

@@ -63,7 +63,11 @@ pub fn parse_digest(d: &str) -> Result<String, ApiError> {
             "unsupported digest algorithm {alg:?}"
         )));
     }
-    if hex.len() != 64 || !hex.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)) {
+    if hex.len() != 64
+        || !hex
+            .bytes()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+    {
         return Err(ApiError::digest_invalid(format!("invalid digest {d:?}")));
     }
     Ok(d.to_string())
@@ -133,7 +137,9 @@ mod tests {
         for ok in ["a", "library/busybox", "a.b_c__d---e/f0", "x/y/z"] {
             assert!(valid_name(ok), "{ok}");
         }
-        for bad in ["", "A", "a/../b", "/a", "a/", "a//b", "-a", "a_", "a___b", "a..b", ".."] {
+        for bad in [
+            "", "A", "a/../b", "/a", "a/", "a//b", "-a", "a_", "a___b", "a..b", "..",
+        ] {
             assert!(!valid_name(bad), "{bad}");
         }
         assert!(!valid_name(&"a".repeat(256)));

@@ -61,7 +61,9 @@ fn check_name(name: &str) -> Result<(), ApiError> {
     if valid_name(name) {
         Ok(())
     } else {
-        Err(ApiError::name_invalid(format!("invalid repository name {name:?}")))
+        Err(ApiError::name_invalid(format!(
+            "invalid repository name {name:?}"
+        )))
     }
 }
 

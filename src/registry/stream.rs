@@ -39,7 +39,11 @@ pub(crate) async fn append_body(
     let p = path.clone();
     let mut h = hasher.clone();
     let writer = tokio::task::spawn_blocking(move || -> std::io::Result<(Sha256, u64)> {
-        let mut f = OpenOptions::new().create(true).write(true).truncate(false).open(&p)?;
+        let mut f = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open(&p)?;
         f.set_len(offset)?;
         f.seek(SeekFrom::Start(offset))?;
         let (sync_tx, sync_rx) = std::sync::mpsc::channel::<()>();

@@ -354,16 +354,18 @@ pub(crate) fn list_repos(
     n: Option<usize>,
     last: Option<&str>,
 ) -> Result<Vec<String>, StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT name FROM repositories WHERE name > ?1 ORDER BY name LIMIT ?2",
-    )?;
+    let mut stmt = conn
+        .prepare_cached("SELECT name FROM repositories WHERE name > ?1 ORDER BY name LIMIT ?2")?;
     let rows = stmt.query_map(params![last.unwrap_or(""), limit(n)], |r| {
         r.get::<_, String>(0)
     })?;
     Ok(rows.collect::<Result<Vec<_>, _>>()?)
 }
 
-pub(crate) fn list_manifests(conn: &Connection, repo: &str) -> Result<Vec<ManifestInfo>, StoreError> {
+pub(crate) fn list_manifests(
+    conn: &Connection,
+    repo: &str,
+) -> Result<Vec<ManifestInfo>, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT digest, media_type, artifact_type, size, created FROM manifests
          WHERE repo = ?1 ORDER BY created DESC, digest",

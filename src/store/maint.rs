@@ -157,8 +157,8 @@ impl Store {
         }
         // Files without a row: a crash between rename and commit. Under the write lock no
         // commit is in flight, so these are true leftovers.
-        let cutoff_time =
-            std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(cutoff.max(0) as u64);
+        let cutoff_time = std::time::SystemTime::UNIX_EPOCH
+            + std::time::Duration::from_secs(cutoff.max(0) as u64);
         for (digest, path) in self.blob_files()? {
             if db::blob_size(&tx, &digest)?.is_some() {
                 continue;
@@ -241,7 +241,8 @@ impl Store {
                 ));
             }
         }
-        let known: std::collections::HashSet<&str> = blobs.iter().map(|(d, _)| d.as_str()).collect();
+        let known: std::collections::HashSet<&str> =
+            blobs.iter().map(|(d, _)| d.as_str()).collect();
         report.orphan_files = self
             .blob_files()?
             .iter()
@@ -283,7 +284,8 @@ impl Store {
                 format!("references missing {kind} {target}"),
             ));
         }
-        report.tags_checked = conn.query_row("SELECT COUNT(*) FROM tags", [], |r| r.get::<_, i64>(0))? as usize;
+        report.tags_checked =
+            conn.query_row("SELECT COUNT(*) FROM tags", [], |r| r.get::<_, i64>(0))? as usize;
         let dangling_tags: Vec<(String, String, String)> = {
             let mut stmt = conn.prepare(
                 "SELECT t.repo, t.tag, t.digest FROM tags t WHERE NOT EXISTS

@@ -99,10 +99,7 @@ impl Store {
     pub fn blob_path(&self, digest: &str) -> PathBuf {
         let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
         let prefix = hex.get(..2).unwrap_or("00");
-        self.root
-            .join("blobs/sha256")
-            .join(prefix)
-            .join(hex)
+        self.root.join("blobs/sha256").join(prefix).join(hex)
     }
 
     /// A fresh path for an upload in progress.

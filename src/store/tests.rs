@@ -91,13 +91,30 @@ fn tags_and_repositories_paginate_in_order() {
     let store = Store::open(dir.path(), true).unwrap();
     let layer = put_blob(&store, "r", b"l");
     for (i, t) in ["b", "a", "c"].iter().enumerate() {
-        let m = manifest("r", vec![layer.clone()], Some(t), format!("{{\"i\":{i}}}").as_bytes());
+        let m = manifest(
+            "r",
+            vec![layer.clone()],
+            Some(t),
+            format!("{{\"i\":{i}}}").as_bytes(),
+        );
         store.put_manifest(&m).unwrap();
     }
-    assert_eq!(store.list_tags("r", Some(2), None).unwrap().unwrap(), vec!["a", "b"]);
-    assert_eq!(store.list_tags("r", Some(2), Some("b")).unwrap().unwrap(), vec!["c"]);
+    assert_eq!(
+        store.list_tags("r", Some(2), None).unwrap().unwrap(),
+        vec!["a", "b"]
+    );
+    assert_eq!(
+        store.list_tags("r", Some(2), Some("b")).unwrap().unwrap(),
+        vec!["c"]
+    );
     assert_eq!(store.list_tags("nope", None, None).unwrap(), None);
     put_blob(&store, "a/z", b"x");
-    assert_eq!(store.list_repositories(None, None).unwrap(), vec!["a/z", "r"]);
-    assert_eq!(store.list_repositories(Some(1), Some("a/z")).unwrap(), vec!["r"]);
+    assert_eq!(
+        store.list_repositories(None, None).unwrap(),
+        vec!["a/z", "r"]
+    );
+    assert_eq!(
+        store.list_repositories(Some(1), Some("a/z")).unwrap(),
+        vec!["r"]
+    );
 }

@@ -36,7 +36,10 @@ pub fn require_tool(tool: &str, hint: &str) {
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
-    assert!(ok, "`{tool}` is required by this test and was not found: {hint}");
+    assert!(
+        ok,
+        "`{tool}` is required by this test and was not found: {hint}"
+    );
 }
 
 pub fn require_docker() {
@@ -54,7 +57,9 @@ pub fn require_docker() {
 
 /// Run a command, panic with its output if it fails; return stdout.
 pub fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
@@ -85,7 +90,11 @@ pub fn make_busybox_image(reference: &str, marker: &str) {
         .arg(tar.path())
         .arg("."));
     run(Command::new("docker")
-        .args(["import", "--change", "CMD [\"/bin/busybox\",\"cat\",\"/marker\"]"])
+        .args([
+            "import",
+            "--change",
+            "CMD [\"/bin/busybox\",\"cat\",\"/marker\"]",
+        ])
         .arg(tar.path())
         .arg(reference));
 }
@@ -93,7 +102,13 @@ pub fn make_busybox_image(reference: &str, marker: &str) {
 /// `acr-task serve --registry-only` as a child process; returns it with its address.
 pub fn spawn_server(data: &Path) -> (Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_acr-task"))
-        .args(["serve", "--registry-only", "--listen", "127.0.0.1:0", "--data"])
+        .args([
+            "serve",
+            "--registry-only",
+            "--listen",
+            "127.0.0.1:0",
+            "--data",
+        ])
         .arg(data)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -154,5 +169,8 @@ pub async fn put_manifest(
 /// The `code` of the first error in a spec error body.
 pub async fn error_code(r: reqwest::Response) -> String {
     let v: serde_json::Value = r.json().await.unwrap();
-    v["errors"][0]["code"].as_str().unwrap_or_default().to_string()
+    v["errors"][0]["code"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
 }
