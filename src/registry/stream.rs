@@ -46,14 +46,8 @@ pub(crate) async fn append_body(
             .open(&p)?;
         f.set_len(offset)?;
         f.seek(SeekFrom::Start(offset))?;
-        let (sync_tx, sync_rx) = std::sync::mpsc::channel::<()>();
-        let sync_file = f.try_clone()?;
-        let syncer = std::thread::spawn(move || {
-            while sync_rx.recv().is_ok() {
-                while sync_rx.try_recv().is_ok() {}
-                let _ = sync_file.sync_data();
-            }
-        });
+        // Started on first need, so small uploads cost no extra thread.
+        let mut syncer: Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)> = None;
         let mut n = 0u64;
         let mut since_sync = 0u64;
         while let Some(chunk) = rx.blocking_recv() {
@@ -63,11 +57,26 @@ pub(crate) async fn append_body(
             since_sync += chunk.len() as u64;
             if since_sync >= SYNC_EVERY {
                 since_sync = 0;
-                let _ = sync_tx.send(());
+                if syncer.is_none() {
+                    let (tx, rx) = std::sync::mpsc::channel::<()>();
+                    let file = f.try_clone()?;
+                    let handle = std::thread::spawn(move || {
+                        while rx.recv().is_ok() {
+                            while rx.try_recv().is_ok() {}
+                            let _ = file.sync_data();
+                        }
+                    });
+                    syncer = Some((tx, handle));
+                }
+                if let Some((tx, _)) = &syncer {
+                    let _ = tx.send(());
+                }
             }
         }
-        drop(sync_tx);
-        let _ = syncer.join();
+        if let Some((tx, handle)) = syncer {
+            drop(tx);
+            let _ = handle.join();
+        }
         Ok((h, n))
     });
     let mut stream = body.into_data_stream();
