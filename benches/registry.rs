@@ -261,86 +261,100 @@ async fn big_round_trip(c: &reqwest::Client, base_url: &str, mib: u64, seed: u64
     (mb / up, mb / down)
 }
 
-async fn measure(s: &Server, seed: u64, skip_gib: bool) -> Figures {
+/// Run every phase on each server in turn (phase by phase, so that load from elsewhere on
+/// the machine hits both alike).
+async fn measure(servers: &[Server], seed: u64, skip_gib: bool) -> Vec<Figures> {
     let c = reqwest::Client::builder()
         .pool_max_idle_per_host(16)
         .build()
         .unwrap();
-    wait_ready(&c, s).await;
-    let mut f = Figures::default();
+    for s in servers {
+        wait_ready(&c, s).await;
+    }
+    let mut figs = vec![Figures::default(); servers.len()];
     let mb_small = (SMALL_COUNT * MIB) as f64 / 1e6;
     for conc in [1usize, 4] {
-        let blobs = small_blobs(seed * 10 + conc as u64);
-        let repo = format!("bench/small{conc}");
-        let t = Instant::now();
-        futures_util::stream::iter(blobs.iter())
-            .map(|(b, d)| push(&c, &s.base, &repo, b.clone(), d))
-            .buffer_unordered(conc)
-            .collect::<Vec<_>>()
-            .await;
-        let secs = t.elapsed().as_secs_f64();
-        f.values.push((
-            format!("push 200×1 MiB, c={conc}"),
-            SMALL_COUNT as f64 / secs,
-            "req/s",
-        ));
-        f.values
-            .push((format!("push 200×1 MiB, c={conc}"), mb_small / secs, "MB/s"));
-        let t = Instant::now();
-        futures_util::stream::iter(blobs.iter())
-            .map(|(_, d)| pull(&c, &s.base, &repo, d))
-            .buffer_unordered(conc)
-            .collect::<Vec<_>>()
-            .await;
-        let secs = t.elapsed().as_secs_f64();
-        f.values.push((
-            format!("pull 200×1 MiB, c={conc}"),
-            SMALL_COUNT as f64 / secs,
-            "req/s",
-        ));
-        f.values
-            .push((format!("pull 200×1 MiB, c={conc}"), mb_small / secs, "MB/s"));
-        if conc == 1 {
-            for hc in [1usize, 4] {
-                let t = Instant::now();
-                futures_util::stream::iter(0..HEADS)
-                    .map(|i| {
-                        let d = &blobs[i % blobs.len()].1;
-                        let url = format!("{}/v2/{repo}/blobs/{d}", s.base);
-                        let c = &c;
-                        async move {
-                            let r = c.head(url).send().await.unwrap();
-                            assert_eq!(r.status(), 200);
-                        }
-                    })
-                    .buffer_unordered(hc)
-                    .collect::<Vec<_>>()
-                    .await;
-                let secs = t.elapsed().as_secs_f64();
-                f.values.push((
-                    format!("2000 blob HEADs, c={hc}"),
-                    HEADS as f64 / secs,
-                    "req/s",
-                ));
+        for (k, s) in servers.iter().enumerate() {
+            let f = &mut figs[k];
+            let blobs = small_blobs(seed * 10 + conc as u64 + 100 * k as u64);
+            let repo = format!("bench/small{conc}");
+            let t = Instant::now();
+            futures_util::stream::iter(blobs.iter())
+                .map(|(b, d)| push(&c, &s.base, &repo, b.clone(), d))
+                .buffer_unordered(conc)
+                .collect::<Vec<_>>()
+                .await;
+            let secs = t.elapsed().as_secs_f64();
+            f.values.push((
+                format!("push 200×1 MiB, c={conc}"),
+                SMALL_COUNT as f64 / secs,
+                "req/s",
+            ));
+            f.values
+                .push((format!("push 200×1 MiB, c={conc}"), mb_small / secs, "MB/s"));
+            let t = Instant::now();
+            futures_util::stream::iter(blobs.iter())
+                .map(|(_, d)| pull(&c, &s.base, &repo, d))
+                .buffer_unordered(conc)
+                .collect::<Vec<_>>()
+                .await;
+            let secs = t.elapsed().as_secs_f64();
+            f.values.push((
+                format!("pull 200×1 MiB, c={conc}"),
+                SMALL_COUNT as f64 / secs,
+                "req/s",
+            ));
+            f.values
+                .push((format!("pull 200×1 MiB, c={conc}"), mb_small / secs, "MB/s"));
+            if conc == 1 {
+                for hc in [1usize, 4] {
+                    let t = Instant::now();
+                    futures_util::stream::iter(0..HEADS)
+                        .map(|i| {
+                            let d = &blobs[i % blobs.len()].1;
+                            let url = format!("{}/v2/{repo}/blobs/{d}", s.base);
+                            let c = &c;
+                            async move {
+                                let r = c.head(url).send().await.unwrap();
+                                assert_eq!(r.status(), 200);
+                            }
+                        })
+                        .buffer_unordered(hc)
+                        .collect::<Vec<_>>()
+                        .await;
+                    let secs = t.elapsed().as_secs_f64();
+                    f.values.push((
+                        format!("2000 blob HEADs, c={hc}"),
+                        HEADS as f64 / secs,
+                        "req/s",
+                    ));
+                }
             }
         }
     }
     let sizes: &[u64] = if skip_gib { &[256] } else { &[256, 1024] };
     for &mib in sizes {
-        let (up, down) = big_round_trip(&c, &s.base, mib, seed).await;
-        let label = if mib == 1024 {
-            "1 GiB".to_string()
-        } else {
-            format!("{mib} MiB")
-        };
-        f.values
-            .push((format!("push one {label} blob"), up, "MB/s"));
-        f.values
-            .push((format!("pull one {label} blob"), down, "MB/s"));
+        for (k, s) in servers.iter().enumerate() {
+            let (up, down) = big_round_trip(&c, &s.base, mib, seed + k as u64).await;
+            let label = if mib == 1024 {
+                "1 GiB".to_string()
+            } else {
+                format!("{mib} MiB")
+            };
+            figs[k]
+                .values
+                .push((format!("push one {label} blob"), up, "MB/s"));
+            figs[k]
+                .values
+                .push((format!("pull one {label} blob"), down, "MB/s"));
+        }
     }
-    f.values
-        .push(("peak RSS (whole run)".into(), s.peak_rss_mib(), "MiB"));
-    f
+    for (k, s) in servers.iter().enumerate() {
+        figs[k]
+            .values
+            .push(("peak RSS (whole run)".into(), s.peak_rss_mib(), "MiB"));
+    }
+    figs
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -352,18 +366,15 @@ async fn main() {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(1);
-    eprintln!("measuring acr-task ...");
-    let ours = {
-        let s = start_ours();
-        measure(&s, seed, skip_gib).await
-    };
-    let theirs = if only_ours {
-        None
-    } else {
-        eprintln!("measuring distribution ...");
-        let s = start_distribution();
-        Some(measure(&s, seed + 7, skip_gib).await)
-    };
+    let mut servers = vec![start_ours()];
+    if !only_ours {
+        servers.push(start_distribution());
+    }
+    eprintln!("measuring {} server(s), phase by phase ...", servers.len());
+    let mut figs = measure(&servers, seed, skip_gib).await.into_iter();
+    let ours = figs.next().unwrap_or_default();
+    let theirs = figs.next();
+    drop(servers);
     let mut rows = Vec::new();
     for (i, (label, v, unit)) in ours.values.iter().enumerate() {
         let t = theirs.as_ref().map(|t| t.values[i].1);
