@@ -567,3 +567,31 @@ async fn truncated_body_is_refused_and_leaves_nothing() {
         0
     );
 }
+
+/// Each file in `tests/data/registry/bad-manifests` is named `<EXPECTED_CODE>--<case>.json`.
+#[tokio::test]
+async fn bad_manifest_fixtures_get_their_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = start_in(dir.path()).await;
+    let b = base(&reg);
+    let c = reqwest::Client::new();
+    push_blob(&c, &b, "fx", b"{}").await;
+    let fixtures =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/registry/bad-manifests");
+    let mut n = 0;
+    for e in std::fs::read_dir(&fixtures).unwrap() {
+        let path = e.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        let expected = name.split("--").next().unwrap();
+        let body = std::fs::read(&path).unwrap();
+        let r = put_manifest(&c, &b, "fx", "v1", OCI_MANIFEST, &body).await;
+        assert_eq!(r.status(), 400, "{name}");
+        assert_eq!(error_code(r).await, expected, "{name}");
+        n += 1;
+    }
+    assert!(n >= 8);
+    let r = c.get(format!("{b}/v2/fx/tags/list")).send().await.unwrap();
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["tags"], json!([]));
+    reg.shutdown().await;
+}
