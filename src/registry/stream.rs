@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use super::errors::ApiError;
 
 const SYNC_EVERY: u64 = 64 * 1024 * 1024;
-const READ_CHUNK: usize = 1024 * 1024;
+const READ_CHUNK: usize = 256 * 1024;
 const CHANNEL_DEPTH: usize = 16;
 const WRITE_BUF: usize = 1024 * 1024;
 
