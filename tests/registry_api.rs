@@ -261,13 +261,25 @@ async fn manifests_tags_catalog_and_events() {
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["repositories"], json!(["zz/other"]));
 
+    assert_eq!(
+        reg.registry().resolve("app", "latest").await.unwrap(),
+        Some((md.clone(), OCI_MANIFEST.to_string()))
+    );
+    assert_eq!(reg.registry().resolve("app", "nope").await.unwrap(), None);
+
     // Delete a tag, then the manifest with its remaining tags.
+    let mut events = reg.registry().subscribe();
     let r = c
         .delete(format!("{b}/v2/app/manifests/v3"))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 202);
+    let ev = events.recv().await.unwrap();
+    assert_eq!(ev.action, acr_task::registry::EventAction::Delete);
+    assert_eq!(ev.tag.as_deref(), Some("v3"));
+    assert_eq!(ev.digest, md);
+    assert_eq!(ev.media_type, OCI_MANIFEST);
     let r = c
         .get(format!("{b}/v2/app/manifests/v3"))
         .send()

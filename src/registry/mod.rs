@@ -141,6 +141,24 @@ impl Registry {
         Ok(tokio::task::spawn_blocking(move || s.list_manifests(&repo)).await??)
     }
 
+    /// Resolve a tag or digest in `repo` to `(digest, media_type)`; None if unknown.
+    /// (For the base-image trigger: "what does `repo:tag` point to now?")
+    pub async fn resolve(
+        &self,
+        repo: &str,
+        reference: &str,
+    ) -> Result<Option<(String, String)>, RegistryError> {
+        let r = if reference.starts_with("sha256:") {
+            crate::store::Reference::Digest(reference.to_string())
+        } else {
+            crate::store::Reference::Tag(reference.to_string())
+        };
+        let s = self.inner.store.clone();
+        let repo = repo.to_string();
+        let row = tokio::task::spawn_blocking(move || s.get_manifest(&repo, &r)).await??;
+        Ok(row.map(|m| (m.digest, m.media_type)))
+    }
+
     pub(crate) fn emit(&self, ev: RegistryEvent) {
         // No receivers is normal (nothing subscribed yet).
         let _ = self.inner.events.send(ev);
