@@ -607,3 +607,23 @@ async fn bad_manifest_fixtures_get_their_codes() {
     assert_eq!(v["tags"], json!([]));
     reg.shutdown().await;
 }
+
+#[tokio::test]
+async fn oversized_manifest_without_content_length_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = start_in(dir.path()).await;
+    let chunks =
+        (0..5).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b' '; 1024 * 1024])));
+    let r = reqwest::Client::new()
+        .put(format!("{}/v2/big/manifests/v1", base(&reg)))
+        .header("content-type", OCI_MANIFEST)
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    assert_eq!(error_code(r).await, "SIZE_INVALID");
+    reg.shutdown().await;
+}

@@ -477,4 +477,12 @@ mod tests {
         );
         assert_eq!(p.subject, Some(d('f')));
     }
+
+    proptest::proptest! {
+        #[test]
+        fn manifest_parsing_never_panics(body in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
+            let _ = parse_manifest(&body, Some(OCI_MANIFEST));
+            let _ = parse_manifest(&body, None);
+        }
+    }
 }
