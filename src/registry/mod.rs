@@ -73,7 +73,12 @@ pub(crate) struct Upload {
     pub path: PathBuf,
     pub offset: u64,
     pub hasher: sha2::Sha256,
+    /// Last time a request touched the session; idle sessions expire (see `UPLOAD_IDLE`).
+    pub touched: std::time::Instant,
 }
+
+/// An upload session idle this long is dropped with its temp file.
+pub const UPLOAD_IDLE: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// Upload sessions by id: (repository, session).
 pub(crate) type Sessions = HashMap<String, (String, Arc<tokio::sync::Mutex<Upload>>)>;
