@@ -201,3 +201,20 @@ async fn gc_during_pushes_never_breaks_a_push() {
     }
     reg.shutdown().await;
 }
+
+#[test]
+fn serve_stops_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, addr) = spawn_server(dir.path());
+    assert!(addr.starts_with("127.0.0.1:"), "{addr}");
+    run(Command::new("kill").args(["-TERM", &child.id().to_string()]));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "serve exited with {status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "serve ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -354,6 +354,9 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn serve_registry(dir: PathBuf, listen: SocketAddr) -> anyhow::Result<()> {
+    // Handlers first: a supervisor may send SIGTERM as soon as it reads the address.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
     let running = registry::start(RegistryConfig {
         data_dir: dir.clone(),
         listen,
@@ -370,17 +373,10 @@ async fn serve_registry(dir: PathBuf, listen: SocketAddr) -> anyhow::Result<()> 
         writeln!(out, "listening on {}", running.addr())?;
         out.flush()?;
     }
-    wait_for_stop().await?;
-    running.shutdown().await;
-    Ok(())
-}
-
-async fn wait_for_stop() -> anyhow::Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
     tokio::select! {
         r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
         _ = term.recv() => {}
     }
+    running.shutdown().await;
     Ok(())
 }
