@@ -96,6 +96,14 @@ fn data_dir(d: Option<PathBuf>) -> PathBuf {
 
 fn open(d: Option<PathBuf>) -> anyhow::Result<Store> {
     let dir = data_dir(d);
+    // Don't create an empty store as a side effect of a typo in --data.
+    if !dir.join("meta.db").exists() {
+        bail!(
+            "no registry data in {} (start one with `acr-task serve --registry-only --data {}`)",
+            dir.display(),
+            dir.display()
+        );
+    }
     Store::open(&dir, false).with_context(|| format!("opening registry data in {}", dir.display()))
 }
 
