@@ -218,3 +218,74 @@ fn serve_stops_cleanly_on_sigterm() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+fn cli_http(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_acr-task"))
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "acr-task {args:?} failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repository_commands_over_http_raise_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = start_in(dir.path()).await;
+    let b = base(&reg);
+    let addr = reg.addr().to_string();
+    let c = reqwest::Client::new();
+    let d = push_image(&c, &b, "web/app", b"layer", &["v1", "v2"]).await;
+    let mut events = reg.registry().subscribe();
+    let list: Value = serde_json::from_str(&cli_http(&[
+        "repository",
+        "list",
+        "--registry",
+        &addr,
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(list, json!(["web/app"]));
+    let tags = cli_http(&[
+        "repository",
+        "show-tags",
+        "web/app",
+        "--registry",
+        &addr,
+        "-o",
+        "tsv",
+    ]);
+    assert_eq!(tags, "v1\nv2\n");
+    let ms: Value = serde_json::from_str(&cli_http(&[
+        "repository",
+        "show-manifests",
+        "web/app",
+        "--registry",
+        &addr,
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(ms[0]["digest"], d.as_str());
+    assert_eq!(ms[0]["tags"], json!(["v1", "v2"]));
+    cli_http(&["repository", "delete", "web/app:v1", "--registry", &addr]);
+    let ev = events.recv().await.unwrap();
+    assert_eq!(ev.tag.as_deref(), Some("v1"));
+    cli_http(&["repository", "delete", "web/app", "--registry", &addr]);
+    let ev = events.recv().await.unwrap();
+    assert_eq!(ev.digest, d);
+    assert_eq!(reg.registry().tags("web/app").await.unwrap(), Some(vec![]));
+    let out = Command::new(env!("CARGO_BIN_EXE_acr-task"))
+        .args(["repository", "show-tags", "nope", "--registry", &addr])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NAME_UNKNOWN"));
+    reg.shutdown().await;
+}

@@ -6,6 +6,7 @@
 //! - [`Registry`] is the read API (repositories, tags, manifests) and the push-event hook.
 
 mod blobs;
+pub mod client;
 mod errors;
 mod manifests;
 mod names;
