@@ -261,13 +261,25 @@ async fn manifests_tags_catalog_and_events() {
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["repositories"], json!(["zz/other"]));
 
+    assert_eq!(
+        reg.registry().resolve("app", "latest").await.unwrap(),
+        Some((md.clone(), OCI_MANIFEST.to_string()))
+    );
+    assert_eq!(reg.registry().resolve("app", "nope").await.unwrap(), None);
+
     // Delete a tag, then the manifest with its remaining tags.
+    let mut events = reg.registry().subscribe();
     let r = c
         .delete(format!("{b}/v2/app/manifests/v3"))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 202);
+    let ev = events.recv().await.unwrap();
+    assert_eq!(ev.action, acr_task::registry::EventAction::Delete);
+    assert_eq!(ev.tag.as_deref(), Some("v3"));
+    assert_eq!(ev.digest, md);
+    assert_eq!(ev.media_type, OCI_MANIFEST);
     let r = c
         .get(format!("{b}/v2/app/manifests/v3"))
         .send()
@@ -566,4 +578,52 @@ async fn truncated_body_is_refused_and_leaves_nothing() {
             .count(),
         0
     );
+}
+
+/// Each file in `tests/data/registry/bad-manifests` is named `<EXPECTED_CODE>--<case>.json`.
+#[tokio::test]
+async fn bad_manifest_fixtures_get_their_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = start_in(dir.path()).await;
+    let b = base(&reg);
+    let c = reqwest::Client::new();
+    push_blob(&c, &b, "fx", b"{}").await;
+    let fixtures =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/registry/bad-manifests");
+    let mut n = 0;
+    for e in std::fs::read_dir(&fixtures).unwrap() {
+        let path = e.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        let expected = name.split("--").next().unwrap();
+        let body = std::fs::read(&path).unwrap();
+        let r = put_manifest(&c, &b, "fx", "v1", OCI_MANIFEST, &body).await;
+        assert_eq!(r.status(), 400, "{name}");
+        assert_eq!(error_code(r).await, expected, "{name}");
+        n += 1;
+    }
+    assert!(n >= 8);
+    let r = c.get(format!("{b}/v2/fx/tags/list")).send().await.unwrap();
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["tags"], json!([]));
+    reg.shutdown().await;
+}
+
+#[tokio::test]
+async fn oversized_manifest_without_content_length_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = start_in(dir.path()).await;
+    let chunks =
+        (0..5).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b' '; 1024 * 1024])));
+    let r = reqwest::Client::new()
+        .put(format!("{}/v2/big/manifests/v1", base(&reg)))
+        .header("content-type", OCI_MANIFEST)
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    assert_eq!(error_code(r).await, "SIZE_INVALID");
+    reg.shutdown().await;
 }

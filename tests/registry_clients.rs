@@ -49,7 +49,12 @@ async fn docker_engine_pushes_and_pulls_an_image() {
     // A second push of the same image only HEADs blobs and re-puts the manifest.
     let again = run_async(cmd("docker", &["push", &image])).await;
     assert!(again.contains("Layer already exists"), "{again}");
-    run_async(cmd("docker", &["rmi", &image])).await;
+    // The same image under another repository: the engine mounts the layer across.
+    let other = format!("{}/{}/copy:v1", reg.addr(), unique("it"));
+    run_async(cmd("docker", &["tag", &image, &other])).await;
+    let mounted = run_async(cmd("docker", &["push", &other])).await;
+    assert!(mounted.contains("Mounted from"), "{mounted}");
+    run_async(cmd("docker", &["rmi", &image, &other])).await;
     let store = reg.registry().store().clone();
     reg.shutdown().await;
     assert!(store.fsck().unwrap().is_clean());

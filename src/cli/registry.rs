@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 
 use super::Output;
+use crate::registry::client::RegistryClient;
 use crate::registry::{self, RegistryConfig};
 use crate::store::{ManifestInfo, Store};
 
@@ -43,8 +44,12 @@ pub enum RegistryCmd {
 #[derive(Debug, clap::Args)]
 pub struct RepoOpts {
     /// Registry data directory [default: <data dir>/registry].
-    #[arg(long)]
+    #[arg(long, conflicts_with = "registry")]
     data: Option<PathBuf>,
+    /// Talk to a running registry at HOST:PORT over HTTP instead of opening --data
+    /// (deletes then raise push/delete events; show-manifests sees tagged manifests only).
+    #[arg(long, value_name = "HOST:PORT")]
+    registry: Option<String>,
     #[arg(long, short = 'o', value_enum, default_value = "table")]
     output: Output,
 }
@@ -96,6 +101,14 @@ fn data_dir(d: Option<PathBuf>) -> PathBuf {
 
 fn open(d: Option<PathBuf>) -> anyhow::Result<Store> {
     let dir = data_dir(d);
+    // Don't create an empty store as a side effect of a typo in --data.
+    if !dir.join("meta.db").exists() {
+        bail!(
+            "no registry data in {} (start one with `acr-task serve --registry-only --data {}`)",
+            dir.display(),
+            dir.display()
+        );
+    }
     Store::open(&dir, false).with_context(|| format!("opening registry data in {}", dir.display()))
 }
 
@@ -264,6 +277,20 @@ fn manifest_rows(ms: &[ManifestInfo]) -> Vec<Vec<String>> {
 }
 
 pub fn repository(cmd: RepositoryCmd) -> anyhow::Result<ExitCode> {
+    let opts = match &cmd {
+        RepositoryCmd::List { opts }
+        | RepositoryCmd::ShowTags { opts, .. }
+        | RepositoryCmd::ShowManifests { opts, .. }
+        | RepositoryCmd::Delete { opts, .. } => opts,
+    };
+    no_dot(opts.output)?;
+    if let Some(addr) = opts.registry.clone() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        return rt.block_on(repository_http(cmd, RegistryClient::new(addr)));
+    }
     match cmd {
         RepositoryCmd::List { opts } => {
             no_dot(opts.output)?;
@@ -316,6 +343,77 @@ pub fn repository(cmd: RepositoryCmd) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+async fn repository_http(cmd: RepositoryCmd, client: RegistryClient) -> anyhow::Result<ExitCode> {
+    match cmd {
+        RepositoryCmd::List { opts } => {
+            let repos = client.repositories().await?;
+            if opts.output == Output::Json {
+                print_json(&repos)?;
+            } else {
+                let rows: Vec<Vec<String>> = repos.into_iter().map(|r| vec![r]).collect();
+                print_rows(opts.output, &["REPOSITORY"], &rows)?;
+            }
+        }
+        RepositoryCmd::ShowTags { repository, opts } => {
+            let tags = client.tags(&repository).await?;
+            if opts.output == Output::Json {
+                print_json(&tags)?;
+            } else {
+                let rows: Vec<Vec<String>> = tags.into_iter().map(|t| vec![t]).collect();
+                print_rows(opts.output, &["TAG"], &rows)?;
+            }
+        }
+        RepositoryCmd::ShowManifests { repository, opts } => {
+            let ms = client.manifests(&repository).await?;
+            if opts.output == Output::Json {
+                print_json(&ms)?;
+            } else {
+                let rows: Vec<Vec<String>> = ms
+                    .iter()
+                    .map(|m| {
+                        vec![
+                            m.digest.clone(),
+                            m.tags.join(","),
+                            m.media_type.clone(),
+                            m.size.to_string(),
+                        ]
+                    })
+                    .collect();
+                print_rows(
+                    opts.output,
+                    &["DIGEST", "TAGS", "MEDIA TYPE", "SIZE"],
+                    &rows,
+                )?;
+            }
+        }
+        RepositoryCmd::Delete { target, opts } => {
+            let msg = if let Some((repo, digest)) = target.split_once('@') {
+                client.delete_manifest(repo, digest).await?;
+                format!("deleted {target}")
+            } else if let Some((repo, tag)) = target.split_once(':') {
+                client.delete_manifest(repo, tag).await?;
+                format!("deleted tag {target}")
+            } else {
+                // The API has no repository delete: remove every tagged manifest.
+                let ms = client.manifests(&target).await?;
+                for m in &ms {
+                    client.delete_manifest(&target, &m.digest).await?;
+                }
+                format!(
+                    "deleted {} manifests of {target} (untagged manifests remain until gc)",
+                    ms.len()
+                )
+            };
+            if opts.output == Output::Json {
+                print_json(&serde_json::json!({ "deleted": target }))?;
+            } else {
+                println!("{msg}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn delete(store: &Store, target: &str) -> anyhow::Result<String> {
     if let Some((repo, digest)) = target.split_once('@') {
         match store.delete_manifest(repo, digest)? {
@@ -354,6 +452,9 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn serve_registry(dir: PathBuf, listen: SocketAddr) -> anyhow::Result<()> {
+    // Handlers first: a supervisor may send SIGTERM as soon as it reads the address.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
     let running = registry::start(RegistryConfig {
         data_dir: dir.clone(),
         listen,
@@ -370,17 +471,10 @@ async fn serve_registry(dir: PathBuf, listen: SocketAddr) -> anyhow::Result<()> 
         writeln!(out, "listening on {}", running.addr())?;
         out.flush()?;
     }
-    wait_for_stop().await?;
-    running.shutdown().await;
-    Ok(())
-}
-
-async fn wait_for_stop() -> anyhow::Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
     tokio::select! {
         r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
         _ = term.recv() => {}
     }
+    running.shutdown().await;
     Ok(())
 }

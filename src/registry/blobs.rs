@@ -215,15 +215,24 @@ pub(super) async fn start_upload(
         path: reg.inner.store.temp_path(),
         offset: 0,
         hasher: Sha256::new(),
+        touched: std::time::Instant::now(),
     };
-    reg.inner
-        .uploads
-        .lock()
-        .map_err(|_| ApiError::internal("upload table poisoned"))?
-        .insert(
+    let expired = {
+        let mut map = reg
+            .inner
+            .uploads
+            .lock()
+            .map_err(|_| ApiError::internal("upload table poisoned"))?;
+        let expired = take_expired(&mut map);
+        map.insert(
             id.clone(),
             (name.to_string(), Arc::new(tokio::sync::Mutex::new(up))),
         );
+        expired
+    };
+    for path in expired {
+        let _ = tokio::fs::remove_file(&path).await;
+    }
     Ok(respond(
         StatusCode::ACCEPTED,
         &upload_headers(name, &id, 0),
@@ -246,6 +255,21 @@ fn session(
         Some((repo, s)) if repo == name => Ok(s.clone()),
         _ => Err(ApiError::upload_unknown()),
     }
+}
+
+/// Remove sessions idle longer than `UPLOAD_IDLE` (busy ones are locked and skipped);
+/// returns their temp files for deletion. Run whenever a session starts, so abandoned uploads
+/// cannot pile up on a long-running server.
+fn take_expired(map: &mut super::Sessions) -> Vec<std::path::PathBuf> {
+    let mut paths = Vec::new();
+    map.retain(|_, (_, s)| match s.try_lock() {
+        Ok(up) if up.touched.elapsed() > super::UPLOAD_IDLE => {
+            paths.push(up.path.clone());
+            false
+        }
+        _ => true,
+    });
+    paths
 }
 
 fn remove_session(reg: &Registry, id: &str) {
@@ -323,6 +347,7 @@ async fn append_chunk(up: &mut Upload, headers: &HeaderMap, body: Body) -> Resul
     }
     up.offset += w.written;
     up.hasher = w.hasher;
+    up.touched = std::time::Instant::now();
     Ok(())
 }
 
@@ -335,16 +360,15 @@ pub(super) async fn patch_upload(
 ) -> Result<Response, ApiError> {
     let s = session(reg, name, id)?;
     let mut up = s.lock().await;
-    append_chunk(&mut up, headers, body).await.map_err(|e| {
-        if e.status == StatusCode::RANGE_NOT_SATISFIABLE {
-            tracing::debug!(
-                upload = id,
-                offset = up.offset,
-                "out-of-order chunk refused"
-            );
-        }
-        e
-    })?;
+    if let Err(e) = append_chunk(&mut up, headers, body).await {
+        tracing::debug!(
+            upload = id,
+            offset = up.offset,
+            code = e.code,
+            "chunk refused"
+        );
+        return Err(e);
+    }
     Ok(respond(
         StatusCode::ACCEPTED,
         &upload_headers(name, id, up.offset),
@@ -397,7 +421,37 @@ pub(super) async fn cancel_upload(
 
 #[cfg(test)]
 mod tests {
-    use super::parse_range;
+    use super::{parse_range, take_expired};
+    use crate::registry::{Sessions, Upload, UPLOAD_IDLE};
+    use sha2::Digest;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn idle_sessions_expire_and_active_ones_stay() {
+        let mk = |age: Duration, path: &str| {
+            let up = Upload {
+                path: path.into(),
+                offset: 0,
+                hasher: sha2::Sha256::new(),
+                touched: Instant::now().checked_sub(age).unwrap(),
+            };
+            ("r".to_string(), Arc::new(tokio::sync::Mutex::new(up)))
+        };
+        let mut map = Sessions::new();
+        map.insert(
+            "old".into(),
+            mk(UPLOAD_IDLE + Duration::from_secs(5), "/tmp/old"),
+        );
+        map.insert("new".into(), mk(Duration::from_secs(1), "/tmp/new"));
+        let busy = mk(UPLOAD_IDLE * 2, "/tmp/busy");
+        let guard = busy.1.clone();
+        let _held = guard.try_lock().unwrap();
+        map.insert("busy".into(), busy);
+        let gone = take_expired(&mut map);
+        assert_eq!(gone, vec![std::path::PathBuf::from("/tmp/old")]);
+        assert!(map.contains_key("new") && map.contains_key("busy"));
+    }
 
     #[test]
     fn ranges() {

@@ -274,7 +274,13 @@ pub(super) async fn delete(
         }
         Reference::Tag(t) => {
             let tt = t.clone();
-            let Some(digest) = blocking(move || store.delete_tag(&n, &tt)).await? else {
+            let deleted = blocking(move || {
+                // Read the manifest first so the event can say what the tag pointed to.
+                let row = store.get_manifest(&n, &Reference::Tag(tt.clone()))?;
+                Ok(store.delete_tag(&n, &tt)?.map(|d| (d, row)))
+            })
+            .await?;
+            let Some((digest, row)) = deleted else {
                 return Err(ApiError::manifest_unknown(reference));
             };
             reg.emit(RegistryEvent {
@@ -282,8 +288,11 @@ pub(super) async fn delete(
                 repository: name.to_string(),
                 tag: Some(t),
                 digest,
-                media_type: String::new(),
-                size: 0,
+                media_type: row
+                    .as_ref()
+                    .map(|r| r.media_type.clone())
+                    .unwrap_or_default(),
+                size: row.map(|r| r.size).unwrap_or(0),
             });
         }
     }
@@ -467,5 +476,13 @@ mod tests {
             Some("application/vnd.example.sbom")
         );
         assert_eq!(p.subject, Some(d('f')));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn manifest_parsing_never_panics(body in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
+            let _ = parse_manifest(&body, Some(OCI_MANIFEST));
+            let _ = parse_manifest(&body, None);
+        }
     }
 }

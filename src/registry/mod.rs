@@ -6,6 +6,7 @@
 //! - [`Registry`] is the read API (repositories, tags, manifests) and the push-event hook.
 
 mod blobs;
+pub mod client;
 mod errors;
 mod manifests;
 mod names;
@@ -73,12 +74,20 @@ pub(crate) struct Upload {
     pub path: PathBuf,
     pub offset: u64,
     pub hasher: sha2::Sha256,
+    /// Last time a request touched the session; idle sessions expire (see `UPLOAD_IDLE`).
+    pub touched: std::time::Instant,
 }
+
+/// An upload session idle this long is dropped with its temp file.
+pub const UPLOAD_IDLE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Upload sessions by id: (repository, session).
+pub(crate) type Sessions = HashMap<String, (String, Arc<tokio::sync::Mutex<Upload>>)>;
 
 pub(crate) struct State {
     pub store: Arc<Store>,
     /// id -> (repository, session)
-    pub uploads: Mutex<HashMap<String, (String, Arc<tokio::sync::Mutex<Upload>>)>>,
+    pub uploads: Mutex<Sessions>,
     pub events: broadcast::Sender<RegistryEvent>,
 }
 
@@ -136,6 +145,24 @@ impl Registry {
         let s = self.inner.store.clone();
         let repo = repo.to_string();
         Ok(tokio::task::spawn_blocking(move || s.list_manifests(&repo)).await??)
+    }
+
+    /// Resolve a tag or digest in `repo` to `(digest, media_type)`; None if unknown.
+    /// (For the base-image trigger: "what does `repo:tag` point to now?")
+    pub async fn resolve(
+        &self,
+        repo: &str,
+        reference: &str,
+    ) -> Result<Option<(String, String)>, RegistryError> {
+        let r = if reference.starts_with("sha256:") {
+            crate::store::Reference::Digest(reference.to_string())
+        } else {
+            crate::store::Reference::Tag(reference.to_string())
+        };
+        let s = self.inner.store.clone();
+        let repo = repo.to_string();
+        let row = tokio::task::spawn_blocking(move || s.get_manifest(&repo, &r)).await??;
+        Ok(row.map(|m| (m.digest, m.media_type)))
     }
 
     pub(crate) fn emit(&self, ev: RegistryEvent) {

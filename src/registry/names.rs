@@ -177,4 +177,14 @@ mod tests {
         assert_eq!(parse_route("_catalog"), Some(Route::Catalog));
         assert_eq!(parse_route("nothing"), None);
     }
+
+    proptest::proptest! {
+        #[test]
+        fn path_and_name_parsing_never_panics(path in "[a-z0-9/._:-]{0,80}") {
+            let _ = parse_route(&path);
+            let _ = valid_name(&path);
+            let _ = valid_tag(&path);
+            let _ = parse_reference(&path);
+        }
+    }
 }

@@ -6,7 +6,7 @@
 //! Downloads: one blocking thread reads [`READ_CHUNK`]-sized chunks into the response body.
 
 use std::fs::OpenOptions;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 
 use axum::body::Body;
@@ -17,8 +17,9 @@ use sha2::{Digest, Sha256};
 use super::errors::ApiError;
 
 const SYNC_EVERY: u64 = 64 * 1024 * 1024;
-const READ_CHUNK: usize = 1024 * 1024;
+const READ_CHUNK: usize = 256 * 1024;
 const CHANNEL_DEPTH: usize = 16;
+const WRITE_BUF: usize = 1024 * 1024;
 
 pub(crate) struct Written {
     pub hasher: Sha256,
@@ -36,39 +37,60 @@ pub(crate) async fn append_body(
     limit: Option<u64>,
 ) -> Result<Written, ApiError> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(CHANNEL_DEPTH);
-    let p = path.clone();
+    // Hashing runs on its own thread beside the writer: on two cores the SHA-256 of a large
+    // upload then overlaps the copy into the page cache instead of adding to it.
+    let (htx, mut hrx) = tokio::sync::mpsc::channel::<Bytes>(CHANNEL_DEPTH);
     let mut h = hasher.clone();
-    let writer = tokio::task::spawn_blocking(move || -> std::io::Result<(Sha256, u64)> {
-        let mut f = OpenOptions::new()
+    let hashing = tokio::task::spawn_blocking(move || {
+        while let Some(chunk) = hrx.blocking_recv() {
+            h.update(&chunk);
+        }
+        h
+    });
+    let p = path.clone();
+    let writer = tokio::task::spawn_blocking(move || -> std::io::Result<u64> {
+        let file = OpenOptions::new()
             .create(true)
             .write(true)
             .truncate(false)
             .open(&p)?;
-        f.set_len(offset)?;
+        file.set_len(offset)?;
+        let sync_file = file.try_clone()?;
+        // Hyper hands over small chunks; batch them into large writes.
+        let mut f = BufWriter::with_capacity(WRITE_BUF, file);
         f.seek(SeekFrom::Start(offset))?;
-        let (sync_tx, sync_rx) = std::sync::mpsc::channel::<()>();
-        let sync_file = f.try_clone()?;
-        let syncer = std::thread::spawn(move || {
-            while sync_rx.recv().is_ok() {
-                while sync_rx.try_recv().is_ok() {}
-                let _ = sync_file.sync_data();
-            }
-        });
+        // Started on first need, so small uploads cost no extra thread.
+        let mut syncer: Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)> = None;
         let mut n = 0u64;
         let mut since_sync = 0u64;
+        let mut sync_file = Some(sync_file);
         while let Some(chunk) = rx.blocking_recv() {
-            h.update(&chunk);
             f.write_all(&chunk)?;
             n += chunk.len() as u64;
             since_sync += chunk.len() as u64;
             if since_sync >= SYNC_EVERY {
                 since_sync = 0;
-                let _ = sync_tx.send(());
+                if let Some(file) = sync_file.take() {
+                    let (tx, rx) = std::sync::mpsc::channel::<()>();
+                    let handle = std::thread::spawn(move || {
+                        while rx.recv().is_ok() {
+                            while rx.try_recv().is_ok() {}
+                            let _ = file.sync_data();
+                        }
+                    });
+                    syncer = Some((tx, handle));
+                }
+                if let Some((tx, _)) = &syncer {
+                    let _ = tx.send(());
+                }
             }
         }
-        drop(sync_tx);
-        let _ = syncer.join();
-        Ok((h, n))
+        f.flush()?;
+        if let Some((tx, handle)) = syncer {
+            drop(tx);
+            let _ = handle.join();
+        }
+        Ok(n)
     });
     let mut stream = body.into_data_stream();
     let mut failure = None;
@@ -81,7 +103,7 @@ pub(crate) async fn append_body(
                     failure = Some(ApiError::size_invalid("body longer than declared"));
                     break;
                 }
-                if tx.send(chunk).await.is_err() {
+                if htx.send(chunk.clone()).await.is_err() || tx.send(chunk).await.is_err() {
                     break; // the writer failed; its error is reported below
                 }
             }
@@ -94,9 +116,11 @@ pub(crate) async fn append_body(
         }
     }
     drop(tx);
+    drop(htx);
     let result = writer.await?;
+    let hasher = hashing.await?;
     let failure = match (failure, result) {
-        (None, Ok((hasher, written))) => return Ok(Written { hasher, written }),
+        (None, Ok(written)) => return Ok(Written { hasher, written }),
         (Some(f), _) => f,
         (None, Err(e)) => ApiError::internal(format!("{}: {e}", path.display())),
     };
@@ -120,8 +144,14 @@ pub(crate) fn file_body(path: PathBuf, start: u64, len: u64) -> Body {
             let mut left = len;
             while left > 0 {
                 let want = left.min(READ_CHUNK as u64) as usize;
-                let mut buf = vec![0u8; want];
-                f.read_exact(&mut buf)?;
+                let mut buf = Vec::with_capacity(want);
+                (&mut f).take(want as u64).read_to_end(&mut buf)?;
+                if buf.len() != want {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "blob file shorter than recorded",
+                    ));
+                }
                 left -= want as u64;
                 if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
                     return Ok(()); // client went away

@@ -128,8 +128,12 @@ impl Store {
     }
 
     /// Make a received, digest-verified temp file a committed blob linked to `repo`.
-    /// The file is fsync'd first; the rename and the database row happen under the write
-    /// transaction so that a concurrent gc cannot remove the file between them.
+    ///
+    /// Order: fsync the file; hard-link it to its final name and fsync that directory (outside
+    /// the write lock, so concurrent commits flush their directories in parallel); then, under
+    /// the write transaction, make sure the file is still there (a concurrent gc may have
+    /// moved an older copy to trash) and commit the row. A crash at any point leaves either
+    /// nothing visible or a complete blob; a file without a row is invisible until gc.
     pub fn commit_blob(
         &self,
         repo: &str,
@@ -141,21 +145,26 @@ impl Store {
         f.sync_all().map_err(io_err(temp))?;
         drop(f);
         let dest = self.blob_path(digest);
-        let mut conn = self.writer()?;
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let known = db::blob_size(&tx, digest)?.is_some() && dest.exists();
-        if known {
-            let _ = fs::remove_file(temp);
-        } else {
-            let dir = dest.parent().unwrap_or(&self.root).to_path_buf();
-            fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-            fs::rename(temp, &dest).map_err(io_err(&dest))?;
-            sync_dir(&dir)?;
-            db::insert_blob(&tx, digest, size)?;
-        }
-        db::link_blob(&tx, repo, digest)?;
-        tx.commit()?;
-        Ok(())
+        let dir = dest.parent().unwrap_or(&self.root).to_path_buf();
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        place(temp, &dest)?;
+        sync_dir(&dir)?;
+        let result = (|| {
+            let mut conn = self.writer()?;
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            if !dest.exists() {
+                place(temp, &dest)?;
+                sync_dir(&dir)?;
+            }
+            if db::blob_size(&tx, digest)?.is_none() {
+                db::insert_blob(&tx, digest, size)?;
+            }
+            db::link_blob(&tx, repo, digest)?;
+            tx.commit()?;
+            Ok(())
+        })();
+        let _ = fs::remove_file(temp);
+        result
     }
 
     /// Size of a blob if it is linked to `repo`.
@@ -320,7 +329,19 @@ impl Store {
     }
 }
 
-/// fsync a directory so that a rename in it survives power loss.
+/// Hard-link `temp` to `dest`; an existing `dest` already holds the same (verified) content.
+fn place(temp: &Path, dest: &Path) -> Result<(), StoreError> {
+    match fs::hard_link(temp, dest) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(StoreError::Io {
+            path: dest.to_path_buf(),
+            source: e,
+        }),
+    }
+}
+
+/// fsync a directory so that a new entry in it survives power loss.
 pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir)
         .and_then(|d| d.sync_all())

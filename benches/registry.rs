@@ -1,0 +1,415 @@
+//! Side-by-side benchmark: acr-task's registry vs Debian's `docker-registry` (CNCF
+//! distribution 2.8), both on loopback with filesystem storage in temp dirs, measured by the
+//! same client in one run.
+//!
+//!     cargo bench --bench registry
+//!
+//! Needs `/usr/bin/docker-registry` (apt-get install -y docker-registry). Set
+//! `REGISTRY_BENCH_ONLY=ours` to skip distribution, `REGISTRY_BENCH_SKIP_GIB=1` to skip the
+//! 1 GiB blob.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use sha2::{Digest, Sha256};
+
+const MIB: usize = 1024 * 1024;
+const SMALL_COUNT: usize = 200;
+const HEADS: usize = 2000;
+
+struct Server {
+    name: &'static str,
+    child: Child,
+    base: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    fn peak_rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map(|k| k / 1024.0)
+            .unwrap_or(f64::NAN)
+    }
+}
+
+fn start_ours() -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_acr-task"))
+        .args([
+            "serve",
+            "--registry-only",
+            "--listen",
+            "127.0.0.1:0",
+            "--data",
+        ])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starting acr-task serve");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line.trim().trim_start_matches("listening on ").to_string();
+    Server {
+        name: "acr-task",
+        child,
+        base: format!("http://{addr}"),
+        _dir: dir,
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start_distribution() -> Server {
+    let bin = Path::new("/usr/bin/docker-registry");
+    assert!(
+        bin.exists(),
+        "/usr/bin/docker-registry is needed: apt-get install -y docker-registry"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = dir.path().join("config.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(bin)
+        .arg("serve")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting docker-registry");
+    Server {
+        name: "distribution 2.8",
+        child,
+        base: format!("http://127.0.0.1:{port}"),
+        _dir: dir,
+    }
+}
+
+async fn wait_ready(c: &reqwest::Client, s: &Server) {
+    for _ in 0..100 {
+        if let Ok(r) = c.get(format!("{}/v2/", s.base)).send().await {
+            if r.status().is_success() {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{} did not become ready at {}", s.name, s.base);
+}
+
+fn digest(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+}
+
+fn absolute(base: &str, loc: &str) -> String {
+    if loc.starts_with("http") {
+        loc.to_string()
+    } else {
+        format!("{base}{loc}")
+    }
+}
+
+fn with_digest(url: &str, d: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}digest={d}")
+}
+
+/// POST to open a session, then PUT the whole body with the digest (works on both servers).
+async fn push(c: &reqwest::Client, base: &str, repo: &str, data: bytes::Bytes, d: &str) {
+    let r = c
+        .post(format!("{base}/v2/{repo}/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "POST upload");
+    let loc = absolute(base, r.headers()["location"].to_str().unwrap());
+    let r = c
+        .put(with_digest(&loc, d))
+        .header("content-type", "application/octet-stream")
+        .body(data)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        201,
+        "PUT upload: {}",
+        r.text().await.unwrap_or_default()
+    );
+}
+
+async fn pull(c: &reqwest::Client, base: &str, repo: &str, d: &str) -> u64 {
+    let r = c
+        .get(format!("{base}/v2/{repo}/blobs/{d}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "GET blob");
+    let mut s = r.bytes_stream();
+    let mut n = 0u64;
+    while let Some(b) = s.next().await {
+        n += b.unwrap().len() as u64;
+    }
+    n
+}
+
+struct Row {
+    what: String,
+    ours: String,
+    theirs: String,
+    ratio: String,
+}
+
+#[derive(Default, Clone)]
+struct Figures {
+    /// (label, value, unit)
+    values: Vec<(String, f64, &'static str)>,
+}
+
+fn small_blobs(seed: u64) -> Vec<(bytes::Bytes, String)> {
+    let mut x = seed | 1;
+    let base: Vec<u8> = (0..MIB)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    (0..SMALL_COUNT)
+        .map(|i| {
+            let mut b = base.clone();
+            b[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            b[8..16].copy_from_slice(&seed.to_le_bytes());
+            let d = digest(&b);
+            (bytes::Bytes::from(b), d)
+        })
+        .collect()
+}
+
+fn big_chunk(base: &[u8], i: u64, seed: u64) -> bytes::Bytes {
+    let mut c = base.to_vec();
+    c[..8].copy_from_slice(&i.to_le_bytes());
+    c[8..16].copy_from_slice(&seed.to_le_bytes());
+    bytes::Bytes::from(c)
+}
+
+async fn big_round_trip(c: &reqwest::Client, base_url: &str, mib: u64, seed: u64) -> (f64, f64) {
+    let base: Vec<u8> = (0..MIB).map(|i| (i * 31 % 251) as u8).collect();
+    let mut h = Sha256::new();
+    for i in 0..mib {
+        h.update(big_chunk(&base, i, seed));
+    }
+    let d = format!("sha256:{}", hex::encode(h.finalize()));
+    let repo = "bench/big";
+    let t = Instant::now();
+    let r = c
+        .post(format!("{base_url}/v2/{repo}/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    let loc = absolute(base_url, r.headers()["location"].to_str().unwrap());
+    let b2 = base.clone();
+    let body = futures_util::stream::iter(0..mib)
+        .map(move |i| Ok::<_, std::io::Error>(big_chunk(&b2, i, seed)));
+    let r = c
+        .patch(&loc)
+        .header("content-type", "application/octet-stream")
+        .body(reqwest::Body::wrap_stream(body))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "PATCH big");
+    let loc = absolute(base_url, r.headers()["location"].to_str().unwrap());
+    let r = c.put(with_digest(&loc, &d)).send().await.unwrap();
+    assert_eq!(r.status(), 201, "PUT big");
+    let up = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let n = pull(c, base_url, repo, &d).await;
+    let down = t.elapsed().as_secs_f64();
+    assert_eq!(n, mib * MIB as u64);
+    let mb = (mib * MIB as u64) as f64 / 1e6;
+    (mb / up, mb / down)
+}
+
+/// Run every phase on each server in turn (phase by phase, so that load from elsewhere on
+/// the machine hits both alike).
+async fn measure(servers: &[Server], seed: u64, skip_gib: bool) -> Vec<Figures> {
+    let c = reqwest::Client::builder()
+        .pool_max_idle_per_host(16)
+        .build()
+        .unwrap();
+    for s in servers {
+        wait_ready(&c, s).await;
+    }
+    let mut figs = vec![Figures::default(); servers.len()];
+    let mb_small = (SMALL_COUNT * MIB) as f64 / 1e6;
+    for conc in [1usize, 4] {
+        for (k, s) in servers.iter().enumerate() {
+            let f = &mut figs[k];
+            let blobs = small_blobs(seed * 10 + conc as u64 + 100 * k as u64);
+            let repo = format!("bench/small{conc}");
+            let t = Instant::now();
+            futures_util::stream::iter(blobs.iter())
+                .map(|(b, d)| push(&c, &s.base, &repo, b.clone(), d))
+                .buffer_unordered(conc)
+                .collect::<Vec<_>>()
+                .await;
+            let secs = t.elapsed().as_secs_f64();
+            f.values.push((
+                format!("push 200×1 MiB, c={conc}"),
+                SMALL_COUNT as f64 / secs,
+                "req/s",
+            ));
+            f.values
+                .push((format!("push 200×1 MiB, c={conc}"), mb_small / secs, "MB/s"));
+            let t = Instant::now();
+            futures_util::stream::iter(blobs.iter())
+                .map(|(_, d)| pull(&c, &s.base, &repo, d))
+                .buffer_unordered(conc)
+                .collect::<Vec<_>>()
+                .await;
+            let secs = t.elapsed().as_secs_f64();
+            f.values.push((
+                format!("pull 200×1 MiB, c={conc}"),
+                SMALL_COUNT as f64 / secs,
+                "req/s",
+            ));
+            f.values
+                .push((format!("pull 200×1 MiB, c={conc}"), mb_small / secs, "MB/s"));
+            if conc == 1 {
+                for hc in [1usize, 4] {
+                    let t = Instant::now();
+                    futures_util::stream::iter(0..HEADS)
+                        .map(|i| {
+                            let d = &blobs[i % blobs.len()].1;
+                            let url = format!("{}/v2/{repo}/blobs/{d}", s.base);
+                            let c = &c;
+                            async move {
+                                let r = c.head(url).send().await.unwrap();
+                                assert_eq!(r.status(), 200);
+                            }
+                        })
+                        .buffer_unordered(hc)
+                        .collect::<Vec<_>>()
+                        .await;
+                    let secs = t.elapsed().as_secs_f64();
+                    f.values.push((
+                        format!("2000 blob HEADs, c={hc}"),
+                        HEADS as f64 / secs,
+                        "req/s",
+                    ));
+                }
+            }
+        }
+    }
+    let sizes: &[u64] = if skip_gib { &[256] } else { &[256, 1024] };
+    for &mib in sizes {
+        for (k, s) in servers.iter().enumerate() {
+            let (up, down) = big_round_trip(&c, &s.base, mib, seed + k as u64).await;
+            let label = if mib == 1024 {
+                "1 GiB".to_string()
+            } else {
+                format!("{mib} MiB")
+            };
+            figs[k]
+                .values
+                .push((format!("push one {label} blob"), up, "MB/s"));
+            figs[k]
+                .values
+                .push((format!("pull one {label} blob"), down, "MB/s"));
+        }
+    }
+    for (k, s) in servers.iter().enumerate() {
+        figs[k]
+            .values
+            .push(("peak RSS (whole run)".into(), s.peak_rss_mib(), "MiB"));
+    }
+    figs
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    // `cargo bench` passes `--bench`; nothing else to parse.
+    let only_ours = std::env::var("REGISTRY_BENCH_ONLY").as_deref() == Ok("ours");
+    let skip_gib = std::env::var_os("REGISTRY_BENCH_SKIP_GIB").is_some();
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1);
+    let mut servers = vec![start_ours()];
+    if !only_ours {
+        servers.push(start_distribution());
+    }
+    eprintln!("measuring {} server(s), phase by phase ...", servers.len());
+    let mut figs = measure(&servers, seed, skip_gib).await.into_iter();
+    let ours = figs.next().unwrap_or_default();
+    let theirs = figs.next();
+    drop(servers);
+    let mut rows = Vec::new();
+    for (i, (label, v, unit)) in ours.values.iter().enumerate() {
+        let t = theirs.as_ref().map(|t| t.values[i].1);
+        rows.push(Row {
+            what: format!("{label} ({unit})"),
+            ours: format!("{v:.1}"),
+            theirs: t.map(|t| format!("{t:.1}")).unwrap_or_else(|| "-".into()),
+            ratio: t
+                .map(|t| {
+                    // For memory lower is better: show theirs/ours so > 1 means we win.
+                    if *unit == "MiB" {
+                        format!("{:.2}× less", t / v)
+                    } else {
+                        format!("{:.2}×", v / t)
+                    }
+                })
+                .unwrap_or_else(|| "-".into()),
+        });
+    }
+    let w0 = rows.iter().map(|r| r.what.len()).max().unwrap_or(10).max(6);
+    println!(
+        "| {:<w0$} | {:>10} | {:>16} | {:>10} |",
+        "figure", "acr-task", "distribution 2.8", "ratio"
+    );
+    println!(
+        "|{}|{}|{}|{}|",
+        "-".repeat(w0 + 2),
+        "-".repeat(12),
+        "-".repeat(18),
+        "-".repeat(12)
+    );
+    for r in rows {
+        println!(
+            "| {:<w0$} | {:>10} | {:>16} | {:>10} |",
+            r.what, r.ours, r.theirs, r.ratio
+        );
+    }
+}

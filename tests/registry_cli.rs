@@ -1,0 +1,291 @@
+//! `acr-task repository ...` and `acr-task registry gc|fsck` on a real data directory, and
+//! gc running while pushes continue.
+
+mod registry_common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use registry_common::*;
+use serde_json::{json, Value};
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+fn cli(data: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_acr-task"))
+        .args(args)
+        .arg("--data")
+        .arg(data)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+fn cli_ok(data: &Path, args: &[&str]) -> String {
+    let (ok, out, err) = cli(data, args);
+    assert!(ok, "acr-task {args:?} failed:\n{out}\n{err}");
+    out
+}
+
+fn cli_json(data: &Path, args: &[&str]) -> Value {
+    serde_json::from_str(&cli_ok(data, args)).unwrap()
+}
+
+/// Push an image (config + one layer) tagged with each of `tags`; returns its digest.
+async fn push_image(
+    c: &reqwest::Client,
+    b: &str,
+    repo: &str,
+    layer: &[u8],
+    tags: &[&str],
+) -> String {
+    let cfg = push_blob(c, b, repo, b"{}").await;
+    let l = push_blob(c, b, repo, layer).await;
+    let m = serde_json::to_vec(&image_manifest((&cfg, 2), &[(&l, layer.len())])).unwrap();
+    for t in tags {
+        let r = put_manifest(c, b, repo, t, OCI_MANIFEST, &m).await;
+        assert_eq!(r.status(), 201);
+    }
+    digest(&m)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repository_commands_list_show_and_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let reg = start_in(data).await;
+    let b = base(&reg);
+    let c = reqwest::Client::new();
+    let web = push_image(&c, &b, "app/web", b"web layer", &["v1", "v2"]).await;
+    push_image(&c, &b, "other", b"other layer", &["latest"]).await;
+    let orphan = push_blob(&c, &b, "other", b"never referenced").await;
+
+    // The CLI reads the store beside the running server.
+    assert_eq!(
+        cli_json(data, &["repository", "list", "-o", "json"]),
+        json!(["app/web", "other"])
+    );
+    assert_eq!(
+        cli_ok(data, &["repository", "show-tags", "app/web", "-o", "tsv"]),
+        "v1\nv2\n"
+    );
+    let ms = cli_json(
+        data,
+        &["repository", "show-manifests", "app/web", "-o", "json"],
+    );
+    assert_eq!(ms[0]["digest"], web.as_str());
+    assert_eq!(ms[0]["tags"], json!(["v1", "v2"]));
+    assert_eq!(ms[0]["media_type"], OCI_MANIFEST);
+    let table = cli_ok(data, &["repository", "show-manifests", "app/web"]);
+    assert!(table.starts_with("DIGEST"), "{table}");
+    assert!(table.contains(&web) && table.contains("v1,v2"), "{table}");
+
+    cli_ok(data, &["repository", "delete", "app/web:v1"]);
+    assert_eq!(
+        cli_json(data, &["repository", "show-tags", "app/web", "-o", "json"]),
+        json!(["v2"])
+    );
+    let r = c
+        .get(format!("{b}/v2/app/web/manifests/v1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "the running server sees the CLI's delete");
+    cli_ok(data, &["repository", "delete", &format!("app/web@{web}")]);
+    assert_eq!(
+        cli_json(
+            data,
+            &["repository", "show-manifests", "app/web", "-o", "json"]
+        ),
+        json!([])
+    );
+    cli_ok(data, &["repository", "delete", "other"]);
+    assert_eq!(
+        cli_json(data, &["repository", "list", "-o", "json"]),
+        json!(["app/web"])
+    );
+    let (ok, _, err) = cli(data, &["repository", "delete", "nope"]);
+    assert!(!ok && err.contains("not found"), "{err}");
+    let (ok, _, _) = cli(data, &["repository", "show-tags", "nope"]);
+    assert!(!ok);
+
+    // Everything is now unreferenced: a dry run lists it and removes nothing.
+    let dry = cli_json(
+        data,
+        &["registry", "gc", "--dry-run", "--grace", "0", "-o", "json"],
+    );
+    let n = dry["blobs"].as_array().unwrap().len();
+    assert_eq!(n, 4, "{dry}"); // {} config, two layers, the orphan
+    assert!(dry["blobs"].as_array().unwrap().contains(&json!(orphan)));
+    let r = c
+        .get(format!("{b}/v2/app/web/blobs/{}", digest(b"web layer")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "the web layer is still linked to app/web");
+    let gc = cli_json(data, &["registry", "gc", "--grace", "0", "-o", "json"]);
+    assert_eq!(gc["blobs"].as_array().unwrap().len(), 4);
+    let r = c
+        .get(format!("{b}/v2/app/web/blobs/{}", digest(b"web layer")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let fsck = cli_ok(data, &["registry", "fsck"]);
+    assert!(fsck.contains("clean"), "{fsck}");
+    reg.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_during_pushes_never_breaks_a_push() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = start_in(dir.path()).await;
+    let store = reg.registry().store().clone();
+    let b = base(&reg);
+    let c = reqwest::Client::new();
+    let stale = push_blob(&c, &b, "busy", b"stale, unreferenced").await;
+
+    let stop = Instant::now() + Duration::from_secs(2);
+    let gc_store = store.clone();
+    let gc_loop = tokio::task::spawn_blocking(move || {
+        let mut runs = 0;
+        while Instant::now() < stop {
+            gc_store.gc(30, false).unwrap();
+            runs += 1;
+        }
+        runs
+    });
+    let mut pushed = Vec::new();
+    let mut i = 0u32;
+    while Instant::now() < stop {
+        let layer = format!("layer {i}");
+        let tag = format!("t{i}");
+        pushed.push((
+            tag.clone(),
+            push_image(&c, &b, "busy", layer.as_bytes(), &[&tag]).await,
+        ));
+        i += 1;
+    }
+    let runs = gc_loop.await.unwrap();
+    assert!(
+        runs > 1 && pushed.len() > 5,
+        "{runs} gc runs, {} pushes",
+        pushed.len()
+    );
+    for (tag, d) in &pushed {
+        let r = c
+            .get(format!("{b}/v2/busy/manifests/{tag}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.headers()["docker-content-digest"], d.as_str());
+    }
+    // With no grace, the stale blob goes and every tagged image stays whole.
+    let report = store.gc(-1, false).unwrap();
+    assert_eq!(report.blobs, vec![stale]);
+    let fsck = store.fsck().unwrap();
+    assert!(fsck.is_clean(), "{:?}", fsck.issues);
+    for i in 0..pushed.len() {
+        let d = digest(format!("layer {i}").as_bytes());
+        let r = c
+            .head(format!("{b}/v2/busy/blobs/{d}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    reg.shutdown().await;
+}
+
+#[test]
+fn serve_stops_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, addr) = spawn_server(dir.path());
+    assert!(addr.starts_with("127.0.0.1:"), "{addr}");
+    run(Command::new("kill").args(["-TERM", &child.id().to_string()]));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "serve exited with {status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "serve ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn cli_http(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_acr-task"))
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "acr-task {args:?} failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repository_commands_over_http_raise_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = start_in(dir.path()).await;
+    let b = base(&reg);
+    let addr = reg.addr().to_string();
+    let c = reqwest::Client::new();
+    let d = push_image(&c, &b, "web/app", b"layer", &["v1", "v2"]).await;
+    let mut events = reg.registry().subscribe();
+    let list: Value = serde_json::from_str(&cli_http(&[
+        "repository",
+        "list",
+        "--registry",
+        &addr,
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(list, json!(["web/app"]));
+    let tags = cli_http(&[
+        "repository",
+        "show-tags",
+        "web/app",
+        "--registry",
+        &addr,
+        "-o",
+        "tsv",
+    ]);
+    assert_eq!(tags, "v1\nv2\n");
+    let ms: Value = serde_json::from_str(&cli_http(&[
+        "repository",
+        "show-manifests",
+        "web/app",
+        "--registry",
+        &addr,
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(ms[0]["digest"], d.as_str());
+    assert_eq!(ms[0]["tags"], json!(["v1", "v2"]));
+    cli_http(&["repository", "delete", "web/app:v1", "--registry", &addr]);
+    let ev = events.recv().await.unwrap();
+    assert_eq!(ev.tag.as_deref(), Some("v1"));
+    cli_http(&["repository", "delete", "web/app", "--registry", &addr]);
+    let ev = events.recv().await.unwrap();
+    assert_eq!(ev.digest, d);
+    assert_eq!(reg.registry().tags("web/app").await.unwrap(), Some(vec![]));
+    let out = Command::new(env!("CARGO_BIN_EXE_acr-task"))
+        .args(["repository", "show-tags", "nope", "--registry", &addr])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NAME_UNKNOWN"));
+    reg.shutdown().await;
+}
