@@ -22,7 +22,7 @@ demo: setup
 
 # The whole test suite, Docker tests included (they fail, never skip, without an engine).
 test: setup
-	$(CARGO) test --all-targets --no-fail-fast
+	$(CARGO) test --no-fail-fast
 
 lint:
 	$(CARGO) fmt --all -- --check
