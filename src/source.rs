@@ -108,6 +108,25 @@ pub fn tar_context<W: Write>(dir: &Path, dockerfile: &str, out: W) -> Result<W, 
         return Err(SourceError::NotADirectory(dir.to_path_buf()));
     }
     let ignore = DockerIgnore::load(dir)?;
+    tar_filtered(dir, out, |rel| {
+        rel == dockerfile || rel == ".dockerignore" || !ignore.is_excluded(rel)
+    })
+}
+
+/// Writes a tar of the whole tree under `dir` to `out` (no `.dockerignore`: this is the
+/// source a run's workspace starts from, as ACR clones it).
+pub fn tar_tree<W: Write>(dir: &Path, out: W) -> Result<W, SourceError> {
+    if !dir.is_dir() {
+        return Err(SourceError::NotADirectory(dir.to_path_buf()));
+    }
+    tar_filtered(dir, out, |_| true)
+}
+
+fn tar_filtered<W: Write>(
+    dir: &Path,
+    out: W,
+    keep: impl Fn(&str) -> bool,
+) -> Result<W, SourceError> {
     let mut builder = tar::Builder::new(out);
     builder.follow_symlinks(false);
     let mut stack = vec![dir.to_path_buf()];
@@ -125,7 +144,6 @@ pub fn tar_context<W: Write>(dir: &Path, dockerfile: &str, out: W) -> Result<W, 
                 Ok(r) => r.to_string_lossy().replace('\\', "/"),
                 Err(_) => continue,
             };
-            let always = rel == dockerfile || rel == ".dockerignore";
             let ft = match entry.file_type() {
                 Ok(ft) => ft,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
@@ -135,10 +153,9 @@ pub fn tar_context<W: Write>(dir: &Path, dockerfile: &str, out: W) -> Result<W, 
             if ft.is_dir() {
                 stack.push(path.clone());
             }
-            if !always && ignore.is_excluded(&rel) {
-                continue;
+            if keep(&rel) {
+                files.push((path, rel));
             }
-            files.push((path, rel));
         }
     }
     // Sorted so the same context always gives the same tar (and build cache hits).
@@ -152,6 +169,57 @@ pub fn tar_context<W: Write>(dir: &Path, dockerfile: &str, out: W) -> Result<W, 
         }
     }
     builder.into_inner().map_err(io_err(dir))
+}
+
+/// Turns a tar of a directory as the Docker Engine's archive API returns it (every entry
+/// under one top-level name) into a build context: entries re-rooted, `.dockerignore`
+/// (found at the new root) applied, Dockerfile and `.dockerignore` always kept.
+pub fn rebase_context_tar(input: &[u8], dockerfile: &str) -> Result<Vec<u8>, SourceError> {
+    let tar_err = |e: std::io::Error| SourceError::Io {
+        path: PathBuf::from("<context archive>"),
+        source: e,
+    };
+    let strip = |p: &Path| -> Option<String> {
+        let mut comps = p.components();
+        comps.next()?;
+        let rest = comps.as_path().to_string_lossy().replace('\\', "/");
+        (!rest.is_empty()).then_some(rest)
+    };
+    let mut ignore = DockerIgnore::default();
+    for entry in tar::Archive::new(input).entries().map_err(tar_err)? {
+        let mut entry = entry.map_err(tar_err)?;
+        let path = entry.path().map_err(tar_err)?.into_owned();
+        if strip(&path).as_deref() == Some(".dockerignore") {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut entry, &mut text).map_err(tar_err)?;
+            ignore = DockerIgnore::parse(&text)?;
+        }
+    }
+    let mut out = tar::Builder::new(Vec::new());
+    for entry in tar::Archive::new(input).entries().map_err(tar_err)? {
+        let mut entry = entry.map_err(tar_err)?;
+        let path = entry.path().map_err(tar_err)?.into_owned();
+        let Some(rel) = strip(&path) else { continue };
+        if rel != dockerfile && rel != ".dockerignore" && ignore.is_excluded(&rel) {
+            continue;
+        }
+        let mut header = entry.header().clone();
+        if header.entry_type().is_symlink() || header.entry_type().is_hard_link() {
+            let target = entry.link_name().map_err(tar_err)?.map(|t| t.into_owned());
+            if let Some(t) = target {
+                let t = if header.entry_type().is_hard_link() {
+                    strip(&t).map(PathBuf::from).unwrap_or(t)
+                } else {
+                    t
+                };
+                out.append_link(&mut header, &rel, &t).map_err(tar_err)?;
+            }
+            continue;
+        }
+        out.append_data(&mut header, &rel, &mut entry)
+            .map_err(tar_err)?;
+    }
+    out.into_inner().map_err(tar_err)
 }
 
 /// The commit and branch of the git checkout holding `dir`, when there is one.
@@ -255,6 +323,32 @@ mod tests {
             names,
             vec![".dockerignore", "Dockerfile", "app", "app/main.sh"]
         );
+    }
+
+    #[test]
+    fn rebased_archive_becomes_a_filtered_context() {
+        // As the engine's archive API returns `/workspace/app`: everything under `app/`.
+        let mut b = tar::Builder::new(Vec::new());
+        let mut add = |path: &str, data: &[u8]| {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, path, data).unwrap();
+        };
+        add("app/.dockerignore", b"*.log\n");
+        add("app/Dockerfile", b"FROM busybox\n");
+        add("app/bin/tool", b"built by an earlier step");
+        add("app/debug.log", b"noise");
+        let input = b.into_inner().unwrap();
+        let out = rebase_context_tar(&input, "Dockerfile").unwrap();
+        let mut names: Vec<String> = tar::Archive::new(&out[..])
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, vec![".dockerignore", "Dockerfile", "bin/tool"]);
     }
 
     #[test]

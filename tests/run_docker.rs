@@ -269,3 +269,18 @@ fn git_context_at_a_ref_sets_commit_and_branch() {
         run.stderr()
     );
 }
+
+#[test]
+fn build_context_comes_from_the_workspace_with_dockerignore() {
+    let run = run_task(&data("workspace-build/acb.yaml"), &[]);
+    assert_eq!(run.status(), "Succeeded", "{}", run.stderr());
+    assert!(
+        run.logged("check", "generated-at-run-time"),
+        "{}",
+        run.stderr()
+    );
+    assert!(run.logged("check", "no-ignored-files"), "{}", run.stderr());
+    let _ = Command::new("docker")
+        .args(["rmi", &format!("workspace-build:{}", run.run_id())])
+        .output();
+}

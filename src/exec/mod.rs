@@ -682,28 +682,46 @@ impl<R: Runtime> Ctx<R> {
                 b.context
             ));
         }
-        let root = &self.cfg.context_dir;
-        let context_dir = root.join(&b.context);
-        // `-f` is relative to the working directory (the context root), as with `docker build`.
-        let dockerfile_path = match &b.dockerfile {
-            Some(f) => root.join(f),
-            None => context_dir.join("Dockerfile"),
+        // Paths are relative to the workspace (the run's shared volume), so files earlier
+        // steps wrote there are part of the build, as in ACR.
+        let context = match workspace_path(&b.context) {
+            Ok(p) => p,
+            Err(e) => return Attempt::failed(e),
         };
-        let dockerfile = match dockerfile_path.strip_prefix(&context_dir) {
-            Ok(rel) => rel.to_string_lossy().replace('\\', "/"),
-            Err(_) => {
+        // `-f` is relative to the working directory (the workspace root), as with `docker build`.
+        let dockerfile_path = match &b.dockerfile {
+            Some(f) => workspace_path(f),
+            None if context.is_empty() => Ok("Dockerfile".to_string()),
+            None => Ok(format!("{context}/Dockerfile")),
+        };
+        let dockerfile_path = match dockerfile_path {
+            Ok(p) => p,
+            Err(e) => return Attempt::failed(e),
+        };
+        let dockerfile = if context.is_empty() {
+            dockerfile_path.clone()
+        } else {
+            match dockerfile_path.strip_prefix(&format!("{context}/")) {
+                Some(rel) => rel.to_string(),
+                None => {
+                    return Attempt::failed(format!(
+                        "Dockerfile {dockerfile_path} is outside the build context {context}"
+                    ))
+                }
+            }
+        };
+        let text = match self
+            .rt
+            .read_volume_file(&self.cfg.shared_volume, &dockerfile_path)
+            .await
+        {
+            Ok(Some(t)) => String::from_utf8_lossy(&t).into_owned(),
+            Ok(None) => {
                 return Attempt::failed(format!(
-                    "Dockerfile {} is outside the build context {}",
-                    dockerfile_path.display(),
-                    context_dir.display()
+                    "Dockerfile {dockerfile_path} not found in the workspace"
                 ))
             }
-        };
-        let text = match tokio::fs::read_to_string(&dockerfile_path).await {
-            Ok(t) => t,
-            Err(e) => {
-                return Attempt::failed(format!("cannot read {}: {e}", dockerfile_path.display()))
-            }
+            Err(e) => return Attempt::failed(format!("cannot read {dockerfile_path}: {e}")),
         };
         let bases = crate::dockerfile::base_images(&text, &b.build_args);
         // Fetch (or make) base images first: a missing one then names itself and the step.
@@ -718,7 +736,14 @@ impl<R: Runtime> Ctx<R> {
             }
         }
         let spec = BuildSpec {
-            context_dir,
+            context: crate::runtime::BuildContext::Volume {
+                volume: self.cfg.shared_volume.clone(),
+                path: if context.is_empty() {
+                    ".".into()
+                } else {
+                    context
+                },
+            },
             dockerfile,
             tags: b.tags.clone(),
             build_args: b.build_args,
@@ -775,6 +800,29 @@ impl<R: Runtime> Ctx<R> {
             built: None,
         }
     }
+}
+
+/// A path in the workspace, relative to its root, without `.` parts (`""` is the root).
+/// `/workspace/...` is accepted; paths leaving the workspace are refused.
+fn workspace_path(p: &str) -> Result<String, String> {
+    let rel = match p.strip_prefix(WORKSPACE) {
+        Some(r) if r.is_empty() || r.starts_with('/') => r,
+        _ if p.starts_with('/') => return Err(format!("path {p} is outside {WORKSPACE}")),
+        _ => p,
+    };
+    let mut parts: Vec<&str> = Vec::new();
+    for c in rel.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                if parts.pop().is_none() {
+                    return Err(format!("path {p} leaves the workspace"));
+                }
+            }
+            c => parts.push(c),
+        }
+    }
+    Ok(parts.join("/"))
 }
 
 /// Replaces `{{.Secrets.id}}` (as the loader leaves them) with their values.
@@ -881,6 +929,15 @@ mod tests {
             mask_with(&["hunter2".into()], "pw is hunter2!"),
             "pw is ***!"
         );
+    }
+
+    #[test]
+    fn workspace_paths() {
+        assert_eq!(workspace_path(".").unwrap(), "");
+        assert_eq!(workspace_path("./app/").unwrap(), "app");
+        assert_eq!(workspace_path("/workspace/app/../web").unwrap(), "web");
+        assert!(workspace_path("../etc").is_err());
+        assert!(workspace_path("/etc/passwd").is_err());
     }
 
     #[test]

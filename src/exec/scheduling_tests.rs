@@ -58,6 +58,9 @@ impl Runtime for Fake {
     ) -> Result<(), RuntimeError> {
         Ok(())
     }
+    async fn read_volume_file(&self, _: &str, _: &str) -> Result<Option<Vec<u8>>, RuntimeError> {
+        Ok(Some(b"FROM scratch\n".to_vec()))
+    }
     async fn ensure_image(&self, _: &str, _: PullPolicy, _: &LogSink) -> Result<(), RuntimeError> {
         Ok(())
     }

@@ -16,7 +16,8 @@ use bollard::Docker;
 use futures_util::StreamExt;
 
 use super::{
-    BuildOutput, BuildSpec, ContainerSpec, LogSink, PullPolicy, Runtime, RuntimeError, RUN_LABEL,
+    BuildContext, BuildOutput, BuildSpec, ContainerSpec, LogSink, PullPolicy, Runtime,
+    RuntimeError, RUN_LABEL,
 };
 
 /// An image with no files, used to hold volumes while files are copied into them.
@@ -125,6 +126,60 @@ impl DockerRuntime {
             item.map_err(engine)?;
         }
         Ok(())
+    }
+
+    /// A never-started container holding `volume` at `/v`, for copying files in and out.
+    async fn holder(
+        &self,
+        volume: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<String, RuntimeError> {
+        self.ensure_scratch().await?;
+        let name = format!("{volume}-io-{}", uuid::Uuid::new_v4().simple());
+        let spec = ContainerSpec {
+            name: name.clone(),
+            image: SCRATCH_IMAGE.into(),
+            args: vec!["/nonexistent".into()],
+            mounts: vec![super::Mount {
+                volume: volume.into(),
+                target: "/v".into(),
+            }],
+            labels: labels.clone(),
+            ..Default::default()
+        };
+        self.create(&spec).await?;
+        Ok(name)
+    }
+
+    /// The engine's tar of `path` inside a volume (entries under its base name); `None`
+    /// when the path does not exist.
+    async fn download_from_volume(
+        &self,
+        volume: &str,
+        path: &str,
+    ) -> Result<Option<Vec<u8>>, RuntimeError> {
+        let holder = self.holder(volume, &BTreeMap::new()).await?;
+        let opts = bollard::query_parameters::DownloadFromContainerOptions {
+            path: format!("/v/{}", path.trim_start_matches('/')),
+        };
+        let mut stream = self.docker.download_from_container(&holder, Some(opts));
+        let mut out = Vec::new();
+        let mut result = Ok(());
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(b) => out.extend_from_slice(&b),
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        self.remove_container(&holder).await?;
+        match result {
+            Ok(()) => Ok(Some(out)),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(engine(e)),
+        }
     }
 
     fn container_body(spec: &ContainerSpec) -> Result<ContainerCreateBody, RuntimeError> {
@@ -341,25 +396,12 @@ impl Runtime for DockerRuntime {
         files: &BTreeMap<String, Vec<u8>>,
         labels: &BTreeMap<String, String>,
     ) -> Result<(), RuntimeError> {
-        self.ensure_scratch().await?;
-        let holder = format!("{volume}-fill");
-        let spec = ContainerSpec {
-            name: holder.clone(),
-            image: SCRATCH_IMAGE.into(),
-            args: vec!["/nonexistent".into()],
-            mounts: vec![super::Mount {
-                volume: volume.into(),
-                target: "/v".into(),
-            }],
-            labels: labels.clone(),
-            ..Default::default()
-        };
-        self.create(&spec).await?;
+        let holder = self.holder(volume, labels).await?;
         let dir = dir.map(Path::to_path_buf);
         let files = files.clone();
         let archive = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, RuntimeError> {
             let mut out = match &dir {
-                Some(d) => crate::source::tar_context(d, "", Vec::new())?,
+                Some(d) => crate::source::tar_tree(d, Vec::new())?,
                 None => Vec::new(),
             };
             // A tar ends with two zero blocks: drop them to append more entries.
@@ -442,14 +484,52 @@ impl Runtime for DockerRuntime {
         }
     }
 
+    async fn read_volume_file(
+        &self,
+        volume: &str,
+        path: &str,
+    ) -> Result<Option<Vec<u8>>, RuntimeError> {
+        let Some(archive) = self.download_from_volume(volume, path).await? else {
+            return Ok(None);
+        };
+        let mut ar = tar::Archive::new(&archive[..]);
+        let io = |e: std::io::Error| RuntimeError::Engine(format!("reading {path}: {e}"));
+        for entry in ar.entries().map_err(io)? {
+            let mut entry = entry.map_err(io)?;
+            if entry.header().entry_type().is_file() {
+                let mut data = Vec::new();
+                std::io::Read::read_to_end(&mut entry, &mut data).map_err(io)?;
+                return Ok(Some(data));
+            }
+        }
+        Ok(None)
+    }
+
     async fn build(&self, spec: &BuildSpec, log: &LogSink) -> Result<BuildOutput, RuntimeError> {
-        let dir = spec.context_dir.clone();
         let dockerfile = spec.dockerfile.clone();
-        let context = tokio::task::spawn_blocking(move || {
-            crate::source::tar_context(&dir, &dockerfile, Vec::new())
-        })
-        .await
-        .map_err(|e| RuntimeError::Engine(e.to_string()))??;
+        let context = match &spec.context {
+            BuildContext::Dir(dir) => {
+                let dir = dir.clone();
+                tokio::task::spawn_blocking(move || {
+                    crate::source::tar_context(&dir, &dockerfile, Vec::new())
+                })
+                .await
+                .map_err(|e| RuntimeError::Engine(e.to_string()))??
+            }
+            BuildContext::Volume { volume, path } => {
+                let archive = self
+                    .download_from_volume(volume, path)
+                    .await?
+                    .ok_or_else(|| RuntimeError::Build {
+                        message: format!("build context {path} does not exist in the workspace"),
+                    })?;
+                tokio::task::spawn_blocking(move || {
+                    crate::source::rebase_context_tar(&archive, &dockerfile)
+                })
+                .await
+                .map_err(|e| RuntimeError::Engine(e.to_string()))??
+            }
+        };
         let opts = BuildImageOptions {
             dockerfile: spec.dockerfile.clone(),
             t: spec.tags.first().cloned(),

@@ -16,10 +16,25 @@ pub type LogSink = Arc<dyn Fn(String) + Send + Sync>;
 /// cleaned up by its id even after a crash.
 pub const RUN_LABEL: &str = "io.acr-task.run";
 
+/// Where a build context comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BuildContext {
+    /// A directory on this host.
+    Dir(PathBuf),
+    /// A directory inside a volume (a run's `/workspace`), so files earlier steps wrote
+    /// are part of the context, as in ACR.
+    Volume { volume: String, path: String },
+}
+
+impl Default for BuildContext {
+    fn default() -> Self {
+        BuildContext::Dir(PathBuf::from("."))
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct BuildSpec {
-    /// Directory sent as the build context.
-    pub context_dir: PathBuf,
+    pub context: BuildContext,
     /// Dockerfile path relative to the context.
     pub dockerfile: String,
     pub tags: Vec<String>,
@@ -124,6 +139,12 @@ pub trait Runtime: Send + Sync + 'static {
         files: &BTreeMap<String, Vec<u8>>,
         labels: &BTreeMap<String, String>,
     ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Reads one file from a volume (`path` relative to its root); `None` when absent.
+    fn read_volume_file(
+        &self,
+        volume: &str,
+        path: &str,
+    ) -> impl Future<Output = Result<Option<Vec<u8>>, RuntimeError>> + Send;
     /// Makes sure `image` is present, pulling it per `policy`.
     fn ensure_image(
         &self,

@@ -76,7 +76,7 @@ pub async fn build_runner<R: Runtime>(rt: &R, log: &LogSink) -> Result<String, R
         tags.push(BUSYBOX_IMAGE.to_string());
     }
     let spec = BuildSpec {
-        context_dir: dir.path().to_path_buf(),
+        context: crate::runtime::BuildContext::Dir(dir.path().to_path_buf()),
         dockerfile: "Dockerfile".into(),
         tags,
         labels: BTreeMap::new(),
