@@ -2,39 +2,12 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use support::*;
 
 fn example(name: &str) -> std::path::PathBuf {
     root().join("examples").join(name).join("acb.yaml")
-}
-
-/// Serves a registry data dir and returns (child, address).
-fn serve_registry(data: &std::path::Path) -> (std::process::Child, String) {
-    let mut child = Command::new(bin())
-        .args([
-            "serve",
-            "--registry-only",
-            "--listen",
-            "127.0.0.1:0",
-            "--data",
-        ])
-        .arg(data)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("{line}"))
-        .to_string();
-    (child, addr)
 }
 
 #[test]
@@ -81,7 +54,7 @@ fn build_and_push_lands_in_the_integrated_registry() {
     assert!(bases[0]["digest"].as_str().unwrap().starts_with("sha256:"));
 
     // The data dir now holds the pushed image: serve it and ask for both tags.
-    let (mut child, addr) = serve_registry(data.path().join("registry").as_path());
+    let (mut child, addr) = spawn_server(data.path().join("registry").as_path());
     let rt = tokio::runtime::Runtime::new().unwrap();
     let client = reqwest::Client::new();
     for tag in [run_id.as_str(), "latest"] {

@@ -6,26 +6,17 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
+#[path = "../registry_common/mod.rs"]
+mod registry_common;
+#[allow(unused_imports)]
+pub use registry_common::{require_docker, spawn_server};
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_acr-task")
 }
 
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// Docker tests never skip: without an engine they fail and say so.
-pub fn require_docker() {
-    let ok = Command::new("docker")
-        .args(["info", "--format", "{{.ServerVersion}}"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    assert!(
-        ok,
-        "these tests need a running Docker Engine and the docker CLI (`docker info` failed); \
-         start it with `sudo systemctl start docker` or set DOCKER_HOST"
-    );
 }
 
 pub struct Run {
