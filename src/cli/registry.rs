@@ -121,40 +121,7 @@ fn print_rows(output: Output, header: &[&str], rows: &[Vec<String>]) -> anyhow::
                 writeln!(out, "{}", r.join("\t"))?;
             }
         }
-        Output::Table => {
-            let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
-            for r in rows {
-                for (i, c) in r.iter().enumerate() {
-                    w[i] = w[i].max(c.len());
-                }
-            }
-            let line = |cells: Vec<&str>| {
-                cells
-                    .iter()
-                    .enumerate()
-                    .map(|(i, c)| format!("{:<width$}", c, width = w[i]))
-                    .collect::<Vec<_>>()
-                    .join("  ")
-                    .trim_end()
-                    .to_string()
-            };
-            writeln!(out, "{}", line(header.to_vec()))?;
-            writeln!(
-                out,
-                "{}",
-                line(
-                    w.iter()
-                        .map(|n| "-".repeat(*n))
-                        .collect::<Vec<_>>()
-                        .iter()
-                        .map(String::as_str)
-                        .collect()
-                )
-            )?;
-            for r in rows {
-                writeln!(out, "{}", line(r.iter().map(String::as_str).collect()))?;
-            }
-        }
+        Output::Table => writeln!(out, "{}", super::render::table(header, rows))?,
         Output::Json | Output::Dot => bail!("internal: print_rows called for {output:?}"),
     }
     Ok(())
