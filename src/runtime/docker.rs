@@ -135,6 +135,14 @@ impl DockerRuntime {
         labels: &BTreeMap<String, String>,
     ) -> Result<String, RuntimeError> {
         self.ensure_scratch().await?;
+        // The holder carries the volume's labels (its run), so a crash mid-copy leaves
+        // nothing the run's cleanup sweep would miss.
+        let mut labels = labels.clone();
+        if labels.is_empty() {
+            if let Ok(v) = self.docker.inspect_volume(volume).await {
+                labels.extend(v.labels);
+            }
+        }
         let name = format!("{volume}-io-{}", uuid::Uuid::new_v4().simple());
         let spec = ContainerSpec {
             name: name.clone(),
@@ -144,7 +152,7 @@ impl DockerRuntime {
                 volume: volume.into(),
                 target: "/v".into(),
             }],
-            labels: labels.clone(),
+            labels,
             ..Default::default()
         };
         self.create(&spec).await?;
