@@ -1,6 +1,7 @@
 //! acr-task: run ACR Tasks (`acb.yaml`) task files on a local Docker Engine, with an
 //! integrated OCI registry. See ARCHITECTURE.md for the map of modules.
 
+pub mod auth;
 pub mod cli;
 pub mod dockerfile;
 pub mod exec;
