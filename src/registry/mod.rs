@@ -176,6 +176,17 @@ pub fn router(registry: Registry) -> axum::Router {
     routes::router(registry)
 }
 
+/// The registry's routes with access control: every `/v2/` request needs a bearer token
+/// granting its action (see `auth`), and `/oauth2/token` issues them. `None` = open, as
+/// [`router`]. Serve it with `into_make_service_with_connect_info::<SocketAddr>()` so the
+/// token endpoint's rate limit sees client addresses.
+pub fn router_with_auth(registry: Registry, auth: Option<Arc<crate::auth::Auth>>) -> axum::Router {
+    match auth {
+        Some(a) => routes::router_with_auth(registry, a),
+        None => routes::router(registry),
+    }
+}
+
 pub struct RunningRegistry {
     addr: SocketAddr,
     registry: Registry,
@@ -203,6 +214,14 @@ impl RunningRegistry {
 
 /// Open the store and serve the registry on `cfg.listen` in a background task.
 pub async fn start(cfg: RegistryConfig) -> Result<RunningRegistry, RegistryError> {
+    start_with_auth(cfg, None).await
+}
+
+/// [`start`], with access control when `auth` is given (see [`router_with_auth`]).
+pub async fn start_with_auth(
+    cfg: RegistryConfig,
+    auth: Option<Arc<crate::auth::Auth>>,
+) -> Result<RunningRegistry, RegistryError> {
     let dir = cfg.data_dir.clone();
     let registry = tokio::task::spawn_blocking(move || Registry::open(&dir)).await??;
     let listener = tokio::net::TcpListener::bind(cfg.listen)
@@ -218,7 +237,8 @@ pub async fn start(cfg: RegistryConfig) -> Result<RunningRegistry, RegistryError
             source,
         })?;
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let app = router(registry.clone());
+    let app = router_with_auth(registry.clone(), auth)
+        .into_make_service_with_connect_info::<SocketAddr>();
     let task = tokio::spawn(async move {
         let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
             let _ = rx.await;
