@@ -11,3 +11,4 @@ pub mod runtime;
 pub mod source;
 pub mod store;
 pub mod task;
+pub mod webhooks;

@@ -15,6 +15,7 @@ use crate::auth::{
     Auth, AuthSettings, AuthStore, NewSecret, Permission, ScopeMap, ScopeRule, Slot, TokenInfo,
     TokenStatus,
 };
+use crate::webhooks::{DeliveryOptions, WebhookStore};
 
 /// Auth switches of `acr-task serve`.
 #[derive(Debug, Clone, clap::Args)]
@@ -29,9 +30,23 @@ pub struct ServeAuthArgs {
     /// With --auth: lifetime of issued registry tokens, in seconds.
     #[arg(long, requires = "auth", default_value_t = 300, value_name = "SECONDS")]
     pub token_ttl: u64,
+    /// First retry delay of a failed webhook delivery (doubles per attempt, up to 10 min).
+    #[arg(long, default_value_t = 2000, value_name = "MILLISECONDS")]
+    pub webhook_backoff_ms: u64,
+    /// Delivery attempts before a webhook event is marked failed.
+    #[arg(long, default_value_t = 10)]
+    pub webhook_max_attempts: u32,
 }
 
 impl ServeAuthArgs {
+    pub fn webhook_options(&self) -> DeliveryOptions {
+        DeliveryOptions {
+            backoff: std::time::Duration::from_millis(self.webhook_backoff_ms.max(1)),
+            max_attempts: self.webhook_max_attempts.max(1),
+            ..DeliveryOptions::default()
+        }
+    }
+
     /// The gate for `dir`, or None when auth is off.
     pub fn open(&self, dir: &Path) -> anyhow::Result<Option<Arc<Auth>>> {
         if !self.auth {
@@ -471,6 +486,186 @@ pub fn credential(cmd: CredentialCmd) -> anyhow::Result<ExitCode> {
             } else {
                 println!("admin user disabled");
             }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum WebhookCmd {
+    /// Create a webhook: each matching push/delete is POSTed as JSON to --uri (http://),
+    /// with `X-Acr-Task-Signature: sha256=<HMAC>` when --secret is given.
+    Create {
+        name: String,
+        #[arg(long)]
+        uri: String,
+        /// Comma-separated: push, delete.
+        #[arg(long, value_delimiter = ',', required = true)]
+        actions: Vec<String>,
+        /// Only events for REPO[:TAG] ('*' wildcards), e.g. `samples/*:v*`.
+        #[arg(long)]
+        scope: Option<String>,
+        /// Extra request header K=V (repeatable).
+        #[arg(long = "header", value_name = "K=V")]
+        headers: Vec<String>,
+        /// HMAC-SHA256 signing secret.
+        #[arg(long, env = "ACR_TASK_WEBHOOK_SECRET", hide_env_values = true)]
+        secret: Option<String>,
+        #[command(flatten)]
+        opts: AuthOpts,
+    },
+    List {
+        #[command(flatten)]
+        opts: AuthOpts,
+    },
+    Delete {
+        name: String,
+        #[command(flatten)]
+        opts: AuthOpts,
+    },
+    /// Send a ping event now and show the result. Exit 1 if it was not delivered.
+    Ping {
+        name: String,
+        #[command(flatten)]
+        opts: AuthOpts,
+    },
+    /// Delivery history, newest first.
+    ListEvents {
+        name: String,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[command(flatten)]
+        opts: AuthOpts,
+    },
+}
+
+fn open_hooks(data: Option<PathBuf>) -> anyhow::Result<WebhookStore> {
+    let dir = data_dir(data);
+    WebhookStore::open(&dir).with_context(|| format!("opening webhook data in {}", dir.display()))
+}
+
+fn print_hooks(output: Output, hooks: &[crate::webhooks::WebhookInfo]) -> anyhow::Result<()> {
+    if output == Output::Json {
+        return print_json(&hooks);
+    }
+    let rows: Vec<Vec<String>> = hooks
+        .iter()
+        .map(|h| {
+            vec![
+                h.name.clone(),
+                h.uri.clone(),
+                h.actions.join(","),
+                h.scope.clone().unwrap_or_default(),
+                if h.signed { "yes".into() } else { "no".into() },
+            ]
+        })
+        .collect();
+    print_rows(
+        Output::Table,
+        &["NAME", "URI", "ACTIONS", "SCOPE", "SIGNED"],
+        &rows,
+    )
+}
+
+fn print_deliveries(output: Output, ds: &[crate::webhooks::Delivery]) -> anyhow::Result<()> {
+    if output == Output::Json {
+        return print_json(&ds);
+    }
+    let rows: Vec<Vec<String>> = ds
+        .iter()
+        .map(|d| {
+            vec![
+                d.id.clone(),
+                d.action.clone(),
+                d.state.clone(),
+                d.attempts.to_string(),
+                d.last_status.map(|s| s.to_string()).unwrap_or_default(),
+                d.last_error.clone().unwrap_or_default(),
+                time(d.created / 1000),
+            ]
+        })
+        .collect();
+    print_rows(
+        Output::Table,
+        &[
+            "ID", "ACTION", "STATE", "ATTEMPTS", "STATUS", "ERROR", "CREATED",
+        ],
+        &rows,
+    )
+}
+
+pub fn webhook(cmd: WebhookCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        WebhookCmd::Create {
+            name,
+            uri,
+            actions,
+            scope,
+            headers,
+            secret,
+            opts,
+        } => {
+            check_output(opts.output)?;
+            let mut h = std::collections::BTreeMap::new();
+            for kv in &headers {
+                let Some((k, v)) = kv.split_once('=') else {
+                    bail!("--header {kv:?}: expected K=V");
+                };
+                h.insert(k.trim().to_string(), v.trim().to_string());
+            }
+            let info = open_hooks(opts.data)?.create(
+                &name,
+                &uri,
+                &actions,
+                scope.as_deref(),
+                &h,
+                secret.as_deref(),
+            )?;
+            print_hooks(opts.output, &[info])?;
+        }
+        WebhookCmd::List { opts } => {
+            check_output(opts.output)?;
+            let hooks: Vec<_> = open_hooks(opts.data)?
+                .all()?
+                .into_iter()
+                .map(|w| w.info)
+                .collect();
+            print_hooks(opts.output, &hooks)?;
+        }
+        WebhookCmd::Delete { name, opts } => {
+            check_output(opts.output)?;
+            open_hooks(opts.data)?.delete(&name)?;
+            if opts.output == Output::Json {
+                print_json(&serde_json::json!({ "deleted": name }))?;
+            } else {
+                println!("deleted webhook {name}");
+            }
+        }
+        WebhookCmd::Ping { name, opts } => {
+            check_output(opts.output)?;
+            let store = Arc::new(open_hooks(opts.data)?);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            let d = rt.block_on(crate::webhooks::ping(
+                &store,
+                &name,
+                &DeliveryOptions::default(),
+            ))?;
+            let ok = d.state == "delivered";
+            print_deliveries(opts.output, &[d])?;
+            if !ok {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        WebhookCmd::ListEvents { name, limit, opts } => {
+            check_output(opts.output)?;
+            let store = open_hooks(opts.data)?;
+            if store.get(&name)?.is_none() {
+                bail!("webhook {name:?} not found");
+            }
+            print_deliveries(opts.output, &store.history(&name, limit)?)?;
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -54,6 +54,9 @@ pub enum Command {
     /// Passwords of the admin user and of tokens.
     #[command(subcommand)]
     Credential(auth::CredentialCmd),
+    /// Outgoing webhooks on registry pushes and deletes.
+    #[command(subcommand)]
+    Webhook(auth::WebhookCmd),
 }
 
 /// `--output` formats; each command accepts the subset that makes sense for it.
@@ -92,6 +95,7 @@ pub fn main() -> ExitCode {
     let prints_only = match &cli.command {
         Command::Validate(_) | Command::Registry(_) | Command::Repository(_) => true,
         Command::Token(_) | Command::ScopeMap(_) | Command::Credential(_) => true,
+        Command::Webhook(_) => true,
         Command::Run(a) => a.dry_run,
         _ => false,
     };
@@ -113,6 +117,7 @@ pub fn main() -> ExitCode {
         Command::Token(c) => auth::token(c),
         Command::ScopeMap(c) => auth::scope_map(c),
         Command::Credential(c) => auth::credential(c),
+        Command::Webhook(c) => auth::webhook(c),
     };
     match result {
         Ok(code) => code,

@@ -454,7 +454,8 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .build()
         .context("starting the async runtime")?;
     let auth = args.auth.open(&dir)?;
-    rt.block_on(serve_registry(dir, args.listen, auth))?;
+    let hooks = args.auth.webhook_options();
+    rt.block_on(serve_registry(dir, args.listen, auth, hooks))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -462,6 +463,7 @@ async fn serve_registry(
     dir: PathBuf,
     listen: SocketAddr,
     auth: Option<std::sync::Arc<crate::auth::Auth>>,
+    hooks: crate::webhooks::DeliveryOptions,
 ) -> anyhow::Result<()> {
     // Handlers first: a supervisor may send SIGTERM as soon as it reads the address.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -480,6 +482,9 @@ async fn serve_registry(
             dir.display()
         )
     })?;
+    // Deliveries run off the request path; pending ones from a previous run resume here.
+    let _webhooks = crate::webhooks::Dispatcher::start(running.registry(), &dir, hooks)
+        .with_context(|| format!("starting webhook delivery for {}", dir.display()))?;
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "listening on {}", running.addr())?;

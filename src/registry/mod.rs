@@ -68,6 +68,22 @@ pub struct RegistryEvent {
     pub size: u64,
 }
 
+/// Who made the request that raised an event (for webhook payloads). Set per request by
+/// the routes; empty for events raised outside a request.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RequestContext {
+    pub id: String,
+    pub host: String,
+    pub method: String,
+    pub useragent: String,
+    /// Token or user name; empty when anonymous or auth is off.
+    pub actor: String,
+}
+
+tokio::task_local! {
+    pub(crate) static REQUEST_CONTEXT: RequestContext;
+}
+
 /// One upload session (sessions live in memory; a restart forgets them and clears
 /// `uploads/`, which is what makes partial data invisible after a crash).
 pub(crate) struct Upload {
@@ -89,6 +105,8 @@ pub(crate) struct State {
     /// id -> (repository, session)
     pub uploads: Mutex<Sessions>,
     pub events: broadcast::Sender<RegistryEvent>,
+    /// The same events with their request context (webhooks).
+    pub detailed: broadcast::Sender<(RegistryEvent, RequestContext)>,
 }
 
 /// Handle on a registry: cheap to clone; the read API and the event hook.
@@ -110,11 +128,13 @@ impl Registry {
     pub fn open(data_dir: &std::path::Path) -> Result<Registry, RegistryError> {
         let store = Store::open(data_dir, true)?;
         let (events, _) = broadcast::channel(1024);
+        let (detailed, _) = broadcast::channel(1024);
         Ok(Registry {
             inner: Arc::new(State {
                 store: Arc::new(store),
                 uploads: Mutex::new(HashMap::new()),
                 events,
+                detailed,
             }),
         })
     }
@@ -165,7 +185,14 @@ impl Registry {
         Ok(row.map(|m| (m.digest, m.media_type)))
     }
 
+    /// Events with the request that raised them (see [`RequestContext`]).
+    pub fn subscribe_with_context(&self) -> broadcast::Receiver<(RegistryEvent, RequestContext)> {
+        self.inner.detailed.subscribe()
+    }
+
     pub(crate) fn emit(&self, ev: RegistryEvent) {
+        let ctx = REQUEST_CONTEXT.try_with(|c| c.clone()).unwrap_or_default();
+        let _ = self.inner.detailed.send((ev.clone(), ctx));
         // No receivers is normal (nothing subscribed yet).
         let _ = self.inner.events.send(ev);
     }

@@ -14,7 +14,7 @@ use axum::Router;
 
 use super::errors::ApiError;
 use super::names::{parse_route, valid_name, Route};
-use super::{blobs, manifests, Registry};
+use super::{blobs, manifests, Registry, RequestContext, REQUEST_CONTEXT};
 use crate::auth::http::{token_router, Need};
 use crate::auth::Auth;
 
@@ -25,7 +25,38 @@ pub(super) fn router(reg: Registry) -> Router {
         .route("/v2", any(base))
         .route("/v2/", any(base))
         .route("/v2/{*rest}", any(dispatch))
+        .layer(axum::middleware::from_fn(with_context))
         .with_state(reg)
+}
+
+/// The user behind a request, set by the auth gate for [`with_context`].
+#[derive(Debug, Clone)]
+pub(super) struct Actor(pub String);
+
+/// Run the request with its [`RequestContext`] in scope, so events it raises carry it.
+async fn with_context(req: Request, next: Next) -> Response {
+    // Built in a block: a borrow of the (non-Sync) request must not live across the await.
+    let ctx = {
+        let h = |k: &str| {
+            req.headers()
+                .get(k)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string()
+        };
+        RequestContext {
+            id: uuid::Uuid::new_v4().to_string(),
+            host: h("host"),
+            method: req.method().to_string(),
+            useragent: h("user-agent"),
+            actor: req
+                .extensions()
+                .get::<Actor>()
+                .map(|a| a.0.clone())
+                .unwrap_or_default(),
+        }
+    };
+    REQUEST_CONTEXT.scope(ctx, next.run(req)).await
 }
 
 async fn base() -> Response {
@@ -253,6 +284,9 @@ async fn gate(State(auth): State<Arc<Auth>>, mut req: Request, next: Next) -> Re
                 Err(_) => return ApiError::upload_invalid("bad query").into_response(),
             }
         }
+    }
+    if let Some(c) = &claims {
+        req.extensions_mut().insert(Actor(c.sub.clone()));
     }
     next.run(req).await
 }
