@@ -192,8 +192,14 @@ async fn challenge_token_and_scoped_push_pull() {
         access_of(&t),
         serde_json::json!([{"type":"repository","name":"samples/a","actions":["pull","push"]}])
     );
+    let mut events = e.reg.registry().subscribe_with_context();
     let r = push_image(&client(&t), &e.base, "samples/a", "v1").await;
     assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    // Events name who pushed (webhook payloads carry it as actor.name).
+    let (ev, ctx) = events.recv().await.unwrap();
+    assert_eq!(ev.repository, "samples/a");
+    assert_eq!(ctx.actor, "writer");
+    assert_eq!(ctx.method, "PUT");
 
     // The reader asks for pull,push and gets pull only; it reads but cannot write.
     let t = bearer(&e, "reader", &ro, &["repository:samples/a:pull,push"]).await;
