@@ -14,10 +14,12 @@ use acr_task::webhooks::{verify_signature, DeliveryOptions, Dispatcher, SIGNATUR
 use axum::http::{HeaderMap, StatusCode};
 use registry_common::*;
 
+/// One request the receiver saw: (headers, body, status it answered).
+type Hit = (HeaderMap, Vec<u8>, u16);
+
 #[derive(Clone, Default)]
 struct Received {
-    /// (headers, body, status we answered)
-    hits: Arc<Mutex<Vec<(HeaderMap, Vec<u8>, u16)>>>,
+    hits: Arc<Mutex<Vec<Hit>>>,
 }
 
 /// An HTTP receiver on `listener` answering 500 to the first `fail_first` requests and

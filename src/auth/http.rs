@@ -277,11 +277,7 @@ pub fn client_ip(req: &Request) -> IpAddr {
 
 async fn token_handler(State(auth): State<Arc<Auth>>, req: Request) -> Response {
     let ip = client_ip(&req);
-    let query: Vec<(String, String)> = req
-        .uri()
-        .query()
-        .and_then(|q| serde_urlencoded_pairs(q))
-        .unwrap_or_default();
+    let query: Vec<(String, String)> = req.uri().query().and_then(query_pairs).unwrap_or_default();
     match auth.token_request(ip, req.headers(), &query).await {
         Ok(v) => (
             StatusCode::OK,
@@ -294,7 +290,7 @@ async fn token_handler(State(auth): State<Arc<Auth>>, req: Request) -> Response 
 }
 
 /// Decode `a=b&c=d` keeping repeated keys (several `scope=` are normal).
-fn serde_urlencoded_pairs(q: &str) -> Option<Vec<(String, String)>> {
+fn query_pairs(q: &str) -> Option<Vec<(String, String)>> {
     axum::extract::Query::<Vec<(String, String)>>::try_from_uri(&format!("/?{q}").parse().ok()?)
         .ok()
         .map(|x| x.0)
