@@ -487,3 +487,42 @@ async fn mount_needs_pull_on_the_source_repository() {
     assert_eq!(mount(t).await, 201);
     e.reg.shutdown().await;
 }
+
+#[tokio::test]
+async fn management_api_middleware_takes_admin_or_api_tokens() {
+    let e = env(AuthSettings::default()).await;
+    let reader = make_token(&e, "reader", &[rule("*", &[Permission::ContentRead])]);
+    let ops = make_token(&e, "ops", &[rule("*", &[Permission::MetadataWrite])]);
+    let admin = e.auth.store().renew_admin().unwrap().value;
+    // A stand-in for `serve`'s API, guarded the way it can adopt.
+    let app = axum::Router::new()
+        .route("/api/tasks", axum::routing::get(|| async { "tasks" }))
+        .layer(axum::middleware::from_fn_with_state(
+            e.auth.clone(),
+            acr_task::auth::http::require_api,
+        ));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = format!("http://{}/api/tasks", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    let c = reqwest::Client::new();
+    let status = |r: reqwest::Response| r.status().as_u16();
+
+    let r = c.get(&api).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .contains("scope=\"registry:api:*\""));
+    let basic = |u: &str, p: &str| c.get(&api).basic_auth(u, Some(p)).send();
+    assert_eq!(status(basic("admin", &admin).await.unwrap()), 200);
+    assert_eq!(status(basic("ops", &ops).await.unwrap()), 200);
+    assert_eq!(status(basic("reader", &reader).await.unwrap()), 403);
+    assert_eq!(status(basic("admin", "wrong").await.unwrap()), 401);
+    // Bearer tokens from the token endpoint work too, when they carry registry:api:*.
+    let t = bearer(&e, "admin", &admin, &["registry:api:*"]).await;
+    assert_eq!(status(client(&t).get(&api).send().await.unwrap()), 200);
+    let t = bearer(&e, "reader", &reader, &["registry:api:*"]).await;
+    assert_eq!(access_of(&t), serde_json::json!([]));
+    assert_eq!(status(client(&t).get(&api).send().await.unwrap()), 403);
+    e.reg.shutdown().await;
+}

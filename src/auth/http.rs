@@ -203,7 +203,8 @@ impl Auth {
         };
         if let Some((_, s)) = query.iter().find(|(k, _)| k == "service") {
             if *s != self.settings.service {
-                return Err(unauthorized("unknown service"));
+                // Same message as bad credentials: say nothing about which part was wrong.
+                return Err(unauthorized("authentication failed"));
             }
         }
         let requested: Vec<Access> = query
@@ -218,7 +219,7 @@ impl Auth {
                 }
                 (String::new(), Grants::Anonymous { pull: true })
             }
-            Some(None) => return Err(unauthorized("malformed basic credentials")),
+            Some(None) => return Err(unauthorized("authentication failed")),
             Some(Some((user, pass))) => {
                 if !self.limiter.allowed(ip, &user) {
                     tracing::warn!(%ip, user = %user, "token request refused: too many failures");
@@ -240,7 +241,7 @@ impl Auth {
                     Ok(None) => {
                         self.limiter.failed(ip, &user);
                         tracing::info!(%ip, user = %user, "login failed");
-                        return Err(unauthorized("invalid user name or password"));
+                        return Err(unauthorized("authentication failed"));
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "authentication failed");
@@ -264,6 +265,59 @@ impl Auth {
             "expires_in": claims.exp - claims.iat,
             "issued_at": issued,
         }))
+    }
+}
+
+/// What [`require_api`] asks for.
+pub const API_NEED: Need<'static> = Need {
+    kind: "registry",
+    name: "api",
+    actions: &["*"],
+};
+
+/// axum middleware guarding a management API (use with
+/// `middleware::from_fn_with_state(auth, require_api)`): a bearer token carrying
+/// `registry:api:*`, or basic credentials of the admin or of a token with metadata/write
+/// on `*`. Basic logins share the token endpoint's rate limit.
+pub async fn require_api(
+    State(auth): State<Arc<Auth>>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let ip = client_ip(&req);
+    let allowed = match basic(req.headers()) {
+        Some(Some((user, pass))) => {
+            if !auth.limiter.allowed(ip, &user) {
+                return AuthFailure::TooMany.into_response();
+            }
+            let a = auth.clone();
+            let u = user.clone();
+            match tokio::task::spawn_blocking(move || a.store.authenticate(&u, &pass)).await {
+                Ok(Ok(Some(g))) => {
+                    auth.limiter.succeeded(ip, &user);
+                    if g.api() {
+                        Ok(())
+                    } else {
+                        Err(AuthFailure::Denied(
+                            "requested access to the resource is denied".into(),
+                        ))
+                    }
+                }
+                Ok(Ok(None)) => {
+                    auth.limiter.failed(ip, &user);
+                    Err(AuthFailure::Unauthorized {
+                        challenge: auth.challenge(req.headers(), Some(API_NEED), None),
+                        message: "authentication failed".into(),
+                    })
+                }
+                _ => Err(AuthFailure::Internal),
+            }
+        }
+        _ => auth.authorize(req.headers(), Some(API_NEED)).map(|_| ()),
+    };
+    match allowed {
+        Ok(()) => next.run(req).await,
+        Err(f) => f.into_response(),
     }
 }
 

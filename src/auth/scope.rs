@@ -177,6 +177,17 @@ impl Grants {
         }
     }
 
+    /// The management API (`registry:api:*`): the admin, or a token with metadata/write on `*`.
+    pub fn api(&self) -> bool {
+        match self {
+            Grants::All => true,
+            Grants::Anonymous { .. } => false,
+            Grants::Rules(rules) => rules
+                .iter()
+                .any(|(p, perms)| p == "*" && perms.contains(&Permission::MetadataWrite)),
+        }
+    }
+
     /// The intersection of what was requested and what is allowed; entries left with no
     /// action are dropped (distribution does the same).
     pub fn grant(&self, requested: &[Access]) -> Vec<Access> {
@@ -194,12 +205,16 @@ impl Grants {
                         .cloned()
                         .collect()
                 }
-                "registry" if r.name == "catalog" && self.catalog() => r
-                    .actions
-                    .iter()
-                    .filter(|a| a.as_str() == "*")
-                    .cloned()
-                    .collect(),
+                "registry"
+                    if (r.name == "catalog" && self.catalog())
+                        || (r.name == "api" && self.api()) =>
+                {
+                    r.actions
+                        .iter()
+                        .filter(|a| a.as_str() == "*")
+                        .cloned()
+                        .collect()
+                }
                 _ => Vec::new(),
             };
             if allowed.is_empty() {
@@ -293,6 +308,15 @@ mod tests {
             vec![Access::catalog()]
         );
         assert!(Grants::Anonymous { pull: false }.grant(&req).is_empty());
+        let api = parse_scope("registry:api:*").unwrap();
+        assert!(g.grant(std::slice::from_ref(&api)).is_empty());
+        assert_eq!(
+            Grants::All.grant(std::slice::from_ref(&api)),
+            vec![api.clone()]
+        );
+        let ops = Grants::Rules(vec![("*".into(), vec![Permission::MetadataWrite])]);
+        assert_eq!(ops.grant(std::slice::from_ref(&api)), vec![api]);
+        assert!(!ops.catalog());
         assert_eq!(
             Grants::Anonymous { pull: true }.grant(&req[..1]),
             vec![Access::repo("samples/hello", &["pull"])]
