@@ -382,3 +382,131 @@ impl Dispatcher {
         &self.store
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hook(actions: &[&str], scope: Option<&str>) -> WebhookInfo {
+        WebhookInfo {
+            name: "h".into(),
+            uri: "http://x/".into(),
+            actions: actions.iter().map(|a| a.to_string()).collect(),
+            scope: scope.map(str::to_string),
+            header_names: vec![],
+            signed: false,
+            created: 0,
+        }
+    }
+
+    fn ev(action: EventAction, repo: &str, tag: Option<&str>) -> RegistryEvent {
+        RegistryEvent {
+            action,
+            repository: repo.into(),
+            tag: tag.map(str::to_string),
+            digest: "sha256:00".into(),
+            media_type: "m".into(),
+            size: 1,
+        }
+    }
+
+    #[test]
+    fn scope_and_action_filtering() {
+        let push = ev(EventAction::Push, "samples/a", Some("v1"));
+        assert!(wants(&hook(&["push"], None), &push));
+        assert!(!wants(&hook(&["delete"], None), &push));
+        assert!(wants(&hook(&["push"], Some("samples/*")), &push));
+        assert!(wants(&hook(&["push"], Some("samples/*:v*")), &push));
+        assert!(!wants(&hook(&["push"], Some("samples/*:prod")), &push));
+        assert!(!wants(&hook(&["push"], Some("other")), &push));
+        // Untagged events match only when the tag pattern is `*`.
+        let untagged = ev(EventAction::Delete, "samples/a", None);
+        assert!(wants(&hook(&["delete"], Some("samples/a")), &untagged));
+        assert!(!wants(&hook(&["delete"], Some("samples/a:v1")), &untagged));
+        assert!(scope_matcher(":x").is_err());
+    }
+
+    #[test]
+    fn signatures() {
+        let s = sign("k", b"body");
+        assert!(s.starts_with("sha256=") && s.len() == 7 + 64);
+        assert!(verify_signature("k", b"body", &s));
+        assert!(!verify_signature("k", b"body2", &s));
+        assert!(!verify_signature("k2", b"body", &s));
+        assert!(!verify_signature("k", b"body", "sha256=00"));
+    }
+
+    #[test]
+    fn queue_state_machine() {
+        let d = tempfile::tempdir().unwrap();
+        let s = WebhookStore::open(d.path()).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(s.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        s.create(
+            "h",
+            "http://127.0.0.1:9/",
+            &["push".into()],
+            None,
+            &Default::default(),
+            None,
+        )
+        .unwrap();
+        assert!(matches!(
+            s.create(
+                "h",
+                "http://127.0.0.1:9/",
+                &["push".into()],
+                None,
+                &Default::default(),
+                None
+            ),
+            Err(WebhookError::Exists(_))
+        ));
+        assert!(s
+            .create(
+                "bad",
+                "https://x/",
+                &["push".into()],
+                None,
+                &Default::default(),
+                None
+            )
+            .is_err());
+        assert!(s
+            .create(
+                "bad",
+                "http://x/",
+                &["pull".into()],
+                None,
+                &Default::default(),
+                None
+            )
+            .is_err());
+        let a = s.enqueue("h", "e1", "push", "{}", true).unwrap();
+        let held = s.enqueue("h", "e2", "ping", "{}", false).unwrap();
+        let now = store::now_ms();
+        let due = s.due(now, 10).unwrap();
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].id, a.id);
+        s.record(
+            &a.id,
+            false,
+            Some(500),
+            Some("HTTP 500"),
+            Some(now + 60_000),
+        )
+        .unwrap();
+        assert!(s.due(now, 10).unwrap().is_empty());
+        assert_eq!(
+            s.next_due().unwrap(),
+            Some(now + 60_000).min(Some(held.next_attempt))
+        );
+        s.record(&a.id, true, Some(200), None, None).unwrap();
+        let h = s.history("h", 10).unwrap();
+        let a2 = h.iter().find(|d| d.id == a.id).unwrap();
+        assert_eq!((a2.state.as_str(), a2.attempts), ("delivered", 2));
+        s.delete("h").unwrap();
+        assert!(s.history("h", 10).unwrap().is_empty());
+    }
+}
