@@ -119,8 +119,12 @@ impl AuthStore {
     /// Open (creating if needed) `<dir>/auth.db`.
     pub fn open(dir: &Path) -> Result<AuthStore, AuthError> {
         std::fs::create_dir_all(dir).map_err(|e| AuthError::io(dir, e))?;
+        use std::os::unix::fs::PermissionsExt;
         let path = dir.join("auth.db");
         let conn = Connection::open(&path)?;
+        // Hashes only, but still nobody else's business; the WAL inherits the mode.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| AuthError::io(&path, e))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(30))?;
@@ -656,6 +660,9 @@ mod tests {
     fn admin_is_off_until_renewed() {
         let d = tempfile::tempdir().unwrap();
         let s = AuthStore::open(d.path()).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(s.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
         assert!(!s.admin_enabled().unwrap());
         assert!(s.authenticate(ADMIN_USER, "").unwrap().is_none());
         let p = s.renew_admin().unwrap();
