@@ -1,6 +1,7 @@
 //! acr-task: run ACR Tasks (`acb.yaml`) task files on a local Docker Engine, with an
 //! integrated OCI registry. See ARCHITECTURE.md for the map of modules.
 
+pub mod auth;
 pub mod cli;
 pub mod dockerfile;
 pub mod exec;
@@ -10,3 +11,4 @@ pub mod runtime;
 pub mod source;
 pub mod store;
 pub mod task;
+pub mod webhooks;

@@ -1,6 +1,7 @@
 //! The command line: argument parsing and terminal rendering only. Each subcommand family
 //! lives in its own file and owns its argument struct.
 
+mod auth;
 mod registry;
 mod render;
 mod run;
@@ -44,6 +45,18 @@ pub enum Command {
     Repository(registry::RepositoryCmd),
     /// Serve the registry (and, later, the task service).
     Serve(registry::ServeArgs),
+    /// Registry tokens: named credentials bound to a scope map.
+    #[command(subcommand)]
+    Token(auth::TokenCmd),
+    /// Scope maps: which repositories a token may read, write or delete.
+    #[command(subcommand)]
+    ScopeMap(auth::ScopeMapCmd),
+    /// Passwords of the admin user and of tokens.
+    #[command(subcommand)]
+    Credential(auth::CredentialCmd),
+    /// Outgoing webhooks on registry pushes and deletes.
+    #[command(subcommand)]
+    Webhook(auth::WebhookCmd),
 }
 
 /// `--output` formats; each command accepts the subset that makes sense for it.
@@ -81,6 +94,8 @@ pub fn main() -> ExitCode {
     // Commands that only print behave like Unix filters: `| head` ends them quietly.
     let prints_only = match &cli.command {
         Command::Validate(_) | Command::Registry(_) | Command::Repository(_) => true,
+        Command::Token(_) | Command::ScopeMap(_) | Command::Credential(_) => true,
+        Command::Webhook(_) => true,
         Command::Run(a) => a.dry_run,
         _ => false,
     };
@@ -99,6 +114,10 @@ pub fn main() -> ExitCode {
         Command::Registry(c) => registry::registry(c),
         Command::Repository(c) => registry::repository(c),
         Command::Serve(a) => registry::serve(a),
+        Command::Token(c) => auth::token(c),
+        Command::ScopeMap(c) => auth::scope_map(c),
+        Command::Credential(c) => auth::credential(c),
+        Command::Webhook(c) => auth::webhook(c),
     };
     match result {
         Ok(code) => code,

@@ -93,9 +93,11 @@ pub struct ServeArgs {
     /// Data directory [default: <data dir>/registry].
     #[arg(long)]
     pub data: Option<PathBuf>,
+    #[command(flatten)]
+    pub auth: super::auth::ServeAuthArgs,
 }
 
-fn data_dir(d: Option<PathBuf>) -> PathBuf {
+pub(super) fn data_dir(d: Option<PathBuf>) -> PathBuf {
     d.unwrap_or_else(|| super::default_data_dir().join("registry"))
 }
 
@@ -113,7 +115,11 @@ fn open(d: Option<PathBuf>) -> anyhow::Result<Store> {
 }
 
 /// Print rows as an aligned table or TSV; JSON is handled by callers.
-fn print_rows(output: Output, header: &[&str], rows: &[Vec<String>]) -> anyhow::Result<()> {
+pub(super) fn print_rows(
+    output: Output,
+    header: &[&str],
+    rows: &[Vec<String>],
+) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     match output {
         Output::Tsv => {
@@ -134,7 +140,7 @@ fn no_dot(output: Output) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+pub(super) fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
@@ -414,18 +420,28 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(serve_registry(dir, args.listen))?;
+    let auth = args.auth.open(&dir)?;
+    let hooks = args.auth.webhook_options();
+    rt.block_on(serve_registry(dir, args.listen, auth, hooks))?;
     Ok(ExitCode::SUCCESS)
 }
 
-async fn serve_registry(dir: PathBuf, listen: SocketAddr) -> anyhow::Result<()> {
+async fn serve_registry(
+    dir: PathBuf,
+    listen: SocketAddr,
+    auth: Option<std::sync::Arc<crate::auth::Auth>>,
+    hooks: crate::webhooks::DeliveryOptions,
+) -> anyhow::Result<()> {
     // Handlers first: a supervisor may send SIGTERM as soon as it reads the address.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
-    let running = registry::start(RegistryConfig {
-        data_dir: dir.clone(),
-        listen,
-    })
+    let running = registry::start_with_auth(
+        RegistryConfig {
+            data_dir: dir.clone(),
+            listen,
+        },
+        auth,
+    )
     .await
     .with_context(|| {
         format!(
@@ -433,6 +449,9 @@ async fn serve_registry(dir: PathBuf, listen: SocketAddr) -> anyhow::Result<()> 
             dir.display()
         )
     })?;
+    // Deliveries run off the request path; pending ones from a previous run resume here.
+    let _webhooks = crate::webhooks::Dispatcher::start(running.registry(), &dir, hooks)
+        .with_context(|| format!("starting webhook delivery for {}", dir.display()))?;
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "listening on {}", running.addr())?;

@@ -68,6 +68,22 @@ pub struct RegistryEvent {
     pub size: u64,
 }
 
+/// Who made the request that raised an event (for webhook payloads). Set per request by
+/// the routes; empty for events raised outside a request.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RequestContext {
+    pub id: String,
+    pub host: String,
+    pub method: String,
+    pub useragent: String,
+    /// Token or user name; empty when anonymous or auth is off.
+    pub actor: String,
+}
+
+tokio::task_local! {
+    pub(crate) static REQUEST_CONTEXT: RequestContext;
+}
+
 /// One upload session (sessions live in memory; a restart forgets them and clears
 /// `uploads/`, which is what makes partial data invisible after a crash).
 pub(crate) struct Upload {
@@ -89,6 +105,8 @@ pub(crate) struct State {
     /// id -> (repository, session)
     pub uploads: Mutex<Sessions>,
     pub events: broadcast::Sender<RegistryEvent>,
+    /// The same events with their request context (webhooks).
+    pub detailed: broadcast::Sender<(RegistryEvent, RequestContext)>,
 }
 
 /// Handle on a registry: cheap to clone; the read API and the event hook.
@@ -110,11 +128,13 @@ impl Registry {
     pub fn open(data_dir: &std::path::Path) -> Result<Registry, RegistryError> {
         let store = Store::open(data_dir, true)?;
         let (events, _) = broadcast::channel(1024);
+        let (detailed, _) = broadcast::channel(1024);
         Ok(Registry {
             inner: Arc::new(State {
                 store: Arc::new(store),
                 uploads: Mutex::new(HashMap::new()),
                 events,
+                detailed,
             }),
         })
     }
@@ -165,7 +185,14 @@ impl Registry {
         Ok(row.map(|m| (m.digest, m.media_type)))
     }
 
+    /// Events with the request that raised them (see [`RequestContext`]).
+    pub fn subscribe_with_context(&self) -> broadcast::Receiver<(RegistryEvent, RequestContext)> {
+        self.inner.detailed.subscribe()
+    }
+
     pub(crate) fn emit(&self, ev: RegistryEvent) {
+        let ctx = REQUEST_CONTEXT.try_with(|c| c.clone()).unwrap_or_default();
+        let _ = self.inner.detailed.send((ev.clone(), ctx));
         // No receivers is normal (nothing subscribed yet).
         let _ = self.inner.events.send(ev);
     }
@@ -174,6 +201,17 @@ impl Registry {
 /// The registry's routes (`/v2/...`), ready to serve or nest.
 pub fn router(registry: Registry) -> axum::Router {
     routes::router(registry)
+}
+
+/// The registry's routes with access control: every `/v2/` request needs a bearer token
+/// granting its action (see `auth`), and `/oauth2/token` issues them. `None` = open, as
+/// [`router`]. Serve it with `into_make_service_with_connect_info::<SocketAddr>()` so the
+/// token endpoint's rate limit sees client addresses.
+pub fn router_with_auth(registry: Registry, auth: Option<Arc<crate::auth::Auth>>) -> axum::Router {
+    match auth {
+        Some(a) => routes::router_with_auth(registry, a),
+        None => routes::router(registry),
+    }
 }
 
 pub struct RunningRegistry {
@@ -203,6 +241,14 @@ impl RunningRegistry {
 
 /// Open the store and serve the registry on `cfg.listen` in a background task.
 pub async fn start(cfg: RegistryConfig) -> Result<RunningRegistry, RegistryError> {
+    start_with_auth(cfg, None).await
+}
+
+/// [`start`], with access control when `auth` is given (see [`router_with_auth`]).
+pub async fn start_with_auth(
+    cfg: RegistryConfig,
+    auth: Option<Arc<crate::auth::Auth>>,
+) -> Result<RunningRegistry, RegistryError> {
     let dir = cfg.data_dir.clone();
     let registry = tokio::task::spawn_blocking(move || Registry::open(&dir)).await??;
     let listener = tokio::net::TcpListener::bind(cfg.listen)
@@ -218,7 +264,8 @@ pub async fn start(cfg: RegistryConfig) -> Result<RunningRegistry, RegistryError
             source,
         })?;
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let app = router(registry.clone());
+    let app = router_with_auth(registry.clone(), auth)
+        .into_make_service_with_connect_info::<SocketAddr>();
     let task = tokio::spawn(async move {
         let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
             let _ = rx.await;

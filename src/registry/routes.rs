@@ -2,17 +2,21 @@
 //! hands the path to [`names::parse_route`] and dispatches on method.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use axum::Router;
 
 use super::errors::ApiError;
 use super::names::{parse_route, valid_name, Route};
-use super::{blobs, manifests, Registry};
+use super::{blobs, manifests, Registry, RequestContext, REQUEST_CONTEXT};
+use crate::auth::http::{token_router, Need};
+use crate::auth::Auth;
 
 const API_VERSION: &str = "Docker-Distribution-API-Version";
 
@@ -21,7 +25,38 @@ pub(super) fn router(reg: Registry) -> Router {
         .route("/v2", any(base))
         .route("/v2/", any(base))
         .route("/v2/{*rest}", any(dispatch))
+        .layer(axum::middleware::from_fn(with_context))
         .with_state(reg)
+}
+
+/// The user behind a request, set by the auth gate for [`with_context`].
+#[derive(Debug, Clone)]
+pub(super) struct Actor(pub String);
+
+/// Run the request with its [`RequestContext`] in scope, so events it raises carry it.
+async fn with_context(req: Request, next: Next) -> Response {
+    // Built in a block: a borrow of the (non-Sync) request must not live across the await.
+    let ctx = {
+        let h = |k: &str| {
+            req.headers()
+                .get(k)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string()
+        };
+        RequestContext {
+            id: uuid::Uuid::new_v4().to_string(),
+            host: h("host"),
+            method: req.method().to_string(),
+            useragent: h("user-agent"),
+            actor: req
+                .extensions()
+                .get::<Actor>()
+                .map(|a| a.0.clone())
+                .unwrap_or_default(),
+        }
+    };
+    REQUEST_CONTEXT.scope(ctx, next.run(req)).await
 }
 
 async fn base() -> Response {
@@ -156,4 +191,102 @@ pub(super) fn respond(status: StatusCode, headers: &[(&str, String)], body: Body
     }
     b.body(body)
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+// ---- access control (only when an `Auth` gate is configured) --------------------------
+
+/// The registry's routes behind the auth gate, plus the token endpoint (not gated).
+pub(super) fn router_with_auth(reg: Registry, auth: Arc<Auth>) -> Router {
+    router(reg)
+        .layer(axum::middleware::from_fn_with_state(auth.clone(), gate))
+        .merge(token_router(auth))
+}
+
+/// The access a request needs: `pull` to read, `push` to upload or tag, `delete` to
+/// delete, `registry:catalog:*` to list repositories. None = any valid token (`/v2/` ping
+/// and paths that are not registry routes, which the handler answers with 404).
+fn need_of<'a>(method: &Method, route: &'a Route) -> Need<'a> {
+    let read = *method == Method::GET || *method == Method::HEAD;
+    let repo = |name: &'a str, actions: &'static [&'static str]| Need {
+        kind: "repository",
+        name,
+        actions,
+    };
+    match route {
+        Route::Catalog => Need {
+            kind: "registry",
+            name: "catalog",
+            actions: &["*"],
+        },
+        Route::Tags(n) | Route::Referrers(n, _) => repo(n, &["pull", "metadata_read"]),
+        Route::Manifest(n, _) | Route::Blob(n, _) if read => repo(n, &["pull"]),
+        Route::Manifest(n, _) | Route::Blob(n, _) if *method == Method::DELETE => {
+            repo(n, &["delete"])
+        }
+        Route::Manifest(n, _) | Route::Blob(n, _) | Route::UploadStart(n) | Route::Upload(n, _) => {
+            repo(n, &["push"])
+        }
+    }
+}
+
+async fn gate(State(auth): State<Arc<Auth>>, mut req: Request, next: Next) -> Response {
+    let path = req.uri().path().to_string();
+    // Names, tags and digests never contain '%': refusing it keeps the path the gate
+    // checks identical to the one the handler decodes.
+    if path.contains('%') {
+        return ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", "no such endpoint")
+            .into_response();
+    }
+    let rest = path
+        .strip_prefix("/v2")
+        .unwrap_or("")
+        .trim_start_matches('/');
+    let route = if rest.is_empty() {
+        None
+    } else {
+        parse_route(rest)
+    };
+    let need = route.as_ref().map(|r| need_of(req.method(), r));
+    let claims = match auth.authorize(req.headers(), need) {
+        Ok(c) => c,
+        Err(f) => {
+            tracing::debug!(method = %req.method(), %path, ?f, "request refused by auth");
+            return f.into_response();
+        }
+    };
+    // A cross-repository mount reads the source repository: without pull there, fall back
+    // to a plain upload (as the spec allows) instead of leaking the blob.
+    if let (Some(Route::UploadStart(_)), Some(q)) = (&route, req.uri().query()) {
+        let pairs: Vec<(String, String)> = axum::extract::Query::try_from_uri(req.uri())
+            .map(|Query(p)| p)
+            .unwrap_or_default();
+        let from = pairs
+            .iter()
+            .find(|(k, _)| k == "from")
+            .map(|(_, v)| v.as_str());
+        let may_read = from.is_some_and(|f| {
+            claims
+                .as_ref()
+                .is_some_and(|c| crate::auth::scope::allows(&c.access, "repository", f, "pull"))
+        });
+        if from.is_some() && !may_read {
+            let kept: Vec<&str> = q
+                .split('&')
+                .filter(|kv| !kv.starts_with("mount=") && !kv.starts_with("from="))
+                .collect();
+            let uri = if kept.is_empty() {
+                path.clone()
+            } else {
+                format!("{path}?{}", kept.join("&"))
+            };
+            match uri.parse() {
+                Ok(u) => *req.uri_mut() = u,
+                Err(_) => return ApiError::upload_invalid("bad query").into_response(),
+            }
+        }
+    }
+    if let Some(c) = &claims {
+        req.extensions_mut().insert(Actor(c.sub.clone()));
+    }
+    next.run(req).await
 }

@@ -1,0 +1,359 @@
+//! HTTP face of the gate: the token endpoint (`GET /oauth2/token`, distribution's token
+//! protocol with basic auth) and request authorization with distribution-style errors.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use base64::Engine;
+
+use super::jwt::Claims;
+use super::scope::{allows, parse_scope, Access, Grants};
+use super::{Auth, AuthError};
+
+/// Path of the token endpoint (ACR's).
+pub const TOKEN_PATH: &str = "/oauth2/token";
+
+/// Why a request was refused; renders as a distribution error body.
+#[derive(Debug)]
+pub enum AuthFailure {
+    /// 401 UNAUTHORIZED with this `WWW-Authenticate` value.
+    Unauthorized {
+        challenge: String,
+        message: String,
+    },
+    /// 403 DENIED: authenticated, but the token does not grant the action.
+    Denied(String),
+    /// 429 TOOMANYREQUESTS: too many failed logins.
+    TooMany,
+    Internal,
+}
+
+impl IntoResponse for AuthFailure {
+    fn into_response(self) -> Response {
+        let (status, code, msg, challenge) = match self {
+            AuthFailure::Unauthorized { challenge, message } => (
+                StatusCode::UNAUTHORIZED,
+                "UNAUTHORIZED",
+                message,
+                Some(challenge),
+            ),
+            AuthFailure::Denied(m) => (StatusCode::FORBIDDEN, "DENIED", m, None),
+            AuthFailure::TooMany => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "TOOMANYREQUESTS",
+                "too many failed login attempts; try again later".to_string(),
+                None,
+            ),
+            AuthFailure::Internal => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "UNKNOWN",
+                "internal error".to_string(),
+                None,
+            ),
+        };
+        let body = serde_json::json!({
+            "errors": [{ "code": code, "message": msg, "detail": null }]
+        });
+        let mut r = Response::builder()
+            .status(status)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
+        if let Some(c) = challenge.and_then(|c| HeaderValue::from_str(&c).ok()) {
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, c);
+        }
+        r
+    }
+}
+
+/// What a request needs: one of `actions` on resource (`kind`, `name`).
+#[derive(Debug, Clone, Copy)]
+pub struct Need<'a> {
+    pub kind: &'a str,
+    pub name: &'a str,
+    pub actions: &'a [&'a str],
+}
+
+/// The `Host` header if it looks like `host[:port]`, for the challenge's realm.
+fn host_of(headers: &HeaderMap) -> String {
+    headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| {
+            !h.is_empty()
+                && h.bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || b".-:[]".contains(&c))
+        })
+        .unwrap_or("localhost")
+        .to_string()
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, rest) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+}
+
+fn basic(headers: &HeaderMap) -> Option<Option<(String, String)>> {
+    let v = headers.get(header::AUTHORIZATION)?;
+    let parsed = (|| {
+        let v = v.to_str().ok()?;
+        let (scheme, rest) = v.split_once(' ')?;
+        if !scheme.eq_ignore_ascii_case("basic") {
+            return None;
+        }
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(rest.trim())
+            .ok()?;
+        let s = String::from_utf8(raw).ok()?;
+        let (u, p) = s.split_once(':')?;
+        Some((u.to_string(), p.to_string()))
+    })();
+    Some(parsed)
+}
+
+impl Auth {
+    /// `Bearer realm=...,service=...[,scope=...][,error=...]` for a request to `host`.
+    pub fn challenge(
+        &self,
+        headers: &HeaderMap,
+        need: Option<Need<'_>>,
+        error: Option<&str>,
+    ) -> String {
+        let mut c = format!(
+            "Bearer realm=\"http://{}{TOKEN_PATH}\",service=\"{}\"",
+            host_of(headers),
+            self.settings.service
+        );
+        if let Some(n) = need {
+            let action = n.actions.first().copied().unwrap_or("*");
+            c.push_str(&format!(",scope=\"{}:{}:{}\"", n.kind, n.name, action));
+        }
+        if let Some(e) = error {
+            c.push_str(&format!(",error=\"{e}\""));
+        }
+        c
+    }
+
+    /// Check a request's bearer token. `need: None` asks only for a valid token (the
+    /// `/v2/` ping). `Ok(None)` means allowed anonymously (anonymous pull).
+    pub fn authorize(
+        &self,
+        headers: &HeaderMap,
+        need: Option<Need<'_>>,
+    ) -> Result<Option<Claims>, AuthFailure> {
+        let Some(tok) = bearer(headers) else {
+            if self.settings.anonymous_pull
+                && need.is_some_and(|n| n.kind == "repository" && n.actions.contains(&"pull"))
+            {
+                return Ok(None);
+            }
+            return Err(AuthFailure::Unauthorized {
+                challenge: self.challenge(headers, need, None),
+                message: "authentication required".into(),
+            });
+        };
+        let claims = match self.verify(tok) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "bearer token refused");
+                return Err(AuthFailure::Unauthorized {
+                    challenge: self.challenge(headers, need, Some("invalid_token")),
+                    message: "invalid or expired token".into(),
+                });
+            }
+        };
+        let Some(n) = need else {
+            return Ok(Some(claims));
+        };
+        if n.actions
+            .iter()
+            .any(|a| allows(&claims.access, n.kind, n.name, a))
+            || (self.settings.anonymous_pull
+                && n.kind == "repository"
+                && n.actions.contains(&"pull"))
+        {
+            return Ok(Some(claims));
+        }
+        Err(AuthFailure::Denied(format!(
+            "requested access to the resource is denied ({}:{}:{} not granted)",
+            n.kind,
+            n.name,
+            n.actions.join("|")
+        )))
+    }
+
+    /// The token endpoint's work: authenticate (basic auth or anonymous), grant the
+    /// intersection of requested and allowed access, and sign it.
+    pub async fn token_request(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        headers: &HeaderMap,
+        query: &[(String, String)],
+    ) -> Result<serde_json::Value, AuthFailure> {
+        let unauthorized = |m: &str| AuthFailure::Unauthorized {
+            challenge: format!("Basic realm=\"{}\"", self.settings.service),
+            message: m.to_string(),
+        };
+        if let Some((_, s)) = query.iter().find(|(k, _)| k == "service") {
+            if *s != self.settings.service {
+                // Same message as bad credentials: say nothing about which part was wrong.
+                return Err(unauthorized("authentication failed"));
+            }
+        }
+        let requested: Vec<Access> = query
+            .iter()
+            .filter(|(k, _)| k == "scope")
+            .flat_map(|(_, v)| v.split(' ').filter_map(parse_scope).collect::<Vec<_>>())
+            .collect();
+        let (subject, grants) = match basic(headers) {
+            None => {
+                if !self.settings.anonymous_pull {
+                    return Err(unauthorized("authentication required"));
+                }
+                (String::new(), Grants::Anonymous { pull: true })
+            }
+            Some(None) => return Err(unauthorized("authentication failed")),
+            Some(Some((user, pass))) => {
+                if !self.limiter.allowed(ip, &user) {
+                    tracing::warn!(%ip, user = %user, "token request refused: too many failures");
+                    return Err(AuthFailure::TooMany);
+                }
+                let me = self.clone();
+                let u = user.clone();
+                let res = tokio::task::spawn_blocking(move || me.store.authenticate(&u, &pass))
+                    .await
+                    .map_err(|e| {
+                        tracing::error!(error = %e, "authentication task failed");
+                        AuthFailure::Internal
+                    })?;
+                match res {
+                    Ok(Some(g)) => {
+                        self.limiter.succeeded(ip, &user);
+                        (user, g)
+                    }
+                    Ok(None) => {
+                        self.limiter.failed(ip, &user);
+                        tracing::info!(%ip, user = %user, "login failed");
+                        return Err(unauthorized("authentication failed"));
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "authentication failed");
+                        return Err(AuthFailure::Internal);
+                    }
+                }
+            }
+        };
+        let access = grants.grant(&requested);
+        let (token, claims) = self.issue(&subject, access).map_err(|e: AuthError| {
+            tracing::error!(error = %e, "issuing a token");
+            AuthFailure::Internal
+        })?;
+        tracing::debug!(user = %subject, access = ?claims.access, "token issued");
+        let issued = chrono::DateTime::from_timestamp(claims.iat, 0)
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_default();
+        Ok(serde_json::json!({
+            "token": token,
+            "access_token": token,
+            "expires_in": claims.exp - claims.iat,
+            "issued_at": issued,
+        }))
+    }
+}
+
+/// What [`require_api`] asks for.
+pub const API_NEED: Need<'static> = Need {
+    kind: "registry",
+    name: "api",
+    actions: &["*"],
+};
+
+/// axum middleware guarding a management API (use with
+/// `middleware::from_fn_with_state(auth, require_api)`): a bearer token carrying
+/// `registry:api:*`, or basic credentials of the admin or of a token with metadata/write
+/// on `*`. Basic logins share the token endpoint's rate limit.
+pub async fn require_api(
+    State(auth): State<Arc<Auth>>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let ip = client_ip(&req);
+    let allowed = match basic(req.headers()) {
+        Some(Some((user, pass))) => {
+            if !auth.limiter.allowed(ip, &user) {
+                return AuthFailure::TooMany.into_response();
+            }
+            let a = auth.clone();
+            let u = user.clone();
+            match tokio::task::spawn_blocking(move || a.store.authenticate(&u, &pass)).await {
+                Ok(Ok(Some(g))) => {
+                    auth.limiter.succeeded(ip, &user);
+                    if g.api() {
+                        Ok(())
+                    } else {
+                        Err(AuthFailure::Denied(
+                            "requested access to the resource is denied".into(),
+                        ))
+                    }
+                }
+                Ok(Ok(None)) => {
+                    auth.limiter.failed(ip, &user);
+                    Err(AuthFailure::Unauthorized {
+                        challenge: auth.challenge(req.headers(), Some(API_NEED), None),
+                        message: "authentication failed".into(),
+                    })
+                }
+                _ => Err(AuthFailure::Internal),
+            }
+        }
+        _ => auth.authorize(req.headers(), Some(API_NEED)).map(|_| ()),
+    };
+    match allowed {
+        Ok(()) => next.run(req).await,
+        Err(f) => f.into_response(),
+    }
+}
+
+/// The client's IP from axum's connect info (127.0.0.1 stands in when it is absent).
+pub fn client_ip(req: &Request) -> IpAddr {
+    req.extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+        .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST))
+}
+
+async fn token_handler(State(auth): State<Arc<Auth>>, req: Request) -> Response {
+    let ip = client_ip(&req);
+    let query: Vec<(String, String)> = req.uri().query().and_then(query_pairs).unwrap_or_default();
+    match auth.token_request(ip, req.headers(), &query).await {
+        Ok(v) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            v.to_string(),
+        )
+            .into_response(),
+        Err(f) => f.into_response(),
+    }
+}
+
+/// Decode `a=b&c=d` keeping repeated keys (several `scope=` are normal).
+fn query_pairs(q: &str) -> Option<Vec<(String, String)>> {
+    axum::extract::Query::<Vec<(String, String)>>::try_from_uri(&format!("/?{q}").parse().ok()?)
+        .ok()
+        .map(|x| x.0)
+}
+
+/// `GET /oauth2/token` (also `/token`, distribution's usual path).
+pub fn token_router(auth: Arc<Auth>) -> Router {
+    Router::new()
+        .route(TOKEN_PATH, get(token_handler))
+        .route("/token", get(token_handler))
+        .with_state(auth)
+}

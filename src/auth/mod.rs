@@ -1,0 +1,147 @@
+//! Registry access control: identities (admin user, tokens with argon2-hashed passwords,
+//! scope maps), the Docker token flow (JWTs with distribution's `access` claim) and a
+//! brute-force brake on the token endpoint.
+//!
+//! [`Auth`] is the reusable gate: [`http::token_router`] serves `/oauth2/token`, and
+//! [`Auth::authorize`] checks a request's `Authorization: Bearer` against the access it
+//! needs, returning an [`http::AuthFailure`] that renders as 401 (with the challenge),
+//! 403 DENIED or 429. The registry wires it in `registry::routes`; any other axum API
+//! can do the same from a `middleware::from_fn_with_state`.
+
+pub mod http;
+pub mod jwt;
+pub mod password;
+pub mod ratelimit;
+pub mod scope;
+pub mod store;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use scope::{Access, Grants, Permission};
+pub use store::{
+    AuthStore, NewSecret, ScopeMap, ScopeRule, Slot, TokenInfo, TokenStatus, ADMIN_USER,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("auth database: {0}")]
+    Db(#[from] rusqlite::Error),
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0} already exists")]
+    Exists(String),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("invalid token: {0}")]
+    BadToken(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl AuthError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> AuthError {
+        AuthError::Io {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+}
+
+/// How the gate behaves. Identities themselves live in [`AuthStore`].
+#[derive(Debug, Clone)]
+pub struct AuthSettings {
+    /// Pulls need no credentials (pushes and deletes still do).
+    pub anonymous_pull: bool,
+    /// The `service` of the challenge and the `aud` of every token.
+    pub service: String,
+    /// Lifetime of an issued registry token.
+    pub token_ttl: Duration,
+    /// Failed logins allowed per (client IP, user name) within `failure_window`.
+    pub max_failures: u32,
+    pub failure_window: Duration,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        AuthSettings {
+            anonymous_pull: false,
+            service: "acr-task".into(),
+            token_ttl: Duration::from_secs(300),
+            max_failures: 10,
+            failure_window: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The gate: store, signing key, settings and rate limiter. Share it as `Arc<Auth>`.
+pub struct Auth {
+    store: AuthStore,
+    key: Vec<u8>,
+    settings: AuthSettings,
+    limiter: ratelimit::RateLimiter,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth")
+            .field("store", &self.store.path())
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Auth {
+    /// Open `<dir>/auth.db` and the signing key in `dir` (creating both on first start).
+    pub fn open(dir: &Path, settings: AuthSettings) -> Result<Arc<Auth>, AuthError> {
+        let store = AuthStore::open(dir)?;
+        let key = jwt::load_or_create_key(dir)?;
+        let limiter = ratelimit::RateLimiter::new(settings.max_failures, settings.failure_window);
+        Ok(Arc::new(Auth {
+            store,
+            key,
+            settings,
+            limiter,
+        }))
+    }
+
+    pub fn store(&self) -> &AuthStore {
+        &self.store
+    }
+
+    pub fn settings(&self) -> &AuthSettings {
+        &self.settings
+    }
+
+    /// Sign a token for `subject` carrying exactly `access`.
+    pub fn issue(
+        &self,
+        subject: &str,
+        access: Vec<Access>,
+    ) -> Result<(String, jwt::Claims), AuthError> {
+        let now = chrono::Utc::now().timestamp();
+        let ttl = i64::try_from(self.settings.token_ttl.as_secs()).unwrap_or(300);
+        let claims = jwt::Claims {
+            iss: jwt::ISSUER.into(),
+            sub: subject.into(),
+            aud: self.settings.service.clone(),
+            exp: now + ttl,
+            nbf: now,
+            iat: now,
+            jti: uuid::Uuid::new_v4().to_string(),
+            access,
+        };
+        Ok((jwt::issue(&self.key, &claims)?, claims))
+    }
+
+    pub fn verify(&self, token: &str) -> Result<jwt::Claims, AuthError> {
+        jwt::verify(&self.key, &self.settings.service, token)
+    }
+}

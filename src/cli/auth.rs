@@ -1,0 +1,672 @@
+//! `acr-task token|scope-map|credential|webhook`: registry identities and outgoing
+//! webhooks, stored beside the registry data (`auth.db`, `webhooks.db`). Generated secrets
+//! are shown once: in table output on stdout, with `--output json` on stderr only, so that
+//! JSON can be kept or logged without leaking them.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+
+use super::registry::{data_dir, print_json, print_rows};
+use super::Output;
+use crate::auth::{
+    Auth, AuthSettings, AuthStore, NewSecret, Permission, ScopeMap, ScopeRule, Slot, TokenInfo,
+    TokenStatus,
+};
+use crate::webhooks::{DeliveryOptions, WebhookStore};
+
+/// Auth switches of `acr-task serve`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeAuthArgs {
+    /// Require credentials (tokens, or the admin user) for the registry; Docker's token
+    /// flow is served at /oauth2/token.
+    #[arg(long, env = "ACR_TASK_AUTH")]
+    pub auth: bool,
+    /// With --auth: allow pulls without credentials.
+    #[arg(long, requires = "auth")]
+    pub anonymous_pull: bool,
+    /// With --auth: lifetime of issued registry tokens, in seconds.
+    #[arg(long, requires = "auth", default_value_t = 300, value_name = "SECONDS")]
+    pub token_ttl: u64,
+    /// First retry delay of a failed webhook delivery (doubles per attempt, up to 10 min).
+    #[arg(long, default_value_t = 2000, value_name = "MILLISECONDS")]
+    pub webhook_backoff_ms: u64,
+    /// Delivery attempts before a webhook event is marked failed.
+    #[arg(long, default_value_t = 10)]
+    pub webhook_max_attempts: u32,
+}
+
+impl ServeAuthArgs {
+    pub fn webhook_options(&self) -> DeliveryOptions {
+        DeliveryOptions {
+            backoff: std::time::Duration::from_millis(self.webhook_backoff_ms.max(1)),
+            max_attempts: self.webhook_max_attempts.max(1),
+            ..DeliveryOptions::default()
+        }
+    }
+
+    /// The gate for `dir`, or None when auth is off.
+    pub fn open(&self, dir: &Path) -> anyhow::Result<Option<Arc<Auth>>> {
+        if !self.auth {
+            return Ok(None);
+        }
+        let settings = AuthSettings {
+            anonymous_pull: self.anonymous_pull,
+            token_ttl: std::time::Duration::from_secs(self.token_ttl.max(1)),
+            ..AuthSettings::default()
+        };
+        Ok(Some(Auth::open(dir, settings).with_context(|| {
+            format!("opening registry auth data in {}", dir.display())
+        })?))
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct AuthOpts {
+    /// Registry data directory [default: <data dir>/registry].
+    #[arg(long)]
+    data: Option<PathBuf>,
+    #[arg(long, short = 'o', value_enum, default_value = "table")]
+    output: Output,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StatusArg {
+    Enabled,
+    Disabled,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum TokenCmd {
+    /// Create a token bound to a scope map; prints its two generated passwords once.
+    Create {
+        name: String,
+        #[arg(long)]
+        scope_map: String,
+        /// Expiry as RFC 3339 (2027-01-31T00:00:00Z).
+        #[arg(long, conflicts_with = "expiration_in_days")]
+        expiration: Option<String>,
+        #[arg(long)]
+        expiration_in_days: Option<u32>,
+        #[arg(long, value_enum, default_value = "enabled")]
+        status: StatusArg,
+        /// Create without passwords (generate them later with `credential renew`).
+        #[arg(long)]
+        no_passwords: bool,
+        #[command(flatten)]
+        opts: AuthOpts,
+    },
+    List {
+        #[command(flatten)]
+        opts: AuthOpts,
+    },
+    Show {
+        name: String,
+        #[command(flatten)]
+        opts: AuthOpts,
+    },
+    /// Enable or disable a token.
+    Update {
+        name: String,
+        #[arg(long, value_enum)]
+        status: StatusArg,
+        #[command(flatten)]
+        opts: AuthOpts,
+    },
+    Delete {
+        name: String,
+        #[command(flatten)]
+        opts: AuthOpts,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum ScopeMapCmd {
+    /// Create a scope map: `--repository 'samples/*' content/read content/write` (repeatable;
+    /// actions: content/read|write|delete, metadata/read|write; patterns: NAME, PREFIX/*, *).
+    Create {
+        name: String,
+        #[arg(long = "repository", num_args = 2.., value_names = ["REPO", "ACTION"], required = true)]
+        repository: Vec<String>,
+        #[arg(long, default_value = "")]
+        description: String,
+        #[command(flatten)]
+        opts: AuthOpts,
+    },
+    List {
+        #[command(flatten)]
+        opts: AuthOpts,
+    },
+    Show {
+        name: String,
+        #[command(flatten)]
+        opts: AuthOpts,
+    },
+    /// Add or remove repository actions.
+    Update {
+        name: String,
+        #[arg(long = "add-repository", num_args = 2.., value_names = ["REPO", "ACTION"])]
+        add: Vec<String>,
+        #[arg(long = "remove-repository", num_args = 2.., value_names = ["REPO", "ACTION"])]
+        remove: Vec<String>,
+        #[arg(long)]
+        description: Option<String>,
+        #[command(flatten)]
+        opts: AuthOpts,
+    },
+    Delete {
+        name: String,
+        #[command(flatten)]
+        opts: AuthOpts,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum CredentialCmd {
+    /// Generate a new password: `--admin` enables the admin user (name `admin`);
+    /// `--token NAME` renews password1 (or `--password2`).
+    Renew {
+        #[arg(long, conflicts_with = "token", required_unless_present = "token")]
+        admin: bool,
+        #[arg(long)]
+        token: Option<String>,
+        #[arg(long, requires = "token")]
+        password2: bool,
+        #[command(flatten)]
+        opts: AuthOpts,
+    },
+    /// Disable the admin user.
+    DisableAdmin {
+        #[command(flatten)]
+        opts: AuthOpts,
+    },
+}
+
+fn open_store(data: Option<PathBuf>) -> anyhow::Result<AuthStore> {
+    let dir = data_dir(data);
+    AuthStore::open(&dir)
+        .with_context(|| format!("opening registry auth data in {}", dir.display()))
+}
+
+fn check_output(o: Output) -> anyhow::Result<()> {
+    if matches!(o, Output::Tsv | Output::Dot) {
+        bail!("--output {o:?} is not supported by this command (json or table)");
+    }
+    Ok(())
+}
+
+/// Secrets: table → stdout rows; json → stderr lines (never inside the JSON).
+fn print_secrets(output: Output, who: &str, secrets: &[NewSecret]) -> anyhow::Result<()> {
+    if secrets.is_empty() {
+        return Ok(());
+    }
+    if output == Output::Json {
+        for s in secrets {
+            eprintln!("{who} {}: {}", s.slot, s.value);
+        }
+        eprintln!("(shown once; store them now)");
+        return Ok(());
+    }
+    println!();
+    let rows: Vec<Vec<String>> = secrets
+        .iter()
+        .map(|s| vec![who.to_string(), s.slot.clone(), s.value.clone()])
+        .collect();
+    print_rows(
+        Output::Table,
+        &["USERNAME", "PASSWORD NAME", "PASSWORD (shown once)"],
+        &rows,
+    )
+}
+
+fn time(t: i64) -> String {
+    chrono::DateTime::from_timestamp(t, 0)
+        .map(|d| d.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+        .unwrap_or_else(|| t.to_string())
+}
+
+fn print_tokens(output: Output, tokens: &[TokenInfo]) -> anyhow::Result<()> {
+    if output == Output::Json {
+        return print_json(&tokens);
+    }
+    let rows: Vec<Vec<String>> = tokens
+        .iter()
+        .map(|t| {
+            vec![
+                t.name.clone(),
+                t.scope_map.clone(),
+                match t.status {
+                    TokenStatus::Enabled => "enabled".into(),
+                    TokenStatus::Disabled => "disabled".into(),
+                },
+                t.expiry.map(time).unwrap_or_else(|| "never".into()),
+                t.passwords
+                    .iter()
+                    .map(|p| p.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                time(t.created),
+            ]
+        })
+        .collect();
+    print_rows(
+        Output::Table,
+        &[
+            "NAME",
+            "SCOPE MAP",
+            "STATUS",
+            "EXPIRES",
+            "PASSWORDS",
+            "CREATED",
+        ],
+        &rows,
+    )
+}
+
+fn print_maps(output: Output, maps: &[ScopeMap]) -> anyhow::Result<()> {
+    if output == Output::Json {
+        return print_json(&maps);
+    }
+    let mut rows = Vec::new();
+    for m in maps {
+        for r in &m.rules {
+            rows.push(vec![
+                m.name.clone(),
+                r.repository.clone(),
+                r.actions
+                    .iter()
+                    .map(|a| a.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                m.description.clone(),
+            ]);
+        }
+    }
+    print_rows(
+        Output::Table,
+        &["NAME", "REPOSITORY", "ACTIONS", "DESCRIPTION"],
+        &rows,
+    )
+}
+
+/// `REPO ACTION... REPO ACTION...` into rules: a value that is an action name belongs to the
+/// repository before it; anything else starts a new repository. (clap flattens repeated
+/// multi-value options, and action names are never repository patterns we hand out.)
+fn rules(values: &[String]) -> anyhow::Result<Vec<ScopeRule>> {
+    let mut out: Vec<ScopeRule> = Vec::new();
+    for v in values {
+        match (v.parse::<Permission>(), out.last_mut()) {
+            (Ok(p), Some(r)) => {
+                if !r.actions.contains(&p) {
+                    r.actions.push(p);
+                }
+            }
+            (Ok(_), None) => bail!("action {v:?} given before any repository"),
+            (Err(_), _) => {
+                if v.contains('/')
+                    && v.split('/')
+                        .next()
+                        .is_some_and(|h| h == "content" || h == "metadata")
+                {
+                    // Probably a mistyped action rather than a repository.
+                    v.parse::<Permission>()?;
+                }
+                out.push(ScopeRule {
+                    repository: v.clone(),
+                    actions: Vec::new(),
+                })
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn expiry(expiration: Option<String>, days: Option<u32>) -> anyhow::Result<Option<i64>> {
+    if let Some(e) = expiration {
+        let t = chrono::DateTime::parse_from_rfc3339(&e)
+            .with_context(|| format!("--expiration {e:?} is not an RFC 3339 time"))?;
+        return Ok(Some(t.timestamp()));
+    }
+    Ok(days.map(|d| chrono::Utc::now().timestamp() + i64::from(d) * 86_400))
+}
+
+pub fn token(cmd: TokenCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        TokenCmd::Create {
+            name,
+            scope_map,
+            expiration,
+            expiration_in_days,
+            status,
+            no_passwords,
+            opts,
+        } => {
+            check_output(opts.output)?;
+            let exp = expiry(expiration, expiration_in_days)?;
+            let s = open_store(opts.data)?;
+            let (info, secrets) = s.create_token(
+                &name,
+                &scope_map,
+                exp,
+                status == StatusArg::Enabled,
+                no_passwords,
+            )?;
+            print_tokens(opts.output, std::slice::from_ref(&info))?;
+            print_secrets(opts.output, &name, &secrets)?;
+        }
+        TokenCmd::List { opts } => {
+            check_output(opts.output)?;
+            print_tokens(opts.output, &open_store(opts.data)?.tokens()?)?;
+        }
+        TokenCmd::Show { name, opts } => {
+            check_output(opts.output)?;
+            let Some(t) = open_store(opts.data)?.token(&name)? else {
+                bail!("token {name:?} not found");
+            };
+            if opts.output == Output::Json {
+                print_json(&t)?;
+            } else {
+                print_tokens(opts.output, &[t])?;
+            }
+        }
+        TokenCmd::Update { name, status, opts } => {
+            check_output(opts.output)?;
+            let s = open_store(opts.data)?;
+            s.set_token_status(&name, status == StatusArg::Enabled)?;
+            let t = s.token(&name)?.context("token vanished")?;
+            print_tokens(opts.output, &[t])?;
+        }
+        TokenCmd::Delete { name, opts } => {
+            check_output(opts.output)?;
+            open_store(opts.data)?.delete_token(&name)?;
+            if opts.output == Output::Json {
+                print_json(&serde_json::json!({ "deleted": name }))?;
+            } else {
+                println!("deleted token {name}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn scope_map(cmd: ScopeMapCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        ScopeMapCmd::Create {
+            name,
+            repository,
+            description,
+            opts,
+        } => {
+            check_output(opts.output)?;
+            let m = open_store(opts.data)?.create_scope_map(
+                &name,
+                &description,
+                &rules(&repository)?,
+            )?;
+            print_maps(opts.output, &[m])?;
+        }
+        ScopeMapCmd::List { opts } => {
+            check_output(opts.output)?;
+            print_maps(opts.output, &open_store(opts.data)?.scope_maps()?)?;
+        }
+        ScopeMapCmd::Show { name, opts } => {
+            check_output(opts.output)?;
+            let Some(m) = open_store(opts.data)?.scope_map(&name)? else {
+                bail!("scope map {name:?} not found");
+            };
+            if opts.output == Output::Json {
+                print_json(&m)?;
+            } else {
+                print_maps(opts.output, &[m])?;
+            }
+        }
+        ScopeMapCmd::Update {
+            name,
+            add,
+            remove,
+            description,
+            opts,
+        } => {
+            check_output(opts.output)?;
+            let m = open_store(opts.data)?.update_scope_map(
+                &name,
+                &rules(&add)?,
+                &rules(&remove)?,
+                description.as_deref(),
+            )?;
+            print_maps(opts.output, &[m])?;
+        }
+        ScopeMapCmd::Delete { name, opts } => {
+            check_output(opts.output)?;
+            open_store(opts.data)?.delete_scope_map(&name)?;
+            if opts.output == Output::Json {
+                print_json(&serde_json::json!({ "deleted": name }))?;
+            } else {
+                println!("deleted scope map {name}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn credential(cmd: CredentialCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        CredentialCmd::Renew {
+            admin,
+            token,
+            password2,
+            opts,
+        } => {
+            check_output(opts.output)?;
+            let s = open_store(opts.data)?;
+            let (who, secret) = match token {
+                Some(t) if !admin => {
+                    let slot = if password2 {
+                        Slot::Password2
+                    } else {
+                        Slot::Password1
+                    };
+                    let sec = s.renew_token(&t, slot)?;
+                    (t, sec)
+                }
+                _ => (crate::auth::ADMIN_USER.to_string(), s.renew_admin()?),
+            };
+            if opts.output == Output::Json {
+                print_json(&serde_json::json!({ "username": who, "renewed": secret.slot }))?;
+            }
+            print_secrets(opts.output, &who, std::slice::from_ref(&secret))?;
+        }
+        CredentialCmd::DisableAdmin { opts } => {
+            check_output(opts.output)?;
+            open_store(opts.data)?.disable_admin()?;
+            if opts.output == Output::Json {
+                print_json(&serde_json::json!({ "admin_enabled": false }))?;
+            } else {
+                println!("admin user disabled");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum WebhookCmd {
+    /// Create a webhook: each matching push/delete is POSTed as JSON to --uri (http://),
+    /// with `X-Acr-Task-Signature: sha256=<HMAC>` when --secret is given.
+    Create {
+        name: String,
+        #[arg(long)]
+        uri: String,
+        /// Comma-separated: push, delete.
+        #[arg(long, value_delimiter = ',', required = true)]
+        actions: Vec<String>,
+        /// Only events for REPO[:TAG] ('*' wildcards), e.g. `samples/*:v*`.
+        #[arg(long)]
+        scope: Option<String>,
+        /// Extra request header K=V (repeatable).
+        #[arg(long = "header", value_name = "K=V")]
+        headers: Vec<String>,
+        /// HMAC-SHA256 signing secret.
+        #[arg(long, env = "ACR_TASK_WEBHOOK_SECRET", hide_env_values = true)]
+        secret: Option<String>,
+        #[command(flatten)]
+        opts: AuthOpts,
+    },
+    List {
+        #[command(flatten)]
+        opts: AuthOpts,
+    },
+    Delete {
+        name: String,
+        #[command(flatten)]
+        opts: AuthOpts,
+    },
+    /// Send a ping event now and show the result. Exit 1 if it was not delivered.
+    Ping {
+        name: String,
+        #[command(flatten)]
+        opts: AuthOpts,
+    },
+    /// Delivery history, newest first.
+    ListEvents {
+        name: String,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[command(flatten)]
+        opts: AuthOpts,
+    },
+}
+
+fn open_hooks(data: Option<PathBuf>) -> anyhow::Result<WebhookStore> {
+    let dir = data_dir(data);
+    WebhookStore::open(&dir).with_context(|| format!("opening webhook data in {}", dir.display()))
+}
+
+fn print_hooks(output: Output, hooks: &[crate::webhooks::WebhookInfo]) -> anyhow::Result<()> {
+    if output == Output::Json {
+        return print_json(&hooks);
+    }
+    let rows: Vec<Vec<String>> = hooks
+        .iter()
+        .map(|h| {
+            vec![
+                h.name.clone(),
+                h.uri.clone(),
+                h.actions.join(","),
+                h.scope.clone().unwrap_or_default(),
+                if h.signed { "yes".into() } else { "no".into() },
+            ]
+        })
+        .collect();
+    print_rows(
+        Output::Table,
+        &["NAME", "URI", "ACTIONS", "SCOPE", "SIGNED"],
+        &rows,
+    )
+}
+
+fn print_deliveries(output: Output, ds: &[crate::webhooks::Delivery]) -> anyhow::Result<()> {
+    if output == Output::Json {
+        return print_json(&ds);
+    }
+    let rows: Vec<Vec<String>> = ds
+        .iter()
+        .map(|d| {
+            vec![
+                d.id.clone(),
+                d.action.clone(),
+                d.state.clone(),
+                d.attempts.to_string(),
+                d.last_status.map(|s| s.to_string()).unwrap_or_default(),
+                d.last_error.clone().unwrap_or_default(),
+                time(d.created / 1000),
+            ]
+        })
+        .collect();
+    print_rows(
+        Output::Table,
+        &[
+            "ID", "ACTION", "STATE", "ATTEMPTS", "STATUS", "ERROR", "CREATED",
+        ],
+        &rows,
+    )
+}
+
+pub fn webhook(cmd: WebhookCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        WebhookCmd::Create {
+            name,
+            uri,
+            actions,
+            scope,
+            headers,
+            secret,
+            opts,
+        } => {
+            check_output(opts.output)?;
+            let mut h = std::collections::BTreeMap::new();
+            for kv in &headers {
+                let Some((k, v)) = kv.split_once('=') else {
+                    bail!("--header {kv:?}: expected K=V");
+                };
+                h.insert(k.trim().to_string(), v.trim().to_string());
+            }
+            let info = open_hooks(opts.data)?.create(
+                &name,
+                &uri,
+                &actions,
+                scope.as_deref(),
+                &h,
+                secret.as_deref(),
+            )?;
+            print_hooks(opts.output, &[info])?;
+        }
+        WebhookCmd::List { opts } => {
+            check_output(opts.output)?;
+            let hooks: Vec<_> = open_hooks(opts.data)?
+                .all()?
+                .into_iter()
+                .map(|w| w.info)
+                .collect();
+            print_hooks(opts.output, &hooks)?;
+        }
+        WebhookCmd::Delete { name, opts } => {
+            check_output(opts.output)?;
+            open_hooks(opts.data)?.delete(&name)?;
+            if opts.output == Output::Json {
+                print_json(&serde_json::json!({ "deleted": name }))?;
+            } else {
+                println!("deleted webhook {name}");
+            }
+        }
+        WebhookCmd::Ping { name, opts } => {
+            check_output(opts.output)?;
+            let store = Arc::new(open_hooks(opts.data)?);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            let d = rt.block_on(crate::webhooks::ping(
+                &store,
+                &name,
+                &DeliveryOptions::default(),
+            ))?;
+            let ok = d.state == "delivered";
+            print_deliveries(opts.output, &[d])?;
+            if !ok {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        WebhookCmd::ListEvents { name, limit, opts } => {
+            check_output(opts.output)?;
+            let store = open_hooks(opts.data)?;
+            if store.get(&name)?.is_none() {
+                bail!("webhook {name:?} not found");
+            }
+            print_deliveries(opts.output, &store.history(&name, limit)?)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

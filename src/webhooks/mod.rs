@@ -1,0 +1,512 @@
+//! Outgoing webhooks: on every registry push/delete, a JSON event (ACR/distribution shape)
+//! is POSTed to each matching webhook, signed with HMAC-SHA256 when it has a secret.
+//!
+//! Events are written to a delivery queue in `webhooks.db` first and delivered by a
+//! background worker with exponential backoff, so a slow or dead receiver never slows a
+//! push, and undelivered events survive a restart. [`Dispatcher::start`] runs it next to
+//! a [`Registry`].
+
+pub mod client;
+pub mod store;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use subtle::ConstantTimeEq;
+use tokio::sync::Notify;
+
+use crate::registry::{EventAction, Registry, RegistryEvent, RequestContext};
+pub use store::{Delivery, Webhook, WebhookInfo, WebhookStore};
+
+/// Header carrying `sha256=<hex HMAC of the body>` when the webhook has a secret.
+pub const SIGNATURE_HEADER: &str = "X-Acr-Task-Signature";
+pub const DELIVERY_HEADER: &str = "X-Acr-Task-Delivery";
+pub const EVENT_HEADER: &str = "X-Acr-Task-Event";
+
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    #[error("webhook database: {0}")]
+    Db(#[from] rusqlite::Error),
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("webhook {0:?} already exists")]
+    Exists(String),
+    #[error("webhook {0:?} not found")]
+    NotFound(String),
+    #[error("webhook worker failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+impl WebhookError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> WebhookError {
+        WebhookError::Io {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+}
+
+/// `sha256=<hex>` of HMAC-SHA256(secret, body).
+pub fn sign(secret: &str, body: &[u8]) -> String {
+    // HMAC accepts keys of any length; this cannot fail.
+    let mut mac = match Hmac::<Sha256>::new_from_slice(secret.as_bytes()) {
+        Ok(m) => m,
+        Err(_) => return String::new(),
+    };
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// Receiver side: does `header` carry the right signature? (constant-time)
+pub fn verify_signature(secret: &str, body: &[u8], header: &str) -> bool {
+    let want = sign(secret, body);
+    !want.is_empty() && want.as_bytes().ct_eq(header.as_bytes()).into()
+}
+
+/// `REPO[:TAG]` with `*` wildcards, as a matcher over (repository, tag).
+pub fn scope_matcher(
+    scope: &str,
+) -> Result<(globset::GlobMatcher, globset::GlobMatcher), WebhookError> {
+    let (repo, tag) = scope.split_once(':').unwrap_or((scope, "*"));
+    let glob = |p: &str| {
+        globset::GlobBuilder::new(p)
+            .literal_separator(false)
+            .build()
+            .map(|g| g.compile_matcher())
+            .map_err(|e| WebhookError::Invalid(format!("invalid scope {scope:?}: {e}")))
+    };
+    if repo.is_empty() || tag.is_empty() {
+        return Err(WebhookError::Invalid(format!(
+            "invalid scope {scope:?} (REPO or REPO:TAG, '*' allowed)"
+        )));
+    }
+    Ok((glob(repo)?, glob(tag)?))
+}
+
+fn action_name(a: EventAction) -> &'static str {
+    match a {
+        EventAction::Push => "push",
+        EventAction::Delete => "delete",
+    }
+}
+
+/// Does `hook` want `ev`? A scope with a tag pattern other than `*` skips untagged events.
+pub fn wants(hook: &WebhookInfo, ev: &RegistryEvent) -> bool {
+    if !hook.actions.iter().any(|a| a == action_name(ev.action)) {
+        return false;
+    }
+    let Some(scope) = &hook.scope else {
+        return true;
+    };
+    let Ok((repo, tag)) = scope_matcher(scope) else {
+        return false;
+    };
+    repo.is_match(&ev.repository)
+        && match &ev.tag {
+            Some(t) => tag.is_match(t),
+            None => tag.glob().glob() == "*",
+        }
+}
+
+/// The event body (ACR's webhook payload, distribution's event envelope fields).
+pub fn payload(ev: &RegistryEvent, ctx: &RequestContext) -> (String, serde_json::Value) {
+    let id = uuid::Uuid::new_v4().to_string();
+    let mut target = serde_json::json!({
+        "mediaType": ev.media_type,
+        "size": ev.size,
+        "length": ev.size,
+        "digest": ev.digest,
+        "repository": ev.repository,
+    });
+    if let Some(t) = &ev.tag {
+        target["tag"] = serde_json::json!(t);
+    }
+    let body = serde_json::json!({
+        "id": id,
+        "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        "action": action_name(ev.action),
+        "target": target,
+        "request": {
+            "id": ctx.id,
+            "host": ctx.host,
+            "method": ctx.method,
+            "useragent": ctx.useragent,
+        },
+        "actor": { "name": ctx.actor },
+    });
+    (id, body)
+}
+
+#[derive(Debug, Clone)]
+pub struct DeliveryOptions {
+    /// First retry delay; doubles per failed attempt up to `max_backoff`.
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+    /// Attempts before a delivery is marked failed.
+    pub max_attempts: u32,
+    /// Per-attempt timeout (connect + send + status line).
+    pub timeout: Duration,
+}
+
+impl Default for DeliveryOptions {
+    fn default() -> Self {
+        DeliveryOptions {
+            backoff: Duration::from_secs(2),
+            max_backoff: Duration::from_secs(600),
+            max_attempts: 10,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// One attempt at one delivery; records the outcome (and the next retry) in the store.
+async fn attempt(
+    store: &Arc<WebhookStore>,
+    d: &Delivery,
+    opts: &DeliveryOptions,
+    retry: bool,
+) -> Result<Delivery, WebhookError> {
+    let hook = {
+        let s = store.clone();
+        let name = d.webhook.clone();
+        tokio::task::spawn_blocking(move || s.get(&name)).await??
+    };
+    let (status, error) = match hook {
+        None => (None, Some("webhook deleted".to_string())),
+        Some(h) => {
+            let mut headers = vec![
+                ("Content-Type".to_string(), "application/json".to_string()),
+                (DELIVERY_HEADER.to_string(), d.id.clone()),
+                (EVENT_HEADER.to_string(), d.action.clone()),
+            ];
+            if let Some(sec) = &h.secret {
+                headers.push((
+                    SIGNATURE_HEADER.to_string(),
+                    sign(sec, d.payload.as_bytes()),
+                ));
+            }
+            headers.extend(h.headers.iter().map(|(k, v)| (k.clone(), v.clone())));
+            match client::post(&h.info.uri, &headers, d.payload.as_bytes(), opts.timeout).await {
+                Ok(s) if (200..300).contains(&s) => (Some(s), None),
+                Ok(s) => (Some(s), Some(format!("HTTP {s}"))),
+                Err(e) => (None, Some(e)),
+            }
+        }
+    };
+    let ok = error.is_none();
+    let attempts = d.attempts + 1;
+    let retry_at = (!ok && retry && attempts < opts.max_attempts).then(|| {
+        let factor = 2u32.saturating_pow(attempts.saturating_sub(1).min(20));
+        let delay = opts.backoff.saturating_mul(factor).min(opts.max_backoff);
+        store::now_ms() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 2)
+    });
+    if ok {
+        tracing::debug!(webhook = %d.webhook, delivery = %d.id, "webhook delivered");
+    } else {
+        tracing::warn!(webhook = %d.webhook, delivery = %d.id, attempts, error = ?error, retry = retry_at.is_some(), "webhook delivery failed");
+    }
+    let s = store.clone();
+    let id = d.id.clone();
+    let err = error.clone();
+    tokio::task::spawn_blocking(move || s.record(&id, ok, status, err.as_deref(), retry_at))
+        .await??;
+    let mut out = d.clone();
+    out.attempts = attempts;
+    out.last_status = status;
+    out.last_error = error;
+    out.state = if ok {
+        "delivered"
+    } else if retry_at.is_some() {
+        "pending"
+    } else {
+        "failed"
+    }
+    .into();
+    Ok(out)
+}
+
+/// `webhook ping`: queue a ping event and try it once, now (no retries).
+pub async fn ping(
+    store: &Arc<WebhookStore>,
+    name: &str,
+    opts: &DeliveryOptions,
+) -> Result<Delivery, WebhookError> {
+    let s = store.clone();
+    let n = name.to_string();
+    let d = tokio::task::spawn_blocking(move || -> Result<Delivery, WebhookError> {
+        if s.get(&n)?.is_none() {
+            return Err(WebhookError::NotFound(n));
+        }
+        let id = uuid::Uuid::new_v4().to_string();
+        let body = serde_json::json!({
+            "id": id,
+            "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            "action": "ping",
+        })
+        .to_string();
+        // Held (not due): delivered right here, not by a server's worker.
+        s.enqueue(&n, &id, "ping", &body, false)
+    })
+    .await??;
+    attempt(store, &d, opts, false).await
+}
+
+/// The background worker pair: intake (registry events → queue) and delivery.
+pub struct Dispatcher {
+    store: Arc<WebhookStore>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Dispatcher {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Dispatcher {
+    /// Open `<dir>/webhooks.db` and start delivering `registry`'s events, plus anything
+    /// left pending by a previous run. Must be called inside a tokio runtime.
+    pub fn start(
+        registry: &Registry,
+        dir: &Path,
+        opts: DeliveryOptions,
+    ) -> Result<Dispatcher, WebhookError> {
+        let store = Arc::new(WebhookStore::open(dir)?);
+        let notify = Arc::new(Notify::new());
+        let mut rx = registry.subscribe_with_context();
+        let intake = {
+            let store = store.clone();
+            let notify = notify.clone();
+            tokio::spawn(async move {
+                loop {
+                    let (ev, ctx) = match rx.recv().await {
+                        Ok(x) => x,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            tracing::error!(missed = n, "webhook intake fell behind; events lost");
+                            continue;
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                    };
+                    let s = store.clone();
+                    let res =
+                        tokio::task::spawn_blocking(move || -> Result<usize, WebhookError> {
+                            let mut n = 0;
+                            for h in s.all()? {
+                                if wants(&h.info, &ev) {
+                                    let (id, body) = payload(&ev, &ctx);
+                                    s.enqueue(
+                                        &h.info.name,
+                                        &id,
+                                        action_name(ev.action),
+                                        &body.to_string(),
+                                        true,
+                                    )?;
+                                    n += 1;
+                                }
+                            }
+                            Ok(n)
+                        })
+                        .await;
+                    match res {
+                        Ok(Ok(n)) if n > 0 => notify.notify_one(),
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => tracing::error!(error = %e, "queueing webhook deliveries"),
+                        Err(e) => tracing::error!(error = %e, "webhook intake task"),
+                    }
+                }
+            })
+        };
+        let worker = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                loop {
+                    let s = store.clone();
+                    let due = tokio::task::spawn_blocking(move || s.due(store::now_ms(), 32)).await;
+                    let due = match due {
+                        Ok(Ok(d)) => d,
+                        Ok(Err(e)) => {
+                            tracing::error!(error = %e, "reading the webhook queue");
+                            Vec::new()
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "webhook worker");
+                            Vec::new()
+                        }
+                    };
+                    if !due.is_empty() {
+                        let runs = due.iter().map(|d| attempt(&store, d, &opts, true));
+                        for r in futures_util::future::join_all(runs).await {
+                            if let Err(e) = r {
+                                tracing::error!(error = %e, "recording a webhook delivery");
+                            }
+                        }
+                        continue;
+                    }
+                    let s = store.clone();
+                    let next = tokio::task::spawn_blocking(move || s.next_due())
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                        .flatten();
+                    let wait = next
+                        .map(|t| {
+                            Duration::from_millis(u64::try_from(t - store::now_ms()).unwrap_or(0))
+                        })
+                        .unwrap_or(Duration::from_secs(60))
+                        .min(Duration::from_secs(60));
+                    tokio::select! {
+                        _ = notify.notified() => {}
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            })
+        };
+        Ok(Dispatcher {
+            store,
+            tasks: vec![intake, worker],
+        })
+    }
+
+    pub fn store(&self) -> &Arc<WebhookStore> {
+        &self.store
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hook(actions: &[&str], scope: Option<&str>) -> WebhookInfo {
+        WebhookInfo {
+            name: "h".into(),
+            uri: "http://x/".into(),
+            actions: actions.iter().map(|a| a.to_string()).collect(),
+            scope: scope.map(str::to_string),
+            header_names: vec![],
+            signed: false,
+            created: 0,
+        }
+    }
+
+    fn ev(action: EventAction, repo: &str, tag: Option<&str>) -> RegistryEvent {
+        RegistryEvent {
+            action,
+            repository: repo.into(),
+            tag: tag.map(str::to_string),
+            digest: "sha256:00".into(),
+            media_type: "m".into(),
+            size: 1,
+        }
+    }
+
+    #[test]
+    fn scope_and_action_filtering() {
+        let push = ev(EventAction::Push, "samples/a", Some("v1"));
+        assert!(wants(&hook(&["push"], None), &push));
+        assert!(!wants(&hook(&["delete"], None), &push));
+        assert!(wants(&hook(&["push"], Some("samples/*")), &push));
+        assert!(wants(&hook(&["push"], Some("samples/*:v*")), &push));
+        assert!(!wants(&hook(&["push"], Some("samples/*:prod")), &push));
+        assert!(!wants(&hook(&["push"], Some("other")), &push));
+        // Untagged events match only when the tag pattern is `*`.
+        let untagged = ev(EventAction::Delete, "samples/a", None);
+        assert!(wants(&hook(&["delete"], Some("samples/a")), &untagged));
+        assert!(!wants(&hook(&["delete"], Some("samples/a:v1")), &untagged));
+        assert!(scope_matcher(":x").is_err());
+    }
+
+    #[test]
+    fn signatures() {
+        let s = sign("k", b"body");
+        assert!(s.starts_with("sha256=") && s.len() == 7 + 64);
+        assert!(verify_signature("k", b"body", &s));
+        assert!(!verify_signature("k", b"body2", &s));
+        assert!(!verify_signature("k2", b"body", &s));
+        assert!(!verify_signature("k", b"body", "sha256=00"));
+    }
+
+    #[test]
+    fn queue_state_machine() {
+        let d = tempfile::tempdir().unwrap();
+        let s = WebhookStore::open(d.path()).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(s.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        s.create(
+            "h",
+            "http://127.0.0.1:9/",
+            &["push".into()],
+            None,
+            &Default::default(),
+            None,
+        )
+        .unwrap();
+        assert!(matches!(
+            s.create(
+                "h",
+                "http://127.0.0.1:9/",
+                &["push".into()],
+                None,
+                &Default::default(),
+                None
+            ),
+            Err(WebhookError::Exists(_))
+        ));
+        assert!(s
+            .create(
+                "bad",
+                "https://x/",
+                &["push".into()],
+                None,
+                &Default::default(),
+                None
+            )
+            .is_err());
+        assert!(s
+            .create(
+                "bad",
+                "http://x/",
+                &["pull".into()],
+                None,
+                &Default::default(),
+                None
+            )
+            .is_err());
+        let a = s.enqueue("h", "e1", "push", "{}", true).unwrap();
+        let held = s.enqueue("h", "e2", "ping", "{}", false).unwrap();
+        let now = store::now_ms();
+        let due = s.due(now, 10).unwrap();
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].id, a.id);
+        s.record(
+            &a.id,
+            false,
+            Some(500),
+            Some("HTTP 500"),
+            Some(now + 60_000),
+        )
+        .unwrap();
+        assert!(s.due(now, 10).unwrap().is_empty());
+        assert_eq!(
+            s.next_due().unwrap(),
+            Some(now + 60_000).min(Some(held.next_attempt))
+        );
+        s.record(&a.id, true, Some(200), None, None).unwrap();
+        let h = s.history("h", 10).unwrap();
+        let a2 = h.iter().find(|d| d.id == a.id).unwrap();
+        assert_eq!((a2.state.as_str(), a2.attempts), ("delivered", 2));
+        s.delete("h").unwrap();
+        assert!(s.history("h", 10).unwrap().is_empty());
+    }
+}

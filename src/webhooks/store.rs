@@ -1,0 +1,336 @@
+//! Webhooks and their delivery queue at rest in `<data dir>/webhooks.db` (SQLite, WAL,
+//! FULL sync, mode 0600 since it holds signing secrets). A delivery row is written before
+//! any attempt, so an undelivered event survives a restart.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+
+use super::WebhookError;
+
+/// A webhook as listed: header values and the secret are never shown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WebhookInfo {
+    pub name: String,
+    pub uri: String,
+    pub actions: Vec<String>,
+    pub scope: Option<String>,
+    pub header_names: Vec<String>,
+    pub signed: bool,
+    pub created: i64,
+}
+
+/// Everything needed to deliver (internal: holds the secret and header values).
+#[derive(Clone)]
+pub struct Webhook {
+    pub info: WebhookInfo,
+    pub headers: BTreeMap<String, String>,
+    pub secret: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Delivery {
+    pub id: String,
+    pub webhook: String,
+    pub event_id: String,
+    pub action: String,
+    /// pending | delivered | failed
+    pub state: String,
+    pub attempts: u32,
+    pub last_status: Option<u16>,
+    pub last_error: Option<String>,
+    /// Unix milliseconds.
+    pub created: i64,
+    pub updated: i64,
+    #[serde(skip)]
+    pub payload: String,
+    #[serde(skip)]
+    pub next_attempt: i64,
+}
+
+pub const ACTIONS: [&str; 2] = ["push", "delete"];
+
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+pub struct WebhookStore {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+}
+
+impl WebhookStore {
+    pub fn open(dir: &Path) -> Result<WebhookStore, WebhookError> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(dir).map_err(|e| WebhookError::io(dir, e))?;
+        let path = dir.join("webhooks.db");
+        let conn = Connection::open(&path)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| WebhookError::io(&path, e))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(30))?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS webhooks(
+                name TEXT PRIMARY KEY, uri TEXT NOT NULL, actions TEXT NOT NULL, scope TEXT,
+                headers TEXT NOT NULL, secret TEXT, created INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS deliveries(
+                id TEXT PRIMARY KEY, webhook TEXT NOT NULL, event_id TEXT NOT NULL,
+                action TEXT NOT NULL, payload TEXT NOT NULL, state TEXT NOT NULL,
+                attempts INTEGER NOT NULL, next_attempt INTEGER NOT NULL,
+                last_status INTEGER, last_error TEXT,
+                created INTEGER NOT NULL, updated INTEGER NOT NULL);
+             CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(state, next_attempt);
+             CREATE INDEX IF NOT EXISTS deliveries_hook ON deliveries(webhook, created);",
+        )?;
+        Ok(WebhookStore {
+            path,
+            conn: Mutex::new(conn),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn conn(&self) -> Result<std::sync::MutexGuard<'_, Connection>, WebhookError> {
+        self.conn
+            .lock()
+            .map_err(|_| WebhookError::Invalid("webhook store lock poisoned".into()))
+    }
+
+    pub fn create(
+        &self,
+        name: &str,
+        uri: &str,
+        actions: &[String],
+        scope: Option<&str>,
+        headers: &BTreeMap<String, String>,
+        secret: Option<&str>,
+    ) -> Result<WebhookInfo, WebhookError> {
+        let name_ok = !name.is_empty()
+            && name.len() <= 50
+            && name
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_');
+        if !name_ok {
+            return Err(WebhookError::Invalid(format!(
+                "invalid webhook name {name:?}: use 1-50 letters, digits, '-' or '_'"
+            )));
+        }
+        super::client::parse_http_uri(uri)?;
+        if actions.is_empty() {
+            return Err(WebhookError::Invalid(
+                "give at least one action (push, delete)".into(),
+            ));
+        }
+        for a in actions {
+            if !ACTIONS.contains(&a.as_str()) {
+                return Err(WebhookError::Invalid(format!(
+                    "unknown action {a:?} (push, delete)"
+                )));
+            }
+        }
+        if let Some(s) = scope {
+            super::scope_matcher(s)?;
+        }
+        for (k, v) in headers {
+            let ok_name = !k.is_empty()
+                && k.bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_');
+            if !ok_name || v.bytes().any(|c| c == b'\r' || c == b'\n') {
+                return Err(WebhookError::Invalid(format!("invalid header {k:?}")));
+            }
+        }
+        let headers_json =
+            serde_json::to_string(headers).map_err(|e| WebhookError::Invalid(e.to_string()))?;
+        let c = self.conn()?;
+        let n = c.execute(
+            "INSERT OR IGNORE INTO webhooks(name, uri, actions, scope, headers, secret, created)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                name,
+                uri,
+                actions.join(","),
+                scope,
+                headers_json,
+                secret,
+                chrono::Utc::now().timestamp()
+            ],
+        )?;
+        if n == 0 {
+            return Err(WebhookError::Exists(name.to_string()));
+        }
+        drop(c);
+        self.get(name)?
+            .map(|w| w.info)
+            .ok_or_else(|| WebhookError::NotFound(name.to_string()))
+    }
+
+    pub fn delete(&self, name: &str) -> Result<(), WebhookError> {
+        let c = self.conn()?;
+        let n = c.execute("DELETE FROM webhooks WHERE name = ?1", params![name])?;
+        if n == 0 {
+            return Err(WebhookError::NotFound(name.to_string()));
+        }
+        // History goes with the webhook; pending deliveries would have nowhere to go.
+        c.execute("DELETE FROM deliveries WHERE webhook = ?1", params![name])?;
+        Ok(())
+    }
+
+    fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Webhook> {
+        let headers: String = r.get(4)?;
+        let headers: BTreeMap<String, String> = serde_json::from_str(&headers).unwrap_or_default();
+        let actions: String = r.get(2)?;
+        let secret: Option<String> = r.get(5)?;
+        Ok(Webhook {
+            info: WebhookInfo {
+                name: r.get(0)?,
+                uri: r.get(1)?,
+                actions: actions.split(',').map(str::to_string).collect(),
+                scope: r.get(3)?,
+                header_names: headers.keys().cloned().collect(),
+                signed: secret.is_some(),
+                created: r.get(6)?,
+            },
+            headers,
+            secret,
+        })
+    }
+
+    pub fn get(&self, name: &str) -> Result<Option<Webhook>, WebhookError> {
+        let c = self.conn()?;
+        Ok(c.query_row(
+            "SELECT name, uri, actions, scope, headers, secret, created FROM webhooks WHERE name = ?1",
+            params![name],
+            Self::row,
+        )
+        .optional()?)
+    }
+
+    pub fn all(&self) -> Result<Vec<Webhook>, WebhookError> {
+        let c = self.conn()?;
+        let mut st = c.prepare(
+            "SELECT name, uri, actions, scope, headers, secret, created FROM webhooks ORDER BY name",
+        )?;
+        let rows = st.query_map([], Self::row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Queue one event for one webhook: due now, or (`due: false`) held for the caller
+    /// to attempt itself (a ping), which the background worker then leaves alone.
+    pub fn enqueue(
+        &self,
+        webhook: &str,
+        event_id: &str,
+        action: &str,
+        payload: &str,
+        due: bool,
+    ) -> Result<Delivery, WebhookError> {
+        let id = uuid::Uuid::new_v4().to_string();
+        let t = now_ms();
+        let next = if due { t } else { i64::MAX };
+        let c = self.conn()?;
+        c.execute(
+            "INSERT INTO deliveries(id, webhook, event_id, action, payload, state, attempts,
+                next_attempt, created, updated)
+             VALUES (?1, ?2, ?3, ?4, ?5, 'pending', 0, ?7, ?6, ?6)",
+            params![id, webhook, event_id, action, payload, t, next],
+        )?;
+        Ok(Delivery {
+            id,
+            webhook: webhook.into(),
+            event_id: event_id.into(),
+            action: action.into(),
+            state: "pending".into(),
+            attempts: 0,
+            last_status: None,
+            last_error: None,
+            created: t,
+            updated: t,
+            payload: payload.into(),
+            next_attempt: next,
+        })
+    }
+
+    const COLS: &'static str = "id, webhook, event_id, action, state, attempts, last_status, \
+        last_error, created, updated, payload, next_attempt";
+
+    fn delivery(r: &rusqlite::Row<'_>) -> rusqlite::Result<Delivery> {
+        Ok(Delivery {
+            id: r.get(0)?,
+            webhook: r.get(1)?,
+            event_id: r.get(2)?,
+            action: r.get(3)?,
+            state: r.get(4)?,
+            attempts: r.get(5)?,
+            last_status: r.get(6)?,
+            last_error: r.get(7)?,
+            created: r.get(8)?,
+            updated: r.get(9)?,
+            payload: r.get(10)?,
+            next_attempt: r.get(11)?,
+        })
+    }
+
+    /// Pending deliveries due by `now`, oldest first.
+    pub fn due(&self, now: i64, limit: u32) -> Result<Vec<Delivery>, WebhookError> {
+        let c = self.conn()?;
+        let mut st = c.prepare(&format!(
+            "SELECT {} FROM deliveries WHERE state = 'pending' AND next_attempt <= ?1
+             ORDER BY next_attempt, created LIMIT ?2",
+            Self::COLS
+        ))?;
+        let rows = st.query_map(params![now, limit], Self::delivery)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// When the next pending delivery is due, if any.
+    pub fn next_due(&self) -> Result<Option<i64>, WebhookError> {
+        let c = self.conn()?;
+        Ok(c.query_row(
+            "SELECT MIN(next_attempt) FROM deliveries WHERE state = 'pending'",
+            [],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// Record an attempt: delivered, or retry at `retry_at` (None = give up: failed).
+    pub fn record(
+        &self,
+        id: &str,
+        ok: bool,
+        status: Option<u16>,
+        error: Option<&str>,
+        retry_at: Option<i64>,
+    ) -> Result<(), WebhookError> {
+        let state = if ok {
+            "delivered"
+        } else if retry_at.is_some() {
+            "pending"
+        } else {
+            "failed"
+        };
+        let c = self.conn()?;
+        c.execute(
+            "UPDATE deliveries SET state = ?2, attempts = attempts + 1, last_status = ?3,
+                last_error = ?4, next_attempt = ?5, updated = ?6 WHERE id = ?1",
+            params![id, state, status, error, retry_at.unwrap_or(0), now_ms()],
+        )?;
+        Ok(())
+    }
+
+    /// Delivery history of a webhook, newest first.
+    pub fn history(&self, webhook: &str, limit: u32) -> Result<Vec<Delivery>, WebhookError> {
+        let c = self.conn()?;
+        let mut st = c.prepare(&format!(
+            "SELECT {} FROM deliveries WHERE webhook = ?1 ORDER BY created DESC, rowid DESC LIMIT ?2",
+            Self::COLS
+        ))?;
+        let rows = st.query_map(params![webhook, limit], Self::delivery)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}

@@ -1,0 +1,528 @@
+//! The Docker token flow over real HTTP: challenge, token endpoint, scope checks on every
+//! registry route, bad tokens, anonymous pull, rate limiting, cross-repository mounts.
+
+mod registry_common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use acr_task::auth::{Auth, AuthSettings, Permission, ScopeRule};
+use acr_task::registry::{start_with_auth, RegistryConfig, RunningRegistry};
+use base64::Engine;
+use registry_common::*;
+
+struct Env {
+    _dir: tempfile::TempDir,
+    reg: RunningRegistry,
+    auth: Arc<Auth>,
+    base: String,
+}
+
+async fn env(settings: AuthSettings) -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let auth = Auth::open(dir.path(), settings).unwrap();
+    let reg = start_with_auth(
+        RegistryConfig {
+            data_dir: dir.path().to_path_buf(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+        },
+        Some(auth.clone()),
+    )
+    .await
+    .unwrap();
+    let base = format!("http://{}", reg.addr());
+    Env {
+        _dir: dir,
+        reg,
+        auth,
+        base,
+    }
+}
+
+fn rule(repo: &str, actions: &[Permission]) -> ScopeRule {
+    ScopeRule {
+        repository: repo.into(),
+        actions: actions.to_vec(),
+    }
+}
+
+/// A token with `rules`; returns its password1.
+fn make_token(e: &Env, name: &str, rules: &[ScopeRule]) -> String {
+    let s = e.auth.store();
+    s.create_scope_map(&format!("{name}-map"), "", rules)
+        .unwrap();
+    let (_, secrets) = s
+        .create_token(name, &format!("{name}-map"), None, true, false)
+        .unwrap();
+    secrets[0].value.clone()
+}
+
+async fn get_token(e: &Env, user: &str, pass: &str, scopes: &[&str]) -> reqwest::Response {
+    // Scope values here never need escaping beyond ':' and ','.
+    let mut url = format!("{}/oauth2/token?service=acr-task", e.base);
+    for s in scopes {
+        url.push_str(&format!(
+            "&scope={}",
+            s.replace(':', "%3A").replace(',', "%2C")
+        ));
+    }
+    reqwest::Client::new()
+        .get(url)
+        .basic_auth(user, Some(pass))
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn bearer(e: &Env, user: &str, pass: &str, scopes: &[&str]) -> String {
+    let r = get_token(e, user, pass, scopes).await;
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["token"], v["access_token"]);
+    assert!(v["expires_in"].as_i64().unwrap() > 0);
+    v["token"].as_str().unwrap().to_string()
+}
+
+fn client(token: &str) -> reqwest::Client {
+    let mut h = reqwest::header::HeaderMap::new();
+    h.insert("authorization", format!("Bearer {token}").parse().unwrap());
+    reqwest::Client::builder()
+        .default_headers(h)
+        .build()
+        .unwrap()
+}
+
+/// The `access` claim of a JWT (payload only; the registry checks the signature).
+fn access_of(token: &str) -> serde_json::Value {
+    let payload = token.split('.').nth(1).unwrap();
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .unwrap();
+    serde_json::from_slice::<serde_json::Value>(&raw).unwrap()["access"].clone()
+}
+
+/// Push a one-layer image to `repo:tag` with `c`; returns the manifest response.
+async fn push_image(c: &reqwest::Client, base: &str, repo: &str, tag: &str) -> reqwest::Response {
+    let config = br#"{"architecture":"amd64","os":"linux"}"#;
+    let layer = format!("layer of {repo}").into_bytes();
+    let cd = push_blob(c, base, repo, config).await;
+    let ld = push_blob(c, base, repo, &layer).await;
+    let m = image_manifest((&cd, config.len()), &[(&ld, layer.len())]);
+    put_manifest(
+        c,
+        base,
+        repo,
+        tag,
+        "application/vnd.oci.image.manifest.v1+json",
+        m.to_string().as_bytes(),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn challenge_token_and_scoped_push_pull() {
+    let e = env(AuthSettings::default()).await;
+    let plain = reqwest::Client::new();
+
+    // Ping without credentials: the challenge names our token endpoint and service.
+    let r = plain.get(format!("{}/v2/", e.base)).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let ch = r.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        ch,
+        format!(
+            "Bearer realm=\"http://{}/oauth2/token\",service=\"acr-task\"",
+            e.reg.addr()
+        )
+    );
+    assert_eq!(error_code(r).await, "UNAUTHORIZED");
+    // A repository route's challenge carries the scope it needs.
+    let r = plain
+        .get(format!("{}/v2/samples/a/manifests/v1", e.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .ends_with(",scope=\"repository:samples/a:pull\""));
+
+    let rw = make_token(
+        &e,
+        "writer",
+        &[rule(
+            "samples/*",
+            &[Permission::ContentRead, Permission::ContentWrite],
+        )],
+    );
+    let ro = make_token(
+        &e,
+        "reader",
+        &[rule("samples/a", &[Permission::ContentRead])],
+    );
+
+    // Wrong password and unknown users get 401 from the token endpoint.
+    assert_eq!(get_token(&e, "writer", "nope", &[]).await.status(), 401);
+    assert_eq!(get_token(&e, "ghost", &rw, &[]).await.status(), 401);
+    // No credentials and no anonymous pull: 401.
+    let r = plain
+        .get(format!("{}/oauth2/token?service=acr-task", e.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+
+    // The login token (no scope) opens /v2/ only.
+    let t = bearer(&e, "writer", &rw, &[]).await;
+    assert_eq!(access_of(&t), serde_json::json!([]));
+    let r = client(&t)
+        .get(format!("{}/v2/", e.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    // Push with a pull,push token.
+    let t = bearer(&e, "writer", &rw, &["repository:samples/a:pull,push"]).await;
+    assert_eq!(
+        access_of(&t),
+        serde_json::json!([{"type":"repository","name":"samples/a","actions":["pull","push"]}])
+    );
+    let mut events = e.reg.registry().subscribe_with_context();
+    let r = push_image(&client(&t), &e.base, "samples/a", "v1").await;
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    // Events name who pushed (webhook payloads carry it as actor.name).
+    let (ev, ctx) = events.recv().await.unwrap();
+    assert_eq!(ev.repository, "samples/a");
+    assert_eq!(ctx.actor, "writer");
+    assert_eq!(ctx.method, "PUT");
+
+    // The reader asks for pull,push and gets pull only; it reads but cannot write.
+    let t = bearer(&e, "reader", &ro, &["repository:samples/a:pull,push"]).await;
+    assert_eq!(
+        access_of(&t),
+        serde_json::json!([{"type":"repository","name":"samples/a","actions":["pull"]}])
+    );
+    let c = client(&t);
+    let r = c
+        .get(format!("{}/v2/samples/a/manifests/v1", e.base))
+        .header("accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = c
+        .get(format!("{}/v2/samples/a/tags/list", e.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = c
+        .post(format!("{}/v2/samples/a/blobs/uploads/", e.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(error_code(r).await, "DENIED");
+    let r = c
+        .delete(format!("{}/v2/samples/a/manifests/v1", e.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    // Its token for samples/a never opens samples/b, even though samples/b exists.
+    let tw = bearer(&e, "writer", &rw, &["repository:samples/b:pull,push"]).await;
+    assert_eq!(
+        push_image(&client(&tw), &e.base, "samples/b", "v1")
+            .await
+            .status(),
+        201
+    );
+    let r = c
+        .get(format!("{}/v2/samples/b/manifests/v1", e.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    // Asking the token endpoint for samples/b grants nothing there.
+    let t = bearer(&e, "reader", &ro, &["repository:samples/b:pull"]).await;
+    assert_eq!(access_of(&t), serde_json::json!([]));
+    // The catalog needs registry:catalog:*, which tokens without metadata/read on * lack.
+    let t = bearer(&e, "writer", &rw, &["registry:catalog:*"]).await;
+    let r = client(&t)
+        .get(format!("{}/v2/_catalog", e.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+
+    // The admin user (off until renewed) may do everything, the catalog included.
+    assert_eq!(get_token(&e, "admin", "", &[]).await.status(), 401);
+    let admin = e.auth.store().renew_admin().unwrap().value;
+    let t = bearer(&e, "admin", &admin, &["registry:catalog:*"]).await;
+    let r = client(&t)
+        .get(format!("{}/v2/_catalog", e.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        v["repositories"],
+        serde_json::json!(["samples/a", "samples/b"])
+    );
+    e.reg.shutdown().await;
+}
+
+#[tokio::test]
+async fn expired_tampered_and_foreign_tokens_are_unauthorized() {
+    let e = env(AuthSettings {
+        token_ttl: Duration::from_secs(1),
+        ..AuthSettings::default()
+    })
+    .await;
+    let p = make_token(&e, "ci", &[rule("*", &[Permission::ContentRead])]);
+    let t = bearer(&e, "ci", &p, &["repository:x:pull"]).await;
+    let url = format!("{}/v2/x/tags/list", e.base);
+    // Valid now: the repository is unknown, which is a 404 past the gate.
+    assert_eq!(client(&t).get(&url).send().await.unwrap().status(), 404);
+
+    // Tampered: swap the payload for one granting more; the signature no longer matches.
+    let mut parts: Vec<&str> = t.split('.').collect();
+    let forged = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(
+        serde_json::json!({"iss":"acr-task","sub":"ci","aud":"acr-task","exp":9999999999i64,
+            "nbf":0,"iat":0,"jti":"x","access":[{"type":"repository","name":"x","actions":["*"]}]})
+        .to_string(),
+    );
+    parts[1] = &forged;
+    let r = client(&parts.join(".")).get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .contains("error=\"invalid_token\""));
+    assert_eq!(error_code(r).await, "UNAUTHORIZED");
+
+    // Signed with our key but for another service.
+    let key = std::fs::read(e._dir.path().join("token-signing.key")).unwrap();
+    let now = chrono::Utc::now().timestamp();
+    let other = acr_task::auth::jwt::issue(
+        &key,
+        &acr_task::auth::jwt::Claims {
+            iss: "acr-task".into(),
+            sub: "ci".into(),
+            aud: "elsewhere".into(),
+            exp: now + 60,
+            nbf: now,
+            iat: now,
+            jti: "j".into(),
+            access: vec![acr_task::auth::Access::repo("x", &["pull"])],
+        },
+    )
+    .unwrap();
+    assert_eq!(client(&other).get(&url).send().await.unwrap().status(), 401);
+    // Garbage.
+    assert_eq!(client("abc").get(&url).send().await.unwrap().status(), 401);
+    // A token request for another service is refused.
+    let r = reqwest::Client::new()
+        .get(format!("{}/oauth2/token?service=elsewhere", e.base))
+        .basic_auth("ci", Some(&p))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+
+    // Expired (ttl 1 s, no leeway).
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let r = client(&t).get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    e.reg.shutdown().await;
+}
+
+#[tokio::test]
+async fn anonymous_pull_when_enabled() {
+    let e = env(AuthSettings {
+        anonymous_pull: true,
+        ..AuthSettings::default()
+    })
+    .await;
+    let p = make_token(
+        &e,
+        "ci",
+        &[rule(
+            "*",
+            &[Permission::ContentRead, Permission::ContentWrite],
+        )],
+    );
+    let t = bearer(&e, "ci", &p, &["repository:pub:pull,push"]).await;
+    assert_eq!(
+        push_image(&client(&t), &e.base, "pub", "v1").await.status(),
+        201
+    );
+    let plain = reqwest::Client::new();
+    // The ping still challenges (so docker learns where to get tokens)...
+    assert_eq!(
+        plain
+            .get(format!("{}/v2/", e.base))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    // ...but reads need nothing, and an anonymous token grants pull only.
+    let r = plain
+        .get(format!("{}/v2/pub/manifests/v1", e.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = plain
+        .get(format!(
+            "{}/oauth2/token?service=acr-task&scope=repository:pub:pull,push",
+            e.base
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        access_of(v["token"].as_str().unwrap()),
+        serde_json::json!([{"type":"repository","name":"pub","actions":["pull"]}])
+    );
+    // Writes still need credentials.
+    let r = plain
+        .post(format!("{}/v2/pub/blobs/uploads/", e.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = plain
+        .delete(format!("{}/v2/pub/manifests/v1", e.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    e.reg.shutdown().await;
+}
+
+#[tokio::test]
+async fn failed_logins_are_rate_limited_per_ip_and_user() {
+    let e = env(AuthSettings {
+        max_failures: 3,
+        failure_window: Duration::from_secs(2),
+        ..AuthSettings::default()
+    })
+    .await;
+    let p = make_token(&e, "ci", &[rule("*", &[Permission::ContentRead])]);
+    let other = make_token(&e, "other", &[rule("*", &[Permission::ContentRead])]);
+    for _ in 0..3 {
+        assert_eq!(get_token(&e, "ci", "wrong", &[]).await.status(), 401);
+    }
+    // Locked: even the right password is refused until the window passes.
+    let r = get_token(&e, "ci", &p, &[]).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(error_code(r).await, "TOOMANYREQUESTS");
+    // Another user from the same address is not affected.
+    assert_eq!(get_token(&e, "other", &other, &[]).await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(get_token(&e, "ci", &p, &[]).await.status(), 200);
+    e.reg.shutdown().await;
+}
+
+#[tokio::test]
+async fn mount_needs_pull_on_the_source_repository() {
+    let e = env(AuthSettings::default()).await;
+    let all = make_token(
+        &e,
+        "all",
+        &[rule(
+            "*",
+            &[Permission::ContentRead, Permission::ContentWrite],
+        )],
+    );
+    let only_b = make_token(
+        &e,
+        "onlyb",
+        &[rule(
+            "b",
+            &[Permission::ContentRead, Permission::ContentWrite],
+        )],
+    );
+    let t = bearer(&e, "all", &all, &["repository:a:pull,push"]).await;
+    let secret = b"secret layer of a";
+    let d = push_blob(&client(&t), &e.base, "a", secret).await;
+    let mount = |tok: String| {
+        let url = format!("{}/v2/b/blobs/uploads/?mount={d}&from=a", e.base);
+        async move { client(&tok).post(url).send().await.unwrap().status() }
+    };
+    // Without pull on `a`: no mount, a fresh upload session instead; the blob stays hidden.
+    let t = bearer(
+        &e,
+        "onlyb",
+        &only_b,
+        &["repository:b:pull,push", "repository:a:pull"],
+    )
+    .await;
+    assert_eq!(mount(t.clone()).await, 202);
+    let r = client(&t)
+        .head(format!("{}/v2/b/blobs/{d}", e.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    // With pull on `a`: mounted.
+    let t = bearer(
+        &e,
+        "all",
+        &all,
+        &["repository:b:pull,push", "repository:a:pull"],
+    )
+    .await;
+    assert_eq!(mount(t).await, 201);
+    e.reg.shutdown().await;
+}
+
+#[tokio::test]
+async fn management_api_middleware_takes_admin_or_api_tokens() {
+    let e = env(AuthSettings::default()).await;
+    let reader = make_token(&e, "reader", &[rule("*", &[Permission::ContentRead])]);
+    let ops = make_token(&e, "ops", &[rule("*", &[Permission::MetadataWrite])]);
+    let admin = e.auth.store().renew_admin().unwrap().value;
+    // A stand-in for `serve`'s API, guarded the way it can adopt.
+    let app = axum::Router::new()
+        .route("/api/tasks", axum::routing::get(|| async { "tasks" }))
+        .layer(axum::middleware::from_fn_with_state(
+            e.auth.clone(),
+            acr_task::auth::http::require_api,
+        ));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = format!("http://{}/api/tasks", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    let c = reqwest::Client::new();
+    let status = |r: reqwest::Response| r.status().as_u16();
+
+    let r = c.get(&api).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .contains("scope=\"registry:api:*\""));
+    let basic = |u: &str, p: &str| c.get(&api).basic_auth(u, Some(p)).send();
+    assert_eq!(status(basic("admin", &admin).await.unwrap()), 200);
+    assert_eq!(status(basic("ops", &ops).await.unwrap()), 200);
+    assert_eq!(status(basic("reader", &reader).await.unwrap()), 403);
+    assert_eq!(status(basic("admin", "wrong").await.unwrap()), 401);
+    // Bearer tokens from the token endpoint work too, when they carry registry:api:*.
+    let t = bearer(&e, "admin", &admin, &["registry:api:*"]).await;
+    assert_eq!(status(client(&t).get(&api).send().await.unwrap()), 200);
+    let t = bearer(&e, "reader", &reader, &["registry:api:*"]).await;
+    assert_eq!(access_of(&t), serde_json::json!([]));
+    assert_eq!(status(client(&t).get(&api).send().await.unwrap()), 403);
+    e.reg.shutdown().await;
+}
