@@ -7,6 +7,8 @@ pub mod exec;
 pub mod plan;
 pub mod registry;
 pub mod runtime;
+pub mod server;
 pub mod source;
 pub mod store;
 pub mod task;
+pub mod triggers;

@@ -4,6 +4,7 @@
 mod registry;
 mod render;
 mod run;
+mod task;
 pub mod validate;
 
 use std::path::PathBuf;
@@ -42,8 +43,11 @@ pub enum Command {
     /// Repositories in the registry (like `az acr repository`).
     #[command(subcommand)]
     Repository(registry::RepositoryCmd),
-    /// Serve the registry (and, later, the task service).
+    /// Serve the registry and the task service (stored tasks, run queue, triggers).
     Serve(registry::ServeArgs),
+    /// Stored tasks and their runs on a running `serve` (like `az acr task`).
+    #[command(subcommand)]
+    Task(task::TaskCmd),
 }
 
 /// `--output` formats; each command accepts the subset that makes sense for it.
@@ -99,6 +103,7 @@ pub fn main() -> ExitCode {
         Command::Registry(c) => registry::registry(c),
         Command::Repository(c) => registry::repository(c),
         Command::Serve(a) => registry::serve(a),
+        Command::Task(c) => task::task(c),
     };
     match result {
         Ok(code) => code,

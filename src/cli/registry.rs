@@ -85,9 +85,13 @@ pub struct ServeArgs {
     /// first line of stdout as `listening on ADDR`.
     #[arg(long, default_value = "127.0.0.1:5000")]
     pub listen: SocketAddr,
-    /// Data directory [default: <data dir>/registry].
+    /// Data directory [default: <data dir>/registry with --registry-only, else <data dir>
+    /// (the registry then lives in its `registry/` subdirectory)].
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// Most runs at once (task service only).
+    #[arg(long, default_value_t = 2)]
+    pub concurrency: usize,
 }
 
 fn data_dir(d: Option<PathBuf>) -> PathBuf {
@@ -342,7 +346,7 @@ fn delete(store: &Store, target: &str) -> anyhow::Result<String> {
 
 pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if !args.registry_only {
-        tracing::info!("the task service is not part of `serve` yet; serving the registry");
+        return super::task::serve(args.listen, args.data, args.concurrency);
     }
     let dir = data_dir(args.data);
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -375,7 +379,7 @@ async fn serve_registry(dir: PathBuf, listen: SocketAddr) -> anyhow::Result<()> 
     Ok(())
 }
 
-async fn wait_for_stop() -> anyhow::Result<()> {
+pub(super) async fn wait_for_stop() -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     tokio::select! {

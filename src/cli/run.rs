@@ -1,6 +1,6 @@
 //! `acr-task run`, `acr-task build`, `acr-task runner`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -14,7 +14,8 @@ use crate::plan::Plan;
 use crate::registry::{RegistryConfig, RunningRegistry};
 use crate::runtime::docker::DockerRuntime;
 use crate::runtime::runner;
-use crate::task::{LoadOptions, RunInfo, Step, Task};
+use crate::server::runner::{resolve_context, run_info};
+use crate::task::{LoadOptions, Step, Task};
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -126,25 +127,6 @@ async fn registry_for(
     }
 }
 
-fn run_info(
-    run_id: &str,
-    task_file: &Path,
-    registry: &str,
-    context: &Path,
-    cfg: &RunConfig,
-) -> RunInfo {
-    let mut info = RunInfo::placeholder(task_file);
-    info.id = run_id.to_string();
-    info.registry = registry.to_string();
-    info.registry_name = registry.split(':').next().unwrap_or(registry).to_string();
-    info.shared_volume = cfg.shared_volume.clone();
-    if let Some((commit, branch)) = crate::source::git_head(context) {
-        info.commit = commit;
-        info.branch = branch;
-    }
-    info
-}
-
 /// Cancels on Ctrl-C or SIGTERM, so a run always tears down what it made.
 fn cancel_on_signals() -> CancellationToken {
     let token = CancellationToken::new();
@@ -197,32 +179,6 @@ fn print_report(report: &RunReport, output: Output) -> anyhow::Result<ExitCode> 
     } else {
         ExitCode::FAILURE
     })
-}
-
-/// The context directory: a local path, or `GIT_URL#ref` cloned into `scratch`.
-fn resolve_context(
-    context: Option<&str>,
-    task_file: &Path,
-    scratch: &Path,
-) -> anyhow::Result<PathBuf> {
-    match context {
-        None => Ok(task_file
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."))
-            .to_path_buf()),
-        Some(c) if c.contains("://") || c.starts_with("git@") => {
-            let (url, reference) = c.split_once('#').unwrap_or((c, ""));
-            let dest = scratch.join("context");
-            crate::source::fetch_git(url, reference, &dest)?;
-            Ok(dest)
-        }
-        Some(dir) => {
-            let p = PathBuf::from(dir);
-            anyhow::ensure!(p.is_dir(), "context {dir} is not a directory");
-            Ok(p)
-        }
-    }
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
