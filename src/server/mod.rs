@@ -9,6 +9,8 @@ pub mod db;
 pub mod model;
 pub mod queue;
 pub mod runner;
+#[cfg(test)]
+mod tests;
 mod watchers;
 
 use std::net::SocketAddr;
