@@ -212,3 +212,87 @@ fn timers_fire_on_an_injected_clock() {
     names.sort();
     assert_eq!(names, vec!["every5", "hourly"]);
 }
+
+fn push(repo: &str, tag: &str, digest: &str) -> crate::registry::RegistryEvent {
+    crate::registry::RegistryEvent {
+        action: crate::registry::EventAction::Push,
+        repository: repo.into(),
+        tag: Some(tag.into()),
+        digest: digest.into(),
+        media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+        size: 1,
+    }
+}
+
+#[test]
+fn base_image_pushes_queue_dependents_once_and_never_a_task_on_its_own_output() {
+    use super::watchers::on_pushes;
+    let (_d, q) = setup(1);
+    let reg = "127.0.0.1:5000";
+    for name in ["selfish", "other"] {
+        q.db()
+            .put_task(
+                &TaskSpec {
+                    name: name.into(),
+                    context: "/".into(),
+                    ..Default::default()
+                },
+                true,
+            )
+            .unwrap();
+    }
+    // `selfish` builds FROM its own output; `t` and `other` build on base:1.
+    q.db()
+        .set_dependencies(
+            "selfish",
+            &[(format!("{reg}/selfish:latest"), Some("sha256:a".into()))],
+            &[format!("{reg}/selfish:latest")],
+        )
+        .unwrap();
+    for t in ["t", "other"] {
+        q.db()
+            .set_dependencies(
+                t,
+                &[(format!("{reg}/base:1"), Some("sha256:old".into()))],
+                &[format!("{reg}/{t}:latest")],
+            )
+            .unwrap();
+    }
+    let mut spec = q.db().task("other").unwrap().unwrap();
+    spec.triggers.base_image = false;
+    q.db().put_task(&spec, false).unwrap();
+
+    assert!(on_pushes(&q, reg, &[push("selfish", "latest", "sha256:b")])
+        .unwrap()
+        .is_empty());
+    assert!(
+        on_pushes(&q, reg, &[push("base", "1", "sha256:old")])
+            .unwrap()
+            .is_empty(),
+        "same digest as recorded: nothing to do"
+    );
+    assert!(on_pushes(&q, reg, &[push("base", "2", "sha256:new")])
+        .unwrap()
+        .is_empty());
+    let queued = on_pushes(
+        &q,
+        reg,
+        &[
+            push("base", "1", "sha256:new"),
+            push("base", "1", "sha256:newer"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(queued.len(), 1, "one run for a burst; `other` opted out");
+    assert_eq!(queued[0].task, "t");
+    assert!(matches!(
+        &queued[0].trigger,
+        Trigger::BaseImage { old_digest: Some(o), .. } if o == "sha256:old"
+    ));
+    assert!(
+        on_pushes(&q, reg, &[push("base", "1", "sha256:newest")])
+            .unwrap()
+            .is_empty(),
+        "a run is already waiting: it will build on the newest base"
+    );
+}
