@@ -111,3 +111,54 @@ async fn new_base_digest_rebuilds_the_dependent_task_once() {
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(api.runs("app").await.len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_base_image_in_another_registry_is_polled_by_digest() {
+    require_docker();
+    let data = tempfile::tempdir().unwrap();
+    // The "other" registry: a second acr-task serving only its registry.
+    let other = Serve::start_with(&data.path().join("other"), 1, &["--registry-only"]);
+    let serve = Serve::start_with(&data.path().join("d"), 2, &["--base-image-poll", "1"]);
+    let api = serve.client();
+    let base = format!("{}/upstream/base:1", other.addr);
+    let d1 = push_base(&base, "up-one");
+    let ctx = tempfile::tempdir().unwrap();
+    std::fs::write(ctx.path().join("Dockerfile"), format!("FROM {base}\n")).unwrap();
+    std::fs::write(
+        ctx.path().join("acb.yaml"),
+        "version: v1.1.0\nsteps:\n  - id: build\n    build: -t $Registry/down:latest .\n",
+    )
+    .unwrap();
+    let (st, v) = api
+        .post(
+            "/api/tasks",
+            &json!({"name": "down", "context": ctx.path().display().to_string()}),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let (_, v) = api.post("/api/tasks/down/runs", &json!({})).await;
+    let first = v["id"].as_str().unwrap().to_string();
+    let run = api
+        .wait_status(&first, &["Succeeded", "Failed"], Duration::from_secs(120))
+        .await;
+    assert_eq!(run["status"], "Succeeded", "{run}");
+    assert_eq!(base_digest(&run).as_deref(), Some(d1.as_str()), "{run}");
+    // Polls see the same digest: nothing queued.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(api.runs("down").await.len(), 1);
+
+    let d2 = push_base(&base, "up-two");
+    let mut runs = Vec::new();
+    for _ in 0..100 {
+        runs = api.runs("down").await;
+        if runs.len() > 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(runs.len(), 2, "{}", serve.stderr());
+    let t = &runs[0]["trigger"];
+    assert_eq!(t["kind"], "base_image");
+    assert_eq!(t["old_digest"], d1.as_str());
+    assert_eq!(t["new_digest"], d2.as_str());
+}

@@ -92,6 +92,10 @@ pub struct ServeArgs {
     /// Most runs at once (task service only).
     #[arg(long, default_value_t = 2)]
     pub concurrency: usize,
+    /// Seconds between digest checks of base images in other registries; 0 disables
+    /// (task service only).
+    #[arg(long, default_value_t = 300)]
+    pub base_image_poll: u64,
 }
 
 fn data_dir(d: Option<PathBuf>) -> PathBuf {
@@ -346,7 +350,7 @@ fn delete(store: &Store, target: &str) -> anyhow::Result<String> {
 
 pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if !args.registry_only {
-        return super::task::serve(args.listen, args.data, args.concurrency);
+        return super::task::serve(&args);
     }
     let dir = data_dir(args.data);
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -152,14 +151,12 @@ fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 /// `acr-task serve` without `--registry-only`.
-pub fn serve(
-    listen: SocketAddr,
-    data: Option<PathBuf>,
-    concurrency: usize,
-) -> anyhow::Result<ExitCode> {
-    let dir = data.unwrap_or_else(super::default_data_dir);
+pub fn serve(args: &super::registry::ServeArgs) -> anyhow::Result<ExitCode> {
+    let dir = args.data.clone().unwrap_or_else(super::default_data_dir);
+    let mut cfg = ServeConfig::new(args.listen, dir.clone(), args.concurrency);
+    cfg.remote_poll = args.base_image_poll;
     tokio_runtime()?.block_on(async {
-        let server = Server::bind(ServeConfig::new(listen, dir.clone(), concurrency))
+        let server = Server::bind(cfg)
             .await
             .with_context(|| format!("starting the server with data in {}", dir.display()))?;
         {

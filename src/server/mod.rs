@@ -54,6 +54,8 @@ pub struct ServeConfig {
     /// Most steps of one run at once.
     pub max_parallel: usize,
     pub clock: Arc<dyn Clock>,
+    /// Seconds between digest checks of base images in other registries (0: never).
+    pub remote_poll: u64,
 }
 
 impl ServeConfig {
@@ -64,6 +66,7 @@ impl ServeConfig {
             concurrency,
             max_parallel: 8,
             clock: Arc::new(SystemClock),
+            remote_poll: 300,
         }
     }
 }
@@ -142,6 +145,7 @@ impl Server {
             registry_host,
             clock: self.cfg.clock.clone(),
             halt: halt.clone(),
+            remote_poll: self.cfg.remote_poll,
         });
         let app = crate::registry::router(self.registry.clone())
             .merge(api::router(Arc::new(api::ApiState { queue })));

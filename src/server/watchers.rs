@@ -21,6 +21,8 @@ pub struct Watchers {
     pub registry_host: String,
     pub clock: Arc<dyn Clock>,
     pub halt: CancellationToken,
+    /// Seconds between digest checks of base images in other registries (0: never).
+    pub remote_poll: u64,
 }
 
 /// Pushes that arrive within this window are handled together (a storm queues once).
@@ -30,7 +32,102 @@ pub fn spawn_all(w: Watchers) {
     let w = Arc::new(w);
     tokio::spawn(base_images(w.clone()));
     tokio::spawn(timers(w.clone()));
-    tokio::spawn(commits(w));
+    tokio::spawn(commits(w.clone()));
+    if w.remote_poll > 0 {
+        tokio::spawn(remote_bases(w));
+    }
+}
+
+/// Polls base images that live in other registries (`HEAD` on the manifest) and queues
+/// the tasks built on one whose digest changed.
+async fn remote_bases(w: Arc<Watchers>) {
+    let http = reqwest::Client::new();
+    loop {
+        tokio::select! {
+            _ = w.halt.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(w.remote_poll)) => {}
+        }
+        let bases = match w.queue.db().base_images() {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "reading the base-image index");
+                continue;
+            }
+        };
+        // One request per image, however many tasks use it.
+        let mut current: BTreeMap<String, Option<String>> = BTreeMap::new();
+        for (_, base, _) in &bases {
+            if current.contains_key(base)
+                || base_image::local_repo_tag(base, &w.registry_host).is_some()
+            {
+                continue;
+            }
+            let Some(url) = base_image::remote_manifest_url(base) else {
+                continue;
+            };
+            let digest = match http
+                .head(&url)
+                .header("accept", base_image::MANIFEST_ACCEPT)
+                .timeout(Duration::from_secs(10))
+                .send()
+                .await
+            {
+                Ok(r) if r.status().is_success() => r
+                    .headers()
+                    .get("docker-content-digest")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string),
+                Ok(r) => {
+                    tracing::debug!(image = %base, status = %r.status(), "base image poll");
+                    None
+                }
+                Err(e) => {
+                    tracing::debug!(image = %base, error = %e, "base image poll");
+                    None
+                }
+            };
+            current.insert(base.clone(), digest);
+        }
+        if let Err(e) = on_remote_digests(&w.queue, &current) {
+            tracing::error!(error = %e, "base-image poll");
+        }
+    }
+}
+
+/// Queues each task whose recorded digest of a polled base image differs from `current`.
+pub fn on_remote_digests(
+    queue: &Queue,
+    current: &BTreeMap<String, Option<String>>,
+) -> Result<Vec<RunRecord>, DbError> {
+    let db = queue.db();
+    let mut queued = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for (task, base, recorded) in db.base_images()? {
+        let Some(Some(digest)) = current.get(&base) else {
+            continue;
+        };
+        if recorded.as_deref() == Some(digest.as_str()) || seen.contains(&task) {
+            continue;
+        }
+        let Some(spec) = db.task(&task)? else {
+            continue;
+        };
+        if !spec.triggers.base_image || db.has_run_with_status(&task, "Queued")? {
+            continue;
+        }
+        seen.insert(task.clone());
+        queued.push(queue.enqueue(NewRun {
+            task: task.clone(),
+            trigger: Trigger::BaseImage {
+                image: base.clone(),
+                old_digest: recorded.clone(),
+                new_digest: digest.clone(),
+            },
+            commit: None,
+            branch: spec.is_git().then(|| spec.branch().to_string()),
+        })?);
+    }
+    Ok(queued)
 }
 
 async fn base_images(w: Arc<Watchers>) {

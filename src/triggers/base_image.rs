@@ -93,3 +93,50 @@ mod tests {
         ));
     }
 }
+
+/// Where to ask for the current digest of an image in another registry: the manifest URL
+/// (`http://` for loopback hosts, `https://` otherwise) — None for Docker Hub short names,
+/// which need token auth that this poller does not do.
+pub fn remote_manifest_url(image: &str) -> Option<String> {
+    let image = image.split('@').next().unwrap_or(image);
+    let (host, rest) = image.split_once('/')?;
+    if !(host.contains('.') || host.contains(':') || host == "localhost") {
+        return None;
+    }
+    let (repo, tag) = match rest.rsplit_once(':') {
+        Some((r, t)) if !t.contains('/') => (r, t),
+        _ => (rest, "latest"),
+    };
+    let name = host.split(':').next().unwrap_or(host);
+    let scheme = if name == "localhost" || name.starts_with("127.") || name == "[::1]" {
+        "http"
+    } else {
+        "https"
+    };
+    Some(format!("{scheme}://{host}/v2/{repo}/manifests/{tag}"))
+}
+
+/// Media types a poller accepts, so the digest is that of what `docker pull` resolves.
+pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
+    application/vnd.docker.distribution.manifest.list.v2+json, \
+    application/vnd.oci.image.manifest.v1+json, \
+    application/vnd.docker.distribution.manifest.v2+json";
+
+#[cfg(test)]
+mod remote_tests {
+    use super::*;
+
+    #[test]
+    fn manifest_urls_of_other_registries() {
+        assert_eq!(
+            remote_manifest_url("127.0.0.1:5001/base/img:1").as_deref(),
+            Some("http://127.0.0.1:5001/v2/base/img/manifests/1")
+        );
+        assert_eq!(
+            remote_manifest_url("mcr.microsoft.com/dotnet/runtime").as_deref(),
+            Some("https://mcr.microsoft.com/v2/dotnet/runtime/manifests/latest")
+        );
+        assert_eq!(remote_manifest_url("busybox:latest"), None);
+        assert_eq!(remote_manifest_url("library/alpine:3"), None);
+    }
+}

@@ -36,17 +36,18 @@ pub struct Serve {
 
 impl Serve {
     pub fn start(data: &Path, concurrency: usize) -> Serve {
-        Self::start_at(data, concurrency, "127.0.0.1:0")
+        Self::start_with(data, concurrency, &[])
     }
 
-    pub fn start_at(data: &Path, concurrency: usize, listen: &str) -> Serve {
+    /// `acr-task serve` on a free loopback port with `extra` arguments.
+    pub fn start_with(data: &Path, concurrency: usize, extra: &[&str]) -> Serve {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(data.with_extension("stderr.log"))
             .unwrap();
         let mut child = Command::new(bin())
-            .args(["serve", "--listen", listen, "--data"])
+            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
             .arg(data)
             .args([
                 "--concurrency",
@@ -54,6 +55,7 @@ impl Serve {
                 "--log",
                 "acr_task=info",
             ])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
             .spawn()
