@@ -205,3 +205,37 @@ async fn runs_are_queued_logged_listed_and_canceled() {
     assert_eq!(v[0]["id"], sid.as_str());
     assert_eq!(v[1]["id"], id.as_str());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_over_the_task_timeout_ends_timed_out_and_cleaned_up() {
+    require_docker();
+    let data = tempfile::tempdir().unwrap();
+    let serve = Serve::start(&data.path().join("d"), 1);
+    let api = serve.client();
+    let (st, v) = api
+        .post(
+            "/api/tasks",
+            &json!({"name": "slow", "context": ctx("sleep"), "timeout": 3}),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let (_, v) = api.post("/api/tasks/slow/runs", &json!({})).await;
+    let id = v["id"].as_str().unwrap().to_string();
+    // Follow the log over HTTP while it runs: the stream ends when the run does.
+    let started = std::time::Instant::now();
+    let out = Command::new(bin())
+        .args(["task", "logs", &id, "--follow", "--server", &serve.url])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "the 120 s sleep was cut short"
+    );
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(log.contains(&format!("run {id}: TimedOut")), "{log}");
+    let (_, v) = api.get(&format!("/api/runs/{id}")).await;
+    assert_eq!(v["status"], "TimedOut", "{v}");
+    assert_eq!(v["error"], "the run timed out after 3 s");
+    assert!(leftovers(&id).is_empty(), "{:?}", leftovers(&id));
+}
