@@ -5,6 +5,7 @@ mod auth;
 mod registry;
 mod render;
 mod run;
+mod task;
 pub mod validate;
 
 use std::path::PathBuf;
@@ -43,7 +44,7 @@ pub enum Command {
     /// Repositories in the registry (like `az acr repository`).
     #[command(subcommand)]
     Repository(registry::RepositoryCmd),
-    /// Serve the registry (and, later, the task service).
+    /// Serve the registry and the task service (stored tasks, run queue, triggers).
     Serve(registry::ServeArgs),
     /// Registry tokens: named credentials bound to a scope map.
     #[command(subcommand)]
@@ -57,6 +58,9 @@ pub enum Command {
     /// Outgoing webhooks on registry pushes and deletes.
     #[command(subcommand)]
     Webhook(auth::WebhookCmd),
+    /// Stored tasks and their runs on a running `serve` (like `az acr task`).
+    #[command(subcommand)]
+    Task(task::TaskCmd),
 }
 
 /// `--output` formats; each command accepts the subset that makes sense for it.
@@ -118,6 +122,7 @@ pub fn main() -> ExitCode {
         Command::ScopeMap(c) => auth::scope_map(c),
         Command::Credential(c) => auth::credential(c),
         Command::Webhook(c) => auth::webhook(c),
+        Command::Task(c) => task::task(c),
     };
     match result {
         Ok(code) => code,

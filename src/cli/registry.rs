@@ -90,11 +90,19 @@ pub struct ServeArgs {
     /// first line of stdout as `listening on ADDR`.
     #[arg(long, default_value = "127.0.0.1:5000")]
     pub listen: SocketAddr,
-    /// Data directory [default: <data dir>/registry].
+    /// Data directory [default: <data dir>/registry with --registry-only, else <data dir>
+    /// (the registry then lives in its `registry/` subdirectory)].
     #[arg(long)]
     pub data: Option<PathBuf>,
     #[command(flatten)]
     pub auth: super::auth::ServeAuthArgs,
+    /// Most runs at once (task service only).
+    #[arg(long, default_value_t = 2)]
+    pub concurrency: usize,
+    /// Seconds between digest checks of base images in other registries; 0 disables
+    /// (task service only).
+    #[arg(long, default_value_t = 300)]
+    pub base_image_poll: u64,
 }
 
 pub(super) fn data_dir(d: Option<PathBuf>) -> PathBuf {
@@ -413,7 +421,7 @@ fn delete(store: &Store, target: &str) -> anyhow::Result<String> {
 
 pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if !args.registry_only {
-        tracing::info!("the task service is not part of `serve` yet; serving the registry");
+        return super::task::serve(&args);
     }
     let dir = data_dir(args.data);
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -433,8 +441,7 @@ async fn serve_registry(
     hooks: crate::webhooks::DeliveryOptions,
 ) -> anyhow::Result<()> {
     // Handlers first: a supervisor may send SIGTERM as soon as it reads the address.
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
+    let stop = stop_signal()?;
     let running = registry::start_with_auth(
         RegistryConfig {
             data_dir: dir.clone(),
@@ -457,10 +464,24 @@ async fn serve_registry(
         writeln!(out, "listening on {}", running.addr())?;
         out.flush()?;
     }
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
-        _ = term.recv() => {}
-    }
+    stop.await;
     running.shutdown().await;
     Ok(())
+}
+
+/// Installs Ctrl-C and SIGTERM handlers now (a supervisor may signal as soon as it reads
+/// the address) and returns a future that completes on either.
+pub(super) fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    Ok(async move {
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => {
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "waiting for Ctrl-C");
+                }
+            }
+            _ = term.recv() => {}
+        }
+    })
 }

@@ -1,6 +1,6 @@
 //! `acr-task run`, `acr-task build`, `acr-task runner`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -14,8 +14,8 @@ use crate::plan::Plan;
 use crate::registry::{RegistryConfig, RunningRegistry};
 use crate::runtime::docker::DockerRuntime;
 use crate::runtime::runner;
-use crate::source::GitCheckout;
-use crate::task::{LoadOptions, RunInfo, Step, Task};
+use crate::server::runner::{resolve_context, run_info};
+use crate::task::{LoadOptions, Step, Task};
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -131,30 +131,6 @@ async fn registry_for(
     }
 }
 
-fn run_info(
-    run_id: &str,
-    task_file: &Path,
-    registry: &str,
-    context: &Path,
-    git: Option<&GitCheckout>,
-    cfg: &RunConfig,
-) -> RunInfo {
-    let mut info = RunInfo::placeholder(task_file);
-    info.id = run_id.to_string();
-    info.registry = registry.to_string();
-    info.registry_name = registry.split(':').next().unwrap_or(registry).to_string();
-    info.shared_volume = cfg.shared_volume.clone();
-    let head = match git {
-        Some(g) => Some((g.commit.clone(), g.branch.clone())),
-        None => crate::source::git_head(context),
-    };
-    if let Some((commit, branch)) = head {
-        info.commit = commit;
-        info.branch = branch;
-    }
-    info
-}
-
 /// Cancels on Ctrl-C or SIGTERM, so a run always tears down what it made.
 fn cancel_on_signals() -> CancellationToken {
     let token = CancellationToken::new();
@@ -225,35 +201,6 @@ fn parse_secrets(args: &[String]) -> anyhow::Result<std::collections::BTreeMap<S
         out.insert(id, value);
     }
     Ok(out)
-}
-
-/// The context directory: a local path, or `GIT_URL#ref` cloned into `scratch`.
-fn resolve_context(
-    context: Option<&str>,
-    task_file: &Path,
-    scratch: &Path,
-) -> anyhow::Result<(PathBuf, Option<GitCheckout>)> {
-    match context {
-        None => Ok((
-            task_file
-                .parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .unwrap_or(Path::new("."))
-                .to_path_buf(),
-            None,
-        )),
-        Some(c) if c.contains("://") || c.starts_with("git@") => {
-            let (url, reference) = c.split_once('#').unwrap_or((c, ""));
-            let dest = scratch.join("context");
-            let checkout = crate::source::fetch_git(url, reference, &dest)?;
-            Ok((dest, Some(checkout)))
-        }
-        Some(dir) => {
-            let p = PathBuf::from(dir);
-            anyhow::ensure!(p.is_dir(), "context {dir} is not a directory");
-            Ok((p, None))
-        }
-    }
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {

@@ -325,7 +325,18 @@ impl<R: Runtime> Ctx<R> {
             if set.is_empty() {
                 break;
             }
+            // Biased: a cancel or the total timeout is recorded before the step reports it
+            // causes, so the run's status names the cause, not a canceled step.
             tokio::select! {
+                biased;
+                _ = cancel.cancelled(), if outcome.is_none() => {
+                    outcome = Some((Status::Canceled, "run canceled".to_string()));
+                    steps_cancel.cancel();
+                }
+                _ = tokio::time::sleep_until(deadline), if outcome.is_none() => {
+                    outcome = Some((Status::TimedOut, format!("run timed out after {} s", self.task.total_timeout)));
+                    steps_cancel.cancel();
+                }
                 joined = set.join_next() => {
                     let Some(joined) = joined else { break };
                     let (i, report) = match joined {
@@ -346,14 +357,6 @@ impl<R: Runtime> Ctx<R> {
                     }
                     let _ = self.events.send(Event::StepFinished { step: i, report: report.clone() });
                     reports[i] = Some(report);
-                }
-                _ = tokio::time::sleep_until(deadline), if outcome.is_none() => {
-                    outcome = Some((Status::TimedOut, format!("run timed out after {} s", self.task.total_timeout)));
-                    steps_cancel.cancel();
-                }
-                _ = cancel.cancelled(), if outcome.is_none() => {
-                    outcome = Some((Status::Canceled, "run canceled".to_string()));
-                    steps_cancel.cancel();
                 }
             }
         }

@@ -1,0 +1,350 @@
+//! `acr-task serve` latencies and queue throughput, on the real Docker Engine:
+//!
+//! ```sh
+//! cargo bench --bench serve -- webhook      # signed GitHub push -> run started
+//! cargo bench --bench serve -- base-image   # base image tag moved in our registry -> dependent run started
+//! cargo bench --bench serve -- queue [RUNS] [CONCURRENCY]   # default 1000 runs, 4 at once
+//! ```
+//!
+//! "Started" is the run's `started_at` (when the queue handed it to the executor), taken
+//! from the server; the clock is the same machine's. Prints median, p95 and max.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use hmac::{Hmac, Mac};
+use serde_json::{json, Value};
+
+const ITERATIONS: usize = 20;
+
+struct Serve {
+    child: Child,
+    addr: String,
+    url: String,
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(data: &Path, concurrency: usize) -> Serve {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_acr-task"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--concurrency"])
+        .arg(concurrency.to_string())
+        .arg("--data")
+        .arg(data)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting acr-task serve");
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut first)
+        .expect("reading the first line");
+    let addr = first.trim().trim_start_matches("listening on ").to_string();
+    Serve {
+        child,
+        url: format!("http://{addr}"),
+        addr,
+    }
+}
+
+fn ts(s: &Value) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(s.as_str().expect("a timestamp"))
+        .expect("an RFC 3339 timestamp")
+        .with_timezone(&Utc)
+}
+
+fn report(what: &str, mut ms: Vec<f64>) {
+    ms.sort_by(|a, b| a.total_cmp(b));
+    let p = |q: f64| ms[((ms.len() as f64 - 1.0) * q).round() as usize];
+    println!(
+        "{what}: n={} median {:.1} ms, p95 {:.1} ms, max {:.1} ms",
+        ms.len(),
+        p(0.5),
+        p(0.95),
+        p(1.0)
+    );
+}
+
+async fn create(http: &reqwest::Client, s: &Serve, spec: Value) {
+    let r = http
+        .post(format!("{}/api/tasks", s.url))
+        .json(&spec)
+        .send()
+        .await
+        .expect("POST /api/tasks");
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap_or_default());
+}
+
+async fn get(http: &reqwest::Client, url: String) -> Value {
+    http.get(url)
+        .send()
+        .await
+        .expect("GET")
+        .json()
+        .await
+        .expect("JSON")
+}
+
+async fn wait_finished(http: &reqwest::Client, s: &Serve, id: &str) -> Value {
+    loop {
+        let v = get(http, format!("{}/api/runs/{id}", s.url)).await;
+        if ["Succeeded", "Failed", "Canceled", "TimedOut"]
+            .contains(&v["status"].as_str().unwrap_or(""))
+        {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn trivial_context(dir: &Path) -> String {
+    std::fs::write(
+        dir.join("acb.yaml"),
+        "version: v1.1.0\nsteps:\n  - cmd: busybox true\n",
+    )
+    .expect("writing acb.yaml");
+    dir.display().to_string()
+}
+
+async fn webhook() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let s = start(&tmp.path().join("data"), 4);
+    let http = reqwest::Client::new();
+    let ctx = tmp.path().join("ctx");
+    std::fs::create_dir_all(&ctx).expect("ctx");
+    let secret = "bench";
+    create(
+        &http,
+        &s,
+        json!({"name": "hook", "context": trivial_context(&ctx),
+               "triggers": {"commit": {"secret": secret}}}),
+    )
+    .await;
+    let mut lat = Vec::new();
+    for i in 0..ITERATIONS {
+        // A local context builds its working tree; the commit only names the delivery.
+        let body = serde_json::to_vec(&json!({"ref": "refs/heads/main",
+            "after": format!("{:040x}", i + 1)}))
+        .expect("json");
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("key");
+        mac.update(&body);
+        let sig = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+        let sent = Utc::now();
+        let r = http
+            .post(format!("{}/api/webhooks/github/hook", s.url))
+            .header("x-github-event", "push")
+            .header("x-github-delivery", format!("bench-{i}"))
+            .header("x-hub-signature-256", sig)
+            .body(body)
+            .send()
+            .await
+            .expect("POST webhook");
+        let v: Value = r.json().await.expect("json");
+        let id = v["run"]["id"].as_str().expect("a queued run").to_string();
+        let run = wait_finished(&http, &s, &id).await;
+        lat.push(
+            (ts(&run["started_at"]) - sent)
+                .num_microseconds()
+                .unwrap_or(0) as f64
+                / 1000.0,
+        );
+    }
+    report("webhook POST -> run started", lat);
+}
+
+fn docker(args: &[&str]) {
+    let ok = Command::new("docker")
+        .args(args)
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "docker {args:?} failed");
+}
+
+async fn base_image() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let s = start(&tmp.path().join("data"), 4);
+    let http = reqwest::Client::new();
+    // Two variants of the base, pushed once; each iteration moves tag `1` between them
+    // with one manifest PUT, as a registry client's push ends.
+    for v in ["a", "b"] {
+        let d = tmp.path().join(format!("base-{v}"));
+        std::fs::create_dir_all(&d).expect("dir");
+        std::fs::write(d.join("Dockerfile"), format!("FROM busybox\nLABEL v={v}\n"))
+            .expect("Dockerfile");
+        let image = format!("{}/bench/base:{v}", s.addr);
+        docker(&["build", "-q", "-t", &image, &d.display().to_string()]);
+        docker(&["push", &image]);
+    }
+    let manifest = |tag: &str| {
+        let http = http.clone();
+        let url = format!("{}/v2/bench/base/manifests/{tag}", s.url);
+        async move {
+            let r = http
+                .get(url)
+                .header("accept", "application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.manifest.v1+json")
+                .send()
+                .await
+                .expect("GET manifest");
+            let ct = r.headers()["content-type"]
+                .to_str()
+                .expect("content type")
+                .to_string();
+            (ct, r.bytes().await.expect("manifest body"))
+        }
+    };
+    let a = manifest("a").await;
+    let b = manifest("b").await;
+    let put = |m: &(String, bytes::Bytes)| {
+        http.put(format!("{}/v2/bench/base/manifests/1", s.url))
+            .header("content-type", m.0.clone())
+            .body(m.1.clone())
+            .send()
+    };
+    put(&a).await.expect("PUT");
+    let ctx = tmp.path().join("app");
+    std::fs::create_dir_all(&ctx).expect("ctx");
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!("FROM {}/bench/base:1\n", s.addr),
+    )
+    .expect("Dockerfile");
+    std::fs::write(
+        ctx.join("acb.yaml"),
+        "version: v1.1.0\nsteps:\n  - build: -t $Registry/bench/app:latest .\n    pull: true\n",
+    )
+    .expect("acb.yaml");
+    create(
+        &http,
+        &s,
+        json!({"name": "app", "context": ctx.display().to_string()}),
+    )
+    .await;
+    let r: Value = http
+        .post(format!("{}/api/tasks/app/runs", s.url))
+        .send()
+        .await
+        .expect("run")
+        .json()
+        .await
+        .expect("json");
+    let first = wait_finished(&http, &s, r["id"].as_str().expect("id")).await;
+    assert_eq!(first["status"], "Succeeded", "{first}");
+    let mut lat = Vec::new();
+    for i in 0..ITERATIONS {
+        let m = if i % 2 == 0 { &b } else { &a };
+        let r = put(m).await.expect("PUT");
+        let accepted = Utc::now();
+        assert!(r.status().is_success());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let run = loop {
+            let runs = get(&http, format!("{}/api/runs?task=app", s.url)).await;
+            let list = runs.as_array().cloned().unwrap_or_default();
+            if list.len() > i + 1 {
+                break list[0].clone();
+            }
+            assert!(Instant::now() < deadline, "no run was queued");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let run = wait_finished(&http, &s, run["id"].as_str().expect("id")).await;
+        lat.push(
+            (ts(&run["started_at"]) - accepted)
+                .num_microseconds()
+                .unwrap_or(0) as f64
+                / 1000.0,
+        );
+    }
+    report("base-image manifest accepted -> dependent run started", lat);
+}
+
+async fn queue(runs: usize, concurrency: usize) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let s = start(&tmp.path().join("data"), concurrency);
+    let http = reqwest::Client::new();
+    let ctx = tmp.path().join("ctx");
+    std::fs::create_dir_all(&ctx).expect("ctx");
+    create(
+        &http,
+        &s,
+        json!({"name": "trivial", "context": trivial_context(&ctx)}),
+    )
+    .await;
+    let t0 = Instant::now();
+    for _ in 0..runs {
+        let r = http
+            .post(format!("{}/api/tasks/trivial/runs", s.url))
+            .send()
+            .await
+            .expect("queue");
+        assert_eq!(r.status(), 202);
+    }
+    let queued_in = t0.elapsed();
+    let all = loop {
+        let v = get(&http, format!("{}/api/runs?limit={}", s.url, runs + 10)).await;
+        let list = v.as_array().cloned().unwrap_or_default();
+        if list.len() == runs && list.iter().all(|r| r["finished_at"].is_string()) {
+            break list;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let total = t0.elapsed();
+    let ok = all.iter().filter(|r| r["status"] == "Succeeded").count();
+    // Most runs overlapping at any instant, from the recorded start and finish times.
+    let mut edges: Vec<(DateTime<Utc>, i32)> = Vec::new();
+    for r in &all {
+        edges.push((ts(&r["started_at"]), 1));
+        edges.push((ts(&r["finished_at"]), -1));
+    }
+    edges.sort_by_key(|e| (e.0, e.1));
+    let (mut cur, mut peak) = (0, 0);
+    for (_, d) in edges {
+        cur += d;
+        peak = peak.max(cur);
+    }
+    println!(
+        "queue: {runs} runs queued in {:.2} s; all finished in {:.1} s ({:.1} runs/s); \
+         {ok} succeeded, {} lost; peak concurrency {peak} (limit {concurrency})",
+        queued_in.as_secs_f64(),
+        total.as_secs_f64(),
+        runs as f64 / total.as_secs_f64(),
+        runs - all.len(),
+    );
+    assert_eq!(all.len(), runs, "runs were lost");
+    assert!(
+        peak <= concurrency as i32,
+        "the concurrency limit was exceeded"
+    );
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let what = args.first().map(String::as_str).unwrap_or("all");
+    let rt = tokio::runtime::Runtime::new().expect("tokio");
+    rt.block_on(async {
+        if what == "webhook" || what == "all" {
+            webhook().await;
+        }
+        if what == "base-image" || what == "all" {
+            base_image().await;
+        }
+        if what == "queue" || what == "all" {
+            let n = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1000);
+            let c = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(4);
+            queue(n, c).await;
+        }
+    });
+}

@@ -1,0 +1,657 @@
+//! `acr-task serve` (the task service) and `acr-task task ...`, a client of its HTTP API
+//! in the style of `az acr task`.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use futures_util::StreamExt;
+use serde_json::Value;
+
+use super::Output;
+use crate::server::model::{CommitTrigger, TaskSpec, TimerTrigger};
+use crate::server::{ServeConfig, Server};
+
+pub const DEFAULT_SERVER: &str = "http://127.0.0.1:5000";
+
+#[derive(Debug, clap::Args)]
+pub struct ClientOpts {
+    /// The `acr-task serve` to talk to.
+    #[arg(long, global = true, env = "ACR_TASK_SERVER", default_value = DEFAULT_SERVER)]
+    server: String,
+    #[arg(long, short = 'o', global = true, value_enum, default_value = "table")]
+    output: Output,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TaskDef {
+    /// Build context: an absolute local directory or a git URL.
+    #[arg(long, short = 'c')]
+    context: Option<String>,
+    /// Task file path inside the context [default: acb.yaml].
+    #[arg(long, short = 'f')]
+    file: Option<String>,
+    /// A local task file whose text is stored with the task (instead of --file).
+    #[arg(long, conflicts_with = "file")]
+    inline: Option<PathBuf>,
+    /// Branch of a git context, and the branch commit triggers follow [default: main].
+    #[arg(long)]
+    branch: Option<String>,
+    /// A local values file (YAML), stored with the task.
+    #[arg(long)]
+    values: Option<PathBuf>,
+    /// Value override `key=value` (repeatable; replaces the stored list).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Secret reference `NAME=REF` (repeatable).
+    #[arg(long = "secret", value_name = "NAME=REF")]
+    secrets: Vec<String>,
+    /// Webhook secret; enables the commit trigger.
+    #[arg(long)]
+    commit_secret: Option<String>,
+    /// Poll the git context's branch every N seconds (commit trigger).
+    #[arg(long, value_name = "SECONDS")]
+    poll_interval: Option<u64>,
+    /// Watch the local context's branch for commits (commit trigger).
+    #[arg(long)]
+    watch: bool,
+    /// Cron timer `NAME=MIN HOUR DOM MON DOW` or just the expression (repeatable).
+    #[arg(long = "timer", value_name = "[NAME=]CRON")]
+    timers: Vec<String>,
+    /// Do not rebuild when a base image changes in the registry.
+    #[arg(long)]
+    no_base_image_trigger: bool,
+    /// Whole-run timeout in seconds [default: 3600].
+    #[arg(long)]
+    timeout: Option<u64>,
+    #[arg(long)]
+    platform: Option<String>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum TaskCmd {
+    /// Store a task (refused, with the validation messages, if its file is invalid).
+    Create {
+        name: String,
+        #[command(flatten)]
+        def: TaskDef,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+    /// Change a stored task: the options given replace the stored ones.
+    Update {
+        name: String,
+        #[command(flatten)]
+        def: TaskDef,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+    List {
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+    Show {
+        name: String,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+    Delete {
+        name: String,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+    /// Queue a run; with --follow, stream its log and exit non-zero if it fails.
+    Run {
+        name: String,
+        /// Build this commit of a git context.
+        #[arg(long)]
+        commit: Option<String>,
+        #[arg(long)]
+        follow: bool,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+    /// Print a run's log; --follow streams it until the run ends.
+    Logs {
+        run: String,
+        #[arg(long)]
+        follow: bool,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+    ListRuns {
+        /// Only this task's runs.
+        #[arg(long)]
+        task: Option<String>,
+        /// Most runs listed (newest first).
+        #[arg(long, default_value_t = 20)]
+        top: usize,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+    ShowRun {
+        run: String,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+    CancelRun {
+        run: String,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+}
+
+fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// `acr-task serve` without `--registry-only`.
+pub fn serve(args: &super::registry::ServeArgs) -> anyhow::Result<ExitCode> {
+    let dir = args.data.clone().unwrap_or_else(super::default_data_dir);
+    let mut cfg = ServeConfig::new(args.listen, dir.clone(), args.concurrency);
+    cfg.remote_poll = args.base_image_poll;
+    tokio_runtime()?.block_on(async {
+        let stop = super::registry::stop_signal()?;
+        let server = Server::bind(cfg)
+            .await
+            .with_context(|| format!("starting the server with data in {}", dir.display()))?;
+        {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "listening on {}", server.addr())?;
+            out.flush()?;
+        }
+        server.run(stop).await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+struct Client {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Client {
+    fn new(server: &str) -> Client {
+        Client {
+            base: server.trim_end_matches('/').to_string(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// Sends and returns the JSON body; an error status becomes an error with the
+    /// server's message (and its diagnostics, one per line).
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<Value> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.http.request(method, &url);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req.send().await.with_context(|| {
+            format!(
+                "cannot reach the server at {} (is `acr-task serve` running?)",
+                self.base
+            )
+        })?;
+        let status = resp.status();
+        let text = resp.text().await.context("reading the response")?;
+        let v: Value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        if !status.is_success() {
+            let msg = v["error"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| v.to_string());
+            bail!("{msg}");
+        }
+        Ok(v)
+    }
+}
+
+fn read(path: &PathBuf) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
+fn pairs(items: &[String], what: &str) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut m = BTreeMap::new();
+    for i in items {
+        let (k, v) = i
+            .split_once('=')
+            .with_context(|| format!("{what} {i:?}: expected NAME=VALUE"))?;
+        m.insert(k.to_string(), v.to_string());
+    }
+    Ok(m)
+}
+
+/// Applies the options given to `spec` (all of them for create).
+fn apply(spec: &mut TaskSpec, def: TaskDef) -> anyhow::Result<()> {
+    if let Some(c) = def.context {
+        // A relative local directory is made absolute here: the server resolves nothing
+        // against the client's working directory.
+        spec.context = if crate::server::model::is_git_url(&c) {
+            c
+        } else {
+            std::fs::canonicalize(&c)
+                .with_context(|| format!("context {c}"))?
+                .display()
+                .to_string()
+        };
+    }
+    if let Some(f) = def.file {
+        spec.file = Some(f);
+        spec.task_yaml = None;
+    }
+    if let Some(p) = def.inline {
+        spec.task_yaml = Some(read(&p)?);
+        spec.file = None;
+    }
+    if def.branch.is_some() {
+        spec.branch = def.branch;
+    }
+    if let Some(v) = def.values {
+        spec.values = Some(read(&v)?);
+    }
+    if !def.set.is_empty() {
+        spec.set = def.set;
+    }
+    if !def.secrets.is_empty() {
+        spec.secrets = pairs(&def.secrets, "--secret")?;
+    }
+    if def.commit_secret.is_some() || def.poll_interval.is_some() || def.watch {
+        let c = spec
+            .triggers
+            .commit
+            .get_or_insert_with(CommitTrigger::default);
+        if def.commit_secret.is_some() {
+            c.secret = def.commit_secret;
+        }
+        if def.poll_interval.is_some() {
+            c.poll_interval = def.poll_interval;
+        }
+        c.watch |= def.watch;
+    }
+    if !def.timers.is_empty() {
+        spec.triggers.timers = def
+            .timers
+            .iter()
+            .enumerate()
+            .map(|(i, t)| match t.split_once('=') {
+                Some((n, c)) => TimerTrigger {
+                    name: n.trim().to_string(),
+                    schedule: c.trim().to_string(),
+                },
+                None => TimerTrigger {
+                    name: format!("t{}", i + 1),
+                    schedule: t.trim().to_string(),
+                },
+            })
+            .collect();
+    }
+    if def.no_base_image_trigger {
+        spec.triggers.base_image = false;
+    }
+    if def.timeout.is_some() {
+        spec.timeout = def.timeout;
+    }
+    if def.platform.is_some() {
+        spec.platform = def.platform;
+    }
+    Ok(())
+}
+
+fn print_json(v: &Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn table(header: &[&str], rows: &[Vec<String>]) {
+    let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{:<width$}", c, width = w[i]))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    println!("{}", line(header.iter().map(|s| s.to_string()).collect()));
+    println!("{}", line(w.iter().map(|n| "-".repeat(*n)).collect()));
+    for r in rows {
+        println!("{}", line(r.clone()));
+    }
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn trigger_text(t: &Value) -> String {
+    match t["kind"].as_str() {
+        Some("commit") => format!("commit ({}) {}", s(&t["source"]), short(&s(&t["commit"]))),
+        Some("base_image") => format!("base image {}", s(&t["image"])),
+        Some("timer") => format!("timer {}", s(&t["name"])),
+        Some(k) => k.to_string(),
+        None => "-".into(),
+    }
+}
+
+fn short(c: &str) -> String {
+    c.chars().take(10).collect()
+}
+
+fn print_task(v: &Value, output: Output) -> anyhow::Result<()> {
+    if output == Output::Json {
+        return print_json(v);
+    }
+    let source = if v["task_yaml"].is_string() {
+        "(inline)".to_string()
+    } else {
+        v["file"].as_str().unwrap_or("acb.yaml").to_string()
+    };
+    table(
+        &[
+            "NAME",
+            "CONTEXT",
+            "BRANCH",
+            "FILE",
+            "TIMERS",
+            "COMMIT",
+            "BASE IMAGE",
+        ],
+        &[task_row(v, source)],
+    );
+    Ok(())
+}
+
+fn task_row(v: &Value, source: String) -> Vec<String> {
+    let timers = v["triggers"]["timers"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|t| format!("{}={}", s(&t["name"]), s(&t["schedule"])))
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| "-".into());
+    vec![
+        s(&v["name"]),
+        s(&v["context"]),
+        v["branch"].as_str().unwrap_or("main").to_string(),
+        source,
+        timers,
+        if v["triggers"]["commit"].is_object() {
+            "on"
+        } else {
+            "off"
+        }
+        .into(),
+        if v["triggers"]["base_image"] == Value::Bool(false) {
+            "off"
+        } else {
+            "on"
+        }
+        .into(),
+    ]
+}
+
+fn run_rows(runs: &[Value]) -> Vec<Vec<String>> {
+    runs.iter()
+        .map(|r| {
+            vec![
+                s(&r["id"]),
+                s(&r["task"]),
+                s(&r["status"]),
+                trigger_text(&r["trigger"]),
+                r["commit"]
+                    .as_str()
+                    .map(short)
+                    .unwrap_or_else(|| "-".into()),
+                s(&r["queued_at"]),
+                s(&r["finished_at"]),
+            ]
+        })
+        .collect()
+}
+
+const RUN_HEADER: [&str; 7] = [
+    "RUN", "TASK", "STATUS", "TRIGGER", "COMMIT", "QUEUED", "FINISHED",
+];
+
+async fn follow_logs(c: &Client, run: &str) -> anyhow::Result<()> {
+    let url = format!("{}/api/runs/{run}/logs?follow=true", c.base);
+    let resp = c
+        .http
+        .get(&url)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {}", c.base))?;
+    if !resp.status().is_success() {
+        bail!("{}", resp.text().await.unwrap_or_default());
+    }
+    let mut stream = resp.bytes_stream();
+    let mut out = std::io::stdout();
+    while let Some(chunk) = stream.next().await {
+        out.write_all(&chunk.context("reading the log stream")?)?;
+        out.flush()?;
+    }
+    Ok(())
+}
+
+pub fn task(cmd: TaskCmd) -> anyhow::Result<ExitCode> {
+    tokio_runtime()?.block_on(task_async(cmd))
+}
+
+async fn task_async(cmd: TaskCmd) -> anyhow::Result<ExitCode> {
+    use reqwest::Method;
+    match cmd {
+        TaskCmd::Create { name, def, opts } => {
+            let c = Client::new(&opts.server);
+            let mut spec = TaskSpec {
+                name,
+                ..Default::default()
+            };
+            apply(&mut spec, def)?;
+            let v = c
+                .call(
+                    Method::POST,
+                    "/api/tasks",
+                    Some(&serde_json::to_value(&spec)?),
+                )
+                .await?;
+            print_task(&v, opts.output)?;
+        }
+        TaskCmd::Update { name, def, opts } => {
+            let c = Client::new(&opts.server);
+            let current = c
+                .call(Method::GET, &format!("/api/tasks/{name}"), None)
+                .await?;
+            let mut spec: TaskSpec = serde_json::from_value(current).context("the stored task")?;
+            apply(&mut spec, def)?;
+            let v = c
+                .call(
+                    Method::PUT,
+                    &format!("/api/tasks/{name}"),
+                    Some(&serde_json::to_value(&spec)?),
+                )
+                .await?;
+            print_task(&v, opts.output)?;
+        }
+        TaskCmd::List { opts } => {
+            let v = Client::new(&opts.server)
+                .call(Method::GET, "/api/tasks", None)
+                .await?;
+            if opts.output == Output::Json {
+                print_json(&v)?;
+            } else {
+                let rows: Vec<Vec<String>> = v
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .map(|t| {
+                                let src = if t["task_yaml"].is_string() {
+                                    "(inline)".into()
+                                } else {
+                                    t["file"].as_str().unwrap_or("acb.yaml").to_string()
+                                };
+                                task_row(t, src)
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                table(
+                    &[
+                        "NAME",
+                        "CONTEXT",
+                        "BRANCH",
+                        "FILE",
+                        "TIMERS",
+                        "COMMIT",
+                        "BASE IMAGE",
+                    ],
+                    &rows,
+                );
+            }
+        }
+        TaskCmd::Show { name, opts } => {
+            let v = Client::new(&opts.server)
+                .call(Method::GET, &format!("/api/tasks/{name}"), None)
+                .await?;
+            print_task(&v, opts.output)?;
+        }
+        TaskCmd::Delete { name, opts } => {
+            Client::new(&opts.server)
+                .call(Method::DELETE, &format!("/api/tasks/{name}"), None)
+                .await?;
+            if opts.output == Output::Json {
+                print_json(&serde_json::json!({"deleted": name}))?;
+            } else {
+                println!("deleted task {name}");
+            }
+        }
+        TaskCmd::Run {
+            name,
+            commit,
+            follow,
+            opts,
+        } => {
+            let c = Client::new(&opts.server);
+            let body = serde_json::json!({ "commit": commit });
+            let v = c
+                .call(
+                    Method::POST,
+                    &format!("/api/tasks/{name}/runs"),
+                    Some(&body),
+                )
+                .await?;
+            let id = s(&v["id"]);
+            if !follow {
+                if opts.output == Output::Json {
+                    print_json(&v)?;
+                } else {
+                    println!("queued run {id}");
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            eprintln!("queued run {id}");
+            follow_logs(&c, &id).await?;
+            let done = c
+                .call(Method::GET, &format!("/api/runs/{id}"), None)
+                .await?;
+            if opts.output == Output::Json {
+                print_json(&done)?;
+            } else {
+                println!("Run {id} {}", s(&done["status"]));
+            }
+            return Ok(if done["status"] == "Succeeded" {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+        TaskCmd::Logs { run, follow, opts } => {
+            let c = Client::new(&opts.server);
+            if follow {
+                follow_logs(&c, &run).await?;
+            } else {
+                let url = format!("{}/api/runs/{run}/logs", c.base);
+                let resp = c
+                    .http
+                    .get(&url)
+                    .send()
+                    .await
+                    .with_context(|| format!("cannot reach {}", c.base))?;
+                let ok = resp.status().is_success();
+                let text = resp.text().await?;
+                if !ok {
+                    bail!("{text}");
+                }
+                print!("{text}");
+            }
+        }
+        TaskCmd::ListRuns { task, top, opts } => {
+            let q = match &task {
+                Some(t) => format!("/api/runs?task={t}&limit={top}"),
+                None => format!("/api/runs?limit={top}"),
+            };
+            let v = Client::new(&opts.server)
+                .call(Method::GET, &q, None)
+                .await?;
+            if opts.output == Output::Json {
+                print_json(&v)?;
+            } else {
+                table(
+                    &RUN_HEADER,
+                    &run_rows(v.as_array().map(Vec::as_slice).unwrap_or(&[])),
+                );
+            }
+        }
+        TaskCmd::ShowRun { run, opts } => {
+            let v = Client::new(&opts.server)
+                .call(Method::GET, &format!("/api/runs/{run}"), None)
+                .await?;
+            if opts.output == Output::Json {
+                print_json(&v)?;
+            } else {
+                table(&RUN_HEADER, &run_rows(std::slice::from_ref(&v)));
+                if let Some(e) = v["error"].as_str() {
+                    println!("\nerror: {e}");
+                }
+            }
+        }
+        TaskCmd::CancelRun { run, opts } => {
+            let v = Client::new(&opts.server)
+                .call(Method::POST, &format!("/api/runs/{run}/cancel"), None)
+                .await?;
+            if opts.output == Output::Json {
+                print_json(&v)?;
+            } else {
+                println!("run {run}: {}", s(&v["status"]));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,394 @@
+//! The JSON API under `/api`: tasks, runs, logs (followed live as a chunked stream) and
+//! webhooks.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::db::NewRun;
+use super::model::{TaskSpec, Trigger};
+use super::queue::{Cancel, Queue};
+use super::runner;
+use crate::triggers::webhook::{self, Delivery, Provider, WebhookError};
+
+pub struct ApiState {
+    pub queue: Arc<Queue>,
+}
+
+type St = State<Arc<ApiState>>;
+
+/// An API error: a status and a JSON body `{ "error": ..., ["diagnostics": [...]] }`.
+pub struct ApiErr(StatusCode, serde_json::Value);
+
+impl IntoResponse for ApiErr {
+    fn into_response(self) -> Response {
+        (self.0, Json(self.1)).into_response()
+    }
+}
+
+fn err(status: StatusCode, msg: impl std::fmt::Display) -> ApiErr {
+    ApiErr(status, json!({ "error": msg.to_string() }))
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiErr {
+    tracing::error!(error = %e, "api");
+    err(StatusCode::INTERNAL_SERVER_ERROR, e)
+}
+
+pub fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route(
+            "/api/health",
+            get(|| async { Json(json!({"status": "ok"})) }),
+        )
+        .route("/api/tasks", get(list_tasks).post(create_task))
+        .route(
+            "/api/tasks/{name}",
+            get(show_task).put(update_task).delete(delete_task),
+        )
+        .route("/api/tasks/{name}/runs", get(task_runs).post(run_task))
+        .route("/api/runs", get(list_runs))
+        .route("/api/runs/{id}", get(show_run))
+        .route("/api/runs/{id}/logs", get(run_logs))
+        .route("/api/runs/{id}/cancel", post(cancel_run))
+        .route("/api/webhooks/{provider}/{task}", post(webhook))
+        .with_state(state)
+}
+
+/// Checks a definition before it is stored: name, triggers, and the task file itself.
+async fn check_spec(spec: &TaskSpec) -> Result<(), ApiErr> {
+    let name_ok = !spec.name.is_empty()
+        && spec.name.len() <= 50
+        && spec
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if !name_ok {
+        return Err(err(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "task name {:?}: use 1 to 50 letters, digits, '-' or '_'",
+                spec.name
+            ),
+        ));
+    }
+    if spec.context.is_empty() && spec.task_yaml.is_none() {
+        return Err(err(StatusCode::BAD_REQUEST, "a task needs a context"));
+    }
+    if !spec.context.is_empty()
+        && !spec.is_git()
+        && !std::path::Path::new(&spec.context).is_absolute()
+    {
+        return Err(err(
+            StatusCode::BAD_REQUEST,
+            format!("local context {:?} must be an absolute path", spec.context),
+        ));
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for t in &spec.triggers.timers {
+        if !names.insert(t.name.as_str()) {
+            return Err(err(
+                StatusCode::BAD_REQUEST,
+                format!("timer {:?} is defined twice", t.name),
+            ));
+        }
+        crate::triggers::cron::parse(&t.schedule)
+            .map_err(|m| err(StatusCode::BAD_REQUEST, format!("timer {:?}: {m}", t.name)))?;
+    }
+    let s = spec.clone();
+    match tokio::task::spawn_blocking(move || runner::validate_spec(&s)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(d)) => Err(ApiErr(
+            StatusCode::BAD_REQUEST,
+            json!({ "error": format!("the task file is invalid:\n{d}"), "diagnostics": d.0 }),
+        )),
+        Err(e) => Err(internal(e)),
+    }
+}
+
+async fn list_tasks(State(s): St) -> Result<Json<Vec<TaskSpec>>, ApiErr> {
+    s.queue.db().tasks().map(Json).map_err(internal)
+}
+
+async fn create_task(State(s): St, Json(spec): Json<TaskSpec>) -> Result<Response, ApiErr> {
+    check_spec(&spec).await?;
+    if !s.queue.db().put_task(&spec, true).map_err(internal)? {
+        return Err(err(
+            StatusCode::CONFLICT,
+            format!("task {} already exists", spec.name),
+        ));
+    }
+    Ok((StatusCode::CREATED, Json(spec)).into_response())
+}
+
+async fn update_task(
+    State(s): St,
+    Path(name): Path<String>,
+    Json(mut spec): Json<TaskSpec>,
+) -> Result<Json<TaskSpec>, ApiErr> {
+    if spec.name.is_empty() {
+        spec.name = name.clone();
+    }
+    if spec.name != name {
+        return Err(err(StatusCode::BAD_REQUEST, "a task cannot be renamed"));
+    }
+    check_spec(&spec).await?;
+    if !s.queue.db().put_task(&spec, false).map_err(internal)? {
+        return Err(err(StatusCode::NOT_FOUND, format!("no task {name}")));
+    }
+    Ok(Json(spec))
+}
+
+async fn show_task(State(s): St, Path(name): Path<String>) -> Result<Json<TaskSpec>, ApiErr> {
+    match s.queue.db().task(&name).map_err(internal)? {
+        Some(t) => Ok(Json(t)),
+        None => Err(err(StatusCode::NOT_FOUND, format!("no task {name}"))),
+    }
+}
+
+async fn delete_task(State(s): St, Path(name): Path<String>) -> Result<StatusCode, ApiErr> {
+    if s.queue.db().delete_task(&name).map_err(internal)? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(err(StatusCode::NOT_FOUND, format!("no task {name}")))
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RunRequest {
+    /// Build this commit (git contexts) instead of the branch tip.
+    commit: Option<String>,
+}
+
+async fn run_task(State(s): St, Path(name): Path<String>, body: Bytes) -> Result<Response, ApiErr> {
+    let req: RunRequest = if body.is_empty() {
+        RunRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| err(StatusCode::BAD_REQUEST, format!("run request: {e}")))?
+    };
+    let Some(spec) = s.queue.db().task(&name).map_err(internal)? else {
+        return Err(err(StatusCode::NOT_FOUND, format!("no task {name}")));
+    };
+    let rec = s
+        .queue
+        .enqueue(NewRun {
+            task: name,
+            trigger: Trigger::Manual,
+            commit: req.commit,
+            branch: spec.is_git().then(|| spec.branch().to_string()),
+        })
+        .map_err(internal)?;
+    Ok((StatusCode::ACCEPTED, Json(rec)).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct RunsQuery {
+    task: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn list_runs(State(s): St, Query(q): Query<RunsQuery>) -> Result<Response, ApiErr> {
+    let runs = s
+        .queue
+        .db()
+        .runs(q.task.as_deref(), q.limit.unwrap_or(100))
+        .map_err(internal)?;
+    Ok(Json(runs).into_response())
+}
+
+async fn task_runs(
+    State(s): St,
+    Path(name): Path<String>,
+    Query(q): Query<RunsQuery>,
+) -> Result<Response, ApiErr> {
+    if s.queue.db().task(&name).map_err(internal)?.is_none() {
+        return Err(err(StatusCode::NOT_FOUND, format!("no task {name}")));
+    }
+    let runs = s
+        .queue
+        .db()
+        .runs(Some(&name), q.limit.unwrap_or(100))
+        .map_err(internal)?;
+    Ok(Json(runs).into_response())
+}
+
+async fn show_run(State(s): St, Path(id): Path<String>) -> Result<Response, ApiErr> {
+    match s.queue.db().run(&id).map_err(internal)? {
+        Some(r) => Ok(Json(r).into_response()),
+        None => Err(err(StatusCode::NOT_FOUND, format!("no run {id}"))),
+    }
+}
+
+async fn cancel_run(State(s): St, Path(id): Path<String>) -> Result<Response, ApiErr> {
+    let what = match s.queue.cancel(&id).map_err(internal)? {
+        Cancel::NotFound => return Err(err(StatusCode::NOT_FOUND, format!("no run {id}"))),
+        Cancel::AlreadyFinished => {
+            return Err(err(
+                StatusCode::CONFLICT,
+                format!("run {id} has already finished"),
+            ))
+        }
+        Cancel::Dequeued => "canceled",
+        Cancel::Signalled => "canceling",
+    };
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"id": id, "status": what})),
+    )
+        .into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct LogQuery {
+    #[serde(default)]
+    follow: bool,
+}
+
+/// The run's log; with `follow=true` a chunked stream that ends when the run does.
+async fn run_logs(
+    State(s): St,
+    Path(id): Path<String>,
+    Query(q): Query<LogQuery>,
+) -> Result<Response, ApiErr> {
+    if s.queue.db().run(&id).map_err(internal)?.is_none() {
+        return Err(err(StatusCode::NOT_FOUND, format!("no run {id}")));
+    }
+    let path = s.queue.log_path(&id);
+    if !q.follow {
+        let text = tokio::fs::read(&path).await.unwrap_or_default();
+        return Ok(([("content-type", "text/plain; charset=utf-8")], text).into_response());
+    }
+    struct Follow {
+        queue: Arc<Queue>,
+        id: String,
+        path: std::path::PathBuf,
+        offset: u64,
+    }
+    let start = Follow {
+        queue: s.queue.clone(),
+        id,
+        path,
+        offset: 0,
+    };
+    let stream = futures_util::stream::unfold(start, |mut f| async move {
+        loop {
+            // Read the status first: if the run had finished, what is on disk now is all.
+            let finished = match f.queue.db().run(&f.id) {
+                Ok(Some(r)) => r.is_finished(),
+                _ => true,
+            };
+            let chunk = read_from(&f.path, f.offset).await;
+            if !chunk.is_empty() {
+                f.offset += chunk.len() as u64;
+                return Some((Ok::<_, std::io::Error>(Bytes::from(chunk)), f));
+            }
+            if finished {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    Ok((
+        [("content-type", "text/plain; charset=utf-8")],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+async fn read_from(path: &std::path::Path, offset: u64) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let Ok(mut f) = tokio::fs::File::open(path).await else {
+        return Vec::new();
+    };
+    if f.seek(std::io::SeekFrom::Start(offset)).await.is_err() {
+        return Vec::new();
+    }
+    let mut buf = Vec::new();
+    let _ = f.read_to_end(&mut buf).await;
+    buf
+}
+
+async fn webhook(
+    State(s): St,
+    Path((provider, task)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiErr> {
+    let Some(p) = Provider::parse(&provider) else {
+        return Err(err(
+            StatusCode::NOT_FOUND,
+            format!("unknown webhook provider {provider}; use github, gitlab, gitea or generic"),
+        ));
+    };
+    let Some(spec) = s.queue.db().task(&task).map_err(internal)? else {
+        return Err(err(StatusCode::NOT_FOUND, format!("no task {task}")));
+    };
+    let Some(secret) = spec.triggers.commit.as_ref().and_then(|c| c.secret.clone()) else {
+        return Err(err(
+            StatusCode::NOT_FOUND,
+            format!("task {task} has no commit trigger with a webhook secret"),
+        ));
+    };
+    let as_api = |e: WebhookError| match e {
+        WebhookError::Unauthorized(m) => err(StatusCode::UNAUTHORIZED, m),
+        WebhookError::Malformed(m) => err(StatusCode::BAD_REQUEST, m),
+    };
+    webhook::verify(p, &headers, &body, &secret).map_err(as_api)?;
+    let delivery = webhook::parse(p, &headers, &body).map_err(as_api)?;
+    let push = match delivery {
+        Delivery::Ignored(why) => {
+            return Ok(Json(json!({"queued": false, "reason": why})).into_response())
+        }
+        Delivery::Push(push) => push,
+    };
+    let id = webhook::delivery_id(p, &headers);
+    if let Some(id) = &id {
+        if !s
+            .queue
+            .db()
+            .record_delivery(p.name(), id, &task)
+            .map_err(internal)?
+        {
+            return Ok(Json(
+                json!({"queued": false, "reason": format!("delivery {id} was already received")}),
+            )
+            .into_response());
+        }
+    }
+    if push.branch != spec.branch() {
+        return Ok(Json(json!({
+            "queued": false,
+            "reason": format!("push to {} but the task follows {}", push.branch, spec.branch())
+        }))
+        .into_response());
+    }
+    let rec = s
+        .queue
+        .enqueue(NewRun {
+            task,
+            trigger: Trigger::Commit {
+                source: p.name().into(),
+                delivery: id,
+                commit: push.commit.clone(),
+                branch: push.branch.clone(),
+            },
+            commit: Some(push.commit),
+            branch: Some(push.branch),
+        })
+        .map_err(internal)?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"queued": true, "run": rec})),
+    )
+        .into_response())
+}

@@ -1,0 +1,142 @@
+//! What the service stores and serves: task definitions, runs, triggers (plain serde data).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// A stored task, as created over the API (`az acr task create` in spirit).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TaskSpec {
+    pub name: String,
+    /// Path of the task file inside the context (default `acb.yaml`) unless `task_yaml`.
+    pub file: Option<String>,
+    /// The task file's text, inline.
+    pub task_yaml: Option<String>,
+    /// A local directory (absolute path) or a git URL.
+    pub context: String,
+    /// Branch of a git context (and the branch a commit trigger listens to); default `main`.
+    pub branch: Option<String>,
+    /// Values file text (YAML) for `{{.Values.x}}`.
+    pub values: Option<String>,
+    /// `key=value` overrides applied after `values`, in order.
+    pub set: Vec<String>,
+    /// Secret references, name -> reference (kept as given; not resolved yet).
+    pub secrets: BTreeMap<String, String>,
+    pub triggers: Triggers,
+    /// Whole-run timeout in seconds (default 3600, as ACR).
+    pub timeout: Option<u64>,
+    /// Platform, e.g. `linux/amd64` (recorded; runs use the engine's platform).
+    pub platform: Option<String>,
+}
+
+pub const DEFAULT_TIMEOUT_SECS: u64 = 3600;
+pub const DEFAULT_BRANCH: &str = "main";
+pub const DEFAULT_FILE: &str = "acb.yaml";
+
+impl TaskSpec {
+    pub fn branch(&self) -> &str {
+        self.branch.as_deref().unwrap_or(DEFAULT_BRANCH)
+    }
+    pub fn timeout_secs(&self) -> u64 {
+        self.timeout.unwrap_or(DEFAULT_TIMEOUT_SECS)
+    }
+    /// Whether the context is a git URL (else a local directory).
+    pub fn is_git(&self) -> bool {
+        is_git_url(&self.context)
+    }
+}
+
+pub fn is_git_url(s: &str) -> bool {
+    s.contains("://") || s.starts_with("git@")
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Triggers {
+    /// Git commit trigger (webhooks; polling for git contexts; ref watch for local repos).
+    pub commit: Option<CommitTrigger>,
+    /// Rebuild when a base image of an image this task builds changes in our registry.
+    pub base_image: bool,
+    pub timers: Vec<TimerTrigger>,
+}
+
+impl Default for Triggers {
+    fn default() -> Triggers {
+        Triggers {
+            commit: None,
+            base_image: true,
+            timers: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CommitTrigger {
+    /// Shared secret of the webhooks (HMAC key, or GitLab's token). Webhooks are refused
+    /// when it is absent.
+    pub secret: Option<String>,
+    /// Poll the remote branch every this many seconds (git contexts).
+    pub poll_interval: Option<u64>,
+    /// Watch the local repository's refs (local contexts inside a git checkout).
+    pub watch: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimerTrigger {
+    pub name: String,
+    /// Standard 5-field cron expression, UTC.
+    pub schedule: String,
+}
+
+/// Why a run exists.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Trigger {
+    Manual,
+    Commit {
+        /// `github`, `gitlab`, `gitea`, `generic`, `poll` or `watch`.
+        source: String,
+        delivery: Option<String>,
+        commit: String,
+        branch: String,
+    },
+    BaseImage {
+        image: String,
+        old_digest: Option<String>,
+        new_digest: String,
+    },
+    Timer {
+        name: String,
+        schedule: String,
+    },
+}
+
+/// A run as stored and served.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub id: String,
+    pub seq: i64,
+    pub task: String,
+    pub status: String,
+    pub trigger: Trigger,
+    /// The commit to build (git contexts), or the commit built once known.
+    pub commit: Option<String>,
+    pub branch: Option<String>,
+    pub queued_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub error: Option<String>,
+    /// The executor's `RunReport` (steps, images pushed, base images) once finished.
+    pub report: Option<serde_json::Value>,
+}
+
+pub const TERMINAL: [&str; 4] = ["Succeeded", "Failed", "Canceled", "TimedOut"];
+
+impl RunRecord {
+    pub fn is_finished(&self) -> bool {
+        TERMINAL.contains(&self.status.as_str())
+    }
+}

@@ -1,0 +1,219 @@
+//! The persistent run queue: runs wait in the database as `Queued` and at most
+//! `concurrency` of them run at once, oldest first.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::db::{Db, DbError, NewRun};
+use super::model::RunRecord;
+use super::runner::{Executor, Job, LogFile, Outcome};
+use crate::exec::Status;
+
+pub struct Queue {
+    db: Arc<Db>,
+    notify: Notify,
+    concurrency: usize,
+    logs_dir: PathBuf,
+    registry: String,
+    running: Mutex<HashMap<String, CancellationToken>>,
+    /// Called with every finished run (the base-image index listens here).
+    finished: tokio::sync::broadcast::Sender<RunRecord>,
+}
+
+/// What `cancel` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cancel {
+    /// It was queued and is now Canceled.
+    Dequeued,
+    /// It is running; it stops and records Canceled.
+    Signalled,
+    /// It had already finished.
+    AlreadyFinished,
+    NotFound,
+}
+
+impl Queue {
+    pub fn new(db: Arc<Db>, concurrency: usize, logs_dir: PathBuf, registry: String) -> Queue {
+        let (finished, _) = tokio::sync::broadcast::channel(256);
+        Queue {
+            db,
+            notify: Notify::new(),
+            concurrency: concurrency.max(1),
+            logs_dir,
+            registry,
+            running: Mutex::new(HashMap::new()),
+            finished,
+        }
+    }
+
+    pub fn db(&self) -> &Arc<Db> {
+        &self.db
+    }
+
+    pub fn log_path(&self, run_id: &str) -> PathBuf {
+        self.logs_dir.join(format!("{run_id}.log"))
+    }
+
+    pub fn subscribe_finished(&self) -> tokio::sync::broadcast::Receiver<RunRecord> {
+        self.finished.subscribe()
+    }
+
+    /// Records the run (durably) and wakes the scheduler.
+    pub fn enqueue(&self, run: NewRun) -> Result<RunRecord, DbError> {
+        let rec = self.db.enqueue(&run)?;
+        tracing::info!(run = %rec.id, task = %rec.task, "queued");
+        self.notify.notify_one();
+        Ok(rec)
+    }
+
+    pub fn cancel(&self, id: &str) -> Result<Cancel, DbError> {
+        if self.db.cancel_queued(id)? {
+            return Ok(Cancel::Dequeued);
+        }
+        if let Ok(running) = self.running.lock() {
+            if let Some(t) = running.get(id) {
+                t.cancel();
+                return Ok(Cancel::Signalled);
+            }
+        }
+        Ok(match self.db.run(id)? {
+            None => Cancel::NotFound,
+            Some(r) if r.is_finished() => Cancel::AlreadyFinished,
+            // Finished between the two looks.
+            Some(_) => Cancel::AlreadyFinished,
+        })
+    }
+
+    /// Marks runs cut off by a crash Failed and removes their Docker resources.
+    pub async fn recover(&self, exec: &dyn Executor) -> Result<Vec<String>, DbError> {
+        let ids = self.db.fail_interrupted()?;
+        for id in &ids {
+            tracing::warn!(run = %id, "run was interrupted by a restart; marked Failed");
+            if let Ok(log) = LogFile::create(&self.log_path(id)) {
+                log.line("acr-task", "interrupted by a restart of serve");
+            }
+            exec.cleanup(id).await;
+        }
+        Ok(ids)
+    }
+
+    /// Runs queued runs until `stop`; then cancels running ones and waits for them.
+    pub async fn run_loop(self: Arc<Self>, exec: Arc<dyn Executor>, stop: CancellationToken) {
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let mut active = 0usize;
+        loop {
+            while active < self.concurrency {
+                match self.db.claim_next() {
+                    Ok(Some(rec)) => {
+                        active += 1;
+                        // Registered before the task starts so that a cancel never misses it.
+                        let cancel = CancellationToken::new();
+                        if let Ok(mut running) = self.running.lock() {
+                            running.insert(rec.id.clone(), cancel.clone());
+                        }
+                        let (q, ex, done) = (self.clone(), exec.clone(), done_tx.clone());
+                        tokio::spawn(async move {
+                            q.run_one(rec, cancel, ex.as_ref()).await;
+                            let _ = done.send(());
+                        });
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::error!(error = %e, "reading the queue");
+                        break;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = self.notify.notified() => {}
+                Some(()) = done_rx.recv() => active -= 1,
+                _ = stop.cancelled() => break,
+            }
+        }
+        if let Ok(running) = self.running.lock() {
+            for t in running.values() {
+                t.cancel();
+            }
+        }
+        while active > 0 {
+            if done_rx.recv().await.is_none() {
+                break;
+            }
+            active -= 1;
+        }
+    }
+
+    async fn run_one(&self, rec: RunRecord, cancel: CancellationToken, exec: &dyn Executor) {
+        tracing::info!(run = %rec.id, task = %rec.task, "started");
+        let outcome = match self.db.task(&rec.task) {
+            Ok(Some(spec)) => match LogFile::create(&self.log_path(&rec.id)) {
+                Ok(log) => {
+                    let job = Job {
+                        run: rec.clone(),
+                        spec,
+                        registry: self.registry.clone(),
+                        log,
+                        cancel,
+                    };
+                    exec.run(job).await
+                }
+                Err(e) => failed(format!("creating the run log: {e}")),
+            },
+            Ok(None) => failed(format!("task {} no longer exists", rec.task)),
+            Err(e) => failed(e.to_string()),
+        };
+        if let Ok(mut running) = self.running.lock() {
+            running.remove(&rec.id);
+        }
+        if let Err(e) = self.record(&rec, &outcome) {
+            tracing::error!(run = %rec.id, error = %e, "recording the outcome");
+        }
+        tracing::info!(run = %rec.id, status = outcome.status.as_str(), "finished");
+        if let Ok(Some(done)) = self.db.run(&rec.id) {
+            let _ = self.finished.send(done);
+        }
+    }
+
+    fn record(&self, rec: &RunRecord, o: &Outcome) -> Result<(), DbError> {
+        if let Some(c) = &o.commit {
+            self.db.set_commit(&rec.id, c)?;
+        }
+        let report = o.report.as_ref().map(serde_json::to_value).transpose()?;
+        self.db.finish(
+            &rec.id,
+            o.status.as_str(),
+            o.error.as_deref(),
+            report.as_ref(),
+        )?;
+        if o.status == Status::Succeeded {
+            if let Some(r) = &o.report {
+                let mut bases = Vec::new();
+                let mut outputs = Vec::new();
+                for s in &r.steps {
+                    if let Some(b) = &s.built {
+                        for bi in &b.base_images {
+                            bases.push((bi.image.clone(), bi.digest.clone()));
+                        }
+                        outputs.extend(b.tags.iter().cloned());
+                    }
+                    outputs.extend(s.pushed.iter().map(|p| p.image.clone()));
+                }
+                self.db.set_dependencies(&rec.task, &bases, &outputs)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn failed(error: String) -> Outcome {
+    Outcome {
+        status: Status::Failed,
+        error: Some(error),
+        commit: None,
+        report: None,
+    }
+}

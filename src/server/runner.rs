@@ -1,0 +1,416 @@
+//! Setting up and running one run: the context (local directory or git at a commit), the
+//! `.Run` values, loading the task file, executing it on Docker and recording its log.
+//! `acr-task run` uses the same setup functions ([`resolve_context`], [`run_info`]).
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
+
+use super::model::{RunRecord, TaskSpec, DEFAULT_FILE};
+use crate::exec::{self, Event, RunConfig, RunReport, Status};
+use crate::plan::Plan;
+use crate::runtime::docker::DockerRuntime;
+use crate::runtime::Runtime;
+use crate::source::{GitCheckout, SourceError};
+use crate::task::{self, Diagnostics, LoadOptions, RunInfo, Values};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("context {0} is not a directory")]
+    NotADirectory(String),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("context {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The context directory: the task file's directory when none is given, a local path, or
+/// `GIT_URL#ref` cloned into `scratch/context`.
+pub fn resolve_context(
+    context: Option<&str>,
+    task_file: &Path,
+    scratch: &Path,
+) -> Result<(PathBuf, Option<GitCheckout>), SetupError> {
+    match context {
+        None => Ok((
+            task_file
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."))
+                .to_path_buf(),
+            None,
+        )),
+        Some(c) if super::model::is_git_url(c) => {
+            let (url, reference) = c.split_once('#').unwrap_or((c, ""));
+            let dest = scratch.join("context");
+            let checkout = crate::source::fetch_git(url, reference, &dest)?;
+            Ok((dest, Some(checkout)))
+        }
+        Some(dir) => {
+            let p = PathBuf::from(dir);
+            if !p.is_dir() {
+                return Err(SetupError::NotADirectory(dir.to_string()));
+            }
+            Ok((p, None))
+        }
+    }
+}
+
+/// `.Run` for a run: its id, registry, shared volume, and the commit and branch the
+/// context was fetched at (`git`), or of the checkout holding it.
+pub fn run_info(
+    run_id: &str,
+    task_file: &Path,
+    registry: &str,
+    context: &Path,
+    git: Option<&GitCheckout>,
+    cfg: &RunConfig,
+) -> RunInfo {
+    let mut info = RunInfo::placeholder(task_file);
+    info.id = run_id.to_string();
+    info.registry = registry.to_string();
+    info.registry_name = registry.split(':').next().unwrap_or(registry).to_string();
+    info.shared_volume = cfg.shared_volume.clone();
+    let head = match git {
+        Some(g) => Some((g.commit.clone(), g.branch.clone())),
+        None => crate::source::git_head(context),
+    };
+    if let Some((commit, branch)) = head {
+        info.commit = commit;
+        info.branch = branch;
+    }
+    info
+}
+
+/// The values of a stored task: its values text, then its `set` overrides.
+pub fn task_values(spec: &TaskSpec) -> Result<Values, Diagnostics> {
+    let mut vals = match &spec.values {
+        Some(text) => Values::from_yaml_str("values", text)?,
+        None => Values::default(),
+    };
+    for s in &spec.set {
+        vals.set(s)
+            .map_err(|m| Diagnostics(vec![task::Diagnostic::new("set", 0, 0, m)]))?;
+    }
+    Ok(vals)
+}
+
+/// The task file's name (for diagnostics) and text: inline, or read from the context.
+pub fn task_text(spec: &TaskSpec, context: &Path) -> Result<(String, String), Diagnostics> {
+    if let Some(t) = &spec.task_yaml {
+        return Ok(("task.yaml".into(), t.clone()));
+    }
+    let rel = spec.file.as_deref().unwrap_or(DEFAULT_FILE);
+    let path = context.join(rel);
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        Diagnostics(vec![task::Diagnostic::new(
+            rel,
+            0,
+            0,
+            format!("cannot read task file {rel} in the context: {e}"),
+        )])
+    })?;
+    Ok((path.display().to_string(), text))
+}
+
+/// Loads and plans a stored task's file for `info`.
+pub fn load_task(
+    spec: &TaskSpec,
+    context: &Path,
+    info: &RunInfo,
+) -> Result<(task::Task, Plan), Diagnostics> {
+    let vals = task_values(spec)?;
+    let (name, text) = task_text(spec, context)?;
+    let t = task::load_str_with(&name, &text, info, &vals, &LoadOptions::default())?;
+    let plan = Plan::new(&t)
+        .map_err(|e| Diagnostics(vec![task::Diagnostic::new(&name, 0, 0, e.to_string())]))?;
+    Ok((t, plan))
+}
+
+/// Checks a task definition the way a run would load it (with placeholder run values);
+/// a git context is cloned at the task's branch to read its task file.
+pub fn validate_spec(spec: &TaskSpec) -> Result<(), Diagnostics> {
+    let one = |m: String| Diagnostics(vec![task::Diagnostic::new("task", 0, 0, m)]);
+    let scratch = tempfile::tempdir().map_err(|e| one(format!("temp dir: {e}")))?;
+    let context = if spec.task_yaml.is_some() {
+        scratch.path().to_path_buf()
+    } else if spec.is_git() {
+        let dest = scratch.path().join("context");
+        crate::source::fetch_git(&spec.context, spec.branch(), &dest)
+            .map_err(|e| one(e.to_string()))?;
+        dest
+    } else {
+        PathBuf::from(&spec.context)
+    };
+    let mut info = RunInfo::placeholder(Path::new("acb.yaml"));
+    info.task_name = spec.name.clone();
+    load_task(spec, &context, &info).map(|_| ())
+}
+
+/// A run's log file, appended one line at a time (readers follow it while it grows).
+#[derive(Clone)]
+pub struct LogFile {
+    file: Arc<Mutex<std::fs::File>>,
+}
+
+impl LogFile {
+    pub fn create(path: &Path) -> std::io::Result<LogFile> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        Ok(LogFile {
+            file: Arc::new(Mutex::new(file)),
+        })
+    }
+
+    pub fn line(&self, who: &str, text: &str) {
+        if let Ok(mut f) = self.file.lock() {
+            if let Err(e) = writeln!(f, "{who} | {text}") {
+                tracing::warn!(error = %e, "writing a run log");
+            }
+        }
+    }
+}
+
+/// One run handed to an executor.
+pub struct Job {
+    pub run: RunRecord,
+    pub spec: TaskSpec,
+    /// `HOST:PORT` of the integrated registry.
+    pub registry: String,
+    pub log: LogFile,
+    pub cancel: CancellationToken,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub status: Status,
+    pub error: Option<String>,
+    pub commit: Option<String>,
+    pub report: Option<RunReport>,
+}
+
+impl Outcome {
+    fn failed(error: String) -> Outcome {
+        Outcome {
+            status: Status::Failed,
+            error: Some(error),
+            commit: None,
+            report: None,
+        }
+    }
+}
+
+/// What runs queued runs: Docker in the server, a fake in queue-order tests.
+pub trait Executor: Send + Sync + 'static {
+    fn run(&self, job: Job) -> BoxFuture<'static, Outcome>;
+    /// Removes whatever a run that was cut off by a crash left in the engine.
+    fn cleanup(&self, run_id: &str) -> BoxFuture<'static, ()>;
+}
+
+/// Runs jobs on the Docker Engine through [`exec::execute`].
+pub struct DockerExecutor {
+    rt: Option<Arc<DockerRuntime>>,
+    work_dir: PathBuf,
+    max_parallel: usize,
+}
+
+impl DockerExecutor {
+    /// Connects to the engine; without one, every run fails saying why.
+    pub async fn connect(work_dir: PathBuf, max_parallel: usize) -> DockerExecutor {
+        let rt = match DockerRuntime::connect().await {
+            Ok(rt) => Some(Arc::new(rt)),
+            Err(e) => {
+                tracing::error!(error = %e, "no Docker Engine: runs will fail");
+                None
+            }
+        };
+        DockerExecutor {
+            rt,
+            work_dir,
+            max_parallel,
+        }
+    }
+}
+
+impl Executor for DockerExecutor {
+    fn run(&self, job: Job) -> BoxFuture<'static, Outcome> {
+        let rt = self.rt.clone();
+        let work = self.work_dir.clone();
+        let max_parallel = self.max_parallel;
+        Box::pin(async move {
+            match rt {
+                None => Outcome::failed("no Docker Engine is reachable".into()),
+                Some(rt) => run_on_docker(rt, work, max_parallel, job).await,
+            }
+        })
+    }
+
+    fn cleanup(&self, run_id: &str) -> BoxFuture<'static, ()> {
+        let rt = self.rt.clone();
+        let id = run_id.to_string();
+        Box::pin(async move {
+            if let Some(rt) = rt {
+                if let Err(e) = rt.remove_run_resources(&id).await {
+                    tracing::warn!(run = %id, error = %e, "removing an interrupted run's resources");
+                }
+            }
+        })
+    }
+}
+
+/// Prepares the context (blocking: git clone) and returns it with the commit built.
+fn prepare_context(
+    spec: &TaskSpec,
+    run: &RunRecord,
+    scratch: &Path,
+) -> Result<(PathBuf, Option<String>), String> {
+    if spec.is_git() {
+        let reference = run.commit.as_deref().unwrap_or(spec.branch());
+        let dest = scratch.join("context");
+        let commit = crate::source::fetch_git(&spec.context, reference, &dest)
+            .map_err(|e| format!("fetching the context: {e}"))?
+            .commit;
+        Ok((dest, Some(commit)))
+    } else {
+        let dir = std::fs::canonicalize(&spec.context)
+            .map_err(|e| format!("context {}: {e}", spec.context))?;
+        if let Some(want) = &run.commit {
+            // A commit trigger on a local checkout builds exactly that commit, not the
+            // working tree as it is now.
+            let dest = scratch.join("context");
+            let commit = crate::source::fetch_git(&dir.display().to_string(), want, &dest)
+                .map_err(|e| format!("checking out {want}: {e}"))?
+                .commit;
+            return Ok((dest, Some(commit)));
+        }
+        let commit = crate::source::git_head(&dir).map(|(c, _)| c);
+        Ok((dir, commit))
+    }
+}
+
+async fn run_on_docker(
+    rt: Arc<DockerRuntime>,
+    work: PathBuf,
+    max_parallel: usize,
+    job: Job,
+) -> Outcome {
+    let Job {
+        run,
+        spec,
+        registry,
+        log,
+        cancel,
+    } = job;
+    if let Err(e) = std::fs::create_dir_all(&work) {
+        return Outcome::failed(format!("work dir {}: {e}", work.display()));
+    }
+    let scratch = match tempfile::tempdir_in(&work) {
+        Ok(s) => s,
+        Err(e) => return Outcome::failed(format!("scratch dir: {e}")),
+    };
+    let scratch_path = scratch.path().to_path_buf();
+    let (spec2, run2) = (spec.clone(), run.clone());
+    let prepared =
+        tokio::task::spawn_blocking(move || prepare_context(&spec2, &run2, &scratch_path)).await;
+    let (context, commit) = match prepared {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => {
+            log.line("acr-task", &e);
+            return Outcome::failed(e);
+        }
+        Err(e) => return Outcome::failed(format!("preparing the context: {e}")),
+    };
+    let cfg = RunConfig::for_run(&run.id, context.clone(), max_parallel);
+    let mut info = run_info(
+        &run.id,
+        Path::new("acb.yaml"),
+        &registry,
+        &context,
+        None,
+        &cfg,
+    );
+    info.task_name = spec.name.clone();
+    if let Some(c) = &commit {
+        info.commit = c.clone();
+    }
+    info.branch = run.branch.clone().unwrap_or_else(|| {
+        if spec.is_git() {
+            spec.branch().to_string()
+        } else {
+            info.branch.clone()
+        }
+    });
+    let (task, plan) = match load_task(&spec, &context, &info) {
+        Ok(tp) => tp,
+        Err(d) => {
+            for diag in &d.0 {
+                log.line("acr-task", &diag.to_string());
+            }
+            let mut o = Outcome::failed(format!("the task file is invalid: {d}"));
+            o.commit = commit;
+            return o;
+        }
+    };
+    let names: Vec<String> = task.steps.iter().map(|s| s.id.clone()).collect();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let writer = {
+        let log = log.clone();
+        tokio::spawn(async move {
+            while let Some(ev) = rx.recv().await {
+                match ev {
+                    Event::Log { step, line } => {
+                        log.line(names.get(step).map(String::as_str).unwrap_or("?"), &line)
+                    }
+                    Event::StepFinished { step, report } => {
+                        let who = names.get(step).map(String::as_str).unwrap_or("?");
+                        log.line(
+                            "acr-task",
+                            &format!("step {who}: {}", report.status.as_str()),
+                        );
+                    }
+                    Event::RunFinished { .. } => break,
+                    _ => {}
+                }
+            }
+        })
+    };
+    // The task timeout cancels the run; the flag tells a timeout from a user's cancel.
+    let timed_out = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let timer = {
+        let (cancel, flag) = (cancel.clone(), timed_out.clone());
+        let secs = spec.timeout_secs();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(secs)).await;
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            cancel.cancel();
+        })
+    };
+    let report = exec::execute(rt, Arc::new(task), Arc::new(plan), cfg, tx, cancel).await;
+    timer.abort();
+    let _ = writer.await;
+    drop(scratch);
+    let mut status = report.status;
+    let mut error = report.error.clone();
+    if timed_out.load(std::sync::atomic::Ordering::SeqCst) && status == Status::Canceled {
+        status = Status::TimedOut;
+        error = Some(format!("the run timed out after {} s", spec.timeout_secs()));
+    }
+    log.line("acr-task", &format!("run {}: {}", run.id, status.as_str()));
+    Outcome {
+        status,
+        error,
+        commit,
+        report: Some(report),
+    }
+}

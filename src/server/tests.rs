@@ -1,0 +1,298 @@
+//! Queue order and the concurrency limit on a fake executor; timers on an injected clock.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::TimeZone;
+use futures_util::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
+
+use super::db::{Db, NewRun};
+use super::model::{TaskSpec, TimerTrigger, Trigger};
+use super::queue::{Cancel, Queue};
+use super::runner::{Executor, Job, Outcome};
+use super::watchers::fire_timers;
+use crate::exec::Status;
+
+#[derive(Default)]
+struct Fake {
+    active: AtomicUsize,
+    peak: AtomicUsize,
+    order: Mutex<Vec<String>>,
+}
+
+struct FakeExec(Arc<Fake>, Duration);
+
+impl Executor for FakeExec {
+    fn run(&self, job: Job) -> BoxFuture<'static, Outcome> {
+        let f = self.0.clone();
+        let d = self.1;
+        Box::pin(async move {
+            let now = f.active.fetch_add(1, Ordering::SeqCst) + 1;
+            f.peak.fetch_max(now, Ordering::SeqCst);
+            f.order.lock().unwrap().push(job.run.id.clone());
+            let status = tokio::select! {
+                _ = tokio::time::sleep(d) => Status::Succeeded,
+                _ = job.cancel.cancelled() => Status::Canceled,
+            };
+            f.active.fetch_sub(1, Ordering::SeqCst);
+            Outcome {
+                status,
+                error: None,
+                commit: None,
+                report: None,
+            }
+        })
+    }
+    fn cleanup(&self, _run_id: &str) -> BoxFuture<'static, ()> {
+        Box::pin(async {})
+    }
+}
+
+fn setup(concurrency: usize) -> (tempfile::TempDir, Arc<Queue>) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Arc::new(Db::open(&dir.path().join("server.db")).unwrap());
+    db.put_task(
+        &TaskSpec {
+            name: "t".into(),
+            context: "/".into(),
+            ..Default::default()
+        },
+        true,
+    )
+    .unwrap();
+    let logs = dir.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let q = Arc::new(Queue::new(db, concurrency, logs, "127.0.0.1:1".into()));
+    (dir, q)
+}
+
+fn manual() -> NewRun {
+    NewRun {
+        task: "t".into(),
+        trigger: Trigger::Manual,
+        commit: None,
+        branch: None,
+    }
+}
+
+async fn wait_all_finished(q: &Queue, n: usize) {
+    for _ in 0..500 {
+        let runs = q.db().runs(None, n + 10).unwrap();
+        if runs.len() == n && runs.iter().all(|r| r.is_finished()) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("runs did not finish");
+}
+
+#[tokio::test]
+async fn runs_oldest_first_never_above_the_limit_and_none_lost() {
+    let (_d, q) = setup(3);
+    let fake = Arc::new(Fake::default());
+    let mut ids = Vec::new();
+    for _ in 0..40 {
+        ids.push(q.enqueue(manual()).unwrap().id);
+    }
+    let stop = CancellationToken::new();
+    let h = tokio::spawn(q.clone().run_loop(
+        Arc::new(FakeExec(fake.clone(), Duration::from_millis(10))),
+        stop.clone(),
+    ));
+    wait_all_finished(&q, 40).await;
+    stop.cancel();
+    h.await.unwrap();
+    assert_eq!(fake.peak.load(Ordering::SeqCst), 3);
+    assert_eq!(
+        *fake.order.lock().unwrap(),
+        ids,
+        "runs start in queue order"
+    );
+    let runs = q.db().runs(None, 100).unwrap();
+    assert!(runs.iter().all(|r| r.status == "Succeeded"));
+    // Ids are short, unique and sort by queue order.
+    assert!(ids[0].len() <= 4, "{}", ids[0]);
+    let seqs: Vec<i64> = runs.iter().rev().map(|r| r.seq).collect();
+    assert_eq!(seqs, (1..=40).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn cancel_a_queued_and_a_running_run() {
+    let (_d, q) = setup(1);
+    let fake = Arc::new(Fake::default());
+    let a = q.enqueue(manual()).unwrap().id;
+    let b = q.enqueue(manual()).unwrap().id;
+    let stop = CancellationToken::new();
+    let h = tokio::spawn(q.clone().run_loop(
+        Arc::new(FakeExec(fake.clone(), Duration::from_secs(60))),
+        stop.clone(),
+    ));
+    assert_eq!(q.cancel(&b).unwrap(), Cancel::Dequeued);
+    for _ in 0..100 {
+        if fake.active.load(Ordering::SeqCst) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(q.cancel(&a).unwrap(), Cancel::Signalled);
+    wait_all_finished(&q, 2).await;
+    assert_eq!(q.db().run(&a).unwrap().unwrap().status, "Canceled");
+    assert_eq!(q.db().run(&b).unwrap().unwrap().status, "Canceled");
+    assert_eq!(q.cancel(&a).unwrap(), Cancel::AlreadyFinished);
+    assert_eq!(q.cancel("nope").unwrap(), Cancel::NotFound);
+    stop.cancel();
+    h.await.unwrap();
+    assert_eq!(*fake.order.lock().unwrap(), vec![a]);
+}
+
+#[tokio::test]
+async fn interrupted_runs_are_failed_on_recovery_and_queued_ones_kept() {
+    let (_d, q) = setup(1);
+    let a = q.enqueue(manual()).unwrap().id;
+    let b = q.enqueue(manual()).unwrap().id;
+    assert_eq!(q.db().claim_next().unwrap().unwrap().id, a);
+    let fake = Arc::new(Fake::default());
+    let ids = q.recover(&FakeExec(fake, Duration::ZERO)).await.unwrap();
+    assert_eq!(ids, vec![a.clone()]);
+    let ra = q.db().run(&a).unwrap().unwrap();
+    assert_eq!(ra.status, "Failed");
+    assert_eq!(
+        ra.error.as_deref(),
+        Some("interrupted by a restart of serve")
+    );
+    assert_eq!(q.db().run(&b).unwrap().unwrap().status, "Queued");
+}
+
+#[test]
+fn timers_fire_on_an_injected_clock() {
+    let (_d, q) = setup(1);
+    let mut spec = q.db().task("t").unwrap().unwrap();
+    spec.triggers.timers = vec![
+        TimerTrigger {
+            name: "every5".into(),
+            schedule: "*/5 * * * *".into(),
+        },
+        TimerTrigger {
+            name: "hourly".into(),
+            schedule: "0 * * * *".into(),
+        },
+    ];
+    q.db().put_task(&spec, false).unwrap();
+    let t0 = chrono::Utc.with_ymd_and_hms(2026, 1, 1, 0, 1, 0).unwrap();
+    let m = |n| t0 + chrono::Duration::minutes(n);
+    assert!(
+        fire_timers(&q, t0).unwrap().is_empty(),
+        "first look only starts the clock"
+    );
+    assert!(fire_timers(&q, m(2)).unwrap().is_empty());
+    let fired = fire_timers(&q, m(4)).unwrap();
+    assert_eq!(fired.len(), 1);
+    assert_eq!(
+        fired[0].trigger,
+        Trigger::Timer {
+            name: "every5".into(),
+            schedule: "*/5 * * * *".into()
+        }
+    );
+    assert!(
+        fire_timers(&q, m(5)).unwrap().is_empty(),
+        "fires once per occurrence"
+    );
+    // 00:10 (every5) and 01:00 (hourly) both passed: one run each, not one per missed tick.
+    let fired = fire_timers(&q, m(60)).unwrap();
+    let mut names: Vec<String> = fired
+        .iter()
+        .map(|r| match &r.trigger {
+            Trigger::Timer { name, .. } => name.clone(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    names.sort();
+    assert_eq!(names, vec!["every5", "hourly"]);
+}
+
+fn push(repo: &str, tag: &str, digest: &str) -> crate::registry::RegistryEvent {
+    crate::registry::RegistryEvent {
+        action: crate::registry::EventAction::Push,
+        repository: repo.into(),
+        tag: Some(tag.into()),
+        digest: digest.into(),
+        media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+        size: 1,
+    }
+}
+
+#[test]
+fn base_image_pushes_queue_dependents_once_and_never_a_task_on_its_own_output() {
+    use super::watchers::on_pushes;
+    let (_d, q) = setup(1);
+    let reg = "127.0.0.1:5000";
+    for name in ["selfish", "other"] {
+        q.db()
+            .put_task(
+                &TaskSpec {
+                    name: name.into(),
+                    context: "/".into(),
+                    ..Default::default()
+                },
+                true,
+            )
+            .unwrap();
+    }
+    // `selfish` builds FROM its own output; `t` and `other` build on base:1.
+    q.db()
+        .set_dependencies(
+            "selfish",
+            &[(format!("{reg}/selfish:latest"), Some("sha256:a".into()))],
+            &[format!("{reg}/selfish:latest")],
+        )
+        .unwrap();
+    for t in ["t", "other"] {
+        q.db()
+            .set_dependencies(
+                t,
+                &[(format!("{reg}/base:1"), Some("sha256:old".into()))],
+                &[format!("{reg}/{t}:latest")],
+            )
+            .unwrap();
+    }
+    let mut spec = q.db().task("other").unwrap().unwrap();
+    spec.triggers.base_image = false;
+    q.db().put_task(&spec, false).unwrap();
+
+    assert!(on_pushes(&q, reg, &[push("selfish", "latest", "sha256:b")])
+        .unwrap()
+        .is_empty());
+    assert!(
+        on_pushes(&q, reg, &[push("base", "1", "sha256:old")])
+            .unwrap()
+            .is_empty(),
+        "same digest as recorded: nothing to do"
+    );
+    assert!(on_pushes(&q, reg, &[push("base", "2", "sha256:new")])
+        .unwrap()
+        .is_empty());
+    let queued = on_pushes(
+        &q,
+        reg,
+        &[
+            push("base", "1", "sha256:new"),
+            push("base", "1", "sha256:newer"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(queued.len(), 1, "one run for a burst; `other` opted out");
+    assert_eq!(queued[0].task, "t");
+    assert!(matches!(
+        &queued[0].trigger,
+        Trigger::BaseImage { old_digest: Some(o), .. } if o == "sha256:old"
+    ));
+    assert!(
+        on_pushes(&q, reg, &[push("base", "1", "sha256:newest")])
+            .unwrap()
+            .is_empty(),
+        "a run is already waiting: it will build on the newest base"
+    );
+}

@@ -1,0 +1,384 @@
+//! Background loops that queue runs: registry pushes (base-image updates), cron timers,
+//! polled remote branches and watched local checkouts.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio_util::sync::CancellationToken;
+
+use super::db::{DbError, NewRun};
+use super::model::{RunRecord, Trigger};
+use super::queue::Queue;
+use crate::registry::{EventAction, Registry, RegistryEvent};
+use crate::triggers::cron::Clock;
+use crate::triggers::{base_image, cron, git};
+
+pub struct Watchers {
+    pub queue: Arc<Queue>,
+    pub registry: Registry,
+    pub registry_host: String,
+    pub clock: Arc<dyn Clock>,
+    pub halt: CancellationToken,
+    /// Seconds between digest checks of base images in other registries (0: never).
+    pub remote_poll: u64,
+}
+
+/// Pushes that arrive within this window are handled together (a storm queues once).
+const DEBOUNCE: Duration = Duration::from_millis(200);
+
+pub fn spawn_all(w: Watchers) {
+    let w = Arc::new(w);
+    tokio::spawn(base_images(w.clone()));
+    tokio::spawn(timers(w.clone()));
+    tokio::spawn(commits(w.clone()));
+    if w.remote_poll > 0 {
+        tokio::spawn(remote_bases(w));
+    }
+}
+
+/// Polls base images that live in other registries (`HEAD` on the manifest) and queues
+/// the tasks built on one whose digest changed.
+async fn remote_bases(w: Arc<Watchers>) {
+    let http = reqwest::Client::new();
+    loop {
+        tokio::select! {
+            _ = w.halt.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(w.remote_poll)) => {}
+        }
+        let bases = match w.queue.db().base_images() {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "reading the base-image index");
+                continue;
+            }
+        };
+        // One request per image, however many tasks use it.
+        let mut current: BTreeMap<String, Option<String>> = BTreeMap::new();
+        for (_, base, _) in &bases {
+            if current.contains_key(base)
+                || base_image::local_repo_tag(base, &w.registry_host).is_some()
+            {
+                continue;
+            }
+            let Some(url) = base_image::remote_manifest_url(base) else {
+                continue;
+            };
+            let digest = match http
+                .head(&url)
+                .header("accept", base_image::MANIFEST_ACCEPT)
+                .timeout(Duration::from_secs(10))
+                .send()
+                .await
+            {
+                Ok(r) if r.status().is_success() => r
+                    .headers()
+                    .get("docker-content-digest")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string),
+                Ok(r) => {
+                    tracing::debug!(image = %base, status = %r.status(), "base image poll");
+                    None
+                }
+                Err(e) => {
+                    tracing::debug!(image = %base, error = %e, "base image poll");
+                    None
+                }
+            };
+            current.insert(base.clone(), digest);
+        }
+        if let Err(e) = on_remote_digests(&w.queue, &current) {
+            tracing::error!(error = %e, "base-image poll");
+        }
+    }
+}
+
+/// Queues each task whose recorded digest of a polled base image differs from `current`.
+pub fn on_remote_digests(
+    queue: &Queue,
+    current: &BTreeMap<String, Option<String>>,
+) -> Result<Vec<RunRecord>, DbError> {
+    let db = queue.db();
+    let mut queued = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for (task, base, recorded) in db.base_images()? {
+        let Some(Some(digest)) = current.get(&base) else {
+            continue;
+        };
+        if recorded.as_deref() == Some(digest.as_str()) || seen.contains(&task) {
+            continue;
+        }
+        let Some(spec) = db.task(&task)? else {
+            continue;
+        };
+        if !spec.triggers.base_image || db.has_run_with_status(&task, "Queued")? {
+            continue;
+        }
+        seen.insert(task.clone());
+        queued.push(queue.enqueue(NewRun {
+            task: task.clone(),
+            trigger: Trigger::BaseImage {
+                image: base.clone(),
+                old_digest: recorded.clone(),
+                new_digest: digest.clone(),
+            },
+            commit: None,
+            branch: spec.is_git().then(|| spec.branch().to_string()),
+        })?);
+    }
+    Ok(queued)
+}
+
+async fn base_images(w: Arc<Watchers>) {
+    let mut rx = w.registry.subscribe();
+    loop {
+        let first = tokio::select! {
+            _ = w.halt.cancelled() => return,
+            ev = rx.recv() => ev,
+        };
+        let mut batch: BTreeMap<(String, String), RegistryEvent> = BTreeMap::new();
+        let mut add = |ev: RegistryEvent| {
+            if let (EventAction::Push, Some(tag)) = (ev.action, ev.tag.clone()) {
+                batch.insert((ev.repository.clone(), tag), ev);
+            }
+        };
+        match first {
+            Ok(ev) => add(ev),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(missed = n, "registry events were dropped");
+                continue;
+            }
+            Err(_) => return,
+        }
+        let deadline = tokio::time::sleep(DEBOUNCE);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                _ = &mut deadline => break,
+                ev = rx.recv() => match ev {
+                    Ok(ev) => add(ev),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(_) => break,
+                },
+            }
+        }
+        let events: Vec<RegistryEvent> = batch.into_values().collect();
+        if let Err(e) = on_pushes(&w.queue, &w.registry_host, &events) {
+            tracing::error!(error = %e, "base-image trigger");
+        }
+    }
+}
+
+/// Queues every task whose recorded base image was replaced by one of `events`; returns
+/// the runs queued. A task is queued at most once per batch, never for its own output,
+/// and not while it already has a run waiting.
+pub fn on_pushes(
+    queue: &Queue,
+    registry_host: &str,
+    events: &[RegistryEvent],
+) -> Result<Vec<RunRecord>, DbError> {
+    let db = queue.db();
+    let mut queued = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for (task, base, recorded) in db.base_images()? {
+        if seen.contains(&task) {
+            continue;
+        }
+        for ev in events {
+            let Some(tag) = ev.tag.as_deref() else {
+                continue;
+            };
+            if !base_image::needs_rebuild(
+                &base,
+                recorded.as_deref(),
+                registry_host,
+                &ev.repository,
+                tag,
+                &ev.digest,
+            ) {
+                continue;
+            }
+            let Some(spec) = db.task(&task)? else { break };
+            if !spec.triggers.base_image {
+                break;
+            }
+            if base_image::is_own_output(&db.outputs(&task)?, registry_host, &ev.repository, tag) {
+                tracing::info!(task = %task, image = %base, "not rebuilding a task on its own output");
+                break;
+            }
+            seen.insert(task.clone());
+            if db.has_run_with_status(&task, "Queued")? {
+                break;
+            }
+            let rec = queue.enqueue(NewRun {
+                task: task.clone(),
+                trigger: Trigger::BaseImage {
+                    image: base.clone(),
+                    old_digest: recorded.clone(),
+                    new_digest: ev.digest.clone(),
+                },
+                commit: None,
+                branch: spec.is_git().then(|| spec.branch().to_string()),
+            })?;
+            queued.push(rec);
+            break;
+        }
+    }
+    Ok(queued)
+}
+
+async fn timers(w: Arc<Watchers>) {
+    loop {
+        if let Err(e) = fire_timers(&w.queue, w.clock.now()) {
+            tracing::error!(error = %e, "timer trigger");
+        }
+        tokio::select! {
+            _ = w.halt.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// Queues a run for every timer that fired since it was last looked at, as of `now`.
+/// A timer seen for the first time starts counting from `now`.
+pub fn fire_timers(queue: &Queue, now: DateTime<Utc>) -> Result<Vec<RunRecord>, DbError> {
+    let db = queue.db();
+    let mut queued = Vec::new();
+    let stamp = now.to_rfc3339();
+    for spec in db.tasks()? {
+        for t in &spec.triggers.timers {
+            let Ok(c) = cron::parse(&t.schedule) else {
+                continue;
+            };
+            let last = db
+                .timer_last_fired(&spec.name, &t.name)?
+                .and_then(|s| DateTime::parse_from_rfc3339(&s).ok())
+                .map(|d| d.with_timezone(&Utc));
+            let Some(last) = last else {
+                db.set_timer_fired(&spec.name, &t.name, &stamp)?;
+                continue;
+            };
+            if cron::due(&c, last, now).is_some() {
+                db.set_timer_fired(&spec.name, &t.name, &stamp)?;
+                queued.push(queue.enqueue(NewRun {
+                    task: spec.name.clone(),
+                    trigger: Trigger::Timer {
+                        name: t.name.clone(),
+                        schedule: t.schedule.clone(),
+                    },
+                    commit: None,
+                    branch: spec.is_git().then(|| spec.branch().to_string()),
+                })?);
+            }
+        }
+    }
+    Ok(queued)
+}
+
+/// Polls remote branches (at each task's interval) and local checkouts (every second).
+async fn commits(w: Arc<Watchers>) {
+    let mut next_poll: BTreeMap<String, tokio::time::Instant> = BTreeMap::new();
+    loop {
+        let q = w.queue.clone();
+        let due: Vec<String> = {
+            let now = tokio::time::Instant::now();
+            match q.db().tasks() {
+                Ok(tasks) => tasks
+                    .into_iter()
+                    .filter(|t| {
+                        let Some(c) = &t.triggers.commit else {
+                            return false;
+                        };
+                        let interval = if t.is_git() {
+                            match c.poll_interval {
+                                Some(s) => Duration::from_secs(s.max(1)),
+                                None => return false,
+                            }
+                        } else if c.watch {
+                            Duration::from_secs(1)
+                        } else {
+                            return false;
+                        };
+                        let at = next_poll.get(&t.name).copied().unwrap_or(now);
+                        if at <= now {
+                            next_poll.insert(t.name.clone(), now + interval);
+                            true
+                        } else {
+                            false
+                        }
+                    })
+                    .map(|t| t.name)
+                    .collect(),
+                Err(e) => {
+                    tracing::error!(error = %e, "reading tasks");
+                    Vec::new()
+                }
+            }
+        };
+        if !due.is_empty() {
+            let q2 = q.clone();
+            let r = tokio::task::spawn_blocking(move || {
+                for name in due {
+                    if let Err(e) = check_head(&q2, &name) {
+                        tracing::warn!(task = %name, error = %e, "commit trigger");
+                    }
+                }
+            })
+            .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "commit trigger task");
+            }
+        }
+        tokio::select! {
+            _ = w.halt.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum HeadError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("git: {0}")]
+    Git(#[from] git2::Error),
+}
+
+/// Queues a run when the task's branch moved since last seen (the first look only records).
+fn check_head(queue: &Queue, name: &str) -> Result<Option<RunRecord>, HeadError> {
+    let db = queue.db();
+    let Some(spec) = db.task(name)? else {
+        return Ok(None);
+    };
+    let branch = spec.branch().to_string();
+    let (head, source) = if spec.is_git() {
+        (git::remote_branch_head(&spec.context, &branch)?, "poll")
+    } else {
+        (
+            git::local_branch_head(std::path::Path::new(&spec.context), &branch)?,
+            "watch",
+        )
+    };
+    let Some(head) = head else { return Ok(None) };
+    let before = db.head(name)?;
+    if before.as_deref() == Some(head.as_str()) {
+        return Ok(None);
+    }
+    db.set_head(name, &head)?;
+    if before.is_none() {
+        return Ok(None);
+    }
+    let rec = queue.enqueue(NewRun {
+        task: name.to_string(),
+        trigger: Trigger::Commit {
+            source: source.into(),
+            delivery: None,
+            commit: head.clone(),
+            branch: branch.clone(),
+        },
+        commit: Some(head),
+        branch: Some(branch),
+    })?;
+    Ok(Some(rec))
+}

@@ -1,0 +1,245 @@
+//! Helpers for `acr-task serve` tests: the real binary on a private data dir, real git
+//! repositories in temp dirs, and the real Docker Engine.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_acr-task")
+}
+
+/// Docker tests never skip: without an engine they fail and say so.
+pub fn require_docker() {
+    let ok = Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "these tests need a running Docker Engine (`docker info` failed)"
+    );
+}
+
+pub struct Serve {
+    child: Option<Child>,
+    /// `127.0.0.1:PORT`: the registry host and the API.
+    pub addr: String,
+    pub url: String,
+    pub data: PathBuf,
+}
+
+impl Serve {
+    pub fn start(data: &Path, concurrency: usize) -> Serve {
+        Self::start_with(data, concurrency, &[])
+    }
+
+    /// `acr-task serve` on a free loopback port with `extra` arguments.
+    pub fn start_with(data: &Path, concurrency: usize, extra: &[&str]) -> Serve {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(data.with_extension("stderr.log"))
+            .unwrap();
+        let mut child = Command::new(bin())
+            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .arg(data)
+            .args([
+                "--concurrency",
+                &concurrency.to_string(),
+                "--log",
+                "acr_task=info",
+            ])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        let addr = first
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("first line was {first:?}"))
+            .to_string();
+        Serve {
+            child: Some(child),
+            url: format!("http://{addr}"),
+            addr,
+            data: data.to_path_buf(),
+        }
+    }
+
+    /// SIGKILL: no chance to clean up, as in a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.data.with_extension("stderr.log")).unwrap_or_default()
+    }
+
+    pub fn client(&self) -> Api {
+        Api {
+            base: self.url.clone(),
+            http: reqwest::Client::new(),
+        }
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.take() {
+            // SIGTERM so that running runs are canceled and their containers removed.
+            let _ = Command::new("kill").arg(c.id().to_string()).status();
+            let mut c = c;
+            let _ = c.wait();
+        }
+    }
+}
+
+pub struct Api {
+    pub base: String,
+    pub http: reqwest::Client,
+}
+
+impl Api {
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap();
+        let st = r.status().as_u16();
+        (st, r.json().await.unwrap_or(Value::Null))
+    }
+    pub async fn send(&self, method: reqwest::Method, path: &str, body: &Value) -> (u16, Value) {
+        let r = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let st = r.status().as_u16();
+        (st, r.json().await.unwrap_or(Value::Null))
+    }
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        self.send(reqwest::Method::POST, path, body).await
+    }
+    pub async fn text(&self, path: &str) -> String {
+        self.http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+    pub async fn runs(&self, task: &str) -> Vec<Value> {
+        let (st, v) = self.get(&format!("/api/runs?task={task}")).await;
+        assert_eq!(st, 200, "{v}");
+        v.as_array().cloned().unwrap_or_default()
+    }
+    /// Polls until the run's status is one of `want`.
+    pub async fn wait_status(&self, id: &str, want: &[&str], timeout: Duration) -> Value {
+        let start = Instant::now();
+        loop {
+            let (_, v) = self.get(&format!("/api/runs/{id}")).await;
+            if want.iter().any(|w| v["status"] == *w) {
+                return v;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "run {id} did not reach {want:?}: {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Containers, networks and volumes still labelled with this run id.
+pub fn leftovers(run_id: &str) -> Vec<String> {
+    let label = format!("label=io.acr-task.run={run_id}");
+    let mut out = Vec::new();
+    for args in [
+        vec!["ps", "-aq", "--filter", &label],
+        vec!["network", "ls", "-q", "--filter", &label],
+        vec!["volume", "ls", "-q", "--filter", &label],
+    ] {
+        let o = Command::new("docker").args(&args).output().unwrap();
+        out.extend(
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .map(|l| format!("{} {l}", args[0])),
+        );
+    }
+    out
+}
+
+/// A git repository with a `main` branch.
+pub struct Repo {
+    pub dir: tempfile::TempDir,
+    pub repo: git2::Repository,
+}
+
+impl Repo {
+    pub fn new() -> Repo {
+        let dir = tempfile::tempdir().unwrap();
+        let mut opts = git2::RepositoryInitOptions::new();
+        opts.initial_head("main");
+        let repo = git2::Repository::init_opts(dir.path(), &opts).unwrap();
+        Repo { dir, repo }
+    }
+
+    pub fn url(&self) -> String {
+        format!("file://{}", self.dir.path().display())
+    }
+
+    /// Writes the files, commits them all on the current branch, returns the commit id.
+    pub fn commit(&self, files: &[(&str, &str)], msg: &str) -> String {
+        for (p, text) in files {
+            let full = self.dir.path().join(p);
+            std::fs::create_dir_all(full.parent().unwrap()).unwrap();
+            std::fs::write(full, text).unwrap();
+        }
+        let mut idx = self.repo.index().unwrap();
+        idx.add_all(["*"], git2::IndexAddOption::DEFAULT, None)
+            .unwrap();
+        idx.write().unwrap();
+        let tree = self.repo.find_tree(idx.write_tree().unwrap()).unwrap();
+        let sig = git2::Signature::now("test", "test@example.com").unwrap();
+        let parent = self.repo.head().ok().and_then(|h| h.peel_to_commit().ok());
+        let parents: Vec<&git2::Commit> = parent.iter().collect();
+        self.repo
+            .commit(Some("HEAD"), &sig, &sig, msg, &tree, &parents)
+            .unwrap()
+            .to_string()
+    }
+}
+
+/// HMAC-SHA256 hex, exactly as GitHub computes `X-Hub-Signature-256` (after `sha256=`).
+pub fn github_signature(secret: &str, body: &[u8]) -> String {
+    use hmac::{Hmac, Mac};
+    let mut m = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    m.update(body);
+    format!("sha256={}", hex::encode(m.finalize().into_bytes()))
+}
+
+pub fn data_file(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/serve")
+        .join(name)
+}
