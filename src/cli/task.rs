@@ -155,6 +155,8 @@ pub fn serve(args: &super::registry::ServeArgs) -> anyhow::Result<ExitCode> {
     let dir = args.data.clone().unwrap_or_else(super::default_data_dir);
     let mut cfg = ServeConfig::new(args.listen, dir.clone(), args.concurrency);
     cfg.remote_poll = args.base_image_poll;
+    cfg.auth = args.auth.open(&dir.join("registry"))?;
+    cfg.webhooks = Some(args.auth.webhook_options());
     tokio_runtime()?.block_on(async {
         let stop = super::registry::stop_signal()?;
         let server = Server::bind(cfg)
@@ -173,13 +175,32 @@ pub fn serve(args: &super::registry::ServeArgs) -> anyhow::Result<ExitCode> {
 struct Client {
     base: String,
     http: reqwest::Client,
+    /// Basic credentials for a server started with `--auth`: the admin or a token name,
+    /// and its password (`ACR_TASK_USERNAME`, `ACR_TASK_PASSWORD`).
+    credentials: Option<(String, String)>,
 }
 
 impl Client {
     fn new(server: &str) -> Client {
+        let credentials = match (
+            std::env::var("ACR_TASK_USERNAME"),
+            std::env::var("ACR_TASK_PASSWORD"),
+        ) {
+            (Ok(u), Ok(p)) => Some((u, p)),
+            _ => None,
+        };
         Client {
             base: server.trim_end_matches('/').to_string(),
             http: reqwest::Client::new(),
+            credentials,
+        }
+    }
+
+    fn request(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
+        let req = self.http.request(method, url);
+        match &self.credentials {
+            Some((u, p)) => req.basic_auth(u, Some(p)),
+            None => req,
         }
     }
 
@@ -192,7 +213,7 @@ impl Client {
         body: Option<&Value>,
     ) -> anyhow::Result<Value> {
         let url = format!("{}{path}", self.base);
-        let mut req = self.http.request(method, &url);
+        let mut req = self.request(method, &url);
         if let Some(b) = body {
             req = req.json(b);
         }
@@ -444,8 +465,7 @@ const RUN_HEADER: [&str; 7] = [
 async fn follow_logs(c: &Client, run: &str) -> anyhow::Result<()> {
     let url = format!("{}/api/runs/{run}/logs?follow=true", c.base);
     let resp = c
-        .http
-        .get(&url)
+        .request(reqwest::Method::GET, &url)
         .send()
         .await
         .with_context(|| format!("cannot reach {}", c.base))?;
@@ -599,8 +619,7 @@ async fn task_async(cmd: TaskCmd) -> anyhow::Result<ExitCode> {
             } else {
                 let url = format!("{}/api/runs/{run}/logs", c.base);
                 let resp = c
-                    .http
-                    .get(&url)
+                    .request(reqwest::Method::GET, &url)
                     .send()
                     .await
                     .with_context(|| format!("cannot reach {}", c.base))?;

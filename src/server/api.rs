@@ -43,12 +43,17 @@ fn internal(e: impl std::fmt::Display) -> ApiErr {
     err(StatusCode::INTERNAL_SERVER_ERROR, e)
 }
 
-pub fn router(state: Arc<ApiState>) -> Router {
-    Router::new()
+/// The API; with `auth`, everything but health and the (signature-checked) commit
+/// webhooks needs the admin or a token allowed to manage (see `auth::http::require_api`).
+pub fn router(state: Arc<ApiState>, auth: Option<Arc<crate::auth::Auth>>) -> Router {
+    let public = Router::new()
         .route(
             "/api/health",
             get(|| async { Json(json!({"status": "ok"})) }),
         )
+        .route("/api/webhooks/{provider}/{task}", post(webhook))
+        .with_state(state.clone());
+    let managed = Router::new()
         .route("/api/tasks", get(list_tasks).post(create_task))
         .route(
             "/api/tasks/{name}",
@@ -59,8 +64,15 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/runs/{id}", get(show_run))
         .route("/api/runs/{id}/logs", get(run_logs))
         .route("/api/runs/{id}/cancel", post(cancel_run))
-        .route("/api/webhooks/{provider}/{task}", post(webhook))
-        .with_state(state)
+        .with_state(state);
+    let managed = match auth {
+        Some(a) => managed.route_layer(axum::middleware::from_fn_with_state(
+            a,
+            crate::auth::http::require_api,
+        )),
+        None => managed,
+    };
+    public.merge(managed)
 }
 
 /// Checks a definition before it is stored: name, triggers, and the task file itself.

@@ -42,6 +42,8 @@ pub enum ServerError {
     },
     #[error("server: {0}")]
     Io(#[from] std::io::Error),
+    #[error("webhooks: {0}")]
+    Webhooks(#[from] crate::webhooks::WebhookError),
     #[error("background task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
 }
@@ -56,6 +58,10 @@ pub struct ServeConfig {
     pub clock: Arc<dyn Clock>,
     /// Seconds between digest checks of base images in other registries (0: never).
     pub remote_poll: u64,
+    /// Registry access control; it also guards the management API. `None`: open.
+    pub auth: Option<Arc<crate::auth::Auth>>,
+    /// Outgoing registry webhooks (`None`: not delivered).
+    pub webhooks: Option<crate::webhooks::DeliveryOptions>,
 }
 
 impl ServeConfig {
@@ -67,6 +73,8 @@ impl ServeConfig {
             max_parallel: 8,
             clock: Arc::new(SystemClock),
             remote_poll: 300,
+            auth: None,
+            webhooks: None,
         }
     }
 }
@@ -147,9 +155,22 @@ impl Server {
             halt: halt.clone(),
             remote_poll: self.cfg.remote_poll,
         });
-        let app = crate::registry::router(self.registry.clone())
-            .merge(api::router(Arc::new(api::ApiState { queue })));
+        // Kept alive while serving: deliveries run off the request path.
+        let _webhooks = match &self.cfg.webhooks {
+            Some(opts) => Some(crate::webhooks::Dispatcher::start(
+                &self.registry,
+                &self.cfg.data_dir.join("registry"),
+                opts.clone(),
+            )?),
+            None => None,
+        };
+        let app =
+            crate::registry::router_with_auth(self.registry.clone(), self.cfg.auth.clone()).merge(
+                api::router(Arc::new(api::ApiState { queue }), self.cfg.auth.clone()),
+            );
         let h = halt.clone();
+        // Client addresses feed the login rate limiter.
+        let app = app.into_make_service_with_connect_info::<SocketAddr>();
         axum::serve(self.listener, app)
             .with_graceful_shutdown(async move {
                 stop.await;
