@@ -45,7 +45,8 @@ pub struct TaskDef {
     /// Value override `key=value` (repeatable; replaces the stored list).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
-    /// Secret reference `NAME=REF` (repeatable).
+    /// Secret reference `NAME=env:VAR` or `NAME=file:/path`, resolved on the server when a run
+    /// starts and given to `{{.Secrets.NAME}}` (repeatable).
     #[arg(long = "secret", value_name = "NAME=REF")]
     secrets: Vec<String>,
     /// Webhook secret; enables the commit trigger.

@@ -21,7 +21,8 @@ pub struct TaskSpec {
     pub values: Option<String>,
     /// `key=value` overrides applied after `values`, in order.
     pub set: Vec<String>,
-    /// Secret references, name -> reference (kept as given; not resolved yet).
+    /// Secret references, name -> `env:VAR` or `file:/path`, resolved on the server when a
+    /// run starts (values are never stored).
     pub secrets: BTreeMap<String, String>,
     pub triggers: Triggers,
     /// Whole-run timeout in seconds (default 3600, as ACR).

@@ -2,6 +2,7 @@
 //! `.Run` values, loading the task file, executing it on Docker and recording its log.
 //! `acr-task run` uses the same setup functions ([`resolve_context`], [`run_info`]).
 
+use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -88,6 +89,33 @@ pub fn run_info(
         info.branch = branch;
     }
     info
+}
+
+/// A stored task's secret references resolved on the server, when a run starts:
+/// `env:VAR` (the server's environment) or `file:/path` (a file's content, trailing
+/// newline trimmed). Values never reach the database, and runs mask them in logs.
+pub fn resolve_secrets(
+    refs: &BTreeMap<String, String>,
+) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    for (name, reference) in refs {
+        let value = if let Some(var) = reference.strip_prefix("env:") {
+            std::env::var(var).map_err(|_| {
+                format!("secret {name}: environment variable {var} is not set on the server")
+            })?
+        } else if let Some(path) = reference.strip_prefix("file:") {
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("secret {name}: reading {path}: {e}"))?
+                .trim_end_matches(['\n', '\r'])
+                .to_string()
+        } else {
+            return Err(format!(
+                "secret {name}: reference {reference:?} must be env:VAR or file:/path"
+            ));
+        };
+        out.insert(name.clone(), value);
+    }
+    Ok(out)
 }
 
 /// The values of a stored task: its values text, then its `set` overrides.
@@ -331,7 +359,14 @@ async fn run_on_docker(
         }
         Err(e) => return Outcome::failed(format!("preparing the context: {e}")),
     };
-    let cfg = RunConfig::for_run(&run.id, context.clone(), max_parallel);
+    let mut cfg = RunConfig::for_run(&run.id, context.clone(), max_parallel);
+    cfg.secrets = match resolve_secrets(&spec.secrets) {
+        Ok(s) => s,
+        Err(e) => {
+            log.line("acr-task", &e);
+            return Outcome::failed(e);
+        }
+    };
     let mut info = run_info(
         &run.id,
         Path::new("acb.yaml"),
@@ -412,5 +447,29 @@ async fn run_on_docker(
         error,
         commit,
         report: Some(report),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_references_resolve_from_env_and_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("pw");
+        std::fs::write(&f, "from-file\n").unwrap();
+        std::env::set_var("ACR_TASK_TEST_SECRET", "from-env");
+        let refs = BTreeMap::from([
+            ("a".to_string(), "env:ACR_TASK_TEST_SECRET".to_string()),
+            ("b".to_string(), format!("file:{}", f.display())),
+        ]);
+        let got = resolve_secrets(&refs).unwrap();
+        assert_eq!(got["a"], "from-env");
+        assert_eq!(got["b"], "from-file");
+        let bad = BTreeMap::from([("c".to_string(), "vault://x".to_string())]);
+        assert!(resolve_secrets(&bad)
+            .unwrap_err()
+            .contains("env:VAR or file:/path"));
     }
 }
