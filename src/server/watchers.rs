@@ -276,12 +276,64 @@ pub fn fire_timers(queue: &Queue, now: DateTime<Utc>) -> Result<Vec<RunRecord>, 
     Ok(queued)
 }
 
-/// Polls remote branches (at each task's interval) and local checkouts (every second).
+/// How often a watched local checkout is also polled, in case a file event was missed.
+const LOCAL_SAFETY_POLL: Duration = Duration::from_secs(30);
+
+/// Watches the refs of a task's local checkout with `notify` (inotify on Linux): a commit
+/// moves `refs/heads/<branch>` (or `packed-refs`), and the task's name is sent to `tx`.
+fn watch_refs(
+    name: &str,
+    context: &str,
+    tx: &tokio::sync::mpsc::UnboundedSender<String>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher as _;
+    let repo = git2::Repository::discover(context).ok()?;
+    let git_dir = repo.path().to_path_buf();
+    let (tx, task) = (tx.clone(), name.to_string());
+    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        if ev.is_ok() {
+            let _ = tx.send(task.clone());
+        }
+    })
+    .ok()?;
+    watcher
+        .watch(&git_dir, notify::RecursiveMode::NonRecursive)
+        .ok()?;
+    watcher
+        .watch(
+            &git_dir.join("refs/heads"),
+            notify::RecursiveMode::Recursive,
+        )
+        .ok()?;
+    Some(watcher)
+}
+
+/// Polls remote branches (at each task's interval); watches local checkouts' refs with
+/// `notify`, polling them now and then as a safety net.
 async fn commits(w: Arc<Watchers>) {
     let mut next_poll: BTreeMap<String, tokio::time::Instant> = BTreeMap::new();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let mut watched: BTreeMap<String, (String, notify::RecommendedWatcher)> = BTreeMap::new();
+    let mut touched: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
     loop {
         let q = w.queue.clone();
-        let due: Vec<String> = {
+        if let Ok(tasks) = q.db().tasks() {
+            let local: BTreeMap<String, String> = tasks
+                .iter()
+                .filter(|t| !t.is_git() && t.triggers.commit.as_ref().is_some_and(|c| c.watch))
+                .map(|t| (t.name.clone(), t.context.clone()))
+                .collect();
+            watched.retain(|name, (ctx, _)| local.get(name) == Some(ctx));
+            for (name, ctx) in local {
+                if !watched.contains_key(&name) {
+                    if let Some(watcher) = watch_refs(&name, &ctx, &tx) {
+                        watched.insert(name, (ctx, watcher));
+                    }
+                }
+            }
+        }
+        let mut due: Vec<String> = std::mem::take(&mut touched).into_iter().collect();
+        due.extend({
             let now = tokio::time::Instant::now();
             match q.db().tasks() {
                 Ok(tasks) => tasks
@@ -296,7 +348,7 @@ async fn commits(w: Arc<Watchers>) {
                                 None => return false,
                             }
                         } else if c.watch {
-                            Duration::from_secs(1)
+                            LOCAL_SAFETY_POLL
                         } else {
                             return false;
                         };
@@ -315,7 +367,9 @@ async fn commits(w: Arc<Watchers>) {
                     Vec::new()
                 }
             }
-        };
+        });
+        due.sort();
+        due.dedup();
         if !due.is_empty() {
             let q2 = q.clone();
             let r = tokio::task::spawn_blocking(move || {
@@ -333,6 +387,14 @@ async fn commits(w: Arc<Watchers>) {
         tokio::select! {
             _ = w.halt.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            Some(name) = rx.recv() => {
+                touched.insert(name);
+                // A commit writes several files: take the burst as one look.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                while let Ok(n) = rx.try_recv() {
+                    touched.insert(n);
+                }
+            }
         }
     }
 }
