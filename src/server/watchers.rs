@@ -325,9 +325,9 @@ async fn commits(w: Arc<Watchers>) {
                 .collect();
             watched.retain(|name, (ctx, _)| local.get(name) == Some(ctx));
             for (name, ctx) in local {
-                if !watched.contains_key(&name) {
-                    if let Some(watcher) = watch_refs(&name, &ctx, &tx) {
-                        watched.insert(name, (ctx, watcher));
+                if let std::collections::btree_map::Entry::Vacant(slot) = watched.entry(name) {
+                    if let Some(watcher) = watch_refs(slot.key(), &ctx, &tx) {
+                        slot.insert((ctx, watcher));
                     }
                 }
             }
