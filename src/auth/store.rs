@@ -125,9 +125,7 @@ impl AuthStore {
         // Hashes only, but still nobody else's business; the WAL inherits the mode.
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
             .map_err(|e| AuthError::io(&path, e))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.busy_timeout(std::time::Duration::from_secs(30))?;
+        crate::store::configure_sqlite(&conn)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS settings(key TEXT PRIMARY KEY, value TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS scope_maps(

@@ -94,9 +94,7 @@ pub struct NewRun {
 impl Db {
     pub fn open(path: &Path) -> Result<Db, DbError> {
         let conn = Connection::open(path)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        crate::store::configure_sqlite(&conn)?;
         conn.execute_batch(SCHEMA)?;
         // A per-database run-id prefix, so that two servers on one engine never share a run
         // id (ids name and label Docker resources).

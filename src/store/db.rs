@@ -10,11 +10,16 @@ use super::StoreError;
 
 pub(crate) fn open_conn(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path)?;
-    // WAL lets readers run beside the writer; FULL makes each commit durable on return.
+    configure(&conn)?;
+    Ok(conn)
+}
+
+/// How every acr-task database is used: WAL lets readers run beside the writer; FULL
+/// makes each commit durable on return; writers wait for each other instead of failing.
+pub fn configure(conn: &Connection) -> rusqlite::Result<()> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.busy_timeout(std::time::Duration::from_secs(30))?;
-    Ok(conn)
+    conn.busy_timeout(std::time::Duration::from_secs(30))
 }
 
 pub(crate) fn init_schema(conn: &Connection) -> Result<(), StoreError> {

@@ -18,7 +18,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::Connection;
 
-pub use db::{ManifestInfo, ManifestRow, NewManifest, Reference};
+pub use db::{configure as configure_sqlite, ManifestInfo, ManifestRow, NewManifest, Reference};
 pub use maint::{FsckIssue, FsckReport, GcReport};
 
 /// Errors from the store. `MissingRef` is a client error (a manifest names something absent).

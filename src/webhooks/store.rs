@@ -70,9 +70,7 @@ impl WebhookStore {
         let conn = Connection::open(&path)?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
             .map_err(|e| WebhookError::io(&path, e))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.busy_timeout(std::time::Duration::from_secs(30))?;
+        crate::store::configure_sqlite(&conn)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS webhooks(
                 name TEXT PRIMARY KEY, uri TEXT NOT NULL, actions TEXT NOT NULL, scope TEXT,
