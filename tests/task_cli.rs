@@ -81,13 +81,18 @@ fn values_file_and_set() {
         "deploy=false",
     ]);
     assert_eq!((code, out.as_str()), (0, "valid: 4 steps, 2 levels\n"));
-    // Without values, the template has nothing to render `.Values.deploy` from.
-    let (code, _, err) = acr_task(&["validate", f.to_str().unwrap()]);
-    assert_eq!(code, 1);
-    assert!(
-        err.contains(":5:11: template: no value for `deploy`"),
+    // Without values, `{{if .Values.deploy}}` is false, as in ACR (missingkey=zero): a
+    // missing value is an error only where it would be printed.
+    let (code, out, err) = acr_task(&["validate", f.to_str().unwrap()]);
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "valid: 1 steps, 1 levels\n"),
         "{err}"
     );
+    let printed = data("invalid/missing-value.yaml");
+    let (code, _, err) = acr_task(&["validate", printed.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("template: no value for `"), "{err}");
     // ACR's behaviour on request: missing values render as nothing.
     let (code, out, err) = acr_task(&["validate", f.to_str().unwrap(), "--empty-missing-values"]);
     assert_eq!(

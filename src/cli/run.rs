@@ -37,7 +37,8 @@ pub struct RunArgs {
     /// Registry to push to (`HOST:PORT`). Default: the integrated registry, started in-process.
     #[arg(long)]
     pub registry: Option<String>,
-    /// Render a missing `.Values.x` as nothing, as ACR does, instead of reporting it.
+    /// Print a missing `.Values.x` as nothing, as ACR does, instead of reporting it
+    /// (missing values in `if`, `default`, ... are fine either way).
     #[arg(long)]
     pub empty_missing_values: bool,
     /// Print the rendered plan (levels, dependencies, critical path) without touching Docker.

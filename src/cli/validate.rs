@@ -18,7 +18,8 @@ pub struct ValidateArgs {
     /// Override a value: `--set key=value` (repeatable; later wins).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
-    /// Render a missing `{{.Values.x}}` as empty text, as ACR does, instead of an error.
+    /// Print a missing `{{.Values.x}}` as empty text, as ACR does, instead of reporting it
+    /// (missing values in `if`, `default`, ... are fine either way).
     #[arg(long)]
     pub empty_missing_values: bool,
     #[arg(long, short = 'o', value_enum, default_value = "table")]

@@ -122,7 +122,8 @@ pub fn load_str(
 /// Choices that differ between ACR and acr-task's stricter default.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LoadOptions {
-    /// Render a missing `.Values.x` as nothing, as ACR does, instead of reporting it.
+    /// Print a missing `.Values.x` as nothing, as ACR does, instead of reporting it
+    /// (missing values in `if`, `default`, ... are fine either way).
     pub empty_missing_values: bool,
 }
 

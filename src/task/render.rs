@@ -29,26 +29,30 @@ pub(crate) fn render(
     let protected = protect_secrets(text);
     let text = protected.as_str();
     let data = data(run, values);
-    let missing = if empty_missing {
-        MissingKey::ZeroValue
-    } else {
-        MissingKey::Error
-    };
-    let out = match render_simple(file, text, &data, missing) {
-        Some(out) => out,
-        None => {
-            let tmpl = with_funcs(Template::new(file))
-                .missing_key(missing)
-                .parse(text)
-                .map_err(|e| template_error(file, text, original, &e))?;
-            tmpl.execute_to_string(&data)
-                .map_err(|e| template_error(file, text, original, &e))?
+    let render_with = |missing: MissingKey| -> Result<String, Diagnostic> {
+        match render_simple(file, text, &data, missing) {
+            Some(out) => Ok(out),
+            None => {
+                let tmpl = with_funcs(Template::new(file))
+                    .missing_key(missing)
+                    .parse(text)
+                    .map_err(|e| template_error(file, text, original, &e))?;
+                tmpl.execute_to_string(&data)
+                    .map_err(|e| template_error(file, text, original, &e))
+            }
         }
     };
+    // ACR renders with missingkey=zero, so `{{.Values.x | default "y"}}` works; a missing
+    // value is an error only when it would be printed. Then a strict render names the key
+    // and its place.
+    let out = render_with(MissingKey::ZeroValue)?;
     if empty_missing {
         return Ok(out.replace(NO_VALUE, ""));
     }
-    Ok(out)
+    if !out.contains(NO_VALUE) {
+        return Ok(out);
+    }
+    render_with(MissingKey::Error)
 }
 
 /// What the engine prints for a missing value under `missingkey=zero`.
