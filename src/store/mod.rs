@@ -38,6 +38,8 @@ pub enum StoreError {
     BlobMissing(String),
     #[error("store lock poisoned")]
     Poisoned,
+    #[error("{0} is in use by another acr-task process serving it: use that registry (--registry HOST:PORT) or another --data")]
+    InUse(PathBuf),
 }
 
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -55,6 +57,8 @@ pub struct Store {
     writer: Mutex<Connection>,
     readers: Vec<Mutex<Connection>>,
     next_reader: AtomicUsize,
+    /// The serving process's lock on the data dir (`None` for maintenance opens).
+    _owner: Option<fs::File>,
 }
 
 impl std::fmt::Debug for Store {
@@ -72,6 +76,13 @@ impl Store {
             let p = root.join(sub);
             fs::create_dir_all(&p).map_err(io_err(&p))?;
         }
+        // One serving process per data dir: recovery clears `uploads/`, which would destroy
+        // another server's sessions in flight.
+        let owner = if recover {
+            Some(lock_exclusive(root)?)
+        } else {
+            None
+        };
         let db_path = root.join("meta.db");
         let writer = db::open_conn(&db_path)?;
         db::init_schema(&writer)?;
@@ -84,6 +95,7 @@ impl Store {
             writer: Mutex::new(writer),
             readers,
             next_reader: AtomicUsize::new(0),
+            _owner: owner,
         };
         if recover {
             store.recover()?;
@@ -94,7 +106,33 @@ impl Store {
     pub fn root(&self) -> &Path {
         &self.root
     }
+}
 
+/// An exclusive, non-blocking `flock` on `<root>/serve.lock`, held while the file is open
+/// (the kernel drops it when the process dies, so a crash never leaves it stale).
+fn lock_exclusive(root: &Path) -> Result<fs::File, StoreError> {
+    use std::os::fd::AsRawFd;
+    let path = root.join("serve.lock");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_err(&path))?;
+    // SAFETY: flock on a file descriptor we own and keep open.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        return Err(if err.kind() == std::io::ErrorKind::WouldBlock {
+            StoreError::InUse(root.to_path_buf())
+        } else {
+            io_err(&path)(err)
+        });
+    }
+    Ok(file)
+}
+
+impl Store {
     /// Where a committed blob lives. `digest` must already be validated (`sha256:<64 hex>`).
     pub fn blob_path(&self, digest: &str) -> PathBuf {
         let hex = digest.strip_prefix("sha256:").unwrap_or(digest);

@@ -118,3 +118,17 @@ fn tags_and_repositories_paginate_in_order() {
         vec!["r"]
     );
 }
+
+#[test]
+fn one_serving_process_per_data_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Store::open(dir.path(), true).unwrap();
+    match Store::open(dir.path(), true) {
+        Err(StoreError::InUse(p)) => assert_eq!(p, dir.path()),
+        other => panic!("expected InUse, got {other:?}"),
+    }
+    // Maintenance (gc, fsck, repository --data) does not need to own the directory.
+    Store::open(dir.path(), false).unwrap();
+    drop(first);
+    Store::open(dir.path(), true).unwrap();
+}
