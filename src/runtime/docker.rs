@@ -28,6 +28,10 @@ const BUILD_ERROR_TAIL: usize = 15;
 #[derive(Clone)]
 pub struct DockerRuntime {
     docker: Docker,
+    /// Container creations whose request is in flight. A caller may drop a `run` future
+    /// mid-create (cancel, timeout) while the engine still creates the container; creations
+    /// therefore finish in their own task, and the run's cleanup sweep waits for them.
+    creating: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 fn engine(e: bollard::errors::Error) -> RuntimeError {
@@ -72,7 +76,10 @@ impl DockerRuntime {
             .negotiate_version()
             .await
             .map_err(|e| unreachable(e.to_string()))?;
-        let rt = DockerRuntime { docker };
+        let rt = DockerRuntime {
+            docker,
+            creating: Default::default(),
+        };
         rt.docker
             .ping()
             .await
@@ -281,7 +288,17 @@ impl DockerRuntime {
             name: Some(spec.name.clone()),
             ..Default::default()
         };
-        match self.docker.create_container(Some(opts), body).await {
+        use std::sync::atomic::Ordering;
+        let (docker, creating) = (self.docker.clone(), self.creating.clone());
+        creating.fetch_add(1, Ordering::SeqCst);
+        let created = tokio::spawn(async move {
+            let r = docker.create_container(Some(opts), body).await;
+            creating.fetch_sub(1, Ordering::SeqCst);
+            r
+        })
+        .await
+        .map_err(|e| RuntimeError::Engine(format!("creating a container: {e}")))?;
+        match created {
             Ok(_) => Ok(()),
             Err(e) if is_not_found(&e) => Err(RuntimeError::ImageNotFound {
                 image: spec.image.clone(),
@@ -788,6 +805,13 @@ impl Runtime for DockerRuntime {
     }
 
     async fn remove_run_resources(&self, run_id: &str) -> Result<(), RuntimeError> {
+        // Let creations still in flight land first, so the sweep sees their containers.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while self.creating.load(std::sync::atomic::Ordering::SeqCst) > 0
+            && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
         let label = format!("{RUN_LABEL}={run_id}");
         let filters: HashMap<String, Vec<String>> =
             HashMap::from([("label".to_string(), vec![label])]);
