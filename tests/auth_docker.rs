@@ -4,7 +4,6 @@
 
 mod registry_common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 
@@ -47,30 +46,7 @@ fn create_token(data: &Path, name: &str, map: &str, extra: &[&str]) -> String {
 }
 
 fn serve(data: &Path) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_acr-task"))
-        .args([
-            "serve",
-            "--registry-only",
-            "--auth",
-            "--listen",
-            "127.0.0.1:0",
-            "--data",
-        ])
-        .arg(data)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap()
-        .to_string();
-    (child, addr)
+    spawn_serve(&["--registry-only", "--auth"], data)
 }
 
 /// docker with its own config dir, so logins never touch the user's ~/.docker.

@@ -3,6 +3,9 @@
 
 use std::process::Command;
 
+#[path = "registry_common/mod.rs"]
+mod registry_common;
+
 fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_acr-task")
 }
@@ -31,23 +34,7 @@ fn admin_password(registry_dir: &std::path::Path) -> String {
 fn management_api_needs_credentials_when_auth_is_on() {
     let data = tempfile::tempdir().unwrap();
     let password = admin_password(&data.path().join("registry"));
-    let mut child = Command::new(bin())
-        .args(["serve", "--auth", "--listen", "127.0.0.1:0", "--data"])
-        .arg(data.path())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap()
-        .to_string();
+    let (mut child, addr) = registry_common::spawn_serve(&["--auth"], data.path());
     let server = format!("http://{addr}");
     let list = |creds: Option<(&str, &str)>| {
         let mut cmd = Command::new(bin());

@@ -6,7 +6,7 @@ mod registry_common;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -228,31 +228,7 @@ impl Drop for Server {
 }
 
 fn serve(data: &Path) -> (Server, String) {
-    use std::io::BufRead;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_acr-task"))
-        .args([
-            "serve",
-            "--registry-only",
-            "--listen",
-            "127.0.0.1:0",
-            "--webhook-backoff-ms",
-            "200",
-            "--data",
-        ])
-        .arg(data)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap()
-        .to_string();
+    let (child, addr) = spawn_serve(&["--registry-only", "--webhook-backoff-ms", "200"], data);
     (Server(child), addr)
 }
 

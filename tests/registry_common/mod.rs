@@ -101,14 +101,16 @@ pub fn make_busybox_image(reference: &str, marker: &str) {
 
 /// `acr-task serve --registry-only` as a child process; returns it with its address.
 pub fn spawn_server(data: &Path) -> (Child, String) {
+    spawn_serve(&["--registry-only"], data)
+}
+
+/// `acr-task serve ARGS... --listen 127.0.0.1:0 --data DATA` as a child process; returns it
+/// with the address from its first stdout line (`listening on ADDR`).
+pub fn spawn_serve(args: &[&str], data: &Path) -> (Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_acr-task"))
-        .args([
-            "serve",
-            "--registry-only",
-            "--listen",
-            "127.0.0.1:0",
-            "--data",
-        ])
+        .arg("serve")
+        .args(args)
+        .args(["--listen", "127.0.0.1:0", "--data"])
         .arg(data)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
