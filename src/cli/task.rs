@@ -10,6 +10,7 @@ use anyhow::{bail, Context};
 use futures_util::StreamExt;
 use serde_json::Value;
 
+use super::registry::print_json;
 use super::Output;
 use crate::server::model::{CommitTrigger, TaskSpec, TimerTrigger};
 use crate::server::{ServeConfig, Server};
@@ -333,33 +334,8 @@ fn apply(spec: &mut TaskSpec, def: TaskDef) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_json(v: &Value) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
-    Ok(())
-}
-
 fn table(header: &[&str], rows: &[Vec<String>]) {
-    let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for r in rows {
-        for (i, c) in r.iter().enumerate() {
-            w[i] = w[i].max(c.len());
-        }
-    }
-    let line = |cells: Vec<String>| {
-        cells
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{:<width$}", c, width = w[i]))
-            .collect::<Vec<_>>()
-            .join("  ")
-            .trim_end()
-            .to_string()
-    };
-    println!("{}", line(header.iter().map(|s| s.to_string()).collect()));
-    println!("{}", line(w.iter().map(|n| "-".repeat(*n)).collect()));
-    for r in rows {
-        println!("{}", line(r.clone()));
-    }
+    println!("{}", super::render::table(header, rows));
 }
 
 fn s(v: &Value) -> String {
