@@ -5,6 +5,7 @@ pub mod auth;
 pub mod cli;
 pub mod dockerfile;
 pub mod exec;
+pub mod listen;
 pub mod plan;
 pub mod registry;
 pub mod runtime;

@@ -25,6 +25,7 @@ async fn env(settings: AuthSettings) -> Env {
         RegistryConfig {
             data_dir: dir.path().to_path_buf(),
             listen: "127.0.0.1:0".parse().unwrap(),
+            tls: None,
         },
         Some(auth.clone()),
     )

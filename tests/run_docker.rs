@@ -284,3 +284,52 @@ fn build_context_comes_from_the_workspace_with_dockerignore() {
         .args(["rmi", &format!("workspace-build:{}", run.run_id())])
         .output();
 }
+
+#[test]
+fn platform_reaches_templates_builds_and_containers() {
+    let file = data("platform/acb.yaml");
+    let run = run_task(&file, &["--platform", "linux/amd64"]);
+    assert_eq!(run.status(), "Succeeded", "{}", run.stderr());
+    assert!(
+        run.logged("show", "platform=linux/amd64"),
+        "{}",
+        run.stderr()
+    );
+    assert!(
+        run.logged("check", "built-for-the-platform"),
+        "{}",
+        run.stderr()
+    );
+    let image = format!("platform-check:{}", run.run_id());
+    let arch = Command::new("docker")
+        .args([
+            "image",
+            "inspect",
+            "--format",
+            "{{.Os}}/{{.Architecture}}",
+            &image,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&arch.stdout).trim(), "linux/amd64");
+    let _ = Command::new("docker").args(["rmi", &image]).output();
+
+    // The engine is asked for arm64: the amd64 runner image does not match, and the
+    // step fails saying so instead of silently running the host's platform.
+    let run = run_task(&file, &["--platform", "linux/arm64"]);
+    assert_eq!(run.status(), "Failed", "{}", run.report);
+    let err = run.step("show")["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(err.contains("platform"), "{err}");
+
+    let bad = Command::new(bin())
+        .args(["run", "--platform", "linux/sparc"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let e = String::from_utf8_lossy(&bad.stderr);
+    assert!(e.contains("unknown architecture \"sparc\""), "{e}");
+}

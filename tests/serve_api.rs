@@ -68,6 +68,14 @@ async fn tasks_crud_and_validation() {
         .post("/api/tasks", &json!({"name": "rel", "context": "some/dir"}))
         .await;
     assert_eq!(st, 400);
+    let (st, v) = api
+        .post(
+            "/api/tasks",
+            &json!({"name": "plat", "context": ctx("hello"), "platform": "linux/sparc"}),
+        )
+        .await;
+    assert_eq!(st, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("sparc"), "{v}");
     let (st, _) = api.get("/api/tasks/bad").await;
     assert_eq!(st, 404, "refused tasks are not stored");
 
@@ -238,4 +246,39 @@ async fn a_run_over_the_task_timeout_ends_timed_out_and_cleaned_up() {
     assert_eq!(v["status"], "TimedOut", "{v}");
     assert_eq!(v["error"], "the run timed out after 3 s");
     assert!(leftovers(&id).is_empty(), "{:?}", leftovers(&id));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_task_platform_is_applied_to_its_runs() {
+    require_docker();
+    let data = tempfile::tempdir().unwrap();
+    let serve = Serve::start(&data.path().join("d"), 2);
+    let api = serve.client();
+    for (name, platform) in [("amd", "linux/amd64"), ("arm", "linux/arm64")] {
+        let (st, v) = api
+            .post(
+                "/api/tasks",
+                &json!({"name": name, "context": ctx("hello"), "platform": platform}),
+            )
+            .await;
+        assert_eq!(st, 201, "{v}");
+    }
+    let (_, v) = api.post("/api/tasks/amd/runs", &json!({})).await;
+    let amd = v["id"].as_str().unwrap().to_string();
+    let (_, v) = api.post("/api/tasks/arm/runs", &json!({})).await;
+    let arm = v["id"].as_str().unwrap().to_string();
+    let done = api
+        .wait_status(&amd, &["Succeeded", "Failed"], Duration::from_secs(120))
+        .await;
+    assert_eq!(done["status"], "Succeeded", "{done}");
+    // The engine is asked for arm64 and says the local amd64 image does not match.
+    let done = api
+        .wait_status(&arm, &["Succeeded", "Failed"], Duration::from_secs(120))
+        .await;
+    assert_eq!(done["status"], "Failed", "{done}");
+    let log = api.text(&format!("/api/runs/{arm}/logs")).await;
+    assert!(
+        log.contains("does not match the specified platform"),
+        "{log}"
+    );
 }

@@ -29,6 +29,16 @@ async fn receiver(
     fail_first: usize,
     delay: Duration,
 ) -> Received {
+    receiver_with(listener, fail_first, delay, None).await
+}
+
+/// [`receiver`] over HTTPS when `tls` is given.
+async fn receiver_with(
+    listener: tokio::net::TcpListener,
+    fail_first: usize,
+    delay: Duration,
+    tls: Option<acr_task::listen::TlsConfig>,
+) -> Received {
     let rec = Received::default();
     let r = rec.clone();
     let app = axum::Router::new().route(
@@ -44,7 +54,12 @@ async fn receiver(
             }
         }),
     );
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    tokio::spawn(acr_task::listen::serve(
+        listener,
+        app,
+        tls,
+        std::future::pending(),
+    ));
     rec
 }
 
@@ -228,8 +243,83 @@ impl Drop for Server {
 }
 
 fn serve(data: &Path) -> (Server, String) {
-    let (child, addr) = spawn_serve(&["--registry-only", "--webhook-backoff-ms", "200"], data);
+    serve_with(data, &[])
+}
+
+fn serve_with(data: &Path, extra: &[&str]) -> (Server, String) {
+    let mut args = vec!["--registry-only", "--webhook-backoff-ms", "200"];
+    args.extend_from_slice(extra);
+    let (child, addr) = spawn_serve(&args, data);
     (Server(child), addr)
+}
+
+fn tls_file(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/tls")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_receivers_are_checked_against_the_trusted_roots() {
+    let tls = acr_task::listen::TlsConfig::load(
+        Path::new(&tls_file("server.pem")),
+        Path::new(&tls_file("server-key.pem")),
+    )
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let rec = receiver_with(listener, 0, Duration::ZERO, Some(tls)).await;
+    let uri = format!("https://127.0.0.1:{port}/hook");
+    for (dir, extra) in [
+        (tempfile::tempdir().unwrap(), vec![]),
+        (
+            tempfile::tempdir().unwrap(),
+            vec!["--ca-cert".to_string(), tls_file("ca.pem")],
+        ),
+    ] {
+        let data = dir.path();
+        acr(
+            data,
+            &[
+                "webhook",
+                "create",
+                "tls",
+                "--uri",
+                &uri,
+                "--actions",
+                "push",
+            ],
+        );
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let (_server, addr) = serve_with(data, &extra);
+        let before = rec.hits.lock().unwrap().len();
+        push_image(&format!("http://{addr}"), "app", "v1").await;
+        let start = Instant::now();
+        let ev = loop {
+            let ev = events(data, "tls");
+            if ev[0]["attempts"].as_u64().unwrap_or(0) >= 1 {
+                break ev;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "no attempt: {ev}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        if extra.is_empty() {
+            // The test CA is not a system root: the handshake fails, nothing is sent.
+            assert_eq!(ev[0]["state"], "pending", "{ev}");
+            let err = ev[0]["last_error"].as_str().unwrap_or_default();
+            assert!(err.contains("certificate"), "{ev}");
+            assert_eq!(rec.hits.lock().unwrap().len(), before);
+        } else {
+            assert_eq!(ev[0]["state"], "delivered", "{ev}");
+            assert_eq!(ev[0]["last_status"], 200, "{ev}");
+            assert_eq!(rec.hits.lock().unwrap().len(), before + 1);
+        }
+    }
 }
 
 fn events(data: &Path, hook: &str) -> serde_json::Value {

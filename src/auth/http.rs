@@ -127,7 +127,8 @@ impl Auth {
         error: Option<&str>,
     ) -> String {
         let mut c = format!(
-            "Bearer realm=\"http://{}{TOKEN_PATH}\",service=\"{}\"",
+            "Bearer realm=\"{}://{}{TOKEN_PATH}\",service=\"{}\"",
+            if self.settings.tls { "https" } else { "http" },
             host_of(headers),
             self.settings.service
         );

@@ -67,6 +67,8 @@ pub struct AuthSettings {
     /// Failed logins allowed per (client IP, user name) within `failure_window`.
     pub max_failures: u32,
     pub failure_window: Duration,
+    /// The token realm in challenges is `https://` (the listener serves TLS).
+    pub tls: bool,
 }
 
 impl Default for AuthSettings {
@@ -77,6 +79,7 @@ impl Default for AuthSettings {
             token_ttl: Duration::from_secs(300),
             max_failures: 10,
             failure_window: Duration::from_secs(60),
+            tls: false,
         }
     }
 }

@@ -39,22 +39,26 @@ pub struct ServeAuthArgs {
 }
 
 impl ServeAuthArgs {
-    pub fn webhook_options(&self) -> DeliveryOptions {
-        DeliveryOptions {
+    /// Delivery settings; HTTPS receivers are checked against the system's roots plus
+    /// `ca_certs` (`serve --ca-cert`).
+    pub fn webhook_options(&self, ca_certs: &[PathBuf]) -> anyhow::Result<DeliveryOptions> {
+        Ok(DeliveryOptions {
             backoff: std::time::Duration::from_millis(self.webhook_backoff_ms.max(1)),
             max_attempts: self.webhook_max_attempts.max(1),
+            http: crate::registry::client::http_client(ca_certs)?,
             ..DeliveryOptions::default()
-        }
+        })
     }
 
-    /// The gate for `dir`, or None when auth is off.
-    pub fn open(&self, dir: &Path) -> anyhow::Result<Option<Arc<Auth>>> {
+    /// The gate for `dir`, or None when auth is off. `tls`: the listener serves HTTPS.
+    pub fn open(&self, dir: &Path, tls: bool) -> anyhow::Result<Option<Arc<Auth>>> {
         if !self.auth {
             return Ok(None);
         }
         let settings = AuthSettings {
             anonymous_pull: self.anonymous_pull,
             token_ttl: std::time::Duration::from_secs(self.token_ttl.max(1)),
+            tls,
             ..AuthSettings::default()
         };
         Ok(Some(Auth::open(dir, settings).with_context(|| {
@@ -526,6 +530,9 @@ pub enum WebhookCmd {
     /// Send a ping event now and show the result. Exit 1 if it was not delivered.
     Ping {
         name: String,
+        /// Also trust this CA certificate (PEM) for an HTTPS receiver; repeatable.
+        #[arg(long, value_name = "FILE")]
+        ca_cert: Vec<PathBuf>,
         #[command(flatten)]
         opts: AuthOpts,
     },
@@ -641,18 +648,22 @@ pub fn webhook(cmd: WebhookCmd) -> anyhow::Result<ExitCode> {
                 println!("deleted webhook {name}");
             }
         }
-        WebhookCmd::Ping { name, opts } => {
+        WebhookCmd::Ping {
+            name,
+            ca_cert,
+            opts,
+        } => {
             check_output(opts.output)?;
             let store = Arc::new(open_hooks(opts.data)?);
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            let d = rt.block_on(crate::webhooks::ping(
-                &store,
-                &name,
-                &DeliveryOptions::default(),
-            ))?;
+            let delivery = DeliveryOptions {
+                http: crate::registry::client::http_client(&ca_cert)?,
+                ..DeliveryOptions::default()
+            };
+            let d = rt.block_on(crate::webhooks::ping(&store, &name, &delivery))?;
             let ok = d.state == "delivered";
             print_deliveries(opts.output, &[d])?;
             if !ok {

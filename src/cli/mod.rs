@@ -96,10 +96,12 @@ pub fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     // Commands that only print behave like Unix filters: `| head` ends them quietly.
+    // Not those that talk over the network: a peer closing a socket would kill them.
     let prints_only = match &cli.command {
-        Command::Validate(_) | Command::Registry(_) | Command::Repository(_) => true,
+        Command::Validate(_) | Command::Registry(_) => true,
+        Command::Repository(c) => !c.uses_network(),
         Command::Token(_) | Command::ScopeMap(_) | Command::Credential(_) => true,
-        Command::Webhook(_) => true,
+        Command::Webhook(c) => !matches!(c, auth::WebhookCmd::Ping { .. }),
         Command::Run(a) => a.dry_run,
         _ => false,
     };

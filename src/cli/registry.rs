@@ -11,7 +11,8 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 
 use super::Output;
-use crate::registry::client::RegistryClient;
+use crate::registry::client::{RegistryClient, Transport};
+use crate::registry::credentials::Credentials;
 use crate::registry::{self, RegistryConfig};
 use crate::store::{ManifestInfo, Store};
 
@@ -46,10 +47,14 @@ pub struct RepoOpts {
     /// Registry data directory [default: <data dir>/registry].
     #[arg(long, conflicts_with = "registry")]
     data: Option<PathBuf>,
-    /// Talk to a running registry at HOST:PORT over HTTP instead of opening --data
+    /// Talk to a running registry at HOST:PORT over the API instead of opening --data
     /// (deletes then raise push/delete events; show-manifests sees tagged manifests only).
+    /// HTTPS, or plain HTTP for loopback; credentials come from `docker login`.
     #[arg(long, value_name = "HOST:PORT")]
     registry: Option<String>,
+    /// With --registry: also trust this CA certificate (PEM); repeatable.
+    #[arg(long, value_name = "FILE", requires = "registry")]
+    ca_cert: Vec<PathBuf>,
     #[arg(long, short = 'o', value_enum, default_value = "table")]
     output: Output,
 }
@@ -100,9 +105,35 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 2)]
     pub concurrency: usize,
     /// Seconds between digest checks of base images in other registries; 0 disables
-    /// (task service only).
+    /// (task service only). Credentials for private ones come from `docker login`.
     #[arg(long, default_value_t = 300)]
     pub base_image_poll: u64,
+    /// Serve HTTPS with this certificate chain (PEM, leaf first); needs --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Also trust this CA certificate (PEM) for HTTPS webhook receivers and, in the task
+    /// service, when polling base images in other registries; repeatable.
+    #[arg(long, value_name = "FILE")]
+    pub ca_cert: Vec<PathBuf>,
+    /// For tests: timers read this RFC 3339 instant at start-up...
+    #[arg(long, hide = true, value_name = "TIME")]
+    pub clock_start: Option<chrono::DateTime<chrono::Utc>>,
+    /// ...and a clock that runs this many times faster than real time.
+    #[arg(long, hide = true, default_value_t = 1, requires = "clock_start")]
+    pub clock_rate: u32,
+}
+
+impl ServeArgs {
+    /// The TLS set-up of --tls-cert/--tls-key, if given.
+    pub fn tls(&self) -> anyhow::Result<Option<crate::listen::TlsConfig>> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(c), Some(k)) => Ok(Some(crate::listen::TlsConfig::load(c, k)?)),
+            _ => Ok(None),
+        }
+    }
 }
 
 pub(super) fn data_dir(d: Option<PathBuf>) -> PathBuf {
@@ -257,20 +288,33 @@ fn manifest_rows(ms: &[ManifestInfo]) -> Vec<Vec<String>> {
         .collect()
 }
 
+impl RepositoryCmd {
+    /// Whether it talks to a registry over its API (`--registry`).
+    pub fn uses_network(&self) -> bool {
+        self.opts().registry.is_some()
+    }
+
+    fn opts(&self) -> &RepoOpts {
+        match self {
+            RepositoryCmd::List { opts }
+            | RepositoryCmd::ShowTags { opts, .. }
+            | RepositoryCmd::ShowManifests { opts, .. }
+            | RepositoryCmd::Delete { opts, .. } => opts,
+        }
+    }
+}
+
 pub fn repository(cmd: RepositoryCmd) -> anyhow::Result<ExitCode> {
-    let opts = match &cmd {
-        RepositoryCmd::List { opts }
-        | RepositoryCmd::ShowTags { opts, .. }
-        | RepositoryCmd::ShowManifests { opts, .. }
-        | RepositoryCmd::Delete { opts, .. } => opts,
-    };
+    let opts = cmd.opts();
     no_dot(opts.output)?;
     if let Some(addr) = opts.registry.clone() {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .context("starting the async runtime")?;
-        return rt.block_on(repository_http(cmd, RegistryClient::new(addr)));
+        let creds = Credentials::from_docker_config()?;
+        let transport = Transport::new(&opts.ca_cert, creds)?;
+        return rt.block_on(repository_http(cmd, RegistryClient::new(addr, transport)));
     }
     match cmd {
         RepositoryCmd::List { opts } => {
@@ -423,20 +467,22 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if !args.registry_only {
         return super::task::serve(&args);
     }
+    let tls = args.tls()?;
     let dir = data_dir(args.data);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let auth = args.auth.open(&dir)?;
-    let hooks = args.auth.webhook_options();
-    rt.block_on(serve_registry(dir, args.listen, auth, hooks))?;
+    let auth = args.auth.open(&dir, tls.is_some())?;
+    let hooks = args.auth.webhook_options(&args.ca_cert)?;
+    rt.block_on(serve_registry(dir, args.listen, tls, auth, hooks))?;
     Ok(ExitCode::SUCCESS)
 }
 
 async fn serve_registry(
     dir: PathBuf,
     listen: SocketAddr,
+    tls: Option<crate::listen::TlsConfig>,
     auth: Option<std::sync::Arc<crate::auth::Auth>>,
     hooks: crate::webhooks::DeliveryOptions,
 ) -> anyhow::Result<()> {
@@ -446,6 +492,7 @@ async fn serve_registry(
         RegistryConfig {
             data_dir: dir.clone(),
             listen,
+            tls,
         },
         auth,
     )

@@ -47,6 +47,10 @@ pub struct RunArgs {
     /// Most steps running at once.
     #[arg(long, default_value_t = 8)]
     pub max_parallel: usize,
+    /// Target platform of every build and container, `os/arch[/variant]` (e.g.
+    /// `linux/arm64`); sets `.Run.OS` and `.Run.Architecture`. Default: the engine's.
+    #[arg(long)]
+    pub platform: Option<crate::task::Platform>,
     /// Data directory of the integrated registry.
     #[arg(long)]
     pub data: Option<PathBuf>,
@@ -122,6 +126,7 @@ async fn registry_for(
             let reg = crate::registry::start(RegistryConfig {
                 data_dir: data_dir.clone(),
                 listen: "127.0.0.1:0".parse().context("loopback address")?,
+                tls: None,
             })
             .await
             .with_context(|| {
@@ -218,6 +223,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let run_id = new_run_id();
     let mut cfg = RunConfig::for_run(&run_id, context.clone(), args.max_parallel);
     cfg.secrets = parse_secrets(&args.secrets)?;
+    cfg.platform = args.platform.as_ref().map(|p| p.to_string());
     let options = LoadOptions {
         empty_missing_values: args.empty_missing_values,
     };

@@ -68,8 +68,10 @@ pub struct TaskDef {
     /// Whole-run timeout in seconds [default: 3600].
     #[arg(long)]
     timeout: Option<u64>,
+    /// Target platform `os/arch[/variant]` of every build and container (e.g. linux/arm64);
+    /// sets `.Run.OS` and `.Run.Architecture` [default: the engine's].
     #[arg(long)]
-    platform: Option<String>,
+    platform: Option<crate::task::Platform>,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -157,8 +159,16 @@ pub fn serve(args: &super::registry::ServeArgs) -> anyhow::Result<ExitCode> {
     let dir = args.data.clone().unwrap_or_else(super::default_data_dir);
     let mut cfg = ServeConfig::new(args.listen, dir.clone(), args.concurrency);
     cfg.remote_poll = args.base_image_poll;
-    cfg.auth = args.auth.open(&dir.join("registry"))?;
-    cfg.webhooks = Some(args.auth.webhook_options());
+    cfg.tls = args.tls()?;
+    cfg.ca_certs = args.ca_cert.clone();
+    if let Some(start) = args.clock_start {
+        cfg.clock = std::sync::Arc::new(crate::triggers::cron::ShiftedClock::new(
+            start,
+            args.clock_rate,
+        ));
+    }
+    cfg.auth = args.auth.open(&dir.join("registry"), cfg.tls.is_some())?;
+    cfg.webhooks = Some(args.auth.webhook_options(&args.ca_cert)?);
     tokio_runtime()?.block_on(async {
         let stop = super::registry::stop_signal()?;
         let server = Server::bind(cfg)
@@ -328,8 +338,8 @@ fn apply(spec: &mut TaskSpec, def: TaskDef) -> anyhow::Result<()> {
     if def.timeout.is_some() {
         spec.timeout = def.timeout;
     }
-    if def.platform.is_some() {
-        spec.platform = def.platform;
+    if let Some(p) = def.platform {
+        spec.platform = Some(p.to_string());
     }
     Ok(())
 }

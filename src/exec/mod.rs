@@ -39,6 +39,8 @@ pub struct RunConfig {
     pub network: String,
     /// Values of `{{.Secrets.id}}`, substituted when a step runs and masked in its logs.
     pub secrets: BTreeMap<String, String>,
+    /// `os/arch[/variant]` every build and container targets (`None`: the engine's).
+    pub platform: Option<String>,
 }
 
 impl RunConfig {
@@ -51,6 +53,7 @@ impl RunConfig {
             shared_volume: format!("acb_home_vol_{run_id}"),
             network: format!("{DEFAULT_NETWORK}_{run_id}"),
             secrets: BTreeMap::new(),
+            platform: None,
         }
     }
 }
@@ -590,6 +593,7 @@ impl<R: Runtime> Ctx<R> {
             mounts,
             isolation: step.isolation.clone(),
             labels,
+            platform: self.cfg.platform.clone(),
         }
     }
 
@@ -603,7 +607,8 @@ impl<R: Runtime> Ctx<R> {
         } else {
             PullPolicy::Missing
         };
-        if let Err(e) = self.ensure_image(&image, policy, log).await {
+        let platform = self.cfg.platform.as_deref();
+        if let Err(e) = self.ensure_image(&image, policy, platform, log).await {
             return Attempt::failed(format!("step {}: {e}", step.id));
         }
         let spec = self.container_spec(step, name, image, args);
@@ -638,6 +643,7 @@ impl<R: Runtime> Ctx<R> {
         &self,
         image: &str,
         policy: PullPolicy,
+        platform: Option<&str>,
         log: &LogSink,
     ) -> Result<(), RuntimeError> {
         let known = |set: &Mutex<std::collections::HashSet<String>>| {
@@ -646,7 +652,7 @@ impl<R: Runtime> Ctx<R> {
         if policy == PullPolicy::Missing && known(&self.known_images) {
             return Ok(());
         }
-        let result = match self.rt.ensure_image(image, policy, log).await {
+        let result = match self.rt.ensure_image(image, policy, platform, log).await {
             Err(RuntimeError::ImageNotFound { .. })
                 if crate::runtime::runner::is_runner_image(image) =>
             {
@@ -727,6 +733,8 @@ impl<R: Runtime> Ctx<R> {
             Err(e) => return Attempt::failed(format!("cannot read {dockerfile_path}: {e}")),
         };
         let bases = crate::dockerfile::base_images(&text, &b.build_args);
+        // `--platform` on the step wins over the run's.
+        let platform = b.platform.clone().or_else(|| self.cfg.platform.clone());
         // Fetch (or make) base images first: a missing one then names itself and the step.
         for image in &bases {
             let policy = if b.pull || step.pull {
@@ -734,7 +742,10 @@ impl<R: Runtime> Ctx<R> {
             } else {
                 PullPolicy::Missing
             };
-            if let Err(e) = self.ensure_image(image, policy, log).await {
+            if let Err(e) = self
+                .ensure_image(image, policy, platform.as_deref(), log)
+                .await
+            {
                 return Attempt::failed(format!("step {}: base image: {e}", step.id));
             }
         }
@@ -752,7 +763,7 @@ impl<R: Runtime> Ctx<R> {
             build_args: b.build_args,
             target: b.target,
             no_cache: b.no_cache || step.cache.as_deref() == Some("disabled"),
-            platform: b.platform,
+            platform,
             pull: b.pull || step.pull,
             network: Some(b.network.unwrap_or_else(|| self.default_network())),
             labels: b.labels,

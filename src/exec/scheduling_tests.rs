@@ -61,7 +61,13 @@ impl Runtime for Fake {
     async fn read_volume_file(&self, _: &str, _: &str) -> Result<Option<Vec<u8>>, RuntimeError> {
         Ok(Some(b"FROM scratch\n".to_vec()))
     }
-    async fn ensure_image(&self, _: &str, _: PullPolicy, _: &LogSink) -> Result<(), RuntimeError> {
+    async fn ensure_image(
+        &self,
+        _: &str,
+        _: PullPolicy,
+        _: Option<&str>,
+        _: &LogSink,
+    ) -> Result<(), RuntimeError> {
         Ok(())
     }
     async fn build(&self, _: &BuildSpec, _: &LogSink) -> Result<BuildOutput, RuntimeError> {

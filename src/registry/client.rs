@@ -1,20 +1,24 @@
-//! A small plain-HTTP client for the registry API, enough for `acr-task repository
-//! --registry HOST:PORT` (catalog, tags, manifests, deletes). One request per connection;
-//! loopback registries only speak plain HTTP here.
+//! A client for the distribution API of any registry: ours (`repository --registry`) and
+//! others (the base-image poller). HTTPS with the system's roots plus `--ca-cert` files;
+//! loopback registries may also speak plain HTTP, as Docker allows. Docker's token flow:
+//! a `401` with a `Bearer` challenge is answered by fetching a token from its realm
+//! (anonymously, or with the host's `docker login` credentials) and retrying.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::credentials::{Credential, Credentials};
+use super::reference::{is_loopback, ImageRef};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach registry at {addr}: {source}")]
-    Connect {
-        addr: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("cannot reach registry at {addr}: {message}")]
+    Connect { addr: String, message: String },
     #[error("registry at {0} sent a malformed response")]
     Malformed(String),
     #[error("{method} {path}: HTTP {status}: {body}")]
@@ -24,20 +28,21 @@ pub enum ClientError {
         status: u16,
         body: String,
     },
+    #[error("registry at {addr}: authentication failed: {message}")]
+    Auth { addr: String, message: String },
+    #[error("CA certificate {path}: {message}")]
+    CaCert { path: PathBuf, message: String },
 }
 
 pub struct HttpResponse {
     pub status: u16,
-    pub headers: Vec<(String, String)>,
+    pub headers: reqwest::header::HeaderMap,
     pub body: Vec<u8>,
 }
 
 impl HttpResponse {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 }
 
@@ -50,45 +55,284 @@ pub struct RemoteManifest {
     pub tags: Vec<String>,
 }
 
-#[derive(Debug, Clone)]
-pub struct RegistryClient {
-    addr: String,
+/// Media types asked for, so a digest is that of what `docker pull` resolves.
+pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
+application/vnd.docker.distribution.manifest.list.v2+json, \
+application/vnd.oci.image.manifest.v1+json, \
+application/vnd.docker.distribution.manifest.v2+json";
+
+/// Largest response body read (manifests are at most 4 MiB; listings can be longer).
+const MAX_BODY: usize = 16 << 20;
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What every client shares: the HTTP connection pool, trusted roots and credentials.
+#[derive(Clone)]
+pub struct Transport {
+    http: reqwest::Client,
+    credentials: Arc<Credentials>,
 }
 
-const ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, \
-application/vnd.oci.image.index.v1+json, \
-application/vnd.docker.distribution.manifest.v2+json, \
-application/vnd.docker.distribution.manifest.list.v2+json";
+/// An HTTP client that trusts the system's roots plus the PEM certificates in `ca_certs`
+/// (also what outgoing webhooks use).
+pub fn http_client(ca_certs: &[PathBuf]) -> Result<reqwest::Client, ClientError> {
+    let mut extra = Vec::new();
+    for path in ca_certs {
+        let err = |message: String| ClientError::CaCert {
+            path: path.clone(),
+            message,
+        };
+        let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| err(format!("not a PEM certificate: {e}")))?;
+        if certs.is_empty() {
+            return Err(err("no CERTIFICATE block found".into()));
+        }
+        extra.extend(certs);
+    }
+    let mut b = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .user_agent(concat!("acr-task/", env!("CARGO_PKG_VERSION")));
+    if !extra.is_empty() {
+        b = b.tls_certs_merge(extra);
+    }
+    b.build().map_err(|e| ClientError::Connect {
+        addr: "-".into(),
+        message: format!("cannot set up the HTTP client: {}", chain(&e)),
+    })
+}
+
+impl Transport {
+    /// Trusts the system's roots plus the PEM files in `ca_certs`.
+    pub fn new(ca_certs: &[PathBuf], credentials: Credentials) -> Result<Transport, ClientError> {
+        Ok(Transport {
+            http: http_client(ca_certs)?,
+            credentials: Arc::new(credentials),
+        })
+    }
+}
+
+struct Token {
+    value: String,
+    expires: Instant,
+}
+
+/// One registry host. Remembers which scheme it answered on and the tokens it issued.
+pub struct RegistryClient {
+    addr: String,
+    t: Transport,
+    scheme: Mutex<Option<&'static str>>,
+    tokens: Mutex<HashMap<String, Token>>,
+}
 
 impl RegistryClient {
-    /// `addr` is `HOST:PORT`.
-    pub fn new(addr: impl Into<String>) -> Self {
-        RegistryClient { addr: addr.into() }
-    }
-
-    pub async fn request(&self, method: &str, path: &str) -> Result<HttpResponse, ClientError> {
-        let connect_err = |source| ClientError::Connect {
-            addr: self.addr.clone(),
-            source,
-        };
-        let mut s = match self.addr.parse::<SocketAddr>() {
-            Ok(a) => tokio::net::TcpStream::connect(a).await,
-            Err(_) => tokio::net::TcpStream::connect(self.addr.as_str()).await,
+    /// `addr` is `HOST[:PORT]`.
+    pub fn new(addr: impl Into<String>, t: Transport) -> Self {
+        RegistryClient {
+            addr: addr.into(),
+            t,
+            scheme: Mutex::new(None),
+            tokens: Mutex::new(HashMap::new()),
         }
-        .map_err(connect_err)?;
-        let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nAccept: {ACCEPT}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-            self.addr
-        );
-        s.write_all(req.as_bytes()).await.map_err(connect_err)?;
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw).await.map_err(connect_err)?;
-        parse_response(&raw, method == "HEAD")
-            .ok_or_else(|| ClientError::Malformed(self.addr.clone()))
     }
 
-    async fn ok(&self, method: &str, path: &str) -> Result<HttpResponse, ClientError> {
-        let r = self.request(method, path).await?;
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    fn credential(&self) -> Option<&Credential> {
+        self.t.credentials.get(&self.addr)
+    }
+
+    /// Sends `method path`, answering an auth challenge once. `scope` is what the request
+    /// needs (`repository:NAME:pull`), used when the challenge names none.
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        scope: &str,
+    ) -> Result<HttpResponse, ClientError> {
+        let cached = self.cached_token(scope);
+        let mut r = self
+            .send(&method, path, cached.as_deref().map(Auth::Bearer))
+            .await?;
+        if r.status != 401 {
+            return Ok(r);
+        }
+        let challenge = r
+            .header("www-authenticate")
+            .map(parse_challenge)
+            .unwrap_or_default();
+        match challenge.scheme.to_ascii_lowercase().as_str() {
+            "bearer" => {
+                let scope = challenge
+                    .params
+                    .get("scope")
+                    .cloned()
+                    .unwrap_or_else(|| scope.to_string());
+                let token = self.fetch_token(&challenge, &scope).await?;
+                r = self.send(&method, path, Some(Auth::Bearer(&token))).await?;
+            }
+            "basic" => {
+                if let Some(c) = self.credential() {
+                    r = self.send(&method, path, Some(Auth::Basic(c))).await?;
+                }
+            }
+            _ => {}
+        }
+        Ok(r)
+    }
+
+    fn cached_token(&self, scope: &str) -> Option<String> {
+        let tokens = self.tokens.lock().ok()?;
+        tokens
+            .get(scope)
+            .filter(|t| t.expires > Instant::now())
+            .map(|t| t.value.clone())
+    }
+
+    async fn send(
+        &self,
+        method: &reqwest::Method,
+        path: &str,
+        auth: Option<Auth<'_>>,
+    ) -> Result<HttpResponse, ClientError> {
+        let known = self.scheme.lock().ok().and_then(|s| *s);
+        // Docker's rule for loopback registries: HTTPS first, plain HTTP if that fails.
+        let candidates: &[&'static str] = match known {
+            Some("https") => &["https"],
+            Some(_) => &["http"],
+            None if is_loopback(&self.addr) => &["https", "http"],
+            None => &["https"],
+        };
+        let mut failures = Vec::new();
+        for scheme in candidates {
+            let url = format!("{scheme}://{}{path}", self.addr);
+            let mut req = self
+                .t
+                .http
+                .request(method.clone(), &url)
+                .timeout(TIMEOUT)
+                .header("accept", MANIFEST_ACCEPT);
+            req = match auth {
+                Some(Auth::Bearer(t)) => req.bearer_auth(t),
+                Some(Auth::Basic(c)) => req.basic_auth(&c.username, Some(&c.password)),
+                None => req,
+            };
+            match req.send().await {
+                Ok(resp) => {
+                    if let Ok(mut s) = self.scheme.lock() {
+                        *s = Some(scheme);
+                    }
+                    return self.read(method, resp).await;
+                }
+                Err(e) => failures.push(format!("{scheme}: {}", chain(&e))),
+            }
+        }
+        Err(ClientError::Connect {
+            addr: self.addr.clone(),
+            message: failures.join("; "),
+        })
+    }
+
+    async fn read(
+        &self,
+        method: &reqwest::Method,
+        resp: reqwest::Response,
+    ) -> Result<HttpResponse, ClientError> {
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let mut body = Vec::new();
+        if method != reqwest::Method::HEAD {
+            let mut stream = resp.bytes_stream();
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|e| ClientError::Connect {
+                    addr: self.addr.clone(),
+                    message: chain(&e),
+                })?;
+                if body.len() + chunk.len() > MAX_BODY {
+                    return Err(ClientError::Malformed(self.addr.clone()));
+                }
+                body.extend_from_slice(&chunk);
+            }
+        }
+        Ok(HttpResponse {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    /// Docker's token flow: `GET realm?service=..&scope=..`, with basic credentials when
+    /// `docker login` stored some for this host.
+    async fn fetch_token(&self, c: &Challenge, scope: &str) -> Result<String, ClientError> {
+        let auth_err = |message: String| ClientError::Auth {
+            addr: self.addr.clone(),
+            message,
+        };
+        let realm = c
+            .params
+            .get("realm")
+            .ok_or_else(|| auth_err("the Bearer challenge names no realm".into()))?;
+        let mut url = reqwest::Url::parse(realm)
+            .map_err(|e| auth_err(format!("token realm {realm:?}: {e}")))?;
+        if url.scheme() != "https" && !url.host_str().is_some_and(is_loopback) {
+            // Credentials never travel in clear text to another machine.
+            return Err(auth_err(format!("token realm {realm} is not HTTPS")));
+        }
+        {
+            let mut q = url.query_pairs_mut();
+            if let Some(s) = c.params.get("service") {
+                q.append_pair("service", s);
+            }
+            for s in scope.split(' ').filter(|s| !s.is_empty()) {
+                q.append_pair("scope", s);
+            }
+        }
+        let mut req = self.t.http.get(url.clone()).timeout(TIMEOUT);
+        if let Some(cred) = self.credential() {
+            req = req.basic_auth(&cred.username, Some(&cred.password));
+        }
+        let resp = req.send().await.map_err(|e| ClientError::Connect {
+            addr: realm.clone(),
+            message: chain(&e),
+        })?;
+        let status = resp.status();
+        let r = self.read(&reqwest::Method::GET, resp).await?;
+        if !status.is_success() {
+            return Err(auth_err(format!(
+                "token endpoint {realm} answered HTTP {}",
+                status.as_u16()
+            )));
+        }
+        let v: Value = serde_json::from_slice(&r.body)
+            .map_err(|_| auth_err(format!("token endpoint {realm} sent no JSON")))?;
+        let token = v["token"]
+            .as_str()
+            .or_else(|| v["access_token"].as_str())
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| auth_err(format!("token endpoint {realm} sent no token")))?
+            .to_string();
+        // The spec's default lifetime is 60 s; renew a little early.
+        let ttl = v["expires_in"].as_u64().unwrap_or(60).max(10);
+        if let Ok(mut tokens) = self.tokens.lock() {
+            tokens.insert(
+                scope.to_string(),
+                Token {
+                    value: token.clone(),
+                    expires: Instant::now() + Duration::from_secs(ttl - 5),
+                },
+            );
+        }
+        Ok(token)
+    }
+
+    async fn ok(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        scope: &str,
+    ) -> Result<HttpResponse, ClientError> {
+        let r = self.request(method.clone(), path, scope).await?;
         if !(200..300).contains(&r.status) {
             return Err(ClientError::Status {
                 method: method.to_string(),
@@ -100,18 +344,20 @@ impl RegistryClient {
         Ok(r)
     }
 
-    async fn json(&self, path: &str) -> Result<Value, ClientError> {
-        let r = self.ok("GET", path).await?;
+    async fn json(&self, path: &str, scope: &str) -> Result<Value, ClientError> {
+        let r = self.ok(reqwest::Method::GET, path, scope).await?;
         serde_json::from_slice(&r.body).map_err(|_| ClientError::Malformed(self.addr.clone()))
     }
 
     pub async fn repositories(&self) -> Result<Vec<String>, ClientError> {
-        let v = self.json("/v2/_catalog").await?;
+        let v = self.json("/v2/_catalog", "registry:catalog:*").await?;
         Ok(strings(&v["repositories"]))
     }
 
     pub async fn tags(&self, repo: &str) -> Result<Vec<String>, ClientError> {
-        let v = self.json(&format!("/v2/{repo}/tags/list")).await?;
+        let v = self
+            .json(&format!("/v2/{repo}/tags/list"), &pull(repo))
+            .await?;
         Ok(strings(&v["tags"]))
     }
 
@@ -120,7 +366,11 @@ impl RegistryClient {
         let mut out: Vec<RemoteManifest> = Vec::new();
         for tag in self.tags(repo).await? {
             let r = self
-                .ok("HEAD", &format!("/v2/{repo}/manifests/{tag}"))
+                .ok(
+                    reqwest::Method::HEAD,
+                    &format!("/v2/{repo}/manifests/{tag}"),
+                    &pull(repo),
+                )
                 .await?;
             let digest = r
                 .header("docker-content-digest")
@@ -145,9 +395,115 @@ impl RegistryClient {
 
     /// Delete a tag or (by digest) a manifest with its tags.
     pub async fn delete_manifest(&self, repo: &str, reference: &str) -> Result<(), ClientError> {
-        self.ok("DELETE", &format!("/v2/{repo}/manifests/{reference}"))
-            .await
-            .map(|_| ())
+        self.ok(
+            reqwest::Method::DELETE,
+            &format!("/v2/{repo}/manifests/{reference}"),
+            &format!("repository:{repo}:delete"),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// The digest `image`'s tag resolves to now (`HEAD` on the manifest; `GET` and hash it
+    /// when a registry sends no `Docker-Content-Digest`). `None` if the tag is gone.
+    pub async fn manifest_digest(&self, image: &ImageRef) -> Result<Option<String>, ClientError> {
+        let path = format!("/v2/{}/manifests/{}", image.repository, image.reference);
+        let scope = pull(&image.repository);
+        let mut r = self.request(reqwest::Method::HEAD, &path, &scope).await?;
+        if r.status == 404 {
+            return Ok(None);
+        }
+        if (200..300).contains(&r.status) {
+            if let Some(d) = r.header("docker-content-digest") {
+                return Ok(Some(d.to_string()));
+            }
+            r = self.ok(reqwest::Method::GET, &path, &scope).await?;
+            use sha2::Digest;
+            return Ok(Some(format!(
+                "sha256:{}",
+                hex::encode(sha2::Sha256::digest(&r.body))
+            )));
+        }
+        Err(ClientError::Status {
+            method: "HEAD".into(),
+            path,
+            status: r.status,
+            body: String::new(),
+        })
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Auth<'a> {
+    Bearer(&'a str),
+    Basic(&'a Credential),
+}
+
+fn pull(repo: &str) -> String {
+    format!("repository:{repo}:pull")
+}
+
+/// An error and its causes on one line (reqwest's own message is only the outermost).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// A parsed `WWW-Authenticate` header: its scheme and `key=value` parameters.
+#[derive(Debug, Default, PartialEq)]
+pub struct Challenge {
+    pub scheme: String,
+    pub params: HashMap<String, String>,
+}
+
+/// Parses `Bearer realm="https://a/token",service="reg",scope="repository:x:pull,push"`
+/// (quoted values may hold commas and `\"`).
+pub fn parse_challenge(h: &str) -> Challenge {
+    let h = h.trim();
+    let (scheme, mut rest) = h.split_once(' ').unwrap_or((h, ""));
+    let mut params = HashMap::new();
+    loop {
+        rest = rest.trim_start_matches([' ', ',']);
+        let Some(eq) = rest.find('=') else { break };
+        let key = rest[..eq].trim().to_ascii_lowercase();
+        rest = &rest[eq + 1..];
+        let value;
+        if let Some(q) = rest.strip_prefix('"') {
+            let mut v = String::new();
+            let mut chars = q.char_indices();
+            let mut end = q.len();
+            while let Some((i, c)) = chars.next() {
+                match c {
+                    '\\' => {
+                        if let Some((_, n)) = chars.next() {
+                            v.push(n);
+                        }
+                    }
+                    '"' => {
+                        end = i + 1;
+                        break;
+                    }
+                    c => v.push(c),
+                }
+            }
+            value = v;
+            rest = &q[end.min(q.len())..];
+        } else {
+            let end = rest.find(',').unwrap_or(rest.len());
+            value = rest[..end].trim().to_string();
+            rest = &rest[end..];
+        }
+        params.insert(key, value);
+    }
+    Challenge {
+        scheme: scheme.to_string(),
+        params,
     }
 }
 
@@ -161,65 +517,133 @@ fn strings(v: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn parse_response(raw: &[u8], head: bool) -> Option<HttpResponse> {
-    let end = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head_text = std::str::from_utf8(&raw[..end]).ok()?;
-    let mut lines = head_text.split("\r\n");
-    let status = lines.next()?.split_whitespace().nth(1)?.parse().ok()?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect();
-    let mut body = raw[end + 4..].to_vec();
-    let chunked = headers.iter().any(|(k, v)| {
-        k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
-    });
-    if head {
-        body.clear();
-    } else if chunked {
-        body = dechunk(&body)?;
-    }
-    Some(HttpResponse {
-        status,
-        headers,
-        body,
-    })
-}
-
-fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let nl = b.windows(2).position(|w| w == b"\r\n")?;
-        let size_text = std::str::from_utf8(&b[..nl]).ok()?;
-        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
-        b = &b[nl + 2..];
-        if size == 0 {
-            return Some(out);
-        }
-        out.extend_from_slice(b.get(..size)?);
-        b = b.get(size + 2..)?;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn parses_plain_and_chunked_responses() {
-        let r = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}", false).unwrap();
-        assert_eq!((r.status, r.body.as_slice()), (200, &b"{}"[..]));
-        let r = parse_response(
-            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
-            false,
-        )
-        .unwrap();
-        assert_eq!(r.body, b"abcde");
-        assert!(parse_response(b"garbage", false).is_none());
-        assert!(parse_response(
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
-            false
-        )
-        .is_none());
+    fn challenges_as_registries_send_them() {
+        let c = parse_challenge(
+            r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/alpine:pull,push""#,
+        );
+        assert_eq!(c.scheme, "Bearer");
+        assert_eq!(c.params["realm"], "https://auth.docker.io/token");
+        assert_eq!(c.params["service"], "registry.docker.io");
+        assert_eq!(c.params["scope"], "repository:library/alpine:pull,push");
+        let c = parse_challenge(r#"Basic realm="my \"reg\"", charset=UTF-8"#);
+        assert_eq!(c.scheme, "Basic");
+        assert_eq!(c.params["realm"], "my \"reg\"");
+        assert_eq!(c.params["charset"], "UTF-8");
+        let c = parse_challenge("Bearer");
+        assert!(c.params.is_empty());
+        // Unterminated quotes and stray text do not panic.
+        let c = parse_challenge(r#"Bearer realm="unterminated"#);
+        assert_eq!(c.params["realm"], "unterminated");
+        let _ = parse_challenge("=,=\"\\");
+    }
+
+    /// A registry that answers like Docker Hub: every request without a token gets a
+    /// Bearer challenge; the token endpoint hands out anonymous pull tokens.
+    async fn hub_like() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        use axum::http::{HeaderMap, StatusCode};
+        use axum::response::IntoResponse;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let tokens_issued = Arc::new(AtomicUsize::new(0));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let realm = format!("http://{addr}/token");
+        let issued = tokens_issued.clone();
+        let app = axum::Router::new()
+            .route(
+                "/token",
+                axum::routing::get(
+                    move |q: axum::extract::Query<HashMap<String, String>>| async move {
+                        assert_eq!(q.get("service").map(String::as_str), Some("hub"));
+                        let scope = q.get("scope").cloned().unwrap_or_default();
+                        issued.fetch_add(1, Ordering::SeqCst);
+                        axum::Json(serde_json::json!({
+                            "token": format!("tok:{scope}"), "expires_in": 300
+                        }))
+                    },
+                ),
+            )
+            .route(
+                "/v2/{*rest}",
+                axum::routing::any(move |h: HeaderMap, uri: axum::http::Uri| {
+                    let realm = realm.clone();
+                    async move {
+                        let path = uri.path().to_string();
+                        let repo = path
+                            .trim_start_matches("/v2/")
+                            .split("/manifests/")
+                            .next()
+                            .unwrap_or_default()
+                            .to_string();
+                        let want = format!("Bearer tok:repository:{repo}:pull");
+                        if h.get("authorization").and_then(|v| v.to_str().ok())
+                            != Some(want.as_str())
+                        {
+                            let c = format!(
+                                "Bearer realm=\"{realm}\",service=\"hub\",scope=\"repository:{repo}:pull\""
+                            );
+                            return (StatusCode::UNAUTHORIZED, [("www-authenticate", c)], "")
+                                .into_response();
+                        }
+                        match repo.as_str() {
+                            "library/alpine" => (
+                                [("docker-content-digest", "sha256:abc")],
+                                "{}",
+                            )
+                                .into_response(),
+                            // No digest header: the client must hash the body.
+                            "library/nodigest" => "{\"schemaVersion\":2}".into_response(),
+                            _ => StatusCode::NOT_FOUND.into_response(),
+                        }
+                    }
+                }),
+            );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (addr, tokens_issued)
+    }
+
+    #[tokio::test]
+    async fn anonymous_token_flow_digests_and_token_reuse() {
+        use std::sync::atomic::Ordering;
+        let (addr, issued) = hub_like().await;
+        let t = Transport::new(&[], Credentials::default()).unwrap();
+        let c = RegistryClient::new(addr.clone(), t);
+        let alpine = ImageRef::parse(&format!("{addr}/library/alpine:3")).unwrap();
+        assert_eq!(
+            c.manifest_digest(&alpine).await.unwrap().as_deref(),
+            Some("sha256:abc")
+        );
+        assert_eq!(issued.load(Ordering::SeqCst), 1);
+        // The token is reused until it expires.
+        c.manifest_digest(&alpine).await.unwrap();
+        assert_eq!(issued.load(Ordering::SeqCst), 1);
+        use sha2::Digest;
+        let body_digest = format!(
+            "sha256:{}",
+            hex::encode(sha2::Sha256::digest(b"{\"schemaVersion\":2}"))
+        );
+        let nodigest = ImageRef::parse(&format!("{addr}/library/nodigest")).unwrap();
+        assert_eq!(
+            c.manifest_digest(&nodigest).await.unwrap(),
+            Some(body_digest)
+        );
+        let gone = ImageRef::parse(&format!("{addr}/library/gone:1")).unwrap();
+        assert_eq!(c.manifest_digest(&gone).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn unreachable_registry_names_both_schemes_tried() {
+        let t = Transport::new(&[], Credentials::default()).unwrap();
+        // Port 9 (discard) is closed on loopback.
+        let c = RegistryClient::new("127.0.0.1:9", t);
+        let e = c.repositories().await.unwrap_err().to_string();
+        assert!(
+            e.contains("127.0.0.1:9") && e.contains("https:") && e.contains("http:"),
+            "{e}"
+        );
     }
 }

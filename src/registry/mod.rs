@@ -7,9 +7,11 @@
 
 mod blobs;
 pub mod client;
+pub mod credentials;
 mod errors;
 mod manifests;
 mod names;
+pub mod reference;
 mod routes;
 mod stream;
 
@@ -34,6 +36,8 @@ pub struct RegistryConfig {
     pub data_dir: PathBuf,
     /// `127.0.0.1:0` picks a free port; see [`RunningRegistry::addr`].
     pub listen: SocketAddr,
+    /// Serve HTTPS with this certificate (`None`: plain HTTP).
+    pub tls: Option<crate::listen::TlsConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -264,10 +268,10 @@ pub async fn start_with_auth(
             source,
         })?;
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let app = router_with_auth(registry.clone(), auth)
-        .into_make_service_with_connect_info::<SocketAddr>();
+    let app = router_with_auth(registry.clone(), auth);
+    let tls = cfg.tls;
     let task = tokio::spawn(async move {
-        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let serve = crate::listen::serve(listener, app, tls, async move {
             let _ = rx.await;
         });
         if let Err(e) = serve.await {

@@ -105,8 +105,23 @@ impl DockerRuntime {
     }
 
     async fn image_present(&self, image: &str) -> Result<bool, RuntimeError> {
+        self.image_present_for(image, None).await
+    }
+
+    /// Whether `image` is present, and for `platform` (`os/arch[/variant]`) when given.
+    async fn image_present_for(
+        &self,
+        image: &str,
+        platform: Option<&str>,
+    ) -> Result<bool, RuntimeError> {
         match self.docker.inspect_image(image).await {
-            Ok(_) => Ok(true),
+            Ok(info) => Ok(platform.is_none_or(|p| {
+                let mut want = p.split('/');
+                let (os, arch, variant) = (want.next(), want.next(), want.next());
+                os == info.os.as_deref()
+                    && (arch.is_none() || arch == info.architecture.as_deref())
+                    && (variant.is_none() || variant == info.variant.as_deref())
+            })),
             Err(e) if is_not_found(&e) => Ok(false),
             Err(e) => Err(engine(e)),
         }
@@ -286,7 +301,7 @@ impl DockerRuntime {
         let body = Self::container_body(spec)?;
         let opts = CreateContainerOptions {
             name: Some(spec.name.clone()),
-            ..Default::default()
+            platform: spec.platform.clone().unwrap_or_default(),
         };
         use std::sync::atomic::Ordering;
         let (docker, creating) = (self.docker.clone(), self.creating.clone());
@@ -470,15 +485,17 @@ impl Runtime for DockerRuntime {
         &self,
         image: &str,
         policy: PullPolicy,
+        platform: Option<&str>,
         log: &LogSink,
     ) -> Result<(), RuntimeError> {
-        if policy == PullPolicy::Missing && self.image_present(image).await? {
+        if policy == PullPolicy::Missing && self.image_present_for(image, platform).await? {
             return Ok(());
         }
         let (repo, tag) = split_tag(image);
         let opts = CreateImageOptions {
             from_image: Some(repo.into()),
             tag: Some(tag.unwrap_or("latest").into()),
+            platform: platform.unwrap_or_default().into(),
             ..Default::default()
         };
         let mut s = self.docker.create_image(Some(opts), None, None);

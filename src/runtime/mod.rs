@@ -80,6 +80,8 @@ pub struct ContainerSpec {
     pub mounts: Vec<Mount>,
     pub isolation: Option<String>,
     pub labels: BTreeMap<String, String>,
+    /// `os/arch[/variant]` the image must be for (`None`: the engine's own).
+    pub platform: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,11 +147,12 @@ pub trait Runtime: Send + Sync + 'static {
         volume: &str,
         path: &str,
     ) -> impl Future<Output = Result<Option<Vec<u8>>, RuntimeError>> + Send;
-    /// Makes sure `image` is present, pulling it per `policy`.
+    /// Makes sure `image` is present (for `platform`, when given), pulling it per `policy`.
     fn ensure_image(
         &self,
         image: &str,
         policy: PullPolicy,
+        platform: Option<&str>,
         log: &LogSink,
     ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     fn build(

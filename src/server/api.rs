@@ -104,6 +104,10 @@ async fn check_spec(spec: &TaskSpec) -> Result<(), ApiErr> {
             format!("local context {:?} must be an absolute path", spec.context),
         ));
     }
+    if let Some(p) = &spec.platform {
+        p.parse::<crate::task::Platform>()
+            .map_err(|m| err(StatusCode::BAD_REQUEST, m))?;
+    }
     let mut names = std::collections::BTreeSet::new();
     for t in &spec.triggers.timers {
         if !names.insert(t.name.as_str()) {

@@ -252,6 +252,21 @@ impl Db {
         Ok(out)
     }
 
+    /// `task`'s queued and running runs, oldest first.
+    pub fn active_runs(&self, task: &str) -> Result<Vec<RunRecord>, DbError> {
+        let c = self.conn()?;
+        let mut st = c.prepare(&format!(
+            "SELECT {RUN_COLS} FROM runs WHERE task=?1 AND status IN ('Queued','Running') \
+             ORDER BY seq"
+        ))?;
+        let rows = st.query_map(params![task], run_from_row)?;
+        let mut out = Vec::new();
+        for r in rows {
+            out.push(finish_run(r?)?);
+        }
+        Ok(out)
+    }
+
     /// Takes the oldest queued run and marks it Running.
     pub fn claim_next(&self) -> Result<Option<RunRecord>, DbError> {
         let mut c = self.conn()?;

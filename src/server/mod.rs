@@ -44,6 +44,10 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
     #[error("webhooks: {0}")]
     Webhooks(#[from] crate::webhooks::WebhookError),
+    #[error(transparent)]
+    RemoteRegistry(#[from] crate::registry::client::ClientError),
+    #[error(transparent)]
+    Credentials(#[from] crate::registry::credentials::CredentialsError),
     #[error("background task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
 }
@@ -62,6 +66,10 @@ pub struct ServeConfig {
     pub auth: Option<Arc<crate::auth::Auth>>,
     /// Outgoing registry webhooks (`None`: not delivered).
     pub webhooks: Option<crate::webhooks::DeliveryOptions>,
+    /// Serve HTTPS with this certificate (`None`: plain HTTP).
+    pub tls: Option<crate::listen::TlsConfig>,
+    /// Extra trusted CA certificates (PEM files) for polling other registries.
+    pub ca_certs: Vec<PathBuf>,
 }
 
 impl ServeConfig {
@@ -75,6 +83,8 @@ impl ServeConfig {
             remote_poll: 300,
             auth: None,
             webhooks: None,
+            tls: None,
+            ca_certs: Vec::new(),
         }
     }
 }
@@ -86,6 +96,8 @@ pub struct Server {
     addr: SocketAddr,
     registry: Registry,
     db: Arc<db::Db>,
+    /// For polling base images in other registries.
+    remote: crate::registry::client::Transport,
 }
 
 impl Server {
@@ -105,12 +117,17 @@ impl Server {
                 source,
             })?;
         let addr = listener.local_addr()?;
+        let remote = crate::registry::client::Transport::new(
+            &cfg.ca_certs,
+            crate::registry::credentials::Credentials::from_docker_config()?,
+        )?;
         Ok(Server {
             cfg,
             listener,
             addr,
             registry,
             db,
+            remote,
         })
     }
 
@@ -154,6 +171,7 @@ impl Server {
             clock: self.cfg.clock.clone(),
             halt: halt.clone(),
             remote_poll: self.cfg.remote_poll,
+            remote: self.remote.clone(),
         });
         // Kept alive while serving: deliveries run off the request path.
         let _webhooks = match &self.cfg.webhooks {
@@ -169,14 +187,11 @@ impl Server {
                 api::router(Arc::new(api::ApiState { queue }), self.cfg.auth.clone()),
             );
         let h = halt.clone();
-        // Client addresses feed the login rate limiter.
-        let app = app.into_make_service_with_connect_info::<SocketAddr>();
-        axum::serve(self.listener, app)
-            .with_graceful_shutdown(async move {
-                stop.await;
-                h.cancel();
-            })
-            .await?;
+        crate::listen::serve(self.listener, app, self.cfg.tls.clone(), async move {
+            stop.await;
+            h.cancel();
+        })
+        .await?;
         halt.cancel();
         queue_task.await?;
         Ok(())

@@ -27,7 +27,7 @@ pub struct TaskSpec {
     pub triggers: Triggers,
     /// Whole-run timeout in seconds (default 3600, as ACR).
     pub timeout: Option<u64>,
-    /// Platform, e.g. `linux/amd64` (recorded; runs use the engine's platform).
+    /// Target platform `os/arch[/variant]` of every build and container of its runs.
     pub platform: Option<String>,
 }
 

@@ -80,6 +80,9 @@ pub fn run_info(
     info.registry = registry.to_string();
     info.registry_name = registry.split(':').next().unwrap_or(registry).to_string();
     info.shared_volume = cfg.shared_volume.clone();
+    if let Some(p) = cfg.platform.as_deref().and_then(|p| p.parse().ok()) {
+        info.set_platform(&p);
+    }
     let head = match git {
         Some(g) => Some((g.commit.clone(), g.branch.clone())),
         None => crate::source::git_head(context),
@@ -180,6 +183,9 @@ pub fn validate_spec(spec: &TaskSpec) -> Result<(), Diagnostics> {
     };
     let mut info = RunInfo::placeholder(Path::new("acb.yaml"));
     info.task_name = spec.name.clone();
+    if let Some(p) = spec.platform.as_deref().and_then(|p| p.parse().ok()) {
+        info.set_platform(&p);
+    }
     load_task(spec, &context, &info).map(|_| ())
 }
 
@@ -360,6 +366,12 @@ async fn run_on_docker(
         Err(e) => return Outcome::failed(format!("preparing the context: {e}")),
     };
     let mut cfg = RunConfig::for_run(&run.id, context.clone(), max_parallel);
+    // Checked when the task was stored; normalized here (`linux` → `linux/amd64`).
+    cfg.platform = spec
+        .platform
+        .as_deref()
+        .and_then(|p| p.parse::<task::Platform>().ok())
+        .map(|p| p.to_string());
     cfg.secrets = match resolve_secrets(&spec.secrets) {
         Ok(s) => s,
         Err(e) => {
@@ -409,9 +421,15 @@ async fn run_on_docker(
                     }
                     Event::StepFinished { step, report } => {
                         let who = names.get(step).map(String::as_str).unwrap_or("?");
+                        // The error (already masked) says why, as `acr-task run` prints it.
+                        let why = report
+                            .error
+                            .as_deref()
+                            .map(|e| format!(": {e}"))
+                            .unwrap_or_default();
                         log.line(
                             "acr-task",
-                            &format!("step {who}: {}", report.status.as_str()),
+                            &format!("step {who}: {}{why}", report.status.as_str()),
                         );
                     }
                     Event::RunFinished { .. } => break,

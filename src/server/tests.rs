@@ -296,3 +296,41 @@ fn base_image_pushes_queue_dependents_once_and_never_a_task_on_its_own_output() 
         "a run is already waiting: it will build on the newest base"
     );
 }
+
+#[test]
+fn polled_digest_change_queues_once_even_while_its_run_is_running() {
+    use super::watchers::on_remote_digests;
+    let (_d, q) = setup(1);
+    let base = "mcr.example.com/base:1".to_string();
+    q.db()
+        .set_dependencies("t", &[(base.clone(), Some("sha256:old".into()))], &[])
+        .unwrap();
+    let current = |d: &str| std::collections::BTreeMap::from([(base.clone(), Some(d.into()))]);
+    assert!(on_remote_digests(&q, &current("sha256:old"))
+        .unwrap()
+        .is_empty());
+    let queued = on_remote_digests(&q, &current("sha256:new")).unwrap();
+    assert_eq!(queued.len(), 1);
+    assert!(matches!(
+        &queued[0].trigger,
+        Trigger::BaseImage { image, old_digest: Some(o), new_digest: n }
+            if *image == base && o == "sha256:old" && n == "sha256:new"
+    ));
+    // The run starts (Running) but has not recorded the new digest yet: the next poll
+    // sees the same change and must not queue it again.
+    let running = q.db().claim_next().unwrap().unwrap();
+    assert_eq!(running.id, queued[0].id);
+    assert!(on_remote_digests(&q, &current("sha256:new"))
+        .unwrap()
+        .is_empty());
+    // A further change while it runs is new work.
+    assert_eq!(
+        on_remote_digests(&q, &current("sha256:newer"))
+            .unwrap()
+            .len(),
+        1
+    );
+    // An unreachable registry (no digest) queues nothing.
+    let gone = std::collections::BTreeMap::from([(base.clone(), None)]);
+    assert!(on_remote_digests(&q, &gone).unwrap().is_empty());
+}

@@ -11,6 +11,8 @@ use tokio_util::sync::CancellationToken;
 use super::db::{DbError, NewRun};
 use super::model::{RunRecord, Trigger};
 use super::queue::Queue;
+use crate::registry::client::{RegistryClient, Transport};
+use crate::registry::reference::ImageRef;
 use crate::registry::{EventAction, Registry, RegistryEvent};
 use crate::triggers::cron::Clock;
 use crate::triggers::{base_image, cron, git};
@@ -23,6 +25,7 @@ pub struct Watchers {
     pub halt: CancellationToken,
     /// Seconds between digest checks of base images in other registries (0: never).
     pub remote_poll: u64,
+    pub remote: Transport,
 }
 
 /// Pushes that arrive within this window are handled together (a storm queues once).
@@ -38,10 +41,11 @@ pub fn spawn_all(w: Watchers) {
     }
 }
 
-/// Polls base images that live in other registries (`HEAD` on the manifest) and queues
-/// the tasks built on one whose digest changed.
+/// Polls base images that live in other registries (`HEAD` on the manifest, Docker's
+/// token flow where asked) and queues the tasks built on one whose digest changed.
 async fn remote_bases(w: Arc<Watchers>) {
-    let http = reqwest::Client::new();
+    // One client per registry host: it keeps the host's scheme and tokens between polls.
+    let mut clients: BTreeMap<String, RegistryClient> = BTreeMap::new();
     loop {
         tokio::select! {
             _ = w.halt.cancelled() => return,
@@ -62,27 +66,17 @@ async fn remote_bases(w: Arc<Watchers>) {
             {
                 continue;
             }
-            let Some(url) = base_image::remote_manifest_url(base) else {
+            let Some(image) = ImageRef::parse(base).filter(|r| !r.is_digest()) else {
                 continue;
             };
-            let digest = match http
-                .head(&url)
-                .header("accept", base_image::MANIFEST_ACCEPT)
-                .timeout(Duration::from_secs(10))
-                .send()
-                .await
-            {
-                Ok(r) if r.status().is_success() => r
-                    .headers()
-                    .get("docker-content-digest")
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string),
-                Ok(r) => {
-                    tracing::debug!(image = %base, status = %r.status(), "base image poll");
-                    None
-                }
+            let host = image.api_host().to_string();
+            let client = clients
+                .entry(host.clone())
+                .or_insert_with(|| RegistryClient::new(host, w.remote.clone()));
+            let digest = match client.manifest_digest(&image).await {
+                Ok(d) => d,
                 Err(e) => {
-                    tracing::debug!(image = %base, error = %e, "base image poll");
+                    tracing::warn!(image = %base, error = %e, "base image poll");
                     None
                 }
             };
@@ -112,7 +106,17 @@ pub fn on_remote_digests(
         let Some(spec) = db.task(&task)? else {
             continue;
         };
-        if !spec.triggers.base_image || db.has_run_with_status(&task, "Queued")? {
+        if !spec.triggers.base_image {
+            continue;
+        }
+        // A queued run will build on the new digest anyway, and one already started for
+        // this very digest will record it: polling again before it ends must not re-queue.
+        let busy = db.active_runs(&task)?.iter().any(|r| {
+            r.status == "Queued"
+                || matches!(&r.trigger, Trigger::BaseImage { image, new_digest, .. }
+                    if *image == base && new_digest == digest)
+        });
+        if busy {
             continue;
         }
         seen.insert(task.clone());

@@ -6,6 +6,7 @@ mod fields;
 mod funcs;
 pub mod model;
 mod parse;
+mod platform;
 mod render;
 pub mod schema;
 mod tree;
@@ -14,6 +15,7 @@ mod values;
 
 pub use alias::BUILTIN_ALIASES;
 pub use model::*;
+pub use platform::Platform;
 
 /// Seconds between retries when `retryDelay` is absent or 0 (acr-builder
 /// `defaultStepRetryDelayInSeconds`).
@@ -68,6 +70,14 @@ impl RunInfo {
                 .unwrap_or_default(),
             shared_volume: "acb_shared_volume".into(),
         }
+    }
+}
+
+impl RunInfo {
+    /// `.Run.OS` and `.Run.Architecture` of a run that targets `platform`.
+    pub fn set_platform(&mut self, platform: &Platform) {
+        self.os = platform.os.clone();
+        self.architecture = platform.architecture.clone();
     }
 }
 

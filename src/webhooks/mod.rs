@@ -155,6 +155,8 @@ pub struct DeliveryOptions {
     pub max_attempts: u32,
     /// Per-attempt timeout (connect + send + status line).
     pub timeout: Duration,
+    /// The HTTP client, with the roots HTTPS receivers are checked against.
+    pub http: reqwest::Client,
 }
 
 impl Default for DeliveryOptions {
@@ -164,6 +166,7 @@ impl Default for DeliveryOptions {
             max_backoff: Duration::from_secs(600),
             max_attempts: 10,
             timeout: Duration::from_secs(10),
+            http: reqwest::Client::new(),
         }
     }
 }
@@ -195,7 +198,8 @@ async fn attempt(
                 ));
             }
             headers.extend(h.headers.iter().map(|(k, v)| (k.clone(), v.clone())));
-            match client::post(&h.info.uri, &headers, d.payload.as_bytes(), opts.timeout).await {
+            let body = d.payload.as_bytes();
+            match client::post(&opts.http, &h.info.uri, &headers, body, opts.timeout).await {
                 Ok(s) if (200..300).contains(&s) => (Some(s), None),
                 Ok(s) => (Some(s), Some(format!("HTTP {s}"))),
                 Err(e) => (None, Some(e)),
@@ -466,7 +470,7 @@ mod tests {
         assert!(s
             .create(
                 "bad",
-                "https://x/",
+                "ftp://x/",
                 &["push".into()],
                 None,
                 &Default::default(),

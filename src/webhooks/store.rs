@@ -119,7 +119,7 @@ impl WebhookStore {
                 "invalid webhook name {name:?}: use 1-50 letters, digits, '-' or '_'"
             )));
         }
-        super::client::parse_http_uri(uri)?;
+        super::client::check_uri(uri)?;
         if actions.is_empty() {
             return Err(WebhookError::Invalid(
                 "give at least one action (push, delete)".into(),

@@ -18,6 +18,7 @@ pub async fn start_in(dir: &Path) -> RunningRegistry {
     start(RegistryConfig {
         data_dir: dir.to_path_buf(),
         listen: "127.0.0.1:0".parse().unwrap(),
+        tls: None,
     })
     .await
     .unwrap()

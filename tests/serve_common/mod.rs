@@ -41,6 +41,16 @@ impl Serve {
 
     /// `acr-task serve` on a free loopback port with `extra` arguments.
     pub fn start_with(data: &Path, concurrency: usize, extra: &[&str]) -> Serve {
+        Self::start_with_env(data, concurrency, extra, &[])
+    }
+
+    /// [`Serve::start_with`], with these environment variables set for the server.
+    pub fn start_with_env(
+        data: &Path,
+        concurrency: usize,
+        extra: &[&str],
+        env: &[(&str, &Path)],
+    ) -> Serve {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -56,6 +66,7 @@ impl Serve {
                 "acr_task=info",
             ])
             .args(extra)
+            .envs(env.iter().map(|(k, v)| (*k, *v)))
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
             .spawn()

@@ -60,6 +60,16 @@ pub fn run_task(file: &Path, extra: &[&str]) -> Run {
 
 /// `run_task`, optionally without the check that nothing of the run is left behind.
 pub fn run_task_with(file: &Path, extra: &[&str], check_orphans: bool) -> Run {
+    run_task_env(file, extra, &[], check_orphans)
+}
+
+/// `run_task_with`, with these environment variables set for `acr-task`.
+pub fn run_task_env(
+    file: &Path,
+    extra: &[&str],
+    env: &[(&str, &Path)],
+    check_orphans: bool,
+) -> Run {
     require_docker();
     let data = tempfile::tempdir().unwrap();
     let output = Command::new(bin())
@@ -68,6 +78,7 @@ pub fn run_task_with(file: &Path, extra: &[&str], check_orphans: bool) -> Run {
         .args(["--output", "json", "--data"])
         .arg(data.path())
         .args(extra)
+        .envs(env.iter().map(|(k, v)| (*k, *v)))
         .output()
         .expect("running acr-task");
     let stdout = String::from_utf8_lossy(&output.stdout);

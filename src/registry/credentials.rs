@@ -1,0 +1,172 @@
+//! Credentials for other registries, read from Docker's `config.json` (what `docker login`
+//! writes): `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`. Only inline `auths`
+//! entries are read; credential helpers (`credsStore`) are not run.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+
+/// A user name and password (or token) for one registry host.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credential {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credential {
+    // Never print the secret.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Credential({}, ***)", self.username)
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Credentials {
+    by_host: BTreeMap<String, Credential>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct CredentialsError {
+    pub path: PathBuf,
+    pub message: String,
+}
+
+#[derive(serde::Deserialize)]
+struct DockerConfig {
+    #[serde(default)]
+    auths: BTreeMap<String, AuthEntry>,
+    #[serde(default, rename = "credsStore")]
+    creds_store: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct AuthEntry {
+    #[serde(default)]
+    auth: Option<String>,
+    #[serde(default)]
+    username: Option<String>,
+    #[serde(default)]
+    password: Option<String>,
+}
+
+impl Credentials {
+    /// Docker's config file of this environment; empty when there is none.
+    pub fn from_docker_config() -> Result<Credentials, CredentialsError> {
+        let dir = match std::env::var_os("DOCKER_CONFIG") {
+            Some(d) => PathBuf::from(d),
+            None => match std::env::var_os("HOME") {
+                Some(h) => PathBuf::from(h).join(".docker"),
+                None => return Ok(Credentials::default()),
+            },
+        };
+        Credentials::from_file(&dir.join("config.json"))
+    }
+
+    /// A Docker `config.json`; empty when the file does not exist.
+    pub fn from_file(path: &Path) -> Result<Credentials, CredentialsError> {
+        let err = |message: String| CredentialsError {
+            path: path.to_path_buf(),
+            message,
+        };
+        let text = match std::fs::read(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Credentials::default()),
+            Err(e) => return Err(err(e.to_string())),
+        };
+        let cfg: DockerConfig =
+            serde_json::from_slice(&text).map_err(|e| err(format!("not a Docker config: {e}")))?;
+        if let Some(store) = &cfg.creds_store {
+            tracing::debug!(%store, "Docker credential helpers are not used; only inline auths");
+        }
+        let mut by_host = BTreeMap::new();
+        for (key, entry) in cfg.auths {
+            let cred = match (entry.auth, entry.username, entry.password) {
+                (Some(a), _, _) if !a.is_empty() => {
+                    let raw = base64::engine::general_purpose::STANDARD
+                        .decode(a.trim())
+                        .map_err(|_| err(format!("auths[{key:?}].auth is not base64")))?;
+                    let s = String::from_utf8(raw)
+                        .map_err(|_| err(format!("auths[{key:?}].auth is not UTF-8")))?;
+                    let Some((u, p)) = s.split_once(':') else {
+                        return Err(err(format!("auths[{key:?}].auth is not user:password")));
+                    };
+                    Credential {
+                        username: u.to_string(),
+                        password: p.to_string(),
+                    }
+                }
+                (_, Some(u), Some(p)) => Credential {
+                    username: u,
+                    password: p,
+                },
+                _ => continue,
+            };
+            by_host.insert(host_key(&key), cred);
+        }
+        Ok(Credentials { by_host })
+    }
+
+    pub fn insert(&mut self, host: &str, cred: Credential) {
+        self.by_host.insert(host_key(host), cred);
+    }
+
+    /// The credential for an API host (`registry-1.docker.io` finds Docker Hub's entry).
+    pub fn get(&self, host: &str) -> Option<&Credential> {
+        self.by_host.get(&host_key(host))
+    }
+}
+
+/// `https://index.docker.io/v1/`, `docker.io`, `registry-1.docker.io` → `docker.io`;
+/// `https://host:5000/path` → `host:5000`.
+fn host_key(key: &str) -> String {
+    let k = key
+        .trim()
+        .trim_start_matches("https://")
+        .trim_start_matches("http://");
+    let host = k.split('/').next().unwrap_or(k).to_ascii_lowercase();
+    match host.as_str() {
+        "index.docker.io" | "registry-1.docker.io" | "docker.io" => "docker.io".into(),
+        _ => host,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_docker_login_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        // "alice:s3cret" and "bob:pw:with:colons"
+        std::fs::write(
+            &path,
+            r#"{"auths":{
+                "https://index.docker.io/v1/":{"auth":"YWxpY2U6czNjcmV0"},
+                "127.0.0.1:5001":{"auth":"Ym9iOnB3OndpdGg6Y29sb25z"},
+                "https://reg.example.com/v2/":{"username":"u","password":"p"},
+                "empty.example.com":{}
+            },"credsStore":"desktop"}"#,
+        )
+        .unwrap();
+        let c = Credentials::from_file(&path).unwrap();
+        assert_eq!(c.get("registry-1.docker.io").unwrap().username, "alice");
+        assert_eq!(c.get("registry-1.docker.io").unwrap().password, "s3cret");
+        assert_eq!(c.get("127.0.0.1:5001").unwrap().password, "pw:with:colons");
+        assert_eq!(c.get("reg.example.com").unwrap().username, "u");
+        assert!(c.get("empty.example.com").is_none());
+        assert!(!format!("{:?}", c).contains("s3cret"));
+        assert!(Credentials::from_file(&dir.path().join("none.json"))
+            .unwrap()
+            .get("docker.io")
+            .is_none());
+        std::fs::write(&path, "{not json").unwrap();
+        let e = Credentials::from_file(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("config.json") && e.contains("not a Docker config"),
+            "{e}"
+        );
+    }
+}
