@@ -75,32 +75,21 @@ async fn cgi(root: PathBuf, method: Method, uri: Uri, headers: HeaderMap, body: 
     (status, resp_headers, raw[head_end + sep..].to_vec()).into_response()
 }
 
-/// A repository at `<root>/app/.git` with one commit; returns (commit, branch).
-fn make_repo(root: &Path) -> (String, String) {
-    let dir = root.join("app");
-    let repo = git2::Repository::init(&dir).unwrap();
-    std::fs::write(
-        dir.join("acb.yaml"),
-        "steps:\n  - id: show\n    cmd: busybox sh -c \"echo commit={{.Run.Commit}}; cat /workspace/file.txt\"\n",
-    )
-    .unwrap();
-    std::fs::write(dir.join("file.txt"), "from-https-git\n").unwrap();
-    let mut idx = repo.index().unwrap();
-    idx.add_all(["*"], git2::IndexAddOption::DEFAULT, None)
-        .unwrap();
-    let tree = repo.find_tree(idx.write_tree().unwrap()).unwrap();
-    let sig = git2::Signature::now("t", "t@example.com").unwrap();
-    let commit = repo
-        .commit(Some("HEAD"), &sig, &sig, "first", &tree, &[])
-        .unwrap();
-    let branch = repo.head().unwrap().shorthand().unwrap().to_string();
-    (commit.to_string(), branch)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn git_context_over_https_with_a_private_ca() {
     let root_dir = tempfile::tempdir().unwrap();
-    let (commit, branch) = make_repo(root_dir.path());
+    let app_dir = root_dir.path().join("app");
+    std::fs::create_dir_all(&app_dir).unwrap();
+    let (commit, branch) = git_repo(
+        &app_dir,
+        &[
+            (
+                "acb.yaml",
+                "steps:\n  - id: show\n    cmd: busybox sh -c \"echo commit={{.Run.Commit}}; cat /workspace/file.txt\"\n",
+            ),
+            ("file.txt", "from-https-git\n"),
+        ],
+    );
     let project_root = root_dir.path().to_path_buf();
     let app = axum::Router::new().fallback(
         move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {

@@ -242,23 +242,16 @@ fn secrets_are_substituted_and_masked_in_logs_and_report() {
 #[test]
 fn git_context_at_a_ref_sets_commit_and_branch() {
     let repo_dir = tempfile::tempdir().unwrap();
-    let repo = git2::Repository::init(repo_dir.path()).unwrap();
-    std::fs::write(
-        repo_dir.path().join("acb.yaml"),
-        "steps:\n  - id: show\n    cmd: busybox sh -c \"echo commit={{.Run.Commit}} branch={{.Run.Branch}}; cat /workspace/file.txt\"\n",
-    )
-    .unwrap();
-    std::fs::write(repo_dir.path().join("file.txt"), "from-git\n").unwrap();
-    let mut idx = repo.index().unwrap();
-    idx.add_all(["*"], git2::IndexAddOption::DEFAULT, None)
-        .unwrap();
-    let tree = repo.find_tree(idx.write_tree().unwrap()).unwrap();
-    let sig = git2::Signature::now("t", "t@example.com").unwrap();
-    let commit = repo
-        .commit(Some("HEAD"), &sig, &sig, "first", &tree, &[])
-        .unwrap();
-    let head = repo.head().unwrap();
-    let branch = head.shorthand().unwrap().to_string();
+    let (commit, branch) = git_repo(
+        repo_dir.path(),
+        &[
+            (
+                "acb.yaml",
+                "steps:\n  - id: show\n    cmd: busybox sh -c \"echo commit={{.Run.Commit}} branch={{.Run.Branch}}; cat /workspace/file.txt\"\n",
+            ),
+            ("file.txt", "from-git\n"),
+        ],
+    );
     let url = format!("file://{}#{branch}", repo_dir.path().display());
     let run = run_task(std::path::Path::new("acb.yaml"), &["--context", &url]);
     assert_eq!(run.status(), "Succeeded", "{}", run.stderr());

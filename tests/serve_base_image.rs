@@ -1,8 +1,11 @@
 //! Base-image trigger: pushing a new base image to our registry rebuilds the task that
-//! builds FROM it, once, and the new image records the new base digest.
+//! builds FROM it, once, and the new image records the new base digest. Base images in
+//! other registries (plain HTTP on loopback; HTTPS with a private CA and token auth) are
+//! polled by digest to the same effect.
 
 mod serve_common;
 
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -10,7 +13,16 @@ use serde_json::{json, Value};
 use serve_common::*;
 
 fn docker(args: &[&str]) -> String {
-    let o = Command::new("docker").args(args).output().unwrap();
+    docker_as(None, args)
+}
+
+/// The docker CLI, with its own config dir (`docker login`s land there) when given.
+fn docker_as(config: Option<&Path>, args: &[&str]) -> String {
+    let mut c = Command::new("docker");
+    if let Some(dir) = config {
+        c.env("DOCKER_CONFIG", dir);
+    }
+    let o = c.args(args).output().unwrap();
     assert!(
         o.status.success(),
         "docker {args:?}: {}",
@@ -21,6 +33,10 @@ fn docker(args: &[&str]) -> String {
 
 /// Builds `image` FROM busybox with a distinguishing label, pushes it, returns its digest.
 fn push_base(image: &str, version: &str) -> String {
+    push_base_as(None, image, version)
+}
+
+fn push_base_as(config: Option<&Path>, image: &str, version: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("Dockerfile"),
@@ -34,7 +50,7 @@ fn push_base(image: &str, version: &str) -> String {
         image,
         &dir.path().display().to_string(),
     ]);
-    let out = docker(&["push", image]);
+    let out = docker_as(config, &["push", image]);
     out.split_whitespace()
         .find(|w| w.starts_with("sha256:"))
         .unwrap_or_else(|| panic!("no digest in push output: {out}"))
@@ -112,16 +128,16 @@ async fn new_base_digest_rebuilds_the_dependent_task_once() {
     assert_eq!(api.runs("app").await.len(), 2);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_base_image_in_another_registry_is_polled_by_digest() {
-    require_docker();
-    let data = tempfile::tempdir().unwrap();
-    // The "other" registry: a second acr-task serving only its registry.
-    let other = Serve::start_with(&data.path().join("other"), 1, &["--registry-only"]);
-    let serve = Serve::start_with(&data.path().join("d"), 2, &["--base-image-poll", "1"]);
+/// A task built FROM `base`, in a registry that `serve` polls: runs once on `d1`; when
+/// `push_new` moves the tag, exactly one run is queued with both digests and records the
+/// new one.
+async fn polled_base_rebuilds_once(
+    serve: &Serve,
+    base: &str,
+    d1: &str,
+    push_new: impl Fn() -> String,
+) {
     let api = serve.client();
-    let base = format!("{}/upstream/base:1", other.addr);
-    let d1 = push_base(&base, "up-one");
     let ctx = tempfile::tempdir().unwrap();
     std::fs::write(ctx.path().join("Dockerfile"), format!("FROM {base}\n")).unwrap();
     std::fs::write(
@@ -142,23 +158,165 @@ async fn a_base_image_in_another_registry_is_polled_by_digest() {
         .wait_status(&first, &["Succeeded", "Failed"], Duration::from_secs(120))
         .await;
     assert_eq!(run["status"], "Succeeded", "{run}");
-    assert_eq!(base_digest(&run).as_deref(), Some(d1.as_str()), "{run}");
+    assert_eq!(base_digest(&run).as_deref(), Some(d1), "{run}");
     // Polls see the same digest: nothing queued.
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert_eq!(api.runs("down").await.len(), 1);
+    assert_eq!(api.runs("down").await.len(), 1, "{}", serve.stderr());
 
-    let d2 = push_base(&base, "up-two");
-    let mut runs = Vec::new();
-    for _ in 0..100 {
-        runs = api.runs("down").await;
-        if runs.len() > 1 {
-            break;
+    let d2 = push_new();
+    assert_ne!(d1, d2);
+    let start = std::time::Instant::now();
+    let rebuilt = loop {
+        let runs = api.runs("down").await;
+        if let Some(r) = runs.iter().find(|r| r["id"] != first.as_str()) {
+            break r.clone();
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(runs.len(), 2, "{}", serve.stderr());
-    let t = &runs[0]["trigger"];
-    assert_eq!(t["kind"], "base_image");
-    assert_eq!(t["old_digest"], d1.as_str());
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no rebuild after the base moved:\n{}",
+            serve.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let t = &rebuilt["trigger"];
+    assert_eq!(t["kind"], "base_image", "{rebuilt}");
+    assert_eq!(t["image"], base);
+    assert_eq!(t["old_digest"], d1);
     assert_eq!(t["new_digest"], d2.as_str());
+    let id = rebuilt["id"].as_str().unwrap();
+    let done = api
+        .wait_status(id, &["Succeeded", "Failed"], Duration::from_secs(120))
+        .await;
+    assert_eq!(done["status"], "Succeeded", "{done}");
+    assert_eq!(base_digest(&done).as_deref(), Some(d2.as_str()), "{done}");
+    // Once, though polls went on while it ran: later ones find the recorded digest.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(api.runs("down").await.len(), 2, "{}", serve.stderr());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_base_image_in_another_registry_is_polled_by_digest() {
+    require_docker();
+    let data = tempfile::tempdir().unwrap();
+    // The "other" registry: a second acr-task serving only its registry.
+    let other = Serve::start_with(&data.path().join("other"), 1, &["--registry-only"]);
+    let serve = Serve::start_with(&data.path().join("d"), 2, &["--base-image-poll", "1"]);
+    let base = format!("{}/upstream/base:1", other.addr);
+    let d1 = push_base(&base, "up-one");
+    polled_base_rebuilds_once(&serve, &base, &d1, || push_base(&base, "up-two")).await;
+}
+
+fn tls(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/tls")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+/// `acr` with `--data DIR`, which must succeed; its (stdout, stderr).
+fn acr(data: &Path, args: &[&str]) -> (String, String) {
+    let o = Command::new(bin())
+        .args(args)
+        .arg("--data")
+        .arg(data)
+        .output()
+        .unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout).to_string(),
+        String::from_utf8_lossy(&o.stderr).to_string(),
+    );
+    assert!(o.status.success(), "acr-task {args:?}: {err}");
+    (out, err)
+}
+
+/// The other registry over HTTPS (a certificate from the test CA) with auth and no
+/// anonymous pull: `serve` trusts the CA through `--ca-cert`, and follows Docker's token
+/// flow with the credentials `docker login` stored in DOCKER_CONFIG.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_base_image_in_a_tls_registry_with_token_auth_is_polled() {
+    require_docker();
+    let data = tempfile::tempdir().unwrap();
+    let other_data = data.path().join("other");
+    acr(
+        &other_data,
+        &[
+            "scope-map",
+            "create",
+            "rw",
+            "--repository",
+            "upstream/*",
+            "content/read",
+            "content/write",
+        ],
+    );
+    let (_, err) = acr(
+        &other_data,
+        &[
+            "token",
+            "create",
+            "builder",
+            "--scope-map",
+            "rw",
+            "-o",
+            "json",
+        ],
+    );
+    let password = err
+        .lines()
+        .find_map(|l| l.strip_prefix("builder password1: "))
+        .unwrap_or_else(|| panic!("no password in {err}"))
+        .to_string();
+    let (cert, key) = (tls("server.pem"), tls("server-key.pem"));
+    let other = Serve::start_with(
+        &other_data,
+        1,
+        &[
+            "--registry-only",
+            "--auth",
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+        ],
+    );
+    let config = data.path().join("docker-config");
+    std::fs::create_dir_all(&config).unwrap();
+    let mut login = Command::new("docker")
+        .env("DOCKER_CONFIG", &config)
+        .args(["login", &other.addr, "-u", "builder", "--password-stdin"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        login
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(password.as_bytes())
+            .unwrap();
+    }
+    let out = login.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "docker login: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let ca = tls("ca.pem");
+    let serve = Serve::start_with_env(
+        &data.path().join("d"),
+        1,
+        &["--base-image-poll", "1", "--ca-cert", &ca],
+        &[("DOCKER_CONFIG", &config)],
+    );
+    let base = format!("{}/upstream/base:1", other.addr);
+    let d1 = push_base_as(Some(&config), &base, "tls-one");
+    polled_base_rebuilds_once(&serve, &base, &d1, || {
+        push_base_as(Some(&config), &base, "tls-two")
+    })
+    .await;
 }

@@ -137,3 +137,21 @@ pub fn assert_no_orphans(run_id: &str) {
 pub fn data(rel: &str) -> PathBuf {
     root().join("tests/data/run").join(rel)
 }
+
+/// A git repository in `dir` with `files` committed once; its (commit, branch).
+pub fn git_repo(dir: &Path, files: &[(&str, &str)]) -> (String, String) {
+    let repo = git2::Repository::init(dir).unwrap();
+    for (name, text) in files {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+    let mut idx = repo.index().unwrap();
+    idx.add_all(["*"], git2::IndexAddOption::DEFAULT, None)
+        .unwrap();
+    let tree = repo.find_tree(idx.write_tree().unwrap()).unwrap();
+    let sig = git2::Signature::now("t", "t@example.com").unwrap();
+    let commit = repo
+        .commit(Some("HEAD"), &sig, &sig, "first", &tree, &[])
+        .unwrap();
+    let branch = repo.head().unwrap().shorthand().unwrap().to_string();
+    (commit.to_string(), branch)
+}
