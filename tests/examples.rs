@@ -48,10 +48,15 @@ fn build_and_push_lands_in_the_integrated_registry() {
         "{stderr}"
     );
     assert!(stderr.contains(&format!("version {run_id}")), "{stderr}");
-    // Base-image dependencies are recorded with the digest actually used.
+    // Base-image dependencies are recorded with the image actually used: busybox is made
+    // on this machine, so it has an image id and no registry digest.
     let bases = steps[0]["built"]["base_images"].as_array().unwrap();
     assert_eq!(bases[0]["image"], "busybox");
-    assert!(bases[0]["digest"].as_str().unwrap().starts_with("sha256:"));
+    assert!(bases[0]["digest"].is_null(), "{}", bases[0]);
+    assert!(bases[0]["image_id"]
+        .as_str()
+        .unwrap()
+        .starts_with("sha256:"));
 
     // The data dir now holds the pushed image: serve it and ask for both tags.
     let (mut child, addr) = spawn_server(data.path().join("registry").as_path());

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 
-use super::registry::{data_dir, print_json, print_rows};
+use super::registry::{data_dir, print_deleted, print_json, print_rows};
 use super::Output;
 use crate::auth::{
     Auth, AuthSettings, AuthStore, NewSecret, Permission, ScopeMap, ScopeRule, Slot, TokenInfo,
@@ -385,11 +385,7 @@ pub fn token(cmd: TokenCmd) -> anyhow::Result<ExitCode> {
         TokenCmd::Delete { name, opts } => {
             check_output(opts.output)?;
             open_store(opts.data)?.delete_token(&name)?;
-            if opts.output == Output::Json {
-                print_json(&serde_json::json!({ "deleted": name }))?;
-            } else {
-                println!("deleted token {name}");
-            }
+            print_deleted(opts.output, &name, &format!("deleted token {name}"))?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -445,11 +441,7 @@ pub fn scope_map(cmd: ScopeMapCmd) -> anyhow::Result<ExitCode> {
         ScopeMapCmd::Delete { name, opts } => {
             check_output(opts.output)?;
             open_store(opts.data)?.delete_scope_map(&name)?;
-            if opts.output == Output::Json {
-                print_json(&serde_json::json!({ "deleted": name }))?;
-            } else {
-                println!("deleted scope map {name}");
-            }
+            print_deleted(opts.output, &name, &format!("deleted scope map {name}"))?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -642,11 +634,7 @@ pub fn webhook(cmd: WebhookCmd) -> anyhow::Result<ExitCode> {
         WebhookCmd::Delete { name, opts } => {
             check_output(opts.output)?;
             open_hooks(opts.data)?.delete(&name)?;
-            if opts.output == Output::Json {
-                print_json(&serde_json::json!({ "deleted": name }))?;
-            } else {
-                println!("deleted webhook {name}");
-            }
+            print_deleted(opts.output, &name, &format!("deleted webhook {name}"))?;
         }
         WebhookCmd::Ping {
             name,

@@ -89,8 +89,15 @@ pub fn default_data_dir() -> PathBuf {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+    let mut filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    // The TLS verifier logs every refused certificate as an ERROR of its own; our error
+    // for the request already says it. Asking for its target by name shows it again.
+    if !cli.log.contains("rustls_platform_verifier") {
+        if let Ok(d) = "rustls_platform_verifier=off".parse() {
+            filter = filter.add_directive(d);
+        }
+    }
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -179,6 +179,16 @@ fn no_dot(output: Output) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What a delete command prints: `{"deleted": WHAT}` as JSON, else `message`.
+pub(super) fn print_deleted(output: Output, what: &str, message: &str) -> anyhow::Result<()> {
+    if output == Output::Json {
+        print_json(&serde_json::json!({ "deleted": what }))
+    } else {
+        println!("{message}");
+        Ok(())
+    }
+}
+
 pub(super) fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
@@ -358,11 +368,7 @@ pub fn repository(cmd: RepositoryCmd) -> anyhow::Result<ExitCode> {
             no_dot(opts.output)?;
             let store = open(opts.data)?;
             let msg = delete(&store, &target)?;
-            if opts.output == Output::Json {
-                print_json(&serde_json::json!({ "deleted": target }))?;
-            } else {
-                println!("{msg}");
-            }
+            print_deleted(opts.output, &target, &msg)?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -429,11 +435,7 @@ async fn repository_http(cmd: RepositoryCmd, client: RegistryClient) -> anyhow::
                     ms.len()
                 )
             };
-            if opts.output == Output::Json {
-                print_json(&serde_json::json!({ "deleted": target }))?;
-            } else {
-                println!("{msg}");
-            }
+            print_deleted(opts.output, &target, &msg)?;
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -265,7 +265,11 @@ pub fn summary(report: &RunReport) -> String {
                         .cloned()
                         .unwrap_or_else(|| b.image_id.clone()),
                     base.image.clone(),
-                    base.digest.clone().unwrap_or_else(|| "-".into()),
+                    // An image made here has no registry digest: its id tells which.
+                    base.digest
+                        .clone()
+                        .or_else(|| base.image_id.as_ref().map(|id| format!("{id} (local)")))
+                        .unwrap_or_else(|| "-".into()),
                 ]);
             }
         }

@@ -70,6 +70,9 @@ pub struct BuildArgs {
     pub dockerfile: Option<String>,
     #[arg(long = "build-arg", value_name = "KEY=VALUE")]
     pub build_args: Vec<String>,
+    /// Target platform `os/arch[/variant]` of the build, as `az acr build --platform`.
+    #[arg(long)]
+    pub platform: Option<crate::task::Platform>,
     #[arg(long)]
     pub registry: Option<String>,
     #[arg(long)]
@@ -324,7 +327,8 @@ pub fn build(args: BuildArgs) -> anyhow::Result<ExitCode> {
     let context = std::fs::canonicalize(&args.context)
         .with_context(|| format!("context {}", args.context.display()))?;
     let run_id = new_run_id();
-    let cfg = RunConfig::for_run(&run_id, context, 1);
+    let mut cfg = RunConfig::for_run(&run_id, context, 1);
+    cfg.platform = args.platform.as_ref().map(|p| p.to_string());
     tokio_runtime()?.block_on(async {
         let (registry, integrated) = registry_for(args.registry.clone(), args.data.clone()).await?;
         let task = quick_task(&registry, &args);

@@ -10,7 +10,7 @@ use anyhow::{bail, Context};
 use futures_util::StreamExt;
 use serde_json::Value;
 
-use super::registry::print_json;
+use super::registry::{print_deleted, print_json};
 use super::Output;
 use crate::server::model::{CommitTrigger, TaskSpec, TimerTrigger};
 use crate::server::{ServeConfig, Server};
@@ -553,11 +553,7 @@ async fn task_async(cmd: TaskCmd) -> anyhow::Result<ExitCode> {
             Client::new(&opts.server)
                 .call(Method::DELETE, &format!("/api/tasks/{name}"), None)
                 .await?;
-            if opts.output == Output::Json {
-                print_json(&serde_json::json!({"deleted": name}))?;
-            } else {
-                println!("deleted task {name}");
-            }
+            print_deleted(opts.output, &name, &format!("deleted task {name}"))?;
         }
         TaskCmd::Run {
             name,

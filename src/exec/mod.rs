@@ -772,8 +772,12 @@ impl<R: Runtime> Ctx<R> {
             Ok(out) => {
                 let mut base_images = Vec::new();
                 for image in bases {
-                    let digest = self.rt.image_digest(&image).await.ok().flatten();
-                    base_images.push(BaseImage { image, digest });
+                    let local = self.rt.image_digest(&image).await.ok().flatten();
+                    base_images.push(BaseImage {
+                        image,
+                        digest: local.as_ref().and_then(|l| l.repo_digest.clone()),
+                        image_id: local.map(|l| l.id),
+                    });
                 }
                 Attempt {
                     status: Status::Succeeded,

@@ -37,8 +37,11 @@ pub struct PushedImage {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct BaseImage {
     pub image: String,
-    /// Registry digest when the engine knows one, else the local image id.
+    /// The registry digest it was pulled or pushed by; `None` for an image made locally,
+    /// which no registry can tell a new version of.
     pub digest: Option<String>,
+    /// The engine's image id.
+    pub image_id: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -103,7 +103,10 @@ impl Runtime for Fake {
     async fn push(&self, image: &str, _: &LogSink) -> Result<String, RuntimeError> {
         Ok(format!("sha256:{:0>64}", image.len()))
     }
-    async fn image_digest(&self, _: &str) -> Result<Option<String>, RuntimeError> {
+    async fn image_digest(
+        &self,
+        _: &str,
+    ) -> Result<Option<crate::runtime::ImageIdentity>, RuntimeError> {
         Ok(None)
     }
     async fn image_label(&self, _: &str, _: &str) -> Result<Option<Option<String>>, RuntimeError> {

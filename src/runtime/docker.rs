@@ -16,8 +16,8 @@ use bollard::Docker;
 use futures_util::StreamExt;
 
 use super::{
-    BuildContext, BuildOutput, BuildSpec, ContainerSpec, LogSink, PullPolicy, Runtime,
-    RuntimeError, RUN_LABEL,
+    BuildContext, BuildOutput, BuildSpec, ContainerSpec, ImageIdentity, LogSink, PullPolicy,
+    Runtime, RuntimeError, RUN_LABEL,
 };
 
 /// An image with no files, used to hold volumes while files are copied into them.
@@ -788,7 +788,7 @@ impl Runtime for DockerRuntime {
         })
     }
 
-    async fn image_digest(&self, image: &str) -> Result<Option<String>, RuntimeError> {
+    async fn image_digest(&self, image: &str) -> Result<Option<ImageIdentity>, RuntimeError> {
         match self.docker.inspect_image(image).await {
             Ok(info) => {
                 let (repo, _) = split_tag(image);
@@ -798,7 +798,10 @@ impl Runtime for DockerRuntime {
                     .into_iter()
                     .find(|d| d.split('@').next() == Some(repo))
                     .and_then(|d| d.split('@').nth(1).map(str::to_string));
-                Ok(repo_digest.or(info.id))
+                Ok(Some(ImageIdentity {
+                    repo_digest,
+                    id: info.id.unwrap_or_default(),
+                }))
             }
             Err(e) if is_not_found(&e) => Ok(None),
             Err(e) => Err(engine(e)),

@@ -48,6 +48,14 @@ pub struct BuildSpec {
     pub labels: BTreeMap<String, String>,
 }
 
+/// A local image: the digest its registry knows it by (`RepoDigests` for its repository;
+/// `None` for an image built or loaded here) and the engine's image id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageIdentity {
+    pub repo_digest: Option<String>,
+    pub id: String,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct BuildOutput {
     pub image_id: String,
@@ -181,11 +189,12 @@ pub trait Runtime: Send + Sync + 'static {
         image: &str,
         log: &LogSink,
     ) -> impl Future<Output = Result<String, RuntimeError>> + Send;
-    /// The digest an image was pulled or pushed by (`RepoDigests`), else its image id.
+    /// What identifies a local image (`None` when absent): the registry digest it was
+    /// pulled or pushed by, if any, and its image id.
     fn image_digest(
         &self,
         image: &str,
-    ) -> impl Future<Output = Result<Option<String>, RuntimeError>> + Send;
+    ) -> impl Future<Output = Result<Option<ImageIdentity>, RuntimeError>> + Send;
     /// `None` when the image is absent, else the value of `label` on it (if set).
     fn image_label(
         &self,

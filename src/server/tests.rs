@@ -333,4 +333,22 @@ fn polled_digest_change_queues_once_even_while_its_run_is_running() {
     // An unreachable registry (no digest) queues nothing.
     let gone = std::collections::BTreeMap::from([(base.clone(), None)]);
     assert!(on_remote_digests(&q, &gone).unwrap().is_empty());
+
+    // A task whose image of that name was made locally (no registry digest recorded)
+    // is never queued by what a registry says: the two are different images.
+    q.db()
+        .put_task(
+            &TaskSpec {
+                name: "local".into(),
+                context: "/".into(),
+                ..Default::default()
+            },
+            true,
+        )
+        .unwrap();
+    q.db()
+        .set_dependencies("local", &[(base.clone(), None)], &[])
+        .unwrap();
+    let queued = on_remote_digests(&q, &current("sha256:newest")).unwrap();
+    assert!(queued.iter().all(|r| r.task != "local"), "{queued:?}");
 }

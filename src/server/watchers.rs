@@ -46,6 +46,8 @@ pub fn spawn_all(w: Watchers) {
 async fn remote_bases(w: Arc<Watchers>) {
     // One client per registry host: it keeps the host's scheme and tokens between polls.
     let mut clients: BTreeMap<String, RegistryClient> = BTreeMap::new();
+    // Images whose last poll failed: warned about once, until a poll succeeds again.
+    let mut failing = std::collections::BTreeSet::new();
     loop {
         tokio::select! {
             _ = w.halt.cancelled() => return,
@@ -60,8 +62,10 @@ async fn remote_bases(w: Arc<Watchers>) {
         };
         // One request per image, however many tasks use it.
         let mut current: BTreeMap<String, Option<String>> = BTreeMap::new();
-        for (_, base, _) in &bases {
-            if current.contains_key(base)
+        for (_, base, recorded) in &bases {
+            // A base with no registry digest was made locally: no registry can say it moved.
+            if recorded.is_none()
+                || current.contains_key(base)
                 || base_image::local_repo_tag(base, &w.registry_host).is_some()
             {
                 continue;
@@ -74,9 +78,18 @@ async fn remote_bases(w: Arc<Watchers>) {
                 .entry(host.clone())
                 .or_insert_with(|| RegistryClient::new(host, w.remote.clone()));
             let digest = match client.manifest_digest(&image).await {
-                Ok(d) => d,
+                Ok(d) => {
+                    if failing.remove(base) {
+                        tracing::info!(image = %base, "base image poll works again");
+                    }
+                    d
+                }
                 Err(e) => {
-                    tracing::warn!(image = %base, error = %e, "base image poll");
+                    if failing.insert(base.clone()) {
+                        tracing::warn!(image = %base, error = %e, "base image poll failed (said once until it works again)");
+                    } else {
+                        tracing::debug!(image = %base, error = %e, "base image poll");
+                    }
                     None
                 }
             };
@@ -100,6 +113,9 @@ pub fn on_remote_digests(
         let Some(Some(digest)) = current.get(&base) else {
             continue;
         };
+        if recorded.is_none() {
+            continue;
+        }
         if recorded.as_deref() == Some(digest.as_str()) || seen.contains(&task) {
             continue;
         }
