@@ -527,3 +527,41 @@ async fn management_api_middleware_takes_admin_or_api_tokens() {
     assert_eq!(status(client(&t).get(&api).send().await.unwrap()), 403);
     e.reg.shutdown().await;
 }
+
+#[tokio::test]
+async fn disabling_a_token_revokes_its_issued_bearer_tokens() {
+    let e = env(AuthSettings::default()).await;
+    let p = make_token(&e, "ci", &[rule("*", &[Permission::ContentRead])]);
+    let t = bearer(&e, "ci", &p, &["repository:x:pull"]).await;
+    let url = format!("{}/v2/x/tags/list", e.base);
+    assert_eq!(client(&t).get(&url).send().await.unwrap().status(), 404);
+    // Disabled from outside the server (as `acr-task token update --status disabled`
+    // does from another process): the 300 s bearer token stops within a second or so.
+    let other = acr_task::auth::AuthStore::open(e._dir.path()).unwrap();
+    other.set_token_status("ci", false).unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        let r = client(&t).get(&url).send().await.unwrap();
+        if r.status() == 401 {
+            assert!(r.headers()["www-authenticate"]
+                .to_str()
+                .unwrap()
+                .contains("error=\"invalid_token\""));
+            break;
+        }
+        assert_eq!(r.status(), 404);
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the disabled token's bearer token still works"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Enabled again: the same bearer token (not expired) works again.
+    other.set_token_status("ci", true).unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(client(&t).get(&url).send().await.unwrap().status(), 404);
+    // Deleted: revoked for good.
+    other.delete_token("ci").unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(client(&t).get(&url).send().await.unwrap().status(), 401);
+}

@@ -90,7 +90,13 @@ pub struct Auth {
     key: Vec<u8>,
     settings: AuthSettings,
     limiter: ratelimit::RateLimiter,
+    /// Subject → (still enabled, when that was read): a token disabled or deleted (by
+    /// another process too) stops its bearer tokens within `ACTIVE_RECHECK`.
+    active: std::sync::Mutex<std::collections::HashMap<String, (bool, std::time::Instant)>>,
 }
+
+/// How long "this identity is still enabled" is trusted before the store is read again.
+const ACTIVE_RECHECK: Duration = Duration::from_secs(1);
 
 impl std::fmt::Debug for Auth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -112,6 +118,7 @@ impl Auth {
             key,
             settings,
             limiter,
+            active: Default::default(),
         }))
     }
 
@@ -144,7 +151,32 @@ impl Auth {
         Ok((jwt::issue(&self.key, &claims)?, claims))
     }
 
+    /// Checks a bearer token's signature, audience and lifetime, and that its subject is
+    /// still enabled: disabling or deleting a token (or the admin user) revokes the
+    /// bearer tokens already issued to it, not just future logins.
     pub fn verify(&self, token: &str) -> Result<jwt::Claims, AuthError> {
-        jwt::verify(&self.key, &self.settings.service, token)
+        let claims = jwt::verify(&self.key, &self.settings.service, token)?;
+        if !claims.sub.is_empty() && !self.subject_active(&claims.sub)? {
+            return Err(AuthError::BadToken(format!(
+                "{} is disabled, expired or deleted",
+                claims.sub
+            )));
+        }
+        Ok(claims)
+    }
+
+    fn subject_active(&self, sub: &str) -> Result<bool, AuthError> {
+        if let Ok(cache) = self.active.lock() {
+            if let Some((on, at)) = cache.get(sub) {
+                if at.elapsed() < ACTIVE_RECHECK {
+                    return Ok(*on);
+                }
+            }
+        }
+        let on = self.store.subject_active(sub)?;
+        if let Ok(mut cache) = self.active.lock() {
+            cache.insert(sub.to_string(), (on, std::time::Instant::now()));
+        }
+        Ok(on)
     }
 }

@@ -548,6 +548,22 @@ impl AuthStore {
 
     // ---- authentication ----
 
+    /// Whether `user` (a token name or the admin) may still act: enabled and not expired.
+    pub fn subject_active(&self, user: &str) -> Result<bool, AuthError> {
+        let c = self.conn()?;
+        if user == ADMIN_USER {
+            return Ok(Self::setting(&c, "admin_enabled")?.as_deref() == Some("1"));
+        }
+        let row: Option<(bool, Option<i64>)> = c
+            .query_row(
+                "SELECT enabled, expiry FROM tokens WHERE name = ?1",
+                params![user],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        Ok(row.is_some_and(|(enabled, expiry)| enabled && expiry.is_none_or(|e| e > now())))
+    }
+
     /// Check a user name and password. `Ok(None)` for any failure (unknown user, wrong
     /// password, disabled or expired token) so callers cannot tell them apart.
     pub fn authenticate(&self, user: &str, secret: &str) -> Result<Option<Grants>, AuthError> {
