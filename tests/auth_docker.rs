@@ -233,3 +233,72 @@ impl Drop for Server {
         let _ = self.0.wait();
     }
 }
+
+/// `repository --registry` against an auth registry takes its credentials the way the
+/// docker CLI does: here from a credential helper (`credHelpers` in config.json runs
+/// `docker-credential-<name> get`), and with none it is refused.
+#[test]
+fn registry_client_uses_docker_credential_helpers() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("reg");
+    acr_ok(
+        &data,
+        &[
+            "scope-map",
+            "create",
+            "lister",
+            "--repository",
+            "*",
+            "metadata/read",
+            "content/read",
+        ],
+    );
+    let pass = create_token(&data, "lister", "lister", &[]);
+    let (mut child, addr) = serve(&data);
+    // A helper that knows one server, as docker-credential-pass and friends do.
+    let bin_dir = dir.path().join("bin");
+    std::fs::create_dir_all(&bin_dir).unwrap();
+    let helper = bin_dir.join("docker-credential-acrtest");
+    std::fs::write(
+        &helper,
+        format!(
+            "#!/bin/sh\n[ \"$1\" = get ] || exit 1\nread server\n[ \"$server\" = \"{addr}\" ] || {{ echo 'credentials not found' >&2; exit 1; }}\nprintf '{{\"ServerURL\":\"%s\",\"Username\":\"lister\",\"Secret\":\"{pass}\"}}' \"$server\"\n"
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let config = dir.path().join("docker");
+    std::fs::create_dir_all(&config).unwrap();
+    std::fs::write(
+        config.join("config.json"),
+        format!(r#"{{"credHelpers":{{"{addr}":"acrtest"}}}}"#),
+    )
+    .unwrap();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let list = |config: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_acr-task"))
+            .args(["repository", "list", "--registry", &addr, "-o", "json"])
+            .env("DOCKER_CONFIG", config)
+            .env("PATH", &path)
+            .output()
+            .unwrap()
+    };
+    let o = list(&config);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let repos: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(repos.is_array(), "{repos}");
+    // No helper, no credentials: the anonymous token request is refused.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let o = list(&empty);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("authentication failed"), "{err}");
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -139,8 +139,13 @@ impl RegistryClient {
         &self.addr
     }
 
-    fn credential(&self) -> Option<&Credential> {
-        self.t.credentials.get(&self.addr)
+    /// This host's credential; off the async threads, as it may run a credential helper.
+    async fn credential(&self) -> Option<Credential> {
+        let (creds, addr) = (self.t.credentials.clone(), self.addr.clone());
+        tokio::task::spawn_blocking(move || creds.get(&addr))
+            .await
+            .ok()
+            .flatten()
     }
 
     /// Sends `method path`, answering an auth challenge once. `scope` is what the request
@@ -173,8 +178,8 @@ impl RegistryClient {
                 r = self.send(&method, path, Some(Auth::Bearer(&token))).await?;
             }
             "basic" => {
-                if let Some(c) = self.credential() {
-                    r = self.send(&method, path, Some(Auth::Basic(c))).await?;
+                if let Some(c) = self.credential().await {
+                    r = self.send(&method, path, Some(Auth::Basic(&c))).await?;
                 }
             }
             _ => {}
@@ -289,7 +294,7 @@ impl RegistryClient {
             }
         }
         let mut req = self.t.http.get(url.clone()).timeout(TIMEOUT);
-        if let Some(cred) = self.credential() {
+        if let Some(cred) = self.credential().await {
             req = req.basic_auth(&cred.username, Some(&cred.password));
         }
         let resp = req.send().await.map_err(|e| ClientError::Connect {

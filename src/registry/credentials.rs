@@ -1,6 +1,7 @@
 //! Credentials for other registries, read from Docker's `config.json` (what `docker login`
-//! writes): `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`. Only inline `auths`
-//! entries are read; credential helpers (`credsStore`) are not run.
+//! writes): `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`. As the docker CLI
+//! does: a `credHelpers` entry for the host, else `credsStore`, runs
+//! `docker-credential-<name> get`; otherwise the inline `auths` entry is used.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -21,9 +22,15 @@ impl std::fmt::Debug for Credential {
     }
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct Credentials {
     by_host: BTreeMap<String, Credential>,
+    /// Host → credential helper name (`credHelpers`).
+    helpers: BTreeMap<String, String>,
+    /// The helper for every other host (`credsStore`).
+    store: Option<String>,
+    /// What helpers answered, per host (they are asked once).
+    asked: std::sync::Mutex<BTreeMap<String, Option<Credential>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +46,8 @@ struct DockerConfig {
     auths: BTreeMap<String, AuthEntry>,
     #[serde(default, rename = "credsStore")]
     creds_store: Option<String>,
+    #[serde(default, rename = "credHelpers")]
+    cred_helpers: BTreeMap<String, String>,
 }
 
 #[derive(serde::Deserialize)]
@@ -77,9 +86,6 @@ impl Credentials {
         };
         let cfg: DockerConfig =
             serde_json::from_slice(&text).map_err(|e| err(format!("not a Docker config: {e}")))?;
-        if let Some(store) = &cfg.creds_store {
-            tracing::debug!(%store, "Docker credential helpers are not used; only inline auths");
-        }
         let mut by_host = BTreeMap::new();
         for (key, entry) in cfg.auths {
             let cred = match (entry.auth, entry.username, entry.password) {
@@ -105,7 +111,16 @@ impl Credentials {
             };
             by_host.insert(host_key(&key), cred);
         }
-        Ok(Credentials { by_host })
+        Ok(Credentials {
+            by_host,
+            helpers: cfg
+                .cred_helpers
+                .into_iter()
+                .map(|(k, v)| (host_key(&k), v))
+                .collect(),
+            store: cfg.creds_store.filter(|s| !s.is_empty()),
+            asked: Default::default(),
+        })
     }
 
     pub fn insert(&mut self, host: &str, cred: Credential) {
@@ -113,9 +128,78 @@ impl Credentials {
     }
 
     /// The credential for an API host (`registry-1.docker.io` finds Docker Hub's entry).
-    pub fn get(&self, host: &str) -> Option<&Credential> {
-        self.by_host.get(&host_key(host))
+    pub fn get(&self, host: &str) -> Option<Credential> {
+        let key = host_key(host);
+        let helper = self.helpers.get(&key).or(self.store.as_ref());
+        let Some(helper) = helper else {
+            return self.by_host.get(&key).cloned();
+        };
+        if let Some(c) = self.asked.lock().ok().and_then(|a| a.get(&key).cloned()) {
+            return c;
+        }
+        let answer = run_helper(helper, &key);
+        if let Ok(mut a) = self.asked.lock() {
+            a.insert(key, answer.clone());
+        }
+        answer
     }
+}
+
+/// `docker-credential-<helper> get`, given the server on stdin (Docker Hub's is its v1
+/// URL, as `docker login` stored it). None when it has nothing, fails or hangs.
+fn run_helper(helper: &str, key: &str) -> Option<Credential> {
+    use std::io::Write;
+    let server = if key == "docker.io" {
+        "https://index.docker.io/v1/"
+    } else {
+        key
+    };
+    let program = format!("docker-credential-{helper}");
+    let mut child = std::process::Command::new(&program)
+        .arg("get")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| tracing::warn!(%program, error = %e, "credential helper"))
+        .ok()?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(server.as_bytes());
+    }
+    // A helper that waits for a desktop prompt must not stall polling forever.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                tracing::warn!(%program, "credential helper did not answer in 10 s");
+                return None;
+            }
+        }
+    }
+    let out = child.wait_with_output().ok()?;
+    if !out.status.success() {
+        tracing::debug!(%program, %server, "credential helper has no credentials");
+        return None;
+    }
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        #[serde(rename = "Username")]
+        username: String,
+        #[serde(rename = "Secret")]
+        secret: String,
+    }
+    let a: Answer = serde_json::from_slice(&out.stdout).ok()?;
+    // `<token>` marks an identity token for an OAuth flow that is not supported here.
+    (a.username != "<token>").then_some(Credential {
+        username: a.username,
+        password: a.secret,
+    })
 }
 
 /// `https://index.docker.io/v1/`, `docker.io`, `registry-1.docker.io` → `docker.io`;
@@ -148,7 +232,7 @@ mod tests {
                 "127.0.0.1:5001":{"auth":"Ym9iOnB3OndpdGg6Y29sb25z"},
                 "https://reg.example.com/v2/":{"username":"u","password":"p"},
                 "empty.example.com":{}
-            },"credsStore":"desktop"}"#,
+            }}"#,
         )
         .unwrap();
         let c = Credentials::from_file(&path).unwrap();
@@ -162,6 +246,16 @@ mod tests {
             .unwrap()
             .get("docker.io")
             .is_none());
+        // A credHelpers entry for the host wins over inline auths; a helper that is not
+        // installed gives nothing (and does not fall back to the stale inline entry).
+        std::fs::write(
+            &path,
+            r#"{"auths":{"127.0.0.1:5001":{"auth":"Ym9iOnB3OndpdGg6Y29sb25z"}},
+                "credHelpers":{"127.0.0.1:5001":"acr-task-test-missing-helper"}}"#,
+        )
+        .unwrap();
+        let c = Credentials::from_file(&path).unwrap();
+        assert!(c.get("127.0.0.1:5001").is_none());
         std::fs::write(&path, "{not json").unwrap();
         let e = Credentials::from_file(&path).unwrap_err().to_string();
         assert!(
