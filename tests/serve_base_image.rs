@@ -128,6 +128,82 @@ async fn new_base_digest_rebuilds_the_dependent_task_once() {
     assert_eq!(api.runs("app").await.len(), 2);
 }
 
+/// Creates task `name` building FROM `base` and runs it once; the run must succeed and
+/// record `digest`. Returns the context (keep it alive) and the run id.
+async fn build_on(api: &Api, name: &str, base: &str, digest: &str) -> (tempfile::TempDir, String) {
+    let ctx = tempfile::tempdir().unwrap();
+    std::fs::write(ctx.path().join("Dockerfile"), format!("FROM {base}\n")).unwrap();
+    std::fs::write(
+        ctx.path().join("acb.yaml"),
+        format!(
+            "version: v1.1.0\nsteps:\n  - id: build\n    build: -t $Registry/{name}:latest .\n"
+        ),
+    )
+    .unwrap();
+    let (st, v) = api
+        .post(
+            "/api/tasks",
+            &json!({"name": name, "context": ctx.path().display().to_string()}),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let (_, v) = api
+        .post(&format!("/api/tasks/{name}/runs"), &json!({}))
+        .await;
+    let first = v["id"].as_str().unwrap().to_string();
+    let run = api
+        .wait_status(&first, &["Succeeded", "Failed"], Duration::from_secs(120))
+        .await;
+    assert_eq!(run["status"], "Succeeded", "{run}");
+    assert_eq!(base_digest(&run).as_deref(), Some(digest), "{run}");
+    (ctx, first)
+}
+
+/// The first run of `task` other than `first`, waited for up to a minute.
+async fn next_run(serve: &Serve, task: &str, first: &str) -> Value {
+    let api = serve.client();
+    let start = std::time::Instant::now();
+    loop {
+        let runs = api.runs(task).await;
+        if let Some(r) = runs.iter().find(|r| r["id"] != first) {
+            return r.clone();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no run of {task} after {first}:\n{}",
+            serve.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A base image pushed while the task service is down (its registry served alone on the
+/// same address and data) still rebuilds the dependent task when `serve` comes back: the
+/// trigger reads the registry's event outbox from where it stopped.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_base_push_while_the_task_service_is_down_is_caught_up() {
+    require_docker();
+    let data = tempfile::tempdir().unwrap();
+    let d = data.path().join("d");
+    let mut serve = Serve::start(&d, 1);
+    let addr = serve.addr.clone();
+    let base = format!("{addr}/base/down:1");
+    let d1 = push_base(&base, "before");
+    let (_ctx, first) = build_on(&serve.client(), "caught", &base, &d1).await;
+    serve.kill();
+
+    // Only the registry runs, on the same address and data: the push lands in the outbox.
+    let registry = Serve::start_at(&addr, &d.join("registry"), 1, &["--registry-only"], &[]);
+    let d2 = push_base(&base, "while-down");
+    drop(registry);
+
+    let serve = Serve::start_at(&addr, &d, 1, &[], &[]);
+    let rebuilt = next_run(&serve, "caught", &first).await;
+    assert_eq!(rebuilt["trigger"]["kind"], "base_image", "{rebuilt}");
+    assert_eq!(rebuilt["trigger"]["old_digest"], d1.as_str());
+    assert_eq!(rebuilt["trigger"]["new_digest"], d2.as_str());
+}
+
 /// A task built FROM `base`, in a registry that `serve` polls: runs once on `d1`; when
 /// `push_new` moves the tag, exactly one run is queued with both digests and records the
 /// new one.
@@ -138,46 +214,14 @@ async fn polled_base_rebuilds_once(
     push_new: impl Fn() -> String,
 ) {
     let api = serve.client();
-    let ctx = tempfile::tempdir().unwrap();
-    std::fs::write(ctx.path().join("Dockerfile"), format!("FROM {base}\n")).unwrap();
-    std::fs::write(
-        ctx.path().join("acb.yaml"),
-        "version: v1.1.0\nsteps:\n  - id: build\n    build: -t $Registry/down:latest .\n",
-    )
-    .unwrap();
-    let (st, v) = api
-        .post(
-            "/api/tasks",
-            &json!({"name": "down", "context": ctx.path().display().to_string()}),
-        )
-        .await;
-    assert_eq!(st, 201, "{v}");
-    let (_, v) = api.post("/api/tasks/down/runs", &json!({})).await;
-    let first = v["id"].as_str().unwrap().to_string();
-    let run = api
-        .wait_status(&first, &["Succeeded", "Failed"], Duration::from_secs(120))
-        .await;
-    assert_eq!(run["status"], "Succeeded", "{run}");
-    assert_eq!(base_digest(&run).as_deref(), Some(d1), "{run}");
+    let (_ctx, first) = build_on(&api, "down", base, d1).await;
     // Polls see the same digest: nothing queued.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(api.runs("down").await.len(), 1, "{}", serve.stderr());
 
     let d2 = push_new();
     assert_ne!(d1, d2);
-    let start = std::time::Instant::now();
-    let rebuilt = loop {
-        let runs = api.runs("down").await;
-        if let Some(r) = runs.iter().find(|r| r["id"] != first.as_str()) {
-            break r.clone();
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "no rebuild after the base moved:\n{}",
-            serve.stderr()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let rebuilt = next_run(serve, "down", &first).await;
     let t = &rebuilt["trigger"];
     assert_eq!(t["kind"], "base_image", "{rebuilt}");
     assert_eq!(t["image"], base);

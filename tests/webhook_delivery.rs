@@ -421,3 +421,59 @@ async fn undelivered_events_survive_a_restart() {
         .unwrap();
     assert!(!o.status.success());
 }
+
+/// Events are read from the registry's outbox, not only heard live: a push accepted while
+/// no dispatcher runs (a crash between the commit and the queue) is delivered when one
+/// starts, and a further restart delivers nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_committed_while_no_dispatcher_runs_are_delivered_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = start_in(dir.path()).await;
+    let base = format!("http://{}", reg.addr());
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let rec = receiver(l, 0, Duration::ZERO).await;
+    let opts = DeliveryOptions {
+        backoff: Duration::from_millis(100),
+        ..DeliveryOptions::default()
+    };
+    let d = Dispatcher::start(reg.registry(), dir.path(), opts.clone()).unwrap();
+    d.store()
+        .create(
+            "hook",
+            &format!("http://{addr}/hook"),
+            &["push".into()],
+            None,
+            &Default::default(),
+            None,
+        )
+        .unwrap();
+    // Let the first start record where the outbox ends, then stop it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(d);
+
+    let digest = push_image(&base, "catchup/app", "v1").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        rec.hits.lock().unwrap().is_empty(),
+        "no dispatcher was running"
+    );
+
+    let d = Dispatcher::start(reg.registry(), dir.path(), opts.clone()).unwrap();
+    wait_for(
+        "the event committed while down",
+        Duration::from_secs(10),
+        || !rec.hits.lock().unwrap().is_empty(),
+    )
+    .await;
+    let body: serde_json::Value = serde_json::from_slice(&rec.hits.lock().unwrap()[0].1).unwrap();
+    assert_eq!(body["target"]["digest"], digest.as_str());
+    assert_eq!(body["target"]["repository"], "catchup/app");
+    drop(d);
+
+    // Restarted again: the cursor was saved, nothing is delivered twice.
+    let _d = Dispatcher::start(reg.registry(), dir.path(), opts).unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(rec.hits.lock().unwrap().len(), 1);
+    reg.shutdown().await;
+}

@@ -443,7 +443,7 @@ async fn repository_http(cmd: RepositoryCmd, client: RegistryClient) -> anyhow::
 
 fn delete(store: &Store, target: &str) -> anyhow::Result<String> {
     if let Some((repo, digest)) = target.split_once('@') {
-        match store.delete_manifest(repo, digest)? {
+        match store.delete_manifest(repo, digest, |_, _| Vec::new())? {
             Some((_, tags)) if tags.is_empty() => Ok(format!("deleted {repo}@{digest}")),
             Some((_, tags)) => Ok(format!(
                 "deleted {repo}@{digest} and tags {}",
@@ -452,7 +452,7 @@ fn delete(store: &Store, target: &str) -> anyhow::Result<String> {
             None => bail!("manifest {target} not found"),
         }
     } else if let Some((repo, tag)) = target.split_once(':') {
-        match store.delete_tag(repo, tag)? {
+        match store.delete_tag(repo, tag, |_| Vec::new())? {
             Some(d) => Ok(format!("deleted tag {repo}:{tag} (was {d})")),
             None => bail!("tag {target} not found"),
         }

@@ -10,7 +10,9 @@ use sha2::{Digest, Sha256};
 use super::errors::ApiError;
 use super::names::{parse_digest, parse_reference};
 use super::routes::{respond, Q};
-use super::{EventAction, Registry, RegistryEvent, MAX_MANIFEST_BYTES};
+use super::{
+    current_context, EventAction, Registry, RegistryEvent, StoredEvent, MAX_MANIFEST_BYTES,
+};
 use crate::store::{NewManifest, Reference, StoreError};
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -198,16 +200,21 @@ pub(super) async fn put(
         children: parsed.children,
         tag: tag.clone(),
     };
+    let event = StoredEvent::new(
+        RegistryEvent {
+            action: EventAction::Push,
+            repository: name.to_string(),
+            tag,
+            digest: digest.clone(),
+            media_type: parsed.media_type,
+            size,
+        },
+        current_context(),
+    );
     let store = reg.inner.store.clone();
-    blocking(move || store.put_manifest(&m)).await?;
-    reg.emit(RegistryEvent {
-        action: EventAction::Push,
-        repository: name.to_string(),
-        tag,
-        digest: digest.clone(),
-        media_type: parsed.media_type,
-        size,
-    });
+    let json = [event.to_json()];
+    blocking(move || store.put_manifest(&m, &json)).await?;
+    reg.announce(vec![event]);
     let mut hdrs = vec![
         ("Location", format!("/v2/{name}/manifests/{digest}")),
         ("Docker-Content-Digest", digest),
@@ -255,45 +262,65 @@ pub(super) async fn delete(
     let n = name.to_string();
     match r {
         Reference::Digest(d) => {
-            let dd = d.clone();
-            let Some((row, tags)) = blocking(move || store.delete_manifest(&n, &dd)).await? else {
-                return Err(ApiError::manifest_unknown(reference));
-            };
-            let ev = |tag: Option<String>| RegistryEvent {
-                action: EventAction::Delete,
-                repository: name.to_string(),
-                tag,
-                digest: d.clone(),
-                media_type: row.media_type.clone(),
-                size: row.size,
-            };
-            reg.emit(ev(None));
-            for t in tags {
-                reg.emit(ev(Some(t)));
-            }
-        }
-        Reference::Tag(t) => {
-            let tt = t.clone();
+            let ctx = current_context();
             let deleted = blocking(move || {
-                // Read the manifest first so the event can say what the tag pointed to.
-                let row = store.get_manifest(&n, &Reference::Tag(tt.clone()))?;
-                Ok(store.delete_tag(&n, &tt)?.map(|d| (d, row)))
+                let mut made = Vec::new();
+                // One event for the manifest and one per tag that pointed to it.
+                let r = store.delete_manifest(&n, &d, |row, tags| {
+                    made = std::iter::once(None)
+                        .chain(tags.iter().cloned().map(Some))
+                        .map(|tag| {
+                            let ev = RegistryEvent {
+                                action: EventAction::Delete,
+                                repository: n.clone(),
+                                tag,
+                                digest: row.digest.clone(),
+                                media_type: row.media_type.clone(),
+                                size: row.size,
+                            };
+                            StoredEvent::new(ev, ctx.clone())
+                        })
+                        .collect::<Vec<_>>();
+                    made.iter().map(StoredEvent::to_json).collect()
+                })?;
+                Ok(r.map(|_| made))
             })
             .await?;
-            let Some((digest, row)) = deleted else {
+            let Some(events) = deleted else {
                 return Err(ApiError::manifest_unknown(reference));
             };
-            reg.emit(RegistryEvent {
-                action: EventAction::Delete,
-                repository: name.to_string(),
-                tag: Some(t),
-                digest,
-                media_type: row
-                    .as_ref()
-                    .map(|r| r.media_type.clone())
-                    .unwrap_or_default(),
-                size: row.map(|r| r.size).unwrap_or(0),
-            });
+            reg.announce(events);
+        }
+        Reference::Tag(t) => {
+            let ctx = current_context();
+            let deleted = blocking(move || {
+                // Read the manifest first so the event can say what the tag pointed to.
+                let row = store.get_manifest(&n, &Reference::Tag(t.clone()))?;
+                let mut made = None;
+                let r = store.delete_tag(&n, &t, |digest| {
+                    let ev = RegistryEvent {
+                        action: EventAction::Delete,
+                        repository: n.clone(),
+                        tag: Some(t.clone()),
+                        digest: digest.to_string(),
+                        media_type: row
+                            .as_ref()
+                            .map(|r| r.media_type.clone())
+                            .unwrap_or_default(),
+                        size: row.as_ref().map(|r| r.size).unwrap_or(0),
+                    };
+                    let ev = StoredEvent::new(ev, ctx);
+                    let json = vec![ev.to_json()];
+                    made = Some(ev);
+                    json
+                })?;
+                Ok(r.and(made))
+            })
+            .await?;
+            let Some(ev) = deleted else {
+                return Err(ApiError::manifest_unknown(reference));
+            };
+            reg.announce(vec![ev]);
         }
     }
     Ok(respond(

@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use crate::store::{ManifestInfo, Store, StoreError};
@@ -54,7 +54,7 @@ pub enum RegistryError {
     Join(#[from] tokio::task::JoinError),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EventAction {
     Push,
@@ -62,7 +62,7 @@ pub enum EventAction {
 }
 
 /// Sent on every accepted manifest push and every manifest or tag delete.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegistryEvent {
     pub action: EventAction,
     pub repository: String,
@@ -74,7 +74,7 @@ pub struct RegistryEvent {
 
 /// Who made the request that raised an event (for webhook payloads). Set per request by
 /// the routes; empty for events raised outside a request.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RequestContext {
     pub id: String,
     pub host: String,
@@ -82,6 +82,42 @@ pub struct RequestContext {
     pub useragent: String,
     /// Token or user name; empty when anonymous or auth is off.
     pub actor: String,
+}
+
+/// How long the event outbox keeps an event.
+const OUTBOX_KEEP: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+/// An event as the store's outbox keeps it: written in the transaction that made the
+/// change, so consumers that read the outbox from their own cursor (webhooks, the
+/// base-image trigger) never miss one, across crashes and restarts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredEvent {
+    /// Unique; webhook deliveries are keyed by it, so reading an event twice is harmless.
+    pub id: String,
+    /// When it happened, RFC 3339 UTC.
+    pub timestamp: String,
+    pub event: RegistryEvent,
+    pub context: RequestContext,
+}
+
+/// The context of the request being served (empty outside one).
+pub(crate) fn current_context() -> RequestContext {
+    REQUEST_CONTEXT.try_with(|c| c.clone()).unwrap_or_default()
+}
+
+impl StoredEvent {
+    pub(crate) fn new(event: RegistryEvent, context: RequestContext) -> StoredEvent {
+        StoredEvent {
+            id: uuid::Uuid::new_v4().to_string(),
+            timestamp: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            event,
+            context,
+        }
+    }
+
+    pub(crate) fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
 }
 
 tokio::task_local! {
@@ -131,6 +167,13 @@ impl Registry {
     /// Open the store under `data_dir` (recovering from any crash) without serving it.
     pub fn open(data_dir: &std::path::Path) -> Result<Registry, RegistryError> {
         let store = Store::open(data_dir, true)?;
+        // Consumers read the outbox within seconds; a week covers any downtime worth
+        // catching up on.
+        match store.outbox_prune(OUTBOX_KEEP) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, "old registry events pruned"),
+            Err(e) => tracing::warn!(error = %e, "pruning registry events"),
+        }
         let (events, _) = broadcast::channel(1024);
         let (detailed, _) = broadcast::channel(1024);
         Ok(Registry {
@@ -194,11 +237,39 @@ impl Registry {
         self.inner.detailed.subscribe()
     }
 
-    pub(crate) fn emit(&self, ev: RegistryEvent) {
-        let ctx = REQUEST_CONTEXT.try_with(|c| c.clone()).unwrap_or_default();
-        let _ = self.inner.detailed.send((ev.clone(), ctx));
-        // No receivers is normal (nothing subscribed yet).
-        let _ = self.inner.events.send(ev);
+    /// Tells live subscribers about events already committed to the outbox.
+    pub(crate) fn announce(&self, events: Vec<StoredEvent>) {
+        for e in events {
+            // No receivers is normal (nothing subscribed yet).
+            let _ = self.inner.detailed.send((e.event.clone(), e.context));
+            let _ = self.inner.events.send(e.event);
+        }
+    }
+
+    /// Outbox events after `seq`, oldest first (unreadable entries are skipped).
+    pub async fn events_after(
+        &self,
+        seq: i64,
+        limit: usize,
+    ) -> Result<Vec<(i64, StoredEvent)>, RegistryError> {
+        let s = self.inner.store.clone();
+        let rows = tokio::task::spawn_blocking(move || s.outbox_after(seq, limit)).await??;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(n, p)| match serde_json::from_str(&p) {
+                Ok(e) => Some((n, e)),
+                Err(err) => {
+                    tracing::error!(seq = n, error = %err, "unreadable outbox entry skipped");
+                    None
+                }
+            })
+            .collect())
+    }
+
+    /// The newest outbox sequence number: where a consumer with no cursor starts.
+    pub async fn last_event_seq(&self) -> Result<i64, RegistryError> {
+        let s = self.inner.store.clone();
+        Ok(tokio::task::spawn_blocking(move || s.outbox_last()).await??)
     }
 }
 

@@ -252,6 +252,28 @@ impl Db {
         Ok(out)
     }
 
+    /// How far the registry's event outbox has been read by the base-image trigger.
+    pub fn registry_cursor(&self) -> Result<Option<i64>, DbError> {
+        let v: Option<String> = self
+            .conn()?
+            .query_row(
+                "SELECT value FROM meta WHERE key='registry_cursor'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(v.and_then(|v| v.parse().ok()))
+    }
+
+    pub fn set_registry_cursor(&self, seq: i64) -> Result<(), DbError> {
+        self.conn()?.execute(
+            "INSERT INTO meta(key, value) VALUES('registry_cursor', ?1)
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            params![seq.to_string()],
+        )?;
+        Ok(())
+    }
+
     /// `task`'s queued and running runs, oldest first.
     pub fn active_runs(&self, task: &str) -> Result<Vec<RunRecord>, DbError> {
         let c = self.conn()?;

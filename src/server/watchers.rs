@@ -150,42 +150,76 @@ pub fn on_remote_digests(
     Ok(queued)
 }
 
+/// The base-image trigger reads the registry's event outbox from its cursor in
+/// `server.db`: pushes accepted while the task service was down (or that a crash cut
+/// off) still queue their dependents when it starts.
 async fn base_images(w: Arc<Watchers>) {
     let mut rx = w.registry.subscribe();
+    let db = w.queue.db().clone();
+    let mut cursor = match db.registry_cursor() {
+        Ok(Some(c)) => c,
+        // First start: begin at the outbox's end, and remember that at once.
+        Ok(None) => match w.registry.last_event_seq().await {
+            Ok(last) => {
+                if let Err(e) = db.set_registry_cursor(last) {
+                    tracing::error!(error = %e, "saving the registry cursor");
+                }
+                last
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "base-image trigger cannot read registry events");
+                return;
+            }
+        },
+        Err(e) => {
+            tracing::error!(error = %e, "base-image trigger cannot start");
+            return;
+        }
+    };
     loop {
-        let first = tokio::select! {
-            _ = w.halt.cancelled() => return,
-            ev = rx.recv() => ev,
-        };
         let mut batch: BTreeMap<(String, String), RegistryEvent> = BTreeMap::new();
-        let mut add = |ev: RegistryEvent| {
-            if let (EventAction::Push, Some(tag)) = (ev.action, ev.tag.clone()) {
-                batch.insert((ev.repository.clone(), tag), ev);
-            }
-        };
-        match first {
-            Ok(ev) => add(ev),
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                tracing::warn!(missed = n, "registry events were dropped");
-                continue;
-            }
-            Err(_) => return,
-        }
-        let deadline = tokio::time::sleep(DEBOUNCE);
-        tokio::pin!(deadline);
+        let mut next = cursor;
         loop {
-            tokio::select! {
-                _ = &mut deadline => break,
-                ev = rx.recv() => match ev {
-                    Ok(ev) => add(ev),
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(_) => break,
-                },
+            let events = match w.registry.events_after(next, 1024).await {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::error!(error = %e, "reading registry events");
+                    break;
+                }
+            };
+            let Some(last) = events.last().map(|(seq, _)| *seq) else {
+                break;
+            };
+            for (_, e) in events {
+                if let (EventAction::Push, Some(tag)) = (e.event.action, e.event.tag.clone()) {
+                    // The latest push of a tag wins within a batch.
+                    batch.insert((e.event.repository.clone(), tag), e.event);
+                }
+            }
+            next = last;
+        }
+        if next != cursor {
+            let events: Vec<RegistryEvent> = batch.into_values().collect();
+            match on_pushes(&w.queue, &w.registry_host, &events)
+                .and_then(|_| db.set_registry_cursor(next))
+            {
+                Ok(()) => cursor = next,
+                Err(e) => tracing::error!(error = %e, "base-image trigger"),
             }
         }
-        let events: Vec<RegistryEvent> = batch.into_values().collect();
-        if let Err(e) = on_pushes(&w.queue, &w.registry_host, &events) {
-            tracing::error!(error = %e, "base-image trigger");
+        // Wait for a push (or, as a safety net, a few seconds), then let a burst settle.
+        tokio::select! {
+            _ = w.halt.cancelled() => return,
+            r = rx.recv() => {
+                if let Err(tokio::sync::broadcast::error::RecvError::Closed) = r {
+                    return;
+                }
+                tokio::select! {
+                    _ = w.halt.cancelled() => return,
+                    _ = tokio::time::sleep(DEBOUNCE) => {}
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
         }
     }
 }

@@ -44,8 +44,24 @@ pub(crate) fn init_schema(conn: &Connection) -> Result<(), StoreError> {
          CREATE TABLE IF NOT EXISTS tags(
             repo TEXT NOT NULL, tag TEXT NOT NULL, digest TEXT NOT NULL,
             updated INTEGER NOT NULL, PRIMARY KEY(repo, tag));
-         CREATE INDEX IF NOT EXISTS tags_digest ON tags(repo, digest);",
+         CREATE INDEX IF NOT EXISTS tags_digest ON tags(repo, digest);
+         CREATE TABLE IF NOT EXISTS outbox(
+            seq INTEGER PRIMARY KEY AUTOINCREMENT, created INTEGER NOT NULL,
+            payload TEXT NOT NULL);",
     )?;
+    Ok(())
+}
+
+/// Appends event payloads to the outbox inside the caller's transaction, so an event
+/// exists exactly when the change it describes does.
+pub(crate) fn insert_outbox(tx: &Connection, payloads: &[String]) -> Result<(), StoreError> {
+    let t = now();
+    for p in payloads {
+        tx.execute(
+            "INSERT INTO outbox(created, payload) VALUES (?1, ?2)",
+            rusqlite::params![t, p],
+        )?;
+    }
     Ok(())
 }
 

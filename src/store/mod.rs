@@ -246,13 +246,42 @@ impl Store {
     }
 
     /// Store a manifest (and its tag) after checking, in the same transaction, that every
-    /// blob and child manifest it references is present in the repository.
-    pub fn put_manifest(&self, m: &NewManifest) -> Result<(), StoreError> {
+    /// blob and child manifest it references is present in the repository. `events` go to
+    /// the outbox in that transaction.
+    pub fn put_manifest(&self, m: &NewManifest, events: &[String]) -> Result<(), StoreError> {
         let mut conn = self.writer()?;
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         db::put_manifest(&tx, m)?;
+        db::insert_outbox(&tx, events)?;
         tx.commit()?;
         Ok(())
+    }
+
+    /// Outbox entries after `seq`, oldest first: `(seq, payload)`.
+    pub fn outbox_after(&self, seq: i64, limit: usize) -> Result<Vec<(i64, String)>, StoreError> {
+        let conn = self.reader()?;
+        let mut st =
+            conn.prepare("SELECT seq, payload FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
+        let rows = st.query_map(rusqlite::params![seq, limit as i64], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The newest outbox sequence number (0 when empty).
+    pub fn outbox_last(&self) -> Result<i64, StoreError> {
+        let conn = self.reader()?;
+        Ok(conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM outbox", [], |r| r.get(0))?)
+    }
+
+    /// Forgets outbox entries older than `age` (consumers are expected to keep up).
+    pub fn outbox_prune(&self, age: std::time::Duration) -> Result<usize, StoreError> {
+        let conn = self.writer()?;
+        let cutoff = db::now() - i64::try_from(age.as_secs()).unwrap_or(i64::MAX / 2);
+        Ok(conn.execute(
+            "DELETE FROM outbox WHERE created < ?1",
+            rusqlite::params![cutoff],
+        )?)
     }
 
     pub fn get_manifest(
@@ -266,23 +295,37 @@ impl Store {
 
     /// Delete a manifest by digest with the tags that point to it. Returns the removed tags,
     /// or None if the manifest was not there.
+    /// `events` makes the outbox payloads from what was deleted, in the same transaction.
     pub fn delete_manifest(
         &self,
         repo: &str,
         digest: &str,
+        events: impl FnOnce(&ManifestRow, &[String]) -> Vec<String>,
     ) -> Result<Option<(ManifestRow, Vec<String>)>, StoreError> {
         let mut conn = self.writer()?;
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let r = db::delete_manifest(&tx, repo, digest)?;
+        if let Some((row, tags)) = &r {
+            db::insert_outbox(&tx, &events(row, tags))?;
+        }
         tx.commit()?;
         Ok(r)
     }
 
     /// Delete one tag; the manifest stays (reachable by digest until gc). Returns the digest.
-    pub fn delete_tag(&self, repo: &str, tag: &str) -> Result<Option<String>, StoreError> {
+    /// `events` makes the outbox payloads from the digest the tag pointed to.
+    pub fn delete_tag(
+        &self,
+        repo: &str,
+        tag: &str,
+        events: impl FnOnce(&str) -> Vec<String>,
+    ) -> Result<Option<String>, StoreError> {
         let mut conn = self.writer()?;
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let r = db::delete_tag(&tx, repo, tag)?;
+        if let Some(d) = &r {
+            db::insert_outbox(&tx, &events(d))?;
+        }
         tx.commit()?;
         Ok(r)
     }

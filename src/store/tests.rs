@@ -51,11 +51,13 @@ fn manifest_with_missing_blob_is_refused_and_gc_keeps_tagged_content() {
     let lonely = put_blob(&store, "r", b"unreferenced");
     let missing = format!("sha256:{}", "0".repeat(64));
     let bad = manifest("r", vec![missing.clone()], Some("x"), b"{\"bad\":1}");
-    assert!(matches!(store.put_manifest(&bad), Err(StoreError::MissingRef(m)) if m == missing));
+    assert!(
+        matches!(store.put_manifest(&bad, &[]), Err(StoreError::MissingRef(m)) if m == missing)
+    );
     let good = manifest("r", vec![layer.clone()], Some("v1"), b"{\"good\":1}");
-    store.put_manifest(&good).unwrap();
+    store.put_manifest(&good, &[]).unwrap();
     let untagged = manifest("r", vec![layer.clone()], None, b"{\"untagged\":1}");
-    store.put_manifest(&untagged).unwrap();
+    store.put_manifest(&untagged, &[]).unwrap();
 
     let dry = store.gc(-1, true).unwrap();
     assert_eq!(dry.blobs, vec![lonely.clone()]);
@@ -97,7 +99,7 @@ fn tags_and_repositories_paginate_in_order() {
             Some(t),
             format!("{{\"i\":{i}}}").as_bytes(),
         );
-        store.put_manifest(&m).unwrap();
+        store.put_manifest(&m, &[]).unwrap();
     }
     assert_eq!(
         store.list_tags("r", Some(2), None).unwrap().unwrap(),

@@ -18,7 +18,7 @@ use sha2::Sha256;
 use subtle::ConstantTimeEq;
 use tokio::sync::Notify;
 
-use crate::registry::{EventAction, Registry, RegistryEvent, RequestContext};
+use crate::registry::{EventAction, Registry, RegistryEvent, StoredEvent};
 pub use store::{Delivery, Webhook, WebhookInfo, WebhookStore};
 
 /// Header carrying `sha256=<hex HMAC of the body>` when the webhook has a secret.
@@ -117,9 +117,58 @@ pub fn wants(hook: &WebhookInfo, ev: &RegistryEvent) -> bool {
         }
 }
 
+/// Where the intake starts: its saved cursor, or (first start) the outbox's end.
+async fn intake_start(store: &Arc<WebhookStore>, registry: &Registry) -> Result<i64, WebhookError> {
+    let s = store.clone();
+    if let Some(c) = tokio::task::spawn_blocking(move || s.cursor()).await?? {
+        return Ok(c);
+    }
+    let last = registry
+        .last_event_seq()
+        .await
+        .map_err(|e| WebhookError::Invalid(format!("reading registry events: {e}")))?;
+    let s = store.clone();
+    tokio::task::spawn_blocking(move || s.intake(&[], last)).await??;
+    Ok(last)
+}
+
+/// Reads up to 256 outbox events after `cursor`, queues the deliveries they call for and
+/// saves the new cursor; returns it with the number of deliveries queued.
+async fn intake_batch(
+    store: &Arc<WebhookStore>,
+    registry: &Registry,
+    cursor: i64,
+) -> Result<(i64, usize), WebhookError> {
+    let events = registry
+        .events_after(cursor, 256)
+        .await
+        .map_err(|e| WebhookError::Invalid(format!("reading registry events: {e}")))?;
+    let Some(next) = events.last().map(|(seq, _)| *seq) else {
+        return Ok((cursor, 0));
+    };
+    let s = store.clone();
+    let queued = tokio::task::spawn_blocking(move || -> Result<usize, WebhookError> {
+        let hooks = s.all()?;
+        let mut items = Vec::new();
+        for (_, e) in &events {
+            for h in hooks.iter().filter(|h| wants(&h.info, &e.event)) {
+                items.push(store::IntakeItem {
+                    webhook: h.info.name.clone(),
+                    event_id: e.id.clone(),
+                    action: action_name(e.event.action).to_string(),
+                    payload: payload(e).to_string(),
+                });
+            }
+        }
+        s.intake(&items, next)
+    })
+    .await??;
+    Ok((next, queued))
+}
+
 /// The event body (ACR's webhook payload, distribution's event envelope fields).
-pub fn payload(ev: &RegistryEvent, ctx: &RequestContext) -> (String, serde_json::Value) {
-    let id = uuid::Uuid::new_v4().to_string();
+pub fn payload(e: &StoredEvent) -> serde_json::Value {
+    let (ev, ctx) = (&e.event, &e.context);
     let mut target = serde_json::json!({
         "mediaType": ev.media_type,
         "size": ev.size,
@@ -130,9 +179,9 @@ pub fn payload(ev: &RegistryEvent, ctx: &RequestContext) -> (String, serde_json:
     if let Some(t) = &ev.tag {
         target["tag"] = serde_json::json!(t);
     }
-    let body = serde_json::json!({
-        "id": id,
-        "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    serde_json::json!({
+        "id": e.id,
+        "timestamp": e.timestamp,
         "action": action_name(ev.action),
         "target": target,
         "request": {
@@ -142,8 +191,7 @@ pub fn payload(ev: &RegistryEvent, ctx: &RequestContext) -> (String, serde_json:
             "useragent": ctx.useragent,
         },
         "actor": { "name": ctx.actor },
-    });
-    (id, body)
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -288,45 +336,42 @@ impl Dispatcher {
     ) -> Result<Dispatcher, WebhookError> {
         let store = Arc::new(WebhookStore::open(dir)?);
         let notify = Arc::new(Notify::new());
-        let mut rx = registry.subscribe_with_context();
+        // Live events only wake the intake; it reads the registry's outbox from its own
+        // cursor, so nothing committed is lost to a crash, a restart or a slow receiver.
+        let mut rx = registry.subscribe();
         let intake = {
             let store = store.clone();
             let notify = notify.clone();
+            let registry = registry.clone();
             tokio::spawn(async move {
+                let mut cursor = match intake_start(&store, &registry).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::error!(error = %e, "webhook intake cannot start");
+                        return;
+                    }
+                };
                 loop {
-                    let (ev, ctx) = match rx.recv().await {
-                        Ok(x) => x,
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                            tracing::error!(missed = n, "webhook intake fell behind; events lost");
-                            continue;
-                        }
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
-                    };
-                    let s = store.clone();
-                    let res =
-                        tokio::task::spawn_blocking(move || -> Result<usize, WebhookError> {
-                            let mut n = 0;
-                            for h in s.all()? {
-                                if wants(&h.info, &ev) {
-                                    let (id, body) = payload(&ev, &ctx);
-                                    s.enqueue(
-                                        &h.info.name,
-                                        &id,
-                                        action_name(ev.action),
-                                        &body.to_string(),
-                                        true,
-                                    )?;
-                                    n += 1;
-                                }
+                    match intake_batch(&store, &registry, cursor).await {
+                        Ok((next, queued)) => {
+                            if queued > 0 {
+                                notify.notify_one();
                             }
-                            Ok(n)
-                        })
-                        .await;
-                    match res {
-                        Ok(Ok(n)) if n > 0 => notify.notify_one(),
-                        Ok(Ok(_)) => {}
-                        Ok(Err(e)) => tracing::error!(error = %e, "queueing webhook deliveries"),
-                        Err(e) => tracing::error!(error = %e, "webhook intake task"),
+                            if next != cursor {
+                                cursor = next;
+                                continue;
+                            }
+                        }
+                        Err(e) => tracing::error!(error = %e, "queueing webhook deliveries"),
+                    }
+                    tokio::select! {
+                        r = rx.recv() => {
+                            if let Err(tokio::sync::broadcast::error::RecvError::Closed) = r {
+                                break;
+                            }
+                        }
+                        // A safety net: the outbox is the truth, wake-ups are hints.
+                        _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
                     }
                 }
             })

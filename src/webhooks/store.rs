@@ -57,6 +57,15 @@ pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// One delivery to queue from an outbox event.
+#[derive(Debug, Clone)]
+pub struct IntakeItem {
+    pub webhook: String,
+    pub event_id: String,
+    pub action: String,
+    pub payload: String,
+}
+
 pub struct WebhookStore {
     path: PathBuf,
     conn: Mutex<Connection>,
@@ -82,7 +91,10 @@ impl WebhookStore {
                 last_status INTEGER, last_error TEXT,
                 created INTEGER NOT NULL, updated INTEGER NOT NULL);
              CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(state, next_attempt);
-             CREATE INDEX IF NOT EXISTS deliveries_hook ON deliveries(webhook, created);",
+             CREATE INDEX IF NOT EXISTS deliveries_hook ON deliveries(webhook, created);
+             CREATE UNIQUE INDEX IF NOT EXISTS deliveries_event ON deliveries(webhook, event_id);
+             CREATE TABLE IF NOT EXISTS cursor(
+                id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL);",
         )?;
         Ok(WebhookStore {
             path,
@@ -220,6 +232,47 @@ impl WebhookStore {
 
     /// Queue one event for one webhook: due now, or (`due: false`) held for the caller
     /// to attempt itself (a ping), which the background worker then leaves alone.
+    /// How far the registry's event outbox has been read (None before the first start).
+    pub fn cursor(&self) -> Result<Option<i64>, WebhookError> {
+        let c = self.conn()?;
+        Ok(
+            c.query_row("SELECT seq FROM cursor WHERE id = 1", [], |r| r.get(0))
+                .optional()?,
+        )
+    }
+
+    /// Queues deliveries for events read from the outbox and moves the cursor past them,
+    /// in one transaction. A delivery already queued for (webhook, event) is kept as is,
+    /// so reading an event again after a crash queues nothing twice.
+    pub fn intake(&self, items: &[IntakeItem], cursor: i64) -> Result<usize, WebhookError> {
+        let mut c = self.conn()?;
+        let tx = c.transaction()?;
+        let t = now_ms();
+        let mut n = 0;
+        for i in items {
+            n += tx.execute(
+                "INSERT OR IGNORE INTO deliveries(id, webhook, event_id, action, payload, state,
+                    attempts, next_attempt, created, updated)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'pending', 0, ?6, ?6, ?6)",
+                params![
+                    uuid::Uuid::new_v4().to_string(),
+                    i.webhook,
+                    i.event_id,
+                    i.action,
+                    i.payload,
+                    t
+                ],
+            )?;
+        }
+        tx.execute(
+            "INSERT INTO cursor(id, seq) VALUES (1, ?1)
+             ON CONFLICT(id) DO UPDATE SET seq = excluded.seq",
+            params![cursor],
+        )?;
+        tx.commit()?;
+        Ok(n)
+    }
+
     pub fn enqueue(
         &self,
         webhook: &str,

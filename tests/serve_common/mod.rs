@@ -51,13 +51,24 @@ impl Serve {
         extra: &[&str],
         env: &[(&str, &Path)],
     ) -> Serve {
+        Self::start_at("127.0.0.1:0", data, concurrency, extra, env)
+    }
+
+    /// `acr-task serve --listen LISTEN ...` (a fixed address, e.g. to come back on it).
+    pub fn start_at(
+        listen: &str,
+        data: &Path,
+        concurrency: usize,
+        extra: &[&str],
+        env: &[(&str, &Path)],
+    ) -> Serve {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(data.with_extension("stderr.log"))
             .unwrap();
         let mut child = Command::new(bin())
-            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .args(["serve", "--listen", listen, "--data"])
             .arg(data)
             .args([
                 "--concurrency",
