@@ -565,3 +565,37 @@ async fn disabling_a_token_revokes_its_issued_bearer_tokens() {
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(client(&t).get(&url).send().await.unwrap().status(), 401);
 }
+
+#[tokio::test]
+async fn a_narrower_scope_map_applies_to_issued_bearer_tokens() {
+    let e = env(AuthSettings::default()).await;
+    let p = make_token(
+        &e,
+        "dev",
+        &[rule(
+            "demo/*",
+            &[Permission::ContentRead, Permission::ContentWrite],
+        )],
+    );
+    let t = bearer(&e, "dev", &p, &["repository:demo/app:pull,push"]).await;
+    let c = client(&t);
+    let uploads = format!("{}/v2/demo/app/blobs/uploads/", e.base);
+    assert_eq!(c.post(&uploads).send().await.unwrap().status(), 202);
+    // content/write is taken away from the scope map (by another process, say).
+    let other = acr_task::auth::AuthStore::open(e._dir.path()).unwrap();
+    other
+        .update_scope_map(
+            "dev-map",
+            &[],
+            &[rule("demo/*", &[Permission::ContentWrite])],
+            None,
+        )
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let r = c.post(&uploads).send().await.unwrap();
+    assert_eq!(r.status(), 403, "the old bearer token still pushes");
+    assert_eq!(error_code(r).await, "DENIED");
+    // Pulling is still granted.
+    let tags = format!("{}/v2/demo/app/tags/list", e.base);
+    assert_eq!(c.get(&tags).send().await.unwrap().status(), 404);
+}

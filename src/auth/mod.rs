@@ -90,13 +90,15 @@ pub struct Auth {
     key: Vec<u8>,
     settings: AuthSettings,
     limiter: ratelimit::RateLimiter,
-    /// Subject → (still enabled, when that was read): a token disabled or deleted (by
-    /// another process too) stops its bearer tokens within `ACTIVE_RECHECK`.
-    active: std::sync::Mutex<std::collections::HashMap<String, (bool, std::time::Instant)>>,
+    /// Subject → (what it may do now, when that was read): a token disabled, deleted or
+    /// given a narrower scope map (by another process too) limits its bearer tokens
+    /// within `GRANTS_RECHECK`.
+    current:
+        std::sync::Mutex<std::collections::HashMap<String, (Option<Grants>, std::time::Instant)>>,
 }
 
-/// How long "this identity is still enabled" is trusted before the store is read again.
-const ACTIVE_RECHECK: Duration = Duration::from_secs(1);
+/// How long an identity's current grants are trusted before the store is read again.
+const GRANTS_RECHECK: Duration = Duration::from_secs(1);
 
 impl std::fmt::Debug for Auth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -118,7 +120,7 @@ impl Auth {
             key,
             settings,
             limiter,
-            active: Default::default(),
+            current: Default::default(),
         }))
     }
 
@@ -151,32 +153,37 @@ impl Auth {
         Ok((jwt::issue(&self.key, &claims)?, claims))
     }
 
-    /// Checks a bearer token's signature, audience and lifetime, and that its subject is
-    /// still enabled: disabling or deleting a token (or the admin user) revokes the
-    /// bearer tokens already issued to it, not just future logins.
+    /// Checks a bearer token's signature, audience and lifetime, and narrows its access to
+    /// what its subject may do now: disabling or deleting a token (or the admin user)
+    /// revokes the bearer tokens already issued to it, and a narrower scope map applies
+    /// to them too, not just to future logins.
     pub fn verify(&self, token: &str) -> Result<jwt::Claims, AuthError> {
-        let claims = jwt::verify(&self.key, &self.settings.service, token)?;
-        if !claims.sub.is_empty() && !self.subject_active(&claims.sub)? {
+        let mut claims = jwt::verify(&self.key, &self.settings.service, token)?;
+        if claims.sub.is_empty() {
+            return Ok(claims);
+        }
+        let Some(grants) = self.current_grants(&claims.sub)? else {
             return Err(AuthError::BadToken(format!(
                 "{} is disabled, expired or deleted",
                 claims.sub
             )));
-        }
+        };
+        claims.access = grants.grant(&claims.access);
         Ok(claims)
     }
 
-    fn subject_active(&self, sub: &str) -> Result<bool, AuthError> {
-        if let Ok(cache) = self.active.lock() {
-            if let Some((on, at)) = cache.get(sub) {
-                if at.elapsed() < ACTIVE_RECHECK {
-                    return Ok(*on);
+    fn current_grants(&self, sub: &str) -> Result<Option<Grants>, AuthError> {
+        if let Ok(cache) = self.current.lock() {
+            if let Some((g, at)) = cache.get(sub) {
+                if at.elapsed() < GRANTS_RECHECK {
+                    return Ok(g.clone());
                 }
             }
         }
-        let on = self.store.subject_active(sub)?;
-        if let Ok(mut cache) = self.active.lock() {
-            cache.insert(sub.to_string(), (on, std::time::Instant::now()));
+        let g = self.store.subject_grants(sub)?;
+        if let Ok(mut cache) = self.current.lock() {
+            cache.insert(sub.to_string(), (g.clone(), std::time::Instant::now()));
         }
-        Ok(on)
+        Ok(g)
     }
 }

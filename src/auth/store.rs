@@ -548,20 +548,37 @@ impl AuthStore {
 
     // ---- authentication ----
 
-    /// Whether `user` (a token name or the admin) may still act: enabled and not expired.
-    pub fn subject_active(&self, user: &str) -> Result<bool, AuthError> {
+    /// What `user` (a token name or the admin) may do now: `None` when it is disabled,
+    /// expired or gone; else the admin's everything or the token's current scope map.
+    pub fn subject_grants(&self, user: &str) -> Result<Option<Grants>, AuthError> {
         let c = self.conn()?;
         if user == ADMIN_USER {
-            return Ok(Self::setting(&c, "admin_enabled")?.as_deref() == Some("1"));
+            let on = Self::setting(&c, "admin_enabled")?.as_deref() == Some("1");
+            return Ok(on.then_some(Grants::All));
         }
-        let row: Option<(bool, Option<i64>)> = c
+        let row: Option<(String, bool, Option<i64>)> = c
             .query_row(
-                "SELECT enabled, expiry FROM tokens WHERE name = ?1",
+                "SELECT scope_map, enabled, expiry FROM tokens WHERE name = ?1",
                 params![user],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()?;
-        Ok(row.is_some_and(|(enabled, expiry)| enabled && expiry.is_none_or(|e| e > now())))
+        let Some((map, enabled, expiry)) = row else {
+            return Ok(None);
+        };
+        if !enabled || expiry.is_some_and(|e| e <= now()) {
+            return Ok(None);
+        }
+        Ok(Some(Self::grants_of(&c, &map)?))
+    }
+
+    fn grants_of(c: &Connection, map: &str) -> Result<Grants, AuthError> {
+        Ok(Grants::Rules(
+            Self::rules_of(c, map)?
+                .into_iter()
+                .map(|r| (r.repository, r.actions))
+                .collect(),
+        ))
     }
 
     /// Check a user name and password. `Ok(None)` for any failure (unknown user, wrong
@@ -602,16 +619,8 @@ impl AuthStore {
         if !(ok1 || ok2) || !enabled || expiry.is_some_and(|e| e <= now()) {
             return Ok(None);
         }
-        let rules = {
-            let c = self.conn()?;
-            Self::rules_of(&c, &map)?
-        };
-        Ok(Some(Grants::Rules(
-            rules
-                .into_iter()
-                .map(|r| (r.repository, r.actions))
-                .collect(),
-        )))
+        let c = self.conn()?;
+        Ok(Some(Self::grants_of(&c, &map)?))
     }
 }
 
