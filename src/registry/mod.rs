@@ -84,8 +84,18 @@ pub struct RequestContext {
     pub actor: String,
 }
 
-/// How long the event outbox keeps an event.
+/// How long the event outbox keeps an event: consumers read it within seconds; a week
+/// covers any downtime worth catching up on.
 const OUTBOX_KEEP: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+const OUTBOX_PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+
+fn prune_outbox(store: &Store) {
+    match store.outbox_prune(OUTBOX_KEEP) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(removed = n, "old registry events pruned"),
+        Err(e) => tracing::warn!(error = %e, "pruning registry events"),
+    }
+}
 
 /// An event as the store's outbox keeps it: written in the transaction that made the
 /// change, so consumers that read the outbox from their own cursor (webhooks, the
@@ -147,6 +157,8 @@ pub(crate) struct State {
     pub events: broadcast::Sender<RegistryEvent>,
     /// The same events with their request context (webhooks).
     pub detailed: broadcast::Sender<(RegistryEvent, RequestContext)>,
+    /// When the outbox was last pruned (a long-running server prunes hourly).
+    pub pruned: Mutex<std::time::Instant>,
 }
 
 /// Handle on a registry: cheap to clone; the read API and the event hook.
@@ -167,13 +179,7 @@ impl Registry {
     /// Open the store under `data_dir` (recovering from any crash) without serving it.
     pub fn open(data_dir: &std::path::Path) -> Result<Registry, RegistryError> {
         let store = Store::open(data_dir, true)?;
-        // Consumers read the outbox within seconds; a week covers any downtime worth
-        // catching up on.
-        match store.outbox_prune(OUTBOX_KEEP) {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(removed = n, "old registry events pruned"),
-            Err(e) => tracing::warn!(error = %e, "pruning registry events"),
-        }
+        prune_outbox(&store);
         let (events, _) = broadcast::channel(1024);
         let (detailed, _) = broadcast::channel(1024);
         Ok(Registry {
@@ -182,6 +188,7 @@ impl Registry {
                 uploads: Mutex::new(HashMap::new()),
                 events,
                 detailed,
+                pruned: Mutex::new(std::time::Instant::now()),
             }),
         })
     }
@@ -239,6 +246,17 @@ impl Registry {
 
     /// Tells live subscribers about events already committed to the outbox.
     pub(crate) fn announce(&self, events: Vec<StoredEvent>) {
+        let due = self.inner.pruned.lock().is_ok_and(|mut at| {
+            let due = at.elapsed() >= OUTBOX_PRUNE_EVERY;
+            if due {
+                *at = std::time::Instant::now();
+            }
+            due
+        });
+        if due {
+            let store = self.inner.store.clone();
+            tokio::task::spawn_blocking(move || prune_outbox(&store));
+        }
         for e in events {
             // No receivers is normal (nothing subscribed yet).
             let _ = self.inner.detailed.send((e.event.clone(), e.context));

@@ -134,3 +134,39 @@ fn one_serving_process_per_data_dir() {
     drop(first);
     Store::open(dir.path(), true).unwrap();
 }
+
+#[test]
+fn outbox_rows_commit_with_their_change_and_old_ones_are_pruned() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), true).unwrap();
+    assert_eq!(store.outbox_last().unwrap(), 0);
+    let m = manifest("r", vec![], Some("v1"), b"{}");
+    store.put_manifest(&m, &["first".into()]).unwrap();
+    // A refused manifest leaves no event behind.
+    let bad = manifest("r", vec!["sha256:missing".into()], Some("v2"), b"{\"x\":1}");
+    assert!(store.put_manifest(&bad, &["never".into()]).is_err());
+    store
+        .delete_tag("r", "v1", |d| vec![format!("deleted {d}")])
+        .unwrap();
+    let rows = store.outbox_after(0, 10).unwrap();
+    let payloads: Vec<&str> = rows.iter().map(|(_, p)| p.as_str()).collect();
+    assert_eq!(payloads, ["first", &format!("deleted {}", m.digest)]);
+    assert_eq!(store.outbox_after(rows[0].0, 10).unwrap().len(), 1);
+    assert_eq!(store.outbox_last().unwrap(), rows[1].0);
+    // Age the first row past the keep window: only it goes.
+    store
+        .writer()
+        .unwrap()
+        .execute(
+            "UPDATE outbox SET created = created - 30 * 86400 WHERE seq = ?1",
+            [rows[0].0],
+        )
+        .unwrap();
+    assert_eq!(
+        store
+            .outbox_prune(std::time::Duration::from_secs(7 * 86400))
+            .unwrap(),
+        1
+    );
+    assert_eq!(store.outbox_after(0, 10).unwrap().len(), 1);
+}
