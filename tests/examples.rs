@@ -82,6 +82,8 @@ fn build_and_push_lands_in_the_integrated_registry() {
     }
     let _ = child.kill();
     let _ = child.wait();
+    let image = pushed[0]["image"].as_str().unwrap();
+    remove_images_of(image.split_once('/').unwrap().0);
 }
 
 #[test]

@@ -177,3 +177,28 @@ pub async fn error_code(r: reqwest::Response) -> String {
         .unwrap_or_default()
         .to_string()
 }
+
+/// Removes the Docker Engine's image tags under `registry/` (what a test pushed or pulled
+/// through a registry that no longer exists), so suites do not pile up images.
+pub fn remove_images_of(registry: &str) {
+    let Ok(out) = Command::new("docker")
+        .args(["images", "--format", "{{.Repository}}:{{.Tag}}"])
+        .output()
+    else {
+        return;
+    };
+    let prefix = format!("{registry}/");
+    let tags: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with(&prefix))
+        .map(str::to_string)
+        .collect();
+    if !tags.is_empty() {
+        let _ = Command::new("docker")
+            .arg("rmi")
+            .args(&tags)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}

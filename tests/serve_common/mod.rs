@@ -9,6 +9,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+#[path = "../registry_common/mod.rs"]
+mod registry_common;
+pub use registry_common::remove_images_of;
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_acr-task")
 }
@@ -127,6 +131,8 @@ impl Drop for Serve {
             let mut c = c;
             let _ = c.wait();
         }
+        // The registry (a temp dir) is gone: so are the engine's tags that name it.
+        remove_images_of(&self.addr);
     }
 }
 

@@ -9,7 +9,7 @@ use serde_json::Value;
 #[path = "../registry_common/mod.rs"]
 mod registry_common;
 #[allow(unused_imports)]
-pub use registry_common::{require_docker, spawn_server};
+pub use registry_common::{remove_images_of, require_docker, spawn_server};
 
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_acr-task")
@@ -88,6 +88,24 @@ pub fn run_task_env(
             String::from_utf8_lossy(&output.stderr)
         )
     });
+    // Images pushed to the run's own registry (gone with its temp data dir) are untagged
+    // from the engine, so suites do not pile them up.
+    let registries: std::collections::BTreeSet<String> = report["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|s| s["pushed"].as_array().cloned().unwrap_or_default())
+        .filter_map(|p| {
+            p["image"]
+                .as_str()
+                .and_then(|i| i.split_once('/'))
+                .map(|(h, _)| h.to_string())
+        })
+        .filter(|h| h.starts_with("127.0.0.1:"))
+        .collect();
+    for r in registries {
+        remove_images_of(&r);
+    }
     let run = Run { output, report };
     if check_orphans {
         assert_no_orphans(&run.run_id());
