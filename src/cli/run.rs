@@ -226,7 +226,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let run_id = new_run_id();
     let mut cfg = RunConfig::for_run(&run_id, context.clone(), args.max_parallel);
     cfg.secrets = parse_secrets(&args.secrets)?;
-    cfg.platform = args.platform.as_ref().map(|p| p.to_string());
+    cfg.platform = args.platform.clone();
     let options = LoadOptions {
         empty_missing_values: args.empty_missing_values,
     };
@@ -328,7 +328,7 @@ pub fn build(args: BuildArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("context {}", args.context.display()))?;
     let run_id = new_run_id();
     let mut cfg = RunConfig::for_run(&run_id, context, 1);
-    cfg.platform = args.platform.as_ref().map(|p| p.to_string());
+    cfg.platform = args.platform.clone();
     tokio_runtime()?.block_on(async {
         let (registry, integrated) = registry_for(args.registry.clone(), args.data.clone()).await?;
         let task = quick_task(&registry, &args);

@@ -39,8 +39,8 @@ pub struct RunConfig {
     pub network: String,
     /// Values of `{{.Secrets.id}}`, substituted when a step runs and masked in its logs.
     pub secrets: BTreeMap<String, String>,
-    /// `os/arch[/variant]` every build and container targets (`None`: the engine's).
-    pub platform: Option<String>,
+    /// The platform every build and container targets (`None`: the engine's).
+    pub platform: Option<crate::task::Platform>,
 }
 
 impl RunConfig {
@@ -593,8 +593,13 @@ impl<R: Runtime> Ctx<R> {
             mounts,
             isolation: step.isolation.clone(),
             labels,
-            platform: self.cfg.platform.clone(),
+            platform: self.platform(),
         }
+    }
+
+    /// The run's platform as the engine names it (`linux/arm64`).
+    fn platform(&self) -> Option<String> {
+        self.cfg.platform.as_ref().map(ToString::to_string)
     }
 
     async fn cmd(&self, step: &Step, cmd: &str, name: &str, log: &LogSink) -> Attempt {
@@ -607,8 +612,11 @@ impl<R: Runtime> Ctx<R> {
         } else {
             PullPolicy::Missing
         };
-        let platform = self.cfg.platform.as_deref();
-        if let Err(e) = self.ensure_image(&image, policy, platform, log).await {
+        let platform = self.platform();
+        if let Err(e) = self
+            .ensure_image(&image, policy, platform.as_deref(), log)
+            .await
+        {
             return Attempt::failed(format!("step {}: {e}", step.id));
         }
         let spec = self.container_spec(step, name, image, args);
@@ -734,7 +742,7 @@ impl<R: Runtime> Ctx<R> {
         };
         let bases = crate::dockerfile::base_images(&text, &b.build_args);
         // `--platform` on the step wins over the run's.
-        let platform = b.platform.clone().or_else(|| self.cfg.platform.clone());
+        let platform = b.platform.clone().or_else(|| self.platform());
         // Fetch (or make) base images first: a missing one then names itself and the step.
         for image in &bases {
             let policy = if b.pull || step.pull {

@@ -36,6 +36,11 @@ pub const DEFAULT_BRANCH: &str = "main";
 pub const DEFAULT_FILE: &str = "acb.yaml";
 
 impl TaskSpec {
+    /// The stored platform, parsed (checked when the task was stored; normalized here,
+    /// `linux` → `linux/amd64`).
+    pub fn target_platform(&self) -> Option<crate::task::Platform> {
+        self.platform.as_deref().and_then(|p| p.parse().ok())
+    }
     pub fn branch(&self) -> &str {
         self.branch.as_deref().unwrap_or(DEFAULT_BRANCH)
     }

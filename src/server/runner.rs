@@ -80,8 +80,8 @@ pub fn run_info(
     info.registry = registry.to_string();
     info.registry_name = registry.split(':').next().unwrap_or(registry).to_string();
     info.shared_volume = cfg.shared_volume.clone();
-    if let Some(p) = cfg.platform.as_deref().and_then(|p| p.parse().ok()) {
-        info.set_platform(&p);
+    if let Some(p) = &cfg.platform {
+        info.set_platform(p);
     }
     let head = match git {
         Some(g) => Some((g.commit.clone(), g.branch.clone())),
@@ -183,8 +183,8 @@ pub fn validate_spec(spec: &TaskSpec) -> Result<(), Diagnostics> {
     };
     let mut info = RunInfo::placeholder(Path::new("acb.yaml"));
     info.task_name = spec.name.clone();
-    if let Some(p) = spec.platform.as_deref().and_then(|p| p.parse().ok()) {
-        info.set_platform(&p);
+    if let Some(p) = &spec.target_platform() {
+        info.set_platform(p);
     }
     load_task(spec, &context, &info).map(|_| ())
 }
@@ -366,12 +366,7 @@ async fn run_on_docker(
         Err(e) => return Outcome::failed(format!("preparing the context: {e}")),
     };
     let mut cfg = RunConfig::for_run(&run.id, context.clone(), max_parallel);
-    // Checked when the task was stored; normalized here (`linux` → `linux/amd64`).
-    cfg.platform = spec
-        .platform
-        .as_deref()
-        .and_then(|p| p.parse::<task::Platform>().ok())
-        .map(|p| p.to_string());
+    cfg.platform = spec.target_platform();
     cfg.secrets = match resolve_secrets(&spec.secrets) {
         Ok(s) => s,
         Err(e) => {
