@@ -97,7 +97,7 @@ pub fn http_client(ca_certs: &[PathBuf]) -> Result<reqwest::Client, ClientError>
     }
     b.build().map_err(|e| ClientError::Connect {
         addr: "-".into(),
-        message: format!("cannot set up the HTTP client: {}", chain(&e)),
+        message: format!("cannot set up the HTTP client: {}", error_chain(&e)),
     })
 }
 
@@ -133,10 +133,6 @@ impl RegistryClient {
             scheme: Mutex::new(None),
             tokens: Mutex::new(HashMap::new()),
         }
-    }
-
-    pub fn addr(&self) -> &str {
-        &self.addr
     }
 
     /// This host's credential; off the async threads, as it may run a credential helper.
@@ -230,7 +226,7 @@ impl RegistryClient {
                     }
                     return self.read(method, resp).await;
                 }
-                Err(e) => failures.push(format!("{scheme}: {}", chain(&e))),
+                Err(e) => failures.push(format!("{scheme}: {}", error_chain(&e))),
             }
         }
         Err(ClientError::Connect {
@@ -252,7 +248,7 @@ impl RegistryClient {
             while let Some(chunk) = stream.next().await {
                 let chunk = chunk.map_err(|e| ClientError::Connect {
                     addr: self.addr.clone(),
-                    message: chain(&e),
+                    message: error_chain(&e),
                 })?;
                 if body.len() + chunk.len() > MAX_BODY {
                     return Err(ClientError::Malformed(self.addr.clone()));
@@ -299,7 +295,7 @@ impl RegistryClient {
         }
         let resp = req.send().await.map_err(|e| ClientError::Connect {
             addr: realm.clone(),
-            message: chain(&e),
+            message: error_chain(&e),
         })?;
         let status = resp.status();
         let r = self.read(&reqwest::Method::GET, resp).await?;
@@ -449,7 +445,7 @@ fn pull(repo: &str) -> String {
 }
 
 /// An error and its causes on one line (reqwest's own message is only the outermost).
-fn chain(e: &dyn std::error::Error) -> String {
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

@@ -123,10 +123,6 @@ impl Credentials {
         })
     }
 
-    pub fn insert(&mut self, host: &str, cred: Credential) {
-        self.by_host.insert(host_key(host), cred);
-    }
-
     /// The credential for an API host (`registry-1.docker.io` finds Docker Hub's entry).
     pub fn get(&self, host: &str) -> Option<Credential> {
         let key = host_key(host);

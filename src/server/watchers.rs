@@ -110,13 +110,11 @@ pub fn on_remote_digests(
     let mut queued = Vec::new();
     let mut seen = std::collections::BTreeSet::new();
     for (task, base, recorded) in db.base_images()? {
-        let Some(Some(digest)) = current.get(&base) else {
+        // No recorded registry digest: the base was made locally, nothing to compare.
+        let (Some(Some(digest)), Some(old)) = (current.get(&base), &recorded) else {
             continue;
         };
-        if recorded.is_none() {
-            continue;
-        }
-        if recorded.as_deref() == Some(digest.as_str()) || seen.contains(&task) {
+        if old == digest || seen.contains(&task) {
             continue;
         }
         let Some(spec) = db.task(&task)? else {

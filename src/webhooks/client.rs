@@ -40,16 +40,7 @@ pub async fn post(
     }
     match req.send().await {
         Ok(r) => Ok(r.status().as_u16()),
-        Err(e) => {
-            let mut msg = e.to_string();
-            let mut cur = std::error::Error::source(&e);
-            while let Some(c) = cur {
-                msg.push_str(": ");
-                msg.push_str(&c.to_string());
-                cur = c.source();
-            }
-            Err(msg)
-        }
+        Err(e) => Err(crate::registry::client::error_chain(&e)),
     }
 }
 
