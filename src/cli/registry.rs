@@ -281,6 +281,15 @@ pub fn registry(cmd: RegistryCmd) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// A list of names (repositories, tags): a JSON array, or one column under `header`.
+fn print_names(output: Output, header: &str, names: Vec<String>) -> anyhow::Result<()> {
+    if output == Output::Json {
+        return print_json(&names);
+    }
+    let rows: Vec<Vec<String>> = names.into_iter().map(|n| vec![n]).collect();
+    print_rows(output, &[header], &rows)
+}
+
 fn manifest_rows(ms: &[ManifestInfo]) -> Vec<Vec<String>> {
     ms.iter()
         .map(|m| {
@@ -330,24 +339,14 @@ pub fn repository(cmd: RepositoryCmd) -> anyhow::Result<ExitCode> {
         RepositoryCmd::List { opts } => {
             no_dot(opts.output)?;
             let repos = open(opts.data)?.list_repositories(None, None)?;
-            if opts.output == Output::Json {
-                print_json(&repos)?;
-            } else {
-                let rows: Vec<Vec<String>> = repos.into_iter().map(|r| vec![r]).collect();
-                print_rows(opts.output, &["REPOSITORY"], &rows)?;
-            }
+            print_names(opts.output, "REPOSITORY", repos)?;
         }
         RepositoryCmd::ShowTags { repository, opts } => {
             no_dot(opts.output)?;
             let Some(tags) = open(opts.data)?.list_tags(&repository, None, None)? else {
                 bail!("repository {repository} not found");
             };
-            if opts.output == Output::Json {
-                print_json(&tags)?;
-            } else {
-                let rows: Vec<Vec<String>> = tags.into_iter().map(|t| vec![t]).collect();
-                print_rows(opts.output, &["TAG"], &rows)?;
-            }
+            print_names(opts.output, "TAG", tags)?;
         }
         RepositoryCmd::ShowManifests { repository, opts } => {
             no_dot(opts.output)?;
@@ -378,21 +377,11 @@ async fn repository_http(cmd: RepositoryCmd, client: RegistryClient) -> anyhow::
     match cmd {
         RepositoryCmd::List { opts } => {
             let repos = client.repositories().await?;
-            if opts.output == Output::Json {
-                print_json(&repos)?;
-            } else {
-                let rows: Vec<Vec<String>> = repos.into_iter().map(|r| vec![r]).collect();
-                print_rows(opts.output, &["REPOSITORY"], &rows)?;
-            }
+            print_names(opts.output, "REPOSITORY", repos)?;
         }
         RepositoryCmd::ShowTags { repository, opts } => {
             let tags = client.tags(&repository).await?;
-            if opts.output == Output::Json {
-                print_json(&tags)?;
-            } else {
-                let rows: Vec<Vec<String>> = tags.into_iter().map(|t| vec![t]).collect();
-                print_rows(opts.output, &["TAG"], &rows)?;
-            }
+            print_names(opts.output, "TAG", tags)?;
         }
         RepositoryCmd::ShowManifests { repository, opts } => {
             let ms = client.manifests(&repository).await?;
