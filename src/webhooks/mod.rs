@@ -44,6 +44,8 @@ pub enum WebhookError {
     NotFound(String),
     #[error("webhook worker failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error("reading registry events: {0}")]
+    Registry(#[from] crate::registry::RegistryError),
 }
 
 impl WebhookError {
@@ -123,10 +125,7 @@ async fn intake_start(store: &Arc<WebhookStore>, registry: &Registry) -> Result<
     if let Some(c) = tokio::task::spawn_blocking(move || s.cursor()).await?? {
         return Ok(c);
     }
-    let last = registry
-        .last_event_seq()
-        .await
-        .map_err(|e| WebhookError::Invalid(format!("reading registry events: {e}")))?;
+    let last = registry.last_event_seq().await?;
     let s = store.clone();
     tokio::task::spawn_blocking(move || s.intake(&[], last)).await??;
     Ok(last)
@@ -139,10 +138,7 @@ async fn intake_batch(
     registry: &Registry,
     cursor: i64,
 ) -> Result<(i64, usize), WebhookError> {
-    let events = registry
-        .events_after(cursor, 256)
-        .await
-        .map_err(|e| WebhookError::Invalid(format!("reading registry events: {e}")))?;
+    let events = registry.events_after(cursor, 256).await?;
     let Some(next) = events.last().map(|(seq, _)| *seq) else {
         return Ok((cursor, 0));
     };
