@@ -2,7 +2,6 @@
 //! One way for the registry and the task service alike: both need client addresses (the
 //! login rate limit) and a graceful stop.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -75,6 +74,66 @@ impl TlsConfig {
 /// A TLS handshake that takes longer than this is dropped (a stalled client holds nothing).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Most headers in one request (hyper's buffer limit bounds their total size).
+const MAX_HEADERS: usize = 128;
+
+/// How many connections one server holds at once (and one client address of them), and
+/// how long a client may take to send a request's headers, which is also how long a
+/// kept-alive connection may sit idle before its next request.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    pub total: usize,
+    pub per_client: usize,
+    pub header_timeout: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            total: 1024,
+            per_client: 256,
+            header_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Open connections per client address, so one client cannot hold every slot.
+#[derive(Default)]
+struct PerClient(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+impl PerClient {
+    fn enter(self: &Arc<Self>, ip: std::net::IpAddr, max: usize) -> Option<ClientSlot> {
+        let mut m = self.0.lock().ok()?;
+        let n = m.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot {
+            table: self.clone(),
+            ip,
+        })
+    }
+}
+
+struct ClientSlot {
+    table: Arc<PerClient>,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.table.0.lock() {
+            if let Some(n) = m.get_mut(&self.ip) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(&self.ip);
+                }
+            }
+        }
+    }
+}
+
 /// Serves `app` on `listener` until `shutdown` resolves, then lets in-flight requests end.
 /// Handlers see the client address as `ConnectInfo<SocketAddr>`.
 pub async fn serve(
@@ -83,16 +142,32 @@ pub async fn serve(
     tls: Option<TlsConfig>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let Some(TlsConfig(config)) = tls else {
-        let app = app.into_make_service_with_connect_info::<SocketAddr>();
-        return axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await;
-    };
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    serve_with(listener, app, tls, ConnectionLimits::default(), shutdown).await
+}
+
+/// [`serve`] with explicit connection limits. Plain and TLS connections go through the
+/// same hyper builder, so both have the header timeout and the limits.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    tls: Option<TlsConfig>,
+    limits: ConnectionLimits,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let acceptor = tls.map(|TlsConfig(config)| tokio_rustls::TlsAcceptor::from(config));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.total.max(1)));
+    let per_client = Arc::new(PerClient::default());
     tokio::pin!(shutdown);
     loop {
+        // At the total limit, wait for a connection to end before accepting another.
+        let permit = tokio::select! {
+            _ = &mut shutdown => break,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
         let (tcp, peer) = tokio::select! {
             _ = &mut shutdown => break,
             r = listener.accept() => match r {
@@ -105,25 +180,47 @@ pub async fn serve(
                 }
             },
         };
+        let Some(slot) = per_client.enter(peer.ip(), limits.per_client) else {
+            tracing::debug!(%peer, "connection refused: too many from this client");
+            drop(tcp);
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let app = app.clone().layer(axum::Extension(ConnectInfo(peer)));
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
+            let _held = (permit, slot);
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .max_headers(MAX_HEADERS);
+            let result = match acceptor {
+                None => {
+                    let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
+                    watcher.watch(conn).await
                 }
-                Err(_) => {
-                    tracing::debug!(%peer, "TLS handshake timed out");
-                    return;
+                Some(acceptor) => {
+                    let stream =
+                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(%peer, "TLS handshake timed out");
+                                return;
+                            }
+                        };
+                    let conn =
+                        builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                    watcher.watch(conn).await
                 }
             };
-            let service = hyper_util::service::TowerToHyperService::new(app);
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            if let Err(e) = watcher.watch(conn).await {
+            if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });

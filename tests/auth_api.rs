@@ -22,11 +22,7 @@ async fn env(settings: AuthSettings) -> Env {
     let dir = tempfile::tempdir().unwrap();
     let auth = Auth::open(dir.path(), settings).unwrap();
     let reg = start_with_auth(
-        RegistryConfig {
-            data_dir: dir.path().to_path_buf(),
-            listen: "127.0.0.1:0".parse().unwrap(),
-            tls: None,
-        },
+        RegistryConfig::new(dir.path().to_path_buf(), "127.0.0.1:0".parse().unwrap()),
         Some(auth.clone()),
     )
     .await
@@ -471,6 +467,21 @@ async fn mount_needs_pull_on_the_source_repository() {
     )
     .await;
     assert_eq!(mount(t.clone()).await, 202);
+    // The attack: the check reads one `from` (b, allowed), the handler another (a). Repeated
+    // keys, plainly or percent-encoded, are refused outright.
+    for q in [
+        format!("mount={d}&from=b&from=a"),
+        format!("mount={d}&from=b&fro%6D=a"),
+        format!("%6Dount={d}&from=b&from=a"),
+    ] {
+        let r = client(&t)
+            .post(format!("{}/v2/b/blobs/uploads/?{q}", e.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{q}");
+        assert_eq!(error_code(r).await, "UNSUPPORTED", "{q}");
+    }
     let r = client(&t)
         .head(format!("{}/v2/b/blobs/{d}", e.base))
         .send()

@@ -118,6 +118,21 @@ pub struct ServeArgs {
     /// service, when polling base images in other registries; repeatable.
     #[arg(long, value_name = "FILE")]
     pub ca_cert: Vec<PathBuf>,
+    /// Largest blob the registry accepts (e.g. 20GiB, 512MiB).
+    #[arg(long, value_name = "SIZE", default_value = "20GiB", value_parser = super::parse_size)]
+    pub max_blob_size: u64,
+    /// Open upload sessions allowed per repository.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    pub max_uploads_per_repository: usize,
+    /// Open upload sessions allowed per client address.
+    #[arg(long, value_name = "N", default_value_t = 128)]
+    pub max_uploads_per_client: usize,
+    /// Connections held at once; more wait to be accepted.
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Connections held at once from one client address; more are closed.
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    pub max_connections_per_client: usize,
     /// For tests: timers read this RFC 3339 instant at start-up...
     #[arg(long, hide = true, value_name = "TIME")]
     pub clock_start: Option<chrono::DateTime<chrono::Utc>>,
@@ -127,6 +142,23 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
+    /// What one client may hold and send.
+    pub fn limits(&self) -> (registry::RegistryLimits, crate::listen::ConnectionLimits) {
+        (
+            registry::RegistryLimits {
+                max_blob_bytes: self.max_blob_size,
+                max_uploads_per_repository: self.max_uploads_per_repository.max(1),
+                max_uploads_per_client: self.max_uploads_per_client.max(1),
+                ..registry::RegistryLimits::default()
+            },
+            crate::listen::ConnectionLimits {
+                total: self.max_connections.max(1),
+                per_client: self.max_connections_per_client.max(1),
+                ..Default::default()
+            },
+        )
+    }
+
     /// The TLS set-up of --tls-cert/--tls-key, if given.
     pub fn tls(&self) -> anyhow::Result<Option<crate::listen::TlsConfig>> {
         match (&self.tls_cert, &self.tls_key) {
@@ -459,41 +491,41 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         return super::task::serve(&args);
     }
     let tls = args.tls()?;
-    let dir = data_dir(args.data);
+    let dir = data_dir(args.data.clone());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     let auth = args.auth.open(&dir, tls.is_some())?;
     let hooks = args.auth.webhook_options(&args.ca_cert)?;
-    rt.block_on(serve_registry(dir, args.listen, tls, auth, hooks))?;
+    let (limits, connections) = args.limits();
+    let cfg = RegistryConfig {
+        data_dir: dir,
+        listen: args.listen,
+        tls,
+        limits,
+        connections,
+    };
+    rt.block_on(serve_registry(cfg, auth, hooks))?;
     Ok(ExitCode::SUCCESS)
 }
 
 async fn serve_registry(
-    dir: PathBuf,
-    listen: SocketAddr,
-    tls: Option<crate::listen::TlsConfig>,
+    cfg: RegistryConfig,
     auth: Option<std::sync::Arc<crate::auth::Auth>>,
     hooks: crate::webhooks::DeliveryOptions,
 ) -> anyhow::Result<()> {
     // Handlers first: a supervisor may send SIGTERM as soon as it reads the address.
     let stop = stop_signal()?;
-    let running = registry::start_with_auth(
-        RegistryConfig {
-            data_dir: dir.clone(),
-            listen,
-            tls,
-        },
-        auth,
-    )
-    .await
-    .with_context(|| {
-        format!(
-            "starting the registry on {listen} with data in {}",
-            dir.display()
-        )
-    })?;
+    let (dir, listen) = (cfg.data_dir.clone(), cfg.listen);
+    let running = registry::start_with_auth(cfg, auth)
+        .await
+        .with_context(|| {
+            format!(
+                "starting the registry on {listen} with data in {}",
+                dir.display()
+            )
+        })?;
     // Deliveries run off the request path; pending ones from a previous run resume here.
     let _webhooks = crate::webhooks::Dispatcher::start(running.registry(), &dir, hooks)
         .with_context(|| format!("starting webhook delivery for {}", dir.display()))?;

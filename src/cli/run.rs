@@ -126,11 +126,10 @@ async fn registry_for(
             let data_dir = data
                 .unwrap_or_else(super::default_data_dir)
                 .join("registry");
-            let reg = crate::registry::start(RegistryConfig {
-                data_dir: data_dir.clone(),
-                listen: "127.0.0.1:0".parse().context("loopback address")?,
-                tls: None,
-            })
+            let reg = crate::registry::start(RegistryConfig::new(
+                data_dir.clone(),
+                "127.0.0.1:0".parse().context("loopback address")?,
+            ))
             .await
             .with_context(|| {
                 format!("starting the integrated registry in {}", data_dir.display())

@@ -161,6 +161,7 @@ pub fn serve(args: &super::registry::ServeArgs) -> anyhow::Result<ExitCode> {
     cfg.remote_poll = args.base_image_poll;
     cfg.tls = args.tls()?;
     cfg.ca_certs = args.ca_cert.clone();
+    (cfg.limits, cfg.connections) = args.limits();
     if let Some(start) = args.clock_start {
         cfg.clock = std::sync::Arc::new(crate::triggers::cron::ShiftedClock::new(
             start,

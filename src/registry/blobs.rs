@@ -11,8 +11,8 @@ use sha2::{Digest, Sha256};
 use super::errors::ApiError;
 use super::names::parse_digest;
 use super::routes::{respond, Q};
-use super::stream::{append_body, digest_of, file_body};
-use super::{Registry, Upload};
+use super::stream::{append_body, digest_of, file_body, BodyLimits};
+use super::{Registry, Session, Upload};
 
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, crate::store::StoreError> + Send + 'static,
@@ -108,6 +108,14 @@ pub(super) async fn delete(reg: &Registry, name: &str, digest: &str) -> Result<R
     }
 }
 
+fn body_limits(reg: &Registry, declared: Option<u64>) -> BodyLimits {
+    BodyLimits {
+        declared,
+        max_blob: reg.inner.limits.max_blob_bytes,
+        idle: reg.inner.limits.body_idle,
+    }
+}
+
 fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers
         .get(header::CONTENT_LENGTH)
@@ -150,7 +158,7 @@ async fn receive_whole(
         0,
         &Sha256::new(),
         body,
-        content_length(headers),
+        body_limits(reg, content_length(headers)),
     )
     .await;
     let w = match res {
@@ -192,6 +200,7 @@ async fn commit(
 pub(super) async fn start_upload(
     reg: &Registry,
     name: &str,
+    client: std::net::IpAddr,
     q: &Q,
     headers: &HeaderMap,
     body: Body,
@@ -217,27 +226,43 @@ pub(super) async fn start_upload(
         hasher: Sha256::new(),
         touched: std::time::Instant::now(),
     };
-    let expired = {
+    let limits = &reg.inner.limits;
+    {
         let mut map = reg
             .inner
             .uploads
             .lock()
             .map_err(|_| ApiError::internal("upload table poisoned"))?;
-        let expired = take_expired(&mut map);
+        let in_repo = map.values().filter(|s| s.repo == name).count();
+        let of_client = map.values().filter(|s| s.client == client).count();
+        if in_repo >= limits.max_uploads_per_repository {
+            return Err(too_many_uploads(format!(
+                "repository {name} has {in_repo} open uploads (the limit); finish or cancel some, or retry later"
+            )));
+        }
+        if of_client >= limits.max_uploads_per_client {
+            return Err(too_many_uploads(format!(
+                "this client has {of_client} open uploads (the limit); finish or cancel some, or retry later"
+            )));
+        }
         map.insert(
             id.clone(),
-            (name.to_string(), Arc::new(tokio::sync::Mutex::new(up))),
+            Session {
+                repo: name.to_string(),
+                client,
+                upload: Arc::new(tokio::sync::Mutex::new(up)),
+            },
         );
-        expired
-    };
-    for path in expired {
-        let _ = tokio::fs::remove_file(&path).await;
     }
     Ok(respond(
         StatusCode::ACCEPTED,
         &upload_headers(name, &id, 0),
         Body::empty(),
     ))
+}
+
+fn too_many_uploads(message: String) -> ApiError {
+    ApiError::new(StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS", message)
 }
 
 fn session(
@@ -252,18 +277,21 @@ fn session(
         .map_err(|_| ApiError::internal("upload table poisoned"))?;
     match map.get(id) {
         // A session is only visible through the repository that opened it.
-        Some((repo, s)) if repo == name => Ok(s.clone()),
+        Some(s) if s.repo == name => Ok(s.upload.clone()),
         _ => Err(ApiError::upload_unknown()),
     }
 }
 
-/// Remove sessions idle longer than `UPLOAD_IDLE` (busy ones are locked and skipped);
-/// returns their temp files for deletion. Run whenever a session starts, so abandoned uploads
-/// cannot pile up on a long-running server.
-fn take_expired(map: &mut super::Sessions) -> Vec<std::path::PathBuf> {
+/// Remove sessions idle longer than `idle` (busy ones are locked and skipped); returns
+/// their temp files for deletion. The registry's maintenance loop runs it on a timer, so
+/// abandoned uploads cannot pile up on a long-running server.
+pub(super) fn take_expired(
+    map: &mut super::Sessions,
+    idle: std::time::Duration,
+) -> Vec<std::path::PathBuf> {
     let mut paths = Vec::new();
-    map.retain(|_, (_, s)| match s.try_lock() {
-        Ok(up) if up.touched.elapsed() > super::UPLOAD_IDLE => {
+    map.retain(|_, s| match s.upload.try_lock() {
+        Ok(up) if up.touched.elapsed() > idle => {
             paths.push(up.path.clone());
             false
         }
@@ -315,7 +343,12 @@ fn parse_content_range(h: &HeaderMap) -> Result<Option<(u64, u64)>, ApiError> {
 }
 
 /// Append one chunk to a session, enforcing `Content-Range` order and length.
-async fn append_chunk(up: &mut Upload, headers: &HeaderMap, body: Body) -> Result<(), ApiError> {
+async fn append_chunk(
+    reg: &Registry,
+    up: &mut Upload,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(), ApiError> {
     let range = parse_content_range(headers)?;
     let mut limit = content_length(headers);
     if let Some((start, end)) = range {
@@ -327,7 +360,15 @@ async fn append_chunk(up: &mut Upload, headers: &HeaderMap, body: Body) -> Resul
         }
         limit = Some(end - start + 1);
     }
-    let w = append_body(up.path.clone(), up.offset, &up.hasher, body, limit).await?;
+    up.touched = std::time::Instant::now();
+    let w = append_body(
+        up.path.clone(),
+        up.offset,
+        &up.hasher,
+        body,
+        body_limits(reg, limit),
+    )
+    .await?;
     if let Some(l) = limit {
         if w.written != l {
             // Cut back: the chunk is not applied.
@@ -360,7 +401,7 @@ pub(super) async fn patch_upload(
 ) -> Result<Response, ApiError> {
     let s = session(reg, name, id)?;
     let mut up = s.lock().await;
-    if let Err(e) = append_chunk(&mut up, headers, body).await {
+    if let Err(e) = append_chunk(reg, &mut up, headers, body).await {
         tracing::debug!(
             upload = id,
             offset = up.offset,
@@ -390,7 +431,7 @@ pub(super) async fn finish_upload(
     let digest = parse_digest(d)?;
     let s = session(reg, name, id)?;
     let mut up = s.lock().await;
-    append_chunk(&mut up, headers, body).await?;
+    append_chunk(reg, &mut up, headers, body).await?;
     // The session ends here whatever the outcome: a wrong digest discards the data.
     remove_session(reg, id);
     let (path, hasher, size) = (up.path.clone(), up.hasher.clone(), up.offset);
@@ -422,7 +463,7 @@ pub(super) async fn cancel_upload(
 #[cfg(test)]
 mod tests {
     use super::{parse_range, take_expired};
-    use crate::registry::{Sessions, Upload, UPLOAD_IDLE};
+    use crate::registry::{Session, Sessions, Upload};
     use sha2::Digest;
     use std::sync::Arc;
     use std::time::{Duration, Instant};
@@ -436,8 +477,13 @@ mod tests {
                 hasher: sha2::Sha256::new(),
                 touched: Instant::now().checked_sub(age).unwrap(),
             };
-            ("r".to_string(), Arc::new(tokio::sync::Mutex::new(up)))
+            Session {
+                repo: "r".to_string(),
+                client: std::net::Ipv4Addr::LOCALHOST.into(),
+                upload: Arc::new(tokio::sync::Mutex::new(up)),
+            }
         };
+        const UPLOAD_IDLE: Duration = Duration::from_secs(900);
         let mut map = Sessions::new();
         map.insert(
             "old".into(),
@@ -445,10 +491,10 @@ mod tests {
         );
         map.insert("new".into(), mk(Duration::from_secs(1), "/tmp/new"));
         let busy = mk(UPLOAD_IDLE * 2, "/tmp/busy");
-        let guard = busy.1.clone();
+        let guard = busy.upload.clone();
         let _held = guard.try_lock().unwrap();
         map.insert("busy".into(), busy);
-        let gone = take_expired(&mut map);
+        let gone = take_expired(&mut map, UPLOAD_IDLE);
         assert_eq!(gone, vec![std::path::PathBuf::from("/tmp/old")]);
         assert!(map.contains_key("new") && map.contains_key("busy"));
     }

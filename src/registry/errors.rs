@@ -91,6 +91,9 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::MissingRef(d) => ApiError::manifest_blob_unknown(&d),
+            e @ StoreError::SizeMismatch { .. } => {
+                ApiError::manifest_invalid(format!("descriptor size mismatch: {e}"))
+            }
             StoreError::BlobMissing(d) => ApiError::blob_unknown(&d),
             other => ApiError::internal(other),
         }

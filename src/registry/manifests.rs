@@ -13,7 +13,7 @@ use super::routes::{respond, Q};
 use super::{
     current_context, EventAction, Registry, RegistryEvent, StoredEvent, MAX_MANIFEST_BYTES,
 };
-use crate::store::{NewManifest, Reference, StoreError};
+use crate::store::{Descriptor, NewManifest, Reference, StoreError};
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -35,11 +35,16 @@ struct Parsed {
     media_type: String,
     artifact_type: Option<String>,
     subject: Option<String>,
-    blobs: Vec<String>,
-    children: Vec<String>,
+    blobs: Vec<Descriptor>,
+    children: Vec<Descriptor>,
 }
 
 fn descriptor_digest(d: &Value, what: &str) -> Result<String, ApiError> {
+    descriptor(d, what).map(|d| d.digest)
+}
+
+/// A descriptor's digest and size, checked against the spec's required fields.
+fn descriptor(d: &Value, what: &str) -> Result<Descriptor, ApiError> {
     if !d.is_object() {
         return Err(ApiError::manifest_invalid(format!(
             "{what} is not a descriptor"
@@ -49,17 +54,19 @@ fn descriptor_digest(d: &Value, what: &str) -> Result<String, ApiError> {
         .get("digest")
         .and_then(Value::as_str)
         .ok_or_else(|| ApiError::manifest_invalid(format!("{what} has no digest")))?;
-    if d.get("size").and_then(Value::as_i64).is_none_or(|s| s < 0) {
+    let Some(size) = d.get("size").and_then(Value::as_u64) else {
         return Err(ApiError::manifest_invalid(format!(
             "{what} has no valid size"
         )));
-    }
+    };
     if d.get("mediaType").and_then(Value::as_str).is_none() {
         return Err(ApiError::manifest_invalid(format!(
             "{what} has no mediaType"
         )));
     }
-    parse_digest(digest).map_err(|e| ApiError::manifest_invalid(format!("{what}: {}", e.message)))
+    let digest = parse_digest(digest)
+        .map_err(|e| ApiError::manifest_invalid(format!("{what}: {}", e.message)))?;
+    Ok(Descriptor { digest, size })
 }
 
 fn parse_manifest(bytes: &[u8], content_type: Option<&str>) -> Result<Parsed, ApiError> {
@@ -104,13 +111,13 @@ fn parse_manifest(bytes: &[u8], content_type: Option<&str>) -> Result<Parsed, Ap
             .and_then(Value::as_array)
             .ok_or_else(|| ApiError::manifest_invalid("index has no manifests array"))?;
         for (i, m) in list.iter().enumerate() {
-            children.push(descriptor_digest(m, &format!("manifests[{i}]"))?);
+            children.push(descriptor(m, &format!("manifests[{i}]"))?);
         }
     } else {
         let config = v
             .get("config")
             .ok_or_else(|| ApiError::manifest_invalid("manifest has no config"))?;
-        blobs.push(descriptor_digest(config, "config")?);
+        blobs.push(descriptor(config, "config")?);
         if artifact_type.is_none() {
             artifact_type = config
                 .get("mediaType")
@@ -122,7 +129,7 @@ fn parse_manifest(bytes: &[u8], content_type: Option<&str>) -> Result<Parsed, Ap
             .and_then(Value::as_array)
             .ok_or_else(|| ApiError::manifest_invalid("manifest has no layers array"))?;
         for (i, l) in layers.iter().enumerate() {
-            let d = descriptor_digest(l, &format!("layers[{i}]"))?;
+            let d = descriptor(l, &format!("layers[{i}]"))?;
             // Foreign (non-distributable) layers live elsewhere and are never uploaded here.
             if l.get("urls").is_none() {
                 blobs.push(d);
@@ -458,7 +465,8 @@ mod tests {
             ]
         });
         let p = parse_manifest(m.to_string().as_bytes(), Some(DOCKER_MANIFEST)).unwrap();
-        assert_eq!(p.blobs, vec![d('a'), d('b')]);
+        let want = |c, size| Descriptor { digest: d(c), size };
+        assert_eq!(p.blobs, vec![want('a', 1), want('b', 2)]);
         assert_eq!(p.media_type, DOCKER_MANIFEST);
     }
 

@@ -38,6 +38,21 @@ pub struct RegistryConfig {
     pub listen: SocketAddr,
     /// Serve HTTPS with this certificate (`None`: plain HTTP).
     pub tls: Option<crate::listen::TlsConfig>,
+    pub limits: RegistryLimits,
+    pub connections: crate::listen::ConnectionLimits,
+}
+
+impl RegistryConfig {
+    /// Plain HTTP on `listen` with the default limits.
+    pub fn new(data_dir: PathBuf, listen: SocketAddr) -> RegistryConfig {
+        RegistryConfig {
+            data_dir,
+            listen,
+            tls: None,
+            limits: RegistryLimits::default(),
+            connections: crate::listen::ConnectionLimits::default(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -140,25 +155,67 @@ pub(crate) struct Upload {
     pub path: PathBuf,
     pub offset: u64,
     pub hasher: sha2::Sha256,
-    /// Last time a request touched the session; idle sessions expire (see `UPLOAD_IDLE`).
+    /// Last time a request touched the session; idle sessions expire
+    /// ([`RegistryLimits::upload_idle`]).
     pub touched: std::time::Instant,
 }
 
-/// An upload session idle this long is dropped with its temp file.
-pub const UPLOAD_IDLE: std::time::Duration = std::time::Duration::from_secs(3600);
+/// An open session: the repository and client that opened it (for the caps), and its state.
+pub(crate) struct Session {
+    pub repo: String,
+    pub client: std::net::IpAddr,
+    pub upload: Arc<tokio::sync::Mutex<Upload>>,
+}
 
-/// Upload sessions by id: (repository, session).
-pub(crate) type Sessions = HashMap<String, (String, Arc<tokio::sync::Mutex<Upload>>)>;
+/// Upload sessions by id.
+pub(crate) type Sessions = HashMap<String, Session>;
+
+/// What clients may hold and send: bounds that keep one slow or greedy client from
+/// starving the others (`serve --max-blob-size`, `--max-uploads-per-*`).
+#[derive(Debug, Clone)]
+pub struct RegistryLimits {
+    /// Largest blob accepted, in bytes.
+    pub max_blob_bytes: u64,
+    /// Open upload sessions per repository.
+    pub max_uploads_per_repository: usize,
+    /// Open upload sessions per client address.
+    pub max_uploads_per_client: usize,
+    /// A session no request has touched for this long is dropped with its data.
+    pub upload_idle: std::time::Duration,
+    /// A request body that sends nothing for this long is abandoned.
+    pub body_idle: std::time::Duration,
+}
+
+impl Default for RegistryLimits {
+    fn default() -> Self {
+        RegistryLimits {
+            max_blob_bytes: 20 * 1024 * 1024 * 1024,
+            max_uploads_per_repository: 64,
+            max_uploads_per_client: 128,
+            upload_idle: std::time::Duration::from_secs(15 * 60),
+            body_idle: std::time::Duration::from_secs(60),
+        }
+    }
+}
+
+/// How often the maintenance loop sweeps idle upload sessions: a quarter of the idle
+/// limit, between 1 and 30 seconds.
+fn sweep_every(limits: &RegistryLimits) -> std::time::Duration {
+    (limits.upload_idle / 4).clamp(
+        std::time::Duration::from_secs(1),
+        std::time::Duration::from_secs(30),
+    )
+}
 
 pub(crate) struct State {
     pub store: Arc<Store>,
-    /// id -> (repository, session)
     pub uploads: Mutex<Sessions>,
+    pub limits: RegistryLimits,
     pub events: broadcast::Sender<RegistryEvent>,
     /// The same events with their request context (webhooks).
     pub detailed: broadcast::Sender<(RegistryEvent, RequestContext)>,
-    /// When the outbox was last pruned (a long-running server prunes hourly).
-    pub pruned: Mutex<std::time::Instant>,
+    /// Set once the maintenance loop (session sweep, outbox prune) runs.
+    pub maintained: std::sync::atomic::AtomicBool,
 }
 
 /// Handle on a registry: cheap to clone; the read API and the event hook.
@@ -178,6 +235,14 @@ impl std::fmt::Debug for Registry {
 impl Registry {
     /// Open the store under `data_dir` (recovering from any crash) without serving it.
     pub fn open(data_dir: &std::path::Path) -> Result<Registry, RegistryError> {
+        Self::open_with(data_dir, RegistryLimits::default())
+    }
+
+    /// [`Registry::open`] with explicit client limits.
+    pub fn open_with(
+        data_dir: &std::path::Path,
+        limits: RegistryLimits,
+    ) -> Result<Registry, RegistryError> {
         let store = Store::open(data_dir, true)?;
         prune_outbox(&store);
         let (events, _) = broadcast::channel(1024);
@@ -186,11 +251,51 @@ impl Registry {
             inner: Arc::new(State {
                 store: Arc::new(store),
                 uploads: Mutex::new(HashMap::new()),
+                limits,
                 events,
                 detailed,
-                pruned: Mutex::new(std::time::Instant::now()),
+                maintained: std::sync::atomic::AtomicBool::new(false),
             }),
         })
+    }
+
+    /// Starts (once) the registry's background upkeep: idle upload sessions are dropped
+    /// with their data every [`sweep_every`], old outbox events pruned hourly. The loop
+    /// holds only a weak reference and ends when the registry is dropped. Called by the
+    /// routers, so anything that serves the registry has it.
+    fn maintain(&self) {
+        use std::sync::atomic::Ordering;
+        if self.inner.maintained.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            self.inner.maintained.store(false, Ordering::SeqCst);
+            return;
+        };
+        let weak = Arc::downgrade(&self.inner);
+        let every = sweep_every(&self.inner.limits);
+        handle.spawn(async move {
+            let mut last_prune = std::time::Instant::now();
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(state) = weak.upgrade() else { return };
+                let expired = match state.uploads.lock() {
+                    Ok(mut map) => blobs::take_expired(&mut map, state.limits.upload_idle),
+                    Err(_) => Vec::new(),
+                };
+                if !expired.is_empty() {
+                    tracing::info!(sessions = expired.len(), "idle upload sessions dropped");
+                }
+                for path in expired {
+                    let _ = tokio::fs::remove_file(&path).await;
+                }
+                if last_prune.elapsed() >= OUTBOX_PRUNE_EVERY {
+                    last_prune = std::time::Instant::now();
+                    let store = state.store.clone();
+                    let _ = tokio::task::spawn_blocking(move || prune_outbox(&store)).await;
+                }
+            }
+        });
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -246,17 +351,6 @@ impl Registry {
 
     /// Tells live subscribers about events already committed to the outbox.
     pub(crate) fn announce(&self, events: Vec<StoredEvent>) {
-        let due = self.inner.pruned.lock().is_ok_and(|mut at| {
-            let due = at.elapsed() >= OUTBOX_PRUNE_EVERY;
-            if due {
-                *at = std::time::Instant::now();
-            }
-            due
-        });
-        if due {
-            let store = self.inner.store.clone();
-            tokio::task::spawn_blocking(move || prune_outbox(&store));
-        }
         for e in events {
             // No receivers is normal (nothing subscribed yet).
             let _ = self.inner.detailed.send((e.event.clone(), e.context));
@@ -293,6 +387,7 @@ impl Registry {
 
 /// The registry's routes (`/v2/...`), ready to serve or nest.
 pub fn router(registry: Registry) -> axum::Router {
+    registry.maintain();
     routes::router(registry)
 }
 
@@ -301,6 +396,7 @@ pub fn router(registry: Registry) -> axum::Router {
 /// [`router`]. Serve it with `into_make_service_with_connect_info::<SocketAddr>()` so the
 /// token endpoint's rate limit sees client addresses.
 pub fn router_with_auth(registry: Registry, auth: Option<Arc<crate::auth::Auth>>) -> axum::Router {
+    registry.maintain();
     match auth {
         Some(a) => routes::router_with_auth(registry, a),
         None => routes::router(registry),
@@ -343,7 +439,8 @@ pub async fn start_with_auth(
     auth: Option<Arc<crate::auth::Auth>>,
 ) -> Result<RunningRegistry, RegistryError> {
     let dir = cfg.data_dir.clone();
-    let registry = tokio::task::spawn_blocking(move || Registry::open(&dir)).await??;
+    let limits = cfg.limits.clone();
+    let registry = tokio::task::spawn_blocking(move || Registry::open_with(&dir, limits)).await??;
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| RegistryError::Bind {
@@ -358,9 +455,9 @@ pub async fn start_with_auth(
         })?;
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let app = router_with_auth(registry.clone(), auth);
-    let tls = cfg.tls;
+    let (tls, connections) = (cfg.tls, cfg.connections);
     let task = tokio::spawn(async move {
-        let serve = crate::listen::serve(listener, app, tls, async move {
+        let serve = crate::listen::serve_with(listener, app, tls, connections, async move {
             let _ = rx.await;
         });
         if let Err(e) = serve.await {

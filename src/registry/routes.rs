@@ -68,15 +68,26 @@ async fn base() -> Response {
 
 pub(super) type Q = HashMap<String, String>;
 
-async fn dispatch(
-    State(reg): State<Registry>,
-    method: Method,
-    Path(rest): Path<String>,
-    Query(q): Query<Q>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    let mut resp = match handle(&reg, &method, &rest, &q, &headers, body).await {
+async fn dispatch(State(reg): State<Registry>, Path(rest): Path<String>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let method = parts.method;
+    let result = match parse_query(parts.uri.query()) {
+        Ok(mut q) => {
+            if parts.extensions.get::<NoMount>().is_some() {
+                // The gate found no pull on the mount's source: a plain upload instead.
+                q.remove("mount");
+                q.remove("from");
+            }
+            let client = parts
+                .extensions
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                .map(|c| c.0.ip())
+                .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+            handle(&reg, &method, &rest, client, &q, &parts.headers, body).await
+        }
+        Err(e) => Err(e),
+    };
+    let mut resp = match result {
         Ok(r) => r,
         Err(e) => {
             if e.status.is_server_error() {
@@ -91,6 +102,39 @@ async fn dispatch(
         .insert(API_VERSION, HeaderValue::from_static("registry/2.0"));
     resp
 }
+
+/// The query string, decoded once for both the access check and the handler. A key given
+/// twice is refused: otherwise the gate could check one `from=` and the handler use another.
+pub(super) fn parse_query(raw: Option<&str>) -> Result<Q, ApiError> {
+    let Some(raw) = raw.filter(|r| !r.is_empty()) else {
+        return Ok(Q::new());
+    };
+    let bad = || {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "UNSUPPORTED",
+            "malformed query string",
+        )
+    };
+    let uri: axum::http::Uri = format!("/?{raw}").parse().map_err(|_| bad())?;
+    let Query(pairs) = Query::<Vec<(String, String)>>::try_from_uri(&uri).map_err(|_| bad())?;
+    let mut q = Q::new();
+    for (k, v) in pairs {
+        if q.contains_key(&k) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "UNSUPPORTED",
+                format!("query parameter `{k}` is given more than once"),
+            ));
+        }
+        q.insert(k, v);
+    }
+    Ok(q)
+}
+
+/// Set by the gate on an upload start whose caller may not pull the mount's source.
+#[derive(Debug, Clone, Copy)]
+struct NoMount;
 
 fn check_name(name: &str) -> Result<(), ApiError> {
     if valid_name(name) {
@@ -114,6 +158,7 @@ async fn handle(
     reg: &Registry,
     method: &Method,
     rest: &str,
+    client: std::net::IpAddr,
     q: &Q,
     headers: &HeaderMap,
     body: Body,
@@ -166,7 +211,7 @@ async fn handle(
         Route::UploadStart(name) => {
             check_name(&name)?;
             match *method {
-                Method::POST => blobs::start_upload(reg, &name, q, headers, body).await,
+                Method::POST => blobs::start_upload(reg, &name, client, q, headers, body).await,
                 _ => Err(not_allowed(method)),
             }
         }
@@ -255,33 +300,20 @@ async fn gate(State(auth): State<Arc<Auth>>, mut req: Request, next: Next) -> Re
         }
     };
     // A cross-repository mount reads the source repository: without pull there, fall back
-    // to a plain upload (as the spec allows) instead of leaking the blob.
-    if let (Some(Route::UploadStart(_)), Some(q)) = (&route, req.uri().query()) {
-        let pairs: Vec<(String, String)> = axum::extract::Query::try_from_uri(req.uri())
-            .map(|Query(p)| p)
-            .unwrap_or_default();
-        let from = pairs
-            .iter()
-            .find(|(k, _)| k == "from")
-            .map(|(_, v)| v.as_str());
-        let may_read = from.is_some_and(|f| {
-            claims
+    // to a plain upload (as the spec allows) instead of leaking the blob. The query is
+    // decoded by the same function the handler uses, so both see the same `from`.
+    if let Some(Route::UploadStart(_)) = &route {
+        let q = match parse_query(req.uri().query()) {
+            Ok(q) => q,
+            Err(e) => return e.into_response(),
+        };
+        if let Some(from) = q.get("from") {
+            let may_read = claims
                 .as_ref()
-                .is_some_and(|c| crate::auth::scope::allows(&c.access, "repository", f, "pull"))
-        });
-        if from.is_some() && !may_read {
-            let kept: Vec<&str> = q
-                .split('&')
-                .filter(|kv| !kv.starts_with("mount=") && !kv.starts_with("from="))
-                .collect();
-            let uri = if kept.is_empty() {
-                path.clone()
-            } else {
-                format!("{path}?{}", kept.join("&"))
-            };
-            match uri.parse() {
-                Ok(u) => *req.uri_mut() = u,
-                Err(_) => return ApiError::upload_invalid("bad query").into_response(),
+                .is_some_and(|c| crate::auth::scope::allows(&c.access, "repository", from, "pull"))
+                || auth.settings().anonymous_pull;
+            if !may_read {
+                req.extensions_mut().insert(NoMount);
             }
         }
     }

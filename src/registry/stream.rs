@@ -1,15 +1,21 @@
 //! Streaming between HTTP bodies and blob files without holding a whole blob in memory.
 //!
-//! Uploads: the async side forwards body chunks over a small bounded channel to one blocking
-//! thread that hashes and writes them; a second thread fdatasyncs every [`SYNC_EVERY`] bytes
-//! so that the final fsync at commit has little left to flush.
+//! Uploads: body chunks are gathered on the async side into batches of [`BATCH`] bytes;
+//! each full batch is written (`pwrite`) and hashed by two short blocking tasks that run
+//! while the next batch arrives. No thread waits for a slow client's bytes: blocking
+//! threads are only used while there is data to write. Every [`SYNC_EVERY`] bytes an
+//! `fdatasync` starts in the background so that the final fsync at commit has little left.
 //! Downloads: one blocking thread reads [`READ_CHUNK`]-sized chunks into the response body.
 
 use std::fs::OpenOptions;
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
+use axum::http::StatusCode;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
@@ -18,120 +24,191 @@ use super::errors::ApiError;
 
 const SYNC_EVERY: u64 = 64 * 1024 * 1024;
 const READ_CHUNK: usize = 256 * 1024;
-const CHANNEL_DEPTH: usize = 16;
-const WRITE_BUF: usize = 1024 * 1024;
+const BATCH: usize = 2 * 1024 * 1024;
 
 pub(crate) struct Written {
     pub hasher: Sha256,
     pub written: u64,
 }
 
+/// What may arrive in one body.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BodyLimits {
+    /// Bytes the request declared (`Content-Length` or `Content-Range`): more is refused.
+    pub declared: Option<u64>,
+    /// Largest the whole blob may become (offset included).
+    pub max_blob: u64,
+    /// A body that sends nothing for this long is abandoned.
+    pub idle: Duration,
+}
+
+/// One batch written at `at` and hashed, both off the async threads, side by side.
+async fn write_batch(
+    file: &Arc<std::fs::File>,
+    at: u64,
+    batch: Vec<Bytes>,
+    hasher: Sha256,
+) -> Result<Sha256, ApiError> {
+    let batch = Arc::new(batch);
+    let (f, b) = (file.clone(), batch.clone());
+    let write = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        let mut pos = at;
+        for chunk in b.iter() {
+            f.write_all_at(chunk, pos)?;
+            pos += chunk.len() as u64;
+        }
+        Ok(())
+    });
+    let hash = tokio::task::spawn_blocking(move || {
+        let mut h = hasher;
+        for chunk in batch.iter() {
+            h.update(chunk);
+        }
+        h
+    });
+    let (w, h) = tokio::join!(write, hash);
+    w?.map_err(ApiError::internal)?;
+    Ok(h?)
+}
+
 /// Write `body` into `path` at `offset` (truncating anything after it), continuing `hasher`.
-/// On a broken body (client gone, truncated `Content-Length`) or `limit` exceeded, the file is
-/// cut back to `offset` and an error returned, so a failed chunk leaves no trace.
+/// On a broken body (client gone, truncated `Content-Length`, idle too long) or a limit
+/// exceeded, the file is cut back to `offset` and an error returned, so a failed chunk
+/// leaves no trace.
 pub(crate) async fn append_body(
     path: PathBuf,
     offset: u64,
     hasher: &Sha256,
     body: Body,
-    limit: Option<u64>,
+    limits: BodyLimits,
 ) -> Result<Written, ApiError> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(CHANNEL_DEPTH);
-    // Hashing runs on its own thread beside the writer: on two cores the SHA-256 of a large
-    // upload then overlaps the copy into the page cache instead of adding to it.
-    let (htx, mut hrx) = tokio::sync::mpsc::channel::<Bytes>(CHANNEL_DEPTH);
-    let mut h = hasher.clone();
-    let hashing = tokio::task::spawn_blocking(move || {
-        while let Some(chunk) = hrx.blocking_recv() {
-            h.update(&chunk);
-        }
-        h
-    });
     let p = path.clone();
-    let writer = tokio::task::spawn_blocking(move || -> std::io::Result<u64> {
+    let file = tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
         let file = OpenOptions::new()
             .create(true)
             .write(true)
             .truncate(false)
             .open(&p)?;
         file.set_len(offset)?;
-        let sync_file = file.try_clone()?;
-        // Hyper hands over small chunks; batch them into large writes.
-        let mut f = BufWriter::with_capacity(WRITE_BUF, file);
-        f.seek(SeekFrom::Start(offset))?;
-        // Started on first need, so small uploads cost no extra thread.
-        let mut syncer: Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)> = None;
-        let mut n = 0u64;
-        let mut since_sync = 0u64;
-        let mut sync_file = Some(sync_file);
-        while let Some(chunk) = rx.blocking_recv() {
-            f.write_all(&chunk)?;
-            n += chunk.len() as u64;
-            since_sync += chunk.len() as u64;
-            if since_sync >= SYNC_EVERY {
-                since_sync = 0;
-                if let Some(file) = sync_file.take() {
-                    let (tx, rx) = std::sync::mpsc::channel::<()>();
-                    let handle = std::thread::spawn(move || {
-                        while rx.recv().is_ok() {
-                            while rx.try_recv().is_ok() {}
-                            let _ = file.sync_data();
-                        }
-                    });
-                    syncer = Some((tx, handle));
-                }
-                if let Some((tx, _)) = &syncer {
-                    let _ = tx.send(());
-                }
-            }
-        }
-        f.flush()?;
-        if let Some((tx, handle)) = syncer {
-            drop(tx);
-            let _ = handle.join();
-        }
-        Ok(n)
-    });
+        Ok(file)
+    })
+    .await?
+    .map_err(|e| ApiError::internal(format!("{}: {e}", path.display())))?;
+    let file = Arc::new(file);
+    let result = receive(&file, offset, hasher.clone(), body, limits).await;
+    if result.is_err() {
+        let f = file.clone();
+        let _ = tokio::task::spawn_blocking(move || f.set_len(offset)).await;
+    }
+    result
+}
+
+async fn receive(
+    file: &Arc<std::fs::File>,
+    offset: u64,
+    mut hasher: Sha256,
+    body: Body,
+    limits: BodyLimits,
+) -> Result<Written, ApiError> {
     let mut stream = body.into_data_stream();
-    let mut failure = None;
     let mut total = 0u64;
-    while let Some(item) = stream.next().await {
-        match item {
-            Ok(chunk) => {
-                total += chunk.len() as u64;
-                if limit.is_some_and(|l| total > l) {
-                    failure = Some(ApiError::size_invalid("body longer than declared"));
-                    break;
-                }
-                if htx.send(chunk.clone()).await.is_err() || tx.send(chunk).await.is_err() {
-                    break; // the writer failed; its error is reported below
-                }
+    let mut written_at = offset;
+    let mut batch: Vec<Bytes> = Vec::new();
+    let mut batch_len = 0usize;
+    // The previous batch's write and hash, still running while this one fills.
+    let mut pending: Option<tokio::task::JoinHandle<Result<Sha256, ApiError>>> = None;
+    let mut syncing: Option<tokio::task::JoinHandle<()>> = None;
+    let mut since_sync = 0u64;
+    let mut done = false;
+    let mut failure: Option<ApiError> = None;
+    while !done && failure.is_none() {
+        match tokio::time::timeout(limits.idle, stream.next()).await {
+            Err(_) => {
+                failure = Some(ApiError::upload_invalid(format!(
+                    "no data received for {} s; upload abandoned",
+                    limits.idle.as_secs()
+                )));
+                continue;
             }
-            Err(e) => {
+            Ok(Some(Err(e))) => {
                 failure = Some(ApiError::upload_invalid(format!(
                     "request body ended early: {e}"
                 )));
-                break;
+                continue;
+            }
+            Ok(Some(Ok(chunk))) => {
+                total += chunk.len() as u64;
+                if limits.declared.is_some_and(|l| total > l) {
+                    failure = Some(ApiError::size_invalid("body longer than declared"));
+                    continue;
+                }
+                if offset + total > limits.max_blob {
+                    failure = Some(ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "SIZE_INVALID",
+                        format!(
+                            "blob exceeds this registry's maximum blob size of {} bytes",
+                            limits.max_blob
+                        ),
+                    ));
+                    continue;
+                }
+                batch_len += chunk.len();
+                batch.push(chunk);
+            }
+            Ok(None) => done = true,
+        }
+        if batch_len >= BATCH || (done && batch_len > 0) {
+            if let Some(p) = pending.take() {
+                match p.await {
+                    Ok(Ok(h)) => hasher = h,
+                    Ok(Err(e)) => {
+                        failure = Some(e);
+                        continue;
+                    }
+                    Err(e) => {
+                        failure = Some(e.into());
+                        continue;
+                    }
+                }
+            }
+            let at = written_at;
+            written_at += batch_len as u64;
+            since_sync += batch_len as u64;
+            let (f, b, h) = (file.clone(), std::mem::take(&mut batch), hasher.clone());
+            batch_len = 0;
+            pending = Some(tokio::spawn(async move { write_batch(&f, at, b, h).await }));
+            if since_sync >= SYNC_EVERY && syncing.as_ref().is_none_or(|s| s.is_finished()) {
+                since_sync = 0;
+                let f = file.clone();
+                syncing = Some(tokio::task::spawn_blocking(move || {
+                    let _ = f.sync_data();
+                }));
             }
         }
     }
-    drop(tx);
-    drop(htx);
-    let result = writer.await?;
-    let hasher = hashing.await?;
-    let failure = match (failure, result) {
-        (None, Ok(written)) => return Ok(Written { hasher, written }),
-        (Some(f), _) => f,
-        (None, Err(e)) => ApiError::internal(format!("{}: {e}", path.display())),
-    };
-    let _ = tokio::task::spawn_blocking(move || {
-        OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .and_then(|f| f.set_len(offset))
+    // Nothing may still be writing when the caller cuts the file back.
+    if let Some(p) = pending.take() {
+        match p.await {
+            Ok(Ok(h)) => hasher = h,
+            Ok(Err(e)) => {
+                failure.get_or_insert(e);
+            }
+            Err(e) => {
+                failure.get_or_insert(e.into());
+            }
+        }
+    }
+    if let Some(s) = syncing {
+        let _ = s.await;
+    }
+    if let Some(f) = failure {
+        return Err(f);
+    }
+    Ok(Written {
+        hasher,
+        written: total,
     })
-    .await;
-    Err(failure)
 }
 
 /// A response body that streams `len` bytes of `path` from `start`.

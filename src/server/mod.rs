@@ -70,6 +70,9 @@ pub struct ServeConfig {
     pub tls: Option<crate::listen::TlsConfig>,
     /// Extra trusted CA certificates (PEM files) for polling other registries.
     pub ca_certs: Vec<PathBuf>,
+    /// What one registry client may hold and send.
+    pub limits: crate::registry::RegistryLimits,
+    pub connections: crate::listen::ConnectionLimits,
 }
 
 impl ServeConfig {
@@ -85,6 +88,8 @@ impl ServeConfig {
             webhooks: None,
             tls: None,
             ca_certs: Vec::new(),
+            limits: Default::default(),
+            connections: Default::default(),
         }
     }
 }
@@ -107,7 +112,9 @@ impl Server {
             std::fs::create_dir_all(&p).map_err(|source| ServerError::Data { path: p, source })?;
         }
         let reg_dir = cfg.data_dir.join("registry");
-        let registry = tokio::task::spawn_blocking(move || Registry::open(&reg_dir)).await??;
+        let limits = cfg.limits.clone();
+        let registry =
+            tokio::task::spawn_blocking(move || Registry::open_with(&reg_dir, limits)).await??;
         let db_path = cfg.data_dir.join("server.db");
         let db = Arc::new(tokio::task::spawn_blocking(move || db::Db::open(&db_path)).await??);
         let listener = tokio::net::TcpListener::bind(cfg.listen)
@@ -187,7 +194,8 @@ impl Server {
                 api::router(Arc::new(api::ApiState { queue }), self.cfg.auth.clone()),
             );
         let h = halt.clone();
-        crate::listen::serve(self.listener, app, self.cfg.tls.clone(), async move {
+        let (tls, connections) = (self.cfg.tls.clone(), self.cfg.connections);
+        crate::listen::serve_with(self.listener, app, tls, connections, async move {
             stop.await;
             h.cancel();
         })

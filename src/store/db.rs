@@ -101,6 +101,13 @@ pub struct ManifestInfo {
     pub tags: Vec<String>,
 }
 
+/// Content a manifest points at: its digest and the size the manifest declares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Descriptor {
+    pub digest: String,
+    pub size: u64,
+}
+
 /// A manifest to store, already parsed and validated by the registry.
 #[derive(Debug, Clone)]
 pub struct NewManifest {
@@ -110,10 +117,11 @@ pub struct NewManifest {
     pub artifact_type: Option<String>,
     pub subject: Option<String>,
     pub content: Vec<u8>,
-    /// Blobs (config, layers) that must be linked to the repository.
-    pub blobs: Vec<String>,
-    /// Child manifests (of an index) that must be in the repository.
-    pub children: Vec<String>,
+    /// Blobs (config, layers) that must be linked to the repository, with the sizes the
+    /// manifest declares for them.
+    pub blobs: Vec<Descriptor>,
+    /// Child manifests (of an index) that must be in the repository, with declared sizes.
+    pub children: Vec<Descriptor>,
     pub tag: Option<String>,
 }
 
@@ -182,27 +190,34 @@ pub(crate) fn blob_in_repo(
         .map(|s| s as u64))
 }
 
-fn manifest_exists(conn: &Connection, repo: &str, digest: &str) -> Result<bool, StoreError> {
+fn manifest_size(conn: &Connection, repo: &str, digest: &str) -> Result<Option<u64>, StoreError> {
     Ok(conn
         .query_row(
-            "SELECT 1 FROM manifests WHERE repo = ?1 AND digest = ?2",
+            "SELECT size FROM manifests WHERE repo = ?1 AND digest = ?2",
             params![repo, digest],
-            |_| Ok(()),
+            |r| r.get::<_, i64>(0),
         )
         .optional()?
-        .is_some())
+        .map(|s| s as u64))
 }
 
 pub(crate) fn put_manifest(conn: &Connection, m: &NewManifest) -> Result<(), StoreError> {
+    // A descriptor's size is part of what a client verifies; one that disagrees with the
+    // stored content would make every pull of this manifest fail (or read past the blob).
+    let check = |d: &Descriptor, stored: Option<u64>| match stored {
+        None => Err(StoreError::MissingRef(d.digest.clone())),
+        Some(actual) if actual != d.size => Err(StoreError::SizeMismatch {
+            digest: d.digest.clone(),
+            declared: d.size,
+            actual,
+        }),
+        Some(_) => Ok(()),
+    };
     for b in &m.blobs {
-        if blob_in_repo(conn, &m.repo, b)?.is_none() {
-            return Err(StoreError::MissingRef(b.clone()));
-        }
+        check(b, blob_in_repo(conn, &m.repo, &b.digest)?)?;
     }
     for c in &m.children {
-        if !manifest_exists(conn, &m.repo, c)? {
-            return Err(StoreError::MissingRef(c.clone()));
-        }
+        check(c, manifest_size(conn, &m.repo, &c.digest)?)?;
     }
     ensure_repo(conn, &m.repo)?;
     let t = now();
@@ -226,10 +241,10 @@ pub(crate) fn put_manifest(conn: &Connection, m: &NewManifest) -> Result<(), Sto
             "INSERT OR IGNORE INTO manifest_refs(repo, manifest, target, kind) VALUES (?1, ?2, ?3, ?4)",
         )?;
         for b in &m.blobs {
-            stmt.execute(params![m.repo, m.digest, b, "blob"])?;
+            stmt.execute(params![m.repo, m.digest, b.digest, "blob"])?;
         }
         for c in &m.children {
-            stmt.execute(params![m.repo, m.digest, c, "manifest"])?;
+            stmt.execute(params![m.repo, m.digest, c.digest, "manifest"])?;
         }
     }
     if let Some(tag) = &m.tag {

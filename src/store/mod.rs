@@ -18,7 +18,9 @@ use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::Connection;
 
-pub use db::{configure as configure_sqlite, ManifestInfo, ManifestRow, NewManifest, Reference};
+pub use db::{
+    configure as configure_sqlite, Descriptor, ManifestInfo, ManifestRow, NewManifest, Reference,
+};
 pub use maint::{FsckIssue, FsckReport, GcReport};
 
 /// Errors from the store. `MissingRef` is a client error (a manifest names something absent).
@@ -34,6 +36,12 @@ pub enum StoreError {
     },
     #[error("referenced content is missing: {0}")]
     MissingRef(String),
+    #[error("{digest} is declared as {declared} bytes but is {actual} bytes")]
+    SizeMismatch {
+        digest: String,
+        declared: u64,
+        actual: u64,
+    },
     #[error("blob {0} is not in the store")]
     BlobMissing(String),
     #[error("store lock poisoned")]

@@ -11,7 +11,21 @@ fn put_blob(store: &Store, repo: &str, data: &[u8]) -> String {
     digest
 }
 
-fn manifest(repo: &str, blobs: Vec<String>, tag: Option<&str>, content: &[u8]) -> NewManifest {
+/// A manifest over `blobs`, each declared with its stored size (0 when absent).
+fn manifest(
+    store: &Store,
+    repo: &str,
+    blobs: Vec<String>,
+    tag: Option<&str>,
+    content: &[u8],
+) -> NewManifest {
+    let blobs = blobs
+        .into_iter()
+        .map(|digest| Descriptor {
+            size: store.blob_in_repo(repo, &digest).unwrap().unwrap_or(0),
+            digest,
+        })
+        .collect();
     NewManifest {
         repo: repo.to_string(),
         digest: format!("sha256:{}", hex::encode(Sha256::digest(content))),
@@ -50,13 +64,41 @@ fn manifest_with_missing_blob_is_refused_and_gc_keeps_tagged_content() {
     let layer = put_blob(&store, "r", b"layer");
     let lonely = put_blob(&store, "r", b"unreferenced");
     let missing = format!("sha256:{}", "0".repeat(64));
-    let bad = manifest("r", vec![missing.clone()], Some("x"), b"{\"bad\":1}");
+    let bad = manifest(
+        &store,
+        "r",
+        vec![missing.clone()],
+        Some("x"),
+        b"{\"bad\":1}",
+    );
     assert!(
         matches!(store.put_manifest(&bad, &[]), Err(StoreError::MissingRef(m)) if m == missing)
     );
-    let good = manifest("r", vec![layer.clone()], Some("v1"), b"{\"good\":1}");
+    let mut lying = manifest(
+        &store,
+        "r",
+        vec![layer.clone()],
+        Some("x"),
+        b"{\"lying\":1}",
+    );
+    lying.blobs[0].size += 1;
+    assert!(matches!(
+        store.put_manifest(&lying, &[]),
+        Err(StoreError::SizeMismatch {
+            declared: 6,
+            actual: 5,
+            ..
+        })
+    ));
+    let good = manifest(
+        &store,
+        "r",
+        vec![layer.clone()],
+        Some("v1"),
+        b"{\"good\":1}",
+    );
     store.put_manifest(&good, &[]).unwrap();
-    let untagged = manifest("r", vec![layer.clone()], None, b"{\"untagged\":1}");
+    let untagged = manifest(&store, "r", vec![layer.clone()], None, b"{\"untagged\":1}");
     store.put_manifest(&untagged, &[]).unwrap();
 
     let dry = store.gc(-1, true).unwrap();
@@ -94,6 +136,7 @@ fn tags_and_repositories_paginate_in_order() {
     let layer = put_blob(&store, "r", b"l");
     for (i, t) in ["b", "a", "c"].iter().enumerate() {
         let m = manifest(
+            &store,
             "r",
             vec![layer.clone()],
             Some(t),
@@ -140,10 +183,16 @@ fn outbox_rows_commit_with_their_change_and_old_ones_are_pruned() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), true).unwrap();
     assert_eq!(store.outbox_last().unwrap(), 0);
-    let m = manifest("r", vec![], Some("v1"), b"{}");
+    let m = manifest(&store, "r", vec![], Some("v1"), b"{}");
     store.put_manifest(&m, &["first".into()]).unwrap();
     // A refused manifest leaves no event behind.
-    let bad = manifest("r", vec!["sha256:missing".into()], Some("v2"), b"{\"x\":1}");
+    let bad = manifest(
+        &store,
+        "r",
+        vec!["sha256:missing".into()],
+        Some("v2"),
+        b"{\"x\":1}",
+    );
     assert!(store.put_manifest(&bad, &["never".into()]).is_err());
     store
         .delete_tag("r", "v1", |d| vec![format!("deleted {d}")])

@@ -15,11 +15,10 @@ pub fn digest(data: &[u8]) -> String {
 
 /// An in-process registry on a free loopback port, with its data in `dir`.
 pub async fn start_in(dir: &Path) -> RunningRegistry {
-    start(RegistryConfig {
-        data_dir: dir.to_path_buf(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        tls: None,
-    })
+    start(RegistryConfig::new(
+        dir.to_path_buf(),
+        "127.0.0.1:0".parse().unwrap(),
+    ))
     .await
     .unwrap()
 }
