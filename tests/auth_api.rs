@@ -432,6 +432,87 @@ async fn failed_logins_are_rate_limited_per_ip_and_user() {
     e.reg.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_login_flood_neither_exhausts_the_server_nor_locks_out_the_owner() {
+    let e = env(AuthSettings::default()).await;
+    let p = make_token(&e, "ci", &[rule("*", &[Permission::ContentRead])]);
+    // The attacker, from 127.0.0.1: 300 wrong logins at once, for many user names.
+    let url = format!("{}/oauth2/token?service=acr-task", e.base);
+    let attacker = reqwest::Client::new();
+    let flood: Vec<_> = (0..300)
+        .map(|i| {
+            let req = attacker
+                .get(&url)
+                .basic_auth(format!("user{}", i % 50), Some("wrong"));
+            tokio::spawn(async move { req.send().await.map(|r| r.status().as_u16()) })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The owner, from another address, gets in at once and is not locked out.
+    let owner = reqwest::Client::builder()
+        .local_address("127.0.0.2".parse::<std::net::IpAddr>().unwrap())
+        .build()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let r = owner
+        .get(&url)
+        .basic_auth("ci", Some(&p))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "the owner waited {:?} behind the flood",
+        t0.elapsed()
+    );
+    let mut counts = std::collections::BTreeMap::new();
+    for f in flood {
+        let s = f.await.unwrap().unwrap();
+        *counts.entry(s).or_insert(0) += 1;
+    }
+    // Most were refused before any password was hashed; none got in.
+    assert!(!counts.contains_key(&200), "{counts:?}");
+    assert!(counts.get(&429).copied().unwrap_or(0) >= 250, "{counts:?}");
+    eprintln!("flood answers: {counts:?}");
+    // Spraying on, one at a time: within 30 failures (10 per user name, 30 per address)
+    // the address is refused even with a good password, and told when to come back.
+    let mut refused = None;
+    for i in 0..31 {
+        let r = attacker
+            .get(&url)
+            .basic_auth(format!("spray{i}"), Some("wrong"))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 429 {
+            refused = Some(i);
+            break;
+        }
+    }
+    assert!(
+        refused.is_some(),
+        "spraying from one address was never refused"
+    );
+    let r = attacker
+        .get(&url)
+        .basic_auth("ci", Some(&p))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    // The owner's own address is still fine.
+    let r = owner
+        .get(&url)
+        .basic_auth("ci", Some(&p))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    e.reg.shutdown().await;
+}
+
 #[tokio::test]
 async fn mount_needs_pull_on_the_source_repository() {
     let e = env(AuthSettings::default()).await;

@@ -16,6 +16,9 @@ use super::jwt::Claims;
 use super::scope::{allows, parse_scope, Access, Grants};
 use super::{Auth, AuthError};
 
+/// How long a login may wait for a free password-hashing slot before it is refused.
+const LOGIN_QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Path of the token endpoint (ACR's).
 pub const TOKEN_PATH: &str = "/oauth2/token";
 
@@ -29,13 +32,15 @@ pub enum AuthFailure {
     },
     /// 403 DENIED: authenticated, but the token does not grant the action.
     Denied(String),
-    /// 429 TOOMANYREQUESTS: too many failed logins.
-    TooMany,
+    /// 429 TOOMANYREQUESTS: too many failed logins (or logins at once); retry after
+    /// this many seconds.
+    TooMany(u64),
     Internal,
 }
 
 impl IntoResponse for AuthFailure {
     fn into_response(self) -> Response {
+        let mut retry_after = None;
         let (status, code, msg, challenge) = match self {
             AuthFailure::Unauthorized { challenge, message } => (
                 StatusCode::UNAUTHORIZED,
@@ -44,12 +49,15 @@ impl IntoResponse for AuthFailure {
                 Some(challenge),
             ),
             AuthFailure::Denied(m) => (StatusCode::FORBIDDEN, "DENIED", m, None),
-            AuthFailure::TooMany => (
-                StatusCode::TOO_MANY_REQUESTS,
-                "TOOMANYREQUESTS",
-                "too many failed login attempts; try again later".to_string(),
-                None,
-            ),
+            AuthFailure::TooMany(secs) => {
+                retry_after = Some(secs);
+                (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "TOOMANYREQUESTS",
+                    format!("too many login attempts; try again in {secs} s"),
+                    None,
+                )
+            }
             AuthFailure::Internal => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "UNKNOWN",
@@ -67,6 +75,10 @@ impl IntoResponse for AuthFailure {
             .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
         if let Some(c) = challenge.and_then(|c| HeaderValue::from_str(&c).ok()) {
             r.headers_mut().insert(header::WWW_AUTHENTICATE, c);
+        }
+        if let Some(s) = retry_after {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
         }
         r
     }
@@ -190,6 +202,54 @@ impl Auth {
         )))
     }
 
+    /// Checks a user name and password through the brakes: the per-client lockouts, the
+    /// per-client in-flight bound and the server-wide bound on password hashing.
+    /// `Ok(None)`: wrong credentials (recorded as a failure).
+    pub async fn login(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        user: &str,
+        pass: &str,
+    ) -> Result<Option<Grants>, AuthFailure> {
+        let wait = self.limiter.window().as_secs().max(1);
+        if !self.limiter.allowed(ip, user) {
+            tracing::warn!(%ip, user = %user, "login refused: too many failures");
+            return Err(AuthFailure::TooMany(wait));
+        }
+        let Some(_slot) = self.limiter.enter(ip) else {
+            tracing::warn!(%ip, "login refused: too many at once from this client");
+            return Err(AuthFailure::TooMany(1));
+        };
+        let permit = tokio::time::timeout(LOGIN_QUEUE_WAIT, self.hashing.acquire())
+            .await
+            .map_err(|_| AuthFailure::TooMany(1))?
+            .map_err(|_| AuthFailure::Internal)?;
+        let me = self.clone();
+        let (u, p) = (user.to_string(), pass.to_string());
+        let res = tokio::task::spawn_blocking(move || me.store.authenticate(&u, &p))
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "authentication task failed");
+                AuthFailure::Internal
+            })?;
+        drop(permit);
+        match res {
+            Ok(Some(g)) => {
+                self.limiter.succeeded(ip, user);
+                Ok(Some(g))
+            }
+            Ok(None) => {
+                self.limiter.failed(ip, user);
+                tracing::info!(%ip, user = %user, "login failed");
+                Ok(None)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "authentication failed");
+                Err(AuthFailure::Internal)
+            }
+        }
+    }
+
     /// The token endpoint's work: authenticate (basic auth or anonymous), grant the
     /// intersection of requested and allowed access, and sign it.
     pub async fn token_request(
@@ -221,35 +281,10 @@ impl Auth {
                 (String::new(), Grants::Anonymous { pull: true })
             }
             Some(None) => return Err(unauthorized("authentication failed")),
-            Some(Some((user, pass))) => {
-                if !self.limiter.allowed(ip, &user) {
-                    tracing::warn!(%ip, user = %user, "token request refused: too many failures");
-                    return Err(AuthFailure::TooMany);
-                }
-                let me = self.clone();
-                let u = user.clone();
-                let res = tokio::task::spawn_blocking(move || me.store.authenticate(&u, &pass))
-                    .await
-                    .map_err(|e| {
-                        tracing::error!(error = %e, "authentication task failed");
-                        AuthFailure::Internal
-                    })?;
-                match res {
-                    Ok(Some(g)) => {
-                        self.limiter.succeeded(ip, &user);
-                        (user, g)
-                    }
-                    Ok(None) => {
-                        self.limiter.failed(ip, &user);
-                        tracing::info!(%ip, user = %user, "login failed");
-                        return Err(unauthorized("authentication failed"));
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "authentication failed");
-                        return Err(AuthFailure::Internal);
-                    }
-                }
-            }
+            Some(Some((user, pass))) => match self.login(ip, &user, &pass).await? {
+                Some(g) => (user, g),
+                None => return Err(unauthorized("authentication failed")),
+            },
         };
         let access = grants.grant(&requested);
         let (token, claims) = self.issue(&subject, access).map_err(|e: AuthError| {
@@ -287,33 +322,17 @@ pub async fn require_api(
 ) -> Response {
     let ip = client_ip(&req);
     let allowed = match basic(req.headers()) {
-        Some(Some((user, pass))) => {
-            if !auth.limiter.allowed(ip, &user) {
-                return AuthFailure::TooMany.into_response();
-            }
-            let a = auth.clone();
-            let u = user.clone();
-            match tokio::task::spawn_blocking(move || a.store.authenticate(&u, &pass)).await {
-                Ok(Ok(Some(g))) => {
-                    auth.limiter.succeeded(ip, &user);
-                    if g.api() {
-                        Ok(())
-                    } else {
-                        Err(AuthFailure::Denied(
-                            "requested access to the resource is denied".into(),
-                        ))
-                    }
-                }
-                Ok(Ok(None)) => {
-                    auth.limiter.failed(ip, &user);
-                    Err(AuthFailure::Unauthorized {
-                        challenge: auth.challenge(req.headers(), Some(API_NEED), None),
-                        message: "authentication failed".into(),
-                    })
-                }
-                _ => Err(AuthFailure::Internal),
-            }
-        }
+        Some(Some((user, pass))) => match auth.login(ip, &user, &pass).await {
+            Ok(Some(g)) if g.api() => Ok(()),
+            Ok(Some(_)) => Err(AuthFailure::Denied(
+                "requested access to the resource is denied".into(),
+            )),
+            Ok(None) => Err(AuthFailure::Unauthorized {
+                challenge: auth.challenge(req.headers(), Some(API_NEED), None),
+                message: "authentication failed".into(),
+            }),
+            Err(f) => Err(f),
+        },
         _ => auth.authorize(req.headers(), Some(API_NEED)).map(|_| ()),
     };
     match allowed {

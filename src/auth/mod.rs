@@ -95,6 +95,9 @@ pub struct Auth {
     /// within `GRANTS_RECHECK`.
     current:
         std::sync::Mutex<std::collections::HashMap<String, (Option<Grants>, std::time::Instant)>>,
+    /// Password checks (argon2) running at once, server-wide: a flood of logins costs the
+    /// server at most this many cores; the rest wait their turn (FIFO) or are refused.
+    hashing: tokio::sync::Semaphore,
 }
 
 /// How long an identity's current grants are trusted before the store is read again.
@@ -115,12 +118,14 @@ impl Auth {
         let store = AuthStore::open(dir)?;
         let key = jwt::load_or_create_key(dir)?;
         let limiter = ratelimit::RateLimiter::new(settings.max_failures, settings.failure_window);
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Ok(Arc::new(Auth {
             store,
             key,
             settings,
             limiter,
             current: Default::default(),
+            hashing: tokio::sync::Semaphore::new(cores),
         }))
     }
 

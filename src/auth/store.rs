@@ -582,22 +582,27 @@ impl AuthStore {
     }
 
     /// Check a user name and password. `Ok(None)` for any failure (unknown user, wrong
-    /// password, disabled or expired token) so callers cannot tell them apart.
+    /// password, disabled or expired token) so callers cannot tell them apart, not even by
+    /// timing: every call makes exactly [`HASHES_PER_LOGIN`] password verifications
+    /// (a token's two password slots; the admin's one and a dummy; two dummies for a name
+    /// that does not exist).
     pub fn authenticate(&self, user: &str, secret: &str) -> Result<Option<Grants>, AuthError> {
+        let check = |h: Option<&str>| match h {
+            Some(h) => password::verify(secret, h),
+            None => {
+                password::verify_dummy(secret);
+                false
+            }
+        };
         if user == ADMIN_USER {
             let h = {
                 let c = self.conn()?;
                 let on = Self::setting(&c, "admin_enabled")?.as_deref() == Some("1");
                 Self::setting(&c, "admin_password")?.filter(|_| on)
             };
-            return Ok(match h {
-                Some(h) if password::verify(secret, &h) => Some(Grants::All),
-                Some(_) => None,
-                None => {
-                    password::verify_dummy(secret);
-                    None
-                }
-            });
+            let ok = check(h.as_deref());
+            check(None);
+            return Ok(ok.then_some(Grants::All));
         }
         type Row = (String, bool, Option<i64>, Option<String>, Option<String>);
         let row: Option<Row> = {
@@ -610,12 +615,12 @@ impl AuthStore {
             .optional()?
         };
         let Some((map, enabled, expiry, p1, p2)) = row else {
-            password::verify_dummy(secret);
+            check(None);
+            check(None);
             return Ok(None);
         };
-        // Verify both slots whatever happens, so timing says nothing about which matched.
-        let ok1 = p1.as_deref().is_some_and(|h| password::verify(secret, h));
-        let ok2 = p2.as_deref().is_some_and(|h| password::verify(secret, h));
+        let ok1 = check(p1.as_deref());
+        let ok2 = check(p2.as_deref());
         if !(ok1 || ok2) || !enabled || expiry.is_some_and(|e| e <= now()) {
             return Ok(None);
         }
@@ -623,6 +628,9 @@ impl AuthStore {
         Ok(Some(Self::grants_of(&c, &map)?))
     }
 }
+
+/// Password verifications in every [`AuthStore::authenticate`] call, whoever asks.
+pub const HASHES_PER_LOGIN: usize = 2;
 
 #[cfg(test)]
 mod tests {
@@ -743,5 +751,37 @@ mod tests {
         s.delete_token("t").unwrap();
         s.delete_scope_map("m").unwrap();
         assert!(s.scope_maps().unwrap().is_empty());
+    }
+
+    #[test]
+    fn unknown_names_take_as_long_as_known_ones() {
+        let d = tempfile::tempdir().unwrap();
+        let s = AuthStore::open(d.path()).unwrap();
+        s.create_scope_map("m", "", &[rule("*", &[Permission::ContentRead])])
+            .unwrap();
+        s.create_token("two", "m", None, true, false).unwrap();
+        s.renew_admin().unwrap();
+        // Median of several timings per kind of name, interleaved so load hits all alike.
+        let names = ["two", ADMIN_USER, "nobody"];
+        let mut times: Vec<Vec<std::time::Duration>> = vec![Vec::new(); names.len()];
+        for _ in 0..9 {
+            for (i, n) in names.iter().enumerate() {
+                let t0 = std::time::Instant::now();
+                assert!(s.authenticate(n, "wrong password").unwrap().is_none());
+                times[i].push(t0.elapsed());
+            }
+        }
+        let medians: Vec<f64> = times
+            .iter_mut()
+            .map(|t| {
+                t.sort();
+                t[t.len() / 2].as_secs_f64()
+            })
+            .collect();
+        let (lo, hi) = medians
+            .iter()
+            .fold((f64::MAX, 0f64), |(lo, hi), &m| (lo.min(m), hi.max(m)));
+        // One verification more or less is a factor of 1.5 to 2; noise stays well under.
+        assert!(hi / lo < 1.4, "login times differ by name: {medians:?}");
     }
 }
