@@ -7,6 +7,7 @@ pub mod dockerfile;
 pub mod exec;
 pub mod listen;
 pub mod plan;
+pub mod policy;
 pub mod registry;
 pub mod runtime;
 pub mod server;

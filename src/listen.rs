@@ -1,12 +1,24 @@
 //! Serving an axum app on a bound listener, over plain HTTP or TLS (`serve --tls-cert`).
 //! One way for the registry and the task service alike: both need client addresses (the
-//! login rate limit) and a graceful stop.
+//! login rate limit), limits on connections and a graceful stop.
+//!
+//! [`check_host`] guards every route of both: a request whose `Host` is not one of the
+//! server's names is refused. A web page that points a name it controls at 127.0.0.1 (DNS
+//! rebinding) sends that name, so it reaches neither the registry nor the task API. IP
+//! literals, `localhost`, the machine's own host name and `serve --server-name` are the
+//! server's names.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ConnectInfo;
+use std::net::IpAddr;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use tokio_rustls::rustls;
 
 /// A server certificate chain and key, ready to accept TLS connections.
@@ -134,6 +146,99 @@ impl Drop for ClientSlot {
     }
 }
 
+/// The names this server answers to.
+#[derive(Debug, Clone)]
+pub struct HostNames {
+    names: Vec<String>,
+}
+
+impl HostNames {
+    /// `localhost`, the machine's host name, and `extra` (lower-cased).
+    pub fn new(extra: &[String]) -> HostNames {
+        let mut names = vec!["localhost".to_string()];
+        if let Some(h) = hostname() {
+            names.push(h.to_ascii_lowercase());
+        }
+        names.extend(extra.iter().map(|n| n.trim().to_ascii_lowercase()));
+        HostNames { names }
+    }
+
+    /// Whether a `Host` header value names this server (the port does not matter).
+    pub fn allows(&self, host: &str) -> bool {
+        let host = host.trim();
+        let name = if let Some(rest) = host.strip_prefix('[') {
+            // [v6]:port
+            return rest
+                .split(']')
+                .next()
+                .is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok());
+        } else {
+            match host.rsplit_once(':') {
+                Some((n, port)) if port.chars().all(|c| c.is_ascii_digit()) => n,
+                _ => host,
+            }
+        };
+        if name.parse::<IpAddr>().is_ok() {
+            return true;
+        }
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        self.names.contains(&name)
+    }
+}
+
+fn hostname() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname writes at most that much.
+    let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if r != 0 {
+        return None;
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    std::str::from_utf8(&buf[..end])
+        .ok()
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+}
+
+/// Middleware for every route: the `Host` must be one of the server's names.
+pub async fn check_host(State(names): State<Arc<HostNames>>, req: Request, next: Next) -> Response {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .map(|h| h.to_str().unwrap_or("\u{fffd}"));
+    match host {
+        Some(h) if !names.allows(h) => {
+            tracing::warn!(host = %h, path = %req.uri().path(), "request for another host name refused");
+            refuse(
+                req.uri().path(),
+                StatusCode::FORBIDDEN,
+                "DENIED",
+                format!(
+                    "this server does not answer to the name {h:?}; if it is one of its names, \
+                     start it with `serve --server-name {}`",
+                    h.rsplit_once(':').map_or(h, |(n, _)| n)
+                ),
+            )
+        }
+        _ => next.run(req).await,
+    }
+}
+
+/// An error in the shape the path's clients read: distribution's for the registry and its
+/// token endpoint, `{"error": ...}` for the rest.
+pub fn refuse(path: &str, status: StatusCode, code: &str, message: String) -> Response {
+    let body = if path.starts_with("/v2") || path.starts_with("/oauth2") || path == "/token" {
+        serde_json::json!({"errors": [{"code": code, "message": message, "detail": null}]})
+    } else {
+        serde_json::json!({"error": message})
+    };
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap_or_else(|_| status.into_response())
+}
+
 /// Serves `app` on `listener` until `shutdown` resolves, then lets in-flight requests end.
 /// Handlers see the client address as `ConnectInfo<SocketAddr>`.
 pub async fn serve(
@@ -228,4 +333,33 @@ pub async fn serve_with(
     drop(listener);
     graceful.shutdown().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_names() {
+        let n = HostNames::new(&["registry.example.com".into()]);
+        for ok in [
+            "127.0.0.1:5000",
+            "localhost:5000",
+            "LOCALHOST",
+            "[::1]:5000",
+            "10.1.2.3",
+            "registry.example.com:443",
+            "registry.example.com.",
+        ] {
+            assert!(n.allows(ok), "{ok}");
+        }
+        for bad in [
+            "attacker.example:5000",
+            "127.0.0.1.nip.io:5000",
+            "localhost.attacker.example",
+            "[nonsense]",
+        ] {
+            assert!(!n.allows(bad), "{bad}");
+        }
+    }
 }

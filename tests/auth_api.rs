@@ -582,17 +582,27 @@ async fn mount_needs_pull_on_the_source_repository() {
 }
 
 #[tokio::test]
-async fn management_api_middleware_takes_admin_or_api_tokens() {
+async fn task_api_needs_task_permissions_not_registry_ones() {
     let e = env(AuthSettings::default()).await;
     let reader = make_token(&e, "reader", &[rule("*", &[Permission::ContentRead])]);
+    // metadata/write is a registry permission: before, it also managed tasks.
     let ops = make_token(&e, "ops", &[rule("*", &[Permission::MetadataWrite])]);
+    let viewer = make_token(&e, "viewer", &[rule("*", &[Permission::TasksRead])]);
+    let manager = make_token(&e, "manager", &[rule("*", &[Permission::TasksWrite])]);
     let admin = e.auth.store().renew_admin().unwrap().value;
-    // A stand-in for `serve`'s API, guarded the way it can adopt.
+    // A stand-in for `serve`'s API, behind the guard it uses.
+    let guard = Arc::new(acr_task::server::guard::ApiGuard {
+        auth: e.auth.clone(),
+        open: false,
+    });
     let app = axum::Router::new()
-        .route("/api/tasks", axum::routing::get(|| async { "tasks" }))
+        .route(
+            "/api/tasks",
+            axum::routing::get(|| async { "tasks" }).post(|| async { "created" }),
+        )
         .layer(axum::middleware::from_fn_with_state(
-            e.auth.clone(),
-            acr_task::auth::http::require_api,
+            guard,
+            acr_task::server::guard::api_guard,
         ));
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let api = format!("http://{}/api/tasks", l.local_addr().unwrap());
@@ -605,18 +615,38 @@ async fn management_api_middleware_takes_admin_or_api_tokens() {
     assert!(r.headers()["www-authenticate"]
         .to_str()
         .unwrap()
-        .contains("scope=\"registry:api:*\""));
-    let basic = |u: &str, p: &str| c.get(&api).basic_auth(u, Some(p)).send();
-    assert_eq!(status(basic("admin", &admin).await.unwrap()), 200);
-    assert_eq!(status(basic("ops", &ops).await.unwrap()), 200);
-    assert_eq!(status(basic("reader", &reader).await.unwrap()), 403);
-    assert_eq!(status(basic("admin", "wrong").await.unwrap()), 401);
-    // Bearer tokens from the token endpoint work too, when they carry registry:api:*.
-    let t = bearer(&e, "admin", &admin, &["registry:api:*"]).await;
+        .contains("scope=\"registry:tasks:read\""));
+    let get = |u: &str, p: &str| c.get(&api).basic_auth(u, Some(p)).send();
+    let post = |u: &str, p: &str| c.post(&api).basic_auth(u, Some(p)).send();
+    assert_eq!(status(get("admin", &admin).await.unwrap()), 200);
+    assert_eq!(status(post("admin", &admin).await.unwrap()), 200);
+    assert_eq!(status(get("manager", &manager).await.unwrap()), 200);
+    assert_eq!(status(post("manager", &manager).await.unwrap()), 200);
+    assert_eq!(status(get("viewer", &viewer).await.unwrap()), 200);
+    assert_eq!(status(post("viewer", &viewer).await.unwrap()), 403);
+    assert_eq!(status(get("ops", &ops).await.unwrap()), 403);
+    assert_eq!(status(post("ops", &ops).await.unwrap()), 403);
+    assert_eq!(status(get("reader", &reader).await.unwrap()), 403);
+    assert_eq!(status(get("admin", "wrong").await.unwrap()), 401);
+    // Bearer tokens from the token endpoint work too, when they carry registry:tasks.
+    let t = bearer(&e, "admin", &admin, &["registry:tasks:read,write"]).await;
+    assert_eq!(status(client(&t).post(&api).send().await.unwrap()), 200);
+    let t = bearer(&e, "viewer", &viewer, &["registry:tasks:read,write"]).await;
+    assert_eq!(
+        access_of(&t),
+        serde_json::json!([{"type": "registry", "name": "tasks", "actions": ["read"]}])
+    );
     assert_eq!(status(client(&t).get(&api).send().await.unwrap()), 200);
-    let t = bearer(&e, "reader", &reader, &["registry:api:*"]).await;
+    assert_eq!(status(client(&t).post(&api).send().await.unwrap()), 403);
+    let t = bearer(&e, "ops", &ops, &["registry:tasks:read,write"]).await;
     assert_eq!(access_of(&t), serde_json::json!([]));
     assert_eq!(status(client(&t).get(&api).send().await.unwrap()), 403);
+    // A token may not carry task permissions for one repository only.
+    let bad =
+        e.auth
+            .store()
+            .create_scope_map("odd", "", &[rule("samples/*", &[Permission::TasksWrite])]);
+    assert!(bad.unwrap_err().to_string().contains("whole registry"));
     e.reg.shutdown().await;
 }
 

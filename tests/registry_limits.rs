@@ -361,11 +361,12 @@ async fn slow_heads_and_idle_connections_are_closed() {
     tokio::task::spawn_blocking(move || {
         // A head that never ends (slowloris).
         let mut s = TcpStream::connect(addr).unwrap();
-        s.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n").unwrap();
+        s.write_all(b"GET /v2/ HTTP/1.1\r\nHost: localhost\r\n")
+            .unwrap();
         assert!(time_to_close(s, Duration::from_secs(5)) < Duration::from_secs(4));
         // A kept-alive connection left idle after a request.
         let mut s = TcpStream::connect(addr).unwrap();
-        s.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.write_all(b"GET /v2/ HTTP/1.1\r\nHost: localhost\r\n\r\n")
             .unwrap();
         assert!(time_to_close(s, Duration::from_secs(5)) < Duration::from_secs(4));
     })
@@ -397,7 +398,7 @@ async fn one_client_cannot_hold_every_connection() {
         assert!(time_to_close(fifth, Duration::from_secs(5)) < Duration::from_secs(2));
         // ...while another address is served.
         let mut s = other;
-        s.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        s.write_all(b"GET /v2/ HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
             .unwrap();
         let mut reply = String::new();
         s.read_to_string(&mut reply).unwrap();

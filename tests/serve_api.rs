@@ -3,7 +3,6 @@
 
 mod serve_common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use reqwest::Method;
@@ -102,14 +101,16 @@ async fn tasks_crud_and_validation() {
     assert_eq!(st, 400);
 
     // The CLI shows the same.
-    let out = Command::new(bin())
+    let out = serve
+        .cli()
         .args(["task", "list", "--server", &serve.url, "-o", "json"])
         .output()
         .unwrap();
     assert!(out.status.success());
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(list[0]["name"], "hello");
-    let out = Command::new(bin())
+    let out = serve
+        .cli()
         .args(["task", "create", "bad", "--server", &serve.url, "--context"])
         .arg(data_file("hello"))
         .arg("--inline")
@@ -146,7 +147,8 @@ async fn runs_are_queued_logged_listed_and_canceled() {
         assert_eq!(st, 201, "{v}");
     }
     // The CLI queues, follows the log to the end and exits 0.
-    let out = Command::new(bin())
+    let out = serve
+        .cli()
         .args(["task", "run", "hello", "--follow", "--server", &serve.url])
         .output()
         .unwrap();
@@ -181,7 +183,8 @@ async fn runs_are_queued_logged_listed_and_canceled() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let out = Command::new(bin())
+    let out = serve
+        .cli()
         .args(["task", "cancel-run", &sid, "--server", &serve.url])
         .output()
         .unwrap();
@@ -205,7 +208,8 @@ async fn runs_are_queued_logged_listed_and_canceled() {
     assert_eq!(st, 409, "a finished run cannot be canceled");
 
     // list-runs in the CLI: newest first.
-    let out = Command::new(bin())
+    let out = serve
+        .cli()
         .args(["task", "list-runs", "--server", &serve.url, "-o", "json"])
         .output()
         .unwrap();
@@ -231,7 +235,8 @@ async fn a_run_over_the_task_timeout_ends_timed_out_and_cleaned_up() {
     let id = v["id"].as_str().unwrap().to_string();
     // Follow the log over HTTP while it runs: the stream ends when the run does.
     let started = std::time::Instant::now();
-    let out = Command::new(bin())
+    let out = serve
+        .cli()
         .args(["task", "logs", &id, "--follow", "--server", &serve.url])
         .output()
         .unwrap();

@@ -5,7 +5,6 @@
 mod serve_common;
 
 use std::collections::BTreeSet;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serve_common::*;
@@ -26,7 +25,8 @@ async fn two_cron_timers_fire_and_each_run_names_its_timer() {
     );
     let api = serve.client();
     let ctx = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/serve/hello");
-    let out = Command::new(bin())
+    let out = serve
+        .cli()
         .args([
             "task",
             "create",
@@ -50,7 +50,8 @@ async fn two_cron_timers_fire_and_each_run_names_its_timer() {
         String::from_utf8_lossy(&out.stderr)
     );
     // A bad expression is refused at create, with the reason.
-    let bad = Command::new(bin())
+    let bad = serve
+        .cli()
         .args(["task", "create", "bad", "--server", &serve.url, "--context"])
         .arg(&ctx)
         .args(["--timer", "oops=61 * * * *"])

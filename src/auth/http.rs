@@ -304,40 +304,70 @@ impl Auth {
     }
 }
 
-/// What [`require_api`] asks for.
-pub const API_NEED: Need<'static> = Need {
-    kind: "registry",
-    name: "api",
-    actions: &["*"],
-};
+/// What the task API asks of a request: `registry:tasks:read` to look (GET, HEAD),
+/// `registry:tasks:write` for anything else.
+pub fn tasks_need(method: &axum::http::Method) -> Need<'static> {
+    let read = *method == axum::http::Method::GET || *method == axum::http::Method::HEAD;
+    Need {
+        kind: "registry",
+        name: "tasks",
+        actions: if read { &["read"] } else { &["write"] },
+    }
+}
 
-/// axum middleware guarding a management API (use with
-/// `middleware::from_fn_with_state(auth, require_api)`): a bearer token carrying
-/// `registry:api:*`, or basic credentials of the admin or of a token with metadata/write
-/// on `*`. Basic logins share the token endpoint's rate limit.
-pub async fn require_api(
-    State(auth): State<Arc<Auth>>,
-    req: Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let ip = client_ip(&req);
-    let allowed = match basic(req.headers()) {
-        Some(Some((user, pass))) => match auth.login(ip, &user, &pass).await {
-            Ok(Some(g)) if g.api() => Ok(()),
-            Ok(Some(_)) => Err(AuthFailure::Denied(
-                "requested access to the resource is denied".into(),
-            )),
-            Ok(None) => Err(AuthFailure::Unauthorized {
-                challenge: auth.challenge(req.headers(), Some(API_NEED), None),
-                message: "authentication failed".into(),
-            }),
-            Err(f) => Err(f),
-        },
-        _ => auth.authorize(req.headers(), Some(API_NEED)).map(|_| ()),
-    };
-    match allowed {
-        Ok(()) => next.run(req).await,
-        Err(f) => f.into_response(),
+impl Auth {
+    /// Who a task-API request comes from, if they may do what it asks: basic credentials
+    /// of the admin or of a token with tasks/read or tasks/write on `*` (through the same
+    /// brakes as the token endpoint), or a bearer token carrying `registry:tasks:...`.
+    pub async fn authorize_tasks(
+        self: &Arc<Self>,
+        method: &axum::http::Method,
+        headers: &HeaderMap,
+        ip: IpAddr,
+    ) -> Result<String, AuthFailure> {
+        let need = tasks_need(method);
+        let write = need.actions == ["write"];
+        match basic(headers) {
+            Some(Some((user, pass))) => match self.login(ip, &user, &pass).await? {
+                Some(g) => match g.tasks() {
+                    Some(true) => Ok(user),
+                    Some(false) if !write => Ok(user),
+                    _ => Err(AuthFailure::Denied(format!(
+                        "{user} may not {} tasks (needs tasks/{} on the registry)",
+                        if write { "manage" } else { "see" },
+                        if write { "write" } else { "read" }
+                    ))),
+                },
+                None => Err(AuthFailure::Unauthorized {
+                    challenge: self.challenge(headers, Some(need), None),
+                    message: "authentication failed".into(),
+                }),
+            },
+            _ => self
+                .authorize(headers, Some(need))
+                .map(|c| c.map(|c| c.sub).unwrap_or_default()),
+        }
+    }
+
+    /// The CSRF token of `subject`: browsers must echo it on state-changing requests.
+    /// An HMAC under the server's secret key, so only the server can make one.
+    pub fn csrf_token(&self, subject: &str) -> String {
+        use hmac::Mac;
+        match hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.key) {
+            Ok(mut m) => {
+                m.update(b"acr-task csrf\0");
+                m.update(subject.as_bytes());
+                hex::encode(m.finalize().into_bytes())
+            }
+            Err(_) => String::new(),
+        }
+    }
+
+    /// Whether `token` is `subject`'s CSRF token (constant time).
+    pub fn csrf_ok(&self, subject: &str, token: &str) -> bool {
+        use subtle::ConstantTimeEq;
+        let want = self.csrf_token(subject);
+        !want.is_empty() && bool::from(want.as_bytes().ct_eq(token.as_bytes()))
     }
 }
 

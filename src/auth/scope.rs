@@ -18,15 +18,23 @@ pub enum Permission {
     MetadataRead,
     #[serde(rename = "metadata/write")]
     MetadataWrite,
+    /// acr-task's own: list and show stored tasks, runs and logs (registry-wide, `*`).
+    #[serde(rename = "tasks/read")]
+    TasksRead,
+    /// Create, change, delete and run tasks, cancel runs (registry-wide, `*`).
+    #[serde(rename = "tasks/write")]
+    TasksWrite,
 }
 
 impl Permission {
-    pub const ALL: [Permission; 5] = [
+    pub const ALL: [Permission; 7] = [
         Permission::ContentRead,
         Permission::ContentWrite,
         Permission::ContentDelete,
         Permission::MetadataRead,
         Permission::MetadataWrite,
+        Permission::TasksRead,
+        Permission::TasksWrite,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -36,18 +44,27 @@ impl Permission {
             Permission::ContentDelete => "content/delete",
             Permission::MetadataRead => "metadata/read",
             Permission::MetadataWrite => "metadata/write",
+            Permission::TasksRead => "tasks/read",
+            Permission::TasksWrite => "tasks/write",
         }
     }
 
-    /// The distribution token action this permission grants (ACR's names for metadata).
-    pub fn token_action(self) -> &'static str {
+    /// The distribution token action this permission grants on a repository (ACR's names
+    /// for metadata); `None` for the task permissions, which are not about repositories.
+    pub fn token_action(self) -> Option<&'static str> {
         match self {
-            Permission::ContentRead => "pull",
-            Permission::ContentWrite => "push",
-            Permission::ContentDelete => "delete",
-            Permission::MetadataRead => "metadata_read",
-            Permission::MetadataWrite => "metadata_write",
+            Permission::ContentRead => Some("pull"),
+            Permission::ContentWrite => Some("push"),
+            Permission::ContentDelete => Some("delete"),
+            Permission::MetadataRead => Some("metadata_read"),
+            Permission::MetadataWrite => Some("metadata_write"),
+            Permission::TasksRead | Permission::TasksWrite => None,
         }
+    }
+
+    /// Whether this permission is about the whole registry (its rule must be for `*`).
+    pub fn registry_wide(self) -> bool {
+        matches!(self, Permission::TasksRead | Permission::TasksWrite)
     }
 }
 
@@ -60,7 +77,7 @@ impl std::str::FromStr for Permission {
             .ok_or_else(|| {
                 AuthError::Invalid(format!(
                     "unknown action {s:?} (expected one of content/read, content/write, \
-                     content/delete, metadata/read, metadata/write)"
+                     content/delete, metadata/read, metadata/write, tasks/read, tasks/write)"
                 ))
             })
     }
@@ -153,8 +170,7 @@ impl Grants {
                 let mut out: Vec<&'static str> = Vec::new();
                 for (pat, perms) in rules {
                     if pattern_matches(pat, repo) {
-                        for p in perms {
-                            let a = p.token_action();
+                        for a in perms.iter().filter_map(|p| p.token_action()) {
                             if !out.contains(&a) {
                                 out.push(a);
                             }
@@ -177,14 +193,27 @@ impl Grants {
         }
     }
 
-    /// The management API (`registry:api:*`): the admin, or a token with metadata/write on `*`.
-    pub fn api(&self) -> bool {
+    /// The task API: `Some(true)` may manage (tasks/write), `Some(false)` only look
+    /// (tasks/read), `None` nothing. The admin may do everything; registry permissions
+    /// (metadata/write included) give nothing here.
+    pub fn tasks(&self) -> Option<bool> {
         match self {
-            Grants::All => true,
-            Grants::Anonymous { .. } => false,
-            Grants::Rules(rules) => rules
-                .iter()
-                .any(|(p, perms)| p == "*" && perms.contains(&Permission::MetadataWrite)),
+            Grants::All => Some(true),
+            Grants::Anonymous { .. } => None,
+            Grants::Rules(rules) => {
+                let has = |want: Permission| {
+                    rules
+                        .iter()
+                        .any(|(p, perms)| p == "*" && perms.contains(&want))
+                };
+                if has(Permission::TasksWrite) {
+                    Some(true)
+                } else if has(Permission::TasksRead) {
+                    Some(false)
+                } else {
+                    None
+                }
+            }
         }
     }
 
@@ -205,13 +234,22 @@ impl Grants {
                         .cloned()
                         .collect()
                 }
-                "registry"
-                    if (r.name == "catalog" && self.catalog())
-                        || (r.name == "api" && self.api()) =>
-                {
+                "registry" if r.name == "catalog" && self.catalog() => r
+                    .actions
+                    .iter()
+                    .filter(|a| a.as_str() == "*")
+                    .cloned()
+                    .collect(),
+                // `registry:tasks:read,write`: the task API.
+                "registry" if r.name == "tasks" => {
+                    let level = self.tasks();
                     r.actions
                         .iter()
-                        .filter(|a| a.as_str() == "*")
+                        .filter(|a| match a.as_str() {
+                            "read" => level.is_some(),
+                            "write" | "*" => level == Some(true),
+                            _ => false,
+                        })
                         .cloned()
                         .collect()
                 }
@@ -308,15 +346,24 @@ mod tests {
             vec![Access::catalog()]
         );
         assert!(Grants::Anonymous { pull: false }.grant(&req).is_empty());
-        let api = parse_scope("registry:api:*").unwrap();
+        let api = parse_scope("registry:tasks:read,write").unwrap();
         assert!(g.grant(std::slice::from_ref(&api)).is_empty());
         assert_eq!(
             Grants::All.grant(std::slice::from_ref(&api)),
             vec![api.clone()]
         );
+        // metadata/write is a registry permission: it does not manage tasks.
         let ops = Grants::Rules(vec![("*".into(), vec![Permission::MetadataWrite])]);
-        assert_eq!(ops.grant(std::slice::from_ref(&api)), vec![api]);
+        assert!(ops.grant(std::slice::from_ref(&api)).is_empty());
         assert!(!ops.catalog());
+        let viewer = Grants::Rules(vec![("*".into(), vec![Permission::TasksRead])]);
+        assert_eq!(
+            viewer.grant(std::slice::from_ref(&api)),
+            vec![parse_scope("registry:tasks:read").unwrap()]
+        );
+        let manager = Grants::Rules(vec![("*".into(), vec![Permission::TasksWrite])]);
+        assert_eq!(manager.grant(std::slice::from_ref(&api)), vec![api]);
+        assert!(manager.repo_actions("any/repo").is_empty());
         assert_eq!(
             Grants::Anonymous { pull: true }.grant(&req[..1]),
             vec![Access::repo("samples/hello", &["pull"])]

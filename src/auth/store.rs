@@ -165,6 +165,21 @@ impl AuthStore {
             .optional()?)
     }
 
+    /// A named flag in the settings (e.g. that the admin was created on first start).
+    pub fn flag(&self, key: &str) -> Result<bool, AuthError> {
+        let c = self.conn()?;
+        Ok(Self::setting(&c, &format!("flag:{key}"))?.is_some())
+    }
+
+    pub fn set_flag(&self, key: &str) -> Result<(), AuthError> {
+        let c = self.conn()?;
+        c.execute(
+            "INSERT OR REPLACE INTO settings(key, value) VALUES (?1, '1')",
+            params![format!("flag:{key}")],
+        )?;
+        Ok(())
+    }
+
     // ---- admin ----
 
     pub fn admin_enabled(&self) -> Result<bool, AuthError> {
@@ -213,6 +228,15 @@ impl AuthStore {
                     "invalid repository pattern {:?} (a repository name, NAME/* or *)",
                     r.repository
                 )));
+            }
+            if let Some(p) = r.actions.iter().find(|p| p.registry_wide()) {
+                if r.repository != "*" {
+                    return Err(AuthError::Invalid(format!(
+                        "{} is about the whole registry, not repository {:?}: give it for --repository '*'",
+                        p.as_str(),
+                        r.repository
+                    )));
+                }
             }
             if r.actions.is_empty() {
                 return Err(AuthError::Invalid(format!(

@@ -50,17 +50,22 @@ impl ServeAuthArgs {
         })
     }
 
+    /// How logins and tokens behave. `tls`: the listener serves HTTPS.
+    pub fn settings(&self, tls: bool) -> AuthSettings {
+        AuthSettings {
+            anonymous_pull: self.anonymous_pull,
+            token_ttl: std::time::Duration::from_secs(self.token_ttl.max(1)),
+            tls,
+            ..AuthSettings::default()
+        }
+    }
+
     /// The gate for `dir`, or None when auth is off. `tls`: the listener serves HTTPS.
     pub fn open(&self, dir: &Path, tls: bool) -> anyhow::Result<Option<Arc<Auth>>> {
         if !self.auth {
             return Ok(None);
         }
-        let settings = AuthSettings {
-            anonymous_pull: self.anonymous_pull,
-            token_ttl: std::time::Duration::from_secs(self.token_ttl.max(1)),
-            tls,
-            ..AuthSettings::default()
-        };
+        let settings = self.settings(tls);
         Ok(Some(Auth::open(dir, settings).with_context(|| {
             format!("opening registry auth data in {}", dir.display())
         })?))

@@ -87,39 +87,8 @@ pub fn default_data_dir() -> PathBuf {
     home.join(".local/share/acr-task")
 }
 
-/// A size such as `20GiB`, `512M`, `1.5GB` or `1048576` (bytes). `K`, `M`, `G`, `T` and
-/// the `iB` forms are powers of 1024 (as docker's); `KB`, `MB`, `GB`, `TB` powers of 1000.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (e.g. 20GiB, 512MiB, 1048576)"))?;
-    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "k" | "kib" => 1024.0,
-        "m" | "mib" => 1024f64.powi(2),
-        "g" | "gib" => 1024f64.powi(3),
-        "t" | "tib" => 1024f64.powi(4),
-        "kb" => 1e3,
-        "mb" => 1e6,
-        "gb" => 1e9,
-        "tb" => 1e12,
-        other => {
-            return Err(format!(
-                "unknown size unit {other:?} in {s:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
-            ))
-        }
-    };
-    let v = n * mult;
-    if !v.is_finite() || v < 0.0 || v > u64::MAX as f64 {
-        return Err(format!("size {s:?} is out of range"));
-    }
-    Ok(v as u64)
-}
+/// Sizes on the command line (`--max-blob-size 20GiB`), as in task files.
+pub use crate::task::args::parse_size;
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -173,18 +142,5 @@ pub fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn sizes() {
-        assert_eq!(super::parse_size("20GiB").unwrap(), 20 << 30);
-        assert_eq!(super::parse_size("512m").unwrap(), 512 << 20);
-        assert_eq!(super::parse_size("1.5GB").unwrap(), 1_500_000_000);
-        assert_eq!(super::parse_size("4096").unwrap(), 4096);
-        assert!(super::parse_size("lots").is_err());
-        assert!(super::parse_size("5 parsecs").is_err());
     }
 }

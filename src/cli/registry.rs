@@ -133,6 +133,46 @@ pub struct ServeArgs {
     /// Connections held at once from one client address; more are closed.
     #[arg(long, value_name = "N", default_value_t = 256)]
     pub max_connections_per_client: usize,
+    /// Another name clients reach this server by (DNS name of the machine, a proxy's);
+    /// requests for names it does not know are refused (against DNS rebinding). IP
+    /// addresses, `localhost` and the machine's host name always work. Repeatable.
+    #[arg(long = "server-name", value_name = "NAME")]
+    pub server_names: Vec<String>,
+    /// Serve the task API without credentials: only on a loopback address, for a
+    /// development server. By default the API needs the admin (created on first start)
+    /// or a token with tasks/read or tasks/write.
+    #[arg(long)]
+    pub insecure_open_api: bool,
+    /// The sandbox policy for stored tasks (YAML; see `--print-policy` for its fields).
+    /// Without one: nothing beyond an ordinary container (see the README).
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+    /// Allow tasks something the policy refuses (repeatable).
+    #[arg(long = "allow", value_enum, value_name = "RULE")]
+    pub allow: Vec<AllowArg>,
+    /// A directory local contexts may be in (repeatable; replaces the policy's list, by
+    /// default the serving user's home). The data directory never is.
+    #[arg(long = "context-root", value_name = "DIR")]
+    pub context_roots: Vec<PathBuf>,
+    /// A directory `file:` secrets may be read from (repeatable; by default none).
+    #[arg(long = "secret-dir", value_name = "DIR")]
+    pub secret_dirs: Vec<PathBuf>,
+    /// An environment variable `env:` secrets may read, `*` at the end for any rest
+    /// (repeatable; replaces the default `ACR_TASK_SECRET_*`).
+    #[arg(long = "secret-env", value_name = "PATTERN")]
+    pub secret_env: Vec<String>,
+    /// CPUs one step may use (default: the host's).
+    #[arg(long, value_name = "CPUS")]
+    pub step_cpus: Option<f64>,
+    /// Memory one step may use, swap included (default 4GiB).
+    #[arg(long, value_name = "SIZE", value_parser = super::parse_size)]
+    pub step_memory: Option<u64>,
+    /// Processes one step may run at once (default 4096).
+    #[arg(long, value_name = "N")]
+    pub step_pids: Option<i64>,
+    /// Print the policy these options make (YAML) and exit.
+    #[arg(long)]
+    pub print_policy: bool,
     /// For tests: timers read this RFC 3339 instant at start-up...
     #[arg(long, hide = true, value_name = "TIME")]
     pub clock_start: Option<chrono::DateTime<chrono::Utc>>,
@@ -141,7 +181,58 @@ pub struct ServeArgs {
     pub clock_rate: u32,
 }
 
+/// Rules `serve --allow` can relax (the policy file's `allow` fields).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AllowArg {
+    Privileged,
+    HostNetwork,
+    Mounts,
+    DockerSocket,
+    ExtraPrivileges,
+    JoinNetworks,
+    PublishPorts,
+}
+
 impl ServeArgs {
+    /// The policy of `--policy` and the options that adjust it.
+    pub fn policy(&self) -> anyhow::Result<crate::policy::Policy> {
+        let mut p = match &self.policy {
+            Some(f) => crate::policy::Policy::from_file(f).map_err(|d| anyhow::anyhow!("{d}"))?,
+            None => crate::policy::Policy::server_default(),
+        };
+        for a in &self.allow {
+            let flag = match a {
+                AllowArg::Privileged => &mut p.allow.privileged,
+                AllowArg::HostNetwork => &mut p.allow.host_network,
+                AllowArg::Mounts => &mut p.allow.mounts,
+                AllowArg::DockerSocket => &mut p.allow.docker_socket,
+                AllowArg::ExtraPrivileges => &mut p.allow.extra_privileges,
+                AllowArg::JoinNetworks => &mut p.allow.join_networks,
+                AllowArg::PublishPorts => &mut p.allow.publish_ports,
+            };
+            *flag = true;
+        }
+        if !self.context_roots.is_empty() {
+            p.context_roots = Some(self.context_roots.clone());
+        }
+        if !self.secret_dirs.is_empty() {
+            p.secret_dirs = Some(self.secret_dirs.clone());
+        }
+        if !self.secret_env.is_empty() {
+            p.secret_env = Some(self.secret_env.clone());
+        }
+        if let Some(c) = self.step_cpus {
+            p.step_limits.cpus = Some(c);
+        }
+        if let Some(m) = self.step_memory {
+            p.step_limits.memory = Some(m);
+        }
+        if let Some(n) = self.step_pids {
+            p.step_limits.pids = Some(n);
+        }
+        Ok(p)
+    }
+
     /// What one client may hold and send.
     pub fn limits(&self) -> (registry::RegistryLimits, crate::listen::ConnectionLimits) {
         (
@@ -487,6 +578,10 @@ fn delete(store: &Store, target: &str) -> anyhow::Result<String> {
 }
 
 pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    if args.print_policy {
+        print!("{}", args.policy()?.to_yaml());
+        return Ok(ExitCode::SUCCESS);
+    }
     if !args.registry_only {
         return super::task::serve(&args);
     }
@@ -505,6 +600,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         tls,
         limits,
         connections,
+        server_names: args.server_names.clone(),
     };
     rt.block_on(serve_registry(cfg, auth, hooks))?;
     Ok(ExitCode::SUCCESS)

@@ -11,6 +11,7 @@ use super::render::{summary, Renderer};
 use super::{validate, Output};
 use crate::exec::{self, RunConfig, RunReport};
 use crate::plan::Plan;
+use crate::policy::{Policed, Policy};
 use crate::registry::{RegistryConfig, RunningRegistry};
 use crate::runtime::docker::DockerRuntime;
 use crate::runtime::runner;
@@ -54,6 +55,10 @@ pub struct RunArgs {
     /// Data directory of the integrated registry.
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// Run under this sandbox policy (as `serve --policy` takes it). Without one, a run on
+    /// your own machine may do anything the Docker Engine allows.
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
     #[arg(long, short = 'o', value_enum, default_value = "table")]
     pub output: Output,
 }
@@ -169,9 +174,13 @@ async fn execute(
     task: Task,
     plan: Plan,
     cfg: RunConfig,
+    policy: Policy,
     output: Output,
 ) -> anyhow::Result<RunReport> {
-    let rt = Arc::new(DockerRuntime::connect().await?);
+    let rt = Arc::new(Policed::new(
+        Arc::new(DockerRuntime::connect().await?),
+        Arc::new(policy),
+    ));
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let renderer = Renderer::new(&task, output != Output::Json);
     let render = tokio::spawn(renderer.drive(rx));
@@ -228,6 +237,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     cfg.platform = args.platform.clone();
     let options = LoadOptions {
         empty_missing_values: args.empty_missing_values,
+        ..LoadOptions::default()
+    };
+    let policy = match validate::policy_arg(args.policy.as_deref()) {
+        Ok(p) => p,
+        Err(d) => {
+            validate::print_diagnostics(&d, args.output);
+            return Ok(ExitCode::from(2));
+        }
     };
     if args.dry_run {
         let registry = args
@@ -241,19 +258,27 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             &args.set,
             &info,
             &options,
+            &policy,
             args.output,
         ));
     }
     tokio_runtime()?.block_on(async {
         let (registry, integrated) = registry_for(args.registry.clone(), args.data.clone()).await?;
         let info = run_info(&run_id, &file, &registry, &context, git.as_ref(), &cfg);
-        let loaded = validate::load(&file, args.values.as_deref(), &args.set, &info, &options);
+        let loaded = validate::load(
+            &file,
+            args.values.as_deref(),
+            &args.set,
+            &info,
+            &options,
+            &policy,
+        );
         let result = match loaded {
             Err(d) => {
                 validate::print_diagnostics(&d, args.output);
                 Ok(ExitCode::FAILURE)
             }
-            Ok((task, plan)) => match execute(task, plan, cfg, args.output).await {
+            Ok((task, plan)) => match execute(task, plan, cfg, policy, args.output).await {
                 Ok(report) => print_report(&report, args.output),
                 Err(e) => Err(e),
             },
@@ -265,7 +290,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// Quotes a word for the step command line (parsed back by `exec::args::split_words`).
+/// Quotes a word for the step command line (parsed back by `task::args::split_words`).
 fn quote(word: &str) -> String {
     if !word.is_empty()
         && word
@@ -332,7 +357,7 @@ pub fn build(args: BuildArgs) -> anyhow::Result<ExitCode> {
         let (registry, integrated) = registry_for(args.registry.clone(), args.data.clone()).await?;
         let task = quick_task(&registry, &args);
         let plan = Plan::new(&task)?;
-        let result = execute(task, plan, cfg, args.output)
+        let result = execute(task, plan, cfg, Policy::permissive(), args.output)
             .await
             .and_then(|r| print_report(&r, args.output));
         if let Some(reg) = integrated {

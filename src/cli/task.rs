@@ -168,11 +168,15 @@ pub fn serve(args: &super::registry::ServeArgs) -> anyhow::Result<ExitCode> {
             args.clock_rate,
         ));
     }
-    cfg.auth = args.auth.open(&dir.join("registry"), cfg.tls.is_some())?;
+    cfg.auth = args.auth.settings(cfg.tls.is_some());
+    cfg.registry_auth = args.auth.auth;
+    cfg.open_api = args.insecure_open_api;
+    cfg.server_names = args.server_names.clone();
+    cfg.policy = args.policy()?;
     cfg.webhooks = Some(args.auth.webhook_options(&args.ca_cert)?);
     tokio_runtime()?.block_on(async {
         let stop = super::registry::stop_signal()?;
-        let server = Server::bind(cfg)
+        let mut server = Server::bind(cfg)
             .await
             .with_context(|| format!("starting the server with data in {}", dir.display()))?;
         {
@@ -180,9 +184,38 @@ pub fn serve(args: &super::registry::ServeArgs) -> anyhow::Result<ExitCode> {
             writeln!(out, "listening on {}", server.addr())?;
             out.flush()?;
         }
+        if let Some(password) = server.take_initial_admin() {
+            let file = dir.join(crate::server::ADMIN_PASSWORD_FILE);
+            eprintln!(
+                "The task API needs credentials. Created the admin user (shown once):\n  \
+                 username: {}\n  password: {password}\nIt is kept in {} (mode 0600), where \
+                 `acr-task task ...` on this machine finds it; elsewhere set \
+                 ACR_TASK_USERNAME and ACR_TASK_PASSWORD.",
+                crate::auth::ADMIN_USER,
+                file.display()
+            );
+        }
         server.run(stop).await?;
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// For a server on this machine: the admin password it made on its first start, from the
+/// default data directory (`$ACR_TASK_DATA`, ...), readable only by its user.
+fn local_admin(server: &str) -> Option<(String, String)> {
+    let url = reqwest::Url::parse(server).ok()?;
+    let host = url.host_str()?.trim_matches(['[', ']']);
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if !loopback {
+        return None;
+    }
+    let path = super::default_data_dir().join(crate::server::ADMIN_PASSWORD_FILE);
+    let text = std::fs::read_to_string(path).ok()?;
+    let password = text.trim();
+    (!password.is_empty()).then(|| (crate::auth::ADMIN_USER.to_string(), password.to_string()))
 }
 
 struct Client {
@@ -200,7 +233,7 @@ impl Client {
             std::env::var("ACR_TASK_PASSWORD"),
         ) {
             (Ok(u), Ok(p)) => Some((u, p)),
-            _ => None,
+            _ => local_admin(server),
         };
         Client {
             base: server.trim_end_matches('/').to_string(),

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use super::Output;
 use crate::plan::Plan;
+use crate::policy::Policy;
 use crate::task::{self, Diagnostics, LoadOptions, RunInfo, StepKind, Task, Values};
 
 #[derive(Debug, clap::Args)]
@@ -22,14 +23,34 @@ pub struct ValidateArgs {
     /// (missing values in `if`, `default`, ... are fine either way).
     #[arg(long)]
     pub empty_missing_values: bool,
+    /// Also check the file against this sandbox policy (as `serve --policy` takes it),
+    /// reporting what a server with it would refuse.
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
     #[arg(long, short = 'o', value_enum, default_value = "table")]
     pub output: Output,
+}
+
+/// The policy of `--policy FILE`, or the permissive one of a user's own machine.
+pub fn policy_arg(path: Option<&Path>) -> Result<Policy, Diagnostics> {
+    match path {
+        Some(p) => Policy::from_file(p).map_err(|d| Diagnostics(vec![d])),
+        None => Ok(Policy::permissive()),
+    }
 }
 
 pub fn validate(args: ValidateArgs) -> ExitCode {
     let run = RunInfo::placeholder(&args.file);
     let options = LoadOptions {
         empty_missing_values: args.empty_missing_values,
+        ..LoadOptions::default()
+    };
+    let policy = match policy_arg(args.policy.as_deref()) {
+        Ok(p) => p,
+        Err(d) => {
+            print_diagnostics(&d, args.output);
+            return ExitCode::from(2);
+        }
     };
     match load(
         &args.file,
@@ -37,6 +58,7 @@ pub fn validate(args: ValidateArgs) -> ExitCode {
         &args.set,
         &run,
         &options,
+        &policy,
     ) {
         Ok((task, plan)) => {
             if args.output == Output::Json {
@@ -57,13 +79,16 @@ pub fn validate(args: ValidateArgs) -> ExitCode {
     }
 }
 
-/// Reads values (file, then each `--set` in order), then loads and plans the task file.
+/// Reads values (file, then each `--set` in order), then loads and plans the task file and
+/// checks it against `policy` (also what would only fail when it runs: docker flags in
+/// `cmd` that acr-task does not know, and what the policy forbids).
 pub fn load(
     file: &Path,
     values: Option<&Path>,
     set: &[String],
     run: &RunInfo,
     options: &LoadOptions,
+    policy: &Policy,
 ) -> Result<(Task, Plan), Diagnostics> {
     let mut vals = match values {
         Some(p) => Values::from_file(p)?,
@@ -73,15 +98,15 @@ pub fn load(
         vals.set(s)
             .map_err(|m| Diagnostics(vec![task::Diagnostic::new("--set", 0, 0, m)]))?;
     }
-    let text = std::fs::read_to_string(file).map_err(|e| {
-        Diagnostics(vec![task::Diagnostic::new(
-            &file.display().to_string(),
-            0,
-            0,
-            format!("cannot read task file: {e}"),
-        )])
-    })?;
-    let task = task::load_str_with(&file.display().to_string(), &text, run, &vals, options)?;
+    let text = task::read_text(file)?;
+    let task = task::load_str_checked(
+        &file.display().to_string(),
+        &text,
+        run,
+        &vals,
+        options,
+        &|t| crate::policy::check_task(policy, t),
+    )?;
     // load_file has already reported every plan problem, so this cannot fail; keep the
     // error path anyway rather than trusting that.
     let plan = Plan::new(&task).map_err(|e| {
@@ -117,9 +142,10 @@ pub fn dry_run(
     set: &[String],
     run: &RunInfo,
     options: &LoadOptions,
+    policy: &Policy,
     output: Output,
 ) -> ExitCode {
-    match load(file, values, set, run, options) {
+    match load(file, values, set, run, options, policy) {
         Ok((task, plan)) => print_plan(&task, &plan, output),
         Err(d) => {
             print_diagnostics(&d, output);

@@ -5,7 +5,7 @@
 //! Every resource of a run carries the run label, so teardown is one sweep by label, done
 //! whatever way the run ends (success, failure, timeout, cancel).
 
-pub mod args;
+pub mod container;
 pub mod report;
 #[cfg(test)]
 mod scheduling_tests;
@@ -21,9 +21,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::plan::Plan;
 use crate::runtime::{
-    BuildSpec, ContainerSpec, LogSink, Mount, PullPolicy, Runtime, RuntimeError, RUN_LABEL,
+    BuildSpec, ContainerSpec, LogSink, PullPolicy, Runtime, RuntimeError, RUN_LABEL,
 };
-use crate::task::{Step, StepKind, Task, DEFAULT_NETWORK, WORKSPACE};
+use crate::task::{args, Step, StepKind, Task, DEFAULT_NETWORK, WORKSPACE};
 pub use report::*;
 
 /// How one run is set up; names are decided by the caller because templates see them.
@@ -227,7 +227,7 @@ impl<R: Runtime> Ctx<R> {
     }
 
     fn volume_name(&self, name: &str) -> String {
-        format!("{name}_{}", self.cfg.run_id)
+        container::volume_name(&self.cfg, name)
     }
 
     async fn setup(&self) -> Result<(), crate::runtime::RuntimeError> {
@@ -532,69 +532,16 @@ impl<R: Runtime> Ctx<R> {
         }
     }
 
-    fn container_spec(
-        &self,
-        step: &Step,
-        name: &str,
-        image: String,
-        args: Vec<String>,
-    ) -> ContainerSpec {
-        // `with_secrets` already put the task's env before the step's.
-        let env = step.env.clone();
-        let wd = step
-            .working_directory
-            .clone()
-            .or_else(|| self.task.working_directory.clone());
-        let working_dir = match wd {
-            Some(w) if w.starts_with('/') => Some(w),
-            Some(w) => Some(format!("{WORKSPACE}/{w}")),
-            None if step.disable_working_directory_override => None,
-            None => Some(WORKSPACE.to_string()),
-        };
-        let network = match step.network.as_deref() {
-            None => self.default_network(),
-            Some(DEFAULT_NETWORK) => self.default_network(),
-            Some(n) => n.to_string(),
-        };
-        let aliases = if matches!(network.as_str(), "host" | "none") {
-            Vec::new()
-        } else {
-            vec![step.id.clone()]
-        };
-        let mut mounts = vec![Mount {
-            volume: self.cfg.shared_volume.clone(),
-            target: WORKSPACE.into(),
-        }];
-        for m in &step.volume_mounts {
-            mounts.push(Mount {
-                volume: self.volume_name(&m.name),
-                target: m.mount_path.clone(),
-            });
-        }
-        // Kept containers outlive the run, so they must escape the run's cleanup sweep.
-        let labels = if step.keep {
-            BTreeMap::new()
-        } else {
-            self.labels.clone()
-        };
-        ContainerSpec {
-            name: name.to_string(),
-            image,
-            args,
-            entrypoint: step.entry_point.as_ref().map(|e| vec![e.clone()]),
-            env,
-            working_dir,
-            user: step.user.clone(),
-            privileged: step.privileged,
-            network: Some(network),
-            network_aliases: aliases,
-            ports: step.ports.clone(),
-            expose: step.expose.clone(),
-            mounts,
-            isolation: step.isolation.clone(),
-            labels,
-            platform: self.platform(),
-        }
+    fn container_spec(&self, step: &Step, name: &str, cmd: args::CmdLine) -> ContainerSpec {
+        container::spec(&container::Setting {
+            task: &self.task,
+            cfg: &self.cfg,
+            default_network: &self.default_network(),
+            labels: &self.labels,
+            step,
+            name,
+            cmd,
+        })
     }
 
     /// The run's platform as the engine names it (`linux/arm64`).
@@ -603,10 +550,11 @@ impl<R: Runtime> Ctx<R> {
     }
 
     async fn cmd(&self, step: &Step, cmd: &str, name: &str, log: &LogSink) -> Attempt {
-        let (image, args) = match args::parse_cmd(cmd) {
+        let line = match args::parse_cmd_line(cmd) {
             Ok(x) => x,
             Err(e) => return Attempt::failed(e),
         };
+        let image = line.image.clone();
         let policy = if step.pull {
             PullPolicy::Always
         } else {
@@ -619,7 +567,7 @@ impl<R: Runtime> Ctx<R> {
         {
             return Attempt::failed(format!("step {}: {e}", step.id));
         }
-        let spec = self.container_spec(step, name, image, args);
+        let spec = self.container_spec(step, name, line);
         if step.detach {
             return match self.rt.start_detached(&spec, log).await {
                 Ok(()) => Attempt::with(Status::Succeeded, None),
@@ -689,10 +637,17 @@ impl<R: Runtime> Ctx<R> {
     }
 
     async fn build(&self, step: &Step, build: &str, log: &LogSink) -> Attempt {
-        let b = match args::parse_build(build) {
+        let mut b = match args::parse_build(build) {
             Ok(b) => b,
             Err(e) => return Attempt::failed(e),
         };
+        // `--build-arg KEY`: from the step's environment (task env, then the step's own).
+        for key in std::mem::take(&mut b.env_build_args) {
+            let prefix = format!("{key}=");
+            if let Some(v) = step.env.iter().rev().find_map(|e| e.strip_prefix(&prefix)) {
+                b.build_args.insert(key, v.to_string());
+            }
+        }
         if b.context.contains("://") || b.context.starts_with("git@") {
             return Attempt::failed(format!(
                 "remote build context `{}` is not supported; use a path in the context",
@@ -775,6 +730,7 @@ impl<R: Runtime> Ctx<R> {
             pull: b.pull || step.pull,
             network: Some(b.network.unwrap_or_else(|| self.default_network())),
             labels: b.labels,
+            limits: Default::default(),
         };
         match self.rt.build(&spec, log).await {
             Ok(out) => {

@@ -40,6 +40,8 @@ pub struct RegistryConfig {
     pub tls: Option<crate::listen::TlsConfig>,
     pub limits: RegistryLimits,
     pub connections: crate::listen::ConnectionLimits,
+    /// Host names it answers to beyond IP literals, `localhost` and the machine's own.
+    pub server_names: Vec<String>,
 }
 
 impl RegistryConfig {
@@ -51,6 +53,7 @@ impl RegistryConfig {
             tls: None,
             limits: RegistryLimits::default(),
             connections: crate::listen::ConnectionLimits::default(),
+            server_names: Vec::new(),
         }
     }
 }
@@ -454,7 +457,11 @@ pub async fn start_with_auth(
             source,
         })?;
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let app = router_with_auth(registry.clone(), auth);
+    let names = Arc::new(crate::listen::HostNames::new(&cfg.server_names));
+    let app = router_with_auth(registry.clone(), auth).layer(axum::middleware::from_fn_with_state(
+        names,
+        crate::listen::check_host,
+    ));
     let (tls, connections) = (cfg.tls, cfg.connections);
     let task = tokio::spawn(async move {
         let serve = crate::listen::serve_with(listener, app, tls, connections, async move {

@@ -265,8 +265,32 @@ impl DockerRuntime {
                 },
             )])),
         });
+        let devices = spec
+            .devices
+            .iter()
+            .map(|d| {
+                let mut parts = d.splitn(3, ':');
+                let host = parts.next().unwrap_or_default().to_string();
+                let inside = parts
+                    .next()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| host.clone());
+                bollard::models::DeviceMapping {
+                    path_on_host: Some(host),
+                    path_in_container: Some(inside),
+                    cgroup_permissions: Some(parts.next().unwrap_or("rwm").to_string()),
+                }
+            })
+            .collect::<Vec<_>>();
+        let some = |v: &Vec<String>| (!v.is_empty()).then(|| v.clone());
+        let memory = spec
+            .limits
+            .memory
+            .map(|m| i64::try_from(m).unwrap_or(i64::MAX));
         Ok(ContainerCreateBody {
             image: Some(spec.image.clone()),
+            hostname: spec.hostname.clone(),
+            tty: spec.tty.then_some(true),
             cmd: if spec.args.is_empty() {
                 None
             } else {
@@ -290,6 +314,23 @@ impl DockerRuntime {
                 port_bindings: Some(port_bindings),
                 mounts: Some(mounts),
                 isolation,
+                binds: some(&spec.binds),
+                cap_add: some(&spec.cap_add),
+                cap_drop: some(&spec.cap_drop),
+                security_opt: some(&spec.security_opt),
+                devices: (!devices.is_empty()).then_some(devices),
+                pid_mode: spec.pid_mode.clone(),
+                ipc_mode: spec.ipc_mode.clone(),
+                uts_mode: spec.uts_mode.clone(),
+                userns_mode: spec.userns_mode.clone(),
+                extra_hosts: some(&spec.extra_hosts),
+                init: spec.init.then_some(true),
+                readonly_rootfs: spec.read_only.then_some(true),
+                nano_cpus: spec.limits.nano_cpus,
+                memory,
+                // Swap counted in the limit: the container cannot double it by swapping.
+                memory_swap: memory,
+                pids_limit: spec.limits.pids,
                 ..Default::default()
             }),
             networking_config,
@@ -589,6 +630,20 @@ impl Runtime for DockerRuntime {
             networkmode: spec.network.clone(),
             platform: spec.platform.clone().unwrap_or_default(),
             target: spec.target.clone().unwrap_or_default(),
+            // The engine's build API takes 32-bit byte counts here.
+            memory: spec
+                .limits
+                .memory
+                .map(|m| i32::try_from(m).unwrap_or(i32::MAX)),
+            memswap: spec
+                .limits
+                .memory
+                .map(|m| i32::try_from(m).unwrap_or(i32::MAX)),
+            cpuperiod: spec.limits.nano_cpus.map(|_| 100_000),
+            cpuquota: spec
+                .limits
+                .nano_cpus
+                .map(|n| i32::try_from(n / 10_000).unwrap_or(i32::MAX)),
             ..Default::default()
         };
         let mut stream =

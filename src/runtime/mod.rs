@@ -32,6 +32,17 @@ impl Default for BuildContext {
     }
 }
 
+/// Resources one container (or build) may use; `None`: the engine's default (no limit).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// CPUs in billionths (`--cpus 1.5` is 1.5e9).
+    pub nano_cpus: Option<i64>,
+    /// Memory in bytes (swap included: no more than this is used in all).
+    pub memory: Option<u64>,
+    /// Processes and threads at once.
+    pub pids: Option<i64>,
+}
+
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct BuildSpec {
     pub context: BuildContext,
@@ -46,6 +57,8 @@ pub struct BuildSpec {
     pub pull: bool,
     pub network: Option<String>,
     pub labels: BTreeMap<String, String>,
+    /// CPU and memory of the build's containers (pids cannot be limited for builds).
+    pub limits: Limits,
 }
 
 /// A local image: the digest its registry knows it by (`RepoDigests` for its repository;
@@ -90,6 +103,25 @@ pub struct ContainerSpec {
     pub labels: BTreeMap<String, String>,
     /// `os/arch[/variant]` the image must be for (`None`: the engine's own).
     pub platform: Option<String>,
+    /// `SRC:DST[:OPTS]` binds of host paths or docker volumes (`cmd: -v ...`).
+    pub binds: Vec<String>,
+    pub cap_add: Vec<String>,
+    pub cap_drop: Vec<String>,
+    pub security_opt: Vec<String>,
+    /// `HOST[:CONTAINER[:PERMISSIONS]]` device mappings.
+    pub devices: Vec<String>,
+    /// Namespace modes (`host`, `container:NAME`, ...); `None`: the container's own.
+    pub pid_mode: Option<String>,
+    pub ipc_mode: Option<String>,
+    pub uts_mode: Option<String>,
+    pub userns_mode: Option<String>,
+    pub hostname: Option<String>,
+    /// `HOST:IP` entries for `/etc/hosts`.
+    pub extra_hosts: Vec<String>,
+    pub init: bool,
+    pub read_only: bool,
+    pub tty: bool,
+    pub limits: Limits,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,6 +151,8 @@ pub enum RuntimeError {
     Context(#[from] crate::source::SourceError),
     #[error("docker: {0}")]
     Engine(String),
+    #[error("refused by this server's policy: {0}")]
+    Denied(String),
 }
 
 /// The container backend. Futures may be dropped to cancel; the caller then removes the

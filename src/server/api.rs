@@ -21,6 +21,21 @@ use crate::triggers::webhook::{self, Delivery, Provider, WebhookError};
 
 pub struct ApiState {
     pub queue: Arc<Queue>,
+    /// What stored tasks may do; checked when they are stored.
+    pub policy: Arc<crate::policy::Policy>,
+}
+
+/// What a stored commit-trigger secret reads as in every answer: it is never shown, and
+/// sending it back on an update keeps the stored one.
+pub const REDACTED: &str = "***";
+
+fn redacted(mut spec: TaskSpec) -> TaskSpec {
+    if let Some(c) = spec.triggers.commit.as_mut() {
+        if c.secret.is_some() {
+            c.secret = Some(REDACTED.into());
+        }
+    }
+    spec
 }
 
 type St = State<Arc<ApiState>>;
@@ -43,9 +58,10 @@ fn internal(e: impl std::fmt::Display) -> ApiErr {
     err(StatusCode::INTERNAL_SERVER_ERROR, e)
 }
 
-/// The API; with `auth`, everything but health and the (signature-checked) commit
-/// webhooks needs the admin or a token allowed to manage (see `auth::http::require_api`).
-pub fn router(state: Arc<ApiState>, auth: Option<Arc<crate::auth::Auth>>) -> Router {
+/// The API. Everything but health and the (signature-checked) commit webhooks goes
+/// through the guard: credentials (tasks/read to look, tasks/write to change) and the
+/// browser checks (see `server::guard`).
+pub fn router(state: Arc<ApiState>, guard: Arc<super::guard::ApiGuard>) -> Router {
     let public = Router::new()
         .route(
             "/api/health",
@@ -65,18 +81,20 @@ pub fn router(state: Arc<ApiState>, auth: Option<Arc<crate::auth::Auth>>) -> Rou
         .route("/api/runs/{id}/logs", get(run_logs))
         .route("/api/runs/{id}/cancel", post(cancel_run))
         .with_state(state);
-    let managed = match auth {
-        Some(a) => managed.route_layer(axum::middleware::from_fn_with_state(
-            a,
-            crate::auth::http::require_api,
-        )),
-        None => managed,
-    };
+    let csrf = Router::new()
+        .route("/api/csrf-token", get(super::guard::csrf_token))
+        .with_state(guard.clone());
+    let managed = managed
+        .merge(csrf)
+        .route_layer(axum::middleware::from_fn_with_state(
+            guard,
+            super::guard::api_guard,
+        ));
     public.merge(managed)
 }
 
 /// Checks a definition before it is stored: name, triggers, and the task file itself.
-async fn check_spec(spec: &TaskSpec) -> Result<(), ApiErr> {
+async fn check_spec(spec: &TaskSpec, policy: &Arc<crate::policy::Policy>) -> Result<(), ApiErr> {
     let name_ok = !spec.name.is_empty()
         && spec.name.len() <= 50
         && spec
@@ -94,6 +112,29 @@ async fn check_spec(spec: &TaskSpec) -> Result<(), ApiErr> {
     }
     if spec.context.is_empty() && spec.task_yaml.is_none() {
         return Err(err(StatusCode::BAD_REQUEST, "a task needs a context"));
+    }
+    if let Some(f) = &spec.file {
+        let p = std::path::Path::new(f);
+        if p.is_absolute() || p.components().any(|c| c == std::path::Component::ParentDir) {
+            return Err(err(
+                StatusCode::BAD_REQUEST,
+                format!("task file {f:?} must be a path inside the context (no leading / or ..)"),
+            ));
+        }
+    }
+    for (what, len) in [
+        ("task file", spec.task_yaml.as_ref().map_or(0, String::len)),
+        ("values", spec.values.as_ref().map_or(0, String::len)),
+    ] {
+        if len > runner::MAX_TASK_FILE_BYTES {
+            return Err(err(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "the {what} is larger than {} bytes",
+                    runner::MAX_TASK_FILE_BYTES
+                ),
+            ));
+        }
     }
     if !spec.context.is_empty()
         && !spec.is_git()
@@ -119,8 +160,8 @@ async fn check_spec(spec: &TaskSpec) -> Result<(), ApiErr> {
         crate::triggers::cron::parse(&t.schedule)
             .map_err(|m| err(StatusCode::BAD_REQUEST, format!("timer {:?}: {m}", t.name)))?;
     }
-    let s = spec.clone();
-    match tokio::task::spawn_blocking(move || runner::validate_spec(&s)).await {
+    let (s, policy) = (spec.clone(), policy.clone());
+    match tokio::task::spawn_blocking(move || runner::validate_spec(&s, &policy)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(d)) => Err(ApiErr(
             StatusCode::BAD_REQUEST,
@@ -131,18 +172,19 @@ async fn check_spec(spec: &TaskSpec) -> Result<(), ApiErr> {
 }
 
 async fn list_tasks(State(s): St) -> Result<Json<Vec<TaskSpec>>, ApiErr> {
-    s.queue.db().tasks().map(Json).map_err(internal)
+    let tasks = s.queue.db().tasks().map_err(internal)?;
+    Ok(Json(tasks.into_iter().map(redacted).collect()))
 }
 
 async fn create_task(State(s): St, Json(spec): Json<TaskSpec>) -> Result<Response, ApiErr> {
-    check_spec(&spec).await?;
+    check_spec(&spec, &s.policy).await?;
     if !s.queue.db().put_task(&spec, true).map_err(internal)? {
         return Err(err(
             StatusCode::CONFLICT,
             format!("task {} already exists", spec.name),
         ));
     }
-    Ok((StatusCode::CREATED, Json(spec)).into_response())
+    Ok((StatusCode::CREATED, Json(redacted(spec))).into_response())
 }
 
 async fn update_task(
@@ -156,16 +198,25 @@ async fn update_task(
     if spec.name != name {
         return Err(err(StatusCode::BAD_REQUEST, "a task cannot be renamed"));
     }
-    check_spec(&spec).await?;
+    // The redacted secret sent back unchanged keeps the stored one.
+    if let Some(c) = spec.triggers.commit.as_mut() {
+        if c.secret.as_deref() == Some(REDACTED) {
+            let stored = s.queue.db().task(&name).map_err(internal)?;
+            c.secret = stored
+                .and_then(|t| t.triggers.commit)
+                .and_then(|c| c.secret);
+        }
+    }
+    check_spec(&spec, &s.policy).await?;
     if !s.queue.db().put_task(&spec, false).map_err(internal)? {
         return Err(err(StatusCode::NOT_FOUND, format!("no task {name}")));
     }
-    Ok(Json(spec))
+    Ok(Json(redacted(spec)))
 }
 
 async fn show_task(State(s): St, Path(name): Path<String>) -> Result<Json<TaskSpec>, ApiErr> {
     match s.queue.db().task(&name).map_err(internal)? {
-        Some(t) => Ok(Json(t)),
+        Some(t) => Ok(Json(redacted(t))),
         None => Err(err(StatusCode::NOT_FOUND, format!("no task {name}"))),
     }
 }

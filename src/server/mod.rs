@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod db;
+pub mod guard;
 pub mod model;
 pub mod queue;
 pub mod runner;
@@ -50,6 +51,10 @@ pub enum ServerError {
     Credentials(#[from] crate::registry::credentials::CredentialsError),
     #[error("background task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
+    #[error("--insecure-open-api serves the task API without credentials, so only on a loopback address; {0} is not one (drop the flag, or listen on 127.0.0.1)")]
+    OpenApiNotLoopback(SocketAddr),
 }
 
 pub struct ServeConfig {
@@ -62,8 +67,16 @@ pub struct ServeConfig {
     pub clock: Arc<dyn Clock>,
     /// Seconds between digest checks of base images in other registries (0: never).
     pub remote_poll: u64,
-    /// Registry access control; it also guards the management API. `None`: open.
-    pub auth: Option<Arc<crate::auth::Auth>>,
+    /// How logins and tokens behave (the registry's gate and the task API's credentials).
+    pub auth: crate::auth::AuthSettings,
+    /// The registry needs credentials (`--auth`); without, it is open (the task API never).
+    pub registry_auth: bool,
+    /// The task API asks for no credentials (`--insecure-open-api`, loopback only).
+    pub open_api: bool,
+    /// Host names the server answers to beyond IP literals, `localhost` and its own.
+    pub server_names: Vec<String>,
+    /// What stored tasks may do.
+    pub policy: crate::policy::Policy,
     /// Outgoing registry webhooks (`None`: not delivered).
     pub webhooks: Option<crate::webhooks::DeliveryOptions>,
     /// Serve HTTPS with this certificate (`None`: plain HTTP).
@@ -84,7 +97,11 @@ impl ServeConfig {
             max_parallel: 8,
             clock: Arc::new(SystemClock),
             remote_poll: 300,
-            auth: None,
+            auth: Default::default(),
+            registry_auth: false,
+            open_api: false,
+            server_names: Vec::new(),
+            policy: crate::policy::Policy::server_default(),
             webhooks: None,
             tls: None,
             ca_certs: Vec::new(),
@@ -103,10 +120,68 @@ pub struct Server {
     db: Arc<db::Db>,
     /// For polling base images in other registries.
     remote: crate::registry::client::Transport,
+    auth: Arc<crate::auth::Auth>,
+    policy: Arc<crate::policy::Policy>,
+    initial_admin: Option<String>,
+}
+
+/// Where the admin password made on first start is kept (mode 0600), in the data dir.
+pub const ADMIN_PASSWORD_FILE: &str = "admin.password";
+
+/// On the first start, the task API gets its credential: the admin user, with a password
+/// shown once and kept in `DATA/admin.password` (0600) for the CLI on this machine. An
+/// admin the operator already enabled is left alone, as is one disabled since.
+fn bootstrap_admin(
+    auth: &crate::auth::Auth,
+    data_dir: &std::path::Path,
+) -> Result<Option<String>, ServerError> {
+    const FLAG: &str = "api_admin_bootstrapped";
+    let store = auth.store();
+    if store.flag(FLAG)? {
+        return Ok(None);
+    }
+    let made = if store.admin_enabled()? {
+        None
+    } else {
+        let secret = store.renew_admin()?;
+        let path = data_dir.join(ADMIN_PASSWORD_FILE);
+        write_private(&path, &secret.value)?;
+        Some(secret.value)
+    };
+    store.set_flag(FLAG)?;
+    Ok(made)
+}
+
+/// Writes `text` to `path` readable by this user only, atomically.
+fn write_private(path: &std::path::Path, text: &str) -> Result<(), ServerError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(format!("{text}\n").as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
 }
 
 impl Server {
-    pub async fn bind(cfg: ServeConfig) -> Result<Server, ServerError> {
+    pub async fn bind(mut cfg: ServeConfig) -> Result<Server, ServerError> {
+        if cfg.open_api && !cfg.listen.ip().is_loopback() {
+            return Err(ServerError::OpenApiNotLoopback(cfg.listen));
+        }
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|source| ServerError::Data {
+            path: cfg.data_dir.clone(),
+            source,
+        })?;
+        // Tasks never read the server's own data, whatever the policy file says.
+        let data = std::fs::canonicalize(&cfg.data_dir)?;
+        cfg.policy.scratch.push(data.join("work"));
+        cfg.policy.protected.push(data);
         for d in ["logs", "work"] {
             let p = cfg.data_dir.join(d);
             std::fs::create_dir_all(&p).map_err(|source| ServerError::Data { path: p, source })?;
@@ -128,6 +203,18 @@ impl Server {
             &cfg.ca_certs,
             crate::registry::credentials::Credentials::from_docker_config()?,
         )?;
+        let (reg_dir, settings, data_dir) = (
+            cfg.data_dir.join("registry"),
+            cfg.auth.clone(),
+            cfg.data_dir.clone(),
+        );
+        let (auth, initial_admin) = tokio::task::spawn_blocking(move || {
+            let auth = crate::auth::Auth::open(&reg_dir, settings)?;
+            let made = bootstrap_admin(&auth, &data_dir)?;
+            Ok::<_, ServerError>((auth, made))
+        })
+        .await??;
+        let policy = Arc::new(cfg.policy.clone());
         Ok(Server {
             cfg,
             listener,
@@ -135,7 +222,15 @@ impl Server {
             registry,
             db,
             remote,
+            auth,
+            policy,
+            initial_admin,
         })
+    }
+
+    /// The admin password made on this first start (to show once), if one was.
+    pub fn take_initial_admin(&mut self) -> Option<String> {
+        self.initial_admin.take()
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -165,8 +260,12 @@ impl Server {
             registry_host.clone(),
         ));
         let exec: Arc<dyn runner::Executor> = Arc::new(
-            runner::DockerExecutor::connect(self.cfg.data_dir.join("work"), self.cfg.max_parallel)
-                .await,
+            runner::DockerExecutor::connect(
+                self.cfg.data_dir.join("work"),
+                self.cfg.max_parallel,
+                self.policy.clone(),
+            )
+            .await,
         );
         queue.recover(exec.as_ref()).await?;
         let halt = CancellationToken::new();
@@ -189,10 +288,22 @@ impl Server {
             )?),
             None => None,
         };
-        let app =
-            crate::registry::router_with_auth(self.registry.clone(), self.cfg.auth.clone()).merge(
-                api::router(Arc::new(api::ApiState { queue }), self.cfg.auth.clone()),
-            );
+        let gate = self.cfg.registry_auth.then(|| self.auth.clone());
+        let guard = Arc::new(guard::ApiGuard {
+            auth: self.auth.clone(),
+            open: self.cfg.open_api,
+        });
+        let state = Arc::new(api::ApiState {
+            queue,
+            policy: self.policy.clone(),
+        });
+        let names = Arc::new(crate::listen::HostNames::new(&self.cfg.server_names));
+        let app = crate::registry::router_with_auth(self.registry.clone(), gate)
+            .merge(api::router(state, guard))
+            .layer(axum::middleware::from_fn_with_state(
+                names,
+                crate::listen::check_host,
+            ));
         let h = halt.clone();
         let (tls, connections) = (self.cfg.tls.clone(), self.cfg.connections);
         crate::listen::serve_with(self.listener, app, tls, connections, async move {

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::model::{RunRecord, TaskSpec, DEFAULT_FILE};
 use crate::exec::{self, Event, RunConfig, RunReport, Status};
 use crate::plan::Plan;
+use crate::policy::{Policed, Policy};
 use crate::runtime::docker::DockerRuntime;
 use crate::runtime::Runtime;
 use crate::source::{GitCheckout, SourceError};
@@ -97,9 +98,12 @@ pub fn run_info(
 /// A stored task's secret references resolved on the server, when a run starts:
 /// `env:VAR` (the server's environment) or `file:/path` (a file's content, trailing
 /// newline trimmed). Values never reach the database, and runs mask them in logs.
+/// The policy decides which variables and files may be read, and how large a file may be.
 pub fn resolve_secrets(
     refs: &BTreeMap<String, String>,
+    policy: &Policy,
 ) -> Result<BTreeMap<String, String>, String> {
+    check_secret_refs(refs, policy)?;
     let mut out = BTreeMap::new();
     for (name, reference) in refs {
         let value = if let Some(var) = reference.strip_prefix("env:") {
@@ -107,8 +111,9 @@ pub fn resolve_secrets(
                 format!("secret {name}: environment variable {var} is not set on the server")
             })?
         } else if let Some(path) = reference.strip_prefix("file:") {
-            std::fs::read_to_string(path)
-                .map_err(|e| format!("secret {name}: reading {path}: {e}"))?
+            policy
+                .read_secret_file(path)
+                .map_err(|e| format!("secret {name}: {e}"))?
                 .trim_end_matches(['\n', '\r'])
                 .to_string()
         } else {
@@ -120,6 +125,30 @@ pub fn resolve_secrets(
     }
     Ok(out)
 }
+
+/// Checks secret references against the policy without reading them (when a task is
+/// stored).
+pub fn check_secret_refs(refs: &BTreeMap<String, String>, policy: &Policy) -> Result<(), String> {
+    for (name, reference) in refs {
+        if let Some(var) = reference.strip_prefix("env:") {
+            policy
+                .secret_env_allowed(var)
+                .map_err(|e| format!("secret {name}: {e}"))?;
+        } else if let Some(path) = reference.strip_prefix("file:") {
+            policy
+                .secret_file_allowed(path)
+                .map_err(|e| format!("secret {name}: {e}"))?;
+        } else {
+            return Err(format!(
+                "secret {name}: reference {reference:?} must be env:VAR or file:/path"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Largest task file or values text a stored task may have.
+pub const MAX_TASK_FILE_BYTES: usize = 1024 * 1024;
 
 /// The values of a stored task: its values text, then its `set` overrides.
 pub fn task_values(spec: &TaskSpec) -> Result<Values, Diagnostics> {
@@ -134,44 +163,74 @@ pub fn task_values(spec: &TaskSpec) -> Result<Values, Diagnostics> {
     Ok(vals)
 }
 
-/// The task file's name (for diagnostics) and text: inline, or read from the context.
+/// The task file's name (for diagnostics) and text: inline, or read from the context. The
+/// file must be inside the context (no `..`, no link out of it) and at most
+/// [`MAX_TASK_FILE_BYTES`].
 pub fn task_text(spec: &TaskSpec, context: &Path) -> Result<(String, String), Diagnostics> {
+    let rel = spec.file.as_deref().unwrap_or(DEFAULT_FILE);
+    let one = |m: String| Diagnostics(vec![task::Diagnostic::new(rel, 0, 0, m)]);
     if let Some(t) = &spec.task_yaml {
+        if t.len() > MAX_TASK_FILE_BYTES {
+            return Err(one(format!(
+                "the task file is larger than {MAX_TASK_FILE_BYTES} bytes"
+            )));
+        }
         return Ok(("task.yaml".into(), t.clone()));
     }
-    let rel = spec.file.as_deref().unwrap_or(DEFAULT_FILE);
     let path = context.join(rel);
-    let text = std::fs::read_to_string(&path).map_err(|e| {
-        Diagnostics(vec![task::Diagnostic::new(
-            rel,
-            0,
-            0,
-            format!("cannot read task file {rel} in the context: {e}"),
-        )])
-    })?;
+    let inside = match (std::fs::canonicalize(&path), std::fs::canonicalize(context)) {
+        (Ok(p), Ok(c)) => p.starts_with(c),
+        (Err(e), _) | (_, Err(e)) => {
+            return Err(one(format!(
+                "cannot read task file {rel} in the context: {e}"
+            )))
+        }
+    };
+    if !inside {
+        return Err(one(format!(
+            "task file {rel} is outside the context; name a file inside it"
+        )));
+    }
+    let bytes = std::fs::read(&path)
+        .map_err(|e| one(format!("cannot read task file {rel} in the context: {e}")))?;
+    if bytes.len() > MAX_TASK_FILE_BYTES {
+        return Err(one(format!(
+            "task file {rel} is larger than {MAX_TASK_FILE_BYTES} bytes"
+        )));
+    }
+    let text = task::text_of(&path.display().to_string(), bytes)?;
     Ok((path.display().to_string(), text))
 }
 
-/// Loads and plans a stored task's file for `info`.
+/// Loads and plans a stored task's file for `info`, under `policy`: alias files only from
+/// the context, and what the policy refuses reported at its place in the file.
 pub fn load_task(
     spec: &TaskSpec,
     context: &Path,
     info: &RunInfo,
+    policy: &Policy,
 ) -> Result<(task::Task, Plan), Diagnostics> {
     let vals = task_values(spec)?;
     let (name, text) = task_text(spec, context)?;
-    let t = task::load_str_with(&name, &text, info, &vals, &LoadOptions::default())?;
+    let options = LoadOptions {
+        files_root: Some(context.to_path_buf()),
+        ..LoadOptions::default()
+    };
+    let t = task::load_str_checked(&name, &text, info, &vals, &options, &|t| {
+        crate::policy::check_task(policy, t)
+    })?;
     let plan = Plan::new(&t)
         .map_err(|e| Diagnostics(vec![task::Diagnostic::new(&name, 0, 0, e.to_string())]))?;
     Ok((t, plan))
 }
 
-/// Checks a task definition the way a run would load it (with placeholder run values);
-/// a git context is cloned at the task's branch to read its task file.
-pub fn validate_spec(spec: &TaskSpec) -> Result<(), Diagnostics> {
+/// Checks a task definition the way a run would load it (with placeholder run values)
+/// and against the policy; a git context is cloned at the task's branch to read its file.
+pub fn validate_spec(spec: &TaskSpec, policy: &Policy) -> Result<(), Diagnostics> {
     let one = |m: String| Diagnostics(vec![task::Diagnostic::new("task", 0, 0, m)]);
+    check_spec_paths(spec, policy).map_err(one)?;
     let scratch = tempfile::tempdir().map_err(|e| one(format!("temp dir: {e}")))?;
-    let context = if spec.task_yaml.is_some() {
+    let context = if spec.task_yaml.is_some() && spec.context.is_empty() {
         scratch.path().to_path_buf()
     } else if spec.is_git() {
         let dest = scratch.path().join("context");
@@ -186,7 +245,24 @@ pub fn validate_spec(spec: &TaskSpec) -> Result<(), Diagnostics> {
     if let Some(p) = &spec.target_platform() {
         info.set_platform(p);
     }
-    load_task(spec, &context, &info).map(|_| ())
+    load_task(spec, &context, &info, policy).map(|_| ())
+}
+
+/// What a definition names on the server's disk, against the policy: the local context
+/// (or `file://` git URL) and secret references.
+pub fn check_spec_paths(spec: &TaskSpec, policy: &Policy) -> Result<(), String> {
+    if !spec.context.is_empty() {
+        if spec.is_git() {
+            policy
+                .context_url(&spec.context)
+                .map_err(|e| e.to_string())?;
+        } else {
+            policy
+                .context_dir(Path::new(&spec.context))
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    check_secret_refs(&spec.secrets, policy)
 }
 
 /// A run's log file, appended one line at a time (readers follow it while it grows).
@@ -252,18 +328,24 @@ pub trait Executor: Send + Sync + 'static {
     fn cleanup(&self, run_id: &str) -> BoxFuture<'static, ()>;
 }
 
-/// Runs jobs on the Docker Engine through [`exec::execute`].
+/// Runs jobs on the Docker Engine through [`exec::execute`], every container and build
+/// through the policy.
 pub struct DockerExecutor {
-    rt: Option<Arc<DockerRuntime>>,
+    rt: Option<Arc<Policed<DockerRuntime>>>,
     work_dir: PathBuf,
     max_parallel: usize,
+    policy: Arc<Policy>,
 }
 
 impl DockerExecutor {
     /// Connects to the engine; without one, every run fails saying why.
-    pub async fn connect(work_dir: PathBuf, max_parallel: usize) -> DockerExecutor {
+    pub async fn connect(
+        work_dir: PathBuf,
+        max_parallel: usize,
+        policy: Arc<Policy>,
+    ) -> DockerExecutor {
         let rt = match DockerRuntime::connect().await {
-            Ok(rt) => Some(Arc::new(rt)),
+            Ok(rt) => Some(Arc::new(Policed::new(Arc::new(rt), policy.clone()))),
             Err(e) => {
                 tracing::error!(error = %e, "no Docker Engine: runs will fail");
                 None
@@ -273,6 +355,7 @@ impl DockerExecutor {
             rt,
             work_dir,
             max_parallel,
+            policy,
         }
     }
 }
@@ -282,10 +365,11 @@ impl Executor for DockerExecutor {
         let rt = self.rt.clone();
         let work = self.work_dir.clone();
         let max_parallel = self.max_parallel;
+        let policy = self.policy.clone();
         Box::pin(async move {
             match rt {
                 None => Outcome::failed("no Docker Engine is reachable".into()),
-                Some(rt) => run_on_docker(rt, work, max_parallel, job).await,
+                Some(rt) => run_on_docker(rt, work, max_parallel, policy, job).await,
             }
         })
     }
@@ -303,12 +387,20 @@ impl Executor for DockerExecutor {
     }
 }
 
-/// Prepares the context (blocking: git clone) and returns it with the commit built.
+/// Prepares the context (blocking: git clone) and returns it with the commit built. The
+/// policy is asked again: what was allowed when the task was stored may have moved.
 fn prepare_context(
     spec: &TaskSpec,
     run: &RunRecord,
     scratch: &Path,
+    policy: &Policy,
 ) -> Result<(PathBuf, Option<String>), String> {
+    check_spec_paths(spec, policy)?;
+    if spec.task_yaml.is_some() && spec.context.is_empty() {
+        let dest = scratch.join("context");
+        std::fs::create_dir_all(&dest).map_err(|e| format!("scratch dir: {e}"))?;
+        return Ok((dest, None));
+    }
     if spec.is_git() {
         let reference = run.commit.as_deref().unwrap_or(spec.branch());
         let dest = scratch.join("context");
@@ -334,9 +426,10 @@ fn prepare_context(
 }
 
 async fn run_on_docker(
-    rt: Arc<DockerRuntime>,
+    rt: Arc<Policed<DockerRuntime>>,
     work: PathBuf,
     max_parallel: usize,
+    policy: Arc<Policy>,
     job: Job,
 ) -> Outcome {
     let Job {
@@ -354,9 +447,11 @@ async fn run_on_docker(
         Err(e) => return Outcome::failed(format!("scratch dir: {e}")),
     };
     let scratch_path = scratch.path().to_path_buf();
-    let (spec2, run2) = (spec.clone(), run.clone());
-    let prepared =
-        tokio::task::spawn_blocking(move || prepare_context(&spec2, &run2, &scratch_path)).await;
+    let (spec2, run2, policy2) = (spec.clone(), run.clone(), policy.clone());
+    let prepared = tokio::task::spawn_blocking(move || {
+        prepare_context(&spec2, &run2, &scratch_path, &policy2)
+    })
+    .await;
     let (context, commit) = match prepared {
         Ok(Ok(p)) => p,
         Ok(Err(e)) => {
@@ -367,7 +462,7 @@ async fn run_on_docker(
     };
     let mut cfg = RunConfig::for_run(&run.id, context.clone(), max_parallel);
     cfg.platform = spec.target_platform();
-    cfg.secrets = match resolve_secrets(&spec.secrets) {
+    cfg.secrets = match resolve_secrets(&spec.secrets, &policy) {
         Ok(s) => s,
         Err(e) => {
             log.line("acr-task", &e);
@@ -393,7 +488,16 @@ async fn run_on_docker(
             info.branch.clone()
         }
     });
-    let (task, plan) = match load_task(&spec, &context, &info) {
+    // Rendering untrusted templates runs off the async threads (and within its budgets).
+    let loaded = {
+        let (spec, context, policy) = (spec.clone(), context.clone(), policy.clone());
+        tokio::task::spawn_blocking(move || load_task(&spec, &context, &info, &policy)).await
+    };
+    let loaded = match loaded {
+        Ok(l) => l,
+        Err(e) => return Outcome::failed(format!("loading the task file: {e}")),
+    };
+    let (task, plan) = match loaded {
         Ok(tp) => tp,
         Err(d) => {
             for diag in &d.0 {
@@ -477,12 +581,17 @@ mod tests {
             ("a".to_string(), "env:ACR_TASK_TEST_SECRET".to_string()),
             ("b".to_string(), format!("file:{}", f.display())),
         ]);
-        let got = resolve_secrets(&refs).unwrap();
+        let open = Policy::permissive();
+        let got = resolve_secrets(&refs, &open).unwrap();
         assert_eq!(got["a"], "from-env");
         assert_eq!(got["b"], "from-file");
         let bad = BTreeMap::from([("c".to_string(), "vault://x".to_string())]);
-        assert!(resolve_secrets(&bad)
+        assert!(resolve_secrets(&bad, &open)
             .unwrap_err()
             .contains("env:VAR or file:/path"));
+        // A server's policy: neither this variable nor this directory is allowed.
+        let strict = Policy::server_default();
+        let e = resolve_secrets(&refs, &strict).unwrap_err();
+        assert!(e.contains("may not be used as a secret"), "{e}");
     }
 }

@@ -91,9 +91,12 @@ pub(crate) struct Aliases {
 impl Aliases {
     /// Reads the alias section (already parsed); `None` when the file has none.
     /// `base` is the directory that relative `alias.src` files are read from.
+    /// `root`, when given, is the directory alias files must be inside (a stored task's
+    /// context): a task cannot read the server's other files through `src`.
     pub(crate) fn from_section(
         file: &str,
         base: &Path,
+        root: Option<&Path>,
         node: Option<&Node>,
         diags: &mut Vec<Diagnostic>,
     ) -> (Aliases, Option<Alias>) {
@@ -182,7 +185,7 @@ impl Aliases {
                         },
                     }
                     if let Some(src) = node.get("src") {
-                        read_sources(file, base, src, &mut user, diags);
+                        read_sources(file, base, root, src, &mut user, diags);
                     }
                 }
                 _ => diags.push(Diagnostic::new(
@@ -260,6 +263,7 @@ impl Aliases {
 fn read_sources(
     file: &str,
     base: &Path,
+    root: Option<&Path>,
     src: &Node,
     user: &mut BTreeMap<String, String>,
     diags: &mut Vec<Diagnostic>,
@@ -291,6 +295,18 @@ fn read_sources(
             continue;
         }
         let path = base.join(name);
+        if let Some(root) = root {
+            let inside = match (std::fs::canonicalize(&path), std::fs::canonicalize(root)) {
+                (Ok(p), Ok(r)) => p.starts_with(r),
+                _ => false,
+            };
+            if !inside {
+                diags.push(at(format!(
+                    "alias file `{name}` must be a file inside the task's context"
+                )));
+                continue;
+            }
+        }
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
             Err(e) => {
@@ -357,7 +373,7 @@ mod tests {
     fn aliases(yaml: &str) -> (Aliases, Vec<Diagnostic>) {
         let node = parse_section(yaml).unwrap();
         let mut diags = Vec::new();
-        let (a, _) = Aliases::from_section("f", Path::new("."), node.as_ref(), &mut diags);
+        let (a, _) = Aliases::from_section("f", Path::new("."), None, node.as_ref(), &mut diags);
         (a, diags)
     }
 

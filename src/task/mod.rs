@@ -2,6 +2,7 @@
 //! parsing with line/column diagnostics, and validation. Knows nothing about Docker.
 
 pub mod alias;
+pub mod args;
 mod fields;
 mod funcs;
 pub mod model;
@@ -104,15 +105,46 @@ pub struct Diagnostics(pub Vec<Diagnostic>);
 
 /// Reads, renders, parses and validates a task file.
 pub fn load_file(path: &Path, run: &RunInfo, values: &Values) -> Result<Task, Diagnostics> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        Diagnostics(vec![Diagnostic {
-            file: path.display().to_string(),
-            line: 0,
-            column: 0,
-            message: format!("cannot read task file: {e}"),
-        }])
-    })?;
+    let text = read_text(path)?;
     load_str(&path.display().to_string(), &text, run, values)
+}
+
+/// Reads a task (or values) file as text; invalid UTF-8 is reported where it is.
+pub fn read_text(path: &Path) -> Result<String, Diagnostics> {
+    let name = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|e| {
+        Diagnostics(vec![Diagnostic::new(
+            &name,
+            0,
+            0,
+            format!("cannot read {name}: {e}"),
+        )])
+    })?;
+    text_of(&name, bytes)
+}
+
+/// `bytes` as text, or a diagnostic at the line and column of the first byte that is not
+/// UTF-8 (the column counts characters before it on its line).
+pub fn text_of(file: &str, bytes: Vec<u8>) -> Result<String, Diagnostics> {
+    match String::from_utf8(bytes) {
+        Ok(t) => Ok(t),
+        Err(e) => {
+            let bytes = e.as_bytes();
+            let at = e.utf8_error().valid_up_to();
+            let before = String::from_utf8_lossy(&bytes[..at]);
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            Err(Diagnostics(vec![Diagnostic::new(
+                file,
+                line,
+                column,
+                format!(
+                    "invalid UTF-8 (byte 0x{:02x}): save the file as UTF-8",
+                    bytes[at]
+                ),
+            )]))
+        }
+    }
 }
 
 /// Renders, parses and validates task-file text; `file` names it in diagnostics and its
@@ -129,12 +161,34 @@ pub fn load_str(
     load_str_with(file, text, run, values, &LoadOptions::default())
 }
 
+/// A problem found by a caller's own check of a loaded task (the server's policy), put at
+/// its place in the file by [`load_str_checked`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    /// The list item it is about (`("steps", 2)`, `("networks", 0)`); `None`: top level.
+    pub item: Option<(&'static str, usize)>,
+    /// The field of that item (`privileged`, `cmd`, ...).
+    pub field: &'static str,
+    /// Text inside the field's value to point at (a flag inside `cmd`).
+    pub token: Option<String>,
+    pub message: String,
+}
+
+/// Parses a small YAML file of settings (a policy, say) with the task files' error style:
+/// `file:line:column` and plain words, not the parser's.
+pub fn from_yaml<T: serde::de::DeserializeOwned>(file: &str, text: &str) -> Result<T, Diagnostic> {
+    serde_saphyr::from_str(text).map_err(|e| parse::yaml_error(file, &e, None, Some(text)))
+}
+
 /// Choices that differ between ACR and acr-task's stricter default.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LoadOptions {
     /// Print a missing `.Values.x` as nothing, as ACR does, instead of reporting it
     /// (missing values in `if`, `default`, ... are fine either way).
     pub empty_missing_values: bool,
+    /// Files the task file names (alias `src`) must be inside this directory (a stored
+    /// task's context); `None`: anywhere, relative to the task file.
+    pub files_root: Option<std::path::PathBuf>,
 }
 
 /// [`load_str`] with [`LoadOptions`].
@@ -145,8 +199,21 @@ pub fn load_str_with(
     values: &Values,
     options: &LoadOptions,
 ) -> Result<Task, Diagnostics> {
+    load_str_checked(file, text, run, values, options, &|_| Vec::new())
+}
+
+/// [`load_str_with`], then `check` on the valid task: its findings are diagnostics at
+/// their places in the file, like the loader's own.
+pub fn load_str_checked(
+    file: &str,
+    text: &str,
+    run: &RunInfo,
+    values: &Values,
+    options: &LoadOptions,
+    check: &dyn Fn(&Task) -> Vec<Finding>,
+) -> Result<Task, Diagnostics> {
     let mut diags = Vec::new();
-    let task = load_inner(file, text, run, values, options, &mut diags);
+    let task = load_inner(file, text, run, values, options, check, &mut diags);
     match task {
         Some(t) if diags.is_empty() => Ok(t),
         _ => {
@@ -162,6 +229,7 @@ fn load_inner(
     run: &RunInfo,
     values: &Values,
     options: &LoadOptions,
+    check: &dyn Fn(&Task) -> Vec<Finding>,
     diags: &mut Vec<Diagnostic>,
 ) -> Option<Task> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
@@ -182,8 +250,13 @@ fn load_inner(
     }
     // Relative `alias.src` files live next to the task file.
     let base = Path::new(file).parent().unwrap_or(Path::new("."));
-    let (aliases, alias_model) =
-        alias::Aliases::from_section(file, base, alias_node.as_ref(), diags);
+    let (aliases, alias_model) = alias::Aliases::from_section(
+        file,
+        base,
+        options.files_root.as_deref(),
+        alias_node.as_ref(),
+        diags,
+    );
     let expanded = aliases.apply(&split.rest);
     let rendered = match render::render(
         file,
@@ -246,8 +319,12 @@ fn load_inner(
         file,
         root: &root,
         map: &map,
+        rendered: &rendered,
     };
     validate::validate(&task, &loc, diags);
+    if diags.is_empty() {
+        diags.extend(check(&task).iter().map(|f| loc.finding(f)));
+    }
     Some(task)
 }
 

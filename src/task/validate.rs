@@ -20,6 +20,8 @@ pub(crate) struct Locator<'a> {
     pub file: &'a str,
     pub root: &'a Node,
     pub map: &'a LineMap,
+    /// The rendered text the tree was parsed from.
+    pub rendered: &'a str,
 }
 
 impl Locator<'_> {
@@ -51,6 +53,33 @@ impl Locator<'_> {
 
     fn item(&self, list: &str, i: usize) -> Option<&Node> {
         self.root.get(list).and_then(|l| l.at(i))
+    }
+
+    /// A caller's finding, at the token inside the field's value when it can be found on
+    /// the value's line, else at the value (or the field's key, or the item).
+    pub(crate) fn finding(&self, f: &super::Finding) -> Diagnostic {
+        let node = match f.item {
+            Some((list, i)) => self.item(list, i),
+            None => Some(self.root),
+        };
+        let value = node.and_then(|n| n.get(f.field));
+        if let (Some(v), Some(token)) = (value, f.token.as_deref()) {
+            let line = self.rendered.lines().nth(v.line.saturating_sub(1));
+            let start = v.column.saturating_sub(1);
+            let col = line.and_then(|l| {
+                let from: String = l.chars().skip(start).collect();
+                from.find(token)
+                    .map(|p| start + from[..p].chars().count() + 1)
+            });
+            if let Some(c) = col {
+                let (line, column) = self.map.locate(v.line, c, Some(token));
+                return Diagnostic::new(self.file, line, column, f.message.clone());
+            }
+        }
+        if value.is_some() {
+            return self.value(node, f.field, f.message.clone());
+        }
+        self.at(node, None, f.message.clone())
     }
 }
 

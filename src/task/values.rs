@@ -9,14 +9,7 @@ impl Values {
     /// Reads a YAML values file (a mapping at the top level).
     pub fn from_file(path: &Path) -> Result<Values, Diagnostics> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            Diagnostics(vec![Diagnostic::new(
-                &file,
-                0,
-                0,
-                format!("cannot read values file: {e}"),
-            )])
-        })?;
+        let text = super::read_text(path)?;
         Values::from_yaml_str(&file, &text)
     }
 

@@ -36,6 +36,15 @@ pub struct Serve {
     pub addr: String,
     pub url: String,
     pub data: PathBuf,
+    /// The admin password the server made on its first start (the API's credential).
+    pub password: String,
+}
+
+/// The admin password `serve` keeps in its data dir after the first start.
+pub fn admin_password(data: &Path) -> String {
+    std::fs::read_to_string(data.join("admin.password"))
+        .map(|p| p.trim().to_string())
+        .unwrap_or_default()
 }
 
 impl Serve {
@@ -71,6 +80,10 @@ impl Serve {
             .append(true)
             .open(data.with_extension("stderr.log"))
             .unwrap();
+        // Test contexts live in the temp dir and the source tree, outside the serving
+        // user's home (the policy's default context root).
+        let temp = std::env::temp_dir();
+        let tree = env!("CARGO_MANIFEST_DIR");
         let mut child = Command::new(bin())
             .args(["serve", "--listen", listen, "--data"])
             .arg(data)
@@ -79,7 +92,10 @@ impl Serve {
                 &concurrency.to_string(),
                 "--log",
                 "acr_task=info",
+                "--context-root",
             ])
+            .arg(&temp)
+            .args(["--context-root", tree])
             .args(extra)
             .envs(env.iter().map(|(k, v)| (*k, *v)))
             .stdout(Stdio::piped())
@@ -100,7 +116,16 @@ impl Serve {
             url: format!("http://{addr}"),
             addr,
             data: data.to_path_buf(),
+            password: admin_password(data),
         }
+    }
+
+    /// `acr-task ARGS...` with the admin's credentials for this server's task API.
+    pub fn cli(&self) -> Command {
+        let mut c = Command::new(bin());
+        c.env("ACR_TASK_USERNAME", "admin")
+            .env("ACR_TASK_PASSWORD", &self.password);
+        c
     }
 
     /// SIGKILL: no chance to clean up, as in a crash.
@@ -115,7 +140,22 @@ impl Serve {
         std::fs::read_to_string(self.data.with_extension("stderr.log")).unwrap_or_default()
     }
 
+    /// An API client with the admin's credentials.
     pub fn client(&self) -> Api {
+        let mut h = reqwest::header::HeaderMap::new();
+        let basic = base64_basic("admin", &self.password);
+        h.insert("authorization", basic.parse().unwrap());
+        Api {
+            base: self.url.clone(),
+            http: reqwest::Client::builder()
+                .default_headers(h)
+                .build()
+                .unwrap(),
+        }
+    }
+
+    /// An API client without credentials.
+    pub fn anonymous(&self) -> Api {
         Api {
             base: self.url.clone(),
             http: reqwest::Client::new(),
@@ -134,6 +174,15 @@ impl Drop for Serve {
         // The registry (a temp dir) is gone: so are the engine's tags that name it.
         remove_images_of(&self.addr);
     }
+}
+
+/// `Basic base64(user:password)`.
+pub fn base64_basic(user: &str, password: &str) -> String {
+    use base64::Engine;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
 }
 
 pub struct Api {
