@@ -44,6 +44,7 @@ async fn signed_push_builds_that_commit_and_bad_deliveries_queue_nothing() {
         "one",
     );
     let c2 = repo.commit(&[("version.txt", "version-two\n")], "two");
+    let c3 = repo.commit(&[("version.txt", "version-three\n")], "three");
     let data = tempfile::tempdir().unwrap();
     let serve = Serve::start(&data.path().join("d"), 2);
     let api = serve.client();
@@ -79,6 +80,20 @@ async fn signed_push_builds_that_commit_and_bad_deliveries_queue_nothing() {
     let (st, v) = deliver(&api, hook, &gh("d-1"), &body).await;
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["queued"], false);
+    // The attack: the same signed payload under a fresh (unsigned) delivery id.
+    let (st, v) = deliver(&api, hook, &gh("d-replayed"), &body).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["queued"], false, "{v}");
+    assert!(v["reason"].as_str().unwrap().contains("payload"), "{v}");
+    // Another signed payload for the same commit (a redelivery): the commit is known.
+    let mut again = body.clone();
+    again.extend_from_slice(b"\n");
+    let mut h = gh("d-again");
+    h[2].1 = github_signature(secret, &again);
+    let (st, v) = deliver(&api, hook, &h, &again).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["queued"], false, "{v}");
+    assert!(v["reason"].as_str().unwrap().contains("commit"), "{v}");
     // Wrong signature, no signature: 401.
     let mut wrong = gh("d-2");
     wrong[2].1 = github_signature("not the secret", &body);
@@ -151,7 +166,9 @@ async fn signed_push_builds_that_commit_and_bad_deliveries_queue_nothing() {
     )
     .await;
     assert_eq!(st, 401);
-    let gitea_sig = github_signature(secret, &body2)
+    // (Another commit: the same one again would be a replay, whichever the provider.)
+    let body3 = push_body("refs/heads/main", &c3);
+    let gitea_sig = github_signature(secret, &body3)
         .trim_start_matches("sha256=")
         .to_string();
     let (st, v) = deliver(
@@ -162,7 +179,7 @@ async fn signed_push_builds_that_commit_and_bad_deliveries_queue_nothing() {
             ("x-gitea-signature", gitea_sig),
             ("x-gitea-delivery", "t-1".into()),
         ],
-        &body2,
+        &body3,
     )
     .await;
     assert_eq!(st, 202, "{v}");
@@ -172,7 +189,7 @@ async fn signed_push_builds_that_commit_and_bad_deliveries_queue_nothing() {
         .await;
     assert_eq!(run["status"], "Succeeded", "{run}");
     let log = api.text(&format!("/api/runs/{gid}/logs")).await;
-    assert!(log.contains("version-two"), "{log}");
+    assert!(log.contains("version-three"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

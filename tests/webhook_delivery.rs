@@ -121,6 +121,7 @@ async fn signed_events_are_retried_and_slow_receivers_do_not_slow_pushes() {
             Some("samples/*"),
             &headers,
             Some("s3cret"),
+            true,
         )
         .unwrap();
     d.store()
@@ -131,6 +132,7 @@ async fn signed_events_are_retried_and_slow_receivers_do_not_slow_pushes() {
             None,
             &Default::default(),
             None,
+            true,
         )
         .unwrap();
     // Listing never shows the secret or header values.
@@ -290,6 +292,7 @@ async fn https_receivers_are_checked_against_the_trusted_roots() {
                 &uri,
                 "--actions",
                 "push",
+                "--allow-private-destination",
             ],
         );
         let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
@@ -349,6 +352,7 @@ async fn undelivered_events_survive_a_restart() {
             "push",
             "--secret",
             "k",
+            "--allow-private-destination",
             "-o",
             "json",
         ],
@@ -446,6 +450,7 @@ async fn events_committed_while_no_dispatcher_runs_are_delivered_once() {
             None,
             &Default::default(),
             None,
+            true,
         )
         .unwrap();
     // Let the first start record where the outbox ends, then stop it.
@@ -475,5 +480,111 @@ async fn events_committed_while_no_dispatcher_runs_are_delivered_once() {
     let _d = Dispatcher::start(reg.registry(), dir.path(), opts).unwrap();
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(rec.hits.lock().unwrap().len(), 1);
+    reg.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirects_are_not_followed_and_private_receivers_need_the_opt_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = start_in(dir.path()).await;
+    // Where a redirect would lead (with the signature and custom headers).
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let inner = l.local_addr().unwrap();
+    let rec = receiver(l, 0, Duration::ZERO).await;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let redirector = l.local_addr().unwrap();
+    let to = format!("http://{inner}/hook");
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move || {
+            let to = to.clone();
+            async move { axum::response::Redirect::temporary(&to) }
+        }),
+    );
+    tokio::spawn(acr_task::listen::serve(
+        l,
+        app,
+        None,
+        std::future::pending(),
+    ));
+
+    let d = Dispatcher::start(
+        reg.registry(),
+        dir.path(),
+        DeliveryOptions {
+            backoff: Duration::from_millis(50),
+            max_attempts: 2,
+            ..DeliveryOptions::default()
+        },
+    )
+    .unwrap();
+    let hook = format!("http://{redirector}/hook");
+    let mut headers = std::collections::BTreeMap::new();
+    headers.insert(
+        "Authorization".to_string(),
+        "Bearer for-the-receiver".to_string(),
+    );
+    // Without the opt-in, a loopback receiver is refused when the webhook is made.
+    let e = d
+        .store()
+        .create(
+            "plain",
+            &hook,
+            &["push".into()],
+            None,
+            &headers,
+            Some("k"),
+            false,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--allow-private-destination"), "{e}");
+    let e = d
+        .store()
+        .create(
+            "meta",
+            "http://169.254.169.254/latest/meta-data/",
+            &["push".into()],
+            None,
+            &headers,
+            None,
+            false,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("private"), "{e}");
+    d.store()
+        .create(
+            "r",
+            &hook,
+            &["push".into()],
+            None,
+            &headers,
+            Some("k"),
+            true,
+        )
+        .unwrap();
+    push_image(&base(&reg), "app", "v1").await;
+    let store = d.store().clone();
+    wait_for("the delivery to fail", Duration::from_secs(10), || {
+        store
+            .history("r", 10)
+            .unwrap()
+            .first()
+            .is_some_and(|h| h.state == "failed")
+    })
+    .await;
+    let h = &store.history("r", 10).unwrap()[0];
+    assert_eq!(h.last_status, Some(307));
+    assert!(h
+        .last_error
+        .as_deref()
+        .unwrap()
+        .contains("redirects are not followed"));
+    assert!(
+        rec.hits.lock().unwrap().is_empty(),
+        "the redirect was followed with the webhook's headers"
+    );
+    drop(d);
     reg.shutdown().await;
 }

@@ -45,8 +45,7 @@ impl ServeAuthArgs {
         Ok(DeliveryOptions {
             backoff: std::time::Duration::from_millis(self.webhook_backoff_ms.max(1)),
             max_attempts: self.webhook_max_attempts.max(1),
-            http: crate::registry::client::http_client(ca_certs)?,
-            ..DeliveryOptions::default()
+            ..DeliveryOptions::with_roots(ca_certs)?
         })
     }
 
@@ -512,6 +511,10 @@ pub enum WebhookCmd {
         /// HMAC-SHA256 signing secret.
         #[arg(long, env = "ACR_TASK_WEBHOOK_SECRET", hide_env_values = true)]
         secret: Option<String>,
+        /// Allow a receiver on a loopback, link-local or private address (refused by
+        /// default: a webhook must not reach into the server's own network).
+        #[arg(long)]
+        allow_private_destination: bool,
         #[command(flatten)]
         opts: AuthOpts,
     },
@@ -607,6 +610,7 @@ pub fn webhook(cmd: WebhookCmd) -> anyhow::Result<ExitCode> {
             scope,
             headers,
             secret,
+            allow_private_destination,
             opts,
         } => {
             check_output(opts.output)?;
@@ -624,6 +628,7 @@ pub fn webhook(cmd: WebhookCmd) -> anyhow::Result<ExitCode> {
                 scope.as_deref(),
                 &h,
                 secret.as_deref(),
+                allow_private_destination,
             )?;
             print_hooks(opts.output, &[info])?;
         }
@@ -652,10 +657,7 @@ pub fn webhook(cmd: WebhookCmd) -> anyhow::Result<ExitCode> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            let delivery = DeliveryOptions {
-                http: crate::registry::client::http_client(&ca_cert)?,
-                ..DeliveryOptions::default()
-            };
+            let delivery = DeliveryOptions::with_roots(&ca_cert)?;
             let d = rt.block_on(crate::webhooks::ping(&store, &name, &delivery))?;
             let ok = d.state == "delivered";
             print_deliveries(opts.output, &[d])?;

@@ -75,6 +75,16 @@ pub struct Transport {
 /// An HTTP client that trusts the system's roots plus the PEM certificates in `ca_certs`
 /// (also what outgoing webhooks use).
 pub fn http_client(ca_certs: &[PathBuf]) -> Result<reqwest::Client, ClientError> {
+    client_builder(ca_certs)?
+        .build()
+        .map_err(|e| ClientError::Connect {
+            addr: "-".into(),
+            message: format!("cannot set up the HTTP client: {}", error_chain(&e)),
+        })
+}
+
+/// [`http_client`]'s builder, for callers that set more (webhooks: no redirects).
+pub fn client_builder(ca_certs: &[PathBuf]) -> Result<reqwest::ClientBuilder, ClientError> {
     let mut extra = Vec::new();
     for path in ca_certs {
         let err = |message: String| ClientError::CaCert {
@@ -95,10 +105,7 @@ pub fn http_client(ca_certs: &[PathBuf]) -> Result<reqwest::Client, ClientError>
     if !extra.is_empty() {
         b = b.tls_certs_merge(extra);
     }
-    b.build().map_err(|e| ClientError::Connect {
-        addr: "-".into(),
-        message: format!("cannot set up the HTTP client: {}", error_chain(&e)),
-    })
+    Ok(b)
 }
 
 impl Transport {

@@ -12,6 +12,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
+use sha2::Digest as _;
 
 use super::db::NewRun;
 use super::model::{TaskSpec, Trigger};
@@ -418,17 +419,21 @@ async fn webhook(
         }
         Delivery::Push(push) => push,
     };
+    // Replays are recognised from what the signature covers (the payload) and from the
+    // commit itself, never from a delivery header an attacker could change freely.
     let id = webhook::delivery_id(p, &headers);
-    if let Some(id) = &id {
-        if !s
-            .queue
-            .db()
-            .record_delivery(p.name(), id, &task)
-            .map_err(internal)?
-        {
-            return Ok(Json(
-                json!({"queued": false, "reason": format!("delivery {id} was already received")}),
-            )
+    let payload = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&body)));
+    let commit_key = format!("{}@{}", push.branch, push.commit);
+    let db = s.queue.db();
+    for (kind, key, what) in [
+        ("payload", payload.as_str(), "this payload"),
+        ("commit", commit_key.as_str(), "this commit"),
+    ] {
+        if !db.record_delivery(kind, key, &task).map_err(internal)? {
+            return Ok(Json(json!({
+                "queued": false,
+                "reason": format!("{what} was already received ({key})")
+            }))
             .into_response());
         }
     }

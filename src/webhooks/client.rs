@@ -1,8 +1,147 @@
 //! The outgoing POST, over HTTP or HTTPS (the system's roots plus `serve --ca-cert`).
+//!
+//! A webhook is a request the server makes on someone's behalf, so it must not become a
+//! way into the server's own network: redirects are never followed (a receiver cannot
+//! bounce the request, with its signature and custom headers, elsewhere), and loopback,
+//! link-local and private destinations need an explicit opt-in when the webhook is
+//! created. The check is made on the addresses actually connected to (a resolver that
+//! drops private ones), so a name that later resolves to 127.0.0.1 gets nowhere.
 
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::WebhookError;
+
+/// Whether `ip` is on the public internet (not loopback, private, link-local, shared,
+/// unspecified, multicast or documentation space).
+pub fn is_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v) => {
+            let o = v.octets();
+            !(v.is_loopback()
+                || v.is_private()
+                || v.is_link_local()
+                || v.is_unspecified()
+                || v.is_broadcast()
+                || v.is_multicast()
+                || v.is_documentation()
+                || o[0] == 0
+                || (o[0] == 100 && (64..128).contains(&o[1]))
+                || (o[0] == 192 && o[1] == 0 && o[2] == 0)
+                || o[0] >= 240)
+        }
+        IpAddr::V6(v) => {
+            if let Some(v4) = v.to_ipv4_mapped() {
+                return is_public(IpAddr::V4(v4));
+            }
+            let seg = v.segments();
+            !(v.is_loopback()
+                || v.is_unspecified()
+                || v.is_multicast()
+                || (seg[0] & 0xfe00) == 0xfc00
+                || (seg[0] & 0xffc0) == 0xfe80
+                || (seg[0] == 0x2001 && seg[1] == 0x0db8))
+        }
+    }
+}
+
+/// Resolves names but keeps only public addresses: what webhooks without the opt-in use.
+struct PublicOnly;
+
+impl reqwest::dns::Resolve for PublicOnly {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+                .await?
+                .filter(|a| is_public(a.ip()))
+                .collect();
+            if addrs.is_empty() {
+                return Err(format!(
+                    "{host} resolves only to private or local addresses; create the webhook \
+                     with --allow-private-destination to deliver there"
+                )
+                .into());
+            }
+            let out: reqwest::dns::Addrs = Box::new(addrs.into_iter());
+            Ok(out)
+        })
+    }
+}
+
+/// The two delivery clients: public destinations only, and any destination (for webhooks
+/// created with the opt-in). Neither follows redirects.
+pub fn delivery_clients(
+    base: reqwest::ClientBuilder,
+    base_any: reqwest::ClientBuilder,
+) -> Result<(reqwest::Client, reqwest::Client), WebhookError> {
+    let build = |b: reqwest::ClientBuilder| {
+        b.redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| WebhookError::Invalid(format!("cannot set up the HTTP client: {e}")))
+    };
+    Ok((
+        build(base.dns_resolver(Arc::new(PublicOnly)))?,
+        build(base_any)?,
+    ))
+}
+
+/// The destination's host as an address, when it is written as one.
+fn literal_ip(uri: &str) -> Option<IpAddr> {
+    let u = reqwest::Url::parse(uri).ok()?;
+    u.host_str()?.trim_matches(['[', ']']).parse().ok()
+}
+
+/// At creation: a destination that is (or resolves only to) a private or local address
+/// needs `allow_private`. A name that does not resolve yet is let through; delivery
+/// checks again on every attempt.
+pub fn check_destination(uri: &str, allow_private: bool) -> Result<(), WebhookError> {
+    if allow_private {
+        return Ok(());
+    }
+    let refuse = |what: String| {
+        WebhookError::Invalid(format!(
+            "webhook uri {uri:?}: {what}; if that is intended, create it with \
+             --allow-private-destination"
+        ))
+    };
+    if let Some(ip) = literal_ip(uri) {
+        if !is_public(ip) {
+            return Err(refuse(format!(
+                "{ip} is a loopback, link-local or private address"
+            )));
+        }
+        return Ok(());
+    }
+    let Some((host, port)) = reqwest::Url::parse(uri)
+        .ok()
+        .and_then(|u| Some((u.host_str()?.to_string(), u.port_or_known_default()?)))
+    else {
+        return Ok(());
+    };
+    use std::net::ToSocketAddrs;
+    if let Ok(addrs) = (host.as_str(), port).to_socket_addrs() {
+        let addrs: Vec<SocketAddr> = addrs.collect();
+        if !addrs.is_empty() && addrs.iter().all(|a| !is_public(a.ip())) {
+            return Err(refuse(format!(
+                "{host} resolves to loopback, link-local or private addresses"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// At delivery: the resolver guards names; an address written in the URI is checked here.
+pub fn destination_allowed(uri: &str, allow_private: bool) -> Result<(), String> {
+    match literal_ip(uri) {
+        Some(ip) if !allow_private && !is_public(ip) => Err(format!(
+            "destination {ip} is a private or local address and this webhook was not created \
+             with --allow-private-destination"
+        )),
+        _ => Ok(()),
+    }
+}
 
 /// Checks a receiver URI: `http://` or `https://`, a host, no credentials in it.
 pub fn check_uri(uri: &str) -> Result<(), WebhookError> {
@@ -47,6 +186,47 @@ pub async fn post(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn private_destinations_need_the_opt_in() {
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "::1",
+            "fe80::1",
+            "fd00::1",
+            "::ffff:127.0.0.1",
+        ] {
+            assert!(!is_public(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["8.8.8.8", "1.1.1.1", "2606:4700::1111"] {
+            assert!(is_public(ip.parse().unwrap()), "{ip}");
+        }
+        assert!(check_destination("http://127.0.0.1:9/h", false).is_err());
+        assert!(check_destination("http://[::1]:9/h", false).is_err());
+        assert!(check_destination("http://169.254.169.254/latest/meta-data", false).is_err());
+        assert!(check_destination("http://localhost:9/h", false).is_err());
+        assert!(check_destination("http://127.0.0.1:9/h", true).is_ok());
+        assert!(check_destination("https://8.8.8.8/h", false).is_ok());
+        assert!(destination_allowed("http://10.0.0.1/", false).is_err());
+        assert!(destination_allowed("http://10.0.0.1/", true).is_ok());
+    }
+
+    #[tokio::test]
+    async fn names_resolving_to_loopback_are_not_connected_to() {
+        use reqwest::dns::Resolve;
+        let name: reqwest::dns::Name = "localhost".parse().unwrap();
+        let e = match PublicOnly.resolve(name).await {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("localhost resolved to an address a webhook may reach"),
+        };
+        assert!(e.contains("--allow-private-destination"), "{e}");
+    }
 
     #[test]
     fn uris() {

@@ -199,18 +199,43 @@ pub struct DeliveryOptions {
     pub max_attempts: u32,
     /// Per-attempt timeout (connect + send + status line).
     pub timeout: Duration,
-    /// The HTTP client, with the roots HTTPS receivers are checked against.
+    /// The HTTP client for public destinations (the roots HTTPS receivers are checked
+    /// against; private addresses never connected to; no redirects).
     pub http: reqwest::Client,
+    /// The same for webhooks created with `--allow-private-destination`.
+    pub http_private: reqwest::Client,
+}
+
+impl DeliveryOptions {
+    /// Defaults with the delivery clients trusting the system's roots plus `ca_certs`.
+    pub fn with_roots(ca_certs: &[std::path::PathBuf]) -> Result<DeliveryOptions, WebhookError> {
+        let builder = || {
+            crate::registry::client::client_builder(ca_certs)
+                .map_err(|e| WebhookError::Invalid(e.to_string()))
+        };
+        let (http, http_private) = client::delivery_clients(builder()?, builder()?)?;
+        Ok(DeliveryOptions {
+            http,
+            http_private,
+            ..DeliveryOptions::default()
+        })
+    }
 }
 
 impl Default for DeliveryOptions {
     fn default() -> Self {
+        // The system's roots only; the same rules (no redirects, private destinations only
+        // with the opt-in).
+        let (http, http_private) =
+            client::delivery_clients(reqwest::Client::builder(), reqwest::Client::builder())
+                .unwrap_or_default();
         DeliveryOptions {
             backoff: Duration::from_secs(2),
             max_backoff: Duration::from_secs(600),
             max_attempts: 10,
             timeout: Duration::from_secs(10),
-            http: reqwest::Client::new(),
+            http,
+            http_private,
         }
     }
 }
@@ -243,10 +268,24 @@ async fn attempt(
             }
             headers.extend(h.headers.iter().map(|(k, v)| (k.clone(), v.clone())));
             let body = d.payload.as_bytes();
-            match client::post(&opts.http, &h.info.uri, &headers, body, opts.timeout).await {
-                Ok(s) if (200..300).contains(&s) => (Some(s), None),
-                Ok(s) => (Some(s), Some(format!("HTTP {s}"))),
+            let http = if h.info.allow_private {
+                &opts.http_private
+            } else {
+                &opts.http
+            };
+            match client::destination_allowed(&h.info.uri, h.info.allow_private) {
                 Err(e) => (None, Some(e)),
+                Ok(()) => match client::post(http, &h.info.uri, &headers, body, opts.timeout).await
+                {
+                    Ok(s) if (200..300).contains(&s) => (Some(s), None),
+                    // A redirect is not followed: the receiver must answer where it is.
+                    Ok(s) if (300..400).contains(&s) => (
+                        Some(s),
+                        Some(format!("HTTP {s}: redirects are not followed")),
+                    ),
+                    Ok(s) => (Some(s), Some(format!("HTTP {s}"))),
+                    Err(e) => (None, Some(e)),
+                },
             }
         }
     };
@@ -440,6 +479,7 @@ mod tests {
             scope: scope.map(str::to_string),
             header_names: vec![],
             signed: false,
+            allow_private: false,
             created: 0,
         }
     }
@@ -495,6 +535,7 @@ mod tests {
             None,
             &Default::default(),
             None,
+            true,
         )
         .unwrap();
         assert!(matches!(
@@ -504,7 +545,8 @@ mod tests {
                 &["push".into()],
                 None,
                 &Default::default(),
-                None
+                None,
+                true
             ),
             Err(WebhookError::Exists(_))
         ));
@@ -515,7 +557,8 @@ mod tests {
                 &["push".into()],
                 None,
                 &Default::default(),
-                None
+                None,
+                true
             )
             .is_err());
         assert!(s
@@ -525,7 +568,8 @@ mod tests {
                 &["pull".into()],
                 None,
                 &Default::default(),
-                None
+                None,
+                true
             )
             .is_err());
         let a = s.enqueue("h", "e1", "push", "{}", true).unwrap();

@@ -20,6 +20,8 @@ pub struct WebhookInfo {
     pub scope: Option<String>,
     pub header_names: Vec<String>,
     pub signed: bool,
+    /// Created with `--allow-private-destination`: loopback and private addresses allowed.
+    pub allow_private: bool,
     pub created: i64,
 }
 
@@ -96,6 +98,16 @@ impl WebhookStore {
              CREATE TABLE IF NOT EXISTS cursor(
                 id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL);",
         )?;
+        // Added later: stores made before it get the column, off (refusing private
+        // destinations their webhooks were never checked for is the safe reading).
+        let has: bool = conn
+            .prepare("SELECT 1 FROM pragma_table_info('webhooks') WHERE name = 'allow_private'")?
+            .exists([])?;
+        if !has {
+            conn.execute_batch(
+                "ALTER TABLE webhooks ADD COLUMN allow_private INTEGER NOT NULL DEFAULT 0",
+            )?;
+        }
         Ok(WebhookStore {
             path,
             conn: Mutex::new(conn),
@@ -120,6 +132,7 @@ impl WebhookStore {
         scope: Option<&str>,
         headers: &BTreeMap<String, String>,
         secret: Option<&str>,
+        allow_private: bool,
     ) -> Result<WebhookInfo, WebhookError> {
         let name_ok = !name.is_empty()
             && name.len() <= 50
@@ -132,6 +145,7 @@ impl WebhookStore {
             )));
         }
         super::client::check_uri(uri)?;
+        super::client::check_destination(uri, allow_private)?;
         if actions.is_empty() {
             return Err(WebhookError::Invalid(
                 "give at least one action (push, delete)".into(),
@@ -159,8 +173,9 @@ impl WebhookStore {
             serde_json::to_string(headers).map_err(|e| WebhookError::Invalid(e.to_string()))?;
         let c = self.conn()?;
         let n = c.execute(
-            "INSERT OR IGNORE INTO webhooks(name, uri, actions, scope, headers, secret, created)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            "INSERT OR IGNORE INTO webhooks(name, uri, actions, scope, headers, secret, created,
+                                            allow_private)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             params![
                 name,
                 uri,
@@ -168,7 +183,8 @@ impl WebhookStore {
                 scope,
                 headers_json,
                 secret,
-                chrono::Utc::now().timestamp()
+                chrono::Utc::now().timestamp(),
+                allow_private
             ],
         )?;
         if n == 0 {
@@ -204,6 +220,7 @@ impl WebhookStore {
                 scope: r.get(3)?,
                 header_names: headers.keys().cloned().collect(),
                 signed: secret.is_some(),
+                allow_private: r.get(7)?,
                 created: r.get(6)?,
             },
             headers,
@@ -214,7 +231,7 @@ impl WebhookStore {
     pub fn get(&self, name: &str) -> Result<Option<Webhook>, WebhookError> {
         let c = self.conn()?;
         Ok(c.query_row(
-            "SELECT name, uri, actions, scope, headers, secret, created FROM webhooks WHERE name = ?1",
+            "SELECT name, uri, actions, scope, headers, secret, created, allow_private FROM webhooks WHERE name = ?1",
             params![name],
             Self::row,
         )
@@ -224,7 +241,7 @@ impl WebhookStore {
     pub fn all(&self) -> Result<Vec<Webhook>, WebhookError> {
         let c = self.conn()?;
         let mut st = c.prepare(
-            "SELECT name, uri, actions, scope, headers, secret, created FROM webhooks ORDER BY name",
+            "SELECT name, uri, actions, scope, headers, secret, created, allow_private FROM webhooks ORDER BY name",
         )?;
         let rows = st.query_map([], Self::row)?;
         Ok(rows.collect::<Result<_, _>>()?)
