@@ -10,7 +10,9 @@ use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use acr_task::webhooks::{verify_signature, DeliveryOptions, Dispatcher, SIGNATURE_HEADER};
+use acr_task::webhooks::{
+    verify_signature, DeliveryOptions, Dispatcher, NewWebhook, SIGNATURE_HEADER,
+};
 use axum::http::{HeaderMap, StatusCode};
 use registry_common::*;
 
@@ -114,26 +116,26 @@ async fn signed_events_are_retried_and_slow_receivers_do_not_slow_pushes() {
     let mut headers = std::collections::BTreeMap::new();
     headers.insert("X-Custom".to_string(), "yes".to_string());
     d.store()
-        .create(
-            "main",
-            &format!("http://{addr}/hook"),
-            &["push".into(), "delete".into()],
-            Some("samples/*"),
-            &headers,
-            Some("s3cret"),
-            true,
-        )
+        .create(&NewWebhook {
+            name: "main",
+            uri: &format!("http://{addr}/hook"),
+            actions: &["push".into(), "delete".into()],
+            scope: Some("samples/*"),
+            headers: &headers,
+            secret: Some("s3cret"),
+            allow_private: true,
+        })
         .unwrap();
     d.store()
-        .create(
-            "slow",
-            &format!("http://{slow_addr}/hook"),
-            &["push".into()],
-            None,
-            &Default::default(),
-            None,
-            true,
-        )
+        .create(&NewWebhook {
+            name: "slow",
+            uri: &format!("http://{slow_addr}/hook"),
+            actions: &["push".into()],
+            scope: None,
+            headers: &Default::default(),
+            secret: None,
+            allow_private: true,
+        })
         .unwrap();
     // Listing never shows the secret or header values.
     let listed = serde_json::to_string(
@@ -443,15 +445,15 @@ async fn events_committed_while_no_dispatcher_runs_are_delivered_once() {
     };
     let d = Dispatcher::start(reg.registry(), dir.path(), opts.clone()).unwrap();
     d.store()
-        .create(
-            "hook",
-            &format!("http://{addr}/hook"),
-            &["push".into()],
-            None,
-            &Default::default(),
-            None,
-            true,
-        )
+        .create(&NewWebhook {
+            name: "hook",
+            uri: &format!("http://{addr}/hook"),
+            actions: &["push".into()],
+            scope: None,
+            headers: &Default::default(),
+            secret: None,
+            allow_private: true,
+        })
         .unwrap();
     // Let the first start record where the outbox ends, then stop it.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -527,42 +529,42 @@ async fn redirects_are_not_followed_and_private_receivers_need_the_opt_in() {
     // Without the opt-in, a loopback receiver is refused when the webhook is made.
     let e = d
         .store()
-        .create(
-            "plain",
-            &hook,
-            &["push".into()],
-            None,
-            &headers,
-            Some("k"),
-            false,
-        )
+        .create(&NewWebhook {
+            name: "plain",
+            uri: &hook,
+            actions: &["push".into()],
+            scope: None,
+            headers: &headers,
+            secret: Some("k"),
+            allow_private: false,
+        })
         .unwrap_err()
         .to_string();
     assert!(e.contains("--allow-private-destination"), "{e}");
     let e = d
         .store()
-        .create(
-            "meta",
-            "http://169.254.169.254/latest/meta-data/",
-            &["push".into()],
-            None,
-            &headers,
-            None,
-            false,
-        )
+        .create(&NewWebhook {
+            name: "meta",
+            uri: "http://169.254.169.254/latest/meta-data/",
+            actions: &["push".into()],
+            scope: None,
+            headers: &headers,
+            secret: None,
+            allow_private: false,
+        })
         .unwrap_err()
         .to_string();
     assert!(e.contains("private"), "{e}");
     d.store()
-        .create(
-            "r",
-            &hook,
-            &["push".into()],
-            None,
-            &headers,
-            Some("k"),
-            true,
-        )
+        .create(&NewWebhook {
+            name: "r",
+            uri: &hook,
+            actions: &["push".into()],
+            scope: None,
+            headers: &headers,
+            secret: Some("k"),
+            allow_private: true,
+        })
         .unwrap();
     push_image(&base(&reg), "app", "v1").await;
     let store = d.store().clone();

@@ -15,7 +15,7 @@ use crate::auth::{
     Auth, AuthSettings, AuthStore, NewSecret, Permission, ScopeMap, ScopeRule, Slot, TokenInfo,
     TokenStatus,
 };
-use crate::webhooks::{DeliveryOptions, WebhookStore};
+use crate::webhooks::{DeliveryOptions, NewWebhook, WebhookStore};
 
 /// Auth switches of `acr-task serve`.
 #[derive(Debug, Clone, clap::Args)]
@@ -621,15 +621,15 @@ pub fn webhook(cmd: WebhookCmd) -> anyhow::Result<ExitCode> {
                 };
                 h.insert(k.trim().to_string(), v.trim().to_string());
             }
-            let info = open_hooks(opts.data)?.create(
-                &name,
-                &uri,
-                &actions,
-                scope.as_deref(),
-                &h,
-                secret.as_deref(),
-                allow_private_destination,
-            )?;
+            let info = open_hooks(opts.data)?.create(&NewWebhook {
+                name: &name,
+                uri: &uri,
+                actions: &actions,
+                scope: scope.as_deref(),
+                headers: &h,
+                secret: secret.as_deref(),
+                allow_private: allow_private_destination,
+            })?;
             print_hooks(opts.output, &[info])?;
         }
         WebhookCmd::List { opts } => {

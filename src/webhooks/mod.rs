@@ -19,7 +19,7 @@ use subtle::ConstantTimeEq;
 use tokio::sync::Notify;
 
 use crate::registry::{EventAction, Registry, RegistryEvent, StoredEvent};
-pub use store::{Delivery, Webhook, WebhookInfo, WebhookStore};
+pub use store::{Delivery, NewWebhook, Webhook, WebhookInfo, WebhookStore};
 
 /// Header carrying `sha256=<hex HMAC of the body>` when the webhook has a secret.
 pub const SIGNATURE_HEADER: &str = "X-Acr-Task-Signature";
@@ -528,49 +528,49 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(s.path()).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
-        s.create(
-            "h",
-            "http://127.0.0.1:9/",
-            &["push".into()],
-            None,
-            &Default::default(),
-            None,
-            true,
-        )
+        s.create(&NewWebhook {
+            name: "h",
+            uri: "http://127.0.0.1:9/",
+            actions: &["push".into()],
+            scope: None,
+            headers: &Default::default(),
+            secret: None,
+            allow_private: true,
+        })
         .unwrap();
         assert!(matches!(
-            s.create(
-                "h",
-                "http://127.0.0.1:9/",
-                &["push".into()],
-                None,
-                &Default::default(),
-                None,
-                true
-            ),
+            s.create(&NewWebhook {
+                name: "h",
+                uri: "http://127.0.0.1:9/",
+                actions: &["push".into()],
+                scope: None,
+                headers: &Default::default(),
+                secret: None,
+                allow_private: true
+            }),
             Err(WebhookError::Exists(_))
         ));
         assert!(s
-            .create(
-                "bad",
-                "ftp://x/",
-                &["push".into()],
-                None,
-                &Default::default(),
-                None,
-                true
-            )
+            .create(&NewWebhook {
+                name: "bad",
+                uri: "ftp://x/",
+                actions: &["push".into()],
+                scope: None,
+                headers: &Default::default(),
+                secret: None,
+                allow_private: true
+            })
             .is_err());
         assert!(s
-            .create(
-                "bad",
-                "http://x/",
-                &["pull".into()],
-                None,
-                &Default::default(),
-                None,
-                true
-            )
+            .create(&NewWebhook {
+                name: "bad",
+                uri: "http://x/",
+                actions: &["pull".into()],
+                scope: None,
+                headers: &Default::default(),
+                secret: None,
+                allow_private: true
+            })
             .is_err());
         let a = s.enqueue("h", "e1", "push", "{}", true).unwrap();
         let held = s.enqueue("h", "e2", "ping", "{}", false).unwrap();

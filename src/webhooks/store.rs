@@ -68,6 +68,19 @@ pub struct IntakeItem {
     pub payload: String,
 }
 
+/// A webhook to create.
+#[derive(Debug, Clone, Copy)]
+pub struct NewWebhook<'a> {
+    pub name: &'a str,
+    pub uri: &'a str,
+    pub actions: &'a [String],
+    pub scope: Option<&'a str>,
+    pub headers: &'a BTreeMap<String, String>,
+    pub secret: Option<&'a str>,
+    /// `--allow-private-destination`: loopback and private receivers allowed.
+    pub allow_private: bool,
+}
+
 pub struct WebhookStore {
     path: PathBuf,
     conn: Mutex<Connection>,
@@ -124,16 +137,16 @@ impl WebhookStore {
             .map_err(|_| WebhookError::Invalid("webhook store lock poisoned".into()))
     }
 
-    pub fn create(
-        &self,
-        name: &str,
-        uri: &str,
-        actions: &[String],
-        scope: Option<&str>,
-        headers: &BTreeMap<String, String>,
-        secret: Option<&str>,
-        allow_private: bool,
-    ) -> Result<WebhookInfo, WebhookError> {
+    pub fn create(&self, new: &NewWebhook<'_>) -> Result<WebhookInfo, WebhookError> {
+        let NewWebhook {
+            name,
+            uri,
+            actions,
+            scope,
+            headers,
+            secret,
+            allow_private,
+        } = *new;
         let name_ok = !name.is_empty()
             && name.len() <= 50
             && name
