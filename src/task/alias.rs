@@ -216,10 +216,12 @@ impl Aliases {
 
     /// Replaces `<directive>name` by its alias; unknown names stay as written; a doubled
     /// directive is a literal one.
-    pub(crate) fn apply(&self, text: &str) -> String {
+    /// Gives up (`None`) as soon as the text would pass `max` bytes: a thousand uses of a
+    /// long alias must not be built first and measured after.
+    pub(crate) fn apply(&self, text: &str, max: usize) -> Option<String> {
         let d = self.directive;
         if !text.contains(d) {
-            return text.to_string();
+            return Some(text.to_string());
         }
         let mut out = String::with_capacity(text.len() + 64);
         let mut chars = text.char_indices().peekable();
@@ -247,14 +249,19 @@ impl Aliases {
             }
             let name = &text[start..end];
             match self.table.get(name) {
-                Some(value) => out.push_str(value),
+                Some(value) => {
+                    if out.len().saturating_add(value.len()) > max {
+                        return None;
+                    }
+                    out.push_str(value)
+                }
                 None => {
                     out.push(d);
                     out.push_str(name);
                 }
             }
         }
-        out
+        Some(out)
     }
 }
 
@@ -392,18 +399,27 @@ mod tests {
         let (a, d) = aliases("alias:\n  values:\n    repo: myrepo\n    ID: mine\n");
         assert!(d.is_empty());
         assert_eq!(
-            a.apply("$Registry/$repo:$ID"),
+            a.apply("$Registry/$repo:$ID", usize::MAX).unwrap(),
             "{{.Run.Registry}}/myrepo:mine"
         );
-        assert_eq!(a.apply("echo $$HOME $HOME $"), "echo $HOME $HOME $");
-        assert_eq!(a.apply("$repo$repo-x"), "myrepomyrepo-x");
+        assert_eq!(
+            a.apply("echo $$HOME $HOME $", usize::MAX).unwrap(),
+            "echo $HOME $HOME $"
+        );
+        assert_eq!(
+            a.apply("$repo$repo-x", usize::MAX).unwrap(),
+            "myrepomyrepo-x"
+        );
     }
 
     #[test]
     fn custom_directive() {
         let (a, d) = aliases("alias:\n  directive: '#'\n  values:\n    img: busybox\n");
         assert!(d.is_empty());
-        assert_eq!(a.apply("#img $img ##"), "busybox $img #");
+        assert_eq!(
+            a.apply("#img $img ##", usize::MAX).unwrap(),
+            "busybox $img #"
+        );
     }
 
     #[test]

@@ -5,6 +5,8 @@ use std::sync::Arc;
 
 use gotmpl::{Template, TemplateError, Value};
 
+use super::budget;
+
 type Func = fn(&[Value]) -> gotmpl::Result<Value>;
 
 /// `t` with the sprig subset registered.
@@ -67,7 +69,9 @@ pub(crate) fn with_funcs(t: Template) -> Template {
         ("repeat", |a| match a {
             [n, s] => {
                 let n = n.as_int().unwrap_or(0).clamp(0, 10_000) as usize;
-                Ok(sval(text(s).repeat(n)))
+                let s = text(s);
+                budget::room_for(n.saturating_mul(s.len()))?;
+                Ok(sval(s.repeat(n)))
             }
             _ => Err(arity("repeat", 2)),
         }),
@@ -115,11 +119,11 @@ pub(crate) fn with_funcs(t: Template) -> Template {
             })
         }),
         ("indent", |a| match a {
-            [n, s] => Ok(sval(indent(n, s))),
+            [n, s] => Ok(sval(indent(n, s)?)),
             _ => Err(arity("indent", 2)),
         }),
         ("nindent", |a| match a {
-            [n, s] => Ok(sval(format!("\n{}", indent(n, s)))),
+            [n, s] => Ok(sval(format!("\n{}", indent(n, s)?))),
             _ => Err(arity("nindent", 2)),
         }),
         ("cat", |a| {
@@ -201,7 +205,23 @@ pub(crate) fn with_funcs(t: Template) -> Template {
             _ => Err(arity("substr", 3)),
         }),
     ];
-    funcs.iter().fold(t, |t, (name, f)| t.func(name, *f))
+    // Every call is charged to the render's budget, and no value may outgrow it.
+    funcs
+        .iter()
+        .fold(t, |t, (name, f)| {
+            let f = *f;
+            t.func(name, move |a| {
+                budget::charge()?;
+                let v = f(a)?;
+                match &v {
+                    Value::String(s) => budget::room_for(s.len())?,
+                    Value::List(l) => budget::room_for(l.len())?,
+                    _ => {}
+                }
+                Ok(v)
+            })
+        })
+        .max_range_iters(budget::range_iters())
 }
 
 fn truthy(v: &Value) -> bool {
@@ -268,13 +288,16 @@ fn to_int(v: &Value) -> i64 {
     }
 }
 
-fn indent(n: &Value, s: &Value) -> String {
-    let pad = " ".repeat(to_int(n).clamp(0, 1000) as usize);
-    text(s)
-        .split('\n')
+fn indent(n: &Value, s: &Value) -> gotmpl::Result<String> {
+    let width = to_int(n).clamp(0, 1000) as usize;
+    let s = text(s);
+    let lines = s.matches('\n').count() + 1;
+    budget::room_for(lines.saturating_mul(width).saturating_add(s.len()))?;
+    let pad = " ".repeat(width);
+    Ok(s.split('\n')
         .map(|l| format!("{pad}{l}"))
         .collect::<Vec<_>>()
-        .join("\n")
+        .join("\n"))
 }
 
 fn value_to_json(v: &Value) -> serde_json::Value {

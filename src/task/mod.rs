@@ -3,6 +3,7 @@
 
 pub mod alias;
 pub mod args;
+mod budget;
 mod fields;
 mod funcs;
 pub mod model;
@@ -15,6 +16,7 @@ mod validate;
 mod values;
 
 pub use alias::BUILTIN_ALIASES;
+pub use budget::RenderBudget;
 pub use model::*;
 pub use platform::Platform;
 
@@ -189,6 +191,8 @@ pub struct LoadOptions {
     /// Files the task file names (alias `src`) must be inside this directory (a stored
     /// task's context); `None`: anywhere, relative to the task file.
     pub files_root: Option<std::path::PathBuf>,
+    /// What rendering the templates may cost.
+    pub budget: RenderBudget,
 }
 
 /// [`load_str`] with [`LoadOptions`].
@@ -257,7 +261,18 @@ fn load_inner(
         alias_node.as_ref(),
         diags,
     );
-    let expanded = aliases.apply(&split.rest);
+    let Some(expanded) = aliases.apply(&split.rest, options.budget.max_output) else {
+        diags.push(Diagnostic::new(
+            file,
+            0,
+            0,
+            format!(
+                "aliases expand the file to more than {} bytes (the render budget)",
+                options.budget.max_output
+            ),
+        ));
+        return None;
+    };
     let rendered = match render::render(
         file,
         &expanded,
@@ -265,6 +280,7 @@ fn load_inner(
         run,
         values,
         options.empty_missing_values,
+        options.budget,
     ) {
         Ok(r) => r,
         Err(d) => {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use gotmpl::{MissingKey, Template, TemplateError, Value};
 
+use super::budget::{self, RenderBudget};
 use super::funcs::with_funcs;
 
 use super::{Diagnostic, RunInfo, Values};
@@ -15,6 +16,8 @@ use super::{Diagnostic, RunInfo, Values};
 /// point execution errors at a place.
 /// With `empty_missing`, a missing value renders as nothing, as ACR does (Go's
 /// `missingkey=zero` with `<no value>` removed); otherwise it is an error.
+/// Within `budget`: exceeding it is an error naming the budget, at the first loop (or
+/// action) of the file.
 pub(crate) fn render(
     file: &str,
     text: &str,
@@ -22,10 +25,53 @@ pub(crate) fn render(
     run: &RunInfo,
     values: &Values,
     empty_missing: bool,
+    budget: RenderBudget,
 ) -> Result<String, Diagnostic> {
     if !text.contains("{{") {
         return Ok(text.to_string());
     }
+    let (out, exceeded) = budget::within(budget, || {
+        render_unbounded(file, text, original, run, values, empty_missing)
+    });
+    match (out, exceeded) {
+        (Ok(o), None) if o.len() <= budget.max_output => Ok(o),
+        (Ok(_), None) => Err(over_budget(
+            file,
+            original,
+            format!(
+                "the templates make a text of more than {} bytes (the render budget)",
+                budget.max_output
+            ),
+        )),
+        (_, Some(why)) => Err(over_budget(file, original, why)),
+        (Err(d), None) => Err(d),
+    }
+}
+
+/// A budget error, at the first `range` of the file (the usual culprit), else its first
+/// action.
+fn over_budget(file: &str, original: &str, why: String) -> Diagnostic {
+    let at = |needle: &str| {
+        original
+            .lines()
+            .enumerate()
+            .find_map(|(i, l)| l.find(needle).map(|c| (i + 1, l[..c].chars().count() + 1)))
+    };
+    let (line, column) = ["{{range", "{{- range", "{{ range", "{{"]
+        .iter()
+        .find_map(|n| at(n))
+        .unwrap_or((0, 0));
+    Diagnostic::new(file, line, column, format!("template: {why}"))
+}
+
+fn render_unbounded(
+    file: &str,
+    text: &str,
+    original: &str,
+    run: &RunInfo,
+    values: &Values,
+    empty_missing: bool,
+) -> Result<String, Diagnostic> {
     let protected = protect_secrets(text);
     let text = protected.as_str();
     let data = data(run, values);
@@ -37,8 +83,10 @@ pub(crate) fn render(
                     .missing_key(missing)
                     .parse(text)
                     .map_err(|e| template_error(file, text, original, &e))?;
-                tmpl.execute_to_string(&data)
-                    .map_err(|e| template_error(file, text, original, &e))
+                let mut out = budget::Bounded::default();
+                tmpl.execute_fmt(&mut out, &data)
+                    .map_err(|e| template_error(file, text, original, &e))?;
+                Ok(out.out)
             }
         }
     };
@@ -90,10 +138,13 @@ fn render_simple(file: &str, text: &str, data: &Value, missing: MissingKey) -> O
                 .missing_key(missing)
                 .parse(&format!("{{{{{inner}}}}}"))
                 .ok()?;
-            let v = t.execute_to_string(data).ok()?;
-            out.push_str(&v);
-            cache.insert(inner, v);
+            let mut v = budget::Bounded::default();
+            t.execute_fmt(&mut v, data).ok()?;
+            out.push_str(&v.out);
+            cache.insert(inner, v.out);
         }
+        // A file of many cheap actions still has an output budget.
+        budget::room_for(out.len()).ok()?;
         rest = &after[close + 2..];
     }
     out.push_str(rest);
@@ -266,6 +317,14 @@ fn template_error(file: &str, text: &str, original: &str, e: &TemplateError) -> 
             let column = map_column(text, original, line, col);
             Diagnostic::new(file, line, column, format!("template: {message}"))
         }
+        TemplateError::RangeIterLimit => over_budget(
+            file,
+            original,
+            format!(
+                "the templates' loops run more than {} times in all (the render budget)",
+                budget::range_iters()
+            ),
+        ),
         TemplateError::MissingKey { key } => {
             let (line, column) = find_use(original, key).unwrap_or((0, 0));
             Diagnostic::new(
@@ -385,7 +444,7 @@ mod tests {
                 v2.0.insert("none".into(), serde_json::Value::Null);
                 v2
             },
-            false,
+            false, RenderBudget::default(),
         )
         .unwrap();
         assert_eq!(out, "127.0.0.1:5000/app:V2-ca1 \"x\"");
@@ -396,9 +455,27 @@ mod tests {
     #[test]
     fn missing_values_can_render_empty_as_in_acr() {
         let src = "a: {{ .Values.nope }}|{{ .Values.nope | default \"d\" }}|{{ if .Values.nope }}x{{ end }}";
-        let out = render("f", src, src, &run(), &Values::default(), true).unwrap();
+        let out = render(
+            "f",
+            src,
+            src,
+            &run(),
+            &Values::default(),
+            true,
+            RenderBudget::default(),
+        )
+        .unwrap();
         assert_eq!(out, "a: |d|");
-        assert!(render("f", src, src, &run(), &Values::default(), false).is_err());
+        assert!(render(
+            "f",
+            src,
+            src,
+            &run(),
+            &Values::default(),
+            false,
+            RenderBudget::default()
+        )
+        .is_err());
     }
 
     #[test]
@@ -412,7 +489,7 @@ mod tests {
             "",
             &run(),
             &v,
-            false,
+            false, RenderBudget::default(),
         )
         .unwrap();
         assert_eq!(
@@ -426,6 +503,7 @@ mod tests {
             &run(),
             &Values::default(),
             false,
+            RenderBudget::default(),
         )
         .unwrap_err();
         assert!(e.message.contains("division by zero"), "{e}");
@@ -442,6 +520,7 @@ mod tests {
             &run(),
             &v,
             false,
+            RenderBudget::default(),
         )
         .unwrap();
         assert!(out.starts_with("ca1 |'{\"a\":\"it'\"'\"'s\"}' "), "{out}");
@@ -458,6 +537,7 @@ mod tests {
             &run(),
             &Values::default(),
             false,
+            RenderBudget::default(),
         )
         .unwrap();
         assert_eq!(
@@ -470,7 +550,16 @@ mod tests {
     #[test]
     fn missing_value_points_at_use() {
         let src = "steps:\n  - cmd: busybox echo {{ .Values.greeting }}\n";
-        let e = render("f", src, src, &run(), &Values::default(), false).unwrap_err();
+        let e = render(
+            "f",
+            src,
+            src,
+            &run(),
+            &Values::default(),
+            false,
+            RenderBudget::default(),
+        )
+        .unwrap_err();
         assert_eq!(
             e.to_string(),
             "f:2:26: template: no value for `greeting` (give it in a values file or with --set greeting=...)"
@@ -480,7 +569,16 @@ mod tests {
     #[test]
     fn parse_error_has_position() {
         let src = "steps:\n  - cmd: busybox echo {{ .Values.x \n";
-        let e = render("f", src, src, &run(), &Values::default(), false).unwrap_err();
+        let e = render(
+            "f",
+            src,
+            src,
+            &run(),
+            &Values::default(),
+            false,
+            RenderBudget::default(),
+        )
+        .unwrap_err();
         assert_eq!((e.line, e.column), (2, 23), "{e}");
         assert!(e.message.starts_with("template: "), "{e}");
     }
