@@ -240,6 +240,24 @@ fn secrets_are_substituted_and_masked_in_logs_and_report() {
 }
 
 #[test]
+fn multi_line_and_encoded_secrets_are_masked() {
+    let key = "first-secret-line-AAAA\nsecond-secret-line-BBBB\nthird-secret-line-CCCC";
+    let run = run_task(
+        &data("secret-forms.yaml"),
+        &["--secret", &format!("key={key}")],
+    );
+    assert_eq!(run.status(), "Succeeded", "{}", run.stderr());
+    assert!(run.logged("show", "done"), "{}", run.stderr());
+    let all = format!("{}{}", run.stderr(), run.report);
+    for needle in ["secret-line", "AAAA", "BBBB", "CCCC"] {
+        assert!(!all.contains(needle), "{needle} leaked:\n{all}");
+    }
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(key);
+    assert!(!all.contains(&b64[..20]), "base64 leaked:\n{all}");
+}
+
+#[test]
 fn git_context_at_a_ref_sets_commit_and_branch() {
     let repo_dir = tempfile::tempdir().unwrap();
     let (commit, branch) = git_repo(

@@ -9,6 +9,7 @@ pub mod container;
 pub mod report;
 #[cfg(test)]
 mod scheduling_tests;
+pub mod secrets;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -90,6 +91,7 @@ pub async fn execute<R: Runtime>(
         run_started: started,
         removals: Mutex::new(Vec::new()),
         known_images: Mutex::new(std::collections::HashSet::new()),
+        masker: Arc::new(secrets::Masker::new(cfg.secrets.values())),
         cfg,
     });
     let n = ctx.task.steps.len();
@@ -216,6 +218,8 @@ struct Ctx<R> {
     known_images: Mutex<std::collections::HashSet<String>>,
     /// Serialises on-demand runner builds between parallel steps.
     provisioning: tokio::sync::Mutex<()>,
+    /// Hides the run's secrets in everything it reports.
+    masker: Arc<secrets::Masker>,
 }
 
 impl<R: Runtime> Ctx<R> {
@@ -271,12 +275,13 @@ impl<R: Runtime> Ctx<R> {
             self.rt.create_volume(&name, &self.labels).await?;
             let mut files = BTreeMap::new();
             for (file, b64) in &vol.secret {
-                let data =
-                    base64_decode(b64).ok_or_else(|| crate::runtime::RuntimeError::Invalid {
+                let data = crate::task::b64decode(b64).ok_or_else(|| {
+                    crate::runtime::RuntimeError::Invalid {
                         what: "volume secret",
                         value: format!("{}/{}", vol.name, file),
                         reason: "not valid base64".into(),
-                    })?;
+                    }
+                })?;
                 files.insert(file.clone(), data);
             }
             if !files.is_empty() {
@@ -395,24 +400,15 @@ impl<R: Runtime> Ctx<R> {
 
     fn log_sink(&self, step: usize) -> LogSink {
         let events = self.events.clone();
-        let secrets: Vec<String> = self.secret_values();
+        let masker = self.masker.clone();
         Arc::new(move |line: String| {
-            let line = mask_with(&secrets, &line);
+            let line = masker.mask(&line);
             let _ = events.send(Event::Log { step, line });
         })
     }
 
-    fn secret_values(&self) -> Vec<String> {
-        self.cfg
-            .secrets
-            .values()
-            .filter(|v| !v.is_empty())
-            .cloned()
-            .collect()
-    }
-
     fn mask(&self, text: &str) -> String {
-        mask_with(&self.secret_values(), text)
+        self.masker.mask(text)
     }
 
     /// The step (and the task env it gets) with `{{.Secrets.id}}` replaced by values.
@@ -837,49 +833,12 @@ pub fn substitute_secrets(
     Ok(out)
 }
 
-/// Hides secret values in text shown to users.
-fn mask_with(secrets: &[String], text: &str) -> String {
-    let mut out = text.to_string();
-    for s in secrets {
-        if out.contains(s.as_str()) {
-            out = out.replace(s.as_str(), "***");
-        }
-    }
-    out
-}
-
 /// Sleeps; false when cancelled first.
 async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) -> bool {
     tokio::select! {
         _ = tokio::time::sleep(d) => true,
         _ = cancel.cancelled() => false,
     }
-}
-
-/// Standard base64 (ACR stores volume secrets base64-encoded); None on bad input.
-pub fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    let mut acc = 0u32;
-    let mut bits = 0;
-    for c in s.bytes().filter(|c| !c.is_ascii_whitespace()) {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            b'=' => break,
-            _ => return None,
-        } as u32;
-        acc = (acc << 6) | v;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    Some(out)
 }
 
 #[cfg(test)]
@@ -907,10 +866,6 @@ mod tests {
         assert!(substitute_secrets("{{.Secrets.other}}", &secrets)
             .unwrap_err()
             .contains("--secret other=VALUE"));
-        assert_eq!(
-            mask_with(&["hunter2".into()], "pw is hunter2!"),
-            "pw is ***!"
-        );
     }
 
     #[test]
@@ -924,9 +879,11 @@ mod tests {
 
     #[test]
     fn base64() {
-        assert_eq!(base64_decode("aGVsbG8gd29ybGQ=").unwrap(), b"hello world");
-        assert_eq!(base64_decode("YQ==").unwrap(), b"a");
-        assert!(base64_decode("a*b").is_none());
+        use crate::task::b64decode;
+        assert_eq!(b64decode("aGVsbG8gd29ybGQ=").unwrap(), b"hello world");
+        assert_eq!(b64decode("YQ==").unwrap(), b"a");
+        assert_eq!(b64decode("YQ").unwrap(), b"a");
+        assert!(b64decode("a*b").is_none());
     }
 
     #[test]

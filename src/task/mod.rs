@@ -163,6 +163,16 @@ pub fn load_str(
     load_str_with(file, text, run, values, &LoadOptions::default())
 }
 
+/// Standard base64 as task files carry it (volume secrets, `b64dec`): whitespace and
+/// padding optional. `None` on anything else.
+pub fn b64decode(s: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    let clean: String = s.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    base64::engine::general_purpose::STANDARD_NO_PAD
+        .decode(clean.trim_end_matches('='))
+        .ok()
+}
+
 /// A problem found by a caller's own check of a loaded task (the server's policy), put at
 /// its place in the file by [`load_str_checked`].
 #[derive(Debug, Clone, PartialEq, Eq)]
