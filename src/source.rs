@@ -115,17 +115,69 @@ pub fn tar_context<W: Write>(dir: &Path, dockerfile: &str, out: W) -> Result<W, 
 
 /// Writes a tar of the whole tree under `dir` to `out` (no `.dockerignore`: this is the
 /// source a run's workspace starts from, as ACR clones it).
-pub fn tar_tree<W: Write>(dir: &Path, out: W) -> Result<W, SourceError> {
+/// Symbolic links stay links; a relative one that leads out of `dir` is written as the
+/// absolute path it resolves to where the tree is mounted (`mounted_at`), since the engine
+/// refuses links that escape the directory it extracts into.
+pub fn tar_tree<W: Write>(dir: &Path, mounted_at: &str, out: W) -> Result<W, SourceError> {
     if !dir.is_dir() {
         return Err(SourceError::NotADirectory(dir.to_path_buf()));
     }
-    tar_filtered(dir, out, |_| true)
+    tar_filtered_links(dir, out, |_| true, Some(mounted_at))
+}
+
+/// Where a relative link at `rel` (a path in the tree) pointing to `target` leads, as an
+/// absolute path with the tree at `mounted_at`; `None` when it stays inside the tree.
+pub fn escaping_link(rel: &str, target: &str, mounted_at: &str) -> Option<String> {
+    if target.starts_with('/') {
+        return None;
+    }
+    let mut inside: Vec<&str> = rel.split('/').filter(|c| !c.is_empty()).collect();
+    inside.pop(); // the link itself
+    let mut escapes = false;
+    for c in target.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                if inside.pop().is_none() {
+                    escapes = true;
+                    break;
+                }
+            }
+            c => inside.push(c),
+        }
+    }
+    if !escapes {
+        return None;
+    }
+    // Resolve from the mount point, as the container would.
+    let mut abs: Vec<&str> = mounted_at.split('/').filter(|c| !c.is_empty()).collect();
+    abs.extend(rel.split('/').filter(|c| !c.is_empty()));
+    abs.pop();
+    for c in target.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                abs.pop();
+            }
+            c => abs.push(c),
+        }
+    }
+    Some(format!("/{}", abs.join("/")))
 }
 
 fn tar_filtered<W: Write>(
     dir: &Path,
     out: W,
     keep: impl Fn(&str) -> bool,
+) -> Result<W, SourceError> {
+    tar_filtered_links(dir, out, keep, None)
+}
+
+fn tar_filtered_links<W: Write>(
+    dir: &Path,
+    out: W,
+    keep: impl Fn(&str) -> bool,
+    mounted_at: Option<&str>,
 ) -> Result<W, SourceError> {
     let mut builder = tar::Builder::new(out);
     builder.follow_symlinks(false);
@@ -161,6 +213,33 @@ fn tar_filtered<W: Write>(
     // Sorted so the same context always gives the same tar (and build cache hits).
     files.sort_by(|a, b| a.1.cmp(&b.1));
     for (path, rel) in files {
+        if let Some(at) = mounted_at {
+            let meta = match std::fs::symlink_metadata(&path) {
+                Ok(m) => m,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err(&path)(e)),
+            };
+            if meta.file_type().is_symlink() {
+                let target = std::fs::read_link(&path).map_err(io_err(&path))?;
+                let target = target.to_string_lossy();
+                if let Some(abs) = escaping_link(&rel, &target, at) {
+                    let mut h = tar::Header::new_gnu();
+                    h.set_entry_type(tar::EntryType::Symlink);
+                    h.set_mode(0o777);
+                    h.set_size(0);
+                    if let Ok(t) = meta.modified() {
+                        let secs = t
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_secs());
+                        h.set_mtime(secs);
+                    }
+                    builder
+                        .append_link(&mut h, &rel, &abs)
+                        .map_err(io_err(&path))?;
+                    continue;
+                }
+            }
+        }
         match builder.append_path_with_name(&path, &rel) {
             Ok(()) => {}
             // A file deleted while the context is read is simply not part of it.
@@ -281,6 +360,25 @@ pub fn fetch_git(url: &str, reference: &str, dest: &Path) -> Result<GitCheckout,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn escaping_links_resolve_from_the_mount_point() {
+        assert_eq!(
+            escaping_link("a", "../x", "/workspace").as_deref(),
+            Some("/x")
+        );
+        assert_eq!(
+            escaping_link("d/e/l", "../../../etc/passwd", "/workspace").as_deref(),
+            Some("/etc/passwd")
+        );
+        assert_eq!(escaping_link("d/l", "../f", "/workspace"), None);
+        assert_eq!(escaping_link("l", "/etc/passwd", "/workspace"), None);
+        assert_eq!(escaping_link("l", "sub/./f", "/workspace"), None);
+        assert_eq!(
+            escaping_link("l", "../../../../x", "/workspace").as_deref(),
+            Some("/x")
+        );
+    }
 
     #[test]
     fn dockerignore_follows_docker_rules() {

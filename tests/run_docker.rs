@@ -240,6 +240,30 @@ fn secrets_are_substituted_and_masked_in_logs_and_report() {
 }
 
 #[test]
+fn symlinks_in_the_context_are_sent_as_links_even_when_they_lead_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("sub")).unwrap();
+    std::fs::write(d.join("sub/file"), "inside\n").unwrap();
+    std::os::unix::fs::symlink("/etc/hostname", d.join("abs")).unwrap();
+    std::os::unix::fs::symlink("../../elsewhere", d.join("sub/up")).unwrap();
+    std::os::unix::fs::symlink("sub/file", d.join("in")).unwrap();
+    std::fs::write(
+        d.join("acb.yaml"),
+        "steps:\n  - id: look\n    cmd: busybox sh -c 'readlink abs; readlink sub/up; readlink in; cat in'\n",
+    )
+    .unwrap();
+    let run = run_task(&d.join("acb.yaml"), &[]);
+    assert_eq!(run.status(), "Succeeded", "{}", run.stderr());
+    // Links stay links (their targets are never read on the host), and the one that
+    // leaves the context points where it resolves from /workspace.
+    assert!(run.logged("look", "/etc/hostname"), "{}", run.stderr());
+    assert!(run.logged("look", "/elsewhere"), "{}", run.stderr());
+    assert!(run.logged("look", "sub/file"), "{}", run.stderr());
+    assert!(run.logged("look", "inside"), "{}", run.stderr());
+}
+
+#[test]
 fn multi_line_and_encoded_secrets_are_masked() {
     let key = "first-secret-line-AAAA\nsecond-secret-line-BBBB\nthird-secret-line-CCCC";
     let run = run_task(

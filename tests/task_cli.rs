@@ -153,3 +153,73 @@ fn plan_as_table() {
          critical path (by timeout, 1800 s): acb_step_0 -> acb_step_1 -> acb_step_2\n"
     );
 }
+
+fn policy_data(p: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/policy")
+        .join(p)
+        .display()
+        .to_string()
+}
+
+#[test]
+fn validate_reports_what_a_servers_policy_refuses_at_its_place() {
+    let f = policy_data("escapes.yaml");
+    // On one's own machine (no policy) the file is fine.
+    let (code, out, err) = acr_task(&["validate", &f]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, _, err) = acr_task(&["validate", &f, "--policy", &policy_data("server.yaml")]);
+    assert_eq!(code, 1, "{err}");
+    for (line, col, rule) in [
+        (5, 17, "`privileged`"),
+        (7, 13, "`dockerSocket`"),
+        (9, 20, "`hostNetwork`"),
+        (9, 25, "`hostNetwork`"),
+        (10, 14, "`publishPorts`"),
+    ] {
+        let at = format!("escapes.yaml:{line}:{col}: ");
+        assert!(
+            err.lines().any(|l| l.contains(&at) && l.contains(rule)),
+            "no {rule} at {at} in:\n{err}"
+        );
+    }
+    assert!(err.contains("serve --allow docker-socket"), "{err}");
+}
+
+#[test]
+fn a_policy_file_with_a_typo_is_a_clear_error() {
+    let (code, _, err) = acr_task(&[
+        "validate",
+        &policy_data("escapes.yaml"),
+        "--policy",
+        &policy_data("typo.yaml"),
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("typo.yaml:2:"), "{err}");
+    assert!(err.contains("privilegd"), "{err}");
+}
+
+#[test]
+fn run_time_failures_are_reported_by_validate() {
+    let (code, _, err) = acr_task(&["validate", &policy_data("unknown-flag.yaml")]);
+    assert_eq!(code, 1);
+    assert!(err.contains("unknown-flag.yaml:2:10: "), "{err}");
+    assert!(err.contains("`--frobnicate`"), "{err}");
+    let (code, _, err) = acr_task(&["validate", &policy_data("host-path-volume.yaml")]);
+    assert_eq!(code, 1);
+    assert!(err.contains("host-path-volume.yaml:4:"), "{err}");
+    assert!(err.contains("a host path"), "{err}");
+}
+
+#[test]
+fn invalid_utf8_is_reported_where_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("acb.yaml");
+    std::fs::write(&f, b"steps:\n  - cmd: busybox echo caf\xe9 ok\n").unwrap();
+    let (code, _, err) = acr_task(&["validate", f.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("acb.yaml:2:26: invalid UTF-8 (byte 0xe9)"),
+        "{err}"
+    );
+}

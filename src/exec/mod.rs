@@ -265,7 +265,10 @@ impl<R: Runtime> Ctx<R> {
         self.rt
             .fill_volume(
                 &self.cfg.shared_volume,
-                Some(&self.cfg.context_dir),
+                Some(crate::runtime::VolumeSource {
+                    dir: &self.cfg.context_dir,
+                    mounted_at: WORKSPACE,
+                }),
                 &BTreeMap::new(),
                 &self.labels,
             )

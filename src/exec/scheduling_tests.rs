@@ -3,7 +3,6 @@
 //! on the real engine in `tests/run_docker.rs`.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -52,7 +51,7 @@ impl Runtime for Fake {
     async fn fill_volume(
         &self,
         _: &str,
-        _: Option<&Path>,
+        _: Option<crate::runtime::VolumeSource<'_>>,
         _: &BTreeMap<String, Vec<u8>>,
         _: &BTreeMap<String, String>,
     ) -> Result<(), RuntimeError> {

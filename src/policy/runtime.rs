@@ -3,13 +3,12 @@
 //! may ask for less than the policy's limit, never for more.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::Arc;
 
 use super::Policy;
 use crate::runtime::{
     BuildOutput, BuildSpec, ContainerSpec, ImageIdentity, Limits, LogSink, PullPolicy, Runtime,
-    RuntimeError,
+    RuntimeError, VolumeSource,
 };
 
 /// `inner`, with `policy` enforced on every container and build.
@@ -90,11 +89,11 @@ impl<R: Runtime> Runtime for Policed<R> {
     async fn fill_volume(
         &self,
         volume: &str,
-        dir: Option<&Path>,
+        dir: Option<VolumeSource<'_>>,
         files: &BTreeMap<String, Vec<u8>>,
         labels: &BTreeMap<String, String>,
     ) -> Result<(), RuntimeError> {
-        if let Some(d) = dir {
+        if let Some(d) = dir.map(|s| s.dir) {
             // The workspace is filled from the context: never from the server's data.
             let real = std::fs::canonicalize(d).unwrap_or_else(|_| d.to_path_buf());
             if self.policy.touches_protected_data(&real) {

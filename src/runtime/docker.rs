@@ -1,7 +1,6 @@
 //! The Docker Engine backend (bollard, local socket or `DOCKER_HOST`).
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
 
 use bollard::models::{
     ContainerCreateBody, EndpointSettings, HostConfig, NetworkCreateRequest, NetworkingConfig,
@@ -17,7 +16,7 @@ use futures_util::StreamExt;
 
 use super::{
     BuildContext, BuildOutput, BuildSpec, ContainerSpec, ImageIdentity, LogSink, PullPolicy,
-    Runtime, RuntimeError, RUN_LABEL,
+    Runtime, RuntimeError, VolumeSource, RUN_LABEL,
 };
 
 /// An image with no files, used to hold volumes while files are copied into them.
@@ -473,16 +472,16 @@ impl Runtime for DockerRuntime {
     async fn fill_volume(
         &self,
         volume: &str,
-        dir: Option<&Path>,
+        dir: Option<VolumeSource<'_>>,
         files: &BTreeMap<String, Vec<u8>>,
         labels: &BTreeMap<String, String>,
     ) -> Result<(), RuntimeError> {
         let holder = self.holder(volume, labels).await?;
-        let dir = dir.map(Path::to_path_buf);
+        let dir = dir.map(|s| (s.dir.to_path_buf(), s.mounted_at.to_string()));
         let files = files.clone();
         let archive = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, RuntimeError> {
             let mut out = match &dir {
-                Some(d) => crate::source::tar_tree(d, Vec::new())?,
+                Some((d, at)) => crate::source::tar_tree(d, at, Vec::new())?,
                 None => Vec::new(),
             };
             // A tar ends with two zero blocks: drop them to append more entries.

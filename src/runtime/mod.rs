@@ -74,6 +74,16 @@ pub struct BuildOutput {
     pub image_id: String,
 }
 
+/// A host directory to copy into a volume, and where containers will see the volume.
+/// Symbolic links are copied as links (as docker does); a relative one that leads out of
+/// the directory is written as the absolute path it resolves to from `mounted_at`, which
+/// means the same inside the containers and is what the engine accepts.
+#[derive(Debug, Clone, Copy)]
+pub struct VolumeSource<'a> {
+    pub dir: &'a std::path::Path,
+    pub mounted_at: &'a str,
+}
+
 /// A mount of a named volume into a container.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Mount {
@@ -174,12 +184,12 @@ pub trait Runtime: Send + Sync + 'static {
         labels: &BTreeMap<String, String>,
     ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     fn remove_volume(&self, name: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
-    /// Copies a directory tree (without `.dockerignore`d files) into a volume, at its root,
-    /// and optionally adds files (name, content) at the volume's root.
+    /// Copies a directory tree into a volume, at its root, and optionally adds files
+    /// (name, content) at the volume's root.
     fn fill_volume(
         &self,
         volume: &str,
-        dir: Option<&std::path::Path>,
+        dir: Option<VolumeSource<'_>>,
         files: &BTreeMap<String, Vec<u8>>,
         labels: &BTreeMap<String, String>,
     ) -> impl Future<Output = Result<(), RuntimeError>> + Send;

@@ -236,7 +236,18 @@ pub(crate) fn validate(task: &Task, loc: &Locator<'_>, out: &mut Vec<Diagnostic>
             let mnode = node
                 .and_then(|n| n.get("volumeMounts"))
                 .and_then(|l| l.at(j));
-            if !volumes.contains(m.name.as_str()) {
+            if m.name.starts_with('/') || m.name.starts_with('.') || m.name.starts_with('~') {
+                out.push(loc.value(
+                    mnode,
+                    "name",
+                    format!(
+                        "step `{name}` mounts `{}`, a host path: `volumeMounts` name volumes \
+                         declared under `volumes` (with their files under `secret`); host paths \
+                         are not mounted",
+                        m.name
+                    ),
+                ));
+            } else if !volumes.contains(m.name.as_str()) {
                 out.push(loc.value(
                     mnode,
                     "name",
