@@ -520,4 +520,44 @@ mod tests {
             let _ = parse_manifest(&body, None);
         }
     }
+
+    fn json_value() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let keys = prop::sample::select(vec![
+            "schemaVersion", "mediaType", "config", "layers", "manifests", "subject",
+            "digest", "size", "urls", "artifactType", "annotations",
+        ]);
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            Just(json!(2)),
+            Just(json!(OCI_MANIFEST)),
+            Just(json!(OCI_INDEX)),
+            Just(json!(format!("sha256:{}", "a".repeat(64)))),
+            "[ -~]{0,20}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 64, 8, move |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::btree_map(keys.clone(), inner, 0..6).prop_map(|m| {
+                    Value::Object(m.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+                }),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        /// Any body, shaped like a manifest or not, is accepted or refused with a spec
+        /// error: never a panic. (Run more: `PROPTEST_CASES=20000`.)
+        #[test]
+        fn manifest_parser_never_panics(
+            v in json_value(),
+            raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256),
+            ct in proptest::sample::select(vec![None, Some(OCI_MANIFEST), Some(OCI_INDEX), Some(DOCKER_MANIFEST), Some("text/plain")]),
+        ) {
+            let _ = parse_manifest(v.to_string().as_bytes(), ct);
+            let _ = parse_manifest(&raw, ct);
+        }
+    }
 }
