@@ -41,6 +41,12 @@ fn start(data: &Path, concurrency: usize) -> Serve {
         .arg(concurrency.to_string())
         .arg("--data")
         .arg(data)
+        // A loopback bench server: the API without logins (an argon2 check per request
+        // would be measured too), contexts from the temp dir and the source tree.
+        .arg("--insecure-open-api")
+        .arg("--context-root")
+        .arg(std::env::temp_dir())
+        .args(["--context-root", env!("CARGO_MANIFEST_DIR")])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
