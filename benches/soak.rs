@@ -15,7 +15,10 @@ use sha2::{Digest, Sha256};
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
     let slow: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(300);
     let secs: u64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(20);
     let dir = tempfile::tempdir().expect("temp dir");
@@ -67,7 +70,10 @@ async fn main() {
         let stream = futures_util::stream::unfold((0u8, rx), |(n, mut rx)| async move {
             if n < 3 {
                 tokio::time::sleep(Duration::from_millis(500)).await;
-                return Some((Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"trickle")), (n + 1, rx)));
+                return Some((
+                    Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"trickle")),
+                    (n + 1, rx),
+                ));
             }
             rx.recv().await;
             None

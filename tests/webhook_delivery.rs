@@ -128,13 +128,12 @@ async fn signed_events_are_retried_and_slow_receivers_do_not_slow_pushes() {
         .unwrap();
     d.store()
         .create(&NewWebhook {
-            name: "slow",
-            uri: &format!("http://{slow_addr}/hook"),
-            actions: &["push".into()],
-            scope: None,
-            headers: &Default::default(),
-            secret: None,
             allow_private: true,
+            ..NewWebhook::new(
+                "slow",
+                &format!("http://{slow_addr}/hook"),
+                &["push".into()],
+            )
         })
         .unwrap();
     // Listing never shows the secret or header values.
@@ -446,13 +445,8 @@ async fn events_committed_while_no_dispatcher_runs_are_delivered_once() {
     let d = Dispatcher::start(reg.registry(), dir.path(), opts.clone()).unwrap();
     d.store()
         .create(&NewWebhook {
-            name: "hook",
-            uri: &format!("http://{addr}/hook"),
-            actions: &["push".into()],
-            scope: None,
-            headers: &Default::default(),
-            secret: None,
             allow_private: true,
+            ..NewWebhook::new("hook", &format!("http://{addr}/hook"), &["push".into()])
         })
         .unwrap();
     // Let the first start record where the outbox ends, then stop it.

@@ -524,8 +524,17 @@ mod tests {
     fn json_value() -> impl proptest::strategy::Strategy<Value = Value> {
         use proptest::prelude::*;
         let keys = prop::sample::select(vec![
-            "schemaVersion", "mediaType", "config", "layers", "manifests", "subject",
-            "digest", "size", "urls", "artifactType", "annotations",
+            "schemaVersion",
+            "mediaType",
+            "config",
+            "layers",
+            "manifests",
+            "subject",
+            "digest",
+            "size",
+            "urls",
+            "artifactType",
+            "annotations",
         ]);
         let leaf = prop_oneof![
             Just(Value::Null),

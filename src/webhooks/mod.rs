@@ -529,47 +529,27 @@ mod tests {
         let mode = std::fs::metadata(s.path()).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         s.create(&NewWebhook {
-            name: "h",
-            uri: "http://127.0.0.1:9/",
-            actions: &["push".into()],
-            scope: None,
-            headers: &Default::default(),
-            secret: None,
             allow_private: true,
+            ..NewWebhook::new("h", "http://127.0.0.1:9/", &["push".into()])
         })
         .unwrap();
         assert!(matches!(
             s.create(&NewWebhook {
-                name: "h",
-                uri: "http://127.0.0.1:9/",
-                actions: &["push".into()],
-                scope: None,
-                headers: &Default::default(),
-                secret: None,
-                allow_private: true
+                allow_private: true,
+                ..NewWebhook::new("h", "http://127.0.0.1:9/", &["push".into()])
             }),
             Err(WebhookError::Exists(_))
         ));
         assert!(s
             .create(&NewWebhook {
-                name: "bad",
-                uri: "ftp://x/",
-                actions: &["push".into()],
-                scope: None,
-                headers: &Default::default(),
-                secret: None,
-                allow_private: true
+                allow_private: true,
+                ..NewWebhook::new("bad", "ftp://x/", &["push".into()])
             })
             .is_err());
         assert!(s
             .create(&NewWebhook {
-                name: "bad",
-                uri: "http://x/",
-                actions: &["pull".into()],
-                scope: None,
-                headers: &Default::default(),
-                secret: None,
-                allow_private: true
+                allow_private: true,
+                ..NewWebhook::new("bad", "http://x/", &["pull".into()])
             })
             .is_err());
         let a = s.enqueue("h", "e1", "push", "{}", true).unwrap();

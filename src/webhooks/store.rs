@@ -81,6 +81,22 @@ pub struct NewWebhook<'a> {
     pub allow_private: bool,
 }
 
+impl<'a> NewWebhook<'a> {
+    /// A webhook with no scope, headers or secret, for public receivers only.
+    pub fn new(name: &'a str, uri: &'a str, actions: &'a [String]) -> NewWebhook<'a> {
+        static NO_HEADERS: BTreeMap<String, String> = BTreeMap::new();
+        NewWebhook {
+            name,
+            uri,
+            actions,
+            scope: None,
+            headers: &NO_HEADERS,
+            secret: None,
+            allow_private: false,
+        }
+    }
+}
+
 pub struct WebhookStore {
     path: PathBuf,
     conn: Mutex<Connection>,
