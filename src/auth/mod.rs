@@ -1,12 +1,12 @@
-//! Registry access control: identities (admin user, tokens with argon2-hashed passwords,
-//! scope maps), the Docker token flow (JWTs with distribution's `access` claim) and a
-//! brute-force brake on the token endpoint.
+//! Access control: identities (admin user, tokens with argon2-hashed passwords, scope
+//! maps with registry and task permissions), the Docker token flow (JWTs with
+//! distribution's `access` claim) and the brakes on logins (bounded hashing, lockouts).
 //!
-//! [`Auth`] is the reusable gate: [`http::token_router`] serves `/oauth2/token`, and
+//! [`Auth`] is the reusable gate: [`http::token_router`] serves `/oauth2/token`,
 //! [`Auth::authorize`] checks a request's `Authorization: Bearer` against the access it
 //! needs, returning an [`http::AuthFailure`] that renders as 401 (with the challenge),
-//! 403 DENIED or 429. The registry wires it in `registry::routes`; any other axum API
-//! can do the same from a `middleware::from_fn_with_state`.
+//! 403 DENIED or 429, and [`Auth::authorize_tasks`] checks a task-API request (basic or
+//! bearer). The registry wires it in `registry::routes`, the task API in `server::guard`.
 
 pub mod http;
 pub mod jwt;
