@@ -496,8 +496,16 @@ async fn a_login_flood_neither_exhausts_the_server_nor_locks_out_the_owner() {
         }
         assert_eq!(r.status(), 401);
     }
-    assert!(refused.is_some(), "spraying from one address was never refused");
-    let r = sprayer.get(&url).basic_auth("ci", Some(&p)).send().await.unwrap();
+    assert!(
+        refused.is_some(),
+        "spraying from one address was never refused"
+    );
+    let r = sprayer
+        .get(&url)
+        .basic_auth("ci", Some(&p))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 429);
     assert!(r.headers().contains_key("retry-after"));
     // The owner's own address is still fine.
