@@ -6,6 +6,7 @@ pub mod cli;
 pub mod dockerfile;
 pub mod exec;
 pub mod listen;
+pub mod netaddr;
 pub mod plan;
 pub mod policy;
 pub mod registry;

@@ -39,5 +39,8 @@ fn quick_build_without_an_image_value_is_refused_before_running() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("quick-build.yaml:7:"), "{err}");
+    assert!(
+        err.contains("quick-build.yaml:7:25: template: give the image with --set image=NAME:TAG"),
+        "{err}"
+    );
 }

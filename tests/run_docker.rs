@@ -230,13 +230,22 @@ fn secrets_are_substituted_and_masked_in_logs_and_report() {
     assert!(run.logged("use", "token is ***"), "{}", run.stderr());
     assert!(!run.stderr().contains("s3cr3t-value"));
     assert!(!run.report.to_string().contains("s3cr3t-value"));
-    let missing = run_task(&data("secrets.yaml"), &[]);
-    assert_eq!(missing.status(), "Failed");
-    let err = missing.step("use")["error"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    assert!(err.contains("secret `token` has no value"), "{err}");
+    // A declared secret without a value is refused before anything runs, where it is
+    // declared, with the fix.
+    let missing = Command::new(bin())
+        .arg("run")
+        .arg(data("secrets.yaml"))
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        err.contains(
+            "secrets.yaml:4:9: secret `token` has no value; pass it with --secret token=VALUE"
+        ),
+        "{err}"
+    );
+    assert!(!err.contains("not declared"), "{err}");
 }
 
 #[test]

@@ -32,32 +32,64 @@ fn valid_file_exits_zero_with_summary() {
     assert_eq!(code, 0);
     assert_eq!(out, "valid: 7 steps, 4 levels\n");
     let (code, out, _) = acr_task(&["validate", f.to_str().unwrap(), "--output", "json"]);
-    assert_eq!((code, out.as_str()), (0, "[]\n"));
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        v,
+        serde_json::json!({"valid": true, "errors": [], "warnings": []})
+    );
+}
+
+#[test]
+fn what_acr_ignores_is_a_warning_and_strict_makes_it_an_error() {
+    let f = data("warn/unknown-step-field.yaml");
+    let (code, out, err) = acr_task(&["validate", f.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "valid: 1 steps, 1 levels, 1 warning\n");
+    assert_eq!(
+        err,
+        format!(
+            "{}:5:5: warning: unknown field `ignoreError` in a step is ignored, as ACR ignores it; did you mean `ignoreErrors`?\n",
+            f.display()
+        )
+    );
+    let (code, out, _) = acr_task(&["validate", f.to_str().unwrap(), "-o", "json"]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["valid"], true);
+    assert_eq!(v["errors"], serde_json::json!([]));
+    assert_eq!(v["warnings"][0]["line"], 5);
+    assert_eq!(v["warnings"][0]["severity"], "warning");
+    let (code, _, err) = acr_task(&["validate", f.to_str().unwrap(), "--strict"]);
+    assert_eq!(code, 1);
+    assert!(err.contains(":5:5: unknown field `ignoreError`"), "{err}");
+    assert!(!err.contains("warning:"), "{err}");
 }
 
 #[test]
 fn invalid_file_exits_one_with_diagnostics() {
-    let f = data("invalid/unknown-step-field.yaml");
+    let f = data("invalid/push-not-a-list.yaml");
     let (code, out, err) = acr_task(&["validate", f.to_str().unwrap()]);
     assert_eq!(code, 1);
     assert_eq!(out, "");
     assert_eq!(
         err,
         format!(
-            "{}:5:5: unknown field `ignoreError` in a step; did you mean `ignoreErrors`?\n",
+            "{}:3:11: `push` takes a list: `push: [\"app\"]`\n",
             f.display()
         )
     );
     let (code, out, _) = acr_task(&["validate", f.to_str().unwrap(), "-o", "json"]);
     assert_eq!(code, 1);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(v[0]["line"], 5);
-    assert_eq!(v[0]["column"], 5);
-    assert_eq!(v[0]["file"], f.display().to_string());
+    assert_eq!(v["valid"], false);
+    let e = &v["errors"][0];
     assert_eq!(
-        v[0]["message"],
-        "unknown field `ignoreError` in a step; did you mean `ignoreErrors`?"
+        (e["line"].as_u64(), e["column"].as_u64()),
+        (Some(3), Some(11))
     );
+    assert_eq!(e["file"], f.display().to_string());
+    assert_eq!(e["message"], "`push` takes a list: `push: [\"app\"]`");
 }
 
 #[test]
@@ -89,20 +121,39 @@ fn values_file_and_set() {
         (0, "valid: 1 steps, 1 levels\n"),
         "{err}"
     );
-    let printed = data("invalid/missing-value.yaml");
+    // A missing value that is printed renders empty, as in ACR, with a warning.
+    let printed = data("warn/undeclared-secret.yaml");
     let (code, _, err) = acr_task(&["validate", printed.to_str().unwrap()]);
-    assert_eq!(code, 1);
-    assert!(err.contains("template: no value for `"), "{err}");
-    // ACR's behaviour on request: missing values render as nothing.
-    let (code, out, err) = acr_task(&["validate", f.to_str().unwrap(), "--empty-missing-values"]);
-    assert_eq!(
-        (code, out.as_str()),
-        (0, "valid: 1 steps, 1 levels\n"),
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("warning: secret `token` has no value"),
         "{err}"
     );
     let (code, _, err) = acr_task(&["validate", f.to_str().unwrap(), "--set", "oops"]);
     assert_eq!(code, 1);
     assert!(err.contains("`oops` is not of the form key=value"), "{err}");
+    // `--set` keys are used as written, as acb uses them.
+    let dir = tempfile::tempdir().unwrap();
+    let t = dir.path().join("t.yaml");
+    std::fs::write(
+        &t,
+        "steps:\n  - cmd: busybox echo {{ index .Values \"a.b\" }}-{{ .Values.x }}\n",
+    )
+    .unwrap();
+    let (code, out, err) = acr_task(&[
+        "run",
+        t.to_str().unwrap(),
+        "--dry-run",
+        "-o",
+        "json",
+        "--set",
+        "a.b=c",
+        "--set",
+        "x=1,y=2",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let plan: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(plan["steps"][0]["what"], "busybox echo c-1,y=2", "{plan}");
 }
 
 #[test]

@@ -1,5 +1,7 @@
-//! Data-driven: every file under tests/data/tasks/valid loads and plans; every file under
-//! tests/data/tasks/invalid fails with exactly the diagnostics in its `.expected` file.
+//! Data-driven: every file under tests/data/tasks/valid loads and plans with no warning;
+//! every file under tests/data/tasks/warn loads (as ACR accepts it) with exactly the
+//! warnings in its `.expected` file; every file under tests/data/tasks/invalid fails with
+//! exactly the diagnostics in its `.expected` file.
 //! A `NAME.values.yaml` next to `NAME.yaml` supplies `.Values`.
 //! Regenerate the expected files after a deliberate message change with
 //! `ACR_TASK_UPDATE_EXPECTED=1 cargo test --test task_corpus` (then review the diff).
@@ -47,10 +49,40 @@ fn values_for(path: &Path) -> Values {
     }
 }
 
-fn load(path: &Path) -> Result<task::Task, task::Diagnostics> {
+fn load(path: &Path) -> Result<task::Loaded, task::Diagnostics> {
     let name = path.file_name().unwrap().to_string_lossy().into_owned();
     let text = std::fs::read_to_string(path).unwrap();
-    task::load_str(&name, &text, &run(), &values_for(path))
+    let options = task::LoadOptions {
+        alias_dir: path.parent().map(Path::to_path_buf),
+        ..task::LoadOptions::default()
+    };
+    task::load_str_checked(&name, &text, &run(), &values_for(path), &options, &|_| {
+        Vec::new()
+    })
+}
+
+/// Compares `got` with `path`'s `.expected` file (or writes it when updating).
+fn expect(path: &Path, got: &str, failures: &mut Vec<String>) {
+    for line in got.lines() {
+        let mut parts = line.splitn(4, ':');
+        let (_, l, c) = (parts.next(), parts.next(), parts.next());
+        let ok = matches!((l.and_then(|l| l.parse::<usize>().ok()), c.and_then(|c| c.parse::<usize>().ok())), (Some(l), Some(c)) if l > 0 && c > 0)
+            || line.contains("the task has no steps");
+        assert!(ok, "{}: diagnostic without a place: {line}", path.display());
+    }
+    let expected_path = path.with_extension("expected");
+    if std::env::var_os("ACR_TASK_UPDATE_EXPECTED").is_some() {
+        std::fs::write(&expected_path, got).unwrap();
+        return;
+    }
+    let expected = std::fs::read_to_string(&expected_path)
+        .unwrap_or_else(|_| panic!("missing {}", expected_path.display()));
+    if expected != got {
+        failures.push(format!(
+            "{}:\n--- expected\n{expected}--- got\n{got}",
+            path.display()
+        ));
+    }
 }
 
 #[test]
@@ -59,18 +91,21 @@ fn valid_files_load_and_plan() {
     assert!(files.len() >= 25, "corpus shrank: {}", files.len());
     let mut failures = Vec::new();
     for f in &files {
-        // By path, so that relative `alias.src` files are found next to the task file.
-        match task::load_file(f, &run(), &values_for(f)) {
-            Ok(t) => {
+        match load(f) {
+            Ok(task::Loaded { warnings, .. }) if !warnings.is_empty() => failures.push(format!(
+                "{}: warnings:\n{}",
+                f.display(),
+                task::Diagnostics(warnings)
+            )),
+            Ok(task::Loaded { task: t, .. }) => {
                 let plan = Plan::new(&t).unwrap();
                 assert_eq!(plan.len(), t.steps.len());
                 assert!(t
                     .steps
                     .iter()
                     .all(|s| s.kind().is_some() && !s.id.is_empty()));
-                // Nothing of the template or alias syntax is left after loading, except
-                // secrets, which are resolved when the step runs.
-                let dump = format!("{t:?}").replace("{{.Secrets.", "");
+                // Nothing of the template or alias syntax is left after loading.
+                let dump = format!("{t:?}");
                 assert!(!dump.contains("{{"), "{}: unrendered template", f.display());
                 assert!(
                     !dump.contains("$Registry"),
@@ -89,37 +124,33 @@ fn valid_files_load_and_plan() {
 }
 
 #[test]
+fn files_with_warnings_load_with_exactly_those_warnings() {
+    let files = task_files("tests/data/tasks/warn");
+    assert!(files.len() >= 8, "corpus shrank: {}", files.len());
+    let mut failures = Vec::new();
+    for f in &files {
+        match load(f) {
+            Ok(l) if l.warnings.is_empty() => failures.push(format!("{}: no warning", f.display())),
+            Ok(l) => expect(
+                f,
+                &format!("{}\n", task::Diagnostics(l.warnings)),
+                &mut failures,
+            ),
+            Err(d) => failures.push(format!("{}: refused:\n{d}", f.display())),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
 fn invalid_files_give_exact_diagnostics() {
     let files = task_files("tests/data/tasks/invalid");
     assert!(files.len() >= 30, "corpus shrank: {}", files.len());
-    let update = std::env::var_os("ACR_TASK_UPDATE_EXPECTED").is_some();
     let mut failures = Vec::new();
     for f in &files {
-        let got = match load(f) {
-            Ok(_) => {
-                failures.push(format!("{}: accepted", f.display()));
-                continue;
-            }
-            Err(d) => format!("{d}\n"),
-        };
-        for line in got.lines() {
-            let mut parts = line.splitn(4, ':');
-            let (_, l, c) = (parts.next(), parts.next(), parts.next());
-            let ok = matches!((l.and_then(|l| l.parse::<usize>().ok()), c.and_then(|c| c.parse::<usize>().ok())), (Some(l), Some(c)) if l > 0 && c > 0);
-            assert!(ok, "{}: diagnostic without a place: {line}", f.display());
-        }
-        let expected_path = f.with_extension("expected");
-        if update {
-            std::fs::write(&expected_path, &got).unwrap();
-            continue;
-        }
-        let expected = std::fs::read_to_string(&expected_path)
-            .unwrap_or_else(|_| panic!("missing {}", expected_path.display()));
-        if expected != got {
-            failures.push(format!(
-                "{}:\n--- expected\n{expected}--- got\n{got}",
-                f.display()
-            ));
+        match load(f) {
+            Ok(_) => failures.push(format!("{}: accepted", f.display())),
+            Err(d) => expect(f, &format!("{d}\n"), &mut failures),
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));

@@ -161,7 +161,7 @@ fn every_field_is_read() {
     assert_eq!(t.volumes[0].secret["settings.json"], "eyJhIjogMX0=");
     let b = &t.steps[0];
     assert_eq!((b.timeout, b.retries, b.retry_delay), (Some(1200), 2, 10));
-    assert_eq!((b.download_retries, b.download_retry_delay), (3, 5));
+    assert_eq!((b.cmd_download_retries, b.cmd_download_retry_delay), (3, 5));
     assert_eq!(b.cache.as_deref(), Some("enabled"));
     let s = &t.steps[1];
     assert!(s.detach && s.disable_working_directory_override);

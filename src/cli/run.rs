@@ -16,7 +16,7 @@ use crate::registry::{RegistryConfig, RunningRegistry};
 use crate::runtime::docker::DockerRuntime;
 use crate::runtime::runner;
 use crate::server::runner::{resolve_context, run_info};
-use crate::task::{LoadOptions, Step, Task};
+use crate::task::{self, LoadOptions, Step, Task};
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -38,10 +38,9 @@ pub struct RunArgs {
     /// Registry to push to (`HOST:PORT`). Default: the integrated registry, started in-process.
     #[arg(long)]
     pub registry: Option<String>,
-    /// Print a missing `.Values.x` as nothing, as ACR does, instead of reporting it
-    /// (missing values in `if`, `default`, ... are fine either way).
+    /// Warnings (what ACR accepts but is likely a mistake) are errors.
     #[arg(long)]
-    pub empty_missing_values: bool,
+    pub strict: bool,
     /// Print the rendered plan (levels, dependencies, critical path) without touching Docker.
     #[arg(long)]
     pub dry_run: bool,
@@ -202,24 +201,6 @@ fn print_report(report: &RunReport, output: Output) -> anyhow::Result<ExitCode> 
     })
 }
 
-/// `ID=VALUE` or `ID` (value from the environment variable of that name).
-fn parse_secrets(args: &[String]) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
-    let mut out = std::collections::BTreeMap::new();
-    for a in args {
-        let (id, value) = match a.split_once('=') {
-            Some((id, v)) => (id.to_string(), v.to_string()),
-            None => {
-                let v = std::env::var(a).with_context(|| {
-                    format!("--secret {a}: environment variable {a} is not set")
-                })?;
-                (a.clone(), v)
-            }
-        };
-        out.insert(id, value);
-    }
-    Ok(out)
-}
-
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let scratch = tempfile::tempdir().context("creating a temp dir")?;
     let (context, git) = resolve_context(args.context.as_deref(), &args.file, scratch.path())?;
@@ -233,10 +214,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let run_id = new_run_id();
     let mut cfg = RunConfig::for_run(&run_id, context.clone(), args.max_parallel);
-    cfg.secrets = parse_secrets(&args.secrets)?;
+    cfg.secrets = validate::parse_secrets(&args.secrets).map_err(anyhow::Error::msg)?;
     cfg.platform = args.platform.clone();
+    // Alias files are read from the context, as ACR reads them from where it runs.
     let options = LoadOptions {
-        empty_missing_values: args.empty_missing_values,
+        strict: args.strict,
+        alias_dir: Some(context.clone()),
+        secrets: cfg.secrets.clone(),
+        secrets_required: !args.dry_run,
         ..LoadOptions::default()
     };
     let policy = match validate::policy_arg(args.policy.as_deref()) {
@@ -273,15 +258,27 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             &options,
             &policy,
         );
+        let masker = crate::exec::secrets::Masker::new(cfg.secrets.values());
+        // Diagnostics quote the rendered file, which holds the secrets' values.
+        let mask = |d: Vec<task::Diagnostic>| -> Vec<task::Diagnostic> {
+            d.into_iter()
+                .map(|mut x| {
+                    x.message = masker.mask(&x.message);
+                    x
+                })
+                .collect()
+        };
         let result = match loaded {
             Err(d) => {
-                validate::print_diagnostics(&d, args.output);
+                validate::print_diagnostics(&task::Diagnostics(mask(d.0)), args.output);
                 Ok(ExitCode::FAILURE)
             }
-            Ok((task, plan)) => match execute(task, plan, cfg, policy, args.output).await {
-                Ok(report) => print_report(&report, args.output),
-                Err(e) => Err(e),
-            },
+            Ok((loaded, plan)) => {
+                validate::print_warnings(&mask(loaded.warnings));
+                execute(loaded.task, plan, cfg, policy, args.output)
+                    .await
+                    .and_then(|report| print_report(&report, args.output))
+            }
         };
         if let Some(reg) = integrated {
             reg.shutdown().await;

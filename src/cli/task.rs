@@ -405,6 +405,16 @@ fn short(c: &str) -> String {
 }
 
 fn print_task(v: &Value, output: Output) -> anyhow::Result<()> {
+    // What the task file gets away with in ACR but is likely a mistake.
+    for w in v["warnings"].as_array().into_iter().flatten() {
+        eprintln!(
+            "{}:{}:{}: warning: {}",
+            s(&w["file"]),
+            s(&w["line"]),
+            s(&w["column"]),
+            s(&w["message"])
+        );
+    }
     if output == Output::Json {
         return print_json(v);
     }

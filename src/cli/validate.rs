@@ -19,10 +19,14 @@ pub struct ValidateArgs {
     /// Override a value: `--set key=value` (repeatable; later wins).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
-    /// Print a missing `{{.Values.x}}` as empty text, as ACR does, instead of reporting it
-    /// (missing values in `if`, `default`, ... are fine either way).
+    /// A secret's value: `--secret ID=VALUE`, or `--secret ID` to read the environment
+    /// variable ID. Declared secrets without one render as `<secret:ID>`.
+    #[arg(long = "secret", value_name = "ID[=VALUE]")]
+    pub secrets: Vec<String>,
+    /// Warnings (what ACR accepts but is likely a mistake: unknown fields, keys given
+    /// twice, values that render empty) are errors.
     #[arg(long)]
-    pub empty_missing_values: bool,
+    pub strict: bool,
     /// Also check the file against this sandbox policy (as `serve --policy` takes it),
     /// reporting what a server with it would refuse.
     #[arg(long, value_name = "FILE")]
@@ -39,10 +43,37 @@ pub fn policy_arg(path: Option<&Path>) -> Result<Policy, Diagnostics> {
     }
 }
 
+/// `--secret ID=VALUE` or `--secret ID` (the value from the environment variable ID).
+pub fn parse_secrets(
+    args: &[String],
+) -> Result<std::collections::BTreeMap<String, String>, String> {
+    let mut out = std::collections::BTreeMap::new();
+    for a in args {
+        let (id, value) = match a.split_once('=') {
+            Some((id, v)) => (id.to_string(), v.to_string()),
+            None => {
+                let v = std::env::var(a)
+                    .map_err(|_| format!("--secret {a}: environment variable {a} is not set"))?;
+                (a.clone(), v)
+            }
+        };
+        out.insert(id, value);
+    }
+    Ok(out)
+}
+
 pub fn validate(args: ValidateArgs) -> ExitCode {
     let run = RunInfo::placeholder(&args.file);
+    let secrets = match parse_secrets(&args.secrets) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let options = LoadOptions {
-        empty_missing_values: args.empty_missing_values,
+        strict: args.strict,
+        secrets,
         ..LoadOptions::default()
     };
     let policy = match policy_arg(args.policy.as_deref()) {
@@ -60,22 +91,47 @@ pub fn validate(args: ValidateArgs) -> ExitCode {
         &options,
         &policy,
     ) {
-        Ok((task, plan)) => {
+        Ok((loaded, plan)) => {
             if args.output == Output::Json {
-                println!("[]");
+                print_report(true, &loaded.warnings);
             } else {
+                print_warnings(&loaded.warnings);
+                let n = loaded.warnings.len();
                 println!(
-                    "valid: {} steps, {} levels",
-                    task.steps.len(),
-                    plan.levels().len()
+                    "valid: {} steps, {} levels{}",
+                    loaded.task.steps.len(),
+                    plan.levels().len(),
+                    match n {
+                        0 => String::new(),
+                        1 => ", 1 warning".into(),
+                        n => format!(", {n} warnings"),
+                    }
                 );
             }
             ExitCode::SUCCESS
         }
         Err(d) => {
-            print_diagnostics(&d, args.output);
+            if args.output == Output::Json {
+                print_report(false, &d.0);
+            } else {
+                print_diagnostics(&d, args.output);
+            }
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `validate -o json`: `{"valid": .., "errors": [..], "warnings": [..]}`.
+fn print_report(valid: bool, diags: &[task::Diagnostic]) {
+    let (warnings, errors): (Vec<_>, Vec<_>) = diags.iter().partition(|d| d.is_warning());
+    let v = serde_json::json!({"valid": valid, "errors": errors, "warnings": warnings});
+    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+}
+
+/// Warnings on stderr, one `file:line:column: warning: message` per line.
+pub fn print_warnings(warnings: &[task::Diagnostic]) {
+    for w in warnings {
+        eprintln!("{w}");
     }
 }
 
@@ -89,7 +145,7 @@ pub fn load(
     run: &RunInfo,
     options: &LoadOptions,
     policy: &Policy,
-) -> Result<(Task, Plan), Diagnostics> {
+) -> Result<(task::Loaded, Plan), Diagnostics> {
     let mut vals = match values {
         Some(p) => Values::from_file(p)?,
         None => Values::default(),
@@ -99,7 +155,7 @@ pub fn load(
             .map_err(|m| Diagnostics(vec![task::Diagnostic::new("--set", 0, 0, m)]))?;
     }
     let text = task::read_text(file)?;
-    let task = task::load_str_checked(
+    let loaded = task::load_str_checked(
         &file.display().to_string(),
         &text,
         run,
@@ -109,7 +165,7 @@ pub fn load(
     )?;
     // load_file has already reported every plan problem, so this cannot fail; keep the
     // error path anyway rather than trusting that.
-    let plan = Plan::new(&task).map_err(|e| {
+    let plan = Plan::new(&loaded.task).map_err(|e| {
         Diagnostics(vec![task::Diagnostic::new(
             &file.display().to_string(),
             0,
@@ -117,7 +173,7 @@ pub fn load(
             e.to_string(),
         )])
     })?;
-    Ok((task, plan))
+    Ok((loaded, plan))
 }
 
 /// Diagnostics: one `file:line:column: message` per line on stderr, or a JSON array on
@@ -146,7 +202,10 @@ pub fn dry_run(
     output: Output,
 ) -> ExitCode {
     match load(file, values, set, run, options, policy) {
-        Ok((task, plan)) => print_plan(&task, &plan, output),
+        Ok((loaded, plan)) => {
+            print_warnings(&loaded.warnings);
+            print_plan(&loaded.task, &plan, output)
+        }
         Err(d) => {
             print_diagnostics(&d, output);
             ExitCode::FAILURE

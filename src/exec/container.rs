@@ -114,7 +114,14 @@ pub fn spec(s: &Setting<'_>) -> ContainerSpec {
         read_only: flags.read_only,
         tty: flags.tty,
         limits: Limits {
-            nano_cpus: flags.nano_cpus,
+            // `cpus: 1.5` on the step, unless `cmd` says `--cpus`.
+            nano_cpus: flags.nano_cpus.or_else(|| {
+                step.cpus
+                    .as_deref()
+                    .and_then(|c| c.trim().parse::<f64>().ok())
+                    .filter(|c| *c > 0.0 && c.is_finite())
+                    .map(|c| (c * 1e9) as i64)
+            }),
             memory: flags.memory,
             pids: flags.pids_limit,
         },

@@ -414,44 +414,20 @@ impl<R: Runtime> Ctx<R> {
         self.masker.mask(text)
     }
 
-    /// The step (and the task env it gets) with `{{.Secrets.id}}` replaced by values.
-    fn with_secrets(&self, step: &Step) -> Result<Step, String> {
+    /// The step with the task's env before its own (a step's entry wins, being later).
+    fn with_task_env(&self, step: &Step) -> Step {
         let mut step = step.clone();
         let mut env = self.task.env.clone();
         env.append(&mut step.env);
-        let sub = |s: &mut String| -> Result<(), String> {
-            *s = substitute_secrets(s, &self.cfg.secrets)?;
-            Ok(())
-        };
-        for s in step
-            .cmd
-            .iter_mut()
-            .chain(step.build.iter_mut())
-            .chain(step.entry_point.iter_mut())
-        {
-            sub(s)?;
-        }
-        for s in step.push.iter_mut().flatten().chain(env.iter_mut()) {
-            sub(s)?;
-        }
         step.env = env;
-        Ok(step)
+        step
     }
 
     async fn run_step(self: Arc<Self>, i: usize, cancel: CancellationToken) -> StepReport {
         let started = Instant::now();
         let mut attempts = 0;
         let mut last = Attempt::with(Status::Succeeded, None);
-        let step = match self.with_secrets(&self.task.steps[i]) {
-            Ok(s) => s,
-            Err(e) => {
-                let mut r = skipped(&self.task.steps[i]);
-                r.status = Status::Failed;
-                r.error = Some(e);
-                return r;
-            }
-        };
-        let step = &step;
+        let step = &self.with_task_env(&self.task.steps[i]);
         let timeout = Duration::from_secs(step.effective_timeout(&self.task));
         let base_name = container_name(&self.cfg.run_id, &step.id);
         let log = self.log_sink(i);
@@ -474,8 +450,22 @@ impl<R: Runtime> Ctx<R> {
                         step: i,
                         attempt: attempts,
                     });
+                    // `retryOnErrors`: whether this attempt's output named one of them.
+                    let matched = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                    let attempt_log: LogSink = if step.retry_on_errors.is_empty() {
+                        log.clone()
+                    } else {
+                        let (log, matched, needles) =
+                            (log.clone(), matched.clone(), step.retry_on_errors.clone());
+                        Arc::new(move |line: String| {
+                            if needles.iter().any(|n| line.contains(n.as_str())) {
+                                matched.store(true, std::sync::atomic::Ordering::SeqCst);
+                            }
+                            log(line)
+                        })
+                    };
                     last = tokio::select! {
-                        r = tokio::time::timeout(timeout, self.attempt(step, &name, &log)) => match r {
+                        r = tokio::time::timeout(timeout, self.attempt(step, &name, &attempt_log)) => match r {
                             Ok(a) => a,
                             Err(_) => Attempt::with(Status::TimedOut, Some(format!("step {} timed out after {} s", step.id, timeout.as_secs()))),
                         },
@@ -486,6 +476,16 @@ impl<R: Runtime> Ctx<R> {
                         self.remove_later(name);
                     }
                     if matches!(last.status, Status::Succeeded | Status::Canceled) {
+                        break;
+                    }
+                    let named = matched.load(std::sync::atomic::Ordering::SeqCst)
+                        || last.error.as_deref().is_some_and(|e| {
+                            step.retry_on_errors.iter().any(|n| e.contains(n.as_str()))
+                        });
+                    if !step.retry_on_errors.is_empty() && !named {
+                        if retry < step.retries {
+                            log("the failure names none of `retryOnErrors`: not retried".into());
+                        }
                         break;
                     }
                     if retry < step.retries {
@@ -560,11 +560,21 @@ impl<R: Runtime> Ctx<R> {
             PullPolicy::Missing
         };
         let platform = self.platform();
-        if let Err(e) = self
-            .ensure_image(&image, policy, platform.as_deref(), log)
-            .await
-        {
-            return Attempt::failed(format!("step {}: {e}", step.id));
+        // `cmdDownloadRetries`: more tries of the pull, `cmdDownloadRetryDelay` apart.
+        let mut tries = 0;
+        loop {
+            match self
+                .ensure_image(&image, policy, platform.as_deref(), log)
+                .await
+            {
+                Ok(()) => break,
+                Err(e) if tries < step.cmd_download_retries => {
+                    tries += 1;
+                    log(format!("pulling {image} failed ({e}); retry {tries}"));
+                    tokio::time::sleep(Duration::from_secs(step.cmd_download_retry_delay)).await;
+                }
+                Err(e) => return Attempt::failed(format!("step {}: {e}", step.id)),
+            }
         }
         let spec = self.container_spec(step, name, line);
         if step.detach {
@@ -806,36 +816,6 @@ fn workspace_path(p: &str) -> Result<String, String> {
     Ok(parts.join("/"))
 }
 
-/// Replaces `{{.Secrets.id}}` (as the loader leaves them) with their values.
-pub fn substitute_secrets(
-    text: &str,
-    secrets: &BTreeMap<String, String>,
-) -> Result<String, String> {
-    const OPEN: &str = "{{.Secrets.";
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(p) = rest.find(OPEN) {
-        out.push_str(&rest[..p]);
-        let after = &rest[p + OPEN.len()..];
-        let Some(end) = after.find("}}") else {
-            out.push_str(&rest[p..]);
-            return Ok(out);
-        };
-        let id = &after[..end];
-        match secrets.get(id) {
-            Some(v) => out.push_str(v),
-            None => {
-                return Err(format!(
-                    "secret `{id}` has no value; pass it with --secret {id}=VALUE"
-                ))
-            }
-        }
-        rest = &after[end + 2..];
-    }
-    out.push_str(rest);
-    Ok(out)
-}
-
 /// Sleeps; false when cancelled first.
 async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) -> bool {
     tokio::select! {
@@ -857,18 +837,6 @@ mod tests {
         s.exited_with.clear();
         s.exited_without = vec![2];
         assert!(exit_ok(&s, 1) && !exit_ok(&s, 2));
-    }
-
-    #[test]
-    fn secrets_are_substituted_and_masked() {
-        let secrets = BTreeMap::from([("pw".to_string(), "hunter2".to_string())]);
-        assert_eq!(
-            substitute_secrets("login -p {{.Secrets.pw}} x", &secrets).unwrap(),
-            "login -p hunter2 x"
-        );
-        assert!(substitute_secrets("{{.Secrets.other}}", &secrets)
-            .unwrap_err()
-            .contains("--secret other=VALUE"));
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! replaced by `***`: the value itself; each line of a multi-line value (a key file printed
 //! line by line arrives as separate log lines); its base64 (standard and URL-safe, with and
 //! without the trailing newline `echo` adds, whole and as the 76-column lines `base64`
-//! prints); and its JSON-escaped form.
+//! prints); and its JSON-escaped form. A multi-line value rendered into a quoted or plain
+//! YAML scalar reaches the step folded (lines joined by spaces, as YAML reads it, and as in
+//! ACR), so the folded form is masked in all those encodings too.
 
 use base64::Engine;
 
@@ -21,7 +23,15 @@ pub struct Masker {
 impl Masker {
     pub fn new<'a>(values: impl IntoIterator<Item = &'a String>) -> Masker {
         let mut needles: Vec<String> = Vec::new();
+        let mut all: Vec<String> = Vec::new();
         for v in values.into_iter().filter(|v| !v.is_empty()) {
+            all.push(v.clone());
+            if v.contains('\n') {
+                let folded: Vec<&str> = v.lines().map(str::trim).collect();
+                all.push(folded.join(" "));
+            }
+        }
+        for v in &all {
             needles.push(v.clone());
             if v.contains('\n') {
                 needles.extend(
@@ -105,6 +115,12 @@ mod tests {
         assert!(!m
             .mask(&serde_json::to_string(&key).unwrap())
             .contains("MIIEvQ"));
+        // Rendered into a quoted YAML scalar, a multi-line value arrives folded.
+        let m = Masker::new([&"line-one-AAAA\n  line-two-BBBB".to_string()]);
+        let folded =
+            base64::engine::general_purpose::STANDARD.encode("line-one-AAAA line-two-BBBB");
+        assert_eq!(m.mask(&folded), "***");
+        assert_eq!(m.mask("line-one-AAAA line-two-BBBB"), "***");
         // Short lines of a secret do not hide ordinary text.
         let m = Masker::new([&"a\n}\nsecretline".to_string()]);
         assert_eq!(m.mask("a } b"), "a } b");

@@ -95,7 +95,11 @@ pub fn router(state: Arc<ApiState>, guard: Arc<super::guard::ApiGuard>) -> Route
 }
 
 /// Checks a definition before it is stored: name, triggers, and the task file itself.
-async fn check_spec(spec: &TaskSpec, policy: &Arc<crate::policy::Policy>) -> Result<(), ApiErr> {
+/// Returns the task file's warnings (what ACR accepts but is likely a mistake).
+async fn check_spec(
+    spec: &TaskSpec,
+    policy: &Arc<crate::policy::Policy>,
+) -> Result<Vec<crate::task::Diagnostic>, ApiErr> {
     let name_ok = !spec.name.is_empty()
         && spec.name.len() <= 50
         && spec
@@ -163,7 +167,7 @@ async fn check_spec(spec: &TaskSpec, policy: &Arc<crate::policy::Policy>) -> Res
     }
     let (s, policy) = (spec.clone(), policy.clone());
     match tokio::task::spawn_blocking(move || runner::validate_spec(&s, &policy)).await {
-        Ok(Ok(())) => Ok(()),
+        Ok(Ok(warnings)) => Ok(warnings),
         Ok(Err(d)) => Err(ApiErr(
             StatusCode::BAD_REQUEST,
             json!({ "error": format!("the task file is invalid:\n{d}"), "diagnostics": d.0 }),
@@ -177,22 +181,31 @@ async fn list_tasks(State(s): St) -> Result<Json<Vec<TaskSpec>>, ApiErr> {
     Ok(Json(tasks.into_iter().map(redacted).collect()))
 }
 
+/// A stored task as answered, with its task file's warnings (if any).
+fn with_warnings(spec: TaskSpec, warnings: Vec<crate::task::Diagnostic>) -> serde_json::Value {
+    let mut v = serde_json::to_value(redacted(spec)).unwrap_or_default();
+    if !warnings.is_empty() {
+        v["warnings"] = json!(warnings);
+    }
+    v
+}
+
 async fn create_task(State(s): St, Json(spec): Json<TaskSpec>) -> Result<Response, ApiErr> {
-    check_spec(&spec, &s.policy).await?;
+    let warnings = check_spec(&spec, &s.policy).await?;
     if !s.queue.db().put_task(&spec, true).map_err(internal)? {
         return Err(err(
             StatusCode::CONFLICT,
             format!("task {} already exists", spec.name),
         ));
     }
-    Ok((StatusCode::CREATED, Json(redacted(spec))).into_response())
+    Ok((StatusCode::CREATED, Json(with_warnings(spec, warnings))).into_response())
 }
 
 async fn update_task(
     State(s): St,
     Path(name): Path<String>,
     Json(mut spec): Json<TaskSpec>,
-) -> Result<Json<TaskSpec>, ApiErr> {
+) -> Result<Json<serde_json::Value>, ApiErr> {
     if spec.name.is_empty() {
         spec.name = name.clone();
     }
@@ -208,11 +221,11 @@ async fn update_task(
                 .and_then(|c| c.secret);
         }
     }
-    check_spec(&spec, &s.policy).await?;
+    let warnings = check_spec(&spec, &s.policy).await?;
     if !s.queue.db().put_task(&spec, false).map_err(internal)? {
         return Err(err(StatusCode::NOT_FOUND, format!("no task {name}")));
     }
-    Ok(Json(redacted(spec)))
+    Ok(Json(with_warnings(spec, warnings)))
 }
 
 async fn show_task(State(s): St, Path(name): Path<String>) -> Result<Json<TaskSpec>, ApiErr> {

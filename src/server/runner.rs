@@ -203,30 +203,41 @@ pub fn task_text(spec: &TaskSpec, context: &Path) -> Result<(String, String), Di
 }
 
 /// Loads and plans a stored task's file for `info`, under `policy`: alias files only from
-/// the context, and what the policy refuses reported at its place in the file.
+/// the context (or public URLs), and what the policy refuses reported at its place in the
+/// file. With `secrets` (a run), they are rendered in and all declared ones must have a
+/// value; without (checking a definition), declared ones render as placeholders.
 pub fn load_task(
     spec: &TaskSpec,
     context: &Path,
     info: &RunInfo,
     policy: &Policy,
-) -> Result<(task::Task, Plan), Diagnostics> {
+    secrets: Option<&BTreeMap<String, String>>,
+) -> Result<(task::Loaded, Plan), Diagnostics> {
     let vals = task_values(spec)?;
     let (name, text) = task_text(spec, context)?;
     let options = LoadOptions {
+        alias_dir: Some(context.to_path_buf()),
         files_root: Some(context.to_path_buf()),
+        remote_alias: task::RemoteAlias::PublicOnly,
+        secrets: secrets.cloned().unwrap_or_default(),
+        secrets_required: secrets.is_some(),
         ..LoadOptions::default()
     };
-    let t = task::load_str_checked(&name, &text, info, &vals, &options, &|t| {
+    let loaded = task::load_str_checked(&name, &text, info, &vals, &options, &|t| {
         crate::policy::check_task(policy, t)
     })?;
-    let plan = Plan::new(&t)
+    let plan = Plan::new(&loaded.task)
         .map_err(|e| Diagnostics(vec![task::Diagnostic::new(&name, 0, 0, e.to_string())]))?;
-    Ok((t, plan))
+    Ok((loaded, plan))
 }
 
 /// Checks a task definition the way a run would load it (with placeholder run values)
 /// and against the policy; a git context is cloned at the task's branch to read its file.
-pub fn validate_spec(spec: &TaskSpec, policy: &Policy) -> Result<(), Diagnostics> {
+/// Returns the file's warnings.
+pub fn validate_spec(
+    spec: &TaskSpec,
+    policy: &Policy,
+) -> Result<Vec<task::Diagnostic>, Diagnostics> {
     let one = |m: String| Diagnostics(vec![task::Diagnostic::new("task", 0, 0, m)]);
     check_spec_paths(spec, policy).map_err(one)?;
     let scratch = tempfile::tempdir().map_err(|e| one(format!("temp dir: {e}")))?;
@@ -245,7 +256,7 @@ pub fn validate_spec(spec: &TaskSpec, policy: &Policy) -> Result<(), Diagnostics
     if let Some(p) = &spec.target_platform() {
         info.set_platform(p);
     }
-    load_task(spec, &context, &info, policy).map(|_| ())
+    load_task(spec, &context, &info, policy, None).map(|(l, _)| l.warnings)
 }
 
 /// What a definition names on the server's disk, against the policy: the local context
@@ -491,19 +502,29 @@ async fn run_on_docker(
     // Rendering untrusted templates runs off the async threads (and within its budgets).
     let loaded = {
         let (spec, context, policy) = (spec.clone(), context.clone(), policy.clone());
-        tokio::task::spawn_blocking(move || load_task(&spec, &context, &info, &policy)).await
+        let secrets = cfg.secrets.clone();
+        tokio::task::spawn_blocking(move || {
+            load_task(&spec, &context, &info, &policy, Some(&secrets))
+        })
+        .await
     };
+    let masker = exec::secrets::Masker::new(cfg.secrets.values());
     let loaded = match loaded {
         Ok(l) => l,
         Err(e) => return Outcome::failed(format!("loading the task file: {e}")),
     };
     let (task, plan) = match loaded {
-        Ok(tp) => tp,
+        Ok((l, plan)) => {
+            for w in &l.warnings {
+                log.line("acr-task", &masker.mask(&w.to_string()));
+            }
+            (l.task, plan)
+        }
         Err(d) => {
             for diag in &d.0 {
-                log.line("acr-task", &diag.to_string());
+                log.line("acr-task", &masker.mask(&diag.to_string()));
             }
-            let mut o = Outcome::failed(format!("the task file is invalid: {d}"));
+            let mut o = Outcome::failed(masker.mask(&format!("the task file is invalid: {d}")));
             o.commit = commit;
             return o;
         }

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use super::tree::{self, Node, Raw};
-use super::{Alias, Diagnostic};
+use super::{Alias, Diagnostic, RemoteAlias};
 
 /// Built-in aliases and the `.Run` field each stands for.
 pub const BUILTIN_ALIASES: &[(&str, &str)] = &[
@@ -22,6 +22,31 @@ pub const BUILTIN_ALIASES: &[(&str, &str)] = &[
     ("Branch", "{{.Run.Branch}}"),
     ("TaskName", "{{.Run.TaskName}}"),
 ];
+
+/// Image aliases (acb's Linux defaults): as the image of a `cmd` they name the image.
+/// `acr` is an image carrying acr-task itself (made on this machine, as the busybox
+/// runner is), so a step can talk to the run's registry; the others are acb's.
+pub const IMAGE_ALIASES: &[(&str, &str)] = &[
+    ("acr", ACR_IMAGE),
+    ("az", "mcr.microsoft.com/acr/azure-cli:2ff604c"),
+    ("bash", "mcr.microsoft.com/acr/bash:2ff604c"),
+    ("curl", "mcr.microsoft.com/acr/curl:2ff604c"),
+    ("cssc", "mcr.microsoft.com/acr/cssc:2ff604c"),
+];
+
+/// The image the `acr` alias names.
+pub const ACR_IMAGE: &str = "acr-task/acr:latest";
+
+/// The image an image alias names.
+pub fn image_alias(name: &str) -> Option<&'static str> {
+    IMAGE_ALIASES
+        .iter()
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| *v)
+}
+
+/// Largest alias file read or fetched.
+const MAX_ALIAS_FILE: u64 = 1024 * 1024;
 
 const DEFAULT_DIRECTIVE: char = '$';
 
@@ -97,6 +122,7 @@ impl Aliases {
         file: &str,
         base: &Path,
         root: Option<&Path>,
+        remote: RemoteAlias,
         node: Option<&Node>,
         diags: &mut Vec<Diagnostic>,
     ) -> (Aliases, Option<Alias>) {
@@ -185,7 +211,7 @@ impl Aliases {
                         },
                     }
                     if let Some(src) = node.get("src") {
-                        read_sources(file, base, root, src, &mut user, diags);
+                        read_sources(file, base, root, remote, src, &mut user, diags);
                     }
                 }
                 _ => diags.push(Diagnostic::new(
@@ -200,6 +226,7 @@ impl Aliases {
         }
         let mut table: BTreeMap<String, String> = BUILTIN_ALIASES
             .iter()
+            .chain(IMAGE_ALIASES)
             .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
             .collect();
         // User aliases win over the built-in ones, as in acr-builder.
@@ -265,12 +292,14 @@ impl Aliases {
     }
 }
 
-/// `alias.src`: YAML files of `name: replacement`. Names in `values` win, then later files
-/// over earlier ones (as in acr-builder). Remote URLs are refused: acr-task reads from disk.
+/// `alias.src`: YAML files of `name: replacement`, paths (relative to the run's context,
+/// as acb reads them relative to where it runs) or `http(s)://` URLs fetched with a 2 s
+/// timeout, as acb does. Names in `values` win, then later files over earlier ones.
 fn read_sources(
     file: &str,
     base: &Path,
     root: Option<&Path>,
+    remote: RemoteAlias,
     src: &Node,
     user: &mut BTreeMap<String, String>,
     diags: &mut Vec<Diagnostic>,
@@ -295,38 +324,50 @@ fn read_sources(
             diags.push(at("alias `src` entries must be file paths".into()));
             continue;
         };
-        if name.starts_with("http://") || name.starts_with("https://") {
-            diags.push(at(format!(
-                "remote alias file `{name}` is not supported; save it next to the task file and name it by path"
-            )));
-            continue;
-        }
-        let path = base.join(name);
-        if let Some(root) = root {
-            let inside = match (std::fs::canonicalize(&path), std::fs::canonicalize(root)) {
-                (Ok(p), Ok(r)) => p.starts_with(r),
-                _ => false,
-            };
-            if !inside {
-                diags.push(at(format!(
-                    "alias file `{name}` must be a file inside the task's context"
-                )));
-                continue;
+        let text = if name.starts_with("http://") || name.starts_with("https://") {
+            match fetch(name, remote) {
+                Ok(t) => t,
+                Err(e) => {
+                    diags.push(at(format!("cannot fetch alias file `{name}`: {e}")));
+                    continue;
+                }
             }
-        }
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) => {
-                diags.push(at(format!("cannot read alias file `{name}`: {e}")));
-                continue;
+        } else {
+            let path = base.join(name);
+            if let Some(root) = root {
+                let inside = match (std::fs::canonicalize(&path), std::fs::canonicalize(root)) {
+                    (Ok(p), Ok(r)) => p.starts_with(r),
+                    _ => false,
+                };
+                if !inside {
+                    diags.push(at(format!(
+                        "alias file `{name}` must be a file inside the task's context"
+                    )));
+                    continue;
+                }
+            }
+            let read = std::fs::File::open(&path).and_then(|f| {
+                use std::io::Read;
+                let mut t = String::new();
+                f.take(MAX_ALIAS_FILE).read_to_string(&mut t).map(|_| t)
+            });
+            match read {
+                Ok(t) => t,
+                Err(e) => {
+                    diags.push(at(format!("cannot read alias file `{name}`: {e}")));
+                    continue;
+                }
             }
         };
         let entries = match tree::parse(&text) {
-            Ok(Node {
-                raw: Raw::Map(entries),
-                ..
-            }) => entries,
-            Ok(Node { raw: Raw::Null, .. }) => Vec::new(),
+            Ok((
+                Node {
+                    raw: Raw::Map(entries),
+                    ..
+                },
+                _,
+            )) => entries,
+            Ok((Node { raw: Raw::Null, .. }, _)) => Vec::new(),
             Ok(_) => {
                 diags.push(at(format!(
                     "alias file `{name}` must be a mapping of names to replacements"
@@ -369,8 +410,65 @@ fn scalar_text(n: &Node) -> Option<String> {
 
 /// Parses the alias section text into its node (the value under `alias`).
 pub(crate) fn parse_section(text: &str) -> Result<Option<Node>, tree::YamlError> {
-    let root = tree::parse(text)?;
+    let (root, _) = tree::parse(text)?;
     Ok(root.get("alias").cloned())
+}
+
+/// Fetches an alias file over HTTP(S): 2 s, at most [`MAX_ALIAS_FILE`], a 2xx answer; with
+/// `PublicOnly`, only from a public address (the one checked is the one connected to).
+/// On its own thread with its own runtime, so any caller can wait for it.
+fn fetch(url: &str, remote: RemoteAlias) -> Result<String, String> {
+    let url = url.to_string();
+    std::thread::spawn(move || -> Result<String, String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        rt.block_on(async move {
+            let parsed = reqwest::Url::parse(&url).map_err(|e| e.to_string())?;
+            let mut builder = reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(2))
+                .redirect(reqwest::redirect::Policy::none());
+            if remote == RemoteAlias::PublicOnly {
+                let host = parsed.host_str().ok_or("no host")?.to_string();
+                let port = parsed.port_or_known_default().unwrap_or(443);
+                let addrs: Vec<std::net::SocketAddr> =
+                    tokio::net::lookup_host((host.trim_matches(['[', ']']), port))
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .collect();
+                let public = addrs
+                    .into_iter()
+                    .find(|a| crate::netaddr::is_public(a.ip()))
+                    .ok_or_else(|| format!("{host} is not a public address"))?;
+                builder = builder.resolve(&host, public);
+            }
+            let client = builder.build().map_err(|e| e.to_string())?;
+            let resp = client.get(parsed).send().await.map_err(|e| {
+                // reqwest's own words name the URL only; the causes say what went wrong.
+                let mut msg = String::from("the request failed");
+                let mut cause = std::error::Error::source(&e);
+                while let Some(c) = cause {
+                    msg = c.to_string();
+                    cause = c.source();
+                }
+                if e.is_timeout() {
+                    msg = "no answer within 2 s".into();
+                }
+                msg
+            })?;
+            if !resp.status().is_success() {
+                return Err(format!("HTTP {}", resp.status()));
+            }
+            let body = resp.bytes().await.map_err(|e| e.to_string())?;
+            if body.len() as u64 > MAX_ALIAS_FILE {
+                return Err(format!("larger than {MAX_ALIAS_FILE} bytes"));
+            }
+            String::from_utf8(body.to_vec()).map_err(|_| "not UTF-8 text".to_string())
+        })
+    })
+    .join()
+    .map_err(|_| "the fetch failed".to_string())?
 }
 
 #[cfg(test)]
@@ -380,7 +478,14 @@ mod tests {
     fn aliases(yaml: &str) -> (Aliases, Vec<Diagnostic>) {
         let node = parse_section(yaml).unwrap();
         let mut diags = Vec::new();
-        let (a, _) = Aliases::from_section("f", Path::new("."), None, node.as_ref(), &mut diags);
+        let (a, _) = Aliases::from_section(
+            "f",
+            Path::new("."),
+            None,
+            RemoteAlias::Any,
+            node.as_ref(),
+            &mut diags,
+        );
         (a, diags)
     }
 

@@ -62,7 +62,8 @@ pub struct Task {
     /// Volumes (with secret files) the run creates.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<Volume>,
-    /// The steps, in file order.
+    /// The steps, in file order (none is valid: nothing runs).
+    #[serde(default)]
     pub steps: Vec<Step>,
 }
 
@@ -214,12 +215,19 @@ pub struct Step {
     /// The step succeeds only if it exits with none of these codes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exited_without: Vec<i64>,
+    /// Times to retry pulling a `cmd` step's image (`pull: true`); acb's
+    /// `cmdDownloadRetries` (its docs say `downloadRetries`, which it ignores).
     #[serde(default)]
-    /// Times to retry pulling the image.
-    pub download_retries: u32,
+    pub cmd_download_retries: u32,
+    /// Seconds between those retries.
     #[serde(default)]
-    /// Seconds between image pull retries.
-    pub download_retry_delay: u64,
+    pub cmd_download_retry_delay: u64,
+    /// CPUs the container may use (`docker run --cpus`), e.g. `1.5`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<String>,
+    /// Retry a failed attempt only when its output contains one of these texts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retry_on_errors: Vec<String>,
 }
 
 /// What a step does; derived from the exactly-one-of fields.

@@ -92,6 +92,9 @@ pub(crate) struct LineMap {
     rendered: Vec<String>,
     /// For each rendered line (0-based), the 0-based original line.
     to_original: Option<Vec<usize>>,
+    /// For each line of the original (1-based), its line in the file, when lines were
+    /// removed from the file to make the original (comment lines).
+    outer: Option<Vec<usize>>,
 }
 
 impl LineMap {
@@ -101,6 +104,7 @@ impl LineMap {
                 original: Vec::new(),
                 rendered: Vec::new(),
                 to_original: None,
+                outer: None,
             };
         }
         let o: Vec<String> = original.lines().map(str::to_string).collect();
@@ -114,12 +118,28 @@ impl LineMap {
             original: o,
             rendered: r,
             to_original: Some(to_original),
+            outer: None,
         }
+    }
+
+    /// The original's lines are these lines of the file (1-based, in order).
+    pub(crate) fn with_lines(mut self, lines: Vec<usize>) -> LineMap {
+        let identity = lines.iter().enumerate().all(|(i, l)| *l == i + 1);
+        self.outer = (!identity).then_some(lines);
+        self
     }
 
     /// The position in the file as written for a 1-based position in the rendered text.
     /// `token` (text at that position) helps find the column on a changed line.
     pub(crate) fn locate(&self, line: usize, column: usize, token: Option<&str>) -> (usize, usize) {
+        let (l, c) = self.locate_original(line, column, token);
+        match &self.outer {
+            Some(lines) if l > 0 => (lines.get(l - 1).copied().unwrap_or(l), c),
+            _ => (l, c),
+        }
+    }
+
+    fn locate_original(&self, line: usize, column: usize, token: Option<&str>) -> (usize, usize) {
         let Some(map) = &self.to_original else {
             return (line, column);
         };

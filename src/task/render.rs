@@ -1,6 +1,8 @@
-//! Go text/template rendering over `.Run` and `.Values`, with the sprig functions task
-//! files commonly use. A missing value is an error (not `<no value>`), pointed at the line
-//! and column of its first use.
+//! Go text/template rendering over `.Run`, `.Values` and `.Secrets`, with the sprig
+//! functions task files commonly use, as ACR renders: `missingkey=zero`, and every
+//! `<no value>` removed from the output, so a missing value renders empty (with a
+//! warning naming it and its first use); a missing intermediate key (`.Values.a.b` with
+//! no `a`) is an error.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -12,29 +14,31 @@ use super::funcs::with_funcs;
 
 use super::{Diagnostic, RunInfo, Values};
 
-/// Renders `text` (already alias-expanded). `original` is the file as written, used to
-/// point execution errors at a place.
-/// With `empty_missing`, a missing value renders as nothing, as ACR does (Go's
-/// `missingkey=zero` with `<no value>` removed); otherwise it is an error.
-/// Within `budget`: exceeding it is an error naming the budget, at the first loop (or
-/// action) of the file.
+/// What to render with.
+pub(crate) struct Data<'a> {
+    pub run: &'a RunInfo,
+    pub values: &'a Values,
+    pub secrets: &'a BTreeMap<String, String>,
+}
+
+/// Renders `text` (already alias-expanded) with its warnings (values that rendered
+/// empty). `original` is the text as written (same lines), used to point errors at a
+/// place. Within `budget`: exceeding it is an error naming the budget, at the first loop
+/// (or action) of the file.
 pub(crate) fn render(
     file: &str,
     text: &str,
     original: &str,
-    run: &RunInfo,
-    values: &Values,
-    empty_missing: bool,
+    d: &Data<'_>,
     budget: RenderBudget,
-) -> Result<String, Diagnostic> {
+) -> Result<(String, Vec<Diagnostic>), Diagnostic> {
     if !text.contains("{{") {
-        return Ok(text.to_string());
+        // `<no value>` goes even from text with no template in it, as in ACR.
+        return Ok((text.replace(NO_VALUE, ""), Vec::new()));
     }
-    let (out, exceeded) = budget::within(budget, || {
-        render_unbounded(file, text, original, run, values, empty_missing)
-    });
+    let (out, exceeded) = budget::within(budget, || render_unbounded(file, text, original, d));
     match (out, exceeded) {
-        (Ok(o), None) if o.len() <= budget.max_output => Ok(o),
+        (Ok(o), None) if o.0.len() <= budget.max_output => Ok(o),
         (Ok(_), None) => Err(over_budget(
             file,
             original,
@@ -68,13 +72,9 @@ fn render_unbounded(
     file: &str,
     text: &str,
     original: &str,
-    run: &RunInfo,
-    values: &Values,
-    empty_missing: bool,
-) -> Result<String, Diagnostic> {
-    let protected = protect_secrets(text);
-    let text = protected.as_str();
-    let data = data(run, values);
+    d: &Data<'_>,
+) -> Result<(String, Vec<Diagnostic>), Diagnostic> {
+    let data = data(d.run, d.values, d.secrets);
     let render_with = |missing: MissingKey| -> Result<String, Diagnostic> {
         match render_simple(file, text, &data, missing) {
             Some(out) => Ok(out),
@@ -90,18 +90,68 @@ fn render_unbounded(
             }
         }
     };
-    // ACR renders with missingkey=zero, so `{{.Values.x | default "y"}}` works; a missing
-    // value is an error only when it would be printed. Then a strict render names the key
-    // and its place.
+    // ACR renders with missingkey=zero, so `{{.Values.x | default "y"}}` works, and removes
+    // every `<no value>`. When one was printed, a strict render names the first missing
+    // key for the warning.
     let out = render_with(MissingKey::ZeroValue)?;
-    if empty_missing {
-        return Ok(out.replace(NO_VALUE, ""));
-    }
     if !out.contains(NO_VALUE) {
-        return Ok(out);
+        return Ok((out, Vec::new()));
     }
-    render_with(MissingKey::Error)
+    let mut warnings = Vec::new();
+    if let Err(mut w) = render_with(MissingKey::Error) {
+        if let Some(key) = w.message.strip_prefix(MISSING) {
+            let key = key.to_string();
+            // The engine names the last key only; the use it was found at says more.
+            let chain = original
+                .lines()
+                .nth(w.line.saturating_sub(1))
+                .map(|l| {
+                    l.chars()
+                        .skip(w.column.saturating_sub(1))
+                        .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == '.')
+                        .collect::<String>()
+                })
+                .unwrap_or_default();
+            // A missing key in the middle of a path (`.Values.a.b` without `a`) is an error in
+            // ACR (Go's "nil pointer evaluating interface {}.b").
+            let last = chain.rsplit('.').next().unwrap_or("");
+            if !chain.is_empty() && last != key {
+                let parent = chain
+                    .find(&format!(".{key}."))
+                    .map_or(chain.as_str(), |p| &chain[..p]);
+                w.message = format!(
+                    "template: `{parent}` has no `{key}`, so `{chain}` cannot be read (give `{key}` \
+                     in a values file, or use `index`/`default`)"
+                );
+                w.severity = super::Severity::Error;
+                return Err(w);
+            }
+            w.message = if chain.starts_with(".Secrets.") {
+                let id = &key;
+                format!(
+                    "secret `{id}` has no value and is not declared under `secrets`; it renders \
+                     empty, as in ACR (declare it, or give it with --secret {id}=VALUE)"
+                )
+            } else {
+                let shown = if chain.is_empty() {
+                    format!(".{key}")
+                } else {
+                    chain
+                };
+                format!(
+                    "no value for `{shown}`; it renders empty, as in ACR (give it in a values \
+                     file or with --set {key}=...)"
+                )
+            };
+            w.severity = super::Severity::Warning;
+            warnings.push(w);
+        }
+    }
+    Ok((out.replace(NO_VALUE, ""), warnings))
 }
+
+/// How `template_error` words a missing key (for the warning to find it).
+const MISSING: &str = "template: missing ";
 
 /// What the engine prints for a missing value under `missingkey=zero`.
 const NO_VALUE: &str = "<no value>";
@@ -151,56 +201,10 @@ fn render_simple(file: &str, text: &str, data: &Value, missing: MissingKey) -> O
     Some(out)
 }
 
-/// `{{.Secrets.id}}` is resolved when the step runs (as in ACR), not when the file is
-/// loaded: such actions are rewritten to print themselves.
-fn protect_secrets(text: &str) -> String {
-    if !text.contains(".Secrets.") {
-        return text.to_string();
-    }
-    let mut out = String::with_capacity(text.len() + 32);
-    let mut rest = text;
-    while let Some(open) = rest.find("{{") {
-        out.push_str(&rest[..open]);
-        let after = &rest[open + 2..];
-        let Some(close) = after.find("}}") else {
-            out.push_str(&rest[open..]);
-            return out;
-        };
-        let inner = after[..close].trim_matches(|c: char| c == '-' || c.is_whitespace());
-        let is_secret = inner.strip_prefix(".Secrets.").is_some_and(|id| {
-            !id.is_empty()
-                && id
-                    .chars()
-                    .all(|c| c.is_alphanumeric() || c == '_' || c == '-')
-        });
-        if is_secret {
-            out.push_str(&format!("{{{{\"{{{{{inner}}}}}\"}}}}"));
-        } else {
-            out.push_str(&rest[open..open + 2 + close + 2]);
-        }
-        rest = &after[close + 2..];
-    }
-    out.push_str(rest);
-    out
-}
-
-/// Ids used as `{{.Secrets.id}}` in a rendered string.
-pub(crate) fn secret_refs(text: &str) -> Vec<&str> {
-    let mut ids = Vec::new();
-    let mut rest = text;
-    while let Some(p) = rest.find("{{.Secrets.") {
-        let after = &rest[p + "{{.Secrets.".len()..];
-        let end = after.find("}}").unwrap_or(after.len());
-        ids.push(&after[..end]);
-        rest = &after[end..];
-    }
-    ids
-}
-
 /// The template data, shaped as acr-builder's: `.Run`, `.Build.ID`, `.Values`, and the
 /// shell-quoted `.RunJSON` / `.ValuesJSON`. Run fields acr-task has no source for
 /// (`Repository`, `GitTag`, `TriggeredBy`, `OSVersion`) are empty rather than missing.
-fn data(run: &RunInfo, values: &Values) -> Value {
+fn data(run: &RunInfo, values: &Values, secrets: &BTreeMap<String, String>) -> Value {
     let pairs: [(&str, &str); 14] = [
         ("ID", &run.id),
         ("Commit", &run.commit),
@@ -245,6 +249,15 @@ fn data(run: &RunInfo, values: &Values) -> Value {
         Value::Map(Arc::new(BTreeMap::from([(Arc::from("ID"), s(&run.id))]))),
     );
     top.insert("Values".into(), Value::Map(Arc::new(v)));
+    top.insert(
+        "Secrets".into(),
+        Value::Map(Arc::new(
+            secrets
+                .iter()
+                .map(|(k, v)| (Arc::from(k.as_str()), s(v)))
+                .collect(),
+        )),
+    );
     top.insert(
         "RunJSON".into(),
         s(&shell_quote(
@@ -327,12 +340,12 @@ fn template_error(file: &str, text: &str, original: &str, e: &TemplateError) -> 
         ),
         TemplateError::MissingKey { key } => {
             let (line, column) = find_use(original, key).unwrap_or((0, 0));
-            Diagnostic::new(
-                file,
-                line,
-                column,
-                format!("template: no value for `{key}` (give it in a values file or with --set {key}=...)"),
-            )
+            Diagnostic::new(file, line, column, format!("{MISSING}{key}"))
+        }
+        // `fail`, `required` and our functions say what is wrong in the user's words.
+        TemplateError::Exec(why) => {
+            let (line, column) = first_action(original, why).unwrap_or((0, 0));
+            Diagnostic::new(file, line, column, format!("template: {why}"))
         }
         other => {
             let msg = other.to_string();
@@ -430,82 +443,85 @@ mod tests {
         }
     }
 
+    /// Renders `text` (written as `original`) with these values and secrets.
+    fn rend(
+        text: &str,
+        original: &str,
+        values: &Values,
+        secrets: &[(&str, &str)],
+    ) -> Result<(String, Vec<Diagnostic>), Diagnostic> {
+        let secrets: BTreeMap<String, String> = secrets
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let run = run();
+        let d = Data {
+            run: &run,
+            values,
+            secrets: &secrets,
+        };
+        render("f", text, original, &d, RenderBudget::default())
+    }
+
     #[test]
     fn renders_run_values_and_funcs() {
         let mut v = Values::default();
         v.set("tag=v2").unwrap();
-        let out = render(
-            "f",
+        v.0.insert("none".into(), serde_json::Value::Null);
+        let (out, warnings) = rend(
             "{{.Run.Registry}}/app:{{.Values.tag | upper}}-{{.Run.ID}} {{ .Values.none | default \"x\" | quote }}",
             "",
-            &run(),
-            &{
-                let mut v2 = v.clone();
-                v2.0.insert("none".into(), serde_json::Value::Null);
-                v2
-            },
-            false, RenderBudget::default(),
+            &v,
+            &[],
         )
         .unwrap();
         assert_eq!(out, "127.0.0.1:5000/app:V2-ca1 \"x\"");
+        assert!(warnings.is_empty());
         assert_eq!(b64enc(b"hello"), "aGVsbG8=");
         assert_eq!(b64dec("aGVsbG8=").as_deref(), Some("hello"));
     }
 
     #[test]
-    fn missing_values_can_render_empty_as_in_acr() {
-        let src = "a: {{ .Values.nope }}|{{ .Values.nope | default \"d\" }}|{{ if .Values.nope }}x{{ end }}";
-        let out = render(
-            "f",
-            src,
-            src,
-            &run(),
-            &Values::default(),
-            true,
-            RenderBudget::default(),
-        )
-        .unwrap();
-        assert_eq!(out, "a: |d|");
-        assert!(render(
-            "f",
-            src,
-            src,
-            &run(),
-            &Values::default(),
-            false,
-            RenderBudget::default()
-        )
-        .is_err());
+    fn missing_values_render_empty_as_in_acr_with_a_warning() {
+        let src = "a: {{ .Values.nope }}|{{ .Values.nope | default \"d\" }}|{{ if .Values.nope }}x{{ end }}|<no value>";
+        let (out, warnings) = rend(src, src, &Values::default(), &[]).unwrap();
+        assert_eq!(out, "a: |d||");
+        assert_eq!(warnings.len(), 1);
+        assert!(warnings[0].is_warning());
+        assert!(
+            warnings[0].message.contains("no value for `.Values.nope`"),
+            "{}",
+            warnings[0]
+        );
+        assert_eq!((warnings[0].line, warnings[0].column), (1, 7));
+        // `default` and `if` are fine with a missing value: no warning.
+        let src = "{{ .Values.nope | default \"d\" }}";
+        assert!(rend(src, src, &Values::default(), &[])
+            .unwrap()
+            .1
+            .is_empty());
+        // A missing key in the middle of a path is an error, as in ACR.
+        let src = "{{ .Values.a.b }}";
+        assert!(rend(src, src, &Values::default(), &[]).is_err());
     }
 
     #[test]
     fn sprig_subset() {
         let mut v = Values::default();
         v.set("n=7").unwrap();
-        v.set("m.k=x").unwrap();
-        let out = render(
-            "f",
+        v.0.insert("m".into(), serde_json::json!({"k": "x"}));
+        let (out, _) = rend(
             "{{ add 1 2 .Values.n }} {{ sub 10 3 }} {{ div 9 2 }} {{ mod 9 2 }} {{ mul 2 3 }} {{ \"hi\" | sha256sum | trunc 8 }} {{ \"aGk=\" | b64dec }} {{ hasKey .Values.m \"k\" }} {{ \"a b\" | nospace }} {{ substr 1 3 \"abcd\" }} {{ .Values.m | toJson }} {{ list 1 2 | first }}{{ list 1 2 | last }} {{ trimAll \"-\" \"--x--\" }} {{ cat \"a\" \"b\" }}",
             "",
-            &run(),
             &v,
-            false, RenderBudget::default(),
+            &[],
         )
         .unwrap();
         assert_eq!(
             out,
             "10 7 4 1 6 8f434346 hi true ab bc {\"k\":\"x\"} 12 x a b"
         );
-        let e = render(
-            "f",
-            "{{ div 1 0 }}",
-            "{{ div 1 0 }}",
-            &run(),
-            &Values::default(),
-            false,
-            RenderBudget::default(),
-        )
-        .unwrap_err();
+        let e = rend("{{ div 1 0 }}", "{{ div 1 0 }}", &Values::default(), &[]).unwrap_err();
         assert!(e.message.contains("division by zero"), "{e}");
     }
 
@@ -513,14 +529,11 @@ mod tests {
     fn acr_data_shape() {
         let mut v = Values::default();
         v.set("a=it's").unwrap();
-        let out = render(
-            "f",
+        let (out, _) = rend(
             "{{.Build.ID}} {{.Run.GitTag}}|{{.ValuesJSON}} {{.RunJSON | len}}",
             "",
-            &run(),
             &v,
-            false,
-            RenderBudget::default(),
+            &[],
         )
         .unwrap();
         assert!(out.starts_with("ca1 |'{\"a\":\"it'\"'\"'s\"}' "), "{out}");
@@ -529,56 +542,22 @@ mod tests {
     }
 
     #[test]
-    fn secrets_are_left_for_run_time() {
-        let out = render(
-            "f",
-            "env: [\"P={{ .Secrets.pass }}\", \"U={{.Secrets.user}}\"] {{.Run.ID}}",
-            "",
-            &run(),
-            &Values::default(),
-            false,
-            RenderBudget::default(),
-        )
-        .unwrap();
-        assert_eq!(
-            out,
-            "env: [\"P={{.Secrets.pass}}\", \"U={{.Secrets.user}}\"] ca1"
-        );
-        assert_eq!(secret_refs(&out), vec!["pass", "user"]);
-    }
-
-    #[test]
-    fn missing_value_points_at_use() {
-        let src = "steps:\n  - cmd: busybox echo {{ .Values.greeting }}\n";
-        let e = render(
-            "f",
-            src,
-            src,
-            &run(),
-            &Values::default(),
-            false,
-            RenderBudget::default(),
-        )
-        .unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "f:2:26: template: no value for `greeting` (give it in a values file or with --set greeting=...)"
+    fn secrets_render_in_and_an_unknown_one_renders_empty() {
+        let src = "env: [\"P={{ .Secrets.pass }}\", \"B={{ .Secrets.pass | b64enc }}\", \"U={{.Secrets.user}}\"] {{.Run.ID}}";
+        let (out, warnings) = rend(src, src, &Values::default(), &[("pass", "pw")]).unwrap();
+        assert_eq!(out, "env: [\"P=pw\", \"B=cHc=\", \"U=\"] ca1");
+        assert_eq!(warnings.len(), 1);
+        assert!(
+            warnings[0].message.contains("secret `user`"),
+            "{}",
+            warnings[0]
         );
     }
 
     #[test]
     fn parse_error_has_position() {
         let src = "steps:\n  - cmd: busybox echo {{ .Values.x \n";
-        let e = render(
-            "f",
-            src,
-            src,
-            &run(),
-            &Values::default(),
-            false,
-            RenderBudget::default(),
-        )
-        .unwrap_err();
+        let e = rend(src, src, &Values::default(), &[]).unwrap_err();
         assert_eq!((e.line, e.column), (2, 23), "{e}");
         assert!(e.message.starts_with("template: "), "{e}");
     }

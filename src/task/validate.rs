@@ -98,23 +98,40 @@ pub(crate) fn validate(task: &Task, loc: &Locator<'_>, out: &mut Vec<Diagnostic>
             ),
         ));
     }
-    for (key, v) in [
-        ("stepTimeout", task.step_timeout),
-        ("totalTimeout", task.total_timeout),
-    ] {
-        if v == 0 {
-            out.push(loc.value(root, key, format!("`{key}` must be greater than 0 seconds")));
-        }
+    // acb splits the task's entries at commas, and checks them only when there are steps.
+    if !task.steps.is_empty() {
+        check_env(&task.env, true, true, root, loc, out);
     }
-    check_env(&task.env, true, root, loc, out);
 
     let mut seen = HashSet::new();
     for (i, s) in task.secrets.iter().enumerate() {
         let node = loc.item("secrets", i);
         if s.id.trim().is_empty() {
             out.push(loc.value(node, "id", "a secret needs an `id`".into()));
+        } else if s.id.chars().any(char::is_whitespace) {
+            out.push(loc.value(
+                node,
+                "id",
+                format!(
+                    "secret id `{}` cannot contain spaces (it is used as `{{{{.Secrets.ID}}}}`)",
+                    s.id
+                ),
+            ));
         } else if !seen.insert(s.id.as_str()) {
             out.push(loc.value(node, "id", format!("duplicate secret id `{}`", s.id)));
+        }
+        if let Some(c) = &s.client_id {
+            if uuid::Uuid::parse_str(c.trim()).is_err() {
+                out.push(loc.value(
+                    node,
+                    "clientID",
+                    format!(
+                        "secret `{}`: `clientID` must be the managed identity's client id, a GUID \
+                         like 00000000-0000-0000-0000-000000000000, not `{c}`",
+                        s.id
+                    ),
+                ));
+            }
         }
         if s.keyvault.as_deref().is_none_or(|k| k.trim().is_empty()) {
             out.push(loc.at(
@@ -137,15 +154,63 @@ pub(crate) fn validate(task: &Task, loc: &Locator<'_>, out: &mut Vec<Diagnostic>
     let mut volumes = HashSet::new();
     for (i, v) in task.volumes.iter().enumerate() {
         let node = loc.item("volumes", i);
+        let word = |t: &str, extra: &str| {
+            !t.is_empty()
+                && t.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || extra.contains(c))
+        };
         if v.name.trim().is_empty() {
             out.push(loc.value(node, "name", "a volume needs a `name`".into()));
+        } else if !word(&v.name, "") {
+            out.push(loc.value(
+                node,
+                "name",
+                format!(
+                    "volume name `{}` may only have letters, digits, `-` and `_`",
+                    v.name
+                ),
+            ));
         } else if !volumes.insert(v.name.as_str()) {
             out.push(loc.value(node, "name", format!("duplicate volume `{}`", v.name)));
+        }
+        if v.secret.is_empty() {
+            out.push(loc.at(
+                node,
+                None,
+                format!(
+                    "volume `{}` needs `secret:` files (`secret: {{file: BASE64}}`): that is the \
+                     only kind of volume ACR Tasks has",
+                    v.name
+                ),
+            ));
+        }
+        let secrets = node.and_then(|n| n.get("secret"));
+        for file in v.secret.keys() {
+            if !word(file, ".") {
+                let at = secrets.and_then(|m| m.entry(file)).map(|(k, _)| k);
+                let (line, column) =
+                    at.map_or((0, 0), |k| loc.map.locate(k.line, k.column, Some(file)));
+                out.push(Diagnostic::new(
+                    loc.file,
+                    line,
+                    column,
+                    format!(
+                        "file name `{file}` in volume `{}` may only have letters, digits, `-`, `_` \
+                         and `.`",
+                        v.name
+                    ),
+                ));
+            }
         }
     }
 
     if task.steps.is_empty() {
-        out.push(loc.key(root, "steps", "the task has no steps".into()));
+        out.push(Diagnostic::warning(
+            loc.file,
+            0,
+            0,
+            "the task has no steps: nothing will run".into(),
+        ));
     }
     for (i, s) in task.steps.iter().enumerate() {
         let node = loc.item("steps", i);
@@ -206,24 +271,9 @@ pub(crate) fn validate(task: &Task, loc: &Locator<'_>, out: &mut Vec<Diagnostic>
                 ));
             }
         }
-        check_env(&s.env, false, node, loc, out);
-        let texts = s
-            .build
-            .iter()
-            .chain(s.cmd.iter())
-            .chain(s.env.iter())
-            .chain(s.entry_point.iter());
-        for text in texts {
-            for id in super::render::secret_refs(text) {
-                if !task.secrets.iter().any(|x| x.id == id) {
-                    out.push(loc.at(
-                        node,
-                        None,
-                        format!("step `{name}` uses secret `{id}`, which is not declared under `secrets`"),
-                    ));
-                }
-            }
-        }
+        // An entry without `=` is refused only when the task has env of its own (acb's
+        // merge then fails); alone it is passed on as written.
+        check_env(&s.env, false, !task.env.is_empty(), node, loc, out);
         if !s.volume_mounts.is_empty() && s.cmd.is_none() {
             out.push(loc.key(
                 node,
@@ -297,6 +347,7 @@ pub(crate) fn validate(task: &Task, loc: &Locator<'_>, out: &mut Vec<Diagnostic>
 fn check_env(
     env: &[String],
     task_level: bool,
+    strict: bool,
     node: Option<&Node>,
     loc: &Locator<'_>,
     out: &mut Vec<Diagnostic>,
@@ -308,16 +359,29 @@ fn check_env(
         } else {
             vec![e.as_str()]
         };
-        if parts
+        let bad = parts
             .iter()
-            .any(|p| p.split_once('=').is_none_or(|(k, _)| k.trim().is_empty()))
-        {
+            .find(|p| p.split_once('=').is_none_or(|(k, _)| k.trim().is_empty()));
+        if let Some(bad) = bad {
             let item = list.and_then(|l| l.at(i));
-            out.push(loc.at(
+            let mut d = loc.at(
                 item,
                 Some(e),
-                format!("environment entry `{e}` must be KEY=value"),
-            ));
+                if task_level && parts.len() > 1 {
+                    format!(
+                        "task environment entry `{e}` is split at its commas (as ACR does), and \
+                         `{bad}` is not KEY=value"
+                    )
+                } else {
+                    format!("environment entry `{e}` must be KEY=value")
+                },
+            );
+            if !strict {
+                d.severity = super::Severity::Warning;
+                d.message =
+                    format!("environment entry `{e}` has no `=`; it is passed on as written");
+            }
+            out.push(d);
         }
     }
 }
