@@ -1,5 +1,6 @@
 //! Render + parse + validate + plan of a generated 10,000-step task file with random `when`
-//! edges. Run: `cargo bench --bench plan`. Prints the best and median of several runs.
+//! edges, in-process; then `acr-task run --dry-run` of the same file as a whole process.
+//! Run: `cargo bench --bench plan`. Prints the best and median of several runs of each.
 
 use std::time::{Duration, Instant};
 
@@ -80,6 +81,49 @@ fn main() {
     println!(
         "render+parse+plan, {STEPS} steps ({} KiB): best {:.1} ms, median {:.1} ms",
         text.len() / 1024,
+        times[0].as_secs_f64() * 1e3,
+        times[times.len() / 2].as_secs_f64() * 1e3
+    );
+    dry_run(&text);
+}
+
+/// The same file through the binary, as a user runs it: process start to exit.
+fn dry_run(text: &str) {
+    let dir = match tempfile::tempdir() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("temp dir: {e}");
+            std::process::exit(1);
+        }
+    };
+    let file = dir.path().join("acb.yaml");
+    if let Err(e) = std::fs::write(&file, text) {
+        eprintln!("writing {}: {e}", file.display());
+        std::process::exit(1);
+    }
+    let mut times: Vec<Duration> = Vec::new();
+    for _ in 0..7 {
+        let start = Instant::now();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_acr-task"))
+            .args(["run", "--dry-run", "--set", "tag=v1", "-o", "json"])
+            .arg(&file)
+            .output();
+        times.push(start.elapsed());
+        match out {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => {
+                eprintln!("dry run failed: {}", String::from_utf8_lossy(&o.stderr));
+                std::process::exit(1);
+            }
+            Err(e) => {
+                eprintln!("starting acr-task: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+    times.sort();
+    println!(
+        "acr-task run --dry-run, {STEPS} steps, whole process: best {:.1} ms, median {:.1} ms",
         times[0].as_secs_f64() * 1e3,
         times[times.len() / 2].as_secs_f64() * 1e3
     );

@@ -303,6 +303,11 @@ pub fn rebase_context_tar(input: &[u8], dockerfile: &str) -> Result<Vec<u8>, Sou
 
 /// The commit and branch of the git checkout holding `dir`, when there is one.
 pub fn git_head(dir: &Path) -> Option<(String, String)> {
+    // Starting libgit2 loads OpenSSL's whole CA store (tens of ms); a directory outside
+    // any checkout, the common case for `run`/`validate`, does not need it.
+    if !dir.ancestors().any(|d| d.join(".git").exists()) {
+        return None;
+    }
     let repo = git2::Repository::discover(dir).ok()?;
     let head = repo.head().ok()?;
     let commit = head.peel_to_commit().ok()?.id().to_string();

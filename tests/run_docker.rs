@@ -377,3 +377,48 @@ fn platform_reaches_templates_builds_and_containers() {
     let e = String::from_utf8_lossy(&bad.stderr);
     assert!(e.contains("unknown architecture \"sparc\""), "{e}");
 }
+
+#[test]
+fn acr_alias_lists_and_untags_in_the_run_registry() {
+    let run = run_task(&data("acr-alias/acb.yaml"), &[]);
+    assert_eq!(run.status(), "Succeeded", "{}", run.stderr());
+    let registry = run.report["steps"][1]["pushed"][0]["image"]
+        .as_str()
+        .and_then(|i| i.split_once('/'))
+        .map(|(r, _)| r.to_string())
+        .expect("a pushed image");
+    let digest = run.report["steps"][1]["pushed"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        run.logged("tags", &format!("{registry}/acr-alias:v1"))
+            && run.logged("tags", &format!("{registry}/acr-alias:v2")),
+        "{}",
+        run.stderr()
+    );
+    assert!(
+        run.logged("manifests", &format!("{registry}/acr-alias@{digest}")),
+        "{}",
+        run.stderr()
+    );
+    // The tag deleted by the step is gone for the next one; the other stays.
+    assert!(
+        run.logged("after", &format!("{registry}/acr-alias:v2")),
+        "{}",
+        run.stderr()
+    );
+    let said = |step: &str, needle: &str| {
+        run.stderr()
+            .lines()
+            .any(|l| l.starts_with(&format!("{step} ")) && l.contains(needle))
+    };
+    assert!(!said("after", "acr-alias:v1"), "{}", run.stderr());
+    // What acr-cli has and acr-task's image does not is refused with the reason.
+    assert_eq!(run.step("purge")["exit_code"], 1, "{}", run.stderr());
+    assert!(
+        said("purge", "`acr purge` is not provided"),
+        "{}",
+        run.stderr()
+    );
+}

@@ -2,6 +2,7 @@
 //! every file under tests/data/tasks/warn loads (as ACR accepts it) with exactly the
 //! warnings in its `.expected` file; every file under tests/data/tasks/invalid fails with
 //! exactly the diagnostics in its `.expected` file.
+//! Every file under tests/data/tasks/public (real task files) gets acb's verdict.
 //! A `NAME.values.yaml` next to `NAME.yaml` supplies `.Values`.
 //! Regenerate the expected files after a deliberate message change with
 //! `ACR_TASK_UPDATE_EXPECTED=1 cargo test --test task_corpus` (then review the diff).
@@ -154,4 +155,67 @@ fn invalid_files_give_exact_diagnostics() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Real task files from public repositories (`tests/data/tasks/public/README.md` says where
+/// each comes from): each gets acb's verdict (its `# acb:` line), with the run values the
+/// acb probes were run with; every refusal names a line and column.
+#[test]
+fn public_task_files_get_acbs_verdict() {
+    let info = RunInfo {
+        id: "cf1".into(),
+        registry: "myregistry.azurecr.io".into(),
+        registry_name: "myregistry".into(),
+        date: "20240102-030405z".into(),
+        commit: "0123456789abcdef".into(),
+        branch: "main".into(),
+        ..run()
+    };
+    let files = task_files("tests/data/tasks/public");
+    assert!(files.len() >= 30, "the public corpus is missing: {files:?}");
+    let mut wrong = Vec::new();
+    for path in &files {
+        let text = std::fs::read_to_string(path).unwrap();
+        let verdict = text
+            .lines()
+            .find_map(|l| l.trim_end().strip_prefix("# acb: "))
+            .unwrap_or_else(|| panic!("{}: no `# acb:` line", path.display()));
+        let accepts = verdict.starts_with("accepts");
+        let options = task::LoadOptions {
+            alias_dir: path.parent().map(Path::to_path_buf),
+            ..task::LoadOptions::default()
+        };
+        let got = task::load_str_checked(
+            &path.file_name().unwrap().to_string_lossy(),
+            &text,
+            &info,
+            &Values::default(),
+            &options,
+            &|_| Vec::new(),
+        );
+        match (accepts, got) {
+            (true, Ok(l)) => {
+                if let Err(e) = Plan::new(&l.task) {
+                    wrong.push(format!("{}: acb accepts; plan fails: {e}", path.display()));
+                }
+            }
+            (false, Err(d)) => {
+                let errors: Vec<_> = d.0.iter().filter(|x| !x.is_warning()).collect();
+                if errors.iter().any(|x| x.line == 0) {
+                    wrong.push(format!(
+                        "{}: an error without a place:\n{d}",
+                        path.display()
+                    ));
+                }
+            }
+            (true, Err(d)) => {
+                wrong.push(format!("{}: acb accepts; we refuse:\n{d}", path.display()))
+            }
+            (false, Ok(_)) => wrong.push(format!(
+                "{}: acb refuses ({verdict}); we accept",
+                path.display()
+            )),
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }

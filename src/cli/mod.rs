@@ -1,6 +1,7 @@
 //! The command line: argument parsing and terminal rendering only. Each subcommand family
 //! lives in its own file and owns its argument struct.
 
+pub mod acr;
 mod auth;
 mod registry;
 mod render;
@@ -91,6 +92,9 @@ pub fn default_data_dir() -> PathBuf {
 pub use crate::task::args::parse_size;
 
 pub fn main() -> ExitCode {
+    if acr::invoked_as_acr() {
+        return acr::main();
+    }
     let cli = Cli::parse();
     let mut filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));

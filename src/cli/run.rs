@@ -250,6 +250,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     tokio_runtime()?.block_on(async {
         let (registry, integrated) = registry_for(args.registry.clone(), args.data.clone()).await?;
         let info = run_info(&run_id, &file, &registry, &context, git.as_ref(), &cfg);
+        cfg.registry = Some(registry.clone());
         let loaded = validate::load(
             &file,
             args.values.as_deref(),
@@ -353,6 +354,7 @@ pub fn build(args: BuildArgs) -> anyhow::Result<ExitCode> {
     tokio_runtime()?.block_on(async {
         let (registry, integrated) = registry_for(args.registry.clone(), args.data.clone()).await?;
         let task = quick_task(&registry, &args);
+        cfg.registry = Some(registry.clone());
         let plan = Plan::new(&task)?;
         let result = execute(task, plan, cfg, Policy::permissive(), args.output)
             .await

@@ -42,6 +42,8 @@ pub struct RunConfig {
     pub secrets: BTreeMap<String, String>,
     /// The platform every build and container targets (`None`: the engine's).
     pub platform: Option<crate::task::Platform>,
+    /// The run's registry (`.Run.Registry`), which `acr` steps talk to by default.
+    pub registry: Option<String>,
 }
 
 impl RunConfig {
@@ -55,6 +57,7 @@ impl RunConfig {
             network: format!("{DEFAULT_NETWORK}_{run_id}"),
             secrets: BTreeMap::new(),
             platform: None,
+            registry: None,
         }
     }
 }
@@ -92,6 +95,7 @@ pub async fn execute<R: Runtime>(
         removals: Mutex::new(Vec::new()),
         known_images: Mutex::new(std::collections::HashSet::new()),
         masker: Arc::new(secrets::Masker::new(cfg.secrets.values())),
+        relay: tokio::sync::Mutex::new(None),
         cfg,
     });
     let n = ctx.task.steps.len();
@@ -100,6 +104,9 @@ pub async fn execute<R: Runtime>(
         Err(e) => (Status::Failed, Some(format!("setting up the run: {e}"))),
         Ok(()) => ctx.schedule(&plan, &mut reports, &cancel).await,
     };
+    if let Some(r) = ctx.relay.lock().await.take() {
+        r.task.abort();
+    }
     ctx.removals_done().await;
     if let Err(e) = ctx.rt.remove_run_resources(&ctx.cfg.run_id).await {
         tracing::warn!(run = %ctx.cfg.run_id, error = %e, "cleanup of run resources failed");
@@ -220,6 +227,16 @@ struct Ctx<R> {
     provisioning: tokio::sync::Mutex<()>,
     /// Hides the run's secrets in everything it reports.
     masker: Arc<secrets::Masker>,
+    /// Relays the run's loopback registry to `acr` steps (started by the first one).
+    relay: tokio::sync::Mutex<Option<Relay>>,
+}
+
+/// A listener on the run network's gateway that forwards to the run's registry, for its
+/// containers only.
+struct Relay {
+    network: String,
+    addr: std::net::SocketAddr,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl<R: Runtime> Ctx<R> {
@@ -576,7 +593,16 @@ impl<R: Runtime> Ctx<R> {
                 Err(e) => return Attempt::failed(format!("step {}: {e}", step.id)),
             }
         }
-        let spec = self.container_spec(step, name, line);
+        let mut spec = self.container_spec(step, name, line);
+        if crate::runtime::runner::is_acr_image(&spec.image) {
+            match self.acr_env(&spec).await {
+                Ok(env) => {
+                    // Before the step's own, so a step's `ACR_DEFAULT_REGISTRY` wins.
+                    spec.env.splice(0..0, env);
+                }
+                Err(e) => return Attempt::failed(format!("step {}: {e}", step.id)),
+            }
+        }
         if step.detach {
             return match self.rt.start_detached(&spec, log).await {
                 Ok(()) => Attempt::with(Status::Succeeded, None),
@@ -602,6 +628,73 @@ impl<R: Runtime> Ctx<R> {
         }
     }
 
+    /// What an `acr` step needs to reach the run's registry: `ACR_DEFAULT_REGISTRY`, and,
+    /// when the registry is on the host's loopback, a relay on the step network's gateway
+    /// (`ACR_TASK_RELAY`, served inside the container by the acr image).
+    async fn acr_env(&self, spec: &ContainerSpec) -> Result<Vec<String>, RuntimeError> {
+        let Some(registry) = self.cfg.registry.clone() else {
+            return Ok(Vec::new());
+        };
+        let mut env = vec![format!(
+            "{}={registry}",
+            crate::cli::acr::DEFAULT_REGISTRY_ENV
+        )];
+        let Some((host, port)) = registry.rsplit_once(':') else {
+            return Ok(env);
+        };
+        let loopback = matches!(host, "localhost" | "127.0.0.1" | "[::1]")
+            || host
+                .parse::<std::net::Ipv4Addr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        let Some(network) = spec.network.clone().filter(|_| loopback) else {
+            return Ok(env);
+        };
+        let mut relay = self.relay.lock().await;
+        if relay.as_ref().is_some_and(|r| r.network != network) {
+            // One relay per run: only the run's default network is served.
+            return Ok(env);
+        }
+        if relay.is_none() {
+            let Some(gw) = self.rt.network_gateway(&network).await? else {
+                return Ok(env);
+            };
+            let target: Vec<std::net::SocketAddr> = tokio::net::lookup_host(&registry)
+                .await
+                .map(|a| a.collect())
+                .unwrap_or_default();
+            let listener = tokio::net::TcpListener::bind((gw.gateway, 0))
+                .await
+                .map_err(|e| {
+                    RuntimeError::Engine(format!(
+                        "relaying the registry to network {network} on {}: {e}",
+                        gw.gateway
+                    ))
+                })?;
+            let addr = listener
+                .local_addr()
+                .map_err(|e| RuntimeError::Engine(format!("relay address: {e}")))?;
+            let task = tokio::spawn(relay_loop(listener, gw, target));
+            *relay = Some(Relay {
+                network,
+                addr,
+                task,
+            });
+        }
+        if let Some(r) = relay.as_ref() {
+            let inside = if host == "localhost" {
+                "127.0.0.1"
+            } else {
+                host
+            };
+            env.push(format!(
+                "{}={inside}:{port}={}",
+                crate::cli::acr::RELAY_ENV,
+                r.addr
+            ));
+        }
+        Ok(env)
+    }
+
     /// Like `Runtime::ensure_image`, but makes runner images (`busybox`) from the local
     /// recipe when the engine lacks them and no registry has them.
     async fn ensure_image(
@@ -617,25 +710,17 @@ impl<R: Runtime> Ctx<R> {
         if policy == PullPolicy::Missing && known(&self.known_images) {
             return Ok(());
         }
-        let result = match self.rt.ensure_image(image, policy, platform, log).await {
-            Err(RuntimeError::ImageNotFound { .. })
-                if crate::runtime::runner::is_runner_image(image) =>
-            {
-                let _guard = self.provisioning.lock().await;
-                if self
-                    .rt
-                    .image_label(image, crate::runtime::runner::RUNNER_LABEL)
-                    .await?
-                    .is_none()
+        let result = if crate::runtime::runner::is_acr_image(image) {
+            self.ensure_acr_image(log).await
+        } else {
+            match self.rt.ensure_image(image, policy, platform, log).await {
+                Err(RuntimeError::ImageNotFound { .. })
+                    if crate::runtime::runner::is_runner_image(image) =>
                 {
-                    log(format!(
-                        "{image} not found: building it from the host's busybox (runners/busybox)"
-                    ));
-                    crate::runtime::runner::build_runner(self.rt.as_ref(), log).await?;
+                    self.build_runner_if_absent(image, log).await
                 }
-                Ok(())
+                other => other,
             }
-            other => other,
         };
         if result.is_ok() {
             if let Ok(mut set) = self.known_images.lock() {
@@ -643,6 +728,42 @@ impl<R: Runtime> Ctx<R> {
             }
         }
         result
+    }
+
+    async fn build_runner_if_absent(&self, image: &str, log: &LogSink) -> Result<(), RuntimeError> {
+        let _guard = self.provisioning.lock().await;
+        if self
+            .rt
+            .image_label(image, crate::runtime::runner::RUNNER_LABEL)
+            .await?
+            .is_none()
+        {
+            log(format!(
+                "{image} not found: building it from the host's busybox (runners/busybox)"
+            ));
+            crate::runtime::runner::build_runner(self.rt.as_ref(), log).await?;
+        }
+        Ok(())
+    }
+
+    /// The acr image is this binary: (re)built when absent or made of another build.
+    async fn ensure_acr_image(&self, log: &LogSink) -> Result<(), RuntimeError> {
+        use crate::runtime::runner::{self, ACR_BINARY_LABEL, RUNNER_IMAGE};
+        let (_, key) = runner::acr_binary()?;
+        let current = |label: Option<Option<String>>| label.flatten().as_deref() == Some(&key);
+        let image = crate::task::alias::ACR_IMAGE;
+        if current(self.rt.image_label(image, ACR_BINARY_LABEL).await?) {
+            return Ok(());
+        }
+        self.build_runner_if_absent(RUNNER_IMAGE, log).await?;
+        let _guard = self.provisioning.lock().await;
+        if !current(self.rt.image_label(image, ACR_BINARY_LABEL).await?) {
+            log(format!(
+                "{image}: building it from this acr-task binary (runners/acr)"
+            ));
+            runner::build_acr_image(self.rt.as_ref(), log).await?;
+        }
+        Ok(())
     }
 
     async fn build(&self, step: &Step, build: &str, log: &LogSink) -> Attempt {
@@ -735,6 +856,7 @@ impl<R: Runtime> Ctx<R> {
             build_args: b.build_args,
             target: b.target,
             no_cache: b.no_cache || step.cache.as_deref() == Some("disabled"),
+            cache_from: b.cache_from,
             platform,
             pull: b.pull || step.pull,
             network: Some(b.network.unwrap_or_else(|| self.default_network())),
@@ -821,6 +943,27 @@ async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) -> bool {
     tokio::select! {
         _ = tokio::time::sleep(d) => true,
         _ = cancel.cancelled() => false,
+    }
+}
+
+/// Accepts connections from the network's own containers and forwards them to the
+/// registry; anything else that reaches the gateway address is refused.
+async fn relay_loop(
+    listener: tokio::net::TcpListener,
+    gw: crate::runtime::NetworkGateway,
+    target: Vec<std::net::SocketAddr>,
+) {
+    while let Ok((mut inbound, peer)) = listener.accept().await {
+        if !gw.contains(peer.ip()) {
+            tracing::warn!(%peer, "registry relay: refused a connection from outside the run network");
+            continue;
+        }
+        let target = target.clone();
+        tokio::spawn(async move {
+            if let Ok(mut out) = tokio::net::TcpStream::connect(&target[..]).await {
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+            }
+        });
     }
 }
 

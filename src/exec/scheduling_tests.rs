@@ -38,6 +38,12 @@ impl Runtime for Fake {
     async fn remove_network(&self, _: &str) -> Result<(), RuntimeError> {
         Ok(())
     }
+    async fn network_gateway(
+        &self,
+        _: &str,
+    ) -> Result<Option<crate::runtime::NetworkGateway>, RuntimeError> {
+        Ok(None)
+    }
     async fn create_volume(
         &self,
         _: &str,

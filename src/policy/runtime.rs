@@ -76,6 +76,12 @@ impl<R: Runtime> Runtime for Policed<R> {
     async fn remove_network(&self, name: &str) -> Result<(), RuntimeError> {
         self.inner.remove_network(name).await
     }
+    async fn network_gateway(
+        &self,
+        name: &str,
+    ) -> Result<Option<crate::runtime::NetworkGateway>, RuntimeError> {
+        self.inner.network_gateway(name).await
+    }
     async fn create_volume(
         &self,
         name: &str,

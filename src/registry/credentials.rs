@@ -123,6 +123,14 @@ impl Credentials {
         })
     }
 
+    /// Only `cred`, for `host` (credentials given on a command line).
+    pub fn single(host: &str, cred: Credential) -> Credentials {
+        Credentials {
+            by_host: BTreeMap::from([(host_key(host), cred)]),
+            ..Default::default()
+        }
+    }
+
     /// The credential for an API host (`registry-1.docker.io` finds Docker Hub's entry).
     pub fn get(&self, host: &str) -> Option<Credential> {
         let key = host_key(host);

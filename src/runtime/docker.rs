@@ -15,8 +15,8 @@ use bollard::Docker;
 use futures_util::StreamExt;
 
 use super::{
-    BuildContext, BuildOutput, BuildSpec, ContainerSpec, ImageIdentity, LogSink, PullPolicy,
-    Runtime, RuntimeError, VolumeSource, RUN_LABEL,
+    BuildContext, BuildOutput, BuildSpec, ContainerSpec, ImageIdentity, LogSink, NetworkGateway,
+    PullPolicy, Runtime, RuntimeError, VolumeSource, RUN_LABEL,
 };
 
 /// An image with no files, used to hold volumes while files are copied into them.
@@ -444,6 +444,24 @@ impl Runtime for DockerRuntime {
         }
     }
 
+    async fn network_gateway(&self, name: &str) -> Result<Option<NetworkGateway>, RuntimeError> {
+        let net = match self.docker.inspect_network(name, None).await {
+            Ok(n) => n,
+            Err(e) if is_not_found(&e) => return Ok(None),
+            Err(e) => return Err(engine(e)),
+        };
+        let configs = net.ipam.and_then(|i| i.config).unwrap_or_default();
+        Ok(configs.iter().find_map(|c| {
+            let gateway = c.gateway.as_deref()?.parse().ok()?;
+            let (subnet, prefix) = c.subnet.as_deref()?.split_once('/')?;
+            Some(NetworkGateway {
+                gateway,
+                subnet: subnet.parse().ok()?,
+                prefix: prefix.parse().ok()?,
+            })
+        }))
+    }
+
     async fn create_volume(
         &self,
         name: &str,
@@ -616,6 +634,7 @@ impl Runtime for DockerRuntime {
             dockerfile: spec.dockerfile.clone(),
             t: spec.tags.first().cloned(),
             nocache: spec.no_cache,
+            cachefrom: (!spec.cache_from.is_empty()).then(|| spec.cache_from.clone()),
             pull: spec.pull.then(|| "1".to_string()),
             rm: true,
             forcerm: true,

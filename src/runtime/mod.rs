@@ -52,6 +52,8 @@ pub struct BuildSpec {
     pub build_args: BTreeMap<String, String>,
     pub target: Option<String>,
     pub no_cache: bool,
+    /// Images the engine may reuse layers from (`--cache-from`).
+    pub cache_from: Vec<String>,
     pub platform: Option<String>,
     /// Always attempt to pull newer base images.
     pub pull: bool,
@@ -165,6 +167,27 @@ pub enum RuntimeError {
     Denied(String),
 }
 
+/// Where the host answers on a container network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetworkGateway {
+    pub gateway: std::net::Ipv4Addr,
+    pub subnet: std::net::Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl NetworkGateway {
+    /// True when `ip` is inside the network's subnet.
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        let std::net::IpAddr::V4(ip) = ip else {
+            return false;
+        };
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(self.prefix.min(32)))
+            .unwrap_or(0);
+        u32::from(ip) & mask == u32::from(self.subnet) & mask
+    }
+}
+
 /// The container backend. Futures may be dropped to cancel; the caller then removes the
 /// container by name (`remove_container`), so implementations need no cancel hooks.
 pub trait Runtime: Send + Sync + 'static {
@@ -178,6 +201,12 @@ pub trait Runtime: Send + Sync + 'static {
         labels: &BTreeMap<String, String>,
     ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     fn remove_network(&self, name: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// The host's address on a network (its IPv4 gateway) and the network's subnet
+    /// (address, prefix length); `None` for networks without one (`host`, `none`).
+    fn network_gateway(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<NetworkGateway>, RuntimeError>> + Send;
     fn create_volume(
         &self,
         name: &str,
@@ -250,4 +279,22 @@ pub trait Runtime: Send + Sync + 'static {
         &self,
         run_id: &str,
     ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+}
+
+#[cfg(test)]
+mod gateway_tests {
+    use super::NetworkGateway;
+
+    #[test]
+    fn only_the_network_s_own_addresses_are_inside() {
+        let gw = NetworkGateway {
+            gateway: "172.18.0.1".parse().unwrap(),
+            subnet: "172.18.0.0".parse().unwrap(),
+            prefix: 16,
+        };
+        assert!(gw.contains("172.18.3.4".parse().unwrap()));
+        assert!(!gw.contains("172.17.0.2".parse().unwrap()));
+        assert!(!gw.contains("127.0.0.1".parse().unwrap()));
+        assert!(!gw.contains("::1".parse().unwrap()));
+    }
 }

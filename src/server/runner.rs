@@ -473,6 +473,7 @@ async fn run_on_docker(
     };
     let mut cfg = RunConfig::for_run(&run.id, context.clone(), max_parallel);
     cfg.platform = spec.target_platform();
+    cfg.registry = Some(registry.to_string());
     cfg.secrets = match resolve_secrets(&spec.secrets, &policy) {
         Ok(s) => s,
         Err(e) => {

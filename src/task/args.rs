@@ -282,6 +282,8 @@ pub struct BuildArgs {
     pub build_args: BTreeMap<String, String>,
     pub target: Option<String>,
     pub no_cache: bool,
+    /// `--cache-from`: images the engine may take layers from.
+    pub cache_from: Vec<String>,
     pub pull: bool,
     pub platform: Option<String>,
     pub network: Option<String>,
@@ -339,6 +341,7 @@ pub fn parse_build(build: &str) -> Result<BuildArgs, ArgsError> {
             "--platform" => out.platform = Some(value(&flag)?),
             "--network" => out.network = Some(value(&flag)?),
             "--no-cache" => out.no_cache = inline.as_deref() != Some("false"),
+            "--cache-from" => out.cache_from.push(value(&flag)?),
             "--pull" => out.pull = inline.as_deref() != Some("false"),
             // Accepted for compatibility; the engine already behaves this way.
             "--rm" | "--force-rm" | "-q" | "--quiet" => {}
@@ -426,7 +429,8 @@ mod tests {
 
     #[test]
     fn build_flags() {
-        let b = parse_build("-t r/app:1 --tag=r/app:latest -f docker/Dockerfile --build-arg V=2 --target final --no-cache --platform linux/amd64 .").unwrap();
+        let b = parse_build("-t r/app:1 --tag=r/app:latest -f docker/Dockerfile --build-arg V=2 --target final --no-cache --platform linux/amd64 --cache-from r/app:cache .").unwrap();
+        assert_eq!(b.cache_from, vec!["r/app:cache"]);
         assert_eq!(b.tags, vec!["r/app:1", "r/app:latest"]);
         assert_eq!(b.dockerfile.as_deref(), Some("docker/Dockerfile"));
         assert_eq!(b.build_args.get("V").map(String::as_str), Some("2"));

@@ -42,7 +42,10 @@ pub(crate) fn with_funcs(t: Template) -> Template {
                     .join(" "),
             ))
         }),
-        ("toString", |a| str1(a, "toString", |s| s.to_string())),
+        ("toString", |a| match a {
+            [v] => Ok(sval(text(v))),
+            _ => Err(arity("toString", 1)),
+        }),
         ("trimPrefix", |a| {
             str2(a, "trimPrefix", |p, s| {
                 s.strip_prefix(p).unwrap_or(s).to_string()
@@ -95,7 +98,11 @@ pub(crate) fn with_funcs(t: Template) -> Template {
             })
         }),
         ("list", |a| Ok(Value::List(a.iter().cloned().collect()))),
-        ("b64enc", |a| str1(a, "b64enc", |s| b64enc(s.as_bytes()))),
+        // acb's own b64enc takes a missing value as empty (sprig's would fail).
+        ("b64enc", |a| match a {
+            [v] => Ok(sval(b64enc(text(v).as_bytes()))),
+            _ => Err(arity("b64enc", 1)),
+        }),
         ("b64dec", |a| match a {
             [s] => b64dec(&text(s))
                 .map(sval)
@@ -119,11 +126,14 @@ pub(crate) fn with_funcs(t: Template) -> Template {
             })
         }),
         ("indent", |a| match a {
-            [n, s] => Ok(sval(indent(n, s)?)),
+            [n, s] => Ok(sval(indent(n, &string_arg(s, "indent")?)?)),
             _ => Err(arity("indent", 2)),
         }),
         ("nindent", |a| match a {
-            [n, s] => Ok(sval(format!("\n{}", indent(n, s)?))),
+            [n, s] => Ok(sval(format!(
+                "\n{}",
+                indent(n, &string_arg(s, "nindent")?)?
+            ))),
             _ => Err(arity("nindent", 2)),
         }),
         ("cat", |a| {
@@ -243,9 +253,21 @@ fn arity(name: &str, n: usize) -> TemplateError {
     TemplateError::Exec(format!("{name} takes {n} arguments"))
 }
 
+/// A string argument of a sprig function: Go refuses to pass a missing value (nil) where
+/// a string is expected ("invalid value; expected string"), so ACR fails the render.
+fn string_arg(v: &Value, name: &str) -> gotmpl::Result<String> {
+    match v {
+        Value::Nil => Err(TemplateError::Exec(format!(
+            "`{name}` is given no value (a missing key?), which ACR refuses too (\"invalid \
+             value; expected string\"); give the value, or put `default \"\"` before `{name}`"
+        ))),
+        other => Ok(other.to_string()),
+    }
+}
+
 fn str1(a: &[Value], name: &str, f: impl Fn(&str) -> String) -> gotmpl::Result<Value> {
     match a {
-        [s] => Ok(sval(f(&text(s)))),
+        [s] => Ok(sval(f(&string_arg(s, name)?))),
         _ => Err(arity(name, 1)),
     }
 }
@@ -256,7 +278,7 @@ fn str2(a: &[Value], name: &str, f: impl Fn(&str, &str) -> String) -> gotmpl::Re
 
 fn two(a: &[Value], name: &str) -> gotmpl::Result<(String, String)> {
     match a {
-        [x, s] => Ok((text(x), text(s))),
+        [x, s] => Ok((string_arg(x, name)?, string_arg(s, name)?)),
         _ => Err(arity(name, 2)),
     }
 }
@@ -288,9 +310,8 @@ fn to_int(v: &Value) -> i64 {
     }
 }
 
-fn indent(n: &Value, s: &Value) -> gotmpl::Result<String> {
+fn indent(n: &Value, s: &str) -> gotmpl::Result<String> {
     let width = to_int(n).clamp(0, 1000) as usize;
-    let s = text(s);
     let lines = s.matches('\n').count() + 1;
     budget::room_for(lines.saturating_mul(width).saturating_add(s.len()))?;
     let pad = " ".repeat(width);

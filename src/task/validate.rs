@@ -326,6 +326,36 @@ pub(crate) fn validate(task: &Task, loc: &Locator<'_>, out: &mut Vec<Diagnostic>
         }
     }
 
+    // acb adds steps to its graph in file order and refuses a `when` naming a later one;
+    // acr-task runs such a file (the plan orders it), and says ACR would not.
+    let first_index: std::collections::HashMap<&str, usize> = task
+        .steps
+        .iter()
+        .enumerate()
+        .rev()
+        .map(|(i, s)| (s.id.as_str(), i))
+        .collect();
+    for (i, step) in task.steps.iter().enumerate() {
+        for (w, dep) in step.when.iter().flatten().enumerate() {
+            if first_index.get(dep.as_str()).is_some_and(|&j| j > i) {
+                let node = loc.item("steps", i);
+                let entry = node.and_then(|n| n.get("when")).and_then(|l| l.at(w));
+                let mut d = loc.at(
+                    entry,
+                    Some(dep),
+                    format!(
+                        "step `{}` waits for `{dep}`, which comes later in the file: acr-task \
+                         runs this, ACR refuses it (`{dep} does not exist as a vertex`); move \
+                         `{dep}` above `{}` to run on both",
+                        step.id, step.id
+                    ),
+                );
+                d.severity = super::Severity::Warning;
+                out.push(d);
+            }
+        }
+    }
+
     for issue in plan::check(task) {
         let node = loc.item("steps", issue.step);
         let d = match (&issue.error, issue.when_index) {

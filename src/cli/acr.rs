@@ -1,0 +1,189 @@
+//! The `acr` personality: what the `acr` image alias runs inside a step (ACR maps it to
+//! acr-cli). The acr image (`runners/acr`) carries this binary as `/usr/local/bin/acr`;
+//! invoked by that name it speaks acr-cli's command line (`-r/--registry`, `-u`, `-p`,
+//! `tag list|delete`, `manifest list|delete`, `version`), and the registry defaults to
+//! `$ACR_DEFAULT_REGISTRY`, which the executor sets to the run's registry.
+//!
+//! A run's registry on the host's loopback is not reachable from a container; the executor
+//! then sets `ACR_TASK_RELAY=LISTEN=TARGET`, and this process relays `LISTEN` (the
+//! registry's own address, inside the container's network namespace) to `TARGET` (the
+//! executor's relay on the run network's gateway), so names and `Host` headers stay those
+//! of `.Run.Registry`.
+
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+
+use crate::registry::client::{RegistryClient, Transport};
+use crate::registry::credentials::{Credential, Credentials};
+
+/// The variable acr-cli reads the registry from when `--registry` is not given.
+pub const DEFAULT_REGISTRY_ENV: &str = "ACR_DEFAULT_REGISTRY";
+/// `LISTEN=TARGET`: relay the registry's address inside a step container.
+pub const RELAY_ENV: &str = "ACR_TASK_RELAY";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "acr",
+    version,
+    about = "The Azure Container Registry CLI, as acr-task's `acr` image provides it"
+)]
+struct AcrCli {
+    /// Registry (`HOST:PORT`); default `$ACR_DEFAULT_REGISTRY`, the run's registry in a task.
+    #[arg(short = 'r', long, global = true)]
+    registry: Option<String>,
+    /// Registry user name.
+    #[arg(short = 'u', long, global = true)]
+    username: Option<String>,
+    /// Registry password.
+    #[arg(short = 'p', long, global = true)]
+    password: Option<String>,
+    #[command(subcommand)]
+    command: AcrCmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum AcrCmd {
+    /// Manage tags inside a repository.
+    #[command(subcommand)]
+    Tag(Listing),
+    /// Manage manifests inside a repository.
+    #[command(subcommand)]
+    Manifest(Listing),
+    /// Print the version.
+    Version,
+    /// Not provided yet (acr-cli's purge).
+    #[command(hide = true, disable_help_flag = true)]
+    Purge {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        rest: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Listing {
+    /// List them.
+    List {
+        #[arg(long)]
+        repository: String,
+    },
+    /// Delete the given tags (or digests).
+    Delete {
+        #[arg(long)]
+        repository: String,
+        #[arg(required = true)]
+        references: Vec<String>,
+    },
+}
+
+/// True when this process was started as `acr`.
+pub fn invoked_as_acr() -> bool {
+    std::env::args_os()
+        .next()
+        .and_then(|a| std::path::Path::new(&a).file_name().map(|n| n == "acr"))
+        .unwrap_or(false)
+}
+
+pub fn main() -> ExitCode {
+    let cli = AcrCli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("Error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: AcrCli) -> anyhow::Result<()> {
+    let registry = match (&cli.command, cli.registry.clone()) {
+        (AcrCmd::Version, _) => {
+            println!("acr-task {}", env!("CARGO_PKG_VERSION"));
+            return Ok(());
+        }
+        (AcrCmd::Purge { .. }, _) => bail!(
+            "`acr purge` is not provided by acr-task's acr image yet; `acr tag list|delete` and \
+             `acr manifest list|delete` are"
+        ),
+        (_, Some(r)) => r,
+        (_, None) => std::env::var(DEFAULT_REGISTRY_ENV).map_err(|_| {
+            anyhow::anyhow!("unable to determine registry name, please use --registry flag")
+        })?,
+    };
+    if let Ok(relay) = std::env::var(RELAY_ENV) {
+        start_relay(&relay).await?;
+    }
+    let creds = match (cli.username, cli.password) {
+        (Some(username), Some(password)) => {
+            Credentials::single(&registry, Credential { username, password })
+        }
+        (None, None) => Credentials::from_docker_config()?,
+        _ => bail!("give both --username and --password, or neither"),
+    };
+    let client = RegistryClient::new(registry.clone(), Transport::new(&[], creds)?);
+    match cli.command {
+        AcrCmd::Tag(Listing::List { repository }) => {
+            let tags = client.tags(&repository).await?;
+            println!("Listing tags for the {repository:?} repository:");
+            for t in tags {
+                println!("{registry}/{repository}:{t}");
+            }
+        }
+        AcrCmd::Manifest(Listing::List { repository }) => {
+            let ms = client.manifests(&repository).await?;
+            println!("Listing manifests for the {repository:?} repository:");
+            for m in ms {
+                println!("{registry}/{repository}@{}", m.digest);
+            }
+        }
+        AcrCmd::Tag(Listing::Delete {
+            repository,
+            references,
+        })
+        | AcrCmd::Manifest(Listing::Delete {
+            repository,
+            references,
+        }) => {
+            for r in references {
+                client.delete_manifest(&repository, &r).await?;
+                let sep = if r.contains(':') { '@' } else { ':' };
+                println!("{registry}/{repository}{sep}{r}");
+            }
+        }
+        AcrCmd::Version | AcrCmd::Purge { .. } => {}
+    }
+    Ok(())
+}
+
+/// Listens on `LISTEN` and forwards every connection to `TARGET` until the process ends.
+async fn start_relay(spec: &str) -> anyhow::Result<()> {
+    let Some((listen, target)) = spec.split_once('=') else {
+        bail!("{RELAY_ENV} is not LISTEN=TARGET: {spec}");
+    };
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("relaying the run's registry: listening on {listen}"))?;
+    let target = target.to_string();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let target = target.clone();
+            tokio::spawn(async move {
+                if let Ok(mut out) = tokio::net::TcpStream::connect(&target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                }
+            });
+        }
+    });
+    Ok(())
+}
