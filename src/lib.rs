@@ -10,6 +10,7 @@ pub mod netaddr;
 pub mod plan;
 pub mod policy;
 pub mod registry;
+pub mod relay;
 pub mod runtime;
 pub mod server;
 pub mod source;

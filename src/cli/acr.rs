@@ -18,10 +18,7 @@ use clap::{Parser, Subcommand};
 use crate::registry::client::{RegistryClient, Transport};
 use crate::registry::credentials::{Credential, Credentials};
 
-/// The variable acr-cli reads the registry from when `--registry` is not given.
-pub const DEFAULT_REGISTRY_ENV: &str = "ACR_DEFAULT_REGISTRY";
-/// `LISTEN=TARGET`: relay the registry's address inside a step container.
-pub const RELAY_ENV: &str = "ACR_TASK_RELAY";
+use crate::relay::{DEFAULT_REGISTRY_ENV, RELAY_ENV};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -174,16 +171,11 @@ async fn start_relay(spec: &str) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("relaying the run's registry: listening on {listen}"))?;
-    let target = target.to_string();
-    tokio::spawn(async move {
-        while let Ok((mut inbound, _)) = listener.accept().await {
-            let target = target.clone();
-            tokio::spawn(async move {
-                if let Ok(mut out) = tokio::net::TcpStream::connect(&target).await {
-                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
-                }
-            });
-        }
-    });
+    let target: Vec<std::net::SocketAddr> = tokio::net::lookup_host(target)
+        .await
+        .with_context(|| format!("relaying the run's registry: resolving {target}"))?
+        .collect();
+    // Only this container's own processes reach its loopback.
+    tokio::spawn(crate::relay::forward(listener, target, |_| true));
     Ok(())
 }

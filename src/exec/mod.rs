@@ -635,10 +635,7 @@ impl<R: Runtime> Ctx<R> {
         let Some(registry) = self.cfg.registry.clone() else {
             return Ok(Vec::new());
         };
-        let mut env = vec![format!(
-            "{}={registry}",
-            crate::cli::acr::DEFAULT_REGISTRY_ENV
-        )];
+        let mut env = vec![format!("{}={registry}", crate::relay::DEFAULT_REGISTRY_ENV)];
         let Some((host, port)) = registry.rsplit_once(':') else {
             return Ok(env);
         };
@@ -673,7 +670,9 @@ impl<R: Runtime> Ctx<R> {
             let addr = listener
                 .local_addr()
                 .map_err(|e| RuntimeError::Engine(format!("relay address: {e}")))?;
-            let task = tokio::spawn(relay_loop(listener, gw, target));
+            let task = tokio::spawn(crate::relay::forward(listener, target, move |peer| {
+                gw.contains(peer.ip())
+            }));
             *relay = Some(Relay {
                 network,
                 addr,
@@ -688,7 +687,7 @@ impl<R: Runtime> Ctx<R> {
             };
             env.push(format!(
                 "{}={inside}:{port}={}",
-                crate::cli::acr::RELAY_ENV,
+                crate::relay::RELAY_ENV,
                 r.addr
             ));
         }
@@ -943,27 +942,6 @@ async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) -> bool {
     tokio::select! {
         _ = tokio::time::sleep(d) => true,
         _ = cancel.cancelled() => false,
-    }
-}
-
-/// Accepts connections from the network's own containers and forwards them to the
-/// registry; anything else that reaches the gateway address is refused.
-async fn relay_loop(
-    listener: tokio::net::TcpListener,
-    gw: crate::runtime::NetworkGateway,
-    target: Vec<std::net::SocketAddr>,
-) {
-    while let Ok((mut inbound, peer)) = listener.accept().await {
-        if !gw.contains(peer.ip()) {
-            tracing::warn!(%peer, "registry relay: refused a connection from outside the run network");
-            continue;
-        }
-        let target = target.clone();
-        tokio::spawn(async move {
-            if let Ok(mut out) = tokio::net::TcpStream::connect(&target[..]).await {
-                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
-            }
-        });
     }
 }
 
