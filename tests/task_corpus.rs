@@ -51,13 +51,17 @@ fn values_for(path: &Path) -> Values {
 }
 
 fn load(path: &Path) -> Result<task::Loaded, task::Diagnostics> {
+    load_with(path, &run())
+}
+
+fn load_with(path: &Path, info: &RunInfo) -> Result<task::Loaded, task::Diagnostics> {
     let name = path.file_name().unwrap().to_string_lossy().into_owned();
     let text = std::fs::read_to_string(path).unwrap();
     let options = task::LoadOptions {
         alias_dir: path.parent().map(Path::to_path_buf),
         ..task::LoadOptions::default()
     };
-    task::load_str_checked(&name, &text, &run(), &values_for(path), &options, &|_| {
+    task::load_str_checked(&name, &text, info, &values_for(path), &options, &|_| {
         Vec::new()
     })
 }
@@ -181,18 +185,7 @@ fn public_task_files_get_acbs_verdict() {
             .find_map(|l| l.trim_end().strip_prefix("# acb: "))
             .unwrap_or_else(|| panic!("{}: no `# acb:` line", path.display()));
         let accepts = verdict.starts_with("accepts");
-        let options = task::LoadOptions {
-            alias_dir: path.parent().map(Path::to_path_buf),
-            ..task::LoadOptions::default()
-        };
-        let got = task::load_str_checked(
-            &path.file_name().unwrap().to_string_lossy(),
-            &text,
-            &info,
-            &Values::default(),
-            &options,
-            &|_| Vec::new(),
-        );
+        let got = load_with(path, &info);
         match (accepts, got) {
             (true, Ok(l)) => {
                 if let Err(e) = Plan::new(&l.task) {
