@@ -10,6 +10,9 @@ use std::net::SocketAddr;
 pub const DEFAULT_REGISTRY_ENV: &str = "ACR_DEFAULT_REGISTRY";
 /// `LISTEN=TARGET`: relay the registry's address inside a step container.
 pub const RELAY_ENV: &str = "ACR_TASK_RELAY";
+/// The run's login to its registry, for `acr` commands given no `-u`/`-p`.
+pub const USERNAME_ENV: &str = "ACR_TASK_REGISTRY_USERNAME";
+pub const PASSWORD_ENV: &str = "ACR_TASK_REGISTRY_PASSWORD";
 
 /// Forwards every connection accepted on `listener` from a peer `allow` admits to
 /// `target`, until the listener fails or the task is aborted.

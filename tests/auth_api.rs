@@ -727,3 +727,64 @@ async fn a_narrower_scope_map_applies_to_issued_bearer_tokens() {
     let tags = format!("{}/v2/demo/app/tags/list", e.base);
     assert_eq!(c.get(&tags).send().await.unwrap().status(), 404);
 }
+
+/// A run's own login (`serve` makes one per run): it may push only where the task
+/// pushes, pull anywhere, is refused with a wrong password, and ends with the run,
+/// bearer tokens already issued to it included.
+#[tokio::test]
+async fn a_run_login_is_scoped_to_its_task_and_ends_with_the_run() {
+    let e = env(AuthSettings::default()).await;
+    let grants = acr_task::auth::Grants::Rules(vec![
+        (
+            "*".into(),
+            vec![Permission::ContentRead, Permission::MetadataRead],
+        ),
+        (
+            "app".into(),
+            vec![Permission::ContentRead, Permission::ContentWrite],
+        ),
+    ]);
+    let login = e.auth.start_run("r1abc", grants, Duration::from_secs(600));
+    assert!(login.username.starts_with("run."));
+    assert!(!format!("{login:?}").contains(&login.password));
+    let r = get_token(&e, &login.username, "wrong", &["repository:app:push"]).await;
+    assert_eq!(r.status(), 401);
+    let t = bearer(
+        &e,
+        &login.username,
+        &login.password,
+        &["repository:app:pull,push", "repository:other:pull,push"],
+    )
+    .await;
+    let access = access_of(&t);
+    let actions = |repo: &str| -> Vec<String> {
+        access
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|a| a["name"] == repo)
+            .flat_map(|a| a["actions"].as_array().unwrap().clone())
+            .map(|a| a.as_str().unwrap().to_string())
+            .collect()
+    };
+    let mut app = actions("app");
+    app.sort();
+    assert_eq!(app, ["pull", "push"]);
+    assert_eq!(actions("other"), ["pull"]);
+    let c = client(&t);
+    assert_eq!(push_image(&c, &e.base, "app", "v1").await.status(), 201);
+    let upload = format!("{}/v2/other/blobs/uploads/", e.base);
+    assert_eq!(c.post(&upload).send().await.unwrap().status(), 403);
+    let url = format!("{}/v2/app/tags/list", e.base);
+    assert_eq!(c.get(&url).send().await.unwrap().status(), 200);
+    e.auth.end_run("r1abc");
+    assert_eq!(c.get(&url).send().await.unwrap().status(), 401);
+    let r = get_token(
+        &e,
+        &login.username,
+        &login.password,
+        &["repository:app:pull"],
+    )
+    .await;
+    assert_eq!(r.status(), 401);
+}

@@ -28,20 +28,19 @@ fn acr_ok(data: &Path, args: &[&str]) -> Output {
     o
 }
 
-/// `token create` with JSON output: returns password1 (printed on stderr only).
+/// `token create` with JSON output: returns password1 (inside the JSON, as az gives it).
 fn create_token(data: &Path, name: &str, map: &str, extra: &[&str]) -> String {
     let mut args = vec!["token", "create", name, "--scope-map", map, "-o", "json"];
     args.extend_from_slice(extra);
     let o = acr_ok(data, &args);
     let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(json[0]["name"], name);
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    let pass = stderr
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} password1: ")))
-        .unwrap_or_else(|| panic!("no password in {stderr}"))
+    assert_eq!(json["name"], name);
+    let pass = json["credentials"]["passwords"][0]["value"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no password in {json}"))
         .to_string();
-    assert!(!String::from_utf8_lossy(&o.stdout).contains(&pass));
+    assert_eq!(json["credentials"]["passwords"][0]["name"], "password1");
+    assert!(!String::from_utf8_lossy(&o.stderr).contains(&pass));
     pass
 }
 

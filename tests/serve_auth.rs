@@ -10,7 +10,7 @@ fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_acr-task")
 }
 
-/// `credential renew --admin` prints the generated password once, on stderr with JSON.
+/// `credential renew --admin -o json` returns the generated password once, in the JSON.
 fn admin_password(registry_dir: &std::path::Path) -> String {
     let out = Command::new(bin())
         .args(["credential", "renew", "--admin", "-o", "json", "--data"])
@@ -22,11 +22,11 @@ fn admin_password(registry_dir: &std::path::Path) -> String {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let err = String::from_utf8_lossy(&out.stderr);
-    err.lines()
-        .find_map(|l| l.strip_prefix("admin password: "))
-        .unwrap_or_else(|| panic!("no password in {err}"))
-        .trim()
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["username"], "admin");
+    v["passwords"][0]["value"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no password in {v}"))
         .to_string()
 }
 

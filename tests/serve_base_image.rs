@@ -294,7 +294,7 @@ async fn a_base_image_in_a_tls_registry_with_token_auth_is_polled() {
             "content/write",
         ],
     );
-    let (_, err) = acr(
+    let (out, _) = acr(
         &other_data,
         &[
             "token",
@@ -306,10 +306,10 @@ async fn a_base_image_in_a_tls_registry_with_token_auth_is_polled() {
             "json",
         ],
     );
-    let password = err
-        .lines()
-        .find_map(|l| l.strip_prefix("builder password1: "))
-        .unwrap_or_else(|| panic!("no password in {err}"))
+    let created: Value = serde_json::from_str(&out).unwrap();
+    let password = created["credentials"]["passwords"][0]["value"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no password in {out}"))
         .to_string();
     let (cert, key) = (tls("server.pem"), tls("server-key.pem"));
     let other = Serve::start_with(

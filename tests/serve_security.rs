@@ -57,11 +57,10 @@ fn token(serve: &Serve, name: &str, actions: &[&str]) -> String {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let err = String::from_utf8_lossy(&out.stderr);
-    err.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} password1: ")))
-        .unwrap_or_else(|| panic!("no password in {err}"))
-        .trim()
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["credentials"]["passwords"][0]["value"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no password in {v}"))
         .to_string()
 }
 

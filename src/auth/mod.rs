@@ -98,7 +98,21 @@ pub struct Auth {
     /// Password checks (argon2) running at once, server-wide: a flood of logins costs the
     /// server at most this many cores; the rest wait their turn (FIFO) or are refused.
     hashing: tokio::sync::Semaphore,
+    /// The logins of runs in progress (user name → login), in memory only: they end with
+    /// the run, or with the process.
+    runs: std::sync::Mutex<std::collections::HashMap<String, RunLogin>>,
 }
+
+/// A run's own identity: what it may do in the registry, until when.
+struct RunLogin {
+    password: String,
+    grants: Grants,
+    expires: std::time::Instant,
+}
+
+/// User names of run logins start with this; token names cannot hold a `.`, so a token
+/// never passes for a run (or the other way round).
+pub const RUN_USER_PREFIX: &str = "run.";
 
 /// How long an identity's current grants are trusted before the store is read again.
 const GRANTS_RECHECK: Duration = Duration::from_secs(1);
@@ -126,6 +140,7 @@ impl Auth {
             limiter,
             current: Default::default(),
             hashing: tokio::sync::Semaphore::new(cores),
+            runs: Default::default(),
         }))
     }
 
@@ -177,7 +192,58 @@ impl Auth {
         Ok(claims)
     }
 
+    /// A login for run `run_id` that may do `grants` in this registry until the run ends
+    /// ([`Auth::end_run`]) or `ttl` passes, whichever is first. Shown to nobody: the
+    /// executor hands it to the engine (and `acr` steps), and masks it in logs.
+    pub fn start_run(
+        &self,
+        run_id: &str,
+        grants: Grants,
+        ttl: Duration,
+    ) -> crate::registry::credentials::Credential {
+        let username = format!("{RUN_USER_PREFIX}{run_id}");
+        let password = password::generate();
+        if let Ok(mut runs) = self.runs.lock() {
+            let now = std::time::Instant::now();
+            runs.retain(|_, r| r.expires > now);
+            runs.insert(
+                username.clone(),
+                RunLogin {
+                    password: password.clone(),
+                    grants,
+                    expires: now + ttl,
+                },
+            );
+        }
+        crate::registry::credentials::Credential { username, password }
+    }
+
+    /// Ends run `run_id`'s login: the bearer tokens issued to it stop working too.
+    pub fn end_run(&self, run_id: &str) {
+        if let Ok(mut runs) = self.runs.lock() {
+            runs.remove(&format!("{RUN_USER_PREFIX}{run_id}"));
+        }
+    }
+
+    /// A run login's grants while it lasts; with `password`, only if it matches
+    /// (compared in constant time).
+    fn run_grants(&self, user: &str, password: Option<&str>) -> Option<Grants> {
+        use subtle::ConstantTimeEq;
+        let runs = self.runs.lock().ok()?;
+        let r = runs.get(user)?;
+        if r.expires <= std::time::Instant::now() {
+            return None;
+        }
+        match password {
+            Some(p) if !bool::from(p.as_bytes().ct_eq(r.password.as_bytes())) => None,
+            _ => Some(r.grants.clone()),
+        }
+    }
+
     fn current_grants(&self, sub: &str) -> Result<Option<Grants>, AuthError> {
+        if sub.starts_with(RUN_USER_PREFIX) {
+            return Ok(self.run_grants(sub, None));
+        }
         if let Ok(cache) = self.current.lock() {
             if let Some((g, at)) = cache.get(sub) {
                 if at.elapsed() < GRANTS_RECHECK {

@@ -18,7 +18,7 @@ use clap::{Parser, Subcommand};
 use crate::registry::client::{RegistryClient, Transport};
 use crate::registry::credentials::{Credential, Credentials};
 
-use crate::relay::{DEFAULT_REGISTRY_ENV, RELAY_ENV};
+use crate::relay::{DEFAULT_REGISTRY_ENV, PASSWORD_ENV, RELAY_ENV, USERNAME_ENV};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -125,7 +125,18 @@ async fn run(cli: AcrCli) -> anyhow::Result<()> {
         (Some(username), Some(password)) => {
             Credentials::single(&registry, Credential { username, password })
         }
-        (None, None) => Credentials::from_docker_config()?,
+        (None, None) => {
+            let mut c = Credentials::from_docker_config()?;
+            // The run's own login, for its own registry only.
+            if let (Ok(username), Ok(password), Ok(default)) = (
+                std::env::var(USERNAME_ENV),
+                std::env::var(PASSWORD_ENV),
+                std::env::var(DEFAULT_REGISTRY_ENV),
+            ) {
+                c.set(&default, Credential { username, password });
+            }
+            c
+        }
         _ => bail!("give both --username and --password, or neither"),
     };
     let client = RegistryClient::new(registry.clone(), Transport::new(&[], creds)?);

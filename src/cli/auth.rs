@@ -205,16 +205,17 @@ fn check_output(o: Output) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Secrets: table → stdout rows; json → stderr lines (never inside the JSON).
-fn print_secrets(output: Output, who: &str, secrets: &[NewSecret]) -> anyhow::Result<()> {
+/// New passwords as az's JSON gives them (`[{"name": "password1", "value": ...}]`).
+fn passwords_json(secrets: &[NewSecret]) -> serde_json::Value {
+    secrets
+        .iter()
+        .map(|s| serde_json::json!({ "name": s.slot, "value": s.value }))
+        .collect()
+}
+
+/// New passwords as table rows on stdout, shown once (JSON output carries them inside).
+fn print_secrets(who: &str, secrets: &[NewSecret]) -> anyhow::Result<()> {
     if secrets.is_empty() {
-        return Ok(());
-    }
-    if output == Output::Json {
-        for s in secrets {
-            eprintln!("{who} {}: {}", s.slot, s.value);
-        }
-        eprintln!("(shown once; store them now)");
         return Ok(());
     }
     println!();
@@ -361,8 +362,15 @@ pub fn token(cmd: TokenCmd) -> anyhow::Result<ExitCode> {
                 status == StatusArg::Enabled,
                 no_passwords,
             )?;
-            print_tokens(opts.output, std::slice::from_ref(&info))?;
-            print_secrets(opts.output, &name, &secrets)?;
+            if opts.output == Output::Json {
+                // As `az acr token create`: the passwords inside the JSON, shown this once.
+                let mut v = serde_json::to_value(&info)?;
+                v["credentials"] = serde_json::json!({ "passwords": passwords_json(&secrets) });
+                print_json(&v)?;
+            } else {
+                print_tokens(opts.output, std::slice::from_ref(&info))?;
+                print_secrets(&name, &secrets)?;
+            }
         }
         TokenCmd::List { opts } => {
             check_output(opts.output)?;
@@ -474,9 +482,14 @@ pub fn credential(cmd: CredentialCmd) -> anyhow::Result<ExitCode> {
                 _ => (crate::auth::ADMIN_USER.to_string(), s.renew_admin()?),
             };
             if opts.output == Output::Json {
-                print_json(&serde_json::json!({ "username": who, "renewed": secret.slot }))?;
+                // As `az acr credential renew` / `token credential generate`.
+                print_json(&serde_json::json!({
+                    "username": who,
+                    "passwords": passwords_json(std::slice::from_ref(&secret)),
+                }))?;
+            } else {
+                print_secrets(&who, std::slice::from_ref(&secret))?;
             }
-            print_secrets(opts.output, &who, std::slice::from_ref(&secret))?;
         }
         CredentialCmd::DisableAdmin { opts } => {
             check_output(opts.output)?;

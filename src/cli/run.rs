@@ -143,6 +143,14 @@ async fn registry_for(
     }
 }
 
+/// The logins `docker login` stored: what a run on your own machine pulls and pushes with.
+fn docker_logins() -> anyhow::Result<Arc<crate::registry::credentials::Credentials>> {
+    Ok(Arc::new(
+        crate::registry::credentials::Credentials::from_docker_config()
+            .context("reading the docker CLI's logins")?,
+    ))
+}
+
 /// Cancels on Ctrl-C or SIGTERM, so a run always tears down what it made.
 fn cancel_on_signals() -> CancellationToken {
     let token = CancellationToken::new();
@@ -216,6 +224,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut cfg = RunConfig::for_run(&run_id, context.clone(), args.max_parallel);
     cfg.secrets = validate::parse_secrets(&args.secrets).map_err(anyhow::Error::msg)?;
     cfg.platform = args.platform.clone();
+    cfg.credentials = docker_logins()?;
     // Alias files are read from the context, as ACR reads them from where it runs.
     let options = LoadOptions {
         strict: args.strict,
@@ -351,6 +360,7 @@ pub fn build(args: BuildArgs) -> anyhow::Result<ExitCode> {
     let run_id = new_run_id();
     let mut cfg = RunConfig::for_run(&run_id, context, 1);
     cfg.platform = args.platform.clone();
+    cfg.credentials = docker_logins()?;
     tokio_runtime()?.block_on(async {
         let (registry, integrated) = registry_for(args.registry.clone(), args.data.clone()).await?;
         let task = quick_task(&registry, &args);
@@ -376,7 +386,8 @@ pub fn runner(cmd: RunnerCmd) -> anyhow::Result<ExitCode> {
         if let Some(r) = registry {
             let target = format!("{r}/runner:latest");
             rt.tag(&id, &target).await?;
-            let digest = crate::runtime::Runtime::push(&rt, &target, &log).await?;
+            let login = crate::registry::credentials::Credentials::from_docker_config()?.get(&r);
+            let digest = crate::runtime::Runtime::push(&rt, &target, login.as_ref(), &log).await?;
             println!("{target} {digest}");
         }
         Ok(ExitCode::SUCCESS)

@@ -145,6 +145,64 @@ pub enum TaskCmd {
         #[command(flatten)]
         opts: ClientOpts,
     },
+    /// Logins for other registries a task's runs pull from or push to (`az acr task
+    /// credential`).
+    #[command(subcommand)]
+    Credential(CredentialCmd),
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum CredentialCmd {
+    /// Add a login for a registry.
+    #[command(
+        after_help = "Example:\n  acr-task task credential add app --login-server \
+        other.example.com --username builder --password env:OTHER_PASSWORD"
+    )]
+    Add {
+        /// The task.
+        name: String,
+        #[command(flatten)]
+        login: CredentialLogin,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+    /// Change a registry's login.
+    Update {
+        name: String,
+        #[command(flatten)]
+        login: CredentialLogin,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+    /// List a task's logins (login servers and user names; passwords are references).
+    List {
+        name: String,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+    /// Remove a registry's login.
+    Remove {
+        name: String,
+        /// The registry host (`HOST[:PORT]`).
+        #[arg(long)]
+        login_server: String,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CredentialLogin {
+    /// The registry host (`HOST[:PORT]`).
+    #[arg(long)]
+    login_server: String,
+    /// The user name: plain text, or a secret reference (`env:VAR`, `file:/path`).
+    #[arg(long, short = 'u')]
+    username: String,
+    /// A secret reference (`env:VAR` or `file:/path`) resolved on the server when a run
+    /// starts; the password itself is never stored.
+    #[arg(long, short = 'p')]
+    password: String,
 }
 
 fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -378,6 +436,93 @@ fn apply(spec: &mut TaskSpec, def: TaskDef) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `task credential ...`: read the task, change its logins, store it back.
+async fn credential(cmd: CredentialCmd) -> anyhow::Result<()> {
+    use crate::server::model::TaskCredential;
+    use reqwest::Method;
+    let (name, opts) = match &cmd {
+        CredentialCmd::Add { name, opts, .. }
+        | CredentialCmd::Update { name, opts, .. }
+        | CredentialCmd::List { name, opts }
+        | CredentialCmd::Remove { name, opts, .. } => (name.clone(), opts),
+    };
+    let output = opts.output;
+    let c = Client::new(&opts.server);
+    let path = format!("/api/tasks/{name}");
+    let current = c.call(Method::GET, &path, None).await?;
+    let mut spec: TaskSpec = serde_json::from_value(current).context("the stored task")?;
+    let (server, message) = match cmd {
+        CredentialCmd::List { .. } => {
+            let list: Vec<Value> = spec
+                .credentials
+                .iter()
+                .map(|(server, c)| {
+                    serde_json::json!({
+                        "loginServer": server,
+                        "username": c.username,
+                        "password": c.password,
+                    })
+                })
+                .collect();
+            if output == Output::Json {
+                return print_json(&Value::Array(list));
+            }
+            let rows: Vec<Vec<String>> = spec
+                .credentials
+                .iter()
+                .map(|(server, c)| vec![server.clone(), c.username.clone(), c.password.clone()])
+                .collect();
+            table(&["LOGIN SERVER", "USERNAME", "PASSWORD REFERENCE"], &rows);
+            return Ok(());
+        }
+        CredentialCmd::Add { login, .. } => {
+            if spec.credentials.contains_key(&login.login_server) {
+                bail!(
+                    "task {name} already has a login for {}; change it with `acr-task task \
+                     credential update`",
+                    login.login_server
+                );
+            }
+            let server = login.login_server.clone();
+            spec.credentials.insert(
+                login.login_server,
+                TaskCredential {
+                    username: login.username,
+                    password: login.password,
+                },
+            );
+            (server, "added")
+        }
+        CredentialCmd::Update { login, .. } => {
+            let Some(entry) = spec.credentials.get_mut(&login.login_server) else {
+                bail!(
+                    "task {name} has no login for {}; add one with `acr-task task credential add`",
+                    login.login_server
+                );
+            };
+            *entry = TaskCredential {
+                username: login.username,
+                password: login.password,
+            };
+            (login.login_server, "updated")
+        }
+        CredentialCmd::Remove { login_server, .. } => {
+            if spec.credentials.remove(&login_server).is_none() {
+                bail!("task {name} has no login for {login_server}");
+            }
+            (login_server, "removed")
+        }
+    };
+    c.call(Method::PUT, &path, Some(&serde_json::to_value(&spec)?))
+        .await?;
+    if output == Output::Json {
+        print_json(&serde_json::json!({"task": name, "loginServer": server, "result": message}))
+    } else {
+        println!("{message} the login for {server} on task {name}");
+        Ok(())
+    }
+}
+
 fn table(header: &[&str], rows: &[Vec<String>]) {
     println!("{}", super::render::table(header, rows));
 }
@@ -587,6 +732,7 @@ async fn task_async(cmd: TaskCmd) -> anyhow::Result<ExitCode> {
                 );
             }
         }
+        TaskCmd::Credential(cmd) => credential(cmd).await?,
         TaskCmd::Show { name, opts } => {
             let v = Client::new(&opts.server)
                 .call(Method::GET, &format!("/api/tasks/{name}"), None)

@@ -21,8 +21,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::plan::Plan;
+use crate::registry::credentials::Credentials;
+use crate::registry::reference::ImageRef;
 use crate::runtime::{
-    BuildSpec, ContainerSpec, LogSink, PullPolicy, Runtime, RuntimeError, RUN_LABEL,
+    BuildSpec, ContainerSpec, Credential, LogSink, PullPolicy, Runtime, RuntimeError, RUN_LABEL,
 };
 use crate::task::{args, Step, StepKind, Task, DEFAULT_NETWORK, WORKSPACE};
 pub use report::*;
@@ -44,6 +46,9 @@ pub struct RunConfig {
     pub platform: Option<crate::task::Platform>,
     /// The run's registry (`.Run.Registry`), which `acr` steps talk to by default.
     pub registry: Option<String>,
+    /// Logins for the registries the run pulls from and pushes to (the run's own
+    /// registry's is given with `Credentials::set`); their passwords are masked too.
+    pub credentials: Arc<Credentials>,
 }
 
 impl RunConfig {
@@ -58,6 +63,7 @@ impl RunConfig {
             secrets: BTreeMap::new(),
             platform: None,
             registry: None,
+            credentials: Arc::default(),
         }
     }
 }
@@ -94,7 +100,15 @@ pub async fn execute<R: Runtime>(
         run_started: started,
         removals: Mutex::new(Vec::new()),
         known_images: Mutex::new(std::collections::HashSet::new()),
-        masker: Arc::new(secrets::Masker::new(cfg.secrets.values())),
+        masker: Arc::new(secrets::Masker::new(
+            cfg.secrets.values().chain(
+                cfg.credentials
+                    .given_secrets()
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+                    .iter(),
+            ),
+        )),
         relay: tokio::sync::Mutex::new(None),
         cfg,
     });
@@ -636,6 +650,13 @@ impl<R: Runtime> Ctx<R> {
             return Ok(Vec::new());
         };
         let mut env = vec![format!("{}={registry}", crate::relay::DEFAULT_REGISTRY_ENV)];
+        // The run's own login, for `acr` commands that name no other (never logged: masked).
+        let creds = self.cfg.credentials.clone();
+        let reg = registry.clone();
+        if let Ok(Some(login)) = tokio::task::spawn_blocking(move || creds.get(&reg)).await {
+            env.push(format!("{}={}", crate::relay::USERNAME_ENV, login.username));
+            env.push(format!("{}={}", crate::relay::PASSWORD_ENV, login.password));
+        }
         let Some((host, port)) = registry.rsplit_once(':') else {
             return Ok(env);
         };
@@ -694,6 +715,17 @@ impl<R: Runtime> Ctx<R> {
         Ok(env)
     }
 
+    /// The login for `image`'s registry, if the run has one (a credential helper may be
+    /// asked: off the async threads).
+    async fn login_for(&self, image: &str) -> Option<Credential> {
+        let host = ImageRef::parse(image)?.api_host().to_string();
+        let creds = self.cfg.credentials.clone();
+        tokio::task::spawn_blocking(move || creds.get(&host))
+            .await
+            .ok()
+            .flatten()
+    }
+
     /// Like `Runtime::ensure_image`, but makes runner images (`busybox`) from the local
     /// recipe when the engine lacks them and no registry has them.
     async fn ensure_image(
@@ -712,7 +744,13 @@ impl<R: Runtime> Ctx<R> {
         let result = if crate::runtime::runner::is_acr_image(image) {
             self.ensure_acr_image(log).await
         } else {
-            match self.rt.ensure_image(image, policy, platform, log).await {
+            let login = self.login_for(image).await;
+            match self
+                .rt
+                .ensure_image(image, policy, platform, login.as_ref(), log)
+                .await
+                .map_err(|e| login_hint(e, image, login.is_some()))
+            {
                 Err(RuntimeError::ImageNotFound { .. })
                     if crate::runtime::runner::is_runner_image(image) =>
                 {
@@ -841,6 +879,13 @@ impl<R: Runtime> Ctx<R> {
                 return Attempt::failed(format!("step {}: base image: {e}", step.id));
             }
         }
+        // The engine pulls base images again with `--pull`, and reads `--cache-from` ones.
+        let mut registry_auth = BTreeMap::new();
+        for image in bases.iter().chain(&b.cache_from) {
+            if let (Some(r), Some(login)) = (ImageRef::parse(image), self.login_for(image).await) {
+                registry_auth.insert(r.registry, login);
+            }
+        }
         let spec = BuildSpec {
             context: crate::runtime::BuildContext::Volume {
                 volume: self.cfg.shared_volume.clone(),
@@ -861,6 +906,7 @@ impl<R: Runtime> Ctx<R> {
             network: Some(b.network.unwrap_or_else(|| self.default_network())),
             labels: b.labels,
             limits: Default::default(),
+            registry_auth,
         };
         match self.rt.build(&spec, log).await {
             Ok(out) => {
@@ -892,7 +938,13 @@ impl<R: Runtime> Ctx<R> {
     async fn push(&self, images: &[String], log: &LogSink) -> Attempt {
         let mut pushed = Vec::new();
         for image in images {
-            match self.rt.push(image, log).await {
+            let login = self.login_for(image).await;
+            match self
+                .rt
+                .push(image, login.as_ref(), log)
+                .await
+                .map_err(|e| login_hint(e, image, login.is_some()))
+            {
                 Ok(digest) => pushed.push(PushedImage {
                     image: image.clone(),
                     digest,
@@ -911,6 +963,38 @@ impl<R: Runtime> Ctx<R> {
             pushed,
             built: None,
         }
+    }
+}
+
+/// Says what to do when a registry refused a push or pull for want of a login.
+fn login_hint(e: RuntimeError, image: &str, had_login: bool) -> RuntimeError {
+    let refused = |m: &str| {
+        let m = m.to_ascii_lowercase();
+        m.contains("unauthorized") || m.contains("authentication required") || m.contains("denied")
+    };
+    let host = ImageRef::parse(image)
+        .map(|r| r.registry)
+        .unwrap_or_default();
+    let hint = if had_login {
+        format!(" (the login for {host} was refused or may not do this)")
+    } else {
+        format!(
+            " (no login for {host}: `docker login {host}` for `acr-task run`, or \
+             `acr-task task credential add NAME --login-server {host} ...` for a stored task)"
+        )
+    };
+    match e {
+        RuntimeError::Push { image, message } if refused(&message) => RuntimeError::Push {
+            image,
+            message: message + &hint,
+        },
+        RuntimeError::ImageNotFound { image, reason } if refused(&reason) => {
+            RuntimeError::ImageNotFound {
+                image,
+                reason: reason + &hint,
+            }
+        }
+        other => other,
     }
 }
 

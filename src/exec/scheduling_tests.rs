@@ -71,6 +71,7 @@ impl Runtime for Fake {
         _: &str,
         _: PullPolicy,
         _: Option<&str>,
+        _: Option<&crate::runtime::Credential>,
         _: &LogSink,
     ) -> Result<(), RuntimeError> {
         Ok(())
@@ -105,7 +106,12 @@ impl Runtime for Fake {
         self.removed.lock().unwrap().push(name.to_string());
         Ok(())
     }
-    async fn push(&self, image: &str, _: &LogSink) -> Result<String, RuntimeError> {
+    async fn push(
+        &self,
+        image: &str,
+        _: Option<&crate::runtime::Credential>,
+        _: &LogSink,
+    ) -> Result<String, RuntimeError> {
         Ok(format!("sha256:{:0>64}", image.len()))
     }
     async fn image_digest(

@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use super::Policy;
 use crate::runtime::{
-    BuildOutput, BuildSpec, ContainerSpec, ImageIdentity, Limits, LogSink, PullPolicy, Runtime,
-    RuntimeError, VolumeSource,
+    BuildOutput, BuildSpec, ContainerSpec, Credential, ImageIdentity, Limits, LogSink, PullPolicy,
+    Runtime, RuntimeError, VolumeSource,
 };
 
 /// `inner`, with `policy` enforced on every container and build.
@@ -123,9 +123,12 @@ impl<R: Runtime> Runtime for Policed<R> {
         image: &str,
         policy: PullPolicy,
         platform: Option<&str>,
+        auth: Option<&Credential>,
         log: &LogSink,
     ) -> Result<(), RuntimeError> {
-        self.inner.ensure_image(image, policy, platform, log).await
+        self.inner
+            .ensure_image(image, policy, platform, auth, log)
+            .await
     }
     async fn build(&self, spec: &BuildSpec, log: &LogSink) -> Result<BuildOutput, RuntimeError> {
         let v = self.policy.check_build(spec);
@@ -161,8 +164,13 @@ impl<R: Runtime> Runtime for Policed<R> {
     async fn remove_container(&self, name: &str) -> Result<(), RuntimeError> {
         self.inner.remove_container(name).await
     }
-    async fn push(&self, image: &str, log: &LogSink) -> Result<String, RuntimeError> {
-        self.inner.push(image, log).await
+    async fn push(
+        &self,
+        image: &str,
+        auth: Option<&Credential>,
+        log: &LogSink,
+    ) -> Result<String, RuntimeError> {
+        self.inner.push(image, auth, log).await
     }
     async fn image_digest(&self, image: &str) -> Result<Option<ImageIdentity>, RuntimeError> {
         self.inner.image_digest(image).await

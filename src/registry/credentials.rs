@@ -24,6 +24,9 @@ impl std::fmt::Debug for Credential {
 
 #[derive(Debug, Default)]
 pub struct Credentials {
+    /// Given for this use (a run's own registry, a task's credentials): they win over
+    /// `docker login`'s entries and helpers.
+    given: BTreeMap<String, Credential>,
     by_host: BTreeMap<String, Credential>,
     /// Host → credential helper name (`credHelpers`).
     helpers: BTreeMap<String, String>,
@@ -112,6 +115,7 @@ impl Credentials {
             by_host.insert(host_key(&key), cred);
         }
         Ok(Credentials {
+            given: BTreeMap::new(),
             by_host,
             helpers: cfg
                 .cred_helpers
@@ -131,9 +135,23 @@ impl Credentials {
         }
     }
 
+    /// Uses `cred` for `host`, whatever `docker login` stored for it.
+    pub fn set(&mut self, host: &str, cred: Credential) {
+        self.given.insert(host_key(host), cred);
+    }
+
+    /// The passwords given with [`Credentials::set`] (so a run can mask them).
+    pub fn given_secrets(&self) -> impl Iterator<Item = &str> {
+        self.given.values().map(|c| c.password.as_str())
+    }
+
     /// The credential for an API host (`registry-1.docker.io` finds Docker Hub's entry).
+    /// May run a credential helper (a process, up to 10 s): call it off async threads.
     pub fn get(&self, host: &str) -> Option<Credential> {
         let key = host_key(host);
+        if let Some(c) = self.given.get(&key) {
+            return Some(c.clone());
+        }
         let helper = self.helpers.get(&key).or(self.store.as_ref());
         let Some(helper) = helper else {
             return self.by_host.get(&key).cloned();
@@ -245,6 +263,14 @@ mod tests {
         assert_eq!(c.get("127.0.0.1:5001").unwrap().password, "pw:with:colons");
         assert_eq!(c.get("reg.example.com").unwrap().username, "u");
         assert!(c.get("empty.example.com").is_none());
+        let mut c = c;
+        let run = Credential {
+            username: "run".into(),
+            password: "given".into(),
+        };
+        c.set("http://127.0.0.1:5001/", run.clone());
+        assert_eq!(c.get("127.0.0.1:5001"), Some(run));
+        assert_eq!(c.given_secrets().collect::<Vec<_>>(), ["given"]);
         assert!(!format!("{:?}", c).contains("s3cret"));
         assert!(Credentials::from_file(&dir.path().join("none.json"))
             .unwrap()

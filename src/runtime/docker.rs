@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use bollard::auth::DockerCredentials;
 use bollard::models::{
     ContainerCreateBody, EndpointSettings, HostConfig, NetworkCreateRequest, NetworkingConfig,
     PortBinding, VolumeCreateRequest,
@@ -15,8 +16,8 @@ use bollard::Docker;
 use futures_util::StreamExt;
 
 use super::{
-    BuildContext, BuildOutput, BuildSpec, ContainerSpec, ImageIdentity, LogSink, NetworkGateway,
-    PullPolicy, Runtime, RuntimeError, VolumeSource, RUN_LABEL,
+    BuildContext, BuildOutput, BuildSpec, ContainerSpec, Credential, ImageIdentity, LogSink,
+    NetworkGateway, PullPolicy, Runtime, RuntimeError, VolumeSource, RUN_LABEL,
 };
 
 /// An image with no files, used to hold volumes while files are copied into them.
@@ -411,6 +412,48 @@ impl LineSplitter {
     }
 }
 
+/// The registry host part of an image name as the engine keys logins: Docker Hub's is
+/// its v1 URL, as `docker login` stores it.
+fn registry_of(image: &str) -> String {
+    match crate::registry::reference::ImageRef::parse(image) {
+        Some(r) if r.registry != crate::registry::reference::DOCKER_HUB => r.registry,
+        _ => DOCKER_HUB_INDEX.to_string(),
+    }
+}
+
+const DOCKER_HUB_INDEX: &str = "https://index.docker.io/v1/";
+
+fn engine_credentials(server: String, c: &Credential) -> DockerCredentials {
+    DockerCredentials {
+        username: Some(c.username.clone()),
+        password: Some(c.password.clone()),
+        serveraddress: Some(server),
+        ..Default::default()
+    }
+}
+
+/// A build's logins as the engine's `X-Registry-Config` holds them: by registry host,
+/// Docker Hub's under its v1 URL.
+fn build_credentials(
+    auth: &BTreeMap<String, Credential>,
+) -> Option<HashMap<String, DockerCredentials>> {
+    if auth.is_empty() {
+        return None;
+    }
+    Some(
+        auth.iter()
+            .map(|(host, c)| {
+                let key = if host == "docker.io" {
+                    DOCKER_HUB_INDEX.to_string()
+                } else {
+                    host.clone()
+                };
+                (key.clone(), engine_credentials(key, c))
+            })
+            .collect(),
+    )
+}
+
 impl Runtime for DockerRuntime {
     async fn ping(&self) -> Result<(), RuntimeError> {
         self.docker.ping().await.map(|_| ()).map_err(engine)
@@ -544,6 +587,7 @@ impl Runtime for DockerRuntime {
         image: &str,
         policy: PullPolicy,
         platform: Option<&str>,
+        auth: Option<&Credential>,
         log: &LogSink,
     ) -> Result<(), RuntimeError> {
         if policy == PullPolicy::Missing && self.image_present_for(image, platform).await? {
@@ -556,7 +600,8 @@ impl Runtime for DockerRuntime {
             platform: platform.unwrap_or_default().into(),
             ..Default::default()
         };
-        let mut s = self.docker.create_image(Some(opts), None, None);
+        let creds = auth.map(|c| engine_credentials(registry_of(image), c));
+        let mut s = self.docker.create_image(Some(opts), None, creds);
         let mut failure = None;
         while let Some(item) = s.next().await {
             match item {
@@ -664,9 +709,11 @@ impl Runtime for DockerRuntime {
                 .map(|n| i32::try_from(n / 10_000).unwrap_or(i32::MAX)),
             ..Default::default()
         };
-        let mut stream =
-            self.docker
-                .build_image(opts, None, Some(bollard::body_full(context.into())));
+        let mut stream = self.docker.build_image(
+            opts,
+            build_credentials(&spec.registry_auth),
+            Some(bollard::body_full(context.into())),
+        );
         let mut tail: std::collections::VecDeque<String> = std::collections::VecDeque::new();
         let mut image_id = None;
         let mut splitter = LineSplitter { buf: Vec::new() };
@@ -818,13 +865,19 @@ impl Runtime for DockerRuntime {
         }
     }
 
-    async fn push(&self, image: &str, log: &LogSink) -> Result<String, RuntimeError> {
+    async fn push(
+        &self,
+        image: &str,
+        auth: Option<&Credential>,
+        log: &LogSink,
+    ) -> Result<String, RuntimeError> {
         let (repo, tag) = split_tag(image);
         let opts = PushImageOptions {
             tag: Some(tag.unwrap_or("latest").into()),
             ..Default::default()
         };
-        let mut s = self.docker.push_image(repo, Some(opts), None);
+        let creds = auth.map(|c| engine_credentials(registry_of(image), c));
+        let mut s = self.docker.push_image(repo, Some(opts), creds);
         let mut digest = None;
         while let Some(item) = s.next().await {
             match item {

@@ -9,6 +9,8 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+pub use crate::registry::credentials::Credential;
+
 /// Receives output lines of a build, container or push, as they come.
 pub type LogSink = Arc<dyn Fn(String) + Send + Sync>;
 
@@ -61,6 +63,9 @@ pub struct BuildSpec {
     pub labels: BTreeMap<String, String>,
     /// CPU and memory of the build's containers (pids cannot be limited for builds).
     pub limits: Limits,
+    /// Logins for the registries the build pulls from, by registry host (`docker.io`,
+    /// `HOST:PORT`).
+    pub registry_auth: BTreeMap<String, Credential>,
 }
 
 /// A local image: the digest its registry knows it by (`RepoDigests` for its repository;
@@ -228,12 +233,14 @@ pub trait Runtime: Send + Sync + 'static {
         volume: &str,
         path: &str,
     ) -> impl Future<Output = Result<Option<Vec<u8>>, RuntimeError>> + Send;
-    /// Makes sure `image` is present (for `platform`, when given), pulling it per `policy`.
+    /// Makes sure `image` is present (for `platform`, when given), pulling it per `policy`
+    /// (with `auth`, the login for its registry, when there is one).
     fn ensure_image(
         &self,
         image: &str,
         policy: PullPolicy,
         platform: Option<&str>,
+        auth: Option<&Credential>,
         log: &LogSink,
     ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     fn build(
@@ -256,10 +263,12 @@ pub trait Runtime: Send + Sync + 'static {
     /// Force-removes a container (and its anonymous volumes); absent is not an error.
     fn remove_container(&self, name: &str)
         -> impl Future<Output = Result<(), RuntimeError>> + Send;
-    /// Pushes an image; returns the manifest digest the registry reported.
+    /// Pushes an image (with `auth`, the login for its registry); returns the manifest
+    /// digest the registry reported.
     fn push(
         &self,
         image: &str,
+        auth: Option<&Credential>,
         log: &LogSink,
     ) -> impl Future<Output = Result<String, RuntimeError>> + Send;
     /// What identifies a local image (`None` when absent): the registry digest it was

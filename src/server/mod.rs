@@ -264,6 +264,7 @@ impl Server {
                 self.cfg.data_dir.join("work"),
                 self.cfg.max_parallel,
                 self.policy.clone(),
+                self.cfg.registry_auth.then(|| self.auth.clone()),
             )
             .await,
         );

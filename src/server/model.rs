@@ -24,11 +24,23 @@ pub struct TaskSpec {
     /// Secret references, name -> `env:VAR` or `file:/path`, resolved on the server when a
     /// run starts (values are never stored).
     pub secrets: BTreeMap<String, String>,
+    /// Logins for other registries its runs pull from or push to, by login server
+    /// (`az acr task credential`); the password is a secret reference.
+    pub credentials: BTreeMap<String, TaskCredential>,
     pub triggers: Triggers,
     /// Whole-run timeout in seconds (default 3600, as ACR).
     pub timeout: Option<u64>,
     /// Target platform `os/arch[/variant]` of every build and container of its runs.
     pub platform: Option<String>,
+}
+
+/// A task's login for one registry: a user name (plain, or a secret reference) and a
+/// password secret reference (`env:VAR`, `file:/path`), resolved when a run starts.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskCredential {
+    pub username: String,
+    pub password: String,
 }
 
 pub const DEFAULT_TIMEOUT_SECS: u64 = 3600;

@@ -147,6 +147,130 @@ pub fn check_secret_refs(refs: &BTreeMap<String, String>, policy: &Policy) -> Re
     Ok(())
 }
 
+/// The secret references of a task's registry credentials, named for messages.
+fn credential_refs(spec: &TaskSpec) -> BTreeMap<String, String> {
+    let mut refs = BTreeMap::new();
+    for (server, c) in &spec.credentials {
+        refs.insert(
+            format!("password of credential {server}"),
+            c.password.clone(),
+        );
+        if is_secret_ref(&c.username) {
+            refs.insert(
+                format!("username of credential {server}"),
+                c.username.clone(),
+            );
+        }
+    }
+    refs
+}
+
+fn is_secret_ref(s: &str) -> bool {
+    s.starts_with("env:") || s.starts_with("file:")
+}
+
+/// Checks a task's registry credentials when it is stored: a login server that is a
+/// registry host, a user name, and a password that is a secret reference the policy allows.
+pub fn check_credentials(spec: &TaskSpec, policy: &Policy) -> Result<(), String> {
+    for (server, c) in &spec.credentials {
+        let host_ok = !server.is_empty()
+            && !server.contains(['/', ' ', '@'])
+            && crate::registry::reference::ImageRef::parse(&format!("{server}/x"))
+                .is_some_and(|r| r.registry == *server);
+        if !host_ok {
+            return Err(format!(
+                "credential {server:?}: the login server must be a registry host such as \
+                 myregistry.example.com or 127.0.0.1:5000 (with a '.' or a port)"
+            ));
+        }
+        if c.username.is_empty() {
+            return Err(format!("credential {server}: give a user name"));
+        }
+        if !is_secret_ref(&c.password) {
+            return Err(format!(
+                "credential {server}: the password must be a secret reference, env:VAR or \
+                 file:/path, resolved on the server when a run starts (never stored)"
+            ));
+        }
+    }
+    check_secret_refs(&credential_refs(spec), policy)
+}
+
+/// The logins a stored task's runs use for other registries, resolved now.
+pub fn resolve_credentials(
+    spec: &TaskSpec,
+    policy: &Policy,
+) -> Result<BTreeMap<String, crate::registry::credentials::Credential>, String> {
+    check_credentials(spec, policy)?;
+    let values = resolve_secrets(&credential_refs(spec), policy)?;
+    let mut out = BTreeMap::new();
+    for (server, c) in &spec.credentials {
+        let username = values
+            .get(&format!("username of credential {server}"))
+            .cloned()
+            .unwrap_or_else(|| c.username.clone());
+        let password = values
+            .get(&format!("password of credential {server}"))
+            .cloned()
+            .unwrap_or_default();
+        out.insert(
+            server.clone(),
+            crate::registry::credentials::Credential { username, password },
+        );
+    }
+    Ok(out)
+}
+
+/// What a run may do in its own registry: pull anything (a task may build `FROM` or run
+/// any image there, as in ACR), and push (with metadata and, for `acr` steps, deletes) only
+/// to the repositories the task pushes or tags in it.
+pub fn run_grants(task: &task::Task, registry: &str) -> crate::auth::Grants {
+    use crate::auth::Permission;
+    let mut repos = std::collections::BTreeSet::new();
+    let mut acr_steps = false;
+    for step in &task.steps {
+        let images: Vec<String> = match step.kind() {
+            Some(task::StepKind::Push(images)) => images.to_vec(),
+            Some(task::StepKind::Build(b)) => task::args::parse_build(b)
+                .map(|b| b.tags)
+                .unwrap_or_default(),
+            Some(task::StepKind::Cmd(c)) => {
+                if task::args::parse_cmd_line(c)
+                    .is_ok_and(|l| crate::runtime::runner::is_acr_image(&l.image))
+                {
+                    acr_steps = true;
+                }
+                Vec::new()
+            }
+            None => Vec::new(),
+        };
+        for image in images {
+            if let Some(r) = crate::registry::reference::ImageRef::parse(&image) {
+                if r.registry == registry {
+                    repos.insert(r.repository);
+                }
+            }
+        }
+    }
+    let mut rules = vec![(
+        "*".to_string(),
+        vec![Permission::ContentRead, Permission::MetadataRead],
+    )];
+    for repo in repos {
+        let mut p = vec![
+            Permission::ContentRead,
+            Permission::ContentWrite,
+            Permission::MetadataRead,
+            Permission::MetadataWrite,
+        ];
+        if acr_steps {
+            p.push(Permission::ContentDelete);
+        }
+        rules.push((repo, p));
+    }
+    crate::auth::Grants::Rules(rules)
+}
+
 /// Largest task file or values text a stored task may have.
 pub const MAX_TASK_FILE_BYTES: usize = 1024 * 1024;
 
@@ -273,7 +397,8 @@ pub fn check_spec_paths(spec: &TaskSpec, policy: &Policy) -> Result<(), String> 
                 .map_err(|e| e.to_string())?;
         }
     }
-    check_secret_refs(&spec.secrets, policy)
+    check_secret_refs(&spec.secrets, policy)?;
+    check_credentials(spec, policy)
 }
 
 /// A run's log file, appended one line at a time (readers follow it while it grows).
@@ -346,6 +471,8 @@ pub struct DockerExecutor {
     work_dir: PathBuf,
     max_parallel: usize,
     policy: Arc<Policy>,
+    /// The registry's gate when it checks credentials: each run gets its own login.
+    auth: Option<Arc<crate::auth::Auth>>,
 }
 
 impl DockerExecutor {
@@ -354,6 +481,7 @@ impl DockerExecutor {
         work_dir: PathBuf,
         max_parallel: usize,
         policy: Arc<Policy>,
+        auth: Option<Arc<crate::auth::Auth>>,
     ) -> DockerExecutor {
         let rt = match DockerRuntime::connect().await {
             Ok(rt) => Some(Arc::new(Policed::new(Arc::new(rt), policy.clone()))),
@@ -367,6 +495,7 @@ impl DockerExecutor {
             work_dir,
             max_parallel,
             policy,
+            auth,
         }
     }
 }
@@ -377,10 +506,11 @@ impl Executor for DockerExecutor {
         let work = self.work_dir.clone();
         let max_parallel = self.max_parallel;
         let policy = self.policy.clone();
+        let auth = self.auth.clone();
         Box::pin(async move {
             match rt {
                 None => Outcome::failed("no Docker Engine is reachable".into()),
-                Some(rt) => run_on_docker(rt, work, max_parallel, policy, job).await,
+                Some(rt) => run_on_docker(rt, work, max_parallel, policy, auth, job).await,
             }
         })
     }
@@ -436,11 +566,23 @@ fn prepare_context(
     }
 }
 
+/// Ends a run's registry login however the run ends.
+struct RunLoginGuard(Option<(Arc<crate::auth::Auth>, String)>);
+
+impl Drop for RunLoginGuard {
+    fn drop(&mut self) {
+        if let Some((auth, id)) = self.0.take() {
+            auth.end_run(&id);
+        }
+    }
+}
+
 async fn run_on_docker(
     rt: Arc<Policed<DockerRuntime>>,
     work: PathBuf,
     max_parallel: usize,
     policy: Arc<Policy>,
+    auth: Option<Arc<crate::auth::Auth>>,
     job: Job,
 ) -> Outcome {
     let Job {
@@ -481,6 +623,19 @@ async fn run_on_docker(
             return Outcome::failed(e);
         }
     };
+    // The server's own `docker login`s are not lent to tasks: a task names its logins.
+    let mut credentials = crate::registry::credentials::Credentials::default();
+    match resolve_credentials(&spec, &policy) {
+        Ok(logins) => {
+            for (server, c) in logins {
+                credentials.set(&server, c);
+            }
+        }
+        Err(e) => {
+            log.line("acr-task", &e);
+            return Outcome::failed(e);
+        }
+    }
     let mut info = run_info(
         &run.id,
         Path::new("acb.yaml"),
@@ -530,6 +685,15 @@ async fn run_on_docker(
             return o;
         }
     };
+    // The run's own login to the registry, scoped to what the task pushes; it ends with
+    // the run (and cannot outlive its timeout).
+    let _login = RunLoginGuard(auth.map(|auth| {
+        let ttl = Duration::from_secs(spec.timeout_secs().saturating_add(60));
+        let login = auth.start_run(&run.id, run_grants(&task, &registry), ttl);
+        credentials.set(&registry, login);
+        (auth, run.id.clone())
+    }));
+    cfg.credentials = Arc::new(credentials);
     let names: Vec<String> = task.steps.iter().map(|s| s.id.clone()).collect();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let writer = {
@@ -592,6 +756,62 @@ async fn run_on_docker(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_may_push_only_where_its_task_pushes() {
+        let yaml = "version: v1.1.0\nsteps:\n  - build: -t reg:5000/app:1 -t other.io/x:1 .\n  - push: [\"reg:5000/app:1\", \"reg:5000/lib/tool:2\"]\n  - cmd: busybox true\n";
+        let t = task::load_str("t.yaml", yaml, &RunInfo::default(), &Values::default()).unwrap();
+        let crate::auth::Grants::Rules(rules) = run_grants(&t, "reg:5000") else {
+            panic!("rules expected");
+        };
+        let repos: Vec<&str> = rules.iter().map(|(r, _)| r.as_str()).collect();
+        assert_eq!(repos, ["*", "app", "lib/tool"]);
+        use crate::auth::Permission;
+        assert!(!rules[0].1.contains(&Permission::ContentWrite));
+        assert!(rules[1].1.contains(&Permission::ContentWrite));
+        assert!(!rules[1].1.contains(&Permission::ContentDelete));
+        // An `acr` step may untag, in those repositories only.
+        let yaml = format!("{yaml}  - cmd: acr tag list --repository app\n");
+        let t = task::load_str("t.yaml", &yaml, &RunInfo::default(), &Values::default()).unwrap();
+        let crate::auth::Grants::Rules(rules) = run_grants(&t, "reg:5000") else {
+            panic!("rules expected");
+        };
+        assert!(rules[1].1.contains(&Permission::ContentDelete));
+        assert!(!rules[0].1.contains(&Permission::ContentDelete));
+    }
+
+    #[test]
+    fn task_credentials_need_a_host_and_a_password_reference() {
+        use crate::server::model::TaskCredential;
+        let mut spec = TaskSpec::default();
+        let open = Policy::permissive();
+        spec.credentials.insert(
+            "reg.example.com".into(),
+            TaskCredential {
+                username: "u".into(),
+                password: "plain".into(),
+            },
+        );
+        let e = check_credentials(&spec, &open).unwrap_err();
+        assert!(e.contains("secret reference"), "{e}");
+        std::env::set_var("ACR_TASK_TEST_CRED", "pw");
+        spec.credentials
+            .get_mut("reg.example.com")
+            .unwrap()
+            .password = "env:ACR_TASK_TEST_CRED".into();
+        let got = resolve_credentials(&spec, &open).unwrap();
+        assert_eq!(got["reg.example.com"].password, "pw");
+        assert_eq!(got["reg.example.com"].username, "u");
+        spec.credentials.insert(
+            "not a host".into(),
+            TaskCredential {
+                username: "u".into(),
+                password: "env:X".into(),
+            },
+        );
+        let e = check_credentials(&spec, &open).unwrap_err();
+        assert!(e.contains("login server"), "{e}");
+    }
 
     #[test]
     fn secret_references_resolve_from_env_and_files() {

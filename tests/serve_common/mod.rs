@@ -11,7 +11,8 @@ use serde_json::Value;
 
 #[path = "../registry_common/mod.rs"]
 mod registry_common;
-pub use registry_common::remove_images_of;
+#[allow(unused_imports)]
+pub use registry_common::{make_busybox_image, remove_images_of};
 
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_acr-task")
