@@ -59,7 +59,7 @@ fn build_and_push_lands_in_the_integrated_registry() {
         .starts_with("sha256:"));
 
     // The data dir now holds the pushed image: serve it and ask for both tags.
-    let (mut child, addr) = spawn_server(data.path().join("registry").as_path());
+    let (mut child, addr) = spawn_server(data.path());
     let rt = tokio::runtime::Runtime::new().unwrap();
     let client = reqwest::Client::new();
     for tag in [run_id.as_str(), "latest"] {

@@ -57,8 +57,9 @@ async fn push_image(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repository_commands_list_show_and_delete() {
     let dir = tempfile::tempdir().unwrap();
+    // `--data` is the top data directory; the registry is its `registry/`.
     let data = dir.path();
-    let reg = start_in(data).await;
+    let reg = start_in(&data.join("registry")).await;
     let b = base(&reg);
     let c = reqwest::Client::new();
     let web = push_image(&c, &b, "app/web", b"web layer", &["v1", "v2"]).await;
@@ -138,6 +139,16 @@ async fn repository_commands_list_show_and_delete() {
     assert_eq!(r.status(), 404);
     let fsck = cli_ok(data, &["registry", "fsck"]);
     assert!(fsck.contains("clean"), "{fsck}");
+    // The registry directory itself is not a data directory: the error names the right one.
+    for args in [&["repository", "list"][..], &["token", "list"]] {
+        let (ok, _, err) = cli(&data.join("registry"), args);
+        assert!(!ok);
+        assert!(
+            err.contains("is a registry directory")
+                && err.contains(&format!("--data {}", data.display())),
+            "{err}"
+        );
+    }
     reg.shutdown().await;
 }
 

@@ -184,7 +184,7 @@ async fn sigkill_during_pushes_leaves_a_consistent_store() {
         }
     }
     assert_eq!(
-        std::fs::read_dir(dir.path().join("uploads"))
+        std::fs::read_dir(dir.path().join("registry/uploads"))
             .unwrap()
             .count(),
         0,

@@ -33,7 +33,7 @@ fn admin_password(registry_dir: &std::path::Path) -> String {
 #[test]
 fn management_api_needs_credentials_when_auth_is_on() {
     let data = tempfile::tempdir().unwrap();
-    let password = admin_password(&data.path().join("registry"));
+    let password = admin_password(data.path());
     let (mut child, addr) = registry_common::spawn_serve(&["--auth"], data.path());
     let server = format!("http://{addr}");
     let list = |creds: Option<(&str, &str)>| {

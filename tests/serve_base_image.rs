@@ -193,7 +193,7 @@ async fn a_base_push_while_the_task_service_is_down_is_caught_up() {
     serve.kill();
 
     // Only the registry runs, on the same address and data: the push lands in the outbox.
-    let registry = Serve::start_at(&addr, &d.join("registry"), 1, &["--registry-only"], &[]);
+    let registry = Serve::start_at(&addr, &d, 1, &["--registry-only"], &[]);
     let d2 = push_base(&base, "while-down");
     drop(registry);
 

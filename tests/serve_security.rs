@@ -21,7 +21,7 @@ fn inline(name: &str, yaml: &str) -> Value {
 }
 
 fn token(serve: &Serve, name: &str, actions: &[&str]) -> String {
-    let registry = serve.data.join("registry");
+    let registry = serve.data.clone();
     let out = std::process::Command::new(bin())
         .args([
             "scope-map",

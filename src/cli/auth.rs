@@ -73,7 +73,8 @@ impl ServeAuthArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct AuthOpts {
-    /// Registry data directory [default: <data dir>/registry].
+    /// Data directory; the registry is its `registry/` [default: $ACR_TASK_DATA, else
+    /// ~/.local/share/acr-task].
     #[arg(long)]
     data: Option<PathBuf>,
     #[arg(long, short = 'o', value_enum, default_value = "table")]
@@ -193,7 +194,7 @@ pub enum CredentialCmd {
 }
 
 fn open_store(data: Option<PathBuf>) -> anyhow::Result<AuthStore> {
-    let dir = data_dir(data);
+    let dir = data_dir(data)?;
     AuthStore::open(&dir)
         .with_context(|| format!("opening registry auth data in {}", dir.display()))
 }
@@ -560,7 +561,7 @@ pub enum WebhookCmd {
 }
 
 fn open_hooks(data: Option<PathBuf>) -> anyhow::Result<WebhookStore> {
-    let dir = data_dir(data);
+    let dir = data_dir(data)?;
     WebhookStore::open(&dir).with_context(|| format!("opening webhook data in {}", dir.display()))
 }
 

@@ -20,7 +20,8 @@ use crate::store::{ManifestInfo, Store};
 pub enum RegistryCmd {
     /// Remove unreferenced blobs and manifests (safe while pushes continue).
     Gc {
-        /// Registry data directory [default: <data dir>/registry].
+        /// Data directory; the registry is its `registry/` [default: $ACR_TASK_DATA, else
+        /// ~/.local/share/acr-task].
         #[arg(long)]
         data: Option<PathBuf>,
         /// Report what would be removed without removing it.
@@ -44,7 +45,8 @@ pub enum RegistryCmd {
 
 #[derive(Debug, clap::Args)]
 pub struct RepoOpts {
-    /// Registry data directory [default: <data dir>/registry].
+    /// Data directory; the registry is its `registry/` [default: $ACR_TASK_DATA, else
+    /// ~/.local/share/acr-task].
     #[arg(long, conflicts_with = "registry")]
     data: Option<PathBuf>,
     /// Talk to a running registry at HOST:PORT over the API instead of opening --data
@@ -95,8 +97,8 @@ pub struct ServeArgs {
     /// first line of stdout as `listening on ADDR`.
     #[arg(long, default_value = "127.0.0.1:5000")]
     pub listen: SocketAddr,
-    /// Data directory [default: <data dir>/registry with --registry-only, else <data dir>
-    /// (the registry then lives in its `registry/` subdirectory)].
+    /// Data directory: the registry in its `registry/`, tasks, runs and logs beside it
+    /// [default: $ACR_TASK_DATA, else ~/.local/share/acr-task].
     #[arg(long)]
     pub data: Option<PathBuf>,
     #[command(flatten)]
@@ -259,12 +261,31 @@ impl ServeArgs {
     }
 }
 
-pub(super) fn data_dir(d: Option<PathBuf>) -> PathBuf {
-    d.unwrap_or_else(|| super::default_data_dir().join("registry"))
+/// The registry inside the data directory (`--data`, the same top directory for every
+/// command): `DATA/registry`. A registry directory given where its parent belongs (what
+/// older versions took here) is refused with the path to give instead.
+pub(super) fn data_dir(d: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let top = d.unwrap_or_else(super::default_data_dir);
+    let looks_like_registry = ["meta.db", "auth.db", "webhooks.db"]
+        .iter()
+        .any(|f| top.join(f).exists());
+    if looks_like_registry && !top.join("registry").exists() {
+        let parent = top
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new(".."));
+        bail!(
+            "{} is a registry directory, not a data directory: --data takes the directory \
+             that holds `registry/` (here: --data {})",
+            top.display(),
+            parent.display()
+        );
+    }
+    Ok(top.join("registry"))
 }
 
 fn open(d: Option<PathBuf>) -> anyhow::Result<Store> {
-    let dir = data_dir(d);
+    let dir = data_dir(d)?;
     // Don't create an empty store as a side effect of a typo in --data.
     if !dir.join("meta.db").exists() {
         bail!(
@@ -586,7 +607,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         return super::task::serve(&args);
     }
     let tls = args.tls()?;
-    let dir = data_dir(args.data.clone());
+    let dir = data_dir(args.data.clone())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -284,8 +284,32 @@ struct Client {
     credentials: Option<(String, String)>,
 }
 
+/// A server address as users type it: a URL, or `HOST:PORT` (plain HTTP on loopback, as
+/// `serve` listens by default; HTTPS anywhere else).
+fn server_url(server: &str) -> String {
+    let s = server.trim().trim_end_matches('/');
+    if s.contains("://") {
+        return s.to_string();
+    }
+    let host = match s.rsplit_once(':') {
+        Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => h,
+        _ => s,
+    };
+    let host = host.trim_matches(['[', ']']);
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if loopback {
+        format!("http://{s}")
+    } else {
+        format!("https://{s}")
+    }
+}
+
 impl Client {
     fn new(server: &str) -> Client {
+        let server = &server_url(server);
         let credentials = match (
             std::env::var("ACR_TASK_USERNAME"),
             std::env::var("ACR_TASK_PASSWORD"),
@@ -294,7 +318,7 @@ impl Client {
             _ => local_admin(server),
         };
         Client {
-            base: server.trim_end_matches('/').to_string(),
+            base: server.clone(),
             http: reqwest::Client::new(),
             credentials,
         }
@@ -846,4 +870,25 @@ async fn task_async(cmd: TaskCmd) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::server_url;
+
+    #[test]
+    fn a_server_without_a_scheme_is_reached() {
+        assert_eq!(server_url("127.0.0.1:5000"), "http://127.0.0.1:5000");
+        assert_eq!(server_url("localhost:5000/"), "http://localhost:5000");
+        assert_eq!(server_url("[::1]:5000"), "http://[::1]:5000");
+        assert_eq!(
+            server_url("acr.example.com:443"),
+            "https://acr.example.com:443"
+        );
+        assert_eq!(server_url("acr.example.com"), "https://acr.example.com");
+        assert_eq!(
+            server_url("https://127.0.0.1:5000/"),
+            "https://127.0.0.1:5000"
+        );
+    }
 }
