@@ -134,10 +134,45 @@ fn quick_build_pushes_one_image() {
         .args([
             "build",
             "-t",
-            "quick/app:v1",
+            "quick/app:{{.Run.ID}}",
             "--build-arg",
             "VERSION=quick",
+            "--secret-build-arg",
+            "TOKEN=quick-s3cret",
             "--output",
+            "json",
+            "--data",
+        ])
+        .arg(data.path())
+        .arg(root().join("examples/build-and-push"))
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(report["status"], "Succeeded", "{err}");
+    let id = report["run_id"].as_str().unwrap();
+    assert_no_orphans(id);
+    let pushed = &report["steps"][1]["pushed"][0];
+    // The tag was rendered as az renders it, under the run's registry.
+    let image = pushed["image"].as_str().unwrap();
+    assert!(image.ends_with(&format!("/quick/app:{id}")), "{image}");
+    assert!(pushed["digest"].as_str().unwrap().starts_with("sha256:"));
+    assert!(
+        !err.contains("quick-s3cret")
+            && !String::from_utf8_lossy(&out.stdout).contains("quick-s3cret")
+    );
+    if let Some((registry, _)) = image.split_once('/') {
+        remove_images_of(registry);
+    }
+
+    // --no-push builds only.
+    let out = Command::new(bin())
+        .args([
+            "build",
+            "-t",
+            "quick/local:v1",
+            "--no-push",
+            "-o",
             "json",
             "--data",
         ])
@@ -152,8 +187,8 @@ fn quick_build_pushes_one_image() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_no_orphans(report["run_id"].as_str().unwrap());
-    let pushed = &report["steps"][1]["pushed"][0];
-    assert!(pushed["image"].as_str().unwrap().ends_with("/quick/app:v1"));
-    assert!(pushed["digest"].as_str().unwrap().starts_with("sha256:"));
+    let steps = report["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 1, "{report}");
+    let built = steps[0]["built"]["tags"][0].as_str().unwrap().to_string();
+    let _ = Command::new("docker").args(["rmi", &built]).output();
 }

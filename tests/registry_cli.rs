@@ -86,7 +86,16 @@ async fn repository_commands_list_show_and_delete() {
     assert!(table.starts_with("DIGEST"), "{table}");
     assert!(table.contains(&web) && table.contains("v1,v2"), "{table}");
 
-    cli_ok(data, &["repository", "delete", "app/web:v1"]);
+    // A tag given where a repository belongs is refused, with the two commands to use.
+    let (ok, _, err) = cli(data, &["repository", "delete", "app/web:v1", "--yes"]);
+    assert!(
+        !ok && err.contains("repository untag --image app/web:v1"),
+        "{err}"
+    );
+    // Destructive commands ask first; with no terminal to ask, they need --yes.
+    let (ok, _, err) = cli(data, &["repository", "delete", "other"]);
+    assert!(!ok && err.contains("--yes"), "{err}");
+    cli_ok(data, &["repository", "untag", "--image", "app/web:v1"]);
     assert_eq!(
         cli_json(data, &["repository", "show-tags", "app/web", "-o", "json"]),
         json!(["v2"])
@@ -97,7 +106,16 @@ async fn repository_commands_list_show_and_delete() {
         .await
         .unwrap();
     assert_eq!(r.status(), 404, "the running server sees the CLI's delete");
-    cli_ok(data, &["repository", "delete", &format!("app/web@{web}")]);
+    cli_ok(
+        data,
+        &[
+            "repository",
+            "delete",
+            "--image",
+            &format!("app/web@{web}"),
+            "--yes",
+        ],
+    );
     assert_eq!(
         cli_json(
             data,
@@ -105,12 +123,12 @@ async fn repository_commands_list_show_and_delete() {
         ),
         json!([])
     );
-    cli_ok(data, &["repository", "delete", "other"]);
+    cli_ok(data, &["repository", "delete", "other", "--yes"]);
     assert_eq!(
         cli_json(data, &["repository", "list", "-o", "json"]),
         json!(["app/web"])
     );
-    let (ok, _, err) = cli(data, &["repository", "delete", "nope"]);
+    let (ok, _, err) = cli(data, &["repository", "delete", "nope", "--yes"]);
     assert!(!ok && err.contains("not found"), "{err}");
     let (ok, _, _) = cli(data, &["repository", "show-tags", "nope"]);
     assert!(!ok);
@@ -139,6 +157,16 @@ async fn repository_commands_list_show_and_delete() {
     assert_eq!(r.status(), 404);
     let fsck = cli_ok(data, &["registry", "fsck"]);
     assert!(fsck.contains("clean"), "{fsck}");
+    // `delete --image REPO:TAG` takes the manifest with every tag pointing to it.
+    push_image(&c, &b, "multi", b"multi layer", &["a", "b"]).await;
+    cli_ok(
+        data,
+        &["repository", "delete", "--image", "multi:a", "--yes"],
+    );
+    assert_eq!(
+        cli_json(data, &["repository", "show-tags", "multi", "-o", "json"]),
+        json!([])
+    );
     // The registry directory itself is not a data directory: the error names the right one.
     for args in [&["repository", "list"][..], &["token", "list"]] {
         let (ok, _, err) = cli(&data.join("registry"), args);
@@ -285,10 +313,26 @@ async fn repository_commands_over_http_raise_events() {
     .unwrap();
     assert_eq!(ms[0]["digest"], d.as_str());
     assert_eq!(ms[0]["tags"], json!(["v1", "v2"]));
-    cli_http(&["repository", "delete", "web/app:v1", "--registry", &addr]);
+    cli_http(&[
+        "repository",
+        "untag",
+        "--image",
+        "web/app:v1",
+        "--registry",
+        &addr,
+    ]);
     let ev = events.recv().await.unwrap();
     assert_eq!(ev.tag.as_deref(), Some("v1"));
-    cli_http(&["repository", "delete", "web/app", "--registry", &addr]);
+    // az's semantics: the manifest v2 names goes, with every tag that points to it.
+    cli_http(&[
+        "repository",
+        "delete",
+        "--image",
+        "web/app:v2",
+        "--yes",
+        "--registry",
+        &addr,
+    ]);
     let ev = events.recv().await.unwrap();
     assert_eq!(ev.digest, d);
     assert_eq!(reg.registry().tags("web/app").await.unwrap(), Some(vec![]));

@@ -422,3 +422,93 @@ fn acr_alias_lists_and_untags_in_the_run_registry() {
         run.stderr()
     );
 }
+
+/// As `az acr run`: `-f FILE CONTEXT` with the context positional, `GIT_URL#ref:folder`,
+/// `--cmd 'IMAGE ARGS' /dev/null`, `--no-logs` and `--timeout`.
+#[test]
+fn az_style_run_arguments() {
+    // A positional context that is not the task file's directory.
+    let ctx = tempfile::tempdir().unwrap();
+    std::fs::write(ctx.path().join("hello.txt"), "from-positional\n").unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let file = files.path().join("acb.yaml");
+    std::fs::write(
+        &file,
+        "steps:\n  - id: show\n    cmd: busybox cat hello.txt\n",
+    )
+    .unwrap();
+    let ctx_arg = ctx.path().display().to_string();
+    let run = run_task(&file, &[&ctx_arg]);
+    assert_eq!(run.status(), "Succeeded", "{}", run.stderr());
+    assert!(run.logged("show", "from-positional"), "{}", run.stderr());
+
+    // A folder of a git repository at a branch.
+    let repo_dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(repo_dir.path().join("app")).unwrap();
+    let (_, branch) = git_repo(
+        repo_dir.path(),
+        &[
+            (
+                "app/acb.yaml",
+                "steps:\n  - id: show\n    cmd: busybox cat in-folder.txt\n",
+            ),
+            ("app/in-folder.txt", "from-the-folder\n"),
+            ("top.txt", "top\n"),
+        ],
+    );
+    let url = format!("file://{}#{branch}:app", repo_dir.path().display());
+    let run = run_task(std::path::Path::new("acb.yaml"), &[&url]);
+    assert_eq!(run.status(), "Succeeded", "{}", run.stderr());
+    assert!(run.logged("show", "from-the-folder"), "{}", run.stderr());
+    let url = format!(
+        "file://{}#{branch}:no-such-folder",
+        repo_dir.path().display()
+    );
+    let out = Command::new(bin())
+        .args(["run", "acb.yaml", &url])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no-such-folder"), "{err}");
+
+    // A quick command, rendered; with --no-logs its output is not shown.
+    let run = run_command(&["--cmd", "busybox echo quick-{{.Run.ID}}", "/dev/null"]);
+    let id = run.run_id();
+    assert_eq!(run.status(), "Succeeded", "{}", run.stderr());
+    assert!(
+        run.stderr().contains(&format!("quick-{id}")),
+        "{}",
+        run.stderr()
+    );
+    let run = run_command(&["--cmd", "busybox echo quiet-output", "--no-logs"]);
+    assert_eq!(run.status(), "Succeeded", "{}", run.stderr());
+    assert!(!run.stderr().contains("quiet-output"), "{}", run.stderr());
+
+    // --timeout cuts the whole run short.
+    let start = Instant::now();
+    let run = run_command(&["--cmd", "busybox sleep 30", "--timeout", "2"]);
+    assert!(start.elapsed() < Duration::from_secs(25));
+    assert_eq!(run.status(), "TimedOut", "{}", run.report);
+}
+
+/// `acr-task run ARGS --output json` without a task file.
+fn run_command(args: &[&str]) -> Run {
+    let data = tempfile::tempdir().unwrap();
+    let output = Command::new(bin())
+        .arg("run")
+        .args(args)
+        .args(["--output", "json", "--data"])
+        .arg(data.path())
+        .output()
+        .unwrap();
+    let report = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "no JSON report ({e}): {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    let run = Run { output, report };
+    assert_no_orphans(&run.run_id());
+    run
+}

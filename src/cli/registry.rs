@@ -80,12 +80,104 @@ pub enum RepositoryCmd {
         #[command(flatten)]
         opts: RepoOpts,
     },
-    /// Delete REPO (everything), REPO:TAG (the tag only) or REPO@DIGEST (manifest and its tags).
+    /// Delete a repository, or (`--image`) a manifest with every tag that points to it, as
+    /// `az acr repository delete` does.
+    #[command(after_help = "Examples:
+  acr-task repository delete app/web --yes              the repository, everything in it
+  acr-task repository delete --image app/web:v1 --yes   v1's manifest and all its tags
+  acr-task repository untag --image app/web:v1          only the tag v1")]
     Delete {
-        target: String,
+        /// The repository to delete whole.
+        #[arg(required_unless_present = "image", conflicts_with = "image")]
+        repository: Option<String>,
+        /// `REPO:TAG` or `REPO@DIGEST`: delete that manifest and all its tags.
+        #[arg(long)]
+        image: Option<String>,
+        /// Do not ask for confirmation.
+        #[arg(long, short = 'y')]
+        yes: bool,
         #[command(flatten)]
         opts: RepoOpts,
     },
+    /// Remove one tag; the manifest stays (reachable by digest, other tags kept).
+    Untag {
+        /// `REPO:TAG`.
+        #[arg(long)]
+        image: String,
+        #[command(flatten)]
+        opts: RepoOpts,
+    },
+}
+
+/// What `repository delete` removes.
+enum DeleteTarget {
+    Repository(String),
+    /// A manifest (by tag or digest) with all its tags.
+    Manifest {
+        repo: String,
+        reference: String,
+    },
+}
+
+impl DeleteTarget {
+    fn of(repository: Option<String>, image: Option<String>) -> anyhow::Result<DeleteTarget> {
+        match (repository, image) {
+            (Some(r), None) if r.contains([':', '@']) => bail!(
+                "{r} names an image, not a repository: `repository delete --image {r}` deletes \
+                 its manifest and all its tags; `repository untag --image {r}` removes one tag"
+            ),
+            (Some(r), None) => Ok(DeleteTarget::Repository(r)),
+            (None, Some(i)) => {
+                let (repo, reference) = split_image(&i)?;
+                Ok(DeleteTarget::Manifest { repo, reference })
+            }
+            _ => bail!("give a repository or --image REPO:TAG|REPO@DIGEST"),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            DeleteTarget::Repository(r) => format!("repository {r} and every image in it"),
+            DeleteTarget::Manifest { repo, reference } => {
+                let sep = if reference.contains(':') { '@' } else { ':' };
+                format!("{repo}{sep}{reference}: its manifest and all tags that point to it")
+            }
+        }
+    }
+}
+
+/// `REPO:TAG` or `REPO@DIGEST` into (repository, tag or digest).
+fn split_image(image: &str) -> anyhow::Result<(String, String)> {
+    if let Some((r, d)) = image.split_once('@') {
+        return Ok((r.to_string(), d.to_string()));
+    }
+    match image.rsplit_once(':') {
+        Some((r, t)) if !t.contains('/') && !r.is_empty() && !t.is_empty() => {
+            Ok((r.to_string(), t.to_string()))
+        }
+        _ => bail!("{image:?} is not REPO:TAG or REPO@DIGEST"),
+    }
+}
+
+/// Asks before destroying: `--yes`, or an answer on the terminal; refuses when no one
+/// can answer.
+fn confirm(what: &str, yes: bool) -> anyhow::Result<()> {
+    use std::io::{BufRead, IsTerminal, Write};
+    if yes {
+        return Ok(());
+    }
+    if !std::io::stdin().is_terminal() {
+        bail!("this deletes {what}; add --yes to confirm (there is no terminal to ask)");
+    }
+    eprint!("This deletes {what}.\nAre you sure you want to continue? (y/N): ");
+    std::io::stderr().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    if matches!(answer.trim(), "y" | "Y" | "yes" | "Yes") {
+        Ok(())
+    } else {
+        bail!("nothing deleted")
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -462,7 +554,8 @@ impl RepositoryCmd {
             RepositoryCmd::List { opts }
             | RepositoryCmd::ShowTags { opts, .. }
             | RepositoryCmd::ShowManifests { opts, .. }
-            | RepositoryCmd::Delete { opts, .. } => opts,
+            | RepositoryCmd::Delete { opts, .. }
+            | RepositoryCmd::Untag { opts, .. } => opts,
         }
     }
 }
@@ -507,11 +600,32 @@ pub fn repository(cmd: RepositoryCmd) -> anyhow::Result<ExitCode> {
                 )?;
             }
         }
-        RepositoryCmd::Delete { target, opts } => {
-            no_dot(opts.output)?;
+        RepositoryCmd::Delete {
+            repository,
+            image,
+            yes,
+            opts,
+        } => {
+            let target = DeleteTarget::of(repository, image)?;
             let store = open(opts.data)?;
-            let msg = delete(&store, &target)?;
-            print_deleted(opts.output, &target, &msg)?;
+            confirm(&target.describe(), yes)?;
+            let (name, msg) = delete(&store, &target)?;
+            print_deleted(opts.output, &name, &msg)?;
+        }
+        RepositoryCmd::Untag { image, opts } => {
+            let (repo, tag) = split_image(&image)?;
+            if tag.contains(':') {
+                bail!("untag takes REPO:TAG; to delete a manifest by digest use `repository delete --image {image}`");
+            }
+            let store = open(opts.data)?;
+            let Some(d) = store.delete_tag(&repo, &tag, |_| Vec::new())? else {
+                bail!("tag {image} not found");
+            };
+            print_deleted(
+                opts.output,
+                &image,
+                &format!("untagged {image} (its manifest {d} stays)"),
+            )?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -550,51 +664,92 @@ async fn repository_http(cmd: RepositoryCmd, client: RegistryClient) -> anyhow::
                 )?;
             }
         }
-        RepositoryCmd::Delete { target, opts } => {
-            let msg = if let Some((repo, digest)) = target.split_once('@') {
-                client.delete_manifest(repo, digest).await?;
-                format!("deleted {target}")
-            } else if let Some((repo, tag)) = target.split_once(':') {
-                client.delete_manifest(repo, tag).await?;
-                format!("deleted tag {target}")
-            } else {
-                // The API has no repository delete: remove every tagged manifest.
-                let ms = client.manifests(&target).await?;
-                for m in &ms {
-                    client.delete_manifest(&target, &m.digest).await?;
+        RepositoryCmd::Delete {
+            repository,
+            image,
+            yes,
+            opts,
+        } => {
+            let target = DeleteTarget::of(repository, image)?;
+            confirm(&target.describe(), yes)?;
+            let (name, msg) = match target {
+                DeleteTarget::Manifest { repo, reference } => {
+                    let digest = if reference.contains(':') {
+                        reference.clone()
+                    } else {
+                        let image = crate::registry::reference::ImageRef {
+                            registry: client.addr().to_string(),
+                            repository: repo.clone(),
+                            reference: reference.clone(),
+                        };
+                        client
+                            .manifest_digest(&image)
+                            .await?
+                            .ok_or_else(|| anyhow::anyhow!("tag {repo}:{reference} not found"))?
+                    };
+                    client.delete_manifest(&repo, &digest).await?;
+                    (
+                        format!("{repo}@{digest}"),
+                        format!("deleted {repo}@{digest} with all its tags"),
+                    )
                 }
-                format!(
-                    "deleted {} manifests of {target} (untagged manifests remain until gc)",
-                    ms.len()
-                )
+                DeleteTarget::Repository(repo) => {
+                    // The API has no repository delete: remove every tagged manifest.
+                    let ms = client.manifests(&repo).await?;
+                    for m in &ms {
+                        client.delete_manifest(&repo, &m.digest).await?;
+                    }
+                    let msg = format!(
+                        "deleted {} manifests of {repo} (untagged manifests remain until gc)",
+                        ms.len()
+                    );
+                    (repo, msg)
+                }
             };
-            print_deleted(opts.output, &target, &msg)?;
+            print_deleted(opts.output, &name, &msg)?;
+        }
+        RepositoryCmd::Untag { image, opts } => {
+            let (repo, tag) = split_image(&image)?;
+            // Distribution's DELETE by tag removes only the tag.
+            client.delete_manifest(&repo, &tag).await?;
+            print_deleted(opts.output, &image, &format!("untagged {image}"))?;
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn delete(store: &Store, target: &str) -> anyhow::Result<String> {
-    if let Some((repo, digest)) = target.split_once('@') {
-        match store.delete_manifest(repo, digest, |_, _| Vec::new())? {
-            Some((_, tags)) if tags.is_empty() => Ok(format!("deleted {repo}@{digest}")),
-            Some((_, tags)) => Ok(format!(
-                "deleted {repo}@{digest} and tags {}",
-                tags.join(", ")
-            )),
-            None => bail!("manifest {target} not found"),
+/// Deletes in the store; returns what was deleted (its name) and a sentence saying so.
+fn delete(store: &Store, target: &DeleteTarget) -> anyhow::Result<(String, String)> {
+    match target {
+        DeleteTarget::Manifest { repo, reference } => {
+            let digest = if reference.contains(':') {
+                reference.clone()
+            } else {
+                store
+                    .get_manifest(repo, &crate::store::Reference::Tag(reference.clone()))?
+                    .map(|m| m.digest)
+                    .ok_or_else(|| anyhow::anyhow!("tag {repo}:{reference} not found"))?
+            };
+            let name = format!("{repo}@{digest}");
+            match store.delete_manifest(repo, &digest, |_, _| Vec::new())? {
+                Some((_, tags)) if tags.is_empty() => Ok((name.clone(), format!("deleted {name}"))),
+                Some((_, tags)) => Ok((
+                    name.clone(),
+                    format!("deleted {name} and its tags {}", tags.join(", ")),
+                )),
+                None => bail!("manifest {name} not found"),
+            }
         }
-    } else if let Some((repo, tag)) = target.split_once(':') {
-        match store.delete_tag(repo, tag, |_| Vec::new())? {
-            Some(d) => Ok(format!("deleted tag {repo}:{tag} (was {d})")),
-            None => bail!("tag {target} not found"),
+        DeleteTarget::Repository(repo) => {
+            if store.delete_repository(repo)? {
+                Ok((
+                    repo.clone(),
+                    format!("deleted repository {repo} (run `acr-task registry gc` to free space)"),
+                ))
+            } else {
+                bail!("repository {repo} not found")
+            }
         }
-    } else if store.delete_repository(target)? {
-        Ok(format!(
-            "deleted repository {target} (run `acr-task registry gc` to free space)"
-        ))
-    } else {
-        bail!("repository {target} not found")
     }
 }
 

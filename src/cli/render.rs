@@ -17,6 +17,8 @@ pub struct Renderer {
     tty: bool,
     /// When false (JSON output), logs go to stderr so stdout holds only the report.
     logs_to_stdout: bool,
+    /// Step output is not shown (`--no-logs`): only steps starting and ending.
+    pub no_logs: bool,
     running: Vec<(usize, Instant)>,
     status_shown: bool,
 }
@@ -35,6 +37,7 @@ impl Renderer {
             width,
             tty: tty && std::env::var_os("NO_COLOR").is_none(),
             logs_to_stdout,
+            no_logs: false,
             running: Vec::new(),
             status_shown: false,
         }
@@ -104,6 +107,7 @@ impl Renderer {
                 let p = self.prefix(*step);
                 self.line(&format!("{p}--> starting{note}"));
             }
+            Event::Log { .. } if self.no_logs => {}
             Event::Log { step, line } => {
                 let p = self.prefix(*step);
                 self.line(&format!("{p}{line}"));

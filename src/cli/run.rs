@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::Context as _;
+use anyhow::{bail, Context as _};
 use tokio_util::sync::CancellationToken;
 
 use super::render::{summary, Renderer};
@@ -16,15 +16,37 @@ use crate::registry::{RegistryConfig, RunningRegistry};
 use crate::runtime::docker::DockerRuntime;
 use crate::runtime::runner;
 use crate::server::runner::{resolve_context, run_info};
-use crate::task::{self, LoadOptions, Step, Task};
+use crate::task::{self, LoadOptions, Task};
 
 #[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:
+  acr-task run acb.yaml                       the task file; its directory is the context
+  acr-task run -f acb.yaml .                  as `az acr run`: the context is positional
+  acr-task run -f ci/acb.yaml https://github.com/org/app.git#main:src
+  acr-task run --cmd '{{.Run.Registry}}/tools/lint:1 --fix' /dev/null
+  acr-task run acb.yaml --registry myregistry.example.com   pushes with your docker login")]
 pub struct RunArgs {
-    /// The task file.
-    pub file: PathBuf,
-    /// Build context: a local directory or `GIT_URL#ref`. Default: the task file's directory.
+    /// `FILE [CONTEXT]`; with `-f FILE` or `--cmd`, just `[CONTEXT]`. A context is a local
+    /// directory, `GIT_URL[#REF[:FOLDER]]`, or `/dev/null` for none. Default: the task
+    /// file's directory.
+    #[arg(value_name = "FILE|CONTEXT", num_args = 0..=2)]
+    pub positional: Vec<String>,
+    /// The task file (as `az acr run -f`).
+    #[arg(long = "file", short = 'f', value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// A quick run of one command, `IMAGE [ARGS...]`, instead of a task file (templates such
+    /// as `{{.Run.Registry}}` are rendered).
+    #[arg(long, value_name = "'IMAGE ARGS'", conflicts_with = "file")]
+    pub cmd: Option<String>,
+    /// The build context (the same as the positional CONTEXT).
     #[arg(long)]
     pub context: Option<String>,
+    /// Whole-run timeout in seconds [default: the task file's, else 3600].
+    #[arg(long, value_name = "SECONDS")]
+    pub timeout: Option<u64>,
+    /// Do not show the steps' output; only which steps start and how they end.
+    #[arg(long)]
+    pub no_logs: bool,
     /// A YAML values file for `{{.Values.x}}`.
     #[arg(long)]
     pub values: Option<PathBuf>,
@@ -63,10 +85,15 @@ pub struct RunArgs {
 }
 
 #[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:
+  acr-task build -t app:{{.Run.ID}} .          tags render as in az; the registry is prefixed
+  acr-task build -t app:v1 --no-push --target test .
+  acr-task build -t myregistry.example.com/app:v1 https://github.com/org/app.git#main:src")]
 pub struct BuildArgs {
-    /// Build context directory.
-    pub context: PathBuf,
-    /// Image name and tag, relative to the registry (repeatable).
+    /// Build context: a local directory, `GIT_URL[#REF[:FOLDER]]`, or `/dev/null`.
+    pub context: String,
+    /// Image name and tag, relative to the registry (repeatable); `{{.Run.ID}}`,
+    /// `{{.Run.Registry}}`... are rendered. A name with a registry host is pushed there.
     #[arg(long = "image", short = 't', required = true)]
     pub tags: Vec<String>,
     /// Dockerfile, relative to the context.
@@ -74,11 +101,27 @@ pub struct BuildArgs {
     pub dockerfile: Option<String>,
     #[arg(long = "build-arg", value_name = "KEY=VALUE")]
     pub build_args: Vec<String>,
+    /// A build argument whose value is a secret: masked in all output.
+    #[arg(long = "secret-build-arg", value_name = "KEY=VALUE")]
+    pub secret_build_args: Vec<String>,
+    /// The Dockerfile stage to build.
+    #[arg(long)]
+    pub target: Option<String>,
+    /// Build only; push nothing.
+    #[arg(long)]
+    pub no_push: bool,
     /// Target platform `os/arch[/variant]` of the build, as `az acr build --platform`.
     #[arg(long)]
     pub platform: Option<crate::task::Platform>,
+    /// Registry to push to (`HOST:PORT`). Default: the integrated registry.
     #[arg(long)]
     pub registry: Option<String>,
+    /// Whole-build timeout in seconds [default: 3600].
+    #[arg(long, value_name = "SECONDS")]
+    pub timeout: Option<u64>,
+    /// Do not show the build's output.
+    #[arg(long)]
+    pub no_logs: bool,
     #[arg(long)]
     pub data: Option<PathBuf>,
     #[arg(long, short = 'o', value_enum, default_value = "table")]
@@ -183,13 +226,15 @@ async fn execute(
     cfg: RunConfig,
     policy: Policy,
     output: Output,
+    no_logs: bool,
 ) -> anyhow::Result<RunReport> {
     let rt = Arc::new(Policed::new(
         Arc::new(DockerRuntime::connect().await?),
         Arc::new(policy),
     ));
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let renderer = Renderer::new(&task, output != Output::Json);
+    let mut renderer = Renderer::new(&task, output != Output::Json);
+    renderer.no_logs = no_logs;
     let render = tokio::spawn(renderer.drive(rx));
     let cancel = cancel_on_signals();
     let report = exec::execute(rt, Arc::new(task), Arc::new(plan), cfg, tx, cancel).await;
@@ -209,16 +254,75 @@ fn print_report(report: &RunReport, output: Output) -> anyhow::Result<ExitCode> 
     })
 }
 
+/// No context at all (`az acr run ... /dev/null`).
+const NO_CONTEXT: &str = "/dev/null";
+
+impl RunArgs {
+    /// The task file (`None` with `--cmd`) and the context, from the positional words and
+    /// the options, however they were given.
+    fn file_and_context(&self) -> anyhow::Result<(Option<PathBuf>, Option<String>)> {
+        let mut words = self.positional.iter().cloned();
+        let file = match (&self.file, &self.cmd) {
+            (Some(f), _) => Some(f.clone()),
+            (None, Some(_)) => None,
+            (None, None) => Some(PathBuf::from(words.next().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "give a task file (`acr-task run FILE [CONTEXT]` or `-f FILE`) or --cmd"
+                )
+            })?)),
+        };
+        let context = match (words.next(), &self.context) {
+            (Some(_), Some(_)) => bail!("give the context once: positionally or with --context"),
+            (a, b) => a.or_else(|| b.clone()),
+        };
+        if let Some(extra) = words.next() {
+            bail!("unexpected argument {extra:?}: the run takes a task file and one context");
+        }
+        Ok((file, context))
+    }
+}
+
+/// The one-step task of `run --cmd`, as YAML (so it is rendered and checked like a file).
+fn cmd_task(cmd: &str) -> anyhow::Result<String> {
+    Ok(format!(
+        "version: v1.1.0\nsteps:\n  - cmd: {}\n",
+        serde_json::to_string(cmd)?
+    ))
+}
+
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let scratch = tempfile::tempdir().context("creating a temp dir")?;
-    let (context, git) = resolve_context(args.context.as_deref(), &args.file, scratch.path())?;
+    let (file_arg, context_arg) = args.file_and_context()?;
+    let file_arg = match (file_arg, &args.cmd) {
+        (Some(f), _) => f,
+        (None, Some(cmd)) => {
+            let f = scratch.path().join("cmd.yaml");
+            std::fs::write(&f, cmd_task(cmd)?).context("writing the --cmd task")?;
+            f
+        }
+        (None, None) => bail!("give a task file or --cmd"),
+    };
+    let empty = scratch.path().join("empty-context");
+    let context_arg = match context_arg {
+        Some(c) if c == NO_CONTEXT => {
+            std::fs::create_dir_all(&empty).context("creating an empty context")?;
+            Some(empty.display().to_string())
+        }
+        // A quick command has no context unless one is given.
+        None if args.cmd.is_some() => {
+            std::fs::create_dir_all(&empty).context("creating an empty context")?;
+            Some(empty.display().to_string())
+        }
+        other => other,
+    };
+    let (context, git) = resolve_context(context_arg.as_deref(), &file_arg, scratch.path())?;
     let context = std::fs::canonicalize(&context)
         .with_context(|| format!("context {}", context.display()))?;
-    // With a git context, a task file that is not on disk is looked up inside it, as ACR does.
-    let file = if !args.file.exists() && args.context.is_some() {
-        context.join(&args.file)
+    // A task file that is not on disk is looked up inside the context, as ACR does.
+    let file = if !file_arg.exists() && context_arg.is_some() {
+        context.join(&file_arg)
     } else {
-        args.file.clone()
+        file_arg.clone()
     };
     let run_id = new_run_id();
     let mut cfg = RunConfig::for_run(&run_id, context.clone(), args.max_parallel);
@@ -285,7 +389,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             }
             Ok((loaded, plan)) => {
                 validate::print_warnings(&mask(loaded.warnings));
-                execute(loaded.task, plan, cfg, policy, args.output)
+                let mut task = loaded.task;
+                if let Some(t) = args.timeout {
+                    task.total_timeout = t;
+                }
+                execute(task, plan, cfg, policy, args.output, args.no_logs)
                     .await
                     .and_then(|report| print_report(&report, args.output))
             }
@@ -310,13 +418,23 @@ fn quote(word: &str) -> String {
     }
 }
 
-/// The quick task as a two-step task: build with every tag, then push them.
-pub fn quick_task(registry: &str, args: &BuildArgs) -> Task {
-    let images: Vec<String> = args
-        .tags
-        .iter()
-        .map(|t| format!("{registry}/{t}"))
-        .collect();
+/// An image name of `build -t`: relative to the run's registry unless it names one.
+fn tag_in_registry(tag: &str) -> String {
+    let names_registry = tag.split_once('/').is_some_and(|(first, _)| {
+        (first.contains('.') || first.contains(':') || first == "localhost")
+            && !first.contains("{{")
+    });
+    if names_registry || tag.starts_with("{{.Run.Registry}}") {
+        tag.to_string()
+    } else {
+        format!("{{{{.Run.Registry}}}}/{tag}")
+    }
+}
+
+/// The quick task of `build`, as a task file: build with every tag, then push them, so
+/// its templates render and it is checked like any file.
+pub fn quick_task(args: &BuildArgs) -> anyhow::Result<String> {
+    let images: Vec<String> = args.tags.iter().map(|t| tag_in_registry(t)).collect();
     let mut build: Vec<String> = Vec::new();
     for i in &images {
         build.push(format!("-t {}", quote(i)));
@@ -324,55 +442,73 @@ pub fn quick_task(registry: &str, args: &BuildArgs) -> Task {
     if let Some(f) = &args.dockerfile {
         build.push(format!("-f {}", quote(f)));
     }
+    if let Some(t) = &args.target {
+        build.push(format!("--target {}", quote(t)));
+    }
     for a in &args.build_args {
         build.push(format!("--build-arg {}", quote(a)));
     }
-    build.push(".".into());
-    let steps = vec![
-        Step {
-            id: "build".into(),
-            build: Some(build.join(" ")),
-            ..Default::default()
-        },
-        Step {
-            id: "push".into(),
-            push: Some(images),
-            ..Default::default()
-        },
-    ];
-    Task {
-        version: crate::task::DEFAULT_VERSION.into(),
-        alias: None,
-        step_timeout: crate::task::DEFAULT_STEP_TIMEOUT,
-        total_timeout: crate::task::DEFAULT_TOTAL_TIMEOUT,
-        working_directory: None,
-        env: Vec::new(),
-        secrets: Vec::new(),
-        networks: Vec::new(),
-        volumes: Vec::new(),
-        steps,
+    for a in &args.secret_build_args {
+        let (k, _) = a
+            .split_once('=')
+            .with_context(|| format!("--secret-build-arg {a:?}: expected KEY=VALUE"))?;
+        build.push(format!(
+            "--build-arg {}",
+            quote(&format!("{k}={{{{.Secrets.{}}}}}", secret_id(k)))
+        ));
     }
+    build.push(".".into());
+    let mut yaml = String::from("version: v1.1.0\n");
+    yaml.push_str(&format!(
+        "steps:\n  - id: build\n    build: {}\n",
+        serde_json::to_string(&build.join(" "))?
+    ));
+    if !args.no_push {
+        yaml.push_str(&format!(
+            "  - id: push\n    push: {}\n",
+            serde_json::to_string(&images)?
+        ));
+    }
+    Ok(yaml)
+}
+
+/// The secret holding a `--secret-build-arg`'s value.
+fn secret_id(key: &str) -> String {
+    let k: String = key
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    format!("build_arg_{k}")
 }
 
 pub fn build(args: BuildArgs) -> anyhow::Result<ExitCode> {
-    let context = std::fs::canonicalize(&args.context)
-        .with_context(|| format!("context {}", args.context.display()))?;
-    let run_id = new_run_id();
-    let mut cfg = RunConfig::for_run(&run_id, context, 1);
-    cfg.platform = args.platform.clone();
-    cfg.credentials = docker_logins()?;
-    tokio_runtime()?.block_on(async {
-        let (registry, integrated) = registry_for(args.registry.clone(), args.data.clone()).await?;
-        let task = quick_task(&registry, &args);
-        cfg.registry = Some(registry.clone());
-        let plan = Plan::new(&task)?;
-        let result = execute(task, plan, cfg, Policy::permissive(), args.output)
-            .await
-            .and_then(|r| print_report(&r, args.output));
-        if let Some(reg) = integrated {
-            reg.shutdown().await;
-        }
-        result
+    let scratch = tempfile::tempdir().context("creating a temp dir")?;
+    let file = scratch.path().join("build.yaml");
+    std::fs::write(&file, quick_task(&args)?).context("writing the build task")?;
+    let secrets = args
+        .secret_build_args
+        .iter()
+        .filter_map(|a| a.split_once('='))
+        .map(|(k, v)| format!("{}={v}", secret_id(k)))
+        .collect();
+    run(RunArgs {
+        positional: vec![args.context],
+        file: Some(file),
+        cmd: None,
+        context: None,
+        timeout: args.timeout,
+        no_logs: args.no_logs,
+        values: None,
+        set: Vec::new(),
+        secrets,
+        registry: args.registry,
+        strict: false,
+        dry_run: false,
+        max_parallel: 1,
+        platform: args.platform,
+        data: args.data,
+        policy: None,
+        output: args.output,
     })
 }
 

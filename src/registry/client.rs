@@ -142,6 +142,11 @@ impl RegistryClient {
         }
     }
 
+    /// `HOST[:PORT]` of this registry.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
     /// This host's credential; off the async threads, as it may run a credential helper.
     async fn credential(&self) -> Option<Credential> {
         let (creds, addr) = (self.t.credentials.clone(), self.addr.clone());

@@ -51,10 +51,30 @@ pub fn resolve_context(
             None,
         )),
         Some(c) if super::model::is_git_url(c) => {
-            let (url, reference) = c.split_once('#').unwrap_or((c, ""));
+            // `URL#ref:folder`, as az takes it: the folder of the checkout is the context.
+            let (url, fragment) = c.split_once('#').unwrap_or((c, ""));
+            let (reference, folder) = fragment.split_once(':').unwrap_or((fragment, ""));
             let dest = scratch.join("context");
             let checkout = crate::source::fetch_git(url, reference, &dest)?;
-            Ok((dest, Some(checkout)))
+            if folder.is_empty() {
+                return Ok((dest, Some(checkout)));
+            }
+            let dir = dest.join(folder);
+            let inside = match (std::fs::canonicalize(&dir), std::fs::canonicalize(&dest)) {
+                (Ok(d), Ok(root)) => d.starts_with(root) && d.is_dir(),
+                _ => false,
+            };
+            if !inside {
+                return Err(SetupError::NotADirectory(format!(
+                    "{folder} (in {url} at {})",
+                    if reference.is_empty() {
+                        "its default branch"
+                    } else {
+                        reference
+                    }
+                )));
+            }
+            Ok((dir, Some(checkout)))
         }
         Some(dir) => {
             let p = PathBuf::from(dir);
