@@ -283,7 +283,7 @@ impl RunArgs {
 }
 
 /// The one-step task of `run --cmd`, as YAML (so it is rendered and checked like a file).
-fn cmd_task(cmd: &str) -> anyhow::Result<String> {
+pub fn cmd_task(cmd: &str) -> anyhow::Result<String> {
     Ok(format!(
         "version: v1.1.0\nsteps:\n  - cmd: {}\n",
         serde_json::to_string(cmd)?
@@ -470,6 +470,26 @@ pub fn quick_task(args: &BuildArgs) -> anyhow::Result<String> {
         ));
     }
     Ok(yaml)
+}
+
+/// A stored quick build task (`task create --image`): build the context's Dockerfile
+/// with these tags and push them.
+pub fn quick_build_yaml(tags: &[String], dockerfile: Option<&str>) -> anyhow::Result<String> {
+    quick_task(&BuildArgs {
+        context: String::new(),
+        tags: tags.to_vec(),
+        dockerfile: dockerfile.map(str::to_string),
+        build_args: Vec::new(),
+        secret_build_args: Vec::new(),
+        target: None,
+        no_push: false,
+        platform: None,
+        registry: None,
+        timeout: None,
+        no_logs: false,
+        data: None,
+        output: Output::Table,
+    })
 }
 
 /// The secret holding a `--secret-build-arg`'s value.

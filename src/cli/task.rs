@@ -28,9 +28,21 @@ pub struct ClientOpts {
 
 #[derive(Debug, clap::Args)]
 pub struct TaskDef {
-    /// Build context: an absolute local directory or a git URL.
+    /// Build context: a local directory, a git URL, or `/dev/null` for none (a task of
+    /// `--cmd`, or an inline file that needs no files).
     #[arg(long, short = 'c')]
     context: Option<String>,
+    /// A quick task of one command, `IMAGE [ARGS...]`, instead of a task file.
+    #[arg(long, value_name = "'IMAGE ARGS'", conflicts_with_all = ["file", "inline", "image"])]
+    cmd: Option<String>,
+    /// A quick task that builds the context's Dockerfile and pushes it as this image
+    /// (repeatable; relative to the registry; `{{.Run.ID}}` is rendered), as `az acr task
+    /// create --image`.
+    #[arg(long, value_name = "NAME:TAG", conflicts_with_all = ["file", "inline"])]
+    image: Vec<String>,
+    /// With --image: the Dockerfile, relative to the context [default: Dockerfile].
+    #[arg(long, requires = "image")]
+    dockerfile: Option<String>,
     /// Task file path inside the context [default: acb.yaml].
     #[arg(long, short = 'f')]
     file: Option<String>,
@@ -62,9 +74,17 @@ pub struct TaskDef {
     /// Cron timer `NAME=MIN HOUR DOM MON DOW` or just the expression (repeatable).
     #[arg(long = "timer", value_name = "[NAME=]CRON")]
     timers: Vec<String>,
-    /// Do not rebuild when a base image changes in the registry.
+    /// Do not rebuild when a base image changes in the registry (as
+    /// `--base-image-trigger-enabled false`).
     #[arg(long)]
     no_base_image_trigger: bool,
+    /// Rebuild when a base image changes in the registry [default: true].
+    #[arg(long, value_name = "BOOL")]
+    base_image_trigger_enabled: Option<bool>,
+    /// `false` removes the commit trigger (webhooks, polling, watching); `true` needs
+    /// --commit-secret, --poll-interval or --watch.
+    #[arg(long, value_name = "BOOL")]
+    commit_trigger_enabled: Option<bool>,
     /// Whole-run timeout in seconds [default: 3600].
     #[arg(long)]
     timeout: Option<u64>,
@@ -117,8 +137,11 @@ pub enum TaskCmd {
         #[command(flatten)]
         opts: ClientOpts,
     },
-    /// Print a run's log; --follow streams it until the run ends.
+    /// Print a run's log, or a task's latest run's (`task logs NAME`); --follow streams it
+    /// until the run ends.
     Logs {
+        /// A run id or a task name.
+        #[arg(value_name = "RUN|TASK")]
         run: String,
         #[arg(long)]
         follow: bool,
@@ -149,6 +172,52 @@ pub enum TaskCmd {
     /// credential`).
     #[command(subcommand)]
     Credential(CredentialCmd),
+    /// A task's timer triggers (`az acr task timer`).
+    #[command(subcommand)]
+    Timer(TimerCmd),
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum TimerCmd {
+    /// Add a timer.
+    #[command(
+        after_help = "Example:\n  acr-task task timer add app --timer-name nightly --schedule '0 3 * * *'"
+    )]
+    Add {
+        /// The task.
+        name: String,
+        #[arg(long)]
+        timer_name: String,
+        /// 5-field cron expression, UTC.
+        #[arg(long)]
+        schedule: String,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+    /// Change a timer's schedule.
+    Update {
+        name: String,
+        #[arg(long)]
+        timer_name: String,
+        #[arg(long)]
+        schedule: String,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+    /// Remove a timer.
+    Remove {
+        name: String,
+        #[arg(long)]
+        timer_name: String,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+    /// List a task's timers.
+    List {
+        name: String,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -389,7 +458,9 @@ fn apply(spec: &mut TaskSpec, def: TaskDef) -> anyhow::Result<()> {
     if let Some(c) = def.context {
         // A relative local directory is made absolute here: the server resolves nothing
         // against the client's working directory.
-        spec.context = if crate::server::model::is_git_url(&c) {
+        spec.context = if c == "/dev/null" {
+            String::new()
+        } else if crate::server::model::is_git_url(&c) {
             c
         } else {
             std::fs::canonicalize(&c)
@@ -404,6 +475,17 @@ fn apply(spec: &mut TaskSpec, def: TaskDef) -> anyhow::Result<()> {
     }
     if let Some(p) = def.inline {
         spec.task_yaml = Some(read(&p)?);
+        spec.file = None;
+    }
+    if let Some(cmd) = &def.cmd {
+        spec.task_yaml = Some(super::run::cmd_task(cmd)?);
+        spec.file = None;
+    }
+    if !def.image.is_empty() {
+        spec.task_yaml = Some(super::run::quick_build_yaml(
+            &def.image,
+            def.dockerfile.as_deref(),
+        )?);
         spec.file = None;
     }
     if def.branch.is_some() {
@@ -451,6 +533,23 @@ fn apply(spec: &mut TaskSpec, def: TaskDef) -> anyhow::Result<()> {
     if def.no_base_image_trigger {
         spec.triggers.base_image = false;
     }
+    if let Some(on) = def.base_image_trigger_enabled {
+        spec.triggers.base_image = on;
+    }
+    match def.commit_trigger_enabled {
+        Some(false) => spec.triggers.commit = None,
+        Some(true) if spec.triggers.commit.is_none() => bail!(
+            "--commit-trigger-enabled true needs a way to hear of commits: --commit-secret \
+             (webhooks), --poll-interval or --watch"
+        ),
+        _ => {}
+    }
+    if spec.task_yaml.is_none() && spec.context.is_empty() {
+        bail!(
+            "a task without a context needs its task file inline (--inline FILE) or a quick \
+             task (--cmd, --image)"
+        );
+    }
     if def.timeout.is_some() {
         spec.timeout = def.timeout;
     }
@@ -458,6 +557,80 @@ fn apply(spec: &mut TaskSpec, def: TaskDef) -> anyhow::Result<()> {
         spec.platform = Some(p.to_string());
     }
     Ok(())
+}
+
+/// `task timer ...`: read the task, change its timers, store it back (the server checks
+/// the schedule).
+async fn timer(cmd: TimerCmd) -> anyhow::Result<()> {
+    use reqwest::Method;
+    let (name, opts) = match &cmd {
+        TimerCmd::Add { name, opts, .. }
+        | TimerCmd::Update { name, opts, .. }
+        | TimerCmd::Remove { name, opts, .. }
+        | TimerCmd::List { name, opts } => (name.clone(), opts),
+    };
+    let output = opts.output;
+    let c = Client::new(&opts.server);
+    let path = format!("/api/tasks/{name}");
+    let current = c.call(Method::GET, &path, None).await?;
+    let mut spec: TaskSpec = serde_json::from_value(current).context("the stored task")?;
+    let timers = &mut spec.triggers.timers;
+    let (timer, message) = match cmd {
+        TimerCmd::List { .. } => {
+            if output == Output::Json {
+                return print_json(&serde_json::to_value(&*timers)?);
+            }
+            let rows: Vec<Vec<String>> = timers
+                .iter()
+                .map(|t| vec![t.name.clone(), t.schedule.clone()])
+                .collect();
+            table(&["TIMER", "SCHEDULE (UTC)"], &rows);
+            return Ok(());
+        }
+        TimerCmd::Add {
+            timer_name,
+            schedule,
+            ..
+        } => {
+            if timers.iter().any(|t| t.name == timer_name) {
+                bail!("task {name} already has a timer {timer_name}; change it with `acr-task task timer update`");
+            }
+            timers.push(TimerTrigger {
+                name: timer_name.clone(),
+                schedule,
+            });
+            (timer_name, "added")
+        }
+        TimerCmd::Update {
+            timer_name,
+            schedule,
+            ..
+        } => {
+            let Some(t) = timers.iter_mut().find(|t| t.name == timer_name) else {
+                bail!(
+                    "task {name} has no timer {timer_name}; add it with `acr-task task timer add`"
+                );
+            };
+            t.schedule = schedule;
+            (timer_name, "updated")
+        }
+        TimerCmd::Remove { timer_name, .. } => {
+            let before = timers.len();
+            timers.retain(|t| t.name != timer_name);
+            if timers.len() == before {
+                bail!("task {name} has no timer {timer_name}");
+            }
+            (timer_name, "removed")
+        }
+    };
+    c.call(Method::PUT, &path, Some(&serde_json::to_value(&spec)?))
+        .await?;
+    if output == Output::Json {
+        print_json(&serde_json::json!({"task": name, "timer": timer, "result": message}))
+    } else {
+        println!("{message} timer {timer} on task {name}");
+        Ok(())
+    }
 }
 
 /// `task credential ...`: read the task, change its logins, store it back.
@@ -545,6 +718,21 @@ async fn credential(cmd: CredentialCmd) -> anyhow::Result<()> {
         println!("{message} the login for {server} on task {name}");
         Ok(())
     }
+}
+
+/// Where to point the git host's webhook, for a task with a commit secret.
+fn webhook_hint(c: &Client, task: &Value) {
+    if task["triggers"]["commit"]["secret"].is_null() {
+        return;
+    }
+    let name = s(&task["name"]);
+    eprintln!(
+        "commit trigger: add a webhook for push events to your repository, with the secret \
+         you gave:\n  GitHub  {b}/api/webhooks/github/{name}   (content type application/json)\n  \
+         GitLab  {b}/api/webhooks/gitlab/{name}\n  Gitea   {b}/api/webhooks/gitea/{name}\n  \
+         other   {b}/api/webhooks/generic/{name}",
+        b = c.base
+    );
 }
 
 fn table(header: &[&str], rows: &[Vec<String>]) {
@@ -662,7 +850,41 @@ const RUN_HEADER: [&str; 7] = [
     "RUN", "TASK", "STATUS", "TRIGGER", "COMMIT", "QUEUED", "FINISHED",
 ];
 
-async fn follow_logs(c: &Client, run: &str) -> anyhow::Result<()> {
+/// `RUN|TASK` as `task logs` takes it: a run id, else the newest run of the task so named.
+async fn run_or_latest(c: &Client, word: &str) -> anyhow::Result<String> {
+    use reqwest::Method;
+    let url = format!("{}/api/runs/{word}", c.base);
+    let resp = c
+        .request(Method::GET, &url)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {}", c.base))?;
+    if resp.status().is_success() {
+        return Ok(word.to_string());
+    }
+    if resp.status() != reqwest::StatusCode::NOT_FOUND {
+        let text = resp.text().await.unwrap_or_default();
+        bail!("{}", api_message(&text));
+    }
+    let runs = c
+        .call(Method::GET, &format!("/api/runs?task={word}&limit=1"), None)
+        .await?;
+    match runs.as_array().and_then(|a| a.first()) {
+        Some(r) => Ok(s(&r["id"])),
+        None => bail!("no run and no task with runs is named {word}"),
+    }
+}
+
+/// The sentence in an API error body (`{"error": ...}`), never the raw JSON.
+fn api_message(text: &str) -> String {
+    serde_json::from_str::<Value>(text)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_string))
+        .unwrap_or_else(|| text.trim().to_string())
+}
+
+/// Streams a run's log; to stderr when stdout holds JSON.
+async fn follow_logs(c: &Client, run: &str, to_stderr: bool) -> anyhow::Result<()> {
     let url = format!("{}/api/runs/{run}/logs?follow=true", c.base);
     let resp = c
         .request(reqwest::Method::GET, &url)
@@ -670,10 +892,14 @@ async fn follow_logs(c: &Client, run: &str) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot reach {}", c.base))?;
     if !resp.status().is_success() {
-        bail!("{}", resp.text().await.unwrap_or_default());
+        bail!("{}", api_message(&resp.text().await.unwrap_or_default()));
     }
     let mut stream = resp.bytes_stream();
-    let mut out = std::io::stdout();
+    let mut out: Box<dyn Write> = if to_stderr {
+        Box::new(std::io::stderr())
+    } else {
+        Box::new(std::io::stdout())
+    };
     while let Some(chunk) = stream.next().await {
         out.write_all(&chunk.context("reading the log stream")?)?;
         out.flush()?;
@@ -703,6 +929,7 @@ async fn task_async(cmd: TaskCmd) -> anyhow::Result<ExitCode> {
                 )
                 .await?;
             print_task(&v, opts.output)?;
+            webhook_hint(&c, &v);
         }
         TaskCmd::Update { name, def, opts } => {
             let c = Client::new(&opts.server);
@@ -719,6 +946,7 @@ async fn task_async(cmd: TaskCmd) -> anyhow::Result<ExitCode> {
                 )
                 .await?;
             print_task(&v, opts.output)?;
+            webhook_hint(&c, &v);
         }
         TaskCmd::List { opts } => {
             let v = Client::new(&opts.server)
@@ -757,6 +985,7 @@ async fn task_async(cmd: TaskCmd) -> anyhow::Result<ExitCode> {
             }
         }
         TaskCmd::Credential(cmd) => credential(cmd).await?,
+        TaskCmd::Timer(cmd) => timer(cmd).await?,
         TaskCmd::Show { name, opts } => {
             let v = Client::new(&opts.server)
                 .call(Method::GET, &format!("/api/tasks/{name}"), None)
@@ -794,14 +1023,18 @@ async fn task_async(cmd: TaskCmd) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             eprintln!("queued run {id}");
-            follow_logs(&c, &id).await?;
+            follow_logs(&c, &id, opts.output == Output::Json).await?;
             let done = c
                 .call(Method::GET, &format!("/api/runs/{id}"), None)
                 .await?;
             if opts.output == Output::Json {
                 print_json(&done)?;
             } else {
-                println!("Run {id} {}", s(&done["status"]));
+                // Why it failed, setup failures (context, credentials, the file) included.
+                match done["error"].as_str() {
+                    Some(e) => println!("Run {id} {}: {e}", s(&done["status"])),
+                    None => println!("Run {id} {}", s(&done["status"])),
+                }
             }
             return Ok(if done["status"] == "Succeeded" {
                 ExitCode::SUCCESS
@@ -811,8 +1044,9 @@ async fn task_async(cmd: TaskCmd) -> anyhow::Result<ExitCode> {
         }
         TaskCmd::Logs { run, follow, opts } => {
             let c = Client::new(&opts.server);
+            let run = run_or_latest(&c, &run).await?;
             if follow {
-                follow_logs(&c, &run).await?;
+                follow_logs(&c, &run, false).await?;
             } else {
                 let url = format!("{}/api/runs/{run}/logs", c.base);
                 let resp = c
@@ -823,7 +1057,7 @@ async fn task_async(cmd: TaskCmd) -> anyhow::Result<ExitCode> {
                 let ok = resp.status().is_success();
                 let text = resp.text().await?;
                 if !ok {
-                    bail!("{text}");
+                    bail!("{}", api_message(&text));
                 }
                 print!("{text}");
             }
