@@ -58,7 +58,21 @@ fn build_and_push_lands_in_the_integrated_registry() {
         .unwrap()
         .starts_with("sha256:"));
 
-    // The data dir now holds the pushed image: serve it and ask for both tags.
+    // The run's registry port is gone: the engine keeps no tags naming it.
+    let image = pushed[0]["image"].as_str().unwrap().to_string();
+    let run_registry = image.split_once('/').unwrap().0.to_string();
+    let images = Command::new("docker")
+        .args(["images", "--format", "{{.Repository}}:{{.Tag}}"])
+        .output()
+        .unwrap();
+    let left: Vec<String> = String::from_utf8_lossy(&images.stdout)
+        .lines()
+        .filter(|l| l.starts_with(&format!("{run_registry}/")))
+        .map(str::to_string)
+        .collect();
+    assert!(left.is_empty(), "tags for a dead port: {left:?}");
+
+    // The data dir now holds the pushed image: serve it, ask for both tags, pull one.
     let (mut child, addr) = spawn_server(data.path());
     let rt = tokio::runtime::Runtime::new().unwrap();
     let client = reqwest::Client::new();
@@ -80,10 +94,19 @@ fn build_and_push_lands_in_the_integrated_registry() {
             digest
         );
     }
+    let pulled = Command::new("docker")
+        .args(["pull", "-q", &format!("{addr}/hello-acr:latest")])
+        .output()
+        .unwrap();
+    assert!(
+        pulled.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pulled.stderr)
+    );
     let _ = child.kill();
     let _ = child.wait();
-    let image = pushed[0]["image"].as_str().unwrap();
-    remove_images_of(image.split_once('/').unwrap().0);
+    remove_images_of(&addr);
+    remove_images_of(&run_registry);
 }
 
 #[test]

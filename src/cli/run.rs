@@ -227,11 +227,10 @@ async fn execute(
     policy: Policy,
     output: Output,
     no_logs: bool,
+    integrated: Option<&str>,
 ) -> anyhow::Result<RunReport> {
-    let rt = Arc::new(Policed::new(
-        Arc::new(DockerRuntime::connect().await?),
-        Arc::new(policy),
-    ));
+    let docker = Arc::new(DockerRuntime::connect().await?);
+    let rt = Arc::new(Policed::new(docker.clone(), Arc::new(policy)));
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let mut renderer = Renderer::new(&task, output != Output::Json);
     renderer.no_logs = no_logs;
@@ -239,7 +238,31 @@ async fn execute(
     let cancel = cancel_on_signals();
     let report = exec::execute(rt, Arc::new(task), Arc::new(plan), cfg, tx, cancel).await;
     let _ = render.await;
+    if let Some(addr) = integrated {
+        untag_integrated(&docker, &report, addr).await;
+    }
     Ok(report)
+}
+
+/// The integrated registry's port dies with the run: the engine's tags naming it would
+/// only pile up (the images stay in the registry, under the data directory).
+async fn untag_integrated(docker: &DockerRuntime, report: &RunReport, addr: &str) {
+    let prefix = format!("{addr}/");
+    let mut tags: Vec<&str> = Vec::new();
+    for step in &report.steps {
+        let built = step.built.iter().flat_map(|b| b.tags.iter());
+        let pushed = step.pushed.iter().map(|p| &p.image);
+        for t in built.chain(pushed) {
+            if t.starts_with(&prefix) && !tags.contains(&t.as_str()) {
+                tags.push(t);
+            }
+        }
+    }
+    for t in tags {
+        if let Err(e) = docker.untag(t).await {
+            tracing::debug!(tag = %t, error = %e, "untagging a run's image");
+        }
+    }
 }
 
 fn print_report(report: &RunReport, output: Output) -> anyhow::Result<ExitCode> {
@@ -393,7 +416,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 if let Some(t) = args.timeout {
                     task.total_timeout = t;
                 }
-                execute(task, plan, cfg, policy, args.output, args.no_logs)
+                let addr = integrated.as_ref().map(|r| r.addr().to_string());
+                execute(task, plan, cfg, policy, args.output, args.no_logs, addr.as_deref())
                     .await
                     .and_then(|report| print_report(&report, args.output))
             }

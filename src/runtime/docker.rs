@@ -100,6 +100,20 @@ impl DockerRuntime {
             .map_err(engine)
     }
 
+    /// Removes one tag from the engine (the image goes only when no other tag or
+    /// container holds it); an absent tag is not an error.
+    pub async fn untag(&self, image: &str) -> Result<(), RuntimeError> {
+        let opts = bollard::query_parameters::RemoveImageOptions {
+            force: false,
+            noprune: false,
+            ..Default::default()
+        };
+        match self.docker.remove_image(image, Some(opts), None).await {
+            Err(e) if !is_not_found(&e) => Err(engine(e)),
+            _ => Ok(()),
+        }
+    }
+
     pub fn client(&self) -> &Docker {
         &self.docker
     }
