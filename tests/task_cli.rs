@@ -274,3 +274,27 @@ fn invalid_utf8_is_reported_where_it_is() {
         "{err}"
     );
 }
+
+#[test]
+fn shell_completions_and_exit_codes() {
+    for shell in ["bash", "zsh", "fish"] {
+        let (code, out, err) = acr_task(&["completion", shell]);
+        assert_eq!(code, 0, "{err}");
+        assert!(
+            out.contains("credential") && out.contains("timer"),
+            "{shell}"
+        );
+    }
+    // The bash script is valid bash.
+    let (_, script, _) = acr_task(&["completion", "bash"]);
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("acr-task.bash");
+    std::fs::write(&f, script).unwrap();
+    let ok = Command::new("bash").arg("-n").arg(&f).status().unwrap();
+    assert!(ok.success());
+    // Usage errors exit 2; failures exit 1.
+    let (code, _, _) = acr_task(&["run", "--no-such-option"]);
+    assert_eq!(code, 2);
+    let (code, _, err) = acr_task(&["validate", "/no/such/file.yaml"]);
+    assert_eq!(code, 1, "{err}");
+}

@@ -18,7 +18,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[command(
     name = "acr-task",
     version,
-    about = "Run ACR Tasks (acb.yaml) locally on Docker, with an integrated OCI registry"
+    about = "Run ACR Tasks (acb.yaml) locally on Docker, with an integrated OCI registry",
+    after_help = "Exit status: 0 success, 1 failure (a failed run, an invalid file, an error), 2 usage error.
+Output: -o json|table|tsv where a command supports it; no colour when not on a terminal or with NO_COLOR set."
 )]
 pub struct Cli {
     /// Log filter (tracing `EnvFilter` syntax), e.g. `debug` or `acr_task=trace`.
@@ -62,6 +64,12 @@ pub enum Command {
     /// Stored tasks and their runs on a running `serve` (like `az acr task`).
     #[command(subcommand)]
     Task(task::TaskCmd),
+    /// Print a shell completion script: `acr-task completion bash > /etc/bash_completion.d/acr-task`,
+    /// `acr-task completion zsh > "${fpath[1]}/_acr-task"`, `acr-task completion fish > ~/.config/fish/completions/acr-task.fish`.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// `--output` formats; each command accepts the subset that makes sense for it.
@@ -105,14 +113,20 @@ pub fn main() -> ExitCode {
             filter = filter.add_directive(d);
         }
     }
+    // Colour only for a person at a terminal who has not asked for none.
+    let colour = {
+        use std::io::IsTerminal;
+        std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(colour)
         .init();
     // Commands that only print behave like Unix filters: `| head` ends them quietly.
     // Not those that talk over the network: a peer closing a socket would kill them.
     let prints_only = match &cli.command {
-        Command::Validate(_) | Command::Registry(_) => true,
+        Command::Validate(_) | Command::Registry(_) | Command::Completion { .. } => true,
         Command::Repository(c) => !c.uses_network(),
         Command::Token(_) | Command::ScopeMap(_) | Command::Credential(_) => true,
         Command::Webhook(c) => !matches!(c, auth::WebhookCmd::Ping { .. }),
@@ -139,6 +153,16 @@ pub fn main() -> ExitCode {
         Command::Credential(c) => auth::credential(c),
         Command::Webhook(c) => auth::webhook(c),
         Command::Task(c) => task::task(c),
+        Command::Completion { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "acr-task",
+                &mut std::io::stdout(),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
     };
     match result {
         Ok(code) => code,

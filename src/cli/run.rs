@@ -417,9 +417,17 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                     task.total_timeout = t;
                 }
                 let addr = integrated.as_ref().map(|r| r.addr().to_string());
-                execute(task, plan, cfg, policy, args.output, args.no_logs, addr.as_deref())
-                    .await
-                    .and_then(|report| print_report(&report, args.output))
+                execute(
+                    task,
+                    plan,
+                    cfg,
+                    policy,
+                    args.output,
+                    args.no_logs,
+                    addr.as_deref(),
+                )
+                .await
+                .and_then(|report| print_report(&report, args.output))
             }
         };
         if let Some(reg) = integrated {
