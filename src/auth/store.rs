@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::password;
 use super::scope::{valid_pattern, Grants, Permission};
@@ -17,7 +17,7 @@ use super::AuthError;
 pub const ADMIN_USER: &str = "admin";
 
 /// A scope map: repository patterns and what a token bound to it may do there.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ScopeMap {
     pub name: String,
     pub description: String,
@@ -26,13 +26,13 @@ pub struct ScopeMap {
     pub created: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ScopeRule {
     pub repository: String,
     pub actions: Vec<Permission>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TokenStatus {
     Enabled,
@@ -40,7 +40,7 @@ pub enum TokenStatus {
 }
 
 /// A token as listed: no secret and no hash, ever.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenInfo {
     pub name: String,
     pub scope_map: String,
@@ -52,7 +52,7 @@ pub struct TokenInfo {
     pub passwords: Vec<PasswordInfo>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PasswordInfo {
     pub name: String,
     pub created: i64,

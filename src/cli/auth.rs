@@ -9,13 +9,14 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 
-use super::registry::{data_dir, print_deleted, print_json, print_rows};
+use super::manage::Backend;
+use super::registry::{print_deleted, print_json, print_rows};
 use super::Output;
 use crate::auth::{
-    Auth, AuthSettings, AuthStore, NewSecret, Permission, ScopeMap, ScopeRule, Slot, TokenInfo,
-    TokenStatus,
+    Auth, AuthSettings, NewSecret, Permission, ScopeMap, ScopeRule, Slot, TokenInfo, TokenStatus,
 };
-use crate::webhooks::{DeliveryOptions, NewWebhook, WebhookStore};
+use crate::server::manage::passwords_json;
+use crate::webhooks::{DeliveryOptions, NewWebhook};
 
 /// Auth switches of `acr-task serve`.
 #[derive(Debug, Clone, clap::Args)]
@@ -74,9 +75,15 @@ impl ServeAuthArgs {
 #[derive(Debug, clap::Args)]
 pub struct AuthOpts {
     /// Data directory; the registry is its `registry/` [default: $ACR_TASK_DATA, else
-    /// ~/.local/share/acr-task].
+    /// ~/.local/share/acr-task]. While a server holds it, the command goes through that
+    /// server's API.
     #[arg(long)]
     data: Option<PathBuf>,
+    /// Manage this running `acr-task serve` (URL or HOST:PORT) through its API, as the
+    /// admin (`ACR_TASK_USERNAME`/`ACR_TASK_PASSWORD`, or the password a server on this
+    /// machine keeps in --data).
+    #[arg(long, env = "ACR_TASK_SERVER")]
+    server: Option<String>,
     #[arg(long, short = 'o', value_enum, default_value = "table")]
     output: Output,
 }
@@ -193,10 +200,8 @@ pub enum CredentialCmd {
     },
 }
 
-fn open_store(data: Option<PathBuf>) -> anyhow::Result<AuthStore> {
-    let dir = data_dir(data)?;
-    AuthStore::open(&dir)
-        .with_context(|| format!("opening registry auth data in {}", dir.display()))
+fn backend(opts: &AuthOpts) -> anyhow::Result<Backend> {
+    Backend::choose(opts.server.as_deref(), opts.data.clone())
 }
 
 fn check_output(o: Output) -> anyhow::Result<()> {
@@ -204,14 +209,6 @@ fn check_output(o: Output) -> anyhow::Result<()> {
         bail!("--output {o:?} is not supported by this command (json or table)");
     }
     Ok(())
-}
-
-/// New passwords as az's JSON gives them (`[{"name": "password1", "value": ...}]`).
-fn passwords_json(secrets: &[NewSecret]) -> serde_json::Value {
-    secrets
-        .iter()
-        .map(|s| serde_json::json!({ "name": s.slot, "value": s.value }))
-        .collect()
 }
 
 /// New passwords as table rows on stdout, shown once (JSON output carries them inside).
@@ -355,7 +352,7 @@ pub fn token(cmd: TokenCmd) -> anyhow::Result<ExitCode> {
         } => {
             check_output(opts.output)?;
             let exp = expiry(expiration, expiration_in_days)?;
-            let s = open_store(opts.data)?;
+            let s = backend(&opts)?;
             let (info, secrets) = s.create_token(
                 &name,
                 &scope_map,
@@ -375,13 +372,11 @@ pub fn token(cmd: TokenCmd) -> anyhow::Result<ExitCode> {
         }
         TokenCmd::List { opts } => {
             check_output(opts.output)?;
-            print_tokens(opts.output, &open_store(opts.data)?.tokens()?)?;
+            print_tokens(opts.output, &backend(&opts)?.tokens()?)?;
         }
         TokenCmd::Show { name, opts } => {
             check_output(opts.output)?;
-            let Some(t) = open_store(opts.data)?.token(&name)? else {
-                bail!("token {name:?} not found");
-            };
+            let t = backend(&opts)?.token(&name)?;
             if opts.output == Output::Json {
                 print_json(&t)?;
             } else {
@@ -390,14 +385,13 @@ pub fn token(cmd: TokenCmd) -> anyhow::Result<ExitCode> {
         }
         TokenCmd::Update { name, status, opts } => {
             check_output(opts.output)?;
-            let s = open_store(opts.data)?;
-            s.set_token_status(&name, status == StatusArg::Enabled)?;
-            let t = s.token(&name)?.context("token vanished")?;
+            let s = backend(&opts)?;
+            let t = s.set_token_status(&name, status == StatusArg::Enabled)?;
             print_tokens(opts.output, &[t])?;
         }
         TokenCmd::Delete { name, opts } => {
             check_output(opts.output)?;
-            open_store(opts.data)?.delete_token(&name)?;
+            backend(&opts)?.delete_token(&name)?;
             print_deleted(opts.output, &name, &format!("deleted token {name}"))?;
         }
     }
@@ -413,22 +407,16 @@ pub fn scope_map(cmd: ScopeMapCmd) -> anyhow::Result<ExitCode> {
             opts,
         } => {
             check_output(opts.output)?;
-            let m = open_store(opts.data)?.create_scope_map(
-                &name,
-                &description,
-                &rules(&repository)?,
-            )?;
+            let m = backend(&opts)?.create_scope_map(&name, &description, &rules(&repository)?)?;
             print_maps(opts.output, &[m])?;
         }
         ScopeMapCmd::List { opts } => {
             check_output(opts.output)?;
-            print_maps(opts.output, &open_store(opts.data)?.scope_maps()?)?;
+            print_maps(opts.output, &backend(&opts)?.scope_maps()?)?;
         }
         ScopeMapCmd::Show { name, opts } => {
             check_output(opts.output)?;
-            let Some(m) = open_store(opts.data)?.scope_map(&name)? else {
-                bail!("scope map {name:?} not found");
-            };
+            let m = backend(&opts)?.scope_map(&name)?;
             if opts.output == Output::Json {
                 print_json(&m)?;
             } else {
@@ -443,7 +431,7 @@ pub fn scope_map(cmd: ScopeMapCmd) -> anyhow::Result<ExitCode> {
             opts,
         } => {
             check_output(opts.output)?;
-            let m = open_store(opts.data)?.update_scope_map(
+            let m = backend(&opts)?.update_scope_map(
                 &name,
                 &rules(&add)?,
                 &rules(&remove)?,
@@ -453,7 +441,7 @@ pub fn scope_map(cmd: ScopeMapCmd) -> anyhow::Result<ExitCode> {
         }
         ScopeMapCmd::Delete { name, opts } => {
             check_output(opts.output)?;
-            open_store(opts.data)?.delete_scope_map(&name)?;
+            backend(&opts)?.delete_scope_map(&name)?;
             print_deleted(opts.output, &name, &format!("deleted scope map {name}"))?;
         }
     }
@@ -469,7 +457,7 @@ pub fn credential(cmd: CredentialCmd) -> anyhow::Result<ExitCode> {
             opts,
         } => {
             check_output(opts.output)?;
-            let s = open_store(opts.data)?;
+            let s = backend(&opts)?;
             let (who, secret) = match token {
                 Some(t) if !admin => {
                     let slot = if password2 {
@@ -494,7 +482,7 @@ pub fn credential(cmd: CredentialCmd) -> anyhow::Result<ExitCode> {
         }
         CredentialCmd::DisableAdmin { opts } => {
             check_output(opts.output)?;
-            open_store(opts.data)?.disable_admin()?;
+            backend(&opts)?.disable_admin()?;
             if opts.output == Output::Json {
                 print_json(&serde_json::json!({ "admin_enabled": false }))?;
             } else {
@@ -558,11 +546,6 @@ pub enum WebhookCmd {
         #[command(flatten)]
         opts: AuthOpts,
     },
-}
-
-fn open_hooks(data: Option<PathBuf>) -> anyhow::Result<WebhookStore> {
-    let dir = data_dir(data)?;
-    WebhookStore::open(&dir).with_context(|| format!("opening webhook data in {}", dir.display()))
 }
 
 fn print_hooks(output: Output, hooks: &[crate::webhooks::WebhookInfo]) -> anyhow::Result<()> {
@@ -635,7 +618,7 @@ pub fn webhook(cmd: WebhookCmd) -> anyhow::Result<ExitCode> {
                 };
                 h.insert(k.trim().to_string(), v.trim().to_string());
             }
-            let info = open_hooks(opts.data)?.create(&NewWebhook {
+            let info = backend(&opts)?.create_webhook(&NewWebhook {
                 name: &name,
                 uri: &uri,
                 actions: &actions,
@@ -648,16 +631,12 @@ pub fn webhook(cmd: WebhookCmd) -> anyhow::Result<ExitCode> {
         }
         WebhookCmd::List { opts } => {
             check_output(opts.output)?;
-            let hooks: Vec<_> = open_hooks(opts.data)?
-                .all()?
-                .into_iter()
-                .map(|w| w.info)
-                .collect();
+            let hooks = backend(&opts)?.webhooks()?;
             print_hooks(opts.output, &hooks)?;
         }
         WebhookCmd::Delete { name, opts } => {
             check_output(opts.output)?;
-            open_hooks(opts.data)?.delete(&name)?;
+            backend(&opts)?.delete_webhook(&name)?;
             print_deleted(opts.output, &name, &format!("deleted webhook {name}"))?;
         }
         WebhookCmd::Ping {
@@ -666,13 +645,7 @@ pub fn webhook(cmd: WebhookCmd) -> anyhow::Result<ExitCode> {
             opts,
         } => {
             check_output(opts.output)?;
-            let store = Arc::new(open_hooks(opts.data)?);
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("starting the async runtime")?;
-            let delivery = DeliveryOptions::with_roots(&ca_cert)?;
-            let d = rt.block_on(crate::webhooks::ping(&store, &name, &delivery))?;
+            let d = backend(&opts)?.ping_webhook(&name, &ca_cert)?;
             let ok = d.state == "delivered";
             print_deliveries(opts.output, &[d])?;
             if !ok {
@@ -681,11 +654,7 @@ pub fn webhook(cmd: WebhookCmd) -> anyhow::Result<ExitCode> {
         }
         WebhookCmd::ListEvents { name, limit, opts } => {
             check_output(opts.output)?;
-            let store = open_hooks(opts.data)?;
-            if store.get(&name)?.is_none() {
-                bail!("webhook {name:?} not found");
-            }
-            print_deliveries(opts.output, &store.history(&name, limit)?)?;
+            print_deliveries(opts.output, &backend(&opts)?.webhook_events(&name, limit)?)?;
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -3,6 +3,8 @@
 
 pub mod acr;
 mod auth;
+mod client;
+mod manage;
 mod registry;
 mod render;
 mod run;

@@ -52,10 +52,15 @@ pub struct RepoOpts {
     /// Talk to a running registry at HOST:PORT over the API instead of opening --data
     /// (deletes then raise push/delete events; show-manifests sees tagged manifests only).
     /// HTTPS, or plain HTTP for loopback; credentials come from `docker login`.
-    #[arg(long, value_name = "HOST:PORT")]
+    #[arg(long, value_name = "HOST:PORT", conflicts_with = "server")]
     registry: Option<String>,
-    /// With --registry: also trust this CA certificate (PEM); repeatable.
-    #[arg(long, value_name = "FILE", requires = "registry")]
+    /// A running `acr-task serve` (URL or HOST:PORT): its registry, over the API, as the
+    /// admin (`ACR_TASK_USERNAME`/`ACR_TASK_PASSWORD`, or the password a server on this
+    /// machine keeps in --data). Without it, a server holding --data is used this way.
+    #[arg(long)]
+    server: Option<String>,
+    /// With --registry or --server: also trust this CA certificate (PEM); repeatable.
+    #[arg(long, value_name = "FILE")]
     ca_cert: Vec<PathBuf>,
     #[arg(long, short = 'o', value_enum, default_value = "table")]
     output: Output,
@@ -546,7 +551,8 @@ fn manifest_rows(ms: &[ManifestInfo]) -> Vec<Vec<String>> {
 impl RepositoryCmd {
     /// Whether it talks to a registry over its API (`--registry`).
     pub fn uses_network(&self) -> bool {
-        self.opts().registry.is_some()
+        let o = self.opts();
+        o.registry.is_some() || o.server.is_some()
     }
 
     fn opts(&self) -> &RepoOpts {
@@ -560,15 +566,45 @@ impl RepositoryCmd {
     }
 }
 
+/// The server to go through: `--server`, or the one holding `--data` now (its deletes
+/// then raise events and webhooks, as any other client's).
+fn server_of(opts: &RepoOpts) -> anyhow::Result<Option<super::client::Client>> {
+    let top = opts.data.clone().unwrap_or_else(super::default_data_dir);
+    if let Some(s) = &opts.server {
+        return Ok(Some(super::client::Client::with_data(s, &top)));
+    }
+    if opts.registry.is_some() {
+        return Ok(None);
+    }
+    let dir = data_dir(opts.data.clone())?;
+    match std::fs::read_to_string(top.join(crate::server::SERVE_URL_FILE)) {
+        Ok(url) if crate::store::held_by_a_server(&dir) => {
+            Ok(Some(super::client::Client::with_data(url.trim(), &top)))
+        }
+        _ => Ok(None),
+    }
+}
+
 pub fn repository(cmd: RepositoryCmd) -> anyhow::Result<ExitCode> {
     let opts = cmd.opts();
     no_dot(opts.output)?;
-    if let Some(addr) = opts.registry.clone() {
+    let remote = match (&opts.registry, server_of(opts)?) {
+        (Some(addr), _) => Some((addr.clone(), Credentials::from_docker_config()?)),
+        (None, Some(client)) => {
+            let addr = client.host_port()?;
+            let creds = match client.login() {
+                Some(c) => Credentials::single(&addr, c),
+                None => Credentials::default(),
+            };
+            Some((addr, creds))
+        }
+        (None, None) => None,
+    };
+    if let Some((addr, creds)) = remote {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .context("starting the async runtime")?;
-        let creds = Credentials::from_docker_config()?;
         let transport = Transport::new(&opts.ca_cert, creds)?;
         return rt.block_on(repository_http(cmd, RegistryClient::new(addr, transport)));
     }

@@ -10,6 +10,7 @@ use anyhow::{bail, Context};
 use futures_util::StreamExt;
 use serde_json::Value;
 
+use super::client::{api_message, Client};
 use super::registry::{print_deleted, print_json};
 use super::Output;
 use crate::server::model::{CommitTrigger, TaskSpec, TimerTrigger};
@@ -325,117 +326,6 @@ pub fn serve(args: &super::registry::ServeArgs) -> anyhow::Result<ExitCode> {
         server.run(stop).await?;
         Ok(ExitCode::SUCCESS)
     })
-}
-
-/// For a server on this machine: the admin password it made on its first start, from the
-/// default data directory (`$ACR_TASK_DATA`, ...), readable only by its user.
-fn local_admin(server: &str) -> Option<(String, String)> {
-    let url = reqwest::Url::parse(server).ok()?;
-    let host = url.host_str()?.trim_matches(['[', ']']);
-    let loopback = host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
-    if !loopback {
-        return None;
-    }
-    let path = super::default_data_dir().join(crate::server::ADMIN_PASSWORD_FILE);
-    let text = std::fs::read_to_string(path).ok()?;
-    let password = text.trim();
-    (!password.is_empty()).then(|| (crate::auth::ADMIN_USER.to_string(), password.to_string()))
-}
-
-struct Client {
-    base: String,
-    http: reqwest::Client,
-    /// Basic credentials for a server started with `--auth`: the admin or a token name,
-    /// and its password (`ACR_TASK_USERNAME`, `ACR_TASK_PASSWORD`).
-    credentials: Option<(String, String)>,
-}
-
-/// A server address as users type it: a URL, or `HOST:PORT` (plain HTTP on loopback, as
-/// `serve` listens by default; HTTPS anywhere else).
-fn server_url(server: &str) -> String {
-    let s = server.trim().trim_end_matches('/');
-    if s.contains("://") {
-        return s.to_string();
-    }
-    let host = match s.rsplit_once(':') {
-        Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => h,
-        _ => s,
-    };
-    let host = host.trim_matches(['[', ']']);
-    let loopback = host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
-    if loopback {
-        format!("http://{s}")
-    } else {
-        format!("https://{s}")
-    }
-}
-
-impl Client {
-    fn new(server: &str) -> Client {
-        let server = &server_url(server);
-        let credentials = match (
-            std::env::var("ACR_TASK_USERNAME"),
-            std::env::var("ACR_TASK_PASSWORD"),
-        ) {
-            (Ok(u), Ok(p)) => Some((u, p)),
-            _ => local_admin(server),
-        };
-        Client {
-            base: server.clone(),
-            http: reqwest::Client::new(),
-            credentials,
-        }
-    }
-
-    fn request(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
-        let req = self.http.request(method, url);
-        match &self.credentials {
-            Some((u, p)) => req.basic_auth(u, Some(p)),
-            None => req,
-        }
-    }
-
-    /// Sends and returns the JSON body; an error status becomes an error with the
-    /// server's message (and its diagnostics, one per line).
-    async fn call(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<&Value>,
-    ) -> anyhow::Result<Value> {
-        let url = format!("{}{path}", self.base);
-        let mut req = self.request(method, &url);
-        if let Some(b) = body {
-            req = req.json(b);
-        }
-        let resp = req.send().await.with_context(|| {
-            format!(
-                "cannot reach the server at {} (is `acr-task serve` running?)",
-                self.base
-            )
-        })?;
-        let status = resp.status();
-        let text = resp.text().await.context("reading the response")?;
-        let v: Value = if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or(Value::String(text))
-        };
-        if !status.is_success() {
-            let msg = v["error"]
-                .as_str()
-                .map(str::to_string)
-                .unwrap_or_else(|| v.to_string());
-            bail!("{msg}");
-        }
-        Ok(v)
-    }
 }
 
 fn read(path: &PathBuf) -> anyhow::Result<String> {
@@ -875,14 +765,6 @@ async fn run_or_latest(c: &Client, word: &str) -> anyhow::Result<String> {
     }
 }
 
-/// The sentence in an API error body (`{"error": ...}`), never the raw JSON.
-fn api_message(text: &str) -> String {
-    serde_json::from_str::<Value>(text)
-        .ok()
-        .and_then(|v| v["error"].as_str().map(str::to_string))
-        .unwrap_or_else(|| text.trim().to_string())
-}
-
 /// Streams a run's log; to stderr when stdout holds JSON.
 async fn follow_logs(c: &Client, run: &str, to_stderr: bool) -> anyhow::Result<()> {
     let url = format!("{}/api/runs/{run}/logs?follow=true", c.base);
@@ -1104,25 +986,4 @@ async fn task_async(cmd: TaskCmd) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::server_url;
-
-    #[test]
-    fn a_server_without_a_scheme_is_reached() {
-        assert_eq!(server_url("127.0.0.1:5000"), "http://127.0.0.1:5000");
-        assert_eq!(server_url("localhost:5000/"), "http://localhost:5000");
-        assert_eq!(server_url("[::1]:5000"), "http://[::1]:5000");
-        assert_eq!(
-            server_url("acr.example.com:443"),
-            "https://acr.example.com:443"
-        );
-        assert_eq!(server_url("acr.example.com"), "https://acr.example.com");
-        assert_eq!(
-            server_url("https://127.0.0.1:5000/"),
-            "https://127.0.0.1:5000"
-        );
-    }
 }

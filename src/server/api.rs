@@ -62,7 +62,8 @@ fn internal(e: impl std::fmt::Display) -> ApiErr {
 /// The API. Everything but health and the (signature-checked) commit webhooks goes
 /// through the guard: credentials (tasks/read to look, tasks/write to change) and the
 /// browser checks (see `server::guard`).
-pub fn router(state: Arc<ApiState>, guard: Arc<super::guard::ApiGuard>) -> Router {
+/// `more` (the registry's management routes) sits behind the same guard.
+pub fn router(state: Arc<ApiState>, guard: Arc<super::guard::ApiGuard>, more: Router) -> Router {
     let public = Router::new()
         .route(
             "/api/health",
@@ -85,12 +86,14 @@ pub fn router(state: Arc<ApiState>, guard: Arc<super::guard::ApiGuard>) -> Route
     let csrf = Router::new()
         .route("/api/csrf-token", get(super::guard::csrf_token))
         .with_state(guard.clone());
-    let managed = managed
-        .merge(csrf)
-        .route_layer(axum::middleware::from_fn_with_state(
-            guard,
-            super::guard::api_guard,
-        ));
+    let managed =
+        managed
+            .merge(csrf)
+            .merge(more)
+            .route_layer(axum::middleware::from_fn_with_state(
+                guard,
+                super::guard::api_guard,
+            ));
     public.merge(managed)
 }
 

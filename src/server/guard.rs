@@ -83,6 +83,7 @@ pub async fn api_guard(State(g): State<Arc<ApiGuard>>, mut req: Request, next: N
                 let msg = match status {
                     StatusCode::UNAUTHORIZED => "credentials required: the admin, or a token with tasks/read or tasks/write (ACR_TASK_USERNAME, ACR_TASK_PASSWORD)".to_string(),
                     StatusCode::TOO_MANY_REQUESTS => "too many login attempts; try again later".to_string(),
+                    StatusCode::FORBIDDEN if path.starts_with("/api/registry/") => "these credentials may not do this: managing the registry's tokens, scope maps, passwords and webhooks needs the admin user".to_string(),
                     StatusCode::FORBIDDEN => "these credentials may not do this: managing tasks needs tasks/write, seeing them tasks/read".to_string(),
                     _ => "internal error".to_string(),
                 };

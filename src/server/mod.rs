@@ -7,6 +7,7 @@
 pub mod api;
 pub mod db;
 pub mod guard;
+pub mod manage;
 pub mod model;
 pub mod queue;
 pub mod runner;
@@ -127,6 +128,8 @@ pub struct Server {
 
 /// Where the admin password made on first start is kept (mode 0600), in the data dir.
 pub const ADMIN_PASSWORD_FILE: &str = "admin.password";
+/// The API's URL while `serve` runs on a data directory (removed when it stops).
+pub const SERVE_URL_FILE: &str = "serve.url";
 
 /// On the first start, the task API gets its credential: the admin user, with a password
 /// shown once and kept in `DATA/admin.password` (0600) for the CLI on this machine. An
@@ -298,9 +301,32 @@ impl Server {
             queue,
             policy: self.policy.clone(),
         });
+        let hooks = {
+            let dir = self.cfg.data_dir.join("registry");
+            Arc::new(
+                tokio::task::spawn_blocking(move || crate::webhooks::WebhookStore::open(&dir))
+                    .await??,
+            )
+        };
+        let manage = manage::router(Arc::new(manage::ManageState {
+            auth: self.auth.clone(),
+            hooks,
+            delivery: self.cfg.webhooks.clone(),
+            open: self.cfg.open_api,
+        }));
+        // Where `acr-task token|scope-map|...` on this machine find this server.
+        let url_file = self.cfg.data_dir.join(SERVE_URL_FILE);
+        let scheme = if self.cfg.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        if let Err(e) = write_private(&url_file, &format!("{scheme}://{}", self.registry_host())) {
+            tracing::warn!(error = %e, "writing {}", url_file.display());
+        }
         let names = Arc::new(crate::listen::HostNames::new(&self.cfg.server_names));
         let app = crate::registry::router_with_auth(self.registry.clone(), gate)
-            .merge(api::router(state, guard))
+            .merge(api::router(state, guard, manage))
             .layer(axum::middleware::from_fn_with_state(
                 names,
                 crate::listen::check_host,
@@ -314,6 +340,7 @@ impl Server {
         .await?;
         halt.cancel();
         queue_task.await?;
+        let _ = std::fs::remove_file(&url_file);
         Ok(())
     }
 }

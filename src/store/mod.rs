@@ -116,6 +116,14 @@ impl Store {
     }
 }
 
+/// Whether a server holds the registry in `root` now (its `serve.lock` is locked).
+pub fn held_by_a_server(root: &Path) -> bool {
+    if !root.join("serve.lock").exists() {
+        return false;
+    }
+    matches!(lock_exclusive(root), Err(StoreError::InUse(_)))
+}
+
 /// An exclusive, non-blocking `flock` on `<root>/serve.lock`, held while the file is open
 /// (the kernel drops it when the process dies, so a crash never leaves it stale).
 fn lock_exclusive(root: &Path) -> Result<fs::File, StoreError> {

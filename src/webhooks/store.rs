@@ -12,7 +12,7 @@ use serde::Serialize;
 use super::WebhookError;
 
 /// A webhook as listed: header values and the secret are never shown.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct WebhookInfo {
     pub name: String,
     pub uri: String,
@@ -33,7 +33,7 @@ pub struct Webhook {
     pub secret: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Delivery {
     pub id: String,
     pub webhook: String,

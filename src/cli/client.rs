@@ -1,0 +1,177 @@
+//! The client of a running `acr-task serve`'s JSON API, shared by `task ...` and the
+//! registry management commands: the server's address as users type it, credentials
+//! (`ACR_TASK_USERNAME`/`ACR_TASK_PASSWORD`, or the admin password a server on this
+//! machine keeps in its data directory), and errors as the server's sentences.
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+
+/// For a server on this machine: the admin password it made on its first start, from the
+/// default data directory (`$ACR_TASK_DATA`, ...), readable only by its user.
+fn local_admin(server: &str, data: &std::path::Path) -> Option<(String, String)> {
+    let url = reqwest::Url::parse(server).ok()?;
+    let host = url.host_str()?.trim_matches(['[', ']']);
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if !loopback {
+        return None;
+    }
+    let path = data.join(crate::server::ADMIN_PASSWORD_FILE);
+    let text = std::fs::read_to_string(path).ok()?;
+    let password = text.trim();
+    (!password.is_empty()).then(|| (crate::auth::ADMIN_USER.to_string(), password.to_string()))
+}
+
+pub struct Client {
+    pub base: String,
+    http: reqwest::Client,
+    /// Basic credentials for a server started with `--auth`: the admin or a token name,
+    /// and its password (`ACR_TASK_USERNAME`, `ACR_TASK_PASSWORD`).
+    credentials: Option<(String, String)>,
+}
+
+/// A server address as users type it: a URL, or `HOST:PORT` (plain HTTP on loopback, as
+/// `serve` listens by default; HTTPS anywhere else).
+fn server_url(server: &str) -> String {
+    let s = server.trim().trim_end_matches('/');
+    if s.contains("://") {
+        return s.to_string();
+    }
+    let host = match s.rsplit_once(':') {
+        Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => h,
+        _ => s,
+    };
+    let host = host.trim_matches(['[', ']']);
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if loopback {
+        format!("http://{s}")
+    } else {
+        format!("https://{s}")
+    }
+}
+
+impl Client {
+    /// A client of `server` (on this machine: of the default data directory's server).
+    pub fn new(server: &str) -> Client {
+        Client::with_data(server, &super::default_data_dir())
+    }
+
+    /// A client of `server`, which keeps its data in `data` when it runs on this machine.
+    pub fn with_data(server: &str, data: &std::path::Path) -> Client {
+        let server = &server_url(server);
+        let credentials = match (
+            std::env::var("ACR_TASK_USERNAME"),
+            std::env::var("ACR_TASK_PASSWORD"),
+        ) {
+            (Ok(u), Ok(p)) => Some((u, p)),
+            _ => local_admin(server, data),
+        };
+        Client {
+            base: server.clone(),
+            http: reqwest::Client::new(),
+            credentials,
+        }
+    }
+
+    /// The credentials this client sends, as a registry login.
+    pub fn login(&self) -> Option<crate::registry::credentials::Credential> {
+        self.credentials
+            .as_ref()
+            .map(|(u, p)| crate::registry::credentials::Credential {
+                username: u.clone(),
+                password: p.clone(),
+            })
+    }
+
+    /// `HOST:PORT` of the server (its registry's name).
+    pub fn host_port(&self) -> anyhow::Result<String> {
+        let url = reqwest::Url::parse(&self.base)
+            .with_context(|| format!("{} is not a server URL", self.base))?;
+        let host = url
+            .host_str()
+            .with_context(|| format!("{} names no host", self.base))?;
+        Ok(match url.port_or_known_default() {
+            Some(p) => format!("{host}:{p}"),
+            None => host.to_string(),
+        })
+    }
+
+    pub fn request(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
+        let req = self.http.request(method, url);
+        match &self.credentials {
+            Some((u, p)) => req.basic_auth(u, Some(p)),
+            None => req,
+        }
+    }
+
+    /// Sends and returns the JSON body; an error status becomes an error with the
+    /// server's message (and its diagnostics, one per line).
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<Value> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.request(method, &url);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req.send().await.with_context(|| {
+            format!(
+                "cannot reach the server at {} (is `acr-task serve` running?)",
+                self.base
+            )
+        })?;
+        let status = resp.status();
+        let text = resp.text().await.context("reading the response")?;
+        let v: Value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        if !status.is_success() {
+            let msg = match (&v, v["error"].as_str()) {
+                (_, Some(e)) => e.to_string(),
+                (Value::String(t), _) if !t.trim().is_empty() => t.trim().to_string(),
+                _ => format!("the server at {} answered {status}", self.base),
+            };
+            bail!("{msg}");
+        }
+        Ok(v)
+    }
+}
+
+/// The sentence in an API error body (`{"error": ...}`), never the raw JSON.
+pub fn api_message(text: &str) -> String {
+    serde_json::from_str::<Value>(text)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_string))
+        .unwrap_or_else(|| text.trim().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::server_url;
+
+    #[test]
+    fn a_server_without_a_scheme_is_reached() {
+        assert_eq!(server_url("127.0.0.1:5000"), "http://127.0.0.1:5000");
+        assert_eq!(server_url("localhost:5000/"), "http://localhost:5000");
+        assert_eq!(server_url("[::1]:5000"), "http://[::1]:5000");
+        assert_eq!(
+            server_url("acr.example.com:443"),
+            "https://acr.example.com:443"
+        );
+        assert_eq!(server_url("acr.example.com"), "https://acr.example.com");
+        assert_eq!(
+            server_url("https://127.0.0.1:5000/"),
+            "https://127.0.0.1:5000"
+        );
+    }
+}

@@ -1,0 +1,343 @@
+//! Where the registry management commands (`token`, `scope-map`, `credential`, `webhook`)
+//! do their work: through a running server's API (`--server URL`, or the server that holds
+//! `--data` now, found by its `serve.url`), else on the data directory's files. Both give
+//! the same plain types, which the commands print one way.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use super::client::Client;
+use crate::auth::{AuthStore, NewSecret, ScopeMap, ScopeRule, Slot, TokenInfo};
+use crate::webhooks::{Delivery, DeliveryOptions, NewWebhook, WebhookInfo, WebhookStore};
+
+pub enum Backend {
+    /// The registry directory's files.
+    Files(PathBuf),
+    /// A server's API.
+    Server {
+        client: Client,
+        rt: tokio::runtime::Runtime,
+    },
+}
+
+impl Backend {
+    /// `--server` if given; else the server holding the data directory, if one does; else
+    /// the files.
+    pub fn choose(server: Option<&str>, data: Option<PathBuf>) -> anyhow::Result<Backend> {
+        let top = data.clone().unwrap_or_else(super::default_data_dir);
+        let remote = match server {
+            Some(s) => Some(Client::with_data(s, &top)),
+            None => {
+                let dir = super::registry::data_dir(data.clone())?;
+                let url = std::fs::read_to_string(top.join(crate::server::SERVE_URL_FILE));
+                match url {
+                    Ok(u) if crate::store::held_by_a_server(&dir) => {
+                        Some(Client::with_data(u.trim(), &top))
+                    }
+                    _ => None,
+                }
+            }
+        };
+        match remote {
+            Some(client) => Ok(Backend::Server {
+                client,
+                rt: tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .context("starting the async runtime")?,
+            }),
+            None => Ok(Backend::Files(super::registry::data_dir(data)?)),
+        }
+    }
+
+    fn call(&self, method: Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+        match self {
+            Backend::Server { client, rt } => {
+                rt.block_on(client.call(method, &format!("/api/registry{path}"), body.as_ref()))
+            }
+            Backend::Files(_) => bail!("internal error: no server to call"),
+        }
+    }
+
+    fn auth(&self) -> anyhow::Result<Option<AuthStore>> {
+        match self {
+            Backend::Files(dir) => {
+                Ok(Some(AuthStore::open(dir).with_context(|| {
+                    format!("opening registry auth data in {}", dir.display())
+                })?))
+            }
+            Backend::Server { .. } => Ok(None),
+        }
+    }
+
+    fn hooks(&self) -> anyhow::Result<Option<WebhookStore>> {
+        match self {
+            Backend::Files(dir) => {
+                Ok(Some(WebhookStore::open(dir).with_context(|| {
+                    format!("opening webhook data in {}", dir.display())
+                })?))
+            }
+            Backend::Server { .. } => Ok(None),
+        }
+    }
+
+    pub fn create_token(
+        &self,
+        name: &str,
+        scope_map: &str,
+        expiry: Option<i64>,
+        enabled: bool,
+        no_passwords: bool,
+    ) -> anyhow::Result<(TokenInfo, Vec<NewSecret>)> {
+        if let Some(s) = self.auth()? {
+            return Ok(s.create_token(name, scope_map, expiry, enabled, no_passwords)?);
+        }
+        let v = self.call(
+            Method::POST,
+            "/tokens",
+            Some(json!({
+                "name": name, "scopeMap": scope_map, "expiry": expiry,
+                "enabled": enabled, "noPasswords": no_passwords,
+            })),
+        )?;
+        let secrets = secrets_of(&v["credentials"]["passwords"]);
+        Ok((
+            serde_json::from_value(v).context("the server's token")?,
+            secrets,
+        ))
+    }
+
+    pub fn tokens(&self) -> anyhow::Result<Vec<TokenInfo>> {
+        if let Some(s) = self.auth()? {
+            return Ok(s.tokens()?);
+        }
+        Ok(serde_json::from_value(self.call(
+            Method::GET,
+            "/tokens",
+            None,
+        )?)?)
+    }
+
+    pub fn token(&self, name: &str) -> anyhow::Result<TokenInfo> {
+        if let Some(s) = self.auth()? {
+            return s
+                .token(name)?
+                .with_context(|| format!("token {name:?} not found"));
+        }
+        Ok(serde_json::from_value(self.call(
+            Method::GET,
+            &format!("/tokens/{name}"),
+            None,
+        )?)?)
+    }
+
+    pub fn set_token_status(&self, name: &str, enabled: bool) -> anyhow::Result<TokenInfo> {
+        if let Some(s) = self.auth()? {
+            s.set_token_status(name, enabled)?;
+            return s.token(name)?.context("token vanished");
+        }
+        let v = self.call(
+            Method::PATCH,
+            &format!("/tokens/{name}"),
+            Some(json!({ "enabled": enabled })),
+        )?;
+        Ok(serde_json::from_value(v)?)
+    }
+
+    pub fn delete_token(&self, name: &str) -> anyhow::Result<()> {
+        if let Some(s) = self.auth()? {
+            return Ok(s.delete_token(name)?);
+        }
+        self.call(Method::DELETE, &format!("/tokens/{name}"), None)
+            .map(|_| ())
+    }
+
+    pub fn renew_token(&self, name: &str, slot: Slot) -> anyhow::Result<NewSecret> {
+        if let Some(s) = self.auth()? {
+            return Ok(s.renew_token(name, slot)?);
+        }
+        let slot = match slot {
+            Slot::Password1 => "password1",
+            Slot::Password2 => "password2",
+        };
+        let v = self.call(
+            Method::POST,
+            &format!("/tokens/{name}/passwords"),
+            Some(json!({ "slot": slot })),
+        )?;
+        one_secret(&v)
+    }
+
+    pub fn renew_admin(&self) -> anyhow::Result<NewSecret> {
+        if let Some(s) = self.auth()? {
+            return Ok(s.renew_admin()?);
+        }
+        one_secret(&self.call(Method::POST, "/admin", None)?)
+    }
+
+    pub fn disable_admin(&self) -> anyhow::Result<()> {
+        if let Some(s) = self.auth()? {
+            return Ok(s.disable_admin()?);
+        }
+        self.call(Method::DELETE, "/admin", None).map(|_| ())
+    }
+
+    pub fn create_scope_map(
+        &self,
+        name: &str,
+        description: &str,
+        rules: &[ScopeRule],
+    ) -> anyhow::Result<ScopeMap> {
+        if let Some(s) = self.auth()? {
+            return Ok(s.create_scope_map(name, description, rules)?);
+        }
+        let v = self.call(
+            Method::POST,
+            "/scope-maps",
+            Some(json!({ "name": name, "description": description, "rules": rules })),
+        )?;
+        Ok(serde_json::from_value(v)?)
+    }
+
+    pub fn scope_maps(&self) -> anyhow::Result<Vec<ScopeMap>> {
+        if let Some(s) = self.auth()? {
+            return Ok(s.scope_maps()?);
+        }
+        Ok(serde_json::from_value(self.call(
+            Method::GET,
+            "/scope-maps",
+            None,
+        )?)?)
+    }
+
+    pub fn scope_map(&self, name: &str) -> anyhow::Result<ScopeMap> {
+        if let Some(s) = self.auth()? {
+            return s
+                .scope_map(name)?
+                .with_context(|| format!("scope map {name:?} not found"));
+        }
+        Ok(serde_json::from_value(self.call(
+            Method::GET,
+            &format!("/scope-maps/{name}"),
+            None,
+        )?)?)
+    }
+
+    pub fn update_scope_map(
+        &self,
+        name: &str,
+        add: &[ScopeRule],
+        remove: &[ScopeRule],
+        description: Option<&str>,
+    ) -> anyhow::Result<ScopeMap> {
+        if let Some(s) = self.auth()? {
+            return Ok(s.update_scope_map(name, add, remove, description)?);
+        }
+        let v = self.call(
+            Method::PATCH,
+            &format!("/scope-maps/{name}"),
+            Some(json!({ "add": add, "remove": remove, "description": description })),
+        )?;
+        Ok(serde_json::from_value(v)?)
+    }
+
+    pub fn delete_scope_map(&self, name: &str) -> anyhow::Result<()> {
+        if let Some(s) = self.auth()? {
+            return Ok(s.delete_scope_map(name)?);
+        }
+        self.call(Method::DELETE, &format!("/scope-maps/{name}"), None)
+            .map(|_| ())
+    }
+
+    pub fn create_webhook(&self, h: &NewWebhook<'_>) -> anyhow::Result<WebhookInfo> {
+        if let Some(s) = self.hooks()? {
+            return Ok(s.create(h)?);
+        }
+        let v = self.call(
+            Method::POST,
+            "/webhooks",
+            Some(json!({
+                "name": h.name, "uri": h.uri, "actions": h.actions, "scope": h.scope,
+                "headers": h.headers, "secret": h.secret,
+                "allowPrivateDestination": h.allow_private,
+            })),
+        )?;
+        Ok(serde_json::from_value(v)?)
+    }
+
+    pub fn webhooks(&self) -> anyhow::Result<Vec<WebhookInfo>> {
+        if let Some(s) = self.hooks()? {
+            return Ok(s.all()?.into_iter().map(|w| w.info).collect());
+        }
+        Ok(serde_json::from_value(self.call(
+            Method::GET,
+            "/webhooks",
+            None,
+        )?)?)
+    }
+
+    pub fn delete_webhook(&self, name: &str) -> anyhow::Result<()> {
+        if let Some(s) = self.hooks()? {
+            return Ok(s.delete(name)?);
+        }
+        self.call(Method::DELETE, &format!("/webhooks/{name}"), None)
+            .map(|_| ())
+    }
+
+    pub fn webhook_events(&self, name: &str, limit: u32) -> anyhow::Result<Vec<Delivery>> {
+        if let Some(s) = self.hooks()? {
+            if s.get(name)?.is_none() {
+                bail!("webhook {name:?} not found");
+            }
+            return Ok(s.history(name, limit)?);
+        }
+        Ok(serde_json::from_value(self.call(
+            Method::GET,
+            &format!("/webhooks/{name}/events?limit={limit}"),
+            None,
+        )?)?)
+    }
+
+    /// A ping, sent from here (files) or by the server (which delivers the webhooks).
+    pub fn ping_webhook(&self, name: &str, ca_cert: &[PathBuf]) -> anyhow::Result<Delivery> {
+        if let Some(s) = self.hooks()? {
+            let store = Arc::new(s);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            let delivery = DeliveryOptions::with_roots(ca_cert)?;
+            return Ok(rt.block_on(crate::webhooks::ping(&store, name, &delivery))?);
+        }
+        Ok(serde_json::from_value(self.call(
+            Method::POST,
+            &format!("/webhooks/{name}/ping"),
+            None,
+        )?)?)
+    }
+}
+
+/// `[{"name": "password1", "value": ...}]` back into secrets.
+fn secrets_of(v: &Value) -> Vec<NewSecret> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| {
+            Some(NewSecret {
+                slot: p["name"].as_str()?.to_string(),
+                value: p["value"].as_str()?.to_string(),
+            })
+        })
+        .collect()
+}
+
+fn one_secret(v: &Value) -> anyhow::Result<NewSecret> {
+    secrets_of(&v["passwords"])
+        .into_iter()
+        .next()
+        .context("the server sent no password")
+}

@@ -1,0 +1,443 @@
+//! The registry's management API (`/api/registry/...`): tokens, scope maps, passwords and
+//! webhooks, so that `acr-task token|scope-map|credential|webhook --server URL` manage a
+//! running server from anywhere. Behind the API's guard, and for the admin only (tokens
+//! and scope maps grant everything else). Answers are the CLI's own JSON shapes.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::guard::Caller;
+use crate::auth::{Auth, AuthError, NewSecret, ScopeRule, Slot, ADMIN_USER};
+use crate::webhooks::{DeliveryOptions, NewWebhook, WebhookError, WebhookStore};
+
+pub struct ManageState {
+    pub auth: Arc<Auth>,
+    pub hooks: Arc<WebhookStore>,
+    /// How pings are delivered (the server's webhook settings).
+    pub delivery: Option<DeliveryOptions>,
+    /// `--insecure-open-api`: no caller to check (loopback development servers only).
+    pub open: bool,
+}
+
+type St = State<Arc<ManageState>>;
+
+struct Refusal(StatusCode, String);
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<AuthError> for Refusal {
+    fn from(e: AuthError) -> Refusal {
+        let status = match &e {
+            AuthError::NotFound(_) => StatusCode::NOT_FOUND,
+            AuthError::Exists(_) => StatusCode::CONFLICT,
+            AuthError::Invalid(_) => StatusCode::BAD_REQUEST,
+            _ => {
+                tracing::error!(error = %e, "registry management");
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
+        Refusal(status, e.to_string())
+    }
+}
+
+impl From<WebhookError> for Refusal {
+    fn from(e: WebhookError) -> Refusal {
+        let status = match &e {
+            WebhookError::NotFound(_) => StatusCode::NOT_FOUND,
+            WebhookError::Exists(_) => StatusCode::CONFLICT,
+            WebhookError::Invalid(_) => StatusCode::BAD_REQUEST,
+            _ => {
+                tracing::error!(error = %e, "registry management");
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
+        Refusal(status, e.to_string())
+    }
+}
+
+type Answer = Result<Response, Refusal>;
+
+/// Only the admin manages identities and webhooks.
+fn admin_only(s: &ManageState, caller: &Caller) -> Result<(), Refusal> {
+    if s.open || caller.0 == ADMIN_USER {
+        Ok(())
+    } else {
+        Err(Refusal(
+            StatusCode::FORBIDDEN,
+            format!(
+                "{} may not manage the registry's tokens, scope maps, passwords or webhooks: \
+                 that needs the admin user",
+                caller.0
+            ),
+        ))
+    }
+}
+
+/// Store work (SQLite, argon2) off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Refusal> + Send + 'static,
+) -> Result<T, Refusal> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        tracing::error!(error = %e, "registry management task");
+        Refusal(StatusCode::INTERNAL_SERVER_ERROR, "internal error".into())
+    })?
+}
+
+/// New passwords as `az` shows them: `[{"name": "password1", "value": ...}]`.
+pub fn passwords_json(secrets: &[NewSecret]) -> serde_json::Value {
+    secrets
+        .iter()
+        .map(|s| json!({ "name": s.slot, "value": s.value }))
+        .collect()
+}
+
+pub fn router(state: Arc<ManageState>) -> Router {
+    Router::new()
+        .route("/api/registry/tokens", get(tokens).post(create_token))
+        .route(
+            "/api/registry/tokens/{name}",
+            get(token).patch(update_token).delete(delete_token),
+        )
+        .route("/api/registry/tokens/{name}/passwords", post(renew_token))
+        .route(
+            "/api/registry/admin",
+            post(renew_admin).delete(disable_admin),
+        )
+        .route("/api/registry/scope-maps", get(maps).post(create_map))
+        .route(
+            "/api/registry/scope-maps/{name}",
+            get(map).patch(update_map).delete(delete_map),
+        )
+        .route("/api/registry/webhooks", get(hooks).post(create_hook))
+        .route(
+            "/api/registry/webhooks/{name}",
+            axum::routing::delete(delete_hook),
+        )
+        .route("/api/registry/webhooks/{name}/events", get(hook_events))
+        .route("/api/registry/webhooks/{name}/ping", post(ping_hook))
+        .with_state(state)
+}
+
+async fn tokens(State(s): St, Extension(c): Extension<Caller>) -> Answer {
+    admin_only(&s, &c)?;
+    let auth = s.auth.clone();
+    let t = blocking(move || Ok(auth.store().tokens()?)).await?;
+    Ok(Json(t).into_response())
+}
+
+async fn token(State(s): St, Extension(c): Extension<Caller>, Path(name): Path<String>) -> Answer {
+    admin_only(&s, &c)?;
+    let auth = s.auth.clone();
+    let t = blocking(move || {
+        auth.store()
+            .token(&name)?
+            .ok_or_else(|| Refusal(StatusCode::NOT_FOUND, format!("token {name:?} not found")))
+    })
+    .await?;
+    Ok(Json(t).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NewToken {
+    pub name: String,
+    pub scope_map: String,
+    /// Unix seconds.
+    pub expiry: Option<i64>,
+    pub enabled: bool,
+    pub no_passwords: bool,
+}
+
+async fn create_token(
+    State(s): St,
+    Extension(c): Extension<Caller>,
+    Json(t): Json<NewToken>,
+) -> Answer {
+    admin_only(&s, &c)?;
+    let auth = s.auth.clone();
+    let (info, secrets) = blocking(move || {
+        Ok(auth
+            .store()
+            .create_token(&t.name, &t.scope_map, t.expiry, t.enabled, t.no_passwords)?)
+    })
+    .await?;
+    let mut v = serde_json::to_value(&info).unwrap_or_default();
+    v["credentials"] = json!({ "passwords": passwords_json(&secrets) });
+    Ok((StatusCode::CREATED, Json(v)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenChange {
+    enabled: bool,
+}
+
+async fn update_token(
+    State(s): St,
+    Extension(c): Extension<Caller>,
+    Path(name): Path<String>,
+    Json(ch): Json<TokenChange>,
+) -> Answer {
+    admin_only(&s, &c)?;
+    let auth = s.auth.clone();
+    let t = blocking(move || {
+        auth.store().set_token_status(&name, ch.enabled)?;
+        auth.store()
+            .token(&name)?
+            .ok_or_else(|| Refusal(StatusCode::NOT_FOUND, format!("token {name:?} not found")))
+    })
+    .await?;
+    Ok(Json(t).into_response())
+}
+
+async fn delete_token(
+    State(s): St,
+    Extension(c): Extension<Caller>,
+    Path(name): Path<String>,
+) -> Answer {
+    admin_only(&s, &c)?;
+    let auth = s.auth.clone();
+    blocking(move || Ok(auth.store().delete_token(&name)?)).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Renew {
+    /// `password1` or `password2`.
+    slot: String,
+}
+
+async fn renew_token(
+    State(s): St,
+    Extension(c): Extension<Caller>,
+    Path(name): Path<String>,
+    Json(r): Json<Renew>,
+) -> Answer {
+    admin_only(&s, &c)?;
+    let slot = match r.slot.as_str() {
+        "password1" => Slot::Password1,
+        "password2" => Slot::Password2,
+        other => {
+            return Err(Refusal(
+                StatusCode::BAD_REQUEST,
+                format!("slot {other:?}: password1 or password2"),
+            ))
+        }
+    };
+    let auth = s.auth.clone();
+    let n = name.clone();
+    let secret = blocking(move || Ok(auth.store().renew_token(&n, slot)?)).await?;
+    Ok(Json(json!({ "username": name, "passwords": passwords_json(&[secret]) })).into_response())
+}
+
+async fn renew_admin(State(s): St, Extension(c): Extension<Caller>) -> Answer {
+    admin_only(&s, &c)?;
+    let auth = s.auth.clone();
+    let secret = blocking(move || Ok(auth.store().renew_admin()?)).await?;
+    Ok(
+        Json(json!({ "username": ADMIN_USER, "passwords": passwords_json(&[secret]) }))
+            .into_response(),
+    )
+}
+
+async fn disable_admin(State(s): St, Extension(c): Extension<Caller>) -> Answer {
+    admin_only(&s, &c)?;
+    let auth = s.auth.clone();
+    blocking(move || Ok(auth.store().disable_admin()?)).await?;
+    Ok(Json(json!({ "admin_enabled": false })).into_response())
+}
+
+async fn maps(State(s): St, Extension(c): Extension<Caller>) -> Answer {
+    admin_only(&s, &c)?;
+    let auth = s.auth.clone();
+    let m = blocking(move || Ok(auth.store().scope_maps()?)).await?;
+    Ok(Json(m).into_response())
+}
+
+async fn map(State(s): St, Extension(c): Extension<Caller>, Path(name): Path<String>) -> Answer {
+    admin_only(&s, &c)?;
+    let auth = s.auth.clone();
+    let m = blocking(move || {
+        auth.store().scope_map(&name)?.ok_or_else(|| {
+            Refusal(
+                StatusCode::NOT_FOUND,
+                format!("scope map {name:?} not found"),
+            )
+        })
+    })
+    .await?;
+    Ok(Json(m).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewMap {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub rules: Vec<ScopeRule>,
+}
+
+async fn create_map(
+    State(s): St,
+    Extension(c): Extension<Caller>,
+    Json(m): Json<NewMap>,
+) -> Answer {
+    admin_only(&s, &c)?;
+    let auth = s.auth.clone();
+    let made = blocking(move || {
+        Ok(auth
+            .store()
+            .create_scope_map(&m.name, &m.description, &m.rules)?)
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(made)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MapChange {
+    #[serde(default)]
+    pub add: Vec<ScopeRule>,
+    #[serde(default)]
+    pub remove: Vec<ScopeRule>,
+    pub description: Option<String>,
+}
+
+async fn update_map(
+    State(s): St,
+    Extension(c): Extension<Caller>,
+    Path(name): Path<String>,
+    Json(ch): Json<MapChange>,
+) -> Answer {
+    admin_only(&s, &c)?;
+    let auth = s.auth.clone();
+    let m = blocking(move || {
+        Ok(auth
+            .store()
+            .update_scope_map(&name, &ch.add, &ch.remove, ch.description.as_deref())?)
+    })
+    .await?;
+    Ok(Json(m).into_response())
+}
+
+async fn delete_map(
+    State(s): St,
+    Extension(c): Extension<Caller>,
+    Path(name): Path<String>,
+) -> Answer {
+    admin_only(&s, &c)?;
+    let auth = s.auth.clone();
+    blocking(move || Ok(auth.store().delete_scope_map(&name)?)).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn hooks(State(s): St, Extension(c): Extension<Caller>) -> Answer {
+    admin_only(&s, &c)?;
+    let store = s.hooks.clone();
+    let all = blocking(move || Ok(store.all()?)).await?;
+    let infos: Vec<_> = all.into_iter().map(|w| w.info).collect();
+    Ok(Json(infos).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NewHook {
+    pub name: String,
+    pub uri: String,
+    pub actions: Vec<String>,
+    pub scope: Option<String>,
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+    pub secret: Option<String>,
+    #[serde(default)]
+    pub allow_private_destination: bool,
+}
+
+async fn create_hook(
+    State(s): St,
+    Extension(c): Extension<Caller>,
+    Json(h): Json<NewHook>,
+) -> Answer {
+    admin_only(&s, &c)?;
+    let store = s.hooks.clone();
+    let info = blocking(move || {
+        Ok(store.create(&NewWebhook {
+            name: &h.name,
+            uri: &h.uri,
+            actions: &h.actions,
+            scope: h.scope.as_deref(),
+            headers: &h.headers,
+            secret: h.secret.as_deref(),
+            allow_private: h.allow_private_destination,
+        })?)
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(info)).into_response())
+}
+
+async fn delete_hook(
+    State(s): St,
+    Extension(c): Extension<Caller>,
+    Path(name): Path<String>,
+) -> Answer {
+    admin_only(&s, &c)?;
+    let store = s.hooks.clone();
+    blocking(move || Ok(store.delete(&name)?)).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Deserialize)]
+struct Limit {
+    limit: Option<u32>,
+}
+
+async fn hook_events(
+    State(s): St,
+    Extension(c): Extension<Caller>,
+    Path(name): Path<String>,
+    Query(q): Query<Limit>,
+) -> Answer {
+    admin_only(&s, &c)?;
+    let store = s.hooks.clone();
+    let limit = q.limit.unwrap_or(50).min(1000);
+    let ds = blocking(move || {
+        if store.get(&name)?.is_none() {
+            return Err(Refusal(
+                StatusCode::NOT_FOUND,
+                format!("webhook {name:?} not found"),
+            ));
+        }
+        Ok(store.history(&name, limit)?)
+    })
+    .await?;
+    Ok(Json(ds).into_response())
+}
+
+async fn ping_hook(
+    State(s): St,
+    Extension(c): Extension<Caller>,
+    Path(name): Path<String>,
+) -> Answer {
+    admin_only(&s, &c)?;
+    let Some(delivery) = s.delivery.clone() else {
+        return Err(Refusal(
+            StatusCode::CONFLICT,
+            "this server delivers no webhooks".into(),
+        ));
+    };
+    let d = crate::webhooks::ping(&s.hooks, &name, &delivery).await?;
+    Ok(Json(d).into_response())
+}
