@@ -159,7 +159,7 @@ async fn webhook() {
         let id = v["run"]["id"].as_str().expect("a queued run").to_string();
         let run = wait_finished(&http, &s, &id).await;
         lat.push(
-            (ts(&run["started_at"]) - sent)
+            (ts(&run["startedAt"]) - sent)
                 .num_microseconds()
                 .unwrap_or(0) as f64
                 / 1000.0,
@@ -265,7 +265,7 @@ async fn base_image() {
         };
         let run = wait_finished(&http, &s, run["id"].as_str().expect("id")).await;
         lat.push(
-            (ts(&run["started_at"]) - accepted)
+            (ts(&run["startedAt"]) - accepted)
                 .num_microseconds()
                 .unwrap_or(0) as f64
                 / 1000.0,
@@ -299,7 +299,7 @@ async fn queue(runs: usize, concurrency: usize) {
     let all = loop {
         let v = get(&http, format!("{}/api/runs?limit={}", s.url, runs + 10)).await;
         let list = v.as_array().cloned().unwrap_or_default();
-        if list.len() == runs && list.iter().all(|r| r["finished_at"].is_string()) {
+        if list.len() == runs && list.iter().all(|r| r["finishedAt"].is_string()) {
             break list;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -309,8 +309,8 @@ async fn queue(runs: usize, concurrency: usize) {
     // Most runs overlapping at any instant, from the recorded start and finish times.
     let mut edges: Vec<(DateTime<Utc>, i32)> = Vec::new();
     for r in &all {
-        edges.push((ts(&r["started_at"]), 1));
-        edges.push((ts(&r["finished_at"]), -1));
+        edges.push((ts(&r["startedAt"]), 1));
+        edges.push((ts(&r["finishedAt"]), -1));
     }
     edges.sort_by_key(|e| (e.0, e.1));
     let (mut cur, mut peak) = (0, 0);

@@ -16,5 +16,6 @@ pub mod server;
 pub mod source;
 pub mod store;
 pub mod task;
+pub mod timefmt;
 pub mod triggers;
 pub mod webhooks;

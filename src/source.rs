@@ -25,6 +25,8 @@ pub enum SourceError {
     Git { url: String, reason: String },
     #[error("build context {0} is not a directory")]
     NotADirectory(PathBuf),
+    #[error("tarball context {url}: {reason}")]
+    Tarball { url: String, reason: String },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SourceError + '_ {
@@ -325,6 +327,78 @@ pub struct GitCheckout {
     pub commit: String,
     /// The branch, when the reference named one (or was empty: the remote's default).
     pub branch: String,
+}
+
+/// Whether a context names a tarball to download (`https://host/ctx.tar.gz`, `.tgz`, `.tar`),
+/// as `az acr build` takes them.
+pub fn is_tarball_url(s: &str) -> bool {
+    let path = s.split(['?', '#']).next().unwrap_or(s);
+    (s.starts_with("https://") || s.starts_with("http://"))
+        && [".tar.gz", ".tgz", ".tar"]
+            .iter()
+            .any(|e| path.ends_with(e))
+}
+
+/// Largest tarball context downloaded, and the longest the download may take.
+pub const MAX_TARBALL_BYTES: u64 = 1 << 30;
+const TARBALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Downloads a tarball context (gzip-compressed or not) and unpacks it into `dest`; no
+/// entry may land outside it. Blocking: call it off async threads.
+pub fn fetch_tarball(url: &str, dest: &Path) -> Result<(), SourceError> {
+    let fail = |reason: String| SourceError::Tarball {
+        url: url.to_string(),
+        reason,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| fail(e.to_string()))?;
+    let file = tempfile::tempfile().map_err(|e| fail(format!("temp file: {e}")))?;
+    let mut file = rt.block_on(async {
+        use futures_util::StreamExt;
+        let client = reqwest::Client::builder()
+            .timeout(TARBALL_TIMEOUT)
+            .build()
+            .map_err(|e| fail(e.to_string()))?;
+        let resp = client
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        if !resp.status().is_success() {
+            return Err(fail(format!("the server answered {}", resp.status())));
+        }
+        let mut file = file;
+        let mut got: u64 = 0;
+        let mut body = resp.bytes_stream();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| fail(e.to_string()))?;
+            got += chunk.len() as u64;
+            if got > MAX_TARBALL_BYTES {
+                return Err(fail(format!("larger than {MAX_TARBALL_BYTES} bytes")));
+            }
+            file.write_all(&chunk)
+                .map_err(|e| fail(format!("temp file: {e}")))?;
+        }
+        Ok(file)
+    })?;
+    use std::io::{Read, Seek};
+    file.rewind().map_err(|e| fail(e.to_string()))?;
+    let mut magic = [0u8; 2];
+    let gz = file.read_exact(&mut magic).is_ok() && magic == [0x1f, 0x8b];
+    file.rewind().map_err(|e| fail(e.to_string()))?;
+    std::fs::create_dir_all(dest).map_err(io_err(dest))?;
+    let reader: Box<dyn Read> = if gz {
+        Box::new(flate2::read::GzDecoder::new(file))
+    } else {
+        Box::new(file)
+    };
+    // `unpack` keeps every entry inside `dest` (no absolute paths, no `..`, no writing
+    // through a link that leads out).
+    tar::Archive::new(reader)
+        .unpack(dest)
+        .map_err(|e| fail(format!("not a tar archive, or a bad one: {e}")))
 }
 
 /// Clones `url` into `dest` and checks out `reference` (a branch, tag or commit; the remote

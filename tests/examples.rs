@@ -32,7 +32,7 @@ fn build_and_push_lands_in_the_integrated_registry() {
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(report["status"], "Succeeded", "{stderr}");
-    let run_id = report["run_id"].as_str().unwrap().to_string();
+    let run_id = report["runId"].as_str().unwrap().to_string();
     assert_no_orphans(&run_id);
     let steps = report["steps"].as_array().unwrap();
     let pushed = steps[1]["pushed"].as_array().unwrap();
@@ -50,13 +50,10 @@ fn build_and_push_lands_in_the_integrated_registry() {
     assert!(stderr.contains(&format!("version {run_id}")), "{stderr}");
     // Base-image dependencies are recorded with the image actually used: busybox is made
     // on this machine, so it has an image id and no registry digest.
-    let bases = steps[0]["built"]["base_images"].as_array().unwrap();
+    let bases = steps[0]["built"]["baseImages"].as_array().unwrap();
     assert_eq!(bases[0]["image"], "busybox");
     assert!(bases[0]["digest"].is_null(), "{}", bases[0]);
-    assert!(bases[0]["image_id"]
-        .as_str()
-        .unwrap()
-        .starts_with("sha256:"));
+    assert!(bases[0]["imageId"].as_str().unwrap().starts_with("sha256:"));
 
     // The run's registry port is gone: the engine keeps no tags naming it.
     let image = pushed[0]["image"].as_str().unwrap().to_string();
@@ -173,7 +170,7 @@ fn quick_build_pushes_one_image() {
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(report["status"], "Succeeded", "{err}");
-    let id = report["run_id"].as_str().unwrap();
+    let id = report["runId"].as_str().unwrap();
     assert_no_orphans(id);
     let pushed = &report["steps"][1]["pushed"][0];
     // The tag was rendered as az renders it, under the run's registry.
@@ -214,4 +211,91 @@ fn quick_build_pushes_one_image() {
     assert_eq!(steps.len(), 1, "{report}");
     let built = steps[0]["built"]["tags"][0].as_str().unwrap().to_string();
     let _ = Command::new("docker").args(["rmi", &built]).output();
+}
+
+/// A tarball URL is a context, as `az acr build` takes one.
+#[test]
+fn build_from_a_tarball_url() {
+    require_docker();
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = dir.path().join("ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM busybox\nCOPY hello.txt /hello.txt\n",
+    )
+    .unwrap();
+    std::fs::write(ctx.join("hello.txt"), "from a tarball\n").unwrap();
+    let tarball = dir.path().join("ctx.tar.gz");
+    let ok = Command::new("tar")
+        .arg("-czf")
+        .arg(&tarball)
+        .arg("-C")
+        .arg(&ctx)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let body = std::fs::read(&tarball).unwrap();
+    // A one-file HTTP server on loopback.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { break };
+            let mut buf = [0u8; 4096];
+            let n = conn.read(&mut buf).unwrap_or(0);
+            let wanted = String::from_utf8_lossy(&buf[..n]).contains("GET /ctx.tar.gz ");
+            let answer: &[u8] = if wanted {
+                &body
+            } else {
+                b"this is not a tarball"
+            };
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                answer.len()
+            );
+            let _ = conn.write_all(head.as_bytes());
+            let _ = conn.write_all(answer);
+        }
+    });
+    let data = tempfile::tempdir().unwrap();
+    let out = Command::new(bin())
+        .args([
+            "build",
+            "-t",
+            "tarball/app:1",
+            "--no-push",
+            "-o",
+            "json",
+            "--data",
+        ])
+        .arg(data.path())
+        .arg(format!("http://{addr}/ctx.tar.gz"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {err}"));
+    assert_eq!(report["status"], "Succeeded", "{err}");
+    assert!(err.contains("COPY hello.txt"), "{err}");
+    let built = report["steps"][0]["built"]["tags"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let _ = Command::new("docker").args(["rmi", &built]).output();
+    // Not a tarball: a clear error naming the URL.
+    let out = Command::new(bin())
+        .args(["build", "-t", "x:1", "--no-push", "--data"])
+        .arg(data.path())
+        .arg(format!("http://{addr}/ctx.tar"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("tarball context") && err.contains("/ctx.tar"),
+        "{err}"
+    );
 }

@@ -81,7 +81,7 @@ async fn repository_commands_list_show_and_delete() {
     );
     assert_eq!(ms[0]["digest"], web.as_str());
     assert_eq!(ms[0]["tags"], json!(["v1", "v2"]));
-    assert_eq!(ms[0]["media_type"], OCI_MANIFEST);
+    assert_eq!(ms[0]["mediaType"], OCI_MANIFEST);
     let table = cli_ok(data, &["repository", "show-manifests", "app/web"]);
     assert!(table.starts_with("DIGEST"), "{table}");
     assert!(table.contains(&web) && table.contains("v1,v2"), "{table}");
@@ -133,6 +133,14 @@ async fn repository_commands_list_show_and_delete() {
     let (ok, _, _) = cli(data, &["repository", "show-tags", "nope"]);
     assert!(!ok);
 
+    // Within the grace period nothing goes, and gc says what it kept and why.
+    let kept = cli_ok(data, &["registry", "gc"]);
+    assert!(
+        kept.contains("removed 0 manifests, 0 blobs")
+            && kept.contains("4 blobs")
+            && kept.contains("younger than the 600 s grace period"),
+        "{kept}"
+    );
     // Everything is now unreferenced: a dry run lists it and removes nothing.
     let dry = cli_json(
         data,

@@ -14,7 +14,7 @@ fn failing_step_fails_the_run_and_skips_what_waits_for_it() {
     assert_eq!(run.status(), "Failed");
     assert_eq!(run.step("ok")["status"], "Succeeded");
     assert_eq!(run.step("bad")["status"], "Failed");
-    assert_eq!(run.step("bad")["exit_code"], 3);
+    assert_eq!(run.step("bad")["exitCode"], 3);
     assert_eq!(run.step("after")["status"], "Skipped");
     assert!(run.logged("bad", "about to fail"), "{}", run.stderr());
 }
@@ -42,8 +42,8 @@ fn ignore_errors_exit_codes_retries_and_repeat() {
         run.report,
         run.stderr()
     );
-    assert_eq!(run.step("ignored")["ignored_error"], true);
-    assert_eq!(run.step("expected-code")["exit_code"], 7);
+    assert_eq!(run.step("ignored")["ignoredError"], true);
+    assert_eq!(run.step("expected-code")["exitCode"], 7);
     assert_eq!(run.step("flaky")["attempts"], 3);
     assert_eq!(run.step("repeated")["attempts"], 3);
     assert!(run.logged("check", "counts-ok"), "{}", run.stderr());
@@ -135,8 +135,8 @@ fn parallel_steps_overlap_and_max_parallel_bounds_them() {
             .iter()
             .map(|id| {
                 let s = run.step(id);
-                let start = s["started_ms"].as_u64().unwrap();
-                (start, start + s["duration_ms"].as_u64().unwrap())
+                let start = s["startedMs"].as_u64().unwrap();
+                (start, start + s["durationMs"].as_u64().unwrap())
             })
             .collect();
         iv.iter()
@@ -150,10 +150,10 @@ fn parallel_steps_overlap_and_max_parallel_bounds_them() {
         "independent steps should run at the same time: {}",
         run.report
     );
-    let join = run.step("join")["started_ms"].as_u64().unwrap();
+    let join = run.step("join")["startedMs"].as_u64().unwrap();
     for id in ["left", "middle", "right"] {
         let s = run.step(id);
-        assert!(join >= s["started_ms"].as_u64().unwrap() + s["duration_ms"].as_u64().unwrap());
+        assert!(join >= s["startedMs"].as_u64().unwrap() + s["durationMs"].as_u64().unwrap());
     }
     let serial = run_task(&file, &["--max-parallel", "1"]);
     assert_eq!(serial.status(), "Succeeded");
@@ -201,7 +201,7 @@ fn sigterm_cancels_and_removes_everything() {
     assert!(!out.status.success());
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["status"], "Canceled");
-    assert_eq!(report["run_id"], run_id.as_str());
+    assert_eq!(report["runId"], run_id.as_str());
     assert_no_orphans(&run_id);
 }
 
@@ -415,7 +415,7 @@ fn acr_alias_lists_and_untags_in_the_run_registry() {
     };
     assert!(!said("after", "acr-alias:v1"), "{}", run.stderr());
     // What acr-cli has and acr-task's image does not is refused with the reason.
-    assert_eq!(run.step("purge")["exit_code"], 1, "{}", run.stderr());
+    assert_eq!(run.step("purge")["exitCode"], 1, "{}", run.stderr());
     assert!(
         said("purge", "`acr purge` is not provided"),
         "{}",

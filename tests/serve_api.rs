@@ -25,7 +25,7 @@ async fn tasks_crud_and_validation() {
         )
         .await;
     assert_eq!(st, 201, "{v}");
-    assert_eq!(v["triggers"]["base_image"], true);
+    assert_eq!(v["triggers"]["baseImage"], true);
     let (st, _) = api
         .post(
             "/api/tasks",
@@ -166,7 +166,7 @@ async fn runs_are_queued_logged_listed_and_canceled() {
     assert_eq!(run["status"], "Succeeded");
     assert_eq!(run["trigger"]["kind"], "manual");
     assert_eq!(run["report"]["steps"][0]["status"], "Succeeded");
-    assert!(run["started_at"].is_string() && run["finished_at"].is_string());
+    assert!(run["startedAt"].is_string() && run["finishedAt"].is_string());
     let log = api.text(&format!("/api/runs/{id}/logs")).await;
     assert!(log.contains(&format!("hello-from-{id}")), "{log}");
 

@@ -59,7 +59,7 @@ fn push_base_as(config: Option<&Path>, image: &str, version: &str) -> String {
 
 fn base_digest(run: &Value) -> Option<String> {
     run["report"]["steps"].as_array()?.iter().find_map(|s| {
-        s["built"]["base_images"][0]["digest"]
+        s["built"]["baseImages"][0]["digest"]
             .as_str()
             .map(str::to_string)
     })
@@ -114,8 +114,8 @@ async fn new_base_digest_rebuilds_the_dependent_task_once() {
     let t = &runs[0]["trigger"];
     assert_eq!(t["kind"], "base_image", "{t}");
     assert_eq!(t["image"], base.as_str());
-    assert_eq!(t["old_digest"], d1.as_str());
-    assert_eq!(t["new_digest"], d2.as_str());
+    assert_eq!(t["oldDigest"], d1.as_str());
+    assert_eq!(t["newDigest"], d2.as_str());
     let id = runs[0]["id"].as_str().unwrap().to_string();
     let run = api
         .wait_status(&id, &["Succeeded", "Failed"], Duration::from_secs(120))
@@ -200,8 +200,8 @@ async fn a_base_push_while_the_task_service_is_down_is_caught_up() {
     let serve = Serve::start_at(&addr, &d, 1, &[], &[]);
     let rebuilt = next_run(&serve, "caught", &first).await;
     assert_eq!(rebuilt["trigger"]["kind"], "base_image", "{rebuilt}");
-    assert_eq!(rebuilt["trigger"]["old_digest"], d1.as_str());
-    assert_eq!(rebuilt["trigger"]["new_digest"], d2.as_str());
+    assert_eq!(rebuilt["trigger"]["oldDigest"], d1.as_str());
+    assert_eq!(rebuilt["trigger"]["newDigest"], d2.as_str());
 }
 
 /// A task built FROM `base`, in a registry that `serve` polls: runs once on `d1`; when
@@ -225,8 +225,8 @@ async fn polled_base_rebuilds_once(
     let t = &rebuilt["trigger"];
     assert_eq!(t["kind"], "base_image", "{rebuilt}");
     assert_eq!(t["image"], base);
-    assert_eq!(t["old_digest"], d1);
-    assert_eq!(t["new_digest"], d2.as_str());
+    assert_eq!(t["oldDigest"], d1);
+    assert_eq!(t["newDigest"], d2.as_str());
     let id = rebuilt["id"].as_str().unwrap();
     let done = api
         .wait_status(id, &["Succeeded", "Failed"], Duration::from_secs(120))

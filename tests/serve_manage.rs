@@ -69,7 +69,7 @@ fn management_commands_go_through_a_running_server() {
         .as_str()
         .unwrap()
         .to_string();
-    assert_eq!(token["scope_map"], "ci");
+    assert_eq!(token["scopeMap"], "ci");
 
     // The token works with the docker CLI right away.
     let config = data.path().join("docker-config");

@@ -129,12 +129,12 @@ fn quick_tasks_timers_triggers_and_logs() {
 
     // Triggers off and on again.
     task_ok(&serve, &["update", "hello", "--no-base-image-trigger"]);
-    assert_eq!(show(&serve, "hello")["triggers"]["base_image"], false);
+    assert_eq!(show(&serve, "hello")["triggers"]["baseImage"], false);
     task_ok(
         &serve,
         &["update", "hello", "--base-image-trigger-enabled", "true"],
     );
-    assert_eq!(show(&serve, "hello")["triggers"]["base_image"], true);
+    assert_eq!(show(&serve, "hello")["triggers"]["baseImage"], true);
     let (_, err) = task_ok(&serve, &["update", "hello", "--commit-secret", "s3cret"]);
     assert!(
         err.contains(&format!("{}/api/webhooks/github/hello", serve.url)),

@@ -297,4 +297,18 @@ fn shell_completions_and_exit_codes() {
     assert_eq!(code, 2);
     let (code, _, err) = acr_task(&["validate", "/no/such/file.yaml"]);
     assert_eq!(code, 1, "{err}");
+    // A format a command cannot give is refused, naming the ones it can.
+    let (code, _, err) = acr_task(&["task", "list", "-o", "tsv"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("use table or json"), "{err}");
+    let f = data("valid/fan-out-fan-in.yaml");
+    let (code, _, err) = acr_task(&["run", f.to_str().unwrap(), "-o", "tsv"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("tsv") && err.contains("table or json"),
+        "{err}"
+    );
+    let (code, _, err) = acr_task(&["run", f.to_str().unwrap(), "-o", "dot"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--dry-run"), "{err}");
 }

@@ -315,12 +315,12 @@ async fn https_receivers_are_checked_against_the_trusted_roots() {
         if extra.is_empty() {
             // The test CA is not a system root: the handshake fails, nothing is sent.
             assert_eq!(ev[0]["state"], "pending", "{ev}");
-            let err = ev[0]["last_error"].as_str().unwrap_or_default();
+            let err = ev[0]["lastError"].as_str().unwrap_or_default();
             assert!(err.contains("certificate"), "{ev}");
             assert_eq!(rec.hits.lock().unwrap().len(), before);
         } else {
             assert_eq!(ev[0]["state"], "delivered", "{ev}");
-            assert_eq!(ev[0]["last_status"], 200, "{ev}");
+            assert_eq!(ev[0]["lastStatus"], 200, "{ev}");
             assert_eq!(rec.hits.lock().unwrap().len(), before + 1);
         }
     }

@@ -18,15 +18,18 @@ pub const ADMIN_USER: &str = "admin";
 
 /// A scope map: repository patterns and what a token bound to it may do there.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ScopeMap {
     pub name: String,
     pub description: String,
     pub rules: Vec<ScopeRule>,
     /// Unix seconds.
+    #[serde(with = "crate::timefmt::secs")]
     pub created: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ScopeRule {
     pub repository: String,
     pub actions: Vec<Permission>,
@@ -41,20 +44,25 @@ pub enum TokenStatus {
 
 /// A token as listed: no secret and no hash, ever.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct TokenInfo {
     pub name: String,
     pub scope_map: String,
     pub status: TokenStatus,
     /// Unix seconds; None = never expires.
+    #[serde(with = "crate::timefmt::opt_secs")]
     pub expiry: Option<i64>,
+    #[serde(with = "crate::timefmt::secs")]
     pub created: i64,
     /// Which password slots are set, with when each was generated.
     pub passwords: Vec<PasswordInfo>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct PasswordInfo {
     pub name: String,
+    #[serde(with = "crate::timefmt::secs")]
     pub created: i64,
 }
 

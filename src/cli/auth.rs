@@ -484,7 +484,7 @@ pub fn credential(cmd: CredentialCmd) -> anyhow::Result<ExitCode> {
             check_output(opts.output)?;
             backend(&opts)?.disable_admin()?;
             if opts.output == Output::Json {
-                print_json(&serde_json::json!({ "admin_enabled": false }))?;
+                print_json(&serde_json::json!({ "adminEnabled": false }))?;
             } else {
                 println!("admin user disabled");
             }

@@ -98,6 +98,18 @@ pub fn default_data_dir() -> PathBuf {
     home.join(".local/share/acr-task")
 }
 
+/// `--output` for commands that print tables or JSON only: anything else is refused by
+/// the parser, naming the two.
+pub fn table_or_json(s: &str) -> Result<Output, String> {
+    match s {
+        "table" => Ok(Output::Table),
+        "json" => Ok(Output::Json),
+        other => Err(format!(
+            "{other:?} is not an output this command gives: use table or json"
+        )),
+    }
+}
+
 /// Sizes on the command line (`--max-blob-size 20GiB`), as in task files.
 pub use crate::task::args::parse_size;
 

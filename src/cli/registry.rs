@@ -473,6 +473,16 @@ pub fn registry(cmd: RegistryCmd) -> anyhow::Result<ExitCode> {
                         r.orphan_files.len(),
                         r.bytes_freed
                     );
+                    let k = &r.kept_by_grace;
+                    if k.manifests + k.blob_links + k.blobs > 0 {
+                        println!(
+                            "kept {} untagged manifests, {} blob links and {} blobs ({} bytes) \
+                             that are unreferenced but younger than the {} s grace period (a \
+                             push may still be going); the next gc removes them, or \
+                             `--grace 0` now if nothing is pushing",
+                            k.manifests, k.blob_links, k.blobs, k.bytes, r.grace_seconds
+                        );
+                    }
                 }
             }
             Ok(ExitCode::SUCCESS)

@@ -80,6 +80,7 @@ pub struct RunArgs {
     /// your own machine may do anything the Docker Engine allows.
     #[arg(long, value_name = "FILE")]
     pub policy: Option<PathBuf>,
+    /// Output format: table or json; with --dry-run also dot (Graphviz).
     #[arg(long, short = 'o', value_enum, default_value = "table")]
     pub output: Output,
 }
@@ -124,7 +125,8 @@ pub struct BuildArgs {
     pub no_logs: bool,
     #[arg(long)]
     pub data: Option<PathBuf>,
-    #[arg(long, short = 'o', value_enum, default_value = "table")]
+    /// Output format: table or json.
+    #[arg(long, short = 'o', default_value = "table", value_parser = super::table_or_json)]
     pub output: Output,
 }
 
@@ -314,6 +316,13 @@ pub fn cmd_task(cmd: &str) -> anyhow::Result<String> {
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    match args.output {
+        Output::Tsv => bail!("--output tsv is not an output `run` gives: use table or json"),
+        Output::Dot if !args.dry_run => {
+            bail!("--output dot draws the plan: it goes with --dry-run")
+        }
+        _ => {}
+    }
     let scratch = tempfile::tempdir().context("creating a temp dir")?;
     let (file_arg, context_arg) = args.file_and_context()?;
     let file_arg = match (file_arg, &args.cmd) {

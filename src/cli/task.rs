@@ -23,7 +23,8 @@ pub struct ClientOpts {
     /// The `acr-task serve` to talk to.
     #[arg(long, global = true, env = "ACR_TASK_SERVER", default_value = DEFAULT_SERVER)]
     server: String,
-    #[arg(long, short = 'o', global = true, value_enum, default_value = "table")]
+    /// Output format: table or json.
+    #[arg(long, short = 'o', global = true, default_value = "table", value_parser = super::table_or_json)]
     output: Output,
 }
 
@@ -665,7 +666,7 @@ fn print_task(v: &Value, output: Output) -> anyhow::Result<()> {
     if output == Output::Json {
         return print_json(v);
     }
-    let source = if v["task_yaml"].is_string() {
+    let source = if v["taskYaml"].is_string() {
         "(inline)".to_string()
     } else {
         v["file"].as_str().unwrap_or("acb.yaml").to_string()
@@ -708,7 +709,7 @@ fn task_row(v: &Value, source: String) -> Vec<String> {
             "off"
         }
         .into(),
-        if v["triggers"]["base_image"] == Value::Bool(false) {
+        if v["triggers"]["baseImage"] == Value::Bool(false) {
             "off"
         } else {
             "on"
@@ -729,8 +730,8 @@ fn run_rows(runs: &[Value]) -> Vec<Vec<String>> {
                     .as_str()
                     .map(short)
                     .unwrap_or_else(|| "-".into()),
-                s(&r["queued_at"]),
-                s(&r["finished_at"]),
+                s(&r["queuedAt"]),
+                s(&r["finishedAt"]),
             ]
         })
         .collect()
@@ -842,7 +843,7 @@ async fn task_async(cmd: TaskCmd) -> anyhow::Result<ExitCode> {
                     .map(|a| {
                         a.iter()
                             .map(|t| {
-                                let src = if t["task_yaml"].is_string() {
+                                let src = if t["taskYaml"].is_string() {
                                     "(inline)".into()
                                 } else {
                                     t["file"].as_str().unwrap_or("acb.yaml").to_string()

@@ -29,12 +29,14 @@ impl Status {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct PushedImage {
     pub image: String,
     pub digest: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct BaseImage {
     pub image: String,
     /// The registry digest it was pulled or pushed by; `None` for an image made locally,
@@ -45,6 +47,7 @@ pub struct BaseImage {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct BuiltImage {
     pub tags: Vec<String>,
     pub image_id: String,
@@ -53,6 +56,7 @@ pub struct BuiltImage {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct StepReport {
     pub id: String,
     /// `build`, `cmd` or `push`.
@@ -72,6 +76,7 @@ pub struct StepReport {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct RunReport {
     pub run_id: String,
     pub status: Status,

@@ -48,6 +48,7 @@ impl HttpResponse {
 
 /// A tagged manifest as seen over HTTP (the API has no "all manifests" listing).
 #[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct RemoteManifest {
     pub digest: String,
     pub media_type: String,

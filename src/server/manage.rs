@@ -256,7 +256,7 @@ async fn disable_admin(State(s): St, Extension(c): Extension<Caller>) -> Answer 
     admin_only(&s, &c)?;
     let auth = s.auth.clone();
     blocking(move || Ok(auth.store().disable_admin()?)).await?;
-    Ok(Json(json!({ "admin_enabled": false })).into_response())
+    Ok(Json(json!({ "adminEnabled": false })).into_response())
 }
 
 async fn maps(State(s): St, Extension(c): Extension<Caller>) -> Answer {

@@ -6,12 +6,13 @@ use serde::{Deserialize, Serialize};
 
 /// A stored task, as created over the API (`az acr task create` in spirit).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
 pub struct TaskSpec {
     pub name: String,
     /// Path of the task file inside the context (default `acb.yaml`) unless `task_yaml`.
     pub file: Option<String>,
     /// The task file's text, inline.
+    #[serde(alias = "task_yaml")]
     pub task_yaml: Option<String>,
     /// A local directory (absolute path) or a git URL.
     pub context: String,
@@ -70,11 +71,12 @@ pub fn is_git_url(s: &str) -> bool {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
 pub struct Triggers {
     /// Git commit trigger (webhooks; polling for git contexts; ref watch for local repos).
     pub commit: Option<CommitTrigger>,
     /// Rebuild when a base image of an image this task builds changes in our registry.
+    #[serde(alias = "base_image")]
     pub base_image: bool,
     pub timers: Vec<TimerTrigger>,
 }
@@ -90,12 +92,13 @@ impl Default for Triggers {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
 pub struct CommitTrigger {
     /// Shared secret of the webhooks (HMAC key, or GitLab's token). Webhooks are refused
     /// when it is absent.
     pub secret: Option<String>,
     /// Poll the remote branch every this many seconds (git contexts).
+    #[serde(alias = "poll_interval")]
     pub poll_interval: Option<u64>,
     /// Watch the local repository's refs (local contexts inside a git checkout).
     pub watch: bool,
@@ -111,7 +114,11 @@ pub struct TimerTrigger {
 
 /// Why a run exists.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(
+    tag = "kind",
+    rename_all = "snake_case",
+    rename_all_fields = "camelCase"
+)]
 pub enum Trigger {
     Manual,
     Commit {
@@ -123,7 +130,9 @@ pub enum Trigger {
     },
     BaseImage {
         image: String,
+        #[serde(alias = "old_digest")]
         old_digest: Option<String>,
+        #[serde(alias = "new_digest")]
         new_digest: String,
     },
     Timer {
@@ -134,6 +143,7 @@ pub enum Trigger {
 
 /// A run as stored and served.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct RunRecord {
     pub id: String,
     pub seq: i64,

@@ -50,6 +50,11 @@ pub fn resolve_context(
                 .to_path_buf(),
             None,
         )),
+        Some(c) if crate::source::is_tarball_url(c) => {
+            let dest = scratch.join("context");
+            crate::source::fetch_tarball(c, &dest)?;
+            Ok((dest, None))
+        }
         Some(c) if super::model::is_git_url(c) => {
             // `URL#ref:folder`, as az takes it: the folder of the checkout is the context.
             let (url, fragment) = c.split_once('#').unwrap_or((c, ""));

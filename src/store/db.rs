@@ -90,6 +90,7 @@ pub struct ManifestRow {
 
 /// A manifest as listed by `repository show-manifests`.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
 pub struct ManifestInfo {
     pub digest: String,
     pub media_type: String,
@@ -97,6 +98,7 @@ pub struct ManifestInfo {
     pub artifact_type: Option<String>,
     pub size: u64,
     /// Unix seconds.
+    #[serde(with = "crate::timefmt::secs")]
     pub created: i64,
     pub tags: Vec<String>,
 }

@@ -11,6 +11,7 @@ use sha2::{Digest, Sha256};
 use super::{db, io_err, Store, StoreError};
 
 #[derive(Debug, Default, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct GcReport {
     pub dry_run: bool,
     /// `repo@digest` of removed manifests.
@@ -22,9 +23,26 @@ pub struct GcReport {
     /// Files under `blobs/` that no row referenced (left by a crash), removed.
     pub orphan_files: Vec<String>,
     pub bytes_freed: u64,
+    /// Seconds of the grace period: what is younger is kept.
+    pub grace_seconds: i64,
+    /// Unreferenced now but younger than the grace period (a push may still be going):
+    /// kept, for the next gc.
+    pub kept_by_grace: KeptByGrace,
+}
+
+/// What gc left because it is younger than its grace period.
+#[derive(Debug, Default, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeptByGrace {
+    pub manifests: usize,
+    /// Blob links of repositories (a blob pushed to a repository, no manifest yet).
+    pub blob_links: usize,
+    pub blobs: usize,
+    pub bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
 pub struct FsckIssue {
     /// `blob-missing`, `blob-size`, `blob-digest`, `manifest-digest`, `manifest-ref`,
     /// `tag-dangling`, `link-dangling`.
@@ -36,6 +54,7 @@ pub struct FsckIssue {
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct FsckReport {
     pub blobs_checked: usize,
     pub manifests_checked: usize,
@@ -92,6 +111,7 @@ impl Store {
         let cutoff = db::now() - grace_secs;
         let mut report = GcReport {
             dry_run,
+            grace_seconds: grace_secs,
             ..Default::default()
         };
         let mut conn = self.writer()?;
@@ -155,6 +175,37 @@ impl Store {
             }
             report.blobs.push(digest);
         }
+        // What the grace period keeps: unreferenced, but young enough to be a push in
+        // progress (blobs first, manifest last).
+        report.kept_by_grace = {
+            let count = |sql: &str| -> Result<(i64, i64), StoreError> {
+                Ok(tx.query_row(sql, params![cutoff], |r| Ok((r.get(0)?, r.get(1)?)))?)
+            };
+            let (m, _) = count(
+                "SELECT COUNT(*), 0 FROM manifests m WHERE m.created > ?1
+                 AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.repo = m.repo AND t.digest = m.digest)
+                 AND NOT EXISTS (SELECT 1 FROM manifest_refs r WHERE r.repo = m.repo
+                                 AND r.target = m.digest AND r.kind = 'manifest')
+                 AND m.subject IS NULL",
+            )?;
+            let (l, _) = count(
+                "SELECT COUNT(*), 0 FROM repo_blobs rb WHERE rb.created > ?1
+                 AND NOT EXISTS (SELECT 1 FROM manifest_refs r WHERE r.repo = rb.repo
+                                 AND r.target = rb.digest AND r.kind = 'blob')",
+            )?;
+            let (b, bytes) = count(
+                "SELECT COUNT(*), COALESCE(SUM(b.size), 0) FROM blobs b WHERE b.created > ?1
+                 AND NOT EXISTS (SELECT 1 FROM repo_blobs rb WHERE rb.digest = b.digest
+                                 AND EXISTS (SELECT 1 FROM manifest_refs r WHERE r.repo = rb.repo
+                                             AND r.target = rb.digest AND r.kind = 'blob'))",
+            )?;
+            KeptByGrace {
+                manifests: m as usize,
+                blob_links: l as usize,
+                blobs: b as usize,
+                bytes: bytes as u64,
+            }
+        };
         // Files without a row: a crash between rename and commit. Under the write lock no
         // commit is in flight, so these are true leftovers.
         let cutoff_time = std::time::SystemTime::UNIX_EPOCH

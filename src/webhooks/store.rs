@@ -13,6 +13,7 @@ use super::WebhookError;
 
 /// A webhook as listed: header values and the secret are never shown.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct WebhookInfo {
     pub name: String,
     pub uri: String,
@@ -22,6 +23,7 @@ pub struct WebhookInfo {
     pub signed: bool,
     /// Created with `--allow-private-destination`: loopback and private addresses allowed.
     pub allow_private: bool,
+    #[serde(with = "crate::timefmt::secs")]
     pub created: i64,
 }
 
@@ -34,6 +36,7 @@ pub struct Webhook {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Delivery {
     pub id: String,
     pub webhook: String,
@@ -45,7 +48,9 @@ pub struct Delivery {
     pub last_status: Option<u16>,
     pub last_error: Option<String>,
     /// Unix milliseconds.
+    #[serde(with = "crate::timefmt::millis")]
     pub created: i64,
+    #[serde(with = "crate::timefmt::millis")]
     pub updated: i64,
     #[serde(skip)]
     pub payload: String,

@@ -29,7 +29,7 @@ impl Run {
         String::from_utf8_lossy(&self.output.stderr).into_owned()
     }
     pub fn run_id(&self) -> String {
-        self.report["run_id"]
+        self.report["runId"]
             .as_str()
             .unwrap_or_default()
             .to_string()
