@@ -214,6 +214,20 @@ fn management_commands_go_through_a_running_server() {
         serde_json::json!([])
     );
 
+    // Maintenance too: gc and fsck run in the server; only the admin may ask.
+    let (good, _, err) = acr_as(&serve, ci, &["registry", "gc", "--server", &url]);
+    assert!(!good && err.contains("admin"), "{err}");
+    let out = ok(
+        &serve,
+        &[
+            "registry", "gc", "--grace", "0", "-o", "json", "--data", &data_arg,
+        ],
+    );
+    let gc: Value = serde_json::from_str(&out).unwrap();
+    assert!(!gc["blobs"].as_array().unwrap().is_empty(), "{gc}");
+    let out = ok(&serve, &["registry", "fsck", "--server", &url]);
+    assert!(out.contains("clean"), "{out}");
+
     ok(&serve, &["token", "delete", "ci", "--server", &url]);
     let (good, _, err) = acr_as(&serve, None, &["token", "show", "ci", "--server", &url]);
     assert!(

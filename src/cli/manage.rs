@@ -321,6 +321,33 @@ impl Backend {
     }
 }
 
+impl Backend {
+    /// Collects garbage in the registry (by the server when one is used).
+    pub fn gc(&self, grace: i64, dry_run: bool) -> anyhow::Result<crate::store::GcReport> {
+        if let Backend::Files(dir) = self {
+            return Ok(super::registry::open_dir(dir)?.gc(grace, dry_run)?);
+        }
+        let v = self.call(
+            Method::POST,
+            "/gc",
+            Some(json!({ "grace": grace, "dryRun": dry_run })),
+        )?;
+        Ok(serde_json::from_value(v)?)
+    }
+
+    /// Re-verifies the registry's content.
+    pub fn fsck(&self) -> anyhow::Result<crate::store::FsckReport> {
+        if let Backend::Files(dir) = self {
+            return Ok(super::registry::open_dir(dir)?.fsck()?);
+        }
+        Ok(serde_json::from_value(self.call(
+            Method::POST,
+            "/fsck",
+            None,
+        )?)?)
+    }
+}
+
 /// `[{"name": "password1", "value": ...}]` back into secrets.
 fn secrets_of(v: &Value) -> Vec<NewSecret> {
     v.as_array()

@@ -140,7 +140,7 @@ pub fn main() -> ExitCode {
     // Commands that only print behave like Unix filters: `| head` ends them quietly.
     // Not those that talk over the network: a peer closing a socket would kill them.
     let prints_only = match &cli.command {
-        Command::Validate(_) | Command::Registry(_) | Command::Completion { .. } => true,
+        Command::Validate(_) | Command::Completion { .. } => true,
         Command::Repository(c) => !c.uses_network(),
         Command::Token(_) | Command::ScopeMap(_) | Command::Credential(_) => true,
         Command::Webhook(c) => !matches!(c, auth::WebhookCmd::Ping { .. }),

@@ -31,6 +31,10 @@ pub enum RegistryCmd {
         /// (blobs first, manifest last) is never cut short.
         #[arg(long, default_value_t = 600)]
         grace: i64,
+        /// A running `acr-task serve` (URL or HOST:PORT) to collect in, as its admin.
+        /// Without it, a server holding --data does the work.
+        #[arg(long, env = "ACR_TASK_SERVER")]
+        server: Option<String>,
         #[arg(long, short = 'o', value_enum, default_value = "table")]
         output: Output,
     },
@@ -38,6 +42,9 @@ pub enum RegistryCmd {
     Fsck {
         #[arg(long)]
         data: Option<PathBuf>,
+        /// A running `acr-task serve` to check, as its admin.
+        #[arg(long, env = "ACR_TASK_SERVER")]
+        server: Option<String>,
         #[arg(long, short = 'o', value_enum, default_value = "table")]
         output: Output,
     },
@@ -382,7 +389,11 @@ pub(super) fn data_dir(d: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 }
 
 fn open(d: Option<PathBuf>) -> anyhow::Result<Store> {
-    let dir = data_dir(d)?;
+    open_dir(&data_dir(d)?)
+}
+
+/// The registry in `dir` (the registry directory itself), which must exist.
+pub(super) fn open_dir(dir: &std::path::Path) -> anyhow::Result<Store> {
     // Don't create an empty store as a side effect of a typo in --data.
     if !dir.join("meta.db").exists() {
         bail!(
@@ -391,7 +402,7 @@ fn open(d: Option<PathBuf>) -> anyhow::Result<Store> {
             dir.display()
         );
     }
-    Store::open(&dir, false).with_context(|| format!("opening registry data in {}", dir.display()))
+    Store::open(dir, false).with_context(|| format!("opening registry data in {}", dir.display()))
 }
 
 /// Print rows as an aligned table or TSV; JSON is handled by callers.
@@ -441,11 +452,11 @@ pub fn registry(cmd: RegistryCmd) -> anyhow::Result<ExitCode> {
             data,
             dry_run,
             grace,
+            server,
             output,
         } => {
             no_dot(output)?;
-            let store = open(data)?;
-            let r = store.gc(grace, dry_run)?;
+            let r = super::manage::Backend::choose(server.as_deref(), data)?.gc(grace, dry_run)?;
             if output == Output::Json {
                 print_json(&r)?;
             } else {
@@ -487,10 +498,13 @@ pub fn registry(cmd: RegistryCmd) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        RegistryCmd::Fsck { data, output } => {
+        RegistryCmd::Fsck {
+            data,
+            server,
+            output,
+        } => {
             no_dot(output)?;
-            let store = open(data)?;
-            let r = store.fsck()?;
+            let r = super::manage::Backend::choose(server.as_deref(), data)?.fsck()?;
             if output == Output::Json {
                 print_json(&r)?;
             } else {

@@ -19,6 +19,7 @@ use crate::webhooks::{DeliveryOptions, NewWebhook, WebhookError, WebhookStore};
 
 pub struct ManageState {
     pub auth: Arc<Auth>,
+    pub store: Arc<crate::store::Store>,
     pub hooks: Arc<WebhookStore>,
     /// How pings are delivered (the server's webhook settings).
     pub delivery: Option<DeliveryOptions>,
@@ -126,6 +127,8 @@ pub fn router(state: Arc<ManageState>) -> Router {
         )
         .route("/api/registry/webhooks/{name}/events", get(hook_events))
         .route("/api/registry/webhooks/{name}/ping", post(ping_hook))
+        .route("/api/registry/gc", post(gc))
+        .route("/api/registry/fsck", post(fsck))
         .with_state(state)
 }
 
@@ -440,4 +443,38 @@ async fn ping_hook(
     };
     let d = crate::webhooks::ping(&s.hooks, &name, &delivery).await?;
     Ok(Json(d).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct GcAsk {
+    grace: i64,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+async fn gc(State(s): St, Extension(c): Extension<Caller>, Json(a): Json<GcAsk>) -> Answer {
+    admin_only(&s, &c)?;
+    let store = s.store.clone();
+    let r = blocking(move || {
+        store.gc(a.grace, a.dry_run).map_err(|e| {
+            tracing::error!(error = %e, "gc");
+            Refusal(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+        })
+    })
+    .await?;
+    Ok(Json(r).into_response())
+}
+
+async fn fsck(State(s): St, Extension(c): Extension<Caller>) -> Answer {
+    admin_only(&s, &c)?;
+    let store = s.store.clone();
+    let r = blocking(move || {
+        store.fsck().map_err(|e| {
+            tracing::error!(error = %e, "fsck");
+            Refusal(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+        })
+    })
+    .await?;
+    Ok(Json(r).into_response())
 }

@@ -310,6 +310,7 @@ impl Server {
         };
         let manage = manage::router(Arc::new(manage::ManageState {
             auth: self.auth.clone(),
+            store: self.registry.store().clone(),
             hooks,
             delivery: self.cfg.webhooks.clone(),
             open: self.cfg.open_api,

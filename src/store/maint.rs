@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 
 use super::{db, io_err, Store, StoreError};
 
-#[derive(Debug, Default, Clone, Serialize)]
+#[derive(Debug, Default, Clone, Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct GcReport {
     pub dry_run: bool,
@@ -31,7 +31,7 @@ pub struct GcReport {
 }
 
 /// What gc left because it is younger than its grace period.
-#[derive(Debug, Default, Clone, Serialize)]
+#[derive(Debug, Default, Clone, Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct KeptByGrace {
     pub manifests: usize,
@@ -41,7 +41,7 @@ pub struct KeptByGrace {
     pub bytes: u64,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct FsckIssue {
     /// `blob-missing`, `blob-size`, `blob-digest`, `manifest-digest`, `manifest-ref`,
@@ -53,7 +53,7 @@ pub struct FsckIssue {
     pub detail: String,
 }
 
-#[derive(Debug, Default, Clone, Serialize)]
+#[derive(Debug, Default, Clone, Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct FsckReport {
     pub blobs_checked: usize,
