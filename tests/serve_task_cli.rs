@@ -169,6 +169,50 @@ fn quick_tasks_timers_triggers_and_logs() {
         "{out}"
     );
 
+    // `run --no-wait` queues a run on the server and returns; no task is stored for it.
+    let queued = serve
+        .cli()
+        .args([
+            "run",
+            "--cmd",
+            "busybox echo queued-{{.Run.ID}}",
+            "/dev/null",
+            "--no-wait",
+            "--server",
+            &serve.addr,
+            "-o",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        queued.status.success(),
+        "{}",
+        String::from_utf8_lossy(&queued.stderr)
+    );
+    let rec: Value = serde_json::from_slice(&queued.stdout).unwrap();
+    let qid = rec["id"].as_str().unwrap().to_string();
+    assert_eq!(rec["trigger"]["kind"], "quick");
+    let (logs, _) = task_ok(&serve, &["logs", &qid, "--follow"]);
+    assert!(logs.contains(&format!("queued-{qid}")), "{logs}");
+    let (out, _) = task_ok(&serve, &["list", "-o", "json"]);
+    assert!(!out.contains("quick-run"), "{out}");
+    let local = serve
+        .cli()
+        .args([
+            "run",
+            "--cmd",
+            "busybox true",
+            ".",
+            "--no-wait",
+            "--server",
+            &serve.addr,
+        ])
+        .output()
+        .unwrap();
+    assert!(!local.status.success());
+    assert!(String::from_utf8_lossy(&local.stderr).contains("cannot read"));
+
     // A quick build task: the context's Dockerfile, pushed with its rendered tag.
     let ctx = tempfile::tempdir().unwrap();
     std::fs::write(

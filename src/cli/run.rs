@@ -47,6 +47,14 @@ pub struct RunArgs {
     /// Do not show the steps' output; only which steps start and how they end.
     #[arg(long)]
     pub no_logs: bool,
+    /// Queue the run on a running `acr-task serve` (--server) and return at once with its
+    /// id, as `az acr run --no-wait`; follow it with `acr-task task logs RUN --follow`. The
+    /// context must be one the server can fetch: a git URL, a tarball URL or /dev/null.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// With --no-wait: the server [default: http://127.0.0.1:5000].
+    #[arg(long, env = "ACR_TASK_SERVER", requires = "no_wait")]
+    pub server: Option<String>,
     /// A YAML values file for `{{.Values.x}}`.
     #[arg(long)]
     pub values: Option<PathBuf>,
@@ -307,6 +315,74 @@ impl RunArgs {
     }
 }
 
+/// `run --no-wait`: the run's definition handed to a server, which queues it.
+fn queue_on_server(
+    args: &RunArgs,
+    file: Option<PathBuf>,
+    context: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    use crate::server::model::TaskSpec;
+    if !args.secrets.is_empty() {
+        bail!(
+            "a queued run cannot carry secret values; store a task whose secrets are \
+             references the server resolves (`acr-task task create NAME --secret ID=env:VAR`)"
+        );
+    }
+    let context = match context.as_deref() {
+        None | Some(NO_CONTEXT) => String::new(),
+        Some(c) if crate::source::is_tarball_url(c) || crate::server::model::is_git_url(c) => {
+            c.to_string()
+        }
+        Some(c) => bail!(
+            "the server cannot read {c} from this machine: give --no-wait a context it can \
+             fetch (a git URL, a tarball URL, or /dev/null), or run without --no-wait"
+        ),
+    };
+    let mut spec = TaskSpec {
+        context: context.clone(),
+        timeout: args.timeout,
+        platform: args.platform.as_ref().map(ToString::to_string),
+        set: args.set.clone(),
+        ..Default::default()
+    };
+    if let Some(v) = &args.values {
+        spec.values =
+            Some(std::fs::read_to_string(v).with_context(|| format!("reading {}", v.display()))?);
+    }
+    match (&args.cmd, file) {
+        (Some(cmd), _) => spec.task_yaml = Some(cmd_task(cmd)?),
+        (None, Some(f)) if f.exists() => {
+            spec.task_yaml = Some(
+                std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?,
+            )
+        }
+        // A file that is not here is looked up in the (git or tarball) context.
+        (None, Some(f)) if !context.is_empty() => spec.file = Some(f.display().to_string()),
+        (None, Some(f)) => bail!("task file {} not found", f.display()),
+        (None, None) => bail!("give a task file or --cmd"),
+    }
+    let server = args
+        .server
+        .clone()
+        .unwrap_or_else(|| super::task::DEFAULT_SERVER.to_string());
+    let client = super::client::Client::new(&server);
+    let rec = tokio_runtime()?.block_on(client.call(
+        reqwest::Method::POST,
+        "/api/runs",
+        Some(&serde_json::to_value(&spec)?),
+    ))?;
+    if args.output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&rec)?);
+    } else {
+        let id = rec["id"].as_str().unwrap_or_default();
+        println!(
+            "queued run {id} on {}; follow it with `acr-task task logs {id} --follow`",
+            client.base
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// The one-step task of `run --cmd`, as YAML (so it is rendered and checked like a file).
 pub fn cmd_task(cmd: &str) -> anyhow::Result<String> {
     Ok(format!(
@@ -325,6 +401,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     let scratch = tempfile::tempdir().context("creating a temp dir")?;
     let (file_arg, context_arg) = args.file_and_context()?;
+    if args.no_wait {
+        return queue_on_server(&args, file_arg, context_arg);
+    }
     let file_arg = match (file_arg, &args.cmd) {
         (Some(f), _) => f,
         (None, Some(cmd)) => {
@@ -559,6 +638,8 @@ pub fn build(args: BuildArgs) -> anyhow::Result<ExitCode> {
         context: None,
         timeout: args.timeout,
         no_logs: args.no_logs,
+        no_wait: false,
+        server: None,
         values: None,
         set: Vec::new(),
         secrets,

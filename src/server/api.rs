@@ -78,7 +78,7 @@ pub fn router(state: Arc<ApiState>, guard: Arc<super::guard::ApiGuard>, more: Ro
             get(show_task).put(update_task).delete(delete_task),
         )
         .route("/api/tasks/{name}/runs", get(task_runs).post(run_task))
-        .route("/api/runs", get(list_runs))
+        .route("/api/runs", get(list_runs).post(quick_run))
         .route("/api/runs/{id}", get(show_run))
         .route("/api/runs/{id}/logs", get(run_logs))
         .route("/api/runs/{id}/cancel", post(cancel_run))
@@ -274,6 +274,39 @@ async fn run_task(State(s): St, Path(name): Path<String>, body: Bytes) -> Result
         .map_err(internal)?;
     Ok((StatusCode::ACCEPTED, Json(rec)).into_response())
 }
+
+/// `POST /api/runs`: a run of a definition that is not stored (`acr-task run --no-wait`,
+/// as `az acr run` queues one), checked as a stored task is.
+async fn quick_run(State(s): St, Json(mut spec): Json<TaskSpec>) -> Result<Response, ApiErr> {
+    if spec.name.is_empty() {
+        spec.name = QUICK_RUN_TASK.into();
+    }
+    if spec.triggers.commit.is_some() || !spec.triggers.timers.is_empty() {
+        return Err(err(
+            StatusCode::BAD_REQUEST,
+            "a quick run has no triggers: store a task (`acr-task task create`) for those",
+        ));
+    }
+    spec.triggers.base_image = false;
+    check_spec(&spec, &s.policy).await?;
+    let branch = spec.is_git().then(|| spec.branch().to_string());
+    let rec = s
+        .queue
+        .enqueue_with(
+            NewRun {
+                task: spec.name.clone(),
+                trigger: Trigger::Quick,
+                commit: None,
+                branch,
+            },
+            Some(&spec),
+        )
+        .map_err(internal)?;
+    Ok((StatusCode::ACCEPTED, Json(rec)).into_response())
+}
+
+/// The task name quick runs are listed under unless they are given one.
+pub const QUICK_RUN_TASK: &str = "quick-run";
 
 #[derive(Debug, Deserialize)]
 struct RunsQuery {

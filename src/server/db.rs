@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS outputs(task TEXT NOT NULL, image TEXT NOT NULL, PRIM
 CREATE TABLE IF NOT EXISTS timers(
     task TEXT NOT NULL, timer TEXT NOT NULL, last_fired TEXT NOT NULL, PRIMARY KEY(task, timer));
 CREATE TABLE IF NOT EXISTS heads(task TEXT PRIMARY KEY, commit_sha TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS quick_runs(run_id TEXT PRIMARY KEY, spec TEXT NOT NULL);
 ";
 
 pub fn now() -> String {
@@ -189,6 +190,16 @@ impl Db {
     // ---- runs
 
     pub fn enqueue(&self, run: &NewRun) -> Result<RunRecord, DbError> {
+        self.enqueue_with(run, None)
+    }
+
+    /// Queues a run; with `quick`, a run of that definition, stored with the run only
+    /// (`acr-task run --no-wait`: no stored task).
+    pub fn enqueue_with(
+        &self,
+        run: &NewRun,
+        quick: Option<&TaskSpec>,
+    ) -> Result<RunRecord, DbError> {
         let mut c = self.conn()?;
         let tx = c.transaction()?;
         let seq: i64 = tx.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM runs", [], |r| {
@@ -209,6 +220,12 @@ impl Db {
                 queued_at
             ],
         )?;
+        if let Some(spec) = quick {
+            tx.execute(
+                "INSERT INTO quick_runs(run_id, spec) VALUES(?1, ?2)",
+                params![id, serde_json::to_string(spec)?],
+            )?;
+        }
         tx.commit()?;
         Ok(RunRecord {
             id,
@@ -224,6 +241,19 @@ impl Db {
             error: None,
             report: None,
         })
+    }
+
+    /// The definition of a quick run (none for runs of stored tasks).
+    pub fn quick_spec(&self, run_id: &str) -> Result<Option<TaskSpec>, DbError> {
+        let c = self.conn()?;
+        let s: Option<String> = c
+            .query_row(
+                "SELECT spec FROM quick_runs WHERE run_id=?1",
+                params![run_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(s.map(|s| serde_json::from_str(&s)).transpose()?)
     }
 
     pub fn run(&self, id: &str) -> Result<Option<RunRecord>, DbError> {

@@ -121,6 +121,8 @@ pub struct TimerTrigger {
 )]
 pub enum Trigger {
     Manual,
+    /// `acr-task run --no-wait`: a task file run once, with no stored task.
+    Quick,
     Commit {
         /// `github`, `gitlab`, `gitea`, `generic`, `poll` or `watch`.
         source: String,

@@ -64,7 +64,16 @@ impl Queue {
 
     /// Records the run (durably) and wakes the scheduler.
     pub fn enqueue(&self, run: NewRun) -> Result<RunRecord, DbError> {
-        let rec = self.db.enqueue(&run)?;
+        self.enqueue_with(run, None)
+    }
+
+    /// Queues a run; with `quick`, of that definition instead of a stored task's.
+    pub fn enqueue_with(
+        &self,
+        run: NewRun,
+        quick: Option<&crate::server::model::TaskSpec>,
+    ) -> Result<RunRecord, DbError> {
+        let rec = self.db.enqueue_with(&run, quick)?;
         tracing::info!(run = %rec.id, task = %rec.task, "queued");
         self.notify.notify_one();
         Ok(rec)
@@ -149,7 +158,12 @@ impl Queue {
 
     async fn run_one(&self, rec: RunRecord, cancel: CancellationToken, exec: &dyn Executor) {
         tracing::info!(run = %rec.id, task = %rec.task, "started");
-        let outcome = match self.db.task(&rec.task) {
+        let spec = match self.db.quick_spec(&rec.id) {
+            Ok(Some(quick)) => Ok(Some(quick)),
+            Ok(None) => self.db.task(&rec.task),
+            Err(e) => Err(e),
+        };
+        let outcome = match spec {
             Ok(Some(spec)) => match LogFile::create(&self.log_path(&rec.id)) {
                 Ok(log) => {
                     let job = Job {
@@ -189,7 +203,9 @@ impl Queue {
             o.error.as_deref(),
             report.as_ref(),
         )?;
-        if o.status == Status::Succeeded {
+        // A quick run has no task to rebuild when its base images change.
+        let quick = matches!(rec.trigger, crate::server::model::Trigger::Quick);
+        if o.status == Status::Succeeded && !quick {
             if let Some(r) = &o.report {
                 let mut bases = Vec::new();
                 let mut outputs = Vec::new();
