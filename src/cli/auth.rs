@@ -84,6 +84,7 @@ pub struct AuthOpts {
     /// machine keeps in --data).
     #[arg(long, env = "ACR_TASK_SERVER")]
     server: Option<String>,
+    /// Output format: table or json.
     #[arg(long, short = 'o', value_enum, default_value = "table")]
     output: Output,
 }
@@ -97,15 +98,22 @@ pub enum StatusArg {
 #[derive(Debug, clap::Subcommand)]
 pub enum TokenCmd {
     /// Create a token bound to a scope map; prints its two generated passwords once.
+    #[command(
+        after_help = "Example:\n  acr-task token create ci-push --scope-map ci -o json   # the passwords are in the JSON, once"
+    )]
     Create {
+        /// The token's name (its user name for `docker login`).
         name: String,
+        /// The scope map that says what the token may do.
         #[arg(long)]
         scope_map: String,
         /// Expiry as RFC 3339 (2027-01-31T00:00:00Z).
         #[arg(long, conflicts_with = "expiration_in_days")]
         expiration: Option<String>,
+        /// Expire this many days from now [default: never].
         #[arg(long)]
         expiration_in_days: Option<u32>,
+        /// enabled or disabled.
         #[arg(long, value_enum, default_value = "enabled")]
         status: StatusArg,
         /// Create without passwords (generate them later with `credential renew`).
@@ -114,24 +122,32 @@ pub enum TokenCmd {
         #[command(flatten)]
         opts: AuthOpts,
     },
+    #[command(after_help = "Example:\n  acr-task token list -o json")]
     List {
         #[command(flatten)]
         opts: AuthOpts,
     },
+    #[command(after_help = "Example:\n  acr-task token show ci-push")]
     Show {
+        /// The token's name (its user name for `docker login`).
         name: String,
         #[command(flatten)]
         opts: AuthOpts,
     },
     /// Enable or disable a token.
+    #[command(after_help = "Example:\n  acr-task token update ci-push --status disabled")]
     Update {
+        /// The token's name (its user name for `docker login`).
         name: String,
+        /// enabled or disabled.
         #[arg(long, value_enum)]
         status: StatusArg,
         #[command(flatten)]
         opts: AuthOpts,
     },
+    #[command(after_help = "Example:\n  acr-task token delete ci-push")]
     Delete {
+        /// The token's name (its user name for `docker login`).
         name: String,
         #[command(flatten)]
         opts: AuthOpts,
@@ -142,37 +158,55 @@ pub enum TokenCmd {
 pub enum ScopeMapCmd {
     /// Create a scope map: `--repository 'samples/*' content/read content/write` (repeatable;
     /// actions: content/read|write|delete, metadata/read|write; patterns: NAME, PREFIX/*, *).
+    #[command(
+        after_help = "Example:\n  acr-task scope-map create ci --repository 'samples/*' content/read content/write"
+    )]
     Create {
+        /// The scope map's name.
         name: String,
+        /// REPO ACTION...: a repository pattern and the actions allowed there (repeatable).
         #[arg(long = "repository", num_args = 2.., value_names = ["REPO", "ACTION"], required = true)]
         repository: Vec<String>,
+        /// What the scope map is for.
         #[arg(long, default_value = "")]
         description: String,
         #[command(flatten)]
         opts: AuthOpts,
     },
+    #[command(after_help = "Example:\n  acr-task scope-map list")]
     List {
         #[command(flatten)]
         opts: AuthOpts,
     },
+    #[command(after_help = "Example:\n  acr-task scope-map show ci -o json")]
     Show {
+        /// The scope map's name.
         name: String,
         #[command(flatten)]
         opts: AuthOpts,
     },
     /// Add or remove repository actions.
+    #[command(
+        after_help = "Example:\n  acr-task scope-map update ci --add-repository 'tools/*' content/read --remove-repository 'samples/*' content/write"
+    )]
     Update {
+        /// The scope map's name.
         name: String,
+        /// REPO ACTION...: actions to allow on a repository pattern (repeatable).
         #[arg(long = "add-repository", num_args = 2.., value_names = ["REPO", "ACTION"])]
         add: Vec<String>,
+        /// REPO ACTION...: actions to take away (repeatable).
         #[arg(long = "remove-repository", num_args = 2.., value_names = ["REPO", "ACTION"])]
         remove: Vec<String>,
+        /// What the scope map is for.
         #[arg(long)]
         description: Option<String>,
         #[command(flatten)]
         opts: AuthOpts,
     },
+    #[command(after_help = "Example:\n  acr-task scope-map delete ci")]
     Delete {
+        /// The scope map's name.
         name: String,
         #[command(flatten)]
         opts: AuthOpts,
@@ -183,17 +217,24 @@ pub enum ScopeMapCmd {
 pub enum CredentialCmd {
     /// Generate a new password: `--admin` enables the admin user (name `admin`);
     /// `--token NAME` renews password1 (or `--password2`).
+    #[command(
+        after_help = "Examples:\n  acr-task credential renew --admin\n  acr-task credential renew --token ci-push --password2 -o json"
+    )]
     Renew {
+        /// The admin user: enables it and gives it a new password.
         #[arg(long, conflicts_with = "token", required_unless_present = "token")]
         admin: bool,
+        /// A token: a new password1 (or --password2).
         #[arg(long)]
         token: Option<String>,
+        /// Renew the token's password2, keeping password1 valid.
         #[arg(long, requires = "token")]
         password2: bool,
         #[command(flatten)]
         opts: AuthOpts,
     },
     /// Disable the admin user.
+    #[command(after_help = "Example:\n  acr-task credential disable-admin")]
     DisableAdmin {
         #[command(flatten)]
         opts: AuthOpts,
@@ -497,8 +538,13 @@ pub fn credential(cmd: CredentialCmd) -> anyhow::Result<ExitCode> {
 pub enum WebhookCmd {
     /// Create a webhook: each matching push/delete is POSTed as JSON to --uri (http://),
     /// with `X-Acr-Task-Signature: sha256=<HMAC>` when --secret is given.
+    #[command(
+        after_help = "Example:\n  acr-task webhook create ci --uri https://ci.example.com/hook --actions push --scope 'samples/*:v*' --secret \"$SECRET\""
+    )]
     Create {
+        /// The webhook's name.
         name: String,
+        /// Where events are POSTed (http:// or https://).
         #[arg(long)]
         uri: String,
         /// Comma-separated: push, delete.
@@ -520,17 +566,22 @@ pub enum WebhookCmd {
         #[command(flatten)]
         opts: AuthOpts,
     },
+    #[command(after_help = "Example:\n  acr-task webhook list -o json")]
     List {
         #[command(flatten)]
         opts: AuthOpts,
     },
+    #[command(after_help = "Example:\n  acr-task webhook delete ci")]
     Delete {
+        /// The webhook's name.
         name: String,
         #[command(flatten)]
         opts: AuthOpts,
     },
     /// Send a ping event now and show the result. Exit 1 if it was not delivered.
+    #[command(after_help = "Example:\n  acr-task webhook ping ci")]
     Ping {
+        /// The webhook's name.
         name: String,
         /// Also trust this CA certificate (PEM) for an HTTPS receiver; repeatable.
         #[arg(long, value_name = "FILE")]
@@ -539,8 +590,11 @@ pub enum WebhookCmd {
         opts: AuthOpts,
     },
     /// Delivery history, newest first.
+    #[command(after_help = "Example:\n  acr-task webhook list-events ci --limit 10")]
     ListEvents {
+        /// The webhook's name.
         name: String,
+        /// Most deliveries listed.
         #[arg(long, default_value_t = 50)]
         limit: u32,
         #[command(flatten)]

@@ -68,7 +68,11 @@ pub enum Command {
     Task(task::TaskCmd),
     /// Print a shell completion script: `acr-task completion bash > /etc/bash_completion.d/acr-task`,
     /// `acr-task completion zsh > "${fpath[1]}/_acr-task"`, `acr-task completion fish > ~/.config/fish/completions/acr-task.fish`.
+    #[command(
+        after_help = "Example:\n  acr-task completion bash > ~/.local/share/bash-completion/completions/acr-task"
+    )]
     Completion {
+        /// bash, zsh, fish, elvish or powershell.
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
@@ -184,5 +188,37 @@ pub fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod help_audit {
+    use clap::CommandFactory;
+
+    fn walk(cmd: &clap::Command, path: String, out: &mut Vec<String>) {
+        let subs: Vec<_> = cmd.get_subcommands().collect();
+        for a in cmd.get_arguments() {
+            if a.is_hide_set() || a.get_id() == "help" || a.get_id() == "version" {
+                continue;
+            }
+            if a.get_help().is_none() && a.get_long_help().is_none() {
+                out.push(format!("{path} --{}: no help", a.get_id()));
+            }
+        }
+        if subs.is_empty() && cmd.get_after_help().is_none() {
+            out.push(format!("{path}: no examples"));
+        }
+        for s in subs {
+            walk(s, format!("{path} {}", s.get_name()), out);
+        }
+    }
+
+    /// Every option says what it is, and every command shows how it is used.
+    #[test]
+    fn every_option_has_help_and_every_command_examples() {
+        super::Cli::command().debug_assert();
+        let mut out = Vec::new();
+        walk(&super::Cli::command(), "acr-task".into(), &mut out);
+        assert!(out.is_empty(), "{}", out.join("\n"));
     }
 }

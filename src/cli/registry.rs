@@ -19,6 +19,9 @@ use crate::store::{ManifestInfo, Store};
 #[derive(Debug, clap::Subcommand)]
 pub enum RegistryCmd {
     /// Remove unreferenced blobs and manifests (safe while pushes continue).
+    #[command(
+        after_help = "Examples:\n  acr-task registry gc --dry-run\n  acr-task registry gc --grace 0     # nothing is pushing"
+    )]
     Gc {
         /// Data directory; the registry is its `registry/` [default: $ACR_TASK_DATA, else
         /// ~/.local/share/acr-task].
@@ -35,16 +38,20 @@ pub enum RegistryCmd {
         /// Without it, a server holding --data does the work.
         #[arg(long, env = "ACR_TASK_SERVER")]
         server: Option<String>,
+        /// Output format: table, json or tsv.
         #[arg(long, short = 'o', value_enum, default_value = "table")]
         output: Output,
     },
     /// Re-verify every blob digest and manifest reference. Exit 1 if anything is wrong.
+    #[command(after_help = "Example:\n  acr-task registry fsck -o json")]
     Fsck {
+        /// Data directory; the registry is its `registry/` [default: $ACR_TASK_DATA, else ~/.local/share/acr-task].
         #[arg(long)]
         data: Option<PathBuf>,
         /// A running `acr-task serve` to check, as its admin.
         #[arg(long, env = "ACR_TASK_SERVER")]
         server: Option<String>,
+        /// Output format: table, json or tsv.
         #[arg(long, short = 'o', value_enum, default_value = "table")]
         output: Output,
     },
@@ -69,6 +76,7 @@ pub struct RepoOpts {
     /// With --registry or --server: also trust this CA certificate (PEM); repeatable.
     #[arg(long, value_name = "FILE")]
     ca_cert: Vec<PathBuf>,
+    /// Output format: table, json or tsv.
     #[arg(long, short = 'o', value_enum, default_value = "table")]
     output: Output,
 }
@@ -76,18 +84,25 @@ pub struct RepoOpts {
 #[derive(Debug, clap::Subcommand)]
 pub enum RepositoryCmd {
     /// List repositories.
+    #[command(
+        after_help = "Examples:\n  acr-task repository list\n  acr-task repository list --registry myregistry.example.com"
+    )]
     List {
         #[command(flatten)]
         opts: RepoOpts,
     },
     /// List the tags of a repository.
+    #[command(after_help = "Example:\n  acr-task repository show-tags samples/hello -o tsv")]
     ShowTags {
+        /// The repository.
         repository: String,
         #[command(flatten)]
         opts: RepoOpts,
     },
     /// List the manifests of a repository with their tags.
+    #[command(after_help = "Example:\n  acr-task repository show-manifests samples/hello -o json")]
     ShowManifests {
+        /// The repository.
         repository: String,
         #[command(flatten)]
         opts: RepoOpts,
@@ -112,6 +127,7 @@ pub enum RepositoryCmd {
         opts: RepoOpts,
     },
     /// Remove one tag; the manifest stays (reachable by digest, other tags kept).
+    #[command(after_help = "Example:\n  acr-task repository untag --image samples/hello:v1")]
     Untag {
         /// `REPO:TAG`.
         #[arg(long)]
@@ -193,6 +209,10 @@ fn confirm(what: &str, yes: bool) -> anyhow::Result<()> {
 }
 
 #[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:
+  acr-task serve                                      127.0.0.1:5000, data in ~/.local/share/acr-task
+  acr-task serve --listen 0.0.0.0:5000 --tls-cert cert.pem --tls-key key.pem --auth
+  acr-task serve --registry-only --auth --data /srv/acr-task")]
 pub struct ServeArgs {
     /// Serve only the OCI registry.
     #[arg(long)]

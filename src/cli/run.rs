@@ -108,6 +108,7 @@ pub struct BuildArgs {
     /// Dockerfile, relative to the context.
     #[arg(long = "file", short = 'f')]
     pub dockerfile: Option<String>,
+    /// A build argument, as `docker build --build-arg` (repeatable).
     #[arg(long = "build-arg", value_name = "KEY=VALUE")]
     pub build_args: Vec<String>,
     /// A build argument whose value is a secret: masked in all output.
@@ -131,6 +132,8 @@ pub struct BuildArgs {
     /// Do not show the build's output.
     #[arg(long)]
     pub no_logs: bool,
+    /// Data directory of the integrated registry [default: $ACR_TASK_DATA, else
+    /// ~/.local/share/acr-task].
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// Output format: table or json.
@@ -141,6 +144,9 @@ pub struct BuildArgs {
 #[derive(Debug, clap::Subcommand)]
 pub enum RunnerCmd {
     /// Build the busybox runner image from the host's busybox-static.
+    #[command(
+        after_help = "Examples:\n  acr-task runner build\n  acr-task runner build --registry 127.0.0.1:5000"
+    )]
     Build {
         /// Also push it to this registry (`HOST:PORT`) as `HOST:PORT/runner:latest`.
         #[arg(long)]

@@ -99,7 +99,11 @@ pub struct TaskDef {
 #[derive(Debug, clap::Subcommand)]
 pub enum TaskCmd {
     /// Store a task (refused, with the validation messages, if its file is invalid).
+    #[command(
+        after_help = "Examples:\n  acr-task task create hello --context \"$PWD/examples/build-and-push\" --timer '0 3 * * *'\n  acr-task task create lint --cmd 'busybox echo {{.Run.ID}}' --context /dev/null\n  acr-task task create app --context https://github.com/org/app.git --branch main --commit-secret \"$S\""
+    )]
     Create {
+        /// The task's name.
         name: String,
         #[command(flatten)]
         def: TaskDef,
@@ -107,33 +111,45 @@ pub enum TaskCmd {
         opts: ClientOpts,
     },
     /// Change a stored task: the options given replace the stored ones.
+    #[command(
+        after_help = "Example:\n  acr-task task update hello --base-image-trigger-enabled false"
+    )]
     Update {
+        /// The task's name.
         name: String,
         #[command(flatten)]
         def: TaskDef,
         #[command(flatten)]
         opts: ClientOpts,
     },
+    #[command(after_help = "Example:\n  acr-task task list -o json")]
     List {
         #[command(flatten)]
         opts: ClientOpts,
     },
+    #[command(after_help = "Example:\n  acr-task task show hello")]
     Show {
+        /// The task's name.
         name: String,
         #[command(flatten)]
         opts: ClientOpts,
     },
+    #[command(after_help = "Example:\n  acr-task task delete hello")]
     Delete {
+        /// The task's name.
         name: String,
         #[command(flatten)]
         opts: ClientOpts,
     },
     /// Queue a run; with --follow, stream its log and exit non-zero if it fails.
+    #[command(after_help = "Example:\n  acr-task task run hello --follow")]
     Run {
+        /// The task's name.
         name: String,
         /// Build this commit of a git context.
         #[arg(long)]
         commit: Option<String>,
+        /// Keep printing the log as the run goes, until it ends.
         #[arg(long)]
         follow: bool,
         #[command(flatten)]
@@ -141,15 +157,20 @@ pub enum TaskCmd {
     },
     /// Print a run's log, or a task's latest run's (`task logs NAME`); --follow streams it
     /// until the run ends.
+    #[command(
+        after_help = "Examples:\n  acr-task task logs hello          # its latest run\n  acr-task task logs cab12 --follow"
+    )]
     Logs {
         /// A run id or a task name.
         #[arg(value_name = "RUN|TASK")]
         run: String,
+        /// Keep printing the log as the run goes, until it ends.
         #[arg(long)]
         follow: bool,
         #[command(flatten)]
         opts: ClientOpts,
     },
+    #[command(after_help = "Example:\n  acr-task task list-runs --task hello --top 5")]
     ListRuns {
         /// Only this task's runs.
         #[arg(long)]
@@ -160,12 +181,16 @@ pub enum TaskCmd {
         #[command(flatten)]
         opts: ClientOpts,
     },
+    #[command(after_help = "Example:\n  acr-task task show-run cab12 -o json")]
     ShowRun {
+        /// The run's id.
         run: String,
         #[command(flatten)]
         opts: ClientOpts,
     },
+    #[command(after_help = "Example:\n  acr-task task cancel-run cab12")]
     CancelRun {
+        /// The run's id.
         run: String,
         #[command(flatten)]
         opts: ClientOpts,
@@ -188,6 +213,7 @@ pub enum TimerCmd {
     Add {
         /// The task.
         name: String,
+        /// The timer's name.
         #[arg(long)]
         timer_name: String,
         /// 5-field cron expression, UTC.
@@ -197,25 +223,36 @@ pub enum TimerCmd {
         opts: ClientOpts,
     },
     /// Change a timer's schedule.
+    #[command(
+        after_help = "Example:\n  acr-task task timer update app --timer-name nightly --schedule '30 4 * * *'"
+    )]
     Update {
+        /// The task.
         name: String,
+        /// The timer's name.
         #[arg(long)]
         timer_name: String,
+        /// 5-field cron expression, UTC.
         #[arg(long)]
         schedule: String,
         #[command(flatten)]
         opts: ClientOpts,
     },
     /// Remove a timer.
+    #[command(after_help = "Example:\n  acr-task task timer remove app --timer-name nightly")]
     Remove {
+        /// The task.
         name: String,
+        /// The timer's name.
         #[arg(long)]
         timer_name: String,
         #[command(flatten)]
         opts: ClientOpts,
     },
     /// List a task's timers.
+    #[command(after_help = "Example:\n  acr-task task timer list app")]
     List {
+        /// The task.
         name: String,
         #[command(flatten)]
         opts: ClientOpts,
@@ -238,7 +275,11 @@ pub enum CredentialCmd {
         opts: ClientOpts,
     },
     /// Change a registry's login.
+    #[command(
+        after_help = "Example:\n  acr-task task credential update app --login-server other.example.com -u builder -p file:/etc/acr-task/secrets/other"
+    )]
     Update {
+        /// The task.
         name: String,
         #[command(flatten)]
         login: CredentialLogin,
@@ -246,13 +287,19 @@ pub enum CredentialCmd {
         opts: ClientOpts,
     },
     /// List a task's logins (login servers and user names; passwords are references).
+    #[command(after_help = "Example:\n  acr-task task credential list app")]
     List {
+        /// The task.
         name: String,
         #[command(flatten)]
         opts: ClientOpts,
     },
     /// Remove a registry's login.
+    #[command(
+        after_help = "Example:\n  acr-task task credential remove app --login-server other.example.com"
+    )]
     Remove {
+        /// The task.
         name: String,
         /// The registry host (`HOST[:PORT]`).
         #[arg(long)]

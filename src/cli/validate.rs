@@ -10,6 +10,10 @@ use crate::policy::Policy;
 use crate::task::{self, Diagnostics, LoadOptions, RunInfo, StepKind, Task, Values};
 
 #[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:
+  acr-task validate acb.yaml
+  acr-task validate acb.yaml --values values.yaml --set env=prod -o json
+  acr-task validate acb.yaml --policy /etc/acr-task/policy.yaml --strict")]
 pub struct ValidateArgs {
     /// The task file.
     pub file: PathBuf,
@@ -31,6 +35,7 @@ pub struct ValidateArgs {
     /// reporting what a server with it would refuse.
     #[arg(long, value_name = "FILE")]
     pub policy: Option<PathBuf>,
+    /// Output format: table (diagnostics as `file:line:column: message`) or json.
     #[arg(long, short = 'o', value_enum, default_value = "table")]
     pub output: Output,
 }
