@@ -151,7 +151,10 @@ fn management_commands_go_through_a_running_server() {
     let out = ok(&serve, &["webhook", "list", "-o", "json", "--server", &url]);
     let hooks: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(hooks[0]["name"], "hook");
-    ok(&serve, &["webhook", "delete", "hook", "--server", &url]);
+    ok(
+        &serve,
+        &["webhook", "delete", "hook", "--yes", "--server", &url],
+    );
 
     // Repositories: through the server's registry API, as the admin; the token may read
     // but not delete.
@@ -228,7 +231,12 @@ fn management_commands_go_through_a_running_server() {
     let out = ok(&serve, &["registry", "fsck", "--server", &url]);
     assert!(out.contains("clean"), "{out}");
 
-    ok(&serve, &["token", "delete", "ci", "--server", &url]);
+    let (good, _, err) = acr_as(&serve, None, &["token", "delete", "ci", "--server", &url]);
+    assert!(!good && err.contains("--yes"), "{err}");
+    ok(
+        &serve,
+        &["token", "delete", "ci", "--yes", "--server", &url],
+    );
     let (good, _, err) = acr_as(&serve, None, &["token", "show", "ci", "--server", &url]);
     assert!(
         !good && err.contains("not found") && !err.contains('{'),

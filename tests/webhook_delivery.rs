@@ -417,7 +417,7 @@ async fn undelivered_events_survive_a_restart() {
     let listed = acr(data, &["webhook", "list", "-o", "json"]);
     let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
     assert_eq!(listed[0]["name"], "ci");
-    acr(data, &["webhook", "delete", "ci"]);
+    acr(data, &["webhook", "delete", "ci", "--yes"]);
     // Pinging a webhook that is gone fails.
     let o = Command::new(env!("CARGO_BIN_EXE_acr-task"))
         .args(["webhook", "ping", "ci", "--data"])

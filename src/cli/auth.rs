@@ -149,6 +149,9 @@ pub enum TokenCmd {
     Delete {
         /// The token's name (its user name for `docker login`).
         name: String,
+        /// Do not ask for confirmation.
+        #[arg(long, short = 'y')]
+        yes: bool,
         #[command(flatten)]
         opts: AuthOpts,
     },
@@ -208,6 +211,9 @@ pub enum ScopeMapCmd {
     Delete {
         /// The scope map's name.
         name: String,
+        /// Do not ask for confirmation.
+        #[arg(long, short = 'y')]
+        yes: bool,
         #[command(flatten)]
         opts: AuthOpts,
     },
@@ -430,8 +436,9 @@ pub fn token(cmd: TokenCmd) -> anyhow::Result<ExitCode> {
             let t = s.set_token_status(&name, status == StatusArg::Enabled)?;
             print_tokens(opts.output, &[t])?;
         }
-        TokenCmd::Delete { name, opts } => {
+        TokenCmd::Delete { name, yes, opts } => {
             check_output(opts.output)?;
+            super::registry::confirm(&format!("token {name}: its passwords stop working"), yes)?;
             backend(&opts)?.delete_token(&name)?;
             print_deleted(opts.output, &name, &format!("deleted token {name}"))?;
         }
@@ -480,8 +487,9 @@ pub fn scope_map(cmd: ScopeMapCmd) -> anyhow::Result<ExitCode> {
             )?;
             print_maps(opts.output, &[m])?;
         }
-        ScopeMapCmd::Delete { name, opts } => {
+        ScopeMapCmd::Delete { name, yes, opts } => {
             check_output(opts.output)?;
+            super::registry::confirm(&format!("scope map {name}"), yes)?;
             backend(&opts)?.delete_scope_map(&name)?;
             print_deleted(opts.output, &name, &format!("deleted scope map {name}"))?;
         }
@@ -575,6 +583,9 @@ pub enum WebhookCmd {
     Delete {
         /// The webhook's name.
         name: String,
+        /// Do not ask for confirmation.
+        #[arg(long, short = 'y')]
+        yes: bool,
         #[command(flatten)]
         opts: AuthOpts,
     },
@@ -688,8 +699,9 @@ pub fn webhook(cmd: WebhookCmd) -> anyhow::Result<ExitCode> {
             let hooks = backend(&opts)?.webhooks()?;
             print_hooks(opts.output, &hooks)?;
         }
-        WebhookCmd::Delete { name, opts } => {
+        WebhookCmd::Delete { name, yes, opts } => {
             check_output(opts.output)?;
+            super::registry::confirm(&format!("webhook {name} and its delivery history"), yes)?;
             backend(&opts)?.delete_webhook(&name)?;
             print_deleted(opts.output, &name, &format!("deleted webhook {name}"))?;
         }

@@ -189,7 +189,7 @@ fn split_image(image: &str) -> anyhow::Result<(String, String)> {
 
 /// Asks before destroying: `--yes`, or an answer on the terminal; refuses when no one
 /// can answer.
-fn confirm(what: &str, yes: bool) -> anyhow::Result<()> {
+pub(super) fn confirm(what: &str, yes: bool) -> anyhow::Result<()> {
     use std::io::{BufRead, IsTerminal, Write};
     if yes {
         return Ok(());

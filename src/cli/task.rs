@@ -138,6 +138,9 @@ pub enum TaskCmd {
     Delete {
         /// The task's name.
         name: String,
+        /// Do not ask for confirmation.
+        #[arg(long, short = 'y')]
+        yes: bool,
         #[command(flatten)]
         opts: ClientOpts,
     },
@@ -922,7 +925,8 @@ async fn task_async(cmd: TaskCmd) -> anyhow::Result<ExitCode> {
                 .await?;
             print_task(&v, opts.output)?;
         }
-        TaskCmd::Delete { name, opts } => {
+        TaskCmd::Delete { name, yes, opts } => {
+            super::registry::confirm(&format!("task {name} and its triggers"), yes)?;
             Client::new(&opts.server)
                 .call(Method::DELETE, &format!("/api/tasks/{name}"), None)
                 .await?;
