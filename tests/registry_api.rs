@@ -496,6 +496,23 @@ async fn bad_input_gets_spec_errors_and_stores_nothing() {
     let ok = serde_json::to_vec(&image_manifest((&cfg, 2), &[])).unwrap();
     let r = put_manifest(&c, &b, "r", "-bad-tag", OCI_MANIFEST, &ok).await;
     assert_eq!(r.status(), 400);
+    // GET and HEAD of a reference that is no valid tag: unknown, as the spec's
+    // conformance suite expects (no manifest can have such a tag).
+    for bad in [".bad", "-bad-tag", &"t".repeat(129)] {
+        let r = c
+            .get(format!("{b}/v2/r/manifests/{bad}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404, "{bad}");
+        assert_eq!(error_code(r).await, "MANIFEST_UNKNOWN");
+        let r = c
+            .head(format!("{b}/v2/r/manifests/{bad}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404, "{bad}");
+    }
     let r = put_manifest(&c, &b, "r", &wrong, OCI_MANIFEST, &ok).await;
     assert_eq!(error_code(r).await, "DIGEST_INVALID");
     let mut huge = image_manifest((&cfg, 2), &[]);

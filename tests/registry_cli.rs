@@ -95,6 +95,8 @@ async fn repository_commands_list_show_and_delete() {
     // Destructive commands ask first; with no terminal to ask, they need --yes.
     let (ok, _, err) = cli(data, &["repository", "delete", "other"]);
     assert!(!ok && err.contains("--yes"), "{err}");
+    let store = reg.registry().store().clone();
+    let before = store.outbox_last().unwrap();
     cli_ok(data, &["repository", "untag", "--image", "app/web:v1"]);
     assert_eq!(
         cli_json(data, &["repository", "show-tags", "app/web", "-o", "json"]),
@@ -124,6 +126,43 @@ async fn repository_commands_list_show_and_delete() {
         json!([])
     );
     cli_ok(data, &["repository", "delete", "other", "--yes"]);
+    // The CLI's deletes went through the registry's service: each wrote its events (what
+    // webhooks and the base-image trigger read), as deletes over the API do.
+    let events: Vec<Value> = store
+        .outbox_after(before, 100)
+        .unwrap()
+        .into_iter()
+        .map(|(_, p)| serde_json::from_str(&p).unwrap())
+        .collect();
+    let said: Vec<(String, String, Option<String>)> = events
+        .iter()
+        .map(|e| {
+            (
+                e["event"]["action"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                e["event"]["repository"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                e["event"]["tag"].as_str().map(str::to_string),
+            )
+        })
+        .collect();
+    assert!(
+        said.contains(&("delete".into(), "app/web".into(), Some("v1".into()))),
+        "{said:?}"
+    );
+    assert!(
+        said.contains(&("delete".into(), "app/web".into(), Some("v2".into()))),
+        "{said:?}"
+    );
+    assert!(
+        said.contains(&("delete".into(), "other".into(), Some("latest".into()))),
+        "{said:?}"
+    );
+    assert_eq!(events[0]["context"]["method"], "CLI");
     assert_eq!(
         cli_json(data, &["repository", "list", "-o", "json"]),
         json!(["app/web"])

@@ -698,9 +698,11 @@ pub fn repository(cmd: RepositoryCmd) -> anyhow::Result<ExitCode> {
                 bail!("untag takes REPO:TAG; to delete a manifest by digest use `repository delete --image {image}`");
             }
             let store = open(opts.data)?;
-            let Some(d) = store.delete_tag(&repo, &tag, |_| Vec::new())? else {
+            let ctx = crate::registry::service::cli_context();
+            let Some(ev) = crate::registry::service::delete_tag(&store, &repo, &tag, &ctx)? else {
                 bail!("tag {image} not found");
             };
+            let d = ev.event.digest;
             print_deleted(
                 opts.output,
                 &image,
@@ -811,17 +813,28 @@ fn delete(store: &Store, target: &DeleteTarget) -> anyhow::Result<(String, Strin
                     .ok_or_else(|| anyhow::anyhow!("tag {repo}:{reference} not found"))?
             };
             let name = format!("{repo}@{digest}");
-            match store.delete_manifest(repo, &digest, |_, _| Vec::new())? {
-                Some((_, tags)) if tags.is_empty() => Ok((name.clone(), format!("deleted {name}"))),
-                Some((_, tags)) => Ok((
-                    name.clone(),
-                    format!("deleted {name} and its tags {}", tags.join(", ")),
-                )),
+            // Through the registry's service: the delete events reach webhooks and the
+            // base-image trigger as an API delete's do.
+            let ctx = crate::registry::service::cli_context();
+            match crate::registry::service::delete_manifest(store, repo, &digest, &ctx)? {
+                Some(events) => {
+                    let tags: Vec<String> =
+                        events.iter().filter_map(|e| e.event.tag.clone()).collect();
+                    if tags.is_empty() {
+                        Ok((name.clone(), format!("deleted {name}")))
+                    } else {
+                        Ok((
+                            name.clone(),
+                            format!("deleted {name} and its tags {}", tags.join(", ")),
+                        ))
+                    }
+                }
                 None => bail!("manifest {name} not found"),
             }
         }
         DeleteTarget::Repository(repo) => {
-            if store.delete_repository(repo)? {
+            let ctx = crate::registry::service::cli_context();
+            if crate::registry::service::delete_repository(store, repo, &ctx)?.is_some() {
                 Ok((
                     repo.clone(),
                     format!("deleted repository {repo} (run `acr-task registry gc` to free space)"),

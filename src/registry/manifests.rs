@@ -239,6 +239,11 @@ pub(super) async fn get(
     reference: &str,
     head: bool,
 ) -> Result<Response, ApiError> {
+    // No manifest can be known by a tag that is not a valid one: unknown, as the
+    // distribution spec's conformance suite expects (a push with it is invalid).
+    if !reference.contains(':') && !super::names::valid_tag(reference) {
+        return Err(ApiError::manifest_unknown(reference));
+    }
     let r = parse_reference(reference)?;
     let store = reg.inner.store.clone();
     let n = name.to_string();
@@ -270,29 +275,8 @@ pub(super) async fn delete(
     match r {
         Reference::Digest(d) => {
             let ctx = current_context();
-            let deleted = blocking(move || {
-                let mut made = Vec::new();
-                // One event for the manifest and one per tag that pointed to it.
-                let r = store.delete_manifest(&n, &d, |row, tags| {
-                    made = std::iter::once(None)
-                        .chain(tags.iter().cloned().map(Some))
-                        .map(|tag| {
-                            let ev = RegistryEvent {
-                                action: EventAction::Delete,
-                                repository: n.clone(),
-                                tag,
-                                digest: row.digest.clone(),
-                                media_type: row.media_type.clone(),
-                                size: row.size,
-                            };
-                            StoredEvent::new(ev, ctx.clone())
-                        })
-                        .collect::<Vec<_>>();
-                    made.iter().map(StoredEvent::to_json).collect()
-                })?;
-                Ok(r.map(|_| made))
-            })
-            .await?;
+            let deleted =
+                blocking(move || super::service::delete_manifest(&store, &n, &d, &ctx)).await?;
             let Some(events) = deleted else {
                 return Err(ApiError::manifest_unknown(reference));
             };
@@ -300,30 +284,8 @@ pub(super) async fn delete(
         }
         Reference::Tag(t) => {
             let ctx = current_context();
-            let deleted = blocking(move || {
-                // Read the manifest first so the event can say what the tag pointed to.
-                let row = store.get_manifest(&n, &Reference::Tag(t.clone()))?;
-                let mut made = None;
-                let r = store.delete_tag(&n, &t, |digest| {
-                    let ev = RegistryEvent {
-                        action: EventAction::Delete,
-                        repository: n.clone(),
-                        tag: Some(t.clone()),
-                        digest: digest.to_string(),
-                        media_type: row
-                            .as_ref()
-                            .map(|r| r.media_type.clone())
-                            .unwrap_or_default(),
-                        size: row.as_ref().map(|r| r.size).unwrap_or(0),
-                    };
-                    let ev = StoredEvent::new(ev, ctx);
-                    let json = vec![ev.to_json()];
-                    made = Some(ev);
-                    json
-                })?;
-                Ok(r.and(made))
-            })
-            .await?;
+            let deleted =
+                blocking(move || super::service::delete_tag(&store, &n, &t, &ctx)).await?;
             let Some(ev) = deleted else {
                 return Err(ApiError::manifest_unknown(reference));
             };

@@ -13,6 +13,7 @@ mod manifests;
 mod names;
 pub mod reference;
 mod routes;
+pub mod service;
 mod stream;
 
 use std::collections::HashMap;

@@ -1,0 +1,98 @@
+//! Changes to the registry's content made the same way by every caller (the HTTP API,
+//! `acr-task repository` on the files): the change and the events that describe it are
+//! written in one transaction, so webhooks and the base-image trigger see every delete,
+//! whoever made it. Blocking (SQLite): call from blocking threads.
+
+use crate::store::{Reference, Store, StoreError};
+
+use super::{EventAction, RegistryEvent, RequestContext, StoredEvent};
+
+/// Deletes a manifest by digest with every tag that pointed to it: one event for the
+/// manifest and one per tag. `None` when it was not there.
+pub fn delete_manifest(
+    store: &Store,
+    repo: &str,
+    digest: &str,
+    ctx: &RequestContext,
+) -> Result<Option<Vec<StoredEvent>>, StoreError> {
+    let mut made = Vec::new();
+    let r = store.delete_manifest(repo, digest, |row, tags| {
+        made = std::iter::once(None)
+            .chain(tags.iter().cloned().map(Some))
+            .map(|tag| {
+                let ev = RegistryEvent {
+                    action: EventAction::Delete,
+                    repository: repo.to_string(),
+                    tag,
+                    digest: row.digest.clone(),
+                    media_type: row.media_type.clone(),
+                    size: row.size,
+                };
+                StoredEvent::new(ev, ctx.clone())
+            })
+            .collect::<Vec<_>>();
+        made.iter().map(StoredEvent::to_json).collect()
+    })?;
+    Ok(r.map(|_| made))
+}
+
+/// Removes one tag (the manifest stays), with its event. `None` when it was not there.
+pub fn delete_tag(
+    store: &Store,
+    repo: &str,
+    tag: &str,
+    ctx: &RequestContext,
+) -> Result<Option<StoredEvent>, StoreError> {
+    // Read the manifest first so the event can say what the tag pointed to.
+    let row = store.get_manifest(repo, &Reference::Tag(tag.to_string()))?;
+    let mut made = None;
+    let r = store.delete_tag(repo, tag, |digest| {
+        let ev = RegistryEvent {
+            action: EventAction::Delete,
+            repository: repo.to_string(),
+            tag: Some(tag.to_string()),
+            digest: digest.to_string(),
+            media_type: row
+                .as_ref()
+                .map(|r| r.media_type.clone())
+                .unwrap_or_default(),
+            size: row.as_ref().map(|r| r.size).unwrap_or(0),
+        };
+        let ev = StoredEvent::new(ev, ctx.clone());
+        let json = vec![ev.to_json()];
+        made = Some(ev);
+        json
+    })?;
+    Ok(r.and(made))
+}
+
+/// Deletes a repository: each manifest with its tags (and their events), then what is
+/// left of it. `None` when there was no such repository.
+pub fn delete_repository(
+    store: &Store,
+    repo: &str,
+    ctx: &RequestContext,
+) -> Result<Option<Vec<StoredEvent>>, StoreError> {
+    let Some(manifests) = store.list_manifests(repo)? else {
+        return Ok(None);
+    };
+    let mut events = Vec::new();
+    for m in manifests {
+        if let Some(evs) = delete_manifest(store, repo, &m.digest, ctx)? {
+            events.extend(evs);
+        }
+    }
+    store.delete_repository(repo)?;
+    Ok(Some(events))
+}
+
+/// The context of a change made by this process's command line (not a request).
+pub fn cli_context() -> RequestContext {
+    RequestContext {
+        id: uuid::Uuid::new_v4().to_string(),
+        host: String::new(),
+        method: "CLI".into(),
+        useragent: format!("acr-task/{}", env!("CARGO_PKG_VERSION")),
+        actor: std::env::var("USER").unwrap_or_default(),
+    }
+}
