@@ -8,6 +8,7 @@ mod manage;
 mod registry;
 mod render;
 mod run;
+mod serve;
 mod task;
 pub mod validate;
 
@@ -50,7 +51,7 @@ pub enum Command {
     #[command(subcommand)]
     Repository(registry::RepositoryCmd),
     /// Serve the registry and the task service (stored tasks, run queue, triggers).
-    Serve(registry::ServeArgs),
+    Serve(serve::ServeArgs),
     /// Registry tokens: named credentials bound to a scope map.
     #[command(subcommand)]
     Token(auth::TokenCmd),
@@ -114,6 +115,15 @@ pub fn table_or_json(s: &str) -> Result<Output, String> {
     }
 }
 
+/// The multi-threaded async runtime a command runs its work on.
+fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    use anyhow::Context;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
 /// Sizes on the command line (`--max-blob-size 20GiB`), as in task files.
 pub use crate::task::args::parse_size;
 
@@ -165,7 +175,7 @@ pub fn main() -> ExitCode {
         Command::Runner(c) => run::runner(c),
         Command::Registry(c) => registry::registry(c),
         Command::Repository(c) => registry::repository(c),
-        Command::Serve(a) => registry::serve(a),
+        Command::Serve(a) => serve::serve(a),
         Command::Token(c) => auth::token(c),
         Command::ScopeMap(c) => auth::scope_map(c),
         Command::Credential(c) => auth::credential(c),

@@ -154,13 +154,6 @@ pub enum RunnerCmd {
     },
 }
 
-fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")
-}
-
 /// A short, sortable, unique run id: seconds since 2020 in base 36 plus 3 random chars.
 fn new_run_id() -> String {
     const B36: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
@@ -372,7 +365,7 @@ fn queue_on_server(
         .clone()
         .unwrap_or_else(|| super::task::DEFAULT_SERVER.to_string());
     let client = super::client::Client::new(&server);
-    let rec = tokio_runtime()?.block_on(client.call(
+    let rec = super::tokio_runtime()?.block_on(client.call(
         reqwest::Method::POST,
         "/api/runs",
         Some(&serde_json::to_value(&spec)?),
@@ -477,7 +470,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             args.output,
         ));
     }
-    tokio_runtime()?.block_on(async {
+    super::tokio_runtime()?.block_on(async {
         let (registry, integrated) = registry_for(args.registry.clone(), args.data.clone()).await?;
         let info = run_info(&run_id, &file, &registry, &context, git.as_ref(), &cfg);
         cfg.registry = Some(registry.clone());
@@ -662,7 +655,7 @@ pub fn build(args: BuildArgs) -> anyhow::Result<ExitCode> {
 
 pub fn runner(cmd: RunnerCmd) -> anyhow::Result<ExitCode> {
     let RunnerCmd::Build { registry } = cmd;
-    tokio_runtime()?.block_on(async {
+    super::tokio_runtime()?.block_on(async {
         let rt = DockerRuntime::connect().await?;
         let log: crate::runtime::LogSink = Arc::new(|l: String| eprintln!("{l}"));
         let id = runner::build_runner(&rt, &log).await?;

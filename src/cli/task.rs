@@ -14,7 +14,6 @@ use super::client::{api_message, Client};
 use super::registry::{print_deleted, print_json};
 use super::Output;
 use crate::server::model::{CommitTrigger, TaskSpec, TimerTrigger};
-use crate::server::{ServeConfig, Server};
 
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:5000";
 
@@ -324,59 +323,6 @@ pub struct CredentialLogin {
     /// starts; the password itself is never stored.
     #[arg(long, short = 'p')]
     password: String,
-}
-
-fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")
-}
-
-/// `acr-task serve` without `--registry-only`.
-pub fn serve(args: &super::registry::ServeArgs) -> anyhow::Result<ExitCode> {
-    let dir = args.data.clone().unwrap_or_else(super::default_data_dir);
-    let mut cfg = ServeConfig::new(args.listen, dir.clone(), args.concurrency);
-    cfg.remote_poll = args.base_image_poll;
-    cfg.tls = args.tls()?;
-    cfg.ca_certs = args.ca_cert.clone();
-    (cfg.limits, cfg.connections) = args.limits();
-    if let Some(start) = args.clock_start {
-        cfg.clock = std::sync::Arc::new(crate::triggers::cron::ShiftedClock::new(
-            start,
-            args.clock_rate,
-        ));
-    }
-    cfg.auth = args.auth.settings(cfg.tls.is_some());
-    cfg.registry_auth = args.auth.auth;
-    cfg.open_api = args.insecure_open_api;
-    cfg.server_names = args.server_names.clone();
-    cfg.policy = args.policy()?;
-    cfg.webhooks = Some(args.auth.webhook_options(&args.ca_cert)?);
-    tokio_runtime()?.block_on(async {
-        let stop = super::registry::stop_signal()?;
-        let mut server = Server::bind(cfg)
-            .await
-            .with_context(|| format!("starting the server with data in {}", dir.display()))?;
-        {
-            let mut out = std::io::stdout().lock();
-            writeln!(out, "listening on {}", server.addr())?;
-            out.flush()?;
-        }
-        if let Some(password) = server.take_initial_admin() {
-            let file = dir.join(crate::server::ADMIN_PASSWORD_FILE);
-            eprintln!(
-                "The task API needs credentials. Created the admin user (shown once):\n  \
-                 username: {}\n  password: {password}\nIt is kept in {} (mode 0600), where \
-                 `acr-task task ...` on this machine finds it; elsewhere set \
-                 ACR_TASK_USERNAME and ACR_TASK_PASSWORD.",
-                crate::auth::ADMIN_USER,
-                file.display()
-            );
-        }
-        server.run(stop).await?;
-        Ok(ExitCode::SUCCESS)
-    })
 }
 
 fn read(path: &PathBuf) -> anyhow::Result<String> {
@@ -841,7 +787,7 @@ async fn follow_logs(c: &Client, run: &str, to_stderr: bool) -> anyhow::Result<(
 }
 
 pub fn task(cmd: TaskCmd) -> anyhow::Result<ExitCode> {
-    tokio_runtime()?.block_on(task_async(cmd))
+    super::tokio_runtime()?.block_on(task_async(cmd))
 }
 
 async fn task_async(cmd: TaskCmd) -> anyhow::Result<ExitCode> {

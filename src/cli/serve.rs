@@ -1,0 +1,311 @@
+//! `acr-task serve`: the registry alone (`--registry-only`) or with the task service,
+//! its options (listening, TLS, limits, auth, the sandbox policy) and how it stops.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+
+use super::registry::data_dir;
+use crate::registry::{self, RegistryConfig};
+use crate::server::{ServeConfig, Server};
+
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:
+  acr-task serve                                      127.0.0.1:5000, data in ~/.local/share/acr-task
+  acr-task serve --listen 0.0.0.0:5000 --tls-cert cert.pem --tls-key key.pem --auth
+  acr-task serve --registry-only --auth --data /srv/acr-task")]
+pub struct ServeArgs {
+    /// Serve only the OCI registry.
+    #[arg(long)]
+    pub registry_only: bool,
+    /// Address to listen on; port 0 picks a free one. The bound address is printed on the
+    /// first line of stdout as `listening on ADDR`.
+    #[arg(long, default_value = "127.0.0.1:5000")]
+    pub listen: SocketAddr,
+    /// Data directory: the registry in its `registry/`, tasks, runs and logs beside it
+    /// [default: $ACR_TASK_DATA, else ~/.local/share/acr-task].
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    #[command(flatten)]
+    pub auth: super::auth::ServeAuthArgs,
+    /// Most runs at once (task service only).
+    #[arg(long, default_value_t = 2)]
+    pub concurrency: usize,
+    /// Seconds between digest checks of base images in other registries; 0 disables
+    /// (task service only). Credentials for private ones come from `docker login`.
+    #[arg(long, default_value_t = 300)]
+    pub base_image_poll: u64,
+    /// Serve HTTPS with this certificate chain (PEM, leaf first); needs --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Also trust this CA certificate (PEM) for HTTPS webhook receivers and, in the task
+    /// service, when polling base images in other registries; repeatable.
+    #[arg(long, value_name = "FILE")]
+    pub ca_cert: Vec<PathBuf>,
+    /// Largest blob the registry accepts (e.g. 20GiB, 512MiB).
+    #[arg(long, value_name = "SIZE", default_value = "20GiB", value_parser = super::parse_size)]
+    pub max_blob_size: u64,
+    /// Open upload sessions allowed per repository.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    pub max_uploads_per_repository: usize,
+    /// Open upload sessions allowed per client address.
+    #[arg(long, value_name = "N", default_value_t = 128)]
+    pub max_uploads_per_client: usize,
+    /// Connections held at once; more wait to be accepted.
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Connections held at once from one client address; more are closed.
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    pub max_connections_per_client: usize,
+    /// Another name clients reach this server by (DNS name of the machine, a proxy's);
+    /// requests for names it does not know are refused (against DNS rebinding). IP
+    /// addresses, `localhost` and the machine's host name always work. Repeatable.
+    #[arg(long = "server-name", value_name = "NAME")]
+    pub server_names: Vec<String>,
+    /// Serve the task API without credentials: only on a loopback address, for a
+    /// development server. By default the API needs the admin (created on first start)
+    /// or a token with tasks/read or tasks/write.
+    #[arg(long)]
+    pub insecure_open_api: bool,
+    /// The sandbox policy for stored tasks (YAML; see `--print-policy` for its fields).
+    /// Without one: nothing beyond an ordinary container (see the README).
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+    /// Allow tasks something the policy refuses (repeatable).
+    #[arg(long = "allow", value_enum, value_name = "RULE")]
+    pub allow: Vec<AllowArg>,
+    /// A directory local contexts may be in (repeatable; replaces the policy's list, by
+    /// default the serving user's home). The data directory never is.
+    #[arg(long = "context-root", value_name = "DIR")]
+    pub context_roots: Vec<PathBuf>,
+    /// A directory `file:` secrets may be read from (repeatable; by default none).
+    #[arg(long = "secret-dir", value_name = "DIR")]
+    pub secret_dirs: Vec<PathBuf>,
+    /// An environment variable `env:` secrets may read, `*` at the end for any rest
+    /// (repeatable; replaces the default `ACR_TASK_SECRET_*`).
+    #[arg(long = "secret-env", value_name = "PATTERN")]
+    pub secret_env: Vec<String>,
+    /// CPUs one step may use (default: the host's).
+    #[arg(long, value_name = "CPUS")]
+    pub step_cpus: Option<f64>,
+    /// Memory one step may use, swap included (default 4GiB).
+    #[arg(long, value_name = "SIZE", value_parser = super::parse_size)]
+    pub step_memory: Option<u64>,
+    /// Processes one step may run at once (default 4096).
+    #[arg(long, value_name = "N")]
+    pub step_pids: Option<i64>,
+    /// Print the policy these options make (YAML) and exit.
+    #[arg(long)]
+    pub print_policy: bool,
+    /// For tests: timers read this RFC 3339 instant at start-up...
+    #[arg(long, hide = true, value_name = "TIME")]
+    pub clock_start: Option<chrono::DateTime<chrono::Utc>>,
+    /// ...and a clock that runs this many times faster than real time.
+    #[arg(long, hide = true, default_value_t = 1, requires = "clock_start")]
+    pub clock_rate: u32,
+}
+
+/// Rules `serve --allow` can relax (the policy file's `allow` fields).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AllowArg {
+    Privileged,
+    HostNetwork,
+    Mounts,
+    DockerSocket,
+    ExtraPrivileges,
+    JoinNetworks,
+    PublishPorts,
+}
+
+impl ServeArgs {
+    /// The policy of `--policy` and the options that adjust it.
+    pub fn policy(&self) -> anyhow::Result<crate::policy::Policy> {
+        let mut p = match &self.policy {
+            Some(f) => crate::policy::Policy::from_file(f).map_err(|d| anyhow::anyhow!("{d}"))?,
+            None => crate::policy::Policy::server_default(),
+        };
+        for a in &self.allow {
+            let flag = match a {
+                AllowArg::Privileged => &mut p.allow.privileged,
+                AllowArg::HostNetwork => &mut p.allow.host_network,
+                AllowArg::Mounts => &mut p.allow.mounts,
+                AllowArg::DockerSocket => &mut p.allow.docker_socket,
+                AllowArg::ExtraPrivileges => &mut p.allow.extra_privileges,
+                AllowArg::JoinNetworks => &mut p.allow.join_networks,
+                AllowArg::PublishPorts => &mut p.allow.publish_ports,
+            };
+            *flag = true;
+        }
+        if !self.context_roots.is_empty() {
+            p.context_roots = Some(self.context_roots.clone());
+        }
+        if !self.secret_dirs.is_empty() {
+            p.secret_dirs = Some(self.secret_dirs.clone());
+        }
+        if !self.secret_env.is_empty() {
+            p.secret_env = Some(self.secret_env.clone());
+        }
+        if let Some(c) = self.step_cpus {
+            p.step_limits.cpus = Some(c);
+        }
+        if let Some(m) = self.step_memory {
+            p.step_limits.memory = Some(m);
+        }
+        if let Some(n) = self.step_pids {
+            p.step_limits.pids = Some(n);
+        }
+        Ok(p)
+    }
+
+    /// What one client may hold and send.
+    pub fn limits(&self) -> (registry::RegistryLimits, crate::listen::ConnectionLimits) {
+        (
+            registry::RegistryLimits {
+                max_blob_bytes: self.max_blob_size,
+                max_uploads_per_repository: self.max_uploads_per_repository.max(1),
+                max_uploads_per_client: self.max_uploads_per_client.max(1),
+                ..registry::RegistryLimits::default()
+            },
+            crate::listen::ConnectionLimits {
+                total: self.max_connections.max(1),
+                per_client: self.max_connections_per_client.max(1),
+                ..Default::default()
+            },
+        )
+    }
+
+    /// The TLS set-up of --tls-cert/--tls-key, if given.
+    pub fn tls(&self) -> anyhow::Result<Option<crate::listen::TlsConfig>> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(c), Some(k)) => Ok(Some(crate::listen::TlsConfig::load(c, k)?)),
+            _ => Ok(None),
+        }
+    }
+}
+
+pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    if args.print_policy {
+        print!("{}", args.policy()?.to_yaml());
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !args.registry_only {
+        return serve_tasks(&args);
+    }
+    let tls = args.tls()?;
+    let dir = data_dir(args.data.clone())?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let auth = args.auth.open(&dir, tls.is_some())?;
+    let hooks = args.auth.webhook_options(&args.ca_cert)?;
+    let (limits, connections) = args.limits();
+    let cfg = RegistryConfig {
+        data_dir: dir,
+        listen: args.listen,
+        tls,
+        limits,
+        connections,
+        server_names: args.server_names.clone(),
+    };
+    rt.block_on(serve_registry(cfg, auth, hooks))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn serve_registry(
+    cfg: RegistryConfig,
+    auth: Option<std::sync::Arc<crate::auth::Auth>>,
+    hooks: crate::webhooks::DeliveryOptions,
+) -> anyhow::Result<()> {
+    // Handlers first: a supervisor may send SIGTERM as soon as it reads the address.
+    let stop = stop_signal()?;
+    let (dir, listen) = (cfg.data_dir.clone(), cfg.listen);
+    let running = registry::start_with_auth(cfg, auth)
+        .await
+        .with_context(|| {
+            format!(
+                "starting the registry on {listen} with data in {}",
+                dir.display()
+            )
+        })?;
+    // Deliveries run off the request path; pending ones from a previous run resume here.
+    let _webhooks = crate::webhooks::Dispatcher::start(running.registry(), &dir, hooks)
+        .with_context(|| format!("starting webhook delivery for {}", dir.display()))?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "listening on {}", running.addr())?;
+        out.flush()?;
+    }
+    stop.await;
+    running.shutdown().await;
+    Ok(())
+}
+
+/// Installs Ctrl-C and SIGTERM handlers now (a supervisor may signal as soon as it reads
+/// the address) and returns a future that completes on either.
+fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    Ok(async move {
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => {
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "waiting for Ctrl-C");
+                }
+            }
+            _ = term.recv() => {}
+        }
+    })
+}
+
+/// `acr-task serve` without `--registry-only`.
+fn serve_tasks(args: &ServeArgs) -> anyhow::Result<ExitCode> {
+    let dir = args.data.clone().unwrap_or_else(super::default_data_dir);
+    let mut cfg = ServeConfig::new(args.listen, dir.clone(), args.concurrency);
+    cfg.remote_poll = args.base_image_poll;
+    cfg.tls = args.tls()?;
+    cfg.ca_certs = args.ca_cert.clone();
+    (cfg.limits, cfg.connections) = args.limits();
+    if let Some(start) = args.clock_start {
+        cfg.clock = std::sync::Arc::new(crate::triggers::cron::ShiftedClock::new(
+            start,
+            args.clock_rate,
+        ));
+    }
+    cfg.auth = args.auth.settings(cfg.tls.is_some());
+    cfg.registry_auth = args.auth.auth;
+    cfg.open_api = args.insecure_open_api;
+    cfg.server_names = args.server_names.clone();
+    cfg.policy = args.policy()?;
+    cfg.webhooks = Some(args.auth.webhook_options(&args.ca_cert)?);
+    super::tokio_runtime()?.block_on(async {
+        let stop = stop_signal()?;
+        let mut server = Server::bind(cfg)
+            .await
+            .with_context(|| format!("starting the server with data in {}", dir.display()))?;
+        {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "listening on {}", server.addr())?;
+            out.flush()?;
+        }
+        if let Some(password) = server.take_initial_admin() {
+            let file = dir.join(crate::server::ADMIN_PASSWORD_FILE);
+            eprintln!(
+                "The task API needs credentials. Created the admin user (shown once):\n  \
+                 username: {}\n  password: {password}\nIt is kept in {} (mode 0600), where \
+                 `acr-task task ...` on this machine finds it; elsewhere set \
+                 ACR_TASK_USERNAME and ACR_TASK_PASSWORD.",
+                crate::auth::ADMIN_USER,
+                file.display()
+            );
+        }
+        server.run(stop).await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
