@@ -13,6 +13,7 @@ pub mod registry;
 pub mod relay;
 pub mod runtime;
 pub mod server;
+pub mod setup;
 pub mod source;
 pub mod store;
 pub mod task;

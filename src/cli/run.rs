@@ -15,7 +15,7 @@ use crate::policy::{Policed, Policy};
 use crate::registry::{RegistryConfig, RunningRegistry};
 use crate::runtime::docker::DockerRuntime;
 use crate::runtime::runner;
-use crate::server::runner::{resolve_context, run_info};
+use crate::setup::{resolve_context, run_info};
 use crate::task::{self, LoadOptions, Task};
 
 #[derive(Debug, clap::Args)]

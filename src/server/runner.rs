@@ -1,6 +1,6 @@
-//! Setting up and running one run: the context (local directory or git at a commit), the
-//! `.Run` values, loading the task file, executing it on Docker and recording its log.
-//! `acr-task run` uses the same setup functions ([`resolve_context`], [`run_info`]).
+//! Running one run of a stored task: its context (local directory or git at a commit),
+//! secrets and logins, loading the task file under the policy, executing it on Docker and
+//! recording its log. The setup `acr-task run` shares is in [`crate::setup`].
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -17,108 +17,8 @@ use crate::plan::Plan;
 use crate::policy::{Policed, Policy};
 use crate::runtime::docker::DockerRuntime;
 use crate::runtime::Runtime;
-use crate::source::{GitCheckout, SourceError};
+use crate::setup::run_info;
 use crate::task::{self, Diagnostics, LoadOptions, RunInfo, Values};
-
-#[derive(Debug, thiserror::Error)]
-pub enum SetupError {
-    #[error("context {0} is not a directory")]
-    NotADirectory(String),
-    #[error(transparent)]
-    Source(#[from] SourceError),
-    #[error("context {path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-/// The context directory: the task file's directory when none is given, a local path, or
-/// `GIT_URL#ref` cloned into `scratch/context`.
-pub fn resolve_context(
-    context: Option<&str>,
-    task_file: &Path,
-    scratch: &Path,
-) -> Result<(PathBuf, Option<GitCheckout>), SetupError> {
-    match context {
-        None => Ok((
-            task_file
-                .parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .unwrap_or(Path::new("."))
-                .to_path_buf(),
-            None,
-        )),
-        Some(c) if crate::source::is_tarball_url(c) => {
-            let dest = scratch.join("context");
-            crate::source::fetch_tarball(c, &dest)?;
-            Ok((dest, None))
-        }
-        Some(c) if super::model::is_git_url(c) => {
-            // `URL#ref:folder`, as az takes it: the folder of the checkout is the context.
-            let (url, fragment) = c.split_once('#').unwrap_or((c, ""));
-            let (reference, folder) = fragment.split_once(':').unwrap_or((fragment, ""));
-            let dest = scratch.join("context");
-            let checkout = crate::source::fetch_git(url, reference, &dest)?;
-            if folder.is_empty() {
-                return Ok((dest, Some(checkout)));
-            }
-            let dir = dest.join(folder);
-            let inside = match (std::fs::canonicalize(&dir), std::fs::canonicalize(&dest)) {
-                (Ok(d), Ok(root)) => d.starts_with(root) && d.is_dir(),
-                _ => false,
-            };
-            if !inside {
-                return Err(SetupError::NotADirectory(format!(
-                    "{folder} (in {url} at {})",
-                    if reference.is_empty() {
-                        "its default branch"
-                    } else {
-                        reference
-                    }
-                )));
-            }
-            Ok((dir, Some(checkout)))
-        }
-        Some(dir) => {
-            let p = PathBuf::from(dir);
-            if !p.is_dir() {
-                return Err(SetupError::NotADirectory(dir.to_string()));
-            }
-            Ok((p, None))
-        }
-    }
-}
-
-/// `.Run` for a run: its id, registry, shared volume, and the commit and branch the
-/// context was fetched at (`git`), or of the checkout holding it.
-pub fn run_info(
-    run_id: &str,
-    task_file: &Path,
-    registry: &str,
-    context: &Path,
-    git: Option<&GitCheckout>,
-    cfg: &RunConfig,
-) -> RunInfo {
-    let mut info = RunInfo::placeholder(task_file);
-    info.id = run_id.to_string();
-    info.registry = registry.to_string();
-    info.registry_name = registry.split(':').next().unwrap_or(registry).to_string();
-    info.shared_volume = cfg.shared_volume.clone();
-    if let Some(p) = &cfg.platform {
-        info.set_platform(p);
-    }
-    let head = match git {
-        Some(g) => Some((g.commit.clone(), g.branch.clone())),
-        None => crate::source::git_head(context),
-    };
-    if let Some((commit, branch)) = head {
-        info.commit = commit;
-        info.branch = branch;
-    }
-    info
-}
 
 /// A stored task's secret references resolved on the server, when a run starts:
 /// `env:VAR` (the server's environment) or `file:/path` (a file's content, trailing
