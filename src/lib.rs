@@ -3,9 +3,11 @@
 
 pub mod auth;
 pub mod cli;
+pub mod credentials;
 pub mod dockerfile;
 pub mod exec;
 pub mod listen;
+pub mod names;
 pub mod netaddr;
 pub mod plan;
 pub mod policy;

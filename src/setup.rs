@@ -42,7 +42,7 @@ pub fn resolve_context(
             crate::source::fetch_tarball(c, &dest)?;
             Ok((dest, None))
         }
-        Some(c) if crate::server::model::is_git_url(c) => {
+        Some(c) if crate::source::is_git_url(c) => {
             // `URL#ref:folder`, as az takes it: the folder of the checkout is the context.
             let (url, fragment) = c.split_once('#').unwrap_or((c, ""));
             let (reference, folder) = fragment.split_once(':').unwrap_or((fragment, ""));

@@ -329,6 +329,12 @@ pub struct GitCheckout {
     pub branch: String,
 }
 
+/// Whether a context is a git URL (else a local directory, or a tarball URL when
+/// [`is_tarball_url`]).
+pub fn is_git_url(s: &str) -> bool {
+    s.contains("://") || s.starts_with("git@")
+}
+
 /// Whether a context names a tarball to download (`https://host/ctx.tar.gz`, `.tgz`, `.tar`),
 /// as `az acr build` takes them.
 pub fn is_tarball_url(s: &str) -> bool {

@@ -200,7 +200,7 @@ impl Auth {
         run_id: &str,
         grants: Grants,
         ttl: Duration,
-    ) -> crate::registry::credentials::Credential {
+    ) -> crate::credentials::Credential {
         let username = format!("{RUN_USER_PREFIX}{run_id}");
         let password = password::generate();
         if let Ok(mut runs) = self.runs.lock() {
@@ -215,7 +215,7 @@ impl Auth {
                 },
             );
         }
-        crate::registry::credentials::Credential { username, password }
+        crate::credentials::Credential { username, password }
     }
 
     /// Ends run `run_id`'s login: the bearer tokens issued to it stop working too.

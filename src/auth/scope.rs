@@ -89,7 +89,7 @@ pub const REPO_ACTIONS: [&str; 5] = ["pull", "push", "delete", "metadata_read", 
 /// A repository pattern: an exact name, `prefix/*` (anything below `prefix/`), or `*`.
 pub fn valid_pattern(p: &str) -> bool {
     let base = p.strip_suffix("/*").unwrap_or(p);
-    p == "*" || crate::registry::valid_name(base)
+    p == "*" || crate::names::valid_name(base)
 }
 
 pub fn pattern_matches(pattern: &str, repo: &str) -> bool {
@@ -223,7 +223,7 @@ impl Grants {
         let mut out: Vec<Access> = Vec::new();
         for r in requested {
             let allowed: Vec<String> = match r.kind.as_str() {
-                "repository" if crate::registry::valid_name(&r.name) => {
+                "repository" if crate::names::valid_name(&r.name) => {
                     let can = self.repo_actions(&r.name);
                     r.actions
                         .iter()

@@ -15,8 +15,8 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 
+use crate::credentials::{Credential, Credentials};
 use crate::registry::client::{RegistryClient, Transport};
-use crate::registry::credentials::{Credential, Credentials};
 
 use crate::relay::{DEFAULT_REGISTRY_ENV, PASSWORD_ENV, RELAY_ENV, USERNAME_ENV};
 

@@ -79,10 +79,10 @@ impl Client {
     }
 
     /// The credentials this client sends, as a registry login.
-    pub fn login(&self) -> Option<crate::registry::credentials::Credential> {
+    pub fn login(&self) -> Option<crate::credentials::Credential> {
         self.credentials
             .as_ref()
-            .map(|(u, p)| crate::registry::credentials::Credential {
+            .map(|(u, p)| crate::credentials::Credential {
                 username: u.clone(),
                 password: p.clone(),
             })

@@ -9,8 +9,8 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 
 use super::Output;
+use crate::credentials::Credentials;
 use crate::registry::client::{RegistryClient, Transport};
-use crate::registry::credentials::Credentials;
 use crate::store::{ManifestInfo, Store};
 
 #[derive(Debug, clap::Subcommand)]

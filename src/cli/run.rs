@@ -196,9 +196,9 @@ async fn registry_for(
 }
 
 /// The logins `docker login` stored: what a run on your own machine pulls and pushes with.
-fn docker_logins() -> anyhow::Result<Arc<crate::registry::credentials::Credentials>> {
+fn docker_logins() -> anyhow::Result<Arc<crate::credentials::Credentials>> {
     Ok(Arc::new(
-        crate::registry::credentials::Credentials::from_docker_config()
+        crate::credentials::Credentials::from_docker_config()
             .context("reading the docker CLI's logins")?,
     ))
 }
@@ -329,7 +329,7 @@ fn queue_on_server(
     }
     let context = match context.as_deref() {
         None | Some(NO_CONTEXT) => String::new(),
-        Some(c) if crate::source::is_tarball_url(c) || crate::server::model::is_git_url(c) => {
+        Some(c) if crate::source::is_tarball_url(c) || crate::source::is_git_url(c) => {
             c.to_string()
         }
         Some(c) => bail!(
@@ -663,7 +663,7 @@ pub fn runner(cmd: RunnerCmd) -> anyhow::Result<ExitCode> {
         if let Some(r) = registry {
             let target = format!("{r}/runner:latest");
             rt.tag(&id, &target).await?;
-            let login = crate::registry::credentials::Credentials::from_docker_config()?.get(&r);
+            let login = crate::credentials::Credentials::from_docker_config()?.get(&r);
             let digest = crate::runtime::Runtime::push(&rt, &target, login.as_ref(), &log).await?;
             println!("{target} {digest}");
         }

@@ -347,7 +347,7 @@ fn apply(spec: &mut TaskSpec, def: TaskDef) -> anyhow::Result<()> {
         // against the client's working directory.
         spec.context = if c == "/dev/null" {
             String::new()
-        } else if crate::server::model::is_git_url(&c) {
+        } else if crate::source::is_git_url(&c) {
             c
         } else {
             std::fs::canonicalize(&c)

@@ -20,8 +20,8 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::credentials::Credentials;
 use crate::plan::Plan;
-use crate::registry::credentials::Credentials;
 use crate::registry::reference::ImageRef;
 use crate::runtime::{
     BuildSpec, ContainerSpec, Credential, LogSink, PullPolicy, Runtime, RuntimeError, RUN_LABEL,

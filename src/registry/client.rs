@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use serde_json::Value;
 
-use super::credentials::{Credential, Credentials};
 use super::reference::{is_loopback, ImageRef};
+use crate::credentials::{Credential, Credentials};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

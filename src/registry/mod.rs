@@ -7,7 +7,6 @@
 
 mod blobs;
 pub mod client;
-pub mod credentials;
 mod errors;
 mod manifests;
 mod names;

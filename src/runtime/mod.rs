@@ -9,7 +9,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-pub use crate::registry::credentials::Credential;
+pub use crate::credentials::Credential;
 
 /// Receives output lines of a build, container or push, as they come.
 pub type LogSink = Arc<dyn Fn(String) + Send + Sync>;

@@ -49,7 +49,7 @@ pub enum ServerError {
     #[error(transparent)]
     RemoteRegistry(#[from] crate::registry::client::ClientError),
     #[error(transparent)]
-    Credentials(#[from] crate::registry::credentials::CredentialsError),
+    Credentials(#[from] crate::credentials::CredentialsError),
     #[error("background task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
     #[error(transparent)]
@@ -204,7 +204,7 @@ impl Server {
         let addr = listener.local_addr()?;
         let remote = crate::registry::client::Transport::new(
             &cfg.ca_certs,
-            crate::registry::credentials::Credentials::from_docker_config()?,
+            crate::credentials::Credentials::from_docker_config()?,
         )?;
         let (reg_dir, settings, data_dir) = (
             cfg.data_dir.join("registry"),

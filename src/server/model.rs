@@ -62,12 +62,8 @@ impl TaskSpec {
     }
     /// Whether the context is a git URL (else a local directory).
     pub fn is_git(&self) -> bool {
-        is_git_url(&self.context)
+        crate::source::is_git_url(&self.context)
     }
-}
-
-pub fn is_git_url(s: &str) -> bool {
-    s.contains("://") || s.starts_with("git@")
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -125,7 +125,7 @@ pub fn check_credentials(spec: &TaskSpec, policy: &Policy) -> Result<(), String>
 pub fn resolve_credentials(
     spec: &TaskSpec,
     policy: &Policy,
-) -> Result<BTreeMap<String, crate::registry::credentials::Credential>, String> {
+) -> Result<BTreeMap<String, crate::credentials::Credential>, String> {
     check_credentials(spec, policy)?;
     let values = resolve_secrets(&credential_refs(spec), policy)?;
     let mut out = BTreeMap::new();
@@ -140,7 +140,7 @@ pub fn resolve_credentials(
             .unwrap_or_default();
         out.insert(
             server.clone(),
-            crate::registry::credentials::Credential { username, password },
+            crate::credentials::Credential { username, password },
         );
     }
     Ok(out)
@@ -549,7 +549,7 @@ async fn run_on_docker(
         }
     };
     // The server's own `docker login`s are not lent to tasks: a task names its logins.
-    let mut credentials = crate::registry::credentials::Credentials::default();
+    let mut credentials = crate::credentials::Credentials::default();
     match resolve_credentials(&spec, &policy) {
         Ok(logins) => {
             for (server, c) in logins {

@@ -1,0 +1,111 @@
+//! The shape of the crate: which top-level modules use which (`crate::NAME` in their
+//! non-test code), and no import circles between them but the one still listed below.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+/// Circles that exist today and are to be removed (issue 12: one loader for task files).
+const KNOWN_CIRCLES: &[(&str, &str)] = &[("plan", "task")];
+
+fn edges() -> BTreeMap<String, BTreeSet<String>> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut stack = vec![src.clone()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+                continue;
+            }
+            if p.extension().is_none_or(|x| x != "rs") {
+                continue;
+            }
+            let rel = p.strip_prefix(&src).unwrap();
+            let top = rel
+                .components()
+                .next()
+                .unwrap()
+                .as_os_str()
+                .to_string_lossy()
+                .trim_end_matches(".rs")
+                .to_string();
+            let file = rel.file_name().unwrap().to_string_lossy();
+            if ["lib", "main"].contains(&top.as_str())
+                || file == "tests.rs"
+                || file.ends_with("_tests.rs")
+            {
+                continue;
+            }
+            let text = std::fs::read_to_string(&p).unwrap();
+            // Unit tests at the end of a file may use anything.
+            let code = match text.find("#[cfg(test)]\nmod ") {
+                Some(i) => &text[..i],
+                None => &text[..],
+            };
+            for (i, _) in code.match_indices("crate::") {
+                let name: String = code[i + 7..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                if !name.is_empty() && name != top {
+                    out.entry(top.clone()).or_default().insert(name);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn reaches(g: &BTreeMap<String, BTreeSet<String>>, from: &str, to: &str) -> bool {
+    let mut seen = BTreeSet::new();
+    let mut todo = vec![from.to_string()];
+    while let Some(n) = todo.pop() {
+        for m in g.get(&n).into_iter().flatten() {
+            if m == to {
+                return true;
+            }
+            if seen.insert(m.clone()) {
+                todo.push(m.clone());
+            }
+        }
+    }
+    false
+}
+
+#[test]
+fn no_new_import_circles() {
+    let g = edges();
+    let mut circles = BTreeSet::new();
+    for (a, uses) in &g {
+        for b in uses {
+            if reaches(&g, b, a) {
+                let (x, y) = if a < b { (a, b) } else { (b, a) };
+                circles.insert((x.clone(), y.clone()));
+            }
+        }
+    }
+    let known: BTreeSet<(String, String)> = KNOWN_CIRCLES
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+    let new: Vec<_> = circles.difference(&known).collect();
+    assert!(
+        new.is_empty(),
+        "import circles between modules: {new:?}\n{g:#?}"
+    );
+    // The leaves stay leaves: the grammar, the logins and the time format use nothing of
+    // ours, and access control does not reach into the registry server.
+    for leaf in ["names", "credentials", "timefmt", "netaddr", "source"] {
+        assert!(
+            g.get(leaf).is_none_or(|u| u.is_empty()),
+            "{leaf} uses {:?}",
+            g[leaf]
+        );
+    }
+    assert!(
+        !g["auth"].contains("registry"),
+        "auth uses the registry: {:?}",
+        g["auth"]
+    );
+}
