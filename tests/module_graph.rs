@@ -4,8 +4,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-/// Circles that exist today and are to be removed (issue 12: one loader for task files).
-const KNOWN_CIRCLES: &[(&str, &str)] = &[("plan", "task")];
+/// Circles that exist today and are to be removed (none).
+const KNOWN_CIRCLES: &[(&str, &str)] = &[];
 
 fn edges() -> BTreeMap<String, BTreeSet<String>> {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");

@@ -7,6 +7,7 @@ mod budget;
 mod convert;
 mod fields;
 mod funcs;
+pub mod graph;
 pub mod model;
 mod parse;
 mod platform;

@@ -3,10 +3,10 @@
 
 use std::collections::HashSet;
 
+use super::graph::{self, PlanError};
 use super::parse::LineMap;
 use super::tree::Node;
 use super::{Diagnostic, Task};
-use crate::plan::{self, PlanError};
 
 /// Versions acr-builder accepts (compared case-insensitively).
 pub const VERSIONS: &[&str] = &["v1.0.0", "v1.1.0", "1.0-preview-1"];
@@ -356,7 +356,7 @@ pub(crate) fn validate(task: &Task, loc: &Locator<'_>, out: &mut Vec<Diagnostic>
         }
     }
 
-    for issue in plan::check(task) {
+    for issue in graph::check(task) {
         let node = loc.item("steps", issue.step);
         let d = match (&issue.error, issue.when_index) {
             (PlanError::DuplicateId(_), _) => loc.value(node, "id", issue.error.to_string()),
