@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod cli;
 pub mod credentials;
+pub mod digest;
 pub mod dockerfile;
 pub mod exec;
 pub mod listen;

@@ -180,7 +180,20 @@ async fn commit(
     hasher: Sha256,
     size: u64,
 ) -> Result<Response, ApiError> {
-    let actual = digest_of(hasher);
+    // Uploads are hashed with sha256 as they arrive; content named by another registered
+    // algorithm is hashed again, by it, before it is accepted.
+    let actual = match crate::digest::parse(digest) {
+        Ok(crate::digest::Algorithm::Sha256) | Err(_) => digest_of(hasher),
+        Ok(alg) => {
+            let t = tmp.clone();
+            blocking(move || {
+                crate::digest::of_file(alg, &t)
+                    .map(|(d, _)| d)
+                    .map_err(|source| crate::store::StoreError::Io { path: t, source })
+            })
+            .await?
+        }
+    };
     if actual != digest {
         let _ = tokio::fs::remove_file(&tmp).await;
         return Err(ApiError::digest_invalid(format!(

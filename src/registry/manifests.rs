@@ -5,7 +5,6 @@ use axum::body::Body;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::Response;
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
 use super::errors::ApiError;
 use super::names::{parse_digest, parse_reference};
@@ -185,7 +184,12 @@ pub(super) async fn put(
         .and_then(|v| v.to_str().ok())
         .map(|s| s.split(';').next().unwrap_or(s).trim().to_string());
     let parsed = parse_manifest(&bytes, ct.as_deref())?;
-    let digest = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)));
+    // Named by digest: by that digest's algorithm (sha256 or sha512); else sha256.
+    let alg = match &reference {
+        Reference::Digest(d) => crate::digest::parse(d).unwrap_or(crate::digest::Algorithm::Sha256),
+        Reference::Tag(_) => crate::digest::Algorithm::Sha256,
+    };
+    let digest = crate::digest::of_bytes(alg, &bytes);
     let tag = match &reference {
         Reference::Digest(d) if *d != digest => {
             return Err(ApiError::digest_invalid(format!(

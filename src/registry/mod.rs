@@ -336,7 +336,7 @@ impl Registry {
         repo: &str,
         reference: &str,
     ) -> Result<Option<(String, String)>, RegistryError> {
-        let r = if reference.starts_with("sha256:") {
+        let r = if reference.contains(':') {
             crate::store::Reference::Digest(reference.to_string())
         } else {
             crate::store::Reference::Tag(reference.to_string())

@@ -6,24 +6,18 @@ use crate::store::Reference;
 
 use super::errors::ApiError;
 
-/// Only sha256 is stored; other well-formed algorithms are refused as unsupported digests.
+/// A digest this registry can verify: `sha256` or `sha512`, lowercase hex of the right
+/// length; any other well-formed algorithm is refused as unsupported.
 pub fn parse_digest(d: &str) -> Result<String, ApiError> {
-    let Some((alg, hex)) = d.split_once(':') else {
-        return Err(ApiError::digest_invalid(format!("invalid digest {d:?}")));
-    };
-    if alg != "sha256" {
-        return Err(ApiError::digest_invalid(format!(
-            "unsupported digest algorithm {alg:?}"
-        )));
+    match crate::digest::parse(d) {
+        Ok(_) => Ok(d.to_string()),
+        Err(crate::digest::Invalid::Unsupported(alg)) => Err(ApiError::digest_invalid(format!(
+            "unsupported digest algorithm {alg:?}: sha256 and sha512 are"
+        ))),
+        Err(crate::digest::Invalid::Malformed) => {
+            Err(ApiError::digest_invalid(format!("invalid digest {d:?}")))
+        }
     }
-    if hex.len() != 64
-        || !hex
-            .bytes()
-            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
-    {
-        return Err(ApiError::digest_invalid(format!("invalid digest {d:?}")));
-    }
-    Ok(d.to_string())
 }
 
 pub fn parse_reference(r: &str) -> Result<Reference, ApiError> {
@@ -90,6 +84,8 @@ mod tests {
         assert!(parse_digest(&format!("sha256:{}", "a".repeat(64))).is_ok());
         assert!(parse_digest(&format!("sha256:{}", "A".repeat(64))).is_err());
         assert!(parse_digest("sha256:abc").is_err());
+        assert!(parse_digest(&format!("sha512:{}", "a".repeat(128))).is_ok());
+        assert!(parse_digest(&format!("sha512:{}", "a".repeat(64))).is_err());
         assert!(parse_digest("nonsense").is_err());
     }
 

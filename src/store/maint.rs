@@ -1,12 +1,10 @@
 //! Garbage collection and consistency checking.
 
 use std::fs;
-use std::io::Read;
 use std::path::PathBuf;
 
 use rusqlite::params;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 use super::{db, io_err, Store, StoreError};
 
@@ -70,34 +68,31 @@ impl FsckReport {
     }
 }
 
-fn hash_file(path: &std::path::Path) -> Result<(String, u64), StoreError> {
-    let mut f = fs::File::open(path).map_err(io_err(path))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut n = 0u64;
-    loop {
-        let k = f.read(&mut buf).map_err(io_err(path))?;
-        if k == 0 {
-            break;
-        }
-        h.update(&buf[..k]);
-        n += k as u64;
-    }
-    Ok((format!("sha256:{}", hex::encode(h.finalize())), n))
+/// The digest of a blob file by the algorithm it is named by.
+fn hash_file(path: &std::path::Path, named: &str) -> Result<(String, u64), StoreError> {
+    let alg = crate::digest::parse(named).unwrap_or(crate::digest::Algorithm::Sha256);
+    crate::digest::of_file(alg, path).map_err(io_err(path))
 }
 
 impl Store {
-    /// Every blob file under `blobs/sha256`, as digests.
+    /// Every blob file under `blobs/<algorithm>/`, as digests.
     fn blob_files(&self) -> Result<Vec<(String, PathBuf)>, StoreError> {
-        let base = self.root.join("blobs/sha256");
         let mut out = Vec::new();
-        for d in fs::read_dir(&base).map_err(io_err(&base))?.flatten() {
-            let Ok(entries) = fs::read_dir(d.path()) else {
-                continue;
+        for alg in ["sha256", "sha512"] {
+            let base = self.root.join("blobs").join(alg);
+            let dirs = match fs::read_dir(&base) {
+                Ok(d) => d,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err(&base)(e)),
             };
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().to_string();
-                out.push((format!("sha256:{name}"), e.path()));
+            for d in dirs.flatten() {
+                let Ok(entries) = fs::read_dir(d.path()) else {
+                    continue;
+                };
+                for e in entries.flatten() {
+                    let name = e.file_name().to_string_lossy().to_string();
+                    out.push((format!("{alg}:{name}"), e.path()));
+                }
             }
         }
         Ok(out)
@@ -168,7 +163,7 @@ impl Store {
             report.bytes_freed += size as u64;
             if !dry_run {
                 let from = self.blob_path(&digest);
-                let to = trash.join(digest.trim_start_matches("sha256:"));
+                let to = trash.join(digest.replace(':', "-"));
                 if fs::rename(&from, &to).is_ok() {
                     trashed.push(to);
                 }
@@ -222,7 +217,7 @@ impl Store {
                 continue;
             }
             if !dry_run {
-                let to = trash.join(digest.trim_start_matches("sha256:"));
+                let to = trash.join(digest.replace(':', "-"));
                 if fs::rename(&path, &to).is_ok() {
                     trashed.push(to);
                 }
@@ -274,7 +269,7 @@ impl Store {
                 ));
                 continue;
             }
-            let (actual, n) = hash_file(&path)?;
+            let (actual, n) = hash_file(&path, digest)?;
             if n != *size as u64 {
                 report.issues.push(issue(
                     "blob-size",
@@ -306,7 +301,8 @@ impl Store {
         };
         for (repo, digest, content) in &manifests {
             report.manifests_checked += 1;
-            let actual = format!("sha256:{}", hex::encode(Sha256::digest(content)));
+            let alg = crate::digest::parse(digest).unwrap_or(crate::digest::Algorithm::Sha256);
+            let actual = crate::digest::of_bytes(alg, content);
             if &actual != digest {
                 report.issues.push(issue(
                     "manifest-digest",

@@ -1,7 +1,8 @@
 //! The registry's storage: content-addressed blob files plus an SQLite metadata database.
 //!
 //! Layout under the data dir:
-//! - `blobs/sha256/ab/abcdef...` — committed blobs, named by digest;
+//! - `blobs/<algorithm>/ab/abcdef...` — committed blobs, named by digest (`sha256`, or
+//!   `sha512` for content a client named so);
 //! - `uploads/` — blobs being received (invisible until committed);
 //! - `trash/` — blobs that gc is removing (moved back on restart if the removal never committed);
 //! - `meta.db` — repositories, tags, manifests, their references, blob links.
@@ -151,9 +152,9 @@ fn lock_exclusive(root: &Path) -> Result<fs::File, StoreError> {
 impl Store {
     /// Where a committed blob lives. `digest` must already be validated (`sha256:<64 hex>`).
     pub fn blob_path(&self, digest: &str) -> PathBuf {
-        let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+        let (alg, hex) = digest.split_once(':').unwrap_or(("sha256", digest));
         let prefix = hex.get(..2).unwrap_or("00");
-        self.root.join("blobs/sha256").join(prefix).join(hex)
+        self.root.join("blobs").join(alg).join(prefix).join(hex)
     }
 
     /// A fresh path for an upload in progress.
@@ -410,7 +411,11 @@ impl Store {
         let conn = self.writer()?;
         for e in fs::read_dir(&trash).map_err(io_err(&trash))?.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
-            let digest = format!("sha256:{name}");
+            // `alg-hex` (older versions wrote the sha256 hex alone).
+            let digest = match name.split_once('-') {
+                Some((alg, hex)) => format!("{alg}:{hex}"),
+                None => format!("sha256:{name}"),
+            };
             let dest = self.blob_path(&digest);
             if db::blob_size(&conn, &digest)?.is_some() && !dest.exists() {
                 if let Some(dir) = dest.parent() {
