@@ -96,7 +96,14 @@ fn no_new_import_circles() {
     );
     // The leaves stay leaves: the grammar, the logins and the time format use nothing of
     // ours, and access control does not reach into the registry server.
-    for leaf in ["digest", "names", "credentials", "timefmt", "netaddr", "source"] {
+    for leaf in [
+        "digest",
+        "names",
+        "credentials",
+        "timefmt",
+        "netaddr",
+        "source",
+    ] {
         assert!(
             g.get(leaf).is_none_or(|u| u.is_empty()),
             "{leaf} uses {:?}",

@@ -156,7 +156,7 @@ fn kind_name(step: &Step) -> &'static str {
 fn skipped(step: &Step) -> StepReport {
     StepReport {
         id: step.id.clone(),
-        kind: kind_name(step),
+        kind: kind_name(step).to_string(),
         status: Status::Skipped,
         started_ms: 0,
         duration_ms: 0,
@@ -540,7 +540,7 @@ impl<R: Runtime> Ctx<R> {
         let last_error = last.error.as_deref().map(|e| self.mask(e));
         StepReport {
             id: step.id.clone(),
-            kind: kind_name(step),
+            kind: kind_name(step).to_string(),
             status: last.status,
             started_ms: started.duration_since(self.run_started).as_millis() as u64,
             duration_ms: started.elapsed().as_millis() as u64,

@@ -1,8 +1,8 @@
 //! What a run produced, as plain data: rendered by the CLI, stored by the server.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Status {
     Queued,
     Running,
@@ -14,7 +14,31 @@ pub enum Status {
     Skipped,
 }
 
+impl std::str::FromStr for Status {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Status, String> {
+        [
+            Status::Queued,
+            Status::Running,
+            Status::Succeeded,
+            Status::Failed,
+            Status::Canceled,
+            Status::TimedOut,
+            Status::Skipped,
+        ]
+        .into_iter()
+        .find(|x| x.as_str() == s)
+        .ok_or_else(|| format!("{s:?} is not a run status"))
+    }
+}
+
 impl Status {
+    /// A run (or step) in this status will not change again.
+    pub fn is_final(self) -> bool {
+        !matches!(self, Status::Queued | Status::Running)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Status::Queued => "Queued",
@@ -28,14 +52,14 @@ impl Status {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PushedImage {
     pub image: String,
     pub digest: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct BaseImage {
     pub image: String,
@@ -43,44 +67,54 @@ pub struct BaseImage {
     /// which no registry can tell a new version of.
     pub digest: Option<String>,
     /// The engine's image id.
+    #[serde(alias = "image_id")]
     pub image_id: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct BuiltImage {
     pub tags: Vec<String>,
+    #[serde(alias = "image_id")]
     pub image_id: String,
     /// The `FROM` images (multi-stage aware) with the digests actually used.
+    #[serde(alias = "base_images")]
     pub base_images: Vec<BaseImage>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StepReport {
     pub id: String,
     /// `build`, `cmd` or `push`.
-    pub kind: &'static str,
+    pub kind: String,
     pub status: Status,
     /// When the step started, in ms after the run started.
+    #[serde(alias = "started_ms")]
     pub started_ms: u64,
+    #[serde(alias = "duration_ms")]
     pub duration_ms: u64,
+    #[serde(alias = "exit_code")]
     pub exit_code: Option<i64>,
     /// Attempts made, retries and repeats included.
     pub attempts: u32,
     /// A failure that was ignored (`ignoreErrors`) still reads `Failed` here.
+    #[serde(alias = "ignored_error")]
     pub ignored_error: bool,
     pub error: Option<String>,
     pub pushed: Vec<PushedImage>,
     pub built: Option<BuiltImage>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RunReport {
+    #[serde(alias = "run_id")]
     pub run_id: String,
     pub status: Status,
+    #[serde(alias = "started_at")]
     pub started_at: String,
+    #[serde(alias = "duration_ms")]
     pub duration_ms: u64,
     pub error: Option<String>,
     pub steps: Vec<StepReport>,
@@ -89,5 +123,54 @@ pub struct RunReport {
 impl RunReport {
     pub fn succeeded(&self) -> bool {
         self.status == Status::Succeeded
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_read_back_in_both_spellings() {
+        let r = RunReport {
+            run_id: "cab1".into(),
+            status: Status::Succeeded,
+            started_at: "2026-12-03T07:00:00Z".into(),
+            duration_ms: 5,
+            error: None,
+            steps: vec![StepReport {
+                id: "b".into(),
+                kind: "build".into(),
+                status: Status::Succeeded,
+                started_ms: 1,
+                duration_ms: 2,
+                exit_code: Some(0),
+                attempts: 1,
+                ignored_error: false,
+                error: None,
+                pushed: vec![],
+                built: Some(BuiltImage {
+                    tags: vec!["x".into()],
+                    image_id: "sha256:1".into(),
+                    base_images: vec![],
+                }),
+            }],
+        };
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["runId"], "cab1");
+        assert_eq!(v["steps"][0]["built"]["imageId"], "sha256:1");
+        assert_eq!(serde_json::from_value::<RunReport>(v).unwrap(), r);
+        // Runs recorded before the camelCase names still read.
+        let old = serde_json::json!({
+            "run_id": "cab1", "status": "Succeeded", "started_at": "2026-12-03T07:00:00Z",
+            "duration_ms": 5, "error": null,
+            "steps": [{"id": "b", "kind": "build", "status": "Succeeded", "started_ms": 1,
+                       "duration_ms": 2, "exit_code": 0, "attempts": 1, "ignored_error": false,
+                       "error": null, "pushed": [],
+                       "built": {"tags": ["x"], "image_id": "sha256:1", "base_images": []}}]
+        });
+        assert_eq!(serde_json::from_value::<RunReport>(old).unwrap(), r);
+        assert_eq!("TimedOut".parse::<Status>(), Ok(Status::TimedOut));
+        assert!("Done".parse::<Status>().is_err());
     }
 }

@@ -54,13 +54,17 @@ const RUN_COLS: &str = "seq, id, task, status, trigger, commit_sha, branch, queu
 
 fn run_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(RunRecord, String, Option<String>)> {
     let trigger: String = r.get(4)?;
+    let status: String = r.get(3)?;
+    let status = status.parse().map_err(|e: String| {
+        rusqlite::Error::FromSqlConversionFailure(3, rusqlite::types::Type::Text, e.into())
+    })?;
     let report: Option<String> = r.get(11)?;
     Ok((
         RunRecord {
             seq: r.get(0)?,
             id: r.get(1)?,
             task: r.get(2)?,
-            status: r.get(3)?,
+            status,
             trigger: Trigger::Manual,
             commit: r.get(5)?,
             branch: r.get(6)?,
@@ -231,7 +235,7 @@ impl Db {
             id,
             seq,
             task: run.task.clone(),
-            status: "Queued".into(),
+            status: crate::exec::Status::Queued,
             trigger: run.trigger.clone(),
             commit: run.commit.clone(),
             branch: run.branch.clone(),
@@ -340,7 +344,7 @@ impl Db {
             params![rec.id, started],
         )?;
         tx.commit()?;
-        rec.status = "Running".into();
+        rec.status = crate::exec::Status::Running;
         rec.started_at = Some(started);
         Ok(Some(rec))
     }

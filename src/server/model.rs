@@ -146,7 +146,7 @@ pub struct RunRecord {
     pub id: String,
     pub seq: i64,
     pub task: String,
-    pub status: String,
+    pub status: crate::exec::Status,
     pub trigger: Trigger,
     /// The commit to build (git contexts), or the commit built once known.
     pub commit: Option<String>,
@@ -156,13 +156,11 @@ pub struct RunRecord {
     pub finished_at: Option<String>,
     pub error: Option<String>,
     /// The executor's `RunReport` (steps, images pushed, base images) once finished.
-    pub report: Option<serde_json::Value>,
+    pub report: Option<crate::exec::RunReport>,
 }
-
-pub const TERMINAL: [&str; 4] = ["Succeeded", "Failed", "Canceled", "TimedOut"];
 
 impl RunRecord {
     pub fn is_finished(&self) -> bool {
-        TERMINAL.contains(&self.status.as_str())
+        self.status.is_final()
     }
 }

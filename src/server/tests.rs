@@ -111,7 +111,9 @@ async fn runs_oldest_first_never_above_the_limit_and_none_lost() {
         "runs start in queue order"
     );
     let runs = q.db().runs(None, 100).unwrap();
-    assert!(runs.iter().all(|r| r.status == "Succeeded"));
+    assert!(runs
+        .iter()
+        .all(|r| r.status == crate::exec::Status::Succeeded));
     // Ids are short, unique and sort by queue order.
     assert!(ids[0].len() <= 4, "{}", ids[0]);
     let seqs: Vec<i64> = runs.iter().rev().map(|r| r.seq).collect();
@@ -138,8 +140,14 @@ async fn cancel_a_queued_and_a_running_run() {
     }
     assert_eq!(q.cancel(&a).unwrap(), Cancel::Signalled);
     wait_all_finished(&q, 2).await;
-    assert_eq!(q.db().run(&a).unwrap().unwrap().status, "Canceled");
-    assert_eq!(q.db().run(&b).unwrap().unwrap().status, "Canceled");
+    assert_eq!(
+        q.db().run(&a).unwrap().unwrap().status,
+        crate::exec::Status::Canceled
+    );
+    assert_eq!(
+        q.db().run(&b).unwrap().unwrap().status,
+        crate::exec::Status::Canceled
+    );
     assert_eq!(q.cancel(&a).unwrap(), Cancel::AlreadyFinished);
     assert_eq!(q.cancel("nope").unwrap(), Cancel::NotFound);
     stop.cancel();
@@ -157,12 +165,15 @@ async fn interrupted_runs_are_failed_on_recovery_and_queued_ones_kept() {
     let ids = q.recover(&FakeExec(fake, Duration::ZERO)).await.unwrap();
     assert_eq!(ids, vec![a.clone()]);
     let ra = q.db().run(&a).unwrap().unwrap();
-    assert_eq!(ra.status, "Failed");
+    assert_eq!(ra.status, crate::exec::Status::Failed);
     assert_eq!(
         ra.error.as_deref(),
         Some("interrupted by a restart of serve")
     );
-    assert_eq!(q.db().run(&b).unwrap().unwrap().status, "Queued");
+    assert_eq!(
+        q.db().run(&b).unwrap().unwrap().status,
+        crate::exec::Status::Queued
+    );
 }
 
 #[test]

@@ -126,7 +126,7 @@ pub fn on_remote_digests(
         // A queued run will build on the new digest anyway, and one already started for
         // this very digest will record it: polling again before it ends must not re-queue.
         let busy = db.active_runs(&task)?.iter().any(|r| {
-            r.status == "Queued"
+            r.status == crate::exec::Status::Queued
                 || matches!(&r.trigger, Trigger::BaseImage { image, new_digest, .. }
                     if *image == base && new_digest == digest)
         });
