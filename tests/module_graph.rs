@@ -116,3 +116,46 @@ fn no_new_import_circles() {
         g["auth"]
     );
 }
+
+/// ARCHITECTURE.md's module table says what each module uses: every `crate::` edge of a
+/// module with a row of its own is named in that row's last column (or it says
+/// "everything").
+#[test]
+fn the_architecture_table_names_every_edge() {
+    let g = edges();
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("ARCHITECTURE.md"))
+            .unwrap();
+    let ticked = |cell: &str| -> Vec<String> {
+        cell.split('`')
+            .skip(1)
+            .step_by(2)
+            .map(|s| s.split("::").next().unwrap_or(s).to_string())
+            .collect()
+    };
+    let mut rows = BTreeMap::new();
+    for line in text.lines().filter(|l| l.starts_with("| `")) {
+        let cells: Vec<&str> = line.trim().trim_matches('|').split('|').collect();
+        let first: Vec<&str> = cells[0].split('`').skip(1).step_by(2).collect();
+        if first.len() == 1 && !first[0].contains("::") {
+            rows.insert(first[0].to_string(), cells[cells.len() - 1].to_string());
+        }
+    }
+    let mut wrong = Vec::new();
+    for (module, uses) in &g {
+        let Some(row) = rows.get(module) else {
+            wrong.push(format!("{module} has no row in the module table"));
+            continue;
+        };
+        if row.contains("everything") {
+            continue;
+        }
+        let named: BTreeSet<String> = ticked(row).into_iter().collect();
+        for u in uses.difference(&named) {
+            wrong.push(format!(
+                "{module} uses {u}, which its row does not say: {row}"
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
