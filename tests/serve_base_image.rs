@@ -250,14 +250,6 @@ async fn a_base_image_in_another_registry_is_polled_by_digest() {
     polled_base_rebuilds_once(&serve, &base, &d1, || push_base(&base, "up-two")).await;
 }
 
-fn tls(name: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data/tls")
-        .join(name)
-        .display()
-        .to_string()
-}
-
 /// `acr` with `--data DIR`, which must succeed; its (stdout, stderr).
 fn acr(data: &Path, args: &[&str]) -> (String, String) {
     let o = Command::new(bin())
@@ -325,30 +317,7 @@ async fn a_base_image_in_a_tls_registry_with_token_auth_is_polled() {
         ],
     );
     let config = data.path().join("docker-config");
-    std::fs::create_dir_all(&config).unwrap();
-    let mut login = Command::new("docker")
-        .env("DOCKER_CONFIG", &config)
-        .args(["login", &other.addr, "-u", "builder", "--password-stdin"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write;
-        login
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(password.as_bytes())
-            .unwrap();
-    }
-    let out = login.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "docker login: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    docker_login(&config, &other.addr, "builder", &password);
 
     let ca = tls("ca.pem");
     let serve = Serve::start_with_env(

@@ -7,19 +7,11 @@
 mod serve_common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use serve_common::*;
-
-fn tls(name: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data/tls")
-        .join(name)
-        .display()
-        .to_string()
-}
 
 fn run(cmd: &mut Command) -> (bool, String, String) {
     let o = cmd.output().unwrap();
@@ -36,33 +28,6 @@ fn docker(config: &Path, args: &[&str]) -> String {
         .args(args));
     assert!(ok, "docker {args:?}: {err}");
     out
-}
-
-fn docker_login(config: &Path, registry: &str, user: &str, password: &str) {
-    std::fs::create_dir_all(config).unwrap();
-    let mut login = Command::new("docker")
-        .env("DOCKER_CONFIG", config)
-        .args(["login", registry, "-u", user, "--password-stdin"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write;
-        login
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(password.as_bytes())
-            .unwrap();
-    }
-    let out = login.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "docker login {registry}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Builds `image` FROM busybox, pushes it with `config`'s login, and removes it from the

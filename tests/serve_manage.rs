@@ -73,22 +73,7 @@ fn management_commands_go_through_a_running_server() {
 
     // The token works with the docker CLI right away.
     let config = data.path().join("docker-config");
-    std::fs::create_dir_all(&config).unwrap();
-    let login = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "printf %s \"$PW\" | docker login {} -u ci --password-stdin",
-            serve.addr
-        ))
-        .env("PW", &pw)
-        .env("DOCKER_CONFIG", &config)
-        .output()
-        .unwrap();
-    assert!(
-        login.status.success(),
-        "{}",
-        String::from_utf8_lossy(&login.stderr)
-    );
+    docker_login(&config, &serve.addr, "ci", &pw);
     let image = format!("{}/app/web:1", serve.addr);
     make_busybox_image(&image, "managed");
     let push = Command::new("docker")

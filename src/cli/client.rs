@@ -10,12 +10,7 @@ use serde_json::Value;
 /// default data directory (`$ACR_TASK_DATA`, ...), readable only by its user.
 fn local_admin(server: &str, data: &std::path::Path) -> Option<(String, String)> {
     let url = reqwest::Url::parse(server).ok()?;
-    let host = url.host_str()?.trim_matches(['[', ']']);
-    let loopback = host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
-    if !loopback {
+    if !crate::registry::reference::is_loopback(url.host_str()?) {
         return None;
     }
     let path = data.join(crate::server::ADMIN_PASSWORD_FILE);
@@ -39,20 +34,19 @@ fn server_url(server: &str) -> String {
     if s.contains("://") {
         return s.to_string();
     }
-    let host = match s.rsplit_once(':') {
-        Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => h,
-        _ => s,
-    };
-    let host = host.trim_matches(['[', ']']);
-    let loopback = host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
-    if loopback {
+    if crate::registry::reference::is_loopback(s) {
         format!("http://{s}")
     } else {
         format!("https://{s}")
     }
+}
+
+/// A client of the server that holds the data directory `top` now, if one does (`serve`
+/// writes its URL in `serve.url` and holds the registry's `serve.lock`).
+pub fn holding(top: &std::path::Path) -> Option<Client> {
+    let url = std::fs::read_to_string(top.join(crate::server::SERVE_URL_FILE)).ok()?;
+    crate::store::held_by_a_server(&top.join("registry"))
+        .then(|| Client::with_data(url.trim(), top))
 }
 
 impl Client {

@@ -29,29 +29,23 @@ impl Backend {
     /// the files.
     pub fn choose(server: Option<&str>, data: Option<PathBuf>) -> anyhow::Result<Backend> {
         let top = data.clone().unwrap_or_else(super::default_data_dir);
-        let remote = match server {
-            Some(s) => Some(Client::with_data(s, &top)),
+        let client = match server {
+            Some(s) => Client::with_data(s, &top),
             None => {
-                let dir = super::registry::data_dir(data.clone())?;
-                let url = std::fs::read_to_string(top.join(crate::server::SERVE_URL_FILE));
-                match url {
-                    Ok(u) if crate::store::held_by_a_server(&dir) => {
-                        Some(Client::with_data(u.trim(), &top))
-                    }
-                    _ => None,
+                let dir = super::registry::data_dir(data)?;
+                match super::client::holding(&top) {
+                    Some(c) => c,
+                    None => return Ok(Backend::Files(dir)),
                 }
             }
         };
-        match remote {
-            Some(client) => Ok(Backend::Server {
-                client,
-                rt: tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .context("starting the async runtime")?,
-            }),
-            None => Ok(Backend::Files(super::registry::data_dir(data)?)),
-        }
+        Ok(Backend::Server {
+            client,
+            rt: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?,
+        })
     }
 
     fn call(&self, method: Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {

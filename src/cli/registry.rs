@@ -440,13 +440,8 @@ fn server_of(opts: &RepoOpts) -> anyhow::Result<Option<super::client::Client>> {
     if opts.registry.is_some() {
         return Ok(None);
     }
-    let dir = data_dir(opts.data.clone())?;
-    match std::fs::read_to_string(top.join(crate::server::SERVE_URL_FILE)) {
-        Ok(url) if crate::store::held_by_a_server(&dir) => {
-            Ok(Some(super::client::Client::with_data(url.trim(), &top)))
-        }
-        _ => Ok(None),
-    }
+    data_dir(opts.data.clone())?;
+    Ok(super::client::holding(&top))
 }
 
 pub fn repository(cmd: RepositoryCmd) -> anyhow::Result<ExitCode> {

@@ -540,8 +540,7 @@ fn quote(word: &str) -> String {
 /// An image name of `build -t`: relative to the run's registry unless it names one.
 fn tag_in_registry(tag: &str) -> String {
     let names_registry = tag.split_once('/').is_some_and(|(first, _)| {
-        (first.contains('.') || first.contains(':') || first == "localhost")
-            && !first.contains("{{")
+        crate::registry::reference::names_registry(first) && !first.contains("{{")
     });
     if names_registry || tag.starts_with("{{.Run.Registry}}") {
         tag.to_string()

@@ -446,10 +446,27 @@ fn apply(spec: &mut TaskSpec, def: TaskDef) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A stored task's definition, as the server has it.
+async fn stored_task(c: &Client, name: &str) -> anyhow::Result<TaskSpec> {
+    let current = c
+        .call(reqwest::Method::GET, &format!("/api/tasks/{name}"), None)
+        .await?;
+    serde_json::from_value(current).context("the stored task")
+}
+
+/// Stores a changed definition back; the server's answer (with the file's warnings).
+async fn store_task(c: &Client, spec: &TaskSpec) -> anyhow::Result<Value> {
+    c.call(
+        reqwest::Method::PUT,
+        &format!("/api/tasks/{}", spec.name),
+        Some(&serde_json::to_value(spec)?),
+    )
+    .await
+}
+
 /// `task timer ...`: read the task, change its timers, store it back (the server checks
 /// the schedule).
 async fn timer(cmd: TimerCmd) -> anyhow::Result<()> {
-    use reqwest::Method;
     let (name, opts) = match &cmd {
         TimerCmd::Add { name, opts, .. }
         | TimerCmd::Update { name, opts, .. }
@@ -458,9 +475,7 @@ async fn timer(cmd: TimerCmd) -> anyhow::Result<()> {
     };
     let output = opts.output;
     let c = Client::new(&opts.server);
-    let path = format!("/api/tasks/{name}");
-    let current = c.call(Method::GET, &path, None).await?;
-    let mut spec: TaskSpec = serde_json::from_value(current).context("the stored task")?;
+    let mut spec = stored_task(&c, &name).await?;
     let timers = &mut spec.triggers.timers;
     let (timer, message) = match cmd {
         TimerCmd::List { .. } => {
@@ -510,8 +525,7 @@ async fn timer(cmd: TimerCmd) -> anyhow::Result<()> {
             (timer_name, "removed")
         }
     };
-    c.call(Method::PUT, &path, Some(&serde_json::to_value(&spec)?))
-        .await?;
+    store_task(&c, &spec).await?;
     if output == Output::Json {
         print_json(&serde_json::json!({"task": name, "timer": timer, "result": message}))
     } else {
@@ -523,7 +537,6 @@ async fn timer(cmd: TimerCmd) -> anyhow::Result<()> {
 /// `task credential ...`: read the task, change its logins, store it back.
 async fn credential(cmd: CredentialCmd) -> anyhow::Result<()> {
     use crate::server::model::TaskCredential;
-    use reqwest::Method;
     let (name, opts) = match &cmd {
         CredentialCmd::Add { name, opts, .. }
         | CredentialCmd::Update { name, opts, .. }
@@ -532,9 +545,7 @@ async fn credential(cmd: CredentialCmd) -> anyhow::Result<()> {
     };
     let output = opts.output;
     let c = Client::new(&opts.server);
-    let path = format!("/api/tasks/{name}");
-    let current = c.call(Method::GET, &path, None).await?;
-    let mut spec: TaskSpec = serde_json::from_value(current).context("the stored task")?;
+    let mut spec = stored_task(&c, &name).await?;
     let (server, message) = match cmd {
         CredentialCmd::List { .. } => {
             let list: Vec<Value> = spec
@@ -597,8 +608,7 @@ async fn credential(cmd: CredentialCmd) -> anyhow::Result<()> {
             (login_server, "removed")
         }
     };
-    c.call(Method::PUT, &path, Some(&serde_json::to_value(&spec)?))
-        .await?;
+    store_task(&c, &spec).await?;
     if output == Output::Json {
         print_json(&serde_json::json!({"task": name, "loginServer": server, "result": message}))
     } else {
@@ -812,18 +822,9 @@ async fn task_async(cmd: TaskCmd) -> anyhow::Result<ExitCode> {
         }
         TaskCmd::Update { name, def, opts } => {
             let c = Client::new(&opts.server);
-            let current = c
-                .call(Method::GET, &format!("/api/tasks/{name}"), None)
-                .await?;
-            let mut spec: TaskSpec = serde_json::from_value(current).context("the stored task")?;
+            let mut spec = stored_task(&c, &name).await?;
             apply(&mut spec, def)?;
-            let v = c
-                .call(
-                    Method::PUT,
-                    &format!("/api/tasks/{name}"),
-                    Some(&serde_json::to_value(&spec)?),
-                )
-                .await?;
+            let v = store_task(&c, &spec).await?;
             print_task(&v, opts.output)?;
             webhook_hint(&c, &v);
         }

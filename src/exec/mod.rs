@@ -651,9 +651,7 @@ impl<R: Runtime> Ctx<R> {
         };
         let mut env = vec![format!("{}={registry}", crate::relay::DEFAULT_REGISTRY_ENV)];
         // The run's own login, for `acr` commands that name no other (never logged: masked).
-        let creds = self.cfg.credentials.clone();
-        let reg = registry.clone();
-        if let Ok(Some(login)) = tokio::task::spawn_blocking(move || creds.get(&reg)).await {
+        if let Some(login) = self.login_for_host(registry.clone()).await {
             env.push(format!("{}={}", crate::relay::USERNAME_ENV, login.username));
             env.push(format!("{}={}", crate::relay::PASSWORD_ENV, login.password));
         }
@@ -719,6 +717,11 @@ impl<R: Runtime> Ctx<R> {
     /// asked: off the async threads).
     async fn login_for(&self, image: &str) -> Option<Credential> {
         let host = ImageRef::parse(image)?.api_host().to_string();
+        self.login_for_host(host).await
+    }
+
+    /// The run's login for a registry host, if it has one.
+    async fn login_for_host(&self, host: String) -> Option<Credential> {
         let creds = self.cfg.credentials.clone();
         tokio::task::spawn_blocking(move || creds.get(&host))
             .await

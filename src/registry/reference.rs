@@ -31,9 +31,7 @@ impl ImageRef {
             _ => (name, None),
         };
         let (registry, repository) = match name.split_once('/') {
-            Some((h, rest)) if h.contains('.') || h.contains(':') || h == "localhost" => {
-                (h.to_string(), rest.to_string())
-            }
+            Some((h, rest)) if names_registry(h) => (h.to_string(), rest.to_string()),
             _ => (DOCKER_HUB.to_string(), name.to_string()),
         };
         let registry = match registry.as_str() {
@@ -76,6 +74,12 @@ impl ImageRef {
     pub fn is_digest(&self) -> bool {
         self.reference.contains(':')
     }
+}
+
+/// Docker's rule for the first component of a name with a `/`: it names a registry only if
+/// it has a `.` or `:` or is `localhost`.
+pub fn names_registry(first: &str) -> bool {
+    first.contains('.') || first.contains(':') || first == "localhost"
 }
 
 /// Whether `host[:port]` is a loopback registry, which Docker lets speak plain HTTP.

@@ -321,3 +321,40 @@ pub fn data_file(name: &str) -> PathBuf {
         .join("tests/data/serve")
         .join(name)
 }
+
+/// A file of the test-only TLS material in `tests/data/tls`.
+pub fn tls(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/tls")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+/// `docker login REGISTRY -u USER --password-stdin` into the docker CLI config `config`.
+pub fn docker_login(config: &Path, registry: &str, user: &str, password: &str) {
+    std::fs::create_dir_all(config).unwrap();
+    let mut login = Command::new("docker")
+        .env("DOCKER_CONFIG", config)
+        .args(["login", registry, "-u", user, "--password-stdin"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        login
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(password.as_bytes())
+            .unwrap();
+    }
+    let out = login.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "docker login {registry}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
