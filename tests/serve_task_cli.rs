@@ -212,6 +212,21 @@ fn quick_tasks_timers_triggers_and_logs() {
         .unwrap();
     assert!(!local.status.success());
     assert!(String::from_utf8_lossy(&local.stderr).contains("cannot read"));
+    let tarball = serve
+        .cli()
+        .args([
+            "run",
+            "--cmd",
+            "busybox true",
+            "https://example.com/ctx.tar.gz",
+            "--no-wait",
+            "--server",
+            &serve.addr,
+        ])
+        .output()
+        .unwrap();
+    assert!(!tarball.status.success());
+    assert!(String::from_utf8_lossy(&tarball.stderr).contains("tarball context"));
 
     // A quick build task: the context's Dockerfile, pushed with its rendered tag.
     let ctx = tempfile::tempdir().unwrap();

@@ -49,7 +49,7 @@ pub struct RunArgs {
     pub no_logs: bool,
     /// Queue the run on a running `acr-task serve` (--server) and return at once with its
     /// id, as `az acr run --no-wait`; follow it with `acr-task task logs RUN --follow`. The
-    /// context must be one the server can fetch: a git URL, a tarball URL or /dev/null.
+    /// context must be one the server can fetch: a git URL or /dev/null.
     #[arg(long)]
     pub no_wait: bool,
     /// With --no-wait: the server [default: http://127.0.0.1:5000].
@@ -329,12 +329,15 @@ fn queue_on_server(
     }
     let context = match context.as_deref() {
         None | Some(NO_CONTEXT) => String::new(),
-        Some(c) if crate::source::is_tarball_url(c) || crate::source::is_git_url(c) => {
-            c.to_string()
-        }
+        // Stored and queued runs fetch git contexts only; a tarball is for runs here.
+        Some(c) if crate::source::is_tarball_url(c) => bail!(
+            "a queued run cannot use a tarball context ({c}): give --no-wait a git URL or \
+             /dev/null, or run without --no-wait"
+        ),
+        Some(c) if crate::source::is_git_url(c) => c.to_string(),
         Some(c) => bail!(
             "the server cannot read {c} from this machine: give --no-wait a context it can \
-             fetch (a git URL, a tarball URL, or /dev/null), or run without --no-wait"
+             fetch (a git URL, or /dev/null), or run without --no-wait"
         ),
     };
     let mut spec = TaskSpec {
