@@ -107,7 +107,12 @@ pub fn of_bytes(alg: Algorithm, data: &[u8]) -> String {
 
 /// The digest of a file's content by `alg`, and its length.
 pub fn of_file(alg: Algorithm, path: &std::path::Path) -> std::io::Result<(String, u64)> {
-    let mut f = std::fs::File::open(path)?;
+    of_reader(alg, std::fs::File::open(path)?)
+}
+
+/// The digest of everything `r` yields by `alg`, and its length.
+pub fn of_reader(alg: Algorithm, mut r: impl Read) -> std::io::Result<(String, u64)> {
+    let f = &mut r;
     let mut h = Hasher::new(alg);
     let mut buf = vec![0u8; 1 << 20];
     let mut n = 0u64;

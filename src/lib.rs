@@ -2,6 +2,7 @@
 //! integrated OCI registry. See ARCHITECTURE.md for the map of modules.
 
 pub mod auth;
+pub mod background;
 pub mod cli;
 pub mod credentials;
 pub mod digest;

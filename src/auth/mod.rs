@@ -28,6 +28,8 @@ pub use store::{
 pub enum AuthError {
     #[error("auth database: {0}")]
     Db(#[from] rusqlite::Error),
+    #[error(transparent)]
+    Migrate(#[from] crate::store::migrate::MigrateError),
     #[error("{path}: {source}")]
     Io {
         path: String,

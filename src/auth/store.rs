@@ -123,19 +123,9 @@ fn check_ident(kind: &str, name: &str) -> Result<(), AuthError> {
     }
 }
 
-impl AuthStore {
-    /// Open (creating if needed) `<dir>/auth.db`.
-    pub fn open(dir: &Path) -> Result<AuthStore, AuthError> {
-        std::fs::create_dir_all(dir).map_err(|e| AuthError::io(dir, e))?;
-        use std::os::unix::fs::PermissionsExt;
-        let path = dir.join("auth.db");
-        let conn = Connection::open(&path)?;
-        // Hashes only, but still nobody else's business; the WAL inherits the mode.
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| AuthError::io(&path, e))?;
-        crate::store::configure_sqlite(&conn)?;
-        conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS settings(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+/// `auth.db`'s schema, one entry per version (see [`crate::store::migrate`]).
+const MIGRATIONS: &[crate::store::migrate::Migration] = &[crate::store::migrate::Migration::Sql(
+    "CREATE TABLE IF NOT EXISTS settings(key TEXT PRIMARY KEY, value TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS scope_maps(
                 name TEXT PRIMARY KEY, description TEXT NOT NULL, created INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS scope_rules(
@@ -146,7 +136,20 @@ impl AuthStore {
                 expiry INTEGER, created INTEGER NOT NULL,
                 password1 TEXT, password1_created INTEGER,
                 password2 TEXT, password2_created INTEGER);",
-        )?;
+)];
+
+impl AuthStore {
+    /// Open (creating if needed) `<dir>/auth.db`.
+    pub fn open(dir: &Path) -> Result<AuthStore, AuthError> {
+        std::fs::create_dir_all(dir).map_err(|e| AuthError::io(dir, e))?;
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join("auth.db");
+        let mut conn = Connection::open(&path)?;
+        // Hashes only, but still nobody else's business; the WAL inherits the mode.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| AuthError::io(&path, e))?;
+        crate::store::configure_sqlite(&conn)?;
+        crate::store::migrate::apply(&mut conn, "auth.db", MIGRATIONS)?;
         Ok(AuthStore {
             path,
             conn: Mutex::new(conn),

@@ -235,7 +235,7 @@ async fn serve_registry(
             )
         })?;
     // Deliveries run off the request path; pending ones from a previous run resume here.
-    let _webhooks = crate::webhooks::Dispatcher::start(running.registry(), &dir, hooks)
+    let webhooks = crate::webhooks::Dispatcher::start(running.registry(), &dir, hooks)
         .with_context(|| format!("starting webhook delivery for {}", dir.display()))?;
     {
         let mut out = std::io::stdout().lock();
@@ -244,6 +244,7 @@ async fn serve_registry(
     }
     stop.await;
     running.shutdown().await;
+    webhooks.shutdown().await;
     Ok(())
 }
 

@@ -13,6 +13,7 @@ use super::names::parse_digest;
 use super::routes::{respond, Q};
 use super::stream::{append_body, digest_of, file_body, BodyLimits};
 use super::{Registry, Session, Upload};
+use crate::store::BlobUpload;
 
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, crate::store::StoreError> + Send + 'static,
@@ -88,7 +89,7 @@ pub(super) async fn get(
     let body = if head || len == 0 {
         Body::empty()
     } else {
-        file_body(reg.inner.store.blob_path(&digest), start, len)
+        file_body(reg.inner.store.clone(), digest.clone(), start, len)
     };
     Ok(respond(status, &hdrs, body))
 }
@@ -152,9 +153,9 @@ async fn receive_whole(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let tmp = reg.inner.store.temp_path();
+    let up = begin(reg).await?;
     let res = append_body(
-        tmp.clone(),
+        up.clone(),
         0,
         &Sha256::new(),
         body,
@@ -164,19 +165,30 @@ async fn receive_whole(
     let w = match res {
         Ok(w) => w,
         Err(e) => {
-            let _ = tokio::fs::remove_file(&tmp).await;
+            discard(vec![up]).await;
             return Err(e);
         }
     };
-    commit(reg, name, digest, tmp, w.hasher, w.written).await
+    commit(reg, name, digest, up, w.hasher, w.written).await
 }
 
-/// Verify the digest of received data and commit it; the temp file is removed on failure.
+/// A new upload in the store.
+async fn begin(reg: &Registry) -> Result<Arc<dyn BlobUpload>, ApiError> {
+    let store = reg.inner.store.clone();
+    Ok(Arc::from(blocking(move || store.begin_upload()).await?))
+}
+
+/// Drops uploads (and so their data) off the async threads.
+pub(super) async fn discard(uploads: Vec<Arc<dyn BlobUpload>>) {
+    let _ = tokio::task::spawn_blocking(move || drop(uploads)).await;
+}
+
+/// Verify the digest of received data and commit it; the upload is discarded either way.
 async fn commit(
     reg: &Registry,
     name: &str,
     digest: &str,
-    tmp: std::path::PathBuf,
+    up: Arc<dyn BlobUpload>,
     hasher: Sha256,
     size: u64,
 ) -> Result<Response, ApiError> {
@@ -185,28 +197,29 @@ async fn commit(
     let actual = match crate::digest::parse(digest) {
         Ok(crate::digest::Algorithm::Sha256) | Err(_) => digest_of(hasher),
         Ok(alg) => {
-            let t = tmp.clone();
+            let u = up.clone();
             blocking(move || {
-                crate::digest::of_file(alg, &t)
+                u.reader()
+                    .and_then(|r| crate::digest::of_reader(alg, r))
                     .map(|(d, _)| d)
-                    .map_err(|source| crate::store::StoreError::Io { path: t, source })
+                    .map_err(|source| crate::store::StoreError::Io {
+                        path: "upload".into(),
+                        source,
+                    })
             })
             .await?
         }
     };
     if actual != digest {
-        let _ = tokio::fs::remove_file(&tmp).await;
+        discard(vec![up]).await;
         return Err(ApiError::digest_invalid(format!(
             "provided digest {digest} does not match content digest {actual}"
         )));
     }
     let store = reg.inner.store.clone();
-    let (n, d, t) = (name.to_string(), digest.to_string(), tmp.clone());
-    let r = blocking(move || store.commit_blob(&n, &t, &d, size)).await;
-    if r.is_err() {
-        let _ = tokio::fs::remove_file(&tmp).await;
-    }
-    r?;
+    let (n, d) = (name.to_string(), digest.to_string());
+    // The commit runs on a blocking thread that then drops the upload (its temp data).
+    blocking(move || store.commit_blob(&n, up.as_ref(), &d, size)).await?;
     Ok(created(name, digest))
 }
 
@@ -234,7 +247,7 @@ pub(super) async fn start_upload(
     }
     let id = uuid::Uuid::new_v4().to_string();
     let up = Upload {
-        path: reg.inner.store.temp_path(),
+        blob: begin(reg).await?,
         offset: 0,
         hasher: Sha256::new(),
         touched: std::time::Instant::now(),
@@ -296,21 +309,21 @@ fn session(
 }
 
 /// Remove sessions idle longer than `idle` (busy ones are locked and skipped); returns
-/// their temp files for deletion. The registry's maintenance loop runs it on a timer, so
+/// their uploads to [`discard`]. The registry's maintenance loop runs it on a timer, so
 /// abandoned uploads cannot pile up on a long-running server.
 pub(super) fn take_expired(
     map: &mut super::Sessions,
     idle: std::time::Duration,
-) -> Vec<std::path::PathBuf> {
-    let mut paths = Vec::new();
+) -> Vec<Arc<dyn BlobUpload>> {
+    let mut gone = Vec::new();
     map.retain(|_, s| match s.upload.try_lock() {
         Ok(up) if up.touched.elapsed() > idle => {
-            paths.push(up.path.clone());
+            gone.push(up.blob.clone());
             false
         }
         _ => true,
     });
-    paths
+    gone
 }
 
 fn remove_session(reg: &Registry, id: &str) {
@@ -375,7 +388,7 @@ async fn append_chunk(
     }
     up.touched = std::time::Instant::now();
     let w = append_body(
-        up.path.clone(),
+        up.blob.clone(),
         up.offset,
         &up.hasher,
         body,
@@ -385,14 +398,8 @@ async fn append_chunk(
     if let Some(l) = limit {
         if w.written != l {
             // Cut back: the chunk is not applied.
-            let (p, off) = (up.path.clone(), up.offset);
-            let _ = tokio::task::spawn_blocking(move || {
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(&p)
-                    .and_then(|f| f.set_len(off))
-            })
-            .await;
+            let (b, off) = (up.blob.clone(), up.offset);
+            let _ = tokio::task::spawn_blocking(move || b.set_len(off)).await;
             return Err(ApiError::range_invalid(format!(
                 "chunk declared {l} bytes, body had {}",
                 w.written
@@ -447,14 +454,9 @@ pub(super) async fn finish_upload(
     append_chunk(reg, &mut up, headers, body).await?;
     // The session ends here whatever the outcome: a wrong digest discards the data.
     remove_session(reg, id);
-    let (path, hasher, size) = (up.path.clone(), up.hasher.clone(), up.offset);
-    if size == 0 && !path.exists() {
-        // Nothing was ever written: make the (empty) file so that commit has something.
-        tokio::fs::write(&path, b"")
-            .await
-            .map_err(ApiError::internal)?;
-    }
-    commit(reg, name, &digest, path, hasher, size).await
+    let (blob, hasher, size) = (up.blob.clone(), up.hasher.clone(), up.offset);
+    drop(up);
+    commit(reg, name, &digest, blob, hasher, size).await
 }
 
 pub(super) async fn cancel_upload(
@@ -465,7 +467,7 @@ pub(super) async fn cancel_upload(
     let s = session(reg, name, id)?;
     let up = s.lock().await;
     remove_session(reg, id);
-    let _ = tokio::fs::remove_file(&up.path).await;
+    discard(vec![up.blob.clone()]).await;
     Ok(respond(
         StatusCode::NO_CONTENT,
         &[("Content-Length", "0".into())],
@@ -477,15 +479,20 @@ pub(super) async fn cancel_upload(
 mod tests {
     use super::{parse_range, take_expired};
     use crate::registry::{Session, Sessions, Upload};
+    use crate::store::BlobStorage;
     use sha2::Digest;
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
     #[test]
     fn idle_sessions_expire_and_active_ones_stay() {
-        let mk = |age: Duration, path: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = crate::store::FsBlobs::open(dir.path()).unwrap();
+        let mk = |age: Duration, mark: &str| {
+            let blob: Arc<dyn crate::store::BlobUpload> = Arc::from(blobs.begin().unwrap());
+            blob.write_at(mark.as_bytes(), 0).unwrap();
             let up = Upload {
-                path: path.into(),
+                blob,
                 offset: 0,
                 hasher: sha2::Sha256::new(),
                 touched: Instant::now().checked_sub(age).unwrap(),
@@ -508,7 +515,10 @@ mod tests {
         let _held = guard.try_lock().unwrap();
         map.insert("busy".into(), busy);
         let gone = take_expired(&mut map, UPLOAD_IDLE);
-        assert_eq!(gone, vec![std::path::PathBuf::from("/tmp/old")]);
+        assert_eq!(gone.len(), 1);
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut gone[0].reader().unwrap(), &mut text).unwrap();
+        assert_eq!(text, "/tmp/old");
         assert!(map.contains_key("new") && map.contains_key("busy"));
     }
 

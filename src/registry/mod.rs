@@ -155,7 +155,8 @@ tokio::task_local! {
 /// One upload session (sessions live in memory; a restart forgets them and clears
 /// `uploads/`, which is what makes partial data invisible after a crash).
 pub(crate) struct Upload {
-    pub path: PathBuf,
+    /// Where the bytes go (the store's [`crate::store::BlobUpload`]; dropped, it is gone).
+    pub blob: Arc<dyn crate::store::BlobUpload>,
     pub offset: u64,
     pub hasher: sha2::Sha256,
     /// Last time a request touched the session; idle sessions expire
@@ -219,6 +220,8 @@ pub(crate) struct State {
     pub detailed: broadcast::Sender<(RegistryEvent, RequestContext)>,
     /// Set once the maintenance loop (session sweep, outbox prune) runs.
     pub maintained: std::sync::atomic::AtomicBool,
+    /// Where the maintenance loop runs; it stops when the registry is dropped.
+    pub background: crate::background::Background,
 }
 
 /// Handle on a registry: cheap to clone; the read API and the event hook.
@@ -258,26 +261,28 @@ impl Registry {
                 events,
                 detailed,
                 maintained: std::sync::atomic::AtomicBool::new(false),
+                background: crate::background::Background::new(),
             }),
         })
     }
 
     /// Starts (once) the registry's background upkeep: idle upload sessions are dropped
     /// with their data every [`sweep_every`], old outbox events pruned hourly. The loop
-    /// holds only a weak reference and ends when the registry is dropped. Called by the
-    /// routers, so anything that serves the registry has it.
+    /// runs in the registry's [`crate::background::Background`], holds only a weak
+    /// reference, and ends when the registry is dropped. Called by the routers, so anything
+    /// that serves the registry has it.
     fn maintain(&self) {
         use std::sync::atomic::Ordering;
         if self.inner.maintained.swap(true, Ordering::SeqCst) {
             return;
         }
-        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        if tokio::runtime::Handle::try_current().is_err() {
             self.inner.maintained.store(false, Ordering::SeqCst);
             return;
-        };
+        }
         let weak = Arc::downgrade(&self.inner);
         let every = sweep_every(&self.inner.limits);
-        handle.spawn(async move {
+        self.inner.background.spawn("registry upkeep", async move {
             let mut last_prune = std::time::Instant::now();
             loop {
                 tokio::time::sleep(every).await;
@@ -288,9 +293,7 @@ impl Registry {
                 };
                 if !expired.is_empty() {
                     tracing::info!(sessions = expired.len(), "idle upload sessions dropped");
-                }
-                for path in expired {
-                    let _ = tokio::fs::remove_file(&path).await;
+                    blobs::discard(expired).await;
                 }
                 if last_prune.elapsed() >= OUTBOX_PRUNE_EVERY {
                     last_prune = std::time::Instant::now();
@@ -406,11 +409,14 @@ pub fn router_with_auth(registry: Registry, auth: Option<Arc<crate::auth::Auth>>
     }
 }
 
+/// How long a stopping registry lets in-flight requests run.
+const REQUESTS_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
 pub struct RunningRegistry {
     addr: SocketAddr,
     registry: Registry,
-    shutdown: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
+    /// The listener; stopping it lets in-flight requests finish.
+    background: crate::background::Background,
 }
 
 impl RunningRegistry {
@@ -424,10 +430,7 @@ impl RunningRegistry {
 
     /// Stop accepting, let in-flight requests finish, and return.
     pub async fn shutdown(self) {
-        let _ = self.shutdown.send(());
-        if let Err(e) = self.task.await {
-            tracing::warn!(error = %e, "registry server task ended abnormally");
-        }
+        self.background.shutdown(REQUESTS_GRACE).await;
     }
 }
 
@@ -456,16 +459,17 @@ pub async fn start_with_auth(
             addr: cfg.listen,
             source,
         })?;
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let background = crate::background::Background::new();
+    let stop = background.token();
     let names = Arc::new(crate::listen::HostNames::new(&cfg.server_names));
     let app = router_with_auth(registry.clone(), auth).layer(axum::middleware::from_fn_with_state(
         names,
         crate::listen::check_host,
     ));
     let (tls, connections) = (cfg.tls, cfg.connections);
-    let task = tokio::spawn(async move {
+    background.spawn_graceful(async move {
         let serve = crate::listen::serve_with(listener, app, tls, connections, async move {
-            let _ = rx.await;
+            stop.cancelled().await;
         });
         if let Err(e) = serve.await {
             tracing::error!(error = %e, "registry server stopped");
@@ -475,7 +479,6 @@ pub async fn start_with_auth(
     Ok(RunningRegistry {
         addr,
         registry,
-        shutdown: tx,
-        task,
+        background,
     })
 }

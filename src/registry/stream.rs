@@ -7,10 +7,7 @@
 //! `fdatasync` starts in the background so that the final fsync at commit has little left.
 //! Downloads: one blocking thread reads [`READ_CHUNK`]-sized chunks into the response body.
 
-use std::fs::OpenOptions;
-use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::io::Read;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +18,7 @@ use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 
 use super::errors::ApiError;
+use crate::store::{BlobUpload, Store};
 
 const SYNC_EVERY: u64 = 64 * 1024 * 1024;
 const READ_CHUNK: usize = 256 * 1024;
@@ -44,7 +42,7 @@ pub(crate) struct BodyLimits {
 
 /// One batch written at `at` and hashed, both off the async threads, side by side.
 async fn write_batch(
-    file: &Arc<std::fs::File>,
+    file: &Arc<dyn BlobUpload>,
     at: u64,
     batch: Vec<Bytes>,
     hasher: Sha256,
@@ -54,7 +52,7 @@ async fn write_batch(
     let write = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
         let mut pos = at;
         for chunk in b.iter() {
-            f.write_all_at(chunk, pos)?;
+            f.write_at(chunk, pos)?;
             pos += chunk.len() as u64;
         }
         Ok(())
@@ -71,30 +69,21 @@ async fn write_batch(
     Ok(h?)
 }
 
-/// Write `body` into `path` at `offset` (truncating anything after it), continuing `hasher`.
-/// On a broken body (client gone, truncated `Content-Length`, idle too long) or a limit
-/// exceeded, the file is cut back to `offset` and an error returned, so a failed chunk
-/// leaves no trace.
+/// Write `body` into the upload at `offset` (truncating anything after it), continuing
+/// `hasher`. On a broken body (client gone, truncated `Content-Length`, idle too long) or
+/// a limit exceeded, the upload is cut back to `offset` and an error returned, so a failed
+/// chunk leaves no trace.
 pub(crate) async fn append_body(
-    path: PathBuf,
+    file: Arc<dyn BlobUpload>,
     offset: u64,
     hasher: &Sha256,
     body: Body,
     limits: BodyLimits,
 ) -> Result<Written, ApiError> {
-    let p = path.clone();
-    let file = tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
-        let file = OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(false)
-            .open(&p)?;
-        file.set_len(offset)?;
-        Ok(file)
-    })
-    .await?
-    .map_err(|e| ApiError::internal(format!("{}: {e}", path.display())))?;
-    let file = Arc::new(file);
+    let f = file.clone();
+    tokio::task::spawn_blocking(move || f.set_len(offset))
+        .await?
+        .map_err(|e| ApiError::internal(format!("upload: {e}")))?;
     let result = receive(&file, offset, hasher.clone(), body, limits).await;
     if result.is_err() {
         let f = file.clone();
@@ -104,7 +93,7 @@ pub(crate) async fn append_body(
 }
 
 async fn receive(
-    file: &Arc<std::fs::File>,
+    file: &Arc<dyn BlobUpload>,
     offset: u64,
     mut hasher: Sha256,
     body: Body,
@@ -182,7 +171,7 @@ async fn receive(
                 since_sync = 0;
                 let f = file.clone();
                 syncing = Some(tokio::task::spawn_blocking(move || {
-                    let _ = f.sync_data();
+                    let _ = f.sync_some();
                 }));
             }
         }
@@ -211,13 +200,14 @@ async fn receive(
     })
 }
 
-/// A response body that streams `len` bytes of `path` from `start`.
-pub(crate) fn file_body(path: PathBuf, start: u64, len: u64) -> Body {
+/// A response body that streams `len` bytes of blob `digest` from `start`.
+pub(crate) fn file_body(store: Arc<Store>, digest: String, start: u64, len: u64) -> Body {
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
     tokio::task::spawn_blocking(move || {
         let run = || -> std::io::Result<()> {
-            let mut f = std::fs::File::open(&path)?;
-            f.seek(SeekFrom::Start(start))?;
+            let mut f = store
+                .blob_reader(&digest, start)
+                .map_err(std::io::Error::other)?;
             let mut left = len;
             while left > 0 {
                 let want = left.min(READ_CHUNK as u64) as usize;

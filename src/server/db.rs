@@ -12,6 +12,8 @@ use super::model::{RunRecord, TaskSpec, Trigger};
 pub enum DbError {
     #[error("database: {0}")]
     Sql(#[from] rusqlite::Error),
+    #[error(transparent)]
+    Migrate(#[from] crate::store::migrate::MigrateError),
     #[error("stored data is not valid JSON: {0}")]
     Json(#[from] serde_json::Error),
     #[error("database lock poisoned")]
@@ -22,6 +24,10 @@ pub struct Db {
     conn: Mutex<Connection>,
     prefix: String,
 }
+
+/// `server.db`'s schema, one entry per version (see [`crate::store::migrate`]).
+const MIGRATIONS: &[crate::store::migrate::Migration] =
+    &[crate::store::migrate::Migration::Sql(SCHEMA)];
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -98,9 +104,9 @@ pub struct NewRun {
 
 impl Db {
     pub fn open(path: &Path) -> Result<Db, DbError> {
-        let conn = Connection::open(path)?;
+        let mut conn = Connection::open(path)?;
         crate::store::configure_sqlite(&conn)?;
-        conn.execute_batch(SCHEMA)?;
+        crate::store::migrate::apply(&mut conn, "server.db", MIGRATIONS)?;
         // A per-database run-id prefix, so that two servers on one engine never share a run
         // id (ids name and label Docker resources).
         let prefix: Option<String> = conn

@@ -19,8 +19,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use tokio_util::sync::CancellationToken;
-
 use crate::registry::{Registry, RegistryError};
 use crate::triggers::cron::{Clock, SystemClock};
 
@@ -57,6 +55,10 @@ pub enum ServerError {
     #[error("--insecure-open-api serves the task API without credentials, so only on a loopback address; {0} is not one (drop the flag, or listen on 127.0.0.1)")]
     OpenApiNotLoopback(SocketAddr),
 }
+
+/// How long a stopping server waits for its queue (which cancels running runs and waits
+/// for their teardown) and loops to end.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
 
 pub struct ServeConfig {
     pub listen: SocketAddr,
@@ -272,19 +274,24 @@ impl Server {
             .await,
         );
         queue.recover(exec.as_ref()).await?;
-        let halt = CancellationToken::new();
-        let queue_task = tokio::spawn(queue.clone().run_loop(exec, halt.clone()));
-        watchers::spawn_all(watchers::Watchers {
-            queue: queue.clone(),
-            registry: self.registry.clone(),
-            registry_host,
-            clock: self.cfg.clock.clone(),
-            halt: halt.clone(),
-            remote_poll: self.cfg.remote_poll,
-            remote: self.remote.clone(),
-        });
+        // Everything that runs beside the listener, stopped together at the end.
+        let background = crate::background::Background::new();
+        let halt = background.token();
+        background.spawn_graceful(queue.clone().run_loop(exec, halt.clone()));
+        watchers::spawn_all(
+            watchers::Watchers {
+                queue: queue.clone(),
+                registry: self.registry.clone(),
+                registry_host,
+                clock: self.cfg.clock.clone(),
+                halt: halt.clone(),
+                remote_poll: self.cfg.remote_poll,
+                remote: self.remote.clone(),
+            },
+            &background,
+        );
         // Kept alive while serving: deliveries run off the request path.
-        let _webhooks = match &self.cfg.webhooks {
+        let webhooks = match &self.cfg.webhooks {
             Some(opts) => Some(crate::webhooks::Dispatcher::start(
                 &self.registry,
                 &self.cfg.data_dir.join("registry"),
@@ -332,15 +339,15 @@ impl Server {
                 names,
                 crate::listen::check_host,
             ));
-        let h = halt.clone();
         let (tls, connections) = (self.cfg.tls.clone(), self.cfg.connections);
-        crate::listen::serve_with(self.listener, app, tls, connections, async move {
-            stop.await;
-            h.cancel();
-        })
-        .await?;
-        halt.cancel();
-        queue_task.await?;
+        let served = crate::listen::serve_with(self.listener, app, tls, connections, stop).await;
+        // The queue cancels its running runs and waits for their clean-up (a run's teardown
+        // sweep takes seconds), so it gets longer than the other loops need.
+        background.shutdown(STOP_GRACE).await;
+        if let Some(w) = webhooks {
+            w.shutdown().await;
+        }
+        served?;
         let _ = std::fs::remove_file(&url_file);
         Ok(())
     }

@@ -31,13 +31,14 @@ pub struct Watchers {
 /// Pushes that arrive within this window are handled together (a storm queues once).
 const DEBOUNCE: Duration = Duration::from_millis(200);
 
-pub fn spawn_all(w: Watchers) {
+/// Starts the loops into `bg`; they end when it stops (`halt` is its token).
+pub fn spawn_all(w: Watchers, bg: &crate::background::Background) {
     let w = Arc::new(w);
-    tokio::spawn(base_images(w.clone()));
-    tokio::spawn(timers(w.clone()));
-    tokio::spawn(commits(w.clone()));
+    bg.spawn("base-image trigger", base_images(w.clone()));
+    bg.spawn("timers", timers(w.clone()));
+    bg.spawn("commit watcher", commits(w.clone()));
     if w.remote_poll > 0 {
-        tokio::spawn(remote_bases(w));
+        bg.spawn("remote base-image poller", remote_bases(w));
     }
 }
 

@@ -22,9 +22,9 @@ pub fn configure(conn: &Connection) -> rusqlite::Result<()> {
     conn.busy_timeout(std::time::Duration::from_secs(30))
 }
 
-pub(crate) fn init_schema(conn: &Connection) -> Result<(), StoreError> {
-    conn.execute_batch(
-        "CREATE TABLE IF NOT EXISTS repositories(
+/// The registry metadata's schema, one entry per version (see [`super::migrate`]).
+pub(crate) const MIGRATIONS: &[super::migrate::Migration] = &[super::migrate::Migration::Sql(
+    "CREATE TABLE IF NOT EXISTS repositories(
             name TEXT PRIMARY KEY, created INTEGER NOT NULL);
          CREATE TABLE IF NOT EXISTS blobs(
             digest TEXT PRIMARY KEY, size INTEGER NOT NULL, created INTEGER NOT NULL);
@@ -48,9 +48,7 @@ pub(crate) fn init_schema(conn: &Connection) -> Result<(), StoreError> {
          CREATE TABLE IF NOT EXISTS outbox(
             seq INTEGER PRIMARY KEY AUTOINCREMENT, created INTEGER NOT NULL,
             payload TEXT NOT NULL);",
-    )?;
-    Ok(())
-}
+)];
 
 /// Appends event payloads to the outbox inside the caller's transaction, so an event
 /// exists exactly when the change it describes does.

@@ -1,12 +1,9 @@
 //! Garbage collection and consistency checking.
 
-use std::fs;
-use std::path::PathBuf;
-
 use rusqlite::params;
 use serde::Serialize;
 
-use super::{db, io_err, Store, StoreError};
+use super::{db, Store, StoreError};
 
 #[derive(Debug, Default, Clone, Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -69,33 +66,14 @@ impl FsckReport {
 }
 
 /// The digest of a blob file by the algorithm it is named by.
-fn hash_file(path: &std::path::Path, named: &str) -> Result<(String, u64), StoreError> {
-    let alg = crate::digest::parse(named).unwrap_or(crate::digest::Algorithm::Sha256);
-    crate::digest::of_file(alg, path).map_err(io_err(path))
-}
-
 impl Store {
-    /// Every blob file under `blobs/<algorithm>/`, as digests.
-    fn blob_files(&self) -> Result<Vec<(String, PathBuf)>, StoreError> {
-        let mut out = Vec::new();
-        for alg in ["sha256", "sha512"] {
-            let base = self.root.join("blobs").join(alg);
-            let dirs = match fs::read_dir(&base) {
-                Ok(d) => d,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(io_err(&base)(e)),
-            };
-            for d in dirs.flatten() {
-                let Ok(entries) = fs::read_dir(d.path()) else {
-                    continue;
-                };
-                for e in entries.flatten() {
-                    let name = e.file_name().to_string_lossy().to_string();
-                    out.push((format!("{alg}:{name}"), e.path()));
-                }
-            }
-        }
-        Ok(out)
+    /// The digest of a stored blob's content by the algorithm it is named by, and its length.
+    fn hash_blob(&self, named: &str) -> Result<(String, u64), StoreError> {
+        let alg = crate::digest::parse(named).unwrap_or(crate::digest::Algorithm::Sha256);
+        crate::digest::of_reader(alg, self.blobs.read(named, 0)?).map_err(|source| StoreError::Io {
+            path: std::path::PathBuf::from(named),
+            source,
+        })
     }
 
     /// Remove manifests that no tag, index or live subject keeps, blob links that no
@@ -156,17 +134,12 @@ impl Store {
             let rows = stmt.query_map(params![cutoff], |r| Ok((r.get(0)?, r.get(1)?)))?;
             rows.collect::<Result<Vec<_>, _>>()?
         };
-        let trash = self.root.join("trash");
-        let mut trashed = Vec::new();
+        let mut staged = Vec::new();
         for (digest, size) in blobs {
             tx.execute("DELETE FROM blobs WHERE digest = ?1", params![digest])?;
             report.bytes_freed += size as u64;
             if !dry_run {
-                let from = self.blob_path(&digest);
-                let to = trash.join(digest.replace(':', "-"));
-                if fs::rename(&from, &to).is_ok() {
-                    trashed.push(to);
-                }
+                staged.extend(self.blobs.stage_removal(&digest)?);
             }
             report.blobs.push(digest);
         }
@@ -205,22 +178,12 @@ impl Store {
         // commit is in flight, so these are true leftovers.
         let cutoff_time = std::time::SystemTime::UNIX_EPOCH
             + std::time::Duration::from_secs(cutoff.max(0) as u64);
-        for (digest, path) in self.blob_files()? {
-            if db::blob_size(&tx, &digest)?.is_some() {
-                continue;
-            }
-            let old = fs::metadata(&path)
-                .and_then(|m| m.modified())
-                .map(|t| t <= cutoff_time)
-                .unwrap_or(true);
-            if !old {
+        for (digest, stored) in self.blobs.list()? {
+            if db::blob_size(&tx, &digest)?.is_some() || stored > cutoff_time {
                 continue;
             }
             if !dry_run {
-                let to = trash.join(digest.replace(':', "-"));
-                if fs::rename(&path, &to).is_ok() {
-                    trashed.push(to);
-                }
+                staged.extend(self.blobs.stage_removal(&digest)?);
             }
             report.orphan_files.push(digest);
         }
@@ -228,8 +191,8 @@ impl Store {
             tx.rollback()?;
         } else {
             tx.commit()?;
-            for t in trashed {
-                let _ = fs::remove_file(t);
+            for s in staged {
+                self.blobs.finish_removal(s);
             }
         }
         tracing::info!(
@@ -259,17 +222,16 @@ impl Store {
         };
         for (digest, size) in &blobs {
             report.blobs_checked += 1;
-            let path = self.blob_path(digest);
-            if !path.exists() {
+            if !self.blobs.exists(digest) {
                 report.issues.push(issue(
                     "blob-missing",
                     None,
                     digest,
-                    format!("{} does not exist", path.display()),
+                    "its content is not in the blob storage".to_string(),
                 ));
                 continue;
             }
-            let (actual, n) = hash_file(&path, digest)?;
+            let (actual, n) = self.hash_blob(digest)?;
             if n != *size as u64 {
                 report.issues.push(issue(
                     "blob-size",
@@ -290,7 +252,8 @@ impl Store {
         let known: std::collections::HashSet<&str> =
             blobs.iter().map(|(d, _)| d.as_str()).collect();
         report.orphan_files = self
-            .blob_files()?
+            .blobs
+            .list()?
             .iter()
             .filter(|(d, _)| !known.contains(d.as_str()))
             .count();

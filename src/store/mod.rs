@@ -7,10 +7,15 @@
 //! - `trash/` — blobs that gc is removing (moved back on restart if the removal never committed);
 //! - `meta.db` — repositories, tags, manifests, their references, blob links.
 //!
+//! Blob bytes go through [`BlobStorage`] (the files above, [`FsBlobs`]); the metadata is
+//! SQLite.
+//!
 //! All calls block (file I/O, SQLite); async callers run them in `spawn_blocking`.
 
+mod blobs;
 mod db;
 mod maint;
+pub mod migrate;
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
@@ -19,6 +24,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::Connection;
 
+pub use blobs::{BlobStorage, BlobUpload, FsBlobs, Staged};
 pub use db::{
     configure as configure_sqlite, Descriptor, ManifestInfo, ManifestRow, NewManifest, Reference,
 };
@@ -29,6 +35,8 @@ pub use maint::{FsckIssue, FsckReport, GcReport};
 pub enum StoreError {
     #[error("database: {0}")]
     Db(#[from] rusqlite::Error),
+    #[error(transparent)]
+    Migrate(#[from] migrate::MigrateError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -63,6 +71,7 @@ const READERS: usize = 4;
 
 pub struct Store {
     root: PathBuf,
+    blobs: Box<dyn BlobStorage>,
     writer: Mutex<Connection>,
     readers: Vec<Mutex<Connection>>,
     next_reader: AtomicUsize,
@@ -81,10 +90,7 @@ impl Store {
     /// it clears abandoned uploads and finishes or rolls back an interrupted gc. Tools that run
     /// beside a live server (fsck, repository list) pass `false`.
     pub fn open(root: &Path, recover: bool) -> Result<Store, StoreError> {
-        for sub in ["blobs/sha256", "uploads", "trash"] {
-            let p = root.join(sub);
-            fs::create_dir_all(&p).map_err(io_err(&p))?;
-        }
+        fs::create_dir_all(root).map_err(io_err(root))?;
         // One serving process per data dir: recovery clears `uploads/`, which would destroy
         // another server's sessions in flight.
         let owner = if recover {
@@ -93,14 +99,15 @@ impl Store {
             None
         };
         let db_path = root.join("meta.db");
-        let writer = db::open_conn(&db_path)?;
-        db::init_schema(&writer)?;
+        let mut writer = db::open_conn(&db_path)?;
+        migrate::apply(&mut writer, "meta.db", db::MIGRATIONS)?;
         let mut readers = Vec::with_capacity(READERS);
         for _ in 0..READERS {
             readers.push(Mutex::new(db::open_conn(&db_path)?));
         }
         let store = Store {
             root: root.to_path_buf(),
+            blobs: Box::new(FsBlobs::open(root)?),
             writer: Mutex::new(writer),
             readers,
             next_reader: AtomicUsize::new(0),
@@ -150,18 +157,18 @@ fn lock_exclusive(root: &Path) -> Result<fs::File, StoreError> {
 }
 
 impl Store {
-    /// Where a committed blob lives. `digest` must already be validated (`sha256:<64 hex>`).
-    pub fn blob_path(&self, digest: &str) -> PathBuf {
-        let (alg, hex) = digest.split_once(':').unwrap_or(("sha256", digest));
-        let prefix = hex.get(..2).unwrap_or("00");
-        self.root.join("blobs").join(alg).join(prefix).join(hex)
+    /// A new upload, invisible until [`Store::commit_blob`].
+    pub fn begin_upload(&self) -> Result<Box<dyn BlobUpload>, StoreError> {
+        self.blobs.begin()
     }
 
-    /// A fresh path for an upload in progress.
-    pub fn temp_path(&self) -> PathBuf {
-        self.root
-            .join("uploads")
-            .join(uuid::Uuid::new_v4().simple().to_string())
+    /// The content of a stored blob from byte `start`. `digest` must already be validated.
+    pub fn blob_reader(
+        &self,
+        digest: &str,
+        start: u64,
+    ) -> Result<Box<dyn std::io::Read + Send>, StoreError> {
+        self.blobs.read(digest, start)
     }
 
     pub(crate) fn writer(&self) -> Result<MutexGuard<'_, Connection>, StoreError> {
@@ -182,44 +189,32 @@ impl Store {
             .map_err(|_| StoreError::Poisoned)
     }
 
-    /// Make a received, digest-verified temp file a committed blob linked to `repo`.
+    /// Make a received, digest-verified upload a committed blob linked to `repo`.
     ///
-    /// Order: fsync the file; hard-link it to its final name and fsync that directory (outside
-    /// the write lock, so concurrent commits flush their directories in parallel); then, under
-    /// the write transaction, make sure the file is still there (a concurrent gc may have
-    /// moved an older copy to trash) and commit the row. A crash at any point leaves either
-    /// nothing visible or a complete blob; a file without a row is invisible until gc.
+    /// Order: the upload becomes durable content (outside the write lock, so concurrent
+    /// commits flush in parallel); then, under the write transaction, make sure the content
+    /// is still there (a concurrent gc may have staged an older copy's removal) and commit
+    /// the row. A crash at any point leaves either nothing visible or a complete blob;
+    /// content without a row is invisible until gc.
     pub fn commit_blob(
         &self,
         repo: &str,
-        temp: &Path,
+        upload: &dyn BlobUpload,
         digest: &str,
         size: u64,
     ) -> Result<(), StoreError> {
-        let f = File::open(temp).map_err(io_err(temp))?;
-        f.sync_all().map_err(io_err(temp))?;
-        drop(f);
-        let dest = self.blob_path(digest);
-        let dir = dest.parent().unwrap_or(&self.root).to_path_buf();
-        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        place(temp, &dest)?;
-        sync_dir(&dir)?;
-        let result = (|| {
-            let mut conn = self.writer()?;
-            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            if !dest.exists() {
-                place(temp, &dest)?;
-                sync_dir(&dir)?;
-            }
-            if db::blob_size(&tx, digest)?.is_none() {
-                db::insert_blob(&tx, digest, size)?;
-            }
-            db::link_blob(&tx, repo, digest)?;
-            tx.commit()?;
-            Ok(())
-        })();
-        let _ = fs::remove_file(temp);
-        result
+        upload.commit(digest)?;
+        let mut conn = self.writer()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        if !self.blobs.exists(digest) {
+            upload.commit(digest)?;
+        }
+        if db::blob_size(&tx, digest)?.is_none() {
+            db::insert_blob(&tx, digest, size)?;
+        }
+        db::link_blob(&tx, repo, digest)?;
+        tx.commit()?;
+        Ok(())
     }
 
     /// Size of a blob if it is linked to `repo`.
@@ -245,7 +240,7 @@ impl Store {
     pub fn link_existing(&self, repo: &str, digest: &str) -> Result<bool, StoreError> {
         let mut conn = self.writer()?;
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        if db::blob_size(&tx, digest)?.is_none() || !self.blob_path(digest).exists() {
+        if db::blob_size(&tx, digest)?.is_none() || !self.blobs.exists(digest) {
             return Ok(false);
         }
         db::link_blob(&tx, repo, digest)?;
@@ -401,45 +396,11 @@ impl Store {
     }
 
     /// Startup recovery: abandoned uploads are dropped (upload sessions live in memory), and
-    /// blobs that an interrupted gc moved to trash come back if their row survived.
+    /// blobs that an interrupted gc staged for removal come back if their row survived.
     fn recover(&self) -> Result<(), StoreError> {
-        let uploads = self.root.join("uploads");
-        for e in fs::read_dir(&uploads).map_err(io_err(&uploads))?.flatten() {
-            let _ = fs::remove_file(e.path());
-        }
-        let trash = self.root.join("trash");
         let conn = self.writer()?;
-        for e in fs::read_dir(&trash).map_err(io_err(&trash))?.flatten() {
-            let name = e.file_name().to_string_lossy().to_string();
-            // `alg-hex` (older versions wrote the sha256 hex alone).
-            let digest = match name.split_once('-') {
-                Some((alg, hex)) => format!("{alg}:{hex}"),
-                None => format!("sha256:{name}"),
-            };
-            let dest = self.blob_path(&digest);
-            if db::blob_size(&conn, &digest)?.is_some() && !dest.exists() {
-                if let Some(dir) = dest.parent() {
-                    fs::create_dir_all(dir).map_err(io_err(dir))?;
-                }
-                fs::rename(e.path(), &dest).map_err(io_err(&dest))?;
-                tracing::warn!(%digest, "restored blob from an interrupted gc");
-            } else {
-                let _ = fs::remove_file(e.path());
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Hard-link `temp` to `dest`; an existing `dest` already holds the same (verified) content.
-fn place(temp: &Path, dest: &Path) -> Result<(), StoreError> {
-    match fs::hard_link(temp, dest) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(StoreError::Io {
-            path: dest.to_path_buf(),
-            source: e,
-        }),
+        self.blobs
+            .recover(&mut |digest| Ok(db::blob_size(&conn, digest)?.is_some()))
     }
 }
 

@@ -3,12 +3,23 @@ use sha2::{Digest, Sha256};
 
 fn put_blob(store: &Store, repo: &str, data: &[u8]) -> String {
     let digest = format!("sha256:{}", hex::encode(Sha256::digest(data)));
-    let tmp = store.temp_path();
-    std::fs::write(&tmp, data).unwrap();
+    let up = store.begin_upload().unwrap();
+    up.write_at(data, 0).unwrap();
     store
-        .commit_blob(repo, &tmp, &digest, data.len() as u64)
+        .commit_blob(repo, up.as_ref(), &digest, data.len() as u64)
         .unwrap();
     digest
+}
+
+/// Where the filesystem blob storage keeps `digest` (the layout `FsBlobs` promises).
+fn file_of(store: &Store, digest: &str) -> std::path::PathBuf {
+    let (alg, hex) = digest.split_once(':').unwrap();
+    store
+        .root()
+        .join("blobs")
+        .join(alg)
+        .join(&hex[..2])
+        .join(hex)
 }
 
 /// A manifest over `blobs`, each declared with its stored size (0 when absent).
@@ -53,7 +64,10 @@ fn blob_commit_is_linked_per_repository_and_survives_reopen() {
     };
     let store = Store::open(dir.path(), true).unwrap();
     assert_eq!(store.blob_in_repo("other", &d).unwrap(), Some(5));
-    assert_eq!(std::fs::read(store.blob_path(&d)).unwrap(), b"hello");
+    let mut got = Vec::new();
+    std::io::Read::read_to_end(&mut store.blob_reader(&d, 0).unwrap(), &mut got).unwrap();
+    assert_eq!(got, b"hello");
+    assert!(file_of(&store, &d).exists());
     assert!(store.fsck().unwrap().is_clean());
 }
 
@@ -103,13 +117,13 @@ fn manifest_with_missing_blob_is_refused_and_gc_keeps_tagged_content() {
 
     let dry = store.gc(-1, true).unwrap();
     assert_eq!(dry.blobs, vec![lonely.clone()]);
-    assert!(store.blob_path(&lonely).exists());
+    assert!(file_of(&store, &lonely).exists());
 
     let report = store.gc(-1, false).unwrap();
     assert_eq!(report.blobs, vec![lonely.clone()]);
     assert_eq!(report.manifests, vec![format!("r@{}", untagged.digest)]);
-    assert!(!store.blob_path(&lonely).exists());
-    assert!(store.blob_path(&layer).exists());
+    assert!(!file_of(&store, &lonely).exists());
+    assert!(file_of(&store, &layer).exists());
     let tagged = store
         .get_manifest("r", &Reference::Tag("v1".into()))
         .unwrap()
@@ -123,7 +137,7 @@ fn fsck_reports_a_corrupted_blob() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), true).unwrap();
     let d = put_blob(&store, "r", b"original");
-    std::fs::write(store.blob_path(&d), b"tampered").unwrap();
+    std::fs::write(file_of(&store, &d), b"tampered").unwrap();
     let report = store.fsck().unwrap();
     assert_eq!(report.issues.len(), 1);
     assert_eq!(report.issues[0].kind, "blob-digest");

@@ -30,6 +30,8 @@ pub const EVENT_HEADER: &str = "X-Acr-Task-Event";
 pub enum WebhookError {
     #[error("webhook database: {0}")]
     Db(#[from] rusqlite::Error),
+    #[error(transparent)]
+    Migrate(#[from] crate::store::migrate::MigrateError),
     #[error("{path}: {source}")]
     Io {
         path: String,
@@ -347,18 +349,14 @@ pub async fn ping(
     attempt(store, &d, opts, false).await
 }
 
-/// The background worker pair: intake (registry events → queue) and delivery.
+/// How long a stop waits for the loops to end.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// The background worker pair: intake (registry events → queue) and delivery. Dropped,
+/// both stop (a delivery cut short is retried from the queue after a restart).
 pub struct Dispatcher {
     store: Arc<WebhookStore>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Drop for Dispatcher {
-    fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
-    }
+    background: crate::background::Background,
 }
 
 impl Dispatcher {
@@ -374,11 +372,12 @@ impl Dispatcher {
         // Live events only wake the intake; it reads the registry's outbox from its own
         // cursor, so nothing committed is lost to a crash, a restart or a slow receiver.
         let mut rx = registry.subscribe();
-        let intake = {
+        let background = crate::background::Background::new();
+        {
             let store = store.clone();
             let notify = notify.clone();
             let registry = registry.clone();
-            tokio::spawn(async move {
+            background.spawn("webhook intake", async move {
                 let mut cursor = match intake_start(&store, &registry).await {
                     Ok(c) => c,
                     Err(e) => {
@@ -409,11 +408,11 @@ impl Dispatcher {
                         _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
                     }
                 }
-            })
-        };
-        let worker = {
+            });
+        }
+        {
             let store = store.clone();
-            tokio::spawn(async move {
+            background.spawn("webhook delivery", async move {
                 loop {
                     let s = store.clone();
                     let due = tokio::task::spawn_blocking(move || s.due(store::now_ms(), 32)).await;
@@ -454,12 +453,14 @@ impl Dispatcher {
                         _ = tokio::time::sleep(wait) => {}
                     }
                 }
-            })
-        };
-        Ok(Dispatcher {
-            store,
-            tasks: vec![intake, worker],
-        })
+            });
+        }
+        Ok(Dispatcher { store, background })
+    }
+
+    /// Stops intake and delivery, waiting briefly for them to end.
+    pub async fn shutdown(self) {
+        self.background.shutdown(STOP_GRACE).await;
     }
 
     pub fn store(&self) -> &Arc<WebhookStore> {

@@ -107,17 +107,10 @@ pub struct WebhookStore {
     conn: Mutex<Connection>,
 }
 
-impl WebhookStore {
-    pub fn open(dir: &Path) -> Result<WebhookStore, WebhookError> {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::create_dir_all(dir).map_err(|e| WebhookError::io(dir, e))?;
-        let path = dir.join("webhooks.db");
-        let conn = Connection::open(&path)?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| WebhookError::io(&path, e))?;
-        crate::store::configure_sqlite(&conn)?;
-        conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS webhooks(
+/// `webhooks.db`'s schema, one entry per version (see [`crate::store::migrate`]).
+const MIGRATIONS: &[crate::store::migrate::Migration] = &[
+    crate::store::migrate::Migration::Sql(
+        "CREATE TABLE IF NOT EXISTS webhooks(
                 name TEXT PRIMARY KEY, uri TEXT NOT NULL, actions TEXT NOT NULL, scope TEXT,
                 headers TEXT NOT NULL, secret TEXT, created INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS deliveries(
@@ -131,17 +124,29 @@ impl WebhookStore {
              CREATE UNIQUE INDEX IF NOT EXISTS deliveries_event ON deliveries(webhook, event_id);
              CREATE TABLE IF NOT EXISTS cursor(
                 id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL);",
-        )?;
-        // Added later: stores made before it get the column, off (refusing private
-        // destinations their webhooks were never checked for is the safe reading).
-        let has: bool = conn
-            .prepare("SELECT 1 FROM pragma_table_info('webhooks') WHERE name = 'allow_private'")?
-            .exists([])?;
-        if !has {
-            conn.execute_batch(
+    ),
+    // 2: `allow_private`, off for webhooks made before it (refusing private destinations
+    // they were never checked for is the safe reading); stores that had it already keep it.
+    crate::store::migrate::Migration::Code(|c| {
+        if !crate::store::migrate::has_column(c, "webhooks", "allow_private")? {
+            c.execute_batch(
                 "ALTER TABLE webhooks ADD COLUMN allow_private INTEGER NOT NULL DEFAULT 0",
             )?;
         }
+        Ok(())
+    }),
+];
+
+impl WebhookStore {
+    pub fn open(dir: &Path) -> Result<WebhookStore, WebhookError> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(dir).map_err(|e| WebhookError::io(dir, e))?;
+        let path = dir.join("webhooks.db");
+        let mut conn = Connection::open(&path)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| WebhookError::io(&path, e))?;
+        crate::store::configure_sqlite(&conn)?;
+        crate::store::migrate::apply(&mut conn, "webhooks.db", MIGRATIONS)?;
         Ok(WebhookStore {
             path,
             conn: Mutex::new(conn),

@@ -1,0 +1,291 @@
+//! Where blob bytes live, behind one trait: the filesystem now; object storage and an
+//! encrypting layer later slot in without touching the registry or gc.
+//!
+//! An upload is an object: bytes are written into it at offsets, and it becomes content
+//! only by `commit` under a digest the caller has verified. Until then nothing is visible;
+//! an upload dropped or cancelled leaves nothing behind. Removal is two-phase (`stage`,
+//! then `finish` once the metadata that forgot the blob has committed) so a crash between
+//! the two never loses a blob the metadata still names. All calls block.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use super::{io_err, StoreError};
+
+/// Blob content by digest.
+pub trait BlobStorage: Send + Sync + std::fmt::Debug {
+    /// A new, empty upload.
+    fn begin(&self) -> Result<Box<dyn BlobUpload>, StoreError>;
+    /// Whether content is stored under `digest`.
+    fn exists(&self, digest: &str) -> bool;
+    /// The content of `digest` from byte `start`.
+    fn read(&self, digest: &str, start: u64) -> Result<Box<dyn Read + Send>, StoreError>;
+    /// First phase of a removal: `digest` stops being readable; `None` if it was absent.
+    fn stage_removal(&self, digest: &str) -> Result<Option<Staged>, StoreError>;
+    /// Second phase: the staged content is gone for good.
+    fn finish_removal(&self, staged: Staged);
+    /// Every stored digest with the time it was stored (gc's leftovers, fsck).
+    fn list(&self) -> Result<Vec<(String, SystemTime)>, StoreError>;
+    /// At start-up: abandoned uploads are dropped, and staged removals come back where
+    /// `keep(digest)` says the metadata still names them (or are finished otherwise).
+    fn recover(
+        &self,
+        keep: &mut dyn FnMut(&str) -> Result<bool, StoreError>,
+    ) -> Result<(), StoreError>;
+}
+
+/// A blob being received. Shared between the tasks that write its batches (`&self`).
+pub trait BlobUpload: Send + Sync {
+    /// Write `buf` at byte `pos`.
+    fn write_at(&self, buf: &[u8], pos: u64) -> std::io::Result<()>;
+    /// Cut the upload back (or extend it) to `len` bytes.
+    fn set_len(&self, len: u64) -> std::io::Result<()>;
+    /// Start making what was written durable (so the final commit has little left).
+    fn sync_some(&self) -> std::io::Result<()>;
+    /// The bytes written so far (to hash them by another algorithm).
+    fn reader(&self) -> std::io::Result<Box<dyn Read + Send>>;
+    /// Make the upload durable content under `digest` (verified by the caller). Content
+    /// already stored under it is kept (it is the same bytes). May be called again.
+    fn commit(&self, digest: &str) -> Result<(), StoreError>;
+}
+
+/// A removal in its first phase.
+#[derive(Debug)]
+pub struct Staged(PathBuf);
+
+/// Blobs as files: `blobs/<algorithm>/<2 hex>/<hex>`, uploads in `uploads/`, staged
+/// removals in `trash/`.
+#[derive(Debug)]
+pub struct FsBlobs {
+    root: PathBuf,
+}
+
+impl FsBlobs {
+    pub fn open(root: &Path) -> Result<FsBlobs, StoreError> {
+        for sub in ["blobs/sha256", "uploads", "trash"] {
+            let p = root.join(sub);
+            fs::create_dir_all(&p).map_err(io_err(&p))?;
+        }
+        Ok(FsBlobs {
+            root: root.to_path_buf(),
+        })
+    }
+
+    /// Where the content of `digest` (already validated) lives.
+    fn path(&self, digest: &str) -> PathBuf {
+        let (alg, hex) = digest.split_once(':').unwrap_or(("sha256", digest));
+        let prefix = hex.get(..2).unwrap_or("00");
+        self.root.join("blobs").join(alg).join(prefix).join(hex)
+    }
+}
+
+impl BlobStorage for FsBlobs {
+    fn begin(&self) -> Result<Box<dyn BlobUpload>, StoreError> {
+        let path = self
+            .root
+            .join("uploads")
+            .join(uuid::Uuid::new_v4().simple().to_string());
+        let file = OpenOptions::new()
+            .create_new(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        Ok(Box::new(FsUpload {
+            file,
+            path,
+            blobs: FsBlobs {
+                root: self.root.clone(),
+            },
+        }))
+    }
+
+    fn exists(&self, digest: &str) -> bool {
+        self.path(digest).exists()
+    }
+
+    fn read(&self, digest: &str, start: u64) -> Result<Box<dyn Read + Send>, StoreError> {
+        let path = self.path(digest);
+        let mut f = File::open(&path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                StoreError::BlobMissing(digest.to_string())
+            } else {
+                io_err(&path)(e)
+            }
+        })?;
+        f.seek(SeekFrom::Start(start)).map_err(io_err(&path))?;
+        Ok(Box::new(f))
+    }
+
+    fn stage_removal(&self, digest: &str) -> Result<Option<Staged>, StoreError> {
+        let to = self.root.join("trash").join(digest.replace(':', "-"));
+        match fs::rename(self.path(digest), &to) {
+            Ok(()) => Ok(Some(Staged(to))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(&to)(e)),
+        }
+    }
+
+    fn finish_removal(&self, staged: Staged) {
+        let _ = fs::remove_file(staged.0);
+    }
+
+    fn list(&self) -> Result<Vec<(String, SystemTime)>, StoreError> {
+        let mut out = Vec::new();
+        for alg in ["sha256", "sha512"] {
+            let base = self.root.join("blobs").join(alg);
+            let dirs = match fs::read_dir(&base) {
+                Ok(d) => d,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err(&base)(e)),
+            };
+            for d in dirs.flatten() {
+                let Ok(entries) = fs::read_dir(d.path()) else {
+                    continue;
+                };
+                for e in entries.flatten() {
+                    let name = e.file_name().to_string_lossy().to_string();
+                    let modified = e
+                        .metadata()
+                        .and_then(|m| m.modified())
+                        .unwrap_or(SystemTime::UNIX_EPOCH);
+                    out.push((format!("{alg}:{name}"), modified));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn recover(
+        &self,
+        keep: &mut dyn FnMut(&str) -> Result<bool, StoreError>,
+    ) -> Result<(), StoreError> {
+        let uploads = self.root.join("uploads");
+        for e in fs::read_dir(&uploads).map_err(io_err(&uploads))?.flatten() {
+            let _ = fs::remove_file(e.path());
+        }
+        let trash = self.root.join("trash");
+        for e in fs::read_dir(&trash).map_err(io_err(&trash))?.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            // `alg-hex` (older versions wrote the sha256 hex alone).
+            let digest = match name.split_once('-') {
+                Some((alg, hex)) => format!("{alg}:{hex}"),
+                None => format!("sha256:{name}"),
+            };
+            let dest = self.path(&digest);
+            if keep(&digest)? && !dest.exists() {
+                if let Some(dir) = dest.parent() {
+                    fs::create_dir_all(dir).map_err(io_err(dir))?;
+                }
+                fs::rename(e.path(), &dest).map_err(io_err(&dest))?;
+                tracing::warn!(%digest, "restored blob from an interrupted gc");
+            } else {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An upload as a file in `uploads/`, removed when the upload is dropped.
+struct FsUpload {
+    file: File,
+    path: PathBuf,
+    blobs: FsBlobs,
+}
+
+impl BlobUpload for FsUpload {
+    fn write_at(&self, buf: &[u8], pos: u64) -> std::io::Result<()> {
+        self.file.write_all_at(buf, pos)
+    }
+
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.file.set_len(len)
+    }
+
+    fn sync_some(&self) -> std::io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn reader(&self) -> std::io::Result<Box<dyn Read + Send>> {
+        Ok(Box::new(File::open(&self.path)?))
+    }
+
+    /// fsync the file; hard-link it to its final name and fsync that directory. A crash at
+    /// any point leaves either nothing visible or a complete blob.
+    fn commit(&self, digest: &str) -> Result<(), StoreError> {
+        self.file.sync_all().map_err(io_err(&self.path))?;
+        let dest = self.blobs.path(digest);
+        let dir = dest.parent().unwrap_or(&self.blobs.root).to_path_buf();
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        match fs::hard_link(&self.path, &dest) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io_err(&dest)(e)),
+        }
+        super::sync_dir(&dir)
+    }
+}
+
+impl Drop for FsUpload {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn digest(data: &[u8]) -> String {
+        crate::digest::of_bytes(crate::digest::Algorithm::Sha256, data)
+    }
+
+    #[test]
+    fn an_upload_is_invisible_until_committed_and_leaves_nothing_when_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = FsBlobs::open(dir.path()).unwrap();
+        let d = digest(b"hello");
+        let up = blobs.begin().unwrap();
+        up.write_at(b"hel", 0).unwrap();
+        up.write_at(b"lo", 3).unwrap();
+        assert!(!blobs.exists(&d));
+        up.commit(&d).unwrap();
+        drop(up);
+        let mut s = String::new();
+        blobs.read(&d, 1).unwrap().read_to_string(&mut s).unwrap();
+        assert_eq!(s, "ello");
+        assert_eq!(fs::read_dir(dir.path().join("uploads")).unwrap().count(), 0);
+
+        let abandoned = blobs.begin().unwrap();
+        abandoned.write_at(b"partial", 0).unwrap();
+        drop(abandoned);
+        assert_eq!(fs::read_dir(dir.path().join("uploads")).unwrap().count(), 0);
+        assert_eq!(blobs.list().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_staged_removal_comes_back_at_recovery_only_if_still_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = FsBlobs::open(dir.path()).unwrap();
+        let (a, b) = (digest(b"a"), digest(b"b"));
+        for (d, data) in [(&a, b"a"), (&b, b"b")] {
+            let up = blobs.begin().unwrap();
+            up.write_at(data, 0).unwrap();
+            up.commit(d).unwrap();
+        }
+        let _sa = blobs.stage_removal(&a).unwrap().unwrap();
+        let _sb = blobs.stage_removal(&b).unwrap().unwrap();
+        assert!(!blobs.exists(&a) && !blobs.exists(&b));
+        assert!(blobs.stage_removal(&a).unwrap().is_none());
+        // A crash here: the metadata kept `a` and forgot `b`.
+        let keep_a = a.clone();
+        blobs.recover(&mut |d| Ok(d == keep_a)).unwrap();
+        assert!(blobs.exists(&a));
+        assert!(!blobs.exists(&b));
+        assert_eq!(fs::read_dir(dir.path().join("trash")).unwrap().count(), 0);
+    }
+}
