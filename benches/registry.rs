@@ -372,6 +372,7 @@ async fn main() {
     }
     eprintln!("measuring {} server(s), phase by phase ...", servers.len());
     let mut figs = measure(&servers, seed, skip_gib).await.into_iter();
+    let disk = disk_write_rate(servers[0]._dir.path(), 256);
     let ours = figs.next().unwrap_or_default();
     let theirs = figs.next();
     drop(servers);
@@ -412,4 +413,40 @@ async fn main() {
             r.what, r.ours, r.theirs, r.ratio
         );
     }
+    let push = ours
+        .values
+        .iter()
+        .find(|(l, _, _)| l == "push one 256 MiB blob")
+        .map(|v| v.1)
+        .unwrap_or(f64::NAN);
+    println!(
+        "\ndisk: fsync'd sequential write of 256 MiB in the data dir's file system: {disk:.1} MB/s; \
+         acr-task's 256 MiB push (SHA-256 verified, fsync'd): {push:.1} MB/s = {:.2}× of the disk (goal >= 0.9)",
+        push / disk
+    );
+}
+
+/// The rate a plain writer reaches on `dir`'s file system: `mib` MiB in 2 MiB writes, then
+/// one fsync (as `dd bs=2M conv=fsync`), what a push must do at the least.
+fn disk_write_rate(dir: &Path, mib: usize) -> f64 {
+    use std::io::Write;
+    let path = dir.join("disk-rate.bin");
+    let mut chunk = vec![0u8; 2 * MIB];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for b in chunk.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    let t = Instant::now();
+    let mut f = std::fs::File::create(&path).unwrap();
+    for _ in 0..mib / 2 {
+        f.write_all(&chunk).unwrap();
+    }
+    f.sync_all().unwrap();
+    let secs = t.elapsed().as_secs_f64();
+    drop(f);
+    let _ = std::fs::remove_file(&path);
+    (mib * MIB) as f64 / 1e6 / secs
 }

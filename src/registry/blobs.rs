@@ -455,7 +455,7 @@ pub(super) async fn finish_upload(
     // The session ends here whatever the outcome: a wrong digest discards the data.
     remove_session(reg, id);
     let (blob, hasher, size) = (up.blob.clone(), up.hasher.clone(), up.offset);
-    drop(up);
+    // Still holding the session: a chunk that waited for it finds the upload sealed.
     commit(reg, name, &digest, blob, hasher, size).await
 }
 

@@ -23,6 +23,18 @@ pub trait BlobStorage: Send + Sync + std::fmt::Debug {
     fn exists(&self, digest: &str) -> bool;
     /// The content of `digest` from byte `start`.
     fn read(&self, digest: &str, start: u64) -> Result<Box<dyn Read + Send>, StoreError>;
+    /// `len` bytes of `digest` from `start` as a buffer straight from the page cache,
+    /// where the backend can (`None`, from a backend that maps nothing: use
+    /// [`BlobStorage::read`]). Large pulls send these
+    /// without copying; each is unmapped when sent, so memory use stays flat.
+    fn map(
+        &self,
+        _digest: &str,
+        _start: u64,
+        _len: usize,
+    ) -> Result<Option<bytes::Bytes>, StoreError> {
+        Ok(None)
+    }
     /// First phase of a removal: `digest` stops being readable; `None` if it was absent.
     fn stage_removal(&self, digest: &str) -> Result<Option<Staged>, StoreError>;
     /// Second phase: the staged content is gone for good.
@@ -48,7 +60,8 @@ pub trait BlobUpload: Send + Sync {
     /// The bytes written so far (to hash them by another algorithm).
     fn reader(&self) -> std::io::Result<Box<dyn Read + Send>>;
     /// Make the upload durable content under `digest` (verified by the caller). Content
-    /// already stored under it is kept (it is the same bytes). May be called again.
+    /// already stored under it is kept (it is the same bytes). May be called again; after
+    /// it, writes are refused (the committed content never changes).
     fn commit(&self, digest: &str) -> Result<(), StoreError>;
 }
 
@@ -97,6 +110,7 @@ impl BlobStorage for FsBlobs {
         Ok(Box::new(FsUpload {
             file,
             path,
+            sealed: std::sync::atomic::AtomicBool::new(false),
             blobs: FsBlobs {
                 root: self.root.clone(),
             },
@@ -118,6 +132,46 @@ impl BlobStorage for FsBlobs {
         })?;
         f.seek(SeekFrom::Start(start)).map_err(io_err(&path))?;
         Ok(Box::new(f))
+    }
+
+    fn map(
+        &self,
+        digest: &str,
+        start: u64,
+        len: usize,
+    ) -> Result<Option<bytes::Bytes>, StoreError> {
+        let path = self.path(digest);
+        let file = File::open(&path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                StoreError::BlobMissing(digest.to_string())
+            } else {
+                io_err(&path)(e)
+            }
+        })?;
+        let size = file.metadata().map_err(io_err(&path))?.len();
+        if start.checked_add(len as u64).is_none_or(|end| end > size) {
+            // Mapped pages past the end would fault: refuse, as a short read would.
+            return Err(io_err(&path)(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "blob file shorter than recorded",
+            )));
+        }
+        if len == 0 {
+            return Ok(Some(bytes::Bytes::new()));
+        }
+        // SAFETY: a committed blob file is never written again: uploads are separate
+        // files, sealed by their commit (linked into place only once complete); gc
+        // renames and unlinks (which leaves a mapping valid); nothing truncates. The
+        // range was checked against the file's size above. The mapping is read-only.
+        let map = unsafe {
+            memmap2::MmapOptions::new()
+                .offset(start)
+                .len(len)
+                .map(&file)
+        }
+        .map_err(io_err(&path))?;
+        let _ = map.advise(memmap2::Advice::Sequential);
+        Ok(Some(bytes::Bytes::from_owner(map)))
     }
 
     fn stage_removal(&self, digest: &str) -> Result<Option<Staged>, StoreError> {
@@ -194,15 +248,28 @@ impl BlobStorage for FsBlobs {
 struct FsUpload {
     file: File,
     path: PathBuf,
+    /// Set by the first commit: the file is then (also) a blob and must never change.
+    sealed: std::sync::atomic::AtomicBool,
     blobs: FsBlobs,
+}
+
+impl FsUpload {
+    fn open_for_writes(&self) -> std::io::Result<()> {
+        if self.sealed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(std::io::Error::other("the upload is already committed"));
+        }
+        Ok(())
+    }
 }
 
 impl BlobUpload for FsUpload {
     fn write_at(&self, buf: &[u8], pos: u64) -> std::io::Result<()> {
+        self.open_for_writes()?;
         self.file.write_all_at(buf, pos)
     }
 
     fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.open_for_writes()?;
         self.file.set_len(len)
     }
 
@@ -217,6 +284,7 @@ impl BlobUpload for FsUpload {
     /// fsync the file; hard-link it to its final name and fsync that directory. A crash at
     /// any point leaves either nothing visible or a complete blob.
     fn commit(&self, digest: &str) -> Result<(), StoreError> {
+        self.sealed.store(true, std::sync::atomic::Ordering::SeqCst);
         self.file.sync_all().map_err(io_err(&self.path))?;
         let dest = self.blobs.path(digest);
         let dir = dest.parent().unwrap_or(&self.blobs.root).to_path_buf();
@@ -254,6 +322,7 @@ mod tests {
         up.write_at(b"lo", 3).unwrap();
         assert!(!blobs.exists(&d));
         up.commit(&d).unwrap();
+        assert!(up.write_at(b"X", 0).is_err() && up.set_len(0).is_err());
         drop(up);
         let mut s = String::new();
         blobs.read(&d, 1).unwrap().read_to_string(&mut s).unwrap();
@@ -265,6 +334,22 @@ mod tests {
         drop(abandoned);
         assert_eq!(fs::read_dir(dir.path().join("uploads")).unwrap().count(), 0);
         assert_eq!(blobs.list().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_mapped_range_is_the_content_and_never_past_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = FsBlobs::open(dir.path()).unwrap();
+        // Longer than a page, so the range starts at an unaligned offset inside the file.
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        let d = digest(&data);
+        let up = blobs.begin().unwrap();
+        up.write_at(&data, 0).unwrap();
+        up.commit(&d).unwrap();
+        let part = blobs.map(&d, 4097, 3000).unwrap().unwrap();
+        assert_eq!(&part[..], &data[4097..7097]);
+        assert!(blobs.map(&d, 9_000, 2_000).is_err());
+        assert!(blobs.map(&d, 10_000, 0).unwrap().unwrap().is_empty());
     }
 
     #[test]

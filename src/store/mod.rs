@@ -162,6 +162,17 @@ impl Store {
         self.blobs.begin()
     }
 
+    /// Part of a stored blob as a mapped buffer, where the blob storage can map it (see
+    /// [`BlobStorage::map`]).
+    pub fn blob_map(
+        &self,
+        digest: &str,
+        start: u64,
+        len: usize,
+    ) -> Result<Option<bytes::Bytes>, StoreError> {
+        self.blobs.map(digest, start, len)
+    }
+
     /// The content of a stored blob from byte `start`. `digest` must already be validated.
     pub fn blob_reader(
         &self,
