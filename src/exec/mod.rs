@@ -658,10 +658,7 @@ impl<R: Runtime> Ctx<R> {
         let Some((host, port)) = registry.rsplit_once(':') else {
             return Ok(env);
         };
-        let loopback = matches!(host, "localhost" | "127.0.0.1" | "[::1]")
-            || host
-                .parse::<std::net::Ipv4Addr>()
-                .is_ok_and(|ip| ip.is_loopback());
+        let loopback = crate::registry::reference::is_loopback(&registry);
         let Some(network) = spec.network.clone().filter(|_| loopback) else {
             return Ok(env);
         };
