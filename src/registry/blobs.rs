@@ -178,9 +178,14 @@ async fn begin(reg: &Registry) -> Result<Arc<dyn BlobUpload>, ApiError> {
     Ok(Arc::from(blocking(move || store.begin_upload()).await?))
 }
 
-/// Drops uploads (and so their data) off the async threads.
+/// Cancels uploads (their data goes now, off the async threads, whoever still holds them).
 pub(super) async fn discard(uploads: Vec<Arc<dyn BlobUpload>>) {
-    let _ = tokio::task::spawn_blocking(move || drop(uploads)).await;
+    let _ = tokio::task::spawn_blocking(move || {
+        for u in uploads {
+            u.cancel();
+        }
+    })
+    .await;
 }
 
 /// Verify the digest of received data and commit it; the upload is discarded either way.
@@ -218,8 +223,13 @@ async fn commit(
     }
     let store = reg.inner.store.clone();
     let (n, d) = (name.to_string(), digest.to_string());
-    // The commit runs on a blocking thread that then drops the upload (its temp data).
-    blocking(move || store.commit_blob(&n, up.as_ref(), &d, size)).await?;
+    // Committed or not, the upload's own data goes on the blocking thread afterwards.
+    blocking(move || {
+        let r = store.commit_blob(&n, up.as_ref(), &d, size);
+        up.cancel();
+        r
+    })
+    .await?;
     Ok(created(name, digest))
 }
 
@@ -246,45 +256,74 @@ pub(super) async fn start_upload(
         return receive_whole(reg, name, &digest, headers, body).await;
     }
     let id = uuid::Uuid::new_v4().to_string();
+    // Refused before the storage does any work; checked again when the session is added,
+    // for sessions opened meanwhile.
+    {
+        let map = upload_table(reg)?;
+        within_caps(&map, reg, name, client)?;
+    }
     let up = Upload {
         blob: begin(reg).await?,
         offset: 0,
         hasher: Sha256::new(),
         touched: std::time::Instant::now(),
     };
-    let limits = &reg.inner.limits;
-    {
-        let mut map = reg
-            .inner
-            .uploads
-            .lock()
-            .map_err(|_| ApiError::internal("upload table poisoned"))?;
-        let in_repo = map.values().filter(|s| s.repo == name).count();
-        let of_client = map.values().filter(|s| s.client == client).count();
-        if in_repo >= limits.max_uploads_per_repository {
-            return Err(too_many_uploads(format!(
-                "repository {name} has {in_repo} open uploads (the limit); finish or cancel some, or retry later"
-            )));
+    let refused = {
+        let mut map = upload_table(reg)?;
+        match within_caps(&map, reg, name, client) {
+            Ok(()) => {
+                map.insert(
+                    id.clone(),
+                    Session {
+                        repo: name.to_string(),
+                        client,
+                        upload: Arc::new(tokio::sync::Mutex::new(up)),
+                    },
+                );
+                None
+            }
+            Err(e) => Some((e, up.blob)),
         }
-        if of_client >= limits.max_uploads_per_client {
-            return Err(too_many_uploads(format!(
-                "this client has {of_client} open uploads (the limit); finish or cancel some, or retry later"
-            )));
-        }
-        map.insert(
-            id.clone(),
-            Session {
-                repo: name.to_string(),
-                client,
-                upload: Arc::new(tokio::sync::Mutex::new(up)),
-            },
-        );
+    };
+    if let Some((e, blob)) = refused {
+        discard(vec![blob]).await;
+        return Err(e);
     }
     Ok(respond(
         StatusCode::ACCEPTED,
         &upload_headers(name, &id, 0),
         Body::empty(),
     ))
+}
+
+fn upload_table(reg: &Registry) -> Result<std::sync::MutexGuard<'_, super::Sessions>, ApiError> {
+    reg.inner
+        .uploads
+        .lock()
+        .map_err(|_| ApiError::internal("upload table poisoned"))
+}
+
+/// Whether `client` may open one more upload session in `name`.
+fn within_caps(
+    map: &super::Sessions,
+    reg: &Registry,
+    name: &str,
+    client: std::net::IpAddr,
+) -> Result<(), ApiError> {
+    let limits = &reg.inner.limits;
+    let in_repo = map.values().filter(|s| s.repo == name).count();
+    let of_client = map.values().filter(|s| s.client == client).count();
+    if in_repo >= limits.max_uploads_per_repository {
+        return Err(too_many_uploads(format!(
+            "repository {name} has {in_repo} open uploads (the limit); finish or cancel some, or retry later"
+        )));
+    }
+    if of_client >= limits.max_uploads_per_client {
+        return Err(too_many_uploads(format!(
+            "this client has {of_client} open uploads (the limit); finish or cancel some, or retry later"
+        )));
+    }
+    Ok(())
 }
 
 fn too_many_uploads(message: String) -> ApiError {
@@ -296,11 +335,7 @@ fn session(
     name: &str,
     id: &str,
 ) -> Result<Arc<tokio::sync::Mutex<Upload>>, ApiError> {
-    let map = reg
-        .inner
-        .uploads
-        .lock()
-        .map_err(|_| ApiError::internal("upload table poisoned"))?;
+    let map = upload_table(reg)?;
     match map.get(id) {
         // A session is only visible through the repository that opened it.
         Some(s) if s.repo == name => Ok(s.upload.clone()),

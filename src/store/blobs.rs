@@ -63,6 +63,9 @@ pub trait BlobUpload: Send + Sync {
     /// already stored under it is kept (it is the same bytes). May be called again; after
     /// it, writes are refused (the committed content never changes).
     fn commit(&self, digest: &str) -> Result<(), StoreError>;
+    /// Drop the upload's own data now (committed content stays); writes are then refused.
+    /// Dropping the last handle does the same.
+    fn cancel(&self);
 }
 
 /// A removal in its first phase.
@@ -281,6 +284,11 @@ impl BlobUpload for FsUpload {
         Ok(Box::new(File::open(&self.path)?))
     }
 
+    fn cancel(&self) {
+        self.sealed.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = fs::remove_file(&self.path);
+    }
+
     /// fsync the file; hard-link it to its final name and fsync that directory. A crash at
     /// any point leaves either nothing visible or a complete blob.
     fn commit(&self, digest: &str) -> Result<(), StoreError> {
@@ -300,7 +308,7 @@ impl BlobUpload for FsUpload {
 
 impl Drop for FsUpload {
     fn drop(&mut self) {
-        let _ = fs::remove_file(&self.path);
+        self.cancel();
     }
 }
 
@@ -333,6 +341,12 @@ mod tests {
         abandoned.write_at(b"partial", 0).unwrap();
         drop(abandoned);
         assert_eq!(fs::read_dir(dir.path().join("uploads")).unwrap().count(), 0);
+
+        let cancelled = blobs.begin().unwrap();
+        cancelled.write_at(b"partial", 0).unwrap();
+        cancelled.cancel();
+        assert_eq!(fs::read_dir(dir.path().join("uploads")).unwrap().count(), 0);
+        assert!(cancelled.write_at(b"more", 7).is_err());
         assert_eq!(blobs.list().unwrap().len(), 1);
     }
 
