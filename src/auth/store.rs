@@ -141,15 +141,8 @@ const MIGRATIONS: &[crate::store::migrate::Migration] = &[crate::store::migrate:
 impl AuthStore {
     /// Open (creating if needed) `<dir>/auth.db`.
     pub fn open(dir: &Path) -> Result<AuthStore, AuthError> {
-        std::fs::create_dir_all(dir).map_err(|e| AuthError::io(dir, e))?;
-        use std::os::unix::fs::PermissionsExt;
-        let path = dir.join("auth.db");
-        let mut conn = Connection::open(&path)?;
-        // Hashes only, but still nobody else's business; the WAL inherits the mode.
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| AuthError::io(&path, e))?;
-        crate::store::configure_sqlite(&conn)?;
-        crate::store::migrate::apply(&mut conn, "auth.db", MIGRATIONS)?;
+        // Hashes only, but still nobody else's business.
+        let (path, conn) = crate::store::migrate::open_private(dir, "auth.db", MIGRATIONS)?;
         Ok(AuthStore {
             path,
             conn: Mutex::new(conn),

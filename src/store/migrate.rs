@@ -18,8 +18,45 @@ pub enum Migration {
 pub enum MigrateError {
     #[error("database: {0}")]
     Db(#[from] rusqlite::Error),
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: rusqlite::Error,
+    },
     #[error("{db} has schema version {found}, newer than this acr-task knows ({known}): use the acr-task that made it, or a newer one")]
     Newer { db: String, found: i64, known: i64 },
+}
+
+/// Opens `dir/file` (creating both if needed) as a database only this user may read
+/// (hashes and secrets; the WAL inherits the mode), configured as every acr-task database
+/// and brought up to the last of `migrations`.
+pub fn open_private(
+    dir: &std::path::Path,
+    file: &str,
+    migrations: &[Migration],
+) -> Result<(std::path::PathBuf, Connection), MigrateError> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |path: &std::path::Path| {
+        let path = path.display().to_string();
+        move |source| MigrateError::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let path = dir.join(file);
+    let mut conn = Connection::open(&path).map_err(|source| MigrateError::Open {
+        path: path.display().to_string(),
+        source,
+    })?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(io(&path))?;
+    super::configure_sqlite(&conn)?;
+    apply(&mut conn, file, migrations)?;
+    Ok((path, conn))
 }
 
 /// Brings `conn` up to the last of `migrations`; returns the version it is at.
@@ -71,6 +108,16 @@ mod tests {
             Ok(())
         }),
     ];
+
+    #[test]
+    fn a_private_database_is_made_for_its_owner_only_and_migrated() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (path, conn) = open_private(&dir.path().join("sub"), "p.db", STEPS).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(has_column(&conn, "t", "b").unwrap());
+    }
 
     #[test]
     fn migrations_run_once_in_order_and_a_newer_schema_is_refused() {

@@ -32,12 +32,6 @@ pub enum WebhookError {
     Db(#[from] rusqlite::Error),
     #[error(transparent)]
     Migrate(#[from] crate::store::migrate::MigrateError),
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
     #[error("{0}")]
     Invalid(String),
     #[error("webhook {0:?} already exists")]
@@ -48,15 +42,6 @@ pub enum WebhookError {
     Join(#[from] tokio::task::JoinError),
     #[error("reading registry events: {0}")]
     Registry(#[from] crate::registry::RegistryError),
-}
-
-impl WebhookError {
-    pub(crate) fn io(path: &Path, source: std::io::Error) -> WebhookError {
-        WebhookError::Io {
-            path: path.display().to_string(),
-            source,
-        }
-    }
 }
 
 /// `sha256=<hex>` of HMAC-SHA256(secret, body).

@@ -139,14 +139,8 @@ const MIGRATIONS: &[crate::store::migrate::Migration] = &[
 
 impl WebhookStore {
     pub fn open(dir: &Path) -> Result<WebhookStore, WebhookError> {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::create_dir_all(dir).map_err(|e| WebhookError::io(dir, e))?;
-        let path = dir.join("webhooks.db");
-        let mut conn = Connection::open(&path)?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| WebhookError::io(&path, e))?;
-        crate::store::configure_sqlite(&conn)?;
-        crate::store::migrate::apply(&mut conn, "webhooks.db", MIGRATIONS)?;
+        // Webhook secrets.
+        let (path, conn) = crate::store::migrate::open_private(dir, "webhooks.db", MIGRATIONS)?;
         Ok(WebhookStore {
             path,
             conn: Mutex::new(conn),
