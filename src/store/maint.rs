@@ -1,9 +1,8 @@
 //! Garbage collection and consistency checking.
 
-use rusqlite::params;
 use serde::Serialize;
 
-use super::{db, Store, StoreError};
+use super::{now, Store, StoreError};
 
 #[derive(Debug, Default, Clone, Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -65,7 +64,6 @@ impl FsckReport {
     }
 }
 
-/// The digest of a blob file by the algorithm it is named by.
 impl Store {
     /// The digest of a stored blob's content by the algorithm it is named by, and its length.
     fn hash_blob(&self, named: &str) -> Result<(String, u64), StoreError> {
@@ -79,122 +77,13 @@ impl Store {
     /// Remove manifests that no tag, index or live subject keeps, blob links that no
     /// manifest uses, and blobs that no repository links, all older than `grace_secs`
     /// (the grace period keeps a push in progress — blobs first, manifest last — intact).
-    /// Runs under the write lock, so concurrent pushes wait and then see a consistent store.
+    /// Runs under the metadata's write lock, so concurrent pushes wait and then see a
+    /// consistent store.
     pub fn gc(&self, grace_secs: i64, dry_run: bool) -> Result<GcReport, StoreError> {
-        let cutoff = db::now() - grace_secs;
-        let mut report = GcReport {
-            dry_run,
-            grace_seconds: grace_secs,
-            ..Default::default()
-        };
-        let mut conn = self.writer()?;
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        loop {
-            let victims: Vec<(String, String)> = {
-                let mut stmt = tx.prepare(
-                    "SELECT m.repo, m.digest FROM manifests m WHERE m.created <= ?1
-                     AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.repo = m.repo AND t.digest = m.digest)
-                     AND NOT EXISTS (SELECT 1 FROM manifest_refs r WHERE r.repo = m.repo
-                                     AND r.target = m.digest AND r.kind = 'manifest')
-                     AND NOT (m.subject IS NOT NULL AND EXISTS (SELECT 1 FROM manifests s
-                                     WHERE s.repo = m.repo AND s.digest = m.subject))",
-                )?;
-                let rows = stmt.query_map(params![cutoff], |r| Ok((r.get(0)?, r.get(1)?)))?;
-                rows.collect::<Result<Vec<_>, _>>()?
-            };
-            if victims.is_empty() {
-                break;
-            }
-            for (repo, digest) in victims {
-                db::delete_manifest(&tx, &repo, &digest)?;
-                report.manifests.push(format!("{repo}@{digest}"));
-            }
-        }
-        let links: Vec<(String, String)> = {
-            let mut stmt = tx.prepare(
-                "SELECT rb.repo, rb.digest FROM repo_blobs rb WHERE rb.created <= ?1
-                 AND NOT EXISTS (SELECT 1 FROM manifest_refs r WHERE r.repo = rb.repo
-                                 AND r.target = rb.digest AND r.kind = 'blob')",
-            )?;
-            let rows = stmt.query_map(params![cutoff], |r| Ok((r.get(0)?, r.get(1)?)))?;
-            rows.collect::<Result<Vec<_>, _>>()?
-        };
-        for (repo, digest) in links {
-            tx.execute(
-                "DELETE FROM repo_blobs WHERE repo = ?1 AND digest = ?2",
-                params![repo, digest],
-            )?;
-            report.blob_links.push(format!("{repo}@{digest}"));
-        }
-        let blobs: Vec<(String, i64)> = {
-            let mut stmt = tx.prepare(
-                "SELECT b.digest, b.size FROM blobs b WHERE b.created <= ?1
-                 AND NOT EXISTS (SELECT 1 FROM repo_blobs rb WHERE rb.digest = b.digest)",
-            )?;
-            let rows = stmt.query_map(params![cutoff], |r| Ok((r.get(0)?, r.get(1)?)))?;
-            rows.collect::<Result<Vec<_>, _>>()?
-        };
-        let mut staged = Vec::new();
-        for (digest, size) in blobs {
-            tx.execute("DELETE FROM blobs WHERE digest = ?1", params![digest])?;
-            report.bytes_freed += size as u64;
-            if !dry_run {
-                staged.extend(self.blobs.stage_removal(&digest)?);
-            }
-            report.blobs.push(digest);
-        }
-        // What the grace period keeps: unreferenced, but young enough to be a push in
-        // progress (blobs first, manifest last).
-        report.kept_by_grace = {
-            let count = |sql: &str| -> Result<(i64, i64), StoreError> {
-                Ok(tx.query_row(sql, params![cutoff], |r| Ok((r.get(0)?, r.get(1)?)))?)
-            };
-            let (m, _) = count(
-                "SELECT COUNT(*), 0 FROM manifests m WHERE m.created > ?1
-                 AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.repo = m.repo AND t.digest = m.digest)
-                 AND NOT EXISTS (SELECT 1 FROM manifest_refs r WHERE r.repo = m.repo
-                                 AND r.target = m.digest AND r.kind = 'manifest')
-                 AND m.subject IS NULL",
-            )?;
-            let (l, _) = count(
-                "SELECT COUNT(*), 0 FROM repo_blobs rb WHERE rb.created > ?1
-                 AND NOT EXISTS (SELECT 1 FROM manifest_refs r WHERE r.repo = rb.repo
-                                 AND r.target = rb.digest AND r.kind = 'blob')",
-            )?;
-            let (b, bytes) = count(
-                "SELECT COUNT(*), COALESCE(SUM(b.size), 0) FROM blobs b WHERE b.created > ?1
-                 AND NOT EXISTS (SELECT 1 FROM repo_blobs rb WHERE rb.digest = b.digest
-                                 AND EXISTS (SELECT 1 FROM manifest_refs r WHERE r.repo = rb.repo
-                                             AND r.target = rb.digest AND r.kind = 'blob'))",
-            )?;
-            KeptByGrace {
-                manifests: m as usize,
-                blob_links: l as usize,
-                blobs: b as usize,
-                bytes: bytes as u64,
-            }
-        };
-        // Files without a row: a crash between rename and commit. Under the write lock no
-        // commit is in flight, so these are true leftovers.
-        let cutoff_time = std::time::SystemTime::UNIX_EPOCH
-            + std::time::Duration::from_secs(cutoff.max(0) as u64);
-        for (digest, stored) in self.blobs.list()? {
-            if db::blob_size(&tx, &digest)?.is_some() || stored > cutoff_time {
-                continue;
-            }
-            if !dry_run {
-                staged.extend(self.blobs.stage_removal(&digest)?);
-            }
-            report.orphan_files.push(digest);
-        }
-        if dry_run {
-            tx.rollback()?;
-        } else {
-            tx.commit()?;
-            for s in staged {
-                self.blobs.finish_removal(s);
-            }
-        }
+        let mut report = self
+            .meta
+            .gc(now() - grace_secs, dry_run, self.blobs.as_ref())?;
+        report.grace_seconds = grace_secs;
         tracing::info!(
             manifests = report.manifests.len(),
             blobs = report.blobs.len(),
@@ -207,12 +96,10 @@ impl Store {
 
     /// Re-hash every blob and check every manifest's digest and references.
     pub fn fsck(&self) -> Result<FsckReport, StoreError> {
-        let mut report = FsckReport::default();
-        let conn = self.reader()?;
-        let blobs: Vec<(String, i64)> = {
-            let mut stmt = conn.prepare("SELECT digest, size FROM blobs ORDER BY digest")?;
-            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-            rows.collect::<Result<Vec<_>, _>>()?
+        let audit = self.meta.audit()?;
+        let mut report = FsckReport {
+            tags_checked: audit.tags,
+            ..Default::default()
         };
         let issue = |kind: &str, repo: Option<&str>, digest: &str, detail: String| FsckIssue {
             kind: kind.to_string(),
@@ -220,7 +107,7 @@ impl Store {
             digest: digest.to_string(),
             detail,
         };
-        for (digest, size) in &blobs {
+        for (digest, size) in &audit.blobs {
             report.blobs_checked += 1;
             if !self.blobs.exists(digest) {
                 report.issues.push(issue(
@@ -232,7 +119,7 @@ impl Store {
                 continue;
             }
             let (actual, n) = self.hash_blob(digest)?;
-            if n != *size as u64 {
+            if n != *size {
                 report.issues.push(issue(
                     "blob-size",
                     None,
@@ -250,19 +137,14 @@ impl Store {
             }
         }
         let known: std::collections::HashSet<&str> =
-            blobs.iter().map(|(d, _)| d.as_str()).collect();
+            audit.blobs.iter().map(|(d, _)| d.as_str()).collect();
         report.orphan_files = self
             .blobs
             .list()?
             .iter()
             .filter(|(d, _)| !known.contains(d.as_str()))
             .count();
-        let manifests: Vec<(String, String, Vec<u8>)> = {
-            let mut stmt = conn.prepare("SELECT repo, digest, content FROM manifests")?;
-            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-            rows.collect::<Result<Vec<_>, _>>()?
-        };
-        for (repo, digest, content) in &manifests {
+        for (repo, digest, content) in &audit.manifests {
             report.manifests_checked += 1;
             let alg = crate::digest::parse(digest).unwrap_or(crate::digest::Algorithm::Sha256);
             let actual = crate::digest::of_bytes(alg, content);
@@ -275,59 +157,7 @@ impl Store {
                 ));
             }
         }
-        let dangling_refs: Vec<(String, String, String, String)> = {
-            let mut stmt = conn.prepare(
-                "SELECT r.repo, r.manifest, r.target, r.kind FROM manifest_refs r WHERE
-                 (r.kind = 'blob' AND NOT EXISTS (SELECT 1 FROM repo_blobs rb JOIN blobs b
-                      ON b.digest = rb.digest WHERE rb.repo = r.repo AND rb.digest = r.target))
-                 OR (r.kind = 'manifest' AND NOT EXISTS (SELECT 1 FROM manifests m
-                      WHERE m.repo = r.repo AND m.digest = r.target))",
-            )?;
-            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
-            rows.collect::<Result<Vec<_>, _>>()?
-        };
-        for (repo, manifest, target, kind) in dangling_refs {
-            report.issues.push(issue(
-                "manifest-ref",
-                Some(&repo),
-                &manifest,
-                format!("references missing {kind} {target}"),
-            ));
-        }
-        report.tags_checked =
-            conn.query_row("SELECT COUNT(*) FROM tags", [], |r| r.get::<_, i64>(0))? as usize;
-        let dangling_tags: Vec<(String, String, String)> = {
-            let mut stmt = conn.prepare(
-                "SELECT t.repo, t.tag, t.digest FROM tags t WHERE NOT EXISTS
-                 (SELECT 1 FROM manifests m WHERE m.repo = t.repo AND m.digest = t.digest)",
-            )?;
-            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-            rows.collect::<Result<Vec<_>, _>>()?
-        };
-        for (repo, tag, digest) in dangling_tags {
-            report.issues.push(issue(
-                "tag-dangling",
-                Some(&repo),
-                &digest,
-                format!("tag {tag} points to a missing manifest"),
-            ));
-        }
-        let dangling_links: Vec<(String, String)> = {
-            let mut stmt = conn.prepare(
-                "SELECT rb.repo, rb.digest FROM repo_blobs rb WHERE NOT EXISTS
-                 (SELECT 1 FROM blobs b WHERE b.digest = rb.digest)",
-            )?;
-            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-            rows.collect::<Result<Vec<_>, _>>()?
-        };
-        for (repo, digest) in dangling_links {
-            report.issues.push(issue(
-                "link-dangling",
-                Some(&repo),
-                &digest,
-                "repository links a blob with no row".to_string(),
-            ));
-        }
+        report.issues.extend(audit.dangling);
         Ok(report)
     }
 }

@@ -7,28 +7,27 @@
 //! - `trash/` — blobs that gc is removing (moved back on restart if the removal never committed);
 //! - `meta.db` — repositories, tags, manifests, their references, blob links.
 //!
-//! Blob bytes go through [`BlobStorage`] (the files above, [`FsBlobs`]); the metadata is
-//! SQLite.
+//! Blob bytes go through [`BlobStorage`] (the files above, [`FsBlobs`]); the metadata
+//! through [`RegistryMeta`] (`meta.db`, [`SqliteMeta`]). [`Store`] joins the two: it is
+//! where the order between content and rows is kept, whatever the backends.
 //!
 //! All calls block (file I/O, SQLite); async callers run them in `spawn_blocking`.
 
 mod blobs;
-mod db;
 mod maint;
+mod meta;
 pub mod migrate;
+mod sqlite;
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard};
-
-use rusqlite::Connection;
 
 pub use blobs::{BlobStorage, BlobUpload, FsBlobs, Staged};
-pub use db::{
-    configure as configure_sqlite, Descriptor, ManifestInfo, ManifestRow, NewManifest, Reference,
+pub use maint::{FsckIssue, FsckReport, GcReport, KeptByGrace};
+pub use meta::{
+    Audit, Descriptor, ManifestInfo, ManifestRow, NewManifest, Reference, RegistryMeta,
 };
-pub use maint::{FsckIssue, FsckReport, GcReport};
+pub use sqlite::{configure as configure_sqlite, SqliteMeta};
 
 /// Errors from the store. `MissingRef` is a client error (a manifest names something absent).
 #[derive(Debug, thiserror::Error)]
@@ -66,15 +65,15 @@ pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError +
     }
 }
 
-/// Number of read-only connections; reads (HEAD, GET) never wait behind a writer's fsync.
-const READERS: usize = 4;
+/// Unix seconds now: the clock of every row's `created`, gc's cutoff and the outbox's age.
+pub(crate) fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
 
 pub struct Store {
     root: PathBuf,
     blobs: Box<dyn BlobStorage>,
-    writer: Mutex<Connection>,
-    readers: Vec<Mutex<Connection>>,
-    next_reader: AtomicUsize,
+    meta: Box<dyn RegistryMeta>,
     /// The serving process's lock on the data dir (`None` for maintenance opens).
     _owner: Option<fs::File>,
 }
@@ -98,19 +97,10 @@ impl Store {
         } else {
             None
         };
-        let db_path = root.join("meta.db");
-        let mut writer = db::open_conn(&db_path)?;
-        migrate::apply(&mut writer, "meta.db", db::MIGRATIONS)?;
-        let mut readers = Vec::with_capacity(READERS);
-        for _ in 0..READERS {
-            readers.push(Mutex::new(db::open_conn(&db_path)?));
-        }
         let store = Store {
             root: root.to_path_buf(),
             blobs: Box::new(FsBlobs::open(root)?),
-            writer: Mutex::new(writer),
-            readers,
-            next_reader: AtomicUsize::new(0),
+            meta: Box::new(SqliteMeta::open(&root.join("meta.db"))?),
             _owner: owner,
         };
         if recover {
@@ -182,24 +172,6 @@ impl Store {
         self.blobs.read(digest, start)
     }
 
-    pub(crate) fn writer(&self) -> Result<MutexGuard<'_, Connection>, StoreError> {
-        self.writer.lock().map_err(|_| StoreError::Poisoned)
-    }
-
-    pub(crate) fn reader(&self) -> Result<MutexGuard<'_, Connection>, StoreError> {
-        // Try each reader without blocking first, then wait on one.
-        let start = self.next_reader.fetch_add(1, Ordering::Relaxed);
-        for i in 0..self.readers.len() {
-            let idx = (start + i) % self.readers.len();
-            if let Ok(g) = self.readers[idx].try_lock() {
-                return Ok(g);
-            }
-        }
-        self.readers[start % self.readers.len()]
-            .lock()
-            .map_err(|_| StoreError::Poisoned)
-    }
-
     /// Make a received, digest-verified upload a committed blob linked to `repo`.
     ///
     /// Order: the upload becomes durable content (outside the write lock, so concurrent
@@ -215,96 +187,59 @@ impl Store {
         size: u64,
     ) -> Result<(), StoreError> {
         upload.commit(digest)?;
-        let mut conn = self.writer()?;
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        if !self.blobs.exists(digest) {
-            upload.commit(digest)?;
-        }
-        if db::blob_size(&tx, digest)?.is_none() {
-            db::insert_blob(&tx, digest, size)?;
-        }
-        db::link_blob(&tx, repo, digest)?;
-        tx.commit()?;
-        Ok(())
+        self.meta
+            .link_blob(repo, digest, Some(size), &mut || {
+                if !self.blobs.exists(digest) {
+                    upload.commit(digest)?;
+                }
+                Ok(true)
+            })
+            .map(drop)
     }
 
     /// Size of a blob if it is linked to `repo`.
     pub fn blob_in_repo(&self, repo: &str, digest: &str) -> Result<Option<u64>, StoreError> {
-        let conn = self.reader()?;
-        db::blob_in_repo(&conn, repo, digest)
+        self.meta.blob_in_repo(repo, digest)
     }
 
     /// Cross-repository mount: link `digest` into `repo` if `from` has it.
     pub fn mount_blob(&self, repo: &str, from: &str, digest: &str) -> Result<bool, StoreError> {
-        let mut conn = self.writer()?;
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        if db::blob_in_repo(&tx, from, digest)?.is_none() {
-            return Ok(false);
-        }
-        db::link_blob(&tx, repo, digest)?;
-        tx.commit()?;
-        Ok(true)
+        self.meta.mount_blob(repo, from, digest)
     }
 
     /// Link an already stored blob (any repository) into `repo`; used when an upload of a
     /// blob we already hold completes. Returns false if the blob is unknown.
     pub fn link_existing(&self, repo: &str, digest: &str) -> Result<bool, StoreError> {
-        let mut conn = self.writer()?;
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        if db::blob_size(&tx, digest)?.is_none() || !self.blobs.exists(digest) {
-            return Ok(false);
-        }
-        db::link_blob(&tx, repo, digest)?;
-        tx.commit()?;
-        Ok(true)
+        self.meta
+            .link_blob(repo, digest, None, &mut || Ok(self.blobs.exists(digest)))
     }
 
     /// Remove `digest` from `repo` (the file goes at the next gc). False if it was not linked.
     pub fn unlink_blob(&self, repo: &str, digest: &str) -> Result<bool, StoreError> {
-        let conn = self.writer()?;
-        Ok(conn.execute(
-            "DELETE FROM repo_blobs WHERE repo = ?1 AND digest = ?2",
-            rusqlite::params![repo, digest],
-        )? > 0)
+        self.meta.unlink_blob(repo, digest)
     }
 
     /// Store a manifest (and its tag) after checking, in the same transaction, that every
     /// blob and child manifest it references is present in the repository. `events` go to
     /// the outbox in that transaction.
     pub fn put_manifest(&self, m: &NewManifest, events: &[String]) -> Result<(), StoreError> {
-        let mut conn = self.writer()?;
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        db::put_manifest(&tx, m)?;
-        db::insert_outbox(&tx, events)?;
-        tx.commit()?;
-        Ok(())
+        self.meta.put_manifest(m, events)
     }
 
     /// Outbox entries after `seq`, oldest first: `(seq, payload)`.
     pub fn outbox_after(&self, seq: i64, limit: usize) -> Result<Vec<(i64, String)>, StoreError> {
-        let conn = self.reader()?;
-        let mut st =
-            conn.prepare("SELECT seq, payload FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
-        let rows = st.query_map(rusqlite::params![seq, limit as i64], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.meta.outbox_after(seq, limit)
     }
 
     /// The newest outbox sequence number (0 when empty).
     pub fn outbox_last(&self) -> Result<i64, StoreError> {
-        let conn = self.reader()?;
-        Ok(conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM outbox", [], |r| r.get(0))?)
+        self.meta.outbox_last()
     }
 
     /// Forgets outbox entries older than `age` (consumers are expected to keep up).
     pub fn outbox_prune(&self, age: std::time::Duration) -> Result<usize, StoreError> {
-        let conn = self.writer()?;
-        let cutoff = db::now() - i64::try_from(age.as_secs()).unwrap_or(i64::MAX / 2);
-        Ok(conn.execute(
-            "DELETE FROM outbox WHERE created < ?1",
-            rusqlite::params![cutoff],
-        )?)
+        self.meta
+            .outbox_prune(now() - i64::try_from(age.as_secs()).unwrap_or(i64::MAX / 2))
     }
 
     pub fn get_manifest(
@@ -312,8 +247,7 @@ impl Store {
         repo: &str,
         reference: &Reference,
     ) -> Result<Option<ManifestRow>, StoreError> {
-        let conn = self.reader()?;
-        db::get_manifest(&conn, repo, reference)
+        self.meta.get_manifest(repo, reference)
     }
 
     /// Delete a manifest by digest with the tags that point to it. Returns the removed tags,
@@ -325,14 +259,10 @@ impl Store {
         digest: &str,
         events: impl FnOnce(&ManifestRow, &[String]) -> Vec<String>,
     ) -> Result<Option<(ManifestRow, Vec<String>)>, StoreError> {
-        let mut conn = self.writer()?;
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let r = db::delete_manifest(&tx, repo, digest)?;
-        if let Some((row, tags)) = &r {
-            db::insert_outbox(&tx, &events(row, tags))?;
-        }
-        tx.commit()?;
-        Ok(r)
+        let mut events = Some(events);
+        self.meta.delete_manifest(repo, digest, &mut |row, tags| {
+            events.take().map(|f| f(row, tags)).unwrap_or_default()
+        })
     }
 
     /// Delete one tag; the manifest stays (reachable by digest until gc). Returns the digest.
@@ -343,28 +273,19 @@ impl Store {
         tag: &str,
         events: impl FnOnce(&str) -> Vec<String>,
     ) -> Result<Option<String>, StoreError> {
-        let mut conn = self.writer()?;
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let r = db::delete_tag(&tx, repo, tag)?;
-        if let Some(d) = &r {
-            db::insert_outbox(&tx, &events(d))?;
-        }
-        tx.commit()?;
-        Ok(r)
+        let mut events = Some(events);
+        self.meta.delete_tag(repo, tag, &mut |digest| {
+            events.take().map(|f| f(digest)).unwrap_or_default()
+        })
     }
 
     /// Delete a whole repository: tags, manifests and blob links. False if unknown.
     pub fn delete_repository(&self, repo: &str) -> Result<bool, StoreError> {
-        let mut conn = self.writer()?;
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let r = db::delete_repository(&tx, repo)?;
-        tx.commit()?;
-        Ok(r)
+        self.meta.delete_repository(repo)
     }
 
     pub fn repository_exists(&self, repo: &str) -> Result<bool, StoreError> {
-        let conn = self.reader()?;
-        db::repo_exists(&conn, repo)
+        self.meta.repository_exists(repo)
     }
 
     /// Tags of `repo` in lexical order after `last`, at most `n`. None if the repo is unknown.
@@ -374,11 +295,7 @@ impl Store {
         n: Option<usize>,
         last: Option<&str>,
     ) -> Result<Option<Vec<String>>, StoreError> {
-        let conn = self.reader()?;
-        if !db::repo_exists(&conn, repo)? {
-            return Ok(None);
-        }
-        Ok(Some(db::list_tags(&conn, repo, n, last)?))
+        self.meta.list_tags(repo, n, last)
     }
 
     /// Repository names in lexical order after `last`, at most `n`.
@@ -387,31 +304,24 @@ impl Store {
         n: Option<usize>,
         last: Option<&str>,
     ) -> Result<Vec<String>, StoreError> {
-        let conn = self.reader()?;
-        db::list_repos(&conn, n, last)
+        self.meta.list_repositories(n, last)
     }
 
     /// Every manifest of `repo` with its tags. None if the repo is unknown.
     pub fn list_manifests(&self, repo: &str) -> Result<Option<Vec<ManifestInfo>>, StoreError> {
-        let conn = self.reader()?;
-        if !db::repo_exists(&conn, repo)? {
-            return Ok(None);
-        }
-        Ok(Some(db::list_manifests(&conn, repo)?))
+        self.meta.list_manifests(repo)
     }
 
     /// Manifests in `repo` whose `subject` is `digest`.
     pub fn referrers(&self, repo: &str, digest: &str) -> Result<Vec<ManifestRow>, StoreError> {
-        let conn = self.reader()?;
-        db::referrers(&conn, repo, digest)
+        self.meta.referrers(repo, digest)
     }
 
     /// Startup recovery: abandoned uploads are dropped (upload sessions live in memory), and
     /// blobs that an interrupted gc staged for removal come back if their row survived.
     fn recover(&self) -> Result<(), StoreError> {
-        let conn = self.writer()?;
         self.blobs
-            .recover(&mut |digest| Ok(db::blob_size(&conn, digest)?.is_some()))
+            .recover(&mut |digest| Ok(self.meta.blob_size(digest)?.is_some()))
     }
 }
 

@@ -1,0 +1,172 @@
+//! The registry's metadata behind one trait: repositories, blob rows and their links,
+//! manifests with their references and tags, and the event outbox. SQLite
+//! ([`super::SqliteMeta`]) now; PostgreSQL later slots in without touching the registry,
+//! the CLI or gc. The types here are plain data; every call blocks (async callers run
+//! them in `spawn_blocking`).
+//!
+//! What a backend promises: each call is one transaction (a change and the outbox rows
+//! that describe it commit together or not at all); the callbacks given to a call run
+//! inside its transaction, under the backend's write lock, so what they check about the
+//! blob storage holds when the rows commit (gc stages removals under that same lock).
+
+use serde::Serialize;
+
+use super::{BlobStorage, FsckIssue, GcReport, StoreError};
+
+/// Registry metadata: what [`super::Store`] reads and changes besides blob bytes.
+pub trait RegistryMeta: Send + Sync {
+    /// The size of a blob row (any repository).
+    fn blob_size(&self, digest: &str) -> Result<Option<u64>, StoreError>;
+    /// The size of a blob if it is linked to `repo`.
+    fn blob_in_repo(&self, repo: &str, digest: &str) -> Result<Option<u64>, StoreError>;
+    /// Link `digest` into `repo` in one transaction. Without a row for it, one is made
+    /// with `new_size` (`None`: nothing is linked, false). `content` is asked first,
+    /// under the write lock, to make sure the bytes are there (false: nothing changes).
+    fn link_blob(
+        &self,
+        repo: &str,
+        digest: &str,
+        new_size: Option<u64>,
+        content: &mut dyn FnMut() -> Result<bool, StoreError>,
+    ) -> Result<bool, StoreError>;
+    /// Link `digest` into `repo` if `from` has it (a cross-repository mount).
+    fn mount_blob(&self, repo: &str, from: &str, digest: &str) -> Result<bool, StoreError>;
+    /// Forget `digest` in `repo`. False if it was not linked.
+    fn unlink_blob(&self, repo: &str, digest: &str) -> Result<bool, StoreError>;
+
+    /// Store a manifest (and its tag) after checking, in the same transaction, that every
+    /// blob and child manifest it references is in the repository with the declared size.
+    /// `events` go to the outbox in that transaction.
+    fn put_manifest(&self, m: &NewManifest, events: &[String]) -> Result<(), StoreError>;
+    fn get_manifest(
+        &self,
+        repo: &str,
+        reference: &Reference,
+    ) -> Result<Option<ManifestRow>, StoreError>;
+    /// Delete a manifest by digest with the tags that point to it; `events` makes the
+    /// outbox rows from what was deleted, in the same transaction.
+    fn delete_manifest(
+        &self,
+        repo: &str,
+        digest: &str,
+        events: &mut dyn FnMut(&ManifestRow, &[String]) -> Vec<String>,
+    ) -> Result<Option<(ManifestRow, Vec<String>)>, StoreError>;
+    /// Delete one tag (the manifest stays); `events` makes the outbox rows from the
+    /// digest it pointed to. Returns that digest.
+    fn delete_tag(
+        &self,
+        repo: &str,
+        tag: &str,
+        events: &mut dyn FnMut(&str) -> Vec<String>,
+    ) -> Result<Option<String>, StoreError>;
+    /// Delete what is left of a repository: tags, manifests, blob links, its name.
+    fn delete_repository(&self, repo: &str) -> Result<bool, StoreError>;
+    fn repository_exists(&self, repo: &str) -> Result<bool, StoreError>;
+    /// Tags of `repo` in lexical order after `last`, at most `n`; `None` if it is unknown.
+    fn list_tags(
+        &self,
+        repo: &str,
+        n: Option<usize>,
+        last: Option<&str>,
+    ) -> Result<Option<Vec<String>>, StoreError>;
+    /// Repository names in lexical order after `last`, at most `n`.
+    fn list_repositories(
+        &self,
+        n: Option<usize>,
+        last: Option<&str>,
+    ) -> Result<Vec<String>, StoreError>;
+    /// Every manifest of `repo` with its tags, newest first; `None` if it is unknown.
+    fn list_manifests(&self, repo: &str) -> Result<Option<Vec<ManifestInfo>>, StoreError>;
+    /// Manifests in `repo` whose `subject` is `digest`, by digest.
+    fn referrers(&self, repo: &str, digest: &str) -> Result<Vec<ManifestRow>, StoreError>;
+
+    /// Outbox entries after `seq`, oldest first: `(seq, payload)`.
+    fn outbox_after(&self, seq: i64, limit: usize) -> Result<Vec<(i64, String)>, StoreError>;
+    /// The newest outbox sequence number (0 when empty).
+    fn outbox_last(&self) -> Result<i64, StoreError>;
+    /// Forget outbox entries created before Unix second `before`.
+    fn outbox_prune(&self, before: i64) -> Result<usize, StoreError>;
+
+    /// Garbage collection under the write lock: rows unreferenced since before Unix
+    /// second `cutoff` go, and their content (and content no row names, stored before
+    /// `cutoff`) is staged for removal in `blobs`, finished only after the commit. A dry
+    /// run changes nothing and reports what would go.
+    fn gc(
+        &self,
+        cutoff: i64,
+        dry_run: bool,
+        blobs: &dyn BlobStorage,
+    ) -> Result<GcReport, StoreError>;
+    /// Everything fsck checks against the content, and the rows that point nowhere.
+    fn audit(&self) -> Result<Audit, StoreError>;
+}
+
+/// The metadata side of fsck.
+#[derive(Debug, Default)]
+pub struct Audit {
+    /// Every blob row: digest and recorded size.
+    pub blobs: Vec<(String, u64)>,
+    /// Every manifest: repository, digest, content.
+    pub manifests: Vec<(String, String, Vec<u8>)>,
+    pub tags: usize,
+    /// References, tags and links to rows that do not exist.
+    pub dangling: Vec<FsckIssue>,
+}
+
+/// A manifest reference from a URL: a tag or a digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reference {
+    Tag(String),
+    Digest(String),
+}
+
+/// A stored manifest with its raw bytes.
+#[derive(Debug, Clone)]
+pub struct ManifestRow {
+    pub digest: String,
+    pub media_type: String,
+    pub artifact_type: Option<String>,
+    pub subject: Option<String>,
+    pub size: u64,
+    pub content: Vec<u8>,
+    pub created: i64,
+}
+
+/// A manifest as listed by `repository show-manifests`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ManifestInfo {
+    pub digest: String,
+    pub media_type: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub artifact_type: Option<String>,
+    pub size: u64,
+    /// Unix seconds.
+    #[serde(with = "crate::timefmt::secs")]
+    pub created: i64,
+    pub tags: Vec<String>,
+}
+
+/// Content a manifest points at: its digest and the size the manifest declares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Descriptor {
+    pub digest: String,
+    pub size: u64,
+}
+
+/// A manifest to store, already parsed and validated by the registry.
+#[derive(Debug, Clone)]
+pub struct NewManifest {
+    pub repo: String,
+    pub digest: String,
+    pub media_type: String,
+    pub artifact_type: Option<String>,
+    pub subject: Option<String>,
+    pub content: Vec<u8>,
+    /// Blobs (config, layers) that must be linked to the repository, with the sizes the
+    /// manifest declares for them.
+    pub blobs: Vec<Descriptor>,
+    /// Child manifests (of an index) that must be in the repository, with declared sizes.
+    pub children: Vec<Descriptor>,
+    pub tag: Option<String>,
+}

@@ -1,0 +1,782 @@
+//! The registry metadata in SQLite (`meta.db`): [`SqliteMeta`], one writer connection and
+//! a few readers over WAL. The query functions take a `&Connection` (a `Transaction`
+//! derefs to one) so that the trait's methods decide the transaction boundaries.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+
+use super::meta::{Audit, Descriptor, ManifestInfo, ManifestRow, NewManifest, Reference};
+use super::{now, BlobStorage, FsckIssue, GcReport, KeptByGrace, RegistryMeta, StoreError};
+
+fn open_conn(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path)?;
+    configure(&conn)?;
+    Ok(conn)
+}
+
+/// How every acr-task database is used: WAL lets readers run beside the writer; FULL
+/// makes each commit durable on return; writers wait for each other instead of failing.
+pub fn configure(conn: &Connection) -> rusqlite::Result<()> {
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.busy_timeout(std::time::Duration::from_secs(30))
+}
+
+/// The registry metadata's schema, one entry per version (see [`super::migrate`]).
+pub(crate) const MIGRATIONS: &[super::migrate::Migration] = &[super::migrate::Migration::Sql(
+    "CREATE TABLE IF NOT EXISTS repositories(
+            name TEXT PRIMARY KEY, created INTEGER NOT NULL);
+         CREATE TABLE IF NOT EXISTS blobs(
+            digest TEXT PRIMARY KEY, size INTEGER NOT NULL, created INTEGER NOT NULL);
+         CREATE TABLE IF NOT EXISTS repo_blobs(
+            repo TEXT NOT NULL, digest TEXT NOT NULL, created INTEGER NOT NULL,
+            PRIMARY KEY(repo, digest));
+         CREATE INDEX IF NOT EXISTS repo_blobs_digest ON repo_blobs(digest);
+         CREATE TABLE IF NOT EXISTS manifests(
+            repo TEXT NOT NULL, digest TEXT NOT NULL, media_type TEXT NOT NULL,
+            artifact_type TEXT, subject TEXT, size INTEGER NOT NULL, content BLOB NOT NULL,
+            created INTEGER NOT NULL, PRIMARY KEY(repo, digest));
+         CREATE INDEX IF NOT EXISTS manifests_subject ON manifests(repo, subject);
+         CREATE TABLE IF NOT EXISTS manifest_refs(
+            repo TEXT NOT NULL, manifest TEXT NOT NULL, target TEXT NOT NULL,
+            kind TEXT NOT NULL, PRIMARY KEY(repo, manifest, kind, target));
+         CREATE INDEX IF NOT EXISTS manifest_refs_target ON manifest_refs(repo, target);
+         CREATE TABLE IF NOT EXISTS tags(
+            repo TEXT NOT NULL, tag TEXT NOT NULL, digest TEXT NOT NULL,
+            updated INTEGER NOT NULL, PRIMARY KEY(repo, tag));
+         CREATE INDEX IF NOT EXISTS tags_digest ON tags(repo, digest);
+         CREATE TABLE IF NOT EXISTS outbox(
+            seq INTEGER PRIMARY KEY AUTOINCREMENT, created INTEGER NOT NULL,
+            payload TEXT NOT NULL);",
+)];
+
+/// Appends event payloads to the outbox inside the caller's transaction, so an event
+/// exists exactly when the change it describes does.
+fn insert_outbox(tx: &Connection, payloads: &[String]) -> Result<(), StoreError> {
+    let t = now();
+    for p in payloads {
+        tx.execute(
+            "INSERT INTO outbox(created, payload) VALUES (?1, ?2)",
+            rusqlite::params![t, p],
+        )?;
+    }
+    Ok(())
+}
+
+fn ensure_repo(conn: &Connection, repo: &str) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT OR IGNORE INTO repositories(name, created) VALUES (?1, ?2)",
+        params![repo, now()],
+    )?;
+    Ok(())
+}
+
+fn repo_exists(conn: &Connection, repo: &str) -> Result<bool, StoreError> {
+    Ok(conn
+        .query_row(
+            "SELECT 1 FROM repositories WHERE name = ?1",
+            params![repo],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some())
+}
+
+fn blob_size(conn: &Connection, digest: &str) -> Result<Option<u64>, StoreError> {
+    Ok(conn
+        .query_row(
+            "SELECT size FROM blobs WHERE digest = ?1",
+            params![digest],
+            |r| r.get::<_, i64>(0),
+        )
+        .optional()?
+        .map(|s| s as u64))
+}
+
+fn insert_blob(conn: &Connection, digest: &str, size: u64) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT OR REPLACE INTO blobs(digest, size, created) VALUES (?1, ?2, ?3)",
+        params![digest, size as i64, now()],
+    )?;
+    Ok(())
+}
+
+fn link_blob(conn: &Connection, repo: &str, digest: &str) -> Result<(), StoreError> {
+    ensure_repo(conn, repo)?;
+    // Refresh `created` so a re-pushed blob gets a new gc grace period.
+    conn.execute(
+        "INSERT INTO repo_blobs(repo, digest, created) VALUES (?1, ?2, ?3)
+         ON CONFLICT(repo, digest) DO UPDATE SET created = excluded.created",
+        params![repo, digest, now()],
+    )?;
+    Ok(())
+}
+
+fn blob_in_repo(conn: &Connection, repo: &str, digest: &str) -> Result<Option<u64>, StoreError> {
+    Ok(conn
+        .query_row(
+            "SELECT b.size FROM repo_blobs rb JOIN blobs b ON b.digest = rb.digest
+             WHERE rb.repo = ?1 AND rb.digest = ?2",
+            params![repo, digest],
+            |r| r.get::<_, i64>(0),
+        )
+        .optional()?
+        .map(|s| s as u64))
+}
+
+fn manifest_size(conn: &Connection, repo: &str, digest: &str) -> Result<Option<u64>, StoreError> {
+    Ok(conn
+        .query_row(
+            "SELECT size FROM manifests WHERE repo = ?1 AND digest = ?2",
+            params![repo, digest],
+            |r| r.get::<_, i64>(0),
+        )
+        .optional()?
+        .map(|s| s as u64))
+}
+
+fn put_manifest(conn: &Connection, m: &NewManifest) -> Result<(), StoreError> {
+    // A descriptor's size is part of what a client verifies; one that disagrees with the
+    // stored content would make every pull of this manifest fail (or read past the blob).
+    let check = |d: &Descriptor, stored: Option<u64>| match stored {
+        None => Err(StoreError::MissingRef(d.digest.clone())),
+        Some(actual) if actual != d.size => Err(StoreError::SizeMismatch {
+            digest: d.digest.clone(),
+            declared: d.size,
+            actual,
+        }),
+        Some(_) => Ok(()),
+    };
+    for b in &m.blobs {
+        check(b, blob_in_repo(conn, &m.repo, &b.digest)?)?;
+    }
+    for c in &m.children {
+        check(c, manifest_size(conn, &m.repo, &c.digest)?)?;
+    }
+    ensure_repo(conn, &m.repo)?;
+    let t = now();
+    conn.execute(
+        "INSERT INTO manifests(repo, digest, media_type, artifact_type, subject, size, content, created)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+         ON CONFLICT(repo, digest) DO UPDATE SET created = excluded.created",
+        params![
+            m.repo,
+            m.digest,
+            m.media_type,
+            m.artifact_type,
+            m.subject,
+            m.content.len() as i64,
+            m.content,
+            t
+        ],
+    )?;
+    {
+        let mut stmt = conn.prepare_cached(
+            "INSERT OR IGNORE INTO manifest_refs(repo, manifest, target, kind) VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        for b in &m.blobs {
+            stmt.execute(params![m.repo, m.digest, b.digest, "blob"])?;
+        }
+        for c in &m.children {
+            stmt.execute(params![m.repo, m.digest, c.digest, "manifest"])?;
+        }
+    }
+    if let Some(tag) = &m.tag {
+        conn.execute(
+            "INSERT OR REPLACE INTO tags(repo, tag, digest, updated) VALUES (?1, ?2, ?3, ?4)",
+            params![m.repo, tag, m.digest, t],
+        )?;
+    }
+    Ok(())
+}
+
+fn row_to_manifest(r: &rusqlite::Row<'_>) -> rusqlite::Result<ManifestRow> {
+    Ok(ManifestRow {
+        digest: r.get(0)?,
+        media_type: r.get(1)?,
+        artifact_type: r.get(2)?,
+        subject: r.get(3)?,
+        size: r.get::<_, i64>(4)? as u64,
+        content: r.get(5)?,
+        created: r.get(6)?,
+    })
+}
+
+const MANIFEST_COLS: &str = "digest, media_type, artifact_type, subject, size, content, created";
+
+fn get_manifest(
+    conn: &Connection,
+    repo: &str,
+    reference: &Reference,
+) -> Result<Option<ManifestRow>, StoreError> {
+    let digest = match reference {
+        Reference::Digest(d) => d.clone(),
+        Reference::Tag(t) => {
+            match conn
+                .query_row(
+                    "SELECT digest FROM tags WHERE repo = ?1 AND tag = ?2",
+                    params![repo, t],
+                    |r| r.get::<_, String>(0),
+                )
+                .optional()?
+            {
+                Some(d) => d,
+                None => return Ok(None),
+            }
+        }
+    };
+    Ok(conn
+        .query_row(
+            &format!("SELECT {MANIFEST_COLS} FROM manifests WHERE repo = ?1 AND digest = ?2"),
+            params![repo, digest],
+            row_to_manifest,
+        )
+        .optional()?)
+}
+
+fn delete_manifest(
+    conn: &Connection,
+    repo: &str,
+    digest: &str,
+) -> Result<Option<(ManifestRow, Vec<String>)>, StoreError> {
+    let Some(row) = get_manifest(conn, repo, &Reference::Digest(digest.to_string()))? else {
+        return Ok(None);
+    };
+    let tags = tags_of(conn, repo, digest)?;
+    conn.execute(
+        "DELETE FROM tags WHERE repo = ?1 AND digest = ?2",
+        params![repo, digest],
+    )?;
+    conn.execute(
+        "DELETE FROM manifest_refs WHERE repo = ?1 AND manifest = ?2",
+        params![repo, digest],
+    )?;
+    conn.execute(
+        "DELETE FROM manifests WHERE repo = ?1 AND digest = ?2",
+        params![repo, digest],
+    )?;
+    Ok(Some((row, tags)))
+}
+
+fn delete_tag(conn: &Connection, repo: &str, tag: &str) -> Result<Option<String>, StoreError> {
+    let d = conn
+        .query_row(
+            "SELECT digest FROM tags WHERE repo = ?1 AND tag = ?2",
+            params![repo, tag],
+            |r| r.get::<_, String>(0),
+        )
+        .optional()?;
+    if d.is_some() {
+        conn.execute(
+            "DELETE FROM tags WHERE repo = ?1 AND tag = ?2",
+            params![repo, tag],
+        )?;
+    }
+    Ok(d)
+}
+
+fn delete_repository(conn: &Connection, repo: &str) -> Result<bool, StoreError> {
+    if !repo_exists(conn, repo)? {
+        return Ok(false);
+    }
+    for table in ["tags", "manifest_refs", "manifests", "repo_blobs"] {
+        conn.execute(
+            &format!("DELETE FROM {table} WHERE repo = ?1"),
+            params![repo],
+        )?;
+    }
+    conn.execute("DELETE FROM repositories WHERE name = ?1", params![repo])?;
+    Ok(true)
+}
+
+fn tags_of(conn: &Connection, repo: &str, digest: &str) -> Result<Vec<String>, StoreError> {
+    let mut stmt =
+        conn.prepare_cached("SELECT tag FROM tags WHERE repo = ?1 AND digest = ?2 ORDER BY tag")?;
+    let rows = stmt.query_map(params![repo, digest], |r| r.get::<_, String>(0))?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
+fn limit(n: Option<usize>) -> i64 {
+    n.map(|n| n as i64).unwrap_or(-1)
+}
+
+fn list_tags(
+    conn: &Connection,
+    repo: &str,
+    n: Option<usize>,
+    last: Option<&str>,
+) -> Result<Vec<String>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT tag FROM tags WHERE repo = ?1 AND tag > ?2 ORDER BY tag LIMIT ?3",
+    )?;
+    let rows = stmt.query_map(params![repo, last.unwrap_or(""), limit(n)], |r| {
+        r.get::<_, String>(0)
+    })?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
+fn list_repos(
+    conn: &Connection,
+    n: Option<usize>,
+    last: Option<&str>,
+) -> Result<Vec<String>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached("SELECT name FROM repositories WHERE name > ?1 ORDER BY name LIMIT ?2")?;
+    let rows = stmt.query_map(params![last.unwrap_or(""), limit(n)], |r| {
+        r.get::<_, String>(0)
+    })?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
+fn list_manifests(conn: &Connection, repo: &str) -> Result<Vec<ManifestInfo>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT digest, media_type, artifact_type, size, created FROM manifests
+         WHERE repo = ?1 ORDER BY created DESC, digest",
+    )?;
+    let rows = stmt.query_map(params![repo], |r| {
+        Ok(ManifestInfo {
+            digest: r.get(0)?,
+            media_type: r.get(1)?,
+            artifact_type: r.get(2)?,
+            size: r.get::<_, i64>(3)? as u64,
+            created: r.get(4)?,
+            tags: Vec::new(),
+        })
+    })?;
+    let mut out = rows.collect::<Result<Vec<_>, _>>()?;
+    for m in &mut out {
+        m.tags = tags_of(conn, repo, &m.digest)?;
+    }
+    Ok(out)
+}
+
+fn referrers(conn: &Connection, repo: &str, digest: &str) -> Result<Vec<ManifestRow>, StoreError> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {MANIFEST_COLS} FROM manifests WHERE repo = ?1 AND subject = ?2 ORDER BY digest"
+    ))?;
+    let rows = stmt.query_map(params![repo, digest], row_to_manifest)?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
+/// Number of read-only connections; reads (HEAD, GET) never wait behind a writer's fsync.
+const READERS: usize = 4;
+
+/// [`RegistryMeta`] in one SQLite file.
+pub struct SqliteMeta {
+    writer: Mutex<Connection>,
+    readers: Vec<Mutex<Connection>>,
+    next_reader: AtomicUsize,
+}
+
+impl SqliteMeta {
+    /// Open (creating and migrating if needed) the database at `path`.
+    pub fn open(path: &Path) -> Result<SqliteMeta, StoreError> {
+        let mut writer = open_conn(path)?;
+        super::migrate::apply(&mut writer, "meta.db", MIGRATIONS)?;
+        let mut readers = Vec::with_capacity(READERS);
+        for _ in 0..READERS {
+            readers.push(Mutex::new(open_conn(path)?));
+        }
+        Ok(SqliteMeta {
+            writer: Mutex::new(writer),
+            readers,
+            next_reader: AtomicUsize::new(0),
+        })
+    }
+
+    fn writer(&self) -> Result<MutexGuard<'_, Connection>, StoreError> {
+        self.writer.lock().map_err(|_| StoreError::Poisoned)
+    }
+
+    fn reader(&self) -> Result<MutexGuard<'_, Connection>, StoreError> {
+        // Try each reader without blocking first, then wait on one.
+        let start = self.next_reader.fetch_add(1, Ordering::Relaxed);
+        for i in 0..self.readers.len() {
+            let idx = (start + i) % self.readers.len();
+            if let Ok(g) = self.readers[idx].try_lock() {
+                return Ok(g);
+            }
+        }
+        self.readers[start % self.readers.len()]
+            .lock()
+            .map_err(|_| StoreError::Poisoned)
+    }
+
+    /// Runs `f` in an immediate (write-locked) transaction and commits what it returns.
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.writer()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let r = f(&tx)?;
+        tx.commit()?;
+        Ok(r)
+    }
+}
+
+fn collect<T>(
+    conn: &Connection,
+    sql: &str,
+    args: impl rusqlite::Params,
+    row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> Result<Vec<T>, StoreError> {
+    let mut stmt = conn.prepare(sql)?;
+    let rows = stmt.query_map(args, row)?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
+impl RegistryMeta for SqliteMeta {
+    fn blob_size(&self, digest: &str) -> Result<Option<u64>, StoreError> {
+        blob_size(&*self.reader()?, digest)
+    }
+
+    fn blob_in_repo(&self, repo: &str, digest: &str) -> Result<Option<u64>, StoreError> {
+        blob_in_repo(&*self.reader()?, repo, digest)
+    }
+
+    fn link_blob(
+        &self,
+        repo: &str,
+        digest: &str,
+        new_size: Option<u64>,
+        content: &mut dyn FnMut() -> Result<bool, StoreError>,
+    ) -> Result<bool, StoreError> {
+        self.write(|tx| {
+            let known = blob_size(tx, digest)?.is_some();
+            if (!known && new_size.is_none()) || !content()? {
+                return Ok(false);
+            }
+            if let (false, Some(size)) = (known, new_size) {
+                insert_blob(tx, digest, size)?;
+            }
+            link_blob(tx, repo, digest)?;
+            Ok(true)
+        })
+    }
+
+    fn mount_blob(&self, repo: &str, from: &str, digest: &str) -> Result<bool, StoreError> {
+        self.write(|tx| {
+            if blob_in_repo(tx, from, digest)?.is_none() {
+                return Ok(false);
+            }
+            link_blob(tx, repo, digest)?;
+            Ok(true)
+        })
+    }
+
+    fn unlink_blob(&self, repo: &str, digest: &str) -> Result<bool, StoreError> {
+        Ok(self.writer()?.execute(
+            "DELETE FROM repo_blobs WHERE repo = ?1 AND digest = ?2",
+            params![repo, digest],
+        )? > 0)
+    }
+
+    fn put_manifest(&self, m: &NewManifest, events: &[String]) -> Result<(), StoreError> {
+        self.write(|tx| {
+            put_manifest(tx, m)?;
+            insert_outbox(tx, events)
+        })
+    }
+
+    fn get_manifest(
+        &self,
+        repo: &str,
+        reference: &Reference,
+    ) -> Result<Option<ManifestRow>, StoreError> {
+        get_manifest(&*self.reader()?, repo, reference)
+    }
+
+    fn delete_manifest(
+        &self,
+        repo: &str,
+        digest: &str,
+        events: &mut dyn FnMut(&ManifestRow, &[String]) -> Vec<String>,
+    ) -> Result<Option<(ManifestRow, Vec<String>)>, StoreError> {
+        self.write(|tx| {
+            let r = delete_manifest(tx, repo, digest)?;
+            if let Some((row, tags)) = &r {
+                insert_outbox(tx, &events(row, tags))?;
+            }
+            Ok(r)
+        })
+    }
+
+    fn delete_tag(
+        &self,
+        repo: &str,
+        tag: &str,
+        events: &mut dyn FnMut(&str) -> Vec<String>,
+    ) -> Result<Option<String>, StoreError> {
+        self.write(|tx| {
+            let r = delete_tag(tx, repo, tag)?;
+            if let Some(d) = &r {
+                insert_outbox(tx, &events(d))?;
+            }
+            Ok(r)
+        })
+    }
+
+    fn delete_repository(&self, repo: &str) -> Result<bool, StoreError> {
+        self.write(|tx| delete_repository(tx, repo))
+    }
+
+    fn repository_exists(&self, repo: &str) -> Result<bool, StoreError> {
+        repo_exists(&*self.reader()?, repo)
+    }
+
+    fn list_tags(
+        &self,
+        repo: &str,
+        n: Option<usize>,
+        last: Option<&str>,
+    ) -> Result<Option<Vec<String>>, StoreError> {
+        let conn = self.reader()?;
+        if !repo_exists(&conn, repo)? {
+            return Ok(None);
+        }
+        Ok(Some(list_tags(&conn, repo, n, last)?))
+    }
+
+    fn list_repositories(
+        &self,
+        n: Option<usize>,
+        last: Option<&str>,
+    ) -> Result<Vec<String>, StoreError> {
+        list_repos(&*self.reader()?, n, last)
+    }
+
+    fn list_manifests(&self, repo: &str) -> Result<Option<Vec<ManifestInfo>>, StoreError> {
+        let conn = self.reader()?;
+        if !repo_exists(&conn, repo)? {
+            return Ok(None);
+        }
+        Ok(Some(list_manifests(&conn, repo)?))
+    }
+
+    fn referrers(&self, repo: &str, digest: &str) -> Result<Vec<ManifestRow>, StoreError> {
+        referrers(&*self.reader()?, repo, digest)
+    }
+
+    fn outbox_after(&self, seq: i64, limit: usize) -> Result<Vec<(i64, String)>, StoreError> {
+        collect(
+            &*self.reader()?,
+            "SELECT seq, payload FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            params![seq, limit as i64],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+    }
+
+    fn outbox_last(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .reader()?
+            .query_row("SELECT COALESCE(MAX(seq), 0) FROM outbox", [], |r| r.get(0))?)
+    }
+
+    fn outbox_prune(&self, before: i64) -> Result<usize, StoreError> {
+        Ok(self
+            .writer()?
+            .execute("DELETE FROM outbox WHERE created < ?1", params![before])?)
+    }
+
+    fn gc(
+        &self,
+        cutoff: i64,
+        dry_run: bool,
+        content: &dyn BlobStorage,
+    ) -> Result<GcReport, StoreError> {
+        let mut report = GcReport {
+            dry_run,
+            ..Default::default()
+        };
+        let mut conn = self.writer()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        loop {
+            let victims: Vec<(String, String)> = {
+                let mut stmt = tx.prepare(
+                    "SELECT m.repo, m.digest FROM manifests m WHERE m.created <= ?1
+                     AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.repo = m.repo AND t.digest = m.digest)
+                     AND NOT EXISTS (SELECT 1 FROM manifest_refs r WHERE r.repo = m.repo
+                                     AND r.target = m.digest AND r.kind = 'manifest')
+                     AND NOT (m.subject IS NOT NULL AND EXISTS (SELECT 1 FROM manifests s
+                                     WHERE s.repo = m.repo AND s.digest = m.subject))",
+                )?;
+                let rows = stmt.query_map(params![cutoff], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                rows.collect::<Result<Vec<_>, _>>()?
+            };
+            if victims.is_empty() {
+                break;
+            }
+            for (repo, digest) in victims {
+                delete_manifest(&tx, &repo, &digest)?;
+                report.manifests.push(format!("{repo}@{digest}"));
+            }
+        }
+        let links: Vec<(String, String)> = {
+            let mut stmt = tx.prepare(
+                "SELECT rb.repo, rb.digest FROM repo_blobs rb WHERE rb.created <= ?1
+                 AND NOT EXISTS (SELECT 1 FROM manifest_refs r WHERE r.repo = rb.repo
+                                 AND r.target = rb.digest AND r.kind = 'blob')",
+            )?;
+            let rows = stmt.query_map(params![cutoff], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect::<Result<Vec<_>, _>>()?
+        };
+        for (repo, digest) in links {
+            tx.execute(
+                "DELETE FROM repo_blobs WHERE repo = ?1 AND digest = ?2",
+                params![repo, digest],
+            )?;
+            report.blob_links.push(format!("{repo}@{digest}"));
+        }
+        let blobs: Vec<(String, i64)> = {
+            let mut stmt = tx.prepare(
+                "SELECT b.digest, b.size FROM blobs b WHERE b.created <= ?1
+                 AND NOT EXISTS (SELECT 1 FROM repo_blobs rb WHERE rb.digest = b.digest)",
+            )?;
+            let rows = stmt.query_map(params![cutoff], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect::<Result<Vec<_>, _>>()?
+        };
+        let mut staged = Vec::new();
+        for (digest, size) in blobs {
+            tx.execute("DELETE FROM blobs WHERE digest = ?1", params![digest])?;
+            report.bytes_freed += size as u64;
+            if !dry_run {
+                staged.extend(content.stage_removal(&digest)?);
+            }
+            report.blobs.push(digest);
+        }
+        // What the grace period keeps: unreferenced, but young enough to be a push in
+        // progress (blobs first, manifest last).
+        report.kept_by_grace = {
+            let count = |sql: &str| -> Result<(i64, i64), StoreError> {
+                Ok(tx.query_row(sql, params![cutoff], |r| Ok((r.get(0)?, r.get(1)?)))?)
+            };
+            let (m, _) = count(
+                "SELECT COUNT(*), 0 FROM manifests m WHERE m.created > ?1
+                 AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.repo = m.repo AND t.digest = m.digest)
+                 AND NOT EXISTS (SELECT 1 FROM manifest_refs r WHERE r.repo = m.repo
+                                 AND r.target = m.digest AND r.kind = 'manifest')
+                 AND m.subject IS NULL",
+            )?;
+            let (l, _) = count(
+                "SELECT COUNT(*), 0 FROM repo_blobs rb WHERE rb.created > ?1
+                 AND NOT EXISTS (SELECT 1 FROM manifest_refs r WHERE r.repo = rb.repo
+                                 AND r.target = rb.digest AND r.kind = 'blob')",
+            )?;
+            let (b, bytes) = count(
+                "SELECT COUNT(*), COALESCE(SUM(b.size), 0) FROM blobs b WHERE b.created > ?1
+                 AND NOT EXISTS (SELECT 1 FROM repo_blobs rb WHERE rb.digest = b.digest
+                                 AND EXISTS (SELECT 1 FROM manifest_refs r WHERE r.repo = rb.repo
+                                             AND r.target = rb.digest AND r.kind = 'blob'))",
+            )?;
+            KeptByGrace {
+                manifests: m as usize,
+                blob_links: l as usize,
+                blobs: b as usize,
+                bytes: bytes as u64,
+            }
+        };
+        // Files without a row: a crash between rename and commit. Under the write lock no
+        // commit is in flight, so these are true leftovers.
+        let cutoff_time = std::time::SystemTime::UNIX_EPOCH
+            + std::time::Duration::from_secs(cutoff.max(0) as u64);
+        for (digest, stored) in content.list()? {
+            if blob_size(&tx, &digest)?.is_some() || stored > cutoff_time {
+                continue;
+            }
+            if !dry_run {
+                staged.extend(content.stage_removal(&digest)?);
+            }
+            report.orphan_files.push(digest);
+        }
+        if dry_run {
+            tx.rollback()?;
+        } else {
+            tx.commit()?;
+            for s in staged {
+                content.finish_removal(s);
+            }
+        }
+        Ok(report)
+    }
+
+    fn audit(&self) -> Result<Audit, StoreError> {
+        let conn = self.reader()?;
+        let blobs = collect(
+            &conn,
+            "SELECT digest, size FROM blobs ORDER BY digest",
+            [],
+            |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)),
+        )?;
+        let manifests = collect(
+            &conn,
+            "SELECT repo, digest, content FROM manifests",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?;
+        let issue = |kind: &str, repo: String, digest: String, detail: String| FsckIssue {
+            kind: kind.to_string(),
+            repo: Some(repo),
+            digest,
+            detail,
+        };
+        let mut dangling = collect(
+            &conn,
+            "SELECT r.repo, r.manifest, r.target, r.kind FROM manifest_refs r WHERE
+             (r.kind = 'blob' AND NOT EXISTS (SELECT 1 FROM repo_blobs rb JOIN blobs b
+                  ON b.digest = rb.digest WHERE rb.repo = r.repo AND rb.digest = r.target))
+             OR (r.kind = 'manifest' AND NOT EXISTS (SELECT 1 FROM manifests m
+                  WHERE m.repo = r.repo AND m.digest = r.target))",
+            [],
+            |r| {
+                let (target, kind): (String, String) = (r.get(2)?, r.get(3)?);
+                Ok(issue(
+                    "manifest-ref",
+                    r.get(0)?,
+                    r.get(1)?,
+                    format!("references missing {kind} {target}"),
+                ))
+            },
+        )?;
+        dangling.extend(collect(
+            &conn,
+            "SELECT t.repo, t.tag, t.digest FROM tags t WHERE NOT EXISTS
+             (SELECT 1 FROM manifests m WHERE m.repo = t.repo AND m.digest = t.digest)",
+            [],
+            |r| {
+                let tag: String = r.get(1)?;
+                Ok(issue(
+                    "tag-dangling",
+                    r.get(0)?,
+                    r.get(2)?,
+                    format!("tag {tag} points to a missing manifest"),
+                ))
+            },
+        )?);
+        dangling.extend(collect(
+            &conn,
+            "SELECT rb.repo, rb.digest FROM repo_blobs rb WHERE NOT EXISTS
+             (SELECT 1 FROM blobs b WHERE b.digest = rb.digest)",
+            [],
+            |r| {
+                Ok(issue(
+                    "link-dangling",
+                    r.get(0)?,
+                    r.get(1)?,
+                    "repository links a blob with no row".to_string(),
+                ))
+            },
+        )?);
+        let tags =
+            conn.query_row("SELECT COUNT(*) FROM tags", [], |r| r.get::<_, i64>(0))? as usize;
+        Ok(Audit {
+            blobs,
+            manifests,
+            tags,
+            dangling,
+        })
+    }
+}
