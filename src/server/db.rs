@@ -1,10 +1,7 @@
-//! The service's metadata: tasks, runs, webhook deliveries and the base-image index, in its
-//! own SQLite file (WAL, `synchronous=FULL`: a run that was accepted survives a crash).
+//! The server's state behind one trait ([`ServerStore`]): tasks, runs and the run queue,
+//! and what the triggers remember. The SQLite backend is [`super::sqlite`].
 
-use std::path::Path;
-use std::sync::Mutex;
-
-use rusqlite::{params, Connection, OptionalExtension};
+use crate::exec::{RunReport, Status};
 
 use super::model::{RunRecord, TaskSpec, Trigger};
 
@@ -20,77 +17,9 @@ pub enum DbError {
     Poisoned,
 }
 
-pub struct Db {
-    conn: Mutex<Connection>,
-    prefix: String,
-}
-
-/// `server.db`'s schema, one entry per version (see [`crate::store::migrate`]).
-const MIGRATIONS: &[crate::store::migrate::Migration] =
-    &[crate::store::migrate::Migration::Sql(SCHEMA)];
-
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS tasks(
-    name TEXT PRIMARY KEY, spec TEXT NOT NULL, created_at TEXT NOT NULL, updated_at TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS runs(
-    seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, task TEXT NOT NULL,
-    status TEXT NOT NULL, trigger TEXT NOT NULL, commit_sha TEXT, branch TEXT,
-    queued_at TEXT NOT NULL, started_at TEXT, finished_at TEXT, error TEXT, report TEXT);
-CREATE INDEX IF NOT EXISTS runs_status ON runs(status, seq);
-CREATE INDEX IF NOT EXISTS runs_task ON runs(task, seq);
-CREATE TABLE IF NOT EXISTS deliveries(
-    source TEXT NOT NULL, id TEXT NOT NULL, task TEXT NOT NULL, received_at TEXT NOT NULL,
-    PRIMARY KEY(source, id));
-CREATE TABLE IF NOT EXISTS base_images(
-    task TEXT NOT NULL, base TEXT NOT NULL, digest TEXT, PRIMARY KEY(task, base));
-CREATE TABLE IF NOT EXISTS outputs(task TEXT NOT NULL, image TEXT NOT NULL, PRIMARY KEY(task, image));
-CREATE TABLE IF NOT EXISTS timers(
-    task TEXT NOT NULL, timer TEXT NOT NULL, last_fired TEXT NOT NULL, PRIMARY KEY(task, timer));
-CREATE TABLE IF NOT EXISTS heads(task TEXT PRIMARY KEY, commit_sha TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS quick_runs(run_id TEXT PRIMARY KEY, spec TEXT NOT NULL);
-";
-
+/// Now as the server's records write times (RFC 3339, milliseconds, UTC).
 pub fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
-
-const RUN_COLS: &str = "seq, id, task, status, trigger, commit_sha, branch, queued_at, \
-                        started_at, finished_at, error, report";
-
-fn run_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(RunRecord, String, Option<String>)> {
-    let trigger: String = r.get(4)?;
-    let status: String = r.get(3)?;
-    let status = status.parse().map_err(|e: String| {
-        rusqlite::Error::FromSqlConversionFailure(3, rusqlite::types::Type::Text, e.into())
-    })?;
-    let report: Option<String> = r.get(11)?;
-    Ok((
-        RunRecord {
-            seq: r.get(0)?,
-            id: r.get(1)?,
-            task: r.get(2)?,
-            status,
-            trigger: Trigger::Manual,
-            commit: r.get(5)?,
-            branch: r.get(6)?,
-            queued_at: r.get(7)?,
-            started_at: r.get(8)?,
-            finished_at: r.get(9)?,
-            error: r.get(10)?,
-            report: None,
-        },
-        trigger,
-        report,
-    ))
-}
-
-fn finish_run(
-    (mut rec, trigger, report): (RunRecord, String, Option<String>),
-) -> Result<RunRecord, DbError> {
-    rec.trigger = serde_json::from_str(&trigger)?;
-    rec.report = report.map(|r| serde_json::from_str(&r)).transpose()?;
-    Ok(rec)
 }
 
 /// A run to add to the queue.
@@ -102,412 +31,85 @@ pub struct NewRun {
     pub branch: Option<String>,
 }
 
-impl Db {
-    pub fn open(path: &Path) -> Result<Db, DbError> {
-        let mut conn = Connection::open(path)?;
-        crate::store::configure_sqlite(&conn)?;
-        crate::store::migrate::apply(&mut conn, "server.db", MIGRATIONS)?;
-        // A per-database run-id prefix, so that two servers on one engine never share a run
-        // id (ids name and label Docker resources).
-        let prefix: Option<String> = conn
-            .query_row("SELECT value FROM meta WHERE key='run_prefix'", [], |r| {
-                r.get(0)
-            })
-            .optional()?;
-        let prefix = match prefix {
-            Some(p) => p,
-            None => {
-                let r = uuid::Uuid::new_v4().as_u128();
-                let letters: String = (0..2)
-                    .map(|i| (b'a' + ((r >> (i * 8)) % 26) as u8) as char)
-                    .collect();
-                let p = format!("c{letters}");
-                conn.execute(
-                    "INSERT INTO meta(key, value) VALUES('run_prefix', ?1)",
-                    params![p],
-                )?;
-                p
-            }
-        };
-        Ok(Db {
-            conn: Mutex::new(conn),
-            prefix,
-        })
-    }
-
-    fn conn(&self) -> Result<std::sync::MutexGuard<'_, Connection>, DbError> {
-        self.conn.lock().map_err(|_| DbError::Poisoned)
-    }
-
-    pub fn run_prefix(&self) -> &str {
-        &self.prefix
-    }
+/// The server's state: stored tasks, runs and their queue, and what the triggers remember
+/// (webhook deliveries, the base-image index, timers, watched heads, how far the registry's
+/// outbox was read). SQLite ([`super::sqlite::SqliteServer`], `server.db`) now; PostgreSQL
+/// later, without touching the queue, the API or the watchers. Every call blocks and is
+/// one transaction.
+pub trait ServerStore: Send + Sync {
+    /// What every run id of this database starts with (two servers on one engine never
+    /// share a run id: ids name and label Docker resources).
+    fn run_prefix(&self) -> &str;
 
     // ---- tasks
-
     /// Inserts or replaces; returns false when `create` and the task exists.
-    pub fn put_task(&self, spec: &TaskSpec, create: bool) -> Result<bool, DbError> {
-        let c = self.conn()?;
-        let json = serde_json::to_string(spec)?;
-        let now = now();
-        if create {
-            let n = c.execute(
-                "INSERT OR IGNORE INTO tasks(name, spec, created_at, updated_at) VALUES(?1,?2,?3,?3)",
-                params![spec.name, json, now],
-            )?;
-            Ok(n == 1)
-        } else {
-            let n = c.execute(
-                "UPDATE tasks SET spec=?2, updated_at=?3 WHERE name=?1",
-                params![spec.name, json, now],
-            )?;
-            Ok(n == 1)
-        }
-    }
-
-    pub fn task(&self, name: &str) -> Result<Option<TaskSpec>, DbError> {
-        let c = self.conn()?;
-        let s: Option<String> = c
-            .query_row("SELECT spec FROM tasks WHERE name=?1", params![name], |r| {
-                r.get(0)
-            })
-            .optional()?;
-        Ok(s.map(|s| serde_json::from_str(&s)).transpose()?)
-    }
-
-    pub fn tasks(&self) -> Result<Vec<TaskSpec>, DbError> {
-        let c = self.conn()?;
-        let mut st = c.prepare("SELECT spec FROM tasks ORDER BY name")?;
-        let rows = st.query_map([], |r| r.get::<_, String>(0))?;
-        let mut out = Vec::new();
-        for r in rows {
-            out.push(serde_json::from_str(&r?)?);
-        }
-        Ok(out)
-    }
-
-    pub fn delete_task(&self, name: &str) -> Result<bool, DbError> {
-        let mut c = self.conn()?;
-        let tx = c.transaction()?;
-        let n = tx.execute("DELETE FROM tasks WHERE name=?1", params![name])?;
-        for t in ["base_images", "outputs", "timers", "heads"] {
-            tx.execute(&format!("DELETE FROM {t} WHERE task=?1"), params![name])?;
-        }
-        tx.commit()?;
-        Ok(n == 1)
-    }
+    fn put_task(&self, spec: &TaskSpec, create: bool) -> Result<bool, DbError>;
+    /// The stored task called `name`.
+    fn task(&self, name: &str) -> Result<Option<TaskSpec>, DbError>;
+    /// Every stored task, by name.
+    fn tasks(&self) -> Result<Vec<TaskSpec>, DbError>;
+    /// Deletes a task with what its triggers remember; false if there was none.
+    fn delete_task(&self, name: &str) -> Result<bool, DbError>;
 
     // ---- runs
-
-    pub fn enqueue(&self, run: &NewRun) -> Result<RunRecord, DbError> {
-        self.enqueue_with(run, None)
-    }
-
     /// Queues a run; with `quick`, a run of that definition, stored with the run only
     /// (`acr-task run --no-wait`: no stored task).
-    pub fn enqueue_with(
-        &self,
-        run: &NewRun,
-        quick: Option<&TaskSpec>,
-    ) -> Result<RunRecord, DbError> {
-        let mut c = self.conn()?;
-        let tx = c.transaction()?;
-        let seq: i64 = tx.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM runs", [], |r| {
-            r.get(0)
-        })?;
-        let id = format!("{}{seq}", self.prefix);
-        let queued_at = now();
-        tx.execute(
-            "INSERT INTO runs(seq, id, task, status, trigger, commit_sha, branch, queued_at)
-             VALUES(?1, ?2, ?3, 'Queued', ?4, ?5, ?6, ?7)",
-            params![
-                seq,
-                id,
-                run.task,
-                serde_json::to_string(&run.trigger)?,
-                run.commit,
-                run.branch,
-                queued_at
-            ],
-        )?;
-        if let Some(spec) = quick {
-            tx.execute(
-                "INSERT INTO quick_runs(run_id, spec) VALUES(?1, ?2)",
-                params![id, serde_json::to_string(spec)?],
-            )?;
-        }
-        tx.commit()?;
-        Ok(RunRecord {
-            id,
-            seq,
-            task: run.task.clone(),
-            status: crate::exec::Status::Queued,
-            trigger: run.trigger.clone(),
-            commit: run.commit.clone(),
-            branch: run.branch.clone(),
-            queued_at,
-            started_at: None,
-            finished_at: None,
-            error: None,
-            report: None,
-        })
-    }
-
+    fn enqueue_with(&self, run: &NewRun, quick: Option<&TaskSpec>) -> Result<RunRecord, DbError>;
     /// The definition of a quick run (none for runs of stored tasks).
-    pub fn quick_spec(&self, run_id: &str) -> Result<Option<TaskSpec>, DbError> {
-        let c = self.conn()?;
-        let s: Option<String> = c
-            .query_row(
-                "SELECT spec FROM quick_runs WHERE run_id=?1",
-                params![run_id],
-                |r| r.get(0),
-            )
-            .optional()?;
-        Ok(s.map(|s| serde_json::from_str(&s)).transpose()?)
-    }
-
-    pub fn run(&self, id: &str) -> Result<Option<RunRecord>, DbError> {
-        let c = self.conn()?;
-        let row = c
-            .query_row(
-                &format!("SELECT {RUN_COLS} FROM runs WHERE id=?1"),
-                params![id],
-                run_from_row,
-            )
-            .optional()?;
-        row.map(finish_run).transpose()
-    }
-
+    fn quick_spec(&self, run_id: &str) -> Result<Option<TaskSpec>, DbError>;
+    /// One run by id.
+    fn run(&self, id: &str) -> Result<Option<RunRecord>, DbError>;
     /// Newest first; `task` filters; at most `limit`.
-    pub fn runs(&self, task: Option<&str>, limit: usize) -> Result<Vec<RunRecord>, DbError> {
-        let c = self.conn()?;
-        let mut st = c.prepare(&format!(
-            "SELECT {RUN_COLS} FROM runs WHERE (?1 IS NULL OR task=?1) ORDER BY seq DESC LIMIT ?2"
-        ))?;
-        let rows = st.query_map(params![task, limit as i64], run_from_row)?;
-        let mut out = Vec::new();
-        for r in rows {
-            out.push(finish_run(r?)?);
-        }
-        Ok(out)
-    }
-
+    fn runs(&self, task: Option<&str>, limit: usize) -> Result<Vec<RunRecord>, DbError>;
     /// How far the registry's event outbox has been read by the base-image trigger.
-    pub fn registry_cursor(&self) -> Result<Option<i64>, DbError> {
-        let v: Option<String> = self
-            .conn()?
-            .query_row(
-                "SELECT value FROM meta WHERE key='registry_cursor'",
-                [],
-                |r| r.get(0),
-            )
-            .optional()?;
-        Ok(v.and_then(|v| v.parse().ok()))
-    }
-
-    pub fn set_registry_cursor(&self, seq: i64) -> Result<(), DbError> {
-        self.conn()?.execute(
-            "INSERT INTO meta(key, value) VALUES('registry_cursor', ?1)
-             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            params![seq.to_string()],
-        )?;
-        Ok(())
-    }
-
+    fn registry_cursor(&self) -> Result<Option<i64>, DbError>;
+    /// Saves how far the base-image trigger has read the outbox.
+    fn set_registry_cursor(&self, seq: i64) -> Result<(), DbError>;
     /// `task`'s queued and running runs, oldest first.
-    pub fn active_runs(&self, task: &str) -> Result<Vec<RunRecord>, DbError> {
-        let c = self.conn()?;
-        let mut st = c.prepare(&format!(
-            "SELECT {RUN_COLS} FROM runs WHERE task=?1 AND status IN ('Queued','Running') \
-             ORDER BY seq"
-        ))?;
-        let rows = st.query_map(params![task], run_from_row)?;
-        let mut out = Vec::new();
-        for r in rows {
-            out.push(finish_run(r?)?);
-        }
-        Ok(out)
-    }
-
+    fn active_runs(&self, task: &str) -> Result<Vec<RunRecord>, DbError>;
     /// Takes the oldest queued run and marks it Running.
-    pub fn claim_next(&self) -> Result<Option<RunRecord>, DbError> {
-        let mut c = self.conn()?;
-        let tx = c.transaction()?;
-        let row = tx
-            .query_row(
-                &format!("SELECT {RUN_COLS} FROM runs WHERE status='Queued' ORDER BY seq LIMIT 1"),
-                [],
-                run_from_row,
-            )
-            .optional()?;
-        let Some(row) = row else {
-            return Ok(None);
-        };
-        let mut rec = finish_run(row)?;
-        let started = now();
-        tx.execute(
-            "UPDATE runs SET status='Running', started_at=?2 WHERE id=?1",
-            params![rec.id, started],
-        )?;
-        tx.commit()?;
-        rec.status = crate::exec::Status::Running;
-        rec.started_at = Some(started);
-        Ok(Some(rec))
-    }
-
-    pub fn set_commit(&self, id: &str, commit: &str) -> Result<(), DbError> {
-        self.conn()?.execute(
-            "UPDATE runs SET commit_sha=?2 WHERE id=?1",
-            params![id, commit],
-        )?;
-        Ok(())
-    }
-
-    pub fn finish(
+    fn claim_next(&self) -> Result<Option<RunRecord>, DbError>;
+    /// The commit a run turned out to build (known once its context is fetched).
+    fn set_commit(&self, id: &str, commit: &str) -> Result<(), DbError>;
+    /// A run's end: its final status, error and report.
+    fn finish(
         &self,
         id: &str,
-        status: &str,
+        status: Status,
         error: Option<&str>,
-        report: Option<&serde_json::Value>,
-    ) -> Result<(), DbError> {
-        let report = report.map(serde_json::to_string).transpose()?;
-        self.conn()?.execute(
-            "UPDATE runs SET status=?2, error=?3, report=?4, finished_at=?5 WHERE id=?1",
-            params![id, status, error, report, now()],
-        )?;
-        Ok(())
-    }
-
+        report: Option<&RunReport>,
+    ) -> Result<(), DbError>;
     /// Cancels a run that is still queued; false if it is not queued (any more).
-    pub fn cancel_queued(&self, id: &str) -> Result<bool, DbError> {
-        let n = self.conn()?.execute(
-            "UPDATE runs SET status='Canceled', error='canceled while queued', finished_at=?2
-             WHERE id=?1 AND status='Queued'",
-            params![id, now()],
-        )?;
-        Ok(n == 1)
-    }
-
+    fn cancel_queued(&self, id: &str) -> Result<bool, DbError>;
     /// Marks every Running run Failed (they were cut off by a stop); returns their ids.
-    pub fn fail_interrupted(&self) -> Result<Vec<String>, DbError> {
-        let mut c = self.conn()?;
-        let tx = c.transaction()?;
-        let ids: Vec<String> = {
-            let mut st = tx.prepare("SELECT id FROM runs WHERE status='Running' ORDER BY seq")?;
-            let rows = st.query_map([], |r| r.get(0))?;
-            rows.collect::<Result<_, _>>()?
-        };
-        tx.execute(
-            "UPDATE runs SET status='Failed', error='interrupted by a restart of serve',
-             finished_at=?1 WHERE status='Running'",
-            params![now()],
-        )?;
-        tx.commit()?;
-        Ok(ids)
-    }
-
+    fn fail_interrupted(&self) -> Result<Vec<String>, DbError>;
     /// Whether `task` has a run in this status.
-    pub fn has_run_with_status(&self, task: &str, status: &str) -> Result<bool, DbError> {
-        let n: i64 = self.conn()?.query_row(
-            "SELECT COUNT(*) FROM runs WHERE task=?1 AND status=?2",
-            params![task, status],
-            |r| r.get(0),
-        )?;
-        Ok(n > 0)
-    }
+    fn has_run_with_status(&self, task: &str, status: Status) -> Result<bool, DbError>;
 
     // ---- webhook deliveries
-
     /// Records a delivery id; false if it was seen before (a replay).
-    pub fn record_delivery(&self, source: &str, id: &str, task: &str) -> Result<bool, DbError> {
-        let n = self.conn()?.execute(
-            "INSERT OR IGNORE INTO deliveries(source, id, task, received_at) VALUES(?1,?2,?3,?4)",
-            params![source, id, task, now()],
-        )?;
-        Ok(n == 1)
-    }
+    fn record_delivery(&self, source: &str, id: &str, task: &str) -> Result<bool, DbError>;
 
     // ---- base-image index
-
     /// Replaces what `task` builds on and pushes, after a successful run.
-    pub fn set_dependencies(
+    fn set_dependencies(
         &self,
         task: &str,
         bases: &[(String, Option<String>)],
         outputs: &[String],
-    ) -> Result<(), DbError> {
-        let mut c = self.conn()?;
-        let tx = c.transaction()?;
-        tx.execute("DELETE FROM base_images WHERE task=?1", params![task])?;
-        tx.execute("DELETE FROM outputs WHERE task=?1", params![task])?;
-        for (base, digest) in bases {
-            tx.execute(
-                "INSERT OR REPLACE INTO base_images(task, base, digest) VALUES(?1,?2,?3)",
-                params![task, base, digest],
-            )?;
-        }
-        for o in outputs {
-            tx.execute(
-                "INSERT OR IGNORE INTO outputs(task, image) VALUES(?1,?2)",
-                params![task, o],
-            )?;
-        }
-        tx.commit()?;
-        Ok(())
-    }
-
+    ) -> Result<(), DbError>;
     /// Every (task, base image, recorded digest).
-    pub fn base_images(&self) -> Result<Vec<(String, String, Option<String>)>, DbError> {
-        let c = self.conn()?;
-        let mut st = c.prepare("SELECT task, base, digest FROM base_images ORDER BY task, base")?;
-        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    pub fn outputs(&self, task: &str) -> Result<Vec<String>, DbError> {
-        let c = self.conn()?;
-        let mut st = c.prepare("SELECT image FROM outputs WHERE task=?1 ORDER BY image")?;
-        let rows = st.query_map(params![task], |r| r.get(0))?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
+    fn base_images(&self) -> Result<Vec<(String, String, Option<String>)>, DbError>;
+    /// The images `task` pushed in its last successful run.
+    fn outputs(&self, task: &str) -> Result<Vec<String>, DbError>;
 
     // ---- timers and watched heads
-
-    pub fn timer_last_fired(&self, task: &str, timer: &str) -> Result<Option<String>, DbError> {
-        Ok(self
-            .conn()?
-            .query_row(
-                "SELECT last_fired FROM timers WHERE task=?1 AND timer=?2",
-                params![task, timer],
-                |r| r.get(0),
-            )
-            .optional()?)
-    }
-
-    pub fn set_timer_fired(&self, task: &str, timer: &str, at: &str) -> Result<(), DbError> {
-        self.conn()?.execute(
-            "INSERT OR REPLACE INTO timers(task, timer, last_fired) VALUES(?1,?2,?3)",
-            params![task, timer, at],
-        )?;
-        Ok(())
-    }
-
-    pub fn head(&self, task: &str) -> Result<Option<String>, DbError> {
-        Ok(self
-            .conn()?
-            .query_row(
-                "SELECT commit_sha FROM heads WHERE task=?1",
-                params![task],
-                |r| r.get(0),
-            )
-            .optional()?)
-    }
-
-    pub fn set_head(&self, task: &str, commit: &str) -> Result<(), DbError> {
-        self.conn()?.execute(
-            "INSERT OR REPLACE INTO heads(task, commit_sha) VALUES(?1,?2)",
-            params![task, commit],
-        )?;
-        Ok(())
-    }
+    /// When a task's timer last fired (RFC 3339), to catch up after a stop.
+    fn timer_last_fired(&self, task: &str, timer: &str) -> Result<Option<String>, DbError>;
+    /// Records a firing of a task's timer.
+    fn set_timer_fired(&self, task: &str, timer: &str, at: &str) -> Result<(), DbError>;
+    /// The last commit seen of a watched branch.
+    fn head(&self, task: &str) -> Result<Option<String>, DbError>;
+    /// Records the last commit seen of a watched branch.
+    fn set_head(&self, task: &str, commit: &str) -> Result<(), DbError>;
 }

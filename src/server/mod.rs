@@ -11,6 +11,7 @@ pub mod manage;
 pub mod model;
 pub mod queue;
 pub mod runner;
+pub mod sqlite;
 #[cfg(test)]
 mod tests;
 mod watchers;
@@ -120,7 +121,7 @@ pub struct Server {
     listener: tokio::net::TcpListener,
     addr: SocketAddr,
     registry: Registry,
-    db: Arc<db::Db>,
+    db: Arc<dyn db::ServerStore>,
     /// For polling base images in other registries.
     remote: crate::registry::client::Transport,
     auth: Arc<crate::auth::Auth>,
@@ -196,7 +197,9 @@ impl Server {
         let registry =
             tokio::task::spawn_blocking(move || Registry::open_with(&reg_dir, limits)).await??;
         let db_path = cfg.data_dir.join("server.db");
-        let db = Arc::new(tokio::task::spawn_blocking(move || db::Db::open(&db_path)).await??);
+        let db: Arc<dyn db::ServerStore> = Arc::new(
+            tokio::task::spawn_blocking(move || sqlite::SqliteServer::open(&db_path)).await??,
+        );
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
             .map_err(|source| ServerError::Bind {

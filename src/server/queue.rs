@@ -8,13 +8,13 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::db::{Db, DbError, NewRun};
+use super::db::{DbError, NewRun, ServerStore};
 use super::model::RunRecord;
 use super::runner::{Executor, Job, LogFile, Outcome};
 use crate::exec::Status;
 
 pub struct Queue {
-    db: Arc<Db>,
+    db: Arc<dyn ServerStore>,
     notify: Notify,
     concurrency: usize,
     logs_dir: PathBuf,
@@ -37,7 +37,12 @@ pub enum Cancel {
 }
 
 impl Queue {
-    pub fn new(db: Arc<Db>, concurrency: usize, logs_dir: PathBuf, registry: String) -> Queue {
+    pub fn new(
+        db: Arc<dyn ServerStore>,
+        concurrency: usize,
+        logs_dir: PathBuf,
+        registry: String,
+    ) -> Queue {
         let (finished, _) = tokio::sync::broadcast::channel(256);
         Queue {
             db,
@@ -50,7 +55,7 @@ impl Queue {
         }
     }
 
-    pub fn db(&self) -> &Arc<Db> {
+    pub fn db(&self) -> &Arc<dyn ServerStore> {
         &self.db
     }
 
@@ -196,13 +201,8 @@ impl Queue {
         if let Some(c) = &o.commit {
             self.db.set_commit(&rec.id, c)?;
         }
-        let report = o.report.as_ref().map(serde_json::to_value).transpose()?;
-        self.db.finish(
-            &rec.id,
-            o.status.as_str(),
-            o.error.as_deref(),
-            report.as_ref(),
-        )?;
+        self.db
+            .finish(&rec.id, o.status, o.error.as_deref(), o.report.as_ref())?;
         // A quick run has no task to rebuild when its base images change.
         let quick = matches!(rec.trigger, crate::server::model::Trigger::Quick);
         if o.status == Status::Succeeded && !quick {

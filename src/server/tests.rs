@@ -8,10 +8,11 @@ use chrono::TimeZone;
 use futures_util::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
-use super::db::{Db, NewRun};
+use super::db::{NewRun, ServerStore};
 use super::model::{TaskSpec, TimerTrigger, Trigger};
 use super::queue::{Cancel, Queue};
 use super::runner::{Executor, Job, Outcome};
+use super::sqlite::SqliteServer;
 use super::watchers::fire_timers;
 use crate::exec::Status;
 
@@ -52,7 +53,7 @@ impl Executor for FakeExec {
 
 fn setup(concurrency: usize) -> (tempfile::TempDir, Arc<Queue>) {
     let dir = tempfile::tempdir().unwrap();
-    let db = Arc::new(Db::open(&dir.path().join("server.db")).unwrap());
+    let db = Arc::new(SqliteServer::open(&dir.path().join("server.db")).unwrap());
     db.put_task(
         &TaskSpec {
             name: "t".into(),
@@ -362,4 +363,123 @@ fn polled_digest_change_queues_once_even_while_its_run_is_running() {
         .unwrap();
     let queued = on_remote_digests(&q, &current("sha256:newest")).unwrap();
     assert!(queued.iter().all(|r| r.task != "local"), "{queued:?}");
+}
+
+/// Every server-state backend, opened fresh in `dir`: the bodies below run against each
+/// (PostgreSQL joins this list).
+fn store_backends(dir: &std::path::Path) -> Vec<(&'static str, Arc<dyn ServerStore>)> {
+    vec![(
+        "sqlite",
+        Arc::new(SqliteServer::open(&dir.join("server.db")).unwrap()),
+    )]
+}
+
+#[test]
+fn every_store_backend_queues_claims_and_finishes_runs_in_order() {
+    use crate::exec::{RunReport, Status};
+    let dir = tempfile::tempdir().unwrap();
+    for (name, db) in store_backends(dir.path()) {
+        let spec = TaskSpec {
+            name: "t".into(),
+            context: "/".into(),
+            ..Default::default()
+        };
+        assert!(db.put_task(&spec, true).unwrap(), "{name}");
+        assert!(!db.put_task(&spec, true).unwrap(), "{name}: created twice");
+        let a = db.enqueue_with(&manual(), None).unwrap();
+        let b = db.enqueue_with(&manual(), Some(&spec)).unwrap();
+        assert!(a.id.starts_with(db.run_prefix()) && a.seq < b.seq, "{name}");
+        assert_eq!(
+            db.quick_spec(&b.id).unwrap().map(|s| s.name),
+            Some("t".into())
+        );
+        assert!(db.quick_spec(&a.id).unwrap().is_none(), "{name}");
+        assert!(db.has_run_with_status("t", Status::Queued).unwrap());
+        // Oldest first; a claimed run can no longer be cancelled as queued.
+        let claimed = db.claim_next().unwrap().unwrap();
+        assert_eq!(
+            (claimed.id.as_str(), claimed.status),
+            (a.id.as_str(), Status::Running)
+        );
+        assert!(!db.cancel_queued(&a.id).unwrap(), "{name}");
+        assert!(db.cancel_queued(&b.id).unwrap(), "{name}");
+        assert!(db.claim_next().unwrap().is_none(), "{name}");
+        let report = RunReport {
+            run_id: a.id.clone(),
+            status: Status::Succeeded,
+            started_at: "2026-12-03T00:00:00Z".into(),
+            duration_ms: 5,
+            error: None,
+            steps: vec![],
+        };
+        db.set_commit(&a.id, "abc").unwrap();
+        db.finish(&a.id, Status::Succeeded, None, Some(&report))
+            .unwrap();
+        let done = db.run(&a.id).unwrap().unwrap();
+        assert_eq!(done.status, Status::Succeeded, "{name}");
+        assert_eq!(done.commit.as_deref(), Some("abc"), "{name}");
+        assert_eq!(done.report.map(|r| r.run_id), Some(a.id.clone()), "{name}");
+        assert_eq!(db.run(&b.id).unwrap().unwrap().status, Status::Canceled);
+        let listed: Vec<String> = db
+            .runs(Some("t"), 10)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(listed, [b.id.clone(), a.id.clone()], "{name}: newest first");
+        assert!(db.active_runs("t").unwrap().is_empty(), "{name}");
+        // A run cut off by a stop is failed at the next start, and only that one.
+        let c = db.enqueue_with(&manual(), None).unwrap();
+        let d = db.enqueue_with(&manual(), None).unwrap();
+        db.claim_next().unwrap();
+        assert_eq!(db.fail_interrupted().unwrap(), [c.id], "{name}");
+        assert_eq!(db.run(&d.id).unwrap().unwrap().status, Status::Queued);
+    }
+}
+
+#[test]
+fn every_store_backend_remembers_trigger_state_until_the_task_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, db) in store_backends(dir.path()) {
+        let spec = TaskSpec {
+            name: "t".into(),
+            context: "/".into(),
+            ..Default::default()
+        };
+        db.put_task(&spec, true).unwrap();
+        assert!(db.record_delivery("github", "d1", "t").unwrap(), "{name}");
+        assert!(
+            !db.record_delivery("github", "d1", "t").unwrap(),
+            "{name}: a replay"
+        );
+        assert!(db.record_delivery("gitlab", "d1", "t").unwrap(), "{name}");
+        db.set_dependencies(
+            "t",
+            &[("base:1".into(), Some("sha256:x".into()))],
+            &["out:1".into()],
+        )
+        .unwrap();
+        db.set_dependencies("t", &[("base:2".into(), None)], &["out:2".into()])
+            .unwrap();
+        assert_eq!(
+            db.base_images().unwrap(),
+            [("t".into(), "base:2".into(), None)]
+        );
+        assert_eq!(db.outputs("t").unwrap(), ["out:2"], "{name}");
+        db.set_timer_fired("t", "nightly", "2026-12-03T00:00:00Z")
+            .unwrap();
+        db.set_head("t", "abc").unwrap();
+        assert_eq!(db.head("t").unwrap().as_deref(), Some("abc"), "{name}");
+        assert_eq!(db.registry_cursor().unwrap(), None, "{name}");
+        db.set_registry_cursor(42).unwrap();
+        assert_eq!(db.registry_cursor().unwrap(), Some(42), "{name}");
+        assert!(db.delete_task("t").unwrap(), "{name}");
+        assert!(!db.delete_task("t").unwrap(), "{name}");
+        assert!(db.base_images().unwrap().is_empty(), "{name}");
+        assert!(
+            db.timer_last_fired("t", "nightly").unwrap().is_none(),
+            "{name}"
+        );
+        assert!(db.head("t").unwrap().is_none(), "{name}");
+    }
 }

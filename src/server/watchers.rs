@@ -261,7 +261,7 @@ pub fn on_pushes(
                 break;
             }
             seen.insert(task.clone());
-            if db.has_run_with_status(&task, "Queued")? {
+            if db.has_run_with_status(&task, crate::exec::Status::Queued)? {
                 break;
             }
             let rec = queue.enqueue(NewRun {
