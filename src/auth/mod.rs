@@ -12,13 +12,16 @@ pub mod http;
 pub mod jwt;
 pub mod password;
 pub mod ratelimit;
+pub mod records;
 pub mod scope;
+pub mod sqlite;
 pub mod store;
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use records::AuthRecords;
 pub use scope::{Access, Grants, Permission};
 pub use store::{
     AuthStore, NewSecret, ScopeMap, ScopeRule, Slot, TokenInfo, TokenStatus, ADMIN_USER,
@@ -122,7 +125,7 @@ const GRANTS_RECHECK: Duration = Duration::from_secs(1);
 impl std::fmt::Debug for Auth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Auth")
-            .field("store", &self.store.path())
+            .field("store", &self.store.location())
             .field("settings", &self.settings)
             .finish_non_exhaustive()
     }

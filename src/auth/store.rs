@@ -1,16 +1,15 @@
-//! Identities at rest in `<data dir>/auth.db` (SQLite, WAL, beside the registry's
-//! `meta.db`): the admin user, tokens (two password slots each, argon2 hashes only) and
-//! scope maps. The CLI and a running server open it side by side; the server reads it on
+//! Identities: the admin user, tokens (two password slots each, argon2 hashes only) and
+//! scope maps, kept as [`AuthRecords`] (`auth.db` by default). The server reads them on
 //! every token request, so changes apply to the next `docker login`.
 
-use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::path::Path;
 
-use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
 use super::password;
+use super::records::{AuthRecords, Insert, Removal, TokenRecord};
 use super::scope::{valid_pattern, Grants, Permission};
+use super::sqlite::SqliteAuth;
 use super::AuthError;
 
 /// The admin user's name (ACR uses the registry name; we have just one registry).
@@ -74,7 +73,8 @@ pub enum Slot {
 }
 
 impl Slot {
-    fn col(self) -> &'static str {
+    /// The slot's name as `az acr token` prints it.
+    pub fn name(self) -> &'static str {
         match self {
             Slot::Password1 => "password1",
             Slot::Password2 => "password2",
@@ -98,9 +98,10 @@ impl std::fmt::Debug for NewSecret {
     }
 }
 
+/// Identities and what they may do: the rules (names, patterns, the admin's name, hashing
+/// and its timing) over [`AuthRecords`], wherever those are kept.
 pub struct AuthStore {
-    path: PathBuf,
-    conn: Mutex<Connection>,
+    records: Box<dyn AuthRecords>,
 }
 
 fn now() -> i64 {
@@ -123,90 +124,79 @@ fn check_ident(kind: &str, name: &str) -> Result<(), AuthError> {
     }
 }
 
-/// `auth.db`'s schema, one entry per version (see [`crate::store::migrate`]).
-const MIGRATIONS: &[crate::store::migrate::Migration] = &[crate::store::migrate::Migration::Sql(
-    "CREATE TABLE IF NOT EXISTS settings(key TEXT PRIMARY KEY, value TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS scope_maps(
-                name TEXT PRIMARY KEY, description TEXT NOT NULL, created INTEGER NOT NULL);
-             CREATE TABLE IF NOT EXISTS scope_rules(
-                scope_map TEXT NOT NULL, repository TEXT NOT NULL, action TEXT NOT NULL,
-                PRIMARY KEY(scope_map, repository, action));
-             CREATE TABLE IF NOT EXISTS tokens(
-                name TEXT PRIMARY KEY, scope_map TEXT NOT NULL, enabled INTEGER NOT NULL,
-                expiry INTEGER, created INTEGER NOT NULL,
-                password1 TEXT, password1_created INTEGER,
-                password2 TEXT, password2_created INTEGER);",
-)];
+fn check_rules(rules: &[ScopeRule]) -> Result<(), AuthError> {
+    for r in rules {
+        if !valid_pattern(&r.repository) {
+            return Err(AuthError::Invalid(format!(
+                "invalid repository pattern {:?} (a repository name, NAME/* or *)",
+                r.repository
+            )));
+        }
+        if let Some(p) = r.actions.iter().find(|p| p.registry_wide()) {
+            if r.repository != "*" {
+                return Err(AuthError::Invalid(format!(
+                    "{} is about the whole registry, not repository {:?}: give it for --repository '*'",
+                    p.as_str(),
+                    r.repository
+                )));
+            }
+        }
+        if r.actions.is_empty() {
+            return Err(AuthError::Invalid(format!(
+                "no actions given for repository {:?}",
+                r.repository
+            )));
+        }
+    }
+    Ok(())
+}
+
+const ADMIN_ENABLED: &str = "admin_enabled";
+const ADMIN_PASSWORD: &str = "admin_password";
 
 impl AuthStore {
-    /// Open (creating if needed) `<dir>/auth.db`.
+    /// Open (creating if needed) the records in `<dir>/auth.db`.
     pub fn open(dir: &Path) -> Result<AuthStore, AuthError> {
-        // Hashes only, but still nobody else's business.
-        let (path, conn) = crate::store::migrate::open_private(dir, "auth.db", MIGRATIONS)?;
-        Ok(AuthStore {
-            path,
-            conn: Mutex::new(conn),
-        })
+        Ok(AuthStore::new(Box::new(SqliteAuth::open(dir)?)))
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// Over any backend's records.
+    pub fn new(records: Box<dyn AuthRecords>) -> AuthStore {
+        AuthStore { records }
     }
 
-    fn conn(&self) -> Result<std::sync::MutexGuard<'_, Connection>, AuthError> {
-        self.conn
-            .lock()
-            .map_err(|_| AuthError::Internal("auth store lock poisoned".into()))
-    }
-
-    fn setting(conn: &Connection, key: &str) -> Result<Option<String>, AuthError> {
-        Ok(conn
-            .query_row(
-                "SELECT value FROM settings WHERE key = ?1",
-                params![key],
-                |r| r.get(0),
-            )
-            .optional()?)
+    /// Where the records live, for messages.
+    pub fn location(&self) -> String {
+        self.records.location()
     }
 
     /// A named flag in the settings (e.g. that the admin was created on first start).
     pub fn flag(&self, key: &str) -> Result<bool, AuthError> {
-        let c = self.conn()?;
-        Ok(Self::setting(&c, &format!("flag:{key}"))?.is_some())
+        Ok(self.records.setting(&format!("flag:{key}"))?.is_some())
     }
 
     pub fn set_flag(&self, key: &str) -> Result<(), AuthError> {
-        let c = self.conn()?;
-        c.execute(
-            "INSERT OR REPLACE INTO settings(key, value) VALUES (?1, '1')",
-            params![format!("flag:{key}")],
-        )?;
-        Ok(())
+        self.records.set_settings(&[(&format!("flag:{key}"), "1")])
     }
 
     // ---- admin ----
 
     pub fn admin_enabled(&self) -> Result<bool, AuthError> {
-        let c = self.conn()?;
-        Ok(Self::setting(&c, "admin_enabled")?.as_deref() == Some("1")
-            && Self::setting(&c, "admin_password")?.is_some())
+        Ok(self.admin_hash()?.is_some())
+    }
+
+    /// The admin's password hash while the admin is enabled.
+    fn admin_hash(&self) -> Result<Option<String>, AuthError> {
+        let on = self.records.setting(ADMIN_ENABLED)?.as_deref() == Some("1");
+        Ok(self.records.setting(ADMIN_PASSWORD)?.filter(|_| on))
     }
 
     /// Enable the admin user with a fresh password (the old one stops working).
     pub fn renew_admin(&self) -> Result<NewSecret, AuthError> {
         let secret = password::generate();
         let h = password::hash(&secret)?;
-        let mut c = self.conn()?;
-        let tx = c.transaction()?;
-        tx.execute(
-            "INSERT OR REPLACE INTO settings(key, value) VALUES ('admin_password', ?1)",
-            params![h],
-        )?;
-        tx.execute(
-            "INSERT OR REPLACE INTO settings(key, value) VALUES ('admin_enabled', '1')",
-            [],
-        )?;
-        tx.commit()?;
+        self.records
+            .set_settings(&[(ADMIN_PASSWORD, &h), (ADMIN_ENABLED, "1")])?;
         tracing::info!("admin user enabled with a new password");
         Ok(NewSecret {
             slot: "password".into(),
@@ -215,42 +205,11 @@ impl AuthStore {
     }
 
     pub fn disable_admin(&self) -> Result<(), AuthError> {
-        let c = self.conn()?;
-        c.execute(
-            "DELETE FROM settings WHERE key IN ('admin_enabled', 'admin_password')",
-            [],
-        )?;
-        Ok(())
+        self.records
+            .delete_settings(&[ADMIN_ENABLED, ADMIN_PASSWORD])
     }
 
     // ---- scope maps ----
-
-    fn check_rules(rules: &[ScopeRule]) -> Result<(), AuthError> {
-        for r in rules {
-            if !valid_pattern(&r.repository) {
-                return Err(AuthError::Invalid(format!(
-                    "invalid repository pattern {:?} (a repository name, NAME/* or *)",
-                    r.repository
-                )));
-            }
-            if let Some(p) = r.actions.iter().find(|p| p.registry_wide()) {
-                if r.repository != "*" {
-                    return Err(AuthError::Invalid(format!(
-                        "{} is about the whole registry, not repository {:?}: give it for --repository '*'",
-                        p.as_str(),
-                        r.repository
-                    )));
-                }
-            }
-            if r.actions.is_empty() {
-                return Err(AuthError::Invalid(format!(
-                    "no actions given for repository {:?}",
-                    r.repository
-                )));
-            }
-        }
-        Ok(())
-    }
 
     pub fn create_scope_map(
         &self,
@@ -259,33 +218,18 @@ impl AuthStore {
         rules: &[ScopeRule],
     ) -> Result<ScopeMap, AuthError> {
         check_ident("scope map", name)?;
-        Self::check_rules(rules)?;
-        let mut c = self.conn()?;
-        let tx = c.transaction()?;
-        let n = tx.execute(
-            "INSERT OR IGNORE INTO scope_maps(name, description, created) VALUES (?1, ?2, ?3)",
-            params![name, description, now()],
-        )?;
-        if n == 0 {
+        check_rules(rules)?;
+        let map = ScopeMap {
+            name: name.to_string(),
+            description: description.to_string(),
+            rules: rules.to_vec(),
+            created: now(),
+        };
+        if !self.records.insert_scope_map(&map)? {
             return Err(AuthError::Exists(format!("scope map {name:?}")));
         }
-        Self::add_rules(&tx, name, rules)?;
-        tx.commit()?;
-        drop(c);
         self.scope_map(name)?
             .ok_or_else(|| AuthError::Internal("scope map vanished".into()))
-    }
-
-    fn add_rules(c: &Connection, name: &str, rules: &[ScopeRule]) -> Result<(), AuthError> {
-        for r in rules {
-            for a in &r.actions {
-                c.execute(
-                    "INSERT OR IGNORE INTO scope_rules(scope_map, repository, action) VALUES (?1, ?2, ?3)",
-                    params![name, r.repository, a.as_str()],
-                )?;
-            }
-        }
-        Ok(())
     }
 
     /// Add and remove rules (removal first), and optionally change the description.
@@ -296,128 +240,35 @@ impl AuthStore {
         remove: &[ScopeRule],
         description: Option<&str>,
     ) -> Result<ScopeMap, AuthError> {
-        Self::check_rules(add)?;
-        let mut c = self.conn()?;
-        let tx = c.transaction()?;
-        let exists: bool = tx
-            .query_row(
-                "SELECT 1 FROM scope_maps WHERE name = ?1",
-                params![name],
-                |_| Ok(()),
-            )
-            .optional()?
-            .is_some();
-        if !exists {
+        check_rules(add)?;
+        if !self
+            .records
+            .change_scope_map(name, add, remove, description)?
+        {
             return Err(AuthError::NotFound(format!("scope map {name:?}")));
         }
-        for r in remove {
-            for a in &r.actions {
-                tx.execute(
-                    "DELETE FROM scope_rules WHERE scope_map = ?1 AND repository = ?2 AND action = ?3",
-                    params![name, r.repository, a.as_str()],
-                )?;
-            }
-        }
-        Self::add_rules(&tx, name, add)?;
-        if let Some(d) = description {
-            tx.execute(
-                "UPDATE scope_maps SET description = ?2 WHERE name = ?1",
-                params![name, d],
-            )?;
-        }
-        tx.commit()?;
-        drop(c);
         self.scope_map(name)?
             .ok_or_else(|| AuthError::Internal("scope map vanished".into()))
     }
 
     /// Refused while a token uses it.
     pub fn delete_scope_map(&self, name: &str) -> Result<(), AuthError> {
-        let mut c = self.conn()?;
-        let tx = c.transaction()?;
-        let users: Vec<String> = {
-            let mut st =
-                tx.prepare("SELECT name FROM tokens WHERE scope_map = ?1 ORDER BY name")?;
-            let rows = st.query_map(params![name], |r| r.get(0))?;
-            rows.collect::<Result<_, _>>()?
-        };
-        if !users.is_empty() {
-            return Err(AuthError::Invalid(format!(
+        match self.records.delete_scope_map(name)? {
+            Removal::Done => Ok(()),
+            Removal::NotFound => Err(AuthError::NotFound(format!("scope map {name:?}"))),
+            Removal::InUse(users) => Err(AuthError::Invalid(format!(
                 "scope map {name:?} is used by token(s) {}; delete or rebind them first",
                 users.join(", ")
-            )));
+            ))),
         }
-        let n = tx.execute("DELETE FROM scope_maps WHERE name = ?1", params![name])?;
-        if n == 0 {
-            return Err(AuthError::NotFound(format!("scope map {name:?}")));
-        }
-        tx.execute(
-            "DELETE FROM scope_rules WHERE scope_map = ?1",
-            params![name],
-        )?;
-        tx.commit()?;
-        Ok(())
-    }
-
-    fn rules_of(c: &Connection, name: &str) -> Result<Vec<ScopeRule>, AuthError> {
-        let mut st = c.prepare(
-            "SELECT repository, action FROM scope_rules WHERE scope_map = ?1 ORDER BY repository, action",
-        )?;
-        let rows = st.query_map(params![name], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
-        })?;
-        let mut out: Vec<ScopeRule> = Vec::new();
-        for row in rows {
-            let (repo, action) = row?;
-            let p: Permission = action.parse()?;
-            match out.last_mut() {
-                Some(last) if last.repository == repo => last.actions.push(p),
-                _ => out.push(ScopeRule {
-                    repository: repo,
-                    actions: vec![p],
-                }),
-            }
-        }
-        for r in &mut out {
-            r.actions.sort();
-        }
-        Ok(out)
     }
 
     pub fn scope_map(&self, name: &str) -> Result<Option<ScopeMap>, AuthError> {
-        let c = self.conn()?;
-        let row: Option<(String, i64)> = c
-            .query_row(
-                "SELECT description, created FROM scope_maps WHERE name = ?1",
-                params![name],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        let Some((description, created)) = row else {
-            return Ok(None);
-        };
-        Ok(Some(ScopeMap {
-            name: name.to_string(),
-            description,
-            rules: Self::rules_of(&c, name)?,
-            created,
-        }))
+        self.records.scope_map(name)
     }
 
     pub fn scope_maps(&self) -> Result<Vec<ScopeMap>, AuthError> {
-        let names: Vec<String> = {
-            let c = self.conn()?;
-            let mut st = c.prepare("SELECT name FROM scope_maps ORDER BY name")?;
-            let rows = st.query_map([], |r| r.get(0))?;
-            rows.collect::<Result<_, _>>()?
-        };
-        let mut out = Vec::new();
-        for n in names {
-            if let Some(m) = self.scope_map(&n)? {
-                out.push(m);
-            }
-        }
-        Ok(out)
+        self.records.scope_maps()
     }
 
     // ---- tokens ----
@@ -438,44 +289,45 @@ impl AuthStore {
                 "{ADMIN_USER:?} is the admin user's name; pick another token name"
             )));
         }
+        let t = now();
         let mut secrets = Vec::new();
-        let mut hashes: Vec<Option<String>> = vec![None, None];
+        let mut hashes: [Option<String>; 2] = [None, None];
+        let mut passwords = Vec::new();
         if !no_passwords {
             for (i, slot) in ["password1", "password2"].iter().enumerate() {
                 let s = password::generate();
                 hashes[i] = Some(password::hash(&s)?);
+                passwords.push(PasswordInfo {
+                    name: slot.to_string(),
+                    created: t,
+                });
                 secrets.push(NewSecret {
                     slot: slot.to_string(),
                     value: s,
                 });
             }
         }
-        {
-            let mut c = self.conn()?;
-            let tx = c.transaction()?;
-            let map_exists = tx
-                .query_row(
-                    "SELECT 1 FROM scope_maps WHERE name = ?1",
-                    params![scope_map],
-                    |_| Ok(()),
-                )
-                .optional()?
-                .is_some();
-            if !map_exists {
-                return Err(AuthError::NotFound(format!("scope map {scope_map:?}")));
+        let record = TokenRecord {
+            info: TokenInfo {
+                name: name.to_string(),
+                scope_map: scope_map.to_string(),
+                status: if enabled {
+                    TokenStatus::Enabled
+                } else {
+                    TokenStatus::Disabled
+                },
+                expiry,
+                created: t,
+                passwords,
+            },
+            hashes,
+        };
+        match self.records.insert_token(&record)? {
+            Insert::Done => {}
+            Insert::Exists => return Err(AuthError::Exists(format!("token {name:?}"))),
+            Insert::NoScopeMap => {
+                return Err(AuthError::NotFound(format!("scope map {scope_map:?}")))
             }
-            let t = now();
-            let made = hashes[0].as_ref().map(|_| t);
-            let n = tx.execute(
-                "INSERT OR IGNORE INTO tokens(name, scope_map, enabled, expiry, created,
-                    password1, password1_created, password2, password2_created)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?7)",
-                params![name, scope_map, enabled, expiry, t, hashes[0], made, hashes[1]],
-            )?;
-            if n == 0 {
-                return Err(AuthError::Exists(format!("token {name:?}")));
-            }
-            tx.commit()?;
         }
         let info = self
             .token(name)?
@@ -487,91 +339,35 @@ impl AuthStore {
     pub fn renew_token(&self, name: &str, slot: Slot) -> Result<NewSecret, AuthError> {
         let s = password::generate();
         let h = password::hash(&s)?;
-        let c = self.conn()?;
-        let sql = format!(
-            "UPDATE tokens SET {0} = ?2, {0}_created = ?3 WHERE name = ?1",
-            slot.col()
-        );
-        let n = c.execute(&sql, params![name, h, now()])?;
-        if n == 0 {
+        if !self.records.set_password(name, slot, &h, now())? {
             return Err(AuthError::NotFound(format!("token {name:?}")));
         }
         Ok(NewSecret {
-            slot: slot.col().to_string(),
+            slot: slot.name().to_string(),
             value: s,
         })
     }
 
     pub fn set_token_status(&self, name: &str, enabled: bool) -> Result<(), AuthError> {
-        let c = self.conn()?;
-        let n = c.execute(
-            "UPDATE tokens SET enabled = ?2 WHERE name = ?1",
-            params![name, enabled],
-        )?;
-        if n == 0 {
+        if !self.records.set_token_enabled(name, enabled)? {
             return Err(AuthError::NotFound(format!("token {name:?}")));
         }
         Ok(())
     }
 
     pub fn delete_token(&self, name: &str) -> Result<(), AuthError> {
-        let c = self.conn()?;
-        let n = c.execute("DELETE FROM tokens WHERE name = ?1", params![name])?;
-        if n == 0 {
+        if !self.records.delete_token(name)? {
             return Err(AuthError::NotFound(format!("token {name:?}")));
         }
         Ok(())
     }
 
-    fn token_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenInfo> {
-        let mut passwords = Vec::new();
-        if let Some(t) = r.get::<_, Option<i64>>(5)? {
-            passwords.push(PasswordInfo {
-                name: "password1".into(),
-                created: t,
-            });
-        }
-        if let Some(t) = r.get::<_, Option<i64>>(6)? {
-            passwords.push(PasswordInfo {
-                name: "password2".into(),
-                created: t,
-            });
-        }
-        Ok(TokenInfo {
-            name: r.get(0)?,
-            scope_map: r.get(1)?,
-            status: if r.get::<_, bool>(2)? {
-                TokenStatus::Enabled
-            } else {
-                TokenStatus::Disabled
-            },
-            expiry: r.get(3)?,
-            created: r.get(4)?,
-            passwords,
-        })
-    }
-
-    const TOKEN_COLS: &'static str =
-        "name, scope_map, enabled, expiry, created, password1_created, password2_created";
-
     pub fn token(&self, name: &str) -> Result<Option<TokenInfo>, AuthError> {
-        let c = self.conn()?;
-        Ok(c.query_row(
-            &format!("SELECT {} FROM tokens WHERE name = ?1", Self::TOKEN_COLS),
-            params![name],
-            Self::token_row,
-        )
-        .optional()?)
+        Ok(self.records.token(name)?.map(|t| t.info))
     }
 
     pub fn tokens(&self) -> Result<Vec<TokenInfo>, AuthError> {
-        let c = self.conn()?;
-        let mut st = c.prepare(&format!(
-            "SELECT {} FROM tokens ORDER BY name",
-            Self::TOKEN_COLS
-        ))?;
-        let rows = st.query_map([], Self::token_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.records.tokens()
     }
 
     // ---- authentication ----
@@ -579,30 +375,24 @@ impl AuthStore {
     /// What `user` (a token name or the admin) may do now: `None` when it is disabled,
     /// expired or gone; else the admin's everything or the token's current scope map.
     pub fn subject_grants(&self, user: &str) -> Result<Option<Grants>, AuthError> {
-        let c = self.conn()?;
         if user == ADMIN_USER {
-            let on = Self::setting(&c, "admin_enabled")?.as_deref() == Some("1");
+            let on = self.records.setting(ADMIN_ENABLED)?.as_deref() == Some("1");
             return Ok(on.then_some(Grants::All));
         }
-        let row: Option<(String, bool, Option<i64>)> = c
-            .query_row(
-                "SELECT scope_map, enabled, expiry FROM tokens WHERE name = ?1",
-                params![user],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .optional()?;
-        let Some((map, enabled, expiry)) = row else {
-            return Ok(None);
-        };
-        if !enabled || expiry.is_some_and(|e| e <= now()) {
-            return Ok(None);
+        match self.records.token(user)? {
+            Some(t) if usable(&t.info) => Ok(Some(self.grants_of(&t.info.scope_map)?)),
+            _ => Ok(None),
         }
-        Ok(Some(Self::grants_of(&c, &map)?))
     }
 
-    fn grants_of(c: &Connection, map: &str) -> Result<Grants, AuthError> {
+    fn grants_of(&self, map: &str) -> Result<Grants, AuthError> {
+        let rules = self
+            .records
+            .scope_map(map)?
+            .map(|m| m.rules)
+            .unwrap_or_default();
         Ok(Grants::Rules(
-            Self::rules_of(c, map)?
+            rules
                 .into_iter()
                 .map(|r| (r.repository, r.actions))
                 .collect(),
@@ -623,38 +413,27 @@ impl AuthStore {
             }
         };
         if user == ADMIN_USER {
-            let h = {
-                let c = self.conn()?;
-                let on = Self::setting(&c, "admin_enabled")?.as_deref() == Some("1");
-                Self::setting(&c, "admin_password")?.filter(|_| on)
-            };
-            let ok = check(h.as_deref());
+            let ok = check(self.admin_hash()?.as_deref());
             check(None);
             return Ok(ok.then_some(Grants::All));
         }
-        type Row = (String, bool, Option<i64>, Option<String>, Option<String>);
-        let row: Option<Row> = {
-            let c = self.conn()?;
-            c.query_row(
-                "SELECT scope_map, enabled, expiry, password1, password2 FROM tokens WHERE name = ?1",
-                params![user],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
-            )
-            .optional()?
-        };
-        let Some((map, enabled, expiry, p1, p2)) = row else {
+        let Some(t) = self.records.token(user)? else {
             check(None);
             check(None);
             return Ok(None);
         };
-        let ok1 = check(p1.as_deref());
-        let ok2 = check(p2.as_deref());
-        if !(ok1 || ok2) || !enabled || expiry.is_some_and(|e| e <= now()) {
+        let ok1 = check(t.hashes[0].as_deref());
+        let ok2 = check(t.hashes[1].as_deref());
+        if !(ok1 || ok2) || !usable(&t.info) {
             return Ok(None);
         }
-        let c = self.conn()?;
-        Ok(Some(Self::grants_of(&c, &map)?))
+        Ok(Some(self.grants_of(&t.info.scope_map)?))
     }
+}
+
+/// Enabled and not expired.
+fn usable(t: &TokenInfo) -> bool {
+    t.status == TokenStatus::Enabled && t.expiry.is_none_or(|e| e > now())
 }
 
 /// Password verifications in every [`AuthStore::authenticate`] call, whoever asks.
@@ -671,10 +450,21 @@ mod tests {
         }
     }
 
+    /// Every records backend, fresh in `dir`: the bodies below run against each
+    /// (PostgreSQL joins this list).
+    fn backends(dir: &Path) -> Vec<(&'static str, AuthStore)> {
+        vec![("sqlite", AuthStore::open(dir).unwrap())]
+    }
+
     #[test]
     fn tokens_authenticate_with_either_password_until_disabled_or_expired() {
         let d = tempfile::tempdir().unwrap();
-        let s = AuthStore::open(d.path()).unwrap();
+        for (name, s) in backends(d.path()) {
+            tokens_authenticate(name, &s);
+        }
+    }
+
+    fn tokens_authenticate(name: &str, s: &AuthStore) {
         s.create_scope_map("pull", "", &[rule("samples/*", &[Permission::ContentRead])])
             .unwrap();
         let (info, secrets) = s.create_token("ci", "pull", None, true, false).unwrap();
@@ -689,9 +479,11 @@ mod tests {
             .unwrap()
             .is_none());
         // Nothing secret at rest.
-        let raw = std::fs::read(d.path().join("auth.db")).unwrap();
-        let raw = String::from_utf8_lossy(&raw);
-        assert!(!raw.contains(&secrets[0].value));
+        if name == "sqlite" {
+            let raw = std::fs::read(s.location()).unwrap();
+            let raw = String::from_utf8_lossy(&raw);
+            assert!(!raw.contains(&secrets[0].value));
+        }
         // Renewing password1 invalidates it and leaves password2.
         let new1 = s.renew_token("ci", Slot::Password1).unwrap();
         assert!(s.authenticate("ci", &secrets[0].value).unwrap().is_none());
@@ -720,7 +512,10 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let s = AuthStore::open(d.path()).unwrap();
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(s.path()).unwrap().permissions().mode();
+        let mode = std::fs::metadata(s.location())
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         assert!(!s.admin_enabled().unwrap());
         assert!(s.authenticate(ADMIN_USER, "").unwrap().is_none());
@@ -738,7 +533,12 @@ mod tests {
     #[test]
     fn scope_map_update_and_delete() {
         let d = tempfile::tempdir().unwrap();
-        let s = AuthStore::open(d.path()).unwrap();
+        for (_, s) in backends(d.path()) {
+            scope_maps_change(&s);
+        }
+    }
+
+    fn scope_maps_change(s: &AuthStore) {
         let m = s
             .create_scope_map(
                 "m",

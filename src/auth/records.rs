@@ -1,0 +1,91 @@
+//! Auth's records behind one trait: settings (the admin's password hash and switch, flags),
+//! scope maps with their rules, tokens with their two password hashes. SQLite
+//! ([`super::sqlite::SqliteAuth`], `auth.db`) now; PostgreSQL later, without touching
+//! [`super::AuthStore`], which owns the rules (names, patterns, hashing, timing). Every
+//! call blocks and is one transaction.
+
+use super::store::{ScopeMap, ScopeRule, Slot, TokenInfo};
+use super::AuthError;
+
+/// Where auth's records are kept.
+pub trait AuthRecords: Send + Sync {
+    /// Where the records live, for messages (a file, a database).
+    fn location(&self) -> String;
+
+    /// A setting's value.
+    fn setting(&self, key: &str) -> Result<Option<String>, AuthError>;
+    /// Sets each `(key, value)`, all or none.
+    fn set_settings(&self, pairs: &[(&str, &str)]) -> Result<(), AuthError>;
+    /// Removes these settings, all or none.
+    fn delete_settings(&self, keys: &[&str]) -> Result<(), AuthError>;
+
+    /// Adds a scope map with its rules; false when one of that name exists.
+    fn insert_scope_map(&self, map: &ScopeMap) -> Result<bool, AuthError>;
+    /// Removes then adds rules and sets the description; false when there is no such map.
+    fn change_scope_map(
+        &self,
+        name: &str,
+        add: &[ScopeRule],
+        remove: &[ScopeRule],
+        description: Option<&str>,
+    ) -> Result<bool, AuthError>;
+    /// Deletes a scope map no token uses.
+    fn delete_scope_map(&self, name: &str) -> Result<Removal, AuthError>;
+    /// A scope map with its rules (each rule's actions sorted, rules by repository).
+    fn scope_map(&self, name: &str) -> Result<Option<ScopeMap>, AuthError>;
+    /// Every scope map, by name.
+    fn scope_maps(&self) -> Result<Vec<ScopeMap>, AuthError>;
+
+    /// Adds a token bound to an existing scope map.
+    fn insert_token(&self, token: &TokenRecord) -> Result<Insert, AuthError>;
+    /// Replaces the hash in one password slot; false when there is no such token.
+    fn set_password(
+        &self,
+        name: &str,
+        slot: Slot,
+        hash: &str,
+        created: i64,
+    ) -> Result<bool, AuthError>;
+    /// False when there is no such token.
+    fn set_token_enabled(&self, name: &str, enabled: bool) -> Result<bool, AuthError>;
+    /// False when there is no such token.
+    fn delete_token(&self, name: &str) -> Result<bool, AuthError>;
+    /// A token with its password hashes.
+    fn token(&self, name: &str) -> Result<Option<TokenRecord>, AuthError>;
+    /// Every token (no hashes), by name.
+    fn tokens(&self) -> Result<Vec<TokenInfo>, AuthError>;
+}
+
+/// A token as stored: what is listed, and the hashes of its two password slots.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TokenRecord {
+    pub info: TokenInfo,
+    pub hashes: [Option<String>; 2],
+}
+
+impl std::fmt::Debug for TokenRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenRecord")
+            .field("info", &self.info)
+            .field("hashes", &"<redacted>")
+            .finish()
+    }
+}
+
+/// What an insert found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Insert {
+    Done,
+    Exists,
+    /// A token's scope map does not exist.
+    NoScopeMap,
+}
+
+/// What a delete found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Removal {
+    Done,
+    NotFound,
+    /// Still used by these tokens.
+    InUse(Vec<String>),
+}
