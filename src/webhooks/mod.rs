@@ -7,6 +7,8 @@
 //! a [`Registry`].
 
 pub mod client;
+pub mod records;
+pub mod sqlite;
 pub mod store;
 
 use std::path::Path;
@@ -19,6 +21,7 @@ use subtle::ConstantTimeEq;
 use tokio::sync::Notify;
 
 use crate::registry::{EventAction, Registry, RegistryEvent, StoredEvent};
+pub use records::WebhookRecords;
 pub use store::{Delivery, NewWebhook, Webhook, WebhookInfo, WebhookStore};
 
 /// Header carrying `sha256=<hex HMAC of the body>` when the webhook has a secret.
@@ -507,13 +510,64 @@ mod tests {
         assert!(!verify_signature("k", b"body", "sha256=00"));
     }
 
+    /// Every records backend, fresh in `dir`: the bodies below run against each
+    /// (PostgreSQL joins this list).
+    fn backends(dir: &std::path::Path) -> Vec<(&'static str, WebhookStore)> {
+        vec![("sqlite", WebhookStore::open(dir).unwrap())]
+    }
+
+    #[test]
+    fn the_sqlite_records_are_for_their_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let s = WebhookStore::open(d.path()).unwrap();
+        let mode = std::fs::metadata(s.location())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn intake_queues_each_event_once_and_moves_the_cursor() {
+        let d = tempfile::tempdir().unwrap();
+        for (name, s) in backends(d.path()) {
+            s.create(&NewWebhook {
+                allow_private: true,
+                ..NewWebhook::new("h", "http://127.0.0.1:9/", &["push".into()])
+            })
+            .unwrap();
+            assert_eq!(s.cursor().unwrap(), None, "{name}");
+            let item = |e: &str| store::IntakeItem {
+                webhook: "h".into(),
+                event_id: e.into(),
+                action: "push".into(),
+                payload: format!("{{\"id\":\"{e}\"}}"),
+            };
+            assert_eq!(s.intake(&[item("e1"), item("e2")], 7).unwrap(), 2, "{name}");
+            // Read again after a crash: nothing is queued twice, the cursor still moves.
+            assert_eq!(s.intake(&[item("e2"), item("e3")], 9).unwrap(), 1, "{name}");
+            assert_eq!(s.cursor().unwrap(), Some(9), "{name}");
+            let mut events: Vec<String> = s
+                .due(store::now_ms() + 1, 10)
+                .unwrap()
+                .into_iter()
+                .map(|d| d.event_id)
+                .collect();
+            events.sort();
+            assert_eq!(events, ["e1", "e2", "e3"], "{name}");
+        }
+    }
+
     #[test]
     fn queue_state_machine() {
         let d = tempfile::tempdir().unwrap();
-        let s = WebhookStore::open(d.path()).unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(s.path()).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o600);
+        for (_, s) in backends(d.path()) {
+            queue_states(&s);
+        }
+    }
+
+    fn queue_states(s: &WebhookStore) {
         s.create(&NewWebhook {
             allow_private: true,
             ..NewWebhook::new("h", "http://127.0.0.1:9/", &["push".into()])
