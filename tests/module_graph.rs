@@ -159,3 +159,58 @@ fn the_architecture_table_names_every_edge() {
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
+
+/// Every change to the registry's content goes through `registry::service` (events,
+/// quotas, locks and read-only modes live there): no other code outside the store calls
+/// the store's changing methods.
+#[test]
+fn registry_changes_go_through_the_service_layer() {
+    const CHANGES: &[&str] = &[
+        ".put_manifest(",
+        ".commit_blob(",
+        ".mount_blob(",
+        ".unlink_blob(",
+        ".delete_manifest(",
+        ".delete_tag(",
+        ".delete_repository(",
+        ".gc(",
+    ];
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut stack = vec![src.clone()];
+    let mut offenders = Vec::new();
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+                continue;
+            }
+            let rel = p.strip_prefix(&src).unwrap().to_string_lossy().to_string();
+            if p.extension().is_none_or(|x| x != "rs")
+                || rel.starts_with("store/")
+                || rel == "registry/service.rs"
+            {
+                continue;
+            }
+            let text = std::fs::read_to_string(&p).unwrap();
+            let code = match text.find("#[cfg(test)]\nmod ") {
+                Some(i) => &text[..i],
+                None => &text[..],
+            };
+            for (n, line) in code.lines().enumerate() {
+                // The service's own functions and a remote registry's client share names.
+                let called = CHANGES.iter().any(|c| line.contains(c))
+                    && !line.contains("service::")
+                    && !line.contains("client.");
+                if called && line.contains("store") {
+                    offenders.push(format!("src/{rel}:{}: {}", n + 1, line.trim()));
+                }
+            }
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "registry changes outside registry::service:\n{}",
+        offenders.join("\n")
+    );
+}

@@ -319,7 +319,8 @@ impl Backend {
     /// Collects garbage in the registry (by the server when one is used).
     pub fn gc(&self, grace: i64, dry_run: bool) -> anyhow::Result<crate::store::GcReport> {
         if let Backend::Files(dir) = self {
-            return Ok(super::registry::open_dir(dir)?.gc(grace, dry_run)?);
+            let store = super::registry::open_dir(dir)?;
+            return Ok(crate::registry::service::gc(&store, grace, dry_run)?);
         }
         let v = self.call(
             Method::POST,

@@ -98,7 +98,7 @@ pub(super) async fn delete(reg: &Registry, name: &str, digest: &str) -> Result<R
     let digest = parse_digest(digest)?;
     let store = reg.inner.store.clone();
     let (n, d) = (name.to_string(), digest.clone());
-    if blocking(move || store.unlink_blob(&n, &d)).await? {
+    if blocking(move || super::service::unlink_blob(&store, &n, &d)).await? {
         Ok(respond(
             StatusCode::ACCEPTED,
             &[("Content-Length", "0".into())],
@@ -225,7 +225,7 @@ async fn commit(
     let (n, d) = (name.to_string(), digest.to_string());
     // Committed or not, the upload's own data goes on the blocking thread afterwards.
     blocking(move || {
-        let r = store.commit_blob(&n, up.as_ref(), &d, size);
+        let r = super::service::commit_blob(&store, &n, up.as_ref(), &d, size);
         up.cancel();
         r
     })
@@ -246,7 +246,7 @@ pub(super) async fn start_upload(
         if super::valid_name(from) {
             let store = reg.inner.store.clone();
             let (n, f, d) = (name.to_string(), from.clone(), digest.clone());
-            if blocking(move || store.mount_blob(&n, &f, &d)).await? {
+            if blocking(move || super::service::mount_blob(&store, &n, &f, &d)).await? {
                 return Ok(created(name, &digest));
             }
         }

@@ -9,9 +9,7 @@ use serde_json::{json, Value};
 use super::errors::ApiError;
 use super::names::{parse_digest, parse_reference};
 use super::routes::{respond, Q};
-use super::{
-    current_context, EventAction, Registry, RegistryEvent, StoredEvent, MAX_MANIFEST_BYTES,
-};
+use super::{current_context, Registry, MAX_MANIFEST_BYTES};
 use crate::store::{Descriptor, NewManifest, Reference, StoreError};
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -199,7 +197,6 @@ pub(super) async fn put(
         Reference::Digest(_) => None,
         Reference::Tag(t) => Some(t.clone()),
     };
-    let size = bytes.len() as u64;
     let m = NewManifest {
         repo: name.to_string(),
         digest: digest.clone(),
@@ -209,22 +206,11 @@ pub(super) async fn put(
         content: bytes.to_vec(),
         blobs: parsed.blobs,
         children: parsed.children,
-        tag: tag.clone(),
+        tag,
     };
-    let event = StoredEvent::new(
-        RegistryEvent {
-            action: EventAction::Push,
-            repository: name.to_string(),
-            tag,
-            digest: digest.clone(),
-            media_type: parsed.media_type,
-            size,
-        },
-        current_context(),
-    );
     let store = reg.inner.store.clone();
-    let json = [event.to_json()];
-    blocking(move || store.put_manifest(&m, &json)).await?;
+    let ctx = current_context();
+    let event = blocking(move || super::service::push_manifest(&store, &m, &ctx)).await?;
     reg.announce(vec![event]);
     let mut hdrs = vec![
         ("Location", format!("/v2/{name}/manifests/{digest}")),

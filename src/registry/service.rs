@@ -1,9 +1,60 @@
-//! Changes to the registry's content made the same way by every caller (the HTTP API,
-//! `acr-task repository` on the files): the change and the events that describe it are
-//! written in one transaction, so webhooks and the base-image trigger see every delete,
-//! whoever made it. Blocking (SQLite): call from blocking threads.
+//! Every change to the registry's content, made the same way by every caller (the HTTP
+//! API, `acr-task repository` and `registry gc` on the files, the management API; later
+//! import, purge, replication): the change and the events that describe it are written in
+//! one transaction, so webhooks and the base-image trigger see every push and delete,
+//! whoever made it. Quotas, locks and read-only modes belong here. Blocking: call from
+//! blocking threads.
 
-use crate::store::{Reference, Store, StoreError};
+use crate::store::{BlobUpload, GcReport, NewManifest, Reference, Store, StoreError};
+
+/// Stores a manifest (and its tag) with its push event. The store checks, in the same
+/// transaction, that everything it references is in the repository.
+pub fn push_manifest(
+    store: &Store,
+    m: &NewManifest,
+    ctx: &RequestContext,
+) -> Result<StoredEvent, StoreError> {
+    let event = StoredEvent::new(
+        RegistryEvent {
+            action: EventAction::Push,
+            repository: m.repo.clone(),
+            tag: m.tag.clone(),
+            digest: m.digest.clone(),
+            media_type: m.media_type.clone(),
+            size: m.content.len() as u64,
+        },
+        ctx.clone(),
+    );
+    store.put_manifest(m, &[event.to_json()])?;
+    Ok(event)
+}
+
+/// Makes a received upload, whose digest the caller verified, a blob of `repo`.
+pub fn commit_blob(
+    store: &Store,
+    repo: &str,
+    upload: &dyn BlobUpload,
+    digest: &str,
+    size: u64,
+) -> Result<(), StoreError> {
+    store.commit_blob(repo, upload, digest, size)
+}
+
+/// Links `digest` into `repo` from `from` (a cross-repository mount); false if `from`
+/// does not have it.
+pub fn mount_blob(store: &Store, repo: &str, from: &str, digest: &str) -> Result<bool, StoreError> {
+    store.mount_blob(repo, from, digest)
+}
+
+/// Unlinks a blob from `repo` (its content goes at the next gc); false if not linked.
+pub fn unlink_blob(store: &Store, repo: &str, digest: &str) -> Result<bool, StoreError> {
+    store.unlink_blob(repo, digest)
+}
+
+/// Garbage collection (see [`Store::gc`]).
+pub fn gc(store: &Store, grace_secs: i64, dry_run: bool) -> Result<GcReport, StoreError> {
+    store.gc(grace_secs, dry_run)
+}
 
 use super::{EventAction, RegistryEvent, RequestContext, StoredEvent};
 

@@ -457,7 +457,7 @@ async fn gc(State(s): St, Extension(c): Extension<Caller>, Json(a): Json<GcAsk>)
     admin_only(&s, &c)?;
     let store = s.store.clone();
     let r = blocking(move || {
-        store.gc(a.grace, a.dry_run).map_err(|e| {
+        crate::registry::service::gc(&store, a.grace, a.dry_run).map_err(|e| {
             tracing::error!(error = %e, "gc");
             Refusal(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
         })

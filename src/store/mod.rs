@@ -207,13 +207,6 @@ impl Store {
         self.meta.mount_blob(repo, from, digest)
     }
 
-    /// Link an already stored blob (any repository) into `repo`; used when an upload of a
-    /// blob we already hold completes. Returns false if the blob is unknown.
-    pub fn link_existing(&self, repo: &str, digest: &str) -> Result<bool, StoreError> {
-        self.meta
-            .link_blob(repo, digest, None, &mut || Ok(self.blobs.exists(digest)))
-    }
-
     /// Remove `digest` from `repo` (the file goes at the next gc). False if it was not linked.
     pub fn unlink_blob(&self, repo: &str, digest: &str) -> Result<bool, StoreError> {
         self.meta.unlink_blob(repo, digest)
