@@ -512,3 +512,29 @@ fn run_command(args: &[&str]) -> Run {
     assert_no_orphans(&run.run_id());
     run
 }
+
+#[test]
+fn steps_prepared_ahead_behave_as_docker_run() {
+    let run = run_task(&data("warm.yaml"), &[]);
+    let err = run.stderr();
+    assert_eq!(run.status(), "Succeeded", "{}\n{err}", run.report);
+    assert!(run.logged("read", "written-by-write"), "{err}");
+    assert!(
+        run.logged("gated", "busybox"),
+        "no prepared container:\n{err}"
+    );
+    assert!(
+        run.logged("stdin-closed", "stdin-eof from-task sh"),
+        "{err}"
+    );
+    assert_eq!(run.step("image-default")["exitCode"], 0);
+    assert_eq!(run.step("not-found")["exitCode"], 127);
+    assert!(
+        run.logged(
+            "not-found",
+            "exec: \"no-such-program\": executable file not found in $PATH"
+        ),
+        "{err}"
+    );
+    assert!(run.logged("after", "after-ok"), "{err}");
+}

@@ -11,7 +11,7 @@ pub mod report;
 mod scheduling_tests;
 pub mod secrets;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -110,6 +110,7 @@ pub async fn execute<R: Runtime>(
             ),
         )),
         relay: tokio::sync::Mutex::new(None),
+        prepared: Mutex::new(HashMap::new()),
         cfg,
     });
     let n = ctx.task.steps.len();
@@ -121,6 +122,7 @@ pub async fn execute<R: Runtime>(
     if let Some(r) = ctx.relay.lock().await.take() {
         r.task.abort();
     }
+    ctx.prepares_done().await;
     ctx.removals_done().await;
     if let Err(e) = ctx.rt.remove_run_resources(&ctx.cfg.run_id).await {
         tracing::warn!(run = %ctx.cfg.run_id, error = %e, "cleanup of run resources failed");
@@ -243,7 +245,15 @@ struct Ctx<R> {
     masker: Arc<secrets::Masker>,
     /// Relays the run's loopback registry to `acr` steps (started by the first one).
     relay: tokio::sync::Mutex<Option<Relay>>,
+    /// Containers made ahead for steps not yet ready (see [`Ctx::prepare_step`]): the
+    /// spec each was made from, or `None` where preparing was not possible.
+    prepared: Mutex<HashMap<usize, tokio::task::JoinHandle<Option<ContainerSpec>>>>,
 }
+
+/// How many steps may wait in prepared containers at once: enough to keep the engine's
+/// start of the next containers off the critical path, few enough not to crowd the steps
+/// that run (two cores).
+const PREPARE_AHEAD: usize = 2;
 
 /// A listener on the run network's gateway that forwards to the run's registry, for its
 /// containers only.
@@ -363,6 +373,11 @@ impl<R: Runtime> Ctx<R> {
                         set.spawn(async move { (i, ctx.run_step(i, c).await) });
                     }
                 }
+                self.prepare_ahead(plan, &|i| match state[i] {
+                    St::Pending => Some(false),
+                    St::Running => Some(true),
+                    St::Done(ok) => ok.then_some(true),
+                });
             }
             if set.is_empty() {
                 break;
@@ -405,6 +420,141 @@ impl<R: Runtime> Ctx<R> {
         match outcome {
             None => (Status::Succeeded, None),
             Some((s, e)) => (s, Some(e)),
+        }
+    }
+
+    /// Starts preparing containers for the steps that come next: pending steps whose
+    /// every dependency is running, done or itself prepared, in the task's order, at most
+    /// [`PREPARE_AHEAD`] waiting at a time. `progress(i)`: `Some(true)` for a step running or
+    /// succeeded, `Some(false)` for one pending, `None` for one that failed.
+    fn prepare_ahead(self: &Arc<Self>, plan: &Plan, progress: &dyn Fn(usize) -> Option<bool>) {
+        if !self.warm_start_allowed() {
+            return;
+        }
+        let Ok(mut prepared) = self.prepared.lock() else {
+            return;
+        };
+        let mut waiting = prepared
+            .keys()
+            .filter(|i| progress(**i) == Some(false))
+            .count();
+        for i in 0..self.task.steps.len() {
+            if waiting >= PREPARE_AHEAD {
+                break;
+            }
+            if progress(i) != Some(false) || prepared.contains_key(&i) {
+                continue;
+            }
+            let deps_coming = plan
+                .deps(i)
+                .iter()
+                .all(|d| progress(*d) == Some(true) || prepared.contains_key(d));
+            if !deps_coming || !self.warm_candidate(&self.task.steps[i]) {
+                continue;
+            }
+            let ctx = Arc::clone(self);
+            prepared.insert(i, tokio::spawn(async move { ctx.prepare_step(i).await }));
+            waiting += 1;
+        }
+    }
+
+    /// Whether this run may prepare containers ahead at all: a step that can reach the
+    /// engine itself (the Docker socket) could change what a later step's image is.
+    fn warm_start_allowed(&self) -> bool {
+        self.task.steps.len() > 1
+            && !self.task.steps.iter().any(|s| {
+                s.kind().is_some_and(|k| match k {
+                    StepKind::Cmd(c) => c.contains("docker.sock"),
+                    _ => false,
+                })
+            })
+    }
+
+    /// Whether a step's container can be made before it is ready: a plain `cmd` step
+    /// (not detached, kept or pulled each time) whose image no step of this run builds.
+    fn warm_candidate(&self, step: &Step) -> bool {
+        let Some(StepKind::Cmd(cmd)) = step.kind() else {
+            return false;
+        };
+        if step.detach || step.keep || step.pull {
+            return false;
+        }
+        let Ok(line) = args::parse_cmd_line(cmd) else {
+            return false;
+        };
+        let image = line.image.as_str();
+        if crate::runtime::runner::is_acr_image(image) {
+            return false;
+        }
+        !self.task.steps.iter().any(|s| match s.kind() {
+            Some(StepKind::Build(b)) => args::parse_build(b)
+                .map(|b| b.tags.iter().any(|t| t == image))
+                .unwrap_or(true),
+            _ => false,
+        })
+    }
+
+    /// Makes step `i`'s first container ahead, gated (see [`Runtime::prepare`]), when its
+    /// image is here already and nothing in its spec ties it to the moment it runs
+    /// (published ports, a terminal, another container's namespaces).
+    async fn prepare_step(self: Arc<Self>, i: usize) -> Option<ContainerSpec> {
+        let step = self.with_task_env(&self.task.steps[i]);
+        let Some(StepKind::Cmd(cmd)) = step.kind() else {
+            return None;
+        };
+        let line = args::parse_cmd_line(cmd).ok()?;
+        // Pulls stay where their progress is shown: in the step.
+        let image = line.image.clone();
+        let known = self
+            .known_images
+            .lock()
+            .map(|s| s.contains(&image))
+            .unwrap_or(false);
+        if !known && !matches!(self.rt.image_digest(&image).await, Ok(Some(_))) {
+            return None;
+        }
+        let name = container_name(&self.cfg.run_id, &step.id);
+        let spec = self.container_spec(&step, &name, line);
+        let tied = |m: &Option<String>| m.as_deref().is_some_and(|m| m.starts_with("container:"));
+        if spec.tty
+            || !spec.ports.is_empty()
+            || [
+                &spec.pid_mode,
+                &spec.ipc_mode,
+                &spec.uts_mode,
+                &spec.network,
+            ]
+            .into_iter()
+            .any(tied)
+        {
+            return None;
+        }
+        match self.rt.prepare(&spec).await {
+            Ok(true) => Some(spec),
+            Ok(false) => None,
+            Err(e) => {
+                tracing::debug!(container = %name, error = %e, "preparing a step ahead failed");
+                let _ = self.rt.remove_container(&name).await;
+                None
+            }
+        }
+    }
+
+    /// The container prepared for step `i`'s first attempt, if one was.
+    async fn take_prepared(&self, i: usize) -> Option<ContainerSpec> {
+        let handle = self.prepared.lock().ok()?.remove(&i)?;
+        handle.await.ok().flatten()
+    }
+
+    /// Waits for preparations still in flight (before the teardown sweep, so it sees what
+    /// they made).
+    async fn prepares_done(&self) {
+        let handles: Vec<_> = match self.prepared.lock() {
+            Ok(mut p) => p.drain().map(|(_, h)| h).collect(),
+            Err(_) => Vec::new(),
+        };
+        for h in handles {
+            let _ = h.await;
         }
     }
 
@@ -495,8 +645,16 @@ impl<R: Runtime> Ctx<R> {
                             log(line)
                         })
                     };
+                    let prepared = if attempts == 1 {
+                        tokio::select! {
+                            p = self.take_prepared(i) => p,
+                            _ = cancel.cancelled() => None,
+                        }
+                    } else {
+                        None
+                    };
                     last = tokio::select! {
-                        r = tokio::time::timeout(timeout, self.attempt(step, &name, &attempt_log)) => match r {
+                        r = tokio::time::timeout(timeout, self.attempt(step, &name, &attempt_log, prepared)) => match r {
                             Ok(a) => a,
                             Err(_) => Attempt::with(Status::TimedOut, Some(format!("step {} timed out after {} s", step.id, timeout.as_secs()))),
                         },
@@ -553,8 +711,18 @@ impl<R: Runtime> Ctx<R> {
         }
     }
 
-    async fn attempt(&self, step: &Step, name: &str, log: &LogSink) -> Attempt {
+    async fn attempt(
+        &self,
+        step: &Step,
+        name: &str,
+        log: &LogSink,
+        prepared: Option<ContainerSpec>,
+    ) -> Attempt {
         match step.kind() {
+            Some(StepKind::Cmd(_)) if prepared.is_some() => {
+                let spec = prepared.unwrap_or_default();
+                self.exited(step, self.rt.run_prepared(&spec, log).await)
+            }
             Some(StepKind::Cmd(cmd)) => self.cmd(step, cmd, name, log).await,
             Some(StepKind::Build(build)) => self.build(step, build, log).await,
             Some(StepKind::Push(images)) => self.push(images, log).await,
@@ -623,7 +791,12 @@ impl<R: Runtime> Ctx<R> {
                 Err(e) => Attempt::failed(e),
             };
         }
-        match self.rt.run(&spec, log).await {
+        self.exited(step, self.rt.run(&spec, log).await)
+    }
+
+    /// A finished container's attempt: by its exit code and the step's `exitedWith`.
+    fn exited(&self, step: &Step, result: Result<i64, RuntimeError>) -> Attempt {
+        match result {
             Ok(code) => {
                 let ok = exit_ok(step, code);
                 Attempt {

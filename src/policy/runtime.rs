@@ -153,6 +153,14 @@ impl<R: Runtime> Runtime for Policed<R> {
         let spec = self.admit(spec)?;
         self.inner.run(&spec, log).await
     }
+    async fn prepare(&self, spec: &ContainerSpec) -> Result<bool, RuntimeError> {
+        let spec = self.admit(spec)?;
+        self.inner.prepare(&spec).await
+    }
+    async fn run_prepared(&self, spec: &ContainerSpec, log: &LogSink) -> Result<i64, RuntimeError> {
+        let spec = self.admit(spec)?;
+        self.inner.run_prepared(&spec, log).await
+    }
     async fn start_detached(
         &self,
         spec: &ContainerSpec,

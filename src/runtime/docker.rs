@@ -32,6 +32,21 @@ pub struct DockerRuntime {
     /// mid-create (cancel, timeout) while the engine still creates the container; creations
     /// therefore finish in their own task, and the run's cleanup sweep waits for them.
     creating: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Each run's gate volume (see [`super::gate`]), made at its first prepared container.
+    gates: std::sync::Arc<tokio::sync::Mutex<HashMap<String, String>>>,
+}
+
+/// Waits for a container to stop (it must be running or have run) and returns its exit code.
+async fn exit_code(docker: &Docker, name: &str) -> Result<i64, RuntimeError> {
+    let mut wait = docker.wait_container(name, None);
+    match wait.next().await {
+        Some(Ok(r)) => Ok(r.status_code),
+        Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => Ok(code),
+        Some(Err(e)) => Err(engine(e)),
+        None => Err(RuntimeError::Engine(format!(
+            "no exit status for container {name}"
+        ))),
+    }
 }
 
 fn engine(e: bollard::errors::Error) -> RuntimeError {
@@ -79,6 +94,7 @@ impl DockerRuntime {
         let rt = DockerRuntime {
             docker,
             creating: Default::default(),
+            gates: Default::default(),
         };
         rt.docker
             .ping()
@@ -352,8 +368,95 @@ impl DockerRuntime {
         })
     }
 
+    /// The run's gate volume, holding the static busybox the gate runs (made once per run,
+    /// labelled with it, so the run's sweep removes it).
+    async fn gate_volume(&self, run: &str) -> Result<String, RuntimeError> {
+        let mut gates = self.gates.lock().await;
+        if let Some(v) = gates.get(run) {
+            return Ok(v.clone());
+        }
+        let safe: String = run
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let name = format!("acr-task-gate-{safe}");
+        let labels = BTreeMap::from([(RUN_LABEL.to_string(), run.to_string())]);
+        self.create_volume(&name, &labels).await?;
+        let busybox = super::runner::busybox_binary()?;
+        let archive = tokio::task::spawn_blocking(move || {
+            std::fs::read(&busybox).and_then(|b| super::gate::volume_archive(&b))
+        })
+        .await
+        .map_err(|e| RuntimeError::Engine(e.to_string()))?
+        .map_err(|e| RuntimeError::Engine(format!("the gate's busybox: {e}")))?;
+        let holder = self.holder(&name, &labels).await?;
+        let opts = UploadToContainerOptions {
+            path: "/v".into(),
+            ..Default::default()
+        };
+        let uploaded = self
+            .docker
+            .upload_to_container(&holder, Some(opts), bollard::body_full(archive.into()))
+            .await
+            .map_err(engine);
+        self.remove_container(&holder).await?;
+        uploaded?;
+        gates.insert(run.to_string(), name.clone());
+        Ok(name)
+    }
+
+    /// Streams an attached container's output to `log` until it ends, then its exit code
+    /// (from `wait`, when given: a wait asked for before the container was released).
+    async fn stream_and_wait(
+        &self,
+        name: &str,
+        wait: Option<tokio::task::JoinHandle<Result<i64, RuntimeError>>>,
+        mut output: std::pin::Pin<
+            Box<
+                dyn futures_util::Stream<
+                        Item = Result<bollard::container::LogOutput, bollard::errors::Error>,
+                    > + Send,
+            >,
+        >,
+        log: &LogSink,
+    ) -> Result<i64, RuntimeError> {
+        let mut out = LineSplitter { buf: Vec::new() };
+        let mut err = LineSplitter { buf: Vec::new() };
+        while let Some(item) = output.next().await {
+            match item {
+                Ok(bollard::container::LogOutput::StdErr { message }) => err.push(&message, log),
+                Ok(other) => out.push(&other.into_bytes(), log),
+                Err(e) => {
+                    tracing::debug!(container = %name, error = %e, "attach stream ended");
+                    break;
+                }
+            }
+        }
+        out.flush(log);
+        err.flush(log);
+        match wait {
+            Some(w) => w
+                .await
+                .map_err(|e| RuntimeError::Engine(format!("waiting for {name}: {e}")))?,
+            None => exit_code(&self.docker, name).await,
+        }
+    }
+
     async fn create(&self, spec: &ContainerSpec) -> Result<(), RuntimeError> {
-        let body = Self::container_body(spec)?;
+        self.create_with(spec, Self::container_body(spec)?).await
+    }
+
+    async fn create_with(
+        &self,
+        spec: &ContainerSpec,
+        body: ContainerCreateBody,
+    ) -> Result<(), RuntimeError> {
         let opts = CreateContainerOptions {
             name: Some(spec.name.clone()),
             platform: spec.platform.clone().unwrap_or_default(),
@@ -809,32 +912,91 @@ impl Runtime for DockerRuntime {
             .await
             .map_err(engine)?;
         tracing::debug!(container = %spec.name, ms = t0.elapsed().as_millis() as u64, "started");
-        let mut output = attached.output;
-        let mut out = LineSplitter { buf: Vec::new() };
-        let mut err = LineSplitter { buf: Vec::new() };
-        while let Some(item) = output.next().await {
-            match item {
-                Ok(bollard::container::LogOutput::StdErr { message }) => err.push(&message, log),
-                Ok(other) => out.push(&other.into_bytes(), log),
-                Err(e) => {
-                    tracing::debug!(container = %spec.name, error = %e, "attach stream ended");
-                    break;
-                }
-            }
+        self.stream_and_wait(&spec.name, None, attached.output, log)
+            .await
+    }
+
+    async fn prepare(&self, spec: &ContainerSpec) -> Result<bool, RuntimeError> {
+        let Some(run) = spec.labels.get(RUN_LABEL) else {
+            return Ok(false);
+        };
+        if spec.tty {
+            return Ok(false);
         }
-        out.flush(log);
-        err.flush(log);
-        tracing::debug!(container = %spec.name, ms = t0.elapsed().as_millis() as u64, "output ended");
-        let mut wait = self.docker.wait_container(&spec.name, None);
-        match wait.next().await {
-            Some(Ok(r)) => Ok(r.status_code),
-            Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => Ok(code),
-            Some(Err(e)) => Err(engine(e)),
-            None => Err(RuntimeError::Engine(format!(
-                "no exit status for container {}",
-                spec.name
-            ))),
+        let image = self
+            .docker
+            .inspect_image(&spec.image)
+            .await
+            .map_err(engine)?;
+        let config = image.config.unwrap_or_default();
+        let Some(argv) = super::gate::command_line(
+            spec.entrypoint.as_deref(),
+            &spec.args,
+            config.entrypoint.as_deref(),
+            config.cmd.as_deref(),
+        ) else {
+            return Ok(false);
+        };
+        let volume = self.gate_volume(run).await?;
+        let gated = ContainerSpec {
+            entrypoint: Some(super::gate::entrypoint()),
+            args: argv,
+            ..spec.clone()
+        };
+        let mut body = Self::container_body(&gated)?;
+        body.open_stdin = Some(true);
+        body.stdin_once = Some(true);
+        body.attach_stdin = Some(true);
+        if let Some(hc) = body.host_config.as_mut() {
+            hc.mounts
+                .get_or_insert_with(Vec::new)
+                .push(bollard::models::Mount {
+                    target: Some(super::gate::DIR.into()),
+                    source: Some(volume),
+                    typ: Some(bollard::models::MountType::VOLUME),
+                    read_only: Some(true),
+                    ..Default::default()
+                });
         }
+        self.create_with(spec, body).await?;
+        self.docker
+            .start_container(&spec.name, None)
+            .await
+            .map_err(engine)?;
+        Ok(true)
+    }
+
+    async fn run_prepared(&self, spec: &ContainerSpec, log: &LogSink) -> Result<i64, RuntimeError> {
+        use tokio::io::AsyncWriteExt;
+        // The container runs (gated), so a wait asked for now ends at its exit: one round
+        // trip less after it.
+        let (docker, name) = (self.docker.clone(), spec.name.clone());
+        let wait = tokio::spawn(async move { exit_code(&docker, &name).await });
+        let opts = AttachContainerOptions {
+            stdin: true,
+            stdout: true,
+            stderr: true,
+            stream: true,
+            logs: true,
+            ..Default::default()
+        };
+        let attached = self
+            .docker
+            .attach_container(&spec.name, Some(opts))
+            .await
+            .map_err(engine)?;
+        let mut input = attached.input;
+        // The release line, then the end of stdin: the step's process reads EOF, as it
+        // would from `docker run` without `-i`.
+        let released = async {
+            input.write_all(super::gate::RELEASE).await?;
+            input.shutdown().await
+        };
+        released
+            .await
+            .map_err(|e| RuntimeError::Engine(format!("releasing container {}: {e}", spec.name)))?;
+        self.stream_and_wait(&spec.name, Some(wait), attached.output, log)
+            .await
     }
 
     async fn start_detached(
@@ -965,6 +1127,7 @@ impl Runtime for DockerRuntime {
     }
 
     async fn remove_run_resources(&self, run_id: &str) -> Result<(), RuntimeError> {
+        self.gates.lock().await.remove(run_id);
         // Let creations still in flight land first, so the sweep sees their containers.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         while self.creating.load(std::sync::atomic::Ordering::SeqCst) > 0

@@ -2,6 +2,7 @@
 //! `docker` is the real implementation (bollard); tests may provide fakes for scheduling.
 
 pub mod docker;
+pub mod gate;
 pub mod runner;
 
 use std::collections::BTreeMap;
@@ -254,6 +255,25 @@ pub trait Runtime: Send + Sync + 'static {
         spec: &ContainerSpec,
         log: &LogSink,
     ) -> impl Future<Output = Result<i64, RuntimeError>> + Send;
+    /// Creates and starts a container that waits at a gate until [`Runtime::run_prepared`]
+    /// releases it, so the engine's slow part (create, start, network) happens while an
+    /// earlier step still runs. The container's process is the spec's own once released,
+    /// with the environment, working directory and user it would have had. `Ok(false)`:
+    /// this backend or this spec cannot be prepared (nothing was made): `run` it instead.
+    fn prepare(
+        &self,
+        _spec: &ContainerSpec,
+    ) -> impl Future<Output = Result<bool, RuntimeError>> + Send {
+        async { Ok(false) }
+    }
+    /// Releases a container [`Runtime::prepare`] made and runs it to completion like `run`.
+    fn run_prepared(
+        &self,
+        spec: &ContainerSpec,
+        log: &LogSink,
+    ) -> impl Future<Output = Result<i64, RuntimeError>> + Send {
+        self.run(spec, log)
+    }
     /// Starts a container and returns once it runs; its output keeps streaming to `log`.
     fn start_detached(
         &self,
