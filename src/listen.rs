@@ -186,7 +186,8 @@ impl HostNames {
     }
 }
 
-fn hostname() -> Option<String> {
+/// The machine's host name, if it has one.
+pub fn hostname() -> Option<String> {
     let mut buf = [0u8; 256];
     // SAFETY: the buffer is valid for its length; gethostname writes at most that much.
     let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };

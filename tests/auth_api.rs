@@ -46,10 +46,17 @@ fn rule(repo: &str, actions: &[Permission]) -> ScopeRule {
 /// A token with `rules`; returns its password1.
 fn make_token(e: &Env, name: &str, rules: &[ScopeRule]) -> String {
     let s = e.auth.store();
-    s.create_scope_map(&format!("{name}-map"), "", rules)
+    s.create_scope_map(&format!("{name}-map"), "", rules, &Default::default())
         .unwrap();
     let (_, secrets) = s
-        .create_token(name, &format!("{name}-map"), None, true, false)
+        .create_token(
+            name,
+            &format!("{name}-map"),
+            None,
+            true,
+            false,
+            &Default::default(),
+        )
         .unwrap();
     secrets[0].value.clone()
 }
@@ -651,10 +658,12 @@ async fn task_api_needs_task_permissions_not_registry_ones() {
     assert_eq!(access_of(&t), serde_json::json!([]));
     assert_eq!(status(client(&t).get(&api).send().await.unwrap()), 403);
     // A token may not carry task permissions for one repository only.
-    let bad =
-        e.auth
-            .store()
-            .create_scope_map("odd", "", &[rule("samples/*", &[Permission::TasksWrite])]);
+    let bad = e.auth.store().create_scope_map(
+        "odd",
+        "",
+        &[rule("samples/*", &[Permission::TasksWrite])],
+        &Default::default(),
+    );
     assert!(bad.unwrap_err().to_string().contains("whole registry"));
     e.reg.shutdown().await;
 }

@@ -228,3 +228,71 @@ fn management_commands_go_through_a_running_server() {
         "{err}"
     );
 }
+
+#[test]
+fn the_tier_is_managed_through_a_running_server_and_enforced_there() {
+    require_docker();
+    let data = tempfile::tempdir().unwrap();
+    let serve = Serve::start_with(&data.path().join("d"), 3, &["--auth"]);
+    let data_arg = serve.data.display().to_string();
+    // Through the server that holds --data: the change applies to it at once.
+    let out = ok(
+        &serve,
+        &[
+            "registry", "update", "--sku", "Basic", "-o", "json", "--data", &data_arg,
+        ],
+    );
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["sku"], "Basic");
+    assert_eq!(v["loginServer"], serve.addr.as_str());
+    let out = ok(
+        &serve,
+        &[
+            "registry",
+            "show-usage",
+            "-o",
+            "json",
+            "--server",
+            &serve.url,
+        ],
+    );
+    let usage: Value = serde_json::from_str(&out).unwrap();
+    let runs = usage["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["name"] == "ConcurrentRuns")
+        .cloned()
+        .unwrap_or_else(|| panic!("no ConcurrentRuns in {usage}"));
+    assert_eq!(runs["limit"], 3, "the server's --concurrency");
+    for name in ["a", "b", "c"] {
+        let (good, _, err) = acr_as(
+            &serve,
+            None,
+            &[
+                "webhook",
+                "create",
+                name,
+                "--uri",
+                "https://hooks.example.com/x",
+                "--actions",
+                "push",
+                "--server",
+                &serve.url,
+            ],
+        );
+        assert_eq!(good, name != "c", "{name}: {err}");
+        if name == "c" {
+            assert!(err.contains("Basic tier allows 2 webhooks"), "{err}");
+        }
+    }
+    // Only the admin changes the tier.
+    let (good, _, err) = acr_as(
+        &serve,
+        Some(("nobody", "wrong")),
+        &[
+            "registry", "update", "--sku", "Premium", "--server", &serve.url,
+        ],
+    );
+    assert!(!good, "{err}");
+}

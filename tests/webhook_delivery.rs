@@ -116,25 +116,31 @@ async fn signed_events_are_retried_and_slow_receivers_do_not_slow_pushes() {
     let mut headers = std::collections::BTreeMap::new();
     headers.insert("X-Custom".to_string(), "yes".to_string());
     d.store()
-        .create(&NewWebhook {
-            name: "main",
-            uri: &format!("http://{addr}/hook"),
-            actions: &["push".into(), "delete".into()],
-            scope: Some("samples/*"),
-            headers: &headers,
-            secret: Some("s3cret"),
-            allow_private: true,
-        })
+        .create(
+            &NewWebhook {
+                name: "main",
+                uri: &format!("http://{addr}/hook"),
+                actions: &["push".into(), "delete".into()],
+                scope: Some("samples/*"),
+                headers: &headers,
+                secret: Some("s3cret"),
+                allow_private: true,
+            },
+            &Default::default(),
+        )
         .unwrap();
     d.store()
-        .create(&NewWebhook {
-            allow_private: true,
-            ..NewWebhook::new(
-                "slow",
-                &format!("http://{slow_addr}/hook"),
-                &["push".into()],
-            )
-        })
+        .create(
+            &NewWebhook {
+                allow_private: true,
+                ..NewWebhook::new(
+                    "slow",
+                    &format!("http://{slow_addr}/hook"),
+                    &["push".into()],
+                )
+            },
+            &Default::default(),
+        )
         .unwrap();
     // Listing never shows the secret or header values.
     let listed = serde_json::to_string(
@@ -444,10 +450,13 @@ async fn events_committed_while_no_dispatcher_runs_are_delivered_once() {
     };
     let d = Dispatcher::start(reg.registry(), dir.path(), opts.clone()).unwrap();
     d.store()
-        .create(&NewWebhook {
-            allow_private: true,
-            ..NewWebhook::new("hook", &format!("http://{addr}/hook"), &["push".into()])
-        })
+        .create(
+            &NewWebhook {
+                allow_private: true,
+                ..NewWebhook::new("hook", &format!("http://{addr}/hook"), &["push".into()])
+            },
+            &Default::default(),
+        )
         .unwrap();
     // Let the first start record where the outbox ends, then stop it.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -523,42 +532,51 @@ async fn redirects_are_not_followed_and_private_receivers_need_the_opt_in() {
     // Without the opt-in, a loopback receiver is refused when the webhook is made.
     let e = d
         .store()
-        .create(&NewWebhook {
-            name: "plain",
-            uri: &hook,
-            actions: &["push".into()],
-            scope: None,
-            headers: &headers,
-            secret: Some("k"),
-            allow_private: false,
-        })
+        .create(
+            &NewWebhook {
+                name: "plain",
+                uri: &hook,
+                actions: &["push".into()],
+                scope: None,
+                headers: &headers,
+                secret: Some("k"),
+                allow_private: false,
+            },
+            &Default::default(),
+        )
         .unwrap_err()
         .to_string();
     assert!(e.contains("--allow-private-destination"), "{e}");
     let e = d
         .store()
-        .create(&NewWebhook {
-            name: "meta",
-            uri: "http://169.254.169.254/latest/meta-data/",
-            actions: &["push".into()],
-            scope: None,
-            headers: &headers,
-            secret: None,
-            allow_private: false,
-        })
+        .create(
+            &NewWebhook {
+                name: "meta",
+                uri: "http://169.254.169.254/latest/meta-data/",
+                actions: &["push".into()],
+                scope: None,
+                headers: &headers,
+                secret: None,
+                allow_private: false,
+            },
+            &Default::default(),
+        )
         .unwrap_err()
         .to_string();
     assert!(e.contains("private"), "{e}");
     d.store()
-        .create(&NewWebhook {
-            name: "r",
-            uri: &hook,
-            actions: &["push".into()],
-            scope: None,
-            headers: &headers,
-            secret: Some("k"),
-            allow_private: true,
-        })
+        .create(
+            &NewWebhook {
+                name: "r",
+                uri: &hook,
+                actions: &["push".into()],
+                scope: None,
+                headers: &headers,
+                secret: Some("k"),
+                allow_private: true,
+            },
+            &Default::default(),
+        )
         .unwrap();
     push_image(&base(&reg), "app", "v1").await;
     let store = d.store().clone();

@@ -49,6 +49,9 @@ pub enum AuthError {
     BadToken(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// The registry's tier allows no more.
+    #[error(transparent)]
+    Limit(#[from] crate::tier::LimitError),
 }
 
 impl AuthError {

@@ -20,7 +20,8 @@ pub trait AuthRecords: Send + Sync {
     fn delete_settings(&self, keys: &[&str]) -> Result<(), AuthError>;
 
     /// Adds a scope map with its rules; false when one of that name exists.
-    fn insert_scope_map(&self, map: &ScopeMap) -> Result<bool, AuthError>;
+    /// Adds a scope map unless `max` of them exist.
+    fn insert_scope_map(&self, map: &ScopeMap, max: Option<u64>) -> Result<Insert, AuthError>;
     /// Removes then adds rules and sets the description; false when there is no such map.
     fn change_scope_map(
         &self,
@@ -37,7 +38,8 @@ pub trait AuthRecords: Send + Sync {
     fn scope_maps(&self) -> Result<Vec<ScopeMap>, AuthError>;
 
     /// Adds a token bound to an existing scope map.
-    fn insert_token(&self, token: &TokenRecord) -> Result<Insert, AuthError>;
+    /// Adds a token unless `max` of them exist.
+    fn insert_token(&self, token: &TokenRecord, max: Option<u64>) -> Result<Insert, AuthError>;
     /// Replaces the hash in one password slot; false when there is no such token.
     fn set_password(
         &self,
@@ -79,6 +81,8 @@ pub enum Insert {
     Exists,
     /// A token's scope map does not exist.
     NoScopeMap,
+    /// `max` exist already (how many there are).
+    Full(u64),
 }
 
 /// What a delete found.

@@ -185,19 +185,25 @@ impl AuthRecords for SqliteAuth {
         Ok(())
     }
 
-    fn insert_scope_map(&self, map: &ScopeMap) -> Result<bool, AuthError> {
+    fn insert_scope_map(&self, map: &ScopeMap, max: Option<u64>) -> Result<Insert, AuthError> {
         let mut c = self.conn()?;
-        let tx = c.transaction()?;
+        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        if scope_map_exists(&tx, &map.name)? {
+            return Ok(Insert::Exists);
+        }
+        if let Some(full) = full(&tx, "scope_maps", max)? {
+            return Ok(Insert::Full(full));
+        }
         let n = tx.execute(
             "INSERT OR IGNORE INTO scope_maps(name, description, created) VALUES (?1, ?2, ?3)",
             params![map.name, map.description, map.created],
         )?;
         if n == 0 {
-            return Ok(false);
+            return Ok(Insert::Exists);
         }
         add_rules(&tx, &map.name, &map.rules)?;
         tx.commit()?;
-        Ok(true)
+        Ok(Insert::Done)
     }
 
     fn change_scope_map(
@@ -272,12 +278,26 @@ impl AuthRecords for SqliteAuth {
         Ok(out)
     }
 
-    fn insert_token(&self, token: &TokenRecord) -> Result<Insert, AuthError> {
+    fn insert_token(&self, token: &TokenRecord, max: Option<u64>) -> Result<Insert, AuthError> {
         let t = &token.info;
         let mut c = self.conn()?;
-        let tx = c.transaction()?;
+        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         if !scope_map_exists(&tx, &t.scope_map)? {
             return Ok(Insert::NoScopeMap);
+        }
+        let exists = tx
+            .query_row(
+                "SELECT 1 FROM tokens WHERE name = ?1",
+                params![t.name],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some();
+        if exists {
+            return Ok(Insert::Exists);
+        }
+        if let Some(full) = full(&tx, "tokens", max)? {
+            return Ok(Insert::Full(full));
         }
         let created = |slot: &str| {
             t.passwords
@@ -354,4 +374,12 @@ impl AuthRecords for SqliteAuth {
         let rows = st.query_map([], |r| token_row(r).map(|t| t.info))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
+}
+
+/// How many rows `table` has when that is `max` or more (the table's name is ours).
+fn full(conn: &Connection, table: &str, max: Option<u64>) -> Result<Option<u64>, AuthError> {
+    let Some(max) = max else { return Ok(None) };
+    let n: i64 = conn.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))?;
+    let n = n.max(0) as u64;
+    Ok((n >= max).then_some(n))
 }

@@ -2,6 +2,7 @@
 //! scope maps, kept as [`AuthRecords`] (`auth.db` by default). The server reads them on
 //! every token request, so changes apply to the next `docker login`.
 
+use crate::tier::Counted;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -102,6 +103,14 @@ impl std::fmt::Debug for NewSecret {
 /// and its timing) over [`AuthRecords`], wherever those are kept.
 pub struct AuthStore {
     records: Box<dyn AuthRecords>,
+}
+
+/// The tier's refusal of one more `what`, `n` existing.
+fn full(tier: &crate::tier::Properties, what: Counted, n: u64) -> AuthError {
+    match tier.check_count(what, n) {
+        Err(e) => AuthError::Limit(e),
+        Ok(()) => AuthError::Internal("a tier limit was reached and then not".into()),
+    }
 }
 
 fn now() -> i64 {
@@ -216,6 +225,7 @@ impl AuthStore {
         name: &str,
         description: &str,
         rules: &[ScopeRule],
+        tier: &crate::tier::Properties,
     ) -> Result<ScopeMap, AuthError> {
         check_ident("scope map", name)?;
         check_rules(rules)?;
@@ -225,8 +235,15 @@ impl AuthStore {
             rules: rules.to_vec(),
             created: now(),
         };
-        if !self.records.insert_scope_map(&map)? {
-            return Err(AuthError::Exists(format!("scope map {name:?}")));
+        match self
+            .records
+            .insert_scope_map(&map, tier.limits().scope_maps)?
+        {
+            Insert::Done => {}
+            Insert::Full(n) => return Err(full(tier, Counted::ScopeMaps, n)),
+            Insert::Exists | Insert::NoScopeMap => {
+                return Err(AuthError::Exists(format!("scope map {name:?}")))
+            }
         }
         self.scope_map(name)?
             .ok_or_else(|| AuthError::Internal("scope map vanished".into()))
@@ -282,6 +299,7 @@ impl AuthStore {
         expiry: Option<i64>,
         enabled: bool,
         no_passwords: bool,
+        tier: &crate::tier::Properties,
     ) -> Result<(TokenInfo, Vec<NewSecret>), AuthError> {
         check_ident("token", name)?;
         if name == ADMIN_USER {
@@ -322,8 +340,9 @@ impl AuthStore {
             },
             hashes,
         };
-        match self.records.insert_token(&record)? {
+        match self.records.insert_token(&record, tier.limits().tokens)? {
             Insert::Done => {}
+            Insert::Full(n) => return Err(full(tier, Counted::Tokens, n)),
             Insert::Exists => return Err(AuthError::Exists(format!("token {name:?}"))),
             Insert::NoScopeMap => {
                 return Err(AuthError::NotFound(format!("scope map {scope_map:?}")))
@@ -465,9 +484,16 @@ mod tests {
     }
 
     fn tokens_authenticate(name: &str, s: &AuthStore) {
-        s.create_scope_map("pull", "", &[rule("samples/*", &[Permission::ContentRead])])
+        s.create_scope_map(
+            "pull",
+            "",
+            &[rule("samples/*", &[Permission::ContentRead])],
+            &Default::default(),
+        )
+        .unwrap();
+        let (info, secrets) = s
+            .create_token("ci", "pull", None, true, false, &Default::default())
             .unwrap();
-        let (info, secrets) = s.create_token("ci", "pull", None, true, false).unwrap();
         assert_eq!(info.passwords.len(), 2);
         assert_eq!(secrets.len(), 2);
         let g = s.authenticate("ci", &secrets[0].value).unwrap().unwrap();
@@ -493,15 +519,22 @@ mod tests {
         assert!(s.authenticate("ci", &new1.value).unwrap().is_none());
         // Expired tokens are refused.
         let (_, sec) = s
-            .create_token("old", "pull", Some(now() - 1), true, false)
+            .create_token(
+                "old",
+                "pull",
+                Some(now() - 1),
+                true,
+                false,
+                &Default::default(),
+            )
             .unwrap();
         assert!(s.authenticate("old", &sec[0].value).unwrap().is_none());
         assert!(matches!(
-            s.create_token("ci", "pull", None, true, false),
+            s.create_token("ci", "pull", None, true, false, &Default::default()),
             Err(AuthError::Exists(_))
         ));
         assert!(matches!(
-            s.create_token("x", "missing", None, true, false),
+            s.create_token("x", "missing", None, true, false, &Default::default()),
             Err(AuthError::NotFound(_))
         ));
         assert!(format!("{:?}", sec[0]).contains("redacted"));
@@ -527,7 +560,9 @@ mod tests {
         );
         s.disable_admin().unwrap();
         assert!(s.authenticate(ADMIN_USER, &p.value).unwrap().is_none());
-        assert!(s.create_token(ADMIN_USER, "x", None, true, false).is_err());
+        assert!(s
+            .create_token(ADMIN_USER, "x", None, true, false, &Default::default())
+            .is_err());
     }
 
     #[test]
@@ -547,6 +582,7 @@ mod tests {
                     "a",
                     &[Permission::ContentWrite, Permission::ContentRead],
                 )],
+                &Default::default(),
             )
             .unwrap();
         assert_eq!(
@@ -572,9 +608,15 @@ mod tests {
             ]
         );
         assert!(s
-            .create_scope_map("bad", "", &[rule("Bad", &[Permission::ContentRead])])
+            .create_scope_map(
+                "bad",
+                "",
+                &[rule("Bad", &[Permission::ContentRead])],
+                &Default::default()
+            )
             .is_err());
-        s.create_token("t", "m", None, true, true).unwrap();
+        s.create_token("t", "m", None, true, true, &Default::default())
+            .unwrap();
         assert!(s.delete_scope_map("m").is_err());
         s.delete_token("t").unwrap();
         s.delete_scope_map("m").unwrap();
@@ -585,9 +627,15 @@ mod tests {
     fn unknown_names_take_as_long_as_known_ones() {
         let d = tempfile::tempdir().unwrap();
         let s = AuthStore::open(d.path()).unwrap();
-        s.create_scope_map("m", "", &[rule("*", &[Permission::ContentRead])])
+        s.create_scope_map(
+            "m",
+            "",
+            &[rule("*", &[Permission::ContentRead])],
+            &Default::default(),
+        )
+        .unwrap();
+        s.create_token("two", "m", None, true, false, &Default::default())
             .unwrap();
-        s.create_token("two", "m", None, true, false).unwrap();
         s.renew_admin().unwrap();
         // Median of several timings per kind of name, interleaved so load hits all alike.
         let names = ["two", ADMIN_USER, "nobody"];

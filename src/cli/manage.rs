@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 
 use super::client::Client;
 use crate::auth::{AuthStore, NewSecret, ScopeMap, ScopeRule, Slot, TokenInfo};
+use crate::server::manage::{RegistryInfo, TierChange};
 use crate::webhooks::{Delivery, DeliveryOptions, NewWebhook, WebhookInfo, WebhookStore};
 
 pub enum Backend {
@@ -68,6 +69,16 @@ impl Backend {
         }
     }
 
+    /// The registry's tier, on the files (a server checks its own).
+    fn tier(&self) -> anyhow::Result<crate::tier::Properties> {
+        match self {
+            Backend::Files(dir) => Ok(crate::store::Store::open(dir, false)
+                .and_then(|s| s.properties())
+                .with_context(|| format!("reading the registry's tier in {}", dir.display()))?),
+            Backend::Server { .. } => bail!("internal error: the server reads its own tier"),
+        }
+    }
+
     fn hooks(&self) -> anyhow::Result<Option<WebhookStore>> {
         match self {
             Backend::Files(dir) => {
@@ -88,7 +99,8 @@ impl Backend {
         no_passwords: bool,
     ) -> anyhow::Result<(TokenInfo, Vec<NewSecret>)> {
         if let Some(s) = self.auth()? {
-            return Ok(s.create_token(name, scope_map, expiry, enabled, no_passwords)?);
+            let tier = self.tier()?;
+            return Ok(s.create_token(name, scope_map, expiry, enabled, no_passwords, &tier)?);
         }
         let v = self.call(
             Method::POST,
@@ -187,7 +199,7 @@ impl Backend {
         rules: &[ScopeRule],
     ) -> anyhow::Result<ScopeMap> {
         if let Some(s) = self.auth()? {
-            return Ok(s.create_scope_map(name, description, rules)?);
+            return Ok(s.create_scope_map(name, description, rules, &self.tier()?)?);
         }
         let v = self.call(
             Method::POST,
@@ -249,7 +261,7 @@ impl Backend {
 
     pub fn create_webhook(&self, h: &NewWebhook<'_>) -> anyhow::Result<WebhookInfo> {
         if let Some(s) = self.hooks()? {
-            return Ok(s.create(h)?);
+            return Ok(s.create(h, &self.tier()?)?);
         }
         let v = self.call(
             Method::POST,
@@ -328,6 +340,41 @@ impl Backend {
             Some(json!({ "grace": grace, "dryRun": dry_run })),
         )?;
         Ok(serde_json::from_value(v)?)
+    }
+
+    /// The registry's tier, limits and use.
+    pub fn registry_info(&self) -> anyhow::Result<RegistryInfo> {
+        if let Backend::Files(dir) = self {
+            let store = super::registry::open_dir(dir)?;
+            return self.info_on_files(dir, &store);
+        }
+        serde_json::from_value(self.call(Method::GET, "", None)?).context("the server's registry")
+    }
+
+    /// Changes the tier or the limits; the registry as it is afterwards.
+    pub fn change_tier(&self, change: &TierChange) -> anyhow::Result<RegistryInfo> {
+        if let Backend::Files(dir) = self {
+            // A registry may be given its tier before it first serves.
+            let store = crate::store::Store::open(dir, false)
+                .with_context(|| format!("opening registry data in {}", dir.display()))?;
+            crate::registry::service::change_tier(&store, change.sku, &change.overrides)?;
+            return self.info_on_files(dir, &store);
+        }
+        let body = serde_json::to_value(change)?;
+        serde_json::from_value(self.call(Method::PATCH, "", Some(body))?)
+            .context("the server's registry")
+    }
+
+    fn info_on_files(
+        &self,
+        dir: &std::path::Path,
+        store: &crate::store::Store,
+    ) -> anyhow::Result<RegistryInfo> {
+        let auth = AuthStore::open(dir)?;
+        let hooks = WebhookStore::open(dir)?;
+        Ok(crate::server::manage::registry_info(
+            store, &auth, &hooks, None, None,
+        )?)
     }
 
     /// Re-verifies the registry's content.

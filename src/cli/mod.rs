@@ -44,7 +44,7 @@ pub enum Command {
     /// Runner images made locally from Debian's busybox-static (no outside registry needed).
     #[command(subcommand)]
     Runner(run::RunnerCmd),
-    /// Maintenance of the integrated registry's storage.
+    /// The integrated registry: its tier and limits (show, show-usage, update), gc, fsck.
     #[command(subcommand)]
     Registry(registry::RegistryCmd),
     /// Repositories in the registry (like `az acr repository`).

@@ -11,10 +11,90 @@ use anyhow::{bail, Context};
 use super::Output;
 use crate::credentials::Credentials;
 use crate::registry::client::{RegistryClient, Transport};
+use crate::server::manage::{RegistryInfo, TierChange};
 use crate::store::{ManifestInfo, Store};
+use crate::tier::{Override, Overrides, Sku, Unlimited};
+
+/// Where a registry command works: the files of `--data`, or a server.
+#[derive(Debug, clap::Args)]
+pub struct TierOpts {
+    /// Data directory; the registry is its `registry/` [default: $ACR_TASK_DATA, else
+    /// ~/.local/share/acr-task].
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// A running `acr-task serve` (URL or HOST:PORT), as its admin. Without it, a server
+    /// holding --data is asked.
+    #[arg(long, env = "ACR_TASK_SERVER")]
+    server: Option<String>,
+    /// Output format: table, json or tsv.
+    #[arg(long, short = 'o', value_enum, default_value = "table")]
+    output: Output,
+}
+
+/// A limit as given: a number, or `unlimited`.
+fn parse_count(s: &str) -> Result<Override, String> {
+    if s.eq_ignore_ascii_case("unlimited") {
+        return Ok(Override::Unlimited(Unlimited::Unlimited));
+    }
+    s.parse::<u64>()
+        .map(Override::Count)
+        .map_err(|_| format!("{s:?} is not a count: give a number or `unlimited`"))
+}
+
+/// A storage limit as given: a size (`200GiB`), or `unlimited`.
+fn parse_storage(s: &str) -> Result<Override, String> {
+    if s.eq_ignore_ascii_case("unlimited") {
+        return Ok(Override::Unlimited(Unlimited::Unlimited));
+    }
+    super::parse_size(s).map(Override::Count)
+}
 
 #[derive(Debug, clap::Subcommand)]
 pub enum RegistryCmd {
+    /// The registry's name, tier, storage used and limit, and the tier's limits (as
+    /// `az acr show`).
+    #[command(after_help = "Example:\n  acr-task registry show -o json")]
+    Show {
+        #[command(flatten)]
+        opts: TierOpts,
+    },
+    /// Each limit of the tier against its current use (as `az acr show-usage`).
+    #[command(after_help = "Example:\n  acr-task registry show-usage")]
+    ShowUsage {
+        #[command(flatten)]
+        opts: TierOpts,
+    },
+    /// Change the tier (Basic, Standard, Premium) or override one of its limits.
+    #[command(after_help = "Examples:
+  acr-task registry update --sku Standard
+  acr-task registry update --storage-limit 200GiB --write-ops-limit unlimited
+A tier whose storage limit is below what is stored is refused, with the sizes;
+an override stays across tier changes until set again (a number or `unlimited`).")]
+    Update {
+        /// The new tier: Basic, Standard or Premium (a managed registry never becomes Classic).
+        #[arg(long)]
+        sku: Option<Sku>,
+        /// Storage limit (e.g. 200GiB, or `unlimited`).
+        #[arg(long, value_name = "SIZE", value_parser = parse_storage)]
+        storage_limit: Option<Override>,
+        /// Read operations (GET, HEAD) a minute, or `unlimited`.
+        #[arg(long, value_name = "N", value_parser = parse_count)]
+        read_ops_limit: Option<Override>,
+        /// Write operations (PUT, POST, PATCH, DELETE) a minute, or `unlimited`.
+        #[arg(long, value_name = "N", value_parser = parse_count)]
+        write_ops_limit: Option<Override>,
+        /// Webhooks, or `unlimited`.
+        #[arg(long, value_name = "N", value_parser = parse_count)]
+        webhook_limit: Option<Override>,
+        /// Tokens, or `unlimited`.
+        #[arg(long, value_name = "N", value_parser = parse_count)]
+        token_limit: Option<Override>,
+        /// Scope maps, or `unlimited`.
+        #[arg(long, value_name = "N", value_parser = parse_count)]
+        scope_map_limit: Option<Override>,
+        #[command(flatten)]
+        opts: TierOpts,
+    },
     /// Remove unreferenced blobs and manifests (safe while pushes continue).
     #[command(
         after_help = "Examples:\n  acr-task registry gc --dry-run\n  acr-task registry gc --grace 0     # nothing is pushing"
@@ -286,8 +366,125 @@ pub(super) fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A limit for people: a number, a size, or `unlimited`.
+fn limit_text(limit: Option<u64>, size: bool) -> String {
+    match limit {
+        None => "unlimited".into(),
+        Some(n) if size => crate::tier::human(n),
+        Some(n) => n.to_string(),
+    }
+}
+
+fn print_show(info: &RegistryInfo, output: Output) -> anyhow::Result<()> {
+    if output == Output::Json {
+        return print_json(info);
+    }
+    let l = &info.limits;
+    let yes = |b: bool| if b { "yes" } else { "no (Premium)" }.to_string();
+    let mut rows = vec![
+        vec!["name".into(), info.name.clone()],
+        vec!["sku".into(), info.sku.to_string()],
+    ];
+    if let Some(s) = &info.login_server {
+        rows.push(vec!["loginServer".into(), s.clone()]);
+    }
+    rows.extend([
+        vec![
+            "storageUsed".into(),
+            crate::tier::human(info.storage_used_bytes),
+        ],
+        vec!["storageLimit".into(), limit_text(l.storage_bytes, true)],
+        vec![
+            "readOpsPerMinute".into(),
+            limit_text(l.read_ops_per_minute, false),
+        ],
+        vec![
+            "writeOpsPerMinute".into(),
+            limit_text(l.write_ops_per_minute, false),
+        ],
+        vec!["webhooks".into(), limit_text(l.webhooks, false)],
+        vec!["tokens".into(), limit_text(l.tokens, false)],
+        vec!["scopeMaps".into(), limit_text(l.scope_maps, false)],
+        vec!["replications".into(), limit_text(l.replications, false)],
+        vec!["geoReplication".into(), yes(l.geo_replication)],
+        vec!["contentTrust".into(), yes(l.content_trust)],
+        vec!["customerManagedKeys".into(), yes(l.customer_managed_keys)],
+        vec![
+            "anonymousPull".into(),
+            if l.anonymous_pull {
+                "yes"
+            } else {
+                "no (Standard, Premium)"
+            }
+            .into(),
+        ],
+    ]);
+    print_rows(output, &["PROPERTY", "VALUE"], &rows)
+}
+
+fn print_usage(info: &RegistryInfo, output: Output) -> anyhow::Result<()> {
+    if output == Output::Json {
+        // As `az acr show-usage`.
+        return print_json(&serde_json::json!({ "value": info.usage }));
+    }
+    let rows: Vec<Vec<String>> = info
+        .usage
+        .iter()
+        .map(|u| {
+            vec![
+                u.name.clone(),
+                u.limit.to_string(),
+                u.current_value.to_string(),
+                u.unit.clone(),
+            ]
+        })
+        .collect();
+    print_rows(output, &["NAME", "LIMIT", "CURRENT VALUE", "UNIT"], &rows)
+}
+
 pub fn registry(cmd: RegistryCmd) -> anyhow::Result<ExitCode> {
     match cmd {
+        RegistryCmd::Show { opts } => {
+            no_dot(opts.output)?;
+            let b = super::manage::Backend::choose(opts.server.as_deref(), opts.data)?;
+            print_show(&b.registry_info()?, opts.output)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        RegistryCmd::ShowUsage { opts } => {
+            no_dot(opts.output)?;
+            let b = super::manage::Backend::choose(opts.server.as_deref(), opts.data)?;
+            print_usage(&b.registry_info()?, opts.output)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        RegistryCmd::Update {
+            sku,
+            storage_limit,
+            read_ops_limit,
+            write_ops_limit,
+            webhook_limit,
+            token_limit,
+            scope_map_limit,
+            opts,
+        } => {
+            no_dot(opts.output)?;
+            let change = TierChange {
+                sku,
+                overrides: Overrides {
+                    storage_bytes: storage_limit,
+                    read_ops_per_minute: read_ops_limit,
+                    write_ops_per_minute: write_ops_limit,
+                    webhooks: webhook_limit,
+                    tokens: token_limit,
+                    scope_maps: scope_map_limit,
+                },
+            };
+            if change.sku.is_none() && change.overrides == Overrides::default() {
+                bail!("nothing to change: give --sku TIER or a --*-limit (see --help)");
+            }
+            let b = super::manage::Backend::choose(opts.server.as_deref(), opts.data)?;
+            print_show(&b.change_tier(&change)?, opts.output)?;
+            Ok(ExitCode::SUCCESS)
+        }
         RegistryCmd::Gc {
             data,
             dry_run,

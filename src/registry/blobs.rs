@@ -251,7 +251,13 @@ pub(super) async fn start_upload(
             }
         }
         // Not mountable: the spec says to fall back to a new upload session.
-    } else if let Some(d) = q.get("digest") {
+    }
+    // A full registry refuses before any bytes are sent (the commit checks exactly,
+    // and lets content it holds already through).
+    let store = reg.inner.store.clone();
+    blocking(move || super::service::check_room(&store, 1)).await?;
+    let mounting = q.contains_key("mount") && q.contains_key("from");
+    if let Some(d) = q.get("digest").filter(|_| !mounting) {
         let digest = parse_digest(d)?;
         return receive_whole(reg, name, &digest, headers, body).await;
     }

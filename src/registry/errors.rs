@@ -11,6 +11,8 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// Seconds for a `Retry-After` header (429s).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -19,6 +21,18 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after: None,
+        }
+    }
+    /// 403 DENIED: the request is understood and will not be done (a tier's limit).
+    pub fn denied(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "DENIED", m)
+    }
+    /// 429 TOOMANYREQUESTS with when to come back.
+    pub fn too_many(m: impl Into<String>, retry_after: u64) -> Self {
+        ApiError {
+            retry_after: Some(retry_after),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS", m)
         }
     }
     pub fn blob_unknown(d: &str) -> Self {
@@ -95,6 +109,7 @@ impl From<StoreError> for ApiError {
                 ApiError::manifest_invalid(format!("descriptor size mismatch: {e}"))
             }
             StoreError::BlobMissing(d) => ApiError::blob_unknown(&d),
+            StoreError::Limit(l) => ApiError::denied(l.to_string()),
             other => ApiError::internal(other),
         }
     }
@@ -111,10 +126,13 @@ impl IntoResponse for ApiError {
         let body = serde_json::json!({
             "errors": [{ "code": self.code, "message": self.message, "detail": null }]
         });
-        Response::builder()
+        let mut r = Response::builder()
             .status(self.status)
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Body::from(body.to_string()))
+            .header(header::CONTENT_TYPE, "application/json");
+        if let Some(s) = self.retry_after {
+            r = r.header(header::RETRY_AFTER, s);
+        }
+        r.body(Body::from(body.to_string()))
             .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
     }
 }

@@ -14,6 +14,7 @@ pub mod reference;
 mod routes;
 pub mod service;
 mod stream;
+mod throttle;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -222,6 +223,8 @@ pub(crate) struct State {
     pub maintained: std::sync::atomic::AtomicBool,
     /// Where the maintenance loop runs; it stops when the registry is dropped.
     pub background: crate::background::Background,
+    /// The tier's read and write rates.
+    pub throttle: throttle::Throttle,
 }
 
 /// Handle on a registry: cheap to clone; the read API and the event hook.
@@ -262,6 +265,7 @@ impl Registry {
                 detailed,
                 maintained: std::sync::atomic::AtomicBool::new(false),
                 background: crate::background::Background::new(),
+                throttle: throttle::Throttle::default(),
             }),
         })
     }

@@ -83,7 +83,10 @@ async fn dispatch(State(reg): State<Registry>, Path(rest): Path<String>, req: Re
                 .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
                 .map(|c| c.0.ip())
                 .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
-            handle(&reg, &method, &rest, client, &q, &parts.headers, body).await
+            match throttle(&reg, &method).await {
+                Ok(()) => handle(&reg, &method, &rest, client, &q, &parts.headers, body).await,
+                Err(e) => Err(e),
+            }
         }
         Err(e) => Err(e),
     };
@@ -101,6 +104,34 @@ async fn dispatch(State(reg): State<Registry>, Path(rest): Path<String>, req: Re
     resp.headers_mut()
         .insert(API_VERSION, HeaderValue::from_static("registry/2.0"));
     resp
+}
+
+/// The tier's request rates: one operation of the request's kind, or 429.
+async fn throttle(reg: &Registry, method: &Method) -> Result<(), ApiError> {
+    let store = reg.inner.store.clone();
+    let props = match store.fresh_properties() {
+        Some(p) => p,
+        None => tokio::task::spawn_blocking(move || store.properties()).await??,
+    };
+    let op = super::throttle::Op::of(method);
+    reg.inner
+        .throttle
+        .admit(op, &props.limits())
+        .map_err(|secs| {
+            let kind = match op {
+                super::throttle::Op::Read => "read",
+                super::throttle::Op::Write => "write",
+            };
+            ApiError::too_many(
+                format!(
+                    "the registry's {kind} operations a minute ({} tier) are used up: retry in \
+                     {secs} s, or raise the rate (`acr-task registry update --sku <higher tier>` \
+                     or `--{kind}-ops-limit N`)",
+                    props.sku
+                ),
+                secs,
+            )
+        })
 }
 
 /// The query string, decoded once for both the access check and the handler. A key given

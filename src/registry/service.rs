@@ -2,10 +2,27 @@
 //! API, `acr-task repository` and `registry gc` on the files, the management API; later
 //! import, purge, replication): the change and the events that describe it are written in
 //! one transaction, so webhooks and the base-image trigger see every push and delete,
-//! whoever made it. Quotas, locks and read-only modes belong here. Blocking: call from
-//! blocking threads.
+//! whoever made it. The tier's storage limit is enforced here (checked again under the
+//! store's write lock, so concurrent pushes cannot pass it together); locks and
+//! read-only modes belong here too. Blocking: call from blocking threads.
 
 use crate::store::{BlobUpload, GcReport, NewManifest, Reference, Store, StoreError};
+use crate::tier::Properties;
+
+/// The check the store makes, under its write lock, before a change adds bytes.
+fn admit(p: &Properties) -> impl Fn(u64, u64) -> Result<(), StoreError> + '_ {
+    move |used, adds| Ok(p.check_storage(used, adds)?)
+}
+
+/// Whether `adds` more bytes would fit now: asked before work that would be wasted (an
+/// upload's start, a blob's commit); the change itself is checked again in the store.
+pub fn check_room(store: &Store, adds: u64) -> Result<(), StoreError> {
+    let p = store.properties()?;
+    if p.limits().storage_bytes.is_some() {
+        p.check_storage(store.storage_used()?, adds)?;
+    }
+    Ok(())
+}
 
 /// Stores a manifest (and its tag) with its push event. The store checks, in the same
 /// transaction, that everything it references is in the repository.
@@ -25,11 +42,14 @@ pub fn push_manifest(
         },
         ctx.clone(),
     );
-    store.put_manifest(m, &[event.to_json()])?;
+    let p = store.properties()?;
+    store.put_manifest(m, &[event.to_json()], &admit(&p))?;
     Ok(event)
 }
 
-/// Makes a received upload, whose digest the caller verified, a blob of `repo`.
+/// Makes a received upload, whose digest the caller verified, a blob of `repo`. Refused
+/// by the storage limit before anything is written (the upload is dropped with its bytes)
+/// unless the registry holds that content already.
 pub fn commit_blob(
     store: &Store,
     repo: &str,
@@ -37,7 +57,12 @@ pub fn commit_blob(
     digest: &str,
     size: u64,
 ) -> Result<(), StoreError> {
-    store.commit_blob(repo, upload, digest, size)
+    let p = store.properties()?;
+    if p.limits().storage_bytes.is_some() && store.blob_size(digest)?.is_none() {
+        p.check_storage(store.storage_used()?, size)?;
+    }
+    let admit = admit(&p);
+    store.commit_blob(repo, upload, digest, size, &admit)
 }
 
 /// Links `digest` into `repo` from `from` (a cross-repository mount); false if `from`
@@ -49,6 +74,17 @@ pub fn mount_blob(store: &Store, repo: &str, from: &str, digest: &str) -> Result
 /// Unlinks a blob from `repo` (its content goes at the next gc); false if not linked.
 pub fn unlink_blob(store: &Store, repo: &str, digest: &str) -> Result<bool, StoreError> {
     store.unlink_blob(repo, digest)
+}
+
+/// Changes the registry's tier and the operator's overrides of its limits, checked against
+/// what is stored under the write lock: refused (nothing changed) when the new storage
+/// limit is below the use, and never back to Classic.
+pub fn change_tier(
+    store: &Store,
+    to: Option<crate::tier::Sku>,
+    overrides: &crate::tier::Overrides,
+) -> Result<Properties, StoreError> {
+    store.update_properties(|now, used| Ok(now.change(to, overrides, used)?))
 }
 
 /// Garbage collection (see [`Store::gc`]).

@@ -10,11 +10,12 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::guard::Caller;
 use crate::auth::{Auth, AuthError, NewSecret, ScopeRule, Slot, ADMIN_USER};
+use crate::tier::{Limits, Overrides, Sku, Usage};
 use crate::webhooks::{DeliveryOptions, NewWebhook, WebhookError, WebhookStore};
 
 pub struct ManageState {
@@ -25,6 +26,98 @@ pub struct ManageState {
     pub delivery: Option<DeliveryOptions>,
     /// `--insecure-open-api`: no caller to check (loopback development servers only).
     pub open: bool,
+    /// The run queue, for its concurrency in `registry show-usage`.
+    pub queue: Option<Arc<super::queue::Queue>>,
+    /// The address clients push to (`HOST:PORT`).
+    pub login_server: Option<String>,
+}
+
+/// What `acr-task registry show` and `show-usage` print, on the files or from a server.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegistryInfo {
+    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub login_server: Option<String>,
+    pub sku: Sku,
+    pub storage_used_bytes: u64,
+    /// `None`: no limit.
+    pub storage_limit_bytes: Option<u64>,
+    /// The tier's limits with the overrides applied.
+    pub limits: Limits,
+    /// What the operator set over the tier's figures.
+    pub overrides: Overrides,
+    /// Each limit against its use, as `az acr show-usage` lists them.
+    pub usage: Vec<Usage>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InfoError {
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error(transparent)]
+    Webhook(#[from] WebhookError),
+}
+
+/// The registry's tier, limits and use. `runs`: the queue's (limit, running), when a
+/// task server has one. Blocking.
+pub fn registry_info(
+    store: &crate::store::Store,
+    auth: &crate::auth::AuthStore,
+    hooks: &WebhookStore,
+    runs: Option<(usize, usize)>,
+    login_server: Option<String>,
+) -> Result<RegistryInfo, InfoError> {
+    let p = store.properties()?;
+    let limits = p.limits();
+    let counts = crate::tier::Counts {
+        storage_bytes: store.storage_used()?,
+        webhooks: hooks.all()?.len() as u64,
+        tokens: auth.tokens()?.len() as u64,
+        scope_maps: auth.scope_maps()?.len() as u64,
+        // Replications come with geo-replication; none yet.
+        replications: 0,
+    };
+    let mut usage = crate::tier::usage(&limits, &counts);
+    if let Some((limit, now)) = runs {
+        usage.push(Usage::new(
+            "ConcurrentRuns",
+            Some(limit as u64),
+            now as u64,
+            "Count",
+        ));
+    }
+    let name = crate::listen::hostname()
+        .map(|h| {
+            h.chars()
+                .filter(char::is_ascii_alphanumeric)
+                .collect::<String>()
+                .to_ascii_lowercase()
+        })
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "acrtask".into());
+    Ok(RegistryInfo {
+        name,
+        login_server,
+        sku: p.sku,
+        storage_used_bytes: counts.storage_bytes,
+        storage_limit_bytes: limits.storage_bytes,
+        limits,
+        overrides: p.overrides,
+        usage,
+    })
+}
+
+/// A change of tier or limits (`PATCH /api/registry`, `registry update`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TierChange {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sku: Option<Sku>,
+    #[serde(default)]
+    pub overrides: Overrides,
 }
 
 type St = State<Arc<ManageState>>;
@@ -43,6 +136,7 @@ impl From<AuthError> for Refusal {
             AuthError::NotFound(_) => StatusCode::NOT_FOUND,
             AuthError::Exists(_) => StatusCode::CONFLICT,
             AuthError::Invalid(_) => StatusCode::BAD_REQUEST,
+            AuthError::Limit(_) => StatusCode::FORBIDDEN,
             _ => {
                 tracing::error!(error = %e, "registry management");
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -58,12 +152,25 @@ impl From<WebhookError> for Refusal {
             WebhookError::NotFound(_) => StatusCode::NOT_FOUND,
             WebhookError::Exists(_) => StatusCode::CONFLICT,
             WebhookError::Invalid(_) => StatusCode::BAD_REQUEST,
+            WebhookError::Limit(_) => StatusCode::FORBIDDEN,
             _ => {
                 tracing::error!(error = %e, "registry management");
                 StatusCode::INTERNAL_SERVER_ERROR
             }
         };
         Refusal(status, e.to_string())
+    }
+}
+
+impl From<crate::store::StoreError> for Refusal {
+    fn from(e: crate::store::StoreError) -> Refusal {
+        match e {
+            crate::store::StoreError::Limit(l) => Refusal(StatusCode::FORBIDDEN, l.to_string()),
+            e => {
+                tracing::error!(error = %e, "registry management");
+                Refusal(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+            }
+        }
     }
 }
 
@@ -127,6 +234,7 @@ pub fn router(state: Arc<ManageState>) -> Router {
         )
         .route("/api/registry/webhooks/{name}/events", get(hook_events))
         .route("/api/registry/webhooks/{name}/ping", post(ping_hook))
+        .route("/api/registry", get(show).patch(update))
         .route("/api/registry/gc", post(gc))
         .route("/api/registry/fsck", post(fsck))
         .with_state(state)
@@ -168,11 +276,17 @@ async fn create_token(
     Json(t): Json<NewToken>,
 ) -> Answer {
     admin_only(&s, &c)?;
-    let auth = s.auth.clone();
+    let (auth, reg) = (s.auth.clone(), s.store.clone());
     let (info, secrets) = blocking(move || {
-        Ok(auth
-            .store()
-            .create_token(&t.name, &t.scope_map, t.expiry, t.enabled, t.no_passwords)?)
+        let tier = reg.properties()?;
+        Ok(auth.store().create_token(
+            &t.name,
+            &t.scope_map,
+            t.expiry,
+            t.enabled,
+            t.no_passwords,
+            &tier,
+        )?)
     })
     .await?;
     let mut v = serde_json::to_value(&info).unwrap_or_default();
@@ -299,11 +413,12 @@ async fn create_map(
     Json(m): Json<NewMap>,
 ) -> Answer {
     admin_only(&s, &c)?;
-    let auth = s.auth.clone();
+    let (auth, reg) = (s.auth.clone(), s.store.clone());
     let made = blocking(move || {
+        let tier = reg.properties()?;
         Ok(auth
             .store()
-            .create_scope_map(&m.name, &m.description, &m.rules)?)
+            .create_scope_map(&m.name, &m.description, &m.rules, &tier)?)
     })
     .await?;
     Ok((StatusCode::CREATED, Json(made)).into_response())
@@ -375,17 +490,21 @@ async fn create_hook(
     Json(h): Json<NewHook>,
 ) -> Answer {
     admin_only(&s, &c)?;
-    let store = s.hooks.clone();
+    let (store, reg) = (s.hooks.clone(), s.store.clone());
     let info = blocking(move || {
-        Ok(store.create(&NewWebhook {
-            name: &h.name,
-            uri: &h.uri,
-            actions: &h.actions,
-            scope: h.scope.as_deref(),
-            headers: &h.headers,
-            secret: h.secret.as_deref(),
-            allow_private: h.allow_private_destination,
-        })?)
+        let tier = reg.properties()?;
+        Ok(store.create(
+            &NewWebhook {
+                name: &h.name,
+                uri: &h.uri,
+                actions: &h.actions,
+                scope: h.scope.as_deref(),
+                headers: &h.headers,
+                secret: h.secret.as_deref(),
+                allow_private: h.allow_private_destination,
+            },
+            &tier,
+        )?)
     })
     .await?;
     Ok((StatusCode::CREATED, Json(info)).into_response())
@@ -464,6 +583,45 @@ async fn gc(State(s): St, Extension(c): Extension<Caller>, Json(a): Json<GcAsk>)
     })
     .await?;
     Ok(Json(r).into_response())
+}
+
+fn info_refusal(e: InfoError) -> Refusal {
+    match e {
+        InfoError::Store(e) => e.into(),
+        InfoError::Auth(e) => e.into(),
+        InfoError::Webhook(e) => e.into(),
+    }
+}
+
+fn info_of(s: &ManageState) -> Result<RegistryInfo, Refusal> {
+    registry_info(
+        &s.store,
+        s.auth.store(),
+        &s.hooks,
+        s.queue.as_ref().map(|q| q.concurrency()),
+        s.login_server.clone(),
+    )
+    .map_err(info_refusal)
+}
+
+async fn show(State(s): St, Extension(c): Extension<Caller>) -> Answer {
+    admin_only(&s, &c)?;
+    let info = blocking(move || info_of(&s)).await?;
+    Ok(Json(info).into_response())
+}
+
+async fn update(
+    State(s): St,
+    Extension(c): Extension<Caller>,
+    Json(ch): Json<TierChange>,
+) -> Answer {
+    admin_only(&s, &c)?;
+    let info = blocking(move || {
+        crate::registry::service::change_tier(&s.store, ch.sku, &ch.overrides)?;
+        info_of(&s)
+    })
+    .await?;
+    Ok(Json(info).into_response())
 }
 
 async fn fsck(State(s): St, Extension(c): Extension<Caller>) -> Answer {

@@ -223,7 +223,7 @@ impl Server {
         })
         .await??;
         let policy = Arc::new(cfg.policy.clone());
-        Ok(Server {
+        let server = Server {
             cfg,
             listener,
             addr,
@@ -233,7 +233,21 @@ impl Server {
             auth,
             policy,
             initial_admin,
-        })
+        };
+        // Where `acr-task token|scope-map|registry ...` on this machine find this server:
+        // written before the address is announced, so a command run once `serve` has
+        // printed it never goes around the server (connections wait in the backlog).
+        let url_file = server.cfg.data_dir.join(SERVE_URL_FILE);
+        let scheme = if server.cfg.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        if let Err(e) = write_private(&url_file, &format!("{scheme}://{}", server.registry_host()))
+        {
+            tracing::warn!(error = %e, "writing {}", url_file.display());
+        }
+        Ok(server)
     }
 
     /// The admin password made on this first start (to show once), if one was.
@@ -324,17 +338,9 @@ impl Server {
             hooks,
             delivery: self.cfg.webhooks.clone(),
             open: self.cfg.open_api,
+            queue: Some(state.queue.clone()),
+            login_server: Some(self.registry_host()),
         }));
-        // Where `acr-task token|scope-map|...` on this machine find this server.
-        let url_file = self.cfg.data_dir.join(SERVE_URL_FILE);
-        let scheme = if self.cfg.tls.is_some() {
-            "https"
-        } else {
-            "http"
-        };
-        if let Err(e) = write_private(&url_file, &format!("{scheme}://{}", self.registry_host())) {
-            tracing::warn!(error = %e, "writing {}", url_file.display());
-        }
         let names = Arc::new(crate::listen::HostNames::new(&self.cfg.server_names));
         let app = crate::registry::router_with_auth(self.registry.clone(), gate)
             .merge(api::router(state, guard, manage))
@@ -351,7 +357,7 @@ impl Server {
             w.shutdown().await;
         }
         served?;
-        let _ = std::fs::remove_file(&url_file);
+        let _ = std::fs::remove_file(self.cfg.data_dir.join(SERVE_URL_FILE));
         Ok(())
     }
 }

@@ -55,6 +55,12 @@ impl Queue {
         }
     }
 
+    /// How many runs may run at once, and how many do now.
+    pub fn concurrency(&self) -> (usize, usize) {
+        let now = self.running.lock().map(|r| r.len()).unwrap_or(0);
+        (self.concurrency, now)
+    }
+
     pub fn db(&self) -> &Arc<dyn ServerStore> {
         &self.db
     }

@@ -22,11 +22,15 @@ pub trait RegistryMeta: Send + Sync {
     /// Link `digest` into `repo` in one transaction. Without a row for it, one is made
     /// with `new_size` (`None`: nothing is linked, false). `content` is asked first,
     /// under the write lock, to make sure the bytes are there (false: nothing changes).
+    ///
+    /// When the link makes the blob count towards the storage used (no repository linked
+    /// it), `admit` is asked first with the bytes used and the blob's size.
     fn link_blob(
         &self,
         repo: &str,
         digest: &str,
         new_size: Option<u64>,
+        admit: Admit<'_>,
         content: &mut dyn FnMut() -> Result<bool, StoreError>,
     ) -> Result<bool, StoreError>;
     /// Link `digest` into `repo` if `from` has it (a cross-repository mount).
@@ -37,7 +41,13 @@ pub trait RegistryMeta: Send + Sync {
     /// Store a manifest (and its tag) after checking, in the same transaction, that every
     /// blob and child manifest it references is in the repository with the declared size.
     /// `events` go to the outbox in that transaction.
-    fn put_manifest(&self, m: &NewManifest, events: &[String]) -> Result<(), StoreError>;
+    /// A new manifest row is first offered to `admit` (bytes used, its size).
+    fn put_manifest(
+        &self,
+        m: &NewManifest,
+        events: &[String],
+        admit: Admit<'_>,
+    ) -> Result<(), StoreError>;
     fn get_manifest(
         &self,
         repo: &str,
@@ -99,6 +109,26 @@ pub trait RegistryMeta: Send + Sync {
     ) -> Result<GcReport, StoreError>;
     /// Everything fsck checks against the content, and the rows that point nowhere.
     fn audit(&self) -> Result<Audit, StoreError>;
+
+    /// Bytes stored: every blob some repository links, once, and every manifest row.
+    fn storage_used(&self) -> Result<u64, StoreError>;
+    /// The registry's settings (JSON; `None` before any were set).
+    fn properties(&self) -> Result<Option<String>, StoreError>;
+    /// Changes the settings in one transaction under the write lock: `change` gets the
+    /// current ones and the bytes stored and returns the new ones (or refuses).
+    fn set_properties(&self, change: ChangeProperties<'_>) -> Result<String, StoreError>;
+}
+
+/// Makes the new settings (JSON) from the current ones and the bytes stored, or refuses.
+pub type ChangeProperties<'a> = &'a mut dyn FnMut(Option<&str>, u64) -> Result<String, StoreError>;
+
+/// Asked before a change adds to the storage used: `(bytes used now, bytes it adds)`;
+/// an error refuses the change and nothing of it is written.
+pub type Admit<'a> = &'a dyn Fn(u64, u64) -> Result<(), StoreError>;
+
+/// Lets everything in (maintenance, tests).
+pub fn admit_all(_used: u64, _adds: u64) -> Result<(), StoreError> {
+    Ok(())
 }
 
 /// The metadata side of fsck.

@@ -25,7 +25,8 @@ use std::path::{Path, PathBuf};
 pub use blobs::{BlobStorage, BlobUpload, FsBlobs, Staged};
 pub use maint::{FsckIssue, FsckReport, GcReport, KeptByGrace};
 pub use meta::{
-    Audit, Descriptor, ManifestInfo, ManifestRow, NewManifest, Reference, RegistryMeta,
+    admit_all, Admit, Audit, Descriptor, ManifestInfo, ManifestRow, NewManifest, Reference,
+    RegistryMeta,
 };
 pub use sqlite::{configure as configure_sqlite, SqliteMeta};
 
@@ -56,6 +57,11 @@ pub enum StoreError {
     Poisoned,
     #[error("{0} is in use by another acr-task process serving it: use that registry (--registry HOST:PORT) or another --data")]
     InUse(PathBuf),
+    /// A tier's limit refused the change.
+    #[error(transparent)]
+    Limit(#[from] crate::tier::LimitError),
+    #[error("the registry's settings in its metadata are not readable ({0}): restore meta.db from a backup")]
+    Properties(String),
 }
 
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -74,6 +80,9 @@ pub struct Store {
     root: PathBuf,
     blobs: Box<dyn BlobStorage>,
     meta: Box<dyn RegistryMeta>,
+    /// The settings as last read, and when: re-read at most once a second, so a change
+    /// another process made (`registry update` on the files) applies within a second.
+    properties: std::sync::RwLock<Option<(std::time::Instant, crate::tier::Properties)>>,
     /// The serving process's lock on the data dir (`None` for maintenance opens).
     _owner: Option<fs::File>,
 }
@@ -101,6 +110,7 @@ impl Store {
             root: root.to_path_buf(),
             blobs: Box::new(FsBlobs::open(root)?),
             meta: Box::new(SqliteMeta::open(&root.join("meta.db"))?),
+            properties: std::sync::RwLock::new(None),
             _owner: owner,
         };
         if recover {
@@ -185,16 +195,22 @@ impl Store {
         upload: &dyn BlobUpload,
         digest: &str,
         size: u64,
+        admit: Admit<'_>,
     ) -> Result<(), StoreError> {
         upload.commit(digest)?;
         self.meta
-            .link_blob(repo, digest, Some(size), &mut || {
+            .link_blob(repo, digest, Some(size), admit, &mut || {
                 if !self.blobs.exists(digest) {
                     upload.commit(digest)?;
                 }
                 Ok(true)
             })
             .map(drop)
+    }
+
+    /// Size of a stored blob (in any repository).
+    pub fn blob_size(&self, digest: &str) -> Result<Option<u64>, StoreError> {
+        self.meta.blob_size(digest)
     }
 
     /// Size of a blob if it is linked to `repo`.
@@ -215,8 +231,63 @@ impl Store {
     /// Store a manifest (and its tag) after checking, in the same transaction, that every
     /// blob and child manifest it references is present in the repository. `events` go to
     /// the outbox in that transaction.
-    pub fn put_manifest(&self, m: &NewManifest, events: &[String]) -> Result<(), StoreError> {
-        self.meta.put_manifest(m, events)
+    pub fn put_manifest(
+        &self,
+        m: &NewManifest,
+        events: &[String],
+        admit: Admit<'_>,
+    ) -> Result<(), StoreError> {
+        self.meta.put_manifest(m, events, admit)
+    }
+
+    /// Bytes stored (every linked blob once, every manifest).
+    pub fn storage_used(&self) -> Result<u64, StoreError> {
+        self.meta.storage_used()
+    }
+
+    /// The registry's settings (a registry never set up is [`Properties::default`]).
+    ///
+    /// [`Properties::default`]: crate::tier::Properties
+    pub fn properties(&self) -> Result<crate::tier::Properties, StoreError> {
+        if let Some(p) = self.fresh_properties() {
+            return Ok(p);
+        }
+        let p = parse_properties(self.meta.properties()?.as_deref())?;
+        self.remember(&p);
+        Ok(p)
+    }
+
+    /// Changes the settings: `change` gets the current ones and the bytes stored, under
+    /// the write lock (so no push slips in between the check and the change).
+    pub fn update_properties(
+        &self,
+        mut change: impl FnMut(
+            &crate::tier::Properties,
+            u64,
+        ) -> Result<crate::tier::Properties, StoreError>,
+    ) -> Result<crate::tier::Properties, StoreError> {
+        let json = self.meta.set_properties(&mut |now, used| {
+            let next = change(&parse_properties(now)?, used)?;
+            serde_json::to_string(&next).map_err(|e| StoreError::Properties(e.to_string()))
+        })?;
+        let p = parse_properties(Some(&json))?;
+        self.remember(&p);
+        Ok(p)
+    }
+
+    /// The settings without touching the metadata, when they were read within the last
+    /// second (for async callers, which read them on a blocking thread otherwise).
+    pub fn fresh_properties(&self) -> Option<crate::tier::Properties> {
+        const FRESH: std::time::Duration = std::time::Duration::from_secs(1);
+        let g = self.properties.read().ok()?;
+        let (at, p) = g.as_ref()?;
+        (at.elapsed() < FRESH).then(|| p.clone())
+    }
+
+    fn remember(&self, p: &crate::tier::Properties) {
+        if let Ok(mut g) = self.properties.write() {
+            *g = Some((std::time::Instant::now(), p.clone()));
+        }
     }
 
     /// Outbox entries after `seq`, oldest first: `(seq, payload)`.
@@ -315,6 +386,13 @@ impl Store {
     fn recover(&self) -> Result<(), StoreError> {
         self.blobs
             .recover(&mut |digest| Ok(self.meta.blob_size(digest)?.is_some()))
+    }
+}
+
+fn parse_properties(json: Option<&str>) -> Result<crate::tier::Properties, StoreError> {
+    match json {
+        None => Ok(crate::tier::Properties::default()),
+        Some(j) => serde_json::from_str(j).map_err(|e| StoreError::Properties(e.to_string())),
     }
 }
 

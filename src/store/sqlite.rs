@@ -8,7 +8,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use super::meta::{Audit, Descriptor, ManifestInfo, ManifestRow, NewManifest, Reference};
+use super::meta::{Admit, Audit, Descriptor, ManifestInfo, ManifestRow, NewManifest, Reference};
 use super::{now, BlobStorage, FsckIssue, GcReport, KeptByGrace, RegistryMeta, StoreError};
 
 fn open_conn(path: &Path) -> Result<Connection, StoreError> {
@@ -26,8 +26,9 @@ pub fn configure(conn: &Connection) -> rusqlite::Result<()> {
 }
 
 /// The registry metadata's schema, one entry per version (see [`super::migrate`]).
-pub(crate) const MIGRATIONS: &[super::migrate::Migration] = &[super::migrate::Migration::Sql(
-    "CREATE TABLE IF NOT EXISTS repositories(
+pub(crate) const MIGRATIONS: &[super::migrate::Migration] = &[
+    super::migrate::Migration::Sql(
+        "CREATE TABLE IF NOT EXISTS repositories(
             name TEXT PRIMARY KEY, created INTEGER NOT NULL);
          CREATE TABLE IF NOT EXISTS blobs(
             digest TEXT PRIMARY KEY, size INTEGER NOT NULL, created INTEGER NOT NULL);
@@ -51,7 +52,31 @@ pub(crate) const MIGRATIONS: &[super::migrate::Migration] = &[super::migrate::Mi
          CREATE TABLE IF NOT EXISTS outbox(
             seq INTEGER PRIMARY KEY AUTOINCREMENT, created INTEGER NOT NULL,
             payload TEXT NOT NULL);",
-)];
+    ),
+    // The registry's settings (its tier) and its storage use, kept exact by triggers in
+    // the transaction of every change: a blob counts while any repository links it (so a
+    // delete frees room at once, before gc), a manifest while its row exists.
+    super::migrate::Migration::Sql(
+        "CREATE TABLE properties(id INTEGER PRIMARY KEY CHECK (id = 1), json TEXT NOT NULL);
+         CREATE TABLE usage(id INTEGER PRIMARY KEY CHECK (id = 1), bytes INTEGER NOT NULL);
+         INSERT INTO usage(id, bytes) SELECT 1,
+            (SELECT IFNULL(SUM(size), 0) FROM blobs
+              WHERE digest IN (SELECT digest FROM repo_blobs))
+          + (SELECT IFNULL(SUM(size), 0) FROM manifests);
+         CREATE TRIGGER usage_link AFTER INSERT ON repo_blobs
+          WHEN (SELECT COUNT(*) FROM repo_blobs WHERE digest = NEW.digest) = 1
+          BEGIN UPDATE usage SET bytes = bytes
+                + IFNULL((SELECT size FROM blobs WHERE digest = NEW.digest), 0); END;
+         CREATE TRIGGER usage_unlink AFTER DELETE ON repo_blobs
+          WHEN NOT EXISTS (SELECT 1 FROM repo_blobs WHERE digest = OLD.digest)
+          BEGIN UPDATE usage SET bytes = bytes
+                - IFNULL((SELECT size FROM blobs WHERE digest = OLD.digest), 0); END;
+         CREATE TRIGGER usage_manifest_add AFTER INSERT ON manifests
+          BEGIN UPDATE usage SET bytes = bytes + NEW.size; END;
+         CREATE TRIGGER usage_manifest_remove AFTER DELETE ON manifests
+          BEGIN UPDATE usage SET bytes = bytes - OLD.size; END;",
+    ),
+];
 
 /// Appends event payloads to the outbox inside the caller's transaction, so an event
 /// exists exactly when the change it describes does.
@@ -113,6 +138,22 @@ fn link_blob(conn: &Connection, repo: &str, digest: &str) -> Result<(), StoreErr
         params![repo, digest, now()],
     )?;
     Ok(())
+}
+
+fn linked_anywhere(conn: &Connection, digest: &str) -> Result<bool, StoreError> {
+    Ok(conn
+        .query_row(
+            "SELECT 1 FROM repo_blobs WHERE digest = ?1 LIMIT 1",
+            params![digest],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some())
+}
+
+fn storage_used(conn: &Connection) -> Result<u64, StoreError> {
+    let b: i64 = conn.query_row("SELECT bytes FROM usage WHERE id = 1", [], |r| r.get(0))?;
+    Ok(b.max(0) as u64)
 }
 
 fn blob_in_repo(conn: &Connection, repo: &str, digest: &str) -> Result<Option<u64>, StoreError> {
@@ -443,11 +484,19 @@ impl RegistryMeta for SqliteMeta {
         repo: &str,
         digest: &str,
         new_size: Option<u64>,
+        admit: Admit<'_>,
         content: &mut dyn FnMut() -> Result<bool, StoreError>,
     ) -> Result<bool, StoreError> {
         self.write(|tx| {
-            let known = blob_size(tx, digest)?.is_some();
-            if (!known && new_size.is_none()) || !content()? {
+            let known = blob_size(tx, digest)?;
+            let Some(size) = known.or(new_size) else {
+                return Ok(false);
+            };
+            if !linked_anywhere(tx, digest)? {
+                admit(storage_used(tx)?, size)?;
+            }
+            let known = known.is_some();
+            if !content()? {
                 return Ok(false);
             }
             if let (false, Some(size)) = (known, new_size) {
@@ -475,8 +524,16 @@ impl RegistryMeta for SqliteMeta {
         )? > 0)
     }
 
-    fn put_manifest(&self, m: &NewManifest, events: &[String]) -> Result<(), StoreError> {
+    fn put_manifest(
+        &self,
+        m: &NewManifest,
+        events: &[String],
+        admit: Admit<'_>,
+    ) -> Result<(), StoreError> {
         self.write(|tx| {
+            if manifest_size(tx, &m.repo, &m.digest)?.is_none() {
+                admit(storage_used(tx)?, m.content.len() as u64)?;
+            }
             put_manifest(tx, m)?;
             insert_outbox(tx, events)
         })
@@ -777,6 +834,35 @@ impl RegistryMeta for SqliteMeta {
             manifests,
             tags,
             dangling,
+        })
+    }
+
+    fn storage_used(&self) -> Result<u64, StoreError> {
+        storage_used(&*self.reader()?)
+    }
+
+    fn properties(&self) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .reader()?
+            .query_row("SELECT json FROM properties WHERE id = 1", [], |r| r.get(0))
+            .optional()?)
+    }
+
+    fn set_properties(
+        &self,
+        change: super::meta::ChangeProperties<'_>,
+    ) -> Result<String, StoreError> {
+        self.write(|tx| {
+            let now: Option<String> = tx
+                .query_row("SELECT json FROM properties WHERE id = 1", [], |r| r.get(0))
+                .optional()?;
+            let next = change(now.as_deref(), storage_used(tx)?)?;
+            tx.execute(
+                "INSERT INTO properties(id, json) VALUES (1, ?1)
+                 ON CONFLICT(id) DO UPDATE SET json = excluded.json",
+                params![next],
+            )?;
+            Ok(next)
         })
     }
 }

@@ -6,7 +6,7 @@ fn put_blob(store: &Store, repo: &str, data: &[u8]) -> String {
     let up = store.begin_upload().unwrap();
     up.write_at(data, 0).unwrap();
     store
-        .commit_blob(repo, up.as_ref(), &digest, data.len() as u64)
+        .commit_blob(repo, up.as_ref(), &digest, data.len() as u64, &admit_all)
         .unwrap();
     digest
 }
@@ -86,7 +86,7 @@ fn manifest_with_missing_blob_is_refused_and_gc_keeps_tagged_content() {
         b"{\"bad\":1}",
     );
     assert!(
-        matches!(store.put_manifest(&bad, &[]), Err(StoreError::MissingRef(m)) if m == missing)
+        matches!(store.put_manifest(&bad, &[], &admit_all), Err(StoreError::MissingRef(m)) if m == missing)
     );
     let mut lying = manifest(
         &store,
@@ -97,7 +97,7 @@ fn manifest_with_missing_blob_is_refused_and_gc_keeps_tagged_content() {
     );
     lying.blobs[0].size += 1;
     assert!(matches!(
-        store.put_manifest(&lying, &[]),
+        store.put_manifest(&lying, &[], &admit_all),
         Err(StoreError::SizeMismatch {
             declared: 6,
             actual: 5,
@@ -111,9 +111,9 @@ fn manifest_with_missing_blob_is_refused_and_gc_keeps_tagged_content() {
         Some("v1"),
         b"{\"good\":1}",
     );
-    store.put_manifest(&good, &[]).unwrap();
+    store.put_manifest(&good, &[], &admit_all).unwrap();
     let untagged = manifest(&store, "r", vec![layer.clone()], None, b"{\"untagged\":1}");
-    store.put_manifest(&untagged, &[]).unwrap();
+    store.put_manifest(&untagged, &[], &admit_all).unwrap();
 
     let dry = store.gc(-1, true).unwrap();
     assert_eq!(dry.blobs, vec![lonely.clone()]);
@@ -156,7 +156,7 @@ fn tags_and_repositories_paginate_in_order() {
             Some(t),
             format!("{{\"i\":{i}}}").as_bytes(),
         );
-        store.put_manifest(&m, &[]).unwrap();
+        store.put_manifest(&m, &[], &admit_all).unwrap();
     }
     assert_eq!(
         store.list_tags("r", Some(2), None).unwrap().unwrap(),
@@ -198,7 +198,9 @@ fn outbox_rows_commit_with_their_change_and_old_ones_are_pruned() {
     let store = Store::open(dir.path(), true).unwrap();
     assert_eq!(store.outbox_last().unwrap(), 0);
     let m = manifest(&store, "r", vec![], Some("v1"), b"{}");
-    store.put_manifest(&m, &["first".into()]).unwrap();
+    store
+        .put_manifest(&m, &["first".into()], &admit_all)
+        .unwrap();
     // A refused manifest leaves no event behind.
     let bad = manifest(
         &store,
@@ -207,7 +209,9 @@ fn outbox_rows_commit_with_their_change_and_old_ones_are_pruned() {
         Some("v2"),
         b"{\"x\":1}",
     );
-    assert!(store.put_manifest(&bad, &["never".into()]).is_err());
+    assert!(store
+        .put_manifest(&bad, &["never".into()], &admit_all)
+        .is_err());
     store
         .delete_tag("r", "v1", |d| vec![format!("deleted {d}")])
         .unwrap();
@@ -227,7 +231,9 @@ fn outbox_rows_commit_with_their_change_and_old_ones_are_pruned() {
     assert!(store.outbox_after(0, 10).unwrap().is_empty());
     // Sequence numbers never go back, even after a prune.
     let m2 = manifest(&store, "r", vec![], Some("v2"), b"{\"v\":2}");
-    store.put_manifest(&m2, &["third".into()]).unwrap();
+    store
+        .put_manifest(&m2, &["third".into()], &admit_all)
+        .unwrap();
     assert!(store.outbox_last().unwrap() > rows[1].0);
 }
 
@@ -247,11 +253,15 @@ fn every_meta_backend_links_a_blob_only_when_its_content_is_there() {
         let d = format!("sha256:{}", "a".repeat(64));
         // No row and no size: nothing to link; content gone: nothing changes.
         assert!(
-            !meta.link_blob("r", &d, None, &mut || Ok(true)).unwrap(),
+            !meta
+                .link_blob("r", &d, None, &admit_all, &mut || Ok(true))
+                .unwrap(),
             "{name}"
         );
         assert!(
-            !meta.link_blob("r", &d, Some(3), &mut || Ok(false)).unwrap(),
+            !meta
+                .link_blob("r", &d, Some(3), &admit_all, &mut || Ok(false))
+                .unwrap(),
             "{name}"
         );
         assert_eq!(meta.blob_size(&d).unwrap(), None, "{name}");
@@ -259,7 +269,7 @@ fn every_meta_backend_links_a_blob_only_when_its_content_is_there() {
         // The content check runs inside the call (under the write lock), once.
         let mut asked = 0;
         assert!(meta
-            .link_blob("r", &d, Some(3), &mut || {
+            .link_blob("r", &d, Some(3), &admit_all, &mut || {
                 asked += 1;
                 Ok(true)
             })
@@ -267,7 +277,9 @@ fn every_meta_backend_links_a_blob_only_when_its_content_is_there() {
         assert_eq!(asked, 1, "{name}");
         assert_eq!(meta.blob_in_repo("r", &d).unwrap(), Some(3), "{name}");
         // An existing row keeps its size; a second repository links it without one.
-        assert!(meta.link_blob("s", &d, None, &mut || Ok(true)).unwrap());
+        assert!(meta
+            .link_blob("s", &d, None, &admit_all, &mut || Ok(true))
+            .unwrap());
         assert_eq!(meta.blob_in_repo("s", &d).unwrap(), Some(3), "{name}");
         assert!(meta.mount_blob("t", "s", &d).unwrap(), "{name}");
         assert!(!meta.mount_blob("u", "nowhere", &d).unwrap(), "{name}");
@@ -299,10 +311,10 @@ fn every_meta_backend_writes_delete_events_with_the_delete() {
             children: vec![],
             tag: Some("v1".into()),
         };
-        meta.put_manifest(&m, &["push".into()]).unwrap();
+        meta.put_manifest(&m, &["push".into()], &admit_all).unwrap();
         let mut tagged = m.clone();
         tagged.tag = Some("v2".into());
-        meta.put_manifest(&tagged, &[]).unwrap();
+        meta.put_manifest(&tagged, &[], &admit_all).unwrap();
         let (row, tags) = meta
             .delete_manifest("r", &digest, &mut |row, tags| {
                 tags.iter().map(|t| format!("{}:{t}", row.digest)).collect()
@@ -341,4 +353,121 @@ fn every_meta_backend_writes_delete_events_with_the_delete() {
         assert!(meta.delete_repository("r").unwrap(), "{name}");
         assert_eq!(meta.list_manifests("r").unwrap(), None, "{name}");
     }
+}
+
+#[test]
+fn every_meta_backend_counts_storage_as_repositories_link_it() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, meta) in meta_backends(dir.path()) {
+        let d = format!("sha256:{}", "b".repeat(64));
+        let yes = || -> Result<bool, StoreError> { Ok(true) };
+        assert_eq!(meta.storage_used().unwrap(), 0, "{name}");
+        assert!(meta
+            .link_blob("r", &d, Some(1000), &admit_all, &mut { yes })
+            .unwrap());
+        assert_eq!(meta.storage_used().unwrap(), 1000, "{name}");
+        // A second repository's link costs nothing, and is not asked about.
+        let never = |_: u64, _: u64| -> Result<(), StoreError> { panic!("asked") };
+        assert!(meta.link_blob("s", &d, None, &never, &mut { yes }).unwrap());
+        assert!(meta.mount_blob("t", "s", &d).unwrap());
+        assert_eq!(meta.storage_used().unwrap(), 1000, "{name}");
+        // A refusal writes nothing.
+        let full = |used: u64, adds: u64| -> Result<(), StoreError> {
+            Err(StoreError::Properties(format!("{used}+{adds}")))
+        };
+        let e = format!("sha256:{}", "c".repeat(64));
+        let r = meta.link_blob("r", &e, Some(5), &full, &mut { yes });
+        assert!(
+            matches!(r, Err(StoreError::Properties(m)) if m == "1000+5"),
+            "{name}"
+        );
+        assert_eq!(meta.blob_size(&e).unwrap(), None, "{name}");
+        let m = NewManifest {
+            repo: "r".into(),
+            digest: format!("sha256:{}", "d".repeat(64)),
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            artifact_type: None,
+            subject: None,
+            content: vec![b'x'; 24],
+            blobs: vec![Descriptor {
+                digest: d.clone(),
+                size: 1000,
+            }],
+            children: vec![],
+            tag: Some("v1".into()),
+        };
+        assert!(meta.put_manifest(&m, &[], &full).is_err(), "{name}");
+        assert_eq!(
+            meta.list_tags("r", None, None).unwrap(),
+            Some(vec![]),
+            "{name}"
+        );
+        meta.put_manifest(&m, &[], &admit_all).unwrap();
+        assert_eq!(meta.storage_used().unwrap(), 1024, "{name}");
+        // The blob counts until its last link goes; the manifest until its row does.
+        for repo in ["r", "s", "t"] {
+            meta.unlink_blob(repo, &d).unwrap();
+        }
+        assert_eq!(meta.storage_used().unwrap(), 24, "{name}");
+        meta.delete_manifest("r", &m.digest, &mut |_, _| vec![])
+            .unwrap();
+        assert_eq!(meta.storage_used().unwrap(), 0, "{name}");
+    }
+}
+
+#[test]
+fn every_meta_backend_keeps_properties_and_changes_them_under_the_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, meta) in meta_backends(dir.path()) {
+        assert_eq!(meta.properties().unwrap(), None, "{name}");
+        let set = meta
+            .set_properties(&mut |now, used| {
+                assert_eq!((now, used), (None, 0));
+                Ok("{\"sku\":\"Basic\"}".into())
+            })
+            .unwrap();
+        assert_eq!(meta.properties().unwrap().as_deref(), Some(set.as_str()));
+        let refused = meta.set_properties(&mut |_, _| Err(StoreError::Properties("no".into())));
+        assert!(refused.is_err(), "{name}");
+        assert_eq!(meta.properties().unwrap(), Some(set), "{name}: unchanged");
+    }
+}
+
+#[test]
+fn the_storage_limit_refuses_a_blob_and_leaves_nothing_visible() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), true).unwrap();
+    let small = crate::tier::Overrides {
+        storage_bytes: Some(crate::tier::Override::Count(10)),
+        ..Default::default()
+    };
+    let p = store
+        .update_properties(|p, used| Ok(p.change(Some(crate::tier::Sku::Basic), &small, used)?))
+        .unwrap();
+    assert_eq!(p.limits().storage_bytes, Some(10));
+    put_blob(&store, "r", b"12345678");
+    let data = b"too much";
+    let digest = format!("sha256:{}", hex::encode(Sha256::digest(data)));
+    let up = store.begin_upload().unwrap();
+    up.write_at(data, 0).unwrap();
+    let admit = |used: u64, adds: u64| Ok(p.check_storage(used, adds)?);
+    let e = store
+        .commit_blob("r", up.as_ref(), &digest, 8, &admit)
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("storage limit is 10 B (Basic)"),
+        "{e}"
+    );
+    assert_eq!(store.blob_in_repo("r", &digest).unwrap(), None);
+    // A tier too small for what is stored is refused, and nothing changes.
+    let tiny = crate::tier::Overrides {
+        storage_bytes: Some(crate::tier::Override::Count(4)),
+        ..Default::default()
+    };
+    let r = store.update_properties(|p, used| Ok(p.change(None, &tiny, used)?));
+    assert!(matches!(
+        r,
+        Err(StoreError::Limit(crate::tier::LimitError::TooSmall { .. }))
+    ));
+    assert_eq!(store.properties().unwrap(), p);
 }

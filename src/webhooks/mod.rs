@@ -45,6 +45,9 @@ pub enum WebhookError {
     Join(#[from] tokio::task::JoinError),
     #[error("reading registry events: {0}")]
     Registry(#[from] crate::registry::RegistryError),
+    /// The registry's tier allows no more.
+    #[error(transparent)]
+    Limit(#[from] crate::tier::LimitError),
 }
 
 /// `sha256=<hex>` of HMAC-SHA256(secret, body).
@@ -532,10 +535,13 @@ mod tests {
     fn intake_queues_each_event_once_and_moves_the_cursor() {
         let d = tempfile::tempdir().unwrap();
         for (name, s) in backends(d.path()) {
-            s.create(&NewWebhook {
-                allow_private: true,
-                ..NewWebhook::new("h", "http://127.0.0.1:9/", &["push".into()])
-            })
+            s.create(
+                &NewWebhook {
+                    allow_private: true,
+                    ..NewWebhook::new("h", "http://127.0.0.1:9/", &["push".into()])
+                },
+                &Default::default(),
+            )
             .unwrap();
             assert_eq!(s.cursor().unwrap(), None, "{name}");
             let item = |e: &str| store::IntakeItem {
@@ -568,29 +574,41 @@ mod tests {
     }
 
     fn queue_states(s: &WebhookStore) {
-        s.create(&NewWebhook {
-            allow_private: true,
-            ..NewWebhook::new("h", "http://127.0.0.1:9/", &["push".into()])
-        })
-        .unwrap();
-        assert!(matches!(
-            s.create(&NewWebhook {
+        s.create(
+            &NewWebhook {
                 allow_private: true,
                 ..NewWebhook::new("h", "http://127.0.0.1:9/", &["push".into()])
-            }),
+            },
+            &Default::default(),
+        )
+        .unwrap();
+        assert!(matches!(
+            s.create(
+                &NewWebhook {
+                    allow_private: true,
+                    ..NewWebhook::new("h", "http://127.0.0.1:9/", &["push".into()])
+                },
+                &Default::default()
+            ),
             Err(WebhookError::Exists(_))
         ));
         assert!(s
-            .create(&NewWebhook {
-                allow_private: true,
-                ..NewWebhook::new("bad", "ftp://x/", &["push".into()])
-            })
+            .create(
+                &NewWebhook {
+                    allow_private: true,
+                    ..NewWebhook::new("bad", "ftp://x/", &["push".into()])
+                },
+                &Default::default()
+            )
             .is_err());
         assert!(s
-            .create(&NewWebhook {
-                allow_private: true,
-                ..NewWebhook::new("bad", "http://x/", &["pull".into()])
-            })
+            .create(
+                &NewWebhook {
+                    allow_private: true,
+                    ..NewWebhook::new("bad", "http://x/", &["pull".into()])
+                },
+                &Default::default()
+            )
             .is_err());
         let a = s.enqueue("h", "e1", "push", "{}", true).unwrap();
         let held = s.enqueue("h", "e2", "ping", "{}", false).unwrap();

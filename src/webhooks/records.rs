@@ -12,8 +12,8 @@ pub trait WebhookRecords: Send + Sync {
     /// Where the records live, for messages (a file, a database).
     fn location(&self) -> String;
 
-    /// Adds a webhook; false when one of that name exists.
-    fn insert(&self, hook: &Webhook) -> Result<bool, WebhookError>;
+    /// Adds a webhook unless one of that name, or `max` of them, exist.
+    fn insert(&self, hook: &Webhook, max: Option<u64>) -> Result<Insert, WebhookError>;
     /// Deletes a webhook with its deliveries; false when there was none.
     fn delete(&self, name: &str) -> Result<bool, WebhookError>;
     fn get(&self, name: &str) -> Result<Option<Webhook>, WebhookError>;
@@ -36,6 +36,15 @@ pub trait WebhookRecords: Send + Sync {
     fn record_attempt(&self, id: &str, attempt: &Attempt<'_>) -> Result<(), WebhookError>;
     /// A webhook's deliveries, newest first.
     fn history(&self, webhook: &str, limit: u32) -> Result<Vec<Delivery>, WebhookError>;
+}
+
+/// What an insert did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Insert {
+    Done,
+    Exists,
+    /// `max` exist already (how many there are).
+    Full(u64),
 }
 
 /// The outcome of one delivery attempt, as stored.

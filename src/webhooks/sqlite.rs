@@ -7,7 +7,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::records::{Attempt, WebhookRecords};
+use super::records::{Attempt, Insert, WebhookRecords};
 use super::store::{Delivery, IntakeItem, Webhook, WebhookInfo};
 use super::WebhookError;
 
@@ -113,11 +113,28 @@ impl WebhookRecords for SqliteWebhooks {
         self.path.display().to_string()
     }
 
-    fn insert(&self, hook: &Webhook) -> Result<bool, WebhookError> {
+    fn insert(&self, hook: &Webhook, max: Option<u64>) -> Result<Insert, WebhookError> {
         let i = &hook.info;
         let headers = serde_json::to_string(&hook.headers)
             .map_err(|e| WebhookError::Invalid(e.to_string()))?;
-        let n = self.conn()?.execute(
+        let mut c = self.conn()?;
+        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        if let Some(max) = max {
+            let n: i64 = tx.query_row("SELECT COUNT(*) FROM webhooks", [], |r| r.get(0))?;
+            let n = n.max(0) as u64;
+            let named = tx
+                .query_row(
+                    "SELECT 1 FROM webhooks WHERE name = ?1",
+                    params![i.name],
+                    |_| Ok(()),
+                )
+                .optional()?
+                .is_some();
+            if !named && n >= max {
+                return Ok(Insert::Full(n));
+            }
+        }
+        let n = tx.execute(
             "INSERT OR IGNORE INTO webhooks(name, uri, actions, scope, headers, secret, created,
                                             allow_private)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -132,7 +149,8 @@ impl WebhookRecords for SqliteWebhooks {
                 i.allow_private
             ],
         )?;
-        Ok(n == 1)
+        tx.commit()?;
+        Ok(if n == 1 { Insert::Done } else { Insert::Exists })
     }
 
     fn delete(&self, name: &str) -> Result<bool, WebhookError> {

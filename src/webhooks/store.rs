@@ -124,7 +124,12 @@ impl WebhookStore {
         self.records.location()
     }
 
-    pub fn create(&self, new: &NewWebhook<'_>) -> Result<WebhookInfo, WebhookError> {
+    /// Adds a webhook, within the number the registry's `tier` allows.
+    pub fn create(
+        &self,
+        new: &NewWebhook<'_>,
+        tier: &crate::tier::Properties,
+    ) -> Result<WebhookInfo, WebhookError> {
         let NewWebhook {
             name,
             uri,
@@ -183,8 +188,19 @@ impl WebhookStore {
             headers: headers.clone(),
             secret: secret.map(str::to_string),
         };
-        if !self.records.insert(&hook)? {
-            return Err(WebhookError::Exists(name.to_string()));
+        use super::records::Insert;
+        match self.records.insert(&hook, tier.limits().webhooks)? {
+            Insert::Done => {}
+            Insert::Exists => return Err(WebhookError::Exists(name.to_string())),
+            Insert::Full(n) => {
+                return Err(tier
+                    .check_count(crate::tier::Counted::Webhooks, n)
+                    .err()
+                    .map_or_else(
+                        || WebhookError::Invalid("the tier's webhook limit was reached".into()),
+                        WebhookError::Limit,
+                    ))
+            }
         }
         self.get(name)?
             .map(|w| w.info)

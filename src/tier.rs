@@ -1,0 +1,560 @@
+//! Registry tiers (ACR's SKUs) and their limits, as plain data: what each tier allows, the
+//! operator's overrides, and the checks that compare a use against a limit. No I/O: the
+//! store keeps a registry's [`Properties`], the registry's service layer and the
+//! management paths enforce what [`Limits`] says.
+//!
+//! The figures are ACR's published ones (Azure Container Registry service tiers):
+//! included storage 10/100/500 GiB, 1,000/3,000/10,000 read and 100/500/2,000 write
+//! operations a minute, 2/10/500 webhooks, 100/500/50,000 tokens and scope maps;
+//! geo-replication, content trust and customer-managed keys on Premium only. Here the
+//! included storage is the limit: there is no bill to grow, so running out is what the
+//! operator should hear about (`--storage-limit` moves it).
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// A registry's service tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Sku {
+    /// Storage the customer owns, in the distribution layout; upgraded one way only.
+    Classic,
+    Basic,
+    Standard,
+    Premium,
+}
+
+impl Sku {
+    pub const MANAGED: [Sku; 3] = [Sku::Basic, Sku::Standard, Sku::Premium];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Sku::Classic => "Classic",
+            Sku::Basic => "Basic",
+            Sku::Standard => "Standard",
+            Sku::Premium => "Premium",
+        }
+    }
+
+    /// The tier's own limits, before any override.
+    pub fn limits(self) -> Limits {
+        const GIB: u64 = 1 << 30;
+        let (storage, read, write, webhooks, identities) = match self {
+            // Classic's storage is the customer's own: no included amount to run out of.
+            Sku::Classic => (None, 1_000, 100, 0, 0),
+            Sku::Basic => (Some(10 * GIB), 1_000, 100, 2, 100),
+            Sku::Standard => (Some(100 * GIB), 3_000, 500, 10, 500),
+            Sku::Premium => (Some(500 * GIB), 10_000, 2_000, 500, 50_000),
+        };
+        let premium = self == Sku::Premium;
+        Limits {
+            storage_bytes: storage,
+            read_ops_per_minute: Some(read),
+            write_ops_per_minute: Some(write),
+            webhooks: Some(webhooks),
+            tokens: Some(identities),
+            scope_maps: Some(identities),
+            // ACR names no number for Premium's replications: a region each, as needed.
+            replications: if premium { None } else { Some(0) },
+            geo_replication: premium,
+            content_trust: premium,
+            customer_managed_keys: premium,
+            anonymous_pull: matches!(self, Sku::Standard | Sku::Premium),
+        }
+    }
+}
+
+impl fmt::Display for Sku {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Sku {
+    type Err = String;
+
+    /// Case-insensitive, as `az acr --sku` reads it.
+    fn from_str(s: &str) -> Result<Sku, String> {
+        [Sku::Classic, Sku::Basic, Sku::Standard, Sku::Premium]
+            .into_iter()
+            .find(|k| k.as_str().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| format!("unknown tier {s:?}: use Basic, Standard or Premium"))
+    }
+}
+
+/// What a registry may hold and do. `None` is unlimited.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Limits {
+    pub storage_bytes: Option<u64>,
+    pub read_ops_per_minute: Option<u64>,
+    pub write_ops_per_minute: Option<u64>,
+    pub webhooks: Option<u64>,
+    pub tokens: Option<u64>,
+    pub scope_maps: Option<u64>,
+    pub replications: Option<u64>,
+    pub geo_replication: bool,
+    pub content_trust: bool,
+    pub customer_managed_keys: bool,
+    pub anonymous_pull: bool,
+}
+
+/// An operator's setting of one limit: a number, or none at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Override {
+    Count(u64),
+    /// Kept as the word, so a template or `-o json` reads as it was set.
+    Unlimited(Unlimited),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Unlimited {
+    Unlimited,
+}
+
+impl Override {
+    fn value(self) -> Option<u64> {
+        match self {
+            Override::Count(n) => Some(n),
+            Override::Unlimited(_) => None,
+        }
+    }
+}
+
+/// The operator's overrides of a tier's limits (`registry update --storage-limit ...`).
+/// An absent field keeps the tier's figure; they survive a change of tier.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Overrides {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_bytes: Option<Override>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_ops_per_minute: Option<Override>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_ops_per_minute: Option<Override>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhooks: Option<Override>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<Override>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope_maps: Option<Override>,
+}
+
+impl Overrides {
+    /// `other`'s settings over these (a field `other` leaves out stays).
+    pub fn merge(&mut self, other: &Overrides) {
+        let pairs = [
+            (&mut self.storage_bytes, other.storage_bytes),
+            (&mut self.read_ops_per_minute, other.read_ops_per_minute),
+            (&mut self.write_ops_per_minute, other.write_ops_per_minute),
+            (&mut self.webhooks, other.webhooks),
+            (&mut self.tokens, other.tokens),
+            (&mut self.scope_maps, other.scope_maps),
+        ];
+        for (mine, theirs) in pairs {
+            if theirs.is_some() {
+                *mine = theirs;
+            }
+        }
+    }
+}
+
+/// A registry's settings as the store keeps them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Properties {
+    pub sku: Sku,
+    #[serde(default)]
+    pub overrides: Overrides,
+}
+
+impl Default for Properties {
+    /// A registry made without a tier is Premium: every feature, the largest limits.
+    fn default() -> Self {
+        Properties {
+            sku: Sku::Premium,
+            overrides: Overrides::default(),
+        }
+    }
+}
+
+impl Properties {
+    /// The tier's limits with the overrides applied.
+    pub fn limits(&self) -> Limits {
+        let mut l = self.sku.limits();
+        let o = &self.overrides;
+        let pairs = [
+            (&mut l.storage_bytes, o.storage_bytes),
+            (&mut l.read_ops_per_minute, o.read_ops_per_minute),
+            (&mut l.write_ops_per_minute, o.write_ops_per_minute),
+            (&mut l.webhooks, o.webhooks),
+            (&mut l.tokens, o.tokens),
+            (&mut l.scope_maps, o.scope_maps),
+        ];
+        for (limit, set) in pairs {
+            if let Some(v) = set {
+                *limit = v.value();
+            }
+        }
+        l
+    }
+}
+
+/// A refused change, in the user's words.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LimitError {
+    #[error(
+        "the registry's storage limit is {limit} ({sku}) and {used} is stored: this needs {needed} \
+         more. Delete images you no longer need (`acr-task repository delete`), or raise the \
+         limit (`acr-task registry update --sku <higher tier>` or `--storage-limit SIZE`)",
+        limit = human(*limit), used = human(*used), needed = human(*needed)
+    )]
+    Storage {
+        sku: Sku,
+        limit: u64,
+        used: u64,
+        needed: u64,
+    },
+    #[error(
+        "the {sku} tier allows {limit} {what} and the registry has {current}: delete one, or \
+         change the tier (`acr-task registry update --sku <higher tier>`) or the limit \
+         (`acr-task registry update --{flag}-limit N`)"
+    )]
+    Count {
+        sku: Sku,
+        what: &'static str,
+        flag: &'static str,
+        limit: u64,
+        current: u64,
+    },
+    #[error("{what} needs the Premium tier (this registry is {sku}): `acr-task registry update --sku Premium`")]
+    Feature { sku: Sku, what: &'static str },
+    #[error(
+        "{to} allows {limit} of storage but {used} is stored: delete images first \
+         (`acr-task repository delete`, then `acr-task registry gc`), or choose a larger \
+         tier or `--storage-limit`",
+        limit = human(*limit), used = human(*used)
+    )]
+    TooSmall { to: Sku, limit: u64, used: u64 },
+    #[error("a {from} registry cannot become Classic: the move to a managed tier is one-way")]
+    BackToClassic { from: Sku },
+}
+
+/// Countable things a tier limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counted {
+    Webhooks,
+    Tokens,
+    ScopeMaps,
+    Replications,
+}
+
+impl Counted {
+    fn words(self) -> (&'static str, &'static str) {
+        match self {
+            Counted::Webhooks => ("webhooks", "webhook"),
+            Counted::Tokens => ("tokens", "token"),
+            Counted::ScopeMaps => ("scope maps", "scope-map"),
+            Counted::Replications => ("replications", "replication"),
+        }
+    }
+}
+
+impl Properties {
+    /// Whether `extra` more bytes fit beside `used`.
+    pub fn check_storage(&self, used: u64, extra: u64) -> Result<(), LimitError> {
+        match self.limits().storage_bytes {
+            Some(limit) if used.saturating_add(extra) > limit => Err(LimitError::Storage {
+                sku: self.sku,
+                limit,
+                used,
+                needed: extra,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether one more of `what` may be made, `current` existing.
+    pub fn check_count(&self, what: Counted, current: u64) -> Result<(), LimitError> {
+        let l = self.limits();
+        let limit = match what {
+            Counted::Webhooks => l.webhooks,
+            Counted::Tokens => l.tokens,
+            Counted::ScopeMaps => l.scope_maps,
+            Counted::Replications => l.replications,
+        };
+        match limit {
+            Some(limit) if current >= limit => {
+                let (what, flag) = what.words();
+                Err(LimitError::Count {
+                    sku: self.sku,
+                    what,
+                    flag,
+                    limit,
+                    current,
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// These properties changed to `to` and `overrides`, checked against what is stored:
+    /// never back to Classic, never below what is stored. (Leaving Classic starts its
+    /// migration; the caller owns that.)
+    pub fn change(
+        &self,
+        to: Option<Sku>,
+        overrides: &Overrides,
+        used: u64,
+    ) -> Result<Properties, LimitError> {
+        let sku = to.unwrap_or(self.sku);
+        if sku == Sku::Classic && self.sku != Sku::Classic {
+            return Err(LimitError::BackToClassic { from: self.sku });
+        }
+        let mut next = Properties {
+            sku,
+            overrides: self.overrides.clone(),
+        };
+        next.overrides.merge(overrides);
+        if let Some(limit) = next.limits().storage_bytes {
+            if used > limit {
+                return Err(LimitError::TooSmall {
+                    to: sku,
+                    limit,
+                    used,
+                });
+            }
+        }
+        Ok(next)
+    }
+}
+
+/// One line of `registry show-usage`, as `az acr show-usage` prints it. A limit of -1
+/// is none.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Usage {
+    pub name: String,
+    pub limit: i64,
+    pub current_value: u64,
+    pub unit: String,
+}
+
+impl Usage {
+    pub fn new(name: &str, limit: Option<u64>, current: u64, unit: &str) -> Usage {
+        Usage {
+            name: name.to_string(),
+            limit: limit.map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX)),
+            current_value: current,
+            unit: unit.to_string(),
+        }
+    }
+}
+
+/// What a registry holds now, for [`usage`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub storage_bytes: u64,
+    pub webhooks: u64,
+    pub tokens: u64,
+    pub scope_maps: u64,
+    pub replications: u64,
+}
+
+/// Each limit against its current use.
+pub fn usage(limits: &Limits, now: &Counts) -> Vec<Usage> {
+    vec![
+        Usage::new("Size", limits.storage_bytes, now.storage_bytes, "Bytes"),
+        Usage::new("Webhooks", limits.webhooks, now.webhooks, "Count"),
+        Usage::new(
+            "Geo-replications",
+            limits.replications,
+            now.replications,
+            "Count",
+        ),
+        Usage::new("ScopeMaps", limits.scope_maps, now.scope_maps, "Count"),
+        Usage::new("Tokens", limits.tokens, now.tokens, "Count"),
+    ]
+}
+
+/// A byte count as people read it: `9.5 GiB`, `512 MiB`, `0 B`.
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 || v.fract() == 0.0 {
+        format!("{} {}", v as u64, UNITS[unit])
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiers_carry_acrs_figures() {
+        let b = Sku::Basic.limits();
+        assert_eq!(b.storage_bytes, Some(10 << 30));
+        assert_eq!(
+            (b.read_ops_per_minute, b.write_ops_per_minute),
+            (Some(1000), Some(100))
+        );
+        assert_eq!((b.webhooks, b.tokens), (Some(2), Some(100)));
+        assert!(!b.geo_replication && !b.content_trust && !b.anonymous_pull);
+        let s = Sku::Standard.limits();
+        assert_eq!((s.storage_bytes, s.webhooks), (Some(100 << 30), Some(10)));
+        assert!(s.anonymous_pull && !s.content_trust);
+        let p = Sku::Premium.limits();
+        assert_eq!(p.storage_bytes, Some(500 << 30));
+        assert_eq!(p.write_ops_per_minute, Some(2000));
+        assert!(p.geo_replication && p.content_trust && p.customer_managed_keys);
+        let c = Sku::Classic.limits();
+        assert_eq!(
+            (c.webhooks, c.tokens, c.replications),
+            (Some(0), Some(0), Some(0))
+        );
+    }
+
+    #[test]
+    fn names_read_as_az_reads_them() {
+        assert_eq!("standard".parse::<Sku>(), Ok(Sku::Standard));
+        assert_eq!(" PREMIUM ".parse::<Sku>(), Ok(Sku::Premium));
+        assert!("gold"
+            .parse::<Sku>()
+            .unwrap_err()
+            .contains("Basic, Standard or Premium"));
+    }
+
+    #[test]
+    fn overrides_win_and_survive_a_tier_change() {
+        let p = Properties::default();
+        let o = Overrides {
+            storage_bytes: Some(Override::Count(200 << 30)),
+            write_ops_per_minute: Some(Override::Unlimited(Unlimited::Unlimited)),
+            ..Overrides::default()
+        };
+        let p = p.change(Some(Sku::Basic), &o, 0).unwrap();
+        assert_eq!(p.limits().storage_bytes, Some(200 << 30));
+        assert_eq!(p.limits().write_ops_per_minute, None);
+        assert_eq!(p.limits().webhooks, Some(2), "the tier's own figure stays");
+        let p = p
+            .change(Some(Sku::Standard), &Overrides::default(), 0)
+            .unwrap();
+        assert_eq!(p.limits().storage_bytes, Some(200 << 30));
+        // The JSON keeps `unlimited` as the word.
+        let json = serde_json::to_string(&p).unwrap();
+        assert!(
+            json.contains(r#""writeOpsPerMinute":"unlimited""#),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<Properties>(&json).unwrap(), p);
+    }
+
+    #[test]
+    fn storage_is_checked_with_the_sizes_in_the_message() {
+        let p = Properties {
+            sku: Sku::Basic,
+            overrides: Overrides::default(),
+        };
+        assert!(
+            p.check_storage(10 << 30, 0).is_ok(),
+            "exactly full is allowed"
+        );
+        let e = p.check_storage((10 << 30) - 100, 1 << 20).unwrap_err();
+        let m = e.to_string();
+        assert!(
+            m.contains("10 GiB (Basic)") && m.contains("1 MiB more"),
+            "{m}"
+        );
+        assert!(
+            m.contains("repository delete") && m.contains("--sku"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn a_smaller_tier_is_refused_before_anything_changes() {
+        let p = Properties::default();
+        let e = p
+            .change(Some(Sku::Basic), &Overrides::default(), 11 << 30)
+            .unwrap_err();
+        assert_eq!(
+            e,
+            LimitError::TooSmall {
+                to: Sku::Basic,
+                limit: 10 << 30,
+                used: 11 << 30
+            }
+        );
+        assert!(e
+            .to_string()
+            .contains("10 GiB of storage but 11 GiB is stored"));
+        assert!(p
+            .change(Some(Sku::Standard), &Overrides::default(), 11 << 30)
+            .is_ok());
+    }
+
+    #[test]
+    fn classic_is_one_way() {
+        let e = Properties::default()
+            .change(Some(Sku::Classic), &Overrides::default(), 0)
+            .unwrap_err();
+        assert!(e.to_string().contains("one-way"), "{e}");
+        let classic = Properties {
+            sku: Sku::Classic,
+            overrides: Overrides::default(),
+        };
+        assert!(classic
+            .change(Some(Sku::Basic), &Overrides::default(), 0)
+            .is_ok());
+    }
+
+    #[test]
+    fn counts_stop_at_the_limit() {
+        let p = Properties {
+            sku: Sku::Basic,
+            overrides: Overrides::default(),
+        };
+        assert!(p.check_count(Counted::Webhooks, 1).is_ok());
+        let m = p.check_count(Counted::Webhooks, 2).unwrap_err().to_string();
+        assert!(m.contains("Basic tier allows 2 webhooks"), "{m}");
+        assert!(m.contains("--webhook-limit"), "{m}");
+        assert!(p.check_count(Counted::Replications, 0).is_err());
+        assert!(Properties::default()
+            .check_count(Counted::Replications, 9)
+            .is_ok());
+    }
+
+    #[test]
+    fn usage_reads_as_az_prints_it() {
+        let u = usage(
+            &Sku::Basic.limits(),
+            &Counts {
+                storage_bytes: 42,
+                webhooks: 1,
+                ..Counts::default()
+            },
+        );
+        assert_eq!(u[0], Usage::new("Size", Some(10 << 30), 42, "Bytes"));
+        assert_eq!(u[1].limit, 2);
+        let p = usage(&Sku::Premium.limits(), &Counts::default());
+        assert_eq!(p[2].limit, -1, "Premium's replications have no number");
+        let json = serde_json::to_value(&u[0]).unwrap();
+        assert_eq!(json["currentValue"], 42);
+    }
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human(0), "0 B");
+        assert_eq!(human(10 << 30), "10 GiB");
+        assert_eq!(human(1536 << 20), "1.5 GiB");
+    }
+}
