@@ -168,15 +168,100 @@ pub struct Properties {
     pub sku: Sku,
     #[serde(default)]
     pub overrides: Overrides,
+    /// The Classic storage this registry serves (or served, before its upgrade).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classic: Option<Classic>,
 }
 
 impl Default for Properties {
     /// A registry made without a tier is Premium: every feature, the largest limits.
     fn default() -> Self {
+        Properties::new(Sku::Premium)
+    }
+}
+
+/// A Classic registry's storage: a directory in the CNCF distribution layout, which the
+/// customer owns; and its one-way upgrade to a managed tier, once asked for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Classic {
+    pub storage: std::path::PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade: Option<Upgrade>,
+}
+
+/// The copy of a Classic registry into managed storage. While it runs the registry stays
+/// Classic (pulls served from the Classic directory, pushes refused); when everything is
+/// copied and verified the tier becomes `to` in one change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Upgrade {
+    pub to: Sku,
+    /// Unix seconds.
+    #[serde(with = "crate::timefmt::secs")]
+    pub started: i64,
+    #[serde(
+        default,
+        with = "crate::timefmt::opt_secs",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub finished: Option<i64>,
+    #[serde(default)]
+    pub progress: Progress,
+    /// Why the last attempt stopped (it is retried; the message says what to fix).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// How far an upgrade is: objects are blobs and manifests (with their tags).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Progress {
+    pub objects_total: u64,
+    pub objects_done: u64,
+    pub bytes_total: u64,
+    pub bytes_done: u64,
+    /// Bytes actually copied (the rest of `bytes_done` was found already there: a resumed
+    /// upgrade copies nothing twice).
+    pub bytes_copied: u64,
+    /// Over the current attempt.
+    pub bytes_per_second: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_seconds: Option<u64>,
+}
+
+impl Properties {
+    /// A tier with no overrides.
+    pub fn new(sku: Sku) -> Properties {
         Properties {
-            sku: Sku::Premium,
+            sku,
             overrides: Overrides::default(),
+            classic: None,
         }
+    }
+
+    /// The upgrade under way, if one is.
+    pub fn upgrading(&self) -> Option<&Upgrade> {
+        match (&self.sku, &self.classic) {
+            (Sku::Classic, Some(c)) => c.upgrade.as_ref().filter(|u| u.finished.is_none()),
+            _ => None,
+        }
+    }
+
+    /// Pushes are refused while an upgrade runs (pulls go on, from the Classic storage).
+    pub fn check_writable(&self) -> Result<(), LimitError> {
+        match self.upgrading() {
+            Some(u) => Err(LimitError::Upgrading { to: u.to }),
+            None => Ok(()),
+        }
+    }
+
+    /// What only a managed tier does (deletes, gc, encryption), refused on Classic.
+    pub fn check_managed(&self, what: &'static str) -> Result<(), LimitError> {
+        if self.sku == Sku::Classic {
+            return Err(LimitError::NeedsManaged { what });
+        }
+        Ok(())
     }
 }
 
@@ -240,6 +325,19 @@ pub enum LimitError {
     TooSmall { to: Sku, limit: u64, used: u64 },
     #[error("a {from} registry cannot become Classic: the move to a managed tier is one-way")]
     BackToClassic { from: Sku },
+    #[error(
+        "{what} need a managed tier: this registry is Classic. Upgrade it with \
+         `acr-task registry update --sku Basic|Standard|Premium` (one-way; pulls go on \
+         while it runs)"
+    )]
+    NeedsManaged { what: &'static str },
+    #[error(
+        "the registry is being upgraded from Classic to {to}: pushes resume when the upgrade \
+         completes (pulls go on meanwhile; `acr-task registry show` shows its progress)"
+    )]
+    Upgrading { to: Sku },
+    #[error("the registry is already being upgraded to {to}: wait for it to complete")]
+    AlreadyUpgrading { to: Sku },
 }
 
 /// Countable things a tier limits.
@@ -285,6 +383,15 @@ impl Properties {
             Counted::ScopeMaps => l.scope_maps,
             Counted::Replications => l.replications,
         };
+        if self.sku == Sku::Classic {
+            let what = match what {
+                Counted::Webhooks => "webhooks",
+                Counted::Tokens => "tokens",
+                Counted::ScopeMaps => "scope maps",
+                Counted::Replications => "replications",
+            };
+            return Err(LimitError::NeedsManaged { what });
+        }
         match limit {
             Some(limit) if current >= limit => {
                 let (what, flag) = what.words();
@@ -313,21 +420,66 @@ impl Properties {
         if sku == Sku::Classic && self.sku != Sku::Classic {
             return Err(LimitError::BackToClassic { from: self.sku });
         }
-        let mut next = Properties {
-            sku,
-            overrides: self.overrides.clone(),
-        };
+        let mut next = self.clone();
         next.overrides.merge(overrides);
-        if let Some(limit) = next.limits().storage_bytes {
-            if used > limit {
-                return Err(LimitError::TooSmall {
-                    to: sku,
-                    limit,
-                    used,
-                });
+        if self.sku == Sku::Classic && sku != Sku::Classic {
+            // Leaving Classic is an upgrade: the tier stays Classic until the copy is done.
+            if let Some(u) = self.upgrading() {
+                // Asking again for the same target changes nothing (and follows it).
+                if u.to == sku {
+                    return Ok(next);
+                }
+                return Err(LimitError::AlreadyUpgrading { to: u.to });
             }
+            let target = Properties {
+                sku,
+                ..next.clone()
+            };
+            target.check_fits(used)?;
+            let storage = self
+                .classic
+                .as_ref()
+                .map(|c| c.storage.clone())
+                .unwrap_or_default();
+            next.classic = Some(Classic {
+                storage,
+                upgrade: Some(Upgrade {
+                    to: sku,
+                    started: chrono::Utc::now().timestamp(),
+                    finished: None,
+                    progress: Progress::default(),
+                    error: None,
+                }),
+            });
+            return Ok(next);
         }
+        next.sku = sku;
+        next.check_fits(used)?;
         Ok(next)
+    }
+
+    /// Whether `used` bytes fit this tier's storage limit.
+    fn check_fits(&self, used: u64) -> Result<(), LimitError> {
+        match self.limits().storage_bytes {
+            Some(limit) if used > limit => Err(LimitError::TooSmall {
+                to: self.sku,
+                limit,
+                used,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// The upgrade done: the registry is its target tier from now on.
+    pub fn upgraded(&self, now: i64) -> Properties {
+        let mut next = self.clone();
+        if let Some(u) = next.classic.as_mut().and_then(|c| c.upgrade.as_mut()) {
+            u.finished = Some(now);
+            u.error = None;
+            u.progress.eta_seconds = Some(0);
+            next.sku = u.to;
+        }
+        next
     }
 }
 
@@ -460,10 +612,7 @@ mod tests {
 
     #[test]
     fn storage_is_checked_with_the_sizes_in_the_message() {
-        let p = Properties {
-            sku: Sku::Basic,
-            overrides: Overrides::default(),
-        };
+        let p = Properties::new(Sku::Basic);
         assert!(
             p.check_storage(10 << 30, 0).is_ok(),
             "exactly full is allowed"
@@ -509,20 +658,60 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("one-way"), "{e}");
         let classic = Properties {
-            sku: Sku::Classic,
-            overrides: Overrides::default(),
+            classic: Some(Classic {
+                storage: "/srv/classic".into(),
+                upgrade: None,
+            }),
+            ..Properties::new(Sku::Classic)
         };
-        assert!(classic
-            .change(Some(Sku::Basic), &Overrides::default(), 0)
-            .is_ok());
+        // Leaving Classic starts an upgrade: still Classic, pushes refused until it ends.
+        let up = classic
+            .change(Some(Sku::Basic), &Overrides::default(), 5 << 30)
+            .unwrap();
+        assert_eq!(up.sku, Sku::Classic);
+        assert_eq!(up.upgrading().map(|u| u.to), Some(Sku::Basic));
+        let m = up.check_writable().unwrap_err().to_string();
+        assert!(m.contains("being upgraded from Classic to Basic"), "{m}");
+        assert!(matches!(
+            up.change(Some(Sku::Premium), &Overrides::default(), 0),
+            Err(LimitError::AlreadyUpgrading { to: Sku::Basic })
+        ));
+        assert_eq!(
+            up.change(Some(Sku::Basic), &Overrides::default(), 0)
+                .as_ref(),
+            Ok(&up),
+            "asking again changes nothing"
+        );
+        // The target's capacity is checked first.
+        assert!(matches!(
+            classic.change(Some(Sku::Basic), &Overrides::default(), 11 << 30),
+            Err(LimitError::TooSmall { to: Sku::Basic, .. })
+        ));
+        let done = up.upgraded(42);
+        assert_eq!(done.sku, Sku::Basic);
+        assert!(done.upgrading().is_none() && done.check_writable().is_ok());
+        assert_eq!(
+            done.classic.as_ref().unwrap().storage,
+            classic.classic.unwrap().storage
+        );
+        assert!(matches!(
+            done.change(Some(Sku::Classic), &Overrides::default(), 0),
+            Err(LimitError::BackToClassic { from: Sku::Basic })
+        ));
+        // What Classic lacks says it needs a managed tier.
+        let m = Properties::new(Sku::Classic)
+            .check_count(Counted::Webhooks, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(m.contains("webhooks need a managed tier"), "{m}");
+        assert!(Properties::new(Sku::Classic)
+            .check_managed("deletes")
+            .is_err());
     }
 
     #[test]
     fn counts_stop_at_the_limit() {
-        let p = Properties {
-            sku: Sku::Basic,
-            overrides: Overrides::default(),
-        };
+        let p = Properties::new(Sku::Basic);
         assert!(p.check_count(Counted::Webhooks, 1).is_ok());
         let m = p.check_count(Counted::Webhooks, 2).unwrap_err().to_string();
         assert!(m.contains("Basic tier allows 2 webhooks"), "{m}");

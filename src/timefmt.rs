@@ -14,6 +14,11 @@ fn text(secs: i64, millis: u32) -> String {
     t.to_rfc3339_opts(format, true)
 }
 
+/// Unix seconds as RFC 3339 UTC text, for tables.
+pub fn rfc3339(secs: i64) -> String {
+    text(secs, 0)
+}
+
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum Given {

@@ -10,6 +10,7 @@ mod render;
 mod run;
 mod serve;
 mod task;
+mod upgrade;
 pub mod validate;
 
 use std::path::PathBuf;

@@ -64,16 +64,24 @@ pub enum RegistryCmd {
         #[command(flatten)]
         opts: TierOpts,
     },
-    /// Change the tier (Basic, Standard, Premium) or override one of its limits.
+    /// Change the tier (Basic, Standard, Premium) or override one of its limits; on a
+    /// Classic registry, upgrade it to a managed tier.
     #[command(after_help = "Examples:
   acr-task registry update --sku Standard
   acr-task registry update --storage-limit 200GiB --write-ops-limit unlimited
+  acr-task registry update --sku Basic          # on Classic: upgrades it, with progress
 A tier whose storage limit is below what is stored is refused, with the sizes;
-an override stays across tier changes until set again (a number or `unlimited`).")]
+an override stays across tier changes until set again (a number or `unlimited`).
+On a Classic registry --sku copies every blob and manifest into managed storage,
+verified, while pulls go on (pushes are refused until it completes); it is one-way,
+and resumes where it was if stopped.")]
     Update {
         /// The new tier: Basic, Standard or Premium (a managed registry never becomes Classic).
         #[arg(long)]
         sku: Option<Sku>,
+        /// On Classic: start the upgrade and return; `registry show` shows its progress.
+        #[arg(long)]
+        no_wait: bool,
         /// Storage limit (e.g. 200GiB, or `unlimited`).
         #[arg(long, value_name = "SIZE", value_parser = parse_storage)]
         storage_limit: Option<Override>,
@@ -388,6 +396,22 @@ fn print_show(info: &RegistryInfo, output: Output) -> anyhow::Result<()> {
     if let Some(s) = &info.login_server {
         rows.push(vec!["loginServer".into(), s.clone()]);
     }
+    if let Some(c) = &info.classic {
+        rows.push(vec![
+            "classicStorage".into(),
+            c.storage.display().to_string(),
+        ]);
+        if let Some(u) = &c.upgrade {
+            let state = match u.finished {
+                Some(t) => format!("to {}: completed {}", u.to, crate::timefmt::rfc3339(t)),
+                None => format!("to {}: {}", u.to, super::upgrade::describe(&u.progress)),
+            };
+            rows.push(vec!["upgrade".into(), state]);
+            if let Some(e) = &u.error {
+                rows.push(vec!["upgradeError".into(), e.clone()]);
+            }
+        }
+    }
     rows.extend([
         vec![
             "storageUsed".into(),
@@ -464,6 +488,7 @@ pub fn registry(cmd: RegistryCmd) -> anyhow::Result<ExitCode> {
             webhook_limit,
             token_limit,
             scope_map_limit,
+            no_wait,
             opts,
         } => {
             no_dot(opts.output)?;
@@ -482,7 +507,11 @@ pub fn registry(cmd: RegistryCmd) -> anyhow::Result<ExitCode> {
                 bail!("nothing to change: give --sku TIER or a --*-limit (see --help)");
             }
             let b = super::manage::Backend::choose(opts.server.as_deref(), opts.data)?;
-            print_show(&b.change_tier(&change)?, opts.output)?;
+            let mut info = b.change_tier(&change)?;
+            if !no_wait && change.sku.is_some() {
+                info = super::upgrade::follow(&b, info)?;
+            }
+            print_show(&info, opts.output)?;
             Ok(ExitCode::SUCCESS)
         }
         RegistryCmd::Gc {

@@ -103,6 +103,17 @@ pub struct ServeArgs {
     /// Print the policy these options make (YAML) and exit.
     #[arg(long)]
     pub print_policy: bool,
+    /// The tier of a new registry: Basic, Standard, Premium (the default), or Classic with
+    /// --classic-storage. A registry that has a tier keeps it (`registry update` changes it).
+    #[arg(long, value_name = "TIER")]
+    pub sku: Option<crate::tier::Sku>,
+    /// A Classic registry's storage: a directory in the CNCF distribution layout (what
+    /// `docker-registry` writes: `docker/registry/v2/...`), served as it is.
+    #[arg(long, value_name = "DIR")]
+    pub classic_storage: Option<PathBuf>,
+    /// For tests: a pause after each object a Classic upgrade copies.
+    #[arg(long, hide = true, value_name = "MS", default_value_t = 0)]
+    pub upgrade_pace_ms: u64,
     /// For tests: timers read this RFC 3339 instant at start-up...
     #[arg(long, hide = true, value_name = "TIME")]
     pub clock_start: Option<chrono::DateTime<chrono::Utc>>,
@@ -170,6 +181,7 @@ impl ServeArgs {
                 max_blob_bytes: self.max_blob_size,
                 max_uploads_per_repository: self.max_uploads_per_repository.max(1),
                 max_uploads_per_client: self.max_uploads_per_client.max(1),
+                upgrade_pace: std::time::Duration::from_millis(self.upgrade_pace_ms),
                 ..registry::RegistryLimits::default()
             },
             crate::listen::ConnectionLimits {
@@ -178,6 +190,24 @@ impl ServeArgs {
                 ..Default::default()
             },
         )
+    }
+
+    /// A first start's tier (and Classic storage), set before the registry opens.
+    fn first_start(&self, registry_dir: &std::path::Path) -> anyhow::Result<()> {
+        let classic = self.classic_storage.as_deref();
+        let sku = match (self.sku, classic) {
+            (Some(s), Some(_)) if s != crate::tier::Sku::Classic => {
+                anyhow::bail!("--classic-storage is for --sku Classic, not {s}")
+            }
+            (None, Some(_)) => Some(crate::tier::Sku::Classic),
+            (s, _) => s,
+        };
+        let note = crate::store::first_start(registry_dir, sku, classic)
+            .with_context(|| format!("setting up the registry in {}", registry_dir.display()))?;
+        if let Some(n) = note {
+            eprintln!("note: {n}");
+        }
+        Ok(())
     }
 
     /// The TLS set-up of --tls-cert/--tls-key, if given.
@@ -199,6 +229,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     let tls = args.tls()?;
     let dir = data_dir(args.data.clone())?;
+    args.first_start(&dir)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -268,6 +299,7 @@ fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
 /// `acr-task serve` without `--registry-only`.
 fn serve_tasks(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     let dir = args.data.clone().unwrap_or_else(super::default_data_dir);
+    args.first_start(&dir.join("registry"))?;
     let mut cfg = ServeConfig::new(args.listen, dir.clone(), args.concurrency);
     cfg.remote_poll = args.base_image_poll;
     cfg.tls = args.tls()?;

@@ -142,6 +142,30 @@ fn parse_manifest(bytes: &[u8], content_type: Option<&str>) -> Result<Parsed, Ap
     })
 }
 
+/// A stored manifest's bytes as the store takes them, parsed by the rules of a push (the
+/// upgrade's copy of a Classic registry's manifests). `media_type` is used when the
+/// manifest names none.
+pub(crate) fn to_store(
+    repo: &str,
+    digest: &str,
+    content: &[u8],
+    media_type: &str,
+    tag: Option<String>,
+) -> Result<NewManifest, ApiError> {
+    let parsed = parse_manifest(content, Some(media_type))?;
+    Ok(NewManifest {
+        repo: repo.to_string(),
+        digest: digest.to_string(),
+        media_type: parsed.media_type,
+        artifact_type: parsed.artifact_type,
+        subject: parsed.subject,
+        content: content.to_vec(),
+        blobs: parsed.blobs,
+        children: parsed.children,
+        tag,
+    })
+}
+
 pub(super) async fn put(
     reg: &Registry,
     name: &str,

@@ -15,6 +15,7 @@ mod routes;
 pub mod service;
 mod stream;
 mod throttle;
+pub mod upgrade;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -189,6 +190,8 @@ pub struct RegistryLimits {
     pub upload_idle: std::time::Duration,
     /// A request body that sends nothing for this long is abandoned.
     pub body_idle: std::time::Duration,
+    /// A pause after each object a Classic upgrade copies (0; tests watch one in progress).
+    pub upgrade_pace: std::time::Duration,
 }
 
 impl Default for RegistryLimits {
@@ -199,6 +202,7 @@ impl Default for RegistryLimits {
             max_uploads_per_client: 128,
             upload_idle: std::time::Duration::from_secs(15 * 60),
             body_idle: std::time::Duration::from_secs(60),
+            upgrade_pace: std::time::Duration::ZERO,
         }
     }
 }
@@ -225,6 +229,62 @@ pub(crate) struct State {
     pub background: crate::background::Background,
     /// The tier's read and write rates.
     pub throttle: throttle::Throttle,
+}
+
+/// While a Classic directory serves: runs its upgrade once the settings ask for one
+/// (through the API, or on the files by another process), here, in the serving process;
+/// a failed one is retried a minute later. Ends when the managed store serves.
+async fn watch_upgrade(weak: std::sync::Weak<State>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    /// Stops the copy (at its next object) when the loop is dropped (the registry stops).
+    struct StopOnDrop(Arc<AtomicBool>);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+    let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let Some(state) = weak.upgrade() else { return };
+        if !state.store.serves_classic() {
+            return;
+        }
+        let (store, pace, flag) = (
+            state.store.clone(),
+            state.limits.upgrade_pace,
+            stop.0.clone(),
+        );
+        drop(state);
+        let r = tokio::task::spawn_blocking(move || {
+            let r = upgrade::run(&store, pace, &flag, &|_| {});
+            if let Err(e) = &r {
+                if !matches!(e, upgrade::UpgradeError::Stopped) {
+                    upgrade::record_failure(&store, e);
+                }
+            }
+            r
+        })
+        .await;
+        match r {
+            Ok(Ok(Some(report))) => {
+                tracing::info!(
+                    copied = report.objects_copied,
+                    already_there = report.objects_already_there,
+                    tags = report.tags_verified,
+                    "Classic upgrade complete"
+                );
+                return;
+            }
+            Ok(Ok(None)) => {}
+            Ok(Err(upgrade::UpgradeError::Stopped)) => return,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "Classic upgrade stopped; retrying in a minute");
+                tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+            }
+            Err(e) => tracing::error!(error = %e, "Classic upgrade task"),
+        }
+    }
 }
 
 /// Handle on a registry: cheap to clone; the read API and the event hook.
@@ -284,6 +344,12 @@ impl Registry {
             self.inner.maintained.store(false, Ordering::SeqCst);
             return;
         }
+        if self.inner.store.serves_classic() {
+            let weak = Arc::downgrade(&self.inner);
+            self.inner
+                .background
+                .spawn("classic upgrade", watch_upgrade(weak));
+        }
         let weak = Arc::downgrade(&self.inner);
         let every = sweep_every(&self.inner.limits);
         self.inner.background.spawn("registry upkeep", async move {
@@ -308,6 +374,7 @@ impl Registry {
         });
     }
 
+    /// The registry's store.
     pub fn store(&self) -> &Arc<Store> {
         &self.inner.store
     }

@@ -3,7 +3,8 @@
 //! import, purge, replication): the change and the events that describe it are written in
 //! one transaction, so webhooks and the base-image trigger see every push and delete,
 //! whoever made it. The tier's storage limit is enforced here (checked again under the
-//! store's write lock, so concurrent pushes cannot pass it together); locks and
+//! store's write lock, so concurrent pushes cannot pass it together), and so are what a
+//! Classic registry refuses (deletes, gc; every push while its upgrade runs). Locks and
 //! read-only modes belong here too. Blocking: call from blocking threads.
 
 use crate::store::{BlobUpload, GcReport, NewManifest, Reference, Store, StoreError};
@@ -18,6 +19,7 @@ fn admit(p: &Properties) -> impl Fn(u64, u64) -> Result<(), StoreError> + '_ {
 /// upload's start, a blob's commit); the change itself is checked again in the store.
 pub fn check_room(store: &Store, adds: u64) -> Result<(), StoreError> {
     let p = store.properties()?;
+    p.check_writable()?;
     if p.limits().storage_bytes.is_some() {
         p.check_storage(store.storage_used()?, adds)?;
     }
@@ -43,6 +45,7 @@ pub fn push_manifest(
         ctx.clone(),
     );
     let p = store.properties()?;
+    p.check_writable()?;
     store.put_manifest(m, &[event.to_json()], &admit(&p))?;
     Ok(event)
 }
@@ -58,6 +61,7 @@ pub fn commit_blob(
     size: u64,
 ) -> Result<(), StoreError> {
     let p = store.properties()?;
+    p.check_writable()?;
     if p.limits().storage_bytes.is_some() && store.blob_size(digest)?.is_none() {
         p.check_storage(store.storage_used()?, size)?;
     }
@@ -68,11 +72,13 @@ pub fn commit_blob(
 /// Links `digest` into `repo` from `from` (a cross-repository mount); false if `from`
 /// does not have it.
 pub fn mount_blob(store: &Store, repo: &str, from: &str, digest: &str) -> Result<bool, StoreError> {
+    store.properties()?.check_writable()?;
     store.mount_blob(repo, from, digest)
 }
 
 /// Unlinks a blob from `repo` (its content goes at the next gc); false if not linked.
 pub fn unlink_blob(store: &Store, repo: &str, digest: &str) -> Result<bool, StoreError> {
+    store.properties()?.check_managed("deletes")?;
     store.unlink_blob(repo, digest)
 }
 
@@ -89,6 +95,9 @@ pub fn change_tier(
 
 /// Garbage collection (see [`Store::gc`]).
 pub fn gc(store: &Store, grace_secs: i64, dry_run: bool) -> Result<GcReport, StoreError> {
+    store
+        .properties()?
+        .check_managed("garbage collection and deletes")?;
     store.gc(grace_secs, dry_run)
 }
 
@@ -102,6 +111,7 @@ pub fn delete_manifest(
     digest: &str,
     ctx: &RequestContext,
 ) -> Result<Option<Vec<StoredEvent>>, StoreError> {
+    store.properties()?.check_managed("deletes")?;
     let mut made = Vec::new();
     let r = store.delete_manifest(repo, digest, |row, tags| {
         made = std::iter::once(None)
@@ -130,6 +140,7 @@ pub fn delete_tag(
     tag: &str,
     ctx: &RequestContext,
 ) -> Result<Option<StoredEvent>, StoreError> {
+    store.properties()?.check_managed("deletes")?;
     // Read the manifest first so the event can say what the tag pointed to.
     let row = store.get_manifest(repo, &Reference::Tag(tag.to_string()))?;
     let mut made = None;
@@ -160,6 +171,7 @@ pub fn delete_repository(
     repo: &str,
     ctx: &RequestContext,
 ) -> Result<Option<Vec<StoredEvent>>, StoreError> {
+    store.properties()?.check_managed("deletes")?;
     let Some(manifests) = store.list_manifests(repo)? else {
         return Ok(None);
     };

@@ -49,6 +49,9 @@ pub struct RegistryInfo {
     pub overrides: Overrides,
     /// Each limit against its use, as `az acr show-usage` lists them.
     pub usage: Vec<Usage>,
+    /// The Classic storage it serves (or served), with its upgrade's progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classic: Option<crate::tier::Classic>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +110,7 @@ pub fn registry_info(
         limits,
         overrides: p.overrides,
         usage,
+        classic: p.classic,
     })
 }
 

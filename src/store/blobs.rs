@@ -72,26 +72,68 @@ pub trait BlobUpload: Send + Sync {
 #[derive(Debug)]
 pub struct Staged(PathBuf);
 
-/// Blobs as files: `blobs/<algorithm>/<2 hex>/<hex>`, uploads in `uploads/`, staged
-/// removals in `trash/`.
-#[derive(Debug)]
+/// Blobs as files, in one of two trees:
+/// - ours: `blobs/<algorithm>/<2 hex>/<hex>`, uploads in `uploads/`, staged removals in
+///   `trash/`;
+/// - a Classic registry's, CNCF distribution's (see [`super::classic::Layout`]):
+///   `docker/registry/v2/blobs/<algorithm>/<2 hex>/<hex>/data`, our uploads in
+///   `_acr-task/uploads/` beside distribution's tree (same file system, never read by it).
+#[derive(Debug, Clone)]
 pub struct FsBlobs {
     root: PathBuf,
+    distribution: bool,
 }
 
 impl FsBlobs {
     pub fn open(root: &Path) -> Result<FsBlobs, StoreError> {
-        for sub in ["blobs/sha256", "uploads", "trash"] {
-            let p = root.join(sub);
+        Self::open_tree(root, false)
+    }
+
+    /// Blobs of a Classic registry: `root` holds distribution's `docker/registry/v2`.
+    pub fn distribution(root: &Path) -> Result<FsBlobs, StoreError> {
+        Self::open_tree(root, true)
+    }
+
+    fn open_tree(root: &Path, distribution: bool) -> Result<FsBlobs, StoreError> {
+        let b = FsBlobs {
+            root: root.to_path_buf(),
+            distribution,
+        };
+        for p in [b.blobs_dir().join("sha256"), b.uploads(), b.trash()] {
             fs::create_dir_all(&p).map_err(io_err(&p))?;
         }
-        Ok(FsBlobs {
-            root: root.to_path_buf(),
-        })
+        Ok(b)
+    }
+
+    fn blobs_dir(&self) -> PathBuf {
+        if self.distribution {
+            super::classic::Layout::new(&self.root).blobs()
+        } else {
+            self.root.join("blobs")
+        }
+    }
+
+    fn uploads(&self) -> PathBuf {
+        if self.distribution {
+            self.root.join("_acr-task").join("uploads")
+        } else {
+            self.root.join("uploads")
+        }
+    }
+
+    fn trash(&self) -> PathBuf {
+        if self.distribution {
+            self.root.join("_acr-task").join("trash")
+        } else {
+            self.root.join("trash")
+        }
     }
 
     /// Where the content of `digest` (already validated) lives.
     fn path(&self, digest: &str) -> PathBuf {
+        if self.distribution {
+            return super::classic::Layout::new(&self.root).blob_data(digest);
+        }
         let (alg, hex) = digest.split_once(':').unwrap_or(("sha256", digest));
         let prefix = hex.get(..2).unwrap_or("00");
         self.root.join("blobs").join(alg).join(prefix).join(hex)
@@ -101,8 +143,7 @@ impl FsBlobs {
 impl BlobStorage for FsBlobs {
     fn begin(&self) -> Result<Box<dyn BlobUpload>, StoreError> {
         let path = self
-            .root
-            .join("uploads")
+            .uploads()
             .join(uuid::Uuid::new_v4().simple().to_string());
         let file = OpenOptions::new()
             .create_new(true)
@@ -114,9 +155,7 @@ impl BlobStorage for FsBlobs {
             file,
             path,
             sealed: std::sync::atomic::AtomicBool::new(false),
-            blobs: FsBlobs {
-                root: self.root.clone(),
-            },
+            blobs: self.clone(),
         }))
     }
 
@@ -178,7 +217,7 @@ impl BlobStorage for FsBlobs {
     }
 
     fn stage_removal(&self, digest: &str) -> Result<Option<Staged>, StoreError> {
-        let to = self.root.join("trash").join(digest.replace(':', "-"));
+        let to = self.trash().join(digest.replace(':', "-"));
         match fs::rename(self.path(digest), &to) {
             Ok(()) => Ok(Some(Staged(to))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -193,7 +232,7 @@ impl BlobStorage for FsBlobs {
     fn list(&self) -> Result<Vec<(String, SystemTime)>, StoreError> {
         let mut out = Vec::new();
         for alg in ["sha256", "sha512"] {
-            let base = self.root.join("blobs").join(alg);
+            let base = self.blobs_dir().join(alg);
             let dirs = match fs::read_dir(&base) {
                 Ok(d) => d,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
@@ -205,8 +244,16 @@ impl BlobStorage for FsBlobs {
                 };
                 for e in entries.flatten() {
                     let name = e.file_name().to_string_lossy().to_string();
-                    let modified = e
-                        .metadata()
+                    // Distribution's tree has a directory per blob with its `data`.
+                    let file = if self.distribution {
+                        e.path().join("data")
+                    } else {
+                        e.path()
+                    };
+                    if self.distribution && !file.is_file() {
+                        continue;
+                    }
+                    let modified = fs::metadata(&file)
                         .and_then(|m| m.modified())
                         .unwrap_or(SystemTime::UNIX_EPOCH);
                     out.push((format!("{alg}:{name}"), modified));
@@ -220,11 +267,11 @@ impl BlobStorage for FsBlobs {
         &self,
         keep: &mut dyn FnMut(&str) -> Result<bool, StoreError>,
     ) -> Result<(), StoreError> {
-        let uploads = self.root.join("uploads");
+        let uploads = self.uploads();
         for e in fs::read_dir(&uploads).map_err(io_err(&uploads))?.flatten() {
             let _ = fs::remove_file(e.path());
         }
-        let trash = self.root.join("trash");
+        let trash = self.trash();
         for e in fs::read_dir(&trash).map_err(io_err(&trash))?.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
             // `alg-hex` (older versions wrote the sha256 hex alone).

@@ -68,9 +68,11 @@ impl Store {
     /// The digest of a stored blob's content by the algorithm it is named by, and its length.
     fn hash_blob(&self, named: &str) -> Result<(String, u64), StoreError> {
         let alg = crate::digest::parse(named).unwrap_or(crate::digest::Algorithm::Sha256);
-        crate::digest::of_reader(alg, self.blobs.read(named, 0)?).map_err(|source| StoreError::Io {
-            path: std::path::PathBuf::from(named),
-            source,
+        crate::digest::of_reader(alg, self.now().blobs.read(named, 0)?).map_err(|source| {
+            StoreError::Io {
+                path: std::path::PathBuf::from(named),
+                source,
+            }
         })
     }
 
@@ -80,9 +82,8 @@ impl Store {
     /// Runs under the metadata's write lock, so concurrent pushes wait and then see a
     /// consistent store.
     pub fn gc(&self, grace_secs: i64, dry_run: bool) -> Result<GcReport, StoreError> {
-        let mut report = self
-            .meta
-            .gc(now() - grace_secs, dry_run, self.blobs.as_ref())?;
+        let b = self.now();
+        let mut report = b.meta.gc(now() - grace_secs, dry_run, b.blobs.as_ref())?;
         report.grace_seconds = grace_secs;
         tracing::info!(
             manifests = report.manifests.len(),
@@ -96,7 +97,7 @@ impl Store {
 
     /// Re-hash every blob and check every manifest's digest and references.
     pub fn fsck(&self) -> Result<FsckReport, StoreError> {
-        let audit = self.meta.audit()?;
+        let audit = self.now().meta.audit()?;
         let mut report = FsckReport {
             tags_checked: audit.tags,
             ..Default::default()
@@ -109,7 +110,7 @@ impl Store {
         };
         for (digest, size) in &audit.blobs {
             report.blobs_checked += 1;
-            if !self.blobs.exists(digest) {
+            if !self.now().blobs.exists(digest) {
                 report.issues.push(issue(
                     "blob-missing",
                     None,
@@ -139,6 +140,7 @@ impl Store {
         let known: std::collections::HashSet<&str> =
             audit.blobs.iter().map(|(d, _)| d.as_str()).collect();
         report.orphan_files = self
+            .now()
             .blobs
             .list()?
             .iter()

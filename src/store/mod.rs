@@ -14,6 +14,7 @@
 //! All calls block (file I/O, SQLite); async callers run them in `spawn_blocking`.
 
 mod blobs;
+pub mod classic;
 mod maint;
 mod meta;
 pub mod migrate;
@@ -21,6 +22,9 @@ mod sqlite;
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use crate::tier::Sku;
 
 pub use blobs::{BlobStorage, BlobUpload, FsBlobs, Staged};
 pub use maint::{FsckIssue, FsckReport, GcReport, KeptByGrace};
@@ -62,6 +66,12 @@ pub enum StoreError {
     Limit(#[from] crate::tier::LimitError),
     #[error("the registry's settings in its metadata are not readable ({0}): restore meta.db from a backup")]
     Properties(String),
+    /// Stored content that is not what its name says (Classic storage damaged outside).
+    #[error("{0}")]
+    Corrupt(String),
+    /// A setting that cannot be taken, in the user's words.
+    #[error("{0}")]
+    Refused(String),
 }
 
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -78,8 +88,11 @@ pub(crate) fn now() -> i64 {
 
 pub struct Store {
     root: PathBuf,
-    blobs: Box<dyn BlobStorage>,
-    meta: Box<dyn RegistryMeta>,
+    /// The managed store in `root`: what serves, or the target of a Classic registry's
+    /// upgrade while the Classic directory serves.
+    managed: Arc<Backends>,
+    /// The Classic directory's backends while they serve (until the upgrade completes).
+    classic: RwLock<Option<ClassicServing>>,
     /// The settings as last read, and when: re-read at most once a second, so a change
     /// another process made (`registry update` on the files) applies within a second.
     properties: std::sync::RwLock<Option<(std::time::Instant, crate::tier::Properties)>>,
@@ -106,10 +119,29 @@ impl Store {
         } else {
             None
         };
+        let side = Arc::new(SqliteMeta::open(&root.join("meta.db"))?);
+        let managed = Arc::new(Backends {
+            blobs: Arc::new(FsBlobs::open(root)?),
+            meta: side.clone(),
+        });
+        let props = parse_properties(side.properties()?.as_deref())?;
+        let classic = match (&props.sku, &props.classic) {
+            (Sku::Classic, Some(c)) => {
+                let meta = Arc::new(classic::ClassicMeta::open(&c.storage, side.clone())?);
+                Some(ClassicServing {
+                    backends: Arc::new(Backends {
+                        blobs: Arc::new(FsBlobs::distribution(&c.storage)?),
+                        meta: meta.clone(),
+                    }),
+                    meta,
+                })
+            }
+            _ => None,
+        };
         let store = Store {
             root: root.to_path_buf(),
-            blobs: Box::new(FsBlobs::open(root)?),
-            meta: Box::new(SqliteMeta::open(&root.join("meta.db"))?),
+            managed,
+            classic: RwLock::new(classic),
             properties: std::sync::RwLock::new(None),
             _owner: owner,
         };
@@ -122,6 +154,141 @@ impl Store {
     pub fn root(&self) -> &Path {
         &self.root
     }
+
+    /// The backends that serve now.
+    fn now(&self) -> Arc<Backends> {
+        match self.classic.read() {
+            Ok(g) => g
+                .as_ref()
+                .map_or_else(|| self.managed.clone(), |c| c.backends.clone()),
+            Err(_) => self.managed.clone(),
+        }
+    }
+
+    /// Whether a Classic directory serves (the registry is Classic, possibly upgrading).
+    pub fn serves_classic(&self) -> bool {
+        self.classic.read().is_ok_and(|g| g.is_some())
+    }
+
+    /// The managed store, which a Classic registry's upgrade fills.
+    pub fn managed(&self) -> (&dyn BlobStorage, &dyn RegistryMeta) {
+        (self.managed.blobs.as_ref(), self.managed.meta.as_ref())
+    }
+
+    /// The Classic directory while it serves (what its upgrade reads): its blob storage
+    /// and its tree.
+    pub fn classic(&self) -> Option<(Arc<dyn BlobStorage>, Arc<classic::ClassicMeta>)> {
+        let g = self.classic.read().ok()?;
+        let c = g.as_ref()?;
+        Some((c.backends.blobs.clone(), c.meta.clone()))
+    }
+
+    /// Ends a Classic registry's upgrade once everything is copied and verified: the tier
+    /// becomes the target in one change (under the Classic tree's write lock, so no change
+    /// to the tree slips in), and from then on the managed store serves. Pulls in flight
+    /// finish from the Classic tree, which is left as it is.
+    pub fn complete_upgrade(&self) -> Result<crate::tier::Properties, StoreError> {
+        let p = self.update_properties(|p, _| Ok(p.upgraded(now())))?;
+        if let Ok(mut g) = self.classic.write() {
+            *g = None;
+        }
+        tracing::info!(sku = %p.sku, "Classic registry upgraded: managed storage serves");
+        Ok(p)
+    }
+}
+
+/// A Classic directory serving: its backends, and its tree for the upgrade.
+struct ClassicServing {
+    backends: Arc<Backends>,
+    meta: Arc<classic::ClassicMeta>,
+}
+
+/// Blob storage and metadata that serve together.
+pub struct Backends {
+    pub blobs: Arc<dyn BlobStorage>,
+    pub meta: Arc<dyn RegistryMeta>,
+}
+
+/// What a registry's first start sets, before it is opened: the tier a new registry
+/// starts in, and for a Classic one the distribution tree it serves. A registry that has
+/// settings keeps them (they change through `registry update`); the note says when what
+/// was asked differs from what stays.
+pub fn first_start(
+    root: &Path,
+    sku: Option<Sku>,
+    classic_storage: Option<&Path>,
+) -> Result<Option<String>, StoreError> {
+    fs::create_dir_all(root).map_err(io_err(root))?;
+    let meta = SqliteMeta::open(&root.join("meta.db"))?;
+    let storage = match classic_storage {
+        Some(d) => Some(fs::canonicalize(d).map_err(|e| {
+            StoreError::Refused(format!(
+                "the Classic storage {} cannot be used ({e}): give the directory that holds \
+                 distribution's `docker/registry/v2`",
+                d.display()
+            ))
+        })?),
+        None => None,
+    };
+    let existing = meta.properties()?;
+    let Some(json) = existing else {
+        let Some(sku) = sku else { return Ok(None) };
+        if sku == Sku::Classic {
+            let Some(storage) = storage else {
+                return Err(StoreError::Refused(
+                    "a Classic registry needs its storage: --classic-storage DIR".into(),
+                ));
+            };
+            let holds =
+                !meta.list_repositories(Some(1), None)?.is_empty() || meta.storage_used()? > 0;
+            if holds {
+                return Err(crate::tier::LimitError::BackToClassic { from: Sku::Premium }.into());
+            }
+            let p = crate::tier::Properties {
+                classic: Some(crate::tier::Classic {
+                    storage,
+                    upgrade: None,
+                }),
+                ..crate::tier::Properties::new(Sku::Classic)
+            };
+            write_properties(&meta, &p)?;
+        } else {
+            write_properties(&meta, &crate::tier::Properties::new(sku))?;
+        }
+        return Ok(None);
+    };
+    let p = parse_properties(Some(&json))?;
+    let served = p.classic.as_ref().map(|c| c.storage.clone());
+    if let (Some(asked), Some(served)) = (&storage, &served) {
+        if asked != served {
+            return Err(StoreError::Refused(format!(
+                "this registry's Classic storage is {}, not {}",
+                served.display(),
+                asked.display()
+            )));
+        }
+    }
+    match (sku, p.sku) {
+        (Some(Sku::Classic), Sku::Classic) | (None, _) => Ok(None),
+        (Some(Sku::Classic), now) if served.is_some() => Ok(Some(format!(
+            "this registry was upgraded from Classic to {now}: it serves managed storage, and \
+             the Classic directory is no longer used"
+        ))),
+        (Some(Sku::Classic), now) => {
+            Err(crate::tier::LimitError::BackToClassic { from: now }.into())
+        }
+        (Some(asked), now) if asked != now => Ok(Some(format!(
+            "this registry's tier is {now}: --sku {asked} applies to a new registry only \
+             (`acr-task registry update --sku {asked}` changes it)"
+        ))),
+        _ => Ok(None),
+    }
+}
+
+fn write_properties(meta: &SqliteMeta, p: &crate::tier::Properties) -> Result<(), StoreError> {
+    let json = serde_json::to_string(p).map_err(|e| StoreError::Properties(e.to_string()))?;
+    meta.set_properties(&mut |_, _| Ok(json.clone()))?;
+    Ok(())
 }
 
 /// Whether a server holds the registry in `root` now (its `serve.lock` is locked).
@@ -159,7 +326,7 @@ fn lock_exclusive(root: &Path) -> Result<fs::File, StoreError> {
 impl Store {
     /// A new upload, invisible until [`Store::commit_blob`].
     pub fn begin_upload(&self) -> Result<Box<dyn BlobUpload>, StoreError> {
-        self.blobs.begin()
+        self.now().blobs.begin()
     }
 
     /// Part of a stored blob as a mapped buffer, where the blob storage can map it (see
@@ -170,7 +337,7 @@ impl Store {
         start: u64,
         len: usize,
     ) -> Result<Option<bytes::Bytes>, StoreError> {
-        self.blobs.map(digest, start, len)
+        self.now().blobs.map(digest, start, len)
     }
 
     /// The content of a stored blob from byte `start`. `digest` must already be validated.
@@ -179,7 +346,7 @@ impl Store {
         digest: &str,
         start: u64,
     ) -> Result<Box<dyn std::io::Read + Send>, StoreError> {
-        self.blobs.read(digest, start)
+        self.now().blobs.read(digest, start)
     }
 
     /// Make a received, digest-verified upload a committed blob linked to `repo`.
@@ -198,9 +365,10 @@ impl Store {
         admit: Admit<'_>,
     ) -> Result<(), StoreError> {
         upload.commit(digest)?;
-        self.meta
+        let b = self.now();
+        b.meta
             .link_blob(repo, digest, Some(size), admit, &mut || {
-                if !self.blobs.exists(digest) {
+                if !b.blobs.exists(digest) {
                     upload.commit(digest)?;
                 }
                 Ok(true)
@@ -210,22 +378,22 @@ impl Store {
 
     /// Size of a stored blob (in any repository).
     pub fn blob_size(&self, digest: &str) -> Result<Option<u64>, StoreError> {
-        self.meta.blob_size(digest)
+        self.now().meta.blob_size(digest)
     }
 
     /// Size of a blob if it is linked to `repo`.
     pub fn blob_in_repo(&self, repo: &str, digest: &str) -> Result<Option<u64>, StoreError> {
-        self.meta.blob_in_repo(repo, digest)
+        self.now().meta.blob_in_repo(repo, digest)
     }
 
     /// Cross-repository mount: link `digest` into `repo` if `from` has it.
     pub fn mount_blob(&self, repo: &str, from: &str, digest: &str) -> Result<bool, StoreError> {
-        self.meta.mount_blob(repo, from, digest)
+        self.now().meta.mount_blob(repo, from, digest)
     }
 
     /// Remove `digest` from `repo` (the file goes at the next gc). False if it was not linked.
     pub fn unlink_blob(&self, repo: &str, digest: &str) -> Result<bool, StoreError> {
-        self.meta.unlink_blob(repo, digest)
+        self.now().meta.unlink_blob(repo, digest)
     }
 
     /// Store a manifest (and its tag) after checking, in the same transaction, that every
@@ -237,12 +405,12 @@ impl Store {
         events: &[String],
         admit: Admit<'_>,
     ) -> Result<(), StoreError> {
-        self.meta.put_manifest(m, events, admit)
+        self.now().meta.put_manifest(m, events, admit)
     }
 
     /// Bytes stored (every linked blob once, every manifest).
     pub fn storage_used(&self) -> Result<u64, StoreError> {
-        self.meta.storage_used()
+        self.now().meta.storage_used()
     }
 
     /// The registry's settings (a registry never set up is [`Properties::default`]).
@@ -252,7 +420,7 @@ impl Store {
         if let Some(p) = self.fresh_properties() {
             return Ok(p);
         }
-        let p = parse_properties(self.meta.properties()?.as_deref())?;
+        let p = parse_properties(self.now().meta.properties()?.as_deref())?;
         self.remember(&p);
         Ok(p)
     }
@@ -266,7 +434,7 @@ impl Store {
             u64,
         ) -> Result<crate::tier::Properties, StoreError>,
     ) -> Result<crate::tier::Properties, StoreError> {
-        let json = self.meta.set_properties(&mut |now, used| {
+        let json = self.now().meta.set_properties(&mut |now, used| {
             let next = change(&parse_properties(now)?, used)?;
             serde_json::to_string(&next).map_err(|e| StoreError::Properties(e.to_string()))
         })?;
@@ -292,17 +460,18 @@ impl Store {
 
     /// Outbox entries after `seq`, oldest first: `(seq, payload)`.
     pub fn outbox_after(&self, seq: i64, limit: usize) -> Result<Vec<(i64, String)>, StoreError> {
-        self.meta.outbox_after(seq, limit)
+        self.now().meta.outbox_after(seq, limit)
     }
 
     /// The newest outbox sequence number (0 when empty).
     pub fn outbox_last(&self) -> Result<i64, StoreError> {
-        self.meta.outbox_last()
+        self.now().meta.outbox_last()
     }
 
     /// Forgets outbox entries older than `age` (consumers are expected to keep up).
     pub fn outbox_prune(&self, age: std::time::Duration) -> Result<usize, StoreError> {
-        self.meta
+        self.now()
+            .meta
             .outbox_prune(now() - i64::try_from(age.as_secs()).unwrap_or(i64::MAX / 2))
     }
 
@@ -311,7 +480,7 @@ impl Store {
         repo: &str,
         reference: &Reference,
     ) -> Result<Option<ManifestRow>, StoreError> {
-        self.meta.get_manifest(repo, reference)
+        self.now().meta.get_manifest(repo, reference)
     }
 
     /// Delete a manifest by digest with the tags that point to it. Returns the removed tags,
@@ -324,9 +493,11 @@ impl Store {
         events: impl FnOnce(&ManifestRow, &[String]) -> Vec<String>,
     ) -> Result<Option<(ManifestRow, Vec<String>)>, StoreError> {
         let mut events = Some(events);
-        self.meta.delete_manifest(repo, digest, &mut |row, tags| {
-            events.take().map(|f| f(row, tags)).unwrap_or_default()
-        })
+        self.now()
+            .meta
+            .delete_manifest(repo, digest, &mut |row, tags| {
+                events.take().map(|f| f(row, tags)).unwrap_or_default()
+            })
     }
 
     /// Delete one tag; the manifest stays (reachable by digest until gc). Returns the digest.
@@ -338,18 +509,18 @@ impl Store {
         events: impl FnOnce(&str) -> Vec<String>,
     ) -> Result<Option<String>, StoreError> {
         let mut events = Some(events);
-        self.meta.delete_tag(repo, tag, &mut |digest| {
+        self.now().meta.delete_tag(repo, tag, &mut |digest| {
             events.take().map(|f| f(digest)).unwrap_or_default()
         })
     }
 
     /// Delete a whole repository: tags, manifests and blob links. False if unknown.
     pub fn delete_repository(&self, repo: &str) -> Result<bool, StoreError> {
-        self.meta.delete_repository(repo)
+        self.now().meta.delete_repository(repo)
     }
 
     pub fn repository_exists(&self, repo: &str) -> Result<bool, StoreError> {
-        self.meta.repository_exists(repo)
+        self.now().meta.repository_exists(repo)
     }
 
     /// Tags of `repo` in lexical order after `last`, at most `n`. None if the repo is unknown.
@@ -359,7 +530,7 @@ impl Store {
         n: Option<usize>,
         last: Option<&str>,
     ) -> Result<Option<Vec<String>>, StoreError> {
-        self.meta.list_tags(repo, n, last)
+        self.now().meta.list_tags(repo, n, last)
     }
 
     /// Repository names in lexical order after `last`, at most `n`.
@@ -368,24 +539,25 @@ impl Store {
         n: Option<usize>,
         last: Option<&str>,
     ) -> Result<Vec<String>, StoreError> {
-        self.meta.list_repositories(n, last)
+        self.now().meta.list_repositories(n, last)
     }
 
     /// Every manifest of `repo` with its tags. None if the repo is unknown.
     pub fn list_manifests(&self, repo: &str) -> Result<Option<Vec<ManifestInfo>>, StoreError> {
-        self.meta.list_manifests(repo)
+        self.now().meta.list_manifests(repo)
     }
 
     /// Manifests in `repo` whose `subject` is `digest`.
     pub fn referrers(&self, repo: &str, digest: &str) -> Result<Vec<ManifestRow>, StoreError> {
-        self.meta.referrers(repo, digest)
+        self.now().meta.referrers(repo, digest)
     }
 
     /// Startup recovery: abandoned uploads are dropped (upload sessions live in memory), and
     /// blobs that an interrupted gc staged for removal come back if their row survived.
     fn recover(&self) -> Result<(), StoreError> {
-        self.blobs
-            .recover(&mut |digest| Ok(self.meta.blob_size(digest)?.is_some()))
+        let b = self.now();
+        b.blobs
+            .recover(&mut |digest| Ok(b.meta.blob_size(digest)?.is_some()))
     }
 }
 

@@ -446,6 +446,15 @@ impl SqliteMeta {
             .map_err(|_| StoreError::Poisoned)
     }
 
+    /// Appends events to the outbox on their own (for a backend whose change cannot share
+    /// this database's transaction: a Classic registry's tree).
+    pub(crate) fn append_outbox(&self, events: &[String]) -> Result<(), StoreError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        self.write(|tx| insert_outbox(tx, events))
+    }
+
     /// Runs `f` in an immediate (write-locked) transaction and commits what it returns.
     fn write<T>(
         &self,

@@ -201,3 +201,77 @@ pub fn remove_images_of(registry: &str) {
             .status();
     }
 }
+
+/// Debian's `docker-registry` (CNCF distribution 2.8) serving `root` on a free loopback
+/// port, filesystem storage, deletes enabled; stopped when dropped.
+pub struct Distribution {
+    child: Child,
+    pub addr: String,
+    _config: tempfile::TempDir,
+}
+
+impl Distribution {
+    pub fn start(root: &Path) -> Distribution {
+        let bin = Path::new("/usr/bin/docker-registry");
+        assert!(
+            bin.exists(),
+            "/usr/bin/docker-registry is required by this test: apt-get install -y docker-registry"
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let config = tempfile::tempdir().unwrap();
+        let file = config.path().join("config.yml");
+        std::fs::write(
+            &file,
+            format!(
+                "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                root.display()
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new(bin)
+            .arg("serve")
+            .arg(&file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting docker-registry");
+        let addr = format!("127.0.0.1:{port}");
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(&addr).is_ok() {
+                return Distribution {
+                    child,
+                    addr,
+                    _config: config,
+                };
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("docker-registry did not start on {addr}");
+    }
+}
+
+impl Drop for Distribution {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        remove_images_of(&self.addr);
+    }
+}
+
+/// The digest `skopeo inspect` reads for `reference` (plain HTTP).
+pub fn skopeo_digest(reference: &str) -> String {
+    let out = run(Command::new("skopeo").args([
+        "inspect",
+        "--tls-verify=false",
+        "--format",
+        "{{.Digest}}",
+        &format!("docker://{reference}"),
+    ]));
+    out.trim().to_string()
+}

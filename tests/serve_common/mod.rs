@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 #[path = "../registry_common/mod.rs"]
-mod registry_common;
+pub mod registry_common;
 #[allow(unused_imports)]
 pub use registry_common::{make_busybox_image, remove_images_of};
 
