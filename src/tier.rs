@@ -39,18 +39,19 @@ impl Sku {
     /// The tier's own limits, before any override.
     pub fn limits(self) -> Limits {
         const GIB: u64 = 1 << 30;
+        // Classic's storage (and its throughput) is the customer's own: no included amount
+        // to run out of, no rate of ours.
         let (storage, read, write, webhooks, identities) = match self {
-            // Classic's storage is the customer's own: no included amount to run out of.
-            Sku::Classic => (None, 1_000, 100, 0, 0),
-            Sku::Basic => (Some(10 * GIB), 1_000, 100, 2, 100),
-            Sku::Standard => (Some(100 * GIB), 3_000, 500, 10, 500),
-            Sku::Premium => (Some(500 * GIB), 10_000, 2_000, 500, 50_000),
+            Sku::Classic => (None, None, None, 0, 0),
+            Sku::Basic => (Some(10 * GIB), Some(1_000), Some(100), 2, 100),
+            Sku::Standard => (Some(100 * GIB), Some(3_000), Some(500), 10, 500),
+            Sku::Premium => (Some(500 * GIB), Some(10_000), Some(2_000), 500, 50_000),
         };
         let premium = self == Sku::Premium;
         Limits {
             storage_bytes: storage,
-            read_ops_per_minute: Some(read),
-            write_ops_per_minute: Some(write),
+            read_ops_per_minute: read,
+            write_ops_per_minute: write,
             webhooks: Some(webhooks),
             tokens: Some(identities),
             scope_maps: Some(identities),
