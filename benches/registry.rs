@@ -7,6 +7,11 @@
 //! Needs `/usr/bin/docker-registry` (apt-get install -y docker-registry). Set
 //! `REGISTRY_BENCH_ONLY=ours` to skip distribution, `REGISTRY_BENCH_SKIP_GIB=1` to skip the
 //! 1 GiB blob.
+//!
+//! Then, ours against ours in the same run: encrypted at rest (the default) against an
+//! unencrypted registry, and the tier's quota and rate checks against a registry whose
+//! limits are all `unlimited`; and the upgrade of a Classic directory of 1 GiB in many
+//! blobs beside `cp -r` of it.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -48,6 +53,10 @@ impl Server {
 }
 
 fn start_ours() -> Server {
+    start_ours_with("acr-task", &[])
+}
+
+fn start_ours_with(name: &'static str, extra: &[&str]) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_acr-task"))
         .args([
@@ -58,6 +67,7 @@ fn start_ours() -> Server {
             "--data",
         ])
         .arg(dir.path())
+        .args(extra)
         .stdout(Stdio::piped())
         .spawn()
         .expect("starting acr-task serve");
@@ -67,11 +77,27 @@ fn start_ours() -> Server {
         .unwrap();
     let addr = line.trim().trim_start_matches("listening on ").to_string();
     Server {
-        name: "acr-task",
+        name,
         child,
         base: format!("http://{addr}"),
         _dir: dir,
     }
+}
+
+/// `acr-task registry ARGS --data DIR` on a server's files.
+fn on_files(s: &Server, args: &[&str]) {
+    let out = Command::new(env!("CARGO_BIN_EXE_acr-task"))
+        .arg("registry")
+        .args(args)
+        .arg("--data")
+        .arg(s._dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn free_port() -> u16 {
@@ -423,6 +449,226 @@ async fn main() {
         "\ndisk: fsync'd sequential write of 256 MiB in the data dir's file system: {disk:.1} MB/s; \
          acr-task's 256 MiB push (SHA-256 verified, fsync'd): {push:.1} MB/s = {:.2}× of the disk (goal >= 0.9)",
         push / disk
+    );
+    if std::env::var_os("REGISTRY_BENCH_SKIP_EXTRA").is_some() {
+        return;
+    }
+    // Ours against ours: encryption's cost, then the quota and rate checks' cost.
+    let encrypted = start_ours_with("encrypted", &[]);
+    let plain = start_ours_with("unencrypted", &["--unencrypted"]);
+    let unlimited = start_ours_with("unencrypted, no limits", &["--unencrypted"]);
+    on_files(
+        &unlimited,
+        &[
+            "update",
+            "--storage-limit",
+            "unlimited",
+            "--read-ops-limit",
+            "unlimited",
+            "--write-ops-limit",
+            "unlimited",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(1200));
+    let figs = measure_core(&[&encrypted, &plain, &unlimited], seed + 99).await;
+    print_pair(
+        "Encryption at rest (same run)",
+        ("encrypted", &figs[0]),
+        ("unencrypted", &figs[1]),
+        "goal: encrypted >= 0.8× unencrypted",
+    );
+    print_pair(
+        "Tier checks on the push path (same run)",
+        ("Premium's limits", &figs[1]),
+        ("no limits", &figs[2]),
+        "goal: with limits >= 0.95× without",
+    );
+    drop((encrypted, plain, unlimited));
+    migration_bench(seed);
+}
+
+/// The phases that tell encryption's and the quota checks' costs, on each server in turn.
+async fn measure_core(servers: &[&Server], seed: u64) -> Vec<Figures> {
+    let c = reqwest::Client::builder()
+        .pool_max_idle_per_host(16)
+        .build()
+        .unwrap();
+    for s in servers {
+        wait_ready(&c, s).await;
+    }
+    let mut figs = vec![Figures::default(); servers.len()];
+    let mb_small = (SMALL_COUNT * MIB) as f64 / 1e6;
+    for conc in [1usize, 4] {
+        for (k, s) in servers.iter().enumerate() {
+            let blobs = small_blobs(seed * 10 + conc as u64 + 100 * k as u64);
+            let repo = format!("core/small{conc}");
+            let t = Instant::now();
+            futures_util::stream::iter(blobs.iter())
+                .map(|(b, d)| push(&c, &s.base, &repo, b.clone(), d))
+                .buffer_unordered(conc)
+                .collect::<Vec<_>>()
+                .await;
+            let up = mb_small / t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            futures_util::stream::iter(blobs.iter())
+                .map(|(_, d)| pull(&c, &s.base, &repo, d))
+                .buffer_unordered(conc)
+                .collect::<Vec<_>>()
+                .await;
+            let down = mb_small / t.elapsed().as_secs_f64();
+            figs[k]
+                .values
+                .push((format!("push 200×1 MiB, c={conc}"), up, "MB/s"));
+            figs[k]
+                .values
+                .push((format!("pull 200×1 MiB, c={conc}"), down, "MB/s"));
+        }
+    }
+    for (k, s) in servers.iter().enumerate() {
+        let (up, down) = big_round_trip(&c, &s.base, 256, seed + 7 + k as u64).await;
+        figs[k]
+            .values
+            .push(("push one 256 MiB blob".into(), up, "MB/s"));
+        figs[k]
+            .values
+            .push(("pull one 256 MiB blob".into(), down, "MB/s"));
+    }
+    figs
+}
+
+fn print_pair(title: &str, a: (&str, &Figures), b: (&str, &Figures), goal: &str) {
+    println!("\n{title}\n");
+    println!("| figure | {} | {} | ratio |", a.0, b.0);
+    println!("|---|---|---|---|");
+    for (i, (label, v, unit)) in a.1.values.iter().enumerate() {
+        let w = b.1.values[i].1;
+        println!("| {label} ({unit}) | {v:.1} | {w:.1} | {:.2}× |", v / w);
+    }
+    println!("\n{goal}");
+}
+
+/// Writes a Classic directory (distribution's layout) of `count` blobs of `mib` MiB in
+/// images of 16 layers, as `docker-registry` would have stored them.
+fn write_classic(root: &Path, count: usize, mib: usize, seed: u64) -> u64 {
+    let v2 = root.join("docker/registry/v2");
+    let put_blob = |data: &[u8]| -> String {
+        let d = digest(data);
+        let p = v2.join("blobs/sha256").join(&d[7..9]).join(&d[7..]);
+        std::fs::create_dir_all(&p).unwrap();
+        std::fs::write(p.join("data"), data).unwrap();
+        d
+    };
+    let link = |path: std::path::PathBuf, d: &str| {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, d).unwrap();
+    };
+    let mut total = 0u64;
+    let mut x = seed | 1;
+    for image in 0..count.div_ceil(16) {
+        let repo = v2.join(format!("repositories/bench/classic{image}"));
+        let mut layers = Vec::new();
+        for _ in 0..16.min(count - image * 16) {
+            let data: Vec<u8> = (0..mib * MIB)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            let d = put_blob(&data);
+            link(repo.join("_layers/sha256").join(&d[7..]).join("link"), &d);
+            total += data.len() as u64;
+            layers.push(serde_json::json!({
+                "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                "digest": d, "size": data.len()
+            }));
+        }
+        let config = format!("{{\"architecture\":\"amd64\",\"os\":\"linux\",\"i\":{image}}}");
+        let cd = put_blob(config.as_bytes());
+        link(repo.join("_layers/sha256").join(&cd[7..]).join("link"), &cd);
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": config.len()},
+            "layers": layers,
+        })
+        .to_string();
+        let md = put_blob(manifest.as_bytes());
+        let tags = repo.join("_manifests");
+        link(
+            tags.join("revisions/sha256").join(&md[7..]).join("link"),
+            &md,
+        );
+        link(tags.join("tags/v1/current/link"), &md);
+        link(
+            tags.join("tags/v1/index/sha256")
+                .join(&md[7..])
+                .join("link"),
+            &md,
+        );
+    }
+    total
+}
+
+/// The upgrade of a Classic directory of 1 GiB in many blobs into (encrypted) managed
+/// storage, beside `cp -r` of the same directory, with and without the final `sync`.
+fn migration_bench(seed: u64) {
+    let tmp = tempfile::tempdir().unwrap();
+    let classic = tmp.path().join("classic");
+    let bytes = write_classic(&classic, 256, 4, seed);
+    let _ = Command::new("sync").status();
+    let copy = tmp.path().join("copy");
+    let t = Instant::now();
+    assert!(Command::new("cp")
+        .arg("-r")
+        .arg(&classic)
+        .arg(&copy)
+        .status()
+        .unwrap()
+        .success());
+    let cp = t.elapsed().as_secs_f64();
+    let _ = Command::new("sync").status();
+    let cp_sync = t.elapsed().as_secs_f64();
+    let data = tmp.path().join("managed");
+    acr_task::store::first_start(
+        &data,
+        Some(acr_task::tier::Sku::Classic),
+        Some(&classic),
+        true,
+    )
+    .unwrap();
+    let store = acr_task::store::Store::open(&data, true).unwrap();
+    acr_task::registry::service::change_tier(
+        &store,
+        Some(acr_task::tier::Sku::Premium),
+        &Default::default(),
+    )
+    .unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let t = Instant::now();
+    let report = acr_task::registry::upgrade::run(&store, Duration::ZERO, &stop, &|_| {})
+        .unwrap()
+        .unwrap();
+    let ours = t.elapsed().as_secs_f64();
+    let mb = bytes as f64 / 1e6;
+    println!(
+        "\nClassic upgrade of {:.0} MB in {} objects (blobs of 4 MiB, 16 per image)\n",
+        mb, report.progress.objects_total
+    );
+    println!("| copy | seconds | MB/s |");
+    println!("|---|---|---|");
+    println!(
+        "| `cp -r` (page cache, no fsync) | {cp:.2} | {:.1} |",
+        mb / cp
+    );
+    println!(
+        "| `cp -r` then `sync` | {cp_sync:.2} | {:.1} |",
+        mb / cp_sync
+    );
+    println!(
+        "| acr-task upgrade (each blob verified, sealed, fsync'd; manifests parsed and stored) | {ours:.2} | {:.1} |",
+        mb / ours
     );
 }
 

@@ -172,6 +172,48 @@ pub struct Properties {
     /// The Classic storage this registry serves (or served, before its upgrade).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub classic: Option<Classic>,
+    /// Encryption at rest of the managed store (`None`: a store from before it, until
+    /// `registry encryption enable`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
+}
+
+/// Who holds the registry key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum KeySource {
+    /// Generated and kept by acr-task in the registry's directory (mode 0600).
+    Managed,
+    /// The operator's key file (`--encryption-key-file`, `ACR_TASK_ENCRYPTION_KEY_FILE`).
+    CustomerManaged,
+}
+
+/// The managed store's encryption at rest (envelope encryption: a data key per blob,
+/// wrapped by the registry key).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Encryption {
+    pub key_source: KeySource,
+    /// The current registry key's fingerprint (never the key).
+    pub key_id: String,
+    /// Every blob and manifest is sealed (false while a store is encrypted in place).
+    pub complete: bool,
+    /// While a rotation re-wraps data keys: the key it moves away from (still needed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotating_from: Option<String>,
+    /// The in-place encryption or rotation under way (objects are blobs and manifests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+    /// Why the last attempt stopped (it is retried).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Encryption {
+    /// Work left to do: sealing what is stored, or re-wrapping data keys.
+    pub fn pending(&self) -> bool {
+        !self.complete || self.rotating_from.is_some()
+    }
 }
 
 impl Default for Properties {
@@ -238,6 +280,7 @@ impl Properties {
             sku,
             overrides: Overrides::default(),
             classic: None,
+            encryption: None,
         }
     }
 
@@ -456,7 +499,23 @@ impl Properties {
         }
         next.sku = sku;
         next.check_fits(used)?;
+        next.check_key_source()?;
         Ok(next)
+    }
+
+    /// A customer-managed key needs a tier that has them (Premium).
+    pub fn check_key_source(&self) -> Result<(), LimitError> {
+        let customer = self
+            .encryption
+            .as_ref()
+            .is_some_and(|e| e.key_source == KeySource::CustomerManaged);
+        if customer && !self.limits().customer_managed_keys {
+            return Err(LimitError::Feature {
+                sku: self.sku,
+                what: "a customer-managed key",
+            });
+        }
+        Ok(())
     }
 
     /// Whether `used` bytes fit this tier's storage limit.

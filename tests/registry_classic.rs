@@ -214,7 +214,7 @@ fn the_upgrade_keeps_every_pull_working_and_refuses_pushes_until_it_completes() 
             "Classic",
             "--classic-storage",
             &classic,
-            "--upgrade-pace-ms",
+            "--job-pace-ms",
             "300",
         ],
     );
@@ -343,7 +343,7 @@ fn a_killed_upgrade_resumes_without_copying_anything_twice() {
             "Classic".into(),
             "--classic-storage".into(),
             classic.clone(),
-            "--upgrade-pace-ms".into(),
+            "--job-pace-ms".into(),
             pace.into(),
         ]
     };

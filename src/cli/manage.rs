@@ -377,6 +377,40 @@ impl Backend {
         )?)
     }
 
+    /// The registry's encryption at rest.
+    pub fn encryption(&self) -> anyhow::Result<crate::server::manage::EncryptionInfo> {
+        if let Backend::Files(dir) = self {
+            let store = super::registry::open_dir(dir)?;
+            return Ok(crate::server::manage::encryption_info(&store)?);
+        }
+        serde_json::from_value(self.call(Method::GET, "/encryption", None)?)
+            .context("the server's encryption")
+    }
+
+    /// Asks for encryption (`enable`) or a key rotation (`rotate-key`); the state then.
+    /// On the files the job itself is left to whoever runs it (the server holding them,
+    /// or the caller).
+    pub fn encryption_job(
+        &self,
+        job: &str,
+    ) -> anyhow::Result<crate::server::manage::EncryptionInfo> {
+        if let Backend::Files(dir) = self {
+            let store = crate::store::Store::open(dir, false)
+                .with_context(|| format!("opening registry data in {}", dir.display()))?;
+            match job {
+                "enable" => store.enable_encryption()?,
+                _ => store.rotate_key()?,
+            };
+            return Ok(crate::server::manage::encryption_info(&store)?);
+        }
+        serde_json::from_value(self.call(
+            Method::POST,
+            &format!("/encryption/{job}"),
+            Some(json!({})),
+        )?)
+        .context("the server's encryption")
+    }
+
     /// Re-verifies the registry's content.
     pub fn fsck(&self) -> anyhow::Result<crate::store::FsckReport> {
         if let Backend::Files(dir) = self {

@@ -4,6 +4,7 @@
 pub mod acr;
 mod auth;
 mod client;
+mod encryption;
 mod manage;
 mod registry;
 mod render;

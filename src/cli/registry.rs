@@ -28,7 +28,18 @@ pub struct TierOpts {
     server: Option<String>,
     /// Output format: table, json or tsv.
     #[arg(long, short = 'o', value_enum, default_value = "table")]
-    output: Output,
+    pub(super) output: Output,
+}
+
+impl TierOpts {
+    pub(super) fn check_output(&self) -> anyhow::Result<()> {
+        no_dot(self.output)
+    }
+
+    /// The files of --data or the server that serves them (or --server).
+    pub(super) fn backend(&self) -> anyhow::Result<super::manage::Backend> {
+        super::manage::Backend::choose(self.server.as_deref(), self.data.clone())
+    }
 }
 
 /// A limit as given: a number, or `unlimited`.
@@ -103,6 +114,9 @@ and resumes where it was if stopped.")]
         #[command(flatten)]
         opts: TierOpts,
     },
+    /// Encryption at rest: show, enable (in place, online), rotate-key.
+    #[command(subcommand)]
+    Encryption(super::encryption::EncryptionCmd),
     /// Remove unreferenced blobs and manifests (safe while pushes continue).
     #[command(
         after_help = "Examples:\n  acr-task registry gc --dry-run\n  acr-task registry gc --grace 0     # nothing is pushing"
@@ -514,6 +528,7 @@ pub fn registry(cmd: RegistryCmd) -> anyhow::Result<ExitCode> {
             print_show(&info, opts.output)?;
             Ok(ExitCode::SUCCESS)
         }
+        RegistryCmd::Encryption(cmd) => super::encryption::encryption(cmd),
         RegistryCmd::Gc {
             data,
             dry_run,

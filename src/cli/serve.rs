@@ -111,9 +111,19 @@ pub struct ServeArgs {
     /// `docker-registry` writes: `docker/registry/v2/...`), served as it is.
     #[arg(long, value_name = "DIR")]
     pub classic_storage: Option<PathBuf>,
-    /// For tests: a pause after each object a Classic upgrade copies.
+    /// A customer-managed registry key (Premium): a file of base64 keys, one per line, the
+    /// current first (`openssl rand -base64 32`). A new registry is encrypted with it; an
+    /// encrypted one needs it to start. Without it, acr-task makes and keeps a key in the
+    /// registry's directory.
+    #[arg(long, value_name = "FILE", env = "ACR_TASK_ENCRYPTION_KEY_FILE")]
+    pub encryption_key_file: Option<PathBuf>,
+    /// For benchmarks and tests: a new registry stores its content unencrypted (as one
+    /// made before encryption at rest; `registry encryption enable` seals it later).
+    #[arg(long, hide = true)]
+    pub unencrypted: bool,
+    /// For tests: a pause after each object a long job handles.
     #[arg(long, hide = true, value_name = "MS", default_value_t = 0)]
-    pub upgrade_pace_ms: u64,
+    pub job_pace_ms: u64,
     /// For tests: timers read this RFC 3339 instant at start-up...
     #[arg(long, hide = true, value_name = "TIME")]
     pub clock_start: Option<chrono::DateTime<chrono::Utc>>,
@@ -181,7 +191,7 @@ impl ServeArgs {
                 max_blob_bytes: self.max_blob_size,
                 max_uploads_per_repository: self.max_uploads_per_repository.max(1),
                 max_uploads_per_client: self.max_uploads_per_client.max(1),
-                upgrade_pace: std::time::Duration::from_millis(self.upgrade_pace_ms),
+                job_pace: std::time::Duration::from_millis(self.job_pace_ms),
                 ..registry::RegistryLimits::default()
             },
             crate::listen::ConnectionLimits {
@@ -202,7 +212,10 @@ impl ServeArgs {
             (None, Some(_)) => Some(crate::tier::Sku::Classic),
             (s, _) => s,
         };
-        let note = crate::store::first_start(registry_dir, sku, classic)
+        if let Some(f) = &self.encryption_key_file {
+            crate::store::encryption::set_customer_key_file(f.clone());
+        }
+        let note = crate::store::first_start(registry_dir, sku, classic, !self.unencrypted)
             .with_context(|| format!("setting up the registry in {}", registry_dir.display()))?;
         if let Some(n) = note {
             eprintln!("note: {n}");

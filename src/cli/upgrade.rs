@@ -26,6 +26,9 @@ pub fn describe(p: &Progress) -> String {
         Some(s) => format!(", ETA {s} s"),
         None => String::new(),
     };
+    if p.bytes_total == 0 {
+        return format!("{}/{} objects{eta}", p.objects_done, p.objects_total);
+    }
     format!(
         "{}/{} objects, {} of {}, {}/s{eta}",
         p.objects_done,
@@ -37,35 +40,34 @@ pub fn describe(p: &Progress) -> String {
 }
 
 /// Draws progress on a terminal (a bar), or a line every few seconds elsewhere.
-struct Meter {
+pub(super) struct Meter {
     bar: Option<indicatif::ProgressBar>,
     last_line: std::sync::Mutex<Instant>,
     to: String,
 }
 
 impl Meter {
-    fn new(to: &str) -> Meter {
+    /// A meter labelled `what` (`upgrading to Basic`, `encrypting`).
+    pub(super) fn new(what: &str) -> Meter {
         let bar = std::io::stderr().is_terminal().then(|| {
             let b = indicatif::ProgressBar::new(0);
             b.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{spinner} upgrading to {prefix}: [{bar:30}] {msg}",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                .progress_chars("=> "),
+                indicatif::ProgressStyle::with_template("{spinner} {prefix}: [{bar:30}] {msg}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                    .progress_chars("=> "),
             );
-            b.set_prefix(to.to_string());
+            b.set_prefix(what.to_string());
             b.enable_steady_tick(Duration::from_millis(200));
             b
         });
         Meter {
             bar,
             last_line: std::sync::Mutex::new(Instant::now() - Duration::from_secs(60)),
-            to: to.to_string(),
+            to: what.to_string(),
         }
     }
 
-    fn show(&self, p: &Progress) {
+    pub(super) fn show(&self, p: &Progress) {
         match &self.bar {
             Some(b) => {
                 b.set_length(p.bytes_total.max(1));
@@ -78,13 +80,13 @@ impl Meter {
                 };
                 if at.elapsed() >= Duration::from_secs(2) {
                     *at = Instant::now();
-                    eprintln!("upgrading to {}: {}", self.to, describe(p));
+                    eprintln!("{}: {}", self.to, describe(p));
                 }
             }
         }
     }
 
-    fn finish(&self) {
+    pub(super) fn finish(&self) {
         if let Some(b) = &self.bar {
             b.finish_and_clear();
         }
@@ -96,7 +98,7 @@ pub fn follow(b: &Backend, info: RegistryInfo) -> anyhow::Result<RegistryInfo> {
     let Some(u) = pending(&info) else {
         return Ok(info);
     };
-    let meter = Meter::new(u.to.as_str());
+    let meter = Meter::new(&format!("upgrading to {}", u.to));
     let started = Instant::now();
     if let Backend::Files(dir) = b {
         if !crate::store::held_by_a_server(dir) {

@@ -163,6 +163,7 @@ pub(crate) fn to_store(
         blobs: parsed.blobs,
         children: parsed.children,
         tag,
+        sealed: None,
     })
 }
 
@@ -231,6 +232,7 @@ pub(super) async fn put(
         blobs: parsed.blobs,
         children: parsed.children,
         tag,
+        sealed: None,
     };
     let store = reg.inner.store.clone();
     let ctx = current_context();

@@ -190,8 +190,9 @@ pub struct RegistryLimits {
     pub upload_idle: std::time::Duration,
     /// A request body that sends nothing for this long is abandoned.
     pub body_idle: std::time::Duration,
-    /// A pause after each object a Classic upgrade copies (0; tests watch one in progress).
-    pub upgrade_pace: std::time::Duration,
+    /// A pause after each object a long job (a Classic upgrade, sealing a store in place,
+    /// a key rotation) handles: 0; tests watch one in progress.
+    pub job_pace: std::time::Duration,
 }
 
 impl Default for RegistryLimits {
@@ -202,7 +203,7 @@ impl Default for RegistryLimits {
             max_uploads_per_client: 128,
             upload_idle: std::time::Duration::from_secs(15 * 60),
             body_idle: std::time::Duration::from_secs(60),
-            upgrade_pace: std::time::Duration::ZERO,
+            job_pace: std::time::Duration::ZERO,
         }
     }
 }
@@ -231,12 +232,13 @@ pub(crate) struct State {
     pub throttle: throttle::Throttle,
 }
 
-/// While a Classic directory serves: runs its upgrade once the settings ask for one
-/// (through the API, or on the files by another process), here, in the serving process;
-/// a failed one is retried a minute later. Ends when the managed store serves.
-async fn watch_upgrade(weak: std::sync::Weak<State>) {
+/// The registry's long jobs, run here in the serving process when the settings ask for
+/// them (through the API, or on the files by another process): a Classic registry's
+/// upgrade, sealing a store in place, re-wrapping data keys after a key rotation. A job
+/// that fails is retried a minute later; each resumes where it stopped.
+async fn watch_jobs(weak: std::sync::Weak<State>) {
     use std::sync::atomic::{AtomicBool, Ordering};
-    /// Stops the copy (at its next object) when the loop is dropped (the registry stops).
+    /// Stops a job (at its next object) when the loop is dropped (the registry stops).
     struct StopOnDrop(Arc<AtomicBool>);
     impl Drop for StopOnDrop {
         fn drop(&mut self) {
@@ -247,42 +249,60 @@ async fn watch_upgrade(weak: std::sync::Weak<State>) {
     loop {
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         let Some(state) = weak.upgrade() else { return };
-        if !state.store.serves_classic() {
-            return;
-        }
-        let (store, pace, flag) = (
-            state.store.clone(),
-            state.limits.upgrade_pace,
-            stop.0.clone(),
-        );
+        let (store, pace, flag) = (state.store.clone(), state.limits.job_pace, stop.0.clone());
         drop(state);
-        let r = tokio::task::spawn_blocking(move || {
-            let r = upgrade::run(&store, pace, &flag, &|_| {});
-            if let Err(e) = &r {
-                if !matches!(e, upgrade::UpgradeError::Stopped) {
-                    upgrade::record_failure(&store, e);
+        let r = tokio::task::spawn_blocking(move || -> Result<bool, String> {
+            let quiet = |_: &crate::tier::Progress| {};
+            let p = store.properties().map_err(|e| e.to_string())?;
+            if p.upgrading().is_some() {
+                return match upgrade::run(&store, pace, &flag, &quiet) {
+                    Ok(r) => {
+                        if let Some(r) = r {
+                            tracing::info!(
+                                copied = r.objects_copied,
+                                already_there = r.objects_already_there,
+                                tags = r.tags_verified,
+                                "Classic upgrade complete"
+                            );
+                        }
+                        Ok(true)
+                    }
+                    Err(upgrade::UpgradeError::Stopped) => Ok(false),
+                    Err(e) => {
+                        upgrade::record_failure(&store, &e);
+                        Err(format!("Classic upgrade: {e}"))
+                    }
+                };
+            }
+            if store.serves_classic() {
+                return Ok(false);
+            }
+            store.sync_encryption().map_err(|e| e.to_string())?;
+            let Some(e) = p.encryption.filter(|e| e.pending()) else {
+                return Ok(false);
+            };
+            let job = if !e.complete {
+                store.seal_in_place(pace, &flag, &quiet)
+            } else {
+                store.rewrap_keys(pace, &flag, &quiet)
+            };
+            match job {
+                Ok(_) => Ok(true),
+                Err(_) if flag.load(Ordering::SeqCst) => Ok(false),
+                Err(err) => {
+                    store.record_encryption_failure(&err);
+                    Err(format!("encryption at rest: {err}"))
                 }
             }
-            r
         })
         .await;
         match r {
-            Ok(Ok(Some(report))) => {
-                tracing::info!(
-                    copied = report.objects_copied,
-                    already_there = report.objects_already_there,
-                    tags = report.tags_verified,
-                    "Classic upgrade complete"
-                );
-                return;
-            }
-            Ok(Ok(None)) => {}
-            Ok(Err(upgrade::UpgradeError::Stopped)) => return,
+            Ok(Ok(_)) => {}
             Ok(Err(e)) => {
-                tracing::error!(error = %e, "Classic upgrade stopped; retrying in a minute");
+                tracing::error!(error = %e, "a registry job stopped; retrying in a minute");
                 tokio::time::sleep(std::time::Duration::from_secs(60)).await;
             }
-            Err(e) => tracing::error!(error = %e, "Classic upgrade task"),
+            Err(e) => tracing::error!(error = %e, "registry job task"),
         }
     }
 }
@@ -344,12 +364,10 @@ impl Registry {
             self.inner.maintained.store(false, Ordering::SeqCst);
             return;
         }
-        if self.inner.store.serves_classic() {
-            let weak = Arc::downgrade(&self.inner);
-            self.inner
-                .background
-                .spawn("classic upgrade", watch_upgrade(weak));
-        }
+        let weak = Arc::downgrade(&self.inner);
+        self.inner
+            .background
+            .spawn("registry jobs", watch_jobs(weak));
         let weak = Arc::downgrade(&self.inner);
         let every = sweep_every(&self.inner.limits);
         self.inner.background.spawn("registry upkeep", async move {

@@ -6,7 +6,8 @@
 //! threads are only used while there is data to write. Every [`SYNC_EVERY`] bytes an
 //! `fdatasync` starts in the background so that the final fsync at commit has little left.
 //! Downloads: blobs the storage can map are sent as slices of the mapping, straight from
-//! the page cache; others are read by one blocking thread in [`READ_CHUNK`]-sized chunks.
+//! the page cache, or (sealed at rest) as buffers it decrypts, in the chunk size it asks
+//! for; others are read by one blocking thread in [`READ_CHUNK`]-sized chunks.
 
 use std::io::Read;
 use std::sync::Arc;
@@ -23,8 +24,6 @@ use crate::store::{BlobUpload, Store};
 
 const SYNC_EVERY: u64 = 64 * 1024 * 1024;
 const READ_CHUNK: usize = 256 * 1024;
-/// Slices of a mapped blob sent at a time (no copy, so larger than [`READ_CHUNK`]).
-const MAPPED_CHUNK: usize = 4 * 1024 * 1024;
 const BATCH: usize = 2 * 1024 * 1024;
 
 pub(crate) struct Written {
@@ -254,8 +253,9 @@ fn send_mapped(
     len: u64,
 ) -> std::io::Result<bool> {
     let (mut at, end) = (start, start + len);
+    let chunk = store.blob_map_chunk() as u64;
     while at < end {
-        let n = (end - at).min(MAPPED_CHUNK as u64) as usize;
+        let n = (end - at).min(chunk) as usize;
         let Some(chunk) = store
             .blob_map(digest, at, n)
             .map_err(std::io::Error::other)?

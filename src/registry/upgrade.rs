@@ -203,7 +203,8 @@ pub fn run(
         Ok(())
     };
     save(true)?;
-    let (blobs, meta) = store.managed();
+    let managed = store.managed();
+    let (blobs, meta) = (managed.blobs.as_ref(), managed.meta.as_ref());
 
     // Blobs, by a few copiers at once.
     let items: Vec<(&String, &(u64, Vec<String>))> = plan.blobs.iter().collect();

@@ -114,6 +114,55 @@ pub fn registry_info(
     })
 }
 
+/// What `registry encryption show` prints, on the files or from a server.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EncryptionInfo {
+    /// `encrypted`, `encrypting` (sealing in place), `rotating`, or `unencrypted`.
+    pub state: String,
+    pub algorithm: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_source: Option<crate::tier::KeySource>,
+    /// The current registry key's fingerprint (never the key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    /// Where the key is read from (on the server's machine).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<std::path::PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotating_from: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<crate::tier::Progress>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The registry's encryption at rest as `registry encryption show` prints it. Blocking.
+pub fn encryption_info(
+    store: &crate::store::Store,
+) -> Result<EncryptionInfo, crate::store::StoreError> {
+    let p = store.properties()?;
+    let location = store.key_location()?;
+    let e = p.encryption;
+    let state = match &e {
+        None => "unencrypted",
+        Some(e) if !e.complete => "encrypting",
+        Some(e) if e.rotating_from.is_some() => "rotating",
+        Some(_) => "encrypted",
+    };
+    Ok(EncryptionInfo {
+        state: state.into(),
+        algorithm: "AES-256-GCM, 64 KiB chunks, a data key per blob wrapped by the registry key"
+            .into(),
+        key_source: e.as_ref().map(|e| e.key_source),
+        key_id: e.as_ref().map(|e| e.key_id.clone()),
+        key_file: location.map(|(_, f)| f),
+        rotating_from: e.as_ref().and_then(|e| e.rotating_from.clone()),
+        progress: e.as_ref().and_then(|e| e.progress),
+        error: e.and_then(|e| e.error),
+    })
+}
+
 /// A change of tier or limits (`PATCH /api/registry`, `registry update`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -170,6 +219,7 @@ impl From<crate::store::StoreError> for Refusal {
     fn from(e: crate::store::StoreError) -> Refusal {
         match e {
             crate::store::StoreError::Limit(l) => Refusal(StatusCode::FORBIDDEN, l.to_string()),
+            crate::store::StoreError::Refused(m) => Refusal(StatusCode::CONFLICT, m),
             e => {
                 tracing::error!(error = %e, "registry management");
                 Refusal(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
@@ -239,6 +289,12 @@ pub fn router(state: Arc<ManageState>) -> Router {
         .route("/api/registry/webhooks/{name}/events", get(hook_events))
         .route("/api/registry/webhooks/{name}/ping", post(ping_hook))
         .route("/api/registry", get(show).patch(update))
+        .route("/api/registry/encryption", get(encryption_show))
+        .route("/api/registry/encryption/enable", post(encryption_enable))
+        .route(
+            "/api/registry/encryption/rotate-key",
+            post(encryption_rotate),
+        )
         .route("/api/registry/gc", post(gc))
         .route("/api/registry/fsck", post(fsck))
         .with_state(state)
@@ -623,6 +679,35 @@ async fn update(
     let info = blocking(move || {
         crate::registry::service::change_tier(&s.store, ch.sku, &ch.overrides)?;
         info_of(&s)
+    })
+    .await?;
+    Ok(Json(info).into_response())
+}
+
+async fn encryption_show(State(s): St, Extension(c): Extension<Caller>) -> Answer {
+    admin_only(&s, &c)?;
+    let store = s.store.clone();
+    let info = blocking(move || Ok(encryption_info(&store)?)).await?;
+    Ok(Json(info).into_response())
+}
+
+async fn encryption_enable(State(s): St, Extension(c): Extension<Caller>) -> Answer {
+    admin_only(&s, &c)?;
+    let store = s.store.clone();
+    let info = blocking(move || {
+        store.enable_encryption()?;
+        Ok(encryption_info(&store)?)
+    })
+    .await?;
+    Ok(Json(info).into_response())
+}
+
+async fn encryption_rotate(State(s): St, Extension(c): Extension<Caller>) -> Answer {
+    admin_only(&s, &c)?;
+    let store = s.store.clone();
+    let info = blocking(move || {
+        store.rotate_key()?;
+        Ok(encryption_info(&store)?)
     })
     .await?;
     Ok(Json(info).into_response())

@@ -35,6 +35,11 @@ pub trait BlobStorage: Send + Sync + std::fmt::Debug {
     ) -> Result<Option<bytes::Bytes>, StoreError> {
         Ok(None)
     }
+    /// How many bytes a pull asks [`BlobStorage::map`] for at a time: mapped pages cost
+    /// nothing until touched; a backend that fills a buffer (decrypting) wants less.
+    fn map_chunk(&self) -> usize {
+        4 << 20
+    }
     /// First phase of a removal: `digest` stops being readable; `None` if it was absent.
     fn stage_removal(&self, digest: &str) -> Result<Option<Staged>, StoreError>;
     /// Second phase: the staged content is gone for good.
@@ -63,6 +68,19 @@ pub trait BlobUpload: Send + Sync {
     /// already stored under it is kept (it is the same bytes). May be called again; after
     /// it, writes are refused (the committed content never changes).
     fn commit(&self, digest: &str) -> Result<(), StoreError>;
+    /// Make the upload the content under `digest` in place of what is stored there (the
+    /// same content in another form: sealing it at rest), atomically: a reader sees the
+    /// old file or the new one, whole. Readers that opened the old one keep it.
+    fn replace(&self, digest: &str) -> Result<(), StoreError> {
+        let _ = digest;
+        Err(StoreError::Refused(
+            "this blob storage cannot replace content in place".into(),
+        ))
+    }
+    /// Whether the upload seals what it stores (encryption at rest).
+    fn sealed(&self) -> bool {
+        false
+    }
     /// Drop the upload's own data now (committed content stays); writes are then refused.
     /// Dropping the last handle does the same.
     fn cancel(&self);
@@ -203,7 +221,8 @@ impl BlobStorage for FsBlobs {
         }
         // SAFETY: a committed blob file is never written again: uploads are separate
         // files, sealed by their commit (linked into place only once complete); gc
-        // renames and unlinks (which leaves a mapping valid); nothing truncates. The
+        // renames and unlinks, and sealing at rest renames a new file over it (both leave
+        // a mapping of the old file valid); nothing truncates. The
         // range was checked against the file's size above. The mapping is read-only.
         let map = unsafe {
             memmap2::MmapOptions::new()
@@ -338,6 +357,10 @@ impl BlobUpload for FsUpload {
 
     /// fsync the file; hard-link it to its final name and fsync that directory. A crash at
     /// any point leaves either nothing visible or a complete blob.
+    fn replace(&self, digest: &str) -> Result<(), StoreError> {
+        self.replace_file(digest)
+    }
+
     fn commit(&self, digest: &str) -> Result<(), StoreError> {
         self.sealed.store(true, std::sync::atomic::Ordering::SeqCst);
         self.file.sync_all().map_err(io_err(&self.path))?;
@@ -348,6 +371,24 @@ impl BlobUpload for FsUpload {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(io_err(&dest)(e)),
+        }
+        super::sync_dir(&dir)
+    }
+}
+
+impl FsUpload {
+    /// [`BlobUpload::replace`]: linked beside the destination, renamed over it.
+    fn replace_file(&self, digest: &str) -> Result<(), StoreError> {
+        self.sealed.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.file.sync_all().map_err(io_err(&self.path))?;
+        let dest = self.blobs.path(digest);
+        let dir = dest.parent().unwrap_or(&self.blobs.root).to_path_buf();
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let tmp = dir.join(format!(".replace-{}", uuid::Uuid::new_v4().simple()));
+        fs::hard_link(&self.path, &tmp).map_err(io_err(&tmp))?;
+        if let Err(e) = fs::rename(&tmp, &dest) {
+            let _ = fs::remove_file(&tmp);
+            return Err(io_err(&dest)(e));
         }
         super::sync_dir(&dir)
     }

@@ -703,6 +703,30 @@ impl RegistryMeta for ClassicMeta {
         Ok(audit)
     }
 
+    fn manifest_contents(
+        &self,
+        _after: Option<(&str, &str)>,
+        _limit: usize,
+    ) -> Result<Vec<(String, String, Vec<u8>)>, StoreError> {
+        Err(LimitError::NeedsManaged {
+            what: "encryption at rest and key rotation",
+        }
+        .into())
+    }
+
+    fn replace_manifest_content(
+        &self,
+        _repo: &str,
+        _digest: &str,
+        _was: &[u8],
+        _now: &[u8],
+    ) -> Result<bool, StoreError> {
+        Err(LimitError::NeedsManaged {
+            what: "encryption at rest and key rotation",
+        }
+        .into())
+    }
+
     fn storage_used(&self) -> Result<u64, StoreError> {
         Ok(self.used.load(Ordering::SeqCst))
     }
@@ -795,6 +819,7 @@ mod tests {
             }],
             children: vec![],
             tag: Some("v1".into()),
+            sealed: None,
         };
         m.put_manifest(&nm, &["pushed".into()], &admit_all).unwrap();
         assert_eq!(

@@ -119,7 +119,21 @@ impl Store {
                 ));
                 continue;
             }
-            let (actual, n) = self.hash_blob(digest)?;
+            let (actual, n) = match self.hash_blob(digest) {
+                Ok(r) => r,
+                // Content that cannot be read as what it is named (does not decrypt, or
+                // is plaintext where everything is sealed) is damaged content.
+                Err(e @ (StoreError::Corrupt(_) | StoreError::Io { .. })) => {
+                    report.issues.push(issue(
+                        "blob-digest",
+                        None,
+                        digest,
+                        format!("its content cannot be read: {e}"),
+                    ));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             if n != *size {
                 report.issues.push(issue(
                     "blob-size",

@@ -110,6 +110,23 @@ pub trait RegistryMeta: Send + Sync {
     /// Everything fsck checks against the content, and the rows that point nowhere.
     fn audit(&self) -> Result<Audit, StoreError>;
 
+    /// Up to `limit` manifests as stored (content as kept, sealed or not) after
+    /// `(repo, digest)`, in that order: what sealing and key rotation walk.
+    fn manifest_contents(
+        &self,
+        after: Option<(&str, &str)>,
+        limit: usize,
+    ) -> Result<Vec<(String, String, Vec<u8>)>, StoreError>;
+    /// Replaces a manifest's stored bytes if they are still `was` (false otherwise): the
+    /// same content sealed, or sealed under another key.
+    fn replace_manifest_content(
+        &self,
+        repo: &str,
+        digest: &str,
+        was: &[u8],
+        now: &[u8],
+    ) -> Result<bool, StoreError>;
+
     /// Bytes stored: every blob some repository links, once, and every manifest row.
     fn storage_used(&self) -> Result<u64, StoreError>;
     /// The registry's settings (JSON; `None` before any were set).
@@ -199,4 +216,7 @@ pub struct NewManifest {
     /// Child manifests (of an index) that must be in the repository, with declared sizes.
     pub children: Vec<Descriptor>,
     pub tag: Option<String>,
+    /// The bytes to keep instead of `content` (sealed at rest); `content` stays what is
+    /// served and what the size counts.
+    pub sealed: Option<Vec<u8>>,
 }

@@ -15,6 +15,9 @@
 
 mod blobs;
 pub mod classic;
+pub mod crypt;
+pub mod encrypted;
+pub mod encryption;
 mod maint;
 mod meta;
 pub mod migrate;
@@ -89,8 +92,14 @@ pub(crate) fn now() -> i64 {
 pub struct Store {
     root: PathBuf,
     /// The managed store in `root`: what serves, or the target of a Classic registry's
-    /// upgrade while the Classic directory serves.
-    managed: Arc<Backends>,
+    /// upgrade while the Classic directory serves. Replaced whole when encryption is
+    /// enabled.
+    managed: RwLock<Arc<Backends>>,
+    /// The managed metadata itself (under the layers): settings, keys, and what the
+    /// encryption jobs walk.
+    side: Arc<SqliteMeta>,
+    /// The encrypting layers of the managed store, when it is encrypted.
+    crypto: RwLock<Option<encryption::Crypto>>,
     /// The Classic directory's backends while they serve (until the upgrade completes).
     classic: RwLock<Option<ClassicServing>>,
     /// The settings as last read, and when: re-read at most once a second, so a change
@@ -120,11 +129,14 @@ impl Store {
             None
         };
         let side = Arc::new(SqliteMeta::open(&root.join("meta.db"))?);
-        let managed = Arc::new(Backends {
-            blobs: Arc::new(FsBlobs::open(root)?),
-            meta: side.clone(),
-        });
+        if side.properties()?.is_none() && holds_nothing(&side)? {
+            // A new registry: its settings, with encryption at rest from the start.
+            let first = initial_properties(root, &side, Sku::Premium, true)?;
+            write_properties(&side, &first, false)?;
+        }
         let props = parse_properties(side.properties()?.as_deref())?;
+        let (managed, crypto) =
+            encryption::managed_backends(root, &side, props.encryption.as_ref())?;
         let classic = match (&props.sku, &props.classic) {
             (Sku::Classic, Some(c)) => {
                 let meta = Arc::new(classic::ClassicMeta::open(&c.storage, side.clone())?);
@@ -140,7 +152,9 @@ impl Store {
         };
         let store = Store {
             root: root.to_path_buf(),
-            managed,
+            managed: RwLock::new(managed),
+            side,
+            crypto: RwLock::new(crypto),
             classic: RwLock::new(classic),
             properties: std::sync::RwLock::new(None),
             _owner: owner,
@@ -160,19 +174,32 @@ impl Store {
         match self.classic.read() {
             Ok(g) => g
                 .as_ref()
-                .map_or_else(|| self.managed.clone(), |c| c.backends.clone()),
-            Err(_) => self.managed.clone(),
+                .map_or_else(|| self.managed(), |c| c.backends.clone()),
+            Err(_) => self.managed(),
+        }
+    }
+
+    /// The managed store's backends: what serves, or the target of a Classic registry's
+    /// upgrade.
+    pub fn managed(&self) -> Arc<Backends> {
+        match self.managed.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    fn set_managed(&self, backends: Arc<Backends>, crypto: Option<encryption::Crypto>) {
+        if let Ok(mut g) = self.managed.write() {
+            *g = backends;
+        }
+        if let Ok(mut g) = self.crypto.write() {
+            *g = crypto;
         }
     }
 
     /// Whether a Classic directory serves (the registry is Classic, possibly upgrading).
     pub fn serves_classic(&self) -> bool {
         self.classic.read().is_ok_and(|g| g.is_some())
-    }
-
-    /// The managed store, which a Classic registry's upgrade fills.
-    pub fn managed(&self) -> (&dyn BlobStorage, &dyn RegistryMeta) {
-        (self.managed.blobs.as_ref(), self.managed.meta.as_ref())
     }
 
     /// The Classic directory while it serves (what its upgrade reads): its blob storage
@@ -217,6 +244,7 @@ pub fn first_start(
     root: &Path,
     sku: Option<Sku>,
     classic_storage: Option<&Path>,
+    encrypted: bool,
 ) -> Result<Option<String>, StoreError> {
     fs::create_dir_all(root).map_err(io_err(root))?;
     let meta = SqliteMeta::open(&root.join("meta.db"))?;
@@ -232,7 +260,9 @@ pub fn first_start(
     };
     let existing = meta.properties()?;
     let Some(json) = existing else {
-        let Some(sku) = sku else { return Ok(None) };
+        let Some(sku) = sku.or((!encrypted).then_some(Sku::Premium)) else {
+            return Ok(None);
+        };
         if sku == Sku::Classic {
             let Some(storage) = storage else {
                 return Err(StoreError::Refused(
@@ -249,11 +279,15 @@ pub fn first_start(
                     storage,
                     upgrade: None,
                 }),
-                ..crate::tier::Properties::new(Sku::Classic)
+                ..initial_properties(root, &meta, Sku::Classic, encrypted)?
             };
-            write_properties(&meta, &p)?;
+            write_properties(&meta, &p, true)?;
         } else {
-            write_properties(&meta, &crate::tier::Properties::new(sku))?;
+            write_properties(
+                &meta,
+                &initial_properties(root, &meta, sku, encrypted)?,
+                true,
+            )?;
         }
         return Ok(None);
     };
@@ -285,10 +319,46 @@ pub fn first_start(
     }
 }
 
-fn write_properties(meta: &SqliteMeta, p: &crate::tier::Properties) -> Result<(), StoreError> {
+/// Writes a registry's settings; unless `over`, settings another process wrote first stay.
+fn write_properties(
+    meta: &SqliteMeta,
+    p: &crate::tier::Properties,
+    over: bool,
+) -> Result<(), StoreError> {
     let json = serde_json::to_string(p).map_err(|e| StoreError::Properties(e.to_string()))?;
-    meta.set_properties(&mut |_, _| Ok(json.clone()))?;
+    meta.set_properties(&mut |now, _| match now {
+        Some(there) if !over => Ok(there.to_string()),
+        _ => Ok(json.clone()),
+    })?;
     Ok(())
+}
+
+/// A registry's first settings: its tier, and encryption at rest of its managed store
+/// with the operator's key or one made now, complete from the start when the store is
+/// new (empty). A store that holds content from before (an acr-task without settings)
+/// stays as it is until `registry encryption enable` seals it in place.
+fn initial_properties(
+    root: &Path,
+    meta: &SqliteMeta,
+    sku: Sku,
+    encrypted: bool,
+) -> Result<crate::tier::Properties, StoreError> {
+    let encryption = if encrypted && holds_nothing(meta)? {
+        Some(encryption::new_encryption(root, true)?)
+    } else {
+        None
+    };
+    let p = crate::tier::Properties {
+        encryption,
+        ..crate::tier::Properties::new(sku)
+    };
+    p.check_key_source()?;
+    Ok(p)
+}
+
+/// Whether a registry's metadata holds no content (a new registry).
+fn holds_nothing(meta: &SqliteMeta) -> Result<bool, StoreError> {
+    Ok(meta.list_repositories(Some(1), None)?.is_empty() && meta.storage_used()? == 0)
 }
 
 /// Whether a server holds the registry in `root` now (its `serve.lock` is locked).
@@ -340,6 +410,11 @@ impl Store {
         self.now().blobs.map(digest, start, len)
     }
 
+    /// How many bytes a pull asks [`Store::blob_map`] for at a time.
+    pub fn blob_map_chunk(&self) -> usize {
+        self.now().blobs.map_chunk()
+    }
+
     /// The content of a stored blob from byte `start`. `digest` must already be validated.
     pub fn blob_reader(
         &self,
@@ -373,7 +448,12 @@ impl Store {
                 }
                 Ok(true)
             })
-            .map(drop)
+            .map(drop)?;
+        if !upload.sealed() && !self.serves_classic() {
+            // Begun before encryption was enabled: sealed now, like everything stored.
+            self.seal_late_upload(digest)?;
+        }
+        Ok(())
     }
 
     /// Size of a stored blob (in any repository).

@@ -22,6 +22,9 @@ fn open_conn(path: &Path) -> Result<Connection, StoreError> {
 pub fn configure(conn: &Connection) -> rusqlite::Result<()> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
+    // What is deleted or replaced is overwritten, not left in free pages (a manifest
+    // sealed in place leaves no plaintext behind).
+    conn.pragma_update(None, "secure_delete", "ON")?;
     conn.busy_timeout(std::time::Duration::from_secs(30))
 }
 
@@ -75,6 +78,13 @@ pub(crate) const MIGRATIONS: &[super::migrate::Migration] = &[
           BEGIN UPDATE usage SET bytes = bytes + NEW.size; END;
          CREATE TRIGGER usage_manifest_remove AFTER DELETE ON manifests
           BEGIN UPDATE usage SET bytes = bytes - OLD.size; END;",
+    ),
+    // Wrapped data keys of sealed blobs (encryption at rest), by the id a blob's file
+    // names; re-wrapped in place when the registry key rotates.
+    super::migrate::Migration::Sql(
+        "CREATE TABLE blob_keys(dek_id BLOB PRIMARY KEY, digest TEXT NOT NULL,
+            key_id TEXT NOT NULL, wrapped BLOB NOT NULL, created INTEGER NOT NULL);
+         CREATE INDEX blob_keys_by_key ON blob_keys(key_id);",
     ),
 ];
 
@@ -210,7 +220,7 @@ fn put_manifest(conn: &Connection, m: &NewManifest) -> Result<(), StoreError> {
             m.artifact_type,
             m.subject,
             m.content.len() as i64,
-            m.content,
+            m.sealed.as_ref().unwrap_or(&m.content),
             t
         ],
     )?;
@@ -453,6 +463,14 @@ impl SqliteMeta {
             return Ok(());
         }
         self.write(|tx| insert_outbox(tx, events))
+    }
+
+    /// Moves everything into the database file and empties the write-ahead log, so that
+    /// no earlier version of a page (plaintext before sealing) stays in it.
+    pub(crate) fn checkpoint(&self) -> Result<(), StoreError> {
+        let conn = self.writer()?;
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        Ok(())
     }
 
     /// Runs `f` in an immediate (write-locked) transaction and commits what it returns.
@@ -846,6 +864,36 @@ impl RegistryMeta for SqliteMeta {
         })
     }
 
+    fn manifest_contents(
+        &self,
+        after: Option<(&str, &str)>,
+        limit: usize,
+    ) -> Result<Vec<(String, String, Vec<u8>)>, StoreError> {
+        let (repo, digest) = after.unwrap_or(("", ""));
+        collect(
+            &*self.reader()?,
+            "SELECT repo, digest, content FROM manifests WHERE (repo, digest) > (?1, ?2)
+             ORDER BY repo, digest LIMIT ?3",
+            params![repo, digest, limit as i64],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+    }
+
+    fn replace_manifest_content(
+        &self,
+        repo: &str,
+        digest: &str,
+        was: &[u8],
+        now: &[u8],
+    ) -> Result<bool, StoreError> {
+        self.write(|tx| {
+            Ok(tx.execute(
+                "UPDATE manifests SET content = ?4 WHERE repo = ?1 AND digest = ?2 AND content = ?3",
+                params![repo, digest, was, now],
+            )? == 1)
+        })
+    }
+
     fn storage_used(&self) -> Result<u64, StoreError> {
         storage_used(&*self.reader()?)
     }
@@ -873,5 +921,79 @@ impl RegistryMeta for SqliteMeta {
             )?;
             Ok(next)
         })
+    }
+}
+
+impl super::crypt::KeyIndex for SqliteMeta {
+    fn put_dek(
+        &self,
+        dek_id: &super::crypt::DekId,
+        digest: &str,
+        key_id: &str,
+        wrapped: &[u8],
+    ) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT OR REPLACE INTO blob_keys(dek_id, digest, key_id, wrapped, created)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![&dek_id[..], digest, key_id, wrapped, now()],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn get_dek(
+        &self,
+        dek_id: &super::crypt::DekId,
+    ) -> Result<Option<(String, Vec<u8>)>, StoreError> {
+        Ok(self
+            .reader()?
+            .query_row(
+                "SELECT key_id, wrapped FROM blob_keys WHERE dek_id = ?1",
+                params![&dek_id[..]],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?)
+    }
+
+    fn deks_not_wrapped_by(
+        &self,
+        key_id: &str,
+        limit: usize,
+    ) -> Result<Vec<(super::crypt::DekId, String, Vec<u8>)>, StoreError> {
+        let rows: Vec<(Vec<u8>, String, Vec<u8>)> = collect(
+            &*self.reader()?,
+            "SELECT dek_id, key_id, wrapped FROM blob_keys WHERE key_id != ?1 LIMIT ?2",
+            params![key_id, limit as i64],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(id, k, w)| Some((id.try_into().ok()?, k, w)))
+            .collect())
+    }
+
+    fn rewrap_dek(
+        &self,
+        dek_id: &super::crypt::DekId,
+        old_key: &str,
+        key_id: &str,
+        wrapped: &[u8],
+    ) -> Result<bool, StoreError> {
+        self.write(|tx| {
+            Ok(tx.execute(
+                "UPDATE blob_keys SET key_id = ?3, wrapped = ?4 WHERE dek_id = ?1 AND key_id = ?2",
+                params![&dek_id[..], old_key, key_id, wrapped],
+            )? == 1)
+        })
+    }
+
+    fn dek_key_ids(&self) -> Result<Vec<String>, StoreError> {
+        collect(
+            &*self.reader()?,
+            "SELECT DISTINCT key_id FROM blob_keys",
+            [],
+            |r| r.get(0),
+        )
     }
 }

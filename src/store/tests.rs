@@ -47,6 +47,7 @@ fn manifest(
         blobs,
         children: vec![],
         tag: tag.map(str::to_string),
+        sealed: None,
     }
 }
 
@@ -310,6 +311,7 @@ fn every_meta_backend_writes_delete_events_with_the_delete() {
             blobs: vec![],
             children: vec![],
             tag: Some("v1".into()),
+            sealed: None,
         };
         meta.put_manifest(&m, &["push".into()], &admit_all).unwrap();
         let mut tagged = m.clone();
@@ -395,6 +397,7 @@ fn every_meta_backend_counts_storage_as_repositories_link_it() {
             }],
             children: vec![],
             tag: Some("v1".into()),
+            sealed: None,
         };
         assert!(meta.put_manifest(&m, &[], &full).is_err(), "{name}");
         assert_eq!(
@@ -470,4 +473,77 @@ fn the_storage_limit_refuses_a_blob_and_leaves_nothing_visible() {
         Err(StoreError::Limit(crate::tier::LimitError::TooSmall { .. }))
     ));
     assert_eq!(store.properties().unwrap(), p);
+}
+
+#[test]
+fn a_new_store_is_encrypted_and_a_key_rotation_rewrites_no_content() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), true).unwrap();
+    let e = store.properties().unwrap().encryption.unwrap();
+    assert!(e.complete && e.key_source == crate::tier::KeySource::Managed);
+    let keys = dir.path().join(encryption::MANAGED_KEY_FILE);
+    assert_eq!(
+        std::fs::metadata(&keys).unwrap().mode() & 0o777,
+        0o600,
+        "the key is the owner's only"
+    );
+    let d = put_blob(&store, "r", b"layer bytes in the clear");
+    let m = manifest(
+        &store,
+        "r",
+        vec![d.clone()],
+        Some("v1"),
+        b"{\"secret\":\"manifest\"}",
+    );
+    store.put_manifest(&m, &[], &admit_all).unwrap();
+    let raw = std::fs::read(dir.path().join("meta.db")).unwrap_or_default();
+    let wal = std::fs::read(dir.path().join("meta.db-wal")).unwrap_or_default();
+    for bytes in [&raw, &wal] {
+        assert!(
+            !bytes.windows(6).any(|w| w == b"secret"),
+            "manifest in the clear"
+        );
+    }
+    let before = std::fs::read(file_of(&store, &d)).unwrap();
+    let inode = std::fs::metadata(file_of(&store, &d)).unwrap().ino();
+    let old = store.properties().unwrap().encryption.unwrap().key_id;
+    store.rotate_key().unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let r = store
+        .rewrap_keys(std::time::Duration::ZERO, &stop, &|_| {})
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.changed, 2, "one data key, one manifest");
+    let now = store.properties().unwrap().encryption.unwrap();
+    assert!(now.key_id != old && now.rotating_from.is_none());
+    assert_eq!(
+        std::fs::read(file_of(&store, &d)).unwrap(),
+        before,
+        "content untouched"
+    );
+    assert_eq!(std::fs::metadata(file_of(&store, &d)).unwrap().ino(), inode);
+    assert_eq!(std::fs::read_to_string(&keys).unwrap().lines().count(), 1);
+    let row = store
+        .get_manifest("r", &Reference::Tag("v1".into()))
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.content, b"{\"secret\":\"manifest\"}");
+    assert!(store.fsck().unwrap().is_clean());
+    drop(store);
+    // Reopened with the key it holds: fine. With another key: refused, with the reason.
+    Store::open(dir.path(), true).unwrap();
+    std::fs::write(
+        &keys,
+        format!("{}\n", crypt::KeyRing::generate_line().unwrap()),
+    )
+    .unwrap();
+    let e = Store::open(dir.path(), true).unwrap_err().to_string();
+    assert!(
+        e.contains(&now.key_id) && e.contains("does not hold"),
+        "{e}"
+    );
+    std::fs::remove_file(&keys).unwrap();
+    let e = Store::open(dir.path(), true).unwrap_err().to_string();
+    assert!(e.contains("cannot be read"), "{e}");
 }
