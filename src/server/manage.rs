@@ -118,7 +118,9 @@ pub fn registry_info(
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EncryptionInfo {
-    /// `encrypted`, `encrypting` (sealing in place), `rotating`, or `unencrypted`.
+    /// `encrypted`, `encrypting` (sealing in place), `rotating`, `unencrypted`, or
+    /// `classic` (the customer's storage, not encrypted; its upgrade copies into sealed
+    /// managed storage).
     pub state: String,
     pub algorithm: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -145,6 +147,8 @@ pub fn encryption_info(
     let location = store.key_location()?;
     let e = p.encryption;
     let state = match &e {
+        // The customer's storage, as it is; its upgrade copies into sealed storage.
+        _ if store.serves_classic() => "classic",
         None => "unencrypted",
         Some(e) if !e.complete => "encrypting",
         Some(e) if e.rotating_from.is_some() => "rotating",

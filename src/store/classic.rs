@@ -709,7 +709,7 @@ impl RegistryMeta for ClassicMeta {
         _limit: usize,
     ) -> Result<Vec<(String, String, Vec<u8>)>, StoreError> {
         Err(LimitError::NeedsManaged {
-            what: "encryption at rest and key rotation",
+            what: "encryption settings",
         }
         .into())
     }
@@ -722,7 +722,7 @@ impl RegistryMeta for ClassicMeta {
         _now: &[u8],
     ) -> Result<bool, StoreError> {
         Err(LimitError::NeedsManaged {
-            what: "encryption at rest and key rotation",
+            what: "encryption settings",
         }
         .into())
     }

@@ -405,13 +405,16 @@ pub fn file_header(dek: &Dek) -> Vec<u8> {
 
 /// Where wrapped data keys are kept (the metadata store): rows by DEK id.
 pub trait KeyIndex: Send + Sync {
-    /// Records a data key (before the content it seals is committed).
+    /// Records a data key before the content it seals is committed. `durable`: on disk
+    /// when this returns (a sealed file replaces plaintext in place); otherwise by the
+    /// metadata's next durable commit (the blob's link, which makes the content visible).
     fn put_dek(
         &self,
         dek_id: &DekId,
         digest: &str,
         key_id: &str,
         wrapped: &[u8],
+        durable: bool,
     ) -> Result<(), super::StoreError>;
     /// A data key's (registry key id, wrapped DEK).
     fn get_dek(&self, dek_id: &DekId) -> Result<Option<(String, Vec<u8>)>, super::StoreError>;

@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
 use super::crypt::{
-    chunk_offset, file_dek_id, file_header, CryptError, Dek, KeyIndex, KeyRing, CHUNK, FILE_HEADER,
-    OVERHEAD,
+    chunk_offset, file_dek_id, file_header, CryptError, Dek, DekId, KeyIndex, KeyRing, CHUNK,
+    FILE_HEADER, OVERHEAD,
 };
 use super::meta::{Admit, Audit, ChangeProperties, ManifestInfo, ManifestRow, NewManifest};
 use super::{BlobStorage, BlobUpload, GcReport, Reference, RegistryMeta, Staged, StoreError};
@@ -62,6 +62,22 @@ pub struct EncryptedBlobs {
     keys: Arc<Keys>,
     index: Arc<dyn KeyIndex>,
     required: Required,
+    /// Data keys opened lately, by id (a pull asks for a blob's chunks many times; a
+    /// rotation changes a key's wrapping, never the key).
+    opened: Mutex<std::collections::HashMap<DekId, Arc<Dek>>>,
+}
+
+/// Data keys kept open at most.
+const OPENED: usize = 1024;
+
+/// What a blob file holds, by its header and the metadata.
+enum Stored {
+    /// Sealed with a data key the metadata holds.
+    Sealed(DekId),
+    Plaintext,
+    /// A sealed header naming a key the metadata does not hold (lost in a crash before
+    /// the blob was linked): unreadable, to be replaced.
+    Orphan,
 }
 
 impl std::fmt::Debug for EncryptedBlobs {
@@ -102,23 +118,22 @@ impl EncryptedBlobs {
             keys,
             index,
             required,
+            opened: Mutex::new(Default::default()),
         }
     }
 
     /// The data key sealing `digest`'s content; `None` when it is stored as plaintext.
-    fn dek_of(&self, digest: &str) -> Result<Option<Dek>, StoreError> {
-        let mut r = self.inner.read(digest, 0)?;
-        let mut header = [0u8; FILE_HEADER];
-        let n = read_full(&mut r, &mut header).map_err(|e| StoreError::Io {
-            path: digest.into(),
-            source: e,
-        })?;
-        let sealed = match file_dek_id(&header[..n]) {
-            Some(id) => match self.index.get_dek(&id)? {
-                Some((key_id, wrapped)) => Some(self.keys.ring().unwrap(&key_id, &id, &wrapped)?),
-                None => None,
-            },
-            None => None,
+    fn dek_of(&self, digest: &str) -> Result<Option<Arc<Dek>>, StoreError> {
+        let header = header_of(self.inner.as_ref(), digest)?;
+        // A key opened lately needs no look-up (a pull asks for many ranges of a blob).
+        if let Some(id) = file_dek_id(&header) {
+            if let Some(d) = self.opened.lock().ok().and_then(|m| m.get(&id).cloned()) {
+                return Ok(Some(d));
+            }
+        }
+        let sealed = match classify(&header, self.index.as_ref())? {
+            Stored::Sealed(id) => Some(self.open_dek(&id)?),
+            Stored::Plaintext | Stored::Orphan => None,
         };
         if sealed.is_none() && self.required.load(Ordering::SeqCst) {
             return Err(StoreError::Corrupt(format!(
@@ -127,6 +142,26 @@ impl EncryptedBlobs {
             )));
         }
         Ok(sealed)
+    }
+
+    fn open_dek(&self, id: &DekId) -> Result<Arc<Dek>, StoreError> {
+        if let Some(d) = self.opened.lock().ok().and_then(|m| m.get(id).cloned()) {
+            return Ok(d);
+        }
+        let Some((key_id, wrapped)) = self.index.get_dek(id)? else {
+            return Err(StoreError::Corrupt(format!(
+                "the data key {} is gone from the metadata",
+                hex::encode(id)
+            )));
+        };
+        let dek = Arc::new(self.keys.ring().unwrap(&key_id, id, &wrapped)?);
+        if let Ok(mut m) = self.opened.lock() {
+            if m.len() >= OPENED {
+                m.clear();
+            }
+            m.insert(*id, dek.clone());
+        }
+        Ok(dek)
     }
 
     /// Seals a blob stored as plaintext, in place (the file is replaced whole, atomically,
@@ -182,6 +217,8 @@ impl EncryptedBlobs {
             key_id,
             wrapped,
             index: self.index.clone(),
+            storage: self.inner.clone(),
+            required: self.required.clone(),
             state: Mutex::new(UpState::default()),
         })
     }
@@ -203,7 +240,7 @@ impl BlobStorage for EncryptedBlobs {
         let first = start / CHUNK as u64;
         Ok(Box::new(ChunkReader {
             inner: self.inner.read(digest, chunk_offset(first))?,
-            dek: Arc::new(dek),
+            dek,
             index: first,
             skip: (start % CHUNK as u64) as usize,
             plain: Vec::new(),
@@ -229,13 +266,16 @@ impl BlobStorage for EncryptedBlobs {
         let k0 = start / CHUNK as u64;
         let k1 = (start + len as u64 - 1) / CHUNK as u64;
         let want = ((k1 - k0 + 1) as usize) * SEALED_CHUNK;
-        let mut buf = vec![0u8; want];
-        let mut r = self.inner.read(digest, chunk_offset(k0))?;
-        let got = read_full(&mut r, &mut buf).map_err(|e| StoreError::Io {
-            path: digest.into(),
-            source: e,
-        })?;
-        buf.truncate(got);
+        // Read straight into the buffer's spare room (no zeroing first).
+        let mut buf = Vec::with_capacity(want);
+        self.inner
+            .read(digest, chunk_offset(k0))?
+            .take(want as u64)
+            .read_to_end(&mut buf)
+            .map_err(|e| StoreError::Io {
+                path: digest.into(),
+                source: e,
+            })?;
         // Open each chunk in place and move its plaintext down to where it belongs.
         let (mut read_at, mut write_at, mut index) = (0usize, 0usize, k0);
         while read_at < buf.len() {
@@ -288,6 +328,35 @@ impl BlobStorage for EncryptedBlobs {
     ) -> Result<(), StoreError> {
         self.inner.recover(keep)
     }
+}
+
+/// What `digest`'s file in `storage` holds, by its header and `index`.
+fn stored(
+    storage: &dyn BlobStorage,
+    index: &dyn KeyIndex,
+    digest: &str,
+) -> Result<Stored, StoreError> {
+    classify(&header_of(storage, digest)?, index)
+}
+
+/// The first bytes of `digest`'s file (fewer when it is shorter than a header).
+fn header_of(storage: &dyn BlobStorage, digest: &str) -> Result<Vec<u8>, StoreError> {
+    let mut r = storage.read(digest, 0)?;
+    let mut header = vec![0u8; FILE_HEADER];
+    let n = read_full(&mut r, &mut header).map_err(|e| StoreError::Io {
+        path: digest.into(),
+        source: e,
+    })?;
+    header.truncate(n);
+    Ok(header)
+}
+
+fn classify(header: &[u8], index: &dyn KeyIndex) -> Result<Stored, StoreError> {
+    Ok(match file_dek_id(header) {
+        Some(id) if index.get_dek(&id)?.is_some() => Stored::Sealed(id),
+        Some(_) => Stored::Orphan,
+        None => Stored::Plaintext,
+    })
 }
 
 /// Plaintext of a sealed blob from a chunk on, chunk by chunk.
@@ -362,6 +431,9 @@ struct EncryptedUpload {
     key_id: String,
     wrapped: Vec<u8>,
     index: Arc<dyn KeyIndex>,
+    /// The storage under the layer (to look at content already stored under a digest).
+    storage: Arc<dyn BlobStorage>,
+    required: Required,
     state: Mutex<UpState>,
 }
 
@@ -393,17 +465,31 @@ impl EncryptedUpload {
                         path: digest.into(),
                         source: e,
                     })?;
-                // The key first: content is never there without the key that opens it.
+                // The key first: content is never there without the key that opens it
+                // (durable now when the file replaces another in place; else with the
+                // blob's link, which alone makes it visible).
                 self.index
-                    .put_dek(self.dek.id(), digest, &self.key_id, &self.wrapped)?;
+                    .put_dek(self.dek.id(), digest, &self.key_id, &self.wrapped, replace)?;
                 st.committed = true;
             }
         }
         if replace {
-            self.inner.replace(digest)
-        } else {
-            self.inner.commit(digest)
+            return self.inner.replace(digest);
         }
+        // Content stored under the digest already is kept, if it can be read: not a file
+        // whose key a crash lost before its link, nor plaintext where all is sealed.
+        let unreadable = self.storage.exists(digest)
+            && match stored(self.storage.as_ref(), self.index.as_ref(), digest) {
+                Ok(Stored::Sealed(_)) => false,
+                Ok(Stored::Plaintext) => self.required.load(Ordering::SeqCst),
+                Ok(Stored::Orphan) => true,
+                Err(StoreError::BlobMissing(_)) => false,
+                Err(e) => return Err(e),
+            };
+        if unreadable {
+            return self.inner.replace(digest);
+        }
+        self.inner.commit(digest)
     }
 }
 
@@ -937,6 +1023,23 @@ mod tests {
             r.blobs.read(dg, 0).unwrap().read_to_end(&mut all).unwrap();
             assert_eq!(&all, want);
         }
+        // A sealed file whose key is not in the metadata (lost before its link) is
+        // replaced by the next upload of that content, never kept unreadable.
+        let again = content(3000);
+        let ad = digest(&again);
+        let mut orphan = super::super::crypt::MAGIC.to_vec();
+        orphan.extend_from_slice(&[9u8; 16 + 200]);
+        let path = file_of(&r, &ad);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, &orphan).unwrap();
+        put(&r.blobs, &again, 1000);
+        let mut back = Vec::new();
+        r.blobs
+            .read(&ad, 0)
+            .unwrap()
+            .read_to_end(&mut back)
+            .unwrap();
+        assert_eq!(back, again);
         r.required.store(true, Ordering::SeqCst);
         let late = put(r.plain.as_ref(), b"written around the layer", 5);
         let e = r.blobs.read(&late, 0).err().unwrap().to_string();

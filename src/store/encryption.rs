@@ -36,6 +36,11 @@ pub fn set_customer_key_file(path: PathBuf) {
     let _ = CUSTOMER_KEY_FILE.set(path);
 }
 
+/// Whether this process was given a customer-managed key file.
+pub fn customer_key_given() -> bool {
+    customer_key_file().is_some()
+}
+
 fn customer_key_file() -> Option<PathBuf> {
     CUSTOMER_KEY_FILE
         .get()
@@ -325,7 +330,7 @@ impl Store {
     pub fn enable_encryption(&self) -> Result<Properties, StoreError> {
         let root = self.root.clone();
         let p = self.update_properties(|p, _| {
-            p.check_managed("encryption at rest")?;
+            p.check_managed("encryption settings")?;
             if p.encryption.is_some() {
                 return Ok(p.clone());
             }
@@ -345,6 +350,7 @@ impl Store {
     /// customer-managed key), then every data key re-wrapped by [`Store::rewrap_keys`].
     pub fn rotate_key(&self) -> Result<Properties, StoreError> {
         let p = self.properties()?;
+        p.check_managed("encryption settings")?;
         let Some(e) = p.encryption.clone() else {
             return Err(refused(
                 "the registry is not encrypted: `acr-task registry encryption enable` first".into(),

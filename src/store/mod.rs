@@ -292,6 +292,18 @@ pub fn first_start(
         return Ok(None);
     };
     let p = parse_properties(Some(&json))?;
+    let managed_key = p
+        .encryption
+        .as_ref()
+        .is_some_and(|e| e.key_source == crate::tier::KeySource::Managed);
+    if managed_key && encryption::customer_key_given() {
+        return Err(StoreError::Refused(format!(
+            "this registry's key is kept by acr-task ({}): a customer-managed key file is for a \
+             new registry; leave --encryption-key-file and {} out",
+            root.join(encryption::MANAGED_KEY_FILE).display(),
+            encryption::KEY_FILE_ENV
+        )));
+    }
     let served = p.classic.as_ref().map(|c| c.storage.clone());
     if let (Some(asked), Some(served)) = (&storage, &served) {
         if asked != served {

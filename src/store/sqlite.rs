@@ -931,15 +931,28 @@ impl super::crypt::KeyIndex for SqliteMeta {
         digest: &str,
         key_id: &str,
         wrapped: &[u8],
+        durable: bool,
     ) -> Result<(), StoreError> {
-        self.write(|tx| {
+        let mut conn = self.writer()?;
+        // Without fsync unless asked: the WAL is written in order, so the blob link's
+        // durable commit that follows makes this row durable with it.
+        if !durable {
+            conn.pragma_update(None, "synchronous", "NORMAL")?;
+        }
+        let r = (|| -> Result<(), StoreError> {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             tx.execute(
                 "INSERT OR REPLACE INTO blob_keys(dek_id, digest, key_id, wrapped, created)
                  VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![&dek_id[..], digest, key_id, wrapped, now()],
             )?;
+            tx.commit()?;
             Ok(())
-        })
+        })();
+        if !durable {
+            conn.pragma_update(None, "synchronous", "FULL")?;
+        }
+        r
     }
 
     fn get_dek(
