@@ -11,7 +11,8 @@
 //! Then, ours against ours in the same run: encrypted at rest (the default) against an
 //! unencrypted registry, and the tier's quota and rate checks against a registry whose
 //! limits are all `unlimited`; and the upgrade of a Classic directory of 1 GiB in many
-//! blobs beside `cp -r` of it.
+//! blobs beside `cp -r` of it (`REGISTRY_BENCH_ONLY=extra` runs these alone,
+//! `REGISTRY_BENCH_SKIP_EXTRA=1` skips them).
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -392,6 +393,9 @@ async fn main() {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(1);
+    if std::env::var("REGISTRY_BENCH_ONLY").as_deref() == Ok("extra") {
+        return extra(seed).await;
+    }
     let mut servers = vec![start_ours()];
     if !only_ours {
         servers.push(start_distribution());
@@ -453,6 +457,11 @@ async fn main() {
     if std::env::var_os("REGISTRY_BENCH_SKIP_EXTRA").is_some() {
         return;
     }
+    extra(seed).await;
+}
+
+/// Ours against ours (encryption's cost, the tier checks' cost), then the Classic upgrade.
+async fn extra(seed: u64) {
     // Ours against ours: encryption's cost, then the quota and rate checks' cost.
     let encrypted = start_ours_with("encrypted", &[]);
     let plain = start_ours_with("unencrypted", &["--unencrypted"]);
