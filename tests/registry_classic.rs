@@ -9,13 +9,11 @@ mod serve_common;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use serve_common::registry_common::{
-    make_busybox_image, require_docker, require_tool, run, skopeo_digest, Distribution,
+    make_busybox_image, require_docker, require_tool, run, skopeo_digest, Distribution, PullLoop,
 };
 use serve_common::Serve;
 
@@ -45,24 +43,8 @@ fn classic_storage(root: &Path, n: usize) -> BTreeMap<String, String> {
     tags
 }
 
-/// `acr-task ARGS --data DATA` as the server's admin: (ok, stdout, stderr).
-fn acr(serve: &Serve, args: &[&str]) -> (bool, String, String) {
-    let out = serve
-        .cli()
-        .args(args)
-        .arg("--data")
-        .arg(&serve.data)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
-}
-
 fn show(serve: &Serve) -> Value {
-    let (ok, out, err) = acr(serve, &["registry", "show", "-o", "json"]);
+    let (ok, out, err) = serve.acr(&["registry", "show", "-o", "json"]);
     assert!(ok, "{err}");
     serde_json::from_str(&out).unwrap()
 }
@@ -146,7 +128,7 @@ fn classic_storage_is_served_as_it_is_and_stays_readable_by_docker_registry() {
             "content/read",
         ][..],
     ] {
-        let (ok, _, err) = acr(&serve, args);
+        let (ok, _, err) = serve.acr(args);
         assert!(
             !ok && err.contains("need a managed tier"),
             "{args:?}: {err}"
@@ -226,44 +208,15 @@ fn the_upgrade_keeps_every_pull_working_and_refuses_pushes_until_it_completes() 
     run(Command::new("docker").args(["tag", &format!("{addr}/classic/app1:v1"), &pushed]));
 
     // One client pulls in a loop from before the upgrade to after it.
-    let stop = Arc::new(AtomicBool::new(false));
-    let pulls = Arc::new(AtomicUsize::new(0));
-    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
-    let puller = {
-        let (stop, pulls, failures) = (stop.clone(), pulls.clone(), failures.clone());
-        let (addr, dir) = (addr.clone(), tmp.path().join("pulls"));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::thread::spawn(move || {
-            let mut i = 0;
-            while !stop.load(Ordering::SeqCst) {
-                i += 1;
-                let out = Command::new("skopeo")
-                    .args([
-                        "copy",
-                        "--src-tls-verify=false",
-                        &format!("docker://{addr}/classic/copy{}:s1", i % 3),
-                        &format!("dir:{}", dir.join(i.to_string()).display()),
-                    ])
-                    .output()
-                    .unwrap();
-                if out.status.success() {
-                    pulls.fetch_add(1, Ordering::SeqCst);
-                } else {
-                    failures
-                        .lock()
-                        .unwrap()
-                        .push(String::from_utf8_lossy(&out.stderr).to_string());
-                }
-            }
-        })
-    };
-    std::thread::sleep(Duration::from_millis(500));
-    let (ok, _, err) = acr(
-        &serve,
-        &["registry", "update", "--sku", "Standard", "--no-wait"],
+    let puller = PullLoop::start(
+        (0..3)
+            .map(|i| format!("{addr}/classic/copy{i}:s1"))
+            .collect(),
     );
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, _, err) = serve.acr(&["registry", "update", "--sku", "Standard", "--no-wait"]);
     assert!(ok, "{err}");
-    let pulls_before = pulls.load(Ordering::SeqCst);
+    let pulls_before = puller.pulls();
     // Another client pushes: refused with the reason while it runs, accepted after.
     let mut refusals = 0;
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -287,22 +240,20 @@ fn the_upgrade_keeps_every_pull_working_and_refuses_pushes_until_it_completes() 
         std::thread::sleep(Duration::from_millis(300));
     }
     assert!(refusals >= 1, "no push was refused during the upgrade");
-    let during = pulls.load(Ordering::SeqCst) - pulls_before;
+    let during = puller.pulls() - pulls_before;
     assert!(during >= 2, "only {during} pulls overlapped the upgrade");
     // It is done: following it returns at once with the new tier.
-    let (ok, out, err) = acr(&serve, &["registry", "update", "--sku", "Standard"]);
+    let (ok, out, err) = serve.acr(&["registry", "update", "--sku", "Standard"]);
     assert!(ok && out.contains("Standard"), "{out}\n{err}");
     std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, Ordering::SeqCst);
-    puller.join().unwrap();
-    let failures = failures.lock().unwrap();
+    let (pulls, failures) = puller.stop();
     assert!(
         failures.is_empty(),
         "{} pulls failed, the first: {:?}",
         failures.len(),
         failures.first()
     );
-    assert!(pulls.load(Ordering::SeqCst) >= 3, "too few pulls to tell");
+    assert!(pulls >= 3, "too few pulls to tell");
 
     let v = show(&serve);
     assert_eq!(v["sku"], "Standard");
@@ -316,14 +267,14 @@ fn the_upgrade_keeps_every_pull_working_and_refuses_pushes_until_it_completes() 
     for (name, digest) in &tags {
         assert_eq!(&skopeo_digest(&format!("{addr}/{name}")), digest, "{name}");
     }
-    let (ok, out, err) = acr(&serve, &["registry", "fsck"]);
+    let (ok, out, err) = serve.acr(&["registry", "fsck"]);
     assert!(ok && out.contains("clean"), "{out}{err}");
     // Deletes work now; the Classic directory was not touched by any of it.
-    let (ok, _, err) = acr(&serve, &["repository", "delete", "classic/pushed", "--yes"]);
+    let (ok, _, err) = serve.acr(&["repository", "delete", "classic/pushed", "--yes"]);
     assert!(ok, "{err}");
     assert_eq!(listing(&root.join("docker")), before);
     // One-way.
-    let (ok, _, err) = acr(&serve, &["registry", "update", "--sku", "Classic"]);
+    let (ok, _, err) = serve.acr(&["registry", "update", "--sku", "Classic"]);
     assert!(!ok && err.contains("one-way"), "{err}");
     let _ = Command::new("docker")
         .args(["rmi", &pushed, &format!("{addr}/classic/app1:v1")])
@@ -349,10 +300,7 @@ fn a_killed_upgrade_resumes_without_copying_anything_twice() {
     };
     let a = args("400");
     let mut serve = Serve::start_with(&data, 1, &a.iter().map(String::as_str).collect::<Vec<_>>());
-    let (ok, _, err) = acr(
-        &serve,
-        &["registry", "update", "--sku", "Basic", "--no-wait"],
-    );
+    let (ok, _, err) = serve.acr(&["registry", "update", "--sku", "Basic", "--no-wait"]);
     assert!(ok, "{err}");
     // Wait until part of it is done (and saved), then kill -9.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -374,7 +322,7 @@ fn a_killed_upgrade_resumes_without_copying_anything_twice() {
     // Restarted with the same command line, it resumes on its own; `update` follows it.
     let b = args("0");
     let serve = Serve::start_with(&data, 1, &b.iter().map(String::as_str).collect::<Vec<_>>());
-    let (ok, out, err) = acr(&serve, &["registry", "update", "--sku", "Basic"]);
+    let (ok, out, err) = serve.acr(&["registry", "update", "--sku", "Basic"]);
     assert!(ok, "{out}\n{err}");
     let v = show(&serve);
     assert_eq!(v["sku"], "Basic");
@@ -395,7 +343,7 @@ fn a_killed_upgrade_resumes_without_copying_anything_twice() {
             "{name}"
         );
     }
-    let (ok, out, err) = acr(&serve, &["registry", "fsck"]);
+    let (ok, out, err) = serve.acr(&["registry", "fsck"]);
     assert!(ok && out.contains("clean"), "{out}{err}");
     // Restarting again with --sku Classic keeps the managed registry (and says so).
     drop(serve);

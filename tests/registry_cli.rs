@@ -3,7 +3,6 @@
 
 mod registry_common;
 
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -11,30 +10,6 @@ use registry_common::*;
 use serde_json::{json, Value};
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-
-fn cli(data: &Path, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_acr-task"))
-        .args(args)
-        .arg("--data")
-        .arg(data)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
-}
-
-fn cli_ok(data: &Path, args: &[&str]) -> String {
-    let (ok, out, err) = cli(data, args);
-    assert!(ok, "acr-task {args:?} failed:\n{out}\n{err}");
-    out
-}
-
-fn cli_json(data: &Path, args: &[&str]) -> Value {
-    serde_json::from_str(&cli_ok(data, args)).unwrap()
-}
 
 /// Push an image (config + one layer) tagged with each of `tags`; returns its digest.
 async fn push_image(

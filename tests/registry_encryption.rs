@@ -7,34 +7,16 @@ mod serve_common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use serve_common::registry_common::{digest, run, skopeo_digest};
+use serve_common::registry_common::{digest, run, skopeo_digest, PullLoop};
 use serve_common::{bin, Serve};
 
 const MARKER: &[u8] = b"THIS-PLAINTEXT-MUST-NOT-REST-ON-DISK";
 
-/// `acr-task ARGS --data DATA` as the server's admin: (ok, stdout, stderr).
-fn acr(serve: &Serve, args: &[&str]) -> (bool, String, String) {
-    let out = serve
-        .cli()
-        .args(args)
-        .arg("--data")
-        .arg(&serve.data)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
-}
-
 fn encryption(serve: &Serve) -> Value {
-    let (ok, out, err) = acr(serve, &["registry", "encryption", "show", "-o", "json"]);
+    let (ok, out, err) = serve.acr(&["registry", "encryption", "show", "-o", "json"]);
     assert!(ok, "{err}");
     serde_json::from_str(&out).unwrap()
 }
@@ -135,7 +117,7 @@ async fn pushed_content_rests_encrypted_and_is_pulled_in_the_clear() {
     assert_eq!(e["state"], "encrypted");
     assert_eq!(e["keySource"], "managed");
     assert!(e["keyId"].as_str().unwrap().len() == 32);
-    let (ok, out, err) = acr(&serve, &["registry", "fsck"]);
+    let (ok, out, err) = serve.acr(&["registry", "fsck"]);
     assert!(ok && out.contains("clean"), "{out}{err}");
 }
 
@@ -155,7 +137,7 @@ async fn a_wrong_or_missing_key_stops_the_server_and_a_rotation_rewrites_no_blob
         std::fs::metadata(&file).unwrap().ino(),
     );
     let old = encryption(&serve)["keyId"].as_str().unwrap().to_string();
-    let (ok, out, err) = acr(&serve, &["registry", "encryption", "rotate-key"]);
+    let (ok, out, err) = serve.acr(&["registry", "encryption", "rotate-key"]);
     assert!(ok, "{out}{err}");
     let now = encryption(&serve);
     assert_eq!(now["state"], "encrypted");
@@ -220,7 +202,7 @@ async fn a_customer_managed_key_is_needed_to_start_and_rotates_from_its_file() {
         "no key of ours"
     );
     // A customer-managed key is a Premium feature, as in ACR.
-    let (ok, _, err) = acr(&serve, &["registry", "update", "--sku", "Basic"]);
+    let (ok, _, err) = serve.acr(&["registry", "update", "--sku", "Basic"]);
     assert!(
         !ok && err.contains("customer-managed key needs the Premium tier"),
         "{err}"
@@ -260,7 +242,6 @@ async fn a_customer_managed_key_is_needed_to_start_and_rotates_from_its_file() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unencrypted_store_is_encrypted_in_place_while_clients_pull() {
-    serve_common::registry_common::require_tool("skopeo", "apt-get install -y skopeo");
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("d");
     let args = ["--unencrypted", "--job-pace-ms", "150"];
@@ -276,7 +257,7 @@ async fn an_unencrypted_store_is_encrypted_in_place_while_clients_pull() {
     assert_eq!(encryption(&serve)["state"], "unencrypted");
 
     // Started, then killed part way: the next start resumes it.
-    let (ok, _, err) = acr(&serve, &["registry", "encryption", "enable", "--no-wait"]);
+    let (ok, _, err) = serve.acr(&["registry", "encryption", "enable", "--no-wait"]);
     assert!(ok, "{err}");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -295,49 +276,21 @@ async fn an_unencrypted_store_is_encrypted_in_place_while_clients_pull() {
     let serve = Serve::start_with(&data, 1, &args);
 
     // One client pulls in a loop while the rest is sealed.
-    let stop = Arc::new(AtomicBool::new(false));
-    let pulls = Arc::new(AtomicUsize::new(0));
-    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
-    let puller = {
-        let (stop, pulls, failures) = (stop.clone(), pulls.clone(), failures.clone());
-        let (addr, dir) = (serve.addr.clone(), tmp.path().join("pulls"));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::thread::spawn(move || {
-            let mut i = 0;
-            while !stop.load(Ordering::SeqCst) {
-                i += 1;
-                let out = Command::new("skopeo")
-                    .args([
-                        "copy",
-                        "--src-tls-verify=false",
-                        &format!("docker://{addr}/old/app{}:v1", i % 6),
-                        &format!("oci:{}:x", dir.join(i.to_string()).display()),
-                    ])
-                    .output()
-                    .unwrap();
-                if out.status.success() {
-                    pulls.fetch_add(1, Ordering::SeqCst);
-                } else {
-                    failures
-                        .lock()
-                        .unwrap()
-                        .push(String::from_utf8_lossy(&out.stderr).to_string());
-                }
-            }
-        })
-    };
-    let (ok, out, err) = acr(&serve, &["registry", "encryption", "enable"]);
+    let puller = PullLoop::start(
+        (0..6)
+            .map(|i| format!("{}/old/app{i}:v1", serve.addr))
+            .collect(),
+    );
+    let (ok, out, err) = serve.acr(&["registry", "encryption", "enable"]);
     assert!(ok, "{out}{err}");
-    stop.store(true, Ordering::SeqCst);
-    puller.join().unwrap();
-    let failures = failures.lock().unwrap().clone();
+    let (pulls, failures) = puller.stop();
     assert!(
         failures.is_empty(),
         "{} pulls failed, the first: {:?}",
         failures.len(),
         failures.first()
     );
-    assert!(pulls.load(Ordering::SeqCst) >= 1, "no pull overlapped");
+    assert!(pulls >= 1, "no pull overlapped");
     let e = encryption(&serve);
     assert_eq!(e["state"], "encrypted");
     assert_eq!(e["progress"]["objectsDone"], e["progress"]["objectsTotal"]);
@@ -352,6 +305,6 @@ async fn an_unencrypted_store_is_encrypted_in_place_while_clients_pull() {
         let (_, m) = get(&serve.url, &format!("/v2/old/app{i}/manifests/v1"), None).await;
         assert_eq!(&digest(&m), md);
     }
-    let (ok, out, err) = acr(&serve, &["registry", "fsck"]);
+    let (ok, out, err) = serve.acr(&["registry", "fsck"]);
     assert!(ok && out.contains("clean"), "{out}{err}");
 }

@@ -11,32 +11,6 @@ use std::time::{Duration, Instant};
 use registry_common::*;
 use serde_json::Value;
 
-/// `acr-task ARGS --data DATA`: (ok, stdout, stderr).
-fn cli(data: &Path, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_acr-task"))
-        .args(args)
-        .arg("--data")
-        .arg(data)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
-}
-
-fn cli_ok(data: &Path, args: &[&str]) -> String {
-    let (ok, out, err) = cli(data, args);
-    assert!(ok, "acr-task {args:?} failed:\n{out}\n{err}");
-    out
-}
-
-fn cli_json(data: &Path, args: &[&str]) -> Value {
-    let out = cli_ok(data, args);
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
-}
-
 /// The `show-usage` line named `name`: (limit, current value).
 fn usage_of(data: &Path, name: &str) -> (i64, u64) {
     let v = cli_json(data, &["registry", "show-usage", "-o", "json"]);

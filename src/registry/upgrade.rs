@@ -151,6 +151,7 @@ pub fn run(
         return Ok(None);
     };
     let started = Instant::now();
+    tree.settle()?;
     let plan = plan(&tree)?;
     let bytes_total = plan.blobs.values().map(|(n, _)| n).sum::<u64>()
         + plan

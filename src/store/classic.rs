@@ -287,6 +287,14 @@ impl ClassicMeta {
         }
     }
 
+    /// Waits for a change to the tree in progress to finish. Called once an upgrade is
+    /// asked for (possibly by another process): every change after it reads that and is
+    /// refused, so the tree the upgrade then reads is final.
+    pub fn settle(&self) -> Result<(), StoreError> {
+        drop(self.lock()?);
+        Ok(())
+    }
+
     fn no_deletes<T>() -> Result<T, StoreError> {
         Err(LimitError::NeedsManaged { what: "deletes" }.into())
     }

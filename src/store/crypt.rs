@@ -162,28 +162,8 @@ impl KeyRing {
 
     /// The DEK `wrapped` by key `key_id`.
     pub fn unwrap(&self, key_id: &str, dek_id: &DekId, wrapped: &[u8]) -> Result<Dek, CryptError> {
-        let k = self.get(key_id).ok_or_else(|| {
-            CryptError::Key(format!(
-                "the data key {} is wrapped by registry key {key_id}, which is not given",
-                hex::encode(dek_id)
-            ))
-        })?;
-        if wrapped.len() != WRAPPED_LEN {
-            return Err(CryptError::Tampered);
-        }
-        let nonce = Nonce::try_assume_unique_for_key(&wrapped[..NONCE_LEN])
-            .map_err(|_| CryptError::Tampered)?;
-        let mut body = wrapped[NONCE_LEN..NONCE_LEN + KEY_LEN].to_vec();
-        k.key
-            .open_in_place_separate_tag(
-                nonce,
-                Aad::from(wrap_aad(dek_id, &k.id)),
-                &wrapped[NONCE_LEN + KEY_LEN..],
-                &mut body,
-            )
-            .map_err(|_| CryptError::Tampered)?;
         Ok(Dek {
-            key: aead_key(&body)?,
+            key: aead_key(&self.unwrap_raw(key_id, dek_id, wrapped)?)?,
             id: *dek_id,
         })
     }
@@ -195,15 +175,27 @@ impl KeyRing {
         dek_id: &DekId,
         wrapped: &[u8],
     ) -> Result<(String, Vec<u8>), CryptError> {
-        let k = self
-            .get(key_id)
-            .ok_or_else(|| CryptError::Key(format!("registry key {key_id} is not given")))?;
-        let nonce =
-            Nonce::try_assume_unique_for_key(wrapped.get(..NONCE_LEN).ok_or(CryptError::Tampered)?)
-                .map_err(|_| CryptError::Tampered)?;
+        self.wrap(&self.unwrap_raw(key_id, dek_id, wrapped)?, dek_id)
+    }
+
+    /// The raw DEK `wrapped` by key `key_id`.
+    fn unwrap_raw(
+        &self,
+        key_id: &str,
+        dek_id: &DekId,
+        wrapped: &[u8],
+    ) -> Result<[u8; KEY_LEN], CryptError> {
+        let k = self.get(key_id).ok_or_else(|| {
+            CryptError::Key(format!(
+                "the data key {} is wrapped by registry key {key_id}, which is not given",
+                hex::encode(dek_id)
+            ))
+        })?;
         if wrapped.len() != WRAPPED_LEN {
             return Err(CryptError::Tampered);
         }
+        let nonce = Nonce::try_assume_unique_for_key(&wrapped[..NONCE_LEN])
+            .map_err(|_| CryptError::Tampered)?;
         let mut raw = [0u8; KEY_LEN];
         raw.copy_from_slice(&wrapped[NONCE_LEN..NONCE_LEN + KEY_LEN]);
         k.key
@@ -214,7 +206,7 @@ impl KeyRing {
                 &mut raw,
             )
             .map_err(|_| CryptError::Tampered)?;
-        self.wrap(&raw, dek_id)
+        Ok(raw)
     }
 
     /// A new data key with its id, and its wrapping: (dek, key id, wrapped).

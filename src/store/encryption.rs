@@ -217,6 +217,14 @@ fn check_ring(
     Ok(())
 }
 
+/// A job asked to stop (the registry stops): it resumes at the next start.
+fn stopped(stop: &AtomicBool) -> Result<(), StoreError> {
+    if stop.load(Ordering::SeqCst) {
+        return Err(refused("stopped; it resumes at the next start".into()));
+    }
+    Ok(())
+}
+
 /// How far a job is, saved to the settings now and then.
 struct Meter<'a> {
     store: &'a Store,
@@ -432,9 +440,7 @@ impl Store {
         let mut changed = 0;
         for (digest, size) in &listed {
             let size = *size;
-            if stop.load(Ordering::SeqCst) {
-                return Err(refused("stopped; it resumes at the next start".into()));
-            }
+            stopped(stop)?;
             let sealed = match blobs.seal_existing(digest) {
                 Ok(s) => s,
                 // Gone meanwhile (gc): nothing to seal.
@@ -446,9 +452,7 @@ impl Store {
             std::thread::sleep(pace);
         }
         for (repo, digest, content) in manifests {
-            if stop.load(Ordering::SeqCst) {
-                return Err(refused("stopped; it resumes at the next start".into()));
-            }
+            stopped(stop)?;
             let ring = keys.ring();
             let mut did = false;
             if KeyRing::sealed_by(&content).is_none() {
@@ -519,9 +523,7 @@ impl Store {
             }
             meter.progress.objects_total += batch.len() as u64;
             for (dek_id, key_id, wrapped) in batch {
-                if stop.load(Ordering::SeqCst) {
-                    return Err(refused("stopped; it resumes at the next start".into()));
-                }
+                stopped(stop)?;
                 let (new_key, new_wrapped) = keys.ring().rewrap(&key_id, &dek_id, &wrapped)?;
                 let did = self
                     .side
@@ -532,9 +534,7 @@ impl Store {
             }
         }
         for (repo, digest, content) in manifests {
-            if stop.load(Ordering::SeqCst) {
-                return Err(refused("stopped; it resumes at the next start".into()));
-            }
+            stopped(stop)?;
             let ring = keys.ring();
             let mut did = false;
             if KeyRing::sealed_by(&content).is_some_and(|k| k != e.key_id) {

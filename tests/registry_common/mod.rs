@@ -275,3 +275,104 @@ pub fn skopeo_digest(reference: &str) -> String {
     ]));
     out.trim().to_string()
 }
+
+/// `acr-task ARGS --data DATA`: (success, stdout, stderr).
+pub fn cli(data: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_acr-task"))
+        .args(args)
+        .arg("--data")
+        .arg(data)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+/// [`cli`] that must succeed: its stdout.
+pub fn cli_ok(data: &Path, args: &[&str]) -> String {
+    let (ok, out, err) = cli(data, args);
+    assert!(ok, "acr-task {args:?} failed:\n{out}\n{err}");
+    out
+}
+
+/// [`cli_ok`] of a command with `-o json`: its answer.
+pub fn cli_json(data: &Path, args: &[&str]) -> serde_json::Value {
+    let out = cli_ok(data, args);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
+}
+
+/// A client that pulls in a loop with skopeo (a real client) until stopped, counting
+/// the pulls and keeping what failed.
+pub struct PullLoop {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pulls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    failures: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl PullLoop {
+    /// Pulls `images` (`HOST:PORT/repo:tag`) in turn into a temp dir.
+    pub fn start(images: Vec<String>) -> PullLoop {
+        use std::sync::atomic::Ordering;
+        require_tool("skopeo", "apt-get install -y skopeo");
+        let dir = tempfile::tempdir().unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let pulls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let failures = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (s, p, f, d) = (
+            stop.clone(),
+            pulls.clone(),
+            failures.clone(),
+            dir.path().to_path_buf(),
+        );
+        let thread = std::thread::spawn(move || {
+            let mut i = 0usize;
+            while !s.load(Ordering::SeqCst) {
+                i += 1;
+                let out = Command::new("skopeo")
+                    .args([
+                        "copy",
+                        "--src-tls-verify=false",
+                        &format!("docker://{}", images[i % images.len()]),
+                        &format!("dir:{}", d.join(i.to_string()).display()),
+                    ])
+                    .output()
+                    .unwrap();
+                let _ = std::fs::remove_dir_all(d.join(i.to_string()));
+                if out.status.success() {
+                    p.fetch_add(1, Ordering::SeqCst);
+                } else {
+                    f.lock()
+                        .unwrap()
+                        .push(String::from_utf8_lossy(&out.stderr).to_string());
+                }
+            }
+        });
+        PullLoop {
+            stop,
+            pulls,
+            failures,
+            thread: Some(thread),
+            _dir: dir,
+        }
+    }
+
+    /// Pulls so far.
+    pub fn pulls(&self) -> usize {
+        self.pulls.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Stops it: (pulls, failures).
+    pub fn stop(mut self) -> (usize, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        let failures = self.failures.lock().unwrap().clone();
+        (self.pulls(), failures)
+    }
+}

@@ -129,6 +129,22 @@ impl Serve {
         c
     }
 
+    /// `acr-task ARGS --data DATA` as the admin: (success, stdout, stderr).
+    pub fn acr(&self, args: &[&str]) -> (bool, String, String) {
+        let out = self
+            .cli()
+            .args(args)
+            .arg("--data")
+            .arg(&self.data)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    }
+
     /// SIGKILL: no chance to clean up, as in a crash.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
