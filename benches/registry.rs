@@ -483,7 +483,43 @@ async fn extra(seed: u64) {
         "goal: with limits >= 0.95× without",
     );
     drop(plain);
+    check_cost(&with);
     migration_bench(seed);
+}
+
+/// What the storage checks of one blob push cost, in-process: the check before the upload
+/// (`check_room`: the settings, the bytes stored) and the one before the commit, each a
+/// small read of the metadata; against the time a 1 MiB push took above.
+fn check_cost(with: &Figures) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = acr_task::store::Store::open(dir.path(), true).unwrap();
+    let limit = acr_task::tier::Overrides {
+        storage_bytes: Some(acr_task::tier::Override::Count(500 << 30)),
+        ..Default::default()
+    };
+    acr_task::registry::service::change_tier(&store, None, &limit).unwrap();
+    let n = 20_000;
+    let t = Instant::now();
+    for _ in 0..n {
+        acr_task::registry::service::check_room(&store, 1 << 20).unwrap();
+    }
+    let per = t.elapsed().as_secs_f64() / n as f64;
+    let rate = with
+        .values
+        .iter()
+        .find(|(l, _, _)| l.starts_with("push 200×1 MiB, c=1"))
+        .map(|v| v.1)
+        .unwrap_or(f64::NAN);
+    let push = MIB as f64 / 1e6 / rate;
+    println!(
+        "\nstorage check, in-process: {:.1} µs each; a blob push makes two (before the upload, \
+         before the commit) and one more inside the commit's transaction: ≈ {:.1} µs of a 1 MiB \
+         push's {:.1} ms = {:.2}%",
+        per * 1e6,
+        3.0 * per * 1e6,
+        push * 1e3,
+        300.0 * per / push
+    );
 }
 
 /// Pushes with the storage and rate limits set (high enough never to refuse: the
