@@ -141,6 +141,16 @@ enum Frame {
 pub(crate) fn parse(text: &str) -> Result<(Node, Vec<YamlWarning>), YamlError> {
     use libyaml_safer::{EventData, Parser, ScalarStyle};
 
+    // libyaml-safer 0.3 panics on a quoted scalar whose escaping backslash is the input's
+    // last byte (an unterminated quote: an error either way); a newline after it keeps
+    // the parser in bounds.
+    let owned;
+    let text = if text.ends_with('\\') {
+        owned = format!("{text}\n");
+        owned.as_str()
+    } else {
+        text
+    };
     let mut input = text.as_bytes();
     let mut parser = Parser::new();
     parser.set_input_string(&mut input);
@@ -151,7 +161,14 @@ pub(crate) fn parse(text: &str) -> Result<(Node, Vec<YamlWarning>), YamlError> {
     let mut total = 0usize;
     let mut documents = 0usize;
     loop {
-        let event = parser.parse().map_err(|e| {
+        // Input is hostile: a parser bug must be an error here, never a panic.
+        let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| parser.parse()))
+            .map_err(|_| YamlError {
+                line: 1,
+                column: 1,
+                message: "the YAML could not be read (the parser failed on it)".into(),
+            })?;
+        let event = parsed.map_err(|e| {
             let mark = e.problem_mark().unwrap_or_default();
             YamlError {
                 line: mark.line as usize + 1,
@@ -523,6 +540,14 @@ mod tests {
 
     fn tree(text: &str) -> Node {
         parse(text).unwrap().0
+    }
+
+    #[test]
+    fn a_quote_cut_at_an_escape_is_an_error_not_a_panic() {
+        for text in ["\"\\", "a: \"x\\", "- \"\\\\\\"] {
+            let e = parse(text).unwrap_err();
+            assert!(e.message.contains("quoted"), "{text:?}: {}", e.message);
+        }
     }
 
     #[test]
