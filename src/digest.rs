@@ -37,6 +37,17 @@ pub enum Invalid {
     Unsupported(String),
 }
 
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Invalid::Malformed => f.write_str(
+                "not a digest (ALGORITHM:HEX, e.g. sha256: and 64 lowercase hex digits)",
+            ),
+            Invalid::Unsupported(a) => write!(f, "digest algorithm {a:?} is not supported"),
+        }
+    }
+}
+
 /// The algorithm of a well-formed digest.
 pub fn parse(d: &str) -> Result<Algorithm, Invalid> {
     let Some((alg, hex)) = d.split_once(':') else {

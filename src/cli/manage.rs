@@ -342,6 +342,15 @@ impl Backend {
         Ok(serde_json::from_value(v)?)
     }
 
+    /// An import done by the server.
+    pub fn import(
+        &self,
+        req: &crate::registry::import::ImportRequest,
+    ) -> anyhow::Result<crate::registry::import::Imported> {
+        let v = self.call(Method::POST, "/import", Some(serde_json::to_value(req)?))?;
+        serde_json::from_value(v).context("the server's import report")
+    }
+
     /// The registry's tier, limits and use.
     pub fn registry_info(&self) -> anyhow::Result<RegistryInfo> {
         if let Backend::Files(dir) = self {

@@ -5,6 +5,7 @@ pub mod acr;
 mod auth;
 mod client;
 mod encryption;
+mod import;
 mod manage;
 mod registry;
 mod render;
@@ -49,6 +50,8 @@ pub enum Command {
     /// The integrated registry: its tier and limits (show, show-usage, update), gc, fsck.
     #[command(subcommand)]
     Registry(registry::RegistryCmd),
+    /// Copy an image from another registry into this one (like `az acr import`).
+    Import(import::ImportArgs),
     /// Repositories in the registry (like `az acr repository`).
     #[command(subcommand)]
     Repository(registry::RepositoryCmd),
@@ -177,6 +180,7 @@ pub fn main() -> ExitCode {
         Command::Runner(c) => run::runner(c),
         Command::Registry(c) => registry::registry(c),
         Command::Repository(c) => registry::repository(c),
+        Command::Import(a) => import::import(a),
         Command::Serve(a) => serve::serve(a),
         Command::Token(c) => auth::token(c),
         Command::ScopeMap(c) => auth::scope_map(c),

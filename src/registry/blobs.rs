@@ -153,16 +153,38 @@ async fn receive_whole(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    store_body(reg, name, digest, content_length(headers), body).await?;
+    Ok(created(name, digest))
+}
+
+/// Stores `body` as blob `digest` of `name`: streamed into a new upload, verified (its
+/// length when `declared`, its digest always), committed. Nothing of it stays otherwise.
+/// Every whole-blob write (a monolithic push, an import) is made here.
+pub(super) async fn store_body(
+    reg: &Registry,
+    name: &str,
+    digest: &str,
+    declared: Option<u64>,
+    body: Body,
+) -> Result<(), ApiError> {
     let up = begin(reg).await?;
     let res = append_body(
         up.clone(),
         0,
         &Sha256::new(),
         body,
-        body_limits(reg, content_length(headers)),
+        body_limits(reg, declared),
     )
     .await;
     let w = match res {
+        Ok(w) if declared.is_some_and(|n| n != w.written) => {
+            discard(vec![up]).await;
+            return Err(ApiError::size_invalid(format!(
+                "{} bytes received, {} declared",
+                w.written,
+                declared.unwrap_or_default()
+            )));
+        }
         Ok(w) => w,
         Err(e) => {
             discard(vec![up]).await;
@@ -196,7 +218,7 @@ async fn commit(
     up: Arc<dyn BlobUpload>,
     hasher: Sha256,
     size: u64,
-) -> Result<Response, ApiError> {
+) -> Result<(), ApiError> {
     // Uploads are hashed with sha256 as they arrive; content named by another registered
     // algorithm is hashed again, by it, before it is accepted.
     let actual = match crate::digest::parse(digest) {
@@ -230,7 +252,7 @@ async fn commit(
         r
     })
     .await?;
-    Ok(created(name, digest))
+    Ok(())
 }
 
 pub(super) async fn start_upload(
@@ -497,7 +519,8 @@ pub(super) async fn finish_upload(
     remove_session(reg, id);
     let (blob, hasher, size) = (up.blob.clone(), up.hasher.clone(), up.offset);
     // Still holding the session: a chunk that waited for it finds the upload sealed.
-    commit(reg, name, &digest, blob, hasher, size).await
+    commit(reg, name, &digest, blob, hasher, size).await?;
+    Ok(created(name, &digest))
 }
 
 pub(super) async fn cancel_upload(

@@ -165,15 +165,36 @@ impl RegistryClient {
         path: &str,
         scope: &str,
     ) -> Result<HttpResponse, ClientError> {
+        let resp = self.open(method.clone(), path, scope, true).await?;
+        self.read(&method, resp).await
+    }
+
+    /// `GET path` whose body the caller streams (a blob): the whole exchange has no time
+    /// limit, only the wait for the response's headers; the caller bounds the body.
+    pub async fn stream(&self, path: &str, scope: &str) -> Result<reqwest::Response, ClientError> {
+        self.open(reqwest::Method::GET, path, scope, false).await
+    }
+
+    /// The response of `method path` after at most one auth challenge, body unread.
+    /// `whole`: the 30 s limit covers the body too.
+    async fn open(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        scope: &str,
+        whole: bool,
+    ) -> Result<reqwest::Response, ClientError> {
         let cached = self.cached_token(scope);
-        let mut r = self
-            .send(&method, path, cached.as_deref().map(Auth::Bearer))
+        let r = self
+            .send(&method, path, cached.as_deref().map(Auth::Bearer), whole)
             .await?;
-        if r.status != 401 {
+        if r.status().as_u16() != 401 {
             return Ok(r);
         }
         let challenge = r
-            .header("www-authenticate")
+            .headers()
+            .get("www-authenticate")
+            .and_then(|v| v.to_str().ok())
             .map(parse_challenge)
             .unwrap_or_default();
         match challenge.scheme.to_ascii_lowercase().as_str() {
@@ -184,16 +205,15 @@ impl RegistryClient {
                     .cloned()
                     .unwrap_or_else(|| scope.to_string());
                 let token = self.fetch_token(&challenge, &scope).await?;
-                r = self.send(&method, path, Some(Auth::Bearer(&token))).await?;
+                self.send(&method, path, Some(Auth::Bearer(&token)), whole)
+                    .await
             }
-            "basic" => {
-                if let Some(c) = self.credential().await {
-                    r = self.send(&method, path, Some(Auth::Basic(&c))).await?;
-                }
-            }
-            _ => {}
+            "basic" => match self.credential().await {
+                Some(c) => self.send(&method, path, Some(Auth::Basic(&c)), whole).await,
+                None => Ok(r),
+            },
+            _ => Ok(r),
         }
-        Ok(r)
     }
 
     fn cached_token(&self, scope: &str) -> Option<String> {
@@ -209,7 +229,8 @@ impl RegistryClient {
         method: &reqwest::Method,
         path: &str,
         auth: Option<Auth<'_>>,
-    ) -> Result<HttpResponse, ClientError> {
+        whole: bool,
+    ) -> Result<reqwest::Response, ClientError> {
         let known = self.scheme.lock().ok().and_then(|s| *s);
         // Docker's rule for loopback registries: HTTPS first, plain HTTP if that fails.
         let candidates: &[&'static str] = match known {
@@ -225,21 +246,27 @@ impl RegistryClient {
                 .t
                 .http
                 .request(method.clone(), &url)
-                .timeout(TIMEOUT)
                 .header("accept", MANIFEST_ACCEPT);
+            if whole {
+                req = req.timeout(TIMEOUT);
+            }
             req = match auth {
                 Some(Auth::Bearer(t)) => req.bearer_auth(t),
                 Some(Auth::Basic(c)) => req.basic_auth(&c.username, Some(&c.password)),
                 None => req,
             };
-            match req.send().await {
-                Ok(resp) => {
+            match tokio::time::timeout(TIMEOUT, req.send()).await {
+                Ok(Ok(resp)) => {
                     if let Ok(mut s) = self.scheme.lock() {
                         *s = Some(scheme);
                     }
-                    return self.read(method, resp).await;
+                    return Ok(resp);
                 }
-                Err(e) => failures.push(format!("{scheme}: {}", error_chain(&e))),
+                Ok(Err(e)) => failures.push(format!("{scheme}: {}", error_chain(&e))),
+                Err(_) => failures.push(format!(
+                    "{scheme}: no answer within {} s",
+                    TIMEOUT.as_secs()
+                )),
             }
         }
         Err(ClientError::Connect {
@@ -455,6 +482,22 @@ enum Auth<'a> {
 
 fn pull(repo: &str) -> String {
     format!("repository:{repo}:pull")
+}
+
+/// What an error body says, briefly: the distribution spec's first error message, else
+/// the start of the text.
+pub fn summary(body: &[u8]) -> String {
+    let v: Option<Value> = serde_json::from_slice(body).ok();
+    if let Some(m) = v.as_ref().and_then(|v| v["errors"][0]["message"].as_str()) {
+        return m.to_string();
+    }
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    match text.char_indices().nth(200) {
+        Some((i, _)) => format!("{}...", &text[..i]),
+        None if text.is_empty() => "(no message)".to_string(),
+        None => text.to_string(),
+    }
 }
 
 /// An error and its causes on one line (reqwest's own message is only the outermost).

@@ -206,14 +206,45 @@ pub(super) async fn put(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(|s| s.split(';').next().unwrap_or(s).trim().to_string());
-    let parsed = parse_manifest(&bytes, ct.as_deref())?;
+    let (digest, subject) = store_manifest(
+        reg,
+        name,
+        &reference,
+        &bytes,
+        ct.as_deref(),
+        current_context(),
+    )
+    .await?;
+    let mut hdrs = vec![
+        ("Location", format!("/v2/{name}/manifests/{digest}")),
+        ("Docker-Content-Digest", digest),
+        ("Content-Length", "0".to_string()),
+    ];
+    if let Some(s) = subject {
+        hdrs.push(("OCI-Subject", s));
+    }
+    Ok(respond(StatusCode::CREATED, &hdrs, Body::empty()))
+}
+
+/// Stores a manifest pushed as `reference` (a tag, or the digest it must have), checked as
+/// a push is, with its push event: its digest and subject. Every manifest push (HTTP,
+/// import) is made here.
+pub(super) async fn store_manifest(
+    reg: &Registry,
+    name: &str,
+    reference: &Reference,
+    bytes: &[u8],
+    content_type: Option<&str>,
+    ctx: super::RequestContext,
+) -> Result<(String, Option<String>), ApiError> {
+    let parsed = parse_manifest(bytes, content_type)?;
     // Named by digest: by that digest's algorithm (sha256 or sha512); else sha256.
-    let alg = match &reference {
+    let alg = match reference {
         Reference::Digest(d) => crate::digest::parse(d).unwrap_or(crate::digest::Algorithm::Sha256),
         Reference::Tag(_) => crate::digest::Algorithm::Sha256,
     };
-    let digest = crate::digest::of_bytes(alg, &bytes);
-    let tag = match &reference {
+    let digest = crate::digest::of_bytes(alg, bytes);
+    let tag = match reference {
         Reference::Digest(d) if *d != digest => {
             return Err(ApiError::digest_invalid(format!(
                 "manifest digest {digest} does not match {d}"
@@ -235,18 +266,9 @@ pub(super) async fn put(
         sealed: None,
     };
     let store = reg.inner.store.clone();
-    let ctx = current_context();
     let event = blocking(move || super::service::push_manifest(&store, &m, &ctx)).await?;
     reg.announce(vec![event]);
-    let mut hdrs = vec![
-        ("Location", format!("/v2/{name}/manifests/{digest}")),
-        ("Docker-Content-Digest", digest),
-        ("Content-Length", "0".to_string()),
-    ];
-    if let Some(s) = parsed.subject {
-        hdrs.push(("OCI-Subject", s));
-    }
-    Ok(respond(StatusCode::CREATED, &hdrs, Body::empty()))
+    Ok((digest, parsed.subject))
 }
 
 pub(super) async fn get(

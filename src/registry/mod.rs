@@ -8,6 +8,7 @@
 mod blobs;
 pub mod client;
 mod errors;
+pub mod import;
 mod manifests;
 mod names;
 pub mod reference;

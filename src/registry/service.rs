@@ -76,6 +76,15 @@ pub fn mount_blob(store: &Store, repo: &str, from: &str, digest: &str) -> Result
     store.mount_blob(repo, from, digest)
 }
 
+/// Links content the registry holds in any repository into `repo` (an import's mount);
+/// false if it holds none.
+pub fn link_blob(store: &Store, repo: &str, digest: &str) -> Result<bool, StoreError> {
+    let p = store.properties()?;
+    p.check_writable()?;
+    let admit = admit(&p);
+    store.link_existing_blob(repo, digest, &admit)
+}
+
 /// Unlinks a blob from `repo` (its content goes at the next gc); false if not linked.
 pub fn unlink_blob(store: &Store, repo: &str, digest: &str) -> Result<bool, StoreError> {
     store.properties()?.check_managed("deletes")?;

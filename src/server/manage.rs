@@ -30,6 +30,11 @@ pub struct ManageState {
     pub queue: Option<Arc<super::queue::Queue>>,
     /// The address clients push to (`HOST:PORT`).
     pub login_server: Option<String>,
+    /// The registry, for imports (they push as clients do).
+    pub registry: crate::registry::Registry,
+    /// Certificates trusted beside the system's roots (`serve --ca-cert`), for import
+    /// sources.
+    pub ca_certs: Vec<std::path::PathBuf>,
 }
 
 /// What `acr-task registry show` and `show-usage` print, on the files or from a server.
@@ -300,6 +305,7 @@ pub fn router(state: Arc<ManageState>) -> Router {
             post(encryption_rotate),
         )
         .route("/api/registry/gc", post(gc))
+        .route("/api/registry/import", post(import))
         .route("/api/registry/fsck", post(fsck))
         .with_state(state)
 }
@@ -647,6 +653,31 @@ async fn gc(State(s): St, Extension(c): Extension<Caller>, Json(a): Json<GcAsk>)
     })
     .await?;
     Ok(Json(r).into_response())
+}
+
+/// `acr-task import` done by this server: it fetches from the source itself.
+async fn import(
+    State(s): St,
+    Extension(c): Extension<Caller>,
+    Json(a): Json<crate::registry::import::ImportRequest>,
+) -> Answer {
+    admin_only(&s, &c)?;
+    let ctx = crate::registry::RequestContext {
+        id: uuid::Uuid::new_v4().to_string(),
+        host: s.login_server.clone().unwrap_or_default(),
+        method: "IMPORT".into(),
+        useragent: concat!("acr-task-import/", env!("CARGO_PKG_VERSION")).into(),
+        actor: c.0.clone(),
+    };
+    match crate::registry::import::run(&s.registry, &s.ca_certs, &a, ctx).await {
+        Ok(done) => Ok(Json(done).into_response()),
+        Err(e) => {
+            let status =
+                StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            tracing::warn!(source = %a.source, error = %e, "import failed");
+            Err(Refusal(status, e.to_string()))
+        }
+    }
 }
 
 fn info_refusal(e: InfoError) -> Refusal {

@@ -340,6 +340,8 @@ impl Server {
             open: self.cfg.open_api,
             queue: Some(state.queue.clone()),
             login_server: Some(self.registry_host()),
+            registry: self.registry.clone(),
+            ca_certs: self.cfg.ca_certs.clone(),
         }));
         let names = Arc::new(crate::listen::HostNames::new(&self.cfg.server_names));
         let app = crate::registry::router_with_auth(self.registry.clone(), gate)

@@ -483,6 +483,20 @@ impl Store {
         self.now().meta.mount_blob(repo, from, digest)
     }
 
+    /// Links content the registry already holds into `repo`, from wherever it is (an
+    /// import's mount); false if the registry does not hold it (or gc is removing it).
+    pub fn link_existing_blob(
+        &self,
+        repo: &str,
+        digest: &str,
+        admit: Admit<'_>,
+    ) -> Result<bool, StoreError> {
+        let b = self.now();
+        b.meta.link_blob(repo, digest, None, admit, &mut || {
+            Ok(b.blobs.exists(digest))
+        })
+    }
+
     /// Remove `digest` from `repo` (the file goes at the next gc). False if it was not linked.
     pub fn unlink_blob(&self, repo: &str, digest: &str) -> Result<bool, StoreError> {
         self.now().meta.unlink_blob(repo, digest)

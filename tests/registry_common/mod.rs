@@ -376,3 +376,58 @@ impl PullLoop {
         (self.pulls(), failures)
     }
 }
+
+/// Write an OCI image layout holding a two-platform index tagged `multi`.
+pub fn write_multi_arch_layout(dir: &Path) -> String {
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |data: &[u8]| -> (String, usize) {
+        let d = digest(data);
+        std::fs::write(blobs.join(d.trim_start_matches("sha256:")), data).unwrap();
+        (d, data.len())
+    };
+    let mut children = Vec::new();
+    for arch in ["amd64", "arm64"] {
+        let mut b = tar::Builder::new(Vec::new());
+        let content = format!("built for {arch}\n");
+        let mut h = tar::Header::new_gnu();
+        h.set_size(content.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, "arch.txt", content.as_bytes())
+            .unwrap();
+        let layer = b.into_inner().unwrap();
+        let (ld, ls) = put(&layer);
+        let config = serde_json::to_vec(&serde_json::json!({
+            "architecture": arch, "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": [ld]},
+            "config": {}
+        }))
+        .unwrap();
+        let (cd, cs) = put(&config);
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": cs},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": ld, "size": ls}]
+        }))
+        .unwrap();
+        let (md, ms) = put(&manifest);
+        children.push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": ms,
+            "platform": {"architecture": arch, "os": "linux"}
+        }));
+    }
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": children
+    }))
+    .unwrap();
+    let (id, is) = put(&index);
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    let top = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{"mediaType": "application/vnd.oci.image.index.v1+json", "digest": id, "size": is,
+                       "annotations": {"org.opencontainers.image.ref.name": "multi"}}]
+    });
+    std::fs::write(dir.join("index.json"), top.to_string()).unwrap();
+    id
+}

@@ -1,0 +1,128 @@
+//! `acr-task import`, as `az acr import`: the target registry copies an image from another
+//! registry's API (a running server does it itself; otherwise this process opens the
+//! registry's files and does it the same way).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Args;
+
+use super::Output;
+use crate::registry::import::{ImportRequest, Imported};
+
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  acr-task import --source registry.example.com:5000/team/app:1.0
+  acr-task import --source 127.0.0.1:5000/app@sha256:3f2... --image mirror/app:stable --image mirror/app:1.0
+  acr-task import --source other.example.com/app:1.0 --username puller --password \"$PW\" --force
+  acr-task import --source 127.0.0.1:5000/app:1.0 --registry https://acr.example.com -o json")]
+pub struct ImportArgs {
+    /// The image to import: REGISTRY/REPOSITORY:TAG or REGISTRY/REPOSITORY@DIGEST.
+    #[arg(long)]
+    source: String,
+    /// Where it goes: REPOSITORY:TAG, REPOSITORY (the source's tag) or REPOSITORY@DIGEST;
+    /// repeat for several tags. Default: the source's repository and tag.
+    #[arg(long = "image", short = 't')]
+    images: Vec<String>,
+    /// The source registry's user name (default: `docker login`'s credentials for it).
+    #[arg(long, short = 'u')]
+    username: Option<String>,
+    /// The source registry's password or token (or ACR_TASK_SOURCE_PASSWORD).
+    #[arg(
+        long,
+        short = 'p',
+        env = "ACR_TASK_SOURCE_PASSWORD",
+        hide_env_values = true
+    )]
+    password: Option<String>,
+    /// Replace a target tag that names other content.
+    #[arg(long)]
+    force: bool,
+    /// The target: a running `acr-task serve` (URL or HOST:PORT), as its admin. Without
+    /// it, a server holding --data does the import, else this command on --data's files.
+    #[arg(long, visible_alias = "server", env = "ACR_TASK_SERVER")]
+    registry: Option<String>,
+    /// Data directory; the registry is its `registry/` [default: $ACR_TASK_DATA, else
+    /// ~/.local/share/acr-task].
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// PEM certificates to trust for the source, beside the system's roots (on the files;
+    /// a server trusts what `serve --ca-cert` gave it).
+    #[arg(long)]
+    ca_cert: Vec<PathBuf>,
+    /// Output format: table or json.
+    #[arg(long, short = 'o', value_parser = super::table_or_json, default_value = "table")]
+    output: Output,
+}
+
+pub fn import(a: ImportArgs) -> anyhow::Result<ExitCode> {
+    let mut req = ImportRequest {
+        source: a.source.clone(),
+        images: a.images.clone(),
+        force: a.force,
+        username: a.username.clone(),
+        password: a.password.clone(),
+    };
+    if req.username.is_some() != req.password.is_some() {
+        anyhow::bail!("--username and --password go together");
+    }
+    if req.username.is_none() {
+        // `docker login`'s credentials for the source, read here: a server never uses its
+        // own for a caller.
+        if let Some(src) = crate::registry::reference::ImageRef::parse(&a.source) {
+            let creds = crate::credentials::Credentials::from_docker_config()
+                .context("reading docker login's credentials")?;
+            if let Some(c) = creds.get(src.api_host()) {
+                req.username = Some(c.username);
+                req.password = Some(c.password);
+            }
+        }
+    }
+    let done = match super::manage::Backend::choose(a.registry.as_deref(), a.data.clone())? {
+        super::manage::Backend::Files(dir) => {
+            let rt = super::tokio_runtime()?;
+            rt.block_on(async {
+                let reg = crate::registry::Registry::open(&dir)
+                    .with_context(|| format!("opening the registry in {}", dir.display()))?;
+                let ctx = crate::registry::RequestContext {
+                    id: uuid::Uuid::new_v4().to_string(),
+                    method: "IMPORT".into(),
+                    useragent: concat!("acr-task-import/", env!("CARGO_PKG_VERSION")).into(),
+                    ..Default::default()
+                };
+                crate::registry::import::run(&reg, &a.ca_cert, &req, ctx)
+                    .await
+                    .map_err(anyhow::Error::from)
+            })?
+        }
+        server => server.import(&req)?,
+    };
+    print(&done, a.output)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print(d: &Imported, output: Output) -> anyhow::Result<()> {
+    if output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(d)?);
+        return Ok(());
+    }
+    println!(
+        "Imported {} ({}) as {}",
+        d.source,
+        d.digest,
+        d.targets.join(", ")
+    );
+    println!(
+        "  manifests: {} stored, {} already there; referrers: {}",
+        d.manifests, d.manifests_present, d.referrers
+    );
+    println!(
+        "  blobs: {} copied ({}), {} already there; {:.1} s",
+        d.blobs_copied,
+        crate::tier::human(d.bytes_copied),
+        d.blobs_present,
+        d.seconds
+    );
+    Ok(())
+}
