@@ -13,6 +13,11 @@
 //! the same server with its limits lifted, by turns; and the upgrade of a Classic directory of 1 GiB in many
 //! blobs beside `cp -r` of it (`REGISTRY_BENCH_ONLY=extra` runs these alone,
 //! `REGISTRY_BENCH_SKIP_EXTRA=1` skips them).
+//!
+//! Last, a relocation: 50 repositories × 5 tags (one shared base layer, small layers of
+//! their own) from distribution into a fresh `acr-task serve` by `acr-task registry
+//! relocate`, beside `skopeo sync` of the same into another fresh one, three rounds by
+//! turns (`REGISTRY_BENCH_ONLY=relocate` runs it alone; it needs skopeo).
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -54,19 +59,13 @@ impl Server {
 }
 
 fn start_ours() -> Server {
-    start_ours_with("acr-task", &[])
+    start_ours_with("acr-task", &["--registry-only"])
 }
 
 fn start_ours_with(name: &'static str, extra: &[&str]) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_acr-task"))
-        .args([
-            "serve",
-            "--registry-only",
-            "--listen",
-            "127.0.0.1:0",
-            "--data",
-        ])
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
         .arg(dir.path())
         .args(extra)
         .stdout(Stdio::piped())
@@ -396,6 +395,9 @@ async fn main() {
     if std::env::var("REGISTRY_BENCH_ONLY").as_deref() == Ok("extra") {
         return extra(seed).await;
     }
+    if std::env::var("REGISTRY_BENCH_ONLY").as_deref() == Ok("relocate") {
+        return relocate_bench(seed).await;
+    }
     let mut servers = vec![start_ours()];
     if !only_ours {
         servers.push(start_distribution());
@@ -463,8 +465,8 @@ async fn main() {
 /// Ours against ours (encryption's cost, the tier checks' cost), then the Classic upgrade.
 async fn extra(seed: u64) {
     // Ours against ours: encryption's cost.
-    let encrypted = start_ours_with("encrypted", &[]);
-    let plain = start_ours_with("unencrypted", &["--unencrypted"]);
+    let encrypted = start_ours_with("encrypted", &["--registry-only"]);
+    let plain = start_ours_with("unencrypted", &["--registry-only", "--unencrypted"]);
     let figs = measure_core(&[&encrypted, &plain], seed + 99).await;
     print_pair(
         "Encryption at rest (same run; medians of 3 rounds)",
@@ -485,6 +487,7 @@ async fn extra(seed: u64) {
     drop(plain);
     check_cost(&with);
     migration_bench(seed);
+    relocate_bench(seed).await;
 }
 
 /// What the storage checks of one blob push cost, in-process: the check before the upload
@@ -819,4 +822,142 @@ fn disk_write_rate(dir: &Path, mib: usize) -> f64 {
     drop(f);
     let _ = std::fs::remove_file(&path);
     (mib * MIB) as f64 / 1e6 / secs
+}
+
+/// Repositories and tags of the relocation bench.
+const RELOCATE_REPOS: usize = 50;
+const RELOCATE_TAGS: usize = 5;
+
+/// Fills `base` with the relocation bench's images: every repository shares a 2 MiB base
+/// layer; each tag has a 32 KiB layer and a config of its own.
+async fn fill_for_relocation(c: &reqwest::Client, base: &str, seed: u64) {
+    let shared = big_chunk(&vec![7u8; 2 * MIB], 0, seed);
+    let sd = digest(&shared);
+    futures_util::stream::iter(0..RELOCATE_REPOS)
+        .map(|r| {
+            let (shared, sd) = (shared.clone(), sd.clone());
+            async move {
+                let repo = format!("team{}/app{r}", r % 5);
+                push(c, base, &repo, shared.clone(), &sd).await;
+                for t in 0..RELOCATE_TAGS {
+                    let own = big_chunk(&vec![1u8; 32 * 1024], (r * 100 + t) as u64, seed);
+                    let od = digest(&own);
+                    push(c, base, &repo, own.clone(), &od).await;
+                    let config = bytes::Bytes::from(format!(
+                        r#"{{"architecture":"amd64","os":"linux","rootfs":{{"type":"layers","diff_ids":[]}},"config":{{"Labels":{{"n":"{r}-{t}-{seed}"}}}}}}"#
+                    ));
+                    let cd = digest(&config);
+                    push(c, base, &repo, config.clone(), &cd).await;
+                    let m = serde_json::json!({
+                        "schemaVersion": 2,
+                        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+                        "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "digest": cd, "size": config.len()},
+                        "layers": [
+                            {"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", "digest": sd, "size": shared.len()},
+                            {"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", "digest": od, "size": own.len()}
+                        ]
+                    });
+                    let r = c
+                        .put(format!("{base}/v2/{repo}/manifests/v{t}"))
+                        .header("content-type", "application/vnd.docker.distribution.manifest.v2+json")
+                        .body(m.to_string())
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(r.status(), 201, "manifest PUT");
+                }
+            }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<()>>()
+        .await;
+}
+
+/// Seconds a command takes; it must succeed.
+fn timed(cmd: &mut Command) -> f64 {
+    let t = Instant::now();
+    let out = cmd.output().expect("spawning");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    t.elapsed().as_secs_f64()
+}
+
+async fn relocate_bench(seed: u64) {
+    let c = reqwest::Client::new();
+    let dist = start_distribution();
+    wait_ready(&c, &dist).await;
+    fill_for_relocation(&c, &dist.base, seed).await;
+    let host = dist.base.trim_start_matches("http://").to_string();
+    let sync = tempfile::tempdir().unwrap();
+    let yaml = sync.path().join("sync.yaml");
+    let mut text = format!("{host}:\n  tls-verify: false\n  images-by-tag-regex:\n");
+    for r in 0..RELOCATE_REPOS {
+        text.push_str(&format!("    team{}/app{r}: '.*'\n", r % 5));
+    }
+    std::fs::write(&yaml, text).unwrap();
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for round in 0..3 {
+        let target = start_ours_with("relocate target", &[]);
+        wait_ready(&c, &target).await;
+        let password =
+            std::fs::read_to_string(target._dir.path().join("admin.password")).unwrap_or_default();
+        ours.push(timed(
+            Command::new(env!("CARGO_BIN_EXE_acr-task"))
+                .args([
+                    "registry",
+                    "relocate",
+                    "--source",
+                    &host,
+                    "--target",
+                    &target.base,
+                ])
+                .args(["--concurrency", "8"])
+                .env("ACR_TASK_USERNAME", "admin")
+                .env("ACR_TASK_PASSWORD", password.trim()),
+        ));
+        drop(target);
+        let target = start_ours_with("skopeo sync target", &["--registry-only"]);
+        wait_ready(&c, &target).await;
+        let dest = target.base.trim_start_matches("http://").to_string();
+        theirs.push(timed(Command::new("skopeo").args([
+            "sync",
+            "--src",
+            "yaml",
+            "--dest",
+            "docker",
+            "--dest-tls-verify=false",
+            &yaml.display().to_string(),
+            &dest,
+        ])));
+        // skopeo's copy is whole too: every repository is there (it names them by
+        // their last path component).
+        let cat: serde_json::Value = c
+            .get(format!("{}/v2/_catalog?n=1000", target.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            cat["repositories"].as_array().map(|r| r.len()),
+            Some(RELOCATE_REPOS),
+            "round {round}: {cat}"
+        );
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let (o, t) = (med(&mut ours), med(&mut theirs));
+    println!(
+        "\nRelocation of {RELOCATE_REPOS} repositories × {RELOCATE_TAGS} tags from distribution 2.8 \
+         (medians of 3 rounds, by turns): acr-task registry relocate --concurrency 8: {o:.2} s \
+         (runs {ours:.2?}); skopeo sync: {t:.2} s (runs {theirs:.2?}); {:.2}× faster (goal >= 1.5)",
+        t / o
+    );
 }

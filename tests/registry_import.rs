@@ -12,11 +12,11 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use serde_json::{json, Value};
 use serve_common::registry_common::{
     cli, cli_json, cli_ok, digest, require_tool, run, spawn_server, write_multi_arch_layout,
     Distribution,
 };
-use serde_json::{json, Value};
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -538,4 +538,157 @@ async fn an_import_over_tls_with_a_token_moves_a_base_tag_and_triggers_once() {
     let _ = Command::new("docker")
         .args(["rmi", "-f", &format!("{}/app:latest", serve.addr)])
         .output();
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// Fills `base` with `repos` × `tags` images over one shared base layer, each with its own
+/// small layer. Returns (repository, tag, its layer's digest) of every image.
+async fn fill(base: &str, repos: &[&str], tags: usize) -> Vec<(String, String, String)> {
+    let c = reqwest::Client::new();
+    let shared = vec![42u8; 512 * 1024];
+    let mut out = Vec::new();
+    for repo in repos {
+        let sd = upload(&c, base, repo, &shared).await;
+        for t in 0..tags {
+            let own = format!("{repo} {t} {}", uuid::Uuid::new_v4()).repeat(2000);
+            let ld = upload(&c, base, repo, own.as_bytes()).await;
+            let config =
+                format!(r#"{{"architecture":"amd64","os":"linux","variant":"{repo}{t}"}}"#);
+            let cd = upload(&c, base, repo, config.as_bytes()).await;
+            let m = serde_json::to_vec(&json!({
+                "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": config.len()},
+                "layers": [
+                    {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": sd, "size": shared.len()},
+                    {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": ld, "size": own.len()}
+                ]
+            }))
+            .unwrap();
+            put_manifest(&c, base, repo, &format!("v{t}"), OCI_MANIFEST, &m).await;
+            out.push((repo.to_string(), format!("v{t}"), ld));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relocation_is_filtered_resumed_after_kill_9_and_verified() {
+    let dist_root = tempfile::tempdir().unwrap();
+    let dist = Distribution::start(dist_root.path());
+    let src = format!("http://{}", dist.addr);
+    let repos = ["app0", "app1", "team/app2", "team/app3", "app4", "app5"];
+    let images = fill(&src, &repos, 3).await;
+    fill(&src, &["skip/me"], 1).await;
+    // One blob whose bytes changed at the source: that tag fails, the rest goes on.
+    let (bad_repo, bad_tag, bad_layer) = images.last().unwrap().clone();
+    let hex = bad_layer.trim_start_matches("sha256:");
+    let path = dist_root.path().join(format!(
+        "docker/registry/v2/blobs/sha256/{}/{hex}/data",
+        &hex[..2]
+    ));
+    let len = std::fs::metadata(&path).unwrap().len() as usize;
+    std::fs::write(&path, vec![b'x'; len]).unwrap();
+
+    let target = tempfile::tempdir().unwrap();
+    let t = target.path();
+    let (mut server, addr) = serve_common::registry_common::spawn_serve(&[], t);
+    let source = dist.addr.clone();
+    let relocate = move |extra: &[&str]| -> Vec<String> {
+        let mut args: Vec<String> = [
+            "registry",
+            "relocate",
+            "--source",
+            &source,
+            "--filter",
+            "^(team/)?app",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+
+    let plan = cli_json(t, &strs(&relocate(&["--dry-run", "-o", "json"])));
+    let plan = plan.as_array().unwrap();
+    assert_eq!(plan.len(), 18, "{plan:?}");
+    assert!(plan.iter().all(|i| i["state"] == "copy"), "{plan:?}");
+    assert!(!plan.iter().any(|i| i["repository"] == "skip/me"));
+
+    // Interrupted: killed (SIGKILL) once the target holds something.
+    let mut first = Command::new(serve_common::bin())
+        .args(relocate(&["--concurrency", "2"]))
+        .arg("--data")
+        .arg(t)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let c = reqwest::Client::new();
+    let start = std::time::Instant::now();
+    loop {
+        let cat: Value = c
+            .get(format!("http://{addr}/v2/_catalog"))
+            .basic_auth("admin", Some(serve_common::admin_password(t)))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap_or_default();
+        if cat["repositories"]
+            .as_array()
+            .is_some_and(|r| !r.is_empty())
+        {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "nothing arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = first.kill();
+    let _ = first.wait();
+
+    // Again: it goes on from there; what is there is not copied again.
+    let (ok, out, err) = cli(t, &strs(&relocate(&["-o", "json"])));
+    assert!(!ok, "the damaged tag fails the relocation: {out}\n{err}");
+    let r: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}\n{err}"));
+    assert_eq!(r["tags"], 18, "{r}");
+    assert_eq!(r["failed"], 1, "{r}");
+    assert_eq!(
+        r["copied"].as_u64().unwrap() + r["alreadyThere"].as_u64().unwrap(),
+        17,
+        "{r}"
+    );
+    let failed = r["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["state"] == "failed")
+        .unwrap();
+    assert_eq!(
+        (failed["repository"].as_str(), failed["tag"].as_str()),
+        (Some(bad_repo.as_str()), Some(bad_tag.as_str()))
+    );
+    let e = failed["error"].as_str().unwrap();
+    assert!(
+        e.contains(&bad_layer) && e.contains("does not match its digest"),
+        "{e}"
+    );
+    assert_eq!(r["differences"].as_array().unwrap().len(), 1, "{r}");
+    assert_eq!(r["differences"][0]["tag"], bad_tag.as_str(), "{r}");
+    assert_eq!(r["differences"][0]["target"], Value::Null, "{r}");
+
+    // A third run copies nothing: every good tag is there at the source's digest.
+    let (_, out, _) = cli(t, &strs(&relocate(&["-o", "json"])));
+    let r: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (r["alreadyThere"].as_u64(), r["blobsCopied"].as_u64()),
+        (Some(17), Some(0)),
+        "{r}"
+    );
+    let _ = server.kill();
+    let _ = server.wait();
 }

@@ -25,6 +25,11 @@ pub struct Client {
     /// Basic credentials for a server started with `--auth`: the admin or a token name,
     /// and its password (`ACR_TASK_USERNAME`, `ACR_TASK_PASSWORD`).
     credentials: Option<(String, String)>,
+    /// With [`Client::with_tokens`]: a bearer token of the server's token endpoint, got
+    /// with the credentials once (one password check, not one per call) and renewed when
+    /// it expires.
+    tokens: std::sync::atomic::AtomicBool,
+    bearer: std::sync::Mutex<Option<String>>,
 }
 
 /// A server address as users type it: a URL, or `HOST:PORT` (plain HTTP on loopback, as
@@ -69,6 +74,8 @@ impl Client {
             base: server.clone(),
             http: reqwest::Client::new(),
             credentials,
+            tokens: std::sync::atomic::AtomicBool::new(false),
+            bearer: std::sync::Mutex::new(None),
         }
     }
 
@@ -97,9 +104,58 @@ impl Client {
 
     pub fn request(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
         let req = self.http.request(method, url);
-        match &self.credentials {
-            Some((u, p)) => req.basic_auth(u, Some(p)),
-            None => req,
+        let bearer = self.bearer.lock().ok().and_then(|b| b.clone());
+        match (&self.credentials, bearer) {
+            (_, Some(t)) => req.bearer_auth(t),
+            (Some((u, p)), None) => req.basic_auth(u, Some(p)),
+            (None, None) => req,
+        }
+    }
+
+    /// A client that logs in once for many calls (a bearer token for the task and
+    /// management API, renewed when it expires).
+    pub fn with_tokens(mut self) -> Client {
+        self.tokens = std::sync::atomic::AtomicBool::new(true);
+        self
+    }
+
+    /// Gets a bearer token with the credentials (for [`Client::with_tokens`]).
+    async fn fetch_token(&self) -> anyhow::Result<()> {
+        let Some((u, p)) = &self.credentials else {
+            return Ok(());
+        };
+        let url = format!(
+            "{}{}?scope=registry:tasks:read,write",
+            self.base,
+            crate::auth::http::TOKEN_PATH
+        );
+        let resp = self
+            .http
+            .get(&url)
+            .basic_auth(u, Some(p))
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the server at {}", self.base))?;
+        let status = resp.status();
+        if status == reqwest::StatusCode::NOT_FOUND {
+            // A server without the endpoint: the credentials on every call, as before.
+            self.tokens
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+            return Ok(());
+        }
+        let v: Value = resp.json().await.unwrap_or_default();
+        let token = v["token"].as_str().or_else(|| v["access_token"].as_str());
+        match token {
+            Some(t) if status.is_success() => {
+                if let Ok(mut b) = self.bearer.lock() {
+                    *b = Some(t.to_string());
+                }
+                Ok(())
+            }
+            _ => bail!(
+                "the server at {} refused the login of {u} (HTTP {status})",
+                self.base
+            ),
         }
     }
 
@@ -112,16 +168,30 @@ impl Client {
         body: Option<&Value>,
     ) -> anyhow::Result<Value> {
         let url = format!("{}{path}", self.base);
-        let mut req = self.request(method, &url);
-        if let Some(b) = body {
-            req = req.json(b);
+        let has_token = self.bearer.lock().map(|b| b.is_some()).unwrap_or(false);
+        let tokens = self.tokens.load(std::sync::atomic::Ordering::Relaxed);
+        if tokens && !has_token {
+            self.fetch_token().await?;
         }
-        let resp = req.send().await.with_context(|| {
+        let send = || {
+            let mut req = self.request(method.clone(), &url);
+            if let Some(b) = body {
+                req = req.json(b);
+            }
+            req.send()
+        };
+        let unreachable = || {
             format!(
                 "cannot reach the server at {} (is `acr-task serve` running?)",
                 self.base
             )
-        })?;
+        };
+        let mut resp = send().await.with_context(unreachable)?;
+        if tokens && has_token && resp.status() == reqwest::StatusCode::UNAUTHORIZED {
+            // The token expired: another, once.
+            self.fetch_token().await?;
+            resp = send().await.with_context(unreachable)?;
+        }
         let status = resp.status();
         let text = resp.text().await.context("reading the response")?;
         let v: Value = if text.is_empty() {

@@ -8,6 +8,7 @@ mod encryption;
 mod import;
 mod manage;
 mod registry;
+mod relocate;
 mod render;
 mod run;
 mod serve;

@@ -141,6 +141,9 @@ and resumes where it was if stopped.")]
         #[arg(long, short = 'o', value_enum, default_value = "table")]
         output: Output,
     },
+    /// Import every repository and tag of another registry, in parallel, resumable,
+    /// verified at the end (exit 1 on any failure or difference).
+    Relocate(super::relocate::RelocateArgs),
     /// Re-verify every blob digest and manifest reference. Exit 1 if anything is wrong.
     #[command(after_help = "Example:\n  acr-task registry fsck -o json")]
     Fsck {
@@ -579,6 +582,7 @@ pub fn registry(cmd: RegistryCmd) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        RegistryCmd::Relocate(a) => super::relocate::relocate(a),
         RegistryCmd::Fsck {
             data,
             server,

@@ -385,21 +385,33 @@ impl RegistryClient {
         Ok(r)
     }
 
-    async fn json(&self, path: &str, scope: &str) -> Result<Value, ClientError> {
-        let r = self.ok(reqwest::Method::GET, path, scope).await?;
-        serde_json::from_slice(&r.body).map_err(|_| ClientError::Malformed(self.addr.clone()))
-    }
-
+    /// Every repository of the catalog (all its pages).
     pub async fn repositories(&self) -> Result<Vec<String>, ClientError> {
-        let v = self.json("/v2/_catalog", "registry:catalog:*").await?;
-        Ok(strings(&v["repositories"]))
+        self.paged("/v2/_catalog?n=1000", "repositories", "registry:catalog:*")
+            .await
     }
 
+    /// Every tag of `repo` (all pages).
     pub async fn tags(&self, repo: &str) -> Result<Vec<String>, ClientError> {
-        let v = self
-            .json(&format!("/v2/{repo}/tags/list"), &pull(repo))
-            .await?;
-        Ok(strings(&v["tags"]))
+        self.paged(&format!("/v2/{repo}/tags/list?n=1000"), "tags", &pull(repo))
+            .await
+    }
+
+    /// A listing followed through its `Link: <...>; rel="next"` pages (at most 10,000).
+    async fn paged(&self, first: &str, key: &str, scope: &str) -> Result<Vec<String>, ClientError> {
+        let mut out = Vec::new();
+        let mut path = first.to_string();
+        for _ in 0..10_000 {
+            let r = self.ok(reqwest::Method::GET, &path, scope).await?;
+            let v: Value = serde_json::from_slice(&r.body)
+                .map_err(|_| ClientError::Malformed(self.addr.clone()))?;
+            out.extend(strings(&v[key]));
+            match r.header("link").and_then(next_link) {
+                Some(next) if next != path => path = next,
+                _ => return Ok(out),
+            }
+        }
+        Ok(out)
     }
 
     /// Manifests reachable through tags, grouped by digest.
@@ -482,6 +494,22 @@ enum Auth<'a> {
 
 fn pull(repo: &str) -> String {
     format!("repository:{repo}:pull")
+}
+
+/// The path of a `Link` header's `rel="next"` target (same host only).
+fn next_link(h: &str) -> Option<String> {
+    h.split(',').find_map(|part| {
+        let (url, params) = part.split_once(';')?;
+        if !params.contains("rel=\"next\"") && !params.contains("rel=next") {
+            return None;
+        }
+        let url = url.trim().strip_prefix('<')?.strip_suffix('>')?;
+        let path = match url.find("://") {
+            Some(i) => &url[url[i + 3..].find('/').map(|j| i + 3 + j)?..],
+            None => url,
+        };
+        path.starts_with("/v2/").then(|| path.to_string())
+    })
 }
 
 /// What an error body says, briefly: the distribution spec's first error message, else
@@ -577,6 +605,23 @@ fn strings(v: &Value) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listing_pages_follow_the_next_link() {
+        assert_eq!(
+            next_link(r#"</v2/_catalog?last=b&n=2>; rel="next""#).as_deref(),
+            Some("/v2/_catalog?last=b&n=2")
+        );
+        assert_eq!(
+            next_link(r#"<https://r.example/v2/a/tags/list?last=x>; rel="next""#).as_deref(),
+            Some("/v2/a/tags/list?last=x")
+        );
+        assert_eq!(next_link(r#"</v2/_catalog?last=b>; rel="prev""#), None);
+        assert_eq!(
+            next_link(r#"<https://evil.example/other>; rel="next""#),
+            None
+        );
+    }
 
     #[test]
     fn challenges_as_registries_send_them() {

@@ -308,6 +308,46 @@ impl Tally {
     }
 }
 
+/// The blobs being imported now, by digest (each entry lives while someone holds it).
+#[derive(Default)]
+pub(crate) struct BlobLocks(Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+/// A blob held for copying; dropping it lets the next import of that blob look.
+pub(crate) struct Held<'a> {
+    locks: &'a BlobLocks,
+    digest: String,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl BlobLocks {
+    pub(crate) async fn hold(&self, digest: &str) -> Held<'_> {
+        let lock = self
+            .0
+            .lock()
+            .map(|mut m| m.entry(digest.to_string()).or_default().clone())
+            .unwrap_or_default();
+        Held {
+            locks: self,
+            digest: digest.to_string(),
+            guard: Some(lock.lock_owned().await),
+        }
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        if let Ok(mut m) = self.locks.0.lock() {
+            // Only the map holds it now: nobody waits.
+            if m.get(&self.digest)
+                .is_some_and(|l| Arc::strong_count(l) == 1)
+            {
+                m.remove(&self.digest);
+            }
+        }
+    }
+}
+
 /// A manifest as the source sent it, its digest verified.
 struct Fetched {
     digest: String,
@@ -321,7 +361,6 @@ pub struct Importer {
     reg: Registry,
     src: RegistryClient,
     ctx: RequestContext,
-    in_flight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     tag_lists: tokio::sync::Mutex<HashMap<String, Arc<Vec<String>>>>,
     /// Whether the source answers the referrers API (unknown until asked).
     referrers_api: Mutex<Option<bool>>,
@@ -335,7 +374,6 @@ impl Importer {
             reg,
             src,
             ctx,
-            in_flight: Mutex::new(HashMap::new()),
             tag_lists: tokio::sync::Mutex::new(HashMap::new()),
             referrers_api: Mutex::new(None),
             total: Tally::default(),
@@ -647,13 +685,8 @@ impl Importer {
             item: item.clone(),
             message: e.to_string(),
         })?;
-        // One copy of a blob at a time: whoever waited finds it there.
-        let lock = self
-            .in_flight
-            .lock()
-            .map(|mut m| m.entry(digest.to_string()).or_default().clone())
-            .unwrap_or_default();
-        let _held = lock.lock().await;
+        // One copy of a blob at a time, whichever import wants it: who waited finds it.
+        let _held = self.reg.inner.importing.hold(digest).await;
         let store = self.reg.store().clone();
         let (repo, d) = (dst_repo.to_string(), digest.to_string());
         let linked = tokio::task::spawn_blocking(move || {

@@ -231,6 +231,8 @@ pub(crate) struct State {
     pub background: crate::background::Background,
     /// The tier's read and write rates.
     pub throttle: throttle::Throttle,
+    /// Blobs imports are copying now: concurrent imports wanting one wait for its copy.
+    pub importing: import::BlobLocks,
 }
 
 /// The registry's long jobs, run here in the serving process when the settings ask for
@@ -347,6 +349,7 @@ impl Registry {
                 maintained: std::sync::atomic::AtomicBool::new(false),
                 background: crate::background::Background::new(),
                 throttle: throttle::Throttle::default(),
+                importing: Default::default(),
             }),
         })
     }

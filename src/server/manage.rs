@@ -306,6 +306,7 @@ pub fn router(state: Arc<ManageState>) -> Router {
         )
         .route("/api/registry/gc", post(gc))
         .route("/api/registry/import", post(import))
+        .route("/api/registry/resolve", post(resolve))
         .route("/api/registry/fsck", post(fsck))
         .with_state(state)
 }
@@ -678,6 +679,53 @@ async fn import(
             Err(Refusal(status, e.to_string()))
         }
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResolveAsk {
+    /// `REPO:TAG` or `REPO@DIGEST`.
+    images: Vec<String>,
+}
+
+/// The digest each of many `REPO:TAG` names now (null: none), in one call (a relocation's
+/// plan and check).
+async fn resolve(
+    State(s): St,
+    Extension(c): Extension<Caller>,
+    Json(a): Json<ResolveAsk>,
+) -> Answer {
+    admin_only(&s, &c)?;
+    const MAX: usize = 100_000;
+    if a.images.len() > MAX {
+        return Err(Refusal(
+            StatusCode::BAD_REQUEST,
+            format!("at most {MAX} images in one call"),
+        ));
+    }
+    let store = s.store.clone();
+    let out = blocking(move || {
+        let mut out = serde_json::Map::new();
+        for image in a.images {
+            let (repo, reference) = match image.split_once('@') {
+                Some((r, d)) => (r, crate::store::Reference::Digest(d.to_string())),
+                None => match image.rsplit_once(':') {
+                    Some((r, t)) if !t.contains('/') => {
+                        (r, crate::store::Reference::Tag(t.to_string()))
+                    }
+                    _ => (
+                        image.as_str(),
+                        crate::store::Reference::Tag("latest".into()),
+                    ),
+                },
+            };
+            let digest = store.get_manifest(repo, &reference)?.map(|m| m.digest);
+            out.insert(image.clone(), json!(digest));
+        }
+        Ok(out)
+    })
+    .await?;
+    Ok(Json(out).into_response())
 }
 
 fn info_refusal(e: InfoError) -> Refusal {

@@ -344,12 +344,18 @@ impl Server {
             ca_certs: self.cfg.ca_certs.clone(),
         }));
         let names = Arc::new(crate::listen::HostNames::new(&self.cfg.server_names));
-        let app = crate::registry::router_with_auth(self.registry.clone(), gate)
-            .merge(api::router(state, guard, manage))
-            .layer(axum::middleware::from_fn_with_state(
-                names,
-                crate::listen::check_host,
-            ));
+        let open_registry = gate.is_none();
+        let mut app = crate::registry::router_with_auth(self.registry.clone(), gate)
+            .merge(api::router(state, guard, manage));
+        if open_registry {
+            // The token endpoint still serves the API: a client making many calls logs in
+            // once for a bearer token instead of once per call (each a password hash).
+            app = app.merge(crate::auth::http::token_router(self.auth.clone()));
+        }
+        let app = app.layer(axum::middleware::from_fn_with_state(
+            names,
+            crate::listen::check_host,
+        ));
         let (tls, connections) = (self.cfg.tls.clone(), self.cfg.connections);
         let served = crate::listen::serve_with(self.listener, app, tls, connections, stop).await;
         // The queue cancels its running runs and waits for their clean-up (a run's teardown
