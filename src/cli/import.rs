@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::Args;
 
 use super::Output;
+use crate::credentials::Credential;
 use crate::registry::import::{ImportRequest, Imported};
 
 #[derive(Debug, Args)]
@@ -25,17 +26,8 @@ pub struct ImportArgs {
     /// repeat for several tags. Default: the source's repository and tag.
     #[arg(long = "image", short = 't')]
     images: Vec<String>,
-    /// The source registry's user name (default: `docker login`'s credentials for it).
-    #[arg(long, short = 'u')]
-    username: Option<String>,
-    /// The source registry's password or token (or ACR_TASK_SOURCE_PASSWORD).
-    #[arg(
-        long,
-        short = 'p',
-        env = "ACR_TASK_SOURCE_PASSWORD",
-        hide_env_values = true
-    )]
-    password: Option<String>,
+    #[command(flatten)]
+    login: SourceLogin,
     /// Replace a target tag that names other content.
     #[arg(long)]
     force: bool,
@@ -56,41 +48,64 @@ pub struct ImportArgs {
     output: Output,
 }
 
+/// The source registry's login, as `import` and `registry relocate` take it.
+#[derive(Debug, Args)]
+pub(super) struct SourceLogin {
+    /// The source registry's user name (default: `docker login`'s credentials for it).
+    #[arg(long, short = 'u')]
+    username: Option<String>,
+    /// The source registry's password or token (or ACR_TASK_SOURCE_PASSWORD).
+    #[arg(
+        long,
+        short = 'p',
+        env = "ACR_TASK_SOURCE_PASSWORD",
+        hide_env_values = true,
+        allow_hyphen_values = true
+    )]
+    password: Option<String>,
+}
+
+impl SourceLogin {
+    /// The login given, else `docker login`'s for `host` (read here: a server never uses
+    /// its own for a caller), else none.
+    pub(super) fn credential(&self, host: &str) -> anyhow::Result<Option<Credential>> {
+        match (&self.username, &self.password) {
+            (Some(u), Some(p)) => Ok(Some(Credential {
+                username: u.clone(),
+                password: p.clone(),
+            })),
+            (None, None) if host.is_empty() => Ok(None),
+            (None, None) => Ok(crate::credentials::Credentials::from_docker_config()
+                .context("reading docker login's credentials")?
+                .get(host)),
+            _ => anyhow::bail!("--username and --password go together"),
+        }
+    }
+}
+
 pub fn import(a: ImportArgs) -> anyhow::Result<ExitCode> {
-    let mut req = ImportRequest {
+    let host = crate::registry::reference::ImageRef::parse(&a.source)
+        .map(|s| s.api_host().to_string())
+        .unwrap_or_default();
+    let login = a.login.credential(&host)?;
+    let req = ImportRequest {
         source: a.source.clone(),
         images: a.images.clone(),
         force: a.force,
-        username: a.username.clone(),
-        password: a.password.clone(),
+        username: login.as_ref().map(|c| c.username.clone()),
+        password: login.map(|c| c.password),
     };
-    if req.username.is_some() != req.password.is_some() {
-        anyhow::bail!("--username and --password go together");
-    }
-    if req.username.is_none() {
-        // `docker login`'s credentials for the source, read here: a server never uses its
-        // own for a caller.
-        if let Some(src) = crate::registry::reference::ImageRef::parse(&a.source) {
-            let creds = crate::credentials::Credentials::from_docker_config()
-                .context("reading docker login's credentials")?;
-            if let Some(c) = creds.get(src.api_host()) {
-                req.username = Some(c.username);
-                req.password = Some(c.password);
-            }
-        }
-    }
     let done = match super::manage::Backend::choose(a.registry.as_deref(), a.data.clone())? {
         super::manage::Backend::Files(dir) => {
             let rt = super::tokio_runtime()?;
             rt.block_on(async {
                 let reg = crate::registry::Registry::open(&dir)
                     .with_context(|| format!("opening the registry in {}", dir.display()))?;
-                let ctx = crate::registry::RequestContext {
-                    id: uuid::Uuid::new_v4().to_string(),
-                    method: "IMPORT".into(),
-                    useragent: concat!("acr-task-import/", env!("CARGO_PKG_VERSION")).into(),
-                    ..Default::default()
-                };
+                let ctx = crate::registry::import::context(
+                    "acr-task-import",
+                    String::new(),
+                    String::new(),
+                );
                 crate::registry::import::run(&reg, &a.ca_cert, &req, ctx)
                     .await
                     .map_err(anyhow::Error::from)

@@ -18,7 +18,7 @@ use serde::Serialize;
 use super::client::Client;
 use super::manage::Backend;
 use super::Output;
-use crate::credentials::{Credential, Credentials};
+use crate::credentials::Credentials;
 use crate::registry::client::{RegistryClient, Transport};
 use crate::registry::import::{ImportRequest, Imported};
 
@@ -51,18 +51,8 @@ pub struct RelocateArgs {
     /// Replace target tags that name other content (else they are listed as failures).
     #[arg(long)]
     force: bool,
-    /// The source registry's user name (default: `docker login`'s credentials for it).
-    #[arg(long, short = 'u')]
-    username: Option<String>,
-    /// The source registry's password or token (or ACR_TASK_SOURCE_PASSWORD).
-    #[arg(
-        long,
-        short = 'p',
-        env = "ACR_TASK_SOURCE_PASSWORD",
-        hide_env_values = true,
-        allow_hyphen_values = true
-    )]
-    password: Option<String>,
+    #[command(flatten)]
+    login: super::import::SourceLogin,
     /// PEM certificates to trust beside the system's roots (for the source, and the target
     /// when it is a server).
     #[arg(long)]
@@ -124,12 +114,11 @@ impl Target {
     async fn import(&self, req: &ImportRequest, ca: &[PathBuf]) -> Result<Imported, String> {
         match self {
             Target::Files(reg) => {
-                let ctx = crate::registry::RequestContext {
-                    id: uuid::Uuid::new_v4().to_string(),
-                    method: "IMPORT".into(),
-                    useragent: concat!("acr-task-relocate/", env!("CARGO_PKG_VERSION")).into(),
-                    ..Default::default()
-                };
+                let ctx = crate::registry::import::context(
+                    "acr-task-relocate",
+                    String::new(),
+                    String::new(),
+                );
                 crate::registry::import::run(reg, ca, req, ctx)
                     .await
                     .map_err(|e| e.to_string())
@@ -187,19 +176,8 @@ pub fn relocate(a: RelocateArgs) -> anyhow::Result<ExitCode> {
         .map(regex::Regex::new)
         .transpose()
         .context("--filter is not a regular expression")?;
-    if a.username.is_some() != a.password.is_some() {
-        anyhow::bail!("--username and --password go together");
-    }
     let host = host_of(&a.source);
-    let login = match (&a.username, &a.password) {
-        (Some(u), Some(p)) => Some(Credential {
-            username: u.clone(),
-            password: p.clone(),
-        }),
-        _ => Credentials::from_docker_config()
-            .context("reading docker login's credentials")?
-            .get(&host),
-    };
+    let login = a.login.credential(&host)?;
     let source = RegistryClient::new(
         host.clone(),
         Transport::new(

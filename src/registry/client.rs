@@ -492,7 +492,8 @@ enum Auth<'a> {
     Basic(&'a Credential),
 }
 
-fn pull(repo: &str) -> String {
+/// The scope a pull of `repo` needs.
+pub(crate) fn pull(repo: &str) -> String {
     format!("repository:{repo}:pull")
 }
 

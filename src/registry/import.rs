@@ -23,7 +23,7 @@ use futures_util::{FutureExt, StreamExt, TryStreamExt};
 use serde::Serialize;
 use serde_json::Value;
 
-use super::client::{error_chain, ClientError, RegistryClient};
+use super::client::{error_chain, pull, ClientError, RegistryClient};
 use super::errors::ApiError;
 use super::reference::ImageRef;
 use super::{Registry, RequestContext, MAX_MANIFEST_BYTES};
@@ -194,6 +194,17 @@ impl std::fmt::Debug for ImportRequest {
             .field("force", &self.force)
             .field("username", &self.username)
             .finish_non_exhaustive()
+    }
+}
+
+/// The request context of imports (their events say who imported, from where, how).
+pub fn context(useragent: &str, actor: String, host: String) -> RequestContext {
+    RequestContext {
+        id: uuid::Uuid::new_v4().to_string(),
+        host,
+        method: "IMPORT".into(),
+        useragent: format!("{useragent}/{}", env!("CARGO_PKG_VERSION")),
+        actor,
     }
 }
 
@@ -639,14 +650,13 @@ impl Importer {
             Some(t) => format!("{repo}:{t}"),
             None => format!("{repo}@{}", m.digest),
         };
+        let content_type = Some(m.media_type.as_str()).filter(|t| !t.is_empty());
         let (digest, _) = super::manifests::store_manifest(
             &self.reg,
             repo,
             &reference,
             &m.bytes,
-            Some(&m.media_type)
-                .filter(|t| !t.is_empty())
-                .map(|t| t.as_str()),
+            content_type,
             self.ctx.clone(),
         )
         .await
@@ -659,9 +669,7 @@ impl Importer {
                 repo,
                 &Reference::Digest(m.digest.clone()),
                 &m.bytes,
-                Some(&m.media_type)
-                    .filter(|t| !t.is_empty())
-                    .map(|t| t.as_str()),
+                content_type,
                 self.ctx.clone(),
             )
             .await
@@ -814,10 +822,6 @@ fn target_err(item: &str, e: ApiError) -> ImportError {
         status: e.status.as_u16(),
         message: e.message,
     }
-}
-
-fn pull(repo: &str) -> String {
-    format!("repository:{repo}:pull")
 }
 
 #[cfg(test)]

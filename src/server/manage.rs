@@ -663,13 +663,11 @@ async fn import(
     Json(a): Json<crate::registry::import::ImportRequest>,
 ) -> Answer {
     admin_only(&s, &c)?;
-    let ctx = crate::registry::RequestContext {
-        id: uuid::Uuid::new_v4().to_string(),
-        host: s.login_server.clone().unwrap_or_default(),
-        method: "IMPORT".into(),
-        useragent: concat!("acr-task-import/", env!("CARGO_PKG_VERSION")).into(),
-        actor: c.0.clone(),
-    };
+    let ctx = crate::registry::import::context(
+        "acr-task-import",
+        c.0.clone(),
+        s.login_server.clone().unwrap_or_default(),
+    );
     match crate::registry::import::run(&s.registry, &s.ca_certs, &a, ctx).await {
         Ok(done) => Ok(Json(done).into_response()),
         Err(e) => {
