@@ -500,7 +500,11 @@ fn check_cost(with: &Figures) {
         storage_bytes: Some(acr_task::tier::Override::Count(500 << 30)),
         ..Default::default()
     };
-    acr_task::registry::service::change_tier(&store, None, &limit).unwrap();
+    let change = acr_task::tier::Change {
+        overrides: limit,
+        ..Default::default()
+    };
+    acr_task::registry::service::change_settings(&store, &change).unwrap();
     let n = 20_000;
     let t = Instant::now();
     for _ in 0..n {
@@ -766,10 +770,9 @@ fn migration_bench(seed: u64) {
     )
     .unwrap();
     let store = acr_task::store::Store::open(&data, true).unwrap();
-    acr_task::registry::service::change_tier(
+    acr_task::registry::service::change_settings(
         &store,
-        Some(acr_task::tier::Sku::Premium),
-        &Default::default(),
+        &acr_task::tier::Change::to(acr_task::tier::Sku::Premium),
     )
     .unwrap();
     let stop = std::sync::atomic::AtomicBool::new(false);

@@ -21,6 +21,7 @@ pub mod setup;
 pub mod source;
 pub mod store;
 pub mod task;
+pub mod template;
 pub mod tier;
 pub mod timefmt;
 pub mod triggers;

@@ -15,7 +15,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 /// A registry's service tier.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum Sku {
     /// Storage the customer owns, in the distribution layout; upgraded one way only.
     Classic,
@@ -176,10 +176,58 @@ pub struct Properties {
     /// `registry encryption enable`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<Encryption>,
+    /// The registry's name as a template named it (`registry deploy`); else the host's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Pulls need no credentials (`registry update --anonymous-pull-enabled`; Standard and
+    /// Premium, as ACR).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub anonymous_pull: bool,
+}
+
+/// A change of a registry's settings (`PATCH /api/registry`, `registry update`,
+/// `registry deploy`): each field left out stays as it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Change {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sku: Option<Sku>,
+    #[serde(default)]
+    pub overrides: Overrides,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anonymous_pull: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl Change {
+    /// A move to `sku`, nothing else.
+    pub fn to(sku: Sku) -> Change {
+        Change {
+            sku: Some(sku),
+            ..Change::default()
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == Change::default()
+    }
+}
+
+/// ACR's rule for a registry name: 5 to 50 letters and digits.
+pub fn check_name(name: &str) -> Result<(), LimitError> {
+    let ok = (5..=50).contains(&name.len()) && name.chars().all(|c| c.is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err(LimitError::Name {
+            name: name.to_string(),
+        })
+    }
 }
 
 /// Who holds the registry key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum KeySource {
     /// Generated and kept by acr-task in the registry's directory (mode 0600).
@@ -281,6 +329,8 @@ impl Properties {
             overrides: Overrides::default(),
             classic: None,
             encryption: None,
+            name: None,
+            anonymous_pull: false,
         }
     }
 
@@ -382,6 +432,14 @@ pub enum LimitError {
     Upgrading { to: Sku },
     #[error("the registry is already being upgraded to {to}: wait for it to complete")]
     AlreadyUpgrading { to: Sku },
+    #[error(
+        "anonymous pull needs the Standard or Premium tier (this registry is {sku}): \
+         `acr-task registry update --sku Standard`, or turn it off first \
+         (`--anonymous-pull-enabled false`)"
+    )]
+    AnonymousPull { sku: Sku },
+    #[error("{name:?} is not a registry name: use 5 to 50 letters and digits")]
+    Name { name: String },
 }
 
 /// Countable things a tier limits.
@@ -454,18 +512,20 @@ impl Properties {
     /// These properties changed to `to` and `overrides`, checked against what is stored:
     /// never back to Classic, never below what is stored. (Leaving Classic starts its
     /// migration; the caller owns that.)
-    pub fn change(
-        &self,
-        to: Option<Sku>,
-        overrides: &Overrides,
-        used: u64,
-    ) -> Result<Properties, LimitError> {
-        let sku = to.unwrap_or(self.sku);
+    pub fn change(&self, ch: &Change, used: u64) -> Result<Properties, LimitError> {
+        let sku = ch.sku.unwrap_or(self.sku);
         if sku == Sku::Classic && self.sku != Sku::Classic {
             return Err(LimitError::BackToClassic { from: self.sku });
         }
         let mut next = self.clone();
-        next.overrides.merge(overrides);
+        next.overrides.merge(&ch.overrides);
+        if let Some(name) = &ch.name {
+            check_name(name)?;
+            next.name = Some(name.clone());
+        }
+        if let Some(on) = ch.anonymous_pull {
+            next.anonymous_pull = on;
+        }
         if self.sku == Sku::Classic && sku != Sku::Classic {
             // Leaving Classic is an upgrade: the tier stays Classic until the copy is done.
             if let Some(u) = self.upgrading() {
@@ -520,6 +580,9 @@ impl Properties {
 
     /// Whether `used` bytes fit this tier's storage limit.
     fn check_fits(&self, used: u64) -> Result<(), LimitError> {
+        if self.anonymous_pull && !self.limits().anonymous_pull {
+            return Err(LimitError::AnonymousPull { sku: self.sku });
+        }
         match self.limits().storage_bytes {
             Some(limit) if used > limit => Err(LimitError::TooSmall {
                 to: self.sku,
@@ -653,13 +716,20 @@ mod tests {
             write_ops_per_minute: Some(Override::Unlimited(Unlimited::Unlimited)),
             ..Overrides::default()
         };
-        let p = p.change(Some(Sku::Basic), &o, 0).unwrap();
+        let p = p
+            .change(
+                &Change {
+                    sku: Some(Sku::Basic),
+                    overrides: o.clone(),
+                    ..Change::default()
+                },
+                0,
+            )
+            .unwrap();
         assert_eq!(p.limits().storage_bytes, Some(200 << 30));
         assert_eq!(p.limits().write_ops_per_minute, None);
         assert_eq!(p.limits().webhooks, Some(2), "the tier's own figure stays");
-        let p = p
-            .change(Some(Sku::Standard), &Overrides::default(), 0)
-            .unwrap();
+        let p = p.change(&Change::to(Sku::Standard), 0).unwrap();
         assert_eq!(p.limits().storage_bytes, Some(200 << 30));
         // The JSON keeps `unlimited` as the word.
         let json = serde_json::to_string(&p).unwrap();
@@ -692,9 +762,7 @@ mod tests {
     #[test]
     fn a_smaller_tier_is_refused_before_anything_changes() {
         let p = Properties::default();
-        let e = p
-            .change(Some(Sku::Basic), &Overrides::default(), 11 << 30)
-            .unwrap_err();
+        let e = p.change(&Change::to(Sku::Basic), 11 << 30).unwrap_err();
         assert_eq!(
             e,
             LimitError::TooSmall {
@@ -706,15 +774,13 @@ mod tests {
         assert!(e
             .to_string()
             .contains("10 GiB of storage but 11 GiB is stored"));
-        assert!(p
-            .change(Some(Sku::Standard), &Overrides::default(), 11 << 30)
-            .is_ok());
+        assert!(p.change(&Change::to(Sku::Standard), 11 << 30).is_ok());
     }
 
     #[test]
     fn classic_is_one_way() {
         let e = Properties::default()
-            .change(Some(Sku::Classic), &Overrides::default(), 0)
+            .change(&Change::to(Sku::Classic), 0)
             .unwrap_err();
         assert!(e.to_string().contains("one-way"), "{e}");
         let classic = Properties {
@@ -725,26 +791,23 @@ mod tests {
             ..Properties::new(Sku::Classic)
         };
         // Leaving Classic starts an upgrade: still Classic, pushes refused until it ends.
-        let up = classic
-            .change(Some(Sku::Basic), &Overrides::default(), 5 << 30)
-            .unwrap();
+        let up = classic.change(&Change::to(Sku::Basic), 5 << 30).unwrap();
         assert_eq!(up.sku, Sku::Classic);
         assert_eq!(up.upgrading().map(|u| u.to), Some(Sku::Basic));
         let m = up.check_writable().unwrap_err().to_string();
         assert!(m.contains("being upgraded from Classic to Basic"), "{m}");
         assert!(matches!(
-            up.change(Some(Sku::Premium), &Overrides::default(), 0),
+            up.change(&Change::to(Sku::Premium), 0),
             Err(LimitError::AlreadyUpgrading { to: Sku::Basic })
         ));
         assert_eq!(
-            up.change(Some(Sku::Basic), &Overrides::default(), 0)
-                .as_ref(),
+            up.change(&Change::to(Sku::Basic), 0).as_ref(),
             Ok(&up),
             "asking again changes nothing"
         );
         // The target's capacity is checked first.
         assert!(matches!(
-            classic.change(Some(Sku::Basic), &Overrides::default(), 11 << 30),
+            classic.change(&Change::to(Sku::Basic), 11 << 30),
             Err(LimitError::TooSmall { to: Sku::Basic, .. })
         ));
         let done = up.upgraded(42);
@@ -755,7 +818,7 @@ mod tests {
             classic.classic.unwrap().storage
         );
         assert!(matches!(
-            done.change(Some(Sku::Classic), &Overrides::default(), 0),
+            done.change(&Change::to(Sku::Classic), 0),
             Err(LimitError::BackToClassic { from: Sku::Basic })
         ));
         // What Classic lacks says it needs a managed tier.

@@ -613,7 +613,9 @@ async fn a_relocation_is_filtered_resumed_after_kill_9_and_verified() {
     };
 
     let plan = cli_json(t, &strs(&relocate(&["--dry-run", "-o", "json"])));
-    let plan = plan.as_array().unwrap();
+    // A distribution source has no settings to deploy: content only.
+    assert_eq!(plan["settings"], Value::Null, "{plan}");
+    let plan = plan["items"].as_array().unwrap();
     assert_eq!(plan.len(), 18, "{plan:?}");
     assert!(plan.iter().all(|i| i["state"] == "copy"), "{plan:?}");
     assert!(!plan.iter().any(|i| i["repository"] == "skip/me"));

@@ -162,7 +162,7 @@ impl Auth {
         need: Option<Need<'_>>,
     ) -> Result<Option<Claims>, AuthFailure> {
         let Some(tok) = bearer(headers) else {
-            if self.settings.anonymous_pull
+            if self.anonymous_pull()
                 && need.is_some_and(|n| n.kind == "repository" && n.actions.contains(&"pull"))
             {
                 return Ok(None);
@@ -188,9 +188,7 @@ impl Auth {
         if n.actions
             .iter()
             .any(|a| allows(&claims.access, n.kind, n.name, a))
-            || (self.settings.anonymous_pull
-                && n.kind == "repository"
-                && n.actions.contains(&"pull"))
+            || (self.anonymous_pull() && n.kind == "repository" && n.actions.contains(&"pull"))
         {
             return Ok(Some(claims));
         }
@@ -286,7 +284,7 @@ impl Auth {
             .collect();
         let (subject, grants) = match basic(headers) {
             None => {
-                if !self.settings.anonymous_pull {
+                if !self.anonymous_pull() {
                     return Err(unauthorized("authentication required"));
                 }
                 (String::new(), Grants::Anonymous { pull: true })

@@ -109,6 +109,9 @@ pub struct Auth {
     /// The logins of runs in progress (user name → login), in memory only: they end with
     /// the run, or with the process.
     runs: std::sync::Mutex<std::collections::HashMap<String, RunLogin>>,
+    /// The registry's stored anonymous-pull setting (`registry update
+    /// --anonymous-pull-enabled`), beside the server's `--anonymous-pull`.
+    stored_anonymous_pull: std::sync::atomic::AtomicBool,
 }
 
 /// A run's own identity: what it may do in the registry, until when.
@@ -149,6 +152,7 @@ impl Auth {
             current: Default::default(),
             hashing: tokio::sync::Semaphore::new(cores),
             runs: Default::default(),
+            stored_anonymous_pull: Default::default(),
         }))
     }
 
@@ -158,6 +162,20 @@ impl Auth {
 
     pub fn settings(&self) -> &AuthSettings {
         &self.settings
+    }
+
+    /// Whether pulls need no credentials: the server's flag or the registry's setting.
+    pub fn anonymous_pull(&self) -> bool {
+        self.settings.anonymous_pull
+            || self
+                .stored_anonymous_pull
+                .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Follows the registry's stored setting (read at start and after each change).
+    pub fn set_stored_anonymous_pull(&self, on: bool) {
+        self.stored_anonymous_pull
+            .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Sign a token for `subject` carrying exactly `access`.

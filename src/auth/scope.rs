@@ -6,7 +6,19 @@ use serde::{Deserialize, Serialize};
 use super::AuthError;
 
 /// A scope-map action, ACR's vocabulary.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    schemars::JsonSchema,
+)]
 pub enum Permission {
     #[serde(rename = "content/read")]
     ContentRead,

@@ -79,6 +79,33 @@ impl Client {
         }
     }
 
+    /// A client of another registry's server with its own login (not this machine's), and
+    /// `ca_certs` trusted beside the system's roots.
+    pub fn with_login(
+        server: &str,
+        login: Option<crate::credentials::Credential>,
+        ca_certs: &[std::path::PathBuf],
+    ) -> anyhow::Result<Client> {
+        Ok(Client {
+            base: server_url(server),
+            http: crate::registry::client::http_client(ca_certs)?,
+            credentials: login.map(|c| (c.username, c.password)),
+            tokens: std::sync::atomic::AtomicBool::new(false),
+            bearer: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// The status of a GET of `path` (the body left unread): what kind of server this is.
+    pub async fn probe(&self, path: &str) -> anyhow::Result<reqwest::StatusCode> {
+        let url = format!("{}{path}", self.base);
+        let resp = self
+            .request(reqwest::Method::GET, &url)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {}", self.base))?;
+        Ok(resp.status())
+    }
+
     /// The credentials this client sends, as a registry login.
     pub fn login(&self) -> Option<crate::credentials::Credential> {
         self.credentials

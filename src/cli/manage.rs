@@ -12,7 +12,8 @@ use serde_json::{json, Value};
 
 use super::client::Client;
 use crate::auth::{AuthStore, NewSecret, ScopeMap, ScopeRule, Slot, TokenInfo};
-use crate::server::manage::{RegistryInfo, TierChange};
+use crate::server::manage::RegistryInfo;
+use crate::server::model::TaskSpec;
 use crate::webhooks::{Delivery, DeliveryOptions, NewWebhook, WebhookInfo, WebhookStore};
 
 pub enum Backend {
@@ -56,6 +57,59 @@ impl Backend {
             }
             Backend::Files(_) => bail!("internal error: no server to call"),
         }
+    }
+
+    /// A call to the server's API outside `/api/registry`.
+    fn api(&self, method: Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+        match self {
+            Backend::Server { client, rt } => rt.block_on(client.call(method, path, body.as_ref())),
+            Backend::Files(_) => bail!("internal error: no server to call"),
+        }
+    }
+
+    /// Stored tasks are changed only through a server, which checks them against its
+    /// policy.
+    pub fn keeps_tasks(&self) -> bool {
+        matches!(self, Backend::Server { .. })
+    }
+
+    /// The stored tasks (commit-trigger secrets redacted): the server's, or on the files
+    /// those of the data directory's `server.db`.
+    pub fn tasks(&self) -> anyhow::Result<Vec<TaskSpec>> {
+        match self {
+            Backend::Files(dir) => {
+                use crate::server::db::ServerStore;
+                let Some(db) = dir.parent().map(|top| top.join("server.db")) else {
+                    return Ok(Vec::new());
+                };
+                if !db.exists() {
+                    return Ok(Vec::new());
+                }
+                let s = crate::server::sqlite::SqliteServer::open(&db)
+                    .with_context(|| format!("opening {}", db.display()))?;
+                Ok(s.tasks()?
+                    .into_iter()
+                    .map(crate::server::api::redacted)
+                    .collect())
+            }
+            Backend::Server { .. } => {
+                Ok(
+                    serde_json::from_value(self.api(Method::GET, "/api/tasks", None)?)
+                        .context("the server's tasks")?,
+                )
+            }
+        }
+    }
+
+    /// Stores a task (new, or over the one of its name) through the server.
+    pub fn put_task(&self, spec: &TaskSpec, create: bool) -> anyhow::Result<()> {
+        let body = Some(serde_json::to_value(spec)?);
+        if create {
+            self.api(Method::POST, "/api/tasks", body)?;
+        } else {
+            self.api(Method::PUT, &format!("/api/tasks/{}", spec.name), body)?;
+        }
+        Ok(())
     }
 
     fn auth(&self) -> anyhow::Result<Option<AuthStore>> {
@@ -360,13 +414,13 @@ impl Backend {
         serde_json::from_value(self.call(Method::GET, "", None)?).context("the server's registry")
     }
 
-    /// Changes the tier or the limits; the registry as it is afterwards.
-    pub fn change_tier(&self, change: &TierChange) -> anyhow::Result<RegistryInfo> {
+    /// Changes the tier, the limits or the settings; the registry as it is afterwards.
+    pub fn change_settings(&self, change: &crate::tier::Change) -> anyhow::Result<RegistryInfo> {
         if let Backend::Files(dir) = self {
             // A registry may be given its tier before it first serves.
             let store = crate::store::Store::open(dir, false)
                 .with_context(|| format!("opening registry data in {}", dir.display()))?;
-            crate::registry::service::change_tier(&store, change.sku, &change.overrides)?;
+            crate::registry::service::change_settings(&store, change)?;
             return self.info_on_files(dir, &store);
         }
         let body = serde_json::to_value(change)?;

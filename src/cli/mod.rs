@@ -13,6 +13,7 @@ mod render;
 mod run;
 mod serve;
 mod task;
+mod template;
 mod upgrade;
 pub mod validate;
 

@@ -11,9 +11,9 @@ use anyhow::{bail, Context};
 use super::Output;
 use crate::credentials::Credentials;
 use crate::registry::client::{RegistryClient, Transport};
-use crate::server::manage::{RegistryInfo, TierChange};
+use crate::server::manage::RegistryInfo;
 use crate::store::{ManifestInfo, Store};
-use crate::tier::{Override, Overrides, Sku, Unlimited};
+use crate::tier::{Change, Override, Overrides, Sku, Unlimited};
 
 /// Where a registry command works: the files of `--data`, or a server.
 #[derive(Debug, clap::Args)]
@@ -111,6 +111,9 @@ and resumes where it was if stopped.")]
         /// Scope maps, or `unlimited`.
         #[arg(long, value_name = "N", value_parser = parse_count)]
         scope_map_limit: Option<Override>,
+        /// Pulls without credentials (Standard and Premium, as `az acr update`).
+        #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set)]
+        anonymous_pull_enabled: Option<bool>,
         #[command(flatten)]
         opts: TierOpts,
     },
@@ -144,6 +147,46 @@ and resumes where it was if stopped.")]
     /// Import every repository and tag of another registry, in parallel, resumable,
     /// verified at the end (exit 1 on any failure or difference).
     Relocate(super::relocate::RelocateArgs),
+    /// Write the registry's settings as a template (JSON): tier, anonymous pull,
+    /// encryption (by key id), scope maps, tokens (no passwords), webhooks (secrets as
+    /// ***), stored tasks. Its schema: schemas/registry-template.schema.json.
+    #[command(after_help = "Examples:
+  acr-task registry export --file registry.json
+  acr-task registry export --server https://acr.example.com > registry.json")]
+    Export {
+        /// Write here instead of standard output.
+        #[arg(long, short = 'f', value_name = "FILE")]
+        file: Option<PathBuf>,
+        /// Data directory; the registry is its `registry/` [default: $ACR_TASK_DATA, else
+        /// ~/.local/share/acr-task].
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// A running `acr-task serve` (URL or HOST:PORT), as its admin. Without it, a server
+        /// holding --data is asked.
+        #[arg(long, env = "ACR_TASK_SERVER")]
+        server: Option<String>,
+    },
+    /// Apply a template to this registry: adds and changes, never deletes; idempotent (a
+    /// second deploy changes nothing and says so); refused whole, before any change, when
+    /// the registry cannot honour it.
+    #[command(after_help = "Examples:
+  acr-task registry deploy --template registry.json --dry-run
+  acr-task registry deploy --template registry.json --set name=newregistry \\
+      --set webhooks.ci.secret=\"$HOOK_SECRET\" --server https://acr2.example.com")]
+    Deploy {
+        /// The template (from `registry export`).
+        #[arg(long, value_name = "FILE")]
+        template: PathBuf,
+        /// PATH=VALUE over the template: `name=x`, `tier=Premium`,
+        /// `webhooks.NAME.secret=S`, `tasks.NAME.triggers.commit.secret=S`.
+        #[arg(long, value_name = "PATH=VALUE")]
+        set: Vec<String>,
+        /// Print the differences; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        opts: TierOpts,
+    },
     /// Re-verify every blob digest and manifest reference. Exit 1 if anything is wrong.
     #[command(after_help = "Example:\n  acr-task registry fsck -o json")]
     Fsck {
@@ -505,12 +548,15 @@ pub fn registry(cmd: RegistryCmd) -> anyhow::Result<ExitCode> {
             webhook_limit,
             token_limit,
             scope_map_limit,
+            anonymous_pull_enabled,
             no_wait,
             opts,
         } => {
             no_dot(opts.output)?;
-            let change = TierChange {
+            let change = Change {
                 sku,
+                anonymous_pull: anonymous_pull_enabled,
+                name: None,
                 overrides: Overrides {
                     storage_bytes: storage_limit,
                     read_ops_per_minute: read_ops_limit,
@@ -520,11 +566,14 @@ pub fn registry(cmd: RegistryCmd) -> anyhow::Result<ExitCode> {
                     scope_maps: scope_map_limit,
                 },
             };
-            if change.sku.is_none() && change.overrides == Overrides::default() {
-                bail!("nothing to change: give --sku TIER or a --*-limit (see --help)");
+            if change.is_empty() {
+                bail!(
+                    "nothing to change: give --sku TIER, a --*-limit or \
+                     --anonymous-pull-enabled (see --help)"
+                );
             }
             let b = super::manage::Backend::choose(opts.server.as_deref(), opts.data)?;
-            let mut info = b.change_tier(&change)?;
+            let mut info = b.change_settings(&change)?;
             if !no_wait && change.sku.is_some() {
                 info = super::upgrade::follow(&b, info)?;
             }
@@ -583,6 +632,25 @@ pub fn registry(cmd: RegistryCmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         RegistryCmd::Relocate(a) => super::relocate::relocate(a),
+        RegistryCmd::Export { file, data, server } => {
+            let b = super::manage::Backend::choose(server.as_deref(), data)?;
+            super::template::run_export(&b, file)
+        }
+        RegistryCmd::Deploy {
+            template,
+            set,
+            dry_run,
+            opts,
+        } => {
+            if opts.output == Output::Tsv {
+                bail!("registry deploy prints table or json");
+            }
+            opts.check_output()?;
+            let want = super::template::read(&template, &set)?;
+            let done = super::template::deploy(&opts.backend()?, &want, dry_run)?;
+            super::template::print(&done, opts.output)?;
+            Ok(ExitCode::SUCCESS)
+        }
         RegistryCmd::Fsck {
             data,
             server,

@@ -17,10 +17,12 @@ use serde::Serialize;
 
 use super::client::Client;
 use super::manage::Backend;
+use super::template::Deployed;
 use super::Output;
 use crate::credentials::Credentials;
 use crate::registry::client::{RegistryClient, Transport};
 use crate::registry::import::{ImportRequest, Imported};
+use crate::template::Template;
 
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:
@@ -51,6 +53,17 @@ pub struct RelocateArgs {
     /// Replace target tags that name other content (else they are listed as failures).
     #[arg(long)]
     force: bool,
+    /// Deploy this template (from `registry export`) before the copy, instead of the
+    /// source's own settings.
+    #[arg(long, value_name = "FILE", conflicts_with = "content_only")]
+    template: Option<PathBuf>,
+    /// PATH=VALUE over the settings deployed (as `registry deploy --set`).
+    #[arg(long, value_name = "PATH=VALUE", conflicts_with = "content_only")]
+    set: Vec<String>,
+    /// Copy content only. Otherwise the settings of a source that is an acr-task server
+    /// (read as its admin) are deployed first, as `registry deploy` would.
+    #[arg(long)]
+    content_only: bool,
     #[command(flatten)]
     login: super::import::SourceLogin,
     /// PEM certificates to trust beside the system's roots (for the source, and the target
@@ -92,7 +105,76 @@ pub struct Report {
     pub verified: usize,
     /// Source tags the target does not hold at the source's digest.
     pub differences: Vec<Difference>,
+    /// The settings deployed before the copy (none: content only).
+    pub settings: Option<Deployed>,
     pub items: Vec<Item>,
+}
+
+/// `--dry-run`'s answer.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DryRun<'a> {
+    pub settings: Option<&'a Deployed>,
+    pub items: &'a [Item],
+}
+
+/// The settings to deploy before the copy: `--template`'s, else the source's own when it
+/// is an acr-task server (None: a registry of another kind, or `--content-only`).
+fn settings_of(
+    a: &RelocateArgs,
+    login: Option<crate::credentials::Credential>,
+) -> anyhow::Result<Option<Template>> {
+    if a.content_only {
+        return Ok(None);
+    }
+    if let Some(f) = &a.template {
+        return super::template::read(f, &a.set).map(Some);
+    }
+    let client = Client::with_login(&a.source, login, &a.ca_cert)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let status = match rt.block_on(client.probe("/api/registry")) {
+        Ok(s) => s,
+        // Unreachable: the listing says so, in its words.
+        Err(_) => return Ok(None),
+    };
+    match status.as_u16() {
+        200 => {}
+        401 | 403 => anyhow::bail!(
+            "{} is an acr-task server, and its settings are read by its admin only: give the \
+             admin's login (--username admin --password ...), or --content-only to copy the \
+             content alone, or --template FILE",
+            a.source
+        ),
+        _ => {
+            if !a.set.is_empty() {
+                anyhow::bail!(
+                    "--set changes the settings deployed, and {} is not an acr-task server: \
+                     give --template FILE",
+                    a.source
+                );
+            }
+            return Ok(None);
+        }
+    }
+    let source = Backend::Server {
+        client: client.with_tokens(),
+        rt,
+    };
+    let t = super::template::export(&source)
+        .with_context(|| format!("reading the settings of {}", a.source))?;
+    if a.set.is_empty() {
+        return Ok(Some(t));
+    }
+    let mut v = serde_json::to_value(&t)?;
+    for s in &a.set {
+        crate::template::apply_set(&mut v, s)?;
+    }
+    Ok(Some(serde_json::from_value(v).map_err(|e| {
+        anyhow::anyhow!("the source's settings with --set: {e}")
+    })?))
 }
 
 #[derive(Debug, Serialize)]
@@ -188,6 +270,21 @@ pub fn relocate(a: RelocateArgs) -> anyhow::Result<ExitCode> {
                 .unwrap_or_default(),
         )?,
     );
+    // Settings first, so the content arrives into a registry that has them (its webhooks
+    // see the pushes, its tasks' base-image triggers fire).
+    let settings = match settings_of(&a, login.clone())? {
+        None => None,
+        Some(want) => {
+            let b = Backend::choose(a.target.as_deref(), a.data.clone())?;
+            let d = super::template::deploy(&b, &want, a.dry_run)
+                .context("deploying the settings before the copy")?;
+            if a.output != Output::Json && !a.dry_run {
+                println!("Settings deployed from {}:", a.source);
+                super::template::print(&d, a.output)?;
+            }
+            Some(d)
+        }
+    };
     // Chosen before the runtime starts: a server backend's own runtime is dropped here.
     let backend = match Backend::choose(a.target.as_deref(), a.data.clone())? {
         Backend::Files(dir) => Err(dir),
@@ -216,7 +313,7 @@ pub fn relocate(a: RelocateArgs) -> anyhow::Result<ExitCode> {
             .collect();
         let mut items = list(&source, &target, &repos, n).await?;
         if a.dry_run {
-            print_plan(&items, a.output)?;
+            print_plan(&items, settings.as_ref(), a.output)?;
             return Ok(ExitCode::SUCCESS);
         }
         let meter = Meter::new(repos.len(), &items);
@@ -278,6 +375,7 @@ pub fn relocate(a: RelocateArgs) -> anyhow::Result<ExitCode> {
             seconds: started.elapsed().as_secs_f64(),
             verified: items.len(),
             differences,
+            settings,
             items,
         };
         print_report(&report, a.output)?;
@@ -475,10 +573,16 @@ impl Meter {
     }
 }
 
-fn print_plan(items: &[Item], output: Output) -> anyhow::Result<()> {
+fn print_plan(items: &[Item], settings: Option<&Deployed>, output: Output) -> anyhow::Result<()> {
     if output == Output::Json {
-        println!("{}", serde_json::to_string_pretty(items)?);
+        let plan = DryRun { settings, items };
+        println!("{}", serde_json::to_string_pretty(&plan)?);
         return Ok(());
+    }
+    if let Some(d) = settings {
+        println!("Settings:");
+        super::template::print(d, output)?;
+        println!();
     }
     let todo: Vec<&Item> = items.iter().filter(|i| i.state != "present").collect();
     println!("{:<8}  {:<40}  DIGEST", "ACTION", "TAG");

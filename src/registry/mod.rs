@@ -497,7 +497,13 @@ pub fn router(registry: Registry) -> axum::Router {
 pub fn router_with_auth(registry: Registry, auth: Option<Arc<crate::auth::Auth>>) -> axum::Router {
     registry.maintain();
     match auth {
-        Some(a) => routes::router_with_auth(registry, a),
+        Some(a) => {
+            match registry.store().properties() {
+                Ok(p) => a.set_stored_anonymous_pull(p.anonymous_pull),
+                Err(e) => tracing::error!(error = %e, "reading the registry's settings"),
+            }
+            routes::router_with_auth(registry, a)
+        }
         None => routes::router(registry),
     }
 }

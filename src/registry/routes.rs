@@ -342,7 +342,7 @@ async fn gate(State(auth): State<Arc<Auth>>, mut req: Request, next: Next) -> Re
             let may_read = claims
                 .as_ref()
                 .is_some_and(|c| crate::auth::scope::allows(&c.access, "repository", from, "pull"))
-                || auth.settings().anonymous_pull;
+                || auth.anonymous_pull();
             if !may_read {
                 req.extensions_mut().insert(NoMount);
             }

@@ -94,12 +94,8 @@ pub fn unlink_blob(store: &Store, repo: &str, digest: &str) -> Result<bool, Stor
 /// Changes the registry's tier and the operator's overrides of its limits, checked against
 /// what is stored under the write lock: refused (nothing changed) when the new storage
 /// limit is below the use, and never back to Classic.
-pub fn change_tier(
-    store: &Store,
-    to: Option<crate::tier::Sku>,
-    overrides: &crate::tier::Overrides,
-) -> Result<Properties, StoreError> {
-    store.update_properties(|now, used| Ok(now.change(to, overrides, used)?))
+pub fn change_settings(store: &Store, ch: &crate::tier::Change) -> Result<Properties, StoreError> {
+    store.update_properties(|now, used| Ok(now.change(ch, used)?))
 }
 
 /// Garbage collection (see [`Store::gc`]).

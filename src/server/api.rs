@@ -30,7 +30,8 @@ pub struct ApiState {
 /// sending it back on an update keeps the stored one.
 pub const REDACTED: &str = "***";
 
-fn redacted(mut spec: TaskSpec) -> TaskSpec {
+/// A task as every answer shows it: its commit-trigger secret as [`REDACTED`].
+pub fn redacted(mut spec: TaskSpec) -> TaskSpec {
     if let Some(c) = spec.triggers.commit.as_mut() {
         if c.secret.is_some() {
             c.secret = Some(REDACTED.into());

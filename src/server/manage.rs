@@ -45,6 +45,9 @@ pub struct RegistryInfo {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub login_server: Option<String>,
     pub sku: Sku,
+    /// Pulls need no credentials (the stored setting, as `az acr show` names it).
+    #[serde(default)]
+    pub anonymous_pull_enabled: bool,
     pub storage_used_bytes: u64,
     /// `None`: no limit.
     pub storage_limit_bytes: Option<u64>,
@@ -97,19 +100,34 @@ pub fn registry_info(
             "Count",
         ));
     }
-    let name = crate::listen::hostname()
-        .map(|h| {
-            h.chars()
-                .filter(char::is_ascii_alphanumeric)
-                .collect::<String>()
-                .to_ascii_lowercase()
+    let name = p
+        .name
+        .clone()
+        .or_else(|| {
+            crate::listen::hostname()
+                .map(|h| {
+                    h.chars()
+                        .filter(char::is_ascii_alphanumeric)
+                        .collect::<String>()
+                        .to_ascii_lowercase()
+                })
+                .filter(|n| !n.is_empty())
+                // Always a valid registry name (5 to 50 letters and digits), as a template needs.
+                .map(|n| {
+                    if n.len() < 5 {
+                        format!("{n}registry")
+                    } else {
+                        n
+                    }
+                })
+                .map(|n| n.chars().take(50).collect())
         })
-        .filter(|n| !n.is_empty())
         .unwrap_or_else(|| "acrtask".into());
     Ok(RegistryInfo {
         name,
         login_server,
         sku: p.sku,
+        anonymous_pull_enabled: p.anonymous_pull,
         storage_used_bytes: counts.storage_bytes,
         storage_limit_bytes: limits.storage_bytes,
         limits,
@@ -170,16 +188,6 @@ pub fn encryption_info(
         progress: e.as_ref().and_then(|e| e.progress),
         error: e.and_then(|e| e.error),
     })
-}
-
-/// A change of tier or limits (`PATCH /api/registry`, `registry update`).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct TierChange {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sku: Option<Sku>,
-    #[serde(default)]
-    pub overrides: Overrides,
 }
 
 type St = State<Arc<ManageState>>;
@@ -754,11 +762,12 @@ async fn show(State(s): St, Extension(c): Extension<Caller>) -> Answer {
 async fn update(
     State(s): St,
     Extension(c): Extension<Caller>,
-    Json(ch): Json<TierChange>,
+    Json(ch): Json<crate::tier::Change>,
 ) -> Answer {
     admin_only(&s, &c)?;
     let info = blocking(move || {
-        crate::registry::service::change_tier(&s.store, ch.sku, &ch.overrides)?;
+        let p = crate::registry::service::change_settings(&s.store, &ch)?;
+        s.auth.set_stored_anonymous_pull(p.anonymous_pull);
         info_of(&s)
     })
     .await?;

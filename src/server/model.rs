@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 /// A stored task, as created over the API (`az acr task create` in spirit).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
 pub struct TaskSpec {
     pub name: String,
@@ -37,7 +37,7 @@ pub struct TaskSpec {
 
 /// A task's login for one registry: a user name (plain, or a secret reference) and a
 /// password secret reference (`env:VAR`, `file:/path`), resolved when a run starts.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TaskCredential {
     pub username: String,
@@ -66,7 +66,7 @@ impl TaskSpec {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
 pub struct Triggers {
     /// Git commit trigger (webhooks; polling for git contexts; ref watch for local repos).
@@ -87,7 +87,7 @@ impl Default for Triggers {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
 pub struct CommitTrigger {
     /// Shared secret of the webhooks (HMAC key, or GitLab's token). Webhooks are refused
@@ -100,7 +100,7 @@ pub struct CommitTrigger {
     pub watch: bool,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TimerTrigger {
     pub name: String,

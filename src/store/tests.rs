@@ -445,7 +445,14 @@ fn the_storage_limit_refuses_a_blob_and_leaves_nothing_visible() {
         ..Default::default()
     };
     let p = store
-        .update_properties(|p, used| Ok(p.change(Some(crate::tier::Sku::Basic), &small, used)?))
+        .update_properties(|p, used| {
+            let ch = crate::tier::Change {
+                sku: Some(crate::tier::Sku::Basic),
+                overrides: small.clone(),
+                ..Default::default()
+            };
+            Ok(p.change(&ch, used)?)
+        })
         .unwrap();
     assert_eq!(p.limits().storage_bytes, Some(10));
     put_blob(&store, "r", b"12345678");
@@ -467,7 +474,13 @@ fn the_storage_limit_refuses_a_blob_and_leaves_nothing_visible() {
         storage_bytes: Some(crate::tier::Override::Count(4)),
         ..Default::default()
     };
-    let r = store.update_properties(|p, used| Ok(p.change(None, &tiny, used)?));
+    let r = store.update_properties(|p, used| {
+        let ch = crate::tier::Change {
+            overrides: tiny.clone(),
+            ..Default::default()
+        };
+        Ok(p.change(&ch, used)?)
+    });
     assert!(matches!(
         r,
         Err(StoreError::Limit(crate::tier::LimitError::TooSmall { .. }))
