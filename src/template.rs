@@ -18,7 +18,7 @@ use serde_json::Value;
 use crate::auth::{Permission, ScopeRule, TokenStatus};
 use crate::server::api::REDACTED;
 use crate::server::model::TaskSpec;
-use crate::tier::{Change, Counted, KeySource, Properties, Sku};
+use crate::tier::{Change, Counted, KeySource, Properties, RetentionPolicy, Sku};
 
 /// The template format this version writes and reads.
 pub const VERSION: u32 = 1;
@@ -86,35 +86,6 @@ pub struct Retention {
     /// How long untagged manifests are kept.
     #[serde(default)]
     pub untagged_manifests: RetentionPolicy,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct RetentionPolicy {
-    pub status: PolicyStatus,
-    /// Days an untagged manifest is kept (ACR's default: 7).
-    #[serde(default = "seven")]
-    pub days: u32,
-}
-
-fn seven() -> u32 {
-    7
-}
-
-impl Default for RetentionPolicy {
-    fn default() -> Self {
-        RetentionPolicy {
-            status: PolicyStatus::Disabled,
-            days: seven(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum PolicyStatus {
-    Enabled,
-    Disabled,
 }
 
 /// A replica of the registry in another place.
@@ -357,6 +328,14 @@ impl Step {
                 if let Some(n) = &c.name {
                     parts.push(format!("name {} -> {n}", before.name));
                 }
+                if let Some(r) = &c.retention {
+                    let was = &before.retention.untagged_manifests;
+                    parts.push(format!(
+                        "untagged retention {} -> {}",
+                        retention(was),
+                        retention(r)
+                    ));
+                }
                 format!("~ registry: {}", parts.join(", "))
             }
             Step::EnableEncryption => "~ encryption: enable (sealed in place, online)".into(),
@@ -403,6 +382,14 @@ impl Step {
             Step::CreateTask(t) => format!("+ task {}", t.name),
             Step::UpdateTask(t, fields) => format!("~ task {}: {}", t.name, fields.join(", ")),
         }
+    }
+}
+
+fn retention(r: &RetentionPolicy) -> String {
+    if r.enabled() {
+        format!("{} days", r.days)
+    } else {
+        "disabled".into()
     }
 }
 
@@ -462,8 +449,10 @@ pub fn plan(want: &Template, target: &Target) -> Result<Plan, Refused> {
             want.tier.as_str()
         ));
     }
+    let retention = want.retention.untagged_manifests;
     let change = Change {
         sku: (want.tier != props.sku).then_some(want.tier),
+        retention: (retention != props.retention.unwrap_or_default()).then_some(retention),
         anonymous_pull: (want.anonymous_pull != props.anonymous_pull)
             .then_some(want.anonymous_pull),
         name: (want.name != now.name).then(|| want.name.clone()),
@@ -491,14 +480,6 @@ pub fn plan(want: &Template, target: &Target) -> Result<Plan, Refused> {
 
     encryption(want, target, &after, &mut p, &mut why);
 
-    if want.retention.untagged_manifests.status == PolicyStatus::Enabled {
-        why.push(
-            "retention.untaggedManifests is enabled, and this acr-task keeps no retention \
-             policy yet: set its status to disabled (or --set \
-             retention.untaggedManifests.status=disabled)"
-                .into(),
-        );
-    }
     if !want.replications.is_empty() {
         if !after.limits().geo_replication {
             why.push(format!(
@@ -985,6 +966,10 @@ mod tests {
         want.replications = vec![Replication {
             location: "westeurope".into(),
         }];
+        want.retention.untagged_manifests = RetentionPolicy {
+            status: crate::tier::PolicyStatus::Enabled,
+            days: 30,
+        };
         for i in 0..3 {
             let mut w = want.webhooks[0].clone();
             w.name = format!("hook{}", i + 2);

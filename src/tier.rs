@@ -183,6 +183,49 @@ pub struct Properties {
     /// Premium, as ACR).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub anonymous_pull: bool,
+    /// How long untagged manifests are kept (`registry config retention`; Premium).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<RetentionPolicy>,
+}
+
+/// A retention policy for untagged manifests (ACR's `az acr config retention`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RetentionPolicy {
+    pub status: PolicyStatus,
+    /// Days an untagged manifest is kept, 0 to 365 (ACR's default: 7).
+    #[serde(default = "RetentionPolicy::default_days")]
+    pub days: u32,
+}
+
+impl RetentionPolicy {
+    pub const MAX_DAYS: u32 = 365;
+
+    fn default_days() -> u32 {
+        7
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.status == PolicyStatus::Enabled
+    }
+}
+
+impl Default for RetentionPolicy {
+    fn default() -> Self {
+        RetentionPolicy {
+            status: PolicyStatus::Disabled,
+            days: RetentionPolicy::default_days(),
+        }
+    }
+}
+
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyStatus {
+    Enabled,
+    Disabled,
 }
 
 /// A change of a registry's settings (`PATCH /api/registry`, `registry update`,
@@ -198,6 +241,8 @@ pub struct Change {
     pub anonymous_pull: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<RetentionPolicy>,
 }
 
 impl Change {
@@ -331,6 +376,7 @@ impl Properties {
             encryption: None,
             name: None,
             anonymous_pull: false,
+            retention: None,
         }
     }
 
@@ -440,6 +486,8 @@ pub enum LimitError {
     AnonymousPull { sku: Sku },
     #[error("{name:?} is not a registry name: use 5 to 50 letters and digits")]
     Name { name: String },
+    #[error("--days {days}: a retention policy keeps untagged manifests 0 to 365 days")]
+    RetentionDays { days: u32 },
 }
 
 /// Countable things a tier limits.
@@ -526,6 +574,12 @@ impl Properties {
         if let Some(on) = ch.anonymous_pull {
             next.anonymous_pull = on;
         }
+        if let Some(r) = ch.retention {
+            if r.days > RetentionPolicy::MAX_DAYS {
+                return Err(LimitError::RetentionDays { days: r.days });
+            }
+            next.retention = Some(r);
+        }
         if self.sku == Sku::Classic && sku != Sku::Classic {
             // Leaving Classic is an upgrade: the tier stays Classic until the copy is done.
             if let Some(u) = self.upgrading() {
@@ -582,6 +636,12 @@ impl Properties {
     fn check_fits(&self, used: u64) -> Result<(), LimitError> {
         if self.anonymous_pull && !self.limits().anonymous_pull {
             return Err(LimitError::AnonymousPull { sku: self.sku });
+        }
+        if self.retention.is_some_and(|r| r.enabled()) && self.sku != Sku::Premium {
+            return Err(LimitError::Feature {
+                sku: self.sku,
+                what: "a retention policy",
+            });
         }
         match self.limits().storage_bytes {
             Some(limit) if used > limit => Err(LimitError::TooSmall {

@@ -396,6 +396,25 @@ impl Backend {
         Ok(serde_json::from_value(v)?)
     }
 
+    /// A purge: by the server when one is used, else on the files.
+    pub fn purge(
+        &self,
+        req: &crate::registry::purge::PurgeRequest,
+    ) -> anyhow::Result<crate::registry::purge::PurgeReport> {
+        if let Backend::Files(dir) = self {
+            let store = super::registry::open_dir(dir)?;
+            let ctx = crate::registry::RequestContext::of_tool(
+                "PURGE",
+                "acr-task-purge",
+                String::new(),
+                String::new(),
+            );
+            return Ok(crate::registry::purge::run(&store, req, &ctx)?);
+        }
+        let v = self.call(Method::POST, "/purge", Some(serde_json::to_value(req)?))?;
+        serde_json::from_value(v).context("the server's purge report")
+    }
+
     /// An import done by the server.
     pub fn import(
         &self,

@@ -7,6 +7,7 @@ mod client;
 mod encryption;
 mod import;
 mod manage;
+mod purge;
 mod registry;
 mod relocate;
 mod render;
@@ -54,6 +55,9 @@ pub enum Command {
     Registry(registry::RegistryCmd),
     /// Copy an image from another registry into this one (like `az acr import`).
     Import(import::ImportArgs),
+    /// Delete old tags (and, with --untagged, manifests no tag names) by filter and age
+    /// (like acr-cli's `acr purge`).
+    Purge(purge::PurgeArgs),
     /// Repositories in the registry (like `az acr repository`).
     #[command(subcommand)]
     Repository(registry::RepositoryCmd),
@@ -183,6 +187,7 @@ pub fn main() -> ExitCode {
         Command::Registry(c) => registry::registry(c),
         Command::Repository(c) => registry::repository(c),
         Command::Import(a) => import::import(a),
+        Command::Purge(a) => purge::purge(a),
         Command::Serve(a) => serve::serve(a),
         Command::Token(c) => auth::token(c),
         Command::ScopeMap(c) => auth::scope_map(c),

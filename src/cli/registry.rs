@@ -61,6 +61,36 @@ fn parse_storage(s: &str) -> Result<Override, String> {
 }
 
 #[derive(Debug, clap::Subcommand)]
+pub enum ConfigCmd {
+    /// The retention policy for untagged manifests (Premium): `serve` deletes manifests
+    /// no tag, index or referrer names once they are older than --days, hourly.
+    #[command(subcommand)]
+    Retention(RetentionCmd),
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum RetentionCmd {
+    /// The policy now.
+    Show {
+        #[command(flatten)]
+        opts: TierOpts,
+    },
+    #[command(after_help = "Examples:
+  acr-task registry config retention update --status enabled --days 30
+  acr-task registry config retention update --status disabled")]
+    /// Enable or disable it, and how many days.
+    Update {
+        #[arg(long, value_enum)]
+        status: crate::tier::PolicyStatus,
+        /// Days an untagged manifest is kept, 0 to 365 [default: the policy's, else 7].
+        #[arg(long)]
+        days: Option<u32>,
+        #[command(flatten)]
+        opts: TierOpts,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
 pub enum RegistryCmd {
     /// The registry's name, tier, storage used and limit, and the tier's limits (as
     /// `az acr show`).
@@ -147,6 +177,9 @@ and resumes where it was if stopped.")]
     /// Import every repository and tag of another registry, in parallel, resumable,
     /// verified at the end (exit 1 on any failure or difference).
     Relocate(super::relocate::RelocateArgs),
+    /// Registry policies (like `az acr config`).
+    #[command(subcommand)]
+    Config(ConfigCmd),
     /// Write the registry's settings as a template (JSON): tier, anonymous pull,
     /// encryption (by key id), scope maps, tokens (no passwords), webhooks (secrets as
     /// ***), stored tasks. Its schema: schemas/registry-template.schema.json.
@@ -557,6 +590,7 @@ pub fn registry(cmd: RegistryCmd) -> anyhow::Result<ExitCode> {
                 sku,
                 anonymous_pull: anonymous_pull_enabled,
                 name: None,
+                retention: None,
                 overrides: Overrides {
                     storage_bytes: storage_limit,
                     read_ops_per_minute: read_ops_limit,
@@ -632,6 +666,46 @@ pub fn registry(cmd: RegistryCmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         RegistryCmd::Relocate(a) => super::relocate::relocate(a),
+        RegistryCmd::Config(ConfigCmd::Retention(cmd)) => {
+            let (opts, change) = match cmd {
+                RetentionCmd::Show { opts } => (opts, None),
+                RetentionCmd::Update { status, days, opts } => (opts, Some((status, days))),
+            };
+            opts.check_output()?;
+            let b = opts.backend()?;
+            let info = match change {
+                None => b.registry_info()?,
+                Some((status, days)) => {
+                    let was = b.registry_info()?.retention.unwrap_or_default();
+                    let policy = crate::tier::RetentionPolicy {
+                        status,
+                        days: days.unwrap_or(was.days),
+                    };
+                    b.change_settings(&Change {
+                        retention: Some(policy),
+                        ..Change::default()
+                    })?
+                }
+            };
+            let p = info.retention.unwrap_or_default();
+            match opts.output {
+                Output::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "type": "UntaggedManifests", "status": p.status, "days": p.days,
+                    }))?
+                ),
+                _ => println!(
+                    "Untagged manifests: {}",
+                    if p.enabled() {
+                        format!("kept {} day(s), then deleted (hourly)", p.days)
+                    } else {
+                        "kept (the policy is disabled)".to_string()
+                    }
+                ),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         RegistryCmd::Export { file, data, server } => {
             let b = super::manage::Backend::choose(server.as_deref(), data)?;
             super::template::run_export(&b, file)

@@ -37,7 +37,9 @@ pub fn export(b: &Backend) -> anyhow::Result<Template> {
         tier: info.sku,
         anonymous_pull: info.anonymous_pull_enabled,
         encryption,
-        retention: Retention::default(),
+        retention: Retention {
+            untagged_manifests: info.retention.unwrap_or_default(),
+        },
         scope_maps: b
             .scope_maps()?
             .into_iter()
@@ -99,6 +101,7 @@ pub fn target(b: &Backend) -> anyhow::Result<Target> {
         encryption,
         name: Some(info.name.clone()),
         anonymous_pull: info.anonymous_pull_enabled,
+        retention: info.retention,
     };
     Ok(Target {
         storage_used: info.storage_used_bytes,

@@ -199,13 +199,7 @@ impl std::fmt::Debug for ImportRequest {
 
 /// The request context of imports (their events say who imported, from where, how).
 pub fn context(useragent: &str, actor: String, host: String) -> RequestContext {
-    RequestContext {
-        id: uuid::Uuid::new_v4().to_string(),
-        host,
-        method: "IMPORT".into(),
-        useragent: format!("{useragent}/{}", env!("CARGO_PKG_VERSION")),
-        actor,
-    }
+    RequestContext::of_tool("IMPORT", useragent, actor, host)
 }
 
 /// Runs one import into `reg`; the source is trusted by the system's roots and

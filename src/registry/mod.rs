@@ -11,6 +11,7 @@ mod errors;
 pub mod import;
 mod manifests;
 mod names;
+pub mod purge;
 pub mod reference;
 mod routes;
 pub mod service;
@@ -105,10 +106,35 @@ pub struct RequestContext {
     pub actor: String,
 }
 
+impl RequestContext {
+    /// A change made by one of acr-task's own tools (`method`: `IMPORT`, `PURGE`), as its
+    /// events name it.
+    pub fn of_tool(method: &str, useragent: &str, actor: String, host: String) -> RequestContext {
+        RequestContext {
+            id: uuid::Uuid::new_v4().to_string(),
+            host,
+            method: method.into(),
+            useragent: format!("{useragent}/{}", env!("CARGO_PKG_VERSION")),
+            actor,
+        }
+    }
+}
+
 /// How long the event outbox keeps an event: consumers read it within seconds; a week
 /// covers any downtime worth catching up on.
 const OUTBOX_KEEP: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 const OUTBOX_PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// How often the retention policy is applied (ACR applies it within a day; hourly here).
+const RETENTION_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// One pass of the retention policy, off the async threads.
+pub async fn apply_retention(store: Arc<Store>) {
+    let r = tokio::task::spawn_blocking(move || purge::retention_pass(&store)).await;
+    if let Ok(Err(e)) = r {
+        tracing::warn!(error = %e, "applying the retention policy");
+    }
+}
 
 fn prune_outbox(store: &Store) {
     match store.outbox_prune(OUTBOX_KEEP) {
@@ -376,6 +402,7 @@ impl Registry {
         let every = sweep_every(&self.inner.limits);
         self.inner.background.spawn("registry upkeep", async move {
             let mut last_prune = std::time::Instant::now();
+            let mut last_retention: Option<std::time::Instant> = None;
             loop {
                 tokio::time::sleep(every).await;
                 let Some(state) = weak.upgrade() else { return };
@@ -391,6 +418,10 @@ impl Registry {
                     last_prune = std::time::Instant::now();
                     let store = state.store.clone();
                     let _ = tokio::task::spawn_blocking(move || prune_outbox(&store)).await;
+                }
+                if last_retention.is_none_or(|t| t.elapsed() >= RETENTION_EVERY) {
+                    last_retention = Some(std::time::Instant::now());
+                    apply_retention(state.store.clone()).await;
                 }
             }
         });

@@ -116,9 +116,22 @@ pub fn delete_manifest(
     digest: &str,
     ctx: &RequestContext,
 ) -> Result<Option<Vec<StoredEvent>>, StoreError> {
+    delete_manifest_if(store, repo, digest, false, ctx)
+}
+
+/// [`delete_manifest`]; with `unreferenced`, only while nothing names the manifest (no
+/// tag, index or referrer, and not a referrer itself), checked in the delete's
+/// transaction, so a tag pushed meanwhile keeps it.
+pub fn delete_manifest_if(
+    store: &Store,
+    repo: &str,
+    digest: &str,
+    unreferenced: bool,
+    ctx: &RequestContext,
+) -> Result<Option<Vec<StoredEvent>>, StoreError> {
     store.properties()?.check_managed("deletes")?;
     let mut made = Vec::new();
-    let r = store.delete_manifest(repo, digest, |row, tags| {
+    let r = store.delete_manifest(repo, digest, unreferenced, |row, tags| {
         made = std::iter::once(None)
             .chain(tags.iter().cloned().map(Some))
             .map(|tag| {
@@ -145,11 +158,23 @@ pub fn delete_tag(
     tag: &str,
     ctx: &RequestContext,
 ) -> Result<Option<StoredEvent>, StoreError> {
+    delete_tag_if(store, repo, tag, None, ctx)
+}
+
+/// [`delete_tag`]; with `expect`, only while the tag still names that digest (a tag
+/// pushed again meanwhile stays).
+pub fn delete_tag_if(
+    store: &Store,
+    repo: &str,
+    tag: &str,
+    expect: Option<&str>,
+    ctx: &RequestContext,
+) -> Result<Option<StoredEvent>, StoreError> {
     store.properties()?.check_managed("deletes")?;
     // Read the manifest first so the event can say what the tag pointed to.
     let row = store.get_manifest(repo, &Reference::Tag(tag.to_string()))?;
     let mut made = None;
-    let r = store.delete_tag(repo, tag, |digest| {
+    let r = store.delete_tag(repo, tag, expect, |digest| {
         let ev = RegistryEvent {
             action: EventAction::Delete,
             repository: repo.to_string(),

@@ -48,6 +48,9 @@ pub struct RegistryInfo {
     /// Pulls need no credentials (the stored setting, as `az acr show` names it).
     #[serde(default)]
     pub anonymous_pull_enabled: bool,
+    /// The retention policy for untagged manifests (none: never set, disabled).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<crate::tier::RetentionPolicy>,
     pub storage_used_bytes: u64,
     /// `None`: no limit.
     pub storage_limit_bytes: Option<u64>,
@@ -128,6 +131,7 @@ pub fn registry_info(
         login_server,
         sku: p.sku,
         anonymous_pull_enabled: p.anonymous_pull,
+        retention: p.retention,
         storage_used_bytes: counts.storage_bytes,
         storage_limit_bytes: limits.storage_bytes,
         limits,
@@ -314,6 +318,7 @@ pub fn router(state: Arc<ManageState>) -> Router {
         )
         .route("/api/registry/gc", post(gc))
         .route("/api/registry/import", post(import))
+        .route("/api/registry/purge", post(purge))
         .route("/api/registry/resolve", post(resolve))
         .route("/api/registry/fsck", post(fsck))
         .with_state(state)
@@ -664,6 +669,33 @@ async fn gc(State(s): St, Extension(c): Extension<Caller>, Json(a): Json<GcAsk>)
     Ok(Json(r).into_response())
 }
 
+/// `acr-task purge` done by this server (its deletes raise events, as any delete).
+async fn purge(
+    State(s): St,
+    Extension(c): Extension<Caller>,
+    Json(a): Json<crate::registry::purge::PurgeRequest>,
+) -> Answer {
+    admin_only(&s, &c)?;
+    let ctx = crate::registry::RequestContext::of_tool(
+        "PURGE",
+        "acr-task-purge",
+        c.0.clone(),
+        s.login_server.clone().unwrap_or_default(),
+    );
+    let store = s.store.clone();
+    let r = blocking(move || {
+        crate::registry::purge::run(&store, &a, &ctx).map_err(|e| {
+            let status = match e {
+                crate::registry::purge::PurgeError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                _ => StatusCode::BAD_REQUEST,
+            };
+            Refusal(status, e.to_string())
+        })
+    })
+    .await?;
+    Ok(Json(r).into_response())
+}
+
 /// `acr-task import` done by this server: it fetches from the source itself.
 async fn import(
     State(s): St,
@@ -765,12 +797,18 @@ async fn update(
     Json(ch): Json<crate::tier::Change>,
 ) -> Answer {
     admin_only(&s, &c)?;
+    let retention = ch.retention.is_some_and(|r| r.enabled());
+    let store = s.store.clone();
     let info = blocking(move || {
         let p = crate::registry::service::change_settings(&s.store, &ch)?;
         s.auth.set_stored_anonymous_pull(p.anonymous_pull);
         info_of(&s)
     })
     .await?;
+    if retention {
+        // A new policy applies now, not at the next hourly pass.
+        tokio::spawn(crate::registry::apply_retention(store));
+    }
     Ok(Json(info).into_response())
 }
 

@@ -555,6 +555,7 @@ impl RegistryMeta for ClassicMeta {
         &self,
         _repo: &str,
         _digest: &str,
+        _unreferenced: bool,
         _events: &mut dyn FnMut(&ManifestRow, &[String]) -> Vec<String>,
     ) -> Result<Option<(ManifestRow, Vec<String>)>, StoreError> {
         Self::no_deletes()
@@ -564,6 +565,7 @@ impl RegistryMeta for ClassicMeta {
         &self,
         _repo: &str,
         _tag: &str,
+        _expect: Option<&str>,
         _events: &mut dyn FnMut(&str) -> Vec<String>,
     ) -> Result<Option<String>, StoreError> {
         Self::no_deletes()
@@ -597,6 +599,11 @@ impl RegistryMeta for ClassicMeta {
         last: Option<&str>,
     ) -> Result<Vec<String>, StoreError> {
         Ok(page(self.repository_names()?, n, last))
+    }
+
+    fn repo_view(&self, _repo: &str) -> Result<Option<super::meta::RepoView>, StoreError> {
+        // Only purges read it, and a Classic tree is never deleted from.
+        Self::no_deletes()
     }
 
     fn list_manifests(&self, repo: &str) -> Result<Option<Vec<ManifestInfo>>, StoreError> {
@@ -853,7 +860,9 @@ mod tests {
             m.put_manifest(&bad, &[], &admit_all),
             Err(StoreError::MissingRef(_))
         ));
-        let e = m.delete_tag("app/web", "v1", &mut |_| vec![]).unwrap_err();
+        let e = m
+            .delete_tag("app/web", "v1", None, &mut |_| vec![])
+            .unwrap_err();
         assert!(e.to_string().contains("deletes need a managed tier"), "{e}");
         // Damaged content is never served.
         fs::write(m.layout.blob_data(&md), b"{}").unwrap();

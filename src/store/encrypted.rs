@@ -742,19 +742,22 @@ impl RegistryMeta for EncryptedMeta {
         &self,
         repo: &str,
         digest: &str,
+        unreferenced: bool,
         events: &mut dyn FnMut(&ManifestRow, &[String]) -> Vec<String>,
     ) -> Result<Option<(ManifestRow, Vec<String>)>, StoreError> {
         // The events read only the row's digest, type and size, never its content.
-        self.inner.delete_manifest(repo, digest, events)
+        self.inner
+            .delete_manifest(repo, digest, unreferenced, events)
     }
 
     fn delete_tag(
         &self,
         repo: &str,
         tag: &str,
+        expect: Option<&str>,
         events: &mut dyn FnMut(&str) -> Vec<String>,
     ) -> Result<Option<String>, StoreError> {
-        self.inner.delete_tag(repo, tag, events)
+        self.inner.delete_tag(repo, tag, expect, events)
     }
 
     fn delete_repository(&self, repo: &str) -> Result<bool, StoreError> {
@@ -784,6 +787,10 @@ impl RegistryMeta for EncryptedMeta {
 
     fn list_manifests(&self, repo: &str) -> Result<Option<Vec<ManifestInfo>>, StoreError> {
         self.inner.list_manifests(repo)
+    }
+
+    fn repo_view(&self, repo: &str) -> Result<Option<super::meta::RepoView>, StoreError> {
+        self.inner.repo_view(repo)
     }
 
     fn referrers(&self, repo: &str, digest: &str) -> Result<Vec<ManifestRow>, StoreError> {

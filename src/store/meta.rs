@@ -55,18 +55,24 @@ pub trait RegistryMeta: Send + Sync {
     ) -> Result<Option<ManifestRow>, StoreError>;
     /// Delete a manifest by digest with the tags that point to it; `events` makes the
     /// outbox rows from what was deleted, in the same transaction.
+    /// With `unreferenced`, only a manifest nothing names any more (no tag, no index of
+    /// the repository, no referrer, and not itself a referrer), checked in the delete's
+    /// transaction: `None` otherwise.
     fn delete_manifest(
         &self,
         repo: &str,
         digest: &str,
+        unreferenced: bool,
         events: &mut dyn FnMut(&ManifestRow, &[String]) -> Vec<String>,
     ) -> Result<Option<(ManifestRow, Vec<String>)>, StoreError>;
     /// Delete one tag (the manifest stays); `events` makes the outbox rows from the
     /// digest it pointed to. Returns that digest.
+    /// With `expect`, only while the tag still names that digest (`None` otherwise).
     fn delete_tag(
         &self,
         repo: &str,
         tag: &str,
+        expect: Option<&str>,
         events: &mut dyn FnMut(&str) -> Vec<String>,
     ) -> Result<Option<String>, StoreError>;
     /// Delete what is left of a repository: tags, manifests, blob links, its name.
@@ -89,6 +95,9 @@ pub trait RegistryMeta: Send + Sync {
     fn list_manifests(&self, repo: &str) -> Result<Option<Vec<ManifestInfo>>, StoreError>;
     /// Manifests in `repo` whose `subject` is `digest`, by digest.
     fn referrers(&self, repo: &str, digest: &str) -> Result<Vec<ManifestRow>, StoreError>;
+    /// A repository's tags and manifests with what names what (no content): what a purge
+    /// plans from. `None` if it is unknown.
+    fn repo_view(&self, repo: &str) -> Result<Option<RepoView>, StoreError>;
 
     /// Outbox entries after `seq`, oldest first: `(seq, payload)`.
     fn outbox_after(&self, seq: i64, limit: usize) -> Result<Vec<(i64, String)>, StoreError>;
@@ -165,6 +174,31 @@ pub struct Audit {
 pub enum Reference {
     Tag(String),
     Digest(String),
+}
+
+/// A repository's tags and manifests as a purge sees them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RepoView {
+    pub tags: Vec<TagRow>,
+    pub manifests: Vec<ManifestBrief>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagRow {
+    pub tag: String,
+    pub digest: String,
+    /// Unix seconds of the tag's last push.
+    pub updated: i64,
+}
+
+/// A manifest without its content: when it came, what it refers to, what it names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestBrief {
+    pub digest: String,
+    pub created: i64,
+    pub subject: Option<String>,
+    /// The manifests an index names.
+    pub children: Vec<String>,
 }
 
 /// A stored manifest with its raw bytes.

@@ -32,8 +32,8 @@ use crate::tier::Sku;
 pub use blobs::{BlobStorage, BlobUpload, FsBlobs, Staged};
 pub use maint::{FsckIssue, FsckReport, GcReport, KeptByGrace};
 pub use meta::{
-    admit_all, Admit, Audit, Descriptor, ManifestInfo, ManifestRow, NewManifest, Reference,
-    RegistryMeta,
+    admit_all, Admit, Audit, Descriptor, ManifestBrief, ManifestInfo, ManifestRow, NewManifest,
+    Reference, RegistryMeta, RepoView, TagRow,
 };
 pub use sqlite::{configure as configure_sqlite, SqliteMeta};
 
@@ -596,12 +596,13 @@ impl Store {
         &self,
         repo: &str,
         digest: &str,
+        unreferenced: bool,
         events: impl FnOnce(&ManifestRow, &[String]) -> Vec<String>,
     ) -> Result<Option<(ManifestRow, Vec<String>)>, StoreError> {
         let mut events = Some(events);
         self.now()
             .meta
-            .delete_manifest(repo, digest, &mut |row, tags| {
+            .delete_manifest(repo, digest, unreferenced, &mut |row, tags| {
                 events.take().map(|f| f(row, tags)).unwrap_or_default()
             })
     }
@@ -612,12 +613,15 @@ impl Store {
         &self,
         repo: &str,
         tag: &str,
+        expect: Option<&str>,
         events: impl FnOnce(&str) -> Vec<String>,
     ) -> Result<Option<String>, StoreError> {
         let mut events = Some(events);
-        self.now().meta.delete_tag(repo, tag, &mut |digest| {
-            events.take().map(|f| f(digest)).unwrap_or_default()
-        })
+        self.now()
+            .meta
+            .delete_tag(repo, tag, expect, &mut |digest| {
+                events.take().map(|f| f(digest)).unwrap_or_default()
+            })
     }
 
     /// Delete a whole repository: tags, manifests and blob links. False if unknown.
@@ -651,6 +655,11 @@ impl Store {
     /// Every manifest of `repo` with its tags. None if the repo is unknown.
     pub fn list_manifests(&self, repo: &str) -> Result<Option<Vec<ManifestInfo>>, StoreError> {
         self.now().meta.list_manifests(repo)
+    }
+
+    /// A repository's tags and manifests, for a purge's plan.
+    pub fn repo_view(&self, repo: &str) -> Result<Option<RepoView>, StoreError> {
+        self.now().meta.repo_view(repo)
     }
 
     /// Manifests in `repo` whose `subject` is `digest`.

@@ -292,11 +292,24 @@ fn delete_manifest(
     conn: &Connection,
     repo: &str,
     digest: &str,
+    unreferenced: bool,
 ) -> Result<Option<(ManifestRow, Vec<String>)>, StoreError> {
     let Some(row) = get_manifest(conn, repo, &Reference::Digest(digest.to_string()))? else {
         return Ok(None);
     };
     let tags = tags_of(conn, repo, digest)?;
+    if unreferenced {
+        let named: bool = conn.query_row(
+            "SELECT EXISTS(SELECT 1 FROM manifest_refs WHERE repo = ?1 AND target = ?2
+                               AND kind = 'manifest')
+                 OR EXISTS(SELECT 1 FROM manifests WHERE repo = ?1 AND subject = ?2)",
+            params![repo, digest],
+            |r| r.get(0),
+        )?;
+        if named || !tags.is_empty() || row.subject.is_some() {
+            return Ok(None);
+        }
+    }
     conn.execute(
         "DELETE FROM tags WHERE repo = ?1 AND digest = ?2",
         params![repo, digest],
@@ -312,14 +325,20 @@ fn delete_manifest(
     Ok(Some((row, tags)))
 }
 
-fn delete_tag(conn: &Connection, repo: &str, tag: &str) -> Result<Option<String>, StoreError> {
+fn delete_tag(
+    conn: &Connection,
+    repo: &str,
+    tag: &str,
+    expect: Option<&str>,
+) -> Result<Option<String>, StoreError> {
     let d = conn
         .query_row(
             "SELECT digest FROM tags WHERE repo = ?1 AND tag = ?2",
             params![repo, tag],
             |r| r.get::<_, String>(0),
         )
-        .optional()?;
+        .optional()?
+        .filter(|d| expect.is_none_or(|e| e == d));
     if d.is_some() {
         conn.execute(
             "DELETE FROM tags WHERE repo = ?1 AND tag = ?2",
@@ -578,10 +597,11 @@ impl RegistryMeta for SqliteMeta {
         &self,
         repo: &str,
         digest: &str,
+        unreferenced: bool,
         events: &mut dyn FnMut(&ManifestRow, &[String]) -> Vec<String>,
     ) -> Result<Option<(ManifestRow, Vec<String>)>, StoreError> {
         self.write(|tx| {
-            let r = delete_manifest(tx, repo, digest)?;
+            let r = delete_manifest(tx, repo, digest, unreferenced)?;
             if let Some((row, tags)) = &r {
                 insert_outbox(tx, &events(row, tags))?;
             }
@@ -593,10 +613,11 @@ impl RegistryMeta for SqliteMeta {
         &self,
         repo: &str,
         tag: &str,
+        expect: Option<&str>,
         events: &mut dyn FnMut(&str) -> Vec<String>,
     ) -> Result<Option<String>, StoreError> {
         self.write(|tx| {
-            let r = delete_tag(tx, repo, tag)?;
+            let r = delete_tag(tx, repo, tag, expect)?;
             if let Some(d) = &r {
                 insert_outbox(tx, &events(d))?;
             }
@@ -639,6 +660,58 @@ impl RegistryMeta for SqliteMeta {
             return Ok(None);
         }
         Ok(Some(list_manifests(&conn, repo)?))
+    }
+
+    fn repo_view(&self, repo: &str) -> Result<Option<super::meta::RepoView>, StoreError> {
+        let mut conn = self.reader()?;
+        // One snapshot for all three reads.
+        let tx = conn.transaction()?;
+        if !repo_exists(&tx, repo)? {
+            return Ok(None);
+        }
+        let tags = {
+            let mut st = tx.prepare_cached(
+                "SELECT tag, digest, updated FROM tags WHERE repo = ?1 ORDER BY updated DESC, tag",
+            )?;
+            let rows = st.query_map(params![repo], |r| {
+                Ok(super::meta::TagRow {
+                    tag: r.get(0)?,
+                    digest: r.get(1)?,
+                    updated: r.get(2)?,
+                })
+            })?;
+            rows.collect::<Result<Vec<_>, _>>()?
+        };
+        let mut children: std::collections::HashMap<String, Vec<String>> = Default::default();
+        {
+            let mut st = tx.prepare_cached(
+                "SELECT manifest, target FROM manifest_refs WHERE repo = ?1 AND kind = 'manifest'",
+            )?;
+            let rows = st.query_map(params![repo], |r| Ok((r.get::<_, String>(0)?, r.get(1)?)))?;
+            for row in rows {
+                let (m, t) = row?;
+                children.entry(m).or_default().push(t);
+            }
+        }
+        let manifests = {
+            let mut st = tx.prepare_cached(
+                "SELECT digest, created, subject FROM manifests WHERE repo = ?1
+                 ORDER BY created DESC, digest",
+            )?;
+            let rows = st.query_map(params![repo], |r| {
+                Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?))
+            })?;
+            rows.map(|r| {
+                r.map(|(digest, created, subject)| super::meta::ManifestBrief {
+                    children: children.remove(&digest).unwrap_or_default(),
+                    digest,
+                    created,
+                    subject,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?
+        };
+        Ok(Some(super::meta::RepoView { tags, manifests }))
     }
 
     fn referrers(&self, repo: &str, digest: &str) -> Result<Vec<ManifestRow>, StoreError> {
@@ -695,7 +768,7 @@ impl RegistryMeta for SqliteMeta {
                 break;
             }
             for (repo, digest) in victims {
-                delete_manifest(&tx, &repo, &digest)?;
+                delete_manifest(&tx, &repo, &digest, false)?;
                 report.manifests.push(format!("{repo}@{digest}"));
             }
         }

@@ -214,7 +214,7 @@ fn outbox_rows_commit_with_their_change_and_old_ones_are_pruned() {
         .put_manifest(&bad, &["never".into()], &admit_all)
         .is_err());
     store
-        .delete_tag("r", "v1", |d| vec![format!("deleted {d}")])
+        .delete_tag("r", "v1", None, |d| vec![format!("deleted {d}")])
         .unwrap();
     let rows = store.outbox_after(0, 10).unwrap();
     let payloads: Vec<&str> = rows.iter().map(|(_, p)| p.as_str()).collect();
@@ -318,7 +318,7 @@ fn every_meta_backend_writes_delete_events_with_the_delete() {
         tagged.tag = Some("v2".into());
         meta.put_manifest(&tagged, &[], &admit_all).unwrap();
         let (row, tags) = meta
-            .delete_manifest("r", &digest, &mut |row, tags| {
+            .delete_manifest("r", &digest, false, &mut |row, tags| {
                 tags.iter().map(|t| format!("{}:{t}", row.digest)).collect()
             })
             .unwrap()
@@ -343,7 +343,7 @@ fn every_meta_backend_writes_delete_events_with_the_delete() {
         // Deleting what is not there writes nothing.
         let mut called = false;
         assert!(meta
-            .delete_tag("r", "v1", &mut |_| {
+            .delete_tag("r", "v1", None, &mut |_| {
                 called = true;
                 vec!["never".into()]
             })
@@ -412,7 +412,7 @@ fn every_meta_backend_counts_storage_as_repositories_link_it() {
             meta.unlink_blob(repo, &d).unwrap();
         }
         assert_eq!(meta.storage_used().unwrap(), 24, "{name}");
-        meta.delete_manifest("r", &m.digest, &mut |_, _| vec![])
+        meta.delete_manifest("r", &m.digest, false, &mut |_, _| vec![])
             .unwrap();
         assert_eq!(meta.storage_used().unwrap(), 0, "{name}");
     }
@@ -559,4 +559,94 @@ fn a_new_store_is_encrypted_and_a_key_rotation_rewrites_no_content() {
     std::fs::remove_file(&keys).unwrap();
     let e = Store::open(dir.path(), true).unwrap_err().to_string();
     assert!(e.contains("cannot be read"), "{e}");
+}
+
+#[test]
+fn every_meta_backend_deletes_for_a_purge_only_what_is_still_as_planned() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, meta) in meta_backends(dir.path()) {
+        let new =
+            |body: &str, tag: Option<&str>, children: Vec<Descriptor>, subject: Option<&str>| {
+                let content = body.as_bytes().to_vec();
+                NewManifest {
+                    repo: "r".into(),
+                    digest: crate::digest::of_bytes(crate::digest::Algorithm::Sha256, &content),
+                    media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+                    artifact_type: None,
+                    subject: subject.map(str::to_string),
+                    content,
+                    blobs: vec![],
+                    children,
+                    tag: tag.map(str::to_string),
+                    sealed: None,
+                }
+            };
+        let (a, b) = (
+            new("{\"a\":1}", Some("v1"), vec![], None),
+            new("{\"b\":1}", None, vec![], None),
+        );
+        let child = Descriptor {
+            digest: b.digest.clone(),
+            size: b.content.len() as u64,
+        };
+        for m in [&a, &b] {
+            meta.put_manifest(m, &[], &admit_all).unwrap();
+        }
+        // v1 moves to b after the plan read it at a: the planned delete leaves it.
+        let mut moved = b.clone();
+        moved.tag = Some("v1".into());
+        meta.put_manifest(&moved, &[], &admit_all).unwrap();
+        let none = meta
+            .delete_tag("r", "v1", Some(&a.digest), &mut |_| vec![])
+            .unwrap();
+        assert_eq!(none, None, "{name}");
+        // b is tagged now: not unreferenced.
+        assert!(
+            meta.delete_manifest("r", &b.digest, true, &mut |_, _| vec![])
+                .unwrap()
+                .is_none(),
+            "{name}"
+        );
+        let gone = meta
+            .delete_tag("r", "v1", Some(&b.digest), &mut |_| vec![])
+            .unwrap();
+        assert_eq!(gone.as_deref(), Some(b.digest.as_str()), "{name}");
+        // An index names b, and a referrer points at a: both stay; the index goes.
+        let index = new("{\"index\":1}", None, vec![child], None);
+        let sig = new("{\"sig\":1}", None, vec![], Some(&a.digest));
+        meta.put_manifest(&index, &[], &admit_all).unwrap();
+        meta.put_manifest(&sig, &[], &admit_all).unwrap();
+        for (d, why) in [
+            (&b.digest, "named by an index"),
+            (&a.digest, "has a referrer"),
+            (&sig.digest, "is a referrer"),
+        ] {
+            assert!(
+                meta.delete_manifest("r", d, true, &mut |_, _| vec![])
+                    .unwrap()
+                    .is_none(),
+                "{name}: a manifest that {why} was deleted"
+            );
+        }
+        assert!(
+            meta.delete_manifest("r", &index.digest, true, &mut |_, _| vec![])
+                .unwrap()
+                .is_some(),
+            "{name}"
+        );
+        assert!(
+            meta.delete_manifest("r", &b.digest, true, &mut |_, _| vec![])
+                .unwrap()
+                .is_some(),
+            "{name}"
+        );
+        let view = meta.repo_view("r").unwrap().unwrap();
+        let left: Vec<&str> = view.manifests.iter().map(|m| m.digest.as_str()).collect();
+        assert_eq!(left.len(), 2, "{name}: {left:?}");
+        assert!(
+            left.contains(&a.digest.as_str()) && left.contains(&sig.digest.as_str()),
+            "{name}"
+        );
+        assert_eq!(meta.repo_view("nope").unwrap(), None, "{name}");
+    }
 }
