@@ -71,6 +71,7 @@ pub enum ConfigCmd {
 #[derive(Debug, clap::Subcommand)]
 pub enum RetentionCmd {
     /// The policy now.
+    #[command(after_help = "Example:\n  acr-task registry config retention show -o json")]
     Show {
         #[command(flatten)]
         opts: TierOpts,
@@ -80,6 +81,7 @@ pub enum RetentionCmd {
   acr-task registry config retention update --status disabled")]
     /// Enable or disable it, and how many days.
     Update {
+        /// enabled or disabled.
         #[arg(long, value_enum)]
         status: crate::tier::PolicyStatus,
         /// Days an untagged manifest is kept, 0 to 365 [default: the policy's, else 7].

@@ -129,8 +129,11 @@ const OUTBOX_PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(3
 const RETENTION_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// One pass of the retention policy, off the async threads.
-pub async fn apply_retention(store: Arc<Store>) {
-    let r = tokio::task::spawn_blocking(move || purge::retention_pass(&store)).await;
+pub async fn apply_retention(reg: Registry) {
+    let r = tokio::task::spawn_blocking(move || {
+        purge::retention_pass(reg.store(), &|events| reg.announce(events))
+    })
+    .await;
     if let Ok(Err(e)) = r {
         tracing::warn!(error = %e, "applying the retention policy");
     }
@@ -421,7 +424,7 @@ impl Registry {
                 }
                 if last_retention.is_none_or(|t| t.elapsed() >= RETENTION_EVERY) {
                     last_retention = Some(std::time::Instant::now());
-                    apply_retention(state.store.clone()).await;
+                    apply_retention(Registry { inner: state }).await;
                 }
             }
         });

@@ -272,6 +272,7 @@ pub fn run(
     store: &crate::store::Store,
     req: &PurgeRequest,
     ctx: &super::RequestContext,
+    announce: Announce<'_>,
 ) -> Result<PurgeReport, PurgeError> {
     let started = std::time::Instant::now();
     if req.filters.is_empty() {
@@ -305,6 +306,14 @@ pub fn run(
         last = Some(end);
     }
     let workers = req.concurrency.unwrap_or(4).clamp(1, 32);
+    let pass = Pass {
+        store,
+        req,
+        ago,
+        now,
+        ctx,
+        announce,
+    };
     let next = std::sync::atomic::AtomicUsize::new(0);
     let results = std::sync::Mutex::new(Vec::new());
     std::thread::scope(|s| {
@@ -314,7 +323,7 @@ pub fn run(
                 let Some((repo, tags)) = repos.get(i) else {
                     break;
                 };
-                let r = purge_repo(store, repo, tags, ago, req, now, ctx);
+                let r = purge_repo(&pass, repo, tags);
                 if let Ok(mut all) = results.lock() {
                     all.push((i, r));
                 }
@@ -340,7 +349,10 @@ pub fn run(
 
 /// One pass of the registry's retention policy, when it is enabled: manifests no tag,
 /// index or referrer names, older than its days, go (`None`: no policy to apply).
-pub fn retention_pass(store: &crate::store::Store) -> Result<Option<PurgeReport>, PurgeError> {
+pub fn retention_pass(
+    store: &crate::store::Store,
+    announce: Announce<'_>,
+) -> Result<Option<PurgeReport>, PurgeError> {
     let Some(policy) = store.properties()?.retention.filter(|r| r.enabled()) else {
         return Ok(None);
     };
@@ -357,7 +369,7 @@ pub fn retention_pass(store: &crate::store::Store) -> Result<Option<PurgeReport>
         String::new(),
         String::new(),
     );
-    let report = run(store, &req, &ctx)?;
+    let report = run(store, &req, &ctx, announce)?;
     if !report.manifests_deleted.is_empty() {
         tracing::info!(
             manifests = report.manifests_deleted.len(),
@@ -370,15 +382,32 @@ pub fn retention_pass(store: &crate::store::Store) -> Result<Option<PurgeReport>
 
 type Done = (Vec<String>, Vec<String>, Vec<Kept>);
 
-fn purge_repo(
-    store: &crate::store::Store,
-    repo: &str,
-    tags: &[&regex::Regex],
+/// Deletes made in one transaction.
+const BATCH: usize = 256;
+
+/// Wakes the registry's event consumers for events a purge committed (they read the
+/// outbox; this only saves them waiting for their next look).
+pub type Announce<'a> = &'a (dyn Fn(Vec<super::StoredEvent>) + Sync);
+
+/// What every repository of one purge shares.
+struct Pass<'a> {
+    store: &'a crate::store::Store,
+    req: &'a PurgeRequest,
     ago: i64,
-    req: &PurgeRequest,
     now: i64,
-    ctx: &super::RequestContext,
-) -> Result<Done, PurgeError> {
+    ctx: &'a super::RequestContext,
+    announce: Announce<'a>,
+}
+
+fn purge_repo(pass: &Pass<'_>, repo: &str, tags: &[&regex::Regex]) -> Result<Done, PurgeError> {
+    let Pass {
+        store,
+        req,
+        ago,
+        now,
+        ctx,
+        announce,
+    } = *pass;
     let Some(view) = store.repo_view(repo)? else {
         return Ok(Default::default());
     };
@@ -401,24 +430,36 @@ fn purge_repo(
             kept,
         ));
     }
+    // In batches: one transaction (one sync to disk) for many deletes, short enough not
+    // to hold pushes back.
     let mut tags_done = Vec::new();
-    for (tag, digest) in &plan.tags {
-        match super::service::delete_tag_if(store, repo, tag, Some(digest), ctx)? {
-            Some(_) => tags_done.push(format!("{repo}:{tag}")),
-            None => kept.push(Kept {
-                item: format!("{repo}:{tag}"),
-                why: "pushed again (or deleted) since the purge read it".into(),
-            }),
+    for batch in plan.tags.chunks(BATCH) {
+        let (done, events) = super::service::delete_tags_if(store, repo, batch, ctx)?;
+        announce(events);
+        for (tag, _) in batch {
+            if done.contains(tag) {
+                tags_done.push(format!("{repo}:{tag}"));
+            } else {
+                kept.push(Kept {
+                    item: format!("{repo}:{tag}"),
+                    why: "pushed again (or deleted) since the purge read it".into(),
+                });
+            }
         }
     }
     let mut manifests_done = Vec::new();
-    for d in &plan.manifests {
-        match super::service::delete_manifest_if(store, repo, d, true, ctx)? {
-            Some(_) => manifests_done.push(format!("{repo}@{d}")),
-            None => kept.push(Kept {
-                item: format!("{repo}@{d}"),
-                why: "tagged or named again (or deleted) since the purge read it".into(),
-            }),
+    for batch in plan.manifests.chunks(BATCH) {
+        let (done, events) = super::service::delete_unreferenced(store, repo, batch, ctx)?;
+        announce(events);
+        for d in batch {
+            if done.contains(d) {
+                manifests_done.push(format!("{repo}@{d}"));
+            } else {
+                kept.push(Kept {
+                    item: format!("{repo}@{d}"),
+                    why: "tagged or named again (or deleted) since the purge read it".into(),
+                });
+            }
         }
     }
     Ok((tags_done, manifests_done, kept))

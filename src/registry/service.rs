@@ -116,22 +116,9 @@ pub fn delete_manifest(
     digest: &str,
     ctx: &RequestContext,
 ) -> Result<Option<Vec<StoredEvent>>, StoreError> {
-    delete_manifest_if(store, repo, digest, false, ctx)
-}
-
-/// [`delete_manifest`]; with `unreferenced`, only while nothing names the manifest (no
-/// tag, index or referrer, and not a referrer itself), checked in the delete's
-/// transaction, so a tag pushed meanwhile keeps it.
-pub fn delete_manifest_if(
-    store: &Store,
-    repo: &str,
-    digest: &str,
-    unreferenced: bool,
-    ctx: &RequestContext,
-) -> Result<Option<Vec<StoredEvent>>, StoreError> {
     store.properties()?.check_managed("deletes")?;
     let mut made = Vec::new();
-    let r = store.delete_manifest(repo, digest, unreferenced, |row, tags| {
+    let r = store.delete_manifest(repo, digest, |row, tags| {
         made = std::iter::once(None)
             .chain(tags.iter().cloned().map(Some))
             .map(|tag| {
@@ -158,40 +145,77 @@ pub fn delete_tag(
     tag: &str,
     ctx: &RequestContext,
 ) -> Result<Option<StoredEvent>, StoreError> {
-    delete_tag_if(store, repo, tag, None, ctx)
-}
-
-/// [`delete_tag`]; with `expect`, only while the tag still names that digest (a tag
-/// pushed again meanwhile stays).
-pub fn delete_tag_if(
-    store: &Store,
-    repo: &str,
-    tag: &str,
-    expect: Option<&str>,
-    ctx: &RequestContext,
-) -> Result<Option<StoredEvent>, StoreError> {
     store.properties()?.check_managed("deletes")?;
     // Read the manifest first so the event can say what the tag pointed to.
     let row = store.get_manifest(repo, &Reference::Tag(tag.to_string()))?;
     let mut made = None;
-    let r = store.delete_tag(repo, tag, expect, |digest| {
-        let ev = RegistryEvent {
-            action: EventAction::Delete,
-            repository: repo.to_string(),
-            tag: Some(tag.to_string()),
-            digest: digest.to_string(),
-            media_type: row
-                .as_ref()
-                .map(|r| r.media_type.clone())
-                .unwrap_or_default(),
-            size: row.as_ref().map(|r| r.size).unwrap_or(0),
-        };
-        let ev = StoredEvent::new(ev, ctx.clone());
+    let r = store.delete_tag(repo, tag, |digest| {
+        let ev = deleted(repo, Some(tag), digest, row.as_ref(), ctx);
         let json = vec![ev.to_json()];
         made = Some(ev);
         json
     })?;
     Ok(r.and(made))
+}
+
+/// The event of a delete: of `tag` (else of the manifest) naming `digest`, whose row
+/// (when still stored) gives its type and size.
+fn deleted(
+    repo: &str,
+    tag: Option<&str>,
+    digest: &str,
+    row: Option<&crate::store::ManifestRow>,
+    ctx: &RequestContext,
+) -> StoredEvent {
+    let ev = RegistryEvent {
+        action: EventAction::Delete,
+        repository: repo.to_string(),
+        tag: tag.map(str::to_string),
+        digest: digest.to_string(),
+        media_type: row.map(|r| r.media_type.clone()).unwrap_or_default(),
+        size: row.map(|r| r.size).unwrap_or(0),
+    };
+    StoredEvent::new(ev, ctx.clone())
+}
+
+/// A purge's tag deletes, in one transaction: each tag only while it still names the
+/// digest given with it (a tag pushed again meanwhile stays), each with its event.
+/// Returns the tags deleted and the events.
+pub fn delete_tags_if(
+    store: &Store,
+    repo: &str,
+    tags: &[(String, String)],
+    ctx: &RequestContext,
+) -> Result<(Vec<String>, Vec<StoredEvent>), StoreError> {
+    store.properties()?.check_managed("deletes")?;
+    let mut made = Vec::new();
+    let done = store.delete_tags(repo, tags, &mut |tag, digest, row| {
+        let ev = deleted(repo, Some(tag), digest, row, ctx);
+        let json = vec![ev.to_json()];
+        made.push(ev);
+        json
+    })?;
+    Ok((done, made))
+}
+
+/// A purge's manifest deletes, in order and in one transaction: each only while nothing
+/// names it (no tag, index or referrer, and not a referrer itself), so a tag pushed
+/// meanwhile keeps it. Returns the digests deleted and the events.
+pub fn delete_unreferenced(
+    store: &Store,
+    repo: &str,
+    digests: &[String],
+    ctx: &RequestContext,
+) -> Result<(Vec<String>, Vec<StoredEvent>), StoreError> {
+    store.properties()?.check_managed("deletes")?;
+    let mut made = Vec::new();
+    let done = store.delete_unreferenced(repo, digests, &mut |row| {
+        let ev = deleted(repo, None, &row.digest, Some(row), ctx);
+        let json = vec![ev.to_json()];
+        made.push(ev);
+        json
+    })?;
+    Ok((done, made))
 }
 
 /// Deletes a repository: each manifest with its tags (and their events), then what is

@@ -682,9 +682,10 @@ async fn purge(
         c.0.clone(),
         s.login_server.clone().unwrap_or_default(),
     );
-    let store = s.store.clone();
+    let registry = s.registry.clone();
     let r = blocking(move || {
-        crate::registry::purge::run(&store, &a, &ctx).map_err(|e| {
+        let announce = |events| registry.announce(events);
+        crate::registry::purge::run(registry.store(), &a, &ctx, &announce).map_err(|e| {
             let status = match e {
                 crate::registry::purge::PurgeError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
                 _ => StatusCode::BAD_REQUEST,
@@ -798,7 +799,7 @@ async fn update(
 ) -> Answer {
     admin_only(&s, &c)?;
     let retention = ch.retention.is_some_and(|r| r.enabled());
-    let store = s.store.clone();
+    let registry = s.registry.clone();
     let info = blocking(move || {
         let p = crate::registry::service::change_settings(&s.store, &ch)?;
         s.auth.set_stored_anonymous_pull(p.anonymous_pull);
@@ -807,7 +808,7 @@ async fn update(
     .await?;
     if retention {
         // A new policy applies now, not at the next hourly pass.
-        tokio::spawn(crate::registry::apply_retention(store));
+        tokio::spawn(crate::registry::apply_retention(registry));
     }
     Ok(Json(info).into_response())
 }

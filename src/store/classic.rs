@@ -555,7 +555,6 @@ impl RegistryMeta for ClassicMeta {
         &self,
         _repo: &str,
         _digest: &str,
-        _unreferenced: bool,
         _events: &mut dyn FnMut(&ManifestRow, &[String]) -> Vec<String>,
     ) -> Result<Option<(ManifestRow, Vec<String>)>, StoreError> {
         Self::no_deletes()
@@ -565,9 +564,26 @@ impl RegistryMeta for ClassicMeta {
         &self,
         _repo: &str,
         _tag: &str,
-        _expect: Option<&str>,
         _events: &mut dyn FnMut(&str) -> Vec<String>,
     ) -> Result<Option<String>, StoreError> {
+        Self::no_deletes()
+    }
+
+    fn delete_tags(
+        &self,
+        _repo: &str,
+        _tags: &[(String, String)],
+        _events: super::meta::TagEvents<'_>,
+    ) -> Result<Vec<String>, StoreError> {
+        Self::no_deletes()
+    }
+
+    fn delete_unreferenced(
+        &self,
+        _repo: &str,
+        _digests: &[String],
+        _events: &mut dyn FnMut(&ManifestRow) -> Vec<String>,
+    ) -> Result<Vec<String>, StoreError> {
         Self::no_deletes()
     }
 
@@ -860,9 +876,7 @@ mod tests {
             m.put_manifest(&bad, &[], &admit_all),
             Err(StoreError::MissingRef(_))
         ));
-        let e = m
-            .delete_tag("app/web", "v1", None, &mut |_| vec![])
-            .unwrap_err();
+        let e = m.delete_tag("app/web", "v1", &mut |_| vec![]).unwrap_err();
         assert!(e.to_string().contains("deletes need a managed tier"), "{e}");
         // Damaged content is never served.
         fs::write(m.layout.blob_data(&md), b"{}").unwrap();

@@ -742,22 +742,38 @@ impl RegistryMeta for EncryptedMeta {
         &self,
         repo: &str,
         digest: &str,
-        unreferenced: bool,
         events: &mut dyn FnMut(&ManifestRow, &[String]) -> Vec<String>,
     ) -> Result<Option<(ManifestRow, Vec<String>)>, StoreError> {
         // The events read only the row's digest, type and size, never its content.
-        self.inner
-            .delete_manifest(repo, digest, unreferenced, events)
+        self.inner.delete_manifest(repo, digest, events)
     }
 
     fn delete_tag(
         &self,
         repo: &str,
         tag: &str,
-        expect: Option<&str>,
         events: &mut dyn FnMut(&str) -> Vec<String>,
     ) -> Result<Option<String>, StoreError> {
-        self.inner.delete_tag(repo, tag, expect, events)
+        self.inner.delete_tag(repo, tag, events)
+    }
+
+    fn delete_tags(
+        &self,
+        repo: &str,
+        tags: &[(String, String)],
+        events: super::meta::TagEvents<'_>,
+    ) -> Result<Vec<String>, StoreError> {
+        // The events read only the row's digest, type and size, never its content.
+        self.inner.delete_tags(repo, tags, events)
+    }
+
+    fn delete_unreferenced(
+        &self,
+        repo: &str,
+        digests: &[String],
+        events: &mut dyn FnMut(&ManifestRow) -> Vec<String>,
+    ) -> Result<Vec<String>, StoreError> {
+        self.inner.delete_unreferenced(repo, digests, events)
     }
 
     fn delete_repository(&self, repo: &str) -> Result<bool, StoreError> {

@@ -55,26 +55,38 @@ pub trait RegistryMeta: Send + Sync {
     ) -> Result<Option<ManifestRow>, StoreError>;
     /// Delete a manifest by digest with the tags that point to it; `events` makes the
     /// outbox rows from what was deleted, in the same transaction.
-    /// With `unreferenced`, only a manifest nothing names any more (no tag, no index of
-    /// the repository, no referrer, and not itself a referrer), checked in the delete's
-    /// transaction: `None` otherwise.
     fn delete_manifest(
         &self,
         repo: &str,
         digest: &str,
-        unreferenced: bool,
         events: &mut dyn FnMut(&ManifestRow, &[String]) -> Vec<String>,
     ) -> Result<Option<(ManifestRow, Vec<String>)>, StoreError>;
     /// Delete one tag (the manifest stays); `events` makes the outbox rows from the
     /// digest it pointed to. Returns that digest.
-    /// With `expect`, only while the tag still names that digest (`None` otherwise).
     fn delete_tag(
         &self,
         repo: &str,
         tag: &str,
-        expect: Option<&str>,
         events: &mut dyn FnMut(&str) -> Vec<String>,
     ) -> Result<Option<String>, StoreError>;
+    /// Deletes, in one transaction, each tag that still names the digest given with it;
+    /// `events` makes each one's outbox rows from the tag and the manifest it named (when
+    /// stored). Returns the tags deleted.
+    fn delete_tags(
+        &self,
+        repo: &str,
+        tags: &[(String, String)],
+        events: TagEvents<'_>,
+    ) -> Result<Vec<String>, StoreError>;
+    /// Deletes, in order and in one transaction, each manifest nothing names any more (no
+    /// tag, no index of the repository, no referrer, and not itself a referrer), checked
+    /// as each goes. Returns those deleted.
+    fn delete_unreferenced(
+        &self,
+        repo: &str,
+        digests: &[String],
+        events: &mut dyn FnMut(&ManifestRow) -> Vec<String>,
+    ) -> Result<Vec<String>, StoreError>;
     /// Delete what is left of a repository: tags, manifests, blob links, its name.
     fn delete_repository(&self, repo: &str) -> Result<bool, StoreError>;
     fn repository_exists(&self, repo: &str) -> Result<bool, StoreError>;
@@ -175,6 +187,10 @@ pub enum Reference {
     Tag(String),
     Digest(String),
 }
+
+/// Makes the outbox rows of a tag's delete from the tag, the digest it named and that
+/// manifest's row (when stored).
+pub type TagEvents<'a> = &'a mut dyn FnMut(&str, &str, Option<&ManifestRow>) -> Vec<String>;
 
 /// A repository's tags and manifests as a purge sees them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

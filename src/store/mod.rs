@@ -596,13 +596,12 @@ impl Store {
         &self,
         repo: &str,
         digest: &str,
-        unreferenced: bool,
         events: impl FnOnce(&ManifestRow, &[String]) -> Vec<String>,
     ) -> Result<Option<(ManifestRow, Vec<String>)>, StoreError> {
         let mut events = Some(events);
         self.now()
             .meta
-            .delete_manifest(repo, digest, unreferenced, &mut |row, tags| {
+            .delete_manifest(repo, digest, &mut |row, tags| {
                 events.take().map(|f| f(row, tags)).unwrap_or_default()
             })
     }
@@ -613,15 +612,33 @@ impl Store {
         &self,
         repo: &str,
         tag: &str,
-        expect: Option<&str>,
         events: impl FnOnce(&str) -> Vec<String>,
     ) -> Result<Option<String>, StoreError> {
         let mut events = Some(events);
-        self.now()
-            .meta
-            .delete_tag(repo, tag, expect, &mut |digest| {
-                events.take().map(|f| f(digest)).unwrap_or_default()
-            })
+        self.now().meta.delete_tag(repo, tag, &mut |digest| {
+            events.take().map(|f| f(digest)).unwrap_or_default()
+        })
+    }
+
+    /// Deletes the tags that still name the digests given with them, in one transaction
+    /// (see [`RegistryMeta::delete_tags`]).
+    pub fn delete_tags(
+        &self,
+        repo: &str,
+        tags: &[(String, String)],
+        events: meta::TagEvents<'_>,
+    ) -> Result<Vec<String>, StoreError> {
+        self.now().meta.delete_tags(repo, tags, events)
+    }
+
+    /// Deletes, in order and in one transaction, the manifests nothing names any more.
+    pub fn delete_unreferenced(
+        &self,
+        repo: &str,
+        digests: &[String],
+        events: &mut dyn FnMut(&ManifestRow) -> Vec<String>,
+    ) -> Result<Vec<String>, StoreError> {
+        self.now().meta.delete_unreferenced(repo, digests, events)
     }
 
     /// Delete a whole repository: tags, manifests and blob links. False if unknown.

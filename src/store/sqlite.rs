@@ -597,11 +597,10 @@ impl RegistryMeta for SqliteMeta {
         &self,
         repo: &str,
         digest: &str,
-        unreferenced: bool,
         events: &mut dyn FnMut(&ManifestRow, &[String]) -> Vec<String>,
     ) -> Result<Option<(ManifestRow, Vec<String>)>, StoreError> {
         self.write(|tx| {
-            let r = delete_manifest(tx, repo, digest, unreferenced)?;
+            let r = delete_manifest(tx, repo, digest, false)?;
             if let Some((row, tags)) = &r {
                 insert_outbox(tx, &events(row, tags))?;
             }
@@ -613,15 +612,51 @@ impl RegistryMeta for SqliteMeta {
         &self,
         repo: &str,
         tag: &str,
-        expect: Option<&str>,
         events: &mut dyn FnMut(&str) -> Vec<String>,
     ) -> Result<Option<String>, StoreError> {
         self.write(|tx| {
-            let r = delete_tag(tx, repo, tag, expect)?;
+            let r = delete_tag(tx, repo, tag, None)?;
             if let Some(d) = &r {
                 insert_outbox(tx, &events(d))?;
             }
             Ok(r)
+        })
+    }
+
+    fn delete_tags(
+        &self,
+        repo: &str,
+        tags: &[(String, String)],
+        events: super::meta::TagEvents<'_>,
+    ) -> Result<Vec<String>, StoreError> {
+        self.write(|tx| {
+            let mut done = Vec::new();
+            for (tag, digest) in tags {
+                if let Some(d) = delete_tag(tx, repo, tag, Some(digest))? {
+                    let row = get_manifest(tx, repo, &Reference::Digest(d.clone()))?;
+                    insert_outbox(tx, &events(tag, &d, row.as_ref()))?;
+                    done.push(tag.clone());
+                }
+            }
+            Ok(done)
+        })
+    }
+
+    fn delete_unreferenced(
+        &self,
+        repo: &str,
+        digests: &[String],
+        events: &mut dyn FnMut(&ManifestRow) -> Vec<String>,
+    ) -> Result<Vec<String>, StoreError> {
+        self.write(|tx| {
+            let mut done = Vec::new();
+            for d in digests {
+                if let Some((row, _)) = delete_manifest(tx, repo, d, true)? {
+                    insert_outbox(tx, &events(&row))?;
+                    done.push(d.clone());
+                }
+            }
+            Ok(done)
         })
     }
 

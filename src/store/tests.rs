@@ -214,7 +214,7 @@ fn outbox_rows_commit_with_their_change_and_old_ones_are_pruned() {
         .put_manifest(&bad, &["never".into()], &admit_all)
         .is_err());
     store
-        .delete_tag("r", "v1", None, |d| vec![format!("deleted {d}")])
+        .delete_tag("r", "v1", |d| vec![format!("deleted {d}")])
         .unwrap();
     let rows = store.outbox_after(0, 10).unwrap();
     let payloads: Vec<&str> = rows.iter().map(|(_, p)| p.as_str()).collect();
@@ -318,7 +318,7 @@ fn every_meta_backend_writes_delete_events_with_the_delete() {
         tagged.tag = Some("v2".into());
         meta.put_manifest(&tagged, &[], &admit_all).unwrap();
         let (row, tags) = meta
-            .delete_manifest("r", &digest, false, &mut |row, tags| {
+            .delete_manifest("r", &digest, &mut |row, tags| {
                 tags.iter().map(|t| format!("{}:{t}", row.digest)).collect()
             })
             .unwrap()
@@ -343,7 +343,7 @@ fn every_meta_backend_writes_delete_events_with_the_delete() {
         // Deleting what is not there writes nothing.
         let mut called = false;
         assert!(meta
-            .delete_tag("r", "v1", None, &mut |_| {
+            .delete_tag("r", "v1", &mut |_| {
                 called = true;
                 vec!["never".into()]
             })
@@ -412,7 +412,7 @@ fn every_meta_backend_counts_storage_as_repositories_link_it() {
             meta.unlink_blob(repo, &d).unwrap();
         }
         assert_eq!(meta.storage_used().unwrap(), 24, "{name}");
-        meta.delete_manifest("r", &m.digest, false, &mut |_, _| vec![])
+        meta.delete_manifest("r", &m.digest, &mut |_, _| vec![])
             .unwrap();
         assert_eq!(meta.storage_used().unwrap(), 0, "{name}");
     }
@@ -596,48 +596,40 @@ fn every_meta_backend_deletes_for_a_purge_only_what_is_still_as_planned() {
         let mut moved = b.clone();
         moved.tag = Some("v1".into());
         meta.put_manifest(&moved, &[], &admit_all).unwrap();
+        let plan = |tag: &str, d: &str| vec![(tag.to_string(), d.to_string())];
         let none = meta
-            .delete_tag("r", "v1", Some(&a.digest), &mut |_| vec![])
+            .delete_tags("r", &plan("v1", &a.digest), &mut |_, _, _| vec![])
             .unwrap();
-        assert_eq!(none, None, "{name}");
+        assert!(none.is_empty(), "{name}");
         // b is tagged now: not unreferenced.
-        assert!(
-            meta.delete_manifest("r", &b.digest, true, &mut |_, _| vec![])
+        let gone = |ds: &[&String]| {
+            let ds: Vec<String> = ds.iter().map(|d| d.to_string()).collect();
+            meta.delete_unreferenced("r", &ds, &mut |_| vec!["event".into()])
                 .unwrap()
-                .is_none(),
-            "{name}"
-        );
-        let gone = meta
-            .delete_tag("r", "v1", Some(&b.digest), &mut |_| vec![])
+        };
+        assert!(gone(&[&b.digest]).is_empty(), "{name}");
+        let events = meta.outbox_last().unwrap();
+        let done = meta
+            .delete_tags("r", &plan("v1", &b.digest), &mut |t, d, row| {
+                vec![format!("{t} {d} {}", row.map(|r| r.size).unwrap_or(0))]
+            })
             .unwrap();
-        assert_eq!(gone.as_deref(), Some(b.digest.as_str()), "{name}");
-        // An index names b, and a referrer points at a: both stay; the index goes.
+        assert_eq!(done, ["v1"], "{name}");
+        let (_, p) = meta.outbox_after(events, 10).unwrap().pop().unwrap();
+        assert_eq!(p, format!("v1 {} {}", b.digest, b.content.len()), "{name}");
+        // An index names b, and a referrer points at a: both stay, and the referrer too;
+        // the index goes, and then b, in one call, in that order.
         let index = new("{\"index\":1}", None, vec![child], None);
         let sig = new("{\"sig\":1}", None, vec![], Some(&a.digest));
         meta.put_manifest(&index, &[], &admit_all).unwrap();
         meta.put_manifest(&sig, &[], &admit_all).unwrap();
-        for (d, why) in [
-            (&b.digest, "named by an index"),
-            (&a.digest, "has a referrer"),
-            (&sig.digest, "is a referrer"),
-        ] {
-            assert!(
-                meta.delete_manifest("r", d, true, &mut |_, _| vec![])
-                    .unwrap()
-                    .is_none(),
-                "{name}: a manifest that {why} was deleted"
-            );
-        }
         assert!(
-            meta.delete_manifest("r", &index.digest, true, &mut |_, _| vec![])
-                .unwrap()
-                .is_some(),
+            gone(&[&b.digest, &a.digest, &sig.digest]).is_empty(),
             "{name}"
         );
-        assert!(
-            meta.delete_manifest("r", &b.digest, true, &mut |_, _| vec![])
-                .unwrap()
-                .is_some(),
+        assert_eq!(
+            gone(&[&index.digest, &b.digest]),
+            [index.digest.clone(), b.digest.clone()],
             "{name}"
         );
         let view = meta.repo_view("r").unwrap().unwrap();
