@@ -488,6 +488,12 @@ pub enum LimitError {
     Name { name: String },
     #[error("--days {days}: a retention policy keeps untagged manifests 0 to 365 days")]
     RetentionDays { days: u32 },
+    #[error("{item} is locked ({attribute} is false): unlock it first with `{unlock}`")]
+    Locked {
+        item: String,
+        attribute: &'static str,
+        unlock: String,
+    },
 }
 
 /// Countable things a tier limits.

@@ -426,3 +426,96 @@ async fn a_retention_policy_deletes_untagged_manifests_in_the_background() {
     ]);
     assert!(!ok && err.contains("0 to 365 days"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locks_refuse_pushes_and_deletes_and_purges_keep_what_is_locked() {
+    let (_dir, s, c, base) = server();
+    let (v1, _, _) = image(&c, &base, "app", "v1", Some("v1")).await;
+    image(&c, &base, "app", "v2", Some("v2")).await;
+    let ok = |args: &[&str]| {
+        let (good, out, err) = s.acr(args);
+        assert!(good, "{args:?}: {out}\n{err}");
+        out
+    };
+    // `repository update --name app [--image app:TAG] --FLAG VALUE`
+    let update = |image: Option<&str>, flag: &str, value: &str| {
+        let mut args = vec!["repository", "update", "--name", "app"];
+        if let Some(i) = image {
+            args.extend(["--image", i]);
+        }
+        args.extend([flag, value]);
+        ok(&args);
+    };
+    update(Some("app:v1"), "--write-enabled", "false");
+    let shown: Value = serde_json::from_str(&ok(&[
+        "repository",
+        "show",
+        "--name",
+        "app",
+        "--image",
+        "app:v1",
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(
+        shown["changeableAttributes"],
+        json!({"writeEnabled": false, "deleteEnabled": true})
+    );
+    // A push over the locked tag, and its delete, are refused with the way to unlock.
+    let (_, _, status) = image(&c, &base, "app", "v1-again", Some("v1")).await;
+    assert_eq!(status, 403);
+    let r = c
+        .delete(format!("{base}/v2/app/manifests/v1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let body = r.text().await.unwrap();
+    assert!(
+        body.contains("app:v1 is locked (write-enabled is false)")
+            && body.contains(
+                "acr-task repository update --name app --image app:v1 --write-enabled true"
+            ),
+        "{body}"
+    );
+    let r = c
+        .delete(format!("{base}/v2/app/manifests/{v1}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403, "the manifest a locked tag names");
+    // A purge deletes the rest and says why v1 stays.
+    let r = purge(&s, &["--filter", "app:.*", "--ago", "0s", "--untagged"]);
+    assert_eq!(strings(&r["tagsDeleted"]), ["app:v2"], "{r}");
+    assert!(kept_why(&r, "app:v1").starts_with("locked"), "{r}");
+    assert_eq!(status_of(&c, &base, "app", "v1").await, 200);
+
+    // A repository locked against deletes: pushes go on, deletes and purges stop.
+    update(None, "--delete-enabled", "false");
+    let (_, _, status) = image(&c, &base, "app", "v3", Some("v3")).await;
+    assert_eq!(status, 201, "a delete lock still takes pushes");
+    let (good, _, err) = s.acr(&["repository", "delete", "app", "--yes"]);
+    assert!(
+        !good && err.contains("app is locked (delete-enabled is false)"),
+        "{err}"
+    );
+    let r = purge(&s, &["--filter", "app:.*", "--ago", "0s"]);
+    assert_eq!(strings(&r["tagsDeleted"]), Vec::<String>::new(), "{r}");
+    assert!(kept_why(&r, "app").contains("repository is locked"), "{r}");
+
+    // Unlocked, everything goes.
+    update(None, "--delete-enabled", "true");
+    update(Some("app:v1"), "--write-enabled", "true");
+    let r = purge(&s, &["--filter", "app:.*", "--ago", "0s"]);
+    assert_eq!(strings(&r["tagsDeleted"]), ["app:v1", "app:v3"], "{r}");
+    let (good, _, err) = s.acr(&[
+        "repository",
+        "update",
+        "--name",
+        "nope",
+        "--write-enabled",
+        "false",
+    ]);
+    assert!(!good && err.contains("no repository nope"), "{err}");
+}

@@ -396,6 +396,49 @@ impl Backend {
         Ok(serde_json::from_value(v)?)
     }
 
+    /// The locks of a repository.
+    pub fn locks(&self, repo: &str) -> anyhow::Result<Vec<crate::store::Lock>> {
+        if let Backend::Files(dir) = self {
+            return Ok(super::registry::open_dir(dir)?.locks(repo)?);
+        }
+        let q = format!("/locks?repository={}", repo);
+        serde_json::from_value(self.call(Method::GET, &q, None)?).context("the server's locks")
+    }
+
+    /// Sets a repository's (tag `None`) or a tag's attributes.
+    pub fn set_lock(
+        &self,
+        repo: &str,
+        tag: Option<&str>,
+        a: crate::store::Attributes,
+    ) -> anyhow::Result<()> {
+        let missing = || match tag {
+            Some(t) => format!("no tag {repo}:{t}"),
+            None => format!("no repository {repo}"),
+        };
+        if let Backend::Files(dir) = self {
+            let store = super::registry::open_dir(dir)?;
+            if !crate::registry::service::set_lock(&store, repo, tag, a)? {
+                bail!("{}", missing());
+            }
+            return Ok(());
+        }
+        let body = crate::server::manage::LockChange {
+            repository: repo.to_string(),
+            tag: tag.map(str::to_string),
+            attributes: a,
+        };
+        self.call(Method::PUT, "/locks", Some(serde_json::to_value(body)?))
+            .map_err(|e| {
+                if e.to_string().contains("no such repository or tag") {
+                    anyhow::anyhow!("{}", missing())
+                } else {
+                    e
+                }
+            })?;
+        Ok(())
+    }
+
     /// A purge: by the server when one is used, else on the files.
     pub fn purge(
         &self,

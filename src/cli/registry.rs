@@ -306,6 +306,43 @@ pub enum RepositoryCmd {
         #[command(flatten)]
         opts: RepoOpts,
     },
+    /// Lock or unlock a repository or (`--image`) a tag, as `az acr repository update`:
+    /// write-enabled false refuses pushes over it and deletes; delete-enabled false
+    /// refuses deletes. Purges keep what is locked.
+    #[command(after_help = "Examples:
+  acr-task repository update --name app/web --image app/web:v1 --write-enabled false
+  acr-task repository update --name app/web --delete-enabled false
+  acr-task repository show --name app/web -o json")]
+    Update {
+        /// The repository.
+        #[arg(long)]
+        name: String,
+        /// `REPO:TAG`: the tag's attributes instead of the repository's.
+        #[arg(long)]
+        image: Option<String>,
+        /// Pushes (over the tag, or to the repository) and deletes allowed.
+        #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set)]
+        write_enabled: Option<bool>,
+        /// Deletes allowed.
+        #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set)]
+        delete_enabled: Option<bool>,
+        #[command(flatten)]
+        opts: RepoOpts,
+    },
+    /// A repository's (or `--image` tag's) attributes: its locks.
+    #[command(
+        after_help = "Example:\n  acr-task repository show --name app/web --image app/web:v1"
+    )]
+    Show {
+        /// The repository.
+        #[arg(long)]
+        name: String,
+        /// `REPO:TAG`: that tag's attributes.
+        #[arg(long)]
+        image: Option<String>,
+        #[command(flatten)]
+        opts: RepoOpts,
+    },
     /// Remove one tag; the manifest stays (reachable by digest, other tags kept).
     #[command(after_help = "Example:\n  acr-task repository untag --image samples/hello:v1")]
     Untag {
@@ -814,9 +851,72 @@ impl RepositoryCmd {
             | RepositoryCmd::ShowTags { opts, .. }
             | RepositoryCmd::ShowManifests { opts, .. }
             | RepositoryCmd::Delete { opts, .. }
+            | RepositoryCmd::Update { opts, .. }
+            | RepositoryCmd::Show { opts, .. }
             | RepositoryCmd::Untag { opts, .. } => opts,
         }
     }
+}
+
+/// `repository update` and `repository show`: locks are acr-task's own, kept by the
+/// server (or on the files), not in the distribution API.
+fn attributes(cmd: RepositoryCmd) -> anyhow::Result<ExitCode> {
+    let (name, image, change, opts) = match cmd {
+        RepositoryCmd::Update {
+            name,
+            image,
+            write_enabled,
+            delete_enabled,
+            opts,
+        } => (name, image, Some((write_enabled, delete_enabled)), opts),
+        RepositoryCmd::Show { name, image, opts } => (name, image, None, opts),
+        _ => bail!("internal error: not an attributes command"),
+    };
+    if opts.registry.is_some() {
+        bail!("locks are kept by acr-task: give --server URL or --data DIR, not --registry");
+    }
+    let tag = match &image {
+        None => None,
+        Some(i) => {
+            let (repo, tag) = split_image(i)?;
+            if repo != name || tag.starts_with("sha256:") || tag.starts_with("sha512:") {
+                bail!("--image {i}: give a tag of {name}, as {name}:TAG");
+            }
+            Some(tag)
+        }
+    };
+    let b = super::manage::Backend::choose(opts.server.as_deref(), opts.data.clone())?;
+    let current = |b: &super::manage::Backend| -> anyhow::Result<crate::store::Attributes> {
+        Ok(b.locks(&name)?
+            .into_iter()
+            .find(|l| l.tag == tag)
+            .map(|l| l.attributes)
+            .unwrap_or_default())
+    };
+    let mut a = current(&b)?;
+    if let Some((w, d)) = change {
+        if w.is_none() && d.is_none() {
+            bail!("nothing to change: give --write-enabled BOOL and/or --delete-enabled BOOL");
+        }
+        a.write_enabled = w.unwrap_or(a.write_enabled);
+        a.delete_enabled = d.unwrap_or(a.delete_enabled);
+        b.set_lock(&name, tag.as_deref(), a)?;
+        a = current(&b)?;
+    }
+    let item = image.unwrap_or(name);
+    match opts.output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "name": item, "changeableAttributes": a,
+            }))?
+        ),
+        _ => println!(
+            "{item}: write-enabled {}, delete-enabled {}",
+            a.write_enabled, a.delete_enabled
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The server to go through: `--server`, or the one holding `--data` now (its deletes
@@ -836,6 +936,9 @@ fn server_of(opts: &RepoOpts) -> anyhow::Result<Option<super::client::Client>> {
 pub fn repository(cmd: RepositoryCmd) -> anyhow::Result<ExitCode> {
     let opts = cmd.opts();
     no_dot(opts.output)?;
+    if let RepositoryCmd::Update { .. } | RepositoryCmd::Show { .. } = &cmd {
+        return attributes(cmd);
+    }
     let remote = match (&opts.registry, server_of(opts)?) {
         (Some(addr), _) => Some((addr.clone(), Credentials::from_docker_config()?)),
         (None, Some(client)) => {
@@ -857,6 +960,7 @@ pub fn repository(cmd: RepositoryCmd) -> anyhow::Result<ExitCode> {
         return rt.block_on(repository_http(cmd, RegistryClient::new(addr, transport)));
     }
     match cmd {
+        c @ (RepositoryCmd::Update { .. } | RepositoryCmd::Show { .. }) => return attributes(c),
         RepositoryCmd::List { opts } => {
             no_dot(opts.output)?;
             let repos = open(opts.data)?.list_repositories(None, None)?;
@@ -919,6 +1023,7 @@ pub fn repository(cmd: RepositoryCmd) -> anyhow::Result<ExitCode> {
 
 async fn repository_http(cmd: RepositoryCmd, client: RegistryClient) -> anyhow::Result<ExitCode> {
     match cmd {
+        c @ (RepositoryCmd::Update { .. } | RepositoryCmd::Show { .. }) => return attributes(c),
         RepositoryCmd::List { opts } => {
             let repos = client.repositories().await?;
             print_names(opts.output, "REPOSITORY", repos)?;

@@ -141,25 +141,45 @@ pub struct RepoPlan {
     pub kept: Vec<Kept>,
 }
 
-/// The plan for `repo` as `view` shows it at `now` (Unix seconds), for the tag patterns of
-/// the filters that match it.
-pub fn plan_repo(
-    repo: &str,
-    view: &RepoView,
-    tag_patterns: &[&regex::Regex],
-    ago_secs: i64,
-    keep: usize,
-    untagged: bool,
-    now: i64,
-) -> RepoPlan {
+/// What one repository's purge goes by.
+#[derive(Debug, Clone, Copy)]
+pub struct Rules<'a> {
+    /// The tag patterns of the filters that match the repository.
+    pub patterns: &'a [&'a regex::Regex],
+    pub ago_secs: i64,
+    pub keep: usize,
+    pub untagged: bool,
+    /// Tags locked against deletes (write- or delete-enabled false): they stay.
+    pub locked: &'a BTreeSet<String>,
+}
+
+/// The plan for `repo` as `view` shows it at `now` (Unix seconds).
+pub fn plan_repo(repo: &str, view: &RepoView, rules: Rules<'_>, now: i64) -> RepoPlan {
+    let Rules {
+        patterns,
+        ago_secs,
+        keep,
+        untagged,
+        locked,
+    } = rules;
     let cutoff = now.saturating_sub(ago_secs);
     let mut plan = RepoPlan::default();
-    // Newest first, so --keep keeps the newest.
-    let mut eligible: Vec<_> = view
+    let candidates = view
         .tags
         .iter()
-        .filter(|t| t.updated <= cutoff && tag_patterns.iter().any(|p| p.is_match(&t.tag)))
-        .collect();
+        .filter(|t| t.updated <= cutoff && patterns.iter().any(|p| p.is_match(&t.tag)));
+    // Newest first, so --keep keeps the newest.
+    let mut eligible = Vec::new();
+    for t in candidates {
+        if locked.contains(&t.tag) {
+            plan.kept.push(Kept {
+                item: format!("{repo}:{}", t.tag),
+                why: "locked (write-enabled or delete-enabled false)".into(),
+            });
+        } else {
+            eligible.push(t);
+        }
+    }
     eligible.sort_by(|a, b| b.updated.cmp(&a.updated).then(a.tag.cmp(&b.tag)));
     for (i, t) in eligible.iter().enumerate() {
         if i < keep {
@@ -411,11 +431,41 @@ fn purge_repo(pass: &Pass<'_>, repo: &str, tags: &[&regex::Regex]) -> Result<Don
     let Some(view) = store.repo_view(repo)? else {
         return Ok(Default::default());
     };
-    let plan = if req.untagged_only {
-        plan_repo(repo, &view, &[], ago, 0, true, now)
+    let locks = store.locks(repo)?;
+    let denies = |a: &crate::store::Attributes| !a.write_enabled || !a.delete_enabled;
+    if locks
+        .iter()
+        .any(|l| l.tag.is_none() && denies(&l.attributes))
+    {
+        let kept = vec![Kept {
+            item: repo.to_string(),
+            why: "the repository is locked (write-enabled or delete-enabled false)".into(),
+        }];
+        return Ok((Vec::new(), Vec::new(), kept));
+    }
+    let locked: BTreeSet<String> = locks
+        .into_iter()
+        .filter(|l| denies(&l.attributes))
+        .filter_map(|l| l.tag)
+        .collect();
+    let rules = if req.untagged_only {
+        Rules {
+            patterns: &[],
+            ago_secs: ago,
+            keep: 0,
+            untagged: true,
+            locked: &locked,
+        }
     } else {
-        plan_repo(repo, &view, tags, ago, req.keep, req.untagged, now)
+        Rules {
+            patterns: tags,
+            ago_secs: ago,
+            keep: req.keep,
+            untagged: req.untagged,
+            locked: &locked,
+        }
     };
+    let plan = plan_repo(repo, &view, rules, now);
     let mut kept = plan.kept;
     if req.dry_run {
         return Ok((
@@ -469,6 +519,22 @@ fn purge_repo(pass: &Pass<'_>, repo: &str, tags: &[&regex::Regex]) -> Result<Don
 mod tests {
     use super::*;
     use crate::store::{ManifestBrief, TagRow};
+
+    fn rules<'a>(
+        patterns: &'a [&'a regex::Regex],
+        ago_secs: i64,
+        keep: usize,
+        untagged: bool,
+        locked: &'a BTreeSet<String>,
+    ) -> Rules<'a> {
+        Rules {
+            patterns,
+            ago_secs,
+            keep,
+            untagged,
+            locked,
+        }
+    }
 
     fn tag(t: &str, d: &str, updated: i64) -> TagRow {
         TagRow {
@@ -526,16 +592,13 @@ mod tests {
             manifests: vec![],
         };
         let any = regex::Regex::new("^v").unwrap();
-        let p = plan_repo("app", &view, &[&any], 500, 1, false, 1000);
-        assert_eq!(
-            p.tags,
-            [
-                ("v2".to_string(), "sha256:b".to_string()),
-                ("v1".into(), "sha256:a".into())
-            ]
-        );
-        assert_eq!(p.kept[0].item, "app:v3");
-        assert!(p.kept[0].why.contains("--keep 1"));
+        let locked = BTreeSet::from(["v1".to_string()]);
+        let p = plan_repo("app", &view, rules(&[&any], 500, 1, false, &locked), 1000);
+        assert_eq!(p.tags, [("v2".to_string(), "sha256:b".to_string())]);
+        assert_eq!(p.kept[0].item, "app:v1");
+        assert!(p.kept[0].why.starts_with("locked"));
+        assert_eq!(p.kept[1].item, "app:v3");
+        assert!(p.kept[1].why.contains("--keep 1"));
         assert!(p.manifests.is_empty());
     }
 
@@ -561,7 +624,12 @@ mod tests {
             ],
         };
         let f = regex::Regex::new("^(multi|old2?)$").unwrap();
-        let p = plan_repo("app", &view, &[&f], 100, 0, true, 1000);
+        let p = plan_repo(
+            "app",
+            &view,
+            rules(&[&f], 100, 0, true, &BTreeSet::new()),
+            1000,
+        );
         let tags: Vec<&str> = p.tags.iter().map(|(t, _)| t.as_str()).collect();
         assert_eq!(tags, ["multi", "old", "old2"]);
         // The index goes first, then what it named.
@@ -595,7 +663,12 @@ mod tests {
             ],
         };
         let none = regex::Regex::new("^nothing$").unwrap();
-        let p = plan_repo("app", &view, &[&none], 0, 0, true, 1000);
+        let p = plan_repo(
+            "app",
+            &view,
+            rules(&[&none], 0, 0, true, &BTreeSet::new()),
+            1000,
+        );
         assert!(p.manifests.is_empty());
         assert_eq!(p.kept[0].item, "app@sha256:p1");
         assert_eq!(p.kept[0].why, "named by index sha256:idx");

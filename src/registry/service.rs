@@ -46,8 +46,69 @@ pub fn push_manifest(
     );
     let p = store.properties()?;
     p.check_writable()?;
+    check_locks(store, &m.repo, Touch::Write, || {
+        Ok(m.tag.iter().cloned().collect())
+    })?;
     store.put_manifest(m, &[event.to_json()], &admit(&p))?;
     Ok(event)
+}
+
+/// What a change does to a repository and the tags it names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Touch {
+    /// A push (to the repository, or over the tags).
+    Write,
+    Delete,
+}
+
+/// Refuses a change a lock forbids: the repository's own, or one of the tags `tags`
+/// gives (read only when the repository has locks).
+fn check_locks(
+    store: &Store,
+    repo: &str,
+    touch: Touch,
+    tags: impl FnOnce() -> Result<Vec<String>, StoreError>,
+) -> Result<(), StoreError> {
+    let locks = store.locks(repo)?;
+    if locks.is_empty() {
+        return Ok(());
+    }
+    let tags = tags()?;
+    for l in locks {
+        if l.tag.as_ref().is_some_and(|t| !tags.contains(t)) {
+            continue;
+        }
+        let attribute = if !l.attributes.write_enabled {
+            "write-enabled"
+        } else if touch == Touch::Delete && !l.attributes.delete_enabled {
+            "delete-enabled"
+        } else {
+            continue;
+        };
+        let (item, image) = match &l.tag {
+            None => (repo.to_string(), String::new()),
+            Some(t) => (format!("{repo}:{t}"), format!(" --image {repo}:{t}")),
+        };
+        return Err(crate::tier::LimitError::Locked {
+            item,
+            attribute,
+            unlock: format!("acr-task repository update --name {repo}{image} --{attribute} true"),
+        }
+        .into());
+    }
+    Ok(())
+}
+
+/// The tags of `repo` that name `digest` (all its tags when `None`).
+fn tags_naming(store: &Store, repo: &str, digest: Option<&str>) -> Result<Vec<String>, StoreError> {
+    Ok(store
+        .repo_view(repo)?
+        .map(|v| v.tags)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|t| digest.is_none_or(|d| t.digest == d))
+        .map(|t| t.tag)
+        .collect())
 }
 
 /// Makes a received upload, whose digest the caller verified, a blob of `repo`. Refused
@@ -117,6 +178,9 @@ pub fn delete_manifest(
     ctx: &RequestContext,
 ) -> Result<Option<Vec<StoredEvent>>, StoreError> {
     store.properties()?.check_managed("deletes")?;
+    check_locks(store, repo, Touch::Delete, || {
+        tags_naming(store, repo, Some(digest))
+    })?;
     let mut made = Vec::new();
     let r = store.delete_manifest(repo, digest, |row, tags| {
         made = std::iter::once(None)
@@ -146,6 +210,7 @@ pub fn delete_tag(
     ctx: &RequestContext,
 ) -> Result<Option<StoredEvent>, StoreError> {
     store.properties()?.check_managed("deletes")?;
+    check_locks(store, repo, Touch::Delete, || Ok(vec![tag.to_string()]))?;
     // Read the manifest first so the event can say what the tag pointed to.
     let row = store.get_manifest(repo, &Reference::Tag(tag.to_string()))?;
     let mut made = None;
@@ -188,8 +253,18 @@ pub fn delete_tags_if(
     ctx: &RequestContext,
 ) -> Result<(Vec<String>, Vec<StoredEvent>), StoreError> {
     store.properties()?.check_managed("deletes")?;
+    // Locked since the plan read them: the repository refuses all, a tag stays.
+    check_locks(store, repo, Touch::Delete, || Ok(Vec::new()))?;
+    let locks = store.locks(repo)?;
+    let locked = |tag: &str| {
+        locks.iter().any(|l| {
+            l.tag.as_deref() == Some(tag)
+                && !(l.attributes.write_enabled && l.attributes.delete_enabled)
+        })
+    };
+    let tags: Vec<(String, String)> = tags.iter().filter(|(t, _)| !locked(t)).cloned().collect();
     let mut made = Vec::new();
-    let done = store.delete_tags(repo, tags, &mut |tag, digest, row| {
+    let done = store.delete_tags(repo, &tags, &mut |tag, digest, row| {
         let ev = deleted(repo, Some(tag), digest, row, ctx);
         let json = vec![ev.to_json()];
         made.push(ev);
@@ -208,6 +283,7 @@ pub fn delete_unreferenced(
     ctx: &RequestContext,
 ) -> Result<(Vec<String>, Vec<StoredEvent>), StoreError> {
     store.properties()?.check_managed("deletes")?;
+    check_locks(store, repo, Touch::Delete, || Ok(Vec::new()))?;
     let mut made = Vec::new();
     let done = store.delete_unreferenced(repo, digests, &mut |row| {
         let ev = deleted(repo, None, &row.digest, Some(row), ctx);
@@ -226,6 +302,9 @@ pub fn delete_repository(
     ctx: &RequestContext,
 ) -> Result<Option<Vec<StoredEvent>>, StoreError> {
     store.properties()?.check_managed("deletes")?;
+    check_locks(store, repo, Touch::Delete, || {
+        tags_naming(store, repo, None)
+    })?;
     let Some(manifests) = store.list_manifests(repo)? else {
         return Ok(None);
     };
@@ -237,6 +316,18 @@ pub fn delete_repository(
     }
     store.delete_repository(repo)?;
     Ok(Some(events))
+}
+
+/// Sets the attributes (locks) of `repo` (tag `None`) or of one of its tags; false if
+/// there is no such one.
+pub fn set_lock(
+    store: &Store,
+    repo: &str,
+    tag: Option<&str>,
+    a: crate::store::Attributes,
+) -> Result<bool, StoreError> {
+    store.properties()?.check_managed("locks")?;
+    store.set_lock(repo, tag, a)
 }
 
 /// The context of a change made by this process's command line (not a request).

@@ -319,6 +319,7 @@ pub fn router(state: Arc<ManageState>) -> Router {
         .route("/api/registry/gc", post(gc))
         .route("/api/registry/import", post(import))
         .route("/api/registry/purge", post(purge))
+        .route("/api/registry/locks", get(locks).put(set_lock))
         .route("/api/registry/resolve", post(resolve))
         .route("/api/registry/fsck", post(fsck))
         .with_state(state)
@@ -667,6 +668,60 @@ async fn gc(State(s): St, Extension(c): Extension<Caller>, Json(a): Json<GcAsk>)
     })
     .await?;
     Ok(Json(r).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LocksAsk {
+    repository: String,
+}
+
+/// A repository's locks (`repository show`).
+async fn locks(
+    State(s): St,
+    Extension(c): Extension<Caller>,
+    axum::extract::Query(q): axum::extract::Query<LocksAsk>,
+) -> Answer {
+    admin_only(&s, &c)?;
+    let store = s.store.clone();
+    let l = blocking(move || Ok(store.locks(&q.repository)?)).await?;
+    Ok(Json(l).into_response())
+}
+
+/// A lock set (`repository update --write-enabled/--delete-enabled`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LockChange {
+    pub repository: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    #[serde(flatten)]
+    pub attributes: crate::store::Attributes,
+}
+
+async fn set_lock(
+    State(s): St,
+    Extension(c): Extension<Caller>,
+    Json(a): Json<LockChange>,
+) -> Answer {
+    admin_only(&s, &c)?;
+    let store = s.store.clone();
+    let found = blocking(move || {
+        Ok(crate::registry::service::set_lock(
+            &store,
+            &a.repository,
+            a.tag.as_deref(),
+            a.attributes,
+        )?)
+    })
+    .await?;
+    if !found {
+        return Err(Refusal(
+            StatusCode::NOT_FOUND,
+            "no such repository or tag".into(),
+        ));
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// `acr-task purge` done by this server (its deletes raise events, as any delete).

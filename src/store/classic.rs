@@ -587,6 +587,20 @@ impl RegistryMeta for ClassicMeta {
         Self::no_deletes()
     }
 
+    fn locks(&self, _repo: &str) -> Result<Vec<super::meta::Lock>, StoreError> {
+        // A Classic tree is never deleted from: nothing to lock against.
+        Ok(Vec::new())
+    }
+
+    fn set_lock(
+        &self,
+        _repo: &str,
+        _tag: Option<&str>,
+        _a: super::meta::Attributes,
+    ) -> Result<bool, StoreError> {
+        Err(LimitError::NeedsManaged { what: "locks" }.into())
+    }
+
     fn delete_repository(&self, _repo: &str) -> Result<bool, StoreError> {
         Self::no_deletes()
     }

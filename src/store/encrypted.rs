@@ -776,6 +776,19 @@ impl RegistryMeta for EncryptedMeta {
         self.inner.delete_unreferenced(repo, digests, events)
     }
 
+    fn locks(&self, repo: &str) -> Result<Vec<super::meta::Lock>, StoreError> {
+        self.inner.locks(repo)
+    }
+
+    fn set_lock(
+        &self,
+        repo: &str,
+        tag: Option<&str>,
+        a: super::meta::Attributes,
+    ) -> Result<bool, StoreError> {
+        self.inner.set_lock(repo, tag, a)
+    }
+
     fn delete_repository(&self, repo: &str) -> Result<bool, StoreError> {
         self.inner.delete_repository(repo)
     }

@@ -87,6 +87,11 @@ pub trait RegistryMeta: Send + Sync {
         digests: &[String],
         events: &mut dyn FnMut(&ManifestRow) -> Vec<String>,
     ) -> Result<Vec<String>, StoreError>;
+    /// The locks of `repo`: its own (tag `None`) and its tags', those not fully enabled.
+    fn locks(&self, repo: &str) -> Result<Vec<Lock>, StoreError>;
+    /// Sets the attributes of `repo` (tag `None`) or of one of its tags (false: no such
+    /// repository or tag); all enabled removes the lock.
+    fn set_lock(&self, repo: &str, tag: Option<&str>, a: Attributes) -> Result<bool, StoreError>;
     /// Delete what is left of a repository: tags, manifests, blob links, its name.
     fn delete_repository(&self, repo: &str) -> Result<bool, StoreError>;
     fn repository_exists(&self, repo: &str) -> Result<bool, StoreError>;
@@ -191,6 +196,33 @@ pub enum Reference {
 /// Makes the outbox rows of a tag's delete from the tag, the digest it named and that
 /// manifest's row (when stored).
 pub type TagEvents<'a> = &'a mut dyn FnMut(&str, &str, Option<&ManifestRow>) -> Vec<String>;
+
+/// ACR's changeable attributes of a repository or a tag: a lock is one set to false.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Attributes {
+    /// Pushes (to the repository, or over the tag) and deletes allowed.
+    pub write_enabled: bool,
+    /// Deletes allowed.
+    pub delete_enabled: bool,
+}
+
+impl Default for Attributes {
+    fn default() -> Self {
+        Attributes {
+            write_enabled: true,
+            delete_enabled: true,
+        }
+    }
+}
+
+/// A lock on a repository (`tag` None) or on one of its tags.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Lock {
+    pub tag: Option<String>,
+    pub attributes: Attributes,
+}
 
 /// A repository's tags and manifests as a purge sees them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

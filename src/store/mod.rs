@@ -32,8 +32,8 @@ use crate::tier::Sku;
 pub use blobs::{BlobStorage, BlobUpload, FsBlobs, Staged};
 pub use maint::{FsckIssue, FsckReport, GcReport, KeptByGrace};
 pub use meta::{
-    admit_all, Admit, Audit, Descriptor, ManifestBrief, ManifestInfo, ManifestRow, NewManifest,
-    Reference, RegistryMeta, RepoView, TagRow,
+    admit_all, Admit, Attributes, Audit, Descriptor, Lock, ManifestBrief, ManifestInfo,
+    ManifestRow, NewManifest, Reference, RegistryMeta, RepoView, TagRow,
 };
 pub use sqlite::{configure as configure_sqlite, SqliteMeta};
 
@@ -639,6 +639,21 @@ impl Store {
         events: &mut dyn FnMut(&ManifestRow) -> Vec<String>,
     ) -> Result<Vec<String>, StoreError> {
         self.now().meta.delete_unreferenced(repo, digests, events)
+    }
+
+    /// The locks of `repo` (see [`RegistryMeta::locks`]).
+    pub fn locks(&self, repo: &str) -> Result<Vec<Lock>, StoreError> {
+        self.now().meta.locks(repo)
+    }
+
+    /// Sets a repository's or a tag's attributes; false if there is no such one.
+    pub fn set_lock(
+        &self,
+        repo: &str,
+        tag: Option<&str>,
+        a: Attributes,
+    ) -> Result<bool, StoreError> {
+        self.now().meta.set_lock(repo, tag, a)
     }
 
     /// Delete a whole repository: tags, manifests and blob links. False if unknown.

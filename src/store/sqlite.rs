@@ -86,6 +86,12 @@ pub(crate) const MIGRATIONS: &[super::migrate::Migration] = &[
             key_id TEXT NOT NULL, wrapped BLOB NOT NULL, created INTEGER NOT NULL);
          CREATE INDEX blob_keys_by_key ON blob_keys(key_id);",
     ),
+    // Locks (ACR's changeable attributes): a row per locked repository (tag '') or tag.
+    super::migrate::Migration::Sql(
+        "CREATE TABLE locks(repo TEXT NOT NULL, tag TEXT NOT NULL,
+            write_enabled INTEGER NOT NULL, delete_enabled INTEGER NOT NULL,
+            PRIMARY KEY(repo, tag));",
+    ),
 ];
 
 /// Appends event payloads to the outbox inside the caller's transaction, so an event
@@ -352,7 +358,7 @@ fn delete_repository(conn: &Connection, repo: &str) -> Result<bool, StoreError> 
     if !repo_exists(conn, repo)? {
         return Ok(false);
     }
-    for table in ["tags", "manifest_refs", "manifests", "repo_blobs"] {
+    for table in ["tags", "manifest_refs", "manifests", "repo_blobs", "locks"] {
         conn.execute(
             &format!("DELETE FROM {table} WHERE repo = ?1"),
             params![repo],
@@ -657,6 +663,62 @@ impl RegistryMeta for SqliteMeta {
                 }
             }
             Ok(done)
+        })
+    }
+
+    fn locks(&self, repo: &str) -> Result<Vec<super::meta::Lock>, StoreError> {
+        collect(
+            &*self.reader()?,
+            "SELECT tag, write_enabled, delete_enabled FROM locks WHERE repo = ?1 ORDER BY tag",
+            params![repo],
+            |r| {
+                let tag: String = r.get(0)?;
+                Ok(super::meta::Lock {
+                    tag: (!tag.is_empty()).then_some(tag),
+                    attributes: super::meta::Attributes {
+                        write_enabled: r.get(1)?,
+                        delete_enabled: r.get(2)?,
+                    },
+                })
+            },
+        )
+    }
+
+    fn set_lock(
+        &self,
+        repo: &str,
+        tag: Option<&str>,
+        a: super::meta::Attributes,
+    ) -> Result<bool, StoreError> {
+        self.write(|tx| {
+            let there = match tag {
+                None => repo_exists(tx, repo)?,
+                Some(t) => tx
+                    .query_row(
+                        "SELECT 1 FROM tags WHERE repo = ?1 AND tag = ?2",
+                        params![repo, t],
+                        |_| Ok(()),
+                    )
+                    .optional()?
+                    .is_some(),
+            };
+            if !there {
+                return Ok(false);
+            }
+            let tag = tag.unwrap_or("");
+            if a == super::meta::Attributes::default() {
+                tx.execute(
+                    "DELETE FROM locks WHERE repo = ?1 AND tag = ?2",
+                    params![repo, tag],
+                )?;
+            } else {
+                tx.execute(
+                    "INSERT OR REPLACE INTO locks(repo, tag, write_enabled, delete_enabled)
+                     VALUES (?1, ?2, ?3, ?4)",
+                    params![repo, tag, a.write_enabled, a.delete_enabled],
+                )?;
+            }
+            Ok(true)
         })
     }
 
