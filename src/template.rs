@@ -149,6 +149,27 @@ pub struct WebhookSpec {
     pub allow_private_destination: bool,
 }
 
+/// `url` without what may be a credential (a user and password, a query such as
+/// `?code=...`), each as `***`; anything else as it is.
+pub fn redact_url(url: &str) -> String {
+    let Ok(mut u) = reqwest::Url::parse(url) else {
+        return url.to_string();
+    };
+    let mut hidden = false;
+    if !u.username().is_empty() || u.password().is_some() {
+        hidden = u.set_password(None).is_ok() && u.set_username(REDACTED).is_ok();
+    }
+    if u.query().is_some() {
+        u.set_query(Some(REDACTED));
+        hidden = true;
+    }
+    if hidden {
+        u.to_string()
+    } else {
+        url.to_string()
+    }
+}
+
 /// A template that cannot be read, in the user's words.
 #[derive(Debug, thiserror::Error)]
 pub enum TemplateError {
@@ -716,6 +737,9 @@ fn webhooks(
         match now.webhooks.iter().find(|x| x.name == w.name) {
             None => {
                 let mut missing: Vec<String> = Vec::new();
+                if w.uri.contains(REDACTED) {
+                    missing.push(format!("--set webhooks.{}.uri=URL", w.name));
+                }
                 if w.secret.as_deref() == Some(REDACTED) {
                     missing.push(format!("--set webhooks.{}.secret=VALUE", w.name));
                 }
@@ -784,15 +808,22 @@ fn tasks(want: &Template, target: &Target, p: &mut Plan, why: &mut Vec<String>) 
             ));
             continue;
         }
-        match have {
-            None => p.steps.push(Step::CreateTask(t.clone())),
+        let step = match have {
+            None => Some(Step::CreateTask(t.clone())),
             Some(h) => {
                 let fields = differing(t, h);
-                if !fields.is_empty() {
-                    p.steps.push(Step::UpdateTask(t.clone(), fields));
-                }
+                (!fields.is_empty()).then(|| Step::UpdateTask(t.clone(), fields))
             }
+        };
+        if step.is_some() && t.context.contains(REDACTED) {
+            why.push(format!(
+                "task {}'s context URL holds credentials the template does not: give it with \
+                 --set tasks.{}.context=URL",
+                t.name, t.name
+            ));
+            continue;
         }
+        p.steps.extend(step);
     }
 }
 
@@ -1049,6 +1080,33 @@ mod tests {
             .to_string();
         assert!(e.contains("takes a true or false"), "{e}");
         assert!(apply_set(&mut v, "name").is_err());
+    }
+
+    #[test]
+    fn credentials_in_urls_are_redacted_and_asked_for() {
+        assert_eq!(
+            redact_url("https://ci:ghp_secret@git.example.com/app.git"),
+            "https://***@git.example.com/app.git"
+        );
+        assert_eq!(
+            redact_url("https://hooks.example.com/x?code=abc&y=1"),
+            "https://hooks.example.com/x?***"
+        );
+        assert_eq!(redact_url("https://example.com"), "https://example.com");
+        assert_eq!(redact_url("/srv/app"), "/srv/app");
+        let mut want = base();
+        want.webhooks[0].uri = redact_url("https://hooks.example.com/x?code=abc");
+        want.tasks[0].context = redact_url("https://u:p@git.example.com/app.git");
+        let e = plan(&want, &empty_target(Sku::Standard))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--set webhooks.hook1.uri=URL"), "{e}");
+        assert!(e.contains("--set tasks.build.context=URL"), "{e}");
+        // Unchanged on a target that has them: nothing asked.
+        assert!(plan(&want, &deployed(&want, Sku::Standard))
+            .unwrap()
+            .steps
+            .is_empty());
     }
 
     #[test]

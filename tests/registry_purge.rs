@@ -485,6 +485,13 @@ async fn locks_refuse_pushes_and_deletes_and_purges_keep_what_is_locked() {
         .await
         .unwrap();
     assert_eq!(r.status(), 403, "the manifest a locked tag names");
+    let layer = digest(b"layer of v1");
+    let r = c
+        .delete(format!("{base}/v2/app/blobs/{layer}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403, "a blob a locked image may use");
     // A purge deletes the rest and says why v1 stays.
     let r = purge(&s, &["--filter", "app:.*", "--ago", "0s", "--untagged"]);
     assert_eq!(strings(&r["tagsDeleted"]), ["app:v2"], "{r}");

@@ -70,14 +70,21 @@ pub fn export(b: &Backend) -> anyhow::Result<Template> {
                     .collect(),
                 secret: w.signed.then(|| hidden.clone()),
                 name: w.name,
-                uri: w.uri,
+                uri: crate::template::redact_url(&w.uri),
                 actions: w.actions,
                 scope: w.scope,
                 allow_private_destination: w.allow_private,
             })
             .collect(),
         replications: Vec::new(),
-        tasks: b.tasks()?,
+        tasks: b
+            .tasks()?
+            .into_iter()
+            .map(|mut t| {
+                t.context = crate::template::redact_url(&t.context);
+                t
+            })
+            .collect(),
     })
 }
 

@@ -402,6 +402,22 @@ pub fn retention_pass(
 
 type Done = (Vec<String>, Vec<String>, Vec<Kept>);
 
+/// The repository was locked after the plan read it: what was deleted stays deleted, the
+/// rest stays, with the reason.
+fn locked_since(
+    repo: &str,
+    e: &crate::tier::LimitError,
+    tags: Vec<String>,
+    manifests: Vec<String>,
+    mut kept: Vec<Kept>,
+) -> Done {
+    kept.push(Kept {
+        item: repo.to_string(),
+        why: format!("stopped: {e}"),
+    });
+    (tags, manifests, kept)
+}
+
 /// Deletes made in one transaction.
 const BATCH: usize = 256;
 
@@ -484,7 +500,12 @@ fn purge_repo(pass: &Pass<'_>, repo: &str, tags: &[&regex::Regex]) -> Result<Don
     // to hold pushes back.
     let mut tags_done = Vec::new();
     for batch in plan.tags.chunks(BATCH) {
-        let (done, events) = super::service::delete_tags_if(store, repo, batch, ctx)?;
+        let (done, events) = match super::service::delete_tags_if(store, repo, batch, ctx) {
+            Err(crate::store::StoreError::Limit(e)) => {
+                return Ok(locked_since(repo, &e, tags_done, Vec::new(), kept))
+            }
+            r => r?,
+        };
         announce(events);
         for (tag, _) in batch {
             if done.contains(tag) {
@@ -499,7 +520,12 @@ fn purge_repo(pass: &Pass<'_>, repo: &str, tags: &[&regex::Regex]) -> Result<Don
     }
     let mut manifests_done = Vec::new();
     for batch in plan.manifests.chunks(BATCH) {
-        let (done, events) = super::service::delete_unreferenced(store, repo, batch, ctx)?;
+        let (done, events) = match super::service::delete_unreferenced(store, repo, batch, ctx) {
+            Err(crate::store::StoreError::Limit(e)) => {
+                return Ok(locked_since(repo, &e, tags_done, manifests_done, kept))
+            }
+            r => r?,
+        };
         announce(events);
         for d in batch {
             if done.contains(d) {

@@ -99,15 +99,32 @@ fn check_locks(
     Ok(())
 }
 
-/// The tags of `repo` that name `digest` (all its tags when `None`).
+/// The tags of `repo` that name `digest`, or an index that (at any depth) names it: what
+/// deleting it would break (all its tags when `None`).
 fn tags_naming(store: &Store, repo: &str, digest: Option<&str>) -> Result<Vec<String>, StoreError> {
-    Ok(store
-        .repo_view(repo)?
-        .map(|v| v.tags)
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|t| digest.is_none_or(|d| t.digest == d))
-        .map(|t| t.tag)
+    let Some(view) = store.repo_view(repo)? else {
+        return Ok(Vec::new());
+    };
+    let Some(d) = digest else {
+        return Ok(view.tags.into_iter().map(|t| t.tag).collect());
+    };
+    let mut named: std::collections::BTreeSet<&str> = [d].into();
+    loop {
+        let before = named.len();
+        for m in &view.manifests {
+            if m.children.iter().any(|c| named.contains(c.as_str())) {
+                named.insert(&m.digest);
+            }
+        }
+        if named.len() == before {
+            break;
+        }
+    }
+    Ok(view
+        .tags
+        .iter()
+        .filter(|t| named.contains(t.digest.as_str()))
+        .map(|t| t.tag.clone())
         .collect())
 }
 
@@ -149,6 +166,10 @@ pub fn link_blob(store: &Store, repo: &str, digest: &str) -> Result<bool, StoreE
 /// Unlinks a blob from `repo` (its content goes at the next gc); false if not linked.
 pub fn unlink_blob(store: &Store, repo: &str, digest: &str) -> Result<bool, StoreError> {
     store.properties()?.check_managed("deletes")?;
+    // Any locked image of the repository may use it.
+    check_locks(store, repo, Touch::Delete, || {
+        tags_naming(store, repo, None)
+    })?;
     store.unlink_blob(repo, digest)
 }
 

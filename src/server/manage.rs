@@ -741,8 +741,12 @@ async fn purge(
     let r = blocking(move || {
         let announce = |events| registry.announce(events);
         crate::registry::purge::run(registry.store(), &a, &ctx, &announce).map_err(|e| {
+            use crate::registry::purge::PurgeError;
             let status = match e {
-                crate::registry::purge::PurgeError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                PurgeError::Limit(_) | PurgeError::Store(crate::store::StoreError::Limit(_)) => {
+                    StatusCode::FORBIDDEN
+                }
+                PurgeError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
                 _ => StatusCode::BAD_REQUEST,
             };
             Refusal(status, e.to_string())

@@ -856,7 +856,9 @@ impl RegistryMeta for SqliteMeta {
                      AND NOT EXISTS (SELECT 1 FROM manifest_refs r WHERE r.repo = m.repo
                                      AND r.target = m.digest AND r.kind = 'manifest')
                      AND NOT (m.subject IS NOT NULL AND EXISTS (SELECT 1 FROM manifests s
-                                     WHERE s.repo = m.repo AND s.digest = m.subject))",
+                                     WHERE s.repo = m.repo AND s.digest = m.subject))
+                     AND NOT EXISTS (SELECT 1 FROM locks l WHERE l.repo = m.repo AND l.tag = ''
+                                     AND (l.write_enabled = 0 OR l.delete_enabled = 0))",
                 )?;
                 let rows = stmt.query_map(params![cutoff], |r| Ok((r.get(0)?, r.get(1)?)))?;
                 rows.collect::<Result<Vec<_>, _>>()?
