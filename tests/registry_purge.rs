@@ -504,9 +504,12 @@ async fn locks_refuse_pushes_and_deletes_and_purges_keep_what_is_locked() {
     assert_eq!(status, 201, "a delete lock still takes pushes");
     let (good, _, err) = s.acr(&["repository", "delete", "app", "--yes"]);
     assert!(
-        !good && err.contains("app is locked (delete-enabled is false)"),
+        !good && err.contains("app is locked") && err.contains("nothing was deleted"),
         "{err}"
     );
+    // Refused whole: no manifest went before the refusal.
+    assert_eq!(status_of(&c, &base, "app", "v3").await, 200);
+    assert_eq!(status_of(&c, &base, "app", "v1").await, 200);
     let r = purge(&s, &["--filter", "app:.*", "--ago", "0s"]);
     assert_eq!(strings(&r["tagsDeleted"]), Vec::<String>::new(), "{r}");
     assert!(kept_why(&r, "app").contains("repository is locked"), "{r}");

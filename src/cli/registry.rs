@@ -942,6 +942,29 @@ pub fn repository(cmd: RepositoryCmd) -> anyhow::Result<ExitCode> {
     let remote = match (&opts.registry, server_of(opts)?) {
         (Some(addr), _) => Some((addr.clone(), Credentials::from_docker_config()?)),
         (None, Some(client)) => {
+            // The registry API deletes a repository manifest by manifest: refuse a locked
+            // one whole, before the first delete, as on the files.
+            if let RepositoryCmd::Delete {
+                repository: Some(repo),
+                image: None,
+                ..
+            } = &cmd
+            {
+                let b = super::manage::Backend::choose(opts.server.as_deref(), opts.data.clone())?;
+                let denies = |a: &crate::store::Attributes| !(a.write_enabled && a.delete_enabled);
+                if let Some(l) = b.locks(repo)?.into_iter().find(|l| denies(&l.attributes)) {
+                    let item = match &l.tag {
+                        Some(t) => format!("{repo}:{t}"),
+                        None => repo.clone(),
+                    };
+                    bail!(
+                        "{item} is locked (write-enabled {}, delete-enabled {}): nothing was \
+                         deleted; unlock it first with `acr-task repository update`",
+                        l.attributes.write_enabled,
+                        l.attributes.delete_enabled
+                    );
+                }
+            }
             let addr = client.host_port()?;
             let creds = match client.login() {
                 Some(c) => Credentials::single(&addr, c),
