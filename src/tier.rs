@@ -496,6 +496,21 @@ pub enum LimitError {
     },
 }
 
+impl LimitError {
+    /// The refusal of a lock on `repo` (or its `tag`): `attribute` is the one set to false.
+    pub fn locked(repo: &str, tag: Option<&str>, attribute: &'static str) -> LimitError {
+        let (item, image) = match tag {
+            None => (repo.to_string(), String::new()),
+            Some(t) => (format!("{repo}:{t}"), format!(" --image {repo}:{t}")),
+        };
+        LimitError::Locked {
+            item,
+            attribute,
+            unlock: format!("acr-task repository update --name {repo}{image} --{attribute} true"),
+        }
+    }
+}
+
 /// Countable things a tier limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Counted {

@@ -46,86 +46,8 @@ pub fn push_manifest(
     );
     let p = store.properties()?;
     p.check_writable()?;
-    check_locks(store, &m.repo, Touch::Write, || {
-        Ok(m.tag.iter().cloned().collect())
-    })?;
     store.put_manifest(m, &[event.to_json()], &admit(&p))?;
     Ok(event)
-}
-
-/// What a change does to a repository and the tags it names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Touch {
-    /// A push (to the repository, or over the tags).
-    Write,
-    Delete,
-}
-
-/// Refuses a change a lock forbids: the repository's own, or one of the tags `tags`
-/// gives (read only when the repository has locks).
-fn check_locks(
-    store: &Store,
-    repo: &str,
-    touch: Touch,
-    tags: impl FnOnce() -> Result<Vec<String>, StoreError>,
-) -> Result<(), StoreError> {
-    let locks = store.locks(repo)?;
-    if locks.is_empty() {
-        return Ok(());
-    }
-    let tags = tags()?;
-    for l in locks {
-        if l.tag.as_ref().is_some_and(|t| !tags.contains(t)) {
-            continue;
-        }
-        let attribute = if !l.attributes.write_enabled {
-            "write-enabled"
-        } else if touch == Touch::Delete && !l.attributes.delete_enabled {
-            "delete-enabled"
-        } else {
-            continue;
-        };
-        let (item, image) = match &l.tag {
-            None => (repo.to_string(), String::new()),
-            Some(t) => (format!("{repo}:{t}"), format!(" --image {repo}:{t}")),
-        };
-        return Err(crate::tier::LimitError::Locked {
-            item,
-            attribute,
-            unlock: format!("acr-task repository update --name {repo}{image} --{attribute} true"),
-        }
-        .into());
-    }
-    Ok(())
-}
-
-/// The tags of `repo` that name `digest`, or an index that (at any depth) names it: what
-/// deleting it would break (all its tags when `None`).
-fn tags_naming(store: &Store, repo: &str, digest: Option<&str>) -> Result<Vec<String>, StoreError> {
-    let Some(view) = store.repo_view(repo)? else {
-        return Ok(Vec::new());
-    };
-    let Some(d) = digest else {
-        return Ok(view.tags.into_iter().map(|t| t.tag).collect());
-    };
-    let mut named: std::collections::BTreeSet<&str> = [d].into();
-    loop {
-        let before = named.len();
-        for m in &view.manifests {
-            if m.children.iter().any(|c| named.contains(c.as_str())) {
-                named.insert(&m.digest);
-            }
-        }
-        if named.len() == before {
-            break;
-        }
-    }
-    Ok(view
-        .tags
-        .iter()
-        .filter(|t| named.contains(t.digest.as_str()))
-        .map(|t| t.tag.clone())
-        .collect())
 }
 
 /// Makes a received upload, whose digest the caller verified, a blob of `repo`. Refused
@@ -166,10 +88,6 @@ pub fn link_blob(store: &Store, repo: &str, digest: &str) -> Result<bool, StoreE
 /// Unlinks a blob from `repo` (its content goes at the next gc); false if not linked.
 pub fn unlink_blob(store: &Store, repo: &str, digest: &str) -> Result<bool, StoreError> {
     store.properties()?.check_managed("deletes")?;
-    // Any locked image of the repository may use it.
-    check_locks(store, repo, Touch::Delete, || {
-        tags_naming(store, repo, None)
-    })?;
     store.unlink_blob(repo, digest)
 }
 
@@ -199,9 +117,6 @@ pub fn delete_manifest(
     ctx: &RequestContext,
 ) -> Result<Option<Vec<StoredEvent>>, StoreError> {
     store.properties()?.check_managed("deletes")?;
-    check_locks(store, repo, Touch::Delete, || {
-        tags_naming(store, repo, Some(digest))
-    })?;
     let mut made = Vec::new();
     let r = store.delete_manifest(repo, digest, |row, tags| {
         made = std::iter::once(None)
@@ -231,7 +146,6 @@ pub fn delete_tag(
     ctx: &RequestContext,
 ) -> Result<Option<StoredEvent>, StoreError> {
     store.properties()?.check_managed("deletes")?;
-    check_locks(store, repo, Touch::Delete, || Ok(vec![tag.to_string()]))?;
     // Read the manifest first so the event can say what the tag pointed to.
     let row = store.get_manifest(repo, &Reference::Tag(tag.to_string()))?;
     let mut made = None;
@@ -274,18 +188,8 @@ pub fn delete_tags_if(
     ctx: &RequestContext,
 ) -> Result<(Vec<String>, Vec<StoredEvent>), StoreError> {
     store.properties()?.check_managed("deletes")?;
-    // Locked since the plan read them: the repository refuses all, a tag stays.
-    check_locks(store, repo, Touch::Delete, || Ok(Vec::new()))?;
-    let locks = store.locks(repo)?;
-    let locked = |tag: &str| {
-        locks.iter().any(|l| {
-            l.tag.as_deref() == Some(tag)
-                && !(l.attributes.write_enabled && l.attributes.delete_enabled)
-        })
-    };
-    let tags: Vec<(String, String)> = tags.iter().filter(|(t, _)| !locked(t)).cloned().collect();
     let mut made = Vec::new();
-    let done = store.delete_tags(repo, &tags, &mut |tag, digest, row| {
+    let done = store.delete_tags(repo, tags, &mut |tag, digest, row| {
         let ev = deleted(repo, Some(tag), digest, row, ctx);
         let json = vec![ev.to_json()];
         made.push(ev);
@@ -304,7 +208,6 @@ pub fn delete_unreferenced(
     ctx: &RequestContext,
 ) -> Result<(Vec<String>, Vec<StoredEvent>), StoreError> {
     store.properties()?.check_managed("deletes")?;
-    check_locks(store, repo, Touch::Delete, || Ok(Vec::new()))?;
     let mut made = Vec::new();
     let done = store.delete_unreferenced(repo, digests, &mut |row| {
         let ev = deleted(repo, None, &row.digest, Some(row), ctx);
@@ -323,9 +226,19 @@ pub fn delete_repository(
     ctx: &RequestContext,
 ) -> Result<Option<Vec<StoredEvent>>, StoreError> {
     store.properties()?.check_managed("deletes")?;
-    check_locks(store, repo, Touch::Delete, || {
-        tags_naming(store, repo, None)
-    })?;
+    // Refused whole while anything in it is locked (each delete checks again as it goes).
+    if let Some(l) = store
+        .locks(repo)?
+        .into_iter()
+        .find(|l| !(l.attributes.write_enabled && l.attributes.delete_enabled))
+    {
+        let attribute = if l.attributes.write_enabled {
+            "delete-enabled"
+        } else {
+            "write-enabled"
+        };
+        return Err(crate::tier::LimitError::locked(repo, l.tag.as_deref(), attribute).into());
+    }
     let Some(manifests) = store.list_manifests(repo)? else {
         return Ok(None);
     };

@@ -354,6 +354,75 @@ fn delete_tag(
     Ok(d)
 }
 
+/// What a change does to the repository and tags it touches, for its locks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Touch {
+    /// A push: to the repository, or over the tags.
+    Write,
+    Delete,
+}
+
+/// Which tags a change touches, for their locks.
+enum Tags<'a> {
+    These(&'a [&'a str]),
+    /// The tags naming `digest`, or an index that (at any depth) names it.
+    Naming(&'a str),
+    All,
+}
+
+/// Refuses, inside the change's own transaction, what a lock forbids: the repository's
+/// own lock, or one on a tag the change touches.
+fn check_locks(
+    conn: &Connection,
+    repo: &str,
+    tags: Tags<'_>,
+    touch: Touch,
+) -> Result<(), StoreError> {
+    let locks: Vec<(String, bool, bool)> = collect(
+        conn,
+        "SELECT tag, write_enabled, delete_enabled FROM locks WHERE repo = ?1 ORDER BY tag",
+        params![repo],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )?;
+    if locks.is_empty() {
+        return Ok(());
+    }
+    let touched: Vec<String> = match tags {
+        Tags::These(t) => t.iter().map(|t| t.to_string()).collect(),
+        Tags::All => collect(
+            conn,
+            "SELECT tag FROM tags WHERE repo = ?1",
+            params![repo],
+            |r| r.get(0),
+        )?,
+        Tags::Naming(d) => collect(
+            conn,
+            "WITH RECURSIVE up(d) AS (
+                 SELECT ?2
+                 UNION SELECT r.manifest FROM manifest_refs r JOIN up ON r.target = up.d
+                       WHERE r.repo = ?1 AND r.kind = 'manifest')
+             SELECT tag FROM tags WHERE repo = ?1 AND digest IN (SELECT d FROM up)",
+            params![repo, d],
+            |r| r.get(0),
+        )?,
+    };
+    for (tag, write, delete) in locks {
+        if !tag.is_empty() && !touched.contains(&tag) {
+            continue;
+        }
+        let attribute = if !write {
+            "write-enabled"
+        } else if touch == Touch::Delete && !delete {
+            "delete-enabled"
+        } else {
+            continue;
+        };
+        let tag = (!tag.is_empty()).then_some(tag.as_str());
+        return Err(crate::tier::LimitError::locked(repo, tag, attribute).into());
+    }
+    Ok(())
+}
+
 fn delete_repository(conn: &Connection, repo: &str) -> Result<bool, StoreError> {
     if !repo_exists(conn, repo)? {
         return Ok(false);
@@ -570,10 +639,14 @@ impl RegistryMeta for SqliteMeta {
     }
 
     fn unlink_blob(&self, repo: &str, digest: &str) -> Result<bool, StoreError> {
-        Ok(self.writer()?.execute(
-            "DELETE FROM repo_blobs WHERE repo = ?1 AND digest = ?2",
-            params![repo, digest],
-        )? > 0)
+        self.write(|tx| {
+            // Any locked image of the repository may use it.
+            check_locks(tx, repo, Tags::All, Touch::Delete)?;
+            Ok(tx.execute(
+                "DELETE FROM repo_blobs WHERE repo = ?1 AND digest = ?2",
+                params![repo, digest],
+            )? > 0)
+        })
     }
 
     fn put_manifest(
@@ -583,6 +656,8 @@ impl RegistryMeta for SqliteMeta {
         admit: Admit<'_>,
     ) -> Result<(), StoreError> {
         self.write(|tx| {
+            let tag: Vec<&str> = m.tag.iter().map(String::as_str).collect();
+            check_locks(tx, &m.repo, Tags::These(&tag), Touch::Write)?;
             if manifest_size(tx, &m.repo, &m.digest)?.is_none() {
                 admit(storage_used(tx)?, m.content.len() as u64)?;
             }
@@ -606,6 +681,7 @@ impl RegistryMeta for SqliteMeta {
         events: &mut dyn FnMut(&ManifestRow, &[String]) -> Vec<String>,
     ) -> Result<Option<(ManifestRow, Vec<String>)>, StoreError> {
         self.write(|tx| {
+            check_locks(tx, repo, Tags::Naming(digest), Touch::Delete)?;
             let r = delete_manifest(tx, repo, digest, false)?;
             if let Some((row, tags)) = &r {
                 insert_outbox(tx, &events(row, tags))?;
@@ -621,6 +697,7 @@ impl RegistryMeta for SqliteMeta {
         events: &mut dyn FnMut(&str) -> Vec<String>,
     ) -> Result<Option<String>, StoreError> {
         self.write(|tx| {
+            check_locks(tx, repo, Tags::These(&[tag]), Touch::Delete)?;
             let r = delete_tag(tx, repo, tag, None)?;
             if let Some(d) = &r {
                 insert_outbox(tx, &events(d))?;
@@ -636,8 +713,13 @@ impl RegistryMeta for SqliteMeta {
         events: super::meta::TagEvents<'_>,
     ) -> Result<Vec<String>, StoreError> {
         self.write(|tx| {
+            check_locks(tx, repo, Tags::These(&[]), Touch::Delete)?;
             let mut done = Vec::new();
             for (tag, digest) in tags {
+                // A tag locked since the plan stays (not deleted).
+                if check_locks(tx, repo, Tags::These(&[tag]), Touch::Delete).is_err() {
+                    continue;
+                }
                 if let Some(d) = delete_tag(tx, repo, tag, Some(digest))? {
                     let row = get_manifest(tx, repo, &Reference::Digest(d.clone()))?;
                     insert_outbox(tx, &events(tag, &d, row.as_ref()))?;
@@ -655,6 +737,7 @@ impl RegistryMeta for SqliteMeta {
         events: &mut dyn FnMut(&ManifestRow) -> Vec<String>,
     ) -> Result<Vec<String>, StoreError> {
         self.write(|tx| {
+            check_locks(tx, repo, Tags::These(&[]), Touch::Delete)?;
             let mut done = Vec::new();
             for d in digests {
                 if let Some((row, _)) = delete_manifest(tx, repo, d, true)? {
@@ -723,7 +806,10 @@ impl RegistryMeta for SqliteMeta {
     }
 
     fn delete_repository(&self, repo: &str) -> Result<bool, StoreError> {
-        self.write(|tx| delete_repository(tx, repo))
+        self.write(|tx| {
+            check_locks(tx, repo, Tags::All, Touch::Delete)?;
+            delete_repository(tx, repo)
+        })
     }
 
     fn repository_exists(&self, repo: &str) -> Result<bool, StoreError> {

@@ -561,26 +561,33 @@ fn a_new_store_is_encrypted_and_a_key_rotation_rewrites_no_content() {
     assert!(e.contains("cannot be read"), "{e}");
 }
 
+/// A manifest of repository `r` whose content is `body` (no blobs).
+fn manifest_in_r(
+    body: &str,
+    tag: Option<&str>,
+    children: Vec<Descriptor>,
+    subject: Option<&str>,
+) -> NewManifest {
+    let content = body.as_bytes().to_vec();
+    NewManifest {
+        repo: "r".into(),
+        digest: crate::digest::of_bytes(crate::digest::Algorithm::Sha256, &content),
+        media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+        artifact_type: None,
+        subject: subject.map(str::to_string),
+        content,
+        blobs: vec![],
+        children,
+        tag: tag.map(str::to_string),
+        sealed: None,
+    }
+}
+
 #[test]
 fn every_meta_backend_deletes_for_a_purge_only_what_is_still_as_planned() {
     let dir = tempfile::tempdir().unwrap();
     for (name, meta) in meta_backends(dir.path()) {
-        let new =
-            |body: &str, tag: Option<&str>, children: Vec<Descriptor>, subject: Option<&str>| {
-                let content = body.as_bytes().to_vec();
-                NewManifest {
-                    repo: "r".into(),
-                    digest: crate::digest::of_bytes(crate::digest::Algorithm::Sha256, &content),
-                    media_type: "application/vnd.oci.image.manifest.v1+json".into(),
-                    artifact_type: None,
-                    subject: subject.map(str::to_string),
-                    content,
-                    blobs: vec![],
-                    children,
-                    tag: tag.map(str::to_string),
-                    sealed: None,
-                }
-            };
+        let new = manifest_in_r;
         let (a, b) = (
             new("{\"a\":1}", Some("v1"), vec![], None),
             new("{\"b\":1}", None, vec![], None),
@@ -640,5 +647,73 @@ fn every_meta_backend_deletes_for_a_purge_only_what_is_still_as_planned() {
             "{name}"
         );
         assert_eq!(meta.repo_view("nope").unwrap(), None, "{name}");
+    }
+}
+
+#[test]
+fn every_meta_backend_checks_locks_in_the_change_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, meta) in meta_backends(dir.path()) {
+        let new = |body: &str, tag: Option<&str>| manifest_in_r(body, tag, vec![], None);
+        let v1 = new("{\"v\":1}", Some("v1"));
+        meta.put_manifest(&v1, &[], &admit_all).unwrap();
+        let locked = Attributes {
+            write_enabled: false,
+            delete_enabled: true,
+        };
+        assert!(meta.set_lock("r", Some("v1"), locked).unwrap(), "{name}");
+        assert!(!meta.set_lock("r", Some("nope"), locked).unwrap(), "{name}");
+        fn is_locked<T>(r: Result<T, StoreError>) -> bool {
+            matches!(
+                r,
+                Err(StoreError::Limit(crate::tier::LimitError::Locked { .. }))
+            )
+        }
+        // A push over the tag, its delete, the manifest's delete: refused.
+        assert!(
+            is_locked(meta.put_manifest(&new("{\"v\":2}", Some("v1")), &[], &admit_all)),
+            "{name}"
+        );
+        assert!(
+            is_locked(meta.delete_tag("r", "v1", &mut |_| vec![])),
+            "{name}"
+        );
+        assert!(
+            is_locked(meta.delete_manifest("r", &v1.digest, &mut |_, _| vec![])),
+            "{name}"
+        );
+        // Another tag still takes pushes; a purge's batch leaves the locked tag.
+        meta.put_manifest(&new("{\"v\":3}", Some("v3")), &[], &admit_all)
+            .unwrap();
+        let batch = vec![("v1".to_string(), v1.digest.clone())];
+        assert!(
+            meta.delete_tags("r", &batch, &mut |_, _, _| vec![])
+                .unwrap()
+                .is_empty(),
+            "{name}"
+        );
+        // The repository locked against deletes: pushes go on, deletes stop.
+        let no_deletes = Attributes {
+            write_enabled: true,
+            delete_enabled: false,
+        };
+        assert!(meta.set_lock("r", None, no_deletes).unwrap(), "{name}");
+        meta.put_manifest(&new("{\"v\":4}", Some("v4")), &[], &admit_all)
+            .unwrap();
+        assert!(
+            is_locked(meta.delete_tag("r", "v4", &mut |_| vec![])),
+            "{name}"
+        );
+        assert!(is_locked(meta.delete_repository("r")), "{name}");
+        assert!(
+            is_locked(meta.delete_unreferenced("r", &[], &mut |_| vec![])),
+            "{name}"
+        );
+        // Unlocked: the lock rows go, and so may everything.
+        meta.set_lock("r", None, Attributes::default()).unwrap();
+        meta.set_lock("r", Some("v1"), Attributes::default())
+            .unwrap();
+        assert!(meta.locks("r").unwrap().is_empty(), "{name}");
+        assert!(meta.delete_repository("r").unwrap(), "{name}");
     }
 }
