@@ -1,7 +1,10 @@
 # The two quick-start commands (see README): `make demo` and `make test`.
 # Both first install what a fresh Debian machine lacks (idempotent).
 
-PACKAGES := busybox-static skopeo docker-registry git gcc libc6-dev pkg-config libssl-dev ca-certificates
+PACKAGES := busybox-static skopeo docker-registry git gcc libc6-dev pkg-config libssl-dev ca-certificates python3-venv
+# Python clients the tests drive, from PyPI, in a virtual environment (Debian's Python
+# refuses system-wide pip).
+PY_PACKAGES := oras==0.2.43
 CARGO ?= cargo
 
 .PHONY: setup demo test bench lint
@@ -13,6 +16,8 @@ setup:
 	  sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
 	  $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$missing; \
 	fi
+	@[ -x .venv/bin/python ] && .venv/bin/python -c "import oras" 2>/dev/null || \
+	  { python3 -m venv .venv && .venv/bin/pip install -q $(PY_PACKAGES); }
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (rustup or apt-get install cargo)"; exit 1; }
 	@docker info >/dev/null 2>&1 || { echo "the Docker Engine is not reachable (docker info failed): start it, e.g. sudo systemctl start docker"; exit 1; }
 

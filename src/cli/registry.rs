@@ -831,11 +831,21 @@ fn manifest_rows(ms: &[ManifestInfo]) -> Vec<Vec<String>> {
                 m.digest.clone(),
                 m.tags.join(","),
                 m.media_type.clone(),
+                artifact_column(m.artifact_type.as_deref()),
                 m.size.to_string(),
                 created,
             ]
         })
         .collect()
+}
+
+/// The artifact type column: empty for container images, whose config type says nothing
+/// a reader needs.
+fn artifact_column(artifact_type: Option<&str>) -> String {
+    artifact_type
+        .filter(|a| !crate::registry::IMAGE_CONFIG_TYPES.contains(a))
+        .unwrap_or_default()
+        .to_string()
 }
 
 impl RepositoryCmd {
@@ -1006,7 +1016,14 @@ pub fn repository(cmd: RepositoryCmd) -> anyhow::Result<ExitCode> {
             } else {
                 print_rows(
                     opts.output,
-                    &["DIGEST", "TAGS", "MEDIA TYPE", "SIZE", "CREATED"],
+                    &[
+                        "DIGEST",
+                        "TAGS",
+                        "MEDIA TYPE",
+                        "ARTIFACT TYPE",
+                        "SIZE",
+                        "CREATED",
+                    ],
                     &manifest_rows(&ms),
                 )?;
             }
@@ -1067,13 +1084,14 @@ async fn repository_http(cmd: RepositoryCmd, client: RegistryClient) -> anyhow::
                             m.digest.clone(),
                             m.tags.join(","),
                             m.media_type.clone(),
+                            artifact_column(m.artifact_type.as_deref()),
                             m.size.to_string(),
                         ]
                     })
                     .collect();
                 print_rows(
                     opts.output,
-                    &["DIGEST", "TAGS", "MEDIA TYPE", "SIZE"],
+                    &["DIGEST", "TAGS", "MEDIA TYPE", "ARTIFACT TYPE", "SIZE"],
                     &rows,
                 )?;
             }

@@ -52,6 +52,9 @@ impl HttpResponse {
 pub struct RemoteManifest {
     pub digest: String,
     pub media_type: String,
+    /// `artifactType`, else an image manifest's config media type.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub artifact_type: Option<String>,
     pub size: u64,
     pub tags: Vec<String>,
 }
@@ -418,9 +421,10 @@ impl RegistryClient {
     pub async fn manifests(&self, repo: &str) -> Result<Vec<RemoteManifest>, ClientError> {
         let mut out: Vec<RemoteManifest> = Vec::new();
         for tag in self.tags(repo).await? {
+            // The body too: the artifact type is in it.
             let r = self
                 .ok(
-                    reqwest::Method::HEAD,
+                    reqwest::Method::GET,
                     &format!("/v2/{repo}/manifests/{tag}"),
                     &pull(repo),
                 )
@@ -436,10 +440,10 @@ impl RegistryClient {
             out.push(RemoteManifest {
                 digest,
                 media_type: r.header("content-type").unwrap_or_default().to_string(),
-                size: r
-                    .header("content-length")
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0),
+                artifact_type: serde_json::from_slice(&r.body)
+                    .ok()
+                    .and_then(|v| super::artifact_type_of(&v)),
+                size: r.body.len() as u64,
                 tags: vec![tag],
             });
         }

@@ -96,10 +96,7 @@ fn parse_manifest(bytes: &[u8], content_type: Option<&str>) -> Result<Parsed, Ap
         None | Some(Value::Null) => None,
         Some(s) => Some(descriptor_digest(s, "subject")?),
     };
-    let mut artifact_type = v
-        .get("artifactType")
-        .and_then(Value::as_str)
-        .map(str::to_string);
+    let artifact_type = super::artifact_type_of(&v);
     let mut blobs = Vec::new();
     let mut children = Vec::new();
     if is_index(media_type) {
@@ -115,12 +112,6 @@ fn parse_manifest(bytes: &[u8], content_type: Option<&str>) -> Result<Parsed, Ap
             .get("config")
             .ok_or_else(|| ApiError::manifest_invalid("manifest has no config"))?;
         blobs.push(descriptor(config, "config")?);
-        if artifact_type.is_none() {
-            artifact_type = config
-                .get("mediaType")
-                .and_then(Value::as_str)
-                .map(str::to_string);
-        }
         let layers = v
             .get("layers")
             .and_then(Value::as_array)

@@ -106,6 +106,23 @@ pub struct RequestContext {
     pub actor: String,
 }
 
+/// A manifest's artifact type as the OCI image spec defines it: its `artifactType`, else
+/// (for an image manifest) its config's media type.
+pub fn artifact_type_of(manifest: &serde_json::Value) -> Option<String> {
+    manifest
+        .get("artifactType")
+        .or_else(|| manifest.get("config").and_then(|c| c.get("mediaType")))
+        .and_then(serde_json::Value::as_str)
+        .map(str::to_string)
+}
+
+/// Config media types of container images (not artifacts): listings leave them out of
+/// the artifact type column.
+pub const IMAGE_CONFIG_TYPES: [&str; 2] = [
+    "application/vnd.oci.image.config.v1+json",
+    "application/vnd.docker.container.image.v1+json",
+];
+
 impl RequestContext {
     /// A change made by one of acr-task's own tools (`method`: `IMPORT`, `PURGE`), as its
     /// events name it.
