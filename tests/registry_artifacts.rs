@@ -30,6 +30,10 @@ fn python() -> PathBuf {
     py
 }
 
+fn m_digest(body: &[u8]) -> String {
+    registry_common::digest(body)
+}
+
 #[test]
 fn helm_charts_and_generic_artifacts_go_through_oras_and_list_with_their_types() {
     let py = python();
@@ -105,5 +109,26 @@ fn helm_charts_and_generic_artifacts_go_through_oras_and_list_with_their_types()
     assert!(
         table.contains(HELM_CONFIG) && table.contains("0.1.0"),
         "{table}"
+    );
+    // The chart's name and version, from its config.
+    let args = [
+        "repository",
+        "show",
+        "--name",
+        "charts/hello",
+        "--image",
+        "charts/hello:0.1.0",
+        "-o",
+        "json",
+    ];
+    let shown: Value = serde_json::from_str(&cli_ok(data.path(), &args)).unwrap();
+    assert_eq!(shown["chart"]["name"], "hello", "{shown}");
+    assert_eq!(shown["chart"]["version"], "0.1.0", "{shown}");
+    assert_eq!(shown["chart"]["appVersion"], "1.16.0", "{shown}");
+    assert_eq!(shown["artifactType"], HELM_CONFIG, "{shown}");
+    assert_eq!(shown["digest"], m_digest(&raw.stdout), "{shown}");
+    assert_eq!(
+        shown["changeableAttributes"]["writeEnabled"], true,
+        "{shown}"
     );
 }

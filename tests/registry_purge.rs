@@ -462,6 +462,7 @@ async fn locks_refuse_pushes_and_deletes_and_purges_keep_what_is_locked() {
         shown["changeableAttributes"],
         json!({"writeEnabled": false, "deleteEnabled": true})
     );
+    assert_eq!(shown["digest"], v1.as_str(), "through the server: {shown}");
     // A push over the locked tag, and its delete, are refused with the way to unlock.
     let (_, _, status) = image(&c, &base, "app", "v1-again", Some("v1")).await;
     assert_eq!(status, 403);

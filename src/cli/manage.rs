@@ -16,6 +16,19 @@ use crate::server::manage::RegistryInfo;
 use crate::server::model::TaskSpec;
 use crate::webhooks::{Delivery, DeliveryOptions, NewWebhook, WebhookInfo, WebhookStore};
 
+/// One image as `repository show --image` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageSummary {
+    pub digest: String,
+    pub media_type: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub artifact_type: Option<String>,
+    /// A Helm chart's name and version (from its config).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chart: Option<crate::registry::HelmChart>,
+}
+
 pub enum Backend {
     /// The registry directory's files.
     Files(PathBuf),
@@ -394,6 +407,91 @@ impl Backend {
             Some(json!({ "grace": grace, "dryRun": dry_run })),
         )?;
         Ok(serde_json::from_value(v)?)
+    }
+
+    /// One tagged image: its manifest's digest and types, and a Helm chart's name and
+    /// version (read from its config).
+    pub fn image(&self, repo: &str, tag: &str) -> anyhow::Result<ImageSummary> {
+        const MAX_CONFIG: u64 = 1 << 20;
+        let (digest, content, config) = match self {
+            Backend::Files(dir) => {
+                use std::io::Read;
+                let store = super::registry::open_dir(dir)?;
+                let row = store
+                    .get_manifest(repo, &crate::store::Reference::Tag(tag.to_string()))?
+                    .with_context(|| format!("no tag {repo}:{tag}"))?;
+                let v: Value = serde_json::from_slice(&row.content).unwrap_or_default();
+                let config = match v["config"]["digest"].as_str() {
+                    Some(d) if crate::digest::parse(d).is_ok() => {
+                        let mut bytes = Vec::new();
+                        store
+                            .blob_reader(d, 0)?
+                            .take(MAX_CONFIG)
+                            .read_to_end(&mut bytes)?;
+                        bytes
+                    }
+                    _ => Vec::new(),
+                };
+                (row.digest, row.content, config)
+            }
+            Backend::Server { client, rt } => {
+                let addr = client.host_port()?;
+                let creds = match client.login() {
+                    Some(c) => crate::credentials::Credentials::single(&addr, c),
+                    None => Default::default(),
+                };
+                let rc = crate::registry::client::RegistryClient::new(
+                    addr,
+                    crate::registry::client::Transport::new(&[], creds)?,
+                );
+                let scope = crate::registry::client::pull(repo);
+                rt.block_on(async {
+                    let m = rc
+                        .request(
+                            reqwest::Method::GET,
+                            &format!("/v2/{repo}/manifests/{tag}"),
+                            &scope,
+                        )
+                        .await?;
+                    if m.status == 404 {
+                        bail!("no tag {repo}:{tag}");
+                    }
+                    let digest = m
+                        .header("docker-content-digest")
+                        .unwrap_or_default()
+                        .to_string();
+                    let v: Value = serde_json::from_slice(&m.body).unwrap_or_default();
+                    let config = match v["config"]["digest"].as_str() {
+                        Some(d) if crate::digest::parse(d).is_ok() => {
+                            let b = rc
+                                .request(
+                                    reqwest::Method::GET,
+                                    &format!("/v2/{repo}/blobs/{d}"),
+                                    &scope,
+                                )
+                                .await?;
+                            if b.body.len() as u64 > MAX_CONFIG {
+                                Vec::new()
+                            } else {
+                                b.body
+                            }
+                        }
+                        _ => Vec::new(),
+                    };
+                    Ok((digest, m.body, config))
+                })?
+            }
+        };
+        let v: Value = serde_json::from_slice(&content).unwrap_or_default();
+        Ok(ImageSummary {
+            digest,
+            media_type: v["mediaType"].as_str().unwrap_or_default().to_string(),
+            artifact_type: crate::registry::artifact_type_of(&v),
+            chart: crate::registry::helm_chart_of(
+                v["config"]["mediaType"].as_str().unwrap_or_default(),
+                &config,
+            ),
+        })
     }
 
     /// The locks of a repository.

@@ -329,7 +329,8 @@ pub enum RepositoryCmd {
         #[command(flatten)]
         opts: RepoOpts,
     },
-    /// A repository's (or `--image` tag's) attributes: its locks.
+    /// A repository's (or `--image` tag's) attributes (its locks); for a tag also its
+    /// manifest's digest and types, and a Helm chart's name and version.
     #[command(
         after_help = "Example:\n  acr-task repository show --name app/web --image app/web:v1"
     )]
@@ -913,18 +914,40 @@ fn attributes(cmd: RepositoryCmd) -> anyhow::Result<ExitCode> {
         b.set_lock(&name, tag.as_deref(), a)?;
         a = current(&b)?;
     }
+    // A tag's image: its manifest, and a Helm chart's name and version.
+    let summary = match &tag {
+        Some(t) => Some(b.image(&name, t)?),
+        None => None,
+    };
     let item = image.unwrap_or(name);
     match opts.output {
-        Output::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({
-                "name": item, "changeableAttributes": a,
-            }))?
-        ),
-        _ => println!(
-            "{item}: write-enabled {}, delete-enabled {}",
-            a.write_enabled, a.delete_enabled
-        ),
+        Output::Json => {
+            let mut v = serde_json::json!({ "name": item, "changeableAttributes": a });
+            if let Some(s) = &summary {
+                if let (Some(o), serde_json::Value::Object(more)) =
+                    (v.as_object_mut(), serde_json::to_value(s)?)
+                {
+                    o.extend(more);
+                }
+            }
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        _ => {
+            println!(
+                "{item}: write-enabled {}, delete-enabled {}",
+                a.write_enabled, a.delete_enabled
+            );
+            if let Some(s) = &summary {
+                println!("digest: {}", s.digest);
+                println!("media type: {}", s.media_type);
+                if let Some(t) = &s.artifact_type {
+                    println!("artifact type: {t}");
+                }
+                if let Some(c) = &s.chart {
+                    println!("Helm chart: {} {}", c.name, c.version);
+                }
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

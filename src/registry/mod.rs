@@ -116,6 +116,26 @@ pub fn artifact_type_of(manifest: &serde_json::Value) -> Option<String> {
         .map(str::to_string)
 }
 
+/// Helm's config media type: a chart's manifest names its `Chart.yaml` fields in it.
+pub const HELM_CONFIG_TYPE: &str = "application/vnd.cncf.helm.config.v1+json";
+
+/// A Helm chart's name and version, from its config blob.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HelmChart {
+    pub name: String,
+    pub version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_version: Option<String>,
+}
+
+/// The chart a config describes, when the manifest's config is Helm's and reads as one.
+pub fn helm_chart_of(config_media_type: &str, config: &[u8]) -> Option<HelmChart> {
+    (config_media_type == HELM_CONFIG_TYPE)
+        .then(|| serde_json::from_slice(config).ok())
+        .flatten()
+}
+
 /// Config media types of container images (not artifacts): listings leave them out of
 /// the artifact type column.
 pub const IMAGE_CONFIG_TYPES: [&str; 2] = [
