@@ -18,6 +18,7 @@ pub mod relay;
 pub mod runtime;
 pub mod server;
 pub mod setup;
+pub mod signature;
 pub mod source;
 pub mod store;
 pub mod task;

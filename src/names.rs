@@ -50,6 +50,23 @@ pub fn valid_tag(tag: &str) -> bool {
             .all(|&c| c.is_ascii_alphanumeric() || c == b'_' || c == b'.' || c == b'-')
 }
 
+/// A repository pattern: an exact name, `prefix/*` (anything below `prefix/`), or `*`.
+pub fn valid_pattern(p: &str) -> bool {
+    let base = p.strip_suffix("/*").unwrap_or(p);
+    p == "*" || valid_name(base)
+}
+
+/// Whether a repository pattern (scope maps, content-trust policies) matches `repo`.
+pub fn pattern_matches(pattern: &str, repo: &str) -> bool {
+    if pattern == "*" {
+        return true;
+    }
+    match pattern.strip_suffix('*') {
+        Some(prefix) => repo.starts_with(prefix) && repo.len() > prefix.len(),
+        None => pattern == repo,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

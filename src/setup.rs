@@ -2,8 +2,10 @@
 //! context (a directory, `GIT_URL#ref:folder`, a tarball URL) and the `.Run` values.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::exec::RunConfig;
+use crate::registry::reference::ImageRef;
 use crate::source::{GitCheckout, SourceError};
 use crate::task::RunInfo;
 
@@ -105,4 +107,81 @@ pub fn run_info(
         info.branch = branch;
     }
     info
+}
+
+/// A run's content trust and signing: images of `registry` (the run's own, whose store is
+/// at hand) are checked against its content-trust policies; pushed images are signed with
+/// `key`, when there is one.
+#[derive(Debug)]
+pub struct RunTrust {
+    pub registry: String,
+    pub store: Option<Arc<crate::store::Store>>,
+    pub key: Option<Arc<crate::signature::SigningKey>>,
+}
+
+impl RunTrust {
+    /// Whether it would do anything.
+    pub fn is_useful(&self) -> bool {
+        self.store.is_some() || self.key.is_some()
+    }
+}
+
+impl crate::exec::ImageTrust for RunTrust {
+    fn check<'a>(&'a self, image: &'a str) -> crate::exec::BoxFut<'a, Result<(), String>> {
+        Box::pin(async move {
+            let Some(store) = self.store.clone() else {
+                return Ok(());
+            };
+            let Some(r) = ImageRef::parse(image) else {
+                return Ok(());
+            };
+            if r.registry != self.registry {
+                return Ok(());
+            }
+            let denial = tokio::task::spawn_blocking(move || {
+                crate::registry::trust::check_reference(&store, &r.repository, &r.reference)
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+            match denial {
+                Some(d) => Err(format!("{image}: {d}")),
+                None => Ok(()),
+            }
+        })
+    }
+
+    fn sign<'a>(
+        &'a self,
+        image: &'a str,
+        digest: &'a str,
+        login: Option<crate::credentials::Credential>,
+    ) -> crate::exec::BoxFut<'a, Result<Option<String>, String>> {
+        Box::pin(async move {
+            let Some(key) = &self.key else {
+                return Ok(None);
+            };
+            let r = ImageRef::parse(image).ok_or_else(|| format!("{image:?} is no image"))?;
+            let host = r.api_host().to_string();
+            let creds = match login {
+                Some(c) => crate::credentials::Credentials::single(&host, c),
+                None => crate::credentials::Credentials::default(),
+            };
+            let client = crate::registry::client::RegistryClient::new(
+                host,
+                crate::registry::client::Transport::new(&[], creds).map_err(|e| e.to_string())?,
+            );
+            let by_digest = ImageRef {
+                reference: digest.to_string(),
+                ..r
+            };
+            let s = crate::registry::signing::sign(&client, &by_digest, key)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(Some(format!(
+                "signature {} by key {}",
+                s.signature, s.key_id
+            )))
+        })
+    }
 }

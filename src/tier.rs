@@ -186,6 +186,88 @@ pub struct Properties {
     /// How long untagged manifests are kept (`registry config retention`; Premium).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<RetentionPolicy>,
+    /// Content trust: which repositories need signed images, by which keys (Premium).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_trust: Option<ContentTrust>,
+}
+
+/// Content trust (`registry update --content-trust`, `registry config content-trust`):
+/// while enabled, a pull by tag of an image in a repository a policy names is refused
+/// unless one of the policy's keys signed it, and runs refuse such images too.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ContentTrust {
+    pub status: PolicyStatus,
+    #[serde(default)]
+    pub policies: Vec<TrustPolicy>,
+}
+
+impl Default for ContentTrust {
+    fn default() -> Self {
+        ContentTrust {
+            status: PolicyStatus::Disabled,
+            policies: Vec::new(),
+        }
+    }
+}
+
+/// Images of the repositories `repository` names (`name`, `prefix/*` or `*`) must be
+/// signed by one of `keys` (PEM public keys, cosign's format).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TrustPolicy {
+    pub repository: String,
+    pub keys: Vec<String>,
+}
+
+impl ContentTrust {
+    pub fn enabled(&self) -> bool {
+        self.status == PolicyStatus::Enabled
+    }
+
+    /// The policy guarding `repo` while enabled: the first whose pattern matches.
+    pub fn policy_for(&self, repo: &str) -> Option<&TrustPolicy> {
+        if !self.enabled() {
+            return None;
+        }
+        self.policies
+            .iter()
+            .find(|p| crate::names::pattern_matches(&p.repository, repo))
+    }
+
+    /// The keys of a policy, parsed (stored keys were checked when set).
+    pub fn keys(p: &TrustPolicy) -> Vec<crate::signature::PublicKey> {
+        p.keys
+            .iter()
+            .filter_map(|k| crate::signature::PublicKey::from_pem("policy key", k.as_bytes()).ok())
+            .collect()
+    }
+
+    fn check(&self) -> Result<(), LimitError> {
+        for p in &self.policies {
+            if !crate::names::valid_pattern(&p.repository) {
+                return Err(LimitError::TrustPolicy {
+                    repository: p.repository.clone(),
+                    why: "is no repository pattern: give a name, `prefix/*` or `*`".into(),
+                });
+            }
+            if p.keys.is_empty() {
+                return Err(LimitError::TrustPolicy {
+                    repository: p.repository.clone(),
+                    why: "has no key: give at least one --key".into(),
+                });
+            }
+            for k in &p.keys {
+                crate::signature::PublicKey::from_pem("its key", k.as_bytes()).map_err(|e| {
+                    LimitError::TrustPolicy {
+                        repository: p.repository.clone(),
+                        why: e.to_string(),
+                    }
+                })?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A retention policy for untagged manifests (ACR's `az acr config retention`).
@@ -243,6 +325,9 @@ pub struct Change {
     pub name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<RetentionPolicy>,
+    /// The whole content-trust setting, replacing the stored one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_trust: Option<ContentTrust>,
 }
 
 impl Change {
@@ -377,6 +462,7 @@ impl Properties {
             name: None,
             anonymous_pull: false,
             retention: None,
+            content_trust: None,
         }
     }
 
@@ -488,6 +574,8 @@ pub enum LimitError {
     Name { name: String },
     #[error("--days {days}: a retention policy keeps untagged manifests 0 to 365 days")]
     RetentionDays { days: u32 },
+    #[error("content-trust policy {repository:?} {why}")]
+    TrustPolicy { repository: String, why: String },
     #[error("{item} is locked ({attribute} is false): unlock it first with `{unlock}`")]
     Locked {
         item: String,
@@ -601,6 +689,10 @@ impl Properties {
             }
             next.retention = Some(r);
         }
+        if let Some(ct) = &ch.content_trust {
+            ct.check()?;
+            next.content_trust = Some(ct.clone());
+        }
         if self.sku == Sku::Classic && sku != Sku::Classic {
             // Leaving Classic is an upgrade: the tier stays Classic until the copy is done.
             if let Some(u) = self.upgrading() {
@@ -662,6 +754,13 @@ impl Properties {
             return Err(LimitError::Feature {
                 sku: self.sku,
                 what: "a retention policy",
+            });
+        }
+        if self.content_trust.as_ref().is_some_and(|c| c.enabled()) && !self.limits().content_trust
+        {
+            return Err(LimitError::Feature {
+                sku: self.sku,
+                what: "content trust",
             });
         }
         match self.limits().storage_bytes {

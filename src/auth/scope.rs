@@ -98,21 +98,7 @@ impl std::str::FromStr for Permission {
 /// Every action a token may carry for a repository.
 pub const REPO_ACTIONS: [&str; 5] = ["pull", "push", "delete", "metadata_read", "metadata_write"];
 
-/// A repository pattern: an exact name, `prefix/*` (anything below `prefix/`), or `*`.
-pub fn valid_pattern(p: &str) -> bool {
-    let base = p.strip_suffix("/*").unwrap_or(p);
-    p == "*" || crate::names::valid_name(base)
-}
-
-pub fn pattern_matches(pattern: &str, repo: &str) -> bool {
-    if pattern == "*" {
-        return true;
-    }
-    match pattern.strip_suffix('*') {
-        Some(prefix) => repo.starts_with(prefix) && repo.len() > prefix.len(),
-        None => pattern == repo,
-    }
-}
+pub use crate::names::{pattern_matches, valid_pattern};
 
 /// One requested or granted resource access, as in the JWT `access` claim.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -13,6 +13,7 @@ mod relocate;
 mod render;
 mod run;
 mod serve;
+pub(crate) mod sign;
 mod task;
 mod template;
 mod upgrade;
@@ -58,6 +59,12 @@ pub enum Command {
     /// Delete old tags (and, with --untagged, manifests no tag names) by filter and age
     /// (like acr-cli's `acr purge`).
     Purge(purge::PurgeArgs),
+    /// Sign an image (cosign's key-pair format, stored as an OCI 1.1 referrer).
+    Sign(sign::SignArgs),
+    /// Check an image's signatures against public keys; exit 1 when none is valid.
+    Verify(sign::VerifyArgs),
+    /// Make a signing key pair (PREFIX.key, PREFIX.pub) for sign, verify and policies.
+    GenerateKeyPair(sign::GenerateArgs),
     /// Repositories in the registry (like `az acr repository`).
     #[command(subcommand)]
     Repository(registry::RepositoryCmd),
@@ -188,6 +195,9 @@ pub fn main() -> ExitCode {
         Command::Repository(c) => registry::repository(c),
         Command::Import(a) => import::import(a),
         Command::Purge(a) => purge::purge(a),
+        Command::Sign(a) => sign::sign(a),
+        Command::Verify(a) => sign::verify(a),
+        Command::GenerateKeyPair(a) => sign::generate(a),
         Command::Serve(a) => serve::serve(a),
         Command::Token(c) => auth::token(c),
         Command::ScopeMap(c) => auth::scope_map(c),

@@ -14,9 +14,10 @@ use crate::registry::client::{RegistryClient, Transport};
 use crate::server::manage::RegistryInfo;
 use crate::store::{ManifestInfo, Store};
 use crate::tier::{Change, Override, Overrides, Sku, Unlimited};
+use serde_json::Value;
 
 /// Where a registry command works: the files of `--data`, or a server.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct TierOpts {
     /// Data directory; the registry is its `registry/` [default: $ACR_TASK_DATA, else
     /// ~/.local/share/acr-task].
@@ -66,6 +67,47 @@ pub enum ConfigCmd {
     /// no tag, index or referrer names once they are older than --days, hourly.
     #[command(subcommand)]
     Retention(RetentionCmd),
+    /// Content-trust policies (Premium): which repositories need images signed, by which
+    /// public keys; `registry update --content-trust enabled` turns them on.
+    #[command(subcommand)]
+    ContentTrust(ContentTrustCmd),
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum ContentTrustCmd {
+    /// Whether content trust is on, and its policies.
+    #[command(after_help = "Example:\n  acr-task registry config content-trust show -o json")]
+    Show {
+        #[command(flatten)]
+        opts: TierOpts,
+    },
+    /// Protect repositories: their images must be signed by one of these keys (a policy
+    /// for the same pattern is replaced).
+    #[command(after_help = "Examples:
+  acr-task generate-key-pair                       # cosign.key, cosign.pub
+  acr-task registry config content-trust add --repository 'prod/*' --key cosign.pub
+  acr-task registry update --content-trust enabled")]
+    Add {
+        /// A repository, `prefix/*` or `*`.
+        #[arg(long)]
+        repository: String,
+        /// A PEM public key file (cosign's `.pub`); repeat for several keys.
+        #[arg(long = "key", value_name = "PUB", required = true)]
+        keys: Vec<PathBuf>,
+        #[command(flatten)]
+        opts: TierOpts,
+    },
+    /// Remove the policy of a repository pattern.
+    #[command(
+        after_help = "Example:\n  acr-task registry config content-trust remove --repository 'prod/*'"
+    )]
+    Remove {
+        /// The pattern as added.
+        #[arg(long)]
+        repository: String,
+        #[command(flatten)]
+        opts: TierOpts,
+    },
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -146,6 +188,10 @@ and resumes where it was if stopped.")]
         /// Pulls without credentials (Standard and Premium, as `az acr update`).
         #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set)]
         anonymous_pull_enabled: Option<bool>,
+        /// Content trust (Premium): enabled refuses pulls by tag, and runs, of unsigned
+        /// images in the repositories its policies name (`registry config content-trust`).
+        #[arg(long, value_enum)]
+        content_trust: Option<crate::tier::PolicyStatus>,
         #[command(flatten)]
         opts: TierOpts,
     },
@@ -280,10 +326,16 @@ pub enum RepositoryCmd {
         opts: RepoOpts,
     },
     /// List the manifests of a repository with their tags.
-    #[command(after_help = "Example:\n  acr-task repository show-manifests samples/hello -o json")]
+    #[command(after_help = "Examples:
+  acr-task repository show-manifests samples/hello -o json
+  acr-task repository show-manifests samples/hello --referrers   # signatures, SBOMs")]
     ShowManifests {
         /// The repository.
         repository: String,
+        /// Under each manifest, the manifests that refer to it (OCI 1.1 referrers:
+        /// signatures, SBOMs, attestations), with their artifact types.
+        #[arg(long)]
+        referrers: bool,
         #[command(flatten)]
         opts: RepoOpts,
     },
@@ -599,6 +651,76 @@ fn print_usage(info: &RegistryInfo, output: Output) -> anyhow::Result<()> {
     print_rows(output, &["NAME", "LIMIT", "CURRENT VALUE", "UNIT"], &rows)
 }
 
+fn content_trust(cmd: ContentTrustCmd) -> anyhow::Result<ExitCode> {
+    let opts = match &cmd {
+        ContentTrustCmd::Show { opts }
+        | ContentTrustCmd::Add { opts, .. }
+        | ContentTrustCmd::Remove { opts, .. } => opts.clone(),
+    };
+    opts.check_output()?;
+    let b = opts.backend()?;
+    let mut ct = b.registry_info()?.content_trust.unwrap_or_default();
+    let changed = match cmd {
+        ContentTrustCmd::Show { .. } => false,
+        ContentTrustCmd::Add {
+            repository, keys, ..
+        } => {
+            let mut pems = Vec::new();
+            for k in &keys {
+                let text = std::fs::read(k).with_context(|| format!("reading {}", k.display()))?;
+                let key = crate::signature::PublicKey::from_pem(&k.display().to_string(), &text)?;
+                pems.push(key.to_pem());
+            }
+            ct.policies.retain(|p| p.repository != repository);
+            ct.policies.push(crate::tier::TrustPolicy {
+                repository,
+                keys: pems,
+            });
+            true
+        }
+        ContentTrustCmd::Remove { repository, .. } => {
+            let before = ct.policies.len();
+            ct.policies.retain(|p| p.repository != repository);
+            if ct.policies.len() == before {
+                bail!("no content-trust policy for {repository:?} (see `registry config content-trust show`)");
+            }
+            true
+        }
+    };
+    if changed {
+        let info = b.change_settings(&Change {
+            content_trust: Some(ct),
+            ..Change::default()
+        })?;
+        ct = info.content_trust.unwrap_or_default();
+    }
+    if opts.output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&ct)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "Content trust: {}",
+        if ct.enabled() {
+            "enabled: pulls by tag and runs of unsigned images in these repositories are refused"
+        } else {
+            "disabled (`registry update --content-trust enabled` turns these policies on)"
+        }
+    );
+    let rows: Vec<Vec<String>> = ct
+        .policies
+        .iter()
+        .map(|p| {
+            let ids: Vec<String> = crate::tier::ContentTrust::keys(p)
+                .iter()
+                .map(|k| k.id())
+                .collect();
+            vec![p.repository.clone(), ids.join(",")]
+        })
+        .collect();
+    print_rows(opts.output, &["REPOSITORY", "KEYS"], &rows)?;
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn registry(cmd: RegistryCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         RegistryCmd::Show { opts } => {
@@ -622,15 +744,25 @@ pub fn registry(cmd: RegistryCmd) -> anyhow::Result<ExitCode> {
             token_limit,
             scope_map_limit,
             anonymous_pull_enabled,
+            content_trust,
             no_wait,
             opts,
         } => {
             no_dot(opts.output)?;
+            let b = super::manage::Backend::choose(opts.server.as_deref(), opts.data)?;
+            let content_trust = match content_trust {
+                None => None,
+                Some(status) => Some(crate::tier::ContentTrust {
+                    status,
+                    ..b.registry_info()?.content_trust.unwrap_or_default()
+                }),
+            };
             let change = Change {
                 sku,
                 anonymous_pull: anonymous_pull_enabled,
                 name: None,
                 retention: None,
+                content_trust,
                 overrides: Overrides {
                     storage_bytes: storage_limit,
                     read_ops_per_minute: read_ops_limit,
@@ -642,11 +774,10 @@ pub fn registry(cmd: RegistryCmd) -> anyhow::Result<ExitCode> {
             };
             if change.is_empty() {
                 bail!(
-                    "nothing to change: give --sku TIER, a --*-limit or \
-                     --anonymous-pull-enabled (see --help)"
+                    "nothing to change: give --sku TIER, a --*-limit, \
+                     --anonymous-pull-enabled or --content-trust (see --help)"
                 );
             }
-            let b = super::manage::Backend::choose(opts.server.as_deref(), opts.data)?;
             let mut info = b.change_settings(&change)?;
             if !no_wait && change.sku.is_some() {
                 info = super::upgrade::follow(&b, info)?;
@@ -706,6 +837,7 @@ pub fn registry(cmd: RegistryCmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         RegistryCmd::Relocate(a) => super::relocate::relocate(a),
+        RegistryCmd::Config(ConfigCmd::ContentTrust(cmd)) => content_trust(cmd),
         RegistryCmd::Config(ConfigCmd::Retention(cmd)) => {
             let (opts, change) = match cmd {
                 RetentionCmd::Show { opts } => (opts, None),
@@ -838,6 +970,63 @@ fn manifest_rows(ms: &[ManifestInfo]) -> Vec<Vec<String>> {
             ]
         })
         .collect()
+}
+
+/// A manifest that refers to another (its `subject`), as `show-manifests --referrers` lists.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Referrer {
+    digest: String,
+    media_type: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    artifact_type: Option<String>,
+    size: u64,
+}
+
+/// Manifests (their table row and JSON) each followed by its referrers; a manifest listed
+/// as another's referrer is shown only there. `created`: the rows have a CREATED column.
+fn print_with_referrers(
+    output: Output,
+    created: bool,
+    listed: Vec<(Vec<String>, Value)>,
+    referrers: Vec<Vec<Referrer>>,
+) -> anyhow::Result<()> {
+    let nested: std::collections::HashSet<String> = referrers
+        .iter()
+        .flatten()
+        .map(|r| r.digest.clone())
+        .collect();
+    let mut rows = Vec::new();
+    let mut json = Vec::new();
+    for ((row, mut v), refs) in listed.into_iter().zip(referrers) {
+        if nested.contains(&row[0]) {
+            continue;
+        }
+        rows.push(row);
+        for r in &refs {
+            let mut line = vec![
+                format!("  \u{2514} {}", r.digest),
+                "(referrer)".to_string(),
+                r.media_type.clone(),
+                r.artifact_type.clone().unwrap_or_default(),
+                r.size.to_string(),
+            ];
+            if created {
+                line.push(String::new());
+            }
+            rows.push(line);
+        }
+        v["referrers"] = serde_json::to_value(&refs)?;
+        json.push(v);
+    }
+    if output == Output::Json {
+        return print_json(&json);
+    }
+    let mut header = vec!["DIGEST", "TAGS", "MEDIA TYPE", "ARTIFACT TYPE", "SIZE"];
+    if created {
+        header.push("CREATED");
+    }
+    print_rows(output, &header, &rows)
 }
 
 /// The artifact type column: empty for container images, whose config type says nothing
@@ -1029,12 +1218,40 @@ pub fn repository(cmd: RepositoryCmd) -> anyhow::Result<ExitCode> {
             };
             print_names(opts.output, "TAG", tags)?;
         }
-        RepositoryCmd::ShowManifests { repository, opts } => {
+        RepositoryCmd::ShowManifests {
+            repository,
+            referrers,
+            opts,
+        } => {
             no_dot(opts.output)?;
-            let Some(ms) = open(opts.data)?.list_manifests(&repository)? else {
+            let store = open(opts.data)?;
+            let Some(ms) = store.list_manifests(&repository)? else {
                 bail!("repository {repository} not found");
             };
-            if opts.output == Output::Json {
+            if referrers {
+                let mut found = Vec::new();
+                for m in &ms {
+                    let rs = store.referrers(&repository, &m.digest)?;
+                    found.push(
+                        rs.into_iter()
+                            .map(|r| Referrer {
+                                digest: r.digest,
+                                media_type: r.media_type,
+                                artifact_type: r.artifact_type,
+                                size: r.size,
+                            })
+                            .collect(),
+                    );
+                }
+                let listed: Vec<(Vec<String>, Value)> = ms
+                    .iter()
+                    .map(|m| {
+                        let row = manifest_rows(std::slice::from_ref(m)).remove(0);
+                        (row, serde_json::to_value(m).unwrap_or_default())
+                    })
+                    .collect();
+                print_with_referrers(opts.output, true, listed, found)?;
+            } else if opts.output == Output::Json {
                 print_json(&ms)?;
             } else {
                 print_rows(
@@ -1095,9 +1312,42 @@ async fn repository_http(cmd: RepositoryCmd, client: RegistryClient) -> anyhow::
             let tags = client.tags(&repository).await?;
             print_names(opts.output, "TAG", tags)?;
         }
-        RepositoryCmd::ShowManifests { repository, opts } => {
+        RepositoryCmd::ShowManifests {
+            repository,
+            referrers,
+            opts,
+        } => {
             let ms = client.manifests(&repository).await?;
-            if opts.output == Output::Json {
+            if referrers {
+                let mut found = Vec::new();
+                for m in &ms {
+                    let ds = client.referrers(&repository, &m.digest, None).await?;
+                    found.push(
+                        ds.iter()
+                            .map(|d| Referrer {
+                                digest: d["digest"].as_str().unwrap_or_default().to_string(),
+                                media_type: d["mediaType"].as_str().unwrap_or_default().to_string(),
+                                artifact_type: d["artifactType"].as_str().map(str::to_string),
+                                size: d["size"].as_u64().unwrap_or_default(),
+                            })
+                            .collect(),
+                    );
+                }
+                let listed: Vec<(Vec<String>, Value)> = ms
+                    .iter()
+                    .map(|m| {
+                        let row = vec![
+                            m.digest.clone(),
+                            m.tags.join(","),
+                            m.media_type.clone(),
+                            artifact_column(m.artifact_type.as_deref()),
+                            m.size.to_string(),
+                        ];
+                        (row, serde_json::to_value(m).unwrap_or_default())
+                    })
+                    .collect();
+                print_with_referrers(opts.output, false, listed, found)?;
+            } else if opts.output == Output::Json {
                 print_json(&ms)?;
             } else {
                 let rows: Vec<Vec<String>> = ms

@@ -65,6 +65,10 @@ pub struct RunArgs {
     /// variable ID. Substituted for `{{.Secrets.ID}}` when steps run; masked in all output.
     #[arg(long = "secret", value_name = "ID[=VALUE]")]
     pub secrets: Vec<String>,
+    /// Sign every image a push step pushes with this private key (a PEM file or
+    /// env://VAR; cosign's format, stored as the image's referrer).
+    #[arg(long, value_name = "KEY")]
+    pub signing_key: Option<super::sign::KeyRef>,
     /// Registry to push to (`HOST:PORT`). Default: the integrated registry, started in-process.
     #[arg(long)]
     pub registry: Option<String>,
@@ -477,6 +481,16 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         let (registry, integrated) = registry_for(args.registry.clone(), args.data.clone()).await?;
         let info = run_info(&run_id, &file, &registry, &context, git.as_ref(), &cfg);
         cfg.registry = Some(registry.clone());
+        let trust = crate::setup::RunTrust {
+            registry: registry.clone(),
+            // The integrated registry's content-trust policies hold for the run's images.
+            store: integrated.as_ref().map(|r| r.registry().store().clone()),
+            key: match &args.signing_key {
+                Some(k) => Some(Arc::new(k.signing_key()?)),
+                None => None,
+            },
+        };
+        cfg.trust = Some(Arc::new(trust));
         let loaded = validate::load(
             &file,
             args.values.as_deref(),
@@ -644,6 +658,7 @@ pub fn build(args: BuildArgs) -> anyhow::Result<ExitCode> {
         values: None,
         set: Vec::new(),
         secrets,
+        signing_key: None,
         registry: args.registry,
         strict: false,
         dry_run: false,

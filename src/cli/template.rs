@@ -109,6 +109,7 @@ pub fn target(b: &Backend) -> anyhow::Result<Target> {
         name: Some(info.name.clone()),
         anonymous_pull: info.anonymous_pull_enabled,
         retention: info.retention,
+        content_trust: info.content_trust.clone(),
     };
     Ok(Target {
         storage_used: info.storage_used_bytes,

@@ -49,6 +49,25 @@ pub struct RunConfig {
     /// Logins for the registries the run pulls from and pushes to (the run's own
     /// registry's is given with `Credentials::set`); their passwords are masked too.
     pub credentials: Arc<Credentials>,
+    /// Content trust and signing for the images the run uses and pushes (none: neither).
+    pub trust: Option<Arc<dyn ImageTrust>>,
+}
+
+/// A boxed future, for the object-safe traits a run is wired with.
+pub type BoxFut<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// What a run asks of content trust, wired by whoever starts it (`setup::RunTrust`).
+pub trait ImageTrust: Send + Sync + std::fmt::Debug {
+    /// `Err(why)` when the run may not use `image` (a build's base, a step's image).
+    fn check<'a>(&'a self, image: &'a str) -> BoxFut<'a, Result<(), String>>;
+    /// Signs `image`, pushed as `digest`, when the run has a signing key (`login`: the
+    /// run's for its registry); the signature's id, or `None` without a key.
+    fn sign<'a>(
+        &'a self,
+        image: &'a str,
+        digest: &'a str,
+        login: Option<crate::credentials::Credential>,
+    ) -> BoxFut<'a, Result<Option<String>, String>>;
 }
 
 impl RunConfig {
@@ -64,6 +83,7 @@ impl RunConfig {
             platform: None,
             registry: None,
             credentials: Arc::default(),
+            trust: None,
         }
     }
 }
@@ -911,6 +931,9 @@ impl<R: Runtime> Ctx<R> {
         let known = |set: &Mutex<std::collections::HashSet<String>>| {
             set.lock().map(|s| s.contains(image)).unwrap_or(false)
         };
+        if let Some(t) = &self.cfg.trust {
+            t.check(image).await.map_err(RuntimeError::Denied)?;
+        }
         if policy == PullPolicy::Missing && known(&self.known_images) {
             return Ok(());
         }
@@ -1118,10 +1141,23 @@ impl<R: Runtime> Ctx<R> {
                 .await
                 .map_err(|e| login_hint(e, image, login.is_some()))
             {
-                Ok(digest) => pushed.push(PushedImage {
-                    image: image.clone(),
-                    digest,
-                }),
+                Ok(digest) => {
+                    if let Some(t) = &self.cfg.trust {
+                        match t.sign(image, &digest, login.clone()).await {
+                            Ok(Some(sig)) => log(format!("signed {image} ({digest}): {sig}")),
+                            Ok(None) => {}
+                            Err(e) => {
+                                let mut a = Attempt::failed(format!("signing {image}: {e}"));
+                                a.pushed = pushed;
+                                return a;
+                            }
+                        }
+                    }
+                    pushed.push(PushedImage {
+                        image: image.clone(),
+                        digest,
+                    })
+                }
                 Err(e) => {
                     let mut a = Attempt::failed(e);
                     a.pushed = pushed;

@@ -168,14 +168,37 @@ impl RegistryClient {
         path: &str,
         scope: &str,
     ) -> Result<HttpResponse, ClientError> {
-        let resp = self.open(method.clone(), path, scope, true).await?;
+        let resp = self.open(method.clone(), path, scope, true, None).await?;
+        self.read(&method, resp).await
+    }
+
+    /// Sends `method path` with `body` of type `content_type` (a blob or manifest upload),
+    /// answering an auth challenge once.
+    pub async fn request_with_body(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        scope: &str,
+        content_type: &str,
+        body: bytes::Bytes,
+    ) -> Result<HttpResponse, ClientError> {
+        let resp = self
+            .open(
+                method.clone(),
+                path,
+                scope,
+                true,
+                Some((content_type, body)),
+            )
+            .await?;
         self.read(&method, resp).await
     }
 
     /// `GET path` whose body the caller streams (a blob): the whole exchange has no time
     /// limit, only the wait for the response's headers; the caller bounds the body.
     pub async fn stream(&self, path: &str, scope: &str) -> Result<reqwest::Response, ClientError> {
-        self.open(reqwest::Method::GET, path, scope, false).await
+        self.open(reqwest::Method::GET, path, scope, false, None)
+            .await
     }
 
     /// The response of `method path` after at most one auth challenge, body unread.
@@ -186,10 +209,17 @@ impl RegistryClient {
         path: &str,
         scope: &str,
         whole: bool,
+        body: Option<(&str, bytes::Bytes)>,
     ) -> Result<reqwest::Response, ClientError> {
         let cached = self.cached_token(scope);
         let r = self
-            .send(&method, path, cached.as_deref().map(Auth::Bearer), whole)
+            .send(
+                &method,
+                path,
+                cached.as_deref().map(Auth::Bearer),
+                whole,
+                body.clone(),
+            )
             .await?;
         if r.status().as_u16() != 401 {
             return Ok(r);
@@ -208,11 +238,14 @@ impl RegistryClient {
                     .cloned()
                     .unwrap_or_else(|| scope.to_string());
                 let token = self.fetch_token(&challenge, &scope).await?;
-                self.send(&method, path, Some(Auth::Bearer(&token)), whole)
+                self.send(&method, path, Some(Auth::Bearer(&token)), whole, body)
                     .await
             }
             "basic" => match self.credential().await {
-                Some(c) => self.send(&method, path, Some(Auth::Basic(&c)), whole).await,
+                Some(c) => {
+                    self.send(&method, path, Some(Auth::Basic(&c)), whole, body)
+                        .await
+                }
                 None => Ok(r),
             },
             _ => Ok(r),
@@ -233,6 +266,7 @@ impl RegistryClient {
         path: &str,
         auth: Option<Auth<'_>>,
         whole: bool,
+        body: Option<(&str, bytes::Bytes)>,
     ) -> Result<reqwest::Response, ClientError> {
         let known = self.scheme.lock().ok().and_then(|s| *s);
         // Docker's rule for loopback registries: HTTPS first, plain HTTP if that fails.
@@ -252,6 +286,11 @@ impl RegistryClient {
                 .header("accept", MANIFEST_ACCEPT);
             if whole {
                 req = req.timeout(TIMEOUT);
+            }
+            if let Some((content_type, bytes)) = &body {
+                req = req
+                    .header("content-type", *content_type)
+                    .body(bytes.clone());
             }
             req = match auth {
                 Some(Auth::Bearer(t)) => req.bearer_auth(t),
@@ -490,6 +529,195 @@ impl RegistryClient {
     }
 }
 
+/// A manifest as fetched: its digest (verified against the body), media type and body.
+pub struct FetchedManifest {
+    pub digest: String,
+    pub media_type: String,
+    pub body: Vec<u8>,
+}
+
+impl RegistryClient {
+    /// `repo`'s manifest `reference` (a tag or digest); `None` if there is none. The body's
+    /// digest is computed here: a registry's header is not trusted.
+    pub async fn get_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+    ) -> Result<Option<FetchedManifest>, ClientError> {
+        let path = format!("/v2/{repo}/manifests/{reference}");
+        let r = self
+            .request(reqwest::Method::GET, &path, &pull(repo))
+            .await?;
+        if r.status == 404 {
+            return Ok(None);
+        }
+        if !(200..300).contains(&r.status) {
+            return Err(refused("GET", path, &r));
+        }
+        let digest = crate::digest::of_bytes(crate::digest::Algorithm::Sha256, &r.body);
+        if reference.contains(':') && reference != digest {
+            return Err(ClientError::Malformed(self.addr.clone()));
+        }
+        Ok(Some(FetchedManifest {
+            digest,
+            media_type: r.header("content-type").unwrap_or_default().to_string(),
+            body: r.body,
+        }))
+    }
+
+    /// A small blob (at most `max` bytes), its digest verified; `None` if absent or larger.
+    pub async fn get_small_blob(
+        &self,
+        repo: &str,
+        digest: &str,
+        max: u64,
+    ) -> Result<Option<Vec<u8>>, ClientError> {
+        let alg =
+            crate::digest::parse(digest).map_err(|_| ClientError::Malformed(digest.into()))?;
+        let r = self
+            .ok(
+                reqwest::Method::GET,
+                &format!("/v2/{repo}/blobs/{digest}"),
+                &pull(repo),
+            )
+            .await;
+        let r = match r {
+            Ok(r) => r,
+            Err(ClientError::Status { status: 404, .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if r.body.len() as u64 > max {
+            return Ok(None);
+        }
+        if crate::digest::of_bytes(alg, &r.body) != digest {
+            return Err(ClientError::Malformed(format!(
+                "{}: blob {digest}",
+                self.addr
+            )));
+        }
+        Ok(Some(r.body))
+    }
+
+    /// Uploads `bytes` as a blob of `repo` (one POST and one PUT), unless it is there.
+    pub async fn push_small_blob(&self, repo: &str, bytes: &[u8]) -> Result<String, ClientError> {
+        let digest = crate::digest::of_bytes(crate::digest::Algorithm::Sha256, bytes);
+        let scope = format!("repository:{repo}:pull,push");
+        let head = self
+            .request(
+                reqwest::Method::HEAD,
+                &format!("/v2/{repo}/blobs/{digest}"),
+                &scope,
+            )
+            .await?;
+        if head.status == 200 {
+            return Ok(digest);
+        }
+        let start = self
+            .ok(
+                reqwest::Method::POST,
+                &format!("/v2/{repo}/blobs/uploads/"),
+                &scope,
+            )
+            .await?;
+        let location = start
+            .header("location")
+            .and_then(same_host_path)
+            .ok_or_else(|| ClientError::Malformed(self.addr.clone()))?;
+        let sep = if location.contains('?') { '&' } else { '?' };
+        let path = format!("{location}{sep}digest={digest}");
+        let r = self
+            .request_with_body(
+                reqwest::Method::PUT,
+                &path,
+                &scope,
+                "application/octet-stream",
+                bytes::Bytes::copy_from_slice(bytes),
+            )
+            .await?;
+        if r.status != 201 {
+            return Err(refused("PUT", path, &r));
+        }
+        Ok(digest)
+    }
+
+    /// Puts a manifest under `reference` (a tag, or its digest); returns its digest.
+    pub async fn put_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        media_type: &str,
+        body: Vec<u8>,
+    ) -> Result<String, ClientError> {
+        let digest = crate::digest::of_bytes(crate::digest::Algorithm::Sha256, &body);
+        let path = format!("/v2/{repo}/manifests/{reference}");
+        let r = self
+            .request_with_body(
+                reqwest::Method::PUT,
+                &path,
+                &format!("repository:{repo}:pull,push"),
+                media_type,
+                body.into(),
+            )
+            .await?;
+        if r.status != 201 {
+            return Err(refused("PUT", path, &r));
+        }
+        Ok(digest)
+    }
+
+    /// The descriptors of `digest`'s referrers in `repo` (of `artifact_type`, if given),
+    /// from the referrers API; a registry without it answers none.
+    pub async fn referrers(
+        &self,
+        repo: &str,
+        digest: &str,
+        artifact_type: Option<&str>,
+    ) -> Result<Vec<Value>, ClientError> {
+        let mut path = format!("/v2/{repo}/referrers/{digest}");
+        if let Some(t) = artifact_type {
+            // `+` in a query is a space: media types need it escaped.
+            path = format!("{path}?artifactType={}", t.replace('+', "%2B"));
+        }
+        let r = self
+            .request(reqwest::Method::GET, &path, &pull(repo))
+            .await?;
+        if r.status == 404 {
+            return Ok(Vec::new());
+        }
+        if !(200..300).contains(&r.status) {
+            return Err(refused("GET", path, &r));
+        }
+        let v: Value = serde_json::from_slice(&r.body)
+            .map_err(|_| ClientError::Malformed(self.addr.clone()))?;
+        Ok(v["manifests"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|d| artifact_type.is_none_or(|t| d["artifactType"] == t))
+            .collect())
+    }
+}
+
+/// A response that is not what was asked for, as an error naming the request.
+fn refused(method: &str, path: String, r: &HttpResponse) -> ClientError {
+    ClientError::Status {
+        method: method.to_string(),
+        path,
+        status: r.status,
+        body: summary(&r.body),
+    }
+}
+
+/// The path (and query) of an upload `Location`: relative, or on this same host.
+fn same_host_path(location: &str) -> Option<String> {
+    let path = match location.find("://") {
+        Some(i) => &location[location[i + 3..].find('/').map(|j| i + 3 + j)?..],
+        None => location,
+    };
+    path.starts_with("/v2/").then(|| path.to_string())
+}
+
 #[derive(Clone, Copy)]
 enum Auth<'a> {
     Bearer(&'a str),
@@ -509,11 +737,7 @@ fn next_link(h: &str) -> Option<String> {
             return None;
         }
         let url = url.trim().strip_prefix('<')?.strip_suffix('>')?;
-        let path = match url.find("://") {
-            Some(i) => &url[url[i + 3..].find('/').map(|j| i + 3 + j)?..],
-            None => url,
-        };
-        path.starts_with("/v2/").then(|| path.to_string())
+        same_host_path(url)
     })
 }
 

@@ -274,11 +274,32 @@ pub(super) async fn get(
         return Err(ApiError::manifest_unknown(reference));
     }
     let r = parse_reference(reference)?;
+    let by_tag = matches!(r, Reference::Tag(_));
     let store = reg.inner.store.clone();
     let n = name.to_string();
-    let Some(row) = blocking(move || store.get_manifest(&n, &r)).await? else {
+    let Some((row, denial)) = blocking(move || {
+        let Some(row) = store.get_manifest(&n, &r)? else {
+            return Ok(None);
+        };
+        // Content trust guards pulls by tag: a digest names content the puller chose.
+        let denial = match by_tag {
+            true => super::trust::check(&store, &n, &row)?,
+            false => None,
+        };
+        Ok(Some((row, denial)))
+    })
+    .await?
+    else {
         return Err(ApiError::manifest_unknown(reference));
     };
+    if let Some(d) = denial {
+        // The digest goes with the refusal: a signer can then sign what the tag names.
+        let mut resp = axum::response::IntoResponse::into_response(ApiError::denied(d.to_string()));
+        if let Ok(v) = axum::http::HeaderValue::from_str(&row.digest) {
+            resp.headers_mut().insert("docker-content-digest", v);
+        }
+        return Ok(resp);
+    }
     let hdrs = [
         ("Content-Type", row.media_type.clone()),
         ("Content-Length", row.size.to_string()),

@@ -15,8 +15,10 @@ pub mod purge;
 pub mod reference;
 mod routes;
 pub mod service;
+pub mod signing;
 mod stream;
 mod throttle;
+pub mod trust;
 pub mod upgrade;
 
 use std::collections::HashMap;

@@ -51,6 +51,9 @@ pub struct RegistryInfo {
     /// The retention policy for untagged manifests (none: never set, disabled).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<crate::tier::RetentionPolicy>,
+    /// Content trust and its policies (none: never set, disabled).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_trust: Option<crate::tier::ContentTrust>,
     pub storage_used_bytes: u64,
     /// `None`: no limit.
     pub storage_limit_bytes: Option<u64>,
@@ -132,6 +135,7 @@ pub fn registry_info(
         sku: p.sku,
         anonymous_pull_enabled: p.anonymous_pull,
         retention: p.retention,
+        content_trust: p.content_trust,
         storage_used_bytes: counts.storage_bytes,
         storage_limit_bytes: limits.storage_bytes,
         limits,

@@ -287,6 +287,7 @@ impl Server {
                 self.cfg.max_parallel,
                 self.policy.clone(),
                 self.cfg.registry_auth.then(|| self.auth.clone()),
+                self.registry.store().clone(),
             )
             .await,
         );

@@ -398,6 +398,8 @@ pub struct DockerExecutor {
     policy: Arc<Policy>,
     /// The registry's gate when it checks credentials: each run gets its own login.
     auth: Option<Arc<crate::auth::Auth>>,
+    /// The registry's store: runs are held to its content-trust policies.
+    store: Arc<crate::store::Store>,
 }
 
 impl DockerExecutor {
@@ -407,6 +409,7 @@ impl DockerExecutor {
         max_parallel: usize,
         policy: Arc<Policy>,
         auth: Option<Arc<crate::auth::Auth>>,
+        store: Arc<crate::store::Store>,
     ) -> DockerExecutor {
         let rt = match DockerRuntime::connect().await {
             Ok(rt) => Some(Arc::new(Policed::new(Arc::new(rt), policy.clone()))),
@@ -421,6 +424,7 @@ impl DockerExecutor {
             max_parallel,
             policy,
             auth,
+            store,
         }
     }
 }
@@ -432,10 +436,11 @@ impl Executor for DockerExecutor {
         let max_parallel = self.max_parallel;
         let policy = self.policy.clone();
         let auth = self.auth.clone();
+        let store = self.store.clone();
         Box::pin(async move {
             match rt {
                 None => Outcome::failed("no Docker Engine is reachable".into()),
-                Some(rt) => run_on_docker(rt, work, max_parallel, policy, auth, job).await,
+                Some(rt) => run_on_docker(rt, work, max_parallel, policy, auth, store, job).await,
             }
         })
     }
@@ -508,6 +513,7 @@ async fn run_on_docker(
     max_parallel: usize,
     policy: Arc<Policy>,
     auth: Option<Arc<crate::auth::Auth>>,
+    store: Arc<crate::store::Store>,
     job: Job,
 ) -> Outcome {
     let Job {
@@ -541,6 +547,11 @@ async fn run_on_docker(
     let mut cfg = RunConfig::for_run(&run.id, context.clone(), max_parallel);
     cfg.platform = spec.target_platform();
     cfg.registry = Some(registry.to_string());
+    cfg.trust = Some(Arc::new(crate::setup::RunTrust {
+        registry: registry.to_string(),
+        store: Some(store),
+        key: None,
+    }));
     cfg.secrets = match resolve_secrets(&spec.secrets, &policy) {
         Ok(s) => s,
         Err(e) => {
