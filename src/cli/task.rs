@@ -93,6 +93,10 @@ pub struct TaskDef {
     /// sets `.Run.OS` and `.Run.Architecture` [default: the engine's].
     #[arg(long)]
     platform: Option<crate::task::Platform>,
+    /// Sign what push steps push with the PEM private key this secret reference names
+    /// (`env:VAR` or `file:/path`, resolved on the server when a run starts).
+    #[arg(long, value_name = "REF")]
+    signing_key: Option<String>,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -442,6 +446,9 @@ fn apply(spec: &mut TaskSpec, def: TaskDef) -> anyhow::Result<()> {
     }
     if let Some(p) = def.platform {
         spec.platform = Some(p.to_string());
+    }
+    if def.signing_key.is_some() {
+        spec.signing_key = def.signing_key;
     }
     Ok(())
 }

@@ -33,6 +33,10 @@ pub struct TaskSpec {
     pub timeout: Option<u64>,
     /// Target platform `os/arch[/variant]` of every build and container of its runs.
     pub platform: Option<String>,
+    /// A secret reference (`env:VAR`, `file:/path`) to a PEM private key: its runs' push
+    /// steps sign what they push (cosign's format), resolved when a run starts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signing_key: Option<String>,
 }
 
 /// A task's login for one registry: a user name (plain, or a secret reference) and a

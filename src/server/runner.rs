@@ -323,7 +323,44 @@ pub fn check_spec_paths(spec: &TaskSpec, policy: &Policy) -> Result<(), String> 
         }
     }
     check_secret_refs(&spec.secrets, policy)?;
+    check_signing_key(spec, policy)?;
     check_credentials(spec, policy)
+}
+
+/// The signing key's reference, as one secret named `signing-key`.
+fn signing_key_ref(spec: &TaskSpec) -> BTreeMap<String, String> {
+    spec.signing_key
+        .iter()
+        .map(|r| ("signing-key".to_string(), r.clone()))
+        .collect()
+}
+
+fn check_signing_key(spec: &TaskSpec, policy: &Policy) -> Result<(), String> {
+    if let Some(r) = &spec.signing_key {
+        if !is_secret_ref(r) {
+            return Err(
+                "the signing key must be a secret reference, env:VAR or file:/path, resolved \
+                 on the server when a run starts (never stored)"
+                    .into(),
+            );
+        }
+    }
+    check_secret_refs(&signing_key_ref(spec), policy)
+}
+
+/// A stored task's signing key, read now (`None`: the task signs nothing).
+pub fn resolve_signing_key(
+    spec: &TaskSpec,
+    policy: &Policy,
+) -> Result<Option<crate::signature::SigningKey>, String> {
+    check_signing_key(spec, policy)?;
+    let values = resolve_secrets(&signing_key_ref(spec), policy)?;
+    match values.get("signing-key") {
+        None => Ok(None),
+        Some(pem) => crate::signature::SigningKey::from_pem("signing key", pem.as_bytes())
+            .map(Some)
+            .map_err(|e| e.to_string()),
+    }
 }
 
 /// A run's log file, appended one line at a time (readers follow it while it grows).
@@ -547,10 +584,17 @@ async fn run_on_docker(
     let mut cfg = RunConfig::for_run(&run.id, context.clone(), max_parallel);
     cfg.platform = spec.target_platform();
     cfg.registry = Some(registry.to_string());
+    let key = match resolve_signing_key(&spec, &policy) {
+        Ok(k) => k.map(Arc::new),
+        Err(e) => {
+            log.line("acr-task", &e);
+            return Outcome::failed(e);
+        }
+    };
     cfg.trust = Some(Arc::new(crate::setup::RunTrust {
         registry: registry.to_string(),
         store: Some(store),
-        key: None,
+        key,
     }));
     cfg.secrets = match resolve_secrets(&spec.secrets, &policy) {
         Ok(s) => s,
