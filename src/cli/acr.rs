@@ -1,7 +1,7 @@
 //! The `acr` personality: what the `acr` image alias runs inside a step (ACR maps it to
 //! acr-cli). The acr image (`runners/acr`) carries this binary as `/usr/local/bin/acr`;
 //! invoked by that name it speaks acr-cli's command line (`-r/--registry`, `-u`, `-p`,
-//! `tag list|delete`, `manifest list|delete`, `version`), and the registry defaults to
+//! `tag list|delete`, `manifest list|delete`, `purge`, `version`), and the registry defaults to
 //! `$ACR_DEFAULT_REGISTRY`, which the executor sets to the run's registry.
 //!
 //! A run's registry on the host's loopback is not reachable from a container; the executor
@@ -50,11 +50,31 @@ enum AcrCmd {
     Manifest(Listing),
     /// Print the version.
     Version,
-    /// Not provided yet (acr-cli's purge).
-    #[command(hide = true, disable_help_flag = true)]
+    /// Delete tags older than --ago that match a filter (and, with --untagged, manifests
+    /// no tag names), keeping the newest --keep; a digest an index or a referrer needs stays.
     Purge {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        rest: Vec<String>,
+        /// `REPOSITORY_REGEX:TAG_REGEX` (repeatable).
+        #[arg(long = "filter", required = true)]
+        filters: Vec<String>,
+        /// Only tags last updated longer ago than this: days and/or a duration (`30d`,
+        /// `1d12h`, `0d`).
+        #[arg(long)]
+        ago: String,
+        /// Keep the newest N matching tags.
+        #[arg(long, default_value_t = 0)]
+        keep: usize,
+        /// Also delete manifests no tag, index or referrer names.
+        #[arg(long)]
+        untagged: bool,
+        /// Only delete such manifests, no tags.
+        #[arg(long)]
+        untagged_only: bool,
+        /// Print what would be deleted; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Accepted for acr-cli's command line; deletes go one at a time.
+        #[arg(long, default_value_t = 5)]
+        concurrency: usize,
     },
 }
 
@@ -109,10 +129,6 @@ async fn run(cli: AcrCli) -> anyhow::Result<()> {
             println!("acr-task {}", env!("CARGO_PKG_VERSION"));
             return Ok(());
         }
-        (AcrCmd::Purge { .. }, _) => bail!(
-            "`acr purge` is not provided by acr-task's acr image yet; `acr tag list|delete` and \
-             `acr manifest list|delete` are"
-        ),
         (_, Some(r)) => r,
         (_, None) => std::env::var(DEFAULT_REGISTRY_ENV).map_err(|_| {
             anyhow::anyhow!("unable to determine registry name, please use --registry flag")
@@ -169,7 +185,43 @@ async fn run(cli: AcrCli) -> anyhow::Result<()> {
                 println!("{registry}/{repository}{sep}{r}");
             }
         }
-        AcrCmd::Version | AcrCmd::Purge { .. } => {}
+        AcrCmd::Purge {
+            filters,
+            ago,
+            keep,
+            untagged,
+            untagged_only,
+            dry_run,
+            concurrency,
+        } => {
+            let req = crate::registry::purge::PurgeRequest {
+                filters,
+                ago,
+                keep,
+                untagged,
+                untagged_only,
+                dry_run,
+                concurrency: Some(concurrency),
+            };
+            if dry_run {
+                println!(
+                    "DRY RUN: The following output shows what WOULD be deleted if the purge \
+                     command was executed. Nothing is deleted."
+                );
+            }
+            let host = registry.clone();
+            let say = move |item: String| println!("{host}/{item}");
+            let report = crate::registry::purge_remote::run(&client, &req, &say).await?;
+            for k in &report.kept {
+                println!("kept {}: {}", k.item, k.why);
+            }
+            println!("Number of deleted tags: {}", report.tags_deleted.len());
+            println!(
+                "Number of deleted manifests: {}",
+                report.manifests_deleted.len()
+            );
+        }
+        AcrCmd::Version => {}
     }
     Ok(())
 }

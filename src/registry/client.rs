@@ -168,7 +168,26 @@ impl RegistryClient {
         path: &str,
         scope: &str,
     ) -> Result<HttpResponse, ClientError> {
-        let resp = self.open(method.clone(), path, scope, true, None).await?;
+        let resp = self
+            .open(method.clone(), path, scope, true, Outgoing::default())
+            .await?;
+        self.read(&method, resp).await
+    }
+
+    /// Sends `method path` with extra `headers` (`If-Match`), answering an auth challenge
+    /// once.
+    pub async fn request_with_headers(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        scope: &str,
+        headers: &[(&str, String)],
+    ) -> Result<HttpResponse, ClientError> {
+        let out = Outgoing {
+            headers,
+            body: None,
+        };
+        let resp = self.open(method.clone(), path, scope, true, out).await?;
         self.read(&method, resp).await
     }
 
@@ -188,7 +207,10 @@ impl RegistryClient {
                 path,
                 scope,
                 true,
-                Some((content_type, body)),
+                Outgoing {
+                    body: Some((content_type, body)),
+                    ..Outgoing::default()
+                },
             )
             .await?;
         self.read(&method, resp).await
@@ -197,8 +219,14 @@ impl RegistryClient {
     /// `GET path` whose body the caller streams (a blob): the whole exchange has no time
     /// limit, only the wait for the response's headers; the caller bounds the body.
     pub async fn stream(&self, path: &str, scope: &str) -> Result<reqwest::Response, ClientError> {
-        self.open(reqwest::Method::GET, path, scope, false, None)
-            .await
+        self.open(
+            reqwest::Method::GET,
+            path,
+            scope,
+            false,
+            Outgoing::default(),
+        )
+        .await
     }
 
     /// The response of `method path` after at most one auth challenge, body unread.
@@ -209,7 +237,7 @@ impl RegistryClient {
         path: &str,
         scope: &str,
         whole: bool,
-        body: Option<(&str, bytes::Bytes)>,
+        body: Outgoing<'_>,
     ) -> Result<reqwest::Response, ClientError> {
         let cached = self.cached_token(scope);
         let r = self
@@ -266,7 +294,7 @@ impl RegistryClient {
         path: &str,
         auth: Option<Auth<'_>>,
         whole: bool,
-        body: Option<(&str, bytes::Bytes)>,
+        body: Outgoing<'_>,
     ) -> Result<reqwest::Response, ClientError> {
         let known = self.scheme.lock().ok().and_then(|s| *s);
         // Docker's rule for loopback registries: HTTPS first, plain HTTP if that fails.
@@ -287,10 +315,13 @@ impl RegistryClient {
             if whole {
                 req = req.timeout(TIMEOUT);
             }
-            if let Some((content_type, bytes)) = &body {
+            if let Some((content_type, bytes)) = &body.body {
                 req = req
                     .header("content-type", *content_type)
                     .body(bytes.clone());
+            }
+            for (k, v) in body.headers {
+                req = req.header(*k, v);
             }
             req = match auth {
                 Some(Auth::Bearer(t)) => req.bearer_auth(t),
@@ -527,6 +558,13 @@ impl RegistryClient {
             body: String::new(),
         })
     }
+}
+
+/// What a request sends beyond its method and path.
+#[derive(Clone, Default)]
+struct Outgoing<'a> {
+    headers: &'a [(&'a str, String)],
+    body: Option<(&'a str, bytes::Bytes)>,
 }
 
 /// A manifest as fetched: its digest (verified against the body), media type and body.

@@ -5,6 +5,7 @@
 //! - [`router`] gives the bare `Router` so `serve` can compose it;
 //! - [`Registry`] is the read API (repositories, tags, manifests) and the push-event hook.
 
+mod acr_api;
 mod blobs;
 pub mod client;
 mod errors;
@@ -12,6 +13,7 @@ pub mod import;
 mod manifests;
 mod names;
 pub mod purge;
+pub mod purge_remote;
 pub mod reference;
 mod routes;
 pub mod service;

@@ -41,6 +41,34 @@ pub enum Route {
     UploadStart(String),
     Upload(String, String),
     Referrers(String, String),
+    /// ACR's `/acr/v1/{name}/_tags` (tags with times and attributes).
+    AcrTags(String),
+    /// `/acr/v1/{name}/_tags/{tag}` (DELETE, conditional on `If-Match`).
+    AcrTag(String, String),
+    /// `/acr/v1/{name}/_manifests` (manifests with times, tags, subject and references).
+    AcrManifests(String),
+    /// `/acr/v1/{name}/_manifests/{digest}` (DELETE while nothing names it).
+    AcrManifest(String, String),
+}
+
+/// What an `/acr/v1/<rest>` path (ACR's own API, as acr-cli uses it) addresses.
+pub fn parse_acr_route(rest: &str) -> Option<Route> {
+    let segs: Vec<&str> = rest.split('/').collect();
+    let n = segs.len();
+    let name = |k: usize| segs[..n - k].join("/");
+    match (
+        n >= 2,
+        segs.get(n.wrapping_sub(1)),
+        segs.get(n.wrapping_sub(2)),
+    ) {
+        (true, Some(&"_tags"), _) => Some(Route::AcrTags(name(1))),
+        (true, Some(&"_manifests"), _) => Some(Route::AcrManifests(name(1))),
+        (true, Some(t), Some(&"_tags")) if n >= 3 => Some(Route::AcrTag(name(2), t.to_string())),
+        (true, Some(d), Some(&"_manifests")) if n >= 3 => {
+            Some(Route::AcrManifest(name(2), d.to_string()))
+        }
+        _ => None,
+    }
 }
 
 /// Parse from the end, because names may themselves contain `/`.
@@ -78,6 +106,28 @@ pub fn parse_route(rest: &str) -> Option<Route> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn acr_api_paths() {
+        assert_eq!(
+            parse_acr_route("a/b/_tags"),
+            Some(Route::AcrTags("a/b".into()))
+        );
+        assert_eq!(
+            parse_acr_route("a/_tags/v1"),
+            Some(Route::AcrTag("a".into(), "v1".into()))
+        );
+        assert_eq!(
+            parse_acr_route("a/_manifests"),
+            Some(Route::AcrManifests("a".into()))
+        );
+        assert_eq!(
+            parse_acr_route("a/b/_manifests/sha256:x"),
+            Some(Route::AcrManifest("a/b".into(), "sha256:x".into()))
+        );
+        assert_eq!(parse_acr_route("_tags"), None);
+        assert_eq!(parse_acr_route("a/tags"), None);
+    }
 
     #[test]
     fn digests() {

@@ -13,7 +13,7 @@ use axum::routing::any;
 use axum::Router;
 
 use super::errors::ApiError;
-use super::names::{parse_route, valid_name, Route};
+use super::names::{parse_acr_route, parse_route, valid_name, Route};
 use super::{blobs, manifests, Registry, RequestContext, REQUEST_CONTEXT};
 use crate::auth::http::{token_router, Need};
 use crate::auth::Auth;
@@ -25,6 +25,7 @@ pub(super) fn router(reg: Registry) -> Router {
         .route("/v2", any(base))
         .route("/v2/", any(base))
         .route("/v2/{*rest}", any(dispatch))
+        .route("/acr/v1/{*rest}", any(dispatch_acr))
         .layer(axum::middleware::from_fn(with_context))
         .with_state(reg)
 }
@@ -69,6 +70,26 @@ async fn base() -> Response {
 pub(super) type Q = HashMap<String, String>;
 
 async fn dispatch(State(reg): State<Registry>, Path(rest): Path<String>, req: Request) -> Response {
+    let route = parse_route(&rest);
+    dispatch_route(reg, route, format!("/v2/{rest}"), req).await
+}
+
+/// ACR's own API (`/acr/v1/...`), as acr-cli uses it; same gate, throttle and errors.
+async fn dispatch_acr(
+    State(reg): State<Registry>,
+    Path(rest): Path<String>,
+    req: Request,
+) -> Response {
+    let route = parse_acr_route(&rest);
+    dispatch_route(reg, route, format!("/acr/v1/{rest}"), req).await
+}
+
+async fn dispatch_route(
+    reg: Registry,
+    route: Option<Route>,
+    rest: String,
+    req: Request,
+) -> Response {
     let (parts, body) = req.into_parts();
     let method = parts.method;
     let result = match parse_query(parts.uri.query()) {
@@ -84,7 +105,19 @@ async fn dispatch(State(reg): State<Registry>, Path(rest): Path<String>, req: Re
                 .map(|c| c.0.ip())
                 .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
             match throttle(&reg, &method).await {
-                Ok(()) => handle(&reg, &method, &rest, client, &q, &parts.headers, body).await,
+                Ok(()) => {
+                    handle(
+                        &reg,
+                        &method,
+                        route,
+                        &rest,
+                        client,
+                        &q,
+                        &parts.headers,
+                        body,
+                    )
+                    .await
+                }
                 Err(e) => Err(e),
             }
         }
@@ -185,23 +218,50 @@ fn not_allowed(method: &Method) -> ApiError {
     )
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn handle(
     reg: &Registry,
     method: &Method,
-    rest: &str,
+    route: Option<Route>,
+    path: &str,
     client: std::net::IpAddr,
     q: &Q,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let Some(route) = parse_route(rest) else {
+    let Some(route) = route else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "NOT_FOUND",
-            format!("no such endpoint: /v2/{rest}"),
+            format!("no such endpoint: {path}"),
         ));
     };
     match route {
+        Route::AcrTags(name)
+        | Route::AcrManifests(name)
+        | Route::AcrTag(name, _)
+        | Route::AcrManifest(name, _)
+            if !valid_name(&name) =>
+        {
+            check_name(&name)?;
+            Err(not_allowed(method))
+        }
+        Route::AcrTags(name) => match *method {
+            Method::GET => super::acr_api::tags(reg, &name).await,
+            _ => Err(not_allowed(method)),
+        },
+        Route::AcrManifests(name) => match *method {
+            Method::GET => super::acr_api::manifests(reg, &name).await,
+            _ => Err(not_allowed(method)),
+        },
+        Route::AcrTag(name, tag) => match *method {
+            Method::DELETE => super::acr_api::delete_tag(reg, &name, &tag, headers).await,
+            _ => Err(not_allowed(method)),
+        },
+        Route::AcrManifest(name, digest) => match *method {
+            Method::DELETE => super::acr_api::delete_manifest(reg, &name, &digest).await,
+            _ => Err(not_allowed(method)),
+        },
         Route::Catalog => match *method {
             Method::GET => manifests::catalog(reg, q).await,
             _ => Err(not_allowed(method)),
@@ -294,7 +354,10 @@ fn need_of<'a>(method: &Method, route: &'a Route) -> Need<'a> {
             name: "catalog",
             actions: &["*"],
         },
-        Route::Tags(n) | Route::Referrers(n, _) => repo(n, &["pull", "metadata_read"]),
+        Route::Tags(n) | Route::Referrers(n, _) | Route::AcrTags(n) | Route::AcrManifests(n) => {
+            repo(n, &["pull", "metadata_read"])
+        }
+        Route::AcrTag(n, _) | Route::AcrManifest(n, _) => repo(n, &["delete"]),
         Route::Manifest(n, _) | Route::Blob(n, _) if read => repo(n, &["pull"]),
         Route::Manifest(n, _) | Route::Blob(n, _) if *method == Method::DELETE => {
             repo(n, &["delete"])
@@ -313,14 +376,19 @@ async fn gate(State(auth): State<Arc<Auth>>, mut req: Request, next: Next) -> Re
         return ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", "no such endpoint")
             .into_response();
     }
-    let rest = path
-        .strip_prefix("/v2")
-        .unwrap_or("")
-        .trim_start_matches('/');
-    let route = if rest.is_empty() {
-        None
-    } else {
-        parse_route(rest)
+    let route = match path.strip_prefix("/acr/v1/") {
+        Some(rest) => parse_acr_route(rest),
+        None => {
+            let rest = path
+                .strip_prefix("/v2")
+                .unwrap_or("")
+                .trim_start_matches('/');
+            if rest.is_empty() {
+                None
+            } else {
+                parse_route(rest)
+            }
+        }
     };
     let need = route.as_ref().map(|r| need_of(req.method(), r));
     let claims = match auth.authorize(req.headers(), need) {

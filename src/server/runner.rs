@@ -148,11 +148,13 @@ pub fn resolve_credentials(
 
 /// What a run may do in its own registry: pull anything (a task may build `FROM` or run
 /// any image there, as in ACR), and push (with metadata and, for `acr` steps, deletes) only
-/// to the repositories the task pushes or tags in it.
+/// to the repositories the task pushes or tags in it; a task with an `acr purge` step may
+/// delete anywhere in it (its filters are regular expressions over every repository).
 pub fn run_grants(task: &task::Task, registry: &str) -> crate::auth::Grants {
     use crate::auth::Permission;
     let mut repos = std::collections::BTreeSet::new();
     let mut acr_steps = false;
+    let mut acr_purge = false;
     for step in &task.steps {
         let images: Vec<String> = match step.kind() {
             Some(task::StepKind::Push(images)) => images.to_vec(),
@@ -160,10 +162,12 @@ pub fn run_grants(task: &task::Task, registry: &str) -> crate::auth::Grants {
                 .map(|b| b.tags)
                 .unwrap_or_default(),
             Some(task::StepKind::Cmd(c)) => {
-                if task::args::parse_cmd_line(c)
-                    .is_ok_and(|l| crate::runtime::runner::is_acr_image(&l.image))
-                {
-                    acr_steps = true;
+                if let Ok(l) = task::args::parse_cmd_line(c) {
+                    if crate::runtime::runner::is_acr_image(&l.image) {
+                        acr_steps = true;
+                        // `acr purge` goes over the whole registry, as in ACR.
+                        acr_purge |= l.args.iter().any(|a| a == "purge");
+                    }
                 }
                 Vec::new()
             }
@@ -177,10 +181,11 @@ pub fn run_grants(task: &task::Task, registry: &str) -> crate::auth::Grants {
             }
         }
     }
-    let mut rules = vec![(
-        "*".to_string(),
-        vec![Permission::ContentRead, Permission::MetadataRead],
-    )];
+    let mut everywhere = vec![Permission::ContentRead, Permission::MetadataRead];
+    if acr_purge {
+        everywhere.push(Permission::ContentDelete);
+    }
+    let mut rules = vec![("*".to_string(), everywhere)];
     for repo in repos {
         let mut p = vec![
             Permission::ContentRead,
