@@ -106,10 +106,13 @@ fn runs_sign_their_pushes_and_refuse_unsigned_images_of_protected_repositories()
         ],
     ))
     .unwrap();
-    let sigs = listed[0]["referrers"]
+    let image = listed
         .as_array()
-        .cloned()
-        .unwrap_or_default();
+        .unwrap()
+        .iter()
+        .find(|m| m["tags"] == serde_json::json!(["v1"]))
+        .unwrap_or_else(|| panic!("no manifest tagged v1: {listed}"));
+    let sigs = image["referrers"].as_array().cloned().unwrap_or_default();
     assert_eq!(sigs.len(), 1, "{listed}");
     assert_eq!(
         sigs[0]["artifactType"],
