@@ -1,7 +1,7 @@
 # The two quick-start commands (see README): `make demo` and `make test`.
 # Both first install what a fresh Debian machine lacks (idempotent).
 
-PACKAGES := busybox-static skopeo docker-registry git gcc libc6-dev pkg-config libssl-dev ca-certificates python3-venv openssl
+PACKAGES := busybox-static skopeo docker-registry git gcc libc6-dev pkg-config libssl-dev ca-certificates python3-venv openssl chromium chromium-driver
 # Python clients the tests drive, from PyPI, in a virtual environment (Debian's Python
 # refuses system-wide pip).
 PY_PACKAGES := oras==0.2.43

@@ -4,6 +4,8 @@
 //! cargo bench --bench serve -- webhook      # signed GitHub push -> run started
 //! cargo bench --bench serve -- base-image   # base image tag moved in our registry -> dependent run started
 //! cargo bench --bench serve -- queue [RUNS] [CONCURRENCY]   # default 1000 runs, 4 at once
+//! cargo bench --bench serve -- page [RUNS]   # the web page's runs list over 100,000 stored runs
+//! cargo bench --bench serve -- log-stream    # a log line on the page (SSE) vs `--follow`
 //! ```
 //!
 //! "Started" is the run's `started_at` (when the queue handed it to the executor), taken
@@ -333,6 +335,154 @@ async fn queue(runs: usize, concurrency: usize) {
     );
 }
 
+/// The runs list of the web page with `runs` runs stored (written straight into a fresh
+/// `server.db` in one transaction: queueing 100,000 through the API would take minutes):
+/// the first page, a deep page and a filter that few runs match.
+async fn page(runs: usize) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).expect("data dir");
+    {
+        let db = data.join("server.db");
+        drop(acr_task::server::sqlite::SqliteServer::open(&db).expect("server.db"));
+        let mut c = rusqlite::Connection::open(&db).expect("open");
+        let tx = c.transaction().expect("tx");
+        {
+            let mut st = tx
+                .prepare(
+                    "INSERT INTO runs(id, task, status, trigger, queued_at, started_at, \
+                     finished_at) VALUES(?1, ?2, ?3, '{\"kind\":\"manual\"}', \
+                     '2026-12-01T00:00:00.000Z', '2026-12-01T00:00:01.000Z', \
+                     '2026-12-01T00:00:09.000Z')",
+                )
+                .expect("prepare");
+            for i in 0..runs {
+                // One run in a thousand failed; tasks t0..t19.
+                let status = if i % 1000 == 7 { "Failed" } else { "Succeeded" };
+                st.execute(rusqlite::params![
+                    format!("cb{i:x}"),
+                    format!("t{}", i % 20),
+                    status
+                ])
+                .expect("insert");
+            }
+        }
+        tx.commit().expect("commit");
+    }
+    let s = start(&data, 1);
+    let http = reqwest::Client::new();
+    for (what, path) in [
+        ("first page", "/".to_string()),
+        ("page at the middle", format!("/?before={}", runs / 2)),
+        ("one task", "/?task=t3".to_string()),
+        ("a rare status", "/?status=Failed".to_string()),
+    ] {
+        let mut ms = Vec::new();
+        for _ in 0..ITERATIONS {
+            let t = Instant::now();
+            let r = http
+                .get(format!("{}{path}", s.url))
+                .send()
+                .await
+                .expect("GET");
+            assert!(r.status().is_success(), "{path}: {}", r.status());
+            let body = r.text().await.expect("body");
+            assert!(body.contains("data-run="), "{path} lists runs");
+            ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        report(&format!("runs list of {runs} runs, {what}"), ms);
+    }
+}
+
+/// How much later a log line reaches the web page (server-sent events) than the CLI's
+/// `--follow` stream: both opened on one running run, arrival times compared line by line.
+async fn log_stream() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let s = start(&tmp.path().join("data"), 1);
+    let http = reqwest::Client::new();
+    let ctx = tmp.path().join("ctx");
+    std::fs::create_dir_all(&ctx).expect("ctx");
+    std::fs::write(
+        ctx.join("acb.yaml"),
+        "version: v1.1.0\nsteps:\n  - cmd: busybox sh -c \"sleep 2; for i in $(seq 1 40); do echo line-$i; sleep 0.1; done\"\n",
+    )
+    .expect("acb.yaml");
+    create(
+        &http,
+        &s,
+        json!({"name": "logs", "context": ctx.display().to_string()}),
+    )
+    .await;
+    let run = http
+        .post(format!("{}/api/tasks/logs/runs", s.url))
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("run")
+        .json::<Value>()
+        .await
+        .expect("json");
+    let id = run["id"].as_str().expect("id").to_string();
+    let t0 = Instant::now();
+    let follow = {
+        let (http, url) = (
+            http.clone(),
+            format!("{}/api/runs/{id}/logs?follow=true", s.url),
+        );
+        tokio::spawn(async move { arrivals(http, url, t0).await })
+    };
+    let sse = {
+        let (http, url) = (http.clone(), format!("{}/ui/runs/{id}/events", s.url));
+        tokio::spawn(async move { arrivals(http, url, t0).await })
+    };
+    let (follow, sse) = (follow.await.expect("follow"), sse.await.expect("sse"));
+    let mut extra = Vec::new();
+    for (line, at) in &follow {
+        if let Some(b) = sse.get(line) {
+            extra.push(b - at);
+        }
+    }
+    assert!(
+        extra.len() >= 40,
+        "both streams saw the lines ({} matched)",
+        extra.len()
+    );
+    report("log line: page (SSE) minus --follow", extra);
+}
+
+/// When each `line-N` arrived on a streamed response (ms after `t0`).
+async fn arrivals(
+    http: reqwest::Client,
+    url: String,
+    t0: Instant,
+) -> std::collections::HashMap<String, f64> {
+    use futures_util::StreamExt;
+    let mut out = std::collections::HashMap::new();
+    let r = http.get(url).send().await.expect("stream");
+    let mut body = r.bytes_stream();
+    let mut pending = String::new();
+    while let Some(chunk) = body.next().await {
+        let Ok(chunk) = chunk else { break };
+        let now = t0.elapsed().as_secs_f64() * 1000.0;
+        pending.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(i) = pending.find('\n') {
+            let line: String = pending.drain(..=i).collect();
+            if let Some(p) = line.find("line-") {
+                let name: String = line[p..]
+                    .trim()
+                    .chars()
+                    .take_while(|c| !c.is_whitespace())
+                    .collect();
+                out.entry(name).or_insert(now);
+            }
+            if line.starts_with("event: end") {
+                return out;
+            }
+        }
+    }
+    out
+}
+
 fn main() {
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -351,6 +501,13 @@ fn main() {
             let n = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1000);
             let c = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(4);
             queue(n, c).await;
+        }
+        if what == "page" || what == "all" {
+            let n = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(100_000);
+            page(n).await;
+        }
+        if what == "log-stream" || what == "all" {
+            log_stream().await;
         }
     });
 }

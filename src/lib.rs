@@ -9,6 +9,7 @@ pub mod digest;
 pub mod dockerfile;
 pub mod exec;
 pub mod listen;
+pub mod metrics;
 pub mod names;
 pub mod netaddr;
 pub mod plan;

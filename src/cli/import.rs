@@ -83,6 +83,8 @@ impl SourceLogin {
     }
 }
 
+use super::progress::Activity;
+
 pub fn import(a: ImportArgs) -> anyhow::Result<ExitCode> {
     let host = crate::registry::reference::ImageRef::parse(&a.source)
         .map(|s| s.api_host().to_string())
@@ -106,12 +108,31 @@ pub fn import(a: ImportArgs) -> anyhow::Result<ExitCode> {
                     String::new(),
                     String::new(),
                 );
-                crate::registry::import::run(&reg, &a.ca_cert, &req, ctx)
-                    .await
-                    .map_err(anyhow::Error::from)
+                let job = std::sync::Arc::new(crate::registry::import::prepare(
+                    &reg, &a.ca_cert, &req, ctx,
+                )?);
+                let seen = job.clone();
+                let _shown = Activity::start("importing", move || {
+                    let t = &seen.importer.total;
+                    let n = |a: &std::sync::atomic::AtomicU64| {
+                        a.load(std::sync::atomic::Ordering::Relaxed)
+                    };
+                    format!(
+                        "{} manifests, {} blobs copied ({}), {} already here",
+                        n(&t.manifests),
+                        n(&t.blobs_copied),
+                        crate::tier::human(n(&t.bytes_copied)),
+                        n(&t.blobs_present)
+                    )
+                });
+                job.run().await.map_err(anyhow::Error::from)
             })?
         }
-        server => server.import(&req)?,
+        server => {
+            // The server copies; only the time can be shown.
+            let _shown = Activity::start("importing", String::new);
+            server.import(&req)?
+        }
     };
     print(&done, a.output)?;
     Ok(ExitCode::SUCCESS)

@@ -7,6 +7,7 @@ mod client;
 mod encryption;
 mod import;
 mod manage;
+mod progress;
 mod purge;
 mod registry;
 mod relocate;
@@ -36,8 +37,18 @@ pub struct Cli {
     /// Log filter (tracing `EnvFilter` syntax), e.g. `debug` or `acr_task=trace`.
     #[arg(long, global = true, env = "ACR_TASK_LOG", default_value = "warn")]
     pub log: String,
+    /// How log lines are written to stderr: `text` for people, `json` (one object a line,
+    /// with the run and step ids of the spans it is in) for log collectors.
+    #[arg(long, global = true, env = "ACR_TASK_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -164,11 +175,20 @@ pub fn main() -> ExitCode {
         use std::io::IsTerminal;
         std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none()
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(colour)
-        .init();
+    match cli.log_format {
+        LogFormat::Text => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(colour)
+            .init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init(),
+    }
     // Commands that only print behave like Unix filters: `| head` ends them quietly.
     // Not those that talk over the network: a peer closing a socket would kill them.
     let prints_only = match &cli.command {

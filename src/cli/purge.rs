@@ -72,7 +72,17 @@ pub fn purge(a: PurgeArgs) -> anyhow::Result<ExitCode> {
     }
     crate::registry::purge::parse_ago(&req.ago)?;
     let b = Backend::choose(a.server.as_deref(), a.data)?;
-    let report = b.purge(&req)?;
+    let report = {
+        let _shown = super::progress::Activity::start(
+            if req.dry_run {
+                "planning the purge"
+            } else {
+                "purging"
+            },
+            String::new,
+        );
+        b.purge(&req)?
+    };
     print(&report, a.output)?;
     Ok(ExitCode::SUCCESS)
 }

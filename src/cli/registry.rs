@@ -794,7 +794,11 @@ pub fn registry(cmd: RegistryCmd) -> anyhow::Result<ExitCode> {
             output,
         } => {
             no_dot(output)?;
-            let r = super::manage::Backend::choose(server.as_deref(), data)?.gc(grace, dry_run)?;
+            let backend = super::manage::Backend::choose(server.as_deref(), data)?;
+            let r = {
+                let _shown = super::progress::Activity::start("collecting garbage", String::new);
+                backend.gc(grace, dry_run)?
+            };
             if output == Output::Json {
                 print_json(&r)?;
             } else {

@@ -73,6 +73,10 @@ pub struct ServeArgs {
     /// or a token with tasks/read or tasks/write.
     #[arg(long)]
     pub insecure_open_api: bool,
+    /// Serve `GET /metrics` (Prometheus) without credentials. By default it asks for what
+    /// the task API does (the admin, or a token with tasks/read).
+    #[arg(long)]
+    pub public_metrics: bool,
     /// The sandbox policy for stored tasks (YAML; see `--print-policy` for its fields).
     /// Without one: nothing beyond an ordinary container (see the README).
     #[arg(long, value_name = "FILE")]
@@ -327,6 +331,7 @@ fn serve_tasks(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     cfg.auth = args.auth.settings(cfg.tls.is_some());
     cfg.registry_auth = args.auth.auth;
     cfg.open_api = args.insecure_open_api;
+    cfg.public_metrics = args.public_metrics;
     cfg.server_names = args.server_names.clone();
     cfg.policy = args.policy()?;
     cfg.webhooks = Some(args.auth.webhook_options(&args.ca_cert)?);

@@ -28,6 +28,7 @@ use crate::runtime::{
 };
 use crate::task::{args, Step, StepKind, Task, DEFAULT_NETWORK, WORKSPACE};
 pub use report::*;
+use tracing::Instrument as _;
 
 /// How one run is set up; names are decided by the caller because templates see them.
 #[derive(Debug, Clone)]
@@ -150,7 +151,11 @@ pub async fn execute<R: Runtime>(
     let steps = reports
         .into_iter()
         .enumerate()
-        .map(|(i, r)| r.unwrap_or_else(|| skipped(&ctx.task.steps[i])))
+        .map(|(i, r)| {
+            let mut r = r.unwrap_or_else(|| skipped(&ctx.task.steps[i]));
+            r.needs = step_needs(&ctx.task, &plan, i);
+            r
+        })
         .collect();
     let report = RunReport {
         run_id: ctx.cfg.run_id.clone(),
@@ -166,7 +171,16 @@ pub async fn execute<R: Runtime>(
     report
 }
 
-fn kind_name(step: &Step) -> &'static str {
+/// The ids of the steps `step` waits for.
+pub fn step_needs(task: &Task, plan: &Plan, step: usize) -> Vec<String> {
+    plan.deps(step)
+        .iter()
+        .filter_map(|&d| task.steps.get(d).map(|s| s.id.clone()))
+        .collect()
+}
+
+/// `build`, `cmd` or `push`.
+pub fn kind_name(step: &Step) -> &'static str {
     match step.kind() {
         Some(StepKind::Build(_)) => "build",
         Some(StepKind::Cmd(_)) => "cmd",
@@ -188,6 +202,7 @@ fn skipped(step: &Step) -> StepReport {
         error: None,
         pushed: Vec::new(),
         built: None,
+        needs: Vec::new(),
     }
 }
 
@@ -390,7 +405,10 @@ impl<R: Runtime> Ctx<R> {
                         state[i] = St::Running;
                         let ctx = Arc::clone(self);
                         let c = steps_cancel.clone();
-                        set.spawn(async move { (i, ctx.run_step(i, c).await) });
+                        // A span per step (inside the run's): every log line of the
+                        // step names it (`--log-format json`).
+                        let span = tracing::info_span!("step", step = %ctx.task.steps[i].id);
+                        set.spawn(async move { (i, ctx.run_step(i, c).await) }.instrument(span));
                     }
                 }
                 self.prepare_ahead(plan, &|i| match state[i] {
@@ -651,6 +669,7 @@ impl<R: Runtime> Ctx<R> {
                         step: i,
                         attempt: attempts,
                     });
+                    tracing::info!(attempt = attempts, "step started");
                     // `retryOnErrors`: whether this attempt's output named one of them.
                     let matched = Arc::new(std::sync::atomic::AtomicBool::new(false));
                     let attempt_log: LogSink = if step.retry_on_errors.is_empty() {
@@ -716,6 +735,12 @@ impl<R: Runtime> Ctx<R> {
         let ignored_error =
             step.ignore_errors && matches!(last.status, Status::Failed | Status::TimedOut);
         let last_error = last.error.as_deref().map(|e| self.mask(e));
+        tracing::info!(
+            status = last.status.as_str(),
+            attempts,
+            ms = started.elapsed().as_millis() as u64,
+            "step finished"
+        );
         StepReport {
             id: step.id.clone(),
             kind: kind_name(step).to_string(),
@@ -728,6 +753,7 @@ impl<R: Runtime> Ctx<R> {
             error: last_error,
             pushed: last.pushed,
             built: last.built,
+            needs: Vec::new(),
         }
     }
 

@@ -18,22 +18,25 @@ impl std::str::FromStr for Status {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Status, String> {
-        [
-            Status::Queued,
-            Status::Running,
-            Status::Succeeded,
-            Status::Failed,
-            Status::Canceled,
-            Status::TimedOut,
-            Status::Skipped,
-        ]
-        .into_iter()
-        .find(|x| x.as_str() == s)
-        .ok_or_else(|| format!("{s:?} is not a run status"))
+        Status::RUN
+            .into_iter()
+            .chain([Status::Skipped])
+            .find(|x| x.as_str() == s)
+            .ok_or_else(|| format!("{s:?} is not a run status"))
     }
 }
 
 impl Status {
+    /// The statuses a run can have (a step can also be Skipped).
+    pub const RUN: [Status; 6] = [
+        Status::Queued,
+        Status::Running,
+        Status::Succeeded,
+        Status::Failed,
+        Status::Canceled,
+        Status::TimedOut,
+    ];
+
     /// A run (or step) in this status will not change again.
     pub fn is_final(self) -> bool {
         !matches!(self, Status::Queued | Status::Running)
@@ -104,6 +107,9 @@ pub struct StepReport {
     pub error: Option<String>,
     pub pushed: Vec<PushedImage>,
     pub built: Option<BuiltImage>,
+    /// The ids of the steps it waited for (its `when`, resolved): the run's graph.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub needs: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -154,6 +160,7 @@ mod tests {
                     image_id: "sha256:1".into(),
                     base_images: vec![],
                 }),
+                needs: vec![],
             }],
         };
         let v = serde_json::to_value(&r).unwrap();

@@ -210,6 +210,16 @@ pub async fn run(
     req: &ImportRequest,
     ctx: RequestContext,
 ) -> Result<Imported, ImportError> {
+    prepare(reg, ca_certs, req, ctx)?.run().await
+}
+
+/// Checks `req` (the source, the targets) and makes its importer; nothing is fetched yet.
+pub fn prepare(
+    reg: &Registry,
+    ca_certs: &[std::path::PathBuf],
+    req: &ImportRequest,
+    ctx: RequestContext,
+) -> Result<Prepared, ImportError> {
     let source = ImageRef::parse(&req.source)
         .filter(|s| crate::names::valid_name(&s.repository))
         .ok_or_else(|| ImportError::BadSource(req.source.clone()))?;
@@ -221,7 +231,29 @@ pub async fn run(
     }
     let targets = targets(&source, &req.images)?;
     let importer = Importer::new(reg.clone(), source_client(&source, ca_certs, req)?, ctx);
-    importer.import(&source, &targets, req.force).await
+    Ok(Prepared {
+        importer,
+        source,
+        targets,
+        force: req.force,
+    })
+}
+
+/// An import checked and ready: its importer counts what it copies (`importer.total`)
+/// while [`Prepared::run`] goes.
+pub struct Prepared {
+    pub importer: Importer,
+    source: ImageRef,
+    targets: Vec<Target>,
+    force: bool,
+}
+
+impl Prepared {
+    pub async fn run(&self) -> Result<Imported, ImportError> {
+        self.importer
+            .import(&self.source, &self.targets, self.force)
+            .await
+    }
 }
 
 /// A client of `source`'s registry with the request's login (or none).

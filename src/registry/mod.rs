@@ -583,6 +583,36 @@ pub fn router_with_auth(registry: Registry, auth: Option<Arc<crate::auth::Auth>>
     }
 }
 
+/// The route a registry path addresses, as a metrics label (bounded: never a repository
+/// name).
+pub fn route_label(path: &str) -> &'static str {
+    use names::{parse_acr_route, parse_route, Route};
+    if path == "/v2/" || path == "/v2" {
+        return "base";
+    }
+    let route = if let Some(rest) = path.strip_prefix("/v2/") {
+        parse_route(rest)
+    } else if let Some(rest) = path.strip_prefix("/acr/v1/") {
+        parse_acr_route(rest)
+    } else if path.starts_with("/oauth2/") || path.starts_with("/token") {
+        return "token";
+    } else {
+        return "other";
+    };
+    match route {
+        Some(Route::Catalog) => "catalog",
+        Some(Route::Tags(_)) => "tags",
+        Some(Route::Manifest(..)) => "manifest",
+        Some(Route::Blob(..)) => "blob",
+        Some(Route::UploadStart(_)) => "upload_start",
+        Some(Route::Upload(..)) => "upload",
+        Some(Route::Referrers(..)) => "referrers",
+        Some(Route::AcrTags(_) | Route::AcrTag(..)) => "acr_tags",
+        Some(Route::AcrManifests(_) | Route::AcrManifest(..)) => "acr_manifests",
+        None => "unknown",
+    }
+}
+
 /// How long a stopping registry lets in-flight requests run.
 const REQUESTS_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 

@@ -1055,6 +1055,12 @@ impl Runtime for DockerRuntime {
         let creds = auth.map(|c| engine_credentials(registry_of(image), c));
         let mut s = self.docker.push_image(repo, Some(opts), creds);
         let mut digest = None;
+        // Byte progress per layer, summed into a line every few seconds (a big push is
+        // not silent; a small one prints none). bollard's push item carries no layer id:
+        // layers are told apart by size (two of one size share a slot; only the line's
+        // figures are affected).
+        let mut layers: std::collections::HashMap<i64, i64> = Default::default();
+        let mut said = std::time::Instant::now();
         while let Some(item) = s.next().await {
             match item {
                 Ok(info) => {
@@ -1062,13 +1068,24 @@ impl Runtime for DockerRuntime {
                         if let Some(d) = status.split("digest: ").nth(1) {
                             digest = d.split_whitespace().next().map(str::to_string);
                         }
-                        if info
-                            .progress_detail
-                            .as_ref()
-                            .and_then(|p| p.total)
-                            .is_none()
-                        {
-                            log(status);
+                        let detail = info.progress_detail.as_ref();
+                        match (detail.and_then(|p| p.current), detail.and_then(|p| p.total)) {
+                            (Some(cur), Some(total)) => {
+                                layers.insert(total, cur);
+                                if said.elapsed() >= std::time::Duration::from_secs(3) {
+                                    said = std::time::Instant::now();
+                                    let (c, t) = layers
+                                        .iter()
+                                        .fold((0, 0), |(c, t), (total, cur)| (c + cur, t + total));
+                                    log(format!(
+                                        "pushing {image}: {} of {} sent",
+                                        crate::tier::human(c.max(0) as u64),
+                                        crate::tier::human(t.max(0) as u64)
+                                    ));
+                                }
+                            }
+                            (_, None) => log(status),
+                            _ => {}
                         }
                     }
                 }

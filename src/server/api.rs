@@ -400,12 +400,20 @@ async fn run_logs(
     };
     let stream = futures_util::stream::unfold(start, |mut f| async move {
         loop {
+            // Watch before reading, so a line written between the read and the wait wakes it.
+            let mut live = f.queue.live(&f.id).map(|l| l.watch());
+            if let Some(rx) = live.as_mut() {
+                rx.borrow_and_update();
+            }
             // Read the status first: if the run had finished, what is on disk now is all.
-            let finished = match f.queue.db().run(&f.id) {
-                Ok(Some(r)) => r.is_finished(),
-                _ => true,
+            let finished = {
+                let (db, id) = (f.queue.db().clone(), f.id.clone());
+                match tokio::task::spawn_blocking(move || db.run(&id)).await {
+                    Ok(Ok(Some(r))) => r.is_finished(),
+                    _ => true,
+                }
             };
-            let chunk = read_from(&f.path, f.offset).await;
+            let chunk = runner::read_log(&f.path, f.offset, 1 << 20, finished).await;
             if !chunk.is_empty() {
                 f.offset += chunk.len() as u64;
                 return Some((Ok::<_, std::io::Error>(Bytes::from(chunk)), f));
@@ -413,7 +421,13 @@ async fn run_logs(
             if finished {
                 return None;
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            // Woken by the run's log writer; polled while the run waits in the queue.
+            match live.as_mut() {
+                Some(rx) => {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), rx.changed()).await;
+                }
+                None => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
         }
     });
     Ok((
@@ -421,19 +435,6 @@ async fn run_logs(
         Body::from_stream(stream),
     )
         .into_response())
-}
-
-async fn read_from(path: &std::path::Path, offset: u64) -> Vec<u8> {
-    use tokio::io::{AsyncReadExt, AsyncSeekExt};
-    let Ok(mut f) = tokio::fs::File::open(path).await else {
-        return Vec::new();
-    };
-    if f.seek(std::io::SeekFrom::Start(offset)).await.is_err() {
-        return Vec::new();
-    }
-    let mut buf = Vec::new();
-    let _ = f.read_to_end(&mut buf).await;
-    buf
 }
 
 async fn webhook(

@@ -22,6 +22,15 @@ pub fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
+/// Which runs a listing shows: newest first, after `before` (a `seq`) when continuing.
+#[derive(Debug, Clone, Default)]
+pub struct RunFilter {
+    pub task: Option<String>,
+    pub status: Option<Status>,
+    pub before: Option<i64>,
+    pub limit: usize,
+}
+
 /// A run to add to the queue.
 #[derive(Debug, Clone)]
 pub struct NewRun {
@@ -61,6 +70,13 @@ pub trait ServerStore: Send + Sync {
     fn run(&self, id: &str) -> Result<Option<RunRecord>, DbError>;
     /// Newest first; `task` filters; at most `limit`.
     fn runs(&self, task: Option<&str>, limit: usize) -> Result<Vec<RunRecord>, DbError>;
+    /// A page of runs, newest first (the web page's list: cursor-paged, so as fast on the
+    /// thousandth page as on the first).
+    fn runs_page(&self, filter: &RunFilter) -> Result<Vec<RunRecord>, DbError>;
+    /// How many runs are in `status` (the queue's depth, with `Queued`).
+    fn count_with_status(&self, status: Status) -> Result<u64, DbError>;
+    /// How many runs each (task, status) has.
+    fn run_counts(&self) -> Result<Vec<(String, Status, u64)>, DbError>;
     /// How far the registry's event outbox has been read by the base-image trigger.
     fn registry_cursor(&self) -> Result<Option<i64>, DbError>;
     /// Saves how far the base-image trigger has read the outbox.

@@ -50,7 +50,7 @@ fn from_browser(h: &HeaderMap) -> bool {
 }
 
 /// `Origin` (when sent) names the server the request was sent to.
-fn same_origin(h: &HeaderMap) -> bool {
+pub(crate) fn same_origin(h: &HeaderMap) -> bool {
     let Some(origin) = h.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
         return h
             .get("sec-fetch-site")

@@ -7,6 +7,7 @@
 pub mod api;
 pub mod db;
 pub mod guard;
+pub mod live;
 pub mod manage;
 pub mod model;
 pub mod queue;
@@ -15,6 +16,7 @@ pub mod sqlite;
 #[cfg(test)]
 mod tests;
 mod watchers;
+pub mod web;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -90,6 +92,8 @@ pub struct ServeConfig {
     /// What one registry client may hold and send.
     pub limits: crate::registry::RegistryLimits,
     pub connections: crate::listen::ConnectionLimits,
+    /// `GET /metrics` without credentials (`--public-metrics`); else as the task API.
+    pub public_metrics: bool,
 }
 
 impl ServeConfig {
@@ -111,6 +115,7 @@ impl ServeConfig {
             ca_certs: Vec::new(),
             limits: Default::default(),
             connections: Default::default(),
+            public_metrics: false,
         }
     }
 }
@@ -275,12 +280,16 @@ impl Server {
         stop: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
         let registry_host = self.registry_host();
-        let queue = Arc::new(queue::Queue::new(
-            self.db.clone(),
-            self.cfg.concurrency,
-            self.cfg.data_dir.join("logs"),
-            registry_host.clone(),
-        ));
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let queue = Arc::new(
+            queue::Queue::new(
+                self.db.clone(),
+                self.cfg.concurrency,
+                self.cfg.data_dir.join("logs"),
+                registry_host.clone(),
+            )
+            .with_metrics(metrics.clone()),
+        );
         let exec: Arc<dyn runner::Executor> = Arc::new(
             runner::DockerExecutor::connect(
                 self.cfg.data_dir.join("work"),
@@ -310,11 +319,16 @@ impl Server {
         );
         // Kept alive while serving: deliveries run off the request path.
         let webhooks = match &self.cfg.webhooks {
-            Some(opts) => Some(crate::webhooks::Dispatcher::start(
-                &self.registry,
-                &self.cfg.data_dir.join("registry"),
-                opts.clone(),
-            )?),
+            Some(opts) => {
+                let mut opts = opts.clone();
+                let m = metrics.clone();
+                opts.observer = Some(crate::webhooks::Observer(Arc::new(move |ok| m.webhook(ok))));
+                Some(crate::webhooks::Dispatcher::start(
+                    &self.registry,
+                    &self.cfg.data_dir.join("registry"),
+                    opts,
+                )?)
+            }
             None => None,
         };
         let gate = self.cfg.registry_auth.then(|| self.auth.clone());
@@ -323,9 +337,26 @@ impl Server {
             open: self.cfg.open_api,
         });
         let state = Arc::new(api::ApiState {
-            queue,
+            queue: queue.clone(),
             policy: self.policy.clone(),
         });
+        let page = web::router(Arc::new(web::WebState {
+            queue: queue.clone(),
+            registry: self.registry.clone(),
+            auth: self.auth.clone(),
+            open: self.cfg.open_api,
+            tls: self.cfg.tls.is_some(),
+            host: self.registry_host(),
+            sessions: Default::default(),
+        }));
+        let scrape = metrics_router(
+            Arc::new(MetricsState {
+                metrics: metrics.clone(),
+                queue,
+                store: self.registry.store().clone(),
+            }),
+            (!self.cfg.public_metrics).then(|| guard.clone()),
+        );
         let hooks = {
             let dir = self.cfg.data_dir.join("registry");
             Arc::new(
@@ -347,16 +378,23 @@ impl Server {
         let names = Arc::new(crate::listen::HostNames::new(&self.cfg.server_names));
         let open_registry = gate.is_none();
         let mut app = crate::registry::router_with_auth(self.registry.clone(), gate)
-            .merge(api::router(state, guard, manage));
+            .merge(api::router(state, guard, manage))
+            .merge(page)
+            .merge(scrape);
         if open_registry {
             // The token endpoint still serves the API: a client making many calls logs in
             // once for a bearer token instead of once per call (each a password hash).
             app = app.merge(crate::auth::http::token_router(self.auth.clone()));
         }
-        let app = app.layer(axum::middleware::from_fn_with_state(
-            names,
-            crate::listen::check_host,
-        ));
+        let app = app
+            .layer(axum::middleware::from_fn_with_state(
+                metrics,
+                crate::metrics::track,
+            ))
+            .layer(axum::middleware::from_fn_with_state(
+                names,
+                crate::listen::check_host,
+            ));
         let (tls, connections) = (self.cfg.tls.clone(), self.cfg.connections);
         let served = crate::listen::serve_with(self.listener, app, tls, connections, stop).await;
         // The queue cancels its running runs and waits for their clean-up (a run's teardown
@@ -369,4 +407,73 @@ impl Server {
         let _ = std::fs::remove_file(self.cfg.data_dir.join(SERVE_URL_FILE));
         Ok(())
     }
+}
+
+struct MetricsState {
+    metrics: Arc<crate::metrics::Metrics>,
+    queue: Arc<queue::Queue>,
+    store: Arc<crate::store::Store>,
+}
+
+/// `GET /metrics`: behind the task API's guard (tasks/read) unless `--public-metrics`.
+fn metrics_router(state: Arc<MetricsState>, guard: Option<Arc<guard::ApiGuard>>) -> axum::Router {
+    let r = axum::Router::new()
+        .route("/metrics", axum::routing::get(scrape))
+        .with_state(state);
+    match guard {
+        Some(g) => r.route_layer(axum::middleware::from_fn_with_state(g, guard::api_guard)),
+        None => r,
+    }
+}
+
+async fn scrape(
+    axum::extract::State(s): axum::extract::State<Arc<MetricsState>>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let (db, store) = (s.queue.db().clone(), s.store.clone());
+    let read = tokio::task::spawn_blocking(move || {
+        let runs = db.run_counts().map_err(|e| e.to_string())?;
+        let queued = db
+            .count_with_status(crate::exec::Status::Queued)
+            .map_err(|e| e.to_string())?;
+        let used = store.storage_used().map_err(|e| e.to_string())?;
+        let included = store
+            .properties()
+            .map_err(|e| e.to_string())?
+            .limits()
+            .storage_bytes;
+        Ok::<_, String>((runs, queued, used, included))
+    })
+    .await;
+    let (runs, queued, used, included) = match read {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "reading metrics");
+            return axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response();
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "reading metrics");
+            return axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response();
+        }
+    };
+    let (concurrency, running) = s.queue.concurrency();
+    let snap = crate::metrics::Snapshot {
+        runs: runs
+            .into_iter()
+            .map(|(t, st, n)| (t, st.as_str().to_string(), n))
+            .collect(),
+        queued,
+        running: running as u64,
+        concurrency: concurrency as u64,
+        storage_used: used,
+        storage_included: included,
+    };
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.encode(&snap),
+    )
+        .into_response()
 }

@@ -143,6 +143,19 @@ pub enum Trigger {
     },
 }
 
+impl Trigger {
+    /// The kind's name, as the API's `kind` field spells it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Trigger::Manual => "manual",
+            Trigger::Quick => "quick",
+            Trigger::Commit { .. } => "commit",
+            Trigger::BaseImage { .. } => "base_image",
+            Trigger::Timer { .. } => "timer",
+        }
+    }
+}
+
 /// A run as stored and served.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -22,6 +22,11 @@ pub struct Queue {
     running: Mutex<HashMap<String, CancellationToken>>,
     /// Called with every finished run (the base-image index listens here).
     finished: tokio::sync::broadcast::Sender<RunRecord>,
+    /// Running runs' steps and change counters (the page and log followers watch them).
+    live: super::live::LiveRuns,
+    /// Wakes watchers of the runs list on every enqueue and finish.
+    changes: tokio::sync::watch::Sender<u64>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 /// What `cancel` did.
@@ -52,7 +57,30 @@ impl Queue {
             registry,
             running: Mutex::new(HashMap::new()),
             finished,
+            live: Default::default(),
+            changes: tokio::sync::watch::channel(0).0,
+            metrics: None,
         }
+    }
+
+    /// Records trigger events and run ends in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Queue {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// A running run's live state (none once it has ended).
+    pub fn live(&self, id: &str) -> Option<Arc<super::live::LiveRun>> {
+        self.live.get(id)
+    }
+
+    /// Moves on every enqueue and every run's end (the runs page refreshes on it).
+    pub fn watch_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|v| *v = v.wrapping_add(1));
     }
 
     /// How many runs may run at once, and how many do now.
@@ -86,12 +114,17 @@ impl Queue {
     ) -> Result<RunRecord, DbError> {
         let rec = self.db.enqueue_with(&run, quick)?;
         tracing::info!(run = %rec.id, task = %rec.task, "queued");
+        if let Some(m) = &self.metrics {
+            m.trigger(rec.trigger.kind());
+        }
         self.notify.notify_one();
+        self.changed();
         Ok(rec)
     }
 
     pub fn cancel(&self, id: &str) -> Result<Cancel, DbError> {
         if self.db.cancel_queued(id)? {
+            self.changed();
             return Ok(Cancel::Dequeued);
         }
         if let Ok(running) = self.running.lock() {
@@ -169,6 +202,8 @@ impl Queue {
 
     async fn run_one(&self, rec: RunRecord, cancel: CancellationToken, exec: &dyn Executor) {
         tracing::info!(run = %rec.id, task = %rec.task, "started");
+        let live = self.live.start(&rec.id);
+        self.changed();
         let spec = match self.db.quick_spec(&rec.id) {
             Ok(Some(quick)) => Ok(Some(quick)),
             Ok(None) => self.db.task(&rec.task),
@@ -177,6 +212,7 @@ impl Queue {
         let outcome = match spec {
             Ok(Some(spec)) => match LogFile::create(&self.log_path(&rec.id)) {
                 Ok(log) => {
+                    let log = log.with_live(live);
                     let job = Job {
                         run: rec.clone(),
                         spec,
@@ -198,7 +234,12 @@ impl Queue {
             tracing::error!(run = %rec.id, error = %e, "recording the outcome");
         }
         tracing::info!(run = %rec.id, status = outcome.status.as_str(), "finished");
+        self.live.end(&rec.id);
+        self.changed();
         if let Ok(Some(done)) = self.db.run(&rec.id) {
+            if let Some(m) = &self.metrics {
+                m.run_finished(&done.task, done.status.as_str(), done.report.as_ref());
+            }
             let _ = self.finished.send(done);
         }
     }

@@ -368,10 +368,33 @@ pub fn resolve_signing_key(
     }
 }
 
-/// A run's log file, appended one line at a time (readers follow it while it grows).
+/// Up to `max` bytes of a run's log from `offset`, ending at a line's end (a line being
+/// written is sent whole, later) unless the run has `ended` or one line is longer than `max`.
+pub async fn read_log(path: &Path, offset: u64, max: u64, ended: bool) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let Ok(mut f) = tokio::fs::File::open(path).await else {
+        return Vec::new();
+    };
+    if f.seek(std::io::SeekFrom::Start(offset)).await.is_err() {
+        return Vec::new();
+    }
+    let mut buf = Vec::new();
+    let _ = f.take(max).read_to_end(&mut buf).await;
+    if !ended && (buf.len() as u64) < max {
+        match buf.iter().rposition(|b| *b == b'\n') {
+            Some(i) => buf.truncate(i + 1),
+            None => buf.clear(),
+        }
+    }
+    buf
+}
+
+/// A run's log file, appended one line at a time (readers follow it while it grows), and
+/// the run's live state, which every line wakes.
 #[derive(Clone)]
 pub struct LogFile {
     file: Arc<Mutex<std::fs::File>>,
+    live: Option<Arc<super::live::LiveRun>>,
 }
 
 impl LogFile {
@@ -382,7 +405,19 @@ impl LogFile {
             .open(path)?;
         Ok(LogFile {
             file: Arc::new(Mutex::new(file)),
+            live: None,
         })
+    }
+
+    /// The same log, waking `live`'s watchers on every line.
+    pub fn with_live(mut self, live: Arc<super::live::LiveRun>) -> LogFile {
+        self.live = Some(live);
+        self
+    }
+
+    /// The run's live state, when the queue keeps one.
+    pub fn live(&self) -> Option<&Arc<super::live::LiveRun>> {
+        self.live.as_ref()
     }
 
     pub fn line(&self, who: &str, text: &str) {
@@ -390,6 +425,9 @@ impl LogFile {
             if let Err(e) = writeln!(f, "{who} | {text}") {
                 tracing::warn!(error = %e, "writing a run log");
             }
+        }
+        if let Some(l) = &self.live {
+            l.touch();
         }
     }
 }
@@ -482,7 +520,14 @@ impl Executor for DockerExecutor {
         Box::pin(async move {
             match rt {
                 None => Outcome::failed("no Docker Engine is reachable".into()),
-                Some(rt) => run_on_docker(rt, work, max_parallel, policy, auth, store, job).await,
+                Some(rt) => {
+                    // Every line logged for the run carries its id and task.
+                    let span = tracing::info_span!("run", run = %job.run.id, task = %job.run.task);
+                    use tracing::Instrument as _;
+                    run_on_docker(rt, work, max_parallel, policy, auth, store, job)
+                        .instrument(span)
+                        .await
+                }
             }
         })
     }
@@ -680,6 +725,18 @@ async fn run_on_docker(
     }));
     cfg.credentials = Arc::new(credentials);
     let names: Vec<String> = task.steps.iter().map(|s| s.id.clone()).collect();
+    if let Some(live) = log.live() {
+        live.set_steps(
+            task.steps
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    let kind = exec::kind_name(s).to_string();
+                    (s.id.clone(), kind, exec::step_needs(&task, &plan, i))
+                })
+                .collect(),
+        );
+    }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let writer = {
         let log = log.clone();
@@ -689,7 +746,15 @@ async fn run_on_docker(
                     Event::Log { step, line } => {
                         log.line(names.get(step).map(String::as_str).unwrap_or("?"), &line)
                     }
+                    Event::StepStarted { step, attempt } => {
+                        if let Some(live) = log.live() {
+                            live.step_started(step, attempt);
+                        }
+                    }
                     Event::StepFinished { step, report } => {
+                        if let Some(live) = log.live() {
+                            live.step_finished(step, &report);
+                        }
                         let who = names.get(step).map(String::as_str).unwrap_or("?");
                         // The error (already masked) says why, as `acr-task run` prints it.
                         let why = report

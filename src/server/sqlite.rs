@@ -8,7 +8,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::exec::{RunReport, Status};
 
-use super::db::{now, DbError, NewRun, ServerStore};
+use super::db::{now, DbError, NewRun, RunFilter, ServerStore};
 use super::model::{RunRecord, TaskSpec, Trigger};
 
 /// [`ServerStore`] in one SQLite file.
@@ -262,6 +262,63 @@ impl ServerStore for SqliteServer {
         let mut out = Vec::new();
         for r in rows {
             out.push(finish_run(r?)?);
+        }
+        Ok(out)
+    }
+
+    fn runs_page(&self, f: &RunFilter) -> Result<Vec<RunRecord>, DbError> {
+        // Only the conditions given, so SQLite can walk (task, seq) or (status, seq).
+        let mut sql = format!("SELECT {RUN_COLS} FROM runs WHERE 1=1");
+        let mut args: Vec<rusqlite::types::Value> = Vec::new();
+        if let Some(t) = &f.task {
+            args.push(t.clone().into());
+            sql.push_str(&format!(" AND task=?{}", args.len()));
+        }
+        if let Some(s) = f.status {
+            args.push(s.as_str().to_string().into());
+            sql.push_str(&format!(" AND status=?{}", args.len()));
+        }
+        if let Some(b) = f.before {
+            args.push(b.into());
+            sql.push_str(&format!(" AND seq<?{}", args.len()));
+        }
+        args.push((f.limit.clamp(1, 1000) as i64).into());
+        sql.push_str(&format!(" ORDER BY seq DESC LIMIT ?{}", args.len()));
+        let c = self.conn()?;
+        let mut st = c.prepare(&sql)?;
+        let rows = st.query_map(rusqlite::params_from_iter(args), run_from_row)?;
+        let mut out = Vec::new();
+        for r in rows {
+            out.push(finish_run(r?)?);
+        }
+        Ok(out)
+    }
+
+    fn count_with_status(&self, status: Status) -> Result<u64, DbError> {
+        let n: i64 = self.conn()?.query_row(
+            "SELECT COUNT(*) FROM runs WHERE status=?1",
+            params![status.as_str()],
+            |r| r.get(0),
+        )?;
+        Ok(n.max(0) as u64)
+    }
+
+    fn run_counts(&self) -> Result<Vec<(String, Status, u64)>, DbError> {
+        let c = self.conn()?;
+        let mut st = c.prepare("SELECT task, status, COUNT(*) FROM runs GROUP BY task, status")?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for r in rows {
+            let (task, status, n) = r?;
+            if let Ok(s) = status.parse::<Status>() {
+                out.push((task, s, n.max(0) as u64));
+            }
         }
         Ok(out)
     }

@@ -197,6 +197,18 @@ pub struct DeliveryOptions {
     pub http: reqwest::Client,
     /// The same for webhooks created with `--allow-private-destination`.
     pub http_private: reqwest::Client,
+    /// Told of every attempt's outcome (the server's metrics).
+    pub observer: Option<Observer>,
+}
+
+/// A callback told whether each delivery attempt succeeded.
+#[derive(Clone)]
+pub struct Observer(pub Arc<dyn Fn(bool) + Send + Sync>);
+
+impl std::fmt::Debug for Observer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Observer")
+    }
 }
 
 impl DeliveryOptions {
@@ -229,6 +241,7 @@ impl Default for DeliveryOptions {
             timeout: Duration::from_secs(10),
             http,
             http_private,
+            observer: None,
         }
     }
 }
@@ -283,6 +296,9 @@ async fn attempt(
         }
     };
     let ok = error.is_none();
+    if let Some(o) = &opts.observer {
+        (o.0)(ok);
+    }
     let attempts = d.attempts + 1;
     let retry_at = (!ok && retry && attempts < opts.max_attempts).then(|| {
         let factor = 2u32.saturating_pow(attempts.saturating_sub(1).min(20));

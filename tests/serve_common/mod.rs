@@ -171,6 +171,31 @@ impl Serve {
         }
     }
 
+    /// A registry client with the admin's bearer token for `repo` (pull, push, delete).
+    pub async fn registry_client(&self, repo: &str) -> reqwest::Client {
+        let r = reqwest::Client::new()
+            .get(format!(
+                "{}/oauth2/token?service=acr-task&scope=repository:{repo}:pull,push,delete",
+                self.url
+            ))
+            .basic_auth("admin", Some(&self.password))
+            .send()
+            .await
+            .unwrap();
+        let v: Value = r.json().await.unwrap();
+        let token = v["token"]
+            .as_str()
+            .or(v["access_token"].as_str())
+            .unwrap()
+            .to_string();
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert("authorization", format!("Bearer {token}").parse().unwrap());
+        reqwest::Client::builder()
+            .default_headers(h)
+            .build()
+            .unwrap()
+    }
+
     /// An API client without credentials.
     pub fn anonymous(&self) -> Api {
         Api {

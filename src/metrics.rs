@@ -1,0 +1,451 @@
+//! `GET /metrics` in the Prometheus (OpenMetrics) text format: what the server counts as it
+//! works (runs ending, trigger events, registry requests and bytes, latencies, webhook
+//! deliveries) and what it reads when scraped (queue depth, stored runs, storage used).
+//!
+//! One `Metrics` per server, no global registry: the counters are cheap atomics shared by
+//! handle; the gauges are set from the stores at each scrape, so they are right after a
+//! restart too.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TaskStatus {
+    pub task: String,
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StepLabels {
+    pub kind: String,
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Kind {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: String,
+    pub method: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Result_ {
+    pub result: String,
+}
+
+type Hist<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn seconds_buckets() -> Histogram {
+    // 1 ms to about 9 minutes.
+    Histogram::new(exponential_buckets(0.001, 2.0, 20))
+}
+
+fn run_buckets() -> Histogram {
+    // 0.1 s to about 7 hours.
+    Histogram::new(exponential_buckets(0.1, 2.0, 18))
+}
+
+/// What scrape-time readers report (set just before encoding).
+#[derive(Debug, Default, Clone)]
+pub struct Snapshot {
+    /// (task, status, runs stored).
+    pub runs: Vec<(String, String, u64)>,
+    pub queued: u64,
+    pub running: u64,
+    pub concurrency: u64,
+    pub storage_used: u64,
+    pub storage_included: Option<u64>,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    runs: Family<TaskStatus, Gauge>,
+    queue_depth: Gauge,
+    running: Gauge,
+    concurrency: Gauge,
+    storage_used: Gauge,
+    storage_included: Gauge,
+    run_duration: Hist<TaskStatus>,
+    step_duration: Hist<StepLabels>,
+    triggers: Family<Kind, Counter>,
+    requests: Family<RequestLabels, Counter>,
+    received: Counter,
+    sent: Counter,
+    upload_duration: Histogram,
+    pull_duration: Histogram,
+    webhooks: Family<Result_, Counter>,
+    /// One scrape at a time (the gauges are set, then encoded).
+    scrape: Mutex<()>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("acr_task");
+        let runs = Family::<TaskStatus, Gauge>::default();
+        registry.register("runs", "Runs stored, by task and status", runs.clone());
+        let queue_depth = Gauge::default();
+        registry.register(
+            "queue_depth",
+            "Runs waiting in the queue",
+            queue_depth.clone(),
+        );
+        let running = Gauge::default();
+        registry.register("runs_running", "Runs running now", running.clone());
+        let concurrency = Gauge::default();
+        registry.register(
+            "run_concurrency",
+            "Most runs this server runs at once",
+            concurrency.clone(),
+        );
+        let storage_used = Gauge::default();
+        registry.register(
+            "storage_used_bytes",
+            "Registry storage used (each blob counted once)",
+            storage_used.clone(),
+        );
+        let storage_included = Gauge::default();
+        registry.register(
+            "storage_included_bytes",
+            "Registry storage the tier includes (absent: no limit)",
+            storage_included.clone(),
+        );
+        let run_duration: Hist<TaskStatus> = Family::new_with_constructor(run_buckets);
+        registry.register(
+            "run_duration_seconds",
+            "How long runs took, by task and status",
+            run_duration.clone(),
+        );
+        let step_duration: Hist<StepLabels> = Family::new_with_constructor(run_buckets);
+        registry.register(
+            "step_duration_seconds",
+            "How long steps took, by kind and status",
+            step_duration.clone(),
+        );
+        let triggers = Family::<Kind, Counter>::default();
+        registry.register(
+            "trigger_events",
+            "Runs queued, by what queued them",
+            triggers.clone(),
+        );
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "registry_requests",
+            "Registry requests, by route, method and status",
+            requests.clone(),
+        );
+        let received = Counter::default();
+        registry.register(
+            "registry_received_bytes",
+            "Bytes clients sent to the registry",
+            received.clone(),
+        );
+        let sent = Counter::default();
+        registry.register(
+            "registry_sent_bytes",
+            "Bytes the registry sent to clients",
+            sent.clone(),
+        );
+        let upload_duration = seconds_buckets();
+        registry.register(
+            "registry_upload_duration_seconds",
+            "Blob upload requests (PATCH, PUT, monolithic POST), body read included",
+            upload_duration.clone(),
+        );
+        let pull_duration = seconds_buckets();
+        registry.register(
+            "registry_pull_duration_seconds",
+            "Blob and manifest pulls, until the last byte was sent",
+            pull_duration.clone(),
+        );
+        let webhooks = Family::<Result_, Counter>::default();
+        registry.register(
+            "webhook_deliveries",
+            "Webhook delivery attempts, by result (delivered, failed)",
+            webhooks.clone(),
+        );
+        Metrics {
+            registry,
+            runs,
+            queue_depth,
+            running,
+            concurrency,
+            storage_used,
+            storage_included,
+            run_duration,
+            step_duration,
+            triggers,
+            requests,
+            received,
+            sent,
+            upload_duration,
+            pull_duration,
+            webhooks,
+            scrape: Mutex::new(()),
+        }
+    }
+
+    /// A run was queued by a trigger of this kind (`manual`, `commit`, `timer`...).
+    pub fn trigger(&self, kind: &str) {
+        self.triggers
+            .get_or_create(&Kind { kind: kind.into() })
+            .inc();
+    }
+
+    /// A run ended: its task, status and report.
+    pub fn run_finished(&self, task: &str, status: &str, report: Option<&crate::exec::RunReport>) {
+        let labels = TaskStatus {
+            task: task.into(),
+            status: status.into(),
+        };
+        if let Some(r) = report {
+            self.run_duration
+                .get_or_create(&labels)
+                .observe(r.duration_ms as f64 / 1000.0);
+            for s in &r.steps {
+                if s.attempts == 0 {
+                    continue;
+                }
+                self.step_duration
+                    .get_or_create(&StepLabels {
+                        kind: s.kind.clone(),
+                        status: s.status.as_str().into(),
+                    })
+                    .observe(s.duration_ms as f64 / 1000.0);
+            }
+        }
+    }
+
+    /// A registry request was answered (the response head).
+    pub fn request(&self, route: &str, method: &str, status: u16) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                route: route.into(),
+                method: method.into(),
+                status,
+            })
+            .inc();
+    }
+
+    pub fn received(&self, n: u64) {
+        self.received.inc_by(n);
+    }
+
+    pub fn sent(&self, n: u64) {
+        self.sent.inc_by(n);
+    }
+
+    pub fn upload_took(&self, d: Duration) {
+        self.upload_duration.observe(d.as_secs_f64());
+    }
+
+    pub fn pull_took(&self, d: Duration) {
+        self.pull_duration.observe(d.as_secs_f64());
+    }
+
+    /// A webhook delivery attempt ended.
+    pub fn webhook(&self, delivered: bool) {
+        let result = if delivered { "delivered" } else { "failed" };
+        self.webhooks
+            .get_or_create(&Result_ {
+                result: result.into(),
+            })
+            .inc();
+    }
+
+    /// The text a scrape gets, with the gauges set from `snap`.
+    pub fn encode(&self, snap: &Snapshot) -> String {
+        let _one = self.scrape.lock();
+        self.runs.clear();
+        for (task, status, n) in &snap.runs {
+            self.runs
+                .get_or_create(&TaskStatus {
+                    task: task.clone(),
+                    status: status.clone(),
+                })
+                .set(*n as i64);
+        }
+        self.queue_depth.set(snap.queued as i64);
+        self.running.set(snap.running as i64);
+        self.concurrency.set(snap.concurrency as i64);
+        self.storage_used.set(snap.storage_used as i64);
+        self.storage_included
+            .set(snap.storage_included.map_or(-1, |v| v as i64));
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "encoding metrics");
+        }
+        out
+    }
+}
+
+/// A response or request body that counts its bytes as they pass (and times a pull to
+/// its last byte), keeping the inner body's size hint so `Content-Length` stays.
+pub struct Counted<B> {
+    inner: B,
+    on_bytes: Box<dyn Fn(u64) + Send + Sync>,
+    on_end: Option<Box<dyn FnOnce() + Send + Sync>>,
+}
+
+impl<B> Counted<B> {
+    pub fn new(
+        inner: B,
+        on_bytes: impl Fn(u64) + Send + Sync + 'static,
+        on_end: Option<Box<dyn FnOnce() + Send + Sync>>,
+    ) -> Counted<B> {
+        Counted {
+            inner,
+            on_bytes: Box::new(on_bytes),
+            on_end,
+        }
+    }
+}
+
+impl<B> Drop for Counted<B> {
+    fn drop(&mut self) {
+        if let Some(f) = self.on_end.take() {
+            f();
+        }
+    }
+}
+
+impl<B> axum::body::HttpBody for Counted<B>
+where
+    B: axum::body::HttpBody<Data = bytes::Bytes> + Unpin,
+{
+    type Data = bytes::Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, B::Error>>> {
+        let p = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        match &p {
+            std::task::Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    (self.on_bytes)(d.len() as u64);
+                }
+            }
+            std::task::Poll::Ready(None) => {
+                if let Some(f) = self.on_end.take() {
+                    f();
+                }
+            }
+            _ => {}
+        }
+        p
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Middleware: counts registry requests by route, method and status, the bytes in and
+/// out, and times uploads (to the response) and pulls (to the last byte sent).
+pub async fn track(
+    axum::extract::State(m): axum::extract::State<std::sync::Arc<Metrics>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let path = req.uri().path();
+    if !(path.starts_with("/v2") || path.starts_with("/acr/v1/")) {
+        return next.run(req).await;
+    }
+    let route = crate::registry::route_label(path);
+    let method = req.method().clone();
+    let started = Instant::now();
+    let req = {
+        let m = m.clone();
+        req.map(|b| axum::body::Body::new(Counted::new(b, move |n| m.received(n), None)))
+    };
+    let resp = next.run(req).await;
+    m.request(route, method.as_str(), resp.status().as_u16());
+    let upload = matches!(route, "upload" | "upload_start")
+        && (method == axum::http::Method::PUT
+            || method == axum::http::Method::PATCH
+            || method == axum::http::Method::POST);
+    if upload {
+        m.upload_took(started.elapsed());
+    }
+    let pull = matches!(route, "blob" | "manifest")
+        && method == axum::http::Method::GET
+        && resp.status().is_success();
+    let on_end: Option<Box<dyn FnOnce() + Send + Sync>> = if pull {
+        let m = m.clone();
+        Some(Box::new(move || m.pull_took(started.elapsed())))
+    } else {
+        None
+    };
+    let m2 = m.clone();
+    resp.map(|b| axum::body::Body::new(Counted::new(b, move |n| m2.sent(n), on_end)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_are_labelled_without_names() {
+        use crate::registry::route_label;
+        assert_eq!(route_label("/v2/"), "base");
+        assert_eq!(route_label("/v2/a/b/blobs/sha256:00"), "blob");
+        assert_eq!(route_label("/v2/a/manifests/latest"), "manifest");
+        assert_eq!(route_label("/v2/a/blobs/uploads/"), "upload_start");
+        assert_eq!(route_label("/v2/_catalog"), "catalog");
+        assert_eq!(route_label("/acr/v1/a/_tags"), "acr_tags");
+        assert_eq!(route_label("/v2/!!"), "unknown");
+    }
+
+    #[test]
+    fn the_text_holds_counters_histograms_and_scrape_gauges() {
+        let m = Metrics::new();
+        m.request("blob", "GET", 200);
+        m.request("blob", "GET", 200);
+        m.sent(10);
+        m.pull_took(Duration::from_millis(3));
+        m.webhook(false);
+        m.trigger("manual");
+        let text = m.encode(&Snapshot {
+            runs: vec![("build".into(), "Succeeded".into(), 7)],
+            queued: 3,
+            storage_used: 42,
+            ..Default::default()
+        });
+        assert!(text.contains(
+            "acr_task_registry_requests_total{route=\"blob\",method=\"GET\",status=\"200\"} 2"
+        ));
+        assert!(text.contains("acr_task_registry_sent_bytes_total 10"));
+        assert!(text.contains("acr_task_runs{task=\"build\",status=\"Succeeded\"} 7"));
+        assert!(text.contains("acr_task_queue_depth 3"));
+        assert!(text.contains("acr_task_storage_used_bytes 42"));
+        assert!(text.contains("acr_task_webhook_deliveries_total{result=\"failed\"} 1"));
+        assert!(text.contains("acr_task_trigger_events_total{kind=\"manual\"} 1"));
+        assert!(text.contains("acr_task_registry_pull_duration_seconds_count 1"));
+        // A second scrape replaces the stored-runs gauges rather than adding to them.
+        let text = m.encode(&Snapshot::default());
+        assert!(!text.contains("task=\"build\""));
+    }
+}
