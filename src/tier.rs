@@ -189,6 +189,10 @@ pub struct Properties {
     /// Content trust: which repositories need signed images, by which keys (Premium).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content_trust: Option<ContentTrust>,
+    /// Where the blob bytes are when not in the data directory: `s3://BUCKET/PREFIX`
+    /// (`serve --storage`, set when the registry is made).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object_storage: Option<String>,
 }
 
 /// Content trust (`registry update --content-trust`, `registry config content-trust`):
@@ -463,6 +467,7 @@ impl Properties {
             anonymous_pull: false,
             retention: None,
             content_trust: None,
+            object_storage: None,
         }
     }
 

@@ -115,6 +115,12 @@ pub struct ServeArgs {
     /// `docker-registry` writes: `docker/registry/v2/...`), served as it is.
     #[arg(long, value_name = "DIR")]
     pub classic_storage: Option<PathBuf>,
+    /// Keep a new registry's blobs in S3-compatible object storage: `s3://BUCKET/PREFIX`.
+    /// The endpoint, region and login come as AWS tools take them (AWS_ENDPOINT_URL,
+    /// AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN). Metadata
+    /// stays in the data directory; later starts find the blobs without the option.
+    #[arg(long, value_name = "URL")]
+    pub storage: Option<String>,
     /// A customer-managed registry key (Premium): a file of base64 keys, one per line, the
     /// current first (`openssl rand -base64 32`). A new registry is encrypted with it; an
     /// encrypted one needs it to start. Without it, acr-task makes and keeps a key in the
@@ -218,6 +224,17 @@ impl ServeArgs {
         };
         if let Some(f) = &self.encryption_key_file {
             crate::store::encryption::set_customer_key_file(f.clone());
+        }
+        if let Some(url) = &self.storage {
+            if classic.is_some() {
+                anyhow::bail!(
+                    "--storage is for managed tiers; a Classic registry serves --classic-storage"
+                );
+            }
+            crate::store::choose_object_storage(registry_dir, url, sku, !self.unencrypted)
+                .with_context(|| {
+                    format!("setting up the registry in {}", registry_dir.display())
+                })?;
         }
         let note = crate::store::first_start(registry_dir, sku, classic, !self.unencrypted)
             .with_context(|| format!("setting up the registry in {}", registry_dir.display()))?;

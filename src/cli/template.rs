@@ -110,6 +110,7 @@ pub fn target(b: &Backend) -> anyhow::Result<Target> {
         anonymous_pull: info.anonymous_pull_enabled,
         retention: info.retention,
         content_trust: info.content_trust.clone(),
+        object_storage: None,
     };
     Ok(Target {
         storage_used: info.storage_used_bytes,

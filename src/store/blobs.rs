@@ -23,6 +23,16 @@ pub trait BlobStorage: Send + Sync + std::fmt::Debug {
     fn exists(&self, digest: &str) -> bool;
     /// The content of `digest` from byte `start`.
     fn read(&self, digest: &str, start: u64) -> Result<Box<dyn Read + Send>, StoreError>;
+    /// At most `len` bytes of `digest` from `start` (fewer at its end): a backend that pays
+    /// per request (object storage) fetches just that.
+    fn read_range(
+        &self,
+        digest: &str,
+        start: u64,
+        len: u64,
+    ) -> Result<Box<dyn Read + Send>, StoreError> {
+        Ok(Box::new(self.read(digest, start)?.take(len)))
+    }
     /// `len` bytes of `digest` from `start` as a buffer straight from the page cache,
     /// where the backend can (`None`, from a backend that maps nothing: use
     /// [`BlobStorage::read`]). Large pulls send these
@@ -89,6 +99,17 @@ pub trait BlobUpload: Send + Sync {
 /// A removal in its first phase.
 #[derive(Debug)]
 pub struct Staged(PathBuf);
+
+impl Staged {
+    /// A staged removal named by an object key (object storage).
+    pub(super) fn key(key: String) -> Staged {
+        Staged(PathBuf::from(key))
+    }
+
+    pub(super) fn name(&self) -> String {
+        self.0.to_string_lossy().into_owned()
+    }
+}
 
 /// Blobs as files, in one of two trees:
 /// - ours: `blobs/<algorithm>/<2 hex>/<hex>`, uploads in `uploads/`, staged removals in
@@ -160,19 +181,8 @@ impl FsBlobs {
 
 impl BlobStorage for FsBlobs {
     fn begin(&self) -> Result<Box<dyn BlobUpload>, StoreError> {
-        let path = self
-            .uploads()
-            .join(uuid::Uuid::new_v4().simple().to_string());
-        let file = OpenOptions::new()
-            .create_new(true)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(io_err(&path))?;
         Ok(Box::new(FsUpload {
-            file,
-            path,
-            sealed: std::sync::atomic::AtomicBool::new(false),
+            spool: Spool::create(&self.uploads())?,
             blobs: self.clone(),
         }))
     }
@@ -313,46 +323,96 @@ impl BlobStorage for FsBlobs {
     }
 }
 
-/// An upload as a file in `uploads/`, removed when the upload is dropped.
-struct FsUpload {
-    file: File,
-    path: PathBuf,
-    /// Set by the first commit: the file is then (also) a blob and must never change.
+/// An upload's bytes in a local file (`uploads/`), written at offsets; sealed by its commit
+/// (or a cancel), removed when dropped. Shared by the backends that receive uploads
+/// locally.
+pub(super) struct Spool {
+    pub(super) file: File,
+    pub(super) path: PathBuf,
     sealed: std::sync::atomic::AtomicBool,
-    blobs: FsBlobs,
 }
 
-impl FsUpload {
+impl Spool {
+    /// A new, empty spool file in `dir`.
+    pub(super) fn create(dir: &Path) -> Result<Spool, StoreError> {
+        let path = dir.join(uuid::Uuid::new_v4().simple().to_string());
+        let file = OpenOptions::new()
+            .create_new(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        Ok(Spool {
+            file,
+            path,
+            sealed: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
     fn open_for_writes(&self) -> std::io::Result<()> {
         if self.sealed.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(std::io::Error::other("the upload is already committed"));
         }
         Ok(())
     }
-}
 
-impl BlobUpload for FsUpload {
-    fn write_at(&self, buf: &[u8], pos: u64) -> std::io::Result<()> {
+    pub(super) fn write_at(&self, buf: &[u8], pos: u64) -> std::io::Result<()> {
         self.open_for_writes()?;
         self.file.write_all_at(buf, pos)
     }
 
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
+    pub(super) fn set_len(&self, len: u64) -> std::io::Result<()> {
         self.open_for_writes()?;
         self.file.set_len(len)
     }
 
-    fn sync_some(&self) -> std::io::Result<()> {
-        self.file.sync_data()
-    }
-
-    fn reader(&self) -> std::io::Result<Box<dyn Read + Send>> {
+    pub(super) fn reader(&self) -> std::io::Result<Box<dyn Read + Send>> {
         Ok(Box::new(File::open(&self.path)?))
     }
 
-    fn cancel(&self) {
+    /// No more writes: the bytes are (about to be) content that never changes.
+    pub(super) fn seal(&self) {
         self.sealed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Sealed, and the file gone (committed content stays).
+    pub(super) fn cancel(&self) {
+        self.seal();
         let _ = fs::remove_file(&self.path);
+    }
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        self.cancel();
+    }
+}
+
+/// An upload as a file in `uploads/`, hard-linked into `blobs/` by its commit.
+struct FsUpload {
+    spool: Spool,
+    blobs: FsBlobs,
+}
+
+impl BlobUpload for FsUpload {
+    fn write_at(&self, buf: &[u8], pos: u64) -> std::io::Result<()> {
+        self.spool.write_at(buf, pos)
+    }
+
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.spool.set_len(len)
+    }
+
+    fn sync_some(&self) -> std::io::Result<()> {
+        self.spool.file.sync_data()
+    }
+
+    fn reader(&self) -> std::io::Result<Box<dyn Read + Send>> {
+        self.spool.reader()
+    }
+
+    fn cancel(&self) {
+        self.spool.cancel();
     }
 
     /// fsync the file; hard-link it to its final name and fsync that directory. A crash at
@@ -362,12 +422,13 @@ impl BlobUpload for FsUpload {
     }
 
     fn commit(&self, digest: &str) -> Result<(), StoreError> {
-        self.sealed.store(true, std::sync::atomic::Ordering::SeqCst);
-        self.file.sync_all().map_err(io_err(&self.path))?;
+        let (file, path) = (&self.spool.file, &self.spool.path);
+        self.spool.seal();
+        file.sync_all().map_err(io_err(path))?;
         let dest = self.blobs.path(digest);
         let dir = dest.parent().unwrap_or(&self.blobs.root).to_path_buf();
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        match fs::hard_link(&self.path, &dest) {
+        match fs::hard_link(path, &dest) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(io_err(&dest)(e)),
@@ -379,24 +440,19 @@ impl BlobUpload for FsUpload {
 impl FsUpload {
     /// [`BlobUpload::replace`]: linked beside the destination, renamed over it.
     fn replace_file(&self, digest: &str) -> Result<(), StoreError> {
-        self.sealed.store(true, std::sync::atomic::Ordering::SeqCst);
-        self.file.sync_all().map_err(io_err(&self.path))?;
+        let (file, path) = (&self.spool.file, &self.spool.path);
+        self.spool.seal();
+        file.sync_all().map_err(io_err(path))?;
         let dest = self.blobs.path(digest);
         let dir = dest.parent().unwrap_or(&self.blobs.root).to_path_buf();
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         let tmp = dir.join(format!(".replace-{}", uuid::Uuid::new_v4().simple()));
-        fs::hard_link(&self.path, &tmp).map_err(io_err(&tmp))?;
+        fs::hard_link(path, &tmp).map_err(io_err(&tmp))?;
         if let Err(e) = fs::rename(&tmp, &dest) {
             let _ = fs::remove_file(&tmp);
             return Err(io_err(&dest)(e));
         }
         super::sync_dir(&dir)
-    }
-}
-
-impl Drop for FsUpload {
-    fn drop(&mut self) {
-        self.cancel();
     }
 }
 

@@ -269,8 +269,7 @@ impl BlobStorage for EncryptedBlobs {
         // Read straight into the buffer's spare room (no zeroing first).
         let mut buf = Vec::with_capacity(want);
         self.inner
-            .read(digest, chunk_offset(k0))?
-            .take(want as u64)
+            .read_range(digest, chunk_offset(k0), want as u64)?
             .read_to_end(&mut buf)
             .map_err(|e| StoreError::Io {
                 path: digest.into(),
@@ -341,7 +340,7 @@ fn stored(
 
 /// The first bytes of `digest`'s file (fewer when it is shorter than a header).
 fn header_of(storage: &dyn BlobStorage, digest: &str) -> Result<Vec<u8>, StoreError> {
-    let mut r = storage.read(digest, 0)?;
+    let mut r = storage.read_range(digest, 0, FILE_HEADER as u64)?;
     let mut header = vec![0u8; FILE_HEADER];
     let n = read_full(&mut r, &mut header).map_err(|e| StoreError::Io {
         path: digest.into(),

@@ -154,8 +154,15 @@ pub(crate) fn managed_backends(
     root: &Path,
     side: &Arc<SqliteMeta>,
     enc: Option<&Encryption>,
+    objects: Option<&str>,
 ) -> Result<(Arc<Backends>, Option<Crypto>), StoreError> {
-    let fs_blobs: Arc<dyn BlobStorage> = Arc::new(FsBlobs::open(root)?);
+    let fs_blobs: Arc<dyn BlobStorage> = match objects {
+        Some(url) => Arc::new(super::s3::S3Blobs::open(
+            root,
+            &super::s3::Location::parse(url)?,
+        )?),
+        None => Arc::new(FsBlobs::open(root)?),
+    };
     let Some(e) = enc else {
         return Ok((
             Arc::new(Backends {
@@ -313,7 +320,8 @@ impl Store {
         };
         match self.crypto() {
             None => {
-                let (backends, crypto) = managed_backends(&self.root, &self.side, Some(e))?;
+                let (backends, crypto) =
+                    managed_backends(&self.root, &self.side, Some(e), p.object_storage.as_deref())?;
                 self.set_managed(backends, crypto);
             }
             Some((keys, required, _)) => {

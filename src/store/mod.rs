@@ -21,6 +21,7 @@ pub mod encryption;
 mod maint;
 mod meta;
 pub mod migrate;
+pub mod s3;
 mod sqlite;
 
 use std::fs::{self, File};
@@ -135,8 +136,12 @@ impl Store {
             write_properties(&side, &first, false)?;
         }
         let props = parse_properties(side.properties()?.as_deref())?;
-        let (managed, crypto) =
-            encryption::managed_backends(root, &side, props.encryption.as_ref())?;
+        let (managed, crypto) = encryption::managed_backends(
+            root,
+            &side,
+            props.encryption.as_ref(),
+            props.object_storage.as_deref(),
+        )?;
         let classic = match (&props.sku, &props.classic) {
             (Sku::Classic, Some(c)) => {
                 let meta = Arc::new(classic::ClassicMeta::open(&c.storage, side.clone())?);
@@ -328,6 +333,52 @@ pub fn first_start(
              (`acr-task registry update --sku {asked}` changes it)"
         ))),
         _ => Ok(None),
+    }
+}
+
+/// `serve --storage URL`: a new registry keeps its blobs there from its first start on (the
+/// choice is kept in its settings, so every later open, the CLI's included, finds them); a
+/// registry whose blobs are elsewhere refuses (moving blobs between storages is not done
+/// here). Call before [`first_start`] and [`Store::open`].
+pub fn choose_object_storage(
+    root: &Path,
+    url: &str,
+    sku: Option<Sku>,
+    encrypted: bool,
+) -> Result<(), StoreError> {
+    let at = s3::Location::parse(url)?;
+    fs::create_dir_all(root).map_err(io_err(root))?;
+    let meta = SqliteMeta::open(&root.join("meta.db"))?;
+    let Some(json) = meta.properties()? else {
+        if !holds_nothing(&meta)? {
+            return Err(StoreError::Refused(format!(
+                "{} already holds images in its own directory: --storage is for a new registry",
+                root.display()
+            )));
+        }
+        if sku == Some(Sku::Classic) {
+            return Err(StoreError::Refused(
+                "a Classic registry serves its own directory: --storage is for managed tiers"
+                    .into(),
+            ));
+        }
+        let p = crate::tier::Properties {
+            object_storage: Some(at.url()),
+            ..initial_properties(root, &meta, sku.unwrap_or(Sku::Premium), encrypted)?
+        };
+        return write_properties(&meta, &p, true);
+    };
+    let p = parse_properties(Some(&json))?;
+    match p.object_storage {
+        Some(there) if there == at.url() => Ok(()),
+        Some(there) => Err(StoreError::Refused(format!(
+            "this registry keeps its blobs in {there}, not {}",
+            at.url()
+        ))),
+        None => Err(StoreError::Refused(format!(
+            "this registry keeps its blobs in {}: --storage is for a new registry",
+            root.join("blobs").display()
+        ))),
     }
 }
 
