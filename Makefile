@@ -27,9 +27,12 @@ setup:
 demo: setup
 	$(CARGO) run --release -- run examples/build-and-push/acb.yaml
 
-# The whole test suite, Docker tests included (they fail, never skip, without an engine).
+# The whole test suite, Docker tests included (they fail, never skip, without an engine);
+# then the registry's conformance and client tests again with its blobs in S3 (SeaweedFS).
+S3_TESTS := --test registry_api --test registry_clients --test registry_sha512
 test: setup
 	$(CARGO) test --no-fail-fast
+	scripts/with-s3 $(CARGO) test --no-fail-fast $(S3_TESTS)
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -306,7 +306,13 @@ impl BlobStorage for EncryptedBlobs {
 
     /// A buffer each: 1 MiB keeps a pull's memory flat (the stream holds a few).
     fn map_chunk(&self) -> usize {
-        1 << 20
+        // A buffer filled per chunk: small, unless the storage below pays per request and
+        // asks for large ones (object storage).
+        if self.inner.map_chunk() > 4 << 20 {
+            8 << 20
+        } else {
+            1 << 20
+        }
     }
 
     fn stage_removal(&self, digest: &str) -> Result<Option<Staged>, StoreError> {

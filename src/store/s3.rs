@@ -379,6 +379,11 @@ impl BlobStorage for S3Blobs {
         Ok(Some(b))
     }
 
+    /// Each chunk is a request: large ones, so a pull is not a string of round trips.
+    fn map_chunk(&self) -> usize {
+        16 << 20
+    }
+
     fn stage_removal(&self, digest: &str) -> Result<Option<Staged>, StoreError> {
         self.forget(digest);
         let (s, from, to) = (

@@ -13,14 +13,38 @@ pub fn digest(data: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(data)))
 }
 
-/// An in-process registry on a free loopback port, with its data in `dir`.
+/// An in-process registry on a free loopback port, with its data in `dir`. With
+/// `ACR_TASK_TEST_STORAGE=s3://BUCKET` (and the AWS variables; `scripts/with-s3` sets them)
+/// its blobs go to a prefix of their own in that bucket: the same tests, on S3.
 pub async fn start_in(dir: &Path) -> RunningRegistry {
+    if let Ok(bucket) = std::env::var("ACR_TASK_TEST_STORAGE") {
+        let url = format!(
+            "{}/{}",
+            bucket.trim_end_matches('/'),
+            uuid::Uuid::new_v4().simple()
+        );
+        acr_task::store::choose_object_storage(dir, &url, None, true).unwrap();
+    }
     start(RegistryConfig::new(
         dir.to_path_buf(),
         "127.0.0.1:0".parse().unwrap(),
     ))
     .await
     .unwrap()
+}
+
+/// The digests of the blobs a store holds, wherever it keeps them.
+pub fn blob_digests(store: &acr_task::store::Store) -> Vec<String> {
+    let mut d: Vec<String> = store
+        .managed()
+        .blobs
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|(d, _)| d)
+        .collect();
+    d.sort();
+    d
 }
 
 pub fn base(r: &RunningRegistry) -> String {
