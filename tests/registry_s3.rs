@@ -318,6 +318,16 @@ fn scenario(s3: &S3, name: &str) {
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains(&url), "{err}");
+    // Another registry on the same prefix is refused: its gc would remove these blobs.
+    let o = s3
+        .serve(&tmp.path().join("twin"), &["--storage", &url])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("another registry"),
+        "{err}"
+    );
 
     // Deleting the repositories and collecting garbage removes the objects (the CLI on
     // the files finds the bucket from the registry's settings).

@@ -32,6 +32,30 @@ use super::{io_err, StoreError};
 /// Blobs up to this size go in one PUT; larger ones in parts of this size.
 const PART: usize = 8 << 20;
 
+/// The largest object S3 copies in one request (5 GB); larger ones are streamed.
+const COPY_MAX: u64 = 5_000_000_000;
+
+/// Copies `from` to `to` through this process, in parts (objects over [`COPY_MAX`]).
+async fn copy_streamed(s: &AmazonS3, from: &Key, to: &Key) -> Result<(), object_store::Error> {
+    let mut body = s.get(from).await?.into_stream();
+    let mut w = WriteMultipart::new_with_chunk_size(s.put_multipart(to).await?, PART);
+    while let Some(chunk) = body.next().await {
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = w.abort().await;
+                return Err(e);
+            }
+        };
+        if let Err(e) = w.wait_for_capacity(4).await {
+            let _ = w.abort().await;
+            return Err(e);
+        }
+        w.write(&chunk);
+    }
+    w.finish().await.map(|_| ())
+}
+
 /// Where the blobs of an S3-stored registry are: `s3://BUCKET[/PREFIX]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Location {
@@ -64,6 +88,15 @@ impl Location {
             .any(|p| p == "." || p == ".." || (p.is_empty() && !prefix.is_empty()))
         {
             return Err(bad("the prefix has an empty, `.` or `..` part"));
+        }
+        // Characters keys carry as they are (no percent-encoding to get wrong).
+        if !prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '-' | '_' | '.'))
+        {
+            return Err(bad(
+                "the prefix may hold letters, digits, `-`, `_`, `.` and `/` only",
+            ));
         }
         Ok(Location {
             bucket: bucket.to_string(),
@@ -192,7 +225,50 @@ impl S3Blobs {
                     at.url()
                 ))
             })?;
+        blobs.claim(root)?;
         Ok(blobs)
+    }
+
+    /// One registry per bucket prefix: its id (kept in `root/object-storage.owner`) is
+    /// written under the prefix on the first open, and an open by another registry is
+    /// refused, so no registry's gc or recovery removes another's blobs.
+    fn claim(&self, root: &Path) -> Result<(), StoreError> {
+        let file = root.join("object-storage.owner");
+        let id = match fs::read_to_string(&file) {
+            Ok(s) => s.trim().to_string(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let id = uuid::Uuid::new_v4().simple().to_string();
+                fs::write(&file, &id).map_err(io_err(&file))?;
+                id
+            }
+            Err(e) => return Err(io_err(&file)(e)),
+        };
+        let (s, key, mine) = (
+            self.inner.store.clone(),
+            self.key("acr-task-owner"),
+            id.clone(),
+        );
+        let there = self.wait(async move {
+            match s.get(&key).await {
+                Ok(r) => r
+                    .bytes()
+                    .await
+                    .map(|b| Some(String::from_utf8_lossy(&b).trim().to_string())),
+                Err(object_store::Error::NotFound { .. }) => s
+                    .put(&key, PutPayload::from(mine.into_bytes()))
+                    .await
+                    .map(|_| None),
+                Err(e) => Err(e),
+            }
+        })?;
+        match there.map_err(|e| s3_err("reading the prefix's owner", e))? {
+            Some(owner) if owner != id => Err(StoreError::Refused(format!(
+                "{} holds another registry's blobs (owner {owner}; this one is {id}): give \
+                 each registry a prefix of its own",
+                self.inner.at.url()
+            ))),
+            _ => Ok(()),
+        }
     }
 
     fn key(&self, rest: &str) -> Key {
@@ -303,10 +379,12 @@ impl S3Blobs {
                 }
                 // At most a few parts in flight.
                 if let Err(e) = w.wait_for_capacity(4).await {
+                    let _ = w.abort().await;
                     return Err(s3_err("uploading a part", e));
                 }
                 w.write(&buf[..n]);
             }
+            // A failed completion aborts the upload (its parts are not left behind).
             w.finish()
                 .await
                 .map_err(|e| s3_err("completing a multipart upload", e))?;
@@ -328,8 +406,11 @@ impl BlobStorage for S3Blobs {
         }))
     }
 
+    /// Asked of the bucket every time, never of the remembered sizes: a push decides by it
+    /// whether to upload, and gc may have just removed the blob.
     fn exists(&self, digest: &str) -> bool {
-        matches!(self.size(digest), Ok(Some(_)))
+        let (s, key) = (self.inner.store.clone(), self.blob_key(digest));
+        matches!(self.wait(async move { s.head(&key).await }), Ok(Ok(_)))
     }
 
     fn read(&self, digest: &str, start: u64) -> Result<Box<dyn Read + Send>, StoreError> {
@@ -381,7 +462,7 @@ impl BlobStorage for S3Blobs {
 
     /// Each chunk is a request: large ones, so a pull is not a string of round trips.
     fn map_chunk(&self) -> usize {
-        16 << 20
+        8 << 20
     }
 
     fn stage_removal(&self, digest: &str) -> Result<Option<Staged>, StoreError> {
@@ -393,10 +474,15 @@ impl BlobStorage for S3Blobs {
         );
         let t2 = to.clone();
         let moved = self.wait(async move {
-            match s.copy(&from, &to).await {
-                Ok(()) => {}
+            let size = match s.head(&from).await {
+                Ok(m) => m.size,
                 Err(object_store::Error::NotFound { .. }) => return Ok(false),
                 Err(e) => return Err(e),
+            };
+            if size <= COPY_MAX {
+                s.copy(&from, &to).await?;
+            } else {
+                copy_streamed(&s, &from, &to).await?;
             }
             s.delete(&from).await.map(|()| true)
         })?;
@@ -584,6 +670,8 @@ mod tests {
             "s3://b",
             "s3://bucket/a/../b",
             "s3://bucket/a//b",
+            "s3://bucket/a%20b",
+            "s3://bucket/a~b",
         ] {
             let e = Location::parse(bad).unwrap_err().to_string();
             assert!(e.contains("--storage"), "{bad}: {e}");

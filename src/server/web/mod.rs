@@ -417,24 +417,46 @@ async fn run_rows(
     Ok(html(pages::run_rows(&runs, chrono::Utc::now())))
 }
 
+/// How often a long-lived event stream checks that its viewer may still see it.
+const RECHECK: Duration = Duration::from_secs(30);
+
+/// The session behind `headers` is still signed in and may still see runs.
+async fn still_allowed(s: &WebState, headers: &HeaderMap) -> bool {
+    match viewer(s, headers, "/").await {
+        Ok(v) => need_tasks(&v, false).is_ok(),
+        Err(_) => false,
+    }
+}
+
 /// Server-sent `changed` events whenever a run is queued, starts or ends.
 async fn runs_events(State(s): St, headers: HeaderMap) -> Result<Response, Refusal> {
     let v = viewer(&s, &headers, "/").await?;
     need_tasks(&v, false)?;
     let rx = s.queue.watch_changes();
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.changed().await.ok()?;
-        // Bursts (many runs queued at once) make one refresh.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let n = *rx.borrow_and_update();
-        // Not empty: a browser drops an event whose data is empty.
-        Some((
-            Ok::<_, std::convert::Infallible>(
-                SseEvent::default().event("changed").data(n.to_string()),
-            ),
-            rx,
-        ))
-    });
+    let stream =
+        futures_util::stream::unfold((rx, s, headers), |(mut rx, s, headers)| async move {
+            // Woken at least every RECHECK, to end the stream once the viewer may no longer see.
+            loop {
+                match tokio::time::timeout(RECHECK, rx.changed()).await {
+                    Ok(r) => {
+                        r.ok()?;
+                        break;
+                    }
+                    Err(_) if still_allowed(&s, &headers).await => continue,
+                    Err(_) => return None,
+                }
+            }
+            // Bursts (many runs queued at once) make one refresh.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let n = *rx.borrow_and_update();
+            // Not empty: a browser drops an event whose data is empty.
+            Some((
+                Ok::<_, std::convert::Infallible>(
+                    SseEvent::default().event("changed").data(n.to_string()),
+                ),
+                (rx, s, headers),
+            ))
+        });
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response())
@@ -477,6 +499,7 @@ async fn run_page(
         .map_err(internal)?
         .is_some();
     let page = pages::RunPage {
+        log_bytes: log.len() as u64,
         log: String::from_utf8_lossy(&log).into_owned(),
         run,
         steps,
@@ -523,6 +546,8 @@ async fn run_events(
     load_run(&s, &id, &v).await?;
     struct Follow {
         s: Arc<WebState>,
+        headers: HeaderMap,
+        checked: std::time::Instant,
         id: String,
         offset: u64,
         last_steps: String,
@@ -532,6 +557,8 @@ async fn run_events(
     }
     let start = Follow {
         s: s.clone(),
+        headers,
+        checked: std::time::Instant::now(),
         id,
         offset: q.offset,
         last_steps: String::new(),
@@ -546,6 +573,13 @@ async fn run_events(
             }
             if f.done {
                 return None;
+            }
+            // A signed-out session or a withdrawn grant ends the stream too.
+            if f.checked.elapsed() >= RECHECK {
+                if !still_allowed(&f.s, &f.headers).await {
+                    return None;
+                }
+                f.checked = std::time::Instant::now();
             }
             // Watch before reading, so a change between the read and the wait still wakes.
             let live = f.s.queue.live(&f.id);

@@ -255,6 +255,8 @@ pub struct RunPage {
     pub run: RunRecord,
     pub steps: Vec<StepState>,
     pub log: String,
+    /// Bytes of the log file the page shows (where its live stream starts).
+    pub log_bytes: u64,
     pub can_write: bool,
     pub stored_task: bool,
 }
@@ -268,7 +270,7 @@ pub fn run(c: &Chrome, p: &RunPage, now: chrono::DateTime<chrono::Utc>) -> Marku
         &format!("Run {}", r.id),
         html! {
             h1 { "Run " (r.id) " " span id="run-status" { (status_badge(r.status)) } }
-            dl.facts id="run" data-run=(r.id) data-offset=(p.log.len()) data-final=(r.is_finished()) {
+            dl.facts id="run" data-run=(r.id) data-offset=(p.log_bytes) data-final=(r.is_finished()) {
                 dt { "Task" } dd { a href={ "/ui/tasks/" (r.task) } { (r.task) } }
                 dt { "Trigger" } dd { (trig) @if let Some(w) = what { " " code { (w) } } }
                 @if let Some(cm) = &r.commit { dt { "Commit" } dd { code { (short_hash(cm)) } } }

@@ -114,8 +114,12 @@ pub fn csrf_matches(expected: &str, given: &str) -> bool {
 
 /// Where to go after a login: a path on this server only (never `//host` or a URL).
 pub fn safe_next(next: Option<&str>) -> String {
+    // A path of this server only: browsers drop tabs and newlines from URLs (`/\t/evil`
+    // would become `//evil`), and read `\` as `/`.
+    let plain =
+        |n: &str| n.len() <= 2048 && n.chars().all(|c| c.is_ascii_graphic()) && !n.contains('\\');
     match next {
-        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n.into(),
+        Some(n) if n.starts_with('/') && !n.starts_with("//") && plain(n) => n.into(),
         _ => "/".into(),
     }
 }
@@ -123,6 +127,22 @@ pub fn safe_next(next: Option<&str>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn next_is_a_path_of_this_server() {
+        assert_eq!(safe_next(Some("/ui/runs/x?y=1")), "/ui/runs/x?y=1");
+        for bad in [
+            "//evil.example",
+            "/\t/evil.example",
+            "/\\evil",
+            "https://e",
+            "/a b",
+            "/\n/e",
+        ] {
+            assert_eq!(safe_next(Some(bad)), "/", "{bad:?}");
+        }
+        assert_eq!(safe_next(None), "/");
+    }
 
     #[test]
     fn a_session_is_found_by_its_cookie_only() {

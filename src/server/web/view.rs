@@ -35,7 +35,9 @@ pub fn trigger_text(t: &Trigger) -> (String, Option<String>) {
 /// The first 12 hex digits of a commit or digest.
 pub fn short_hash(s: &str) -> &str {
     let hex = s.split_once(':').map_or(s, |(_, h)| h);
-    &hex[..hex.len().min(12)]
+    // By characters: a commit given to the API is not checked to be hex.
+    let end = hex.char_indices().nth(12).map_or(hex.len(), |(i, _)| i);
+    &hex[..end]
 }
 
 /// Milliseconds as people read a duration.
@@ -301,5 +303,6 @@ mod tests {
         );
         assert_eq!(duration_text(61_000), "1m 01s");
         assert_eq!(short_hash("sha256:0123456789abcdef"), "0123456789ab");
+        assert_eq!(short_hash("a€€€€€€€€€€€€€€"), "a€€€€€€€€€€€");
     }
 }
