@@ -337,6 +337,24 @@ impl S3Blobs {
         }
     }
 
+    /// Every object under `PREFIX/under` (`what`: the request, for its error).
+    fn list_under(
+        &self,
+        under: &str,
+        what: &str,
+    ) -> Result<Vec<object_store::ObjectMeta>, StoreError> {
+        let (s, prefix) = (self.inner.store.clone(), self.key(under));
+        self.wait(async move {
+            let mut out = Vec::new();
+            let mut l = s.list(Some(&prefix));
+            while let Some(m) = l.next().await {
+                out.push(m?);
+            }
+            Ok::<_, object_store::Error>(out)
+        })?
+        .map_err(|e| s3_err(what, e))
+    }
+
     /// The content under `digest` changed or went: its size is looked up again.
     fn forget(&self, digest: &str) {
         if let Ok(mut sizes) = self.inner.sizes.lock() {
@@ -501,17 +519,8 @@ impl BlobStorage for S3Blobs {
     }
 
     fn list(&self) -> Result<Vec<(String, SystemTime)>, StoreError> {
-        let (s, prefix) = (self.inner.store.clone(), self.key("blobs"));
-        let metas = self.wait(async move {
-            let mut out = Vec::new();
-            let mut l = s.list(Some(&prefix));
-            while let Some(m) = l.next().await {
-                out.push(m?);
-            }
-            Ok::<_, object_store::Error>(out)
-        })?;
-        let metas = metas.map_err(|e| s3_err("listing blobs", e))?;
-        Ok(metas
+        Ok(self
+            .list_under("blobs", "listing blobs")?
             .into_iter()
             .filter_map(|m| {
                 // .../blobs/<alg>/<2 hex>/<hex>
@@ -530,18 +539,8 @@ impl BlobStorage for S3Blobs {
         for e in fs::read_dir(spool).map_err(io_err(spool))?.flatten() {
             let _ = fs::remove_file(e.path());
         }
-        let (s, prefix) = (self.inner.store.clone(), self.key("trash"));
-        let staged = self
-            .wait(async move {
-                let mut out = Vec::new();
-                let mut l = s.list(Some(&prefix));
-                while let Some(m) = l.next().await {
-                    out.push(m?.location);
-                }
-                Ok::<_, object_store::Error>(out)
-            })?
-            .map_err(|e| s3_err("listing staged removals", e))?;
-        for key in staged {
+        let staged = self.list_under("trash", "listing staged removals")?;
+        for key in staged.into_iter().map(|m| m.location) {
             let Some(name) = key.filename().map(str::to_string) else {
                 continue;
             };
