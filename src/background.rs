@@ -67,6 +67,58 @@ impl Drop for Background {
     }
 }
 
+/// A runtime of its own for a client library that is async while its caller is not (a
+/// store trait is synchronous and called from async handlers and plain threads alike):
+/// [`OwnRuntime::wait`] runs a future there and blocks for its output. Shut down without
+/// blocking when dropped (an owner may be dropped inside another runtime).
+pub struct OwnRuntime(Option<tokio::runtime::Runtime>);
+
+impl OwnRuntime {
+    /// A runtime of `threads` workers named `name`.
+    pub fn new(name: &str, threads: usize) -> std::io::Result<OwnRuntime> {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads.max(1))
+            .thread_name(name)
+            .enable_all()
+            .build()
+            .map(|rt| OwnRuntime(Some(rt)))
+    }
+
+    /// Runs `f` here and waits for it; `None` if the runtime dropped it (shutting down).
+    pub fn wait<T: Send + 'static>(
+        &self,
+        f: impl Future<Output = T> + Send + 'static,
+    ) -> Option<T> {
+        let rt = self.0.as_ref()?;
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        rt.spawn(async move {
+            let _ = tx.send(f.await);
+        });
+        rx.recv().ok()
+    }
+
+    /// Starts `f` here without waiting (a connection's driver, say).
+    pub fn spawn(&self, f: impl Future<Output = ()> + Send + 'static) {
+        if let Some(rt) = &self.0 {
+            rt.spawn(f);
+        }
+    }
+}
+
+impl Drop for OwnRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl std::fmt::Debug for OwnRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OwnRuntime")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,7 @@
 //! acr-task: run ACR Tasks (`acb.yaml`) task files on a local Docker Engine, with an
 //! integrated OCI registry. See ARCHITECTURE.md for the map of modules.
 
+pub mod agent;
 pub mod auth;
 pub mod background;
 pub mod cli;

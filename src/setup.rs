@@ -109,27 +109,73 @@ pub fn run_info(
     info
 }
 
-/// A run's content trust and signing: images of `registry` (the run's own, whose store is
-/// at hand) are checked against its content-trust policies; pushed images are signed with
+/// Where a run asks whether an image of its registry may be used (its content-trust
+/// policies): the registry's store when the run is beside it, the server's API on an agent.
+pub trait TrustCheck: Send + Sync {
+    /// Why `repository@reference` may not be used, if it may not.
+    fn denial<'a>(
+        &'a self,
+        repository: &'a str,
+        reference: &'a str,
+    ) -> crate::exec::BoxFut<'a, Result<Option<String>, String>>;
+}
+
+/// [`TrustCheck`] against a registry's store at hand.
+pub struct StoreTrust(pub Arc<crate::store::Store>);
+
+impl TrustCheck for StoreTrust {
+    fn denial<'a>(
+        &'a self,
+        repository: &'a str,
+        reference: &'a str,
+    ) -> crate::exec::BoxFut<'a, Result<Option<String>, String>> {
+        let (store, repo, reference) = (
+            self.0.clone(),
+            repository.to_string(),
+            reference.to_string(),
+        );
+        Box::pin(async move {
+            let denial = tokio::task::spawn_blocking(move || {
+                crate::registry::trust::check_reference(&store, &repo, &reference)
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+            Ok(denial.map(|d| d.to_string()))
+        })
+    }
+}
+
+/// A run's content trust and signing: images of `registry` (the run's own) are checked
+/// against its content-trust policies through `check`; pushed images are signed with
 /// `key`, when there is one.
-#[derive(Debug)]
 pub struct RunTrust {
     pub registry: String,
-    pub store: Option<Arc<crate::store::Store>>,
+    pub check: Option<Arc<dyn TrustCheck>>,
     pub key: Option<Arc<crate::signature::SigningKey>>,
+}
+
+impl std::fmt::Debug for RunTrust {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunTrust")
+            .field("registry", &self.registry)
+            .field("check", &self.check.is_some())
+            .field("key", &self.key.is_some())
+            .finish()
+    }
 }
 
 impl RunTrust {
     /// Whether it would do anything.
     pub fn is_useful(&self) -> bool {
-        self.store.is_some() || self.key.is_some()
+        self.check.is_some() || self.key.is_some()
     }
 }
 
 impl crate::exec::ImageTrust for RunTrust {
     fn check<'a>(&'a self, image: &'a str) -> crate::exec::BoxFut<'a, Result<(), String>> {
         Box::pin(async move {
-            let Some(store) = self.store.clone() else {
+            let Some(check) = &self.check else {
                 return Ok(());
             };
             let Some(r) = ImageRef::parse(image) else {
@@ -138,13 +184,7 @@ impl crate::exec::ImageTrust for RunTrust {
             if r.registry != self.registry {
                 return Ok(());
             }
-            let denial = tokio::task::spawn_blocking(move || {
-                crate::registry::trust::check_reference(&store, &r.repository, &r.reference)
-            })
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
-            match denial {
+            match check.denial(&r.repository, &r.reference).await? {
                 Some(d) => Err(format!("{image}: {d}")),
                 None => Ok(()),
             }

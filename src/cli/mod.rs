@@ -2,6 +2,7 @@
 //! lives in its own file and owns its argument struct.
 
 pub mod acr;
+mod agent;
 mod auth;
 mod client;
 mod encryption;
@@ -96,6 +97,12 @@ pub enum Command {
     /// Stored tasks and their runs on a running `serve` (like `az acr task`).
     #[command(subcommand)]
     Task(task::TaskCmd),
+    /// Work for a server's agent pool: take its queued runs and run them on this
+    /// machine's Docker Engine.
+    Agent(agent::AgentArgs),
+    /// Agent pools on a running `serve` (like `az acr agentpool`).
+    #[command(subcommand)]
+    AgentPool(agent::AgentPoolCmd),
     /// Print a shell completion script: `acr-task completion bash > /etc/bash_completion.d/acr-task`,
     /// `acr-task completion zsh > "${fpath[1]}/_acr-task"`, `acr-task completion fish > ~/.config/fish/completions/acr-task.fish`.
     #[command(
@@ -224,6 +231,8 @@ pub fn main() -> ExitCode {
         Command::Credential(c) => auth::credential(c),
         Command::Webhook(c) => auth::webhook(c),
         Command::Task(c) => task::task(c),
+        Command::Agent(a) => agent::agent(a),
+        Command::AgentPool(c) => agent::agent_pool(c),
         Command::Completion { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(

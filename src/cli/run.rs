@@ -484,7 +484,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         let trust = crate::setup::RunTrust {
             registry: registry.clone(),
             // The integrated registry's content-trust policies hold for the run's images.
-            store: integrated.as_ref().map(|r| r.registry().store().clone()),
+            check: integrated.as_ref().map(|r| {
+                Arc::new(crate::setup::StoreTrust(r.registry().store().clone()))
+                    as Arc<dyn crate::setup::TrustCheck>
+            }),
             key: match &args.signing_key {
                 Some(k) => Some(Arc::new(k.signing_key()?)),
                 None => None,

@@ -77,33 +77,18 @@ pub struct ServeArgs {
     /// the task API does (the admin, or a token with tasks/read).
     #[arg(long)]
     pub public_metrics: bool,
-    /// The sandbox policy for stored tasks (YAML; see `--print-policy` for its fields).
-    /// Without one: nothing beyond an ordinary container (see the README).
-    #[arg(long, value_name = "FILE")]
-    pub policy: Option<PathBuf>,
-    /// Allow tasks something the policy refuses (repeatable).
-    #[arg(long = "allow", value_enum, value_name = "RULE")]
-    pub allow: Vec<AllowArg>,
-    /// A directory local contexts may be in (repeatable; replaces the policy's list, by
-    /// default the serving user's home). The data directory never is.
-    #[arg(long = "context-root", value_name = "DIR")]
-    pub context_roots: Vec<PathBuf>,
-    /// A directory `file:` secrets may be read from (repeatable; by default none).
-    #[arg(long = "secret-dir", value_name = "DIR")]
-    pub secret_dirs: Vec<PathBuf>,
-    /// An environment variable `env:` secrets may read, `*` at the end for any rest
-    /// (repeatable; replaces the default `ACR_TASK_SECRET_*`).
-    #[arg(long = "secret-env", value_name = "PATTERN")]
-    pub secret_env: Vec<String>,
-    /// CPUs one step may use (default: the host's).
-    #[arg(long, value_name = "CPUS")]
-    pub step_cpus: Option<f64>,
-    /// Memory one step may use, swap included (default 4GiB).
-    #[arg(long, value_name = "SIZE", value_parser = super::parse_size)]
-    pub step_memory: Option<u64>,
-    /// Processes one step may run at once (default 4096).
-    #[arg(long, value_name = "N")]
-    pub step_pids: Option<i64>,
+    /// How long an agent's hold on a run lasts without a heartbeat; a run whose agent
+    /// stops heartbeating goes to another agent after it (agents heartbeat every third).
+    #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(3..=3600))]
+    pub agent_lease: u64,
+    /// Keep tasks, runs and the run queue in PostgreSQL instead of the data directory's
+    /// `server.db`: `postgres://USER:PASSWORD@HOST:PORT/DATABASE` (the schema is made and
+    /// migrated at start). The registry's metadata, tokens and webhooks stay in the data
+    /// directory for now.
+    #[arg(long, value_name = "URL", env = "ACR_TASK_DATABASE")]
+    pub database: Option<String>,
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
     /// Print the policy these options make (YAML) and exit.
     #[arg(long)]
     pub print_policy: bool,
@@ -142,6 +127,38 @@ pub struct ServeArgs {
     pub clock_rate: u32,
 }
 
+/// The sandbox policy's options, shared by `serve` and `agent` (each applies its own).
+#[derive(Debug, Clone, clap::Args)]
+pub struct SandboxArgs {
+    /// The sandbox policy for stored tasks (YAML; see `--print-policy` for its fields).
+    /// Without one: nothing beyond an ordinary container (see the README).
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+    /// Allow tasks something the policy refuses (repeatable).
+    #[arg(long = "allow", value_enum, value_name = "RULE")]
+    pub allow: Vec<AllowArg>,
+    /// A directory local contexts may be in (repeatable; replaces the policy's list, by
+    /// default the serving user's home). The data directory never is.
+    #[arg(long = "context-root", value_name = "DIR")]
+    pub context_roots: Vec<PathBuf>,
+    /// A directory `file:` secrets may be read from (repeatable; by default none).
+    #[arg(long = "secret-dir", value_name = "DIR")]
+    pub secret_dirs: Vec<PathBuf>,
+    /// An environment variable `env:` secrets may read, `*` at the end for any rest
+    /// (repeatable; replaces the default `ACR_TASK_SECRET_*`).
+    #[arg(long = "secret-env", value_name = "PATTERN")]
+    pub secret_env: Vec<String>,
+    /// CPUs one step may use (default: the host's).
+    #[arg(long, value_name = "CPUS")]
+    pub step_cpus: Option<f64>,
+    /// Memory one step may use, swap included (default 4GiB).
+    #[arg(long, value_name = "SIZE", value_parser = super::parse_size)]
+    pub step_memory: Option<u64>,
+    /// Processes one step may run at once (default 4096).
+    #[arg(long, value_name = "N")]
+    pub step_pids: Option<i64>,
+}
+
 /// Rules `serve --allow` can relax (the policy file's `allow` fields).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum AllowArg {
@@ -154,7 +171,7 @@ pub enum AllowArg {
     PublishPorts,
 }
 
-impl ServeArgs {
+impl SandboxArgs {
     /// The policy of `--policy` and the options that adjust it.
     pub fn policy(&self) -> anyhow::Result<crate::policy::Policy> {
         let mut p = match &self.policy {
@@ -193,7 +210,9 @@ impl ServeArgs {
         }
         Ok(p)
     }
+}
 
+impl ServeArgs {
     /// What one client may hold and send.
     pub fn limits(&self) -> (registry::RegistryLimits, crate::listen::ConnectionLimits) {
         (
@@ -255,7 +274,7 @@ impl ServeArgs {
 
 pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if args.print_policy {
-        print!("{}", args.policy()?.to_yaml());
+        print!("{}", args.sandbox.policy()?.to_yaml());
         return Ok(ExitCode::SUCCESS);
     }
     if !args.registry_only {
@@ -349,8 +368,10 @@ fn serve_tasks(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     cfg.registry_auth = args.auth.auth;
     cfg.open_api = args.insecure_open_api;
     cfg.public_metrics = args.public_metrics;
+    cfg.agent_lease = std::time::Duration::from_secs(args.agent_lease);
+    cfg.database = args.database.clone();
     cfg.server_names = args.server_names.clone();
-    cfg.policy = args.policy()?;
+    cfg.policy = args.sandbox.policy()?;
     cfg.webhooks = Some(args.auth.webhook_options(&args.ca_cert)?);
     super::tokio_runtime()?.block_on(async {
         let stop = stop_signal()?;

@@ -15,16 +15,16 @@ use super::registry::{print_deleted, print_json};
 use super::Output;
 use crate::server::model::{CommitTrigger, TaskSpec, TimerTrigger};
 
-pub const DEFAULT_SERVER: &str = "http://127.0.0.1:5000";
+pub(super) const DEFAULT_SERVER: &str = "http://127.0.0.1:5000";
 
 #[derive(Debug, clap::Args)]
 pub struct ClientOpts {
     /// The `acr-task serve` to talk to.
     #[arg(long, global = true, env = "ACR_TASK_SERVER", default_value = DEFAULT_SERVER)]
-    server: String,
+    pub(super) server: String,
     /// Output format: table or json.
     #[arg(long, short = 'o', global = true, default_value = "table", value_parser = super::table_or_json)]
-    output: Output,
+    pub(super) output: Output,
 }
 
 #[derive(Debug, clap::Args)]
@@ -97,6 +97,10 @@ pub struct TaskDef {
     /// (`env:VAR` or `file:/path`, resolved on the server when a run starts).
     #[arg(long, value_name = "REF")]
     signing_key: Option<String>,
+    /// Run on the agents of this pool (`acr-task agent --pool NAME`) instead of on the
+    /// server; `""` runs on the server again (as `az acr task create --agent-pool`).
+    #[arg(long, value_name = "NAME")]
+    agent_pool: Option<String>,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -346,6 +350,9 @@ fn pairs(items: &[String], what: &str) -> anyhow::Result<BTreeMap<String, String
 
 /// Applies the options given to `spec` (all of them for create).
 fn apply(spec: &mut TaskSpec, def: TaskDef) -> anyhow::Result<()> {
+    if let Some(p) = &def.agent_pool {
+        spec.agent_pool = (!p.is_empty()).then(|| p.clone());
+    }
     if let Some(c) = def.context {
         // A relative local directory is made absolute here: the server resolves nothing
         // against the client's working directory.

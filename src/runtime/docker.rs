@@ -894,11 +894,13 @@ impl Runtime for DockerRuntime {
         let t0 = std::time::Instant::now();
         self.create(spec).await?;
         tracing::debug!(container = %spec.name, ms = t0.elapsed().as_millis() as u64, "created");
+        // Attached before it starts, so the stream has everything; `logs` too would
+        // replay output the stream also carries (seen: a line twice under load).
         let opts = AttachContainerOptions {
             stdout: true,
             stderr: true,
             stream: true,
-            logs: true,
+            logs: false,
             ..Default::default()
         };
         let attached = self
@@ -972,12 +974,13 @@ impl Runtime for DockerRuntime {
         // trip less after it.
         let (docker, name) = (self.docker.clone(), spec.name.clone());
         let wait = tokio::spawn(async move { exit_code(&docker, &name).await });
+        // Attached before the release: the step has printed nothing yet (see `run`).
         let opts = AttachContainerOptions {
             stdin: true,
             stdout: true,
             stderr: true,
             stream: true,
-            logs: true,
+            logs: false,
             ..Default::default()
         };
         let attached = self

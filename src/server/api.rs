@@ -194,7 +194,22 @@ fn with_warnings(spec: TaskSpec, warnings: Vec<crate::task::Diagnostic>) -> serd
     v
 }
 
+/// A task's agent pool must exist when it is stored.
+fn check_pool(s: &ApiState, spec: &TaskSpec) -> Result<(), ApiErr> {
+    let Some(p) = &spec.agent_pool else {
+        return Ok(());
+    };
+    if s.queue.db().pool(p).map_err(internal)?.is_none() {
+        return Err(err(
+            StatusCode::BAD_REQUEST,
+            format!("agent pool {p} does not exist (acr-task agent-pool create {p} makes it)"),
+        ));
+    }
+    Ok(())
+}
+
 async fn create_task(State(s): St, Json(spec): Json<TaskSpec>) -> Result<Response, ApiErr> {
+    check_pool(&s, &spec)?;
     let warnings = check_spec(&spec, &s.policy).await?;
     if !s.queue.db().put_task(&spec, true).map_err(internal)? {
         return Err(err(
@@ -225,6 +240,7 @@ async fn update_task(
                 .and_then(|c| c.secret);
         }
     }
+    check_pool(&s, &spec)?;
     let warnings = check_spec(&spec, &s.policy).await?;
     if !s.queue.db().put_task(&spec, false).map_err(internal)? {
         return Err(err(StatusCode::NOT_FOUND, format!("no task {name}")));

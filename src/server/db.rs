@@ -15,11 +15,25 @@ pub enum DbError {
     Json(#[from] serde_json::Error),
     #[error("database lock poisoned")]
     Poisoned,
+    #[error("PostgreSQL: {0}")]
+    Postgres(String),
 }
 
 /// Now as the server's records write times (RFC 3339, milliseconds, UTC).
 pub fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// Now in Unix milliseconds (leases and agents' signs of life).
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Unix milliseconds as the records write times.
+pub fn ms_to_rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 /// Which runs a listing shows: newest first, after `before` (a `seq`) when continuing.
@@ -29,6 +43,68 @@ pub struct RunFilter {
     pub status: Option<Status>,
     pub before: Option<i64>,
     pub limit: usize,
+}
+
+/// An agent pool (`az acr agentpool`): the runs of tasks that name it wait there for its
+/// agents. `max_runs` caps how many of them run at once across every agent.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentPool {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_runs: Option<u32>,
+    #[serde(default)]
+    pub created_at: String,
+}
+
+/// An agent as it registered (`acr-task agent`) and when it was last heard from.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentRecord {
+    pub id: String,
+    pub pool: String,
+    /// The machine's name, as the agent gave it.
+    pub name: String,
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// How many runs it takes at once.
+    pub concurrency: u32,
+    #[serde(default)]
+    pub version: String,
+    #[serde(default)]
+    pub registered_at: String,
+    /// Set by the store on every sign of life (RFC 3339).
+    #[serde(default)]
+    pub last_seen: String,
+    /// It takes no new runs (it is stopping).
+    #[serde(default)]
+    pub draining: bool,
+}
+
+/// A run an agent took: the run and the lease id that every later call about it names.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub run: RunRecord,
+    pub lease: String,
+}
+
+/// What a lease renewal found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseState {
+    /// Still this agent's; `cancel` when someone asked to cancel the run.
+    Held { cancel: bool },
+    /// The run is no longer this lease's (expired and handed on, or finished).
+    Lost,
+}
+
+/// A lease that ran out: the run went back to the queue as its next attempt, or (after
+/// the last attempt) failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expired {
+    pub run: String,
+    pub agent: Option<String>,
+    pub attempt: u32,
+    pub requeued: bool,
 }
 
 /// A run to add to the queue.
@@ -83,7 +159,8 @@ pub trait ServerStore: Send + Sync {
     fn set_registry_cursor(&self, seq: i64) -> Result<(), DbError>;
     /// `task`'s queued and running runs, oldest first.
     fn active_runs(&self, task: &str) -> Result<Vec<RunRecord>, DbError>;
-    /// Takes the oldest queued run and marks it Running.
+    /// Takes the oldest queued run of no agent pool and marks it Running (the server's
+    /// own executor).
     fn claim_next(&self) -> Result<Option<RunRecord>, DbError>;
     /// The commit a run turned out to build (known once its context is fetched).
     fn set_commit(&self, id: &str, commit: &str) -> Result<(), DbError>;
@@ -97,7 +174,8 @@ pub trait ServerStore: Send + Sync {
     ) -> Result<(), DbError>;
     /// Cancels a run that is still queued; false if it is not queued (any more).
     fn cancel_queued(&self, id: &str) -> Result<bool, DbError>;
-    /// Marks every Running run Failed (they were cut off by a stop); returns their ids.
+    /// Marks every Running run of no agent pool Failed (the server's own, cut off by a
+    /// stop); returns their ids. Runs leased to agents keep their leases.
     fn fail_interrupted(&self) -> Result<Vec<String>, DbError>;
     /// Whether `task` has a run in this status.
     fn has_run_with_status(&self, task: &str, status: Status) -> Result<bool, DbError>;
@@ -128,4 +206,56 @@ pub trait ServerStore: Send + Sync {
     fn head(&self, task: &str) -> Result<Option<String>, DbError>;
     /// Records the last commit seen of a watched branch.
     fn set_head(&self, task: &str, commit: &str) -> Result<(), DbError>;
+
+    // ---- agent pools, agents and leases
+    /// Inserts (`create`: false if it exists) or replaces (false if it does not).
+    fn put_pool(&self, pool: &AgentPool, create: bool) -> Result<bool, DbError>;
+    fn pool(&self, name: &str) -> Result<Option<AgentPool>, DbError>;
+    fn pools(&self) -> Result<Vec<AgentPool>, DbError>;
+    /// Deletes a pool and its agents' registrations; false if there was none.
+    fn delete_pool(&self, name: &str) -> Result<bool, DbError>;
+    /// A pool's queued and running runs.
+    fn pool_counts(&self, pool: &str) -> Result<(u64, u64), DbError>;
+    /// Registers an agent (or refreshes its registration), seen now.
+    fn put_agent(&self, agent: &AgentRecord) -> Result<(), DbError>;
+    /// The agents of `pool` (every pool's with none), by pool and name.
+    fn agents(&self, pool: Option<&str>) -> Result<Vec<AgentRecord>, DbError>;
+    fn agent(&self, id: &str) -> Result<Option<AgentRecord>, DbError>;
+    /// Records a sign of life; false if the agent is not registered (any more).
+    fn agent_seen(&self, id: &str, draining: bool) -> Result<bool, DbError>;
+    fn remove_agent(&self, id: &str) -> Result<(), DbError>;
+    /// Leases the oldest queued run of `pool` to `agent` for `lease_ms`, unless the pool
+    /// already runs its `max_runs`. One transaction: no run is ever leased twice.
+    fn claim_leased(
+        &self,
+        pool: &str,
+        agent: &str,
+        lease_ms: u64,
+    ) -> Result<Option<Claimed>, DbError>;
+    /// Extends a lease by `lease_ms` if it is still the run's.
+    fn renew_lease(&self, run: &str, lease: &str, lease_ms: u64) -> Result<LeaseState, DbError>;
+    /// A leased run's end, recorded only if `lease` still holds it (a late report of a
+    /// lease that expired changes nothing); false otherwise.
+    fn finish_leased(
+        &self,
+        run: &str,
+        lease: &str,
+        status: Status,
+        error: Option<&str>,
+        report: Option<&RunReport>,
+    ) -> Result<bool, DbError>;
+    /// An agent gives a run back (it is stopping): queued again as its next attempt, or
+    /// failed after `max_attempts`. None if the lease no longer holds it.
+    fn release_lease(
+        &self,
+        run: &str,
+        lease: &str,
+        max_attempts: u32,
+    ) -> Result<Option<Expired>, DbError>;
+    /// Hands back every run whose lease ran out: queued again as its next attempt, or
+    /// failed after `max_attempts`.
+    fn expire_leases(&self, max_attempts: u32) -> Result<Vec<Expired>, DbError>;
+    /// Asks the agent running `run` to cancel it (at its next heartbeat); false if the run
+    /// is not running on an agent.
+    fn request_cancel(&self, run: &str) -> Result<bool, DbError>;
 }

@@ -4,12 +4,14 @@
 //! Data directory layout: `registry/` (the registry's store), `server.db` (tasks, runs,
 //! deliveries, base-image index), `logs/<run>.log`, `work/` (per-run scratch).
 
+pub mod agents;
 pub mod api;
 pub mod db;
 pub mod guard;
 pub mod live;
 pub mod manage;
 pub mod model;
+pub mod postgres;
 pub mod queue;
 pub mod runner;
 pub mod sqlite;
@@ -94,6 +96,10 @@ pub struct ServeConfig {
     pub connections: crate::listen::ConnectionLimits,
     /// `GET /metrics` without credentials (`--public-metrics`); else as the task API.
     pub public_metrics: bool,
+    /// How long an agent's lease on a run lasts without a heartbeat.
+    pub agent_lease: std::time::Duration,
+    /// Tasks, runs and the queue in this PostgreSQL database instead of `server.db`.
+    pub database: Option<String>,
 }
 
 impl ServeConfig {
@@ -116,6 +122,8 @@ impl ServeConfig {
             limits: Default::default(),
             connections: Default::default(),
             public_metrics: false,
+            agent_lease: std::time::Duration::from_secs(30),
+            database: None,
         }
     }
 }
@@ -202,9 +210,14 @@ impl Server {
         let registry =
             tokio::task::spawn_blocking(move || Registry::open_with(&reg_dir, limits)).await??;
         let db_path = cfg.data_dir.join("server.db");
-        let db: Arc<dyn db::ServerStore> = Arc::new(
-            tokio::task::spawn_blocking(move || sqlite::SqliteServer::open(&db_path)).await??,
-        );
+        let database = cfg.database.clone();
+        let db: Arc<dyn db::ServerStore> = tokio::task::spawn_blocking(move || {
+            Ok::<Arc<dyn db::ServerStore>, db::DbError>(match database {
+                Some(url) => Arc::new(postgres::PgServer::open(&url)?),
+                None => Arc::new(sqlite::SqliteServer::open(&db_path)?),
+            })
+        })
+        .await??;
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
             .map_err(|source| ServerError::Bind {
@@ -301,10 +314,18 @@ impl Server {
             .await,
         );
         queue.recover(exec.as_ref()).await?;
+        let hub = Arc::new(agents::AgentHub::new(
+            queue.clone(),
+            self.cfg.agent_lease,
+            self.policy.clone(),
+            self.cfg.registry_auth.then(|| self.auth.clone()),
+            Arc::new(crate::setup::StoreTrust(self.registry.store().clone())),
+        ));
         // Everything that runs beside the listener, stopped together at the end.
         let background = crate::background::Background::new();
         let halt = background.token();
         background.spawn_graceful(queue.clone().run_loop(exec, halt.clone()));
+        background.spawn_graceful(hub.clone().expiry_loop(halt.clone()));
         watchers::spawn_all(
             watchers::Watchers {
                 queue: queue.clone(),
@@ -374,7 +395,8 @@ impl Server {
             login_server: Some(self.registry_host()),
             registry: self.registry.clone(),
             ca_certs: self.cfg.ca_certs.clone(),
-        }));
+        }))
+        .merge(hub.router());
         let names = Arc::new(crate::listen::HostNames::new(&self.cfg.server_names));
         let open_registry = gate.is_none();
         let mut app = crate::registry::router_with_auth(self.registry.clone(), gate)

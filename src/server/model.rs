@@ -37,6 +37,10 @@ pub struct TaskSpec {
     /// steps sign what they push (cosign's format), resolved when a run starts.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub signing_key: Option<String>,
+    /// The agent pool its runs go to (`acr-task agent --pool NAME`); none: the server runs
+    /// them itself.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_pool: Option<String>,
 }
 
 /// A task's login for one registry: a user name (plain, or a secret reference) and a
@@ -174,6 +178,20 @@ pub struct RunRecord {
     pub error: Option<String>,
     /// The executor's `RunReport` (steps, images pushed, base images) once finished.
     pub report: Option<crate::exec::RunReport>,
+    /// The agent pool it waits for or runs in (none: the server runs it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// The agent that holds (or last held) it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    /// Which attempt this is: a run whose agent stopped heartbeating is handed to
+    /// another agent as the next attempt.
+    #[serde(default = "first_attempt")]
+    pub attempt: u32,
+}
+
+fn first_attempt() -> u32 {
+    1
 }
 
 impl RunRecord {

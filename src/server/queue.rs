@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::db::{DbError, NewRun, ServerStore};
 use super::model::RunRecord;
-use super::runner::{Executor, Job, LogFile, Outcome};
+use super::runner::{Executor, Job, LogFile, Outcome, RunSink as _};
 use crate::exec::Status;
 
 pub struct Queue {
@@ -69,6 +69,11 @@ impl Queue {
         self
     }
 
+    /// What running runs are doing (runs on agents included).
+    pub fn live_runs(&self) -> &super::live::LiveRuns {
+        &self.live
+    }
+
     /// A running run's live state (none once it has ended).
     pub fn live(&self, id: &str) -> Option<Arc<super::live::LiveRun>> {
         self.live.get(id)
@@ -79,7 +84,8 @@ impl Queue {
         self.changes.subscribe()
     }
 
-    fn changed(&self) {
+    /// Wakes watchers of the runs list (and agents waiting for work).
+    pub fn changed(&self) {
         self.changes.send_modify(|v| *v = v.wrapping_add(1));
     }
 
@@ -132,6 +138,10 @@ impl Queue {
                 t.cancel();
                 return Ok(Cancel::Signalled);
             }
+        }
+        // On an agent: it cancels at its next heartbeat.
+        if self.db.request_cancel(id)? {
+            return Ok(Cancel::Signalled);
         }
         Ok(match self.db.run(id)? {
             None => Cancel::NotFound,
@@ -212,7 +222,7 @@ impl Queue {
         let outcome = match spec {
             Ok(Some(spec)) => match LogFile::create(&self.log_path(&rec.id)) {
                 Ok(log) => {
-                    let log = log.with_live(live);
+                    let log = Arc::new(log.with_live(live));
                     let job = Job {
                         run: rec.clone(),
                         spec,
@@ -230,26 +240,56 @@ impl Queue {
         if let Ok(mut running) = self.running.lock() {
             running.remove(&rec.id);
         }
-        if let Err(e) = self.record(&rec, &outcome) {
+        if let Err(e) = self.complete(&rec, &outcome, None) {
             tracing::error!(run = %rec.id, error = %e, "recording the outcome");
-        }
-        tracing::info!(run = %rec.id, status = outcome.status.as_str(), "finished");
-        self.live.end(&rec.id);
-        self.changed();
-        if let Ok(Some(done)) = self.db.run(&rec.id) {
-            if let Some(m) = &self.metrics {
-                m.run_finished(&done.task, done.status.as_str(), done.report.as_ref());
-            }
-            let _ = self.finished.send(done);
         }
     }
 
-    fn record(&self, rec: &RunRecord, o: &Outcome) -> Result<(), DbError> {
+    /// Records how a run ended (one on an agent only while its `lease` still holds it:
+    /// false, and nothing recorded, otherwise) and tells everyone who waits for it.
+    pub fn complete(
+        &self,
+        rec: &RunRecord,
+        o: &Outcome,
+        lease: Option<&str>,
+    ) -> Result<bool, DbError> {
+        let recorded = self.record(rec, o, lease);
+        if matches!(recorded, Ok(false)) {
+            return Ok(false);
+        }
+        tracing::info!(run = %rec.id, status = o.status.as_str(), "finished");
+        self.ended(&rec.id);
+        recorded
+    }
+
+    /// A run is over, however it was recorded: its live state goes, watchers wake, the
+    /// metrics and the base-image index hear of it.
+    pub fn ended(&self, id: &str) {
+        self.live.end(id);
+        self.changed();
+        if let Ok(Some(done)) = self.db.run(id) {
+            if done.is_finished() {
+                if let Some(m) = &self.metrics {
+                    m.run_finished(&done.task, done.status.as_str(), done.report.as_ref());
+                }
+                let _ = self.finished.send(done);
+            }
+        }
+    }
+
+    fn record(&self, rec: &RunRecord, o: &Outcome, lease: Option<&str>) -> Result<bool, DbError> {
+        let (id, error, report) = (&rec.id, o.error.as_deref(), o.report.as_ref());
+        match lease {
+            Some(lease) => {
+                if !self.db.finish_leased(id, lease, o.status, error, report)? {
+                    return Ok(false);
+                }
+            }
+            None => self.db.finish(id, o.status, error, report)?,
+        }
         if let Some(c) = &o.commit {
             self.db.set_commit(&rec.id, c)?;
         }
-        self.db
-            .finish(&rec.id, o.status, o.error.as_deref(), o.report.as_ref())?;
         // A quick run has no task to rebuild when its base images change.
         let quick = matches!(rec.trigger, crate::server::model::Trigger::Quick);
         if o.status == Status::Succeeded && !quick {
@@ -268,7 +308,7 @@ impl Queue {
                 self.db.set_dependencies(&rec.task, &bases, &outputs)?;
             }
         }
-        Ok(())
+        Ok(true)
     }
 }
 

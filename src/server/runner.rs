@@ -353,21 +353,6 @@ fn check_signing_key(spec: &TaskSpec, policy: &Policy) -> Result<(), String> {
     check_secret_refs(&signing_key_ref(spec), policy)
 }
 
-/// A stored task's signing key, read now (`None`: the task signs nothing).
-pub fn resolve_signing_key(
-    spec: &TaskSpec,
-    policy: &Policy,
-) -> Result<Option<crate::signature::SigningKey>, String> {
-    check_signing_key(spec, policy)?;
-    let values = resolve_secrets(&signing_key_ref(spec), policy)?;
-    match values.get("signing-key") {
-        None => Ok(None),
-        Some(pem) => crate::signature::SigningKey::from_pem("signing key", pem.as_bytes())
-            .map(Some)
-            .map_err(|e| e.to_string()),
-    }
-}
-
 /// Up to `max` bytes of a run's log from `offset`, ending at a line's end (a line being
 /// written is sent whole, later) unless the run has `ended` or one line is longer than `max`.
 pub async fn read_log(path: &Path, offset: u64, max: u64, ended: bool) -> Vec<u8> {
@@ -387,6 +372,16 @@ pub async fn read_log(path: &Path, offset: u64, max: u64, ended: bool) -> Vec<u8
         }
     }
     buf
+}
+
+/// Where a run's log lines and step changes go: the server's log file and live state,
+/// or, on an agent, the server over HTTP.
+pub trait RunSink: Send + Sync {
+    fn line(&self, who: &str, text: &str);
+    /// The run's steps once its file is loaded: (id, kind, the ids it waits for).
+    fn steps(&self, _steps: Vec<(String, String, Vec<String>)>) {}
+    fn step_started(&self, _step: usize, _attempt: u32) {}
+    fn step_finished(&self, _step: usize, _report: &crate::exec::StepReport) {}
 }
 
 /// A run's log file, appended one line at a time (readers follow it while it grows), and
@@ -414,13 +409,10 @@ impl LogFile {
         self.live = Some(live);
         self
     }
+}
 
-    /// The run's live state, when the queue keeps one.
-    pub fn live(&self) -> Option<&Arc<super::live::LiveRun>> {
-        self.live.as_ref()
-    }
-
-    pub fn line(&self, who: &str, text: &str) {
+impl RunSink for LogFile {
+    fn line(&self, who: &str, text: &str) {
         if let Ok(mut f) = self.file.lock() {
             if let Err(e) = writeln!(f, "{who} | {text}") {
                 tracing::warn!(error = %e, "writing a run log");
@@ -428,6 +420,24 @@ impl LogFile {
         }
         if let Some(l) = &self.live {
             l.touch();
+        }
+    }
+
+    fn steps(&self, steps: Vec<(String, String, Vec<String>)>) {
+        if let Some(l) = &self.live {
+            l.set_steps(steps);
+        }
+    }
+
+    fn step_started(&self, step: usize, attempt: u32) {
+        if let Some(l) = &self.live {
+            l.step_started(step, attempt);
+        }
+    }
+
+    fn step_finished(&self, step: usize, report: &crate::exec::StepReport) {
+        if let Some(l) = &self.live {
+            l.step_finished(step, report);
         }
     }
 }
@@ -438,12 +448,13 @@ pub struct Job {
     pub spec: TaskSpec,
     /// `HOST:PORT` of the integrated registry.
     pub registry: String,
-    pub log: LogFile,
+    pub log: Arc<dyn RunSink>,
     pub cancel: CancellationToken,
 }
 
 /// How a run ended.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Outcome {
     pub status: Status,
     pub error: Option<String>,
@@ -452,7 +463,7 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    fn failed(error: String) -> Outcome {
+    pub fn failed(error: String) -> Outcome {
         Outcome {
             status: Status::Failed,
             error: Some(error),
@@ -469,18 +480,140 @@ pub trait Executor: Send + Sync + 'static {
     fn cleanup(&self, run_id: &str) -> BoxFuture<'static, ()>;
 }
 
-/// Runs jobs on the Docker Engine through [`exec::execute`], every container and build
-/// through the policy.
-pub struct DockerExecutor {
-    rt: Option<Arc<Policed<DockerRuntime>>>,
-    work_dir: PathBuf,
-    max_parallel: usize,
-    policy: Arc<Policy>,
-    /// The registry's gate when it checks credentials: each run gets its own login.
-    auth: Option<Arc<crate::auth::Auth>>,
-    /// The registry's store: runs are held to its content-trust policies.
-    store: Arc<crate::store::Store>,
+/// What a run gets that its definition only names: secret values, logins for other
+/// registries and the signing key. Resolved on the server (its environment and files,
+/// under its policy) when the run starts, and sent to the agent that takes it.
+#[derive(Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Provisions {
+    pub secrets: BTreeMap<String, String>,
+    /// Login server → (user name, password).
+    pub logins: BTreeMap<String, (String, String)>,
+    /// The signing key's PEM text.
+    pub signing_key: Option<String>,
 }
+
+impl Provisions {
+    /// Resolves a stored task's references now, under `policy`.
+    pub fn resolve(spec: &TaskSpec, policy: &Policy) -> Result<Provisions, String> {
+        check_spec_paths(spec, policy)?;
+        let secrets = resolve_secrets(&spec.secrets, policy)?;
+        let logins = resolve_credentials(spec, policy)?
+            .into_iter()
+            .map(|(server, c)| (server, (c.username, c.password)))
+            .collect();
+        check_signing_key(spec, policy)?;
+        let signing_key = resolve_secrets(&signing_key_ref(spec), policy)?.remove("signing-key");
+        Ok(Provisions {
+            secrets,
+            logins,
+            signing_key,
+        })
+    }
+}
+
+/// The run's own login to its registry, scoped to what its task pushes (see
+/// [`run_grants`]): made by the server's gate beside it, asked of the server on an agent.
+pub trait RunLogin: Send + Sync {
+    /// A login for `run` with `grants` for `ttl`; none when the registry checks no
+    /// credentials.
+    fn start(
+        &self,
+        run: &str,
+        grants: crate::auth::Grants,
+        ttl: Duration,
+    ) -> BoxFuture<'static, Result<Option<crate::credentials::Credential>, String>>;
+    /// Ends the login (the run is over).
+    fn end(&self, run: &str);
+}
+
+/// [`RunLogin`] by the server's own gate (none when the registry is open).
+pub struct GateLogin(pub Option<Arc<crate::auth::Auth>>);
+
+impl RunLogin for GateLogin {
+    fn start(
+        &self,
+        run: &str,
+        grants: crate::auth::Grants,
+        ttl: Duration,
+    ) -> BoxFuture<'static, Result<Option<crate::credentials::Credential>, String>> {
+        let login = self.0.as_ref().map(|a| a.start_run(run, grants, ttl));
+        Box::pin(async move { Ok(login) })
+    }
+
+    fn end(&self, run: &str) {
+        if let Some(a) = &self.0 {
+            a.end_run(run);
+        }
+    }
+}
+
+/// Where and how runs execute: the engine (through the policy), scratch space, and how a
+/// run gets its registry login and content-trust answers. The server has one; so has
+/// every agent.
+pub struct RunEnv {
+    pub rt: Option<Arc<Policed<DockerRuntime>>>,
+    pub work_dir: PathBuf,
+    pub max_parallel: usize,
+    pub policy: Arc<Policy>,
+    pub login: Arc<dyn RunLogin>,
+    pub trust: Option<Arc<dyn crate::setup::TrustCheck>>,
+}
+
+impl RunEnv {
+    /// Connects to the engine; without one, every run fails saying why.
+    pub async fn connect(
+        work_dir: PathBuf,
+        max_parallel: usize,
+        policy: Arc<Policy>,
+        login: Arc<dyn RunLogin>,
+        trust: Option<Arc<dyn crate::setup::TrustCheck>>,
+    ) -> RunEnv {
+        let rt = match DockerRuntime::connect().await {
+            Ok(rt) => Some(Arc::new(Policed::new(Arc::new(rt), policy.clone()))),
+            Err(e) => {
+                tracing::error!(error = %e, "no Docker Engine: runs will fail");
+                None
+            }
+        };
+        RunEnv {
+            rt,
+            work_dir,
+            max_parallel,
+            policy,
+            login,
+            trust,
+        }
+    }
+
+    /// Runs `job` with what was resolved for it (or fails saying why it could not be).
+    pub async fn execute(
+        self: Arc<Self>,
+        job: Job,
+        provisions: Result<Provisions, String>,
+    ) -> Outcome {
+        if self.rt.is_none() {
+            return Outcome::failed("no Docker Engine is reachable".into());
+        }
+        // Every line logged for the run carries its id and task.
+        let span = tracing::info_span!("run", run = %job.run.id, task = %job.run.task);
+        use tracing::Instrument as _;
+        run_on_docker(self, job, provisions).instrument(span).await
+    }
+
+    /// Removes whatever a run that was cut off left in the engine.
+    pub async fn cleanup(&self, run_id: &str) {
+        if let Some(rt) = &self.rt {
+            if let Err(e) = rt.remove_run_resources(run_id).await {
+                tracing::warn!(run = %run_id, error = %e, "removing an interrupted run's resources");
+            }
+        }
+    }
+}
+
+/// Runs jobs on the Docker Engine beside the server, with the server's own secrets,
+/// gate and store.
+pub struct DockerExecutor(pub Arc<RunEnv>);
 
 impl DockerExecutor {
     /// Connects to the engine; without one, every run fails saying why.
@@ -491,57 +624,32 @@ impl DockerExecutor {
         auth: Option<Arc<crate::auth::Auth>>,
         store: Arc<crate::store::Store>,
     ) -> DockerExecutor {
-        let rt = match DockerRuntime::connect().await {
-            Ok(rt) => Some(Arc::new(Policed::new(Arc::new(rt), policy.clone()))),
-            Err(e) => {
-                tracing::error!(error = %e, "no Docker Engine: runs will fail");
-                None
-            }
-        };
-        DockerExecutor {
-            rt,
-            work_dir,
-            max_parallel,
-            policy,
-            auth,
-            store,
-        }
+        let trust: Arc<dyn crate::setup::TrustCheck> = Arc::new(crate::setup::StoreTrust(store));
+        DockerExecutor(Arc::new(
+            RunEnv::connect(
+                work_dir,
+                max_parallel,
+                policy,
+                Arc::new(GateLogin(auth)),
+                Some(trust),
+            )
+            .await,
+        ))
     }
 }
 
 impl Executor for DockerExecutor {
     fn run(&self, job: Job) -> BoxFuture<'static, Outcome> {
-        let rt = self.rt.clone();
-        let work = self.work_dir.clone();
-        let max_parallel = self.max_parallel;
-        let policy = self.policy.clone();
-        let auth = self.auth.clone();
-        let store = self.store.clone();
+        let env = self.0.clone();
         Box::pin(async move {
-            match rt {
-                None => Outcome::failed("no Docker Engine is reachable".into()),
-                Some(rt) => {
-                    // Every line logged for the run carries its id and task.
-                    let span = tracing::info_span!("run", run = %job.run.id, task = %job.run.task);
-                    use tracing::Instrument as _;
-                    run_on_docker(rt, work, max_parallel, policy, auth, store, job)
-                        .instrument(span)
-                        .await
-                }
-            }
+            let provisions = Provisions::resolve(&job.spec, &env.policy);
+            env.execute(job, provisions).await
         })
     }
 
     fn cleanup(&self, run_id: &str) -> BoxFuture<'static, ()> {
-        let rt = self.rt.clone();
-        let id = run_id.to_string();
-        Box::pin(async move {
-            if let Some(rt) = rt {
-                if let Err(e) = rt.remove_run_resources(&id).await {
-                    tracing::warn!(run = %id, error = %e, "removing an interrupted run's resources");
-                }
-            }
-        })
+        let (env, id) = (self.0.clone(), run_id.to_string());
+        Box::pin(async move { env.cleanup(&id).await })
     }
 }
 
@@ -584,25 +692,23 @@ fn prepare_context(
 }
 
 /// Ends a run's registry login however the run ends.
-struct RunLoginGuard(Option<(Arc<crate::auth::Auth>, String)>);
+struct RunLoginGuard(Arc<dyn RunLogin>, String);
 
 impl Drop for RunLoginGuard {
     fn drop(&mut self) {
-        if let Some((auth, id)) = self.0.take() {
-            auth.end_run(&id);
-        }
+        self.0.end(&self.1);
     }
 }
 
 async fn run_on_docker(
-    rt: Arc<Policed<DockerRuntime>>,
-    work: PathBuf,
-    max_parallel: usize,
-    policy: Arc<Policy>,
-    auth: Option<Arc<crate::auth::Auth>>,
-    store: Arc<crate::store::Store>,
+    env: Arc<RunEnv>,
     job: Job,
+    provisions: Result<Provisions, String>,
 ) -> Outcome {
+    let Some(rt) = env.rt.clone() else {
+        return Outcome::failed("no Docker Engine is reachable".into());
+    };
+    let (work, max_parallel, policy) = (&env.work_dir, env.max_parallel, env.policy.clone());
     let Job {
         run,
         spec,
@@ -610,10 +716,17 @@ async fn run_on_docker(
         log,
         cancel,
     } = job;
-    if let Err(e) = std::fs::create_dir_all(&work) {
+    let provisions = match provisions {
+        Ok(p) => p,
+        Err(e) => {
+            log.line("acr-task", &e);
+            return Outcome::failed(e);
+        }
+    };
+    if let Err(e) = std::fs::create_dir_all(work) {
         return Outcome::failed(format!("work dir {}: {e}", work.display()));
     }
-    let scratch = match tempfile::tempdir_in(&work) {
+    let scratch = match tempfile::tempdir_in(work) {
         Ok(s) => s,
         Err(e) => return Outcome::failed(format!("scratch dir: {e}")),
     };
@@ -634,37 +747,30 @@ async fn run_on_docker(
     let mut cfg = RunConfig::for_run(&run.id, context.clone(), max_parallel);
     cfg.platform = spec.target_platform();
     cfg.registry = Some(registry.to_string());
-    let key = match resolve_signing_key(&spec, &policy) {
-        Ok(k) => k.map(Arc::new),
-        Err(e) => {
-            log.line("acr-task", &e);
-            return Outcome::failed(e);
-        }
+    let key = match &provisions.signing_key {
+        None => None,
+        Some(pem) => match crate::signature::SigningKey::from_pem("signing key", pem.as_bytes()) {
+            Ok(k) => Some(Arc::new(k)),
+            Err(e) => {
+                let e = e.to_string();
+                log.line("acr-task", &e);
+                return Outcome::failed(e);
+            }
+        },
     };
     cfg.trust = Some(Arc::new(crate::setup::RunTrust {
         registry: registry.to_string(),
-        store: Some(store),
+        check: env.trust.clone(),
         key,
     }));
-    cfg.secrets = match resolve_secrets(&spec.secrets, &policy) {
-        Ok(s) => s,
-        Err(e) => {
-            log.line("acr-task", &e);
-            return Outcome::failed(e);
-        }
-    };
+    cfg.secrets = provisions.secrets;
     // The server's own `docker login`s are not lent to tasks: a task names its logins.
     let mut credentials = crate::credentials::Credentials::default();
-    match resolve_credentials(&spec, &policy) {
-        Ok(logins) => {
-            for (server, c) in logins {
-                credentials.set(&server, c);
-            }
-        }
-        Err(e) => {
-            log.line("acr-task", &e);
-            return Outcome::failed(e);
-        }
+    for (server, (username, password)) in provisions.logins {
+        credentials.set(
+            &server,
+            crate::credentials::Credential { username, password },
+        );
     }
     let mut info = run_info(
         &run.id,
@@ -717,26 +823,33 @@ async fn run_on_docker(
     };
     // The run's own login to the registry, scoped to what the task pushes; it ends with
     // the run (and cannot outlive its timeout).
-    let _login = RunLoginGuard(auth.map(|auth| {
-        let ttl = Duration::from_secs(spec.timeout_secs().saturating_add(60));
-        let login = auth.start_run(&run.id, run_grants(&task, &registry), ttl);
-        credentials.set(&registry, login);
-        (auth, run.id.clone())
-    }));
+    let ttl = Duration::from_secs(spec.timeout_secs().saturating_add(60));
+    let _login = RunLoginGuard(env.login.clone(), run.id.clone());
+    match env
+        .login
+        .start(&run.id, run_grants(&task, &registry), ttl)
+        .await
+    {
+        Ok(Some(login)) => credentials.set(&registry, login),
+        Ok(None) => {}
+        Err(e) => {
+            let e = format!("the run's registry login: {e}");
+            log.line("acr-task", &e);
+            return Outcome::failed(e);
+        }
+    }
     cfg.credentials = Arc::new(credentials);
     let names: Vec<String> = task.steps.iter().map(|s| s.id.clone()).collect();
-    if let Some(live) = log.live() {
-        live.set_steps(
-            task.steps
-                .iter()
-                .enumerate()
-                .map(|(i, s)| {
-                    let kind = exec::kind_name(s).to_string();
-                    (s.id.clone(), kind, exec::step_needs(&task, &plan, i))
-                })
-                .collect(),
-        );
-    }
+    log.steps(
+        task.steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let kind = exec::kind_name(s).to_string();
+                (s.id.clone(), kind, exec::step_needs(&task, &plan, i))
+            })
+            .collect(),
+    );
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let writer = {
         let log = log.clone();
@@ -746,15 +859,9 @@ async fn run_on_docker(
                     Event::Log { step, line } => {
                         log.line(names.get(step).map(String::as_str).unwrap_or("?"), &line)
                     }
-                    Event::StepStarted { step, attempt } => {
-                        if let Some(live) = log.live() {
-                            live.step_started(step, attempt);
-                        }
-                    }
+                    Event::StepStarted { step, attempt } => log.step_started(step, attempt),
                     Event::StepFinished { step, report } => {
-                        if let Some(live) = log.live() {
-                            live.step_finished(step, &report);
-                        }
+                        log.step_finished(step, &report);
                         let who = names.get(step).map(String::as_str).unwrap_or("?");
                         // The error (already masked) says why, as `acr-task run` prints it.
                         let why = report

@@ -8,7 +8,10 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::exec::{RunReport, Status};
 
-use super::db::{now, DbError, NewRun, RunFilter, ServerStore};
+use super::db::{
+    ms_to_rfc3339, now, now_ms, AgentPool, AgentRecord, Claimed, DbError, Expired, LeaseState,
+    NewRun, RunFilter, ServerStore,
+};
 use super::model::{RunRecord, TaskSpec, Trigger};
 
 /// [`ServerStore`] in one SQLite file.
@@ -18,8 +21,25 @@ pub struct SqliteServer {
 }
 
 /// `server.db`'s schema, one entry per version (see [`crate::store::migrate`]).
-const MIGRATIONS: &[crate::store::migrate::Migration] =
-    &[crate::store::migrate::Migration::Sql(SCHEMA)];
+const MIGRATIONS: &[crate::store::migrate::Migration] = &[
+    crate::store::migrate::Migration::Sql(SCHEMA),
+    crate::store::migrate::Migration::Sql(AGENTS),
+];
+
+/// Migration 2: agent pools, agents, and the leases of runs they hold.
+const AGENTS: &str = "
+ALTER TABLE runs ADD COLUMN pool TEXT;
+ALTER TABLE runs ADD COLUMN agent TEXT;
+ALTER TABLE runs ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE runs ADD COLUMN lease TEXT;
+ALTER TABLE runs ADD COLUMN lease_expires INTEGER;
+ALTER TABLE runs ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX runs_pool ON runs(pool, status, seq);
+CREATE INDEX runs_lease ON runs(lease_expires) WHERE lease IS NOT NULL;
+CREATE TABLE agent_pools(name TEXT PRIMARY KEY, record TEXT NOT NULL);
+CREATE TABLE agents(id TEXT PRIMARY KEY, pool TEXT NOT NULL, record TEXT NOT NULL,
+    last_seen INTEGER NOT NULL);
+";
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -44,7 +64,7 @@ CREATE TABLE IF NOT EXISTS quick_runs(run_id TEXT PRIMARY KEY, spec TEXT NOT NUL
 ";
 
 const RUN_COLS: &str = "seq, id, task, status, trigger, commit_sha, branch, queued_at, \
-                        started_at, finished_at, error, report";
+                        started_at, finished_at, error, report, pool, agent, attempt";
 
 fn run_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(RunRecord, String, Option<String>)> {
     let trigger: String = r.get(4)?;
@@ -67,6 +87,9 @@ fn run_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(RunRecord, String, O
             finished_at: r.get(9)?,
             error: r.get(10)?,
             report: None,
+            pool: r.get(12)?,
+            agent: r.get(13)?,
+            attempt: r.get::<_, i64>(14)?.clamp(1, u32::MAX as i64) as u32,
         },
         trigger,
         report,
@@ -191,9 +214,26 @@ impl ServerStore for SqliteServer {
         })?;
         let id = format!("{}{seq}", self.prefix);
         let queued_at = now();
+        // The pool is the definition's as it is now, read in the same transaction.
+        let pool = match quick {
+            Some(q) => q.agent_pool.clone(),
+            None => {
+                let spec: Option<String> = tx
+                    .query_row(
+                        "SELECT spec FROM tasks WHERE name=?1",
+                        params![run.task],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                match spec {
+                    Some(s) => serde_json::from_str::<TaskSpec>(&s)?.agent_pool,
+                    None => None,
+                }
+            }
+        };
         tx.execute(
-            "INSERT INTO runs(seq, id, task, status, trigger, commit_sha, branch, queued_at)
-             VALUES(?1, ?2, ?3, 'Queued', ?4, ?5, ?6, ?7)",
+            "INSERT INTO runs(seq, id, task, status, trigger, commit_sha, branch, queued_at, pool)
+             VALUES(?1, ?2, ?3, 'Queued', ?4, ?5, ?6, ?7, ?8)",
             params![
                 seq,
                 id,
@@ -201,7 +241,8 @@ impl ServerStore for SqliteServer {
                 serde_json::to_string(&run.trigger)?,
                 run.commit,
                 run.branch,
-                queued_at
+                queued_at,
+                pool
             ],
         )?;
         if let Some(spec) = quick {
@@ -224,6 +265,9 @@ impl ServerStore for SqliteServer {
             finished_at: None,
             error: None,
             report: None,
+            pool,
+            agent: None,
+            attempt: 1,
         })
     }
 
@@ -366,7 +410,10 @@ impl ServerStore for SqliteServer {
         let tx = c.transaction()?;
         let row = tx
             .query_row(
-                &format!("SELECT {RUN_COLS} FROM runs WHERE status='Queued' ORDER BY seq LIMIT 1"),
+                &format!(
+                    "SELECT {RUN_COLS} FROM runs WHERE status='Queued' AND pool IS NULL \
+                     ORDER BY seq LIMIT 1"
+                ),
                 [],
                 run_from_row,
             )
@@ -403,7 +450,8 @@ impl ServerStore for SqliteServer {
     ) -> Result<(), DbError> {
         let report = report.map(serde_json::to_string).transpose()?;
         self.conn()?.execute(
-            "UPDATE runs SET status=?2, error=?3, report=?4, finished_at=?5 WHERE id=?1",
+            "UPDATE runs SET status=?2, error=?3, report=?4, finished_at=?5, lease=NULL,
+             lease_expires=NULL WHERE id=?1",
             params![id, status.as_str(), error, report, now()],
         )?;
         Ok(())
@@ -424,13 +472,15 @@ impl ServerStore for SqliteServer {
         let mut c = self.conn()?;
         let tx = c.transaction()?;
         let ids: Vec<String> = {
-            let mut st = tx.prepare("SELECT id FROM runs WHERE status='Running' ORDER BY seq")?;
+            let mut st = tx.prepare(
+                "SELECT id FROM runs WHERE status='Running' AND pool IS NULL ORDER BY seq",
+            )?;
             let rows = st.query_map([], |r| r.get(0))?;
             rows.collect::<Result<_, _>>()?
         };
         tx.execute(
             "UPDATE runs SET status='Failed', error='interrupted by a restart of serve',
-             finished_at=?1 WHERE status='Running'",
+             finished_at=?1 WHERE status='Running' AND pool IS NULL",
             params![now()],
         )?;
         tx.commit()?;
@@ -541,4 +591,359 @@ impl ServerStore for SqliteServer {
         )?;
         Ok(())
     }
+
+    // ---- agent pools, agents and leases
+
+    fn put_pool(&self, pool: &AgentPool, create: bool) -> Result<bool, DbError> {
+        let c = self.conn()?;
+        let json = serde_json::to_string(pool)?;
+        let n = if create {
+            c.execute(
+                "INSERT OR IGNORE INTO agent_pools(name, record) VALUES(?1, ?2)",
+                params![pool.name, json],
+            )?
+        } else {
+            c.execute(
+                "UPDATE agent_pools SET record=?2 WHERE name=?1",
+                params![pool.name, json],
+            )?
+        };
+        Ok(n == 1)
+    }
+
+    fn pool(&self, name: &str) -> Result<Option<AgentPool>, DbError> {
+        let s: Option<String> = self
+            .conn()?
+            .query_row(
+                "SELECT record FROM agent_pools WHERE name=?1",
+                params![name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(s.map(|s| serde_json::from_str(&s)).transpose()?)
+    }
+
+    fn pools(&self) -> Result<Vec<AgentPool>, DbError> {
+        let c = self.conn()?;
+        let mut st = c.prepare("SELECT record FROM agent_pools ORDER BY name")?;
+        let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for r in rows {
+            out.push(serde_json::from_str(&r?)?);
+        }
+        Ok(out)
+    }
+
+    fn delete_pool(&self, name: &str) -> Result<bool, DbError> {
+        let mut c = self.conn()?;
+        let tx = c.transaction()?;
+        let n = tx.execute("DELETE FROM agent_pools WHERE name=?1", params![name])?;
+        tx.execute("DELETE FROM agents WHERE pool=?1", params![name])?;
+        tx.commit()?;
+        Ok(n == 1)
+    }
+
+    fn pool_counts(&self, pool: &str) -> Result<(u64, u64), DbError> {
+        let c = self.conn()?;
+        let count = |status: &str| -> Result<u64, DbError> {
+            let n: i64 = c.query_row(
+                "SELECT COUNT(*) FROM runs WHERE pool=?1 AND status=?2",
+                params![pool, status],
+                |r| r.get(0),
+            )?;
+            Ok(n.max(0) as u64)
+        };
+        Ok((count("Queued")?, count("Running")?))
+    }
+
+    fn put_agent(&self, agent: &AgentRecord) -> Result<(), DbError> {
+        let now = now_ms();
+        let mut a = agent.clone();
+        a.last_seen = ms_to_rfc3339(now);
+        self.conn()?.execute(
+            "INSERT INTO agents(id, pool, record, last_seen) VALUES(?1, ?2, ?3, ?4)
+             ON CONFLICT(id) DO UPDATE SET pool=excluded.pool, record=excluded.record,
+             last_seen=excluded.last_seen",
+            params![a.id, a.pool, serde_json::to_string(&a)?, now],
+        )?;
+        Ok(())
+    }
+
+    fn agents(&self, pool: Option<&str>) -> Result<Vec<AgentRecord>, DbError> {
+        let c = self.conn()?;
+        let mut st = c.prepare(
+            "SELECT record, last_seen FROM agents WHERE (?1 IS NULL OR pool=?1) ORDER BY pool, id",
+        )?;
+        let rows = st.query_map(params![pool], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for r in rows {
+            let (json, seen) = r?;
+            let mut a: AgentRecord = serde_json::from_str(&json)?;
+            a.last_seen = ms_to_rfc3339(seen);
+            out.push(a);
+        }
+        Ok(out)
+    }
+
+    fn agent(&self, id: &str) -> Result<Option<AgentRecord>, DbError> {
+        let row: Option<(String, i64)> = self
+            .conn()?
+            .query_row(
+                "SELECT record, last_seen FROM agents WHERE id=?1",
+                params![id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        match row {
+            None => Ok(None),
+            Some((json, seen)) => {
+                let mut a: AgentRecord = serde_json::from_str(&json)?;
+                a.last_seen = ms_to_rfc3339(seen);
+                Ok(Some(a))
+            }
+        }
+    }
+
+    fn agent_seen(&self, id: &str, draining: bool) -> Result<bool, DbError> {
+        let mut c = self.conn()?;
+        let tx = c.transaction()?;
+        let json: Option<String> = tx
+            .query_row("SELECT record FROM agents WHERE id=?1", params![id], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        let Some(json) = json else {
+            return Ok(false);
+        };
+        let mut a: AgentRecord = serde_json::from_str(&json)?;
+        a.draining = draining;
+        tx.execute(
+            "UPDATE agents SET record=?2, last_seen=?3 WHERE id=?1",
+            params![id, serde_json::to_string(&a)?, now_ms()],
+        )?;
+        tx.commit()?;
+        Ok(true)
+    }
+
+    fn remove_agent(&self, id: &str) -> Result<(), DbError> {
+        self.conn()?
+            .execute("DELETE FROM agents WHERE id=?1", params![id])?;
+        Ok(())
+    }
+
+    fn claim_leased(
+        &self,
+        pool: &str,
+        agent: &str,
+        lease_ms: u64,
+    ) -> Result<Option<Claimed>, DbError> {
+        let mut c = self.conn()?;
+        // IMMEDIATE: the count and the claim see the same queue (one writer at a time).
+        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let max: Option<String> = tx
+            .query_row(
+                "SELECT record FROM agent_pools WHERE name=?1",
+                params![pool],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(max) = max else {
+            return Ok(None);
+        };
+        if let Some(max) = serde_json::from_str::<AgentPool>(&max)?.max_runs {
+            let running: i64 = tx.query_row(
+                "SELECT COUNT(*) FROM runs WHERE pool=?1 AND status='Running'",
+                params![pool],
+                |r| r.get(0),
+            )?;
+            if running >= i64::from(max) {
+                return Ok(None);
+            }
+        }
+        let row = tx
+            .query_row(
+                &format!(
+                    "SELECT {RUN_COLS} FROM runs WHERE status='Queued' AND pool=?1 \
+                     ORDER BY seq LIMIT 1"
+                ),
+                params![pool],
+                run_from_row,
+            )
+            .optional()?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let mut rec = finish_run(row)?;
+        let lease = uuid::Uuid::new_v4().simple().to_string();
+        let started = now();
+        tx.execute(
+            "UPDATE runs SET status='Running', started_at=?2, agent=?3, lease=?4,
+             lease_expires=?5, cancel_requested=0 WHERE id=?1",
+            params![
+                rec.id,
+                started,
+                agent,
+                lease,
+                now_ms().saturating_add(lease_ms as i64)
+            ],
+        )?;
+        tx.commit()?;
+        rec.status = Status::Running;
+        rec.started_at = Some(started);
+        rec.agent = Some(agent.to_string());
+        Ok(Some(Claimed { run: rec, lease }))
+    }
+
+    fn renew_lease(&self, run: &str, lease: &str, lease_ms: u64) -> Result<LeaseState, DbError> {
+        let mut c = self.conn()?;
+        let tx = c.transaction()?;
+        let cancel: Option<i64> = tx
+            .query_row(
+                "SELECT cancel_requested FROM runs WHERE id=?1 AND lease=?2 AND status='Running'",
+                params![run, lease],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(cancel) = cancel else {
+            return Ok(LeaseState::Lost);
+        };
+        tx.execute(
+            "UPDATE runs SET lease_expires=?2 WHERE id=?1",
+            params![run, now_ms().saturating_add(lease_ms as i64)],
+        )?;
+        tx.commit()?;
+        Ok(LeaseState::Held {
+            cancel: cancel != 0,
+        })
+    }
+
+    fn finish_leased(
+        &self,
+        run: &str,
+        lease: &str,
+        status: Status,
+        error: Option<&str>,
+        report: Option<&RunReport>,
+    ) -> Result<bool, DbError> {
+        let report = report.map(serde_json::to_string).transpose()?;
+        let n = self.conn()?.execute(
+            "UPDATE runs SET status=?3, error=?4, report=?5, finished_at=?6, lease=NULL,
+             lease_expires=NULL WHERE id=?1 AND lease=?2 AND status='Running'",
+            params![run, lease, status.as_str(), error, report, now()],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn release_lease(
+        &self,
+        run: &str,
+        lease: &str,
+        max_attempts: u32,
+    ) -> Result<Option<Expired>, DbError> {
+        let mut c = self.conn()?;
+        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let row: Option<(Option<String>, i64)> = tx
+            .query_row(
+                "SELECT agent, attempt FROM runs WHERE id=?1 AND lease=?2 AND status='Running'",
+                params![run, lease],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let Some((agent, attempt)) = row else {
+            return Ok(None);
+        };
+        let e = hand_back(
+            &tx,
+            run,
+            agent,
+            attempt,
+            max_attempts,
+            "handed back by its agent",
+        )?;
+        tx.commit()?;
+        Ok(Some(e))
+    }
+
+    fn expire_leases(&self, max_attempts: u32) -> Result<Vec<Expired>, DbError> {
+        let mut c = self.conn()?;
+        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let rows: Vec<(String, Option<String>, i64)> = {
+            let mut st = tx.prepare(
+                "SELECT id, agent, attempt FROM runs WHERE status='Running' AND lease IS NOT NULL
+                 AND lease_expires < ?1 ORDER BY seq",
+            )?;
+            let rows =
+                st.query_map(params![now_ms()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let mut out = Vec::new();
+        for (run, agent, attempt) in rows {
+            out.push(hand_back(
+                &tx,
+                &run,
+                agent,
+                attempt,
+                max_attempts,
+                "its agent stopped heartbeating",
+            )?);
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    fn request_cancel(&self, run: &str) -> Result<bool, DbError> {
+        let n = self.conn()?.execute(
+            "UPDATE runs SET cancel_requested=1 WHERE id=?1 AND status='Running' AND lease IS NOT NULL",
+            params![run],
+        )?;
+        Ok(n == 1)
+    }
+}
+
+/// A leased run back to the queue as its next attempt, or failed after the last one.
+fn hand_back(
+    tx: &rusqlite::Transaction<'_>,
+    run: &str,
+    agent: Option<String>,
+    attempt: i64,
+    max_attempts: u32,
+    why: &str,
+) -> Result<Expired, DbError> {
+    let attempt = attempt.clamp(1, u32::MAX as i64) as u32;
+    // A run someone asked to cancel is not run again.
+    let cancel: i64 = tx.query_row(
+        "SELECT cancel_requested FROM runs WHERE id=?1",
+        params![run],
+        |r| r.get(0),
+    )?;
+    let requeued = attempt < max_attempts && cancel == 0;
+    if requeued {
+        tx.execute(
+            "UPDATE runs SET status='Queued', attempt=attempt+1, lease=NULL, lease_expires=NULL,
+             started_at=NULL WHERE id=?1",
+            params![run],
+        )?;
+    } else {
+        let (status, error) = if cancel != 0 {
+            ("Canceled", format!("canceled; {why} before it stopped"))
+        } else {
+            (
+                "Failed",
+                format!("{why} (attempt {attempt} of {max_attempts})"),
+            )
+        };
+        tx.execute(
+            "UPDATE runs SET status=?2, error=?3, finished_at=?4, lease=NULL,
+             lease_expires=NULL WHERE id=?1",
+            params![run, status, error, now()],
+        )?;
+    }
+    Ok(Expired {
+        run: run.to_string(),
+        agent,
+        attempt,
+        requeued,
+    })
 }

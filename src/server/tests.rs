@@ -367,11 +367,21 @@ fn polled_digest_change_queues_once_even_while_its_run_is_running() {
 
 /// Every server-state backend, opened fresh in `dir`: the bodies below run against each
 /// (PostgreSQL joins this list).
+/// PostgreSQL is in the list when `ACR_TASK_TEST_POSTGRES` names a server
+/// (`scripts/with-postgres` starts a throw-away one; `make test` runs these so).
 fn store_backends(dir: &std::path::Path) -> Vec<(&'static str, Arc<dyn ServerStore>)> {
-    vec![(
+    let mut out: Vec<(&'static str, Arc<dyn ServerStore>)> = vec![(
         "sqlite",
         Arc::new(SqliteServer::open(&dir.join("server.db")).unwrap()),
-    )]
+    )];
+    if let Ok(url) = std::env::var("ACR_TASK_TEST_POSTGRES") {
+        let db = super::postgres::fresh_database(&url).unwrap();
+        out.push((
+            "postgres",
+            Arc::new(super::postgres::PgServer::open(&db).unwrap()),
+        ));
+    }
+    out
 }
 
 #[test]
@@ -481,5 +491,132 @@ fn every_store_backend_remembers_trigger_state_until_the_task_goes() {
             "{name}"
         );
         assert!(db.head("t").unwrap().is_none(), "{name}");
+    }
+}
+
+#[test]
+fn every_store_backend_leases_pool_runs_once_and_hands_back_lost_ones() {
+    use super::db::{AgentPool, LeaseState};
+    use crate::exec::Status;
+    let dir = tempfile::tempdir().unwrap();
+    for (name, db) in store_backends(dir.path()) {
+        let pool = AgentPool {
+            name: "p1".into(),
+            max_runs: Some(2),
+            created_at: String::new(),
+        };
+        assert!(db.put_pool(&pool, true).unwrap(), "{name}");
+        assert!(!db.put_pool(&pool, true).unwrap(), "{name}: made twice");
+        let spec = TaskSpec {
+            name: "t".into(),
+            context: "/".into(),
+            agent_pool: Some("p1".into()),
+            ..Default::default()
+        };
+        db.put_task(&spec, true).unwrap();
+        let local = TaskSpec {
+            name: "l".into(),
+            context: "/".into(),
+            ..Default::default()
+        };
+        db.put_task(&local, true).unwrap();
+        let runs: Vec<_> = (0..3)
+            .map(|_| db.enqueue_with(&manual(), None).unwrap())
+            .collect();
+        assert!(runs.iter().all(|r| r.pool.as_deref() == Some("p1")));
+        let l = db
+            .enqueue_with(
+                &NewRun {
+                    task: "l".into(),
+                    ..manual()
+                },
+                None,
+            )
+            .unwrap();
+        // The server's own executor takes only runs of no pool; agents only their pool's.
+        assert_eq!(db.claim_next().unwrap().map(|r| r.id), Some(l.id.clone()));
+        assert!(db.claim_next().unwrap().is_none(), "{name}");
+        assert!(db.claim_leased("nope", "a", 60_000).unwrap().is_none());
+        let a = db.claim_leased("p1", "agent-a", 60_000).unwrap().unwrap();
+        let b = db.claim_leased("p1", "agent-b", 60_000).unwrap().unwrap();
+        assert_eq!(
+            (a.run.id.as_str(), b.run.id.as_str()),
+            (runs[0].id.as_str(), runs[1].id.as_str())
+        );
+        assert_eq!(a.run.agent.as_deref(), Some("agent-a"));
+        // The pool's limit holds across agents.
+        assert!(
+            db.claim_leased("p1", "agent-c", 60_000).unwrap().is_none(),
+            "{name}"
+        );
+        assert_eq!(db.pool_counts("p1").unwrap(), (1, 2), "{name}");
+        // A stop of the server does not touch runs on agents.
+        assert_eq!(db.fail_interrupted().unwrap(), [l.id], "{name}");
+        assert_eq!(db.run(&a.run.id).unwrap().unwrap().status, Status::Running);
+        // Renewals need the lease; a cancel request reaches the holder.
+        assert_eq!(
+            db.renew_lease(&a.run.id, "wrong", 60_000).unwrap(),
+            LeaseState::Lost
+        );
+        assert!(db.request_cancel(&b.run.id).unwrap(), "{name}");
+        assert_eq!(
+            db.renew_lease(&b.run.id, &b.lease, 60_000).unwrap(),
+            LeaseState::Held { cancel: true }
+        );
+        assert!(db
+            .finish_leased(&b.run.id, &b.lease, Status::Canceled, None, None)
+            .unwrap());
+        // A lease that runs out: queued again as attempt 2, and the old holder's late
+        // report changes nothing.
+        assert!(db.renew_lease(&a.run.id, &a.lease, 0).is_ok());
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let expired = db.expire_leases(3).unwrap();
+        assert_eq!(expired.len(), 1, "{name}: {expired:?}");
+        assert!(expired[0].requeued && expired[0].agent.as_deref() == Some("agent-a"));
+        assert!(!db
+            .finish_leased(&a.run.id, &a.lease, Status::Succeeded, None, None)
+            .unwrap());
+        assert_eq!(
+            db.renew_lease(&a.run.id, &a.lease, 60_000).unwrap(),
+            LeaseState::Lost
+        );
+        let again = db.claim_leased("p1", "agent-c", 60_000).unwrap().unwrap();
+        assert_eq!(
+            (again.run.id.as_str(), again.run.attempt),
+            (a.run.id.as_str(), 2)
+        );
+        // Given back by its agent: attempt 3; after the last attempt a lost lease fails it.
+        let back = db
+            .release_lease(&again.run.id, &again.lease, 3)
+            .unwrap()
+            .unwrap();
+        assert!(back.requeued && back.attempt == 2, "{name}: {back:?}");
+        let third = db.claim_leased("p1", "agent-c", 0).unwrap().unwrap();
+        assert_eq!(third.run.attempt, 3);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let e = db.expire_leases(3).unwrap();
+        assert!(!e[0].requeued, "{name}");
+        let failed = db.run(&a.run.id).unwrap().unwrap();
+        assert_eq!(failed.status, Status::Failed);
+        assert!(failed.error.unwrap().contains("attempt 3 of 3"));
+        // Agents and pools.
+        let agent = super::db::AgentRecord {
+            id: "agent-a".into(),
+            pool: "p1".into(),
+            name: "host".into(),
+            labels: Default::default(),
+            concurrency: 2,
+            version: String::new(),
+            registered_at: String::new(),
+            last_seen: String::new(),
+            draining: false,
+        };
+        db.put_agent(&agent).unwrap();
+        assert!(db.agent_seen("agent-a", true).unwrap());
+        assert!(!db.agent_seen("agent-z", false).unwrap());
+        let listed = db.agents(Some("p1")).unwrap();
+        assert!(listed.len() == 1 && listed[0].draining && !listed[0].last_seen.is_empty());
+        assert!(db.delete_pool("p1").unwrap(), "{name}");
+        assert!(db.agents(None).unwrap().is_empty(), "{name}");
     }
 }

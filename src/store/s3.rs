@@ -113,40 +113,6 @@ impl Location {
     }
 }
 
-/// A runtime of the backend's own; shut down without blocking when dropped (a store may be
-/// dropped inside another runtime).
-struct Runner(Option<tokio::runtime::Runtime>);
-
-impl Runner {
-    /// Runs `f` on the backend's runtime and waits for it.
-    fn wait<T: Send + 'static>(
-        &self,
-        f: impl Future<Output = T> + Send + 'static,
-    ) -> Result<T, StoreError> {
-        let rt = self.0.as_ref().ok_or(StoreError::Poisoned)?;
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        rt.spawn(async move {
-            let _ = tx.send(f.await);
-        });
-        rx.recv()
-            .map_err(|_| StoreError::Refused("object storage request abandoned".into()))
-    }
-}
-
-impl Drop for Runner {
-    fn drop(&mut self) {
-        if let Some(rt) = self.0.take() {
-            rt.shutdown_background();
-        }
-    }
-}
-
-impl std::fmt::Debug for Runner {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Runner")
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct S3Blobs {
     inner: Arc<Inner>,
@@ -158,7 +124,7 @@ struct Inner {
     at: Location,
     /// The local spool of uploads (`uploads/` of the data dir).
     spool: PathBuf,
-    rt: Runner,
+    rt: crate::background::OwnRuntime,
     /// Sizes looked up lately (a pull asks for many ranges of one blob; content under a
     /// digest changes only by `replace` and removal, which forget it).
     sizes: std::sync::Mutex<std::collections::HashMap<String, u64>>,
@@ -196,18 +162,13 @@ impl S3Blobs {
             b.build()
                 .map_err(|e| StoreError::Refused(format!("--storage {}: {e}", at.url())))?,
         );
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("acr-task-s3")
-            .enable_all()
-            .build()
-            .map_err(io_err(root))?;
+        let rt = crate::background::OwnRuntime::new("acr-task-s3", 2).map_err(io_err(root))?;
         let blobs = S3Blobs {
             inner: Arc::new(Inner {
                 store,
                 at: at.clone(),
                 spool,
-                rt: Runner(Some(rt)),
+                rt,
                 sizes: Default::default(),
             }),
         };
@@ -215,8 +176,6 @@ impl S3Blobs {
         let s = blobs.inner.store.clone();
         let probe = blobs.key("blobs");
         blobs
-            .inner
-            .rt
             .wait(async move { s.list_with_delimiter(Some(&probe)).await })?
             .map_err(|e| {
                 StoreError::Refused(format!(
@@ -294,7 +253,10 @@ impl S3Blobs {
         &self,
         f: impl Future<Output = T> + Send + 'static,
     ) -> Result<T, StoreError> {
-        self.inner.rt.wait(f)
+        self.inner
+            .rt
+            .wait(f)
+            .ok_or_else(|| StoreError::Refused("object storage request abandoned".into()))
     }
 
     /// `len` bytes of `digest` from `start`.

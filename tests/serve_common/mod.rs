@@ -41,6 +41,40 @@ pub struct Serve {
     pub password: String,
 }
 
+/// A PostgreSQL database for the server of `data` beside the one `url` names (made with
+/// `createdb` the first time; its name kept next to the data directory).
+pub fn postgres_for(url: &str, data: &Path) -> String {
+    let marker = data.with_extension("pgdb");
+    let (base, _) = url.rsplit_once('/').unwrap();
+    if let Ok(name) = std::fs::read_to_string(&marker) {
+        return format!("{base}/{}", name.trim());
+    }
+    let name = format!("t{:x}", rand_u64());
+    let hostport = base.rsplit_once('@').map(|(_, h)| h).unwrap_or(base);
+    let user = base
+        .trim_start_matches("postgres://")
+        .split_once('@')
+        .map(|(u, _)| u)
+        .unwrap_or("postgres");
+    let (host, port) = hostport.rsplit_once(':').unwrap();
+    let ok = Command::new("createdb")
+        .args(["-h", host, "-p", port, "-U", user, &name])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "createdb {name} failed");
+    std::fs::write(&marker, &name).unwrap();
+    format!("{base}/{name}")
+}
+
+/// A random number (std's hasher keys are random per process and per instance).
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(0);
+    h.finish()
+}
+
 /// The admin password `serve` keeps in its data dir after the first start.
 pub fn admin_password(data: &Path) -> String {
     std::fs::read_to_string(data.join("admin.password"))
@@ -85,6 +119,12 @@ impl Serve {
         // user's home (the policy's default context root).
         let temp = std::env::temp_dir();
         let tree = env!("CARGO_MANIFEST_DIR");
+        // Under `scripts/with-postgres`, the server keeps its state in PostgreSQL: a
+        // database of its own, made once per data directory (a restart finds it again).
+        let database: Vec<String> = match std::env::var("ACR_TASK_TEST_POSTGRES") {
+            Ok(url) => vec!["--database".into(), postgres_for(&url, data)],
+            Err(_) => Vec::new(),
+        };
         let mut child = Command::new(bin())
             .args(["serve", "--listen", listen, "--data"])
             .arg(data)
@@ -97,6 +137,7 @@ impl Serve {
             ])
             .arg(&temp)
             .args(["--context-root", tree])
+            .args(&database)
             .args(extra)
             .envs(env.iter().map(|(k, v)| (*k, *v)))
             .stdout(Stdio::piped())
@@ -171,11 +212,20 @@ impl Serve {
         }
     }
 
-    /// A registry client with the admin's bearer token for `repo` (pull, push, delete).
-    pub async fn registry_client(&self, repo: &str) -> reqwest::Client {
+    /// An API client with the admin's bearer token (one password check for many calls,
+    /// as `acr-task` makes them, so no login limit is met).
+    pub async fn token_client(&self) -> Api {
+        Api {
+            base: self.url.clone(),
+            http: self.bearer_client("registry:tasks:read,write").await,
+        }
+    }
+
+    /// A client with the admin's bearer token for `scope`.
+    async fn bearer_client(&self, scope: &str) -> reqwest::Client {
         let r = reqwest::Client::new()
             .get(format!(
-                "{}/oauth2/token?service=acr-task&scope=repository:{repo}:pull,push,delete",
+                "{}/oauth2/token?service=acr-task&scope={scope}",
                 self.url
             ))
             .basic_auth("admin", Some(&self.password))
@@ -183,17 +233,19 @@ impl Serve {
             .await
             .unwrap();
         let v: Value = r.json().await.unwrap();
-        let token = v["token"]
-            .as_str()
-            .or(v["access_token"].as_str())
-            .unwrap()
-            .to_string();
+        let token = v["token"].as_str().or(v["access_token"].as_str()).unwrap();
         let mut h = reqwest::header::HeaderMap::new();
         h.insert("authorization", format!("Bearer {token}").parse().unwrap());
         reqwest::Client::builder()
             .default_headers(h)
             .build()
             .unwrap()
+    }
+
+    /// A registry client with the admin's bearer token for `repo` (pull, push, delete).
+    pub async fn registry_client(&self, repo: &str) -> reqwest::Client {
+        self.bearer_client(&format!("repository:{repo}:pull,push,delete"))
+            .await
     }
 
     /// An API client without credentials.

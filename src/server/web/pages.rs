@@ -274,6 +274,11 @@ pub fn run(c: &Chrome, p: &RunPage, now: chrono::DateTime<chrono::Utc>) -> Marku
                 dt { "Task" } dd { a href={ "/ui/tasks/" (r.task) } { (r.task) } }
                 dt { "Trigger" } dd { (trig) @if let Some(w) = what { " " code { (w) } } }
                 @if let Some(cm) = &r.commit { dt { "Commit" } dd { code { (short_hash(cm)) } } }
+                @if let Some(pool) = &r.pool {
+                    dt { "Agent pool" } dd { (pool) }
+                    dt { "Agent" } dd id="run-agent" { (r.agent.as_deref().unwrap_or("waiting for one")) }
+                    dt { "Attempt" } dd id="run-attempt" { (r.attempt) }
+                }
                 dt { "Queued" } dd { time datetime=(r.queued_at) { (r.queued_at) } }
                 @if let Some(s) = &r.started_at { dt { "Started" } dd { time datetime=(s) { (s) } } }
                 @if let Some(f) = &r.finished_at { dt { "Finished" } dd { time datetime=(f) { (f) } } }

@@ -1,0 +1,1072 @@
+//! The server's state in PostgreSQL (`serve --database postgres://...`): the same
+//! [`ServerStore`] as [`super::sqlite`], for a database several machines can reach.
+//! Claims take `FOR UPDATE SKIP LOCKED`, so callers never wait on each other's rows;
+//! the schema is versioned in `acr_task_migrations` and brought up to date at open,
+//! under an advisory lock (two servers starting at once migrate once).
+//!
+//! The driver is async (`tokio-postgres`); the trait is not, so every call runs on a
+//! runtime of this store's own and the caller's thread waits for it, as it would for
+//! SQLite's file.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::{Mutex, OwnedMutexGuard};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, NoTls, Row};
+
+use crate::exec::{RunReport, Status};
+
+use super::db::{
+    ms_to_rfc3339, now, now_ms, AgentPool, AgentRecord, Claimed, DbError, Expired, LeaseState,
+    NewRun, RunFilter, ServerStore,
+};
+use super::model::{RunRecord, TaskSpec};
+
+/// Connections kept (each call takes one for its transaction).
+const CONNECTIONS: usize = 4;
+
+/// Schema versions, in order; `acr_task_migrations` records those applied.
+const MIGRATIONS: &[&str] = &["
+CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE tasks(
+    name TEXT PRIMARY KEY, spec TEXT NOT NULL, created_at TEXT NOT NULL, updated_at TEXT NOT NULL);
+CREATE SEQUENCE run_seq;
+CREATE TABLE runs(
+    seq BIGINT PRIMARY KEY, id TEXT NOT NULL UNIQUE, task TEXT NOT NULL,
+    status TEXT NOT NULL, trigger TEXT NOT NULL, commit_sha TEXT, branch TEXT,
+    queued_at TEXT NOT NULL, started_at TEXT, finished_at TEXT, error TEXT, report TEXT,
+    pool TEXT, agent TEXT, attempt INTEGER NOT NULL DEFAULT 1, lease TEXT,
+    lease_expires BIGINT, cancel_requested BOOLEAN NOT NULL DEFAULT FALSE);
+CREATE INDEX runs_status ON runs(status, seq);
+CREATE INDEX runs_task ON runs(task, seq);
+CREATE INDEX runs_pool ON runs(pool, status, seq);
+CREATE INDEX runs_lease ON runs(lease_expires) WHERE lease IS NOT NULL;
+CREATE TABLE deliveries(
+    source TEXT NOT NULL, id TEXT NOT NULL, task TEXT NOT NULL, received_at TEXT NOT NULL,
+    PRIMARY KEY(source, id));
+CREATE TABLE base_images(
+    task TEXT NOT NULL, base TEXT NOT NULL, digest TEXT, PRIMARY KEY(task, base));
+CREATE TABLE outputs(task TEXT NOT NULL, image TEXT NOT NULL, PRIMARY KEY(task, image));
+CREATE TABLE timers(
+    task TEXT NOT NULL, timer TEXT NOT NULL, last_fired TEXT NOT NULL, PRIMARY KEY(task, timer));
+CREATE TABLE heads(task TEXT PRIMARY KEY, commit_sha TEXT NOT NULL);
+CREATE TABLE quick_runs(run_id TEXT PRIMARY KEY, spec TEXT NOT NULL);
+CREATE TABLE agent_pools(name TEXT PRIMARY KEY, record TEXT NOT NULL);
+CREATE TABLE agents(id TEXT PRIMARY KEY, pool TEXT NOT NULL, record TEXT NOT NULL,
+    last_seen BIGINT NOT NULL);
+"];
+
+/// An advisory lock id only acr-task's migrations take ("acrtask" in ASCII).
+const MIGRATION_LOCK: i64 = 0x61_63_72_74_61_73_6b;
+
+const RUN_COLS: &str = "seq, id, task, status, trigger, commit_sha, branch, queued_at, \
+                        started_at, finished_at, error, report, pool, agent, attempt";
+
+fn pg(e: tokio_postgres::Error) -> DbError {
+    DbError::Postgres(match e.as_db_error() {
+        Some(d) => format!("{} ({})", d.message(), d.code().code()),
+        None => e.to_string(),
+    })
+}
+
+fn run_from_row(r: &Row) -> Result<RunRecord, DbError> {
+    let status: String = r.try_get(3).map_err(pg)?;
+    let trigger: String = r.try_get(4).map_err(pg)?;
+    let report: Option<String> = r.try_get(11).map_err(pg)?;
+    let attempt: i32 = r.try_get(14).map_err(pg)?;
+    Ok(RunRecord {
+        seq: r.try_get(0).map_err(pg)?,
+        id: r.try_get(1).map_err(pg)?,
+        task: r.try_get(2).map_err(pg)?,
+        status: status.parse().map_err(DbError::Postgres)?,
+        trigger: serde_json::from_str(&trigger)?,
+        commit: r.try_get(5).map_err(pg)?,
+        branch: r.try_get(6).map_err(pg)?,
+        queued_at: r.try_get(7).map_err(pg)?,
+        started_at: r.try_get(8).map_err(pg)?,
+        finished_at: r.try_get(9).map_err(pg)?,
+        error: r.try_get(10).map_err(pg)?,
+        report: report.map(|r| serde_json::from_str(&r)).transpose()?,
+        pool: r.try_get(12).map_err(pg)?,
+        agent: r.try_get(13).map_err(pg)?,
+        attempt: attempt.max(1) as u32,
+    })
+}
+
+fn runs_from(rows: &[Row]) -> Result<Vec<RunRecord>, DbError> {
+    rows.iter().map(run_from_row).collect()
+}
+
+/// A few connections, each used by one call at a time, made again when one breaks.
+struct Pool {
+    config: tokio_postgres::Config,
+    conns: Vec<Arc<Mutex<Option<Client>>>>,
+    next: AtomicUsize,
+}
+
+/// One connection, held for a call.
+struct Conn(OwnedMutexGuard<Option<Client>>);
+
+impl Conn {
+    fn client(&mut self) -> Result<&mut Client, DbError> {
+        self.0
+            .as_mut()
+            .ok_or_else(|| DbError::Postgres("not connected".into()))
+    }
+}
+
+impl Pool {
+    async fn connect(config: &tokio_postgres::Config) -> Result<Client, DbError> {
+        let (client, connection) = config.connect(NoTls).await.map_err(pg)?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::warn!(error = %e, "PostgreSQL connection ended");
+            }
+        });
+        Ok(client)
+    }
+
+    async fn get(&self) -> Result<Conn, DbError> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
+        let mut guard = self.conns[i].clone().lock_owned().await;
+        if guard.as_ref().is_none_or(|c| c.is_closed()) {
+            *guard = Some(Self::connect(&self.config).await?);
+        }
+        Ok(Conn(guard))
+    }
+}
+
+/// [`ServerStore`] in a PostgreSQL database.
+pub struct PgServer {
+    rt: crate::background::OwnRuntime,
+    pool: Arc<Pool>,
+    prefix: String,
+}
+
+impl PgServer {
+    /// Connects to `url` (`postgres://user:password@host:port/database`), brings the schema
+    /// up to date and reads (or makes) the run-id prefix. Says what to check when the
+    /// database does not answer.
+    pub fn open(url: &str) -> Result<PgServer, DbError> {
+        let config: tokio_postgres::Config = url.parse().map_err(|e| {
+            DbError::Postgres(format!(
+                "--database: {e} (write it as postgres://USER:PASSWORD@HOST:PORT/DATABASE)"
+            ))
+        })?;
+        let rt = crate::background::OwnRuntime::new("acr-task-pg", 2)
+            .map_err(|e| DbError::Postgres(format!("starting the database client: {e}")))?;
+        let pool = Arc::new(Pool {
+            config,
+            conns: (0..CONNECTIONS)
+                .map(|_| Arc::new(Mutex::new(None)))
+                .collect(),
+            next: AtomicUsize::new(0),
+        });
+        let mut store = PgServer {
+            rt,
+            pool,
+            prefix: String::new(),
+        };
+        store.prefix = store
+            .call(|mut c| async move {
+                let c = c.client()?;
+                migrate(c).await?;
+                run_prefix(c).await
+            })
+            .map_err(|e| match e {
+                DbError::Postgres(m) => DbError::Postgres(format!(
+                    "the database at --database does not answer as it should: {m}"
+                )),
+                e => e,
+            })?;
+        Ok(store)
+    }
+
+    /// Runs `f` with a connection on this store's runtime and waits for it.
+    fn call<T, F, Fut>(&self, f: F) -> Result<T, DbError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Conn) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, DbError>> + Send,
+    {
+        let pool = self.pool.clone();
+        self.rt
+            .wait(async move { f(pool.get().await?).await })
+            .ok_or_else(|| DbError::Postgres("the database client stopped".into()))?
+    }
+
+    /// Runs one statement; the rows it returns.
+    fn query(
+        &self,
+        sql: &'static str,
+        args: Vec<Box<dyn ToSql + Sync + Send>>,
+    ) -> Result<Vec<Row>, DbError> {
+        self.call(move |mut c| async move {
+            let refs: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a.as_ref() as _).collect();
+            c.client()?.query(sql, &refs).await.map_err(pg)
+        })
+    }
+
+    /// Runs one statement; how many rows it changed.
+    fn execute(
+        &self,
+        sql: &'static str,
+        args: Vec<Box<dyn ToSql + Sync + Send>>,
+    ) -> Result<u64, DbError> {
+        self.call(move |mut c| async move {
+            let refs: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a.as_ref() as _).collect();
+            c.client()?.execute(sql, &refs).await.map_err(pg)
+        })
+    }
+}
+
+/// Boxes statement arguments.
+macro_rules! args {
+    ($($a:expr),* $(,)?) => {
+        vec![$(Box::new($a) as Box<dyn ToSql + Sync + Send>),*]
+    };
+}
+
+async fn migrate(c: &mut Client) -> Result<(), DbError> {
+    let tx = c.transaction().await.map_err(pg)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(pg)?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS acr_task_migrations(version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)",
+    )
+    .await
+    .map_err(pg)?;
+    let applied: i32 = tx
+        .query_one(
+            "SELECT COALESCE(MAX(version), 0) FROM acr_task_migrations",
+            &[],
+        )
+        .await
+        .map_err(pg)?
+        .get(0);
+    let known = MIGRATIONS.len() as i32;
+    if applied > known {
+        return Err(DbError::Postgres(format!(
+            "the database has schema version {applied}, newer than this acr-task knows \
+             ({known}): use the acr-task that made it, or a newer one"
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied as usize) {
+        tx.batch_execute(sql).await.map_err(pg)?;
+        tx.execute(
+            "INSERT INTO acr_task_migrations(version, applied_at) VALUES($1, $2)",
+            &[&(i as i32 + 1), &now()],
+        )
+        .await
+        .map_err(pg)?;
+    }
+    tx.commit().await.map_err(pg)
+}
+
+/// The database's run-id prefix (made once, like SQLite's).
+async fn run_prefix(c: &mut Client) -> Result<String, DbError> {
+    let r = uuid::Uuid::new_v4().as_u128();
+    let letters: String = (0..2)
+        .map(|i| (b'a' + ((r >> (i * 8)) % 26) as u8) as char)
+        .collect();
+    c.execute(
+        "INSERT INTO meta(key, value) VALUES('run_prefix', $1) ON CONFLICT (key) DO NOTHING",
+        &[&format!("p{letters}")],
+    )
+    .await
+    .map_err(pg)?;
+    let row = c
+        .query_one("SELECT value FROM meta WHERE key='run_prefix'", &[])
+        .await
+        .map_err(pg)?;
+    Ok(row.get(0))
+}
+
+/// A leased run back to the queue as its next attempt, or ended after the last one (or
+/// when someone asked to cancel it).
+async fn hand_back(
+    tx: &tokio_postgres::Transaction<'_>,
+    run: &str,
+    agent: Option<String>,
+    attempt: i32,
+    cancel: bool,
+    max_attempts: u32,
+    why: &str,
+) -> Result<Expired, DbError> {
+    let attempt = attempt.max(1) as u32;
+    let requeued = attempt < max_attempts && !cancel;
+    if requeued {
+        tx.execute(
+            "UPDATE runs SET status='Queued', attempt=attempt+1, lease=NULL, lease_expires=NULL,
+             started_at=NULL WHERE id=$1",
+            &[&run],
+        )
+        .await
+        .map_err(pg)?;
+    } else {
+        let (status, error) = if cancel {
+            ("Canceled", format!("canceled; {why} before it stopped"))
+        } else {
+            (
+                "Failed",
+                format!("{why} (attempt {attempt} of {max_attempts})"),
+            )
+        };
+        tx.execute(
+            "UPDATE runs SET status=$2, error=$3, finished_at=$4, lease=NULL,
+             lease_expires=NULL WHERE id=$1",
+            &[&run, &status, &error, &now()],
+        )
+        .await
+        .map_err(pg)?;
+    }
+    Ok(Expired {
+        run: run.to_string(),
+        agent,
+        attempt,
+        requeued,
+    })
+}
+
+impl ServerStore for PgServer {
+    fn run_prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    fn put_task(&self, spec: &TaskSpec, create: bool) -> Result<bool, DbError> {
+        let json = serde_json::to_string(spec)?;
+        let n = if create {
+            self.execute(
+                "INSERT INTO tasks(name, spec, created_at, updated_at) VALUES($1,$2,$3,$3)
+                 ON CONFLICT (name) DO NOTHING",
+                args![spec.name.clone(), json, now()],
+            )?
+        } else {
+            self.execute(
+                "UPDATE tasks SET spec=$2, updated_at=$3 WHERE name=$1",
+                args![spec.name.clone(), json, now()],
+            )?
+        };
+        Ok(n == 1)
+    }
+
+    fn task(&self, name: &str) -> Result<Option<TaskSpec>, DbError> {
+        let rows = self.query(
+            "SELECT spec FROM tasks WHERE name=$1",
+            args![name.to_string()],
+        )?;
+        rows.first()
+            .map(|r| Ok(serde_json::from_str(r.get::<_, &str>(0))?))
+            .transpose()
+    }
+
+    fn tasks(&self) -> Result<Vec<TaskSpec>, DbError> {
+        self.query("SELECT spec FROM tasks ORDER BY name", args![])?
+            .iter()
+            .map(|r| Ok(serde_json::from_str(r.get::<_, &str>(0))?))
+            .collect()
+    }
+
+    fn delete_task(&self, name: &str) -> Result<bool, DbError> {
+        let name = name.to_string();
+        self.call(move |mut c| async move {
+            let tx = c.client()?.transaction().await.map_err(pg)?;
+            let n = tx
+                .execute("DELETE FROM tasks WHERE name=$1", &[&name])
+                .await
+                .map_err(pg)?;
+            for sql in [
+                "DELETE FROM base_images WHERE task=$1",
+                "DELETE FROM outputs WHERE task=$1",
+                "DELETE FROM timers WHERE task=$1",
+                "DELETE FROM heads WHERE task=$1",
+            ] {
+                tx.execute(sql, &[&name]).await.map_err(pg)?;
+            }
+            tx.commit().await.map_err(pg)?;
+            Ok(n == 1)
+        })
+    }
+
+    fn enqueue_with(&self, run: &NewRun, quick: Option<&TaskSpec>) -> Result<RunRecord, DbError> {
+        let (run, quick, prefix) = (run.clone(), quick.cloned(), self.prefix.clone());
+        let trigger = serde_json::to_string(&run.trigger)?;
+        let quick_json = quick.as_ref().map(serde_json::to_string).transpose()?;
+        self.call(move |mut c| async move {
+            let tx = c.client()?.transaction().await.map_err(pg)?;
+            let seq: i64 = tx
+                .query_one("SELECT nextval('run_seq')", &[])
+                .await
+                .map_err(pg)?
+                .get(0);
+            let id = format!("{prefix}{seq}");
+            let pool = match &quick {
+                Some(q) => q.agent_pool.clone(),
+                None => {
+                    let row = tx
+                        .query_opt("SELECT spec FROM tasks WHERE name=$1", &[&run.task])
+                        .await
+                        .map_err(pg)?;
+                    match row {
+                        Some(r) => serde_json::from_str::<TaskSpec>(r.get::<_, &str>(0))?.agent_pool,
+                        None => None,
+                    }
+                }
+            };
+            let queued_at = now();
+            tx.execute(
+                "INSERT INTO runs(seq, id, task, status, trigger, commit_sha, branch, queued_at, pool)
+                 VALUES($1, $2, $3, 'Queued', $4, $5, $6, $7, $8)",
+                &[&seq, &id, &run.task, &trigger, &run.commit, &run.branch, &queued_at, &pool],
+            )
+            .await
+            .map_err(pg)?;
+            if let Some(spec) = quick_json {
+                tx.execute(
+                    "INSERT INTO quick_runs(run_id, spec) VALUES($1, $2)",
+                    &[&id, &spec],
+                )
+                .await
+                .map_err(pg)?;
+            }
+            tx.commit().await.map_err(pg)?;
+            Ok(RunRecord {
+                id,
+                seq,
+                task: run.task,
+                status: Status::Queued,
+                trigger: run.trigger,
+                commit: run.commit,
+                branch: run.branch,
+                queued_at,
+                started_at: None,
+                finished_at: None,
+                error: None,
+                report: None,
+                pool,
+                agent: None,
+                attempt: 1,
+            })
+        })
+    }
+
+    fn quick_spec(&self, run_id: &str) -> Result<Option<TaskSpec>, DbError> {
+        let rows = self.query(
+            "SELECT spec FROM quick_runs WHERE run_id=$1",
+            args![run_id.to_string()],
+        )?;
+        rows.first()
+            .map(|r| Ok(serde_json::from_str(r.get::<_, &str>(0))?))
+            .transpose()
+    }
+
+    fn run(&self, id: &str) -> Result<Option<RunRecord>, DbError> {
+        let rows = self.query(
+            "SELECT seq, id, task, status, trigger, commit_sha, branch, queued_at, started_at, \
+             finished_at, error, report, pool, agent, attempt FROM runs WHERE id=$1",
+            args![id.to_string()],
+        )?;
+        rows.first().map(run_from_row).transpose()
+    }
+
+    fn runs(&self, task: Option<&str>, limit: usize) -> Result<Vec<RunRecord>, DbError> {
+        runs_from(&self.query(
+            "SELECT seq, id, task, status, trigger, commit_sha, branch, queued_at, started_at, \
+             finished_at, error, report, pool, agent, attempt FROM runs \
+             WHERE ($1::TEXT IS NULL OR task=$1) ORDER BY seq DESC LIMIT $2",
+            args![
+                task.map(str::to_string),
+                limit.min(i64::MAX as usize) as i64
+            ],
+        )?)
+    }
+
+    fn runs_page(&self, f: &RunFilter) -> Result<Vec<RunRecord>, DbError> {
+        let mut sql = format!("SELECT {RUN_COLS} FROM runs WHERE TRUE");
+        let mut args: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
+        if let Some(t) = &f.task {
+            args.push(Box::new(t.clone()));
+            sql.push_str(&format!(" AND task=${}", args.len()));
+        }
+        if let Some(s) = f.status {
+            args.push(Box::new(s.as_str().to_string()));
+            sql.push_str(&format!(" AND status=${}", args.len()));
+        }
+        if let Some(b) = f.before {
+            args.push(Box::new(b));
+            sql.push_str(&format!(" AND seq<${}", args.len()));
+        }
+        args.push(Box::new(f.limit.clamp(1, 1000) as i64));
+        sql.push_str(&format!(" ORDER BY seq DESC LIMIT ${}", args.len()));
+        let rows = self.call(move |mut c| async move {
+            let refs: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a.as_ref() as _).collect();
+            c.client()?.query(&sql, &refs).await.map_err(pg)
+        })?;
+        runs_from(&rows)
+    }
+
+    fn count_with_status(&self, status: Status) -> Result<u64, DbError> {
+        let rows = self.query(
+            "SELECT COUNT(*) FROM runs WHERE status=$1",
+            args![status.as_str().to_string()],
+        )?;
+        Ok(rows.first().map(|r| r.get::<_, i64>(0)).unwrap_or(0).max(0) as u64)
+    }
+
+    fn run_counts(&self) -> Result<Vec<(String, Status, u64)>, DbError> {
+        let rows = self.query(
+            "SELECT task, status, COUNT(*) FROM runs GROUP BY task, status",
+            args![],
+        )?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                let status = r.get::<_, &str>(1).parse::<Status>().ok()?;
+                Some((
+                    r.get::<_, String>(0),
+                    status,
+                    r.get::<_, i64>(2).max(0) as u64,
+                ))
+            })
+            .collect())
+    }
+
+    fn registry_cursor(&self) -> Result<Option<i64>, DbError> {
+        let rows = self.query(
+            "SELECT value FROM meta WHERE key='registry_cursor'",
+            args![],
+        )?;
+        Ok(rows.first().and_then(|r| r.get::<_, &str>(0).parse().ok()))
+    }
+
+    fn set_registry_cursor(&self, seq: i64) -> Result<(), DbError> {
+        self.execute(
+            "INSERT INTO meta(key, value) VALUES('registry_cursor', $1)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            args![seq.to_string()],
+        )?;
+        Ok(())
+    }
+
+    fn active_runs(&self, task: &str) -> Result<Vec<RunRecord>, DbError> {
+        runs_from(&self.query(
+            "SELECT seq, id, task, status, trigger, commit_sha, branch, queued_at, started_at, \
+             finished_at, error, report, pool, agent, attempt FROM runs \
+             WHERE task=$1 AND status IN ('Queued','Running') ORDER BY seq",
+            args![task.to_string()],
+        )?)
+    }
+
+    fn claim_next(&self) -> Result<Option<RunRecord>, DbError> {
+        let rows = self.query(
+            "UPDATE runs SET status='Running', started_at=$1 WHERE seq = (
+                 SELECT seq FROM runs WHERE status='Queued' AND pool IS NULL
+                 ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED)
+             RETURNING seq, id, task, status, trigger, commit_sha, branch, queued_at, started_at,
+                 finished_at, error, report, pool, agent, attempt",
+            args![now()],
+        )?;
+        rows.first().map(run_from_row).transpose()
+    }
+
+    fn set_commit(&self, id: &str, commit: &str) -> Result<(), DbError> {
+        self.execute(
+            "UPDATE runs SET commit_sha=$2 WHERE id=$1",
+            args![id.to_string(), commit.to_string()],
+        )?;
+        Ok(())
+    }
+
+    fn finish(
+        &self,
+        id: &str,
+        status: Status,
+        error: Option<&str>,
+        report: Option<&RunReport>,
+    ) -> Result<(), DbError> {
+        let report = report.map(serde_json::to_string).transpose()?;
+        self.execute(
+            "UPDATE runs SET status=$2, error=$3, report=$4, finished_at=$5, lease=NULL,
+             lease_expires=NULL WHERE id=$1",
+            args![
+                id.to_string(),
+                status.as_str().to_string(),
+                error.map(str::to_string),
+                report,
+                now()
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn cancel_queued(&self, id: &str) -> Result<bool, DbError> {
+        let n = self.execute(
+            "UPDATE runs SET status='Canceled', error='canceled while queued', finished_at=$2
+             WHERE id=$1 AND status='Queued'",
+            args![id.to_string(), now()],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn fail_interrupted(&self) -> Result<Vec<String>, DbError> {
+        let rows = self.query(
+            "UPDATE runs SET status='Failed', error='interrupted by a restart of serve',
+             finished_at=$1 WHERE status='Running' AND pool IS NULL RETURNING id, seq",
+            args![now()],
+        )?;
+        let mut ids: Vec<(i64, String)> = rows.iter().map(|r| (r.get(1), r.get(0))).collect();
+        ids.sort();
+        Ok(ids.into_iter().map(|(_, id)| id).collect())
+    }
+
+    fn has_run_with_status(&self, task: &str, status: Status) -> Result<bool, DbError> {
+        let rows = self.query(
+            "SELECT EXISTS(SELECT 1 FROM runs WHERE task=$1 AND status=$2)",
+            args![task.to_string(), status.as_str().to_string()],
+        )?;
+        Ok(rows.first().map(|r| r.get::<_, bool>(0)).unwrap_or(false))
+    }
+
+    fn record_delivery(&self, source: &str, id: &str, task: &str) -> Result<bool, DbError> {
+        let n = self.execute(
+            "INSERT INTO deliveries(source, id, task, received_at) VALUES($1,$2,$3,$4)
+             ON CONFLICT DO NOTHING",
+            args![source.to_string(), id.to_string(), task.to_string(), now()],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn set_dependencies(
+        &self,
+        task: &str,
+        bases: &[(String, Option<String>)],
+        outputs: &[String],
+    ) -> Result<(), DbError> {
+        let (task, bases, outputs) = (task.to_string(), bases.to_vec(), outputs.to_vec());
+        self.call(move |mut c| async move {
+            let tx = c.client()?.transaction().await.map_err(pg)?;
+            tx.execute("DELETE FROM base_images WHERE task=$1", &[&task])
+                .await
+                .map_err(pg)?;
+            tx.execute("DELETE FROM outputs WHERE task=$1", &[&task])
+                .await
+                .map_err(pg)?;
+            for (base, digest) in &bases {
+                tx.execute(
+                    "INSERT INTO base_images(task, base, digest) VALUES($1,$2,$3)
+                     ON CONFLICT (task, base) DO UPDATE SET digest = excluded.digest",
+                    &[&task, base, digest],
+                )
+                .await
+                .map_err(pg)?;
+            }
+            for o in &outputs {
+                tx.execute(
+                    "INSERT INTO outputs(task, image) VALUES($1,$2) ON CONFLICT DO NOTHING",
+                    &[&task, o],
+                )
+                .await
+                .map_err(pg)?;
+            }
+            tx.commit().await.map_err(pg)
+        })
+    }
+
+    fn base_images(&self) -> Result<Vec<(String, String, Option<String>)>, DbError> {
+        Ok(self
+            .query(
+                "SELECT task, base, digest FROM base_images ORDER BY task, base",
+                args![],
+            )?
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect())
+    }
+
+    fn outputs(&self, task: &str) -> Result<Vec<String>, DbError> {
+        Ok(self
+            .query(
+                "SELECT image FROM outputs WHERE task=$1 ORDER BY image",
+                args![task.to_string()],
+            )?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
+    fn timer_last_fired(&self, task: &str, timer: &str) -> Result<Option<String>, DbError> {
+        Ok(self
+            .query(
+                "SELECT last_fired FROM timers WHERE task=$1 AND timer=$2",
+                args![task.to_string(), timer.to_string()],
+            )?
+            .first()
+            .map(|r| r.get(0)))
+    }
+
+    fn set_timer_fired(&self, task: &str, timer: &str, at: &str) -> Result<(), DbError> {
+        self.execute(
+            "INSERT INTO timers(task, timer, last_fired) VALUES($1,$2,$3)
+             ON CONFLICT (task, timer) DO UPDATE SET last_fired = excluded.last_fired",
+            args![task.to_string(), timer.to_string(), at.to_string()],
+        )?;
+        Ok(())
+    }
+
+    fn head(&self, task: &str) -> Result<Option<String>, DbError> {
+        Ok(self
+            .query(
+                "SELECT commit_sha FROM heads WHERE task=$1",
+                args![task.to_string()],
+            )?
+            .first()
+            .map(|r| r.get(0)))
+    }
+
+    fn set_head(&self, task: &str, commit: &str) -> Result<(), DbError> {
+        self.execute(
+            "INSERT INTO heads(task, commit_sha) VALUES($1,$2)
+             ON CONFLICT (task) DO UPDATE SET commit_sha = excluded.commit_sha",
+            args![task.to_string(), commit.to_string()],
+        )?;
+        Ok(())
+    }
+
+    fn put_pool(&self, pool: &AgentPool, create: bool) -> Result<bool, DbError> {
+        let json = serde_json::to_string(pool)?;
+        let n = if create {
+            self.execute(
+                "INSERT INTO agent_pools(name, record) VALUES($1, $2) ON CONFLICT DO NOTHING",
+                args![pool.name.clone(), json],
+            )?
+        } else {
+            self.execute(
+                "UPDATE agent_pools SET record=$2 WHERE name=$1",
+                args![pool.name.clone(), json],
+            )?
+        };
+        Ok(n == 1)
+    }
+
+    fn pool(&self, name: &str) -> Result<Option<AgentPool>, DbError> {
+        self.query(
+            "SELECT record FROM agent_pools WHERE name=$1",
+            args![name.to_string()],
+        )?
+        .first()
+        .map(|r| Ok(serde_json::from_str(r.get::<_, &str>(0))?))
+        .transpose()
+    }
+
+    fn pools(&self) -> Result<Vec<AgentPool>, DbError> {
+        self.query("SELECT record FROM agent_pools ORDER BY name", args![])?
+            .iter()
+            .map(|r| Ok(serde_json::from_str(r.get::<_, &str>(0))?))
+            .collect()
+    }
+
+    fn delete_pool(&self, name: &str) -> Result<bool, DbError> {
+        let name = name.to_string();
+        self.call(move |mut c| async move {
+            let tx = c.client()?.transaction().await.map_err(pg)?;
+            let n = tx
+                .execute("DELETE FROM agent_pools WHERE name=$1", &[&name])
+                .await
+                .map_err(pg)?;
+            tx.execute("DELETE FROM agents WHERE pool=$1", &[&name])
+                .await
+                .map_err(pg)?;
+            tx.commit().await.map_err(pg)?;
+            Ok(n == 1)
+        })
+    }
+
+    fn pool_counts(&self, pool: &str) -> Result<(u64, u64), DbError> {
+        let rows = self.query(
+            "SELECT COUNT(*) FILTER (WHERE status='Queued'), COUNT(*) FILTER (WHERE status='Running')
+             FROM runs WHERE pool=$1",
+            args![pool.to_string()],
+        )?;
+        Ok(rows
+            .first()
+            .map(|r| {
+                (
+                    r.get::<_, i64>(0).max(0) as u64,
+                    r.get::<_, i64>(1).max(0) as u64,
+                )
+            })
+            .unwrap_or((0, 0)))
+    }
+
+    fn put_agent(&self, agent: &AgentRecord) -> Result<(), DbError> {
+        let now = now_ms();
+        let mut a = agent.clone();
+        a.last_seen = ms_to_rfc3339(now);
+        self.execute(
+            "INSERT INTO agents(id, pool, record, last_seen) VALUES($1, $2, $3, $4)
+             ON CONFLICT (id) DO UPDATE SET pool=excluded.pool, record=excluded.record,
+             last_seen=excluded.last_seen",
+            args![
+                a.id.clone(),
+                a.pool.clone(),
+                serde_json::to_string(&a)?,
+                now
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn agents(&self, pool: Option<&str>) -> Result<Vec<AgentRecord>, DbError> {
+        self.query(
+            "SELECT record, last_seen FROM agents WHERE ($1::TEXT IS NULL OR pool=$1)
+             ORDER BY pool, id",
+            args![pool.map(str::to_string)],
+        )?
+        .iter()
+        .map(|r| {
+            let mut a: AgentRecord = serde_json::from_str(r.get::<_, &str>(0))?;
+            a.last_seen = ms_to_rfc3339(r.get(1));
+            Ok(a)
+        })
+        .collect()
+    }
+
+    fn agent(&self, id: &str) -> Result<Option<AgentRecord>, DbError> {
+        self.query(
+            "SELECT record, last_seen FROM agents WHERE id=$1",
+            args![id.to_string()],
+        )?
+        .first()
+        .map(|r| {
+            let mut a: AgentRecord = serde_json::from_str(r.get::<_, &str>(0))?;
+            a.last_seen = ms_to_rfc3339(r.get(1));
+            Ok(a)
+        })
+        .transpose()
+    }
+
+    fn agent_seen(&self, id: &str, draining: bool) -> Result<bool, DbError> {
+        let id = id.to_string();
+        self.call(move |mut c| async move {
+            let tx = c.client()?.transaction().await.map_err(pg)?;
+            let Some(row) = tx
+                .query_opt("SELECT record FROM agents WHERE id=$1 FOR UPDATE", &[&id])
+                .await
+                .map_err(pg)?
+            else {
+                return Ok(false);
+            };
+            let mut a: AgentRecord = serde_json::from_str(row.get::<_, &str>(0))?;
+            a.draining = draining;
+            tx.execute(
+                "UPDATE agents SET record=$2, last_seen=$3 WHERE id=$1",
+                &[&id, &serde_json::to_string(&a)?, &now_ms()],
+            )
+            .await
+            .map_err(pg)?;
+            tx.commit().await.map_err(pg)?;
+            Ok(true)
+        })
+    }
+
+    fn remove_agent(&self, id: &str) -> Result<(), DbError> {
+        self.execute("DELETE FROM agents WHERE id=$1", args![id.to_string()])?;
+        Ok(())
+    }
+
+    fn claim_leased(
+        &self,
+        pool: &str,
+        agent: &str,
+        lease_ms: u64,
+    ) -> Result<Option<Claimed>, DbError> {
+        let (pool, agent) = (pool.to_string(), agent.to_string());
+        self.call(move |mut c| async move {
+            let tx = c.client()?.transaction().await.map_err(pg)?;
+            // The pool's row lock makes its claims take turns, so its limit holds across
+            // agents and servers; the runs themselves are skipped when locked.
+            let Some(row) = tx
+                .query_opt(
+                    "SELECT record FROM agent_pools WHERE name=$1 FOR UPDATE",
+                    &[&pool],
+                )
+                .await
+                .map_err(pg)?
+            else {
+                return Ok(None);
+            };
+            if let Some(max) = serde_json::from_str::<AgentPool>(row.get::<_, &str>(0))?.max_runs {
+                let running: i64 = tx
+                    .query_one(
+                        "SELECT COUNT(*) FROM runs WHERE pool=$1 AND status='Running'",
+                        &[&pool],
+                    )
+                    .await
+                    .map_err(pg)?
+                    .get(0);
+                if running >= i64::from(max) {
+                    return Ok(None);
+                }
+            }
+            let lease = uuid::Uuid::new_v4().simple().to_string();
+            let expires = now_ms().saturating_add(lease_ms.min(i64::MAX as u64) as i64);
+            let row = tx
+                .query_opt(
+                    "UPDATE runs SET status='Running', started_at=$2, agent=$3, lease=$4,
+                         lease_expires=$5, cancel_requested=FALSE
+                     WHERE seq = (SELECT seq FROM runs WHERE status='Queued' AND pool=$1
+                                  ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED)
+                     RETURNING seq, id, task, status, trigger, commit_sha, branch, queued_at,
+                         started_at, finished_at, error, report, pool, agent, attempt",
+                    &[&pool, &now(), &agent, &lease, &expires],
+                )
+                .await
+                .map_err(pg)?;
+            tx.commit().await.map_err(pg)?;
+            match row {
+                Some(r) => Ok(Some(Claimed {
+                    run: run_from_row(&r)?,
+                    lease,
+                })),
+                None => Ok(None),
+            }
+        })
+    }
+
+    fn renew_lease(&self, run: &str, lease: &str, lease_ms: u64) -> Result<LeaseState, DbError> {
+        let expires = now_ms().saturating_add(lease_ms.min(i64::MAX as u64) as i64);
+        let rows = self.query(
+            "UPDATE runs SET lease_expires=$3 WHERE id=$1 AND lease=$2 AND status='Running'
+             RETURNING cancel_requested",
+            args![run.to_string(), lease.to_string(), expires],
+        )?;
+        Ok(match rows.first() {
+            None => LeaseState::Lost,
+            Some(r) => LeaseState::Held { cancel: r.get(0) },
+        })
+    }
+
+    fn finish_leased(
+        &self,
+        run: &str,
+        lease: &str,
+        status: Status,
+        error: Option<&str>,
+        report: Option<&RunReport>,
+    ) -> Result<bool, DbError> {
+        let report = report.map(serde_json::to_string).transpose()?;
+        let n = self.execute(
+            "UPDATE runs SET status=$3, error=$4, report=$5, finished_at=$6, lease=NULL,
+             lease_expires=NULL WHERE id=$1 AND lease=$2 AND status='Running'",
+            args![
+                run.to_string(),
+                lease.to_string(),
+                status.as_str().to_string(),
+                error.map(str::to_string),
+                report,
+                now()
+            ],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn release_lease(
+        &self,
+        run: &str,
+        lease: &str,
+        max_attempts: u32,
+    ) -> Result<Option<Expired>, DbError> {
+        let (run, lease) = (run.to_string(), lease.to_string());
+        self.call(move |mut c| async move {
+            let tx = c.client()?.transaction().await.map_err(pg)?;
+            let Some(row) = tx
+                .query_opt(
+                    "SELECT agent, attempt, cancel_requested FROM runs
+                     WHERE id=$1 AND lease=$2 AND status='Running' FOR UPDATE",
+                    &[&run, &lease],
+                )
+                .await
+                .map_err(pg)?
+            else {
+                return Ok(None);
+            };
+            let e = hand_back(
+                &tx,
+                &run,
+                row.get(0),
+                row.get(1),
+                row.get(2),
+                max_attempts,
+                "handed back by its agent",
+            )
+            .await?;
+            tx.commit().await.map_err(pg)?;
+            Ok(Some(e))
+        })
+    }
+
+    fn expire_leases(&self, max_attempts: u32) -> Result<Vec<Expired>, DbError> {
+        self.call(move |mut c| async move {
+            let tx = c.client()?.transaction().await.map_err(pg)?;
+            let rows = tx
+                .query(
+                    "SELECT id, agent, attempt, cancel_requested FROM runs
+                     WHERE status='Running' AND lease IS NOT NULL AND lease_expires < $1
+                     ORDER BY seq FOR UPDATE SKIP LOCKED",
+                    &[&now_ms()],
+                )
+                .await
+                .map_err(pg)?;
+            let mut out = Vec::new();
+            for r in &rows {
+                let id: String = r.get(0);
+                out.push(
+                    hand_back(
+                        &tx,
+                        &id,
+                        r.get(1),
+                        r.get(2),
+                        r.get(3),
+                        max_attempts,
+                        "its agent stopped heartbeating",
+                    )
+                    .await?,
+                );
+            }
+            tx.commit().await.map_err(pg)?;
+            Ok(out)
+        })
+    }
+
+    fn request_cancel(&self, run: &str) -> Result<bool, DbError> {
+        let n = self.execute(
+            "UPDATE runs SET cancel_requested=TRUE
+             WHERE id=$1 AND status='Running' AND lease IS NOT NULL",
+            args![run.to_string()],
+        )?;
+        Ok(n == 1)
+    }
+}
+
+/// For tests: a new, empty database beside the one `url` names; its URL.
+#[cfg(test)]
+pub fn fresh_database(url: &str) -> Result<String, DbError> {
+    let config: tokio_postgres::Config =
+        url.parse().map_err(|e| DbError::Postgres(format!("{e}")))?;
+    let name = format!("t{}", uuid::Uuid::new_v4().simple());
+    let rt = crate::background::OwnRuntime::new("acr-task-pg-test", 1)
+        .map_err(|e| DbError::Postgres(e.to_string()))?;
+    let n = name.clone();
+    rt.wait(async move {
+        let c = Pool::connect(&config).await?;
+        c.batch_execute(&format!("CREATE DATABASE {n}"))
+            .await
+            .map_err(pg)
+    })
+    .ok_or_else(|| DbError::Postgres("stopped".into()))??;
+    let (base, _) = url.rsplit_once('/').unwrap_or((url, ""));
+    Ok(format!("{base}/{name}"))
+}
