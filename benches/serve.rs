@@ -8,6 +8,7 @@
 //! cargo bench --bench serve -- log-stream    # a log line on the page (SSE) vs `--follow`
 //! cargo bench --bench serve -- agent-claims [RUNS]   # 8 agents claiming and finishing (no engine)
 //! cargo bench --bench serve -- agents [RUNS] [AGENTS]  # trivial runs on real `acr-task agent`s
+//! cargo bench --bench serve -- build-cache   # a rebuild on a cold engine with acb's registry cache vs without
 //! ```
 //!
 //! "Started" is the run's `started_at` (when the queue handed it to the executor), taken
@@ -492,6 +493,92 @@ async fn agents(runs: usize, agents: usize) {
     drop(children);
 }
 
+/// A 5-layer Dockerfile rebuilt on an engine that has none of its layers (as a second
+/// agent's), with `cache: enabled` (layers pulled from the registry cache the first build
+/// pushed) and with `cache: disabled`. Each layer stands for real work: 2 s of it and
+/// 8 MiB of new files.
+async fn build_cache() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_acr-task"))
+        .args([
+            "serve",
+            "--registry-only",
+            "--listen",
+            "127.0.0.1:0",
+            "--data",
+        ])
+        .arg(tmp.path().join("data"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("serve");
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut first)
+        .expect("first line");
+    let _serve = KillOnDrop(child);
+    let registry = first.trim().trim_start_matches("listening on ").to_string();
+    let ctx = tmp.path().join("ctx");
+    std::fs::create_dir_all(&ctx).expect("ctx");
+    let mut dockerfile = String::from("FROM busybox\n");
+    for i in 1..=5 {
+        dockerfile.push_str(&format!(
+            "RUN sleep 2 && dd if=/dev/urandom of=/layer{i} bs=1M count=8 2>/dev/null\n"
+        ));
+    }
+    std::fs::write(ctx.join("Dockerfile"), dockerfile).expect("Dockerfile");
+    let task = |cache: &str| {
+        format!(
+            "version: v1.1.0\nsteps:\n  - id: build\n    build: -t $Registry/bench-cache:{{{{.Run.ID}}}} .\n    cache: {cache}\n"
+        )
+    };
+    let build = |cache: &str| {
+        std::fs::write(ctx.join("acb.yaml"), task(cache)).expect("acb.yaml");
+        let t = Instant::now();
+        let out = Command::new(env!("CARGO_BIN_EXE_acr-task"))
+            .args(["run", "--registry", &registry, "-o", "json"])
+            .arg(ctx.join("acb.yaml"))
+            .output()
+            .expect("run");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        t.elapsed().as_secs_f64()
+    };
+    let forget = || {
+        // Every image of the bench registry, and with them their layers.
+        let out = Command::new("docker")
+            .args(["images", "--format", "{{.Repository}}:{{.Tag}}"])
+            .output()
+            .expect("docker images");
+        for img in String::from_utf8_lossy(&out.stdout).lines() {
+            if img.starts_with(&format!("{registry}/")) {
+                let _ = Command::new("docker").args(["rmi", "-f", img]).output();
+            }
+        }
+    };
+    let fill = build("enabled");
+    let (mut with, mut without) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        forget();
+        with.push(build("enabled"));
+        forget();
+        without.push(build("disabled"));
+    }
+    forget();
+    with.sort_by(f64::total_cmp);
+    without.sort_by(f64::total_cmp);
+    println!(
+        "build-cache: first build {fill:.1} s; rebuild on a cold engine: with the registry cache \
+         median {:.1} s, without {:.1} s ({:.1}x)",
+        with[1],
+        without[1],
+        without[1] / with[1]
+    );
+}
+
 struct KillOnDrop(Child);
 
 impl Drop for KillOnDrop {
@@ -678,6 +765,9 @@ fn main() {
         if what == "agent-claims" || what == "all" {
             let n = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(2000);
             agent_claims(n).await;
+        }
+        if what == "build-cache" || what == "all" {
+            build_cache().await;
         }
         if what == "agents" {
             let n = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1000);

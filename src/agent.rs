@@ -71,6 +71,9 @@ struct HeldRun {
     lease: String,
     cancel: CancellationToken,
     why: Arc<AtomicU8>,
+    /// When the last renewal the server confirmed was sent: the lease lasts at least a
+    /// lease period from then.
+    renewed: tokio::time::Instant,
 }
 
 /// The server's agent API, as this agent.
@@ -241,6 +244,7 @@ pub async fn run(
         .await,
     );
     let beats = tokio::spawn(agent.clone().heartbeat_loop());
+    let fence = tokio::spawn(agent.clone().fence_loop());
     let slots = Arc::new(tokio::sync::Semaphore::new(agent.cfg.concurrency as usize));
     let mut runs = tokio::task::JoinSet::new();
     while !stop.is_cancelled() {
@@ -290,6 +294,7 @@ pub async fn run(
         while runs.join_next().await.is_some() {}
     }
     beats.abort();
+    fence.abort();
     let id = agent.api.id();
     let _ = agent
         .api
@@ -389,10 +394,8 @@ impl Agent {
         self.held.lock().ok()?.get(run).map(|h| h.lease.clone())
     }
 
-    /// Renews every held lease; cancels what the server no longer gives this agent, or
-    /// everything when no heartbeat got through for a whole lease.
+    /// Renews every held lease; cancels what the server says is no longer this agent's.
     async fn heartbeat_loop(self: Arc<Self>) {
-        let mut last_ok = tokio::time::Instant::now();
         loop {
             let every = Duration::from_secs(self.heartbeat_secs.load(Ordering::Relaxed).max(1));
             tokio::select! {
@@ -414,16 +417,24 @@ impl Agent {
                 runs,
             });
             let path = format!("/api/agents/{}/heartbeat", self.api.id());
-            match self.api.post(&path, &body).await {
+            let sent = tokio::time::Instant::now();
+            // No longer than a period: a stuck call must not hold back the next one.
+            let answer = self
+                .api
+                .send(reqwest::Method::POST, &path, Some(&body), every)
+                .await;
+            match answer {
                 Ok((s, v)) if s.is_success() => {
-                    last_ok = tokio::time::Instant::now();
                     for st in v["runs"].as_array().into_iter().flatten() {
                         let run = st["run"].as_str().unwrap_or_default();
                         let held = st["held"].as_bool().unwrap_or(false);
                         let cancel = st["cancel"].as_bool().unwrap_or(false);
                         if !held {
                             self.stop_run(run, LOST);
-                        } else if cancel {
+                            continue;
+                        }
+                        self.renewed(run, sent);
+                        if cancel {
                             self.stop_run(run, USER_CANCEL);
                         }
                     }
@@ -436,17 +447,35 @@ impl Agent {
                 Ok(ans) => tracing::warn!(error = %Api::refusal(&ans), "heartbeat refused"),
                 Err(e) => tracing::warn!(error = %e, "heartbeat"),
             }
-            // Three periods make a lease: past that, the server has handed the runs on.
-            if last_ok.elapsed() > every * 3 {
-                let ids: Vec<String> = self
-                    .held
-                    .lock()
-                    .map(|h| h.keys().cloned().collect())
-                    .unwrap_or_default();
-                for id in ids {
-                    tracing::warn!(run = %id, "no heartbeat got through for a whole lease: stopping the run");
-                    self.stop_run(&id, LOST);
-                }
+        }
+    }
+
+    fn renewed(&self, run: &str, sent: tokio::time::Instant) {
+        if let Ok(mut held) = self.held.lock() {
+            if let Some(h) = held.get_mut(run) {
+                h.renewed = h.renewed.max(sent);
+            }
+        }
+    }
+
+    /// Stops every run whose lease was last renewed two heartbeat periods ago: the server
+    /// hands it on at three, and the run must be stopped here before another agent starts
+    /// it.
+    async fn fence_loop(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let every = Duration::from_secs(self.heartbeat_secs.load(Ordering::Relaxed).max(1));
+            let stale: Vec<String> = match self.held.lock() {
+                Ok(h) => h
+                    .iter()
+                    .filter(|(_, h)| h.renewed.elapsed() > every * 2)
+                    .map(|(id, _)| id.clone())
+                    .collect(),
+                Err(_) => continue,
+            };
+            for id in stale {
+                tracing::warn!(run = %id, "its lease could not be renewed: stopping the run before the server hands it on");
+                self.stop_run(&id, LOST);
             }
         }
     }
@@ -486,6 +515,7 @@ impl Agent {
                     lease: lease.clone(),
                     cancel: cancel.clone(),
                     why: why.clone(),
+                    renewed: tokio::time::Instant::now(),
                 },
             );
         }
@@ -502,30 +532,47 @@ impl Agent {
             log: sink.clone(),
             cancel,
         };
-        let outcome = env.clone().execute(job, Ok(provisions)).await;
+        // On a task of its own, so a panic ends this run as failed instead of leaving its
+        // lease renewed for ever.
+        let outcome = match tokio::spawn(env.clone().execute(job, Ok(provisions))).await {
+            Ok(o) => o,
+            Err(e) => {
+                let msg = format!("the agent's executor failed: {e}");
+                sink.line("acr-task", &msg);
+                crate::server::runner::Outcome::failed(msg)
+            }
+        };
         sink.close().await;
-        if let Ok(mut held) = self.held.lock() {
-            held.remove(&id);
-        }
+        // The lease stays renewed until the server has the report.
         match why.load(Ordering::SeqCst) {
             LOST => {
                 tracing::warn!(run = %id, "the run was handed to another agent; its end here is not reported");
             }
             HAND_BACK => self.release(&id, &lease).await,
-            _ => self.report(&id, &lease, outcome).await,
+            _ => self.report(&id, &lease, outcome, &why).await,
+        }
+        if let Ok(mut held) = self.held.lock() {
+            held.remove(&id);
         }
     }
 
-    /// Reports a run's end, trying until the server answers (it may be restarting) or the
-    /// lease is gone.
-    async fn report(&self, run: &str, lease: &str, outcome: crate::server::runner::Outcome) {
+    /// Reports a run's end, trying until the server answers or the lease is gone (its
+    /// heartbeats go on meanwhile, so a server that is away for a while loses nothing).
+    async fn report(
+        &self,
+        run: &str,
+        lease: &str,
+        mut outcome: crate::server::runner::Outcome,
+        why: &AtomicU8,
+    ) {
+        if let Some(e) = outcome.error.as_mut() {
+            truncate(e, MAX_TEXT);
+        }
         let path = format!("/api/agents/{}/runs/{run}/finish", self.api.id());
         let body = json!(Finish {
             lease: lease.to_string(),
             outcome,
         });
-        let deadline = tokio::time::Instant::now()
-            + Duration::from_secs(self.heartbeat_secs.load(Ordering::Relaxed) * 3);
         loop {
             match self.api.post(&path, &body).await {
                 Ok((s, _)) if s.is_success() => {
@@ -539,15 +586,29 @@ impl Agent {
                 Ok(ans) => tracing::warn!(run, error = %Api::refusal(&ans), "reporting"),
                 Err(e) => tracing::warn!(run, error = %e, "reporting"),
             }
-            if tokio::time::Instant::now() > deadline {
+            if why.load(Ordering::SeqCst) == LOST {
                 tracing::error!(
                     run,
-                    "could not report the run's end; its lease runs out and it runs again"
+                    "could not report the run's end before its lease ran out; it runs again"
                 );
                 return;
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
+    }
+}
+
+/// Longest log line or error text sent (a longer one is cut, saying so).
+const MAX_TEXT: usize = 16 * 1024;
+
+fn truncate(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push_str(" [cut]");
     }
 }
 
@@ -667,9 +728,11 @@ impl RemoteSink {
 
 impl RunSink for RemoteSink {
     fn line(&self, who: &str, text: &str) {
+        let mut text = text.to_string();
+        truncate(&mut text, MAX_TEXT);
         self.push(RunEvent::Line {
-            who: who.to_string(),
-            text: text.to_string(),
+            who: who.chars().take(256).collect(),
+            text,
         });
     }
 

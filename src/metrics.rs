@@ -23,6 +23,34 @@ pub struct TaskStatus {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolStatus {
+    pub pool: String,
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabel {
+    pub pool: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AgentLabels {
+    pub pool: String,
+    pub agent: String,
+}
+
+/// An agent pool as a scrape reads it.
+#[derive(Debug, Default, Clone)]
+pub struct PoolSnapshot {
+    pub pool: String,
+    pub queued: u64,
+    pub running: u64,
+    pub online: u64,
+    /// (agent id, seconds since it was last heard from).
+    pub agents: Vec<(String, f64)>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StepLabels {
     pub kind: String,
     pub status: String,
@@ -67,6 +95,7 @@ pub struct Snapshot {
     pub concurrency: u64,
     pub storage_used: u64,
     pub storage_included: Option<u64>,
+    pub pools: Vec<PoolSnapshot>,
 }
 
 pub struct Metrics {
@@ -77,6 +106,9 @@ pub struct Metrics {
     concurrency: Gauge,
     storage_used: Gauge,
     storage_included: Gauge,
+    pool_runs: Family<PoolStatus, Gauge>,
+    agents_online: Family<PoolLabel, Gauge>,
+    agent_heartbeat_age: Family<AgentLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     run_duration: Hist<TaskStatus>,
     step_duration: Hist<StepLabels>,
     triggers: Family<Kind, Counter>,
@@ -126,6 +158,25 @@ impl Metrics {
             "storage_included_bytes",
             "Registry storage the tier includes (absent: no limit)",
             storage_included.clone(),
+        );
+        let pool_runs = Family::<PoolStatus, Gauge>::default();
+        registry.register(
+            "agent_pool_runs",
+            "Runs of an agent pool, queued and running",
+            pool_runs.clone(),
+        );
+        let agents_online = Family::<PoolLabel, Gauge>::default();
+        registry.register(
+            "agents_online",
+            "Agents of a pool heard from within three lease periods",
+            agents_online.clone(),
+        );
+        let agent_heartbeat_age =
+            Family::<AgentLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "agent_heartbeat_age_seconds",
+            "Seconds since each registered agent was last heard from",
+            agent_heartbeat_age.clone(),
         );
         let run_duration: Hist<TaskStatus> = Family::new_with_constructor(run_buckets);
         registry.register(
@@ -189,6 +240,9 @@ impl Metrics {
             concurrency,
             storage_used,
             storage_included,
+            pool_runs,
+            agents_online,
+            agent_heartbeat_age,
             run_duration,
             step_duration,
             triggers,
@@ -288,6 +342,32 @@ impl Metrics {
         self.storage_used.set(snap.storage_used as i64);
         self.storage_included
             .set(snap.storage_included.map_or(-1, |v| v as i64));
+        self.pool_runs.clear();
+        self.agents_online.clear();
+        self.agent_heartbeat_age.clear();
+        for p in &snap.pools {
+            for (status, n) in [("Queued", p.queued), ("Running", p.running)] {
+                self.pool_runs
+                    .get_or_create(&PoolStatus {
+                        pool: p.pool.clone(),
+                        status: status.into(),
+                    })
+                    .set(n as i64);
+            }
+            self.agents_online
+                .get_or_create(&PoolLabel {
+                    pool: p.pool.clone(),
+                })
+                .set(p.online as i64);
+            for (agent, age) in &p.agents {
+                self.agent_heartbeat_age
+                    .get_or_create(&AgentLabels {
+                        pool: p.pool.clone(),
+                        agent: agent.clone(),
+                    })
+                    .set(*age);
+            }
+        }
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
             tracing::error!(error = %e, "encoding metrics");
@@ -432,8 +512,20 @@ mod tests {
             runs: vec![("build".into(), "Succeeded".into(), 7)],
             queued: 3,
             storage_used: 42,
+            pools: vec![PoolSnapshot {
+                pool: "builders".into(),
+                queued: 4,
+                running: 2,
+                online: 1,
+                agents: vec![("a1-x".into(), 1.5)],
+            }],
             ..Default::default()
         });
+        assert!(text.contains("acr_task_agents_online{pool=\"builders\"} 1"));
+        assert!(text.contains("acr_task_agent_pool_runs{pool=\"builders\",status=\"Queued\"} 4"));
+        assert!(text.contains(
+            "acr_task_agent_heartbeat_age_seconds{pool=\"builders\",agent=\"a1-x\"} 1.5"
+        ));
         assert!(text.contains(
             "acr_task_registry_requests_total{route=\"blob\",method=\"GET\",status=\"200\"} 2"
         ));

@@ -149,6 +149,48 @@ async fn wait_log(api: &Api, id: &str, needle: &str) -> Value {
     }
 }
 
+/// `/ui/pools` as the admin sees it (signed in through the page's form).
+async fn pools_page(serve: &Serve) -> String {
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = http
+        .post(format!("{}/ui/login", serve.url))
+        .header("origin", &serve.url)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!(
+            "username=admin&password={}&next=%2Fui%2Fpools",
+            serve
+                .password
+                .bytes()
+                .map(|b| if b.is_ascii_alphanumeric() {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                })
+                .collect::<String>()
+        ))
+        .send()
+        .await
+        .unwrap();
+    let cookie = r
+        .headers()
+        .get("set-cookie")
+        .and_then(|c| c.to_str().ok())
+        .and_then(|c| c.split(';').next())
+        .unwrap_or_else(|| panic!("no session cookie: {}", r.status()))
+        .to_string();
+    http.get(format!("{}/ui/pools", serve.url))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 fn agent_named<'a>(agents: &'a mut [Agent], id: &str) -> &'a mut Agent {
     agents
         .iter_mut()
@@ -224,6 +266,24 @@ async fn three_agents_run_each_run_once_and_a_killed_agents_run_moves_on() {
     assert!(
         ok && out.contains("zone=a") && out.contains("online"),
         "{out}"
+    );
+    // The web page lists the pool's agents.
+    let page = pools_page(&serve).await;
+    for a in ["a1", "a2", "a3"] {
+        assert!(page.contains(&format!("<td>{a}</td>")), "{page}");
+    }
+    assert!(
+        page.contains("zone=a, disk=ssd") || page.contains("disk=ssd, zone=a"),
+        "{page}"
+    );
+    let metrics = api.text("/metrics").await;
+    assert!(
+        metrics.contains("acr_task_agents_online{pool=\"pool1\"} 3"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("acr_task_agent_heartbeat_age_seconds{pool=\"pool1\",agent=\"a1-"),
+        "{metrics}"
     );
 
     // Many runs queued at once: each succeeds, exactly once, never above the pool's limit.

@@ -52,6 +52,9 @@ pub struct RunConfig {
     pub credentials: Arc<Credentials>,
     /// Content trust and signing for the images the run uses and pushes (none: neither).
     pub trust: Option<Arc<dyn ImageTrust>>,
+    /// The stored task's name (`None`: a quick run, acb's `quickrun`), which names the
+    /// registry cache of `cache: enabled` build steps.
+    pub task_name: Option<String>,
 }
 
 /// A boxed future, for the object-safe traits a run is wired with.
@@ -85,8 +88,49 @@ impl RunConfig {
             registry: None,
             credentials: Arc::default(),
             trust: None,
+            task_name: None,
         }
     }
+}
+
+/// Where a `cache: enabled` build step keeps its layers, as acb names it:
+/// `REGISTRY/REPO:cache_TASK_STEP` of the first tag that names a registry, else the run's
+/// registry with the first tag's repository. None when there is neither.
+pub fn cache_ref(
+    tags: &[String],
+    registry: Option<&str>,
+    task: &str,
+    step: &str,
+) -> Option<String> {
+    let names_registry = |t: &str| {
+        t.split_once('/')
+            .is_some_and(|(host, _)| host.contains(['.', ':']) || host == "localhost")
+    };
+    let repo_of = |t: &str| -> String {
+        let t = t.split('@').next().unwrap_or(t);
+        // A ':' after the last '/' starts the tag.
+        match t.rfind(':') {
+            Some(i) if !t[i..].contains('/') => t[..i].to_string(),
+            _ => t.to_string(),
+        }
+    };
+    let repo = match tags.iter().find(|t| names_registry(t)) {
+        Some(t) => repo_of(t),
+        None => format!("{}/{}", registry?, repo_of(tags.first()?)),
+    };
+    // A tag is at most 128 of [A-Za-z0-9_.-], not starting with '.' or '-'.
+    let tag: String = format!("cache_{task}_{step}")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "_.-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(128)
+        .collect();
+    Some(format!("{repo}:{tag}"))
 }
 
 #[derive(Debug, Clone)]
@@ -1101,9 +1145,32 @@ impl<R: Runtime> Ctx<R> {
                 return Attempt::failed(format!("step {}: base image: {e}", step.id));
             }
         }
+        // `cache: enabled`: layers from (and, after the build, to) the step's cache image
+        // in a registry, so a build on another engine reuses them (acb's registry cache).
+        let mut cache_from = b.cache_from.clone();
+        let cache = step
+            .cache
+            .as_deref()
+            .filter(|c| c.eq_ignore_ascii_case("enabled"))
+            .and_then(|_| {
+                let task = self.cfg.task_name.as_deref().unwrap_or("quickrun");
+                cache_ref(&b.tags, self.cfg.registry.as_deref(), task, &step.id)
+            });
+        if let Some(c) = &cache {
+            match self
+                .ensure_image(c, PullPolicy::Always, platform.as_deref(), log)
+                .await
+            {
+                Ok(()) => {
+                    log(format!("cache: reusing the layers of {c}"));
+                    cache_from.push(c.clone());
+                }
+                Err(e) => log(format!("cache: not using {c} ({e}); this build fills it")),
+            }
+        }
         // The engine pulls base images again with `--pull`, and reads `--cache-from` ones.
         let mut registry_auth = BTreeMap::new();
-        for image in bases.iter().chain(&b.cache_from) {
+        for image in bases.iter().chain(&cache_from) {
             if let (Some(r), Some(login)) = (ImageRef::parse(image), self.login_for(image).await) {
                 registry_auth.insert(r.registry, login);
             }
@@ -1118,11 +1185,15 @@ impl<R: Runtime> Ctx<R> {
                 },
             },
             dockerfile,
-            tags: b.tags.clone(),
+            tags: b.tags.iter().chain(&cache).cloned().collect(),
             build_args: b.build_args,
             target: b.target,
-            no_cache: b.no_cache || step.cache.as_deref() == Some("disabled"),
-            cache_from: b.cache_from,
+            no_cache: b.no_cache
+                || step
+                    .cache
+                    .as_deref()
+                    .is_some_and(|c| c.eq_ignore_ascii_case("disabled")),
+            cache_from,
             platform,
             pull: b.pull || step.pull,
             network: Some(b.network.unwrap_or_else(|| self.default_network())),
@@ -1132,6 +1203,15 @@ impl<R: Runtime> Ctx<R> {
         };
         match self.rt.build(&spec, log).await {
             Ok(out) => {
+                if let Some(c) = &cache {
+                    // Best effort: a cache that cannot be written costs the next build time,
+                    // not this step.
+                    let login = self.login_for(c).await;
+                    match self.rt.push(c, login.as_ref(), log).await {
+                        Ok(_) => log(format!("cache: pushed {c}")),
+                        Err(e) => log(format!("cache: could not push {c}: {e}")),
+                    }
+                }
                 let mut base_images = Vec::new();
                 for image in bases {
                     let local = self.rt.image_digest(&image).await.ok().flatten();
@@ -1300,5 +1380,36 @@ mod tests {
     #[test]
     fn container_names_are_valid() {
         assert_eq!(container_name("r1", "build app"), "r1_build_app");
+    }
+
+    #[test]
+    fn a_build_cache_lives_beside_the_first_tag_with_a_registry() {
+        let tags = |t: &[&str]| t.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            cache_ref(
+                &tags(&["app:1", "reg.io:5000/team/app:2"]),
+                Some("run:5000"),
+                "t",
+                "b"
+            ),
+            Some("reg.io:5000/team/app:cache_t_b".into())
+        );
+        // No tag names a registry: the run's, with the first tag's repository.
+        assert_eq!(
+            cache_ref(
+                &tags(&["team/app:1"]),
+                Some("127.0.0.1:5000"),
+                "quickrun",
+                "build app"
+            ),
+            Some("127.0.0.1:5000/team/app:cache_quickrun_build_app".into())
+        );
+        assert_eq!(cache_ref(&tags(&["app"]), None, "t", "b"), None);
+        assert_eq!(cache_ref(&[], Some("r:1"), "t", "b"), None);
+        let long = "s".repeat(300);
+        let r = cache_ref(&tags(&["localhost/app@sha256:ab"]), None, "t", &long).unwrap();
+        assert!(
+            r.starts_with("localhost/app:cache_t_s") && r.len() == "localhost/app:".len() + 128
+        );
     }
 }

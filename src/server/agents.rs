@@ -33,6 +33,8 @@ const ONLINE_LEASES: u32 = 3;
 /// Longest name or label an agent may register with, and most labels.
 const MAX_NAME: usize = 128;
 const MAX_LABELS: usize = 32;
+/// Largest request an agent sends (a run's report with its steps, a batch of log lines).
+const MAX_BODY: usize = 32 * 1024 * 1024;
 
 /// What the server keeps about agents and their leased runs.
 pub struct AgentHub {
@@ -234,6 +236,11 @@ impl AgentHub {
         }
     }
 
+    /// Agents heard from within this count as online.
+    pub fn online_within(&self) -> Duration {
+        self.lease * ONLINE_LEASES
+    }
+
     fn lease_ms(&self) -> u64 {
         self.lease.as_millis() as u64
     }
@@ -255,11 +262,19 @@ impl AgentHub {
             .route("/api/agents/{id}/runs/{run}/login", post(login))
             .route("/api/agents/{id}/runs/{run}/finish", post(finish))
             .route("/api/agents/{id}/runs/{run}/release", post(release))
+            // A run's report and log batches may be larger than axum's 2 MB default.
+            .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
             .with_state(self)
     }
 
-    /// Hands back the runs whose leases ran out, every second until `stop`.
+    /// Hands back the runs whose leases ran out, every second until `stop`. Leases are
+    /// first extended by one period: agents that ran on while this server was away get
+    /// the time to reach it again.
     pub async fn expiry_loop(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        let (db, ms) = (self.queue.db().clone(), self.lease_ms());
+        if blocking(move || db.extend_leases(ms)).await.is_err() {
+            tracing::error!("extending agents' leases at start");
+        }
         let every = (self.lease / 4).clamp(Duration::from_millis(200), Duration::from_secs(2));
         loop {
             tokio::select! {
@@ -281,7 +296,12 @@ impl AgentHub {
     /// A run left its agent: said in its log, its login ended, the queue told.
     fn handed_back(&self, e: &Expired, why: &str) {
         let agent = e.agent.as_deref().unwrap_or("?");
-        let log = self.take_log(&e.run).or_else(|| self.open_log(&e.run).ok());
+        // The log as it is (not kept open: the run's next holder opens it again).
+        let log = self.take_log(&e.run).or_else(|| {
+            LogFile::create(&self.queue.log_path(&e.run))
+                .ok()
+                .map(Arc::new)
+        });
         let msg = if e.requeued {
             format!(
                 "attempt {} on agent {agent} ended: {why}; queued again as attempt {}",
@@ -377,7 +397,7 @@ impl AgentHub {
 
 async fn list_pools(State(h): St) -> Response {
     let db = h.queue.db().clone();
-    let online_within = h.lease * ONLINE_LEASES;
+    let online_within = h.online_within();
     match blocking(move || {
         let mut out = Vec::new();
         for p in db.pools()? {
@@ -392,7 +412,7 @@ async fn list_pools(State(h): St) -> Response {
     }
 }
 
-fn pool_view(
+pub fn pool_view(
     db: &dyn super::db::ServerStore,
     pool: AgentPool,
     online_within: Duration,
@@ -444,7 +464,7 @@ async fn create_pool(State(h): St, Json(b): Json<PoolBody>) -> Response {
         created_at: super::db::now(),
     };
     let db = h.queue.db().clone();
-    let online_within = h.lease * ONLINE_LEASES;
+    let online_within = h.online_within();
     match blocking(move || {
         if !db.put_pool(&pool, true)? {
             return Ok(None);
@@ -464,7 +484,7 @@ async fn create_pool(State(h): St, Json(b): Json<PoolBody>) -> Response {
 
 async fn show_pool(State(h): St, Path(name): Path<String>) -> Response {
     let db = h.queue.db().clone();
-    let online_within = h.lease * ONLINE_LEASES;
+    let online_within = h.online_within();
     let n = name.clone();
     match blocking(move || match db.pool(&n)? {
         Some(p) => pool_view(db.as_ref(), p, online_within).map(Some),
@@ -490,7 +510,7 @@ async fn update_pool(State(h): St, Path(name): Path<String>, Json(b): Json<PoolB
         return err(StatusCode::BAD_REQUEST, "a pool cannot be renamed");
     }
     let db = h.queue.db().clone();
-    let online_within = h.lease * ONLINE_LEASES;
+    let online_within = h.online_within();
     let n = name.clone();
     let r = blocking(move || {
         let Some(mut p) = db.pool(&n)? else {
@@ -782,6 +802,24 @@ async fn login(
     let Some(auth) = &h.auth else {
         return Json(json!({})).into_response();
     };
+    // Never longer than the run may last.
+    let (db, r) = (h.queue.db().clone(), run.clone());
+    let timeout = match blocking(move || {
+        let spec = match db.quick_spec(&r)? {
+            Some(q) => Some(q),
+            None => match db.run(&r)? {
+                Some(rec) => db.task(&rec.task)?,
+                None => None,
+            },
+        };
+        Ok(spec.map(|s| s.timeout_secs()))
+    })
+    .await
+    {
+        Ok(Some(t)) => t,
+        Ok(None) => return err(StatusCode::NOT_FOUND, format!("no task for run {run}")),
+        Err(r) => return r,
+    };
     use crate::auth::Permission;
     // Registry rights only, whatever was asked: a run's login never manages tasks.
     let rules = b
@@ -796,7 +834,7 @@ async fn login(
             (repo, perms)
         })
         .collect();
-    let ttl = Duration::from_secs(b.ttl_secs.clamp(60, 7 * 24 * 3600));
+    let ttl = Duration::from_secs(b.ttl_secs.clamp(60, timeout.saturating_add(60)));
     let c = auth.start_run(&run, crate::auth::Grants::Rules(rules), ttl);
     Json(json!({ "username": c.username, "password": c.password })).into_response()
 }
@@ -822,12 +860,25 @@ async fn finish(
     let (q, rec2, lease) = (h.queue.clone(), rec.clone(), b.lease.clone());
     let outcome = b.outcome;
     let status = outcome.status;
-    match blocking(move || q.complete(&rec2, &outcome, Some(&lease))).await {
+    if !status.is_final() {
+        return err(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "a run ends Succeeded, Failed, Canceled or TimedOut, not {}",
+                status.as_str()
+            ),
+        );
+    }
+    let done = blocking(move || q.complete(&rec2, &outcome, Some(&lease))).await;
+    if !matches!(done, Ok(false)) {
+        // Recorded (or it failed after the lease was let go): nothing more comes for it.
+        h.take_log(&run);
+        if let Some(a) = &h.auth {
+            a.end_run(&run);
+        }
+    }
+    match done {
         Ok(true) => {
-            h.take_log(&run);
-            if let Some(a) = &h.auth {
-                a.end_run(&run);
-            }
             tracing::info!(run = %run, status = status.as_str(), "finished on an agent");
             StatusCode::NO_CONTENT.into_response()
         }

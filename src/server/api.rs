@@ -295,6 +295,7 @@ async fn run_task(State(s): St, Path(name): Path<String>, body: Bytes) -> Result
 /// `POST /api/runs`: a run of a definition that is not stored (`acr-task run --no-wait`,
 /// as `az acr run` queues one), checked as a stored task is.
 async fn quick_run(State(s): St, Json(mut spec): Json<TaskSpec>) -> Result<Response, ApiErr> {
+    check_pool(&s, &spec)?;
     if spec.name.is_empty() {
         spec.name = QUICK_RUN_TASK.into();
     }

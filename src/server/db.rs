@@ -255,6 +255,9 @@ pub trait ServerStore: Send + Sync {
     /// Hands back every run whose lease ran out: queued again as its next attempt, or
     /// failed after `max_attempts`.
     fn expire_leases(&self, max_attempts: u32) -> Result<Vec<Expired>, DbError>;
+    /// Every lease lasts at least `lease_ms` from now (a server starting again gives its
+    /// agents the time to reach it).
+    fn extend_leases(&self, lease_ms: u64) -> Result<(), DbError>;
     /// Asks the agent running `run` to cancel it (at its next heartbeat); false if the run
     /// is not running on an agent.
     fn request_cancel(&self, run: &str) -> Result<bool, DbError>;

@@ -369,12 +369,14 @@ impl Server {
             tls: self.cfg.tls.is_some(),
             host: self.registry_host(),
             sessions: Default::default(),
+            agent_online_within: hub.online_within(),
         }));
         let scrape = metrics_router(
             Arc::new(MetricsState {
                 metrics: metrics.clone(),
                 queue,
                 store: self.registry.store().clone(),
+                agent_online_within: hub.online_within(),
             }),
             (!self.cfg.public_metrics).then(|| guard.clone()),
         );
@@ -435,6 +437,8 @@ struct MetricsState {
     metrics: Arc<crate::metrics::Metrics>,
     queue: Arc<queue::Queue>,
     store: Arc<crate::store::Store>,
+    /// Agents heard from within this count as online.
+    agent_online_within: std::time::Duration,
 }
 
 /// `GET /metrics`: behind the task API's guard (tasks/read) unless `--public-metrics`.
@@ -453,21 +457,46 @@ async fn scrape(
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
     let (db, store) = (s.queue.db().clone(), s.store.clone());
+    let online_within = s.agent_online_within;
     let read = tokio::task::spawn_blocking(move || {
         let runs = db.run_counts().map_err(|e| e.to_string())?;
         let queued = db
             .count_with_status(crate::exec::Status::Queued)
             .map_err(|e| e.to_string())?;
+        let mut pools = Vec::new();
+        for p in db.pools().map_err(|e| e.to_string())? {
+            let view =
+                agents::pool_view(db.as_ref(), p, online_within).map_err(|e| e.to_string())?;
+            let now = chrono::Utc::now();
+            pools.push(crate::metrics::PoolSnapshot {
+                pool: view.pool.name.clone(),
+                queued: view.queued,
+                running: view.running,
+                online: view.agents_online as u64,
+                agents: view
+                    .agents
+                    .iter()
+                    .map(|a| {
+                        let age = chrono::DateTime::parse_from_rfc3339(&a.agent.last_seen)
+                            .map(|t| {
+                                now.signed_duration_since(t).num_milliseconds() as f64 / 1000.0
+                            })
+                            .unwrap_or(f64::NAN);
+                        (a.agent.id.clone(), age.max(0.0))
+                    })
+                    .collect(),
+            });
+        }
         let used = store.storage_used().map_err(|e| e.to_string())?;
         let included = store
             .properties()
             .map_err(|e| e.to_string())?
             .limits()
             .storage_bytes;
-        Ok::<_, String>((runs, queued, used, included))
+        Ok::<_, String>((runs, queued, used, included, pools))
     })
     .await;
-    let (runs, queued, used, included) = match read {
+    let (runs, queued, used, included, pools) = match read {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => {
             tracing::error!(error = %e, "reading metrics");
@@ -489,6 +518,7 @@ async fn scrape(
         concurrency: concurrency as u64,
         storage_used: used,
         storage_included: included,
+        pools,
     };
     (
         [(

@@ -129,8 +129,18 @@ impl Pool {
     }
 
     async fn get(&self) -> Result<Conn, DbError> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
-        let mut guard = self.conns[i].clone().lock_owned().await;
+        // An idle connection if there is one; else wait for the next in turn.
+        let idle = self
+            .conns
+            .iter()
+            .find_map(|c| c.clone().try_lock_owned().ok());
+        let mut guard = match idle {
+            Some(g) => g,
+            None => {
+                let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
+                self.conns[i].clone().lock_owned().await
+            }
+        };
         if guard.as_ref().is_none_or(|c| c.is_closed()) {
             *guard = Some(Self::connect(&self.config).await?);
         }
@@ -150,11 +160,14 @@ impl PgServer {
     /// up to date and reads (or makes) the run-id prefix. Says what to check when the
     /// database does not answer.
     pub fn open(url: &str) -> Result<PgServer, DbError> {
-        let config: tokio_postgres::Config = url.parse().map_err(|e| {
+        let mut config: tokio_postgres::Config = url.parse().map_err(|e| {
             DbError::Postgres(format!(
                 "--database: {e} (write it as postgres://USER:PASSWORD@HOST:PORT/DATABASE)"
             ))
         })?;
+        // A database that stops answering fails calls instead of freezing the server.
+        config.connect_timeout(std::time::Duration::from_secs(10));
+        config.options("-c statement_timeout=30000 -c lock_timeout=30000");
         let rt = crate::background::OwnRuntime::new("acr-task-pg", 2)
             .map_err(|e| DbError::Postgres(format!("starting the database client: {e}")))?;
         let pool = Arc::new(Pool {
@@ -1039,6 +1052,14 @@ impl ServerStore for PgServer {
             tx.commit().await.map_err(pg)?;
             Ok(out)
         })
+    }
+
+    fn extend_leases(&self, lease_ms: u64) -> Result<(), DbError> {
+        self.execute(
+            "UPDATE runs SET lease_expires = GREATEST(lease_expires, $1) WHERE lease IS NOT NULL",
+            args![now_ms().saturating_add(lease_ms.min(i64::MAX as u64) as i64)],
+        )?;
+        Ok(())
     }
 
     fn request_cancel(&self, run: &str) -> Result<bool, DbError> {

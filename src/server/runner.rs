@@ -158,9 +158,21 @@ pub fn run_grants(task: &task::Task, registry: &str) -> crate::auth::Grants {
     for step in &task.steps {
         let images: Vec<String> = match step.kind() {
             Some(task::StepKind::Push(images)) => images.to_vec(),
-            Some(task::StepKind::Build(b)) => task::args::parse_build(b)
-                .map(|b| b.tags)
-                .unwrap_or_default(),
+            Some(task::StepKind::Build(b)) => {
+                let mut tags = task::args::parse_build(b)
+                    .map(|b| b.tags)
+                    .unwrap_or_default();
+                // `cache: enabled` pushes the step's cache image too (any task name: the
+                // repository is what is granted).
+                if step
+                    .cache
+                    .as_deref()
+                    .is_some_and(|c| c.eq_ignore_ascii_case("enabled"))
+                {
+                    tags.extend(exec::cache_ref(&tags, Some(registry), "t", &step.id));
+                }
+                tags
+            }
             Some(task::StepKind::Cmd(c)) => {
                 if let Ok(l) = task::args::parse_cmd_line(c) {
                     if crate::runtime::runner::is_acr_image(&l.image) {
@@ -316,20 +328,27 @@ pub fn validate_spec(
 /// What a definition names on the server's disk, against the policy: the local context
 /// (or `file://` git URL) and secret references.
 pub fn check_spec_paths(spec: &TaskSpec, policy: &Policy) -> Result<(), String> {
-    if !spec.context.is_empty() {
-        if spec.is_git() {
-            policy
-                .context_url(&spec.context)
-                .map_err(|e| e.to_string())?;
-        } else {
-            policy
-                .context_dir(Path::new(&spec.context))
-                .map_err(|e| e.to_string())?;
-        }
-    }
+    check_context(spec, policy)?;
     check_secret_refs(&spec.secrets, policy)?;
     check_signing_key(spec, policy)?;
     check_credentials(spec, policy)
+}
+
+/// The local context (or `file://` git URL) against the policy.
+fn check_context(spec: &TaskSpec, policy: &Policy) -> Result<(), String> {
+    if spec.context.is_empty() {
+        return Ok(());
+    }
+    if spec.is_git() {
+        policy
+            .context_url(&spec.context)
+            .map_err(|e| e.to_string())?;
+    } else {
+        policy
+            .context_dir(Path::new(&spec.context))
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 /// The signing key's reference, as one secret named `signing-key`.
@@ -661,7 +680,9 @@ fn prepare_context(
     scratch: &Path,
     policy: &Policy,
 ) -> Result<(PathBuf, Option<String>), String> {
-    check_spec_paths(spec, policy)?;
+    // Only the context: secret references were resolved (and checked) where the run's
+    // provisions were made, which for an agent's run is the server.
+    check_context(spec, policy)?;
     if spec.task_yaml.is_some() && spec.context.is_empty() {
         let dest = scratch.join("context");
         std::fs::create_dir_all(&dest).map_err(|e| format!("scratch dir: {e}"))?;
@@ -746,6 +767,9 @@ async fn run_on_docker(
     };
     let mut cfg = RunConfig::for_run(&run.id, context.clone(), max_parallel);
     cfg.platform = spec.target_platform();
+    // A stored task's name names its build cache; a quick run's is acb's `quickrun`.
+    cfg.task_name =
+        (!matches!(run.trigger, super::model::Trigger::Quick)).then(|| spec.name.clone());
     cfg.registry = Some(registry.to_string());
     let key = match &provisions.signing_key {
         None => None,

@@ -893,6 +893,14 @@ impl ServerStore for SqliteServer {
         Ok(out)
     }
 
+    fn extend_leases(&self, lease_ms: u64) -> Result<(), DbError> {
+        self.conn()?.execute(
+            "UPDATE runs SET lease_expires = MAX(lease_expires, ?1) WHERE lease IS NOT NULL",
+            params![now_ms().saturating_add(lease_ms.min(i64::MAX as u64) as i64)],
+        )?;
+        Ok(())
+    }
+
     fn request_cancel(&self, run: &str) -> Result<bool, DbError> {
         let n = self.conn()?.execute(
             "UPDATE runs SET cancel_requested=1 WHERE id=?1 AND status='Running' AND lease IS NOT NULL",

@@ -48,6 +48,8 @@ pub struct WebState {
     /// `HOST:PORT` for the pull commands.
     pub host: String,
     pub sessions: session::Sessions,
+    /// Agents heard from within this count as online.
+    pub agent_online_within: std::time::Duration,
 }
 
 type St = State<Arc<WebState>>;
@@ -74,6 +76,7 @@ pub fn router(state: Arc<WebState>) -> Router {
         .route("/ui/tasks", get(tasks_page))
         .route("/ui/tasks/{name}", get(task_page))
         .route("/ui/tasks/{name}/run", post(run_now))
+        .route("/ui/pools", get(pools_page))
         .route("/ui/registry", get(registry_page))
         .route("/ui/registry/{*repo}", get(repo_page).post(delete_tag))
         .route("/ui/assets/app.js", get(js))
@@ -747,6 +750,22 @@ async fn tasks_page(State(s): St, headers: HeaderMap) -> Result<Response, Refusa
     .await?
     .map_err(internal)?;
     Ok(html(pages::tasks(&v.chrome(), &list)))
+}
+
+async fn pools_page(State(s): St, headers: HeaderMap) -> Result<Response, Refusal> {
+    let v = viewer(&s, &headers, "/ui/pools").await?;
+    need_tasks(&v, false)?;
+    let (db, within) = (s.queue.db().clone(), s.agent_online_within);
+    let pools = blocking(move || {
+        let mut out = Vec::new();
+        for p in db.pools()? {
+            out.push(crate::server::agents::pool_view(db.as_ref(), p, within)?);
+        }
+        Ok::<_, crate::server::db::DbError>(out)
+    })
+    .await?
+    .map_err(internal)?;
+    Ok(html(pages::pools(&v.chrome(), &pools)))
 }
 
 async fn task_page(

@@ -37,6 +37,7 @@ pub fn layout(c: &Chrome, title: &str, body: Markup) -> Markup {
                         @if c.tasks {
                             a href="/" { "Runs" }
                             a href="/ui/tasks" { "Tasks" }
+                            a href="/ui/pools" { "Agent pools" }
                         }
                         @if c.registry { a href="/ui/registry" { "Registry" } }
                     }
@@ -338,6 +339,47 @@ pub fn tasks(c: &Chrome, tasks: &[(TaskSpec, Option<RunRecord>)]) -> Markup {
                             }
                         }
                         @if tasks.is_empty() { tr { td colspan="4" { "No tasks. Create one with acr-task task create." } } }
+                    }
+                }
+            }
+        },
+    )
+}
+
+pub fn pools(c: &Chrome, pools: &[crate::server::agents::PoolView]) -> Markup {
+    layout(
+        c,
+        "Agent pools",
+        html! {
+            h1 { "Agent pools" }
+            @if pools.is_empty() { p { "No agent pools. Create one with acr-task agent-pool create NAME." } }
+            @for p in pools {
+                section.pool id={ "pool-" (p.pool.name) } {
+                    h2 { (p.pool.name) }
+                    dl.facts {
+                        dt { "Runs at once" } dd { (p.pool.max_runs.map(|n| n.to_string()).unwrap_or_else(|| "no limit".into())) }
+                        dt { "Queued" } dd.queued { (p.queued) }
+                        dt { "Running" } dd.running { (p.running) }
+                        dt { "Agents online" } dd.online { (p.agents_online) }
+                    }
+                    div.scroll {
+                        table {
+                            caption.visually-hidden { "Agents of " (p.pool.name) }
+                            thead { tr { th { "Agent" } th { "Machine" } th { "State" } th { "Runs at once" } th { "Labels" } th { "Last heard from" } } }
+                            tbody {
+                                @for a in &p.agents {
+                                    tr {
+                                        td { code { (a.agent.id) } }
+                                        td { (a.agent.name) }
+                                        td { @if !a.online { "offline" } @else if a.agent.draining { "draining" } @else { "online" } }
+                                        td { (a.agent.concurrency) }
+                                        td { (a.agent.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", ")) }
+                                        td { time datetime=(a.agent.last_seen) { (a.agent.last_seen) } }
+                                    }
+                                }
+                                @if p.agents.is_empty() { tr { td colspan="6" { "No agents. Start one with acr-task agent --pool " (p.pool.name) "." } } }
+                            }
+                        }
                     }
                 }
             }
