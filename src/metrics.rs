@@ -93,6 +93,8 @@ pub struct Snapshot {
     pub queued: u64,
     pub running: u64,
     pub concurrency: u64,
+    /// This server leads the servers sharing its database (always, alone).
+    pub leader: bool,
     pub storage_used: u64,
     pub storage_included: Option<u64>,
     pub pools: Vec<PoolSnapshot>,
@@ -104,6 +106,7 @@ pub struct Metrics {
     queue_depth: Gauge,
     running: Gauge,
     concurrency: Gauge,
+    leader: Gauge,
     storage_used: Gauge,
     storage_included: Gauge,
     pool_runs: Family<PoolStatus, Gauge>,
@@ -146,6 +149,12 @@ impl Metrics {
             "run_concurrency",
             "Most runs this server runs at once",
             concurrency.clone(),
+        );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "Whether this server leads the servers sharing its database (runs timers, pollers and lease expiry): 1 or 0",
+            leader.clone(),
         );
         let storage_used = Gauge::default();
         registry.register(
@@ -238,6 +247,7 @@ impl Metrics {
             queue_depth,
             running,
             concurrency,
+            leader,
             storage_used,
             storage_included,
             pool_runs,
@@ -339,6 +349,7 @@ impl Metrics {
         self.queue_depth.set(snap.queued as i64);
         self.running.set(snap.running as i64);
         self.concurrency.set(snap.concurrency as i64);
+        self.leader.set(i64::from(snap.leader));
         self.storage_used.set(snap.storage_used as i64);
         self.storage_included
             .set(snap.storage_included.map_or(-1, |v| v as i64));

@@ -11,6 +11,7 @@
 pub mod http;
 pub mod jwt;
 pub mod password;
+pub mod postgres;
 pub mod ratelimit;
 pub mod records;
 pub mod scope;
@@ -142,9 +143,24 @@ impl Auth {
     pub fn open(dir: &Path, settings: AuthSettings) -> Result<Arc<Auth>, AuthError> {
         let store = AuthStore::open(dir)?;
         let key = jwt::load_or_create_key(dir)?;
+        Ok(Self::with(store, key, settings))
+    }
+
+    /// Over records several servers share (`serve --database`), the signing key kept
+    /// with them: a token one server issues holds on every other.
+    pub fn open_shared(
+        records: Box<dyn records::AuthRecords>,
+        settings: AuthSettings,
+    ) -> Result<Arc<Auth>, AuthError> {
+        let store = AuthStore::new(records);
+        let key = store.shared_signing_key()?;
+        Ok(Self::with(store, key, settings))
+    }
+
+    fn with(store: AuthStore, key: Vec<u8>, settings: AuthSettings) -> Arc<Auth> {
         let limiter = ratelimit::RateLimiter::new(settings.max_failures, settings.failure_window);
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        Ok(Arc::new(Auth {
+        Arc::new(Auth {
             store,
             key,
             settings,
@@ -153,7 +169,7 @@ impl Auth {
             hashing: tokio::sync::Semaphore::new(cores),
             runs: Default::default(),
             stored_anonymous_pull: Default::default(),
-        }))
+        })
     }
 
     pub fn store(&self) -> &AuthStore {

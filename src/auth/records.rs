@@ -1,8 +1,8 @@
 //! Auth's records behind one trait: settings (the admin's password hash and switch, flags),
 //! scope maps with their rules, tokens with their two password hashes. SQLite
-//! ([`super::sqlite::SqliteAuth`], `auth.db`) now; PostgreSQL later, without touching
-//! [`super::AuthStore`], which owns the rules (names, patterns, hashing, timing). Every
-//! call blocks and is one transaction.
+//! ([`super::sqlite::SqliteAuth`], `auth.db`) or PostgreSQL ([`super::postgres::PgAuth`],
+//! shared by a server's replicas), under [`super::AuthStore`], which owns the rules (names,
+//! patterns, hashing, timing). Every call blocks and is one transaction.
 
 use super::store::{ScopeMap, ScopeRule, Slot, TokenInfo};
 use super::AuthError;
@@ -16,6 +16,9 @@ pub trait AuthRecords: Send + Sync {
     fn setting(&self, key: &str) -> Result<Option<String>, AuthError>;
     /// Sets each `(key, value)`, all or none.
     fn set_settings(&self, pairs: &[(&str, &str)]) -> Result<(), AuthError>;
+    /// The setting's value, first set to `value` if it has none (one value wins however
+    /// many servers ask at once).
+    fn setting_or_insert(&self, key: &str, value: &str) -> Result<String, AuthError>;
     /// Removes these settings, all or none.
     fn delete_settings(&self, keys: &[&str]) -> Result<(), AuthError>;
 
@@ -56,6 +59,70 @@ pub trait AuthRecords: Send + Sync {
     fn token(&self, name: &str) -> Result<Option<TokenRecord>, AuthError>;
     /// Every token (no hashes), by name.
     fn tokens(&self) -> Result<Vec<TokenInfo>, AuthError>;
+}
+
+/// A scope map's rules from its (repository, action) rows in that order: one rule per
+/// repository, its actions sorted.
+pub fn rules_from_rows(
+    rows: impl IntoIterator<Item = (String, String)>,
+) -> Result<Vec<ScopeRule>, AuthError> {
+    let mut out: Vec<ScopeRule> = Vec::new();
+    for (repo, action) in rows {
+        let p: super::scope::Permission = action.parse()?;
+        match out.last_mut() {
+            Some(last) if last.repository == repo => last.actions.push(p),
+            _ => out.push(ScopeRule {
+                repository: repo,
+                actions: vec![p],
+            }),
+        }
+    }
+    for r in &mut out {
+        r.actions.sort();
+    }
+    Ok(out)
+}
+
+/// A token's columns as both backends store them.
+pub struct TokenColumns {
+    pub name: String,
+    pub scope_map: String,
+    pub enabled: bool,
+    pub expiry: Option<i64>,
+    pub created: i64,
+    /// When each password slot was set (none: empty).
+    pub set: [Option<i64>; 2],
+    pub hashes: [Option<String>; 2],
+}
+
+impl From<TokenColumns> for TokenRecord {
+    fn from(c: TokenColumns) -> TokenRecord {
+        let passwords = ["password1", "password2"]
+            .into_iter()
+            .zip(c.set)
+            .filter_map(|(name, t)| {
+                t.map(|created| super::store::PasswordInfo {
+                    name: name.into(),
+                    created,
+                })
+            })
+            .collect();
+        TokenRecord {
+            info: TokenInfo {
+                name: c.name,
+                scope_map: c.scope_map,
+                status: if c.enabled {
+                    super::store::TokenStatus::Enabled
+                } else {
+                    super::store::TokenStatus::Disabled
+                },
+                expiry: c.expiry,
+                created: c.created,
+                passwords,
+            },
+            hashes: c.hashes,
+        }
+    }
 }
 
 /// A token as stored: what is listed, and the hashes of its two password slots.

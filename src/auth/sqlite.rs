@@ -6,9 +6,8 @@ use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::records::{AuthRecords, Insert, Removal, TokenRecord};
-use super::scope::Permission;
-use super::store::{PasswordInfo, ScopeMap, ScopeRule, Slot, TokenInfo, TokenStatus};
+use super::records::{rules_from_rows, AuthRecords, Insert, Removal, TokenColumns, TokenRecord};
+use super::store::{ScopeMap, ScopeRule, Slot, TokenInfo, TokenStatus};
 use super::AuthError;
 
 /// `auth.db`'s schema, one entry per version (see [`crate::store::migrate`]).
@@ -79,22 +78,8 @@ fn rules_of(c: &Connection, name: &str) -> Result<Vec<ScopeRule>, AuthError> {
     let rows = st.query_map(params![name], |r| {
         Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
     })?;
-    let mut out: Vec<ScopeRule> = Vec::new();
-    for row in rows {
-        let (repo, action) = row?;
-        let p: Permission = action.parse()?;
-        match out.last_mut() {
-            Some(last) if last.repository == repo => last.actions.push(p),
-            _ => out.push(ScopeRule {
-                repository: repo,
-                actions: vec![p],
-            }),
-        }
-    }
-    for r in &mut out {
-        r.actions.sort();
-    }
-    Ok(out)
+    let rows: Vec<(String, String)> = rows.collect::<Result<_, _>>()?;
+    rules_from_rows(rows)
 }
 
 fn scope_map(c: &Connection, name: &str) -> Result<Option<ScopeMap>, AuthError> {
@@ -120,30 +105,16 @@ const TOKEN_COLS: &str = "name, scope_map, enabled, expiry, created, password1_c
                           password2_created, password1, password2";
 
 fn token_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRecord> {
-    let mut passwords = Vec::new();
-    for (i, name) in [(5, "password1"), (6, "password2")] {
-        if let Some(t) = r.get::<_, Option<i64>>(i)? {
-            passwords.push(PasswordInfo {
-                name: name.into(),
-                created: t,
-            });
-        }
-    }
-    Ok(TokenRecord {
-        info: TokenInfo {
-            name: r.get(0)?,
-            scope_map: r.get(1)?,
-            status: if r.get::<_, bool>(2)? {
-                TokenStatus::Enabled
-            } else {
-                TokenStatus::Disabled
-            },
-            expiry: r.get(3)?,
-            created: r.get(4)?,
-            passwords,
-        },
+    Ok(TokenColumns {
+        name: r.get(0)?,
+        scope_map: r.get(1)?,
+        enabled: r.get(2)?,
+        expiry: r.get(3)?,
+        created: r.get(4)?,
+        set: [r.get(5)?, r.get(6)?],
         hashes: [r.get(7)?, r.get(8)?],
-    })
+    }
+    .into())
 }
 
 impl AuthRecords for SqliteAuth {
@@ -173,6 +144,22 @@ impl AuthRecords for SqliteAuth {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    fn setting_or_insert(&self, key: &str, value: &str) -> Result<String, AuthError> {
+        let mut c = self.conn()?;
+        let tx = c.transaction()?;
+        tx.execute(
+            "INSERT OR IGNORE INTO settings(key, value) VALUES (?1, ?2)",
+            params![key, value],
+        )?;
+        let kept: String = tx.query_row(
+            "SELECT value FROM settings WHERE key = ?1",
+            params![key],
+            |r| r.get(0),
+        )?;
+        tx.commit()?;
+        Ok(kept)
     }
 
     fn delete_settings(&self, keys: &[&str]) -> Result<(), AuthError> {

@@ -174,6 +174,23 @@ impl AuthStore {
         AuthStore { records }
     }
 
+    /// The token signing key kept in the records (so servers sharing them sign alike),
+    /// made once from 32 random bytes.
+    pub fn shared_signing_key(&self) -> Result<Vec<u8>, AuthError> {
+        let fresh = hex::encode(super::password::random_bytes(32));
+        let kept = self
+            .records
+            .setting_or_insert("token_signing_key", &fresh)?;
+        let key = hex::decode(kept.trim()).ok();
+        match key {
+            Some(k) if k.len() >= 32 => Ok(k),
+            _ => Err(AuthError::Internal(format!(
+                "the token signing key in {} is damaged; delete its token_signing_key setting to make a new one",
+                self.location()
+            ))),
+        }
+    }
+
     /// Where the records live, for messages.
     pub fn location(&self) -> String {
         self.records.location()
@@ -470,9 +487,28 @@ mod tests {
     }
 
     /// Every records backend, fresh in `dir`: the bodies below run against each
-    /// (PostgreSQL joins this list).
+    /// (PostgreSQL when `ACR_TASK_TEST_POSTGRES` names a server).
     fn backends(dir: &Path) -> Vec<(&'static str, AuthStore)> {
-        vec![("sqlite", AuthStore::open(dir).unwrap())]
+        let mut out = vec![("sqlite", AuthStore::open(dir).unwrap())];
+        if let Ok(url) = std::env::var("ACR_TASK_TEST_POSTGRES") {
+            let db = crate::pg::fresh_database(&url).unwrap();
+            let records = crate::auth::postgres::PgAuth::open(&db).unwrap();
+            out.push(("postgres", AuthStore::new(Box::new(records))));
+        }
+        out
+    }
+
+    #[test]
+    fn a_setting_is_inserted_once_whoever_asks() {
+        let d = tempfile::tempdir().unwrap();
+        for (name, s) in backends(d.path()) {
+            assert_eq!(s.records.setting_or_insert("k", "first").unwrap(), "first");
+            assert_eq!(
+                s.records.setting_or_insert("k", "second").unwrap(),
+                "first",
+                "{name}"
+            );
+        }
     }
 
     #[test]

@@ -125,6 +125,10 @@ pub struct ServeArgs {
     /// ...and a clock that runs this many times faster than real time.
     #[arg(long, hide = true, default_value_t = 1, requires = "clock_start")]
     pub clock_rate: u32,
+    /// ...reading `--clock-start` at this real instant instead of at start-up (replicas
+    /// started apart share one clock).
+    #[arg(long, hide = true, value_name = "TIME", requires = "clock_start")]
+    pub clock_epoch: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// The sandbox policy's options, shared by `serve` and `agent` (each applies its own).
@@ -359,9 +363,10 @@ fn serve_tasks(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     cfg.ca_certs = args.ca_cert.clone();
     (cfg.limits, cfg.connections) = args.limits();
     if let Some(start) = args.clock_start {
-        cfg.clock = std::sync::Arc::new(crate::triggers::cron::ShiftedClock::new(
+        cfg.clock = std::sync::Arc::new(crate::triggers::cron::ShiftedClock::anchored(
             start,
             args.clock_rate,
+            args.clock_epoch.unwrap_or_else(chrono::Utc::now),
         ));
     }
     cfg.auth = args.auth.settings(cfg.tls.is_some());

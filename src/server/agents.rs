@@ -9,8 +9,8 @@
 //! (`tasks/write` to act as an agent: it is handed tasks' secrets, as the server's own
 //! executor is).
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
@@ -24,7 +24,7 @@ use serde_json::json;
 use super::db::{AgentPool, AgentRecord, Expired, LeaseState};
 use super::model::{RunRecord, TaskSpec};
 use super::queue::Queue;
-use super::runner::{LogFile, Outcome, Provisions, RunSink as _};
+use super::runner::{Outcome, Provisions};
 
 /// How long a claim waits for a run before answering "none" (the agent asks again).
 const CLAIM_WAIT: Duration = Duration::from_secs(20);
@@ -50,8 +50,6 @@ pub struct AgentHub {
     pub auth: Option<Arc<crate::auth::Auth>>,
     /// Content-trust answers for agents' runs.
     pub trust: Arc<dyn crate::setup::TrustCheck>,
-    /// The open log of each run an agent holds.
-    logs: Mutex<HashMap<String, Arc<LogFile>>>,
 }
 
 /// A run handed to an agent: everything it needs to run it.
@@ -232,7 +230,6 @@ impl AgentHub {
             policy,
             auth,
             trust,
-            logs: Mutex::new(HashMap::new()),
         }
     }
 
@@ -267,10 +264,14 @@ impl AgentHub {
             .with_state(self)
     }
 
-    /// Hands back the runs whose leases ran out, every second until `stop`. Leases are
-    /// first extended by one period: agents that ran on while this server was away get
-    /// the time to reach it again.
-    pub async fn expiry_loop(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+    /// Hands back the runs whose leases ran out, every second until `stop`, while this
+    /// server leads (one server looks for everyone). Leases are first extended by one
+    /// period: agents that ran on while this server was away get the time to reach it.
+    pub async fn expiry_loop(
+        self: Arc<Self>,
+        stop: tokio_util::sync::CancellationToken,
+        leading: super::leader::Leadership,
+    ) {
         let (db, ms) = (self.queue.db().clone(), self.lease_ms());
         if blocking(move || db.extend_leases(ms)).await.is_err() {
             tracing::error!("extending agents' leases at start");
@@ -281,11 +282,15 @@ impl AgentHub {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(every) => {}
             }
+            if !*leading.borrow() {
+                continue;
+            }
             let (db, max) = (self.queue.db().clone(), self.max_attempts);
             match blocking(move || db.expire_leases(max)).await {
                 Ok(expired) => {
                     for e in expired {
-                        self.handed_back(&e, "its agent stopped heartbeating");
+                        self.handed_back(&e, super::db::lapsed(e.agent.as_deref()))
+                            .await;
                     }
                 }
                 Err(_) => tracing::error!("checking agents' leases"),
@@ -294,29 +299,26 @@ impl AgentHub {
     }
 
     /// A run left its agent: said in its log, its login ended, the queue told.
-    fn handed_back(&self, e: &Expired, why: &str) {
-        let agent = e.agent.as_deref().unwrap_or("?");
-        // The log as it is (not kept open: the run's next holder opens it again).
-        let log = self.take_log(&e.run).or_else(|| {
-            LogFile::create(&self.queue.log_path(&e.run))
-                .ok()
-                .map(Arc::new)
-        });
+    async fn handed_back(&self, e: &Expired, why: &str) {
+        let holder = match e.agent.as_deref() {
+            Some(a) => format!("agent {a}"),
+            None => "a server replica".to_string(),
+        };
         let msg = if e.requeued {
             format!(
-                "attempt {} on agent {agent} ended: {why}; queued again as attempt {}",
+                "attempt {} on {holder} ended: {why}; queued again as attempt {}",
                 e.attempt,
                 e.attempt + 1
             )
         } else {
             format!(
-                "attempt {} on agent {agent} ended: {why}; no attempts left, the run failed",
+                "attempt {} on {holder} ended: {why}; no attempts left, the run failed",
                 e.attempt
             )
         };
-        tracing::warn!(run = %e.run, agent, requeued = e.requeued, "{msg}");
-        if let Some(log) = log {
-            log.line("acr-task", &msg);
+        tracing::warn!(run = %e.run, requeued = e.requeued, "{msg}");
+        if let Err(e) = self.append(&e.run, format!("acr-task | {msg}\n")).await {
+            tracing::warn!(status = %e.status(), "writing a run log");
         }
         if let Some(a) = &self.auth {
             a.end_run(&e.run);
@@ -329,21 +331,27 @@ impl AgentHub {
         }
     }
 
-    fn open_log(&self, run: &str) -> std::io::Result<Arc<LogFile>> {
-        let live = self.queue.live_runs().start(run);
-        let log = Arc::new(LogFile::create(&self.queue.log_path(run))?.with_live(live));
-        if let Ok(mut logs) = self.logs.lock() {
-            logs.insert(run.to_string(), log.clone());
+    /// Appends lines to a run's log, stored before this returns (an agent's batch is
+    /// acknowledged only once it is), and wakes the run's followers.
+    async fn append(&self, run: &str, text: String) -> Result<(), Response> {
+        if text.is_empty() {
+            return Ok(());
         }
-        Ok(log)
+        let (db, id) = (self.queue.db().clone(), run.to_string());
+        blocking(move || db.append_log(&id, text.as_bytes())).await?;
+        if let Some(l) = self.queue.live(run) {
+            l.touch();
+        }
+        Ok(())
     }
 
-    fn log(&self, run: &str) -> Option<Arc<LogFile>> {
-        self.logs.lock().ok()?.get(run).cloned()
-    }
-
-    fn take_log(&self, run: &str) -> Option<Arc<LogFile>> {
-        self.logs.lock().ok()?.remove(run)
+    /// The run's live state (steps, change counter), started if this server has none yet
+    /// (the agent's earlier batches went to another replica, or to this one before a
+    /// restart).
+    fn live(&self, run: &str) -> Arc<super::live::LiveRun> {
+        self.queue
+            .live(run)
+            .unwrap_or_else(|| self.queue.live_runs().start(run))
     }
 
     /// The run's definition and what it needs resolved; a run that cannot get them ends
@@ -360,14 +368,15 @@ impl AgentHub {
             None => db.task(&task),
         })
         .await?;
-        let log = self.open_log(&run.id).map_err(internal)?;
-        log.line(
-            "acr-task",
-            &format!(
-                "attempt {} on agent {} ({}, pool {})",
+        self.live(&run.id);
+        self.append(
+            &run.id,
+            format!(
+                "acr-task | attempt {} on agent {} ({}, pool {})\n",
                 run.attempt, agent.id, agent.name, agent.pool
             ),
-        );
+        )
+        .await?;
         let fail = |why: String| Outcome::failed(why);
         let outcome = match spec {
             None => fail(format!("task {} no longer exists", run.task)),
@@ -386,9 +395,8 @@ impl AgentHub {
             },
         };
         if let Some(e) = &outcome.error {
-            log.line("acr-task", e);
+            self.append(&run.id, format!("acr-task | {e}\n")).await?;
         }
-        self.take_log(&run.id);
         let (q, l) = (self.queue.clone(), lease.clone());
         blocking(move || q.complete(&run, &outcome, Some(&l))).await?;
         Ok(None)
@@ -772,20 +780,23 @@ async fn events(
         Ok(c) => c,
         Err(r) => return r,
     };
-    let log = match h.log(&run) {
-        Some(l) => l,
-        // The server restarted while the agent ran it: the log goes on.
-        None => match h.open_log(&run) {
-            Ok(l) => l,
-            Err(e) => return internal(e),
-        },
-    };
+    let live = h.live(&run);
+    // The batch's lines in one append, stored before the batch is acknowledged.
+    let mut text = String::new();
+    for ev in &b.events {
+        if let RunEvent::Line { who, text: line } = ev {
+            text.push_str(&format!("{who} | {line}\n"));
+        }
+    }
+    if let Err(r) = h.append(&run, text).await {
+        return r;
+    }
     for ev in b.events {
         match ev {
-            RunEvent::Line { who, text } => log.line(&who, &text),
-            RunEvent::Steps { steps } => log.steps(steps),
-            RunEvent::StepStarted { step, attempt } => log.step_started(step, attempt),
-            RunEvent::StepFinished { step, report } => log.step_finished(step, &report),
+            RunEvent::Line { .. } => {}
+            RunEvent::Steps { steps } => live.set_steps(steps),
+            RunEvent::StepStarted { step, attempt } => live.step_started(step, attempt),
+            RunEvent::StepFinished { step, report } => live.step_finished(step, &report),
         }
     }
     Json(json!({ "cancel": cancel })).into_response()
@@ -872,7 +883,6 @@ async fn finish(
     let done = blocking(move || q.complete(&rec2, &outcome, Some(&lease))).await;
     if !matches!(done, Ok(false)) {
         // Recorded (or it failed after the lease was let go): nothing more comes for it.
-        h.take_log(&run);
         if let Some(a) = &h.auth {
             a.end_run(&run);
         }
@@ -895,7 +905,7 @@ async fn release(
     let (db, r, lease, max) = (h.queue.db().clone(), run.clone(), b.lease, h.max_attempts);
     match blocking(move || db.release_lease(&r, &lease, max)).await {
         Ok(Some(e)) => {
-            h.handed_back(&e, "its agent is stopping");
+            h.handed_back(&e, "its agent is stopping").await;
             StatusCode::NO_CONTENT.into_response()
         }
         Ok(None) => lost(&run),

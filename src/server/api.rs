@@ -398,23 +398,20 @@ async fn run_logs(
     if s.queue.db().run(&id).map_err(internal)?.is_none() {
         return Err(err(StatusCode::NOT_FOUND, format!("no run {id}")));
     }
-    let path = s.queue.log_path(&id);
-    if !q.follow {
-        let text = tokio::fs::read(&path).await.unwrap_or_default();
-        return Ok(([("content-type", "text/plain; charset=utf-8")], text).into_response());
-    }
     struct Follow {
         queue: Arc<Queue>,
         id: String,
-        path: std::path::PathBuf,
         offset: u64,
+        follow: bool,
     }
     let start = Follow {
         queue: s.queue.clone(),
         id,
-        path,
         offset: 0,
+        follow: q.follow,
     };
+    // Sent in chunks as it is read (a long log is never held whole); without `follow`,
+    // what is stored now.
     let stream = futures_util::stream::unfold(start, |mut f| async move {
         loop {
             // Watch before reading, so a line written between the read and the wait wakes it.
@@ -422,15 +419,15 @@ async fn run_logs(
             if let Some(rx) = live.as_mut() {
                 rx.borrow_and_update();
             }
-            // Read the status first: if the run had finished, what is on disk now is all.
-            let finished = {
+            // Read the status first: if the run had finished, what is stored now is all.
+            let finished = !f.follow || {
                 let (db, id) = (f.queue.db().clone(), f.id.clone());
                 match tokio::task::spawn_blocking(move || db.run(&id)).await {
                     Ok(Ok(Some(r))) => r.is_finished(),
                     _ => true,
                 }
             };
-            let chunk = runner::read_log(&f.path, f.offset, 1 << 20, finished).await;
+            let chunk = f.queue.read_log(&f.id, f.offset, 1 << 20, finished).await;
             if !chunk.is_empty() {
                 f.offset += chunk.len() as u64;
                 return Some((Ok::<_, std::io::Error>(Bytes::from(chunk)), f));
@@ -438,12 +435,13 @@ async fn run_logs(
             if finished {
                 return None;
             }
-            // Woken by the run's log writer; polled while the run waits in the queue.
+            // Woken by the run's log writer; polled while the run waits in the queue (or
+            // runs on another replica).
             match live.as_mut() {
                 Some(rx) => {
                     let _ = tokio::time::timeout(Duration::from_secs(1), rx.changed()).await;
                 }
-                None => tokio::time::sleep(Duration::from_millis(100)).await,
+                None => tokio::time::sleep(Duration::from_millis(250)).await,
             }
         }
     });

@@ -17,6 +17,18 @@ pub enum DbError {
     Poisoned,
     #[error("PostgreSQL: {0}")]
     Postgres(String),
+    #[error("run log {path}: {source}")]
+    Log {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl From<crate::pg::PgError> for DbError {
+    fn from(e: crate::pg::PgError) -> DbError {
+        DbError::Postgres(e.0)
+    }
 }
 
 /// Now as the server's records write times (RFC 3339, milliseconds, UTC).
@@ -34,6 +46,15 @@ pub fn ms_to_rfc3339(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
         .unwrap_or_default()
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// Why a lease ran out, in a run's error and log: its holder was an agent, or (no agent)
+/// a server replica's own executor.
+pub fn lapsed(agent: Option<&str>) -> &'static str {
+    match agent {
+        Some(_) => "its agent stopped heartbeating",
+        None => "the server running it stopped renewing its lease",
+    }
 }
 
 /// Which runs a listing shows: newest first, after `before` (a `seq`) when continuing.
@@ -159,9 +180,10 @@ pub trait ServerStore: Send + Sync {
     fn set_registry_cursor(&self, seq: i64) -> Result<(), DbError>;
     /// `task`'s queued and running runs, oldest first.
     fn active_runs(&self, task: &str) -> Result<Vec<RunRecord>, DbError>;
-    /// Takes the oldest queued run of no agent pool and marks it Running (the server's
-    /// own executor).
-    fn claim_next(&self) -> Result<Option<RunRecord>, DbError>;
+    /// Takes the oldest queued run of no agent pool, marks it Running and leases it to
+    /// the server `holder` (its data directory's id) for `lease_ms` (renewed while it
+    /// runs; a replica that stops renewing loses it to the lease expiry, as an agent does).
+    fn claim_next(&self, holder: &str, lease_ms: u64) -> Result<Option<Claimed>, DbError>;
     /// The commit a run turned out to build (known once its context is fetched).
     fn set_commit(&self, id: &str, commit: &str) -> Result<(), DbError>;
     /// A run's end: its final status, error and report.
@@ -174,9 +196,12 @@ pub trait ServerStore: Send + Sync {
     ) -> Result<(), DbError>;
     /// Cancels a run that is still queued; false if it is not queued (any more).
     fn cancel_queued(&self, id: &str) -> Result<bool, DbError>;
-    /// Marks every Running run of no agent pool Failed (the server's own, cut off by a
-    /// stop); returns their ids. Runs leased to agents keep their leases.
-    fn fail_interrupted(&self) -> Result<Vec<String>, DbError>;
+    /// Marks the Running runs the server `holder` held before a stop (or crash) Failed;
+    /// returns their ids. One process serves a data directory, so at its start nothing
+    /// of `holder` runs any more; where one server owns the database (SQLite) that is
+    /// every running run of no agent pool. Other replicas' runs, and runs leased to
+    /// agents, keep their leases.
+    fn fail_interrupted(&self, holder: &str) -> Result<Vec<String>, DbError>;
     /// Whether `task` has a run in this status.
     fn has_run_with_status(&self, task: &str, status: Status) -> Result<bool, DbError>;
 
@@ -200,8 +225,16 @@ pub trait ServerStore: Send + Sync {
     // ---- timers and watched heads
     /// When a task's timer last fired (RFC 3339), to catch up after a stop.
     fn timer_last_fired(&self, task: &str, timer: &str) -> Result<Option<String>, DbError>;
-    /// Records a firing of a task's timer.
-    fn set_timer_fired(&self, task: &str, timer: &str, at: &str) -> Result<(), DbError>;
+    /// Records a firing of a task's timer at `at` if its last firing is still `seen`
+    /// (what the caller read); false when someone else recorded one in between, so a
+    /// firing is queued once however many servers look.
+    fn set_timer_fired(
+        &self,
+        task: &str,
+        timer: &str,
+        seen: Option<&str>,
+        at: &str,
+    ) -> Result<bool, DbError>;
     /// The last commit seen of a watched branch.
     fn head(&self, task: &str) -> Result<Option<String>, DbError>;
     /// Records the last commit seen of a watched branch.
@@ -258,7 +291,24 @@ pub trait ServerStore: Send + Sync {
     /// Every lease lasts at least `lease_ms` from now (a server starting again gives its
     /// agents the time to reach it).
     fn extend_leases(&self, lease_ms: u64) -> Result<(), DbError>;
-    /// Asks the agent running `run` to cancel it (at its next heartbeat); false if the run
-    /// is not running on an agent.
+    // ---- run logs
+    /// Appends `text` (whole lines) to a run's log.
+    fn append_log(&self, run: &str, text: &[u8]) -> Result<(), DbError>;
+    /// Up to `max` bytes of a run's log from `offset` (nothing past its end, or for a run
+    /// with no log).
+    fn read_log(&self, run: &str, offset: u64, max: u64) -> Result<Vec<u8>, DbError>;
+
+    // ---- servers sharing the database
+    /// Whether this server leads (runs timers, pollers and lease expiry for everyone):
+    /// takes the leadership if no one holds it, keeps it while held. Always true where
+    /// one server owns the database; on PostgreSQL an advisory lock held by one
+    /// connection, lost with it. Called about once a second.
+    fn try_lead(&self) -> Result<bool, DbError>;
+    /// Calls `wake` whenever another server queues, hands back or ends a run (so its
+    /// queue and waiting agents look at once instead of at their next poll). Nothing to
+    /// do where one server owns the database.
+    fn listen(&self, wake: std::sync::Arc<dyn Fn() + Send + Sync>) -> Result<(), DbError>;
+    /// Asks whoever holds `run`'s lease (an agent, or another server) to cancel it at its
+    /// next renewal; false if the run is not running under a lease.
     fn request_cancel(&self, run: &str) -> Result<bool, DbError>;
 }

@@ -2,12 +2,14 @@
 //! listener, with the persistent run queue and the triggers that feed it.
 //!
 //! Data directory layout: `registry/` (the registry's store), `server.db` (tasks, runs,
-//! deliveries, base-image index), `logs/<run>.log`, `work/` (per-run scratch).
+//! deliveries, base-image index) and `logs/<run>.log` unless `--database` holds them,
+//! `replica.id` (who holds this server's runs), `work/` (per-run scratch).
 
 pub mod agents;
 pub mod api;
 pub mod db;
 pub mod guard;
+pub mod leader;
 pub mod live;
 pub mod manage;
 pub mod model;
@@ -171,6 +173,23 @@ fn bootstrap_admin(
     Ok(made)
 }
 
+/// Where a server keeps its id: one per data directory, kept across restarts.
+const REPLICA_ID_FILE: &str = "replica.id";
+
+/// This data directory's id, made on its first start: the holder of the server's own
+/// runs in a database replicas share (a restart fails exactly its own cut-off runs).
+fn replica_id(data_dir: &std::path::Path) -> Result<String, ServerError> {
+    let path = data_dir.join(REPLICA_ID_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => Ok(id.trim().to_string()),
+        _ => {
+            let id = uuid::Uuid::new_v4().simple().to_string();
+            write_private(&path, &id)?;
+            Ok(id)
+        }
+    }
+}
+
 /// Writes `text` to `path` readable by this user only, atomically.
 fn write_private(path: &std::path::Path, text: &str) -> Result<(), ServerError> {
     use std::io::Write as _;
@@ -234,8 +253,17 @@ impl Server {
             cfg.auth.clone(),
             cfg.data_dir.clone(),
         );
+        let database = cfg.database.clone();
         let (auth, initial_admin) = tokio::task::spawn_blocking(move || {
-            let auth = crate::auth::Auth::open(&reg_dir, settings)?;
+            // Replicas sharing a database share tokens, scope maps, the admin and the
+            // signing key: a credential works on any of them.
+            let auth = match database {
+                Some(url) => crate::auth::Auth::open_shared(
+                    Box::new(crate::auth::postgres::PgAuth::open(&url)?),
+                    settings,
+                )?,
+                None => crate::auth::Auth::open(&reg_dir, settings)?,
+            };
             let made = bootstrap_admin(&auth, &data_dir)?;
             Ok::<_, ServerError>((auth, made))
         })
@@ -295,13 +323,10 @@ impl Server {
         let registry_host = self.registry_host();
         let metrics = Arc::new(crate::metrics::Metrics::new());
         let queue = Arc::new(
-            queue::Queue::new(
-                self.db.clone(),
-                self.cfg.concurrency,
-                self.cfg.data_dir.join("logs"),
-                registry_host.clone(),
-            )
-            .with_metrics(metrics.clone()),
+            queue::Queue::new(self.db.clone(), self.cfg.concurrency, registry_host.clone())
+                .with_metrics(metrics.clone())
+                .with_lease(self.cfg.agent_lease)
+                .with_holder(replica_id(&self.cfg.data_dir)?),
         );
         let exec: Arc<dyn runner::Executor> = Arc::new(
             runner::DockerExecutor::connect(
@@ -324,8 +349,14 @@ impl Server {
         // Everything that runs beside the listener, stopped together at the end.
         let background = crate::background::Background::new();
         let halt = background.token();
+        let leading = leader::start(self.db.clone(), &background).await;
+        {
+            // Another server sharing the database queued, handed back or ended a run.
+            let q = queue.clone();
+            self.db.listen(Arc::new(move || q.wake()))?;
+        }
         background.spawn_graceful(queue.clone().run_loop(exec, halt.clone()));
-        background.spawn_graceful(hub.clone().expiry_loop(halt.clone()));
+        background.spawn_graceful(hub.clone().expiry_loop(halt.clone(), leading.clone()));
         watchers::spawn_all(
             watchers::Watchers {
                 queue: queue.clone(),
@@ -335,6 +366,7 @@ impl Server {
                 halt: halt.clone(),
                 remote_poll: self.cfg.remote_poll,
                 remote: self.remote.clone(),
+                leading: leading.clone(),
             },
             &background,
         );
@@ -377,6 +409,7 @@ impl Server {
                 queue,
                 store: self.registry.store().clone(),
                 agent_online_within: hub.online_within(),
+                leading,
             }),
             (!self.cfg.public_metrics).then(|| guard.clone()),
         );
@@ -439,6 +472,7 @@ struct MetricsState {
     store: Arc<crate::store::Store>,
     /// Agents heard from within this count as online.
     agent_online_within: std::time::Duration,
+    leading: leader::Leadership,
 }
 
 /// `GET /metrics`: behind the task API's guard (tasks/read) unless `--public-metrics`.
@@ -516,6 +550,7 @@ async fn scrape(
         queued,
         running: running as u64,
         concurrency: concurrency as u64,
+        leader: *s.leading.borrow(),
         storage_used: used,
         storage_included: included,
         pools,

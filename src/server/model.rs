@@ -144,6 +144,10 @@ pub enum Trigger {
     Timer {
         name: String,
         schedule: String,
+        /// The schedule's time this run is for (RFC 3339; the latest one missed, when
+        /// several passed while no server looked).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        due: Option<String>,
     },
 }
 

@@ -8,13 +8,13 @@
 //! runtime of this store's own and the caller's thread waits for it, as it would for
 //! SQLite's file.
 
-use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use tokio::sync::{Mutex, OwnedMutexGuard};
+use tokio::sync::Mutex;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Row};
+
+use crate::pg::{args, Args, Database, PgError};
 
 use crate::exec::{RunReport, Status};
 
@@ -24,11 +24,9 @@ use super::db::{
 };
 use super::model::{RunRecord, TaskSpec};
 
-/// Connections kept (each call takes one for its transaction).
-const CONNECTIONS: usize = 4;
-
 /// Schema versions, in order; `acr_task_migrations` records those applied.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
 CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE tasks(
     name TEXT PRIMARY KEY, spec TEXT NOT NULL, created_at TEXT NOT NULL, updated_at TEXT NOT NULL);
@@ -56,19 +54,41 @@ CREATE TABLE quick_runs(run_id TEXT PRIMARY KEY, spec TEXT NOT NULL);
 CREATE TABLE agent_pools(name TEXT PRIMARY KEY, record TEXT NOT NULL);
 CREATE TABLE agents(id TEXT PRIMARY KEY, pool TEXT NOT NULL, record TEXT NOT NULL,
     last_seen BIGINT NOT NULL);
-"];
+",
+    "
+CREATE FUNCTION acr_task_runs_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('acr_task_runs', NEW.status);
+    RETURN NULL;
+END $$;
+CREATE TRIGGER runs_notify AFTER INSERT OR UPDATE OF status ON runs
+    FOR EACH ROW WHEN (NEW.status <> 'Running') EXECUTE FUNCTION acr_task_runs_notify();
+",
+    "
+CREATE TABLE run_logs(run TEXT NOT NULL, start BIGINT NOT NULL, data BYTEA NOT NULL,
+    PRIMARY KEY(run, start));
+ALTER TABLE runs ADD COLUMN holder TEXT;
+",
+];
 
-/// An advisory lock id only acr-task's migrations take ("acrtask" in ASCII).
-const MIGRATION_LOCK: i64 = 0x61_63_72_74_61_73_6b;
+/// The class of the advisory locks that make one run's log appends take turns ("log").
+const LOG_LOCK: i32 = 0x006c_6f67;
+
+/// The channel a run's change (queued, queued again, ended) is announced on; one
+/// notification per status a transaction wrote (PostgreSQL folds repeats).
+const RUNS_CHANNEL: &str = "acr_task_runs";
+
+/// The advisory lock whose holder leads the servers sharing a database ("acrlead").
+const LEADER_LOCK: i64 = 0x0061_6372_6c65_6164;
+
+/// How long the leader's check of its own connection may take before it steps down.
+const LEADER_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
 
 const RUN_COLS: &str = "seq, id, task, status, trigger, commit_sha, branch, queued_at, \
                         started_at, finished_at, error, report, pool, agent, attempt";
 
 fn pg(e: tokio_postgres::Error) -> DbError {
-    DbError::Postgres(match e.as_db_error() {
-        Some(d) => format!("{} ({})", d.message(), d.code().code()),
-        None => e.to_string(),
-    })
+    PgError::from(e).into()
 }
 
 fn run_from_row(r: &Row) -> Result<RunRecord, DbError> {
@@ -99,60 +119,19 @@ fn runs_from(rows: &[Row]) -> Result<Vec<RunRecord>, DbError> {
     rows.iter().map(run_from_row).collect()
 }
 
-/// A few connections, each used by one call at a time, made again when one breaks.
-struct Pool {
-    config: tokio_postgres::Config,
-    conns: Vec<Arc<Mutex<Option<Client>>>>,
-    next: AtomicUsize,
-}
-
-/// One connection, held for a call.
-struct Conn(OwnedMutexGuard<Option<Client>>);
-
-impl Conn {
-    fn client(&mut self) -> Result<&mut Client, DbError> {
-        self.0
-            .as_mut()
-            .ok_or_else(|| DbError::Postgres("not connected".into()))
-    }
-}
-
-impl Pool {
-    async fn connect(config: &tokio_postgres::Config) -> Result<Client, DbError> {
-        let (client, connection) = config.connect(NoTls).await.map_err(pg)?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::warn!(error = %e, "PostgreSQL connection ended");
-            }
-        });
-        Ok(client)
-    }
-
-    async fn get(&self) -> Result<Conn, DbError> {
-        // An idle connection if there is one; else wait for the next in turn.
-        let idle = self
-            .conns
-            .iter()
-            .find_map(|c| c.clone().try_lock_owned().ok());
-        let mut guard = match idle {
-            Some(g) => g,
-            None => {
-                let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
-                self.conns[i].clone().lock_owned().await
-            }
-        };
-        if guard.as_ref().is_none_or(|c| c.is_closed()) {
-            *guard = Some(Self::connect(&self.config).await?);
-        }
-        Ok(Conn(guard))
-    }
-}
-
 /// [`ServerStore`] in a PostgreSQL database.
 pub struct PgServer {
-    rt: crate::background::OwnRuntime,
-    pool: Arc<Pool>,
+    db: Database,
     prefix: String,
+    /// The connection that holds (or tries for) the leader's advisory lock: a session
+    /// lock lives and dies with its connection.
+    leader: Arc<Mutex<Leader>>,
+}
+
+#[derive(Default)]
+struct Leader {
+    client: Option<Client>,
+    holding: bool,
 }
 
 impl PgServer {
@@ -160,32 +139,16 @@ impl PgServer {
     /// up to date and reads (or makes) the run-id prefix. Says what to check when the
     /// database does not answer.
     pub fn open(url: &str) -> Result<PgServer, DbError> {
-        let mut config: tokio_postgres::Config = url.parse().map_err(|e| {
-            DbError::Postgres(format!(
-                "--database: {e} (write it as postgres://USER:PASSWORD@HOST:PORT/DATABASE)"
-            ))
-        })?;
-        // A database that stops answering fails calls instead of freezing the server.
-        config.connect_timeout(std::time::Duration::from_secs(10));
-        config.options("-c statement_timeout=30000 -c lock_timeout=30000");
-        let rt = crate::background::OwnRuntime::new("acr-task-pg", 2)
-            .map_err(|e| DbError::Postgres(format!("starting the database client: {e}")))?;
-        let pool = Arc::new(Pool {
-            config,
-            conns: (0..CONNECTIONS)
-                .map(|_| Arc::new(Mutex::new(None)))
-                .collect(),
-            next: AtomicUsize::new(0),
-        });
+        let db = Database::new(url, "acr-task-pg")?;
         let mut store = PgServer {
-            rt,
-            pool,
+            db,
             prefix: String::new(),
+            leader: Default::default(),
         };
         store.prefix = store
             .call(|mut c| async move {
                 let c = c.client()?;
-                migrate(c).await?;
+                crate::pg::migrate(c, "acr_task_migrations", MIGRATIONS).await?;
                 run_prefix(c).await
             })
             .map_err(|e| match e {
@@ -197,86 +160,25 @@ impl PgServer {
         Ok(store)
     }
 
-    /// Runs `f` with a connection on this store's runtime and waits for it.
+    /// Runs `f` with a connection and waits for it.
     fn call<T, F, Fut>(&self, f: F) -> Result<T, DbError>
     where
         T: Send + 'static,
-        F: FnOnce(Conn) -> Fut + Send + 'static,
-        Fut: Future<Output = Result<T, DbError>> + Send,
+        F: FnOnce(crate::pg::Conn) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<T, DbError>> + Send,
     {
-        let pool = self.pool.clone();
-        self.rt
-            .wait(async move { f(pool.get().await?).await })
-            .ok_or_else(|| DbError::Postgres("the database client stopped".into()))?
+        self.db.call(f)
     }
 
     /// Runs one statement; the rows it returns.
-    fn query(
-        &self,
-        sql: &'static str,
-        args: Vec<Box<dyn ToSql + Sync + Send>>,
-    ) -> Result<Vec<Row>, DbError> {
-        self.call(move |mut c| async move {
-            let refs: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a.as_ref() as _).collect();
-            c.client()?.query(sql, &refs).await.map_err(pg)
-        })
+    fn query(&self, sql: &'static str, args: Args) -> Result<Vec<Row>, DbError> {
+        Ok(self.db.query(sql, args)?)
     }
 
     /// Runs one statement; how many rows it changed.
-    fn execute(
-        &self,
-        sql: &'static str,
-        args: Vec<Box<dyn ToSql + Sync + Send>>,
-    ) -> Result<u64, DbError> {
-        self.call(move |mut c| async move {
-            let refs: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a.as_ref() as _).collect();
-            c.client()?.execute(sql, &refs).await.map_err(pg)
-        })
+    fn execute(&self, sql: &'static str, args: Args) -> Result<u64, DbError> {
+        Ok(self.db.execute(sql, args)?)
     }
-}
-
-/// Boxes statement arguments.
-macro_rules! args {
-    ($($a:expr),* $(,)?) => {
-        vec![$(Box::new($a) as Box<dyn ToSql + Sync + Send>),*]
-    };
-}
-
-async fn migrate(c: &mut Client) -> Result<(), DbError> {
-    let tx = c.transaction().await.map_err(pg)?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-        .await
-        .map_err(pg)?;
-    tx.batch_execute(
-        "CREATE TABLE IF NOT EXISTS acr_task_migrations(version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)",
-    )
-    .await
-    .map_err(pg)?;
-    let applied: i32 = tx
-        .query_one(
-            "SELECT COALESCE(MAX(version), 0) FROM acr_task_migrations",
-            &[],
-        )
-        .await
-        .map_err(pg)?
-        .get(0);
-    let known = MIGRATIONS.len() as i32;
-    if applied > known {
-        return Err(DbError::Postgres(format!(
-            "the database has schema version {applied}, newer than this acr-task knows \
-             ({known}): use the acr-task that made it, or a newer one"
-        )));
-    }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied as usize) {
-        tx.batch_execute(sql).await.map_err(pg)?;
-        tx.execute(
-            "INSERT INTO acr_task_migrations(version, applied_at) VALUES($1, $2)",
-            &[&(i as i32 + 1), &now()],
-        )
-        .await
-        .map_err(pg)?;
-    }
-    tx.commit().await.map_err(pg)
 }
 
 /// The database's run-id prefix (made once, like SQLite's).
@@ -296,6 +198,48 @@ async fn run_prefix(c: &mut Client) -> Result<String, DbError> {
         .await
         .map_err(pg)?;
     Ok(row.get(0))
+}
+
+/// Listens on [`RUNS_CHANNEL`] on a connection of its own, calling `wake` for every
+/// notification (and once on connecting: what happened while away is looked at too);
+/// returns when the connection ends.
+async fn listen_once(
+    config: &tokio_postgres::Config,
+    wake: &Arc<dyn Fn() + Send + Sync>,
+) -> Result<(), DbError> {
+    use futures_util::StreamExt as _;
+    let (client, mut connection) = config.connect(NoTls).await.map_err(pg)?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let drive = tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(m) = messages.next().await {
+            match m {
+                Ok(tokio_postgres::AsyncMessage::Notification(_)) => {
+                    if tx.send(()).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "run-change listener's connection");
+                    return;
+                }
+            }
+        }
+    });
+    let listened = client
+        .batch_execute(&format!("LISTEN {RUNS_CHANNEL}"))
+        .await
+        .map_err(pg);
+    if let Err(e) = listened {
+        drive.abort();
+        return Err(e);
+    }
+    wake();
+    while rx.recv().await.is_some() {
+        wake();
+    }
+    Ok(())
 }
 
 /// A leased run back to the queue as its next attempt, or ended after the last one (or
@@ -573,16 +517,25 @@ impl ServerStore for PgServer {
         )?)
     }
 
-    fn claim_next(&self) -> Result<Option<RunRecord>, DbError> {
+    fn claim_next(&self, holder: &str, lease_ms: u64) -> Result<Option<Claimed>, DbError> {
+        let lease = uuid::Uuid::new_v4().simple().to_string();
+        let expires = now_ms().saturating_add(lease_ms.min(i64::MAX as u64) as i64);
         let rows = self.query(
-            "UPDATE runs SET status='Running', started_at=$1 WHERE seq = (
+            "UPDATE runs SET status='Running', started_at=$1, lease=$2, lease_expires=$3,
+                 cancel_requested=FALSE, holder=$4 WHERE seq = (
                  SELECT seq FROM runs WHERE status='Queued' AND pool IS NULL
                  ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED)
              RETURNING seq, id, task, status, trigger, commit_sha, branch, queued_at, started_at,
                  finished_at, error, report, pool, agent, attempt",
-            args![now()],
+            args![now(), lease.clone(), expires, holder.to_string()],
         )?;
-        rows.first().map(run_from_row).transpose()
+        Ok(match rows.first() {
+            Some(r) => Some(Claimed {
+                run: run_from_row(r)?,
+                lease,
+            }),
+            None => None,
+        })
     }
 
     fn set_commit(&self, id: &str, commit: &str) -> Result<(), DbError> {
@@ -624,11 +577,13 @@ impl ServerStore for PgServer {
         Ok(n == 1)
     }
 
-    fn fail_interrupted(&self) -> Result<Vec<String>, DbError> {
+    fn fail_interrupted(&self, holder: &str) -> Result<Vec<String>, DbError> {
         let rows = self.query(
             "UPDATE runs SET status='Failed', error='interrupted by a restart of serve',
-             finished_at=$1 WHERE status='Running' AND pool IS NULL RETURNING id, seq",
-            args![now()],
+             finished_at=$1, lease=NULL, lease_expires=NULL
+             WHERE status='Running' AND pool IS NULL AND (holder=$2 OR lease IS NULL)
+             RETURNING id, seq",
+            args![now(), holder.to_string()],
         )?;
         let mut ids: Vec<(i64, String)> = rows.iter().map(|r| (r.get(1), r.get(0))).collect();
         ids.sort();
@@ -720,13 +675,26 @@ impl ServerStore for PgServer {
             .map(|r| r.get(0)))
     }
 
-    fn set_timer_fired(&self, task: &str, timer: &str, at: &str) -> Result<(), DbError> {
-        self.execute(
-            "INSERT INTO timers(task, timer, last_fired) VALUES($1,$2,$3)
-             ON CONFLICT (task, timer) DO UPDATE SET last_fired = excluded.last_fired",
-            args![task.to_string(), timer.to_string(), at.to_string()],
-        )?;
-        Ok(())
+    fn set_timer_fired(
+        &self,
+        task: &str,
+        timer: &str,
+        seen: Option<&str>,
+        at: &str,
+    ) -> Result<bool, DbError> {
+        let (task, timer, at) = (task.to_string(), timer.to_string(), at.to_string());
+        let n = match seen {
+            None => self.execute(
+                "INSERT INTO timers(task, timer, last_fired) VALUES($1,$2,$3)
+                 ON CONFLICT (task, timer) DO NOTHING",
+                args![task, timer, at],
+            )?,
+            Some(seen) => self.execute(
+                "UPDATE timers SET last_fired=$3 WHERE task=$1 AND timer=$2 AND last_fired=$4",
+                args![task, timer, at, seen.to_string()],
+            )?,
+        };
+        Ok(n == 1)
     }
 
     fn head(&self, task: &str) -> Result<Option<String>, DbError> {
@@ -1035,19 +1003,9 @@ impl ServerStore for PgServer {
                 .map_err(pg)?;
             let mut out = Vec::new();
             for r in &rows {
-                let id: String = r.get(0);
-                out.push(
-                    hand_back(
-                        &tx,
-                        &id,
-                        r.get(1),
-                        r.get(2),
-                        r.get(3),
-                        max_attempts,
-                        "its agent stopped heartbeating",
-                    )
-                    .await?,
-                );
+                let (id, agent): (String, Option<String>) = (r.get(0), r.get(1));
+                let why = super::db::lapsed(agent.as_deref());
+                out.push(hand_back(&tx, &id, agent, r.get(2), r.get(3), max_attempts, why).await?);
             }
             tx.commit().await.map_err(pg)?;
             Ok(out)
@@ -1059,6 +1017,127 @@ impl ServerStore for PgServer {
             "UPDATE runs SET lease_expires = GREATEST(lease_expires, $1) WHERE lease IS NOT NULL",
             args![now_ms().saturating_add(lease_ms.min(i64::MAX as u64) as i64)],
         )?;
+        Ok(())
+    }
+
+    fn append_log(&self, run: &str, text: &[u8]) -> Result<(), DbError> {
+        if text.is_empty() {
+            return Ok(());
+        }
+        let (run, text) = (run.to_string(), text.to_vec());
+        self.call(move |mut c| async move {
+            let tx = c.client()?.transaction().await.map_err(pg)?;
+            // Appends to one run's log take turns (an agent's batches may arrive at two
+            // replicas); each is one chunk, at the log's end.
+            tx.execute(
+                "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+                &[&LOG_LOCK, &run],
+            )
+            .await
+            .map_err(pg)?;
+            tx.execute(
+                "INSERT INTO run_logs(run, start, data)
+                 SELECT $1, COALESCE(MAX(start + length(data)), 0), $2 FROM run_logs
+                 WHERE run = $1",
+                &[&run, &text],
+            )
+            .await
+            .map_err(pg)?;
+            tx.commit().await.map_err(pg)
+        })
+    }
+
+    fn read_log(&self, run: &str, offset: u64, max: u64) -> Result<Vec<u8>, DbError> {
+        let (from, max) = (
+            offset.min(i64::MAX as u64) as i64,
+            max.min(i64::MAX as u64) as i64,
+        );
+        let rows = self.query(
+            "SELECT start, data FROM run_logs
+             WHERE run = $1 AND start + length(data) > $2 AND start < $2 + $3 ORDER BY start",
+            args![run.to_string(), from, max],
+        )?;
+        let mut out = Vec::new();
+        for r in &rows {
+            let (start, data): (i64, Vec<u8>) = (r.get(0), r.get(1));
+            let skip = (from - start).clamp(0, data.len() as i64) as usize;
+            out.extend_from_slice(&data[skip..]);
+            if out.len() as i64 >= max {
+                break;
+            }
+        }
+        out.truncate(max as usize);
+        Ok(out)
+    }
+
+    fn try_lead(&self) -> Result<bool, DbError> {
+        let (slot, config) = (self.leader.clone(), self.db.config().clone());
+        self.db.wait(async move {
+            let mut l = slot.lock().await;
+            if l.client.as_ref().is_some_and(|c| c.is_closed()) {
+                *l = Leader::default();
+            }
+            let client = match l.client.take() {
+                Some(c) => c,
+                None => {
+                    let mut config = config;
+                    // The database notices a leader that vanished (and frees its
+                    // lock for the next) within about ten seconds, not hours.
+                    config.options(
+                        "-c statement_timeout=5000 -c tcp_keepalives_idle=5 \
+                             -c tcp_keepalives_interval=2 -c tcp_keepalives_count=3",
+                    );
+                    crate::pg::connect(&config).await?
+                }
+            };
+            let ask = if l.holding {
+                "SELECT TRUE"
+            } else {
+                "SELECT pg_try_advisory_lock($1)"
+            };
+            let answer = if l.holding {
+                tokio::time::timeout(LEADER_CHECK, client.query_one(ask, &[])).await
+            } else {
+                tokio::time::timeout(LEADER_CHECK, client.query_one(ask, &[&LEADER_LOCK])).await
+            };
+            match answer {
+                Ok(Ok(row)) => {
+                    l.holding = row.get(0);
+                    l.client = Some(client);
+                    Ok(l.holding)
+                }
+                // A connection that does not answer is dropped with the lock it held:
+                // this server steps down rather than lead without knowing.
+                Ok(Err(e)) => {
+                    *l = Leader::default();
+                    Err(pg(e))
+                }
+                Err(_) => {
+                    *l = Leader::default();
+                    Err(DbError::Postgres(
+                        "the leader's connection did not answer in time".into(),
+                    ))
+                }
+            }
+        })?
+    }
+
+    fn listen(&self, wake: Arc<dyn Fn() + Send + Sync>) -> Result<(), DbError> {
+        let config = self.db.config().clone();
+        self.db.spawn(async move {
+            let mut warned = false;
+            loop {
+                match listen_once(&config, &wake).await {
+                    Ok(()) => warned = false,
+                    Err(e) if !warned => {
+                        tracing::warn!(error = %e, "listening for run changes (polling meanwhile)");
+                        warned = true;
+                    }
+                    Err(_) => {}
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        });
         Ok(())
     }
 
@@ -1075,19 +1154,5 @@ impl ServerStore for PgServer {
 /// For tests: a new, empty database beside the one `url` names; its URL.
 #[cfg(test)]
 pub fn fresh_database(url: &str) -> Result<String, DbError> {
-    let config: tokio_postgres::Config =
-        url.parse().map_err(|e| DbError::Postgres(format!("{e}")))?;
-    let name = format!("t{}", uuid::Uuid::new_v4().simple());
-    let rt = crate::background::OwnRuntime::new("acr-task-pg-test", 1)
-        .map_err(|e| DbError::Postgres(e.to_string()))?;
-    let n = name.clone();
-    rt.wait(async move {
-        let c = Pool::connect(&config).await?;
-        c.batch_execute(&format!("CREATE DATABASE {n}"))
-            .await
-            .map_err(pg)
-    })
-    .ok_or_else(|| DbError::Postgres("stopped".into()))??;
-    let (base, _) = url.rsplit_once('/').unwrap_or((url, ""));
-    Ok(format!("{base}/{name}"))
+    Ok(crate::pg::fresh_database(url)?)
 }

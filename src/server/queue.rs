@@ -2,24 +2,31 @@
 //! `concurrency` of them run at once, oldest first.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::db::{DbError, NewRun, ServerStore};
+use super::db::{DbError, LeaseState, NewRun, ServerStore};
 use super::model::RunRecord;
-use super::runner::{Executor, Job, LogFile, Outcome, RunSink as _};
+use super::runner::{Executor, Job, Outcome, RunLog, RunSink as _};
 use crate::exec::Status;
+
+/// How often the queue is looked at without being woken (runs another server queued
+/// while its notice did not arrive).
+const QUEUE_POLL: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub struct Queue {
     db: Arc<dyn ServerStore>,
     notify: Notify,
     concurrency: usize,
-    logs_dir: PathBuf,
     registry: String,
-    running: Mutex<HashMap<String, CancellationToken>>,
+    /// This server's own running runs: how to stop each, and its lease.
+    running: Mutex<HashMap<String, Held>>,
+    /// How long a lease on one of its own runs lasts without renewal.
+    lease: std::time::Duration,
+    /// Who holds this server's runs: its data directory's id (the same after a restart).
+    holder: String,
     /// Called with every finished run (the base-image index listens here).
     finished: tokio::sync::broadcast::Sender<RunRecord>,
     /// Running runs' steps and change counters (the page and log followers watch them).
@@ -27,6 +34,14 @@ pub struct Queue {
     /// Wakes watchers of the runs list on every enqueue and finish.
     changes: tokio::sync::watch::Sender<u64>,
     metrics: Option<Arc<crate::metrics::Metrics>>,
+}
+
+/// A run this server's executor holds.
+struct Held {
+    cancel: CancellationToken,
+    lease: String,
+    /// When the lease was last renewed (or taken).
+    renewed: std::time::Instant,
 }
 
 /// What `cancel` did.
@@ -42,20 +57,16 @@ pub enum Cancel {
 }
 
 impl Queue {
-    pub fn new(
-        db: Arc<dyn ServerStore>,
-        concurrency: usize,
-        logs_dir: PathBuf,
-        registry: String,
-    ) -> Queue {
+    pub fn new(db: Arc<dyn ServerStore>, concurrency: usize, registry: String) -> Queue {
         let (finished, _) = tokio::sync::broadcast::channel(256);
         Queue {
             db,
             notify: Notify::new(),
             concurrency: concurrency.max(1),
-            logs_dir,
             registry,
             running: Mutex::new(HashMap::new()),
+            lease: std::time::Duration::from_secs(30),
+            holder: "local".into(),
             finished,
             live: Default::default(),
             changes: tokio::sync::watch::channel(0).0,
@@ -67,6 +78,29 @@ impl Queue {
     pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Queue {
         self.metrics = Some(metrics);
         self
+    }
+
+    /// Leases this server's own runs for `lease` at a time (renewed while they run).
+    pub fn with_lease(mut self, lease: std::time::Duration) -> Queue {
+        self.lease = lease.max(std::time::Duration::from_secs(1));
+        self
+    }
+
+    /// Holds its runs as `holder` (the data directory's id), which a restart on the same
+    /// directory fails at once (nothing of its earlier process runs any more).
+    pub fn with_holder(mut self, holder: String) -> Queue {
+        self.holder = holder;
+        self
+    }
+
+    fn lease_ms(&self) -> u64 {
+        self.lease.as_millis().min(u128::from(u64::MAX)) as u64
+    }
+
+    /// Wakes the scheduler and everyone watching the runs (another server changed them).
+    pub fn wake(&self) {
+        self.notify.notify_one();
+        self.changed();
     }
 
     /// What running runs are doing (runs on agents included).
@@ -99,8 +133,9 @@ impl Queue {
         &self.db
     }
 
-    pub fn log_path(&self, run_id: &str) -> PathBuf {
-        self.logs_dir.join(format!("{run_id}.log"))
+    /// Up to `max` bytes of a run's log from `offset` (whole lines unless it `ended`).
+    pub async fn read_log(&self, run: &str, offset: u64, max: u64, ended: bool) -> Vec<u8> {
+        super::runner::read_log(&self.db, run, offset, max, ended).await
     }
 
     pub fn subscribe_finished(&self) -> tokio::sync::broadcast::Receiver<RunRecord> {
@@ -135,7 +170,7 @@ impl Queue {
         }
         if let Ok(running) = self.running.lock() {
             if let Some(t) = running.get(id) {
-                t.cancel();
+                t.cancel.cancel();
                 return Ok(Cancel::Signalled);
             }
         }
@@ -153,34 +188,45 @@ impl Queue {
 
     /// Marks runs cut off by a crash Failed and removes their Docker resources.
     pub async fn recover(&self, exec: &dyn Executor) -> Result<Vec<String>, DbError> {
-        let ids = self.db.fail_interrupted()?;
+        let ids = self.db.fail_interrupted(&self.holder)?;
         for id in &ids {
             tracing::warn!(run = %id, "run was interrupted by a restart; marked Failed");
-            if let Ok(log) = LogFile::create(&self.log_path(id)) {
-                log.line("acr-task", "interrupted by a restart of serve");
-            }
+            let log = RunLog::open(self.db.clone(), id);
+            log.line("acr-task", "interrupted by a restart of serve");
+            log.close().await;
             exec.cleanup(id).await;
         }
         Ok(ids)
     }
 
     /// Runs queued runs until `stop`; then cancels running ones and waits for them.
+    /// Looks at the queue when woken (a run queued here, or another server's notice) and
+    /// every few seconds besides, for runs another server queued while its notice was lost.
     pub async fn run_loop(self: Arc<Self>, exec: Arc<dyn Executor>, stop: CancellationToken) {
         let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
         let mut active = 0usize;
+        let renewals = tokio::spawn(self.clone().renew_loop(stop.clone()));
         loop {
             while active < self.concurrency {
-                match self.db.claim_next() {
-                    Ok(Some(rec)) => {
+                match self.db.claim_next(&self.holder, self.lease_ms()) {
+                    Ok(Some(claimed)) => {
                         active += 1;
                         // Registered before the task starts so that a cancel never misses it.
                         let cancel = CancellationToken::new();
                         if let Ok(mut running) = self.running.lock() {
-                            running.insert(rec.id.clone(), cancel.clone());
+                            running.insert(
+                                claimed.run.id.clone(),
+                                Held {
+                                    cancel: cancel.clone(),
+                                    lease: claimed.lease.clone(),
+                                    renewed: std::time::Instant::now(),
+                                },
+                            );
                         }
                         let (q, ex, done) = (self.clone(), exec.clone(), done_tx.clone());
                         tokio::spawn(async move {
-                            q.run_one(rec, cancel, ex.as_ref()).await;
+                            q.run_one(claimed.run, &claimed.lease, cancel, ex.as_ref())
+                                .await;
                             let _ = done.send(());
                         });
                     }
@@ -194,12 +240,13 @@ impl Queue {
             tokio::select! {
                 _ = self.notify.notified() => {}
                 Some(()) = done_rx.recv() => active -= 1,
+                _ = tokio::time::sleep(QUEUE_POLL) => {}
                 _ = stop.cancelled() => break,
             }
         }
         if let Ok(running) = self.running.lock() {
             for t in running.values() {
-                t.cancel();
+                t.cancel.cancel();
             }
         }
         while active > 0 {
@@ -208,9 +255,69 @@ impl Queue {
             }
             active -= 1;
         }
+        renewals.abort();
     }
 
-    async fn run_one(&self, rec: RunRecord, cancel: CancellationToken, exec: &dyn Executor) {
+    /// Renews the leases of this server's running runs a few times a lease. A run whose
+    /// lease is gone (it expired and another server took the run) or that someone asked
+    /// to cancel is cancelled; so is one whose lease could not be renewed for a whole
+    /// period (the database is away: someone else may have it by now).
+    async fn renew_loop(self: Arc<Self>, stop: CancellationToken) {
+        let every = (self.lease / 3).clamp(
+            std::time::Duration::from_millis(200),
+            std::time::Duration::from_secs(10),
+        );
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            let held: Vec<(String, String)> = match self.running.lock() {
+                Ok(r) => r
+                    .iter()
+                    .map(|(id, h)| (id.clone(), h.lease.clone()))
+                    .collect(),
+                Err(_) => return,
+            };
+            for (id, lease) in held {
+                let (db, run, l, ms) = (self.db.clone(), id.clone(), lease, self.lease_ms());
+                let state = tokio::task::spawn_blocking(move || db.renew_lease(&run, &l, ms))
+                    .await
+                    .unwrap_or_else(|e| Err(DbError::Postgres(e.to_string())));
+                let Ok(mut running) = self.running.lock() else {
+                    return;
+                };
+                let Some(h) = running.get_mut(&id) else {
+                    continue;
+                };
+                match state {
+                    Ok(LeaseState::Held { cancel }) => {
+                        h.renewed = std::time::Instant::now();
+                        if cancel {
+                            h.cancel.cancel();
+                        }
+                    }
+                    Ok(LeaseState::Lost) => {
+                        tracing::warn!(run = %id, "lease lost (it ran out and the run was handed on); stopping here");
+                        h.cancel.cancel();
+                    }
+                    Err(e) if h.renewed.elapsed() >= self.lease => {
+                        tracing::warn!(run = %id, error = %e, "lease not renewed for a whole period; stopping the run");
+                        h.cancel.cancel();
+                    }
+                    Err(e) => tracing::warn!(run = %id, error = %e, "renewing a lease"),
+                }
+            }
+        }
+    }
+
+    async fn run_one(
+        &self,
+        rec: RunRecord,
+        lease: &str,
+        cancel: CancellationToken,
+        exec: &dyn Executor,
+    ) {
         tracing::info!(run = %rec.id, task = %rec.task, "started");
         let live = self.live.start(&rec.id);
         self.changed();
@@ -220,27 +327,27 @@ impl Queue {
             Err(e) => Err(e),
         };
         let outcome = match spec {
-            Ok(Some(spec)) => match LogFile::create(&self.log_path(&rec.id)) {
-                Ok(log) => {
-                    let log = Arc::new(log.with_live(live));
-                    let job = Job {
-                        run: rec.clone(),
-                        spec,
-                        registry: self.registry.clone(),
-                        log,
-                        cancel,
-                    };
-                    exec.run(job).await
-                }
-                Err(e) => failed(format!("creating the run log: {e}")),
-            },
+            Ok(Some(spec)) => {
+                let log = Arc::new(RunLog::with_live(self.db.clone(), &rec.id, live));
+                let job = Job {
+                    run: rec.clone(),
+                    spec,
+                    registry: self.registry.clone(),
+                    log: log.clone(),
+                    cancel,
+                };
+                let outcome = exec.run(job).await;
+                // Every line is stored before the run shows as ended.
+                log.close().await;
+                outcome
+            }
             Ok(None) => failed(format!("task {} no longer exists", rec.task)),
             Err(e) => failed(e.to_string()),
         };
         if let Ok(mut running) = self.running.lock() {
             running.remove(&rec.id);
         }
-        if let Err(e) = self.complete(&rec, &outcome, None) {
+        if let Err(e) = self.complete(&rec, &outcome, Some(lease)) {
             tracing::error!(run = %rec.id, error = %e, "recording the outcome");
         }
     }

@@ -3,7 +3,6 @@
 //! recording its log. The setup `acr-task run` shares is in [`crate::setup`].
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -11,6 +10,7 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
+use super::db::ServerStore;
 use super::model::{RunRecord, TaskSpec, DEFAULT_FILE};
 use crate::exec::{self, Event, RunConfig, RunReport, Status};
 use crate::plan::Plan;
@@ -372,27 +372,6 @@ fn check_signing_key(spec: &TaskSpec, policy: &Policy) -> Result<(), String> {
     check_secret_refs(&signing_key_ref(spec), policy)
 }
 
-/// Up to `max` bytes of a run's log from `offset`, ending at a line's end (a line being
-/// written is sent whole, later) unless the run has `ended` or one line is longer than `max`.
-pub async fn read_log(path: &Path, offset: u64, max: u64, ended: bool) -> Vec<u8> {
-    use tokio::io::{AsyncReadExt, AsyncSeekExt};
-    let Ok(mut f) = tokio::fs::File::open(path).await else {
-        return Vec::new();
-    };
-    if f.seek(std::io::SeekFrom::Start(offset)).await.is_err() {
-        return Vec::new();
-    }
-    let mut buf = Vec::new();
-    let _ = f.take(max).read_to_end(&mut buf).await;
-    if !ended && (buf.len() as u64) < max {
-        match buf.iter().rposition(|b| *b == b'\n') {
-            Some(i) => buf.truncate(i + 1),
-            None => buf.clear(),
-        }
-    }
-    buf
-}
-
 /// Where a run's log lines and step changes go: the server's log file and live state,
 /// or, on an agent, the server over HTTP.
 pub trait RunSink: Send + Sync {
@@ -403,42 +382,121 @@ pub trait RunSink: Send + Sync {
     fn step_finished(&self, _step: usize, _report: &crate::exec::StepReport) {}
 }
 
-/// A run's log file, appended one line at a time (readers follow it while it grows), and
-/// the run's live state, which every line wakes.
-#[derive(Clone)]
-pub struct LogFile {
-    file: Arc<Mutex<std::fs::File>>,
+/// A run's log as it is written: lines go to the server's store ([`ServerStore::append_log`])
+/// in order, by a writer task that appends what has gathered since its last append (a
+/// chatty step costs one store call per batch, not per line); each append wakes the run's
+/// live state. [`RunLog::close`] waits until every line is stored.
+pub struct RunLog {
+    tx: Mutex<Option<tokio::sync::mpsc::UnboundedSender<Vec<u8>>>>,
+    writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
     live: Option<Arc<super::live::LiveRun>>,
 }
 
-impl LogFile {
-    pub fn create(path: &Path) -> std::io::Result<LogFile> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)?;
-        Ok(LogFile {
-            file: Arc::new(Mutex::new(file)),
-            live: None,
-        })
+/// The most one append carries.
+const LOG_BATCH: usize = 1 << 20;
+
+impl RunLog {
+    /// Appends to `run`'s log in `db` (on the current runtime).
+    pub fn open(db: Arc<dyn ServerStore>, run: &str) -> RunLog {
+        Self::start(db, run, None)
     }
 
-    /// The same log, waking `live`'s watchers on every line.
-    pub fn with_live(mut self, live: Arc<super::live::LiveRun>) -> LogFile {
-        self.live = Some(live);
-        self
+    /// The same, waking `live`'s watchers as lines are stored.
+    pub fn with_live(
+        db: Arc<dyn ServerStore>,
+        run: &str,
+        live: Arc<super::live::LiveRun>,
+    ) -> RunLog {
+        Self::start(db, run, Some(live))
+    }
+
+    fn start(
+        db: Arc<dyn ServerStore>,
+        run: &str,
+        live: Option<Arc<super::live::LiveRun>>,
+    ) -> RunLog {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+        let (run, woken) = (run.to_string(), live.clone());
+        let writer = tokio::spawn(async move {
+            while let Some(mut batch) = rx.recv().await {
+                while batch.len() < LOG_BATCH {
+                    match rx.try_recv() {
+                        Ok(more) => batch.extend_from_slice(&more),
+                        Err(_) => break,
+                    }
+                }
+                let (db, id) = (db.clone(), run.clone());
+                match tokio::task::spawn_blocking(move || db.append_log(&id, &batch)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!(run = %run, error = %e, "writing a run log"),
+                    Err(e) => tracing::warn!(run = %run, error = %e, "writing a run log"),
+                }
+                if let Some(l) = &woken {
+                    l.touch();
+                }
+            }
+        });
+        RunLog {
+            tx: Mutex::new(Some(tx)),
+            writer: Mutex::new(Some(writer)),
+            live,
+        }
+    }
+
+    /// Takes no more lines and waits until those written are stored.
+    pub async fn close(&self) {
+        if let Ok(mut tx) = self.tx.lock() {
+            tx.take();
+        }
+        let writer = self.writer.lock().ok().and_then(|mut w| w.take());
+        if let Some(w) = writer {
+            let _ = w.await;
+        }
     }
 }
 
-impl RunSink for LogFile {
-    fn line(&self, who: &str, text: &str) {
-        if let Ok(mut f) = self.file.lock() {
-            if let Err(e) = writeln!(f, "{who} | {text}") {
-                tracing::warn!(error = %e, "writing a run log");
-            }
+impl Drop for RunLog {
+    fn drop(&mut self) {
+        // Not closed: what was sent is still written (the writer drains its channel).
+        if let Ok(mut tx) = self.tx.lock() {
+            tx.take();
         }
-        if let Some(l) = &self.live {
-            l.touch();
+    }
+}
+
+/// Up to `max` bytes of a run's log from `offset`, ending at a line's end (a line being
+/// written is sent whole, later) unless the run has `ended` or one line is longer than `max`.
+pub async fn read_log(
+    db: &Arc<dyn ServerStore>,
+    run: &str,
+    offset: u64,
+    max: u64,
+    ended: bool,
+) -> Vec<u8> {
+    let (db, id) = (db.clone(), run.to_string());
+    let mut buf = match tokio::task::spawn_blocking(move || db.read_log(&id, offset, max)).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
+            tracing::warn!(run, error = %e, "reading a run log");
+            Vec::new()
+        }
+        Err(_) => Vec::new(),
+    };
+    if !ended && (buf.len() as u64) < max {
+        match buf.iter().rposition(|b| *b == b'\n') {
+            Some(i) => buf.truncate(i + 1),
+            None => buf.clear(),
+        }
+    }
+    buf
+}
+
+impl RunSink for RunLog {
+    fn line(&self, who: &str, text: &str) {
+        if let Ok(tx) = self.tx.lock() {
+            if let Some(tx) = tx.as_ref() {
+                let _ = tx.send(format!("{who} | {text}\n").into_bytes());
+            }
         }
     }
 
@@ -616,6 +674,11 @@ impl RunEnv {
         }
         // Every line logged for the run carries its id and task.
         let span = tracing::info_span!("run", run = %job.run.id, task = %job.run.task);
+        if job.run.attempt > 1 {
+            // An earlier attempt on this engine (an agent or a server replica that died)
+            // may have left containers and networks of the same names behind.
+            self.cleanup(&job.run.id).await;
+        }
         use tracing::Instrument as _;
         run_on_docker(self, job, provisions).instrument(span).await
     }

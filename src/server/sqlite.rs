@@ -1,7 +1,7 @@
 //! The server's state in SQLite (`server.db`, WAL, `synchronous=FULL`: a run that was
 //! accepted survives a crash).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension};
@@ -18,12 +18,15 @@ use super::model::{RunRecord, TaskSpec, Trigger};
 pub struct SqliteServer {
     conn: Mutex<Connection>,
     prefix: String,
+    /// Runs' logs, one file each (`logs/<run>.log` beside `server.db`).
+    logs: PathBuf,
 }
 
 /// `server.db`'s schema, one entry per version (see [`crate::store::migrate`]).
 const MIGRATIONS: &[crate::store::migrate::Migration] = &[
     crate::store::migrate::Migration::Sql(SCHEMA),
     crate::store::migrate::Migration::Sql(AGENTS),
+    crate::store::migrate::Migration::Sql("ALTER TABLE runs ADD COLUMN holder TEXT;"),
 ];
 
 /// Migration 2: agent pools, agents, and the leases of runs they hold.
@@ -135,11 +138,28 @@ impl SqliteServer {
         Ok(SqliteServer {
             conn: Mutex::new(conn),
             prefix,
+            logs: path.parent().unwrap_or_else(|| Path::new(".")).join("logs"),
         })
     }
 
     fn conn(&self) -> Result<std::sync::MutexGuard<'_, Connection>, DbError> {
         self.conn.lock().map_err(|_| DbError::Poisoned)
+    }
+}
+
+impl SqliteServer {
+    /// A run's log file; ids are this store's own, but checked: never a path outside.
+    fn log_path(&self, run: &str) -> Result<PathBuf, DbError> {
+        if run.is_empty() || !run.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            return Err(DbError::Log {
+                path: self.logs.clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("{run:?} is not a run id"),
+                ),
+            });
+        }
+        Ok(self.logs.join(format!("{run}.log")))
     }
 }
 
@@ -405,9 +425,9 @@ impl ServerStore for SqliteServer {
     }
 
     /// Takes the oldest queued run and marks it Running.
-    fn claim_next(&self) -> Result<Option<RunRecord>, DbError> {
+    fn claim_next(&self, holder: &str, lease_ms: u64) -> Result<Option<Claimed>, DbError> {
         let mut c = self.conn()?;
-        let tx = c.transaction()?;
+        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let row = tx
             .query_row(
                 &format!(
@@ -422,15 +442,23 @@ impl ServerStore for SqliteServer {
             return Ok(None);
         };
         let mut rec = finish_run(row)?;
+        let lease = uuid::Uuid::new_v4().simple().to_string();
         let started = now();
         tx.execute(
-            "UPDATE runs SET status='Running', started_at=?2 WHERE id=?1",
-            params![rec.id, started],
+            "UPDATE runs SET status='Running', started_at=?2, lease=?3, lease_expires=?4,
+             cancel_requested=0, holder=?5 WHERE id=?1",
+            params![
+                rec.id,
+                started,
+                lease,
+                now_ms().saturating_add(lease_ms.min(i64::MAX as u64) as i64),
+                holder
+            ],
         )?;
         tx.commit()?;
         rec.status = crate::exec::Status::Running;
         rec.started_at = Some(started);
-        Ok(Some(rec))
+        Ok(Some(Claimed { run: rec, lease }))
     }
 
     fn set_commit(&self, id: &str, commit: &str) -> Result<(), DbError> {
@@ -468,7 +496,8 @@ impl ServerStore for SqliteServer {
     }
 
     /// Marks every Running run Failed (they were cut off by a stop); returns their ids.
-    fn fail_interrupted(&self) -> Result<Vec<String>, DbError> {
+    fn fail_interrupted(&self, _holder: &str) -> Result<Vec<String>, DbError> {
+        // One server owns this database: every running run of no pool was its own.
         let mut c = self.conn()?;
         let tx = c.transaction()?;
         let ids: Vec<String> = {
@@ -565,12 +594,25 @@ impl ServerStore for SqliteServer {
             .optional()?)
     }
 
-    fn set_timer_fired(&self, task: &str, timer: &str, at: &str) -> Result<(), DbError> {
-        self.conn()?.execute(
-            "INSERT OR REPLACE INTO timers(task, timer, last_fired) VALUES(?1,?2,?3)",
-            params![task, timer, at],
-        )?;
-        Ok(())
+    fn set_timer_fired(
+        &self,
+        task: &str,
+        timer: &str,
+        seen: Option<&str>,
+        at: &str,
+    ) -> Result<bool, DbError> {
+        let n = match seen {
+            None => self.conn()?.execute(
+                "INSERT INTO timers(task, timer, last_fired) VALUES(?1,?2,?3)
+                 ON CONFLICT(task, timer) DO NOTHING",
+                params![task, timer, at],
+            )?,
+            Some(seen) => self.conn()?.execute(
+                "UPDATE timers SET last_fired=?3 WHERE task=?1 AND timer=?2 AND last_fired=?4",
+                params![task, timer, at, seen],
+            )?,
+        };
+        Ok(n == 1)
     }
 
     fn head(&self, task: &str) -> Result<Option<String>, DbError> {
@@ -880,14 +922,8 @@ impl ServerStore for SqliteServer {
         };
         let mut out = Vec::new();
         for (run, agent, attempt) in rows {
-            out.push(hand_back(
-                &tx,
-                &run,
-                agent,
-                attempt,
-                max_attempts,
-                "its agent stopped heartbeating",
-            )?);
+            let why = super::db::lapsed(agent.as_deref());
+            out.push(hand_back(&tx, &run, agent, attempt, max_attempts, why)?);
         }
         tx.commit()?;
         Ok(out)
@@ -898,6 +934,48 @@ impl ServerStore for SqliteServer {
             "UPDATE runs SET lease_expires = MAX(lease_expires, ?1) WHERE lease IS NOT NULL",
             params![now_ms().saturating_add(lease_ms.min(i64::MAX as u64) as i64)],
         )?;
+        Ok(())
+    }
+
+    fn append_log(&self, run: &str, text: &[u8]) -> Result<(), DbError> {
+        use std::io::Write as _;
+        let path = self.log_path(run)?;
+        let fail = |source| DbError::Log {
+            path: path.clone(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(fail)?;
+        }
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(text))
+            .map_err(fail)
+    }
+
+    fn read_log(&self, run: &str, offset: u64, max: u64) -> Result<Vec<u8>, DbError> {
+        use std::io::{Read as _, Seek as _};
+        let path = self.log_path(run)?;
+        let mut f = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => return Err(DbError::Log { path, source }),
+        };
+        let mut buf = Vec::new();
+        f.seek(std::io::SeekFrom::Start(offset))
+            .and_then(|_| f.take(max).read_to_end(&mut buf))
+            .map_err(|source| DbError::Log { path, source })?;
+        Ok(buf)
+    }
+
+    fn try_lead(&self) -> Result<bool, DbError> {
+        // One server per data directory (its `serve.lock`): it always leads.
+        Ok(true)
+    }
+
+    fn listen(&self, _wake: std::sync::Arc<dyn Fn() + Send + Sync>) -> Result<(), DbError> {
         Ok(())
     }
 

@@ -63,9 +63,7 @@ fn setup(concurrency: usize) -> (tempfile::TempDir, Arc<Queue>) {
         true,
     )
     .unwrap();
-    let logs = dir.path().join("logs");
-    std::fs::create_dir_all(&logs).unwrap();
-    let q = Arc::new(Queue::new(db, concurrency, logs, "127.0.0.1:1".into()));
+    let q = Arc::new(Queue::new(db, concurrency, "127.0.0.1:1".into()));
     (dir, q)
 }
 
@@ -161,7 +159,10 @@ async fn interrupted_runs_are_failed_on_recovery_and_queued_ones_kept() {
     let (_d, q) = setup(1);
     let a = q.enqueue(manual()).unwrap().id;
     let b = q.enqueue(manual()).unwrap().id;
-    assert_eq!(q.db().claim_next().unwrap().unwrap().id, a);
+    assert_eq!(
+        q.db().claim_next("local", 60_000).unwrap().unwrap().run.id,
+        a
+    );
     let fake = Arc::new(Fake::default());
     let ids = q.recover(&FakeExec(fake, Duration::ZERO)).await.unwrap();
     assert_eq!(ids, vec![a.clone()]);
@@ -205,7 +206,8 @@ fn timers_fire_on_an_injected_clock() {
         fired[0].trigger,
         Trigger::Timer {
             name: "every5".into(),
-            schedule: "*/5 * * * *".into()
+            schedule: "*/5 * * * *".into(),
+            due: Some(m(4).to_rfc3339()),
         }
     );
     assert!(
@@ -330,7 +332,7 @@ fn polled_digest_change_queues_once_even_while_its_run_is_running() {
     ));
     // The run starts (Running) but has not recorded the new digest yet: the next poll
     // sees the same change and must not queue it again.
-    let running = q.db().claim_next().unwrap().unwrap();
+    let running = q.db().claim_next("local", 60_000).unwrap().unwrap().run;
     assert_eq!(running.id, queued[0].id);
     assert!(on_remote_digests(&q, &current("sha256:new"))
         .unwrap()
@@ -406,14 +408,14 @@ fn every_store_backend_queues_claims_and_finishes_runs_in_order() {
         assert!(db.quick_spec(&a.id).unwrap().is_none(), "{name}");
         assert!(db.has_run_with_status("t", Status::Queued).unwrap());
         // Oldest first; a claimed run can no longer be cancelled as queued.
-        let claimed = db.claim_next().unwrap().unwrap();
+        let claimed = db.claim_next("local", 60_000).unwrap().unwrap().run;
         assert_eq!(
             (claimed.id.as_str(), claimed.status),
             (a.id.as_str(), Status::Running)
         );
         assert!(!db.cancel_queued(&a.id).unwrap(), "{name}");
         assert!(db.cancel_queued(&b.id).unwrap(), "{name}");
-        assert!(db.claim_next().unwrap().is_none(), "{name}");
+        assert!(db.claim_next("local", 60_000).unwrap().is_none(), "{name}");
         let report = RunReport {
             run_id: a.id.clone(),
             status: Status::Succeeded,
@@ -438,11 +440,46 @@ fn every_store_backend_queues_claims_and_finishes_runs_in_order() {
             .collect();
         assert_eq!(listed, [b.id.clone(), a.id.clone()], "{name}: newest first");
         assert!(db.active_runs("t").unwrap().is_empty(), "{name}");
-        // A run cut off by a stop is failed at the next start, and only that one.
+        // A run cut off by a stop is failed at its server's next start; where one server
+        // owns the database every running run is its own, where replicas share it
+        // another replica's run ends when its lease does, queued again as its next attempt.
         let c = db.enqueue_with(&manual(), None).unwrap();
         let d = db.enqueue_with(&manual(), None).unwrap();
-        db.claim_next().unwrap();
-        assert_eq!(db.fail_interrupted().unwrap(), [c.id], "{name}");
+        let held = db.claim_next("replica-a", 0).unwrap().unwrap();
+        assert_eq!(held.run.id, c.id, "{name}");
+        if name == "sqlite" {
+            assert_eq!(
+                db.fail_interrupted("replica-b").unwrap(),
+                std::slice::from_ref(&c.id),
+                "{name}"
+            );
+        } else {
+            // Another replica's run: left to its lease.
+            assert!(
+                db.fail_interrupted("replica-b").unwrap().is_empty(),
+                "{name}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            let lapsed = db.expire_leases(3).unwrap();
+            assert_eq!(lapsed.len(), 1, "{name}");
+            assert!(lapsed[0].requeued && lapsed[0].agent.is_none(), "{name}");
+            let again = db.claim_next("replica-b", 60_000).unwrap().unwrap();
+            assert_eq!(
+                (again.run.id.as_str(), again.run.attempt),
+                (c.id.as_str(), 2)
+            );
+            // The first holder's lease is gone: it can neither renew nor finish.
+            assert_eq!(
+                db.renew_lease(&c.id, &held.lease, 60_000).unwrap(),
+                super::db::LeaseState::Lost
+            );
+            assert!(!db
+                .finish_leased(&c.id, &held.lease, Status::Succeeded, None, None)
+                .unwrap());
+            assert!(db
+                .finish_leased(&c.id, &again.lease, Status::Succeeded, None, None)
+                .unwrap());
+        }
         assert_eq!(db.run(&d.id).unwrap().unwrap().status, Status::Queued);
     }
 }
@@ -476,8 +513,25 @@ fn every_store_backend_remembers_trigger_state_until_the_task_goes() {
             [("t".into(), "base:2".into(), None)]
         );
         assert_eq!(db.outputs("t").unwrap(), ["out:2"], "{name}");
-        db.set_timer_fired("t", "nightly", "2026-12-03T00:00:00Z")
-            .unwrap();
+        let first = "2026-12-03T00:00:00Z";
+        assert!(db.set_timer_fired("t", "nightly", None, first).unwrap());
+        assert!(
+            !db.set_timer_fired("t", "nightly", None, first).unwrap(),
+            "{name}: the first look is recorded once"
+        );
+        // Two servers that read the same last firing: only one records the next.
+        let next = "2026-12-04T00:00:00Z";
+        assert!(db
+            .set_timer_fired("t", "nightly", Some(first), next)
+            .unwrap());
+        assert!(!db
+            .set_timer_fired("t", "nightly", Some(first), next)
+            .unwrap());
+        assert_eq!(
+            db.timer_last_fired("t", "nightly").unwrap().as_deref(),
+            Some(next),
+            "{name}"
+        );
         db.set_head("t", "abc").unwrap();
         assert_eq!(db.head("t").unwrap().as_deref(), Some("abc"), "{name}");
         assert_eq!(db.registry_cursor().unwrap(), None, "{name}");
@@ -534,8 +588,11 @@ fn every_store_backend_leases_pool_runs_once_and_hands_back_lost_ones() {
             )
             .unwrap();
         // The server's own executor takes only runs of no pool; agents only their pool's.
-        assert_eq!(db.claim_next().unwrap().map(|r| r.id), Some(l.id.clone()));
-        assert!(db.claim_next().unwrap().is_none(), "{name}");
+        assert_eq!(
+            db.claim_next("local", 60_000).unwrap().map(|c| c.run.id),
+            Some(l.id.clone())
+        );
+        assert!(db.claim_next("local", 60_000).unwrap().is_none(), "{name}");
         assert!(db.claim_leased("nope", "a", 60_000).unwrap().is_none());
         let a = db.claim_leased("p1", "agent-a", 60_000).unwrap().unwrap();
         let b = db.claim_leased("p1", "agent-b", 60_000).unwrap().unwrap();
@@ -550,8 +607,12 @@ fn every_store_backend_leases_pool_runs_once_and_hands_back_lost_ones() {
             "{name}"
         );
         assert_eq!(db.pool_counts("p1").unwrap(), (1, 2), "{name}");
-        // A stop of the server does not touch runs on agents.
-        assert_eq!(db.fail_interrupted().unwrap(), [l.id], "{name}");
+        // A restart fails the server's own cut-off runs, not runs on agents.
+        assert_eq!(
+            db.fail_interrupted("local").unwrap(),
+            std::slice::from_ref(&l.id),
+            "{name}"
+        );
         assert_eq!(db.run(&a.run.id).unwrap().unwrap().status, Status::Running);
         // Renewals need the lease; a cancel request reaches the holder.
         assert_eq!(
@@ -618,5 +679,81 @@ fn every_store_backend_leases_pool_runs_once_and_hands_back_lost_ones() {
         assert!(listed.len() == 1 && listed[0].draining && !listed[0].last_seen.is_empty());
         assert!(db.delete_pool("p1").unwrap(), "{name}");
         assert!(db.agents(None).unwrap().is_empty(), "{name}");
+    }
+}
+
+#[test]
+fn one_server_leads_and_another_takes_over_when_it_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = SqliteServer::open(&dir.path().join("server.db")).unwrap();
+    assert!(sqlite.try_lead().unwrap(), "alone, a server always leads");
+    let Ok(url) = std::env::var("ACR_TASK_TEST_POSTGRES") else {
+        return;
+    };
+    let db = super::postgres::fresh_database(&url).unwrap();
+    let a = super::postgres::PgServer::open(&db).unwrap();
+    let b = super::postgres::PgServer::open(&db).unwrap();
+    assert!(a.try_lead().unwrap());
+    assert!(!b.try_lead().unwrap(), "one leader at a time");
+    assert!(a.try_lead().unwrap(), "the leader keeps leading");
+    assert!(!b.try_lead().unwrap());
+    // The leader's connection closes with it (a process killed): the lock goes too.
+    drop(a);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !b.try_lead().unwrap() {
+        assert!(std::time::Instant::now() < deadline, "no takeover");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_run_change_on_one_server_wakes_another() {
+    let Ok(url) = std::env::var("ACR_TASK_TEST_POSTGRES") else {
+        return;
+    };
+    let db = super::postgres::fresh_database(&url).unwrap();
+    let a = super::postgres::PgServer::open(&db).unwrap();
+    let b = super::postgres::PgServer::open(&db).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    b.listen(Arc::new(move || {
+        let _ = tx.lock().map(|t| t.send(()));
+    }))
+    .unwrap();
+    // The first wake-up comes on connecting (what was missed while away).
+    rx.recv_timeout(std::time::Duration::from_secs(10))
+        .expect("listening");
+    a.enqueue_with(&manual(), None).unwrap();
+    rx.recv_timeout(std::time::Duration::from_secs(10))
+        .expect("woken by a run queued on the other server");
+}
+
+#[test]
+fn every_store_backend_keeps_run_logs_in_order_and_reads_from_any_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, db) in store_backends(dir.path()) {
+        let run = db.enqueue_with(&manual(), None).unwrap().id;
+        assert!(db.read_log(&run, 0, 100).unwrap().is_empty(), "{name}");
+        db.append_log(&run, b"one | first\n").unwrap();
+        db.append_log(&run, b"").unwrap();
+        db.append_log(&run, b"two | second\nthree | third\n")
+            .unwrap();
+        let all = b"one | first\ntwo | second\nthree | third\n";
+        assert_eq!(db.read_log(&run, 0, 1000).unwrap(), all, "{name}");
+        // Any window, across chunk boundaries.
+        for (from, max) in [(0, 5), (4, 12), (12, 100), (11, 1), (40, 10), (100, 10)] {
+            let want: Vec<u8> = all.iter().skip(from).take(max).copied().collect();
+            assert_eq!(
+                db.read_log(&run, from as u64, max as u64).unwrap(),
+                want,
+                "{name}: {from}+{max}"
+            );
+        }
+        // Logs are per run; an id that could name a path is refused or finds nothing.
+        assert!(db.read_log("other", 0, 100).unwrap().is_empty(), "{name}");
+        assert!(db
+            .read_log("../server", 0, 100)
+            .map(|l| l.is_empty())
+            .unwrap_or(true));
     }
 }

@@ -26,6 +26,15 @@ pub struct Watchers {
     /// Seconds between digest checks of base images in other registries (0: never).
     pub remote_poll: u64,
     pub remote: Transport,
+    /// Whether this server leads the servers sharing its database: timers, pollers and
+    /// watched checkouts queue runs only on the leader (once for everyone).
+    pub leading: super::leader::Leadership,
+}
+
+impl Watchers {
+    fn leads(&self) -> bool {
+        *self.leading.borrow()
+    }
 }
 
 /// Pushes that arrive within this window are handled together (a storm queues once).
@@ -53,6 +62,9 @@ async fn remote_bases(w: Arc<Watchers>) {
         tokio::select! {
             _ = w.halt.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(w.remote_poll)) => {}
+        }
+        if !w.leads() {
+            continue;
         }
         let bases = match w.queue.db().base_images() {
             Ok(b) => b,
@@ -283,8 +295,10 @@ pub fn on_pushes(
 
 async fn timers(w: Arc<Watchers>) {
     loop {
-        if let Err(e) = fire_timers(&w.queue, w.clock.now()) {
-            tracing::error!(error = %e, "timer trigger");
+        if w.leads() {
+            if let Err(e) = fire_timers(&w.queue, w.clock.now()) {
+                tracing::error!(error = %e, "timer trigger");
+            }
         }
         tokio::select! {
             _ = w.halt.cancelled() => return,
@@ -304,21 +318,27 @@ pub fn fire_timers(queue: &Queue, now: DateTime<Utc>) -> Result<Vec<RunRecord>, 
             let Ok(c) = cron::parse(&t.schedule) else {
                 continue;
             };
-            let last = db
-                .timer_last_fired(&spec.name, &t.name)?
-                .and_then(|s| DateTime::parse_from_rfc3339(&s).ok())
+            let seen = db.timer_last_fired(&spec.name, &t.name)?;
+            let last = seen
+                .as_deref()
+                .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
                 .map(|d| d.with_timezone(&Utc));
             let Some(last) = last else {
-                db.set_timer_fired(&spec.name, &t.name, &stamp)?;
+                db.set_timer_fired(&spec.name, &t.name, seen.as_deref(), &stamp)?;
                 continue;
             };
-            if cron::due(&c, last, now).is_some() {
-                db.set_timer_fired(&spec.name, &t.name, &stamp)?;
+            // Recorded first, on the condition that no one else did: a firing is queued
+            // once even by two servers that both think they lead for a moment.
+            let Some(due) = cron::due(&c, last, now) else {
+                continue;
+            };
+            if db.set_timer_fired(&spec.name, &t.name, seen.as_deref(), &stamp)? {
                 queued.push(queue.enqueue(NewRun {
                     task: spec.name.clone(),
                     trigger: Trigger::Timer {
                         name: t.name.clone(),
                         schedule: t.schedule.clone(),
+                        due: Some(due.to_rfc3339()),
                     },
                     commit: None,
                     branch: spec.is_git().then(|| spec.branch().to_string()),
@@ -423,7 +443,7 @@ async fn commits(w: Arc<Watchers>) {
         });
         due.sort();
         due.dedup();
-        if !due.is_empty() {
+        if !due.is_empty() && w.leads() {
             let q2 = q.clone();
             let r = tokio::task::spawn_blocking(move || {
                 for name in due {

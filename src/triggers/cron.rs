@@ -21,15 +21,22 @@ impl Clock for SystemClock {
 /// (`serve --clock-start`, hidden).
 pub struct ShiftedClock {
     origin: DateTime<Utc>,
-    started: std::time::Instant,
+    /// The real time at which this clock reads `origin`.
+    epoch: DateTime<Utc>,
     rate: u32,
 }
 
 impl ShiftedClock {
+    /// Reads `origin` now.
     pub fn new(origin: DateTime<Utc>, rate: u32) -> ShiftedClock {
+        Self::anchored(origin, rate, Utc::now())
+    }
+
+    /// Reads `origin` at the real time `epoch`: servers started apart share one clock.
+    pub fn anchored(origin: DateTime<Utc>, rate: u32, epoch: DateTime<Utc>) -> ShiftedClock {
         ShiftedClock {
             origin,
-            started: std::time::Instant::now(),
+            epoch,
             rate: rate.max(1),
         }
     }
@@ -37,7 +44,11 @@ impl ShiftedClock {
 
 impl Clock for ShiftedClock {
     fn now(&self) -> DateTime<Utc> {
-        let real = self.started.elapsed() * self.rate;
+        let real = Utc::now()
+            .signed_duration_since(self.epoch)
+            .to_std()
+            .unwrap_or_default()
+            * self.rate;
         self.origin + chrono::Duration::from_std(real).unwrap_or(chrono::Duration::MAX)
     }
 }

@@ -34,7 +34,6 @@ use crate::registry::Registry;
 use crate::server::db::{NewRun, RunFilter};
 use crate::server::model::Trigger;
 use crate::server::queue::Queue;
-use crate::server::runner::read_log;
 use pages::Chrome;
 
 pub struct WebState {
@@ -494,7 +493,7 @@ async fn run_page(
     let run = load_run(&s, &id, &v).await?;
     let live = s.queue.live(&id).map(|l| l.steps());
     let steps = view::steps_of(&run, live);
-    let log = read_log(&s.queue.log_path(&id), 0, LOG_HEAD, false).await;
+    let log = s.queue.read_log(&id, 0, LOG_HEAD, false).await;
     let db = s.queue.db().clone();
     let task = run.task.clone();
     let stored_task = blocking(move || db.task(&task))
@@ -600,13 +599,10 @@ async fn run_events(
                     _ => return None,
                 }
             };
-            let chunk = read_log(
-                &f.s.queue.log_path(&f.id),
-                f.offset,
-                256 * 1024,
-                run.is_finished(),
-            )
-            .await;
+            let chunk =
+                f.s.queue
+                    .read_log(&f.id, f.offset, 256 * 1024, run.is_finished())
+                    .await;
             if !chunk.is_empty() {
                 f.offset += chunk.len() as u64;
                 let text = String::from_utf8_lossy(&chunk);

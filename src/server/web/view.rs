@@ -28,7 +28,7 @@ pub fn trigger_text(t: &Trigger) -> (String, Option<String>) {
             format!("base image {image}"),
             Some(short_hash(new_digest).to_string()),
         ),
-        Trigger::Timer { name, schedule } => (format!("timer {name} ({schedule})"), None),
+        Trigger::Timer { name, schedule, .. } => (format!("timer {name} ({schedule})"), None),
     }
 }
 

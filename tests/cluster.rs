@@ -1,0 +1,302 @@
+//! Two `acr-task serve` replicas sharing one PostgreSQL database (a throw-away cluster,
+//! started by `scripts/with-postgres` for this test when the environment names none):
+//! runs queued on one are taken by both, timers fire on the leader only, and a kill -9
+//! of the leader loses neither a timer firing nor a run it was running.
+
+mod serve_common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde_json::{json, Value};
+use serve_common::*;
+
+/// The database URL; without one, runs `test` again under `scripts/with-postgres` (so a
+/// plain `cargo test` tests a real PostgreSQL too, never skips) and returns None.
+fn postgres_or_rerun(test: &str) -> Option<String> {
+    if let Ok(url) = std::env::var("ACR_TASK_TEST_POSTGRES") {
+        return Some(url);
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/with-postgres");
+    let out = std::process::Command::new(script)
+        .arg(std::env::current_exe().unwrap())
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains("1 passed"),
+        "under scripts/with-postgres:\n{text}"
+    );
+    None
+}
+
+/// Whether `serve` leads, by its metrics.
+async fn leads(api: &Api) -> bool {
+    let m = api.text("/metrics").await;
+    let value = m.lines().find_map(|l| l.strip_prefix("acr_task_leader "));
+    match value {
+        Some("1") => true,
+        Some("0") => false,
+        _ => panic!("no acr_task_leader gauge: {m}"),
+    }
+}
+
+/// Runs whose start `serve` logged (its own executor took them).
+fn started_by(serve: &Serve) -> Vec<String> {
+    serve
+        .stderr()
+        .lines()
+        .filter_map(|l| l.split("server::queue: started run=").nth(1))
+        .filter_map(|r| r.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Every run (of `task`, with one), newest first.
+async fn runs_of(api: &Api, task: Option<&str>) -> Vec<Value> {
+    let filter = task.map(|t| format!("&task={t}")).unwrap_or_default();
+    let (st, v) = api.get(&format!("/api/runs?limit=1000{filter}")).await;
+    assert_eq!(st, 200, "{v}");
+    v.as_array().cloned().unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replicas_share_the_queue_and_a_leader_kill_loses_no_timer_or_run() {
+    require_docker();
+    let Some(url) =
+        postgres_or_rerun("replicas_share_the_queue_and_a_leader_kill_loses_no_timer_or_run")
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (da, db) = (dir.path().join("a"), dir.path().join("b"));
+    // One database for both replicas.
+    postgres_for(&url, &da);
+    std::fs::copy(da.with_extension("pgdb"), db.with_extension("pgdb")).unwrap();
+    // One clock for both, 30 times faster than real time: a minute every two seconds,
+    // starting a few seconds from now.
+    let epoch = (Utc::now() + chrono::Duration::seconds(6)).to_rfc3339();
+    let args = [
+        "--clock-start",
+        "2026-01-01T00:00:00Z",
+        "--clock-rate",
+        "30",
+        "--clock-epoch",
+        &epoch,
+        "--agent-lease",
+        "3",
+    ];
+    let first = Serve::start_with(&da, 2, &args);
+    // The admin's password was made once, by the first replica, for both: the second
+    // finds the admin made and makes none (the operator hands the password around).
+    std::fs::create_dir_all(&db).unwrap();
+    assert!(!first.password.is_empty());
+    let mut replicas = vec![first, Serve::start_with(&db, 2, &args)];
+    assert_eq!(
+        admin_password(&db),
+        "",
+        "the second replica made no admin password"
+    );
+    std::fs::write(db.join("admin.password"), &replicas[0].password).unwrap();
+    replicas[1].password = replicas[0].password.clone();
+    // A bearer token one replica issued holds on the other (one signing key), and so does
+    // the admin's password (one set of credentials).
+    let from_a = replicas[0].token_client().await;
+    let on_b = Api {
+        base: replicas[1].url.clone(),
+        http: from_a.http.clone(),
+    };
+    let (st, v) = on_b.get("/api/tasks").await;
+    assert_eq!(st, 200, "a token from replica a on replica b: {v}");
+    let apis: Vec<Api> = vec![from_a, replicas[1].token_client().await];
+    // Exactly one leads.
+    let leading: Vec<bool> = vec![leads(&apis[0]).await, leads(&apis[1]).await];
+    assert_eq!(
+        leading.iter().filter(|l| **l).count(),
+        1,
+        "one leader: {leading:?}"
+    );
+    for (name, cmd, timer) in [
+        (
+            "tick",
+            "busybox sh -c 'echo tick-{{.Run.ID}}; sleep 3'",
+            Some("every-minute=* * * * *"),
+        ),
+        ("job", "busybox sh -c 'sleep 3; echo job-{{.Run.ID}}'", None),
+    ] {
+        let mut c = replicas[0].cli();
+        c.args(["task", "create", name, "--server", &replicas[0].url])
+            .args(["--cmd", cmd, "--context", "/dev/null"]);
+        if let Some(t) = timer {
+            c.args(["--timer", t]);
+        }
+        let out = c.output().unwrap();
+        assert!(
+            out.status.success(),
+            "task create {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // Runs queued on one replica are taken by both (the other hears of them at once).
+    let mut jobs = Vec::new();
+    for _ in 0..6 {
+        let (st, v) = apis[0].post("/api/tasks/job/runs", &json!({})).await;
+        assert_eq!(st, 202, "{v}");
+        jobs.push(v["id"].as_str().unwrap().to_string());
+    }
+    let (_, seen) = apis[1].get(&format!("/api/runs/{}", jobs[5])).await;
+    assert_eq!(seen["task"], "job", "the other replica shows it: {seen}");
+    for id in &jobs {
+        let v = apis[1]
+            .wait_status(id, &["Succeeded", "Failed"], Duration::from_secs(120))
+            .await;
+        assert_eq!(v["status"], "Succeeded", "{v}");
+    }
+    let (on_a, on_b) = (started_by(&replicas[0]), started_by(&replicas[1]));
+    for id in &jobs {
+        let n = on_a.iter().chain(&on_b).filter(|r| *r == id).count();
+        assert_eq!(n, 1, "{id} ran once: a {on_a:?} b {on_b:?}");
+    }
+    assert!(
+        jobs.iter().any(|j| on_a.contains(j)) && jobs.iter().any(|j| on_b.contains(j)),
+        "both replicas ran jobs: a {on_a:?} b {on_b:?}"
+    );
+    // A run's log reads the same through either replica, whichever ran it.
+    for id in &jobs {
+        for api in &apis {
+            let log = api.text(&format!("/api/runs/{id}/logs")).await;
+            assert!(log.contains(&format!("job-{id}")), "{id}: {log}");
+        }
+    }
+
+    // The timer fires (on the leader); kill -9 the leader while it runs a run.
+    let leader = usize::from(!leading[0]);
+    let other = 1 - leader;
+    let start = Instant::now();
+    let victims = loop {
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "the leader never ran a timer run\n{}",
+            replicas[leader].stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mine = started_by(&replicas[leader]);
+        let running: Vec<String> = runs_of(&apis[other], None)
+            .await
+            .into_iter()
+            .filter(|r| r["status"] == "Running" && r["task"] == "tick")
+            .filter_map(|r| r["id"].as_str().map(str::to_string))
+            .filter(|id| mine.contains(id))
+            .collect();
+        if !running.is_empty() {
+            break running;
+        }
+    };
+    let ticks_before = runs_of(&apis[other], Some("tick")).await.len();
+    assert!(ticks_before >= 1);
+    replicas[leader].kill();
+    let killed_at = Instant::now();
+    while !leads(&apis[other]).await {
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(15),
+            "no takeover\n{}",
+            replicas[other].stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let took_over = killed_at.elapsed();
+    // The new leader fires the timer on: at least three more firings.
+    loop {
+        let n = runs_of(&apis[other], Some("tick")).await.len();
+        if n >= ticks_before + 3 {
+            break;
+        }
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(60),
+            "the timer stopped after the leader died ({n} runs)\n{}",
+            replicas[other].stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // What the dead leader was running is taken over when its lease runs out, and runs
+    // to the end as its second attempt.
+    for id in &victims {
+        let v = apis[other]
+            .wait_status(id, &["Succeeded", "Failed"], Duration::from_secs(90))
+            .await;
+        assert_eq!(v["status"], "Succeeded", "{v}");
+        assert_eq!(v["attempt"], 2, "{v}");
+        assert!(started_by(&replicas[other]).contains(id), "{id}");
+        // Its log tells both attempts, and why the first ended.
+        let log = apis[other].text(&format!("/api/runs/{id}/logs")).await;
+        assert!(
+            log.contains("attempt 1 on a server replica ended")
+                && log.contains(&format!("tick-{id}")),
+            "{id}: {log}"
+        );
+    }
+    // Every firing is for a time of its own: none fired twice, before, during or after
+    // the takeover.
+    let mut due: BTreeMap<String, String> = BTreeMap::new();
+    for r in runs_of(&apis[other], Some("tick")).await {
+        let at = r["trigger"]["due"].as_str().unwrap_or_default().to_string();
+        let at = DateTime::parse_from_rfc3339(&at)
+            .unwrap_or_else(|e| panic!("due {at:?}: {e}: {r}"))
+            .with_timezone(&Utc)
+            .to_rfc3339();
+        let id = r["id"].as_str().unwrap().to_string();
+        if let Some(first) = due.insert(at.clone(), id.clone()) {
+            panic!("the firing for {at} was queued twice: {first} and {id}");
+        }
+    }
+    eprintln!(
+        "takeover in {:.1} s; {} timer runs; victims {victims:?}",
+        took_over.as_secs_f64(),
+        due.len()
+    );
+    // Stop the timer (so the survivor's teardown waits for no new run), then check that
+    // no run of either replica left anything behind in the engine.
+    let out = replicas[other]
+        .cli()
+        .args([
+            "task",
+            "delete",
+            "tick",
+            "--yes",
+            "--server",
+            &replicas[other].url,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "task delete: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ids: Vec<String> = runs_of(&apis[other], None)
+        .await
+        .into_iter()
+        .filter_map(|r| r["id"].as_str().map(str::to_string))
+        .collect();
+    for id in &ids {
+        apis[other]
+            .wait_status(
+                id,
+                &["Succeeded", "Failed", "Canceled"],
+                Duration::from_secs(90),
+            )
+            .await;
+    }
+    drop(replicas);
+    for id in &ids {
+        assert!(leftovers(id).is_empty(), "{id}: {:?}", leftovers(id));
+    }
+}
