@@ -7,6 +7,8 @@
 //! cargo bench --bench serve -- page [RUNS]   # the web page's runs list over 100,000 stored runs
 //! cargo bench --bench serve -- log-stream    # a log line on the page (SSE) vs `--follow`
 //! cargo bench --bench serve -- agent-claims [RUNS]   # 8 agents claiming and finishing (no engine)
+//! scripts/with-postgres sh -c 'ACR_TASK_DATABASE=$ACR_TASK_TEST_POSTGRES BENCH_REPLICAS=2 \
+//!     cargo bench --bench serve -- agent-claims'   # the same on PostgreSQL, over 2 replicas
 //! cargo bench --bench serve -- agents [RUNS] [AGENTS]  # trivial runs on real `acr-task agent`s
 //! cargo bench --bench serve -- build-cache   # a rebuild on a cold engine with acb's registry cache vs without
 //! ```
@@ -374,14 +376,29 @@ async fn queue_runs(http: &reqwest::Client, s: &Serve, runs: usize) -> Duration 
 async fn agent_claims(runs: usize) {
     const AGENTS: usize = 8;
     let tmp = tempfile::tempdir().expect("tempdir");
-    let s = start(&tmp.path().join("data"), 1);
+    // BENCH_REPLICAS=2 (with ACR_TASK_DATABASE naming a PostgreSQL database, which every
+    // replica then shares): the agents spread over that many serve replicas.
+    let replicas: usize = std::env::var("BENCH_REPLICAS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    assert!(
+        replicas == 1 || std::env::var("ACR_TASK_DATABASE").is_ok(),
+        "BENCH_REPLICAS needs ACR_TASK_DATABASE (the database the replicas share)"
+    );
+    let servers: Vec<Serve> = (0..replicas)
+        .map(|i| start(&tmp.path().join(format!("data{i}")), 1))
+        .collect();
+    let s = &servers[0];
     let http = reqwest::Client::new();
-    pool_and_task(&http, &s).await;
-    let queued_in = queue_runs(&http, &s, runs).await;
+    pool_and_task(&http, s).await;
+    let queued_in = queue_runs(&http, s, runs).await;
     let mut ids = Vec::new();
     for i in 0..AGENTS {
+        let server = &servers[i % replicas];
         let v: Value = http
-            .post(format!("{}/api/agents", s.url))
+            .post(format!("{}/api/agents", server.url))
             .json(&json!({"pool": "bench", "name": format!("b{i}"), "concurrency": 1}))
             .send()
             .await
@@ -389,12 +406,15 @@ async fn agent_claims(runs: usize) {
             .json()
             .await
             .expect("agent");
-        ids.push(v["id"].as_str().expect("id").to_string());
+        ids.push((
+            v["id"].as_str().expect("id").to_string(),
+            server.url.clone(),
+        ));
     }
     let t0 = Instant::now();
     let mut tasks = Vec::new();
-    for id in ids {
-        let (http, url) = (http.clone(), s.url.clone());
+    for (id, url) in ids {
+        let http = http.clone();
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             loop {
@@ -429,7 +449,7 @@ async fn agent_claims(runs: usize) {
     let took = t0.elapsed();
     assert_eq!(all.len(), runs, "every run claimed once");
     println!(
-        "agent-claims: {runs} runs queued in {:.2} s; {AGENTS} agents claimed and finished them in {:.2} s: {:.0} claims/s",
+        "agent-claims: {runs} runs queued in {:.2} s; {AGENTS} agents on {replicas} replica(s) claimed and finished them in {:.2} s: {:.0} claims/s",
         queued_in.as_secs_f64(),
         took.as_secs_f64(),
         runs as f64 / took.as_secs_f64()

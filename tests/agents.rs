@@ -346,6 +346,33 @@ async fn three_agents_run_each_run_once_and_a_killed_agents_run_moves_on() {
     assert!(leftovers(&id).is_empty(), "{:?}", leftovers(&id));
     wait_online(&api, 2).await;
 
+    // A run of no stored task goes to the pool it names (`run --no-wait --agent-pool`).
+    let (ok, out, err) = cli(
+        &serve,
+        &[
+            "run",
+            "--no-wait",
+            "--agent-pool",
+            "pool1",
+            "--cmd",
+            "busybox echo quick-{{.Run.ID}}",
+            "/dev/null",
+            "-o",
+            "json",
+        ],
+    );
+    assert!(ok, "{out}{err}");
+    let quick: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(quick["pool"], "pool1", "{quick}");
+    let id = quick["id"].as_str().unwrap().to_string();
+    let done = api
+        .wait_status(&id, &["Succeeded", "Failed"], Duration::from_secs(60))
+        .await;
+    assert_eq!(done["status"], "Succeeded", "{done}");
+    assert!(done["agent"].is_string(), "ran on an agent: {done}");
+    let log = api.text(&format!("/api/runs/{id}/logs")).await;
+    assert!(log.contains(&format!("quick-{id}")), "{log}");
+
     // A cancel reaches a run on an agent.
     let id = queue(&api, "slow").await;
     wait_log(&api, &id, &format!("start-{id}")).await;

@@ -122,6 +122,48 @@ struct RunLogin {
     expires: std::time::Instant,
 }
 
+/// The SHA-256 (hex) a run login's password is kept as: the password is random and long,
+/// so a fast digest hides it as well as a slow one would.
+fn secret_digest(password: &str) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(password.as_bytes()))
+}
+
+/// A run's grants as kept: `"all"`, or its rules as `[[pattern, [action, ...]], ...]`.
+fn grants_text(g: &Grants) -> String {
+    match g {
+        Grants::Rules(rules) => {
+            let rules: Vec<(&str, Vec<&str>)> = rules
+                .iter()
+                .map(|(p, actions)| (p.as_str(), actions.iter().map(|a| a.as_str()).collect()))
+                .collect();
+            serde_json::to_string(&rules).unwrap_or_else(|_| "[]".into())
+        }
+        Grants::All => "all".into(),
+        // A run never logs in as nobody; kept as no rules.
+        Grants::Anonymous { .. } => "[]".into(),
+    }
+}
+
+fn grants_from_text(text: &str) -> Option<Grants> {
+    if text == "all" {
+        return Some(Grants::All);
+    }
+    let rules: Vec<(String, Vec<String>)> = serde_json::from_str(text).ok()?;
+    let rules = rules
+        .into_iter()
+        .map(|(p, actions)| {
+            let actions = actions
+                .iter()
+                .map(|a| a.parse::<Permission>())
+                .collect::<Result<Vec<_>, _>>()
+                .ok()?;
+            Some((p, actions))
+        })
+        .collect::<Option<Vec<_>>>()?;
+    Some(Grants::Rules(rules))
+}
+
 /// User names of run logins start with this; token names cannot hold a `.`, so a token
 /// never passes for a run (or the other way round).
 pub const RUN_USER_PREFIX: &str = "run.";
@@ -245,6 +287,21 @@ impl Auth {
     ) -> crate::credentials::Credential {
         let username = format!("{RUN_USER_PREFIX}{run_id}");
         let password = password::generate();
+        // Kept in the records too: a server that restarts while an agent runs the run, or
+        // another replica the run's pushes reach, still knows the login.
+        let kept = records::RunLoginRecord {
+            user: username.clone(),
+            secret_sha256: secret_digest(&password),
+            grants: grants_text(&grants),
+            expires: chrono::Utc::now().timestamp() + ttl.as_secs().min(i64::MAX as u64 / 2) as i64,
+        };
+        if let Err(e) = self
+            .store
+            .records()
+            .put_run_login(&kept, chrono::Utc::now().timestamp())
+        {
+            tracing::warn!(run = run_id, error = %e, "keeping a run's login (it lasts while this server runs)");
+        }
         if let Ok(mut runs) = self.runs.lock() {
             let now = std::time::Instant::now();
             runs.retain(|_, r| r.expires > now);
@@ -262,8 +319,12 @@ impl Auth {
 
     /// Ends run `run_id`'s login: the bearer tokens issued to it stop working too.
     pub fn end_run(&self, run_id: &str) {
+        let user = format!("{RUN_USER_PREFIX}{run_id}");
         if let Ok(mut runs) = self.runs.lock() {
-            runs.remove(&format!("{RUN_USER_PREFIX}{run_id}"));
+            runs.remove(&user);
+        }
+        if let Err(e) = self.store.records().delete_run_login(&user) {
+            tracing::warn!(run = run_id, error = %e, "forgetting a run's login");
         }
     }
 
@@ -271,15 +332,34 @@ impl Auth {
     /// (compared in constant time).
     fn run_grants(&self, user: &str, password: Option<&str>) -> Option<Grants> {
         use subtle::ConstantTimeEq;
-        let runs = self.runs.lock().ok()?;
-        let r = runs.get(user)?;
-        if r.expires <= std::time::Instant::now() {
-            return None;
+        {
+            let runs = self.runs.lock().ok()?;
+            if let Some(r) = runs.get(user) {
+                if r.expires <= std::time::Instant::now() {
+                    return None;
+                }
+                return match password {
+                    Some(p) if !bool::from(p.as_bytes().ct_eq(r.password.as_bytes())) => None,
+                    _ => Some(r.grants.clone()),
+                };
+            }
         }
-        match password {
-            Some(p) if !bool::from(p.as_bytes().ct_eq(r.password.as_bytes())) => None,
-            _ => Some(r.grants.clone()),
+        // Not made here (another replica, or before a restart): as the records keep it.
+        let now = chrono::Utc::now().timestamp();
+        let kept = match self.store.records().run_login(user, now) {
+            Ok(k) => k?,
+            Err(e) => {
+                tracing::warn!(user, error = %e, "reading a run's login");
+                return None;
+            }
+        };
+        if let Some(p) = password {
+            let given = secret_digest(p);
+            if !bool::from(given.as_bytes().ct_eq(kept.secret_sha256.as_bytes())) {
+                return None;
+            }
         }
+        grants_from_text(&kept.grants)
     }
 
     fn current_grants(&self, sub: &str) -> Result<Option<Grants>, AuthError> {
@@ -298,5 +378,59 @@ impl Auth {
             cache.insert(sub.to_string(), (g.clone(), std::time::Instant::now()));
         }
         Ok(g)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two servers over the same records: SQLite (a restart) and, when
+    /// `ACR_TASK_TEST_POSTGRES` names a server, PostgreSQL (two replicas).
+    fn pairs(dir: &Path) -> Vec<(&'static str, Arc<Auth>, Arc<Auth>)> {
+        let open = || Auth::open(dir, AuthSettings::default()).unwrap();
+        let mut out = vec![("sqlite", open(), open())];
+        if let Ok(url) = std::env::var("ACR_TASK_TEST_POSTGRES") {
+            let db = crate::pg::fresh_database(&url).unwrap();
+            let open = || {
+                let records = Box::new(postgres::PgAuth::open(&db).unwrap());
+                Auth::open_shared(records, AuthSettings::default()).unwrap()
+            };
+            out.push(("postgres", open(), open()));
+        }
+        out
+    }
+
+    #[test]
+    fn a_run_login_holds_on_every_server_of_the_same_records_until_the_run_ends() {
+        let d = tempfile::tempdir().unwrap();
+        for (name, here, there) in pairs(d.path()) {
+            let grants = Grants::Rules(vec![(
+                "app/*".into(),
+                vec![Permission::ContentRead, Permission::ContentWrite],
+            )]);
+            let login = here.start_run("r1", grants.clone(), Duration::from_secs(600));
+            // The other server has no memory of it: the records tell.
+            let user = login.username.as_str();
+            assert_eq!(
+                there.run_grants(user, Some(&login.password)),
+                Some(grants.clone()),
+                "{name}"
+            );
+            assert_eq!(there.run_grants(user, Some("not-the-password")), None);
+            assert_eq!(there.run_grants(user, None), Some(grants), "{name}");
+            here.end_run("r1");
+            assert_eq!(there.run_grants(user, Some(&login.password)), None);
+            // One that ran out is gone everywhere.
+            let short = here.start_run("r2", Grants::All, Duration::from_secs(0));
+            assert_eq!(
+                there.run_grants(&short.username, Some(&short.password)),
+                None,
+                "{name}"
+            );
+            // Both sign alike: a token one issues, the other accepts.
+            let (token, _) = here.issue("", Vec::new()).unwrap();
+            assert!(there.verify(&token).is_ok(), "{name}");
+        }
     }
 }

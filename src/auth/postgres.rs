@@ -6,7 +6,9 @@
 
 use tokio_postgres::Row;
 
-use super::records::{rules_from_rows, AuthRecords, Insert, Removal, TokenColumns, TokenRecord};
+use super::records::{
+    rules_from_rows, AuthRecords, Insert, Removal, RunLoginRecord, TokenColumns, TokenRecord,
+};
 use super::store::{ScopeMap, ScopeRule, Slot, TokenInfo, TokenStatus};
 use super::AuthError;
 use crate::pg::{args, Database, PgError};
@@ -22,6 +24,9 @@ CREATE TABLE auth_tokens(
     name TEXT PRIMARY KEY, scope_map TEXT NOT NULL, enabled BOOLEAN NOT NULL,
     expiry BIGINT, created BIGINT NOT NULL,
     password1 TEXT, password1_created BIGINT, password2 TEXT, password2_created BIGINT);
+", "
+CREATE TABLE auth_run_logins(username TEXT PRIMARY KEY, secret TEXT NOT NULL, grants TEXT NOT NULL,
+    expires BIGINT NOT NULL);
 "];
 
 /// The advisory lock counted inserts take ("acrauth").
@@ -145,6 +150,47 @@ async fn full(
 }
 
 impl AuthRecords for PgAuth {
+    fn put_run_login(&self, l: &RunLoginRecord, now: i64) -> Result<(), AuthError> {
+        let l = l.clone();
+        self.db.call(move |mut c| async move {
+            let tx = c.client()?.transaction().await.map_err(pg)?;
+            tx.execute("DELETE FROM auth_run_logins WHERE expires <= $1", &[&now])
+                .await
+                .map_err(pg)?;
+            tx.execute(
+                "INSERT INTO auth_run_logins(username, secret, grants, expires)
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (username) DO UPDATE
+                 SET secret = EXCLUDED.secret, grants = EXCLUDED.grants, expires = EXCLUDED.expires",
+                &[&l.user, &l.secret_sha256, &l.grants, &l.expires],
+            )
+            .await
+            .map_err(pg)?;
+            tx.commit().await.map_err(pg)
+        })
+    }
+
+    fn run_login(&self, user: &str, now: i64) -> Result<Option<RunLoginRecord>, AuthError> {
+        let rows = self.db.query(
+            "SELECT username, secret, grants, expires FROM auth_run_logins
+             WHERE username = $1 AND expires > $2",
+            args![user.to_string(), now],
+        )?;
+        Ok(rows.first().map(|r| RunLoginRecord {
+            user: r.get(0),
+            secret_sha256: r.get(1),
+            grants: r.get(2),
+            expires: r.get(3),
+        }))
+    }
+
+    fn delete_run_login(&self, user: &str) -> Result<(), AuthError> {
+        self.db.execute(
+            "DELETE FROM auth_run_logins WHERE username = $1",
+            args![user.to_string()],
+        )?;
+        Ok(())
+    }
+
     fn location(&self) -> String {
         self.location.clone()
     }

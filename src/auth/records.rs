@@ -59,6 +59,25 @@ pub trait AuthRecords: Send + Sync {
     fn token(&self, name: &str) -> Result<Option<TokenRecord>, AuthError>;
     /// Every token (no hashes), by name.
     fn tokens(&self) -> Result<Vec<TokenInfo>, AuthError>;
+
+    /// Keeps a run's login (replacing one of the same user); expired ones go.
+    fn put_run_login(&self, login: &RunLoginRecord, now: i64) -> Result<(), AuthError>;
+    /// A run's login, if it is kept and not expired at `now`.
+    fn run_login(&self, user: &str, now: i64) -> Result<Option<RunLoginRecord>, AuthError>;
+    /// Forgets a run's login.
+    fn delete_run_login(&self, user: &str) -> Result<(), AuthError>;
+}
+
+/// A run's own registry login as kept, so that a server restarting, or another replica,
+/// still knows it: the SHA-256 of its (random, single-use) password, what it may do, and
+/// until when (Unix seconds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunLoginRecord {
+    pub user: String,
+    pub secret_sha256: String,
+    /// `Grants::Rules` as JSON: `[[pattern, [action, ...]], ...]`.
+    pub grants: String,
+    pub expires: i64,
 }
 
 /// A scope map's rules from its (repository, action) rows in that order: one rule per

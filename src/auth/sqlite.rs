@@ -6,13 +6,16 @@ use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::records::{rules_from_rows, AuthRecords, Insert, Removal, TokenColumns, TokenRecord};
+use super::records::{
+    rules_from_rows, AuthRecords, Insert, Removal, RunLoginRecord, TokenColumns, TokenRecord,
+};
 use super::store::{ScopeMap, ScopeRule, Slot, TokenInfo, TokenStatus};
 use super::AuthError;
 
 /// `auth.db`'s schema, one entry per version (see [`crate::store::migrate`]).
-const MIGRATIONS: &[crate::store::migrate::Migration] = &[crate::store::migrate::Migration::Sql(
-    "CREATE TABLE IF NOT EXISTS settings(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+const MIGRATIONS: &[crate::store::migrate::Migration] = &[
+    crate::store::migrate::Migration::Sql(
+        "CREATE TABLE IF NOT EXISTS settings(key TEXT PRIMARY KEY, value TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS scope_maps(
                 name TEXT PRIMARY KEY, description TEXT NOT NULL, created INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS scope_rules(
@@ -23,7 +26,12 @@ const MIGRATIONS: &[crate::store::migrate::Migration] = &[crate::store::migrate:
                 expiry INTEGER, created INTEGER NOT NULL,
                 password1 TEXT, password1_created INTEGER,
                 password2 TEXT, password2_created INTEGER);",
-)];
+    ),
+    crate::store::migrate::Migration::Sql(
+        "CREATE TABLE run_logins(user TEXT PRIMARY KEY, secret TEXT NOT NULL, grants TEXT NOT NULL,
+            expires INTEGER NOT NULL);",
+    ),
+];
 
 /// [`AuthRecords`] in one SQLite file.
 pub struct SqliteAuth {
@@ -118,6 +126,42 @@ fn token_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRecord> {
 }
 
 impl AuthRecords for SqliteAuth {
+    fn put_run_login(&self, l: &RunLoginRecord, now: i64) -> Result<(), AuthError> {
+        let mut c = self.conn()?;
+        let tx = c.transaction()?;
+        tx.execute("DELETE FROM run_logins WHERE expires <= ?1", params![now])?;
+        tx.execute(
+            "INSERT OR REPLACE INTO run_logins(user, secret, grants, expires) VALUES (?1,?2,?3,?4)",
+            params![l.user, l.secret_sha256, l.grants, l.expires],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn run_login(&self, user: &str, now: i64) -> Result<Option<RunLoginRecord>, AuthError> {
+        Ok(self
+            .conn()?
+            .query_row(
+                "SELECT user, secret, grants, expires FROM run_logins WHERE user=?1 AND expires > ?2",
+                params![user, now],
+                |r| {
+                    Ok(RunLoginRecord {
+                        user: r.get(0)?,
+                        secret_sha256: r.get(1)?,
+                        grants: r.get(2)?,
+                        expires: r.get(3)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    fn delete_run_login(&self, user: &str) -> Result<(), AuthError> {
+        self.conn()?
+            .execute("DELETE FROM run_logins WHERE user=?1", params![user])?;
+        Ok(())
+    }
+
     fn location(&self) -> String {
         self.path.display().to_string()
     }

@@ -191,6 +191,11 @@ impl AuthStore {
         }
     }
 
+    /// The records themselves (run logins, which have no rules of their own here).
+    pub fn records(&self) -> &dyn AuthRecords {
+        self.records.as_ref()
+    }
+
     /// Where the records live, for messages.
     pub fn location(&self) -> String {
         self.records.location()

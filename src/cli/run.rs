@@ -24,7 +24,8 @@ use crate::task::{self, LoadOptions, Task};
   acr-task run -f acb.yaml .                  as `az acr run`: the context is positional
   acr-task run -f ci/acb.yaml https://github.com/org/app.git#main:src
   acr-task run --cmd '{{.Run.Registry}}/tools/lint:1 --fix' /dev/null
-  acr-task run acb.yaml --registry myregistry.example.com   pushes with your docker login")]
+  acr-task run acb.yaml --registry myregistry.example.com   pushes with your docker login
+  acr-task run --no-wait --agent-pool builders -f acb.yaml https://git.example.com/app.git")]
 pub struct RunArgs {
     /// `FILE [CONTEXT]`; with `-f FILE` or `--cmd`, just `[CONTEXT]`. A context is a local
     /// directory, `GIT_URL[#REF[:FOLDER]]`, or `/dev/null` for none. Default: the task
@@ -55,6 +56,10 @@ pub struct RunArgs {
     /// With --no-wait: the server [default: http://127.0.0.1:5000].
     #[arg(long, env = "ACR_TASK_SERVER", requires = "no_wait")]
     pub server: Option<String>,
+    /// With --no-wait: run it on an agent of this pool instead of the server's engine
+    /// (`az acr run --agent-pool`).
+    #[arg(long, value_name = "NAME", requires = "no_wait")]
+    pub agent_pool: Option<String>,
     /// A YAML values file for `{{.Values.x}}`.
     #[arg(long)]
     pub values: Option<PathBuf>,
@@ -349,6 +354,7 @@ fn queue_on_server(
         timeout: args.timeout,
         platform: args.platform.as_ref().map(ToString::to_string),
         set: args.set.clone(),
+        agent_pool: args.agent_pool.clone(),
         ..Default::default()
     };
     if let Some(v) = &args.values {
@@ -657,6 +663,7 @@ pub fn build(args: BuildArgs) -> anyhow::Result<ExitCode> {
         timeout: args.timeout,
         no_logs: args.no_logs,
         no_wait: false,
+        agent_pool: None,
         server: None,
         values: None,
         set: Vec::new(),

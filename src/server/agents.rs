@@ -201,6 +201,29 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
+/// Agents not heard from for this long are forgotten (their registration removed).
+const AGENT_FORGET: Duration = Duration::from_secs(3600);
+/// How often the leader looks for them.
+const AGENT_SWEEP: Duration = Duration::from_secs(60);
+
+/// The agents of `agents` last seen longer than `after` before `now` (or never readably).
+pub fn long_gone(
+    agents: &[AgentRecord],
+    now: chrono::DateTime<chrono::Utc>,
+    after: Duration,
+) -> Vec<String> {
+    let after = chrono::Duration::from_std(after).unwrap_or(chrono::Duration::MAX);
+    agents
+        .iter()
+        .filter(|a| {
+            chrono::DateTime::parse_from_rfc3339(&a.last_seen)
+                .map(|t| now.signed_duration_since(t) > after)
+                .unwrap_or(true)
+        })
+        .map(|a| a.id.clone())
+        .collect()
+}
+
 /// A pool's name as `az acr agentpool` takes it: 3 to 20 letters, digits and '-'.
 pub fn check_pool_name(name: &str) -> Result<(), String> {
     let ok = (3..=20).contains(&name.len())
@@ -277,6 +300,7 @@ impl AgentHub {
             tracing::error!("extending agents' leases at start");
         }
         let every = (self.lease / 4).clamp(Duration::from_millis(200), Duration::from_secs(2));
+        let mut last_sweep = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -284,6 +308,10 @@ impl AgentHub {
             }
             if !*leading.borrow() {
                 continue;
+            }
+            if last_sweep.elapsed() >= AGENT_SWEEP {
+                last_sweep = tokio::time::Instant::now();
+                self.forget_gone_agents().await;
             }
             let (db, max) = (self.queue.db().clone(), self.max_attempts);
             match blocking(move || db.expire_leases(max)).await {
@@ -295,6 +323,29 @@ impl AgentHub {
                 }
                 Err(_) => tracing::error!("checking agents' leases"),
             }
+        }
+    }
+
+    /// Removes the registrations of agents not heard from for [`AGENT_FORGET`] (killed,
+    /// or their machine gone): until then the pool lists them as offline.
+    async fn forget_gone_agents(&self) {
+        let db = self.queue.db().clone();
+        let gone = blocking(move || {
+            let agents = db.agents(None)?;
+            let gone = long_gone(&agents, chrono::Utc::now(), AGENT_FORGET);
+            for id in &gone {
+                db.remove_agent(id)?;
+            }
+            Ok(gone)
+        })
+        .await;
+        match gone {
+            Ok(gone) => {
+                for id in gone {
+                    tracing::info!(agent = %id, "forgot an agent not heard from for an hour");
+                }
+            }
+            Err(_) => tracing::error!("forgetting agents that are gone"),
         }
     }
 
@@ -902,7 +953,9 @@ async fn release(
     Path((_, run)): Path<(String, String)>,
     Json(b): Json<Held>,
 ) -> Response {
-    let (db, r, lease, max) = (h.queue.db().clone(), run.clone(), b.lease, h.max_attempts);
+    // A run an agent gives back (it is stopping) was not a failure: it does not use up
+    // the run's attempts, however often its agents stop.
+    let (db, r, lease, max) = (h.queue.db().clone(), run.clone(), b.lease, u32::MAX);
     match blocking(move || db.release_lease(&r, &lease, max)).await {
         Ok(Some(e)) => {
             h.handed_back(&e, "its agent is stopping").await;
@@ -910,5 +963,41 @@ async fn release(
         }
         Ok(None) => lost(&run),
         Err(r) => r,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent(id: &str, last_seen: &str) -> AgentRecord {
+        AgentRecord {
+            id: id.into(),
+            pool: "p".into(),
+            name: id.into(),
+            labels: Default::default(),
+            concurrency: 1,
+            version: String::new(),
+            registered_at: String::new(),
+            last_seen: last_seen.into(),
+            draining: false,
+        }
+    }
+
+    #[test]
+    fn agents_are_forgotten_only_long_after_they_were_last_heard_from() {
+        let now = chrono::DateTime::parse_from_rfc3339("2026-12-06T12:00:00Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        let agents = [
+            agent("fresh", "2026-12-06T11:59:50Z"),
+            agent("offline", "2026-12-06T11:30:00Z"),
+            agent("gone", "2026-12-06T10:59:59Z"),
+            agent("unreadable", "yesterday"),
+        ];
+        assert_eq!(
+            long_gone(&agents, now, Duration::from_secs(3600)),
+            ["gone", "unreadable"]
+        );
     }
 }

@@ -269,7 +269,7 @@ async fn hand_back(
         } else {
             (
                 "Failed",
-                format!("{why} (attempt {attempt} of {max_attempts})"),
+                format!("{why} (attempt {attempt}, the last: {max_attempts} may end this way)"),
             )
         };
         tx.execute(

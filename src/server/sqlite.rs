@@ -1017,7 +1017,7 @@ fn hand_back(
         } else {
             (
                 "Failed",
-                format!("{why} (attempt {attempt} of {max_attempts})"),
+                format!("{why} (attempt {attempt}, the last: {max_attempts} may end this way)"),
             )
         };
         tx.execute(

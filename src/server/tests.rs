@@ -654,12 +654,24 @@ fn every_store_backend_leases_pool_runs_once_and_hands_back_lost_ones() {
         assert!(back.requeued && back.attempt == 2, "{name}: {back:?}");
         let third = db.claim_leased("p1", "agent-c", 0).unwrap().unwrap();
         assert_eq!(third.run.attempt, 3);
+        // Given back with no limit (an agent stopping is no failure): queued again even
+        // past the attempts an expiry allows.
+        let given = db
+            .release_lease(&third.run.id, &third.lease, u32::MAX)
+            .unwrap()
+            .unwrap();
+        assert!(given.requeued && given.attempt == 3, "{name}: {given:?}");
+        let third = db.claim_leased("p1", "agent-c", 0).unwrap().unwrap();
+        assert_eq!(third.run.attempt, 4);
         std::thread::sleep(std::time::Duration::from_millis(5));
         let e = db.expire_leases(3).unwrap();
         assert!(!e[0].requeued, "{name}");
         let failed = db.run(&a.run.id).unwrap().unwrap();
         assert_eq!(failed.status, Status::Failed);
-        assert!(failed.error.unwrap().contains("attempt 3 of 3"));
+        assert!(failed
+            .error
+            .unwrap()
+            .contains("(attempt 4, the last: 3 may end this way)"));
         // Agents and pools.
         let agent = super::db::AgentRecord {
             id: "agent-a".into(),
