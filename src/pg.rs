@@ -10,7 +10,9 @@ use std::sync::Arc;
 
 use tokio::sync::{Mutex, OwnedMutexGuard};
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, NoTls, Row};
+use tokio_postgres::{Client, Row};
+
+pub use tls::Target;
 
 /// What the database (or reaching it) said, as a sentence.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -21,7 +23,16 @@ impl From<tokio_postgres::Error> for PgError {
     fn from(e: tokio_postgres::Error) -> PgError {
         PgError(match e.as_db_error() {
             Some(d) => format!("{} ({})", d.message(), d.code().code()),
-            None => e.to_string(),
+            // With its causes: "error performing TLS handshake" alone does not say why.
+            None => {
+                let mut text = e.to_string();
+                let mut cause = std::error::Error::source(&e);
+                while let Some(c) = cause {
+                    text.push_str(&format!(": {c}"));
+                    cause = c.source();
+                }
+                text
+            }
         })
     }
 }
@@ -53,7 +64,7 @@ impl Conn {
 
 /// A few connections, each used by one call at a time.
 struct Pool {
-    config: tokio_postgres::Config,
+    target: Target,
     conns: Vec<Arc<Mutex<Option<Client>>>>,
     next: AtomicUsize,
 }
@@ -73,15 +84,15 @@ impl Pool {
             }
         };
         if guard.as_ref().is_none_or(|c| c.is_closed()) {
-            *guard = Some(connect(&self.config).await?);
+            *guard = Some(connect(&self.target).await?);
         }
         Ok(Conn(guard))
     }
 }
 
 /// A connection with its driver spawned on the current runtime.
-pub async fn connect(config: &tokio_postgres::Config) -> Result<Client, PgError> {
-    let (client, connection) = config.connect(NoTls).await?;
+pub async fn connect(target: &Target) -> Result<Client, PgError> {
+    let (client, connection) = target.connect().await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::warn!(error = %e, "PostgreSQL connection ended");
@@ -97,22 +108,19 @@ pub struct Database {
 }
 
 impl Database {
-    /// For `url` (`postgres://user:password@host:port/database`); connects lazily. Calls
-    /// fail, rather than hang, when the database stops answering.
-    pub fn new(url: &str, name: &str) -> Result<Database, PgError> {
-        let mut config: tokio_postgres::Config = url.parse().map_err(|e| {
-            PgError(format!(
-                "--database: {e} (write it as postgres://USER:PASSWORD@HOST:PORT/DATABASE)"
-            ))
-        })?;
-        config.connect_timeout(std::time::Duration::from_secs(10));
-        config.options("-c statement_timeout=30000 -c lock_timeout=30000");
+    /// For `target`; connects lazily. Calls fail, rather than hang, when the database
+    /// stops answering.
+    pub fn new(target: &Target, name: &str) -> Result<Database, PgError> {
+        let mut target = target.clone();
+        target
+            .config
+            .options("-c statement_timeout=30000 -c lock_timeout=30000");
         let rt = crate::background::OwnRuntime::new(name, 2)
             .map_err(|e| PgError(format!("starting the database client: {e}")))?;
         Ok(Database {
             rt,
             pool: Arc::new(Pool {
-                config,
+                target,
                 conns: (0..CONNECTIONS)
                     .map(|_| Arc::new(Mutex::new(None)))
                     .collect(),
@@ -122,8 +130,8 @@ impl Database {
     }
 
     /// How to connect (for connections of a caller's own: a lock holder, a listener).
-    pub fn config(&self) -> &tokio_postgres::Config {
-        &self.pool.config
+    pub fn target(&self) -> &Target {
+        &self.pool.target
     }
 
     /// Runs `f` with a connection on this database's runtime and waits for it.
@@ -219,16 +227,237 @@ pub async fn migrate(
 /// For tests: a new, empty database beside the one `url` names; its URL.
 #[cfg(test)]
 pub fn fresh_database(url: &str) -> Result<String, PgError> {
-    let config: tokio_postgres::Config = url.parse().map_err(|e| PgError(format!("{e}")))?;
+    let target = Target::parse(url, &[])?;
     let name = format!("t{}", uuid::Uuid::new_v4().simple());
     let rt = crate::background::OwnRuntime::new("acr-task-pg-test", 1)
         .map_err(|e| PgError(e.to_string()))?;
     let n = name.clone();
     rt.wait(async move {
-        let c = connect(&config).await?;
+        let c = connect(&target).await?;
         Ok::<_, PgError>(c.batch_execute(&format!("CREATE DATABASE {n}")).await?)
     })
     .ok_or_else(|| PgError("stopped".into()))??;
     let (base, _) = url.rsplit_once('/').unwrap_or((url, ""));
     Ok(format!("{base}/{name}"))
+}
+
+/// TLS to the database, with rustls (aws-lc-rs, the one crypto backend): used when the URL
+/// asks for it (`sslmode=require`), the server's certificate checked against the system's
+/// roots and `--ca-cert`, and against the host name (or IP address) the URL gives, as
+/// libpq's `verify-full` does. Without `sslmode=require` the connection is plain TCP: no
+/// TLS that checks nothing is ever pretended.
+mod tls {
+    use std::future::Future;
+    use std::io;
+    use std::path::PathBuf;
+    use std::pin::Pin;
+    use std::sync::Arc;
+    use std::task::{Context, Poll};
+
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+    use tokio_postgres::config::SslMode;
+    use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream};
+    use tokio_postgres::Socket;
+    use tokio_rustls::rustls;
+
+    use super::PgError;
+
+    /// Where a database is and how to reach it.
+    #[derive(Clone)]
+    pub struct Target {
+        pub config: tokio_postgres::Config,
+        tls: MakeRustls,
+    }
+
+    impl Target {
+        /// `url` (`postgres://USER:PASSWORD@HOST:PORT/DATABASE[?sslmode=require]`), with
+        /// `ca_certs` (PEM files) trusted beside the system's roots when TLS is asked for.
+        pub fn parse(url: &str, ca_certs: &[PathBuf]) -> Result<Target, PgError> {
+            let mut config: tokio_postgres::Config = url.parse().map_err(|e| {
+                PgError(format!(
+                    "--database: {e} (write it as \
+                     postgres://USER:PASSWORD@HOST:PORT/DATABASE[?sslmode=require])"
+                ))
+            })?;
+            config.connect_timeout(std::time::Duration::from_secs(10));
+            let tls = match config.get_ssl_mode() {
+                SslMode::Require => Some(client_config(ca_certs)?),
+                // `prefer` (the default) would take TLS without checking who answers.
+                _ => {
+                    config.ssl_mode(SslMode::Disable);
+                    None
+                }
+            };
+            Ok(Target {
+                config,
+                tls: MakeRustls(tls),
+            })
+        }
+
+        /// Whether connections use TLS.
+        pub fn tls(&self) -> bool {
+            self.tls.0.is_some()
+        }
+
+        /// One connection and its driver.
+        pub async fn connect(
+            &self,
+        ) -> Result<
+            (
+                tokio_postgres::Client,
+                tokio_postgres::Connection<Socket, RustlsStream>,
+            ),
+            tokio_postgres::Error,
+        > {
+            self.config.connect(self.tls.clone()).await
+        }
+    }
+
+    fn client_config(ca_certs: &[PathBuf]) -> Result<Arc<rustls::ClientConfig>, PgError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::CertificateDer;
+        let mut roots = Vec::new();
+        for path in ca_certs {
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| PgError(format!("--ca-cert {}: {e}", path.display())))?;
+            roots.extend(certs);
+        }
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let verifier =
+            rustls_platform_verifier::Verifier::new_with_extra_roots(roots, provider.clone())
+                .map_err(|e| PgError(format!("the trusted certificates: {e}")))?;
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| PgError(format!("TLS: {e}")))?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_no_client_auth();
+        Ok(Arc::new(config))
+    }
+
+    /// Makes a TLS session per connection (none configured: connections stay plain,
+    /// and tokio-postgres never asks for one with `sslmode=disable`).
+    #[derive(Clone)]
+    pub struct MakeRustls(Option<Arc<rustls::ClientConfig>>);
+
+    pub struct RustlsConnect {
+        config: Option<Arc<rustls::ClientConfig>>,
+        host: String,
+    }
+
+    impl MakeTlsConnect<Socket> for MakeRustls {
+        type Stream = RustlsStream;
+        type TlsConnect = RustlsConnect;
+        type Error = io::Error;
+
+        fn make_tls_connect(&mut self, host: &str) -> io::Result<RustlsConnect> {
+            Ok(RustlsConnect {
+                config: self.0.clone(),
+                host: host.to_string(),
+            })
+        }
+    }
+
+    impl TlsConnect<Socket> for RustlsConnect {
+        type Stream = RustlsStream;
+        type Error = io::Error;
+        type Future = Pin<Box<dyn Future<Output = io::Result<RustlsStream>> + Send>>;
+
+        fn connect(self, stream: Socket) -> Self::Future {
+            Box::pin(async move {
+                let config = self
+                    .config
+                    .ok_or_else(|| io::Error::other("TLS was not asked for (sslmode=require)"))?;
+                let name = rustls::pki_types::ServerName::try_from(self.host.clone())
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+                let tls = tokio_rustls::TlsConnector::from(config)
+                    .connect(name, stream)
+                    .await?;
+                Ok(RustlsStream(Box::new(tls)))
+            })
+        }
+    }
+
+    pub struct RustlsStream(Box<tokio_rustls::client::TlsStream<Socket>>);
+
+    impl AsyncRead for RustlsStream {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut *self.0).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for RustlsStream {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Pin::new(&mut *self.0).poll_write(cx, buf)
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut *self.0).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut *self.0).poll_shutdown(cx)
+        }
+    }
+
+    impl TlsStream for RustlsStream {
+        fn channel_binding(&self) -> ChannelBinding {
+            // SCRAM without channel binding (libpq's `channel_binding=prefer` takes it so);
+            // the certificate check is what ties the session to the server.
+            ChannelBinding::none()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether the connection `target` makes is encrypted, as the server sees it.
+    fn encrypted(target: &Target) -> Result<bool, PgError> {
+        let db = Database::new(target, "acr-task-pg-test")?;
+        let rows = db.query(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            Vec::new(),
+        )?;
+        Ok(rows.first().is_some_and(|r| r.get::<_, bool>(0)))
+    }
+
+    #[test]
+    fn tls_is_used_when_asked_for_and_checks_who_answers() {
+        let Ok(url) = std::env::var("ACR_TASK_TEST_POSTGRES") else {
+            return;
+        };
+        let ca = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tls/ca.pem");
+        // Plain unless asked (the server offers TLS: `prefer` would take it unchecked).
+        let plain = Target::parse(&url, std::slice::from_ref(&ca)).unwrap();
+        assert!(!plain.tls());
+        assert!(!encrypted(&plain).unwrap());
+        let tls_url = format!("{url}?sslmode=require");
+        let tls = Target::parse(&tls_url, std::slice::from_ref(&ca)).unwrap();
+        assert!(tls.tls());
+        assert!(encrypted(&tls).unwrap(), "sslmode=require with the CA");
+        // A server whose certificate nothing trusted signed is refused.
+        let untrusted = Target::parse(&tls_url, &[]).unwrap();
+        let err = encrypted(&untrusted).unwrap_err().to_string();
+        assert!(err.contains("certificate"), "{err}");
+        // So is one answering for a name its certificate does not carry.
+        let other_name = tls_url.replace("127.0.0.1", "127.0.0.2");
+        if let Ok(t) = Target::parse(&other_name, std::slice::from_ref(&ca)) {
+            let e = encrypted(&t).map(|_| ()).unwrap_err().to_string();
+            assert!(e.contains("certificate") || e.contains("connect"), "{e}");
+        }
+        // A CA file that is not one says which.
+        let bad = Target::parse(&tls_url, &[std::path::PathBuf::from("/nonexistent/ca.pem")]);
+        assert!(bad.is_err_and(|e| e.0.contains("/nonexistent/ca.pem")));
+    }
 }

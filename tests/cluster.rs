@@ -94,11 +94,17 @@ async fn replicas_share_the_queue_and_a_leader_kill_loses_no_timer_or_run() {
         "3",
     ];
     let first = Serve::start_with(&da, 2, &args);
+    // The second reaches the database over TLS (the test server's certificate, checked
+    // against the test CA): a replica on another machine would.
+    let tls_url = format!("{}?sslmode=require", postgres_for(&url, &da));
+    let ca = tls("ca.pem");
+    let mut b_args = args.to_vec();
+    b_args.extend(["--database", &tls_url, "--ca-cert", &ca]);
     // The admin's password was made once, by the first replica, for both: the second
     // finds the admin made and makes none (the operator hands the password around).
     std::fs::create_dir_all(&db).unwrap();
     assert!(!first.password.is_empty());
-    let mut replicas = vec![first, Serve::start_with(&db, 2, &args)];
+    let mut replicas = vec![first, Serve::start_with(&db, 2, &b_args)];
     assert_eq!(
         admin_password(&db),
         "",

@@ -49,21 +49,23 @@ pub struct PgAuth {
 }
 
 impl PgAuth {
-    /// Connects to `url` and brings auth's tables up to date.
+    /// Connects to `url` (no TLS), as [`PgAuth::open_target`].
     pub fn open(url: &str) -> Result<PgAuth, AuthError> {
-        let db = Database::new(url, "acr-task-pg-auth")?;
+        Self::open_target(&crate::pg::Target::parse(url, &[])?)
+    }
+
+    /// Connects to `target` and brings auth's tables up to date.
+    pub fn open_target(target: &crate::pg::Target) -> Result<PgAuth, AuthError> {
+        let db = Database::new(target, "acr-task-pg-auth")?;
         db.call(|mut c| async move {
             crate::pg::migrate(c.client()?, "acr_task_auth_migrations", MIGRATIONS).await?;
             Ok::<_, AuthError>(())
         })?;
         // Where, for messages: never the password.
-        let location = match url.parse::<tokio_postgres::Config>() {
-            Ok(c) => format!(
-                "PostgreSQL database {} (auth_* tables)",
-                c.get_dbname().unwrap_or("?")
-            ),
-            Err(_) => "PostgreSQL (auth_* tables)".into(),
-        };
+        let location = format!(
+            "PostgreSQL database {} (auth_* tables)",
+            target.config.get_dbname().unwrap_or("?")
+        );
         Ok(PgAuth { db, location })
     }
 }

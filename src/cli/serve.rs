@@ -44,8 +44,9 @@ pub struct ServeArgs {
     /// The private key (PEM) of --tls-cert.
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
-    /// Also trust this CA certificate (PEM) for HTTPS webhook receivers and, in the task
-    /// service, when polling base images in other registries; repeatable.
+    /// Also trust this CA certificate (PEM) for HTTPS webhook receivers, for the database's
+    /// TLS and, in the task service, when polling base images in other registries;
+    /// repeatable.
     #[arg(long, value_name = "FILE")]
     pub ca_cert: Vec<PathBuf>,
     /// Largest blob the registry accepts (e.g. 20GiB, 512MiB).
@@ -81,10 +82,12 @@ pub struct ServeArgs {
     /// stops heartbeating goes to another agent after it (agents heartbeat every third).
     #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(3..=3600))]
     pub agent_lease: u64,
-    /// Keep tasks, runs and the run queue in PostgreSQL instead of the data directory's
-    /// `server.db`: `postgres://USER:PASSWORD@HOST:PORT/DATABASE` (the schema is made and
-    /// migrated at start). The registry's metadata, tokens and webhooks stay in the data
-    /// directory for now.
+    /// Keep tasks, runs, the run queue, run logs and credentials in PostgreSQL instead of
+    /// the data directory, shared by every replica given the same URL:
+    /// `postgres://USER:PASSWORD@HOST:PORT/DATABASE` (the schema is made and migrated at
+    /// start); add `?sslmode=require` for TLS, the server checked against the system's
+    /// roots and --ca-cert. The registry's metadata and webhooks stay in the data directory
+    /// for now.
     #[arg(long, value_name = "URL", env = "ACR_TASK_DATABASE")]
     pub database: Option<String>,
     #[command(flatten)]

@@ -59,6 +59,8 @@ pub enum ServerError {
     Join(#[from] tokio::task::JoinError),
     #[error(transparent)]
     Auth(#[from] crate::auth::AuthError),
+    #[error("the database: {0}")]
+    Pg(#[from] crate::pg::PgError),
     #[error("--insecure-open-api serves the task API without credentials, so only on a loopback address; {0} is not one (drop the flag, or listen on 127.0.0.1)")]
     OpenApiNotLoopback(SocketAddr),
 }
@@ -229,10 +231,17 @@ impl Server {
         let registry =
             tokio::task::spawn_blocking(move || Registry::open_with(&reg_dir, limits)).await??;
         let db_path = cfg.data_dir.join("server.db");
-        let database = cfg.database.clone();
+        // The shared database, reached over TLS when its URL says sslmode=require (the
+        // server's certificate checked against the system's roots and --ca-cert).
+        let target = cfg
+            .database
+            .as_deref()
+            .map(|url| crate::pg::Target::parse(url, &cfg.ca_certs))
+            .transpose()?;
+        let server_target = target.clone();
         let db: Arc<dyn db::ServerStore> = tokio::task::spawn_blocking(move || {
-            Ok::<Arc<dyn db::ServerStore>, db::DbError>(match database {
-                Some(url) => Arc::new(postgres::PgServer::open(&url)?),
+            Ok::<Arc<dyn db::ServerStore>, db::DbError>(match server_target {
+                Some(t) => Arc::new(postgres::PgServer::open_target(&t)?),
                 None => Arc::new(sqlite::SqliteServer::open(&db_path)?),
             })
         })
@@ -253,13 +262,12 @@ impl Server {
             cfg.auth.clone(),
             cfg.data_dir.clone(),
         );
-        let database = cfg.database.clone();
         let (auth, initial_admin) = tokio::task::spawn_blocking(move || {
             // Replicas sharing a database share tokens, scope maps, the admin and the
             // signing key: a credential works on any of them.
-            let auth = match database {
-                Some(url) => crate::auth::Auth::open_shared(
-                    Box::new(crate::auth::postgres::PgAuth::open(&url)?),
+            let auth = match target {
+                Some(t) => crate::auth::Auth::open_shared(
+                    Box::new(crate::auth::postgres::PgAuth::open_target(&t)?),
                     settings,
                 )?,
                 None => crate::auth::Auth::open(&reg_dir, settings)?,

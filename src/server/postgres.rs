@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use tokio::sync::Mutex;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, NoTls, Row};
+use tokio_postgres::{Client, Row};
 
 use crate::pg::{args, Args, Database, PgError};
 
@@ -135,11 +135,16 @@ struct Leader {
 }
 
 impl PgServer {
-    /// Connects to `url` (`postgres://user:password@host:port/database`), brings the schema
-    /// up to date and reads (or makes) the run-id prefix. Says what to check when the
-    /// database does not answer.
+    /// Connects to `url` (`postgres://user:password@host:port/database`, no TLS), as
+    /// [`PgServer::open_target`].
     pub fn open(url: &str) -> Result<PgServer, DbError> {
-        let db = Database::new(url, "acr-task-pg")?;
+        Self::open_target(&crate::pg::Target::parse(url, &[])?)
+    }
+
+    /// Connects to `target`, brings the schema up to date and reads (or makes) the run-id
+    /// prefix. Says what to check when the database does not answer.
+    pub fn open_target(target: &crate::pg::Target) -> Result<PgServer, DbError> {
+        let db = Database::new(target, "acr-task-pg")?;
         let mut store = PgServer {
             db,
             prefix: String::new(),
@@ -204,11 +209,11 @@ async fn run_prefix(c: &mut Client) -> Result<String, DbError> {
 /// notification (and once on connecting: what happened while away is looked at too);
 /// returns when the connection ends.
 async fn listen_once(
-    config: &tokio_postgres::Config,
+    target: &crate::pg::Target,
     wake: &Arc<dyn Fn() + Send + Sync>,
 ) -> Result<(), DbError> {
     use futures_util::StreamExt as _;
-    let (client, mut connection) = config.connect(NoTls).await.map_err(pg)?;
+    let (client, mut connection) = target.connect().await.map_err(pg)?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let drive = tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -1071,7 +1076,7 @@ impl ServerStore for PgServer {
     }
 
     fn try_lead(&self) -> Result<bool, DbError> {
-        let (slot, config) = (self.leader.clone(), self.db.config().clone());
+        let (slot, target) = (self.leader.clone(), self.db.target().clone());
         self.db.wait(async move {
             let mut l = slot.lock().await;
             if l.client.as_ref().is_some_and(|c| c.is_closed()) {
@@ -1080,14 +1085,14 @@ impl ServerStore for PgServer {
             let client = match l.client.take() {
                 Some(c) => c,
                 None => {
-                    let mut config = config;
+                    let mut target = target;
                     // The database notices a leader that vanished (and frees its
                     // lock for the next) within about ten seconds, not hours.
-                    config.options(
+                    target.config.options(
                         "-c statement_timeout=5000 -c tcp_keepalives_idle=5 \
                              -c tcp_keepalives_interval=2 -c tcp_keepalives_count=3",
                     );
-                    crate::pg::connect(&config).await?
+                    crate::pg::connect(&target).await?
                 }
             };
             let ask = if l.holding {
@@ -1123,11 +1128,11 @@ impl ServerStore for PgServer {
     }
 
     fn listen(&self, wake: Arc<dyn Fn() + Send + Sync>) -> Result<(), DbError> {
-        let config = self.db.config().clone();
+        let target = self.db.target().clone();
         self.db.spawn(async move {
             let mut warned = false;
             loop {
-                match listen_once(&config, &wake).await {
+                match listen_once(&target, &wake).await {
                     Ok(()) => warned = false,
                     Err(e) if !warned => {
                         tracing::warn!(error = %e, "listening for run changes (polling meanwhile)");

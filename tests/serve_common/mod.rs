@@ -121,9 +121,12 @@ impl Serve {
         let tree = env!("CARGO_MANIFEST_DIR");
         // Under `scripts/with-postgres`, the server keeps its state in PostgreSQL: a
         // database of its own, made once per data directory (a restart finds it again).
+        // (Unless the test names the database itself.)
         let database: Vec<String> = match std::env::var("ACR_TASK_TEST_POSTGRES") {
-            Ok(url) => vec!["--database".into(), postgres_for(&url, data)],
-            Err(_) => Vec::new(),
+            Ok(url) if !extra.contains(&"--database") => {
+                vec!["--database".into(), postgres_for(&url, data)]
+            }
+            _ => Vec::new(),
         };
         let mut child = Command::new(bin())
             .args(["serve", "--listen", listen, "--data"])
