@@ -109,31 +109,25 @@ impl Api {
         let Some((u, p)) = &self.login else {
             return Ok(());
         };
-        let url = format!(
-            "{}{}?scope=registry:tasks:read,write",
-            self.base,
-            crate::auth::http::TOKEN_PATH
-        );
-        let resp = self
-            .http
-            .get(&url)
-            .basic_auth(u, Some(p))
-            .timeout(Duration::from_secs(30))
-            .send()
+        use crate::auth::http::{fetch_api_token, ApiToken};
+        match fetch_api_token(&self.http, &self.base, u, p)
             .await
-            .map_err(self.unreachable())?;
-        let status = resp.status();
-        let v: Value = resp.json().await.unwrap_or_default();
-        match v["token"].as_str().or_else(|| v["access_token"].as_str()) {
-            Some(t) if status.is_success() => {
+            .map_err(self.unreachable())?
+        {
+            ApiToken::Token(t) => {
                 if let Ok(mut b) = self.bearer.lock() {
-                    *b = Some(t.to_string());
+                    *b = Some(t);
                 }
                 Ok(())
             }
-            _ => Err(AgentError::Refused(format!(
+            ApiToken::Refused(status) => Err(AgentError::Refused(format!(
                 "the server refused the login of {u} (HTTP {status}): give a token with \
                  tasks/write in ACR_TASK_USERNAME and ACR_TASK_PASSWORD"
+            ))),
+            ApiToken::NoEndpoint => Err(AgentError::Refused(format!(
+                "{} has no token endpoint ({}): is it an acr-task serve of this version?",
+                self.base,
+                crate::auth::http::TOKEN_PATH
             ))),
         }
     }

@@ -22,6 +22,45 @@ const LOGIN_QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(10)
 /// Path of the token endpoint (ACR's).
 pub const TOKEN_PATH: &str = "/oauth2/token";
 
+/// What a server's token endpoint answered a client of the task API.
+#[derive(Debug)]
+pub enum ApiToken {
+    /// A bearer token for `registry:tasks:read,write`.
+    Token(String),
+    /// The server has no token endpoint (an older one): send the credentials each time.
+    NoEndpoint,
+    /// The credentials were refused, with this HTTP status.
+    Refused(reqwest::StatusCode),
+}
+
+/// Asks `base`'s token endpoint for a task-API bearer token with `user`'s password, the
+/// one way the CLI and agents log in for many calls.
+pub async fn fetch_api_token(
+    http: &reqwest::Client,
+    base: &str,
+    user: &str,
+    password: &str,
+) -> Result<ApiToken, reqwest::Error> {
+    let url = format!("{base}{TOKEN_PATH}?scope=registry:tasks:read,write");
+    let resp = http
+        .get(&url)
+        .basic_auth(user, Some(password))
+        .timeout(std::time::Duration::from_secs(30))
+        .send()
+        .await?;
+    let status = resp.status();
+    if status == reqwest::StatusCode::NOT_FOUND {
+        return Ok(ApiToken::NoEndpoint);
+    }
+    let v: serde_json::Value = resp.json().await.unwrap_or_default();
+    Ok(
+        match v["token"].as_str().or_else(|| v["access_token"].as_str()) {
+            Some(t) if status.is_success() => ApiToken::Token(t.to_string()),
+            _ => ApiToken::Refused(status),
+        },
+    )
+}
+
 /// Why a request was refused; renders as a distribution error body.
 #[derive(Debug)]
 pub enum AuthFailure {

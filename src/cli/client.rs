@@ -151,35 +151,24 @@ impl Client {
         let Some((u, p)) = &self.credentials else {
             return Ok(());
         };
-        let url = format!(
-            "{}{}?scope=registry:tasks:read,write",
-            self.base,
-            crate::auth::http::TOKEN_PATH
-        );
-        let resp = self
-            .http
-            .get(&url)
-            .basic_auth(u, Some(p))
-            .send()
+        use crate::auth::http::{fetch_api_token, ApiToken};
+        let answer = fetch_api_token(&self.http, &self.base, u, p)
             .await
             .with_context(|| format!("cannot reach the server at {}", self.base))?;
-        let status = resp.status();
-        if status == reqwest::StatusCode::NOT_FOUND {
-            // A server without the endpoint: the credentials on every call, as before.
-            self.tokens
-                .store(false, std::sync::atomic::Ordering::Relaxed);
-            return Ok(());
-        }
-        let v: Value = resp.json().await.unwrap_or_default();
-        let token = v["token"].as_str().or_else(|| v["access_token"].as_str());
-        match token {
-            Some(t) if status.is_success() => {
+        match answer {
+            ApiToken::Token(t) => {
                 if let Ok(mut b) = self.bearer.lock() {
-                    *b = Some(t.to_string());
+                    *b = Some(t);
                 }
                 Ok(())
             }
-            _ => bail!(
+            // A server without the endpoint: the credentials on every call, as before.
+            ApiToken::NoEndpoint => {
+                self.tokens
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
+                Ok(())
+            }
+            ApiToken::Refused(status) => bail!(
                 "the server at {} refused the login of {u} (HTTP {status})",
                 self.base
             ),
