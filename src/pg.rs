@@ -48,8 +48,10 @@ macro_rules! args {
 }
 pub(crate) use args;
 
-/// Connections kept (each call takes one for its transaction).
-const CONNECTIONS: usize = 4;
+/// Connections kept (each call takes one for its transaction): as many as agents and
+/// clients keep a replica busy with on two cores, well under PostgreSQL's default 100
+/// for a few replicas.
+const CONNECTIONS: usize = 8;
 
 /// One connection, held for a call.
 pub struct Conn(OwnedMutexGuard<Option<Client>>);

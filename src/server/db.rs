@@ -128,6 +128,15 @@ pub struct Expired {
     pub requeued: bool,
 }
 
+/// What another server did to a run, as [`ServerStore::listen`] hears it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunChange {
+    /// A run waits to be claimed (queued, or queued again).
+    Queued,
+    /// A run ended.
+    Ended,
+}
+
 /// A run to add to the queue.
 #[derive(Debug, Clone)]
 pub struct NewRun {
@@ -307,7 +316,7 @@ pub trait ServerStore: Send + Sync {
     /// Calls `wake` whenever another server queues, hands back or ends a run (so its
     /// queue and waiting agents look at once instead of at their next poll). Nothing to
     /// do where one server owns the database.
-    fn listen(&self, wake: std::sync::Arc<dyn Fn() + Send + Sync>) -> Result<(), DbError>;
+    fn listen(&self, wake: std::sync::Arc<dyn Fn(RunChange) + Send + Sync>) -> Result<(), DbError>;
     /// Asks whoever holds `run`'s lease (an agent, or another server) to cancel it at its
     /// next renewal; false if the run is not running under a lease.
     fn request_cancel(&self, run: &str) -> Result<bool, DbError>;

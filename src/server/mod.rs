@@ -361,7 +361,7 @@ impl Server {
         {
             // Another server sharing the database queued, handed back or ended a run.
             let q = queue.clone();
-            self.db.listen(Arc::new(move || q.wake()))?;
+            self.db.listen(Arc::new(move |change| q.wake(change)))?;
         }
         background.spawn_graceful(queue.clone().run_loop(exec, halt.clone()));
         background.spawn_graceful(hub.clone().expiry_loop(halt.clone(), leading.clone()));

@@ -20,7 +20,7 @@ use crate::exec::{RunReport, Status};
 
 use super::db::{
     ms_to_rfc3339, now, now_ms, AgentPool, AgentRecord, Claimed, DbError, Expired, LeaseState,
-    NewRun, RunFilter, ServerStore,
+    NewRun, RunChange, RunFilter, ServerStore,
 };
 use super::model::{RunRecord, TaskSpec};
 
@@ -70,9 +70,6 @@ CREATE TABLE run_logs(run TEXT NOT NULL, start BIGINT NOT NULL, data BYTEA NOT N
 ALTER TABLE runs ADD COLUMN holder TEXT;
 ",
 ];
-
-/// The class of the advisory locks that make one run's log appends take turns ("log").
-const LOG_LOCK: i32 = 0x006c_6f67;
 
 /// The channel a run's change (queued, queued again, ended) is announced on; one
 /// notification per status a transaction wrote (PostgreSQL folds repeats).
@@ -210,17 +207,22 @@ async fn run_prefix(c: &mut Client) -> Result<String, DbError> {
 /// returns when the connection ends.
 async fn listen_once(
     target: &crate::pg::Target,
-    wake: &Arc<dyn Fn() + Send + Sync>,
+    wake: &Arc<dyn Fn(RunChange) + Send + Sync>,
 ) -> Result<(), DbError> {
     use futures_util::StreamExt as _;
     let (client, mut connection) = target.connect().await.map_err(pg)?;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<RunChange>();
     let drive = tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
         while let Some(m) = messages.next().await {
             match m {
-                Ok(tokio_postgres::AsyncMessage::Notification(_)) => {
-                    if tx.send(()).is_err() {
+                Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                    // The payload is the run's new status.
+                    let change = match n.payload() {
+                        "Queued" => RunChange::Queued,
+                        _ => RunChange::Ended,
+                    };
+                    if tx.send(change).is_err() {
                         return;
                     }
                 }
@@ -240,9 +242,10 @@ async fn listen_once(
         drive.abort();
         return Err(e);
     }
-    wake();
-    while rx.recv().await.is_some() {
-        wake();
+    // What happened while away is looked at too.
+    wake(RunChange::Queued);
+    while let Some(change) = rx.recv().await {
+        wake(change);
     }
     Ok(())
 }
@@ -872,19 +875,23 @@ impl ServerStore for PgServer {
         let (pool, agent) = (pool.to_string(), agent.to_string());
         self.call(move |mut c| async move {
             let tx = c.client()?.transaction().await.map_err(pg)?;
-            // The pool's row lock makes its claims take turns, so its limit holds across
-            // agents and servers; the runs themselves are skipped when locked.
             let Some(row) = tx
-                .query_opt(
-                    "SELECT record FROM agent_pools WHERE name=$1 FOR UPDATE",
-                    &[&pool],
-                )
+                .query_opt("SELECT record FROM agent_pools WHERE name=$1", &[&pool])
                 .await
                 .map_err(pg)?
             else {
                 return Ok(None);
             };
             if let Some(max) = serde_json::from_str::<AgentPool>(row.get::<_, &str>(0))?.max_runs {
+                // A pool with a limit: its row lock makes its claims take turns, so the
+                // limit holds across agents and servers. (Without one, claims run side by
+                // side; the runs themselves are skipped when locked.)
+                tx.execute(
+                    "SELECT 1 FROM agent_pools WHERE name=$1 FOR UPDATE",
+                    &[&pool],
+                )
+                .await
+                .map_err(pg)?;
                 let running: i64 = tx
                     .query_one(
                         "SELECT COUNT(*) FROM runs WHERE pool=$1 AND status='Running'",
@@ -1031,24 +1038,32 @@ impl ServerStore for PgServer {
         }
         let (run, text) = (run.to_string(), text.to_vec());
         self.call(move |mut c| async move {
-            let tx = c.client()?.transaction().await.map_err(pg)?;
-            // Appends to one run's log take turns (an agent's batches may arrive at two
-            // replicas); each is one chunk, at the log's end.
-            tx.execute(
-                "SELECT pg_advisory_xact_lock($1, hashtext($2))",
-                &[&LOG_LOCK, &run],
-            )
-            .await
-            .map_err(pg)?;
-            tx.execute(
-                "INSERT INTO run_logs(run, start, data)
-                 SELECT $1, COALESCE(MAX(start + length(data)), 0), $2 FROM run_logs
-                 WHERE run = $1",
-                &[&run, &text],
-            )
-            .await
-            .map_err(pg)?;
-            tx.commit().await.map_err(pg)
+            let c = c.client()?;
+            // One statement: the chunk goes at the log's end. Two appends to one run's
+            // log at once (an agent's batches reaching two replicas) would pick the same
+            // start; the key refuses the second, which tries again at the new end.
+            let mut tries = 0;
+            loop {
+                let r = c
+                    .execute(
+                        "INSERT INTO run_logs(run, start, data)
+                         SELECT $1, COALESCE(MAX(start + length(data)), 0), $2 FROM run_logs
+                         WHERE run = $1",
+                        &[&run, &text],
+                    )
+                    .await;
+                match r {
+                    Ok(_) => return Ok(()),
+                    Err(e)
+                        if tries < 10
+                            && e.code()
+                                == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) =>
+                    {
+                        tries += 1;
+                    }
+                    Err(e) => return Err(pg(e)),
+                }
+            }
         })
     }
 
@@ -1127,7 +1142,7 @@ impl ServerStore for PgServer {
         })?
     }
 
-    fn listen(&self, wake: Arc<dyn Fn() + Send + Sync>) -> Result<(), DbError> {
+    fn listen(&self, wake: Arc<dyn Fn(RunChange) + Send + Sync>) -> Result<(), DbError> {
         let target = self.db.target().clone();
         self.db.spawn(async move {
             let mut warned = false;

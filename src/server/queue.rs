@@ -97,9 +97,12 @@ impl Queue {
         self.lease.as_millis().min(u128::from(u64::MAX)) as u64
     }
 
-    /// Wakes the scheduler and everyone watching the runs (another server changed them).
-    pub fn wake(&self) {
-        self.notify.notify_one();
+    /// Another server changed a run: a run to claim wakes the scheduler; every change
+    /// wakes those watching the runs (pages, followers, waiting agents).
+    pub fn wake(&self, change: super::db::RunChange) {
+        if change == super::db::RunChange::Queued {
+            self.notify.notify_one();
+        }
         self.changed();
     }
 

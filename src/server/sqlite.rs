@@ -975,7 +975,10 @@ impl ServerStore for SqliteServer {
         Ok(true)
     }
 
-    fn listen(&self, _wake: std::sync::Arc<dyn Fn() + Send + Sync>) -> Result<(), DbError> {
+    fn listen(
+        &self,
+        _wake: std::sync::Arc<dyn Fn(super::db::RunChange) + Send + Sync>,
+    ) -> Result<(), DbError> {
         Ok(())
     }
 

@@ -728,16 +728,18 @@ fn a_run_change_on_one_server_wakes_another() {
     let b = super::postgres::PgServer::open(&db).unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     let tx = std::sync::Mutex::new(tx);
-    b.listen(Arc::new(move || {
-        let _ = tx.lock().map(|t| t.send(()));
+    b.listen(Arc::new(move |change| {
+        let _ = tx.lock().map(|t| t.send(change));
     }))
     .unwrap();
+    use super::db::RunChange;
+    let wait = || rx.recv_timeout(std::time::Duration::from_secs(10));
     // The first wake-up comes on connecting (what was missed while away).
-    rx.recv_timeout(std::time::Duration::from_secs(10))
-        .expect("listening");
-    a.enqueue_with(&manual(), None).unwrap();
-    rx.recv_timeout(std::time::Duration::from_secs(10))
-        .expect("woken by a run queued on the other server");
+    assert_eq!(wait().expect("listening"), RunChange::Queued);
+    let run = a.enqueue_with(&manual(), None).unwrap();
+    assert_eq!(wait().expect("a run queued elsewhere"), RunChange::Queued);
+    a.cancel_queued(&run.id).unwrap();
+    assert_eq!(wait().expect("a run ended elsewhere"), RunChange::Ended);
 }
 
 #[test]
@@ -761,6 +763,25 @@ fn every_store_backend_keeps_run_logs_in_order_and_reads_from_any_offset() {
                 "{name}: {from}+{max}"
             );
         }
+        // Appends from several writers at once (two replicas) each land whole.
+        let busy = db.enqueue_with(&manual(), None).unwrap().id;
+        std::thread::scope(|s| {
+            for w in 0..4 {
+                let (db, busy) = (&db, &busy);
+                s.spawn(move || {
+                    for i in 0..25 {
+                        db.append_log(busy, format!("w{w} | line {i}\n").as_bytes())
+                            .unwrap();
+                    }
+                });
+            }
+        });
+        let text = String::from_utf8(db.read_log(&busy, 0, 1 << 20).unwrap()).unwrap();
+        let mut lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 100, "{name}: {text}");
+        lines.sort();
+        lines.dedup();
+        assert_eq!(lines.len(), 100, "{name}: every line once, whole");
         // Logs are per run; an id that could name a path is refused or finds nothing.
         assert!(db.read_log("other", 0, 100).unwrap().is_empty(), "{name}");
         assert!(db
