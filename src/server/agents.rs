@@ -742,12 +742,8 @@ async fn claim(State(h): St, Path(id): Path<String>, Query(q): Query<ClaimQuery>
             agent.id.clone(),
             h.lease_ms(),
         );
-        let claimed = match blocking(move || {
-            db.agent_seen(&aid, false)?;
-            db.claim_leased(&pool, &aid, lease_ms)
-        })
-        .await
-        {
+        // (Its signs of life are its heartbeats, which it sends busy or idle.)
+        let claimed = match blocking(move || db.claim_leased(&pool, &aid, lease_ms)).await {
             Ok(c) => c,
             Err(r) => return r,
         };

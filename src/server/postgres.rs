@@ -838,27 +838,14 @@ impl ServerStore for PgServer {
     }
 
     fn agent_seen(&self, id: &str, draining: bool) -> Result<bool, DbError> {
-        let id = id.to_string();
-        self.call(move |mut c| async move {
-            let tx = c.client()?.transaction().await.map_err(pg)?;
-            let Some(row) = tx
-                .query_opt("SELECT record FROM agents WHERE id=$1 FOR UPDATE", &[&id])
-                .await
-                .map_err(pg)?
-            else {
-                return Ok(false);
-            };
-            let mut a: AgentRecord = serde_json::from_str(row.get::<_, &str>(0))?;
-            a.draining = draining;
-            tx.execute(
-                "UPDATE agents SET record=$2, last_seen=$3 WHERE id=$1",
-                &[&id, &serde_json::to_string(&a)?, &now_ms()],
-            )
-            .await
-            .map_err(pg)?;
-            tx.commit().await.map_err(pg)?;
-            Ok(true)
-        })
+        // One statement: the draining flag set inside the record, the time beside it.
+        let n = self.execute(
+            "UPDATE agents SET last_seen=$3,
+                 record = jsonb_set(record::jsonb, '{draining}', to_jsonb($2::boolean))::text
+             WHERE id=$1",
+            args![id.to_string(), draining, now_ms()],
+        )?;
+        Ok(n == 1)
     }
 
     fn remove_agent(&self, id: &str) -> Result<(), DbError> {
