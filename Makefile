@@ -41,7 +41,7 @@ PG_TESTS := --test agents --test serve_api --test serve_restart --test serve_tas
 test: setup
 	$(CARGO) test --no-fail-fast
 	scripts/with-s3 $(CARGO) test --no-fail-fast $(S3_TESTS)
-	scripts/with-postgres $(CARGO) test --no-fail-fast --lib -- auth:: server::
+	scripts/with-postgres $(CARGO) test --no-fail-fast --lib -- auth:: server:: pg::
 	scripts/with-postgres $(CARGO) test --no-fail-fast $(PG_TESTS)
 
 lint:
