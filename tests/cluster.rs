@@ -305,4 +305,16 @@ async fn replicas_share_the_queue_and_a_leader_kill_loses_no_timer_or_run() {
     for id in &ids {
         assert!(leftovers(id).is_empty(), "{id}: {:?}", leftovers(id));
     }
+    // With no server running, commands on a replica's data directory do not pretend its
+    // files hold the credentials: they are in PostgreSQL.
+    let out = std::process::Command::new(bin())
+        .args(["token", "list", "--data"])
+        .arg(&da)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("PostgreSQL") && err.contains("--server"),
+        "{err}"
+    );
 }

@@ -39,6 +39,21 @@ pub enum Backend {
     },
 }
 
+/// Refuses to read or change tasks and credentials in the files of a data directory whose
+/// server keeps them in PostgreSQL: they are not there, and a change would be lost.
+fn refuse_shared(registry_dir: &std::path::Path) -> anyhow::Result<()> {
+    let top = registry_dir.parent().unwrap_or(registry_dir);
+    if top.join(crate::server::SHARED_DATABASE_FILE).exists() {
+        bail!(
+            "the server of {} keeps its tasks and credentials in PostgreSQL (serve \
+             --database), not in these files: start it and run this again (the command then \
+             goes through it), or give --server with the address of any of its replicas",
+            top.display()
+        );
+    }
+    Ok(())
+}
+
 impl Backend {
     /// `--server` if given; else the server holding the data directory, if one does; else
     /// the files.
@@ -92,6 +107,7 @@ impl Backend {
         match self {
             Backend::Files(dir) => {
                 use crate::server::db::ServerStore;
+                refuse_shared(dir)?;
                 let Some(db) = dir.parent().map(|top| top.join("server.db")) else {
                     return Ok(Vec::new());
                 };
@@ -128,6 +144,7 @@ impl Backend {
     fn auth(&self) -> anyhow::Result<Option<AuthStore>> {
         match self {
             Backend::Files(dir) => {
+                refuse_shared(dir)?;
                 Ok(Some(AuthStore::open(dir).with_context(|| {
                     format!("opening registry auth data in {}", dir.display())
                 })?))
@@ -594,6 +611,7 @@ impl Backend {
         dir: &std::path::Path,
         store: &crate::store::Store,
     ) -> anyhow::Result<RegistryInfo> {
+        refuse_shared(dir)?;
         let auth = AuthStore::open(dir)?;
         let hooks = WebhookStore::open(dir)?;
         Ok(crate::server::manage::registry_info(

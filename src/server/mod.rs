@@ -175,6 +175,10 @@ fn bootstrap_admin(
     Ok(made)
 }
 
+/// Says, in a data directory, that its server keeps tasks, runs, logs and credentials in
+/// a database (`serve --database`): commands on the directory's files refuse those.
+pub const SHARED_DATABASE_FILE: &str = "database.shared";
+
 /// Where a server keeps its id: one per data directory, kept across restarts.
 const REPLICA_ID_FILE: &str = "replica.id";
 
@@ -231,6 +235,16 @@ impl Server {
         let registry =
             tokio::task::spawn_blocking(move || Registry::open_with(&reg_dir, limits)).await??;
         let db_path = cfg.data_dir.join("server.db");
+        let marker = cfg.data_dir.join(SHARED_DATABASE_FILE);
+        if cfg.database.is_some() {
+            write_private(
+                &marker,
+                "tasks, runs, logs and credentials of this server live in PostgreSQL \
+                 (serve --database), not in this directory",
+            )?;
+        } else if marker.exists() {
+            std::fs::remove_file(&marker)?;
+        }
         // The shared database, reached over TLS when its URL says sslmode=require (the
         // server's certificate checked against the system's roots and --ca-cert).
         let target = cfg
