@@ -226,9 +226,9 @@ pub async fn migrate(
     Ok(tx.commit().await?)
 }
 
-/// For tests: a new, empty database beside the one `url` names; its URL.
+/// For tests: a new, empty database beside the one `url` names.
 #[cfg(test)]
-pub fn fresh_database(url: &str) -> Result<String, PgError> {
+pub fn fresh_database(url: &str) -> Result<Target, PgError> {
     let target = Target::parse(url, &[])?;
     let name = format!("t{}", uuid::Uuid::new_v4().simple());
     let rt = crate::background::OwnRuntime::new("acr-task-pg-test", 1)
@@ -240,7 +240,7 @@ pub fn fresh_database(url: &str) -> Result<String, PgError> {
     })
     .ok_or_else(|| PgError("stopped".into()))??;
     let (base, _) = url.rsplit_once('/').unwrap_or((url, ""));
-    Ok(format!("{base}/{name}"))
+    Target::parse(&format!("{base}/{name}"), &[])
 }
 
 /// TLS to the database, with rustls (aws-lc-rs, the one crypto backend): used when the URL

@@ -289,17 +289,14 @@ impl Auth {
         let password = password::generate();
         // Kept in the records too: a server that restarts while an agent runs the run, or
         // another replica the run's pushes reach, still knows the login.
+        let now = chrono::Utc::now().timestamp();
         let kept = records::RunLoginRecord {
             user: username.clone(),
             secret_sha256: secret_digest(&password),
             grants: grants_text(&grants),
-            expires: chrono::Utc::now().timestamp() + ttl.as_secs().min(i64::MAX as u64 / 2) as i64,
+            expires: now + ttl.as_secs().min(i64::MAX as u64 / 2) as i64,
         };
-        if let Err(e) = self
-            .store
-            .records()
-            .put_run_login(&kept, chrono::Utc::now().timestamp())
-        {
+        if let Err(e) = self.store.records().put_run_login(&kept, now) {
             tracing::warn!(run = run_id, error = %e, "keeping a run's login (it lasts while this server runs)");
         }
         if let Ok(mut runs) = self.runs.lock() {

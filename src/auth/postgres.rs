@@ -49,13 +49,8 @@ pub struct PgAuth {
 }
 
 impl PgAuth {
-    /// Connects to `url` (no TLS), as [`PgAuth::open_target`].
-    pub fn open(url: &str) -> Result<PgAuth, AuthError> {
-        Self::open_target(&crate::pg::Target::parse(url, &[])?)
-    }
-
     /// Connects to `target` and brings auth's tables up to date.
-    pub fn open_target(target: &crate::pg::Target) -> Result<PgAuth, AuthError> {
+    pub fn open(target: &crate::pg::Target) -> Result<PgAuth, AuthError> {
         let db = Database::new(target, "acr-task-pg-auth")?;
         db.call(|mut c| async move {
             crate::pg::migrate(c.client()?, "acr_task_auth_migrations", MIGRATIONS).await?;

@@ -24,7 +24,7 @@ use serde_json::json;
 use super::db::{AgentPool, AgentRecord, Expired, LeaseState};
 use super::model::{RunRecord, TaskSpec};
 use super::queue::Queue;
-use super::runner::{Outcome, Provisions};
+use super::runner::{log_line, Outcome, Provisions};
 
 /// How long a claim waits for a run before answering "none" (the agent asks again).
 const CLAIM_WAIT: Duration = Duration::from_secs(20);
@@ -368,8 +368,8 @@ impl AgentHub {
             )
         };
         tracing::warn!(run = %e.run, requeued = e.requeued, "{msg}");
-        if let Err(e) = self.append(&e.run, format!("acr-task | {msg}\n")).await {
-            tracing::warn!(status = %e.status(), "writing a run log");
+        if let Err(r) = self.append(&e.run, log_line("acr-task", &msg)).await {
+            tracing::warn!(status = %r.status(), "writing a run log");
         }
         if let Some(a) = &self.auth {
             a.end_run(&e.run);
@@ -422,9 +422,12 @@ impl AgentHub {
         self.live(&run.id);
         self.append(
             &run.id,
-            format!(
-                "acr-task | attempt {} on agent {} ({}, pool {})\n",
-                run.attempt, agent.id, agent.name, agent.pool
+            log_line(
+                "acr-task",
+                &format!(
+                    "attempt {} on agent {} ({}, pool {})",
+                    run.attempt, agent.id, agent.name, agent.pool
+                ),
             ),
         )
         .await?;
@@ -446,7 +449,7 @@ impl AgentHub {
             },
         };
         if let Some(e) = &outcome.error {
-            self.append(&run.id, format!("acr-task | {e}\n")).await?;
+            self.append(&run.id, log_line("acr-task", e)).await?;
         }
         let (q, l) = (self.queue.clone(), lease.clone());
         blocking(move || q.complete(&run, &outcome, Some(&l))).await?;
@@ -832,7 +835,7 @@ async fn events(
     let mut text = String::new();
     for ev in &b.events {
         if let RunEvent::Line { who, text: line } = ev {
-            text.push_str(&format!("{who} | {line}\n"));
+            text.push_str(&log_line(who, line));
         }
     }
     if let Err(r) = h.append(&run, text).await {

@@ -255,7 +255,7 @@ impl Server {
         let server_target = target.clone();
         let db: Arc<dyn db::ServerStore> = tokio::task::spawn_blocking(move || {
             Ok::<Arc<dyn db::ServerStore>, db::DbError>(match server_target {
-                Some(t) => Arc::new(postgres::PgServer::open_target(&t)?),
+                Some(t) => Arc::new(postgres::PgServer::open(&t)?),
                 None => Arc::new(sqlite::SqliteServer::open(&db_path)?),
             })
         })
@@ -281,7 +281,7 @@ impl Server {
             // signing key: a credential works on any of them.
             let auth = match target {
                 Some(t) => crate::auth::Auth::open_shared(
-                    Box::new(crate::auth::postgres::PgAuth::open_target(&t)?),
+                    Box::new(crate::auth::postgres::PgAuth::open(&t)?),
                     settings,
                 )?,
                 None => crate::auth::Auth::open(&reg_dir, settings)?,

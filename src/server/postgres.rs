@@ -132,15 +132,9 @@ struct Leader {
 }
 
 impl PgServer {
-    /// Connects to `url` (`postgres://user:password@host:port/database`, no TLS), as
-    /// [`PgServer::open_target`].
-    pub fn open(url: &str) -> Result<PgServer, DbError> {
-        Self::open_target(&crate::pg::Target::parse(url, &[])?)
-    }
-
     /// Connects to `target`, brings the schema up to date and reads (or makes) the run-id
     /// prefix. Says what to check when the database does not answer.
-    pub fn open_target(target: &crate::pg::Target) -> Result<PgServer, DbError> {
+    pub fn open(target: &crate::pg::Target) -> Result<PgServer, DbError> {
         let db = Database::new(target, "acr-task-pg")?;
         let mut store = PgServer {
             db,
@@ -1097,33 +1091,28 @@ impl ServerStore for PgServer {
                     crate::pg::connect(&target).await?
                 }
             };
-            let ask = if l.holding {
-                "SELECT TRUE"
+            // The holder only checks its connection; the others try for the lock.
+            let (ask, args): (&str, &[&(dyn ToSql + Sync)]) = if l.holding {
+                ("SELECT TRUE", &[])
             } else {
-                "SELECT pg_try_advisory_lock($1)"
+                ("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK])
             };
-            let answer = if l.holding {
-                tokio::time::timeout(LEADER_CHECK, client.query_one(ask, &[])).await
-            } else {
-                tokio::time::timeout(LEADER_CHECK, client.query_one(ask, &[&LEADER_LOCK])).await
-            };
-            match answer {
+            match tokio::time::timeout(LEADER_CHECK, client.query_one(ask, args)).await {
                 Ok(Ok(row)) => {
                     l.holding = row.get(0);
                     l.client = Some(client);
                     Ok(l.holding)
                 }
-                // A connection that does not answer is dropped with the lock it held:
-                // this server steps down rather than lead without knowing.
-                Ok(Err(e)) => {
+                // A connection that fails or does not answer is dropped with the lock it
+                // held: this server steps down rather than lead without knowing.
+                failed => {
                     *l = Leader::default();
-                    Err(pg(e))
-                }
-                Err(_) => {
-                    *l = Leader::default();
-                    Err(DbError::Postgres(
-                        "the leader's connection did not answer in time".into(),
-                    ))
+                    Err(match failed {
+                        Ok(Err(e)) => pg(e),
+                        _ => DbError::Postgres(
+                            "the leader's connection did not answer in time".into(),
+                        ),
+                    })
                 }
             }
         })?
@@ -1156,10 +1145,4 @@ impl ServerStore for PgServer {
         )?;
         Ok(n == 1)
     }
-}
-
-/// For tests: a new, empty database beside the one `url` names; its URL.
-#[cfg(test)]
-pub fn fresh_database(url: &str) -> Result<String, DbError> {
-    Ok(crate::pg::fresh_database(url)?)
 }

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::db::{DbError, LeaseState, NewRun, ServerStore};
 use super::model::RunRecord;
-use super::runner::{Executor, Job, Outcome, RunLog, RunSink as _};
+use super::runner::{log_line, Executor, Job, Outcome, RunLog};
 use crate::exec::Status;
 
 /// How often the queue is looked at without being woken (runs another server queued
@@ -136,9 +136,27 @@ impl Queue {
         &self.db
     }
 
-    /// Up to `max` bytes of a run's log from `offset` (whole lines unless it `ended`).
+    /// Up to `max` bytes of a run's log from `offset`, ending at a line's end (a line being
+    /// written is sent whole, later) unless the run has `ended` or one line is longer
+    /// than `max`.
     pub async fn read_log(&self, run: &str, offset: u64, max: u64, ended: bool) -> Vec<u8> {
-        super::runner::read_log(&self.db, run, offset, max, ended).await
+        let (db, id) = (self.db.clone(), run.to_string());
+        let read = tokio::task::spawn_blocking(move || db.read_log(&id, offset, max)).await;
+        let mut buf = match read {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => {
+                tracing::warn!(run, error = %e, "reading a run log");
+                Vec::new()
+            }
+            Err(_) => Vec::new(),
+        };
+        if !ended && (buf.len() as u64) < max {
+            match buf.iter().rposition(|b| *b == b'\n') {
+                Some(i) => buf.truncate(i + 1),
+                None => buf.clear(),
+            }
+        }
+        buf
     }
 
     pub fn subscribe_finished(&self) -> tokio::sync::broadcast::Receiver<RunRecord> {
@@ -194,9 +212,10 @@ impl Queue {
         let ids = self.db.fail_interrupted(&self.holder)?;
         for id in &ids {
             tracing::warn!(run = %id, "run was interrupted by a restart; marked Failed");
-            let log = RunLog::open(self.db.clone(), id);
-            log.line("acr-task", "interrupted by a restart of serve");
-            log.close().await;
+            let line = log_line("acr-task", "interrupted by a restart of serve");
+            if let Err(e) = self.db.append_log(id, line.as_bytes()) {
+                tracing::warn!(run = %id, error = %e, "writing a run log");
+            }
             exec.cleanup(id).await;
         }
         Ok(ids)
@@ -331,7 +350,7 @@ impl Queue {
         };
         let outcome = match spec {
             Ok(Some(spec)) => {
-                let log = Arc::new(RunLog::with_live(self.db.clone(), &rec.id, live));
+                let log = Arc::new(RunLog::new(self.db.clone(), &rec.id, live));
                 let job = Job {
                     run: rec.clone(),
                     spec,

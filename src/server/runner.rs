@@ -382,6 +382,11 @@ pub trait RunSink: Send + Sync {
     fn step_finished(&self, _step: usize, _report: &crate::exec::StepReport) {}
 }
 
+/// One line of a run's log as it is stored: who wrote it, then the text.
+pub fn log_line(who: &str, text: &str) -> String {
+    format!("{who} | {text}\n")
+}
+
 /// A run's log as it is written: lines go to the server's store ([`ServerStore::append_log`])
 /// in order, by a writer task that appends what has gathered since its last append (a
 /// chatty step costs one store call per batch, not per line); each append wakes the run's
@@ -389,32 +394,16 @@ pub trait RunSink: Send + Sync {
 pub struct RunLog {
     tx: Mutex<Option<tokio::sync::mpsc::UnboundedSender<Vec<u8>>>>,
     writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
-    live: Option<Arc<super::live::LiveRun>>,
+    live: Arc<super::live::LiveRun>,
 }
 
 /// The most one append carries.
 const LOG_BATCH: usize = 1 << 20;
 
 impl RunLog {
-    /// Appends to `run`'s log in `db` (on the current runtime).
-    pub fn open(db: Arc<dyn ServerStore>, run: &str) -> RunLog {
-        Self::start(db, run, None)
-    }
-
-    /// The same, waking `live`'s watchers as lines are stored.
-    pub fn with_live(
-        db: Arc<dyn ServerStore>,
-        run: &str,
-        live: Arc<super::live::LiveRun>,
-    ) -> RunLog {
-        Self::start(db, run, Some(live))
-    }
-
-    fn start(
-        db: Arc<dyn ServerStore>,
-        run: &str,
-        live: Option<Arc<super::live::LiveRun>>,
-    ) -> RunLog {
+    /// Appends to `run`'s log in `db` (a writer on the current runtime), waking `live`'s
+    /// watchers as lines are stored. Lines sent before a drop are still written.
+    pub fn new(db: Arc<dyn ServerStore>, run: &str, live: Arc<super::live::LiveRun>) -> RunLog {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
         let (run, woken) = (run.to_string(), live.clone());
         let writer = tokio::spawn(async move {
@@ -431,9 +420,7 @@ impl RunLog {
                     Ok(Err(e)) => tracing::warn!(run = %run, error = %e, "writing a run log"),
                     Err(e) => tracing::warn!(run = %run, error = %e, "writing a run log"),
                 }
-                if let Some(l) = &woken {
-                    l.touch();
-                }
+                woken.touch();
             }
         });
         RunLog {
@@ -455,67 +442,25 @@ impl RunLog {
     }
 }
 
-impl Drop for RunLog {
-    fn drop(&mut self) {
-        // Not closed: what was sent is still written (the writer drains its channel).
-        if let Ok(mut tx) = self.tx.lock() {
-            tx.take();
-        }
-    }
-}
-
-/// Up to `max` bytes of a run's log from `offset`, ending at a line's end (a line being
-/// written is sent whole, later) unless the run has `ended` or one line is longer than `max`.
-pub async fn read_log(
-    db: &Arc<dyn ServerStore>,
-    run: &str,
-    offset: u64,
-    max: u64,
-    ended: bool,
-) -> Vec<u8> {
-    let (db, id) = (db.clone(), run.to_string());
-    let mut buf = match tokio::task::spawn_blocking(move || db.read_log(&id, offset, max)).await {
-        Ok(Ok(b)) => b,
-        Ok(Err(e)) => {
-            tracing::warn!(run, error = %e, "reading a run log");
-            Vec::new()
-        }
-        Err(_) => Vec::new(),
-    };
-    if !ended && (buf.len() as u64) < max {
-        match buf.iter().rposition(|b| *b == b'\n') {
-            Some(i) => buf.truncate(i + 1),
-            None => buf.clear(),
-        }
-    }
-    buf
-}
-
 impl RunSink for RunLog {
     fn line(&self, who: &str, text: &str) {
         if let Ok(tx) = self.tx.lock() {
             if let Some(tx) = tx.as_ref() {
-                let _ = tx.send(format!("{who} | {text}\n").into_bytes());
+                let _ = tx.send(log_line(who, text).into_bytes());
             }
         }
     }
 
     fn steps(&self, steps: Vec<(String, String, Vec<String>)>) {
-        if let Some(l) = &self.live {
-            l.set_steps(steps);
-        }
+        self.live.set_steps(steps);
     }
 
     fn step_started(&self, step: usize, attempt: u32) {
-        if let Some(l) = &self.live {
-            l.step_started(step, attempt);
-        }
+        self.live.step_started(step, attempt);
     }
 
     fn step_finished(&self, step: usize, report: &crate::exec::StepReport) {
-        if let Some(l) = &self.live {
-            l.step_finished(step, report);
-        }
+        self.live.step_finished(step, report);
     }
 }
 

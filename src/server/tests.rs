@@ -377,7 +377,7 @@ fn store_backends(dir: &std::path::Path) -> Vec<(&'static str, Arc<dyn ServerSto
         Arc::new(SqliteServer::open(&dir.join("server.db")).unwrap()),
     )];
     if let Ok(url) = std::env::var("ACR_TASK_TEST_POSTGRES") {
-        let db = super::postgres::fresh_database(&url).unwrap();
+        let db = crate::pg::fresh_database(&url).unwrap();
         out.push((
             "postgres",
             Arc::new(super::postgres::PgServer::open(&db).unwrap()),
@@ -702,7 +702,7 @@ fn one_server_leads_and_another_takes_over_when_it_goes() {
     let Ok(url) = std::env::var("ACR_TASK_TEST_POSTGRES") else {
         return;
     };
-    let db = super::postgres::fresh_database(&url).unwrap();
+    let db = crate::pg::fresh_database(&url).unwrap();
     let a = super::postgres::PgServer::open(&db).unwrap();
     let b = super::postgres::PgServer::open(&db).unwrap();
     assert!(a.try_lead().unwrap());
@@ -723,7 +723,7 @@ fn a_run_change_on_one_server_wakes_another() {
     let Ok(url) = std::env::var("ACR_TASK_TEST_POSTGRES") else {
         return;
     };
-    let db = super::postgres::fresh_database(&url).unwrap();
+    let db = crate::pg::fresh_database(&url).unwrap();
     let a = super::postgres::PgServer::open(&db).unwrap();
     let b = super::postgres::PgServer::open(&db).unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
