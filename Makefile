@@ -27,22 +27,25 @@ setup:
 demo: setup
 	$(CARGO) run --release -- run examples/build-and-push/acb.yaml
 
-# A cluster on this machine: two serve replicas sharing a throw-away PostgreSQL, three
-# agents; runs queued through one replica, read through the other, a kill -9 of the leader.
+# A cluster on this machine: two serve replicas sharing a throw-away PostgreSQL and S3
+# bucket, three agents; an image pushed through one replica and pulled through the other,
+# runs queued through one replica, read through the other, a kill -9 of the leader.
 cluster-demo: setup
 	$(CARGO) build --release
-	scripts/with-postgres scripts/cluster-demo
+	scripts/with-s3 scripts/with-postgres scripts/cluster-demo
 
 # The whole test suite, Docker tests included (they fail, never skip, without an engine);
 # then the registry's conformance and client tests again with its blobs in S3 (SeaweedFS),
-# and the server's state tests and task-service tests again on PostgreSQL.
+# the stores' tests and task-service tests again on PostgreSQL, and the registry's tests
+# once more as replicas share it (metadata in PostgreSQL, blobs in S3).
 S3_TESTS := --test registry_api --test registry_clients --test registry_sha512
 PG_TESTS := --test agents --test serve_api --test serve_restart --test serve_task_cli --test serve_timer --test serve_base_image
 test: setup
 	$(CARGO) test --no-fail-fast
 	scripts/with-s3 $(CARGO) test --no-fail-fast $(S3_TESTS)
-	scripts/with-postgres $(CARGO) test --no-fail-fast --lib -- auth:: server:: pg::
+	scripts/with-postgres $(CARGO) test --no-fail-fast --lib -- auth:: server:: pg:: store:: webhooks::
 	scripts/with-postgres $(CARGO) test --no-fail-fast $(PG_TESTS)
+	scripts/with-s3 scripts/with-postgres $(CARGO) test --no-fail-fast $(S3_TESTS)
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -21,7 +21,8 @@
 //!
 //! `REGISTRY_BENCH_ONLY=s3`: the registry with its blobs in S3 (SeaweedFS from `.venv`,
 //! `make setup`) beside the same on its file system, push and pull of 200 × 1 MiB and one
-//! 256 MiB blob, in one run.
+//! 256 MiB blob, in one run; under `scripts/with-postgres`, also the registry replicas
+//! share (metadata in PostgreSQL, blobs in S3).
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -776,6 +777,7 @@ fn migration_bench(seed: u64) {
     let data = tmp.path().join("managed");
     acr_task::store::first_start(
         &data,
+        &Default::default(),
         Some(acr_task::tier::Sku::Classic),
         Some(&classic),
         true,
@@ -1048,36 +1050,55 @@ async fn s3_bench(seed: u64) {
         ("AWS_ACCESS_KEY_ID", "bench"),
         ("AWS_SECRET_ACCESS_KEY", "bench-secret"),
     ];
-    let servers = vec![
-        start_ours_env(
-            "acr-task on S3",
-            &["--registry-only", "--storage", "s3://bench/reg"],
+    let mut servers = Vec::new();
+    // With a PostgreSQL (scripts/with-postgres), the registry as replicas share it too:
+    // rows in the database, blobs in the bucket (a full `serve`, whose registry is open).
+    let pg = std::env::var("ACR_TASK_TEST_POSTGRES").ok();
+    if let Some(url) = &pg {
+        servers.push(start_ours_env(
+            "acr-task on S3 + PostgreSQL",
+            &["--storage", "s3://bench/shared", "--database", url],
             &env,
-        ),
-        start_ours(),
-    ];
+        ));
+    }
+    servers.push(start_ours_env(
+        "acr-task on S3",
+        &["--registry-only", "--storage", "s3://bench/reg"],
+        &env,
+    ));
+    servers.push(start_ours());
     eprintln!("measuring the registry on S3 (SeaweedFS) and on its file system ...");
     let figs = measure(&servers, seed, true).await;
     drop(servers);
+    let mut heads = vec!["figure"];
+    if pg.is_some() {
+        heads.push("S3+PG");
+    }
+    heads.extend(["S3", "files", "S3/files"]);
     println!(
-        "| {:<32} | {:>10} | {:>10} | {:>8} |",
-        "figure", "S3", "files", "S3/files"
+        "| {:<32} |{}",
+        heads[0],
+        heads[1..]
+            .iter()
+            .map(|h| format!(" {h:>10} |"))
+            .collect::<String>()
     );
     println!(
-        "|{}|{}|{}|{}|",
+        "|{}|{}",
         "-".repeat(34),
-        "-".repeat(12),
-        "-".repeat(12),
-        "-".repeat(10)
+        "------------|".repeat(heads.len() - 1)
     );
-    for (i, (label, v, unit)) in figs[0].values.iter().enumerate() {
-        let f = figs[1].values[i].1;
+    let n = figs.len();
+    for (i, (label, _, unit)) in figs[0].values.iter().enumerate() {
+        let cols: Vec<f64> = figs.iter().map(|f| f.values[i].1).collect();
+        let (s3, files) = (cols[n - 2], cols[n - 1]);
         println!(
-            "| {:<32} | {:>10.1} | {:>10.1} | {:>8.2} |",
+            "| {:<32} |{} {:>10.2} |",
             format!("{label} ({unit})"),
-            v,
-            f,
-            v / f
+            cols.iter()
+                .map(|v| format!(" {v:>10.1} |"))
+                .collect::<String>(),
+            s3 / files
         );
     }
 }

@@ -103,23 +103,45 @@ pub async fn connect(target: &Target) -> Result<Client, PgError> {
     Ok(client)
 }
 
-/// A database: its connections and the runtime they live on.
+/// A database: its connections and the runtime they live on, shared by every store of
+/// this process that uses the same database (a replica's connections stay a handful,
+/// however many of its stores live there).
 pub struct Database {
+    inner: Arc<Shared>,
+}
+
+struct Shared {
     rt: crate::background::OwnRuntime,
     pool: Arc<Pool>,
 }
+
+/// The databases this process has open, by where they are.
+static OPEN: std::sync::Mutex<Vec<(String, std::sync::Weak<Shared>)>> =
+    std::sync::Mutex::new(Vec::new());
 
 impl Database {
     /// For `target`; connects lazily. Calls fail, rather than hang, when the database
     /// stops answering.
     pub fn new(target: &Target, name: &str) -> Result<Database, PgError> {
+        let key = target.identity();
+        let mut open = OPEN
+            .lock()
+            .map_err(|_| PgError("the database table is poisoned".into()))?;
+        open.retain(|(_, w)| w.strong_count() > 0);
+        if let Some(inner) = open
+            .iter()
+            .find(|(k, _)| *k == key)
+            .and_then(|(_, w)| w.upgrade())
+        {
+            return Ok(Database { inner });
+        }
         let mut target = target.clone();
         target
             .config
             .options("-c statement_timeout=30000 -c lock_timeout=30000");
         let rt = crate::background::OwnRuntime::new(name, 2)
             .map_err(|e| PgError(format!("starting the database client: {e}")))?;
-        Ok(Database {
+        let inner = Arc::new(Shared {
             rt,
             pool: Arc::new(Pool {
                 target,
@@ -128,12 +150,14 @@ impl Database {
                     .collect(),
                 next: AtomicUsize::new(0),
             }),
-        })
+        });
+        open.push((key, Arc::downgrade(&inner)));
+        Ok(Database { inner })
     }
 
     /// How to connect (for connections of a caller's own: a lock holder, a listener).
     pub fn target(&self) -> &Target {
-        &self.pool.target
+        &self.inner.pool.target
     }
 
     /// Runs `f` with a connection on this database's runtime and waits for it.
@@ -144,8 +168,9 @@ impl Database {
         F: FnOnce(Conn) -> Fut + Send + 'static,
         Fut: Future<Output = Result<T, E>> + Send,
     {
-        let pool = self.pool.clone();
-        self.rt
+        let pool = self.inner.pool.clone();
+        self.inner
+            .rt
             .wait(async move { f(pool.get().await?).await })
             .ok_or_else(|| PgError("the database client stopped".into()))?
     }
@@ -155,30 +180,159 @@ impl Database {
         &self,
         f: impl Future<Output = T> + Send + 'static,
     ) -> Result<T, PgError> {
-        self.rt
+        self.inner
+            .rt
             .wait(f)
             .ok_or_else(|| PgError("the database client stopped".into()))
     }
 
     /// Runs `f` on this database's runtime until it ends or the database is dropped.
     pub fn spawn(&self, f: impl Future<Output = ()> + Send + 'static) {
-        self.rt.spawn(f);
+        self.inner.rt.spawn(f);
     }
 
     /// Runs one statement; the rows it returns.
-    pub fn query(&self, sql: &'static str, args: Args) -> Result<Vec<Row>, PgError> {
+    pub fn query(&self, sql: &str, args: Args) -> Result<Vec<Row>, PgError> {
+        let sql = sql.to_string();
         self.call(move |mut c| async move {
             let refs: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a.as_ref() as _).collect();
-            Ok(c.client()?.query(sql, &refs).await?)
+            Ok(c.client()?.query(sql.as_str(), &refs).await?)
         })
     }
 
     /// Runs one statement; how many rows it changed.
-    pub fn execute(&self, sql: &'static str, args: Args) -> Result<u64, PgError> {
+    pub fn execute(&self, sql: &str, args: Args) -> Result<u64, PgError> {
+        let sql = sql.to_string();
         self.call(move |mut c| async move {
             let refs: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a.as_ref() as _).collect();
-            Ok(c.client()?.execute(sql, &refs).await?)
+            Ok(c.client()?.execute(sql.as_str(), &refs).await?)
         })
+    }
+}
+
+impl Database {
+    /// A transaction driven from the calling (blocking) thread one statement at a time,
+    /// so the caller's own code — a store's callbacks, which are neither `Send` nor
+    /// `'static` — runs between statements, inside it. Rolled back unless committed.
+    pub fn begin(&self) -> Result<SyncTx<'_>, PgError> {
+        let pool = self.inner.pool.clone();
+        let conn = self.wait(async move {
+            let mut c = pool.get().await?;
+            c.client()?.batch_execute("BEGIN").await?;
+            Ok::<_, PgError>(c)
+        })??;
+        Ok(SyncTx {
+            db: self,
+            conn: Some(conn),
+        })
+    }
+}
+
+/// See [`Database::begin`].
+pub struct SyncTx<'a> {
+    db: &'a Database,
+    conn: Option<Conn>,
+}
+
+impl SyncTx<'_> {
+    /// Runs `f` with the transaction's connection on the database's runtime.
+    fn with<T: Send + 'static>(
+        &mut self,
+        f: impl FnOnce(
+                Conn,
+            )
+                -> std::pin::Pin<Box<dyn Future<Output = (Conn, Result<T, PgError>)> + Send>>
+            + Send
+            + 'static,
+    ) -> Result<T, PgError> {
+        let conn = self
+            .conn
+            .take()
+            .ok_or_else(|| PgError("the transaction ended".into()))?;
+        let (conn, r) = self.db.wait(f(conn))?;
+        self.conn = Some(conn);
+        r
+    }
+
+    /// Runs one statement: its rows, or (`count`) how many rows it changed.
+    fn statement(
+        &mut self,
+        sql: &str,
+        args: Args,
+        count: bool,
+    ) -> Result<(Vec<Row>, u64), PgError> {
+        let sql = sql.to_string();
+        self.with(move |mut c| {
+            Box::pin(async move {
+                let r = match c.client() {
+                    Ok(client) => {
+                        let refs: Vec<&(dyn ToSql + Sync)> =
+                            args.iter().map(|a| a.as_ref() as _).collect();
+                        if count {
+                            client
+                                .execute(sql.as_str(), &refs)
+                                .await
+                                .map(|n| (Vec::new(), n))
+                        } else {
+                            client.query(sql.as_str(), &refs).await.map(|r| (r, 0))
+                        }
+                        .map_err(Into::into)
+                    }
+                    Err(e) => Err(e),
+                };
+                (c, r)
+            })
+        })
+    }
+
+    /// Runs one statement; the rows it returns.
+    pub fn query(&mut self, sql: &str, args: Args) -> Result<Vec<Row>, PgError> {
+        Ok(self.statement(sql, args, false)?.0)
+    }
+
+    /// Runs one statement; the first row it returns, if any.
+    pub fn query_opt(&mut self, sql: &str, args: Args) -> Result<Option<Row>, PgError> {
+        Ok(self.query(sql, args)?.into_iter().next())
+    }
+
+    /// Runs one statement; how many rows it changed.
+    pub fn execute(&mut self, sql: &str, args: Args) -> Result<u64, PgError> {
+        Ok(self.statement(sql, args, true)?.1)
+    }
+
+    fn end(&mut self, sql: &'static str) -> Result<(), PgError> {
+        self.with(move |mut c| {
+            Box::pin(async move {
+                let r = match c.client() {
+                    Ok(client) => client.batch_execute(sql).await.map_err(Into::into),
+                    Err(e) => Err(e),
+                };
+                (c, r)
+            })
+        })?;
+        self.conn = None;
+        Ok(())
+    }
+
+    /// Commits; the changes are durable when this returns.
+    pub fn commit(mut self) -> Result<(), PgError> {
+        self.end("COMMIT")
+    }
+
+    /// Rolls back (what dropping does too).
+    pub fn rollback(mut self) -> Result<(), PgError> {
+        self.end("ROLLBACK")
+    }
+}
+
+impl Drop for SyncTx<'_> {
+    fn drop(&mut self) {
+        if self.conn.is_some() && self.end("ROLLBACK").is_err() {
+            // A connection in an unknown state is not given to the next caller.
+            if let Some(mut c) = self.conn.take() {
+                *c.0 = None;
+            }
+        }
     }
 }
 
@@ -227,7 +381,7 @@ pub async fn migrate(
 }
 
 /// For tests: a new, empty database beside the one `url` names.
-#[cfg(test)]
+#[doc(hidden)]
 pub fn fresh_database(url: &str) -> Result<Target, PgError> {
     let target = Target::parse(url, &[])?;
     let name = format!("t{}", uuid::Uuid::new_v4().simple());
@@ -269,6 +423,8 @@ mod tls {
     pub struct Target {
         pub config: tokio_postgres::Config,
         tls: MakeRustls,
+        /// The CA files TLS trusts besides the system's (part of which target this is).
+        ca_certs: Vec<PathBuf>,
     }
 
     impl Target {
@@ -293,7 +449,18 @@ mod tls {
             Ok(Target {
                 config,
                 tls: MakeRustls(tls),
+                ca_certs: ca_certs.to_vec(),
             })
+        }
+
+        /// What tells targets apart: the same one makes the same connections.
+        pub fn identity(&self) -> String {
+            format!(
+                "{:?} tls={} ca={:?}",
+                self.config,
+                self.tls(),
+                self.ca_certs
+            )
         }
 
         /// Whether connections use TLS.
@@ -432,6 +599,26 @@ mod tests {
             Vec::new(),
         )?;
         Ok(rows.first().is_some_and(|r| r.get::<_, bool>(0)))
+    }
+
+    #[test]
+    fn the_stores_of_one_process_share_its_connections_to_a_database() {
+        let Ok(url) = std::env::var("ACR_TASK_TEST_POSTGRES") else {
+            return;
+        };
+        let t = Target::parse(&url, &[]).unwrap();
+        let a = Database::new(&t, "a").unwrap();
+        let b = Database::new(&Target::parse(&url, &[]).unwrap(), "b").unwrap();
+        assert!(Arc::ptr_eq(&a.inner, &b.inner), "one pool for one database");
+        let tls = Target::parse(&format!("{url}?sslmode=require"), &[]).unwrap();
+        let c = Database::new(&tls, "c").unwrap();
+        assert!(
+            !Arc::ptr_eq(&a.inner, &c.inner),
+            "another way there, another pool"
+        );
+        drop((a, b));
+        let d = Database::new(&t, "d").unwrap();
+        assert!(!Arc::ptr_eq(&d.inner, &c.inner));
     }
 
     #[test]

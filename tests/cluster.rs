@@ -16,11 +16,21 @@ use serve_common::*;
 /// The database URL; without one, runs `test` again under `scripts/with-postgres` (so a
 /// plain `cargo test` tests a real PostgreSQL too, never skips) and returns None.
 fn postgres_or_rerun(test: &str) -> Option<String> {
-    if let Ok(url) = std::env::var("ACR_TASK_TEST_POSTGRES") {
-        return Some(url);
+    match std::env::var("ACR_TASK_TEST_POSTGRES") {
+        Ok(url) => Some(url),
+        Err(_) => {
+            rerun_under(test, &["with-postgres"]);
+            None
+        }
     }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/with-postgres");
-    let out = std::process::Command::new(script)
+}
+
+/// Runs this binary's `test` again under `scripts` (each wrapping the next), which start
+/// the servers it needs; fails unless it passed there.
+fn rerun_under(test: &str, scripts: &[&str]) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts");
+    let out = std::process::Command::new(dir.join(scripts[0]))
+        .args(scripts[1..].iter().map(|s| dir.join(s)))
         .arg(std::env::current_exe().unwrap())
         .args([test, "--exact", "--nocapture", "--test-threads=1"])
         .output()
@@ -32,9 +42,8 @@ fn postgres_or_rerun(test: &str) -> Option<String> {
     );
     assert!(
         out.status.success() && text.contains("1 passed"),
-        "under scripts/with-postgres:\n{text}"
+        "under {scripts:?}:\n{text}"
     );
-    None
 }
 
 /// Whether `serve` leads, by its metrics.
@@ -317,4 +326,209 @@ async fn replicas_share_the_queue_and_a_leader_kill_loses_no_timer_or_run() {
         !out.status.success() && err.contains("PostgreSQL") && err.contains("--server"),
         "{err}"
     );
+}
+
+/// PostgreSQL and an S3 bucket; without both, runs `test` again under the scripts that
+/// start what is missing (so a plain `cargo test` tests real servers, never skips).
+fn shared_or_rerun(test: &str) -> Option<(String, String)> {
+    let pg = std::env::var("ACR_TASK_TEST_POSTGRES").ok();
+    let s3 = std::env::var("ACR_TASK_TEST_STORAGE").ok();
+    if let (Some(pg), Some(s3)) = (&pg, &s3) {
+        return Some((pg.clone(), s3.clone()));
+    }
+    let mut scripts = Vec::new();
+    if s3.is_none() {
+        scripts.push("with-s3");
+    }
+    if pg.is_none() {
+        scripts.push("with-postgres");
+    }
+    rerun_under(test, &scripts);
+    None
+}
+
+/// `docker ARGS...` with the client configuration `config`; its output, or a failure.
+fn docker(config: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("docker")
+        .env("DOCKER_CONFIG", config)
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "docker {args:?}: {text}");
+    text
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replicas_serve_one_registry_and_a_replica_kill_loses_no_acknowledged_push() {
+    require_docker();
+    let Some((url, bucket)) = shared_or_rerun(
+        "replicas_serve_one_registry_and_a_replica_kill_loses_no_acknowledged_push",
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (da, db) = (dir.path().join("a"), dir.path().join("b"));
+    postgres_for(&url, &da);
+    std::fs::copy(da.with_extension("pgdb"), db.with_extension("pgdb")).unwrap();
+    // Blobs in a prefix of the bucket both reach; rows in the database both share.
+    let storage = format!("{bucket}/{}", uuid::Uuid::new_v4().simple());
+    let args = ["--auth", "--storage", storage.as_str()];
+    let a = Serve::start_with(&da, 1, &args);
+    std::fs::create_dir_all(&db).unwrap();
+    let mut b = Serve::start_with(&db, 1, &args);
+    b.password = a.password.clone();
+    let mut replicas = vec![a, b];
+
+    // docker push through one replica, docker pull of the same image through the other.
+    let config = dir.path().join("docker");
+    for r in &replicas {
+        docker_login(&config, &r.addr, "admin", &replicas[0].password);
+    }
+    let (on_a, on_b) = (
+        format!("{}/shared/app:v1", replicas[0].addr),
+        format!("{}/shared/app:v1", replicas[1].addr),
+    );
+    make_busybox_image(&on_a, "pushed through replica a");
+    docker(&config, &["push", &on_a]);
+    docker(&config, &["rmi", &on_a]);
+    docker(&config, &["pull", &on_b]);
+    let out = std::process::Command::new("docker")
+        .args(["run", "--rm", &on_b])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "pushed through replica a",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    docker(&config, &["rmi", &on_b]);
+    // One registry: the same repositories through either.
+    let listing = |r: &Serve| {
+        let out = std::process::Command::new(bin())
+            .env("DOCKER_CONFIG", &config)
+            .args(["repository", "list", "--registry", &r.addr, "-o", "json"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert_eq!(listing(&replicas[0]), listing(&replicas[1]));
+    assert!(listing(&replicas[1]).contains("shared/app"));
+
+    // A stream of pushes through replica a; kill -9 of it midway; the client goes on
+    // through replica b, retrying what was cut off. Every push acknowledged (201) by
+    // either is then pulled, byte for byte, through b.
+    let ca = replicas[0].registry_client("stream").await;
+    let cb = replicas[1].registry_client("stream").await;
+    let bases = [replicas[0].url.clone(), replicas[1].url.clone()];
+    let mut acknowledged: Vec<(String, Vec<u8>, String)> = Vec::new();
+    let mut on = 0;
+    for i in 0..40 {
+        if i == 15 {
+            replicas[0].kill();
+        }
+        let layer = format!("layer {i} {}", uuid::Uuid::new_v4()).repeat(2000);
+        let config = format!("{{\"n\":{i}}}");
+        loop {
+            let (c, base) = if on == 0 {
+                (&ca, &bases[0])
+            } else {
+                (&cb, &bases[1])
+            };
+            match push_image(c, base, "stream", &format!("t{i}"), &layer, &config).await {
+                Ok(digest) => {
+                    acknowledged.push((format!("t{i}"), layer.clone().into_bytes(), digest));
+                    break;
+                }
+                Err(e) => {
+                    assert!(on == 0, "a push through the surviving replica failed: {e}");
+                    on = 1;
+                }
+            }
+        }
+    }
+    assert_eq!(on, 1, "replica a was killed midway");
+    for (tag, layer, digest) in &acknowledged {
+        let r = cb
+            .get(format!("{}/v2/stream/manifests/{tag}", bases[1]))
+            .header("accept", "application/vnd.oci.image.manifest.v1+json")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{tag} acknowledged, then not found");
+        assert_eq!(
+            r.headers()["docker-content-digest"].to_str().unwrap(),
+            digest
+        );
+        let m: Value = r.json().await.unwrap();
+        let layer_digest = m["layers"][0]["digest"].as_str().unwrap();
+        let got = cb
+            .get(format!("{}/v2/stream/blobs/{layer_digest}", bases[1]))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(&got[..], &layer[..], "{tag}'s layer");
+    }
+    // Both replicas answer to one registry still: b's fsck finds every row's content.
+    let (ok, out, err) = replicas[1].acr(&["registry", "fsck", "-o", "json"]);
+    assert!(ok, "{err}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["issues"], json!([]), "{out}");
+    // With no server on it, the killed replica's directory is not read as a registry
+    // of its own: its rows are in the database.
+    let (ok, _, err) = replicas[0].acr(&["repository", "list"]);
+    assert!(!ok && err.contains("PostgreSQL"), "{err}");
+}
+
+/// Pushes an image of one layer and one config through `base`: its manifest's digest
+/// once acknowledged, or why not (a replica gone mid-push).
+async fn push_image(
+    c: &reqwest::Client,
+    base: &str,
+    repo: &str,
+    tag: &str,
+    layer: &str,
+    config: &str,
+) -> Result<String, String> {
+    let mut descs = Vec::new();
+    for data in [config, layer] {
+        let d = registry_common::digest(data.as_bytes());
+        let r = c
+            .post(format!("{base}/v2/{repo}/blobs/uploads/?digest={d}"))
+            .body(data.as_bytes().to_vec())
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if r.status() != 201 {
+            return Err(format!("blob: {}", r.status()));
+        }
+        descs.push((d, data.len()));
+    }
+    let m =
+        registry_common::image_manifest((&descs[0].0, descs[0].1), &[(&descs[1].0, descs[1].1)]);
+    let body = serde_json::to_vec(&m).unwrap();
+    let r = c
+        .put(format!("{base}/v2/{repo}/manifests/{tag}"))
+        .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+        .body(body.clone())
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if r.status() != 201 {
+        return Err(format!("manifest: {}", r.status()));
+    }
+    Ok(registry_common::digest(&body))
 }

@@ -65,10 +65,7 @@ fn print(info: &EncryptionInfo, output: Output) -> anyhow::Result<()> {
         }),
     );
     add("keyId", info.key_id.clone());
-    add(
-        "keyFile",
-        info.key_file.as_ref().map(|f| f.display().to_string()),
-    );
+    add("keyFile", info.key_file.clone());
     add("rotatingFrom", info.rotating_from.clone());
     add("progress", info.progress.as_ref().map(describe));
     add("error", info.error.clone());

@@ -166,6 +166,14 @@ impl Backend {
     fn hooks(&self) -> anyhow::Result<Option<WebhookStore>> {
         match self {
             Backend::Files(dir) => {
+                if dir.join(crate::store::SHARED_MARKER).exists() {
+                    bail!(
+                        "the registry of {} keeps its webhooks in the PostgreSQL database its \
+                         servers share: start one and run this again, or give --server with \
+                         the address of any of them",
+                        dir.display()
+                    );
+                }
                 Ok(Some(WebhookStore::open(dir).with_context(|| {
                     format!("opening webhook data in {}", dir.display())
                 })?))

@@ -508,7 +508,7 @@ fn open(d: Option<PathBuf>) -> anyhow::Result<Store> {
 /// The registry in `dir` (the registry directory itself), which must exist.
 pub(super) fn open_dir(dir: &std::path::Path) -> anyhow::Result<Store> {
     // Don't create an empty store as a side effect of a typo in --data.
-    if !dir.join("meta.db").exists() {
+    if !dir.join("meta.db").exists() && !dir.join(crate::store::SHARED_MARKER).exists() {
         bail!(
             "no registry data in {} (start one with `acr-task serve --registry-only --data {}`)",
             dir.display(),

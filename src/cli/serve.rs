@@ -86,8 +86,9 @@ pub struct ServeArgs {
     /// the data directory, shared by every replica given the same URL:
     /// `postgres://USER:PASSWORD@HOST:PORT/DATABASE` (the schema is made and migrated at
     /// start); add `?sslmode=require` for TLS, the server checked against the system's
-    /// roots and --ca-cert. The registry's metadata and webhooks stay in the data directory
-    /// for now.
+    /// roots and --ca-cert. With --storage too, the registry itself (its metadata, keys
+    /// and webhooks) is kept there, so every replica serves the same registry; without
+    /// it the registry is this data directory's own.
     #[arg(long, value_name = "URL", env = "ACR_TASK_DATABASE")]
     pub database: Option<String>,
     #[command(flatten)]
@@ -106,7 +107,8 @@ pub struct ServeArgs {
     /// Keep a new registry's blobs in S3-compatible object storage: `s3://BUCKET/PREFIX`.
     /// The endpoint, region and login come as AWS tools take them (AWS_ENDPOINT_URL,
     /// AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN). Metadata
-    /// stays in the data directory; later starts find the blobs without the option.
+    /// stays in the data directory (in --database, with it); later starts of a registry
+    /// of its own find the blobs without the option.
     #[arg(long, value_name = "URL")]
     pub storage: Option<String>,
     /// A customer-managed registry key (Premium): a file of base64 keys, one per line, the
@@ -238,8 +240,20 @@ impl ServeArgs {
         )
     }
 
+    /// Where the registry's metadata lives: with `--database` and `--storage`, in that
+    /// database, so every replica serves the same registry from the shared bucket.
+    fn registry_meta(&self) -> anyhow::Result<crate::store::MetaPlace> {
+        Ok(match (&self.database, &self.storage) {
+            (Some(url), Some(_)) if !self.registry_only => crate::store::MetaPlace::Shared(
+                Box::new(crate::pg::Target::parse(url, &self.ca_cert).context("--database")?),
+            ),
+            _ => crate::store::MetaPlace::Directory,
+        })
+    }
+
     /// A first start's tier (and Classic storage), set before the registry opens.
     fn first_start(&self, registry_dir: &std::path::Path) -> anyhow::Result<()> {
+        let place = self.registry_meta()?;
         let classic = self.classic_storage.as_deref();
         let sku = match (self.sku, classic) {
             (Some(s), Some(_)) if s != crate::tier::Sku::Classic => {
@@ -257,12 +271,12 @@ impl ServeArgs {
                     "--storage is for managed tiers; a Classic registry serves --classic-storage"
                 );
             }
-            crate::store::choose_object_storage(registry_dir, url, sku, !self.unencrypted)
+            crate::store::choose_object_storage(registry_dir, &place, url, sku, !self.unencrypted)
                 .with_context(|| {
                     format!("setting up the registry in {}", registry_dir.display())
                 })?;
         }
-        let note = crate::store::first_start(registry_dir, sku, classic, !self.unencrypted)
+        let note = crate::store::first_start(registry_dir, &place, sku, classic, !self.unencrypted)
             .with_context(|| format!("setting up the registry in {}", registry_dir.display()))?;
         if let Some(n) = note {
             eprintln!("note: {n}");
@@ -287,6 +301,12 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if !args.registry_only {
         return serve_tasks(&args);
     }
+    if args.database.is_some() {
+        eprintln!(
+            "note: --database is for `serve` with tasks (replicas share it); this \
+             --registry-only server keeps its registry in its data directory"
+        );
+    }
     let tls = args.tls()?;
     let dir = data_dir(args.data.clone())?;
     args.first_start(&dir)?;
@@ -304,6 +324,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         limits,
         connections,
         server_names: args.server_names.clone(),
+        meta: Default::default(),
     };
     rt.block_on(serve_registry(cfg, auth, hooks))?;
     Ok(ExitCode::SUCCESS)
@@ -378,6 +399,7 @@ fn serve_tasks(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     cfg.public_metrics = args.public_metrics;
     cfg.agent_lease = std::time::Duration::from_secs(args.agent_lease);
     cfg.database = args.database.clone();
+    cfg.registry_meta = args.registry_meta()?;
     cfg.server_names = args.server_names.clone();
     cfg.policy = args.sandbox.policy()?;
     cfg.webhooks = Some(args.auth.webhook_options(&args.ca_cert)?);

@@ -50,6 +50,8 @@ pub struct RegistryConfig {
     pub connections: crate::listen::ConnectionLimits,
     /// Host names it answers to beyond IP literals, `localhost` and the machine's own.
     pub server_names: Vec<String>,
+    /// Where the registry's metadata is (its directory unless shared).
+    pub meta: crate::store::MetaPlace,
 }
 
 impl RegistryConfig {
@@ -62,6 +64,7 @@ impl RegistryConfig {
             limits: RegistryLimits::default(),
             connections: crate::listen::ConnectionLimits::default(),
             server_names: Vec::new(),
+            meta: Default::default(),
         }
     }
 }
@@ -405,7 +408,17 @@ impl Registry {
         data_dir: &std::path::Path,
         limits: RegistryLimits,
     ) -> Result<Registry, RegistryError> {
-        let store = Store::open(data_dir, true)?;
+        Self::open_at(data_dir, limits, &crate::store::MetaPlace::Directory)
+    }
+
+    /// [`Registry::open_with`] with the metadata where `place` says (a database the
+    /// server's replicas share).
+    pub fn open_at(
+        data_dir: &std::path::Path,
+        limits: RegistryLimits,
+        place: &crate::store::MetaPlace,
+    ) -> Result<Registry, RegistryError> {
+        let store = Store::open_at(data_dir, true, place)?;
         prune_outbox(&store);
         let (events, _) = broadcast::channel(1024);
         let (detailed, _) = broadcast::channel(1024);
@@ -648,9 +661,10 @@ pub async fn start_with_auth(
     cfg: RegistryConfig,
     auth: Option<Arc<crate::auth::Auth>>,
 ) -> Result<RunningRegistry, RegistryError> {
-    let dir = cfg.data_dir.clone();
+    let (dir, place) = (cfg.data_dir.clone(), cfg.meta.clone());
     let limits = cfg.limits.clone();
-    let registry = tokio::task::spawn_blocking(move || Registry::open_with(&dir, limits)).await??;
+    let registry =
+        tokio::task::spawn_blocking(move || Registry::open_at(&dir, limits, &place)).await??;
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| RegistryError::Bind {

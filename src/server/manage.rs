@@ -161,7 +161,7 @@ pub struct EncryptionInfo {
     pub key_id: Option<String>,
     /// Where the key is read from (on the server's machine).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key_file: Option<std::path::PathBuf>,
+    pub key_file: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rotating_from: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -104,6 +104,9 @@ pub struct ServeConfig {
     pub agent_lease: std::time::Duration,
     /// Tasks, runs and the queue in this PostgreSQL database instead of `server.db`.
     pub database: Option<String>,
+    /// Where the registry's metadata is: its directory, or (`--database` with
+    /// `--storage`) the database the replicas share.
+    pub registry_meta: crate::store::MetaPlace,
 }
 
 impl ServeConfig {
@@ -128,6 +131,7 @@ impl ServeConfig {
             public_metrics: false,
             agent_lease: std::time::Duration::from_secs(30),
             database: None,
+            registry_meta: Default::default(),
         }
     }
 }
@@ -231,9 +235,10 @@ impl Server {
             std::fs::create_dir_all(&p).map_err(|source| ServerError::Data { path: p, source })?;
         }
         let reg_dir = cfg.data_dir.join("registry");
-        let limits = cfg.limits.clone();
+        let (limits, place) = (cfg.limits.clone(), cfg.registry_meta.clone());
         let registry =
-            tokio::task::spawn_blocking(move || Registry::open_with(&reg_dir, limits)).await??;
+            tokio::task::spawn_blocking(move || Registry::open_at(&reg_dir, limits, &place))
+                .await??;
         let db_path = cfg.data_dir.join("server.db");
         let marker = cfg.data_dir.join(SHARED_DATABASE_FILE);
         if cfg.database.is_some() {
@@ -392,20 +397,34 @@ impl Server {
             },
             &background,
         );
-        // Kept alive while serving: deliveries run off the request path.
-        let webhooks = match &self.cfg.webhooks {
-            Some(opts) => {
-                let mut opts = opts.clone();
-                let m = metrics.clone();
-                opts.observer = Some(crate::webhooks::Observer(Arc::new(move |ok| m.webhook(ok))));
-                Some(crate::webhooks::Dispatcher::start(
-                    &self.registry,
-                    &self.cfg.data_dir.join("registry"),
-                    opts,
-                )?)
-            }
-            None => None,
+        // Webhooks live with the registry: in the shared database when it is shared, where
+        // only the leader takes events in and delivers them (once for all replicas).
+        let place = self.cfg.registry_meta.clone();
+        let shared = matches!(place, crate::store::MetaPlace::Shared(_));
+        let hooks = {
+            let dir = self.cfg.data_dir.join("registry");
+            Arc::new(
+                tokio::task::spawn_blocking(move || match place {
+                    crate::store::MetaPlace::Shared(t) => Ok(crate::webhooks::WebhookStore::new(
+                        Box::new(crate::webhooks::postgres::PgWebhooks::open(&t)?),
+                    )),
+                    crate::store::MetaPlace::Directory => crate::webhooks::WebhookStore::open(&dir),
+                })
+                .await??,
+            )
         };
+        // Kept alive while serving: deliveries run off the request path.
+        let webhooks = self.cfg.webhooks.as_ref().map(|opts| {
+            let mut opts = opts.clone();
+            let m = metrics.clone();
+            opts.observer = Some(crate::webhooks::Observer(Arc::new(move |ok| m.webhook(ok))));
+            crate::webhooks::Dispatcher::start_with(
+                hooks.clone(),
+                &self.registry,
+                opts,
+                shared.then(|| leading.clone()),
+            )
+        });
         let gate = self.cfg.registry_auth.then(|| self.auth.clone());
         let guard = Arc::new(guard::ApiGuard {
             auth: self.auth.clone(),
@@ -435,13 +454,6 @@ impl Server {
             }),
             (!self.cfg.public_metrics).then(|| guard.clone()),
         );
-        let hooks = {
-            let dir = self.cfg.data_dir.join("registry");
-            Arc::new(
-                tokio::task::spawn_blocking(move || crate::webhooks::WebhookStore::open(&dir))
-                    .await??,
-            )
-        };
         let manage = manage::router(Arc::new(manage::ManageState {
             auth: self.auth.clone(),
             store: self.registry.store().clone(),

@@ -161,61 +161,18 @@ pub fn on_remote_digests(
     Ok(queued)
 }
 
-/// The base-image trigger reads the registry's event outbox from its cursor in
-/// `server.db`: pushes accepted while the task service was down (or that a crash cut
-/// off) still queue their dependents when it starts.
+/// The base-image trigger reads the registry's event outbox from its cursor in the
+/// server's store: pushes accepted while the task service was down (or that a crash cut
+/// off) still queue their dependents when it starts. Only the leader reads it, from the
+/// saved cursor each time, so replicas sharing a registry queue each push's dependents
+/// once and a new leader goes on where the last one stopped.
 async fn base_images(w: Arc<Watchers>) {
     let mut rx = w.registry.subscribe();
     let db = w.queue.db().clone();
-    let mut cursor = match db.registry_cursor() {
-        Ok(Some(c)) => c,
-        // First start: begin at the outbox's end, and remember that at once.
-        Ok(None) => match w.registry.last_event_seq().await {
-            Ok(last) => {
-                if let Err(e) = db.set_registry_cursor(last) {
-                    tracing::error!(error = %e, "saving the registry cursor");
-                }
-                last
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "base-image trigger cannot read registry events");
-                return;
-            }
-        },
-        Err(e) => {
-            tracing::error!(error = %e, "base-image trigger cannot start");
-            return;
-        }
-    };
     loop {
-        let mut batch: BTreeMap<(String, String), RegistryEvent> = BTreeMap::new();
-        let mut next = cursor;
-        loop {
-            let events = match w.registry.events_after(next, 1024).await {
-                Ok(e) => e,
-                Err(e) => {
-                    tracing::error!(error = %e, "reading registry events");
-                    break;
-                }
-            };
-            let Some(last) = events.last().map(|(seq, _)| *seq) else {
-                break;
-            };
-            for (_, e) in events {
-                if let (EventAction::Push, Some(tag)) = (e.event.action, e.event.tag.clone()) {
-                    // The latest push of a tag wins within a batch.
-                    batch.insert((e.event.repository.clone(), tag), e.event);
-                }
-            }
-            next = last;
-        }
-        if next != cursor {
-            let events: Vec<RegistryEvent> = batch.into_values().collect();
-            match on_pushes(&w.queue, &w.registry_host, &events)
-                .and_then(|_| db.set_registry_cursor(next))
-            {
-                Ok(()) => cursor = next,
-                Err(e) => tracing::error!(error = %e, "base-image trigger"),
+        if w.leads() {
+            if let Err(e) = base_image_pass(&w, &db).await {
+                tracing::error!(error = %e, "base-image trigger");
             }
         }
         // Wait for a push (or, as a safety net, a few seconds), then let a burst settle.
@@ -233,6 +190,44 @@ async fn base_images(w: Arc<Watchers>) {
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}
         }
     }
+}
+
+/// Reads the outbox from the saved cursor to its end, queues the dependents of the tags
+/// pushed and saves the cursor past them.
+async fn base_image_pass(
+    w: &Watchers,
+    db: &Arc<dyn super::db::ServerStore>,
+) -> Result<(), super::ServerError> {
+    let cursor = match db.registry_cursor()? {
+        Some(c) => c,
+        // First start: begin at the outbox's end, and remember that at once.
+        None => {
+            let last = w.registry.last_event_seq().await?;
+            db.set_registry_cursor(last)?;
+            last
+        }
+    };
+    let mut batch: BTreeMap<(String, String), RegistryEvent> = BTreeMap::new();
+    let mut next = cursor;
+    loop {
+        let events = w.registry.events_after(next, 1024).await?;
+        let Some(last) = events.last().map(|(seq, _)| *seq) else {
+            break;
+        };
+        for (_, e) in events {
+            if let (EventAction::Push, Some(tag)) = (e.event.action, e.event.tag.clone()) {
+                // The latest push of a tag wins within a batch.
+                batch.insert((e.event.repository.clone(), tag), e.event);
+            }
+        }
+        next = last;
+    }
+    if next != cursor {
+        let events: Vec<RegistryEvent> = batch.into_values().collect();
+        on_pushes(&w.queue, &w.registry_host, &events)?;
+        db.set_registry_cursor(next)?;
+    }
+    Ok(())
 }
 
 /// Queues every task whose recorded base image was replaced by one of `events`; returns

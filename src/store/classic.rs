@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use serde_json::Value;
 
 use super::meta::{Admit, Audit, ChangeProperties, ManifestInfo, ManifestRow, NewManifest};
-use super::{io_err, BlobStorage, FsckIssue, GcReport, Reference, RegistryMeta, SqliteMeta};
+use super::{io_err, BlobStorage, FsckIssue, GcReport, ManagedMeta, Reference, RegistryMeta};
 use super::{sync_dir, StoreError};
 use crate::tier::LimitError;
 
@@ -216,7 +216,7 @@ pub struct ClassicMeta {
     layout: Layout,
     root: PathBuf,
     /// Settings and the outbox (our `meta.db`, the managed store's metadata later).
-    side: Arc<SqliteMeta>,
+    side: Arc<dyn ManagedMeta>,
     /// Changes are made one at a time (as the SQLite backends' write lock does).
     write: Mutex<()>,
     /// Bytes of all blob data, counted once at open and kept as blobs are added.
@@ -226,7 +226,7 @@ pub struct ClassicMeta {
 }
 
 impl ClassicMeta {
-    pub fn open(root: &Path, side: Arc<SqliteMeta>) -> Result<ClassicMeta, StoreError> {
+    pub fn open(root: &Path, side: Arc<dyn ManagedMeta>) -> Result<ClassicMeta, StoreError> {
         let layout = Layout::new(root);
         for d in [layout.blobs(), layout.repositories()] {
             fs::create_dir_all(&d).map_err(io_err(&d))?;
@@ -807,7 +807,7 @@ mod tests {
     use crate::store::meta::admit_all;
 
     fn classic(dir: &Path) -> ClassicMeta {
-        let side = Arc::new(SqliteMeta::open(&dir.join("meta.db")).unwrap());
+        let side = Arc::new(super::super::SqliteMeta::open(&dir.join("meta.db")).unwrap());
         ClassicMeta::open(&dir.join("classic"), side).unwrap()
     }
 

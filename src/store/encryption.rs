@@ -18,9 +18,7 @@ use std::time::{Duration, Instant};
 
 use super::crypt::{KeyIndex, KeyRing};
 use super::encrypted::{EncryptedBlobs, EncryptedMeta, Keys, Required};
-use super::{
-    io_err, sync_dir, Backends, BlobStorage, FsBlobs, RegistryMeta, SqliteMeta, Store, StoreError,
-};
+use super::{io_err, sync_dir, Backends, BlobStorage, FsBlobs, ManagedMeta, Store, StoreError};
 use crate::tier::{Encryption, KeySource, Progress, Properties};
 
 /// The key file acr-task keeps (a managed key), in the registry directory.
@@ -55,13 +53,61 @@ fn refused(m: String) -> StoreError {
 fn read_ring(path: &Path, what: &str) -> Result<KeyRing, StoreError> {
     let text = fs::read_to_string(path)
         .map_err(|e| refused(format!("the {what} {} cannot be read: {e}", path.display())))?;
-    KeyRing::parse(&text).map_err(|e| {
+    parse_ring(&text, &format!("the {what} {}", path.display()))
+}
+
+fn parse_ring(text: &str, place: &str) -> Result<KeyRing, StoreError> {
+    KeyRing::parse(text).map_err(|e| {
         refused(format!(
-            "the {what} {} is not a key file ({e}): one base64 key of 32 bytes per line, \
-             the current first (`openssl rand -base64 32` makes one)",
-            path.display()
+            "{place} is not a key file ({e}): one base64 key of 32 bytes per line, \
+             the current first (`openssl rand -base64 32` makes one)"
         ))
     })
+}
+
+/// A managed key ring's text (None before one is made) and where it is: the registry
+/// directory's key file, or the database of a registry shared by several servers (which
+/// have no directory in common).
+fn managed_ring_text(
+    root: &Path,
+    side: &dyn ManagedMeta,
+) -> Result<(Option<String>, String), StoreError> {
+    if let Some(k) = side.key_ring()? {
+        return Ok((k.text, k.place));
+    }
+    let path = root.join(MANAGED_KEY_FILE);
+    let place = format!("the registry's key file {}", path.display());
+    match fs::read_to_string(&path) {
+        Ok(t) => Ok((Some(t), place)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((None, place)),
+        Err(e) => Err(refused(format!("{place} cannot be read: {e}"))),
+    }
+}
+
+/// Keeps a managed key ring where [`managed_ring_text`] reads it; unless `replace`, a
+/// ring made first by another process stays.
+fn put_managed_ring(
+    root: &Path,
+    side: &dyn ManagedMeta,
+    text: &str,
+    replace: bool,
+) -> Result<(), StoreError> {
+    if side.key_ring()?.is_some() {
+        return side.put_key_ring(text, replace);
+    }
+    write_key_file(&root.join(MANAGED_KEY_FILE), text, replace)
+}
+
+/// The managed key ring, which must exist.
+fn managed_ring(root: &Path, side: &dyn ManagedMeta) -> Result<(KeyRing, String), StoreError> {
+    let (text, place) = managed_ring_text(root, side)?;
+    let Some(text) = text else {
+        return Err(refused(format!(
+            "{place} cannot be read: it is missing, and the registry's data is not served \
+             without its key"
+        )));
+    };
+    Ok((parse_ring(&text, &place)?, place))
 }
 
 /// Writes a key file whole (owner-only), in place of any: a temporary, fsync'd, renamed.
@@ -96,12 +142,13 @@ fn write_key_file(path: &Path, text: &str, replace: bool) -> Result<(), StoreErr
 }
 
 /// The ring of a registry's keys from where its settings say they are.
-fn load_ring(root: &Path, source: KeySource) -> Result<(KeyRing, PathBuf), StoreError> {
+fn load_ring(
+    root: &Path,
+    side: &dyn ManagedMeta,
+    source: KeySource,
+) -> Result<(KeyRing, String), StoreError> {
     match source {
-        KeySource::Managed => {
-            let path = root.join(MANAGED_KEY_FILE);
-            Ok((read_ring(&path, "registry's key file")?, path))
-        }
+        KeySource::Managed => managed_ring(root, side),
         KeySource::CustomerManaged => {
             let Some(path) = customer_key_file() else {
                 return Err(refused(format!(
@@ -109,26 +156,30 @@ fn load_ring(root: &Path, source: KeySource) -> Result<(KeyRing, PathBuf), Store
                      file with --encryption-key-file or {KEY_FILE_ENV}"
                 )));
             };
-            Ok((read_ring(&path, "customer-managed key file")?, path))
+            let ring = read_ring(&path, "customer-managed key file")?;
+            Ok((ring, path.display().to_string()))
         }
     }
 }
 
 /// Encryption for a store that has none yet: the operator's key if one is given, else a
 /// key made now and kept in the registry directory. `complete`: nothing stored yet.
-pub(crate) fn new_encryption(root: &Path, complete: bool) -> Result<Encryption, StoreError> {
+pub(crate) fn new_encryption(
+    root: &Path,
+    side: &dyn ManagedMeta,
+    complete: bool,
+) -> Result<Encryption, StoreError> {
     let (source, ring) = match customer_key_file() {
         Some(path) => (
             KeySource::CustomerManaged,
             read_ring(&path, "customer-managed key file")?,
         ),
         None => {
-            let path = root.join(MANAGED_KEY_FILE);
-            if !path.exists() {
+            if managed_ring_text(root, side)?.0.is_none() {
                 let line = KeyRing::generate_line()?;
-                write_key_file(&path, &format!("{line}\n"), false)?;
+                put_managed_ring(root, side, &format!("{line}\n"), false)?;
             }
-            (KeySource::Managed, read_ring(&path, "registry's key file")?)
+            (KeySource::Managed, managed_ring(root, side)?.0)
         }
     };
     Ok(Encryption {
@@ -152,7 +203,7 @@ pub(crate) struct Crypto {
 /// the key given matches every key the data is sealed with.
 pub(crate) fn managed_backends(
     root: &Path,
-    side: &Arc<SqliteMeta>,
+    side: &Arc<dyn ManagedMeta>,
     enc: Option<&Encryption>,
     objects: Option<&str>,
 ) -> Result<(Arc<Backends>, Option<Crypto>), StoreError> {
@@ -160,6 +211,7 @@ pub(crate) fn managed_backends(
         Some(url) => Arc::new(super::s3::S3Blobs::open(
             root,
             &super::s3::Location::parse(url)?,
+            side.shared_id()?,
         )?),
         None => Arc::new(FsBlobs::open(root)?),
     };
@@ -172,8 +224,8 @@ pub(crate) fn managed_backends(
             None,
         ));
     };
-    let (ring, path) = load_ring(root, e.key_source)?;
-    check_ring(&ring, &path, e, side.as_ref())?;
+    let (ring, place) = load_ring(root, side.as_ref(), e.key_source)?;
+    check_ring(&ring, &place, e, side.as_ref())?;
     let keys = Keys::new(ring);
     let required: Required = Arc::new(AtomicBool::new(e.complete));
     let blobs = Arc::new(EncryptedBlobs::new(
@@ -203,7 +255,7 @@ pub(crate) fn managed_backends(
 /// Every key the data needs is in the ring, or the reason why not.
 fn check_ring(
     ring: &KeyRing,
-    path: &Path,
+    place: &str,
     e: &Encryption,
     index: &dyn KeyIndex,
 ) -> Result<(), StoreError> {
@@ -214,9 +266,8 @@ fn check_ring(
     for id in needed {
         if ring.get(&id).is_none() {
             return Err(refused(format!(
-                "the registry's data is encrypted with key {id}, which {} does not hold (it \
-                 holds {}): give the right key file; nothing is served without it",
-                path.display(),
+                "the registry's data is encrypted with key {id}, which {place} does not hold \
+                 (it holds {}): give the right key file; nothing is served without it",
                 ring.ids().join(", ")
             )));
         }
@@ -331,8 +382,8 @@ impl Store {
                         .as_ref()
                         .is_some_and(|k| ring.get(k).is_none());
                 if missing {
-                    let (ring, path) = load_ring(&self.root, e.key_source)?;
-                    check_ring(&ring, &path, e, self.side.as_ref())?;
+                    let (ring, place) = load_ring(&self.root, self.side.as_ref(), e.key_source)?;
+                    check_ring(&ring, &place, e, self.side.as_ref())?;
                     keys.replace(ring);
                 }
                 required.store(e.complete, Ordering::SeqCst);
@@ -344,14 +395,14 @@ impl Store {
     /// `registry encryption enable`: from now on everything new is sealed, and what is
     /// stored gets sealed in place by [`Store::seal_in_place`]. Nothing when already on.
     pub fn enable_encryption(&self) -> Result<Properties, StoreError> {
-        let root = self.root.clone();
+        let (root, side) = (self.root.clone(), self.side.clone());
         let p = self.update_properties(|p, _| {
             p.check_managed("encryption settings")?;
             if p.encryption.is_some() {
                 return Ok(p.clone());
             }
             let next = Properties {
-                encryption: Some(new_encryption(&root, false)?),
+                encryption: Some(new_encryption(&root, side.as_ref(), false)?),
                 ..p.clone()
             };
             next.check_key_source()?;
@@ -377,29 +428,28 @@ impl Store {
                 "a rotation away from key {from} is under way: wait for it to complete"
             )));
         }
+        let side = self.side.as_ref();
         let (ring, path) = match e.key_source {
             KeySource::Managed => {
-                let path = self.root.join(MANAGED_KEY_FILE);
-                let old = fs::read_to_string(&path).map_err(io_err(&path))?;
-                let text = format!("{}\n{old}", KeyRing::generate_line()?);
-                write_key_file(&path, &text, true)?;
-                (read_ring(&path, "registry's key file")?, path)
+                let (old, _) = managed_ring_text(&self.root, side)?;
+                let text = format!("{}\n{}", KeyRing::generate_line()?, old.unwrap_or_default());
+                put_managed_ring(&self.root, side, &text, true)?;
+                managed_ring(&self.root, side)?
             }
-            KeySource::CustomerManaged => load_ring(&self.root, e.key_source)?,
+            KeySource::CustomerManaged => load_ring(&self.root, side, e.key_source)?,
         };
         let new_id = ring.current().id().to_string();
         if new_id == e.key_id {
             return Err(refused(format!(
                 "the first key of {} is already the current key ({new_id}): put the new key on \
                  the first line and keep the old one below it until the rotation completes",
-                path.display()
+                path
             )));
         }
         if ring.get(&e.key_id).is_none() {
             return Err(refused(format!(
                 "{} must still hold the current key {} until the rotation completes",
-                path.display(),
-                e.key_id
+                path, e.key_id
             )));
         }
         if let Some((keys, ..)) = self.crypto() {
@@ -567,12 +617,18 @@ impl Store {
         })?;
         if e.key_source == KeySource::Managed {
             // Only the new key is needed now.
-            let path = self.root.join(MANAGED_KEY_FILE);
             let ring = keys.ring();
-            let text = fs::read_to_string(&path).map_err(io_err(&path))?;
+            let text = managed_ring_text(&self.root, self.side.as_ref())?
+                .0
+                .unwrap_or_default();
             let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
             if KeyRing::parse(first).is_ok_and(|r| r.current().id() == ring.current().id()) {
-                write_key_file(&path, &format!("{}\n", first.trim()), true)?;
+                put_managed_ring(
+                    &self.root,
+                    self.side.as_ref(),
+                    &format!("{}\n", first.trim()),
+                    true,
+                )?;
             }
         }
         tracing::info!(rewrapped = changed, "registry key rotated");
@@ -608,14 +664,21 @@ impl Store {
     }
 
     /// Where the registry key is: (source, key file).
-    pub fn key_location(&self) -> Result<Option<(KeySource, PathBuf)>, StoreError> {
+    pub fn key_location(&self) -> Result<Option<(KeySource, String)>, StoreError> {
         let p = self.properties()?;
-        Ok(p.encryption.map(|e| {
-            let path = match e.key_source {
-                KeySource::Managed => self.root.join(MANAGED_KEY_FILE),
-                KeySource::CustomerManaged => customer_key_file().unwrap_or_default(),
-            };
-            (e.key_source, path)
-        }))
+        let Some(e) = p.encryption else {
+            return Ok(None);
+        };
+        let place = match e.key_source {
+            KeySource::Managed => match self.side.key_ring()? {
+                Some(k) => k.place,
+                None => self.root.join(MANAGED_KEY_FILE).display().to_string(),
+            },
+            KeySource::CustomerManaged => customer_key_file()
+                .unwrap_or_default()
+                .display()
+                .to_string(),
+        };
+        Ok(Some((e.key_source, place)))
     }
 }

@@ -1,7 +1,7 @@
 //! The registry's metadata behind one trait: repositories, blob rows and their links,
 //! manifests with their references and tags, and the event outbox. SQLite
-//! ([`super::SqliteMeta`]) now; PostgreSQL later slots in without touching the registry,
-//! the CLI or gc. The types here are plain data; every call blocks (async callers run
+//! ([`super::SqliteMeta`]) or PostgreSQL ([`super::postgres::PgMeta`]), behind it without
+//! the registry, the CLI or gc knowing which. The types here are plain data; every call blocks (async callers run
 //! them in `spawn_blocking`).
 //!
 //! What a backend promises: each call is one transaction (a change and the outbox rows
@@ -160,6 +160,99 @@ pub trait RegistryMeta: Send + Sync {
     /// Changes the settings in one transaction under the write lock: `change` gets the
     /// current ones and the bytes stored and returns the new ones (or refuses).
     fn set_properties(&self, change: ChangeProperties<'_>) -> Result<String, StoreError>;
+}
+
+/// The managed store's own metadata: [`RegistryMeta`] with the data keys of sealed blobs,
+/// and what the store asks of it besides. SQLite in the registry directory
+/// ([`super::SqliteMeta`]) or PostgreSQL shared by a server's replicas
+/// ([`super::postgres::PgMeta`]).
+pub trait ManagedMeta: RegistryMeta + super::crypt::KeyIndex {
+    /// Appends events to the outbox on their own (for a backend whose change cannot share
+    /// this database's transaction: a Classic registry's tree).
+    fn append_outbox(&self, events: &[String]) -> Result<(), StoreError>;
+    /// Leaves no earlier version of what was replaced where it could be read back (sealing
+    /// in place); a no-op where nothing is kept.
+    fn checkpoint(&self) -> Result<(), StoreError>;
+    /// The registry's id when several servers share this metadata (it claims the object
+    /// storage prefix); `None` for one server's own, whose id is a file of its directory.
+    fn shared_id(&self) -> Result<Option<String>, StoreError> {
+        Ok(None)
+    }
+    /// Where a key ring acr-task keeps for the registry lives when it is not the registry
+    /// directory's key file (`None`): its text, if made, and a name for messages.
+    fn key_ring(&self) -> Result<Option<KeyRingText>, StoreError> {
+        Ok(None)
+    }
+    /// Keeps a key ring where [`Self::key_ring`] finds it; unless `replace`, one made
+    /// first (by another server) stays.
+    fn put_key_ring(&self, _text: &str, _replace: bool) -> Result<(), StoreError> {
+        Err(StoreError::Refused(
+            "this registry keeps its key in its directory".into(),
+        ))
+    }
+}
+
+/// A key ring kept in a registry's metadata.
+#[derive(Debug, Clone)]
+pub struct KeyRingText {
+    pub text: Option<String>,
+    /// Where it is, in words.
+    pub place: String,
+}
+
+/// A manifest's descriptor against what is stored: present, with the size declared (a
+/// size that disagrees would make every pull of the manifest fail, or read past the blob).
+pub(crate) fn check_descriptor(d: &Descriptor, stored: Option<u64>) -> Result<(), StoreError> {
+    match stored {
+        None => Err(StoreError::MissingRef(d.digest.clone())),
+        Some(actual) if actual != d.size => Err(StoreError::SizeMismatch {
+            digest: d.digest.clone(),
+            declared: d.size,
+            actual,
+        }),
+        Some(_) => Ok(()),
+    }
+}
+
+/// What a change does to the repository and tags it touches, for their locks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Touch {
+    /// A push: to the repository, or over the tags.
+    Write,
+    Delete,
+}
+
+/// Which tags a change touches, for their locks.
+pub(crate) enum Tags<'a> {
+    These(&'a [&'a str]),
+    /// The tags naming `digest`, or an index that (at any depth) names it.
+    Naming(&'a str),
+    All,
+}
+
+/// What the locks of `repo` (`(tag, write-enabled, delete-enabled)`, tag `""` for the
+/// repository's own) say of a change touching `touched` tags: the first that forbids it.
+pub(crate) fn lock_refusal(
+    repo: &str,
+    locks: &[(String, bool, bool)],
+    touched: &[String],
+    touch: Touch,
+) -> Result<(), StoreError> {
+    for (tag, write, delete) in locks {
+        if !tag.is_empty() && !touched.contains(tag) {
+            continue;
+        }
+        let attribute = if !write {
+            "write-enabled"
+        } else if touch == Touch::Delete && !delete {
+            "delete-enabled"
+        } else {
+            continue;
+        };
+        let tag = (!tag.is_empty()).then_some(tag.as_str());
+        return Err(crate::tier::LimitError::locked(repo, tag, attribute).into());
+    }
+    Ok(())
 }
 
 /// Makes the new settings (JSON) from the current ones and the bytes stored, or refuses.

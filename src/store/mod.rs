@@ -21,6 +21,7 @@ pub mod encryption;
 mod maint;
 mod meta;
 pub mod migrate;
+pub mod postgres;
 pub mod s3;
 mod sqlite;
 
@@ -33,8 +34,8 @@ use crate::tier::Sku;
 pub use blobs::{BlobStorage, BlobUpload, FsBlobs, Staged};
 pub use maint::{FsckIssue, FsckReport, GcReport, KeptByGrace};
 pub use meta::{
-    admit_all, Admit, Attributes, Audit, Descriptor, Lock, ManifestBrief, ManifestInfo,
-    ManifestRow, NewManifest, Reference, RegistryMeta, RepoView, TagRow,
+    admit_all, Admit, Attributes, Audit, Descriptor, Lock, ManagedMeta, ManifestBrief,
+    ManifestInfo, ManifestRow, NewManifest, Reference, RegistryMeta, RepoView, TagRow,
 };
 pub use sqlite::{configure as configure_sqlite, SqliteMeta};
 
@@ -45,6 +46,8 @@ pub enum StoreError {
     Db(#[from] rusqlite::Error),
     #[error(transparent)]
     Migrate(#[from] migrate::MigrateError),
+    #[error("registry database: {0}")]
+    Pg(crate::pg::PgError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -98,7 +101,7 @@ pub struct Store {
     managed: RwLock<Arc<Backends>>,
     /// The managed metadata itself (under the layers): settings, keys, and what the
     /// encryption jobs walk.
-    side: Arc<SqliteMeta>,
+    side: Arc<dyn ManagedMeta>,
     /// The encrypting layers of the managed store, when it is encrypted.
     crypto: RwLock<Option<encryption::Crypto>>,
     /// The Classic directory's backends while they serve (until the upgrade completes).
@@ -121,6 +124,11 @@ impl Store {
     /// it clears abandoned uploads and finishes or rolls back an interrupted gc. Tools that run
     /// beside a live server (fsck, repository list) pass `false`.
     pub fn open(root: &Path, recover: bool) -> Result<Store, StoreError> {
+        Store::open_at(root, recover, &MetaPlace::Directory)
+    }
+
+    /// [`Store::open`] with the metadata where `place` says.
+    pub fn open_at(root: &Path, recover: bool, place: &MetaPlace) -> Result<Store, StoreError> {
         fs::create_dir_all(root).map_err(io_err(root))?;
         // One serving process per data dir: recovery clears `uploads/`, which would destroy
         // another server's sessions in flight.
@@ -129,11 +137,11 @@ impl Store {
         } else {
             None
         };
-        let side = Arc::new(SqliteMeta::open(&root.join("meta.db"))?);
-        if side.properties()?.is_none() && holds_nothing(&side)? {
+        let side = open_side(root, place)?;
+        if side.properties()?.is_none() && holds_nothing(side.as_ref())? {
             // A new registry: its settings, with encryption at rest from the start.
-            let first = initial_properties(root, &side, Sku::Premium, true)?;
-            write_properties(&side, &first, false)?;
+            let first = initial_properties(root, side.as_ref(), Sku::Premium, true)?;
+            write_properties(side.as_ref(), &first, false)?;
         }
         let props = parse_properties(side.properties()?.as_deref())?;
         let (managed, crypto) = encryption::managed_backends(
@@ -241,18 +249,80 @@ pub struct Backends {
     pub meta: Arc<dyn RegistryMeta>,
 }
 
+/// Where a registry's metadata lives: its directory's `meta.db`, or a PostgreSQL database
+/// that the replicas of a server share (`serve --database URL --storage s3://...`: blobs
+/// in object storage every replica reaches). A registry directory whose metadata is
+/// shared holds [`SHARED_MARKER`], and opens of it as a directory are refused.
+#[derive(Clone, Default)]
+pub enum MetaPlace {
+    #[default]
+    Directory,
+    Shared(Box<crate::pg::Target>),
+}
+
+impl std::fmt::Debug for MetaPlace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MetaPlace::Directory => f.write_str("Directory"),
+            // Never the password.
+            MetaPlace::Shared(t) => write!(f, "Shared({})", t.config.get_dbname().unwrap_or("?")),
+        }
+    }
+}
+
+/// The file that says a registry directory's metadata is in a shared database.
+pub const SHARED_MARKER: &str = "meta.shared";
+
+/// The managed metadata where `place` says.
+fn open_side(root: &Path, place: &MetaPlace) -> Result<Arc<dyn ManagedMeta>, StoreError> {
+    match place {
+        MetaPlace::Directory => {
+            if root.join(SHARED_MARKER).exists() {
+                return Err(StoreError::Refused(format!(
+                    "the registry of {} keeps its metadata in the PostgreSQL database its \
+                     servers share: go through one of them (--registry HOST:PORT, --server \
+                     URL), or give `serve` the same --database and --storage",
+                    root.display()
+                )));
+            }
+            Ok(Arc::new(SqliteMeta::open(&root.join("meta.db"))?))
+        }
+        MetaPlace::Shared(target) => {
+            let meta = postgres::PgMeta::open(target)?;
+            let marker = root.join(SHARED_MARKER);
+            if !marker.exists() {
+                fs::write(
+                    &marker,
+                    "the registry's metadata is in a shared PostgreSQL database\n",
+                )
+                .map_err(io_err(&marker))?;
+            }
+            Ok(Arc::new(meta))
+        }
+    }
+}
+
 /// What a registry's first start sets, before it is opened: the tier a new registry
 /// starts in, and for a Classic one the distribution tree it serves. A registry that has
 /// settings keeps them (they change through `registry update`); the note says when what
 /// was asked differs from what stays.
 pub fn first_start(
     root: &Path,
+    place: &MetaPlace,
     sku: Option<Sku>,
     classic_storage: Option<&Path>,
     encrypted: bool,
 ) -> Result<Option<String>, StoreError> {
     fs::create_dir_all(root).map_err(io_err(root))?;
-    let meta = SqliteMeta::open(&root.join("meta.db"))?;
+    if classic_storage.is_some() && matches!(place, MetaPlace::Shared(_)) {
+        return Err(StoreError::Refused(
+            "a Classic registry serves its own directory: a registry shared through \
+             --database is a managed tier"
+                .into(),
+        ));
+    }
+    let meta = open_side(root, place)?;
+    let meta = meta.as_ref();
     let storage = match classic_storage {
         Some(d) => Some(fs::canonicalize(d).map_err(|e| {
             StoreError::Refused(format!(
@@ -284,15 +354,11 @@ pub fn first_start(
                     storage,
                     upgrade: None,
                 }),
-                ..initial_properties(root, &meta, Sku::Classic, encrypted)?
+                ..initial_properties(root, meta, Sku::Classic, encrypted)?
             };
-            write_properties(&meta, &p, true)?;
+            write_properties(meta, &p, true)?;
         } else {
-            write_properties(
-                &meta,
-                &initial_properties(root, &meta, sku, encrypted)?,
-                true,
-            )?;
+            write_properties(meta, &initial_properties(root, meta, sku, encrypted)?, true)?;
         }
         return Ok(None);
     };
@@ -342,15 +408,17 @@ pub fn first_start(
 /// here). Call before [`first_start`] and [`Store::open`].
 pub fn choose_object_storage(
     root: &Path,
+    place: &MetaPlace,
     url: &str,
     sku: Option<Sku>,
     encrypted: bool,
 ) -> Result<(), StoreError> {
     let at = s3::Location::parse(url)?;
     fs::create_dir_all(root).map_err(io_err(root))?;
-    let meta = SqliteMeta::open(&root.join("meta.db"))?;
+    let meta = open_side(root, place)?;
+    let meta = meta.as_ref();
     let Some(json) = meta.properties()? else {
-        if !holds_nothing(&meta)? {
+        if !holds_nothing(meta)? {
             return Err(StoreError::Refused(format!(
                 "{} already holds images in its own directory: --storage is for a new registry",
                 root.display()
@@ -364,9 +432,9 @@ pub fn choose_object_storage(
         }
         let p = crate::tier::Properties {
             object_storage: Some(at.url()),
-            ..initial_properties(root, &meta, sku.unwrap_or(Sku::Premium), encrypted)?
+            ..initial_properties(root, meta, sku.unwrap_or(Sku::Premium), encrypted)?
         };
-        return write_properties(&meta, &p, true);
+        return write_properties(meta, &p, true);
     };
     let p = parse_properties(Some(&json))?;
     match p.object_storage {
@@ -384,7 +452,7 @@ pub fn choose_object_storage(
 
 /// Writes a registry's settings; unless `over`, settings another process wrote first stay.
 fn write_properties(
-    meta: &SqliteMeta,
+    meta: &dyn ManagedMeta,
     p: &crate::tier::Properties,
     over: bool,
 ) -> Result<(), StoreError> {
@@ -402,12 +470,12 @@ fn write_properties(
 /// stays as it is until `registry encryption enable` seals it in place.
 fn initial_properties(
     root: &Path,
-    meta: &SqliteMeta,
+    meta: &dyn ManagedMeta,
     sku: Sku,
     encrypted: bool,
 ) -> Result<crate::tier::Properties, StoreError> {
     let encryption = if encrypted && holds_nothing(meta)? {
-        Some(encryption::new_encryption(root, true)?)
+        Some(encryption::new_encryption(root, meta, true)?)
     } else {
         None
     };
@@ -420,7 +488,7 @@ fn initial_properties(
 }
 
 /// Whether a registry's metadata holds no content (a new registry).
-fn holds_nothing(meta: &SqliteMeta) -> Result<bool, StoreError> {
+fn holds_nothing(meta: &dyn ManagedMeta) -> Result<bool, StoreError> {
     Ok(meta.list_repositories(Some(1), None)?.is_empty() && meta.storage_used()? == 0)
 }
 

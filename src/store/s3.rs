@@ -140,7 +140,12 @@ fn s3_err(what: &str, e: object_store::Error) -> StoreError {
 impl S3Blobs {
     /// The blobs at `at`, spooling uploads under `root/uploads`. Checks that the bucket
     /// answers, so a wrong endpoint or login is said at start, not at the first push.
-    pub fn open(root: &Path, at: &Location) -> Result<S3Blobs, StoreError> {
+    /// `shared_id`: the registry's id when its servers share it (else its directory's).
+    pub fn open(
+        root: &Path,
+        at: &Location,
+        shared_id: Option<String>,
+    ) -> Result<S3Blobs, StoreError> {
         let spool = root.join("uploads");
         fs::create_dir_all(&spool).map_err(io_err(&spool))?;
         let mut b = AmazonS3Builder::from_env().with_bucket_name(&at.bucket);
@@ -184,16 +189,16 @@ impl S3Blobs {
                     at.url()
                 ))
             })?;
-        blobs.claim(root)?;
+        blobs.claim(root, shared_id)?;
         Ok(blobs)
     }
 
     /// One registry per bucket prefix: its id (kept in `root/object-storage.owner`) is
     /// written under the prefix on the first open, and an open by another registry is
     /// refused, so no registry's gc or recovery removes another's blobs.
-    fn claim(&self, root: &Path) -> Result<(), StoreError> {
+    fn claim(&self, root: &Path, shared_id: Option<String>) -> Result<(), StoreError> {
         let file = root.join("object-storage.owner");
-        let id = match fs::read_to_string(&file) {
+        let id = match shared_id.map_or_else(|| fs::read_to_string(&file), Ok) {
             Ok(s) => s.trim().to_string(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let id = uuid::Uuid::new_v4().simple().to_string();

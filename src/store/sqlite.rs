@@ -8,7 +8,10 @@ use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use super::meta::{Admit, Audit, Descriptor, ManifestInfo, ManifestRow, NewManifest, Reference};
+use super::meta::{
+    check_descriptor, lock_refusal, Admit, Audit, ManifestInfo, ManifestRow, NewManifest,
+    Reference, Tags, Touch,
+};
 use super::{now, BlobStorage, FsckIssue, GcReport, KeptByGrace, RegistryMeta, StoreError};
 
 fn open_conn(path: &Path) -> Result<Connection, StoreError> {
@@ -196,22 +199,11 @@ fn manifest_size(conn: &Connection, repo: &str, digest: &str) -> Result<Option<u
 }
 
 fn put_manifest(conn: &Connection, m: &NewManifest) -> Result<(), StoreError> {
-    // A descriptor's size is part of what a client verifies; one that disagrees with the
-    // stored content would make every pull of this manifest fail (or read past the blob).
-    let check = |d: &Descriptor, stored: Option<u64>| match stored {
-        None => Err(StoreError::MissingRef(d.digest.clone())),
-        Some(actual) if actual != d.size => Err(StoreError::SizeMismatch {
-            digest: d.digest.clone(),
-            declared: d.size,
-            actual,
-        }),
-        Some(_) => Ok(()),
-    };
     for b in &m.blobs {
-        check(b, blob_in_repo(conn, &m.repo, &b.digest)?)?;
+        check_descriptor(b, blob_in_repo(conn, &m.repo, &b.digest)?)?;
     }
     for c in &m.children {
-        check(c, manifest_size(conn, &m.repo, &c.digest)?)?;
+        check_descriptor(c, manifest_size(conn, &m.repo, &c.digest)?)?;
     }
     ensure_repo(conn, &m.repo)?;
     let t = now();
@@ -354,22 +346,6 @@ fn delete_tag(
     Ok(d)
 }
 
-/// What a change does to the repository and tags it touches, for its locks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Touch {
-    /// A push: to the repository, or over the tags.
-    Write,
-    Delete,
-}
-
-/// Which tags a change touches, for their locks.
-enum Tags<'a> {
-    These(&'a [&'a str]),
-    /// The tags naming `digest`, or an index that (at any depth) names it.
-    Naming(&'a str),
-    All,
-}
-
 /// Refuses, inside the change's own transaction, what a lock forbids: the repository's
 /// own lock, or one on a tag the change touches.
 fn check_locks(
@@ -406,21 +382,7 @@ fn check_locks(
             |r| r.get(0),
         )?,
     };
-    for (tag, write, delete) in locks {
-        if !tag.is_empty() && !touched.contains(&tag) {
-            continue;
-        }
-        let attribute = if !write {
-            "write-enabled"
-        } else if touch == Touch::Delete && !delete {
-            "delete-enabled"
-        } else {
-            continue;
-        };
-        let tag = (!tag.is_empty()).then_some(tag.as_str());
-        return Err(crate::tier::LimitError::locked(repo, tag, attribute).into());
-    }
-    Ok(())
+    lock_refusal(repo, &locks, &touched, touch)
 }
 
 fn delete_repository(conn: &Connection, repo: &str) -> Result<bool, StoreError> {
@@ -550,23 +512,6 @@ impl SqliteMeta {
             .map_err(|_| StoreError::Poisoned)
     }
 
-    /// Appends events to the outbox on their own (for a backend whose change cannot share
-    /// this database's transaction: a Classic registry's tree).
-    pub(crate) fn append_outbox(&self, events: &[String]) -> Result<(), StoreError> {
-        if events.is_empty() {
-            return Ok(());
-        }
-        self.write(|tx| insert_outbox(tx, events))
-    }
-
-    /// Moves everything into the database file and empties the write-ahead log, so that
-    /// no earlier version of a page (plaintext before sealing) stays in it.
-    pub(crate) fn checkpoint(&self) -> Result<(), StoreError> {
-        let conn = self.writer()?;
-        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
-        Ok(())
-    }
-
     /// Runs `f` in an immediate (write-locked) transaction and commits what it returns.
     fn write<T>(
         &self,
@@ -589,6 +534,23 @@ fn collect<T>(
     let mut stmt = conn.prepare(sql)?;
     let rows = stmt.query_map(args, row)?;
     Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
+impl super::meta::ManagedMeta for SqliteMeta {
+    fn append_outbox(&self, events: &[String]) -> Result<(), StoreError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        self.write(|tx| insert_outbox(tx, events))
+    }
+
+    /// Moves everything into the database file and empties the write-ahead log, so that
+    /// no earlier version of a page (plaintext before sealing) stays in it.
+    fn checkpoint(&self) -> Result<(), StoreError> {
+        let conn = self.writer()?;
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        Ok(())
+    }
 }
 
 impl RegistryMeta for SqliteMeta {

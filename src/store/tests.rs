@@ -241,10 +241,19 @@ fn outbox_rows_commit_with_their_change_and_old_ones_are_pruned() {
 /// Every metadata backend, opened fresh in `dir`: the bodies below run against each
 /// (PostgreSQL joins this list).
 fn meta_backends(dir: &std::path::Path) -> Vec<(&'static str, Box<dyn RegistryMeta>)> {
-    vec![(
+    let mut out: Vec<(&'static str, Box<dyn RegistryMeta>)> = vec![(
         "sqlite",
         Box::new(SqliteMeta::open(&dir.join("meta.db")).unwrap()),
-    )]
+    )];
+    // PostgreSQL too when `ACR_TASK_TEST_POSTGRES` names a server (scripts/with-postgres).
+    if let Ok(url) = std::env::var("ACR_TASK_TEST_POSTGRES") {
+        let db = crate::pg::fresh_database(&url).unwrap();
+        out.push((
+            "postgres",
+            Box::new(super::postgres::PgMeta::open(&db).unwrap()),
+        ));
+    }
+    out
 }
 
 #[test]
@@ -678,10 +687,9 @@ fn every_meta_backend_checks_locks_in_the_change_itself() {
             is_locked(meta.delete_tag("r", "v1", &mut |_| vec![])),
             "{name}"
         );
-        assert!(
-            is_locked(meta.delete_manifest("r", &v1.digest, &mut |_, _| vec![])),
-            "{name}"
-        );
+        let r = meta.delete_manifest("r", &v1.digest, &mut |_, _| vec![]);
+        let shown = format!("{:?}", r.as_ref().map(|_| ()));
+        assert!(is_locked(r), "{name}: {shown}");
         // Another tag still takes pushes; a purge's batch leaves the locked tag.
         meta.put_manifest(&new("{\"v\":3}", Some("v3")), &[], &admit_all)
             .unwrap();
@@ -716,4 +724,49 @@ fn every_meta_backend_checks_locks_in_the_change_itself() {
         assert!(meta.locks("r").unwrap().is_empty(), "{name}");
         assert!(meta.delete_repository("r").unwrap(), "{name}");
     }
+}
+
+/// A registry whose metadata is in a shared PostgreSQL database: what one server stores,
+/// another (its own directory) reads, the managed key kept in the database with the rows
+/// it opens; a directory open of either is refused.
+#[test]
+fn a_shared_registry_is_one_registry_for_every_server() {
+    let Ok(url) = std::env::var("ACR_TASK_TEST_POSTGRES") else {
+        return; // Runs under scripts/with-postgres (make test).
+    };
+    let place = MetaPlace::Shared(Box::new(crate::pg::fresh_database(&url).unwrap()));
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let one = Store::open_at(a.path(), true, &place).unwrap();
+    let e = one.properties().unwrap().encryption.unwrap();
+    assert!(e.complete && e.key_source == crate::tier::KeySource::Managed);
+    assert!(
+        !a.path().join(encryption::MANAGED_KEY_FILE).exists(),
+        "the key is in the database, not one server's directory"
+    );
+    let d = put_blob(&one, "r", b"layer");
+    let m = manifest(&one, "r", vec![d.clone()], Some("v1"), b"{\"secret\":1}");
+    one.put_manifest(&m, &[], &admit_all).unwrap();
+    let two = Store::open_at(b.path(), true, &place).unwrap();
+    let row = two
+        .get_manifest("r", &Reference::Tag("v1".into()))
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.content, b"{\"secret\":1}", "opened with the shared key");
+    assert_eq!(two.blob_in_repo("r", &d).unwrap(), Some(5));
+    assert_eq!(two.storage_used().unwrap(), one.storage_used().unwrap());
+    drop(two);
+    // A rotation through one server is read by the other at its next look.
+    one.rotate_key().unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    one.rewrap_keys(std::time::Duration::ZERO, &stop, &|_| {})
+        .unwrap()
+        .unwrap();
+    let two = Store::open_at(b.path(), true, &place).unwrap();
+    let row = two
+        .get_manifest("r", &Reference::Tag("v1".into()))
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.content, b"{\"secret\":1}");
+    let e = Store::open(a.path(), false).unwrap_err().to_string();
+    assert!(e.contains("PostgreSQL") && e.contains("--database"), "{e}");
 }

@@ -7,6 +7,7 @@
 //! a [`Registry`].
 
 pub mod client;
+pub mod postgres;
 pub mod records;
 pub mod sqlite;
 pub mod store;
@@ -356,6 +357,20 @@ pub async fn ping(
     attempt(store, &d, opts, false).await
 }
 
+/// Waits until this server leads (at once when leadership does not apply); forever when
+/// the leadership loop has ended (the server is stopping).
+async fn lead(leading: &mut Option<tokio::sync::watch::Receiver<bool>>) {
+    if let Some(rx) = leading {
+        if rx.wait_for(|l| *l).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+fn leads(leading: &Option<tokio::sync::watch::Receiver<bool>>) -> bool {
+    leading.as_ref().is_none_or(|rx| *rx.borrow())
+}
+
 /// How long a stop waits for the loops to end.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -374,7 +389,22 @@ impl Dispatcher {
         dir: &Path,
         opts: DeliveryOptions,
     ) -> Result<Dispatcher, WebhookError> {
-        let store = Arc::new(WebhookStore::open(dir)?);
+        Ok(Self::start_with(
+            Arc::new(WebhookStore::open(dir)?),
+            registry,
+            opts,
+            None,
+        ))
+    }
+
+    /// [`Dispatcher::start`] over `store`; with `leading`, the loops run only while it
+    /// says this server leads (servers sharing a registry deliver each event once).
+    pub fn start_with(
+        store: Arc<WebhookStore>,
+        registry: &Registry,
+        opts: DeliveryOptions,
+        leading: Option<tokio::sync::watch::Receiver<bool>>,
+    ) -> Dispatcher {
         let notify = Arc::new(Notify::new());
         // Live events only wake the intake; it reads the registry's outbox from its own
         // cursor, so nothing committed is lost to a crash, a restart or a slow receiver.
@@ -384,43 +414,51 @@ impl Dispatcher {
             let store = store.clone();
             let notify = notify.clone();
             let registry = registry.clone();
+            let mut leading = leading.clone();
             background.spawn("webhook intake", async move {
-                let mut cursor = match intake_start(&store, &registry).await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::error!(error = %e, "webhook intake cannot start");
-                        return;
-                    }
-                };
                 loop {
-                    match intake_batch(&store, &registry, cursor).await {
-                        Ok((next, queued)) => {
-                            if queued > 0 {
-                                notify.notify_one();
-                            }
-                            if next != cursor {
-                                cursor = next;
-                                continue;
-                            }
+                    lead(&mut leading).await;
+                    // From the saved cursor, which another leader may have moved.
+                    let mut cursor = match intake_start(&store, &registry).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            tracing::error!(error = %e, "webhook intake cannot start");
+                            tokio::time::sleep(Duration::from_secs(5)).await;
+                            continue;
                         }
-                        Err(e) => tracing::error!(error = %e, "queueing webhook deliveries"),
-                    }
-                    tokio::select! {
-                        r = rx.recv() => {
-                            if let Err(tokio::sync::broadcast::error::RecvError::Closed) = r {
-                                break;
+                    };
+                    while leads(&leading) {
+                        match intake_batch(&store, &registry, cursor).await {
+                            Ok((next, queued)) => {
+                                if queued > 0 {
+                                    notify.notify_one();
+                                }
+                                if next != cursor {
+                                    cursor = next;
+                                    continue;
+                                }
                             }
+                            Err(e) => tracing::error!(error = %e, "queueing webhook deliveries"),
                         }
-                        // A safety net: the outbox is the truth, wake-ups are hints.
-                        _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+                        tokio::select! {
+                            r = rx.recv() => {
+                                if let Err(tokio::sync::broadcast::error::RecvError::Closed) = r {
+                                    return;
+                                }
+                            }
+                            // A safety net: the outbox is the truth, wake-ups are hints.
+                            _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+                        }
                     }
                 }
             });
         }
         {
             let store = store.clone();
+            let mut leading = leading;
             background.spawn("webhook delivery", async move {
                 loop {
+                    lead(&mut leading).await;
                     let s = store.clone();
                     let due = tokio::task::spawn_blocking(move || s.due(store::now_ms(), 32)).await;
                     let due = match due {
@@ -462,7 +500,7 @@ impl Dispatcher {
                 }
             });
         }
-        Ok(Dispatcher { store, background })
+        Dispatcher { store, background }
     }
 
     /// Stops intake and delivery, waiting briefly for them to end.
@@ -532,7 +570,13 @@ mod tests {
     /// Every records backend, fresh in `dir`: the bodies below run against each
     /// (PostgreSQL joins this list).
     fn backends(dir: &std::path::Path) -> Vec<(&'static str, WebhookStore)> {
-        vec![("sqlite", WebhookStore::open(dir).unwrap())]
+        let mut out = vec![("sqlite", WebhookStore::open(dir).unwrap())];
+        if let Ok(url) = std::env::var("ACR_TASK_TEST_POSTGRES") {
+            let db = crate::pg::fresh_database(&url).unwrap();
+            let records = super::postgres::PgWebhooks::open(&db).unwrap();
+            out.push(("postgres", WebhookStore::new(Box::new(records))));
+        }
+        out
     }
 
     #[test]

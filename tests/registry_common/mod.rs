@@ -15,22 +15,27 @@ pub fn digest(data: &[u8]) -> String {
 
 /// An in-process registry on a free loopback port, with its data in `dir`. With
 /// `ACR_TASK_TEST_STORAGE=s3://BUCKET` (and the AWS variables; `scripts/with-s3` sets them)
-/// its blobs go to a prefix of their own in that bucket: the same tests, on S3.
+/// its blobs go to a prefix of their own in that bucket: the same tests, on S3. With
+/// `ACR_TASK_TEST_POSTGRES` as well (`scripts/with-postgres`), its metadata is in a
+/// database of its own there: the registry replicas share.
 pub async fn start_in(dir: &Path) -> RunningRegistry {
+    let mut place = acr_task::store::MetaPlace::Directory;
     if let Ok(bucket) = std::env::var("ACR_TASK_TEST_STORAGE") {
         let url = format!(
             "{}/{}",
             bucket.trim_end_matches('/'),
             uuid::Uuid::new_v4().simple()
         );
-        acr_task::store::choose_object_storage(dir, &url, None, true).unwrap();
+        if let Ok(pg) = std::env::var("ACR_TASK_TEST_POSTGRES") {
+            place = acr_task::store::MetaPlace::Shared(Box::new(
+                acr_task::pg::fresh_database(&pg).unwrap(),
+            ));
+        }
+        acr_task::store::choose_object_storage(dir, &place, &url, None, true).unwrap();
     }
-    start(RegistryConfig::new(
-        dir.to_path_buf(),
-        "127.0.0.1:0".parse().unwrap(),
-    ))
-    .await
-    .unwrap()
+    let mut cfg = RegistryConfig::new(dir.to_path_buf(), "127.0.0.1:0".parse().unwrap());
+    cfg.meta = place;
+    start(cfg).await.unwrap()
 }
 
 /// The digests of the blobs a store holds, wherever it keeps them.
