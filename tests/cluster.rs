@@ -382,6 +382,19 @@ async fn replicas_serve_one_registry_and_a_replica_kill_loses_no_acknowledged_pu
     std::fs::create_dir_all(&db).unwrap();
     let mut b = Serve::start_with(&db, 1, &args);
     b.password = a.password.clone();
+    // A replica given the database but not the storage would serve a registry of its own
+    // beside the shared one: it is refused, saying what to add.
+    let out = std::process::Command::new(bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(dir.path().join("c"))
+        .args(["--database", &postgres_for(&url, &da)])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains(&format!("--storage {storage}")),
+        "{err}"
+    );
     let mut replicas = vec![a, b];
 
     // docker push through one replica, docker pull of the same image through the other.
@@ -424,6 +437,67 @@ async fn replicas_serve_one_registry_and_a_replica_kill_loses_no_acknowledged_pu
     };
     assert_eq!(listing(&replicas[0]), listing(&replicas[1]));
     assert!(listing(&replicas[1]).contains("shared/app"));
+
+    // An upload begun on one replica goes on through the other (a load balancer need not
+    // keep a client on one replica for a blob): a chunk through a, the next through b,
+    // the end through b; b sends them to a, which holds the session.
+    let ha = replicas[0].registry_client("handoff").await;
+    let hb = replicas[1].registry_client("handoff").await;
+    let r = ha
+        .post(format!("{}/v2/handoff/blobs/uploads/", replicas[0].url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let location = r.headers()["location"].to_str().unwrap().to_string();
+    let (one, two) = (b"first chunk, ".to_vec(), b"second chunk".to_vec());
+    let r = ha
+        .patch(format!("{}{location}", replicas[0].url))
+        .header("content-range", format!("0-{}", one.len() - 1))
+        .body(one.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let r = hb
+        .patch(format!("{}{location}", replicas[1].url))
+        .header(
+            "content-range",
+            format!("{}-{}", one.len(), one.len() + two.len() - 1),
+        )
+        .body(two.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
+    assert_eq!(
+        r.headers()["range"].to_str().unwrap(),
+        format!("0-{}", one.len() + two.len() - 1)
+    );
+    let whole = [one, two].concat();
+    let digest = registry_common::digest(&whole);
+    let r = hb
+        .put(format!("{}{location}?digest={digest}", replicas[1].url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    let got = hb
+        .get(format!("{}/v2/handoff/blobs/{digest}", replicas[1].url))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(&got[..], &whole[..]);
+    // Ended: neither replica knows the session any more.
+    let r = hb
+        .get(format!("{}{location}", replicas[1].url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
 
     // A stream of pushes through replica a; kill -9 of it midway; the client goes on
     // through replica b, retrying what was cut off. Every push acknowledged (201) by

@@ -91,6 +91,11 @@ pub struct ServeArgs {
     /// it the registry is this data directory's own.
     #[arg(long, value_name = "URL", env = "ACR_TASK_DATABASE")]
     pub database: Option<String>,
+    /// With a shared registry (--database with --storage): the URL the other replicas
+    /// reach this one at (`https://acr-a.internal:5000`), where they send the requests of
+    /// upload sessions this one holds. Default: this server's own address.
+    #[arg(long, value_name = "URL")]
+    pub advertise_url: Option<String>,
     #[command(flatten)]
     pub sandbox: SandboxArgs,
     /// Print the policy these options make (YAML) and exit.
@@ -243,12 +248,23 @@ impl ServeArgs {
     /// Where the registry's metadata lives: with `--database` and `--storage`, in that
     /// database, so every replica serves the same registry from the shared bucket.
     fn registry_meta(&self) -> anyhow::Result<crate::store::MetaPlace> {
-        Ok(match (&self.database, &self.storage) {
-            (Some(url), Some(_)) if !self.registry_only => crate::store::MetaPlace::Shared(
-                Box::new(crate::pg::Target::parse(url, &self.ca_cert).context("--database")?),
-            ),
-            _ => crate::store::MetaPlace::Directory,
-        })
+        let (Some(url), false) = (&self.database, self.registry_only) else {
+            return Ok(crate::store::MetaPlace::Directory);
+        };
+        let target = crate::pg::Target::parse(url, &self.ca_cert).context("--database")?;
+        if self.storage.is_none() {
+            // Replicas of one database serve one registry: never one of their own beside it.
+            if let Some(there) = crate::store::shared_registry_storage(&target)
+                .context("reading the shared registry's settings from --database")?
+            {
+                anyhow::bail!(
+                    "the replicas of this database share a registry whose blobs are in \
+                     {there}: give this one --storage {there} too"
+                );
+            }
+            return Ok(crate::store::MetaPlace::Directory);
+        }
+        Ok(crate::store::MetaPlace::Shared(Box::new(target)))
     }
 
     /// A first start's tier (and Classic storage), set before the registry opens.
@@ -400,6 +416,7 @@ fn serve_tasks(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     cfg.agent_lease = std::time::Duration::from_secs(args.agent_lease);
     cfg.database = args.database.clone();
     cfg.registry_meta = args.registry_meta()?;
+    cfg.advertise_url = args.advertise_url.clone();
     cfg.server_names = args.server_names.clone();
     cfg.policy = args.sandbox.policy()?;
     cfg.webhooks = Some(args.auth.webhook_options(&args.ca_cert)?);

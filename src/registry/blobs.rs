@@ -317,11 +317,120 @@ pub(super) async fn start_upload(
         discard(vec![blob]).await;
         return Err(e);
     }
+    if let Some(peer) = reg.inner.peer.get() {
+        // The servers sharing the registry send this session's requests here.
+        let (store, i, n, url) = (
+            reg.inner.store.clone(),
+            id.clone(),
+            name.to_string(),
+            peer.url.clone(),
+        );
+        if let Err(e) = blocking(move || store.record_upload(&i, &n, &url)).await {
+            tracing::warn!(upload = %id, error = %e.message, "recording an upload session");
+        }
+    }
     Ok(respond(
         StatusCode::ACCEPTED,
         &upload_headers(name, &id, 0),
         Body::empty(),
     ))
+}
+
+/// Marks a request one server sent another (it is never sent on again).
+const FORWARDED: &str = "x-acr-task-forwarded";
+
+/// The server holding upload session `id` when it is not this one (servers sharing the
+/// registry; a request another server sent here is answered here).
+pub(super) async fn held_elsewhere(
+    reg: &Registry,
+    name: &str,
+    id: &str,
+    headers: &HeaderMap,
+) -> Result<Option<String>, ApiError> {
+    let Some(peer) = reg.inner.peer.get() else {
+        return Ok(None);
+    };
+    if headers.contains_key(FORWARDED) || session(reg, name, id).is_ok() {
+        return Ok(None);
+    }
+    let (store, i, n) = (reg.inner.store.clone(), id.to_string(), name.to_string());
+    let owner = blocking(move || store.upload_owner(&i, &n)).await?;
+    Ok(owner.filter(|o| *o != peer.url))
+}
+
+/// Sends a request of upload session `id` to `owner`, the server holding it, streaming the
+/// body, and answers with its answer. An owner that does not answer has lost the session
+/// (`BLOB_UPLOAD_UNKNOWN`: the client starts the blob again).
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn forward(
+    reg: &Registry,
+    owner: &str,
+    method: &axum::http::Method,
+    name: &str,
+    id: &str,
+    q: &Q,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let Some(peer) = reg.inner.peer.get() else {
+        return Err(ApiError::upload_unknown());
+    };
+    let mut url = reqwest::Url::parse(&format!("{owner}/v2/{name}/blobs/uploads/{id}"))
+        .map_err(|e| ApiError::internal(format!("the address of {owner}: {e}")))?;
+    if !q.is_empty() {
+        url.query_pairs_mut().extend_pairs(q.iter());
+    }
+    let mut req = peer
+        .http
+        .request(method.clone(), url)
+        .header(FORWARDED, "1")
+        .body(reqwest::Body::wrap_stream(body.into_data_stream()));
+    for h in [
+        header::AUTHORIZATION,
+        header::CONTENT_TYPE,
+        header::CONTENT_LENGTH,
+        header::CONTENT_RANGE,
+    ] {
+        if let Some(v) = headers.get(&h) {
+            req = req.header(h, v);
+        }
+    }
+    let answer = match req.send().await {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(upload = id, %owner, error = %e, "the server holding an upload session does not answer");
+            let (store, i) = (reg.inner.store.clone(), id.to_string());
+            let _ = blocking(move || store.forget_upload(&i)).await;
+            return Err(ApiError::upload_unknown());
+        }
+    };
+    let status =
+        StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut out: Vec<(&str, String)> = Vec::new();
+    for h in [
+        "location",
+        "range",
+        "docker-upload-uuid",
+        "docker-content-digest",
+        "content-type",
+    ] {
+        if let Some(v) = answer.headers().get(h).and_then(|v| v.to_str().ok()) {
+            out.push((h, v.to_string()));
+        }
+    }
+    // Answers to upload requests are headers and, at most, a short error.
+    let mut bytes = Vec::new();
+    let mut stream = answer.bytes_stream();
+    while let Some(chunk) = futures_util::StreamExt::next(&mut stream).await {
+        let chunk =
+            chunk.map_err(|e| ApiError::internal(format!("reading {owner}'s answer: {e}")))?;
+        if bytes.len() + chunk.len() > 64 * 1024 {
+            return Err(ApiError::internal(format!("{owner}'s answer is too long")));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    out.push(("content-length", bytes.len().to_string()));
+    Ok(respond(status, &out, Body::from(bytes)))
 }
 
 fn upload_table(reg: &Registry) -> Result<std::sync::MutexGuard<'_, super::Sessions>, ApiError> {
@@ -387,6 +496,16 @@ pub(super) fn take_expired(
         _ => true,
     });
     gone
+}
+
+/// Forgets a session the servers sharing the registry were told of.
+async fn forget_shared(reg: &Registry, id: &str) {
+    if reg.inner.peer.get().is_some() {
+        let (store, i) = (reg.inner.store.clone(), id.to_string());
+        if let Err(e) = blocking(move || store.forget_upload(&i)).await {
+            tracing::warn!(upload = id, error = %e.message, "forgetting an upload session");
+        }
+    }
 }
 
 fn remove_session(reg: &Registry, id: &str) {
@@ -517,6 +636,7 @@ pub(super) async fn finish_upload(
     append_chunk(reg, &mut up, headers, body).await?;
     // The session ends here whatever the outcome: a wrong digest discards the data.
     remove_session(reg, id);
+    forget_shared(reg, id).await;
     let (blob, hasher, size) = (up.blob.clone(), up.hasher.clone(), up.offset);
     // Still holding the session: a chunk that waited for it finds the upload sealed.
     commit(reg, name, &digest, blob, hasher, size).await?;
@@ -531,6 +651,7 @@ pub(super) async fn cancel_upload(
     let s = session(reg, name, id)?;
     let up = s.lock().await;
     remove_session(reg, id);
+    forget_shared(reg, id).await;
     discard(vec![up.blob.clone()]).await;
     Ok(respond(
         StatusCode::NO_CONTENT,

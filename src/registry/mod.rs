@@ -306,6 +306,15 @@ pub(crate) struct State {
     pub throttle: throttle::Throttle,
     /// Blobs imports are copying now: concurrent imports wanting one wait for its copy.
     pub importing: import::BlobLocks,
+    /// Set when servers share this registry: how the others reach this one.
+    pub peer: std::sync::OnceLock<Peer>,
+}
+
+/// This server as the other servers sharing the registry reach it, and the client it
+/// sends them the requests of upload sessions they hold.
+pub(crate) struct Peer {
+    pub url: String,
+    pub http: reqwest::Client,
 }
 
 /// The registry's long jobs, run here in the serving process when the settings ask for
@@ -433,6 +442,7 @@ impl Registry {
                 background: crate::background::Background::new(),
                 throttle: throttle::Throttle::default(),
                 importing: Default::default(),
+                peer: Default::default(),
             }),
         })
     }
@@ -487,6 +497,14 @@ impl Registry {
     /// The registry's store.
     pub fn store(&self) -> &Arc<Store> {
         &self.inner.store
+    }
+
+    /// Serves as one of several servers sharing this registry, reachable by the others at
+    /// `url`: an upload session begun here is recorded with it, and a request for one
+    /// held by another server is sent there through `http` (so a client need not stay on
+    /// one server for a blob). Set once.
+    pub fn share_as(&self, url: String, http: reqwest::Client) {
+        let _ = self.inner.peer.set(Peer { url, http });
     }
 
     /// Push/delete events; a slow receiver loses the oldest (see `broadcast`).

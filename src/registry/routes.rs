@@ -308,6 +308,9 @@ async fn handle(
         }
         Route::Upload(name, id) => {
             check_name(&name)?;
+            if let Some(owner) = blobs::held_elsewhere(reg, &name, &id, headers).await? {
+                return blobs::forward(reg, &owner, method, &name, &id, q, headers, body).await;
+            }
             match *method {
                 Method::GET => blobs::upload_status(reg, &name, &id).await,
                 Method::PATCH => blobs::patch_upload(reg, &name, &id, headers, body).await,

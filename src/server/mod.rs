@@ -107,6 +107,9 @@ pub struct ServeConfig {
     /// Where the registry's metadata is: its directory, or (`--database` with
     /// `--storage`) the database the replicas share.
     pub registry_meta: crate::store::MetaPlace,
+    /// How the other replicas reach this one (a shared registry's upload sessions);
+    /// `None`: this server's own address.
+    pub advertise_url: Option<String>,
 }
 
 impl ServeConfig {
@@ -132,6 +135,7 @@ impl ServeConfig {
             agent_lease: std::time::Duration::from_secs(30),
             database: None,
             registry_meta: Default::default(),
+            advertise_url: None,
         }
     }
 }
@@ -348,6 +352,22 @@ impl Server {
         stop: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
         let registry_host = self.registry_host();
+        if matches!(self.cfg.registry_meta, crate::store::MetaPlace::Shared(_)) {
+            // A client may send an upload's next request to any replica.
+            let scheme = if self.cfg.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            let url = self
+                .cfg
+                .advertise_url
+                .clone()
+                .unwrap_or_else(|| format!("{scheme}://{registry_host}"));
+            let http = crate::registry::client::http_client(&self.cfg.ca_certs)?;
+            self.registry
+                .share_as(url.trim_end_matches('/').to_string(), http);
+        }
         let metrics = Arc::new(crate::metrics::Metrics::new());
         let queue = Arc::new(
             queue::Queue::new(self.db.clone(), self.cfg.concurrency, registry_host.clone())

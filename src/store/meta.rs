@@ -190,6 +190,19 @@ pub trait ManagedMeta: RegistryMeta + super::crypt::KeyIndex {
             "this registry keeps its key in its directory".into(),
         ))
     }
+    /// Records that upload session `id` of `repo` is held by the server reachable at
+    /// `owner` (servers sharing the registry send its requests there); nothing elsewhere.
+    fn put_upload(&self, _id: &str, _repo: &str, _owner: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// Which server holds upload session `id` of `repo`, if one was recorded.
+    fn upload_owner(&self, _id: &str, _repo: &str) -> Result<Option<String>, StoreError> {
+        Ok(None)
+    }
+    /// Forgets upload session `id` (finished, cancelled, expired, or its server gone).
+    fn forget_upload(&self, _id: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// A key ring kept in a registry's metadata.

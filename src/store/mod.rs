@@ -182,6 +182,21 @@ impl Store {
         &self.root
     }
 
+    /// See [`ManagedMeta::put_upload`].
+    pub fn record_upload(&self, id: &str, repo: &str, owner: &str) -> Result<(), StoreError> {
+        self.side.put_upload(id, repo, owner)
+    }
+
+    /// See [`ManagedMeta::upload_owner`].
+    pub fn upload_owner(&self, id: &str, repo: &str) -> Result<Option<String>, StoreError> {
+        self.side.upload_owner(id, repo)
+    }
+
+    /// See [`ManagedMeta::forget_upload`].
+    pub fn forget_upload(&self, id: &str) -> Result<(), StoreError> {
+        self.side.forget_upload(id)
+    }
+
     /// The backends that serve now.
     fn now(&self) -> Arc<Backends> {
         match self.classic.read() {
@@ -290,6 +305,16 @@ fn open_side(root: &Path, place: &MetaPlace) -> Result<Arc<dyn ManagedMeta>, Sto
         MetaPlace::Shared(target) => {
             let meta = postgres::PgMeta::open(target)?;
             let marker = root.join(SHARED_MARKER);
+            let own = root.join("meta.db");
+            if !marker.exists() && own.exists() && !holds_nothing(&SqliteMeta::open(&own)?)? {
+                // Its images would silently stop being served.
+                return Err(StoreError::Refused(format!(
+                    "{} holds a registry of its own: a registry the replicas share (--database \
+                     with --storage) needs a data directory without one; give another --data, \
+                     and move these images with `acr-task registry relocate` if they are wanted",
+                    root.display()
+                )));
+            }
             if !marker.exists() {
                 fs::write(
                     &marker,
@@ -299,6 +324,17 @@ fn open_side(root: &Path, place: &MetaPlace) -> Result<Arc<dyn ManagedMeta>, Sto
             }
             Ok(Arc::new(meta))
         }
+    }
+}
+
+/// The object storage of the registry kept in the database `target` names, if replicas
+/// share one there: a replica given the database must be given that storage too, or it
+/// would serve a registry of its own beside the shared one.
+pub fn shared_registry_storage(target: &crate::pg::Target) -> Result<Option<String>, StoreError> {
+    let meta = postgres::PgMeta::open(target)?;
+    match meta.properties()? {
+        None => Ok(None),
+        Some(json) => Ok(parse_properties(Some(&json))?.object_storage),
     }
 }
 

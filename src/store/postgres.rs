@@ -23,7 +23,8 @@ use super::{now, BlobStorage, FsckIssue, GcReport, KeptByGrace, RegistryMeta, St
 use crate::pg::{args, Args, Database, PgError, SyncTx, Target};
 
 /// The schema, one entry per version (recorded in `acr_task_registry_migrations`).
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE registry_repositories(name TEXT COLLATE "C" PRIMARY KEY, created BIGINT NOT NULL);
 CREATE TABLE registry_blobs(
     digest TEXT COLLATE "C" PRIMARY KEY, size BIGINT NOT NULL, created BIGINT NOT NULL);
@@ -87,7 +88,12 @@ BEGIN
 END $$;
 CREATE TRIGGER registry_usage_manifest AFTER INSERT OR DELETE ON registry_manifests
     FOR EACH ROW EXECUTE FUNCTION registry_usage_manifest();
-"#];
+"#,
+    r#"
+CREATE TABLE registry_uploads(id TEXT PRIMARY KEY, repo TEXT NOT NULL, owner TEXT NOT NULL,
+    created BIGINT NOT NULL);
+"#,
+];
 
 /// The registry's write lock, held by every change to the end of its transaction
 /// ("acrregw").
@@ -483,7 +489,11 @@ impl super::meta::ManagedMeta for PgMeta {
     }
 
     fn checkpoint(&self) -> Result<(), StoreError> {
-        // Old row versions go at the next vacuum; nothing to flush here.
+        // The table rewritten without the row versions sealing replaced (a plain vacuum
+        // would only mark them free). The server's own write-ahead log keeps them until
+        // it is recycled: that is the database operator's to manage.
+        self.read()
+            .exec("VACUUM FULL registry_manifests", args![])?;
         Ok(())
     }
 
@@ -505,6 +515,37 @@ impl super::meta::ManagedMeta for PgMeta {
             text,
             place: "the registry's key kept in its PostgreSQL database".into(),
         }))
+    }
+
+    fn put_upload(&self, id: &str, repo: &str, owner: &str) -> Result<(), StoreError> {
+        let mut c = self.read();
+        // Sessions expire long before a day; rows of servers that died go then.
+        c.exec(
+            "DELETE FROM registry_uploads WHERE created < $1",
+            args![now() - 86_400],
+        )?;
+        c.exec(
+            "INSERT INTO registry_uploads(id, repo, owner, created) VALUES ($1, $2, $3, $4)
+             ON CONFLICT(id) DO NOTHING",
+            args![s(id), s(repo), s(owner), now()],
+        )?;
+        Ok(())
+    }
+
+    fn upload_owner(&self, id: &str, repo: &str) -> Result<Option<String>, StoreError> {
+        self.read()
+            .row(
+                "SELECT owner FROM registry_uploads WHERE id = $1 AND repo = $2",
+                args![s(id), s(repo)],
+            )?
+            .map(|r| col(&r, 0))
+            .transpose()
+    }
+
+    fn forget_upload(&self, id: &str) -> Result<(), StoreError> {
+        self.read()
+            .exec("DELETE FROM registry_uploads WHERE id = $1", args![s(id)])?;
+        Ok(())
     }
 
     fn put_key_ring(&self, text: &str, replace: bool) -> Result<(), StoreError> {

@@ -769,4 +769,14 @@ fn a_shared_registry_is_one_registry_for_every_server() {
     assert_eq!(row.content, b"{\"secret\":1}");
     let e = Store::open(a.path(), false).unwrap_err().to_string();
     assert!(e.contains("PostgreSQL") && e.contains("--database"), "{e}");
+    // A directory holding a registry of its own is not quietly left behind.
+    let own = tempfile::tempdir().unwrap();
+    put_blob(&Store::open(own.path(), true).unwrap(), "mine", b"kept");
+    let e = Store::open_at(own.path(), true, &place)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("registry of its own") && e.contains("relocate"),
+        "{e}"
+    );
 }
