@@ -347,20 +347,13 @@ fn shared_or_rerun(test: &str) -> Option<(String, String)> {
     None
 }
 
-/// `docker ARGS...` with the client configuration `config`; its output, or a failure.
+/// `docker ARGS...` with the client configuration `config`: its output, or a failure.
 fn docker(config: &Path, args: &[&str]) -> String {
-    let out = std::process::Command::new("docker")
-        .env("DOCKER_CONFIG", config)
-        .args(args)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "docker {args:?}: {text}");
-    text
+    registry_common::run(
+        std::process::Command::new("docker")
+            .env("DOCKER_CONFIG", config)
+            .args(args),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -410,30 +403,18 @@ async fn replicas_serve_one_registry_and_a_replica_kill_loses_no_acknowledged_pu
     docker(&config, &["push", &on_a]);
     docker(&config, &["rmi", &on_a]);
     docker(&config, &["pull", &on_b]);
-    let out = std::process::Command::new("docker")
-        .args(["run", "--rm", &on_b])
-        .output()
-        .unwrap();
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "pushed through replica a",
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        docker(&config, &["run", "--rm", &on_b]),
+        "pushed through replica a"
     );
     docker(&config, &["rmi", &on_b]);
     // One registry: the same repositories through either.
     let listing = |r: &Serve| {
-        let out = std::process::Command::new(bin())
-            .env("DOCKER_CONFIG", &config)
-            .args(["repository", "list", "--registry", &r.addr, "-o", "json"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).to_string()
+        registry_common::run(
+            std::process::Command::new(bin())
+                .env("DOCKER_CONFIG", &config)
+                .args(["repository", "list", "--registry", &r.addr, "-o", "json"]),
+        )
     };
     assert_eq!(listing(&replicas[0]), listing(&replicas[1]));
     assert!(listing(&replicas[1]).contains("shared/app"));

@@ -268,8 +268,11 @@ impl ServeArgs {
     }
 
     /// A first start's tier (and Classic storage), set before the registry opens.
-    fn first_start(&self, registry_dir: &std::path::Path) -> anyhow::Result<()> {
-        let place = self.registry_meta()?;
+    fn first_start(
+        &self,
+        registry_dir: &std::path::Path,
+        place: &crate::store::MetaPlace,
+    ) -> anyhow::Result<()> {
         let classic = self.classic_storage.as_deref();
         let sku = match (self.sku, classic) {
             (Some(s), Some(_)) if s != crate::tier::Sku::Classic => {
@@ -287,12 +290,10 @@ impl ServeArgs {
                     "--storage is for managed tiers; a Classic registry serves --classic-storage"
                 );
             }
-            crate::store::choose_object_storage(registry_dir, &place, url, sku, !self.unencrypted)
-                .with_context(|| {
-                    format!("setting up the registry in {}", registry_dir.display())
-                })?;
+            crate::store::choose_object_storage(registry_dir, place, url, sku, !self.unencrypted)
+                .with_context(|| format!("setting up the registry in {}", registry_dir.display()))?;
         }
-        let note = crate::store::first_start(registry_dir, &place, sku, classic, !self.unencrypted)
+        let note = crate::store::first_start(registry_dir, place, sku, classic, !self.unencrypted)
             .with_context(|| format!("setting up the registry in {}", registry_dir.display()))?;
         if let Some(n) = note {
             eprintln!("note: {n}");
@@ -325,7 +326,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     let tls = args.tls()?;
     let dir = data_dir(args.data.clone())?;
-    args.first_start(&dir)?;
+    args.first_start(&dir, &Default::default())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -396,7 +397,9 @@ fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
 /// `acr-task serve` without `--registry-only`.
 fn serve_tasks(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     let dir = args.data.clone().unwrap_or_else(super::default_data_dir);
-    args.first_start(&dir.join("registry"))?;
+    // Where the registry's rows are, decided once (it may ask the database).
+    let place = args.registry_meta()?;
+    args.first_start(&dir.join("registry"), &place)?;
     let mut cfg = ServeConfig::new(args.listen, dir.clone(), args.concurrency);
     cfg.remote_poll = args.base_image_poll;
     cfg.tls = args.tls()?;
@@ -415,7 +418,7 @@ fn serve_tasks(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     cfg.public_metrics = args.public_metrics;
     cfg.agent_lease = std::time::Duration::from_secs(args.agent_lease);
     cfg.database = args.database.clone();
-    cfg.registry_meta = args.registry_meta()?;
+    cfg.registry_meta = place;
     cfg.advertise_url = args.advertise_url.clone();
     cfg.server_names = args.server_names.clone();
     cfg.policy = args.sandbox.policy()?;

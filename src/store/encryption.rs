@@ -92,8 +92,8 @@ fn put_managed_ring(
     text: &str,
     replace: bool,
 ) -> Result<(), StoreError> {
-    if side.key_ring()?.is_some() {
-        return side.put_key_ring(text, replace);
+    if side.put_key_ring(text, replace)? {
+        return Ok(());
     }
     write_key_file(&root.join(MANAGED_KEY_FILE), text, replace)
 }

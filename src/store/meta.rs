@@ -1,8 +1,8 @@
 //! The registry's metadata behind one trait: repositories, blob rows and their links,
 //! manifests with their references and tags, and the event outbox. SQLite
 //! ([`super::SqliteMeta`]) or PostgreSQL ([`super::postgres::PgMeta`]), behind it without
-//! the registry, the CLI or gc knowing which. The types here are plain data; every call blocks (async callers run
-//! them in `spawn_blocking`).
+//! the registry, the CLI or gc knowing which. The types here are plain data; every call
+//! blocks (async callers run them in `spawn_blocking`).
 //!
 //! What a backend promises: each call is one transaction (a change and the outbox rows
 //! that describe it commit together or not at all); the callbacks given to a call run
@@ -183,12 +183,11 @@ pub trait ManagedMeta: RegistryMeta + super::crypt::KeyIndex {
     fn key_ring(&self) -> Result<Option<KeyRingText>, StoreError> {
         Ok(None)
     }
-    /// Keeps a key ring where [`Self::key_ring`] finds it; unless `replace`, one made
-    /// first (by another server) stays.
-    fn put_key_ring(&self, _text: &str, _replace: bool) -> Result<(), StoreError> {
-        Err(StoreError::Refused(
-            "this registry keeps its key in its directory".into(),
-        ))
+    /// Keeps a key ring where [`Self::key_ring`] finds it (false: rings are not kept
+    /// here but in the registry directory); unless `replace`, one made first (by another
+    /// server) stays.
+    fn put_key_ring(&self, _text: &str, _replace: bool) -> Result<bool, StoreError> {
+        Ok(false)
     }
     /// Records that upload session `id` of `repo` is held by the server reachable at
     /// `owner` (servers sharing the registry send its requests there); nothing elsewhere.

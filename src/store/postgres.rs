@@ -548,17 +548,17 @@ impl super::meta::ManagedMeta for PgMeta {
         Ok(())
     }
 
-    fn put_key_ring(&self, text: &str, replace: bool) -> Result<(), StoreError> {
+    fn put_key_ring(&self, text: &str, replace: bool) -> Result<bool, StoreError> {
         if !replace {
             self.setting_or_insert(KEY_RING, text)?;
-            return Ok(());
+            return Ok(true);
         }
         self.read().exec(
             "INSERT INTO registry_settings(key, value) VALUES ($1, $2)
              ON CONFLICT(key) DO UPDATE SET value = EXCLUDED.value",
             args![s(KEY_RING), s(text)],
         )?;
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -1059,8 +1059,9 @@ impl RegistryMeta for PgMeta {
                 bytes,
             }
         };
-        // Content without a row: a crash between its commit and its link. Under the write
-        // lock no link is in flight on any replica, so these are true leftovers.
+        // Content without a row: a crash between its commit and its link. Another replica
+        // may have committed content it is about to link (commits happen outside the
+        // lock), so only content older than the cutoff goes, as with unreferenced rows.
         let cutoff_time = std::time::SystemTime::UNIX_EPOCH
             + std::time::Duration::from_secs(cutoff.max(0) as u64);
         for (digest, stored) in content.list()? {
