@@ -21,8 +21,9 @@
 //!
 //! `REGISTRY_BENCH_ONLY=s3`: the registry with its blobs in S3 (SeaweedFS from `.venv`,
 //! `make setup`) beside the same on its file system, push and pull of 200 × 1 MiB and one
-//! 256 MiB blob, in one run; under `scripts/with-postgres`, also the registry replicas
-//! share (metadata in PostgreSQL, blobs in S3).
+//! 256 MiB blob, in one run, and the same with pulls redirected to presigned URLs of the
+//! bucket (`--redirect-pulls`, unencrypted); under `scripts/with-postgres`, also the
+//! registry replicas share (metadata in PostgreSQL, blobs in S3).
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -1017,6 +1018,7 @@ async fn start_seaweed() -> Seaweed {
         .arg(format!("-volume.port={v}"))
         .arg(format!("-filer.port={f}"))
         .arg(format!("-s3.port={s3}"))
+        .args(["-s3.port.iceberg=0", "-s3.port.lance=0"])
         .args(["-master.volumeSizeLimitMB=1024", "-volume.max=20"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -1061,6 +1063,19 @@ async fn s3_bench(seed: u64) {
             &env,
         ));
     }
+    // Pulls redirected to presigned URLs: the bytes come from the bucket, not through the
+    // registry (unencrypted, as redirects need).
+    servers.push(start_ours_env(
+        "acr-task on S3, pulls redirected",
+        &[
+            "--registry-only",
+            "--storage",
+            "s3://bench/redirected",
+            "--unencrypted",
+            "--redirect-pulls",
+        ],
+        &env,
+    ));
     servers.push(start_ours_env(
         "acr-task on S3",
         &["--registry-only", "--storage", "s3://bench/reg"],
@@ -1074,7 +1089,7 @@ async fn s3_bench(seed: u64) {
     if pg.is_some() {
         heads.push("S3+PG");
     }
-    heads.extend(["S3", "files", "S3/files"]);
+    heads.extend(["S3 redir.", "S3", "files", "S3/files"]);
     println!(
         "| {:<32} |{}",
         heads[0],

@@ -1,7 +1,9 @@
 //! Two `acr-task serve` replicas sharing one PostgreSQL database (a throw-away cluster,
 //! started by `scripts/with-postgres` for this test when the environment names none):
 //! runs queued on one are taken by both, timers fire on the leader only, and a kill -9
-//! of the leader loses neither a timer firing nor a run it was running.
+//! of the leader loses neither a timer firing nor a run it was running. Then the registry
+//! shared as well (PostgreSQL and SeaweedFS): pushes, uploads and the tier's rates across
+//! replicas, a replica killed mid-stream; and pulls redirected to the bucket.
 
 mod serve_common;
 
@@ -480,6 +482,31 @@ async fn replicas_serve_one_registry_and_a_replica_kill_loses_no_acknowledged_pu
         .unwrap();
     assert_eq!(r.status(), 404);
 
+    // The tier's read rate holds for the registry, not for each replica: after 40 reads
+    // through a, b admits only what is left of the minute's 60 (and a second's refill).
+    let (ok, _, err) = replicas[0].acr(&["registry", "update", "--read-ops-limit", "60"]);
+    assert!(ok, "{err}");
+    tokio::time::sleep(Duration::from_millis(1500)).await; // settings are read each second
+    let reads = |c: reqwest::Client, base: String| {
+        let url = format!("{base}/v2/handoff/blobs/{digest}");
+        async move {
+            let mut admitted = 0;
+            for _ in 0..40 {
+                let status = c.head(&url).send().await.unwrap().status();
+                assert!(status == 200 || status == 429, "{status}");
+                admitted += usize::from(status == 200);
+            }
+            admitted
+        }
+    };
+    assert_eq!(reads(ha.clone(), replicas[0].url.clone()).await, 40);
+    tokio::time::sleep(Duration::from_secs(3)).await; // each replica tells the other
+    let on_b = reads(hb.clone(), replicas[1].url.clone()).await;
+    assert!((15..=30).contains(&on_b), "b admitted {on_b} of 40 reads");
+    let (ok, _, err) = replicas[0].acr(&["registry", "update", "--read-ops-limit", "unlimited"]);
+    assert!(ok, "{err}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
     // A stream of pushes through replica a; kill -9 of it midway; the client goes on
     // through replica b, retrying what was cut off. Every push acknowledged (201) by
     // either is then pulled, byte for byte, through b.
@@ -586,4 +613,144 @@ async fn push_image(
         return Err(format!("manifest: {}", r.status()));
     }
     Ok(registry_common::digest(&body))
+}
+
+/// A registry server killed, with the engine's images of it, however the test ends (a
+/// failed assertion must not leave it holding the output of the test's runner).
+struct RegistryProcess {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl Drop for RegistryProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        registry_common::remove_images_of(&self.addr);
+    }
+}
+
+/// `serve --redirect-pulls ARGS...` on `data`, which must refuse to start: its error.
+fn redirect_start_refused(data: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(bin())
+        .args(["serve", "--registry-only", "--redirect-pulls"])
+        .args(["--listen", "127.0.0.1:0", "--data"])
+        .arg(data)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "serve started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pulls_redirect_to_presigned_urls_of_the_bucket() {
+    require_docker();
+    let Ok(bucket) = std::env::var("ACR_TASK_TEST_STORAGE") else {
+        rerun_under(
+            "pulls_redirect_to_presigned_urls_of_the_bucket",
+            &["with-s3"],
+        );
+        return;
+    };
+    let endpoint = std::env::var("AWS_ENDPOINT_URL").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = |name: &str| format!("{bucket}/{}-{name}", uuid::Uuid::new_v4().simple());
+    // Only unsealed blobs in object storage can be handed out: start says why otherwise.
+    let err = redirect_start_refused(&dir.path().join("files"), &[]);
+    assert!(
+        err.contains("--redirect-pulls: the registry's blobs are not in object storage"),
+        "{err}"
+    );
+    let sealed = prefix("sealed");
+    let err = redirect_start_refused(&dir.path().join("sealed"), &["--storage", &sealed]);
+    assert!(
+        err.contains("--redirect-pulls: the registry is encrypted at rest"),
+        "{err}"
+    );
+
+    let storage = prefix("plain");
+    let data = dir.path().join("plain");
+    let (child, addr) = registry_common::spawn_serve(
+        &["--redirect-pulls", "--storage", &storage, "--unencrypted"],
+        &data,
+    );
+    let _server = RegistryProcess {
+        child,
+        addr: addr.clone(),
+    };
+    // The docker CLI pushes, then pulls its layers from the bucket and runs the image.
+    let image = format!("{addr}/redirect/app:v1");
+    make_busybox_image(&image, "pulled from the bucket");
+    registry_common::run(std::process::Command::new("docker").args(["push", &image]));
+    registry_common::run(std::process::Command::new("docker").args(["rmi", &image]));
+    registry_common::run(std::process::Command::new("docker").args(["pull", &image]));
+    let out =
+        registry_common::run(std::process::Command::new("docker").args(["run", "--rm", &image]));
+    assert_eq!(out, "pulled from the bucket");
+
+    // A GET of a blob is a redirect to a presigned URL of the bucket, which needs no other
+    // credentials, serves ranges, and holds the bytes the digest names; a HEAD is answered
+    // here; a blob not in the repository is not redirected anywhere.
+    let plain = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let base = format!("http://{addr}");
+    let manifest: Value = plain
+        .get(format!("{base}/v2/redirect/app/manifests/v1"))
+        .header(
+            "accept",
+            "application/vnd.docker.distribution.manifest.v2+json",
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let layer = manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = plain
+        .get(format!("{base}/v2/redirect/app/blobs/{layer}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 307);
+    assert_eq!(r.headers()["docker-content-digest"], layer.as_str());
+    let location = r.headers()["location"].to_str().unwrap().to_string();
+    assert!(
+        location.starts_with(&endpoint) && location.contains("X-Amz-Signature="),
+        "{location}"
+    );
+    let bytes = reqwest::get(&location).await.unwrap();
+    assert_eq!(bytes.status(), 200);
+    assert_eq!(
+        registry_common::digest(&bytes.bytes().await.unwrap()),
+        layer
+    );
+    let part = plain
+        .get(&location)
+        .header("range", "bytes=0-9")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(part.status(), 206);
+    assert_eq!(part.bytes().await.unwrap().len(), 10);
+    let tampered = location.replace("X-Amz-Signature=", "X-Amz-Signature=0");
+    assert_eq!(reqwest::get(&tampered).await.unwrap().status(), 403);
+    let head = plain
+        .head(format!("{base}/v2/redirect/app/blobs/{layer}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), 200);
+    let elsewhere = plain
+        .get(format!("{base}/v2/other/blobs/{layer}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(elsewhere.status(), 404);
 }

@@ -72,6 +72,9 @@ impl S3 {
             .arg(format!("-filer.port={f}"))
             .arg("-s3")
             .arg(format!("-s3.port={s3}"))
+            // No Iceberg or Lance listeners: their fixed ports would clash with another
+            // SeaweedFS on the machine (scripts/with-s3's).
+            .args(["-s3.port.iceberg=0", "-s3.port.lance=0"])
             .args(["-master.volumeSizeLimitMB=64", "-volume.max=50"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -116,6 +116,13 @@ pub struct ServeArgs {
     /// of its own find the blobs without the option.
     #[arg(long, value_name = "URL")]
     pub storage: Option<String>,
+    /// Answer blob pulls with a redirect (307) to a presigned URL of the object storage,
+    /// valid 10 minutes, so layers go from the bucket straight to the client (ACR's data
+    /// endpoints do the same). The clients must reach AWS_ENDPOINT_URL; only for a
+    /// registry on --storage that is not encrypted at rest (a redirect would hand out
+    /// sealed bytes). Start is refused otherwise.
+    #[arg(long)]
+    pub redirect_pulls: bool,
     /// A customer-managed registry key (Premium): a file of base64 keys, one per line, the
     /// current first (`openssl rand -base64 32`). A new registry is encrypted with it; an
     /// encrypted one needs it to start. Without it, acr-task makes and keeps a key in the
@@ -226,6 +233,10 @@ impl SandboxArgs {
     }
 }
 
+/// How long a pull's presigned URL may be followed (the client follows it at once; a
+/// short life keeps a leaked URL from reading for long).
+const PRESIGNED_FOR: std::time::Duration = std::time::Duration::from_secs(600);
+
 impl ServeArgs {
     /// What one client may hold and send.
     pub fn limits(&self) -> (registry::RegistryLimits, crate::listen::ConnectionLimits) {
@@ -235,6 +246,7 @@ impl ServeArgs {
                 max_uploads_per_repository: self.max_uploads_per_repository.max(1),
                 max_uploads_per_client: self.max_uploads_per_client.max(1),
                 job_pace: std::time::Duration::from_millis(self.job_pace_ms),
+                redirect_pulls: self.redirect_pulls.then_some(PRESIGNED_FOR),
                 ..registry::RegistryLimits::default()
             },
             crate::listen::ConnectionLimits {

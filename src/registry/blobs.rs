@@ -85,6 +85,21 @@ pub(super) async fn get(
         },
         _ => (StatusCode::OK, 0, size),
     };
+    if let (false, Some(ttl)) = (head, reg.inner.limits.redirect_pulls) {
+        // The client reads the bytes from the bucket (its Range header goes along).
+        let (store, d) = (reg.inner.store.clone(), digest.clone());
+        if let Some(url) = blocking(move || store.presign_blob(&d, ttl)).await? {
+            return Ok(respond(
+                StatusCode::TEMPORARY_REDIRECT,
+                &[
+                    ("Location", url),
+                    ("Docker-Content-Digest", digest),
+                    ("Content-Length", "0".into()),
+                ],
+                Body::empty(),
+            ));
+        }
+    }
     hdrs.push(("Content-Length", len.to_string()));
     let body = if head || len == 0 {
         Body::empty()

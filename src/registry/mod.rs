@@ -267,6 +267,9 @@ pub struct RegistryLimits {
     /// A pause after each object a long job (a Classic upgrade, sealing a store in place,
     /// a key rotation) handles: 0; tests watch one in progress.
     pub job_pace: std::time::Duration,
+    /// Blob pulls answered with a redirect to a presigned object-storage URL valid this
+    /// long (`serve --redirect-pulls`), instead of streamed through the registry.
+    pub redirect_pulls: Option<std::time::Duration>,
 }
 
 impl Default for RegistryLimits {
@@ -278,6 +281,7 @@ impl Default for RegistryLimits {
             upload_idle: std::time::Duration::from_secs(15 * 60),
             body_idle: std::time::Duration::from_secs(60),
             job_pace: std::time::Duration::ZERO,
+            redirect_pulls: None,
         }
     }
 }
@@ -315,6 +319,17 @@ pub(crate) struct State {
 pub(crate) struct Peer {
     pub url: String,
     pub http: reqwest::Client,
+    /// Whether this server leads the servers sharing the registry now: only the leader
+    /// runs the registry's jobs, retention and outbox pruning (once for everyone).
+    pub leading: tokio::sync::watch::Receiver<bool>,
+}
+
+impl State {
+    /// Whether this server runs the registry's once-for-everyone work: always, unless
+    /// servers share the registry and another one leads.
+    fn leads(&self) -> bool {
+        self.peer.get().is_none_or(|p| *p.leading.borrow())
+    }
 }
 
 /// The registry's long jobs, run here in the serving process when the settings ask for
@@ -335,11 +350,12 @@ async fn watch_jobs(weak: std::sync::Weak<State>) {
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         let Some(state) = weak.upgrade() else { return };
         let (store, pace, flag) = (state.store.clone(), state.limits.job_pace, stop.0.clone());
+        let leads = state.leads();
         drop(state);
         let r = tokio::task::spawn_blocking(move || -> Result<bool, String> {
             let quiet = |_: &crate::tier::Progress| {};
             let p = store.properties().map_err(|e| e.to_string())?;
-            if p.upgrading().is_some() {
+            if p.upgrading().is_some() && leads {
                 return match upgrade::run(&store, pace, &flag, &quiet) {
                     Ok(r) => {
                         if let Some(r) = r {
@@ -362,7 +378,11 @@ async fn watch_jobs(weak: std::sync::Weak<State>) {
             if store.serves_classic() {
                 return Ok(false);
             }
+            // Every server learns of a new key or mode; only one seals and re-wraps.
             store.sync_encryption().map_err(|e| e.to_string())?;
+            if !leads {
+                return Ok(false);
+            }
             let Some(e) = p.encryption.filter(|e| e.pending()) else {
                 return Ok(false);
             };
@@ -388,6 +408,51 @@ async fn watch_jobs(weak: std::sync::Weak<State>) {
                 tokio::time::sleep(std::time::Duration::from_secs(60)).await;
             }
             Err(e) => tracing::error!(error = %e, "registry job task"),
+        }
+    }
+}
+
+/// How often servers sharing a registry tell each other the operations they admitted.
+const SHARE_RATES_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Holds the tier's request rates across the servers sharing the registry (see
+/// [`throttle`]): each second, what this one admitted goes into the registry's totals and
+/// what the others admitted meanwhile is drawn from its buckets. Nothing for a registry of
+/// one server's own.
+async fn share_rates(weak: std::sync::Weak<State>) {
+    let mut seen: Option<(u64, u64)> = None;
+    loop {
+        tokio::time::sleep(SHARE_RATES_EVERY).await;
+        let Some(state) = weak.upgrade() else { return };
+        if state.peer.get().is_none() {
+            continue;
+        }
+        let mine = state.throttle.unsynced();
+        let store = state.store.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            let totals = store.count_ops(mine[0], mine[1])?;
+            Ok::<_, StoreError>((totals, store.properties()?.limits()))
+        })
+        .await;
+        match r {
+            Ok(Ok((Some(now), limits))) => {
+                if let Some(before) = seen {
+                    let others = [
+                        now.0.saturating_sub(before.0).saturating_sub(mine[0]),
+                        now.1.saturating_sub(before.1).saturating_sub(mine[1]),
+                    ];
+                    state.throttle.charge(others, &limits);
+                }
+                seen = Some(now);
+            }
+            Ok(Ok((None, _))) => return,
+            Ok(Err(e)) => {
+                // This pass is lost to the sharing (the rates hold per server meanwhile);
+                // the next one starts counting afresh.
+                tracing::warn!(error = %e, "sharing the registry's request rates");
+                seen = None;
+            }
+            Err(_) => return,
         }
     }
 }
@@ -428,6 +493,11 @@ impl Registry {
         place: &crate::store::MetaPlace,
     ) -> Result<Registry, RegistryError> {
         let store = Store::open_at(data_dir, true, place)?;
+        if limits.redirect_pulls.is_some() {
+            if let Some(why) = store.redirect_refusal()? {
+                return Err(StoreError::Refused(format!("--redirect-pulls: {why}")).into());
+            }
+        }
         prune_outbox(&store);
         let (events, _) = broadcast::channel(1024);
         let (detailed, _) = broadcast::channel(1024);
@@ -466,6 +536,10 @@ impl Registry {
             .background
             .spawn("registry jobs", watch_jobs(weak));
         let weak = Arc::downgrade(&self.inner);
+        self.inner
+            .background
+            .spawn("registry rates", share_rates(weak));
+        let weak = Arc::downgrade(&self.inner);
         let every = sweep_every(&self.inner.limits);
         self.inner.background.spawn("registry upkeep", async move {
             let mut last_prune = std::time::Instant::now();
@@ -480,6 +554,10 @@ impl Registry {
                 if !expired.is_empty() {
                     tracing::info!(sessions = expired.len(), "idle upload sessions dropped");
                     blobs::discard(expired).await;
+                }
+                // Sessions are each server's own; the rest is done once, by the leader.
+                if !state.leads() {
+                    continue;
                 }
                 if last_prune.elapsed() >= OUTBOX_PRUNE_EVERY {
                     last_prune = std::time::Instant::now();
@@ -502,9 +580,15 @@ impl Registry {
     /// Serves as one of several servers sharing this registry, reachable by the others at
     /// `url`: an upload session begun here is recorded with it, and a request for one
     /// held by another server is sent there through `http` (so a client need not stay on
-    /// one server for a blob). Set once.
-    pub fn share_as(&self, url: String, http: reqwest::Client) {
-        let _ = self.inner.peer.set(Peer { url, http });
+    /// one server for a blob). While `leading` says another server leads, this one leaves
+    /// the registry's jobs, retention and outbox pruning to it. Set once.
+    pub fn share_as(
+        &self,
+        url: String,
+        http: reqwest::Client,
+        leading: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let _ = self.inner.peer.set(Peer { url, http, leading });
     }
 
     /// Push/delete events; a slow receiver loses the oldest (see `broadcast`).
@@ -717,4 +801,54 @@ pub async fn start_with_auth(
         registry,
         background,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sha2::{Digest, Sha256};
+
+    /// Servers sharing a registry leave its jobs to the leader: sealing what is stored
+    /// waits while another server leads and starts as soon as this one does.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_the_leading_server_runs_the_registry_jobs() {
+        let dir = tempfile::tempdir().unwrap();
+        // A registry made before encryption at rest, holding a blob to seal.
+        let place = crate::store::MetaPlace::Directory;
+        crate::store::first_start(dir.path(), &place, None, None, false).unwrap();
+        let reg = Registry::open(dir.path()).unwrap();
+        let data = b"stored before encryption";
+        let digest = format!("sha256:{}", hex::encode(Sha256::digest(data)));
+        let store = reg.store().clone();
+        let up = store.begin_upload().unwrap();
+        up.write_at(data, 0).unwrap();
+        store
+            .commit_blob(
+                "app",
+                up.as_ref(),
+                &digest,
+                data.len() as u64,
+                &crate::store::admit_all,
+            )
+            .unwrap();
+        let (lead, leading) = tokio::sync::watch::channel(false);
+        reg.share_as("http://127.0.0.1:1".into(), reqwest::Client::new(), leading);
+        let _app = router(reg.clone());
+        store.enable_encryption().unwrap();
+        let sealed = || {
+            let p = store.properties().unwrap();
+            !p.encryption.as_ref().unwrap().pending()
+        };
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        assert!(!sealed(), "a server that does not lead sealed the store");
+        lead.send_replace(true);
+        let start = std::time::Instant::now();
+        while !sealed() {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(20),
+                "the leading server did not seal the store"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
 }

@@ -2,6 +2,11 @@
 //! every `/v2/` request is one operation; GET and HEAD read, the rest write). Each is a
 //! token bucket holding a minute's worth, refilled evenly, so a burst such as one large
 //! push passes and a sustained excess waits: `429 TOOMANYREQUESTS` with `Retry-After`.
+//!
+//! Servers sharing a registry hold its rates together: each second each adds what it
+//! admitted to the registry's totals and draws what the others admitted meanwhile from its
+//! own buckets ([`Throttle::unsynced`], [`Throttle::charge`]), so the registry as a whole
+//! keeps its tier's rate, a second behind at most.
 
 use std::sync::Mutex;
 use std::time::Instant;
@@ -13,8 +18,8 @@ use crate::tier::Limits;
 /// Which bucket a request draws from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
-    Read,
-    Write,
+    Read = 0,
+    Write = 1,
 }
 
 impl Op {
@@ -42,19 +47,24 @@ impl Bucket {
         }
     }
 
-    /// Takes one token at `now` under a limit of `per_minute`; when there is none, the
-    /// whole seconds until there is.
-    fn take(&mut self, per_minute: u64, now: Instant) -> Result<(), u64> {
+    /// Refills to `now` under a limit of `per_minute`.
+    fn refill(&mut self, per_minute: u64, now: Instant) {
         let cap = per_minute as f64;
-        let rate = cap / 60.0;
         self.tokens = match self.at {
             // The first request finds a full bucket.
             None => cap,
-            Some(at) => {
-                (self.tokens + now.saturating_duration_since(at).as_secs_f64() * rate).min(cap)
-            }
+            Some(at) => (self.tokens
+                + now.saturating_duration_since(at).as_secs_f64() * cap / 60.0)
+                .min(cap),
         };
         self.at = Some(now);
+    }
+
+    /// Takes one token at `now` under a limit of `per_minute`; when there is none, the
+    /// whole seconds until there is.
+    fn take(&mut self, per_minute: u64, now: Instant) -> Result<(), u64> {
+        self.refill(per_minute, now);
+        let rate = per_minute as f64 / 60.0;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             return Ok(());
@@ -66,18 +76,24 @@ impl Bucket {
     }
 }
 
-/// The registry's two buckets.
+/// The registry's two buckets, and what they admitted since the servers sharing the
+/// registry last heard of it.
 #[derive(Debug)]
 pub struct Throttle {
-    buckets: Mutex<[Bucket; 2]>,
+    buckets: Mutex<([Bucket; 2], [u64; 2])>,
 }
 
 impl Default for Throttle {
     fn default() -> Self {
         Throttle {
-            buckets: Mutex::new([Bucket::new(), Bucket::new()]),
+            buckets: Mutex::new(([Bucket::new(), Bucket::new()], [0, 0])),
         }
     }
+}
+
+/// The limit of each bucket under `limits`.
+fn per_minute(limits: &Limits) -> [Option<u64>; 2] {
+    [limits.read_ops_per_minute, limits.write_ops_per_minute]
 }
 
 impl Throttle {
@@ -87,17 +103,45 @@ impl Throttle {
     }
 
     fn admit_at(&self, op: Op, limits: &Limits, now: Instant) -> Result<(), u64> {
-        let (i, limit) = match op {
-            Op::Read => (0, limits.read_ops_per_minute),
-            Op::Write => (1, limits.write_ops_per_minute),
-        };
-        let Some(per_minute) = limit else {
+        let i = op as usize;
+        let Ok(mut g) = self.buckets.lock() else {
             return Ok(());
         };
-        let Ok(mut b) = self.buckets.lock() else {
-            return Ok(());
+        let (buckets, admitted) = &mut *g;
+        if let Some(n) = per_minute(limits)[i] {
+            buckets[i].take(n, now)?;
+        }
+        admitted[i] += 1;
+        Ok(())
+    }
+
+    /// The reads and writes admitted here since the last call (for the registry's totals).
+    pub fn unsynced(&self) -> [u64; 2] {
+        self.buckets
+            .lock()
+            .map(|mut g| std::mem::take(&mut g.1))
+            .unwrap_or_default()
+    }
+
+    /// Draws `ops` (reads, writes) that other servers sharing the registry admitted from
+    /// these buckets: requests here wait for them as for their own.
+    pub fn charge(&self, ops: [u64; 2], limits: &Limits) {
+        self.charge_at(ops, limits, Instant::now())
+    }
+
+    fn charge_at(&self, ops: [u64; 2], limits: &Limits, now: Instant) {
+        let Ok(mut g) = self.buckets.lock() else {
+            return;
         };
-        b[i].take(per_minute, now)
+        for (i, n) in per_minute(limits).into_iter().enumerate() {
+            if let (Some(n), true) = (n, ops[i] > 0) {
+                let b = &mut g.0[i];
+                b.refill(n, now);
+                // No lower than a minute's worth in debt: the others' burst is paid for,
+                // and this server is not shut out for longer than the tier's minute.
+                b.tokens = (b.tokens - ops[i] as f64).max(-(n as f64));
+            }
+        }
     }
 }
 
@@ -140,6 +184,36 @@ mod tests {
         }
         limits.read_ops_per_minute = Some(0);
         assert_eq!(t.admit(Op::Read, &limits), Err(60));
+    }
+
+    #[test]
+    fn what_other_servers_admitted_is_drawn_from_these_buckets() {
+        let t = Throttle::default();
+        let limits = Sku::Basic.limits(); // 100 writes a minute
+        let start = Instant::now();
+        for _ in 0..30 {
+            t.admit_at(Op::Write, &limits, start).unwrap();
+        }
+        t.admit_at(Op::Read, &limits, start).unwrap();
+        assert_eq!(t.unsynced(), [1, 30], "what this server admitted");
+        assert_eq!(t.unsynced(), [0, 0], "counted once");
+        // Another server admitted 60 writes meanwhile: 10 are left here, not 70.
+        t.charge_at([0, 60], &limits, start);
+        for i in 0..10 {
+            assert_eq!(t.admit_at(Op::Write, &limits, start), Ok(()), "write {i}");
+        }
+        assert_eq!(t.admit_at(Op::Write, &limits, start), Err(1));
+        // A burst elsewhere beyond the rate makes this server wait, at most a minute.
+        t.charge_at([0, 1_000], &limits, start);
+        assert_eq!(t.admit_at(Op::Write, &limits, start), Err(61));
+        assert!(t
+            .admit_at(Op::Write, &limits, start + Duration::from_secs(121))
+            .is_ok());
+        // Unlimited reads: nothing to draw, nothing refused.
+        let mut open = limits.clone();
+        open.read_ops_per_minute = None;
+        t.charge_at([5_000, 0], &open, start);
+        assert_eq!(t.admit_at(Op::Read, &open, start), Ok(()));
     }
 
     #[test]

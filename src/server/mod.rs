@@ -352,22 +352,6 @@ impl Server {
         stop: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
         let registry_host = self.registry_host();
-        if matches!(self.cfg.registry_meta, crate::store::MetaPlace::Shared(_)) {
-            // A client may send an upload's next request to any replica.
-            let scheme = if self.cfg.tls.is_some() {
-                "https"
-            } else {
-                "http"
-            };
-            let url = self
-                .cfg
-                .advertise_url
-                .clone()
-                .unwrap_or_else(|| format!("{scheme}://{registry_host}"));
-            let http = crate::registry::client::http_client(&self.cfg.ca_certs)?;
-            self.registry
-                .share_as(url.trim_end_matches('/').to_string(), http);
-        }
         let metrics = Arc::new(crate::metrics::Metrics::new());
         let queue = Arc::new(
             queue::Queue::new(self.db.clone(), self.cfg.concurrency, registry_host.clone())
@@ -397,6 +381,22 @@ impl Server {
         let background = crate::background::Background::new();
         let halt = background.token();
         let leading = leader::start(self.db.clone(), &background).await;
+        if matches!(self.cfg.registry_meta, crate::store::MetaPlace::Shared(_)) {
+            // A client may send an upload's next request to any replica.
+            let scheme = if self.cfg.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            let url = self
+                .cfg
+                .advertise_url
+                .clone()
+                .unwrap_or_else(|| format!("{scheme}://{registry_host}"));
+            let http = crate::registry::client::http_client(&self.cfg.ca_certs)?;
+            self.registry
+                .share_as(url.trim_end_matches('/').to_string(), http, leading.clone());
+        }
         {
             // Another server sharing the database queued, handed back or ended a run.
             let q = queue.clone();

@@ -50,6 +50,16 @@ pub trait BlobStorage: Send + Sync + std::fmt::Debug {
     fn map_chunk(&self) -> usize {
         4 << 20
     }
+    /// A URL that reads the content of `digest` without credentials for `ttl` (object
+    /// storage's presigned URL: pulls are redirected there). `None` from a backend that
+    /// cannot hand one out, or must not (sealed content would go out as ciphertext).
+    fn presign(
+        &self,
+        _digest: &str,
+        _ttl: std::time::Duration,
+    ) -> Result<Option<String>, StoreError> {
+        Ok(None)
+    }
     /// First phase of a removal: `digest` stops being readable; `None` if it was absent.
     fn stage_removal(&self, digest: &str) -> Result<Option<Staged>, StoreError>;
     /// Second phase: the staged content is gone for good.

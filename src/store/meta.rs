@@ -202,6 +202,12 @@ pub trait ManagedMeta: RegistryMeta + super::crypt::KeyIndex {
     fn forget_upload(&self, _id: &str) -> Result<(), StoreError> {
         Ok(())
     }
+    /// Adds this server's read and write operations since its last call to the
+    /// registry's running totals and returns them (servers sharing the registry hold its
+    /// tier's rates together); `None` for one server's own.
+    fn count_ops(&self, _reads: u64, _writes: u64) -> Result<Option<(u64, u64)>, StoreError> {
+        Ok(None)
+    }
 }
 
 /// A key ring kept in a registry's metadata.

@@ -197,6 +197,11 @@ impl Store {
         self.side.forget_upload(id)
     }
 
+    /// See [`ManagedMeta::count_ops`].
+    pub fn count_ops(&self, reads: u64, writes: u64) -> Result<Option<(u64, u64)>, StoreError> {
+        self.side.count_ops(reads, writes)
+    }
+
     /// The backends that serve now.
     fn now(&self) -> Arc<Backends> {
         match self.classic.read() {
@@ -631,6 +636,34 @@ impl Store {
     /// Size of a blob if it is linked to `repo`.
     pub fn blob_in_repo(&self, repo: &str, digest: &str) -> Result<Option<u64>, StoreError> {
         self.now().meta.blob_in_repo(repo, digest)
+    }
+
+    /// A URL reading `digest` straight from the object storage for `ttl` (a pull is
+    /// redirected there), where the content is there as it is: `None` for blobs on files
+    /// or sealed at rest.
+    pub fn presign_blob(
+        &self,
+        digest: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Option<String>, StoreError> {
+        self.now().blobs.presign(digest, ttl)
+    }
+
+    /// Why pulls of this registry cannot be redirected to its object storage (`None`:
+    /// they can).
+    pub fn redirect_refusal(&self) -> Result<Option<String>, StoreError> {
+        let p = self.properties()?;
+        Ok(if self.serves_classic() || p.object_storage.is_none() {
+            Some("the registry's blobs are not in object storage (serve --storage s3://...)".into())
+        } else if p.encryption.is_some() {
+            Some(
+                "the registry is encrypted at rest, and a redirect would hand its sealed bytes \
+                 to the client: pulls are streamed through the registry"
+                    .into(),
+            )
+        } else {
+            None
+        })
     }
 
     /// Cross-repository mount: link `digest` into `repo` if `from` has it.

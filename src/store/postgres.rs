@@ -93,6 +93,11 @@ CREATE TRIGGER registry_usage_manifest AFTER INSERT OR DELETE ON registry_manife
 CREATE TABLE registry_uploads(id TEXT PRIMARY KEY, repo TEXT NOT NULL, owner TEXT NOT NULL,
     created BIGINT NOT NULL);
 "#,
+    r#"
+CREATE TABLE registry_ops(id SMALLINT PRIMARY KEY CHECK (id = 1),
+    reads BIGINT NOT NULL, writes BIGINT NOT NULL);
+INSERT INTO registry_ops(id, reads, writes) VALUES (1, 0, 0);
+"#,
 ];
 
 /// The registry's write lock, held by every change to the end of its transaction
@@ -539,6 +544,17 @@ impl super::meta::ManagedMeta for PgMeta {
                 args![s(id), s(repo)],
             )?
             .map(|r| col(&r, 0))
+            .transpose()
+    }
+
+    fn count_ops(&self, reads: u64, writes: u64) -> Result<Option<(u64, u64)>, StoreError> {
+        // A row lock of its own, not the registry's write lock: counting waits for no push.
+        let row = self.read().row(
+            "UPDATE registry_ops SET reads = reads + $1, writes = writes + $2 WHERE id = 1
+             RETURNING reads, writes",
+            args![reads as i64, writes as i64],
+        )?;
+        row.map(|r| Ok((col::<i64>(&r, 0)? as u64, col::<i64>(&r, 1)? as u64)))
             .transpose()
     }
 

@@ -391,6 +391,21 @@ impl BlobStorage for S3Blobs {
         }))
     }
 
+    /// Signed locally (no request): S3 checks the signature and its expiry when the
+    /// client follows the URL.
+    fn presign(
+        &self,
+        digest: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Option<String>, StoreError> {
+        use object_store::signer::{Method, Signer};
+        let (s, key) = (self.inner.store.clone(), self.blob_key(digest));
+        let url = self
+            .wait(async move { s.signed_url(Method::GET, &key, ttl).await })?
+            .map_err(|e| s3_err("signing a URL", e))?;
+        Ok(Some(url.to_string()))
+    }
+
     /// Asked of the bucket every time, never of the remembered sizes: a push decides by it
     /// whether to upload, and gc may have just removed the blob.
     fn exists(&self, digest: &str) -> bool {
