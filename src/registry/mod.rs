@@ -345,12 +345,29 @@ async fn watch_jobs(weak: std::sync::Weak<State>) {
             self.0.store(true, Ordering::SeqCst);
         }
     }
-    let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
     loop {
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         let Some(state) = weak.upgrade() else { return };
+        let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
         let (store, pace, flag) = (state.store.clone(), state.limits.job_pace, stop.0.clone());
         let leads = state.leads();
+        // A server that stops leading stops its job too: the new leader takes it on.
+        let _deposed = match (state.peer.get(), leads) {
+            (Some(peer), true) => {
+                let (mut leading, flag) = (peer.leading.clone(), stop.0.clone());
+                Some(tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
+                    async move {
+                        while *leading.borrow_and_update() {
+                            if leading.changed().await.is_err() {
+                                return;
+                            }
+                        }
+                        flag.store(true, Ordering::SeqCst);
+                    },
+                )))
+            }
+            _ => None,
+        };
         drop(state);
         let r = tokio::task::spawn_blocking(move || -> Result<bool, String> {
             let quiet = |_: &crate::tier::Progress| {};
@@ -447,9 +464,10 @@ async fn share_rates(weak: std::sync::Weak<State>) {
             }
             Ok(Ok((None, _))) => return,
             Ok(Err(e)) => {
-                // This pass is lost to the sharing (the rates hold per server meanwhile);
-                // the next one starts counting afresh.
+                // Told next time; the others' share meanwhile is not drawn here (the
+                // next pass starts from the totals it reads).
                 tracing::warn!(error = %e, "sharing the registry's request rates");
+                state.throttle.unsynced_again(mine);
                 seen = None;
             }
             Err(_) => return,
@@ -809,46 +827,81 @@ mod tests {
     use sha2::{Digest, Sha256};
 
     /// Servers sharing a registry leave its jobs to the leader: sealing what is stored
-    /// waits while another server leads and starts as soon as this one does.
+    /// waits while another server leads, starts as soon as this one does, stops when it
+    /// no longer does, and goes on when it leads again.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn only_the_leading_server_runs_the_registry_jobs() {
+        use std::time::{Duration, Instant};
         let dir = tempfile::tempdir().unwrap();
-        // A registry made before encryption at rest, holding a blob to seal.
+        // A registry made before encryption at rest, holding blobs to seal, slowly.
         let place = crate::store::MetaPlace::Directory;
         crate::store::first_start(dir.path(), &place, None, None, false).unwrap();
-        let reg = Registry::open(dir.path()).unwrap();
-        let data = b"stored before encryption";
-        let digest = format!("sha256:{}", hex::encode(Sha256::digest(data)));
+        let limits = RegistryLimits {
+            job_pace: Duration::from_millis(300),
+            ..Default::default()
+        };
+        let reg = Registry::open_with(dir.path(), limits).unwrap();
         let store = reg.store().clone();
-        let up = store.begin_upload().unwrap();
-        up.write_at(data, 0).unwrap();
-        store
-            .commit_blob(
-                "app",
-                up.as_ref(),
-                &digest,
-                data.len() as u64,
-                &crate::store::admit_all,
-            )
-            .unwrap();
+        for i in 0..8 {
+            let data = format!("blob {i}, stored before encryption");
+            let digest = format!("sha256:{}", hex::encode(Sha256::digest(&data)));
+            let up = store.begin_upload().unwrap();
+            up.write_at(data.as_bytes(), 0).unwrap();
+            store
+                .commit_blob(
+                    "app",
+                    up.as_ref(),
+                    &digest,
+                    data.len() as u64,
+                    &crate::store::admit_all,
+                )
+                .unwrap();
+        }
         let (lead, leading) = tokio::sync::watch::channel(false);
         reg.share_as("http://127.0.0.1:1".into(), reqwest::Client::new(), leading);
         let _app = router(reg.clone());
         store.enable_encryption().unwrap();
-        let sealed = || {
-            let p = store.properties().unwrap();
-            !p.encryption.as_ref().unwrap().pending()
+        let state = || {
+            let e = store.properties().unwrap().encryption.unwrap();
+            (
+                e.pending(),
+                e.progress.map_or(0, |p| p.objects_done),
+                e.error,
+            )
         };
-        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
-        assert!(!sealed(), "a server that does not lead sealed the store");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(
+            state(),
+            (true, 0, None),
+            "a server that does not lead sealed"
+        );
         lead.send_replace(true);
-        let start = std::time::Instant::now();
-        while !sealed() {
+        let start = Instant::now();
+        while state().1 < 2 {
             assert!(
-                start.elapsed() < std::time::Duration::from_secs(20),
+                start.elapsed() < Duration::from_secs(20),
+                "no sealing began"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        lead.send_replace(false);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let stopped = state();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(
+            state(),
+            stopped,
+            "the job went on after leadership was lost"
+        );
+        assert!(stopped.0 && stopped.2.is_none(), "{stopped:?}");
+        lead.send_replace(true);
+        let start = Instant::now();
+        while state().0 {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
                 "the leading server did not seal the store"
             );
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 }

@@ -309,6 +309,11 @@ async fn handle(
         Route::Upload(name, id) => {
             check_name(&name)?;
             if let Some(owner) = blobs::held_elsewhere(reg, &name, &id, headers).await? {
+                // The holder counts it against the tier's rate: counted here, it would
+                // count twice for the registry.
+                reg.inner
+                    .throttle
+                    .give_back(super::throttle::Op::of(method));
                 return blobs::forward(reg, &owner, method, &name, &id, q, headers, body).await;
             }
             match *method {

@@ -115,12 +115,34 @@ impl Throttle {
         Ok(())
     }
 
+    /// Undoes one admission of `op` (a request another server answers, and counts).
+    pub fn give_back(&self, op: Op) {
+        let i = op as usize;
+        if let Ok(mut g) = self.buckets.lock() {
+            let (buckets, admitted) = &mut *g;
+            if buckets[i].at.is_some() {
+                // The next refill caps it at a minute's worth again.
+                buckets[i].tokens += 1.0;
+            }
+            admitted[i] = admitted[i].saturating_sub(1);
+        }
+    }
+
     /// The reads and writes admitted here since the last call (for the registry's totals).
     pub fn unsynced(&self) -> [u64; 2] {
         self.buckets
             .lock()
             .map(|mut g| std::mem::take(&mut g.1))
             .unwrap_or_default()
+    }
+
+    /// Counts `ops` (from [`Throttle::unsynced`]) as not yet told to the others again: the
+    /// registry's totals could not be reached.
+    pub fn unsynced_again(&self, ops: [u64; 2]) {
+        if let Ok(mut g) = self.buckets.lock() {
+            g.1[0] += ops[0];
+            g.1[1] += ops[1];
+        }
     }
 
     /// Draws `ops` (reads, writes) that other servers sharing the registry admitted from
@@ -195,8 +217,18 @@ mod tests {
             t.admit_at(Op::Write, &limits, start).unwrap();
         }
         t.admit_at(Op::Read, &limits, start).unwrap();
-        assert_eq!(t.unsynced(), [1, 30], "what this server admitted");
+        // One write was sent on to the server holding its upload, which counts it.
+        t.give_back(Op::Write);
+        assert_eq!(t.unsynced(), [1, 29], "what this server admitted");
         assert_eq!(t.unsynced(), [0, 0], "counted once");
+        t.unsynced_again([1, 29]);
+        assert_eq!(
+            t.unsynced(),
+            [1, 29],
+            "kept when the totals could not be reached"
+        );
+        t.admit_at(Op::Write, &limits, start).unwrap();
+        let _ = t.unsynced();
         // Another server admitted 60 writes meanwhile: 10 are left here, not 70.
         t.charge_at([0, 60], &limits, start);
         for i in 0..10 {
