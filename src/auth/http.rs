@@ -257,6 +257,16 @@ impl Auth {
             tracing::warn!(%ip, "login refused: too many at once from this client");
             return Err(AuthFailure::TooMany(1));
         };
+        if user == super::REPLICATION_USER {
+            let g = self.replication_grants(Some(pass));
+            if g.is_some() {
+                self.limiter.succeeded(ip, user);
+            } else {
+                self.limiter.failed(ip, user);
+                tracing::info!(%ip, user = %user, "login failed");
+            }
+            return Ok(g);
+        }
         if user.starts_with(super::RUN_USER_PREFIX) {
             // A run's password is random and long: no slow hashing. Another replica's
             // run login is read from the records, off the async threads.

@@ -113,6 +113,9 @@ pub struct Auth {
     /// The registry's stored anonymous-pull setting (`registry update
     /// --anonymous-pull-enabled`), beside the server's `--anonymous-pull`.
     stored_anonymous_pull: std::sync::atomic::AtomicBool,
+    /// The geo-replication group's secret: the password of [`REPLICATION_USER`],
+    /// which pulls everything (the replicas' copies of each other's content).
+    replication_secret: std::sync::RwLock<Option<String>>,
 }
 
 /// A run's own identity: what it may do in the registry, until when.
@@ -168,6 +171,10 @@ fn grants_from_text(text: &str) -> Option<Grants> {
 /// never passes for a run (or the other way round).
 pub const RUN_USER_PREFIX: &str = "run.";
 
+/// The user name geo-replicas pull each other's content as (`replication`); its password
+/// is their group's secret. Token names cannot hold a `.`, so no token passes for it.
+pub const REPLICATION_USER: &str = "replication.peer";
+
 /// How long an identity's current grants are trusted before the store is read again.
 const GRANTS_RECHECK: Duration = Duration::from_secs(1);
 
@@ -211,6 +218,7 @@ impl Auth {
             hashing: tokio::sync::Semaphore::new(cores),
             runs: Default::default(),
             stored_anonymous_pull: Default::default(),
+            replication_secret: Default::default(),
         })
     }
 
@@ -234,6 +242,39 @@ impl Auth {
     pub fn set_stored_anonymous_pull(&self, on: bool) {
         self.stored_anonymous_pull
             .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Sets (or, `None`, ends) the replication group's pull login.
+    pub fn set_replication_secret(&self, secret: Option<String>) {
+        *self
+            .replication_secret
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = secret;
+    }
+
+    /// Whether `password` is the replication group's secret (constant time).
+    pub fn is_replication_secret(&self, password: &str) -> bool {
+        self.replication_grants(Some(password)).is_some()
+    }
+
+    /// What the replication login may do: pull everything, while this server is in a
+    /// group; with `password`, only if it is the group's secret (constant time).
+    fn replication_grants(&self, password: Option<&str>) -> Option<Grants> {
+        use subtle::ConstantTimeEq;
+        let secret = self
+            .replication_secret
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        let secret = secret.as_deref()?;
+        if let Some(p) = password {
+            if !bool::from(p.as_bytes().ct_eq(secret.as_bytes())) {
+                return None;
+            }
+        }
+        Some(Grants::Rules(vec![(
+            "*".into(),
+            vec![Permission::ContentRead, Permission::MetadataRead],
+        )]))
     }
 
     /// Sign a token for `subject` carrying exactly `access`.
@@ -360,6 +401,9 @@ impl Auth {
     }
 
     fn current_grants(&self, sub: &str) -> Result<Option<Grants>, AuthError> {
+        if sub == REPLICATION_USER {
+            return Ok(self.replication_grants(None));
+        }
         if sub.starts_with(RUN_USER_PREFIX) {
             return Ok(self.run_grants(sub, None));
         }

@@ -95,6 +95,24 @@ impl Backend {
         }
     }
 
+    /// A call to a running server's geo-replication API (`/api/registry/replications...`):
+    /// replicas are kept in step by servers, so there is nothing to do on the files.
+    pub fn replications(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
+        match self {
+            Backend::Server { .. } => self.call(method, &format!("/replications{path}"), body),
+            Backend::Files(dir) => bail!(
+                "replications are kept by a running server: start `acr-task serve` on {} \
+                 (or give --server URL) and run this again",
+                dir.parent().unwrap_or(dir).display()
+            ),
+        }
+    }
+
     /// Stored tasks are changed only through a server, which checks them against its
     /// policy.
     pub fn keeps_tasks(&self) -> bool {

@@ -13,6 +13,7 @@ mod purge;
 mod registry;
 mod relocate;
 mod render;
+mod replication;
 mod run;
 mod serve;
 pub(crate) mod sign;
@@ -94,6 +95,10 @@ pub enum Command {
     /// Outgoing webhooks on registry pushes and deletes.
     #[command(subcommand)]
     Webhook(auth::WebhookCmd),
+    /// Geo-replicas of the registry: other `serve` instances kept in step, each taking
+    /// pushes (like `az acr replication`).
+    #[command(subcommand)]
+    Replication(replication::ReplicationCmd),
     /// Stored tasks and their runs on a running `serve` (like `az acr task`).
     #[command(subcommand)]
     Task(task::TaskCmd),
@@ -230,6 +235,7 @@ pub fn main() -> ExitCode {
         Command::ScopeMap(c) => auth::scope_map(c),
         Command::Credential(c) => auth::credential(c),
         Command::Webhook(c) => auth::webhook(c),
+        Command::Replication(c) => replication::replication(c),
         Command::Task(c) => task::task(c),
         Command::Agent(a) => agent::agent(a),
         Command::AgentPool(c) => agent::agent_pool(c),

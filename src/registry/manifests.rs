@@ -220,7 +220,7 @@ pub(super) async fn put(
 /// Stores a manifest pushed as `reference` (a tag, or the digest it must have), checked as
 /// a push is, with its push event: its digest and subject. Every manifest push (HTTP,
 /// import) is made here.
-pub(super) async fn store_manifest(
+pub(crate) async fn store_manifest(
     reg: &Registry,
     name: &str,
     reference: &Reference,

@@ -111,6 +111,10 @@ pub struct RequestContext {
     pub useragent: String,
     /// Token or user name; empty when anonymous or auth is off.
     pub actor: String,
+    /// A change made on behalf of another replica's (geo-replication): that change's
+    /// clock time and region, which its events carry instead of this server's.
+    #[serde(skip)]
+    pub replicated: Option<(String, String)>,
 }
 
 /// A manifest's artifact type as the OCI image spec defines it: its `artifactType`, else
@@ -160,6 +164,7 @@ impl RequestContext {
             method: method.into(),
             useragent: format!("{useragent}/{}", env!("CARGO_PKG_VERSION")),
             actor,
+            replicated: None,
         }
     }
 }
@@ -202,6 +207,14 @@ pub struct StoredEvent {
     pub timestamp: String,
     pub event: RegistryEvent,
     pub context: RequestContext,
+    /// Its hybrid-logical-clock time (`crate::hlc`): what orders a tag's changes
+    /// across replicas. Absent on events made before geo-replication.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hlc: Option<String>,
+    /// The region that accepted the change, when another replica did (this server
+    /// applied it): not sent on, nor delivered to this server's webhooks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicated_from: Option<String>,
 }
 
 /// The context of the request being served (empty outside one).
@@ -211,11 +224,17 @@ pub(crate) fn current_context() -> RequestContext {
 
 impl StoredEvent {
     pub(crate) fn new(event: RegistryEvent, context: RequestContext) -> StoredEvent {
+        let (hlc, replicated_from) = match &context.replicated {
+            Some((hlc, origin)) => (hlc.clone(), Some(origin.clone())),
+            None => (crate::hlc::CLOCK.tick().to_string(), None),
+        };
         StoredEvent {
             id: uuid::Uuid::new_v4().to_string(),
             timestamp: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             event,
             context,
+            hlc: Some(hlc),
+            replicated_from,
         }
     }
 
@@ -649,6 +668,22 @@ impl Registry {
         let repo = repo.to_string();
         let row = tokio::task::spawn_blocking(move || s.get_manifest(&repo, &r)).await??;
         Ok(row.map(|m| (m.digest, m.media_type)))
+    }
+
+    /// Points `repo:tag` at a manifest the registry holds (`content` as stored), with
+    /// its push event made in `ctx` (geo-replication's settling of a tag).
+    pub(crate) async fn tag_manifest(
+        &self,
+        repo: &str,
+        tag: &str,
+        content: &[u8],
+        media_type: &str,
+        ctx: RequestContext,
+    ) -> Result<(), errors::ApiError> {
+        let reference = crate::store::Reference::Tag(tag.to_string());
+        manifests::store_manifest(self, repo, &reference, content, Some(media_type), ctx)
+            .await
+            .map(|_| ())
     }
 
     /// Events with the request that raised them (see [`RequestContext`]).

@@ -55,6 +55,7 @@ async fn with_context(req: Request, next: Next) -> Response {
                 .get::<Actor>()
                 .map(|a| a.0.clone())
                 .unwrap_or_default(),
+            replicated: None,
         }
     };
     REQUEST_CONTEXT.scope(ctx, next.run(req)).await

@@ -272,5 +272,6 @@ pub fn cli_context() -> RequestContext {
         method: "CLI".into(),
         useragent: format!("acr-task/{}", env!("CARGO_PKG_VERSION")),
         actor: std::env::var("USER").unwrap_or_default(),
+        replicated: None,
     }
 }

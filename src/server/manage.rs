@@ -35,6 +35,10 @@ pub struct ManageState {
     /// Certificates trusted beside the system's roots (`serve --ca-cert`), for import
     /// sources.
     pub ca_certs: Vec<std::path::PathBuf>,
+    /// Geo-replication (none for a registry its servers share).
+    pub replication: Option<Arc<crate::replication::service::Replication>>,
+    /// This server's URL as others reach it by default (`http://HOST:PORT`).
+    pub home_url: String,
 }
 
 /// What `acr-task registry show` and `show-usage` print, on the files or from a server.
@@ -94,8 +98,12 @@ pub fn registry_info(
         webhooks: hooks.all()?.len() as u64,
         tokens: auth.tokens()?.len() as u64,
         scope_maps: auth.scope_maps()?.len() as u64,
-        // Replications come with geo-replication; none yet.
-        replications: 0,
+        // The other members of its geo-replication group (none for a shared registry,
+        // whose own directory holds no group).
+        replications: crate::replication::store::ReplicationStore::open(store.root())
+            .and_then(|r| r.members())
+            .map(|m| m.len() as u64)
+            .unwrap_or(0),
     };
     let mut usage = crate::tier::usage(&limits, &counts);
     if let Some((limit, now)) = runs {
@@ -326,6 +334,17 @@ pub fn router(state: Arc<ManageState>) -> Router {
         .route("/api/registry/locks", get(locks).put(set_lock))
         .route("/api/registry/resolve", post(resolve))
         .route("/api/registry/fsck", post(fsck))
+        .route(
+            "/api/registry/replications",
+            get(replications).post(create_replication),
+        )
+        .route("/api/registry/replications/join", post(join_replication))
+        .route(
+            "/api/registry/replications/{name}",
+            get(replication)
+                .patch(update_replication)
+                .delete(delete_replication),
+        )
         .with_state(state)
 }
 
@@ -916,4 +935,86 @@ async fn fsck(State(s): St, Extension(c): Extension<Caller>) -> Answer {
     })
     .await?;
     Ok(Json(r).into_response())
+}
+
+impl From<crate::replication::ReplicationError> for Refusal {
+    fn from(e: crate::replication::ReplicationError) -> Refusal {
+        let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!(error = %e, "replication");
+        }
+        Refusal(status, e.to_string())
+    }
+}
+
+fn replicas(s: &ManageState) -> Result<&Arc<crate::replication::service::Replication>, Refusal> {
+    s.replication.as_ref().ok_or_else(|| {
+        Refusal(
+            StatusCode::CONFLICT,
+            "this registry's servers share PostgreSQL and S3: geo-replication between such \
+             registries is not supported yet"
+                .into(),
+        )
+    })
+}
+
+async fn replications(State(s): St, Extension(c): Extension<Caller>) -> Answer {
+    admin_only(&s, &c)?;
+    Ok(Json(replicas(&s)?.list().await?).into_response())
+}
+
+async fn replication(
+    State(s): St,
+    Extension(c): Extension<Caller>,
+    Path(name): Path<String>,
+) -> Answer {
+    admin_only(&s, &c)?;
+    Ok(Json(replicas(&s)?.show(&name).await?).into_response())
+}
+
+async fn create_replication(
+    State(s): St,
+    Extension(c): Extension<Caller>,
+    Json(req): Json<crate::replication::NewReplication>,
+) -> Answer {
+    admin_only(&s, &c)?;
+    let made = replicas(&s)?.create(req, s.home_url.clone()).await?;
+    Ok((StatusCode::CREATED, Json(made)).into_response())
+}
+
+async fn join_replication(
+    State(s): St,
+    Extension(c): Extension<Caller>,
+    Json(j): Json<crate::replication::Join>,
+) -> Answer {
+    admin_only(&s, &c)?;
+    replicas(&s)?.join(j).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ReplicationChange {
+    region_endpoint_enabled: bool,
+}
+
+async fn update_replication(
+    State(s): St,
+    Extension(c): Extension<Caller>,
+    Path(name): Path<String>,
+    Json(ch): Json<ReplicationChange>,
+) -> Answer {
+    admin_only(&s, &c)?;
+    let r = replicas(&s)?;
+    Ok(Json(r.update(&name, ch.region_endpoint_enabled).await?).into_response())
+}
+
+async fn delete_replication(
+    State(s): St,
+    Extension(c): Extension<Caller>,
+    Path(name): Path<String>,
+) -> Answer {
+    admin_only(&s, &c)?;
+    replicas(&s)?.delete(&name).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }

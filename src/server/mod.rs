@@ -59,6 +59,8 @@ pub enum ServerError {
     Join(#[from] tokio::task::JoinError),
     #[error(transparent)]
     Auth(#[from] crate::auth::AuthError),
+    #[error("geo-replication: {0}")]
+    Replication(#[from] crate::replication::ReplicationError),
     #[error("the database: {0}")]
     Pg(#[from] crate::pg::PgError),
     #[error("--insecure-open-api serves the task API without credentials, so only on a loopback address; {0} is not one (drop the flag, or listen on 127.0.0.1)")]
@@ -445,6 +447,29 @@ impl Server {
                 shared.then(|| leading.clone()),
             )
         });
+        // Geo-replication, for a registry of this server's own (see `replication`).
+        let home_url = format!(
+            "{}://{}",
+            if self.cfg.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            },
+            self.registry_host()
+        );
+        let replication = if shared {
+            None
+        } else {
+            Some(
+                crate::replication::service::Replication::start(
+                    self.registry.clone(),
+                    self.auth.clone(),
+                    self.cfg.ca_certs.clone(),
+                    halt.clone(),
+                )
+                .await?,
+            )
+        };
         let gate = self.cfg.registry_auth.then(|| self.auth.clone());
         let guard = Arc::new(guard::ApiGuard {
             auth: self.auth.clone(),
@@ -484,14 +509,26 @@ impl Server {
             login_server: Some(self.registry_host()),
             registry: self.registry.clone(),
             ca_certs: self.cfg.ca_certs.clone(),
+            replication: replication.clone(),
+            home_url,
         }))
         .merge(hub.router());
         let names = Arc::new(crate::listen::HostNames::new(&self.cfg.server_names));
         let open_registry = gate.is_none();
-        let mut app = crate::registry::router_with_auth(self.registry.clone(), gate)
+        let mut registry = crate::registry::router_with_auth(self.registry.clone(), gate);
+        if let Some(r) = &replication {
+            registry = registry.layer(axum::middleware::from_fn_with_state(
+                r.clone(),
+                crate::replication::service::endpoint_gate,
+            ));
+        }
+        let mut app = registry
             .merge(api::router(state, guard, manage))
             .merge(page)
             .merge(scrape);
+        if let Some(r) = replication {
+            app = app.merge(crate::replication::service::peer_router(r));
+        }
         if open_registry {
             // The token endpoint still serves the API: a client making many calls logs in
             // once for a bearer token instead of once per call (each a password hash).

@@ -140,7 +140,8 @@ async fn intake_batch(
     let queued = tokio::task::spawn_blocking(move || -> Result<usize, WebhookError> {
         let hooks = s.all()?;
         let mut items = Vec::new();
-        for (_, e) in &events {
+        // A change another replica accepted is delivered by that replica's webhooks.
+        for (_, e) in events.iter().filter(|(_, e)| e.replicated_from.is_none()) {
             for h in hooks.iter().filter(|h| wants(&h.info, &e.event)) {
                 items.push(store::IntakeItem {
                     webhook: h.info.name.clone(),

@@ -1,0 +1,403 @@
+//! The replication group as this server keeps it: `replication.db` in the registry
+//! directory. Its own name, URL and the group's secret; the other members with how far
+//! each has been sent this server's events (a cursor into the registry's outbox) and its
+//! backfill; every tag's winning change (its stamp and digest, or none when the winner is
+//! a delete) and the manifests' delete tombstones, which the last-writer rule reads.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::{Member, ReplicationError, Stamp};
+use crate::hlc::Hlc;
+
+const MIGRATIONS: &[crate::store::migrate::Migration] = &[crate::store::migrate::Migration::Sql(
+    "CREATE TABLE grp(id INTEGER PRIMARY KEY CHECK (id = 1), name TEXT NOT NULL,
+            url TEXT NOT NULL, secret TEXT NOT NULL, endpoint_enabled INTEGER NOT NULL,
+            indexed INTEGER NOT NULL, created INTEGER NOT NULL);
+         CREATE TABLE members(name TEXT PRIMARY KEY, url TEXT NOT NULL,
+            endpoint_enabled INTEGER NOT NULL, cursor INTEGER NOT NULL,
+            backfill_done INTEGER NOT NULL DEFAULT 0, backfill_total INTEGER,
+            backfilled INTEGER NOT NULL DEFAULT 0, last_ok INTEGER, last_error TEXT,
+            created INTEGER NOT NULL);
+         CREATE TABLE tag_clocks(repo TEXT NOT NULL, tag TEXT NOT NULL, hlc TEXT NOT NULL,
+            origin TEXT NOT NULL, digest TEXT, PRIMARY KEY(repo, tag));
+         CREATE TABLE tombstones(repo TEXT NOT NULL, digest TEXT NOT NULL, hlc TEXT NOT NULL,
+            origin TEXT NOT NULL, created INTEGER NOT NULL, PRIMARY KEY(repo, digest));",
+)];
+
+/// The group, as this server is in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    pub me: Member,
+    pub secret: String,
+}
+
+/// Another member and how far it is.
+#[derive(Debug, Clone)]
+pub struct MemberState {
+    pub member: Member,
+    /// The last outbox sequence number sent to it (and applied there).
+    pub cursor: i64,
+    pub backfill_done: u64,
+    pub backfill_total: Option<u64>,
+    pub backfilled: bool,
+    /// Unix seconds.
+    pub last_ok: Option<i64>,
+    pub last_error: Option<String>,
+    pub created: i64,
+}
+
+pub struct ReplicationStore {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+}
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+fn stamp(hlc: String, origin: String) -> Result<Stamp, rusqlite::Error> {
+    let hlc: Hlc = hlc.parse().map_err(|e: String| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into())
+    })?;
+    Ok(Stamp { hlc, origin })
+}
+
+const MEMBER_COLS: &str = "name, url, endpoint_enabled, cursor, backfill_done, backfill_total, \
+                           backfilled, last_ok, last_error, created";
+
+fn member_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MemberState> {
+    Ok(MemberState {
+        member: Member {
+            name: r.get(0)?,
+            url: r.get(1)?,
+            region_endpoint_enabled: r.get(2)?,
+        },
+        cursor: r.get(3)?,
+        backfill_done: r.get::<_, i64>(4)? as u64,
+        backfill_total: r.get::<_, Option<i64>>(5)?.map(|n| n as u64),
+        backfilled: r.get(6)?,
+        last_ok: r.get(7)?,
+        last_error: r.get(8)?,
+        created: r.get(9)?,
+    })
+}
+
+impl ReplicationStore {
+    /// Opens (making it if needed) `dir/replication.db`, readable by this user only (it
+    /// keeps the group's secret).
+    pub fn open(dir: &Path) -> Result<ReplicationStore, ReplicationError> {
+        let (path, conn) = crate::store::migrate::open_private(dir, "replication.db", MIGRATIONS)?;
+        Ok(ReplicationStore {
+            path,
+            conn: Mutex::new(conn),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn group(&self) -> Result<Option<Group>, ReplicationError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT name, url, secret, endpoint_enabled FROM grp WHERE id = 1",
+                [],
+                |r| {
+                    Ok(Group {
+                        me: Member {
+                            name: r.get(0)?,
+                            url: r.get(1)?,
+                            region_endpoint_enabled: r.get(3)?,
+                        },
+                        secret: r.get(2)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// Makes this server a member (or changes how it is named), its own events indexed
+    /// from outbox sequence `indexed` on (kept when it was a member already).
+    pub fn set_group(&self, g: &Group, indexed: i64) -> Result<(), ReplicationError> {
+        self.conn().execute(
+            "INSERT INTO grp(id, name, url, secret, endpoint_enabled, indexed, created)
+             VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT(id) DO UPDATE SET name = excluded.name, url = excluded.url,
+                secret = excluded.secret, endpoint_enabled = excluded.endpoint_enabled",
+            params![
+                g.me.name,
+                g.me.url,
+                g.secret,
+                g.me.region_endpoint_enabled,
+                indexed,
+                now()
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Leaves the group: forgets it and its members (the clocks stay, harmless).
+    pub fn leave(&self) -> Result<(), ReplicationError> {
+        let c = self.conn();
+        c.execute("DELETE FROM members", [])?;
+        c.execute("DELETE FROM grp", [])?;
+        Ok(())
+    }
+
+    pub fn members(&self) -> Result<Vec<MemberState>, ReplicationError> {
+        let c = self.conn();
+        let mut s = c.prepare(&format!("SELECT {MEMBER_COLS} FROM members ORDER BY name"))?;
+        let rows = s.query_map([], member_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn member(&self, name: &str) -> Result<Option<MemberState>, ReplicationError> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!("SELECT {MEMBER_COLS} FROM members WHERE name = ?1"),
+                params![name],
+                member_row,
+            )
+            .optional()?)
+    }
+
+    /// Adds a member, to be sent this server's events after outbox sequence `cursor` once
+    /// its backfill is done; one known already only has its URL and flag changed.
+    pub fn add_member(&self, m: &Member, cursor: i64) -> Result<(), ReplicationError> {
+        self.conn().execute(
+            "INSERT INTO members(name, url, endpoint_enabled, cursor, created)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT(name) DO UPDATE SET url = excluded.url,
+                endpoint_enabled = excluded.endpoint_enabled",
+            params![m.name, m.url, m.region_endpoint_enabled, cursor, now()],
+        )?;
+        Ok(())
+    }
+
+    pub fn remove_member(&self, name: &str) -> Result<bool, ReplicationError> {
+        Ok(self
+            .conn()
+            .execute("DELETE FROM members WHERE name = ?1", params![name])?
+            > 0)
+    }
+
+    pub fn set_cursor(&self, name: &str, seq: i64) -> Result<(), ReplicationError> {
+        self.conn().execute(
+            "UPDATE members SET cursor = MAX(cursor, ?2), last_ok = ?3, last_error = NULL
+             WHERE name = ?1",
+            params![name, seq, now()],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_backfill(
+        &self,
+        name: &str,
+        done: u64,
+        total: u64,
+        finished: bool,
+    ) -> Result<(), ReplicationError> {
+        self.conn().execute(
+            "UPDATE members SET backfill_done = ?2, backfill_total = ?3, backfilled = ?4,
+                last_ok = ?5, last_error = NULL WHERE name = ?1",
+            params![name, done as i64, total as i64, finished, now()],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_error(&self, name: &str, error: &str) -> Result<(), ReplicationError> {
+        self.conn().execute(
+            "UPDATE members SET last_error = ?2 WHERE name = ?1",
+            params![name, error],
+        )?;
+        Ok(())
+    }
+
+    /// Where this server's own events are indexed into the tag clocks up to.
+    pub fn indexed(&self) -> Result<i64, ReplicationError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT indexed FROM grp WHERE id = 1", [], |r| r.get(0))
+            .optional()?
+            .unwrap_or(0))
+    }
+
+    pub fn set_indexed(&self, seq: i64) -> Result<(), ReplicationError> {
+        self.conn()
+            .execute("UPDATE grp SET indexed = ?1 WHERE id = 1", params![seq])?;
+        Ok(())
+    }
+
+    /// A tag's winning change: its stamp and digest (`None`: the winner deleted it).
+    pub fn tag_clock(
+        &self,
+        repo: &str,
+        tag: &str,
+    ) -> Result<Option<(Stamp, Option<String>)>, ReplicationError> {
+        let c = self.conn();
+        let row = c
+            .query_row(
+                "SELECT hlc, origin, digest FROM tag_clocks WHERE repo = ?1 AND tag = ?2",
+                params![repo, tag],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, Option<String>>(2)?,
+                    ))
+                },
+            )
+            .optional()?;
+        Ok(match row {
+            Some((h, o, d)) => Some((stamp(h, o)?, d)),
+            None => None,
+        })
+    }
+
+    /// Records `s` as the tag's winner if it is later than the one kept (see
+    /// [`super::wins`]); false when it lost.
+    pub fn offer_tag(
+        &self,
+        repo: &str,
+        tag: &str,
+        s: &Stamp,
+        digest: Option<&str>,
+    ) -> Result<bool, ReplicationError> {
+        // One connection under its mutex: the read and the write are not interleaved.
+        let c = self.conn();
+        let kept = c
+            .query_row(
+                "SELECT hlc, origin FROM tag_clocks WHERE repo = ?1 AND tag = ?2",
+                params![repo, tag],
+                |r| stamp(r.get(0)?, r.get(1)?),
+            )
+            .optional()?;
+        if !super::wins(s, kept.as_ref()) {
+            return Ok(false);
+        }
+        c.execute(
+            "INSERT OR REPLACE INTO tag_clocks(repo, tag, hlc, origin, digest)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![repo, tag, s.hlc.to_string(), s.origin, digest],
+        )?;
+        Ok(true)
+    }
+
+    /// The time a manifest was deleted at, if it was.
+    pub fn tombstone(&self, repo: &str, digest: &str) -> Result<Option<Stamp>, ReplicationError> {
+        let c = self.conn();
+        Ok(c.query_row(
+            "SELECT hlc, origin FROM tombstones WHERE repo = ?1 AND digest = ?2",
+            params![repo, digest],
+            |r| stamp(r.get(0)?, r.get(1)?),
+        )
+        .optional()?)
+    }
+
+    /// Records a manifest's delete (the later of two is kept).
+    pub fn bury(&self, repo: &str, digest: &str, s: &Stamp) -> Result<(), ReplicationError> {
+        let c = self.conn();
+        let kept = c
+            .query_row(
+                "SELECT hlc, origin FROM tombstones WHERE repo = ?1 AND digest = ?2",
+                params![repo, digest],
+                |r| stamp(r.get(0)?, r.get(1)?),
+            )
+            .optional()?;
+        if super::wins(s, kept.as_ref()) {
+            c.execute(
+                "INSERT OR REPLACE INTO tombstones(repo, digest, hlc, origin, created)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![repo, digest, s.hlc.to_string(), s.origin, now()],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Forgets tombstones older than Unix second `before` (kept long enough for a replica
+    /// that was away: the outbox's week and more).
+    pub fn prune_tombstones(&self, before: i64) -> Result<usize, ReplicationError> {
+        Ok(self
+            .conn()
+            .execute("DELETE FROM tombstones WHERE created < ?1", params![before])?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn st(ms: u64, origin: &str) -> Stamp {
+        Stamp {
+            hlc: Hlc { ms, n: 0 },
+            origin: origin.into(),
+        }
+    }
+
+    #[test]
+    fn a_tag_keeps_its_latest_change_whatever_order_they_come_in() {
+        let d = tempfile::tempdir().unwrap();
+        let s = ReplicationStore::open(d.path()).unwrap();
+        assert!(s
+            .offer_tag("app", "v1", &st(20, "b"), Some("sha256:b"))
+            .unwrap());
+        // An older change arriving late loses.
+        assert!(!s
+            .offer_tag("app", "v1", &st(10, "a"), Some("sha256:a"))
+            .unwrap());
+        let (kept, digest) = s.tag_clock("app", "v1").unwrap().unwrap();
+        assert_eq!((kept, digest.as_deref()), (st(20, "b"), Some("sha256:b")));
+        // A later delete wins and is kept as no digest.
+        assert!(s.offer_tag("app", "v1", &st(30, "a"), None).unwrap());
+        assert_eq!(s.tag_clock("app", "v1").unwrap().unwrap().1, None);
+        // Reopened: it is all still there.
+        drop(s);
+        let s = ReplicationStore::open(d.path()).unwrap();
+        assert_eq!(s.tag_clock("app", "v1").unwrap().unwrap().0, st(30, "a"));
+        s.bury("app", "sha256:x", &st(40, "a")).unwrap();
+        s.bury("app", "sha256:x", &st(35, "b")).unwrap();
+        assert_eq!(s.tombstone("app", "sha256:x").unwrap(), Some(st(40, "a")));
+    }
+
+    #[test]
+    fn members_keep_their_cursor_and_backfill() {
+        let d = tempfile::tempdir().unwrap();
+        let s = ReplicationStore::open(d.path()).unwrap();
+        assert!(s.group().unwrap().is_none());
+        let me = Member {
+            name: "home".into(),
+            url: "http://127.0.0.1:1".into(),
+            region_endpoint_enabled: true,
+        };
+        s.set_group(
+            &Group {
+                me: me.clone(),
+                secret: "s".into(),
+            },
+            7,
+        )
+        .unwrap();
+        assert_eq!(s.indexed().unwrap(), 7);
+        let west = Member {
+            name: "west".into(),
+            ..me.clone()
+        };
+        s.add_member(&west, 7).unwrap();
+        s.set_cursor("west", 9).unwrap();
+        s.set_cursor("west", 8).unwrap();
+        s.set_backfill("west", 3, 3, true).unwrap();
+        let m = s.member("west").unwrap().unwrap();
+        assert_eq!((m.cursor, m.backfill_done, m.backfilled), (9, 3, true));
+        s.leave().unwrap();
+        assert!(s.group().unwrap().is_none() && s.members().unwrap().is_empty());
+    }
+}

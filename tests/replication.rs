@@ -1,0 +1,353 @@
+//! Geo-replication between real `acr-task serve` processes on loopback, each a region
+//! with its own data directory and `--auth`: images pushed with the docker CLI and skopeo
+//! to different replicas are pulled (and run) from the others; content held before a
+//! replica joined reaches it (its backfill, then `Ready`); a tag moved on two replicas
+//! at once ends on the same digest everywhere; a delete on one disappears on all; a
+//! replica killed with SIGKILL during a stream of pushes, and the origin itself, catch
+//! up after a restart with every digest present; a lower tier is refused.
+
+mod serve_common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use serve_common::registry_common::{digest, image_manifest, push_blob, put_manifest, run};
+use serve_common::{docker_login, make_busybox_image, require_docker, Serve};
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, \
+application/vnd.docker.distribution.manifest.v2+json";
+
+fn start(dir: &Path, name: &str, extra: &[&str]) -> Serve {
+    let mut args = vec!["--auth"];
+    args.extend_from_slice(extra);
+    Serve::start_with(&dir.join(name), 1, &args)
+}
+
+/// `acr-task replication ARGS -o json` against `s`, which must succeed.
+fn replication(s: &Serve, args: &[&str]) -> Value {
+    let (ok, out, err) = s.acr(&[&["replication"], args, &["-o", "json"]].concat());
+    assert!(
+        ok,
+        "replication {args:?} failed:\n{out}\n{err}\n{}",
+        s.stderr()
+    );
+    serde_json::from_str(&out).unwrap()
+}
+
+fn join(home: &Serve, name: &str, replica: &Serve) -> Value {
+    replication(
+        home,
+        &[
+            "create",
+            name,
+            "--url",
+            &replica.url,
+            "--password",
+            &replica.password,
+        ],
+    )
+}
+
+/// The digest `repo:reference` names on `s` (admin's token), or None.
+async fn resolve(s: &Serve, repo: &str, reference: &str) -> Option<String> {
+    let c = s.registry_client(repo).await;
+    let r = c
+        .head(format!("{}/v2/{repo}/manifests/{reference}", s.url))
+        .header("accept", ACCEPT)
+        .send()
+        .await
+        .unwrap();
+    (r.status() == 200).then(|| {
+        r.headers()["docker-content-digest"]
+            .to_str()
+            .unwrap()
+            .to_string()
+    })
+}
+
+/// Waits until `f` holds (checked every 200 ms), or fails saying what did not happen.
+async fn until<F, Fut>(what: &str, limit: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !f().await {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn everywhere(servers: &[&Serve], repo: &str, reference: &str) -> Option<String> {
+    let mut seen = Vec::new();
+    for s in servers {
+        seen.push(resolve(s, repo, reference).await);
+    }
+    seen.windows(2)
+        .all(|w| w[0] == w[1])
+        .then(|| seen[0].clone())
+        .flatten()
+}
+
+/// Pushes a small image (config and one layer, `marker` making it unique) by the API.
+async fn push_small(s: &Serve, repo: &str, tag: &str, marker: &str) -> String {
+    let c = s.registry_client(repo).await;
+    let layer = format!("layer {marker}").into_bytes();
+    let config = format!("{{\"marker\":\"{marker}\"}}").into_bytes();
+    let l = push_blob(&c, &s.url, repo, &layer).await;
+    let cfg = push_blob(&c, &s.url, repo, &config).await;
+    let m =
+        serde_json::to_vec(&image_manifest((&cfg, config.len()), &[(&l, layer.len())])).unwrap();
+    let r = put_manifest(&c, &s.url, repo, tag, OCI_MANIFEST, &m).await;
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    digest(&m)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_replicas_take_pushes_anywhere_and_converge() {
+    require_docker();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, c) = (
+        start(dir.path(), "a", &[]),
+        start(dir.path(), "b", &[]),
+        start(dir.path(), "c", &[]),
+    );
+    let all = [&a, &b, &c];
+    let docker = dir.path().join("docker");
+    for s in all {
+        docker_login(&docker, &s.addr, "admin", &s.password);
+    }
+    let dockercli = |args: &[&str]| {
+        run(Command::new("docker")
+            .env("DOCKER_CONFIG", &docker)
+            .args(args));
+    };
+
+    // Held by the home registry before there is any replica: the backfill brings it.
+    let image_a = format!("{}/team/app:v1", a.addr);
+    make_busybox_image(&image_a, "pushed to the home region");
+    dockercli(&["push", &image_a]);
+    let before = resolve(&a, "team/app", "v1").await.unwrap();
+
+    // A lower tier is refused, saying why.
+    let basic = start(dir.path(), "basic", &["--sku", "Basic"]);
+    let (ok, _, err) = a.acr(&[
+        "replication",
+        "create",
+        "low",
+        "--url",
+        &basic.url,
+        "--password",
+        &basic.password,
+    ]);
+    assert!(!ok && err.contains("Premium"), "{err}");
+    drop(basic);
+
+    let west = join(&a, "west", &b);
+    assert_eq!(west["name"], "west");
+    join(&a, "east", &c);
+    let list = replication(&a, &["list"]);
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["home", "east", "west"], "{list}");
+    until(
+        "the image held before reaches both replicas",
+        Duration::from_secs(60),
+        || async { everywhere(&all, "team/app", "v1").await.as_deref() == Some(before.as_str()) },
+    )
+    .await;
+    until("both replicas Ready", Duration::from_secs(30), || async {
+        let l = replication(&a, &["list"]);
+        l.as_array().unwrap().iter().all(|r| r["status"] == "Ready")
+    })
+    .await;
+
+    // A push with the docker CLI to one replica, with skopeo to another: each is pulled
+    // from the others.
+    let image_b = format!("{}/team/api:v1", b.addr);
+    make_busybox_image(&image_b, "pushed to west");
+    dockercli(&["push", &image_b]);
+    let auth_c = format!("admin:{}", c.password);
+    run(Command::new("skopeo").args([
+        "copy",
+        "--dest-tls-verify=false",
+        "--dest-creds",
+        &auth_c,
+        &format!("docker-daemon:{image_a}"),
+        &format!("docker://{}/tools/cli:2.0", c.addr),
+    ]));
+    for (repo, tag) in [("team/api", "v1"), ("tools/cli", "2.0")] {
+        until(
+            &format!("{repo}:{tag} on every replica"),
+            Duration::from_secs(60),
+            || async { everywhere(&all, repo, tag).await.is_some() },
+        )
+        .await;
+    }
+    // Pulled through another region and run.
+    let from_c = format!("{}/team/api:v1", c.addr);
+    dockercli(&["pull", &from_c]);
+    let out = run(Command::new("docker").args(["run", "--rm", &from_c]));
+    assert_eq!(out.trim(), "pushed to west");
+    dockercli(&["rmi", &from_c, &image_b, &image_a]);
+
+    // One tag moved on two replicas at once: every replica ends on the same digest.
+    for round in 0..3 {
+        let (ma, mb) = (format!("a{round}"), format!("b{round}"));
+        let (x, y) = tokio::join!(
+            push_small(&a, "team/moving", "latest", &ma),
+            push_small(&b, "team/moving", "latest", &mb),
+        );
+        let start = Instant::now();
+        let won = loop {
+            if let Some(d) = everywhere(&all, "team/moving", "latest").await {
+                break d;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "the moved tag converges"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert!(won == x || won == y, "{won} is neither push");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(
+            everywhere(&all, "team/moving", "latest").await.as_deref(),
+            Some(won.as_str()),
+            "it stays"
+        );
+    }
+
+    // A delete on one replica disappears on all.
+    let gone = resolve(&b, "tools/cli", "2.0").await.unwrap();
+    let cl = b.registry_client("tools/cli").await;
+    let r = cl
+        .delete(format!("{}/v2/tools/cli/manifests/{gone}", b.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    for s in all {
+        until(
+            "the delete reaches every replica",
+            Duration::from_secs(30),
+            || async { resolve(s, "tools/cli", &gone).await.is_none() },
+        )
+        .await;
+    }
+
+    // Nothing left to send, and the table names everyone.
+    until("no lag", Duration::from_secs(30), || async {
+        let l = replication(&b, &["list"]);
+        l.as_array().unwrap().iter().all(|r| r["lagEvents"] == 0)
+    })
+    .await;
+    let (ok, table, _) = a.acr(&["replication", "list"]);
+    assert!(
+        ok && table.contains("home (this server)") && table.contains("Ready"),
+        "{table}"
+    );
+
+    // East's endpoint turned off: it is kept in step but serves no client.
+    replication(
+        &a,
+        &["update", "east", "--region-endpoint-enabled", "false"],
+    );
+    let quiet = push_small(&a, "team/quiet", "v1", "while east is off").await;
+    let cl = c.registry_client("team/quiet").await;
+    let r = cl
+        .get(format!("{}/v2/team/quiet/manifests/v1", c.url))
+        .header("accept", ACCEPT)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r
+        .text()
+        .await
+        .unwrap()
+        .contains("region endpoint is disabled"));
+    let pull = Command::new("docker")
+        .env("DOCKER_CONFIG", &docker)
+        .args(["pull", &format!("{}/team/api:v1", c.addr)])
+        .output()
+        .unwrap();
+    assert!(
+        !pull.status.success(),
+        "a client pulled from a disabled endpoint"
+    );
+    until(
+        "east applied what home took meanwhile",
+        Duration::from_secs(30),
+        || async {
+            let e = replication(&a, &["show", "east"]);
+            e["lagEvents"] == 0 && e["regionEndpointEnabled"] == false
+        },
+    )
+    .await;
+    replication(&a, &["update", "east", "--region-endpoint-enabled", "true"]);
+    assert_eq!(
+        resolve(&c, "team/quiet", "v1").await.as_deref(),
+        Some(quiet.as_str())
+    );
+
+    // Removed: west no longer receives what home accepts.
+    let (ok, _, err) = a.acr(&["replication", "delete", "west", "-y"]);
+    assert!(ok, "{err}");
+    let later = push_small(&a, "team/after", "v1", "after west left").await;
+    until("east still in step", Duration::from_secs(30), || async {
+        resolve(&c, "team/after", "v1").await.as_deref() == Some(later.as_str())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(resolve(&b, "team/after", "v1").await, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_killed_during_pushes_catch_up_with_every_digest() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = start(dir.path(), "a", &[]);
+    let mut b = start(dir.path(), "b", &[]);
+    join(&a, "west", &b);
+    let b_addr = b.addr.clone();
+
+    let mut pushed = Vec::new();
+    for i in 0..30 {
+        if i == 10 {
+            b.kill(); // the receiver dies mid-stream
+        }
+        pushed.push((
+            format!("v{i}"),
+            push_small(&a, "stream/app", &format!("v{i}"), &format!("m{i}")).await,
+        ));
+    }
+    let b = Serve::start_at(&b_addr, &dir.path().join("b"), 1, &["--auth"], &[]);
+    // And the sender dies too, with events not yet sent, then comes back.
+    let a_addr = a.addr.clone();
+    let mut a = a;
+    for i in 30..40 {
+        pushed.push((
+            format!("v{i}"),
+            push_small(&a, "stream/app", &format!("v{i}"), &format!("m{i}")).await,
+        ));
+    }
+    a.kill();
+    let a = Serve::start_at(&a_addr, &dir.path().join("a"), 1, &["--auth"], &[]);
+    for (tag, d) in &pushed {
+        until(
+            &format!("stream/app:{tag} on the restarted replica"),
+            Duration::from_secs(90),
+            || async { resolve(&b, "stream/app", tag).await.as_deref() == Some(d.as_str()) },
+        )
+        .await;
+    }
+    let l = replication(&a, &["show", "west"]);
+    assert_eq!(l["status"], "Ready", "{l}");
+}
