@@ -92,6 +92,15 @@ async fn everywhere(servers: &[&Serve], repo: &str, reference: &str) -> Option<S
         .flatten()
 }
 
+/// The end of a server's log, for a failure's message.
+fn tail(log: &str) -> &str {
+    let start = log.len().saturating_sub(4000);
+    let start = (start..log.len())
+        .find(|i| log.is_char_boundary(*i))
+        .unwrap_or(0);
+    &log[start..]
+}
+
 /// Pushes a small image (config and one layer, `marker` making it unique) by the API.
 async fn push_small(s: &Serve, repo: &str, tag: &str, marker: &str) -> String {
     let c = s.registry_client(repo).await;
@@ -169,6 +178,113 @@ async fn three_replicas_take_pushes_anywhere_and_converge() {
     })
     .await;
 
+    // Scope maps, tokens and webhooks are the registry's: made on one replica, they hold
+    // on every one; a token deleted on another stops working everywhere.
+    let ok = |s: &Serve, args: &[&str]| {
+        let (ok, out, err) = s.acr(args);
+        assert!(ok, "{args:?}: {out}\n{err}");
+        out
+    };
+    ok(
+        &a,
+        &[
+            "scope-map",
+            "create",
+            "readers",
+            "--repository",
+            "team/*",
+            "content/read",
+            "metadata/read",
+        ],
+    );
+    let made: Value = serde_json::from_str(&ok(
+        &a,
+        &[
+            "token",
+            "create",
+            "reader",
+            "--scope-map",
+            "readers",
+            "-o",
+            "json",
+        ],
+    ))
+    .unwrap();
+    let reader = made["credentials"]["passwords"][0]["value"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    ok(
+        &b,
+        &[
+            "webhook",
+            "create",
+            "audit",
+            "--uri",
+            "http://127.0.0.1:9/hook",
+            "--actions",
+            "push",
+            "--allow-private-destination",
+        ],
+    );
+    let login = |s: &Serve| {
+        let url = format!(
+            "{}/oauth2/token?service=acr-task&scope=repository:team/app:pull",
+            s.url
+        );
+        let pw = reader.clone();
+        async move {
+            reqwest::Client::new()
+                .get(url)
+                .basic_auth("reader", Some(pw))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    until(
+        "the token made on home logs in on east",
+        Duration::from_secs(30),
+        || async { login(&c).await == 200 },
+    )
+    .await;
+    until(
+        "the webhook made on west is listed on east",
+        Duration::from_secs(30),
+        || async {
+            c.acr(&["webhook", "list", "-o", "json"])
+                .1
+                .contains("\"audit\"")
+        },
+    )
+    .await;
+    // Deleted where it was not made: gone everywhere.
+    ok(&c, &["webhook", "delete", "audit", "-y"]);
+    until(
+        "the webhook deleted on east is gone on west",
+        Duration::from_secs(30),
+        || async {
+            !b.acr(&["webhook", "list", "-o", "json"])
+                .1
+                .contains("\"audit\"")
+        },
+    )
+    .await;
+    let reader_docker = dir.path().join("reader-docker");
+    docker_login(&reader_docker, &c.addr, "reader", &reader);
+    run(Command::new("docker")
+        .env("DOCKER_CONFIG", &reader_docker)
+        .args(["pull", &format!("{}/team/app:v1", c.addr)]));
+    ok(&b, &["token", "delete", "reader", "-y"]);
+    until(
+        "the token deleted on west fails on home",
+        Duration::from_secs(30),
+        || async { login(&a).await == 401 },
+    )
+    .await;
+
     // A push with the docker CLI to one replica, with skopeo to another: each is pulled
     // from the others.
     let image_b = format!("{}/team/api:v1", b.addr);
@@ -210,10 +326,19 @@ async fn three_replicas_take_pushes_anywhere_and_converge() {
             if let Some(d) = everywhere(&all, "team/moving", "latest").await {
                 break d;
             }
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "the moved tag converges"
-            );
+            if start.elapsed() > Duration::from_secs(30) {
+                let mut seen = Vec::new();
+                for s in all {
+                    seen.push(resolve(s, "team/moving", "latest").await);
+                }
+                panic!(
+                    "the moved tag did not converge: {seen:?} (pushed {x} to home, {y} to west)\n\
+                     home: {}\nwest: {}\neast: {}",
+                    tail(&a.stderr()),
+                    tail(&b.stderr()),
+                    tail(&c.stderr())
+                );
+            }
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
         assert!(won == x || won == y, "{won} is neither push");

@@ -12,6 +12,7 @@
 //! tag's winner. `store` keeps the group (`replication.db`), `service` does the work
 //! (sending, applying, backfilling a new replica), the peer routes and the API.
 
+pub mod config;
 pub mod service;
 pub mod store;
 
@@ -159,6 +160,10 @@ pub enum ReplicationError {
     Migrate(#[from] crate::store::migrate::MigrateError),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
+    #[error(transparent)]
+    Webhooks(#[from] crate::webhooks::WebhookError),
     /// Refused, with the reason and the fix (HTTP 400/409 at the API).
     #[error("{0}")]
     Refused(String),

@@ -27,8 +27,9 @@ const BATCH: usize = 32;
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// A batch may carry big layers to pull: the whole exchange gets this long.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(3600);
-/// A peer request's body: events are small (a manifest is pulled, not sent).
-const MAX_PEER_BODY: usize = 4 << 20;
+/// A peer request's body: events are small (a manifest is pulled, not sent); the
+/// settings (tokens with their hashes) can be many.
+const MAX_PEER_BODY: usize = 64 << 20;
 /// Tombstones outlive the outbox's week by this much, for a replica that was away.
 const TOMBSTONE_KEEP: Duration = Duration::from_secs(30 * 24 * 3600);
 
@@ -39,6 +40,14 @@ struct Batch {
     /// The sending region.
     from: String,
     events: Vec<StoredEvent>,
+}
+
+/// The registry-wide settings as one member holds them (`POST .../v1/config`).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigBatch {
+    from: String,
+    items: Vec<super::config::Item>,
 }
 
 /// The group's members as one of them now knows it (`POST .../v1/members`).
@@ -54,6 +63,8 @@ pub struct Replication {
     store: Arc<ReplicationStore>,
     registry: Registry,
     auth: Arc<crate::auth::Auth>,
+    /// The registry's webhooks (registry-wide settings, kept alike on every replica).
+    hooks: Arc<crate::webhooks::WebhookStore>,
     http: reqwest::Client,
     ca_certs: Vec<std::path::PathBuf>,
     /// Applying and indexing one at a time: a tag's check and change are not interleaved.
@@ -65,6 +76,8 @@ pub struct Replication {
     endpoint_off: std::sync::atomic::AtomicBool,
     /// This server's region name while it is in a group.
     region: Mutex<Option<String>>,
+    /// The settings' state last sent to each member (see [`super::config::state_digest`]).
+    config_sent: Mutex<HashMap<String, String>>,
 }
 
 impl Replication {
@@ -73,6 +86,7 @@ impl Replication {
     pub async fn start(
         registry: Registry,
         auth: Arc<crate::auth::Auth>,
+        hooks: Arc<crate::webhooks::WebhookStore>,
         ca_certs: Vec<std::path::PathBuf>,
         halt: tokio_util::sync::CancellationToken,
     ) -> Result<Arc<Replication>, ReplicationError> {
@@ -86,6 +100,7 @@ impl Replication {
             store: Arc::new(store),
             registry,
             auth,
+            hooks,
             http,
             ca_certs,
             apply: tokio::sync::Mutex::new(()),
@@ -93,6 +108,7 @@ impl Replication {
             halt,
             endpoint_off: Default::default(),
             region: Mutex::new(None),
+            config_sent: Mutex::new(HashMap::new()),
         });
         let g = me.db(|s| s.group()).await?;
         me.follow(g.as_ref());
@@ -532,6 +548,7 @@ impl Replication {
             .await
             .map_err(|e| ReplicationError::Refused(e.to_string()))?;
         let Some(last) = events.last().map(|(seq, _)| *seq) else {
+            self.send_config(&g, &m.member).await?;
             return Ok(false);
         };
         // Only what this server accepted: each replica sends its own.
@@ -552,6 +569,55 @@ impl Replication {
         let n = name.to_string();
         self.db(move |s| s.set_cursor(&n, last)).await?;
         Ok(true)
+    }
+
+    /// Sends the member the registry-wide settings with their clocks, when they changed
+    /// since they were last sent to it.
+    async fn send_config(&self, g: &Group, to: &Member) -> Result<(), ReplicationError> {
+        let (rs, auth, hooks) = (self.store.clone(), self.auth.clone(), self.hooks.clone());
+        let (digest, items) = tokio::task::spawn_blocking(move || {
+            let digest = super::config::state_digest(&rs)?;
+            let held = super::config::holdings(auth.store(), &hooks)?;
+            Ok::<_, ReplicationError>((digest, super::config::items(&rs, &held)?))
+        })
+        .await
+        .map_err(|e| ReplicationError::Refused(e.to_string()))??;
+        let sent = self
+            .config_sent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&to.name)
+            .cloned();
+        if items.is_empty() || sent.as_deref() == Some(digest.as_str()) {
+            return Ok(());
+        }
+        let body = ConfigBatch {
+            from: g.me.name.clone(),
+            items,
+        };
+        self.peer_post(to, "config", &body, &g.secret)
+            .await
+            .map_err(ReplicationError::Peer)?;
+        self.config_sent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(to.name.clone(), digest);
+        Ok(())
+    }
+
+    /// Takes this server's own changes of the registry-wide settings into their clocks.
+    async fn scan_config(&self) -> Result<(), ReplicationError> {
+        let Some(g) = self.db(|s| s.group()).await? else {
+            return Ok(());
+        };
+        let (rs, auth, hooks) = (self.store.clone(), self.auth.clone(), self.hooks.clone());
+        tokio::task::spawn_blocking(move || {
+            let held = super::config::holdings(auth.store(), &hooks)?;
+            super::config::scan(&rs, &held, &g.me.name)
+        })
+        .await
+        .map_err(|e| ReplicationError::Refused(e.to_string()))??;
+        Ok(())
     }
 
     /// Sends the next part of everything this server holds (each manifest with its tags
@@ -816,8 +882,9 @@ impl Replication {
         Ok(())
     }
 
-    /// Takes this server's own tag changes into the clocks, in outbox order; one that
-    /// lost to a later change from elsewhere is undone (settled to the winner).
+    /// Takes this server's own tag changes into the clocks, in outbox order, and makes
+    /// each tag what its winner says (one that lost to a later change from elsewhere is
+    /// undone; one that won stays, even if a replicated change was written after it).
     async fn index_local(&self) -> Result<(), ReplicationError> {
         let Some(g) = self.db(|s| s.group()).await? else {
             return Ok(());
@@ -848,12 +915,12 @@ impl Replication {
                     (action, Some(tag)) => {
                         let digest = (action == EventAction::Push).then(|| ev.digest.clone());
                         let (r, t) = (ev.repository.clone(), tag.clone());
-                        let won = self
-                            .db(move |st| st.offer_tag(&r, &t, &s, digest.as_deref()))
+                        self.db(move |st| st.offer_tag(&r, &t, &s, digest.as_deref()))
                             .await?;
-                        if !won {
-                            self.settle(&ev.repository, &tag).await?;
-                        }
+                        // Whether it won or lost, the registry's tag may say otherwise:
+                        // a replicated change may have been written after it, or it
+                        // after a later replicated one.
+                        self.settle(&ev.repository, &tag).await?;
                     }
                     (EventAction::Delete, None) => {
                         let (r, d) = (ev.repository.clone(), ev.digest.clone());
@@ -874,6 +941,9 @@ impl Replication {
                 let _one = self.apply.lock().await;
                 if let Err(e) = self.index_local().await {
                     tracing::warn!(error = %e, "indexing this server's tag changes");
+                }
+                if let Err(e) = self.scan_config().await {
+                    tracing::warn!(error = %e, "reading the registry's tokens, scope maps and webhooks");
                 }
             }
             if pruned.elapsed() > Duration::from_secs(3600) {
@@ -976,6 +1046,7 @@ pub fn peer_router(r: Arc<Replication>) -> Router {
     Router::new()
         .route("/acr-task/replication/v1/events", post(events))
         .route("/acr-task/replication/v1/members", post(members))
+        .route("/acr-task/replication/v1/config", post(config))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_PEER_BODY))
         .with_state(r)
 }
@@ -1105,4 +1176,36 @@ pub async fn endpoint_gate(
         ),
     )
         .into_response()
+}
+
+async fn config(
+    State(r): State<Arc<Replication>>,
+    headers: HeaderMap,
+    Json(b): Json<ConfigBatch>,
+) -> Response {
+    let from = match r.peer(&headers, &b.from).await {
+        Ok(m) => m,
+        Err(resp) => return resp,
+    };
+    let _one = r.apply.lock().await;
+    let me = r
+        .region
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .unwrap_or_default();
+    let (rs, auth, hooks) = (r.store.clone(), r.auth.clone(), r.hooks.clone());
+    let done = tokio::task::spawn_blocking(move || {
+        super::config::apply(auth.store(), &hooks, &rs, &me, b.items)
+    })
+    .await
+    .map_err(|e| ReplicationError::Refused(e.to_string()))
+    .and_then(|r| r);
+    match done {
+        Ok(n) => Json(serde_json::json!({ "applied": n })).into_response(),
+        Err(e) => {
+            tracing::warn!(from = %from.name, error = %e, "applying replicated settings");
+            refusal(&e)
+        }
+    }
 }

@@ -12,8 +12,9 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::{Member, ReplicationError, Stamp};
 use crate::hlc::Hlc;
 
-const MIGRATIONS: &[crate::store::migrate::Migration] = &[crate::store::migrate::Migration::Sql(
-    "CREATE TABLE grp(id INTEGER PRIMARY KEY CHECK (id = 1), name TEXT NOT NULL,
+const MIGRATIONS: &[crate::store::migrate::Migration] = &[
+    crate::store::migrate::Migration::Sql(
+        "CREATE TABLE grp(id INTEGER PRIMARY KEY CHECK (id = 1), name TEXT NOT NULL,
             url TEXT NOT NULL, secret TEXT NOT NULL, endpoint_enabled INTEGER NOT NULL,
             indexed INTEGER NOT NULL, created INTEGER NOT NULL);
          CREATE TABLE members(name TEXT PRIMARY KEY, url TEXT NOT NULL,
@@ -25,7 +26,27 @@ const MIGRATIONS: &[crate::store::migrate::Migration] = &[crate::store::migrate:
             origin TEXT NOT NULL, digest TEXT, PRIMARY KEY(repo, tag));
          CREATE TABLE tombstones(repo TEXT NOT NULL, digest TEXT NOT NULL, hlc TEXT NOT NULL,
             origin TEXT NOT NULL, created INTEGER NOT NULL, PRIMARY KEY(repo, digest));",
-)];
+    ),
+    // The registry-wide settings' clocks: each token, scope map and webhook with the
+    // fingerprint of its record as last seen here and the stamp of its last change.
+    crate::store::migrate::Migration::Sql(
+        "CREATE TABLE config_clocks(kind TEXT NOT NULL, name TEXT NOT NULL,
+            fingerprint TEXT NOT NULL, hlc TEXT NOT NULL, origin TEXT NOT NULL,
+            deleted INTEGER NOT NULL, PRIMARY KEY(kind, name));",
+    ),
+];
+
+/// A registry-wide setting's clock: what its record looked like here when last seen
+/// (a fingerprint), and the stamp of its last change (or delete) anywhere.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigClock {
+    /// `scopeMap`, `token` or `webhook`.
+    pub kind: String,
+    pub name: String,
+    pub fingerprint: String,
+    pub stamp: Stamp,
+    pub deleted: bool,
+}
 
 /// The group, as this server is in it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -320,6 +341,40 @@ impl ReplicationStore {
                 params![repo, digest, s.hlc.to_string(), s.origin, now()],
             )?;
         }
+        Ok(())
+    }
+
+    pub fn config_clocks(&self) -> Result<Vec<ConfigClock>, ReplicationError> {
+        let c = self.conn();
+        let mut q = c.prepare(
+            "SELECT kind, name, fingerprint, hlc, origin, deleted FROM config_clocks
+             ORDER BY kind, name",
+        )?;
+        let rows = q.query_map([], |r| {
+            Ok(ConfigClock {
+                kind: r.get(0)?,
+                name: r.get(1)?,
+                fingerprint: r.get(2)?,
+                stamp: stamp(r.get(3)?, r.get(4)?)?,
+                deleted: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn set_config_clock(&self, k: &ConfigClock) -> Result<(), ReplicationError> {
+        self.conn().execute(
+            "INSERT OR REPLACE INTO config_clocks(kind, name, fingerprint, hlc, origin, deleted)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                k.kind,
+                k.name,
+                k.fingerprint,
+                k.stamp.hlc.to_string(),
+                k.stamp.origin,
+                k.deleted
+            ],
+        )?;
         Ok(())
     }
 

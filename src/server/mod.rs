@@ -464,6 +464,7 @@ impl Server {
                 crate::replication::service::Replication::start(
                     self.registry.clone(),
                     self.auth.clone(),
+                    hooks.clone(),
                     self.cfg.ca_certs.clone(),
                     halt.clone(),
                 )

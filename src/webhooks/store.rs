@@ -124,6 +124,11 @@ impl WebhookStore {
         self.records.location()
     }
 
+    /// The records themselves, as geo-replication copies them between replicas.
+    pub fn records(&self) -> &dyn WebhookRecords {
+        self.records.as_ref()
+    }
+
     /// Adds a webhook, within the number the registry's `tier` allows.
     pub fn create(
         &self,

@@ -1,0 +1,342 @@
+//! The registry-wide settings every replica holds alike: scope maps, tokens (with their
+//! password hashes, so a token's password works on each) and webhooks. Each setting has a
+//! clock in `replication.db`: the fingerprint of its record as last seen here and the
+//! stamp of its last change. A change made here, by whatever path (the API, the commands
+//! on the files, a template's deploy), is found by comparing fingerprints and stamped
+//! then; the others' changes are taken by the last-writer rule, a delete as a change like
+//! any other. Blocking: call from blocking threads.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::store::{ConfigClock, ReplicationStore};
+use super::{ReplicationError, Stamp};
+use crate::auth::records::{Insert, Removal, TokenRecord};
+use crate::auth::{AuthStore, ScopeMap};
+use crate::hlc::{Hlc, CLOCK};
+use crate::webhooks::WebhookStore;
+
+pub const SCOPE_MAP: &str = "scopeMap";
+pub const TOKEN: &str = "token";
+pub const WEBHOOK: &str = "webhook";
+
+/// One setting as replicas send it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Item {
+    pub kind: String,
+    pub name: String,
+    pub hlc: String,
+    pub origin: String,
+    pub deleted: bool,
+    /// The record (none for a delete).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<Value>,
+}
+
+type Key = (String, String);
+
+fn fingerprint(v: &Value) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(
+        serde_json::to_vec(v).unwrap_or_default(),
+    ))
+}
+
+fn token_json(t: &TokenRecord) -> Value {
+    json!({ "info": t.info, "hashes": t.hashes })
+}
+
+fn webhook_json(h: &crate::webhooks::Webhook) -> Value {
+    json!({ "info": h.info, "headers": h.headers, "secret": h.secret })
+}
+
+/// Every setting this server holds now, by (kind, name).
+pub fn holdings(
+    auth: &AuthStore,
+    hooks: &WebhookStore,
+) -> Result<BTreeMap<Key, Value>, ReplicationError> {
+    let mut out = BTreeMap::new();
+    let records = auth.records();
+    for m in records.scope_maps()? {
+        out.insert((SCOPE_MAP.to_string(), m.name.clone()), json!(m));
+    }
+    for t in records.tokens()? {
+        if let Some(rec) = records.token(&t.name)? {
+            out.insert((TOKEN.to_string(), t.name.clone()), token_json(&rec));
+        }
+    }
+    for h in hooks.records().all()? {
+        out.insert((WEBHOOK.to_string(), h.info.name.clone()), webhook_json(&h));
+    }
+    Ok(out)
+}
+
+fn clocks_by_key(rs: &ReplicationStore) -> Result<HashMap<Key, ConfigClock>, ReplicationError> {
+    Ok(rs
+        .config_clocks()?
+        .into_iter()
+        .map(|c| ((c.kind.clone(), c.name.clone()), c))
+        .collect())
+}
+
+/// Stamps what changed here since it was last seen: made or changed (its fingerprint
+/// differs), or deleted (held no more). True when anything did.
+pub fn scan(
+    rs: &ReplicationStore,
+    held: &BTreeMap<Key, Value>,
+    me: &str,
+) -> Result<bool, ReplicationError> {
+    let clocks = clocks_by_key(rs)?;
+    let mut changed = false;
+    let stamp = || Stamp {
+        hlc: CLOCK.tick(),
+        origin: me.to_string(),
+    };
+    for ((kind, name), v) in held {
+        let fp = fingerprint(v);
+        let seen = clocks.get(&(kind.clone(), name.clone()));
+        if seen.is_some_and(|c| !c.deleted && c.fingerprint == fp) {
+            continue;
+        }
+        rs.set_config_clock(&ConfigClock {
+            kind: kind.clone(),
+            name: name.clone(),
+            fingerprint: fp,
+            stamp: stamp(),
+            deleted: false,
+        })?;
+        changed = true;
+    }
+    for (key, c) in &clocks {
+        if !c.deleted && !held.contains_key(key) {
+            rs.set_config_clock(&ConfigClock {
+                fingerprint: String::new(),
+                stamp: stamp(),
+                deleted: true,
+                ..c.clone()
+            })?;
+            changed = true;
+        }
+    }
+    Ok(changed)
+}
+
+/// Everything to send another replica: every clock, with the record where one is held.
+pub fn items(
+    rs: &ReplicationStore,
+    held: &BTreeMap<Key, Value>,
+) -> Result<Vec<Item>, ReplicationError> {
+    Ok(rs
+        .config_clocks()?
+        .into_iter()
+        .map(|c| Item {
+            record: if c.deleted {
+                None
+            } else {
+                held.get(&(c.kind.clone(), c.name.clone())).cloned()
+            },
+            kind: c.kind,
+            name: c.name,
+            hlc: c.stamp.hlc.to_string(),
+            origin: c.stamp.origin,
+            deleted: c.deleted,
+        })
+        .collect())
+}
+
+/// A digest of the clocks: the state sent once is not sent again while it stays.
+pub fn state_digest(rs: &ReplicationStore) -> Result<String, ReplicationError> {
+    let clocks: Vec<(String, String, String, String, bool)> = rs
+        .config_clocks()?
+        .into_iter()
+        .map(|c| {
+            (
+                c.kind,
+                c.name,
+                c.stamp.hlc.to_string(),
+                c.stamp.origin,
+                c.deleted,
+            )
+        })
+        .collect();
+    Ok(fingerprint(&json!(clocks)))
+}
+
+/// Applies what wins over this server's clocks (scope maps before the tokens bound to
+/// them; deletes of tokens before their scope maps'). Returns how many were applied.
+pub fn apply(
+    auth: &AuthStore,
+    hooks: &WebhookStore,
+    rs: &ReplicationStore,
+    me: &str,
+    mut items: Vec<Item>,
+) -> Result<usize, ReplicationError> {
+    scan(rs, &holdings(auth, hooks)?, me)?;
+    let clocks = clocks_by_key(rs)?;
+    let rank = |i: &Item| match (i.deleted, i.kind.as_str()) {
+        (false, SCOPE_MAP) => 0,
+        (false, _) => 1,
+        (true, TOKEN) | (true, WEBHOOK) => 2,
+        (true, _) => 3,
+    };
+    items.sort_by_key(rank);
+    let mut n = 0;
+    for it in items {
+        let hlc: Hlc = it.hlc.parse().map_err(ReplicationError::Refused)?;
+        CLOCK.observe(hlc).map_err(ReplicationError::Refused)?;
+        let stamp = Stamp {
+            hlc,
+            origin: it.origin.clone(),
+        };
+        let key = (it.kind.clone(), it.name.clone());
+        if !super::wins(&stamp, clocks.get(&key).map(|c| &c.stamp)) {
+            continue;
+        }
+        if it.deleted {
+            remove(auth, hooks, &it.kind, &it.name)?;
+        } else {
+            let record = it.record.clone().ok_or_else(|| {
+                ReplicationError::Refused(format!(
+                    "{} {:?} came without its record",
+                    it.kind, it.name
+                ))
+            })?;
+            put(auth, hooks, &it.kind, &it.name, record)?;
+        }
+        // What is held now is what the clock fingerprints (so it is not taken for a
+        // change made here).
+        let now = holdings_of(auth, hooks, &it.kind, &it.name)?;
+        rs.set_config_clock(&ConfigClock {
+            kind: it.kind,
+            name: it.name,
+            fingerprint: now.as_ref().map(fingerprint).unwrap_or_default(),
+            stamp,
+            deleted: it.deleted,
+        })?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+fn holdings_of(
+    auth: &AuthStore,
+    hooks: &WebhookStore,
+    kind: &str,
+    name: &str,
+) -> Result<Option<Value>, ReplicationError> {
+    Ok(match kind {
+        SCOPE_MAP => auth.records().scope_map(name)?.map(|m| json!(m)),
+        TOKEN => auth.records().token(name)?.as_ref().map(token_json),
+        WEBHOOK => hooks.records().get(name)?.as_ref().map(webhook_json),
+        _ => None,
+    })
+}
+
+fn bad(kind: &str, name: &str, e: impl std::fmt::Display) -> ReplicationError {
+    ReplicationError::Refused(format!("{kind} {name:?} as sent: {e}"))
+}
+
+fn put(
+    auth: &AuthStore,
+    hooks: &WebhookStore,
+    kind: &str,
+    name: &str,
+    record: Value,
+) -> Result<(), ReplicationError> {
+    let records = auth.records();
+    match kind {
+        SCOPE_MAP => {
+            let m: ScopeMap = serde_json::from_value(record).map_err(|e| bad(kind, name, e))?;
+            match records.scope_map(name)? {
+                None => {
+                    records.insert_scope_map(&m, None)?;
+                }
+                Some(cur) if cur == m => {}
+                // Every rule out, the new ones in: the same rules as sent.
+                Some(cur) => {
+                    records.change_scope_map(name, &m.rules, &cur.rules, Some(&m.description))?;
+                }
+            }
+        }
+        TOKEN => {
+            #[derive(Deserialize)]
+            struct T {
+                info: crate::auth::TokenInfo,
+                hashes: [Option<String>; 2],
+            }
+            let t: T = serde_json::from_value(record).map_err(|e| bad(kind, name, e))?;
+            let rec = TokenRecord {
+                info: t.info,
+                hashes: t.hashes,
+            };
+            if let Some(cur) = records.token(name)? {
+                if cur == rec {
+                    return Ok(());
+                }
+                records.delete_token(name)?;
+            }
+            match records.insert_token(&rec, None)? {
+                Insert::NoScopeMap => {
+                    return Err(ReplicationError::Refused(format!(
+                        "token {name:?}: its scope map {:?} is not here yet",
+                        rec.info.scope_map
+                    )))
+                }
+                Insert::Done | Insert::Exists | Insert::Full(_) => {}
+            }
+        }
+        WEBHOOK => {
+            #[derive(Deserialize)]
+            struct H {
+                info: crate::webhooks::WebhookInfo,
+                headers: BTreeMap<String, String>,
+                secret: Option<String>,
+            }
+            let h: H = serde_json::from_value(record).map_err(|e| bad(kind, name, e))?;
+            let hook = crate::webhooks::Webhook {
+                info: h.info,
+                headers: h.headers,
+                secret: h.secret,
+            };
+            if let Some(cur) = hooks.records().get(name)? {
+                if webhook_json(&cur) == webhook_json(&hook) {
+                    return Ok(());
+                }
+                hooks.records().delete(name)?;
+            }
+            hooks.records().insert(&hook, None)?;
+        }
+        other => return Err(bad(other, name, "not a kind of setting this server knows")),
+    }
+    Ok(())
+}
+
+fn remove(
+    auth: &AuthStore,
+    hooks: &WebhookStore,
+    kind: &str,
+    name: &str,
+) -> Result<(), ReplicationError> {
+    match kind {
+        SCOPE_MAP => match auth.records().delete_scope_map(name)? {
+            Removal::Done | Removal::NotFound => {}
+            Removal::InUse(tokens) => {
+                return Err(ReplicationError::Refused(format!(
+                    "scope map {name:?} is still used here by {}",
+                    tokens.join(", ")
+                )))
+            }
+        },
+        TOKEN => {
+            auth.records().delete_token(name)?;
+        }
+        WEBHOOK => {
+            hooks.records().delete(name)?;
+        }
+        other => return Err(bad(other, name, "not a kind of setting this server knows")),
+    }
+    Ok(())
+}
