@@ -45,8 +45,7 @@ fn join(home: &Serve, name: &str, replica: &Serve) -> Value {
             name,
             "--url",
             &replica.url,
-            "--password",
-            &replica.password,
+            &format!("--password={}", replica.password),
         ],
     )
 }
@@ -453,6 +452,15 @@ async fn replicas_killed_during_pushes_catch_up_with_every_digest() {
             push_small(&a, "stream/app", &format!("v{i}"), &format!("m{i}")).await,
         ));
     }
+    // A delete made while west is down reaches it when it is back.
+    let (gone_tag, gone) = pushed.remove(3);
+    let cl = a.registry_client("stream/app").await;
+    let r = cl
+        .delete(format!("{}/v2/stream/app/manifests/{gone}", a.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
     let b = Serve::start_at(&b_addr, &dir.path().join("b"), 1, &["--auth"], &[]);
     // And the sender dies too, with events not yet sent, then comes back.
     let a_addr = a.addr.clone();
@@ -473,6 +481,106 @@ async fn replicas_killed_during_pushes_catch_up_with_every_digest() {
         )
         .await;
     }
+    until(
+        "the delete made while west was down",
+        Duration::from_secs(30),
+        || async {
+            resolve(&b, "stream/app", &gone).await.is_none()
+                && resolve(&b, "stream/app", &gone_tag).await.is_none()
+        },
+    )
+    .await;
     let l = replication(&a, &["show", "west"]);
     assert_eq!(l["status"], "Ready", "{l}");
+}
+
+/// A build task on one replica, FROM a base image of the registry: a new base pushed to
+/// another replica rebuilds it once (the trigger sees the replicated push once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_base_image_pushed_to_another_replica_triggers_once() {
+    require_docker();
+    let dir = tempfile::tempdir().unwrap();
+    let a = start(dir.path(), "a", &[]);
+    let b = start(dir.path(), "b", &[]);
+    join(&a, "west", &b);
+    let docker = dir.path().join("docker");
+    docker_login(&docker, &a.addr, "admin", &a.password);
+    docker_login(&docker, &b.addr, "admin", &b.password);
+    let dockercli = |args: &[&str]| {
+        run(Command::new("docker")
+            .env("DOCKER_CONFIG", &docker)
+            .args(args))
+    };
+    let push_base = |image: &str, version: &str| {
+        let ctx = tempfile::tempdir().unwrap();
+        std::fs::write(
+            ctx.path().join("Dockerfile"),
+            format!("FROM busybox\nLABEL base.version={version}\n"),
+        )
+        .unwrap();
+        dockercli(&[
+            "build",
+            "-q",
+            "-t",
+            image,
+            &ctx.path().display().to_string(),
+        ]);
+        let out = dockercli(&["push", image]);
+        out.split_whitespace()
+            .find(|w| w.starts_with("sha256:"))
+            .unwrap_or_else(|| panic!("no digest in {out}"))
+            .to_string()
+    };
+    // `FROM busybox` needs the runner image, made from the host's busybox-static.
+    run(Command::new(serve_common::bin()).args(["runner", "build"]));
+    // The base, pushed to home, where the task is.
+    let base = format!("{}/base/img:1", a.addr);
+    let d1 = push_base(&base, "one");
+    let ctx = tempfile::tempdir().unwrap();
+    std::fs::write(ctx.path().join("Dockerfile"), format!("FROM {base}\n")).unwrap();
+    std::fs::write(
+        ctx.path().join("acb.yaml"),
+        "version: v1.1.0\nsteps:\n  - build: -t $Registry/app:latest .\n  - push: [\"$Registry/app:latest\"]\n",
+    )
+    .unwrap();
+    let api = a.client();
+    let (st, v) = api
+        .post(
+            "/api/tasks",
+            &serde_json::json!({"name": "app", "context": ctx.path().display().to_string()}),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let (_, v) = api
+        .post("/api/tasks/app/runs", &serde_json::json!({}))
+        .await;
+    let first = v["id"].as_str().unwrap().to_string();
+    let r = api
+        .wait_status(&first, &["Succeeded", "Failed"], Duration::from_secs(180))
+        .await;
+    assert_eq!(r["status"], "Succeeded", "{r}\n{}", a.stderr());
+
+    // A new base pushed to west: home rebuilds, once.
+    let on_west = format!("{}/base/img:1", b.addr);
+    let d2 = push_base(&on_west, "two");
+    assert_ne!(d1, d2);
+    until(
+        "the base pushed to west triggers home's task",
+        Duration::from_secs(60),
+        || async { api.runs("app").await.len() > 1 },
+    )
+    .await;
+    let runs = api.runs("app").await;
+    assert_eq!(runs[0]["trigger"]["kind"], "base_image", "{}", runs[0]);
+    assert_eq!(runs[0]["trigger"]["newDigest"], d2.as_str(), "{}", runs[0]);
+    let id = runs[0]["id"].as_str().unwrap().to_string();
+    let r = api
+        .wait_status(&id, &["Succeeded", "Failed"], Duration::from_secs(180))
+        .await;
+    assert_eq!(r["status"], "Succeeded", "{r}\n{}", a.stderr());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(api.runs("app").await.len(), 2, "one base push, one run");
+    let _ = Command::new("docker")
+        .args(["rmi", &base, &on_west])
+        .output();
 }

@@ -34,7 +34,7 @@ pub enum ReplicationCmd {
     /// a replica of this registry: it is joined once with its admin login, backfilled
     /// with everything held here, then kept in step both ways. Premium only.
     #[command(
-        after_help = "Example:\n  acr-task replication create westeurope --url https://acr-west.internal:5000 --username admin --password \"$WEST_ADMIN_PASSWORD\""
+        after_help = "Example:\n  acr-task replication create westeurope --url https://acr-west.internal:5000 --password-stdin <<<\"$WEST_ADMIN_PASSWORD\""
     )]
     Create {
         /// The replica's region name (letters, digits, inner hyphens).
@@ -45,9 +45,18 @@ pub enum ReplicationCmd {
         /// The new replica's admin user (or a token allowed everything), used to join it.
         #[arg(long, default_value = "admin")]
         username: String,
-        /// Its password.
-        #[arg(long, env = "ACR_TASK_REPLICA_PASSWORD", hide_env_values = true)]
-        password: String,
+        /// Its password (better: --password-stdin, or the environment variable).
+        #[arg(
+            long,
+            env = "ACR_TASK_REPLICA_PASSWORD",
+            hide_env_values = true,
+            allow_hyphen_values = true,
+            required_unless_present = "password_stdin"
+        )]
+        password: Option<String>,
+        /// Read the password from stdin (as `docker login --password-stdin`).
+        #[arg(long, conflicts_with = "password")]
+        password_stdin: bool,
         /// This server's own region name, when this is its first replication [default:
         /// home].
         #[arg(long)]
@@ -165,10 +174,23 @@ pub fn replication(cmd: ReplicationCmd) -> anyhow::Result<ExitCode> {
             url,
             username,
             password,
+            password_stdin,
             home_name,
             home_url,
             opts,
         } => {
+            let password = match password {
+                Some(p) if !password_stdin => p,
+                _ => {
+                    let mut p = String::new();
+                    std::io::stdin().read_line(&mut p)?;
+                    let p = p.trim_end_matches(['\r', '\n']).to_string();
+                    if p.is_empty() {
+                        bail!("--password-stdin: no password on stdin");
+                    }
+                    p
+                }
+            };
             let body = json!({
                 "name": name, "url": url, "username": username, "password": password,
                 "homeName": home_name, "homeUrl": home_url,
