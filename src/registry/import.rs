@@ -396,7 +396,7 @@ struct Fetched {
 /// imports want at once is copied once; what the source supports is learnt once).
 pub struct Importer {
     reg: Registry,
-    src: RegistryClient,
+    src: Arc<RegistryClient>,
     ctx: RequestContext,
     tag_lists: tokio::sync::Mutex<HashMap<String, Arc<Vec<String>>>>,
     /// Whether the source answers the referrers API (unknown until asked).
@@ -406,10 +406,15 @@ pub struct Importer {
 }
 
 impl Importer {
-    pub fn new(reg: Registry, src: RegistryClient, ctx: RequestContext) -> Importer {
+    /// `src` may be shared by many importers (its tokens are kept for all).
+    pub fn new(
+        reg: Registry,
+        src: impl Into<Arc<RegistryClient>>,
+        ctx: RequestContext,
+    ) -> Importer {
         Importer {
             reg,
-            src,
+            src: src.into(),
             ctx,
             tag_lists: tokio::sync::Mutex::new(HashMap::new()),
             referrers_api: Mutex::new(None),

@@ -23,6 +23,8 @@ use crate::store::Reference;
 
 /// Events sent in one request.
 const BATCH: usize = 32;
+/// Manifests of one batch pulled at once.
+const PULLS_AT_ONCE: usize = 4;
 /// The longest wait between tries to reach a member that failed.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// A batch may carry big layers to pull: the whole exchange gets this long.
@@ -78,6 +80,8 @@ pub struct Replication {
     region: Mutex<Option<String>>,
     /// The settings' state last sent to each member (see [`super::config::state_digest`]).
     config_sent: Mutex<HashMap<String, String>>,
+    /// A registry client per member (URL and secret), for pulls.
+    clients: Mutex<HashMap<String, Arc<crate::registry::client::RegistryClient>>>,
 }
 
 impl Replication {
@@ -109,6 +113,7 @@ impl Replication {
             endpoint_off: Default::default(),
             region: Mutex::new(None),
             config_sent: Mutex::new(HashMap::new()),
+            clients: Mutex::new(HashMap::new()),
         });
         let g = me.db(|s| s.group()).await?;
         me.follow(g.as_ref());
@@ -706,12 +711,65 @@ impl Replication {
     ) -> Result<usize, ReplicationError> {
         let _one = self.apply.lock().await;
         self.index_local().await?;
+        self.prefetch(from, &events).await;
         let mut n = 0;
         for e in events {
             self.apply_one(from, e).await?;
             n += 1;
         }
         Ok(n)
+    }
+
+    /// Pulls, several at once, the manifests of a batch's pushes that will be applied
+    /// (not deleted since, not older than their tag's winner): applying them in order
+    /// then finds them here. A failure here is met again, and reported, in order.
+    async fn prefetch(&self, from: &Member, events: &[StoredEvent]) {
+        use futures_util::StreamExt as _;
+        let mut wanted = Vec::new();
+        for e in events.iter().filter(|e| e.event.action == EventAction::Push) {
+            let Some(hlc) = e.hlc.as_deref().and_then(|h| h.parse::<Hlc>().ok()) else {
+                continue;
+            };
+            let s = Stamp {
+                hlc,
+                origin: e.replicated_from.clone().unwrap_or_else(|| from.name.clone()),
+            };
+            let (repo, digest, tag) = (
+                e.event.repository.clone(),
+                e.event.digest.clone(),
+                e.event.tag.clone(),
+            );
+            let (r, d, st) = (repo.clone(), digest.clone(), s.clone());
+            let pass = self
+                .db(move |rs| {
+                    if rs.tombstone(&r, &d)?.is_some_and(|t| t > st) {
+                        return Ok(false);
+                    }
+                    Ok(match tag {
+                        Some(t) => super::wins(&st, rs.tag_clock(&r, &t)?.as_ref().map(|(k, _)| k)),
+                        None => true,
+                    })
+                })
+                .await
+                .unwrap_or(false);
+            if pass
+                && crate::names::valid_name(&repo)
+                && crate::digest::parse(&digest).is_ok()
+                && !wanted.iter().any(|(r, d, _)| *r == repo && *d == digest)
+            {
+                wanted.push((repo, digest, s));
+            }
+        }
+        if wanted.len() < 2 {
+            return;
+        }
+        futures_util::stream::iter(wanted)
+            .map(|(r, d, s)| async move {
+                let _ = self.pull(from, &r, &d, &s).await;
+            })
+            .buffer_unordered(PULLS_AT_ONCE)
+            .collect::<Vec<()>>()
+            .await;
     }
 
     async fn apply_one(&self, from: &Member, e: StoredEvent) -> Result<(), ReplicationError> {
@@ -803,26 +861,20 @@ impl Replication {
         if here {
             return Ok(true);
         }
-        let secret = self
-            .db(|s| s.group())
-            .await?
-            .map(|g| g.secret)
-            .unwrap_or_default();
-        let host = from
-            .url
-            .split_once("://")
-            .map_or(from.url.as_str(), |(_, h)| h)
-            .trim_end_matches('/');
-        let req = crate::registry::import::ImportRequest {
-            source: format!("{host}/{repo}@{digest}"),
-            images: Vec::new(),
-            force: true,
-            username: Some(REPLICATION_USER.into()),
-            password: Some(secret),
+        let client = self.client_of(from).await?;
+        let source = crate::registry::reference::ImageRef {
+            registry: client.addr().to_string(),
+            repository: repo.to_string(),
+            reference: digest.to_string(),
         };
-        match crate::registry::import::run(&self.registry, &self.ca_certs, &req, replicated(s))
-            .await
-        {
+        let target = crate::registry::import::Target {
+            repository: repo.to_string(),
+            tag: None,
+            digest: None,
+        };
+        let importer =
+            crate::registry::import::Importer::new(self.registry.clone(), client, replicated(s));
+        match importer.import(&source, &[target], true).await {
             Ok(_) => Ok(true),
             Err(crate::registry::import::ImportError::Missing { .. }) => Ok(false),
             Err(e) => Err(ReplicationError::Peer(format!(
@@ -830,6 +882,43 @@ impl Replication {
                 from.name
             ))),
         }
+    }
+
+    /// The registry client of a member, logged in as the group's pull login: one per
+    /// member, so its tokens serve many pulls.
+    async fn client_of(
+        &self,
+        m: &Member,
+    ) -> Result<Arc<crate::registry::client::RegistryClient>, ReplicationError> {
+        let secret = self
+            .db(|s| s.group())
+            .await?
+            .map(|g| g.secret)
+            .unwrap_or_default();
+        let key = format!("{}\n{secret}", m.url);
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = clients.get(&key) {
+            return Ok(c.clone());
+        }
+        let host = m
+            .url
+            .split_once("://")
+            .map_or(m.url.as_str(), |(_, h)| h)
+            .trim_end_matches('/')
+            .to_string();
+        let creds = crate::credentials::Credentials::single(
+            &host,
+            crate::credentials::Credential {
+                username: REPLICATION_USER.into(),
+                password: secret,
+            },
+        );
+        let t = crate::registry::client::Transport::new(&self.ca_certs, creds)
+            .map_err(|e| ReplicationError::Refused(e.to_string()))?;
+        let c = Arc::new(crate::registry::client::RegistryClient::new(host, t));
+        clients.retain(|k, _| !k.starts_with(&format!("{}\n", m.url)));
+        clients.insert(key, c.clone());
+        Ok(c)
     }
 
     /// Makes the registry's tag what its winning change says (pointing at the winner's
