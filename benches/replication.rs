@@ -30,7 +30,9 @@ struct Serve {
 
 impl Drop for Serve {
     fn drop(&mut self) {
-        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
         let _ = self.child.wait();
     }
 }
@@ -47,7 +49,11 @@ fn start(data: &Path) -> Serve {
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    let addr = line.trim().strip_prefix("listening on ").unwrap().to_string();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_string();
     let password = std::fs::read_to_string(data.join("admin.password"))
         .unwrap()
         .trim()
@@ -62,7 +68,10 @@ fn start(data: &Path) -> Serve {
 /// A client with the admin's bearer token for `scope`.
 async fn bearer(s: &Serve, scope: &str) -> reqwest::Client {
     let v: Value = reqwest::Client::new()
-        .get(format!("{}/oauth2/token?service=acr-task&scope={scope}", s.url))
+        .get(format!(
+            "{}/oauth2/token?service=acr-task&scope={scope}",
+            s.url
+        ))
         .basic_auth("admin", Some(&s.password))
         .send()
         .await
@@ -73,7 +82,10 @@ async fn bearer(s: &Serve, scope: &str) -> reqwest::Client {
     let token = v["token"].as_str().unwrap();
     let mut h = reqwest::header::HeaderMap::new();
     h.insert("authorization", format!("Bearer {token}").parse().unwrap());
-    reqwest::Client::builder().default_headers(h).build().unwrap()
+    reqwest::Client::builder()
+        .default_headers(h)
+        .build()
+        .unwrap()
 }
 
 fn digest(b: &[u8]) -> String {
@@ -124,7 +136,11 @@ async fn watch(
 ) -> std::collections::HashMap<String, Instant> {
     let mut seen = std::collections::HashMap::new();
     while seen.len() < want {
-        if let Ok(r) = c.get(format!("{url}/v2/{repo}/tags/list?n=10000")).send().await {
+        if let Ok(r) = c
+            .get(format!("{url}/v2/{repo}/tags/list?n=10000"))
+            .send()
+            .await
+        {
             if let Ok(v) = r.json::<Value>().await {
                 let now = Instant::now();
                 for t in v["tags"].as_array().into_iter().flatten() {
@@ -172,7 +188,11 @@ async fn main() {
         "{} UTC, {} cores, load {}",
         chrono::Utc::now().format("%Y-%m-%d %H:%M"),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        load().split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+        load()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
     );
 
     // 1. Small pushes to home, each timed until listed on west and east.
@@ -216,7 +236,9 @@ async fn main() {
 
     // 2. One 256 MiB layer: a plain push to home, then its replication.
     let repo = "bench/large";
-    let big: Vec<u8> = (0..256u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let big: Vec<u8> = (0..256u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     let mib = big.len() as f64 / (1 << 20) as f64;
     let mut watchers = Vec::new();
     for s in others {
@@ -247,6 +269,10 @@ async fn main() {
         rate(arrived[1]),
         arrived[1].as_secs_f64(),
         plain.as_secs_f64() / arrived[1].as_secs_f64(),
-        load().split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+        load()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
     );
 }

@@ -510,8 +510,9 @@ pub fn plan(want: &Template, target: &Target) -> Result<Plan, Refused> {
             ));
         } else {
             why.push(
-                "replications are not supported by this acr-task yet: remove them from the \
-                 template"
+                "replications are made with `acr-task replication create NAME --url URL` \
+                 (each needs the replica's admin login, which a template does not carry): \
+                 remove them from the template"
                     .into(),
             );
         }

@@ -584,3 +584,194 @@ async fn a_base_image_pushed_to_another_replica_triggers_once() {
         .args(["rmi", &base, &on_west])
         .output();
 }
+
+/// Replicas on HTTPS with certificates of a private CA (`--ca-cert`): they join, push and
+/// pull to each other over it, and a webhook of the registry (kept on both) hears a push
+/// once, from the replica that accepted it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_over_https_with_a_private_ca_and_webhooks_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, ca) = (
+        serve_common::tls("server.pem"),
+        serve_common::tls("server-key.pem"),
+        serve_common::tls("ca.pem"),
+    );
+    let tls = [
+        "--tls-cert",
+        cert.as_str(),
+        "--tls-key",
+        key.as_str(),
+        "--ca-cert",
+        ca.as_str(),
+        "--webhook-backoff-ms",
+        "100",
+    ];
+    let a = start(dir.path(), "a", &tls);
+    let b = start(dir.path(), "b", &tls);
+    let https = |s: &Serve| format!("https://{}", s.addr);
+    let root = reqwest::Certificate::from_pem(&std::fs::read(&ca).unwrap()).unwrap();
+    let client = || {
+        reqwest::Client::builder()
+            .add_root_certificate(root.clone())
+            .build()
+            .unwrap()
+    };
+    // Without the CA nobody trusts these servers: the https is real.
+    assert!(reqwest::Client::new()
+        .get(format!("{}/v2/", https(&a)))
+        .send()
+        .await
+        .is_err());
+
+    let r = client()
+        .post(format!("{}/api/registry/replications", https(&a)))
+        .basic_auth("admin", Some(&a.password))
+        .json(&serde_json::json!({
+            "name": "west", "url": https(&b), "username": "admin", "password": b.password,
+            "homeUrl": https(&a),
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+
+    // A webhook made on home reaches west too; a push to west is delivered once.
+    let (hook, bodies) = receiver();
+    let r = client()
+        .post(format!("{}/api/registry/webhooks", https(&a)))
+        .basic_auth("admin", Some(&a.password))
+        .json(&serde_json::json!({
+            "name": "ci", "uri": format!("http://{hook}/hook"), "actions": ["push"],
+            "scope": "app/*", "headers": {}, "secret": null, "allowPrivateDestination": true,
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    until(
+        "the webhook reaches west",
+        Duration::from_secs(30),
+        || async {
+            let r = client()
+                .get(format!("{}/api/registry/webhooks", https(&b)))
+                .basic_auth("admin", Some(&b.password))
+                .send()
+                .await
+                .unwrap();
+            r.text().await.unwrap().contains("\"ci\"")
+        },
+    )
+    .await;
+
+    // A push to west over https, with a token from west's token endpoint.
+    let token = |s: &Serve, scope: &str| {
+        let (url, pw, c) = (https(s), s.password.clone(), client());
+        let scope = scope.to_string();
+        async move {
+            let v: Value = c
+                .get(format!("{url}/oauth2/token?service=acr-task&scope={scope}"))
+                .basic_auth("admin", Some(pw))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["token"].as_str().unwrap().to_string()
+        }
+    };
+    let tw = token(&b, "repository:app/web:pull,push").await;
+    let layer = b"served over https".to_vec();
+    let config = b"{}".to_vec();
+    let c = client();
+    for blob in [&layer, &config] {
+        let r = c
+            .post(format!(
+                "{}/v2/app/web/blobs/uploads/?digest={}",
+                https(&b),
+                digest(blob)
+            ))
+            .bearer_auth(&tw)
+            .body(blob.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    let m = serde_json::to_vec(&image_manifest(
+        (&digest(&config), config.len()),
+        &[(&digest(&layer), layer.len())],
+    ))
+    .unwrap();
+    let r = c
+        .put(format!("{}/v2/app/web/manifests/v1", https(&b)))
+        .bearer_auth(&tw)
+        .header("content-type", OCI_MANIFEST)
+        .body(m.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let ta = token(&a, "repository:app/web:pull").await;
+    until(
+        "the push to west is pulled from home over https",
+        Duration::from_secs(30),
+        || async {
+            let r = c
+                .get(format!("{}/v2/app/web/blobs/{}", https(&a), digest(&layer)))
+                .bearer_auth(&ta)
+                .send()
+                .await
+                .unwrap();
+            r.status() == 200 && r.bytes().await.unwrap().as_ref() == layer.as_slice()
+        },
+    )
+    .await;
+    until("the push is delivered", Duration::from_secs(30), || async {
+        !bodies.lock().unwrap().is_empty()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let got = bodies.lock().unwrap().clone();
+    assert_eq!(got.len(), 1, "one push, one delivery: {got:?}");
+    assert!(
+        got[0].contains("\"app/web\"") && got[0].contains(&digest(&m)),
+        "{}",
+        got[0]
+    );
+}
+
+/// A webhook receiver on a loopback port: every request's body, answered 200.
+fn receiver() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let b = bodies.clone();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut r = BufReader::new(conn.try_clone().unwrap());
+            let mut len = 0usize;
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some((k, v)) = line.split_once(':') {
+                    if k.eq_ignore_ascii_case("content-length") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                }
+            }
+            let mut body = vec![0u8; len];
+            let _ = r.read_exact(&mut body);
+            b.lock()
+                .unwrap()
+                .push(String::from_utf8_lossy(&body).to_string());
+            let _ = conn
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+        }
+    });
+    (addr, bodies)
+}

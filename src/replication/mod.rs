@@ -110,9 +110,11 @@ pub struct Join {
 }
 
 /// Region names: what ACR allows for a replication's name (letters and digits, 5 to 50),
-/// loosened to 1 to 50 and inner hyphens.
+/// loosened to 1 to 50 and inner hyphens; not `join`.
 pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
+    // `join` is a route of the API beside the replicas' names.
+    name != "join"
+        && !name.is_empty()
         && name.len() <= 50
         && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
         && !name.starts_with('-')
@@ -147,6 +149,7 @@ mod tests {
     fn region_names() {
         assert!(valid_name("westeurope") && valid_name("us-east-2"));
         assert!(!valid_name("") && !valid_name("-x") && !valid_name("a b"));
+        assert!(!valid_name("join"));
         assert!(!valid_name(&"a".repeat(51)));
     }
 }

@@ -179,7 +179,7 @@ impl Replication {
             lag_seconds: 0,
             last_error: None,
             last_sync: None,
-            created: 0,
+            created: g.created,
         }];
         for m in members {
             out.push(self.info(m, last).await);
@@ -280,6 +280,7 @@ impl Replication {
                         region_endpoint_enabled: true,
                     },
                     secret: crate::auth::password::generate(),
+                    created: 0,
                 }
             }
         };
@@ -362,6 +363,7 @@ impl Replication {
         let group = Group {
             me: j.me.clone(),
             secret: j.secret.clone(),
+            created: 0,
         };
         let g = group.clone();
         self.db(move |s| {
@@ -556,6 +558,17 @@ impl Replication {
             self.send_config(&g, &m.member).await?;
             return Ok(false);
         };
+        if events[0].0 > m.cursor + 1 {
+            // Events it has not had were pruned (away longer than the outbox keeps
+            // them): it gets everything held here again instead.
+            tracing::warn!(replica = %m.member.name, after = m.cursor, "events it missed were pruned: backfilling it again");
+            let (n, now) = (
+                name.to_string(),
+                self.registry.last_event_seq().await.unwrap_or(last),
+            );
+            self.db(move |s| s.restart_backfill(&n, now)).await?;
+            return Ok(true);
+        }
         // Only what this server accepted: each replica sends its own.
         let own: Vec<StoredEvent> = events
             .into_iter()
@@ -726,13 +739,19 @@ impl Replication {
     async fn prefetch(&self, from: &Member, events: &[StoredEvent]) {
         use futures_util::StreamExt as _;
         let mut wanted = Vec::new();
-        for e in events.iter().filter(|e| e.event.action == EventAction::Push) {
+        for e in events
+            .iter()
+            .filter(|e| e.event.action == EventAction::Push)
+        {
             let Some(hlc) = e.hlc.as_deref().and_then(|h| h.parse::<Hlc>().ok()) else {
                 continue;
             };
             let s = Stamp {
                 hlc,
-                origin: e.replicated_from.clone().unwrap_or_else(|| from.name.clone()),
+                origin: e
+                    .replicated_from
+                    .clone()
+                    .unwrap_or_else(|| from.name.clone()),
             };
             let (repo, digest, tag) = (
                 e.event.repository.clone(),

@@ -53,6 +53,8 @@ pub struct ConfigClock {
 pub struct Group {
     pub me: Member,
     pub secret: String,
+    /// When this server joined (Unix seconds; 0 until it is kept).
+    pub created: i64,
 }
 
 /// Another member and how far it is.
@@ -129,7 +131,7 @@ impl ReplicationStore {
         Ok(self
             .conn()
             .query_row(
-                "SELECT name, url, secret, endpoint_enabled FROM grp WHERE id = 1",
+                "SELECT name, url, secret, endpoint_enabled, created FROM grp WHERE id = 1",
                 [],
                 |r| {
                     Ok(Group {
@@ -139,6 +141,7 @@ impl ReplicationStore {
                             region_endpoint_enabled: r.get(3)?,
                         },
                         secret: r.get(2)?,
+                        created: r.get(4)?,
                     })
                 },
             )
@@ -216,6 +219,16 @@ impl ReplicationStore {
             "UPDATE members SET cursor = MAX(cursor, ?2), last_ok = ?3, last_error = NULL
              WHERE name = ?1",
             params![name, seq, now()],
+        )?;
+        Ok(())
+    }
+
+    /// Backfills a member again from the start, then sends events after `cursor`.
+    pub fn restart_backfill(&self, name: &str, cursor: i64) -> Result<(), ReplicationError> {
+        self.conn().execute(
+            "UPDATE members SET cursor = ?2, backfill_done = 0, backfill_total = NULL,
+                backfilled = 0 WHERE name = ?1",
+            params![name, cursor],
         )?;
         Ok(())
     }
@@ -437,6 +450,7 @@ mod tests {
             &Group {
                 me: me.clone(),
                 secret: "s".into(),
+                created: 0,
             },
             7,
         )
