@@ -1,0 +1,203 @@
+//! Sending: a loop per member that backfills it, then sends it this server's own events
+//! from its cursor and, when they changed, the registry-wide settings.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+
+impl Replication {
+    pub(super) async fn send_loop(self: Arc<Self>, name: String) {
+        let mut wake = self.registry.subscribe_with_context();
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            if self.halt.is_cancelled() {
+                return;
+            }
+            let step = self.send_some(&name).await;
+            let pause = match step {
+                Ok(true) => {
+                    backoff = Duration::from_millis(500);
+                    continue;
+                }
+                Ok(false) => {
+                    backoff = Duration::from_millis(500);
+                    Duration::from_secs(1)
+                }
+                Err(e) => {
+                    tracing::warn!(replica = %name, error = %e, "replicating");
+                    let (n, msg) = (name.clone(), e.to_string());
+                    let _ = self.db(move |s| s.set_error(&n, &msg)).await;
+                    let b = backoff;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    b
+                }
+            };
+            tokio::select! {
+                _ = self.halt.cancelled() => return,
+                _ = wake.recv() => {}
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+
+    /// Sends the member one batch (of its backfill, or of events); true when there may be
+    /// more right away. Gone from the group: nothing.
+    async fn send_some(&self, name: &str) -> Result<bool, ReplicationError> {
+        let n = name.to_string();
+        let (g, m) = self.db(move |s| Ok((s.group()?, s.member(&n)?))).await?;
+        let (Some(g), Some(m)) = (g, m) else {
+            return Ok(false);
+        };
+        if !m.backfilled {
+            return self.backfill_some(&g, &m).await;
+        }
+        let events = self
+            .registry
+            .events_after(m.cursor, BATCH)
+            .await
+            .map_err(|e| ReplicationError::Refused(e.to_string()))?;
+        let Some(last) = events.last().map(|(seq, _)| *seq) else {
+            self.send_config(&g, &m.member).await?;
+            return Ok(false);
+        };
+        if events[0].0 > m.cursor + 1 {
+            // Events it has not had were pruned (away longer than the outbox keeps
+            // them): it gets everything held here again instead.
+            tracing::warn!(replica = %m.member.name, after = m.cursor, "events it missed were pruned: backfilling it again");
+            let (n, now) = (
+                name.to_string(),
+                self.registry.last_event_seq().await.unwrap_or(last),
+            );
+            self.db(move |s| s.restart_backfill(&n, now)).await?;
+            return Ok(true);
+        }
+        // Only what this server accepted: each replica sends its own.
+        let own: Vec<StoredEvent> = events
+            .into_iter()
+            .map(|(_, e)| e)
+            .filter(|e| e.replicated_from.is_none() && e.hlc.is_some())
+            .collect();
+        if !own.is_empty() {
+            let batch = Batch {
+                from: g.me.name.clone(),
+                events: own,
+            };
+            self.peer_post(&m.member, "events", &batch, &g.secret)
+                .await
+                .map_err(ReplicationError::Peer)?;
+        }
+        let n = name.to_string();
+        self.db(move |s| s.set_cursor(&n, last)).await?;
+        Ok(true)
+    }
+
+    /// Sends the member the registry-wide settings with their clocks, when they changed
+    /// since they were last sent to it.
+    async fn send_config(&self, g: &Group, to: &Member) -> Result<(), ReplicationError> {
+        let (rs, auth, hooks) = (self.store.clone(), self.auth.clone(), self.hooks.clone());
+        let (digest, items) = tokio::task::spawn_blocking(move || {
+            let digest = crate::replication::config::state_digest(&rs)?;
+            let held = crate::replication::config::holdings(auth.store(), &hooks)?;
+            Ok::<_, ReplicationError>((digest, crate::replication::config::items(&rs, &held)?))
+        })
+        .await
+        .map_err(|e| ReplicationError::Refused(e.to_string()))??;
+        let sent = self
+            .config_sent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&to.name)
+            .cloned();
+        if items.is_empty() || sent.as_deref() == Some(digest.as_str()) {
+            return Ok(());
+        }
+        let body = ConfigBatch {
+            from: g.me.name.clone(),
+            items,
+        };
+        self.peer_post(to, "config", &body, &g.secret)
+            .await
+            .map_err(ReplicationError::Peer)?;
+        self.config_sent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(to.name.clone(), digest);
+        Ok(())
+    }
+
+    /// Sends the next part of everything this server holds (each manifest with its tags
+    /// and their winning times) to a member that joined.
+    async fn backfill_some(&self, g: &Group, m: &MemberState) -> Result<bool, ReplicationError> {
+        let store = self.registry.store().clone();
+        let rs = self.store.clone();
+        let me = g.me.name.clone();
+        let start = m.backfill_done as usize;
+        let (events, total) = tokio::task::spawn_blocking(move || {
+            let mut all = Vec::new();
+            for repo in store.list_repositories(None, None)? {
+                for man in store.list_manifests(&repo)?.unwrap_or_default() {
+                    all.push((repo.clone(), man));
+                }
+            }
+            let total = all.len();
+            let mut events = Vec::new();
+            for (repo, man) in all.into_iter().skip(start).take(BATCH) {
+                let made = Stamp {
+                    hlc: Hlc {
+                        ms: (man.created.max(0) as u64) * 1000,
+                        n: 0,
+                    },
+                    origin: me.clone(),
+                };
+                let mut stamps = vec![(None, made.clone())];
+                for t in &man.tags {
+                    let s = match rs.tag_clock(&repo, t)? {
+                        Some((s, Some(d))) if d == man.digest => s,
+                        _ => made.clone(),
+                    };
+                    stamps.push((Some(t.clone()), s));
+                }
+                for (tag, s) in stamps {
+                    events.push(StoredEvent {
+                        id: uuid::Uuid::new_v4().to_string(),
+                        timestamp: chrono::Utc::now()
+                            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                        event: RegistryEvent {
+                            action: EventAction::Push,
+                            repository: repo.clone(),
+                            tag,
+                            digest: man.digest.clone(),
+                            media_type: man.media_type.clone(),
+                            size: man.size,
+                        },
+                        context: RequestContext::default(),
+                        hlc: Some(s.hlc.to_string()),
+                        replicated_from: (s.origin != me).then_some(s.origin),
+                    });
+                }
+            }
+            Ok::<_, ReplicationError>((events, total))
+        })
+        .await
+        .map_err(|e| ReplicationError::Refused(e.to_string()))??;
+        let sent = (start + BATCH).min(total);
+        if !events.is_empty() {
+            let batch = Batch {
+                from: g.me.name.clone(),
+                events,
+            };
+            self.peer_post(&m.member, "events", &batch, &g.secret)
+                .await
+                .map_err(ReplicationError::Peer)?;
+        }
+        let done = sent >= total;
+        let n = m.member.name.clone();
+        self.db(move |s| s.set_backfill(&n, sent as u64, total as u64, done))
+            .await?;
+        if done {
+            tracing::info!(replica = %m.member.name, manifests = total, "backfill done");
+        }
+        Ok(!done)
+    }
+}
