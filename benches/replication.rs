@@ -5,6 +5,7 @@
 //! ```sh
 //! cargo bench --bench replication            # 100 pushes, then one 256 MiB layer
 //! cargo bench --bench replication -- 300     # another number of pushes
+//! BENCH_REPLICAS=1 cargo bench --bench replication   # home and one replica only
 //! ```
 //!
 //! 1. Small images (a config and a layer of some bytes) pushed one after another to one
@@ -167,13 +168,19 @@ async fn main() {
         .map(|a| a.parse().unwrap())
         .unwrap_or(100);
     let dir = tempfile::tempdir().unwrap();
-    let servers: Vec<Serve> = ["home", "west", "east"]
+    let replicas: usize = std::env::var("BENCH_REPLICAS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2)
+        .clamp(1, 4);
+    let names = ["home", "west", "east", "north", "south"];
+    let servers: Vec<Serve> = names[..=replicas]
         .iter()
         .map(|r| start(&dir.path().join(r)))
         .collect();
     let (home, others) = (&servers[0], &servers[1..]);
     let api = reqwest::Client::new();
-    for (name, s) in ["west", "east"].iter().zip(others) {
+    for (name, s) in names[1..].iter().zip(others) {
         let r = api
             .post(format!("{}/api/registry/replications", home.url))
             .basic_auth("admin", Some(&home.password))
@@ -225,7 +232,8 @@ async fn main() {
         .collect();
     lat.sort_by(|a, b| a.total_cmp(b));
     println!(
-        "{n} pushes to home in {:.1} s ({:.1}/s); acknowledged -> listed on both replicas: \
+        "{n} pushes to home in {:.1} s ({:.1}/s); acknowledged -> listed on all {replicas} \
+         replicas: \
          median {:.0} ms, p95 {:.0} ms, max {:.0} ms",
         pushing.as_secs_f64(),
         n as f64 / pushing.as_secs_f64(),
@@ -257,18 +265,20 @@ async fn main() {
     }
     arrived.sort();
     let rate = |d: Duration| mib * 1.048576 / d.as_secs_f64();
+    let all = arrived[arrived.len() - 1];
     println!(
-        "256 MiB layer: plain push {:.1} MB/s ({:.2} s); replicated (both replicas pulling \
-         it at once) to the first {:.1} MB/s ({:.2} s, {:.2}x the plain push), to both \
-         {:.1} MB/s ({:.2} s, {:.2}x); load after {}",
+        "256 MiB layer: plain push {:.1} MB/s ({:.2} s); replicated (the {replicas} replicas \
+         pulling it at once) to the first {:.1} MB/s ({:.2} s, {:.2}x the plain push), to all \
+         {:.1} MB/s ({:.2} s, {:.2}x; {:.1} MB/s replicated in all); load after {}",
         rate(plain),
         plain.as_secs_f64(),
         rate(arrived[0]),
         arrived[0].as_secs_f64(),
         plain.as_secs_f64() / arrived[0].as_secs_f64(),
-        rate(arrived[1]),
-        arrived[1].as_secs_f64(),
-        plain.as_secs_f64() / arrived[1].as_secs_f64(),
+        rate(all),
+        all.as_secs_f64(),
+        plain.as_secs_f64() / all.as_secs_f64(),
+        rate(all) * replicas as f64,
         load()
             .split_whitespace()
             .take(3)

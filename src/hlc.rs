@@ -2,7 +2,8 @@
 //! It never goes back, and it moves past every time another replica sends, so a change
 //! made after seeing another's is always later than it, whatever the two wall clocks say.
 //! Geo-replication (`replication`) orders a tag's changes by it; every registry event
-//! carries its time. Its text form has a fixed width, so text order is time order (what the stores compare).
+//! carries its time. Its text form (`MILLISECONDS.COUNTER`, 13 and 10 digits) has a
+//! fixed width, so text order is time order (what the stores compare).
 
 use std::fmt;
 use std::str::FromStr;
@@ -22,7 +23,7 @@ pub struct Hlc {
 
 impl fmt::Display for Hlc {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:013}.{:06}", self.ms, self.n)
+        write!(f, "{:013}.{:010}", self.ms, self.n)
     }
 }
 
@@ -31,7 +32,7 @@ impl FromStr for Hlc {
     fn from_str(s: &str) -> Result<Hlc, String> {
         let bad = || format!("{s:?} is not a replication clock time (MILLISECONDS.COUNTER)");
         let (ms, n) = s.split_once('.').ok_or_else(bad)?;
-        if ms.len() != 13 || n.len() != 6 {
+        if ms.len() != 13 || n.len() != 10 {
             return Err(bad());
         }
         Ok(Hlc {
@@ -82,6 +83,16 @@ impl Clock {
         *last
     }
 
+    /// Starts after `kept` (the greatest time this server kept before a restart), so no
+    /// change made now is older than one made or seen before, whatever the wall clock
+    /// did meanwhile.
+    pub fn seed(&self, kept: Hlc) {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if kept > *last {
+            *last = kept;
+        }
+    }
+
     /// Takes in a time another replica sent, so the next tick is after it; refused when
     /// it is more than [`MAX_AHEAD_MS`] ahead of this machine's clock.
     pub fn observe(&self, seen: Hlc) -> Result<(), String> {
@@ -121,7 +132,9 @@ mod tests {
         assert!(a < b && a.to_string() < b.to_string());
         assert_eq!(a.to_string().parse::<Hlc>().unwrap(), a);
         assert!("12.3".parse::<Hlc>().is_err());
-        assert!("abcdefghijklm.000000".parse::<Hlc>().is_err());
+        assert!("abcdefghijklm.0000000000".parse::<Hlc>().is_err());
+        let most = Hlc { ms: 1, n: u32::MAX };
+        assert_eq!(most.to_string().parse::<Hlc>().unwrap(), most);
     }
 
     #[test]

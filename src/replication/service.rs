@@ -84,6 +84,9 @@ pub struct Replication {
     endpoint_off: std::sync::atomic::AtomicBool,
     /// This server's region name while it is in a group.
     region: Mutex<Option<String>>,
+    /// The group's secret while it is in one (the peer routes check it before reading
+    /// a body).
+    secret: Mutex<Option<String>>,
     /// The settings' state last sent to each member (see [`crate::replication::config::state_digest`]).
     config_sent: Mutex<HashMap<String, String>>,
     /// A registry client per member (URL and secret), for pulls.
@@ -118,9 +121,24 @@ impl Replication {
             halt,
             endpoint_off: Default::default(),
             region: Mutex::new(None),
+            secret: Mutex::new(None),
             config_sent: Mutex::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),
         });
+        // The clock goes on after the greatest time kept here (events, tags, settings).
+        let last = me.registry.last_event_seq().await.unwrap_or(0);
+        let recent = me
+            .registry
+            .events_after((last - 256).max(0), 256)
+            .await
+            .unwrap_or_default();
+        let mut kept = me.db(|s| s.max_hlc()).await?;
+        for (_, e) in &recent {
+            kept = kept.max(e.hlc.as_deref().and_then(|h| h.parse::<Hlc>().ok()));
+        }
+        if let Some(k) = kept {
+            CLOCK.seed(k);
+        }
         let g = me.db(|s| s.group()).await?;
         me.follow(g.as_ref());
         me.clone().spawn_senders().await?;
@@ -133,11 +151,19 @@ impl Replication {
     fn follow(&self, g: Option<&Group>) {
         self.auth
             .set_replication_secret(g.map(|g| g.secret.clone()));
+        *self.secret.lock().unwrap_or_else(|p| p.into_inner()) = g.map(|g| g.secret.clone());
         self.endpoint_off.store(
             g.is_some_and(|g| !g.me.region_endpoint_enabled),
             std::sync::atomic::Ordering::Relaxed,
         );
         *self.region.lock().unwrap_or_else(|p| p.into_inner()) = g.map(|g| g.me.name.clone());
+    }
+
+    async fn properties(&self) -> Result<crate::tier::Properties, ReplicationError> {
+        let store = self.registry.store().clone();
+        Ok(tokio::task::spawn_blocking(move || store.properties())
+            .await
+            .map_err(|e| ReplicationError::Refused(format!("internal error: {e}")))??)
     }
 
     async fn db<T: Send + 'static>(
@@ -244,7 +270,7 @@ impl Replication {
         req: NewReplication,
         home_url: String,
     ) -> Result<ReplicationInfo, ReplicationError> {
-        let props = self.registry.store().properties()?;
+        let props = self.properties().await?;
         if !props.limits().geo_replication {
             return Err(ReplicationError::Refused(format!(
                 "geo-replication needs the Premium tier; this registry is {:?}: \
@@ -348,7 +374,7 @@ impl Replication {
 
     /// Joins the group a member invites this server to (`replication create` there).
     pub async fn join(self: &Arc<Self>, j: super::Join) -> Result<(), ReplicationError> {
-        let props = self.registry.store().properties()?;
+        let props = self.properties().await?;
         if !props.limits().geo_replication {
             return Err(ReplicationError::Refused(format!(
                 "geo-replication needs the Premium tier; the registry of {} is {:?}: \
@@ -526,10 +552,20 @@ fn check_name_and_url(name: &str, url: &str) -> Result<(), ReplicationError> {
             "{name:?} is not a replication name: 1 to 50 letters, digits and inner hyphens"
         )));
     }
+    // The group's secret travels with every request: in clear text only on this machine.
+    let loopback = |u: &reqwest::Url| {
+        u.host_str()
+            .is_some_and(crate::registry::reference::is_loopback)
+    };
     match reqwest::Url::parse(url) {
-        Ok(u) if (u.scheme() == "https" || u.scheme() == "http") && u.host().is_some() => Ok(()),
+        Ok(u) if u.scheme() == "https" && u.host().is_some() => Ok(()),
+        Ok(u) if u.scheme() == "http" && loopback(&u) => Ok(()),
+        Ok(u) if u.scheme() == "http" => Err(ReplicationError::Refused(format!(
+            "{url:?}: replicas on other machines talk over HTTPS (the group's secret travels \
+             with every request): serve it with --tls-cert and --tls-key and give https://"
+        ))),
         _ => Err(ReplicationError::Refused(format!(
-            "{url:?} is not a server URL: give https://HOST:PORT (http:// on a private network)"
+            "{url:?} is not a server URL: give https://HOST:PORT"
         ))),
     }
 }

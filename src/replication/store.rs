@@ -297,8 +297,8 @@ impl ReplicationStore {
         })
     }
 
-    /// Records `s` as the tag's winner if it is later than the one kept (see
-    /// [`super::wins`]); false when it lost.
+    /// Records `s` as the tag's winner unless the one kept is later (see
+    /// [`super::wins`]); false when it lost. The same change again is the winner still.
     pub fn offer_tag(
         &self,
         repo: &str,
@@ -315,7 +315,7 @@ impl ReplicationStore {
                 |r| stamp(r.get(0)?, r.get(1)?),
             )
             .optional()?;
-        if !super::wins(s, kept.as_ref()) {
+        if kept.as_ref().is_some_and(|k| s < k) {
             return Ok(false);
         }
         c.execute(
@@ -324,6 +324,41 @@ impl ReplicationStore {
             params![repo, tag, s.hlc.to_string(), s.origin, digest],
         )?;
         Ok(true)
+    }
+
+    /// Whether a tag's winning change points at `digest` of `repo` and is later than `s`
+    /// (a push after that delete).
+    pub fn named_after(
+        &self,
+        repo: &str,
+        digest: &str,
+        s: &Stamp,
+    ) -> Result<bool, ReplicationError> {
+        let c = self.conn();
+        let mut q =
+            c.prepare("SELECT hlc, origin FROM tag_clocks WHERE repo = ?1 AND digest = ?2")?;
+        let stamps = q.query_map(params![repo, digest], |r| stamp(r.get(0)?, r.get(1)?))?;
+        for k in stamps {
+            if k? > *s {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// The greatest clock time kept (tags, tombstones, settings): where this server's
+    /// clock starts after a restart.
+    pub fn max_hlc(&self) -> Result<Option<Hlc>, ReplicationError> {
+        let c = self.conn();
+        let mut best: Option<Hlc> = None;
+        for table in ["tag_clocks", "tombstones", "config_clocks"] {
+            let h: Option<String> =
+                c.query_row(&format!("SELECT MAX(hlc) FROM {table}"), [], |r| r.get(0))?;
+            if let Some(h) = h.and_then(|h| h.parse::<Hlc>().ok()) {
+                best = best.max(Some(h));
+            }
+        }
+        Ok(best)
     }
 
     /// The time a manifest was deleted at, if it was.
@@ -418,10 +453,15 @@ mod tests {
         assert!(s
             .offer_tag("app", "v1", &st(20, "b"), Some("sha256:b"))
             .unwrap());
-        // An older change arriving late loses.
+        // An older change arriving late loses; the same one again is still the winner.
         assert!(!s
             .offer_tag("app", "v1", &st(10, "a"), Some("sha256:a"))
             .unwrap());
+        assert!(s
+            .offer_tag("app", "v1", &st(20, "b"), Some("sha256:b"))
+            .unwrap());
+        assert!(s.named_after("app", "sha256:b", &st(15, "a")).unwrap());
+        assert!(!s.named_after("app", "sha256:b", &st(25, "a")).unwrap());
         let (kept, digest) = s.tag_clock("app", "v1").unwrap().unwrap();
         assert_eq!((kept, digest.as_deref()), (st(20, "b"), Some("sha256:b")));
         // A later delete wins and is kept as no digest.
@@ -434,6 +474,7 @@ mod tests {
         s.bury("app", "sha256:x", &st(40, "a")).unwrap();
         s.bury("app", "sha256:x", &st(35, "b")).unwrap();
         assert_eq!(s.tombstone("app", "sha256:x").unwrap(), Some(st(40, "a")));
+        assert_eq!(s.max_hlc().unwrap(), Some(Hlc { ms: 40, n: 0 }));
     }
 
     #[test]

@@ -100,10 +100,14 @@ pub fn registry_info(
         scope_maps: auth.scope_maps()?.len() as u64,
         // The other members of its geo-replication group (none for a shared registry,
         // whose own directory holds no group).
-        replications: crate::replication::store::ReplicationStore::open(store.root())
-            .and_then(|r| r.members())
-            .map(|m| m.len() as u64)
-            .unwrap_or(0),
+        replications: if store.root().join("replication.db").exists() {
+            crate::replication::store::ReplicationStore::open(store.root())
+                .and_then(|r| r.members())
+                .map(|m| m.len() as u64)
+                .unwrap_or(0)
+        } else {
+            0
+        },
     };
     let mut usage = crate::tier::usage(&limits, &counts);
     if let Some((limit, now)) = runs {

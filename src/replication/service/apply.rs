@@ -30,9 +30,11 @@ impl Replication {
         from: &Member,
         events: Vec<StoredEvent>,
     ) -> Result<usize, ReplicationError> {
+        // Pulls first, outside the lock: they may take long (big layers), and what they
+        // bring is untagged content until the ordered pass below settles tags.
+        self.prefetch(from, &events).await;
         let _one = self.apply.lock().await;
         self.index_local().await?;
-        self.prefetch(from, &events).await;
         let mut n = 0;
         for e in events {
             self.apply_one(from, e).await?;
@@ -133,7 +135,9 @@ impl Replication {
                 if let Some(tag) = &tag {
                     let (r, t) = (repo.clone(), tag.clone());
                     let kept = self.db(move |s| s.tag_clock(&r, &t)).await?;
-                    if !crate::replication::wins(&s, kept.as_ref().map(|(k, _)| k)) {
+                    // The same change again goes on: its settling may not have happened
+                    // (a failure after its clock was kept).
+                    if kept.is_some_and(|(k, _)| s < k) {
                         return Ok(()); // a later change of the tag is here already
                     }
                 }
@@ -154,7 +158,16 @@ impl Replication {
             }
             (EventAction::Delete, None) => {
                 let (r, d, st) = (repo.clone(), digest.clone(), s.clone());
-                self.db(move |s| s.bury(&r, &d, &st)).await?;
+                let later = self
+                    .db(move |s| {
+                        s.bury(&r, &d, &st)?;
+                        s.named_after(&r, &d, &st)
+                    })
+                    .await?;
+                if later {
+                    // A tag was pointed at it after the delete: the later push wins.
+                    return Ok(());
+                }
                 let store = self.registry.store().clone();
                 let ctx = replicated(&s);
                 let made = tokio::task::spawn_blocking(move || {
@@ -338,8 +351,11 @@ impl Replication {
                             .await?;
                         // Whether it won or lost, the registry's tag may say otherwise:
                         // a replicated change may have been written after it, or it
-                        // after a later replicated one.
-                        self.settle(&ev.repository, &tag).await?;
+                        // after a later replicated one. A tag that cannot be settled
+                        // here (a lock) stays as it is; the others go on.
+                        if let Err(e) = self.settle(&ev.repository, &tag).await {
+                            tracing::warn!(repository = %ev.repository, tag = %tag, error = %e, "settling a tag");
+                        }
                     }
                     (EventAction::Delete, None) => {
                         let (r, d) = (ev.repository.clone(), ev.digest.clone());

@@ -51,7 +51,41 @@ pub fn peer_router(r: Arc<Replication>) -> Router {
         .route("/acr-task/replication/v1/members", post(members))
         .route("/acr-task/replication/v1/config", post(config))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_PEER_BODY))
+        // The secret is checked before any body is read: an outsider gets nothing parsed.
+        .route_layer(axum::middleware::from_fn_with_state(r.clone(), peer_gate))
         .with_state(r)
+}
+
+/// In front of the peer routes: 404 while this server is in no group, 401 without the
+/// group's secret (constant-time compare).
+async fn peer_gate(
+    State(r): State<Arc<Replication>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use subtle::ConstantTimeEq;
+    let secret = r.secret.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let Some(secret) = secret else {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(serde_json::json!({"error": "this server is in no replication group"})),
+        )
+            .into_response();
+    };
+    let given = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !bool::from(given.as_bytes().ct_eq(secret.as_bytes())) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(serde_json::json!({"error": "wrong replication credential"})),
+        )
+            .into_response();
+    }
+    next.run(req).await
 }
 
 async fn events(
@@ -116,7 +150,7 @@ async fn members(
     }
 }
 
-/// In front of the registry's `/v2/` routes: while this server's region endpoint is
+/// In front of the registry's routes (`/v2/`, ACR's `/acr/v1/`): while this server's region endpoint is
 /// disabled it serves the other replicas only (their pull login, by basic credentials or
 /// a bearer token issued to it); a client gets 503 saying so. A request with no
 /// credentials is challenged, so a replica's client answers with its login.
@@ -126,7 +160,7 @@ pub async fn endpoint_gate(
     next: axum::middleware::Next,
 ) -> Response {
     if !r.endpoint_off.load(std::sync::atomic::Ordering::Relaxed)
-        || !req.uri().path().starts_with("/v2")
+        || !(req.uri().path().starts_with("/v2") || req.uri().path().starts_with("/acr/"))
     {
         return next.run(req).await;
     }

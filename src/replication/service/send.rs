@@ -154,7 +154,13 @@ impl Replication {
                 for t in &man.tags {
                     let s = match rs.tag_clock(&repo, t)? {
                         Some((s, Some(d))) if d == man.digest => s,
-                        _ => made.clone(),
+                        // A tag from before the group: its time here is the manifest's,
+                        // kept so that both sides of a backfill compare the same times.
+                        None => {
+                            rs.offer_tag(&repo, t, &made, Some(&man.digest))?;
+                            made.clone()
+                        }
+                        Some(_) => made.clone(),
                     };
                     stamps.push((Some(t.clone()), s));
                 }
