@@ -422,7 +422,9 @@ async fn three_replicas_take_pushes_anywhere_and_converge() {
         Some(quiet.as_str())
     );
 
-    // Removed: west no longer receives what home accepts.
+    // Removed: west leaves the group (the group's secret changes, so what it kept no
+    // longer works) and no longer receives what home accepts; home and east, under the
+    // new secret, stay in step both ways.
     let (ok, _, err) = a.acr(&["replication", "delete", "west", "-y"]);
     assert!(ok, "{err}");
     let later = push_small(&a, "team/after", "v1", "after west left").await;
@@ -430,6 +432,26 @@ async fn three_replicas_take_pushes_anywhere_and_converge() {
         resolve(&c, "team/after", "v1").await.as_deref() == Some(later.as_str())
     })
     .await;
+    let back = push_small(&c, "team/after", "v2", "from east after west left").await;
+    until(
+        "home hears east under the new secret",
+        Duration::from_secs(30),
+        || async { resolve(&a, "team/after", "v2").await.as_deref() == Some(back.as_str()) },
+    )
+    .await;
+    until("west left the group", Duration::from_secs(30), || async {
+        replication(&b, &["list"])
+            .as_array()
+            .is_some_and(|l| l.is_empty())
+    })
+    .await;
+    let names: Vec<String> = replication(&c, &["list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["east", "home"]);
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(resolve(&b, "team/after", "v1").await, None);
 }

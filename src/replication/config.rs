@@ -183,7 +183,7 @@ pub fn apply(
         (true, _) => 3,
     };
     items.sort_by_key(rank);
-    let mut n = 0;
+    let (mut n, mut failed) = (0, Vec::new());
     for it in items {
         let hlc: Hlc = it.hlc.parse().map_err(ReplicationError::Refused)?;
         CLOCK.observe(hlc).map_err(ReplicationError::Refused)?;
@@ -195,16 +195,23 @@ pub fn apply(
         if !super::wins(&stamp, clocks.get(&key).map(|c| &c.stamp)) {
             continue;
         }
-        if it.deleted {
-            remove(auth, hooks, &it.kind, &it.name)?;
+        let done = if it.deleted {
+            remove(auth, hooks, &it.kind, &it.name)
         } else {
-            let record = it.record.clone().ok_or_else(|| {
-                ReplicationError::Refused(format!(
+            match it.record.clone() {
+                Some(record) => put(auth, hooks, &it.kind, &it.name, record),
+                None => Err(ReplicationError::Refused(format!(
                     "{} {:?} came without its record",
                     it.kind, it.name
-                ))
-            })?;
-            put(auth, hooks, &it.kind, &it.name, record)?;
+                ))),
+            }
+        };
+        // One that cannot be applied here now (a token before its scope map, a scope map
+        // still in use) keeps its clock, so it is tried again with the next state sent;
+        // the others go on.
+        if let Err(e) = done {
+            failed.push(e.to_string());
+            continue;
         }
         // What is held now is what the clock fingerprints (so it is not taken for a
         // change made here).
@@ -217,6 +224,13 @@ pub fn apply(
             deleted: it.deleted,
         })?;
         n += 1;
+    }
+    if !failed.is_empty() {
+        return Err(ReplicationError::Refused(format!(
+            "{n} applied, {} not: {}",
+            failed.len(),
+            failed.join("; ")
+        )));
     }
     Ok(n)
 }
@@ -272,20 +286,22 @@ fn put(
                 info: t.info,
                 hashes: t.hashes,
             };
-            if let Some(cur) = records.token(name)? {
-                if cur == rec {
-                    return Ok(());
-                }
+            let cur = records.token(name)?;
+            if cur.as_ref() == Some(&rec) {
+                return Ok(());
+            }
+            if cur.is_some() {
                 records.delete_token(name)?;
             }
-            match records.insert_token(&rec, None)? {
-                Insert::NoScopeMap => {
-                    return Err(ReplicationError::Refused(format!(
-                        "token {name:?}: its scope map {:?} is not here yet",
-                        rec.info.scope_map
-                    )))
+            if let Insert::NoScopeMap = records.insert_token(&rec, None)? {
+                // The token as it was stays (so it is not taken for a delete made here).
+                if let Some(cur) = &cur {
+                    records.insert_token(cur, None)?;
                 }
-                Insert::Done | Insert::Exists | Insert::Full(_) => {}
+                return Err(ReplicationError::Refused(format!(
+                    "token {name:?}: its scope map {:?} is not here yet",
+                    rec.info.scope_map
+                )));
             }
         }
         WEBHOOK => {

@@ -107,6 +107,9 @@ pub struct Join {
     pub me: Member,
     /// Every other member.
     pub members: Vec<Member>,
+    /// The member list's version (see [`store::Group::version`]).
+    #[serde(default)]
+    pub version: String,
 }
 
 /// Region names: what ACR allows for a replication's name (letters and digits, 5 to 50),

@@ -38,6 +38,8 @@ const APPLY_TIMEOUT: Duration = Duration::from_secs(3600);
 /// A peer request's body: events are small (a manifest is pulled, not sent); the
 /// settings (tokens with their hashes) can be many.
 const MAX_PEER_BODY: usize = 64 << 20;
+/// How often each member sends the others its member list.
+const MEMBERS_EVERY: Duration = Duration::from_secs(30);
 /// Tombstones outlive the outbox's week by this much, for a replica that was away.
 const TOMBSTONE_KEEP: Duration = Duration::from_secs(30 * 24 * 3600);
 
@@ -58,11 +60,16 @@ struct ConfigBatch {
     items: Vec<super::config::Item>,
 }
 
-/// The group's members as one of them now knows it (`POST .../v1/members`).
+/// The group's members as one of them now knows it (`POST .../v1/members`), sent when
+/// it changes and every half minute (a member that was away learns it then); an older
+/// version than the receiver's is not taken.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Members {
     from: String,
+    version: String,
+    /// The group's secret as of this version (it changes when a member is removed).
+    secret: String,
     /// Everyone, the receiver included (a receiver not in it was removed).
     members: Vec<Member>,
 }
@@ -313,6 +320,8 @@ impl Replication {
                     },
                     secret: crate::auth::password::generate(),
                     created: 0,
+                    version: String::new(),
+                    previous_secret: None,
                 }
             }
         };
@@ -330,10 +339,12 @@ impl Replication {
         };
         let mut others: Vec<Member> = members.iter().map(|m| m.member.clone()).collect();
         others.push(group.me.clone());
+        let version = CLOCK.tick().to_string();
         let join = super::Join {
             secret: group.secret.clone(),
             me: new.clone(),
             members: others,
+            version: version.clone(),
         };
         let r = self
             .http
@@ -358,11 +369,11 @@ impl Replication {
             )));
         }
         let last = self.registry.last_event_seq().await.unwrap_or(0);
+        let mut group = group;
+        group.version = version;
         let (g, n) = (group.clone(), new.clone());
         self.db(move |s| {
-            if s.group()?.is_none() {
-                s.set_group(&g, last)?;
-            }
+            s.set_group(&g, last)?;
             s.add_member(&n, last)
         })
         .await?;
@@ -396,6 +407,8 @@ impl Replication {
             me: j.me.clone(),
             secret: j.secret.clone(),
             created: 0,
+            version: j.version.clone(),
+            previous_secret: None,
         };
         let g = group.clone();
         self.db(move |s| {
@@ -418,18 +431,25 @@ impl Replication {
     ) -> Result<ReplicationInfo, ReplicationError> {
         let n = name.to_string();
         self.db(move |s| {
-            if let Some(mut g) = s.group()?.filter(|g| g.me.name == n) {
-                g.me.region_endpoint_enabled = endpoint_enabled;
-                let indexed = s.indexed()?;
-                return s.set_group(&g, indexed);
-            }
-            let Some(mut m) = s.member(&n)? else {
+            let Some(mut g) = s.group()? else {
                 return Err(ReplicationError::NotFound(format!(
                     "no replication named {n:?}"
                 )));
             };
-            m.member.region_endpoint_enabled = endpoint_enabled;
-            s.add_member(&m.member, m.cursor)
+            if g.me.name == n {
+                g.me.region_endpoint_enabled = endpoint_enabled;
+            } else {
+                let Some(mut m) = s.member(&n)? else {
+                    return Err(ReplicationError::NotFound(format!(
+                        "no replication named {n:?}"
+                    )));
+                };
+                m.member.region_endpoint_enabled = endpoint_enabled;
+                s.add_member(&m.member, m.cursor)?;
+            }
+            g.version = CLOCK.tick().to_string();
+            let indexed = s.indexed()?;
+            s.set_group(&g, indexed)
         })
         .await?;
         let g = self.db(|s| s.group()).await?;
@@ -438,13 +458,16 @@ impl Replication {
         self.show(name).await
     }
 
-    /// Removes a replica from the group; it is told to leave (if it can be reached).
+    /// Removes a replica from the group and changes the group's secret (the removed one
+    /// keeps none that works); it is told to leave (if it can be reached).
     pub async fn delete(self: &Arc<Self>, name: &str) -> Result<(), ReplicationError> {
         let n = name.to_string();
         let (g, gone) = self
             .db(move |s| {
-                let g = s.group()?;
-                if g.as_ref().is_some_and(|g| g.me.name == n) {
+                let mut g = s.group()?.ok_or_else(|| {
+                    ReplicationError::NotFound(format!("no replication named {n:?}"))
+                })?;
+                if g.me.name == n {
                     return Err(ReplicationError::Refused(format!(
                         "{n:?} is this server: delete it from another replica"
                     )));
@@ -453,20 +476,30 @@ impl Replication {
                     ReplicationError::NotFound(format!("no replication named {n:?}"))
                 })?;
                 s.remove_member(&n)?;
+                g.previous_secret = Some(std::mem::replace(
+                    &mut g.secret,
+                    crate::auth::password::generate(),
+                ));
+                g.version = CLOCK.tick().to_string();
+                let indexed = s.indexed()?;
+                s.set_group(&g, indexed)?;
                 Ok((g, m.member))
             })
             .await?;
+        self.follow(Some(&g));
         self.clone().spawn_senders().await?;
         self.tell_members().await;
-        if let Some(g) = g {
-            // The removed one learns it is out from a list without it.
-            let body = Members {
-                from: g.me.name.clone(),
-                members: self.everyone().await.unwrap_or_default(),
-            };
-            if let Err(e) = self.peer_post(&gone, "members", &body, &g.secret).await {
-                tracing::warn!(replica = %gone.name, error = %e, "telling a removed replica to leave");
-            }
+        // The removed one learns it is out from a list without it, under the secret it
+        // still has.
+        let body = Members {
+            from: g.me.name.clone(),
+            version: g.version.clone(),
+            secret: String::new(),
+            members: self.everyone().await.unwrap_or_default(),
+        };
+        let old = g.previous_secret.clone().unwrap_or_default();
+        if let Err(e) = self.peer_post(&gone, "members", &body, &old).await {
+            tracing::warn!(replica = %gone.name, error = %e, "telling a removed replica to leave");
         }
         Ok(())
     }
@@ -492,10 +525,19 @@ impl Replication {
         for m in all.iter().filter(|m| m.name != g.me.name) {
             let body = Members {
                 from: g.me.name.clone(),
+                version: g.version.clone(),
+                secret: g.secret.clone(),
                 members: all.clone(),
             };
-            if let Err(e) = self.peer_post(m, "members", &body, &g.secret).await {
-                tracing::warn!(replica = %m.name, error = %e, "telling a replica the group's members");
+            let mut sent = self.peer_post(m, "members", &body, &g.secret).await;
+            if let (Err(e), Some(old)) = (&sent, &g.previous_secret) {
+                if e.contains("HTTP 401") {
+                    // It missed the last change of the secret: it learns it now.
+                    sent = self.peer_post(m, "members", &body, old).await;
+                }
+            }
+            if let Err(e) = sent {
+                tracing::debug!(replica = %m.name, error = %e, "telling a replica the group's members");
             }
         }
     }

@@ -34,6 +34,13 @@ const MIGRATIONS: &[crate::store::migrate::Migration] = &[
             fingerprint TEXT NOT NULL, hlc TEXT NOT NULL, origin TEXT NOT NULL,
             deleted INTEGER NOT NULL, PRIMARY KEY(kind, name));",
     ),
+    // The member list's version (the clock time of its last change: an older list is
+    // not taken), and the secret before the last rotation (offered to a member that
+    // missed it).
+    crate::store::migrate::Migration::Sql(
+        "ALTER TABLE grp ADD COLUMN version TEXT NOT NULL DEFAULT '';
+         ALTER TABLE grp ADD COLUMN previous_secret TEXT;",
+    ),
 ];
 
 /// A registry-wide setting's clock: what its record looked like here when last seen
@@ -55,6 +62,10 @@ pub struct Group {
     pub secret: String,
     /// When this server joined (Unix seconds; 0 until it is kept).
     pub created: i64,
+    /// The member list's version: the clock time of its last change.
+    pub version: String,
+    /// The secret before the last rotation: offered to a member that missed it.
+    pub previous_secret: Option<String>,
 }
 
 /// Another member and how far it is.
@@ -131,7 +142,8 @@ impl ReplicationStore {
         Ok(self
             .conn()
             .query_row(
-                "SELECT name, url, secret, endpoint_enabled, created FROM grp WHERE id = 1",
+                "SELECT name, url, secret, endpoint_enabled, created, version, previous_secret
+                 FROM grp WHERE id = 1",
                 [],
                 |r| {
                     Ok(Group {
@@ -142,6 +154,8 @@ impl ReplicationStore {
                         },
                         secret: r.get(2)?,
                         created: r.get(4)?,
+                        version: r.get(5)?,
+                        previous_secret: r.get(6)?,
                     })
                 },
             )
@@ -152,17 +166,21 @@ impl ReplicationStore {
     /// from outbox sequence `indexed` on (kept when it was a member already).
     pub fn set_group(&self, g: &Group, indexed: i64) -> Result<(), ReplicationError> {
         self.conn().execute(
-            "INSERT INTO grp(id, name, url, secret, endpoint_enabled, indexed, created)
-             VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6)
+            "INSERT INTO grp(id, name, url, secret, endpoint_enabled, indexed, created, version,
+                previous_secret)
+             VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
              ON CONFLICT(id) DO UPDATE SET name = excluded.name, url = excluded.url,
-                secret = excluded.secret, endpoint_enabled = excluded.endpoint_enabled",
+                secret = excluded.secret, endpoint_enabled = excluded.endpoint_enabled,
+                version = excluded.version, previous_secret = excluded.previous_secret",
             params![
                 g.me.name,
                 g.me.url,
                 g.secret,
                 g.me.region_endpoint_enabled,
                 indexed,
-                now()
+                now(),
+                g.version,
+                g.previous_secret
             ],
         )?;
         Ok(())
@@ -492,6 +510,8 @@ mod tests {
                 me: me.clone(),
                 secret: "s".into(),
                 created: 0,
+                version: String::new(),
+                previous_secret: None,
             },
             7,
         )

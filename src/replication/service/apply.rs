@@ -371,15 +371,26 @@ impl Replication {
     pub(super) async fn index_loop(self: Arc<Self>) {
         let mut wake = self.registry.subscribe_with_context();
         let mut pruned = std::time::Instant::now() - Duration::from_secs(3600);
+        let mut told = std::time::Instant::now();
+        let mut scanned = std::time::Instant::now() - Duration::from_secs(1);
         loop {
             {
                 let _one = self.apply.lock().await;
                 if let Err(e) = self.index_local().await {
                     tracing::warn!(error = %e, "indexing this server's tag changes");
                 }
-                if let Err(e) = self.scan_config().await {
-                    tracing::warn!(error = %e, "reading the registry's tokens, scope maps and webhooks");
+                // At most once a second: it reads every token, scope map and webhook.
+                if scanned.elapsed() >= Duration::from_secs(1) {
+                    scanned = std::time::Instant::now();
+                    if let Err(e) = self.scan_config().await {
+                        tracing::warn!(error = %e, "reading the registry's tokens, scope maps and webhooks");
+                    }
                 }
+            }
+            if told.elapsed() > MEMBERS_EVERY {
+                told = std::time::Instant::now();
+                let me = self.clone();
+                tokio::spawn(async move { me.tell_members().await });
             }
             if pruned.elapsed() > Duration::from_secs(3600) {
                 pruned = std::time::Instant::now();

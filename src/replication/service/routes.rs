@@ -117,6 +117,9 @@ async fn members(
     let done = async {
         let g = r.db(|s| s.group()).await?;
         let Some(mut g) = g else { return Ok(()) };
+        if b.version <= g.version {
+            return Ok(()); // what it knows already, or older
+        }
         let Some(me) = b.members.iter().find(|m| m.name == g.me.name) else {
             // Removed from the group.
             r.db(|s| s.leave()).await?;
@@ -124,6 +127,10 @@ async fn members(
             return r.clone().spawn_senders().await;
         };
         g.me.region_endpoint_enabled = me.region_endpoint_enabled;
+        g.version = b.version.clone();
+        if !b.secret.is_empty() && b.secret != g.secret {
+            g.previous_secret = Some(std::mem::replace(&mut g.secret, b.secret.clone()));
+        }
         let last = r.registry.last_event_seq().await.unwrap_or(0);
         let list = b.members.clone();
         r.follow(Some(&g));

@@ -95,21 +95,28 @@ impl Replication {
     /// Sends the member the registry-wide settings with their clocks, when they changed
     /// since they were last sent to it.
     async fn send_config(&self, g: &Group, to: &Member) -> Result<(), ReplicationError> {
-        let (rs, auth, hooks) = (self.store.clone(), self.auth.clone(), self.hooks.clone());
-        let (digest, items) = tokio::task::spawn_blocking(move || {
-            let digest = crate::replication::config::state_digest(&rs)?;
-            let held = crate::replication::config::holdings(auth.store(), &hooks)?;
-            Ok::<_, ReplicationError>((digest, crate::replication::config::items(&rs, &held)?))
-        })
-        .await
-        .map_err(|e| ReplicationError::Refused(e.to_string()))??;
+        let rs = self.store.clone();
+        let digest =
+            tokio::task::spawn_blocking(move || crate::replication::config::state_digest(&rs))
+                .await
+                .map_err(|e| ReplicationError::Refused(e.to_string()))??;
         let sent = self
             .config_sent
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&to.name)
             .cloned();
-        if items.is_empty() || sent.as_deref() == Some(digest.as_str()) {
+        if sent.as_deref() == Some(digest.as_str()) {
+            return Ok(()); // the clocks are as last sent: nothing to read
+        }
+        let (rs, auth, hooks) = (self.store.clone(), self.auth.clone(), self.hooks.clone());
+        let items = tokio::task::spawn_blocking(move || {
+            let held = crate::replication::config::holdings(auth.store(), &hooks)?;
+            crate::replication::config::items(&rs, &held)
+        })
+        .await
+        .map_err(|e| ReplicationError::Refused(e.to_string()))??;
+        if items.is_empty() {
             return Ok(());
         }
         let body = ConfigBatch {
