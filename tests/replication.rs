@@ -139,6 +139,14 @@ async fn three_replicas_take_pushes_anywhere_and_converge() {
     make_busybox_image(&image_a, "pushed to the home region");
     dockercli(&["push", &image_a]);
     let before = resolve(&a, "team/app", "v1").await.unwrap();
+    // More than a backfill's batch, over two repositories.
+    let mut held = Vec::new();
+    for i in 0..45 {
+        let repo = if i % 3 == 0 { "base/few" } else { "team/many" };
+        let tag = format!("t{i}");
+        let d = push_small(&a, repo, &tag, &format!("held {i}")).await;
+        held.push((repo, tag, d));
+    }
 
     // A lower tier is refused, saying why.
     let basic = start(dir.path(), "basic", &["--sku", "Basic"]);
@@ -171,6 +179,14 @@ async fn three_replicas_take_pushes_anywhere_and_converge() {
         || async { everywhere(&all, "team/app", "v1").await.as_deref() == Some(before.as_str()) },
     )
     .await;
+    for (repo, tag, d) in &held {
+        for s in [&b, &c] {
+            until(&format!("{repo}:{tag} backfilled"), Duration::from_secs(60), || async {
+                resolve(s, repo, tag).await.as_deref() == Some(d.as_str())
+            })
+            .await;
+        }
+    }
     until("both replicas Ready", Duration::from_secs(30), || async {
         let l = replication(&a, &["list"]);
         l.as_array().unwrap().iter().all(|r| r["status"] == "Ready")

@@ -35,11 +35,12 @@ const MIGRATIONS: &[crate::store::migrate::Migration] = &[
             deleted INTEGER NOT NULL, PRIMARY KEY(kind, name));",
     ),
     // The member list's version (the clock time of its last change: an older list is
-    // not taken), and the secret before the last rotation (offered to a member that
-    // missed it).
+    // not taken), the secret before the last rotation (offered to a member that missed
+    // it), and where a member's backfill goes on from (repository and digest).
     crate::store::migrate::Migration::Sql(
         "ALTER TABLE grp ADD COLUMN version TEXT NOT NULL DEFAULT '';
-         ALTER TABLE grp ADD COLUMN previous_secret TEXT;",
+         ALTER TABLE grp ADD COLUMN previous_secret TEXT;
+         ALTER TABLE members ADD COLUMN backfill_after TEXT;",
     ),
 ];
 
@@ -76,6 +77,8 @@ pub struct MemberState {
     pub cursor: i64,
     pub backfill_done: u64,
     pub backfill_total: Option<u64>,
+    /// The last (repository, digest) its backfill sent; it goes on after it.
+    pub backfill_after: Option<(String, String)>,
     pub backfilled: bool,
     /// Unix seconds.
     pub last_ok: Option<i64>,
@@ -100,7 +103,7 @@ fn stamp(hlc: String, origin: String) -> Result<Stamp, rusqlite::Error> {
 }
 
 const MEMBER_COLS: &str = "name, url, endpoint_enabled, cursor, backfill_done, backfill_total, \
-                           backfilled, last_ok, last_error, created";
+                           backfilled, last_ok, last_error, created, backfill_after";
 
 fn member_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MemberState> {
     Ok(MemberState {
@@ -116,6 +119,10 @@ fn member_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MemberState> {
         last_ok: r.get(7)?,
         last_error: r.get(8)?,
         created: r.get(9)?,
+        backfill_after: r.get::<_, Option<String>>(10)?.and_then(|a| {
+            a.split_once('\n')
+                .map(|(r, d)| (r.to_string(), d.to_string()))
+        }),
     })
 }
 
@@ -245,23 +252,32 @@ impl ReplicationStore {
     pub fn restart_backfill(&self, name: &str, cursor: i64) -> Result<(), ReplicationError> {
         self.conn().execute(
             "UPDATE members SET cursor = ?2, backfill_done = 0, backfill_total = NULL,
-                backfilled = 0 WHERE name = ?1",
+                backfill_after = NULL, backfilled = 0 WHERE name = ?1",
             params![name, cursor],
         )?;
         Ok(())
     }
 
+    /// A member's backfill sent `done` of `total` manifests, the last `after`.
     pub fn set_backfill(
         &self,
         name: &str,
         done: u64,
         total: u64,
+        after: Option<(&str, &str)>,
         finished: bool,
     ) -> Result<(), ReplicationError> {
         self.conn().execute(
             "UPDATE members SET backfill_done = ?2, backfill_total = ?3, backfilled = ?4,
-                last_ok = ?5, last_error = NULL WHERE name = ?1",
-            params![name, done as i64, total as i64, finished, now()],
+                backfill_after = ?6, last_ok = ?5, last_error = NULL WHERE name = ?1",
+            params![
+                name,
+                done as i64,
+                total as i64,
+                finished,
+                now(),
+                after.map(|(r, d)| format!("{r}\n{d}"))
+            ],
         )?;
         Ok(())
     }
@@ -524,7 +540,11 @@ mod tests {
         s.add_member(&west, 7).unwrap();
         s.set_cursor("west", 9).unwrap();
         s.set_cursor("west", 8).unwrap();
-        s.set_backfill("west", 3, 3, true).unwrap();
+        s.set_backfill("west", 2, 3, Some(("app", "sha256:b")), false)
+            .unwrap();
+        let m = s.member("west").unwrap().unwrap();
+        assert_eq!(m.backfill_after, Some(("app".into(), "sha256:b".into())));
+        s.set_backfill("west", 3, 3, None, true).unwrap();
         let m = s.member("west").unwrap().unwrap();
         assert_eq!((m.cursor, m.backfill_done, m.backfilled), (9, 3, true));
         s.leave().unwrap();

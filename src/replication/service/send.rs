@@ -139,17 +139,54 @@ impl Replication {
         let store = self.registry.store().clone();
         let rs = self.store.clone();
         let me = g.me.name.clone();
-        let start = m.backfill_done as usize;
-        let (events, total) = tokio::task::spawn_blocking(move || {
-            let mut all = Vec::new();
-            for repo in store.list_repositories(None, None)? {
-                for man in store.list_manifests(&repo)?.unwrap_or_default() {
-                    all.push((repo.clone(), man));
+        let (after, known_total) = (m.backfill_after.clone(), m.backfill_total);
+        let (events, total, last) = tokio::task::spawn_blocking(move || {
+            // Counted once a backfill (for its progress).
+            let total = match known_total {
+                Some(t) => t as usize,
+                None => {
+                    let mut n = 0;
+                    for repo in store.list_repositories(None, None)? {
+                        n += store.list_manifests(&repo)?.map_or(0, |m| m.len());
+                    }
+                    n
                 }
+            };
+            // The next manifests in (repository, digest) order after the last sent: what
+            // is deleted or pushed meanwhile moves nothing else out of its turn.
+            let mut picked = Vec::new();
+            let (mut repo, mut after_digest) = match after {
+                Some((r, d)) => (Some(r), Some(d)),
+                None => (
+                    store.list_repositories(Some(1), None)?.into_iter().next(),
+                    None,
+                ),
+            };
+            while let Some(r) = repo.take() {
+                let mut mans = store.list_manifests(&r)?.unwrap_or_default();
+                mans.sort_by(|a, b| a.digest.cmp(&b.digest));
+                for man in mans
+                    .into_iter()
+                    .filter(|m| after_digest.as_ref().is_none_or(|d| m.digest > *d))
+                {
+                    picked.push((r.clone(), man));
+                    if picked.len() == BATCH {
+                        break;
+                    }
+                }
+                if picked.len() == BATCH {
+                    break;
+                }
+                repo = store
+                    .list_repositories(Some(1), Some(&r))?
+                    .into_iter()
+                    .next();
+                after_digest = None;
             }
-            let total = all.len();
+            let last = picked.last().map(|(r, m)| (r.clone(), m.digest.clone()));
+            let all = picked;
             let mut events = Vec::new();
-            for (repo, man) in all.into_iter().skip(start).take(BATCH) {
+            for (repo, man) in all {
                 let made = Stamp {
                     hlc: Hlc {
                         ms: (man.created.max(0) as u64) * 1000,
@@ -190,11 +227,12 @@ impl Replication {
                     });
                 }
             }
-            Ok::<_, ReplicationError>((events, total))
+            Ok::<_, ReplicationError>((events, total, last))
         })
         .await
         .map_err(|e| ReplicationError::Refused(e.to_string()))??;
-        let sent = (start + BATCH).min(total);
+        // Each manifest is one untagged event, then one per tag.
+        let manifests = events.iter().filter(|e| e.event.tag.is_none()).count() as u64;
         if !events.is_empty() {
             let batch = Batch {
                 from: g.me.name.clone(),
@@ -204,10 +242,21 @@ impl Replication {
                 .await
                 .map_err(ReplicationError::Peer)?;
         }
-        let done = sent >= total;
+        let sent = (m.backfill_done + manifests).min(total as u64);
+        // Fewer than a whole batch: nothing after it.
+        let done = manifests < BATCH as u64;
         let n = m.member.name.clone();
-        self.db(move |s| s.set_backfill(&n, sent as u64, total as u64, done))
-            .await?;
+        self.db(move |s| {
+            let after = last.as_ref().map(|(r, d)| (r.as_str(), d.as_str()));
+            s.set_backfill(
+                &n,
+                if done { total as u64 } else { sent },
+                total as u64,
+                after,
+                done,
+            )
+        })
+        .await?;
         if done {
             tracing::info!(replica = %m.member.name, manifests = total, "backfill done");
         }
