@@ -159,4 +159,18 @@ mod tests {
         assert!(c.observe(wild).unwrap_err().contains("ahead"));
         assert!(c.tick() < wild);
     }
+
+    #[test]
+    fn a_restarted_clock_goes_on_after_what_was_kept() {
+        // The wall clock was stepped back 10 s while the server was down.
+        let c = Clock {
+            last: Mutex::new(Hlc::default()),
+            wall: || 5_000,
+        };
+        let kept = Hlc { ms: 15_000, n: 3 };
+        c.seed(kept);
+        assert!(c.tick() > kept);
+        c.seed(Hlc { ms: 1, n: 0 });
+        assert!(c.tick() > kept, "an older time kept changes nothing");
+    }
 }
