@@ -14,16 +14,12 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use serve_common::registry_common::{
-    cli, cli_json, cli_ok, digest, require_tool, run, spawn_server, write_multi_arch_layout,
-    Distribution,
+    cli, cli_json, cli_ok, digest, require_tool, resolve, run, spawn_server,
+    write_multi_arch_layout, Distribution,
 };
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
-application/vnd.oci.image.manifest.v1+json, \
-application/vnd.docker.distribution.manifest.v2+json, \
-application/vnd.docker.distribution.manifest.list.v2+json";
 
 /// A blob pushed as every registry takes it: POST a session, PUT the bytes with the digest.
 async fn upload(c: &reqwest::Client, base: &str, repo: &str, data: &[u8]) -> String {
@@ -67,22 +63,6 @@ async fn put_manifest(
         .await
         .unwrap();
     assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
-}
-
-/// The digest `repo:reference` resolves to, or None.
-async fn resolve(c: &reqwest::Client, base: &str, repo: &str, reference: &str) -> Option<String> {
-    let r = c
-        .head(format!("{base}/v2/{repo}/manifests/{reference}"))
-        .header("accept", ACCEPT)
-        .send()
-        .await
-        .unwrap();
-    (r.status() == 200).then(|| {
-        r.headers()["docker-content-digest"]
-            .to_str()
-            .unwrap()
-            .to_string()
-    })
 }
 
 /// A signature-like artifact referring to `subject` (an index), stored in `repo` with the
@@ -370,41 +350,6 @@ fn push_base(config: Option<&Path>, image: &str, version: &str) -> String {
         .to_string()
 }
 
-/// A webhook receiver on a loopback port: every request's body, answered 200.
-fn receiver() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
-    use std::io::{BufRead, BufReader, Read, Write};
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let b = bodies.clone();
-    std::thread::spawn(move || {
-        for conn in l.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            let mut r = BufReader::new(conn.try_clone().unwrap());
-            let mut len = 0usize;
-            loop {
-                let mut line = String::new();
-                if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                    break;
-                }
-                if let Some((k, v)) = line.split_once(':') {
-                    if k.eq_ignore_ascii_case("content-length") {
-                        len = v.trim().parse().unwrap_or(0);
-                    }
-                }
-            }
-            let mut body = vec![0u8; len];
-            let _ = r.read_exact(&mut body);
-            b.lock()
-                .unwrap()
-                .push(String::from_utf8_lossy(&body).to_string());
-            let _ = conn
-                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
-        }
-    });
-    (addr, bodies)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_import_over_tls_with_a_token_moves_a_base_tag_and_triggers_once() {
     serve_common::require_docker();
@@ -442,7 +387,7 @@ async fn an_import_over_tls_with_a_token_moves_a_base_tag_and_triggers_once() {
         .wait_status(&first, &["Succeeded", "Failed"], Duration::from_secs(120))
         .await;
     assert_eq!(run1["status"], "Succeeded", "{run1}\n{}", serve.stderr());
-    let (hook_addr, deliveries) = receiver();
+    let (hook_addr, deliveries) = serve_common::receiver();
     let (ok, _, err) = serve.acr(&[
         "webhook",
         "create",

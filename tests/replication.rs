@@ -53,18 +53,7 @@ fn join(home: &Serve, name: &str, replica: &Serve) -> Value {
 /// The digest `repo:reference` names on `s` (admin's token), or None.
 async fn resolve(s: &Serve, repo: &str, reference: &str) -> Option<String> {
     let c = s.registry_client(repo).await;
-    let r = c
-        .head(format!("{}/v2/{repo}/manifests/{reference}", s.url))
-        .header("accept", ACCEPT)
-        .send()
-        .await
-        .unwrap();
-    (r.status() == 200).then(|| {
-        r.headers()["docker-content-digest"]
-            .to_str()
-            .unwrap()
-            .to_string()
-    })
+    serve_common::registry_common::resolve(&c, &s.url, repo, reference).await
 }
 
 /// Waits until `f` holds (checked every 200 ms), or fails saying what did not happen.
@@ -181,9 +170,11 @@ async fn three_replicas_take_pushes_anywhere_and_converge() {
     .await;
     for (repo, tag, d) in &held {
         for s in [&b, &c] {
-            until(&format!("{repo}:{tag} backfilled"), Duration::from_secs(60), || async {
-                resolve(s, repo, tag).await.as_deref() == Some(d.as_str())
-            })
+            until(
+                &format!("{repo}:{tag} backfilled"),
+                Duration::from_secs(60),
+                || async { resolve(s, repo, tag).await.as_deref() == Some(d.as_str()) },
+            )
             .await;
         }
     }
@@ -674,7 +665,7 @@ async fn replicas_over_https_with_a_private_ca_and_webhooks_once() {
     assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
 
     // A webhook made on home reaches west too; a push to west is delivered once.
-    let (hook, bodies) = receiver();
+    let (hook, bodies) = serve_common::receiver();
     let r = client()
         .post(format!("{}/api/registry/webhooks", https(&a)))
         .basic_auth("admin", Some(&a.password))
@@ -777,39 +768,4 @@ async fn replicas_over_https_with_a_private_ca_and_webhooks_once() {
         "{}",
         got[0]
     );
-}
-
-/// A webhook receiver on a loopback port: every request's body, answered 200.
-fn receiver() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
-    use std::io::{BufRead, BufReader, Read, Write};
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let b = bodies.clone();
-    std::thread::spawn(move || {
-        for conn in l.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            let mut r = BufReader::new(conn.try_clone().unwrap());
-            let mut len = 0usize;
-            loop {
-                let mut line = String::new();
-                if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                    break;
-                }
-                if let Some((k, v)) = line.split_once(':') {
-                    if k.eq_ignore_ascii_case("content-length") {
-                        len = v.trim().parse().unwrap_or(0);
-                    }
-                }
-            }
-            let mut body = vec![0u8; len];
-            let _ = r.read_exact(&mut body);
-            b.lock()
-                .unwrap()
-                .push(String::from_utf8_lossy(&body).to_string());
-            let _ = conn
-                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
-        }
-    });
-    (addr, bodies)
 }

@@ -257,23 +257,21 @@ impl Auth {
             tracing::warn!(%ip, "login refused: too many at once from this client");
             return Err(AuthFailure::TooMany(1));
         };
-        if user == super::REPLICATION_USER {
-            let g = self.replication_grants(Some(pass));
-            if g.is_some() {
-                self.limiter.succeeded(ip, user);
-            } else {
-                self.limiter.failed(ip, user);
-                tracing::info!(%ip, user = %user, "login failed");
-            }
-            return Ok(g);
-        }
-        if user.starts_with(super::RUN_USER_PREFIX) {
-            // A run's password is random and long: no slow hashing. Another replica's
-            // run login is read from the records, off the async threads.
+        // Machine logins have random, long passwords: no slow hashing.
+        let machine = if user == super::REPLICATION_USER {
+            Some(self.replication_grants(Some(pass)))
+        } else if user.starts_with(super::RUN_USER_PREFIX) {
+            // Another replica's run login is read from the records, off the async threads.
             let (me, u, p) = (self.clone(), user.to_string(), pass.to_string());
-            let g = tokio::task::spawn_blocking(move || me.run_grants(&u, Some(&p)))
-                .await
-                .map_err(|_| AuthFailure::Internal)?;
+            Some(
+                tokio::task::spawn_blocking(move || me.run_grants(&u, Some(&p)))
+                    .await
+                    .map_err(|_| AuthFailure::Internal)?,
+            )
+        } else {
+            None
+        };
+        if let Some(g) = machine {
             if g.is_some() {
                 self.limiter.succeeded(ip, user);
             } else {

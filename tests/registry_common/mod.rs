@@ -460,3 +460,31 @@ pub fn write_multi_arch_layout(dir: &Path) -> String {
     std::fs::write(dir.join("index.json"), top.to_string()).unwrap();
     id
 }
+
+/// The digest `repo:reference` names on the registry at `base` (HEAD, any manifest type),
+/// or None.
+pub async fn resolve(
+    c: &reqwest::Client,
+    base: &str,
+    repo: &str,
+    reference: &str,
+) -> Option<String> {
+    let r = c
+        .head(format!("{base}/v2/{repo}/manifests/{reference}"))
+        .header(
+            "accept",
+            "application/vnd.oci.image.index.v1+json, \
+             application/vnd.oci.image.manifest.v1+json, \
+             application/vnd.docker.distribution.manifest.v2+json, \
+             application/vnd.docker.distribution.manifest.list.v2+json",
+        )
+        .send()
+        .await
+        .unwrap();
+    (r.status() == 200).then(|| {
+        r.headers()["docker-content-digest"]
+            .to_str()
+            .unwrap()
+            .to_string()
+    })
+}
