@@ -769,3 +769,49 @@ async fn replicas_over_https_with_a_private_ca_and_webhooks_once() {
         got[0]
     );
 }
+
+/// A member down while another is removed misses the change of the group's secret: when
+/// it is back, the member list re-sent under the secret it still has brings it the new
+/// one, and it is in step again both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_that_missed_a_removal_learns_the_new_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let resend = [("ACR_TASK_REPLICATION_RESEND", Path::new("2"))];
+    let at = |name: &str| Serve::start_with_env(&dir.path().join(name), 1, &["--auth"], &resend);
+    let (a, b, mut c) = (at("a"), at("b"), at("c"));
+    join(&a, "west", &b);
+    join(&a, "east", &c);
+    until("east Ready", Duration::from_secs(30), || async {
+        replication(&a, &["show", "east"])["status"] == "Ready"
+    })
+    .await;
+    let c_addr = c.addr.clone();
+    c.kill();
+    let (ok, _, err) = a.acr(&["replication", "delete", "west", "-y"]);
+    assert!(ok, "{err}");
+    let c = Serve::start_at(&c_addr, &dir.path().join("c"), 1, &["--auth"], &resend);
+    let from_c = push_small(&c, "back/app", "v1", "east after the removal").await;
+    until(
+        "home hears east under the new secret",
+        Duration::from_secs(60),
+        || async { resolve(&a, "back/app", "v1").await.as_deref() == Some(from_c.as_str()) },
+    )
+    .await;
+    let from_a = push_small(&a, "back/app", "v2", "home to east").await;
+    until("east hears home", Duration::from_secs(30), || async {
+        resolve(&c, "back/app", "v2").await.as_deref() == Some(from_a.as_str())
+    })
+    .await;
+    let names: Vec<String> = replication(&c, &["list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["east", "home"], "east learned that west left");
+    // West, removed while east was away, reaches neither with what it kept.
+    let from_b = push_small(&b, "back/app", "v3", "west after it left").await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(resolve(&a, "back/app", "v3").await, None);
+    assert_ne!(resolve(&b, "back/app", "v3").await, None, "{from_b}");
+}

@@ -38,8 +38,15 @@ const APPLY_TIMEOUT: Duration = Duration::from_secs(3600);
 /// A peer request's body: events are small (a manifest is pulled, not sent); the
 /// settings (tokens with their hashes) can be many.
 const MAX_PEER_BODY: usize = 64 << 20;
-/// How often each member sends the others its member list.
-const MEMBERS_EVERY: Duration = Duration::from_secs(30);
+/// How often each member sends the others its member list (`ACR_TASK_REPLICATION_RESEND`,
+/// in seconds, changes it: shorter where members come and go often, or in tests).
+fn members_every() -> Duration {
+    std::env::var("ACR_TASK_REPLICATION_RESEND")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|s| *s > 0)
+        .map_or(Duration::from_secs(30), Duration::from_secs)
+}
 /// Tombstones outlive the outbox's week by this much, for a replica that was away.
 const TOMBSTONE_KEEP: Duration = Duration::from_secs(30 * 24 * 3600);
 

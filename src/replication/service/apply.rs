@@ -372,6 +372,7 @@ impl Replication {
         let mut wake = self.registry.subscribe_with_context();
         let mut pruned = std::time::Instant::now() - Duration::from_secs(3600);
         let mut told = std::time::Instant::now();
+        let every = members_every();
         let mut scanned = std::time::Instant::now() - Duration::from_secs(1);
         loop {
             {
@@ -387,7 +388,7 @@ impl Replication {
                     }
                 }
             }
-            if told.elapsed() > MEMBERS_EVERY {
+            if told.elapsed() > every {
                 told = std::time::Instant::now();
                 let me = self.clone();
                 tokio::spawn(async move { me.tell_members().await });
