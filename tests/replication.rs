@@ -815,3 +815,69 @@ async fn a_member_that_missed_a_removal_learns_the_new_secret() {
     assert_eq!(resolve(&a, "back/app", "v3").await, None);
     assert_ne!(resolve(&b, "back/app", "v3").await, None, "{from_b}");
 }
+
+/// A replica away longer than the outbox keeps events is backfilled again when it is
+/// back, and the deletes it missed reach it with the backfill: a manifest's and a tag's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_away_longer_than_the_outbox_keeps_learns_the_deletes_it_missed() {
+    let dir = tempfile::tempdir().unwrap();
+    // Home keeps its events one second: west's time away outlasts them.
+    let keep = [("ACR_TASK_OUTBOX_KEEP", Path::new("1"))];
+    let home = |addr: Option<&str>| match addr {
+        Some(at) => Serve::start_at(at, &dir.path().join("a"), 1, &["--auth"], &keep),
+        None => Serve::start_with_env(&dir.path().join("a"), 1, &["--auth"], &keep),
+    };
+    let mut a = home(None);
+    let mut b = start(dir.path(), "b", &[]);
+    join(&a, "west", &b);
+    let gone = push_small(&a, "away/app", "v1", "deleted while west was away").await;
+    let untagged = push_small(&a, "away/app", "v2", "untagged while west was away").await;
+    for (tag, d) in [("v1", &gone), ("v2", &untagged)] {
+        until(
+            &format!("away/app:{tag} on west"),
+            Duration::from_secs(30),
+            || async { resolve(&b, "away/app", tag).await.as_deref() == Some(d.as_str()) },
+        )
+        .await;
+    }
+    let b_addr = b.addr.clone();
+    b.kill();
+    let cl = a.registry_client("away/app").await;
+    for reference in [gone.as_str(), "v2"] {
+        let r = cl
+            .delete(format!("{}/v2/away/app/manifests/{reference}", a.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202, "deleting {reference}");
+    }
+    // Past the outbox's keep; home restarted prunes the events west did not get.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let a_addr = a.addr.clone();
+    a.kill();
+    let a = home(Some(&a_addr));
+    let after = push_small(&a, "away/app", "v3", "pushed after the prune").await;
+    let b = Serve::start_at(&b_addr, &dir.path().join("b"), 1, &["--auth"], &[]);
+    until("west backfilled again", Duration::from_secs(60), || async {
+        resolve(&b, "away/app", "v3").await.as_deref() == Some(after.as_str())
+            && replication(&a, &["show", "west"])["status"] == "Ready"
+    })
+    .await;
+    until(
+        "the deletes west missed reach it",
+        Duration::from_secs(30),
+        || async {
+            resolve(&b, "away/app", &gone).await.is_none()
+                && resolve(&b, "away/app", "v1").await.is_none()
+                && resolve(&b, "away/app", "v2").await.is_none()
+        },
+    )
+    .await;
+    // The manifest only untagged is still there, by digest.
+    assert_eq!(
+        resolve(&b, "away/app", &untagged).await.as_deref(),
+        Some(untagged.as_str()),
+        "{}",
+        tail(&b.stderr())
+    );
+}

@@ -170,8 +170,18 @@ impl RequestContext {
 }
 
 /// How long the event outbox keeps an event: consumers read it within seconds; a week
-/// covers any downtime worth catching up on.
-const OUTBOX_KEEP: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+/// covers any downtime worth catching up on. `ACR_TASK_OUTBOX_KEEP` (seconds) changes it
+/// (shorter where disk is scarce, or in tests of a replica away longer than that).
+fn outbox_keep() -> std::time::Duration {
+    std::env::var("ACR_TASK_OUTBOX_KEEP")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|s| *s > 0)
+        .map_or(
+            std::time::Duration::from_secs(7 * 24 * 3600),
+            std::time::Duration::from_secs,
+        )
+}
 const OUTBOX_PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// How often the retention policy is applied (ACR applies it within a day; hourly here).
@@ -189,7 +199,7 @@ pub async fn apply_retention(reg: Registry) {
 }
 
 fn prune_outbox(store: &Store) {
-    match store.outbox_prune(OUTBOX_KEEP) {
+    match store.outbox_prune(outbox_keep()) {
         Ok(0) => {}
         Ok(n) => tracing::info!(removed = n, "old registry events pruned"),
         Err(e) => tracing::warn!(error = %e, "pruning registry events"),

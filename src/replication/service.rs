@@ -31,6 +31,8 @@ pub use routes::{endpoint_gate, peer_router};
 const BATCH: usize = 32;
 /// Manifests of one batch pulled at once.
 const PULLS_AT_ONCE: usize = 4;
+/// Deletes sent in one request at the end of a backfill (each is a row, no pull).
+const DELETES_AT_ONCE: usize = 256;
 /// The longest wait between tries to reach a member that failed.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// A batch may carry big layers to pull: the whole exchange gets this long.

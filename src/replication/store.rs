@@ -460,6 +460,43 @@ impl ReplicationStore {
         Ok(())
     }
 
+    /// Every delete kept here: manifests' tombstones (`tag` none) and tags whose winning
+    /// change deleted them (`digest` none), in (repository, tag or digest) order. A
+    /// backfill sends them, so a replica that was away longer than the outbox keeps events
+    /// still learns what was deleted meanwhile.
+    pub fn deletes(&self) -> Result<Vec<Gone>, ReplicationError> {
+        let c = self.conn();
+        let mut out = Vec::new();
+        let mut q =
+            c.prepare("SELECT repo, digest, hlc, origin FROM tombstones ORDER BY repo, digest")?;
+        let rows = q.query_map([], |r| {
+            Ok(Gone {
+                repo: r.get(0)?,
+                tag: None,
+                digest: Some(r.get(1)?),
+                stamp: stamp(r.get(2)?, r.get(3)?)?,
+            })
+        })?;
+        for g in rows {
+            out.push(g?);
+        }
+        let mut q = c.prepare(
+            "SELECT repo, tag, hlc, origin FROM tag_clocks WHERE digest IS NULL ORDER BY repo, tag",
+        )?;
+        let rows = q.query_map([], |r| {
+            Ok(Gone {
+                repo: r.get(0)?,
+                tag: Some(r.get(1)?),
+                digest: None,
+                stamp: stamp(r.get(2)?, r.get(3)?)?,
+            })
+        })?;
+        for g in rows {
+            out.push(g?);
+        }
+        Ok(out)
+    }
+
     /// Forgets tombstones older than Unix second `before` (kept long enough for a replica
     /// that was away: the outbox's week and more).
     pub fn prune_tombstones(&self, before: i64) -> Result<usize, ReplicationError> {
@@ -467,6 +504,16 @@ impl ReplicationStore {
             .conn()
             .execute("DELETE FROM tombstones WHERE created < ?1", params![before])?)
     }
+}
+
+/// A delete kept here (see [`ReplicationStore::deletes`]): of a manifest (`digest`) or of
+/// a tag (`tag`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gone {
+    pub repo: String,
+    pub tag: Option<String>,
+    pub digest: Option<String>,
+    pub stamp: Stamp,
 }
 
 #[cfg(test)]
@@ -509,6 +556,28 @@ mod tests {
         s.bury("app", "sha256:x", &st(35, "b")).unwrap();
         assert_eq!(s.tombstone("app", "sha256:x").unwrap(), Some(st(40, "a")));
         assert_eq!(s.max_hlc().unwrap(), Some(Hlc { ms: 40, n: 0 }));
+        // The deletes a backfill sends: the manifest's and the tag's; a tag that is
+        // there is not one.
+        s.offer_tag("app", "v2", &st(5, "b"), Some("sha256:b"))
+            .unwrap();
+        let gone = s.deletes().unwrap();
+        assert_eq!(
+            gone,
+            [
+                Gone {
+                    repo: "app".into(),
+                    tag: None,
+                    digest: Some("sha256:x".into()),
+                    stamp: st(40, "a"),
+                },
+                Gone {
+                    repo: "app".into(),
+                    tag: Some("v1".into()),
+                    digest: None,
+                    stamp: st(30, "a"),
+                },
+            ]
+        );
     }
 
     #[test]

@@ -119,7 +119,11 @@ impl Replication {
         let s = Stamp { hlc, origin };
         let ev = &e.event;
         let (repo, digest) = (ev.repository.clone(), ev.digest.clone());
-        if !crate::names::valid_name(&repo) || crate::digest::parse(&digest).is_err() {
+        // A tag's delete sent from a backfill names no digest (the tag's was not kept).
+        let tag_delete = ev.action == EventAction::Delete && ev.tag.is_some();
+        if !crate::names::valid_name(&repo)
+            || (crate::digest::parse(&digest).is_err() && !(tag_delete && digest.is_empty()))
+        {
             return Err(ReplicationError::Refused(format!(
                 "not a repository and digest: {repo:?} {digest:?}"
             )));

@@ -209,11 +209,8 @@ impl Replication {
                     stamps.push((Some(t.clone()), s));
                 }
                 for (tag, s) in stamps {
-                    events.push(StoredEvent {
-                        id: uuid::Uuid::new_v4().to_string(),
-                        timestamp: chrono::Utc::now()
-                            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-                        event: RegistryEvent {
+                    events.push(held_event(
+                        RegistryEvent {
                             action: EventAction::Push,
                             repository: repo.clone(),
                             tag,
@@ -221,10 +218,9 @@ impl Replication {
                             media_type: man.media_type.clone(),
                             size: man.size,
                         },
-                        context: RequestContext::default(),
-                        hlc: Some(s.hlc.to_string()),
-                        replicated_from: (s.origin != me).then_some(s.origin),
-                    });
+                        s,
+                        &me,
+                    ));
                 }
             }
             Ok::<_, ReplicationError>((events, total, last))
@@ -245,6 +241,9 @@ impl Replication {
         let sent = (m.backfill_done + manifests).min(total as u64);
         // Fewer than a whole batch: nothing after it.
         let done = manifests < BATCH as u64;
+        if done {
+            self.send_deletes(g, &m.member).await?;
+        }
         let n = m.member.name.clone();
         self.db(move |s| {
             let after = last.as_ref().map(|(r, d)| (r.as_str(), d.as_str()));
@@ -261,5 +260,53 @@ impl Replication {
             tracing::info!(replica = %m.member.name, manifests = total, "backfill done");
         }
         Ok(!done)
+    }
+
+    /// The end of a backfill: the deletes kept here (manifests' tombstones, deleted
+    /// tags), each with its time, so a member that was away longer than the outbox keeps
+    /// events takes those it missed (the last-writer rule drops the others).
+    async fn send_deletes(&self, g: &Group, to: &Member) -> Result<(), ReplicationError> {
+        let gone = self.db(|s| s.deletes()).await?;
+        let me = g.me.name.clone();
+        let events: Vec<StoredEvent> = gone
+            .into_iter()
+            .map(|d| {
+                held_event(
+                    RegistryEvent {
+                        action: EventAction::Delete,
+                        repository: d.repo,
+                        tag: d.tag,
+                        digest: d.digest.unwrap_or_default(),
+                        media_type: String::new(),
+                        size: 0,
+                    },
+                    d.stamp,
+                    &me,
+                )
+            })
+            .collect();
+        for part in events.chunks(DELETES_AT_ONCE) {
+            let batch = Batch {
+                from: g.me.name.clone(),
+                events: part.to_vec(),
+            };
+            self.peer_post(to, "events", &batch, &g.secret)
+                .await
+                .map_err(ReplicationError::Peer)?;
+        }
+        Ok(())
+    }
+}
+
+/// A change held here, sent as an event stamped with its winning time (and, when another
+/// member made it, that member's name).
+fn held_event(event: RegistryEvent, s: Stamp, me: &str) -> StoredEvent {
+    StoredEvent {
+        id: uuid::Uuid::new_v4().to_string(),
+        timestamp: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        event,
+        context: RequestContext::default(),
+        hlc: Some(s.hlc.to_string()),
+        replicated_from: (s.origin != me).then_some(s.origin),
     }
 }
