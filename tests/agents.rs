@@ -202,8 +202,10 @@ fn agent_named<'a>(agents: &'a mut [Agent], id: &str) -> &'a mut Agent {
 async fn three_agents_run_each_run_once_and_a_killed_agents_run_moves_on() {
     require_docker();
     let dir = tempfile::tempdir().unwrap();
-    // The server runs nothing itself here: runs of the pool go to agents only.
-    let serve = Serve::start_with(&dir.path().join("d"), 1, &["--agent-lease", "3"]);
+    // The server runs nothing itself here: runs of the pool go to agents only. A lease
+    // short enough for a quick redelivery, long enough that a heartbeat slowed by the
+    // machine's load (200 runs, five at a time, on 2 cores) still renews it.
+    let serve = Serve::start_with(&dir.path().join("d"), 1, &["--agent-lease", "6"]);
     let api = serve.token_client().await;
 
     // Pools: made, and a task naming a pool that does not exist is refused.
