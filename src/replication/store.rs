@@ -466,35 +466,22 @@ impl ReplicationStore {
     /// still learns what was deleted meanwhile.
     pub fn deletes(&self) -> Result<Vec<Gone>, ReplicationError> {
         let c = self.conn();
-        let mut out = Vec::new();
-        let mut q =
-            c.prepare("SELECT repo, digest, hlc, origin FROM tombstones ORDER BY repo, digest")?;
-        let rows = q.query_map([], |r| {
-            Ok(Gone {
-                repo: r.get(0)?,
-                tag: None,
-                digest: Some(r.get(1)?),
-                stamp: stamp(r.get(2)?, r.get(3)?)?,
-            })
-        })?;
-        for g in rows {
-            out.push(g?);
-        }
         let mut q = c.prepare(
-            "SELECT repo, tag, hlc, origin FROM tag_clocks WHERE digest IS NULL ORDER BY repo, tag",
+            "SELECT repo, tag, digest, hlc, origin FROM (
+                SELECT repo, NULL AS tag, digest, hlc, origin FROM tombstones
+                UNION ALL
+                SELECT repo, tag, NULL, hlc, origin FROM tag_clocks WHERE digest IS NULL)
+             ORDER BY repo, tag IS NOT NULL, tag, digest",
         )?;
         let rows = q.query_map([], |r| {
             Ok(Gone {
                 repo: r.get(0)?,
-                tag: Some(r.get(1)?),
-                digest: None,
-                stamp: stamp(r.get(2)?, r.get(3)?)?,
+                tag: r.get(1)?,
+                digest: r.get(2)?,
+                stamp: stamp(r.get(3)?, r.get(4)?)?,
             })
         })?;
-        for g in rows {
-            out.push(g?);
-        }
-        Ok(out)
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Forgets tombstones older than Unix second `before` (kept long enough for a replica
