@@ -51,6 +51,26 @@ pub struct PoolSnapshot {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReplicaLabel {
+    pub replica: String,
+}
+
+/// Another replica of this server's geo-replication group as a scrape reads it.
+#[derive(Debug, Default, Clone)]
+pub struct ReplicaSnapshot {
+    pub replica: String,
+    /// Its backfill is done.
+    pub ready: bool,
+    /// Events accepted here not yet applied there, and the oldest one's age.
+    pub lag_events: u64,
+    pub lag_seconds: u64,
+    /// Manifests of its backfill not yet sent.
+    pub backfill_remaining: u64,
+    /// The last attempt to reach it failed (its reason: `replication show`).
+    pub failing: bool,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StepLabels {
     pub kind: String,
     pub status: String,
@@ -98,6 +118,7 @@ pub struct Snapshot {
     pub storage_used: u64,
     pub storage_included: Option<u64>,
     pub pools: Vec<PoolSnapshot>,
+    pub replicas: Vec<ReplicaSnapshot>,
 }
 
 pub struct Metrics {
@@ -112,6 +133,11 @@ pub struct Metrics {
     pool_runs: Family<PoolStatus, Gauge>,
     agents_online: Family<PoolLabel, Gauge>,
     agent_heartbeat_age: Family<AgentLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    replica_ready: Family<ReplicaLabel, Gauge>,
+    replica_lag_events: Family<ReplicaLabel, Gauge>,
+    replica_lag_seconds: Family<ReplicaLabel, Gauge>,
+    replica_backfill: Family<ReplicaLabel, Gauge>,
+    replica_failing: Family<ReplicaLabel, Gauge>,
     run_duration: Hist<TaskStatus>,
     step_duration: Hist<StepLabels>,
     triggers: Family<Kind, Counter>,
@@ -187,6 +213,31 @@ impl Metrics {
             "Seconds since each registered agent was last heard from",
             agent_heartbeat_age.clone(),
         );
+        let mut replica = |name: &str, help: &str| {
+            let f = Family::<ReplicaLabel, Gauge>::default();
+            registry.register(name, help, f.clone());
+            f
+        };
+        let replica_ready = replica(
+            "replication_ready",
+            "Whether each other replica's backfill is done: 1 or 0",
+        );
+        let replica_lag_events = replica(
+            "replication_lag_events",
+            "Events accepted here that each other replica has not applied yet",
+        );
+        let replica_lag_seconds = replica(
+            "replication_lag_seconds",
+            "Age of the oldest event accepted here that each other replica has not applied",
+        );
+        let replica_backfill = replica(
+            "replication_backfill_remaining_manifests",
+            "Manifests of each other replica's backfill not sent yet",
+        );
+        let replica_failing = replica(
+            "replication_failing",
+            "Whether the last attempt to reach each other replica failed: 1 or 0",
+        );
         let run_duration: Hist<TaskStatus> = Family::new_with_constructor(run_buckets);
         registry.register(
             "run_duration_seconds",
@@ -253,6 +304,11 @@ impl Metrics {
             pool_runs,
             agents_online,
             agent_heartbeat_age,
+            replica_ready,
+            replica_lag_events,
+            replica_lag_seconds,
+            replica_backfill,
+            replica_failing,
             run_duration,
             step_duration,
             triggers,
@@ -377,6 +433,31 @@ impl Metrics {
                         agent: agent.clone(),
                     })
                     .set(*age);
+            }
+        }
+        let replicas = [
+            &self.replica_ready,
+            &self.replica_lag_events,
+            &self.replica_lag_seconds,
+            &self.replica_backfill,
+            &self.replica_failing,
+        ];
+        for f in replicas {
+            f.clear();
+        }
+        for r in &snap.replicas {
+            let l = ReplicaLabel {
+                replica: r.replica.clone(),
+            };
+            let values = [
+                i64::from(r.ready),
+                r.lag_events as i64,
+                r.lag_seconds as i64,
+                r.backfill_remaining as i64,
+                i64::from(r.failing),
+            ];
+            for (f, v) in replicas.iter().zip(values) {
+                f.get_or_create(&l).set(v);
             }
         }
         let mut out = String::new();
@@ -530,8 +611,23 @@ mod tests {
                 online: 1,
                 agents: vec![("a1-x".into(), 1.5)],
             }],
+            replicas: vec![ReplicaSnapshot {
+                replica: "west".into(),
+                ready: true,
+                lag_events: 5,
+                lag_seconds: 12,
+                backfill_remaining: 0,
+                failing: true,
+            }],
             ..Default::default()
         });
+        assert!(text.contains("acr_task_replication_ready{replica=\"west\"} 1"));
+        assert!(text.contains("acr_task_replication_lag_events{replica=\"west\"} 5"));
+        assert!(text.contains("acr_task_replication_lag_seconds{replica=\"west\"} 12"));
+        assert!(
+            text.contains("acr_task_replication_backfill_remaining_manifests{replica=\"west\"} 0")
+        );
+        assert!(text.contains("acr_task_replication_failing{replica=\"west\"} 1"));
         assert!(text.contains("acr_task_agents_online{pool=\"builders\"} 1"));
         assert!(text.contains("acr_task_agent_pool_runs{pool=\"builders\",status=\"Queued\"} 4"));
         assert!(text.contains(
@@ -550,5 +646,6 @@ mod tests {
         // A second scrape replaces the stored-runs gauges rather than adding to them.
         let text = m.encode(&Snapshot::default());
         assert!(!text.contains("task=\"build\""));
+        assert!(!text.contains("replica=\"west\""));
     }
 }

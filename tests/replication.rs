@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use serve_common::registry_common::{digest, image_manifest, push_blob, put_manifest, run};
-use serve_common::{docker_login, make_busybox_image, require_docker, Serve};
+use serve_common::{docker_login, make_busybox_image, require_docker, sample, Serve};
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, \
@@ -490,6 +490,21 @@ async fn replicas_killed_during_pushes_catch_up_with_every_digest() {
         .await
         .unwrap();
     assert_eq!(r.status(), 202);
+    // Home's /metrics shows west behind, and failing, while it is down.
+    let west = |series: &str| format!("acr_task_replication_{series}{{replica=\"west\"}}");
+    let api = a.token_client().await;
+    until(
+        "home's metrics show west behind and failing",
+        Duration::from_secs(30),
+        || async {
+            let m = api.text("/metrics").await;
+            sample(&m, &west("lag_events")).is_some_and(|n| n >= 1.0)
+                && sample(&m, &west("lag_seconds")).is_some()
+                && sample(&m, &west("failing")) == Some(1.0)
+                && sample(&m, &west("ready")) == Some(1.0)
+        },
+    )
+    .await;
     let b = Serve::start_at(&b_addr, &dir.path().join("b"), 1, &["--auth"], &[]);
     // And the sender dies too, with events not yet sent, then comes back.
     let a_addr = a.addr.clone();
@@ -521,6 +536,18 @@ async fn replicas_killed_during_pushes_catch_up_with_every_digest() {
     .await;
     let l = replication(&a, &["show", "west"]);
     assert_eq!(l["status"], "Ready", "{l}");
+    let api = a.token_client().await;
+    until(
+        "home's metrics show west caught up",
+        Duration::from_secs(30),
+        || async {
+            let m = api.text("/metrics").await;
+            sample(&m, &west("lag_events")) == Some(0.0)
+                && sample(&m, &west("failing")) == Some(0.0)
+                && sample(&m, &west("backfill_remaining_manifests")) == Some(0.0)
+        },
+    )
+    .await;
 }
 
 /// A build task on one replica, FROM a base image of the registry: a new base pushed to
@@ -817,7 +844,8 @@ async fn a_member_that_missed_a_removal_learns_the_new_secret() {
 }
 
 /// A replica away longer than the outbox keeps events is backfilled again when it is
-/// back, and the deletes it missed reach it with the backfill: a manifest's and a tag's.
+/// back, though nothing happened since the prune, and the deletes it missed reach it with
+/// the backfill: a manifest's and a tag's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replica_away_longer_than_the_outbox_keeps_learns_the_deletes_it_missed() {
     let dir = tempfile::tempdir().unwrap();
@@ -856,21 +884,28 @@ async fn a_replica_away_longer_than_the_outbox_keeps_learns_the_deletes_it_misse
     let a_addr = a.addr.clone();
     a.kill();
     let a = home(Some(&a_addr));
-    let after = push_small(&a, "away/app", "v3", "pushed after the prune").await;
+    // Nothing happens on home after the prune: the gap shows all the same.
     let b = Serve::start_at(&b_addr, &dir.path().join("b"), 1, &["--auth"], &[]);
-    until("west backfilled again", Duration::from_secs(60), || async {
-        resolve(&b, "away/app", "v3").await.as_deref() == Some(after.as_str())
-            && replication(&a, &["show", "west"])["status"] == "Ready"
-    })
-    .await;
     until(
         "the deletes west missed reach it",
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         || async {
             resolve(&b, "away/app", &gone).await.is_none()
                 && resolve(&b, "away/app", "v1").await.is_none()
                 && resolve(&b, "away/app", "v2").await.is_none()
         },
+    )
+    .await;
+    until("west backfilled again", Duration::from_secs(30), || async {
+        replication(&a, &["show", "west"])["status"] == "Ready"
+    })
+    .await;
+    // And the stream goes on from there.
+    let after = push_small(&a, "away/app", "v3", "pushed after the prune").await;
+    until(
+        "a push after the backfill on west",
+        Duration::from_secs(30),
+        || async { resolve(&b, "away/app", "v3").await.as_deref() == Some(after.as_str()) },
     )
     .await;
     // The manifest only untagged is still there, by digest.

@@ -12,14 +12,6 @@ use serde_json::{json, Value};
 use serve_common::registry_common::{digest, image_manifest, push_blob, put_manifest};
 use serve_common::*;
 
-/// The value of the sample named exactly `series` (name and labels as printed).
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| {
-        let rest = l.strip_prefix(series)?;
-        rest.strip_prefix(' ')?.trim().parse().ok()
-    })
-}
-
 /// A webhook receiver answering 200 to every request, counting them.
 fn receiver() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();

@@ -497,6 +497,7 @@ impl Server {
                 store: self.registry.store().clone(),
                 agent_online_within: hub.online_within(),
                 leading,
+                replication: replication.clone(),
             }),
             (!self.cfg.public_metrics).then(|| guard.clone()),
         );
@@ -565,6 +566,18 @@ struct MetricsState {
     /// Agents heard from within this count as online.
     agent_online_within: std::time::Duration,
     leading: leader::Leadership,
+    replication: Option<Arc<crate::replication::service::Replication>>,
+}
+
+fn replica(r: crate::replication::ReplicationInfo) -> crate::metrics::ReplicaSnapshot {
+    crate::metrics::ReplicaSnapshot {
+        ready: r.status == "Ready",
+        lag_events: r.lag_events,
+        lag_seconds: r.lag_seconds,
+        backfill_remaining: r.backfill.map_or(0, |(done, all)| all.saturating_sub(done)),
+        failing: r.last_error.is_some(),
+        replica: r.name,
+    }
 }
 
 /// `GET /metrics`: behind the task API's guard (tasks/read) unless `--public-metrics`.
@@ -633,6 +646,20 @@ async fn scrape(
             return axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response();
         }
     };
+    let replicas = match &s.replication {
+        Some(r) => match r.list().await {
+            Ok(list) => list
+                .into_iter()
+                .filter(|r| !r.this_server)
+                .map(replica)
+                .collect(),
+            Err(e) => {
+                tracing::error!(error = %e, "reading metrics");
+                return axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response();
+            }
+        },
+        None => Vec::new(),
+    };
     let (concurrency, running) = s.queue.concurrency();
     let snap = crate::metrics::Snapshot {
         runs: runs
@@ -646,6 +673,7 @@ async fn scrape(
         storage_used: used,
         storage_included: included,
         pools,
+        replicas,
     };
     (
         [(

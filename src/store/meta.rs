@@ -120,7 +120,9 @@ pub trait RegistryMeta: Send + Sync {
     fn outbox_after(&self, seq: i64, limit: usize) -> Result<Vec<(i64, String)>, StoreError>;
     /// The newest outbox sequence number (0 when empty).
     fn outbox_last(&self) -> Result<i64, StoreError>;
-    /// Forget outbox entries created before Unix second `before`.
+    /// Forget outbox entries created before Unix second `before`, but the newest: its
+    /// number says how far the outbox went, so a consumer whose cursor is behind the
+    /// first entry left can tell that events it had not read were pruned.
     fn outbox_prune(&self, before: i64) -> Result<usize, StoreError>;
 
     /// Garbage collection under the write lock: rows unreferenced since before Unix

@@ -971,7 +971,8 @@ impl RegistryMeta for PgMeta {
 
     fn outbox_prune(&self, before: i64) -> Result<usize, StoreError> {
         Ok(self.read().exec(
-            "DELETE FROM registry_outbox WHERE created < $1",
+            "DELETE FROM registry_outbox
+             WHERE created < $1 AND seq < (SELECT MAX(seq) FROM registry_outbox)",
             args![before],
         )? as usize)
     }

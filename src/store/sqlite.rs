@@ -879,9 +879,10 @@ impl RegistryMeta for SqliteMeta {
     }
 
     fn outbox_prune(&self, before: i64) -> Result<usize, StoreError> {
-        Ok(self
-            .writer()?
-            .execute("DELETE FROM outbox WHERE created < ?1", params![before])?)
+        Ok(self.writer()?.execute(
+            "DELETE FROM outbox WHERE created < ?1 AND seq < (SELECT MAX(seq) FROM outbox)",
+            params![before],
+        )?)
     }
 
     fn gc(

@@ -228,8 +228,10 @@ fn outbox_rows_commit_with_their_change_and_old_ones_are_pruned() {
             .unwrap(),
         0
     );
-    assert_eq!(store.now().meta.outbox_prune(now() + 1).unwrap(), 2);
-    assert!(store.outbox_after(0, 10).unwrap().is_empty());
+    // All are, but the newest stays: a consumer at 0 sees that it missed the first.
+    assert_eq!(store.now().meta.outbox_prune(now() + 1).unwrap(), 1);
+    assert_eq!(store.outbox_after(0, 10).unwrap(), rows[1..]);
+    assert_eq!(store.outbox_last().unwrap(), rows[1].0);
     // Sequence numbers never go back, even after a prune.
     let m2 = manifest(&store, "r", vec![], Some("v2"), b"{\"v\":2}");
     store
@@ -656,6 +658,16 @@ fn every_meta_backend_deletes_for_a_purge_only_what_is_still_as_planned() {
             "{name}"
         );
         assert_eq!(meta.repo_view("nope").unwrap(), None, "{name}");
+        // A prune of every event keeps the newest: how far the outbox went.
+        let last = meta.outbox_last().unwrap();
+        assert!(meta.outbox_prune(now() + 1).unwrap() > 0, "{name}");
+        let left = meta.outbox_after(0, 10).unwrap();
+        assert_eq!(
+            left.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            [last],
+            "{name}"
+        );
+        assert_eq!(meta.outbox_last().unwrap(), last, "{name}");
     }
 }
 

@@ -455,6 +455,15 @@ pub fn docker_login(config: &Path, registry: &str, user: &str, password: &str) {
     );
 }
 
+/// The value of the sample named exactly `series` in a `/metrics` text (name and labels
+/// as printed).
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let rest = l.strip_prefix(series)?;
+        rest.strip_prefix(' ')?.trim().parse().ok()
+    })
+}
+
 /// A webhook receiver on a loopback port: every request's body, answered 200.
 pub fn receiver() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
     use std::io::{BufRead, BufReader, Read, Write};

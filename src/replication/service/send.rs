@@ -63,7 +63,8 @@ impl Replication {
         };
         if events[0].0 > m.cursor + 1 {
             // Events it has not had were pruned (away longer than the outbox keeps
-            // them): it gets everything held here again instead.
+            // them; a prune keeps the newest, so this shows even when nothing happened
+            // since): it gets everything held here again instead.
             tracing::warn!(replica = %m.member.name, after = m.cursor, "events it missed were pruned: backfilling it again");
             let (n, now) = (
                 name.to_string(),
