@@ -580,10 +580,72 @@ mod tls {
 
     impl TlsStream for RustlsStream {
         fn channel_binding(&self) -> ChannelBinding {
-            // SCRAM without channel binding (libpq's `channel_binding=prefer` takes it so);
-            // the certificate check is what ties the session to the server.
-            ChannelBinding::none()
+            // SCRAM-SHA-256-PLUS (`tls-server-end-point`): the password proof is bound to
+            // the certificate this session was made with, so it cannot be relayed to the
+            // server through another TLS session. None where RFC 5929 gives no hash.
+            let cert = self
+                .0
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first());
+            match cert.and_then(|c| end_point_hash(c)) {
+                Some(h) => ChannelBinding::tls_server_end_point(h),
+                None => ChannelBinding::none(),
+            }
         }
+    }
+
+    /// RFC 5929's `tls-server-end-point` value of a certificate (DER): its hash by the
+    /// hash of its signature algorithm, SHA-256 for MD5 and SHA-1 (as PostgreSQL
+    /// computes it); None for other algorithms (RSA-PSS, Ed25519) or what is not DER.
+    pub(super) fn end_point_hash(cert: &[u8]) -> Option<Vec<u8>> {
+        use sha2::Digest as _;
+        // Certificate ::= SEQUENCE { tbsCertificate SEQUENCE, signatureAlgorithm
+        // SEQUENCE { algorithm OID, parameters }, signatureValue BIT STRING }
+        let (cert_body, _) = der(cert, 0x30)?;
+        let (_, after_tbs) = der(cert_body, 0x30)?;
+        let (alg, _) = der(after_tbs, 0x30)?;
+        let (oid, _) = der(alg, 0x06)?;
+        const RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01];
+        const ECDSA_SHA2: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03];
+        const ECDSA_SHA1: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x01];
+        let bits = match oid {
+            [p @ .., 0x04 | 0x05] if p == RSA => 256, // MD5, SHA-1: SHA-256
+            [p @ .., 0x0b] if p == RSA => 256,
+            [p @ .., 0x0c] if p == RSA => 384,
+            [p @ .., 0x0d] if p == RSA => 512,
+            _ if oid == ECDSA_SHA1 => 256,
+            [p @ .., 0x02] if p == ECDSA_SHA2 => 256,
+            [p @ .., 0x03] if p == ECDSA_SHA2 => 384,
+            [p @ .., 0x04] if p == ECDSA_SHA2 => 512,
+            _ => return None,
+        };
+        Some(match bits {
+            256 => sha2::Sha256::digest(cert).to_vec(),
+            384 => sha2::Sha384::digest(cert).to_vec(),
+            _ => sha2::Sha512::digest(cert).to_vec(),
+        })
+    }
+
+    /// One DER item of type `tag` at the start of `b`: (its content, what follows).
+    fn der(b: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
+        let (&t, b) = b.split_first()?;
+        let (&first, b) = b.split_first()?;
+        if t != tag {
+            return None;
+        }
+        let (len, b) = if first < 0x80 {
+            (usize::from(first), b)
+        } else {
+            let n = usize::from(first & 0x7f);
+            if n == 0 || n > 4 || b.len() < n {
+                return None;
+            }
+            let len = b[..n].iter().fold(0usize, |a, &x| a << 8 | usize::from(x));
+            (len, &b[n..])
+        };
+        (b.len() >= len).then(|| b.split_at(len))
     }
 }
 
@@ -648,5 +710,64 @@ mod tests {
         // A CA file that is not one says which.
         let bad = Target::parse(&tls_url, &[std::path::PathBuf::from("/nonexistent/ca.pem")]);
         assert!(bad.is_err_and(|e| e.0.contains("/nonexistent/ca.pem")));
+    }
+
+    /// `scripts/with-postgres` makes `acr_scram` log in with SCRAM over TLS only: asking
+    /// for channel binding (`channel_binding=require`) works, so the password proof is
+    /// bound to the server's certificate (the server checks the value we compute).
+    #[test]
+    fn scram_over_tls_is_bound_to_the_servers_certificate() {
+        let Ok(url) = std::env::var("ACR_TASK_TEST_POSTGRES") else {
+            return;
+        };
+        let ca = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tls/ca.pem");
+        let setup = Database::new(&Target::parse(&url, &[]).unwrap(), "scram-setup").unwrap();
+        setup
+            .execute(
+                "DO $$ BEGIN CREATE ROLE acr_scram LOGIN;
+                 EXCEPTION WHEN duplicate_object THEN NULL; END $$",
+                Vec::new(),
+            )
+            .unwrap();
+        setup
+            .execute(
+                // Hashed for SCRAM (PostgreSQL's default since 14).
+                "ALTER ROLE acr_scram PASSWORD 'bound-secret'",
+                Vec::new(),
+            )
+            .unwrap();
+        let (_, at) = url.split_once('@').unwrap();
+        let login = |password: &str| {
+            format!("postgres://acr_scram:{password}@{at}?sslmode=require&channel_binding=require")
+        };
+        let bound = Target::parse(&login("bound-secret"), std::slice::from_ref(&ca)).unwrap();
+        assert!(encrypted(&bound).unwrap(), "SCRAM-SHA-256-PLUS over TLS");
+        // It is the password that let it in.
+        let wrong = Target::parse(&login("not-it"), std::slice::from_ref(&ca)).unwrap();
+        let e = encrypted(&wrong).unwrap_err().to_string();
+        assert!(e.contains("password") || e.contains("auth"), "{e}");
+    }
+
+    #[test]
+    fn the_end_point_hash_follows_the_certificates_signature() {
+        use rustls_pki_types::pem::PemObject;
+        use sha2::Digest as _;
+        let pem =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tls/server.pem");
+        let der = rustls_pki_types::CertificateDer::from_pem_file(pem).unwrap();
+        // The test certificate is signed ecdsa-with-SHA256.
+        assert_eq!(
+            tls::end_point_hash(&der).unwrap(),
+            sha2::Sha256::digest(&der).to_vec()
+        );
+        // What is not a whole certificate gives none, without a panic.
+        for cut in [0, 1, 2, 4, 16, der.len() / 2] {
+            assert_eq!(tls::end_point_hash(&der[..cut]), None, "cut at {cut}");
+        }
+        assert_eq!(
+            tls::end_point_hash(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]),
+            None
+        );
+        assert_eq!(tls::end_point_hash(b"not DER at all"), None);
     }
 }
