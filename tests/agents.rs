@@ -149,48 +149,6 @@ async fn wait_log(api: &Api, id: &str, needle: &str) -> Value {
     }
 }
 
-/// `/ui/pools` as the admin sees it (signed in through the page's form).
-async fn pools_page(serve: &Serve) -> String {
-    let http = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
-    let r = http
-        .post(format!("{}/ui/login", serve.url))
-        .header("origin", &serve.url)
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(format!(
-            "username=admin&password={}&next=%2Fui%2Fpools",
-            serve
-                .password
-                .bytes()
-                .map(|b| if b.is_ascii_alphanumeric() {
-                    (b as char).to_string()
-                } else {
-                    format!("%{b:02X}")
-                })
-                .collect::<String>()
-        ))
-        .send()
-        .await
-        .unwrap();
-    let cookie = r
-        .headers()
-        .get("set-cookie")
-        .and_then(|c| c.to_str().ok())
-        .and_then(|c| c.split(';').next())
-        .unwrap_or_else(|| panic!("no session cookie: {}", r.status()))
-        .to_string();
-    http.get(format!("{}/ui/pools", serve.url))
-        .header("cookie", cookie)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 fn agent_named<'a>(agents: &'a mut [Agent], id: &str) -> &'a mut Agent {
     agents
         .iter_mut()
@@ -270,7 +228,7 @@ async fn three_agents_run_each_run_once_and_a_killed_agents_run_moves_on() {
         "{out}"
     );
     // The web page lists the pool's agents.
-    let page = pools_page(&serve).await;
+    let page = serve.page("/ui/pools").await;
     for a in ["a1", "a2", "a3"] {
         assert!(page.contains(&format!("<td>{a}</td>")), "{page}");
     }

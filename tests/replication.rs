@@ -505,6 +505,16 @@ async fn replicas_killed_during_pushes_catch_up_with_every_digest() {
         },
     )
     .await;
+    // So does the registry's page, to the admin: west's row, with its last error.
+    let page = a.page("/ui/registry").await;
+    let row = page
+        .split("<tr id=\"replica-west\">")
+        .nth(1)
+        .and_then(|r| r.split("</tr>").next())
+        .unwrap_or_else(|| panic!("no row for west:\n{page}"));
+    assert!(row.contains("Ready") && row.contains(" events, "), "{row}");
+    assert!(!row.contains("<td class=\"error\"></td>"), "{row}");
+    assert!(page.contains("<tr id=\"replica-home\">"), "{page}");
     let b = Serve::start_at(&b_addr, &dir.path().join("b"), 1, &["--auth"], &[]);
     // And the sender dies too, with events not yet sent, then comes back.
     let a_addr = a.addr.clone();

@@ -489,6 +489,7 @@ impl Server {
             host: self.registry_host(),
             sessions: Default::default(),
             agent_online_within: hub.online_within(),
+            replication: replication.clone(),
         }));
         let scrape = metrics_router(
             Arc::new(MetricsState {

@@ -246,6 +246,52 @@ impl Serve {
     }
 
     /// A registry client with the admin's bearer token for `repo` (pull, push, delete).
+    /// A web page (`/ui/...`) as the admin sees it, signed in through the page's form.
+    pub async fn page(&self, path: &str) -> String {
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        let enc = |s: &str| {
+            s.bytes()
+                .map(|b| {
+                    if b.is_ascii_alphanumeric() {
+                        (b as char).to_string()
+                    } else {
+                        format!("%{b:02X}")
+                    }
+                })
+                .collect::<String>()
+        };
+        let r = http
+            .post(format!("{}/ui/login", self.url))
+            .header("origin", &self.url)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!(
+                "username=admin&password={}&next={}",
+                enc(&self.password),
+                enc(path)
+            ))
+            .send()
+            .await
+            .unwrap();
+        let cookie = r
+            .headers()
+            .get("set-cookie")
+            .and_then(|c| c.to_str().ok())
+            .and_then(|c| c.split(';').next())
+            .unwrap_or_else(|| panic!("no session cookie: {}", r.status()))
+            .to_string();
+        http.get(format!("{}{path}", self.url))
+            .header("cookie", cookie)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub async fn registry_client(&self, repo: &str) -> reqwest::Client {
         self.bearer_client(&format!("repository:{repo}:pull,push,delete"))
             .await

@@ -49,6 +49,8 @@ pub struct WebState {
     pub sessions: session::Sessions,
     /// Agents heard from within this count as online.
     pub agent_online_within: std::time::Duration,
+    /// Geo-replication, for a registry of the server's own.
+    pub replication: Option<Arc<crate::replication::service::Replication>>,
 }
 
 type St = State<Arc<WebState>>;
@@ -901,12 +903,20 @@ async fn registry_page(
     })
     .await?
     .map_err(internal)?;
+    // The replicas and how far behind each is: the admin's, as `replication list` is.
+    let replicas = match &s.replication {
+        Some(r) if s.open || v.user == crate::auth::ADMIN_USER => {
+            r.list().await.map_err(internal)?
+        }
+        _ => Vec::new(),
+    };
     let page = pages::RegistryPage {
         tier: props.sku.to_string(),
         used,
         included: props.limits().storage_bytes,
         repos,
         next,
+        replicas,
     };
     Ok(html(pages::registry(&v.chrome(), &page)))
 }

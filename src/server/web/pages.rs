@@ -474,6 +474,9 @@ pub struct RegistryPage {
     pub included: Option<u64>,
     pub repos: Vec<RepoLine>,
     pub next: Option<String>,
+    /// Its geo-replication group, this server first (none: not replicated, or not the
+    /// admin's page).
+    pub replicas: Vec<crate::replication::ReplicationInfo>,
 }
 
 pub fn registry(c: &Chrome, p: &RegistryPage) -> Markup {
@@ -505,6 +508,32 @@ pub fn registry(c: &Chrome, p: &RegistryPage) -> Markup {
                 }
             }
             @if let Some(n) = &p.next { a.more href={ "/ui/registry?last=" (urlenc(n)) } { "More →" } }
+            @if !p.replicas.is_empty() {
+                section.replicas aria-labelledby="replications" {
+                    h2 id="replications" { "Replications" }
+                    div.scroll {
+                        table {
+                            thead { tr { th { "Region" } th { "URL" } th { "Status" } th { "Behind" } th { "Last sync" } th { "Last error" } } }
+                            tbody {
+                                @for r in &p.replicas {
+                                    tr id={ "replica-" (r.name) } {
+                                        td { (r.name) @if r.this_server { " (this server)" } }
+                                        td { code { (r.url) } }
+                                        td.status {
+                                            (r.status)
+                                            @if let Some((done, all)) = r.backfill { " " (done) "/" (all) }
+                                            @if !r.region_endpoint_enabled { ", serves no client" }
+                                        }
+                                        td.lag { @if !r.this_server { (r.lag_events) " events, " (r.lag_seconds) " s" } }
+                                        td { @if let Some(t) = &r.last_sync { time datetime=(t) { (t) } } }
+                                        td.error { @if let Some(e) = &r.last_error { (e) } }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
         },
     )
 }
