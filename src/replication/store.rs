@@ -484,12 +484,18 @@ impl ReplicationStore {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Forgets tombstones older than Unix second `before` (kept long enough for a replica
-    /// that was away: the outbox's week and more).
-    pub fn prune_tombstones(&self, before: i64) -> Result<usize, ReplicationError> {
-        Ok(self
-            .conn()
-            .execute("DELETE FROM tombstones WHERE created < ?1", params![before])?)
+    /// Forgets deletes older than Unix second `before` (kept long enough for a replica
+    /// that was away: the outbox's week and more): manifests' tombstones by when they
+    /// were made, deleted tags' clocks by their clock time (so a backfill does not send
+    /// every tag ever deleted).
+    pub fn prune_deletes(&self, before: i64) -> Result<usize, ReplicationError> {
+        let c = self.conn();
+        let ms = u64::try_from(before).unwrap_or(0).saturating_mul(1000);
+        let tags = c.execute(
+            "DELETE FROM tag_clocks WHERE digest IS NULL AND hlc < ?1",
+            params![Hlc { ms, n: 0 }.to_string()],
+        )?;
+        Ok(tags + c.execute("DELETE FROM tombstones WHERE created < ?1", params![before])?)
     }
 }
 
@@ -565,6 +571,13 @@ mod tests {
                 },
             ]
         );
+        // Past their keep, deleted tags' clocks go (by clock time, here 30 ms after the
+        // epoch) and tombstones (by when they were made, now); a tag that is there stays.
+        assert_eq!(s.prune_deletes(1).unwrap(), 1);
+        assert_eq!(s.deletes().unwrap(), gone[..1]);
+        assert!(s.tag_clock("app", "v2").unwrap().is_some());
+        assert_eq!(s.prune_deletes(i64::MAX / 1000).unwrap(), 1);
+        assert!(s.deletes().unwrap().is_empty());
     }
 
     #[test]

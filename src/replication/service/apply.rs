@@ -400,7 +400,7 @@ impl Replication {
             if pruned.elapsed() > Duration::from_secs(3600) {
                 pruned = std::time::Instant::now();
                 let before = chrono::Utc::now().timestamp() - TOMBSTONE_KEEP.as_secs() as i64;
-                let _ = self.db(move |s| s.prune_tombstones(before)).await;
+                let _ = self.db(move |s| s.prune_deletes(before)).await;
             }
             tokio::select! {
                 _ = self.halt.cancelled() => return,
