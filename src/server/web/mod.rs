@@ -906,7 +906,11 @@ async fn registry_page(
     // The replicas and how far behind each is: the admin's, as `replication list` is.
     let replicas = match &s.replication {
         Some(r) if s.open || v.user == crate::auth::ADMIN_USER => {
-            r.list().await.map_err(internal)?
+            // The repositories still show when the group's own store cannot be read.
+            r.list().await.unwrap_or_else(|e| {
+                tracing::error!(error = %e, "web page: the replications");
+                Vec::new()
+            })
         }
         _ => Vec::new(),
     };
