@@ -598,7 +598,9 @@ mod tls {
 
     /// RFC 5929's `tls-server-end-point` value of a certificate (DER): its hash by the
     /// hash of its signature algorithm, SHA-256 for MD5 and SHA-1 (as PostgreSQL
-    /// computes it); None for other algorithms (RSA-PSS, Ed25519) or what is not DER.
+    /// computes it), for RSA PKCS#1 and ECDSA signatures; None for others (RSA-PSS, whose
+    /// hash sits in its parameters; Ed25519) or what is not DER: such a login goes
+    /// unbound, and `channel_binding=require` refuses it.
     pub(super) fn end_point_hash(cert: &[u8]) -> Option<Vec<u8>> {
         use sha2::Digest as _;
         // Certificate ::= SEQUENCE { tbsCertificate SEQUENCE, signatureAlgorithm

@@ -648,6 +648,7 @@ async fn scrape(
         }
     };
     let replicas = match &s.replication {
+        // The other series still go out when the group's own store cannot be read.
         Some(r) => match r.list().await {
             Ok(list) => list
                 .into_iter()
@@ -655,8 +656,8 @@ async fn scrape(
                 .map(replica)
                 .collect(),
             Err(e) => {
-                tracing::error!(error = %e, "reading metrics");
-                return axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response();
+                tracing::error!(error = %e, "reading metrics: the replications");
+                Vec::new()
             }
         },
         None => Vec::new(),

@@ -245,7 +245,6 @@ impl Serve {
             .unwrap()
     }
 
-    /// A registry client with the admin's bearer token for `repo` (pull, push, delete).
     /// A web page (`/ui/...`) as the admin sees it, signed in through the page's form.
     pub async fn page(&self, path: &str) -> String {
         let http = reqwest::Client::builder()
@@ -292,6 +291,7 @@ impl Serve {
             .unwrap()
     }
 
+    /// A registry client with the admin's bearer token for `repo` (pull, push, delete).
     pub async fn registry_client(&self, repo: &str) -> reqwest::Client {
         self.bearer_client(&format!("repository:{repo}:pull,push,delete"))
             .await
