@@ -1,8 +1,19 @@
 //! Times in JSON answers as RFC 3339 (UTC), whatever a store keeps (Unix seconds or
 //! milliseconds): one format for every `-o json` and API answer. Reading accepts the
-//! RFC 3339 text and, from older answers, the number.
+//! RFC 3339 text and, from older answers, the number. Also the one way a duration is
+//! read from the environment (whole seconds).
 
 use serde::{Deserialize, Deserializer, Serializer};
+
+/// The whole seconds in environment variable `var`, or `default` when it is unset, not a
+/// number or 0: the operator's override of an interval.
+pub fn env_secs(var: &str, default: std::time::Duration) -> std::time::Duration {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|s| *s > 0)
+        .map_or(default, std::time::Duration::from_secs)
+}
 
 fn text(secs: i64, millis: u32) -> String {
     let t = chrono::DateTime::from_timestamp(secs, millis * 1_000_000).unwrap_or_default();

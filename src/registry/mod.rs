@@ -173,14 +173,10 @@ impl RequestContext {
 /// covers any downtime worth catching up on. `ACR_TASK_OUTBOX_KEEP` (seconds) changes it
 /// (shorter where disk is scarce, or in tests of a replica away longer than that).
 fn outbox_keep() -> std::time::Duration {
-    std::env::var("ACR_TASK_OUTBOX_KEEP")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .filter(|s| *s > 0)
-        .map_or(
-            std::time::Duration::from_secs(7 * 24 * 3600),
-            std::time::Duration::from_secs,
-        )
+    crate::timefmt::env_secs(
+        "ACR_TASK_OUTBOX_KEEP",
+        std::time::Duration::from_secs(7 * 24 * 3600),
+    )
 }
 const OUTBOX_PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 

@@ -43,11 +43,7 @@ const MAX_PEER_BODY: usize = 64 << 20;
 /// How often each member sends the others its member list (`ACR_TASK_REPLICATION_RESEND`,
 /// in seconds, changes it: shorter where members come and go often, or in tests).
 fn members_every() -> Duration {
-    std::env::var("ACR_TASK_REPLICATION_RESEND")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .filter(|s| *s > 0)
-        .map_or(Duration::from_secs(30), Duration::from_secs)
+    crate::timefmt::env_secs("ACR_TASK_REPLICATION_RESEND", Duration::from_secs(30))
 }
 /// Tombstones outlive the outbox's week by this much, for a replica that was away.
 const TOMBSTONE_KEEP: Duration = Duration::from_secs(30 * 24 * 3600);
