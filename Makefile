@@ -43,7 +43,7 @@ PG_TESTS := --test agents --test serve_api --test serve_restart --test serve_tas
 test: setup
 	$(CARGO) test --no-fail-fast
 	scripts/with-s3 $(CARGO) test --no-fail-fast $(S3_TESTS)
-	scripts/with-postgres $(CARGO) test --no-fail-fast --lib -- auth:: server:: pg:: store:: webhooks::
+	scripts/with-s3 scripts/with-postgres $(CARGO) test --no-fail-fast --lib -- auth:: server:: pg:: store:: webhooks::
 	scripts/with-postgres $(CARGO) test --no-fail-fast $(PG_TESTS)
 	scripts/with-s3 scripts/with-postgres $(CARGO) test --no-fail-fast $(S3_TESTS)
 

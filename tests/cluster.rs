@@ -426,54 +426,12 @@ async fn replicas_serve_one_registry_and_a_replica_kill_loses_no_acknowledged_pu
     // the end through b; b sends them to a, which holds the session.
     let ha = replicas[0].registry_client("handoff").await;
     let hb = replicas[1].registry_client("handoff").await;
-    let r = ha
-        .post(format!("{}/v2/handoff/blobs/uploads/", replicas[0].url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
-    let location = r.headers()["location"].to_str().unwrap().to_string();
-    let (one, two) = (b"first chunk, ".to_vec(), b"second chunk".to_vec());
-    let r = ha
-        .patch(format!("{}{location}", replicas[0].url))
-        .header("content-range", format!("0-{}", one.len() - 1))
-        .body(one.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
-    let r = hb
-        .patch(format!("{}{location}", replicas[1].url))
-        .header(
-            "content-range",
-            format!("{}-{}", one.len(), one.len() + two.len() - 1),
-        )
-        .body(two.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
-    assert_eq!(
-        r.headers()["range"].to_str().unwrap(),
-        format!("0-{}", one.len() + two.len() - 1)
-    );
-    let whole = [one, two].concat();
+    let location = begin_upload(&ha, &replicas[0].url, "handoff").await;
+    let whole = b"first chunk, second chunk".to_vec();
+    send_chunk(&ha, &replicas[0].url, &location, &whole, 0..13).await;
+    send_chunk(&hb, &replicas[1].url, &location, &whole, 13..whole.len()).await;
+    finish_upload(&hb, &replicas[1].url, &location, &whole).await;
     let digest = registry_common::digest(&whole);
-    let r = hb
-        .put(format!("{}{location}?digest={digest}", replicas[1].url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
-    let got = hb
-        .get(format!("{}/v2/handoff/blobs/{digest}", replicas[1].url))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    assert_eq!(&got[..], &whole[..]);
     // Ended: neither replica knows the session any more.
     let r = hb
         .get(format!("{}{location}", replicas[1].url))
@@ -514,10 +472,26 @@ async fn replicas_serve_one_registry_and_a_replica_kill_loses_no_acknowledged_pu
     let cb = replicas[1].registry_client("stream").await;
     let bases = [replicas[0].url.clone(), replicas[1].url.clone()];
     let mut acknowledged: Vec<(String, Vec<u8>, String)> = Vec::new();
+    // An upload session held by a, with more than a whole part (8 MiB) acknowledged in
+    // two chunks (the second sent through b), is carried on by b once a is killed.
+    let la = replicas[0].registry_client("carried").await;
+    let lb = replicas[1].registry_client("carried").await;
+    let big: Vec<u8> = (0..9_500_000u32).map(|i| (i % 253) as u8).collect();
+    let (cut1, cut2) = (9_000_000, 9_400_000);
+    let held = begin_upload(&la, &bases[0], "carried").await;
+    send_chunk(&la, &bases[0], &held, &big, 0..cut1).await;
+    send_chunk(&lb, &bases[1], &held, &big, cut1..cut2).await;
+    // And one more, which a carries on itself once restarted at the same address.
+    let kept = begin_upload(&la, &bases[0], "carried").await;
+    let small = &big[..300_000];
+    send_chunk(&la, &bases[0], &kept, small, 0..200_000).await;
     let mut on = 0;
     for i in 0..40 {
         if i == 15 {
             replicas[0].kill();
+            // The rest through b: it finds a gone and takes the session over.
+            send_chunk(&lb, &bases[1], &held, &big, cut2..big.len()).await;
+            finish_upload(&lb, &bases[1], &held, &big).await;
         }
         let layer = format!("layer {i} {}", uuid::Uuid::new_v4()).repeat(2000);
         let config = format!("{{\"n\":{i}}}");
@@ -573,6 +547,69 @@ async fn replicas_serve_one_registry_and_a_replica_kill_loses_no_acknowledged_pu
     // of its own: its rows are in the database.
     let (ok, _, err) = replicas[0].acr(&["repository", "list"]);
     assert!(!ok && err.contains("PostgreSQL"), "{err}");
+
+    // Back at its address, a carries on the session it held when it was killed.
+    let mut again = Serve::start_at(&replicas[0].addr, &da, 1, &args, &[]);
+    again.password = replicas[0].password.clone();
+    let la = again.registry_client("carried").await;
+    send_chunk(&la, &again.url, &kept, small, 200_000..small.len()).await;
+    finish_upload(&la, &again.url, &kept, small).await;
+}
+
+/// A new upload session in `repo` through `base`: its location.
+async fn begin_upload(c: &reqwest::Client, base: &str, repo: &str) -> String {
+    let r = c
+        .post(format!("{base}/v2/{repo}/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    r.headers()["location"].to_str().unwrap().to_string()
+}
+
+/// The bytes `range` of `data` as a chunk of the session at `location`, acknowledged with
+/// the session's new end.
+async fn send_chunk(
+    c: &reqwest::Client,
+    base: &str,
+    location: &str,
+    data: &[u8],
+    range: std::ops::Range<usize>,
+) {
+    let r = c
+        .patch(format!("{base}{location}"))
+        .header(
+            "content-range",
+            format!("{}-{}", range.start, range.end - 1),
+        )
+        .body(data[range.clone()].to_vec())
+        .send()
+        .await
+        .unwrap();
+    let (status, end) = (r.status(), r.headers().get("range").cloned());
+    assert_eq!(status, 202, "{}", r.text().await.unwrap());
+    assert_eq!(end.unwrap(), format!("0-{}", range.end - 1).as_str());
+}
+
+/// Ends the session at `location` as blob `data`, then reads the blob back through `base`.
+async fn finish_upload(c: &reqwest::Client, base: &str, location: &str, data: &[u8]) {
+    let digest = registry_common::digest(data);
+    let r = c
+        .put(format!("{base}{location}?digest={digest}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    let blob = r.headers()["location"].to_str().unwrap().to_string();
+    let got = c
+        .get(format!("{base}{blob}"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert!(got[..] == data[..], "the blob stored is what was sent");
 }
 
 /// Pushes an image of one layer and one config through `base`: its manifest's digest

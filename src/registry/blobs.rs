@@ -206,7 +206,7 @@ pub(super) async fn store_body(
             return Err(e);
         }
     };
-    commit(reg, name, digest, up, w.hasher, w.written).await
+    commit(reg, name, digest, up, Some(w.hasher), w.written).await
 }
 
 /// A new upload in the store.
@@ -226,19 +226,21 @@ pub(super) async fn discard(uploads: Vec<Arc<dyn BlobUpload>>) {
 }
 
 /// Verify the digest of received data and commit it; the upload is discarded either way.
+/// `hasher`: sha256 of every byte received, if it saw them all.
 async fn commit(
     reg: &Registry,
     name: &str,
     digest: &str,
     up: Arc<dyn BlobUpload>,
-    hasher: Sha256,
+    hasher: Option<Sha256>,
     size: u64,
 ) -> Result<(), ApiError> {
     // Uploads are hashed with sha256 as they arrive; content named by another registered
-    // algorithm is hashed again, by it, before it is accepted.
-    let actual = match crate::digest::parse(digest) {
-        Ok(crate::digest::Algorithm::Sha256) | Err(_) => digest_of(hasher),
-        Ok(alg) => {
+    // algorithm, or carried on from another server, is hashed again before it is accepted.
+    let alg = crate::digest::parse(digest).unwrap_or(crate::digest::Algorithm::Sha256);
+    let actual = match (alg, hasher) {
+        (crate::digest::Algorithm::Sha256, Some(hasher)) => digest_of(hasher),
+        (alg, _) => {
             let u = up.clone();
             blocking(move || {
                 u.reader()
@@ -259,15 +261,12 @@ async fn commit(
         )));
     }
     let store = reg.inner.store.clone();
-    let (n, d) = (name.to_string(), digest.to_string());
-    // Committed or not, the upload's own data goes on the blocking thread afterwards.
-    blocking(move || {
-        let r = super::service::commit_blob(&store, &n, up.as_ref(), &d, size);
-        up.cancel();
-        r
-    })
-    .await?;
-    Ok(())
+    let (n, d, u) = (name.to_string(), digest.to_string(), up.clone());
+    let committed =
+        blocking(move || super::service::commit_blob(&store, &n, u.as_ref(), &d, size)).await;
+    // Committed or not, the upload's own data goes afterwards, off the answer's path.
+    drop(tokio::task::spawn_blocking(move || up.cancel()));
+    committed
 }
 
 pub(super) async fn start_upload(
@@ -309,6 +308,7 @@ pub(super) async fn start_upload(
         blob: begin(reg).await?,
         offset: 0,
         hasher: Sha256::new(),
+        rehash: false,
         touched: std::time::Instant::now(),
     };
     let refused = {
@@ -355,38 +355,59 @@ pub(super) async fn start_upload(
 const FORWARDED: &str = "x-acr-task-forwarded";
 
 /// The server holding upload session `id` when it is not this one (servers sharing the
-/// registry; a request another server sent here is answered here).
+/// registry; a request another server sent here is answered here). A session this
+/// server held before it restarted is carried on here from its checkpoint.
 pub(super) async fn held_elsewhere(
     reg: &Registry,
     name: &str,
     id: &str,
+    client: std::net::IpAddr,
     headers: &HeaderMap,
 ) -> Result<Option<String>, ApiError> {
     let Some(peer) = reg.inner.peer.get() else {
         return Ok(None);
     };
-    if headers.contains_key(FORWARDED) || session(reg, name, id).is_ok() {
+    if session(reg, name, id).is_ok() {
         return Ok(None);
     }
     let (store, i, n) = (reg.inner.store.clone(), id.to_string(), name.to_string());
     let owner = blocking(move || store.upload_owner(&i, &n)).await?;
-    Ok(owner.filter(|o| *o != peer.url))
+    if owner.as_ref() == Some(&peer.url) {
+        // This server's before a restart (the same address): carried on from its
+        // checkpoint, here.
+        take_over(reg, name, id, &peer.url, client).await?;
+        return Ok(None);
+    }
+    // A request another server sent here is answered here, never sent on.
+    Ok(owner.filter(|_| !headers.contains_key(FORWARDED)))
+}
+
+/// What became of a request sent to the server holding its upload session.
+pub(super) enum Forwarded {
+    /// That server's answer.
+    Answer(Response),
+    /// That server is gone and this one carries the session on from its checkpoint: the
+    /// request (its body untouched) is to be answered here.
+    TakenOver(Body),
 }
 
 /// Sends a request of upload session `id` to `owner`, the server holding it, streaming the
-/// body, and answers with its answer. An owner that does not answer has lost the session
-/// (`BLOB_UPLOAD_UNKNOWN`: the client starts the blob again).
+/// body, and answers with its answer. When the owner cannot be reached, this server takes
+/// the session over from the checkpoint saved with it (`client`: the caps count it
+/// here); where none was saved the session is lost (`BLOB_UPLOAD_UNKNOWN`: the client
+/// starts the blob again).
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn forward(
     reg: &Registry,
     owner: &str,
+    client: std::net::IpAddr,
     method: &axum::http::Method,
     name: &str,
     id: &str,
     q: &Q,
     headers: &HeaderMap,
     body: Body,
-) -> Result<Response, ApiError> {
+) -> Result<Forwarded, ApiError> {
     let Some(peer) = reg.inner.peer.get() else {
         return Err(ApiError::upload_unknown());
     };
@@ -395,11 +416,20 @@ pub(super) async fn forward(
     if !q.is_empty() {
         url.query_pairs_mut().extend_pairs(q.iter());
     }
+    // The body is taken when the request is sent, so one that never left is here still.
+    let slot = Arc::new(std::sync::Mutex::new(Some(body)));
+    let taken = slot.clone();
+    let stream = {
+        use futures_util::StreamExt;
+        futures_util::stream::once(async move { taken.lock().ok().and_then(|mut b| b.take()) })
+            .filter_map(|b| async move { b })
+            .flat_map(|b| b.into_data_stream())
+    };
     let mut req = peer
         .http
         .request(method.clone(), url)
         .header(FORWARDED, "1")
-        .body(reqwest::Body::wrap_stream(body.into_data_stream()));
+        .body(reqwest::Body::wrap_stream(stream));
     for h in [
         header::AUTHORIZATION,
         header::CONTENT_TYPE,
@@ -414,9 +444,17 @@ pub(super) async fn forward(
         Ok(a) => a,
         Err(e) => {
             tracing::warn!(upload = id, %owner, error = %e, "the server holding an upload session does not answer");
-            let (store, i) = (reg.inner.store.clone(), id.to_string());
-            let _ = blocking(move || store.forget_upload(&i)).await;
-            return Err(ApiError::upload_unknown());
+            let body = slot.lock().ok().and_then(|mut b| b.take());
+            return match body {
+                Some(body) if refused(&e) => match take_over(reg, name, id, owner, client).await? {
+                    true => Ok(Forwarded::TakenOver(body)),
+                    false => Err(ApiError::upload_unknown()),
+                },
+                // Cut off mid-request: the session may live on (a retry finds out).
+                _ => Err(ApiError::internal(format!(
+                    "the server holding upload {id} stopped answering; retry the request"
+                ))),
+            };
         }
     };
     let status =
@@ -445,7 +483,112 @@ pub(super) async fn forward(
         bytes.extend_from_slice(&chunk);
     }
     out.push(("content-length", bytes.len().to_string()));
-    Ok(respond(status, &out, Body::from(bytes)))
+    Ok(Forwarded::Answer(respond(status, &out, Body::from(bytes))))
+}
+
+/// Whether nothing listens at the address (the server is gone), as opposed to one that
+/// is slow, unreachable or misconfigured, which may hold its sessions still.
+fn refused(e: &reqwest::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return io.kind() == std::io::ErrorKind::ConnectionRefused;
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// Takes upload session `id` of `name` over from `owner`, a server gone, by the
+/// checkpoint saved with it (once: another server trying at the same time gets none).
+/// False where none was saved (its row is forgotten: the session is lost).
+async fn take_over(
+    reg: &Registry,
+    name: &str,
+    id: &str,
+    owner: &str,
+    client: std::net::IpAddr,
+) -> Result<bool, ApiError> {
+    let Some(peer) = reg.inner.peer.get() else {
+        return Ok(false);
+    };
+    let (store, i, n, from, to) = (
+        reg.inner.store.clone(),
+        id.to_string(),
+        name.to_string(),
+        owner.to_string(),
+        peer.url.clone(),
+    );
+    let taken = blocking(move || {
+        let taken = store.take_upload(&i, &n, &from, &to)?;
+        if taken.is_none() && from != to {
+            // Nothing saved to carry on from: the session is lost with its server.
+            store.forget_upload(&i, &from)?;
+        }
+        Ok(taken)
+    })
+    .await?;
+    let Some((blob, offset)) = taken else {
+        // A request beside this one may have just taken it over for this server.
+        return Ok(session(reg, name, id).is_ok());
+    };
+    tracing::info!(upload = id, %owner, offset, "carrying on an upload session whose server is gone");
+    let up = Upload {
+        blob: Arc::from(blob),
+        offset,
+        hasher: Sha256::new(),
+        rehash: true,
+        touched: std::time::Instant::now(),
+    };
+    upload_table(reg)?.insert(
+        id.to_string(),
+        Session {
+            repo: name.to_string(),
+            client,
+            upload: Arc::new(tokio::sync::Mutex::new(up)),
+        },
+    );
+    Ok(true)
+}
+
+/// Where servers share the registry, makes the chunk just appended durable in the blob
+/// storage and saves where the session stands with it, before it is acknowledged. On
+/// failure the session ends; when another server has taken it over, it is dropped here.
+async fn checkpoint(reg: &Registry, name: &str, id: &str, up: &Upload) -> Result<(), ApiError> {
+    let Some(peer) = reg.inner.peer.get() else {
+        return Ok(());
+    };
+    let (blob, len, store, i, n, me) = (
+        up.blob.clone(),
+        up.offset,
+        reg.inner.store.clone(),
+        id.to_string(),
+        name.to_string(),
+        peer.url.clone(),
+    );
+    let saved = blocking(move || match blob.checkpoint(len)? {
+        Some(state) => store.save_upload(&i, &n, &me, len, &state).map(Some),
+        // A backend that keeps uploads on this server (a directory's files).
+        None => Ok(None),
+    })
+    .await;
+    match saved {
+        Ok(Some(true) | None) => Ok(()),
+        Ok(Some(false)) => {
+            // Another server carries the session on; its bytes are its now.
+            remove_session(reg, id);
+            Err(ApiError::upload_unknown())
+        }
+        Err(e) => {
+            // What reached the bucket may be ahead of what was saved: the session ends
+            // (the client starts the blob again) rather than go on from a guess.
+            remove_session(reg, id);
+            if forget_shared(reg, id).await {
+                discard(vec![up.blob.clone()]).await;
+            }
+            Err(e)
+        }
+    }
 }
 
 fn upload_table(reg: &Registry) -> Result<std::sync::MutexGuard<'_, super::Sessions>, ApiError> {
@@ -501,11 +644,11 @@ fn session(
 pub(super) fn take_expired(
     map: &mut super::Sessions,
     idle: std::time::Duration,
-) -> Vec<Arc<dyn BlobUpload>> {
+) -> Vec<(String, Arc<dyn BlobUpload>)> {
     let mut gone = Vec::new();
-    map.retain(|_, s| match s.upload.try_lock() {
+    map.retain(|id, s| match s.upload.try_lock() {
         Ok(up) if up.touched.elapsed() > idle => {
-            gone.push(up.blob.clone());
+            gone.push((id.clone(), up.blob.clone()));
             false
         }
         _ => true,
@@ -513,12 +656,48 @@ pub(super) fn take_expired(
     gone
 }
 
-/// Forgets a session the servers sharing the registry were told of.
-async fn forget_shared(reg: &Registry, id: &str) {
-    if reg.inner.peer.get().is_some() {
-        let (store, i) = (reg.inner.store.clone(), id.to_string());
-        if let Err(e) = blocking(move || store.forget_upload(&i)).await {
+/// The maintenance loop's sweep of upload sessions: those idle too long are dropped with
+/// their data (where servers share the registry, only if still this server's: one taken
+/// over lives on elsewhere), and the rows of those open are marked in use, so the
+/// leader never takes a long request's session for abandoned.
+pub(super) async fn sweep(reg: &Registry) {
+    let (expired, open) = match reg.inner.uploads.lock() {
+        Ok(mut map) => {
+            let expired = take_expired(&mut map, reg.inner.limits.upload_idle);
+            (expired, map.keys().cloned().collect::<Vec<_>>())
+        }
+        Err(_) => return,
+    };
+    let mut gone = Vec::new();
+    for (id, blob) in expired {
+        if forget_shared(reg, &id).await {
+            gone.push(blob);
+        }
+    }
+    if !gone.is_empty() {
+        tracing::info!(sessions = gone.len(), "idle upload sessions dropped");
+        discard(gone).await;
+    }
+    if let (Some(peer), false) = (reg.inner.peer.get(), open.is_empty()) {
+        let (store, me) = (reg.inner.store.clone(), peer.url.clone());
+        if let Err(e) = blocking(move || store.touch_uploads(&me, &open)).await {
+            tracing::warn!(error = %e.message, "marking upload sessions in use");
+        }
+    }
+}
+
+/// Forgets a session the servers sharing the registry were told of; false when another
+/// server has taken it over (this one must not finish it).
+async fn forget_shared(reg: &Registry, id: &str) -> bool {
+    let Some(peer) = reg.inner.peer.get() else {
+        return true;
+    };
+    let (store, i, me) = (reg.inner.store.clone(), id.to_string(), peer.url.clone());
+    match blocking(move || store.forget_upload(&i, &me)).await {
+        Ok(mine) => mine,
+        Err(e) => {
             tracing::warn!(upload = id, error = %e.message, "forgetting an upload session");
+            true
         }
     }
 }
@@ -618,7 +797,11 @@ pub(super) async fn patch_upload(
 ) -> Result<Response, ApiError> {
     let s = session(reg, name, id)?;
     let mut up = s.lock().await;
-    if let Err(e) = append_chunk(reg, &mut up, headers, body).await {
+    let appended = match append_chunk(reg, &mut up, headers, body).await {
+        Ok(()) => checkpoint(reg, name, id, &up).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = appended {
         tracing::debug!(
             upload = id,
             offset = up.offset,
@@ -649,10 +832,16 @@ pub(super) async fn finish_upload(
     let s = session(reg, name, id)?;
     let mut up = s.lock().await;
     append_chunk(reg, &mut up, headers, body).await?;
-    // The session ends here whatever the outcome: a wrong digest discards the data.
+    // The session ends here whatever the outcome: a wrong digest discards the data. Its
+    // row goes first, so no request finds it here without its session.
+    let mine = forget_shared(reg, id).await;
     remove_session(reg, id);
-    forget_shared(reg, id).await;
-    let (blob, hasher, size) = (up.blob.clone(), up.hasher.clone(), up.offset);
+    if !mine {
+        // Another server took it over (this one seemed gone): it finishes the upload.
+        return Err(ApiError::upload_unknown());
+    }
+    let hasher = (!up.rehash).then(|| up.hasher.clone());
+    let (blob, size) = (up.blob.clone(), up.offset);
     // Still holding the session: a chunk that waited for it finds the upload sealed.
     commit(reg, name, &digest, blob, hasher, size).await?;
     Ok(created(name, &digest))
@@ -665,9 +854,11 @@ pub(super) async fn cancel_upload(
 ) -> Result<Response, ApiError> {
     let s = session(reg, name, id)?;
     let up = s.lock().await;
+    let mine = forget_shared(reg, id).await;
     remove_session(reg, id);
-    forget_shared(reg, id).await;
-    discard(vec![up.blob.clone()]).await;
+    if mine {
+        discard(vec![up.blob.clone()]).await;
+    }
     Ok(respond(
         StatusCode::NO_CONTENT,
         &[("Content-Length", "0".into())],
@@ -695,6 +886,7 @@ mod tests {
                 blob,
                 offset: 0,
                 hasher: sha2::Sha256::new(),
+                rehash: false,
                 touched: Instant::now().checked_sub(age).unwrap(),
             };
             Session {
@@ -716,8 +908,9 @@ mod tests {
         map.insert("busy".into(), busy);
         let gone = take_expired(&mut map, UPLOAD_IDLE);
         assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].0, "old");
         let mut text = String::new();
-        std::io::Read::read_to_string(&mut gone[0].reader().unwrap(), &mut text).unwrap();
+        std::io::Read::read_to_string(&mut gone[0].1.reader().unwrap(), &mut text).unwrap();
         assert_eq!(text, "/tmp/old");
         assert!(map.contains_key("new") && map.contains_key("busy"));
     }

@@ -254,12 +254,17 @@ tokio::task_local! {
 }
 
 /// One upload session (sessions live in memory; a restart forgets them and clears
-/// `uploads/`, which is what makes partial data invisible after a crash).
+/// `uploads/`, which is what makes partial data invisible after a crash). Where servers
+/// share the registry, each acknowledged chunk is also checkpointed to its blob storage,
+/// and another server carries the session on if this one dies (`blobs::take_over`).
 pub(crate) struct Upload {
     /// Where the bytes go (the store's [`crate::store::BlobUpload`]; dropped, it is gone).
     pub blob: Arc<dyn crate::store::BlobUpload>,
     pub offset: u64,
     pub hasher: sha2::Sha256,
+    /// The session was carried on from another server's checkpoint: `hasher` has not
+    /// seen its first bytes, so the commit hashes the whole upload again.
+    pub rehash: bool,
     /// Last time a request touched the session; idle sessions expire
     /// ([`RegistryLimits::upload_idle`]).
     pub touched: std::time::Instant,
@@ -590,17 +595,27 @@ impl Registry {
             loop {
                 tokio::time::sleep(every).await;
                 let Some(state) = weak.upgrade() else { return };
-                let expired = match state.uploads.lock() {
-                    Ok(mut map) => blobs::take_expired(&mut map, state.limits.upload_idle),
-                    Err(_) => Vec::new(),
-                };
-                if !expired.is_empty() {
-                    tracing::info!(sessions = expired.len(), "idle upload sessions dropped");
-                    blobs::discard(expired).await;
-                }
+                blobs::sweep(&Registry {
+                    inner: state.clone(),
+                })
+                .await;
                 // Sessions are each server's own; the rest is done once, by the leader.
                 if !state.leads() {
                     continue;
+                }
+                if state.peer.get().is_some() {
+                    // Sessions whose server died holding them, and their checkpoints.
+                    let (store, idle) = (state.store.clone(), state.limits.upload_idle);
+                    let before = std::time::SystemTime::now() - idle * 2;
+                    match tokio::task::spawn_blocking(move || store.expire_uploads(before)).await {
+                        Ok(Ok(0)) | Err(_) => {}
+                        Ok(Ok(n)) => {
+                            tracing::info!(sessions = n, "abandoned upload sessions removed")
+                        }
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e, "removing abandoned upload sessions")
+                        }
+                    }
                 }
                 if last_prune.elapsed() >= OUTBOX_PRUNE_EVERY {
                     last_prune = std::time::Instant::now();

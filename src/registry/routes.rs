@@ -309,13 +309,21 @@ async fn handle(
         }
         Route::Upload(name, id) => {
             check_name(&name)?;
-            if let Some(owner) = blobs::held_elsewhere(reg, &name, &id, headers).await? {
-                // The holder counts it against the tier's rate: counted here, it would
-                // count twice for the registry.
-                reg.inner
-                    .throttle
-                    .give_back(super::throttle::Op::of(method));
-                return blobs::forward(reg, &owner, method, &name, &id, q, headers, body).await;
+            let mut body = body;
+            if let Some(owner) = blobs::held_elsewhere(reg, &name, &id, client, headers).await? {
+                let sent =
+                    blobs::forward(reg, &owner, client, method, &name, &id, q, headers, body);
+                match sent.await? {
+                    blobs::Forwarded::Answer(answer) => {
+                        // The holder counted it against the tier's rate: counted here
+                        // too, it would count twice for the registry.
+                        reg.inner
+                            .throttle
+                            .give_back(super::throttle::Op::of(method));
+                        return Ok(answer);
+                    }
+                    blobs::Forwarded::TakenOver(b) => body = b,
+                }
             }
             match *method {
                 Method::GET => blobs::upload_status(reg, &name, &id).await,

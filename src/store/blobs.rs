@@ -72,6 +72,16 @@ pub trait BlobStorage: Send + Sync + std::fmt::Debug {
         &self,
         keep: &mut dyn FnMut(&str) -> Result<bool, StoreError>,
     ) -> Result<(), StoreError>;
+    /// An upload carried on from `state`, a [`BlobUpload::checkpoint`] another server made
+    /// (it died holding the session); `None` where the backend keeps uploads local.
+    fn resume(&self, state: &str) -> Result<Option<Box<dyn BlobUpload>>, StoreError> {
+        let _ = state;
+        Ok(None)
+    }
+    /// Removes what the checkpoint `state` left behind (its session was abandoned).
+    fn abandon(&self, state: &str) {
+        let _ = state;
+    }
 }
 
 /// A blob being received. Shared between the tasks that write its batches (`&self`).
@@ -84,6 +94,12 @@ pub trait BlobUpload: Send + Sync {
     fn sync_some(&self) -> std::io::Result<()>;
     /// The bytes written so far (to hash them by another algorithm).
     fn reader(&self) -> std::io::Result<Box<dyn Read + Send>>;
+    /// Fills `buf` with the bytes written at `pos` (a layer above cutting a chunk back).
+    fn read_exact_at(&self, buf: &mut [u8], pos: u64) -> std::io::Result<()> {
+        let mut r = self.reader()?;
+        std::io::copy(&mut (&mut r).take(pos), &mut std::io::sink())?;
+        r.read_exact(buf)
+    }
     /// Make the upload durable content under `digest` (verified by the caller). Content
     /// already stored under it is kept (it is the same bytes). May be called again; after
     /// it, writes are refused (the committed content never changes).
@@ -96,6 +112,13 @@ pub trait BlobUpload: Send + Sync {
         Err(StoreError::Refused(
             "this blob storage cannot replace content in place".into(),
         ))
+    }
+    /// Makes the first `len` bytes written durable where every server sharing the storage
+    /// reaches them, and says how another one carries the upload on from there
+    /// ([`BlobStorage::resume`]). `None` where the upload stays with this server.
+    fn checkpoint(&self, len: u64) -> Result<Option<String>, StoreError> {
+        let _ = len;
+        Ok(None)
     }
     /// Whether the upload seals what it stores (encryption at rest).
     fn sealed(&self) -> bool {

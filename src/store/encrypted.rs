@@ -211,7 +211,19 @@ impl EncryptedBlobs {
                 path: "upload".into(),
                 source: e,
             })?;
-        Ok(EncryptedUpload {
+        Ok(self.upload(inner, dek, key_id, wrapped, UpState::default()))
+    }
+
+    /// An upload of this layer over `inner`, sealed by `dek` (as wrapped by `key_id`).
+    fn upload(
+        &self,
+        inner: Box<dyn BlobUpload>,
+        dek: Dek,
+        key_id: String,
+        wrapped: Vec<u8>,
+        state: UpState,
+    ) -> EncryptedUpload {
+        EncryptedUpload {
             inner,
             dek: Arc::new(dek),
             key_id,
@@ -219,14 +231,54 @@ impl EncryptedBlobs {
             index: self.index.clone(),
             storage: self.inner.clone(),
             required: self.required.clone(),
-            state: Mutex::new(UpState::default()),
-        })
+            state: Mutex::new(state),
+        }
     }
 }
 
 impl BlobStorage for EncryptedBlobs {
     fn begin(&self) -> Result<Box<dyn BlobUpload>, StoreError> {
         Ok(Box::new(self.begin_sealed()?))
+    }
+
+    /// The layer under it carries on the header and whole chunks; the data key is
+    /// unwrapped (and wrapped again by the current key, which a rotation since may have
+    /// changed), and the plaintext after the whole chunks opened from its sealed copy.
+    fn resume(&self, state: &str) -> Result<Option<Box<dyn BlobUpload>>, StoreError> {
+        let bad = || StoreError::Corrupt("a sealed upload's saved state is not readable".into());
+        let cp: SealedCheckpoint = serde_json::from_str(state).map_err(|_| bad())?;
+        let Some(inner) = self.inner.resume(&cp.inner)? else {
+            return Ok(None);
+        };
+        let dek_id: DekId = hex::decode(&cp.dek)
+            .ok()
+            .and_then(|d| d.try_into().ok())
+            .ok_or_else(bad)?;
+        let wrapped = hex::decode(&cp.wrapped).map_err(|_| bad())?;
+        let ring = self.keys.ring();
+        let dek = ring.unwrap(&cp.key, &dek_id, &wrapped)?;
+        let (key_id, wrapped) = ring.rewrap(&cp.key, &dek_id, &wrapped)?;
+        let mut tail = hex::decode(&cp.tail).map_err(|_| bad())?;
+        let n = dek.open_chunk(cp.full, false, &mut tail)?.len();
+        if n >= CHUNK {
+            return Err(bad());
+        }
+        let state = UpState {
+            full: cp.full,
+            tail: tail[NONCE_LEN..NONCE_LEN + n].to_vec(),
+            committed: false,
+        };
+        Ok(Some(Box::new(
+            self.upload(inner, dek, key_id, wrapped, state),
+        )))
+    }
+
+    fn abandon(&self, state: &str) {
+        match serde_json::from_str::<SealedCheckpoint>(state) {
+            Ok(cp) => self.inner.abandon(&cp.inner),
+            // Saved before the store was sealed: the layer under it made it.
+            Err(_) => self.inner.abandon(state),
+        }
     }
 
     fn exists(&self, digest: &str) -> bool {
@@ -419,6 +471,20 @@ impl Read for ChunkReader {
     }
 }
 
+/// Where a sealed upload stands, for another server to carry it on: the checkpoint of
+/// the layer under it (the header and the whole chunks), the data key as wrapped, and
+/// the plaintext after the whole chunks (kept in memory, not in the file) sealed as
+/// chunk `full`, all hex.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SealedCheckpoint {
+    inner: String,
+    dek: String,
+    key: String,
+    wrapped: String,
+    full: u64,
+    tail: String,
+}
+
 #[derive(Default)]
 struct UpState {
     /// Full chunks written.
@@ -562,12 +628,10 @@ impl BlobUpload for EncryptedUpload {
         }
         // Cut back into the written chunks: keep the start of chunk k as the new tail.
         let k = len / CHUNK as u64;
-        let mut r = self.inner.reader()?;
-        std::io::copy(&mut (&mut r).take(chunk_offset(k)), &mut std::io::sink())?;
         let mut chunk = vec![0u8; SEALED_CHUNK];
-        if read_full(&mut r, &mut chunk)? != SEALED_CHUNK {
-            return Err(std::io::Error::other("an upload's chunk is missing"));
-        }
+        self.inner
+            .read_exact_at(&mut chunk, chunk_offset(k))
+            .map_err(|_| std::io::Error::other("an upload's chunk is missing"))?;
         let n = self
             .dek
             .open_chunk(k, false, &mut chunk)
@@ -611,6 +675,35 @@ impl BlobUpload for EncryptedUpload {
 
     fn commit(&self, digest: &str) -> Result<(), StoreError> {
         self.seal_into(digest, false)
+    }
+
+    fn checkpoint(&self, len: u64) -> Result<Option<String>, StoreError> {
+        let st = self.lock().map_err(|e| StoreError::Io {
+            path: "upload".into(),
+            source: e,
+        })?;
+        let now = st.full * CHUNK as u64 + st.tail.len() as u64;
+        if st.committed || len != now {
+            return Err(StoreError::Refused(format!(
+                "a sealed upload at {now} cannot be checkpointed at {len}"
+            )));
+        }
+        let Some(inner) = self.inner.checkpoint(chunk_offset(st.full))? else {
+            return Ok(None);
+        };
+        let mut tail = Vec::with_capacity(st.tail.len() + OVERHEAD);
+        self.dek.seal_chunk(st.full, false, &st.tail, &mut tail)?;
+        let cp = SealedCheckpoint {
+            inner,
+            dek: hex::encode(self.dek.id()),
+            key: self.key_id.clone(),
+            wrapped: hex::encode(&self.wrapped),
+            full: st.full,
+            tail: hex::encode(tail),
+        };
+        serde_json::to_string(&cp)
+            .map(Some)
+            .map_err(|e| StoreError::Refused(format!("a sealed upload's state: {e}")))
     }
 
     fn sealed(&self) -> bool {

@@ -200,9 +200,54 @@ pub trait ManagedMeta: RegistryMeta + super::crypt::KeyIndex {
     fn upload_owner(&self, _id: &str, _repo: &str) -> Result<Option<String>, StoreError> {
         Ok(None)
     }
-    /// Forgets upload session `id` (finished, cancelled, expired, or its server gone).
-    fn forget_upload(&self, _id: &str) -> Result<(), StoreError> {
+    /// Forgets upload session `id` held by `owner` (finished, cancelled, expired, or its
+    /// server gone); false when another server holds it now (it took the session over).
+    fn forget_upload(&self, _id: &str, _owner: &str) -> Result<bool, StoreError> {
+        Ok(true)
+    }
+    /// Saves where upload session `id` of `repo` stands (`size` bytes, the blob storage's
+    /// checkpoint `state`) while `owner` holds it (recording it again if its row went);
+    /// false once another server has taken it over.
+    fn save_upload(
+        &self,
+        _id: &str,
+        _repo: &str,
+        _owner: &str,
+        _size: u64,
+        _state: &str,
+    ) -> Result<bool, StoreError> {
+        Ok(true)
+    }
+    /// The size and checkpoint saved for upload session `id` of `repo` held by `owner`.
+    fn upload_state(
+        &self,
+        _id: &str,
+        _repo: &str,
+        _owner: &str,
+    ) -> Result<Option<(u64, String)>, StoreError> {
+        Ok(None)
+    }
+    /// Moves upload session `id` from `from` to `to` if it still stands at `state` (a
+    /// server carrying it on has resumed it from there); false when another server moved
+    /// it first or it changed.
+    fn move_upload(
+        &self,
+        _id: &str,
+        _from: &str,
+        _to: &str,
+        _state: &str,
+    ) -> Result<bool, StoreError> {
+        Ok(false)
+    }
+    /// Marks the sessions `ids` that `owner` holds as in use now (a long request keeps
+    /// its session from being taken for abandoned).
+    fn touch_uploads(&self, _owner: &str, _ids: &[String]) -> Result<(), StoreError> {
         Ok(())
+    }
+    /// Forgets the sessions no request touched since `before` (Unix seconds): the
+    /// checkpoints of those saved, for their blob storage to remove.
+    fn expire_uploads(&self, _before: i64) -> Result<Vec<String>, StoreError> {
+        Ok(Vec::new())
     }
     /// Adds this server's read and write operations since its last call to the
     /// registry's running totals and returns them (servers sharing the registry hold its

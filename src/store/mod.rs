@@ -193,8 +193,64 @@ impl Store {
     }
 
     /// See [`ManagedMeta::forget_upload`].
-    pub fn forget_upload(&self, id: &str) -> Result<(), StoreError> {
-        self.side.forget_upload(id)
+    pub fn forget_upload(&self, id: &str, owner: &str) -> Result<bool, StoreError> {
+        self.side.forget_upload(id, owner)
+    }
+
+    /// See [`ManagedMeta::save_upload`].
+    pub fn save_upload(
+        &self,
+        id: &str,
+        repo: &str,
+        owner: &str,
+        size: u64,
+        state: &str,
+    ) -> Result<bool, StoreError> {
+        self.side.save_upload(id, repo, owner, size, state)
+    }
+
+    /// See [`ManagedMeta::touch_uploads`].
+    pub fn touch_uploads(&self, owner: &str, ids: &[String]) -> Result<(), StoreError> {
+        self.side.touch_uploads(owner, ids)
+    }
+
+    /// Takes upload session `id` of `repo` over from `from`, a server gone, for `to`: the
+    /// upload carried on from its checkpoint, and its size. `None` where nothing was
+    /// saved, another server took it first, or the blob storage keeps uploads local. The
+    /// upload is resumed before the session is moved, so a failure leaves it to be taken
+    /// again.
+    pub fn take_upload(
+        &self,
+        id: &str,
+        repo: &str,
+        from: &str,
+        to: &str,
+    ) -> Result<Option<Carried>, StoreError> {
+        let Some((size, state)) = self.side.upload_state(id, repo, from)? else {
+            return Ok(None);
+        };
+        let Some(up) = self.now().blobs.resume(&state)? else {
+            return Ok(None);
+        };
+        // Lost to another server: the upload is dropped, its checkpoint left to that one.
+        Ok(self
+            .side
+            .move_upload(id, from, to, &state)?
+            .then_some((up, size)))
+    }
+
+    /// Forgets the shared upload sessions idle since `before` and removes their
+    /// checkpoints from the blob storage (their servers died holding them); how many.
+    pub fn expire_uploads(&self, before: std::time::SystemTime) -> Result<usize, StoreError> {
+        let secs = before
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let states = self.side.expire_uploads(secs)?;
+        let blobs = self.now().blobs.clone();
+        for state in &states {
+            blobs.abandon(state);
+        }
+        Ok(states.len())
     }
 
     /// See [`ManagedMeta::count_ops`].
@@ -442,6 +498,9 @@ pub fn first_start(
         _ => Ok(None),
     }
 }
+
+/// An upload carried on from another server's checkpoint, and how many bytes it holds.
+pub type Carried = (Box<dyn BlobUpload>, u64);
 
 /// `serve --storage URL`: a new registry keeps its blobs there from its first start on (the
 /// choice is kept in its settings, so every later open, the CLI's included, finds them); a

@@ -98,6 +98,12 @@ CREATE TABLE registry_ops(id SMALLINT PRIMARY KEY CHECK (id = 1),
     reads BIGINT NOT NULL, writes BIGINT NOT NULL);
 INSERT INTO registry_ops(id, reads, writes) VALUES (1, 0, 0);
 "#,
+    r#"
+ALTER TABLE registry_uploads ADD COLUMN size BIGINT NOT NULL DEFAULT 0,
+    ADD COLUMN state TEXT,
+    ADD COLUMN touched BIGINT NOT NULL DEFAULT (extract(epoch FROM now()))::BIGINT;
+UPDATE registry_uploads SET touched = created;
+"#,
 ];
 
 /// The registry's write lock, held by every change to the end of its transaction
@@ -524,13 +530,14 @@ impl super::meta::ManagedMeta for PgMeta {
 
     fn put_upload(&self, id: &str, repo: &str, owner: &str) -> Result<(), StoreError> {
         let mut c = self.read();
-        // Sessions expire long before a day; rows of servers that died go then.
+        // Sessions expire long before a day; rows of servers that died go then (those
+        // with a checkpoint go by `expire_uploads`, which removes it too).
         c.exec(
-            "DELETE FROM registry_uploads WHERE created < $1",
+            "DELETE FROM registry_uploads WHERE touched < $1 AND state IS NULL",
             args![now() - 86_400],
         )?;
         c.exec(
-            "INSERT INTO registry_uploads(id, repo, owner, created) VALUES ($1, $2, $3, $4)
+            "INSERT INTO registry_uploads(id, repo, owner, created, touched) VALUES ($1, $2, $3, $4, $4)
              ON CONFLICT(id) DO NOTHING",
             args![s(id), s(repo), s(owner), now()],
         )?;
@@ -558,10 +565,87 @@ impl super::meta::ManagedMeta for PgMeta {
             .transpose()
     }
 
-    fn forget_upload(&self, id: &str) -> Result<(), StoreError> {
-        self.read()
-            .exec("DELETE FROM registry_uploads WHERE id = $1", args![s(id)])?;
+    fn forget_upload(&self, id: &str, owner: &str) -> Result<bool, StoreError> {
+        let mut c = self.read();
+        if c.exec(
+            "DELETE FROM registry_uploads WHERE id = $1 AND owner = $2",
+            args![s(id), s(owner)],
+        )? > 0
+        {
+            return Ok(true);
+        }
+        // Not this owner's: another server's now, or gone.
+        Ok(
+            c.row("SELECT 1 FROM registry_uploads WHERE id = $1", args![s(id)])?
+                .is_none(),
+        )
+    }
+
+    fn save_upload(
+        &self,
+        id: &str,
+        repo: &str,
+        owner: &str,
+        size: u64,
+        state: &str,
+    ) -> Result<bool, StoreError> {
+        let mut c = self.read();
+        let (size, t) = (size as i64, now());
+        if c.exec(
+            "UPDATE registry_uploads SET size = $3, state = $4, touched = $5
+             WHERE id = $1 AND owner = $2",
+            args![s(id), s(owner), size, s(state), t],
+        )? > 0
+        {
+            return Ok(true);
+        }
+        // Its row went (never recorded, or expired): recorded again, unless another
+        // server holds it.
+        Ok(c.exec(
+            "INSERT INTO registry_uploads(id, repo, owner, created, touched, size, state)
+             VALUES ($1, $2, $3, $4, $4, $5, $6) ON CONFLICT(id) DO NOTHING",
+            args![s(id), s(repo), s(owner), t, size, s(state)],
+        )? > 0)
+    }
+
+    fn upload_state(
+        &self,
+        id: &str,
+        repo: &str,
+        owner: &str,
+    ) -> Result<Option<(u64, String)>, StoreError> {
+        let row = self.read().row(
+            "SELECT size, state FROM registry_uploads
+             WHERE id = $1 AND repo = $2 AND owner = $3 AND state IS NOT NULL",
+            args![s(id), s(repo), s(owner)],
+        )?;
+        row.map(|r| Ok((size(&r, 0)?, col::<String>(&r, 1)?)))
+            .transpose()
+    }
+
+    fn move_upload(&self, id: &str, from: &str, to: &str, state: &str) -> Result<bool, StoreError> {
+        Ok(self.read().exec(
+            "UPDATE registry_uploads SET owner = $3, touched = $5
+             WHERE id = $1 AND owner = $2 AND state = $4",
+            args![s(id), s(from), s(to), s(state), now()],
+        )? > 0)
+    }
+
+    fn touch_uploads(&self, owner: &str, ids: &[String]) -> Result<(), StoreError> {
+        self.read().exec(
+            "UPDATE registry_uploads SET touched = $3 WHERE owner = $1 AND id = ANY($2)",
+            args![s(owner), ids.to_vec(), now()],
+        )?;
         Ok(())
+    }
+
+    fn expire_uploads(&self, before: i64) -> Result<Vec<String>, StoreError> {
+        let rows = self.read().rows(
+            "DELETE FROM registry_uploads WHERE touched < $1 AND state IS NOT NULL
+             RETURNING state",
+            args![before],
+        )?;
+        rows.iter().map(|r| col::<String>(r, 0)).collect()
     }
 
     fn put_key_ring(&self, text: &str, replace: bool) -> Result<bool, StoreError> {

@@ -9,6 +9,13 @@
 //! blobs; either is visible whole or not at all. Pulls read ranges (`map` hands the pull
 //! path one ranged GET per chunk).
 //!
+//! Where servers share the registry, each acknowledged chunk is checkpointed to the bucket
+//! first ([`BlobUpload::checkpoint`]): whole parts of a multipart upload to
+//! `PREFIX/uploads/<id>/data`, the rest in a tail object, and the state saved with the
+//! session, so another server carries the session on when its holder dies
+//! ([`BlobStorage::resume`]). Such an upload's commit completes the multipart upload and
+//! copies it to the blob's key in the bucket (as distribution's S3 driver moves uploads).
+//!
 //! [`BlobStorage`] is synchronous (the store's callers run it on blocking threads); this
 //! backend runs its requests on a small runtime of its own and waits for them, so it works
 //! from any thread, inside another runtime or not.
@@ -16,13 +23,15 @@
 use std::fs;
 use std::future::Future;
 use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path as Key;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 
@@ -35,8 +44,14 @@ const PART: usize = 8 << 20;
 /// The largest object S3 copies in one request (5 GB); larger ones are streamed.
 const COPY_MAX: u64 = 5_000_000_000;
 
-/// Copies `from` to `to` through this process, in parts (objects over [`COPY_MAX`]).
-async fn copy_streamed(s: &AmazonS3, from: &Key, to: &Key) -> Result<(), object_store::Error> {
+/// Copies `from` to `to` through this process, in parts (objects over [`COPY_MAX`]),
+/// with `extra` after it.
+async fn copy_streamed(
+    s: &AmazonS3,
+    from: &Key,
+    to: &Key,
+    extra: Vec<u8>,
+) -> Result<(), object_store::Error> {
     let mut body = s.get(from).await?.into_stream();
     let mut w = WriteMultipart::new_with_chunk_size(s.put_multipart(to).await?, PART);
     while let Some(chunk) = body.next().await {
@@ -53,6 +68,7 @@ async fn copy_streamed(s: &AmazonS3, from: &Key, to: &Key) -> Result<(), object_
         }
         w.write(&chunk);
     }
+    w.write(&extra);
     w.finish().await.map(|_| ())
 }
 
@@ -266,11 +282,12 @@ impl S3Blobs {
 
     /// `len` bytes of `digest` from `start`.
     fn range(&self, digest: &str, start: u64, len: u64) -> Result<Bytes, StoreError> {
-        let (s, key, d) = (
-            self.inner.store.clone(),
-            self.blob_key(digest),
-            digest.to_string(),
-        );
+        self.range_of(&self.blob_key(digest), digest, start, len)
+    }
+
+    /// `len` bytes of the object at `key` from `start` (`what`: its name in errors).
+    fn range_of(&self, key: &Key, what: &str, start: u64, len: u64) -> Result<Bytes, StoreError> {
+        let (s, key, d) = (self.inner.store.clone(), key.clone(), what.to_string());
         self.wait(async move { s.get_range(&key, start..start + len).await })?
             .map_err(|e| match e {
                 object_store::Error::NotFound { .. } => StoreError::BlobMissing(d),
@@ -388,7 +405,48 @@ impl BlobStorage for S3Blobs {
         Ok(Box::new(S3Upload {
             spool: Spool::create(&self.inner.spool)?,
             blobs: self.clone(),
+            durable: Mutex::new(None),
         }))
+    }
+
+    /// The tail comes back into a new spool at its offset; the parts stay in the bucket.
+    fn resume(&self, state: &str) -> Result<Option<Box<dyn BlobUpload>>, StoreError> {
+        let cp = Checkpoint::parse(state)?;
+        let spool = Spool::create(&self.inner.spool)?;
+        if let Some(t) = &cp.tail {
+            let want = cp.len - cp.base;
+            let tail = self.range_of(&self.upload_key(&cp.id, t), "an upload's tail", 0, want)?;
+            if tail.len() as u64 != want {
+                return Err(StoreError::Corrupt(format!(
+                    "upload {}: its last bytes are {} long, not {want}",
+                    cp.id,
+                    tail.len()
+                )));
+            }
+            spool
+                .write_at(&tail, cp.base)
+                .map_err(io_err(&spool.path))?;
+        }
+        spool.set_len(cp.len).map_err(io_err(&spool.path))?;
+        Ok(Some(Box::new(S3Upload {
+            spool,
+            blobs: self.clone(),
+            durable: Mutex::new(Some(Durable {
+                cp,
+                done: false,
+                data_len: 0,
+                resumed: true,
+                stale: None,
+                unsure: true,
+            })),
+        })))
+    }
+
+    fn abandon(&self, state: &str) {
+        match Checkpoint::parse(state) {
+            Ok(cp) => self.clean_up(&cp, None),
+            Err(e) => tracing::warn!(error = %e, "an abandoned upload's state"),
+        }
     }
 
     /// Signed locally (no request): S3 checks the signature and its expiry when the
@@ -419,7 +477,8 @@ impl BlobStorage for S3Blobs {
             .ok_or_else(|| StoreError::BlobMissing(digest.to_string()))?;
         Ok(Box::new(RangeReader {
             blobs: self.clone(),
-            digest: digest.to_string(),
+            key: self.blob_key(digest),
+            name: digest.to_string(),
             pos: start.min(size),
             end: size,
             buf: Bytes::new(),
@@ -482,7 +541,7 @@ impl BlobStorage for S3Blobs {
             if size <= COPY_MAX {
                 s.copy(&from, &to).await?;
             } else {
-                copy_streamed(&s, &from, &to).await?;
+                copy_streamed(&s, &from, &to, Vec::new()).await?;
             }
             s.delete(&from).await.map(|()| true)
         })?;
@@ -549,10 +608,11 @@ impl BlobStorage for S3Blobs {
     }
 }
 
-/// Reads a blob by ranged GETs of a few MiB.
+/// Reads an object (a blob, a completed upload) by ranged GETs of a few MiB.
 struct RangeReader {
     blobs: S3Blobs,
-    digest: String,
+    key: Key,
+    name: String,
     pos: u64,
     end: u64,
     buf: Bytes,
@@ -567,7 +627,7 @@ impl Read for RangeReader {
             let len = (self.end - self.pos).min(4 << 20);
             self.buf = self
                 .blobs
-                .range(&self.digest, self.pos, len)
+                .range_of(&self.key, &self.name, self.pos, len)
                 .map_err(std::io::Error::other)?;
             if self.buf.is_empty() {
                 return Err(std::io::Error::new(
@@ -583,28 +643,434 @@ impl Read for RangeReader {
     }
 }
 
-/// An upload spooled to a local file until its commit writes it to the bucket.
+/// Where an upload that another server may carry on stands, saved with its session: the
+/// parts of a multipart upload to `uploads/<id>/data` hold its first `base` bytes (whole
+/// [`PART`]s), the object `tail` the rest, up to `len`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Checkpoint {
+    id: String,
+    multipart: Option<String>,
+    /// The parts' ids (ETags), in order.
+    parts: Vec<String>,
+    base: u64,
+    len: u64,
+    tail: Option<String>,
+}
+
+impl Checkpoint {
+    /// A state read back from the database, checked before any key is made of it.
+    fn parse(state: &str) -> Result<Checkpoint, StoreError> {
+        let bad = |why: &str| StoreError::Corrupt(format!("an upload's saved state: {why}"));
+        let cp: Checkpoint = serde_json::from_str(state).map_err(|_| bad("not readable"))?;
+        let hex =
+            |v: &str| !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_hexdigit());
+        if !hex(&cp.id)
+            || cp.base != cp.parts.len() as u64 * PART as u64
+            || cp.len < cp.base
+            || cp.len - cp.base >= PART as u64
+            || (!cp.parts.is_empty() && cp.multipart.is_none())
+            || cp.tail.is_some() != (cp.len > cp.base)
+            || cp
+                .tail
+                .as_deref()
+                .is_some_and(|t| !t.starts_with("tail-") || !hex(&t[5..]))
+        {
+            return Err(bad("inconsistent"));
+        }
+        Ok(cp)
+    }
+}
+
+/// An upload checkpointed to the bucket (or carried on from a checkpoint).
+struct Durable {
+    cp: Checkpoint,
+    /// The multipart upload is complete: `uploads/<id>/data` holds the upload's first
+    /// `data_len` bytes (a layer above may write after reading them back: its last chunk).
+    done: bool,
+    data_len: u64,
+    /// Carried on from another server's checkpoint: the spool lacks the first `base` bytes.
+    resumed: bool,
+    /// The tail the saved state named before the last checkpoint (removed at the next:
+    /// by then the state naming its successor is saved).
+    stale: Option<String>,
+    /// What the bucket holds of it is not all known here (carried on, or a request to
+    /// the bucket failed midway): its cleanup lists `uploads/<id>/`.
+    unsure: bool,
+}
+
+/// Parts an upload sends at once.
+const PARTS_IN_FLIGHT: usize = 4;
+
+impl S3Blobs {
+    fn upload_key(&self, id: &str, name: &str) -> Key {
+        self.key(&format!("uploads/{id}/{name}"))
+    }
+
+    /// Removes what a checkpointed upload has in the bucket: its multipart upload, and
+    /// the objects under `uploads/<id>/` — those named in `known`, or, without it, every
+    /// one listed (its past unknown: carried on, abandoned, or a request failed midway).
+    /// Best effort: what a failure leaves costs space, never correctness (a lifecycle
+    /// rule on `uploads/` catches it, see the README).
+    fn clean_up(&self, cp: &Checkpoint, known: Option<Vec<String>>) {
+        let (s, data, under, multipart) = (
+            self.inner.store.clone(),
+            self.upload_key(&cp.id, "data"),
+            self.key(&format!("uploads/{}", cp.id)),
+            cp.multipart.clone(),
+        );
+        let known: Option<Vec<Key>> =
+            known.map(|names| names.iter().map(|n| self.upload_key(&cp.id, n)).collect());
+        let r = self.wait(async move {
+            if let Some(id) = multipart {
+                // Gone already once completed.
+                let _ = s.abort_multipart(&data, &id).await;
+            }
+            let keys = match known {
+                Some(keys) => keys,
+                None => {
+                    let mut keys = Vec::new();
+                    let mut l = s.list(Some(&under));
+                    while let Some(m) = l.next().await {
+                        keys.push(m?.location);
+                    }
+                    keys
+                }
+            };
+            for k in keys {
+                match s.delete(&k).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
+        });
+        if let Ok(Err(e)) = r {
+            tracing::warn!(upload = %cp.id, error = %e, "removing an upload's parts from object storage");
+        }
+    }
+}
+
+/// An upload spooled to a local file until its commit writes it to the bucket; where
+/// servers share the registry, checkpointed to the bucket as it goes. Dropped, only its
+/// spool goes: what it checkpointed stays for the server that may carry it on, until
+/// [`BlobUpload::cancel`] or [`BlobStorage::abandon`].
 struct S3Upload {
     spool: Spool,
     blobs: S3Blobs,
+    durable: Mutex<Option<Durable>>,
+}
+
+fn poisoned<T>(_: T) -> StoreError {
+    StoreError::Refused("an upload's state is poisoned".into())
+}
+
+impl S3Upload {
+    /// `len` bytes of the spool from `pos`.
+    fn spooled(&self, pos: u64, len: u64) -> Result<Vec<u8>, StoreError> {
+        let mut buf = vec![0u8; len as usize];
+        self.spool
+            .file
+            .read_exact_at(&mut buf, pos)
+            .map_err(io_err(&self.spool.path))?;
+        Ok(buf)
+    }
+
+    /// The spool's length: every byte written (a carried-on upload's first `base` bytes
+    /// are holes in it).
+    fn written(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .spool
+            .file
+            .metadata()
+            .map_err(io_err(&self.spool.path))?
+            .len())
+    }
+
+    /// Sends the spool's whole parts from `d`'s base up to `upto` (a multiple of [`PART`]
+    /// past it), a few at a time, each read from the spool as it goes.
+    fn put_parts(&self, d: &mut Durable, upto: u64) -> Result<(), StoreError> {
+        let n = upto.saturating_sub(d.cp.base) / PART as u64;
+        if n == 0 {
+            return Ok(());
+        }
+        let (s, key) = (
+            self.blobs.inner.store.clone(),
+            self.blobs.upload_key(&d.cp.id, "data"),
+        );
+        if d.cp.multipart.is_none() {
+            // Kept before any part goes, so a cancel aborts it whatever happens next.
+            let (s, key) = (s.clone(), key.clone());
+            let id = self
+                .blobs
+                .wait(async move { s.create_multipart(&key).await })?
+                .map_err(|e| s3_err("starting an upload's parts", e))?;
+            d.cp.multipart = Some(id);
+        }
+        let id = d.cp.multipart.clone().unwrap_or_default();
+        let (file, path) = (
+            self.spool
+                .file
+                .try_clone()
+                .map_err(io_err(&self.spool.path))?,
+            self.spool.path.clone(),
+        );
+        let (base, first) = (d.cp.base, d.cp.parts.len());
+        let file = Arc::new(file);
+        let ids = self.blobs.wait(async move {
+            use futures_util::TryStreamExt;
+            futures_util::stream::iter(0..n)
+                .map(|i| {
+                    let (s, key, id, file, path) = (
+                        s.clone(),
+                        key.clone(),
+                        id.clone(),
+                        file.clone(),
+                        path.clone(),
+                    );
+                    async move {
+                        let mut buf = vec![0u8; PART];
+                        file.read_exact_at(&mut buf, base + i * PART as u64)
+                            .map_err(io_err(&path))?;
+                        s.put_part(&key, &id, first + i as usize, PutPayload::from(buf))
+                            .await
+                            .map(|p| p.content_id)
+                            .map_err(|e| s3_err("uploading a part", e))
+                    }
+                })
+                .buffered(PARTS_IN_FLIGHT)
+                .try_collect::<Vec<String>>()
+                .await
+        })??;
+        d.cp.parts.extend(ids);
+        d.cp.base += n * PART as u64;
+        Ok(())
+    }
+
+    /// Completes `d`'s multipart upload with every byte written so far (the last part
+    /// the rest past the whole ones): `uploads/<id>/data` then holds them (once).
+    fn complete(&self, d: &mut Durable) -> Result<(), StoreError> {
+        if d.done {
+            return Ok(());
+        }
+        let total = self.written()?;
+        if total < d.cp.base {
+            return Err(StoreError::Refused(
+                "an upload was cut back past its checkpoint".into(),
+            ));
+        }
+        // Whole parts while more than one part's worth is left; the last is 1..=PART.
+        let whole = total.saturating_sub(d.cp.base).saturating_sub(1) / PART as u64;
+        self.put_parts(d, d.cp.base + whole * PART as u64)?;
+        let last = self.spooled(d.cp.base, total - d.cp.base)?;
+        let (s, key) = (
+            self.blobs.inner.store.clone(),
+            self.blobs.upload_key(&d.cp.id, "data"),
+        );
+        let (id, mut parts) = (d.cp.multipart.clone(), d.cp.parts.clone());
+        let made = self
+            .blobs
+            .wait(async move {
+                let id = match id {
+                    Some(id) => id,
+                    None => s.create_multipart(&key).await?,
+                };
+                let index = parts.len();
+                if !last.is_empty() || index == 0 {
+                    match s.put_part(&key, &id, index, PutPayload::from(last)).await {
+                        Ok(part) => parts.push(part.content_id),
+                        Err(e) => return Ok((id, Err(e))),
+                    }
+                }
+                let parts = parts
+                    .into_iter()
+                    .map(|content_id| PartId { content_id })
+                    .collect();
+                Ok::<_, object_store::Error>((
+                    id.clone(),
+                    s.complete_multipart(&key, &id, parts).await,
+                ))
+            })?
+            .map_err(|e| s3_err("starting an upload's parts", e))?;
+        d.cp.multipart = Some(made.0);
+        if let Err(e) = made.1 {
+            // It may have completed nonetheless: `data` may be there.
+            d.unsure = true;
+            return Err(s3_err("completing an upload's parts", e));
+        }
+        d.done = true;
+        d.data_len = total;
+        Ok(())
+    }
+
+    /// Writes the upload to `digest`'s key: from the spool when it holds every byte, else
+    /// by completing its parts and copying them there (in the bucket; through this
+    /// process with what was written after they were read back). May be called again
+    /// (the checkpointed state stays until the upload is cancelled).
+    fn store_as(&self, digest: &str) -> Result<(), StoreError> {
+        let mut g = self.durable.lock().map_err(poisoned)?;
+        let key = self.blobs.blob_key(digest);
+        let Some(d) = g.as_mut().filter(|d| d.cp.base > 0 || d.done) else {
+            return self.blobs.upload_file(&self.spool.path, key);
+        };
+        self.complete(d)?;
+        let total = self.written()?;
+        let after = total.saturating_sub(d.data_len);
+        if after > PART as u64 {
+            return Err(StoreError::Refused(
+                "an upload grew by more than a part after it was read back".into(),
+            ));
+        }
+        let extra = self.spooled(d.data_len, after)?;
+        let (s, from, size) = (
+            self.blobs.inner.store.clone(),
+            self.blobs.upload_key(&d.cp.id, "data"),
+            d.data_len,
+        );
+        self.blobs
+            .wait(async move {
+                if extra.is_empty() && size <= COPY_MAX {
+                    s.copy(&from, &key).await
+                } else {
+                    copy_streamed(&s, &from, &key, extra).await
+                }
+            })?
+            .map_err(|e| s3_err("storing an upload", e))
+    }
 }
 
 impl BlobUpload for S3Upload {
     fn write_at(&self, buf: &[u8], pos: u64) -> std::io::Result<()> {
+        if let Ok(Some(d)) = self.durable.lock().as_deref() {
+            if pos < d.cp.base || (d.done && pos < d.data_len) {
+                return Err(std::io::Error::other(
+                    "an upload's bytes in the bucket are not written again",
+                ));
+            }
+        }
         self.spool.write_at(buf, pos)
     }
 
     fn set_len(&self, len: u64) -> std::io::Result<()> {
+        if let Ok(Some(d)) = self.durable.lock().as_deref() {
+            if len < d.cp.base || (d.done && len < d.data_len) {
+                return Err(std::io::Error::other(
+                    "an upload cannot be cut back past what is in the bucket",
+                ));
+            }
+        }
         self.spool.set_len(len)
     }
 
     fn sync_some(&self) -> std::io::Result<()> {
-        // Durability comes from the bucket at commit; the spool needs none.
+        // Durability comes from the bucket at commit (or checkpoint); the spool needs none.
         Ok(())
     }
 
+    /// The spool, or, for an upload whose first parts are in the bucket only (carried on
+    /// from another server), its parts completed and read back; bytes written after that
+    /// (a sealing layer's last chunk) go after them at the commit.
     fn reader(&self) -> std::io::Result<Box<dyn Read + Send>> {
-        self.spool.reader()
+        let mut g = self
+            .durable
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?;
+        match g.as_mut() {
+            Some(d) if d.resumed && d.cp.base > 0 => {
+                self.complete(d).map_err(std::io::Error::other)?;
+                Ok(Box::new(RangeReader {
+                    blobs: self.blobs.clone(),
+                    key: self.blobs.upload_key(&d.cp.id, "data"),
+                    name: format!("upload {}", d.cp.id),
+                    pos: 0,
+                    end: d.data_len,
+                    buf: Bytes::new(),
+                }))
+            }
+            _ => self.spool.reader(),
+        }
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], pos: u64) -> std::io::Result<()> {
+        if let Ok(Some(d)) = self.durable.lock().as_deref() {
+            if d.resumed && pos < d.cp.base {
+                return Err(std::io::Error::other(
+                    "an upload's first parts are in the bucket only",
+                ));
+            }
+        }
+        self.spool.file.read_exact_at(buf, pos)
+    }
+
+    fn checkpoint(&self, len: u64) -> Result<Option<String>, StoreError> {
+        let mut g = self.durable.lock().map_err(poisoned)?;
+        let d = g.get_or_insert_with(|| Durable {
+            cp: Checkpoint {
+                id: uuid::Uuid::new_v4().simple().to_string(),
+                multipart: None,
+                parts: Vec::new(),
+                base: 0,
+                len: 0,
+                tail: None,
+            },
+            done: false,
+            data_len: 0,
+            resumed: false,
+            stale: None,
+            unsure: false,
+        });
+        if d.done || len < d.cp.base || len > self.written()? {
+            return Err(StoreError::Refused(
+                "the upload cannot be checkpointed there".into(),
+            ));
+        }
+        let whole = (len - d.cp.base) / PART as u64;
+        self.put_parts(d, d.cp.base + whole * PART as u64)?;
+        // The tail the saved state names stays until the state naming its successor is
+        // saved; the one before it goes now.
+        let tail = (len > d.cp.base).then(|| format!("tail-{len:x}"));
+        let stale = d
+            .stale
+            .take()
+            .filter(|p| Some(p) != tail.as_ref())
+            .map(|p| self.blobs.upload_key(&d.cp.id, &p));
+        let bytes = self.spooled(d.cp.base, len - d.cp.base)?;
+        let (s, key) = (
+            self.blobs.inner.store.clone(),
+            tail.as_ref().map(|t| self.blobs.upload_key(&d.cp.id, t)),
+        );
+        let put = self.blobs.wait(async move {
+            let removed = match stale {
+                Some(k) => matches!(
+                    s.delete(&k).await,
+                    Ok(()) | Err(object_store::Error::NotFound { .. })
+                ),
+                None => true,
+            };
+            let put = match key {
+                Some(k) => s.put(&k, PutPayload::from(bytes)).await.map(|_| ()),
+                None => Ok(()),
+            };
+            (removed, put)
+        });
+        let put = match put {
+            Ok((removed, put)) => {
+                // A tail not removed is under a name no state holds any more.
+                d.unsure |= !removed;
+                put.map_err(|e| s3_err("storing an upload's last bytes", e))
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = put {
+            // The tail may be there nonetheless, under a name no state holds.
+            d.unsure = true;
+            return Err(e);
+        }
+        d.stale = d.cp.tail.take().filter(|old| Some(old) != tail.as_ref());
+        d.cp.tail = tail;
+        d.cp.len = len;
+        serde_json::to_string(&d.cp)
+            .map(Some)
+            .map_err(|e| StoreError::Refused(format!("an upload's state: {e}")))
     }
 
     fn commit(&self, digest: &str) -> Result<(), StoreError> {
@@ -613,29 +1079,102 @@ impl BlobUpload for S3Upload {
             // The same bytes are stored already.
             return Ok(());
         }
-        self.blobs
-            .upload_file(&self.spool.path, self.blobs.blob_key(digest))
+        self.store_as(digest)
     }
 
     /// A PUT replaces an object whole: readers see the old bytes or the new.
     fn replace(&self, digest: &str) -> Result<(), StoreError> {
         self.spool.seal();
         self.blobs.forget(digest);
-        let done = self
-            .blobs
-            .upload_file(&self.spool.path, self.blobs.blob_key(digest));
+        let done = self.store_as(digest);
         self.blobs.forget(digest);
         done
     }
 
     fn cancel(&self) {
         self.spool.cancel();
+        if let Ok(Some(d)) = self.durable.lock().map(|mut g| g.take()) {
+            // What this server wrote, when it wrote all of it and nothing failed midway.
+            let known = (!d.unsure).then(|| {
+                [d.cp.tail.clone(), d.stale.clone()]
+                    .into_iter()
+                    .flatten()
+                    .chain(d.done.then(|| "data".to_string()))
+                    .collect()
+            });
+            self.blobs.clean_up(&d.cp, known);
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two servers sharing a bucket (`scripts/with-s3` names one; without it, nothing to
+    /// test against): an upload checkpointed by one, which then dies, is carried on and
+    /// committed by the other, byte for byte; an abandoned one leaves nothing behind.
+    #[test]
+    fn a_checkpointed_upload_is_carried_on_by_another_server() {
+        let Ok(bucket) = std::env::var("ACR_TASK_TEST_STORAGE") else {
+            return;
+        };
+        let at = Location::parse(&format!("{bucket}/{}", uuid::Uuid::new_v4().simple())).unwrap();
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let a = S3Blobs::open(da.path(), &at, Some("shared".into())).unwrap();
+        let b = S3Blobs::open(db.path(), &at, Some("shared".into())).unwrap();
+        // One whole part and a tail, in three chunks (the last after the takeover).
+        let data: Vec<u8> = (0..PART + 3000).map(|i| (i * 7 % 251) as u8).collect();
+        let (one, two) = (1000, PART + 2000);
+        let up = a.begin().unwrap();
+        up.write_at(&data[..one], 0).unwrap();
+        let first = up.checkpoint(one as u64).unwrap().unwrap();
+        up.write_at(&data[one..two], one as u64).unwrap();
+        let state = up.checkpoint(two as u64).unwrap().unwrap();
+        // Only the saved state's tail is there (and the one before, until the next).
+        let tails = |blobs: &S3Blobs| blobs.list_under("uploads", "listing").unwrap().len();
+        assert_eq!(tails(&a), 2);
+        drop(up); // its server dies: what the bucket holds stays
+        assert!(b.resume("{}").is_err(), "a state is checked");
+        let carried = b.resume(&state).unwrap().unwrap();
+        carried.write_at(&data[two..], two as u64).unwrap();
+        let mut back = Vec::new();
+        carried.reader().unwrap().read_to_end(&mut back).unwrap();
+        assert!(back == data, "the upload read back is what was written");
+        let digest = format!(
+            "sha256:{}",
+            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&data))
+        );
+        carried.commit(&digest).unwrap();
+        let stored = |blobs: &S3Blobs| {
+            let mut stored = Vec::new();
+            blobs
+                .read(&digest, 0)
+                .unwrap()
+                .read_to_end(&mut stored)
+                .unwrap();
+            stored == data
+        };
+        assert!(stored(&b), "the committed blob is what was written");
+        // A commit again (the store's answer to a gc racing it) stores the same bytes.
+        let staged = b.stage_removal(&digest).unwrap().unwrap();
+        b.finish_removal(staged);
+        carried.commit(&digest).unwrap();
+        assert!(stored(&a), "committed again, from the bucket");
+        carried.cancel();
+        assert_eq!(tails(&b), 0, "the upload's objects are removed");
+        // An older state of the same upload cannot be carried on again.
+        assert!(b.resume(&first).is_err());
+
+        let up = a.begin().unwrap();
+        up.write_at(&data, 0).unwrap();
+        let state = up.checkpoint(data.len() as u64).unwrap().unwrap();
+        drop(up);
+        assert_eq!(tails(&a), 1);
+        b.abandon(&state);
+        assert_eq!(tails(&a), 0, "an abandoned upload leaves nothing");
+        assert!(a.resume(&state).is_err());
+    }
 
     #[test]
     fn locations_are_checked() {

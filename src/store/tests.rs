@@ -792,3 +792,100 @@ fn a_shared_registry_is_one_registry_for_every_server() {
         "{e}"
     );
 }
+
+/// An upload session of a registry servers share (rows in PostgreSQL, sealed blobs in
+/// S3): checkpointed by one server, taken over once by another when the first is gone,
+/// finished there byte for byte; the first can then neither save nor finish it; an
+/// abandoned one is expired with its checkpoint.
+#[test]
+fn a_shared_upload_is_carried_on_by_another_server() {
+    let (Ok(url), Ok(bucket)) = (
+        std::env::var("ACR_TASK_TEST_POSTGRES"),
+        std::env::var("ACR_TASK_TEST_STORAGE"),
+    ) else {
+        return; // Runs under scripts/with-s3 scripts/with-postgres (make test).
+    };
+    let place = MetaPlace::Shared(Box::new(crate::pg::fresh_database(&url).unwrap()));
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let storage = format!("{bucket}/{}", uuid::Uuid::new_v4().simple());
+    choose_object_storage(a.path(), &place, &storage, None, true).unwrap();
+    let one = Store::open_at(a.path(), true, &place).unwrap();
+    let two = Store::open_at(b.path(), true, &place).unwrap();
+    // More than a part (8 MiB) of sealed chunks, and bytes short of a chunk after them.
+    let data: Vec<u8> = (0..9_000_123u32).map(|i| (i % 241) as u8).collect();
+    let cut = 8_500_000;
+    let up = one.begin_upload().unwrap();
+    assert!(up.sealed());
+    one.record_upload("u1", "r", "http://one").unwrap();
+    up.write_at(&data[..cut], 0).unwrap();
+    let state = up.checkpoint(cut as u64).unwrap().unwrap();
+    assert!(
+        !state.contains(&hex::encode(&data[cut - 64..cut])),
+        "the bytes short of a chunk are saved sealed"
+    );
+    assert!(one
+        .save_upload("u1", "r", "http://one", cut as u64, &state)
+        .unwrap());
+    drop(up); // its server dies
+    let (carried, size) = two
+        .take_upload("u1", "r", "http://one", "http://two")
+        .unwrap()
+        .unwrap();
+    assert_eq!(size, cut as u64);
+    assert!(
+        two.take_upload("u1", "r", "http://one", "http://three")
+            .unwrap()
+            .is_none(),
+        "taken over once"
+    );
+    assert!(
+        !one.save_upload("u1", "r", "http://one", cut as u64, &state)
+            .unwrap(),
+        "the first server can no longer save it"
+    );
+    assert!(!one.forget_upload("u1", "http://one").unwrap());
+    carried.write_at(&data[cut..], cut as u64).unwrap();
+    let mut back = Vec::new();
+    carried.reader().unwrap().read_to_end(&mut back).unwrap();
+    assert!(back == data, "read back whole");
+    let digest = format!("sha256:{}", hex::encode(Sha256::digest(&data)));
+    two.commit_blob(
+        "r",
+        carried.as_ref(),
+        &digest,
+        data.len() as u64,
+        &admit_all,
+    )
+    .unwrap();
+    carried.cancel();
+    assert!(two.forget_upload("u1", "http://two").unwrap());
+    let mut stored = Vec::new();
+    one.blob_reader(&digest, 0)
+        .unwrap()
+        .read_to_end(&mut stored)
+        .unwrap();
+    assert!(stored == data, "the blob committed is what was sent");
+
+    let up = one.begin_upload().unwrap();
+    one.record_upload("u2", "r", "http://one").unwrap();
+    up.write_at(b"abandoned", 0).unwrap();
+    let state = up.checkpoint(9).unwrap().unwrap();
+    assert!(one.save_upload("u2", "r", "http://one", 9, &state).unwrap());
+    drop(up);
+    // Its server restarted at the same address carries it on; still in use, it stays.
+    let (again, size) = one
+        .take_upload("u2", "r", "http://one", "http://one")
+        .unwrap()
+        .unwrap();
+    assert_eq!(size, 9);
+    drop(again);
+    one.touch_uploads("http://one", &["u2".to_string()])
+        .unwrap();
+    assert_eq!(two.expire_uploads(std::time::SystemTime::now()).unwrap(), 0);
+    let later = std::time::SystemTime::now() + std::time::Duration::from_secs(10);
+    assert_eq!(two.expire_uploads(later).unwrap(), 1);
+    assert!(two
+        .take_upload("u2", "r", "http://one", "http://two")
+        .unwrap()
+        .is_none());
+}
