@@ -13,7 +13,7 @@ use super::names::parse_digest;
 use super::routes::{respond, Q};
 use super::stream::{append_body, digest_of, file_body, BodyLimits};
 use super::{Registry, Session, Upload};
-use crate::store::BlobUpload;
+use crate::store::{BlobUpload, UploadRow};
 
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, crate::store::StoreError> + Send + 'static,
@@ -242,7 +242,7 @@ async fn commit(
         (crate::digest::Algorithm::Sha256, Some(hasher)) => digest_of(hasher),
         (alg, _) => {
             let u = up.clone();
-            blocking(move || {
+            let hashed = blocking(move || {
                 u.reader()
                     .and_then(|r| crate::digest::of_reader(alg, r))
                     .map(|(d, _)| d)
@@ -251,7 +251,14 @@ async fn commit(
                         source,
                     })
             })
-            .await?
+            .await;
+            match hashed {
+                Ok(d) => d,
+                Err(e) => {
+                    discard(vec![up]).await;
+                    return Err(e);
+                }
+            }
         }
     };
     if actual != digest {
@@ -261,12 +268,15 @@ async fn commit(
         )));
     }
     let store = reg.inner.store.clone();
-    let (n, d, u) = (name.to_string(), digest.to_string(), up.clone());
-    let committed =
-        blocking(move || super::service::commit_blob(&store, &n, u.as_ref(), &d, size)).await;
-    // Committed or not, the upload's own data goes afterwards, off the answer's path.
-    drop(tokio::task::spawn_blocking(move || up.cancel()));
-    committed
+    let (n, d) = (name.to_string(), digest.to_string());
+    blocking(move || {
+        let r = super::service::commit_blob(&store, &n, up.as_ref(), &d, size);
+        // Committed or not, the upload's own data goes afterwards, off the answer's path
+        // (and whether or not the answer is still awaited).
+        drop(tokio::runtime::Handle::current().spawn_blocking(move || up.cancel()));
+        r
+    })
+    .await
 }
 
 pub(super) async fn start_upload(
@@ -309,6 +319,7 @@ pub(super) async fn start_upload(
         offset: 0,
         hasher: Sha256::new(),
         rehash: false,
+        checkpointed: false,
         touched: std::time::Instant::now(),
     };
     let refused = {
@@ -333,15 +344,18 @@ pub(super) async fn start_upload(
         return Err(e);
     }
     if let Some(peer) = reg.inner.peer.get() {
-        // The servers sharing the registry send this session's requests here.
-        let (store, i, n, url) = (
+        // The servers sharing the registry send this session's requests here, and carry
+        // it on from its row if this one dies: a session without one is not begun.
+        let (store, i, n, me) = (
             reg.inner.store.clone(),
             id.clone(),
             name.to_string(),
-            peer.url.clone(),
+            peer.me.clone(),
         );
-        if let Err(e) = blocking(move || store.record_upload(&i, &n, &url)).await {
+        if let Err(e) = blocking(move || store.record_upload(&i, &n, &me)).await {
             tracing::warn!(upload = %id, error = %e.message, "recording an upload session");
+            remove_session(reg, &id);
+            return Err(e);
         }
     }
     Ok(respond(
@@ -371,15 +385,22 @@ pub(super) async fn held_elsewhere(
         return Ok(None);
     }
     let (store, i, n) = (reg.inner.store.clone(), id.to_string(), name.to_string());
-    let owner = blocking(move || store.upload_owner(&i, &n)).await?;
-    if owner.as_ref() == Some(&peer.url) {
-        // This server's before a restart (the same address): carried on from its
-        // checkpoint, here.
-        take_over(reg, name, id, &peer.url, client).await?;
+    let Some(owner) = blocking(move || store.upload_owner(&i, &n)).await? else {
+        return Ok(None);
+    };
+    if owner != peer.me && address(&owner) == peer.url {
+        // This server's before a restart (the same address): carried on here.
+        take_over(reg, name, id, &owner, client).await?;
         return Ok(None);
     }
     // A request another server sent here is answered here, never sent on.
-    Ok(owner.filter(|_| !headers.contains_key(FORWARDED)))
+    Ok((owner != peer.me && !headers.contains_key(FORWARDED)).then_some(owner))
+}
+
+/// Where the holder of an upload session is reached (its row names `url#boot`; rows of
+/// servers from before boots were recorded name the address alone).
+fn address(owner: &str) -> &str {
+    owner.split_once('#').map_or(owner, |(url, _)| url)
 }
 
 /// What became of a request sent to the server holding its upload session.
@@ -411,8 +432,9 @@ pub(super) async fn forward(
     let Some(peer) = reg.inner.peer.get() else {
         return Err(ApiError::upload_unknown());
     };
-    let mut url = reqwest::Url::parse(&format!("{owner}/v2/{name}/blobs/uploads/{id}"))
-        .map_err(|e| ApiError::internal(format!("the address of {owner}: {e}")))?;
+    let at = address(owner);
+    let mut url = reqwest::Url::parse(&format!("{at}/v2/{name}/blobs/uploads/{id}"))
+        .map_err(|e| ApiError::internal(format!("the address of {at}: {e}")))?;
     if !q.is_empty() {
         url.query_pairs_mut().extend_pairs(q.iter());
     }
@@ -443,7 +465,7 @@ pub(super) async fn forward(
     let answer = match req.send().await {
         Ok(a) => a,
         Err(e) => {
-            tracing::warn!(upload = id, %owner, error = %e, "the server holding an upload session does not answer");
+            tracing::warn!(upload = id, owner = at, error = %e, "the server holding an upload session does not answer");
             let body = slot.lock().ok().and_then(|mut b| b.take());
             return match body {
                 Some(body) if refused(&e) => match take_over(reg, name, id, owner, client).await? {
@@ -475,10 +497,9 @@ pub(super) async fn forward(
     let mut bytes = Vec::new();
     let mut stream = answer.bytes_stream();
     while let Some(chunk) = futures_util::StreamExt::next(&mut stream).await {
-        let chunk =
-            chunk.map_err(|e| ApiError::internal(format!("reading {owner}'s answer: {e}")))?;
+        let chunk = chunk.map_err(|e| ApiError::internal(format!("reading {at}'s answer: {e}")))?;
         if bytes.len() + chunk.len() > 64 * 1024 {
-            return Err(ApiError::internal(format!("{owner}'s answer is too long")));
+            return Err(ApiError::internal(format!("{at}'s answer is too long")));
         }
         bytes.extend_from_slice(&chunk);
     }
@@ -486,13 +507,16 @@ pub(super) async fn forward(
     Ok(Forwarded::Answer(respond(status, &out, Body::from(bytes))))
 }
 
-/// Whether nothing listens at the address (the server is gone), as opposed to one that
-/// is slow, unreachable or misconfigured, which may hold its sessions still.
+/// Whether the server is gone: nothing listens at its address, or its host is not there;
+/// not one that is slow or misconfigured, which may hold its sessions still.
 fn refused(e: &reqwest::Error) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(s) = source {
         if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            return io.kind() == std::io::ErrorKind::ConnectionRefused;
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::HostUnreachable
+            );
         }
         source = s.source();
     }
@@ -501,7 +525,7 @@ fn refused(e: &reqwest::Error) -> bool {
 
 /// Takes upload session `id` of `name` over from `owner`, a server gone, by the
 /// checkpoint saved with it (once: another server trying at the same time gets none).
-/// False where none was saved (its row is forgotten: the session is lost).
+/// Whether this server holds it now.
 async fn take_over(
     reg: &Registry,
     name: &str,
@@ -517,75 +541,73 @@ async fn take_over(
         id.to_string(),
         name.to_string(),
         owner.to_string(),
-        peer.url.clone(),
+        peer.me.clone(),
     );
-    let taken = blocking(move || {
-        let taken = store.take_upload(&i, &n, &from, &to)?;
-        if taken.is_none() && from != to {
-            // Nothing saved to carry on from: the session is lost with its server.
-            store.forget_upload(&i, &from)?;
-        }
-        Ok(taken)
-    })
-    .await?;
+    let taken = blocking(move || store.take_upload(&i, &n, &from, &to)).await?;
     let Some((blob, offset)) = taken else {
         // A request beside this one may have just taken it over for this server.
         return Ok(session(reg, name, id).is_ok());
     };
-    tracing::info!(upload = id, %owner, offset, "carrying on an upload session whose server is gone");
+    tracing::info!(
+        upload = id,
+        owner = address(owner),
+        offset,
+        "carrying on an upload session whose server is gone"
+    );
     let up = Upload {
         blob: Arc::from(blob),
         offset,
         hasher: Sha256::new(),
         rehash: true,
+        checkpointed: true,
         touched: std::time::Instant::now(),
     };
-    upload_table(reg)?.insert(
-        id.to_string(),
-        Session {
+    upload_table(reg)?
+        .entry(id.to_string())
+        .or_insert_with(|| Session {
             repo: name.to_string(),
             client,
             upload: Arc::new(tokio::sync::Mutex::new(up)),
-        },
-    );
+        });
     Ok(true)
 }
 
 /// Where servers share the registry, makes the chunk just appended durable in the blob
 /// storage and saves where the session stands with it, before it is acknowledged. On
 /// failure the session ends; when another server has taken it over, it is dropped here.
-async fn checkpoint(reg: &Registry, name: &str, id: &str, up: &Upload) -> Result<(), ApiError> {
+async fn checkpoint(reg: &Registry, id: &str, up: &mut Upload) -> Result<(), ApiError> {
     let Some(peer) = reg.inner.peer.get() else {
         return Ok(());
     };
-    let (blob, len, store, i, n, me) = (
+    let (blob, len, store, i, me) = (
         up.blob.clone(),
         up.offset,
         reg.inner.store.clone(),
         id.to_string(),
-        name.to_string(),
-        peer.url.clone(),
+        peer.me.clone(),
     );
     let saved = blocking(move || match blob.checkpoint(len)? {
-        Some(state) => store.save_upload(&i, &n, &me, len, &state).map(Some),
+        Some(state) => store.save_upload(&i, &me, len, &state).map(Some),
         // A backend that keeps uploads on this server (a directory's files).
         None => Ok(None),
     })
     .await;
     match saved {
-        Ok(Some(true) | None) => Ok(()),
-        Ok(Some(false)) => {
-            // Another server carries the session on; its bytes are its now.
+        Ok(None) => Ok(()),
+        Ok(Some(UploadRow::Mine)) => {
+            up.checkpointed = true;
+            Ok(())
+        }
+        Ok(Some(_)) => {
+            // Another server carries the session on, or it was expired as abandoned
+            // (its checkpoint removed): what the bucket holds is not this server's.
             remove_session(reg, id);
             Err(ApiError::upload_unknown())
         }
         Err(e) => {
             // What reached the bucket may be ahead of what was saved: the session ends
             // (the client starts the blob again) rather than go on from a guess.
-            remove_session(reg, id);
-            if forget_shared(reg, id).await {
-                discard(vec![up.blob.clone()]).await;
-            }
+            end_session(reg, id, up.blob.clone()).await;
             Err(e)
         }
     }
@@ -668,37 +690,45 @@ pub(super) async fn sweep(reg: &Registry) {
         }
         Err(_) => return,
     };
-    let mut gone = Vec::new();
-    for (id, blob) in expired {
-        if forget_shared(reg, &id).await {
-            gone.push(blob);
-        }
+    if !expired.is_empty() {
+        tracing::info!(sessions = expired.len(), "idle upload sessions dropped");
     }
-    if !gone.is_empty() {
-        tracing::info!(sessions = gone.len(), "idle upload sessions dropped");
-        discard(gone).await;
+    for (id, blob) in expired {
+        end_session(reg, &id, blob).await;
     }
     if let (Some(peer), false) = (reg.inner.peer.get(), open.is_empty()) {
-        let (store, me) = (reg.inner.store.clone(), peer.url.clone());
+        let (store, me) = (reg.inner.store.clone(), peer.me.clone());
         if let Err(e) = blocking(move || store.touch_uploads(&me, &open)).await {
             tracing::warn!(error = %e.message, "marking upload sessions in use");
         }
     }
 }
 
-/// Forgets a session the servers sharing the registry were told of; false when another
-/// server has taken it over (this one must not finish it).
-async fn forget_shared(reg: &Registry, id: &str) -> bool {
+/// Forgets a session the servers sharing the registry were told of: whether its row was
+/// this server's (or there is none to share), another's now, or gone. On a failure to
+/// say, gone: the caller then leaves the bucket alone.
+async fn forget_shared(reg: &Registry, id: &str) -> UploadRow {
     let Some(peer) = reg.inner.peer.get() else {
-        return true;
+        return UploadRow::Mine;
     };
-    let (store, i, me) = (reg.inner.store.clone(), id.to_string(), peer.url.clone());
+    let (store, i, me) = (reg.inner.store.clone(), id.to_string(), peer.me.clone());
     match blocking(move || store.forget_upload(&i, &me)).await {
-        Ok(mine) => mine,
+        Ok(row) => row,
         Err(e) => {
             tracing::warn!(upload = id, error = %e.message, "forgetting an upload session");
-            true
+            UploadRow::Missing
         }
+    }
+}
+
+/// Ends a session here: its row first (so no request finds the row without the session),
+/// then the session; its data goes only if the row was this server's (a session another
+/// server carries on, or one expired as abandoned, is not this one's to remove).
+async fn end_session(reg: &Registry, id: &str, blob: Arc<dyn BlobUpload>) {
+    let row = forget_shared(reg, id).await;
+    remove_session(reg, id);
+    if row == UploadRow::Mine {
+        discard(vec![blob]).await;
     }
 }
 
@@ -798,7 +828,7 @@ pub(super) async fn patch_upload(
     let s = session(reg, name, id)?;
     let mut up = s.lock().await;
     let appended = match append_chunk(reg, &mut up, headers, body).await {
-        Ok(()) => checkpoint(reg, name, id, &up).await,
+        Ok(()) => checkpoint(reg, id, &mut up).await,
         Err(e) => Err(e),
     };
     if let Err(e) = appended {
@@ -834,10 +864,11 @@ pub(super) async fn finish_upload(
     append_chunk(reg, &mut up, headers, body).await?;
     // The session ends here whatever the outcome: a wrong digest discards the data. Its
     // row goes first, so no request finds it here without its session.
-    let mine = forget_shared(reg, id).await;
+    let row = forget_shared(reg, id).await;
     remove_session(reg, id);
-    if !mine {
-        // Another server took it over (this one seemed gone): it finishes the upload.
+    if row == UploadRow::Moved || (row == UploadRow::Missing && up.checkpointed) {
+        // Another server took it over (this one seemed gone) and finishes it, or it was
+        // expired as abandoned: what the bucket holds is not this server's.
         return Err(ApiError::upload_unknown());
     }
     let hasher = (!up.rehash).then(|| up.hasher.clone());
@@ -854,11 +885,7 @@ pub(super) async fn cancel_upload(
 ) -> Result<Response, ApiError> {
     let s = session(reg, name, id)?;
     let up = s.lock().await;
-    let mine = forget_shared(reg, id).await;
-    remove_session(reg, id);
-    if mine {
-        discard(vec![up.blob.clone()]).await;
-    }
+    end_session(reg, id, up.blob.clone()).await;
     Ok(respond(
         StatusCode::NO_CONTENT,
         &[("Content-Length", "0".into())],
@@ -887,6 +914,7 @@ mod tests {
                 offset: 0,
                 hasher: sha2::Sha256::new(),
                 rehash: false,
+                checkpointed: false,
                 touched: Instant::now().checked_sub(age).unwrap(),
             };
             Session {

@@ -265,6 +265,9 @@ pub(crate) struct Upload {
     /// The session was carried on from another server's checkpoint: `hasher` has not
     /// seen its first bytes, so the commit hashes the whole upload again.
     pub rehash: bool,
+    /// Its row names a checkpoint in the blob storage (saved here, or carried on): when
+    /// the row is found gone, that is not this server's to finish or remove.
+    pub checkpointed: bool,
     /// Last time a request touched the session; idle sessions expire
     /// ([`RegistryLimits::upload_idle`]).
     pub touched: std::time::Instant,
@@ -348,6 +351,9 @@ pub(crate) struct State {
 /// sends them the requests of upload sessions they hold.
 pub(crate) struct Peer {
     pub url: String,
+    /// This process as the holder of upload sessions: `url#boot`, a restart at the same
+    /// address another holder (it carries on what its former self held).
+    pub me: String,
     pub http: reqwest::Client,
     /// Whether this server leads the servers sharing the registry now: only the leader
     /// runs the registry's jobs, retention and outbox pruning (once for everyone).
@@ -646,7 +652,13 @@ impl Registry {
         http: reqwest::Client,
         leading: tokio::sync::watch::Receiver<bool>,
     ) {
-        let _ = self.inner.peer.set(Peer { url, http, leading });
+        let me = format!("{url}#{}", uuid::Uuid::new_v4().simple());
+        let _ = self.inner.peer.set(Peer {
+            url,
+            me,
+            http,
+            leading,
+        });
     }
 
     /// Push/delete events; a slow receiver loses the oldest (see `broadcast`).

@@ -246,7 +246,11 @@ impl BlobStorage for EncryptedBlobs {
     /// changed), and the plaintext after the whole chunks opened from its sealed copy.
     fn resume(&self, state: &str) -> Result<Option<Box<dyn BlobUpload>>, StoreError> {
         let bad = || StoreError::Corrupt("a sealed upload's saved state is not readable".into());
-        let cp: SealedCheckpoint = serde_json::from_str(state).map_err(|_| bad())?;
+        let Ok(cp) = serde_json::from_str::<SealedCheckpoint>(state) else {
+            // Begun before the store was sealed: carried on as it began (its commit is
+            // sealed or not as every commit while a store is being sealed).
+            return self.inner.resume(state);
+        };
         let Some(inner) = self.inner.resume(&cp.inner)? else {
             return Ok(None);
         };

@@ -201,30 +201,31 @@ pub trait ManagedMeta: RegistryMeta + super::crypt::KeyIndex {
         Ok(None)
     }
     /// Forgets upload session `id` held by `owner` (finished, cancelled, expired, or its
-    /// server gone); false when another server holds it now (it took the session over).
-    fn forget_upload(&self, _id: &str, _owner: &str) -> Result<bool, StoreError> {
-        Ok(true)
+    /// server gone): whether it was `owner`'s, another server's now (it took the session
+    /// over), or not there.
+    fn forget_upload(&self, _id: &str, _owner: &str) -> Result<UploadRow, StoreError> {
+        Ok(UploadRow::Mine)
     }
-    /// Saves where upload session `id` of `repo` stands (`size` bytes, the blob storage's
-    /// checkpoint `state`) while `owner` holds it (recording it again if its row went);
-    /// false once another server has taken it over.
+    /// Saves where upload session `id` stands (`size` bytes, the blob storage's checkpoint
+    /// `state`) if `owner` holds it: whether it did, another server took it over, or its
+    /// row is gone (expired, its checkpoint with it).
     fn save_upload(
         &self,
         _id: &str,
-        _repo: &str,
         _owner: &str,
         _size: u64,
         _state: &str,
-    ) -> Result<bool, StoreError> {
-        Ok(true)
+    ) -> Result<UploadRow, StoreError> {
+        Ok(UploadRow::Mine)
     }
-    /// The size and checkpoint saved for upload session `id` of `repo` held by `owner`.
+    /// The size and checkpoint saved for upload session `id` of `repo` held by `owner`
+    /// (`None` for the checkpoint of a session that has none yet: empty).
     fn upload_state(
         &self,
         _id: &str,
         _repo: &str,
         _owner: &str,
-    ) -> Result<Option<(u64, String)>, StoreError> {
+    ) -> Result<Option<(u64, Option<String>)>, StoreError> {
         Ok(None)
     }
     /// Moves upload session `id` from `from` to `to` if it still stands at `state` (a
@@ -235,7 +236,7 @@ pub trait ManagedMeta: RegistryMeta + super::crypt::KeyIndex {
         _id: &str,
         _from: &str,
         _to: &str,
-        _state: &str,
+        _state: Option<&str>,
     ) -> Result<bool, StoreError> {
         Ok(false)
     }
@@ -255,6 +256,17 @@ pub trait ManagedMeta: RegistryMeta + super::crypt::KeyIndex {
     fn count_ops(&self, _reads: u64, _writes: u64) -> Result<Option<(u64, u64)>, StoreError> {
         Ok(None)
     }
+}
+
+/// Who holds an upload session's row, as a change conditioned on its holder found it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UploadRow {
+    /// The server asking: the change was made.
+    Mine,
+    /// Another server: it took the session over.
+    Moved,
+    /// No one: the row is gone.
+    Missing,
 }
 
 /// A key ring kept in a registry's metadata.

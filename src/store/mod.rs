@@ -35,7 +35,7 @@ pub use blobs::{BlobStorage, BlobUpload, FsBlobs, Staged};
 pub use maint::{FsckIssue, FsckReport, GcReport, KeptByGrace};
 pub use meta::{
     admit_all, Admit, Attributes, Audit, Descriptor, Lock, ManagedMeta, ManifestBrief,
-    ManifestInfo, ManifestRow, NewManifest, Reference, RegistryMeta, RepoView, TagRow,
+    ManifestInfo, ManifestRow, NewManifest, Reference, RegistryMeta, RepoView, TagRow, UploadRow,
 };
 pub use sqlite::{configure as configure_sqlite, SqliteMeta};
 
@@ -193,7 +193,7 @@ impl Store {
     }
 
     /// See [`ManagedMeta::forget_upload`].
-    pub fn forget_upload(&self, id: &str, owner: &str) -> Result<bool, StoreError> {
+    pub fn forget_upload(&self, id: &str, owner: &str) -> Result<UploadRow, StoreError> {
         self.side.forget_upload(id, owner)
     }
 
@@ -201,12 +201,11 @@ impl Store {
     pub fn save_upload(
         &self,
         id: &str,
-        repo: &str,
         owner: &str,
         size: u64,
         state: &str,
-    ) -> Result<bool, StoreError> {
-        self.side.save_upload(id, repo, owner, size, state)
+    ) -> Result<UploadRow, StoreError> {
+        self.side.save_upload(id, owner, size, state)
     }
 
     /// See [`ManagedMeta::touch_uploads`].
@@ -215,10 +214,10 @@ impl Store {
     }
 
     /// Takes upload session `id` of `repo` over from `from`, a server gone, for `to`: the
-    /// upload carried on from its checkpoint, and its size. `None` where nothing was
-    /// saved, another server took it first, or the blob storage keeps uploads local. The
-    /// upload is resumed before the session is moved, so a failure leaves it to be taken
-    /// again.
+    /// upload carried on from its checkpoint (a new one where the session had none yet),
+    /// and its size. `None` where another server took it first, or the blob storage keeps
+    /// uploads local. The upload is resumed before the session is moved, so a failure
+    /// leaves it to be taken again.
     pub fn take_upload(
         &self,
         id: &str,
@@ -229,13 +228,18 @@ impl Store {
         let Some((size, state)) = self.side.upload_state(id, repo, from)? else {
             return Ok(None);
         };
-        let Some(up) = self.now().blobs.resume(&state)? else {
+        let up = match &state {
+            Some(state) => self.now().blobs.resume(state)?,
+            None if size == 0 => Some(self.begin_upload()?),
+            None => None,
+        };
+        let Some(up) = up else {
             return Ok(None);
         };
         // Lost to another server: the upload is dropped, its checkpoint left to that one.
         Ok(self
             .side
-            .move_upload(id, from, to, &state)?
+            .move_upload(id, from, to, state.as_deref())?
             .then_some((up, size)))
     }
 

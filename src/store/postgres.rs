@@ -17,7 +17,7 @@ use super::crypt::{DekId, KeyIndex};
 use super::meta::{
     check_descriptor, lock_refusal, Admit, Attributes, Audit, ChangeProperties, Lock,
     ManifestBrief, ManifestInfo, ManifestRow, NewManifest, Reference, RepoView, TagEvents, TagRow,
-    Tags, Touch,
+    Tags, Touch, UploadRow,
 };
 use super::{now, BlobStorage, FsckIssue, GcReport, KeptByGrace, RegistryMeta, StoreError};
 use crate::pg::{args, Args, Database, PgError, SyncTx, Target};
@@ -159,6 +159,20 @@ fn col<'a, T: FromSql<'a>>(r: &'a Row, i: usize) -> Result<T, StoreError> {
 
 fn size(r: &Row, i: usize) -> Result<u64, StoreError> {
     Ok(col::<i64>(r, i)?.max(0) as u64)
+}
+
+/// After a change to upload session `id` conditioned on its owner (`n` rows changed):
+/// made, or whether another server holds the row or no one does.
+fn held(c: &mut impl Sql, id: &str, n: u64) -> Result<UploadRow, StoreError> {
+    if n > 0 {
+        return Ok(UploadRow::Mine);
+    }
+    let there = c.row("SELECT 1 FROM registry_uploads WHERE id = $1", args![s(id)])?;
+    Ok(if there.is_some() {
+        UploadRow::Moved
+    } else {
+        UploadRow::Missing
+    })
 }
 
 fn strings(rows: Vec<Row>) -> Result<Vec<String>, StoreError> {
@@ -565,47 +579,29 @@ impl super::meta::ManagedMeta for PgMeta {
             .transpose()
     }
 
-    fn forget_upload(&self, id: &str, owner: &str) -> Result<bool, StoreError> {
+    fn forget_upload(&self, id: &str, owner: &str) -> Result<UploadRow, StoreError> {
         let mut c = self.read();
-        if c.exec(
+        let n = c.exec(
             "DELETE FROM registry_uploads WHERE id = $1 AND owner = $2",
             args![s(id), s(owner)],
-        )? > 0
-        {
-            return Ok(true);
-        }
-        // Not this owner's: another server's now, or gone.
-        Ok(
-            c.row("SELECT 1 FROM registry_uploads WHERE id = $1", args![s(id)])?
-                .is_none(),
-        )
+        )?;
+        held(&mut c, id, n)
     }
 
     fn save_upload(
         &self,
         id: &str,
-        repo: &str,
         owner: &str,
         size: u64,
         state: &str,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<UploadRow, StoreError> {
         let mut c = self.read();
-        let (size, t) = (size as i64, now());
-        if c.exec(
+        let n = c.exec(
             "UPDATE registry_uploads SET size = $3, state = $4, touched = $5
              WHERE id = $1 AND owner = $2",
-            args![s(id), s(owner), size, s(state), t],
-        )? > 0
-        {
-            return Ok(true);
-        }
-        // Its row went (never recorded, or expired): recorded again, unless another
-        // server holds it.
-        Ok(c.exec(
-            "INSERT INTO registry_uploads(id, repo, owner, created, touched, size, state)
-             VALUES ($1, $2, $3, $4, $4, $5, $6) ON CONFLICT(id) DO NOTHING",
-            args![s(id), s(repo), s(owner), t, size, s(state)],
-        )? > 0)
+            args![s(id), s(owner), size as i64, s(state), now()],
+        )?;
+        held(&mut c, id, n)
     }
 
     fn upload_state(
@@ -613,21 +609,27 @@ impl super::meta::ManagedMeta for PgMeta {
         id: &str,
         repo: &str,
         owner: &str,
-    ) -> Result<Option<(u64, String)>, StoreError> {
+    ) -> Result<Option<(u64, Option<String>)>, StoreError> {
         let row = self.read().row(
             "SELECT size, state FROM registry_uploads
-             WHERE id = $1 AND repo = $2 AND owner = $3 AND state IS NOT NULL",
+             WHERE id = $1 AND repo = $2 AND owner = $3",
             args![s(id), s(repo), s(owner)],
         )?;
-        row.map(|r| Ok((size(&r, 0)?, col::<String>(&r, 1)?)))
+        row.map(|r| Ok((size(&r, 0)?, col::<Option<String>>(&r, 1)?)))
             .transpose()
     }
 
-    fn move_upload(&self, id: &str, from: &str, to: &str, state: &str) -> Result<bool, StoreError> {
+    fn move_upload(
+        &self,
+        id: &str,
+        from: &str,
+        to: &str,
+        state: Option<&str>,
+    ) -> Result<bool, StoreError> {
         Ok(self.read().exec(
             "UPDATE registry_uploads SET owner = $3, touched = $5
-             WHERE id = $1 AND owner = $2 AND state = $4",
-            args![s(id), s(from), s(to), s(state), now()],
+             WHERE id = $1 AND owner = $2 AND state IS NOT DISTINCT FROM $4",
+            args![s(id), s(from), s(to), state.map(str::to_string), now()],
         )? > 0)
     }
 

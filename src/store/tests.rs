@@ -816,34 +816,46 @@ fn a_shared_upload_is_carried_on_by_another_server() {
     let cut = 8_500_000;
     let up = one.begin_upload().unwrap();
     assert!(up.sealed());
-    one.record_upload("u1", "r", "http://one").unwrap();
     up.write_at(&data[..cut], 0).unwrap();
     let state = up.checkpoint(cut as u64).unwrap().unwrap();
     assert!(
         !state.contains(&hex::encode(&data[cut - 64..cut])),
         "the bytes short of a chunk are saved sealed"
     );
-    assert!(one
-        .save_upload("u1", "r", "http://one", cut as u64, &state)
-        .unwrap());
+    let saved = |server: &Store, id: &str, owner: &str, size: u64, state: &str| {
+        server.save_upload(id, owner, size, state).unwrap()
+    };
+    assert_eq!(
+        saved(&one, "u1", "http://one#1", cut as u64, &state),
+        UploadRow::Missing,
+        "a session never recorded is not saved"
+    );
+    one.record_upload("u1", "r", "http://one#1").unwrap();
+    assert_eq!(
+        saved(&one, "u1", "http://one#1", cut as u64, &state),
+        UploadRow::Mine
+    );
     drop(up); // its server dies
     let (carried, size) = two
-        .take_upload("u1", "r", "http://one", "http://two")
+        .take_upload("u1", "r", "http://one#1", "http://two#1")
         .unwrap()
         .unwrap();
     assert_eq!(size, cut as u64);
     assert!(
-        two.take_upload("u1", "r", "http://one", "http://three")
+        two.take_upload("u1", "r", "http://one#1", "http://three#1")
             .unwrap()
             .is_none(),
         "taken over once"
     );
-    assert!(
-        !one.save_upload("u1", "r", "http://one", cut as u64, &state)
-            .unwrap(),
+    assert_eq!(
+        saved(&one, "u1", "http://one#1", cut as u64, &state),
+        UploadRow::Moved,
         "the first server can no longer save it"
     );
-    assert!(!one.forget_upload("u1", "http://one").unwrap());
+    assert_eq!(
+        one.forget_upload("u1", "http://one#1").unwrap(),
+        UploadRow::Moved
+    );
     carried.write_at(&data[cut..], cut as u64).unwrap();
     let mut back = Vec::new();
     carried.reader().unwrap().read_to_end(&mut back).unwrap();
@@ -858,7 +870,14 @@ fn a_shared_upload_is_carried_on_by_another_server() {
     )
     .unwrap();
     carried.cancel();
-    assert!(two.forget_upload("u1", "http://two").unwrap());
+    assert_eq!(
+        two.forget_upload("u1", "http://two#1").unwrap(),
+        UploadRow::Mine
+    );
+    assert_eq!(
+        one.forget_upload("u1", "http://one#1").unwrap(),
+        UploadRow::Missing
+    );
     let mut stored = Vec::new();
     one.blob_reader(&digest, 0)
         .unwrap()
@@ -866,26 +885,43 @@ fn a_shared_upload_is_carried_on_by_another_server() {
         .unwrap();
     assert!(stored == data, "the blob committed is what was sent");
 
+    // A session with no chunk yet is carried on as a new upload.
+    one.record_upload("u0", "r", "http://one#1").unwrap();
+    let (fresh, size) = two
+        .take_upload("u0", "r", "http://one#1", "http://two#1")
+        .unwrap()
+        .unwrap();
+    assert_eq!(size, 0);
+    fresh.write_at(b"x", 0).unwrap();
+
     let up = one.begin_upload().unwrap();
-    one.record_upload("u2", "r", "http://one").unwrap();
+    one.record_upload("u2", "r", "http://one#1").unwrap();
     up.write_at(b"abandoned", 0).unwrap();
     let state = up.checkpoint(9).unwrap().unwrap();
-    assert!(one.save_upload("u2", "r", "http://one", 9, &state).unwrap());
+    assert_eq!(
+        saved(&one, "u2", "http://one#1", 9, &state),
+        UploadRow::Mine
+    );
     drop(up);
-    // Its server restarted at the same address carries it on; still in use, it stays.
+    // Its server restarted at the same address (another boot) carries it on, once; in
+    // use, it stays.
     let (again, size) = one
-        .take_upload("u2", "r", "http://one", "http://one")
+        .take_upload("u2", "r", "http://one#1", "http://one#2")
         .unwrap()
         .unwrap();
     assert_eq!(size, 9);
+    assert!(one
+        .take_upload("u2", "r", "http://one#1", "http://one#3")
+        .unwrap()
+        .is_none());
     drop(again);
-    one.touch_uploads("http://one", &["u2".to_string()])
+    one.touch_uploads("http://one#2", &["u2".to_string()])
         .unwrap();
     assert_eq!(two.expire_uploads(std::time::SystemTime::now()).unwrap(), 0);
     let later = std::time::SystemTime::now() + std::time::Duration::from_secs(10);
     assert_eq!(two.expire_uploads(later).unwrap(), 1);
     assert!(two
-        .take_upload("u2", "r", "http://one", "http://two")
+        .take_upload("u2", "r", "http://one#2", "http://two#1")
         .unwrap()
         .is_none());
 }
