@@ -41,32 +41,47 @@ use super::{io_err, StoreError};
 /// Blobs up to this size go in one PUT; larger ones in parts of this size.
 const PART: usize = 8 << 20;
 
-/// The largest object S3 copies in one request (5 GB); larger ones are streamed.
-const COPY_MAX: u64 = 5_000_000_000;
+/// The largest object copied in the bucket by one request. S3 copies up to 5 GB so, but
+/// a request must end within the client's 30 s timeout, at tens of MB/s on a slow
+/// service; larger objects are copied through this process in parts.
+const COPY_MAX: u64 = 512 << 20;
 
-/// Copies `from` to `to` through this process, in parts (objects over [`COPY_MAX`]),
-/// with `extra` after it.
-async fn copy_streamed(
+/// Copies the `size` bytes at `from` to `to`, in the bucket when small enough, else
+/// through this process by ranges of [`PART`] (each request bounded), with `extra` (at
+/// most a part) after them.
+async fn copy_object(
     s: &AmazonS3,
     from: &Key,
+    size: u64,
     to: &Key,
     extra: Vec<u8>,
 ) -> Result<(), object_store::Error> {
-    let mut body = s.get(from).await?.into_stream();
+    if extra.is_empty() && size <= COPY_MAX {
+        return s.copy(from, to).await;
+    }
     let mut w = WriteMultipart::new_with_chunk_size(s.put_multipart(to).await?, PART);
-    while let Some(chunk) = body.next().await {
-        let chunk = match chunk {
-            Ok(c) => c,
+    let mut at = 0;
+    while at < size {
+        let end = (at + PART as u64).min(size);
+        let chunk = async {
+            w.wait_for_capacity(4).await?;
+            s.get_range(from, at..end).await
+        };
+        match chunk.await {
+            Ok(c) if c.len() as u64 == end - at => w.write(&c),
+            Ok(_) => {
+                let _ = w.abort().await;
+                return Err(object_store::Error::Generic {
+                    store: "S3",
+                    source: "an object shorter than its size".into(),
+                });
+            }
             Err(e) => {
                 let _ = w.abort().await;
                 return Err(e);
             }
-        };
-        if let Err(e) = w.wait_for_capacity(4).await {
-            let _ = w.abort().await;
-            return Err(e);
         }
-        w.write(&chunk);
+        at = end;
     }
     w.write(&extra);
     w.finish().await.map(|_| ())
@@ -538,11 +553,7 @@ impl BlobStorage for S3Blobs {
                 Err(object_store::Error::NotFound { .. }) => return Ok(false),
                 Err(e) => return Err(e),
             };
-            if size <= COPY_MAX {
-                s.copy(&from, &to).await?;
-            } else {
-                copy_streamed(&s, &from, &to, Vec::new()).await?;
-            }
+            copy_object(&s, &from, size, &to, Vec::new()).await?;
             s.delete(&from).await.map(|()| true)
         })?;
         match moved {
@@ -927,13 +938,7 @@ impl S3Upload {
             d.data_len,
         );
         self.blobs
-            .wait(async move {
-                if extra.is_empty() && size <= COPY_MAX {
-                    s.copy(&from, &key).await
-                } else {
-                    copy_streamed(&s, &from, &key, extra).await
-                }
-            })?
+            .wait(async move { copy_object(&s, &from, size, &key, extra).await })?
             .map_err(|e| s3_err("storing an upload", e))
     }
 }
@@ -1163,6 +1168,15 @@ mod tests {
         assert!(stored(&a), "committed again, from the bucket");
         carried.cancel();
         assert_eq!(tails(&b), 0, "the upload's objects are removed");
+        // Copied through this process by ranges, with bytes after it (as an object too
+        // large to copy in one request is).
+        let (s, from, to) = (b.inner.store.clone(), b.blob_key(&digest), b.key("copied"));
+        let size = data.len() as u64;
+        b.wait(async move { copy_object(&s, &from, size, &to, b"after".to_vec()).await })
+            .unwrap()
+            .unwrap();
+        let copied = b.range_of(&b.key("copied"), "copied", 0, size + 5).unwrap();
+        assert!(copied[..data.len()] == data[..] && &copied[data.len()..] == b"after");
         // An older state of the same upload cannot be carried on again.
         assert!(b.resume(&first).is_err());
 
