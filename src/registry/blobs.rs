@@ -507,16 +507,13 @@ pub(super) async fn forward(
     Ok(Forwarded::Answer(respond(status, &out, Body::from(bytes))))
 }
 
-/// Whether the server is gone: nothing listens at its address, or its host is not there;
-/// not one that is slow or misconfigured, which may hold its sessions still.
+/// Whether the server is gone: nothing listens at its address; not one that is slow,
+/// unreachable for a while or misconfigured, which may hold its sessions still.
 fn refused(e: &reqwest::Error) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(s) = source {
         if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            return matches!(
-                io.kind(),
-                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::HostUnreachable
-            );
+            return io.kind() == std::io::ErrorKind::ConnectionRefused;
         }
         source = s.source();
     }
@@ -558,8 +555,9 @@ async fn take_over(
         blob: Arc::from(blob),
         offset,
         hasher: Sha256::new(),
-        rehash: true,
-        checkpointed: true,
+        // Carried on from nothing, the hash sees every byte and there is no checkpoint.
+        rehash: offset > 0,
+        checkpointed: offset > 0,
         touched: std::time::Instant::now(),
     };
     upload_table(reg)?
@@ -600,8 +598,12 @@ async fn checkpoint(reg: &Registry, id: &str, up: &mut Upload) -> Result<(), Api
         }
         Ok(Some(_)) => {
             // Another server carries the session on, or it was expired as abandoned
-            // (its checkpoint removed): what the bucket holds is not this server's.
+            // (its checkpoint removed): what the bucket holds is not this server's,
+            // unless no state of it was ever saved (then nothing else names it).
             remove_session(reg, id);
+            if !up.checkpointed {
+                discard(vec![up.blob.clone()]).await;
+            }
             Err(ApiError::upload_unknown())
         }
         Err(e) => {
@@ -705,27 +707,24 @@ pub(super) async fn sweep(reg: &Registry) {
 }
 
 /// Forgets a session the servers sharing the registry were told of: whether its row was
-/// this server's (or there is none to share), another's now, or gone. On a failure to
-/// say, gone: the caller then leaves the bucket alone.
-async fn forget_shared(reg: &Registry, id: &str) -> UploadRow {
+/// this server's (or there is none to share), another's now, or gone.
+async fn forget_shared(reg: &Registry, id: &str) -> Result<UploadRow, ApiError> {
     let Some(peer) = reg.inner.peer.get() else {
-        return UploadRow::Mine;
+        return Ok(UploadRow::Mine);
     };
     let (store, i, me) = (reg.inner.store.clone(), id.to_string(), peer.me.clone());
-    match blocking(move || store.forget_upload(&i, &me)).await {
-        Ok(row) => row,
-        Err(e) => {
-            tracing::warn!(upload = id, error = %e.message, "forgetting an upload session");
-            UploadRow::Missing
-        }
-    }
+    blocking(move || store.forget_upload(&i, &me)).await
 }
 
 /// Ends a session here: its row first (so no request finds the row without the session),
 /// then the session; its data goes only if the row was this server's (a session another
 /// server carries on, or one expired as abandoned, is not this one's to remove).
 async fn end_session(reg: &Registry, id: &str, blob: Arc<dyn BlobUpload>) {
-    let row = forget_shared(reg, id).await;
+    let row = forget_shared(reg, id).await.unwrap_or_else(|e| {
+        // Left for the leader to expire with its checkpoint.
+        tracing::warn!(upload = id, error = %e.message, "forgetting an upload session");
+        UploadRow::Missing
+    });
     remove_session(reg, id);
     if row == UploadRow::Mine {
         discard(vec![blob]).await;
@@ -861,10 +860,20 @@ pub(super) async fn finish_upload(
     let digest = parse_digest(d)?;
     let s = session(reg, name, id)?;
     let mut up = s.lock().await;
+    let before = (up.offset, up.hasher.clone());
     append_chunk(reg, &mut up, headers, body).await?;
     // The session ends here whatever the outcome: a wrong digest discards the data. Its
-    // row goes first, so no request finds it here without its session.
-    let row = forget_shared(reg, id).await;
+    // row goes first, so no request finds it here without its session; if that cannot be
+    // done, the last chunk is taken back and the client may send the request again.
+    let row = match forget_shared(reg, id).await {
+        Ok(row) => row,
+        Err(e) => {
+            let (b, off) = (up.blob.clone(), before.0);
+            let _ = tokio::task::spawn_blocking(move || b.set_len(off)).await;
+            (up.offset, up.hasher) = before;
+            return Err(e);
+        }
+    };
     remove_session(reg, id);
     if row == UploadRow::Moved || (row == UploadRow::Missing && up.checkpointed) {
         // Another server took it over (this one seemed gone) and finishes it, or it was
