@@ -8,11 +8,18 @@ use base64::Engine;
 
 use super::AuthError;
 
-/// A fresh random password: 32 bytes from the OS, base64url without padding (43 chars).
+/// A fresh random password: 32 bytes from the OS, base64url without padding (43 chars),
+/// never starting with `-` (drawn again: one in 64), so `-p PASSWORD` on a command line
+/// is never read as an option.
 pub fn generate() -> String {
-    let mut b = [0u8; 32];
-    OsRng.fill_bytes(&mut b);
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+    loop {
+        let mut b = [0u8; 32];
+        OsRng.fill_bytes(&mut b);
+        let p = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        if !p.starts_with('-') {
+            return p;
+        }
+    }
 }
 
 /// Random bytes for keys (the token signing key).
@@ -53,6 +60,16 @@ pub fn verify_dummy(secret: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One password in 64 would start with `-` (and `acr-task ... -p` would take it for
+    /// an option); none does.
+    #[test]
+    fn passwords_never_start_with_a_dash() {
+        for _ in 0..2000 {
+            let p = generate();
+            assert!(!p.starts_with('-') && p.len() == 43, "{p}");
+        }
+    }
 
     #[test]
     fn hash_verifies_only_the_same_secret() {
