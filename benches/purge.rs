@@ -92,7 +92,7 @@ async fn main() {
         },
         ..Default::default()
     };
-    acr_task::registry::service::change_settings(&copy, &unlimited).unwrap();
+    acr_task::registry::service::change_settings(&copy, &unlimited, 0).unwrap();
     drop(copy);
     println!(
         "filled two registries of {} tags in {:.1} s",

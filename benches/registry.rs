@@ -518,7 +518,7 @@ fn check_cost(with: &Figures) {
         overrides: limit,
         ..Default::default()
     };
-    acr_task::registry::service::change_settings(&store, &change).unwrap();
+    acr_task::registry::service::change_settings(&store, &change, 0).unwrap();
     let n = 20_000;
     let t = Instant::now();
     for _ in 0..n {
@@ -788,6 +788,7 @@ fn migration_bench(seed: u64) {
     acr_task::registry::service::change_settings(
         &store,
         &acr_task::tier::Change::to(acr_task::tier::Sku::Premium),
+        0,
     )
     .unwrap();
     let stop = std::sync::atomic::AtomicBool::new(false);

@@ -25,6 +25,18 @@ pub enum Sku {
 }
 
 impl Sku {
+    /// A registry replicated to `replications` other regions stays on a tier that has
+    /// geo-replication (ACR refuses the downgrade of a geo-replicated registry too).
+    pub fn check_replicated(self, replications: u64) -> Result<(), LimitError> {
+        if replications > 0 && !self.limits().geo_replication {
+            return Err(LimitError::Replicated {
+                sku: self,
+                replications,
+            });
+        }
+        Ok(())
+    }
+
     pub const MANAGED: [Sku; 3] = [Sku::Basic, Sku::Standard, Sku::Premium];
 
     pub fn as_str(self) -> &'static str {
@@ -548,6 +560,12 @@ pub enum LimitError {
     #[error("{what} needs the Premium tier (this registry is {sku}): `acr-task registry update --sku Premium`")]
     Feature { sku: Sku, what: &'static str },
     #[error(
+        "the registry has {replications} geo-replication(s), which need the Premium tier: \
+         remove them first (`acr-task replication list`, then `acr-task replication delete \
+         NAME` each) to move it to {sku}"
+    )]
+    Replicated { sku: Sku, replications: u64 },
+    #[error(
         "{to} allows {limit} of storage but {used} is stored: delete images first \
          (`acr-task repository delete`, then `acr-task registry gc`), or choose a larger \
          tier or `--storage-limit`",
@@ -942,6 +960,21 @@ mod tests {
             m.contains("repository delete") && m.contains("--sku"),
             "{m}"
         );
+    }
+
+    #[test]
+    fn a_replicated_registry_stays_premium() {
+        assert!(Sku::Premium.check_replicated(2).is_ok());
+        assert!(Sku::Standard.check_replicated(0).is_ok());
+        let e = Sku::Standard.check_replicated(2).unwrap_err();
+        assert_eq!(
+            e,
+            LimitError::Replicated {
+                sku: Sku::Standard,
+                replications: 2
+            }
+        );
+        assert!(e.to_string().contains("replication delete"), "{e}");
     }
 
     #[test]

@@ -926,3 +926,137 @@ async fn a_replica_away_longer_than_the_outbox_keeps_learns_the_deletes_it_misse
         tail(&b.stderr())
     );
 }
+
+/// The registry's own settings (anonymous pull, the retention policy, content trust) are
+/// the registry's on every replica: a server joining takes the group's, a change made on
+/// any replica holds on all (a trust policy set at home refuses the unsigned image at
+/// west); and a replicated registry cannot leave Premium.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_registrys_settings_hold_on_every_replica() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (start(dir.path(), "a", &[]), start(dir.path(), "b", &[]));
+    let ok = |s: &Serve, args: &[&str]| {
+        let (ok, out, err) = s.acr(args);
+        assert!(ok, "{args:?} failed:\n{out}\n{err}\n{}", tail(&s.stderr()));
+        out
+    };
+    let show = |s: &Serve| -> Value {
+        serde_json::from_str(&ok(s, &["registry", "show", "-o", "json"])).unwrap()
+    };
+    // West's own setting before it joins; home's retention policy.
+    ok(
+        &b,
+        &["registry", "update", "--anonymous-pull-enabled", "true"],
+    );
+    let line = |s: &Serve, words: &str| ok(s, &words.split(' ').collect::<Vec<_>>());
+    line(
+        &a,
+        "registry config retention update --status enabled --days 30",
+    );
+    let pushed = push_small(&a, "team/app", "v1", "settings").await;
+    join(&a, "west", &b);
+    until(
+        "west takes the registry's settings as they are at home",
+        Duration::from_secs(30),
+        || async {
+            let v = show(&b);
+            v["anonymousPullEnabled"] == false && v["retention"]["days"] == 30
+        },
+    )
+    .await;
+    assert_eq!(
+        show(&a)["anonymousPullEnabled"],
+        false,
+        "home keeps its own"
+    );
+    until(
+        "the image reaches west",
+        Duration::from_secs(30),
+        || async { resolve(&b, "team/app", "v1").await.as_deref() == Some(pushed.as_str()) },
+    )
+    .await;
+
+    // Anonymous pull turned on at west: home serves pulls without credentials.
+    let anonymous = |s: &Serve| {
+        let url = format!("{}/v2/team/app/manifests/v1", s.url);
+        async move {
+            reqwest::Client::new()
+                .get(url)
+                .header("accept", ACCEPT)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        }
+    };
+    assert_eq!(anonymous(&a).await, 401);
+    ok(
+        &b,
+        &["registry", "update", "--anonymous-pull-enabled", "true"],
+    );
+    until(
+        "home serves anonymous pulls",
+        Duration::from_secs(30),
+        || async { anonymous(&a).await == 200 },
+    )
+    .await;
+
+    // Content trust set at home: west refuses the unsigned image by tag.
+    let key = dir.path().join("key.pem");
+    let public = dir.path().join("key.pub");
+    run(Command::new("openssl")
+        .args([
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+        ])
+        .arg(&key));
+    run(Command::new("openssl")
+        .args(["ec", "-pubout", "-in"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&public));
+    ok(
+        &a,
+        &[
+            "registry",
+            "config",
+            "content-trust",
+            "add",
+            "--repository",
+            "team/*",
+            "--key",
+            public.to_str().unwrap(),
+        ],
+    );
+    ok(&a, &["registry", "update", "--content-trust", "enabled"]);
+    until(
+        "west refuses the unsigned image",
+        Duration::from_secs(30),
+        || async { anonymous(&b).await == 403 },
+    )
+    .await;
+    assert_eq!(show(&b)["contentTrust"], show(&a)["contentTrust"]);
+
+    // Below Premium, neither replica goes while they are replicated.
+    for s in [&a, &b] {
+        let (good, _, err) = s.acr(&["registry", "update", "--sku", "Standard"]);
+        assert!(
+            !good && err.contains("geo-replication") && err.contains("replication delete"),
+            "{err}"
+        );
+        assert_eq!(show(s)["sku"], "Premium");
+    }
+    ok(&a, &["registry", "update", "--content-trust", "disabled"]);
+    line(&a, "registry config retention update --status disabled");
+    ok(&a, &["replication", "delete", "west", "-y"]);
+    let v: Value = serde_json::from_str(&ok(
+        &a,
+        &["registry", "update", "--sku", "Standard", "-o", "json"],
+    ))
+    .unwrap();
+    assert_eq!(v["sku"], "Standard");
+}

@@ -624,7 +624,8 @@ impl Backend {
             // A registry may be given its tier before it first serves.
             let store = crate::store::Store::open(dir, false)
                 .with_context(|| format!("opening registry data in {}", dir.display()))?;
-            crate::registry::service::change_settings(&store, change)?;
+            let replications = crate::replication::store::ReplicationStore::members_in(dir)?;
+            crate::registry::service::change_settings(&store, change, replications)?;
             return self.info_on_files(dir, &store);
         }
         let body = serde_json::to_value(change)?;

@@ -93,9 +93,17 @@ pub fn unlink_blob(store: &Store, repo: &str, digest: &str) -> Result<bool, Stor
 
 /// Changes the registry's tier and the operator's overrides of its limits, checked against
 /// what is stored under the write lock: refused (nothing changed) when the new storage
-/// limit is below the use, and never back to Classic.
-pub fn change_settings(store: &Store, ch: &crate::tier::Change) -> Result<Properties, StoreError> {
-    store.update_properties(|now, used| Ok(now.change(ch, used)?))
+/// limit is below the use, and never back to Classic; `replications`, the registry's
+/// other regions, keep it on a tier that has geo-replication.
+pub fn change_settings(
+    store: &Store,
+    ch: &crate::tier::Change,
+    replications: u64,
+) -> Result<Properties, StoreError> {
+    store.update_properties(|now, used| {
+        ch.sku.unwrap_or(now.sku).check_replicated(replications)?;
+        Ok(now.change(ch, used)?)
+    })
 }
 
 /// Garbage collection (see [`Store::gc`]).

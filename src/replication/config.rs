@@ -1,5 +1,10 @@
 //! The registry-wide settings every replica holds alike: scope maps, tokens (with their
-//! password hashes, so a token's password works on each) and webhooks. Each setting has a
+//! password hashes, so a token's password works on each), webhooks, and the registry's
+//! own settings (anonymous pull, the retention policy, content trust and its policies, as
+//! one record: a push refused by a trust policy at one replica is refused at all). The
+//! tier is not among them (every member is Premium while it has replications), nor what
+//! is each server's own (its storage, encryption key, the operator's overrides). Each
+//! setting has a
 //! clock in `replication.db`: the fingerprint of its record as last seen here and the
 //! stamp of its last change. A change made here, by whatever path (the API, the commands
 //! on the files, a template's deploy), is found by comparing fingerprints and stamped
@@ -14,13 +19,44 @@ use serde_json::{json, Value};
 use super::store::{ConfigClock, ReplicationStore};
 use super::{ReplicationError, Stamp};
 use crate::auth::records::{Insert, Removal, TokenRecord};
-use crate::auth::{AuthStore, ScopeMap};
+use crate::auth::ScopeMap;
 use crate::hlc::{Hlc, CLOCK};
+use crate::tier::{ContentTrust, Properties, RetentionPolicy};
 use crate::webhooks::WebhookStore;
 
 pub const SCOPE_MAP: &str = "scopeMap";
 pub const TOKEN: &str = "token";
 pub const WEBHOOK: &str = "webhook";
+/// The registry's own settings: one record, named [`SETTINGS`].
+pub const REGISTRY: &str = "registry";
+pub const SETTINGS: &str = "settings";
+
+/// Where this server keeps the registry-wide settings.
+#[derive(Clone, Copy)]
+pub struct Places<'a> {
+    pub auth: &'a crate::auth::Auth,
+    pub hooks: &'a WebhookStore,
+    pub registry: &'a crate::store::Store,
+}
+
+/// The registry's settings kept alike on every replica.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RegistrySettings {
+    anonymous_pull: bool,
+    retention: Option<RetentionPolicy>,
+    content_trust: Option<ContentTrust>,
+}
+
+impl RegistrySettings {
+    fn of(p: &Properties) -> RegistrySettings {
+        RegistrySettings {
+            anonymous_pull: p.anonymous_pull,
+            retention: p.retention,
+            content_trust: p.content_trust.clone(),
+        }
+    }
+}
 
 /// One setting as replicas send it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -54,12 +90,9 @@ fn webhook_json(h: &crate::webhooks::Webhook) -> Value {
 }
 
 /// Every setting this server holds now, by (kind, name).
-pub fn holdings(
-    auth: &AuthStore,
-    hooks: &WebhookStore,
-) -> Result<BTreeMap<Key, Value>, ReplicationError> {
+pub fn holdings(at: Places<'_>) -> Result<BTreeMap<Key, Value>, ReplicationError> {
     let mut out = BTreeMap::new();
-    let records = auth.records();
+    let records = at.auth.store().records();
     for m in records.scope_maps()? {
         out.insert((SCOPE_MAP.to_string(), m.name.clone()), json!(m));
     }
@@ -68,10 +101,21 @@ pub fn holdings(
             out.insert((TOKEN.to_string(), t.name.clone()), token_json(&rec));
         }
     }
-    for h in hooks.records().all()? {
+    for h in at.hooks.records().all()? {
         out.insert((WEBHOOK.to_string(), h.info.name.clone()), webhook_json(&h));
     }
+    out.insert(
+        (REGISTRY.to_string(), SETTINGS.to_string()),
+        registry_json(at.registry)?,
+    );
     Ok(out)
+}
+
+fn registry_json(store: &crate::store::Store) -> Result<Value, ReplicationError> {
+    let p = store
+        .properties()
+        .map_err(|e| ReplicationError::Refused(format!("the registry's settings: {e}")))?;
+    Ok(json!(RegistrySettings::of(&p)))
 }
 
 fn clocks_by_key(rs: &ReplicationStore) -> Result<HashMap<Key, ConfigClock>, ReplicationError> {
@@ -124,6 +168,26 @@ pub fn scan(
     Ok(changed)
 }
 
+/// A server joining a group takes the registry-wide settings as the group has them: its
+/// own clocks go back before any change, so whatever the group holds wins over them,
+/// while what only this server has is still sent (no member has a clock for it).
+pub fn yield_to_group(at: Places<'_>, rs: &ReplicationStore) -> Result<(), ReplicationError> {
+    let first = Stamp {
+        hlc: Hlc { ms: 0, n: 0 },
+        origin: String::new(),
+    };
+    for ((kind, name), v) in holdings(at)? {
+        rs.set_config_clock(&ConfigClock {
+            kind,
+            name,
+            fingerprint: fingerprint(&v),
+            stamp: first.clone(),
+            deleted: false,
+        })?;
+    }
+    Ok(())
+}
+
 /// Everything to send another replica: every clock, with the record where one is held.
 pub fn items(
     rs: &ReplicationStore,
@@ -168,13 +232,12 @@ pub fn state_digest(rs: &ReplicationStore) -> Result<String, ReplicationError> {
 /// Applies what wins over this server's clocks (scope maps before the tokens bound to
 /// them; deletes of tokens before their scope maps'). Returns how many were applied.
 pub fn apply(
-    auth: &AuthStore,
-    hooks: &WebhookStore,
+    at: Places<'_>,
     rs: &ReplicationStore,
     me: &str,
     mut items: Vec<Item>,
 ) -> Result<usize, ReplicationError> {
-    scan(rs, &holdings(auth, hooks)?, me)?;
+    scan(rs, &holdings(at)?, me)?;
     let clocks = clocks_by_key(rs)?;
     let rank = |i: &Item| match (i.deleted, i.kind.as_str()) {
         (false, SCOPE_MAP) => 0,
@@ -196,10 +259,10 @@ pub fn apply(
             continue;
         }
         let done = if it.deleted {
-            remove(auth, hooks, &it.kind, &it.name)
+            remove(at, &it.kind, &it.name)
         } else {
             match it.record.clone() {
-                Some(record) => put(auth, hooks, &it.kind, &it.name, record),
+                Some(record) => put(at, &it.kind, &it.name, record),
                 None => Err(ReplicationError::Refused(format!(
                     "{} {:?} came without its record",
                     it.kind, it.name
@@ -215,7 +278,7 @@ pub fn apply(
         }
         // What is held now is what the clock fingerprints (so it is not taken for a
         // change made here).
-        let now = holdings_of(auth, hooks, &it.kind, &it.name)?;
+        let now = holdings_of(at, &it.kind, &it.name)?;
         rs.set_config_clock(&ConfigClock {
             kind: it.kind,
             name: it.name,
@@ -235,16 +298,13 @@ pub fn apply(
     Ok(n)
 }
 
-fn holdings_of(
-    auth: &AuthStore,
-    hooks: &WebhookStore,
-    kind: &str,
-    name: &str,
-) -> Result<Option<Value>, ReplicationError> {
+fn holdings_of(at: Places<'_>, kind: &str, name: &str) -> Result<Option<Value>, ReplicationError> {
+    let records = at.auth.store().records();
     Ok(match kind {
-        SCOPE_MAP => auth.records().scope_map(name)?.map(|m| json!(m)),
-        TOKEN => auth.records().token(name)?.as_ref().map(token_json),
-        WEBHOOK => hooks.records().get(name)?.as_ref().map(webhook_json),
+        SCOPE_MAP => records.scope_map(name)?.map(|m| json!(m)),
+        TOKEN => records.token(name)?.as_ref().map(token_json),
+        WEBHOOK => at.hooks.records().get(name)?.as_ref().map(webhook_json),
+        REGISTRY if name == SETTINGS => Some(registry_json(at.registry)?),
         _ => None,
     })
 }
@@ -253,14 +313,8 @@ fn bad(kind: &str, name: &str, e: impl std::fmt::Display) -> ReplicationError {
     ReplicationError::Refused(format!("{kind} {name:?} as sent: {e}"))
 }
 
-fn put(
-    auth: &AuthStore,
-    hooks: &WebhookStore,
-    kind: &str,
-    name: &str,
-    record: Value,
-) -> Result<(), ReplicationError> {
-    let records = auth.records();
+fn put(at: Places<'_>, kind: &str, name: &str, record: Value) -> Result<(), ReplicationError> {
+    let (records, hooks) = (at.auth.store().records(), at.hooks);
     match kind {
         SCOPE_MAP => {
             let m: ScopeMap = serde_json::from_value(record).map_err(|e| bad(kind, name, e))?;
@@ -325,17 +379,35 @@ fn put(
             }
             hooks.records().insert(&hook, None)?;
         }
+        REGISTRY if name == SETTINGS => {
+            let want: RegistrySettings =
+                serde_json::from_value(record).map_err(|e| bad(kind, name, e))?;
+            // Checked as `registry update` checks them here (days, policies' keys, what
+            // the tier allows); the rest of this server's settings stay its own.
+            let change = crate::tier::Change {
+                anonymous_pull: Some(want.anonymous_pull),
+                retention: want.retention,
+                content_trust: want.content_trust.clone(),
+                ..Default::default()
+            };
+            let p = at
+                .registry
+                .update_properties(|now, used| {
+                    let mut next = now.change(&change, used)?;
+                    next.retention = want.retention;
+                    next.content_trust = want.content_trust.clone();
+                    Ok(next)
+                })
+                .map_err(|e| bad(kind, name, e))?;
+            at.auth.set_stored_anonymous_pull(p.anonymous_pull);
+        }
         other => return Err(bad(other, name, "not a kind of setting this server knows")),
     }
     Ok(())
 }
 
-fn remove(
-    auth: &AuthStore,
-    hooks: &WebhookStore,
-    kind: &str,
-    name: &str,
-) -> Result<(), ReplicationError> {
+fn remove(at: Places<'_>, kind: &str, name: &str) -> Result<(), ReplicationError> {
+    let (auth, hooks) = (at.auth.store(), at.hooks);
     match kind {
         SCOPE_MAP => match auth.records().delete_scope_map(name)? {
             Removal::Done | Removal::NotFound => {}
@@ -352,6 +424,7 @@ fn remove(
         WEBHOOK => {
             hooks.records().delete(name)?;
         }
+        REGISTRY => return Err(bad(kind, name, "the registry's settings are never deleted")),
         other => return Err(bad(other, name, "not a kind of setting this server knows")),
     }
     Ok(())

@@ -188,6 +188,32 @@ impl Replication {
             .map_err(|e| ReplicationError::Refused(format!("internal error: {e}")))?
     }
 
+    /// Runs `f` on a blocking thread with the places this server keeps the registry-wide
+    /// settings in.
+    async fn on_settings<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(super::config::Places<'_>, &ReplicationStore) -> Result<T, ReplicationError>
+            + Send
+            + 'static,
+    ) -> Result<T, ReplicationError> {
+        let (rs, auth, hooks, registry) = (
+            self.store.clone(),
+            self.auth.clone(),
+            self.hooks.clone(),
+            self.registry.store().clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let at = super::config::Places {
+                auth: &auth,
+                hooks: &hooks,
+                registry: &registry,
+            };
+            f(at, &rs)
+        })
+        .await
+        .map_err(|e| ReplicationError::Refused(format!("internal error: {e}")))?
+    }
+
     /// Starts a sender for each member without one; stops those of members gone.
     async fn spawn_senders(self: Arc<Self>) -> Result<(), ReplicationError> {
         let members = self.db(|s| s.members()).await?;
@@ -416,7 +442,10 @@ impl Replication {
             previous_secret: None,
         };
         let g = group.clone();
-        self.db(move |s| {
+        self.on_settings(move |at, s| {
+            // The registry's settings are the group's from now on (what only this server
+            // had goes to the others).
+            crate::replication::config::yield_to_group(at, s)?;
             s.set_group(&g, last)?;
             for m in &j.members {
                 s.add_member(m, last)?;

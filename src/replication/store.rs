@@ -137,6 +137,15 @@ impl ReplicationStore {
         })
     }
 
+    /// How many other members the group of the registry in `dir` has (0 when it is in
+    /// none, or has no `replication.db`, as a shared registry's directory).
+    pub fn members_in(dir: &Path) -> Result<u64, ReplicationError> {
+        if !dir.join("replication.db").exists() {
+            return Ok(0);
+        }
+        Ok(ReplicationStore::open(dir)?.members()?.len() as u64)
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -486,16 +495,23 @@ impl ReplicationStore {
 
     /// Forgets deletes older than Unix second `before` (kept long enough for a replica
     /// that was away: the outbox's week and more): manifests' tombstones by when they
-    /// were made, deleted tags' clocks by their clock time (so a backfill does not send
-    /// every tag ever deleted).
+    /// were made, deleted tags' and settings' clocks by their clock time (so a backfill
+    /// does not send every tag ever deleted, nor each state every setting ever deleted).
     pub fn prune_deletes(&self, before: i64) -> Result<usize, ReplicationError> {
         let c = self.conn();
         let ms = u64::try_from(before).unwrap_or(0).saturating_mul(1000);
+        let horizon = Hlc { ms, n: 0 }.to_string();
         let tags = c.execute(
             "DELETE FROM tag_clocks WHERE digest IS NULL AND hlc < ?1",
-            params![Hlc { ms, n: 0 }.to_string()],
+            params![horizon],
         )?;
-        Ok(tags + c.execute("DELETE FROM tombstones WHERE created < ?1", params![before])?)
+        let settings = c.execute(
+            "DELETE FROM config_clocks WHERE deleted = 1 AND hlc < ?1",
+            params![horizon],
+        )?;
+        Ok(tags
+            + settings
+            + c.execute("DELETE FROM tombstones WHERE created < ?1", params![before])?)
     }
 }
 
@@ -578,6 +594,37 @@ mod tests {
         assert!(s.tag_clock("app", "v2").unwrap().is_some());
         assert_eq!(s.prune_deletes(i64::MAX / 1000).unwrap(), 1);
         assert!(s.deletes().unwrap().is_empty());
+    }
+
+    #[test]
+    fn deleted_settings_clocks_go_after_their_keep() {
+        let d = tempfile::tempdir().unwrap();
+        let s = ReplicationStore::open(d.path()).unwrap();
+        let clock = |name: &str, ms: u64, deleted: bool| ConfigClock {
+            kind: "token".into(),
+            name: name.into(),
+            fingerprint: if deleted { String::new() } else { "f".into() },
+            stamp: st(ms, "a"),
+            deleted,
+        };
+        // A delete 10 s after the epoch, one at 5000 s, and a token that is there (as old).
+        s.set_config_clock(&clock("gone", 10_000, true)).unwrap();
+        s.set_config_clock(&clock("later", 5_000_000, true))
+            .unwrap();
+        s.set_config_clock(&clock("kept", 1, false)).unwrap();
+        // Before second 100: only the first delete is past its keep.
+        assert_eq!(s.prune_deletes(100).unwrap(), 1);
+        let names = |s: &ReplicationStore| {
+            s.config_clocks()
+                .unwrap()
+                .into_iter()
+                .map(|c| c.name)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(&s), ["kept", "later"]);
+        // Later, the other delete goes too; a setting that is there never does.
+        assert_eq!(s.prune_deletes(i64::MAX / 1000).unwrap(), 1);
+        assert_eq!(names(&s), ["kept"]);
     }
 
     #[test]

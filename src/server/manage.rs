@@ -100,14 +100,8 @@ pub fn registry_info(
         scope_maps: auth.scope_maps()?.len() as u64,
         // The other members of its geo-replication group (none for a shared registry,
         // whose own directory holds no group).
-        replications: if store.root().join("replication.db").exists() {
-            crate::replication::store::ReplicationStore::open(store.root())
-                .and_then(|r| r.members())
-                .map(|m| m.len() as u64)
-                .unwrap_or(0)
-        } else {
-            0
-        },
+        replications: crate::replication::store::ReplicationStore::members_in(store.root())
+            .unwrap_or(0),
     };
     let mut usage = crate::tier::usage(&limits, &counts);
     if let Some((limit, now)) = runs {
@@ -887,7 +881,12 @@ async fn update(
     let retention = ch.retention.is_some_and(|r| r.enabled());
     let registry = s.registry.clone();
     let info = blocking(move || {
-        let p = crate::registry::service::change_settings(&s.store, &ch)?;
+        let replications = crate::replication::store::ReplicationStore::members_in(s.store.root())
+            .map_err(|e| {
+                tracing::error!(error = %e, "reading the registry's replications");
+                Refusal(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+            })?;
+        let p = crate::registry::service::change_settings(&s.store, &ch, replications)?;
         s.auth.set_stored_anonymous_pull(p.anonymous_pull);
         info_of(&s)
     })

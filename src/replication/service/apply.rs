@@ -13,13 +13,11 @@ impl Replication {
         let Some(g) = self.db(|s| s.group()).await? else {
             return Ok(());
         };
-        let (rs, auth, hooks) = (self.store.clone(), self.auth.clone(), self.hooks.clone());
-        tokio::task::spawn_blocking(move || {
-            let held = crate::replication::config::holdings(auth.store(), &hooks)?;
-            crate::replication::config::scan(&rs, &held, &g.me.name)
+        self.on_settings(move |at, rs| {
+            let held = crate::replication::config::holdings(at)?;
+            crate::replication::config::scan(rs, &held, &g.me.name)
         })
-        .await
-        .map_err(|e| ReplicationError::Refused(e.to_string()))??;
+        .await?;
         Ok(())
     }
 

@@ -238,13 +238,9 @@ async fn config(
         .unwrap_or_else(|p| p.into_inner())
         .clone()
         .unwrap_or_default();
-    let (rs, auth, hooks) = (r.store.clone(), r.auth.clone(), r.hooks.clone());
-    let done = tokio::task::spawn_blocking(move || {
-        crate::replication::config::apply(auth.store(), &hooks, &rs, &me, b.items)
-    })
-    .await
-    .map_err(|e| ReplicationError::Refused(e.to_string()))
-    .and_then(|r| r);
+    let done = r
+        .on_settings(move |at, rs| crate::replication::config::apply(at, rs, &me, b.items))
+        .await;
     match done {
         Ok(n) => Json(serde_json::json!({ "applied": n })).into_response(),
         Err(e) => {

@@ -110,13 +110,12 @@ impl Replication {
         if sent.as_deref() == Some(digest.as_str()) {
             return Ok(()); // the clocks are as last sent: nothing to read
         }
-        let (rs, auth, hooks) = (self.store.clone(), self.auth.clone(), self.hooks.clone());
-        let items = tokio::task::spawn_blocking(move || {
-            let held = crate::replication::config::holdings(auth.store(), &hooks)?;
-            crate::replication::config::items(&rs, &held)
-        })
-        .await
-        .map_err(|e| ReplicationError::Refused(e.to_string()))??;
+        let items = self
+            .on_settings(|at, rs| {
+                let held = crate::replication::config::holdings(at)?;
+                crate::replication::config::items(rs, &held)
+            })
+            .await?;
         if items.is_empty() {
             return Ok(());
         }
