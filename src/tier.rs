@@ -259,7 +259,8 @@ impl ContentTrust {
             .collect()
     }
 
-    fn check(&self) -> Result<(), LimitError> {
+    /// Every policy names a valid repository pattern and keys that read.
+    pub fn check(&self) -> Result<(), LimitError> {
         for p in &self.policies {
             if !crate::names::valid_pattern(&p.repository) {
                 return Err(LimitError::TrustPolicy {
@@ -770,6 +771,20 @@ impl Properties {
 
     /// Whether `used` bytes fit this tier's storage limit.
     fn check_fits(&self, used: u64) -> Result<(), LimitError> {
+        self.check_features()?;
+        match self.limits().storage_bytes {
+            Some(limit) if used > limit => Err(LimitError::TooSmall {
+                to: self.sku,
+                limit,
+                used,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// The settings turned on are ones the tier has (anonymous pull, a retention policy,
+    /// content trust).
+    pub fn check_features(&self) -> Result<(), LimitError> {
         if self.anonymous_pull && !self.limits().anonymous_pull {
             return Err(LimitError::AnonymousPull { sku: self.sku });
         }
@@ -786,14 +801,7 @@ impl Properties {
                 what: "content trust",
             });
         }
-        match self.limits().storage_bytes {
-            Some(limit) if used > limit => Err(LimitError::TooSmall {
-                to: self.sku,
-                limit,
-                used,
-            }),
-            _ => Ok(()),
-        }
+        Ok(())
     }
 
     /// The upgrade done: the registry is its target tier from now on.

@@ -928,8 +928,8 @@ async fn a_replica_away_longer_than_the_outbox_keeps_learns_the_deletes_it_misse
 }
 
 /// The registry's own settings (anonymous pull, the retention policy, content trust) are
-/// the registry's on every replica: a server joining takes the group's, a change made on
-/// any replica holds on all (a trust policy set at home refuses the unsigned image at
+/// the registry's on every replica: a server joining takes the group's with the
+/// invitation, a change made on any replica holds on all (a trust policy set at home refuses the unsigned image at
 /// west); and a replicated registry cannot leave Premium.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_registrys_settings_hold_on_every_replica() {
@@ -955,15 +955,13 @@ async fn the_registrys_settings_hold_on_every_replica() {
     );
     let pushed = push_small(&a, "team/app", "v1", "settings").await;
     join(&a, "west", &b);
-    until(
-        "west takes the registry's settings as they are at home",
-        Duration::from_secs(30),
-        || async {
-            let v = show(&b);
-            v["anonymousPullEnabled"] == false && v["retention"]["days"] == 30
-        },
-    )
-    .await;
+    // Taken with the invitation, before anything of the registry's is served there.
+    let v = show(&b);
+    assert_eq!(
+        (&v["anonymousPullEnabled"], &v["retention"]["days"]),
+        (&Value::Bool(false), &Value::from(30)),
+        "west takes the registry's settings as they are at home when it joins: {v}"
+    );
     assert_eq!(
         show(&a)["anonymousPullEnabled"],
         false,

@@ -171,21 +171,34 @@ pub fn scan(
 /// A server joining a group takes the registry-wide settings as the group has them: its
 /// own clocks go back before any change, so whatever the group holds wins over them,
 /// while what only this server has is still sent (no member has a clock for it).
-pub fn yield_to_group(at: Places<'_>, rs: &ReplicationStore) -> Result<(), ReplicationError> {
+/// Clocks kept from an earlier group go (their deletes would reach this one). The joiner
+/// `me` names its stamps, so two joiners' same-named settings tie the same way everywhere.
+pub fn yield_to_group(
+    at: Places<'_>,
+    rs: &ReplicationStore,
+    me: &str,
+) -> Result<(), ReplicationError> {
     let first = Stamp {
         hlc: Hlc { ms: 0, n: 0 },
-        origin: String::new(),
+        origin: me.to_string(),
     };
-    for ((kind, name), v) in holdings(at)? {
-        rs.set_config_clock(&ConfigClock {
+    let clocks: Vec<ConfigClock> = holdings(at)?
+        .into_iter()
+        .map(|((kind, name), v)| ConfigClock {
             kind,
             name,
             fingerprint: fingerprint(&v),
             stamp: first.clone(),
             deleted: false,
-        })?;
-    }
-    Ok(())
+        })
+        .collect();
+    rs.reset_config_clocks(&clocks)
+}
+
+/// Whether this server keeps settings of `kind`: those of other kinds (sent by a newer
+/// member) are passed over, so the ones it knows are still applied.
+fn known(kind: &str) -> bool {
+    [SCOPE_MAP, TOKEN, WEBHOOK, REGISTRY].contains(&kind)
 }
 
 /// Everything to send another replica: every clock, with the record where one is held.
@@ -248,6 +261,10 @@ pub fn apply(
     items.sort_by_key(rank);
     let (mut n, mut failed) = (0, Vec::new());
     for it in items {
+        if !known(&it.kind) {
+            tracing::warn!(kind = %it.kind, name = %it.name, "a kind of setting this server does not keep: passed over");
+            continue;
+        }
         let hlc: Hlc = it.hlc.parse().map_err(ReplicationError::Refused)?;
         CLOCK.observe(hlc).map_err(ReplicationError::Refused)?;
         let stamp = Stamp {
@@ -382,20 +399,28 @@ fn put(at: Places<'_>, kind: &str, name: &str, record: Value) -> Result<(), Repl
         REGISTRY if name == SETTINGS => {
             let want: RegistrySettings =
                 serde_json::from_value(record).map_err(|e| bad(kind, name, e))?;
-            // Checked as `registry update` checks them here (days, policies' keys, what
-            // the tier allows); the rest of this server's settings stay its own.
-            let change = crate::tier::Change {
-                anonymous_pull: Some(want.anonymous_pull),
-                retention: want.retention,
-                content_trust: want.content_trust.clone(),
-                ..Default::default()
-            };
+            // Checked as `registry update` checks these fields (days, policies' keys, what
+            // the tier allows); the rest of this server's settings, and its storage, are
+            // its own.
+            if want
+                .retention
+                .is_some_and(|r| r.days > RetentionPolicy::MAX_DAYS)
+            {
+                return Err(bad(kind, name, "a retention policy over 365 days"));
+            }
+            if let Some(ct) = &want.content_trust {
+                ct.check().map_err(|e| bad(kind, name, e))?;
+            }
             let p = at
                 .registry
-                .update_properties(|now, used| {
-                    let mut next = now.change(&change, used)?;
-                    next.retention = want.retention;
-                    next.content_trust = want.content_trust.clone();
+                .update_properties(|now, _| {
+                    let next = Properties {
+                        anonymous_pull: want.anonymous_pull,
+                        retention: want.retention,
+                        content_trust: want.content_trust.clone(),
+                        ..now.clone()
+                    };
+                    next.check_features()?;
                     Ok(next)
                 })
                 .map_err(|e| bad(kind, name, e))?;

@@ -110,6 +110,10 @@ pub struct Join {
     /// The member list's version (see [`store::Group::version`]).
     #[serde(default)]
     pub version: String,
+    /// The registry-wide settings as the inviting member holds them: the joiner takes
+    /// them before it serves anything of the group's.
+    #[serde(default)]
+    pub settings: Vec<config::Item>,
 }
 
 /// Region names: what ACR allows for a replication's name (letters and digits, 5 to 50),

@@ -370,12 +370,21 @@ impl Replication {
         };
         let mut others: Vec<Member> = members.iter().map(|m| m.member.clone()).collect();
         others.push(group.me.clone());
+        let home = group.me.name.clone();
+        let settings = self
+            .on_settings(move |at, rs| {
+                let held = crate::replication::config::holdings(at)?;
+                crate::replication::config::scan(rs, &held, &home)?;
+                crate::replication::config::items(rs, &held)
+            })
+            .await?;
         let version = CLOCK.tick().to_string();
         let join = super::Join {
             secret: group.secret.clone(),
             me: new.clone(),
             members: others,
             version: version.clone(),
+            settings,
         };
         let r = self
             .http
@@ -424,7 +433,8 @@ impl Replication {
                 j.me.url, props.sku
             )));
         }
-        if let Some(g) = self.db(|s| s.group()).await? {
+        let current = self.db(|s| s.group()).await?;
+        if let Some(g) = &current {
             if g.secret != j.secret {
                 return Err(ReplicationError::Refused(format!(
                     "this server is a replica of another registry already (as {:?}): \
@@ -442,10 +452,20 @@ impl Replication {
             previous_secret: None,
         };
         let g = group.clone();
+        let (settings, fresh) = (j.settings.clone(), current.is_none());
         self.on_settings(move |at, s| {
-            // The registry's settings are the group's from now on (what only this server
-            // had goes to the others).
-            crate::replication::config::yield_to_group(at, s)?;
+            // The registry's settings are the group's from now on, before anything of the
+            // group's is served here (what only this server had goes to the others). An
+            // invitation again from its own group changes none.
+            if fresh {
+                crate::replication::config::yield_to_group(at, s, &g.me.name)?;
+                crate::replication::config::apply(at, s, &g.me.name, settings).map_err(|e| {
+                    ReplicationError::Refused(format!(
+                        "taking the registry's settings: {e}; this server did not join \
+                         (run `replication create` again once that is resolved)"
+                    ))
+                })?;
+            }
             s.set_group(&g, last)?;
             for m in &j.members {
                 s.add_member(m, last)?;

@@ -454,18 +454,19 @@ impl ReplicationStore {
     }
 
     pub fn set_config_clock(&self, k: &ConfigClock) -> Result<(), ReplicationError> {
-        self.conn().execute(
-            "INSERT OR REPLACE INTO config_clocks(kind, name, fingerprint, hlc, origin, deleted)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![
-                k.kind,
-                k.name,
-                k.fingerprint,
-                k.stamp.hlc.to_string(),
-                k.stamp.origin,
-                k.deleted
-            ],
-        )?;
+        put_config_clock(&self.conn(), k)
+    }
+
+    /// Replaces every settings clock with `clocks`, in one transaction (a server joining
+    /// a group forgets what it knew of another's).
+    pub fn reset_config_clocks(&self, clocks: &[ConfigClock]) -> Result<(), ReplicationError> {
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        tx.execute("DELETE FROM config_clocks", [])?;
+        for k in clocks {
+            put_config_clock(&tx, k)?;
+        }
+        tx.commit()?;
         Ok(())
     }
 
@@ -495,24 +496,35 @@ impl ReplicationStore {
 
     /// Forgets deletes older than Unix second `before` (kept long enough for a replica
     /// that was away: the outbox's week and more): manifests' tombstones by when they
-    /// were made, deleted tags' and settings' clocks by their clock time (so a backfill
-    /// does not send every tag ever deleted, nor each state every setting ever deleted).
+    /// were made, deleted tags' clocks by their clock time (so a backfill does not send
+    /// every tag ever deleted). Deleted settings' clocks are kept: they are few, and a
+    /// revoked token or webhook secret held by a replica away for longer must lose to
+    /// its delete, not come back.
     pub fn prune_deletes(&self, before: i64) -> Result<usize, ReplicationError> {
         let c = self.conn();
         let ms = u64::try_from(before).unwrap_or(0).saturating_mul(1000);
-        let horizon = Hlc { ms, n: 0 }.to_string();
         let tags = c.execute(
             "DELETE FROM tag_clocks WHERE digest IS NULL AND hlc < ?1",
-            params![horizon],
+            params![Hlc { ms, n: 0 }.to_string()],
         )?;
-        let settings = c.execute(
-            "DELETE FROM config_clocks WHERE deleted = 1 AND hlc < ?1",
-            params![horizon],
-        )?;
-        Ok(tags
-            + settings
-            + c.execute("DELETE FROM tombstones WHERE created < ?1", params![before])?)
+        Ok(tags + c.execute("DELETE FROM tombstones WHERE created < ?1", params![before])?)
     }
+}
+
+fn put_config_clock(c: &Connection, k: &ConfigClock) -> Result<(), ReplicationError> {
+    c.execute(
+        "INSERT OR REPLACE INTO config_clocks(kind, name, fingerprint, hlc, origin, deleted)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![
+            k.kind,
+            k.name,
+            k.fingerprint,
+            k.stamp.hlc.to_string(),
+            k.stamp.origin,
+            k.deleted
+        ],
+    )?;
+    Ok(())
 }
 
 /// A delete kept here (see [`ReplicationStore::deletes`]): of a manifest (`digest`) or of
@@ -597,7 +609,7 @@ mod tests {
     }
 
     #[test]
-    fn deleted_settings_clocks_go_after_their_keep() {
+    fn deleted_settings_clocks_outlive_every_prune_and_a_join_starts_afresh() {
         let d = tempfile::tempdir().unwrap();
         let s = ReplicationStore::open(d.path()).unwrap();
         let clock = |name: &str, ms: u64, deleted: bool| ConfigClock {
@@ -607,24 +619,27 @@ mod tests {
             stamp: st(ms, "a"),
             deleted,
         };
-        // A delete 10 s after the epoch, one at 5000 s, and a token that is there (as old).
-        s.set_config_clock(&clock("gone", 10_000, true)).unwrap();
-        s.set_config_clock(&clock("later", 5_000_000, true))
-            .unwrap();
+        // A token revoked long ago: its delete stays, so an old copy never wins back.
+        s.set_config_clock(&clock("revoked", 10_000, true)).unwrap();
         s.set_config_clock(&clock("kept", 1, false)).unwrap();
-        // Before second 100: only the first delete is past its keep.
-        assert_eq!(s.prune_deletes(100).unwrap(), 1);
+        s.prune_deletes(i64::MAX / 1000).unwrap();
         let names = |s: &ReplicationStore| {
             s.config_clocks()
                 .unwrap()
                 .into_iter()
-                .map(|c| c.name)
+                .map(|c| (c.name, c.stamp))
                 .collect::<Vec<_>>()
         };
-        assert_eq!(names(&s), ["kept", "later"]);
-        // Later, the other delete goes too; a setting that is there never does.
-        assert_eq!(s.prune_deletes(i64::MAX / 1000).unwrap(), 1);
-        assert_eq!(names(&s), ["kept"]);
+        assert_eq!(
+            names(&s),
+            [
+                ("kept".into(), st(1, "a")),
+                ("revoked".into(), st(10_000, "a"))
+            ]
+        );
+        // A join replaces them all.
+        s.reset_config_clocks(&[clock("mine", 0, false)]).unwrap();
+        assert_eq!(names(&s), [("mine".into(), st(0, "a"))]);
     }
 
     #[test]
