@@ -954,7 +954,76 @@ async fn the_registrys_settings_hold_on_every_replica() {
         "registry config retention update --status enabled --days 30",
     );
     let pushed = push_small(&a, "team/app", "v1", "settings").await;
+    // A token (of the scope map `readers`, made once per server) and its password.
+    let token = |s: &Serve, name: &str| {
+        let (_, out, _) = s.acr(&["scope-map", "show", "readers"]);
+        if out.is_empty() {
+            line(
+                s,
+                "scope-map create readers --repository team/* content/read",
+            );
+        }
+        let made: Value = serde_json::from_str(&line(
+            s,
+            &format!("token create {name} --scope-map readers -o json"),
+        ))
+        .unwrap();
+        made["credentials"]["passwords"][0]["value"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    // A token named alike on both before west joins (home's wins), one only west has (it
+    // reaches home).
+    let (ci_home, ci_west) = (token(&a, "ci"), token(&b, "ci"));
+    let west_only = token(&b, "deploy");
+    let login = |s: &Serve, user: &str, pw: &str| {
+        let url = format!(
+            "{}/oauth2/token?service=acr-task&scope=repository:team/app:pull",
+            s.url
+        );
+        let (user, pw) = (user.to_string(), pw.to_string());
+        async move {
+            reqwest::Client::new()
+                .get(url)
+                .basic_auth(user, Some(pw))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        }
+    };
     join(&a, "west", &b);
+    assert_eq!(login(&b, "ci", &ci_home).await, 200, "home's ci at west");
+    assert_eq!(
+        login(&b, "ci", &ci_west).await,
+        401,
+        "west's own ci is gone"
+    );
+    until(
+        "the token only west had logs in at home",
+        Duration::from_secs(30),
+        || async { login(&a, "deploy", &west_only).await == 200 },
+    )
+    .await;
+    assert_eq!(login(&a, "ci", &ci_home).await, 200, "home's ci stays");
+    // A third server with its own token of that name: west's, now the registry's, wins
+    // there too (west's was stamped when it joined, so no two joiners' tie).
+    let c = start(dir.path(), "c", &[]);
+    let deploy_east = token(&c, "deploy");
+    join(&a, "east", &c);
+    assert_eq!(
+        login(&c, "deploy", &west_only).await,
+        200,
+        "west's deploy at east"
+    );
+    assert_eq!(
+        login(&c, "deploy", &deploy_east).await,
+        401,
+        "east's own is gone"
+    );
+    replication(&a, &["delete", "east", "-y"]);
+    drop(c);
     // Taken with the invitation, before anything of the registry's is served there.
     let v = show(&b);
     assert_eq!(

@@ -168,19 +168,22 @@ pub fn scan(
     Ok(changed)
 }
 
-/// A server joining a group takes the registry-wide settings as the group has them: its
-/// own clocks go back before any change, so whatever the group holds wins over them,
-/// while what only this server has is still sent (no member has a clock for it).
-/// Clocks kept from an earlier group go (their deletes would reach this one). The joiner
-/// `me` names its stamps, so two joiners' same-named settings tie the same way everywhere.
-pub fn yield_to_group(
+/// A server joining a group takes the registry-wide settings as the group has them
+/// (`invited`, the inviter's with their clocks): its own clocks are replaced by ones
+/// older than any change, so each of the group's settings wins over its own of the same
+/// name, and clocks kept from an earlier group go (their deletes would reach this one).
+/// Then what is still only its own is stamped now, so it reaches the others as a change
+/// and no two joiners' settings tie. One that cannot be taken now (a token whose scope
+/// map is still in use here) is reported and taken with the group's next sending.
+pub fn join_group(
     at: Places<'_>,
     rs: &ReplicationStore,
     me: &str,
+    invited: Vec<Item>,
 ) -> Result<(), ReplicationError> {
-    let first = Stamp {
+    let before_all = Stamp {
         hlc: Hlc { ms: 0, n: 0 },
-        origin: me.to_string(),
+        origin: String::new(),
     };
     let clocks: Vec<ConfigClock> = holdings(at)?
         .into_iter()
@@ -188,11 +191,26 @@ pub fn yield_to_group(
             kind,
             name,
             fingerprint: fingerprint(&v),
-            stamp: first.clone(),
+            stamp: before_all.clone(),
             deleted: false,
         })
         .collect();
-    rs.reset_config_clocks(&clocks)
+    rs.reset_config_clocks(&clocks)?;
+    if let Err(e) = apply(at, rs, me, invited) {
+        tracing::warn!(error = %e, "taking the registry's settings when joining");
+    }
+    for c in rs.config_clocks()? {
+        if c.stamp == before_all {
+            rs.set_config_clock(&ConfigClock {
+                stamp: Stamp {
+                    hlc: CLOCK.tick(),
+                    origin: me.to_string(),
+                },
+                ..c
+            })?;
+        }
+    }
+    Ok(())
 }
 
 /// Whether this server keeps settings of `kind`: those of other kinds (sent by a newer

@@ -35,11 +35,17 @@ const PULLS_AT_ONCE: usize = 4;
 const DELETES_AT_ONCE: usize = 256;
 /// The longest wait between tries to reach a member that failed.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How often the settings' state is compared with what a member was last sent, while
+/// events stream to it (and the first wait after a refusal, doubled up to
+/// [`MAX_BACKOFF`] while they are refused).
+const SETTINGS_EVERY: Duration = Duration::from_secs(1);
 /// A batch may carry big layers to pull: the whole exchange gets this long.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(3600);
-/// A peer request's body: events are small (a manifest is pulled, not sent); the
-/// settings (tokens with their hashes) can be many.
-const MAX_PEER_BODY: usize = 64 << 20;
+/// A peer request's body, and an invitation's: events are small (a manifest is pulled,
+/// not sent); the settings (tokens with their hashes) can be many.
+pub const MAX_PEER_BODY: usize = 64 << 20;
+/// How long an invitation may take to be answered: the joiner takes every setting.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(600);
 /// How often each member sends the others its member list (`ACR_TASK_REPLICATION_RESEND`,
 /// in seconds, changes it: shorter where members come and go often, or in tests).
 fn members_every() -> Duration {
@@ -101,6 +107,9 @@ pub struct Replication {
     secret: Mutex<Option<String>>,
     /// The settings' state last sent to each member (see [`crate::replication::config::state_digest`]).
     config_sent: Mutex<HashMap<String, String>>,
+    /// When the settings are next looked at for each member, and the wait after a
+    /// refusal (they go before events; refusals wait longer each time).
+    config_next: Mutex<HashMap<String, (std::time::Instant, Duration)>>,
     /// A registry client per member (URL and secret), for pulls.
     clients: Mutex<HashMap<String, Arc<crate::registry::client::RegistryClient>>>,
 }
@@ -135,6 +144,7 @@ impl Replication {
             region: Mutex::new(None),
             secret: Mutex::new(None),
             config_sent: Mutex::new(HashMap::new()),
+            config_next: Mutex::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),
         });
         // The clock goes on after the greatest time kept here (events, tags, settings).
@@ -332,8 +342,8 @@ impl Replication {
         }
         let url = req.url.trim_end_matches('/').to_string();
         check_name_and_url(&req.name, &url)?;
-        let group = match self.db(|s| s.group()).await? {
-            Some(g) => g,
+        let (group, fresh) = match self.db(|s| s.group()).await? {
+            Some(g) => (g, false),
             None => {
                 let name = req.home_name.clone().unwrap_or_else(|| "home".into());
                 let url = req
@@ -343,7 +353,7 @@ impl Replication {
                     .trim_end_matches('/')
                     .to_string();
                 check_name_and_url(&name, &url)?;
-                Group {
+                let g = Group {
                     me: Member {
                         name,
                         url,
@@ -353,7 +363,8 @@ impl Replication {
                     created: 0,
                     version: String::new(),
                     previous_secret: None,
-                }
+                };
+                (g, true)
             }
         };
         let members = self.db(|s| s.members()).await?;
@@ -371,13 +382,21 @@ impl Replication {
         let mut others: Vec<Member> = members.iter().map(|m| m.member.clone()).collect();
         others.push(group.me.clone());
         let home = group.me.name.clone();
-        let settings = self
-            .on_settings(move |at, rs| {
+        let settings = {
+            // Not beside the indexer's scan or a member's settings being applied.
+            let _one = self.apply.lock().await;
+            self.on_settings(move |at, rs| {
+                // A new group starts from what is held here now: clocks kept from a group
+                // this server was in before (deletes included) are not the new one's.
+                if fresh {
+                    rs.reset_config_clocks(&[])?;
+                }
                 let held = crate::replication::config::holdings(at)?;
                 crate::replication::config::scan(rs, &held, &home)?;
                 crate::replication::config::items(rs, &held)
             })
-            .await?;
+            .await?
+        };
         let version = CLOCK.tick().to_string();
         let join = super::Join {
             secret: group.secret.clone(),
@@ -391,7 +410,7 @@ impl Replication {
             .post(format!("{url}/api/registry/replications/join"))
             .basic_auth(&req.username, Some(&req.password))
             .json(&join)
-            .timeout(Duration::from_secs(30))
+            .timeout(JOIN_TIMEOUT)
             .send()
             .await
             .map_err(|e| {
@@ -453,18 +472,13 @@ impl Replication {
         };
         let g = group.clone();
         let (settings, fresh) = (j.settings.clone(), current.is_none());
+        let one = self.apply.lock().await;
         self.on_settings(move |at, s| {
             // The registry's settings are the group's from now on, before anything of the
             // group's is served here (what only this server had goes to the others). An
             // invitation again from its own group changes none.
             if fresh {
-                crate::replication::config::yield_to_group(at, s, &g.me.name)?;
-                crate::replication::config::apply(at, s, &g.me.name, settings).map_err(|e| {
-                    ReplicationError::Refused(format!(
-                        "taking the registry's settings: {e}; this server did not join \
-                         (run `replication create` again once that is resolved)"
-                    ))
-                })?;
+                crate::replication::config::join_group(at, s, &g.me.name, settings)?;
             }
             s.set_group(&g, last)?;
             for m in &j.members {
@@ -473,6 +487,7 @@ impl Replication {
             Ok(())
         })
         .await?;
+        drop(one);
         self.follow(Some(&group));
         self.clone().spawn_senders().await
     }

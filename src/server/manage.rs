@@ -336,7 +336,13 @@ pub fn router(state: Arc<ManageState>) -> Router {
             "/api/registry/replications",
             get(replications).post(create_replication),
         )
-        .route("/api/registry/replications/join", post(join_replication))
+        .route(
+            "/api/registry/replications/join",
+            // The invitation carries every registry-wide setting (the admin's request).
+            post(join_replication).layer(axum::extract::DefaultBodyLimit::max(
+                crate::replication::service::MAX_PEER_BODY,
+            )),
+        )
         .route(
             "/api/registry/replications/{name}",
             get(replication)

@@ -49,6 +49,10 @@ impl Replication {
         let (Some(g), Some(m)) = (g, m) else {
             return Ok(false);
         };
+        // The settings go first, whatever else waits: a token revoked or a trust policy set
+        // does not wait behind a backfill or a stream of pushes. A refusal is reported
+        // and holds nothing else up.
+        self.settings_to(&g, &m.member).await;
         if !m.backfilled {
             return self.backfill_some(&g, &m).await;
         }
@@ -58,7 +62,6 @@ impl Replication {
             .await
             .map_err(|e| ReplicationError::Refused(e.to_string()))?;
         let Some(last) = events.last().map(|(seq, _)| *seq) else {
-            self.send_config(&g, &m.member).await?;
             return Ok(false);
         };
         if events[0].0 > m.cursor + 1 {
@@ -91,6 +94,35 @@ impl Replication {
         let n = name.to_string();
         self.db(move |s| s.set_cursor(&n, last)).await?;
         Ok(true)
+    }
+
+    /// Sends the member the settings when it is time to look at them again (see
+    /// [`SETTINGS_EVERY`]); a refusal is its last error until something else succeeds.
+    async fn settings_to(&self, g: &Group, to: &Member) {
+        let now = std::time::Instant::now();
+        let next = self
+            .config_next
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&to.name)
+            .copied();
+        if next.is_some_and(|(t, _)| t > now) {
+            return;
+        }
+        let (wait, backoff) = match self.send_config(g, to).await {
+            Ok(()) => (SETTINGS_EVERY, SETTINGS_EVERY),
+            Err(e) => {
+                tracing::warn!(replica = %to.name, error = %e, "replicating the settings");
+                let (n, msg) = (to.name.clone(), format!("the settings: {e}"));
+                let _ = self.db(move |s| s.set_error(&n, &msg)).await;
+                let b = next.map_or(SETTINGS_EVERY, |(_, b)| b);
+                (b, (b * 2).min(MAX_BACKOFF))
+            }
+        };
+        self.config_next
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(to.name.clone(), (now + wait, backoff));
     }
 
     /// Sends the member the registry-wide settings with their clocks, when they changed
