@@ -1010,6 +1010,17 @@ async fn the_registrys_settings_hold_on_every_replica() {
     // A third server with its own token of that name: west's, now the registry's, wins
     // there too (west's was stamped when it joined, so no two joiners' tie).
     let c = start(dir.path(), "c", &[]);
+    // What is not an invitation is refused, saying so.
+    let r = reqwest::Client::new()
+        .post(format!("{}/api/registry/replications/join", c.url))
+        .basic_auth("admin", Some(&c.password))
+        .body("{\"secret\": 1}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("not an invitation"), "{text}");
     let deploy_east = token(&c, "deploy");
     join(&a, "east", &c);
     assert_eq!(

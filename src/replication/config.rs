@@ -172,9 +172,9 @@ pub fn scan(
 /// (`invited`, the inviter's with their clocks): its own clocks are replaced by ones
 /// older than any change, so each of the group's settings wins over its own of the same
 /// name, and clocks kept from an earlier group go (their deletes would reach this one).
-/// Then what is still only its own is stamped now, so it reaches the others as a change
-/// and no two joiners' settings tie. One that cannot be taken now (a token whose scope
-/// map is still in use here) is reported and taken with the group's next sending.
+/// Then what only it has is stamped now, so it reaches the others as a change and no two
+/// joiners' settings tie. One of the group's that cannot be taken now (a token whose
+/// scope map is not here yet) is reported and taken with the group's next sending.
 pub fn join_group(
     at: Places<'_>,
     rs: &ReplicationStore,
@@ -196,11 +196,17 @@ pub fn join_group(
         })
         .collect();
     rs.reset_config_clocks(&clocks)?;
+    let group_has: std::collections::HashSet<Key> = invited
+        .iter()
+        .map(|i| (i.kind.clone(), i.name.clone()))
+        .collect();
     if let Err(e) = apply(at, rs, me, invited) {
         tracing::warn!(error = %e, "taking the registry's settings when joining");
     }
+    // Only what the group does not have: one it has but that could not be taken here
+    // keeps its clock from before any change, so the group's wins when it comes again.
     for c in rs.config_clocks()? {
-        if c.stamp == before_all {
+        if c.stamp == before_all && !group_has.contains(&(c.kind.clone(), c.name.clone())) {
             rs.set_config_clock(&ConfigClock {
                 stamp: Stamp {
                     hlc: CLOCK.tick(),

@@ -95,6 +95,9 @@ pub struct Replication {
     ca_certs: Vec<std::path::PathBuf>,
     /// Applying and indexing one at a time: a tag's check and change are not interleaved.
     apply: tokio::sync::Mutex<()>,
+    /// Inviting, joining and removing members one at a time (a group is read, then
+    /// saved).
+    membership: tokio::sync::Mutex<()>,
     /// A sender per member, stopped when dropped.
     senders: Mutex<HashMap<String, AbortOnDropHandle<()>>>,
     halt: tokio_util::sync::CancellationToken,
@@ -110,6 +113,9 @@ pub struct Replication {
     /// When the settings are next looked at for each member, and the wait after a
     /// refusal (they go before events; refusals wait longer each time).
     config_next: Mutex<HashMap<String, (std::time::Instant, Duration)>>,
+    /// Why each member refused the settings last sent, until it takes them (shown with
+    /// its last error: events going through do not clear it).
+    config_error: Mutex<HashMap<String, String>>,
     /// A registry client per member (URL and secret), for pulls.
     clients: Mutex<HashMap<String, Arc<crate::registry::client::RegistryClient>>>,
 }
@@ -138,6 +144,7 @@ impl Replication {
             http,
             ca_certs,
             apply: tokio::sync::Mutex::new(()),
+            membership: tokio::sync::Mutex::new(()),
             senders: Mutex::new(HashMap::new()),
             halt,
             endpoint_off: Default::default(),
@@ -145,6 +152,7 @@ impl Replication {
             secret: Mutex::new(None),
             config_sent: Mutex::new(HashMap::new()),
             config_next: Mutex::new(HashMap::new()),
+            config_error: Mutex::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),
         });
         // The clock goes on after the greatest time kept here (events, tags, settings).
@@ -285,6 +293,12 @@ impl Replication {
         let lag_seconds = oldest
             .map(|t| (chrono::Utc::now().timestamp() - t).max(0) as u64)
             .unwrap_or(0);
+        let settings_error = self
+            .config_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&m.member.name)
+            .cloned();
         ReplicationInfo {
             name: m.member.name,
             url: m.member.url,
@@ -294,7 +308,10 @@ impl Replication {
             backfill: (!m.backfilled).then_some((m.backfill_done, m.backfill_total.unwrap_or(0))),
             lag_events: events,
             lag_seconds,
-            last_error: m.last_error,
+            last_error: match (m.last_error, settings_error) {
+                (Some(a), Some(b)) => Some(format!("{a}; {b}")),
+                (a, b) => a.or(b),
+            },
             last_sync: m.last_ok.and_then(|t| {
                 chrono::DateTime::from_timestamp(t, 0)
                     .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
@@ -342,6 +359,7 @@ impl Replication {
         }
         let url = req.url.trim_end_matches('/').to_string();
         check_name_and_url(&req.name, &url)?;
+        let _members = self.membership.lock().await;
         let (group, fresh) = match self.db(|s| s.group()).await? {
             Some(g) => (g, false),
             None => {
@@ -452,6 +470,13 @@ impl Replication {
                 j.me.url, props.sku
             )));
         }
+        // Not beside another invitation, or this server's own `create` (an invitation
+        // to itself would wait for it).
+        let Ok(_members) = self.membership.try_lock() else {
+            return Err(ReplicationError::Refused(
+                "this server is changing its replications already: try again".into(),
+            ));
+        };
         let current = self.db(|s| s.group()).await?;
         if let Some(g) = &current {
             if g.secret != j.secret {
@@ -530,6 +555,7 @@ impl Replication {
     /// Removes a replica from the group and changes the group's secret (the removed one
     /// keeps none that works); it is told to leave (if it can be reached).
     pub async fn delete(self: &Arc<Self>, name: &str) -> Result<(), ReplicationError> {
+        let _members = self.membership.lock().await;
         let n = name.to_string();
         let (g, gone) = self
             .db(move |s| {

@@ -336,13 +336,7 @@ pub fn router(state: Arc<ManageState>) -> Router {
             "/api/registry/replications",
             get(replications).post(create_replication),
         )
-        .route(
-            "/api/registry/replications/join",
-            // The invitation carries every registry-wide setting (the admin's request).
-            post(join_replication).layer(axum::extract::DefaultBodyLimit::max(
-                crate::replication::service::MAX_PEER_BODY,
-            )),
-        )
+        .route("/api/registry/replications/join", post(join_replication))
         .route(
             "/api/registry/replications/{name}",
             get(replication)
@@ -994,9 +988,25 @@ async fn create_replication(
 async fn join_replication(
     State(s): St,
     Extension(c): Extension<Caller>,
-    Json(j): Json<crate::replication::Join>,
+    body: axum::body::Body,
 ) -> Answer {
+    // The invitation carries every registry-wide setting (up to the peer routes' limit):
+    // only the admin's is read at all.
     admin_only(&s, &c)?;
+    let bytes = axum::body::to_bytes(body, crate::replication::service::MAX_PEER_BODY)
+        .await
+        .map_err(|e| {
+            Refusal(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the invitation could not be read: {e}"),
+            )
+        })?;
+    let j: crate::replication::Join = serde_json::from_slice(&bytes).map_err(|e| {
+        Refusal(
+            StatusCode::BAD_REQUEST,
+            format!("not an invitation from a replica of this version: {e}"),
+        )
+    })?;
     replicas(&s)?.join(j).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

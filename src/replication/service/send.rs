@@ -97,7 +97,7 @@ impl Replication {
     }
 
     /// Sends the member the settings when it is time to look at them again (see
-    /// [`SETTINGS_EVERY`]); a refusal is its last error until something else succeeds.
+    /// [`SETTINGS_EVERY`]); a refusal is shown with its last error until they are taken.
     async fn settings_to(&self, g: &Group, to: &Member) {
         let now = std::time::Instant::now();
         let next = self
@@ -109,12 +109,21 @@ impl Replication {
         if next.is_some_and(|(t, _)| t > now) {
             return;
         }
+        let refused = |m: Option<String>| {
+            let mut errors = self.config_error.lock().unwrap_or_else(|p| p.into_inner());
+            match m {
+                Some(m) => errors.insert(to.name.clone(), m),
+                None => errors.remove(&to.name),
+            };
+        };
         let (wait, backoff) = match self.send_config(g, to).await {
-            Ok(()) => (SETTINGS_EVERY, SETTINGS_EVERY),
+            Ok(()) => {
+                refused(None);
+                (SETTINGS_EVERY, SETTINGS_EVERY)
+            }
             Err(e) => {
                 tracing::warn!(replica = %to.name, error = %e, "replicating the settings");
-                let (n, msg) = (to.name.clone(), format!("the settings: {e}"));
-                let _ = self.db(move |s| s.set_error(&n, &msg)).await;
+                refused(Some(format!("the settings: {e}")));
                 let b = next.map_or(SETTINGS_EVERY, |(_, b)| b);
                 (b, (b * 2).min(MAX_BACKOFF))
             }
