@@ -304,6 +304,14 @@ impl RetentionPolicy {
         7
     }
 
+    /// Its days are within what ACR allows.
+    pub fn check(&self) -> Result<(), LimitError> {
+        if self.days > RetentionPolicy::MAX_DAYS {
+            return Err(LimitError::RetentionDays { days: self.days });
+        }
+        Ok(())
+    }
+
     pub fn enabled(&self) -> bool {
         self.status == PolicyStatus::Enabled
     }
@@ -708,9 +716,7 @@ impl Properties {
             next.anonymous_pull = on;
         }
         if let Some(r) = ch.retention {
-            if r.days > RetentionPolicy::MAX_DAYS {
-                return Err(LimitError::RetentionDays { days: r.days });
-            }
+            r.check()?;
             next.retention = Some(r);
         }
         if let Some(ct) = &ch.content_trust {

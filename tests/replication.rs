@@ -1080,23 +1080,13 @@ async fn the_registrys_settings_hold_on_every_replica() {
     .await;
 
     // Content trust set at home: west refuses the unsigned image by tag.
-    let key = dir.path().join("key.pem");
-    let public = dir.path().join("key.pub");
-    run(Command::new("openssl")
-        .args([
-            "ecparam",
-            "-name",
-            "prime256v1",
-            "-genkey",
-            "-noout",
-            "-out",
-        ])
-        .arg(&key));
-    run(Command::new("openssl")
-        .args(["ec", "-pubout", "-in"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&public));
+    let prefix = dir.path().join("trust");
+    run(a
+        .cli()
+        .arg("generate-key-pair")
+        .arg("--output-key-prefix")
+        .arg(&prefix));
+    let public = prefix.with_extension("pub");
     ok(
         &a,
         &[

@@ -426,11 +426,8 @@ fn put(at: Places<'_>, kind: &str, name: &str, record: Value) -> Result<(), Repl
             // Checked as `registry update` checks these fields (days, policies' keys, what
             // the tier allows); the rest of this server's settings, and its storage, are
             // its own.
-            if want
-                .retention
-                .is_some_and(|r| r.days > RetentionPolicy::MAX_DAYS)
-            {
-                return Err(bad(kind, name, "a retention policy over 365 days"));
+            if let Some(r) = &want.retention {
+                r.check().map_err(|e| bad(kind, name, e))?;
             }
             if let Some(ct) = &want.content_trust {
                 ct.check().map_err(|e| bad(kind, name, e))?;

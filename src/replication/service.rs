@@ -108,16 +108,25 @@ pub struct Replication {
     /// The group's secret while it is in one (the peer routes check it before reading
     /// a body).
     secret: Mutex<Option<String>>,
-    /// The settings' state last sent to each member (see [`crate::replication::config::state_digest`]).
-    config_sent: Mutex<HashMap<String, String>>,
-    /// When the settings are next looked at for each member, and the wait after a
-    /// refusal (they go before events; refusals wait longer each time).
-    config_next: Mutex<HashMap<String, (std::time::Instant, Duration)>>,
-    /// Why each member refused the settings last sent, until it takes them (shown with
-    /// its last error: events going through do not clear it).
-    config_error: Mutex<HashMap<String, String>>,
+    /// How the registry-wide settings stand with each member.
+    settings_sent: Mutex<HashMap<String, SettingsSent>>,
     /// A registry client per member (URL and secret), for pulls.
     clients: Mutex<HashMap<String, Arc<crate::registry::client::RegistryClient>>>,
+}
+
+/// How the registry-wide settings stand with one member: they go before events, at most
+/// every [`SETTINGS_EVERY`], and a refusal waits longer each time.
+#[derive(Debug, Clone, Default)]
+struct SettingsSent {
+    /// The state it last took (see [`crate::replication::config::state_digest`]): the
+    /// same is not sent again.
+    taken: Option<String>,
+    /// When they are next looked at, and the wait after the next refusal.
+    next: Option<std::time::Instant>,
+    backoff: Duration,
+    /// Why it refused them last, until it takes them (shown with its last error: events
+    /// going through do not clear it).
+    refused: Option<String>,
 }
 
 impl Replication {
@@ -150,9 +159,7 @@ impl Replication {
             endpoint_off: Default::default(),
             region: Mutex::new(None),
             secret: Mutex::new(None),
-            config_sent: Mutex::new(HashMap::new()),
-            config_next: Mutex::new(HashMap::new()),
-            config_error: Mutex::new(HashMap::new()),
+            settings_sent: Mutex::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),
         });
         // The clock goes on after the greatest time kept here (events, tags, settings).
@@ -294,11 +301,11 @@ impl Replication {
             .map(|t| (chrono::Utc::now().timestamp() - t).max(0) as u64)
             .unwrap_or(0);
         let settings_error = self
-            .config_error
+            .settings_sent
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&m.member.name)
-            .cloned();
+            .and_then(|s| s.refused.clone());
         ReplicationInfo {
             name: m.member.name,
             url: m.member.url,

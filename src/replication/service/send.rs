@@ -100,56 +100,55 @@ impl Replication {
     /// [`SETTINGS_EVERY`]); a refusal is shown with its last error until they are taken.
     async fn settings_to(&self, g: &Group, to: &Member) {
         let now = std::time::Instant::now();
-        let next = self
-            .config_next
+        let was = self
+            .settings_sent
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&to.name)
-            .copied();
-        if next.is_some_and(|(t, _)| t > now) {
+            .cloned()
+            .unwrap_or_default();
+        if was.next.is_some_and(|t| t > now) {
             return;
         }
-        let refused = |m: Option<String>| {
-            let mut errors = self.config_error.lock().unwrap_or_else(|p| p.into_inner());
-            match m {
-                Some(m) => errors.insert(to.name.clone(), m),
-                None => errors.remove(&to.name),
-            };
-        };
-        let (wait, backoff) = match self.send_config(g, to).await {
-            Ok(()) => {
-                refused(None);
-                (SETTINGS_EVERY, SETTINGS_EVERY)
-            }
+        let is = match self.send_config(g, to, was.taken.as_deref()).await {
+            Ok(taken) => SettingsSent {
+                taken: taken.or(was.taken),
+                next: Some(now + SETTINGS_EVERY),
+                backoff: SETTINGS_EVERY,
+                refused: None,
+            },
             Err(e) => {
                 tracing::warn!(replica = %to.name, error = %e, "replicating the settings");
-                refused(Some(format!("the settings: {e}")));
-                let b = next.map_or(SETTINGS_EVERY, |(_, b)| b);
-                (b, (b * 2).min(MAX_BACKOFF))
+                let wait = was.backoff.max(SETTINGS_EVERY);
+                SettingsSent {
+                    next: Some(now + wait),
+                    backoff: (wait * 2).min(MAX_BACKOFF),
+                    refused: Some(format!("the settings: {e}")),
+                    ..was
+                }
             }
         };
-        self.config_next
+        self.settings_sent
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(to.name.clone(), (now + wait, backoff));
+            .insert(to.name.clone(), is);
     }
 
-    /// Sends the member the registry-wide settings with their clocks, when they changed
-    /// since they were last sent to it.
-    async fn send_config(&self, g: &Group, to: &Member) -> Result<(), ReplicationError> {
+    /// Sends the member the registry-wide settings with their clocks unless their state is
+    /// `taken`, the one it last took; the state it has taken now, if any.
+    async fn send_config(
+        &self,
+        g: &Group,
+        to: &Member,
+        taken: Option<&str>,
+    ) -> Result<Option<String>, ReplicationError> {
         let rs = self.store.clone();
         let digest =
             tokio::task::spawn_blocking(move || crate::replication::config::state_digest(&rs))
                 .await
                 .map_err(|e| ReplicationError::Refused(e.to_string()))??;
-        let sent = self
-            .config_sent
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&to.name)
-            .cloned();
-        if sent.as_deref() == Some(digest.as_str()) {
-            return Ok(()); // the clocks are as last sent: nothing to read
+        if taken == Some(digest.as_str()) {
+            return Ok(None); // the clocks are as last sent: nothing to read
         }
         let items = self
             .on_settings(|at, rs| {
@@ -158,7 +157,7 @@ impl Replication {
             })
             .await?;
         if items.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let body = ConfigBatch {
             from: g.me.name.clone(),
@@ -167,11 +166,7 @@ impl Replication {
         self.peer_post(to, "config", &body, &g.secret)
             .await
             .map_err(ReplicationError::Peer)?;
-        self.config_sent
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(to.name.clone(), digest);
-        Ok(())
+        Ok(Some(digest))
     }
 
     /// Sends the next part of everything this server holds (each manifest with its tags
