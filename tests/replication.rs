@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use serve_common::registry_common::{digest, image_manifest, push_blob, put_manifest, run};
-use serve_common::{docker_login, make_busybox_image, require_docker, sample, Serve};
+use serve_common::{docker_login, make_busybox_image, require_docker, sample, tail, Serve};
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, \
@@ -69,6 +69,17 @@ where
     }
 }
 
+/// Waits until `s` holds token `name` (asked with the admin's login, so no failed login
+/// is counted against the token's).
+async fn until_token(s: &Serve, name: &str) {
+    until(
+        &format!("token {name} reaches {}", s.addr),
+        Duration::from_secs(30),
+        || async { s.acr(&["token", "show", name]).0 },
+    )
+    .await;
+}
+
 async fn everywhere(servers: &[&Serve], repo: &str, reference: &str) -> Option<String> {
     let mut seen = Vec::new();
     for s in servers {
@@ -78,15 +89,6 @@ async fn everywhere(servers: &[&Serve], repo: &str, reference: &str) -> Option<S
         .all(|w| w[0] == w[1])
         .then(|| seen[0].clone())
         .flatten()
-}
-
-/// The end of a server's log, for a failure's message.
-fn tail(log: &str) -> &str {
-    let start = log.len().saturating_sub(4000);
-    let start = (start..log.len())
-        .find(|i| log.is_char_boundary(*i))
-        .unwrap_or(0);
-    &log[start..]
 }
 
 /// Pushes a small image (config and one layer, `marker` making it unique) by the API.
@@ -250,12 +252,14 @@ async fn three_replicas_take_pushes_anywhere_and_converge() {
                 .as_u16()
         }
     };
-    until(
-        "the token made on home logs in on east",
-        Duration::from_secs(30),
-        || async { login(&c).await == 200 },
-    )
-    .await;
+    // Waited for by name, then one login: logins failed while it is on its way would
+    // meet the server's brake on failed logins.
+    until_token(&c, "reader").await;
+    assert_eq!(
+        login(&c).await,
+        200,
+        "the token made on home logs in on east"
+    );
     until(
         "the webhook made on west is listed on east",
         Duration::from_secs(30),
@@ -1000,12 +1004,12 @@ async fn the_registrys_settings_hold_on_every_replica() {
         401,
         "west's own ci is gone"
     );
-    until(
-        "the token only west had logs in at home",
-        Duration::from_secs(30),
-        || async { login(&a, "deploy", &west_only).await == 200 },
-    )
-    .await;
+    until_token(&a, "deploy").await;
+    assert_eq!(
+        login(&a, "deploy", &west_only).await,
+        200,
+        "the token only west had logs in at home"
+    );
     assert_eq!(login(&a, "ci", &ci_home).await, 200, "home's ci stays");
     // A third server with its own token of that name: west's, now the registry's, wins
     // there too (west's was stamped when it joined, so no two joiners' tie).

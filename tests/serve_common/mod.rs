@@ -308,6 +308,14 @@ impl Serve {
 
 impl Drop for Serve {
     fn drop(&mut self) {
+        // A failing test shows what each of its servers logged last (CI keeps nothing else).
+        if std::thread::panicking() {
+            eprintln!(
+                "---- the end of the log of the server at {} ----\n{}",
+                self.addr,
+                tail(&self.stderr())
+            );
+        }
         if let Some(c) = self.child.take() {
             // SIGTERM so that running runs are canceled and their containers removed.
             let _ = Command::new("kill").arg(c.id().to_string()).status();
@@ -317,6 +325,15 @@ impl Drop for Serve {
         // The registry (a temp dir) is gone: so are the engine's tags that name it.
         remove_images_of(&self.addr);
     }
+}
+
+/// The end of a server's log, for a failure's message.
+pub fn tail(log: &str) -> &str {
+    let start = log.len().saturating_sub(4000);
+    let start = (start..log.len())
+        .find(|i| log.is_char_boundary(*i))
+        .unwrap_or(0);
+    &log[start..]
 }
 
 /// `Basic base64(user:password)`.
