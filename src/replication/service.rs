@@ -110,6 +110,12 @@ pub struct Replication {
     secret: Mutex<Option<String>>,
     /// How the registry-wide settings stand with each member.
     settings_sent: Mutex<HashMap<String, SettingsSent>>,
+    /// A setting was changed through this server's API: the indexer stamps it now, not at
+    /// its next turn.
+    settings_touched: tokio::sync::Notify,
+    /// Counts the times the settings' clocks moved here (stamped, or taken from a member):
+    /// each sender looks at them at once instead of at its next turn.
+    settings_moves: tokio::sync::watch::Sender<u64>,
     /// A registry client per member (URL and secret), for pulls.
     clients: Mutex<HashMap<String, Arc<crate::registry::client::RegistryClient>>>,
 }
@@ -127,6 +133,8 @@ struct SettingsSent {
     /// Why it refused them last, until it takes them (shown with its last error: events
     /// going through do not clear it).
     refused: Option<String>,
+    /// The count of [`Replication::settings_moves`] when they were last looked at.
+    moved: u64,
 }
 
 impl Replication {
@@ -160,6 +168,8 @@ impl Replication {
             region: Mutex::new(None),
             secret: Mutex::new(None),
             settings_sent: Mutex::new(HashMap::new()),
+            settings_touched: tokio::sync::Notify::new(),
+            settings_moves: tokio::sync::watch::Sender::new(0),
             clients: Mutex::new(HashMap::new()),
         });
         // The clock goes on after the greatest time kept here (events, tags, settings).
@@ -194,6 +204,17 @@ impl Replication {
             std::sync::atomic::Ordering::Relaxed,
         );
         *self.region.lock().unwrap_or_else(|p| p.into_inner()) = g.map(|g| g.me.name.clone());
+    }
+
+    /// A token, scope map, webhook or registry setting may have changed here: it goes to
+    /// the other replicas now.
+    pub fn settings_changed(&self) {
+        self.settings_touched.notify_one();
+    }
+
+    /// The settings' clocks moved: the senders look at them.
+    fn settings_moved(&self) {
+        self.settings_moves.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     async fn properties(&self) -> Result<crate::tier::Properties, ReplicationError> {

@@ -343,7 +343,31 @@ pub fn router(state: Arc<ManageState>) -> Router {
                 .patch(update_replication)
                 .delete(delete_replication),
         )
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            settings_touched,
+        ))
         .with_state(state)
+}
+
+/// A change made here (tokens, scope maps, webhooks, the registry's settings) reaches
+/// the other replicas at once rather than at the replication's next look.
+async fn settings_touched(
+    State(s): St,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let changes = !matches!(
+        *req.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD
+    );
+    let resp = next.run(req).await;
+    if changes && resp.status().is_success() {
+        if let Some(r) = &s.replication {
+            r.settings_changed();
+        }
+    }
+    resp
 }
 
 async fn tokens(State(s): St, Extension(c): Extension<Caller>) -> Answer {

@@ -13,11 +13,15 @@ impl Replication {
         let Some(g) = self.db(|s| s.group()).await? else {
             return Ok(());
         };
-        self.on_settings(move |at, rs| {
-            let held = crate::replication::config::holdings(at)?;
-            crate::replication::config::scan(rs, &held, &g.me.name)
-        })
-        .await?;
+        let changed = self
+            .on_settings(move |at, rs| {
+                let held = crate::replication::config::holdings(at)?;
+                crate::replication::config::scan(rs, &held, &g.me.name)
+            })
+            .await?;
+        if changed {
+            self.settings_moved();
+        }
         Ok(())
     }
 
@@ -376,15 +380,18 @@ impl Replication {
         let mut told = std::time::Instant::now();
         let every = members_every();
         let mut scanned = std::time::Instant::now() - Duration::from_secs(1);
+        let mut touched = false;
         loop {
             {
                 let _one = self.apply.lock().await;
                 if let Err(e) = self.index_local().await {
                     tracing::warn!(error = %e, "indexing this server's tag changes");
                 }
-                // At most once a second: it reads every token, scope map and webhook.
-                if scanned.elapsed() >= Duration::from_secs(1) {
+                // At most once a second (it reads every token, scope map and webhook),
+                // unless a setting was changed through the API.
+                if touched || scanned.elapsed() >= Duration::from_secs(1) {
                     scanned = std::time::Instant::now();
+                    touched = false;
                     if let Err(e) = self.scan_config().await {
                         tracing::warn!(error = %e, "reading the registry's tokens, scope maps and webhooks");
                     }
@@ -403,6 +410,7 @@ impl Replication {
             tokio::select! {
                 _ = self.halt.cancelled() => return,
                 _ = wake.recv() => {}
+                _ = self.settings_touched.notified() => touched = true,
                 _ = tokio::time::sleep(Duration::from_secs(2)) => {}
             }
         }

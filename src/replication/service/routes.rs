@@ -242,7 +242,13 @@ async fn config(
         .on_settings(move |at, rs| crate::replication::config::apply(at, rs, &me, b.items))
         .await;
     match done {
-        Ok(n) => Json(serde_json::json!({ "applied": n })).into_response(),
+        Ok(n) => {
+            if n > 0 {
+                // What a member sent goes on to the others (one may not reach another).
+                r.settings_moved();
+            }
+            Json(serde_json::json!({ "applied": n })).into_response()
+        }
         Err(e) => {
             tracing::warn!(from = %from.name, error = %e, "applying replicated settings");
             refusal(&e)

@@ -9,6 +9,7 @@ use super::*;
 impl Replication {
     pub(super) async fn send_loop(self: Arc<Self>, name: String) {
         let mut wake = self.registry.subscribe_with_context();
+        let mut moved = self.settings_moves.subscribe();
         let mut backoff = Duration::from_millis(500);
         loop {
             if self.halt.is_cancelled() {
@@ -36,6 +37,7 @@ impl Replication {
             tokio::select! {
                 _ = self.halt.cancelled() => return,
                 _ = wake.recv() => {}
+                _ = moved.changed() => {}
                 _ = tokio::time::sleep(pause) => {}
             }
         }
@@ -107,7 +109,10 @@ impl Replication {
             .get(&to.name)
             .cloned()
             .unwrap_or_default();
-        if was.next.is_some_and(|t| t > now) {
+        // Looked at again when it is time, or at once when they moved here since (but
+        // not ahead of a refusal's wait).
+        let moved = *self.settings_moves.borrow();
+        if was.next.is_some_and(|t| t > now) && (was.refused.is_some() || was.moved == moved) {
             return;
         }
         let is = match self.send_config(g, to, was.taken.as_deref()).await {
@@ -116,6 +121,7 @@ impl Replication {
                 next: Some(now + SETTINGS_EVERY),
                 backoff: SETTINGS_EVERY,
                 refused: None,
+                moved,
             },
             Err(e) => {
                 tracing::warn!(replica = %to.name, error = %e, "replicating the settings");
@@ -124,6 +130,7 @@ impl Replication {
                     next: Some(now + wait),
                     backoff: (wait * 2).min(MAX_BACKOFF),
                     refused: Some(format!("the settings: {e}")),
+                    moved,
                     ..was
                 }
             }
