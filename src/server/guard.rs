@@ -28,7 +28,7 @@ pub struct ApiGuard {
 #[derive(Debug, Clone)]
 pub struct Caller(pub String);
 
-fn unsafe_method(m: &Method) -> bool {
+pub(super) fn unsafe_method(m: &Method) -> bool {
     !matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS)
 }
 

@@ -357,10 +357,7 @@ async fn settings_touched(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let changes = !matches!(
-        *req.method(),
-        axum::http::Method::GET | axum::http::Method::HEAD
-    );
+    let changes = super::guard::unsafe_method(req.method());
     let resp = next.run(req).await;
     if changes && resp.status().is_success() {
         if let Some(r) = &s.replication {
